@@ -1,0 +1,388 @@
+"""The attnc IR: small, immutable, typed nodes for attention kernels.
+
+Semantics (what every pass, the printer, the interpreter and the WGSL back end agree on)
+----------------------------------------------------------------------------------------
+* A **kernel** has typed parameters and one output. A tensor parameter has a dtype and
+  symbolic dims (`q: f32[B,Hq,S,D]`); a scalar parameter (`scale: f32`) is a runtime value.
+  Dims are runtime sizes (uniforms), so one compiled pipeline serves every shape.
+  Tensors are logical: layout (BHSD, BSHD, broadcasting) is a runtime stride matter.
+* **Tunables** (`BM=32`) are compile-time integers: tile sizes and the like.
+* The **grid** names the parallel axes. `b: B` runs over a dim; `qi: tile(S, BM)` runs over
+  the rows of S in tiles of BM (one workgroup per tile); `ks: split(T, NSPLIT)` splits the
+  KV axis into NSPLIT contiguous chunks of whole KV tiles, each computing a partial state.
+* Inside expressions a tile variable denotes the *element* index: `qi` is the query row
+  (0 <= qi < S), a loop variable `kj` is the key index (0 <= kj < T). Expressions in the
+  loop body are evaluated for every (row, key) pair, as in FlexAttention.
+* `%x = expr` binds an SSA value; all names (dims, params, grid and loop vars, `%lets`)
+  are unique in a kernel.
+* `%acc = online_softmax rows(qi) width(Dv)` declares, per row, a running max m (-inf),
+  a running sum l (0) and an accumulator o[Dv] (0).
+* `for kj in tile(T, BN) [split(ks)] { ... }` visits the keys in tiles of BN.
+* `update %acc, s, v[..., kj, :]` folds a tile of scores s into the state:
+  m' = max(m, max_j s_j); p_j = exp(s_j - m'); l' = l*exp(m - m') + sum_j p_j;
+  o' = o*exp(m - m') + sum_j p_j v_j. When m' = -inf (everything masked so far) p = 0 and
+  the rescale factor is 1, so no NaN is made from masking. NaN scores propagate.
+  A score of -inf is a masked key (`where(keep, s, -inf)` is how masks are written).
+* `sink %acc, z` adds one logit z per row to the denominator only (no value), after the
+  loop (and after the split combine).
+* `return result(%acc)` gives o / l, and 0 where l = 0 (all keys masked);
+  `lse(%acc)` gives m + log(l) (-inf where l = 0); `combine(%acc, ks)` first merges the
+  split partial states by log-sum-exp: M = max m_s, L = sum l_s exp(m_s - M),
+  O = sum o_s exp(m_s - M).
+* dot(a[.., :], b[.., :]) is the f32 dot product over the one `:` axis of each slice.
+* Integer ops are on i32; `idiv`/`mod` floor toward -inf; float math is f32 on devices
+  and float64 in the reference interpreter.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from attnc.errors import Span
+
+
+class DType(enum.Enum):
+    """Element types of IR values and tensors."""
+
+    F32 = "f32"
+    F16 = "f16"
+    I32 = "i32"
+    BOOL = "bool"
+
+    @property
+    def is_float(self) -> bool:
+        return self in (DType.F32, DType.F16)
+
+
+class Op(enum.Enum):
+    """The closed set of expression operators; families below say how they type."""
+
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    DIV = "div"
+    IDIV = "idiv"
+    MOD = "mod"
+    MAX = "max"
+    MIN = "min"
+    NEG = "neg"
+    ABS = "abs"
+    EXP = "exp"
+    LOG = "log"
+    TANH = "tanh"
+    SQRT = "sqrt"
+    RSQRT = "rsqrt"
+    LT = "lt"
+    LE = "le"
+    GT = "gt"
+    GE = "ge"
+    EQ = "eq"
+    NE = "ne"
+    AND = "and"
+    OR = "or"
+    NOT = "not"
+    WHERE = "where"
+    F32 = "f32"
+    I32 = "i32"
+
+
+# numeric (int or float) binary ops: same dtype in, same out
+ARITH_BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.MAX, Op.MIN})
+# integer-only binary ops
+INT_BINARY = frozenset({Op.IDIV, Op.MOD})
+# float-only binary ops
+FLOAT_BINARY = frozenset({Op.DIV})
+# numeric unary ops keeping the dtype
+ARITH_UNARY = frozenset({Op.NEG, Op.ABS})
+# float-only unary transcendental ops
+FLOAT_UNARY = frozenset({Op.EXP, Op.LOG, Op.TANH, Op.SQRT, Op.RSQRT})
+# comparisons: numeric x numeric -> bool
+COMPARE = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
+# logic: bool -> bool
+LOGIC = frozenset({Op.AND, Op.OR, Op.NOT})
+# conversions
+CAST = frozenset({Op.F32, Op.I32})
+ARITY = {
+    **{o: 2 for o in ARITH_BINARY | INT_BINARY | FLOAT_BINARY | COMPARE | {Op.AND, Op.OR}},
+    **{o: 1 for o in ARITH_UNARY | FLOAT_UNARY | CAST | {Op.NOT}},
+    Op.WHERE: 3,
+}
+
+
+SPAN = field(default=None, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorType:
+    """Dtype plus symbolic dims; dims == () is a scalar."""
+
+    dtype: DType
+    dims: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------- expressions
+
+
+@dataclass(frozen=True, slots=True)
+class Const:
+    """A literal: float (including inf/-inf/nan), int or bool."""
+
+    value: float | int | bool
+    dtype: DType
+    span: Span | None = SPAN
+
+    def __eq__(self, other: object) -> bool:  # nan == nan for structural equality
+        if not isinstance(other, Const):
+            return NotImplemented
+        if self.dtype != other.dtype:
+            return False
+        a, b = self.value, other.value
+        return a == b or (a != a and b != b)
+
+    def __hash__(self) -> int:
+        return hash((self.dtype, "nan" if self.value != self.value else self.value))
+
+
+@dataclass(frozen=True, slots=True)
+class Dim:
+    """The runtime size of a symbolic dim, as an i32."""
+
+    name: str
+    span: Span | None = SPAN
+
+    @property
+    def dtype(self) -> DType:
+        return DType.I32
+
+
+@dataclass(frozen=True, slots=True)
+class Var:
+    """A reference to a grid/loop variable (i32), a scalar param or a `%let` value."""
+
+    name: str
+    dtype: DType
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """An operator applied to arguments."""
+
+    op: Op
+    args: tuple[Expr, ...]
+    dtype: DType
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """One element of a tensor parameter at a full index."""
+
+    tensor: str
+    index: tuple[Expr, ...]
+    dtype: DType
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """A vector view of a tensor: every index given except one `:` (None)."""
+
+    tensor: str
+    index: tuple[Expr | None, ...]
+    span: Span | None = SPAN
+
+    @property
+    def axis(self) -> int:
+        return self.index.index(None)
+
+
+@dataclass(frozen=True, slots=True)
+class Dot:
+    """f32 dot product of two slices over their `:` axes."""
+
+    a: Slice
+    b: Slice
+    span: Span | None = SPAN
+
+    @property
+    def dtype(self) -> DType:
+        return DType.F32
+
+
+Expr = Const | Dim | Var | Call | Load | Dot
+
+# ----------------------------------------------------------------------------- statements
+
+
+@dataclass(frozen=True, slots=True)
+class DimExtent:
+    """A grid axis over every index of a dim."""
+
+    dim: str
+
+
+@dataclass(frozen=True, slots=True)
+class TileExtent:
+    """A grid axis over tiles of `size` (a tunable name) of a dim."""
+
+    dim: str
+    size: str
+
+
+@dataclass(frozen=True, slots=True)
+class SplitExtent:
+    """A grid axis over `count` (a scalar i32 param) contiguous chunks of a dim."""
+
+    dim: str
+    count: str
+
+
+Extent = DimExtent | TileExtent | SplitExtent
+
+
+@dataclass(frozen=True, slots=True)
+class GridAxis:
+    """One parallel axis: a variable and the range it covers."""
+
+    var: str
+    extent: Extent
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """The parallel grid, outermost axis first."""
+
+    axes: tuple[GridAxis, ...]
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Let:
+    """`%var = value`."""
+
+    var: str
+    value: Expr
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Softmax:
+    """`%var = online_softmax rows(rows) width(width)`: declares a running softmax state."""
+
+    var: str
+    rows: str
+    width: str
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """`update %acc, score, value`: fold a tile of scores and value rows into the state."""
+
+    acc: str
+    score: Expr
+    value: Slice
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Sink:
+    """`sink %acc, logit`: one extra per-row logit in the denominator."""
+
+    acc: str
+    logit: Expr
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Loop:
+    """`for var in tile(dim, size) [split(split)] { body }`: sequential over KV tiles."""
+
+    var: str
+    dim: str
+    size: str
+    split: str | None
+    body: tuple[Stmt, ...]
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Return:
+    """`return result(%acc)[, lse(%acc)]`, optionally `combine`d over a split axis first."""
+
+    acc: str
+    lse: bool = False
+    combine: str | None = None
+    span: Span | None = SPAN
+
+
+Stmt = Grid | Let | Softmax | Update | Sink | Loop | Return
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A kernel parameter: a tensor (dims != ()) or a runtime scalar."""
+
+    name: str
+    type: TensorType
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """A whole attention kernel: params, tunables, body and output type."""
+
+    name: str
+    params: tuple[Param, ...]
+    output: TensorType
+    tunables: tuple[tuple[str, int], ...]
+    body: tuple[Stmt, ...]
+    span: Span | None = SPAN
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def tunable_values(self) -> dict[str, int]:
+        return dict(self.tunables)
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        """Every dim name in order of first appearance in the params and output."""
+        seen: dict[str, None] = {}
+        for p in self.params:
+            for d in p.type.dims:
+                seen.setdefault(d)
+        for d in self.output.dims:
+            seen.setdefault(d)
+        return tuple(seen)
+
+
+def walk_stmts(body: tuple[Stmt, ...]):
+    """Yield every statement, depth first, loops before their bodies."""
+    for s in body:
+        yield s
+        if isinstance(s, Loop):
+            yield from walk_stmts(s.body)
+
+
+def walk_expr(e: Expr):
+    """Yield an expression and all its sub-expressions (slice indices included)."""
+    yield e
+    if isinstance(e, Call):
+        for a in e.args:
+            yield from walk_expr(a)
+    elif isinstance(e, Load):
+        for a in e.index:
+            yield from walk_expr(a)
+    elif isinstance(e, Dot):
+        for sl in (e.a, e.b):
+            for a in sl.index:
+                if a is not None:
+                    yield from walk_expr(a)
