@@ -1,0 +1,234 @@
+"""WebGPU adapters as attnc Devices: enumeration over wgpu-native and Dawn, ranking, and selection.
+
+A `Device` wraps one adapter of one backend ("wgpu" = wgpu-py on wgpu-native, whose WGSL
+compiler is Naga; "dawn" = wgpudawn, whose compiler is Tint). It normalizes the
+capabilities attnc cares about (feature names differ per backend), creates its GPUDevice
+lazily with those features and the larger limits requested, and measures the real subgroup
+size once with a probe shader (adapters report only the range WebGPU allows, 4..128).
+
+Both modules load in one process side by side: each bundles its own native library
+(wgpu-native resp. Dawn) with its own instance, and they share only the Vulkan loader and
+driver, which supports several instances. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Any
+
+from attnc.errors import DeviceError
+from attnc.lowering.program import Access, Binding, Program, Scalar
+from attnc.runtime.dispatch import Dispatch, PipelineCache, empty, readback, run
+
+# backend name -> the Python module that speaks the wgpu-py API for it
+BACKEND_MODULES = {"wgpu": "wgpu", "dawn": "wgpudawn"}
+DIALECTS = {"wgpu": "naga", "dawn": "tint"}
+
+# backend feature spelling -> attnc's normalized feature name
+FEATURE_NAMES = {
+    "wgpu": {"subgroup": "subgroups", "shader-f16": "f16", "timestamp-query": "timestamps"},
+    "dawn": {"subgroups": "subgroups", "shader-f16": "f16", "timestamp-query": "timestamps"},
+}
+
+# limits requested at the adapter's maximum (the defaults are far lower on most adapters)
+RAISED_LIMITS = (
+    "max-compute-workgroup-storage-size",
+    "max-storage-buffer-binding-size",
+    "max-buffer-size",
+    "max-compute-invocations-per-workgroup",
+    "max-compute-workgroup-size-x",
+    "max-storage-buffers-per-shader-stage",
+)
+
+ADAPTER_TYPE_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
+NATIVE_APIS = frozenset({"Vulkan", "Metal", "D3D12"})
+
+SETUP_HINT = (
+    "install a software Vulkan driver (Mesa lavapipe) with `bash scripts/setup.sh`, which "
+    "installs mesa-vulkan-drivers from bookworm-backports"
+)
+
+
+class Device:
+    """One adapter of one backend, with normalized capabilities and a lazily created GPUDevice."""
+
+    def __init__(self, backend: str, module: ModuleType, adapter: Any):
+        info = dict(adapter.info)
+        self.backend = backend
+        self.wgpu = module  # the wgpu-py-compatible module (flags, enums, error classes)
+        self.adapter = adapter
+        self.info = info
+        self.name = str(info.get("device", "")) or str(info.get("description", ""))
+        self.api = str(info.get("backend_type", "Unknown"))
+        self.adapter_type = str(info.get("adapter_type", "Unknown"))
+        self.dialect = DIALECTS[backend]
+        offered = set(adapter.features)
+        spelling = FEATURE_NAMES[backend]
+        self.features = frozenset(ours for theirs, ours in spelling.items() if theirs in offered)
+        self.required_features = tuple(t for t in spelling if t in offered)
+        self.limits = dict(adapter.limits)
+        has_sg = "subgroups" in self.features
+        self.subgroup_min_size = _info_int(info, "subgroup_min_size") if has_sg else None
+        self.subgroup_max_size = _info_int(info, "subgroup_max_size") if has_sg else None
+        self.key = "|".join(
+            [backend, self.api]
+            + [str(info.get(k, "")) for k in ("vendor", "device", "description", "driver")]
+        )
+        self.pipelines = PipelineCache()
+
+    @functools.cached_property
+    def gpu(self) -> Any:
+        """The GPUDevice, requested once with attnc's features and the adapter's larger limits."""
+        limits = {k: self.limits[k] for k in RAISED_LIMITS if k in self.limits}
+        features = list(self.required_features)
+        if self.backend == "dawn":
+            # Dawn quantizes timestamps by default (a browser anti-fingerprinting measure),
+            # which would make short kernels time as 0: turn that off for native use.
+            extras = importlib.import_module("wgpudawn.backends.dawn.extras")
+            return extras.request_device_sync(
+                self.adapter,
+                label="attnc",
+                required_features=features,
+                required_limits=limits,
+                disable_toggles=["timestamp_quantization"],
+            )
+        return self.adapter.request_device_sync(
+            label="attnc", required_features=features, required_limits=limits
+        )
+
+    @functools.cached_property
+    def subgroup_size(self) -> int | None:
+        """The real subgroup size, measured once by a probe shader; None without subgroups."""
+        if "subgroups" not in self.features:
+            return None
+        return _measure_subgroup_size(self)
+
+    @functools.cached_property
+    def timestamp_period(self) -> float:
+        """Nanoseconds per timestamp tick (Dawn resolves to ns; wgpu-native reports raw ticks)."""
+        if self.backend != "wgpu":
+            return 1.0
+        try:  # wgpu-py does not expose wgpuQueueGetTimestampPeriod; call it through its FFI
+            ffi_mod = importlib.import_module("wgpu.backends.wgpu_native._ffi")
+            return float(ffi_mod.lib.wgpuQueueGetTimestampPeriod(self.gpu.queue._internal))
+        except (ImportError, AttributeError):
+            return 1.0
+
+    @property
+    def spec(self) -> str:
+        """The `backend:api` string `get_device` accepts for this device, e.g. `wgpu:vulkan`."""
+        return f"{self.backend}:{self.api.lower()}"
+
+    def __repr__(self) -> str:
+        return f"<Device {self.backend}:{self.api} {self.adapter_type} {self.name!r}>"
+
+
+def _info_int(info: dict[str, Any], name: str) -> int | None:
+    """Read an int from adapter info; wgpu-py 0.32 spells subgroup_* as 'stackgroup_*'."""
+    value = info.get(name, info.get(name.replace("subgroup", "stackgroup")))
+    return int(value) if value is not None else None
+
+
+PROBE_WGSL = """\
+@group(0) @binding(0) var<storage, read_write> out: array<u32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(subgroup_size) size: u32, @builtin(local_invocation_index) lid: u32) {
+    if (lid == 0u) {
+        out[0] = size;
+    }
+}
+"""
+
+
+def _measure_subgroup_size(device: Device) -> int:
+    """Dispatch one workgroup that writes the `subgroup_size` builtin, and read it back."""
+    enable = "enable subgroups;\n\n" if device.dialect == "tint" else ""
+    program = Program(
+        name="subgroup_size_probe",
+        wgsl=enable + PROBE_WGSL,
+        entry_point="main",
+        workgroup_size=64,
+        bindings=(Binding("out", 0, Access.READ_WRITE, Scalar.U32),),
+        uniforms=(),
+        grid=(),
+        features=frozenset({"subgroups"}),
+        workgroup_storage_bytes=0,
+    )
+    out = empty(device, 4)
+    run(device, [Dispatch(program, {"out": out}, {}, 1)])
+    return int(readback(device, out, Scalar.U32, (1,))[0])
+
+
+@functools.cache
+def _enumerate() -> tuple[Device, ...]:
+    """Enumerate adapters of every importable backend once per process."""
+    found: list[Device] = []
+    for backend, module_name in BACKEND_MODULES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        try:
+            adapters = module.gpu.enumerate_adapters_sync()
+        except Exception:  # a backend whose native library fails to load offers nothing
+            continue
+        found.extend(Device(backend, module, a) for a in adapters)
+    return tuple(found)
+
+
+def devices() -> list[Device]:
+    """All adapters from wgpu-native and (when `wgpudawn` imports) Dawn, enumerated once."""
+    return list(_enumerate())
+
+
+def rank(device: Device) -> tuple[int, int, int]:
+    """Sort key, smaller is better: adapter type, then native API over OpenGL, then features."""
+    return (
+        ADAPTER_TYPE_RANK.get(device.adapter_type, len(ADAPTER_TYPE_RANK)),
+        0 if device.api in NATIVE_APIS else 1,
+        -len(device.features),
+    )
+
+
+def _best(candidates: list[Device]) -> Device:
+    """The best-ranked device; ties keep enumeration order (wgpu before dawn)."""
+    return min(candidates, key=rank)
+
+
+def default_device() -> Device:
+    """The best available adapter; DeviceError with set-up instructions when there is none."""
+    found = devices()
+    if not found:
+        raise DeviceError(
+            "no WebGPU adapter found (neither wgpu-native nor Dawn offers one)",
+            notes=(SETUP_HINT,),
+        )
+    return _best(found)
+
+
+def get_device(spec: Device | str | None = None) -> Device:
+    """Resolve None (the default), a Device, or a 'backend[:api]' string such as 'wgpu:opengl'."""
+    if spec is None:
+        return default_device()
+    if isinstance(spec, Device):
+        return spec
+    if not isinstance(spec, str):
+        raise DeviceError(
+            f"device must be None, a Device or a 'backend[:api]' string, not {spec!r}"
+        )
+    backend, _, api = spec.strip().lower().partition(":")
+    found = devices()
+    matches = [d for d in found if d.backend == backend and (not api or d.api.lower() == api)]
+    if not matches:
+        listing = tuple(f"available: {d.spec} ({d.adapter_type}, {d.name})" for d in found)
+        if not found:
+            listing = (SETUP_HINT,)
+        raise DeviceError(
+            f"no device matches {spec!r} (expected 'backend[:api]' with backend in "
+            f"{sorted(BACKEND_MODULES)})",
+            notes=listing,
+        )
+    return _best(matches)

@@ -1,0 +1,329 @@
+"""Pipelines, buffers and dispatch: run lowered `Program`s on a `Device`, optionally GPU-timed.
+
+Everything is a function of explicit arguments; the only state is the `PipelineCache` each
+Device owns (`device.pipelines`). A Program's grid is one-dimensional; `run` folds it into
+(x, y, 1) under the device's per-dimension limit and sets the uniform fields `grid_total`
+(the true workgroup count) and `grid_stride_x` (the folded x size) so the shader can
+re-linearise `workgroup_id.x + workgroup_id.y * grid_stride_x` and return past the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from attnc.errors import AttncError, DeviceError, LoweringError, Span
+from attnc.lowering.program import Access, Program, Scalar
+
+if TYPE_CHECKING:
+    from attnc.runtime.devices import Device
+
+# uniform fields the runtime fills in itself
+AUTO_UNIFORMS = ("grid_total", "grid_stride_x")
+
+BUFFER_TYPES = {
+    Access.READ: "read-only-storage",
+    Access.READ_WRITE: "storage",
+    Access.UNIFORM: "uniform",
+}
+PACK_FORMATS = {Scalar.U32: "<I", Scalar.I32: "<i", Scalar.F32: "<f"}
+NUMPY_DTYPES = {
+    Scalar.F32: np.dtype(np.float32),
+    Scalar.F16: np.dtype(np.float16),
+    Scalar.I32: np.dtype(np.int32),
+    Scalar.U32: np.dtype(np.uint32),
+}
+
+# "wgsl:12:5" (Naga, in its ariadne-style report) or ":12:5 error: msg" (Tint)
+NAGA_LOCATION = re.compile(r"wgsl:(\d+):(\d+)")
+TINT_LOCATION = re.compile(r"(?:^|\s)[^\s:]*:(\d+):(\d+) error: (.*)$", re.MULTILINE)
+ERROR_LINE = re.compile(r"error: (.*)$", re.MULTILINE)
+
+
+class DispatchError(AttncError):
+    """A dispatch was described wrongly: missing or aliased buffers, bad uniforms, bad grid."""
+
+    kind = "dispatch error"
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledProgram:
+    """A compute pipeline with its explicit bind group layout."""
+
+    pipeline: Any
+    layout: Any
+
+
+class PipelineCache:
+    """Compiled pipelines of one device, keyed by (device key, name, sha256 of WGSL, entry)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str, str, str], CompiledProgram] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def key(self, device: Device, program: Program) -> tuple[str, str, str, str]:
+        """The cache key: everything that changes the compiled pipeline."""
+        digest = hashlib.sha256(program.wgsl.encode()).hexdigest()
+        return (device.key, program.name, digest, program.entry_point)
+
+    def get(self, device: Device, program: Program) -> CompiledProgram:
+        """Return the compiled pipeline for `program`, compiling it on first use."""
+        key = self.key(device, program)
+        compiled = self._entries.get(key)
+        if compiled is None:
+            compiled = self._entries[key] = compile_program(device, program)
+        return compiled
+
+
+def compile_program(device: Device, program: Program) -> CompiledProgram:
+    """Create the shader module and compute pipeline; compiler errors become LoweringError."""
+    _check_features(device, program)
+    gpu = device.gpu
+    visibility = device.wgpu.ShaderStage.COMPUTE
+    entries = [
+        {"binding": b.binding, "visibility": visibility, "buffer": {"type": BUFFER_TYPES[b.access]}}
+        for b in program.bindings
+    ]
+    try:
+        layout = gpu.create_bind_group_layout(label=program.name, entries=entries)
+        pipeline_layout = gpu.create_pipeline_layout(
+            label=program.name, bind_group_layouts=[layout]
+        )
+        module = gpu.create_shader_module(label=program.name, code=program.wgsl)
+        pipeline = gpu.create_compute_pipeline(
+            label=program.name,
+            layout=pipeline_layout,
+            compute={"module": module, "entry_point": program.entry_point},
+        )
+    except (device.wgpu.GPUError, device.wgpu.GPUPipelineError) as exc:
+        raise shader_error(device, program, str(exc)) from None
+    return CompiledProgram(pipeline, layout)
+
+
+def _check_features(device: Device, program: Program) -> None:
+    """Raise DeviceError when the program needs a feature the device does not offer."""
+    missing = program.features - device.features
+    if missing:
+        raise DeviceError(
+            f"program {program.name!r} needs {sorted(missing)}, which {device!r} does not offer"
+        )
+
+
+def shader_error(device: Device, program: Program, message: str) -> LoweringError:
+    """Turn a Naga/Tint message into a LoweringError pointing at the WGSL line when it names one."""
+    lines = program.wgsl.splitlines()
+    span = None
+    summary = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    tint = TINT_LOCATION.search(message)
+    naga = NAGA_LOCATION.search(message)
+    location = tint or naga
+    if tint:
+        summary = tint.group(3)
+    elif (found := ERROR_LINE.search(message)) is not None:
+        summary = found.group(1)
+    elif "Caused by:" in message:  # wgpu-native's error chain: join its causes on one line
+        chain = message.split("Caused by:", 1)[1].strip().splitlines()
+        summary = ": ".join(
+            c.strip() for c in chain if c.strip() and not c.strip().startswith("In wgpu")
+        )
+    if location:
+        line, column = int(location.group(1)), int(location.group(2))
+        source = lines[line - 1] if 0 < line <= len(lines) else ""
+        span = Span(f"<{program.name}.wgsl>", line, column, source)
+    return LoweringError(
+        f"{device.dialect} rejected the WGSL of {program.name!r}: {summary}",
+        span,
+        notes=("compiler output:\n" + message.strip(),),
+    )
+
+
+def _usage(device: Device) -> int:
+    """Usage flags for data buffers: bindable as storage, writable and readable from the host."""
+    usage = device.wgpu.BufferUsage
+    return usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
+
+
+def upload(device: Device, array: np.ndarray) -> Any:
+    """Copy a f32/f16/i32/u32 numpy array into a new storage buffer (size padded to 4 bytes)."""
+    host = np.ascontiguousarray(array)
+    if host.dtype not in NUMPY_DTYPES.values():
+        raise DispatchError(
+            f"cannot upload dtype {host.dtype}; expected one of "
+            f"{sorted(str(d) for d in NUMPY_DTYPES.values())}"
+        )
+    data = host.tobytes()
+    data += bytes(-len(data) % 4 if data else 4)
+    return device.gpu.create_buffer_with_data(data=data, usage=_usage(device))
+
+
+def empty(device: Device, nbytes: int) -> Any:
+    """A zero-initialised storage buffer of at least `nbytes` (padded to 4, at least 4)."""
+    size = max(4, (int(nbytes) + 3) // 4 * 4)
+    return device.gpu.create_buffer(size=size, usage=_usage(device))
+
+
+def readback(device: Device, buffer: Any, dtype: Scalar | Any, shape: Sequence[int]) -> np.ndarray:
+    """Read the first prod(shape) elements of `buffer` as a new numpy array of `dtype`."""
+    dt = NUMPY_DTYPES[dtype] if isinstance(dtype, Scalar) else np.dtype(dtype)
+    count = math.prod(shape)
+    nbytes = count * dt.itemsize
+    if nbytes > buffer.size:
+        raise DispatchError(f"cannot read {nbytes} bytes from a buffer of {buffer.size} bytes")
+    size = min(buffer.size, max(4, (nbytes + 3) // 4 * 4))
+    data = device.gpu.queue.read_buffer(buffer, 0, size)
+    return np.frombuffer(data, dtype=dt, count=count).reshape(tuple(shape)).copy()
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """One program invocation: storage buffers by binding name, uniform values, workgroup count."""
+
+    program: Program
+    buffers: Mapping[str, Any]
+    uniforms: Mapping[str, int | float] = field(default_factory=dict)
+    workgroups: int = 1
+
+
+def fold_grid(workgroups: int, max_per_dim: int) -> tuple[int, int, int]:
+    """Fold a 1-D workgroup count into (x, y, 1) with x <= max_per_dim and x*y >= workgroups."""
+    if workgroups < 0:
+        raise DispatchError(f"workgroup count must be >= 0, got {workgroups}")
+    if workgroups <= max_per_dim:
+        return (workgroups, 1, 1)
+    y = -(-workgroups // max_per_dim)
+    if y > max_per_dim:
+        raise DispatchError(
+            f"{workgroups} workgroups exceed {max_per_dim}**2, the 2-D dispatch limit"
+        )
+    return (-(-workgroups // y), y, 1)
+
+
+def pack_uniforms(program: Program, values: Mapping[str, int | float]) -> bytes:
+    """Pack uniform values at their offsets into a block of `program.uniform_size` bytes."""
+    names = {f.name for f in program.uniforms}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise DispatchError(
+            f"{program.name}: unknown uniform(s) {unknown}; fields: {sorted(names)}"
+        )
+    block = bytearray(program.uniform_size)
+    for f in program.uniforms:
+        if f.name not in values:
+            raise DispatchError(f"{program.name}: no value for uniform {f.name!r}")
+        if f.type not in PACK_FORMATS:
+            raise DispatchError(f"{program.name}: uniform {f.name!r} has type {f.type.value}")
+        try:
+            struct.pack_into(PACK_FORMATS[f.type], block, f.offset, values[f.name])
+        except struct.error as exc:
+            raise DispatchError(
+                f"{program.name}: uniform {f.name!r} = {values[f.name]!r}: {exc}"
+            ) from None
+    return bytes(block)
+
+
+def _check_buffers(d: Dispatch) -> None:
+    """Every storage binding has a buffer, no extras, and no writable binding aliases another."""
+    storage = [b for b in d.program.bindings if b.access is not Access.UNIFORM]
+    names = {b.name for b in storage}
+    missing = sorted(names - set(d.buffers))
+    extra = sorted(set(d.buffers) - names)
+    if missing or extra:
+        raise DispatchError(
+            f"{d.program.name}: buffers missing {missing}, unexpected {extra}; "
+            f"bindings: {sorted(names)}"
+        )
+    for i, a in enumerate(storage):
+        for b in storage[i + 1 :]:
+            writable = Access.READ_WRITE in (a.access, b.access)
+            if writable and d.buffers[a.name] is d.buffers[b.name]:
+                raise DispatchError(
+                    f"{d.program.name}: the same buffer is bound to {a.name!r} and {b.name!r}, "
+                    "and one of them is writable (WebGPU forbids this aliasing)"
+                )
+
+
+def _bind_group(
+    device: Device, d: Dispatch, compiled: CompiledProgram, grid: tuple[int, int, int]
+) -> Any:
+    """Create the bind group of one dispatch, with a fresh uniform buffer when it has one."""
+    values = dict(d.uniforms)
+    given = sorted(set(values) & set(AUTO_UNIFORMS))
+    if given:
+        raise DispatchError(f"{d.program.name}: uniforms {given} are set by the runtime")
+    if d.program.uniforms and not any(b.access is Access.UNIFORM for b in d.program.bindings):
+        raise DispatchError(f"{d.program.name}: uniform fields but no uniform binding")
+    fields = {f.name for f in d.program.uniforms}
+    auto = {"grid_total": d.workgroups, "grid_stride_x": grid[0]}
+    values.update({k: v for k, v in auto.items() if k in fields})
+    entries = []
+    for b in d.program.bindings:
+        if b.access is Access.UNIFORM:
+            usage = device.wgpu.BufferUsage.UNIFORM | device.wgpu.BufferUsage.COPY_DST
+            data = pack_uniforms(d.program, values)
+            buffer = device.gpu.create_buffer_with_data(data=data, usage=usage)
+        else:
+            buffer = d.buffers[b.name]
+        entries.append(
+            {"binding": b.binding, "resource": {"buffer": buffer, "offset": 0, "size": buffer.size}}
+        )
+    return device.gpu.create_bind_group(layout=compiled.layout, entries=entries)
+
+
+def run(
+    device: Device, dispatches: Sequence[Dispatch], timestamps: bool = False
+) -> list[float] | None:
+    """Encode all dispatches in one command encoder (a pass each) and submit them.
+
+    With `timestamps`, each pass writes begin/end GPU timestamps and the per-dispatch
+    durations in milliseconds are returned (this waits for the GPU); otherwise None.
+    """
+    if timestamps and "timestamps" not in device.features:
+        raise DeviceError(f"{device!r} does not offer timestamp queries")
+    gpu = device.gpu
+    max_per_dim = int(gpu.limits["max-compute-workgroups-per-dimension"])
+    prepared = []
+    for d in dispatches:
+        _check_features(device, d.program)
+        _check_buffers(d)
+        compiled = device.pipelines.get(device, d.program)
+        grid = fold_grid(d.workgroups, max_per_dim)
+        prepared.append((compiled, _bind_group(device, d, compiled, grid), grid, d.program.name))
+    query_set = None
+    count = 2 * len(prepared)
+    if timestamps and prepared:
+        query_set = gpu.create_query_set(type="timestamp", count=count)
+    encoder = gpu.create_command_encoder(label="attnc.run")
+    for i, (compiled, bind_group, grid, name) in enumerate(prepared):
+        writes = None
+        if query_set is not None:
+            writes = {
+                "query_set": query_set,
+                "beginning_of_pass_write_index": 2 * i,
+                "end_of_pass_write_index": 2 * i + 1,
+            }
+        compute = encoder.begin_compute_pass(label=name, timestamp_writes=writes)
+        compute.set_pipeline(compiled.pipeline)
+        compute.set_bind_group(0, bind_group)
+        compute.dispatch_workgroups(*grid)
+        compute.end()
+    resolved = None
+    if query_set is not None:
+        usage = device.wgpu.BufferUsage
+        resolved = gpu.create_buffer(size=8 * count, usage=usage.QUERY_RESOLVE | usage.COPY_SRC)
+        encoder.resolve_query_set(query_set, 0, count, resolved, 0)
+    gpu.queue.submit([encoder.finish()])
+    if not timestamps:
+        return None
+    if resolved is None:
+        return []
+    ticks = np.frombuffer(gpu.queue.read_buffer(resolved), dtype=np.uint64).astype(np.int64)
+    return [float(t) * device.timestamp_period / 1e6 for t in ticks[1::2] - ticks[0::2]]

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Set up a machine to develop and test attnc: Mesa's software adapters and the Python package.
+#
+# Idempotent and fast when everything is present (every step checks before it installs).
+# Targets Debian bookworm as root, or a user with sudo. On bookworm the stock Mesa (22.3)
+# is too old for wgpu/Dawn compute, so Mesa >= 24 comes from bookworm-backports; it gives:
+#   - lavapipe, a Vulkan ICD (wgpu-native and Dawn "Vulkan" adapters, with subgroups and f16)
+#   - llvmpipe behind EGL (wgpu-native's "OpenGL" adapter: libEGL.so.1 -> libEGL_mesa ->
+#     libgallium), a second backend without subgroups or f16.
+# Each step is a function; main() at the bottom lists them, so new steps slot in there.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+MESA_MIN_MAJOR=24
+LAVAPIPE_ICD=/usr/share/vulkan/icd.d/lvp_icd.json
+BACKPORTS_LIST=/etc/apt/sources.list.d/bookworm-backports.list
+MESA_PACKAGES=(mesa-vulkan-drivers libvulkan1 libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri)
+
+log() { echo "setup: $*" >&2; }
+
+# Run a command as root: directly when root, through sudo when available, else fail clearly.
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    log "need root (or sudo) to run: $*"
+    return 1
+  fi
+}
+
+# --- system: Mesa lavapipe (Vulkan) and llvmpipe (EGL/OpenGL) ---
+
+# Installed version of a Debian package, empty when it is not installed.
+deb_version() {
+  dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null \
+    | awk '$1 == "install" && $3 == "installed" { print $4 }'
+}
+
+# True when every Mesa package is installed, the Mesa ones at >= MESA_MIN_MAJOR, and the ICD exists.
+mesa_ready() {
+  [ -f "$LAVAPIPE_ICD" ] || return 1
+  local pkg version
+  for pkg in "${MESA_PACKAGES[@]}"; do
+    version="$(deb_version "$pkg")"
+    [ -n "$version" ] || return 1
+    case "$pkg" in
+      mesa-vulkan-drivers | libegl-mesa0 | libgl1-mesa-dri)
+        [ "${version%%.*}" -ge "$MESA_MIN_MAJOR" ] 2>/dev/null || return 1 ;;
+    esac
+  done
+}
+
+# Add the bookworm-backports apt source unless some sources file already has it.
+add_backports_source() {
+  if grep -rqs --include='*.list' --include='*.sources' 'bookworm-backports' \
+      /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    return 0
+  fi
+  log "adding the bookworm-backports apt source ($BACKPORTS_LIST)"
+  printf '%s\n' \
+    '# Mesa >= 24 (lavapipe with subgroups) for attnc: added by scripts/setup.sh' \
+    'deb http://deb.debian.org/debian bookworm-backports main' \
+    | as_root tee "$BACKPORTS_LIST" >/dev/null
+}
+
+setup_system() {
+  if ! command -v dpkg-query >/dev/null 2>&1; then
+    log "not a Debian system: install Mesa >= $MESA_MIN_MAJOR (lavapipe Vulkan ICD, EGL) yourself"
+    return 0
+  fi
+  if mesa_ready; then
+    log "Mesa lavapipe/llvmpipe present ($(deb_version mesa-vulkan-drivers))"
+    return 0
+  fi
+  local codename
+  codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
+  if [ "$codename" != "bookworm" ]; then
+    log "expected Debian bookworm, found '${codename:-unknown}': install Mesa >= $MESA_MIN_MAJOR" \
+      "(${MESA_PACKAGES[*]}) from your distribution"
+    return 1
+  fi
+  add_backports_source
+  log "installing ${MESA_PACKAGES[*]} from bookworm-backports"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    -t bookworm-backports "${MESA_PACKAGES[@]}" >/dev/null
+  mesa_ready || { log "Mesa set-up did not take effect"; return 1; }
+}
+
+# --- python: attnc in editable mode with its test and Dawn extras ---
+
+# True when the dependencies import and `import attnc` (outside the repo) finds this checkout.
+python_ready() {
+  (cd / && "$PYTHON" - "$ROOT" <<'EOF'
+import sys
+import attnc, hypothesis, lark, numpy, pytest, wgpu, wgpudawn  # noqa: F401
+sys.exit(0 if sys.argv[1] + "/attnc" in list(attnc.__path__) else 1)
+EOF
+  ) >/dev/null 2>&1 && command -v ruff >/dev/null 2>&1
+}
+
+setup_python() {
+  if python_ready; then
+    log "Python package and dependencies present"
+    return 0
+  fi
+  log "installing attnc (editable) with [test,dawn]"
+  (cd "$ROOT" && "$PYTHON" -m pip install -q -e ".[test,dawn]")
+  python_ready || { log "Python set-up did not take effect"; return 1; }
+}
+
+# --- browser (issue 6) ---
+
+main() {
+  setup_system
+  setup_python
+}
+
+main "$@"

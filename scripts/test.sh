@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run attnc's tests as CI does: set-up, the whole suite, then the subgroup-size reruns.
+#
+# lavapipe's subgroup size follows LP_NATIVE_VECTOR_WIDTH (128 -> 4, default 256 -> 8,
+# 512 -> 16) and is fixed when the driver loads, so tests marked `subgroup_sizes` run again
+# in fresh processes under the other widths. Exits non-zero at the first failing step.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/setup.sh
+python3 -m pytest -q -x -p no:cacheprovider tests
+for width in 128 512; do
+  echo "test: subgroup_sizes with LP_NATIVE_VECTOR_WIDTH=$width" >&2
+  LP_NATIVE_VECTOR_WIDTH="$width" python3 -m pytest -q -p no:cacheprovider -m subgroup_sizes tests
+done

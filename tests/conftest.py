@@ -1,0 +1,63 @@
+"""Shared test helpers: the adapters the test machines provide, and the CI rule for missing ones.
+
+Tests get them as fixtures (`require_adapters`, `missing_adapter`, `device`) rather than by
+importing this module, which pytest loads as a conftest, not as a package module.
+In CI (`CI=true`) a missing adapter is a failure, so a broken driver set-up cannot turn the
+GPU suite into a row of skips; on a developer's machine it is a skip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from attnc.runtime.devices import Device
+
+# what scripts/setup.sh provides on Debian bookworm: Mesa lavapipe (Vulkan) and llvmpipe (GL)
+EXPECTED_ADAPTERS = ("wgpu:vulkan", "wgpu:opengl", "dawn:vulkan")
+
+
+def in_ci() -> bool:
+    """True when running under CI (`CI=true`), where missing adapters must fail the run."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def fail_or_skip(message: str) -> None:
+    """Fail in CI, skip elsewhere: the one place that applies the CI rule."""
+    if in_ci():
+        pytest.fail(f"{message} (CI=true: a missing adapter is a failure)", pytrace=False)
+    pytest.skip(message)
+
+
+def find_adapters(*specs: str) -> list[Device]:
+    """The devices for 'backend:api' specs (default: all expected); fail (CI) or skip if missing."""
+    from attnc.runtime.devices import devices
+
+    found = {d.spec: d for d in reversed(devices())}  # first enumerated wins per spec
+    wanted = specs or EXPECTED_ADAPTERS
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        fail_or_skip(f"adapters {missing} not found; have {sorted(found)}")
+    return [found[s] for s in wanted]
+
+
+@pytest.fixture
+def require_adapters() -> Callable[..., list[Device]]:
+    """`require_adapters(*specs)`: the devices for 'backend:api' specs (default: all expected)."""
+    return find_adapters
+
+
+@pytest.fixture
+def missing_adapter() -> Callable[[str], None]:
+    """`missing_adapter(message)`: fail under CI=true, skip elsewhere."""
+    return fail_or_skip
+
+
+@pytest.fixture(params=EXPECTED_ADAPTERS)
+def device(request: pytest.FixtureRequest) -> Device:
+    """Each expected adapter in turn (CI rule applied)."""
+    return find_adapters(request.param)[0]

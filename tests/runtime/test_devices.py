@@ -1,0 +1,233 @@
+"""Devices, subgroup-size probe, pipelines and dispatch on the real adapters of the test machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from attnc.errors import DeviceError, LoweringError
+from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
+from attnc.runtime.devices import default_device, devices, get_device
+from attnc.runtime.dispatch import (
+    Dispatch,
+    DispatchError,
+    empty,
+    fold_grid,
+    readback,
+    run,
+    upload,
+)
+
+pytestmark = pytest.mark.gpu
+
+# lavapipe's subgroup size follows LP_NATIVE_VECTOR_WIDTH (bits / 32 lanes of f32)
+LP_SUBGROUP_SIZES = {"128": 4, "256": 8, "512": 16}
+
+ADD_WGSL = """\
+struct Params { n: u32, alpha: f32, shift: i32, grid_total: u32, grid_stride_x: u32 }
+
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> b: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<uniform> params: Params;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wid.x + wid.y * params.grid_stride_x;
+    if (group >= params.grid_total) {
+        return;
+    }
+    let i = group * 64u + lid;
+    if (i < params.n) {
+        out[i] = a[i] + params.alpha * b[i] + f32(params.shift);
+    }
+}
+"""
+
+
+def add_program(wgsl: str = ADD_WGSL) -> Program:
+    """out = a + alpha * b + shift, one-dimensional over ceil(n / 64) workgroups."""
+    fields = ("n", "alpha", "shift", "grid_total", "grid_stride_x")
+    types = (Scalar.U32, Scalar.F32, Scalar.I32, Scalar.U32, Scalar.U32)
+    return Program(
+        name="add",
+        wgsl=wgsl,
+        entry_point="main",
+        workgroup_size=64,
+        bindings=(
+            Binding("a", 0, Access.READ, Scalar.F32),
+            Binding("b", 1, Access.READ, Scalar.F32),
+            Binding("out", 2, Access.READ_WRITE, Scalar.F32),
+            Binding("params", 3, Access.UNIFORM, Scalar.U32),
+        ),
+        uniforms=tuple(
+            UniformField(f, 4 * i, t) for i, (f, t) in enumerate(zip(fields, types, strict=True))
+        ),
+        grid=("n / 64",),
+        features=frozenset(),
+        workgroup_storage_bytes=0,
+    )
+
+
+def test_devices_lists_the_expected_adapters(require_adapters) -> None:
+    found = require_adapters()
+    assert [d.spec for d in found] == ["wgpu:vulkan", "wgpu:opengl", "dawn:vulkan"]
+    assert len({d.key for d in devices()}) == len(devices())
+    for d in found:
+        assert d.dialect == {"wgpu": "naga", "dawn": "tint"}[d.backend]
+        assert d.features <= {"subgroups", "f16", "timestamps"}
+        assert d.limits["max-compute-workgroups-per-dimension"] >= 65535
+        assert (
+            d.gpu.limits["max-compute-workgroup-storage-size"]
+            == (d.limits["max-compute-workgroup-storage-size"])
+        )
+    vulkan = [d for d in found if d.api == "Vulkan"]
+    assert all({"subgroups", "f16", "timestamps"} <= d.features for d in vulkan)
+    opengl = [d for d in found if d.api == "OpenGL"]
+    assert all("subgroups" not in d.features and d.subgroup_size is None for d in opengl)
+
+
+def test_default_and_get_device(require_adapters) -> None:
+    found = require_adapters("wgpu:vulkan", "wgpu:opengl", "dawn:vulkan")
+    best = default_device()
+    assert best.api != "OpenGL"  # a Vulkan adapter of the same type ranks first
+    assert get_device(None) is best and get_device(best) is best
+    assert get_device("dawn").backend == "dawn"
+    assert get_device("WGPU:OpenGL") is found[1]
+    with pytest.raises(DeviceError, match="available: wgpu:vulkan"):
+        get_device("metal")
+
+
+@pytest.mark.subgroup_sizes
+def test_measured_subgroup_size_follows_env(require_adapters) -> None:
+    width = os.environ.get("LP_NATIVE_VECTOR_WIDTH", "256")
+    expected = LP_SUBGROUP_SIZES.get(width)
+    if expected is None:
+        pytest.skip(f"LP_NATIVE_VECTOR_WIDTH={width} has no known subgroup size")
+    for d in require_adapters("wgpu:vulkan", "dawn:vulkan"):
+        assert d.subgroup_size == expected, d
+        assert d.subgroup_min_size <= d.subgroup_size <= d.subgroup_max_size
+
+
+PROBE_SCRIPT = """\
+import dataclasses
+import json
+from attnc.runtime.devices import devices
+print(json.dumps({d.spec: d.subgroup_size for d in devices()}))
+"""
+
+
+@pytest.mark.parametrize("width", ["128", "512"])
+def test_subgroup_size_probe_in_subprocess(width: str, missing_adapter) -> None:
+    env = dict(os.environ, LP_NATIVE_VECTOR_WIDTH=width)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE_SCRIPT], env=env, capture_output=True, text=True, check=True
+    )
+    sizes = json.loads(done.stdout.strip().splitlines()[-1])
+    for spec in ("wgpu:vulkan", "dawn:vulkan"):
+        if spec not in sizes:
+            missing_adapter(f"{spec} missing under LP_NATIVE_VECTOR_WIDTH={width}: {sizes}")
+        assert sizes[spec] == LP_SUBGROUP_SIZES[width], (spec, sizes)
+
+
+def test_fold_grid() -> None:
+    assert fold_grid(0, 65535) == (0, 1, 1)
+    assert fold_grid(65535, 65535) == (65535, 1, 1)
+    assert fold_grid(70001, 65535) == (35001, 2, 1)
+    for n in (65536, 131071, 1_000_003, 65535 * 65535):
+        x, y, z = fold_grid(n, 65535)
+        assert x <= 65535 and x * y >= n > x * (y - 1) and z == 1
+    with pytest.raises(DispatchError):
+        fold_grid(65535 * 65535 + 1, 65535)
+
+
+def test_dispatch_folds_grid_and_times(device) -> None:
+    groups = 70001  # > 65535: folded into (35001, 2); one workgroup past the end returns
+    n = groups * 64 - 5
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(n, np.float32), rng.standard_normal(n, np.float32)
+    bufs = {"a": upload(device, a), "b": upload(device, b), "out": empty(device, 4 * n)}
+    program = add_program()
+    step = Dispatch(program, bufs, {"n": n, "alpha": 0.5, "shift": -3}, groups)
+    times = run(device, [step, step], timestamps=True)
+    assert times is not None and len(times) == 2 and all(t > 0 for t in times), times
+    np.testing.assert_allclose(readback(device, bufs["out"], np.float32, (n,)), a + 0.5 * b - 3)
+    assert len(device.pipelines) >= 1
+    cached = len(device.pipelines)
+    assert run(device, [step]) is None
+    assert len(device.pipelines) == cached
+
+
+def test_upload_pads_and_round_trips(device) -> None:
+    for array in (np.arange(3, dtype=np.float16), np.arange(5, dtype=np.int32).reshape(1, 5)):
+        buffer = upload(device, array)
+        assert buffer.size % 4 == 0 and buffer.size >= array.nbytes
+        np.testing.assert_array_equal(readback(device, buffer, array.dtype, array.shape), array)
+    with pytest.raises(DispatchError, match="cannot upload dtype float64"):
+        upload(device, np.zeros(2))
+
+
+def test_read_aliasing_is_allowed_and_write_aliasing_raises(device) -> None:
+    x = upload(device, np.ones(64, np.float32))
+    out = empty(device, 256)
+    program = add_program()
+    run(
+        device, [Dispatch(program, {"a": x, "b": x, "out": out}, {"n": 64, "alpha": 1, "shift": 0})]
+    )
+    np.testing.assert_array_equal(readback(device, out, np.float32, (64,)), np.full(64, 2.0))
+    with pytest.raises(DispatchError, match="'a' and 'out'"):
+        run(
+            device,
+            [Dispatch(program, {"a": out, "b": x, "out": out}, {"n": 64, "alpha": 1, "shift": 0})],
+        )
+
+
+def test_dispatch_argument_errors(device) -> None:
+    x = upload(device, np.ones(64, np.float32))
+    program = add_program()
+    values = {"n": 64, "alpha": 1, "shift": 0}
+    with pytest.raises(DispatchError, match=r"missing \['out'\]"):
+        run(device, [Dispatch(program, {"a": x, "b": x}, values)])
+    bufs = {"a": x, "b": x, "out": empty(device, 256)}
+    with pytest.raises(DispatchError, match="unknown uniform"):
+        run(device, [Dispatch(program, bufs, {**values, "m": 1})])
+    with pytest.raises(DispatchError, match="set by the runtime"):
+        run(device, [Dispatch(program, bufs, {**values, "grid_total": 1})])
+    with pytest.raises(DispatchError, match="no value for uniform 'shift'"):
+        run(device, [Dispatch(program, bufs, {"n": 64, "alpha": 1})])
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "line"),
+    [
+        ("    let i = group * 64u + lid +;", 14),  # parse error
+        ("    let i: f32 = group * 64u + lid;", 14),  # type error
+    ],
+)
+def test_invalid_wgsl_raises_lowering_error(device, bad_line: str, line: int) -> None:
+    lines = ADD_WGSL.splitlines()
+    assert lines[line - 1].strip().startswith("let i =")
+    lines[line - 1] = bad_line
+    program = add_program("\n".join(lines) + "\n")
+    x = upload(device, np.ones(64, np.float32))
+    bufs = {"a": x, "b": x, "out": empty(device, 256)}
+    with pytest.raises(LoweringError) as info:
+        run(device, [Dispatch(program, bufs, {"n": 64, "alpha": 1, "shift": 0})])
+    err = info.value
+    assert f"{device.dialect} rejected the WGSL of 'add'" in err.message
+    assert err.span is not None and err.span.line == line, err.render()
+    assert bad_line.strip() in err.render()
+
+
+def test_program_needing_a_missing_feature_raises(require_adapters) -> None:
+    (gl,) = require_adapters("wgpu:opengl")
+    program = add_program()
+    needs_f16 = dataclasses.replace(program, features=frozenset({"f16"}))
+    with pytest.raises(DeviceError, match="needs \\['f16'\\]"):
+        run(gl, [Dispatch(needs_f16, {}, {})])
