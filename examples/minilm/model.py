@@ -14,7 +14,7 @@ import importlib.util
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -104,7 +104,13 @@ def device_label(dev: Any) -> str:
     """Return a short human-readable label for an attnc device (or the default one)."""
     if dev is None:
         return "attnc default device"
-    return f"{dev.backend}: {dev.name}"
+    api = ""
+    for attr in ("adapter_info", "info"):
+        info = getattr(dev, attr, None)
+        if isinstance(info, Mapping) and info.get("backend_type"):
+            api = f" ({info['backend_type']})"
+            break
+    return f"{dev.backend}{api}: {dev.name}"
 
 
 def attnc_attention(device: Any = None, target: str | None = None) -> AttentionFn:
@@ -307,7 +313,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a64 * b64).sum(-1) / (np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1))
 
 
-def attention_for(device: str | None, target: str | None) -> TimedAttention:
-    """Return timed attnc attention for a device string (None: attnc's default)."""
-    dev = resolve_device(device)
+def attention_for(device: Any, target: str | None) -> TimedAttention:
+    """Return timed attnc attention for an attnc device or device string (None: default)."""
+    dev = resolve_device(device) if device is None or isinstance(device, str) else device
     return TimedAttention(attnc_attention(dev, target), device_label(dev))

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,14 +63,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def device_specs(requested: list[str] | None) -> list[str | None]:
-    """Expand the --device options ("all" becomes every attnc device name)."""
+def device_specs(requested: list[str] | None) -> list[Any]:
+    """Expand the --device options ("all" becomes every attnc device)."""
     if not requested:
         return [None]
     if "all" in requested:
         import attnc
 
-        return [d.name for d in attnc.devices()]
+        return list(attnc.devices())
     return list(requested)
 
 

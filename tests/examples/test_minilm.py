@@ -73,11 +73,11 @@ def _slug(text: str) -> str:
 def _cases() -> list[Any]:
     """Every (device, target family, dtype) combination to compare."""
     cases = []
-    for dev in attnc.devices():
+    for index, dev in enumerate(attnc.devices()):
         targets = ["portable"] + (["subgroups"] if "subgroups" in dev.features else [])
         for target in targets:
             for dtype in ("float32", "float16"):
-                case_id = f"{dev.backend}-{_slug(dev.name)}-{target}-{dtype}"
+                case_id = f"{index}-{dev.backend}-{_slug(dev.name)}-{target}-{dtype}"
                 cases.append(pytest.param(dev, target, dtype, id=case_id))
     return cases
 
