@@ -72,9 +72,9 @@ def numpy_attention(
 def resolve_device(spec: str | None) -> Any:
     """Map a device string ("wgpu:vulkan", "wgpu:opengl", "dawn", a full name) to an attnc device.
 
-    Matches, in order: a device's exact `.name`; then the backend before the colon plus
-    the rest as a case-insensitive substring of the device's name or description. None
-    keeps attnc's default adapter.
+    Matches, in order: a device's `backend:api` spec; its exact `.name`; the backend
+    before the colon with the rest as a case-insensitive substring of the device's name
+    or description. None keeps attnc's default adapter.
     """
     if spec is None:
         return None
@@ -82,7 +82,7 @@ def resolve_device(spec: str | None) -> Any:
 
     devices = list(attnc.devices())
     for dev in devices:
-        if dev.name == spec:
+        if str(getattr(dev, "spec", "")).lower() == spec.lower() or dev.name == spec:
             return dev
     backend, _, rest = spec.partition(":")
     for dev in devices:
@@ -90,7 +90,7 @@ def resolve_device(spec: str | None) -> Any:
             continue
         if not rest or rest.lower() in _describe(dev).lower():
             return dev
-    names = ", ".join(f"{d.backend}: {d.name}" for d in devices) or "none"
+    names = ", ".join(device_label(d) for d in devices) or "none"
     raise ValueError(f"no attnc device matches {spec!r}; available: {names}")
 
 

@@ -22,6 +22,7 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -77,7 +78,7 @@ def _cases() -> list[Any]:
         targets = ["portable"] + (["subgroups"] if "subgroups" in dev.features else [])
         for target in targets:
             for dtype in ("float32", "float16"):
-                case_id = f"{index}-{dev.backend}-{_slug(dev.name)}-{target}-{dtype}"
+                case_id = f"{index}-{_slug(mm.device_label(dev))}-{target}-{dtype}"
                 cases.append(pytest.param(dev, target, dtype, id=case_id))
     return cases
 
@@ -114,6 +115,12 @@ def _compare(got: np.ndarray, ref: np.ndarray, bound: float, what: str) -> None:
     assert np.isfinite(got).all()
     bad = {s[:40]: float(c) for s, c in zip(SENTENCES, cos, strict=True) if not c >= bound}
     assert not bad, f"{what}: cosine below {bound}: {bad} (max abs diff {max_abs:.3e})"
+
+
+def test_devices_found(missing_adapter: Callable[[str], None]) -> None:
+    """At least one adapter to run the model on (a failure in CI, as conftest rules)."""
+    if not attnc.devices():
+        missing_adapter("attnc.devices() is empty: no WebGPU adapter to run MiniLM on")
 
 
 def test_batch_has_mixed_lengths(minilm: Any) -> None:
