@@ -113,6 +113,50 @@ setup_python() {
 }
 
 # --- browser (issue 6) ---
+# Headless Chromium (Debian's `chromium`: WebGPU on SwiftShader, subgroups of 4) and the JS
+# loader's test packages, pinned in js/package-lock.json: npm `webgpu` (Dawn for Node, on
+# lavapipe) and `playwright-core` (drives Chromium). Needs Node >= 20 with npm (on the image).
+CHROMIUM_BIN=/usr/lib/chromium/chromium
+
+# True when node_modules holds exactly the versions js/package.json pins.
+js_packages_ready() {
+  (cd "$ROOT/js" && node -e '
+    const pins = require("./package.json").devDependencies;
+    for (const [name, want] of Object.entries(pins)) {
+      let got = null;
+      try { got = require(`./node_modules/${name}/package.json`).version; } catch {}
+      if (got !== want) process.exit(1);
+    }') >/dev/null 2>&1
+}
+
+setup_browser() {
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    log "node and npm are missing: install Node >= 20 with npm (the JS tests need them)"
+    return 1
+  fi
+  if [ "$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then
+    log "node $(node --version) is too old for playwright-core: install Node >= 20"
+    return 1
+  fi
+  if [ -x "$CHROMIUM_BIN" ]; then
+    log "chromium present ($("$CHROMIUM_BIN" --version 2>/dev/null || echo '?'))"
+  elif command -v dpkg-query >/dev/null 2>&1; then
+    log "installing chromium (Debian package)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    [ -x "$CHROMIUM_BIN" ] || { log "chromium did not install to $CHROMIUM_BIN"; return 1; }
+  else
+    log "not a Debian system: install Chromium and set ATTNC_CHROMIUM to its binary"
+  fi
+  if js_packages_ready; then
+    log "npm packages for js/ present"
+    return 0
+  fi
+  log "installing js/ npm packages from js/package-lock.json (npm ci)"
+  (cd "$ROOT/js" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+  js_packages_ready || { log "npm ci did not install the pinned packages"; return 1; }
+}
+
 
 main() {
   setup_system

@@ -1,0 +1,196 @@
+// Runs a list of attention cases with js/attnc.js and measures them against expected outputs.
+// Shared by the example page (main.js) and the Node test runner (tests/js/run_node.mjs), so
+// the browser and Node exercise the same code. A cases file (written by tests/js/cases.py):
+//   {"cases": [{"name", "manifest", "variant", "shapes", "params", "limits", "tol",
+//               "expect_variant", "inputs": {name: {"file", "dtype"}},
+//               "expected": {name: {"file", "dtype"}}}],
+//    "checks": {"formulas": [{"formula", "env", "value" | "error"}], "f16": {...}}}
+// Paths are relative to the cases file. Binary files are little-endian raw arrays.
+
+import {
+  AttncError, createAttention, evaluateFormula, f16BitsToF32, f16ToF32, f32ToF16, loadManifest, selectVariant,
+} from '../../js/attnc.js';
+
+const ARRAYS = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array};
+
+/** @param {string} base @param {string} rel */
+export function joinPath(base, rel) {
+  if (/^[a-z]+:/i.test(rel) || rel.startsWith('/')) return rel;
+  const cut = base.lastIndexOf('/');
+  return (cut >= 0 ? base.slice(0, cut + 1) : '') + rel;
+}
+
+/** The WebGPU features the harness asks for when the adapter offers them. */
+export const WANTED_FEATURES = ['subgroups', 'shader-f16', 'timestamp-query'];
+
+/** Describe an adapter: name, features that matter, subgroup sizes, key limits. @param {any} adapter */
+export function describeAdapter(adapter) {
+  const info = adapter.info || {};
+  return {
+    vendor: info.vendor || '', architecture: info.architecture || '', device: info.device || '',
+    description: info.description || '',
+    isFallbackAdapter: !!(info.isFallbackAdapter ?? adapter.isFallbackAdapter),
+    subgroupMinSize: info.subgroupMinSize ?? null, subgroupMaxSize: info.subgroupMaxSize ?? null,
+    features: WANTED_FEATURES.filter((f) => adapter.features.has(f)),
+    maxComputeWorkgroupsPerDimension: adapter.limits.maxComputeWorkgroupsPerDimension,
+    maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize,
+  };
+}
+
+/** @param {Uint8Array} bytes */
+export function toBase64(bytes) {
+  let s = '';
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}
+
+/** @param {any} arr @param {string} dtype @returns {Float64Array} */
+function asFloat(arr, dtype) {
+  return Float64Array.from(dtype === 'f16' ? f16ToF32(arr) : arr);
+}
+
+/** Max abs error and relative Frobenius error (NaN at the same place counts as equal). */
+export function compare(/** @type {Float64Array} */ got, /** @type {Float64Array} */ want) {
+  let maxAbs = 0, num = 0, den = 0, nanMismatch = 0;
+  if (got.length !== want.length) return {max_abs: Infinity, rel_err: Infinity, nan_mismatch: 0, length_mismatch: true};
+  for (let i = 0; i < got.length; i++) {
+    const g = got[i], w = want[i];
+    if (Number.isNaN(w) || Number.isNaN(g)) {
+      if (Number.isNaN(w) !== Number.isNaN(g)) nanMismatch++;
+      continue;
+    }
+    if (!Number.isFinite(w) || !Number.isFinite(g)) {
+      if (g !== w) nanMismatch++;
+      continue;
+    }
+    const d = Math.abs(g - w);
+    maxAbs = Math.max(maxAbs, d);
+    num += d * d;
+    den += w * w;
+  }
+  const rel = den > 0 ? Math.sqrt(num / den) : Math.sqrt(num);
+  return {max_abs: maxAbs, rel_err: rel, nan_mismatch: nanMismatch};
+}
+
+/**
+ * Run every case. `io.text(path)` and `io.bytes(path)` read files; `io.onResult` sees each
+ * result as it comes. Returns {adapter, results, checks}.
+ * @param {any} adapter @param {any} device @param {string} casesPath
+ * @param {{text: (p: string) => Promise<string>, bytes: (p: string) => Promise<ArrayBuffer>,
+ *   onResult?: (r: any) => void, returnOutputs?: boolean, repeat?: number}} io
+ */
+export async function runCases(adapter, device, casesPath, io) {
+  const spec = JSON.parse(await io.text(casesPath));
+  const manifests = new Map();
+  const results = [];
+  for (const c of spec.cases) {
+    const r = await runCase(device, casesPath, c, io, manifests);
+    results.push(r);
+    if (io.onResult) io.onResult(r);
+  }
+  const checks = spec.checks ? await runChecks(casesPath, spec.checks, io) : {};
+  return {adapter: describeAdapter(adapter), device_features: [...device.features].filter((f) => WANTED_FEATURES.includes(f)), results, checks};
+}
+
+/** @param {any} device @param {string} casesPath @param {any} c @param {any} io @param {Map<string, any>} manifests */
+async function runCase(device, casesPath, c, io, manifests) {
+  /** @type {any} */
+  const r = {name: c.name, status: 'error', variant: null, shapes: c.shapes};
+  try {
+    const mpath = joinPath(casesPath, c.manifest);
+    if (!manifests.has(mpath)) manifests.set(mpath, await loadManifest(mpath, io.text));
+    const manifest = manifests.get(mpath);
+    const limits = {...deviceLimits(device), ...(c.limits || {})};
+    try {
+      selectVariant(manifest, {variant: c.variant ?? undefined, features: device.features, limits});
+    } catch (e) {
+      if (!(e instanceof AttncError)) throw e;
+      r.status = 'unsupported';
+      r.error = e.message;
+      return r;
+    }
+    const t0 = performance.now();
+    const attn = await createAttention(device, manifest, {variant: c.variant ?? undefined, limits: c.limits});
+    r.create_ms = performance.now() - t0;
+    r.variant = attn.variant.name;
+    /** @type {Record<string, any>} */
+    const inputs = {};
+    for (const [name, f] of Object.entries(c.inputs || {})) {
+      const Ctor = ARRAYS[/** @type {keyof typeof ARRAYS} */ (f.dtype)];
+      inputs[name] = new Ctor(await io.bytes(joinPath(casesPath, f.file)));
+    }
+    const plan = attn.plan(c.shapes, c.params || {});
+    r.dispatches = plan.dispatches.map((d) => ({program: d.program.name, n: d.n, x: d.x, y: d.y}));
+    let out = await attn.run(inputs, c.shapes, c.params || {});
+    const times = [];
+    for (let i = 0; i < (io.repeat ?? 3); i++) {
+      const t = performance.now();
+      out = await attn.run(inputs, c.shapes, c.params || {});
+      times.push(performance.now() - t);
+    }
+    times.sort((a, b) => a - b);
+    r.ms = times.length ? times[times.length >> 1] : null;
+    r.metrics = {};
+    r.outputs = {};
+    for (const [name, f] of Object.entries(c.expected || {})) {
+      const Ctor = ARRAYS[/** @type {keyof typeof ARRAYS} */ (f.dtype)];
+      const want = new Ctor(await io.bytes(joinPath(casesPath, f.file)));
+      const got = out[name];
+      r.metrics[name] = compare(asFloat(got, f.dtype), asFloat(want, f.dtype));
+      if (io.returnOutputs) r.outputs[name] = {dtype: f.dtype, b64: toBase64(new Uint8Array(got.buffer, got.byteOffset, got.byteLength))};
+    }
+    r.status = 'ok';
+  } catch (e) {
+    r.error = String(/** @type {any} */ (e).message || e);
+    r.status = c.expect_error && r.error.includes(c.expect_error) ? 'ok' : 'error';
+    if (c.expect_error) r.expected_error = c.expect_error;
+  }
+  return r;
+}
+
+/** @param {any} device */
+function deviceLimits(device) {
+  /** @type {Record<string, number>} */
+  const out = {};
+  for (const k of ['maxComputeWorkgroupsPerDimension', 'maxComputeWorkgroupStorageSize', 'maxComputeInvocationsPerWorkgroup', 'maxStorageBuffersPerShaderStage', 'maxStorageBufferBindingSize']) out[k] = device.limits[k];
+  return out;
+}
+
+/** Formula and f16-conversion checks against values Python computed. */
+async function runChecks(/** @type {string} */ casesPath, /** @type {any} */ checks, /** @type {any} */ io) {
+  /** @type {any} */
+  const out = {};
+  if (checks.formulas) {
+    out.formulas = checks.formulas.map((/** @type {any} */ f) => {
+      try {
+        return {formula: f.formula, value: evaluateFormula(f.formula, f.env)};
+      } catch (e) {
+        return {formula: f.formula, error: String(/** @type {any} */ (e).message || e), attnc_error: e instanceof AttncError};
+      }
+    });
+  }
+  if (checks.f16) {
+    const values = new Float32Array(await io.bytes(joinPath(casesPath, checks.f16.f32_file)));
+    const bits = new Uint16Array(await io.bytes(joinPath(casesPath, checks.f16.bits_file)));
+    const mine = f32ToF16(values);
+    let toHalf = 0;
+    for (let i = 0; i < bits.length; i++) if (mine[i] !== bits[i]) toHalf++;
+    let toFloat = 0;
+    for (let h = 0; h < 65536; h++) {
+      const v = f16BitsToF32(h);
+      // Every finite half is exactly an f32; NaNs stay NaNs.
+      const back = new Float32Array([v])[0];
+      const want = halfToFloatReference(h);
+      if (!(Object.is(back, want) || (Number.isNaN(back) && Number.isNaN(want)))) toFloat++;
+    }
+    out.f16 = {count: bits.length, to_half_mismatches: toHalf, to_float_mismatches: toFloat};
+  }
+  return out;
+}
+
+/** Independent half → float via DataView-free arithmetic on the fields. @param {number} h */
+function halfToFloatReference(h) {
+  const s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+  const mag = e === 31 ? (m ? NaN : Infinity) : e === 0 ? m / 16777216 : (1024 + m) * 2 ** (e - 25);
+  return s ? -mag : mag;
+}

@@ -1,0 +1,662 @@
+// attnc.js: run `attnc compile` output (manifest.json + .wgsl files) on WebGPU, without attnc.
+//
+// Dependency-free ES module for browsers and Node (npm `webgpu`). The manifest format is
+// docs/MANIFEST.md (format "attnc.manifest", version 1). Usage:
+//
+//   const attn = await createAttention(device, await loadManifest('kernels/manifest.json'));
+//   const {o} = await attn.run({q, k, v}, {B: 1, Hq: 8, Hkv: 2, S: 128, T: 128, D: 64, Dv: 64});
+//
+// f16 tensors travel as Uint16Array holding IEEE half bits (see f32ToF16 / f16ToF32).
+
+export const MANIFEST_FORMAT = 'attnc.manifest';
+export const MANIFEST_VERSION = 1;
+
+/** Every error this module throws on purpose. */
+export class AttncError extends Error {
+  /** @param {string} message */
+  constructor(message) {
+    super(message);
+    this.name = 'AttncError';
+  }
+}
+
+// WebGPU flag values, spelled out so that the module needs no globals (GPUBufferUsage, ...).
+const USAGE = {MAP_READ: 0x1, COPY_SRC: 0x4, COPY_DST: 0x8, UNIFORM: 0x40, STORAGE: 0x80};
+const STAGE_COMPUTE = 0x4;
+const MAP_READ = 0x1;
+
+/** WebGPU's default limits: what a variant gets when `requires.limits` does not name a limit. */
+export const DEFAULT_LIMITS = Object.freeze({
+  maxComputeWorkgroupStorageSize: 16384,
+  maxComputeInvocationsPerWorkgroup: 256,
+  maxComputeWorkgroupSizeX: 256,
+  maxComputeWorkgroupSizeY: 256,
+  maxComputeWorkgroupSizeZ: 64,
+  maxComputeWorkgroupsPerDimension: 65535,
+  maxStorageBuffersPerShaderStage: 8,
+  maxStorageBufferBindingSize: 134217728,
+  maxUniformBufferBindingSize: 65536,
+  maxBufferSize: 268435456,
+  maxBindingsPerBindGroup: 1000,
+});
+
+const ELEM_BYTES = {f32: 4, f16: 2, i32: 4, u32: 4};
+const ARRAY_TYPES = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array};
+
+// ---------------------------------------------------------------------------------------
+// Formulas (MANIFEST.md "Formulas"): a recursive-descent parser, evaluated in float64.
+//   expr  := term (('+' | '-') term)*
+//   term  := unary (('*' | '/') unary)*
+//   unary := ('-' | '+') unary | atom
+//   atom  := NUMBER | NAME | NAME '(' expr (',' expr)* ')' | '(' expr ')'
+// ---------------------------------------------------------------------------------------
+
+/** @type {Record<string, [number, (...a: number[]) => number]>} */
+const FUNCTIONS = {
+  ceil_div: [2, (a, b) => Math.ceil(divide(a, b))],
+  floor_div: [2, (a, b) => Math.floor(divide(a, b))],
+  min: [2, Math.min],
+  max: [2, Math.max],
+  sqrt: [1, Math.sqrt],
+  rsqrt: [1, (x) => 1 / Math.sqrt(x)],
+};
+
+/** @param {number} a @param {number} b */
+function divide(a, b) {
+  if (b === 0) throw new AttncError('formula: division by zero');
+  return a / b;
+}
+
+/**
+ * @typedef {{t: 'num', v: number} | {t: 'name', name: string} | {t: 'neg', a: Node}
+ *   | {t: 'bin', op: string, a: Node, b: Node} | {t: 'call', fn: string, args: Node[]}} Node
+ */
+
+const TOKEN = /\s*(?:(\d+(?:\.\d+)?)|([A-Za-z_][A-Za-z0-9_]*)|([-+*/(),]))/y;
+
+/** A parsed formula: `names` it references, `evaluate(env)` → float64. */
+export class Formula {
+  /** @param {string} source */
+  constructor(source) {
+    if (typeof source !== 'string') throw new AttncError(`formula must be a string, got ${JSON.stringify(source)}`);
+    this.source = source;
+    /** @type {Set<string>} */
+    this.names = new Set();
+    const tokens = [];
+    TOKEN.lastIndex = 0;
+    let pos = 0;
+    while (pos < source.length) {
+      if (/^\s*$/.test(source.slice(pos))) break;
+      TOKEN.lastIndex = pos;
+      const m = TOKEN.exec(source);
+      if (!m) throw new AttncError(`formula ${JSON.stringify(source)}: unexpected character at ${pos}`);
+      tokens.push(m[1] !== undefined ? {k: 'num', v: m[1]} : m[2] !== undefined ? {k: 'name', v: m[2]} : {k: m[3], v: m[3]});
+      pos = TOKEN.lastIndex;
+    }
+    let i = 0;
+    const fail = (/** @type {string} */ what) => {
+      throw new AttncError(`formula ${JSON.stringify(source)}: ${what} at token ${i + 1}`);
+    };
+    const peek = () => (i < tokens.length ? tokens[i].k : 'end');
+    const expect = (/** @type {string} */ k) => (peek() === k ? tokens[i++] : fail(`expected '${k}'`));
+    /** @returns {Node} */
+    const expr = () => {
+      let a = term();
+      while (peek() === '+' || peek() === '-') a = {t: 'bin', op: tokens[i++].k, a, b: term()};
+      return a;
+    };
+    /** @returns {Node} */
+    const term = () => {
+      let a = unary();
+      while (peek() === '*' || peek() === '/') a = {t: 'bin', op: tokens[i++].k, a, b: unary()};
+      return a;
+    };
+    /** @returns {Node} */
+    const unary = () => {
+      if (peek() === '-') return i++, {t: 'neg', a: unary()};
+      if (peek() === '+') return i++, unary();
+      return atom();
+    };
+    /** @returns {Node} */
+    const atom = () => {
+      const tok = tokens[i];
+      if (peek() === 'num') return i++, {t: 'num', v: Number(tok.v)};
+      if (peek() === '(') {
+        i++;
+        const e = expr();
+        expect(')');
+        return e;
+      }
+      if (peek() !== 'name') return fail('expected a number, a name or (');
+      i++;
+      if (peek() !== '(') {
+        this.names.add(tok.v);
+        return {t: 'name', name: tok.v};
+      }
+      const fn = FUNCTIONS[tok.v];
+      if (!fn) fail(`unknown function ${tok.v}`);
+      i++;
+      const args = [expr()];
+      while (peek() === ',') i++, args.push(expr());
+      expect(')');
+      if (args.length !== fn[0]) fail(`${tok.v} takes ${fn[0]} argument(s), got ${args.length}`);
+      return {t: 'call', fn: tok.v, args};
+    };
+    if (tokens.length === 0) fail('empty formula');
+    /** @type {Node} */
+    this.ast = expr();
+    if (i !== tokens.length) fail(`unexpected '${tokens[i].v}'`);
+  }
+
+  /** @param {Record<string, number>} env @returns {number} */
+  evaluate(env) {
+    const ev = (/** @type {Node} */ n) => {
+      switch (n.t) {
+        case 'num': return n.v;
+        case 'name': {
+          const v = env[n.name];
+          if (typeof v !== 'number') throw new AttncError(`formula ${JSON.stringify(this.source)}: no value for '${n.name}'`);
+          return v;
+        }
+        case 'neg': return -ev(n.a);
+        case 'bin': {
+          const a = ev(n.a), b = ev(n.b);
+          return n.op === '+' ? a + b : n.op === '-' ? a - b : n.op === '*' ? a * b : divide(a, b);
+        }
+        case 'call': return FUNCTIONS[n.fn][1](...n.args.map(ev));
+      }
+      throw new AttncError('formula: bad node');
+    };
+    const v = ev(this.ast);
+    if (!Number.isFinite(v)) throw new AttncError(`formula ${JSON.stringify(this.source)} is not finite (${v})`);
+    return v;
+  }
+}
+
+const formulaCache = new Map();
+/** Parse (memoised) a manifest formula. @param {string} source @returns {Formula} */
+export function parseFormula(source) {
+  let f = formulaCache.get(source);
+  if (!f) formulaCache.set(source, (f = new Formula(source)));
+  return f;
+}
+
+/** Evaluate a formula string in `env` (dims, params, grid_total, grid_stride_x). */
+export function evaluateFormula(/** @type {string} */ source, /** @type {Record<string, number>} */ env) {
+  return parseFormula(source).evaluate(env);
+}
+
+/** @param {number} v @param {string} type @param {string} what */
+function toScalar(v, type, what) {
+  if (type === 'f32') return Math.fround(v);
+  if (!Number.isInteger(v)) throw new AttncError(`${what}: ${type} value ${v} is not an integer`);
+  if (type === 'u32' && (v < 0 || v > 0xffffffff)) throw new AttncError(`${what}: ${v} out of u32 range`);
+  if (type === 'i32' && (v < -0x80000000 || v > 0x7fffffff)) throw new AttncError(`${what}: ${v} out of i32 range`);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------
+// f16 <-> f32 (IEEE binary16 bits in a Uint16Array; round to nearest even, like numpy).
+// ---------------------------------------------------------------------------------------
+
+const f32buf = new Float32Array(1);
+const u32buf = new Uint32Array(f32buf.buffer);
+
+/** One f32 value → half bits, round to nearest even. @param {number} x */
+export function f32ToF16Bits(x) {
+  f32buf[0] = x;
+  const u = u32buf[0];
+  const sign = (u >>> 16) & 0x8000;
+  const exp = (u >>> 23) & 0xff;
+  let mant = u & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 | (mant >>> 13) : 0); // inf / NaN (quiet)
+  let e = exp - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00; // overflow → inf
+  if (e <= 0) {
+    if (e < -10) return sign; // underflow → ±0
+    mant |= 0x800000; // subnormal half: shift the implicit 1 in
+    const shift = 14 - e;
+    const half = 1 << (shift - 1);
+    let r = mant >>> shift;
+    const rest = mant & ((1 << shift) - 1);
+    if (rest > half || (rest === half && (r & 1))) r += 1;
+    return sign | r;
+  }
+  let r = (e << 10) | (mant >>> 13);
+  const rest = mant & 0x1fff;
+  if (rest > 0x1000 || (rest === 0x1000 && (r & 1))) r += 1; // may carry into the exponent: fine
+  return sign | r;
+}
+
+/** Half bits → f32 value. @param {number} h */
+export function f16BitsToF32(h) {
+  const sign = h & 0x8000 ? -1 : 1;
+  const e = (h >>> 10) & 0x1f;
+  const m = h & 0x3ff;
+  if (e === 0) return sign * m * 2 ** -24;
+  if (e === 0x1f) return m ? NaN : sign * Infinity;
+  return sign * (1 + m / 1024) * 2 ** (e - 15);
+}
+
+/** Float32Array (or number[]) → Uint16Array of half bits. @param {ArrayLike<number>} a */
+export function f32ToF16(a) {
+  const out = new Uint16Array(a.length);
+  for (let i = 0; i < a.length; i++) out[i] = f32ToF16Bits(a[i]);
+  return out;
+}
+
+/** Uint16Array of half bits → Float32Array. @param {ArrayLike<number>} a */
+export function f16ToF32(a) {
+  const out = new Float32Array(a.length);
+  for (let i = 0; i < a.length; i++) out[i] = f16BitsToF32(a[i]);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading and variant selection.
+// ---------------------------------------------------------------------------------------
+
+const SOURCES = Symbol('attnc.sources');
+
+/** @param {string} base @param {string} file */
+function resolvePath(base, file) {
+  if (/^[a-z][a-z0-9+.-]*:/i.test(file) || file.startsWith('/')) return file;
+  try {
+    const loc = /** @type {any} */ (globalThis).location;
+    return new URL(file, new URL(base, loc ? loc.href : undefined)).href;
+  } catch {
+    const cut = base.lastIndexOf('/');
+    return (cut >= 0 ? base.slice(0, cut + 1) : '') + file;
+  }
+}
+
+/** @param {string} url */
+async function defaultFetchText(url) {
+  if (typeof fetch !== 'function') throw new AttncError(`no fetch(): pass fetchText to loadManifest to read ${url}`);
+  const r = await fetch(url);
+  if (!r.ok) throw new AttncError(`fetching ${url}: HTTP ${r.status}`);
+  return r.text();
+}
+
+/**
+ * Load and check a manifest. `urlOrObject` is a URL/path of manifest.json or the parsed
+ * object; `fetchText(url)` reads a text file (default: fetch), or pass an object mapping
+ * program file names to WGSL text. Program files are resolved relative to the manifest URL.
+ * @param {string | object} urlOrObject
+ * @param {((url: string) => Promise<string> | string) | Record<string, string>} [fetchText]
+ */
+export async function loadManifest(urlOrObject, fetchText) {
+  const read = typeof fetchText === 'function' ? fetchText
+    : fetchText ? (/** @type {string} */ f) => {
+      const key = Object.keys(fetchText).find((k) => k === f || f.endsWith('/' + k));
+      if (key === undefined) throw new AttncError(`no WGSL text given for ${f}`);
+      return fetchText[key];
+    } : defaultFetchText;
+  let manifest, base = '';
+  if (typeof urlOrObject === 'string') {
+    base = urlOrObject;
+    manifest = JSON.parse(await read(urlOrObject));
+  } else {
+    manifest = urlOrObject;
+  }
+  if (!manifest || manifest.format !== MANIFEST_FORMAT) throw new AttncError(`not an attnc manifest (format ${JSON.stringify(manifest && manifest.format)})`);
+  if (manifest.version !== MANIFEST_VERSION) throw new AttncError(`manifest version ${manifest.version} is not supported (this loader reads version ${MANIFEST_VERSION})`);
+  if (!Array.isArray(manifest.variants) || manifest.variants.length === 0) throw new AttncError('manifest has no variants');
+  Object.defineProperty(manifest, SOURCES, {
+    value: (/** @type {string} */ file) => read(base ? resolvePath(base, file) : file),
+    enumerable: false,
+  });
+  return manifest;
+}
+
+/** @param {any} features @returns {Set<string>} */
+function featureSet(features) {
+  if (!features) return new Set();
+  return new Set(typeof features === 'string' ? [features] : [...features]);
+}
+
+/** @param {any} limits @param {string} name */
+function limitOf(limits, name) {
+  const v = limits ? limits[name] : undefined;
+  return typeof v === 'number' ? v : DEFAULT_LIMITS[/** @type {keyof typeof DEFAULT_LIMITS} */ (name)];
+}
+
+/**
+ * Why a variant does not fit (empty list: it fits).
+ * @param {any} variant @param {Iterable<string>} features @param {any} limits @returns {string[]}
+ */
+export function variantMismatches(variant, features, limits) {
+  const have = featureSet(features);
+  const why = [];
+  const req = variant.requires || {};
+  for (const f of req.features || []) if (!have.has(f)) why.push(`feature ${f} missing`);
+  for (const [name, need] of Object.entries(req.limits || {})) {
+    const got = limitOf(limits, name);
+    if (typeof got !== 'number') why.push(`limit ${name} unknown`);
+    else if (name.startsWith('min') ? got > need : got < need) why.push(`limit ${name} ${got}, needs ${need}`);
+  }
+  return why;
+}
+
+/** @param {any} v @param {any} sel */
+function matchesSelector(v, sel) {
+  if (sel === undefined || sel === null) return true;
+  if (typeof sel === 'string') return v.name === sel;
+  if (typeof sel === 'function') return !!sel(v);
+  return Object.entries(sel).every(([k, want]) => v[k] === want);
+}
+
+/**
+ * Pick the first variant (manifest order = best first) that matches `selector` (a name, a
+ * `{family, dtype, ...}` filter or a predicate) and whose requirements the features/limits meet.
+ * @param {any} manifest @param {{variant?: any, features?: Iterable<string>, limits?: any}} [opts]
+ */
+export function selectVariant(manifest, opts = {}) {
+  const rejected = [];
+  for (const v of manifest.variants) {
+    if (!matchesSelector(v, opts.variant)) continue;
+    const why = variantMismatches(v, opts.features || [], opts.limits);
+    if (why.length === 0) return v;
+    rejected.push(`${v.name}: ${why.join(', ')}`);
+  }
+  const sel = opts.variant === undefined ? '' : ` matching ${typeof opts.variant === 'function' ? 'the predicate' : JSON.stringify(opts.variant)}`;
+  throw new AttncError(`no variant${sel} fits this device` + (rejected.length ? `:\n  ${rejected.join('\n  ')}` : ''));
+}
+
+/**
+ * The `requestDevice` descriptor that enables every variant this adapter can run.
+ * @param {any} adapter @param {any} manifest @returns {{requiredFeatures: string[], requiredLimits: Record<string, number>}}
+ */
+export function deviceDescriptor(adapter, manifest) {
+  const features = new Set();
+  /** @type {Record<string, number>} */
+  const limits = {};
+  for (const v of manifest.variants) {
+    if (variantMismatches(v, adapter.features, adapter.limits).length) continue;
+    for (const f of v.requires?.features || []) features.add(f);
+    for (const [k, need] of Object.entries(v.requires?.limits || {})) {
+      if (need > limitOf(DEFAULT_LIMITS, k)) limits[k] = Math.max(limits[k] || 0, need);
+    }
+  }
+  return {requiredFeatures: [...features], requiredLimits: limits};
+}
+
+/**
+ * Prepare WGSL text for the shader compiler: Tint (browsers, Dawn) keeps the `enable`
+ * lines; Naga (wgpu-native, Firefox) gets `enable subgroups;` removed.
+ * @param {string} code @param {'tint' | 'naga'} [dialect]
+ */
+export function adaptWgsl(code, dialect = 'tint') {
+  if (dialect === 'naga') return code.replace(/^[ \t]*enable[ \t]+subgroups[ \t]*;[ \t]*\r?\n?/gm, '');
+  return code;
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention objects: pipelines per program, planning, encoding, running.
+// ---------------------------------------------------------------------------------------
+
+/**
+ * @typedef {{name: string, bytes: number, size: number, count: number, dtype: string, role: string}} TensorPlan
+ * @typedef {{program: any, n: number, x: number, y: number, uniform: ArrayBuffer | null}} DispatchPlan
+ * @typedef {{env: Record<string, number>, tensors: Record<string, TensorPlan>, dispatches: DispatchPlan[]}} Plan
+ */
+
+/**
+ * Create an attention runner for `device` from a loaded manifest: picks the variant,
+ * compiles its programs and builds the pipelines.
+ * @param {any} device GPUDevice
+ * @param {any} manifest from loadManifest
+ * @param {{variant?: any, adapterFeatures?: Iterable<string>, features?: Iterable<string>, limits?: any,
+ *   dialect?: 'tint' | 'naga', fetchText?: (file: string) => Promise<string> | string, label?: string}} [opts]
+ */
+export async function createAttention(device, manifest, opts = {}) {
+  const features = opts.adapterFeatures || opts.features || device.features;
+  // Selection uses the device's limits (what was granted), overridden by opts.limits.
+  const limits = mergeLimits(device.limits, opts.limits);
+  const variant = selectVariant(manifest, {variant: opts.variant, features, limits});
+  const source = opts.fetchText || manifest[SOURCES];
+  if (!source) throw new AttncError('manifest has no file loader: load it with loadManifest() or pass fetchText');
+  const tensors = new Map(variant.tensors.map((/** @type {any} */ t) => [t.name, t]));
+  const programs = await Promise.all(variant.programs.map(async (/** @type {any} */ p) => {
+    const wg = p.workgroup_size;
+    const invocations = wg[0] * wg[1] * wg[2];
+    if (invocations > limitOf(limits, 'maxComputeInvocationsPerWorkgroup')) throw new AttncError(`${variant.name}/${p.name}: ${invocations} invocations per workgroup exceed the device limit`);
+    if ((p.workgroup_storage_bytes || 0) > limitOf(limits, 'maxComputeWorkgroupStorageSize')) throw new AttncError(`${variant.name}/${p.name}: ${p.workgroup_storage_bytes} bytes of workgroup storage exceed the device limit`);
+    const code = adaptWgsl(await source(p.file), opts.dialect);
+    const label = `${opts.label || variant.name}/${p.name}`;
+    const entries = p.bindings.map((/** @type {any} */ b) => {
+      if (b.kind === 'uniform') return {binding: b.binding, visibility: STAGE_COMPUTE, buffer: {type: 'uniform'}};
+      if (!tensors.has(b.name)) throw new AttncError(`${label}: binding ${b.binding} names unknown tensor ${b.name}`);
+      return {binding: b.binding, visibility: STAGE_COMPUTE, buffer: {type: b.access === 'read' ? 'read-only-storage' : 'storage'}};
+    });
+    device.pushErrorScope('validation');
+    const module = device.createShaderModule({label, code});
+    const layout = device.createBindGroupLayout({label, entries});
+    const scoped = device.popErrorScope();
+    let pipeline;
+    try {
+      pipeline = await device.createComputePipelineAsync({
+        label, layout: device.createPipelineLayout({label, bindGroupLayouts: [layout]}),
+        compute: {module, entryPoint: p.entry_point},
+      });
+    } catch (e) {
+      throw new AttncError(`${label}: pipeline creation failed: ${await compileMessages(module) || /** @type {any} */ (e).message}`);
+    }
+    const err = await scoped;
+    if (err) throw new AttncError(`${label}: ${err.message}`);
+    return {program: p, pipeline, layout, uniform: p.bindings.find((/** @type {any} */ b) => b.kind === 'uniform')};
+  }));
+  return new Attention(device, manifest, variant, programs, limits);
+}
+
+/** @param {any} module */
+async function compileMessages(module) {
+  if (!module.getCompilationInfo) return '';
+  const info = await module.getCompilationInfo();
+  return info.messages.map((/** @type {any} */ m) => `${m.type} ${m.lineNum}:${m.linePos} ${m.message}`).join('\n');
+}
+
+/** @param {any} deviceLimits @param {any} overrides */
+function mergeLimits(deviceLimits, overrides) {
+  /** @type {Record<string, number>} */
+  const out = {};
+  for (const k of Object.keys(DEFAULT_LIMITS)) out[k] = limitOf(deviceLimits, k);
+  if (deviceLimits) for (const k in deviceLimits) if (typeof deviceLimits[k] === 'number') out[k] = deviceLimits[k];
+  return Object.assign(out, overrides || {});
+}
+
+/** The product of a tensor's dims. @param {any} t @param {Record<string, number>} env */
+function elementCount(t, env) {
+  if (t.dims) {
+    return t.dims.reduce((/** @type {number} */ n, /** @type {string} */ d) => {
+      const v = env[d];
+      if (typeof v !== 'number') throw new AttncError(`missing shape ${d} (needed by ${t.name})`);
+      return n * v;
+    }, 1);
+  }
+  return toScalar(evaluateFormula(t.count, env), 'u32', `${t.name}.count`);
+}
+
+export class Attention {
+  /** @param {any} device @param {any} manifest @param {any} variant @param {any[]} programs @param {Record<string, number>} limits */
+  constructor(device, manifest, variant, programs, limits) {
+    this.device = device;
+    this.manifest = manifest;
+    /** The chosen variant (its manifest entry). */
+    this.variant = variant;
+    this.programs = programs;
+    this.limits = limits;
+    this.inputs = variant.tensors.filter((/** @type {any} */ t) => t.role === 'input');
+    this.outputs = variant.tensors.filter((/** @type {any} */ t) => t.role === 'output');
+  }
+
+  /**
+   * Evaluate everything that depends on shapes and params: tensor sizes, dispatch grids
+   * (folded by maxComputeWorkgroupsPerDimension) and uniform block contents.
+   * @param {Record<string, number>} shapes @param {Record<string, number>} [params] @returns {Plan}
+   */
+  plan(shapes, params = {}) {
+    const v = this.variant;
+    /** @type {Record<string, number>} */
+    const env = {};
+    for (const [k, val] of Object.entries(shapes)) {
+      if (!Number.isInteger(val) || val < 0) throw new AttncError(`shape ${k}=${val} is not a non-negative integer`);
+      env[k] = val;
+    }
+    const known = new Set((v.params || []).map((/** @type {any} */ p) => p.name));
+    for (const k of Object.keys(params)) if (!known.has(k)) throw new AttncError(`unknown param ${k} (variant ${v.name} has: ${[...known].join(', ') || 'none'})`);
+    for (const p of v.params || []) {
+      const given = params[p.name];
+      const val = given !== undefined && given !== null ? Number(given) : evaluateFormula(p.default, env);
+      env[p.name] = p.type === 'f32' ? val : toScalar(val, p.type, `param ${p.name}`);
+    }
+    /** @type {Record<string, TensorPlan>} */
+    const tensors = {};
+    const maxBinding = limitOf(this.limits, 'maxStorageBufferBindingSize');
+    for (const t of v.tensors) {
+      const count = elementCount(t, env);
+      const bytes = count * ELEM_BYTES[/** @type {keyof typeof ELEM_BYTES} */ (t.dtype)];
+      const size = Math.max(4, Math.ceil(bytes / 4) * 4);
+      if (size > maxBinding) throw new AttncError(`${t.name}: ${size} bytes exceed maxStorageBufferBindingSize ${maxBinding}`);
+      tensors[t.name] = {name: t.name, role: t.role, dtype: t.dtype, count, bytes, size};
+    }
+    const maxDim = this.limits.maxComputeWorkgroupsPerDimension;
+    const dispatches = this.programs.map(({program, uniform}) => {
+      const n = toScalar(evaluateFormula(program.workgroups, env), 'u32', `${program.name}.workgroups`);
+      const x = Math.max(1, Math.min(n, maxDim));
+      const y = Math.ceil(n / x);
+      if (y > maxDim) throw new AttncError(`${program.name}: ${n} workgroups do not fit a ${maxDim}x${maxDim} grid`);
+      let data = null;
+      if (uniform) {
+        const u = program.uniforms;
+        data = new ArrayBuffer(Math.ceil(Math.max(u.size, 16) / 16) * 16);
+        const view = new DataView(data);
+        const penv = {...env, grid_total: n, grid_stride_x: x};
+        for (const f of u.fields) {
+          const val = toScalar(evaluateFormula(f.value, penv), f.type, `${program.name}.uniforms.${f.name}`);
+          if (f.type === 'f32') view.setFloat32(f.offset, val, true);
+          else if (f.type === 'i32') view.setInt32(f.offset, val, true);
+          else view.setUint32(f.offset, val, true);
+        }
+      }
+      return {program, n, x, y, uniform: data};
+    });
+    return {env, tensors, dispatches};
+  }
+
+  /**
+   * Record the programs into `encoder` (one compute pass, programs in manifest order).
+   * `buffers` maps every tensor name (inputs, outputs, scratch) to a GPUBuffer of at least
+   * plan.tensors[name].size bytes. Returns the uniform buffers it created (destroy them
+   * once the work is done).
+   * @param {any} encoder GPUCommandEncoder @param {Record<string, any>} buffers @param {Plan} plan
+   */
+  encode(encoder, buffers, plan) {
+    const created = [];
+    const pass = encoder.beginComputePass({label: this.variant.name});
+    this.programs.forEach(({program, pipeline, layout, uniform}, i) => {
+      const d = plan.dispatches[i];
+      if (d.n === 0) return;
+      const entries = [];
+      for (const b of program.bindings) {
+        if (b.kind === 'uniform') {
+          const ub = this.device.createBuffer({label: `${program.name}.${b.name}`, size: /** @type {ArrayBuffer} */ (d.uniform).byteLength, usage: USAGE.UNIFORM | USAGE.COPY_DST, mappedAtCreation: true});
+          new Uint8Array(ub.getMappedRange()).set(new Uint8Array(/** @type {ArrayBuffer} */ (d.uniform)));
+          ub.unmap();
+          created.push(ub);
+          entries.push({binding: b.binding, resource: {buffer: ub}});
+        } else {
+          const buf = buffers[b.name];
+          if (!buf) throw new AttncError(`no buffer for tensor ${b.name}`);
+          entries.push({binding: b.binding, resource: {buffer: buf}});
+        }
+      }
+      pass.setPipeline(pipeline);
+      pass.setBindGroup(0, this.device.createBindGroup({label: program.name, layout, entries}));
+      pass.dispatchWorkgroups(d.x, d.y, 1);
+    });
+    pass.end();
+    return created;
+  }
+
+  /**
+   * Run the variant: uploads inputs (typed arrays; f16 tensors as Uint16Array half bits or
+   * Float32Array, converted; or GPUBuffers, used as they are), dispatches every program and
+   * returns the outputs as typed arrays (`{output: 'buffer'}`: as GPUBuffers the caller owns).
+   * @param {Record<string, any>} inputs @param {Record<string, number>} shapes @param {Record<string, number>} [params]
+   * @param {{output?: 'array' | 'buffer'}} [opts]
+   * @returns {Promise<Record<string, any>>}
+   */
+  async run(inputs, shapes, params = {}, opts = {}) {
+    const device = this.device;
+    const plan = this.plan(shapes, params);
+    /** @type {Record<string, any>} */
+    const buffers = {};
+    const temporary = [];
+    for (const k of Object.keys(inputs)) if (!this.inputs.some((/** @type {any} */ t) => t.name === k)) throw new AttncError(`unknown input ${k} (variant ${this.variant.name} takes ${this.inputs.map((/** @type {any} */ t) => t.name).join(', ')})`);
+    for (const t of this.variant.tensors) {
+      const tp = plan.tensors[t.name];
+      if (t.role === 'input') {
+        const data = inputs[t.name];
+        if (data === undefined || data === null) throw new AttncError(`missing input ${t.name}`);
+        if (isGpuBuffer(data)) {
+          if (data.size < tp.bytes) throw new AttncError(`input ${t.name}: buffer has ${data.size} bytes, needs ${tp.bytes}`);
+          buffers[t.name] = data;
+          continue;
+        }
+        const arr = toTypedArray(data, t.dtype, t.name);
+        if (arr.length !== tp.count) throw new AttncError(`input ${t.name}: ${arr.length} elements, shape [${t.dims.join(', ')}] needs ${tp.count}`);
+        const buf = device.createBuffer({label: t.name, size: tp.size, usage: USAGE.STORAGE | USAGE.COPY_DST, mappedAtCreation: true});
+        new Uint8Array(buf.getMappedRange()).set(new Uint8Array(arr.buffer, arr.byteOffset, arr.byteLength));
+        buf.unmap();
+        buffers[t.name] = buf;
+        temporary.push(buf);
+      } else {
+        const buf = device.createBuffer({label: t.name, size: tp.size, usage: USAGE.STORAGE | USAGE.COPY_SRC | USAGE.COPY_DST});
+        buffers[t.name] = buf;
+        if (t.role === 'scratch') temporary.push(buf);
+      }
+    }
+    const encoder = device.createCommandEncoder({label: this.variant.name});
+    temporary.push(...this.encode(encoder, buffers, plan));
+    /** @type {Record<string, any>} */
+    const result = {};
+    const staging = [];
+    if (opts.output === 'buffer') {
+      for (const t of this.outputs) result[t.name] = buffers[t.name];
+    } else {
+      for (const t of this.outputs) {
+        const tp = plan.tensors[t.name];
+        const s = device.createBuffer({label: `${t.name}.read`, size: tp.size, usage: USAGE.MAP_READ | USAGE.COPY_DST});
+        encoder.copyBufferToBuffer(buffers[t.name], 0, s, 0, tp.size);
+        staging.push([t, tp, s]);
+        temporary.push(buffers[t.name]);
+      }
+    }
+    device.queue.submit([encoder.finish()]);
+    await Promise.all(staging.map(async ([t, tp, s]) => {
+      await s.mapAsync(MAP_READ);
+      const Ctor = ARRAY_TYPES[/** @type {keyof typeof ARRAY_TYPES} */ (t.dtype)];
+      result[t.name] = new Ctor(s.getMappedRange().slice(0, tp.bytes));
+      s.unmap();
+      s.destroy();
+    }));
+    for (const b of temporary) b.destroy();
+    return result;
+  }
+}
+
+/** @param {any} x */
+function isGpuBuffer(x) {
+  return x && typeof x === 'object' && typeof x.mapAsync === 'function' && typeof x.size === 'number';
+}
+
+/** @param {any} data @param {string} dtype @param {string} name */
+function toTypedArray(data, dtype, name) {
+  const Want = ARRAY_TYPES[/** @type {keyof typeof ARRAY_TYPES} */ (dtype)];
+  if (data instanceof Want) return data;
+  if (dtype === 'f16' && (data instanceof Float32Array || data instanceof Float64Array || Array.isArray(data))) return f32ToF16(data);
+  if (dtype !== 'f16' && Array.isArray(data)) return Want.from(data);
+  if (dtype === 'f32' && data instanceof Float64Array) return Float32Array.from(data);
+  throw new AttncError(`input ${name}: expected ${Want.name} for dtype ${dtype}, got ${data && data.constructor ? data.constructor.name : typeof data}`);
+}

@@ -1,0 +1,262 @@
+"""Cases for the JS loader (Node + Chromium): inputs and numpy-expected outputs as binary files.
+
+`write_cases(folder)` writes `folder/cases.json` (the format examples/browser/harness.js reads),
+the `.bin` files it names, and a `fixtures` link to tests/js/fixtures so that manifest paths are
+relative to the cases file for Node and for the browser alike. Expected values are computed
+in float64 with numpy from the very inputs the GPU gets (f16 inputs rounded first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from manifest_schema import FormulaError, evaluate
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE / "fixtures"
+TOL = {"f32": 1e-5, "f16": 2e-3}  # DESIGN.md: relative Frobenius error
+
+
+def _scale_ref(q: np.ndarray, scale: float, shift: float) -> np.ndarray:
+    return q.astype(np.float64) * float(np.float32(scale)) + float(np.float32(shift))
+
+
+def _rowsum_ref(q: np.ndarray, lens: np.ndarray, scale: float) -> np.ndarray:
+    B, S, D = q.shape
+    out = np.zeros((B, S))
+    for b in range(B):
+        n = int(min(D, max(0, lens[b])))
+        out[b] = q[b, :, :n].astype(np.float64).sum(axis=1)
+    return out * float(np.float32(scale))
+
+
+class _Writer:
+    """Names the .bin files; writes them unless `folder` is None (to list the cases)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.n = 0
+
+    def bin(self, arr: np.ndarray, dtype: str) -> dict:
+        np_dtype = {"f32": "<f4", "f16": "<f2", "i32": "<i4", "u32": "<u4"}[dtype]
+        self.n += 1
+        name = f"t{self.n:03d}.{dtype}.bin"
+        if self.folder is not None:
+            np.ascontiguousarray(arr, dtype=np_dtype).tofile(self.folder / name)
+        return {"file": name, "dtype": dtype}
+
+
+def case_list() -> list[dict]:
+    """The cases without writing anything (for pytest's parametrisation)."""
+    return fixture_cases(_Writer(None))
+
+
+def fixture_cases(w: _Writer) -> list[dict]:
+    """Cases over the hand-made fixtures: program order, scratch, folding, f16, subgroups."""
+    rng = np.random.default_rng(1234)
+    cases = []
+
+    def scale_case(name, dtype, shapes, params=None, limits=None):
+        B, H, S, D = (shapes[k] for k in "BHSD")
+        q = rng.standard_normal((B, H, S, D)).astype(np.float16 if dtype == "f16" else np.float32)
+        p = params or {}
+        ref = _scale_ref(q, p.get("scale", 1 / math.sqrt(D) if D else 1.0), p.get("shift", 0.0))
+        cases.append(
+            {
+                "name": name,
+                "manifest": "fixtures/scale/manifest.json",
+                "variant": {"family": "portable", "dtype": dtype},
+                "shapes": shapes,
+                "params": p,
+                "limits": limits or {},
+                "tol": TOL[dtype],
+                "inputs": {"q": w.bin(q, dtype)},
+                "expected": {"o": w.bin(ref, dtype)},
+            }
+        )
+
+    scale_case("scale.f32", "f32", {"B": 2, "H": 3, "S": 5, "D": 7})
+    scale_case(
+        "scale.f32.params", "f32", {"B": 1, "H": 2, "S": 3, "D": 8}, {"scale": 0.5, "shift": 1.25}
+    )
+    scale_case("scale.f16.odd", "f16", {"B": 1, "H": 1, "S": 3, "D": 5}, {"shift": -0.5})
+    # 300001 elements / 4 per workgroup = 75001 workgroups > 65535: folded into (65535, 2).
+    scale_case("scale.f32.fold_large", "f32", {"B": 1, "H": 1, "S": 1, "D": 300001})
+    # A lowered per-dimension limit: 26 workgroups as (7, 4), the last 2 ids ignored.
+    scale_case(
+        "scale.f32.fold_limit7",
+        "f32",
+        {"B": 1, "H": 1, "S": 1, "D": 101},
+        limits={"maxComputeWorkgroupsPerDimension": 7},
+    )
+    scale_case("scale.f32.empty", "f32", {"B": 1, "H": 2, "S": 0, "D": 4})
+
+    def rowsum_case(name, variant, shapes, lens, params=None, limits=None, expect_variant=None):
+        B, S, D = (shapes[k] for k in "BSD")
+        q = rng.standard_normal((B, S, D)).astype(np.float32)
+        lens = np.array(lens, dtype=np.int32)
+        p = params or {}
+        ref = _rowsum_ref(q, lens, p.get("scale", 1 / math.sqrt(D)))
+        c = {
+            "name": name,
+            "manifest": "fixtures/rowsum/manifest.json",
+            "variant": variant,
+            "shapes": shapes,
+            "params": p,
+            "limits": limits or {},
+            "tol": TOL["f32"],
+            "inputs": {"q": w.bin(q, "f32"), "lens": w.bin(lens, "i32")},
+            "expected": {"o": w.bin(ref, "f32")},
+        }
+        if expect_variant:
+            c["expect_variant"] = expect_variant
+        cases.append(c)
+
+    for fam in ("subgroups", "portable"):
+        rowsum_case(f"rowsum.{fam}", {"family": fam}, {"B": 3, "S": 5, "D": 100}, [100, 37, -3])
+    rowsum_case(
+        "rowsum.subgroups.nsplit3",
+        {"family": "subgroups"},
+        {"B": 2, "S": 70, "D": 130},
+        [130, 65],
+        params={"NSPLIT": 3, "scale": 2.0},
+    )
+    rowsum_case(
+        "rowsum.auto",
+        None,
+        {"B": 1, "S": 3, "D": 33},
+        [1000],
+        expect_variant="rowsum.subgroups.f32",
+    )
+    # 42 partial workgroups under a per-dimension limit of 7: (7, 6).
+    rowsum_case(
+        "rowsum.portable.fold_limit7",
+        {"family": "portable"},
+        {"B": 2, "S": 7, "D": 40},
+        [40, 11],
+        limits={"maxComputeWorkgroupsPerDimension": 7},
+    )
+    # ... and of 5: 42 > 5*5 cannot be folded, the loader must say so.
+    rowsum_case(
+        "rowsum.portable.fold_too_many",
+        {"family": "portable"},
+        {"B": 2, "S": 7, "D": 40},
+        [40, 11],
+        limits={"maxComputeWorkgroupsPerDimension": 5},
+    )
+    cases[-1]["expect_error"] = "do not fit"
+    return cases
+
+
+FORMULA_CHECKS = [
+    ("B*Hq*ceil_div(S,32)*NSPLIT", {"B": 2, "Hq": 3, "S": 33, "NSPLIT": 4}),
+    ("rsqrt(D)", {"D": 72}),
+    ("1 + 2 * 3 - 4 / 8", {}),
+    ("(1 + 2) * -3", {}),
+    ("floor_div(7, 2) + ceil_div(7, 2) + min(3, 4) + max(3, 4)", {}),
+    ("sqrt(2) * 0.5", {}),
+    ("Hq*S*D", {"Hq": 7, "S": 1, "D": 80}),
+    ("B*Hq*S*NSPLIT*(Dv+2)", {"B": 1, "Hq": 32, "S": 1, "NSPLIT": 16, "Dv": 128}),
+    ("2 - 3 - 4", {}),
+    ("12 / 3 / 2", {}),
+    ("ceil_div(0, 64)", {}),
+    ("ceil_div(1, 0)", {}),  # error: division by zero
+    ("rsqrt(0)", {}),  # error: not finite
+    ("B +", {"B": 1}),  # error: syntax
+    ("foo(1)", {}),  # error: unknown function
+    ("min(1)", {}),  # error: arity
+    ("X", {}),  # error: unknown name
+    ("2 $ 3", {}),  # error: bad character
+]
+
+
+def formula_checks() -> list[dict]:
+    out = []
+    for f, env in FORMULA_CHECKS:
+        try:
+            out.append({"formula": f, "env": env, "value": evaluate(f, env)})
+        except FormulaError as e:
+            out.append({"formula": f, "env": env, "error": str(e)})
+    return out
+
+
+def f16_check(w: _Writer) -> dict:
+    rng = np.random.default_rng(7)
+    special = np.array(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            65504.0,
+            65519.99,
+            65520.0,
+            1e9,
+            -1e9,
+            np.inf,
+            -np.inf,
+            np.nan,
+            6.1e-5,
+            5.96e-8,
+            2.98e-8,
+            2.99e-8,
+            1e-8,
+            -3e-6,
+            1.00048828125,
+            1.00146484375,
+            2049.0,
+            2051.0,
+        ],
+        dtype=np.float32,
+    )
+    mags = 10.0 ** rng.uniform(-9, 6, 20000)
+    values = np.concatenate(
+        [
+            special,
+            (mags * rng.choice([-1, 1], mags.size)).astype(np.float32),
+            rng.standard_normal(5000).astype(np.float32),
+        ]
+    )
+    with np.errstate(over="ignore"):
+        bits = values.astype(np.float16).view(np.uint16)
+    return {
+        "f32_file": w.bin(values, "f32")["file"],
+        "bits_file": w.bin(bits.view(np.float16), "f16")["file"],
+    }
+
+
+def write_cases(folder: str | os.PathLike, extra: list[dict] | None = None) -> dict:
+    """Write cases.json + data into `folder` (created); returns the cases dict."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "fixtures"
+    if not link.exists():
+        link.symlink_to(FIXTURES, target_is_directory=True)
+    w = _Writer(folder)
+    spec = {
+        "cases": fixture_cases(w) + (extra or []),
+        "checks": {"formulas": formula_checks(), "f16": f16_check(w)},
+    }
+    (folder / "cases.json").write_text(json.dumps(spec, indent=1))
+    return spec
+
+
+def decode_output(entry: dict) -> np.ndarray:
+    """An output the runners sent back as base64 → numpy array (f16 as float16)."""
+    import base64
+
+    raw = base64.b64decode(entry["b64"])
+    return np.frombuffer(
+        raw, dtype={"f32": "<f4", "f16": "<f2", "i32": "<i4", "u32": "<u4"}[entry["dtype"]]
+    )
+
+
+def read_bin(folder: Path, entry: dict) -> np.ndarray:
+    return np.fromfile(
+        folder / entry["file"],
+        dtype={"f32": "<f4", "f16": "<f2", "i32": "<i4", "u32": "<u4"}[entry["dtype"]],
+    )

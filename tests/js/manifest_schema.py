@@ -1,0 +1,634 @@
+"""Validator for `attnc compile` manifests (docs/MANIFEST.md, format `attnc.manifest` version 1).
+
+Pure Python, no GPU: `validate(manifest, root=None)` returns a list of problems (empty when
+the manifest follows the spec); `check(manifest, root=None)` raises `ManifestError` listing
+them. With `root` (the manifest's folder) the `.wgsl` files are checked too: they exist, start
+with the variant's `enable` directives, and define the entry point. The formula grammar is
+implemented here as well (`parse_formula`, `evaluate`), the same as js/attnc.js.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = "attnc.manifest"
+VERSION = 1
+FAMILIES = {"portable", "subgroups"}
+VARIANT_DTYPES = {"f32", "f16"}
+TENSOR_DTYPES = {"f32", "f16", "i32", "u32"}
+ROLES = {"input", "output", "scratch"}
+PARAM_TYPES = {"f32", "u32", "i32"}
+FIELD_TYPES = {"f32", "u32", "i32"}
+ENABLES = {"f16": "shader-f16", "subgroups": "subgroups"}
+GRID_NAMES = ("grid_total", "grid_stride_x")
+# WebGPU's default limits (what holds when requires.limits does not name one).
+DEFAULT_LIMITS = {
+    "maxComputeWorkgroupStorageSize": 16384,
+    "maxComputeInvocationsPerWorkgroup": 256,
+    "maxComputeWorkgroupSizeX": 256,
+    "maxComputeWorkgroupSizeY": 256,
+    "maxComputeWorkgroupSizeZ": 64,
+    "maxComputeWorkgroupsPerDimension": 65535,
+    "maxStorageBuffersPerShaderStage": 8,
+    "maxStorageBufferBindingSize": 134217728,
+    "maxUniformBufferBindingSize": 65536,
+    "maxUniformBuffersPerShaderStage": 12,
+    "maxBufferSize": 268435456,
+    "maxBindingsPerBindGroup": 1000,
+}
+IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+class ManifestError(ValueError):
+    """A manifest that does not follow docs/MANIFEST.md; `.problems` lists every finding."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid manifest:\n  " + "\n  ".join(problems))
+
+
+class FormulaError(ValueError):
+    """A formula that does not parse or cannot be evaluated."""
+
+
+# --- formulas -----------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|([A-Za-z_][A-Za-z0-9_]*)|([-+*/(),]))")
+FUNCTIONS = {"ceil_div": 2, "floor_div": 2, "min": 2, "max": 2, "sqrt": 1, "rsqrt": 1}
+
+
+@dataclass(frozen=True)
+class Formula:
+    source: str
+    ast: tuple
+    names: frozenset[str]
+
+
+def parse_formula(source: str) -> Formula:
+    """Parse a manifest formula into a small tuple AST (recursive descent, no eval)."""
+    if not isinstance(source, str):
+        raise FormulaError(f"formula must be a string, got {source!r}")
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    while source[pos:].strip():
+        m = _TOKEN.match(source, pos)
+        if not m:
+            raise FormulaError(f"formula {source!r}: unexpected character at {pos}")
+        num, name, op = m.groups()
+        tokens.append(("num", num) if num else ("name", name) if name else (op, op))
+        pos = m.end()
+    if not tokens:
+        raise FormulaError(f"formula {source!r}: empty formula")
+    names: set[str] = set()
+    i = 0
+
+    def peek() -> str:
+        return tokens[i][0] if i < len(tokens) else "end"
+
+    def fail(what: str):
+        raise FormulaError(f"formula {source!r}: {what} at token {i + 1}")
+
+    def expect(kind: str):
+        nonlocal i
+        if peek() != kind:
+            fail(f"expected {kind!r}")
+        i += 1
+
+    def expr():
+        nonlocal i
+        a = term()
+        while peek() in ("+", "-"):
+            op = tokens[i][0]
+            i += 1
+            a = ("bin", op, a, term())
+        return a
+
+    def term():
+        nonlocal i
+        a = unary()
+        while peek() in ("*", "/"):
+            op = tokens[i][0]
+            i += 1
+            a = ("bin", op, a, unary())
+        return a
+
+    def unary():
+        nonlocal i
+        if peek() == "-":
+            i += 1
+            return ("neg", unary())
+        if peek() == "+":
+            i += 1
+            return unary()
+        return atom()
+
+    def atom():
+        nonlocal i
+        kind = peek()
+        if kind == "num":
+            i += 1
+            return ("num", float(tokens[i - 1][1]))
+        if kind == "(":
+            i += 1
+            e = expr()
+            expect(")")
+            return e
+        if kind != "name":
+            fail("expected a number, a name or (")
+        name = tokens[i][1]
+        i += 1
+        if peek() != "(":
+            names.add(name)
+            return ("name", name)
+        if name not in FUNCTIONS:
+            fail(f"unknown function {name}")
+        i += 1
+        args = [expr()]
+        while peek() == ",":
+            i += 1
+            args.append(expr())
+        expect(")")
+        if len(args) != FUNCTIONS[name]:
+            fail(f"{name} takes {FUNCTIONS[name]} argument(s), got {len(args)}")
+        return ("call", name, tuple(args))
+
+    ast = expr()
+    if i != len(tokens):
+        fail(f"unexpected {tokens[i][1]!r}")
+    return Formula(source, ast, frozenset(names))
+
+
+def _div(a: float, b: float) -> float:
+    if b == 0:
+        raise FormulaError("division by zero")
+    return a / b
+
+
+_CALLS = {
+    "ceil_div": lambda a, b: float(math.ceil(_div(a, b))),
+    "floor_div": lambda a, b: float(math.floor(_div(a, b))),
+    "min": min,
+    "max": max,
+    "sqrt": lambda x: math.sqrt(x) if x >= 0 else math.nan,
+    "rsqrt": lambda x: (math.inf if x == 0 else 1 / math.sqrt(x)) if x >= 0 else math.nan,
+}
+
+
+def evaluate(formula: str | Formula, env: dict[str, float]) -> float:
+    """Evaluate in float64, as MANIFEST.md says; non-finite results are errors."""
+    f = formula if isinstance(formula, Formula) else parse_formula(formula)
+
+    def ev(n):
+        tag = n[0]
+        if tag == "num":
+            return n[1]
+        if tag == "name":
+            if n[1] not in env:
+                raise FormulaError(f"formula {f.source!r}: no value for {n[1]!r}")
+            return float(env[n[1]])
+        if tag == "neg":
+            return -ev(n[1])
+        if tag == "bin":
+            a, b = ev(n[2]), ev(n[3])
+            return {"+": a + b, "-": a - b, "*": a * b}[n[1]] if n[1] != "/" else _div(a, b)
+        return float(_CALLS[n[1]](*(ev(a) for a in n[2])))
+
+    v = ev(f.ast)
+    if not math.isfinite(v):
+        raise FormulaError(f"formula {f.source!r} is not finite ({v})")
+    return v
+
+
+# --- the manifest ---------------------------------------------------------------------------
+
+
+def check(manifest: Any, root: str | Path | None = None) -> None:
+    """Raise ManifestError unless `manifest` follows the spec."""
+    problems = validate(manifest, root)
+    if problems:
+        raise ManifestError(problems)
+
+
+def validate(manifest: Any, root: str | Path | None = None) -> list[str]:
+    """Every way `manifest` departs from docs/MANIFEST.md (empty list: valid)."""
+    out: list[str] = []
+    if not isinstance(manifest, dict):
+        return ["manifest: not a JSON object"]
+    _keys(
+        out,
+        "manifest",
+        manifest,
+        {"format", "version", "attnc_version", "kernel", "dims", "variants"},
+    )
+    if manifest.get("format") != FORMAT:
+        out.append(f"format: {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("version") != VERSION or isinstance(manifest.get("version"), bool):
+        out.append(f"version: {manifest.get('version')!r}, this validator reads {VERSION}")
+    if not isinstance(manifest.get("attnc_version"), str):
+        out.append("attnc_version: not a string")
+    kernel = manifest.get("kernel")
+    if isinstance(kernel, dict):
+        _keys(out, "kernel", kernel, {"name", "hash", "source"})
+        if not _ident(kernel.get("name")):
+            out.append(f"kernel.name: {kernel.get('name')!r} is not an identifier")
+        src, h = kernel.get("source"), kernel.get("hash")
+        if not isinstance(src, str):
+            out.append("kernel.source: not a string")
+        if not (isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h)):
+            out.append("kernel.hash: not a lowercase hex sha256")
+        elif isinstance(src, str) and hashlib.sha256(src.encode()).hexdigest() != h:
+            out.append("kernel.hash: is not the sha256 of kernel.source (UTF-8)")
+    else:
+        out.append("kernel: not an object")
+    dims = manifest.get("dims")
+    if not (isinstance(dims, list) and dims and all(_ident(d) for d in dims)):
+        out.append("dims: not a non-empty list of identifiers")
+        dims = []
+    elif len(set(dims)) != len(dims):
+        out.append("dims: duplicates")
+    variants = manifest.get("variants")
+    if not (isinstance(variants, list) and variants):
+        out.append("variants: not a non-empty list")
+        return out
+    names = [v.get("name") for v in variants if isinstance(v, dict)]
+    for dup in {n for n in names if names.count(n) > 1}:
+        out.append(f"variants: name {dup!r} used twice")
+    for i, v in enumerate(variants):
+        where = f"variants[{i}]" + (f" ({v.get('name')})" if isinstance(v, dict) else "")
+        if not isinstance(v, dict):
+            out.append(f"{where}: not an object")
+            continue
+        _variant(out, where, v, set(dims), Path(root) if root is not None else None)
+    return out
+
+
+def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | None) -> None:
+    _keys(
+        out,
+        where,
+        v,
+        {
+            "name",
+            "family",
+            "dtype",
+            "requires",
+            "enables",
+            "tunables",
+            "tensors",
+            "params",
+            "programs",
+        },
+    )
+    if not isinstance(v.get("name"), str) or not v.get("name"):
+        out.append(f"{where}.name: not a non-empty string")
+    if v.get("family") not in FAMILIES:
+        out.append(f"{where}.family: {v.get('family')!r} not one of {sorted(FAMILIES)}")
+    if v.get("dtype") not in VARIANT_DTYPES:
+        out.append(f"{where}.dtype: {v.get('dtype')!r} not one of {sorted(VARIANT_DTYPES)}")
+    req = v.get("requires")
+    features: set[str] = set()
+    limits: dict[str, int] = {}
+    if isinstance(req, dict):
+        _keys(out, f"{where}.requires", req, {"features", "limits"})
+        fs = req.get("features")
+        if isinstance(fs, list) and all(isinstance(f, str) for f in fs) and len(set(fs)) == len(fs):
+            features = set(fs)
+        else:
+            out.append(f"{where}.requires.features: not a list of distinct strings")
+        ls = req.get("limits")
+        if isinstance(ls, dict) and all(_int(x) and x >= 0 for x in ls.values()):
+            limits = ls
+            for k in ls:
+                if k not in DEFAULT_LIMITS:
+                    out.append(f"{where}.requires.limits: unknown limit {k!r}")
+        else:
+            out.append(f"{where}.requires.limits: not an object of non-negative integers")
+    else:
+        out.append(f"{where}.requires: not an object")
+    if "subgroups" in features and v.get("family") == "portable":
+        out.append(f"{where}: a portable variant requires 'subgroups'")
+    if v.get("family") == "subgroups" and "subgroups" not in features:
+        out.append(f"{where}: a subgroups variant does not require 'subgroups'")
+    enables = v.get("enables")
+    if (
+        isinstance(enables, list)
+        and all(e in ENABLES for e in enables)
+        and len(set(enables)) == len(enables)
+    ):
+        for e in enables:
+            if ENABLES[e] not in features:
+                out.append(f"{where}.enables: {e!r} without {ENABLES[e]!r} in requires.features")
+    else:
+        out.append(f"{where}.enables: not a list of distinct names from {sorted(ENABLES)}")
+        enables = []
+    if not isinstance(v.get("tunables"), dict) or not all(
+        isinstance(k, str) for k in v.get("tunables", {})
+    ):
+        out.append(f"{where}.tunables: not an object")
+
+    def limit(name: str) -> int:
+        return limits.get(name, DEFAULT_LIMITS[name])
+
+    # tensors
+    tensors: dict[str, dict] = {}
+    scratch_formulas: list[tuple[str, str]] = []
+    ts = v.get("tensors")
+    if not isinstance(ts, list) or not ts:
+        out.append(f"{where}.tensors: not a non-empty list")
+        ts = []
+    for j, t in enumerate(ts):
+        tw = f"{where}.tensors[{j}]"
+        if not isinstance(t, dict):
+            out.append(f"{tw}: not an object")
+            continue
+        name = t.get("name")
+        if not _ident(name):
+            out.append(f"{tw}.name: {name!r} is not an identifier")
+            continue
+        tw = f"{where}.tensors.{name}"
+        if name in tensors:
+            out.append(f"{tw}: defined twice")
+        tensors[name] = t
+        role = t.get("role")
+        if role not in ROLES:
+            out.append(f"{tw}.role: {role!r} not one of {sorted(ROLES)}")
+        if t.get("dtype") not in TENSOR_DTYPES:
+            out.append(f"{tw}.dtype: {t.get('dtype')!r} not one of {sorted(TENSOR_DTYPES)}")
+        if t.get("dtype") == "f16" and "shader-f16" not in features:
+            out.append(f"{tw}: f16 tensor in a variant that does not require 'shader-f16'")
+        if role == "scratch":
+            _keys(out, tw, t, {"name", "role", "dtype", "count"})
+            scratch_formulas.append((f"{tw}.count", t.get("count")))
+        else:
+            _keys(out, tw, t, {"name", "role", "dtype", "dims"})
+            tdims = t.get("dims")
+            if not (isinstance(tdims, list) and all(d in dims for d in tdims)):
+                out.append(f"{tw}.dims: {tdims!r} is not a list of manifest dims")
+    if not any(t.get("role") == "output" for t in tensors.values()):
+        out.append(f"{where}: no output tensor")
+
+    # params: names distinct from dims/tensors; defaults may use dims and earlier params
+    known = set(dims)
+    ps = v.get("params")
+    if not isinstance(ps, list):
+        out.append(f"{where}.params: not a list")
+        ps = []
+    for p in ps:
+        if not isinstance(p, dict) or not _ident(p.get("name")):
+            out.append(f"{where}.params: {p!r} is not a param with an identifier name")
+            continue
+        pw = f"{where}.params.{p['name']}"
+        _keys(out, pw, p, {"name", "type", "default"})
+        if p["name"] in known or p["name"] in GRID_NAMES or p["name"] in FUNCTIONS:
+            out.append(f"{pw}: name clashes with a dim, a param, a grid name or a function")
+        if p.get("type") not in PARAM_TYPES:
+            out.append(f"{pw}.type: {p.get('type')!r} not one of {sorted(PARAM_TYPES)}")
+        _formula(out, f"{pw}.default", p.get("default"), known)
+        known.add(p["name"])
+    for w, f in scratch_formulas:
+        _formula(out, w, f, known)
+
+    # programs
+    progs = v.get("programs")
+    if not isinstance(progs, list) or not progs:
+        out.append(f"{where}.programs: not a non-empty list")
+        return
+    pnames = [p.get("name") for p in progs if isinstance(p, dict)]
+    if len(set(pnames)) != len(pnames):
+        out.append(f"{where}.programs: duplicate names")
+    written: set[str] = set()
+    used: set[str] = set()
+    for k, p in enumerate(progs):
+        pw = f"{where}.programs[{k}]"
+        if not isinstance(p, dict):
+            out.append(f"{pw}: not an object")
+            continue
+        pw = f"{where}.programs.{p.get('name')}"
+        _keys(
+            out,
+            pw,
+            p,
+            {
+                "name",
+                "file",
+                "entry_point",
+                "workgroup_size",
+                "bindings",
+                "uniforms",
+                "workgroups",
+                "workgroup_storage_bytes",
+            },
+        )
+        if not _ident(p.get("name")):
+            out.append(f"{pw}.name: not an identifier")
+        file = p.get("file")
+        if not (
+            isinstance(file, str)
+            and file.endswith(".wgsl")
+            and not file.startswith("/")
+            and ".." not in Path(file).parts
+            and "\\" not in file
+        ):
+            out.append(f"{pw}.file: {file!r} is not a relative .wgsl path inside the output folder")
+            file = None
+        if not _ident(p.get("entry_point")):
+            out.append(f"{pw}.entry_point: not an identifier")
+        wg = p.get("workgroup_size")
+        if isinstance(wg, list) and len(wg) == 3 and all(_int(x) and x >= 1 for x in wg):
+            if wg[0] * wg[1] * wg[2] > limit("maxComputeInvocationsPerWorkgroup"):
+                out.append(f"{pw}.workgroup_size: {wg} exceeds maxComputeInvocationsPerWorkgroup")
+            for x, ax in zip(wg, "XYZ", strict=True):
+                if x > limit(f"maxComputeWorkgroupSize{ax}"):
+                    out.append(f"{pw}.workgroup_size: {ax}={x} exceeds maxComputeWorkgroupSize{ax}")
+        else:
+            out.append(f"{pw}.workgroup_size: not three positive integers")
+        wsb = p.get("workgroup_storage_bytes")
+        if not (_int(wsb) and wsb >= 0):
+            out.append(f"{pw}.workgroup_storage_bytes: not a non-negative integer")
+        elif wsb > limit("maxComputeWorkgroupStorageSize"):
+            out.append(
+                f"{pw}.workgroup_storage_bytes: {wsb} exceeds maxComputeWorkgroupStorageSize"
+            )
+        _formula(out, f"{pw}.workgroups", p.get("workgroups"), known)
+        # bindings
+        uniform_bindings = []
+        storage = 0
+        seen_b: set[int] = set()
+        seen_n: set[str] = set()
+        for b in p.get("bindings") if isinstance(p.get("bindings"), list) else []:
+            if not isinstance(b, dict):
+                out.append(f"{pw}.bindings: {b!r} is not an object")
+                continue
+            bw = f"{pw}.bindings.{b.get('name')}"
+            if not (_int(b.get("binding")) and b["binding"] >= 0) or b.get("binding") in seen_b:
+                out.append(f"{bw}.binding: missing, negative or used twice")
+            seen_b.add(b.get("binding"))
+            if b.get("name") in seen_n:
+                out.append(f"{bw}: bound twice")
+            seen_n.add(b.get("name"))
+            if b.get("kind") == "uniform":
+                _keys(out, bw, b, {"binding", "name", "kind"})
+                uniform_bindings.append(b)
+                if b.get("name") in tensors:
+                    out.append(f"{bw}: a uniform binding named like a tensor")
+            elif b.get("kind") == "storage":
+                _keys(out, bw, b, {"binding", "name", "kind", "access"})
+                storage += 1
+                t = tensors.get(b.get("name"))
+                if t is None:
+                    out.append(f"{bw}: not a tensor of the variant")
+                    continue
+                used.add(b["name"])
+                if b.get("access") not in ("read", "read_write"):
+                    out.append(f"{bw}.access: {b.get('access')!r} not 'read' or 'read_write'")
+                elif b["access"] == "read_write":
+                    if t.get("role") == "input":
+                        out.append(f"{bw}: input tensor bound read_write")
+                    written.add(b["name"])
+            else:
+                out.append(f"{bw}.kind: {b.get('kind')!r} not 'storage' or 'uniform'")
+        if not isinstance(p.get("bindings"), list):
+            out.append(f"{pw}.bindings: not a list")
+        if storage > limit("maxStorageBuffersPerShaderStage"):
+            out.append(f"{pw}: {storage} storage buffers exceed maxStorageBuffersPerShaderStage")
+        if len(uniform_bindings) > 1:
+            out.append(f"{pw}: more than one uniform binding")
+        uni = p.get("uniforms")
+        if not uniform_bindings:
+            out.append(f"{pw}: no uniform binding (grid_total/grid_stride_x need one)")
+        if uni is not None:
+            _uniforms(
+                out,
+                f"{pw}.uniforms",
+                uni,
+                known | set(GRID_NAMES),
+                limit("maxUniformBufferBindingSize"),
+            )
+        if root is not None and file:
+            _wgsl(out, pw, root / file, enables, p.get("entry_point"), wg, p.get("bindings") or [])
+    for name, t in tensors.items():
+        if name not in used:
+            out.append(f"{where}.tensors.{name}: bound by no program")
+        if t.get("role") in ("output", "scratch") and name not in written:
+            out.append(f"{where}.tensors.{name}: {t.get('role')} never bound read_write")
+
+
+def _uniforms(out: list[str], uw: str, uni: Any, names: set[str], max_size: int) -> None:
+    if not isinstance(uni, dict):
+        out.append(f"{uw}: not an object")
+        return
+    _keys(out, uw, uni, {"size", "fields"})
+    size = uni.get("size")
+    if not (_int(size) and size > 0 and size % 16 == 0 and size <= max_size):
+        out.append(f"{uw}.size: {size!r} is not a positive multiple of 16 within the uniform limit")
+        size = None
+    fields = uni.get("fields")
+    if not isinstance(fields, list):
+        out.append(f"{uw}.fields: not a list")
+        return
+    taken: dict[int, str] = {}
+    values = set()
+    for fd in fields:
+        if not isinstance(fd, dict) or not _ident(fd.get("name")):
+            out.append(f"{uw}.fields: {fd!r} is not a field with an identifier name")
+            continue
+        fw = f"{uw}.{fd['name']}"
+        _keys(out, fw, fd, {"name", "offset", "type", "value"})
+        if fd.get("type") not in FIELD_TYPES:
+            out.append(f"{fw}.type: {fd.get('type')!r} not one of {sorted(FIELD_TYPES)}")
+        off = fd.get("offset")
+        if not (_int(off) and off >= 0 and off % 4 == 0):
+            out.append(f"{fw}.offset: {off!r} is not a non-negative multiple of 4")
+        else:
+            if size is not None and off + 4 > size:
+                out.append(f"{fw}.offset: {off} + 4 is past size {size}")
+            if off in taken:
+                out.append(f"{fw}.offset: {off} also used by {taken[off]}")
+            taken[off] = fd["name"]
+        _formula(out, f"{fw}.value", fd.get("value"), names)
+        values.add(fd.get("value"))
+    for g in GRID_NAMES:
+        if g not in values:
+            out.append(f"{uw}: no field whose value is {g!r} (the dispatch rule needs it)")
+
+
+def _wgsl(
+    out: list[str], pw: str, path: Path, enables: list[str], entry: Any, wg: Any, bindings: list
+) -> None:
+    if not path.is_file():
+        out.append(f"{pw}.file: {path} does not exist")
+        return
+    text = path.read_text()
+    code = re.sub(r"/\*.*?\*/", "", re.sub(r"//[^\n]*", "", text), flags=re.S)
+    found = re.findall(r"\benable\s+([A-Za-z0-9_,\s]+?)\s*;", code)
+    got = [e.strip() for group in found for e in group.split(",") if e.strip()]
+    if sorted(got) != sorted(enables):
+        out.append(f"{pw}.file: enable directives {got} differ from enables {enables}")
+    first = code.strip().split(";", 1)[0].strip() if code.strip() else ""
+    if enables and not first.startswith("enable"):
+        out.append(f"{pw}.file: does not start with its enable directives")
+    if isinstance(entry, str) and not re.search(
+        r"@compute\b[^{;]*?\bfn\s+" + re.escape(entry) + r"\s*\(", code, re.S
+    ):
+        out.append(f"{pw}.file: no @compute fn {entry}")
+    m = re.search(r"@workgroup_size\s*\(([^)]*)\)", code)
+    if m and isinstance(wg, list):
+        parts = [x.strip().rstrip("u") for x in m.group(1).split(",") if x.strip()]
+        if all(x.isdigit() for x in parts):
+            declared = [int(x) for x in parts] + [1] * (3 - len(parts))
+            if declared != wg:
+                out.append(f"{pw}.workgroup_size: {wg} but the WGSL declares {declared}")
+    for b in bindings:
+        if isinstance(b, dict) and _int(b.get("binding")) and isinstance(b.get("name"), str):
+            pat = (
+                r"@group\(0\)\s*@binding\("
+                + str(b["binding"])
+                + r"\)\s*var<([^>]*)>\s*"
+                + re.escape(b["name"])
+                + r"\b"
+            )
+            mm = re.search(pat, code)
+            if not mm:
+                out.append(f"{pw}.file: no @group(0) @binding({b['binding']}) var {b['name']}")
+                continue
+            space = [s.strip() for s in mm.group(1).split(",")]
+            want = ["uniform"] if b.get("kind") == "uniform" else ["storage", b.get("access")]
+            if space != want and not (want == ["storage", "read"] and space == ["storage"]):
+                out.append(
+                    f"{pw}.file: {b['name']} is var<{', '.join(space)}>, the manifest says {want}"
+                )
+
+
+def _formula(out: list[str], where: str, source: Any, names: set[str]) -> None:
+    try:
+        f = parse_formula(source)
+    except FormulaError as e:
+        out.append(f"{where}: {e}")
+        return
+    unknown = f.names - names
+    if unknown:
+        out.append(f"{where}: {source!r} uses unknown name(s) {sorted(unknown)}")
+
+
+def _keys(
+    out: list[str], where: str, obj: dict, allowed: set[str], optional: set[str] = frozenset()
+) -> None:
+    missing = allowed - set(obj) - set(optional)
+    extra = set(obj) - allowed
+    if missing:
+        out.append(f"{where}: missing {sorted(missing)}")
+    if extra:
+        out.append(f"{where}: unknown key(s) {sorted(extra)}")
+
+
+def _ident(x: Any) -> bool:
+    return isinstance(x, str) and bool(IDENT.match(x))
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -1,0 +1,84 @@
+"""The JS loader (js/attnc.js) on real WebGPU: Node + Dawn (lavapipe: subgroups of 8, f16) and
+headless Chromium (SwiftShader: subgroups of 4, no f16), every case checked with numpy."""
+
+from __future__ import annotations
+
+import math
+
+import js_cases
+import numpy as np
+import pytest
+
+RUNTIMES = ["node", "chromium"]
+CASES = {c["name"]: c for c in js_cases.case_list()}
+
+
+@pytest.fixture(params=RUNTIMES)
+def runtime(request) -> tuple[str, dict]:
+    fixture = "node_results" if request.param == "node" else "browser_results"
+    return request.param, request.getfixturevalue(fixture)
+
+
+def _result(res: dict, name: str) -> dict:
+    found = [r for r in res["results"] if r["name"] == name]
+    assert len(found) == 1, f"runner has no result for {name}"
+    return found[0]
+
+
+def test_adapter(runtime):
+    """The adapters of the issue: lavapipe (Node) and SwiftShader (Chromium), with subgroups."""
+    name, res = runtime
+    feats = set(res["device_features"])
+    assert "subgroups" in feats, res["adapter"]
+    if name == "node":
+        assert "shader-f16" in feats, res["adapter"]
+    else:
+        assert res["adapter"]["architecture"] == "swiftshader", res["adapter"]
+        assert res["adapter"]["subgroupMinSize"] == 4, res["adapter"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_case(runtime, cases_dir, case):
+    name, res = runtime
+    c = CASES[case]
+    r = _result(res, case)
+    if r["status"] == "unsupported":
+        needs_f16 = isinstance(c["variant"], dict) and c["variant"].get("dtype") == "f16"
+        assert needs_f16 and "shader-f16" not in res["device_features"], r["error"]
+        pytest.skip(f"{name}: {r['error']}")
+    assert r["status"] == "ok", r.get("error")
+    if "expect_error" in c:
+        assert c["expect_error"] in r["error"]
+        return
+    if "expect_variant" in c:
+        assert r["variant"] == c["expect_variant"]
+    for out_name, want_entry in c["expected"].items():
+        got = js_cases.decode_output(r["outputs"][out_name]).astype(np.float64)
+        want = js_cases.read_bin(cases_dir, want_entry).astype(np.float64)
+        assert got.shape == want.shape
+        assert np.array_equal(np.isnan(got), np.isnan(want)), "NaN positions differ"
+        ok = ~np.isnan(want)
+        den = np.linalg.norm(want[ok])
+        err = np.linalg.norm(got[ok] - want[ok]) / (den if den > 0 else 1.0)
+        assert err <= c["tol"], f"{case} on {name}: relative error {err:.3g} > {c['tol']}"
+
+
+def test_formulas_match_python(runtime):
+    """js/attnc.js evaluates manifest formulas exactly like the Python reading of the spec."""
+    _, res = runtime
+    py = js_cases.formula_checks()
+    js = res["checks"]["formulas"]
+    assert [j["formula"] for j in js] == [p["formula"] for p in py]
+    for p, j in zip(py, js, strict=True):
+        if "error" in p:
+            assert "error" in j and j["attnc_error"], (p, j)
+        else:
+            assert "value" in j, (p, j)
+            assert math.isclose(j["value"], p["value"], rel_tol=1e-15, abs_tol=0), (p, j)
+
+
+def test_f16_conversion_matches_numpy(runtime):
+    _, res = runtime
+    f16 = res["checks"]["f16"]
+    assert f16["count"] > 20000
+    assert f16["to_half_mismatches"] == 0 and f16["to_float_mismatches"] == 0, f16
