@@ -28,7 +28,7 @@ if str(HERE) not in sys.path:
 import js_cases  # noqa: E402
 
 CHROMIUM = os.environ.get("ATTNC_CHROMIUM", "/usr/lib/chromium/chromium")
-IN_CI = os.environ.get("CI", "").lower() == "true"
+IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
 def missing(what: str) -> None:
@@ -58,6 +58,19 @@ def cases_dir(tmp_path_factory) -> Path:
     return folder
 
 
+_FAILED: dict[str, str] = {}  # a runner that failed once is not started again for every test
+
+
+def _once(key: str, make):
+    if key in _FAILED:
+        pytest.fail(_FAILED[key], pytrace=False)
+    try:
+        return make()
+    except AssertionError as e:
+        _FAILED[key] = str(e)
+        raise
+
+
 def _run(cmd: list[str], timeout: float) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -66,6 +79,10 @@ def _run(cmd: list[str], timeout: float) -> tuple[float, subprocess.CompletedPro
 
 @pytest.fixture(scope="session")
 def node_results(cases_dir: Path) -> dict:
+    return _once("node", lambda: _node_results(cases_dir))
+
+
+def _node_results(cases_dir: Path) -> dict:
     node = node_or_missing()
     package_or_missing("webgpu")
     out = cases_dir.parent / "node.json"
@@ -91,6 +108,10 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="session")
 def browser_results(cases_dir: Path) -> dict:
+    return _once("chromium", lambda: _browser_results(cases_dir))
+
+
+def _browser_results(cases_dir: Path) -> dict:
     node = node_or_missing()
     package_or_missing("playwright-core")
     if not os.access(CHROMIUM, os.X_OK):

@@ -19,6 +19,7 @@ from manifest_schema import FormulaError, evaluate
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures"
 TOL = {"f32": 1e-5, "f16": 2e-3}  # DESIGN.md: relative Frobenius error
+NP_DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "u32": np.uint32}
 
 
 def _scale_ref(q: np.ndarray, scale: float, shift: float) -> np.ndarray:
@@ -238,11 +239,15 @@ def write_cases(folder: str | os.PathLike, extra: list[dict] | None = None) -> d
         link.symlink_to(FIXTURES, target_is_directory=True)
     w = _Writer(folder)
     spec = {
-        "cases": fixture_cases(w) + (extra or []),
+        "cases": fixture_cases(w) + attention_cases(w, folder) + (extra or []),
         "checks": {"formulas": formula_checks(), "f16": f16_check(w)},
     }
     (folder / "cases.json").write_text(json.dumps(spec, indent=1))
     return spec
+
+
+def load_cases(folder: Path) -> list[dict]:
+    return json.loads((Path(folder) / "cases.json").read_text())["cases"]
 
 
 def decode_output(entry: dict) -> np.ndarray:
@@ -260,3 +265,198 @@ def read_bin(folder: Path, entry: dict) -> np.ndarray:
         folder / entry["file"],
         dtype={"f32": "<f4", "f16": "<f2", "i32": "<i4", "u32": "<u4"}[entry["dtype"]],
     )
+
+
+# --- real compiled kernels (`attnc compile`) --------------------------------------------------
+
+
+def attention_reference(
+    q,
+    k,
+    v,
+    *,
+    scale=None,
+    causal=False,
+    window=None,
+    softcap=None,
+    alibi_slopes=None,
+    bias=None,
+    sinks=None,
+    kv_lens=None,
+):
+    """DESIGN.md's attention semantics in float64 numpy: returns (o, lse)."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    B, Hq, S, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    kk, vv = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+    s = np.einsum("bhsd,bhtd->bhst", q, kk) * (1 / math.sqrt(D) if scale is None else scale)
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    L = np.asarray(kv_lens, dtype=np.int64) if kv_lens is not None else np.full(B, T)
+    i_abs = np.arange(S)[None, :] + (L - S)[:, None]  # [B, S]
+    j = np.arange(T)
+    rel = j[None, None, None, :] - i_abs[:, None, :, None]  # [B, 1, S, T]: j - i_abs
+    if alibi_slopes is not None:
+        s = s + np.asarray(alibi_slopes, np.float64)[None, :, None, None] * rel
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
+    mask = np.broadcast_to(j[None, None, None, :] >= L[:, None, None, None], s.shape)
+    if causal:
+        mask = mask | (rel > 0)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            mask = mask | (rel < -left)
+        if right is not None:
+            mask = mask | (rel > right)
+    s = np.where(mask, -np.inf, s)
+    sink = (
+        np.asarray(sinks, np.float64)[None, :, None]
+        if sinks is not None
+        else np.full((1, Hq, 1), -np.inf)
+    )
+    m = np.maximum(s.max(axis=-1), sink)  # [B, Hq, S]
+    safe = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - safe[..., None])
+    den = p.sum(axis=-1) + np.exp(sink - safe)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        o = np.einsum("bhst,bhtd->bhsd", p, vv) / den[..., None]
+        lse = np.log(den) + safe
+    dead = den == 0
+    o[dead] = 0.0
+    lse[dead] = -np.inf
+    return o, lse
+
+
+# Kernels to compile and run (options as attnc.attention names them) and the shapes to try.
+ATTENTION_CONFIGS = [
+    ("plain", {}),
+    ("causal", {"causal": True}),
+    ("window", {"window": (5, 0)}),
+    ("softcap", {"softcap": 20.0}),
+    ("sinks", {"sinks": True}),
+    ("kv_lens", {"kv_lens": True, "causal": True, "lse": True}),
+    ("split", {"split": True, "lse": True}),
+]
+ATTENTION_SHAPES = [
+    {"B": 1, "Hq": 2, "Hkv": 2, "S": 1, "T": 37, "D": 32, "Dv": 32},
+    {"B": 2, "Hq": 4, "Hkv": 2, "S": 17, "T": 33, "D": 64, "Dv": 64},
+    {"B": 1, "Hq": 3, "Hkv": 1, "S": 9, "T": 9, "D": 72, "Dv": 72},
+]
+
+
+def compile_command(out: Path, options: dict) -> list[str]:
+    """`attnc compile` for the shipped flash-attention kernel with `options`.
+
+    TODO(when the CLI lands): check these flag spellings against `python -m attnc compile --help`.
+    """
+    import sys
+
+    cmd = [sys.executable, "-m", "attnc", "compile", "flash_attention", "-o", str(out)]
+    for key, val in options.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "window":
+            cmd += [flag, ",".join("" if x is None else str(x) for x in val)]
+        elif key == "softcap":
+            cmd += [flag]
+        elif val is True:
+            cmd.append(flag)
+    return cmd
+
+
+def compiler_available() -> bool:
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("attnc.cli") is None:
+        return False
+    r = subprocess.run([sys.executable, "-m", "attnc", "compile", "--help"], capture_output=True)
+    return r.returncode == 0
+
+
+def attention_cases(w: _Writer, folder: Path) -> list[dict]:
+    """Compile every ATTENTION_CONFIGS kernel into `folder/compiled/NAME` and make cases for
+    each (family, dtype) of its variants and each shape; [] when `attnc compile` is missing."""
+    import subprocess
+
+    if not compiler_available():
+        return []
+    rng = np.random.default_rng(99)
+    cases = []
+    for cname, options in ATTENTION_CONFIGS:
+        out = folder / "compiled" / cname
+        subprocess.run(compile_command(out, options), check=True, capture_output=True)
+        manifest = json.loads((out / "manifest.json").read_text())
+        seen = set()
+        for var in manifest["variants"]:
+            key = (var["family"], var["dtype"])
+            if key in seen:
+                continue
+            seen.add(key)
+            for shapes in ATTENTION_SHAPES:
+                cases.append(
+                    _attention_case(
+                        w, rng, f"compiled/{cname}/manifest.json", var, cname, options, shapes
+                    )
+                )
+    return cases
+
+
+def _attention_case(w, rng, manifest_rel, var, cname, options, shapes) -> dict:
+    B, Hq, Hkv, S, T, D, Dv = (shapes[k] for k in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
+    store = np.float16 if var["dtype"] == "f16" else np.float32
+    data = {
+        "q": rng.standard_normal((B, Hq, S, D)),
+        "k": rng.standard_normal((B, Hkv, T, D)),
+        "v": rng.standard_normal((B, Hkv, T, Dv)),
+        "kv_lens": rng.integers(0, T + 1, B).astype(np.int32),
+        "alibi_slopes": 2.0 ** -np.arange(1, Hq + 1),
+        "bias": rng.standard_normal((B, Hq, S, T)),
+        "sinks": rng.standard_normal(Hq),
+    }
+    inputs, ref_args = {}, {}
+    for t in var["tensors"]:
+        if t["role"] != "input":
+            continue
+        arr = data[t["name"]]
+        arr = arr.astype(store if t["dtype"] == "f16" else NP_DTYPES[t["dtype"]])
+        inputs[t["name"]] = w.bin(arr, t["dtype"])
+        ref_args[t["name"]] = arr
+    params = {}
+    pnames = {p["name"] for p in var["params"]}
+    if "softcap" in pnames:
+        params["softcap"] = float(options["softcap"])
+    if "window_left" in pnames:
+        params["window_left"] = options["window"][0]
+    if "window_right" in pnames:
+        params["window_right"] = options["window"][1]
+    o, lse = attention_reference(
+        ref_args["q"],
+        ref_args["k"],
+        ref_args["v"],
+        causal=options.get("causal", False),
+        window=options.get("window"),
+        softcap=options.get("softcap"),
+        alibi_slopes=ref_args.get("alibi_slopes"),
+        bias=ref_args.get("bias"),
+        sinks=ref_args.get("sinks"),
+        kv_lens=ref_args.get("kv_lens"),
+    )
+    expected = {}
+    for t in var["tensors"]:
+        if t["role"] == "output":
+            expected[t["name"]] = w.bin(o if t["name"] == "o" else lse, t["dtype"])
+    dims = "x".join(str(shapes[k]) for k in ("B", "Hq", "Hkv", "S", "T", "D"))
+    return {
+        "name": f"attn.{cname}.{var['family']}.{var['dtype']}.{dims}",
+        "manifest": manifest_rel,
+        "variant": {"family": var["family"], "dtype": var["dtype"]},
+        "shapes": shapes,
+        "params": params,
+        "limits": {},
+        "tol": TOL[var["dtype"]],
+        "inputs": inputs,
+        "expected": expected,
+    }
