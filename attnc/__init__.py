@@ -1,0 +1,46 @@
+"""attnc: a compiler for attention kernels on WebGPU (Python DSL -> IR -> WGSL -> wgpu-py)."""
+
+from attnc.errors import (
+    AttncError,
+    DeviceError,
+    LoweringError,
+    ParseError,
+    TraceError,
+    VerifyError,
+)
+from attnc.frontend.dsl import (
+    dim,
+    dot,
+    exp,
+    f16,
+    f32,
+    grid,
+    i32,
+    inf,
+    input,
+    kernel,
+    let,
+    log,
+    maximum,
+    minimum,
+    online_softmax,
+    rsqrt,
+    scalar,
+    splits,
+    sqrt,
+    tanh,
+    tiles,
+    tunable,
+    where,
+)
+from attnc.runtime.api import attention
+from attnc.runtime.devices import Device, default_device, devices, get_device
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttncError", "Device", "DeviceError", "LoweringError", "ParseError", "TraceError",
+    "VerifyError", "attention", "default_device", "devices", "dim", "dot", "exp", "f16", "f32",
+    "get_device", "grid", "i32", "inf", "input", "kernel", "let", "log", "maximum", "minimum",
+    "online_softmax", "rsqrt", "scalar", "splits", "sqrt", "tanh", "tiles", "tunable", "where",
+]

@@ -1,0 +1,451 @@
+"""The Python-embedded DSL: thin user-facing builtins that forward to the semantic layer.
+
+A kernel is a Python function decorated with `@kernel`; `KernelDef.trace(**options)` calls
+it with symbolic values and records IR. Masks and score modifiers are plain functions of
+traced values (FlexAttention style): operators on traced values build IR expressions.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from attnc.errors import AttncError
+from attnc.frontend import semantic as sem
+from attnc.frontend.semantic import fail
+from attnc.ir import nodes as ir
+from attnc.ir.verify import verify
+
+_BUILDER: contextvars.ContextVar[sem.Builder | None] = contextvars.ContextVar("attnc_builder",
+                                                                              default=None)
+
+
+def _builder() -> sem.Builder:
+    b = _BUILDER.get()
+    if b is None:
+        raise fail("DSL operations are only valid while a kernel is traced",
+                   ("call KernelDef.trace(...) or attnc.attention(..., score_mod=f)",))
+    return b
+
+
+# ----------------------------------------------------------------------------- types
+
+
+class DTypeSpec:
+    """`f32`, `f16`, `i32`: a scalar annotation, or `f32["B", "S"]` for a tensor type."""
+
+    def __init__(self, dtype: ir.DType):
+        self.dtype = dtype
+
+    def __getitem__(self, dims: str | tuple[str, ...]) -> ir.TensorType:
+        dims = (dims,) if isinstance(dims, str) else tuple(dims)
+        for d in dims:
+            if not isinstance(d, str) or not d.isidentifier():
+                raise fail(f"tensor dims are names (strings), got {d!r}")
+        return ir.TensorType(self.dtype, dims)
+
+    def __call__(self, x: Any) -> Value:
+        """Convert a value: f32(i) turns an index into a float, i32(x) truncates."""
+        op = ir.Op.F32 if self.dtype is not ir.DType.I32 else ir.Op.I32
+        return Value(sem.call(op, _expr(x)))
+
+    def __repr__(self) -> str:
+        return self.dtype.value
+
+
+f32 = DTypeSpec(ir.DType.F32)
+f16 = DTypeSpec(ir.DType.F16)
+i32 = DTypeSpec(ir.DType.I32)
+inf = float("inf")
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """A compile-time integer (a tile size); its name is the keyword argument's name."""
+
+    default: int
+    name: str = ""
+
+    def __index__(self) -> int:
+        return self.default
+
+
+def tunable(default: int) -> Tunable:
+    """Declare a tunable keyword argument of a kernel with its default value."""
+    return Tunable(default)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def _expr(x: Any) -> ir.Expr:
+    if isinstance(x, Value):
+        return x.expr
+    if isinstance(x, (TensorInput, Acc)):
+        raise fail(f"{x!r} is not a scalar value; index it first")
+    return sem.const(x)
+
+
+class Value:
+    """A traced scalar expression (per row, or per (row, key) pair inside the KV loop)."""
+
+    __slots__ = ("expr",)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, expr: ir.Expr):
+        self.expr = expr
+
+    def _bin(self, op: ir.Op, other: Any, swap: bool = False) -> Value:
+        a, b = self.expr, _expr(other)
+        return Value(sem.call(op, *((b, a) if swap else (a, b))))
+
+    def __add__(self, o): return self._bin(ir.Op.ADD, o)
+    def __radd__(self, o): return self._bin(ir.Op.ADD, o, True)
+    def __sub__(self, o): return self._bin(ir.Op.SUB, o)
+    def __rsub__(self, o): return self._bin(ir.Op.SUB, o, True)
+    def __mul__(self, o): return self._bin(ir.Op.MUL, o)
+    def __rmul__(self, o): return self._bin(ir.Op.MUL, o, True)
+    def __truediv__(self, o): return self._bin(ir.Op.DIV, o)
+    def __rtruediv__(self, o): return self._bin(ir.Op.DIV, o, True)
+    def __floordiv__(self, o): return self._bin(ir.Op.IDIV, o)
+    def __rfloordiv__(self, o): return self._bin(ir.Op.IDIV, o, True)
+    def __mod__(self, o): return self._bin(ir.Op.MOD, o)
+    def __rmod__(self, o): return self._bin(ir.Op.MOD, o, True)
+    def __lt__(self, o): return self._bin(ir.Op.LT, o)
+    def __le__(self, o): return self._bin(ir.Op.LE, o)
+    def __gt__(self, o): return self._bin(ir.Op.GT, o)
+    def __ge__(self, o): return self._bin(ir.Op.GE, o)
+    def __eq__(self, o): return self._bin(ir.Op.EQ, o)  # type: ignore[override]
+    def __ne__(self, o): return self._bin(ir.Op.NE, o)  # type: ignore[override]
+    def __and__(self, o): return self._bin(ir.Op.AND, o)
+    def __rand__(self, o): return self._bin(ir.Op.AND, o, True)
+    def __or__(self, o): return self._bin(ir.Op.OR, o)
+    def __ror__(self, o): return self._bin(ir.Op.OR, o, True)
+    def __invert__(self): return Value(sem.call(ir.Op.NOT, self.expr))
+    def __neg__(self): return Value(sem.call(ir.Op.NEG, self.expr))
+    def __abs__(self): return Value(sem.call(ir.Op.ABS, self.expr))
+    def __pow__(self, o):
+        raise fail("'**' is not supported in kernels", ("use exp(log(x) * y) or x * x",))
+
+    def __bool__(self) -> bool:
+        raise fail("a traced value cannot drive Python control flow (if/and/or/not/while)",
+                   ("use where(cond, a, b) for a choice, & | ~ for logic",))
+
+    def __index__(self) -> int:
+        raise fail("a traced value cannot be used as a Python int")
+
+    def __float__(self) -> float:
+        raise fail("a traced value cannot be used as a Python float")
+
+    def __repr__(self) -> str:
+        return f"Value({self.expr.dtype.value})"
+
+
+def _unary(op: ir.Op) -> Callable[[Any], Value]:
+    def f(x: Any) -> Value:
+        return Value(sem.call(op, _expr(x)))
+    f.__name__ = op.value
+    f.__doc__ = f"Elementwise {op.value} of a traced value."
+    return f
+
+
+exp = _unary(ir.Op.EXP)
+log = _unary(ir.Op.LOG)
+tanh = _unary(ir.Op.TANH)
+sqrt = _unary(ir.Op.SQRT)
+rsqrt = _unary(ir.Op.RSQRT)
+
+
+def maximum(a: Any, b: Any) -> Value:
+    """Elementwise max (NaN propagates)."""
+    return Value(sem.call(ir.Op.MAX, _expr(a), _expr(b)))
+
+
+def minimum(a: Any, b: Any) -> Value:
+    """Elementwise min (NaN propagates)."""
+    return Value(sem.call(ir.Op.MIN, _expr(a), _expr(b)))
+
+
+def where(cond: Any, a: Any, b: Any) -> Value:
+    """a where cond holds, else b."""
+    return Value(sem.call(ir.Op.WHERE, _expr(cond), _expr(a), _expr(b)))
+
+
+def dim(name: str) -> Value:
+    """The runtime size of a symbolic dim, as an i32 value."""
+    return Value(ir.Dim(name, sem.user_span()))
+
+
+def let(name: str, x: Any) -> Value:
+    """Bind a value to a name (`%name` in the text form), so it is computed once."""
+    b = _builder()
+    e = _expr(x)
+    var = b.fresh(name)
+    b.emit(ir.Let(var, e, sem.user_span()))
+    return Value(ir.Var(var, e.dtype, sem.user_span()))
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+class TensorInput:
+    """A tensor (or, with no dims, a runtime scalar) input of a kernel.
+
+    Kernel parameters are made from the function's annotations; `input(name, type)`
+    makes extra ones (bias, slopes, kv_lens...) that become parameters when used.
+    """
+
+    def __init__(self, name: str, ty: ir.TensorType):
+        if not name.isidentifier():
+            raise fail(f"input name {name!r} is not an identifier")
+        self.name, self.type = name, ty
+
+    def _register(self) -> None:
+        _builder().add_param(self.name, self.type)
+
+    def __getitem__(self, idx: Any) -> Value | Slice:
+        self._register()
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(idx) != len(self.type.dims):
+            raise fail(f"{self.name} has {len(self.type.dims)} dims {list(self.type.dims)}, "
+                       f"indexed with {len(idx)}")
+        colons = [i for i, x in enumerate(idx) if isinstance(x, slice)]
+        if any(x != slice(None) for x in idx if isinstance(x, slice)):
+            raise fail("only a plain ':' slice is supported (the reduction axis)")
+        exprs = tuple(None if isinstance(x, slice) else _index(x) for x in idx)
+        if not colons:
+            dt = ir.DType.I32 if self.type.dtype is ir.DType.I32 else ir.DType.F32
+            return Value(ir.Load(self.name, exprs, dt, sem.user_span()))  # type: ignore[arg-type]
+        if len(colons) > 1:
+            raise fail(f"{self.name}[...] has {len(colons)} ':' slices; a slice takes exactly one")
+        return Slice(ir.Slice(self.name, exprs, sem.user_span()), self.type.dims[colons[0]])
+
+    def value(self) -> Value:
+        """A scalar input's value."""
+        if self.type.dims:
+            raise fail(f"{self.name} is a tensor; index it")
+        self._register()
+        return Value(ir.Var(self.name, self.type.dtype, sem.user_span()))
+
+    def __repr__(self) -> str:
+        return f"{self.name}: {self.type.dtype.value}{list(self.type.dims)}"
+
+
+def _index(x: Any) -> ir.Expr:
+    e = _expr(x)
+    if e.dtype is not ir.DType.I32:
+        raise fail(f"tensor indices must be i32, got {e.dtype.value}", ("use i32(x)",))
+    return e
+
+
+def input(name: str, ty: ir.TensorType | DTypeSpec) -> TensorInput:  # noqa: A001
+    """Declare an extra input tensor (or scalar, with a bare dtype) used by masks or mods."""
+    if isinstance(ty, DTypeSpec):
+        ty = ir.TensorType(ty.dtype, ())
+    return TensorInput(name, ty)
+
+
+def scalar(name: str, dtype: DTypeSpec = f32) -> Value:
+    """A runtime scalar input (a uniform), e.g. scalar("softcap")."""
+    return TensorInput(name, ir.TensorType(dtype.dtype, ())).value()
+
+
+@dataclass(frozen=True)
+class Slice:
+    """q[b, h, qi, :] — a vector over one dim, consumed by dot() and acc.update()."""
+
+    node: ir.Slice
+    dim: str
+
+
+def dot(a: Slice, b: Slice) -> Value:
+    """f32 dot product of two slices over their ':' axes (the head dim)."""
+    if not isinstance(a, Slice) or not isinstance(b, Slice):
+        raise fail("dot() takes two slices such as q[b, h, qi, :] and k[b, hk, kj, :]")
+    if a.dim != b.dim:
+        raise fail(f"dot() over different dims: {a.dim} and {b.dim}")
+    return Value(ir.Dot(a.node, b.node, sem.user_span()))
+
+
+# ----------------------------------------------------------------------------- grid & loops
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    dim: str
+    size: Tunable
+    split: Value | None = None
+    var: str = "kj"
+
+    def __iter__(self) -> Iterator[Value]:
+        b = _builder()
+        if not self.size.name:
+            raise fail("tile sizes must be tunables of the kernel (BN=tunable(64))")
+        b.tunables.setdefault(self.size.name, self.size.default)
+        var = b.fresh(self.var)
+        span = sem.user_span()
+        b.scopes.append([])
+        yield Value(ir.Var(var, ir.DType.I32, span))
+        body = b.scopes.pop()
+        split = None
+        if self.split is not None:
+            if not isinstance(self.split.expr, ir.Var):
+                raise fail("split= takes the split grid variable")
+            split = self.split.expr.name
+        b.emit(ir.Loop(var, self.dim, self.size.name, split, tuple(body), span))
+
+
+def tiles(dim_name: str, size: Tunable, *, split: Value | None = None, var: str = "kj") -> _Tiles:
+    """Tiles of `size` over a dim: a grid axis (one workgroup per tile) or a KV loop."""
+    if not isinstance(size, Tunable):
+        raise fail("tile sizes must be tunables of the kernel (BM=tunable(64))")
+    return _Tiles(dim_name, size, split, var)
+
+
+@dataclass(frozen=True)
+class _Split:
+    dim: str
+    count: str
+
+
+def splits(dim_name: str, count: str) -> _Split:
+    """A grid axis splitting a dim into `count` (an i32 runtime scalar) chunks."""
+    return _Split(dim_name, count)
+
+
+def grid(**axes: str | _Tiles | _Split) -> tuple[Value, ...]:
+    """Declare the parallel grid, outermost first: grid(b="B", h="Hq", qi=tiles("S", BM))."""
+    b = _builder()
+    out, nodes = [], []
+    for name, ext in axes.items():
+        span = sem.user_span()
+        if isinstance(ext, str):
+            extent: ir.Extent = ir.DimExtent(ext)
+        elif isinstance(ext, _Tiles):
+            b.tunables.setdefault(ext.size.name, ext.size.default)
+            extent = ir.TileExtent(ext.dim, ext.size.name)
+        elif isinstance(ext, _Split):
+            b.add_param(ext.count, ir.TensorType(ir.DType.I32, ()))
+            extent = ir.SplitExtent(ext.dim, ext.count)
+        else:
+            raise fail(f"grid axis {name}: expected a dim name, tiles(...) or splits(...)")
+        var = b.fresh(name)
+        nodes.append(ir.GridAxis(var, extent, span))
+        out.append(Value(ir.Var(var, ir.DType.I32, span)))
+    b.emit(ir.Grid(tuple(nodes), sem.user_span()))
+    return tuple(out)
+
+
+class Acc:
+    """An online-softmax accumulator: running max, sum and weighted sum of value rows."""
+
+    def __init__(self, var: str):
+        self.var = var
+
+    def update(self, score: Any, value: Slice) -> None:
+        """Fold a tile of scores (-inf = masked) and the matching value rows into the state."""
+        s = sem.to_f32(_expr(score))
+        if not isinstance(value, Slice):
+            raise fail("update() takes the value slice v[b, hk, kj, :] as its second argument")
+        _builder().emit(ir.Update(self.var, s, value.node, sem.user_span()))
+
+    def sink(self, logit: Any) -> None:
+        """Add one extra logit per row to the softmax denominator (attention sinks)."""
+        _builder().emit(ir.Sink(self.var, sem.to_f32(_expr(logit)), sem.user_span()))
+
+    def result(self, *, lse: bool = False) -> ir.Return:
+        """The normalised output (and optionally the log-sum-exp)."""
+        return ir.Return(self.var, lse, None, sem.user_span())
+
+    def combine(self, split: Value, *, lse: bool = False) -> ir.Return:
+        """Merge split-KV partial states by log-sum-exp, then normalise."""
+        if not isinstance(split.expr, ir.Var):
+            raise fail("combine() takes the split grid variable")
+        return ir.Return(self.var, lse, split.expr.name, sem.user_span())
+
+
+def online_softmax(rows: Value, width: str) -> Acc:
+    """Declare an online-softmax state per row of `rows` with an accumulator of `width`."""
+    b = _builder()
+    if not isinstance(rows.expr, ir.Var):
+        raise fail("online_softmax(rows=...) takes the query tile grid variable")
+    var = b.fresh("acc")
+    b.emit(ir.Softmax(var, rows.expr.name, width, sem.user_span()))
+    return Acc(var)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+class KernelDef:
+    """A decorated kernel function; `trace(**options)` turns it into verified IR."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.name = fn.__name__
+        self.signature = inspect.signature(fn, eval_str=True)
+        self.__doc__ = fn.__doc__
+
+    def trace(self, **options: Any) -> ir.Kernel:
+        """Run the function on symbolic inputs with these options/tunables; return the IR."""
+        b = sem.Builder(self.name)
+        token = _BUILDER.set(b)
+        try:
+            args, kwargs = [], {}
+            for p in self.signature.parameters.values():
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                    ann = p.annotation
+                    if isinstance(ann, DTypeSpec):
+                        ann = ir.TensorType(ann.dtype, ())
+                    if not isinstance(ann, ir.TensorType):
+                        raise fail(f"parameter {p.name!r} needs a type annotation like "
+                                   "f32['B', 'H', 'S', 'D'] or f32")
+                    t = TensorInput(p.name, ann)
+                    t._register()
+                    args.append(t if ann.dims else t.value())
+                elif p.kind is p.KEYWORD_ONLY:
+                    val = options.pop(p.name, p.default)
+                    if isinstance(p.default, Tunable):
+                        val = Tunable(int(val), p.name)
+                    kwargs[p.name] = val
+            if options:
+                raise fail(f"unknown options for kernel {self.name}: {sorted(options)}")
+            ret = self.fn(*args, **kwargs)
+            if not isinstance(ret, ir.Return):
+                raise fail("a kernel must return acc.result() or acc.combine(...)")
+            b.emit(ret)
+            body = tuple(b.scopes[0])
+            kern = ir.Kernel(self.name, tuple(b.params.values()), _output_type(b, body),
+                             tuple(b.tunables.items()), body, sem.user_span())
+        finally:
+            _BUILDER.reset(token)
+        try:
+            verify(kern)
+        except AttncError:
+            raise
+        return kern
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<attnc kernel {self.name}>"
+
+
+def _output_type(b: sem.Builder, body: tuple[ir.Stmt, ...]) -> ir.TensorType:
+    grid = next((s for s in body if isinstance(s, ir.Grid)), None)
+    acc = next((s for s in body if isinstance(s, ir.Softmax)), None)
+    if grid is None or acc is None:
+        raise fail("a kernel needs grid(...) and online_softmax(...)")
+    dims = tuple(a.extent.dim for a in grid.axes if not isinstance(a.extent, ir.SplitExtent))
+    first = next((p for p in b.params.values() if p.type.dims), None)
+    dtype = first.type.dtype if first else ir.DType.F32
+    return ir.TensorType(dtype, dims + (acc.width,))
+
+
+def kernel(fn: Callable[..., Any]) -> KernelDef:
+    """Decorator: make a DSL kernel from a Python function."""
+    return KernelDef(fn)

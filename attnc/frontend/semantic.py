@@ -1,0 +1,146 @@
+"""The DSL's semantic layer: an explicit IR builder, dtype promotion and legality checks.
+
+Promotion rules (numbered so errors can cite them):
+  1. Python ints become i32 constants, Python floats f32 constants, bools bool constants.
+  2. An i32 meeting an f32 in arithmetic or a comparison is converted with f32(...).
+  3. `/` is float division (both sides converted to f32); `//` and `%` need i32 on both sides.
+  4. exp/log/tanh/sqrt/rsqrt take f32 (an i32 argument is converted).
+  5. `&`, `|`, `~` and where()'s condition need bool values (comparisons make them).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+
+from attnc.errors import Span, TraceError
+from attnc.ir import nodes as ir
+
+_FRONTEND_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_span() -> Span | None:
+    """The span of the innermost stack frame outside attnc's DSL implementation."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        fname = os.path.abspath(frame.f_code.co_filename)
+        if not fname.startswith(_FRONTEND_DIR):
+            info = inspect.getframeinfo(frame, context=1)
+            pos = info.positions
+            col = (pos.col_offset or 0) + 1 if pos else 1
+            end = (pos.end_col_offset or 0) + 1 if pos and pos.end_lineno == pos.lineno else None
+            line = info.code_context[0] if info.code_context else ""
+            return Span(fname, info.lineno, col, line, end)
+        frame = frame.f_back
+    return None
+
+
+def fail(message: str, notes: tuple[str, ...] = ()) -> TraceError:
+    """A TraceError located at the user's current Python line."""
+    return TraceError(message, user_span(), notes)
+
+
+def promote(a: ir.Expr, b: ir.Expr, what: str) -> tuple[ir.Expr, ir.Expr]:
+    """Rule 2: bring two numeric operands to one dtype."""
+    for x in (a, b):
+        if x.dtype is ir.DType.BOOL:
+            raise fail(f"{what} needs numbers, got a bool", ("use where(cond, a, b)",))
+    if a.dtype == b.dtype:
+        return a, b
+    return to_f32(a), to_f32(b)
+
+
+def to_f32(x: ir.Expr) -> ir.Expr:
+    """Convert an i32 value to f32 (rule 2/3/4); f32 stays as it is."""
+    if x.dtype is ir.DType.F32:
+        return x
+    if isinstance(x, ir.Const):
+        return ir.Const(float(x.value), ir.DType.F32, span=x.span)
+    if x.dtype is ir.DType.BOOL:
+        raise fail("cannot use a bool as a number", ("use where(cond, 1.0, 0.0)",))
+    return ir.Call(ir.Op.F32, (x,), ir.DType.F32, user_span())
+
+
+def const(v: object) -> ir.Expr:
+    """Rule 1: Python constants to IR constants."""
+    if isinstance(v, bool):
+        return ir.Const(v, ir.DType.BOOL, user_span())
+    if isinstance(v, int):
+        if not -(2**31) <= v < 2**31:
+            raise fail(f"integer constant {v} does not fit in i32")
+        return ir.Const(v, ir.DType.I32, user_span())
+    if isinstance(v, float):
+        return ir.Const(v, ir.DType.F32, user_span())
+    raise fail(f"cannot use a {type(v).__name__} in a kernel expression",
+               ("kernel expressions take traced values, ints, floats and bools",))
+
+
+def call(op: ir.Op, *args: ir.Expr) -> ir.Expr:
+    """Build a Call, applying the promotion rules and checking operand kinds."""
+    span = user_span()
+    if op in ir.ARITH_BINARY | ir.COMPARE:
+        a, b = promote(args[0], args[1], op.value)
+        dt = ir.DType.BOOL if op in ir.COMPARE else a.dtype
+        return ir.Call(op, (a, b), dt, span)
+    if op in ir.INT_BINARY:
+        if any(a.dtype is not ir.DType.I32 for a in args):
+            raise fail(f"'{op.value}' (// or %) needs i32 operands (rule 3)",
+                       ("use / for float division",))
+        return ir.Call(op, args, ir.DType.I32, span)
+    if op is ir.Op.DIV:
+        return ir.Call(op, (to_f32(args[0]), to_f32(args[1])), ir.DType.F32, span)
+    if op in ir.FLOAT_UNARY:
+        return ir.Call(op, (to_f32(args[0]),), ir.DType.F32, span)
+    if op in ir.ARITH_UNARY:
+        if args[0].dtype is ir.DType.BOOL:
+            raise fail(f"'{op.value}' needs a number, got a bool")
+        return ir.Call(op, args, args[0].dtype, span)
+    if op in ir.LOGIC:
+        if any(a.dtype is not ir.DType.BOOL for a in args):
+            raise fail(f"'{op.value}' needs bool operands (rule 5)",
+                       ("comparisons such as kv_idx <= q_idx give bools",))
+        return ir.Call(op, args, ir.DType.BOOL, span)
+    if op is ir.Op.WHERE:
+        c, a, b = args
+        if c.dtype is not ir.DType.BOOL:
+            raise fail("where() needs a bool condition (rule 5)")
+        a, b = promote(a, b, "where")
+        return ir.Call(op, (c, a, b), a.dtype, span)
+    if op is ir.Op.F32:
+        return to_f32(args[0])
+    if op is ir.Op.I32:
+        return args[0] if args[0].dtype is ir.DType.I32 else ir.Call(op, args, ir.DType.I32, span)
+    raise fail(f"unsupported operator {op.value}")
+
+
+@dataclass
+class Builder:
+    """Collects statements while a kernel function runs under tracing."""
+
+    name: str
+    params: dict[str, ir.Param] = field(default_factory=dict)
+    tunables: dict[str, int] = field(default_factory=dict)
+    scopes: list[list[ir.Stmt]] = field(default_factory=lambda: [[]])
+    names: set[str] = field(default_factory=set)
+
+    def emit(self, stmt: ir.Stmt) -> None:
+        self.scopes[-1].append(stmt)
+
+    def fresh(self, base: str) -> str:
+        """A name not used yet, `base` itself when free."""
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def add_param(self, name: str, ty: ir.TensorType) -> None:
+        old = self.params.get(name)
+        if old is not None and old.type != ty:
+            raise fail(f"input {name!r} used with two types: {old.type} and {ty}")
+        if old is None:
+            if name in self.names:
+                raise fail(f"input name {name!r} clashes with another name in the kernel")
+            self.params[name] = ir.Param(name, ty, user_span())
+            self.names.add(name)

@@ -1,0 +1,247 @@
+"""The reference: a numpy float64 interpreter of the IR, the oracle every variant is tested against.
+
+Expressions are evaluated over a broadcast index space with one axis per non-split grid
+axis plus one key axis; a grid variable is an `arange` along its own axis, the loop
+variable an `arange` of the current KV tile along the key axis. A split axis is run as a
+Python loop producing partial states that are merged with the log-sum-exp combine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from attnc.ir.nodes import (
+    Call,
+    Const,
+    Dim,
+    Dot,
+    Expr,
+    Grid,
+    Kernel,
+    Let,
+    Load,
+    Loop,
+    Op,
+    Return,
+    Sink,
+    Slice,
+    Softmax,
+    SplitExtent,
+    Update,
+    Var,
+)
+
+_UNARY = {
+    Op.NEG: np.negative, Op.ABS: np.abs, Op.EXP: np.exp, Op.LOG: np.log, Op.TANH: np.tanh,
+    Op.SQRT: np.sqrt, Op.NOT: np.logical_not,
+}
+_BINARY = {
+    Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.divide,
+    Op.MAX: np.maximum, Op.MIN: np.minimum, Op.LT: np.less, Op.LE: np.less_equal,
+    Op.GT: np.greater, Op.GE: np.greater_equal, Op.EQ: np.equal, Op.NE: np.not_equal,
+    Op.AND: np.logical_and, Op.OR: np.logical_or,
+}
+
+
+@dataclass
+class _State:
+    """Running online-softmax state for every row: max m, sum l, accumulator o."""
+
+    m: np.ndarray
+    l: np.ndarray
+    o: np.ndarray
+
+
+def _safe_sub_max(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x - m, where a row max of -inf (all masked) counts as 0 so exp gives 0, not NaN."""
+    return x - np.where(np.isneginf(m), 0.0, m)
+
+
+class _Interp:
+    """Evaluates one kernel on concrete arrays; one instance per call."""
+
+    def __init__(self, kernel: Kernel, args: Mapping[str, object]):
+        self.k = kernel
+        self.tunables = kernel.tunable_values
+        self.arrays: dict[str, np.ndarray] = {}
+        self.scalars: dict[str, float | int] = {}
+        self.dims: dict[str, int] = {}
+        for p in kernel.params:
+            if p.name not in args:
+                raise ValueError(f"missing argument {p.name!r}")
+            a = args[p.name]
+            if p.type.dims:
+                arr = np.asarray(a)
+                if arr.ndim != len(p.type.dims):
+                    raise ValueError(f"{p.name}: expected rank {len(p.type.dims)}, got {arr.ndim}")
+                for d, n in zip(p.type.dims, arr.shape, strict=True):
+                    if self.dims.setdefault(d, n) != n:
+                        raise ValueError(f"{p.name}: dim {d} is {n}, elsewhere {self.dims[d]}")
+                self.arrays[p.name] = arr.astype(np.float64) if p.type.dtype.is_float else arr
+            else:
+                self.scalars[p.name] = a  # type: ignore[assignment]
+        grid = next(s for s in kernel.body if isinstance(s, Grid))
+        self.axes = [a for a in grid.axes if not isinstance(a.extent, SplitExtent)]
+        self.split = next((a for a in grid.axes if isinstance(a.extent, SplitExtent)), None)
+        self.nd = len(self.axes) + 1
+        self.env: dict[str, np.ndarray | float | int] = {}
+        for i, ax in enumerate(self.axes):
+            shape = [1] * self.nd
+            n = self.dims[ax.extent.dim]
+            shape[i] = n
+            self.env[ax.var] = np.arange(n, dtype=np.int64).reshape(shape)
+        self.row_shape = tuple(self.dims[a.extent.dim] for a in self.axes) + (1,)
+
+    # ------------------------------------------------------------------ expressions
+    def expr(self, e: Expr):
+        if isinstance(e, Const):
+            return e.value
+        if isinstance(e, Dim):
+            return self.dims[e.name]
+        if isinstance(e, Var):
+            if e.name in self.env:
+                return self.env[e.name]
+            return self.scalars[e.name]
+        if isinstance(e, Call):
+            args = [self.expr(a) for a in e.args]
+            with np.errstate(all="ignore"):
+                return self.call(e.op, args)
+        if isinstance(e, Load):
+            return self.gather(e.tensor, [self.expr(i) for i in e.index], None)
+        if isinstance(e, Dot):
+            a = self.slice(e.a)
+            b = self.slice(e.b)
+            return (a[..., None, :] @ b[..., :, None])[..., 0, 0]
+        raise TypeError(f"unknown expression {e!r}")
+
+    def call(self, op: Op, args: list):
+        if op in _UNARY:
+            return _UNARY[op](args[0])
+        if op is Op.RSQRT:
+            return 1.0 / np.sqrt(args[0])
+        if op in _BINARY:
+            return _BINARY[op](args[0], args[1])
+        if op is Op.IDIV:
+            return np.floor_divide(args[0], args[1])
+        if op is Op.MOD:
+            return np.mod(args[0], args[1])
+        if op is Op.WHERE:
+            return np.where(args[0], args[1], args[2])
+        if op is Op.F32:
+            return np.asarray(args[0], dtype=np.float64)
+        if op is Op.I32:
+            return np.trunc(np.asarray(args[0], dtype=np.float64)).astype(np.int64)
+        raise TypeError(f"unknown op {op}")
+
+    def gather(self, tensor: str, index: list, axis: int | None) -> np.ndarray:
+        """Elements (or, with `axis`, whole vectors along that axis) at broadcast indices."""
+        arr = self.arrays[tensor]
+        if axis is not None:
+            arr = np.moveaxis(arr, axis, -1)
+        idx = [np.asarray(i, dtype=np.int64) for i in index]
+        shape = np.broadcast_shapes(*(i.shape for i in idx))
+        idx = [np.broadcast_to(i, shape) for i in idx]
+        for i, n in zip(idx, arr.shape, strict=False):
+            if i.size and (i.min() < 0 or i.max() >= n):
+                raise IndexError(f"index out of range reading {tensor!r}")
+        return arr[tuple(idx)]
+
+    def slice(self, s: Slice) -> np.ndarray:
+        return self.gather(s.tensor, [self.expr(i) for i in s.index if i is not None], s.axis)
+
+    # ------------------------------------------------------------------ statements
+    def run(self):
+        states: dict[str, _State] = {}
+        ret: Return | None = None
+        splits = 1
+        if self.split is not None:
+            splits = int(self.scalars[self.split.extent.count])
+        partials: list[dict[str, _State]] = []
+        for ks in range(splits):
+            if self.split is not None:
+                self.env[self.split.var] = ks
+            states = {}
+            for st in self.k.body:
+                if isinstance(st, Let):
+                    self.env[st.var] = self.expr(st.value)
+                elif isinstance(st, Softmax):
+                    w = self.dims[st.width]
+                    states[st.var] = _State(
+                        np.full(self.row_shape, -np.inf), np.zeros(self.row_shape),
+                        np.zeros(self.row_shape + (w,)))
+                elif isinstance(st, Loop):
+                    self.loop(st, states, ks, splits)
+            partials.append(states)
+        for st in self.k.body:
+            if isinstance(st, Return):
+                ret = st
+        assert ret is not None
+        state = self.combine([p[ret.acc] for p in partials])
+        for st in self.k.body:
+            if isinstance(st, Sink):
+                z = np.broadcast_to(self.expr(st.logit), self.row_shape).astype(np.float64)
+                m = np.maximum(state.m, z)
+                a = np.exp(_safe_sub_max(state.m, m))
+                state = _State(m, state.l * a + np.exp(_safe_sub_max(z, m)), state.o * a[..., None])
+        with np.errstate(all="ignore"):
+            o = np.where((state.l > 0)[..., None], state.o / np.where(state.l > 0, state.l, 1.0)[..., None], 0.0)
+            o = np.where(np.isnan(state.l)[..., None], np.nan, o)
+            lse = np.where(state.l > 0, state.m + np.log(np.where(state.l > 0, state.l, 1.0)), -np.inf)
+            lse = np.where(np.isnan(state.l), np.nan, lse)
+        return o[..., 0, :], (lse[..., 0] if ret.lse else None)
+
+    def combine(self, parts: list[_State]) -> _State:
+        if len(parts) == 1:
+            return parts[0]
+        m = np.maximum.reduce([p.m for p in parts])
+        l = np.zeros_like(m)
+        o = np.zeros_like(parts[0].o)
+        for p in parts:
+            w = np.exp(_safe_sub_max(p.m, m))
+            l = l + p.l * w
+            o = o + p.o * w[..., None]
+        return _State(m, l, o)
+
+    def loop(self, lp: Loop, states: dict[str, _State], ks: int, splits: int) -> None:
+        n = self.dims[lp.dim]
+        bn = self.tunables[lp.size]
+        tiles = -(-n // bn)
+        lo, hi = 0, tiles
+        if lp.split is not None:
+            per = -(-tiles // splits)
+            lo, hi = min(ks * per, tiles), min((ks + 1) * per, tiles)
+        for t in range(lo, hi):
+            shape = [1] * self.nd
+            cols = np.arange(t * bn, min((t + 1) * bn, n), dtype=np.int64)
+            shape[-1] = cols.size
+            self.env[lp.var] = cols.reshape(shape)
+            self.loop_var = lp.var
+            for st in lp.body:
+                if isinstance(st, Let):
+                    self.env[st.var] = self.expr(st.value)
+                elif isinstance(st, Update):
+                    self.update(states[st.acc], st)
+
+    def update(self, state: _State, st: Update) -> None:
+        s = np.asarray(self.expr(st.score), dtype=np.float64)
+        ncols = self.env[self.loop_var].shape[-1]
+        s = np.broadcast_to(s, self.row_shape[:-1] + (ncols,))
+        v = self.slice(st.value)
+        while v.ndim < self.nd + 1:
+            v = v[None]
+        with np.errstate(all="ignore"):
+            m_new = np.maximum(state.m, s.max(axis=-1, keepdims=True))
+            p = np.exp(_safe_sub_max(s, m_new))
+            a = np.exp(_safe_sub_max(state.m, m_new))
+            state.l = state.l * a + p.sum(axis=-1, keepdims=True)
+            state.o = state.o * a[..., None] + (p[..., None, :] @ v)
+            state.m = m_new
+
+
+def interpret(kernel: Kernel, args: Mapping[str, object]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run `kernel` on numpy arrays/scalars by name; returns (o, lse or None) in float64."""
+    return _Interp(kernel, args).run()
+

@@ -1,0 +1,88 @@
+"""The shipped kernels, written in the DSL: FlashAttention prefill and split-KV decode.
+
+One kernel function covers every option of `attnc.attention`: each option adds a line
+or two of DSL (a score modifier or a mask term), so every variant shares one description.
+"""
+
+
+from collections.abc import Callable
+
+from attnc.frontend.dsl import (
+    dim,
+    dot,
+    f32,
+    grid,
+    i32,
+    inf,
+    input,
+    kernel,
+    let,
+    online_softmax,
+    scalar,
+    splits,
+    tanh,
+    tiles,
+    tunable,
+    where,
+)
+
+ScoreMod = Callable[..., object]
+MaskMod = Callable[..., object]
+
+
+# Tensor types: dtype and symbolic dims (BHSD; the runtime passes strides, so BSHD works too).
+Q = f32["B", "Hq", "S", "D"]
+K = f32["B", "Hkv", "T", "D"]
+V = f32["B", "Hkv", "T", "Dv"]
+
+
+@kernel
+def flash_attention(q: Q, k: K, v: V, scale: f32, *,
+                    BM=tunable(32), BN=tunable(32), split=False,
+                    causal=False, window=None, softcap=False, alibi=False, bias=False,
+                    sinks=False, kv_lens=False, score_mod: ScoreMod | None = None,
+                    mask_mod: MaskMod | None = None, lse=False):
+    """FlashAttention with every option of attnc.attention; split=True gives flash-decoding."""
+    axes = dict(b="B", h="Hq", qi=tiles("S", BM))
+    if split:
+        axes["ks"] = splits("T", "NSPLIT")
+    b, h, qi, *ks = grid(**axes)
+    hk = let("hk", h // (dim("Hq") // dim("Hkv")))
+    length = let("len", input("kv_lens", i32["B"])[b]) if kv_lens else dim("T")
+    qpos = let("qpos", qi + (length - dim("S")))  # queries aligned to the end of the keys
+    acc = online_softmax(rows=qi, width="Dv")
+    for kj in tiles("T", BN, split=ks[0] if ks else None):
+        s = let("s", dot(q[b, h, qi, :], k[b, hk, kj, :]) * scale)
+        if softcap:
+            cap = scalar("softcap")
+            s = let("capped", cap * tanh(s / cap))
+        if alibi:
+            s = let("alibi", s + input("alibi_slopes", f32["Hq"])[h] * f32(kj - qpos))
+        if bias:
+            s = let("biased", s + input("bias", f32["B", "Hq", "S", "T"])[b, h, qi, kj])
+        if score_mod is not None:
+            s = let("mod", score_mod(s, b, h, qi, kj))
+        keep = None
+        if kv_lens:
+            keep = kj < length
+        if causal:
+            keep = _and(keep, kj <= qpos)
+        if window is not None:
+            left, right = window
+            if left is not None:
+                keep = _and(keep, kj >= qpos - scalar("window_left", i32))
+            if right is not None:
+                keep = _and(keep, kj <= qpos + scalar("window_right", i32))
+        if mask_mod is not None:
+            keep = _and(keep, mask_mod(b, h, qi, kj))
+        if keep is not None:
+            s = where(let("keep", keep), s, -inf)
+        acc.update(s, v[b, hk, kj, :])
+    if sinks:
+        acc.sink(input("sinks", f32["Hq"])[h])
+    return acc.combine(ks[0], lse=lse) if ks else acc.result(lse=lse)
+
+
+def _and(a, b):
+    """Conjunction that treats None as 'no mask yet'."""
+    return b if a is None else a & b

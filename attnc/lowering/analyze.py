@@ -1,0 +1,156 @@
+"""Recognise the tiled-attention structure of a verified kernel: the facts WGSL emission needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attnc.errors import LoweringError
+from attnc.ir import nodes as ir
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A non-split grid axis: its variable, dim and tile size (None for a plain dim)."""
+
+    var: str
+    dim: str
+    tile: int | None
+
+
+@dataclass(frozen=True)
+class FlashSpec:
+    """A kernel seen as tiled attention: grid, rows, KV loop, score, value, sink, output."""
+
+    kernel: ir.Kernel
+    axes: tuple[Axis, ...]
+    row: Axis
+    split_var: str | None
+    split_count: str | None
+    loop_var: str
+    kv_dim: str
+    BN: int
+    width: str
+    head_dim: str
+    lets: dict[str, ir.Expr]
+    uniform_lets: tuple[str, ...]
+    score: ir.Expr
+    dot: ir.Dot
+    value: ir.Slice
+    sink: ir.Expr | None
+    lse: bool
+
+    @property
+    def BM(self) -> int:
+        assert self.row.tile is not None
+        return self.row.tile
+
+    def depends(self, e: ir.Expr, names: frozenset[str]) -> bool:
+        """Whether `e` (lets followed) reads any of `names`."""
+        for x in ir.walk_expr(e):
+            if isinstance(x, ir.Var):
+                if x.name in names:
+                    return True
+                if x.name in self.lets and self.depends(self.lets[x.name], names):
+                    return True
+        return False
+
+    def resolve(self, e: ir.Expr) -> ir.Expr:
+        """Follow a chain of let references to the defining expression."""
+        while isinstance(e, ir.Var) and e.name in self.lets:
+            e = self.lets[e.name]
+        return e
+
+    @property
+    def tensors(self) -> tuple[ir.Param, ...]:
+        return tuple(p for p in self.kernel.params if p.type.dims)
+
+    @property
+    def scalars(self) -> tuple[ir.Param, ...]:
+        return tuple(p for p in self.kernel.params if not p.type.dims)
+
+
+def _err(msg: str, node: object) -> LoweringError:
+    return LoweringError(msg, getattr(node, "span", None))
+
+
+def analyze(k: ir.Kernel) -> FlashSpec:
+    """Extract a FlashSpec, or raise LoweringError naming what does not fit the template."""
+    tun = k.tunable_values
+    grid = next(s for s in k.body if isinstance(s, ir.Grid))
+    axes, split_var, split_count = [], None, None
+    for a in grid.axes:
+        if isinstance(a.extent, ir.SplitExtent):
+            split_var, split_count = a.var, a.extent.count
+        elif isinstance(a.extent, ir.TileExtent):
+            axes.append(Axis(a.var, a.extent.dim, tun[a.extent.size]))
+        else:
+            axes.append(Axis(a.var, a.extent.dim, None))
+    row = next(a for a in axes if a.tile is not None)
+    lets: dict[str, ir.Expr] = {}
+    top_lets: list[str] = []
+    loop = None
+    sink = None
+    ret = None
+    for st in k.body:
+        if isinstance(st, ir.Let):
+            lets[st.var] = st.value
+            top_lets.append(st.var)
+        elif isinstance(st, ir.Loop):
+            loop = st
+        elif isinstance(st, ir.Sink):
+            if sink is not None:
+                raise _err("only one sink per kernel is supported", st)
+            sink = st.logit
+        elif isinstance(st, ir.Return):
+            ret = st
+    assert loop is not None and ret is not None
+    updates = [s for s in loop.body if isinstance(s, ir.Update)]
+    if len(updates) != 1:
+        raise _err("the KV loop must hold exactly one update", loop)
+    for st in loop.body:
+        if isinstance(st, ir.Let):
+            lets[st.var] = st.value
+        elif isinstance(st, ir.Loop):
+            raise _err("nested KV loops are not supported", st)
+    upd = updates[0]
+    acc = next(s for s in k.body if isinstance(s, ir.Softmax))
+    spec = FlashSpec(k, tuple(axes), row, split_var, split_count, loop.var, loop.dim,
+                     tun[loop.size], acc.width, "", lets, (), upd.score,
+                     _the_dot(upd.score, lets), upd.value, sink, ret.lse)
+    varying = frozenset({row.var, loop.var})
+    uniform = tuple(n for n in top_lets if not spec.depends(lets[n], varying))
+    dot = spec.dot
+    head = k.param(dot.a.tensor).type.dims[dot.a.axis]
+    spec = FlashSpec(**{**spec.__dict__, "uniform_lets": uniform, "head_dim": head})
+    _check_slices(spec)
+    return spec
+
+
+def _the_dot(score: ir.Expr, lets: dict[str, ir.Expr]) -> ir.Dot:
+    seen: dict[int, ir.Dot] = {}
+
+    def visit(e: ir.Expr) -> None:
+        for x in ir.walk_expr(e):
+            if isinstance(x, ir.Dot):
+                seen[hash(x)] = x
+            elif isinstance(x, ir.Var) and x.name in lets:
+                visit(lets[x.name])
+
+    visit(score)
+    if len(seen) != 1:
+        raise _err("the update score must use exactly one dot(q-row slice, k-row slice)", score)
+    return next(iter(seen.values()))
+
+
+def _check_slices(spec: FlashSpec) -> None:
+    row, kv = frozenset({spec.row.var}), frozenset({spec.loop_var})
+    for sl, bad, what in ((spec.dot.a, kv, "query"), (spec.dot.b, row, "key"),
+                          (spec.value, row, "value")):
+        for i in sl.index:
+            if i is not None and spec.depends(i, bad):
+                raise _err(f"the {what} slice {sl.tensor}[...] must not depend on "
+                           f"{'the key index' if bad == kv else 'the query row'}", sl)
+    if not any(i is not None and spec.depends(i, row) for i in spec.dot.a.index):
+        raise _err("the first dot operand must be indexed by the query row variable", spec.dot.a)
+    if spec.sink is not None and spec.depends(spec.sink, kv):
+        raise _err("the sink logit must not depend on the key index", spec.sink)

@@ -1,0 +1,120 @@
+"""Variant plans: the capability subset, family and tunables a kernel is lowered for."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+from attnc.errors import LoweringError
+
+
+class Family(enum.Enum):
+    """How reductions across invocations are done."""
+
+    PORTABLE = "portable"  # workgroup memory + barriers only; runs in any browser
+    SUBGROUPS = "subgroups"  # subgroupShuffleXor butterflies, then workgroup memory
+
+
+class Storage(enum.Enum):
+    """How float tensors are stored in buffers (arithmetic is f32 in both)."""
+
+    F32 = "f32"
+    F16 = "f16"  # packed two per u32, unpacked with unpack2x16float (no shader-f16 needed)
+
+
+class Dialect(enum.Enum):
+    """WGSL dialect of the consuming compiler (which `enable` lines it takes)."""
+
+    TINT = "tint"  # Dawn/Chromium and the WGSL spec: `enable subgroups;` required
+    NAGA = "naga"  # wgpu-native: rejects `enable subgroups;`
+
+
+# WebGPU's default limits: what the portable family must fit into.
+DEFAULT_LIMITS = {
+    "max-compute-workgroup-storage-size": 16384,
+    "max-compute-invocations-per-workgroup": 256,
+    "max-storage-buffers-per-shader-stage": 8,
+    "max-compute-workgroups-per-dimension": 65535,
+    "max-storage-buffer-binding-size": 134217728,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything lowering needs besides the IR: family, storage, dialect and tunables.
+
+    WG: invocations per workgroup; DK: head-dim chunk staged in workgroup memory;
+    DVC: output columns per workgroup (a grid axis covers Dv in chunks of DVC);
+    DVS: value columns staged at once; SGMIN: the smallest subgroup size the variant
+    must be correct for (butterflies stay within SGMIN lanes).
+    """
+
+    family: Family = Family.PORTABLE
+    storage: Storage = Storage.F32
+    dialect: Dialect = Dialect.TINT
+    WG: int = 128
+    DK: int = 16
+    DVC: int = 64
+    DVS: int = 32
+    SGMIN: int = 4
+    overrides: tuple[tuple[str, int], ...] = field(default=())
+
+    def with_tunables(self, **kw: int) -> Plan:
+        """A copy with some plan tunables replaced."""
+        return replace(self, **kw)
+
+    @property
+    def name(self) -> str:
+        return f"{self.family.value}.{self.storage.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The thread layout derived from a plan and the kernel's tile sizes."""
+
+    BM: int
+    BN: int
+    WG: int
+    CT: int  # threads sharing a row
+    RT: int  # row groups
+    TM: int  # rows per thread
+    TN: int  # score columns per thread
+    TD: int  # output columns per thread
+    G: int  # lanes reduced by subgroup shuffles (1 = portable)
+    DK: int
+    DVC: int
+    DVS: int
+
+    @property
+    def smem_words(self) -> int:
+        """Workgroup storage in 4-byte words: q/k chunks (aliased with v), p tile, partials."""
+        qk = self.BM * self.DK + self.BN * self.DK
+        v = self.BN * self.DVS
+        red = self.BM * (self.CT // self.G) if self.CT > self.G else 0
+        return max(qk, v) + self.BM * self.BN + red + 4
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def layout(plan: Plan, BM: int, BN: int) -> Layout:
+    """Map the tile sizes onto invocations; raise LoweringError when they do not fit."""
+    WG = plan.WG
+    for name, val in (("BM", BM), ("BN", BN), ("WG", WG), ("DK", plan.DK), ("DVC", plan.DVC),
+                      ("DVS", plan.DVS)):
+        if not _pow2(val):
+            raise LoweringError(f"tunable {name}={val} must be a power of two")
+    # one row group per row when there are enough threads, else several rows per thread
+    RT = min(BM, WG)
+    TM = BM // RT
+    CT = WG // RT
+    if CT > BN:
+        raise LoweringError(f"WG={WG} invocations over BM={BM} rows leaves {CT} per row, "
+                            f"more than BN={BN} keys", notes=("raise BN or lower WG",))
+    TN = BN // CT
+    dvs = max(plan.DVS, CT)  # each staged value chunk gives every invocation whole columns
+    dvc = max(plan.DVC, dvs)
+    TD = dvc // CT
+    G = 1 if plan.family is Family.PORTABLE else min(CT, plan.SGMIN)
+    return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.DK, dvc, dvs)

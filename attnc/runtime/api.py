@@ -1,0 +1,318 @@
+"""`attnc.attention`: validate inputs, pick the kernel variant and plan, dispatch, read back."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from attnc.errors import DeviceError
+from attnc.ir import nodes as ir
+from attnc.lowering import Family, Plan, Storage, lower
+from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, layout
+from attnc.lowering.program import Program
+from attnc.runtime import dispatch as rt
+from attnc.runtime.devices import Device, get_device
+
+TARGETS = {"portable": Family.PORTABLE, "subgroups": Family.SUBGROUPS}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The kernel-shaping options of one attention call (what the traced IR depends on)."""
+
+    causal: bool = False
+    window: tuple[int | None, int | None] | None = None
+    softcap: bool = False
+    alibi: bool = False
+    bias: bool = False
+    sinks: bool = False
+    kv_lens: bool = False
+    lse: bool = False
+    split: bool = False
+    f16: bool = False
+    score_mod: Callable[..., Any] | None = None
+    mask_mod: Callable[..., Any] | None = None
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _array(name: str, x: Any, ndim: int | None = None) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got {x.ndim} (shape {x.shape})")
+    return x
+
+
+def validate(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, int]:
+    """Check q/k/v against the contract; return the dims B, Hq, Hkv, S, T, D, Dv."""
+    for n, x in (("q", q), ("k", k), ("v", v)):
+        _array(n, x, 4)
+        _check(x.dtype in (np.float32, np.float16),
+               f"{n}: dtype must be float32 or float16, got {x.dtype}")
+        _check(x.size > 0, f"{n}: empty array (shape {x.shape})")
+    _check(q.dtype == k.dtype == v.dtype,
+           f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, S, D = q.shape
+    _, Hkv, T, Dk = k.shape
+    _check(k.shape[0] == B and v.shape[0] == B,
+           f"batch dims differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    _check(Dk == D, f"head dim D differs: q has {D}, k has {Dk}")
+    _check(v.shape[1] == Hkv and v.shape[2] == T,
+           f"v shape {v.shape} does not match k shape {k.shape} in (B, Hkv, T)")
+    _check(Hq % Hkv == 0, f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} kv heads")
+    return dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=v.shape[3])
+
+
+def pick_family(device: Device, target: str | None) -> Family:
+    """The requested variant family, or the default for the device (subgroups if offered)."""
+    if target is None:
+        return Family.SUBGROUPS if "subgroups" in device.features else Family.PORTABLE
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    fam = TARGETS[target]
+    if fam is Family.SUBGROUPS and "subgroups" not in device.features:
+        raise DeviceError(f"{device!r} does not offer the 'subgroups' feature",
+                          notes=("use target='portable', which needs no subgroup operations",))
+    return fam
+
+
+def _pow2ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
+             ) -> tuple[Plan, dict[str, int]]:
+    """The heuristic plan and kernel tunables for a shape (autotuned choices override it)."""
+    sg_min = device.subgroup_min_size or 4
+    dialect = Dialect.TINT if device.dialect == "tint" else Dialect.NAGA
+    storage = Storage.F16 if opts.f16 else Storage.F32
+    dv = _pow2ceil(dims["Dv"])
+    if opts.split or dims["S"] <= 8:
+        tun = {"BM": 4, "BN": 64}
+        plan = Plan(family, storage, dialect, WG=128, DVC=min(max(dv, 32), 256), DVS=32,
+                    SGMIN=min(sg_min, 32))
+    else:
+        tun = {"BM": 32, "BN": 32}
+        plan = Plan(family, storage, dialect, WG=128, DVC=min(max(dv, 32), 128), DVS=32,
+                    SGMIN=min(sg_min, 32))
+    return plan, tun
+
+
+def split_count(device: Device, dims: dict[str, int], BM: int, BN: int) -> int:
+    """How many KV splits fill the device: aim for enough workgroups, keep >= 2 tiles each."""
+    base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
+    target = 64 if device.adapter_type == "CPU" else 1024
+    tiles = -(-dims["T"] // BN)
+    return max(1, min(-(-target // base), tiles // 2 or 1))
+
+
+class _Cache:
+    """Traced kernels and lowered programs, keyed by everything that changes them."""
+
+    def __init__(self) -> None:
+        self.kernels: dict[Any, ir.Kernel] = {}
+        self.programs: dict[Any, tuple[Program, ...]] = {}
+
+
+_CACHE = _Cache()
+
+
+def build_kernel(opts: Options, tunables: dict[str, int]) -> ir.Kernel:
+    """Trace the shipped flash kernel for these options (cached) and set the storage dtype."""
+    from attnc.kernels.flash import flash_attention
+
+    key = (opts, tuple(sorted(tunables.items())))
+    kern = _CACHE.kernels.get(key)
+    if kern is None:
+        kern = flash_attention.trace(
+            causal=opts.causal, window=opts.window, softcap=opts.softcap, alibi=opts.alibi,
+            bias=opts.bias, sinks=opts.sinks, kv_lens=opts.kv_lens, lse=opts.lse,
+            split=opts.split, score_mod=opts.score_mod, mask_mod=opts.mask_mod, **tunables)
+        if opts.f16:
+            kern = with_f16_storage(kern, ("q", "k", "v"))
+        if opts.score_mod is None and opts.mask_mod is None:
+            _CACHE.kernels[key] = kern
+    return kern
+
+
+def with_f16_storage(kern: ir.Kernel, names: tuple[str, ...]) -> ir.Kernel:
+    """Retype the named tensor params (and the output) to f16 storage; math stays f32."""
+    params = tuple(ir.Param(p.name, ir.TensorType(ir.DType.F16, p.type.dims), p.span)
+                   if p.name in names else p for p in kern.params)
+    out = ir.TensorType(ir.DType.F16, kern.output.dims)
+    return ir.Kernel(kern.name, params, out, kern.tunables, kern.body, kern.span)
+
+
+def programs_for(kern: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
+    """Lower (cached by kernel and plan)."""
+    key = (kern, plan)
+    progs = _CACHE.programs.get(key)
+    if progs is None:
+        progs = lower(kern, plan)
+        _CACHE.programs[key] = progs
+    return progs
+
+
+def fits_portable_limits(plan: Plan, BM: int, BN: int) -> bool:
+    """Whether a plan stays inside WebGPU's default limits."""
+    lay = layout(plan, BM, BN)
+    return (4 * lay.smem_words <= DEFAULT_LIMITS["max-compute-workgroup-storage-size"]
+            and lay.WG <= DEFAULT_LIMITS["max-compute-invocations-per-workgroup"])
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return out[::-1]
+
+
+def _broadcast_strides(name: str, x: np.ndarray, full: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
+    """A compact array and element strides that read it broadcast to `full` (0 on size-1 dims)."""
+    if x.ndim > len(full):
+        raise ValueError(f"{name}: shape {x.shape} has more dims than {full}")
+    shape = (1,) * (len(full) - x.ndim) + x.shape
+    for n, f in zip(shape, full, strict=True):
+        if n not in (1, f):
+            raise ValueError(f"{name}: shape {x.shape} is not broadcastable to {full}")
+    arr = np.ascontiguousarray(x.reshape(shape))
+    st = _strides(shape)
+    return arr, [0 if n == 1 and f != 1 else s for s, n, f in zip(st, shape, full, strict=True)]
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
+              scale: float | None = None, window: tuple[int | None, int | None] | None = None,
+              bias: np.ndarray | None = None, alibi_slopes: np.ndarray | None = None,
+              softcap: float | None = None, sinks: np.ndarray | None = None,
+              kv_lens: np.ndarray | None = None, return_lse: bool = False,
+              device: Device | str | None = None, target: str | None = None,
+              score_mod: Callable[..., Any] | None = None,
+              mask_mod: Callable[..., Any] | None = None) -> Any:
+    """Scaled dot-product attention on a WebGPU device with the DESIGN.md semantics.
+
+    q [B,Hq,S,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv] -> o [B,Hq,S,Dv] (and lse [B,Hq,S]).
+    """
+    dims = validate(q, k, v)
+    dev = get_device(device)
+    fam = pick_family(dev, target)
+    B, Hq, S, T = dims["B"], dims["Hq"], dims["S"], dims["T"]
+    f16 = q.dtype == np.float16
+    extra: dict[str, np.ndarray] = {}
+    strides: dict[str, list[int]] = {}
+    scalars: dict[str, float | int] = {}
+    if window is not None:
+        if not (isinstance(window, tuple) and len(window) == 2):
+            raise ValueError(f"window must be a (left, right) tuple, got {window!r}")
+        for side, val in zip(("left", "right"), window, strict=True):
+            if val is not None:
+                if not isinstance(val, (int, np.integer)) or val < 0:
+                    raise ValueError(f"window {side} must be a non-negative int or None, got {val!r}")
+                scalars[f"window_{side}"] = int(val)
+    if softcap is not None:
+        if not (isinstance(softcap, (int, float)) and softcap > 0):
+            raise ValueError(f"softcap must be a positive number, got {softcap!r}")
+        scalars["softcap"] = float(softcap)
+    for name, x, shape in (("alibi_slopes", alibi_slopes, (Hq,)), ("sinks", sinks, (Hq,))):
+        if x is not None:
+            x = _array(name, x, 1)
+            _check(x.shape == shape, f"{name}: expected shape {shape} (Hq), got {x.shape}")
+            extra[name] = np.ascontiguousarray(x, dtype=np.float32)
+            strides[name] = [1]
+    if kv_lens is not None:
+        x = _array("kv_lens", kv_lens, 1)
+        _check(x.shape == (B,), f"kv_lens: expected shape ({B},) (B), got {x.shape}")
+        _check(np.issubdtype(x.dtype, np.integer), f"kv_lens: expected integers, got {x.dtype}")
+        _check(bool(np.all((x >= 0) & (x <= T))), f"kv_lens: values must be in [0, T={T}]")
+        extra["kv_lens"] = np.ascontiguousarray(x, dtype=np.int32)
+        strides["kv_lens"] = [1]
+    if bias is not None:
+        _array("bias", bias)
+        arr, st = _broadcast_strides("bias", bias, (B, Hq, S, T))
+        extra["bias"] = arr.astype(np.float32, copy=False)
+        strides["bias"] = st
+    if scale is None:
+        scale = 1.0 / math.sqrt(dims["D"])
+    sides = None if window is None else tuple(None if w is None else 0 for w in window)
+    opts = Options(causal=bool(causal), window=sides,  # type: ignore[arg-type]
+                   softcap=softcap is not None, alibi=alibi_slopes is not None,
+                   bias=bias is not None, sinks=sinks is not None, kv_lens=kv_lens is not None,
+                   lse=return_lse, f16=f16, score_mod=score_mod, mask_mod=mask_mod)
+    plan, tun = plan_for(dev, fam, dims, opts)
+    nsplit = split_count(dev, dims, tun["BM"], tun["BN"]) if S <= 16 else 1
+    if nsplit > 1:
+        opts = Options(**{**opts.__dict__, "split": True})
+        scalars["NSPLIT"] = nsplit
+    kern = build_kernel(opts, tun)
+    progs = programs_for(kern, plan)
+    o, lse = _run(dev, kern, progs, dims, q, k, v, extra, strides, scalars | {"scale": scale})
+    o = o.astype(q.dtype)
+    return (o, lse) if return_lse else o
+
+
+def _run(dev: Device, kern: ir.Kernel, progs: tuple[Program, ...], dims: dict[str, int],
+         q: np.ndarray, k: np.ndarray, v: np.ndarray, extra: dict[str, np.ndarray],
+         strides: dict[str, list[int]], scalars: dict[str, float | int]
+         ) -> tuple[np.ndarray, np.ndarray | None]:
+    B, Hq, S, Dv = dims["B"], dims["Hq"], dims["S"], dims["Dv"]
+    arrays = {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
+              "v": np.ascontiguousarray(v), **extra}
+    uni: dict[str, float | int] = {f"d_{d}": dims[d] for d in kern.dims}
+    bufs: dict[str, Any] = {}
+    for p in kern.params:
+        if not p.type.dims:
+            if p.name not in scalars:
+                raise ValueError(f"no value for kernel scalar {p.name!r}")
+            uni[f"p_{p.name}"] = scalars[p.name]
+            continue
+        arr = arrays[p.name]
+        st = strides.get(p.name) or _strides(arr.shape)
+        for i, s in enumerate(st):
+            uni[f"s_{p.name}_{i}"] = s
+        if arr.dtype == np.float16 and arr.size % 2:
+            arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])
+        bufs[p.name] = rt.upload(dev, arr)
+    o_shape = (B, Hq, S, Dv)
+    for i, s in enumerate(_strides(o_shape)):
+        uni[f"s_o_{i}"] = s
+    has_lse = any(b.name == "lse" for p in progs for b in p.bindings)
+    if has_lse:
+        for i, s in enumerate(_strides(o_shape[:-1])):
+            uni[f"s_lse_{i}"] = s
+    bufs["o"] = rt.empty(dev, 4 * int(np.prod(o_shape)))
+    if has_lse:
+        bufs["lse"] = rt.empty(dev, 4 * B * Hq * S)
+    if len(progs) > 1:
+        bufs["part"] = rt.empty(dev, 4 * B * Hq * S * int(scalars["NSPLIT"]) * (Dv + 2))
+    env = {**dims, **{n: v for n, v in scalars.items()}}
+    ds = []
+    for p in progs:
+        names = {b.name for b in p.bindings}
+        fields = {f.name for f in p.uniforms} - {"grid_total", "grid_stride_x"}
+        ds.append(rt.Dispatch(p, {n: b for n, b in bufs.items() if n in names},
+                              {n: uni[n] for n in fields}, workgroups(p.grid, env)))
+    rt.run(dev, ds)
+    o = rt.readback(dev, bufs["o"], np.float32, o_shape)
+    lse = rt.readback(dev, bufs["lse"], np.float32, o_shape[:-1]) if has_lse else None
+    return o, lse
+
+
+def workgroups(factors: tuple[str, ...], env: dict[str, float | int]) -> int:
+    """Evaluate a product of grid factors (`X`, `ceil_div(X,n)`, `ceil_div(A*B,n)`)."""
+    total = 1
+    for f in factors:
+        if f.startswith("ceil_div("):
+            num, den = f[len("ceil_div("):-1].split(",")
+            n = math.prod(int(env[x]) for x in num.split("*"))
+            total *= -(-n // int(den))
+        else:
+            total *= int(env[f])
+    return total
