@@ -86,12 +86,8 @@ def _node_results(cases_dir: Path) -> dict:
     node = node_or_missing()
     package_or_missing("webgpu")
     out = cases_dir.parent / "node.json"
-    secs, proc = _run(
-        [node, str(HERE / "run_node.mjs"), str(cases_dir / "cases.json"), str(out)], 180
-    )
-    assert proc.returncode == 0 and out.is_file(), (
-        f"node runner failed:\n{proc.stdout}\n{proc.stderr}"
-    )
+    secs, proc = _run([node, str(HERE / "run_node.mjs"), str(cases_dir / "cases.json"), str(out)], 180)
+    assert proc.returncode == 0 and out.is_file(), f"node runner failed:\n{proc.stdout}\n{proc.stderr}"
     res = json.loads(out.read_text())
     res["wall_s"] = secs
     return res
@@ -126,9 +122,7 @@ def _browser_results(cases_dir: Path) -> dict:
     ):
         if not (site / name).exists():
             (site / name).symlink_to(target, target_is_directory=True)
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(site))
-    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(site)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -138,12 +132,8 @@ def _browser_results(cases_dir: Path) -> dict:
     finally:
         server.shutdown()
         server.server_close()
-    assert proc.returncode == 0 and out.is_file(), (
-        f"browser runner failed:\n{proc.stdout}\n{proc.stderr}"
-    )
+    assert proc.returncode == 0 and out.is_file(), f"browser runner failed:\n{proc.stdout}\n{proc.stderr}"
     res = json.loads(out.read_text())
-    assert "fatal" not in res, (
-        f"example page failed: {res.get('fatal')}\nconsole: {res.get('console')}"
-    )
+    assert "fatal" not in res, f"example page failed: {res.get('fatal')}\nconsole: {res.get('console')}"
     res["wall_s"] = secs
     return res

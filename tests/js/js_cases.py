@@ -81,9 +81,7 @@ def fixture_cases(w: _Writer) -> list[dict]:
         )
 
     scale_case("scale.f32", "f32", {"B": 2, "H": 3, "S": 5, "D": 7})
-    scale_case(
-        "scale.f32.params", "f32", {"B": 1, "H": 2, "S": 3, "D": 8}, {"scale": 0.5, "shift": 1.25}
-    )
+    scale_case("scale.f32.params", "f32", {"B": 1, "H": 2, "S": 3, "D": 8}, {"scale": 0.5, "shift": 1.25})
     scale_case("scale.f16.odd", "f16", {"B": 1, "H": 1, "S": 3, "D": 5}, {"shift": -0.5})
     # 300001 elements / 4 per workgroup = 75001 workgroups > 65535: folded into (65535, 2).
     scale_case("scale.f32.fold_large", "f32", {"B": 1, "H": 1, "S": 1, "D": 300001})
@@ -255,9 +253,7 @@ def decode_output(entry: dict) -> np.ndarray:
     import base64
 
     raw = base64.b64decode(entry["b64"])
-    return np.frombuffer(
-        raw, dtype={"f32": "<f4", "f16": "<f2", "i32": "<i4", "u32": "<u4"}[entry["dtype"]]
-    )
+    return np.frombuffer(raw, dtype={"f32": "<f4", "f16": "<f2", "i32": "<i4", "u32": "<u4"}[entry["dtype"]])
 
 
 def read_bin(folder: Path, entry: dict) -> np.ndarray:
@@ -311,11 +307,7 @@ def attention_reference(
         if right is not None:
             mask = mask | (rel > right)
     s = np.where(mask, -np.inf, s)
-    sink = (
-        np.asarray(sinks, np.float64)[None, :, None]
-        if sinks is not None
-        else np.full((1, Hq, 1), -np.inf)
-    )
+    sink = np.asarray(sinks, np.float64)[None, :, None] if sinks is not None else np.full((1, Hq, 1), -np.inf)
     m = np.maximum(s.max(axis=-1), sink)  # [B, Hq, S]
     safe = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - safe[..., None])
@@ -351,9 +343,8 @@ def compile_command(out: Path, options: dict) -> list[str]:
 
     TODO(when the CLI lands): check these flag spellings against `python -m attnc compile --help`.
     """
-    import sys
 
-    cmd = [sys.executable, "-m", "attnc", "compile", "flash_attention", "-o", str(out)]
+    cmd = [*(_compile_prefix() or []), "flash_attention", "-o", str(out)]
     for key, val in options.items():
         flag = "--" + key.replace("_", "-")
         if key == "window":
@@ -365,15 +356,23 @@ def compile_command(out: Path, options: dict) -> list[str]:
     return cmd
 
 
-def compiler_available() -> bool:
+def _compile_prefix() -> list[str] | None:
+    """`python -m attnc compile` or `python -m attnc.cli compile`, whichever answers --help."""
     import importlib.util
     import subprocess
     import sys
 
     if importlib.util.find_spec("attnc.cli") is None:
-        return False
-    r = subprocess.run([sys.executable, "-m", "attnc", "compile", "--help"], capture_output=True)
-    return r.returncode == 0
+        return None
+    for mod in ("attnc", "attnc.cli"):
+        cmd = [sys.executable, "-m", mod, "compile"]
+        if subprocess.run([*cmd, "--help"], capture_output=True).returncode == 0:
+            return cmd
+    return None
+
+
+def compiler_available() -> bool:
+    return _compile_prefix() is not None
 
 
 def attention_cases(w: _Writer, folder: Path) -> list[dict]:
@@ -396,11 +395,7 @@ def attention_cases(w: _Writer, folder: Path) -> list[dict]:
                 continue
             seen.add(key)
             for shapes in ATTENTION_SHAPES:
-                cases.append(
-                    _attention_case(
-                        w, rng, f"compiled/{cname}/manifest.json", var, cname, options, shapes
-                    )
-                )
+                cases.append(_attention_case(w, rng, f"compiled/{cname}/manifest.json", var, cname, options, shapes))
     return cases
 
 

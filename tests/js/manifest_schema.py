@@ -315,20 +315,14 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
     if v.get("family") == "subgroups" and "subgroups" not in features:
         out.append(f"{where}: a subgroups variant does not require 'subgroups'")
     enables = v.get("enables")
-    if (
-        isinstance(enables, list)
-        and all(e in ENABLES for e in enables)
-        and len(set(enables)) == len(enables)
-    ):
+    if isinstance(enables, list) and all(e in ENABLES for e in enables) and len(set(enables)) == len(enables):
         for e in enables:
             if ENABLES[e] not in features:
                 out.append(f"{where}.enables: {e!r} without {ENABLES[e]!r} in requires.features")
     else:
         out.append(f"{where}.enables: not a list of distinct names from {sorted(ENABLES)}")
         enables = []
-    if not isinstance(v.get("tunables"), dict) or not all(
-        isinstance(k, str) for k in v.get("tunables", {})
-    ):
+    if not isinstance(v.get("tunables"), dict) or not all(isinstance(k, str) for k in v.get("tunables", {})):
         out.append(f"{where}.tunables: not an object")
 
     def limit(name: str) -> int:
@@ -451,9 +445,7 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
         if not (_int(wsb) and wsb >= 0):
             out.append(f"{pw}.workgroup_storage_bytes: not a non-negative integer")
         elif wsb > limit("maxComputeWorkgroupStorageSize"):
-            out.append(
-                f"{pw}.workgroup_storage_bytes: {wsb} exceeds maxComputeWorkgroupStorageSize"
-            )
+            out.append(f"{pw}.workgroup_storage_bytes: {wsb} exceeds maxComputeWorkgroupStorageSize")
         _formula(out, f"{pw}.workgroups", p.get("workgroups"), known)
         # bindings
         uniform_bindings = []
@@ -557,9 +549,7 @@ def _uniforms(out: list[str], uw: str, uni: Any, names: set[str], max_size: int)
             out.append(f"{uw}: no field whose value is {g!r} (the dispatch rule needs it)")
 
 
-def _wgsl(
-    out: list[str], pw: str, path: Path, enables: list[str], entry: Any, wg: Any, bindings: list
-) -> None:
+def _wgsl(out: list[str], pw: str, path: Path, enables: list[str], entry: Any, wg: Any, bindings: list) -> None:
     if not path.is_file():
         out.append(f"{pw}.file: {path} does not exist")
         return
@@ -572,9 +562,7 @@ def _wgsl(
     first = code.strip().split(";", 1)[0].strip() if code.strip() else ""
     if enables and not first.startswith("enable"):
         out.append(f"{pw}.file: does not start with its enable directives")
-    if isinstance(entry, str) and not re.search(
-        r"@compute\b[^{;]*?\bfn\s+" + re.escape(entry) + r"\s*\(", code, re.S
-    ):
+    if isinstance(entry, str) and not re.search(r"@compute\b[^{;]*?\bfn\s+" + re.escape(entry) + r"\s*\(", code, re.S):
         out.append(f"{pw}.file: no @compute fn {entry}")
     m = re.search(r"@workgroup_size\s*\(([^)]*)\)", code)
     if m and isinstance(wg, list):
@@ -586,11 +574,7 @@ def _wgsl(
     for b in bindings:
         if isinstance(b, dict) and _int(b.get("binding")) and isinstance(b.get("name"), str):
             pat = (
-                r"@group\(0\)\s*@binding\("
-                + str(b["binding"])
-                + r"\)\s*var<([^>]*)>\s*"
-                + re.escape(b["name"])
-                + r"\b"
+                r"@group\(0\)\s*@binding\(" + str(b["binding"]) + r"\)\s*var<([^>]*)>\s*" + re.escape(b["name"]) + r"\b"
             )
             mm = re.search(pat, code)
             if not mm:
@@ -599,9 +583,7 @@ def _wgsl(
             space = [s.strip() for s in mm.group(1).split(",")]
             want = ["uniform"] if b.get("kind") == "uniform" else ["storage", b.get("access")]
             if space != want and not (want == ["storage", "read"] and space == ["storage"]):
-                out.append(
-                    f"{pw}.file: {b['name']} is var<{', '.join(space)}>, the manifest says {want}"
-                )
+                out.append(f"{pw}.file: {b['name']} is var<{', '.join(space)}>, the manifest says {want}")
 
 
 def _formula(out: list[str], where: str, source: Any, names: set[str]) -> None:
@@ -615,9 +597,7 @@ def _formula(out: list[str], where: str, source: Any, names: set[str]) -> None:
         out.append(f"{where}: {source!r} uses unknown name(s) {sorted(unknown)}")
 
 
-def _keys(
-    out: list[str], where: str, obj: dict, allowed: set[str], optional: set[str] = frozenset()
-) -> None:
+def _keys(out: list[str], where: str, obj: dict, allowed: set[str], optional: set[str] = frozenset()) -> None:
     missing = allowed - set(obj) - set(optional)
     extra = set(obj) - allowed
     if missing:

@@ -69,9 +69,7 @@ def check_outputs(runtime_name: str, c: dict, r: dict, cases_dir) -> None:
         den = np.linalg.norm(want[ok])
         err = np.linalg.norm(got[ok] - want[ok]) / (den if den > 0 else 1.0)
         tol = c["tol"]
-        assert err <= tol, (
-            f"{c['name']}.{out_name} on {runtime_name}: relative error {err:.3g} > {tol}"
-        )
+        assert err <= tol, f"{c['name']}.{out_name} on {runtime_name}: relative error {err:.3g} > {tol}"
 
 
 def test_compiled_attention(runtime, cases_dir):
