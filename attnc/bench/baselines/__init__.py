@@ -1,0 +1,1 @@
+"""Baselines timed in the same process as attnc: ONNX Runtime WebGPU EP and tinygrad."""

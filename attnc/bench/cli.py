@@ -1,0 +1,371 @@
+"""`attnc bench`: time attnc and baselines on one device, against its measured ceilings.
+
+    attnc bench [--suite seeds|ci] [--case NAME ...] [--shape B,Hq,Hkv,S,T,D,Dv[,causal]]
+                [--device SPEC] [--compare ort,tinygrad,naive] [--dtype f32|f16]
+                [--json FILE] [--plot FILE.png] [--runs N] [--warmup N]
+
+Every implementation runs in this process on the same inputs; each result carries its GPU
+time per op (median), TFLOP/s, GB/s, its relative error against a float64 numpy reference,
+and its fractions of the FMA and copy ceilings measured here first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from attnc.bench.cases import Case, load_suites, make_inputs, parse_shape, reference, relerr
+from attnc.bench.impls import IMPLS, RunOptions, Unavailable
+from attnc.bench.timing import DEFAULT_CACHE_BYTES, rotation_count
+
+TOLERANCE = {"f32": 1e-5, "f16": 2e-3}  # DESIGN.md's accuracy contract
+DISTRIBUTIONS = (
+    "attnc", "numpy", "wgpu", "wgpudawn", "onnxruntime-webgpu", "onnxruntime", "tinygrad",
+    "dawn-python", "matplotlib",
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `attnc bench`."""
+    p = argparse.ArgumentParser(prog="attnc bench", description=__doc__.splitlines()[0])
+    p.add_argument("--suite", help="suite of shapes.json (seeds for GPUs, ci for a CPU adapter)")
+    p.add_argument(
+        "--case",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        help="only these cases (searched in every suite when --suite is not given)",
+    )
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="B,Hq,Hkv,S,T,D,Dv[,causal]",
+        help="an extra case given by its shape (repeatable)",
+    )
+    p.add_argument("--device", help="device spec, e.g. wgpu, dawn, wgpu:vulkan (default: best)")
+    p.add_argument("--compare", default="", help="baselines: comma list of ort, tinygrad, naive")
+    p.add_argument("--no-attnc", action="store_true", help="time only the baselines")
+    p.add_argument("--target", help="attnc variant family (portable, subgroups, ...)")
+    p.add_argument("--dtype", choices=sorted(TOLERANCE), default="f32")
+    p.add_argument("--json", metavar="FILE", help="write results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw TFLOP/s per case per impl")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per result (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    p.add_argument(
+        "--ceilings",
+        choices=("auto", "small", "large", "off"),
+        default="auto",
+        help="ceiling benchmark sizes (auto: small on a CPU adapter)",
+    )
+    p.add_argument(
+        "--cache-mib",
+        type=int,
+        default=DEFAULT_CACHE_BYTES >> 20,
+        help="cache size guess for input rotation (MiB; 0 turns rotation off)",
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the float64 reference")
+    p.add_argument("--shapes", metavar="FILE", help="shapes.json to read suites from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--list", action="store_true", help="list suites and cases, then exit")
+    return p  # fmt: skip
+
+
+def select_cases(args: argparse.Namespace) -> list[Case]:
+    """The cases named by --suite, --case and --shape (default suite: ci)."""
+    suites = load_suites(args.shapes)
+    if args.suite is not None and args.suite not in suites:
+        raise ValueError(f"unknown suite {args.suite!r}; suites: {sorted(suites)}")
+    cases: list[Case] = []
+    if args.case:
+        pool = suites[args.suite] if args.suite else [c for s in suites.values() for c in s]
+        by_name = {c.name: c for c in pool}
+        unknown = [n for n in args.case if n not in by_name]
+        if unknown:
+            raise ValueError(f"unknown case(s) {unknown}; known: {sorted(by_name)}")
+        cases = [by_name[n] for n in args.case]
+    elif args.suite or not args.shape:
+        cases = list(suites[args.suite or "ci"])
+    return cases + [parse_shape(s) for s in args.shape]
+
+
+def impl_names(args: argparse.Namespace) -> list[str]:
+    """attnc (unless --no-attnc) followed by the --compare baselines, validated."""
+    compare = [c.strip() for c in args.compare.split(",") if c.strip()]
+    unknown = [c for c in compare if c not in IMPLS or c == "attnc"]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from ort, tinygrad, naive")
+    names = ([] if args.no_attnc else ["attnc"]) + compare
+    if not names:
+        raise ValueError("nothing to run: --no-attnc without --compare")
+    return list(dict.fromkeys(names))
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages that matter to the numbers."""
+    out = {"python": platform.python_version()}
+    for dist in DISTRIBUTIONS:
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def device_info(device: Any) -> dict[str, Any]:
+    """What the JSON records about the device."""
+    info = {k: str(v) for k, v in dict(getattr(device, "info", {})).items()}
+    out: dict[str, Any] = {
+        "name": getattr(device, "name", "?"),
+        "backend": getattr(device, "backend", "?"),
+        "api": getattr(device, "api", "?"),
+        "adapter_type": getattr(device, "adapter_type", info.get("adapter_type", "?")),
+        "features": sorted(getattr(device, "features", ())),
+        "key": getattr(device, "key", None),
+        "info": info,
+        "limits": {k: int(v) for k, v in dict(getattr(device, "limits", {})).items()},
+        "versions": versions(),
+    }
+    return out
+
+
+def _progress(total: int) -> Any:
+    """A tqdm bar on a terminal's stderr; else (no tqdm, or a log file) a plain counter."""
+    if not sys.stderr.isatty():
+        return _Counter(total)
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, file=sys.stderr, unit="result", dynamic_ncols=True)
+    except ImportError:
+        return _Counter(total)
+
+
+class _Counter:
+    """The fallback progress display: one stderr line per finished result."""
+
+    def __init__(self, total: int):
+        self.total, self.n = total, 0
+        self.desc = ""
+
+    def set_description(self, desc: str) -> None:
+        """Remember what is running now."""
+        self.desc = desc
+
+    def update(self, n: int = 1) -> None:
+        """Count `n` finished results."""
+        self.n += n
+        print(f"[{self.n}/{self.total}] {self.desc}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Nothing to tear down."""
+
+
+def result_row(
+    case: Case,
+    impl: str,
+    measured: Any,
+    err: float | None,
+    ceilings: dict[str, Any],
+    dtype: str,
+) -> dict[str, Any]:
+    """One JSON result: timing, rates, accuracy, fractions of the ceilings, extras."""
+    ms = measured.timing.ms
+    itemsize = 2 if dtype == "f16" else 4
+    tflops = case.flops() / (ms * 1e-3) / 1e12 if ms > 0 else None
+    gbps = case.nbytes(itemsize) / (ms * 1e-3) / 1e9 if ms > 0 else None
+    fma = ceilings.get(f"fma_{dtype}") or ceilings.get("fma_f32")
+    copy = ceilings.get("copy")
+    row: dict[str, Any] = {
+        "case": case.name,
+        "impl": impl,
+        "ms": ms,
+        "tflops": tflops,
+        "gbps": gbps,
+        "relerr": err,
+        "correct": None if err is None else bool(err <= TOLERANCE[dtype]),
+        "fma_fraction": tflops / fma.value if tflops and fma else None,
+        "copy_fraction": gbps / copy.value if gbps and copy else None,
+        "dtype": dtype,
+        "shape": case.as_dict(),
+        **measured.timing.as_dict(),
+    }
+    if measured.timing.notes:
+        row["notes"] = list(measured.timing.notes)
+    if measured.timing.per_dispatch_ms:
+        row["per_dispatch_ms"] = list(measured.timing.per_dispatch_ms)
+    row.update({k: v for k, v in measured.extra.items() if k not in row})
+    return row
+
+
+def error_row(case: Case, impl: str, message: str, dtype: str) -> dict[str, Any]:
+    """A result that could not be measured: numbers are null and `error` says why."""
+    return {
+        "case": case.name, "impl": impl, "ms": None, "tflops": None, "gbps": None,
+        "relerr": None, "correct": None, "fma_fraction": None, "copy_fraction": None,
+        "dtype": dtype, "shape": case.as_dict(), "error": message,
+    }  # fmt: skip
+
+
+def run_cases(
+    device: Any,
+    cases: Sequence[Case],
+    impls: Sequence[str],
+    opts: RunOptions,
+    ceilings: dict[str, Any],
+    *,
+    cache_bytes: int,
+    check: bool,
+    seed: int,
+) -> Iterator[dict[str, Any]]:
+    """Measure every (case, impl), yielding result rows as they finish."""
+    bar = _progress(len(cases) * len(impls))
+    try:
+        for case in cases:
+            itemsize = 2 if opts.dtype == "f16" else 4
+            n = rotation_count(case.nbytes(itemsize), cache_bytes) if cache_bytes > 0 else 1
+            copies = [make_inputs(case, opts.dtype, seed + i) for i in range(n)]
+            ref = reference(case, *copies[0]) if check else None
+            for impl in impls:
+                bar.set_description(f"{case.name} {impl}")
+                try:
+                    m = IMPLS[impl](device, case, copies, opts)
+                    err = relerr(m.out, ref) if ref is not None else None
+                    yield result_row(case, impl, m, err, ceilings, opts.dtype)
+                except Unavailable as exc:
+                    yield error_row(case, impl, f"unavailable: {exc}", opts.dtype)
+                except Exception as exc:  # one failing implementation must not stop a sweep
+                    traceback.print_exc(file=sys.stderr)
+                    yield error_row(case, impl, f"{type(exc).__name__}: {exc}", opts.dtype)
+                bar.update(1)
+    finally:
+        bar.close()
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    """Format a number, or '-' for None."""
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: Sequence[dict[str, Any]], ceilings: dict[str, Any]) -> str:
+    """The results as a fixed-width text table, ceilings first."""
+    lines = []
+    for c in ceilings.values():
+        lines.append(f"ceiling {c.name}: {c.value:.4g} {c.unit} ({c.ms:.3f} ms, {c.timing})")
+    head = ("case", "impl", "ms", "TFLOP/s", "GB/s", "relerr", "ok", "%FMA", "%BW", "timing")
+    table = [head]
+    for r in rows:
+        if r.get("error"):
+            table.append((r["case"], r["impl"], "-", "-", "-", "-", "-", "-", "-", r["error"]))
+            continue
+        ok = {True: "yes", False: "WRONG", None: "-"}[r["correct"]]
+        frac = [_fmt(None if f is None else 100 * f, ".1f") for f in
+                (r["fma_fraction"], r["copy_fraction"])]  # fmt: skip
+        timing = r["timing"] + (" QUANTIZED" if r.get("timestamps_quantized") else "")
+        table.append((
+            r["case"], r["impl"], _fmt(r["ms"], ".4f"), _fmt(r["tflops"], ".4f"),
+            _fmt(r["gbps"], ".2f"), _fmt(r["relerr"], ".2e"), ok, *frac, timing,
+        ))  # fmt: skip
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head) - 1)]
+    for row in table:
+        cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        lines.append("  ".join(cells + [str(row[-1])]).rstrip())
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict[str, Any]], ceilings: dict[str, Any], path: str, title: str) -> None:
+    """Grouped bars of TFLOP/s per case per implementation; wrong results are hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    width = 0.8 / max(1, len(impls))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(cases) + 2), 4.8))
+    for j, impl in enumerate(impls):
+        mine = {r["case"]: r for r in rows if r["impl"] == impl and r.get("tflops")}
+        xs = [i + (j - (len(impls) - 1) / 2) * width for i, c in enumerate(cases) if c in mine]
+        hs = [mine[c]["tflops"] for c in cases if c in mine]
+        bars = ax.bar(xs, hs, width, label=impl, color=f"C{j}")
+        for patch, c in zip(bars, [c for c in cases if c in mine], strict=True):
+            if mine[c].get("correct") is False:
+                patch.set_hatch("//")
+                patch.set_edgecolor("black")
+    fma = ceilings.get("fma_f32")
+    if fma is not None:
+        ax.axhline(fma.value, color="gray", linestyle="--", label=f"FMA f32 {fma.value:.3g}")
+    values = [r["tflops"] for r in rows if r.get("tflops")]
+    if values and max(values) / max(min(values), 1e-12) > 100:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("TFLOP/s (GPU time per op)")
+    ax.set_title(title + "  (hatched: wrong result)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `attnc bench` with `argv` (default: sys.argv[1:]); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        cases = select_cases(args)
+        impls = impl_names(args)
+    except ValueError as exc:
+        print(f"attnc bench: {exc}", file=sys.stderr)
+        return 2
+    if args.list:
+        for name, suite in load_suites(args.shapes).items():
+            print(f"{name}: " + ", ".join(c.name for c in suite))
+        return 0
+    if args.runs < 1 or args.warmup < 0:
+        print("attnc bench: --runs must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    from attnc.bench.ceilings import measure_ceilings
+    from attnc.runtime.devices import get_device
+
+    device = get_device(args.device)
+    print(f"device: {device!r}", file=sys.stderr)
+    ceilings = {}
+    if args.ceilings != "off":
+        ceilings = measure_ceilings(device, size=args.ceilings)
+    opts = RunOptions(runs=args.runs, warmup=args.warmup, dtype=args.dtype, target=args.target)
+    started = time.time()
+    rows = list(
+        run_cases(device, cases, impls, opts, ceilings, cache_bytes=args.cache_mib << 20,
+                  check=not args.no_check, seed=args.seed)
+    )  # fmt: skip
+    print(format_table(rows, ceilings))
+    doc = {
+        "device": device_info(device),
+        "ceilings": {k: c.as_dict() for k, c in ceilings.items()},
+        "config": {
+            "argv": list(sys.argv[1:] if argv is None else argv), "suite": args.suite,
+            "dtype": args.dtype, "runs": args.runs, "warmup": args.warmup,
+            "cache_mib": args.cache_mib, "started": started, "seconds": time.time() - started,
+        },
+        "results": rows,
+    }  # fmt: skip
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    if args.plot:
+        title = f"{doc['device']['name']} ({doc['device']['backend']}, {args.dtype})"
+        try:
+            Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+            plot(rows, ceilings, args.plot, title)
+        except ImportError:
+            print("attnc bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+    return 0

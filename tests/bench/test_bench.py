@@ -1,0 +1,248 @@
+"""The benchmark harness: counts, shapes.json, reference, timing, naive kernel, CLI output.
+
+GPU tests run on the test machine's CPU adapters with tiny sizes; nothing asserts speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from attnc.bench import cases as bc
+from attnc.bench.baselines import onnx_proto, ort
+from attnc.bench.cases import Case
+from attnc.bench.timing import rotation_count
+from attnc.bench.wgsl import Shader, f32
+
+# --- counts, shapes, reference (no GPU) ------------------------------------------------
+
+
+def test_flops_non_causal_is_4_b_hq_s_t_d() -> None:
+    c = Case("x", 2, 8, 2, 16, 40, 64, 64)
+    assert c.flops() == 4 * 2 * 8 * 16 * 40 * 64
+
+
+def test_flops_causal_square_is_halved() -> None:
+    c = Case("x", 1, 4, 4, 256, 256, 64, 64, causal=True)
+    assert c.flops() == 4 * 4 * 256 * 256 * 64 / 2
+
+
+def test_flops_causal_rectangular_counts_unmasked_pairs() -> None:
+    c = Case("x", 1, 1, 1, 2, 4, 8, 8, causal=True)  # rows see 3 and 4 keys
+    assert c.pairs() == 7
+    assert c.flops() == 2 * 7 * (8 + 8)
+    more_queries = Case("y", 1, 1, 1, 4, 2, 8, 8, causal=True)  # rows see 0, 0, 1, 2
+    assert list(more_queries.key_limits()) == [0, 0, 1, 2]
+    assert more_queries.pairs() == 3
+
+
+def test_bytes_count_qkvo_once() -> None:
+    c = Case("x", 1, 8, 2, 4, 100, 64, 32)
+    q, k, v, o = 8 * 4 * 64, 2 * 100 * 64, 2 * 100 * 32, 8 * 4 * 32
+    assert c.nbytes() == 4 * (q + k + v + o)
+    assert c.nbytes(2) == 2 * (q + k + v + o)
+
+
+def test_case_rejects_bad_gqa() -> None:
+    with pytest.raises(ValueError, match="multiple"):
+        Case("x", 1, 6, 4, 1, 1, 8, 8)
+
+
+def test_parse_shape() -> None:
+    c = bc.parse_shape("1,16,4,1,2048,64,64")
+    assert (c.B, c.Hq, c.Hkv, c.S, c.T, c.D, c.Dv, c.causal) == (1, 16, 4, 1, 2048, 64, 64, False)
+    assert bc.parse_shape("1,2,2,8,8,16,16,causal").causal
+    for bad in ("1,2,3", "1,2,2,8,8,16,16,maybe", "a,2,2,8,8,16,16"):
+        with pytest.raises(ValueError):
+            bc.parse_shape(bad)
+
+
+def test_shapes_json_loader_and_packaged_copy() -> None:
+    suites = bc.load_suites()
+    assert {"seeds", "ci"} <= set(suites)
+    names = [c.name for c in suites["seeds"]]
+    assert "vit_s4096_h64" in names and "gemma_gqa4_h256_s512" in names
+    gemma = next(c for c in suites["seeds"] if c.name == "gemma_gqa4_h256_s512")
+    assert (gemma.Hq, gemma.Hkv, gemma.D, gemma.causal) == (4, 1, 256, True)
+    packaged = bc.load_suites(bc.PACKAGED_SHAPES)
+    assert packaged == suites  # the packaged copy is in sync with ../shared/bench
+    with pytest.raises(ValueError, match="unknown suite"):
+        bc.load_suite("nope")
+
+
+def _dense_reference(c: Case, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Textbook attention in float64 (fully masked rows -> 0)."""
+    kk = np.repeat(k, c.group, axis=1).astype(np.float64)
+    vv = np.repeat(v, c.group, axis=1).astype(np.float64)
+    s = np.einsum("bhsd,bhtd->bhst", q.astype(np.float64), kk) / np.sqrt(c.D)
+    keep = np.arange(c.T)[None, :] < c.key_limits()[:, None]
+    s = np.where(keep, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    p = np.where(keep, np.exp(s - np.where(np.isfinite(m), m, 0)), 0)
+    den = p.sum(-1, keepdims=True)
+    return np.einsum("bhst,bhtd->bhsd", p / np.where(den > 0, den, 1), vv)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("gqa", 2, 4, 2, 5, 7, 8, 6),
+        Case("causal", 1, 2, 1, 3, 9, 4, 4, causal=True),
+        Case("masked_rows", 1, 2, 2, 6, 3, 4, 4, causal=True),
+    ],
+    ids=lambda c: c.name,
+)
+def test_reference_matches_dense(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bc, "REFERENCE_BLOCK", 2 * case.T)  # force several row blocks
+    q, k, v = bc.make_inputs(case, seed=3)
+    np.testing.assert_allclose(bc.reference(case, q, k, v), _dense_reference(case, q, k, v))
+
+
+def test_relerr() -> None:
+    ref = np.ones((2, 2))
+    assert bc.relerr(ref, ref) == 0
+    assert bc.relerr(ref * 1.1, ref) == pytest.approx(0.1)
+    assert bc.relerr(np.ones(3), ref) == float("inf")
+
+
+def test_rotation_count() -> None:
+    mib = 1 << 20
+    assert rotation_count(200 * mib, 64 * mib) == 1
+    assert rotation_count(64 * mib, 64 * mib) == 3
+    assert rotation_count(1, 64 * mib) == 32
+    assert rotation_count(1, 64 * mib, max_copies=4) == 4
+
+
+def test_wgsl_writer_layout() -> None:
+    sh = Shader(workgroup_size=(8, 1, 1))
+    sh.const("N", "4u")
+    assert sh.storage("a", "f32") == 0
+    assert sh.uniform("u", [("n", "u32")]) == 1
+    sh.builtin("global_invocation_id", "gid")
+    with sh.block("if (gid.x < N)"):
+        sh.line("let x = a[gid.x];")
+    text = sh.render()
+    assert "@group(0) @binding(1) var<uniform> u: UParams;" in text
+    assert "@compute @workgroup_size(8, 1, 1)" in text
+    assert "        let x = a[gid.x];" in text
+    assert f32(1.0) == "1.0" and f32(np.float32(0.125)) == "0.125"
+
+
+# --- ORT model and profile parsing (no GPU) --------------------------------------------
+
+
+def test_onnx_model_is_valid() -> None:
+    onnx = pytest.importorskip("onnx")
+    m = onnx.load_from_string(onnx_proto.mha_model(1, 4, 8, 2, 16, 16, causal=True))
+    onnx.checker.check_model(m)
+    (node,) = m.graph.node
+    assert node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft"
+    assert {a.name: a.i for a in node.attribute} == {"num_heads": 2, "unidirectional": 1}
+    dims = [d.dim_value for d in m.graph.input[1].type.tensor_type.shape.dim]
+    assert dims == [1, 2, 8, 16]
+
+
+def test_ort_profile_split_into_runs() -> None:
+    def ev(name: str, dur: int) -> dict[str, Any]:
+        return {"cat": "Api", "name": name, "dur": dur, "args": {"cache_key": "k"}}
+
+    trace = [{"cat": "Session", "name": "model_run", "dur": 5}]
+    for _ in range(3):
+        trace += [ev("&MHA&CopyKVCache", 2), ev("&MHA&FlashAttention", 10)]
+    trace.append({"cat": "Node", "args": {"provider": "WebGpuExecutionProvider"}})
+    events = ort.program_events(trace)
+    assert len(events) == 6
+    runs = ort.split_runs(events, 3)
+    assert runs is not None and [sum(d for _, d in r) for r in runs] == [12, 12, 12]
+    assert ort.split_runs(events, 4) is None
+    assert ort.providers_used(trace) == ["WebGpuExecutionProvider"]
+
+
+# --- on the adapters -------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_timing_returns_positive_gpu_times(device: Any) -> None:
+    from attnc.bench.ceilings import measure_copy, measure_fma
+
+    copy = measure_copy(device, nbytes=1 << 20, runs=3, warmup=1)
+    assert copy.ms > 0 and copy.value > 0 and copy.timing == "gpu-timestamps"
+    fma = measure_fma(device, workgroups=4, iters=4, runs=3, warmup=1)
+    assert fma.ms > 0 and fma.value > 0 and fma.unit == "TFLOP/s"
+
+
+@pytest.mark.gpu
+def test_timing_rotates_and_reports_each_dispatch(device: Any) -> None:
+    from attnc.bench.naive import NaiveAttention
+    from attnc.bench.timing import time_dispatches
+
+    case = Case("t", 1, 2, 1, 4, 16, 8, 8)
+    op = NaiveAttention(device, case)
+    copies = [op.bind(*bc.make_inputs(case, seed=s)) for s in range(2)]
+    t = time_dispatches(device, [op.dispatches(i) for i in copies], runs=4, warmup=1)
+    assert t.rotations == 2 and len(t.samples) == 4 and len(t.per_dispatch_ms) == 3
+    assert all(s > 0 for s in t.samples) and t.ms >= max(t.per_dispatch_ms)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("mha", 1, 2, 2, 5, 33, 16, 16),
+        Case("gqa_causal", 2, 4, 2, 3, 70, 8, 72, causal=True),
+        Case("causal_square", 1, 2, 2, 17, 17, 32, 32, causal=True),
+        Case("masked_rows", 1, 1, 1, 5, 3, 8, 8, causal=True),
+    ],
+    ids=lambda c: c.name,
+)
+def test_naive_matches_reference(device: Any, case: Case) -> None:
+    from attnc.bench.naive import NaiveAttention
+    from attnc.bench.timing import time_dispatches
+
+    q, k, v = bc.make_inputs(case, seed=1)
+    op = NaiveAttention(device, case, max_scores_bytes=4 * case.T * 3)  # chunks of 3 rows
+    assert len(op.chunks) > 1
+    index = op.bind(q, k, v)
+    time_dispatches(device, [op.dispatches(index)], runs=1, warmup=0)
+    assert bc.relerr(op.result(index), bc.reference(case, q, k, v)) < 1e-5
+
+
+@pytest.mark.gpu
+def test_cli_json_and_plot(require_adapters: Any, tmp_path: Path) -> None:
+    from attnc.bench.cli import main
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    argv = ["--device", dev.spec, "--compare", "naive", "--shape", "1,2,1,3,40,16,16,1",
+            "--ceilings", "small", "--runs", "2", "--warmup", "1", "--json", str(out)]  # fmt: skip
+    has_mpl = True
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        has_mpl = False
+    assert main(argv + (["--plot", str(png)] if has_mpl else [])) == 0
+    doc = json.loads(out.read_text())
+    assert {"device", "ceilings", "results"} <= set(doc)
+    assert {"name", "backend", "api", "versions"} <= set(doc["device"])
+    assert doc["device"]["backend"] == "wgpu" and "wgpu" in doc["device"]["versions"]
+    assert {"fma_f32", "copy"} <= set(doc["ceilings"])
+    rows = {r["impl"]: r for r in doc["results"]}
+    assert set(rows) == {"attnc", "naive"}
+    naive = rows["naive"]
+    for key in ("case", "impl", "ms", "tflops", "gbps", "relerr"):
+        assert key in naive
+    assert naive["ms"] > 0 and naive["tflops"] > 0 and naive["relerr"] < 1e-5
+    assert naive["correct"] is True and naive["timing"] == "gpu-timestamps"
+    assert has_mpl is False or png.stat().st_size > 0
+
+
+def test_cli_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    from attnc.bench.cli import main
+
+    assert main(["--case", "nope"]) == 2
+    assert main(["--compare", "pytorch"]) == 2
+    assert "unknown" in capsys.readouterr().err
