@@ -8,6 +8,7 @@ escape: they become `ParseError`s with file:line:column, the source line and a c
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -53,7 +54,7 @@ __all__ = ["KEYWORDS", "parse", "parse_file"]
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 OPS = {o.value: o for o in Op}
 TERMINAL_WORDS = {"NAME": "a name", "LETNAME": "a %name", "FLOAT": "a number",
-                  "INT": "an integer", "$END": "the end of the input"}
+                  "INT": "an integer", "$END": "end of input"}
 EXPR_START = {"NAME", "LETNAME", "FLOAT", "INT", "INF", "MINUS_INF", "NAN", "TRUE", "FALSE"}
 
 
@@ -276,7 +277,7 @@ class _Resolver:
         shown = ("%" if e.let else "") + e.name
         kind, dtype = self.scope.get(e.name, ("unknown", None))
         if kind == "unknown" or (e.let != (kind in ("let", "softmax"))):
-            hint = ""
+            hint = _did_you_mean(e.name, self.known(e.let).replace("%", "").split(", "))
             if kind != "unknown":
                 hint = f"did you mean '{'' if e.let else '%'}{e.name}'? "
             raise ParseError(f"unknown name '{shown}'; {hint}known here: {self.known(e.let)}",
@@ -332,7 +333,8 @@ class _Resolver:
         op = OPS.get(e.op)
         if op is None:
             known = ", ".join(sorted([*OPS, "dot"]))
-            raise ParseError(f"unknown operator '{e.op}'; known: {known}", e.op_span)
+            hint = _did_you_mean(e.op, [*OPS, "dot"])
+            raise ParseError(f"unknown operator '{e.op}'; {hint}known: {known}", e.op_span)
         if len(e.args) != ARITY[op]:
             n = ARITY[op]
             raise ParseError(f"'{e.op}' takes {n} argument{'s' * (n != 1)}, got {len(e.args)}",
@@ -346,6 +348,12 @@ class _Resolver:
 
 
 # ----------------------------------------------------------------------------- errors
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    """`did you mean 'x'? ` for the closest candidate, or ''."""
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
 
 def _describe_terminal(name: str) -> str:
     """A terminal name as a reader would say it: `')'`, `'for'`, `a name`."""
@@ -377,7 +385,7 @@ def _syntax_error(e: UnexpectedInput, lines: list[str], filename: str) -> ParseE
     if isinstance(e, UnexpectedToken):
         tok = e.token
         if tok.type == "$END":
-            what = "the end of the input"
+            what = "end of input"
             if tok.end_line is not None and tok.end_column is not None:
                 line, column = tok.end_line, tok.end_column
             elif lines:
@@ -391,7 +399,7 @@ def _syntax_error(e: UnexpectedInput, lines: list[str], filename: str) -> ParseE
         what = f"character {e.char!r}"
         expected = e.allowed
     else:  # UnexpectedEOF and anything else Lark may add
-        what, expected = "the end of the input", getattr(e, "expected", ())
+        what, expected = "end of input", getattr(e, "expected", ())
     if line is None or line < 1:
         line, column = max(1, len(lines)), 1
     column = column if column and column > 0 else 1

@@ -1,0 +1,241 @@
+"""The .attn parser: spans, literals, complete rendered diagnostics, and fuzzing for leaks."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.lark import from_lark
+from lark.lexer import PatternStr
+
+from attnc.errors import AttncError, ParseError, VerifyError
+from attnc.frontend.parser import _lark, parse
+from attnc.ir.nodes import Const, DType, Let, Loop, Var
+
+BASE = """\
+kernel fa(q: f32[B,H,S,D], k: f32[B,H,T,D], v: f32[B,H,T,Dv], scale: f32) -> f32[B,H,S,Dv]
+    tunables(BM=32, BN=32) {
+  grid b: B, h: H, qi: tile(S, BM)
+  %acc = online_softmax rows(qi) width(Dv)
+  for kj in tile(T, BN) {
+    %s = mul(dot(q[b, h, qi, :], k[b, h, kj, :]), scale)
+    update %acc, %s, v[b, h, kj, :]
+  }
+  return result(%acc)
+}
+"""
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.attn"))
+
+# (case, text to replace in BASE, replacement, the complete rendered diagnostic)
+CASES = [
+    ('missing_paren', 'scale)\n', 'scale\n', (
+        "fa.attn:7:5: parse error: unexpected 'update'; expected ')' or ','\n"
+        '        update %acc, %s, v[b, h, kj, :]\n'
+        '        ^^^^^^')),
+    ('unknown_op', 'mul(dot', 'mult(dot', (
+        "fa.attn:6:10: parse error: unknown operator 'mult'; did you mean 'mul'? known: "
+        'abs, add, and, div, dot, eq, exp, f32, ge, gt, i32, idiv, le, log, lt, max, min,'
+        ' mod, mul, ne, neg, not, or, rsqrt, sqrt, sub, tanh, where\n'
+        '        %s = mult(dot(q[b, h, qi, :], k[b, h, kj, :]), scale)\n'
+        '             ^^^^')),
+    ('unknown_name', 'k[b, h, kj, :]', 'k[b, hh, kj, :]', (
+        "fa.attn:6:39: parse error: unknown name 'hh'; did you mean 'h'? known here: B, "
+        'H, S, D, T, Dv, scale, b, h, qi, kj\n'
+        '        %s = mul(dot(q[b, h, qi, :], k[b, hh, kj, :]), scale)\n'
+        '                                          ^^')),
+    ('wrong_arity', 'scale)\n', 'scale, scale)\n', (
+        "fa.attn:6:10: parse error: 'mul' takes 2 arguments, got 3\n"
+        '        %s = mul(dot(q[b, h, qi, :], k[b, h, kj, :]), scale, scale)\n'
+        '             ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^')),
+    ('type_error', '%s = mul(dot(q[b, h, qi, :], k[b, h, kj, :]), scale)', '%s = add(kj, scale)', (
+        "fa.attn:6:10: verify error: 'add' needs two operands of the same dtype, i32 or "
+        'f32; got i32, f32\n'
+        '        %s = add(kj, scale)\n'
+        '             ^^^^^^^^^^^^^^')),
+    ('update_outside_loop', '  }\n', '  }\n  update %acc, 0.0, v[b, h, 0, :]\n', (
+        "fa.attn:9:3: verify error: 'update %acc, 0.0, v[b, h, 0, :]': 'update' is only "
+        'allowed inside a for loop\n'
+        '      update %acc, 0.0, v[b, h, 0, :]\n'
+        '      ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^')),
+    ('two_colons', 'q[b, h, qi, :]', 'q[b, h, :, :]', (
+        "fa.attn:6:18: verify error: 'q[b, h, :, :]': a slice has exactly one ':'\n"
+        '        %s = mul(dot(q[b, h, :, :], k[b, h, kj, :]), scale)\n'
+        '                     ^^^^^^^^^^^^^')),
+    ('unexpected_char', 'grid b: B', 'grid b: B$', (
+        "fa.attn:3:12: parse error: unexpected character '$'; expected one of ',', 'for',"
+        " 'grid', 'return', 'sink', 'update', '}' or a %name\n"
+        '      grid b: B$, h: H, qi: tile(S, BM)\n'
+        '               ^')),
+    ('eof', '  return result(%acc)\n}\n', '  return result(%acc)\n', (
+        "fa.attn:9:22: parse error: unexpected end of input; expected one of ',', 'for', "
+        "'grid', 'return', 'sink', 'update', '}' or a %name\n"
+        '      return result(%acc)\n'
+        '                         ^')),
+    ('let_without_percent', 'update %acc, %s,', 'update %acc, s,', (
+        "fa.attn:7:18: parse error: unknown name 's'; did you mean '%s'? known here: B, "
+        'H, S, D, T, Dv, scale, b, h, qi, kj\n'
+        '        update %acc, s, v[b, h, kj, :]\n'
+        '                     ^')),
+    ('tensor_as_value', 'scale)\n', 'q)\n', (
+        "fa.attn:6:51: parse error: 'q' is a tensor; index it, as in q[...]\n"
+        '        %s = mul(dot(q[b, h, qi, :], k[b, h, kj, :]), q)\n'
+        '                                                      ^')),
+    ('bad_dtype', 'scale: f32)', 'scale: f64)', (
+        "fa.attn:1:70: parse error: unknown dtype 'f64'; expected f32, f16, i32 or bool\n"
+        '    kernel fa(q: f32[B,H,S,D], k: f32[B,H,T,D], v: f32[B,H,T,Dv], scale: f64) ->'
+        ' f32[B,H,S,Dv]\n'
+        '                                                                         ^^^')),
+]
+
+
+@pytest.mark.parametrize("case, old, new, rendered", CASES, ids=[c[0] for c in CASES])
+def test_error_renders_completely(case, old, new, rendered):
+    assert old in BASE
+    with pytest.raises(AttncError) as info:
+        parse(BASE.replace(old, new, 1), "fa.attn")
+    assert info.value.render() == rendered
+    assert str(info.value) == rendered
+
+
+def test_error_kinds():
+    with pytest.raises(ParseError):
+        parse(BASE.replace("scale)\n", "scale\n"))
+    with pytest.raises(VerifyError):
+        parse(BASE.replace("tunables(BM=32", "tunables(BM=0"))
+
+
+def test_spans_point_at_source():
+    k = parse(BASE, "fa.attn")
+    loop = k.body[2]
+    assert isinstance(loop, Loop)
+    let = loop.body[0]
+    assert isinstance(let, Let)
+    assert (let.span.file, let.span.line, let.span.column) == ("fa.attn", 6, 5)
+    assert let.span.source_line == "    %s = mul(dot(q[b, h, qi, :], k[b, h, kj, :]), scale)"
+    scale = let.value.args[1]
+    assert scale == Var("scale", DType.F32) and scale.span.column == 51
+    assert scale.span.end_column == 56
+
+
+@pytest.mark.parametrize("text, value, dtype", [
+    ("1.5", 1.5, DType.F32), ("-2.0", -2.0, DType.F32), ("1e-05", 1e-05, DType.F32),
+    ("3e+38", 3e38, DType.F32), ("inf", math.inf, DType.F32), ("-inf", -math.inf, DType.F32),
+    ("nan", math.nan, DType.F32), ("7", 7, DType.I32), ("-7", -7, DType.I32),
+])
+def test_literals(text, value, dtype):
+    src = BASE.replace("update %acc, %s,", f"%c = {text}\n    update %acc, %s,")
+    c = parse(src).body[2].body[1].value
+    assert c == Const(value, dtype)
+    assert type(c.value) is type(value)
+
+
+def test_bool_literals_and_comments():
+    src = BASE.replace("update %acc, %s,", "%c = where(true, %s, -inf)  # comment\n"
+                       "    # a whole-line comment\n    update %acc, %c,")
+    c = parse(src).body[2].body[1].value
+    assert c.args[0] == Const(True, DType.BOOL)
+
+
+def test_out_of_range_int_is_an_error():
+    with pytest.raises(ParseError, match="does not fit in i32"):
+        parse(BASE.replace("tunables(BM=32", "tunables(BM=99999999999"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_parse(path):
+    k = parse(path.read_text(), str(path))
+    assert k.body and k.span.file == str(path)
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+SOURCES = [BASE] + [p.read_text() for p in EXAMPLES]
+VOCAB = ["(", ")", "[", "]", "{", "}", ",", ":", "=", "->", "%", "%acc", "%s", "kernel", "for",
+         "in", "tile", "split", "grid", "update", "sink", "return", "result", "combine", "lse",
+         "online_softmax", "rows", "width", "dot", "add", "where", "f32", "i32", "f16", "-inf",
+         "nan", "1.5", "-3", "1e400", "99999999999", "true", "#", "\n", " ", "q", "b", "kj",
+         "@", "\x00", "\u00e9", "tanh(", "dot(q[b, h, qi, :], ", "k[b, h, kj, :]"]
+TOKEN = re.compile(r"%?\w+|-?\d+(?:\.\d*)?(?:e[+-]?\d+)?|->|\S")
+
+
+def _parse_or_attnc_error(text: str) -> None:
+    """Parse; an AttncError is fine, any other exception fails the test."""
+    try:
+        parse(text, "fuzz.attn")
+    except AttncError as e:
+        assert e.render()  # renders without crashing
+
+
+@st.composite
+def mutated(draw) -> str:
+    """A valid source with 1-4 character, token or line edits."""
+    text = draw(st.sampled_from(SOURCES))
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["delete", "insert", "swap", "line", "char"]))
+        if kind in ("delete", "insert", "char"):
+            i = draw(st.integers(0, len(text)))
+            if kind == "delete":
+                text = text[:i] + text[i + draw(st.integers(1, 8)):]
+            else:
+                piece = draw(st.sampled_from(VOCAB) if kind == "insert" else st.characters())
+                text = text[:i] + piece + text[i:]
+        elif kind == "swap":
+            toks = [m.span() for m in TOKEN.finditer(text)]
+            if len(toks) < 2:
+                continue
+            a, b = sorted(draw(st.lists(st.sampled_from(toks), min_size=2, max_size=2,
+                                        unique=True)))
+            text = (text[:a[0]] + text[b[0]:b[1]] + text[a[1]:b[0]] + text[a[0]:a[1]]
+                    + text[b[1]:])
+        else:
+            lines = text.split("\n")
+            i, j = draw(st.integers(0, len(lines) - 1)), draw(st.integers(0, len(lines) - 1))
+            lines.insert(j, lines[i]) if draw(st.booleans()) else lines.pop(i)
+            text = "\n".join(lines)
+    return text
+
+
+@given(mutated())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_mutated_text_raises_only_attnc_errors(text):
+    _parse_or_attnc_error(text)
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=200, deadline=None)
+def test_random_text_raises_only_attnc_errors(text):
+    _parse_or_attnc_error(text)
+
+
+def _spaced_terminals() -> dict:
+    """from_lark joins tokens without spaces; pad each terminal so keywords stay words."""
+    out = {}
+    for t in _lark().terminals:
+        p = t.pattern
+        base = st.just(p.value) if isinstance(p, PatternStr) else st.from_regex(
+            p.to_regexp(), fullmatch=True)
+        out[t.name] = base.map(lambda s: f" {s} ")
+    out["COMMENT"] = st.just(" # a comment\n")
+    # a few names, so that generated text gets past the dtype and scope checks sometimes
+    names = ["f32", "i32", "f16", "B", "S", "T", "D", "b", "q", "k", "kj", "qi", "BM", "add",
+             "mul", "dot", "where", "exp", "x"]
+    out["NAME"] = st.sampled_from(names).map(lambda s: f" {s} ")
+    out["LETNAME"] = st.sampled_from(["%acc", "%s", "%x"]).map(lambda s: f" {s} ")
+    return out
+
+
+@given(st.data())
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+def test_grammar_generated_text_raises_only_attnc_errors(data):
+    text = data.draw(from_lark(_lark(), explicit=_spaced_terminals()))
+    _parse_or_attnc_error(text)
+
+
+def test_deep_nesting_is_an_attnc_error():
+    deep = "neg(" * 3000 + "%s" + ")" * 3000
+    _parse_or_attnc_error(BASE.replace("update %acc, %s,", f"update %acc, {deep},"))
