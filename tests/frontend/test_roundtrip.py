@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import kernels, mask_exprs, score_exprs
 
 from attnc.frontend.parser import parse, parse_file
 from attnc.ir.nodes import DType
 from attnc.ir.printer import print_float, print_kernel
 from attnc.ir.verify import verify
-from tests.strategies import kernels, mask_exprs, score_exprs
 
 EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.attn"))
 
