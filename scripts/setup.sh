@@ -161,6 +161,7 @@ setup_browser() {
 main() {
   setup_system
   setup_python
+  setup_browser
 }
 
 main "$@"

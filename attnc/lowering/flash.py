@@ -79,11 +79,6 @@ class Shader:
             for f in self.uniforms:
                 w.line(f"{f.name}: {f.type.value},")
         w.line(_helpers())
-        for p in self.spec.tensors:
-            if p.name in self.packed:
-                with w.block(f"fn ld_{p.name}(i: u32) -> f32"):
-                    w.line(f"let h = unpack2x16float(t_{p.name}[i >> 1u]);")
-                    w.line("return select(h.x, h.y, (i & 1u) == 1u);")
 
     def bindings(self, w: Writer, outputs: list[str], inputs: list[str]) -> tuple[Binding, ...]:
         out: list[Binding] = []
@@ -102,6 +97,11 @@ class Shader:
                    f"t_{b.name}: array<{b.elem.value}>;")
         out.append(Binding("params", len(out), Access.UNIFORM, Scalar.U32))
         w.line(f"@group(0) @binding({len(out) - 1}) var<uniform> P: Params;")
+        for name in inputs:
+            if name in self.packed:  # f16 pairs packed in u32 words: no shader-f16 needed
+                with w.block(f"fn ld_{name}(i: u32) -> f32"):
+                    w.line(f"let h = unpack2x16float(t_{name}[i >> 1u]);")
+                    w.line("return select(h.x, h.y, (i & 1u) == 1u);")
         return tuple(out)
 
     def privates(self, w: Writer) -> None:
@@ -418,7 +418,7 @@ def emit_combine(sh: Shader) -> Program:
     """The split-KV combine: log-sum-exp merge of the partial states, sink, normalise, store."""
     s = sh.spec
     w = Writer()
-    sh.header(w, False)
+    sh.header(w, sh.plan.family is Family.SUBGROUPS)
     inputs = [p.name for p in s.tensors if p.name in _combine_reads(s)] + ["part"]
     outputs = ["o", "lse"] if s.lse else ["o"]
     binds = sh.bindings(w, outputs, inputs)

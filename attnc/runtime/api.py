@@ -14,6 +14,7 @@ from attnc.ir import nodes as ir
 from attnc.lowering import Family, Plan, Storage, lower
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, layout
 from attnc.lowering.program import Program
+from attnc.lowering.retype import retype
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device, get_device
 
@@ -136,19 +137,10 @@ def build_kernel(opts: Options, tunables: dict[str, int]) -> ir.Kernel:
             causal=opts.causal, window=opts.window, softcap=opts.softcap, alibi=opts.alibi,
             bias=opts.bias, sinks=opts.sinks, kv_lens=opts.kv_lens, lse=opts.lse,
             split=opts.split, score_mod=opts.score_mod, mask_mod=opts.mask_mod, **tunables)
-        if opts.f16:
-            kern = with_f16_storage(kern, ("q", "k", "v"))
+        kern = retype(kern, Storage.F16 if opts.f16 else Storage.F32)
         if opts.score_mod is None and opts.mask_mod is None:
             _CACHE.kernels[key] = kern
     return kern
-
-
-def with_f16_storage(kern: ir.Kernel, names: tuple[str, ...]) -> ir.Kernel:
-    """Retype the named tensor params (and the output) to f16 storage; math stays f32."""
-    params = tuple(ir.Param(p.name, ir.TensorType(ir.DType.F16, p.type.dims), p.span)
-                   if p.name in names else p for p in kern.params)
-    out = ir.TensorType(ir.DType.F16, kern.output.dims)
-    return ir.Kernel(kern.name, params, out, kern.tunables, kern.body, kern.span)
 
 
 def programs_for(kern: ir.Kernel, plan: Plan) -> tuple[Program, ...]:

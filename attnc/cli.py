@@ -1,0 +1,165 @@
+"""The `attnc` command line: compile, check, print, devices, run (the main job), bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from attnc.errors import AttncError
+
+
+def _load_kernel(spec: str, options: dict[str, Any]):
+    """KERNEL is an .attn file or `module:name` naming a DSL kernel (traced with options)."""
+    from attnc.frontend.dsl import KernelDef
+    from attnc.frontend.parser import parse_file
+
+    if spec.endswith(".attn") or Path(spec).is_file():
+        if options:
+            raise SystemExit("error: --set options apply to module:kernel DSL kernels, not .attn files")
+        return parse_file(spec)
+    if ":" not in spec:
+        raise SystemExit(f"error: KERNEL must be an .attn file or module:kernel, got {spec!r}")
+    mod_name, _, attr = spec.partition(":")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"error: cannot load {spec!r}: {exc}") from None
+    if not isinstance(obj, KernelDef):
+        raise SystemExit(f"error: {spec!r} is a {type(obj).__name__}, not an @attnc.kernel")
+    return obj.trace(**options)
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise SystemExit(f"error: --set takes key=value, got {item!r}")
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key] = val
+        if isinstance(out[key], list):
+            out[key] = tuple(out[key])
+    return out
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from attnc.lowering.manifest import compile_kernel
+    from attnc.lowering.plan import Dialect, Family, Plan, Storage
+
+    kernel = _load_kernel(args.kernel, _parse_sets(args.set))
+    targets = args.target or ["portable", "subgroups"]
+    dtypes = args.dtype or ["f32", "f16"]
+    plans = [Plan(Family(t), Storage(d), Dialect.TINT, WG=args.wg, DVC=args.dvc)
+             for t in targets for d in dtypes]
+    manifest = compile_kernel(kernel, plans, Path(args.output))
+    for v in manifest["variants"]:
+        files = ", ".join(p["file"] for p in v["programs"])
+        print(f"{v['name']}: {files}")
+    print(f"wrote {Path(args.output) / 'manifest.json'}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from attnc.frontend.parser import parse_file
+
+    bad = 0
+    for f in args.files:
+        try:
+            parse_file(f)
+            print(f"{f}: ok")
+        except AttncError as exc:
+            print(exc.render(), file=sys.stderr)
+            bad += 1
+    return 1 if bad else 0
+
+
+def cmd_print(args: argparse.Namespace) -> int:
+    from attnc.frontend.parser import parse_file
+    from attnc.ir.printer import print_kernel
+
+    print(print_kernel(parse_file(args.file)), end="")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from attnc.runtime.devices import default_device, devices
+
+    best = default_device()
+    for d in devices():
+        mark = "*" if d is best else " "
+        sg = f"subgroup size {d.subgroup_size}" if d.subgroup_size else "no subgroups"
+        lim = d.limits
+        print(f"{mark} {d.spec:13s} {d.adapter_type:12s} {d.name}")
+        print(f"    features: {', '.join(sorted(d.features)) or '-'}; {sg} "
+              f"(range {d.subgroup_min_size}..{d.subgroup_max_size})")
+        print(f"    limits: workgroup storage {lim.get('max-compute-workgroup-storage-size')} B, "
+              f"{lim.get('max-compute-invocations-per-workgroup')} invocations, "
+              f"storage binding {lim.get('max-storage-buffer-binding-size')} B")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: compile the shipped kernels and run them on a device, checked against numpy."""
+    from attnc.demo import run_demo
+
+    return run_demo(args.device, verbose=True)
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from attnc.bench.cli import main as bench_main
+
+    return int(bench_main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `attnc` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
+    ap = argparse.ArgumentParser(prog="attnc", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compile", help="compile a kernel to .wgsl files and manifest.json")
+    c.add_argument("kernel", help="an .attn file or module:kernel")
+    c.add_argument("-o", "--output", required=True, help="output directory")
+    c.add_argument("--target", action="append", choices=["portable", "subgroups"],
+                   help="variant family (repeatable; default: both)")
+    c.add_argument("--dtype", action="append", choices=["f32", "f16"], help="storage dtype (default: both)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="option or tunable of a DSL kernel, e.g. --set causal=true --set BN=64")
+    c.add_argument("--wg", type=int, default=128, help="invocations per workgroup")
+    c.add_argument("--dvc", type=int, default=64, help="output columns per workgroup")
+    c.set_defaults(fn=cmd_compile)
+    k = sub.add_parser("check", help="parse and verify .attn files")
+    k.add_argument("files", nargs="+")
+    k.set_defaults(fn=cmd_check)
+    p = sub.add_parser("print", help="print an .attn file in canonical form")
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_print)
+    d = sub.add_parser("devices", help="list WebGPU adapters and their capabilities")
+    d.set_defaults(fn=cmd_devices)
+    r = sub.add_parser("run", help="compile the shipped kernels, run them, check against numpy")
+    r.add_argument("--device", default=None, help="device spec (default: the best adapter)")
+    r.set_defaults(fn=cmd_run)
+    sub.add_parser("bench", help="benchmarks (see `attnc bench --help`)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    try:
+        return int(args.fn(args))
+    except AttncError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    finally:
+        if args.cmd == "run":
+            print(f"({time.time() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""`attnc compile` output: WGSL files plus a manifest.json any runtime can use (docs/MANIFEST.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attnc.ir import nodes as ir
+from attnc.ir.printer import print_kernel
+from attnc.lowering import lower
+from attnc.lowering.plan import Family, Plan, Storage
+from attnc.lowering.program import Access, Program
+from attnc.lowering.retype import retype
+
+FORMAT = "attnc.manifest"
+VERSION = 1
+
+_PARAM_DEFAULTS = {"scale": "rsqrt(D)", "NSPLIT": "1"}
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """One variant: the plan it was lowered for and its programs."""
+
+    name: str
+    plan: Plan
+    programs: tuple[Program, ...]
+
+
+def _dense_strides(dims: tuple[str, ...]) -> list[str]:
+    """Row-major element strides of a dense tensor, as formulas over dim names."""
+    return ["*".join(dims[i + 1:]) or "1" for i in range(len(dims))]
+
+
+def _field_formulas(kernel: ir.Kernel, lse: bool) -> dict[str, str]:
+    """The value formula of every uniform field a program of this kernel can have."""
+    out = {"grid_total": "grid_total", "grid_stride_x": "grid_stride_x"}
+    out.update({f"d_{d}": d for d in kernel.dims})
+    for p in kernel.params:
+        if p.type.dims:
+            for i, s in enumerate(_dense_strides(p.type.dims)):
+                out[f"s_{p.name}_{i}"] = s
+        else:
+            out[f"p_{p.name}"] = p.name
+    for i, s in enumerate(_dense_strides(kernel.output.dims)):
+        out[f"s_o_{i}"] = s
+    if lse:
+        for i, s in enumerate(_dense_strides(kernel.output.dims[:-1])):
+            out[f"s_lse_{i}"] = s
+    return out
+
+
+def _tensors(kernel: ir.Kernel, plan: Plan, programs: tuple[Program, ...]) -> list[dict[str, Any]]:
+    bound = {b.name for p in programs for b in p.bindings}
+    out = []
+    for p in kernel.params:
+        if p.type.dims:
+            out.append({"name": p.name, "role": "input", "dtype": p.type.dtype.value, "dims": list(p.type.dims)})
+    out.append({"name": "o", "role": "output", "dtype": "f32", "dims": list(kernel.output.dims)})
+    if "lse" in bound:
+        out.append({"name": "lse", "role": "output", "dtype": "f32", "dims": list(kernel.output.dims[:-1])})
+    if "part" in bound:
+        rows = "*".join(kernel.output.dims[:-1])
+        width = kernel.output.dims[-1]
+        split = next(p.name for p in kernel.params if not p.type.dims and p.type.dtype is ir.DType.I32
+                     and any(isinstance(a.extent, ir.SplitExtent) and a.extent.count == p.name
+                             for s in kernel.body if isinstance(s, ir.Grid) for a in s.axes))
+        out.append({"name": "part", "role": "scratch", "dtype": "f32", "count": f"{rows}*{split}*({width}+2)"})
+    return out
+
+
+def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str]) -> dict[str, Any]:
+    """The manifest entry of one compiled variant."""
+    lse = any(b.name == "lse" for p in c.programs for b in p.bindings)
+    formulas = _field_formulas(kernel, lse)
+    programs = []
+    for p in c.programs:
+        storage = [b for b in p.bindings if b.access is not Access.UNIFORM]
+        programs.append({
+            "name": p.name,
+            "file": files[p.name],
+            "entry_point": p.entry_point,
+            "workgroup_size": [p.workgroup_size, 1, 1],
+            "bindings": [{"binding": b.binding, "name": b.name, "kind": "uniform"} if b.access is Access.UNIFORM
+                         else {"binding": b.binding, "name": b.name, "kind": "storage", "access": b.access.value}
+                         for b in p.bindings],
+            "uniforms": {"size": p.uniform_size,
+                         "fields": [{"name": f.name, "offset": f.offset, "type": f.type.value,
+                                     "value": formulas[f.name]} for f in p.uniforms]},
+            "workgroups": "*".join(p.grid),
+            "workgroup_storage_bytes": p.workgroup_storage_bytes,
+            "storage_buffers": len(storage),
+        })
+    features = sorted({"subgroups" for p in c.programs if "subgroups" in p.features})
+    return {
+        "name": c.name,
+        "family": c.plan.family.value,
+        "dtype": c.plan.storage.value,
+        "requires": {
+            "features": features,
+            "limits": {
+                "maxComputeWorkgroupStorageSize": max(p.workgroup_storage_bytes for p in c.programs),
+                "maxComputeInvocationsPerWorkgroup": max(p.workgroup_size for p in c.programs),
+                "maxStorageBuffersPerShaderStage": max(x["storage_buffers"] for x in programs),
+            },
+        },
+        "enables": features,
+        "tunables": dict(kernel.tunables) | {"WG": c.plan.WG, "DK": c.plan.DK, "DVC": c.plan.DVC,
+                                            "DVS": c.plan.DVS, "SGMIN": c.plan.SGMIN},
+        "tensors": _tensors(kernel, c.plan, c.programs),
+        "params": [{"name": p.name, "type": p.type.dtype.value,
+                    **({"default": _PARAM_DEFAULTS[p.name]} if p.name in _PARAM_DEFAULTS else {})}
+                   for p in kernel.params if not p.type.dims],
+        "programs": programs,
+    }
+
+
+def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path) -> dict[str, Any]:
+    """Lower for each plan, write `<kernel>.<variant>.<program>.wgsl` files and manifest.json."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    text = print_kernel(kernel)
+    variants = []
+    for plan in plans:
+        k = retype(kernel, plan.storage)
+        c = Compiled(f"{kernel.name}.{plan.family.value}.{plan.storage.value}", plan, lower(k, plan))
+        files = {}
+        for p in c.programs:
+            fname = f"{c.name}.{p.name}.wgsl"
+            (outdir / fname).write_text(p.wgsl)
+            files[p.name] = fname
+        variants.append(variant_entry(k, c, files))
+    from attnc import __version__
+
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "attnc_version": __version__,
+        "kernel": {"name": kernel.name, "hash": hashlib.sha256(text.encode()).hexdigest(), "source": text},
+        "dims": list(kernel.dims),
+        "variants": sorted(variants, key=lambda v: (v["family"] != Family.SUBGROUPS.value,
+                                                    v["dtype"] != Storage.F32.value)),
+    }
+    (outdir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
