@@ -33,9 +33,7 @@ class Case:
         if min(dims) < 1:
             raise ValueError(f"case {self.name!r}: every dimension must be >= 1, got {dims}")
         if self.Hq % self.Hkv:
-            raise ValueError(
-                f"case {self.name!r}: Hq={self.Hq} is not a multiple of Hkv={self.Hkv}"
-            )
+            raise ValueError(f"case {self.name!r}: Hq={self.Hq} is not a multiple of Hkv={self.Hkv}")
 
     @property
     def group(self) -> int:
@@ -130,9 +128,7 @@ def load_suite(name: str, path: str | Path | None = None) -> list[Case]:
     return suites[name]
 
 
-def make_inputs(
-    case: Case, dtype: str = "f32", seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_inputs(case: Case, dtype: str = "f32", seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Standard-normal q, k, v of the case's shapes in float32 or float16."""
     rng = np.random.default_rng(seed)
     np_dtype = np.float16 if dtype == "f16" else np.float32

@@ -154,9 +154,7 @@ def measure_copy(
     )
 
 
-def measure_ceilings(
-    device: Any, *, size: str = "auto", runs: int = 10, warmup: int = 2
-) -> dict[str, Ceiling]:
+def measure_ceilings(device: Any, *, size: str = "auto", runs: int = 10, warmup: int = 2) -> dict[str, Ceiling]:
     """FMA f32 (and f16 when offered) and copy ceilings; size 'small', 'large' or 'auto'."""
     if size == "auto":
         size = "small" if g.is_cpu(device) else "large"

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="ceiling benchmark sizes (auto: small on a CPU adapter)",
     )
+    p.add_argument("--only-ceilings", action="store_true", help="measure and report the ceilings only")
     p.add_argument(
         "--cache-mib",
         type=int,
@@ -151,7 +152,7 @@ def _progress(total: int) -> Any:
 
 
 class _Counter:
-    """The fallback progress display: one stderr line per finished result."""
+    """The fallback progress display: one numbered stderr line per finished result."""
 
     def __init__(self, total: int):
         self.total, self.n = total, 0
@@ -161,10 +162,13 @@ class _Counter:
         """Remember what is running now."""
         self.desc = desc
 
+    def write(self, text: str, file: Any = None) -> None:
+        """Print one finished result, numbered."""
+        print(f"[{self.n + 1}/{self.total}] {text}", file=file or sys.stderr, flush=True)
+
     def update(self, n: int = 1) -> None:
         """Count `n` finished results."""
         self.n += n
-        print(f"[{self.n}/{self.total}] {self.desc}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Nothing to tear down."""
@@ -240,15 +244,25 @@ def run_cases(
                 try:
                     m = IMPLS[impl](device, case, copies, opts)
                     err = relerr(m.out, ref) if ref is not None else None
-                    yield result_row(case, impl, m, err, ceilings, opts.dtype)
+                    row = result_row(case, impl, m, err, ceilings, opts.dtype)
                 except Unavailable as exc:
-                    yield error_row(case, impl, f"unavailable: {exc}", opts.dtype)
+                    row = error_row(case, impl, f"unavailable: {exc}", opts.dtype)
                 except Exception as exc:  # one failing implementation must not stop a sweep
                     traceback.print_exc(file=sys.stderr)
-                    yield error_row(case, impl, f"{type(exc).__name__}: {exc}", opts.dtype)
+                    row = error_row(case, impl, f"{type(exc).__name__}: {exc}", opts.dtype)
+                bar.write(summary(row), file=sys.stderr)
                 bar.update(1)
+                yield row
     finally:
         bar.close()
+
+
+def summary(row: dict[str, Any]) -> str:
+    """One line about a result, for logs."""
+    if row.get("error"):
+        return f"{row['case']} {row['impl']}: {row['error']}"
+    return (f"{row['case']} {row['impl']}: {row['ms']:.4f} ms, {_fmt(row['tflops'], '.3f')} "
+            f"TFLOP/s, relerr {_fmt(row['relerr'], '.1e')} ({row['timing']})")  # fmt: skip
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -275,6 +289,8 @@ def format_table(rows: Sequence[dict[str, Any]], ceilings: dict[str, Any]) -> st
             r["case"], r["impl"], _fmt(r["ms"], ".4f"), _fmt(r["tflops"], ".4f"),
             _fmt(r["gbps"], ".2f"), _fmt(r["relerr"], ".2e"), ok, *frac, timing,
         ))  # fmt: skip
+    if not rows:
+        return "\n".join(lines)
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head) - 1)]
     for row in table:
         cells = [str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
@@ -288,6 +304,7 @@ def plot(rows: Sequence[dict[str, Any]], ceilings: dict[str, Any], path: str, ti
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     cases = list(dict.fromkeys(r["case"] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
@@ -297,24 +314,42 @@ def plot(rows: Sequence[dict[str, Any]], ceilings: dict[str, Any], path: str, ti
         mine = {r["case"]: r for r in rows if r["impl"] == impl and r.get("tflops")}
         xs = [i + (j - (len(impls) - 1) / 2) * width for i, c in enumerate(cases) if c in mine]
         hs = [mine[c]["tflops"] for c in cases if c in mine]
-        bars = ax.bar(xs, hs, width, label=impl, color=f"C{j}")
+        bars = ax.bar(xs, hs, width, color=f"C{j}")
         for patch, c in zip(bars, [c for c in cases if c in mine], strict=True):
             if mine[c].get("correct") is False:
                 patch.set_hatch("//")
                 patch.set_edgecolor("black")
+    handles: list[Any] = []
+    for j, impl in enumerate(impls):
+        wall = any(r["impl"] == impl and str(r.get("timing", "")).startswith("wall") for r in rows)
+        handles.append(Patch(color=f"C{j}", label=impl + (" (wall time)" if wall else "")))
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="wrong result"))
     fma = ceilings.get("fma_f32")
     if fma is not None:
-        ax.axhline(fma.value, color="gray", linestyle="--", label=f"FMA f32 {fma.value:.3g}")
+        line = ax.axhline(fma.value, color="gray", linestyle="--")
+        line.set_label(f"FMA f32 ceiling {fma.value:.3g}")
+        handles.append(line)
     values = [r["tflops"] for r in rows if r.get("tflops")]
     if values and max(values) / max(min(values), 1e-12) > 100:
         ax.set_yscale("log")
     ax.set_xticks(range(len(cases)), cases, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("TFLOP/s (GPU time per op)")
-    ax.set_title(title + "  (hatched: wrong result)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_json(path: str | None, doc: dict[str, Any]) -> None:
+    """Write `doc` to `path` (atomically, through a temporary file); no-op without a path."""
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(target)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -341,26 +376,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     ceilings = {}
     if args.ceilings != "off":
         ceilings = measure_ceilings(device, size=args.ceilings)
+    if args.only_ceilings:
+        cases = []
+        if not ceilings:
+            ceilings = measure_ceilings(device, size="auto")
     opts = RunOptions(runs=args.runs, warmup=args.warmup, dtype=args.dtype, target=args.target)
     started = time.time()
-    rows = list(
-        run_cases(device, cases, impls, opts, ceilings, cache_bytes=args.cache_mib << 20,
-                  check=not args.no_check, seed=args.seed)
-    )  # fmt: skip
-    print(format_table(rows, ceilings))
-    doc = {
+    doc: dict[str, Any] = {
         "device": device_info(device),
         "ceilings": {k: c.as_dict() for k, c in ceilings.items()},
         "config": {
             "argv": list(sys.argv[1:] if argv is None else argv), "suite": args.suite,
             "dtype": args.dtype, "runs": args.runs, "warmup": args.warmup,
-            "cache_mib": args.cache_mib, "started": started, "seconds": time.time() - started,
+            "cache_mib": args.cache_mib, "started": started, "seconds": 0.0,
         },
-        "results": rows,
+        "results": [],
     }  # fmt: skip
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    rows: list[dict[str, Any]] = doc["results"]
+    write_json(args.json, doc)
+    for row in run_cases(device, cases, impls, opts, ceilings, cache_bytes=args.cache_mib << 20,
+                         check=not args.no_check, seed=args.seed):  # fmt: skip
+        rows.append(row)
+        doc["config"]["seconds"] = time.time() - started
+        write_json(args.json, doc)  # after every result, so a killed sweep keeps what it had
+    print(format_table(rows, ceilings))
     if args.plot:
         title = f"{doc['device']['name']} ({doc['device']['backend']}, {args.dtype})"
         try:

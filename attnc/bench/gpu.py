@@ -37,10 +37,7 @@ def uniform(device: Any, values: Sequence[int]) -> Any:
 
 def bind_group(device: Any, pipe: Any, buffers: Sequence[Any]) -> Any:
     """Bind `buffers` to bindings 0..n-1 of group 0 of `pipe`."""
-    entries = [
-        {"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}}
-        for i, b in enumerate(buffers)
-    ]
+    entries = [{"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}} for i, b in enumerate(buffers)]
     return device.gpu.create_bind_group(layout=pipe.get_bind_group_layout(0), entries=entries)
 
 
@@ -62,7 +59,5 @@ def grid2d(count: int, max_per_dim: int = 65535) -> tuple[int, int]:
 
 def is_cpu(device: Any) -> bool:
     """Whether the adapter is a CPU (software) one."""
-    kind = getattr(device, "adapter_type", None) or dict(getattr(device, "info", {})).get(
-        "adapter_type", ""
-    )
+    kind = getattr(device, "adapter_type", None) or dict(getattr(device, "info", {})).get("adapter_type", "")
     return str(kind) == "CPU"

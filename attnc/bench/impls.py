@@ -56,9 +56,7 @@ def run_naive(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
         raise Unavailable("naive baseline is f32 only")
     op = NaiveAttention(device, case)
     indices = [op.bind(*c) for c in copies]
-    timing = time_dispatches(
-        device, [op.dispatches(i) for i in indices], runs=opts.runs, warmup=opts.warmup
-    )
+    timing = time_dispatches(device, [op.dispatches(i) for i in indices], runs=opts.runs, warmup=opts.warmup)
     time_dispatches(device, [op.dispatches(indices[0])], runs=1, warmup=0)
     extra = {"dispatches": len(op.dispatches(0)), "row_chunks": len(op.chunks)}
     return Measured(timing, op.result(indices[0]), extra)
@@ -102,9 +100,7 @@ def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
     return Measured(timing, np.asarray(op.result()), extra)
 
 
-def _attnc_wall(
-    api: Any, copies: Sequence[Inputs], opts: RunOptions, kwargs: dict[str, Any]
-) -> Measured:
+def _attnc_wall(api: Any, copies: Sequence[Inputs], opts: RunOptions, kwargs: dict[str, Any]) -> Measured:
     """Fallback until `prepare_attention` exists: wall time of a whole `attention()` call."""
     if not hasattr(api, "attention"):
         raise Unavailable("attnc.runtime.api has neither prepare_attention nor attention")

@@ -179,8 +179,7 @@ class NaiveAttention:
         self.scores = g.storage(device, 4 * per * case.T)
         self.grids = [g.grid2d(rows) for _, rows in self.chunks]
         self.uniforms = [
-            g.uniform(device, [r0, rows, ny])
-            for (r0, rows), (ny, _) in zip(self.chunks, self.grids, strict=True)
+            g.uniform(device, [r0, rows, ny]) for (r0, rows), (ny, _) in zip(self.chunks, self.grids, strict=True)
         ]
         self.copies: list[_Bound] = []
 

@@ -65,9 +65,7 @@ class Timing:
         }
 
 
-def rotation_count(
-    nbytes: int, cache_bytes: int = DEFAULT_CACHE_BYTES, max_copies: int = 32
-) -> int:
+def rotation_count(nbytes: int, cache_bytes: int = DEFAULT_CACHE_BYTES, max_copies: int = 32) -> int:
     """How many input copies keep `runs` from reading cached inputs: cover ~3x the cache."""
     if nbytes <= 0 or nbytes >= 3 * cache_bytes:
         return 1
@@ -97,9 +95,7 @@ def _encode_run(encoder: Any, run: Sequence[Dispatch], query_set: Any, first: in
         cpass.end()
 
 
-def _timestamped(
-    device: Any, runs: Sequence[Sequence[Dispatch]]
-) -> tuple[list[float], list[list[float]], bool]:
+def _timestamped(device: Any, runs: Sequence[Sequence[Dispatch]]) -> tuple[list[float], list[list[float]], bool]:
     """Execute runs in batches with timestamps; return per-run ms, per-dispatch ms, quantized."""
     gpu = device.gpu
     usage = device.wgpu.BufferUsage

@@ -45,9 +45,7 @@ class Shader:
         """Declare the next binding as a storage array of `elem`; returns its binding index."""
         index = self._bindings
         self._bindings += 1
-        self.decls.append(
-            f"@group(0) @binding({index}) var<storage, {access}> {name}: array<{elem}>;"
-        )
+        self.decls.append(f"@group(0) @binding({index}) var<storage, {access}> {name}: array<{elem}>;")
         return index
 
     def uniform(self, name: str, fields: list[tuple[str, str]]) -> int:

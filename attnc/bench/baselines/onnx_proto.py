@@ -84,9 +84,7 @@ def model(
     return out
 
 
-def mha_model(
-    B: int, S: int, T: int, H: int, D: int, Dv: int, *, causal: bool, dtype: str = "f32"
-) -> bytes:
+def mha_model(B: int, S: int, T: int, H: int, D: int, Dv: int, *, causal: bool, dtype: str = "f32") -> bytes:
     """com.microsoft MultiHeadAttention: q [B,S,H*D] (BSD), k/v [B,H,T,D|Dv] (BNSH), o BSD."""
     ints = {"num_heads": H} | ({"unidirectional": 1} if causal else {})
     mha = node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", ints=ints)

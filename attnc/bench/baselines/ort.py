@@ -68,11 +68,7 @@ def split_runs(events: list[tuple[str, float]], total: int) -> list[list[tuple[s
 def providers_used(trace: list[dict[str, Any]]) -> list[str]:
     """The execution providers that ran nodes, from the profile's Node events."""
     return sorted(
-        {
-            str(e["args"]["provider"])
-            for e in trace
-            if e.get("cat") == "Node" and "provider" in (e.get("args") or {})
-        }
+        {str(e["args"]["provider"]) for e in trace if e.get("cat") == "Node" and "provider" in (e.get("args") or {})}
     )
 
 
@@ -84,9 +80,7 @@ def run(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions) -> 
         raise Unavailable(f"onnxruntime is not installed ({INSTALL})") from None
     if PROVIDER not in ort.get_available_providers():
         raise Unavailable(f"this onnxruntime has no {PROVIDER} ({INSTALL})")
-    model = mha_model(
-        case.B, case.S, case.T, case.Hq, case.D, case.Dv, causal=case.causal, dtype=opts.dtype
-    )
+    model = mha_model(case.B, case.S, case.T, case.Hq, case.D, case.Dv, causal=case.causal, dtype=opts.dtype)
     feeds = [_feeds(case, *c) for c in copies]
     total = opts.warmup + opts.runs
     with tempfile.TemporaryDirectory(prefix="attnc-ort-") as tmp:
@@ -126,9 +120,7 @@ def run(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions) -> 
     timed = runs[opts.warmup :]
     samples = [sum(us for _, us in r) / 1e3 for r in timed]
     programs = [name.rsplit("&", 1)[-1] for name, _ in timed[0]]
-    per_program = tuple(
-        statistics.median(r[i][1] / 1e3 for r in timed) for i in range(len(programs))
-    )
+    per_program = tuple(statistics.median(r[i][1] / 1e3 for r in timed) for i in range(len(programs)))
     extra["programs"] = programs
     extra["program_ms"] = list(per_program)
     timing = Timing(

@@ -133,9 +133,7 @@ def run(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions) -> 
     def attend(i: int) -> Any:
         q, k, v = tensors[i % len(tensors)]
         causal = case.causal and mask is None
-        return q.scaled_dot_product_attention(
-            k, v, attn_mask=mask, is_causal=causal, enable_gqa=case.group > 1
-        )
+        return q.scaled_dot_product_attention(k, v, attn_mask=mask, is_causal=causal, enable_gqa=case.group > 1)
 
     gpu_ms: list[float] = []
     wall_ms: list[float] = []
