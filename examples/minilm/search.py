@@ -115,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo on each requested device."""
     args = parse_args(argv)
     model = MiniLM()
-    timers = [attention_for(spec, args.target) for spec in device_specs(args.device)]
+    specs = device_specs(args.device)
+    if args.target == "subgroups":  # with --device all, leave out adapters without subgroups
+        skipped = [s for s in specs if s is not None and not isinstance(s, str) and "subgroups" not in s.features]
+        for dev in skipped:
+            print(f"skipping {dev!r}: no 'subgroups' feature for --target subgroups")
+        specs = [s for s in specs if s not in skipped]
+    timers = [attention_for(spec, args.target) for spec in specs]
     for timer in timers:
         run_device(model, timer, args)
     if len(timers) > 1:

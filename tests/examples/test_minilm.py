@@ -107,10 +107,7 @@ def _compare(got: np.ndarray, ref: np.ndarray, bound: float, what: str) -> None:
     """Assert per-sentence cosine >= bound and print the max abs difference."""
     cos = mm.cosine(got, ref)
     max_abs = float(np.abs(got - ref).max())
-    print(
-        f"{what}: min cos {cos.min():.9f}, max 1-cos {1 - cos.min():.3e}, "
-        f"max abs diff {max_abs:.3e}"
-    )
+    print(f"{what}: min cos {cos.min():.9f}, max 1-cos {1 - cos.min():.3e}, max abs diff {max_abs:.3e}")
     assert got.shape == ref.shape
     assert np.isfinite(got).all()
     bad = {s[:40]: float(c) for s, c in zip(SENTENCES, cos, strict=True) if not c >= bound}
