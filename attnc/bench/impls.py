@@ -97,7 +97,8 @@ def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
         op.run(timestamps=False, binding=handles[0])
     timing = _with_rotations(timing, len(copies) if rotating else 1)
     extra = {k: v for k, v in {"variant": getattr(op, "variant", None)}.items() if v is not None}
-    return Measured(timing, np.asarray(op.result()), extra)
+    o, _lse = op.result()
+    return Measured(timing, np.asarray(o), extra)
 
 
 def _attnc_wall(api: Any, copies: Sequence[Inputs], opts: RunOptions, kwargs: dict[str, Any]) -> Measured:

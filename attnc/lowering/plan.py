@@ -46,7 +46,8 @@ class Plan:
     WG: invocations per workgroup; DK: head-dim chunk staged in workgroup memory;
     DVC: output columns per workgroup (a grid axis covers Dv in chunks of DVC);
     DVS: value columns staged at once; SGMIN: the smallest subgroup size the variant
-    must be correct for (butterflies stay within SGMIN lanes).
+    must be correct for (butterflies stay within SGMIN lanes); TM: query rows per
+    invocation (register blocking: each invocation computes TM x TN scores).
     """
 
     family: Family = Family.PORTABLE
@@ -57,6 +58,7 @@ class Plan:
     DVC: int = 64
     DVS: int = 32
     SGMIN: int = 4
+    TM: int = 1
     overrides: tuple[tuple[str, int], ...] = field(default=())
 
     def with_tunables(self, **kw: int) -> Plan:
@@ -102,11 +104,12 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
     """Map the tile sizes onto invocations; raise LoweringError when they do not fit."""
     WG = plan.WG
     for name, val in (("BM", BM), ("BN", BN), ("WG", WG), ("DK", plan.DK), ("DVC", plan.DVC),
-                      ("DVS", plan.DVS)):
+                      ("DVS", plan.DVS), ("TM", plan.TM)):
         if not _pow2(val):
             raise LoweringError(f"tunable {name}={val} must be a power of two")
-    # one row group per row when there are enough threads, else several rows per thread
-    RT = min(BM, WG)
+    # row groups of TM rows; the invocations of a row group share its keys and columns
+    TM = min(plan.TM, BM)
+    RT = min(BM // TM, WG)
     TM = BM // RT
     CT = WG // RT
     if CT > BN:

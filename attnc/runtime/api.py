@@ -181,23 +181,103 @@ def _broadcast_strides(name: str, x: np.ndarray, full: tuple[int, ...]) -> tuple
     return arr, [0 if n == 1 and f != 1 else s for s, n, f in zip(st, shape, full, strict=True)]
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
-              scale: float | None = None, window: tuple[int | None, int | None] | None = None,
-              bias: np.ndarray | None = None, alibi_slopes: np.ndarray | None = None,
-              softcap: float | None = None, sinks: np.ndarray | None = None,
-              kv_lens: np.ndarray | None = None, return_lse: bool = False,
-              device: Device | str | None = None, target: str | None = None,
-              score_mod: Callable[..., Any] | None = None,
-              mask_mod: Callable[..., Any] | None = None) -> Any:
-    """Scaled dot-product attention on a WebGPU device with the DESIGN.md semantics.
+class Prepared:
+    """One attention problem made ready on a device: kernel, programs, uniforms, buffers.
 
-    q [B,Hq,S,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv] -> o [B,Hq,S,Dv] (and lse [B,Hq,S]).
+    `bind` uploads q/k/v (and the option tensors), `run` dispatches every program in one
+    submission (optionally returning the GPU time in ms), `result` reads o (and lse) back.
     """
-    dims = validate(q, k, v)
+
+    def __init__(self, dev: Device, kern: ir.Kernel, plan: Plan, progs: tuple[Program, ...],
+                 dims: dict[str, int], scalars: dict[str, float | int], extra: dict[str, np.ndarray],
+                 strides: dict[str, list[int]]):
+        self.dev, self.kern, self.plan, self.progs, self.dims = dev, kern, plan, progs, dims
+        self.scalars, self.extra, self.strides = scalars, extra, strides
+        self.bufs: dict[str, Any] = {}
+        self.dispatches: list[rt.Dispatch] = []
+        self.has_lse = any(b.name == "lse" for p in progs for b in p.bindings)
+
+    @property
+    def variant(self) -> str:
+        """A readable name of the variant: family, storage, tile sizes and plan tunables."""
+        pl = self.progs[0]
+        tun = ",".join(f"{k}={v}" for k, v in self.kern.tunables)
+        split = f",NSPLIT={self.scalars['NSPLIT']}" if "NSPLIT" in self.scalars else ""
+        return f"{pl.name}:{self.plan.name}[{tun},WG={pl.workgroup_size},TM={self.plan.TM},DVC={self.plan.DVC}{split}]"
+
+    @property
+    def plan_grid(self) -> list[int]:
+        env = {**self.dims, **self.scalars}
+        return [workgroups(p.grid, env) for p in self.progs]
+
+    def bind(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Prepared:
+        """Upload inputs and create the output/scratch buffers and the dispatches."""
+        dims = self.dims
+        B, Hq, S, Dv = dims["B"], dims["Hq"], dims["S"], dims["Dv"]
+        arrays = {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
+                  "v": np.ascontiguousarray(v), **self.extra}
+        uni: dict[str, float | int] = {f"d_{d}": dims[d] for d in self.kern.dims}
+        bufs: dict[str, Any] = {}
+        for p in self.kern.params:
+            if not p.type.dims:
+                if p.name not in self.scalars:
+                    raise ValueError(f"no value for kernel scalar {p.name!r}")
+                uni[f"p_{p.name}"] = self.scalars[p.name]
+                continue
+            arr = arrays[p.name]
+            st = self.strides.get(p.name) or _strides(arr.shape)
+            for i, stride in enumerate(st):
+                uni[f"s_{p.name}_{i}"] = stride
+            if arr.dtype == np.float16 and arr.size % 2:
+                arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])
+            bufs[p.name] = rt.upload(self.dev, arr)
+        o_shape = (B, Hq, S, Dv)
+        for i, stride in enumerate(_strides(o_shape)):
+            uni[f"s_o_{i}"] = stride
+        if self.has_lse:
+            for i, stride in enumerate(_strides(o_shape[:-1])):
+                uni[f"s_lse_{i}"] = stride
+            bufs["lse"] = rt.empty(self.dev, 4 * B * Hq * S)
+        bufs["o"] = rt.empty(self.dev, 4 * B * Hq * S * Dv)
+        if len(self.progs) > 1:
+            bufs["part"] = rt.empty(self.dev, 4 * B * Hq * S * int(self.scalars["NSPLIT"]) * (Dv + 2))
+        self.bufs = bufs
+        self.dispatches = []
+        for p, n in zip(self.progs, self.plan_grid, strict=True):
+            names = {b.name for b in p.bindings}
+            fields = {f.name for f in p.uniforms} - {"grid_total", "grid_stride_x"}
+            self.dispatches.append(rt.Dispatch(p, {x: b for x, b in bufs.items() if x in names},
+                                               {x: uni[x] for x in fields}, n))
+        return self
+
+    def run(self, timestamps: bool = False) -> float | None:
+        """Dispatch all programs in one submission; with timestamps, the total GPU ms."""
+        if not self.dispatches:
+            raise RuntimeError("bind() inputs before run()")
+        times = rt.run(self.dev, self.dispatches, timestamps=timestamps)
+        return None if times is None else float(sum(times))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Read o (float32) and lse back."""
+        B, Hq, S, Dv = (self.dims[x] for x in ("B", "Hq", "S", "Dv"))
+        o = rt.readback(self.dev, self.bufs["o"], np.float32, (B, Hq, S, Dv))
+        lse = rt.readback(self.dev, self.bufs["lse"], np.float32, (B, Hq, S)) if self.has_lse else None
+        return o, lse
+
+
+def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = False,
+            scale: float | None = None, window: tuple[int | None, int | None] | None = None,
+            bias: np.ndarray | None = None, alibi_slopes: np.ndarray | None = None,
+            softcap: float | None = None, sinks: np.ndarray | None = None,
+            kv_lens: np.ndarray | None = None, return_lse: bool = False,
+            device: Device | str | None = None, target: str | None = None,
+            score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
+            plan: Plan | None = None, tunables: dict[str, int] | None = None,
+            nsplit: int | None = None) -> Prepared:
+    """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it."""
     dev = get_device(device)
     fam = pick_family(dev, target)
     B, Hq, S, T = dims["B"], dims["Hq"], dims["S"], dims["T"]
-    f16 = q.dtype == np.float16
     extra: dict[str, np.ndarray] = {}
     strides: dict[str, list[int]] = {}
     scalars: dict[str, float | int] = {}
@@ -206,11 +286,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
             raise ValueError(f"window must be a (left, right) tuple, got {window!r}")
         for side, val in zip(("left", "right"), window, strict=True):
             if val is not None:
-                if not isinstance(val, (int, np.integer)) or val < 0:
+                if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 0:
                     raise ValueError(f"window {side} must be a non-negative int or None, got {val!r}")
-                scalars[f"window_{side}"] = int(val)
+                scalars[f"window_{side}"] = int(min(val, 2**31 - 1))
     if softcap is not None:
-        if not (isinstance(softcap, (int, float)) and softcap > 0):
+        if isinstance(softcap, bool) or not (isinstance(softcap, (int, float)) and softcap > 0):
             raise ValueError(f"softcap must be a positive number, got {softcap!r}")
         scalars["softcap"] = float(softcap)
     for name, x, shape in (("alibi_slopes", alibi_slopes, (Hq,)), ("sinks", sinks, (Hq,))):
@@ -237,64 +317,44 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     opts = Options(causal=bool(causal), window=sides,  # type: ignore[arg-type]
                    softcap=softcap is not None, alibi=alibi_slopes is not None,
                    bias=bias is not None, sinks=sinks is not None, kv_lens=kv_lens is not None,
-                   lse=return_lse, f16=f16, score_mod=score_mod, mask_mod=mask_mod)
-    plan, tun = plan_for(dev, fam, dims, opts)
-    nsplit = split_count(dev, dims, tun["BM"], tun["BN"]) if S <= 16 else 1
+                   lse=return_lse, f16=np.dtype(dtype) == np.float16, score_mod=score_mod,
+                   mask_mod=mask_mod)
+    hplan, htun = plan_for(dev, fam, dims, opts)
+    plan = plan or hplan
+    tun = tunables or htun
+    if nsplit is None:
+        nsplit = split_count(dev, dims, tun["BM"], tun["BN"]) if S <= 16 else 1
     if nsplit > 1:
         opts = Options(**{**opts.__dict__, "split": True})
         scalars["NSPLIT"] = nsplit
     kern = build_kernel(opts, tun)
     progs = programs_for(kern, plan)
-    o, lse = _run(dev, kern, progs, dims, q, k, v, extra, strides, scalars | {"scale": scale})
+    return Prepared(dev, kern, plan, progs, dims, scalars | {"scale": float(scale)}, extra, strides)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
+              scale: float | None = None, window: tuple[int | None, int | None] | None = None,
+              bias: np.ndarray | None = None, alibi_slopes: np.ndarray | None = None,
+              softcap: float | None = None, sinks: np.ndarray | None = None,
+              kv_lens: np.ndarray | None = None, return_lse: bool = False,
+              device: Device | str | None = None, target: str | None = None,
+              score_mod: Callable[..., Any] | None = None,
+              mask_mod: Callable[..., Any] | None = None) -> Any:
+    """Scaled dot-product attention on a WebGPU device with the DESIGN.md semantics.
+
+    q [B,Hq,S,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv] -> o [B,Hq,S,Dv] in q's dtype
+    (and lse [B,Hq,S] float32 with return_lse). score_mod(s, b, h, q_idx, kv_idx) and
+    mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (q_idx is the raw query index).
+    """
+    dims = validate(q, k, v)
+    prep = prepare(dims, q.dtype, causal=causal, scale=scale, window=window, bias=bias,
+                   alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, kv_lens=kv_lens,
+                   return_lse=return_lse, device=device, target=target, score_mod=score_mod,
+                   mask_mod=mask_mod)
+    prep.bind(q, k, v).run()
+    o, lse = prep.result()
     o = o.astype(q.dtype)
     return (o, lse) if return_lse else o
-
-
-def _run(dev: Device, kern: ir.Kernel, progs: tuple[Program, ...], dims: dict[str, int],
-         q: np.ndarray, k: np.ndarray, v: np.ndarray, extra: dict[str, np.ndarray],
-         strides: dict[str, list[int]], scalars: dict[str, float | int]
-         ) -> tuple[np.ndarray, np.ndarray | None]:
-    B, Hq, S, Dv = dims["B"], dims["Hq"], dims["S"], dims["Dv"]
-    arrays = {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
-              "v": np.ascontiguousarray(v), **extra}
-    uni: dict[str, float | int] = {f"d_{d}": dims[d] for d in kern.dims}
-    bufs: dict[str, Any] = {}
-    for p in kern.params:
-        if not p.type.dims:
-            if p.name not in scalars:
-                raise ValueError(f"no value for kernel scalar {p.name!r}")
-            uni[f"p_{p.name}"] = scalars[p.name]
-            continue
-        arr = arrays[p.name]
-        st = strides.get(p.name) or _strides(arr.shape)
-        for i, s in enumerate(st):
-            uni[f"s_{p.name}_{i}"] = s
-        if arr.dtype == np.float16 and arr.size % 2:
-            arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])
-        bufs[p.name] = rt.upload(dev, arr)
-    o_shape = (B, Hq, S, Dv)
-    for i, s in enumerate(_strides(o_shape)):
-        uni[f"s_o_{i}"] = s
-    has_lse = any(b.name == "lse" for p in progs for b in p.bindings)
-    if has_lse:
-        for i, s in enumerate(_strides(o_shape[:-1])):
-            uni[f"s_lse_{i}"] = s
-    bufs["o"] = rt.empty(dev, 4 * int(np.prod(o_shape)))
-    if has_lse:
-        bufs["lse"] = rt.empty(dev, 4 * B * Hq * S)
-    if len(progs) > 1:
-        bufs["part"] = rt.empty(dev, 4 * B * Hq * S * int(scalars["NSPLIT"]) * (Dv + 2))
-    env = {**dims, **{n: v for n, v in scalars.items()}}
-    ds = []
-    for p in progs:
-        names = {b.name for b in p.bindings}
-        fields = {f.name for f in p.uniforms} - {"grid_total", "grid_stride_x"}
-        ds.append(rt.Dispatch(p, {n: b for n, b in bufs.items() if n in names},
-                              {n: uni[n] for n in fields}, workgroups(p.grid, env)))
-    rt.run(dev, ds)
-    o = rt.readback(dev, bufs["o"], np.float32, o_shape)
-    lse = rt.readback(dev, bufs["lse"], np.float32, o_shape[:-1]) if has_lse else None
-    return o, lse
 
 
 def workgroups(factors: tuple[str, ...], env: dict[str, float | int]) -> int:
@@ -308,3 +368,12 @@ def workgroups(factors: tuple[str, ...], env: dict[str, float | int]) -> int:
         else:
             total *= int(env[f])
     return total
+
+
+def prepare_attention(q_shape: tuple[int, ...], k_shape: tuple[int, ...], v_shape: tuple[int, ...],
+                      dtype: Any = np.float32, **options: Any) -> Prepared:
+    """`prepare` from array shapes (what the benchmark harness and the tuner use)."""
+    B, Hq, S, D = q_shape
+    _, Hkv, T, _ = k_shape
+    dims = dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=v_shape[3])
+    return prepare(dims, dtype, **options)
