@@ -60,6 +60,14 @@ def _safe_sub_max(x: np.ndarray, m: np.ndarray) -> np.ndarray:
     return x - np.where(np.isneginf(m), 0.0, m)
 
 
+def _masked_pv(p: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """sum_j p_j v_j over keys with p_j != 0: a masked key adds nothing, even a NaN/inf value."""
+    if np.isfinite(v).all():
+        return p[..., None, :] @ v
+    terms = np.where((p != 0)[..., :, None], p[..., :, None] * v, 0.0)
+    return terms.sum(axis=-2, keepdims=True)
+
+
 class _Interp:
     """Evaluates one kernel on concrete arrays; one instance per call."""
 
@@ -237,7 +245,7 @@ class _Interp:
             p = np.exp(_safe_sub_max(s, m_new))
             a = np.exp(_safe_sub_max(state.m, m_new))
             state.l = state.l * a + p.sum(axis=-1, keepdims=True)
-            state.o = state.o * a[..., None] + (p[..., None, :] @ v)
+            state.o = state.o * a[..., None] + _masked_pv(p, v)
             state.m = m_new
 
 

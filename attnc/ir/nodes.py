@@ -21,7 +21,8 @@ Semantics (what every pass, the printer, the interpreter and the WGSL back end a
 * `update %acc, s, v[..., kj, :]` folds a tile of scores s into the state:
   m' = max(m, max_j s_j); p_j = exp(s_j - m'); l' = l*exp(m - m') + sum_j p_j;
   o' = o*exp(m - m') + sum_j p_j v_j. When m' = -inf (everything masked so far) p = 0 and
-  the rescale factor is 1, so no NaN is made from masking. NaN scores propagate.
+  the rescale factor is 1, so no NaN is made from masking. NaN scores propagate; a key
+  with p = 0 adds nothing to o, even when its value row holds NaN or inf.
   A score of -inf is a masked key (`where(keep, s, -inf)` is how masks are written).
 * `sink %acc, z` adds one logit z per row to the denominator only (no value), after the
   loop (and after the split combine).

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from attnc.errors import LoweringError
 from attnc.ir import nodes as ir
 from attnc.lowering.analyze import FlashSpec, analyze
 from attnc.lowering.flash import Shader, emit_combine, emit_main
-from attnc.lowering.plan import Dialect, Family, Plan, Storage, layout
+from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy, layout
 from attnc.lowering.program import Program
+from attnc.lowering.rows import emit_rows
 
-__all__ = ["Dialect", "Family", "Plan", "Program", "Storage", "lower", "analyze", "FlashSpec"]
+__all__ = ["Dialect", "Family", "Plan", "Program", "Storage", "Strategy", "lower", "analyze", "FlashSpec"]
 
 
 def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
     """Lower a verified kernel for a plan: the programs to dispatch, in order."""
     spec = analyze(kernel)
-    sh = Shader(spec, plan, layout(plan, spec.BM, spec.BN))
-    progs = [emit_main(sh)]
+    if plan.strategy is Strategy.ROWS:
+        if plan.family is not Family.PORTABLE:
+            raise LoweringError("the rows strategy has no cross-invocation reductions: use the portable family")
+        sh = Shader(spec, plan, None)
+        progs = [emit_rows(sh)]
+    else:
+        sh = Shader(spec, plan, layout(plan, spec.BM, spec.BN))
+        progs = [emit_main(sh)]
     if spec.split_var is not None:
         progs.append(emit_combine(sh))
     return tuple(progs)

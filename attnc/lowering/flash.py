@@ -23,11 +23,13 @@ def _helpers() -> str:
 class Shader:
     """State shared by the two programs: bindings, the uniform struct, leaf rendering."""
 
-    def __init__(self, spec: FlashSpec, plan: Plan, lay: Layout):
+    def __init__(self, spec: FlashSpec, plan: Plan, lay: Layout | None):
         self.spec, self.plan, self.lay = spec, plan, lay
         k = spec.kernel
         self.packed = {p.name for p in spec.tensors
                        if p.type.dtype is ir.DType.F16 and plan.storage is Storage.F16}
+        # q, k and v read four head-dim elements per load (needs D, Dv % 4 == 0, unit stride)
+        self.vec4 = {spec.dot.a.tensor, spec.dot.b.tensor, spec.value.tensor} if plan.VEC == 4 else set()
         fields: list[tuple[str, Scalar]] = [("grid_total", Scalar.U32), ("grid_stride_x", Scalar.U32)]
         fields += [(f"d_{d}", Scalar.U32) for d in k.dims]
         for p in spec.tensors:
@@ -46,10 +48,15 @@ class Shader:
         return self.read(e.tensor, addr or "0u")
 
     def read(self, tensor: str, addr: str) -> str:
-        if tensor in self.packed:
+        """A scalar element of a tensor as f32 (or i32), whatever its storage."""
+        if tensor in self.packed or tensor in self.vec4:
             return f"ld_{tensor}({addr})"
         return f"t_{tensor}[{addr}]" if self.spec.kernel.param(tensor).type.dtype is ir.DType.I32 \
             else f"f32(t_{tensor}[{addr}])"
+
+    def read4(self, tensor: str, addr4: str) -> str:
+        """Four consecutive elements (a vec4<f32>) at index 4*addr4 of a vectorised tensor."""
+        return f"ld4_{tensor}({addr4})" if tensor in self.packed else f"t_{tensor}[{addr4}]"
 
     def env(self, row: str | None, kv: str | None, dot: str | None = None) -> ExprEnv:
         """Rendering environment: grid vars and uniform lets are private globals."""
@@ -93,16 +100,32 @@ class Shader:
         for name in outputs:
             out.append(Binding(name, len(out), Access.READ_WRITE, Scalar.F32))
         for b in out:
-            w.line(f"@group(0) @binding({b.binding}) var<storage, {b.access.value}> "
-                   f"t_{b.name}: array<{b.elem.value}>;")
+            ty = b.elem.value
+            if b.name in self.vec4:
+                ty = "vec2<u32>" if b.name in self.packed else "vec4<f32>"
+            w.line(f"@group(0) @binding({b.binding}) var<storage, {b.access.value}> t_{b.name}: array<{ty}>;")
         out.append(Binding("params", len(out), Access.UNIFORM, Scalar.U32))
         w.line(f"@group(0) @binding({len(out) - 1}) var<uniform> P: Params;")
         for name in inputs:
-            if name in self.packed:  # f16 pairs packed in u32 words: no shader-f16 needed
-                with w.block(f"fn ld_{name}(i: u32) -> f32"):
-                    w.line(f"let h = unpack2x16float(t_{name}[i >> 1u]);")
-                    w.line("return select(h.x, h.y, (i & 1u) == 1u);")
+            self._loaders(w, name)
         return tuple(out)
+
+    def _loaders(self, w: Writer, name: str) -> None:
+        """ld_/ld4_ functions for packed f16 (two per u32, no shader-f16 needed) and vec4 tensors."""
+        packed, vec = name in self.packed, name in self.vec4
+        if packed and vec:
+            with w.block(f"fn ld4_{name}(i: u32) -> vec4<f32>"):
+                w.line(f"let x = t_{name}[i];")
+                w.line("return vec4<f32>(unpack2x16float(x.x), unpack2x16float(x.y));")
+            with w.block(f"fn ld_{name}(i: u32) -> f32"):
+                w.line(f"return ld4_{name}(i >> 2u)[i & 3u];")
+        elif packed:
+            with w.block(f"fn ld_{name}(i: u32) -> f32"):
+                w.line(f"let h = unpack2x16float(t_{name}[i >> 1u]);")
+                w.line("return select(h.x, h.y, (i & 1u) == 1u);")
+        elif vec:
+            with w.block(f"fn ld_{name}(i: u32) -> f32"):
+                w.line(f"return t_{name}[i >> 2u][i & 3u];")
 
     def privates(self, w: Writer) -> None:
         s = self.spec
@@ -164,17 +187,46 @@ class Shader:
     def extent(self, a_dim: str, tile: int | None) -> str:
         return f"P.d_{a_dim}" if tile is None else f"((P.d_{a_dim} + {tile - 1}u) / {tile}u)"
 
+    @property
+    def dvc(self) -> int:
+        return self.lay.DVC if self.lay is not None else self.plan.DVC
+
     def n_dvc(self) -> str:
-        return f"((P.d_{self.spec.width} + {self.lay.DVC - 1}u) / {self.lay.DVC}u)"
+        return f"((P.d_{self.spec.width} + {self.dvc - 1}u) / {self.dvc}u)"
 
     def grid_factors(self) -> tuple[str, ...]:
         """The workgroup count as factors over dims/params, for the runtime and the manifest."""
-        s, lay = self.spec, self.lay
+        s = self.spec
         f = [a.dim if a.tile is None else f"ceil_div({a.dim},{a.tile})" for a in s.axes]
         if s.split_count:
             f.append(s.split_count)
-        f.append(f"ceil_div({s.width},{lay.DVC})")
+        f.append(f"ceil_div({s.width},{self.dvc})")
         return tuple(f)
+
+
+def _stage(w: Writer, sh: Shader, sl: ir.Slice, idx: str, first: str, limit: str, base: str,
+           rows: int, cols: int, col0: str, col_limit: str, offset: int) -> None:
+    """Cooperatively copy a rows x cols block of a tensor slice into `stage` (zeros outside)."""
+    lay = sh.lay
+    vec = 4 if sl.tensor in sh.vec4 else 1
+    n = rows * cols // vec
+    with w.block(f"for (var e = lid; e < {n}u; e = e + {lay.WG}u)"):
+        w.line(f"let r = e / {cols // vec}u;")
+        w.line(f"let c = (e % {cols // vec}u) * {vec}u;")
+        w.line(f"let {idx} = {first} + i32(r);")
+        w.line(f"let col = {col0} + c;")
+        w.line(f"let o = {offset}u + r * {cols}u + c;")
+        if vec == 1:
+            w.line("var x = 0.0;")
+            with w.block(f"if ({idx} < {limit} && col < {col_limit})"):
+                w.line(f"x = {sh.read(sl.tensor, f'{base}({idx}) + col * P.s_{sl.tensor}_{sl.axis}')};")
+            w.line("stage[o] = x;")
+        else:  # the head-dim axis has unit stride and every other stride is a multiple of 4
+            w.line("var x = vec4<f32>();")
+            with w.block(f"if ({idx} < {limit} && col < {col_limit})"):
+                w.line(f"x = {sh.read4(sl.tensor, f'({base}({idx}) + col) >> 2u')};")
+            for i, comp in enumerate("xyzw"):
+                w.line(f"stage[o + {i}u] = x.{comp};")
 
 
 def _reduce(w: Writer, lay: Layout, names: list[str], op: str) -> None:
@@ -261,20 +313,8 @@ def emit_main(sh: Shader) -> Program:
                 for x in range(TN):
                     w.line(f"var s{i}_{x} = 0.0;")
             with w.block(f"for (var d0 = 0u; d0 < n_dot; d0 = d0 + {DK}u)"):
-                with w.block(f"for (var e = lid; e < {BM * DK}u; e = e + {WG}u)"):
-                    w.line(f"let qi = q0 + i32(e / {DK}u);")
-                    w.line(f"let d = d0 + e % {DK}u;")
-                    w.line("var x = 0.0;")
-                    with w.block("if (qi < n_rows && d < n_dot)"):
-                        w.line(f"x = {sh.read(s.dot.a.tensor, f'q_base(qi) + d * P.s_{s.dot.a.tensor}_{s.dot.a.axis}')};")
-                    w.line("stage[e] = x;")
-                with w.block(f"for (var e = lid; e < {BN * DK}u; e = e + {WG}u)"):
-                    w.line(f"let kj = k0 + i32(e / {DK}u);")
-                    w.line(f"let d = d0 + e % {DK}u;")
-                    w.line("var x = 0.0;")
-                    with w.block("if (kj < n_keys && d < n_dot)"):
-                        w.line(f"x = {sh.read(s.dot.b.tensor, f'k_base(kj) + d * P.s_{s.dot.b.tensor}_{s.dot.b.axis}')};")
-                    w.line(f"stage[{BM * DK}u + e] = x;")
+                _stage(w, sh, s.dot.a, "qi", "q0", "n_rows", "q_base", BM, DK, "d0", "n_dot", 0)
+                _stage(w, sh, s.dot.b, "kj", "k0", "n_keys", "k_base", BN, DK, "d0", "n_dot", BM * DK)
                 w.line("workgroupBarrier();")
                 with w.block(f"for (var dd = 0u; dd < {DK}u; dd = dd + 1u)"):
                     for i in range(TM):
@@ -313,22 +353,18 @@ def emit_main(sh: Shader) -> Program:
                     w.line(f"o{i}_{y} = o{i}_{y} * al{i};")
             for vs in range(0, DVC, DVS):
                 w.line("workgroupBarrier();")
-                with w.block(f"for (var e = lid; e < {BN * DVS}u; e = e + {WG}u)"):
-                    w.line(f"let kj = k0 + i32(e / {DVS}u);")
-                    w.line(f"let col = dvc * {DVC}u + {vs}u + e % {DVS}u;")
-                    w.line("var x = 0.0;")
-                    with w.block("if (kj < n_keys && col < n_width)"):
-                        w.line(f"x = {sh.read(s.value.tensor, f'v_base(kj) + col * P.s_{s.value.tensor}_{s.value.axis}')};")
-                    w.line("stage[e] = x;")
+                _stage(w, sh, s.value, "kj", "k0", "n_keys", "v_base", BN, DVS, f"dvc * {DVC}u + {vs}u",
+                       "n_width", 0)
                 w.line("workgroupBarrier();")
                 with w.block(f"for (var j = 0u; j < {BN}u; j = j + 1u)"):
                     for y in range(YPS):
                         w.line(f"let v{y} = stage[j * {DVS}u + ct + {CT * y}u];")
                     for i in range(TM):
                         w.line(f"let p{i} = p_sh[(rg * {TM}u + {i}u) * {BN}u + j];")
-                        for y in range(YPS):
-                            n = f"o{i}_{vs // CT + y}"
-                            w.line(f"{n} = fma(p{i}, v{y}, {n});")
+                        with w.block(f"if (p{i} != 0.0)"):  # masked keys add nothing, even a NaN value
+                            for y in range(YPS):
+                                n = f"o{i}_{vs // CT + y}"
+                                w.line(f"{n} = fma(p{i}, v{y}, {n});")
             w.line("workgroupBarrier();")
         _emit_epilogue(w, sh)
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),

@@ -15,6 +15,13 @@ class Family(enum.Enum):
     SUBGROUPS = "subgroups"  # subgroupShuffleXor butterflies, then workgroup memory
 
 
+class Strategy(enum.Enum):
+    """How work maps onto invocations."""
+
+    TILED = "tiled"  # score tiles in workgroup memory, register-blocked dot products (GPUs)
+    ROWS = "rows"  # one query row per invocation, no workgroup memory (CPU adapters, decode)
+
+
 class Storage(enum.Enum):
     """How float tensors are stored in buffers (arithmetic is f32 in both)."""
 
@@ -48,6 +55,8 @@ class Plan:
     DVS: value columns staged at once; SGMIN: the smallest subgroup size the variant
     must be correct for (butterflies stay within SGMIN lanes); TM: query rows per
     invocation (register blocking: each invocation computes TM x TN scores).
+    ROWS strategy: KC keys per softmax step, DQ the largest head dim held in registers.
+    VEC=4 loads q/k/v as vec4 (the runtime picks it only when D and Dv are multiples of 4).
     """
 
     family: Family = Family.PORTABLE
@@ -59,6 +68,10 @@ class Plan:
     DVS: int = 32
     SGMIN: int = 4
     TM: int = 1
+    strategy: Strategy = Strategy.TILED
+    KC: int = 4
+    DQ: int = 64
+    VEC: int = 1
     overrides: tuple[tuple[str, int], ...] = field(default=())
 
     def with_tunables(self, **kw: int) -> Plan:
@@ -67,7 +80,8 @@ class Plan:
 
     @property
     def name(self) -> str:
-        return f"{self.family.value}.{self.storage.value}"
+        rows = ".rows" if self.strategy is Strategy.ROWS else ""
+        return f"{self.family.value}.{self.storage.value}{rows}"
 
 
 @dataclass(frozen=True, slots=True)

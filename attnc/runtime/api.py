@@ -11,7 +11,7 @@ import numpy as np
 
 from attnc.errors import DeviceError
 from attnc.ir import nodes as ir
-from attnc.lowering import Family, Plan, Storage, lower
+from attnc.lowering import Family, Plan, Storage, Strategy, lower
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, layout
 from attnc.lowering.program import Program
 from attnc.lowering.retype import retype
@@ -89,22 +89,27 @@ def _pow2ceil(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
-             ) -> tuple[Plan, dict[str, int]]:
-    """The heuristic plan and kernel tunables for a shape (autotuned choices override it)."""
+def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options,
+             explicit_family: bool = False) -> tuple[Plan, dict[str, int]]:
+    """The heuristic plan and kernel tunables for a shape (a tuned choice overrides it).
+
+    Short query rows (S <= 16: decoding, cross-attention) take the rows strategy (one query
+    row per invocation, no workgroup memory) unless a family was asked for explicitly; longer
+    ones the tiled strategy with 64x32 tiles and 4 rows per invocation, which fits WebGPU's
+    default limits. q/k/v load as vec4 when both head dims are multiples of 4.
+    """
     sg_min = device.subgroup_min_size or 4
     dialect = Dialect.TINT if device.dialect == "tint" else Dialect.NAGA
     storage = Storage.F16 if opts.f16 else Storage.F32
-    dv = _pow2ceil(dims["Dv"])
-    if opts.split or dims["S"] <= 8:
-        tun = {"BM": 4, "BN": 64}
-        plan = Plan(family, storage, dialect, WG=128, DVC=min(max(dv, 32), 256), DVS=32,
-                    SGMIN=min(sg_min, 32))
-    else:
-        tun = {"BM": 32, "BN": 32}
-        plan = Plan(family, storage, dialect, WG=128, DVC=min(max(dv, 32), 128), DVS=32,
-                    SGMIN=min(sg_min, 32))
-    return plan, tun
+    vec = 4 if dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0 else 1
+    dv = min(max(_pow2ceil(dims["Dv"]), 32), 256)
+    if dims["S"] <= 16 and not explicit_family:
+        plan = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, KC=4,
+                    DQ=max(_pow2ceil(dims["D"]), 4), DVC=dv, VEC=vec)
+        return plan, {"BM": 8 if device.adapter_type == "CPU" else 32, "BN": 64}
+    plan = Plan(family, storage, dialect, WG=64, TM=4, DK=16, DVC=min(dv, 128), DVS=32,
+                SGMIN=min(sg_min, 32), VEC=vec)
+    return plan, {"BM": 64, "BN": 32}
 
 
 def split_count(device: Device, dims: dict[str, int], BM: int, BN: int) -> int:
@@ -319,7 +324,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
                    bias=bias is not None, sinks=sinks is not None, kv_lens=kv_lens is not None,
                    lse=return_lse, f16=np.dtype(dtype) == np.float16, score_mod=score_mod,
                    mask_mod=mask_mod)
-    hplan, htun = plan_for(dev, fam, dims, opts)
+    hplan, htun = plan_for(dev, fam, dims, opts, explicit_family=target is not None)
     plan = plan or hplan
     tun = tunables or htun
     if nsplit is None:

@@ -1,0 +1,146 @@
+"""The row-per-invocation strategy: each invocation owns one query row and walks its keys.
+
+No workgroup memory and no barriers: every invocation keeps its query row and output
+accumulator in registers, and invocations of a SIMD group read the same key at the same
+time (uniform addresses). That suits CPU adapters (lavapipe vectorises across
+invocations, and lane-varying loads become slow gathers) and short rows; the tiled
+strategy (flash.py) suits GPUs. Which is faster on a device is decided by measurement.
+"""
+
+from __future__ import annotations
+
+from attnc.lowering.flash import Shader, _features, _mask_of
+from attnc.lowering.program import Program
+from attnc.lowering.wgsl import NAN, NEG_INF, IntervalEnv, Writer, key_range
+
+
+def emit_rows(sh: Shader) -> Program:
+    """One invocation per query row; KC keys per online-softmax step."""
+    s, plan = sh.spec, sh.plan
+    BM, BN, KC, DQ, DVC = s.BM, s.BN, plan.KC, plan.DQ, plan.DVC
+    w = Writer()
+    sh.header(w, False)
+    inputs = [p.name for p in s.tensors]
+    outputs = ["part"] if s.split_var else (["o", "lse"] if s.lse else ["o"])
+    binds = sh.bindings(w, outputs, inputs)
+    sh.privates(w)
+    sh.functions(w)
+    qt, kt, vt = s.dot.a.tensor, s.dot.b.tensor, s.value.tensor
+    with w.block(f"@compute @workgroup_size({BM}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
+                 "@builtin(local_invocation_index) lid: u32)"):
+        w.line("let wg = wid.x + wid.y * P.grid_stride_x;")
+        with w.block("if (wg >= P.grid_total)"):
+            w.line("return;")
+        w.line("var rem = wg;")
+        w.line(f"let dvc = rem % {sh.n_dvc()};")
+        w.line(f"rem = rem / {sh.n_dvc()};")
+        if s.split_var:
+            w.line(f"g_{s.split_var} = i32(rem % u32(P.p_{s.split_count}));")
+            w.line(f"rem = rem / u32(P.p_{s.split_count});")
+        for a in reversed(s.axes):
+            ext = sh.extent(a.dim, a.tile)
+            if a is s.row:
+                w.line(f"let qtile = rem % {ext};")
+            else:
+                w.line(f"g_{a.var} = i32(rem % {ext});")
+            w.line(f"rem = rem / {ext};")
+        sh.uniform_lets(w)
+        w.line(f"let qi = i32(qtile) * {BM} + i32(lid);")
+        w.line(f"let n_rows = i32(P.d_{s.row.dim});")
+        with w.block("if (qi >= n_rows)"):
+            w.line("return;")
+        w.line(f"let n_keys = i32(P.d_{s.kv_dim});")
+        w.line(f"let n_dot = min(P.d_{s.head_dim}, {DQ}u);")
+        w.line(f"let c0 = dvc * {DVC}u;")
+        w.line(f"let n_cols = min(P.d_{s.width} - c0, {DVC}u);")
+        # this row's key range: mask-implied bounds, then the split's share of KV tiles
+        w.line("var k_lo = 0;")
+        w.line("var k_hi = n_keys;")
+        mask = _mask_of(s)
+        if mask is not None:
+            env = IntervalEnv(s.row.var, "qi", "qi", sh.env(None, None), s.lets, s.loop_var)
+            los, his = key_range(mask, env, s.resolve)
+            for lo in los:
+                w.line(f"k_lo = max(k_lo, {lo});")
+            for hi in his:
+                w.line(f"k_hi = min(k_hi, {hi});")
+        if s.split_var:
+            w.line(f"let n_tiles = (n_keys + {BN - 1}) / {BN};")
+            w.line(f"let per = (n_tiles + P.p_{s.split_count} - 1) / P.p_{s.split_count};")
+            w.line(f"k_lo = max(k_lo, g_{s.split_var} * per * {BN});")
+            w.line(f"k_hi = min(k_hi, (g_{s.split_var} + 1) * per * {BN});")
+        vec = 4 if qt in sh.vec4 else 1
+        vt_ = "vec4<f32>" if vec == 4 else "f32"
+        nd, nc = ("(n_dot >> 2u)", "(n_cols >> 2u)") if vec == 4 else ("n_dot", "n_cols")
+        w.line(f"var qr: array<{vt_}, {DQ // vec}>;")
+        w.line("let qb = q_base(qi);")
+        with w.block(f"for (var d = 0u; d < {nd}; d = d + 1u)"):
+            if vec == 4:  # unit stride on the head dim, other strides multiples of 4
+                w.line(f"qr[d] = {sh.read4(qt, '(qb >> 2u) + d')};")
+            else:
+                w.line(f"qr[d] = {sh.read(qt, f'qb + d * P.s_{qt}_{s.dot.a.axis}')};")
+        w.line(f"var acc: array<{vt_}, {DVC // vec}>;")
+        w.line(f"var m = {NEG_INF};")
+        w.line("var l = 0.0;")
+        w.line("var nan = false;")
+        with w.block(f"for (var j0 = max(k_lo, 0); j0 < k_hi; j0 = j0 + {KC})"):
+            w.line(f"var cmax = {NEG_INF};")
+            for c in range(KC):
+                w.line(f"var s{c} = {NEG_INF};")
+                with w.block(f"if (j0 + {c} < k_hi)"):
+                    w.line(f"let kb = k_base(j0 + {c});")
+                    w.line("var dot_ = 0.0;")
+                    with w.block(f"for (var d = 0u; d < {nd}; d = d + 1u)"):
+                        if vec == 4:
+                            w.line(f"dot_ = dot_ + dot(qr[d], {sh.read4(kt, '(kb >> 2u) + d')});")
+                        else:
+                            w.line(f"dot_ = fma(qr[d], {sh.read(kt, f'kb + d * P.s_{kt}_{s.dot.b.axis}')}, dot_);")
+                    w.line(f"s{c} = score_fn(dot_, qi, j0 + {c});")
+                w.line(f"nan = nan || is_nan(s{c});")
+                w.line(f"cmax = max(cmax, s{c});")
+            w.line("let mn = max(m, cmax);")
+            w.line("let al = select(exp_sub(m, mn), 1.0, is_neg_inf(mn));")
+            w.line("l = l * al;")
+            with w.block(f"for (var d = 0u; d < {nc}; d = d + 1u)"):
+                w.line("acc[d] = acc[d] * al;")
+            for c in range(KC):
+                w.line(f"let p{c} = exp_sub(s{c}, mn);")
+                w.line(f"l = l + p{c};")
+                with w.block(f"if (p{c} != 0.0)"):  # masked keys add nothing, even a NaN value
+                    w.line(f"let vb = v_base(j0 + {c});")
+                    with w.block(f"for (var d = 0u; d < {nc}; d = d + 1u)"):
+                        if vec == 4:
+                            v = sh.read4(vt, "((vb + c0) >> 2u) + d")
+                            w.line(f"acc[d] = fma(vec4<f32>(p{c}), {v}, acc[d]);")
+                        else:
+                            v = sh.read(vt, f"vb + (c0 + d) * P.s_{vt}_{s.value.axis}")
+                            w.line(f"acc[d] = fma(p{c}, {v}, acc[d]);")
+            w.line("m = mn;")
+        acc = "acc[d >> 2u][d & 3u]" if vec == 4 else "acc[d]"
+        if s.sink is not None and not s.split_var:
+            w.line("let z = sink_fn(qi);")
+            w.line("let mf = max(m, z);")
+            w.line("let a = exp_sub(m, mf);")
+            w.line("l = l * a + exp_sub(z, mf);")
+            w.line("nan = nan || is_nan(z);")
+            with w.block(f"for (var d = 0u; d < {nc}; d = d + 1u)"):
+                w.line("acc[d] = acc[d] * a;")
+            w.line("m = mf;")
+        if s.split_var:
+            w.line(f"let pr = (row_linear(qi) * u32(P.p_{s.split_count}) + u32(g_{s.split_var})) * "
+                   f"(P.d_{s.width} + 2u);")
+            with w.block("if (dvc == 0u)"):
+                w.line("t_part[pr] = m;")
+                w.line(f"t_part[pr + 1u] = select(l, {NAN}, nan);")
+            with w.block("for (var d = 0u; d < n_cols; d = d + 1u)"):
+                w.line(f"t_part[pr + 2u + c0 + d] = {acc};")
+        else:
+            w.line("let inv = select(1.0 / l, 0.0, l == 0.0);")
+            if s.lse:
+                with w.block("if (dvc == 0u)"):
+                    w.line(f"let lse = select(m + log(l), {NEG_INF}, l == 0.0);")
+                    w.line(f"t_lse[lse_base(qi)] = select(lse, {NAN}, nan);")
+            w.line("let ob = o_base(qi);")
+            with w.block("for (var d = 0u; d < n_cols; d = d + 1u)"):
+                w.line(f"t_o[ob + (c0 + d) * P.s_o_{len(s.axes)}] = select({acc} * inv, {NAN}, nan);")
+    return Program("main", w.text(), "main", BM, binds, sh.uniforms, sh.grid_factors(), _features(plan), 0)
