@@ -113,6 +113,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_demo(args.device, verbose=True)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Time the candidate variants of each case on a device and store the fastest."""
+    import numpy as np
+
+    from attnc.bench.cases import load_suite, parse_shape
+    from attnc.runtime.tune import cache_path, tune
+
+    cases = [parse_shape(s) for s in args.shape] if args.shape else load_suite(args.suite)
+    if args.case:
+        cases = [c for c in cases if c.name in args.case]
+        if not cases:
+            raise SystemExit(f"error: no case named {args.case} in suite {args.suite}")
+    dtype = np.float16 if args.dtype == "f16" else np.float32
+    for c in cases:
+        dims = dict(B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, T=c.T, D=c.D, Dv=c.Dv)
+        print(f"{c.name}: tuning", file=sys.stderr)
+        res = tune(dims, dtype, device=args.device, runs=args.runs, max_candidates=args.max, causal=c.causal)
+        best = res["best"]
+        print(f"{c.name} [{res['bucket']}] on {res['device']}: {best['variant']} {best['ms']:.3f} ms "
+              f"({len([r for r in res['results'] if r.get('ok')])} valid of {len(res['results'])})")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"case": c.name, **res}) + "\n")
+    print(f"cache: {cache_path()}")
+    return 0
+
+
 def cmd_bench(argv: list[str]) -> int:
     from attnc.bench.cli import main as bench_main
 
@@ -148,6 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="compile the shipped kernels, run them, check against numpy")
     r.add_argument("--device", default=None, help="device spec (default: the best adapter)")
     r.set_defaults(fn=cmd_run)
+    t = sub.add_parser("tune", help="autotune variants per device and shape bucket (persistent cache)")
+    t.add_argument("--suite", default="ci", help="suite of ../shared/bench/shapes.json (ci, seeds)")
+    t.add_argument("--case", action="append", help="only these case names")
+    t.add_argument("--shape", action="append", default=[], help="B,Hq,Hkv,S,T,D,Dv[,causal]")
+    t.add_argument("--device", default=None)
+    t.add_argument("--dtype", choices=["f32", "f16"], default="f32")
+    t.add_argument("--runs", type=int, default=7)
+    t.add_argument("--max", type=int, default=64, help="at most this many candidates per case")
+    t.add_argument("--json", default=None, help="append every measurement as JSON lines")
+    t.set_defaults(fn=cmd_tune)
     sub.add_parser("bench", help="benchmarks (see `attnc bench --help`)")
     args = ap.parse_args(argv)
     t0 = time.time()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,6 +202,7 @@ class Prepared:
         self.bufs: dict[str, Any] = {}
         self.dispatches: list[rt.Dispatch] = []
         self.has_lse = any(b.name == "lse" for p in progs for b in p.bindings)
+        self.options_key = ""
 
     @property
     def variant(self) -> str:
@@ -208,7 +210,9 @@ class Prepared:
         pl = self.progs[0]
         tun = ",".join(f"{k}={v}" for k, v in self.kern.tunables)
         split = f",NSPLIT={self.scalars['NSPLIT']}" if "NSPLIT" in self.scalars else ""
-        return f"{pl.name}:{self.plan.name}[{tun},WG={pl.workgroup_size},TM={self.plan.TM},DVC={self.plan.DVC}{split}]"
+        pn = self.plan
+        knobs = f"KC={pn.KC},DQ={pn.DQ}" if pn.strategy is Strategy.ROWS else f"WG={pl.workgroup_size},TM={pn.TM}"
+        return f"{pl.name}:{pn.name}[{tun},{knobs},DVC={pn.DVC},VEC={pn.VEC}{split}]"
 
     @property
     def plan_grid(self) -> list[int]:
@@ -324,6 +328,9 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
                    bias=bias is not None, sinks=sinks is not None, kv_lens=kv_lens is not None,
                    lse=return_lse, f16=np.dtype(dtype) == np.float16, score_mod=score_mod,
                    mask_mod=mask_mod)
+    okey = options_key(opts)
+    if plan is None and tunables is None and score_mod is None and mask_mod is None:
+        plan, tunables, nsplit = _tuned(dev, okey, dims, opts, fam if target is not None else None, nsplit)
     hplan, htun = plan_for(dev, fam, dims, opts, explicit_family=target is not None)
     plan = plan or hplan
     tun = tunables or htun
@@ -334,7 +341,36 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
         scalars["NSPLIT"] = nsplit
     kern = build_kernel(opts, tun)
     progs = programs_for(kern, plan)
-    return Prepared(dev, kern, plan, progs, dims, scalars | {"scale": float(scale)}, extra, strides)
+    prep = Prepared(dev, kern, plan, progs, dims, scalars | {"scale": float(scale)}, extra, strides)
+    prep.options_key = okey
+    return prep
+
+
+def options_key(opts: Options) -> str:
+    """The kernel-shaping options as a stable string (the tuning cache keys on it)."""
+    d = {k: v for k, v in opts.__dict__.items() if k not in ("split", "score_mod", "mask_mod")}
+    return ",".join(f"{k}={v}" for k, v in sorted(d.items()))
+
+
+def _tuned(dev: Device, okey: str, dims: dict[str, int], opts: Options, family: Family | None,
+           nsplit: int | None) -> tuple[Plan | None, dict[str, int] | None, int | None]:
+    """The tuned plan for this device and shape bucket, if `attnc tune` stored one that fits."""
+    from attnc.runtime import tune
+
+    entry = tune.lookup(dev, okey, dims)
+    if entry is None:
+        return None, None, nsplit
+    dialect = Dialect.TINT if dev.dialect == "tint" else Dialect.NAGA
+    plan, tun, ns = tune.entry_to_plan(entry, dialect, Storage.F16 if opts.f16 else Storage.F32)
+    if family is not None and plan.family is not family:
+        return None, None, nsplit
+    if plan.VEC == 4 and (dims["D"] % 4 or dims["Dv"] % 4):
+        plan = dataclasses.replace(plan, VEC=1)
+    if dims["S"] > 16:
+        ns = 1
+    elif ns is not None:  # scale the tuned split count with the KV length of this call
+        ns = max(1, min(ns, -(-dims["T"] // tun["BN"])))
+    return plan, tun, nsplit if nsplit is not None else ns
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,

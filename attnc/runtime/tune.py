@@ -1,0 +1,194 @@
+"""Autotuning: time the valid variants of a problem on a device and remember the fastest.
+
+Candidates are plans (strategy, family, tunables, split count) that fit the device's own
+limits; each is compiled, checked against the float64 reference on the tuning inputs, and
+timed with GPU timestamps (median). The winner is stored in a JSON file in the user cache
+directory, keyed by adapter identity and driver, attnc version, kernel options and a shape
+bucket, and `attnc.attention` uses it for every later call in that bucket. No vendor names
+are involved: the choice is whatever measured fastest on that adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attnc.errors import AttncError
+from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage, Strategy, layout
+from attnc.runtime.devices import Device
+
+VERSION = 1
+
+
+def cache_path() -> Path:
+    """The tuning cache file: $ATTNC_CACHE_DIR, else $XDG_CACHE_HOME/attnc, else ~/.cache/attnc."""
+    base = os.environ.get("ATTNC_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        base = str(Path(xdg) / "attnc")
+    return Path(base) / "tune.json"
+
+
+def _pow2ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def bucket(dims: dict[str, int]) -> str:
+    """Shapes that share a tuned choice: exact head dims and GQA ratio, S and T by power of two."""
+    S, T = dims["S"], dims["T"]
+    s = str(S) if S <= 16 else f"~{_pow2ceil(S)}"
+    return f"S{s}.T~{_pow2ceil(T)}.D{dims['D']}.Dv{dims['Dv']}.G{dims['Hq'] // dims['Hkv']}"
+
+
+def key(device: Device, options_key: str, dims: dict[str, int]) -> str:
+    """The cache key: adapter identity and driver, attnc version, kernel options, shape bucket."""
+    from attnc import __version__
+
+    return f"{device.key}|attnc {__version__}|{options_key}|{bucket(dims)}"
+
+
+def load() -> dict[str, Any]:
+    """The whole cache (empty when missing or unreadable)."""
+    p = cache_path()
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("entries", {}) if data.get("version") == VERSION else {}
+
+
+def lookup(device: Device, options_key: str, dims: dict[str, int]) -> dict[str, Any] | None:
+    """The tuned choice for this problem, if one was stored."""
+    return load().get(key(device, options_key, dims))
+
+
+def store(device: Device, options_key: str, dims: dict[str, int], entry: dict[str, Any]) -> None:
+    """Record a tuned choice (atomically replacing the cache file)."""
+    entries = load()
+    entries[key(device, options_key, dims)] = entry
+    p = cache_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"version": VERSION, "entries": entries}, indent=1, sort_keys=True))
+    tmp.replace(p)
+
+
+def plan_to_entry(plan: Plan, tunables: dict[str, int], nsplit: int | None) -> dict[str, Any]:
+    """A JSON-able record of a plan choice (dialect and storage come from the call)."""
+    d = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)
+         if f.name not in ("dialect", "storage", "overrides")}
+    d["family"] = plan.family.value
+    d["strategy"] = plan.strategy.value
+    return {"plan": d, "tunables": tunables, "nsplit": nsplit}
+
+
+def entry_to_plan(entry: dict[str, Any], dialect: Dialect, storage: Storage) -> tuple[Plan, dict[str, int], int | None]:
+    """The plan, kernel tunables and split count a cache entry describes."""
+    d = dict(entry["plan"])
+    d["family"] = Family(d["family"])
+    d["strategy"] = Strategy(d["strategy"])
+    return Plan(dialect=dialect, storage=storage, **d), dict(entry["tunables"]), entry.get("nsplit")
+
+
+def fits(device: Device, plan: Plan, tun: dict[str, int]) -> bool:
+    """Whether a candidate is valid and fits the device's limits (and default limits if portable-only)."""
+    lim = device.gpu.limits
+    if plan.strategy is Strategy.ROWS:
+        return tun["BM"] <= int(lim.get("max-compute-invocations-per-workgroup", 256))
+    try:
+        lay = layout(plan, tun["BM"], tun["BN"])
+    except AttncError:
+        return False
+    smem = int(lim.get("max-compute-workgroup-storage-size", DEFAULT_LIMITS["max-compute-workgroup-storage-size"]))
+    wg = int(lim.get("max-compute-invocations-per-workgroup", 256))
+    return 4 * lay.smem_words <= smem and lay.WG <= wg and lay.TN >= 1 and lay.TD >= 1
+
+
+def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[Family],
+               nsplit: int | None) -> Iterator[tuple[Plan, dict[str, int], int | None]]:
+    """Valid plans to time for a problem, the heuristic's neighbourhood first."""
+    dq = max(_pow2ceil(dims["D"]), 4)
+    dv = min(max(_pow2ceil(dims["Dv"]), 32), 256)
+    splits = [nsplit] if nsplit is None else sorted({max(1, nsplit // 2), nsplit, nsplit * 2})
+    seen = set()
+    for ns in splits:
+        for bm in (8, 16, 32, 64):
+            for kc in (2, 4, 8):
+                plan = dataclasses.replace(base, family=Family.PORTABLE, strategy=Strategy.ROWS, KC=kc, DQ=dq, DVC=dv)
+                yield plan, {"BM": bm, "BN": 64}, ns
+        for fam in families:
+            for bm, bn, wg, tm, dvc in [(64, 32, 64, 4, 64), (64, 64, 64, 4, 64), (64, 64, 128, 4, 64),
+                                        (128, 64, 256, 4, 64), (64, 64, 128, 2, 64), (32, 32, 128, 1, 64),
+                                        (64, 32, 64, 4, dv), (64, 64, 128, 4, dv), (128, 64, 128, 4, 64),
+                                        (128, 32, 128, 4, 64), (64, 64, 256, 2, 64), (4, 64, 128, 1, dv)]:
+                plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm, DVC=dvc,
+                                           DK=16, DVS=32)
+                tun = {"BM": bm, "BN": bn}
+                sig = (plan, tuple(tun.items()), ns)
+                if sig not in seen and fits(device, plan, tun):
+                    seen.add(sig)
+                    yield plan, tun, ns
+
+
+def tune(dims: dict[str, int], dtype: Any = np.float32, *, device: Device | str | None = None,
+         runs: int = 7, max_candidates: int = 64, progress: bool = True, save: bool = True,
+         **options: Any) -> dict[str, Any]:
+    """Time the candidates for one problem on a device; store and return the fastest valid one."""
+    from attnc.runtime.api import Options, pick_family, plan_for, prepare, split_count
+    from attnc.runtime.devices import get_device
+
+    dev = get_device(device)
+    rng = np.random.default_rng(0)
+    B, Hq, Hkv, S, T, D, Dv = (dims[x] for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
+    q = rng.standard_normal((B, Hq, S, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, T, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, T, Dv)).astype(dtype)
+    fam = pick_family(dev, None)
+    opts = Options(causal=bool(options.get("causal", False)), f16=np.dtype(dtype) == np.float16)
+    base, htun = plan_for(dev, fam, dims, opts, explicit_family=True)
+    families = [Family.PORTABLE] + ([Family.SUBGROUPS] if "subgroups" in dev.features else [])
+    ns0 = split_count(dev, dims, 32, 64) if S <= 16 else None
+    ref = None
+    results = []
+    cands = list(candidates(dev, dims, base, families, ns0))[:max_candidates]
+    for i, (plan, tun, ns) in enumerate(cands):
+        try:
+            op = prepare(dims, dtype, device=dev, plan=plan, tunables=tun, nsplit=ns or 1, **options)
+            op.bind(q, k, v)
+            op.run()
+            times = [op.run(timestamps=True) for _ in range(runs)]
+            o, _ = op.result()
+        except AttncError as exc:
+            results.append({"variant": repr(plan), "error": str(exc).splitlines()[0]})
+            continue
+        if ref is None:
+            from attnc.ir.interp import interpret
+
+            args = {"q": q, "k": k, "v": v, "scale": op.scalars["scale"]}
+            args.update({n: val for n, val in op.scalars.items() if n != "scale"})
+            ref, _ = interpret(op.kern, args)
+        err = float(np.linalg.norm(o - ref) / max(np.linalg.norm(ref), 1e-300))
+        ms = statistics.median(t for t in times if t is not None)
+        ok = err <= (2e-3 if np.dtype(dtype) == np.float16 else 1e-5)
+        results.append({"variant": op.variant, "ms": ms, "relerr": err, "ok": ok,
+                        "entry": plan_to_entry(plan, tun, ns), "options_key": op.options_key})
+        if progress:
+            print(f"\r  [{i + 1}/{len(cands)}] {op.variant}: {ms:.3f} ms{'' if ok else ' WRONG'}",
+                  file=sys.stderr, flush=True)
+    good = [r for r in results if r.get("ok")]
+    if not good:
+        raise AttncError("no candidate variant ran correctly on this device")
+    best = min(good, key=lambda r: r["ms"])
+    okey = best.pop("options_key")
+    if save:
+        store(dev, okey, dims, {**best["entry"], "ms": best["ms"], "variant": best["variant"]})
+    return {"device": dev.spec, "bucket": bucket(dims), "best": best, "results": results,
+            "heuristic": {"tunables": htun}}
