@@ -20,7 +20,8 @@ export interface ManifestTensor {
   dims?: string[];
   count?: string;
 }
-export interface ManifestParam { name: string; type: 'f32' | 'u32' | 'i32'; default: string }
+/** A runtime scalar; without `default` (e.g. window_left, softcap) the caller must pass it. */
+export interface ManifestParam { name: string; type: 'f32' | 'u32' | 'i32'; default?: string }
 export interface ManifestBinding { binding: number; name: string; kind: 'storage' | 'uniform'; access?: 'read' | 'read_write' }
 export interface ManifestUniformField { name: string; offset: number; type: 'f32' | 'u32' | 'i32'; value: string }
 export interface ManifestProgram {

@@ -507,6 +507,9 @@ export class Attention {
     for (const k of Object.keys(params)) if (!known.has(k)) throw new AttncError(`unknown param ${k} (variant ${v.name} has: ${[...known].join(', ') || 'none'})`);
     for (const p of v.params || []) {
       const given = params[p.name];
+      if ((given === undefined || given === null) && (p.default === undefined || p.default === null)) {
+        throw new AttncError(`param ${p.name} (${p.type}) has no default: pass it (variant ${v.name})`);
+      }
       const val = given !== undefined && given !== null ? Number(given) : evaluateFormula(p.default, env);
       env[p.name] = p.type === 'f32' ? val : toScalar(val, p.type, `param ${p.name}`);
     }

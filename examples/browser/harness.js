@@ -82,9 +82,10 @@ export function compare(/** @type {Float64Array} */ got, /** @type {Float64Array
 export async function runCases(adapter, device, casesPath, io) {
   const spec = JSON.parse(await io.text(casesPath));
   const manifests = new Map();
+  const attentions = new Map();
   const results = [];
   for (const c of spec.cases) {
-    const r = await runCase(device, casesPath, c, io, manifests);
+    const r = await runCase(device, casesPath, c, io, manifests, attentions);
     results.push(r);
     if (io.onResult) io.onResult(r);
   }
@@ -92,8 +93,12 @@ export async function runCases(adapter, device, casesPath, io) {
   return {adapter: describeAdapter(adapter), device_features: [...device.features].filter((f) => WANTED_FEATURES.includes(f)), results, checks};
 }
 
-/** @param {any} device @param {string} casesPath @param {any} c @param {any} io @param {Map<string, any>} manifests */
-async function runCase(device, casesPath, c, io, manifests) {
+/**
+ * @param {any} device @param {string} casesPath @param {any} c @param {any} io @param {Map<string, any>} manifests
+ * @param {Map<string, any>} attentions runners by manifest, variant selector and limits: cases that differ only
+ *   in shapes or params share pipelines (a compile costs seconds on software adapters)
+ */
+async function runCase(device, casesPath, c, io, manifests, attentions) {
   /** @type {any} */
   const r = {name: c.name, status: 'error', variant: null, shapes: c.shapes};
   try {
@@ -110,7 +115,9 @@ async function runCase(device, casesPath, c, io, manifests) {
       return r;
     }
     const t0 = performance.now();
-    const attn = await createAttention(device, manifest, {variant: c.variant ?? undefined, limits: c.limits});
+    const key = JSON.stringify([mpath, c.variant ?? null, c.limits || {}]);
+    if (!attentions.has(key)) attentions.set(key, await createAttention(device, manifest, {variant: c.variant ?? undefined, limits: c.limits}));
+    const attn = attentions.get(key);
     r.create_ms = performance.now() - t0;
     r.variant = attn.variant.name;
     /** @type {Record<string, any>} */
@@ -121,7 +128,9 @@ async function runCase(device, casesPath, c, io, manifests) {
     }
     const plan = attn.plan(c.shapes, c.params || {});
     r.dispatches = plan.dispatches.map((d) => ({program: d.program.name, n: d.n, x: d.x, y: d.y}));
+    const t1 = performance.now();
     let out = await attn.run(inputs, c.shapes, c.params || {});
+    r.first_ms = performance.now() - t1;
     const times = [];
     for (let i = 0; i < (io.repeat ?? 3); i++) {
       const t = performance.now();

@@ -29,6 +29,10 @@ import js_cases  # noqa: E402
 
 CHROMIUM = os.environ.get("ATTNC_CHROMIUM", "/usr/lib/chromium/chromium")
 IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+FULL = os.environ.get("ATTNC_JS_FULL", "").strip().lower() in {"1", "true", "yes"}
+# Seconds for one runner: a cold lavapipe spends 3-9 s compiling each flash-attention pipeline
+# (14 by default, 58 with ATTNC_JS_FULL=1); Mesa's shader cache makes reruns take seconds.
+RUNNER_TIMEOUT = float(os.environ.get("ATTNC_JS_TIMEOUT", 1800 if FULL else 400))
 
 
 def missing(what: str) -> None:
@@ -73,7 +77,8 @@ def _once(key: str, make):
 
 def _run(cmd: list[str], timeout: float) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    env = dict(os.environ, ATTNC_PAGE_TIMEOUT_MS=str(int(timeout * 1000)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 60, cwd=ROOT, env=env)
     return time.perf_counter() - t0, proc
 
 
@@ -86,7 +91,7 @@ def _node_results(cases_dir: Path) -> dict:
     node = node_or_missing()
     package_or_missing("webgpu")
     out = cases_dir.parent / "node.json"
-    secs, proc = _run([node, str(HERE / "run_node.mjs"), str(cases_dir / "cases.json"), str(out)], 180)
+    secs, proc = _run([node, str(HERE / "run_node.mjs"), str(cases_dir / "cases.json"), str(out)], RUNNER_TIMEOUT)
     assert proc.returncode == 0 and out.is_file(), f"node runner failed:\n{proc.stdout}\n{proc.stderr}"
     res = json.loads(out.read_text())
     res["wall_s"] = secs
@@ -128,7 +133,7 @@ def _browser_results(cases_dir: Path) -> dict:
     try:
         url = f"http://127.0.0.1:{server.server_port}/examples/browser/index.html?cases=/cases/cases.json&outputs=1&repeat=1"
         out = cases_dir.parent / "browser.json"
-        secs, proc = _run([node, str(HERE / "run_browser.mjs"), url, str(out), CHROMIUM], 240)
+        secs, proc = _run([node, str(HERE / "run_browser.mjs"), url, str(out), CHROMIUM], RUNNER_TIMEOUT)
     finally:
         server.shutdown()
         server.server_close()

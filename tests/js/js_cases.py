@@ -8,15 +8,18 @@ in float64 with numpy from the very inputs the GPU gets (f16 inputs rounded firs
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 from manifest_schema import FormulaError, evaluate
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 FIXTURES = HERE / "fixtures"
 TOL = {"f32": 1e-5, "f16": 2e-3}  # DESIGN.md: relative Frobenius error
 NP_DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "u32": np.uint32}
@@ -321,54 +324,102 @@ def attention_reference(
     return o, lse
 
 
-# Kernels to compile and run (options as attnc.attention names them) and the shapes to try.
+# Kernels to compile and run: (name, compile options as flash_attention's keywords, runtime
+# params, variants as (family, dtype) pairs or None for all). Only the None-ness of `window`'s
+# ends matters when compiling; the values travel as the i32 params window_left/window_right.
+# `softcap` compiles as a bool; the cap is the f32 param `softcap`. The reference takes the
+# same values.
+#
+# Each distinct pipeline costs a shader compile: ~1 s on SwiftShader, 3-9 s on lavapipe the
+# first time (llvmpipe compiles at the first dispatch; Mesa's disk cache makes reruns fast).
+# So the default set packs several options into one kernel and runs every (family, dtype)
+# on `plain` and each option kernel on one variant per family, the dtypes crossed, so that
+# each option meets both families and both dtypes: 14 pipelines. ATTNC_JS_FULL=1 adds every
+# option on its own on every variant (58 pipelines; minutes on a cold lavapipe).
+SG32, SG16, PO32, PO16 = ("subgroups", "f32"), ("subgroups", "f16"), ("portable", "f32"), ("portable", "f16")
 ATTENTION_CONFIGS = [
-    ("plain", {}),
-    ("causal", {"causal": True}),
-    ("window", {"window": (5, 0)}),
-    ("softcap", {"softcap": 20.0}),
-    ("sinks", {"sinks": True}),
-    ("kv_lens", {"kv_lens": True, "causal": True, "lse": True}),
-    ("split", {"split": True, "lse": True}),
+    ("plain", {}, {}, None),
+    ("causal_softcap_sinks", {"causal": True, "softcap": 20.0, "sinks": True, "lse": True}, {}, [SG32, PO16]),
+    ("window_alibi_bias", {"window": (5, 0), "alibi": True, "bias": True}, {}, [SG16, PO32]),
+    ("kvlens_window_right", {"kv_lens": True, "window": (None, 2), "lse": True}, {"scale": 0.3}, [SG32, PO16]),
+    (
+        "split",
+        {"split": True, "causal": True, "kv_lens": True, "sinks": True, "lse": True},
+        {"NSPLIT": 3},
+        [SG16, PO32],
+    ),
 ]
+ATTENTION_CONFIGS_FULL = [
+    ("causal", {"causal": True}, {}, None),
+    ("window", {"window": (5, 0)}, {}, None),
+    ("window_right", {"window": (None, 2)}, {"scale": 0.3}, None),
+    ("softcap", {"softcap": 20.0}, {}, None),
+    ("alibi", {"alibi": True, "causal": True}, {}, None),
+    ("bias", {"bias": True}, {}, None),
+    ("sinks", {"sinks": True, "lse": True}, {}, None),
+    ("kv_lens", {"kv_lens": True, "causal": True, "lse": True}, {}, None),
+    ("split_lse", {"split": True, "lse": True}, {"NSPLIT": 3}, None),
+    ("split_all", {"split": True, "causal": True, "kv_lens": True, "sinks": True}, {"NSPLIT": 4}, None),
+]
+
+
+def attention_configs() -> list[tuple]:
+    full = os.environ.get("ATTNC_JS_FULL", "").strip().lower() in {"1", "true", "yes"}
+    if not full:
+        return ATTENTION_CONFIGS
+    return [(n, o, p, None) for n, o, p, _ in ATTENTION_CONFIGS] + ATTENTION_CONFIGS_FULL
+
+
 ATTENTION_SHAPES = [
     {"B": 1, "Hq": 2, "Hkv": 2, "S": 1, "T": 37, "D": 32, "Dv": 32},
     {"B": 2, "Hq": 4, "Hkv": 2, "S": 17, "T": 33, "D": 64, "Dv": 64},
-    {"B": 1, "Hq": 3, "Hkv": 1, "S": 9, "T": 9, "D": 72, "Dv": 72},
+    {"B": 1, "Hq": 3, "Hkv": 1, "S": 9, "T": 9, "D": 72, "Dv": 40},
+    # odd sizes: f16 tensors of odd length (padded to 4 bytes), D and Dv not multiples of 2
+    {"B": 1, "Hq": 3, "Hkv": 3, "S": 3, "T": 5, "D": 7, "Dv": 5},
 ]
+KERNEL = "attnc.kernels.flash:flash_attention"
+
+
+def compile_options(options: dict) -> dict:
+    """flash_attention's compile-time keywords for a config: softcap is a bool (the cap is a
+    runtime param), window keeps only which ends exist (the values are runtime params)."""
+    out = {}
+    for key, val in options.items():
+        if key == "softcap":
+            val = val is not None and val is not False
+        elif key == "window" and val is not None:
+            val = [None if x is None else int(x) for x in val]
+        out[key] = val
+    return out
 
 
 def compile_command(out: Path, options: dict) -> list[str]:
-    """`attnc compile` for the shipped flash-attention kernel with `options`.
-
-    TODO(when the CLI lands): check these flag spellings against `python -m attnc compile --help`.
-    """
-
-    cmd = [*(_compile_prefix() or []), "flash_attention", "-o", str(out)]
-    for key, val in options.items():
-        flag = "--" + key.replace("_", "-")
-        if key == "window":
-            cmd += [flag, ",".join("" if x is None else str(x) for x in val)]
-        elif key == "softcap":
-            cmd += [flag]
-        elif val is True:
-            cmd.append(flag)
+    """`python -m attnc compile attnc.kernels.flash:flash_attention -o OUT --set KEY=JSON ...`."""
+    cmd = [*(_compile_prefix() or []), KERNEL, "-o", str(out)]
+    for key, val in compile_options(options).items():
+        cmd += ["--set", f"{key}={json.dumps(val)}"]
     return cmd
 
 
-def _compile_prefix() -> list[str] | None:
-    """`python -m attnc compile` or `python -m attnc.cli compile`, whichever answers --help."""
+@functools.cache
+def _compile_prefix() -> tuple[str, ...] | None:
+    """`python -m attnc compile`, or None while attnc has no CLI."""
     import importlib.util
-    import subprocess
-    import sys
 
-    if importlib.util.find_spec("attnc.cli") is None:
+    try:
+        if importlib.util.find_spec("attnc.cli") is None or importlib.util.find_spec("attnc.__main__") is None:
+            return None
+    except ImportError:
         return None
-    for mod in ("attnc", "attnc.cli"):
-        cmd = [sys.executable, "-m", mod, "compile"]
-        if subprocess.run([*cmd, "--help"], capture_output=True).returncode == 0:
-            return cmd
-    return None
+    return (sys.executable, "-m", "attnc", "compile")
+
+
+def _compile_env() -> dict:
+    """Run `attnc` from the repository root with it first on PYTHONPATH: the editable install
+    can resolve `attnc` to a namespace package (no __version__) from other folders."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return {"cwd": ROOT, "env": env}
 
 
 def compiler_available() -> bool:
@@ -382,31 +433,51 @@ def attention_cases(w: _Writer, folder: Path) -> list[dict]:
 
     if not compiler_available():
         return []
+    # One Python process runs every `attnc compile` command line through attnc.cli.main: the
+    # same argument parsing as the shell command, without paying the imports once per kernel.
+    configs = attention_configs()
+    prefix = len(_compile_prefix()) - 1  # main() takes the argv after `python -m attnc`
+    argvs = [
+        compile_command((folder / "compiled" / cname).resolve(), options)[prefix:] for cname, options, _, _ in configs
+    ]
+    driver = (
+        "import json, sys\n"
+        "from attnc.cli import main\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    rc = main(argv)\n"
+        "    if rc: sys.exit(f'attnc {\" \".join(argv)} exited with {rc}')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", driver, json.dumps(argvs)], capture_output=True, text=True, **_compile_env()
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"attnc compile failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     rng = np.random.default_rng(99)
     cases = []
-    for cname, options in ATTENTION_CONFIGS:
-        out = folder / "compiled" / cname
-        subprocess.run(compile_command(out, options), check=True, capture_output=True)
-        manifest = json.loads((out / "manifest.json").read_text())
+    for cname, options, params, variants in configs:
+        manifest = json.loads((folder / "compiled" / cname / "manifest.json").read_text())
         seen = set()
         for var in manifest["variants"]:
             key = (var["family"], var["dtype"])
-            if key in seen:
+            if key in seen or (variants is not None and key not in variants):
                 continue
             seen.add(key)
             for shapes in ATTENTION_SHAPES:
-                cases.append(_attention_case(w, rng, f"compiled/{cname}/manifest.json", var, cname, options, shapes))
+                cases.append(
+                    _attention_case(w, rng, f"compiled/{cname}/manifest.json", var, cname, options, params, shapes)
+                )
     return cases
 
 
-def _attention_case(w, rng, manifest_rel, var, cname, options, shapes) -> dict:
+def _attention_case(w, rng, manifest_rel, var, cname, options, params, shapes) -> dict:
     B, Hq, Hkv, S, T, D, Dv = (shapes[k] for k in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
-    store = np.float16 if var["dtype"] == "f16" else np.float32
+    lens = rng.integers(0, T + 1, B)
+    lens[0] = min(T, max(S, lens[0]))  # one batch with every query row alive, the rest anything
     data = {
         "q": rng.standard_normal((B, Hq, S, D)),
         "k": rng.standard_normal((B, Hkv, T, D)),
         "v": rng.standard_normal((B, Hkv, T, Dv)),
-        "kv_lens": rng.integers(0, T + 1, B).astype(np.int32),
+        "kv_lens": lens,
         "alibi_slopes": 2.0 ** -np.arange(1, Hq + 1),
         "bias": rng.standard_normal((B, Hq, S, T)),
         "sinks": rng.standard_normal(Hq),
@@ -415,11 +486,12 @@ def _attention_case(w, rng, manifest_rel, var, cname, options, shapes) -> dict:
     for t in var["tensors"]:
         if t["role"] != "input":
             continue
-        arr = data[t["name"]]
-        arr = arr.astype(store if t["dtype"] == "f16" else NP_DTYPES[t["dtype"]])
+        if t["name"] not in data:
+            raise KeyError(f"{manifest_rel}: no test data for input tensor {t['name']}")
+        arr = data[t["name"]].astype(NP_DTYPES[t["dtype"]])  # f16 inputs rounded to f16 here
         inputs[t["name"]] = w.bin(arr, t["dtype"])
         ref_args[t["name"]] = arr
-    params = {}
+    params = dict(params)
     pnames = {p["name"] for p in var["params"]}
     if "softcap" in pnames:
         params["softcap"] = float(options["softcap"])
@@ -427,13 +499,17 @@ def _attention_case(w, rng, manifest_rel, var, cname, options, shapes) -> dict:
         params["window_left"] = options["window"][0]
     if "window_right" in pnames:
         params["window_right"] = options["window"][1]
+    unknown = set(params) - pnames
+    if unknown:
+        raise KeyError(f"{manifest_rel} ({var['name']}) has no param(s) {sorted(unknown)}")
     o, lse = attention_reference(
         ref_args["q"],
         ref_args["k"],
         ref_args["v"],
+        scale=float(np.float32(params["scale"])) if "scale" in params else None,
         causal=options.get("causal", False),
         window=options.get("window"),
-        softcap=options.get("softcap"),
+        softcap=float(np.float32(params["softcap"])) if "softcap" in params else None,
         alibi_slopes=ref_args.get("alibi_slopes"),
         bias=ref_args.get("bias"),
         sinks=ref_args.get("sinks"),
@@ -443,11 +519,12 @@ def _attention_case(w, rng, manifest_rel, var, cname, options, shapes) -> dict:
     for t in var["tensors"]:
         if t["role"] == "output":
             expected[t["name"]] = w.bin(o if t["name"] == "o" else lse, t["dtype"])
-    dims = "x".join(str(shapes[k]) for k in ("B", "Hq", "Hkv", "S", "T", "D"))
+    dims = "x".join(str(shapes[k]) for k in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
     return {
         "name": f"attn.{cname}.{var['family']}.{var['dtype']}.{dims}",
         "manifest": manifest_rel,
         "variant": {"family": var["family"], "dtype": var["dtype"]},
+        "requires_features": list(var["requires"].get("features", [])),
         "shapes": shapes,
         "params": params,
         "limits": {},

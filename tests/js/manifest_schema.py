@@ -353,8 +353,6 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
             out.append(f"{tw}.role: {role!r} not one of {sorted(ROLES)}")
         if t.get("dtype") not in TENSOR_DTYPES:
             out.append(f"{tw}.dtype: {t.get('dtype')!r} not one of {sorted(TENSOR_DTYPES)}")
-        if t.get("dtype") == "f16" and "shader-f16" not in features:
-            out.append(f"{tw}: f16 tensor in a variant that does not require 'shader-f16'")
         if role == "scratch":
             _keys(out, tw, t, {"name", "role", "dtype", "count"})
             scratch_formulas.append((f"{tw}.count", t.get("count")))
@@ -377,12 +375,13 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
             out.append(f"{where}.params: {p!r} is not a param with an identifier name")
             continue
         pw = f"{where}.params.{p['name']}"
-        _keys(out, pw, p, {"name", "type", "default"})
+        _keys(out, pw, p, {"name", "type", "default"}, optional={"default"})
         if p["name"] in known or p["name"] in GRID_NAMES or p["name"] in FUNCTIONS:
             out.append(f"{pw}: name clashes with a dim, a param, a grid name or a function")
         if p.get("type") not in PARAM_TYPES:
             out.append(f"{pw}.type: {p.get('type')!r} not one of {sorted(PARAM_TYPES)}")
-        _formula(out, f"{pw}.default", p.get("default"), known)
+        if "default" in p:  # no default: the caller must pass the param
+            _formula(out, f"{pw}.default", p.get("default"), known)
         known.add(p["name"])
     for w, f in scratch_formulas:
         _formula(out, w, f, known)
@@ -573,12 +572,12 @@ def _wgsl(out: list[str], pw: str, path: Path, enables: list[str], entry: Any, w
                 out.append(f"{pw}.workgroup_size: {wg} but the WGSL declares {declared}")
     for b in bindings:
         if isinstance(b, dict) and _int(b.get("binding")) and isinstance(b.get("name"), str):
-            pat = (
-                r"@group\(0\)\s*@binding\(" + str(b["binding"]) + r"\)\s*var<([^>]*)>\s*" + re.escape(b["name"]) + r"\b"
-            )
+            # The WGSL variable's name is the shader's business (attnc writes t_q, P, ...);
+            # the slot and its address space/access must match the manifest.
+            pat = r"@group\(0\)\s*@binding\(" + str(b["binding"]) + r"\)\s*var<([^>]*)>\s*[A-Za-z_][A-Za-z0-9_]*\b"
             mm = re.search(pat, code)
             if not mm:
-                out.append(f"{pw}.file: no @group(0) @binding({b['binding']}) var {b['name']}")
+                out.append(f"{pw}.file: no @group(0) @binding({b['binding']}) var (for {b['name']})")
                 continue
             space = [s.strip() for s in mm.group(1).split(",")]
             want = ["uniform"] if b.get("kind") == "uniform" else ["storage", b.get("access")]

@@ -24,7 +24,7 @@ try {
   page.on('console', (m) => console_.push(`${m.type()}: ${m.text()}`));
   page.on('pageerror', (e) => console_.push(`pageerror: ${e.message}`));
   await page.goto(pageUrl);
-  await page.waitForFunction(() => window.__attncDone === true, null, {timeout: 120000});
+  await page.waitForFunction(() => window.__attncDone === true, null, {timeout: Number(process.env.ATTNC_PAGE_TIMEOUT_MS) || 120000});
   const out = await page.evaluate(() => window.__attncResults);
   out.console = console_;
   out.browser_version = context.browser()?.version() ?? null;

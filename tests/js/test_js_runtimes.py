@@ -1,5 +1,5 @@
 """The JS loader (js/attnc.js) on real WebGPU: Node + Dawn (lavapipe: subgroups of 8, f16) and
-headless Chromium (SwiftShader: subgroups of 4, no f16), every case checked with numpy."""
+headless Chromium (SwiftShader: subgroups of 4, no shader-f16), every case checked with numpy."""
 
 from __future__ import annotations
 
@@ -73,28 +73,38 @@ def check_outputs(runtime_name: str, c: dict, r: dict, cases_dir) -> None:
 
 
 def test_compiled_attention(runtime, cases_dir):
-    """Real `attnc compile` kernels (every config x variant family/dtype x shape), once the
-    compiler exists; f16 variants only where the adapter has shader-f16."""
+    """Real `attnc compile` kernels (js_cases.attention_configs() x variants x shapes), once the
+    compiler exists. A variant may be skipped only where the adapter lacks a feature its
+    manifest `requires` (attnc's f16 variants pack halves in u32 and need no shader-f16, so
+    they run on SwiftShader too); every (family, dtype) the adapter can run must have run."""
     name, res = runtime
     results = [r for r in res["results"] if r["name"].startswith("attn.")]
     if not results:
         assert not js_cases.compiler_available(), "attnc compile exists but made no cases"
         pytest.skip("`python -m attnc compile` is not available yet")
     spec = {c["name"]: c for c in js_cases.load_cases(cases_dir)}
-    failures, ran = [], 0
+    have = set(res["device_features"])
+    failures, ran, runnable = [], set(), set()
     for r in results:
         c = spec[r["name"]]
-        if r["status"] == "unsupported" and c["variant"]["dtype"] == "f16":
-            if "shader-f16" not in res["device_features"]:
-                continue
+        key = (c["variant"]["family"], c["variant"]["dtype"])
+        missing = set(c["requires_features"]) - have
+        if missing:
+            if r["status"] != "unsupported":
+                failures.append(f"{r['name']}: ran ({r['status']}) though the adapter lacks {sorted(missing)}")
+            continue
+        runnable.add(key)
         try:
             assert r["status"] == "ok", r.get("error")
+            assert r["variant"] == "flash_attention.{}.{}".format(*key), r["variant"]
             check_outputs(name, c, r, cases_dir)
-            ran += 1
+            ran.add(key)
         except AssertionError as e:
             failures.append(f"{r['name']}: {e}")
-    assert not failures, f"{len(failures)} of {len(results)} failed:\n" + "\n".join(failures)
-    assert ran > 0
+    assert not failures, f"{len(failures)} of {len(results)} failed on {name}:\n" + "\n".join(failures)
+    assert ran and ran == runnable, (sorted(ran), sorted(runnable))
+    if name == "chromium":  # SwiftShader: subgroups of 4 and no shader-f16, yet every variant runs
+        assert ran == {(f, d) for f in ("subgroups", "portable") for d in ("f32", "f16")}, sorted(ran)
 
 
 def test_formulas_match_python(runtime):

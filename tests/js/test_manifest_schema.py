@@ -149,5 +149,7 @@ def test_compiled_manifests_are_valid(cases_dir):
     if not found:
         assert not js_cases.compiler_available(), "attnc compile exists but emitted no manifest"
         pytest.skip("`python -m attnc compile` is not available yet")
-    for path in found:
-        assert ms.validate(json.loads(path.read_text()), path.parent) == [], path
+    problems = [
+        f"{path.parent.name}: {p}" for path in found for p in ms.validate(json.loads(path.read_text()), path.parent)
+    ]
+    assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems)
