@@ -77,6 +77,7 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str]) -> dict
     lse = any(b.name == "lse" for p in c.programs for b in p.bindings)
     formulas = _field_formulas(kernel, lse)
     programs = []
+    n_storage: list[int] = []
     for p in c.programs:
         storage = [b for b in p.bindings if b.access is not Access.UNIFORM]
         programs.append({
@@ -92,8 +93,8 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str]) -> dict
                                      "value": formulas[f.name]} for f in p.uniforms]},
             "workgroups": "*".join(p.grid),
             "workgroup_storage_bytes": p.workgroup_storage_bytes,
-            "storage_buffers": len(storage),
         })
+        n_storage.append(len(storage))
     features = sorted({"subgroups" for p in c.programs if "subgroups" in p.features})
     return {
         "name": c.name,
@@ -104,7 +105,7 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str]) -> dict
             "limits": {
                 "maxComputeWorkgroupStorageSize": max(p.workgroup_storage_bytes for p in c.programs),
                 "maxComputeInvocationsPerWorkgroup": max(p.workgroup_size for p in c.programs),
-                "maxStorageBuffersPerShaderStage": max(x["storage_buffers"] for x in programs),
+                "maxStorageBuffersPerShaderStage": max(n_storage),
             },
         },
         "enables": features,
