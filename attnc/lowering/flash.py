@@ -204,9 +204,18 @@ class Shader:
         return tuple(f)
 
 
+def _sm(arr: str, idx: str) -> str:
+    """One f32 element of a workgroup array of vec4 (stored as vec4 for 16-byte reads)."""
+    return f"{arr}[({idx}) >> 2u][({idx}) & 3u]"
+
+
 def _stage(w: Writer, sh: Shader, sl: ir.Slice, idx: str, first: str, limit: str, base: str,
-           rows: int, cols: int, col0: str, col_limit: str, offset: int) -> None:
-    """Cooperatively copy a rows x cols block of a tensor slice into `stage` (zeros outside)."""
+           rows: int, cols: int, col0: str, col_limit: str, offset: int, transpose: bool) -> None:
+    """Cooperatively copy a rows x cols block of a tensor slice into `stage` (zeros outside).
+
+    Transposed (column-major: element (r, c) at c*rows + r) for q and k, so an invocation
+    reads its TM rows or TN keys for one head-dim index as one vec4; row-major for v.
+    """
     lay = sh.lay
     vec = 4 if sl.tensor in sh.vec4 else 1
     n = rows * cols // vec
@@ -215,18 +224,33 @@ def _stage(w: Writer, sh: Shader, sl: ir.Slice, idx: str, first: str, limit: str
         w.line(f"let c = (e % {cols // vec}u) * {vec}u;")
         w.line(f"let {idx} = {first} + i32(r);")
         w.line(f"let col = {col0} + c;")
-        w.line(f"let o = {offset}u + r * {cols}u + c;")
         if vec == 1:
             w.line("var x = 0.0;")
             with w.block(f"if ({idx} < {limit} && col < {col_limit})"):
                 w.line(f"x = {sh.read(sl.tensor, f'{base}({idx}) + col * P.s_{sl.tensor}_{sl.axis}')};")
-            w.line("stage[o] = x;")
+            dst = f"{offset}u + c * {rows}u + r" if transpose else f"{offset}u + r * {cols}u + c"
+            w.line(f"{_sm('stage', dst)} = x;")
         else:  # the head-dim axis has unit stride and every other stride is a multiple of 4
             w.line("var x = vec4<f32>();")
             with w.block(f"if ({idx} < {limit} && col < {col_limit})"):
                 w.line(f"x = {sh.read4(sl.tensor, f'({base}({idx}) + col) >> 2u')};")
-            for i, comp in enumerate("xyzw"):
-                w.line(f"stage[o + {i}u] = x.{comp};")
+            if transpose:
+                for i, comp in enumerate("xyzw"):
+                    w.line(f"{_sm('stage', f'{offset}u + (c + {i}u) * {rows}u + r')} = x.{comp};")
+            else:
+                w.line(f"stage[({offset}u + r * {cols}u + c) >> 2u] = x;")
+
+
+def _loads(w: Writer, name: str, arr: str, base: str, n: int) -> None:
+    """`let {name}{k}` for n consecutive f32 at `base` (a multiple of 4 when n >= 4)."""
+    if n % 4 == 0:
+        for k4 in range(n // 4):
+            w.line(f"let {name}v{k4} = {arr}[({base} + {4 * k4}u) >> 2u];")
+            for k, comp in enumerate("xyzw"):
+                w.line(f"let {name}{4 * k4 + k} = {name}v{k4}.{comp};")
+    else:
+        for k in range(n):
+            w.line(f"let {name}{k} = {_sm(arr, f'{base} + {k}u')};")
 
 
 def _reduce(w: Writer, lay: Layout, names: list[str], op: str) -> None:
@@ -264,8 +288,8 @@ def emit_main(sh: Shader) -> Program:
     binds = sh.bindings(w, outputs, inputs)
     stage = max(BM * DK + BN * DK, BN * DVS)
     groups = CT // lay.G
-    w.line(f"var<workgroup> stage: array<f32, {stage}>;")
-    w.line(f"var<workgroup> p_sh: array<f32, {BM * BN}>;")
+    w.line(f"var<workgroup> stage: array<vec4<f32>, {stage // 4}>;")
+    w.line(f"var<workgroup> p_sh: array<vec4<f32>, {BM * BN // 4}>;")
     if CT > lay.G:
         w.line(f"var<workgroup> red: array<f32, {BM * groups}>;")
     w.line("var<workgroup> wg_lo: i32;")
@@ -313,14 +337,12 @@ def emit_main(sh: Shader) -> Program:
                 for x in range(TN):
                     w.line(f"var s{i}_{x} = 0.0;")
             with w.block(f"for (var d0 = 0u; d0 < n_dot; d0 = d0 + {DK}u)"):
-                _stage(w, sh, s.dot.a, "qi", "q0", "n_rows", "q_base", BM, DK, "d0", "n_dot", 0)
-                _stage(w, sh, s.dot.b, "kj", "k0", "n_keys", "k_base", BN, DK, "d0", "n_dot", BM * DK)
+                _stage(w, sh, s.dot.a, "qi", "q0", "n_rows", "q_base", BM, DK, "d0", "n_dot", 0, True)
+                _stage(w, sh, s.dot.b, "kj", "k0", "n_keys", "k_base", BN, DK, "d0", "n_dot", BM * DK, True)
                 w.line("workgroupBarrier();")
                 with w.block(f"for (var dd = 0u; dd < {DK}u; dd = dd + 1u)"):
-                    for i in range(TM):
-                        w.line(f"let a{i} = stage[(rg * {TM}u + {i}u) * {DK}u + dd];")
-                    for x in range(TN):
-                        w.line(f"let b{x} = stage[{BM * DK}u + (ct + {CT * x}u) * {DK}u + dd];")
+                    _loads(w, "a", "stage", f"dd * {BM}u + rg * {TM}u", TM)
+                    _loads(w, "b", "stage", f"{BM * DK}u + dd * {BN}u + ct * {TN}u", TN)
                     for i in range(TM):
                         for x in range(TN):
                             w.line(f"s{i}_{x} = fma(a{i}, b{x}, s{i}_{x});")
@@ -331,7 +353,7 @@ def emit_main(sh: Shader) -> Program:
                 with w.block(""):
                     w.line(f"let qi = q0 + i32(rg * {TM}u + {i}u);")
                     for x in range(TN):
-                        w.line(f"let kj{x} = k0 + i32(ct + {CT * x}u);")
+                        w.line(f"let kj{x} = k0 + i32(ct * {TN}u + {x}u);")
                         w.line(f"s{i}_{x} = select({NEG_INF}, score_fn(s{i}_{x}, qi, kj{x}), "
                                f"kj{x} < n_keys);")
                         w.line(f"nan{i} = nan{i} || is_nan(s{i}_{x});")
@@ -344,7 +366,7 @@ def emit_main(sh: Shader) -> Program:
                 for x in range(TN):
                     w.line(f"s{i}_{x} = exp_sub(s{i}_{x}, mn{i});")
                     w.line(f"ts{i} = ts{i} + s{i}_{x};")
-                    w.line(f"p_sh[(rg * {TM}u + {i}u) * {BN}u + ct + {CT * x}u] = s{i}_{x};")
+                    w.line(f"{_sm('p_sh', f'(ct * {TN}u + {x}u) * {BM}u + rg * {TM}u + {i}u')} = s{i}_{x};")
                 w.line(f"m{i} = mn{i};")
             _reduce(w, lay, [f"ts{i}" for i in range(TM)], "add")
             for i in range(TM):
@@ -354,16 +376,15 @@ def emit_main(sh: Shader) -> Program:
             for vs in range(0, DVC, DVS):
                 w.line("workgroupBarrier();")
                 _stage(w, sh, s.value, "kj", "k0", "n_keys", "v_base", BN, DVS, f"dvc * {DVC}u + {vs}u",
-                       "n_width", 0)
+                       "n_width", 0, False)
                 w.line("workgroupBarrier();")
                 with w.block(f"for (var j = 0u; j < {BN}u; j = j + 1u)"):
-                    for y in range(YPS):
-                        w.line(f"let v{y} = stage[j * {DVS}u + ct + {CT * y}u];")
+                    _loads(w, "v", "stage", f"j * {DVS}u + ct * {YPS}u", YPS)
+                    _loads(w, "p", "p_sh", f"j * {BM}u + rg * {TM}u", TM)
                     for i in range(TM):
-                        w.line(f"let p{i} = p_sh[(rg * {TM}u + {i}u) * {BN}u + j];")
                         with w.block(f"if (p{i} != 0.0)"):  # masked keys add nothing, even a NaN value
                             for y in range(YPS):
-                                n = f"o{i}_{vs // CT + y}"
+                                n = f"o{i}_{(vs // DVS) * YPS + y}"
                                 w.line(f"{n} = fma(p{i}, v{y}, {n});")
             w.line("workgroupBarrier();")
         _emit_epilogue(w, sh)
@@ -438,7 +459,7 @@ def _emit_epilogue(w: Writer, sh: Shader) -> None:
                             w.line(f"let lse = select(m{i} + log(l{i}), {NEG_INF}, l{i} == 0.0);")
                             w.line(f"t_lse[lse_base(qi)] = select(lse, {NAN}, nan{i});")
                 for y in range(lay.TD):
-                    col = f"dvc * {lay.DVC}u + {(y // YPS) * lay.DVS}u + ct + {lay.CT * (y % YPS)}u"
+                    col = f"dvc * {lay.DVC}u + {(y // YPS) * lay.DVS}u + ct * {YPS}u + {y % YPS}u"
                     with w.block(f"if ({col} < n_width)"):
                         if s.split_var:
                             w.line(f"t_part[pr + 2u + {col}] = o{i}_{y};")
