@@ -117,10 +117,12 @@ def _pow2(n: int) -> bool:
 def layout(plan: Plan, BM: int, BN: int) -> Layout:
     """Map the tile sizes onto invocations; raise LoweringError when they do not fit."""
     WG = plan.WG
-    for name, val in (("BM", BM), ("BN", BN), ("WG", WG), ("DK", plan.DK), ("DVC", plan.DVC),
-                      ("DVS", plan.DVS), ("TM", plan.TM)):
+    for name, val in (("BM", BM), ("BN", BN), ("WG", WG), ("TM", plan.TM), ("DVS", plan.DVS)):
         if not _pow2(val):
             raise LoweringError(f"tunable {name}={val} must be a power of two")
+    for name, val in (("DK", plan.DK), ("DVC", plan.DVC)):
+        if val <= 0 or val % 4:
+            raise LoweringError(f"tunable {name}={val} must be a positive multiple of 4")
     # row groups of TM rows; the invocations of a row group share its keys and columns
     TM = min(plan.TM, BM)
     RT = min(BM // TM, WG)
@@ -131,7 +133,7 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
                             f"more than BN={BN} keys", notes=("raise BN or lower WG",))
     TN = BN // CT
     dvs = max(plan.DVS, CT)  # each staged value chunk gives every invocation whole columns
-    dvc = max(plan.DVC, dvs)
+    dvc = -(-max(plan.DVC, dvs) // dvs) * dvs  # whole value chunks
     TD = dvc // CT
     G = 1 if plan.family is Family.PORTABLE else min(CT, plan.SGMIN)
     return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.DK, dvc, dvs)

@@ -108,7 +108,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
         plan = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, KC=4,
                     DQ=max(_pow2ceil(dims["D"]), 4), DVC=dv, VEC=vec)
         return plan, {"BM": 8 if device.adapter_type == "CPU" else 32, "BN": 64}
-    plan = Plan(family, storage, dialect, WG=64, TM=4, DK=16, DVC=min(dv, 128), DVS=32,
+    plan = Plan(family, storage, dialect, WG=64, TM=4, DK=16, DVC=min(-(-dims["Dv"] // 32) * 32, 128), DVS=32,
                 SGMIN=min(sg_min, 32), VEC=vec)
     return plan, {"BM": 64, "BN": 32}
 
@@ -116,7 +116,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
 def split_count(device: Device, dims: dict[str, int], BM: int, BN: int) -> int:
     """How many KV splits fill the device: aim for enough workgroups, keep >= 2 tiles each."""
     base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
-    target = 64 if device.adapter_type == "CPU" else 1024
+    target = 64 if device.adapter_type == "CPU" else 2048
     tiles = -(-dims["T"] // BN)
     return max(1, min(-(-target // base), tiles // 2 or 1))
 

@@ -114,28 +114,36 @@ def fits(device: Device, plan: Plan, tun: dict[str, int]) -> bool:
 
 def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[Family],
                nsplit: int | None) -> Iterator[tuple[Plan, dict[str, int], int | None]]:
-    """Valid plans to time for a problem, the heuristic's neighbourhood first."""
+    """Valid plans to time for a problem: tiled tile shapes, head-dim chunks, split counts, rows."""
     dq = max(_pow2ceil(dims["D"]), 4)
     dv = min(max(_pow2ceil(dims["Dv"]), 32), 256)
-    splits = [nsplit] if nsplit is None else sorted({max(1, nsplit // 2), nsplit, nsplit * 2})
+    dv32 = min(-(-dims["Dv"] // 32) * 32, 128)
+    short = dims["S"] <= 16
+    splits = [nsplit] if nsplit is None else list(dict.fromkeys([nsplit, nsplit * 2, max(1, nsplit // 2), nsplit * 4]))
+    dks = [16, 64] if short else sorted({16, 32} | ({24} if dims["D"] % 24 == 0 else set()))
+    if short:  # decoding is memory bound: the family matters little, try the device's default only
+        families = families[-1:]
+    if short:  # few rows: small row tiles, long key tiles, many splits
+        shapes = [(4, 64, 128, 1), (4, 128, 128, 1), (8, 64, 128, 1), (16, 64, 128, 1), (16, 64, 64, 2)]
+    else:
+        shapes = [(64, 32, 64, 4), (64, 64, 128, 4), (128, 64, 256, 4), (128, 64, 128, 4),
+                  (128, 32, 128, 4), (64, 64, 64, 4), (64, 64, 256, 2)]
     seen = set()
     for ns in splits:
-        for bm in (8, 16, 32, 64):
-            for kc in (2, 4, 8):
-                plan = dataclasses.replace(base, family=Family.PORTABLE, strategy=Strategy.ROWS, KC=kc, DQ=dq, DVC=dv)
-                yield plan, {"BM": bm, "BN": 64}, ns
         for fam in families:
-            for bm, bn, wg, tm, dvc in [(64, 32, 64, 4, 64), (64, 64, 64, 4, 64), (64, 64, 128, 4, 64),
-                                        (128, 64, 256, 4, 64), (64, 64, 128, 2, 64), (32, 32, 128, 1, 64),
-                                        (64, 32, 64, 4, dv), (64, 64, 128, 4, dv), (128, 64, 128, 4, 64),
-                                        (128, 32, 128, 4, 64), (64, 64, 256, 2, 64), (4, 64, 128, 1, dv)]:
-                plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm, DVC=dvc,
-                                           DK=16, DVS=32)
-                tun = {"BM": bm, "BN": bn}
-                sig = (plan, tuple(tun.items()), ns)
-                if sig not in seen and fits(device, plan, tun):
-                    seen.add(sig)
-                    yield plan, tun, ns
+            for bm, bn, wg, tm in shapes:
+                for dk in dks:
+                    for dvc in sorted({dv32} if short else {dv32, 64}):
+                        plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm,
+                                                   DVC=dvc, DK=dk, DVS=32)
+                        tun = {"BM": bm, "BN": bn}
+                        sig = (plan, tuple(tun.items()), ns)
+                        if sig not in seen and fits(device, plan, tun):
+                            seen.add(sig)
+                            yield plan, tun, ns
+        for bm in (8, 32):
+            plan = dataclasses.replace(base, family=Family.PORTABLE, strategy=Strategy.ROWS, KC=4, DQ=dq, DVC=dv)
+            yield plan, {"BM": bm, "BN": 64}, ns
 
 
 def tune(dims: dict[str, int], dtype: Any = np.float32, *, device: Device | str | None = None,
