@@ -71,12 +71,12 @@ def _masked_pv(p: np.ndarray, v: np.ndarray) -> np.ndarray:
 class _Interp:
     """Evaluates one kernel on concrete arrays; one instance per call."""
 
-    def __init__(self, kernel: Kernel, args: Mapping[str, object]):
+    def __init__(self, kernel: Kernel, args: Mapping[str, object], dims: Mapping[str, int] | None = None):
         self.k = kernel
         self.tunables = kernel.tunable_values
         self.arrays: dict[str, np.ndarray] = {}
         self.scalars: dict[str, float | int] = {}
-        self.dims: dict[str, int] = {}
+        self.dims: dict[str, int] = dict(dims or {})
         for p in kernel.params:
             if p.name not in args:
                 raise ValueError(f"missing argument {p.name!r}")
@@ -249,7 +249,15 @@ class _Interp:
             state.m = m_new
 
 
-def interpret(kernel: Kernel, args: Mapping[str, object]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Run `kernel` on numpy arrays/scalars by name; returns (o, lse or None) in float64."""
-    return _Interp(kernel, args).run()
+def interpret(kernel: Kernel, args: Mapping[str, object], dims: Mapping[str, int] | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run `kernel` on numpy arrays/scalars by name; returns (o, lse or None) in float64.
+
+    Dims are read off the arrays; `dims` gives those no input carries (e.g. an output-only dim).
+    """
+    missing = [d for d in kernel.dims if d not in (dims or {}) and
+               not any(d in p.type.dims for p in kernel.params)]
+    if missing:
+        raise ValueError(f"no size for dims {missing}: pass them in dims=")
+    return _Interp(kernel, args, dims).run()
 

@@ -41,16 +41,26 @@ def flash_attention(q: Q, k: K, v: V, scale: f32, *,
                     BM=tunable(32), BN=tunable(32), split=False,
                     causal=False, window=None, softcap=False, alibi=False, bias=False,
                     sinks=False, kv_lens=False, score_mod: ScoreMod | None = None,
-                    mask_mod: MaskMod | None = None, lse=False):
+                    mask_mod: MaskMod | None = None, lse=False, pack_gqa=False):
     """FlashAttention with every option of attnc.attention; split=True gives flash-decoding."""
-    axes = dict(b="B", h="Hq", qi=tiles("S", BM))
+    group = dim("Hq") // dim("Hkv")
+    if pack_gqa:  # the query heads sharing a KV head are rows of one tile: K/V are read once
+        axes = dict(b="B", hk="Hkv", r=tiles("R", BM))  # R = (Hq / Hkv) * S, same memory as [Hq, S]
+    else:
+        axes = dict(b="B", h="Hq", qi=tiles("S", BM))
     if split:
         axes["ks"] = splits("T", "NSPLIT")
-    b, h, qi, *ks = grid(**axes)
-    hk = let("hk", h // (dim("Hq") // dim("Hkv")))
+    b, x, rows, *ks = grid(**axes)
+    if pack_gqa:
+        hk = x
+        h = let("h", hk * group + rows // dim("S"))
+        qi = let("i", rows % dim("S"))
+    else:
+        h, qi = x, rows
+        hk = let("hk", h // group)
     length = let("len", input("kv_lens", i32["B"])[b]) if kv_lens else dim("T")
     qpos = let("qpos", qi + (length - dim("S")))  # queries aligned to the end of the keys
-    acc = online_softmax(rows=qi, width="Dv")
+    acc = online_softmax(rows=rows, width="Dv")
     for kj in tiles("T", BN, split=ks[0] if ks else None):
         s = let("s", dot(q[b, h, qi, :], k[b, hk, kj, :]) * scale)
         if softcap:

@@ -35,6 +35,7 @@ class Options:
     kv_lens: bool = False
     lse: bool = False
     split: bool = False
+    pack_gqa: bool = False
     f16: bool = False
     score_mod: Callable[..., Any] | None = None
     mask_mod: Callable[..., Any] | None = None
@@ -113,9 +114,12 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     return plan, {"BM": 64, "BN": 32}
 
 
-def split_count(device: Device, dims: dict[str, int], BM: int, BN: int) -> int:
+def split_count(device: Device, dims: dict[str, int], BM: int, BN: int, packed: bool = False) -> int:
     """How many KV splits fill the device: aim for enough workgroups, keep >= 2 tiles each."""
-    base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
+    if packed:
+        base = dims["B"] * dims["Hkv"] * -(-(dims["Hq"] // dims["Hkv"]) * dims["S"] // BM)
+    else:
+        base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
     target = 64 if device.adapter_type == "CPU" else 2048
     tiles = -(-dims["T"] // BN)
     return max(1, min(-(-target // base), tiles // 2 or 1))
@@ -142,7 +146,8 @@ def build_kernel(opts: Options, tunables: dict[str, int]) -> ir.Kernel:
         kern = flash_attention.trace(
             causal=opts.causal, window=opts.window, softcap=opts.softcap, alibi=opts.alibi,
             bias=opts.bias, sinks=opts.sinks, kv_lens=opts.kv_lens, lse=opts.lse,
-            split=opts.split, score_mod=opts.score_mod, mask_mod=opts.mask_mod, **tunables)
+            split=opts.split, score_mod=opts.score_mod, mask_mod=opts.mask_mod, pack_gqa=opts.pack_gqa,
+            **tunables)
         kern = retype(kern, Storage.F16 if opts.f16 else Storage.F32)
         if opts.score_mod is None and opts.mask_mod is None:
             _CACHE.kernels[key] = kern
@@ -240,7 +245,7 @@ class Prepared:
             if arr.dtype == np.float16 and arr.size % 2:
                 arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])
             bufs[p.name] = rt.upload(self.dev, arr)
-        o_shape = (B, Hq, S, Dv)
+        o_shape = tuple(dims[d] for d in self.kern.output.dims)  # [B, Hq, S, Dv] or packed [B, Hkv, R, Dv]
         for i, stride in enumerate(_strides(o_shape)):
             uni[f"s_o_{i}"] = stride
         if self.has_lse:
@@ -282,7 +287,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
             device: Device | str | None = None, target: str | None = None,
             score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
             plan: Plan | None = None, tunables: dict[str, int] | None = None,
-            nsplit: int | None = None) -> Prepared:
+            nsplit: int | None = None, pack_gqa: bool | None = None) -> Prepared:
     """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it."""
     dev = get_device(device)
     fam = pick_family(dev, target)
@@ -334,11 +339,16 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
     hplan, htun = plan_for(dev, fam, dims, opts, explicit_family=target is not None)
     plan = plan or hplan
     tun = tunables or htun
+    if pack_gqa is None:
+        pack_gqa = S <= 16 and dims["Hq"] > dims["Hkv"] and plan.strategy is Strategy.TILED
     if nsplit is None:
-        nsplit = split_count(dev, dims, tun["BM"], tun["BN"]) if S <= 16 else 1
+        nsplit = split_count(dev, dims, tun["BM"], tun["BN"], pack_gqa) if S <= 16 else 1
     if nsplit > 1:
         opts = Options(**{**opts.__dict__, "split": True})
         scalars["NSPLIT"] = nsplit
+    if pack_gqa:
+        opts = Options(**{**opts.__dict__, "pack_gqa": True})
+        dims = {**dims, "R": (dims["Hq"] // dims["Hkv"]) * S}
     kern = build_kernel(opts, tun)
     progs = programs_for(kern, plan)
     prep = Prepared(dev, kern, plan, progs, dims, scalars | {"scale": float(scale)}, extra, strides)

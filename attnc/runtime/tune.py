@@ -182,7 +182,8 @@ def tune(dims: dict[str, int], dtype: Any = np.float32, *, device: Device | str 
 
             args = {"q": q, "k": k, "v": v, "scale": op.scalars["scale"]}
             args.update({n: val for n, val in op.scalars.items() if n != "scale"})
-            ref, _ = interpret(op.kern, args)
+            ref, _ = interpret(op.kern, args, op.dims)
+            ref = ref.reshape(o.shape)
         err = float(np.linalg.norm(o - ref) / max(np.linalg.norm(ref), 1e-300))
         ms = statistics.median(t for t in times if t is not None)
         ok = err <= (2e-3 if np.dtype(dtype) == np.float16 else 1e-5)

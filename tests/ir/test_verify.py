@@ -301,7 +301,7 @@ def test_output_dims_and_dtype():
     fails(kernel(split=True, output=TensorType(F32, ("B", "Hq", "S", "T", "Dv"))),
           "must be [B,Hq,S,Dv]")
     fails(kernel(output=TensorType(I32, ("B", "Hq", "S", "Dv"))), "output is f32 or f16")
-    fails(kernel(output=TensorType(F32, ("B", "Hq", "S", "X"))), "output dim 'X'")
+    fails(kernel(output=TensorType(F32, ("B", "Hq", "S", "X"))), "must be [B,Hq,S,Dv]")
 
 
 def test_tunables_positive_ints():
