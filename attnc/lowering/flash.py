@@ -210,11 +210,13 @@ def _sm(arr: str, idx: str) -> str:
 
 
 def _stage(w: Writer, sh: Shader, sl: ir.Slice, idx: str, first: str, limit: str, base: str,
-           rows: int, cols: int, col0: str, col_limit: str, offset: int, transpose: bool) -> None:
+           rows: int, cols: int, col0: str, col_limit: str, offset: int, transpose: bool,
+           flag: bool = False) -> None:
     """Cooperatively copy a rows x cols block of a tensor slice into `stage` (zeros outside).
 
     Transposed (column-major: element (r, c) at c*rows + r) for q and k, so an invocation
     reads its TM rows or TN keys for one head-dim index as one vec4; row-major for v.
+    With `flag`, a non-finite value sets `v_bad` (the P.V loop then takes its careful path).
     """
     lay = sh.lay
     vec = 4 if sl.tensor in sh.vec4 else 1
@@ -228,12 +230,18 @@ def _stage(w: Writer, sh: Shader, sl: ir.Slice, idx: str, first: str, limit: str
             w.line("var x = 0.0;")
             with w.block(f"if ({idx} < {limit} && col < {col_limit})"):
                 w.line(f"x = {sh.read(sl.tensor, f'{base}({idx}) + col * P.s_{sl.tensor}_{sl.axis}')};")
+            if flag:
+                with w.block("if ((bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u)"):
+                    w.line("atomicOr(&v_bad, 1u);")
             dst = f"{offset}u + c * {rows}u + r" if transpose else f"{offset}u + r * {cols}u + c"
             w.line(f"{_sm('stage', dst)} = x;")
         else:  # the head-dim axis has unit stride and every other stride is a multiple of 4
             w.line("var x = vec4<f32>();")
             with w.block(f"if ({idx} < {limit} && col < {col_limit})"):
                 w.line(f"x = {sh.read4(sl.tensor, f'({base}({idx}) + col) >> 2u')};")
+            if flag:
+                with w.block("if (any((bitcast<vec4<u32>>(x) & vec4<u32>(0x7f800000u)) == vec4<u32>(0x7f800000u)))"):
+                    w.line("atomicOr(&v_bad, 1u);")
             if transpose:
                 for i, comp in enumerate("xyzw"):
                     w.line(f"{_sm('stage', f'{offset}u + (c + {i}u) * {rows}u + r')} = x.{comp};")
@@ -251,6 +259,24 @@ def _loads(w: Writer, name: str, arr: str, base: str, n: int) -> None:
     else:
         for k in range(n):
             w.line(f"let {name}{k} = {_sm(arr, f'{base} + {k}u')};")
+
+
+def _pv_loop(w: Writer, lay: Layout, vs: int, careful: bool) -> None:
+    """o += p . v over the BN keys of a tile, for one staged chunk of value columns."""
+    YPS = lay.DVS // lay.CT
+    with w.block(f"for (var j = 0u; j < {lay.BN}u; j = j + 1u)"):
+        _loads(w, "v", "stage", f"j * {lay.DVS}u + ct * {YPS}u", YPS)
+        _loads(w, "p", "p_sh", f"j * {lay.BM}u + rg * {lay.TM}u", lay.TM)
+        for i in range(lay.TM):
+            updates = [f"o{i}_{(vs // lay.DVS) * YPS + y} = fma(p{i}, v{y}, o{i}_{(vs // lay.DVS) * YPS + y});"
+                       for y in range(YPS)]
+            if careful:
+                with w.block(f"if (p{i} != 0.0)"):
+                    for u in updates:
+                        w.line(u)
+            else:
+                for u in updates:
+                    w.line(u)
 
 
 def _reduce(w: Writer, lay: Layout, names: list[str], op: str) -> None:
@@ -280,7 +306,6 @@ def emit_main(sh: Shader) -> Program:
     s, lay, plan = sh.spec, sh.lay, sh.plan
     BM, BN, WG, CT, TM, TN, TD, DK, DVC, DVS = (lay.BM, lay.BN, lay.WG, lay.CT, lay.TM, lay.TN,
                                                 lay.TD, lay.DK, lay.DVC, lay.DVS)
-    YPS = DVS // CT
     w = Writer()
     sh.header(w, plan.family is Family.SUBGROUPS)
     inputs = [p.name for p in s.tensors]
@@ -294,9 +319,10 @@ def emit_main(sh: Shader) -> Program:
         w.line(f"var<workgroup> red: array<f32, {BM * groups}>;")
     w.line("var<workgroup> wg_lo: i32;")
     w.line("var<workgroup> wg_hi: i32;")
+    w.line("var<workgroup> v_bad: atomic<u32>;  // a staged value is inf/NaN in this tile")
     sh.privates(w)
     sh.functions(w)
-    smem = 4 * (stage + BM * BN + (BM * groups if CT > lay.G else 0) + 2)
+    smem = 4 * (stage + BM * BN + (BM * groups if CT > lay.G else 0) + 3)
     with w.block(f"@compute @workgroup_size({WG}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
                  "@builtin(local_invocation_index) lid: u32)"):
         w.line("let wg = wid.x + wid.y * P.grid_stride_x;")
@@ -333,6 +359,8 @@ def emit_main(sh: Shader) -> Program:
                 w.line(f"var o{i}_{y} = 0.0;")
         with w.block("for (var t = t_lo; t < t_hi; t = t + 1)"):
             w.line(f"let k0 = t * {BN};")
+            with w.block("if (lid == 0u)"):
+                w.line("atomicStore(&v_bad, 0u);")
             for i in range(TM):
                 for x in range(TN):
                     w.line(f"var s{i}_{x} = 0.0;")
@@ -376,16 +404,14 @@ def emit_main(sh: Shader) -> Program:
             for vs in range(0, DVC, DVS):
                 w.line("workgroupBarrier();")
                 _stage(w, sh, s.value, "kj", "k0", "n_keys", "v_base", BN, DVS, f"dvc * {DVC}u + {vs}u",
-                       "n_width", 0, False)
+                       "n_width", 0, False, flag=True)
                 w.line("workgroupBarrier();")
-                with w.block(f"for (var j = 0u; j < {BN}u; j = j + 1u)"):
-                    _loads(w, "v", "stage", f"j * {DVS}u + ct * {YPS}u", YPS)
-                    _loads(w, "p", "p_sh", f"j * {BM}u + rg * {TM}u", TM)
-                    for i in range(TM):
-                        with w.block(f"if (p{i} != 0.0)"):  # masked keys add nothing, even a NaN value
-                            for y in range(YPS):
-                                n = f"o{i}_{(vs // DVS) * YPS + y}"
-                                w.line(f"{n} = fma(p{i}, v{y}, {n});")
+                # masked keys (p = 0) add nothing, even an inf/NaN value: a tile holding such
+                # values takes the careful loop, every other tile the branch-free one
+                with w.block("if (atomicLoad(&v_bad) == 0u)"):
+                    _pv_loop(w, lay, vs, careful=False)
+                with w.block("else"):
+                    _pv_loop(w, lay, vs, careful=True)
             w.line("workgroupBarrier();")
         _emit_epilogue(w, sh)
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from attnc.errors import DeviceError
+from attnc.errors import DeviceError, LoweringError
 from attnc.ir import nodes as ir
 from attnc.lowering import Family, Plan, Storage, Strategy, lower
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, layout
-from attnc.lowering.program import Program
+from attnc.lowering.program import Access, Program
 from attnc.lowering.retype import retype
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device, get_device
@@ -351,9 +351,28 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
         dims = {**dims, "R": (dims["Hq"] // dims["Hkv"]) * S}
     kern = build_kernel(opts, tun)
     progs = programs_for(kern, plan)
+    _check_limits(dev, progs)
     prep = Prepared(dev, kern, plan, progs, dims, scalars | {"scale": float(scale)}, extra, strides)
     prep.options_key = okey
     return prep
+
+
+def _check_limits(dev: Device, progs: tuple[Program, ...]) -> None:
+    """Refuse, with the numbers, a variant that needs more than the device granted."""
+    lim = dev.gpu.limits
+    for p in progs:
+        have = int(lim.get("max-compute-workgroup-storage-size", 16384))
+        if p.workgroup_storage_bytes > have:
+            raise LoweringError(f"variant {p.name} needs {p.workgroup_storage_bytes} B of workgroup storage; "
+                                f"{dev.spec} grants {have} B", notes=("choose smaller tiles (BM, BN, DK)",))
+        have = int(lim.get("max-compute-invocations-per-workgroup", 256))
+        if p.workgroup_size > have:
+            raise LoweringError(f"variant {p.name} needs {p.workgroup_size} invocations per workgroup; "
+                                f"{dev.spec} grants {have}", notes=("choose a smaller WG",))
+        nbuf = sum(b.access is not Access.UNIFORM for b in p.bindings)
+        have = int(lim.get("max-storage-buffers-per-shader-stage", 8))
+        if nbuf > have:
+            raise LoweringError(f"variant {p.name} binds {nbuf} storage buffers; {dev.spec} grants {have}")
 
 
 def options_key(opts: Options) -> str:
