@@ -37,6 +37,9 @@ TARGETS = (
 LP_SUBGROUP_SIZES = {"128": 4, "256": 8, "512": 16}
 TARGET_PARAMS = [pytest.param((s, f), id=f"{s}-{f}") for s, f in TARGETS]
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float16, id="f16")]
+# single options run in f32; f16 storage is covered by the combined-options, split-KV,
+# large-logit, fully-masked and NaN tests, which use the same f16 loaders (CI time)
+F32_ONLY = DTYPES[:1]
 RUN = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                      HealthCheck.too_slow])
 
@@ -109,7 +112,7 @@ def _seed(draw):
 
 # --------------------------------------------------------------------------- option groups
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", F32_ONLY)
 @settings(RUN, max_examples=8)
 @given(data=st.data())
 def test_window_both_sides(target, dtype, data) -> None:
@@ -120,7 +123,7 @@ def test_window_both_sides(target, dtype, data) -> None:
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", F32_ONLY)
 @settings(RUN, max_examples=8)
 @given(data=st.data())
 def test_sliding_window_left_causal_with_sinks(target, dtype, data) -> None:
@@ -133,7 +136,7 @@ def test_sliding_window_left_causal_with_sinks(target, dtype, data) -> None:
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", F32_ONLY)
 @settings(RUN, max_examples=8)
 @given(data=st.data())
 def test_window_right_only_with_kv_lens(target, dtype, data) -> None:
@@ -146,7 +149,7 @@ def test_window_right_only_with_kv_lens(target, dtype, data) -> None:
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", F32_ONLY)
 @settings(RUN, max_examples=10)
 @given(data=st.data())
 def test_bias_broadcast_and_scale(target, dtype, data) -> None:
@@ -158,7 +161,7 @@ def test_bias_broadcast_and_scale(target, dtype, data) -> None:
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", F32_ONLY)
 @settings(RUN, max_examples=8)
 @given(data=st.data())
 def test_alibi_causal(target, dtype, data) -> None:
@@ -169,7 +172,7 @@ def test_alibi_causal(target, dtype, data) -> None:
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", F32_ONLY)
 @settings(RUN, max_examples=8)
 @given(data=st.data())
 def test_softcap(target, dtype, data) -> None:
@@ -197,7 +200,7 @@ def stripes_np(b, h, i, j):
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", F32_ONLY)
 @settings(RUN, max_examples=8)
 @given(data=st.data())
 def test_score_mod_and_mask_mod(target, dtype, data) -> None:
