@@ -1,7 +1,8 @@
 """A custom score modifier (FlexAttention's score_mod): a learned-free relative-position penalty."""
 
-import attnc
 from common import inputs, run
+
+import attnc
 
 
 def relative_position(score, b, h, q_idx, kv_idx):
