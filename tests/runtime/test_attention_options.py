@@ -37,8 +37,9 @@ TARGETS = (
 LP_SUBGROUP_SIZES = {"128": 4, "256": 8, "512": 16}
 TARGET_PARAMS = [pytest.param((s, f), id=f"{s}-{f}") for s, f in TARGETS]
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float16, id="f16")]
-# single options run in f32; f16 storage is covered by the combined-options, split-KV,
-# large-logit, fully-masked and NaN tests, which use the same f16 loaders (CI time)
+# most single options run in f32; f16 storage is covered by the combined-options (every
+# built-in option at once), split-KV, bias/scale, score_mod, large-logit, fully-masked and
+# NaN tests, which use the same f16 loaders (CI time)
 F32_ONLY = DTYPES[:1]
 RUN = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                      HealthCheck.too_slow])
@@ -149,7 +150,7 @@ def test_window_right_only_with_kv_lens(target, dtype, data) -> None:
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
-@pytest.mark.parametrize("dtype", F32_ONLY)
+@pytest.mark.parametrize("dtype", DTYPES)
 @settings(RUN, max_examples=10)
 @given(data=st.data())
 def test_bias_broadcast_and_scale(target, dtype, data) -> None:
@@ -200,7 +201,7 @@ def stripes_np(b, h, i, j):
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
-@pytest.mark.parametrize("dtype", F32_ONLY)
+@pytest.mark.parametrize("dtype", DTYPES)
 @settings(RUN, max_examples=8)
 @given(data=st.data())
 def test_score_mod_and_mask_mod(target, dtype, data) -> None:
