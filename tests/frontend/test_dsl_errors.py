@@ -1,0 +1,183 @@
+"""DSL misuse is a TraceError located at the user's own Python line (file and line asserted).
+
+tests/frontend/test_dsl.py covers `if` on a traced value, a wrong index count, an f32 value as
+an index, `**` and unknown options; tests/frontend/test_parser.py covers the .attn text
+(unknown names, fuzzed text). This file adds the rest of the misuse catalogue.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+
+import attnc
+from attnc.errors import AttncError, TraceError
+from attnc.frontend.dsl import dim, dot, f32, grid, kernel, online_softmax, tiles, tunable
+from attnc.kernels.flash import flash_attention
+
+Q = f32["B", "H", "S", "D"]
+K = f32["B", "H", "T", "D"]
+V = f32["B", "H", "T", "Dv"]
+
+
+def _line(fn, offset: int) -> int:
+    return inspect.getsourcelines(fn)[1] + offset
+
+
+def _at(err: TraceError, fn, offset: int) -> None:
+    assert err.span is not None, err.render()
+    assert err.span.file == __file__, err.render()
+    assert err.span.line == _line(fn, offset), err.render()
+    assert f"{__file__}:{err.span.line}:" in err.render()
+
+
+def test_dot_over_different_dims_points_at_the_dot():
+    @kernel
+    def bad(q: Q, k: K, v: V, *, BM=tunable(16), BN=tunable(16)):
+        b, h, qi = grid(b="B", h="H", qi=tiles("S", BM))
+        acc = online_softmax(rows=qi, width="Dv")
+        for kj in tiles("T", BN):
+            s = dot(q[b, h, qi, :], v[b, h, kj, :])  # D against Dv
+            acc.update(s, v[b, h, kj, :])
+        return acc.result()
+
+    with pytest.raises(TraceError, match="different dims: D and Dv") as e:
+        bad.trace()
+    _at(e.value, bad.fn, 5)
+
+
+def test_slice_with_two_colons_points_at_the_index():
+    @kernel
+    def bad(q: Q, k: K, v: V, *, BM=tunable(16), BN=tunable(16)):
+        b, h, qi = grid(b="B", h="H", qi=tiles("S", BM))
+        acc = online_softmax(rows=qi, width="Dv")
+        for kj in tiles("T", BN):
+            s = dot(q[b, h, :, :], k[b, h, kj, :])
+            acc.update(s, v[b, h, kj, :])
+        return acc.result()
+
+    with pytest.raises(TraceError, match="2 ':' slices") as e:
+        bad.trace()
+    _at(e.value, bad.fn, 5)
+
+
+def test_three_indices_into_a_2d_input():
+    table = attnc.input("table", f32["S", "T"])
+
+    def mod(s, b, h, q_idx, kv_idx):
+        return s + table[b, q_idx, kv_idx]
+
+    with pytest.raises(TraceError, match=r"table has 2 dims \['S', 'T'\], indexed with 3") as e:
+        flash_attention.trace(score_mod=mod)
+    _at(e.value, mod, 1)
+
+
+def test_python_float_as_an_index():
+    slopes = attnc.input("slopes", f32["Hq"])
+
+    def mod(s, b, h, q_idx, kv_idx):
+        return s + slopes[1.5]
+
+    with pytest.raises(TraceError, match="indices must be i32") as e:
+        flash_attention.trace(score_mod=mod)
+    _at(e.value, mod, 1)
+
+
+@pytest.mark.parametrize("construct", ["and", "or", "not", "while", "ternary", "int", "float",
+                                       "math_exp", "range"])
+def test_python_constructs_on_traced_values(construct):
+    def mod(s, b, h, q_idx, kv_idx):
+        if construct == "and":
+            return (kv_idx <= q_idx) and (kv_idx >= 0)
+        if construct == "or":
+            return (kv_idx <= q_idx) or (kv_idx >= 0)
+        if construct == "not":
+            return not (kv_idx <= q_idx)
+        if construct == "while":
+            while kv_idx > q_idx:
+                kv_idx = kv_idx - 1
+            return kv_idx == q_idx
+        if construct == "ternary":
+            return True if kv_idx > q_idx else False
+        if construct == "int":
+            return kv_idx < int(q_idx)
+        if construct == "float":
+            return kv_idx < float(q_idx)
+        if construct == "math_exp":
+            return math.exp(kv_idx) > 1
+        return kv_idx < len(range(q_idx))
+
+    with pytest.raises(TraceError) as e:
+        flash_attention.trace(mask_mod=lambda b, h, q, kv: mod(None, b, h, q, kv))
+    assert e.value.span is not None and e.value.span.file == __file__, e.value.render()
+    src, first = inspect.getsourcelines(mod)
+    assert first < e.value.span.line < first + len(src)
+    word = {"ternary": " if ", "math_exp": "math.exp"}.get(construct, construct)
+    assert word in src[e.value.span.line - first]
+
+
+def test_numpy_scalar_constant_points_at_the_user_line():
+    def mod(s, b, h, q_idx, kv_idx):
+        return s * np.float32(2.0)
+
+    with pytest.raises(TraceError, match="float32") as e:
+        flash_attention.trace(score_mod=mod)
+    _at(e.value, mod, 1)
+
+
+def test_integer_ops_on_floats_point_at_the_user_line():
+    def mod(s, b, h, q_idx, kv_idx):
+        return s // 2
+
+    with pytest.raises(TraceError, match="needs i32 operands") as e:
+        flash_attention.trace(score_mod=mod)
+    _at(e.value, mod, 1)
+
+
+def test_logic_on_numbers_points_at_the_user_line():
+    def mask(b, h, q_idx, kv_idx):
+        return (kv_idx - q_idx) & (kv_idx > 0)
+
+    with pytest.raises(TraceError, match="needs bool operands") as e:
+        flash_attention.trace(mask_mod=mask)
+    _at(e.value, mask, 1)
+
+
+def test_dim_of_an_unknown_name_is_reported():
+    def mod(s, b, h, q_idx, kv_idx):
+        return s + attnc.f32(dim("Nope"))
+
+    with pytest.raises(AttncError, match="Nope"):
+        flash_attention.trace(score_mod=mod)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: np.exp(s) on a traced value escapes as numpy's TypeError 'loop of ufunc does not "
+    "support argument 0 of type Value which has no callable exp method'. Fix: "
+    "attnc/frontend/dsl.py Value: define __array_ufunc__ (and __array_function__) raising "
+    "fail('numpy functions cannot take traced values', ('use attnc.exp/log/...',))."))
+def test_numpy_function_on_a_traced_value_is_a_trace_error():
+    def mod(s, b, h, q_idx, kv_idx):
+        return np.exp(s)
+
+    with pytest.raises(TraceError, match="attnc.exp") as e:
+        flash_attention.trace(score_mod=mod)
+    _at(e.value, mod, 1)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a score_mod returning a bool (or a mask_mod returning a number) is reported at "
+    "attnc/kernels/flash.py (let('mod', ...) / where(keep, ...)), not at the user's function. "
+    "Fix: attnc/kernels/flash.py: check the mods' result dtypes right after calling them and "
+    "raise a TraceError whose span is the mod's `return` line (or its def line: "
+    "fn.__code__.co_filename / co_firstlineno), naming score_mod / mask_mod."))
+def test_score_mod_returning_a_bool_points_at_the_user_function():
+    def mod(s, b, h, q_idx, kv_idx):
+        return kv_idx < q_idx
+
+    with pytest.raises(TraceError, match="score_mod") as e:
+        flash_attention.trace(score_mod=mod)
+    assert e.value.span is not None and e.value.span.file == __file__, e.value.render()

@@ -1,0 +1,195 @@
+"""attention() inputs beyond tests/runtime/test_attention_options.py's BAD_INPUTS table (ranks,
+dims, Hq % Hkv, float64/int dtypes, empty arrays, kv_lens range/shape/dtype, bias broadcast,
+negative window, softcap 0, unknown target, subgroups on OpenGL are covered there):
+
+* strided inputs must WORK (attnc copies them): transposed BSHD views, negative strides,
+  broadcast (0-stride) views, Fortran order;
+* more bad values: each a ValueError/DeviceError naming the argument, never a raw WebGPU
+  error or a Python error from deep inside; the ones attnc gets wrong today are
+  xfail(strict) with the fix location in the reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import attnc
+from attnc.errors import AttncError, DeviceError
+from tests.textbook import assert_close, attention_ref
+
+pytestmark = pytest.mark.gpu
+
+
+def qkv(B=1, Hq=2, Hkv=1, S=3, T=5, D=8, Dv=8, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((B, Hq, S, D)).astype(dtype),
+            rng.standard_normal((B, Hkv, T, D)).astype(dtype),
+            rng.standard_normal((B, Hkv, T, Dv)).astype(dtype))
+
+
+# --------------------------------------------------------------------------- strided inputs work
+def _views(q, k, v):
+    bshd = [np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for x in (q, k, v)]
+    return {
+        "bshd_views": bshd,
+        "negative_strides": [np.ascontiguousarray(x[:, :, ::-1])[:, :, ::-1] for x in (q, k, v)],
+        "fortran_order": [np.asfortranarray(x) for x in (q, k, v)],
+        "every_other_head_dim": [np.repeat(x, 2, axis=3)[..., ::2] for x in (q, k, v)],
+    }
+
+
+@pytest.mark.parametrize("kind", ["bshd_views", "negative_strides", "fortran_order",
+                                  "every_other_head_dim"])
+def test_non_contiguous_inputs_give_the_right_answer(require_adapters, kind) -> None:
+    dev = require_adapters("wgpu:vulkan")[0]
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, S=5, T=9, D=16, Dv=8, seed=1)
+    qs, ks, vs = _views(q, k, v)[kind]
+    assert not all(x.flags.c_contiguous for x in (qs, ks, vs))
+    np.testing.assert_array_equal(qs, q)
+    bias = np.random.default_rng(2).standard_normal((9, 5)).astype(np.float32).T  # [S, T] view
+    lens = np.array([9, 4, 7, 1], np.int32)[::2]  # strided kv_lens
+    o = attnc.attention(qs, ks, vs, causal=True, bias=bias, kv_lens=lens, device=dev)
+    assert_close(o, attention_ref(q, k, v, causal=True, bias=bias, kv_lens=lens), 1e-5)
+
+
+def test_broadcast_zero_stride_query_heads(require_adapters) -> None:
+    dev = require_adapters("wgpu:vulkan")[0]
+    q, k, v = qkv(Hq=4, Hkv=4, S=4, T=6)
+    qb = np.broadcast_to(q[:, :1], q.shape)  # every head the same query, stride 0
+    o = attnc.attention(qb, k, v, device=dev)
+    assert_close(o, attention_ref(np.array(qb), k, v), 1e-5)
+
+
+# --------------------------------------------------------------------------- more bad values
+BAD = {
+    "q_not_array_scalar": (dict(q=np.float32(1.0)), ValueError, r"\bq\b"),
+    "q_big_endian": (dict(q=qkv()[0].astype(">f4")), ValueError, r"\bq\b.*dtype"),
+    "q_zero_heads": (dict(q=np.zeros((1, 0, 3, 8), np.float32)), ValueError, r"\bq\b.*empty"),
+    "kv_zero_heads": (dict(k=np.zeros((1, 0, 5, 8), np.float32), v=np.zeros((1, 0, 5, 8), np.float32)),
+                      ValueError, r"\bk\b.*empty"),
+    "v_head_count": (dict(v=np.zeros((1, 2, 5, 8), np.float32)), ValueError, r"\bv\b.*\(1, 2, 5, 8\)"),
+    "kv_lens_bool": (dict(kv_lens=np.array([True])), ValueError, "kv_lens.*bool"),
+    "kv_lens_uint64_huge": (dict(kv_lens=np.array([2**40], np.uint64)), ValueError, r"kv_lens.*T=5"),
+    "kv_lens_list": (dict(kv_lens=[3]), ValueError, "kv_lens"),
+    "kv_lens_2d": (dict(kv_lens=np.array([[3]], np.int32)), ValueError, "kv_lens.*got 2"),
+    "bias_python_scalar": (dict(bias=1.0), ValueError, "bias"),
+    "bias_more_dims": (dict(bias=np.zeros((1, 1, 1, 3, 5), np.float32)), ValueError, r"bias.*\(1, 2, 3, 5\)"),
+    "bias_wrong_T": (dict(bias=np.zeros((3, 4), np.float32)), ValueError, r"bias.*\(3, 4\).*\(1, 2, 3, 5\)"),
+    "alibi_list": (dict(alibi_slopes=[0.1, 0.2]), ValueError, "alibi_slopes"),
+    "alibi_per_kv_head": (dict(alibi_slopes=np.zeros(1, np.float32)), ValueError, r"alibi_slopes.*\(2,\)"),
+    "sinks_2d": (dict(sinks=np.zeros((1, 2), np.float32)), ValueError, "sinks"),
+    "window_bool": (dict(window=(True, None)), ValueError, "window left"),
+    "window_float": (dict(window=(None, 1.5)), ValueError, "window right"),
+    "window_list": (dict(window=[1, 2]), ValueError, "window"),
+    "window_triple": (dict(window=(1, 2, 3)), ValueError, "window"),
+    "softcap_negative": (dict(softcap=-1.0), ValueError, "softcap"),
+    "softcap_nan": (dict(softcap=float("nan")), ValueError, "softcap"),
+    "softcap_bool": (dict(softcap=True), ValueError, "softcap"),
+    "target_case": (dict(target="Portable"), ValueError, "target.*portable.*subgroups"),
+    "target_int": (dict(target=1), ValueError, "target"),
+    "device_int": (dict(device=3), DeviceError, "device"),
+    "device_unknown_backend": (dict(device="metal"), DeviceError, r"'metal'.*backend"),
+    "device_unknown_api": (dict(device="wgpu:d3d12"), DeviceError, "wgpu:d3d12"),
+}
+
+
+def _call(overrides: dict):
+    q, k, v = qkv()
+    args = {"q": q, "k": k, "v": v}
+    kw = {"device": "wgpu:vulkan"}
+    for name, val in overrides.items():
+        if name in args:
+            args[name] = val
+        else:
+            kw[name] = val
+    return attnc.attention(args["q"], args["k"], args["v"], **kw)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_values_raise_errors_naming_the_argument(require_adapters, case) -> None:
+    require_adapters("wgpu:vulkan")
+    overrides, exc, pattern = BAD[case]
+    with pytest.raises(exc, match=pattern):
+        _call(overrides)
+
+
+def test_unknown_device_lists_the_available_ones(require_adapters) -> None:
+    require_adapters("wgpu:vulkan")
+    with pytest.raises(DeviceError) as e:
+        attnc.attention(*qkv(), device="webgl")
+    assert "available: wgpu:vulkan" in e.value.render()
+
+
+def test_subgroups_on_opengl_names_the_feature_and_the_alternative(require_adapters) -> None:
+    gl = require_adapters("wgpu:opengl")[0]
+    with pytest.raises(DeviceError) as e:
+        attnc.attention(*qkv(), device=gl, target="subgroups")
+    text = e.value.render()
+    assert "'subgroups' feature" in text and "target='portable'" in text and "OpenGL" in text
+
+
+# --------------------------------------------------------------------------- found: bugs
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: softcap=inf passes validation and makes every output NaN (inf * tanh(s / inf) = "
+    "inf * 0). Fix: attnc/runtime/api.py prepare(): require math.isfinite(softcap) in the "
+    "softcap check (or treat inf as no cap)."))
+def test_softcap_inf_is_rejected_or_means_no_cap(require_adapters) -> None:
+    require_adapters("wgpu:vulkan")
+    q, k, v = qkv()
+    try:
+        o = attnc.attention(q, k, v, softcap=float("inf"), device="wgpu:vulkan")
+    except ValueError as e:
+        assert "softcap" in str(e)
+        return
+    assert_close(o, attention_ref(q, k, v), 1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a complex bias is silently cast to float32 (imaginary part dropped, only a numpy "
+    "ComplexWarning). Fix: attnc/runtime/api.py prepare(): check "
+    "np.issubdtype(bias.dtype, np.floating) (or integer) and raise ValueError('bias: dtype ...')."))
+def test_complex_bias_is_rejected(require_adapters) -> None:
+    require_adapters("wgpu:vulkan")
+    with pytest.raises(ValueError, match="bias"):
+        _call(dict(bias=np.full((3, 5), 1j, np.complex64)))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: scale='a' raises ValueError(\"could not convert string to float: 'a'\") from "
+    "float(scale), not naming the argument. Fix: attnc/runtime/api.py prepare(): validate "
+    "scale (a finite real number) with a message naming 'scale'."))
+def test_non_numeric_scale_names_the_argument(require_adapters) -> None:
+    require_adapters("wgpu:vulkan")
+    with pytest.raises(ValueError, match="scale"):
+        _call(dict(scale="a"))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: sinks/alibi_slopes of a non-numeric dtype raise numpy's 'could not convert string to "
+    "float', not naming the argument. Fix: attnc/runtime/api.py prepare(): check the dtype is "
+    "real-numeric before np.ascontiguousarray(x, dtype=np.float32)."))
+def test_non_numeric_sinks_names_the_argument(require_adapters) -> None:
+    require_adapters("wgpu:vulkan")
+    with pytest.raises(ValueError, match="sinks"):
+        _call(dict(sinks=np.array(["a", "b"])))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: score_mod=3 (not callable) raises TypeError(\"'int' object is not callable\") from "
+    "inside attnc/kernels/flash.py. Fix: attnc/runtime/api.py prepare(): "
+    "check callable(score_mod)/callable(mask_mod) and raise ValueError naming the argument."))
+def test_non_callable_score_mod_names_the_argument(require_adapters) -> None:
+    require_adapters("wgpu:vulkan")
+    with pytest.raises(ValueError, match="score_mod"):
+        _call(dict(score_mod=3))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a mask_mod returning None is silently treated as 'no mask' (flash.py's _and(keep, "
+    "None) keeps the previous mask). Fix: attnc/kernels/flash.py: check mask_mod's result is "
+    "a bool Value (or Python bool) and raise TraceError naming mask_mod otherwise."))
+def test_mask_mod_returning_none_is_an_error(require_adapters) -> None:
+    require_adapters("wgpu:vulkan")
+    with pytest.raises(AttncError, match="mask_mod"):
+        _call(dict(mask_mod=lambda b, h, i, j: None))
