@@ -130,6 +130,12 @@ class Value:
     def __pow__(self, o):
         raise fail("'**' is not supported in kernels", ("use exp(log(x) * y) or x * x",))
 
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        name = getattr(ufunc, "__name__", "a numpy function")
+        raise fail(f"numpy's {name} cannot take a traced value",
+                   (f"use the DSL's version, e.g. attnc.{name}" if name in _DSL_FUNCS else
+                    "use attnc.exp, log, tanh, sqrt, rsqrt, maximum, minimum, where",))
+
     def __bool__(self) -> bool:
         raise fail("a traced value cannot drive Python control flow (if/and/or/not/while)",
                    ("use where(cond, a, b) for a choice, & | ~ for logic",))
@@ -142,6 +148,9 @@ class Value:
 
     def __repr__(self) -> str:
         return f"Value({self.expr.dtype.value})"
+
+
+_DSL_FUNCS = {"exp", "log", "tanh", "sqrt", "maximum", "minimum", "where", "abs"}
 
 
 def _unary(op: ir.Op) -> Callable[[Any], Value]:
@@ -186,6 +195,35 @@ def let(name: str, x: Any) -> Value:
     var = b.fresh(name)
     b.emit(ir.Let(var, e, sem.user_span()))
     return Value(ir.Var(var, e.dtype, sem.user_span()))
+
+
+def _def_span(fn: Any) -> Any:
+    """The span of a user function's `def` line (where mistakes in what it returns are reported)."""
+    from attnc.errors import Span
+
+    try:
+        lines, line = inspect.getsourcelines(fn)
+        return Span(inspect.getsourcefile(fn) or "<unknown>", line, 1, lines[0])
+    except (OSError, TypeError):
+        return None
+
+
+def apply_mod(fn: Any, args: tuple[Any, ...], kind: str) -> Value:
+    """Call a score_mod ("score", must return a number) or mask_mod ("mask", must return a bool)."""
+    from attnc.errors import TraceError
+
+    if not callable(fn):
+        raise TraceError(f"{kind}_mod must be a function, got a {type(fn).__name__}")
+    out = fn(*args)
+    want = "a bool (a comparison, & | ~, where)" if kind == "mask" else "a number (the modified score)"
+    if out is None or (not isinstance(out, (Value, bool, int, float))):
+        raise TraceError(f"{kind}_mod {getattr(fn, '__name__', '')!r} returned {out!r}; it must return {want}",
+                         _def_span(fn))
+    e = _expr(out)
+    if (kind == "mask") != (e.dtype is ir.DType.BOOL):
+        raise TraceError(f"{kind}_mod {getattr(fn, '__name__', '')!r} returned a {e.dtype.value}; "
+                         f"it must return {want}", _def_span(fn))
+    return Value(e)
 
 
 # ----------------------------------------------------------------------------- tensors

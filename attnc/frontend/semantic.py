@@ -105,6 +105,8 @@ def call(op: ir.Op, *args: ir.Expr) -> ir.Expr:
         c, a, b = args
         if c.dtype is not ir.DType.BOOL:
             raise fail("where() needs a bool condition (rule 5)")
+        if a.dtype is ir.DType.BOOL and b.dtype is ir.DType.BOOL:  # a choice between two masks
+            return ir.Call(op, (c, a, b), ir.DType.BOOL, span)
         a, b = promote(a, b, "where")
         return ir.Call(op, (c, a, b), a.dtype, span)
     if op is ir.Op.F32:

@@ -8,6 +8,7 @@ or two of DSL (a score modifier or a mask term), so every variant shares one des
 from collections.abc import Callable
 
 from attnc.frontend.dsl import (
+    apply_mod,
     dim,
     dot,
     f32,
@@ -71,7 +72,7 @@ def flash_attention(q: Q, k: K, v: V, scale: f32, *,
         if bias:
             s = let("biased", s + input("bias", f32["B", "Hq", "S", "T"])[b, h, qi, kj])
         if score_mod is not None:
-            s = let("mod", score_mod(s, b, h, qi, kj))
+            s = let("mod", apply_mod(score_mod, (s, b, h, qi, kj), "score"))
         keep = None
         if kv_lens:
             keep = kj < length
@@ -84,7 +85,7 @@ def flash_attention(q: Q, k: K, v: V, scale: f32, *,
             if right is not None:
                 keep = _and(keep, kj <= qpos + scalar("window_right", i32))
         if mask_mod is not None:
-            keep = _and(keep, mask_mod(b, h, qi, kj))
+            keep = _and(keep, apply_mod(mask_mod, (b, h, qi, kj), "mask"))
         if keep is not None:
             s = where(let("keep", keep), s, -inf)
         acc.update(s, v[b, hk, kj, :])

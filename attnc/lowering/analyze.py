@@ -114,9 +114,10 @@ def analyze(k: ir.Kernel) -> FlashSpec:
             raise _err("nested KV loops are not supported", st)
     upd = updates[0]
     acc = next(s for s in k.body if isinstance(s, ir.Softmax))
+    loop_lets = tuple(st.value for st in loop.body if isinstance(st, ir.Let))
     spec = FlashSpec(k, tuple(axes), row, split_var, split_count, loop.var, loop.dim,
                      tun[loop.size], acc.width, "", lets, (), upd.score,
-                     _the_dot(upd.score, lets), upd.value, sink, ret.lse)
+                     _the_dot(upd.score, lets, loop_lets), upd.value, sink, ret.lse)
     varying = frozenset({row.var, loop.var})
     uniform = tuple(n for n in top_lets if not spec.depends(lets[n], varying))
     dot = spec.dot
@@ -126,7 +127,9 @@ def analyze(k: ir.Kernel) -> FlashSpec:
     return spec
 
 
-def _the_dot(score: ir.Expr, lets: dict[str, ir.Expr]) -> ir.Dot:
+def _the_dot(score: ir.Expr, lets: dict[str, ir.Expr], loop_lets: tuple[ir.Expr, ...] = ()) -> ir.Dot:
+    """The q.k dot of the score; a score that ignores it (a constant score_mod) still has one
+    in the loop body, which then only shapes the tiles."""
     seen: dict[int, ir.Dot] = {}
 
     def visit(e: ir.Expr) -> None:
@@ -137,6 +140,9 @@ def _the_dot(score: ir.Expr, lets: dict[str, ir.Expr]) -> ir.Dot:
                 visit(lets[x.name])
 
     visit(score)
+    if not seen:
+        for e in loop_lets:
+            visit(e)
     if len(seen) != 1:
         raise _err("the update score must use exactly one dot(q-row slice, k-row slice)", score)
     return next(iter(seen.values()))

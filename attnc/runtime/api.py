@@ -54,6 +54,17 @@ def _array(name: str, x: Any, ndim: int | None = None) -> np.ndarray:
     return x
 
 
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _real_array(name: str, x: Any, ndim: int | None = None) -> np.ndarray:
+    """A numpy array of real numbers (ints or floats), else a ValueError naming the argument."""
+    x = _array(name, x, ndim)
+    _check(x.dtype.kind in "iuf", f"{name}: expected real numbers, got dtype {x.dtype}")
+    return x
+
+
 def validate(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, int]:
     """Check q/k/v against the contract; return the dims B, Hq, Hkv, S, T, D, Dv."""
     for n, x in (("q", q), ("k", k), ("v", v)):
@@ -304,12 +315,19 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
                     raise ValueError(f"window {side} must be a non-negative int or None, got {val!r}")
                 scalars[f"window_{side}"] = int(min(val, 2**31 - 1))
     if softcap is not None:
-        if isinstance(softcap, bool) or not (isinstance(softcap, (int, float)) and softcap > 0):
-            raise ValueError(f"softcap must be a positive number, got {softcap!r}")
+        if not (_is_real(softcap) and 0 < softcap < math.inf):
+            raise ValueError(f"softcap must be a positive finite number, got {softcap!r}")
         scalars["softcap"] = float(softcap)
+    if scale is not None and not (_is_real(scale) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be a function of (score, b, h, q_idx, kv_idx), got {type(fn).__name__}"
+                             if name == "score_mod" else
+                             f"{name} must be a function of (b, h, q_idx, kv_idx), got {type(fn).__name__}")
     for name, x, shape in (("alibi_slopes", alibi_slopes, (Hq,)), ("sinks", sinks, (Hq,))):
         if x is not None:
-            x = _array(name, x, 1)
+            x = _real_array(name, x, 1)
             _check(x.shape == shape, f"{name}: expected shape {shape} (Hq), got {x.shape}")
             extra[name] = np.ascontiguousarray(x, dtype=np.float32)
             strides[name] = [1]
@@ -321,7 +339,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
         extra["kv_lens"] = np.ascontiguousarray(x, dtype=np.int32)
         strides["kv_lens"] = [1]
     if bias is not None:
-        _array("bias", bias)
+        _real_array("bias", bias)
         arr, st = _broadcast_strides("bias", bias, (B, Hq, S, T))
         extra["bias"] = arr.astype(np.float32, copy=False)
         strides["bias"] = st
@@ -372,7 +390,10 @@ def _check_limits(dev: Device, progs: tuple[Program, ...]) -> None:
         nbuf = sum(b.access is not Access.UNIFORM for b in p.bindings)
         have = int(lim.get("max-storage-buffers-per-shader-stage", 8))
         if nbuf > have:
-            raise LoweringError(f"variant {p.name} binds {nbuf} storage buffers; {dev.spec} grants {have}")
+            raise DeviceError(f"these options need {nbuf} storage buffers per shader stage; {dev.spec} grants "
+                              f"max-storage-buffers-per-shader-stage = {have}",
+                              notes=("drop an option (e.g. fold alibi_slopes into bias) or use a device "
+                                     "that grants more",))
 
 
 def options_key(opts: Options) -> str:
@@ -417,14 +438,70 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (q_idx is the raw query index).
     """
     dims = validate(q, k, v)
+    dev = get_device(device)
+    kw = dict(causal=causal, scale=scale, window=window, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
+              sinks=sinks, kv_lens=kv_lens, return_lse=return_lse, device=dev, target=target,
+              score_mod=score_mod, mask_mod=mask_mod)
+    if _largest_binding(q, k, v, bias) > _binding_limit(dev):
+        return _chunked(q, k, v, kw, _binding_limit(dev))
     prep = prepare(dims, q.dtype, causal=causal, scale=scale, window=window, bias=bias,
                    alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, kv_lens=kv_lens,
-                   return_lse=return_lse, device=device, target=target, score_mod=score_mod,
+                   return_lse=return_lse, device=dev, target=target, score_mod=score_mod,
                    mask_mod=mask_mod)
     prep.bind(q, k, v).run()
     o, lse = prep.result()
     o = o.astype(q.dtype)
     return (o, lse) if return_lse else o
+
+
+def _binding_limit(dev: Device) -> int:
+    """The largest buffer the device lets one binding see."""
+    lim = dev.gpu.limits
+    return min(int(lim.get("max-storage-buffer-binding-size", 2**27)), int(lim.get("max-buffer-size", 2**28)))
+
+
+def _largest_binding(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray | None) -> int:
+    """Bytes of the largest buffer a call binds: an input, o (f32) or the compact bias."""
+    B, Hq, S, _ = q.shape
+    sizes = [q.nbytes, k.nbytes, v.nbytes, 4 * B * Hq * S * v.shape[3]]
+    if bias is not None:
+        sizes.append(4 * int(np.asarray(bias).size))
+    return max(sizes)
+
+
+def _chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], limit: int) -> Any:
+    """Attention in pieces when a binding would exceed the device's limit: halves of the batch,
+    then halves of the KV heads (with their query heads); rows are independent across both."""
+    B, Hq, S, _ = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    bias = kw.get("bias")
+    full = None if bias is None else np.broadcast_to(bias, (B, Hq, S, T))
+    if B > 1:
+        cut = B // 2
+        parts = [(slice(0, cut), slice(None)), (slice(cut, B), slice(None))]
+    elif Hkv > 1:
+        cut = Hkv // 2
+        parts = [(slice(None), slice(0, cut)), (slice(None), slice(cut, Hkv))]
+    else:
+        raise DeviceError(f"one head's K/V or output needs more than the {limit} bytes "
+                          f"(max-storage-buffer-binding-size) the device lets one binding see",
+                          notes=("split the KV sequence yourself and merge with return_lse=True",))
+    outs = []
+    for bs, hs in parts:
+        qh = hs if hs == slice(None) else slice(hs.start * (Hq // Hkv), hs.stop * (Hq // Hkv))
+        sub = dict(kw)
+        if full is not None:
+            sub["bias"] = np.ascontiguousarray(full[bs, qh])
+        if kw.get("kv_lens") is not None:
+            sub["kv_lens"] = kw["kv_lens"][bs]
+        for name in ("alibi_slopes", "sinks"):
+            if kw.get(name) is not None:
+                sub[name] = kw[name][qh]
+        outs.append(attention(q[bs, qh], k[bs, hs], v[bs, hs], **sub))
+    axis = 0 if B > 1 else 1
+    if kw.get("return_lse"):
+        return (np.concatenate([o for o, _ in outs], axis), np.concatenate([lse for _, lse in outs], axis))
+    return np.concatenate(outs, axis)
 
 
 def workgroups(factors: tuple[str, ...], env: dict[str, float | int]) -> int:

@@ -154,11 +154,6 @@ def test_dim_of_an_unknown_name_is_reported():
         flash_attention.trace(score_mod=mod)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: np.exp(s) on a traced value escapes as numpy's TypeError 'loop of ufunc does not "
-    "support argument 0 of type Value which has no callable exp method'. Fix: "
-    "attnc/frontend/dsl.py Value: define __array_ufunc__ (and __array_function__) raising "
-    "fail('numpy functions cannot take traced values', ('use attnc.exp/log/...',))."))
 def test_numpy_function_on_a_traced_value_is_a_trace_error():
     def mod(s, b, h, q_idx, kv_idx):
         return np.exp(s)
@@ -168,12 +163,6 @@ def test_numpy_function_on_a_traced_value_is_a_trace_error():
     _at(e.value, mod, 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a score_mod returning a bool (or a mask_mod returning a number) is reported at "
-    "attnc/kernels/flash.py (let('mod', ...) / where(keep, ...)), not at the user's function. "
-    "Fix: attnc/kernels/flash.py: check the mods' result dtypes right after calling them and "
-    "raise a TraceError whose span is the mod's `return` line (or its def line: "
-    "fn.__code__.co_filename / co_firstlineno), naming score_mod / mask_mod."))
 def test_score_mod_returning_a_bool_points_at_the_user_function():
     def mod(s, b, h, q_idx, kv_idx):
         return kv_idx < q_idx

@@ -15,12 +15,6 @@ from tests.textbook import assert_close, attention_ref
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (fuzz): where() cannot choose between two bools: attnc.where(c, kv < q, kv > q) "
-    "raises TraceError 'where needs numbers, got a bool', although the IR allows a bool where "
-    "(verify.call_dtype accepts it; tests/strategies.py generates it). Fix: "
-    "attnc/frontend/semantic.py call(), Op.WHERE branch: when both branches are BOOL, build "
-    "Call(WHERE, (c, a, b), BOOL) without promote()."))
 def test_where_between_two_bool_masks(require_adapters) -> None:
     dev = require_adapters("wgpu:vulkan")[0]
 
@@ -36,12 +30,6 @@ def test_where_between_two_bool_masks(require_adapters) -> None:
     assert_close(o, ref, 1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (fuzz): a score_mod that ignores the score (e.g. a constant: uniform attention over "
-    "the unmasked keys) raises LoweringError 'the update score must use exactly one dot' "
-    "located in attnc/kernels/flash.py. Fix: attnc/lowering/analyze.py analyze(): take the "
-    "dot from the `s` let of the loop body (the kernel still computes it) instead of requiring "
-    "it inside the update score, or, at least, raise a TraceError at the user's score_mod."))
 def test_score_mod_ignoring_the_score(require_adapters) -> None:
     dev = require_adapters("wgpu:vulkan")[0]
     rng = np.random.default_rng(1)

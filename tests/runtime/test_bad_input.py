@@ -130,10 +130,6 @@ def test_subgroups_on_opengl_names_the_feature_and_the_alternative(require_adapt
 
 
 # --------------------------------------------------------------------------- found: bugs
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: softcap=inf passes validation and makes every output NaN (inf * tanh(s / inf) = "
-    "inf * 0). Fix: attnc/runtime/api.py prepare(): require math.isfinite(softcap) in the "
-    "softcap check (or treat inf as no cap)."))
 def test_softcap_inf_is_rejected_or_means_no_cap(require_adapters) -> None:
     require_adapters("wgpu:vulkan")
     q, k, v = qkv()
@@ -145,50 +141,30 @@ def test_softcap_inf_is_rejected_or_means_no_cap(require_adapters) -> None:
     assert_close(o, attention_ref(q, k, v), 1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a complex bias is silently cast to float32 (imaginary part dropped, only a numpy "
-    "ComplexWarning). Fix: attnc/runtime/api.py prepare(): check "
-    "np.issubdtype(bias.dtype, np.floating) (or integer) and raise ValueError('bias: dtype ...')."))
 def test_complex_bias_is_rejected(require_adapters) -> None:
     require_adapters("wgpu:vulkan")
     with pytest.raises(ValueError, match="bias"):
         _call(dict(bias=np.full((3, 5), 1j, np.complex64)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: scale='a' raises ValueError(\"could not convert string to float: 'a'\") from "
-    "float(scale), not naming the argument. Fix: attnc/runtime/api.py prepare(): validate "
-    "scale (a finite real number) with a message naming 'scale'."))
 def test_non_numeric_scale_names_the_argument(require_adapters) -> None:
     require_adapters("wgpu:vulkan")
     with pytest.raises(ValueError, match="scale"):
         _call(dict(scale="a"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: sinks/alibi_slopes of a non-numeric dtype raise numpy's 'could not convert string to "
-    "float', not naming the argument. Fix: attnc/runtime/api.py prepare(): check the dtype is "
-    "real-numeric before np.ascontiguousarray(x, dtype=np.float32)."))
 def test_non_numeric_sinks_names_the_argument(require_adapters) -> None:
     require_adapters("wgpu:vulkan")
     with pytest.raises(ValueError, match="sinks"):
         _call(dict(sinks=np.array(["a", "b"])))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: score_mod=3 (not callable) raises TypeError(\"'int' object is not callable\") from "
-    "inside attnc/kernels/flash.py. Fix: attnc/runtime/api.py prepare(): "
-    "check callable(score_mod)/callable(mask_mod) and raise ValueError naming the argument."))
 def test_non_callable_score_mod_names_the_argument(require_adapters) -> None:
     require_adapters("wgpu:vulkan")
     with pytest.raises(ValueError, match="score_mod"):
         _call(dict(score_mod=3))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a mask_mod returning None is silently treated as 'no mask' (flash.py's _and(keep, "
-    "None) keeps the previous mask). Fix: attnc/kernels/flash.py: check mask_mod's result is "
-    "a bool Value (or Python bool) and raise TraceError naming mask_mod otherwise."))
 def test_mask_mod_returning_none_is_an_error(require_adapters) -> None:
     require_adapters("wgpu:vulkan")
     with pytest.raises(AttncError, match="mask_mod"):

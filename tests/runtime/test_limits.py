@@ -7,7 +7,8 @@ by kv_lens/window, |s| ~ 5e3 logits and a NaN in one q row on every adapter x fa
 Forcing small limits: the runtime reads `max-compute-workgroups-per-dimension` from the
 GPUDevice's `limits` dict on every dispatch, so a monkeypatched value exercises grid folding
 on the CPU adapters. The binding-size and storage-buffer-count limits are monkeypatched the
-same way; attnc does not consult them yet, which the xfail(strict) tests below record.
+same way: attnc chunks over batch and heads past the binding limit, and refuses with a
+DeviceError naming the limit what it cannot chunk (one head's K/V beyond it).
 """
 
 from __future__ import annotations
@@ -112,13 +113,6 @@ def test_all_options_run_where_the_device_grants_more_storage_buffers(require_ad
     assert_close(lse, lse_ref, 1e-5, "lse")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: attnc never compares a program's storage-buffer count with the device's "
-    "max-storage-buffers-per-shader-stage: on a device granting WebGPU's default 8, every "
-    "option at once (9 buffers) fails inside create_bind_group_layout and surfaces as a "
-    "misleading 'rejected the WGSL' LoweringError. Fix: attnc/runtime/dispatch.py "
-    "_check_features (or api.prepare) should raise DeviceError naming the limit, or "
-    "api.prepare should choose a variant that fits (e.g. pack alibi_slopes+sinks in one buffer)."))
 def test_storage_buffer_limit_of_the_device_is_respected(require_adapters, monkeypatch) -> None:
     dev = require_adapters("dawn:vulkan")[0]
     monkeypatch.setitem(dev.gpu.limits, "max-storage-buffers-per-shader-stage", 8)
@@ -183,11 +177,6 @@ def test_grid_folding_under_a_small_forced_limit(require_adapters, monkeypatch, 
 
 
 # --------------------------------------------------------------------------- binding size
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: attnc ignores max-storage-buffer-binding-size: each tensor is one buffer bound whole, "
-    "so a problem whose k/v/bias/o exceed the device's binding limit is not split. Fix: "
-    "attnc/runtime/api.py Prepared.bind/run should chunk over batch and heads (offset bindings "
-    "or sub-buffers per chunk, one dispatch each) when a binding would exceed the limit."))
 def test_problem_larger_than_the_binding_limit_is_chunked(require_adapters, monkeypatch) -> None:
     dev = require_adapters("wgpu:vulkan")[0]
     limit = 16384  # bytes; every per-(b, h) slice below fits, no whole tensor does
@@ -211,11 +200,6 @@ def test_problem_larger_than_the_binding_limit_is_chunked(require_adapters, monk
     assert_close(o, attention_ref(q, k, v), 1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a k/v of one (batch, head) larger than the real 128 MiB binding limit raises a raw "
-    "wgpu GPUValidationError from create_bind_group ('Buffer binding 1 range 134217856 exceeds "
-    "max_*_buffer_binding_size'). Fix: attnc/runtime/api.py must chunk KV (split-KV over "
-    "separate bindings) or raise a DeviceError naming the limit before dispatching."))
 def test_real_binding_limit_is_not_a_raw_webgpu_error(require_adapters) -> None:
     dev = require_adapters("wgpu:vulkan")[0]
     limit = int(dev.gpu.limits["max-storage-buffer-binding-size"])
