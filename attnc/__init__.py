@@ -36,7 +36,7 @@ from attnc.frontend.dsl import (
 from attnc.runtime.api import attention
 from attnc.runtime.devices import Device, default_device, devices, get_device
 
-__version__ = "0.1.0"
+from attnc._version import __version__  # noqa: E402
 
 __all__ = [
     "AttncError", "Device", "DeviceError", "LoweringError", "ParseError", "TraceError",

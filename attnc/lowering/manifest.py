@@ -133,7 +133,7 @@ def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path) -> dict[s
             (outdir / fname).write_text(p.wgsl)
             files[p.name] = fname
         variants.append(variant_entry(k, c, files))
-    from attnc import __version__
+    from attnc._version import __version__
 
     manifest = {
         "format": FORMAT,

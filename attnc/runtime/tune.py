@@ -50,7 +50,7 @@ def bucket(dims: dict[str, int]) -> str:
 
 def key(device: Device, options_key: str, dims: dict[str, int]) -> str:
     """The cache key: adapter identity and driver, attnc version, kernel options, shape bucket."""
-    from attnc import __version__
+    from attnc._version import __version__
 
     return f"{device.key}|attnc {__version__}|{options_key}|{bucket(dims)}"
 
