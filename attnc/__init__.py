@@ -1,5 +1,6 @@
 """attnc: a compiler for attention kernels on WebGPU (Python DSL -> IR -> WGSL -> wgpu-py)."""
 
+from attnc._version import __version__
 from attnc.errors import (
     AttncError,
     DeviceError,
@@ -36,9 +37,9 @@ from attnc.frontend.dsl import (
 from attnc.runtime.api import attention
 from attnc.runtime.devices import Device, default_device, devices, get_device
 
-from attnc._version import __version__  # noqa: E402
 
 __all__ = [
+    "__version__",
     "AttncError", "Device", "DeviceError", "LoweringError", "ParseError", "TraceError",
     "VerifyError", "attention", "default_device", "devices", "dim", "dot", "exp", "f16", "f32",
     "get_device", "grid", "i32", "inf", "input", "kernel", "let", "log", "maximum", "minimum",
