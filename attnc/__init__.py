@@ -37,7 +37,6 @@ from attnc.frontend.dsl import (
 from attnc.runtime.api import attention
 from attnc.runtime.devices import Device, default_device, devices, get_device
 
-
 __all__ = [
     "__version__",
     "AttncError", "Device", "DeviceError", "LoweringError", "ParseError", "TraceError",
