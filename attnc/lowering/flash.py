@@ -187,6 +187,28 @@ class Shader:
     def extent(self, a_dim: str, tile: int | None) -> str:
         return f"P.d_{a_dim}" if tile is None else f"((P.d_{a_dim} + {tile - 1}u) / {tile}u)"
 
+    def prologue(self, w: Writer) -> None:
+        """Re-linearise the (folded) workgroup id; decompose it into the Dv chunk `dvc`, the
+        split, the query tile `qtile` and the other grid axes; compute the uniform lets."""
+        s = self.spec
+        w.line("let wg = wid.x + wid.y * P.grid_stride_x;")
+        with w.block("if (wg >= P.grid_total)"):
+            w.line("return;")
+        w.line("var rem = wg;")
+        w.line(f"let dvc = rem % {self.n_dvc()};")
+        w.line(f"rem = rem / {self.n_dvc()};")
+        if s.split_var:
+            w.line(f"g_{s.split_var} = i32(rem % u32(P.p_{s.split_count}));")
+            w.line(f"rem = rem / u32(P.p_{s.split_count});")
+        for a in reversed(s.axes):
+            ext = self.extent(a.dim, a.tile)
+            if a is s.row:
+                w.line(f"let qtile = rem % {ext};")
+            else:
+                w.line(f"g_{a.var} = i32(rem % {ext});")
+            w.line(f"rem = rem / {ext};")
+        self.uniform_lets(w)
+
     @property
     def dvc(self) -> int:
         return self.lay.DVC if self.lay is not None else self.plan.DVC
@@ -325,22 +347,7 @@ def emit_main(sh: Shader) -> Program:
     smem = 4 * (stage + BM * BN + (BM * groups if CT > lay.G else 0) + 3)
     with w.block(f"@compute @workgroup_size({WG}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
                  "@builtin(local_invocation_index) lid: u32)"):
-        w.line("let wg = wid.x + wid.y * P.grid_stride_x;")
-        with w.block("if (wg >= P.grid_total)"):
-            w.line("return;")
-        w.line("var rem = wg;")
-        w.line(f"let dvc = rem % {sh.n_dvc()};")
-        w.line(f"rem = rem / {sh.n_dvc()};")
-        if s.split_var:
-            w.line(f"g_{s.split_var} = i32(rem % u32(P.p_{s.split_count}));")
-            w.line(f"rem = rem / u32(P.p_{s.split_count});")
-        for a in reversed(s.axes):
-            ext = sh.extent(a.dim, a.tile)
-            name = "qtile" if a is s.row else f"g_{a.var}"
-            w.line(f"{'let qtile' if a is s.row else name} = {'' if a is s.row else 'i32('}"
-                   f"rem % {ext}{'' if a is s.row else ')'};")
-            w.line(f"rem = rem / {ext};")
-        sh.uniform_lets(w)
+        sh.prologue(w)
         w.line(f"let rg = lid / {CT}u;")
         w.line(f"let ct = lid % {CT}u;")
         w.line(f"let q0 = i32(qtile) * {BM};")

@@ -28,23 +28,7 @@ def emit_rows(sh: Shader) -> Program:
     qt, kt, vt = s.dot.a.tensor, s.dot.b.tensor, s.value.tensor
     with w.block(f"@compute @workgroup_size({BM}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
                  "@builtin(local_invocation_index) lid: u32)"):
-        w.line("let wg = wid.x + wid.y * P.grid_stride_x;")
-        with w.block("if (wg >= P.grid_total)"):
-            w.line("return;")
-        w.line("var rem = wg;")
-        w.line(f"let dvc = rem % {sh.n_dvc()};")
-        w.line(f"rem = rem / {sh.n_dvc()};")
-        if s.split_var:
-            w.line(f"g_{s.split_var} = i32(rem % u32(P.p_{s.split_count}));")
-            w.line(f"rem = rem / u32(P.p_{s.split_count});")
-        for a in reversed(s.axes):
-            ext = sh.extent(a.dim, a.tile)
-            if a is s.row:
-                w.line(f"let qtile = rem % {ext};")
-            else:
-                w.line(f"g_{a.var} = i32(rem % {ext});")
-            w.line(f"rem = rem / {ext};")
-        sh.uniform_lets(w)
+        sh.prologue(w)
         w.line(f"let qi = i32(qtile) * {BM} + i32(lid);")
         w.line(f"let n_rows = i32(P.d_{s.row.dim});")
         with w.block("if (qi >= n_rows)"):
