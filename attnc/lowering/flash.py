@@ -233,7 +233,7 @@ def _sm(arr: str, idx: str) -> str:
 
 def _stage(w: Writer, sh: Shader, sl: ir.Slice, idx: str, first: str, limit: str, base: str,
            rows: int, cols: int, col0: str, col_limit: str, offset: int, transpose: bool,
-           flag: bool = False) -> None:
+           flag: bool = False, arr: str = "stage") -> None:
     """Cooperatively copy a rows x cols block of a tensor slice into `stage` (zeros outside).
 
     Transposed (column-major: element (r, c) at c*rows + r) for q and k, so an invocation
@@ -256,7 +256,7 @@ def _stage(w: Writer, sh: Shader, sl: ir.Slice, idx: str, first: str, limit: str
                 with w.block("if ((bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u)"):
                     w.line("atomicOr(&v_bad, 1u);")
             dst = f"{offset}u + c * {rows}u + r" if transpose else f"{offset}u + r * {cols}u + c"
-            w.line(f"{_sm('stage', dst)} = x;")
+            w.line(f"{_sm(arr, dst)} = x;")
         else:  # the head-dim axis has unit stride and every other stride is a multiple of 4
             w.line("var x = vec4<f32>();")
             with w.block(f"if ({idx} < {limit} && col < {col_limit})"):
@@ -266,9 +266,9 @@ def _stage(w: Writer, sh: Shader, sl: ir.Slice, idx: str, first: str, limit: str
                     w.line("atomicOr(&v_bad, 1u);")
             if transpose:
                 for i, comp in enumerate("xyzw"):
-                    w.line(f"{_sm('stage', f'{offset}u + (c + {i}u) * {rows}u + r')} = x.{comp};")
+                    w.line(f"{_sm(arr, f'{offset}u + (c + {i}u) * {rows}u + r')} = x.{comp};")
             else:
-                w.line(f"stage[({offset}u + r * {cols}u + c) >> 2u] = x;")
+                w.line(f"{arr}[({offset}u + r * {cols}u + c) >> 2u] = x;")
 
 
 def _loads(w: Writer, name: str, arr: str, base: str, n: int) -> None:
@@ -333,9 +333,13 @@ def emit_main(sh: Shader) -> Program:
     inputs = [p.name for p in s.tensors]
     outputs = ["part"] if s.split_var else (["o", "lse"] if s.lse else ["o"])
     binds = sh.bindings(w, outputs, inputs)
-    stage = max(BM * DK + BN * DK, BN * DVS)
+    qres = plan.QRES  # the query tile stays in workgroup memory for the whole KV loop
+    stage = max((0 if qres else BM * DK) + BN * DK, BN * DVS)
+    kofs = 0 if qres else BM * DK
     groups = CT // lay.G
     w.line(f"var<workgroup> stage: array<vec4<f32>, {stage // 4}>;")
+    if qres:
+        w.line(f"var<workgroup> q_sh: array<vec4<f32>, {BM * plan.DQ // 4}>;")
     w.line(f"var<workgroup> p_sh: array<vec4<f32>, {BM * BN // 4}>;")
     if CT > lay.G:
         w.line(f"var<workgroup> red: array<f32, {BM * groups}>;")
@@ -344,7 +348,7 @@ def emit_main(sh: Shader) -> Program:
     w.line("var<workgroup> v_bad: atomic<u32>;  // a staged value is inf/NaN in this tile")
     sh.privates(w)
     sh.functions(w)
-    smem = 4 * (stage + BM * BN + (BM * groups if CT > lay.G else 0) + 3)
+    smem = 4 * (stage + BM * BN + (BM * groups if CT > lay.G else 0) + 3 + (BM * plan.DQ if qres else 0))
     with w.block(f"@compute @workgroup_size({WG}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
                  "@builtin(local_invocation_index) lid: u32)"):
         sh.prologue(w)
@@ -364,6 +368,9 @@ def emit_main(sh: Shader) -> Program:
             w.line(f"var nan{i} = false;")
             for y in range(TD):
                 w.line(f"var o{i}_{y} = 0.0;")
+        if qres:  # transposed [d][row], zero past the head dim and the last row
+            _stage(w, sh, s.dot.a, "qi", "q0", "n_rows", "q_base", BM, plan.DQ, "0u", "n_dot", 0, True,
+                   arr="q_sh")
         with w.block("for (var t = t_lo; t < t_hi; t = t + 1)"):
             w.line(f"let k0 = t * {BN};")
             with w.block("if (lid == 0u)"):
@@ -372,12 +379,16 @@ def emit_main(sh: Shader) -> Program:
                 for x in range(TN):
                     w.line(f"var s{i}_{x} = 0.0;")
             with w.block(f"for (var d0 = 0u; d0 < n_dot; d0 = d0 + {DK}u)"):
-                _stage(w, sh, s.dot.a, "qi", "q0", "n_rows", "q_base", BM, DK, "d0", "n_dot", 0, True)
-                _stage(w, sh, s.dot.b, "kj", "k0", "n_keys", "k_base", BN, DK, "d0", "n_dot", BM * DK, True)
+                if not qres:
+                    _stage(w, sh, s.dot.a, "qi", "q0", "n_rows", "q_base", BM, DK, "d0", "n_dot", 0, True)
+                _stage(w, sh, s.dot.b, "kj", "k0", "n_keys", "k_base", BN, DK, "d0", "n_dot", kofs, True)
                 w.line("workgroupBarrier();")
                 with w.block(f"for (var dd = 0u; dd < {DK}u; dd = dd + 1u)"):
-                    _loads(w, "a", "stage", f"dd * {BM}u + rg * {TM}u", TM)
-                    _loads(w, "b", "stage", f"{BM * DK}u + dd * {BN}u + ct * {TN}u", TN)
+                    if qres:
+                        _loads(w, "a", "q_sh", f"(d0 + dd) * {BM}u + rg * {TM}u", TM)
+                    else:
+                        _loads(w, "a", "stage", f"dd * {BM}u + rg * {TM}u", TM)
+                    _loads(w, "b", "stage", f"{kofs}u + dd * {BN}u + ct * {TN}u", TN)
                     for i in range(TM):
                         for x in range(TN):
                             w.line(f"s{i}_{x} = fma(a{i}, b{x}, s{i}_{x});")
@@ -533,16 +544,26 @@ def emit_combine(sh: Shader) -> Program:
             w.line(f"rem = rem / P.d_{a.dim};")
         sh.uniform_lets(w, skip_split=True)
         w.line(f"let base = row_linear(qi) * {ns};")
-        w.line(f"var mx = {NEG_INF};")
-        with w.block(f"for (var j = 0u; j < {ns}; j = j + 1u)"):
-            w.line("mx = max(mx, t_part[(base + j) * (n_width + 2u)]);")
-        w.line("var l = 0.0;")
-        w.line("var o = 0.0;")
-        with w.block(f"for (var j = 0u; j < {ns}; j = j + 1u)"):
-            w.line("let pr = (base + j) * (n_width + 2u);")
-            w.line("let wt = select(exp_sub(t_part[pr], mx), 0.0, is_neg_inf(mx));")
-            w.line("l = l + t_part[pr + 1u] * wt;")
-            w.line("o = o + t_part[pr + 2u + col] * wt;")
+        # four splits per iteration, independent loads in flight (a long split loop is latency bound)
+        w.line(f"let nsp = {ns};")
+        for u in range(4):
+            w.line(f"var mx{u} = {NEG_INF};")
+        with w.block("for (var j = 0u; j < nsp; j = j + 4u)"):
+            for u in range(4):  # a clamped index repeats the last split: harmless for a max
+                w.line(f"mx{u} = max(mx{u}, t_part[(base + min(j + {u}u, nsp - 1u)) * (n_width + 2u)]);")
+        w.line("var mx = max(max(mx0, mx1), max(mx2, mx3));")
+        for u in range(4):
+            w.line(f"var l{u} = 0.0;")
+            w.line(f"var o{u} = 0.0;")
+        with w.block("for (var j = 0u; j < nsp; j = j + 4u)"):
+            for u in range(4):
+                w.line(f"let pr{u} = (base + min(j + {u}u, nsp - 1u)) * (n_width + 2u);")
+                w.line(f"let wt{u} = select(0.0, select(exp_sub(t_part[pr{u}], mx), 0.0, is_neg_inf(mx)), "
+                       f"j + {u}u < nsp);")
+                w.line(f"l{u} = l{u} + select(0.0, t_part[pr{u} + 1u] * wt{u}, j + {u}u < nsp);")
+                w.line(f"o{u} = o{u} + select(0.0, t_part[pr{u} + 2u + col] * wt{u}, j + {u}u < nsp);")
+        w.line("var l = (l0 + l1) + (l2 + l3);")
+        w.line("var o = (o0 + o1) + (o2 + o3);")
         if s.sink is not None:
             w.line("let z = sink_fn(qi);")
             w.line("let mf = max(mx, z);")

@@ -57,6 +57,7 @@ class Plan:
     invocation (register blocking: each invocation computes TM x TN scores).
     ROWS strategy: KC keys per softmax step, DQ the largest head dim held in registers.
     VEC=4 loads q/k/v as vec4 (the runtime picks it only when D and Dv are multiples of 4).
+    QRES keeps the query tile (BM x DQ, DQ >= D) in workgroup memory across the KV loop.
     """
 
     family: Family = Family.PORTABLE
@@ -72,6 +73,7 @@ class Plan:
     KC: int = 4
     DQ: int = 64
     VEC: int = 1
+    QRES: bool = False
     overrides: tuple[tuple[str, int], ...] = field(default=())
 
     def with_tunables(self, **kw: int) -> Plan:
@@ -97,6 +99,8 @@ class Layout:
     TN: int  # score columns per thread
     TD: int  # output columns per thread
     G: int  # lanes reduced by subgroup shuffles (1 = portable)
+    QRES: bool
+    DQ: int
     DK: int
     DVC: int
     DVS: int
@@ -104,10 +108,11 @@ class Layout:
     @property
     def smem_words(self) -> int:
         """Workgroup storage in 4-byte words: q/k chunks (aliased with v), p tile, partials."""
-        qk = self.BM * self.DK + self.BN * self.DK
+        qk = (0 if self.QRES else self.BM * self.DK) + self.BN * self.DK
+        qk_res = self.BM * self.DQ if self.QRES else 0
         v = self.BN * self.DVS
         red = self.BM * (self.CT // self.G) if self.CT > self.G else 0
-        return max(qk, v) + self.BM * self.BN + red + 4
+        return max(qk, v) + self.BM * self.BN + red + 4 + qk_res
 
 
 def _pow2(n: int) -> bool:
@@ -136,4 +141,6 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
     dvc = -(-max(plan.DVC, dvs) // dvs) * dvs  # whole value chunks
     TD = dvc // CT
     G = 1 if plan.family is Family.PORTABLE else min(CT, plan.SGMIN)
-    return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.DK, dvc, dvs)
+    if plan.QRES and plan.DQ % plan.DK:
+        raise LoweringError(f"DQ={plan.DQ} must be a multiple of DK={plan.DK} with QRES")
+    return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.QRES, plan.DQ, plan.DK, dvc, dvs)

@@ -369,14 +369,17 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
         dims = {**dims, "R": (dims["Hq"] // dims["Hkv"]) * S}
     kern = build_kernel(opts, tun)
     progs = programs_for(kern, plan)
-    _check_limits(dev, progs)
+    _check_limits(dev, progs, plan, dims)
     prep = Prepared(dev, kern, plan, progs, dims, scalars | {"scale": float(scale)}, extra, strides)
     prep.options_key = okey
     return prep
 
 
-def _check_limits(dev: Device, progs: tuple[Program, ...]) -> None:
+def _check_limits(dev: Device, progs: tuple[Program, ...], plan: Plan | None = None,
+                  dims: dict[str, int] | None = None) -> None:
     """Refuse, with the numbers, a variant that needs more than the device granted."""
+    if plan is not None and dims is not None and plan.QRES and dims["D"] > plan.DQ:
+        raise LoweringError(f"the variant keeps queries of at most DQ={plan.DQ} in workgroup memory; D={dims['D']}")
     lim = dev.gpu.limits
     for p in progs:
         have = int(lim.get("max-compute-workgroup-storage-size", 16384))

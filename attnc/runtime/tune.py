@@ -142,6 +142,15 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
                         if sig not in seen and fits(device, plan, tun):
                             seen.add(sig)
                             yield plan, tun, ns
+        if not short:  # the query tile resident in workgroup memory (no restaging per KV tile)
+            dqr = -(-dims["D"] // 16) * 16
+            for fam in families:
+                for bm, bn, wg, tm in [(64, 64, 128, 4), (64, 32, 64, 4), (64, 64, 256, 2), (128, 32, 256, 4)]:
+                    plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm, DVC=dv32,
+                                               DK=16, DVS=32, QRES=True, DQ=dqr)
+                    tun = {"BM": bm, "BN": bn}
+                    if fits(device, plan, tun):
+                        yield plan, tun, ns
         for bm in (8, 32):
             plan = dataclasses.replace(base, family=Family.PORTABLE, strategy=Strategy.ROWS, KC=4, DQ=dq, DVC=dv)
             yield plan, {"BM": bm, "BN": 64}, ns
