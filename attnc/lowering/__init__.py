@@ -17,6 +17,8 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
     """Lower a verified kernel for a plan: the programs to dispatch, in order."""
     spec = analyze(kernel)
     if plan.strategy is Strategy.ROWS:
+        if plan.storage is Storage.F16A:
+            raise LoweringError("f16 arithmetic is a tiled-strategy variant")
         if plan.family is not Family.PORTABLE:
             raise LoweringError("the rows strategy has no cross-invocation reductions: use the portable family")
         sh = Shader(spec, plan, None)

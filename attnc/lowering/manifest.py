@@ -95,7 +95,8 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str]) -> dict
             "workgroup_storage_bytes": p.workgroup_storage_bytes,
         })
         n_storage.append(len(storage))
-    features = sorted({"subgroups" for p in c.programs if "subgroups" in p.features})
+    webgpu_name = {"subgroups": "subgroups", "f16": "shader-f16"}  # attnc's names -> WebGPU's
+    features = sorted({webgpu_name[f] for p in c.programs for f in p.features})
     return {
         "name": c.name,
         "family": c.plan.family.value,
@@ -108,7 +109,7 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str]) -> dict
                 "maxStorageBuffersPerShaderStage": max(n_storage),
             },
         },
-        "enables": features,
+        "enables": sorted({"shader-f16": "f16"}.get(f, f) for f in features),
         "tunables": dict(kernel.tunables) | {"WG": c.plan.WG, "DK": c.plan.DK, "DVC": c.plan.DVC,
                                             "DVS": c.plan.DVS, "SGMIN": c.plan.SGMIN},
         "tensors": _tensors(kernel, c.plan, c.programs),

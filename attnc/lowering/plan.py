@@ -23,10 +23,11 @@ class Strategy(enum.Enum):
 
 
 class Storage(enum.Enum):
-    """How float tensors are stored in buffers (arithmetic is f32 in both)."""
+    """How float tensors are stored in buffers, and (F16A) whether products are f16."""
 
     F32 = "f32"
     F16 = "f16"  # packed two per u32, unpacked with unpack2x16float (no shader-f16 needed)
+    F16A = "f16a"  # shader-f16: f16 loads and workgroup tiles, f16 products summed in f32
 
 
 class Dialect(enum.Enum):

@@ -19,7 +19,10 @@ from attnc.lowering.retype import retype
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device, get_device
 
-TARGETS = {"portable": Family.PORTABLE, "subgroups": Family.SUBGROUPS}
+TARGETS = {"portable": Family.PORTABLE, "subgroups": Family.SUBGROUPS,
+           "portable-f16": Family.PORTABLE, "subgroups-f16": Family.SUBGROUPS}
+# targets whose products are computed in f16 (shader-f16); the others compute in f32
+F16_MATH_TARGETS = frozenset({"portable-f16", "subgroups-f16"})
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ def pick_family(device: Device, target: str | None) -> Family:
     if fam is Family.SUBGROUPS and "subgroups" not in device.features:
         raise DeviceError(f"{device!r} does not offer the 'subgroups' feature",
                           notes=("use target='portable', which needs no subgroup operations",))
+    if target in F16_MATH_TARGETS and "f16" not in device.features:
+        raise DeviceError(f"{device!r} does not offer the 'shader-f16' feature that target {target!r} needs",
+                          notes=("float16 inputs also run with target='portable' or 'subgroups' "
+                                 "(f16 storage, f32 math), which need no shader-f16",))
     return fam
 
 
@@ -302,6 +309,9 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
     """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it."""
     dev = get_device(device)
     fam = pick_family(dev, target)
+    f16_math = target in F16_MATH_TARGETS
+    if f16_math and np.dtype(dtype) != np.float16:
+        raise ValueError(f"target {target!r} computes products in f16: pass float16 q, k, v (got {np.dtype(dtype)})")
     B, Hq, S, T = dims["B"], dims["Hq"], dims["S"], dims["T"]
     extra: dict[str, np.ndarray] = {}
     strides: dict[str, list[int]] = {}
@@ -355,6 +365,10 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
     if plan is None and tunables is None and score_mod is None and mask_mod is None:
         plan, tunables, nsplit = _tuned(dev, okey, dims, opts, fam if target is not None else None, nsplit)
     hplan, htun = plan_for(dev, fam, dims, opts, explicit_family=target is not None)
+    if f16_math:
+        hplan = dataclasses.replace(hplan, storage=Storage.F16A)
+        if plan is not None and plan.storage is not Storage.F16A:
+            plan = None  # a tuned f16-storage plan is not an f16-math plan
     plan = plan or hplan
     tun = tunables or htun
     if pack_gqa is None:
@@ -439,6 +453,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     q [B,Hq,S,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv] -> o [B,Hq,S,Dv] in q's dtype
     (and lse [B,Hq,S] float32 with return_lse). score_mod(s, b, h, q_idx, kv_idx) and
     mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (q_idx is the raw query index).
+    target: "portable", "subgroups", or (float16 inputs, shader-f16) "portable-f16" /
+    "subgroups-f16" for f16 products; None picks the tuned or heuristic variant.
     """
     dims = validate(q, k, v)
     dev = get_device(device)
