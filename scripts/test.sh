@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
+python3 -m ruff check attnc tests examples scripts
 python3 -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=30 tests
 for width in 128 512; do
   echo "test: subgroup_sizes with LP_NATIVE_VECTOR_WIDTH=$width" >&2
