@@ -42,8 +42,12 @@ def flash_attention(q: Q, k: K, v: V, scale: f32, *,
                     BM=tunable(32), BN=tunable(32), split=False,
                     causal=False, window=None, softcap=False, alibi=False, bias=False,
                     sinks=False, kv_lens=False, score_mod: ScoreMod | None = None,
-                    mask_mod: MaskMod | None = None, lse=False, pack_gqa=False):
-    """FlashAttention with every option of attnc.attention; split=True gives flash-decoding."""
+                    mask_mod: MaskMod | None = None, lse=False, pack_gqa=False, offsets=False):
+    """FlashAttention with every option of attnc.attention; split=True gives flash-decoding.
+
+    offsets=True computes one chunk of a larger problem: query rows start at q_offset of
+    q_total, keys at kv_offset of kv_total, and positions in masks and mods are absolute.
+    """
     group = dim("Hq") // dim("Hkv")
     if pack_gqa:  # the query heads sharing a KV head are rows of one tile: K/V are read once
         axes = dict(b="B", hk="Hkv", r=tiles("R", BM))  # R = (Hq / Hkv) * S, same memory as [Hq, S]
@@ -59,18 +63,22 @@ def flash_attention(q: Q, k: K, v: V, scale: f32, *,
     else:
         h, qi = x, rows
         hk = let("hk", h // group)
-    length = let("len", input("kv_lens", i32["B"])[b]) if kv_lens else dim("T")
-    qpos = let("qpos", qi + (length - dim("S")))  # queries aligned to the end of the keys
+    n_keys, n_queries = (scalar("kv_total", i32), scalar("q_total", i32)) if offsets else (dim("T"), dim("S"))
+    length = let("len", input("kv_lens", i32["B"])[b]) if kv_lens else n_keys
+    if offsets:
+        qi = let("qabs", qi + scalar("q_offset", i32))
+    qpos = let("qpos", qi + (length - n_queries))  # queries aligned to the end of the keys
     acc = online_softmax(rows=rows, width="Dv")
-    for kj in tiles("T", BN, split=ks[0] if ks else None):
-        s = let("s", dot(q[b, h, qi, :], k[b, hk, kj, :]) * scale)
+    for kt in tiles("T", BN, split=ks[0] if ks else None):
+        kj = let("kabs", kt + scalar("kv_offset", i32)) if offsets else kt
+        s = let("s", dot(q[b, h, rows if offsets else qi, :], k[b, hk, kt, :]) * scale)
         if softcap:
             cap = scalar("softcap")
             s = let("capped", cap * tanh(s / cap))
         if alibi:
             s = let("alibi", s + input("alibi_slopes", f32["Hq"])[h] * f32(kj - qpos))
         if bias:
-            s = let("biased", s + input("bias", f32["B", "Hq", "S", "T"])[b, h, qi, kj])
+            s = let("biased", s + input("bias", f32["B", "Hq", "S", "T"])[b, h, rows if offsets else qi, kt])
         if score_mod is not None:
             s = let("mod", apply_mod(score_mod, (s, b, h, qi, kj), "score"))
         keep = None
@@ -88,7 +96,7 @@ def flash_attention(q: Q, k: K, v: V, scale: f32, *,
             keep = _and(keep, apply_mod(mask_mod, (b, h, qi, kj), "mask"))
         if keep is not None:
             s = where(let("keep", keep), s, -inf)
-        acc.update(s, v[b, hk, kj, :])
+        acc.update(s, v[b, hk, kt, :])
     if sinks:
         acc.sink(input("sinks", f32["Hq"])[h])
     return acc.combine(ks[0], lse=lse) if ks else acc.result(lse=lse)

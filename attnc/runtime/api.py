@@ -36,6 +36,7 @@ class Options:
     bias: bool = False
     sinks: bool = False
     kv_lens: bool = False
+    offsets: bool = False
     lse: bool = False
     split: bool = False
     pack_gqa: bool = False
@@ -165,7 +166,7 @@ def build_kernel(opts: Options, tunables: dict[str, int]) -> ir.Kernel:
             causal=opts.causal, window=opts.window, softcap=opts.softcap, alibi=opts.alibi,
             bias=opts.bias, sinks=opts.sinks, kv_lens=opts.kv_lens, lse=opts.lse,
             split=opts.split, score_mod=opts.score_mod, mask_mod=opts.mask_mod, pack_gqa=opts.pack_gqa,
-            **tunables)
+            offsets=opts.offsets, **tunables)
         kern = retype(kern, Storage.F16 if opts.f16 else Storage.F32)
         if opts.score_mod is None and opts.mask_mod is None:
             _CACHE.kernels[key] = kern
@@ -305,7 +306,8 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
             device: Device | str | None = None, target: str | None = None,
             score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
             plan: Plan | None = None, tunables: dict[str, int] | None = None,
-            nsplit: int | None = None, pack_gqa: bool | None = None) -> Prepared:
+            nsplit: int | None = None, pack_gqa: bool | None = None,
+            offsets: tuple[int, int, int, int] | None = None) -> Prepared:
     """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it."""
     dev = get_device(device)
     fam = pick_family(dev, target)
@@ -345,7 +347,8 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
         x = _array("kv_lens", kv_lens, 1)
         _check(x.shape == (B,), f"kv_lens: expected shape ({B},) (B), got {x.shape}")
         _check(np.issubdtype(x.dtype, np.integer), f"kv_lens: expected integers, got {x.dtype}")
-        _check(bool(np.all((x >= 0) & (x <= T))), f"kv_lens: values must be in [0, T={T}]")
+        total = T if offsets is None else offsets[3]
+        _check(bool(np.all((x >= 0) & (x <= total))), f"kv_lens: values must be in [0, T={total}]")
         extra["kv_lens"] = np.ascontiguousarray(x, dtype=np.int32)
         strides["kv_lens"] = [1]
     if bias is not None:
@@ -361,6 +364,9 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
                    bias=bias is not None, sinks=sinks is not None, kv_lens=kv_lens is not None,
                    lse=return_lse, f16=np.dtype(dtype) == np.float16, score_mod=score_mod,
                    mask_mod=mask_mod)
+    if offsets is not None:  # one chunk of a larger problem: absolute positions
+        opts = Options(**{**opts.__dict__, "offsets": True})
+        scalars.update(q_offset=offsets[0], q_total=offsets[1], kv_offset=offsets[2], kv_total=offsets[3])
     okey = options_key(opts)
     if plan is None and tunables is None and score_mod is None and mask_mod is None:
         plan, tunables, nsplit = _tuned(dev, okey, dims, opts, fam if target is not None else None, nsplit)
@@ -502,9 +508,7 @@ def _chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], li
         cut = Hkv // 2
         parts = [(slice(None), slice(0, cut)), (slice(None), slice(cut, Hkv))]
     else:
-        raise DeviceError(f"one head's K/V or output needs more than the {limit} bytes "
-                          f"(max-storage-buffer-binding-size) the device lets one binding see",
-                          notes=("split the KV sequence yourself and merge with return_lse=True",))
+        return _chunk_sequence(q, k, v, kw, limit)
     outs = []
     for bs, hs in parts:
         qh = hs if hs == slice(None) else slice(hs.start * (Hq // Hkv), hs.stop * (Hq // Hkv))
@@ -521,6 +525,54 @@ def _chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], li
     if kw.get("return_lse"):
         return (np.concatenate([o for o, _ in outs], axis), np.concatenate([lse for _, lse in outs], axis))
     return np.concatenate(outs, axis)
+
+
+def _chunk_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], limit: int) -> Any:
+    """One head too large for a binding: blocks of query rows times blocks of keys, each a
+    kernel with absolute positions (offsets), merged on the host by log-sum-exp (sinks too)."""
+    _, Hq, S, D = q.shape
+    T, Dv = k.shape[2], v.shape[3]
+    dims = validate(q, k, v)
+    bias = kw.get("bias")
+    bias4 = None if bias is None else np.asarray(bias).reshape((1,) * (4 - np.ndim(bias)) + np.shape(bias))
+    row = max(q.nbytes // S, 4 * Hq * Dv, 1)
+    key = max(k.nbytes // T, v.nbytes // T, 1, 0 if bias4 is None else 4 * bias4[0, 0].size // max(T, 1))
+    sq = max(1, int(limit * 0.9) // row)
+    sk = max(1, int(limit * 0.9) // key)
+    sinks = kw.get("sinks")
+    opts = {n: x for n, x in kw.items() if n not in ("sinks", "return_lse", "bias")}
+    o_rows, lse_rows = [], []
+    for s0 in range(0, S, sq):
+        s1 = min(S, s0 + sq)
+        parts = []
+        for t0 in range(0, T, sk):
+            t1 = min(T, t0 + sk)
+            sub = dict(opts)
+            if bias4 is not None:
+                sub["bias"] = bias4[:, :, s0:s1 if bias4.shape[2] > 1 else 1, t0:t1 if bias4.shape[3] > 1 else 1]
+            cdims = {**dims, "S": s1 - s0, "T": t1 - t0}
+            prep = prepare(cdims, q.dtype, return_lse=True, offsets=(s0, S, t0, T), **sub)
+            prep.bind(q[:, :, s0:s1], k[:, :, t0:t1], v[:, :, t0:t1]).run()
+            parts.append(prep.result())
+        lse = np.stack([p[1] for p in parts]).astype(np.float64)  # [chunks, B, Hq, rows]
+        if sinks is not None:
+            z = np.broadcast_to(np.asarray(sinks, np.float64)[None, None, :, None], (1,) + lse.shape[1:])
+            lse_all = np.concatenate([lse, z])
+        else:
+            lse_all = lse
+        with np.errstate(all="ignore"):
+            m = np.max(lse_all, axis=0)
+            m = np.where(np.isneginf(m), 0.0, m)
+            w = np.exp(lse - m)
+            den = np.exp(lse_all - m).sum(axis=0)
+            o = sum(wc[..., None] * p[0].astype(np.float64) for wc, p in zip(w, parts, strict=True))
+            o = np.where((den > 0)[..., None], o / np.where(den > 0, den, 1.0)[..., None], 0.0)
+            o = np.where(np.isnan(den)[..., None], np.nan, o)
+            lse_out = np.where(den > 0, m + np.log(np.where(den > 0, den, 1.0)), -np.inf)
+        o_rows.append(o.astype(q.dtype))
+        lse_rows.append(lse_out.astype(np.float32))
+    o_full = np.concatenate(o_rows, axis=2)
+    return (o_full, np.concatenate(lse_rows, axis=2)) if kw.get("return_lse") else o_full
 
 
 def workgroups(factors: tuple[str, ...], env: dict[str, float | int]) -> int:

@@ -341,3 +341,24 @@ def test_rows_fully_masked_by_mask_mod(require_adapters, S) -> None:
                                    mask_mod=lambda b, h, i, j: (h == 1) & (i % 2 == 1))
     assert_close(o, ref_o, 1e-5, "o")
     assert_close(lse, ref_lse, 1e-5, "lse")
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+def test_one_head_beyond_the_binding_limit_is_chunked_over_rows_and_keys(require_adapters, monkeypatch,
+                                                                           spec) -> None:
+    """A single (batch, head) whose q, k, v, bias and o all exceed a forced 8 KiB binding limit:
+    blocks of rows x keys with absolute positions, merged by log-sum-exp on the host; every
+    position-dependent option and a sink must come out as for the whole problem."""
+    dev = require_adapters(spec)[0]
+    monkeypatch.setitem(dev.gpu.limits, "max-storage-buffer-binding-size", 8192)
+    rng = np.random.default_rng(11)
+    q, k, v = qkv(rng, 1, 1, 1, 50, 300, 16, 16)
+    opts = dict(causal=True, window=(100, None), kv_lens=np.array([250]), sinks=np.array([0.5], np.float32),
+                bias=rng.standard_normal((50, 300)).astype(np.float32), alibi_slopes=np.array([0.1], np.float32),
+                softcap=20.0, return_lse=True)
+    o, lse = attnc.attention(q, k, v, device=dev, **opts)
+    ro, rl = attention_ref(q, k, v, **opts)
+    assert_close(o, ro, 1e-5, "o")
+    assert_close(lse, rl, 1e-5, "lse")
+    o = attnc.attention(q, k, v, device=dev, score_mod=lambda s, b, h, i, j: s - 0.01 * attnc.f32(abs(i - j)))
+    assert_close(o, attention_ref(q, k, v, score_mod=lambda s, b, h, i, j: s - 0.01 * np.abs(i - j)), 1e-5)
