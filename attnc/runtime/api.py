@@ -114,22 +114,40 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
              explicit_family: bool = False) -> tuple[Plan, dict[str, int]]:
     """The heuristic plan and kernel tunables for a shape (a tuned choice overrides it).
 
-    Short query rows (S <= 16: decoding, cross-attention) take the rows strategy (one query
-    row per invocation, no workgroup memory) unless a family was asked for explicitly; longer
-    ones the tiled strategy with 64x32 tiles and 4 rows per invocation, which fits WebGPU's
-    default limits. q/k/v load as vec4 when both head dims are multiples of 4.
+    From the tuning runs in docs/bench/ (no vendor names: adapter type and limits only):
+    - short query rows (S <= 16: decoding, cross-attention): the tiled strategy with 4-16 row
+      tiles (query heads of a KV head packed into rows) and 64-key tiles, split over KV; on a
+      CPU adapter without GQA, the rows strategy (one query row per invocation);
+    - longer rows: the largest of 128x64 (256 invocations), 64x64 and 64x32 tiles with 4 rows
+      per invocation that the device's limits allow (CPU adapters skip the 256-wide one);
+    - q/k/v load as vec4 when both head dims are multiples of 4.
     """
-    sg_min = device.subgroup_min_size or 4
+    sg_min = min(device.subgroup_min_size or 4, 32)
     dialect = Dialect.TINT if device.dialect == "tint" else Dialect.NAGA
     storage = Storage.F16 if opts.f16 else Storage.F32
     vec = 4 if dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0 else 1
     dv = min(max(_pow2ceil(dims["Dv"]), 32), 256)
-    if dims["S"] <= 16 and not explicit_family:
-        plan = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, KC=4,
-                    DQ=max(_pow2ceil(dims["D"]), 4), DVC=dv, VEC=vec)
-        return plan, {"BM": 8 if device.adapter_type == "CPU" else 32, "BN": 64}
-    plan = Plan(family, storage, dialect, WG=64, TM=4, DK=16, DVC=min(-(-dims["Dv"] // 32) * 32, 128), DVS=32,
-                SGMIN=min(sg_min, 32), VEC=vec)
+    cpu = device.adapter_type == "CPU"
+    group = dims["Hq"] // dims["Hkv"]
+    if dims["S"] <= 16:
+        if cpu and group == 1 and not explicit_family:
+            plan = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, KC=4,
+                        DQ=max(_pow2ceil(dims["D"]), 4), DVC=dv, VEC=vec)
+            return plan, {"BM": 8, "BN": 64}
+        bm = min(16, max(4, _pow2ceil(group * dims["S"])))
+        plan = Plan(family, storage, dialect, WG=64 if cpu else 128, TM=1, DK=16, DVC=dv, DVS=32, SGMIN=sg_min,
+                    VEC=vec)
+        return plan, {"BM": bm, "BN": 64}
+    dvc = min(-(-dims["Dv"] // 32) * 32, 128)
+    shapes = [(64, 64, 64), (64, 32, 64)] if cpu else [(128, 64, 256), (64, 64, 128), (64, 32, 64)]
+    lim = device.gpu.limits
+    smem = int(lim.get("max-compute-workgroup-storage-size", 16384))
+    inv = int(lim.get("max-compute-invocations-per-workgroup", 256))
+    for bm, bn, wg in shapes:
+        plan = Plan(family, storage, dialect, WG=wg, TM=4, DK=16, DVC=dvc, DVS=32, SGMIN=sg_min, VEC=vec)
+        lay = layout(plan, bm, bn)
+        if 4 * lay.smem_words <= smem and wg <= inv:
+            return plan, {"BM": bm, "BN": bn}
     return plan, {"BM": 64, "BN": 32}
 
 
