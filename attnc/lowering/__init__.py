@@ -5,10 +5,12 @@ from __future__ import annotations
 from attnc.errors import LoweringError
 from attnc.ir import nodes as ir
 from attnc.lowering.analyze import FlashSpec, analyze
-from attnc.lowering.flash import Shader, emit_combine, emit_main
+from attnc.lowering.combine import emit_combine
 from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy, layout
 from attnc.lowering.program import Program
 from attnc.lowering.rows import emit_rows
+from attnc.lowering.shader import Shader
+from attnc.lowering.tiled import emit_main
 
 __all__ = ["Dialect", "Family", "Plan", "Program", "Storage", "Strategy", "lower", "analyze", "FlashSpec"]
 

@@ -9,8 +9,8 @@ strategy (flash.py) suits GPUs. Which is faster on a device is decided by measur
 
 from __future__ import annotations
 
-from attnc.lowering.flash import Shader, _features, _mask_of
 from attnc.lowering.program import Program
+from attnc.lowering.shader import Shader, features, mask_of
 from attnc.lowering.wgsl import NAN, NEG_INF, IntervalEnv, Writer, key_range
 
 
@@ -40,7 +40,7 @@ def emit_rows(sh: Shader) -> Program:
         # this row's key range: mask-implied bounds, then the split's share of KV tiles
         w.line("var k_lo = 0;")
         w.line("var k_hi = n_keys;")
-        mask = _mask_of(s)
+        mask = mask_of(s)
         if mask is not None:
             env = IntervalEnv(s.row.var, "qi", "qi", sh.env(None, None), s.lets, s.loop_var)
             los, his = key_range(mask, env, s.resolve)
@@ -127,4 +127,4 @@ def emit_rows(sh: Shader) -> Program:
             w.line("let ob = o_base(qi);")
             with w.block("for (var d = 0u; d < n_cols; d = d + 1u)"):
                 w.line(f"t_o[ob + (c0 + d) * P.s_o_{len(s.axes)}] = select({acc} * inv, {NAN}, nan);")
-    return Program("main", w.text(), "main", BM, binds, sh.uniforms, sh.grid_factors(), _features(plan), 0)
+    return Program("main", w.text(), "main", BM, binds, sh.uniforms, sh.grid_factors(), features(plan), 0)
