@@ -31,7 +31,7 @@ class Options:
     """The kernel-shaping options of one attention call (what the traced IR depends on)."""
 
     causal: bool = False
-    window: tuple[int | None, int | None] | None = None
+    window: tuple[int | None, int | None] | None = None  # which sides are bounded (0); values are uniforms
     softcap: bool = False
     alibi: bool = False
     bias: bool = False
@@ -107,7 +107,8 @@ def pick_family(device: Device, target: str | None) -> Family:
     return fam
 
 
-def _pow2ceil(n: int) -> int:
+def pow2ceil(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -127,15 +128,15 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     dialect = Dialect.TINT if device.dialect == "tint" else Dialect.NAGA
     storage = Storage.F16 if opts.f16 else Storage.F32
     vec = 4 if dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0 else 1
-    dv = min(max(_pow2ceil(dims["Dv"]), 32), 256)
+    dv = min(max(pow2ceil(dims["Dv"]), 32), 256)
     cpu = device.adapter_type == "CPU"
     group = dims["Hq"] // dims["Hkv"]
     if dims["S"] <= 16:
         if cpu and group == 1 and not explicit_family:
             plan = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, KC=4,
-                        DQ=max(_pow2ceil(dims["D"]), 4), DVC=dv, VEC=vec)
+                        DQ=max(pow2ceil(dims["D"]), 4), DVC=dv, VEC=vec)
             return plan, {"BM": 8, "BN": 64}
-        bm = min(16, max(4, _pow2ceil(group * dims["S"])))
+        bm = min(16, max(4, pow2ceil(group * dims["S"])))
         plan = Plan(family, storage, dialect, WG=64 if cpu else 128, TM=1, DK=16, DVC=dv, DVS=32, SGMIN=sg_min,
                     VEC=vec)
         return plan, {"BM": bm, "BN": 64}

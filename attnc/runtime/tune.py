@@ -23,6 +23,7 @@ import numpy as np
 
 from attnc.errors import AttncError
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage, Strategy, layout
+from attnc.runtime.api import pow2ceil
 from attnc.runtime.devices import Device
 
 VERSION = 1
@@ -37,15 +38,11 @@ def cache_path() -> Path:
     return Path(base) / "tune.json"
 
 
-def _pow2ceil(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def bucket(dims: dict[str, int]) -> str:
     """Shapes that share a tuned choice: exact head dims and GQA ratio, S and T by power of two."""
     S, T = dims["S"], dims["T"]
-    s = str(S) if S <= 16 else f"~{_pow2ceil(S)}"
-    return f"S{s}.T~{_pow2ceil(T)}.D{dims['D']}.Dv{dims['Dv']}.G{dims['Hq'] // dims['Hkv']}"
+    s = str(S) if S <= 16 else f"~{pow2ceil(S)}"
+    return f"S{s}.T~{pow2ceil(T)}.D{dims['D']}.Dv{dims['Dv']}.G{dims['Hq'] // dims['Hkv']}"
 
 
 def key(device: Device, options_key: str, dims: dict[str, int]) -> str:
@@ -115,8 +112,8 @@ def fits(device: Device, plan: Plan, tun: dict[str, int]) -> bool:
 def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[Family],
                nsplit: int | None) -> Iterator[tuple[Plan, dict[str, int], int | None]]:
     """Valid plans to time for a problem: tiled tile shapes, head-dim chunks, split counts, rows."""
-    dq = max(_pow2ceil(dims["D"]), 4)
-    dv = min(max(_pow2ceil(dims["Dv"]), 32), 256)
+    dq = max(pow2ceil(dims["D"]), 4)
+    dv = min(max(pow2ceil(dims["Dv"]), 32), 256)
     dv32 = min(-(-dims["Dv"] // 32) * 32, 128)
     short = dims["S"] <= 16
     splits = [nsplit] if nsplit is None else list(dict.fromkeys([nsplit, nsplit * 2, max(1, nsplit // 2), nsplit * 4]))
