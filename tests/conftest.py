@@ -13,6 +13,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings
+
+# CI runs the property tests on a fixed sequence of examples (reproducible, and a red run
+# can be replayed); local runs draw new examples every time, which is where bugs are found.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
+    settings.load_profile("ci")
 
 if TYPE_CHECKING:
     from attnc.runtime.devices import Device
