@@ -123,10 +123,10 @@ def _pow2(n: int) -> bool:
 def layout(plan: Plan, BM: int, BN: int) -> Layout:
     """Map the tile sizes onto invocations; raise LoweringError when they do not fit."""
     WG = plan.WG
-    for name, val in (("BM", BM), ("BN", BN), ("WG", WG), ("TM", plan.TM), ("DVS", plan.DVS)):
+    for name, val in (("BM", BM), ("BN", BN), ("WG", WG), ("TM", plan.TM)):
         if not _pow2(val):
             raise LoweringError(f"tunable {name}={val} must be a power of two")
-    for name, val in (("DK", plan.DK), ("DVC", plan.DVC)):
+    for name, val in (("DK", plan.DK), ("DVC", plan.DVC), ("DVS", plan.DVS)):
         if val <= 0 or val % 4:
             raise LoweringError(f"tunable {name}={val} must be a positive multiple of 4")
     # row groups of TM rows; the invocations of a row group share its keys and columns
@@ -138,7 +138,9 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
         raise LoweringError(f"WG={WG} invocations over BM={BM} rows leaves {CT} per row, "
                             f"more than BN={BN} keys", notes=("raise BN or lower WG",))
     TN = BN // CT
-    dvs = max(plan.DVS, CT)  # each staged value chunk gives every invocation whole columns
+    dvs = -(-max(plan.DVS, CT) // CT) * CT  # each staged value chunk gives every invocation whole columns
+    if dvs % 4:
+        raise LoweringError(f"DVS={dvs} value columns per stage must be a multiple of 4")
     dvc = -(-max(plan.DVC, dvs) // dvs) * dvs  # whole value chunks
     TD = dvc // CT
     G = 1 if plan.family is Family.PORTABLE else min(CT, plan.SGMIN)

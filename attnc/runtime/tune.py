@@ -118,6 +118,9 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
     short = dims["S"] <= 16
     splits = [nsplit] if nsplit is None else list(dict.fromkeys([nsplit, nsplit * 2, max(1, nsplit // 2), nsplit * 4]))
     dks = [16, 64] if short else sorted({16, 32} | ({24} if dims["D"] % 24 == 0 else set()))
+    # value chunks that cover Dv exactly (72 = 3 x 24, 80 = 2 x 40) instead of padding to 32s
+    dv8 = -(-dims["Dv"] // 8) * 8
+    exact = {(dv8, dv8 // k) for k in (2, 3) if dv8 % k == 0 and (dv8 // k) % 8 == 0 and dv8 <= 128}
     if short:  # decoding is memory bound: the family matters little, try the device's default only
         families = families[-1:]
     if short:  # few rows: small row tiles, long key tiles, many splits
@@ -131,9 +134,9 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
         for fam in families:
             for bm, bn, wg, tm in shapes:
                 for dk in dks:
-                    for dvc in sorted({dv32} if short else {dv32, 64}):
+                    for dvc, dvs in sorted({(dv32, 32)} if short else {(dv32, 32), (64, 32)} | exact):
                         plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm,
-                                                   DVC=dvc, DK=dk, DVS=32)
+                                                   DVC=dvc, DK=dk, DVS=dvs)
                         tun = {"BM": bm, "BN": bn}
                         sig = (plan, tuple(tun.items()), ns)
                         if sig not in seen and fits(device, plan, tun):
