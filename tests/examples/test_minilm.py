@@ -138,9 +138,8 @@ def test_numpy_attention_matches_reference(minilm: Any, reference: np.ndarray) -
 def test_attnc_matches_sentence_transformers(
     minilm: Any, reference: np.ndarray, device: Any, target: str, dtype: str
 ) -> None:
-    """Embeddings with attnc attention match sentence-transformers on every device/target."""
-    if dtype == "float16" and "f16" not in device.features:
-        pytest.skip(f"{device.name} does not offer shader-f16")
+    """Embeddings with attnc attention match sentence-transformers on every device/target
+    (float16 runs everywhere: attnc's f16 storage needs no shader-f16)."""
     timed = mm.TimedAttention(mm.attnc_attention(device, target), mm.device_label(device))
     got = minilm.encode(SENTENCES, attention=timed, dtype=dtype)
     assert timed.calls == minilm.layers
