@@ -92,13 +92,18 @@ def validate(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, int]:
 
 def pick_family(device: Device, target: str | None) -> Family:
     """The requested variant family, or the default for the device (subgroups if offered)."""
+    usable = "subgroups" in device.features and device.subgroup_lanes_contiguous >= 4
     if target is None:
-        return Family.SUBGROUPS if "subgroups" in device.features else Family.PORTABLE
+        return Family.SUBGROUPS if usable else Family.PORTABLE
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     fam = TARGETS[target]
     if fam is Family.SUBGROUPS and "subgroups" not in device.features:
         raise DeviceError(f"{device!r} does not offer the 'subgroups' feature",
+                          notes=("use target='portable', which needs no subgroup operations",))
+    if fam is Family.SUBGROUPS and not usable:
+        raise DeviceError(f"{device!r} does not place consecutive invocations in aligned groups of 4 lanes "
+                          "of one subgroup (checked by a probe shader), which the subgroups family relies on",
                           notes=("use target='portable', which needs no subgroup operations",))
     if target in F16_MATH_TARGETS and "f16" not in device.features:
         raise DeviceError(f"{device!r} does not offer the 'shader-f16' feature that target {target!r} needs",
@@ -124,7 +129,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
       per invocation that the device's limits allow (CPU adapters skip the 256-wide one);
     - q/k/v load as vec4 when both head dims are multiples of 4.
     """
-    sg_min = min(device.subgroup_min_size or 4, 32)
+    sg_min = max(1, min(device.subgroup_min_size or 4, 32, device.subgroup_lanes_contiguous or 4))
     dialect = Dialect.TINT if device.dialect == "tint" else Dialect.NAGA
     storage = Storage.F16 if opts.f16 else Storage.F32
     vec = 4 if dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0 else 1

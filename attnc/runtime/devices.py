@@ -18,9 +18,11 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from attnc.errors import DeviceError
 from attnc.lowering.program import Access, Binding, Program, Scalar
-from attnc.runtime.dispatch import Dispatch, PipelineCache, empty, readback, run
+from attnc.runtime.dispatch import Dispatch, PipelineCache, readback, run, upload
 
 # backend name -> the Python module that speaks the wgpu-py API for it
 BACKEND_MODULES = {"wgpu": "wgpu", "dawn": "wgpudawn"}
@@ -101,9 +103,23 @@ class Device:
     @functools.cached_property
     def subgroup_size(self) -> int | None:
         """The real subgroup size, measured once by a probe shader; None without subgroups."""
+        return None if "subgroups" not in self.features else self._subgroup_probe[0]
+
+    @functools.cached_property
+    def subgroup_lanes_contiguous(self) -> int:
+        """The largest aligned lane group (1, 2, 4 ... 32) whose xor-shuffles the probe found
+        to stay inside one subgroup with lanes in local_invocation_index order (0: no subgroups)."""
         if "subgroups" not in self.features:
-            return None
-        return _measure_subgroup_size(self)
+            return 0
+        size, bad = self._subgroup_probe
+        g = 1
+        while g < min(size, 32) and not bad & g:
+            g *= 2
+        return g
+
+    @functools.cached_property
+    def _subgroup_probe(self) -> tuple[int, int]:
+        return _probe_subgroups(self)
 
     @functools.cached_property
     def timestamp_period(self) -> float:
@@ -132,34 +148,45 @@ def _info_int(info: dict[str, Any], name: str) -> int | None:
 
 
 PROBE_WGSL = """\
-@group(0) @binding(0) var<storage, read_write> out: array<u32>;
+@group(0) @binding(0) var<storage, read_write> out: array<atomic<u32>>;
 
-@compute @workgroup_size(64)
+// out[0]: the subgroup size; out[1]: bit k set when subgroupShuffleXor(lid, 1 << k) did not
+// return lid ^ (1 << k) for some invocation, i.e. local_invocation_index does not map onto
+// aligned groups of 2^(k+1) lanes of one subgroup (what the subgroups family relies on).
+@compute @workgroup_size(256)
 fn main(@builtin(subgroup_size) size: u32, @builtin(local_invocation_index) lid: u32) {
     if (lid == 0u) {
-        out[0] = size;
+        atomicStore(&out[0], size);
     }
+    var bad = 0u;
+    bad = bad | select(0u, 1u, 1u < size && subgroupShuffleXor(lid, 1u) != (lid ^ 1u));
+    bad = bad | select(0u, 2u, 2u < size && subgroupShuffleXor(lid, 2u) != (lid ^ 2u));
+    bad = bad | select(0u, 4u, 4u < size && subgroupShuffleXor(lid, 4u) != (lid ^ 4u));
+    bad = bad | select(0u, 8u, 8u < size && subgroupShuffleXor(lid, 8u) != (lid ^ 8u));
+    bad = bad | select(0u, 16u, 16u < size && subgroupShuffleXor(lid, 16u) != (lid ^ 16u));
+    atomicOr(&out[1], bad);
 }
 """
 
 
-def _measure_subgroup_size(device: Device) -> int:
-    """Dispatch one workgroup that writes the `subgroup_size` builtin, and read it back."""
+def _probe_subgroups(device: Device) -> tuple[int, int]:
+    """(subgroup size, bits of the xor-shuffle offsets that failed) from one probe dispatch."""
     enable = "enable subgroups;\n\n" if device.dialect == "tint" else ""
     program = Program(
         name="subgroup_size_probe",
         wgsl=enable + PROBE_WGSL,
         entry_point="main",
-        workgroup_size=64,
+        workgroup_size=256,
         bindings=(Binding("out", 0, Access.READ_WRITE, Scalar.U32),),
         uniforms=(),
         grid=(),
         features=frozenset({"subgroups"}),
         workgroup_storage_bytes=0,
     )
-    out = empty(device, 4)
+    out = upload(device, np.zeros(2, np.uint32))
     run(device, [Dispatch(program, {"out": out}, {}, 1)])
-    return int(readback(device, out, Scalar.U32, (1,))[0])
+    size, bad = (int(x) for x in readback(device, out, Scalar.U32, (2,)))
+    return size, bad
 
 
 @functools.cache

@@ -231,3 +231,14 @@ def test_program_needing_a_missing_feature_raises(require_adapters) -> None:
     needs_f16 = dataclasses.replace(program, features=frozenset({"f16"}))
     with pytest.raises(DeviceError, match="needs \\['f16'\\]"):
         run(gl, [Dispatch(needs_f16, {}, {})])
+
+
+@pytest.mark.gpu
+@pytest.mark.subgroup_sizes
+def test_subgroup_lanes_are_contiguous_where_subgroups_are_offered(require_adapters) -> None:
+    """The probe's xor-shuffle check: every lane group up to the subgroup size (at most 32)
+    maps local_invocation_index onto one subgroup in order, as the subgroups family assumes."""
+    for dev in require_adapters("wgpu:vulkan", "dawn:vulkan"):
+        assert dev.subgroup_lanes_contiguous == min(dev.subgroup_size, 32), dev
+    (gl,) = require_adapters("wgpu:opengl")
+    assert gl.subgroup_lanes_contiguous == 0
