@@ -125,7 +125,7 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
         families = families[-1:]
     if short:  # few rows: small row tiles, long key tiles, many splits
         shapes = [(4, 64, 128, 1), (4, 64, 64, 1), (8, 64, 128, 1), (4, 128, 128, 1), (4, 32, 64, 1),
-                  (16, 64, 128, 1), (16, 64, 64, 2)]
+                  (16, 64, 128, 1), (16, 64, 64, 2), (4, 128, 256, 1), (4, 64, 256, 1), (8, 128, 256, 1)]
     else:
         shapes = [(64, 32, 64, 4), (64, 64, 128, 4), (128, 64, 256, 4), (128, 64, 128, 4),
                   (128, 32, 128, 4), (64, 64, 64, 4), (64, 64, 256, 2)]
