@@ -1,0 +1,45 @@
+"""Autotuning: candidates are timed and checked, the winner is stored per device and shape
+bucket, and attention() then uses it (and stays correct)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import attnc
+from attnc.runtime import api, tune
+from tests.textbook import assert_close, attention_ref
+
+pytestmark = pytest.mark.gpu
+
+
+def test_tuned_choice_is_stored_and_used(require_adapters, tmp_path, monkeypatch) -> None:
+    dev = require_adapters("wgpu:vulkan")[0]
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    dims = dict(B=1, Hq=2, Hkv=1, S=40, T=70, D=32, Dv=32)
+    res = tune.tune(dims, device=dev, runs=2, max_candidates=3, progress=False, causal=True)
+    timed = [r for r in res["results"] if "ms" in r]
+    assert timed and all(r["ok"] for r in timed), res["results"]
+    best = res["best"]
+    assert best["ms"] == min(r["ms"] for r in timed)
+    stored = json.loads((tmp_path / "tune.json").read_text())["entries"]
+    assert len(stored) == 1 and next(iter(stored)).startswith(dev.key)
+    # a call in the same bucket (other S and T) takes the stored plan
+    prep = api.prepare(dict(dims, S=37, T=90), np.float32, device=dev, causal=True)
+    assert prep.variant.split("[")[0] == best["variant"].split("[")[0]
+    assert prep.plan.WG == best["entry"]["plan"]["WG"] and prep.plan.TM == best["entry"]["plan"]["TM"]
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 37, 32)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 90, 32)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 90, 32)).astype(np.float32)
+    assert_close(attnc.attention(q, k, v, device=dev, causal=True), attention_ref(q, k, v, causal=True), 1e-5)
+
+
+def test_bucket_keys_exact_head_dims_and_power_of_two_lengths() -> None:
+    a = tune.bucket(dict(B=1, Hq=8, Hkv=2, S=300, T=500, D=64, Dv=64))
+    b = tune.bucket(dict(B=4, Hq=8, Hkv=2, S=400, T=300, D=64, Dv=64))
+    c = tune.bucket(dict(B=1, Hq=8, Hkv=2, S=300, T=500, D=72, Dv=72))
+    assert a == b != c
+    assert tune.bucket(dict(B=1, Hq=8, Hkv=8, S=4, T=1500, D=64, Dv=64)).startswith("S4.")
