@@ -10,8 +10,8 @@ strategy (flash.py) suits GPUs. Which is faster on a device is decided by measur
 from __future__ import annotations
 
 from attnc.lowering.program import Program
-from attnc.lowering.shader import Shader, features, mask_of
-from attnc.lowering.wgsl import NAN, NEG_INF, IntervalEnv, Writer, key_range
+from attnc.lowering.shader import Shader, features
+from attnc.lowering.wgsl import NAN, NEG_INF, Writer
 
 
 def emit_rows(sh: Shader) -> Program:
@@ -38,16 +38,7 @@ def emit_rows(sh: Shader) -> Program:
         w.line(f"let c0 = dvc * {DVC}u;")
         w.line(f"let n_cols = min(P.d_{s.width} - c0, {DVC}u);")
         # this row's key range: mask-implied bounds, then the split's share of KV tiles
-        w.line("var k_lo = 0;")
-        w.line("var k_hi = n_keys;")
-        mask = mask_of(s)
-        if mask is not None:
-            env = IntervalEnv(s.row.var, "qi", "qi", sh.env(None, None), s.lets, s.loop_var)
-            los, his = key_range(mask, env, s.resolve)
-            for lo in los:
-                w.line(f"k_lo = max(k_lo, {lo});")
-            for hi in his:
-                w.line(f"k_hi = min(k_hi, {hi});")
+        sh.key_bounds(w, "qi", "qi")
         if s.split_var:
             w.line(f"let n_tiles = (n_keys + {BN - 1}) / {BN};")
             w.line(f"let per = (n_tiles + P.p_{s.split_count} - 1) / P.p_{s.split_count};")

@@ -11,7 +11,7 @@ from attnc.ir import nodes as ir
 from attnc.lowering.analyze import FlashSpec
 from attnc.lowering.plan import Dialect, Family, Layout, Plan, Storage
 from attnc.lowering.program import Access, Binding, Scalar, UniformField
-from attnc.lowering.wgsl import ExprEnv, Writer
+from attnc.lowering.wgsl import ExprEnv, IntervalEnv, Writer, key_range
 
 _WGSL_TYPE = {ir.DType.F32: "f32", ir.DType.I32: "i32", ir.DType.BOOL: "bool"}
 
@@ -225,6 +225,22 @@ class Shader:
                 w.line(f"g_{a.var} = i32(rem % {ext});")
             w.line(f"rem = rem / {ext};")
         self.uniform_lets(w)
+
+    def key_bounds(self, w: Writer, row_lo: str, row_hi: str) -> None:
+        """`var k_lo`/`var k_hi`: the key range outside which the mask removes every key for
+        query rows in [row_lo, row_hi] (interval analysis of the mask's kj comparisons)."""
+        s = self.spec
+        w.line("var k_lo = 0;")
+        w.line("var k_hi = n_keys;")
+        mask = mask_of(s)
+        if mask is None:
+            return
+        env = IntervalEnv(s.row.var, row_lo, row_hi, self.env(None, None), s.lets, s.loop_var)
+        los, his = key_range(mask, env, s.resolve)
+        for lo in los:
+            w.line(f"k_lo = max(k_lo, {lo});")
+        for hi in his:
+            w.line(f"k_hi = min(k_hi, {hi});")
 
     @property
     def dvc(self) -> int:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from attnc.ir import nodes as ir
 from attnc.lowering.plan import Family, Layout
 from attnc.lowering.program import Program
-from attnc.lowering.shader import Shader, features, mask_of
-from attnc.lowering.wgsl import NAN, NEG_INF, IntervalEnv, Writer, key_range
+from attnc.lowering.shader import Shader, features
+from attnc.lowering.wgsl import NAN, NEG_INF, Writer
 
 
 def _sm(arr: str, idx: str) -> str:
@@ -237,16 +237,7 @@ def _emit_bounds(w: Writer, sh: Shader) -> None:
     with w.block("if (lid == 0u)"):
         w.line("let r_lo = q0;")
         w.line(f"let r_hi = min(q0 + {lay.BM}, n_rows) - 1;")
-        w.line("var k_lo = 0;")
-        w.line("var k_hi = n_keys;")
-        mask = mask_of(s)
-        if mask is not None:
-            env = IntervalEnv(s.row.var, "r_lo", "r_hi", sh.env(None, None), s.lets, s.loop_var)
-            los, his = key_range(mask, env, s.resolve)
-            for lo in los:
-                w.line(f"k_lo = max(k_lo, {lo});")
-            for hi in his:
-                w.line(f"k_hi = min(k_hi, {hi});")
+        sh.key_bounds(w, "r_lo", "r_hi")
         w.line(f"let n_tiles = (n_keys + {lay.BN - 1}) / {lay.BN};")
         w.line(f"var lo = max(k_lo, 0) / {lay.BN};")
         w.line(f"var hi = min((k_hi + {lay.BN - 1}) / {lay.BN}, n_tiles);")
