@@ -10,6 +10,7 @@ from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy, layout
 from attnc.lowering.program import Program
 from attnc.lowering.rows import emit_rows
 from attnc.lowering.shader import Shader
+from attnc.lowering.stream import emit_stream
 from attnc.lowering.tiled import emit_main
 
 __all__ = ["Dialect", "Family", "Plan", "Program", "Storage", "Strategy", "lower", "analyze", "FlashSpec"]
@@ -25,6 +26,11 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
             raise LoweringError("the rows strategy has no cross-invocation reductions: use the portable family")
         sh = Shader(spec, plan, None)
         progs = [emit_rows(sh)]
+    elif plan.strategy is Strategy.STREAM:
+        if plan.storage is Storage.F16A:
+            raise LoweringError("f16 arithmetic is a tiled-strategy variant")
+        sh = Shader(spec, plan, None)
+        progs = [emit_stream(sh)]
     else:
         sh = Shader(spec, plan, layout(plan, spec.BM, spec.BN))
         progs = [emit_main(sh)]

@@ -20,6 +20,7 @@ class Strategy(enum.Enum):
 
     TILED = "tiled"  # score tiles in workgroup memory, register-blocked dot products (GPUs)
     ROWS = "rows"  # one query row per invocation, no workgroup memory (CPU adapters, decode)
+    STREAM = "stream"  # short row tiles: K/V streamed from storage, per-invocation softmax (GPU decode)
 
 
 class Storage(enum.Enum):
@@ -59,6 +60,8 @@ class Plan:
     ROWS strategy: KC keys per softmax step, DQ the largest head dim held in registers.
     VEC=4 loads q/k/v as vec4 (the runtime picks it only when D and Dv are multiples of 4).
     QRES keeps the query tile (BM x DQ, DQ >= D) in workgroup memory across the KV loop.
+    STREAM strategy: KL lanes share a key's dot product, KC keys per softmax step, DQ >= D,
+    DVC output columns per workgroup (four per invocation).
     """
 
     family: Family = Family.PORTABLE
@@ -75,6 +78,7 @@ class Plan:
     DQ: int = 64
     VEC: int = 1
     QRES: bool = False
+    KL: int = 2
     overrides: tuple[tuple[str, int], ...] = field(default=())
 
     def with_tunables(self, **kw: int) -> Plan:
@@ -83,7 +87,7 @@ class Plan:
 
     @property
     def name(self) -> str:
-        rows = ".rows" if self.strategy is Strategy.ROWS else ""
+        rows = "" if self.strategy is Strategy.TILED else f".{self.strategy.value}"
         return f"{self.family.value}.{self.storage.value}{rows}"
 
 
@@ -147,3 +151,52 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
     if plan.QRES and plan.DQ % plan.DK:
         raise LoweringError(f"DQ={plan.DQ} must be a multiple of DK={plan.DK} with QRES")
     return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.QRES, plan.DQ, plan.DK, dvc, dvs)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLayout:
+    """The thread layout of the stream strategy (see lowering/stream.py)."""
+
+    BM: int
+    BN: int
+    WG: int
+    KL: int  # lanes per key in the dot phase
+    KC: int  # keys per softmax step in the P.V phase
+    D4: int  # vec4 chunks of the query row held in workgroup memory (DQ / 4)
+    CG: int  # column groups: invocations sharing a key, four output columns each
+    KG: int  # key groups: each keeps its own online-softmax state over every KG-th key
+    RC: int  # rows merged per round at the end
+
+    @property
+    def NK(self) -> int:
+        """Keys of a tile one invocation visits in the P.V phase."""
+        return self.BN // self.KG
+
+    @property
+    def smem_words(self) -> int:
+        """Workgroup storage in 4-byte words: q tile, partial dots, merge buffers."""
+        return (4 * self.BM * self.D4 + self.BN * self.KL * self.BM + 2 * self.KG * self.BM
+                + 2 * self.BM + 4 * self.KG * self.RC * self.CG + 2)
+
+
+def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
+    """Map a stream plan onto invocations; raise LoweringError when it does not fit."""
+    for name, val in (("BM", BM), ("BN", BN), ("WG", plan.WG), ("KL", plan.KL), ("KC", plan.KC)):
+        if not _pow2(val):
+            raise LoweringError(f"tunable {name}={val} must be a power of two")
+    if plan.VEC != 4:
+        raise LoweringError("the stream strategy reads q, k and v as vec4: it needs VEC=4 "
+                            "(head dims that are multiples of 4)")
+    if plan.DQ % (4 * plan.KL) or plan.DVC % 4 or plan.DVC <= 0:
+        raise LoweringError(f"DQ={plan.DQ} must be a multiple of 4*KL={4 * plan.KL} and "
+                            f"DVC={plan.DVC} a positive multiple of 4")
+    CG = plan.DVC // 4
+    if not _pow2(CG) or CG > plan.WG:
+        raise LoweringError(f"DVC={plan.DVC} gives {CG} column groups: it must be a power of two "
+                            f"no larger than WG={plan.WG}")
+    KG = plan.WG // CG
+    if BN % (KG * plan.KC):
+        raise LoweringError(f"BN={BN} keys must split evenly over {KG} key groups x KC={plan.KC}",
+                            notes=("raise BN or lower WG",))
+    RC = max(1, min(BM, KG, 512 // plan.WG))  # one output vec4 per invocation per round
+    return StreamLayout(BM, BN, plan.WG, plan.KL, plan.KC, plan.DQ // 4, CG, KG, RC)

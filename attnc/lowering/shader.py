@@ -242,6 +242,24 @@ class Shader:
         for hi in his:
             w.line(f"k_hi = min(k_hi, {hi});")
 
+    def tile_bounds(self, w: Writer, BM: int, BN: int) -> None:
+        """`wg_lo`/`wg_hi` (workgroup vars): the KV tiles of BN keys this workgroup visits for
+        query rows q0..q0+BM-1: the mask-implied key range, cut to the split's share."""
+        s = self.spec
+        with w.block("if (lid == 0u)"):
+            w.line("let r_lo = q0;")
+            w.line(f"let r_hi = min(q0 + {BM}, n_rows) - 1;")
+            self.key_bounds(w, "r_lo", "r_hi")
+            w.line(f"let n_tiles = (n_keys + {BN - 1}) / {BN};")
+            w.line(f"var lo = max(k_lo, 0) / {BN};")
+            w.line(f"var hi = min((k_hi + {BN - 1}) / {BN}, n_tiles);")
+            if s.split_var:
+                w.line(f"let per = (n_tiles + P.p_{s.split_count} - 1) / P.p_{s.split_count};")
+                w.line(f"lo = max(lo, g_{s.split_var} * per);")
+                w.line(f"hi = min(hi, (g_{s.split_var} + 1) * per);")
+            w.line("wg_lo = lo;")
+            w.line("wg_hi = max(hi, lo);")
+
     @property
     def dvc(self) -> int:
         return self.lay.DVC if self.lay is not None else self.plan.DVC

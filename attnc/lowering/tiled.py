@@ -150,7 +150,7 @@ def emit_main(sh: Shader) -> Program:
         w.line(f"let n_keys = i32(P.d_{s.kv_dim});")
         w.line(f"let n_dot = P.d_{s.head_dim};")
         w.line(f"let n_width = P.d_{s.width};")
-        _emit_bounds(w, sh)
+        sh.tile_bounds(w, BM, BN)
         w.line("let t_lo = workgroupUniformLoad(&wg_lo);")
         w.line("let t_hi = workgroupUniformLoad(&wg_hi);")
         for i in range(TM):
@@ -229,24 +229,6 @@ def emit_main(sh: Shader) -> Program:
         _emit_epilogue(w, sh)
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),
                    features(plan), smem)
-
-
-def _emit_bounds(w: Writer, sh: Shader) -> None:
-    """First and last KV tile this workgroup visits: mask-implied key range and split range."""
-    s, lay = sh.spec, sh.lay
-    with w.block("if (lid == 0u)"):
-        w.line("let r_lo = q0;")
-        w.line(f"let r_hi = min(q0 + {lay.BM}, n_rows) - 1;")
-        sh.key_bounds(w, "r_lo", "r_hi")
-        w.line(f"let n_tiles = (n_keys + {lay.BN - 1}) / {lay.BN};")
-        w.line(f"var lo = max(k_lo, 0) / {lay.BN};")
-        w.line(f"var hi = min((k_hi + {lay.BN - 1}) / {lay.BN}, n_tiles);")
-        if s.split_var:
-            w.line(f"let per = (n_tiles + P.p_{s.split_count} - 1) / P.p_{s.split_count};")
-            w.line(f"lo = max(lo, g_{s.split_var} * per);")
-            w.line(f"hi = min(hi, (g_{s.split_var} + 1) * per);")
-        w.line("wg_lo = lo;")
-        w.line("wg_hi = max(hi, lo);")
 
 
 def _emit_epilogue(w: Writer, sh: Shader) -> None:

@@ -260,7 +260,9 @@ class Prepared:
         tun = ",".join(f"{k}={v}" for k, v in self.kern.tunables)
         split = f",NSPLIT={self.scalars['NSPLIT']}" if "NSPLIT" in self.scalars else ""
         pn = self.plan
-        knobs = f"KC={pn.KC},DQ={pn.DQ}" if pn.strategy is Strategy.ROWS else f"WG={pl.workgroup_size},TM={pn.TM}"
+        knobs = {Strategy.ROWS: f"KC={pn.KC},DQ={pn.DQ}",
+                 Strategy.STREAM: f"WG={pl.workgroup_size},KL={pn.KL},KC={pn.KC}"}.get(
+                     pn.strategy, f"WG={pl.workgroup_size},TM={pn.TM}")
         return f"{pl.name}:{pn.name}[{tun},{knobs},DVC={pn.DVC},VEC={pn.VEC}{split}]"
 
     @property
@@ -403,7 +405,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
     plan = plan or hplan
     tun = tunables or htun
     if pack_gqa is None:
-        pack_gqa = S <= 16 and dims["Hq"] > dims["Hkv"] and plan.strategy is Strategy.TILED
+        pack_gqa = S <= 16 and dims["Hq"] > dims["Hkv"] and plan.strategy is not Strategy.ROWS
     if nsplit is None:
         nsplit = split_count(dev, dims, tun["BM"], tun["BN"], pack_gqa) if S <= 16 else 1
     if nsplit > 1:
@@ -423,7 +425,8 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
 def _check_limits(dev: Device, progs: tuple[Program, ...], plan: Plan | None = None,
                   dims: dict[str, int] | None = None) -> None:
     """Refuse, with the numbers, a variant that needs more than the device granted."""
-    if plan is not None and dims is not None and plan.QRES and dims["D"] > plan.DQ:
+    if plan is not None and dims is not None and (plan.QRES or plan.strategy is Strategy.STREAM) \
+            and dims["D"] > plan.DQ:
         raise LoweringError(f"the variant keeps queries of at most DQ={plan.DQ} in workgroup memory; D={dims['D']}")
     lim = dev.gpu.limits
     for p in progs:
@@ -463,7 +466,11 @@ def _tuned(dev: Device, okey: str, dims: dict[str, int], opts: Options, family: 
     if family is not None and plan.family is not family:
         return None, None, nsplit
     if plan.VEC == 4 and (dims["D"] % 4 or dims["Dv"] % 4):
+        if plan.strategy is Strategy.STREAM:
+            return None, None, nsplit
         plan = dataclasses.replace(plan, VEC=1)
+    if plan.strategy is Strategy.STREAM and dims["D"] > plan.DQ:
+        return None, None, nsplit
     if dims["S"] > 16:
         ns = 1
     elif ns is not None:  # scale the tuned split count with the KV length of this call

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from attnc.errors import AttncError
-from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage, Strategy, layout
+from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage, Strategy, layout, stream_layout
 from attnc.runtime.api import pow2ceil
 from attnc.runtime.devices import Device
 
@@ -95,11 +95,31 @@ def entry_to_plan(entry: dict[str, Any], dialect: Dialect, storage: Storage) -> 
     return Plan(dialect=dialect, storage=storage, **d), dict(entry["tunables"]), entry.get("nsplit")
 
 
+# (BN, WG, KL, KC) of the stream strategy, most promising first
+STREAM_SHAPES = [(64, 128, 2, 4), (128, 128, 2, 4), (64, 64, 2, 4), (128, 256, 2, 4), (64, 128, 1, 4),
+                 (64, 128, 4, 4), (128, 128, 2, 8), (256, 256, 2, 4), (32, 64, 2, 4)]
+
+
+def stream_plan(base: Plan, dims: dict[str, int], **kw: int) -> Plan:
+    """A stream-strategy plan for these head dims (DQ >= D, all of Dv in one workgroup)."""
+    kl = kw.get("KL", 2)
+    dq = -(-dims["D"] // (4 * kl)) * 4 * kl
+    dvc = max(4, pow2ceil(dims["Dv"]))
+    return dataclasses.replace(base, strategy=Strategy.STREAM, DQ=dq, DVC=dvc, VEC=4, **kw)
+
+
 def fits(device: Device, plan: Plan, tun: dict[str, int]) -> bool:
     """Whether a candidate is valid and fits the device's limits (and default limits if portable-only)."""
     lim = device.gpu.limits
     if plan.strategy is Strategy.ROWS:
         return tun["BM"] <= int(lim.get("max-compute-invocations-per-workgroup", 256))
+    if plan.strategy is Strategy.STREAM:
+        try:
+            slay = stream_layout(plan, tun["BM"], tun["BN"])
+        except AttncError:
+            return False
+        smem = int(lim.get("max-compute-workgroup-storage-size", DEFAULT_LIMITS["max-compute-workgroup-storage-size"]))
+        return 4 * slay.smem_words <= smem and plan.WG <= int(lim.get("max-compute-invocations-per-workgroup", 256))
     try:
         lay = layout(plan, tun["BM"], tun["BN"])
     except AttncError:
@@ -111,7 +131,9 @@ def fits(device: Device, plan: Plan, tun: dict[str, int]) -> bool:
 
 def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[Family],
                nsplit: int | None) -> Iterator[tuple[Plan, dict[str, int], int | None]]:
-    """Valid plans to time for a problem: tiled tile shapes, head-dim chunks, split counts, rows."""
+    """Valid plans to time for a problem, the likeliest first (a `--max` cut keeps variety):
+    every tile shape with default knobs, then each with one knob changed, then two, ...
+    Knobs: split count, family, head-dim chunk DK, value chunks (DVC, DVS)."""
     dq = max(pow2ceil(dims["D"]), 4)
     dv = min(max(pow2ceil(dims["Dv"]), 32), 256)
     dv32 = min(-(-dims["Dv"] // 32) * 32, 128)
@@ -121,39 +143,55 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
     # value chunks that cover Dv exactly (72 = 3 x 24, 80 = 2 x 40) instead of padding to 32s
     dv8 = -(-dims["Dv"] // 8) * 8
     exact = {(dv8, dv8 // k) for k in (2, 3) if dv8 % k == 0 and (dv8 // k) % 8 == 0 and dv8 <= 128}
+    dvs_opts = [(dv32, 32)] if short else list(dict.fromkeys(
+        [(dv32, 32), (64, 32)] + ([(dv32, 64)] if dv32 % 64 == 0 else []) + sorted(exact)))
     if short:  # decoding is memory bound: the family matters little, try the device's default only
         families = families[-1:]
+    few = dims["B"] * dims["Hq"] * -(-dims["S"] // 64) < 512  # prefill with few 64-row tiles
     if short:  # few rows: small row tiles, long key tiles, many splits
         shapes = [(4, 64, 128, 1), (4, 64, 64, 1), (8, 64, 128, 1), (4, 128, 128, 1), (4, 32, 64, 1),
                   (16, 64, 128, 1), (16, 64, 64, 2), (4, 128, 256, 1), (4, 64, 256, 1), (8, 128, 256, 1)]
+    elif few:  # more, smaller workgroups
+        shapes = [(32, 32, 64, 2), (16, 32, 64, 1), (32, 64, 128, 2), (64, 32, 64, 4), (64, 64, 128, 4),
+                  (64, 64, 64, 8), (128, 64, 256, 4)]
     else:
-        shapes = [(64, 32, 64, 4), (64, 64, 128, 4), (128, 64, 256, 4), (128, 64, 128, 4),
-                  (128, 32, 128, 4), (64, 64, 64, 4), (64, 64, 256, 2)]
+        shapes = [(128, 64, 256, 4), (128, 64, 128, 8), (64, 64, 64, 8), (64, 64, 128, 4), (128, 32, 128, 4),
+                  (64, 32, 64, 4), (128, 64, 128, 4), (64, 64, 64, 4), (64, 64, 256, 2)]
+    found: list[tuple[int, int, Plan, dict[str, int], int | None]] = []
     seen = set()
-    for ns in splits:
-        for fam in families:
+
+    def add(rank: int, plan: Plan, tun: dict[str, int], ns: int | None) -> None:
+        sig = (plan, tuple(tun.items()), ns)
+        if sig not in seen and fits(device, plan, tun):
+            seen.add(sig)
+            found.append((rank, len(found), plan, tun, ns))
+
+    if short and dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0:  # K/V streamed from storage (decoding)
+        bm0 = min(16, max(1, pow2ceil(dims["S"] * dims["Hq"] // dims["Hkv"])))
+        for si, ns in enumerate(splits):
+            for bi, bm in enumerate(dict.fromkeys([bm0, max(1, bm0 // 2)])):
+                for bn, wg, kl, kc in STREAM_SHAPES:
+                    add((si > 0) + bi, stream_plan(base, dims, WG=wg, KL=kl, KC=kc), {"BM": bm, "BN": bn}, ns)
+    for si, ns in enumerate(splits):
+        for fi, fam in enumerate(reversed(families)):
             for bm, bn, wg, tm in shapes:
-                for dk in dks:
-                    for dvc, dvs in sorted({(dv32, 32)} if short else {(dv32, 32), (64, 32)} | exact):
+                for ki, dk in enumerate(dks):
+                    for vi, (dvc, dvs) in enumerate(dvs_opts):
                         plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm,
                                                    DVC=dvc, DK=dk, DVS=dvs)
-                        tun = {"BM": bm, "BN": bn}
-                        sig = (plan, tuple(tun.items()), ns)
-                        if sig not in seen and fits(device, plan, tun):
-                            seen.add(sig)
-                            yield plan, tun, ns
+                        add((si > 0) + (fi > 0) + (ki > 0) + (vi > 0), plan, {"BM": bm, "BN": bn}, ns)
         if not short:  # the query tile resident in workgroup memory (no restaging per KV tile)
             dqr = -(-dims["D"] // 16) * 16
             for fam in families:
                 for bm, bn, wg, tm in [(64, 64, 128, 4), (64, 32, 64, 4), (64, 64, 256, 2), (128, 32, 256, 4)]:
                     plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm, DVC=dv32,
                                                DK=16, DVS=32, QRES=True, DQ=dqr)
-                    tun = {"BM": bm, "BN": bn}
-                    if fits(device, plan, tun):
-                        yield plan, tun, ns
+                    add(3, plan, {"BM": bm, "BN": bn}, ns)
         for bm in (8, 32):
             plan = dataclasses.replace(base, family=Family.PORTABLE, strategy=Strategy.ROWS, KC=4, DQ=dq, DVC=dv)
-            yield plan, {"BM": bm, "BN": 64}, ns
+            add(2, plan, {"BM": bm, "BN": 64}, ns)
+    for _, _, plan, tun, ns in sorted(found, key=lambda f: (f[0], f[1])):
+        yield plan, tun, ns
 
 
 def tune(dims: dict[str, int], dtype: Any = np.float32, *, device: Device | str | None = None,

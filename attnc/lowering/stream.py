@@ -1,0 +1,215 @@
+"""The stream strategy, for short row tiles (decoding, cross-attention with few queries).
+
+Decoding is bound by reading K and V once. Staging them through workgroup memory (the tiled
+strategy) costs barriers per head-dim chunk and keeps few loads in flight; here both are read
+straight from storage as vec4:
+
+- dot phase: KL neighbouring invocations share a key (each reads every KL-th vec4 of its
+  row, so a group's loads are contiguous) and dot it with every query row of the tile, held
+  in workgroup memory; the partial dots go to workgroup memory.
+- P.V phase: invocation (kg, cg) owns output columns 4cg..4cg+3 and every KG-th key of the
+  tile. It keeps its own online-softmax state (max, sum, accumulator) per row over its keys,
+  so no cross-invocation max or sum is needed per tile: two barriers per tile in all.
+- at the end the KG states of each row are merged in workgroup memory (one log-sum-exp merge,
+  as in the split-KV combine) and stored, normalised or as the split's partial state.
+
+No subgroup operations: the same code serves both families.
+"""
+
+from __future__ import annotations
+
+from attnc.lowering.plan import StreamLayout, stream_layout
+from attnc.lowering.program import Program
+from attnc.lowering.shader import Shader, features
+from attnc.lowering.wgsl import NAN, NEG_INF, Writer
+
+
+def emit_stream(sh: Shader) -> Program:
+    """The main pass of the stream strategy: one workgroup per (grid point, row tile[, split][, Dv chunk])."""
+    s, plan = sh.spec, sh.plan
+    lay = stream_layout(plan, s.BM, s.BN)
+    BM, BN, WG, KL, CG, KG, D4 = lay.BM, lay.BN, lay.WG, lay.KL, lay.CG, lay.KG, lay.D4
+    w = Writer()
+    sh.header(w, False)
+    inputs = [p.name for p in s.tensors]
+    outputs = ["part"] if s.split_var else (["o", "lse"] if s.lse else ["o"])
+    binds = sh.bindings(w, outputs, inputs)
+    w.line(f"var<workgroup> q_sh: array<vec4<f32>, {BM * D4}>;")
+    w.line(f"var<workgroup> sp: array<f32, {BN * KL * BM}>;  // partial dots [key][lane][row]")
+    w.line(f"var<workgroup> m_red: array<f32, {KG * BM}>;")
+    w.line(f"var<workgroup> l_red: array<f32, {KG * BM}>;")
+    w.line(f"var<workgroup> m_fin: array<f32, {BM}>;")
+    w.line(f"var<workgroup> l_fin: array<f32, {BM}>;")
+    w.line(f"var<workgroup> o_red: array<vec4<f32>, {KG * lay.RC * CG}>;")
+    w.line("var<workgroup> wg_lo: i32;")
+    w.line("var<workgroup> wg_hi: i32;")
+    sh.privates(w)
+    sh.functions(w)
+    with w.block(f"@compute @workgroup_size({WG}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
+                 "@builtin(local_invocation_index) lid: u32)"):
+        sh.prologue(w)
+        w.line(f"let kg = lid / {CG}u;")
+        w.line(f"let cg = lid % {CG}u;")
+        w.line(f"let q0 = i32(qtile) * {BM};")
+        w.line(f"let n_rows = i32(P.d_{s.row.dim});")
+        w.line(f"let n_keys = i32(P.d_{s.kv_dim});")
+        w.line(f"let n_dot4 = P.d_{s.head_dim} >> 2u;")
+        w.line(f"let n_width = P.d_{s.width};")
+        w.line(f"let col = dvc * {plan.DVC}u + cg * 4u;")
+        w.line("let col_in = min(col, n_width - 4u);  // lanes past Dv read a valid column, never stored")
+        sh.tile_bounds(w, BM, BN)
+        _stage_queries(w, sh, lay)
+        w.line("let t_lo = workgroupUniformLoad(&wg_lo);")
+        w.line("let t_hi = workgroupUniformLoad(&wg_hi);")
+        for r in range(BM):
+            w.line(f"var m{r} = {NEG_INF};")
+            w.line(f"var l{r} = 0.0;")
+            w.line(f"var nan{r} = false;")
+            w.line(f"var o{r} = vec4<f32>();")
+        with w.block("for (var t = t_lo; t < t_hi; t = t + 1)"):
+            w.line(f"let k0 = t * {BN};")
+            _dot_phase(w, sh, lay)
+            w.line("workgroupBarrier();")
+            _pv_phase(w, sh, lay)
+            w.line("workgroupBarrier();")
+        _merge(w, sh, lay)
+    smem = 4 * lay.smem_words
+    return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),
+                   features(plan) - {"subgroups"}, smem)
+
+
+def _stage_queries(w: Writer, sh: Shader, lay: StreamLayout) -> None:
+    """The BM query rows into workgroup memory, zero past the head dim and the last row."""
+    qt = sh.spec.dot.a.tensor
+    with w.block(f"for (var e = lid; e < {lay.BM * lay.D4}u; e = e + {lay.WG}u)"):
+        w.line(f"let qi = q0 + i32(e / {lay.D4}u);")
+        w.line(f"let c = e % {lay.D4}u;")
+        w.line("var x = vec4<f32>();")
+        with w.block("if (qi < n_rows && c < n_dot4)"):
+            w.line(f"x = {sh.read4(qt, '(q_base(qi) >> 2u) + c')};")
+        w.line("q_sh[e] = x;")
+    w.line("workgroupBarrier();")
+
+
+def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
+    """Partial q.k dots: KL lanes per key, each over every KL-th vec4 of the head dim."""
+    kt = sh.spec.dot.b.tensor
+    n = lay.D4 // lay.KL
+    with w.block(f"for (var e = lid; e < {lay.BN * lay.KL}u; e = e + {lay.WG}u)"):
+        w.line(f"let jl = e / {lay.KL}u;")
+        w.line(f"let part = e % {lay.KL}u;")
+        w.line("let kb = k_base(min(k0 + i32(jl), n_keys - 1)) >> 2u;  // past the end: masked below")
+        for i in range(n):  # every load issued before any is used
+            w.line(f"let c{i} = part + {lay.KL * i}u;")
+            w.line(f"let k{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
+                   f"c{i} < n_dot4);")
+        for r in range(lay.BM):
+            terms = " + ".join(f"dot(q_sh[{r * lay.D4}u + c{i}], k{i})" for i in range(n))
+            w.line(f"sp[e * {lay.BM}u + {r}u] = {terms};")
+
+
+def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
+    """Scores, the invocation's own online softmax and o += p.v over its keys of the tile."""
+    vt = sh.spec.value.tensor
+    KC, KL, BM = lay.KC, lay.KL, lay.BM
+    with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
+        for u in range(KC):
+            w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
+            w.line(f"let kj{u} = k0 + i32(jl{u});")
+            w.line(f"let v{u} = {sh.read4(vt, f'(v_base(min(kj{u}, n_keys - 1)) + col_in) >> 2u')};")
+        for r in range(BM):
+            with w.block(""):
+                w.line(f"let qi = q0 + {r};")
+                for u in range(KC):
+                    dots = " + ".join(f"sp[(jl{u} * {KL}u + {p}u) * {BM}u + {r}u]" for p in range(KL))
+                    w.line(f"let s{u} = select({NEG_INF}, score_fn({dots}, qi, kj{u}), kj{u} < n_keys);")
+                    w.line(f"nan{r} = nan{r} || is_nan(s{u});")
+                mx = "s0"
+                for u in range(1, KC):
+                    mx = f"max({mx}, s{u})"
+                w.line(f"let mn = max(m{r}, {mx});")
+                w.line(f"let al = select(exp_sub(m{r}, mn), 1.0, is_neg_inf(mn));")
+                w.line(f"o{r} = o{r} * al;")
+                w.line(f"var ps = l{r} * al;")
+                for u in range(KC):
+                    w.line(f"let p{u} = exp_sub(s{u}, mn);")
+                    w.line(f"ps = ps + p{u};")
+                    # a key with p = 0 adds nothing, even an inf/NaN value
+                    w.line(f"o{r} = fma(vec4<f32>(p{u}), select(v{u}, vec4<f32>(), p{u} == 0.0), o{r});")
+                w.line(f"l{r} = ps;")
+                w.line(f"m{r} = mn;")
+
+
+def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
+    """Merge the KG key groups' states per row (log-sum-exp), apply the sink, store."""
+    s = sh.spec
+    BM, KG, CG, RC = lay.BM, lay.KG, lay.CG, lay.RC
+    with w.block("if (cg == 0u)"):
+        for r in range(BM):
+            w.line(f"m_red[kg * {BM}u + {r}u] = m{r};")
+            w.line(f"l_red[kg * {BM}u + {r}u] = select(l{r}, {NAN}, nan{r});")
+    w.line("workgroupBarrier();")
+    for r in range(BM):
+        with w.block(""):
+            w.line(f"var mm = {NEG_INF};")
+            with w.block(f"for (var g = 0u; g < {KG}u; g = g + 1u)"):
+                w.line(f"mm = max(mm, m_red[g * {BM}u + {r}u]);")
+            w.line("var ll = 0.0;")
+            w.line("var bad = false;")
+            with w.block(f"for (var g = 0u; g < {KG}u; g = g + 1u)"):
+                w.line(f"let lg = l_red[g * {BM}u + {r}u];")
+                w.line("bad = bad || is_nan(lg);")
+                w.line(f"ll = ll + lg * exp_sub(m_red[g * {BM}u + {r}u], mm);")
+            w.line(f"var f = exp_sub(m{r}, mm);")
+            if s.sink is not None and not s.split_var:
+                w.line(f"let z = sink_fn(q0 + {r});")
+                w.line("let mf = max(mm, z);")
+                w.line("let a = exp_sub(mm, mf);")
+                w.line("ll = ll * a + exp_sub(z, mf);")
+                w.line("bad = bad || is_nan(z);")
+                w.line("f = f * a;")
+                w.line("mm = mf;")
+            w.line(f"o{r} = o{r} * f;")
+            with w.block("if (lid == 0u)"):
+                w.line(f"m_fin[{r}] = mm;")
+                w.line(f"l_fin[{r}] = select(ll, {NAN}, bad);")
+    for r0 in range(0, BM, RC):
+        for rr in range(min(RC, BM - r0)):
+            w.line(f"o_red[(kg * {RC}u + {rr}u) * {CG}u + cg] = o{r0 + rr};")
+        w.line("workgroupBarrier();")
+        with w.block(f"if (lid < {min(RC, BM - r0) * CG}u)"):
+            w.line(f"let rr = lid / {CG}u;")
+            w.line(f"let cc = lid % {CG}u;")
+            w.line("var acc = vec4<f32>();")
+            with w.block(f"for (var g = 0u; g < {KG}u; g = g + 1u)"):
+                w.line(f"acc = acc + o_red[(g * {RC}u + rr) * {CG}u + cc];")
+            w.line(f"let row = {r0}u + rr;")
+            w.line("let qi = q0 + i32(row);")
+            w.line(f"let c = dvc * {sh.plan.DVC}u + cc * 4u;")
+            w.line("let mm = m_fin[row];")
+            w.line("let ll = l_fin[row];")
+            with w.block("if (qi < n_rows && c < n_width)"):
+                _store(w, sh)
+        w.line("workgroupBarrier();")
+
+
+def _store(w: Writer, sh: Shader) -> None:
+    """Four output columns of one row: the split's partial state, or normalised output (+ lse)."""
+    s = sh.spec
+    if s.split_var:
+        w.line(f"let pr = (row_linear(qi) * u32(P.p_{s.split_count}) + u32(g_{s.split_var})) * "
+               "(n_width + 2u);")
+        with w.block("if (c == 0u)"):
+            w.line("t_part[pr] = mm;")
+            w.line("t_part[pr + 1u] = ll;")
+        for i, comp in enumerate("xyzw"):
+            w.line(f"t_part[pr + 2u + c + {i}u] = acc.{comp};")
+        return
+    w.line("let bad = is_nan(ll);")
+    w.line("let inv = select(1.0 / ll, 0.0, ll == 0.0);")
+    if s.lse:
+        with w.block("if (c == 0u)"):
+            w.line(f"let lse = select(mm + log(ll), {NEG_INF}, ll == 0.0);")
+            w.line(f"t_lse[lse_base(qi)] = select(lse, {NAN}, bad);")
+    for i, comp in enumerate("xyzw"):
+        w.line(f"t_o[o_base(qi) + (c + {i}u) * P.s_o_{len(s.axes)}] = select(acc.{comp} * inv, {NAN}, bad);")
