@@ -61,7 +61,9 @@ class Plan:
     VEC=4 loads q/k/v as vec4 (the runtime picks it only when D and Dv are multiples of 4).
     QRES keeps the query tile (BM x DQ, DQ >= D) in workgroup memory across the KV loop.
     STREAM strategy: KL lanes share a key's dot product, KC keys per softmax step, DQ >= D,
-    DVC output columns per workgroup (four per invocation).
+    DVC output columns per workgroup (four per invocation); SMX=1 computes each probability
+    once in a softmax phase (one invocation per key group and row) instead of in every
+    invocation that uses it (worth its extra barrier when tiles have many rows).
     """
 
     family: Family = Family.PORTABLE
@@ -79,6 +81,7 @@ class Plan:
     VEC: int = 1
     QRES: bool = False
     KL: int = 2
+    SMX: int = 0
     overrides: tuple[tuple[str, int], ...] = field(default=())
 
     def with_tunables(self, **kw: int) -> Plan:
@@ -166,6 +169,7 @@ class StreamLayout:
     CG: int  # column groups: invocations sharing a key, four output columns each
     KG: int  # key groups: each keeps its own online-softmax state over every KG-th key
     RC: int  # rows merged per round at the end
+    SMX: int  # 1: a softmax phase computes each probability once
 
     @property
     def NK(self) -> int:
@@ -175,8 +179,9 @@ class StreamLayout:
     @property
     def smem_words(self) -> int:
         """Workgroup storage in 4-byte words: q tile, partial dots, merge buffers."""
+        smx = self.BN * self.BM + self.KG * self.BM if self.SMX else 0
         return (4 * self.BM * self.D4 + self.BN * self.KL * self.BM + 2 * self.KG * self.BM
-                + 2 * self.BM + 4 * self.KG * self.RC * self.CG + 2)
+                + 2 * self.BM + 4 * self.KG * self.RC * self.CG + 2 + smx)
 
 
 def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
@@ -199,4 +204,6 @@ def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
         raise LoweringError(f"BN={BN} keys must split evenly over {KG} key groups x KC={plan.KC}",
                             notes=("raise BN or lower WG",))
     RC = max(1, min(BM, KG, 512 // plan.WG))  # one output vec4 per invocation per round
-    return StreamLayout(BM, BN, plan.WG, plan.KL, plan.KC, plan.DQ // 4, CG, KG, RC)
+    if plan.SMX not in (0, 1):
+        raise LoweringError(f"SMX={plan.SMX} must be 0 or 1")
+    return StreamLayout(BM, BN, plan.WG, plan.KL, plan.KC, plan.DQ // 4, CG, KG, RC, plan.SMX)

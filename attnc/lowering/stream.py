@@ -13,6 +13,11 @@ straight from storage as vec4:
 - at the end the KG states of each row are merged in workgroup memory (one log-sum-exp merge,
   as in the split-KV combine) and stored, normalised or as the split's partial state.
 
+With many rows per tile (packed GQA heads), the CG invocations sharing a key would each
+recompute its scores and exponentials; SMX=1 adds a softmax phase between the two (one
+invocation per key group and row keeps that row's max and sum and writes the probabilities
+and the rescale factor to workgroup memory), and the P.V phase only multiplies and adds.
+
 No subgroup operations: the same code serves both families.
 """
 
@@ -41,6 +46,9 @@ def emit_stream(sh: Shader) -> Program:
     w.line(f"var<workgroup> m_fin: array<f32, {BM}>;")
     w.line(f"var<workgroup> l_fin: array<f32, {BM}>;")
     w.line(f"var<workgroup> o_red: array<vec4<f32>, {KG * lay.RC * CG}>;")
+    if lay.SMX:
+        w.line(f"var<workgroup> p_sh: array<f32, {BN * BM}>;  // probabilities [key][row]")
+        w.line(f"var<workgroup> al_sh: array<f32, {KG * BM}>;  // rescale factor [key group][row]")
     w.line("var<workgroup> wg_lo: i32;")
     w.line("var<workgroup> wg_hi: i32;")
     sh.privates(w)
@@ -61,16 +69,25 @@ def emit_stream(sh: Shader) -> Program:
         _stage_queries(w, sh, lay)
         w.line("let t_lo = workgroupUniformLoad(&wg_lo);")
         w.line("let t_hi = workgroupUniformLoad(&wg_hi);")
-        for r in range(BM):
+        states = range(_pairs(lay)) if lay.SMX else range(BM)  # online-softmax states held
+        for r in states:
+            if lay.SMX:
+                w.line(f"let pi{r} = lid + {WG * r}u;  // softmax-phase pair: key group pi / BM, row pi % BM")
             w.line(f"var m{r} = {NEG_INF};")
             w.line(f"var l{r} = 0.0;")
             w.line(f"var nan{r} = false;")
+        for r in range(BM):
             w.line(f"var o{r} = vec4<f32>();")
         with w.block("for (var t = t_lo; t < t_hi; t = t + 1)"):
             w.line(f"let k0 = t * {BN};")
             _dot_phase(w, sh, lay)
             w.line("workgroupBarrier();")
-            _pv_phase(w, sh, lay)
+            if lay.SMX:
+                _softmax_phase(w, sh, lay)
+                w.line("workgroupBarrier();")
+                _pv_shared(w, sh, lay)
+            else:
+                _pv_phase(w, sh, lay)
             w.line("workgroupBarrier();")
         _merge(w, sh, lay)
     smem = 4 * lay.smem_words
@@ -140,14 +157,79 @@ def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                 w.line(f"m{r} = mn;")
 
 
+def _pairs(lay: StreamLayout) -> int:
+    """(key group, row) pairs each invocation owns in the softmax phase."""
+    return -(-lay.KG * lay.BM // lay.WG)
+
+
+def _softmax_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
+    """SMX: pair (key group g, row r) scores g's keys of the tile for row r, updates r's max and
+    sum over them, and leaves p and the rescale factor in workgroup memory."""
+    BM, KG, KL = lay.BM, lay.KG, lay.KL
+    for i in range(_pairs(lay)):
+        with w.block(f"if (pi{i} < {KG * BM}u)"):
+            w.line(f"let g = pi{i} / {BM}u;")
+            w.line(f"let r = pi{i} % {BM}u;")
+            w.line("let qi = q0 + i32(r);")
+            w.line(f"var mx = {NEG_INF};")
+            with w.block(f"for (var n = 0u; n < {lay.NK}u; n = n + 1u)"):
+                w.line(f"let jl = g + {KG}u * n;")
+                w.line("let kj = k0 + i32(jl);")
+                dots = " + ".join(f"sp[(jl * {KL}u + {p}u) * {BM}u + r]" for p in range(KL))
+                w.line(f"let x = select({NEG_INF}, score_fn({dots}, qi, kj), kj < n_keys);")
+                w.line(f"nan{i} = nan{i} || is_nan(x);")
+                w.line("mx = max(mx, x);")
+                w.line(f"p_sh[jl * {BM}u + r] = x;")
+            w.line(f"let mn = max(m{i}, mx);")
+            w.line(f"let al = select(exp_sub(m{i}, mn), 1.0, is_neg_inf(mn));")
+            w.line("var ps = 0.0;")
+            with w.block(f"for (var n = 0u; n < {lay.NK}u; n = n + 1u)"):
+                w.line(f"let a = (g + {KG}u * n) * {BM}u + r;")
+                w.line("let p = exp_sub(p_sh[a], mn);")
+                w.line("p_sh[a] = p;")
+                w.line("ps = ps + p;")
+            w.line(f"l{i} = l{i} * al + ps;")
+            w.line(f"m{i} = mn;")
+            w.line(f"al_sh[pi{i}] = al;")
+
+
+def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout) -> None:
+    """SMX: o = o * al + p.v over the invocation's keys, p and al from workgroup memory."""
+    vt = sh.spec.value.tensor
+    KC, BM = lay.KC, lay.BM
+    for r in range(BM):
+        w.line(f"o{r} = o{r} * al_sh[kg * {BM}u + {r}u];")
+    with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
+        for u in range(KC):
+            w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
+            w.line(f"let v{u} = {sh.read4(vt, f'(v_base(min(k0 + i32(jl{u}), n_keys - 1)) + col_in) >> 2u')};")
+        for u in range(KC):
+            for r in range(BM):
+                w.line(f"let p{u}_{r} = p_sh[jl{u} * {BM}u + {r}u];")
+            # a key with p = 0 adds nothing, even an inf/NaN value: only a non-finite value
+            # (rare) takes the per-row check
+            with w.block(f"if (all(abs(v{u}) <= vec4<f32>(3.4028235e38)))"):
+                for r in range(BM):
+                    w.line(f"o{r} = fma(vec4<f32>(p{u}_{r}), v{u}, o{r});")
+            with w.block("else"):
+                for r in range(BM):
+                    w.line(f"o{r} = fma(vec4<f32>(p{u}_{r}), select(v{u}, vec4<f32>(), p{u}_{r} == 0.0), o{r});")
+
+
 def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     """Merge the KG key groups' states per row (log-sum-exp), apply the sink, store."""
     s = sh.spec
     BM, KG, CG, RC = lay.BM, lay.KG, lay.CG, lay.RC
-    with w.block("if (cg == 0u)"):
-        for r in range(BM):
-            w.line(f"m_red[kg * {BM}u + {r}u] = m{r};")
-            w.line(f"l_red[kg * {BM}u + {r}u] = select(l{r}, {NAN}, nan{r});")
+    if lay.SMX:  # the softmax-phase owners hold the states
+        for i in range(_pairs(lay)):
+            with w.block(f"if (pi{i} < {KG * BM}u)"):
+                w.line(f"m_red[pi{i}] = m{i};")
+                w.line(f"l_red[pi{i}] = select(l{i}, {NAN}, nan{i});")
+    else:
+        with w.block("if (cg == 0u)"):
+            for r in range(BM):
+                w.line(f"m_red[kg * {BM}u + {r}u] = m{r};")
+                w.line(f"l_red[kg * {BM}u + {r}u] = select(l{r}, {NAN}, nan{r});")
     w.line("workgroupBarrier();")
     for r in range(BM):
         with w.block(""):
@@ -160,7 +242,8 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                 w.line(f"let lg = l_red[g * {BM}u + {r}u];")
                 w.line("bad = bad || is_nan(lg);")
                 w.line(f"ll = ll + lg * exp_sub(m_red[g * {BM}u + {r}u], mm);")
-            w.line(f"var f = exp_sub(m{r}, mm);")
+            own = f"m_red[kg * {BM}u + {r}u]" if lay.SMX else f"m{r}"
+            w.line(f"var f = exp_sub({own}, mm);")
             if s.sink is not None and not s.split_var:
                 w.line(f"let z = sink_fn(q0 + {r});")
                 w.line("let mf = max(mm, z);")

@@ -13,7 +13,7 @@ import numpy as np
 from attnc.errors import DeviceError, LoweringError
 from attnc.ir import nodes as ir
 from attnc.lowering import Family, Plan, Storage, Strategy, lower
-from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, layout
+from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, layout, stream_layout
 from attnc.lowering.program import Access, Program
 from attnc.lowering.retype import retype
 from attnc.runtime import dispatch as rt
@@ -118,13 +118,15 @@ def pow2ceil(n: int) -> int:
 
 
 def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options,
-             explicit_family: bool = False) -> tuple[Plan, dict[str, int]]:
+             explicit_family: bool = False, f16_math: bool = False) -> tuple[Plan, dict[str, int]]:
     """The heuristic plan and kernel tunables for a shape (a tuned choice overrides it).
 
     From the tuning runs in docs/bench/ (no vendor names: adapter type and limits only):
-    - short query rows (S <= 16: decoding, cross-attention): the tiled strategy with 4-16 row
-      tiles (query heads of a KV head packed into rows) and 64-key tiles, split over KV; on a
-      CPU adapter without GQA, the rows strategy (one query row per invocation);
+    - short query rows (S <= 16: decoding, cross-attention): the stream strategy (K/V read
+      straight from storage) with row tiles of up to 8 rows (query heads of a KV head packed
+      into rows), split over KV; on a CPU adapter without GQA, the rows strategy (one query
+      row per invocation); the tiled strategy where neither applies (head dims not multiples
+      of 4, f16 arithmetic);
     - longer rows: the largest of 128x64 (256 invocations), 64x64 and 64x32 tiles with 4 rows
       per invocation that the device's limits allow (CPU adapters skip the 256-wide one);
     - q/k/v load as vec4 when both head dims are multiples of 4.
@@ -141,6 +143,15 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
             plan = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, KC=4,
                         DQ=max(pow2ceil(dims["D"]), 4), DVC=dv, VEC=vec)
             return plan, {"BM": 8, "BN": 64}
+        if vec == 4 and not f16_math:
+            wg, bn = (64, 64) if cpu else (128, 128)
+            bm = min(8, pow2ceil(group * dims["S"]))
+            plan = Plan(family, storage, dialect, strategy=Strategy.STREAM, WG=wg, KL=2, KC=4, SMX=int(bm >= 4),
+                        DQ=-(-dims["D"] // 8) * 8, DVC=max(4, pow2ceil(dims["Dv"])), VEC=4)
+            tun = {"BM": bm, "BN": bn}
+            if 4 * stream_layout(plan, tun["BM"], bn).smem_words <= int(
+                    device.gpu.limits.get("max-compute-workgroup-storage-size", 16384)):
+                return plan, tun
         bm = min(16, max(4, pow2ceil(group * dims["S"])))
         plan = Plan(family, storage, dialect, WG=64 if cpu else 128, TM=1, DK=16, DVC=dv, DVS=32, SGMIN=sg_min,
                     VEC=vec)
@@ -158,15 +169,17 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     return plan, {"BM": 64, "BN": 32}
 
 
-def split_count(device: Device, dims: dict[str, int], BM: int, BN: int, packed: bool = False) -> int:
-    """How many KV splits fill the device: aim for enough workgroups, keep >= 2 tiles each."""
+def split_count(device: Device, dims: dict[str, int], BM: int, BN: int, packed: bool = False,
+                stream: bool = False) -> int:
+    """How many KV splits fill the device: aim for enough workgroups, keep >= 2 tiles each
+    (the stream strategy: 512 workgroups on a GPU, >= 1 tile each; measured in docs/bench/)."""
     if packed:
         base = dims["B"] * dims["Hkv"] * -(-(dims["Hq"] // dims["Hkv"]) * dims["S"] // BM)
     else:
         base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
-    target = 64 if device.adapter_type == "CPU" else 2048
+    target = 64 if device.adapter_type == "CPU" else (512 if stream else 2048)
     tiles = -(-dims["T"] // BN)
-    return max(1, min(-(-target // base), tiles // 2 or 1))
+    return max(1, min(-(-target // base), tiles if stream else tiles // 2 or 1))
 
 
 class _Cache:
@@ -261,7 +274,7 @@ class Prepared:
         split = f",NSPLIT={self.scalars['NSPLIT']}" if "NSPLIT" in self.scalars else ""
         pn = self.plan
         knobs = {Strategy.ROWS: f"KC={pn.KC},DQ={pn.DQ}",
-                 Strategy.STREAM: f"WG={pl.workgroup_size},KL={pn.KL},KC={pn.KC}"}.get(
+                 Strategy.STREAM: f"WG={pl.workgroup_size},KL={pn.KL},KC={pn.KC},SMX={pn.SMX}"}.get(
                      pn.strategy, f"WG={pl.workgroup_size},TM={pn.TM}")
         return f"{pl.name}:{pn.name}[{tun},{knobs},DVC={pn.DVC},VEC={pn.VEC}{split}]"
 
@@ -397,7 +410,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
     okey = options_key(opts)
     if plan is None and tunables is None and score_mod is None and mask_mod is None:
         plan, tunables, nsplit = _tuned(dev, okey, dims, opts, fam if target is not None else None, nsplit)
-    hplan, htun = plan_for(dev, fam, dims, opts, explicit_family=target is not None)
+    hplan, htun = plan_for(dev, fam, dims, opts, explicit_family=target is not None, f16_math=f16_math)
     if f16_math:
         hplan = dataclasses.replace(hplan, storage=Storage.F16A)
         if plan is not None and plan.storage is not Storage.F16A:
@@ -407,7 +420,8 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
     if pack_gqa is None:
         pack_gqa = S <= 16 and dims["Hq"] > dims["Hkv"] and plan.strategy is not Strategy.ROWS
     if nsplit is None:
-        nsplit = split_count(dev, dims, tun["BM"], tun["BN"], pack_gqa) if S <= 16 else 1
+        nsplit = split_count(dev, dims, tun["BM"], tun["BN"], pack_gqa,
+                             plan.strategy is Strategy.STREAM) if S <= 16 else 1
     if nsplit > 1:
         opts = Options(**{**opts.__dict__, "split": True})
         scalars["NSPLIT"] = nsplit
