@@ -25,6 +25,7 @@ from typing import Any
 from attnc.bench.cases import Case, load_suites, make_inputs, parse_shape, reference, relerr
 from attnc.bench.impls import IMPLS, RunOptions, Unavailable
 from attnc.bench.timing import DEFAULT_CACHE_BYTES, rotation_count
+from attnc.runtime.dispatch import warm_up
 
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3}  # DESIGN.md's accuracy contract
 DISTRIBUTIONS = (
@@ -242,6 +243,7 @@ def run_cases(
             for impl in impls:
                 bar.set_description(f"{case.name} {impl}")
                 try:
+                    warm_up(device)  # every implementation starts timing on a busy, clocked-up GPU
                     m = IMPLS[impl](device, case, copies, opts)
                     err = relerr(m.out, ref) if ref is not None else None
                     row = result_row(case, impl, m, err, ceilings, opts.dtype)

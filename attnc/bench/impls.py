@@ -78,7 +78,7 @@ def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
     op = prepare(q.shape, k.shape, v.shape, q.dtype, **kwargs)
     handles: list[Any] = []
     if len(copies) > 1 and _accepts(op.run, "binding"):
-        handles = [op.bind(*c) for c in copies]
+        handles = [op.bind_copy(*c) for c in copies]
     rotating = bool(handles) and all(h is not None for h in handles)
     if not rotating:
         op.bind(*copies[0])

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from attnc.errors import AttncError, DeviceError, LoweringError, Span
-from attnc.lowering.program import Access, Program, Scalar
+from attnc.lowering.program import Access, Binding, Program, Scalar
 
 if TYPE_CHECKING:
     from attnc.runtime.devices import Device
@@ -279,12 +279,13 @@ def _bind_group(
 
 
 def run(
-    device: Device, dispatches: Sequence[Dispatch], timestamps: bool = False
+    device: Device, dispatches: Sequence[Dispatch], timestamps: bool = False, span: bool = False
 ) -> list[float] | None:
     """Encode all dispatches in one command encoder (a pass each) and submit them.
 
     With `timestamps`, each pass writes begin/end GPU timestamps and the per-dispatch
     durations in milliseconds are returned (this waits for the GPU); otherwise None.
+    With `span` too, one value: first pass begin to last pass end (gaps between passes count).
     """
     if timestamps and "timestamps" not in device.features:
         raise DeviceError(f"{device!r} does not offer timestamp queries")
@@ -326,4 +327,47 @@ def run(
     if resolved is None:
         return []
     ticks = np.frombuffer(gpu.queue.read_buffer(resolved), dtype=np.uint64).astype(np.int64)
+    if span:
+        return [float(ticks[-1] - ticks[0]) * device.timestamp_period / 1e6]
     return [float(t) * device.timestamp_period / 1e6 for t in ticks[1::2] - ticks[0::2]]
+
+
+WARM_WGSL = """\
+@group(0) @binding(0) var<storage, read_write> out: array<vec4<f32>>;
+
+// Dependent fma chains: keeps every SM busy so the GPU leaves its idle clocks.
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    var a = vec4<f32>(f32(gid.x) * 1e-9);
+    for (var i = 0u; i < 4096u; i = i + 1u) {
+        a = fma(a, vec4<f32>(0.999999), vec4<f32>(1e-7));
+    }
+    if (a.x == 12345.0) {
+        out[gid.x & 255u] = a;
+    }
+}
+"""
+
+
+def warm_up(device: Device, ms: float = 30.0) -> None:
+    """Keep the GPU busy for about `ms` of wall time before a measurement: a GPU that idled
+    (pipeline compilation, host work) can run at a fraction of its clock for the next
+    milliseconds, and short timed runs would then measure the clock ramp, not the kernel."""
+    import time
+
+    program = Program(
+        name="warm_up", wgsl=WARM_WGSL, entry_point="main", workgroup_size=256,
+        bindings=(Binding("out", 0, Access.READ_WRITE, Scalar.F32),), uniforms=(), grid=(),
+        features=frozenset(), workgroup_storage_bytes=0,
+    )
+    if device.adapter_type == "CPU":  # no clocks to ramp up
+        return
+    out = empty(device, 16 * 256)
+    end = time.perf_counter() + ms / 1e3
+    groups = 16
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        run(device, [Dispatch(program, {"out": out}, {}, groups)])
+        device.gpu.queue.read_buffer(out, 0, 16)  # waits for the submission
+        if time.perf_counter() - t0 < 2e-3 and groups < 65536:
+            groups *= 2  # submissions of a few ms each

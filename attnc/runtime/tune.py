@@ -15,17 +15,18 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from attnc.bench.timing import rotation_count
 from attnc.errors import AttncError
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage, Strategy, layout, stream_layout
 from attnc.runtime.api import pow2ceil
 from attnc.runtime.devices import Device
+from attnc.runtime.dispatch import warm_up
 
 VERSION = 1
 
@@ -95,10 +96,6 @@ def entry_to_plan(entry: dict[str, Any], dialect: Dialect, storage: Storage) -> 
     d["strategy"] = Strategy(d["strategy"])
     return Plan(dialect=dialect, storage=storage, **d), dict(entry["tunables"]), entry.get("nsplit")
 
-
-# seconds each candidate runs before it is timed: candidates are timed right after their
-# pipelines compile, when an idle GPU may still be at a low clock (measured: 2-4x slower)
-WARM_S = 0.05
 
 # (BN, WG, KL, KC) of the stream strategy, most promising first
 STREAM_SHAPES = [(64, 128, 2, 4), (128, 128, 2, 4), (64, 64, 2, 4), (128, 256, 2, 4), (64, 128, 1, 4),
@@ -217,6 +214,9 @@ def tune(dims: dict[str, int], dtype: Any = np.float32, *, device: Device | str 
     q = rng.standard_normal((B, Hq, S, D)).astype(dtype)
     k = rng.standard_normal((B, Hkv, T, D)).astype(dtype)
     v = rng.standard_normal((B, Hkv, T, Dv)).astype(dtype)
+    # inputs smaller than the cache are rotated over copies, as in attnc bench (copy 0 checked)
+    nbytes = q.nbytes + k.nbytes + v.nbytes + 4 * B * Hq * S * Dv
+    copies = [(q, k, v)] + [(q + 0, k + 0, v + 0) for _ in range(rotation_count(nbytes, max_copies=8) - 1)]
     fam = pick_family(dev, None)
     opts = Options(causal=bool(options.get("causal", False)), f16=np.dtype(dtype) == np.float16)
     base, htun = plan_for(dev, fam, dims, opts, explicit_family=True)
@@ -228,12 +228,11 @@ def tune(dims: dict[str, int], dtype: Any = np.float32, *, device: Device | str 
     for i, (plan, tun, ns) in enumerate(cands):
         try:
             op = prepare(dims, dtype, device=dev, plan=plan, tunables=tun, nsplit=ns or 1, **options)
-            op.bind(q, k, v)
-            op.run(timestamps=True)  # compile and upload
-            warm = time.perf_counter() + WARM_S
-            while time.perf_counter() < warm:  # busy long enough for the GPU clocks to ramp up
-                op.run(timestamps=True)
-            times = [op.run(timestamps=True) for _ in range(runs)]
+            handles = [op.bind_copy(*c) for c in copies]
+            op.run(timestamps=True, binding=handles[0])  # compile
+            warm_up(dev)  # timed on a busy GPU, as attnc bench does
+            times = [op.run(timestamps=True, binding=handles[(i + 1) % len(handles)]) for i in range(runs)]
+            op.run(binding=handles[0])
             o, _ = op.result()
         except AttncError as exc:
             results.append({"variant": repr(plan), "error": str(exc).splitlines()[0]})
