@@ -208,7 +208,7 @@ def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                 w.line(f"let p{u}_{r} = p_sh[jl{u} * {BM}u + {r}u];")
             # a key with p = 0 adds nothing, even an inf/NaN value: only a non-finite value
             # (rare) takes the per-row check
-            with w.block(f"if (all(abs(v{u}) <= vec4<f32>(3.4028235e38)))"):
+            with w.block(f"if (all((bitcast<vec4<u32>>(v{u}) & vec4<u32>(0x7f800000u)) != vec4<u32>(0x7f800000u)))"):
                 for r in range(BM):
                     w.line(f"o{r} = fma(vec4<f32>(p{u}_{r}), v{u}, o{r});")
             with w.block("else"):
