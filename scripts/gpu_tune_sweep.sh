@@ -10,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${1:?usage: bash scripts/gpu_tune_sweep.sh OUTDIR}
 mkdir -p "$out/cache"
-export ATTNC_CACHE_DIR="$out/cache"
+export ATTNC_CACHE_DIR="${ATTNC_CACHE_DIR:-$out/cache}"
 for phase in ${PHASES:-tune bench}; do
   case $phase in
     tune)

@@ -205,15 +205,9 @@ def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout) -> None:
             w.line(f"let v{u} = {sh.read4(vt, f'(v_base(min(k0 + i32(jl{u}), n_keys - 1)) + col_in) >> 2u')};")
         for u in range(KC):
             for r in range(BM):
+                # a key with p = 0 adds nothing, even an inf/NaN value
                 w.line(f"let p{u}_{r} = p_sh[jl{u} * {BM}u + {r}u];")
-            # a key with p = 0 adds nothing, even an inf/NaN value: only a non-finite value
-            # (rare) takes the per-row check
-            with w.block(f"if (all((bitcast<vec4<u32>>(v{u}) & vec4<u32>(0x7f800000u)) != vec4<u32>(0x7f800000u)))"):
-                for r in range(BM):
-                    w.line(f"o{r} = fma(vec4<f32>(p{u}_{r}), v{u}, o{r});")
-            with w.block("else"):
-                for r in range(BM):
-                    w.line(f"o{r} = fma(vec4<f32>(p{u}_{r}), select(v{u}, vec4<f32>(), p{u}_{r} == 0.0), o{r});")
+                w.line(f"o{r} = o{r} + select(vec4<f32>(p{u}_{r}) * v{u}, vec4<f32>(), p{u}_{r} == 0.0);")
 
 
 def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
@@ -231,31 +225,28 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                 w.line(f"m_red[kg * {BM}u + {r}u] = m{r};")
                 w.line(f"l_red[kg * {BM}u + {r}u] = select(l{r}, {NAN}, nan{r});")
     w.line("workgroupBarrier();")
-    for r in range(BM):
-        with w.block(""):
-            w.line(f"var mm = {NEG_INF};")
-            with w.block(f"for (var g = 0u; g < {KG}u; g = g + 1u)"):
-                w.line(f"mm = max(mm, m_red[g * {BM}u + {r}u]);")
-            w.line("var ll = 0.0;")
-            w.line("var bad = false;")
-            with w.block(f"for (var g = 0u; g < {KG}u; g = g + 1u)"):
-                w.line(f"let lg = l_red[g * {BM}u + {r}u];")
-                w.line("bad = bad || is_nan(lg);")
-                w.line(f"ll = ll + lg * exp_sub(m_red[g * {BM}u + {r}u], mm);")
-            own = f"m_red[kg * {BM}u + {r}u]" if lay.SMX else f"m{r}"
-            w.line(f"var f = exp_sub({own}, mm);")
-            if s.sink is not None and not s.split_var:
-                w.line(f"let z = sink_fn(q0 + {r});")
-                w.line("let mf = max(mm, z);")
-                w.line("let a = exp_sub(mm, mf);")
-                w.line("ll = ll * a + exp_sub(z, mf);")
-                w.line("bad = bad || is_nan(z);")
-                w.line("f = f * a;")
-                w.line("mm = mf;")
-            w.line(f"o{r} = o{r} * f;")
-            with w.block("if (lid == 0u)"):
-                w.line(f"m_fin[{r}] = mm;")
-                w.line(f"l_fin[{r}] = select(ll, {NAN}, bad);")
+    with w.block(f"for (var r = lid; r < {BM}u; r = r + {lay.WG}u)"):  # an invocation per row
+        w.line(f"var mm = {NEG_INF};")
+        with w.block(f"for (var g = 0u; g < {KG}u; g = g + 1u)"):
+            w.line(f"mm = max(mm, m_red[g * {BM}u + r]);")
+        w.line("var ll = 0.0;")
+        w.line("var bad = false;")
+        with w.block(f"for (var g = 0u; g < {KG}u; g = g + 1u)"):
+            w.line(f"let lg = l_red[g * {BM}u + r];")
+            w.line("bad = bad || is_nan(lg);")
+            w.line(f"ll = ll + lg * exp_sub(m_red[g * {BM}u + r], mm);")
+        if s.sink is not None and not s.split_var:
+            w.line("let z = sink_fn(q0 + i32(r));")
+            w.line("let mf = max(mm, z);")
+            w.line("ll = ll * exp_sub(mm, mf) + exp_sub(z, mf);")
+            w.line("bad = bad || is_nan(z);")
+            w.line("mm = mf;")
+        w.line("m_fin[r] = mm;")
+        w.line(f"l_fin[r] = select(ll, {NAN}, bad);")
+    w.line("workgroupBarrier();")
+    for r in range(BM):  # this invocation's share, rescaled to the row's final max
+        own = f"m_red[kg * {BM}u + {r}u]" if lay.SMX else f"m{r}"
+        w.line(f"o{r} = o{r} * exp_sub({own}, m_fin[{r}]);")
     for r0 in range(0, BM, RC):
         for rr in range(min(RC, BM - r0)):
             w.line(f"o_red[(kg * {RC}u + {rr}u) * {CG}u + cg] = o{r0 + rr};")

@@ -146,9 +146,11 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
         if vec == 4 and not f16_math:
             wg, bn = (64, 64) if cpu else (128, 128)
             bm = min(8, pow2ceil(group * dims["S"]))
+            dvc = max(4, pow2ceil(dims["Dv"]))
+            wg = min(wg, max(dvc // 4 * 16, 32))  # at most 16 key groups
             plan = Plan(family, storage, dialect, strategy=Strategy.STREAM, WG=wg, KL=2, KC=4, SMX=int(bm >= 4),
-                        DQ=-(-dims["D"] // 8) * 8, DVC=max(4, pow2ceil(dims["Dv"])), VEC=4)
-            tun = {"BM": bm, "BN": bn}
+                        DQ=-(-dims["D"] // 8) * 8, DVC=dvc, VEC=4)
+            tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4)}
             if 4 * stream_layout(plan, tun["BM"], bn).smem_words <= int(
                     device.gpu.limits.get("max-compute-workgroup-storage-size", 16384)):
                 return plan, tun

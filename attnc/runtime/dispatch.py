@@ -333,41 +333,50 @@ def run(
 
 
 WARM_WGSL = """\
-@group(0) @binding(0) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(0) var<storage, read_write> buf: array<vec4<f32>>;
 
-// Dependent fma chains: keeps every SM busy so the GPU leaves its idle clocks.
+// Streams a large buffer through the GPU with some fma work per element: memory-bound
+// kernels are only timed right once the memory clock is up too, not just the SM clock.
 @compute @workgroup_size(256)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    var a = vec4<f32>(f32(gid.x) * 1e-9);
-    for (var i = 0u; i < 4096u; i = i + 1u) {
-        a = fma(a, vec4<f32>(0.999999), vec4<f32>(1e-7));
-    }
-    if (a.x == 12345.0) {
-        out[gid.x & 255u] = a;
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i < arrayLength(&buf)) {
+        var a = buf[i];
+        for (var j = 0u; j < 16u; j = j + 1u) {
+            a = fma(a, vec4<f32>(0.5), vec4<f32>(0.25));
+        }
+        buf[i] = a;
     }
 }
 """
 
+_WARM_BUFFERS: dict[int, Any] = {}
 
-def warm_up(device: Device, ms: float = 30.0) -> None:
-    """Keep the GPU busy for about `ms` of wall time before a measurement: a GPU that idled
-    (pipeline compilation, host work) can run at a fraction of its clock for the next
-    milliseconds, and short timed runs would then measure the clock ramp, not the kernel."""
+
+def warm_up(device: Device, ms: float = 60.0) -> None:
+    """Keep the GPU and its memory busy for about `ms` of wall time before a measurement.
+
+    A GPU that idled (pipeline compilation, host work) runs at lowered SM and memory clocks
+    for a while; measured on an H200 (scripts/gpu_timing_probe.py): a decode op took 0.08 ms
+    right after a busy phase and 0.23 ms after half a second of idling. Short timed runs
+    with host round trips in between do not raise the clocks again by themselves.
+    """
     import time
 
-    program = Program(
-        name="warm_up", wgsl=WARM_WGSL, entry_point="main", workgroup_size=256,
-        bindings=(Binding("out", 0, Access.READ_WRITE, Scalar.F32),), uniforms=(), grid=(),
-        features=frozenset(), workgroup_storage_bytes=0,
-    )
     if device.adapter_type == "CPU":  # no clocks to ramp up
         return
-    out = empty(device, 16 * 256)
+    program = Program(
+        name="warm_up", wgsl=WARM_WGSL, entry_point="main", workgroup_size=256,
+        bindings=(Binding("buf", 0, Access.READ_WRITE, Scalar.F32),), uniforms=(), grid=(),
+        features=frozenset(), workgroup_storage_bytes=0,
+    )
+    limit = int(device.gpu.limits.get("max-storage-buffer-binding-size", 1 << 27))
+    nbytes = min(256 << 20, limit // 16 * 16)
+    buf = _WARM_BUFFERS.get(id(device))
+    if buf is None:
+        buf = _WARM_BUFFERS[id(device)] = empty(device, nbytes)
+    groups = -(-nbytes // (16 * 256))
     end = time.perf_counter() + ms / 1e3
-    groups = 16
     while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        run(device, [Dispatch(program, {"out": out}, {}, groups)])
-        device.gpu.queue.read_buffer(out, 0, 16)  # waits for the submission
-        if time.perf_counter() - t0 < 2e-3 and groups < 65536:
-            groups *= 2  # submissions of a few ms each
+        run(device, [Dispatch(program, {"buf": buf}, {}, groups)] * 4)
+        device.gpu.queue.read_buffer(buf, 0, 16)  # waits for the submission
