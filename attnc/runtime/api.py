@@ -144,14 +144,17 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
                         DQ=max(pow2ceil(dims["D"]), 4), DVC=dv, VEC=vec)
             return plan, {"BM": 8, "BN": 64}
         if vec == 4 and not f16_math:
-            wg, bn = (64, 64) if cpu else (128, 128)
-            bm = min(8, pow2ceil(group * dims["S"]))
             dvc = max(4, pow2ceil(dims["Dv"]))
+            if cpu:  # small tiles: lavapipe compiles large unrolled row tiles slowly (seconds)
+                wg, bn, bm = 64, 64, min(4, pow2ceil(group * dims["S"]))
+            else:
+                wg, bn = (256, 128) if dvc >= 128 else (128, 64)
+                bm = min(16, pow2ceil(group * dims["S"]))
             wg = min(wg, max(dvc // 4 * 16, 32))  # at most 16 key groups
-            plan = Plan(family, storage, dialect, strategy=Strategy.STREAM, WG=wg, KL=2, KC=4, SMX=int(bm >= 4),
+            plan = Plan(family, storage, dialect, strategy=Strategy.STREAM, WG=wg, KL=2, KC=4, SMX=int(bm >= 16),
                         DQ=-(-dims["D"] // 8) * 8, DVC=dvc, VEC=4)
             tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4)}
-            if 4 * stream_layout(plan, tun["BM"], bn).smem_words <= int(
+            if 4 * stream_layout(plan, tun["BM"], tun["BN"]).smem_words <= int(
                     device.gpu.limits.get("max-compute-workgroup-storage-size", 16384)):
                 return plan, tun
         bm = min(16, max(4, pow2ceil(group * dims["S"])))
