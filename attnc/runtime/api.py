@@ -129,6 +129,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
       of 4, f16 arithmetic);
     - longer rows: the largest of 128x64 (256 invocations), 64x64 and 64x32 tiles with 4 rows
       per invocation that the device's limits allow (CPU adapters skip the 256-wide one);
+      on a GPU, when 128-row tiles would make fewer than 64 workgroups, 32x64 tiles first;
     - q/k/v load as vec4 when both head dims are multiples of 4.
     """
     sg_min = max(1, min(device.subgroup_min_size or 4, 32, device.subgroup_lanes_contiguous or 4))
@@ -162,12 +163,18 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
                     VEC=vec)
         return plan, {"BM": bm, "BN": 64}
     dvc = min(-(-dims["Dv"] // 32) * 32, 128)
-    shapes = [(64, 64, 64), (64, 32, 64)] if cpu else [(128, 64, 256), (64, 64, 128), (64, 32, 64)]
+    few = dims["B"] * dims["Hq"] * -(-dims["S"] // 128) < 64  # 128-row tiles would leave SMs idle
+    if cpu:
+        shapes = [(64, 64, 64, 4), (64, 32, 64, 4)]
+    elif few:
+        shapes = [(32, 64, 128, 2), (64, 64, 128, 4), (64, 32, 64, 4)]
+    else:
+        shapes = [(128, 64, 256, 4), (64, 64, 128, 4), (64, 32, 64, 4)]
     lim = device.gpu.limits
     smem = int(lim.get("max-compute-workgroup-storage-size", 16384))
     inv = int(lim.get("max-compute-invocations-per-workgroup", 256))
-    for bm, bn, wg in shapes:
-        plan = Plan(family, storage, dialect, WG=wg, TM=4, DK=16, DVC=dvc, DVS=32, SGMIN=sg_min, VEC=vec)
+    for bm, bn, wg, tm in shapes:
+        plan = Plan(family, storage, dialect, WG=wg, TM=tm, DK=16, DVC=dvc, DVS=32, SGMIN=sg_min, VEC=vec)
         lay = layout(plan, bm, bn)
         if 4 * lay.smem_words <= smem and wg <= inv:
             return plan, {"BM": bm, "BN": bn}

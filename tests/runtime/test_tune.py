@@ -43,3 +43,22 @@ def test_bucket_keys_exact_head_dims_and_power_of_two_lengths() -> None:
     c = tune.bucket(dict(B=1, Hq=8, Hkv=2, S=300, T=500, D=72, Dv=72))
     assert a == b != c
     assert tune.bucket(dict(B=1, Hq=8, Hkv=8, S=4, T=1500, D=64, Dv=64)).startswith("S4.")
+
+
+def test_decode_candidates_start_with_valid_stream_plans(require_adapters) -> None:
+    """Short rows: the stream strategy's variants come first (a --max cut keeps them), each
+    valid and within the device's limits; head dims that are not multiples of 4 get none."""
+    from attnc.lowering.plan import Family, Strategy, stream_layout
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    dims = dict(B=1, Hq=16, Hkv=2, S=1, T=5000, D=64, Dv=64)
+    base, _ = api.plan_for(dev, Family.PORTABLE, dims, api.Options(), explicit_family=True)
+    cands = list(tune.candidates(dev, dims, base, [Family.PORTABLE], 8))
+    kinds = [p.strategy for p, _, _ in cands]
+    n = kinds.count(Strategy.STREAM)
+    assert n >= 6 and kinds[:n] == [Strategy.STREAM] * n and Strategy.TILED in kinds
+    limit = int(dev.gpu.limits["max-compute-workgroup-storage-size"])
+    for p, tun, ns in cands[:n]:
+        assert 4 * stream_layout(p, tun["BM"], tun["BN"]).smem_words <= limit and ns >= 1
+    odd = dict(dims, D=30)
+    assert Strategy.STREAM not in [p.strategy for p, _, _ in tune.candidates(dev, odd, base, [Family.PORTABLE], 8)]
