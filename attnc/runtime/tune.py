@@ -231,8 +231,8 @@ def tune(dims: dict[str, int], dtype: Any = np.float32, *, device: Device | str 
     ops: dict[int, tuple[Any, list[Any]]] = {}
 
     def timed(op: Any, handles: list[Any]) -> float:
-        warm_up(dev)  # timed on a busy GPU, as attnc bench does
-        times = [op.run(timestamps=True, binding=handles[(j + 1) % len(handles)]) for j in range(runs)]
+        warm_up(dev)  # timed on a busy GPU after 3 untimed runs, as attnc bench does
+        times = [op.run(timestamps=True, binding=handles[(j + 1) % len(handles)]) for j in range(runs + 3)][3:]
         return statistics.median(t for t in times if t is not None)
 
     for i, (plan, tun, ns) in enumerate(cands):
