@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,8 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
       per invocation that the device's limits allow (CPU adapters skip the 256-wide one);
       on a GPU, when 128-row tiles would make fewer than 64 workgroups, 32x64 tiles first;
     - q/k/v load as vec4 when both head dims are multiples of 4.
+    The environment variable ATTNC_STRATEGY (tiled, stream or rows) limits these choices to
+    one strategy where it applies (tiled always does), e.g. to test or compare one of them.
     """
     sg_min = max(1, min(device.subgroup_min_size or 4, 32, device.subgroup_lanes_contiguous or 4))
     dialect = Dialect.TINT if device.dialect == "tint" else Dialect.NAGA
@@ -139,12 +142,15 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     dv = min(max(pow2ceil(dims["Dv"]), 32), 256)
     cpu = device.adapter_type == "CPU"
     group = dims["Hq"] // dims["Hkv"]
+    only = os.environ.get("ATTNC_STRATEGY", "").strip()  # heuristics restricted to one strategy
+    if only and only not in {x.value for x in Strategy}:
+        raise ValueError(f"ATTNC_STRATEGY must be one of {sorted(x.value for x in Strategy)}, got {only!r}")
     if dims["S"] <= 16:
-        if cpu and group == 1 and not explicit_family:
+        if cpu and group == 1 and not explicit_family and only in ("", "rows"):
             plan = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, KC=4,
                         DQ=max(pow2ceil(dims["D"]), 4), DVC=dv, VEC=vec)
             return plan, {"BM": 8, "BN": 64}
-        if vec == 4 and not f16_math:
+        if vec == 4 and not f16_math and only in ("", "stream"):
             dvc = max(4, pow2ceil(dims["Dv"]))
             if cpu:  # small tiles: lavapipe compiles large unrolled row tiles slowly (seconds)
                 wg, bn, bm = 64, 64, min(4, pow2ceil(group * dims["S"]))
@@ -152,8 +158,9 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
                 wg, bn = (256, 128) if dvc >= 128 else (128, 64)
                 bm = min(16, pow2ceil(group * dims["S"]))
             wg = min(wg, max(dvc // 4 * 16, 32))  # at most 16 key groups
+            dq = max(8, pow2ceil(dims["D"])) if cpu else -(-dims["D"] // 8) * 8  # CPU: fewer shaders to compile
             plan = Plan(family, storage, dialect, strategy=Strategy.STREAM, WG=wg, KL=2, KC=4, SMX=int(bm >= 16),
-                        DQ=-(-dims["D"] // 8) * 8, DVC=dvc, VEC=4)
+                        DQ=dq, DVC=dvc, VEC=4)
             tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4)}
             if 4 * stream_layout(plan, tun["BM"], tun["BN"]).smem_words <= int(
                     device.gpu.limits.get("max-compute-workgroup-storage-size", 16384)):

@@ -62,3 +62,16 @@ def test_decode_candidates_start_with_valid_stream_plans(require_adapters) -> No
             assert 4 * stream_layout(p, tun["BM"], tun["BN"]).smem_words <= limit and ns >= 1
     odd = dict(dims, D=30)
     assert Strategy.STREAM not in [p.strategy for p, _, _ in tune.candidates(dev, odd, base, [Family.PORTABLE], 8)]
+
+
+def test_strategy_environment_variable_limits_the_heuristics(require_adapters, monkeypatch) -> None:
+    from attnc.lowering.plan import Family, Strategy
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    dims = dict(B=1, Hq=8, Hkv=2, S=1, T=500, D=64, Dv=64)
+    assert api.plan_for(dev, Family.PORTABLE, dims, api.Options())[0].strategy is Strategy.STREAM
+    monkeypatch.setenv("ATTNC_STRATEGY", "tiled")
+    assert api.plan_for(dev, Family.PORTABLE, dims, api.Options())[0].strategy is Strategy.TILED
+    monkeypatch.setenv("ATTNC_STRATEGY", "fast")
+    with pytest.raises(ValueError, match="ATTNC_STRATEGY must be one of"):
+        api.plan_for(dev, Family.PORTABLE, dims, api.Options())
