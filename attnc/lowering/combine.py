@@ -10,6 +10,15 @@ from attnc.lowering.shader import Shader
 from attnc.lowering.wgsl import NEG_INF, Writer
 
 COMBINE_WG = 64
+CU = 8  # splits merged per loop iteration
+
+
+def _tree(names: list[str], comb: str) -> str:
+    """A balanced reduction expression over names."""
+    while len(names) > 1:
+        names = [comb.format(a, b) for a, b in zip(names[0::2], names[1::2], strict=True)] + \
+            (names[-1:] if len(names) % 2 else [])
+    return names[0]
 
 
 def emit_combine(sh: Shader) -> Program:
@@ -41,26 +50,27 @@ def emit_combine(sh: Shader) -> Program:
             w.line(f"rem = rem / P.d_{a.dim};")
         sh.uniform_lets(w, skip_split=True)
         w.line(f"let base = row_linear(qi) * {ns};")
-        # four splits per iteration, independent loads in flight (a long split loop is latency bound)
+        # CU splits per iteration, independent loads in flight (a long split loop is latency
+        # bound: with 4 per iteration the combine of 64 splits measured 17 us on an H200)
         w.line(f"let nsp = {ns};")
-        for u in range(4):
+        for u in range(CU):
             w.line(f"var mx{u} = {NEG_INF};")
-        with w.block("for (var j = 0u; j < nsp; j = j + 4u)"):
-            for u in range(4):  # a clamped index repeats the last split: harmless for a max
+        with w.block(f"for (var j = 0u; j < nsp; j = j + {CU}u)"):
+            for u in range(CU):  # a clamped index repeats the last split: harmless for a max
                 w.line(f"mx{u} = max(mx{u}, t_part[(base + min(j + {u}u, nsp - 1u)) * (n_width + 2u)]);")
-        w.line("var mx = max(max(mx0, mx1), max(mx2, mx3));")
-        for u in range(4):
+        w.line(f"var mx = {_tree([f'mx{u}' for u in range(CU)], 'max({0}, {1})')};")
+        for u in range(CU):
             w.line(f"var l{u} = 0.0;")
             w.line(f"var o{u} = 0.0;")
-        with w.block("for (var j = 0u; j < nsp; j = j + 4u)"):
-            for u in range(4):
+        with w.block(f"for (var j = 0u; j < nsp; j = j + {CU}u)"):
+            for u in range(CU):
                 w.line(f"let pr{u} = (base + min(j + {u}u, nsp - 1u)) * (n_width + 2u);")
                 w.line(f"let wt{u} = select(0.0, select(exp_sub(t_part[pr{u}], mx), 0.0, is_neg_inf(mx)), "
                        f"j + {u}u < nsp);")
                 w.line(f"l{u} = l{u} + select(0.0, t_part[pr{u} + 1u] * wt{u}, j + {u}u < nsp);")
                 w.line(f"o{u} = o{u} + select(0.0, t_part[pr{u} + 2u + col] * wt{u}, j + {u}u < nsp);")
-        w.line("var l = (l0 + l1) + (l2 + l3);")
-        w.line("var o = (o0 + o1) + (o2 + o3);")
+        w.line(f"var l = {_tree([f'l{u}' for u in range(CU)], '({0} + {1})')};")
+        w.line(f"var o = {_tree([f'o{u}' for u in range(CU)], '({0} + {1})')};")
         if s.sink is not None:
             w.line("let z = sink_fn(qi);")
             w.line("let mf = max(mx, z);")
