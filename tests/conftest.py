@@ -9,6 +9,7 @@ GPU suite into a row of skips; on a developer's machine it is a skip.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,10 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
     settings.load_profile("ci")
+
+# attention() follows a tuning cache when one exists; the tests run the heuristic variants
+# whatever `attnc tune` stored on this machine (tests of the cache point it elsewhere)
+os.environ["ATTNC_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnc-test-cache-")
 
 if TYPE_CHECKING:
     from attnc.runtime.devices import Device
