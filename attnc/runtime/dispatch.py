@@ -13,6 +13,7 @@ import hashlib
 import math
 import re
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -361,8 +362,6 @@ def warm_up(device: Device, ms: float = 60.0) -> None:
     right after a busy phase and 0.23 ms after half a second of idling. Short timed runs
     with host round trips in between do not raise the clocks again by themselves.
     """
-    import time
-
     if device.adapter_type == "CPU":  # no clocks to ramp up
         return
     program = Program(
