@@ -159,8 +159,9 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
                 bm = min(16, pow2ceil(group * dims["S"]))
             wg = min(wg, max(dvc // 4 * 16, 32))  # at most 16 key groups
             dq = max(8, pow2ceil(dims["D"])) if cpu else -(-dims["D"] // 8) * 8  # CPU: fewer shaders to compile
-            plan = Plan(family, storage, dialect, strategy=Strategy.STREAM, WG=wg, KL=2, KC=4, SMX=int(bm >= 16),
-                        DQ=dq, DVC=dvc, VEC=4)
+            # 16-row tiles (packed GQA): one lane per key and a softmax phase (tuned on the H200)
+            plan = Plan(family, storage, dialect, strategy=Strategy.STREAM, WG=wg, KL=1 if bm >= 16 else 2, KC=4,
+                        SMX=int(bm >= 16), DQ=dq, DVC=dvc, VEC=4)
             tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4)}
             if 4 * stream_layout(plan, tun["BM"], tun["BN"]).smem_words <= int(
                     device.gpu.limits.get("max-compute-workgroup-storage-size", 16384)):
