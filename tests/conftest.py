@@ -73,3 +73,22 @@ def missing_adapter() -> Callable[[str], None]:
 def device(request: pytest.FixtureRequest) -> Device:
     """Each expected adapter in turn (CI rule applied)."""
     return find_adapters(request.param)[0]
+
+
+@pytest.fixture
+def target(request: pytest.FixtureRequest) -> tuple[Device, str]:
+    """(device, family) for an indirect (spec, family) param of tests/targets.py; the CI rule
+    for a missing one; on lavapipe, the subgroup size LP_NATIVE_VECTOR_WIDTH promises."""
+    from tests.targets import expected_subgroup_size
+
+    spec, family = request.param
+    dev = find_adapters(spec)[0]
+    if family == "subgroups":
+        if "subgroups" not in dev.features:
+            fail_or_skip(f"{spec} does not offer subgroups")
+        want = expected_subgroup_size(dev)
+        if want is not None:
+            assert dev.subgroup_size == want, (
+                f"{dev!r}: measured subgroup size {dev.subgroup_size}, expected {want} for "
+                f"LP_NATIVE_VECTOR_WIDTH={os.environ.get('LP_NATIVE_VECTOR_WIDTH')}")
+    return dev, family

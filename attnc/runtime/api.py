@@ -160,8 +160,8 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
             wg = min(wg, max(dvc // 4 * 16, 32))  # at most 16 key groups
             dq = max(8, pow2ceil(dims["D"])) if cpu else -(-dims["D"] // 8) * 8  # CPU: fewer shaders to compile
             # 16-row tiles (packed GQA): one lane per key and a softmax phase (tuned on the H200)
-            plan = Plan(family, storage, dialect, strategy=Strategy.STREAM, WG=wg, KL=1 if bm >= 16 else 2, KC=4,
-                        SMX=int(bm >= 16), DQ=dq, DVC=dvc, VEC=4)
+            plan = stream_plan(Plan(family, storage, dialect), dims, WG=wg, KL=1 if bm >= 16 else 2, KC=4,
+                               SMX=int(bm >= 16), DQ=dq)
             tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4)}
             if 4 * stream_layout(plan, tun["BM"], tun["BN"]).smem_words <= int(
                     device.gpu.limits.get("max-compute-workgroup-storage-size", 16384)):
@@ -187,6 +187,14 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
         if 4 * lay.smem_words <= smem and wg <= inv:
             return plan, {"BM": bm, "BN": bn}
     return plan, {"BM": 64, "BN": 32}
+
+
+def stream_plan(base: Plan, dims: dict[str, int], **kw: int) -> Plan:
+    """A stream-strategy plan for these head dims: all of Dv in one workgroup, DQ >= D (the
+    smallest multiple of 4*KL unless DQ is given)."""
+    kl = kw.get("KL", base.KL)
+    kw.setdefault("DQ", -(-dims["D"] // (4 * kl)) * 4 * kl)
+    return dataclasses.replace(base, strategy=Strategy.STREAM, DVC=max(4, pow2ceil(dims["Dv"])), VEC=4, **kw)
 
 
 def split_count(device: Device, dims: dict[str, int], BM: int, BN: int, packed: bool = False,

@@ -24,7 +24,7 @@ import numpy as np
 from attnc.bench.timing import rotation_count
 from attnc.errors import AttncError
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage, Strategy, layout, stream_layout
-from attnc.runtime.api import pow2ceil
+from attnc.runtime.api import pow2ceil, stream_plan
 from attnc.runtime.devices import Device
 from attnc.runtime.dispatch import warm_up
 
@@ -102,14 +102,6 @@ RETIME = 6  # candidates timed again, interleaved, before the choice
 # (BN, WG, KL, KC) of the stream strategy, most promising first
 STREAM_SHAPES = [(64, 128, 2, 4), (128, 128, 2, 4), (64, 64, 2, 4), (128, 256, 2, 4), (64, 128, 1, 4),
                  (32, 64, 2, 4)]
-
-
-def stream_plan(base: Plan, dims: dict[str, int], **kw: int) -> Plan:
-    """A stream-strategy plan for these head dims (DQ >= D, all of Dv in one workgroup)."""
-    kl = kw.get("KL", 2)
-    dq = -(-dims["D"] // (4 * kl)) * 4 * kl
-    dvc = max(4, pow2ceil(dims["Dv"]))
-    return dataclasses.replace(base, strategy=Strategy.STREAM, DQ=dq, DVC=dvc, VEC=4, **kw)
 
 
 def fits(device: Device, plan: Plan, tun: dict[str, int]) -> bool:

@@ -13,65 +13,19 @@ subgroup size is the one that width gives, so a rerun cannot silently test the d
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
+from tests.targets import targets
 from tests.textbook import assert_close, attention_ref
 
 pytestmark = pytest.mark.gpu
 
 F32_TOL = 1e-5
 HEAD_DIMS = (32, 64, 72, 80, 96, 128, 256)
-
-# (adapter spec, variant family): every family each expected adapter offers
-TARGETS = (
-    ("wgpu:vulkan", "portable"),
-    ("wgpu:vulkan", "subgroups"),
-    ("wgpu:opengl", "portable"),
-    ("dawn:vulkan", "portable"),
-    ("dawn:vulkan", "subgroups"),
-)
-# lavapipe's subgroup size follows LP_NATIVE_VECTOR_WIDTH (unset: 256)
-LP_SUBGROUP_SIZES = {"128": 4, "256": 8, "512": 16}
-
-
-def targets(subgroup_sizes: bool = False) -> list:
-    """The TARGETS as params; with `subgroup_sizes`, the subgroup ones are rerun per size."""
-    return [pytest.param((spec, fam), id=f"{spec}-{fam}",
-                         marks=[pytest.mark.subgroup_sizes] if subgroup_sizes and fam == "subgroups" else [])
-            for spec, fam in TARGETS]
-
-
-def expected_subgroup_size(device: attnc.Device) -> int | None:
-    """The size lavapipe must report under this process's LP_NATIVE_VECTOR_WIDTH (None: not lavapipe)."""
-    if "llvmpipe" not in device.name:
-        return None
-    width = os.environ.get("LP_NATIVE_VECTOR_WIDTH", "256").strip() or "256"
-    if width not in LP_SUBGROUP_SIZES:
-        pytest.skip(f"LP_NATIVE_VECTOR_WIDTH={width}: lavapipe reports a size its subgroups do not honour")
-    return LP_SUBGROUP_SIZES[width]
-
-
-@pytest.fixture
-def target(request, require_adapters, missing_adapter) -> tuple[attnc.Device, str]:
-    """(device, family) for an indirect (spec, family) param; the CI rule for a missing one."""
-    spec, family = request.param
-    dev = require_adapters(spec)[0]
-    if family == "subgroups":
-        if "subgroups" not in dev.features:
-            missing_adapter(f"{spec} does not offer subgroups")
-        want = expected_subgroup_size(dev)
-        if want is not None:
-            assert dev.subgroup_size == want, (
-                f"{dev!r}: measured subgroup size {dev.subgroup_size}, expected {want} for "
-                f"LP_NATIVE_VECTOR_WIDTH={os.environ.get('LP_NATIVE_VECTOR_WIDTH')}")
-    return dev, family
-
 
 def inputs(rng: np.random.Generator, B, Hq, Hkv, S, T, D, Dv, dtype=np.float32):
     return (rng.standard_normal((B, Hq, S, D)).astype(dtype),

@@ -13,8 +13,6 @@ float16 values, tolerance 2e-3 (float32: 1e-5), both as Frobenius relative error
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,20 +20,13 @@ from hypothesis import strategies as st
 
 import attnc
 from attnc.errors import DeviceError
+from tests.targets import targets
 from tests.textbook import assert_close, attention_ref
 
 pytestmark = pytest.mark.gpu
 
 TOL = {np.float32: 1e-5, np.float16: 2e-3}
-TARGETS = (
-    ("wgpu:vulkan", "portable"),
-    ("wgpu:vulkan", "subgroups"),
-    ("wgpu:opengl", "portable"),
-    ("dawn:vulkan", "portable"),
-    ("dawn:vulkan", "subgroups"),
-)
-LP_SUBGROUP_SIZES = {"128": 4, "256": 8, "512": 16}
-TARGET_PARAMS = [pytest.param((s, f), id=f"{s}-{f}") for s, f in TARGETS]
+TARGET_PARAMS = targets()
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float16, id="f16")]
 # most single options run in f32; f16 storage is covered by the combined-options (every
 # built-in option at once), split-KV, bias/scale, score_mod, large-logit, fully-masked and
@@ -43,20 +34,6 @@ DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float16, id="f16")
 F32_ONLY = DTYPES[:1]
 RUN = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                      HealthCheck.too_slow])
-
-
-@pytest.fixture
-def target(request, require_adapters, missing_adapter) -> tuple[attnc.Device, str]:
-    """(device, family) for an indirect (spec, family) param; the CI rule for a missing one."""
-    spec, family = request.param
-    dev = require_adapters(spec)[0]
-    if family == "subgroups":
-        if "subgroups" not in dev.features:
-            missing_adapter(f"{spec} does not offer subgroups")
-        width = os.environ.get("LP_NATIVE_VECTOR_WIDTH", "256").strip() or "256"
-        if "llvmpipe" in dev.name and width in LP_SUBGROUP_SIZES:
-            assert dev.subgroup_size == LP_SUBGROUP_SIZES[width], dev
-    return dev, family
 
 
 def qkv(rng, B, Hq, Hkv, S, T, D, Dv, dtype):

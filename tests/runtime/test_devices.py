@@ -23,11 +23,9 @@ from attnc.runtime.dispatch import (
     run,
     upload,
 )
+from tests.targets import LP_SUBGROUP_SIZES
 
 pytestmark = pytest.mark.gpu
-
-# lavapipe's subgroup size follows LP_NATIVE_VECTOR_WIDTH (bits / 32 lanes of f32)
-LP_SUBGROUP_SIZES = {"128": 4, "256": 8, "512": 16}
 
 ADD_WGSL = """\
 struct Params { n: u32, alpha: f32, shift: i32, grid_total: u32, grid_stride_x: u32 }
