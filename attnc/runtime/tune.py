@@ -247,12 +247,12 @@ def tune(dims: dict[str, int], dtype: Any = np.float32, *, device: Device | str 
             ref = ref.reshape(o.shape)
         err = float(np.linalg.norm(o - ref) / max(np.linalg.norm(ref), 1e-300))
         ok = err <= (2e-3 if np.dtype(dtype) == np.float16 else 1e-5)
-        if ok:  # keep the buffers of the current fastest few only
-            ops[len(results)] = (op, handles)
-            for j in sorted(ops, key=lambda j: results[j]["ms"] if j < len(results) else ms)[RETIME:]:
-                del ops[j]
         results.append({"variant": op.variant, "ms": ms, "relerr": err, "ok": ok,
                         "entry": plan_to_entry(plan, tun, ns), "options_key": op.options_key})
+        if ok:  # keep the buffers of the current fastest few only
+            ops[len(results) - 1] = (op, handles)
+            for j in sorted(ops, key=lambda j: results[j]["ms"])[RETIME:]:
+                del ops[j]
         if progress:
             print(f"\r  [{i + 1}/{len(cands)}] {op.variant}: {ms:.3f} ms{'' if ok else ' WRONG'}",
                   file=sys.stderr, flush=True)
