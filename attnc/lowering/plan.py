@@ -64,6 +64,11 @@ class Plan:
     DVC output columns per workgroup (four per invocation); SMX=1 computes each probability
     once in a softmax phase (one invocation per key group and row) instead of in every
     invocation that uses it (worth its extra barrier when tiles have many rows).
+    UN (tiled): copies of the body per iteration of the loops whose trip count is a tile
+    constant (head-dim steps of a chunk, keys of the P.V loop, staging), UN >= count
+    unrolls them completely. PF=1 (tiled) issues the global loads of the next staged block
+    (head-dim chunk, value chunk, next tile) into registers before the math on the current one,
+    so their latency overlaps it; PF=0 loads each block right before its barrier.
     """
 
     family: Family = Family.PORTABLE
@@ -82,6 +87,8 @@ class Plan:
     QRES: bool = False
     KL: int = 2
     SMX: int = 0
+    UN: int = 1
+    PF: int = 0
     overrides: tuple[tuple[str, int], ...] = field(default=())
 
     def with_tunables(self, **kw: int) -> Plan:
@@ -136,6 +143,10 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
     for name, val in (("DK", plan.DK), ("DVC", plan.DVC), ("DVS", plan.DVS)):
         if val <= 0 or val % 4:
             raise LoweringError(f"tunable {name}={val} must be a positive multiple of 4")
+    if plan.UN < 1:
+        raise LoweringError(f"tunable UN={plan.UN} must be at least 1")
+    if plan.PF not in (0, 1):
+        raise LoweringError(f"tunable PF={plan.PF} must be 0 or 1")
     # row groups of TM rows; the invocations of a row group share its keys and columns
     TM = min(plan.TM, BM)
     RT = min(BM // TM, WG)

@@ -48,6 +48,31 @@ class Writer:
         self.depth -= 1
         self.line("}")
 
+    def counted(self, var: str, n: int, unroll: int, body: Callable[[], None]) -> None:
+        """`for (var = 0u; var < n; var++) { body }` with `unroll` copies of the body per
+        iteration (the largest divisor of n up to `unroll`; all n copies: no loop at all).
+
+        Each copy is its own block opening with `let var = ...`, so the body reads `var`
+        unchanged. Unrolling here, not in the driver, matters because Naga's SPIR-V output
+        gives every loop a hidden iteration counter, which keeps drivers from unrolling it.
+        """
+        u = max(d for d in range(1, max(1, min(unroll, n)) + 1) if n % d == 0)
+        if u == 1:
+            with self.block(f"for (var {var} = 0u; {var} < {n}u; {var} = {var} + 1u)"):
+                body()
+            return
+        outer = f"{var}_0"
+        if u < n:
+            self.line(f"for (var {outer} = 0u; {outer} < {n}u; {outer} = {outer} + {u}u) {{")
+            self.depth += 1
+        for k in range(u):
+            with self.block(""):
+                self.line(f"let {var} = {outer} + {k}u;" if u < n else f"let {var} = {k}u;")
+                body()
+        if u < n:
+            self.depth -= 1
+            self.line("}")
+
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
 

@@ -129,7 +129,8 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
                nsplit: int | None) -> Iterator[tuple[Plan, dict[str, int], int | None]]:
     """Valid plans to time for a problem, the likeliest first (a `--max` cut keeps variety):
     every tile shape with default knobs, then each with one knob changed, then two, ...
-    Knobs: split count, family, head-dim chunk DK, value chunks (DVC, DVS)."""
+    Knobs: split count, family, head-dim chunk DK, value chunks (DVC, DVS), unrolling and
+    prefetching (UN, PF) where the heuristic unrolls."""
     dq = max(pow2ceil(dims["D"]), 4)
     dv = min(max(pow2ceil(dims["Dv"]), 32), 256)
     dv32 = min(-(-dims["Dv"] // 32) * 32, 128)
@@ -154,6 +155,8 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
         shapes = [(128, 64, 256, 4), (128, 32, 128, 8), (128, 32, 256, 4), (128, 64, 128, 8), (64, 64, 64, 8),
                   (64, 64, 128, 4), (128, 32, 128, 4),
                   (64, 32, 64, 4), (128, 64, 128, 4), (64, 64, 64, 4), (64, 64, 256, 2)]
+    # loop unrolling and prefetching: the heuristic's, then partial unrolling, then no prefetch
+    loops = list(dict.fromkeys([(base.UN, base.PF)] + ([(16, base.PF), (base.UN, 0)] if base.UN > 1 else [])))
     found: list[tuple[int, int, Plan, dict[str, int], int | None]] = []
     seen = set()
 
@@ -179,9 +182,11 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
             for bm, bn, wg, tm in shapes:
                 for ki, dk in enumerate(dks):
                     for vi, (dvc, dvs) in enumerate(dvs_opts):
-                        plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm,
-                                                   DVC=dvc, DK=dk, DVS=dvs)
-                        add((si > 0) + (fi > 0) + (ki > 0) + (vi > 0), plan, {"BM": bm, "BN": bn}, ns)
+                        for ui, (un, pf) in enumerate(loops):
+                            plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm,
+                                                       DVC=dvc, DK=dk, DVS=dvs, UN=un, PF=pf)
+                            add((si > 0) + (fi > 0) + (ki > 0) + (vi > 0) + (ui > 0), plan, {"BM": bm, "BN": bn},
+                                ns)
         if not short:  # the query tile resident in workgroup memory (no restaging per KV tile)
             dqr = -(-dims["D"] // 16) * 16
             for fam in families:

@@ -1,0 +1,83 @@
+"""Time variants of the heuristic plan side by side (interleaved rounds, inputs rotated) to
+decide a heuristic or a lowering change. Each variant is `FIELD=VALUE,...` over Plan fields,
+BM/BN (tile sizes) and NSPLIT; `-` is the heuristic plan itself. Checks query head 0 of copy 0
+against float64 numpy. Usage:
+python scripts/gpu_plan_sweep.py DEVICE CASE[,CASE...] VARIANT [VARIANT...] [--json FILE]"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+
+import numpy as np
+
+from attnc.bench.cases import load_suite, make_inputs
+from attnc.runtime import api
+from attnc.runtime.devices import get_device
+from attnc.runtime.dispatch import warm_up
+
+ROUNDS, PER_ROUND = 5, 4
+
+
+def head0_relerr(case, q, k, v, o) -> float:
+    """Relative error of query head 0 of batch 0 against float64 numpy."""
+    s = (q[0, 0].astype(np.float64) @ k[0, 0].T.astype(np.float64)) / np.sqrt(case.D)
+    lim = case.key_limits()
+    s = np.where(np.arange(case.T)[None, :] < lim[:, None], s, -np.inf)
+    p = np.exp(s - s.max(1, keepdims=True))
+    ref = (p @ v[0, 0]) / p.sum(1, keepdims=True)
+    return float(np.linalg.norm(o[0, 0] - ref) / np.linalg.norm(ref))
+
+
+def parse(spec: str) -> dict[str, int]:
+    return {} if spec == "-" else {k: int(x) for k, x in (kv.split("=") for kv in spec.split(","))}
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    out = None
+    if "--json" in argv:
+        i = argv.index("--json")
+        out = open(argv[i + 1], "a")
+        del argv[i:i + 2]
+    dev = get_device(argv[0])
+    cases = {c.name: c for c in load_suite("seeds") + load_suite("ci")}
+    for name in argv[1].split(","):
+        case = cases[name]
+        copies = [make_inputs(case, seed=i) for i in range(3 if case.flops() > 1e10 else 8)]
+        q, k, v = copies[0]
+        dims = api.validate(q, k, v)
+        fam = api.pick_family(dev, None)
+        base, tun0 = api.plan_for(dev, fam, dims, api.Options(causal=case.causal))
+        ops = []
+        for spec in argv[2:]:
+            kw = parse(spec)
+            tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
+            ns = kw.pop("NSPLIT", None)
+            try:
+                op = api.prepare(dims, np.float32, causal=case.causal, device=dev,
+                                 plan=dataclasses.replace(base, **kw), tunables=tun, nsplit=ns)
+                handles = [op.bind_copy(*c) for c in copies]
+                op.run(binding=handles[0])
+                err = head0_relerr(case, q, k, v, op.result()[0])
+                ops.append((spec, op, handles, err, []))
+            except Exception as exc:  # report and go on with the other variants
+                print(f"{name} {spec}: {type(exc).__name__}: {exc}", flush=True)
+        warm_up(dev)
+        for r in range(ROUNDS):
+            for _spec, op, handles, _err, times in ops:
+                for i in range(PER_ROUND):
+                    times.append(op.run(timestamps=True, binding=handles[(r + i) % len(handles)]))
+        for spec, op, _h, err, times in ops:
+            ms = statistics.median(times[PER_ROUND:])
+            row = {"case": name, "device": argv[0], "spec": spec, "variant": op.variant, "ms": round(ms, 5),
+                   "tflops": round(case.flops() / ms / 1e9, 2), "relerr": err, "ms_min": round(min(times), 5)}
+            print(json.dumps(row), flush=True)
+            if out:
+                out.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

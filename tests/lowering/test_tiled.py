@@ -1,0 +1,134 @@
+"""The tiled strategy's loop shapes (attnc/lowering/tiled.py): unrolled tile loops (UN) and
+registers that prefetch the next staged block (PF), on every adapter.
+
+The heuristics turn both on for GPUs only (lavapipe compiles fully unrolled tiles for
+minutes), so the option suites on the CPU adapters run the plain loops; here hypothesis draws
+UN, PF and the other tiled knobs with random option sets, including a non-finite value in a
+masked key, and the unrolled, prefetched kernel is checked to give the same bits as the
+plain one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from attnc.errors import LoweringError
+from attnc.lowering.plan import Family, Plan, Strategy, layout
+from attnc.lowering.wgsl import Writer
+from attnc.runtime import api
+from tests.textbook import assert_close, attention_ref
+
+ADAPTERS = ["wgpu:vulkan", "wgpu:opengl", "dawn:vulkan"]
+RUN = settings(deadline=None, max_examples=4,
+               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+# --------------------------------------------------------------------------- emission rules
+def _counted(n: int, unroll: int) -> str:
+    w = Writer()
+    w.counted("j", n, unroll, lambda: w.line("f(j);"))
+    return w.text()
+
+
+def test_counted_unrolls_by_the_largest_divisor() -> None:
+    assert "for (var j = 0u; j < 16u" in _counted(16, 1)
+    whole = _counted(4, 64)  # every copy, no loop left
+    assert "for" not in whole and [f"let j = {i}u;" in whole for i in range(4)] == [True] * 4
+    part = _counted(24, 16)  # 24 has no divisor 16: 12 copies per iteration
+    assert "for (var j_0 = 0u; j_0 < 24u; j_0 = j_0 + 12u)" in part
+    assert part.count("f(j);") == 12 and "let j = j_0 + 11u;" in part
+
+
+@pytest.mark.parametrize(("kw", "msg"), [(dict(UN=0), "UN=0 must be at least 1"),
+                                         (dict(PF=2), "PF=2 must be 0 or 1")])
+def test_layout_rejects_bad_loop_knobs(kw, msg) -> None:
+    with pytest.raises(LoweringError, match=msg):
+        layout(Plan(Family.PORTABLE, WG=64, TM=4, **kw), 32, 32)
+
+
+# --------------------------------------------------------------------------- against the reference
+@st.composite
+def problems(draw):
+    group = draw(st.sampled_from([1, 2]))
+    vec = draw(st.sampled_from([1, 4]))
+    dims = dict(B=1, Hq=group * 2, Hkv=2, S=draw(st.integers(1, 140)), T=draw(st.integers(1, 200)),
+                D=vec * draw(st.integers(1, 80 // vec)), Dv=vec * draw(st.integers(1, 80 // vec)))
+    bm, bn = draw(st.sampled_from([16, 32, 64])), draw(st.sampled_from([16, 32, 64]))
+    plan = Plan(Family.PORTABLE, WG=draw(st.sampled_from([32, 64, 128])), TM=draw(st.sampled_from([1, 2, 4])),
+                DK=draw(st.sampled_from([8, 16, 24])), DVC=draw(st.sampled_from([16, 32, 64])),
+                DVS=draw(st.sampled_from([8, 16, 32])), VEC=vec, UN=draw(st.sampled_from([1, 2, 4])),
+                PF=draw(st.sampled_from([0, 1, 1])))
+    if draw(st.booleans()):
+        plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, "QRES": True,
+                       "DQ": -(-dims["D"] // plan.DK) * plan.DK})
+    try:
+        assume(api.fits_portable_limits(plan, bm, bn))
+    except LoweringError:
+        assume(False)
+    opts = draw(st.fixed_dictionaries({}, optional={
+        "causal": st.just(True), "softcap": st.just(20.0), "return_lse": st.just(True),
+        "window": st.tuples(st.integers(0, 50), st.none() | st.integers(0, 8)), "kv_lens": st.just("draw")}))
+    return dims, plan, {"BM": bm, "BN": bn}, draw(st.sampled_from([None, 1, 3])), opts, draw(st.integers(0, 2**16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ADAPTERS)
+@RUN
+@given(problem=problems())
+def test_tiled_loop_shapes_match_reference(spec, problem, require_adapters) -> None:
+    dev = require_adapters(spec)[0]
+    dims, plan, tun, nsplit, opts, seed = problem
+    rng = np.random.default_rng(seed)
+    B, Hq, Hkv, S, T, D, Dv = (dims[x] for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
+    q = rng.standard_normal((B, Hq, S, D)).astype(np.float32)
+    k = rng.standard_normal((B, Hkv, T, D)).astype(np.float32)
+    v = rng.standard_normal((B, Hkv, T, Dv)).astype(np.float32)
+    v_dev = v.copy()
+    if "kv_lens" in opts:
+        opts["kv_lens"] = rng.integers(0, T + 1, B).astype(np.int32)
+        v_dev[0, :, opts["kv_lens"][0]:] = np.nan  # masked keys add nothing, even NaN values
+    op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables=tun, nsplit=nsplit, **opts)
+    assert op.plan.strategy is Strategy.TILED and (op.plan.UN, op.plan.PF) == (plan.UN, plan.PF)
+    op.bind(q, k, v_dev)
+    op.run()
+    o, lse = op.result()
+    ref = attention_ref(q, k, v, **opts)
+    o_ref, lse_ref = ref if opts.get("return_lse") else (ref, None)
+    assert_close(o, o_ref, 1e-5, "o")
+    if lse_ref is not None:
+        assert_close(lse, lse_ref, 1e-5, "lse")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ADAPTERS)
+def test_unrolled_prefetched_kernel_gives_the_same_bits(spec, require_adapters) -> None:
+    """Unrolling and prefetching change when loads happen, not the arithmetic: same bits, also
+    with a NaN value at a visible key (its rows only) and an inf one at a masked key."""
+    dev = require_adapters(spec)[0]
+    rng = np.random.default_rng(6)
+    dims = dict(B=1, Hq=2, Hkv=1, S=90, T=150, D=40, Dv=36)
+    q = rng.standard_normal((1, 2, 90, 40)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 150, 40)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 150, 36)).astype(np.float32)
+    v[0, 0, 149, 7] = np.inf  # visible to the last row only (causal)
+    v[0, 0, 70, 3] = np.nan
+    outs = []
+    for un, pf in ((1, 0), (4, 1)):
+        plan = Plan(Family.PORTABLE, WG=64, TM=4, DK=8, DVC=32, DVS=16, VEC=4, UN=un, PF=pf)
+        op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 32, "BN": 32}, nsplit=2,
+                         causal=True)
+        op.bind(q, k, v)
+        op.run()
+        outs.append(op.result()[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    o = outs[1]
+    nan_rows = np.arange(90) + 60 >= 70  # rows that see key 70
+    assert np.isnan(o[0, :, nan_rows, 3]).all() and not np.isnan(o[0, :, ~nan_rows]).any()
+    assert np.isnan(o[0, :, -1, 7]).all() or np.isinf(o[0, :, -1, 7]).all()
+    ref = attention_ref(q, k, np.nan_to_num(v, nan=0.0, posinf=0.0), causal=True)
+    keep = np.ones(36, bool)
+    keep[[3, 7]] = False
+    assert_close(o[..., keep], ref[..., keep], 1e-5, "o")
