@@ -1,13 +1,14 @@
 """Time variants of the heuristic plan side by side (interleaved rounds, inputs rotated) to
 decide a heuristic or a lowering change. Each variant is `FIELD=VALUE,...` over Plan fields,
 BM/BN (tile sizes) and NSPLIT; `-` is the heuristic plan itself. Checks query head 0 of copy 0
-against float64 numpy. Usage:
+against float64 numpy; SWEEP_WARM_MS (default 60) is the GPU warm-up before each round. Usage:
 python scripts/gpu_plan_sweep.py DEVICE CASE[,CASE...] VARIANT [VARIANT...] [--json FILE]"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import sys
 
@@ -65,8 +66,8 @@ def main() -> None:
                 ops.append((spec, op, handles, err, []))
             except Exception as exc:  # report and go on with the other variants
                 print(f"{name} {spec}: {type(exc).__name__}: {exc}", flush=True)
-        warm_up(dev)
         for r in range(ROUNDS):
+            warm_up(dev, float(os.environ.get("SWEEP_WARM_MS", "60")))
             for _spec, op, handles, _err, times in ops:
                 for i in range(PER_ROUND):
                     times.append(op.run(timestamps=True, binding=handles[(r + i) % len(handles)]))

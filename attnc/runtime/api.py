@@ -186,8 +186,10 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     lim = device.gpu.limits
     smem = int(lim.get("max-compute-workgroup-storage-size", 16384))
     inv = int(lim.get("max-compute-invocations-per-workgroup", 256))
+    # GPUs: head-dim chunks of 8 when 16 does not divide D (D = 72: 9 chunks, not 5 with 8 of 80 padding)
+    dk = 8 if not cpu and dims["D"] % 16 and dims["D"] % 8 == 0 else 16
     for bm, bn, wg, tm in shapes:
-        plan = Plan(family, storage, dialect, WG=wg, TM=tm, DK=16, DVC=dvc, DVS=32, SGMIN=sg_min, VEC=vec, **gpu)
+        plan = Plan(family, storage, dialect, WG=wg, TM=tm, DK=dk, DVC=dvc, DVS=32, SGMIN=sg_min, VEC=vec, **gpu)
         lay = layout(plan, bm, bn)
         if 4 * lay.smem_words <= smem and wg <= inv:
             return plan, {"BM": bm, "BN": bn}

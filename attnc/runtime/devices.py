@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 
@@ -89,12 +90,16 @@ class Device:
             # Dawn quantizes timestamps by default (a browser anti-fingerprinting measure),
             # which would make short kernels time as 0: turn that off for native use.
             extras = importlib.import_module("wgpudawn.backends.dawn.extras")
+            # ATTNC_DAWN_TOGGLES="+name,-name": more Dawn device toggles, for measurements
+            # only (e.g. what Tint's robustness clamps cost); attnc never needs one
+            more = [t.strip() for t in os.environ.get("ATTNC_DAWN_TOGGLES", "").split(",") if t.strip()]
             return extras.request_device_sync(
                 self.adapter,
                 label="attnc",
                 required_features=features,
                 required_limits=limits,
-                disable_toggles=["timestamp_quantization"],
+                enable_toggles=[t[1:] for t in more if t.startswith("+")],
+                disable_toggles=["timestamp_quantization"] + [t[1:] for t in more if t.startswith("-")],
             )
         return self.adapter.request_device_sync(
             label="attnc", required_features=features, required_limits=limits

@@ -4,6 +4,7 @@ bucket, and attention() then uses it (and stays correct)."""
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -19,7 +20,10 @@ def test_tuned_choice_is_stored_and_used(require_adapters, tmp_path, monkeypatch
     dev = require_adapters("wgpu:vulkan")[0]
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
     dims = dict(B=1, Hq=2, Hkv=1, S=40, T=70, D=32, Dv=32)
+    heuristic = api.prepare(dims, np.float32, device=dev, causal=True).variant  # (empty cache)
     res = tune.tune(dims, device=dev, runs=2, max_candidates=3, progress=False, causal=True)
+    assert res["results"][0]["variant"] == heuristic  # always a candidate, and timed again
+    assert "ms_first" in res["results"][0]
     timed = [r for r in res["results"] if "ms" in r]
     assert timed and all(r["ok"] for r in timed), res["results"]
     best = res["best"]
@@ -75,3 +79,45 @@ def test_strategy_environment_variable_limits_the_heuristics(require_adapters, m
     monkeypatch.setenv("ATTNC_STRATEGY", "fast")
     with pytest.raises(ValueError, match="ATTNC_STRATEGY must be one of"):
         api.plan_for(dev, Family.PORTABLE, dims, api.Options())
+
+
+# --------------------------------------------------------------------------- GPU warm-up
+class _FakeGPU:
+    limits: dict[str, int] = {}
+
+
+class _FakeDevice:
+    """Just enough of a Device for warm_up: a GPU adapter with timestamps."""
+
+    adapter_type = "DiscreteGPU"
+    features = frozenset({"timestamps"})
+    gpu = _FakeGPU()
+
+
+def test_warm_up_runs_until_the_clocks_are_up(monkeypatch) -> None:
+    """The first warm-up of a process runs RAMP_MS to learn the fastest submission time; later
+    ones keep going while their submissions run slower than that (clocks still ramping) and
+    stop once one is within 10 % of it."""
+    from attnc.runtime import dispatch
+
+    times = iter([5.0, 4.0, 1.0, 1.0, 1.05, 3.0, 2.5, 1.08, 1.0])
+    calls = []
+    clock = types.SimpleNamespace(now=0.0)
+
+    def fake_run(device, dispatches, timestamps=False, span=False):
+        calls.append(timestamps and span)
+        clock.now += 0.004  # each warm-up submission takes 4 ms of wall time
+        return [next(times)]
+
+    monkeypatch.setattr(dispatch, "run", fake_run)
+    monkeypatch.setattr(dispatch, "empty", lambda device, n: object())
+    monkeypatch.setattr(dispatch, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(dispatch, "RAMP_MS", 14.0)
+    monkeypatch.setattr(dispatch, "_WARM_BEST", {})
+    dev = _FakeDevice()
+    dispatch.warm_up(dev, ms=0.0)  # runs 14 ms at least (learning 1.0), then stops at 1.05
+    assert len(calls) == 5 and all(calls)
+    dispatch.warm_up(dev, ms=0.0)  # dropped clocks: 3.0 and 2.5 are too slow, 1.08 is not
+    assert len(calls) == 8
+    dispatch.warm_up(dev, ms=0.0)  # clocks up: one submission
+    assert len(calls) == 9
