@@ -59,11 +59,13 @@ def _count(sh: Shader, cp: _Copy) -> tuple[int, int]:
     return n, -(-n // sh.lay.WG)
 
 
-def _element(w: Writer, sh: Shader, cp: _Copy, e: str, n: int, body: Callable[[], None]) -> None:
-    """`let e`, its row r and column c, then `body` (skipped past the block's end)."""
+def _element(w: Writer, sh: Shader, cp: _Copy, e: str | None, n: int, body: Callable[[], None]) -> None:
+    """`let e` (unless e is None: a loop variable), its row r and column c, then `body`
+    (skipped past the block's end)."""
     vec = _vec(sh, cp)
-    w.line(f"let e = {e};")
-    with w.block("" if n % sh.lay.WG == 0 else f"if (e < {n}u)"):
+    if e is not None:
+        w.line(f"let e = {e};")
+    with w.block("" if e is None or n % sh.lay.WG == 0 else f"if (e < {n}u)"):
         w.line(f"let r = e / {cp.cols // vec}u;")
         w.line(f"let c = (e % {cp.cols // vec}u) * {vec}u;")
         body()
@@ -109,14 +111,16 @@ def _stage(w: Writer, sh: Shader, cp: _Copy) -> None:
     n, per = _count(sh, cp)
     ty = f"vec4<{sh.smem_t}>" if _vec(sh, cp) == 4 else sh.smem_t
 
-    def one() -> None:
-        def body() -> None:
-            w.line(f"var x: {ty};")
-            _fetch(w, sh, cp, "x")
-            _put(w, sh, cp, "x")
-        _element(w, sh, cp, f"lid + ei * {sh.lay.WG}u", n, body)
+    def body() -> None:
+        w.line(f"var x: {ty};")
+        _fetch(w, sh, cp, "x")
+        _put(w, sh, cp, "x")
 
-    w.counted("ei", per, sh.plan.UN, one)
+    if sh.plan.UN == 1:  # a loop from lid: LLVM (lavapipe) does not unroll it, which compiles 2x faster
+        with w.block(f"for (var e = lid; e < {n}u; e = e + {sh.lay.WG}u)"):
+            _element(w, sh, cp, None, n, body)
+    else:
+        w.counted("ei", per, sh.plan.UN, lambda: _element(w, sh, cp, f"lid + ei * {sh.lay.WG}u", n, body))
 
 
 def _prefetch_regs(w: Writer, sh: Shader, cp: _Copy, name: str) -> None:

@@ -22,7 +22,7 @@ from attnc.runtime import api
 from tests.textbook import assert_close, attention_ref
 
 ADAPTERS = ["wgpu:vulkan", "wgpu:opengl", "dawn:vulkan"]
-RUN = settings(deadline=None, max_examples=4,
+RUN = settings(deadline=None, max_examples=3,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -59,7 +59,7 @@ def problems(draw):
     bm, bn = draw(st.sampled_from([16, 32, 64])), draw(st.sampled_from([16, 32, 64]))
     plan = Plan(Family.PORTABLE, WG=draw(st.sampled_from([32, 64, 128])), TM=draw(st.sampled_from([1, 2, 4])),
                 DK=draw(st.sampled_from([8, 16, 24])), DVC=draw(st.sampled_from([16, 32, 64])),
-                DVS=draw(st.sampled_from([8, 16, 32])), VEC=vec, UN=draw(st.sampled_from([1, 2, 4])),
+                DVS=draw(st.sampled_from([8, 16, 32])), VEC=vec, UN=draw(st.sampled_from([1, 2])),
                 PF=draw(st.sampled_from([0, 1, 1])))
     if draw(st.booleans()):
         plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, "QRES": True,
