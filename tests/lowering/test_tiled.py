@@ -16,13 +16,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from attnc.errors import LoweringError
-from attnc.lowering.plan import Family, Plan, Strategy, layout
+from attnc.lowering.plan import Family, Plan, Storage, Strategy, layout
 from attnc.lowering.wgsl import Writer
 from attnc.runtime import api
 from tests.textbook import assert_close, attention_ref
 
 ADAPTERS = ["wgpu:vulkan", "wgpu:opengl", "dawn:vulkan"]
-RUN = settings(deadline=None, max_examples=3,
+RUN = settings(deadline=None, max_examples=2,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -132,3 +132,30 @@ def test_unrolled_prefetched_kernel_gives_the_same_bits(spec, require_adapters) 
     keep = np.ones(36, bool)
     keep[[3, 7]] = False
     assert_close(o[..., keep], ref[..., keep], 1e-5, "o")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@pytest.mark.parametrize("target", ["portable", "portable-f16"])
+def test_prefetch_with_float16_inputs(spec, target, require_adapters) -> None:
+    """f16 inputs (packed storage with f32 math, or shader-f16 tiles and products): the
+    prefetched, unrolled kernel gives the same bits as the plain one."""
+    dev = require_adapters(spec)[0]
+    if target == "portable-f16" and "f16" not in dev.features:
+        pytest.skip(f"{spec} offers no shader-f16")
+    rng = np.random.default_rng(7)
+    dims = dict(B=1, Hq=2, Hkv=2, S=70, T=100, D=32, Dv=24)
+    q = rng.standard_normal((1, 2, 70, 32)).astype(np.float16)
+    k = rng.standard_normal((1, 2, 100, 32)).astype(np.float16)
+    v = rng.standard_normal((1, 2, 100, 24)).astype(np.float16)
+    outs = []
+    for un, pf in ((1, 0), (2, 1)):
+        storage = Storage.F16A if target == "portable-f16" else Storage.F16
+        plan = Plan(Family.PORTABLE, storage, WG=64, TM=2, DK=8, DVC=32, DVS=16, VEC=4, UN=un, PF=pf)
+        op = api.prepare(dims, np.float16, device=dev, plan=plan, tunables={"BM": 32, "BN": 32}, target=target)
+        assert (op.plan.UN, op.plan.PF) == (un, pf)
+        op.bind(q, k, v)
+        op.run()
+        outs.append(op.result()[0])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert_close(outs[1], attention_ref(q, k, v), 2e-3, "o")
