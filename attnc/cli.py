@@ -57,8 +57,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     kernel = _load_kernel(args.kernel, _parse_sets(args.set))
     targets = args.target or ["portable", "subgroups"]
     dtypes = args.dtype or ["f32", "f16"]
-    plans = [Plan(Family(t), Storage(d), Dialect.TINT, WG=args.wg, DVC=args.dvc)
-             for t in targets for d in dtypes]
+    plans = [Plan(Family(t), Storage(d), Dialect.TINT, WG=args.wg, DVC=args.dvc, UN=args.unroll,
+                  PF=int(args.prefetch)) for t in targets for d in dtypes]
     manifest = compile_kernel(kernel, plans, Path(args.output))
     for v in manifest["variants"]:
         files = ", ".join(p["file"] for p in v["programs"])
@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="option or tunable of a DSL kernel, e.g. --set causal=true --set BN=64")
     c.add_argument("--wg", type=int, default=128, help="invocations per workgroup")
     c.add_argument("--dvc", type=int, default=64, help="output columns per workgroup")
+    c.add_argument("--unroll", type=int, default=1, metavar="UN",
+                   help="copies of each tile loop's body per iteration (64: straight-line code, what "
+                        "GPUs run fastest; 1: small shaders that compile fast on CPU adapters)")
+    c.add_argument("--prefetch", action="store_true",
+                   help="load the next staged block into registers before the math on the current one")
     c.set_defaults(fn=cmd_compile)
     k = sub.add_parser("check", help="parse and verify .attn files")
     k.add_argument("files", nargs="+")

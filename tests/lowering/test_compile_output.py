@@ -50,6 +50,10 @@ def _compiled(tmp_path_factory) -> list[tuple[str, Path, dict]]:
             args += ["--set", s]
         assert cli(args) == 0
         out.append((" ".join(sets) or "flash_attention", d, json.loads((d / "manifest.json").read_text())))
+    d = tmp_path_factory.mktemp("unrolled")  # the GPU loop shapes (lavapipe compiles UN=4 quickly enough)
+    assert cli(["compile", "attnc.kernels.flash:flash_attention", "--set", "causal=true", "--unroll", "4",
+                "--prefetch", "-o", str(d)]) == 0
+    out.append(("unrolled, prefetched", d, json.loads((d / "manifest.json").read_text())))
     return out
 
 
@@ -84,4 +88,4 @@ def test_naga_and_tint_accept_every_wgsl(spec, compiled, require_adapters):
             for entry in v["programs"]:
                 compile_program(dev, _program(entry, d, naga))
                 n += 1
-    assert n >= 4 * (len(EXAMPLES) + len(DSL_SETS))
+    assert n >= 4 * (len(EXAMPLES) + len(DSL_SETS) + 1)
