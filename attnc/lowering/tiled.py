@@ -50,7 +50,13 @@ class _Copy:
 
 
 def _vec(sh: Shader, cp: _Copy) -> int:
+    """Elements per load of the block: 4 when its tensor is read as vec4."""
     return 4 if cp.sl.tensor in sh.vec4 else 1
+
+
+def _reg_type(sh: Shader, cp: _Copy) -> str:
+    """The WGSL type of one load of the block."""
+    return f"vec4<{sh.smem_t}>" if _vec(sh, cp) == 4 else sh.smem_t
 
 
 def _count(sh: Shader, cp: _Copy) -> tuple[int, int]:
@@ -73,8 +79,7 @@ def _element(w: Writer, sh: Shader, cp: _Copy, e: str | None, n: int, body: Call
 
 def _fetch(w: Writer, sh: Shader, cp: _Copy, reg: str) -> None:
     """reg = the element at (r, c) from storage, zero outside the slice."""
-    zero = f"vec4<{sh.smem_t}>()" if _vec(sh, cp) == 4 else f"{sh.smem_t}(0.0)"
-    w.line(f"{reg} = {zero};")
+    w.line(f"{reg} = {_reg_type(sh, cp)}();")
     w.line(f"let {cp.idx} = {cp.first} + i32(r);")
     w.line(f"let col = {cp.col0} + c;")
     with w.block(f"if ({cp.idx} < {cp.limit} && col < {cp.col_limit})"):
@@ -109,10 +114,9 @@ def _put(w: Writer, sh: Shader, cp: _Copy, reg: str) -> None:
 def _stage(w: Writer, sh: Shader, cp: _Copy) -> None:
     """Cooperatively copy a block into workgroup memory (a loop of UN-unrolled copies)."""
     n, per = _count(sh, cp)
-    ty = f"vec4<{sh.smem_t}>" if _vec(sh, cp) == 4 else sh.smem_t
 
     def body() -> None:
-        w.line(f"var x: {ty};")
+        w.line(f"var x: {_reg_type(sh, cp)};")
         _fetch(w, sh, cp, "x")
         _put(w, sh, cp, "x")
 
@@ -125,9 +129,8 @@ def _stage(w: Writer, sh: Shader, cp: _Copy) -> None:
 
 def _prefetch_regs(w: Writer, sh: Shader, cp: _Copy, name: str) -> None:
     """Declare the registers a prefetched block passes through (one per copy)."""
-    ty = f"vec4<{sh.smem_t}>" if _vec(sh, cp) == 4 else sh.smem_t
     for i in range(_count(sh, cp)[1]):
-        w.line(f"var {name}{i}: {ty};")
+        w.line(f"var {name}{i}: {_reg_type(sh, cp)};")
 
 
 def _prefetch(w: Writer, sh: Shader, cp: _Copy, name: str, put: bool) -> None:

@@ -386,11 +386,11 @@ def warm_up(device: Device, ms: float = 60.0) -> None:
     least = ms if timed and id(device) in _WARM_BEST else max(ms, RAMP_MS)
     while (elapsed := (time.perf_counter() - start) * 1e3) < MAX_MS:
         t = run(device, [Dispatch(program, {"buf": buf}, {}, groups)] * 4, timestamps=timed, span=True)
-        if not timed:
+        if timed:  # (reading the timestamps waits for the submission)
+            best = _WARM_BEST[id(device)] = min(_WARM_BEST.get(id(device), math.inf), t[0])
+            up = t[0] <= 1.1 * best
+        else:
             device.gpu.queue.read_buffer(buf, 0, 16)  # waits for the submission
-            if elapsed >= least:
-                return
-            continue
-        best = _WARM_BEST[id(device)] = min(_WARM_BEST.get(id(device), math.inf), t[0])
-        if elapsed >= least and t[0] <= 1.1 * best:
+            up = True
+        if elapsed >= least and up:
             return
