@@ -69,6 +69,8 @@ class Plan:
     unrolls them completely. PF=1 (tiled) issues the global loads of the next staged block
     (head-dim chunk, value chunk, next tile) into registers before the math on the current one,
     so their latency overlaps it; PF=0 loads each block right before its barrier.
+    CSG (split-KV combine): split groups per output column, each merging every CSG-th split
+    (workgroups of 32 x CSG); 0 = from the split count when the runtime knows it, else 8.
     """
 
     family: Family = Family.PORTABLE
@@ -89,6 +91,7 @@ class Plan:
     SMX: int = 0
     UN: int = 1
     PF: int = 0
+    CSG: int = 0
     overrides: tuple[tuple[str, int], ...] = field(default=())
 
     def with_tunables(self, **kw: int) -> Plan:

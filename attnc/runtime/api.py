@@ -14,6 +14,7 @@ import numpy as np
 from attnc.errors import DeviceError, LoweringError
 from attnc.ir import nodes as ir
 from attnc.lowering import Family, Plan, Storage, Strategy, lower
+from attnc.lowering.combine import combine_groups
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, layout, stream_layout
 from attnc.lowering.program import Access, Program
 from attnc.lowering.retype import retype
@@ -135,6 +136,8 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     - tiled plans on a GPU unroll their tile loops completely (UN=64) and prefetch the next
       staged block into registers (PF=1): 1.2-1.5x on the H200 prefill cases; CPU adapters keep
       the loops (lavapipe takes minutes to compile fully unrolled tiles).
+    The split count is chosen after the plan: split_count for short rows,
+    prefill_split_count for long ones (GPUs with few row tiles only).
     The environment variable ATTNC_STRATEGY (tiled, stream or rows) limits these choices to
     one strategy where it applies (tiled always does), e.g. to test or compare one of them.
     """
@@ -215,6 +218,17 @@ def split_count(device: Device, dims: dict[str, int], BM: int, BN: int, packed: 
     target = 64 if device.adapter_type == "CPU" else (512 if stream else 2048)
     tiles = -(-dims["T"] // BN)
     return max(1, min(-(-target // base), tiles if stream else tiles // 2 or 1))
+
+
+def prefill_split_count(device: Device, dims: dict[str, int], BM: int, BN: int) -> int:
+    """KV splits for long query rows: on a GPU whose row tiles alone make fewer than 96
+    workgroups, enough for about 192, keeping >= 2 KV tiles each. Measured on the H200
+    (docs/BENCHMARKS.md): gemma's 64 workgroups of causal rows 2.1x faster with 3 splits;
+    with 128 workgroups (phi35) the partial states and the combine cost more than they gain."""
+    base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
+    if device.adapter_type == "CPU" or base >= 96:
+        return 1
+    return max(1, min(-(-192 // base), -(-dims["T"] // BN) // 2))
 
 
 class _Cache:
@@ -314,7 +328,7 @@ class Prepared:
         """A readable name of the variant: family, storage, tile sizes and plan tunables."""
         pl = self.progs[0]
         tun = ",".join(f"{k}={v}" for k, v in self.kern.tunables)
-        split = f",NSPLIT={self.scalars['NSPLIT']}" if "NSPLIT" in self.scalars else ""
+        split = f",NSPLIT={self.scalars['NSPLIT']},CSG={self.plan.CSG}" if "NSPLIT" in self.scalars else ""
         pn = self.plan
         knobs = {Strategy.ROWS: f"KC={pn.KC},DQ={pn.DQ}",
                  Strategy.STREAM: f"WG={pl.workgroup_size},KL={pn.KL},KC={pn.KC},SMX={pn.SMX}"}.get(
@@ -476,10 +490,13 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
         pack_gqa = S <= 16 and dims["Hq"] > dims["Hkv"] and plan.strategy is not Strategy.ROWS
     if nsplit is None:
         nsplit = split_count(dev, dims, tun["BM"], tun["BN"], pack_gqa,
-                             plan.strategy is Strategy.STREAM) if S <= 16 else 1
+                             plan.strategy is Strategy.STREAM) if S <= 16 else prefill_split_count(
+                                 dev, dims, tun["BM"], tun["BN"])
     if nsplit > 1:
         opts = Options(**{**opts.__dict__, "split": True})
         scalars["NSPLIT"] = nsplit
+        if not plan.CSG:
+            plan = dataclasses.replace(plan, CSG=combine_groups(nsplit))
     if pack_gqa:
         opts = Options(**{**opts.__dict__, "pack_gqa": True})
         dims = {**dims, "R": (dims["Hq"] // dims["Hkv"]) * S}

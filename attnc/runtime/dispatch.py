@@ -282,11 +282,15 @@ def _bind_group(
 def run(
     device: Device, dispatches: Sequence[Dispatch], timestamps: bool = False, span: bool = False
 ) -> list[float] | None:
-    """Encode all dispatches in one command encoder (a pass each) and submit them.
+    """Encode all dispatches in one command encoder and submit them.
 
-    With `timestamps`, each pass writes begin/end GPU timestamps and the per-dispatch
-    durations in milliseconds are returned (this waits for the GPU); otherwise None.
-    With `span` too, one value: first pass begin to last pass end (gaps between passes count).
+    With `timestamps`, each dispatch gets a compute pass of its own that writes begin/end
+    GPU timestamps, and the per-dispatch durations in milliseconds are returned (this waits
+    for the GPU); otherwise None. With `span` too, all dispatches share one compute pass and
+    the one value returned is its duration. Without timestamps they share one pass as well:
+    WebGPU orders the dispatches of a pass and makes each one's writes visible to the next,
+    and a pass boundary between the main pass and the split-KV combine measured 6-8 us on an
+    H200 (scripts/gpu_decode_probe.py).
     """
     if timestamps and "timestamps" not in device.features:
         raise DeviceError(f"{device!r} does not offer timestamp queries")
@@ -299,12 +303,14 @@ def run(
         compiled = device.pipelines.get(device, d.program)
         grid = fold_grid(d.workgroups, max_per_dim)
         prepared.append((compiled, _bind_group(device, d, compiled, grid), grid, d.program.name))
+    per_dispatch = timestamps and not span
+    passes = [[p] for p in prepared] if per_dispatch else [prepared] if prepared else []
     query_set = None
-    count = 2 * len(prepared)
-    if timestamps and prepared:
+    count = 2 * len(passes)
+    if timestamps and passes:
         query_set = gpu.create_query_set(type="timestamp", count=count)
     encoder = gpu.create_command_encoder(label="attnc.run")
-    for i, (compiled, bind_group, grid, name) in enumerate(prepared):
+    for i, group in enumerate(passes):
         writes = None
         if query_set is not None:
             writes = {
@@ -312,10 +318,11 @@ def run(
                 "beginning_of_pass_write_index": 2 * i,
                 "end_of_pass_write_index": 2 * i + 1,
             }
-        compute = encoder.begin_compute_pass(label=name, timestamp_writes=writes)
-        compute.set_pipeline(compiled.pipeline)
-        compute.set_bind_group(0, bind_group)
-        compute.dispatch_workgroups(*grid)
+        compute = encoder.begin_compute_pass(label="+".join(g[3] for g in group), timestamp_writes=writes)
+        for compiled, bind_group, grid, _name in group:
+            compute.set_pipeline(compiled.pipeline)
+            compute.set_bind_group(0, bind_group)
+            compute.dispatch_workgroups(*grid)
         compute.end()
     resolved = None
     if query_set is not None:

@@ -1,0 +1,77 @@
+"""The split-KV combine (attnc/lowering/combine.py) with its split groups forced, on every adapter.
+
+The runtime derives CSG from the split count (combine_groups); here hypothesis draws CSG and
+the split count independently, so groups that get no split, a last loop iteration with clamped
+indices, and splits that own no KV tile (m = -inf, l = 0) all meet the reference, with the
+options the combine handles itself (sinks, lse) and NaN values past kv_lens.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnc.errors import LoweringError
+from attnc.lowering import lower
+from attnc.lowering.combine import CU, combine_groups
+from attnc.lowering.plan import Family, Plan, Strategy
+from attnc.runtime import api
+from tests.forced_plan import check_forced_plan
+
+ADAPTERS = ["wgpu:vulkan", "wgpu:opengl", "dawn:vulkan"]
+RUN = settings(deadline=None, max_examples=4,
+               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def stream(**kw) -> Plan:
+    base = dict(WG=32, KL=1, KC=1, DQ=8, DVC=128, VEC=4)
+    return Plan(Family.PORTABLE, strategy=Strategy.STREAM, **(base | kw))
+
+
+def test_combine_groups_cover_the_splits() -> None:
+    for n in range(2, 300):
+        g = combine_groups(n)
+        assert g in (1, 2, 4, 8)
+        assert g * CU >= n or g == 8  # one loop iteration unless 8 groups cannot cover them
+        assert g == 1 or (g // 2) * CU < n  # no more groups than needed
+
+
+def test_combine_rejects_bad_group_counts() -> None:
+    kern = api.build_kernel(api.Options(split=True), {"BM": 1, "BN": 32})
+    with pytest.raises(LoweringError, match="CSG=3"):
+        lower(kern, stream(CSG=3))
+
+
+@st.composite
+def problems(draw):
+    dims = dict(B=draw(st.integers(1, 2)), Hq=2, Hkv=2, S=draw(st.integers(1, 3)),
+                T=draw(st.integers(1, 400)), D=8, Dv=4 * draw(st.integers(1, 20)))
+    plan = stream(CSG=draw(st.sampled_from([1, 2, 4, 8])))
+    nsplit = draw(st.integers(2, 80))
+    opts = draw(st.fixed_dictionaries({}, optional={
+        "causal": st.just(True), "return_lse": st.just(True), "kv_lens": st.just("draw"),
+        "sinks": st.just("draw")}))
+    return dims, plan, nsplit, opts, draw(st.integers(0, 2**16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ADAPTERS)
+@RUN
+@given(problem=problems())
+def test_combine_matches_reference(spec, problem, require_adapters) -> None:
+    dev = require_adapters(spec)[0]
+    dims, plan, nsplit, opts, seed = problem
+    op = check_forced_plan(dev, dims, plan, {"BM": 1, "BN": 32}, nsplit, opts, seed)
+    assert op.scalars["NSPLIT"] == nsplit and op.plan.CSG == plan.CSG
+    assert op.progs[-1].workgroup_size == 32 * plan.CSG
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ADAPTERS)
+def test_combine_groups_from_the_split_count(spec, require_adapters) -> None:
+    """CSG left to the runtime: 70 splits (two loop iterations of 8 groups), most without keys."""
+    dev = require_adapters(spec)[0]
+    dims = dict(B=1, Hq=2, Hkv=1, S=1, T=300, D=8, Dv=36)
+    op = check_forced_plan(dev, dims, stream(), {"BM": 2, "BN": 32}, 70, {"return_lse": True, "sinks": "draw"}, 1)
+    assert op.plan.CSG == 8
