@@ -121,3 +121,18 @@ def test_warm_up_runs_until_the_clocks_are_up(monkeypatch) -> None:
     assert len(calls) == 8
     dispatch.warm_up(dev, ms=0.0)  # clocks up: one submission
     assert len(calls) == 9
+
+
+# --------------------------------------------------------------------------- split counts
+def test_prefill_splits_only_when_a_gpu_has_few_row_tiles() -> None:
+    """Long rows split over KV on a GPU only when the row tiles make fewer than 96 workgroups
+    (about 192 with the splits, >= 2 KV tiles each); never on a CPU adapter."""
+    gpu = _FakeDevice()
+    cpu = types.SimpleNamespace(adapter_type="CPU")
+    gemma = dict(B=1, Hq=4, Hkv=1, S=512, T=512, D=256, Dv=256)
+    phi = dict(B=1, Hq=32, Hkv=32, S=501, T=501, D=96, Dv=96)
+    assert api.prefill_split_count(gpu, gemma, 32, 64) == 3  # 64 workgroups of 32 rows
+    assert api.prefill_split_count(cpu, gemma, 32, 64) == 1
+    assert api.prefill_split_count(gpu, phi, 128, 64) == 1  # 128 workgroups: no split
+    assert api.prefill_split_count(gpu, dict(gemma, T=100), 32, 64) == 1  # 2 KV tiles: 1 split
+    assert api.prefill_split_count(gpu, dict(gemma, Hq=1, S=40), 32, 64) == 4  # 2 workgroups, 8 tiles
