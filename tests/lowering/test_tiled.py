@@ -67,6 +67,11 @@ def problems(draw):
                        "DQ": -(-dims["D"] // plan.DK) * plan.DK})
     try:
         assume(api.fits_portable_limits(plan, bm, bn))
+        # at most 32 scores and 32 output columns per invocation (the GPU heuristic's 128x64
+        # tiles have 32 of each): the emitted structure is the same for larger register tiles,
+        # which lavapipe compiles for up to a minute each (128 + 128 with UN=2: 61 s)
+        lay = layout(plan, bm, bn)
+        assume(lay.TM * lay.TN <= 32 and lay.TM * lay.TD <= 32)
     except LoweringError:
         assume(False)
     opts = draw(st.fixed_dictionaries({}, optional={
