@@ -68,10 +68,11 @@ def problems(draw):
     try:
         assume(api.fits_portable_limits(plan, bm, bn))
         # at most 32 scores and 32 output columns per invocation (the GPU heuristic's 128x64
-        # tiles have 32 of each): the emitted structure is the same for larger register tiles,
-        # which lavapipe compiles for up to a minute each (128 + 128 with UN=2: 61 s)
+        # tiles have 32 of each) and at most 4 value stages: the emitted structure is the same
+        # beyond, and lavapipe compiles such shaders for a minute or more (128 + 128 with UN=2:
+        # 61 s; 8 value stages of 8 columns with UN=2, PF=1: 80 s; every barrier costs)
         lay = layout(plan, bm, bn)
-        assume(lay.TM * lay.TN <= 32 and lay.TM * lay.TD <= 32)
+        assume(lay.TM * lay.TN <= 32 and lay.TM * lay.TD <= 32 and lay.DVC // lay.DVS <= 4)
     except LoweringError:
         assume(False)
     opts = draw(st.fixed_dictionaries({}, optional={
