@@ -6,7 +6,6 @@ Usage: python scripts/gpu_decode_probe.py DEVICE CASE[,CASE...] VARIANT [VARIANT
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import sys
@@ -21,7 +20,7 @@ from attnc.runtime.devices import get_device
 from attnc.runtime.dispatch import warm_up
 
 sys.path.insert(0, "scripts")
-from gpu_plan_sweep import head0_relerr, parse  # noqa: E402
+from gpu_plan_sweep import prepare_variant  # noqa: E402
 
 READ_WGSL = """\
 @group(0) @binding(0) var<storage, read> src: array<vec4<f32>>;
@@ -97,15 +96,8 @@ def main() -> None:
                 print(json.dumps({"case": name, "read": unroll, "groups": groups, "ms": round(ms, 5),
                                   "GBps": round(kv_bytes / ms / 1e6, 1)}), flush=True)
         for spec in sys.argv[3:]:
-            kw = parse(spec)
-            tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
-            ns = kw.pop("NSPLIT", None)
             try:
-                op = api.prepare(dims, np.float32, causal=case.causal, device=dev,
-                                 plan=dataclasses.replace(base, **kw), tunables=tun, nsplit=ns)
-                hs = [op.bind_copy(*c) for c in copies]
-                op.run(binding=hs[0])
-                err = head0_relerr(case, q, k, v, op.result()[0])
+                op, hs, err = prepare_variant(dev, case, dims, base, tun0, spec, copies)
             except Exception as exc:  # report and go on
                 print(f"{name} {spec}: {type(exc).__name__}: {exc}", flush=True)
                 continue

@@ -36,6 +36,20 @@ def parse(spec: str) -> dict[str, int]:
     return {} if spec == "-" else {k: int(x) for k, x in (kv.split("=") for kv in spec.split(","))}
 
 
+def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
+    """One variant of the heuristic plan, bound to every input copy and run once:
+    (op, handles, head-0 relerr). Raises what prepare or the run raises."""
+    kw = parse(spec)
+    tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
+    ns = kw.pop("NSPLIT", None)
+    op = api.prepare(dims, np.float32, causal=case.causal, device=dev,
+                     plan=dataclasses.replace(base, **kw), tunables=tun, nsplit=ns)
+    handles = [op.bind_copy(*c) for c in copies]
+    op.run(binding=handles[0])
+    q, k, v = copies[0]
+    return op, handles, head0_relerr(case, q, k, v, op.result()[0])
+
+
 def main() -> None:
     argv = sys.argv[1:]
     out = None
@@ -54,16 +68,8 @@ def main() -> None:
         base, tun0 = api.plan_for(dev, fam, dims, api.Options(causal=case.causal))
         ops = []
         for spec in argv[2:]:
-            kw = parse(spec)
-            tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
-            ns = kw.pop("NSPLIT", None)
             try:
-                op = api.prepare(dims, np.float32, causal=case.causal, device=dev,
-                                 plan=dataclasses.replace(base, **kw), tunables=tun, nsplit=ns)
-                handles = [op.bind_copy(*c) for c in copies]
-                op.run(binding=handles[0])
-                err = head0_relerr(case, q, k, v, op.result()[0])
-                ops.append((spec, op, handles, err, []))
+                ops.append((spec, *prepare_variant(dev, case, dims, base, tun0, spec, copies), []))
             except Exception as exc:  # report and go on with the other variants
                 print(f"{name} {spec}: {type(exc).__name__}: {exc}", flush=True)
         for r in range(ROUNDS):
