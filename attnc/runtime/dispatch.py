@@ -10,7 +10,9 @@ re-linearise `workgroup_id.x + workgroup_id.y * grid_stride_x` and return past t
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import re
 import struct
 import time
@@ -83,6 +85,16 @@ class PipelineCache:
         if compiled is None:
             compiled = self._entries[key] = compile_program(device, program)
         return compiled
+
+
+def log_compile(device: Device, names: list[str], create_s: float, first_run_s: float) -> None:
+    """Append a JSON line to $ATTNC_COMPILE_LOG for a run that compiled new pipelines:
+    pipeline creation time, and the first submission's wall time (lavapipe's LLVM compiles a
+    shader at its first dispatch, so that is where its compile time shows)."""
+    record = {"device": device.spec, "programs": names, "create_s": round(create_s, 3),
+              "first_run_s": round(first_run_s, 3), "test": os.environ.get("PYTEST_CURRENT_TEST", "")}
+    with open(os.environ["ATTNC_COMPILE_LOG"], "a", encoding="utf-8") as log:
+        log.write(json.dumps(record) + "\n")
 
 
 def compile_program(device: Device, program: Program) -> CompiledProgram:
@@ -297,6 +309,8 @@ def run(
     gpu = device.gpu
     max_per_dim = int(gpu.limits["max-compute-workgroups-per-dimension"])
     prepared = []
+    logging = bool(os.environ.get("ATTNC_COMPILE_LOG"))
+    known, start = len(device.pipelines), time.perf_counter()
     for d in dispatches:
         _check_features(device, d.program)
         _check_buffers(d)
@@ -329,7 +343,12 @@ def run(
         usage = device.wgpu.BufferUsage
         resolved = gpu.create_buffer(size=8 * count, usage=usage.QUERY_RESOLVE | usage.COPY_SRC)
         encoder.resolve_query_set(query_set, 0, count, resolved, 0)
+    created = time.perf_counter()
     gpu.queue.submit([encoder.finish()])
+    if logging and len(device.pipelines) > known:
+        probe = gpu.create_buffer(size=16, usage=device.wgpu.BufferUsage.COPY_SRC)
+        gpu.queue.read_buffer(probe, 0, 16)  # waits for the submission (as in warm_up)
+        log_compile(device, [p[3] for p in prepared], created - start, time.perf_counter() - created)
     if not timestamps:
         return None
     if resolved is None:
