@@ -69,6 +69,9 @@ class Plan:
     unrolls them completely. PF=1 (tiled) issues the global loads of the next staged block
     (head-dim chunk, value chunk, next tile) into registers before the math on the current one,
     so their latency overlaps it; PF=0 loads each block right before its barrier.
+    VK (tiled): keys per staged value block (0 = the whole key tile BN): with VK < BN a stage
+    can hold more value columns (DVS) in the same workgroup memory, so each p read from
+    workgroup memory feeds more products.
     CSG (split-KV combine): split groups per output column, each merging every CSG-th split
     (workgroups of 32 x CSG); 0 = from the split count when the runtime knows it, else 8.
     """
@@ -92,6 +95,7 @@ class Plan:
     UN: int = 1
     PF: int = 0
     CSG: int = 0
+    VK: int = 0
     overrides: tuple[tuple[str, int], ...] = field(default=())
 
     def with_tunables(self, **kw: int) -> Plan:
@@ -122,15 +126,40 @@ class Layout:
     DK: int
     DVC: int
     DVS: int
+    VK: int  # keys per staged value block
+
+    # Transposed tiles ([d][row] for q, [d][key] for k, [key][row] for p) get 4 words of
+    # padding per line: a line then starts 4 banks further on, so the invocations storing
+    # the same column of different lines hit different banks (without padding, every line of
+    # a 128- or 64-word tile starts at bank 0).
+    @property
+    def QS(self) -> int:
+        """Words per head-dim line of the staged q tile."""
+        return self.BM + 4
+
+    @property
+    def KS(self) -> int:
+        """Words per head-dim line of the staged k tile."""
+        return self.BN + 4
+
+    @property
+    def p_words(self) -> int:
+        """Words of the p tile ([key][row], BM + 4 words a key) at the start of the staging array."""
+        return self.BN * self.QS
+
+    @property
+    def stage_words(self) -> int:
+        """The staging array: q/k chunks during the dot products, aliased with the p tile and
+        a value chunk during P.V (the two phases are separated by barriers)."""
+        qk = (0 if self.QRES else self.QS * self.DK) + self.KS * self.DK
+        return max(qk, self.p_words + self.VK * self.DVS)
 
     @property
     def smem_words(self) -> int:
-        """Workgroup storage in 4-byte words: q/k chunks (aliased with v), p tile, partials."""
-        qk = (0 if self.QRES else self.BM * self.DK) + self.BN * self.DK
-        qk_res = self.BM * self.DQ if self.QRES else 0
-        v = self.BN * self.DVS
+        """Workgroup storage in 4-byte words: the staging array, partials, a resident q tile."""
+        qk_res = self.QS * self.DQ if self.QRES else 0
         red = self.BM * (self.CT // self.G) if self.CT > self.G else 0
-        return max(qk, v) + self.BM * self.BN + red + 4 + qk_res
+        return self.stage_words + red + 4 + qk_res
 
 
 def _pow2(n: int) -> bool:
@@ -150,6 +179,9 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
         raise LoweringError(f"tunable UN={plan.UN} must be at least 1")
     if plan.PF not in (0, 1):
         raise LoweringError(f"tunable PF={plan.PF} must be 0 or 1")
+    vk = plan.VK or BN
+    if not _pow2(vk) or vk > BN:
+        raise LoweringError(f"tunable VK={plan.VK} must be 0 or a power of two no larger than BN={BN}")
     # row groups of TM rows; the invocations of a row group share its keys and columns
     TM = min(plan.TM, BM)
     RT = min(BM // TM, WG)
@@ -167,7 +199,7 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
     G = 1 if plan.family is Family.PORTABLE else min(CT, plan.SGMIN)
     if plan.QRES and plan.DQ % plan.DK:
         raise LoweringError(f"DQ={plan.DQ} must be a multiple of DK={plan.DK} with QRES")
-    return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.QRES, plan.DQ, plan.DK, dvc, dvs)
+    return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.QRES, plan.DQ, plan.DK, dvc, dvs, vk)
 
 
 @dataclass(frozen=True, slots=True)

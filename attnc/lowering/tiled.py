@@ -43,6 +43,7 @@ class _Copy:
     transpose: bool = True
     flag: bool = False
     arr: str = "stage"
+    stride: int = 0  # words per line of a transposed block (0: rows)
 
     def at(self, first: str, col0: str) -> _Copy:
         """The same block for other rows and columns (the next chunk or tile)."""
@@ -97,7 +98,8 @@ def _put(w: Writer, sh: Shader, cp: _Copy, reg: str) -> None:
         if cp.flag:
             with w.block(f"if ((bitcast<u32>(f32({reg})) & 0x7f800000u) == 0x7f800000u)"):
                 w.line("atomicOr(&v_bad, 1u);")
-        dst = f"{cp.offset}u + c * {cp.rows}u + r" if cp.transpose else f"{cp.offset}u + r * {cp.cols}u + c"
+        line = cp.stride or cp.rows
+        dst = f"{cp.offset}u + c * {line}u + r" if cp.transpose else f"{cp.offset}u + r * {cp.cols}u + c"
         w.line(f"{_sm(cp.arr, dst)} = {reg};")
         return
     if cp.flag:
@@ -106,7 +108,7 @@ def _put(w: Writer, sh: Shader, cp: _Copy, reg: str) -> None:
             w.line("atomicOr(&v_bad, 1u);")
     if cp.transpose:
         for i, comp in enumerate("xyzw"):
-            w.line(f"{_sm(cp.arr, f'{cp.offset}u + (c + {i}u) * {cp.rows}u + r')} = {reg}.{comp};")
+            w.line(f"{_sm(cp.arr, f'{cp.offset}u + (c + {i}u) * {cp.stride or cp.rows}u + r')} = {reg}.{comp};")
     else:
         w.line(f"{cp.arr}[({cp.offset}u + r * {cp.cols}u + c) >> 2u] = {reg};")
 
@@ -142,29 +144,60 @@ def _prefetch(w: Writer, sh: Shader, cp: _Copy, name: str, put: bool) -> None:
                      lambda i=i: (_put if put else _fetch)(w, sh, cp, f"{name}{i}"))
 
 
-def _loads(w: Writer, name: str, arr: str, base: str, n: int) -> None:
-    """`let {name}{k}` for n consecutive f32 at `base` (a multiple of 4 when n >= 4)."""
+def _loads(w: Writer, name: str, arr: str, base: str, n: int, first: int = 0) -> None:
+    """`let {name}{first + k}` for n consecutive f32 at `base` (a multiple of 4 when n >= 4)."""
     if n % 4 == 0:
         for k4 in range(n // 4):
-            w.line(f"let {name}v{k4} = {arr}[({base} + {4 * k4}u) >> 2u];")
+            vec = f"{name}v{first // 4 + k4}"
+            w.line(f"let {vec} = {arr}[({base} + {4 * k4}u) >> 2u];")
             for k, comp in enumerate("xyzw"):
-                w.line(f"let {name}{4 * k4 + k} = {name}v{k4}.{comp};")
+                w.line(f"let {name}{first + 4 * k4 + k} = {vec}.{comp};")
     else:
         for k in range(n):
-            w.line(f"let {name}{k} = {_sm(arr, f'{base} + {k}u')};")
+            w.line(f"let {name}{first + k} = {_sm(arr, f'{base} + {k}u')};")
 
 
-def _pv_loop(w: Writer, lay: Layout, vs: int, careful: bool, half: bool, unroll: int) -> None:
-    """o += p . v over the BN keys of a tile, for one staged chunk of value columns
+def _run(n: int) -> int:
+    """Consecutive elements an invocation owns in each group of CT runs (4 when it can)."""
+    return 4 if n % 4 == 0 else 2 if n % 2 == 0 else 1
+
+
+def owned(CT: int, n: int, x: int) -> tuple[int, int]:
+    """(a, b): of the n elements of a tile line (keys or value columns) that each of CT
+    invocations owns, invocation ct's x-th is element a * ct + b.
+
+    Elements are dealt in runs of `_run(n)`: invocation ct owns run ct of every group of CT
+    runs, so the CT invocations of a row group read (or write) one contiguous span per run,
+    which keeps vec4 accesses free of bank conflicts (contiguous runs of 8 per invocation
+    put 2 invocations on every bank)."""
+    r = _run(n)
+    return r, (x // r) * CT * r + x % r
+
+
+def _owned(lay: Layout, n: int, x: int) -> str:
+    """WGSL for `owned`'s index in the invocation's row group."""
+    a, b = owned(lay.CT, n, x)
+    return f"ct * {a}u + {b}u"
+
+
+def _loads_owned(w: Writer, lay: Layout, name: str, base: str, n: int) -> None:
+    """`let {name}{x}` for an invocation's n owned elements of the tile line at `base`."""
+    r = _run(n)
+    for g in range(n // r):
+        _loads(w, name, "stage", f"{base} + {g * lay.CT * r}u + ct * {r}u", r, g * r)
+
+
+def _pv_loop(w: Writer, lay: Layout, vs: int, ks: int, careful: bool, half: bool, unroll: int) -> None:
+    """o += p . v over the VK keys from ks of a tile, for one staged block of value columns
     (with `half`, p and v are f16 and each product is rounded to f16, then summed in f32)."""
-    w.counted("j", lay.BN, unroll, lambda: _pv_key(w, lay, vs, careful, half))
+    w.counted("j", lay.VK, unroll, lambda: _pv_key(w, lay, vs, ks, careful, half))
 
 
-def _pv_key(w: Writer, lay: Layout, vs: int, careful: bool, half: bool) -> None:
-    """The P.V updates of key j."""
+def _pv_key(w: Writer, lay: Layout, vs: int, ks: int, careful: bool, half: bool) -> None:
+    """The P.V updates of key ks + j."""
     YPS = lay.DVS // lay.CT
-    _loads(w, "v", "stage", f"j * {lay.DVS}u + ct * {YPS}u", YPS)
-    _loads(w, "p", "p_sh", f"j * {lay.BM}u + rg * {lay.TM}u", lay.TM)
+    _loads_owned(w, lay, "v", f"{lay.p_words}u + j * {lay.DVS}u", YPS)
+    _loads(w, "p", "stage", f"({ks}u + j) * {lay.QS}u + rg * {lay.TM}u", lay.TM)
     for i in range(lay.TM):
         acc = [f"o{i}_{(vs // lay.DVS) * YPS + y}" for y in range(YPS)]
         updates = [f"{a} = {a} + f32(p{i} * v{y});" if half else f"{a} = fma(p{i}, v{y}, {a});"
@@ -182,11 +215,11 @@ def _dot_step(w: Writer, sh: Shader) -> None:
     """The TM x TN score updates of head-dim index dd of the staged chunk."""
     lay = sh.lay
     if sh.plan.QRES:
-        _loads(w, "a", "q_sh", f"(d0 + dd) * {lay.BM}u + rg * {lay.TM}u", lay.TM)
+        _loads(w, "a", "q_sh", f"(d0 + dd) * {lay.QS}u + rg * {lay.TM}u", lay.TM)
     else:
-        _loads(w, "a", "stage", f"dd * {lay.BM}u + rg * {lay.TM}u", lay.TM)
-    kofs = 0 if sh.plan.QRES else lay.BM * lay.DK
-    _loads(w, "b", "stage", f"{kofs}u + dd * {lay.BN}u + ct * {lay.TN}u", lay.TN)
+        _loads(w, "a", "stage", f"dd * {lay.QS}u + rg * {lay.TM}u", lay.TM)
+    kofs = 0 if sh.plan.QRES else lay.QS * lay.DK
+    _loads_owned(w, lay, "b", f"{kofs}u + dd * {lay.KS}u", lay.TN)
     for i in range(lay.TM):
         for x in range(lay.TN):
             if sh.half:  # an f16 product, summed in f32
@@ -228,14 +261,15 @@ def emit_main(sh: Shader) -> Program:
     outputs = ["part"] if s.split_var else (["o", "lse"] if s.lse else ["o"])
     binds = sh.bindings(w, outputs, inputs)
     qres = plan.QRES  # the query tile stays in workgroup memory for the whole KV loop
-    stage = max((0 if qres else BM * DK) + BN * DK, BN * DVS)
-    kofs = 0 if qres else BM * DK
+    # one array for both phases: q/k chunks while dot products run, then the p tile and the
+    # value chunks (p is written after the dot loop's last barrier, q/k after the tile's)
+    stage = lay.stage_words
+    kofs = 0 if qres else lay.QS * DK
     groups = CT // lay.G
     st = sh.smem_t
     w.line(f"var<workgroup> stage: array<vec4<{st}>, {stage // 4}>;")
     if qres:
-        w.line(f"var<workgroup> q_sh: array<vec4<{st}>, {BM * plan.DQ // 4}>;")
-    w.line(f"var<workgroup> p_sh: array<vec4<{st}>, {BM * BN // 4}>;")
+        w.line(f"var<workgroup> q_sh: array<vec4<{st}>, {lay.QS * plan.DQ // 4}>;")
     if CT > lay.G:
         w.line(f"var<workgroup> red: array<f32, {BM * groups}>;")
     w.line("var<workgroup> wg_lo: i32;")
@@ -244,7 +278,7 @@ def emit_main(sh: Shader) -> Program:
     sh.privates(w)
     sh.functions(w)
     esz = 2 if st == "f16" else 4
-    smem = esz * (stage + BM * BN + (BM * plan.DQ if qres else 0)) + 4 * ((BM * groups if CT > lay.G else 0) + 3)
+    smem = esz * (stage + (lay.QS * plan.DQ if qres else 0)) + 4 * ((BM * groups if CT > lay.G else 0) + 3)
     with w.block(f"@compute @workgroup_size({WG}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
                  "@builtin(local_invocation_index) lid: u32)"):
         sh.prologue(w)
@@ -264,10 +298,10 @@ def emit_main(sh: Shader) -> Program:
             w.line(f"var nan{i} = false;")
             for y in range(TD):
                 w.line(f"var o{i}_{y} = 0.0;")
-        qblk = _Copy(s.dot.a, "qi", "q0", "n_rows", "q_base", BM, DK, "d0", "n_dot")
-        kblk = _Copy(s.dot.b, "kj", "k0", "n_keys", "k_base", BN, DK, "d0", "n_dot", kofs)
-        vblk = _Copy(s.value, "kj", "k0", "n_keys", "v_base", BN, DVS, f"dvc * {DVC}u", "n_width",
-                     transpose=False, flag=True)
+        qblk = _Copy(s.dot.a, "qi", "q0", "n_rows", "q_base", BM, DK, "d0", "n_dot", stride=lay.QS)
+        kblk = _Copy(s.dot.b, "kj", "k0", "n_keys", "k_base", BN, DK, "d0", "n_dot", kofs, stride=lay.KS)
+        vblk = _Copy(s.value, "kj", "k0", "n_keys", "v_base", lay.VK, DVS, f"dvc * {DVC}u", "n_width",
+                     lay.p_words, transpose=False, flag=True)
         qk = [(kblk, "pk")] if qres else [(qblk, "pq"), (kblk, "pk")]
         pf = bool(plan.PF)  # the next block's global loads are issued before this block's math
 
@@ -303,17 +337,20 @@ def emit_main(sh: Shader) -> Program:
                 w.counted("dd", DK, plan.UN, lambda: _dot_step(w, sh))
                 w.line("workgroupBarrier();")
             _softmax(w, sh)
-            for vs in range(0, DVC, DVS):
-                if vs:  # (the first chunk's stage was last read before the dot loop's barrier)
+            # value blocks of VK keys x DVS columns, column chunks outer
+            blocks = [(vs, ks) for vs in range(0, DVC, DVS) for ks in range(0, BN, lay.VK)]
+            for b, (vs, ks) in enumerate(blocks):
+                if b:  # (the first block's stage was last read before the dot loop's barrier)
                     w.line("workgroupBarrier();")
-                cp = vblk.at("k0", f"dvc * {DVC}u + {vs}u")
+                cp = vblk.at(f"(k0 + {ks})", f"dvc * {DVC}u + {vs}u")
                 if pf:
                     _prefetch(w, sh, cp, "pv", put=True)
                 else:
                     _stage(w, sh, cp)
                 w.line("workgroupBarrier();")
-                if pf and vs + DVS < DVC:
-                    _prefetch(w, sh, vblk.at("k0", f"dvc * {DVC}u + {vs + DVS}u"), "pv", put=False)
+                if pf and b + 1 < len(blocks):
+                    nvs, nks = blocks[b + 1]
+                    _prefetch(w, sh, vblk.at(f"(k0 + {nks})", f"dvc * {DVC}u + {nvs}u"), "pv", put=False)
                 elif pf:  # the next tile's first chunk
                     with w.block("if (t + 1 < t_hi)"):
                         prefetch_qk(f"(k0 + {BN})", "0u")
@@ -321,9 +358,9 @@ def emit_main(sh: Shader) -> Program:
                 # values takes the careful loop, every other tile the branch-free one
                 half = bool(sh.half)
                 with w.block("if (atomicLoad(&v_bad) == 0u)"):
-                    _pv_loop(w, lay, vs, careful=False, half=half, unroll=plan.UN)
+                    _pv_loop(w, lay, vs, ks, careful=False, half=half, unroll=plan.UN)
                 with w.block("else"):
-                    _pv_loop(w, lay, vs, careful=True, half=half, unroll=plan.UN)
+                    _pv_loop(w, lay, vs, ks, careful=True, half=half, unroll=plan.UN)
             w.line("workgroupBarrier();")
         _emit_epilogue(w, sh)
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),
@@ -331,16 +368,16 @@ def emit_main(sh: Shader) -> Program:
 
 
 def _softmax(w: Writer, sh: Shader) -> None:
-    """Scores (score_mod, masks), the online-softmax update of m, l and o, and p into p_sh."""
+    """Scores (score_mod, masks), the online-softmax update of m, l and o, and p into the staging array."""
     lay, st = sh.lay, sh.smem_t
-    TM, TN, TD, BM = lay.TM, lay.TN, lay.TD, lay.BM
+    TM, TN, TD = lay.TM, lay.TN, lay.TD
     # scores, masks and the row max
     for i in range(TM):
         w.line(f"var tmax{i} = {NEG_INF};")
         with w.block(""):
             w.line(f"let qi = q0 + i32(rg * {TM}u + {i}u);")
             for x in range(TN):
-                w.line(f"let kj{x} = k0 + i32(ct * {TN}u + {x}u);")
+                w.line(f"let kj{x} = k0 + i32({_owned(lay, TN, x)});")
                 w.line(f"s{i}_{x} = select({NEG_INF}, score_fn(s{i}_{x}, qi, kj{x}), "
                        f"kj{x} < n_keys);")
                 w.line(f"nan{i} = nan{i} || is_nan(s{i}_{x});")
@@ -353,8 +390,17 @@ def _softmax(w: Writer, sh: Shader) -> None:
         for x in range(TN):
             w.line(f"s{i}_{x} = exp_sub(s{i}_{x}, mn{i});")
             w.line(f"ts{i} = ts{i} + s{i}_{x};")
-            w.line(f"{_sm('p_sh', f'(ct * {TN}u + {x}u) * {BM}u + rg * {TM}u + {i}u')} = {st}(s{i}_{x});")
         w.line(f"m{i} = mn{i};")
+    # p into [key][row] lines of QS words: a vec4 of 4 rows per store where TM allows
+    for x in range(TN):
+        line = f"({_owned(lay, TN, x)}) * {lay.QS}u + rg * {TM}u"
+        if TM % 4 == 0:
+            for i4 in range(0, TM, 4):
+                vals = ", ".join(f"{st}(s{i4 + k}_{x})" for k in range(4))
+                w.line(f"stage[({line} + {i4}u) >> 2u] = vec4<{st}>({vals});")
+        else:
+            for i in range(TM):
+                w.line(f"{_sm('stage', f'{line} + {i}u')} = {st}(s{i}_{x});")
     _reduce(w, lay, [f"ts{i}" for i in range(TM)], "add")
     for i in range(TM):
         w.line(f"l{i} = l{i} * al{i} + ts{i};")
@@ -392,7 +438,7 @@ def _emit_epilogue(w: Writer, sh: Shader) -> None:
                             w.line(f"let lse = select(m{i} + log(l{i}), {NEG_INF}, l{i} == 0.0);")
                             w.line(f"t_lse[lse_base(qi)] = select(lse, {NAN}, nan{i});")
                 for y in range(lay.TD):
-                    col = f"dvc * {lay.DVC}u + {(y // YPS) * lay.DVS}u + ct * {YPS}u + {y % YPS}u"
+                    col = f"dvc * {lay.DVC}u + {(y // YPS) * lay.DVS}u + {_owned(lay, YPS, y % YPS)}"
                     with w.block(f"if ({col} < n_width)"):
                         if s.split_var:
                             w.line(f"t_part[pr + 2u + {col}] = o{i}_{y};")

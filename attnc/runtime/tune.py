@@ -129,7 +129,7 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
                nsplit: int | None) -> Iterator[tuple[Plan, dict[str, int], int | None]]:
     """Valid plans to time for a problem, the likeliest first (a `--max` cut keeps variety):
     every tile shape with default knobs, then each with one knob changed, then two, ...
-    Knobs: split count, family, head-dim chunk DK, value chunks (DVC, DVS), unrolling and
+    Knobs: split count, family, head-dim chunk DK, value blocks (DVC, DVS, VK), unrolling and
     prefetching (UN, PF) where the heuristic unrolls."""
     dq = max(pow2ceil(dims["D"]), 4)
     dv = min(max(pow2ceil(dims["Dv"]), 32), 256)
@@ -140,8 +140,11 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
     # value chunks that cover Dv exactly (72 = 3 x 24, 80 = 2 x 40) instead of padding to 32s
     dv8 = -(-dims["Dv"] // 8) * 8
     exact = {(dv8, dv8 // k) for k in (2, 3) if dv8 % k == 0 and (dv8 // k) % 8 == 0 and dv8 <= 128}
-    dvs_opts = [(dv32, 32)] if short else list(dict.fromkeys(
-        [(dv32, 32), (64, 32)] + ([(dv32, 64)] if dv32 % 64 == 0 else []) + sorted(exact)))
+    # (DVC, DVS, key tile / VK): the heuristic's first, value blocks of half the key tile too
+    wide = dv32 if dv32 <= 96 else 64
+    dvs_opts = [(dv32, 32, 1)] if short else list(dict.fromkeys(
+        [(dv32, base.DVS, 2 if base.VK else 1), (dv32, 32, 1), (dv32, wide, 2), (64, 32, 1)]
+        + ([(dv32, 64, 1)] if dv32 % 64 == 0 else []) + sorted((c, x, 1) for c, x in exact)))
     if short:  # decoding is memory bound: the family matters little, try the device's default only
         families = families[-1:]
     few = dims["B"] * dims["Hq"] * -(-dims["S"] // 64) < 512  # prefill with few 64-row tiles
@@ -181,10 +184,11 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
         for fi, fam in enumerate(reversed(families)):
             for bm, bn, wg, tm in shapes:
                 for ki, dk in enumerate(dks):
-                    for vi, (dvc, dvs) in enumerate(dvs_opts):
+                    for vi, (dvc, dvs, vkd) in enumerate(dvs_opts):
                         for ui, (un, pf) in enumerate(loops):
                             plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm,
-                                                       DVC=dvc, DK=dk, DVS=dvs, UN=un, PF=pf)
+                                                       DVC=dvc, DK=dk, DVS=dvs, VK=bn // vkd if vkd > 1 else 0,
+                                                       UN=un, PF=pf)
                             add((si > 0) + (fi > 0) + (ki > 0) + (vi > 0) + (ui > 0), plan, {"BM": bm, "BN": bn},
                                 ns)
         if not short:  # the query tile resident in workgroup memory (no restaging per KV tile)
@@ -192,7 +196,7 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
             for fam in families:
                 for bm, bn, wg, tm in [(64, 64, 128, 4), (64, 32, 64, 4), (64, 64, 256, 2), (128, 32, 256, 4)]:
                     plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm, DVC=dv32,
-                                               DK=16, DVS=32, QRES=True, DQ=dqr)
+                                               DK=16, DVS=32, VK=0, QRES=True, DQ=dqr)
                     add(3, plan, {"BM": bm, "BN": bn}, ns)
         for bm in (8, 32):
             plan = dataclasses.replace(base, family=Family.PORTABLE, strategy=Strategy.ROWS, KC=4, DQ=dq, DVC=dv)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from attnc.errors import LoweringError
 from attnc.lowering.plan import Family, Plan, Storage, Strategy, layout
+from attnc.lowering.tiled import owned
 from attnc.lowering.wgsl import Writer
 from attnc.runtime import api
 from tests.forced_plan import check_forced_plan
@@ -44,7 +45,9 @@ def test_counted_unrolls_by_the_largest_divisor() -> None:
 
 
 @pytest.mark.parametrize(("kw", "msg"), [(dict(UN=0), "UN=0 must be at least 1"),
-                                         (dict(PF=2), "PF=2 must be 0 or 1")])
+                                         (dict(PF=2), "PF=2 must be 0 or 1"),
+                                         (dict(VK=64), "VK=64 must be 0 or a power of two no larger than BN=32"),
+                                         (dict(VK=12), "VK=12 must be 0 or a power of two")])
 def test_layout_rejects_bad_loop_knobs(kw, msg) -> None:
     with pytest.raises(LoweringError, match=msg):
         layout(Plan(Family.PORTABLE, WG=64, TM=4, **kw), 32, 32)
@@ -60,19 +63,19 @@ def problems(draw):
     bm, bn = draw(st.sampled_from([16, 32, 64])), draw(st.sampled_from([16, 32, 64]))
     plan = Plan(Family.PORTABLE, WG=draw(st.sampled_from([32, 64, 128])), TM=draw(st.sampled_from([1, 2, 4])),
                 DK=draw(st.sampled_from([8, 16, 24])), DVC=draw(st.sampled_from([16, 32, 64])),
-                DVS=draw(st.sampled_from([8, 16, 32])), VEC=vec, UN=draw(st.sampled_from([1, 2])),
-                PF=draw(st.sampled_from([0, 1, 1])))
+                DVS=draw(st.sampled_from([8, 16, 32])), VK=draw(st.sampled_from([0, 0, 8, 16])), VEC=vec,
+                UN=draw(st.sampled_from([1, 2])), PF=draw(st.sampled_from([0, 1, 1])))
     if draw(st.booleans()):
         plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, "QRES": True,
                        "DQ": -(-dims["D"] // plan.DK) * plan.DK})
     try:
         assume(api.fits_portable_limits(plan, bm, bn))
         # at most 32 scores and 32 output columns per invocation (the GPU heuristic's 128x64
-        # tiles have 32 of each) and at most 4 value stages: the emitted structure is the same
+        # tiles have 32 of each) and at most 4 value blocks: the emitted structure is the same
         # beyond, and lavapipe compiles such shaders for a minute or more (128 + 128 with UN=2:
         # 61 s; 8 value stages of 8 columns with UN=2, PF=1: 80 s; every barrier costs)
         lay = layout(plan, bm, bn)
-        assume(lay.TM * lay.TN <= 32 and lay.TM * lay.TD <= 32 and lay.DVC // lay.DVS <= 4)
+        assume(lay.TM * lay.TN <= 32 and lay.TM * lay.TD <= 32 and lay.DVC // lay.DVS * (lay.BN // lay.VK) <= 4)
     except LoweringError:
         assume(False)
     opts = draw(st.fixed_dictionaries({}, optional={
@@ -149,3 +152,17 @@ def test_prefetch_with_float16_inputs(spec, target, require_adapters) -> None:
         outs.append(op.result()[0])
     np.testing.assert_array_equal(outs[0], outs[1])
     assert_close(outs[1], attention_ref(q, k, v), 2e-3, "o")
+
+
+@pytest.mark.parametrize(("ct", "n"), [(1, 8), (2, 6), (4, 3), (8, 8), (8, 12), (16, 2), (32, 1)])
+def test_owned_elements_cover_a_line_once_in_contiguous_runs(ct, n) -> None:
+    """The keys (or value columns) the CT invocations of a row group own partition the line, and
+    every vec4-sized run an invocation owns sits next to its neighbour's (one contiguous span per
+    run: the bank-conflict-free order)."""
+    index = [[a * c + b for a, b in (owned(ct, n, x) for x in range(n))] for c in range(ct)]
+    assert sorted(i for row in index for i in row) == list(range(ct * n))
+    run = 4 if n % 4 == 0 else 2 if n % 2 == 0 else 1
+    for x in range(0, n, run):
+        starts = [index[c][x] for c in range(ct)]
+        assert starts == [starts[0] + c * run for c in range(ct)]
+        assert all(index[c][x:x + run] == list(range(starts[c], starts[c] + run)) for c in range(ct))
