@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
 python3 -m ruff check attnc tests examples scripts
-python3 -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=30 tests
+python3 -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=30 tests
 # only the tiled strategy reduces across subgroups, so the reruns use it for every shape
 # (the stream and rows strategies, chosen for short rows, have no subgroup operations)
 for width in 128 512; do
