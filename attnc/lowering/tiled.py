@@ -94,11 +94,11 @@ def _fetch(w: Writer, sh: Shader, cp: _Copy, reg: str) -> None:
 def _put(w: Writer, sh: Shader, cp: _Copy, reg: str) -> None:
     """Store reg as element (r, c) of the block (and flag a non-finite value)."""
     st = sh.smem_t
+    line = cp.stride or cp.rows
     if _vec(sh, cp) == 1:
         if cp.flag:
             with w.block(f"if ((bitcast<u32>(f32({reg})) & 0x7f800000u) == 0x7f800000u)"):
                 w.line("atomicOr(&v_bad, 1u);")
-        line = cp.stride or cp.rows
         dst = f"{cp.offset}u + c * {line}u + r" if cp.transpose else f"{cp.offset}u + r * {cp.cols}u + c"
         w.line(f"{_sm(cp.arr, dst)} = {reg};")
         return
@@ -108,7 +108,7 @@ def _put(w: Writer, sh: Shader, cp: _Copy, reg: str) -> None:
             w.line("atomicOr(&v_bad, 1u);")
     if cp.transpose:
         for i, comp in enumerate("xyzw"):
-            w.line(f"{_sm(cp.arr, f'{cp.offset}u + (c + {i}u) * {cp.stride or cp.rows}u + r')} = {reg}.{comp};")
+            w.line(f"{_sm(cp.arr, f'{cp.offset}u + (c + {i}u) * {line}u + r')} = {reg}.{comp};")
     else:
         w.line(f"{cp.arr}[({cp.offset}u + r * {cp.cols}u + c) >> 2u] = {reg};")
 
