@@ -195,7 +195,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     # GPUs: head-dim chunks of 8 when 16 does not divide D (D = 72: 9 chunks, not 5 with 8 of 80 padding)
     dk = 8 if not cpu and dims["D"] % 16 and dims["D"] % 8 == 0 else 16
     # GPUs: value blocks of half the key tile by all of Dv up to 96 columns (64 above)
-    wide = (dvc if dvc <= 96 else 64) if not cpu and dvc > 32 else 0
+    wide = wide_value_block(dvc) if not cpu and dvc > 32 else 0
     for bm, bn, wg, tm in shapes:
         for dvs, vk in ([(wide, bn // 2)] if wide else []) + [(32, 0)]:
             plan = Plan(family, storage, dialect, WG=wg, TM=tm, DK=dk, DVC=dvc, DVS=dvs, VK=vk, SGMIN=sg_min,
@@ -204,6 +204,12 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
             if 4 * lay.smem_words <= smem and wg <= inv:
                 return plan, {"BM": bm, "BN": bn}
     return plan, {"BM": 64, "BN": 32}
+
+
+def wide_value_block(dvc: int) -> int:
+    """Value columns per block when a block holds half a key tile (VK = BN / 2): all of the
+    DVC columns up to 96, 64 above (128 columns would not fit beside the p tile)."""
+    return dvc if dvc <= 96 else 64
 
 
 def stream_plan(base: Plan, dims: dict[str, int], **kw: int) -> Plan:

@@ -24,7 +24,7 @@ import numpy as np
 from attnc.bench.timing import rotation_count
 from attnc.errors import AttncError
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage, Strategy, layout, stream_layout
-from attnc.runtime.api import pow2ceil, stream_plan
+from attnc.runtime.api import pow2ceil, stream_plan, wide_value_block
 from attnc.runtime.devices import Device
 from attnc.runtime.dispatch import warm_up
 
@@ -141,7 +141,7 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
     dv8 = -(-dims["Dv"] // 8) * 8
     exact = {(dv8, dv8 // k) for k in (2, 3) if dv8 % k == 0 and (dv8 // k) % 8 == 0 and dv8 <= 128}
     # (DVC, DVS, key tile / VK): the heuristic's first, value blocks of half the key tile too
-    wide = dv32 if dv32 <= 96 else 64
+    wide = wide_value_block(dv32)
     dvs_opts = [(dv32, 32, 1)] if short else list(dict.fromkeys(
         [(dv32, base.DVS, 2 if base.VK else 1), (dv32, 32, 1), (dv32, wide, 2), (64, 32, 1)]
         + ([(dv32, 64, 1)] if dv32 % 64 == 0 else []) + sorted((c, x, 1) for c, x in exact)))
