@@ -6,7 +6,8 @@ from attnc.errors import LoweringError
 from attnc.ir import nodes as ir
 from attnc.lowering.analyze import FlashSpec, analyze
 from attnc.lowering.combine import emit_combine
-from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy, layout
+from attnc.lowering.lanes import emit_lanes
+from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy, check_lanes, layout
 from attnc.lowering.program import Program
 from attnc.lowering.rows import emit_rows
 from attnc.lowering.shader import Shader
@@ -26,6 +27,10 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
             raise LoweringError("the rows strategy has no cross-invocation reductions: use the portable family")
         sh = Shader(spec, plan, None)
         progs = [emit_rows(sh)]
+    elif plan.strategy is Strategy.LANES:
+        check_lanes(plan, spec.BM)
+        sh = Shader(spec, plan, None)
+        progs = [emit_lanes(sh)]
     elif plan.strategy is Strategy.STREAM:
         if plan.storage is Storage.F16A:
             raise LoweringError("f16 arithmetic is a tiled-strategy variant")

@@ -21,6 +21,7 @@ class Strategy(enum.Enum):
     TILED = "tiled"  # score tiles in workgroup memory, register-blocked dot products (GPUs)
     ROWS = "rows"  # one query row per invocation, no workgroup memory (CPU adapters, decode)
     STREAM = "stream"  # short row tiles: K/V streamed from storage, per-invocation softmax (GPU decode)
+    LANES = "lanes"  # query rows in registers, keys shared by subgroupBroadcast (CPU adapters)
 
 
 class Storage(enum.Enum):
@@ -72,6 +73,8 @@ class Plan:
     VK (tiled): keys per staged value block (0 = the whole key tile BN): with VK < BN a stage
     can hold more value columns (DVS) in the same workgroup memory, so each p read from
     workgroup memory feeds more products.
+    LANES strategy: TM query rows per invocation, DQ >= D and DVC value columns held in
+    registers; each step reads one key per lane of a subgroup of exactly SGB lanes; VEC=4 only.
     CSG (split-KV combine): split groups per output column, each merging every CSG-th split
     (workgroups of 32 x CSG); 0 = from the split count when the runtime knows it, else 8.
     """
@@ -96,6 +99,7 @@ class Plan:
     PF: int = 0
     CSG: int = 0
     VK: int = 0
+    SGB: int = 0
     overrides: tuple[tuple[str, int], ...] = field(default=())
 
     def with_tunables(self, **kw: int) -> Plan:
@@ -253,3 +257,20 @@ def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
     if plan.SMX not in (0, 1):
         raise LoweringError(f"SMX={plan.SMX} must be 0 or 1")
     return StreamLayout(BM, BN, plan.WG, plan.KL, plan.KC, plan.DQ // 4, CG, KG, RC, plan.SMX)
+
+
+def check_lanes(plan: Plan, BM: int) -> None:
+    """Raise LoweringError unless a lanes-strategy plan is consistent (see lowering/lanes.py)."""
+    if plan.family is not Family.SUBGROUPS:
+        raise LoweringError("the lanes strategy shares keys by subgroupBroadcast: use the subgroups family")
+    if plan.storage is Storage.F16A:
+        raise LoweringError("f16 arithmetic is a tiled-strategy variant")
+    if plan.VEC != 4 or plan.DQ % 4 or plan.DVC % 4 or plan.DQ <= 0 or plan.DVC <= 0:
+        raise LoweringError(f"the lanes strategy reads q, k and v as vec4: it needs VEC=4 and DQ={plan.DQ}, "
+                            f"DVC={plan.DVC} positive multiples of 4")
+    for name, val in (("BM", BM), ("TM", plan.TM), ("SGB", plan.SGB)):
+        if not _pow2(val):
+            raise LoweringError(f"tunable {name}={val} must be a power of two")
+    if plan.SGB < 4 or BM // plan.TM < plan.SGB:
+        raise LoweringError(f"SGB={plan.SGB}: the lanes strategy needs a subgroup size of at least 4 and "
+                            f"whole subgroups in a workgroup of BM/TM={BM // plan.TM} invocations")

@@ -138,7 +138,9 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
       the loops (lavapipe takes minutes to compile fully unrolled tiles);
     - on a GPU, value blocks of half the key tile (VK) by all of Dv up to 96 columns, 64 above
       (DVS), where they fit: each p read from workgroup memory then feeds 8-12 products, not 4
-      (H200: vit, vision_h72 and gemma about 5 % faster, phi35 within 4 %).
+      (H200: vit, vision_h72 and gemma about 5 % faster, phi35 within 4 %);
+    - on a CPU adapter with 8-lane subgroups, large problems with head dims up to 96: the lanes
+      strategy (`lanes_plan`; lavapipe ci_prefill and ci_vision about 3x faster than tiled).
     The split count is chosen after the plan: split_count for short rows,
     prefill_split_count for long ones (GPUs with few row tiles only).
     The environment variable ATTNC_STRATEGY (tiled, stream or rows) limits these choices to
@@ -181,6 +183,9 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
         plan = Plan(family, storage, dialect, WG=64 if cpu else 128, TM=1, DK=16, DVC=dv, DVS=32, SGMIN=sg_min,
                     VEC=vec, **gpu)
         return plan, {"BM": bm, "BN": 64}
+    lanes = lanes_plan(device, family, dims, storage, dialect, vec, f16_math, only)
+    if lanes is not None:
+        return lanes
     dvc = min(-(-dims["Dv"] // 32) * 32, 128)
     few = dims["B"] * dims["Hq"] * -(-dims["S"] // 128) < 64  # 128-row tiles would leave SMs idle
     if cpu:
@@ -204,6 +209,41 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
             if 4 * lay.smem_words <= smem and wg <= inv:
                 return plan, {"BM": bm, "BN": bn}
     return plan, {"BM": 64, "BN": 32}
+
+
+# the lanes strategy on CPU adapters: the smallest problem (B*Hq*S*T score elements) worth its
+# longer compile, and the largest head dims it takes (its compile time grows faster than D)
+LANES_MIN_SCORES = 1 << 18
+LANES_MAX_D = 96
+
+
+def lanes_plan(device: Device, family: Family, dims: dict[str, int], storage: Storage, dialect: Dialect,
+               vec: int, f16_math: bool, only: str) -> tuple[Plan, dict[str, int]] | None:
+    """The lanes-strategy plan for long query rows on a CPU adapter, or None where it does not apply.
+
+    Measured on lavapipe (docs/BENCHMARKS.md): with 8-lane subgroups, two rows per invocation
+    run ci_prefill (3.9 -> 1.3 ms) and ci_vision (39.5 -> 11 ms) about 3x faster than the tiled
+    plan; with 4 or 16 lanes
+    it is slower than tiled, so it needs a device whose subgroups are 8 lanes (the shader checks
+    the size it runs with and writes NaN on any other). Its
+    shaders take 6-9 s to compile (tiled: about 2 s), so it is left to problems of at least
+    LANES_MIN_SCORES score elements and head dims up to LANES_MAX_D (ATTNC_STRATEGY=lanes
+    lifts both limits)."""
+    forced = only == "lanes"
+    if only not in ("", "lanes") or family is not Family.SUBGROUPS or vec != 4 or f16_math:
+        return None
+    if device.adapter_type != "CPU" and not forced:
+        return None
+    size = device.subgroup_size  # measured by a probe shader (lavapipe reports a range of 4..128)
+    if not size or size < 4:
+        return None
+    big = dims["B"] * dims["Hq"] * dims["S"] * dims["T"] >= LANES_MIN_SCORES
+    if not forced and (size != 8 or not big or max(dims["D"], dims["Dv"]) > LANES_MAX_D):
+        return None
+    d8 = max(8, -(-dims["D"] // 8) * 8)
+    dv8 = min(max(8, -(-dims["Dv"] // 8) * 8), 128)
+    plan = Plan(family, storage, dialect, strategy=Strategy.LANES, TM=2, SGB=size, DQ=d8, DVC=dv8, VEC=4)
+    return plan, {"BM": max(64, 2 * size), "BN": 64}
 
 
 def wide_value_block(dvc: int) -> int:
@@ -344,7 +384,7 @@ class Prepared:
         split = f",NSPLIT={self.scalars['NSPLIT']},CSG={self.plan.CSG}" if "NSPLIT" in self.scalars else ""
         pn = self.plan
         tiled = f"WG={pl.workgroup_size},TM={pn.TM},DK={pn.DK},DVS={pn.DVS},VK={pn.VK},UN={pn.UN},PF={pn.PF}"
-        knobs = {Strategy.ROWS: f"KC={pn.KC},DQ={pn.DQ}",
+        knobs = {Strategy.ROWS: f"KC={pn.KC},DQ={pn.DQ}", Strategy.LANES: f"TM={pn.TM},SGB={pn.SGB},DQ={pn.DQ}",
                  Strategy.STREAM: f"WG={pl.workgroup_size},KL={pn.KL},KC={pn.KC},SMX={pn.SMX}"}.get(pn.strategy, tiled)
         return f"{pl.name}:{pn.name}[{tun},{knobs},DVC={pn.DVC},VEC={pn.VEC}{split}]"
 
@@ -527,6 +567,8 @@ def _check_limits(dev: Device, progs: tuple[Program, ...], plan: Plan | None = N
     if plan is not None and dims is not None and (plan.QRES or plan.strategy is Strategy.STREAM) \
             and dims["D"] > plan.DQ:
         raise LoweringError(f"the variant keeps queries of at most DQ={plan.DQ} in workgroup memory; D={dims['D']}")
+    if plan is not None and dims is not None and plan.strategy is Strategy.LANES and dims["D"] > plan.DQ:
+        raise LoweringError(f"the variant keeps queries of at most DQ={plan.DQ} in registers; D={dims['D']}")
     lim = dev.gpu.limits
     for p in progs:
         have = int(lim.get("max-compute-workgroup-storage-size", 16384))
@@ -565,10 +607,10 @@ def _tuned(dev: Device, okey: str, dims: dict[str, int], opts: Options, family: 
     if family is not None and plan.family is not family:
         return None, None, nsplit
     if plan.VEC == 4 and (dims["D"] % 4 or dims["Dv"] % 4):
-        if plan.strategy is Strategy.STREAM:
+        if plan.strategy in (Strategy.STREAM, Strategy.LANES):
             return None, None, nsplit
         plan = dataclasses.replace(plan, VEC=1)
-    if plan.strategy is Strategy.STREAM and dims["D"] > plan.DQ:
+    if plan.strategy in (Strategy.STREAM, Strategy.LANES) and dims["D"] > plan.DQ:
         return None, None, nsplit
     if dims["S"] > 16:
         ns = 1

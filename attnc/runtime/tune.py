@@ -109,6 +109,8 @@ def fits(device: Device, plan: Plan, tun: dict[str, int]) -> bool:
     lim = device.gpu.limits
     if plan.strategy is Strategy.ROWS:
         return tun["BM"] <= int(lim.get("max-compute-invocations-per-workgroup", 256))
+    if plan.strategy is Strategy.LANES:
+        return tun["BM"] // plan.TM <= int(lim.get("max-compute-invocations-per-workgroup", 256))
     if plan.strategy is Strategy.STREAM:
         try:
             slay = stream_layout(plan, tun["BM"], tun["BN"])
@@ -191,6 +193,14 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
                                                        UN=un, PF=pf)
                             add((si > 0) + (fi > 0) + (ki > 0) + (vi > 0) + (ui > 0), plan, {"BM": bm, "BN": bn},
                                 ns)
+        sg = device.subgroup_size
+        if not short and Family.SUBGROUPS in families and sg and dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0:
+            # query rows in registers, keys shared across the subgroup (lowering/lanes.py)
+            d8, dv8 = -(-dims["D"] // 8) * 8, min(-(-dims["Dv"] // 8) * 8, 128)
+            for tm in (2, 1):
+                plan = dataclasses.replace(base, family=Family.SUBGROUPS, strategy=Strategy.LANES, TM=tm, SGB=sg,
+                                           DQ=d8, DVC=dv8, VEC=4)
+                add(1, plan, {"BM": max(64, tm * sg), "BN": 64}, ns)
         if not short:  # the query tile resident in workgroup memory (no restaging per KV tile)
             dqr = -(-dims["D"] // 16) * 16
             for fam in families:
