@@ -140,7 +140,8 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
       (DVS), where they fit: each p read from workgroup memory then feeds 8-12 products, not 4
       (H200: vit, vision_h72 and gemma about 5 % faster, phi35 within 4 %);
     - on a CPU adapter with 8-lane subgroups, large problems with head dims up to 96: the lanes
-      strategy (`lanes_plan`; lavapipe ci_prefill and ci_vision about 3x faster than tiled).
+      strategy (`lanes_plan`; lavapipe ci_prefill and ci_vision about 3x faster than tiled,
+      the decode cases 1.3-2x faster than rows and stream).
     The split count is chosen after the plan: split_count for short rows,
     prefill_split_count for long ones (GPUs with few row tiles only).
     The environment variable ATTNC_STRATEGY (tiled, stream or rows) limits these choices to
@@ -159,6 +160,9 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     # GPUs: tile loops unrolled in the WGSL and the next block's loads issued before the math
     gpu = {} if cpu else {"UN": 64, "PF": 1}
     if dims["S"] <= 16:
+        lanes = lanes_plan(device, family, dims, storage, dialect, vec, f16_math, only)
+        if lanes is not None:
+            return lanes
         if cpu and group == 1 and not explicit_family and only in ("", "rows"):
             plan = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, KC=4,
                         DQ=max(pow2ceil(dims["D"]), 4), DVC=dv, VEC=vec)
@@ -214,6 +218,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
 # the lanes strategy on CPU adapters: the smallest problem (B*Hq*S*T score elements) worth its
 # longer compile, and the largest head dims it takes (its compile time grows faster than D)
 LANES_MIN_SCORES = 1 << 18
+LANES_MIN_DECODE = 1 << 15  # short rows: one row per invocation, shaders as quick to compile as the others
 LANES_MAX_D = 96
 
 
@@ -228,7 +233,9 @@ def lanes_plan(device: Device, family: Family, dims: dict[str, int], storage: St
     the size it runs with and writes NaN on any other). Its
     shaders take 6-9 s to compile (tiled: about 2 s), so it is left to problems of at least
     LANES_MIN_SCORES score elements and head dims up to LANES_MAX_D (ATTNC_STRATEGY=lanes
-    lifts both limits)."""
+    lifts both limits). Short rows (decoding) take one row per invocation in a workgroup of
+    one subgroup, GQA heads packed into rows (ci_cross 3.5 -> 1.9-2.3 ms, ci_dec_gqa4 3.0 ->
+    1.5-2.6 ms), from LANES_MIN_DECODE score elements."""
     forced = only == "lanes"
     if only not in ("", "lanes") or family is not Family.SUBGROUPS or vec != 4 or f16_math:
         return None
@@ -237,13 +244,15 @@ def lanes_plan(device: Device, family: Family, dims: dict[str, int], storage: St
     size = device.subgroup_size  # measured by a probe shader (lavapipe reports a range of 4..128)
     if not size or size < 4:
         return None
-    big = dims["B"] * dims["Hq"] * dims["S"] * dims["T"] >= LANES_MIN_SCORES
+    short = dims["S"] <= 16  # decoding: one subgroup of packed (GQA) rows, one row per invocation
+    big = dims["B"] * dims["Hq"] * dims["S"] * dims["T"] >= (LANES_MIN_DECODE if short else LANES_MIN_SCORES)
     if not forced and (size != 8 or not big or max(dims["D"], dims["Dv"]) > LANES_MAX_D):
         return None
     d8 = max(8, -(-dims["D"] // 8) * 8)
     dv8 = min(max(8, -(-dims["Dv"] // 8) * 8), 128)
-    plan = Plan(family, storage, dialect, strategy=Strategy.LANES, TM=2, SGB=size, DQ=d8, DVC=dv8, VEC=4)
-    return plan, {"BM": max(64, 2 * size), "BN": 64}
+    tm = 1 if short else 2
+    plan = Plan(family, storage, dialect, strategy=Strategy.LANES, TM=tm, SGB=size, DQ=d8, DVC=dv8, VEC=4)
+    return plan, {"BM": size if short else max(64, 2 * size), "BN": 64}
 
 
 def wide_value_block(dvc: int) -> int:
@@ -541,6 +550,8 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
     tun = tunables or htun
     if pack_gqa is None:
         pack_gqa = S <= 16 and dims["Hq"] > dims["Hkv"] and plan.strategy is not Strategy.ROWS
+    if nsplit is None and plan.strategy is Strategy.LANES:
+        nsplit = 1  # lavapipe ci_cross: 1.9 ms unsplit, 2.3-2.7 with 2-4 splits, 7-9 with 11 (docs/BENCHMARKS.md)
     if nsplit is None:
         nsplit = split_count(dev, dims, tun["BM"], tun["BN"], pack_gqa,
                              plan.strategy is Strategy.STREAM) if S <= 16 else prefill_split_count(
