@@ -141,7 +141,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
       (H200: vit, vision_h72 and gemma about 5 % faster, phi35 within 4 %);
     - on a CPU adapter with 8-lane subgroups, large problems with head dims up to 96: the lanes
       strategy (`lanes_plan`; lavapipe ci_prefill and ci_vision about 3x faster than tiled,
-      the decode cases 1.3-2x faster than rows and stream).
+      the decode cases 2.5-3.5x faster than rows and stream).
     The split count is chosen after the plan: split_count for short rows,
     prefill_split_count for long ones (GPUs with few row tiles only).
     The environment variable ATTNC_STRATEGY (tiled, stream or rows) limits these choices to
@@ -218,6 +218,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
 # the lanes strategy on CPU adapters: the smallest problem (B*Hq*S*T score elements) worth its
 # longer compile, and the largest head dims it takes (its compile time grows faster than D)
 LANES_MIN_SCORES = 1 << 18
+LANES_SPLIT_KEYS = 2048
 LANES_MIN_DECODE = 1 << 15  # short rows: one row per invocation, shaders as quick to compile as the others
 LANES_MAX_D = 96
 
@@ -234,8 +235,8 @@ def lanes_plan(device: Device, family: Family, dims: dict[str, int], storage: St
     shaders take 6-9 s to compile (tiled: about 2 s), so it is left to problems of at least
     LANES_MIN_SCORES score elements and head dims up to LANES_MAX_D (ATTNC_STRATEGY=lanes
     lifts both limits). Short rows (decoding) take one row per invocation in a workgroup of
-    one subgroup, GQA heads packed into rows (ci_cross 3.5 -> 1.9-2.3 ms, ci_dec_gqa4 3.0 ->
-    1.5-2.6 ms), from LANES_MIN_DECODE score elements."""
+    one subgroup, GQA heads packed into rows (ci_cross 3.5 -> 1.0-1.1 ms, ci_dec_gqa4 3.0 ->
+    0.8-1.2 ms), from LANES_MIN_DECODE score elements, unsplit up to LANES_SPLIT_KEYS keys."""
     forced = only == "lanes"
     if only not in ("", "lanes") or family is not Family.SUBGROUPS or vec != 4 or f16_math:
         return None
@@ -551,7 +552,10 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
     if pack_gqa is None:
         pack_gqa = S <= 16 and dims["Hq"] > dims["Hkv"] and plan.strategy is not Strategy.ROWS
     if nsplit is None and plan.strategy is Strategy.LANES:
-        nsplit = 1  # lavapipe ci_cross: 1.9 ms unsplit, 2.3-2.7 with 2-4 splits, 7-9 with 11 (docs/BENCHMARKS.md)
+        # a lane accumulates its row over every key of its split one key after the other: at most
+        # LANES_SPLIT_KEYS per split keeps f32 accuracy (100000 keys in one run: relerr 1.5e-4);
+        # lavapipe ci_cross runs 1.9 ms unsplit, 2.3-2.7 with 2-4 splits (docs/BENCHMARKS.md)
+        nsplit = max(1, -(-T // LANES_SPLIT_KEYS))
     if nsplit is None:
         nsplit = split_count(dev, dims, tun["BM"], tun["BN"], pack_gqa,
                              plan.strategy is Strategy.STREAM) if S <= 16 else prefill_split_count(
