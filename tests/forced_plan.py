@@ -6,10 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from hypothesis import strategies as st
 
 from attnc.lowering.plan import Plan
 from attnc.runtime import api
 from tests.textbook import assert_close, attention_ref
+
+# random option sets for check_forced_plan ("draw": random values made there from the seed)
+OPTION_SETS = st.fixed_dictionaries({}, optional={
+    "causal": st.just(True), "softcap": st.just(20.0), "return_lse": st.just(True),
+    "window": st.tuples(st.integers(0, 50), st.none() | st.integers(0, 8)),
+    "kv_lens": st.just("draw"), "sinks": st.just("draw"), "bias": st.just("draw")})
 
 
 def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str, int], nsplit: int | None,

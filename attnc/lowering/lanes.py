@@ -32,9 +32,7 @@ def emit_lanes(sh: Shader) -> Program:
     if plan.dialect is Dialect.TINT:  # the key loop's bounds come from subgroup reductions
         w.line("diagnostic(off, subgroup_uniformity);")
     sh.header(w, True)
-    inputs = [p.name for p in s.tensors]
-    outputs = ["part"] if s.split_var else (["o", "lse"] if s.lse else ["o"])
-    binds = sh.bindings(w, outputs, inputs)
+    binds = sh.main_bindings(w)
     sh.privates(w)
     sh.functions(w)
     qt, kt, vt = s.dot.a.tensor, s.dot.b.tensor, s.value.tensor
@@ -59,12 +57,7 @@ def emit_lanes(sh: Shader) -> Program:
             w.line(f"var klo{r} = 0;")
             w.line(f"var khi{r} = 0;")
             with w.block(f"if (ok{r})"):
-                sh.key_bounds(w, f"qi{r}", f"qi{r}")
-                if s.split_var:
-                    w.line(f"let n_tiles = (n_keys + {BN - 1}) / {BN};")
-                    w.line(f"let per = (n_tiles + P.p_{s.split_count} - 1) / P.p_{s.split_count};")
-                    w.line(f"k_lo = max(k_lo, g_{s.split_var} * per * {BN});")
-                    w.line(f"k_hi = min(k_hi, (g_{s.split_var} + 1) * per * {BN});")
+                sh.row_key_bounds(w, f"qi{r}", BN)
                 w.line(f"klo{r} = max(k_lo, 0);")
                 w.line(f"khi{r} = min(k_hi, n_keys);")
             w.line(f"lo = min(lo, klo{r});")
@@ -122,14 +115,11 @@ def _epilogue(sh: Shader, w: Writer, r: int, C4: int) -> None:
     s = sh.spec
     qi = f"qi{r}"
     if s.sink is not None and not s.split_var:
-        w.line(f"let z = sink_fn({qi});")
-        w.line(f"let mf = max(m{r}, z);")
-        w.line(f"let a = exp_sub(m{r}, mf);")
-        w.line(f"l{r} = l{r} * a + exp_sub(z, mf);")
-        w.line(f"nan{r} = nan{r} || is_nan(z);")
-        for c in range(C4):
-            w.line(f"acc{r}_{c} = acc{r}_{c} * a;")
-        w.line(f"m{r} = mf;")
+        def scale(a: str) -> None:
+            for c in range(C4):
+                w.line(f"acc{r}_{c} = acc{r}_{c} * {a};")
+
+        sh.merge_sink(w, qi, f"m{r}", f"l{r}", f"nan{r}", scale)
     w.line(f"nan{r} = nan{r} || bad;")
     if s.split_var:
         w.line(f"let pr = (row_linear({qi}) * u32(P.p_{s.split_count}) + u32(g_{s.split_var})) * "

@@ -20,9 +20,7 @@ def emit_rows(sh: Shader) -> Program:
     BM, BN, KC, DQ, DVC = s.BM, s.BN, plan.KC, plan.DQ, plan.DVC
     w = Writer()
     sh.header(w, False)
-    inputs = [p.name for p in s.tensors]
-    outputs = ["part"] if s.split_var else (["o", "lse"] if s.lse else ["o"])
-    binds = sh.bindings(w, outputs, inputs)
+    binds = sh.main_bindings(w)
     sh.privates(w)
     sh.functions(w)
     qt, kt, vt = s.dot.a.tensor, s.dot.b.tensor, s.value.tensor
@@ -38,12 +36,7 @@ def emit_rows(sh: Shader) -> Program:
         w.line(f"let c0 = dvc * {DVC}u;")
         w.line(f"let n_cols = min(P.d_{s.width} - c0, {DVC}u);")
         # this row's key range: mask-implied bounds, then the split's share of KV tiles
-        sh.key_bounds(w, "qi", "qi")
-        if s.split_var:
-            w.line(f"let n_tiles = (n_keys + {BN - 1}) / {BN};")
-            w.line(f"let per = (n_tiles + P.p_{s.split_count} - 1) / P.p_{s.split_count};")
-            w.line(f"k_lo = max(k_lo, g_{s.split_var} * per * {BN});")
-            w.line(f"k_hi = min(k_hi, (g_{s.split_var} + 1) * per * {BN});")
+        sh.row_key_bounds(w, "qi", BN)
         vec = 4 if qt in sh.vec4 else 1
         vt_ = "vec4<f32>" if vec == 4 else "f32"
         nd, nc = ("(n_dot >> 2u)", "(n_cols >> 2u)") if vec == 4 else ("n_dot", "n_cols")
@@ -93,14 +86,11 @@ def emit_rows(sh: Shader) -> Program:
             w.line("m = mn;")
         acc = "acc[d >> 2u][d & 3u]" if vec == 4 else "acc[d]"
         if s.sink is not None and not s.split_var:
-            w.line("let z = sink_fn(qi);")
-            w.line("let mf = max(m, z);")
-            w.line("let a = exp_sub(m, mf);")
-            w.line("l = l * a + exp_sub(z, mf);")
-            w.line("nan = nan || is_nan(z);")
-            with w.block(f"for (var d = 0u; d < {nc}; d = d + 1u)"):
-                w.line("acc[d] = acc[d] * a;")
-            w.line("m = mf;")
+            def scale(a: str) -> None:
+                with w.block(f"for (var d = 0u; d < {nc}; d = d + 1u)"):
+                    w.line(f"acc[d] = acc[d] * {a};")
+
+            sh.merge_sink(w, "qi", "m", "l", "nan", scale)
         if s.split_var:
             w.line(f"let pr = (row_linear(qi) * u32(P.p_{s.split_count}) + u32(g_{s.split_var})) * "
                    f"(P.d_{s.width} + 2u);")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import math
+from collections.abc import Callable
 
 from attnc.ir import nodes as ir
 from attnc.lowering.analyze import FlashSpec
@@ -127,6 +128,13 @@ class Shader:
             self._loaders(w, name)
         return tuple(out)
 
+    def main_bindings(self, w: Writer) -> tuple[Binding, ...]:
+        """The bindings of a main-pass program: every input tensor, then o (and lse) or the
+        split partial states."""
+        s = self.spec
+        outputs = ["part"] if s.split_var else (["o", "lse"] if s.lse else ["o"])
+        return self.bindings(w, outputs, [p.name for p in s.tensors])
+
     def _loaders(self, w: Writer, name: str) -> None:
         """ld_/ld4_ functions for packed f16 (two per u32, no shader-f16 needed) and vec4 tensors."""
         packed, vec = name in self.packed, name in self.vec4
@@ -241,6 +249,28 @@ class Shader:
             w.line(f"k_lo = max(k_lo, {lo});")
         for hi in his:
             w.line(f"k_hi = min(k_hi, {hi});")
+
+    def row_key_bounds(self, w: Writer, row: str, BN: int) -> None:
+        """`var k_lo`/`var k_hi` for one query row: the mask-implied key range, cut to the
+        split's share of KV tiles of BN keys."""
+        s = self.spec
+        self.key_bounds(w, row, row)
+        if s.split_var:
+            w.line(f"let n_tiles = (n_keys + {BN - 1}) / {BN};")
+            w.line(f"let per = (n_tiles + P.p_{s.split_count} - 1) / P.p_{s.split_count};")
+            w.line(f"k_lo = max(k_lo, g_{s.split_var} * per * {BN});")
+            w.line(f"k_hi = min(k_hi, (g_{s.split_var} + 1) * per * {BN});")
+
+    def merge_sink(self, w: Writer, qi: str, m: str, l: str, nan: str, scale: Callable[[str], None]) -> None:
+        """Fold row qi's attention sink into its softmax state (m, l, nan flag); `scale(a)`
+        emits the rescaling of the row's accumulators by the factor named a."""
+        w.line(f"let z = sink_fn({qi});")
+        w.line(f"let mf = max({m}, z);")
+        w.line(f"let a = exp_sub({m}, mf);")
+        w.line(f"{l} = {l} * a + exp_sub(z, mf);")
+        w.line(f"{nan} = {nan} || is_nan(z);")
+        scale("a")
+        w.line(f"{m} = mf;")
 
     def tile_bounds(self, w: Writer, BM: int, BN: int) -> None:
         """`wg_lo`/`wg_hi` (workgroup vars): the KV tiles of BN keys this workgroup visits for

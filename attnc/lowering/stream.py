@@ -36,9 +36,7 @@ def emit_stream(sh: Shader) -> Program:
     BM, BN, WG, KL, CG, KG, D4 = lay.BM, lay.BN, lay.WG, lay.KL, lay.CG, lay.KG, lay.D4
     w = Writer()
     sh.header(w, False)
-    inputs = [p.name for p in s.tensors]
-    outputs = ["part"] if s.split_var else (["o", "lse"] if s.lse else ["o"])
-    binds = sh.bindings(w, outputs, inputs)
+    binds = sh.main_bindings(w)
     w.line(f"var<workgroup> q_sh: array<vec4<f32>, {BM * D4}>;")
     w.line(f"var<workgroup> sp: array<f32, {BN * KL * BM}>;  // partial dots [key][lane][row]")
     w.line(f"var<workgroup> m_red: array<f32, {KG * BM}>;")

@@ -257,9 +257,7 @@ def emit_main(sh: Shader) -> Program:
                                                 lay.TD, lay.DK, lay.DVC, lay.DVS)
     w = Writer()
     sh.header(w, plan.family is Family.SUBGROUPS)
-    inputs = [p.name for p in s.tensors]
-    outputs = ["part"] if s.split_var else (["o", "lse"] if s.lse else ["o"])
-    binds = sh.bindings(w, outputs, inputs)
+    binds = sh.main_bindings(w)
     qres = plan.QRES  # the query tile stays in workgroup memory for the whole KV loop
     # one array for both phases: q/k chunks while dot products run, then the p tile and the
     # value chunks (p is written after the dot loop's last barrier, q/k after the tile's)
@@ -416,14 +414,11 @@ def _emit_epilogue(w: Writer, sh: Shader) -> None:
         with w.block(""):
             w.line(f"let qi = q0 + i32(rg * {lay.TM}u + {i}u);")
             if s.sink is not None and not s.split_var:
-                w.line("let z = sink_fn(qi);")
-                w.line(f"let mf = max(m{i}, z);")
-                w.line(f"let a = exp_sub(m{i}, mf);")
-                w.line(f"l{i} = l{i} * a + exp_sub(z, mf);")
-                w.line(f"nan{i} = nan{i} || is_nan(z);")
-                for y in range(lay.TD):
-                    w.line(f"o{i}_{y} = o{i}_{y} * a;")
-                w.line(f"m{i} = mf;")
+                def scale(a: str, i: int = i) -> None:
+                    for y in range(lay.TD):
+                        w.line(f"o{i}_{y} = o{i}_{y} * {a};")
+
+                sh.merge_sink(w, "qi", f"m{i}", f"l{i}", f"nan{i}", scale)
             with w.block("if (qi < n_rows)"):
                 if s.split_var:
                     w.line(f"let pr = (row_linear(qi) * u32(P.p_{s.split_count}) + "

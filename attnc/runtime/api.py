@@ -249,11 +249,16 @@ def lanes_plan(device: Device, family: Family, dims: dict[str, int], storage: St
     big = dims["B"] * dims["Hq"] * dims["S"] * dims["T"] >= (LANES_MIN_DECODE if short else LANES_MIN_SCORES)
     if not forced and (size != 8 or not big or max(dims["D"], dims["Dv"]) > LANES_MAX_D):
         return None
-    d8 = max(8, -(-dims["D"] // 8) * 8)
-    dv8 = min(max(8, -(-dims["Dv"] // 8) * 8), 128)
+    d8, dv8 = lanes_widths(dims)
     tm = 1 if short else 2
     plan = Plan(family, storage, dialect, strategy=Strategy.LANES, TM=tm, SGB=size, DQ=d8, DVC=dv8, VEC=4)
     return plan, {"BM": size if short else max(64, 2 * size), "BN": 64}
+
+
+def lanes_widths(dims: dict[str, int]) -> tuple[int, int]:
+    """DQ and DVC of a lanes plan: the head dims rounded up to 8 (registers, no padded loads to
+    speak of), value columns in chunks of at most 128."""
+    return -(-dims["D"] // 8) * 8, min(-(-dims["Dv"] // 8) * 8, 128)
 
 
 def wide_value_block(dvc: int) -> int:

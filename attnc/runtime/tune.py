@@ -24,7 +24,7 @@ import numpy as np
 from attnc.bench.timing import rotation_count
 from attnc.errors import AttncError
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage, Strategy, layout, stream_layout
-from attnc.runtime.api import pow2ceil, stream_plan, wide_value_block
+from attnc.runtime.api import lanes_widths, pow2ceil, stream_plan, wide_value_block
 from attnc.runtime.devices import Device
 from attnc.runtime.dispatch import warm_up
 
@@ -196,7 +196,7 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
         sg = device.subgroup_size
         if not short and Family.SUBGROUPS in families and sg and dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0:
             # query rows in registers, keys shared across the subgroup (lowering/lanes.py)
-            d8, dv8 = -(-dims["D"] // 8) * 8, min(-(-dims["Dv"] // 8) * 8, 128)
+            d8, dv8 = lanes_widths(dims)
             for tm in (2, 1):
                 plan = dataclasses.replace(base, family=Family.SUBGROUPS, strategy=Strategy.LANES, TM=tm, SGB=sg,
                                            DQ=d8, DVC=dv8, VEC=4)

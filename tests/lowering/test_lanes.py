@@ -18,7 +18,7 @@ from attnc.errors import LoweringError
 from attnc.lowering import lower
 from attnc.lowering.plan import Dialect, Family, Plan, Strategy
 from attnc.runtime import api
-from tests.forced_plan import check_forced_plan
+from tests.forced_plan import OPTION_SETS, check_forced_plan
 from tests.textbook import assert_close, attention_ref
 
 ADAPTERS = ["wgpu:vulkan", "dawn:vulkan"]  # the lavapipe adapters with subgroups
@@ -60,10 +60,7 @@ def problems(draw, sgb: int):
     plan = lanes(TM=tm, SGB=sgb, DQ=-(-dims["D"] // 8) * 8, DVC=dvc)
     tun = {"BM": draw(st.sampled_from([32, 64]).filter(lambda b: b // tm >= sgb)), "BN": 64}
     nsplit = draw(st.sampled_from([1, 1, 3]))
-    opts = draw(st.fixed_dictionaries({}, optional={
-        "causal": st.just(True), "softcap": st.just(20.0), "return_lse": st.just(True),
-        "window": st.tuples(st.integers(0, 50), st.none() | st.integers(0, 8)),
-        "kv_lens": st.just("draw"), "sinks": st.just("draw"), "bias": st.just("draw")}))
+    opts = draw(OPTION_SETS)
     return dims, plan, tun, nsplit, opts, draw(st.integers(0, 2**16))
 
 

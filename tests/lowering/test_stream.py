@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from attnc.errors import LoweringError
 from attnc.lowering.plan import Family, Plan, Strategy, stream_layout
 from attnc.runtime import api
-from tests.forced_plan import check_forced_plan
+from tests.forced_plan import OPTION_SETS, check_forced_plan
 from tests.textbook import assert_close, attention_ref
 
 ADAPTERS = ["wgpu:vulkan", "wgpu:opengl", "dawn:vulkan"]
@@ -74,10 +74,7 @@ def problems(draw):
     # in test_stream_many_rows
     tun = {"BM": draw(st.sampled_from([1, 2, 4])), "BN": bn}
     nsplit = draw(st.sampled_from([1, 1, 2, 5]))
-    opts = draw(st.fixed_dictionaries({}, optional={
-        "causal": st.just(True), "softcap": st.just(20.0), "return_lse": st.just(True),
-        "window": st.tuples(st.integers(0, 50), st.none() | st.integers(0, 8)),
-        "kv_lens": st.just("draw"), "sinks": st.just("draw"), "bias": st.just("draw")}))
+    opts = draw(OPTION_SETS)
     return dims, plan, tun, nsplit, opts, draw(st.integers(0, 2**16))
 
 
