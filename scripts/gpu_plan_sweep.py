@@ -1,7 +1,9 @@
 """Time variants of the heuristic plan side by side (interleaved rounds, inputs rotated) to
 decide a heuristic or a lowering change. Each variant is `FIELD=VALUE,...` over Plan fields,
-BM/BN (tile sizes) and NSPLIT; `-` is the heuristic plan itself. Checks query head 0 of copy 0
-against float64 numpy; SWEEP_WARM_MS (default 60) is the GPU warm-up before each round. Usage:
+BM/BN (tile sizes) and NSPLIT; `-` is the heuristic plan itself; a `@STRATEGY:` prefix starts
+from the heuristic plan restricted to that strategy (ATTNC_STRATEGY), e.g. `@tiled:BM=32,TM=2`.
+Checks query head 0 of copy 0 against float64 numpy; SWEEP_WARM_MS (default 60) is the GPU
+warm-up before each round. Usage:
 python scripts/gpu_plan_sweep.py DEVICE CASE[,CASE...] VARIANT [VARIANT...] [--json FILE]"""
 
 from __future__ import annotations
@@ -36,9 +38,27 @@ def parse(spec: str) -> dict[str, int]:
     return {} if spec == "-" else {k: int(x) for k, x in (kv.split("=") for kv in spec.split(","))}
 
 
+def strategy_base(dev, case, dims, spec: str, base, tun0) -> tuple:
+    """(spec without its `@STRATEGY:` prefix, base plan, tunables) for a variant."""
+    if not spec.startswith("@"):
+        return spec, base, tun0
+    strat, _, rest = spec[1:].partition(":")
+    old = os.environ.get("ATTNC_STRATEGY")
+    os.environ["ATTNC_STRATEGY"] = strat
+    try:
+        base, tun0 = api.plan_for(dev, api.pick_family(dev, None), dims, api.Options(causal=case.causal))
+    finally:
+        if old is None:
+            del os.environ["ATTNC_STRATEGY"]
+        else:
+            os.environ["ATTNC_STRATEGY"] = old
+    return rest or "-", base, tun0
+
+
 def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
     """One variant of the heuristic plan, bound to every input copy and run once:
     (op, handles, head-0 relerr). Raises what prepare or the run raises."""
+    spec, base, tun0 = strategy_base(dev, case, dims, spec, base, tun0)
     kw = parse(spec)
     tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
     ns = kw.pop("NSPLIT", None)
@@ -80,7 +100,8 @@ def main() -> None:
         for spec, op, _h, err, times in ops:
             ms = statistics.median(times[PER_ROUND:])
             row = {"case": name, "device": argv[0], "spec": spec, "variant": op.variant, "ms": round(ms, 5),
-                   "tflops": round(case.flops() / ms / 1e9, 2), "relerr": err, "ms_min": round(min(times), 5)}
+                   "tflops": round(case.flops() / ms / 1e9, 2), "relerr": err, "ms_min": round(min(times), 5),
+                   "sgmin": op.plan.SGMIN}
             print(json.dumps(row), flush=True)
             if out:
                 out.write(json.dumps(row) + "\n")
