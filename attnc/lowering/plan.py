@@ -64,8 +64,7 @@ class Plan:
     STREAM strategy: KL lanes share a key's dot product, KC keys per softmax step, DQ >= D,
     DVC output columns per workgroup (four per invocation); SMX=1 computes each probability
     once in a softmax phase (one invocation per key group and row) instead of in every
-    invocation that uses it (worth its extra barrier when tiles have many rows); PF=1 loads
-    each tile's K and V one tile ahead, into registers.
+    invocation that uses it (worth its extra barrier when tiles have many rows).
     UN (tiled): copies of the body per iteration of the loops whose trip count is a tile
     constant (head-dim steps of a chunk, keys of the P.V loop, staging), UN >= count
     unrolls them completely. PF=1 (tiled) issues the global loads of the next staged block
@@ -255,9 +254,8 @@ def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
         raise LoweringError(f"BN={BN} keys must split evenly over {KG} key groups x KC={plan.KC}",
                             notes=("raise BN or lower WG",))
     RC = max(1, min(BM, KG, 512 // plan.WG))  # one output vec4 per invocation per round
-    for name, val in (("SMX", plan.SMX), ("PF", plan.PF)):
-        if val not in (0, 1):
-            raise LoweringError(f"tunable {name}={val} must be 0 or 1")
+    if plan.SMX not in (0, 1):
+        raise LoweringError(f"tunable SMX={plan.SMX} must be 0 or 1")
     return StreamLayout(BM, BN, plan.WG, plan.KL, plan.KC, plan.DQ // 4, CG, KG, RC, plan.SMX)
 
 

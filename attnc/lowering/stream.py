@@ -18,16 +18,10 @@ recompute its scores and exponentials; SMX=1 adds a softmax phase between the tw
 invocation per key group and row keeps that row's max and sum and writes the probabilities
 and the rescale factor to workgroup memory), and the P.V phase only multiplies and adds.
 
-PF=1 issues a tile's K and V loads together, and the next tile's during this tile's P.V phase,
-into registers, so a workgroup waits for one load latency per tile instead of two per tile
-(K, then V after the barrier); PF=0 loads each where it is used.
-
 No subgroup operations: the same code serves both families.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from attnc.lowering.plan import StreamLayout, stream_layout
 from attnc.lowering.program import Program
@@ -82,26 +76,16 @@ def emit_stream(sh: Shader) -> Program:
             w.line(f"var nan{r} = false;")
         for r in range(BM):
             w.line(f"var o{r} = vec4<f32>();")
-        pf = bool(plan.PF)
-        if pf:  # registers for one tile's K and V, loaded one tile ahead
-            _declare_prefetch(w, lay)
-            with w.block("if (t_lo < t_hi)"):
-                _issue(w, sh, lay, f"t_lo * {BN}")
         with w.block("for (var t = t_lo; t < t_hi; t = t + 1)"):
             w.line(f"let k0 = t * {BN};")
-            _dot_phase(w, sh, lay, pf)
+            _dot_phase(w, sh, lay)
             w.line("workgroupBarrier();")
-            if pf:  # this tile's values, then the next tile's loads in flight during P.V
-                for x in range(lay.NK):
-                    w.line(f"let vc{x} = vr{x};")
-                with w.block("if (t + 1 < t_hi)"):
-                    _issue(w, sh, lay, f"k0 + {BN}")
             if lay.SMX:
                 _softmax_phase(w, sh, lay)
                 w.line("workgroupBarrier();")
-                _pv_shared(w, sh, lay, pf)
+                _pv_shared(w, sh, lay)
             else:
-                _pv_phase(w, sh, lay, pf)
+                _pv_phase(w, sh, lay)
             w.line("workgroupBarrier();")
         _merge(w, sh, lay)
     smem = 4 * lay.smem_words
@@ -122,118 +106,53 @@ def _stage_queries(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     w.line("workgroupBarrier();")
 
 
-def _dot_rounds(lay: StreamLayout) -> int:
-    """Rounds of the dot phase: BN * KL (key, lane) pairs over WG invocations."""
-    return -(-lay.BN * lay.KL // lay.WG)
-
-
-def _key_loads(w: Writer, sh: Shader, lay: StreamLayout, e: str, k0: str, reg: str, decl: str) -> None:
-    """Load pair e's share of its key (every KL-th vec4 of the head dim) into {reg}0.. ."""
-    kt = sh.spec.dot.b.tensor
-    w.line(f"let kb = k_base(min({k0} + i32(({e}) / {lay.KL}u), n_keys - 1)) >> 2u;  // past the end: masked")
-    for i in range(lay.D4 // lay.KL):  # every load issued before any is used
-        w.line(f"let c{i} = ({e}) % {lay.KL}u + {lay.KL * i}u;")
-        w.line(f"{decl}{reg}{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
-               f"c{i} < n_dot4);")
-
-
-def _value_load(sh: Shader, lay: StreamLayout, x: int | str, k0: str) -> str:
-    """The four value columns of this invocation for its x-th key of the tile at k0."""
-    vt = sh.spec.value.tensor
-    return sh.read4(vt, f"(v_base(min({k0} + i32(kg + {lay.KG}u * ({x})), n_keys - 1)) + col_in) >> 2u")
-
-
-def _declare_prefetch(w: Writer, lay: StreamLayout) -> None:
-    """PF: the registers one tile's K share (kr{round}_{i}) and V columns (vr{x}) pass through."""
-    for it in range(_dot_rounds(lay)):
-        for i in range(lay.D4 // lay.KL):
-            w.line(f"var kr{it}_{i} = vec4<f32>();")
-    for x in range(lay.NK):
-        w.line(f"var vr{x} = vec4<f32>();")
-
-
-def _issue(w: Writer, sh: Shader, lay: StreamLayout, k0: str) -> None:
-    """PF: start the loads of the tile at key k0 into the prefetch registers."""
-    w.line(f"let kn = {k0};")
-    for it in range(_dot_rounds(lay)):
-        with w.block(""):
-            _key_loads(w, sh, lay, f"lid + {it * lay.WG}u", "kn", f"kr{it}_", "")
-    for x in range(lay.NK):
-        w.line(f"vr{x} = {_value_load(sh, lay, x, 'kn')};")
-
-
-def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout, pf: bool) -> None:
+def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     """Partial q.k dots: KL lanes per key, each over every KL-th vec4 of the head dim."""
+    kt = sh.spec.dot.b.tensor
     n = lay.D4 // lay.KL
-
-    def dots(e: str, k: str) -> None:
+    with w.block(f"for (var e = lid; e < {lay.BN * lay.KL}u; e = e + {lay.WG}u)"):
+        w.line(f"let jl = e / {lay.KL}u;")
+        w.line(f"let part = e % {lay.KL}u;")
+        w.line("let kb = k_base(min(k0 + i32(jl), n_keys - 1)) >> 2u;  // past the end: masked below")
+        for i in range(n):  # every load issued before any is used
+            w.line(f"let c{i} = part + {lay.KL * i}u;")
+            w.line(f"let k{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
+                   f"c{i} < n_dot4);")
         for r in range(lay.BM):
-            terms = " + ".join(f"dot(q_sh[{r * lay.D4}u + ({e}) % {lay.KL}u + {lay.KL * i}u], {k}{i})"
-                               for i in range(n))
-            w.line(f"sp[({e}) * {lay.BM}u + {r}u] = {terms};")
-
-    if not pf:
-        with w.block(f"for (var e = lid; e < {lay.BN * lay.KL}u; e = e + {lay.WG}u)"):
-            _key_loads(w, sh, lay, "e", "k0", "k", "let ")
-            dots("e", "k")
-        return
-    for it in range(_dot_rounds(lay)):
-        e = f"lid + {it * lay.WG}u"
-        with w.block("" if (it + 1) * lay.WG <= lay.BN * lay.KL else f"if ({e} < {lay.BN * lay.KL}u)"):
-            dots(e, f"kr{it}_")
+            terms = " + ".join(f"dot(q_sh[{r * lay.D4}u + c{i}], k{i})" for i in range(n))
+            w.line(f"sp[e * {lay.BM}u + {r}u] = {terms};")
 
 
-def _key_steps(w: Writer, lay: StreamLayout, pf: bool, body: Callable[[Callable[[int], str]], None]) -> None:
-    """The invocation's keys of the tile in steps of KC: `body(x)` per step, x(u) its u-th key's
-    index among the invocation's keys (a loop; unrolled with PF, whose values sit in registers)."""
-    if pf:
-        for i0 in range(0, lay.NK, lay.KC):
-            with w.block(""):
-                body(lambda u, i0=i0: str(i0 + u))
-    else:
-        with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {lay.KC}u)"):
-            body(lambda u: f"i0 + {u}u")
-
-
-def _values(w: Writer, sh: Shader, lay: StreamLayout, pf: bool, x: Callable[[int], str]) -> None:
-    """`let v{u}` for the KC keys of a step: loaded here, or (PF) from the prefetched registers."""
-    for u in range(lay.KC):
-        w.line(f"let v{u} = {f'vc{x(u)}' if pf else _value_load(sh, lay, x(u), 'k0')};")
-
-
-def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout, pf: bool) -> None:
+def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     """Scores, the invocation's own online softmax and o += p.v over its keys of the tile."""
-    _key_steps(w, lay, pf, lambda x: _pv_step(w, sh, lay, pf, x))
-
-
-def _pv_step(w: Writer, sh: Shader, lay: StreamLayout, pf: bool, x: Callable[[int], str]) -> None:
-    """One step of KC keys of the P.V phase (SMX=0)."""
+    vt = sh.spec.value.tensor
     KC, KL, BM = lay.KC, lay.KL, lay.BM
-    for u in range(KC):
-        w.line(f"let jl{u} = kg + {lay.KG}u * ({x(u)});")
-        w.line(f"let kj{u} = k0 + i32(jl{u});")
-    _values(w, sh, lay, pf, x)
-    for r in range(BM):
-        with w.block(""):
-            w.line(f"let qi = q0 + {r};")
-            for u in range(KC):
-                dots = " + ".join(f"sp[(jl{u} * {KL}u + {p}u) * {BM}u + {r}u]" for p in range(KL))
-                w.line(f"let s{u} = select({NEG_INF}, score_fn({dots}, qi, kj{u}), kj{u} < n_keys);")
-                w.line(f"nan{r} = nan{r} || is_nan(s{u});")
-            mx = "s0"
-            for u in range(1, KC):
-                mx = f"max({mx}, s{u})"
-            w.line(f"let mn = max(m{r}, {mx});")
-            w.line(f"let al = select(exp_sub(m{r}, mn), 1.0, is_neg_inf(mn));")
-            w.line(f"o{r} = o{r} * al;")
-            w.line(f"var ps = l{r} * al;")
-            for u in range(KC):
-                w.line(f"let p{u} = exp_sub(s{u}, mn);")
-                w.line(f"ps = ps + p{u};")
-                # a key with p = 0 adds nothing, even an inf/NaN value
-                w.line(f"o{r} = fma(vec4<f32>(p{u}), select(v{u}, vec4<f32>(), p{u} == 0.0), o{r});")
-            w.line(f"l{r} = ps;")
-            w.line(f"m{r} = mn;")
+    with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
+        for u in range(KC):
+            w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
+            w.line(f"let kj{u} = k0 + i32(jl{u});")
+            w.line(f"let v{u} = {sh.read4(vt, f'(v_base(min(kj{u}, n_keys - 1)) + col_in) >> 2u')};")
+        for r in range(BM):
+            with w.block(""):
+                w.line(f"let qi = q0 + {r};")
+                for u in range(KC):
+                    dots = " + ".join(f"sp[(jl{u} * {KL}u + {p}u) * {BM}u + {r}u]" for p in range(KL))
+                    w.line(f"let s{u} = select({NEG_INF}, score_fn({dots}, qi, kj{u}), kj{u} < n_keys);")
+                    w.line(f"nan{r} = nan{r} || is_nan(s{u});")
+                mx = "s0"
+                for u in range(1, KC):
+                    mx = f"max({mx}, s{u})"
+                w.line(f"let mn = max(m{r}, {mx});")
+                w.line(f"let al = select(exp_sub(m{r}, mn), 1.0, is_neg_inf(mn));")
+                w.line(f"o{r} = o{r} * al;")
+                w.line(f"var ps = l{r} * al;")
+                for u in range(KC):
+                    w.line(f"let p{u} = exp_sub(s{u}, mn);")
+                    w.line(f"ps = ps + p{u};")
+                    # a key with p = 0 adds nothing, even an inf/NaN value
+                    w.line(f"o{r} = fma(vec4<f32>(p{u}), select(v{u}, vec4<f32>(), p{u} == 0.0), o{r});")
+                w.line(f"l{r} = ps;")
+                w.line(f"m{r} = mn;")
 
 
 def _pairs(lay: StreamLayout) -> int:
@@ -272,25 +191,21 @@ def _softmax_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
             w.line(f"al_sh[pi{i}] = al;")
 
 
-def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout, pf: bool) -> None:
+def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     """SMX: o = o * al + p.v over the invocation's keys, p and al from workgroup memory."""
-    BM = lay.BM
+    vt = sh.spec.value.tensor
+    KC, BM = lay.KC, lay.BM
     for r in range(BM):
         w.line(f"o{r} = o{r} * al_sh[kg * {BM}u + {r}u];")
-    _key_steps(w, lay, pf, lambda x: _pv_shared_step(w, sh, lay, pf, x))
-
-
-def _pv_shared_step(w: Writer, sh: Shader, lay: StreamLayout, pf: bool, x: Callable[[int], str]) -> None:
-    """One step of KC keys of the SMX P.V phase."""
-    KC, BM = lay.KC, lay.BM
-    for u in range(KC):
-        w.line(f"let jl{u} = kg + {lay.KG}u * ({x(u)});")
-    _values(w, sh, lay, pf, x)
-    for u in range(KC):
-        for r in range(BM):
-            # a key with p = 0 adds nothing, even an inf/NaN value
-            w.line(f"let p{u}_{r} = p_sh[jl{u} * {BM}u + {r}u];")
-            w.line(f"o{r} = o{r} + select(vec4<f32>(p{u}_{r}) * v{u}, vec4<f32>(), p{u}_{r} == 0.0);")
+    with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
+        for u in range(KC):
+            w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
+            w.line(f"let v{u} = {sh.read4(vt, f'(v_base(min(k0 + i32(jl{u}), n_keys - 1)) + col_in) >> 2u')};")
+        for u in range(KC):
+            for r in range(BM):
+                # a key with p = 0 adds nothing, even an inf/NaN value
+                w.line(f"let p{u}_{r} = p_sh[jl{u} * {BM}u + {r}u];")
+                w.line(f"o{r} = o{r} + select(vec4<f32>(p{u}_{r}) * v{u}, vec4<f32>(), p{u}_{r} == 0.0);")
 
 
 def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:

@@ -399,7 +399,7 @@ class Prepared:
         split = f",NSPLIT={self.scalars['NSPLIT']},CSG={self.plan.CSG}" if "NSPLIT" in self.scalars else ""
         pn = self.plan
         tiled = f"WG={pl.workgroup_size},TM={pn.TM},DK={pn.DK},DVS={pn.DVS},VK={pn.VK},UN={pn.UN},PF={pn.PF}"
-        stream = f"WG={pl.workgroup_size},KL={pn.KL},KC={pn.KC},SMX={pn.SMX},PF={pn.PF}"
+        stream = f"WG={pl.workgroup_size},KL={pn.KL},KC={pn.KC},SMX={pn.SMX}"
         knobs = {Strategy.ROWS: f"KC={pn.KC},DQ={pn.DQ}", Strategy.LANES: f"TM={pn.TM},SGB={pn.SGB},DQ={pn.DQ}",
                  Strategy.STREAM: stream}.get(pn.strategy, tiled)
         return f"{pl.name}:{pn.name}[{tun},{knobs},DVC={pn.DVC},VEC={pn.VEC}{split}]"
