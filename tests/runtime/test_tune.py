@@ -136,3 +136,58 @@ def test_prefill_splits_only_when_a_gpu_has_few_row_tiles() -> None:
     assert api.prefill_split_count(gpu, phi, 128, 64) == 1  # 128 workgroups: no split
     assert api.prefill_split_count(gpu, dict(gemma, T=100), 32, 64) == 1  # 2 KV tiles: 1 split
     assert api.prefill_split_count(gpu, dict(gemma, Hq=1, S=40), 32, 64) == 4  # 2 workgroups, 8 tiles
+
+
+# --------------------------------------------------------------------------- GPU heuristics
+class _H200Like:
+    """The adapter facts plan_for reads, as the H200 reports them (docs/BENCHMARKS.md)."""
+
+    adapter_type = "DiscreteGPU"
+    dialect = "naga"
+    subgroup_min_size = 4
+    subgroup_size = 32
+    subgroup_lanes_contiguous = 32
+    features = frozenset({"subgroups", "timestamps"})
+    gpu = types.SimpleNamespace(limits={"max-compute-workgroup-storage-size": 49152,
+                                        "max-compute-invocations-per-workgroup": 1024})
+
+
+def test_gpu_decode_with_many_packed_rows_takes_32_row_tiles() -> None:
+    """GQA decode with >= 32 query rows per KV head (dec4_gqa8: 8 heads x 4 queries): 32x64
+    tiles of the tiled strategy, 4 rows per invocation, >= 4 KV tiles per split; fewer packed
+    rows (dec_gqa8, whisper) stay with the stream strategy."""
+    from attnc.lowering.plan import Family, Strategy
+
+    gpu = _H200Like()
+    dec4 = dict(B=1, Hq=64, Hkv=8, S=4, T=7680, D=64, Dv=64)
+    plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dec4, api.Options())
+    assert plan.strategy is Strategy.TILED and tun == {"BM": 32, "BN": 64}
+    assert (plan.WG, plan.TM, plan.DVS, plan.VK, plan.UN, plan.PF) == (128, 4, 64, 32, 64, 1)
+    assert api.split_count(gpu, dec4, 32, 64, packed=True) == 30  # 120 KV tiles, 4 per split
+    for dims in (dict(dec4, S=1), dict(B=1, Hq=6, Hkv=6, S=4, T=1500, D=64, Dv=64)):
+        assert api.plan_for(gpu, Family.SUBGROUPS, dims, api.Options())[0].strategy is Strategy.STREAM
+    cpu = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
+    cpu.adapter_type = "CPU"
+    assert api.plan_for(cpu, Family.PORTABLE, dec4, api.Options())[0].strategy is not Strategy.TILED
+
+
+def test_32_row_decode_tiles_match_the_reference(require_adapters) -> None:
+    """The GPU plan for many packed rows (loops kept: lavapipe compiles unrolled tiles slowly),
+    split, with ragged KV lengths, on lavapipe."""
+    import dataclasses
+
+    from attnc.lowering.plan import Family
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    rng = np.random.default_rng(6)
+    dims = dict(B=2, Hq=16, Hkv=2, S=4, T=700, D=64, Dv=64)
+    q = rng.standard_normal((2, 16, 4, 64)).astype(np.float32)
+    k = rng.standard_normal((2, 2, 700, 64)).astype(np.float32)
+    v = rng.standard_normal((2, 2, 700, 64)).astype(np.float32)
+    kv_lens = np.array([700, 333], np.int32)
+    plan, tun = api.plan_for(_H200Like(), Family.SUBGROUPS, dict(dims, Hq=64, Hkv=8), api.Options())
+    op = api.prepare(dims, np.float32, device=dev, plan=dataclasses.replace(plan, UN=1), tunables=tun, nsplit=3,
+                     kv_lens=kv_lens)
+    op.bind(q, k, v)
+    op.run()
+    assert_close(op.result()[0], attention_ref(q, k, v, kv_lens=kv_lens), 1e-5, "o")
