@@ -75,6 +75,10 @@ class Plan:
     workgroup memory feeds more products.
     LANES strategy: TM query rows per invocation, DQ >= D and DVC value columns held in
     registers; each step reads one key per lane of a subgroup of exactly SGB lanes; VEC=4 only.
+    SGFAST (tiled, subgroups family): lanes the device was found to keep in one subgroup in
+    local_invocation_index order (its probe); row groups wider than SGMIN but not than SGFAST
+    reduce by shuffles alone, with no workgroup memory or barriers, when the subgroup size the
+    shader runs with is at least the row group's width, and through workgroup memory otherwise.
     CSG (split-KV combine): split groups per output column, each merging every CSG-th split
     (workgroups of 32 x CSG); 0 = from the split count when the runtime knows it, else 8.
     """
@@ -100,6 +104,7 @@ class Plan:
     CSG: int = 0
     VK: int = 0
     SGB: int = 0
+    SGFAST: int = 0
     overrides: tuple[tuple[str, int], ...] = field(default=())
 
     def with_tunables(self, **kw: int) -> Plan:
@@ -168,6 +173,12 @@ class Layout:
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def fast_reduce(plan: Plan, lay: Layout) -> bool:
+    """Whether a tiled shader checks its run-time subgroup size for shuffle-only row reductions:
+    row groups wider than SGMIN lanes, no wider than the SGFAST lanes the device keeps contiguous."""
+    return plan.family is Family.SUBGROUPS and lay.G < lay.CT <= plan.SGFAST
 
 
 def layout(plan: Plan, BM: int, BN: int) -> Layout:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from attnc.ir import nodes as ir
-from attnc.lowering.plan import Family, Layout
+from attnc.lowering.plan import Family, Layout, fast_reduce
 from attnc.lowering.program import Program
 from attnc.lowering.shader import Shader, features
 from attnc.lowering.wgsl import NAN, NEG_INF, Writer
@@ -228,26 +228,42 @@ def _dot_step(w: Writer, sh: Shader) -> None:
                 w.line(f"s{i}_{x} = fma(a{i}, b{x}, s{i}_{x});")
 
 
-def _reduce(w: Writer, lay: Layout, names: list[str], op: str) -> None:
-    """Reduce per-row values across the CT invocations of a row group (max or add)."""
+def _reduce(w: Writer, lay: Layout, names: list[str], op: str, fast: bool) -> None:
+    """Reduce per-row values across the CT invocations of a row group (max or add): xor
+    butterflies within G lanes, then workgroup memory, or (fast, when the subgroups the shader
+    runs with are at least CT lanes) butterflies alone, with no barriers."""
     comb = "max({0}, {1})" if op == "max" else "({0} + {1})"
-    off = 1
-    while off < lay.G:
-        for n in names:
-            w.line(f"{n} = {comb.format(n, f'subgroupShuffleXor({n}, {off}u)')};")
-        off *= 2
-    if lay.CT > lay.G:
-        groups = lay.CT // lay.G
-        with w.block(f"if (ct % {lay.G}u == 0u)"):
-            for i, n in enumerate(names):
-                w.line(f"red[(rg * {lay.TM}u + {i}u) * {groups}u + ct / {lay.G}u] = {n};")
-        w.line("workgroupBarrier();")
+
+    def butterflies(lo: int, hi: int) -> None:
+        off = lo
+        while off < hi:
+            for n in names:
+                w.line(f"{n} = {comb.format(n, f'subgroupShuffleXor({n}, {off}u)')};")
+            off *= 2
+
+    butterflies(1, lay.G)
+    if lay.CT > lay.G and fast:
+        with w.block("if (sg_wide)"):
+            butterflies(lay.G, lay.CT)
+        with w.block("else"):
+            _reduce_shared(w, lay, names, comb)
+    elif lay.CT > lay.G:
+        _reduce_shared(w, lay, names, comb)
+
+
+def _reduce_shared(w: Writer, lay: Layout, names: list[str], comb: str) -> None:
+    """The row groups' G-lane partials combined through workgroup memory (two barriers)."""
+    groups = lay.CT // lay.G
+    with w.block(f"if (ct % {lay.G}u == 0u)"):
         for i, n in enumerate(names):
-            base = f"(rg * {lay.TM}u + {i}u) * {groups}u"
-            w.line(f"{n} = red[{base}];")
-            for g in range(1, groups):
-                w.line(f"{n} = {comb.format(n, f'red[{base} + {g}u]')};")
-        w.line("workgroupBarrier();")
+            w.line(f"red[(rg * {lay.TM}u + {i}u) * {groups}u + ct / {lay.G}u] = {n};")
+    w.line("workgroupBarrier();")
+    for i, n in enumerate(names):
+        base = f"(rg * {lay.TM}u + {i}u) * {groups}u"
+        w.line(f"{n} = red[{base}];")
+        for g in range(1, groups):
+            w.line(f"{n} = {comb.format(n, f'red[{base} + {g}u]')};")
+    w.line("workgroupBarrier();")
 
 
 def emit_main(sh: Shader) -> Program:
@@ -277,9 +293,13 @@ def emit_main(sh: Shader) -> Program:
     sh.functions(w)
     esz = 2 if st == "f16" else 4
     smem = esz * (stage + (lay.QS * plan.DQ if qres else 0)) + 4 * ((BM * groups if CT > lay.G else 0) + 3)
+    fast = fast_reduce(plan, lay)
+    sg_arg = ", @builtin(subgroup_size) sg_size: u32" if fast else ""
     with w.block(f"@compute @workgroup_size({WG}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
-                 "@builtin(local_invocation_index) lid: u32)"):
+                 f"@builtin(local_invocation_index) lid: u32{sg_arg})"):
         sh.prologue(w)
+        if fast:  # a row group's lanes all in one subgroup (uniform: the branch may hold barriers)
+            w.line(f"let sg_wide = sg_size >= {CT}u;")
         w.line(f"let rg = lid / {CT}u;")
         w.line(f"let ct = lid % {CT}u;")
         w.line(f"let q0 = i32(qtile) * {BM};")
@@ -380,7 +400,8 @@ def _softmax(w: Writer, sh: Shader) -> None:
                        f"kj{x} < n_keys);")
                 w.line(f"nan{i} = nan{i} || is_nan(s{i}_{x});")
                 w.line(f"tmax{i} = max(tmax{i}, s{i}_{x});")
-    _reduce(w, lay, [f"tmax{i}" for i in range(TM)], "max")
+    fast = fast_reduce(sh.plan, lay)
+    _reduce(w, lay, [f"tmax{i}" for i in range(TM)], "max", fast)
     for i in range(TM):
         w.line(f"let mn{i} = max(m{i}, tmax{i});")
         w.line(f"let al{i} = select(exp_sub(m{i}, mn{i}), 1.0, is_neg_inf(mn{i}));")
@@ -399,7 +420,7 @@ def _softmax(w: Writer, sh: Shader) -> None:
         else:
             for i in range(TM):
                 w.line(f"{_sm('stage', f'{line} + {i}u')} = {st}(s{i}_{x});")
-    _reduce(w, lay, [f"ts{i}" for i in range(TM)], "add")
+    _reduce(w, lay, [f"ts{i}" for i in range(TM)], "add", fast)
     for i in range(TM):
         w.line(f"l{i} = l{i} * al{i} + ts{i};")
         for y in range(TD):

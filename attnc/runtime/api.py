@@ -15,7 +15,7 @@ from attnc.errors import DeviceError, LoweringError
 from attnc.ir import nodes as ir
 from attnc.lowering import Family, Plan, Storage, Strategy, lower
 from attnc.lowering.combine import combine_groups
-from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, layout, stream_layout
+from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, fast_reduce, layout, stream_layout
 from attnc.lowering.program import Access, Program
 from attnc.lowering.retype import retype
 from attnc.runtime import dispatch as rt
@@ -150,6 +150,9 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     one strategy where it applies (tiled always does), e.g. to test or compare one of them.
     """
     sg_min = max(1, min(device.subgroup_min_size or 4, 32, device.subgroup_lanes_contiguous or 4))
+    # lanes the probe found contiguous: tiled row groups up to that wide reduce by shuffles alone
+    # when the shader's run-time subgroup size allows (H200: 32 lanes, a reported minimum of 4)
+    sg_fast = device.subgroup_lanes_contiguous if family is Family.SUBGROUPS else 0
     dialect = Dialect.TINT if device.dialect == "tint" else Dialect.NAGA
     storage = Storage.F16 if opts.f16 else Storage.F32
     vec = 4 if dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0 else 1
@@ -168,8 +171,8 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
         if not cpu and group * dims["S"] >= 32 and only in ("", "tiled"):
             # many packed rows per KV head (GQA, several queries each): 32-row tiles of 4 rows per
             # invocation (H200 dec4_gqa8: 0.063 ms against the stream plan's 0.102)
-            tiled = tiled_plan(device, Plan(family, storage, dialect, SGMIN=sg_min, VEC=vec, **gpu), dims,
-                               [(32, 64, 128, 4)])
+            tiled = tiled_plan(device, Plan(family, storage, dialect, SGMIN=sg_min, SGFAST=sg_fast, VEC=vec,
+                                            **gpu), dims, [(32, 64, 128, 4)])
             if tiled is not None:
                 return tiled
         if cpu and group == 1 and not explicit_family and only in ("", "rows"):
@@ -194,7 +197,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
                 return plan, tun
         bm = min(16, max(4, pow2ceil(group * dims["S"])))
         plan = Plan(family, storage, dialect, WG=64 if cpu else 128, TM=1, DK=16, DVC=dv, DVS=32, SGMIN=sg_min,
-                    VEC=vec, **gpu)
+                    SGFAST=sg_fast, VEC=vec, **gpu)
         return plan, {"BM": bm, "BN": 64}
     lanes = lanes_plan(device, family, dims, storage, dialect, vec, f16_math, only)
     if lanes is not None:
@@ -206,7 +209,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
         shapes = [(32, 64, 128, 2), (64, 64, 128, 4), (64, 32, 64, 4)]
     else:
         shapes = [(128, 64, 256, 4), (64, 64, 128, 4), (64, 32, 64, 4)]
-    base = Plan(family, storage, dialect, SGMIN=sg_min, VEC=vec, **gpu)
+    base = Plan(family, storage, dialect, SGMIN=sg_min, SGFAST=sg_fast, VEC=vec, **gpu)
     chosen = tiled_plan(device, base, dims, shapes) or tiled_plan(device, base, dims, [(64, 32, 64, 4)], fit=False)
     assert chosen is not None
     return chosen
@@ -422,6 +425,9 @@ class Prepared:
         split = f",NSPLIT={self.scalars['NSPLIT']},CSG={self.plan.CSG}" if "NSPLIT" in self.scalars else ""
         pn = self.plan
         tiled = f"WG={pl.workgroup_size},TM={pn.TM},DK={pn.DK},DVS={pn.DVS},VK={pn.VK},UN={pn.UN},PF={pn.PF}"
+        kt = dict(self.kern.tunables)
+        if pn.strategy is Strategy.TILED and fast_reduce(pn, layout(pn, kt["BM"], kt["BN"])):
+            tiled += f",SGFAST={pn.SGFAST}"
         stream = f"WG={pl.workgroup_size},KL={pn.KL},KC={pn.KC},SMX={pn.SMX}"
         knobs = {Strategy.ROWS: f"KC={pn.KC},DQ={pn.DQ}", Strategy.LANES: f"TM={pn.TM},SGB={pn.SGB},DQ={pn.DQ}",
                  Strategy.STREAM: stream}.get(pn.strategy, tiled)

@@ -233,6 +233,7 @@ def kernels_and_plans(draw):
     tiled = dict(WG=draw(st.sampled_from([32, 64, 128, 256])), TM=draw(st.sampled_from([1, 2, 4])),
                  DK=draw(st.sampled_from([8, 16, 32])), DVC=draw(st.sampled_from([32, 64, 128])),
                  DVS=draw(st.sampled_from([16, 32])), SGMIN=draw(st.sampled_from([4, 8, 32])),
+                 SGFAST=draw(st.sampled_from([0, 8, 32])),
                  VEC=draw(st.sampled_from([1, 4])), UN=draw(st.sampled_from([1, 2])),
                  PF=draw(st.sampled_from([0, 1])), VK=draw(st.sampled_from([0, 8, 16])))
     rows = dict(KC=draw(st.sampled_from([1, 2, 4, 8])), DQ=draw(st.sampled_from([8, 64, 128])),

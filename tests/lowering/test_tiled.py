@@ -166,3 +166,24 @@ def test_owned_elements_cover_a_line_once_in_contiguous_runs(ct, n) -> None:
         starts = [index[c][x] for c in range(ct)]
         assert starts == [starts[0] + c * run for c in range(ct)]
         assert all(index[c][x:x + run] == list(range(starts[c], starts[c] + run)) for c in range(ct))
+
+
+# --------------------------------------------------------------------------- shuffle-only reductions
+@pytest.mark.gpu
+@pytest.mark.subgroup_sizes
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@pytest.mark.parametrize(("wg", "bm", "tm"), [(64, 16, 2), (64, 8, 2)], ids=["ct8", "ct16"])
+def test_row_reductions_at_the_device_subgroup_size(spec, wg, bm, tm, require_adapters) -> None:
+    """Row groups of CT = 8 or 16 lanes wider than SGMIN = 4, with SGFAST = 16: the shader reduces
+    by shuffles alone when its subgroups are at least CT lanes, through workgroup memory
+    otherwise (scripts/test.sh reruns this with 4 and 16 lanes, so each branch runs)."""
+    from attnc.lowering.plan import Dialect, fast_reduce
+
+    dev = require_adapters(spec)[0]
+    dialect = Dialect.TINT if dev.dialect == "tint" else Dialect.NAGA
+    plan = Plan(Family.SUBGROUPS, dialect=dialect, WG=wg, TM=tm, DK=16, DVC=32, DVS=32, SGMIN=4, SGFAST=16, VEC=4)
+    assert fast_reduce(plan, layout(plan, bm, 64))
+    dims = dict(B=2, Hq=4, Hkv=2, S=45, T=150, D=40, Dv=28)
+    op = check_forced_plan(dev, dims, plan, {"BM": bm, "BN": 64}, 2,
+                           {"causal": True, "kv_lens": "draw", "return_lse": True, "softcap": 20.0}, 12)
+    assert "sg_wide" in op.progs[0].wgsl and "SGFAST=16" in op.variant
