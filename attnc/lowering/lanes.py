@@ -122,8 +122,7 @@ def _epilogue(sh: Shader, w: Writer, r: int, C4: int) -> None:
         sh.merge_sink(w, qi, f"m{r}", f"l{r}", f"nan{r}", scale)
     w.line(f"nan{r} = nan{r} || bad;")
     if s.split_var:
-        w.line(f"let pr = (row_linear({qi}) * u32(P.p_{s.split_count}) + u32(g_{s.split_var})) * "
-               f"(P.d_{s.width} + 2u);")
+        w.line(f"let pr = {sh.part_row(qi, f'P.d_{s.width}')};")
         with w.block("if (dvc == 0u)"):
             w.line(f"t_part[pr] = select(m{r}, {NAN}, bad);")
             w.line(f"t_part[pr + 1u] = select(l{r}, {NAN}, nan{r});")

@@ -92,8 +92,7 @@ def emit_rows(sh: Shader) -> Program:
 
             sh.merge_sink(w, "qi", "m", "l", "nan", scale)
         if s.split_var:
-            w.line(f"let pr = (row_linear(qi) * u32(P.p_{s.split_count}) + u32(g_{s.split_var})) * "
-                   f"(P.d_{s.width} + 2u);")
+            w.line(f"let pr = {sh.part_row('qi', f'P.d_{s.width}')};")
             with w.block("if (dvc == 0u)"):
                 w.line("t_part[pr] = m;")
                 w.line(f"t_part[pr + 1u] = select(l, {NAN}, nan);")

@@ -261,6 +261,12 @@ class Shader:
             w.line(f"k_lo = max(k_lo, g_{s.split_var} * per * {BN});")
             w.line(f"k_hi = min(k_hi, (g_{s.split_var} + 1) * per * {BN});")
 
+    def part_row(self, qi: str, width: str) -> str:
+        """WGSL for where row qi's partial state of this split starts in t_part ([row][split][m, l,
+        `width` value columns]), for the strategies' split stores and the combine."""
+        s = self.spec
+        return f"(row_linear({qi}) * u32(P.p_{s.split_count}) + u32(g_{s.split_var})) * ({width} + 2u)"
+
     def merge_sink(self, w: Writer, qi: str, m: str, l: str, nan: str, scale: Callable[[str], None]) -> None:
         """Fold row qi's attention sink into its softmax state (m, l, nan flag); `scale(a)`
         emits the rescaling of the row's accumulators by the factor named a."""

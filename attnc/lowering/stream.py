@@ -269,8 +269,7 @@ def _store(w: Writer, sh: Shader) -> None:
     """Four output columns of one row: the split's partial state, or normalised output (+ lse)."""
     s = sh.spec
     if s.split_var:
-        w.line(f"let pr = (row_linear(qi) * u32(P.p_{s.split_count}) + u32(g_{s.split_var})) * "
-               "(n_width + 2u);")
+        w.line(f"let pr = {sh.part_row('qi', 'n_width')};")
         with w.block("if (c == 0u)"):
             w.line("t_part[pr] = mm;")
             w.line("t_part[pr + 1u] = ll;")

@@ -442,8 +442,7 @@ def _emit_epilogue(w: Writer, sh: Shader) -> None:
                 sh.merge_sink(w, "qi", f"m{i}", f"l{i}", f"nan{i}", scale)
             with w.block("if (qi < n_rows)"):
                 if s.split_var:
-                    w.line(f"let pr = (row_linear(qi) * u32(P.p_{s.split_count}) + "
-                           f"u32(g_{s.split_var})) * (n_width + 2u);")
+                    w.line(f"let pr = {sh.part_row('qi', 'n_width')};")
                     with w.block("if (ct == 0u && dvc == 0u)"):
                         w.line(f"t_part[pr] = m{i};")
                         w.line(f"t_part[pr + 1u] = select(l{i}, {NAN}, nan{i});")

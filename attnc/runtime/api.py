@@ -164,6 +164,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
         raise ValueError(f"ATTNC_STRATEGY must be one of {sorted(x.value for x in Strategy)}, got {only!r}")
     # GPUs: tile loops unrolled in the WGSL and the next block's loads issued before the math
     gpu = {} if cpu else {"UN": 64, "PF": 1}
+    tiled_base = Plan(family, storage, dialect, SGMIN=sg_min, SGFAST=sg_fast, VEC=vec, **gpu)
     if dims["S"] <= 16:
         lanes = lanes_plan(device, family, dims, storage, dialect, vec, f16_math, only)
         if lanes is not None:
@@ -171,8 +172,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
         if not cpu and group * dims["S"] >= 32 and only in ("", "tiled"):
             # many packed rows per KV head (GQA, several queries each): 32-row tiles of 4 rows per
             # invocation (H200 dec4_gqa8: 0.063 ms against the stream plan's 0.102)
-            tiled = tiled_plan(device, Plan(family, storage, dialect, SGMIN=sg_min, SGFAST=sg_fast, VEC=vec,
-                                            **gpu), dims, [(32, 64, 128, 4)])
+            tiled = tiled_plan(device, tiled_base, dims, [(32, 64, 128, 4)])
             if tiled is not None:
                 return tiled
         if cpu and group == 1 and not explicit_family and only in ("", "rows"):
@@ -196,8 +196,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
                     device.gpu.limits.get("max-compute-workgroup-storage-size", 16384)):
                 return plan, tun
         bm = min(16, max(4, pow2ceil(group * dims["S"])))
-        plan = Plan(family, storage, dialect, WG=64 if cpu else 128, TM=1, DK=16, DVC=dv, DVS=32, SGMIN=sg_min,
-                    SGFAST=sg_fast, VEC=vec, **gpu)
+        plan = dataclasses.replace(tiled_base, WG=64 if cpu else 128, TM=1, DK=16, DVC=dv, DVS=32)
         return plan, {"BM": bm, "BN": 64}
     lanes = lanes_plan(device, family, dims, storage, dialect, vec, f16_math, only)
     if lanes is not None:
@@ -209,8 +208,8 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
         shapes = [(32, 64, 128, 2), (64, 64, 128, 4), (64, 32, 64, 4)]
     else:
         shapes = [(128, 64, 256, 4), (64, 64, 128, 4), (64, 32, 64, 4)]
-    base = Plan(family, storage, dialect, SGMIN=sg_min, SGFAST=sg_fast, VEC=vec, **gpu)
-    chosen = tiled_plan(device, base, dims, shapes) or tiled_plan(device, base, dims, [(64, 32, 64, 4)], fit=False)
+    chosen = tiled_plan(device, tiled_base, dims, shapes) or tiled_plan(device, tiled_base, dims, [(64, 32, 64, 4)],
+                                                                        fit=False)
     assert chosen is not None
     return chosen
 

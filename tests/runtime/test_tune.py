@@ -177,17 +177,9 @@ def test_32_row_decode_tiles_match_the_reference(require_adapters) -> None:
     import dataclasses
 
     from attnc.lowering.plan import Family
+    from tests.forced_plan import check_forced_plan
 
     dev = require_adapters("wgpu:vulkan")[0]
-    rng = np.random.default_rng(6)
     dims = dict(B=2, Hq=16, Hkv=2, S=4, T=700, D=64, Dv=64)
-    q = rng.standard_normal((2, 16, 4, 64)).astype(np.float32)
-    k = rng.standard_normal((2, 2, 700, 64)).astype(np.float32)
-    v = rng.standard_normal((2, 2, 700, 64)).astype(np.float32)
-    kv_lens = np.array([700, 333], np.int32)
     plan, tun = api.plan_for(_H200Like(), Family.SUBGROUPS, dict(dims, Hq=64, Hkv=8), api.Options())
-    op = api.prepare(dims, np.float32, device=dev, plan=dataclasses.replace(plan, UN=1), tunables=tun, nsplit=3,
-                     kv_lens=kv_lens)
-    op.bind(q, k, v)
-    op.run()
-    assert_close(op.result()[0], attention_ref(q, k, v, kv_lens=kv_lens), 1e-5, "o")
+    check_forced_plan(dev, dims, dataclasses.replace(plan, UN=1), tun, 3, {"kv_lens": "draw"}, 6)
