@@ -188,9 +188,9 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
                 bm = min(16, pow2ceil(group * dims["S"]))
             wg = min(wg, max(dvc // 4 * 16, 32))  # at most 16 key groups
             dq = max(8, pow2ceil(dims["D"])) if cpu else -(-dims["D"] // 8) * 8  # CPU: fewer shaders to compile
-            # 16-row tiles (packed GQA): one lane per key and a softmax phase (tuned on the H200)
+            # packed GQA: a softmax phase from 8 rows, one lane per key from 16 (tuned on the H200)
             plan = stream_plan(Plan(family, storage, dialect), dims, WG=wg, KL=1 if bm >= 16 else 2, KC=4,
-                               SMX=int(bm >= 16), DQ=dq)
+                               SMX=int(bm >= 8), DQ=dq)
             tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4)}
             if 4 * stream_layout(plan, tun["BM"], tun["BN"]).smem_words <= int(
                     device.gpu.limits.get("max-compute-workgroup-storage-size", 16384)):
@@ -301,15 +301,17 @@ def stream_plan(base: Plan, dims: dict[str, int], **kw: int) -> Plan:
 def split_count(device: Device, dims: dict[str, int], BM: int, BN: int, packed: bool = False,
                 stream: bool = False) -> int:
     """How many KV splits fill the device: aim for enough workgroups, keep >= 2 tiles each, >= 4
-    with 32-row tiles (the stream strategy: 512 workgroups on a GPU, >= 1 tile each; measured in
-    docs/bench/: H200 dec4_gqa8 in 32-row tiles 0.063 ms with 30 splits, 0.069 with 60)."""
+    with 32-row tiles (the stream strategy: 512 workgroups on a GPU, >= 1 tile each, >= 4 with 8
+    rows or more). Measured in docs/bench/ on the H200: dec4_gqa8 in 32-row tiles 0.063 ms with
+    30 splits, 0.069 with 60; dec_gqa8 in 8-row stream tiles 0.037 ms with 30, 0.041-0.049 with 20,
+    40 or 64: the partial state and merge of a split cost about a tile's work."""
     if packed:
         base = dims["B"] * dims["Hkv"] * -(-(dims["Hq"] // dims["Hkv"]) * dims["S"] // BM)
     else:
         base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
     target = 64 if device.adapter_type == "CPU" else (512 if stream else 2048)
     tiles = -(-dims["T"] // BN)
-    per = 1 if stream else 4 if BM >= 32 else 2
+    per = 4 if BM >= (8 if stream else 32) else 1 if stream else 2
     return max(1, min(-(-target // base), tiles // per or 1))
 
 

@@ -171,6 +171,25 @@ def test_gpu_decode_with_many_packed_rows_takes_32_row_tiles() -> None:
     assert api.plan_for(cpu, Family.PORTABLE, dec4, api.Options())[0].strategy is not Strategy.TILED
 
 
+def test_gpu_decode_with_8_packed_rows_takes_a_softmax_phase_and_long_splits() -> None:
+    """8 query rows per KV head (dec_gqa8: S = 1, 8 heads per KV head): the stream strategy with
+    its softmax phase (each probability computed once) and >= 4 KV tiles per split; 4 rows
+    (whisper) and 1 row (dec_h128) keep every invocation's own softmax and 1 tile per split."""
+    from attnc.lowering.plan import Family, Strategy
+
+    gpu = _H200Like()
+    dec = dict(B=1, Hq=64, Hkv=8, S=1, T=7680, D=64, Dv=64)
+    plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dec, api.Options())
+    assert plan.strategy is Strategy.STREAM and plan.SMX == 1 and tun["BM"] == 8
+    assert api.split_count(gpu, dec, 8, 64, packed=True, stream=True) == 30  # 120 KV tiles, 4 per split
+    whisper = dict(B=1, Hq=6, Hkv=6, S=4, T=1500, D=64, Dv=64)
+    plan, tun = api.plan_for(gpu, Family.SUBGROUPS, whisper, api.Options())
+    assert plan.strategy is Strategy.STREAM and plan.SMX == 0 and tun["BM"] == 4
+    assert api.split_count(gpu, whisper, 4, 64, packed=True, stream=True) == 24  # one tile each
+    h128 = dict(B=1, Hq=8, Hkv=8, S=1, T=16384, D=128, Dv=128)
+    assert api.split_count(gpu, h128, 1, 128, packed=True, stream=True) == 64  # 512 workgroups
+
+
 def test_32_row_decode_tiles_match_the_reference(require_adapters) -> None:
     """The GPU plan for many packed rows (loops kept: lavapipe compiles unrolled tiles slowly),
     split, with ragged KV lengths, on lavapipe."""
