@@ -303,8 +303,8 @@ def split_count(device: Device, dims: dict[str, int], BM: int, BN: int, packed: 
     """How many KV splits fill the device: aim for enough workgroups, keep >= 2 tiles each, >= 4
     with 32-row tiles (the stream strategy: 512 workgroups on a GPU, >= 1 tile each, >= 4 with 8
     rows or more). Measured in docs/bench/ on the H200: dec4_gqa8 in 32-row tiles 0.063 ms with
-    30 splits, 0.069 with 60; dec_gqa8 in 8-row stream tiles 0.037 ms with 30, 0.041-0.049 with 20,
-    40 or 64: the partial state and merge of a split cost about a tile's work."""
+    30 splits, 0.069 with 60; dec_gqa8 in 8-row stream tiles 0.037-0.041 ms with 30, 0.041-0.052
+    with 20, 40 or 64 (each split stages its query rows, merges and stores a partial state)."""
     if packed:
         base = dims["B"] * dims["Hkv"] * -(-(dims["Hq"] // dims["Hkv"]) * dims["S"] // BM)
     else:
