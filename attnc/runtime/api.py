@@ -125,12 +125,13 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
 
     From the tuning runs in docs/bench/ (no vendor names: adapter type and limits only):
     - short query rows (S <= 16: decoding, cross-attention): the stream strategy (K/V read
-      straight from storage) with row tiles of up to 8 rows (query heads of a KV head packed
-      into rows), split over KV; on a CPU adapter without GQA, the rows strategy (one query
-      row per invocation); on a GPU with at least 32 packed rows per KV head (GQA with several
-      queries), 32x64 tiles of the tiled strategy with 4 rows per invocation (H200 dec4_gqa8
-      1.6x faster than stream); the tiled strategy where none applies (head dims not
-      multiples of 4, f16 arithmetic);
+      straight from storage) with row tiles of up to 16 rows (4 on a CPU adapter; query heads
+      of a KV head packed into rows), split over KV, with a softmax phase (SMX) from 8 rows
+      (H200 dec_gqa8 about 10 % faster with it and 4 KV tiles per split); on a CPU adapter
+      without GQA, the rows strategy (one query row per invocation); on a GPU with at least 32
+      packed rows per KV head (GQA with several queries), 32x64 tiles of the tiled strategy with
+      4 rows per invocation (H200 dec4_gqa8 1.6x faster than stream); the tiled strategy where
+      none applies (head dims not multiples of 4, f16 arithmetic);
     - longer rows: the largest of 128x64 (256 invocations), 64x64 and 64x32 tiles with 4 rows
       per invocation that the device's limits allow (CPU adapters skip the 256-wide one);
       on a GPU, when 128-row tiles would make fewer than 64 workgroups, 32x64 tiles first;
@@ -252,9 +253,8 @@ def lanes_plan(device: Device, family: Family, dims: dict[str, int], storage: St
 
     Measured on lavapipe (docs/BENCHMARKS.md): with 8-lane subgroups, two rows per invocation
     run ci_prefill (3.9 -> 1.3 ms) and ci_vision (39.5 -> 11 ms) about 3x faster than the tiled
-    plan; with 4 or 16 lanes
-    it is slower than tiled, so it needs a device whose subgroups are 8 lanes (the shader checks
-    the size it runs with and writes NaN on any other). Its
+    plan; with 4 or 16 lanes it is slower than tiled, so it needs a device whose subgroups are 8
+    lanes (the shader checks the size it runs with and writes NaN on any other). Its
     shaders take 6-9 s to compile (tiled: about 2 s), so it is left to problems of at least
     LANES_MIN_SCORES score elements and head dims up to LANES_MAX_D (ATTNC_STRATEGY=lanes
     lifts both limits). Short rows (decoding) take one row per invocation in a workgroup of
@@ -311,7 +311,10 @@ def split_count(device: Device, dims: dict[str, int], BM: int, BN: int, packed: 
         base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
     target = 64 if device.adapter_type == "CPU" else (512 if stream else 2048)
     tiles = -(-dims["T"] // BN)
-    per = 4 if BM >= (8 if stream else 32) else 1 if stream else 2
+    if BM >= (8 if stream else 32):  # heavy tiles: spread each split's fixed costs over 4 tiles
+        per = 4
+    else:
+        per = 1 if stream else 2
     return max(1, min(-(-target // base), tiles // per or 1))
 
 
