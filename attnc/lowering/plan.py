@@ -73,6 +73,11 @@ class Plan:
     VK (tiled): keys per staged value block (0 = the whole key tile BN): with VK < BN a stage
     can hold more value columns (DVS) in the same workgroup memory, so each p read from
     workgroup memory feeds more products.
+    PC (tiled): keys of p held in workgroup memory at once (0 = the whole key tile BN): the
+    p tile is written PC keys at a time, each chunk before its value blocks, so workgroup
+    memory holds PC x BM probabilities instead of BN x BM (on drivers that give an SM little
+    workgroup memory, this lets two workgroups share it). A power of two from VK to BN that
+    covers whole runs of the keys each row group's invocations own (owned()).
     LANES strategy: TM query rows per invocation, DQ >= D and DVC value columns held in
     registers; each step reads one key per lane of a subgroup of exactly SGB lanes; VEC=4 only.
     SGFAST (tiled, subgroups family): lanes the device was found to keep in one subgroup in
@@ -103,6 +108,7 @@ class Plan:
     PF: int = 0
     CSG: int = 0
     VK: int = 0
+    PC: int = 0
     SGB: int = 0
     SGFAST: int = 0
     overrides: tuple[tuple[str, int], ...] = field(default=())
@@ -136,6 +142,7 @@ class Layout:
     DVC: int
     DVS: int
     VK: int  # keys per staged value block
+    PK: int  # keys of p held at once (PC, or BN)
 
     # Transposed tiles ([d][row] for q, [d][key] for k, [key][row] for p) get 4 words of
     # padding per line: a line then starts 4 banks further on, so the invocations storing
@@ -153,8 +160,9 @@ class Layout:
 
     @property
     def p_words(self) -> int:
-        """Words of the p tile ([key][row], BM + 4 words a key) at the start of the staging array."""
-        return self.BN * self.QS
+        """Words of the p tile ([key][row], BM + 4 words a key) at the start of the staging
+        array: PK keys (all BN unless the plan chunks p)."""
+        return self.PK * self.QS
 
     @property
     def stage_words(self) -> int:
@@ -214,7 +222,19 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
     G = 1 if plan.family is Family.PORTABLE else min(CT, plan.SGMIN)
     if plan.QRES and plan.DQ % plan.DK:
         raise LoweringError(f"DQ={plan.DQ} must be a multiple of DK={plan.DK} with QRES")
-    return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.QRES, plan.DQ, plan.DK, dvc, dvs, vk)
+    pk = plan.PC or BN
+    if not _pow2(pk) or not vk <= pk <= BN:
+        raise LoweringError(f"tunable PC={plan.PC} must be 0 or a power of two from VK={vk} to BN={BN}")
+    if pk % (CT * owned_run(TN)):
+        raise LoweringError(f"PC={pk} must be a multiple of {CT * owned_run(TN)}: the keys that the {CT} "
+                            f"invocations of a row group own in runs of {owned_run(TN)}")
+    return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.QRES, plan.DQ, plan.DK, dvc, dvs, vk, pk)
+
+
+def owned_run(n: int) -> int:
+    """Consecutive elements an invocation owns in each group of CT runs (4 when it can; see
+    tiled.owned)."""
+    return 4 if n % 4 == 0 else 2 if n % 2 == 0 else 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from attnc.ir import nodes as ir
-from attnc.lowering.plan import Family, Layout, fast_reduce
+from attnc.lowering.plan import Family, Layout, fast_reduce, owned_run
 from attnc.lowering.program import Program
 from attnc.lowering.shader import Shader, features
 from attnc.lowering.wgsl import NAN, NEG_INF, Writer
@@ -157,20 +157,15 @@ def _loads(w: Writer, name: str, arr: str, base: str, n: int, first: int = 0) ->
             w.line(f"let {name}{first + k} = {_sm(arr, f'{base} + {k}u')};")
 
 
-def _run(n: int) -> int:
-    """Consecutive elements an invocation owns in each group of CT runs (4 when it can)."""
-    return 4 if n % 4 == 0 else 2 if n % 2 == 0 else 1
-
-
 def owned(CT: int, n: int, x: int) -> tuple[int, int]:
     """(a, b): of the n elements of a tile line (keys or value columns) that each of CT
     invocations owns, invocation ct's x-th is element a * ct + b.
 
-    Elements are dealt in runs of `_run(n)`: invocation ct owns run ct of every group of CT
+    Elements are dealt in runs of `owned_run(n)`: invocation ct owns run ct of every group of CT
     runs, so the CT invocations of a row group read (or write) one contiguous span per run,
     which keeps vec4 accesses free of bank conflicts (contiguous runs of 8 per invocation
     put 2 invocations on every bank)."""
-    r = _run(n)
+    r = owned_run(n)
     return r, (x // r) * CT * r + x % r
 
 
@@ -182,7 +177,7 @@ def _owned(lay: Layout, n: int, x: int) -> str:
 
 def _loads_owned(w: Writer, lay: Layout, name: str, base: str, n: int) -> None:
     """`let {name}{x}` for an invocation's n owned elements of the tile line at `base`."""
-    r = _run(n)
+    r = owned_run(n)
     for g in range(n // r):
         _loads(w, name, "stage", f"{base} + {g * lay.CT * r}u + ct * {r}u", r, g * r)
 
@@ -197,7 +192,8 @@ def _pv_key(w: Writer, lay: Layout, vs: int, ks: int, careful: bool, half: bool)
     """The P.V updates of key ks + j."""
     YPS = lay.DVS // lay.CT
     _loads_owned(w, lay, "v", f"{lay.p_words}u + j * {lay.DVS}u", YPS)
-    _loads(w, "p", "stage", f"({ks}u + j) * {lay.QS}u + rg * {lay.TM}u", lay.TM)
+    pk = ks % lay.PK  # the p tile holds the chunk of PK keys this block is in
+    _loads(w, "p", "stage", f"({pk}u + j) * {lay.QS}u + rg * {lay.TM}u", lay.TM)
     for i in range(lay.TM):
         acc = [f"o{i}_{(vs // lay.DVS) * YPS + y}" for y in range(YPS)]
         updates = [f"{a} = {a} + f32(p{i} * v{y});" if half else f"{a} = fma(p{i}, v{y}, {a});"
@@ -354,12 +350,16 @@ def emit_main(sh: Shader) -> Program:
                         _prefetch(w, sh, vblk, "pv", put=False)
                 w.counted("dd", DK, plan.UN, lambda: _dot_step(w, sh))
                 w.line("workgroupBarrier();")
-            _softmax(w, sh)
-            # value blocks of VK keys x DVS columns, column chunks outer
-            blocks = [(vs, ks) for vs in range(0, DVC, DVS) for ks in range(0, BN, lay.VK)]
+            _softmax(w, sh, _p_keys(lay, 0))
+            # value blocks of VK keys x DVS columns: p chunks of PK keys outer (each written
+            # once, before its first block), then column chunks, then the chunk's keys
+            blocks = [(vs, ks) for kc in range(0, BN, lay.PK) for vs in range(0, DVC, DVS)
+                      for ks in range(kc, kc + lay.PK, lay.VK)]
             for b, (vs, ks) in enumerate(blocks):
                 if b:  # (the first block's stage was last read before the dot loop's barrier)
                     w.line("workgroupBarrier();")
+                    if ks % lay.PK == 0 and vs == 0:
+                        _store_p(w, sh, _p_keys(lay, ks), ks)
                 cp = vblk.at(f"(k0 + {ks})", f"dvc * {DVC}u + {vs}u")
                 if pf:
                     _prefetch(w, sh, cp, "pv", put=True)
@@ -385,9 +385,32 @@ def emit_main(sh: Shader) -> Program:
                    features(plan), smem)
 
 
-def _softmax(w: Writer, sh: Shader) -> None:
-    """Scores (score_mod, masks), the online-softmax update of m, l and o, and p into the staging array."""
-    lay, st = sh.lay, sh.smem_t
+def _p_keys(lay: Layout, kc: int) -> list[int]:
+    """The x (owned-key indices) of the p chunk of keys kc..kc+PK-1: PK covers whole groups of
+    runs, so they are the same x in every invocation."""
+    return [x for x in range(lay.TN) if kc <= owned(lay.CT, lay.TN, x)[1] < kc + lay.PK]
+
+
+def _store_p(w: Writer, sh: Shader, xs: list[int], ks: int) -> None:
+    """p of the invocation's owned keys xs into [key - ks][row] lines of QS words: a vec4 of 4
+    rows per store where TM allows."""
+    lay, st, TM = sh.lay, sh.smem_t, sh.lay.TM
+    for x in xs:
+        key = _owned(lay, lay.TN, x) + (f" - {ks}u" if ks else "")
+        line = f"({key}) * {lay.QS}u + rg * {TM}u"
+        if TM % 4 == 0:
+            for i4 in range(0, TM, 4):
+                vals = ", ".join(f"{st}(s{i4 + k}_{x})" for k in range(4))
+                w.line(f"stage[({line} + {i4}u) >> 2u] = vec4<{st}>({vals});")
+        else:
+            for i in range(TM):
+                w.line(f"{_sm('stage', f'{line} + {i}u')} = {st}(s{i}_{x});")
+
+
+def _softmax(w: Writer, sh: Shader, xs: list[int]) -> None:
+    """Scores (score_mod, masks), the online-softmax update of m, l and o, and the p of owned
+    keys xs into the staging array."""
+    lay = sh.lay
     TM, TN, TD = lay.TM, lay.TN, lay.TD
     # scores, masks and the row max
     for i in range(TM):
@@ -410,16 +433,7 @@ def _softmax(w: Writer, sh: Shader) -> None:
             w.line(f"s{i}_{x} = exp_sub(s{i}_{x}, mn{i});")
             w.line(f"ts{i} = ts{i} + s{i}_{x};")
         w.line(f"m{i} = mn{i};")
-    # p into [key][row] lines of QS words: a vec4 of 4 rows per store where TM allows
-    for x in range(TN):
-        line = f"({_owned(lay, TN, x)}) * {lay.QS}u + rg * {TM}u"
-        if TM % 4 == 0:
-            for i4 in range(0, TM, 4):
-                vals = ", ".join(f"{st}(s{i4 + k}_{x})" for k in range(4))
-                w.line(f"stage[({line} + {i4}u) >> 2u] = vec4<{st}>({vals});")
-        else:
-            for i in range(TM):
-                w.line(f"{_sm('stage', f'{line} + {i}u')} = {st}(s{i}_{x});")
+    _store_p(w, sh, xs, 0)
     _reduce(w, lay, [f"ts{i}" for i in range(TM)], "add", fast)
     for i in range(TM):
         w.line(f"l{i} = l{i} * al{i} + ts{i};")

@@ -15,7 +15,7 @@ from attnc.errors import DeviceError, LoweringError
 from attnc.ir import nodes as ir
 from attnc.lowering import Family, Plan, Storage, Strategy, lower
 from attnc.lowering.combine import combine_groups
-from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, fast_reduce, layout, stream_layout
+from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, fast_reduce, layout, owned_run, stream_layout
 from attnc.lowering.program import Access, Program
 from attnc.lowering.retype import retype
 from attnc.runtime import dispatch as rt
@@ -142,6 +142,9 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     - on a GPU, value blocks of half the key tile (VK) by all of Dv up to 96 columns, 64 above
       (DVS), where they fit: each p read from workgroup memory then feeds 8-12 products, not 4
       (H200: vit, vision_h72 and gemma about 5 % faster, phi35 within 4 %);
+    - on a GPU, a tile that needs more than SHARED_SMEM of workgroup memory and holds at most
+      32 outputs per invocation takes `chunked_p`'s plan instead (p in chunks, 16-key value
+      blocks, no prefetch), about half the memory, so that two workgroups share an SM;
     - on a CPU adapter with 8-lane subgroups, large problems with head dims up to 96: the lanes
       strategy (`lanes_plan`; lavapipe ci_prefill and ci_vision about 3x faster than tiled,
       the decode cases 2.5-3.5x faster than rows and stream).
@@ -222,7 +225,8 @@ def tiled_plan(device: Device, base: Plan, dims: dict[str, int], shapes: list[tu
     chosen for the adapter type; None if none fits.
 
     GPUs: head-dim chunks of 8 when 16 does not divide D (D = 72: 9 chunks, not 5 with 8 of 80
-    padding), and value blocks of half the key tile by all of Dv up to 96 columns (64 above)."""
+    padding), value blocks of half the key tile by all of Dv up to 96 columns (64 above), and
+    `chunked_p` for tiles over SHARED_SMEM with at most 32 outputs per invocation."""
     cpu = device.adapter_type == "CPU"
     dvc = min(-(-dims["Dv"] // 32) * 32, 128)
     lim = device.gpu.limits
@@ -235,8 +239,39 @@ def tiled_plan(device: Device, base: Plan, dims: dict[str, int], shapes: list[tu
             plan = dataclasses.replace(base, WG=wg, TM=tm, DK=dk, DVC=dvc, DVS=dvs, VK=vk)
             lay = layout(plan, bm, bn)
             if not fit or (4 * lay.smem_words <= smem and wg <= inv):
+                small = chunked_p(plan, bm, bn) if not cpu and fit else None
+                if (small is not None and 4 * lay.smem_words > SHARED_SMEM and lay.TM * lay.TD <= 32
+                        and 4 * layout(small, bm, bn).smem_words <= SHARED_SMEM):
+                    return small, {"BM": bm, "BN": bn}
                 return plan, {"BM": bm, "BN": bn}
     return None
+
+
+# Workgroup memory up to which two workgroups share an SM: the H200's Vulkan driver gives an SM
+# 48-52 KiB for all its workgroups (scripts/gpu_smem_probe.py: 256-invocation workgroups of 16
+# KiB fit 3 per SM, of 20-24 KiB 2, of 28 KiB or more 1).
+SHARED_SMEM = 24 * 1024
+
+
+def chunked_p(plan: Plan, bm: int, bn: int) -> Plan | None:
+    """A tiled plan cut down to about half its workgroup memory, or None where it cannot be: p
+    written in chunks of the keys a row group owns in one group of runs (PC), 16-key value
+    blocks, and no prefetch registers (PF=0), so that two 256-invocation workgroups fit an SM's
+    registers (at most 128 each) as well as its workgroup memory. With at most 32 outputs per
+    invocation (TM x TD): H200 vit 11 % (Dawn) and 7 % (wgpu-native) faster, two
+    workgroups per SM instead of one; with 48 outputs (Dv 72 or 96) 10 % faster on Dawn but
+    up to 1.4x slower on wgpu-native, so tiled_plan leaves those alone (docs/BENCHMARKS.md,
+    session 9)."""
+    lay = layout(plan, bm, bn)
+    pc = lay.CT * owned_run(lay.TN)
+    if pc >= bn or pc < 16:
+        return None
+    small = dataclasses.replace(plan, PC=pc, VK=16, PF=0)
+    try:
+        layout(small, bm, bn)
+    except LoweringError:
+        return None
+    return small
 
 
 # the lanes strategy on CPU adapters: the smallest problem (B*Hq*S*T score elements) worth its
@@ -429,6 +464,7 @@ class Prepared:
         split = f",NSPLIT={self.scalars['NSPLIT']},CSG={self.plan.CSG}" if "NSPLIT" in self.scalars else ""
         pn = self.plan
         tiled = f"WG={pl.workgroup_size},TM={pn.TM},DK={pn.DK},DVS={pn.DVS},VK={pn.VK},UN={pn.UN},PF={pn.PF}"
+        tiled += f",PC={pn.PC}" if pn.PC else ""
         kt = dict(self.kern.tunables)
         if pn.strategy is Strategy.TILED and fast_reduce(pn, layout(pn, kt["BM"], kt["BN"])):
             tiled += f",SGFAST={pn.SGFAST}"

@@ -24,7 +24,7 @@ import numpy as np
 from attnc.bench.timing import rotation_count
 from attnc.errors import AttncError
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage, Strategy, layout, stream_layout
-from attnc.runtime.api import lanes_widths, pow2ceil, stream_plan, wide_value_block
+from attnc.runtime.api import chunked_p, lanes_widths, pow2ceil, stream_plan, wide_value_block
 from attnc.runtime.devices import Device
 from attnc.runtime.dispatch import warm_up
 
@@ -127,12 +127,20 @@ def fits(device: Device, plan: Plan, tun: dict[str, int]) -> bool:
     return 4 * lay.smem_words <= smem and lay.WG <= wg and lay.TN >= 1 and lay.TD >= 1
 
 
+def _chunked(plan: Plan, bm: int, bn: int) -> Plan | None:
+    """api.chunked_p's variant of a candidate, None where it has none or the candidate is invalid."""
+    try:
+        return chunked_p(plan, bm, bn)
+    except AttncError:
+        return None
+
+
 def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[Family],
                nsplit: int | None) -> Iterator[tuple[Plan, dict[str, int], int | None]]:
     """Valid plans to time for a problem, the likeliest first (a `--max` cut keeps variety):
     every tile shape with default knobs, then each with one knob changed, then two, ...
     Knobs: split count, family, head-dim chunk DK, value blocks (DVC, DVS, VK), unrolling and
-    prefetching (UN, PF) where the heuristic unrolls."""
+    prefetching (UN, PF) where the heuristic unrolls, and there p in chunks (api.chunked_p)."""
     dq = max(pow2ceil(dims["D"]), 4)
     dv = min(max(pow2ceil(dims["Dv"]), 32), 256)
     dv32 = min(-(-dims["Dv"] // 32) * 32, 128)
@@ -160,8 +168,8 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
         shapes = [(128, 64, 256, 4), (128, 32, 128, 8), (128, 32, 256, 4), (128, 64, 128, 8), (64, 64, 64, 8),
                   (64, 64, 128, 4), (128, 32, 128, 4),
                   (64, 32, 64, 4), (128, 64, 128, 4), (64, 64, 64, 4), (64, 64, 256, 2)]
-    # loop unrolling and prefetching: the heuristic's, then partial unrolling, then no prefetch
-    loops = list(dict.fromkeys([(base.UN, base.PF)] + ([(16, base.PF), (base.UN, 0)] if base.UN > 1 else [])))
+    # loop unrolling and prefetching: the heuristic's, then partial unrolling, then the other prefetch setting
+    loops = list(dict.fromkeys([(base.UN, base.PF)] + ([(16, base.PF), (base.UN, 1 - base.PF)] if base.UN > 1 else [])))
     found: list[tuple[int, int, Plan, dict[str, int], int | None]] = []
     seen = set()
 
@@ -190,9 +198,12 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
                         for ui, (un, pf) in enumerate(loops):
                             plan = dataclasses.replace(base, family=fam, strategy=Strategy.TILED, WG=wg, TM=tm,
                                                        DVC=dvc, DK=dk, DVS=dvs, VK=bn // vkd if vkd > 1 else 0,
-                                                       UN=un, PF=pf)
-                            add((si > 0) + (fi > 0) + (ki > 0) + (vi > 0) + (ui > 0), plan, {"BM": bm, "BN": bn},
-                                ns)
+                                                       UN=un, PF=pf, PC=0)
+                            rank = (si > 0) + (fi > 0) + (ki > 0) + (vi > 0) + (ui > 0)
+                            add(rank, plan, {"BM": bm, "BN": bn}, ns)
+                            small = _chunked(plan, bm, bn) if ui == 0 and base.UN > 1 else None
+                            if small is not None:  # (GPUs) half the workgroup memory, p in chunks
+                                add(rank + (base.PC == 0), small, {"BM": bm, "BN": bn}, ns)
         sg = device.subgroup_size
         if not short and Family.SUBGROUPS in families and sg and dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0:
             # query rows in registers, keys shared across the subgroup (lowering/lanes.py)

@@ -235,7 +235,8 @@ def kernels_and_plans(draw):
                  DVS=draw(st.sampled_from([16, 32])), SGMIN=draw(st.sampled_from([4, 8, 32])),
                  SGFAST=draw(st.sampled_from([0, 8, 32])),
                  VEC=draw(st.sampled_from([1, 4])), UN=draw(st.sampled_from([1, 2])),
-                 PF=draw(st.sampled_from([0, 1])), VK=draw(st.sampled_from([0, 8, 16])))
+                 PF=draw(st.sampled_from([0, 1])), VK=draw(st.sampled_from([0, 8, 16])),
+                 PC=draw(st.sampled_from([0, 16, 32])))
     rows = dict(KC=draw(st.sampled_from([1, 2, 4, 8])), DQ=draw(st.sampled_from([8, 64, 128])),
                 DVC=draw(st.sampled_from([32, 64, 256])), VEC=draw(st.sampled_from([1, 4])))
     BM, BN = draw(st.sampled_from([16, 32, 64])), draw(st.sampled_from([16, 32, 64]))

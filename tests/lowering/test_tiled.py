@@ -47,7 +47,10 @@ def test_counted_unrolls_by_the_largest_divisor() -> None:
 @pytest.mark.parametrize(("kw", "msg"), [(dict(UN=0), "UN=0 must be at least 1"),
                                          (dict(PF=2), "PF=2 must be 0 or 1"),
                                          (dict(VK=64), "VK=64 must be 0 or a power of two no larger than BN=32"),
-                                         (dict(VK=12), "VK=12 must be 0 or a power of two")])
+                                         (dict(VK=12), "VK=12 must be 0 or a power of two"),
+                                         (dict(PC=16, VK=8), "PC=16 must be a multiple of 32"),
+                                         (dict(PC=16, VK=32), "PC=16 must be 0 or a power of two from VK=32"),
+                                         (dict(PC=24), "PC=24 must be 0 or a power of two")])
 def test_layout_rejects_bad_loop_knobs(kw, msg) -> None:
     with pytest.raises(LoweringError, match=msg):
         layout(Plan(Family.PORTABLE, WG=64, TM=4, **kw), 32, 32)
@@ -64,7 +67,8 @@ def problems(draw):
     plan = Plan(Family.PORTABLE, WG=draw(st.sampled_from([32, 64, 128])), TM=draw(st.sampled_from([1, 2, 4])),
                 DK=draw(st.sampled_from([8, 16, 24])), DVC=draw(st.sampled_from([16, 32, 64])),
                 DVS=draw(st.sampled_from([8, 16, 32])), VK=draw(st.sampled_from([0, 0, 8, 16])), VEC=vec,
-                UN=draw(st.sampled_from([1, 2])), PF=draw(st.sampled_from([0, 1, 1])))
+                UN=draw(st.sampled_from([1, 2])), PF=draw(st.sampled_from([0, 1, 1])),
+                PC=draw(st.sampled_from([0, 16, 32])))
     if draw(st.booleans()):
         plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, "QRES": True,
                        "DQ": -(-dims["D"] // plan.DK) * plan.DK})
@@ -98,8 +102,9 @@ def test_tiled_loop_shapes_match_reference(spec, problem, require_adapters) -> N
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ADAPTERS)
 def test_unrolled_prefetched_kernel_gives_the_same_bits(spec, require_adapters) -> None:
-    """Unrolling and prefetching change when loads happen, not the arithmetic: same bits, also
-    with a NaN value at a visible key (its rows only) and an inf one at a masked key."""
+    """Unrolling and prefetching change when loads happen, and PC when p is written, not the
+    arithmetic: same bits, also with a NaN value at a visible key (its rows only) and an inf one
+    at a masked key."""
     dev = require_adapters(spec)[0]
     rng = np.random.default_rng(6)
     dims = dict(B=1, Hq=2, Hkv=1, S=90, T=150, D=40, Dv=36)
@@ -109,15 +114,17 @@ def test_unrolled_prefetched_kernel_gives_the_same_bits(spec, require_adapters) 
     v[0, 0, 149, 7] = np.inf  # visible to the last row only (causal)
     v[0, 0, 70, 3] = np.nan
     outs = []
-    for un, pf in ((1, 0), (4, 1)):
-        plan = Plan(Family.PORTABLE, WG=64, TM=4, DK=8, DVC=32, DVS=16, VEC=4, UN=un, PF=pf)
-        op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 32, "BN": 32}, nsplit=2,
+    # 64-key tiles over 8 invocations per row: PC=32 writes p in two chunks (of one or two value blocks)
+    for un, pf, pc, vk in ((1, 0, 0, 0), (4, 1, 0, 0), (4, 1, 32, 32), (1, 0, 32, 16), (1, 1, 64, 16)):
+        plan = Plan(Family.PORTABLE, WG=64, TM=4, DK=8, DVC=32, DVS=16, VEC=4, UN=un, PF=pf, PC=pc, VK=vk)
+        op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 32, "BN": 64}, nsplit=2,
                          causal=True)
         op.bind(q, k, v)
         op.run()
         outs.append(op.result()[0])
-    np.testing.assert_array_equal(outs[0], outs[1])
-    o = outs[1]
+    for other in outs[1:]:
+        np.testing.assert_array_equal(outs[0], other)
+    o = outs[2]
     nan_rows = np.arange(90) + 60 >= 70  # rows that see key 70
     assert np.isnan(o[0, :, nan_rows, 3]).all() and not np.isnan(o[0, :, ~nan_rows]).any()
     assert np.isnan(o[0, :, -1, 7]).all() or np.isinf(o[0, :, -1, 7]).all()

@@ -190,6 +190,29 @@ def test_gpu_decode_with_8_packed_rows_takes_a_softmax_phase_and_long_splits() -
     assert api.split_count(gpu, h128, 1, 128, packed=True, stream=True) == 64  # 512 workgroups
 
 
+def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
+    """A 128x64 prefill tile with 32 outputs per invocation (vit: Dv = 64) takes the chunked-p
+    plan, under SHARED_SMEM (the whole p tile needs 42 KiB); 48 outputs (Dv 72 or 96) and CPU
+    adapters keep the whole p tile."""
+    import dataclasses
+
+    from attnc.lowering.plan import Family, layout
+
+    gpu = _H200Like()
+    vit = dict(B=1, Hq=16, Hkv=16, S=4096, T=4096, D=64, Dv=64)
+    plan, tun = api.plan_for(gpu, Family.SUBGROUPS, vit, api.Options())
+    assert tun == {"BM": 128, "BN": 64}
+    assert (plan.WG, plan.TM, plan.PC, plan.VK, plan.DVS, plan.UN, plan.PF) == (256, 4, 32, 16, 64, 64, 0)
+    whole = dataclasses.replace(plan, PC=0, VK=32, PF=1)
+    assert 4 * layout(plan, 128, 64).smem_words <= api.SHARED_SMEM < 4 * layout(whole, 128, 64).smem_words
+    for d in (72, 96):
+        plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dict(vit, D=d, Dv=d), api.Options())
+        assert tun["BM"] == 128 and (plan.PC, plan.VK, plan.PF) == (0, 32, 1)
+    cpu = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
+    cpu.adapter_type = "CPU"
+    assert api.plan_for(cpu, Family.PORTABLE, vit, api.Options())[0].PC == 0
+
+
 def test_32_row_decode_tiles_match_the_reference(require_adapters) -> None:
     """The GPU plan for many packed rows (loops kept: lavapipe compiles unrolled tiles slowly),
     split, with ragged KV lengths, on lavapipe."""
