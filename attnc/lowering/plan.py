@@ -258,11 +258,24 @@ class StreamLayout:
         return self.BN // self.KG
 
     @property
+    def merge_in_sp(self) -> bool:
+        """Whether the final merge's output vec4s go through the partial-dot array (packed-GQA
+        tiles of 8 rows or more: a smaller workgroup) or an array of their own (vec4 stores)."""
+        return self.BM >= 8
+
+    @property
+    def sp_words(self) -> int:
+        """The partial-dot array: [key][lane][row] during the KV loop, then (merge_in_sp) the
+        merge's 4 x [key group][row of the round][column group] words (RC rows per round)."""
+        merge = 4 * self.KG * self.RC * self.CG
+        return max(self.BN * self.KL * self.BM, merge if self.merge_in_sp else 0)
+
+    @property
     def smem_words(self) -> int:
         """Workgroup storage in 4-byte words: q tile, partial dots, merge buffers."""
         smx = self.BN * self.BM + self.KG * self.BM if self.SMX else 0
-        return (4 * self.BM * self.D4 + self.BN * self.KL * self.BM + 2 * self.KG * self.BM
-                + 2 * self.BM + 4 * self.KG * self.RC * self.CG + 2 + smx)
+        o_red = 0 if self.merge_in_sp else 4 * self.KG * self.RC * self.CG
+        return 4 * self.BM * self.D4 + self.sp_words + 2 * self.KG * self.BM + 2 * self.BM + o_red + 2 + smx
 
 
 def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
@@ -284,7 +297,13 @@ def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
     if BN % (KG * plan.KC):
         raise LoweringError(f"BN={BN} keys must split evenly over {KG} key groups x KC={plan.KC}",
                             notes=("raise BN or lower WG",))
-    RC = max(1, min(BM, KG, 512 // plan.WG))  # one output vec4 per invocation per round
+    # rows merged per round: at most one output vec4 per invocation; for packed-GQA tiles of 8
+    # rows or more, which take many splits, the merge goes through the partial dots' array and
+    # no more rows than it holds, so that the workgroup stays small and more of them share an
+    # SM (H200 dec_gqa8: 16.8 -> 8.8 KiB, 2 -> 5 per SM)
+    RC = max(1, min(BM, KG, 512 // plan.WG))
+    if BM >= 8:
+        RC = max(1, min(RC, BN * plan.KL * BM // (4 * KG * CG)))
     if plan.SMX not in (0, 1):
         raise LoweringError(f"tunable SMX={plan.SMX} must be 0 or 1")
     return StreamLayout(BM, BN, plan.WG, plan.KL, plan.KC, plan.DQ // 4, CG, KG, RC, plan.SMX)

@@ -33,17 +33,19 @@ def emit_stream(sh: Shader) -> Program:
     """The main pass of the stream strategy: one workgroup per (grid point, row tile[, split][, Dv chunk])."""
     s, plan = sh.spec, sh.plan
     lay = stream_layout(plan, s.BM, s.BN)
-    BM, BN, WG, KL, CG, KG, D4 = lay.BM, lay.BN, lay.WG, lay.KL, lay.CG, lay.KG, lay.D4
+    BM, BN, WG, CG, KG, D4 = lay.BM, lay.BN, lay.WG, lay.CG, lay.KG, lay.D4
     w = Writer()
     sh.header(w, False)
     binds = sh.main_bindings(w)
     w.line(f"var<workgroup> q_sh: array<vec4<f32>, {BM * D4}>;")
-    w.line(f"var<workgroup> sp: array<f32, {BN * KL * BM}>;  // partial dots [key][lane][row]")
+    merge = ", then the merge's" if lay.merge_in_sp else ""
+    w.line(f"var<workgroup> sp: array<f32, {lay.sp_words}>;  // partial dots [key][lane][row]{merge}")
     w.line(f"var<workgroup> m_red: array<f32, {KG * BM}>;")
     w.line(f"var<workgroup> l_red: array<f32, {KG * BM}>;")
     w.line(f"var<workgroup> m_fin: array<f32, {BM}>;")
     w.line(f"var<workgroup> l_fin: array<f32, {BM}>;")
-    w.line(f"var<workgroup> o_red: array<vec4<f32>, {KG * lay.RC * CG}>;")
+    if not lay.merge_in_sp:
+        w.line(f"var<workgroup> o_red: array<vec4<f32>, {KG * lay.RC * CG}>;")
     if lay.SMX:
         w.line(f"var<workgroup> p_sh: array<f32, {BN * BM}>;  // probabilities [key][row]")
         w.line(f"var<workgroup> al_sh: array<f32, {KG * BM}>;  // rescale factor [key group][row]")
@@ -245,16 +247,31 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     for r in range(BM):  # this invocation's share, rescaled to the row's final max
         own = f"m_red[kg * {BM}u + {r}u]" if lay.SMX else f"m{r}"
         w.line(f"o{r} = o{r} * exp_sub({own}, m_fin[{r}]);")
+    # each round: RC rows' outputs of every key group, [key group][row][column group] vec4s in
+    # o_red, or (merge_in_sp) in sp, free after the loop's last barrier, as component-major
+    # planes of words, so that the invocations of a row store and load consecutive words
+    plane = KG * RC * CG
     for r0 in range(0, BM, RC):
         for rr in range(min(RC, BM - r0)):
-            w.line(f"o_red[(kg * {RC}u + {rr}u) * {CG}u + cg] = o{r0 + rr};")
+            at = f"(kg * {RC}u + {rr}u) * {CG}u + cg"
+            if lay.merge_in_sp:
+                for i, comp in enumerate("xyzw"):
+                    w.line(f"sp[{i * plane}u + {at}] = o{r0 + rr}.{comp};")
+            else:
+                w.line(f"o_red[{at}] = o{r0 + rr};")
         w.line("workgroupBarrier();")
         with w.block(f"if (lid < {min(RC, BM - r0) * CG}u)"):
             w.line(f"let rr = lid / {CG}u;")
             w.line(f"let cc = lid % {CG}u;")
             w.line("var acc = vec4<f32>();")
             with w.block(f"for (var g = 0u; g < {KG}u; g = g + 1u)"):
-                w.line(f"acc = acc + o_red[(g * {RC}u + rr) * {CG}u + cc];")
+                b = f"(g * {RC}u + rr) * {CG}u + cc"
+                if lay.merge_in_sp:
+                    w.line(f"let b = {b};")
+                    w.line(f"acc = acc + vec4<f32>(sp[b], sp[b + {plane}u], sp[b + {2 * plane}u], "
+                           f"sp[b + {3 * plane}u]);")
+                else:
+                    w.line(f"acc = acc + o_red[{b}];")
             w.line(f"let row = {r0}u + rr;")
             w.line("let qi = q0 + i32(row);")
             w.line(f"let c = dvc * {sh.plan.DVC}u + cc * 4u;")

@@ -127,7 +127,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     - short query rows (S <= 16: decoding, cross-attention): the stream strategy (K/V read
       straight from storage) with row tiles of up to 16 rows (4 on a CPU adapter; query heads
       of a KV head packed into rows), split over KV, with a softmax phase (SMX) from 8 rows
-      (H200 dec_gqa8 about 10 % faster with it and 4 KV tiles per split); on a CPU adapter
+      (H200 dec_gqa8 about 10 % faster with it) and >= 2 KV tiles per split; on a CPU adapter
       without GQA, the rows strategy (one query row per invocation); on a GPU with at least 32
       packed rows per KV head (GQA with several queries), 32x64 tiles of the tiled strategy with
       4 rows per invocation (H200 dec4_gqa8 1.6x faster than stream); the tiled strategy where
@@ -336,20 +336,22 @@ def stream_plan(base: Plan, dims: dict[str, int], **kw: int) -> Plan:
 def split_count(device: Device, dims: dict[str, int], BM: int, BN: int, packed: bool = False,
                 stream: bool = False) -> int:
     """How many KV splits fill the device: aim for enough workgroups, keep >= 2 tiles each, >= 4
-    with 32-row tiles (the stream strategy: 512 workgroups on a GPU, >= 1 tile each, >= 4 with 8
+    with 32-row tiles (the stream strategy: 512 workgroups on a GPU, >= 1 tile each, >= 2 with 8
     rows or more). Measured in docs/bench/ on the H200: dec4_gqa8 in 32-row tiles 0.063 ms with
-    30 splits, 0.069 with 60; dec_gqa8 in 8-row stream tiles 0.037-0.041 ms with 30, 0.041-0.052
-    with 20, 40 or 64 (each split stages its query rows, merges and stores a partial state)."""
+    30 splits, 0.069 with 60; dec_gqa8 in 8-row stream tiles (8.8 KiB of workgroup memory since
+    session 9, five workgroups per SM) 0.036 ms with 60 splits, 0.041-0.044 with 30 or 120
+    (each split stages its query rows, merges and stores a partial state; with 16.8 KiB, two per
+    SM, 30 splits were best: 60 ran in two waves)."""
     if packed:
         base = dims["B"] * dims["Hkv"] * -(-(dims["Hq"] // dims["Hkv"]) * dims["S"] // BM)
     else:
         base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
     target = 64 if device.adapter_type == "CPU" else (512 if stream else 2048)
     tiles = -(-dims["T"] // BN)
-    if BM >= (8 if stream else 32):  # heavy tiles: spread each split's fixed costs over 4 tiles
-        per = 4
-    else:
-        per = 1 if stream else 2
+    if stream:  # 8 rows or more: each split's fixed costs spread over 2 tiles
+        per = 2 if BM >= 8 else 1
+    else:  # 32 rows or more: over 4 tiles
+        per = 4 if BM >= 32 else 2
     return max(1, min(-(-target // base), tiles // per or 1))
 
 

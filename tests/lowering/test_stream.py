@@ -50,7 +50,14 @@ def test_stream_layout_counts() -> None:
     lay = stream_layout(stream(WG=128, DVC=128, DQ=128, KL=2, KC=4), 4, 128)
     assert (lay.CG, lay.KG, lay.NK, lay.D4) == (32, 4, 32, 32)
     assert lay.RC * lay.CG <= lay.WG  # a merge round stores one vec4 per invocation
-    assert 4 * lay.smem_words == 4 * (4 * 4 * 32 + 128 * 2 * 4 + 2 * 4 * 4 + 2 * 4 + 4 * lay.RC * 128 + 2)
+    assert not lay.merge_in_sp and (lay.RC, lay.sp_words) == (4, 128 * 2 * 4)  # o_red: 4 rows per round
+    assert lay.smem_words == 4 * 4 * 32 + 128 * 2 * 4 + 2 * 4 * 4 + 2 * 4 + 4 * 4 * 4 * 32 + 2
+    # from 8 rows the merge reuses the partial dots' array, rounds no larger than its 2048 words
+    eight = stream_layout(stream(WG=128, DVC=128, DQ=128, KL=2, KC=4), 8, 128)
+    assert eight.merge_in_sp
+    assert (eight.RC, eight.sp_words) == (4, 128 * 2 * 8) == (4, 4 * eight.KG * 4 * eight.CG)
+    gqa8 = stream_layout(stream(WG=128, DVC=64, DQ=64, KL=2, KC=4, SMX=1), 8, 64)  # dec_gqa8's
+    assert (gqa8.RC, gqa8.sp_words, 4 * gqa8.smem_words) == (2, 64 * 2 * 8, 9032)
     smx = stream_layout(stream(WG=128, DVC=128, DQ=128, KL=2, KC=4, SMX=1), 4, 128)
     assert smx.smem_words == lay.smem_words + 128 * 4 + 4 * 4  # probabilities and rescale factors
 
