@@ -139,16 +139,20 @@ def test_tiled_decode_still_matches_reference(spec, require_adapters) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("smx", [0, 1])
-def test_stream_many_rows(smx, require_adapters) -> None:
-    """Packed GQA decode with 16 query heads per KV head in 8-row tiles, split."""
+@pytest.mark.parametrize(("smx", "nsplit"), [(0, 3), (1, 3), (1, 1)])
+def test_stream_many_rows(smx, nsplit, require_adapters) -> None:
+    """Packed GQA decode with 16 query heads per KV head in 8-row tiles (the merge through the
+    partial-dot array, in two rounds of 4 rows), split or not."""
     dev = require_adapters("wgpu:vulkan")[0]
     rng = np.random.default_rng(5)
     dims = dict(B=1, Hq=32, Hkv=2, S=1, T=700, D=64, Dv=64)
     q = rng.standard_normal((1, 32, 1, 64)).astype(np.float32)
     k = rng.standard_normal((1, 2, 700, 64)).astype(np.float32)
     v = rng.standard_normal((1, 2, 700, 64)).astype(np.float32)
-    op = api.prepare(dims, np.float32, device=dev, plan=stream(SMX=smx), tunables={"BM": 8, "BN": 64}, nsplit=3,
+    plan = stream(SMX=smx)
+    lay = stream_layout(plan, 8, 64)
+    assert lay.merge_in_sp and lay.RC == 4
+    op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 8, "BN": 64}, nsplit=nsplit,
                      softcap=30.0, return_lse=True)
     op.bind(q, k, v)
     op.run()
