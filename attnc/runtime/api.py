@@ -177,8 +177,10 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
             # many packed rows per KV head (GQA, several queries each): 32-row tiles of 4 rows per
             # invocation (H200 dec4_gqa8: 0.063 ms against the stream plan's 0.102)
             tiled = tiled_plan(device, tiled_base, dims, [(32, 64, 128, 4)])
-            if tiled is not None:
-                return tiled
+            if tiled is not None:  # 8-key value blocks: 11.5 KiB, four workgroups per SM on the
+                # H200 (SHARED_SMEM), so twice the splits run in one wave (dec4_gqa8 with 60
+                # splits: 0.052-0.057 ms against 0.062-0.064 with 32-key blocks and 30)
+                return dataclasses.replace(tiled[0], VK=8), tiled[1]
         if cpu and group == 1 and not explicit_family and only in ("", "rows"):
             plan = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, KC=4,
                         DQ=max(pow2ceil(dims["D"]), 4), DVC=dv, VEC=vec)
@@ -335,23 +337,21 @@ def stream_plan(base: Plan, dims: dict[str, int], **kw: int) -> Plan:
 
 def split_count(device: Device, dims: dict[str, int], BM: int, BN: int, packed: bool = False,
                 stream: bool = False) -> int:
-    """How many KV splits fill the device: aim for enough workgroups, keep >= 2 tiles each, >= 4
-    with 32-row tiles (the stream strategy: 512 workgroups on a GPU, >= 1 tile each, >= 2 with 8
-    rows or more). Measured in docs/bench/ on the H200: dec4_gqa8 in 32-row tiles 0.063 ms with
-    30 splits, 0.069 with 60; dec_gqa8 in 8-row stream tiles (8.8 KiB of workgroup memory since
-    session 9, five workgroups per SM) 0.036 ms with 60 splits, 0.041-0.044 with 30 or 120
-    (each split stages its query rows, merges and stores a partial state; with 16.8 KiB, two per
-    SM, 30 splits were best: 60 ran in two waves)."""
+    """How many KV splits fill the device: aim for enough workgroups (2048 tiled, 512 stream on
+    a GPU), keep >= 2 tiles each (stream: >= 1, >= 2 with 8 rows or more). Measured in docs/bench/
+    on the H200, where workgroup memory decides how many workgroups an SM holds and so how many
+    splits run in one wave: dec4_gqa8 in 32-row tiles of 11.5 KiB (four per SM) 0.052-0.057 ms
+    with 60 splits, 0.066-0.068 with 30 or 120 (of 17.5 KiB, two per SM: 0.063 with 30, 0.067-0.069
+    with 60); dec_gqa8 in 8-row stream tiles of 8.8 KiB (five per SM) 0.036 ms with 60 splits,
+    0.041-0.044 with 30 or 120 (each split stages its query rows, merges and stores a partial
+    state)."""
     if packed:
         base = dims["B"] * dims["Hkv"] * -(-(dims["Hq"] // dims["Hkv"]) * dims["S"] // BM)
     else:
         base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
     target = 64 if device.adapter_type == "CPU" else (512 if stream else 2048)
     tiles = -(-dims["T"] // BN)
-    if stream:  # 8 rows or more: each split's fixed costs spread over 2 tiles
-        per = 2 if BM >= 8 else 1
-    else:  # 32 rows or more: over 4 tiles
-        per = 4 if BM >= 32 else 2
+    per = (2 if BM >= 8 else 1) if stream else 2
     return max(1, min(-(-target // base), tiles // per or 1))
 
 

@@ -154,16 +154,17 @@ class _H200Like:
 
 def test_gpu_decode_with_many_packed_rows_takes_32_row_tiles() -> None:
     """GQA decode with >= 32 query rows per KV head (dec4_gqa8: 8 heads x 4 queries): 32x64
-    tiles of the tiled strategy, 4 rows per invocation, >= 4 KV tiles per split; fewer packed
-    rows (dec_gqa8, whisper) stay with the stream strategy."""
-    from attnc.lowering.plan import Family, Strategy
+    tiles of the tiled strategy, 4 rows per invocation, 8-key value blocks (a small workgroup),
+    >= 2 KV tiles per split; fewer packed rows (dec_gqa8, whisper) stay with the stream strategy."""
+    from attnc.lowering.plan import Family, Strategy, layout
 
     gpu = _H200Like()
     dec4 = dict(B=1, Hq=64, Hkv=8, S=4, T=7680, D=64, Dv=64)
     plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dec4, api.Options())
     assert plan.strategy is Strategy.TILED and tun == {"BM": 32, "BN": 64}
-    assert (plan.WG, plan.TM, plan.DVS, plan.VK, plan.UN, plan.PF) == (128, 4, 64, 32, 64, 1)
-    assert api.split_count(gpu, dec4, 32, 64, packed=True) == 30  # 120 KV tiles, 4 per split
+    assert (plan.WG, plan.TM, plan.DVS, plan.VK, plan.UN, plan.PF) == (128, 4, 64, 8, 64, 1)
+    assert 4 * layout(plan, 32, 64).smem_words <= 12 * 1024  # four per SM on the H200
+    assert api.split_count(gpu, dec4, 32, 64, packed=True) == 60  # 120 KV tiles, 2 per split
     for dims in (dict(dec4, S=1), dict(B=1, Hq=6, Hkv=6, S=4, T=1500, D=64, Dv=64)):
         assert api.plan_for(gpu, Family.SUBGROUPS, dims, api.Options())[0].strategy is Strategy.STREAM
     cpu = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
