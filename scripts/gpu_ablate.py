@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_plan_sweep import PER_ROUND, ROUNDS, head0_relerr  # noqa: E402
+from gpu_plan_sweep import PER_ROUND, ROUNDS, head0_relerr, take_json  # noqa: E402
 
 from attnc.bench.cases import load_suite, make_inputs  # noqa: E402
 from attnc.lowering import tiled  # noqa: E402
@@ -128,11 +128,7 @@ def _ablated(name: str) -> Iterator[None]:
 
 def main() -> None:
     argv = sys.argv[1:]
-    out = None
-    if "--json" in argv:
-        i = argv.index("--json")
-        out = open(argv[i + 1], "a")
-        del argv[i:i + 2]
+    out = take_json(argv)
     dev = get_device(argv[0])
     names = ["-"] + (argv[2:] or [*PATCHES, *EDITS])
     cases = {c.name: c for c in load_suite("seeds") + load_suite("ci")}

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_ablate import ablated  # noqa: E402
-from gpu_plan_sweep import parse  # noqa: E402
+from gpu_plan_sweep import parse, take_json  # noqa: E402
 
 from attnc.bench.cases import Case, make_inputs  # noqa: E402
 from attnc.runtime import api  # noqa: E402
@@ -26,23 +26,19 @@ from attnc.runtime.dispatch import warm_up  # noqa: E402
 
 def main() -> None:
     argv = sys.argv[1:]
-    out = None
-    if "--json" in argv:
-        i = argv.index("--json")
-        out = open(argv[i + 1], "a")
-        del argv[i:i + 2]
+    out = take_json(argv)
     dev = get_device(argv[0])
     D, T = int(argv[1]), int(argv[2])
     counts = [int(x) for x in argv[3].split(",")]
     specs = argv[4:] or ["-"]
+    big = {"B": 1, "Hq": 16, "Hkv": 16, "S": 4096, "T": T, "D": D, "Dv": D}  # vit-like: a prefill plan
+    base, tun0 = api.plan_for(dev, api.pick_family(dev, None), big, api.Options())
     for spec in specs:
+        plan_spec, _, abl = spec.partition("/")
+        kw = parse(plan_spec)
+        tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
         ops = []
         for n in counts:
-            big = {"B": 1, "Hq": 16, "Hkv": 16, "S": 4096, "T": T, "D": D, "Dv": D}  # vit-like: a prefill plan
-            base, tun = api.plan_for(dev, api.pick_family(dev, None), big, api.Options())
-            plan_spec, _, abl = spec.partition("/")
-            kw = parse(plan_spec)
-            tun = {**tun, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
             case = Case(f"n{n}", 1, 1, 1, tun["BM"] * n, T, D, D)
             q, k, v = make_inputs(case, seed=0)
             with ablated(abl or "-"):

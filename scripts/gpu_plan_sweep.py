@@ -13,6 +13,7 @@ import json
 import os
 import statistics
 import sys
+from typing import TextIO
 
 import numpy as np
 
@@ -32,6 +33,16 @@ def head0_relerr(case, q, k, v, o) -> float:
     p = np.exp(s - s.max(1, keepdims=True))
     ref = (p @ v[0, 0]) / p.sum(1, keepdims=True)
     return float(np.linalg.norm(o[0, 0] - ref) / np.linalg.norm(ref))
+
+
+def take_json(argv: list[str]) -> TextIO | None:
+    """Remove `--json FILE` from argv; the file opened for appending, or None."""
+    if "--json" not in argv:
+        return None
+    i = argv.index("--json")
+    out = open(argv[i + 1], "a")  # (kept open for the whole run)
+    del argv[i:i + 2]
+    return out
 
 
 def parse(spec: str) -> dict[str, int]:
@@ -72,11 +83,7 @@ def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
 
 def main() -> None:
     argv = sys.argv[1:]
-    out = None
-    if "--json" in argv:
-        i = argv.index("--json")
-        out = open(argv[i + 1], "a")
-        del argv[i:i + 2]
+    out = take_json(argv)
     dev = get_device(argv[0])
     cases = {c.name: c for c in load_suite("seeds") + load_suite("ci")}
     for name in argv[1].split(","):

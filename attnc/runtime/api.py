@@ -178,9 +178,10 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
             # many packed rows per KV head (GQA, several queries each): 32-row tiles of 4 rows per
             # invocation (H200 dec4_gqa8: 0.063 ms against the stream plan's 0.102)
             tiled = tiled_plan(device, tiled_base, dims, [(32, 64, 128, 4)])
-            if tiled is not None:  # 8-key value blocks: 11.5 KiB, four workgroups per SM on the
-                # H200 (SHARED_SMEM), so twice the splits run in one wave (dec4_gqa8 with 60
-                # splits: 0.052-0.057 ms against 0.062-0.064 with 32-key blocks and 30)
+            if tiled is not None:
+                # 8-key value blocks: 11.5 KiB, four workgroups per SM on the H200, so twice the
+                # splits run in one wave (dec4_gqa8 with 60 splits: 0.052-0.057 ms against
+                # 0.062-0.064 with 32-key blocks and 30)
                 return dataclasses.replace(tiled[0], VK=8), tiled[1]
         if cpu and group == 1 and not explicit_family and only in ("", "rows"):
             plan = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, KC=4,
@@ -242,10 +243,10 @@ def tiled_plan(device: Device, base: Plan, dims: dict[str, int], shapes: list[tu
             plan = dataclasses.replace(base, WG=wg, TM=tm, DK=dk, DVC=dvc, DVS=dvs, VK=vk)
             lay = layout(plan, bm, bn)
             if not fit or (4 * lay.smem_words <= smem and wg <= inv):
-                small = chunked_p(plan, bm, bn) if not cpu and fit else None
-                if (small is not None and 4 * lay.smem_words > SHARED_SMEM and lay.TM * lay.TD <= 32
-                        and 4 * layout(small, bm, bn).smem_words <= SHARED_SMEM):
-                    return small, {"BM": bm, "BN": bn}
+                if not cpu and fit and 4 * lay.smem_words > SHARED_SMEM and lay.TM * lay.TD <= 32:
+                    small = chunked_p(plan, bm, bn)
+                    if small is not None and 4 * layout(small, bm, bn).smem_words <= SHARED_SMEM:
+                        plan = small
                 return plan, {"BM": bm, "BN": bn}
     return None
 
@@ -265,16 +266,14 @@ def chunked_p(plan: Plan, bm: int, bn: int) -> Plan | None:
     workgroups per SM instead of one; with 48 outputs (Dv 72 or 96) 10 % faster on Dawn but
     up to 1.4x slower on wgpu-native, so tiled_plan leaves those alone (docs/BENCHMARKS.md,
     session 9)."""
-    lay = layout(plan, bm, bn)
-    pc = lay.CT * owned_run(lay.TN)
-    if pc >= bn or pc < 16:
-        return None
-    small = dataclasses.replace(plan, PC=pc, VK=16, PF=0)
     try:
-        layout(small, bm, bn)
+        lay = layout(plan, bm, bn)
+        pc = lay.CT * owned_run(lay.TN)
+        small = dataclasses.replace(plan, PC=pc, VK=16, PF=0)
+        layout(small, bm, bn)  # (PC below 16 keys cannot hold a 16-key value block)
     except LoweringError:
         return None
-    return small
+    return small if pc < bn else None
 
 
 # the lanes strategy on CPU adapters: the smallest problem (B*Hq*S*T score elements) worth its

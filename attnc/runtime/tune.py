@@ -127,14 +127,6 @@ def fits(device: Device, plan: Plan, tun: dict[str, int]) -> bool:
     return 4 * lay.smem_words <= smem and lay.WG <= wg and lay.TN >= 1 and lay.TD >= 1
 
 
-def _chunked(plan: Plan, bm: int, bn: int) -> Plan | None:
-    """api.chunked_p's variant of a candidate, None where it has none or the candidate is invalid."""
-    try:
-        return chunked_p(plan, bm, bn)
-    except AttncError:
-        return None
-
-
 def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[Family],
                nsplit: int | None) -> Iterator[tuple[Plan, dict[str, int], int | None]]:
     """Valid plans to time for a problem, the likeliest first (a `--max` cut keeps variety):
@@ -201,7 +193,7 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
                                                        UN=un, PF=pf, PC=0)
                             rank = (si > 0) + (fi > 0) + (ki > 0) + (vi > 0) + (ui > 0)
                             add(rank, plan, {"BM": bm, "BN": bn}, ns)
-                            small = _chunked(plan, bm, bn) if ui == 0 and base.UN > 1 else None
+                            small = chunked_p(plan, bm, bn) if ui == 0 and base.UN > 1 else None
                             if small is not None:  # (GPUs) half the workgroup memory, p in chunks
                                 add(rank + (base.PC == 0), small, {"BM": bm, "BN": bn}, ns)
         sg = device.subgroup_size
