@@ -84,6 +84,10 @@ class Plan:
     local_invocation_index order (its probe); row groups wider than SGMIN but not than SGFAST
     reduce by shuffles alone, with no workgroup memory or barriers, when the subgroup size the
     shader runs with is at least the row group's width, and through workgroup memory otherwise.
+    QO=1 (all strategies): the workgroups take the query tiles last tile first, each tile for
+    every head and split before the next, instead of every tile of one head before the next
+    head: with causal masks the last tiles see the most keys, so this starts the longest
+    workgroups first (the GPU starts workgroups in index order) and the short ones fill in.
     CSG (split-KV combine): split groups per output column, each merging every CSG-th split
     (workgroups of 32 x CSG); 0 = from the split count when the runtime knows it, else 8.
     """
@@ -109,6 +113,7 @@ class Plan:
     CSG: int = 0
     VK: int = 0
     PC: int = 0
+    QO: int = 0
     SGB: int = 0
     SGFAST: int = 0
     overrides: tuple[tuple[str, int], ...] = field(default=())

@@ -225,9 +225,14 @@ class Shader:
         if s.split_var:
             w.line(f"g_{s.split_var} = i32(rem % u32(P.p_{s.split_count}));")
             w.line(f"rem = rem / u32(P.p_{s.split_count});")
-        for a in reversed(s.axes):
+        axes = list(reversed(s.axes))
+        if self.plan.QO:  # query tiles outermost, last tile first (Plan.QO)
+            axes = [a for a in axes if a is not s.row] + [s.row]
+        for a in axes:
             ext = self.extent(a.dim, a.tile)
-            if a is s.row:
+            if a is s.row and self.plan.QO:
+                w.line(f"let qtile = {ext} - 1u - rem % {ext};")
+            elif a is s.row:
                 w.line(f"let qtile = rem % {ext};")
             else:
                 w.line(f"g_{a.var} = i32(rem % {ext});")

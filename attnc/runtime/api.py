@@ -136,6 +136,11 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     - longer rows: the largest of 128x64 (256 invocations), 64x64 and 64x32 tiles with 4 rows
       per invocation that the device's limits allow (CPU adapters skip the 256-wide one);
       on a GPU, when 128-row tiles would make fewer than 64 workgroups, 32x64 tiles first;
+    - causal masks on a GPU: the query tiles are taken last tile first across all heads (QO=1:
+      the tiles that see the most keys start first), and where 128-row tiles would make fewer
+      than 256 workgroups, 64-row tiles of 256 invocations, twice as many pieces of work for the
+      GPU to balance (H200 phi35: 128 workgroups of 2-8 KV tiles; 0.166 -> 0.129 ms on
+      wgpu-native; 64-row tiles without QO 0.195, QO alone 0.163; docs/BENCHMARKS.md, session 10);
     - q/k/v load as vec4 when both head dims are multiples of 4;
     - tiled plans on a GPU unroll their tile loops completely (UN=64) and prefetch the next
       staged block into registers (PF=1): 1.2-1.5x on the H200 prefill cases; CPU adapters keep
@@ -169,7 +174,9 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
         raise ValueError(f"ATTNC_STRATEGY must be one of {sorted(x.value for x in Strategy)}, got {only!r}")
     # GPUs: tile loops unrolled in the WGSL and the next block's loads issued before the math
     gpu = {} if cpu else {"UN": 64, "PF": 1}
-    tiled_base = Plan(family, storage, dialect, SGMIN=sg_min, SGFAST=sg_fast, VEC=vec, **gpu)
+    # causal on a GPU: the query tiles that see the most keys start first (Plan.QO)
+    causal = opts.causal and not cpu
+    tiled_base = Plan(family, storage, dialect, SGMIN=sg_min, SGFAST=sg_fast, VEC=vec, QO=int(causal), **gpu)
     if dims["S"] <= 16:
         lanes = lanes_plan(device, family, dims, storage, dialect, vec, f16_math, only)
         if lanes is not None:
@@ -209,11 +216,14 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     lanes = lanes_plan(device, family, dims, storage, dialect, vec, f16_math, only)
     if lanes is not None:
         return lanes
-    few = dims["B"] * dims["Hq"] * -(-dims["S"] // 128) < 64  # 128-row tiles would leave SMs idle
+    tiles128 = dims["B"] * dims["Hq"] * -(-dims["S"] // 128)
+    few = tiles128 < 64  # 128-row tiles would leave SMs idle
     if cpu:
         shapes = [(64, 64, 64, 4), (64, 32, 64, 4)]
     elif few:
         shapes = [(32, 64, 128, 2), (64, 64, 128, 4), (64, 32, 64, 4)]
+    elif causal and tiles128 < 256:  # twice the causal tiles, longest first, for the GPU to balance
+        shapes = [(64, 64, 256, 4), (128, 64, 256, 4), (64, 64, 128, 4), (64, 32, 64, 4)]
     else:
         shapes = [(128, 64, 256, 4), (64, 64, 128, 4), (64, 32, 64, 4)]
     chosen = tiled_plan(device, tiled_base, dims, shapes) or tiled_plan(device, tiled_base, dims, [(64, 32, 64, 4)],
@@ -467,6 +477,7 @@ class Prepared:
         pn = self.plan
         tiled = f"WG={pl.workgroup_size},TM={pn.TM},DK={pn.DK},DVS={pn.DVS},VK={pn.VK},UN={pn.UN},PF={pn.PF}"
         tiled += f",PC={pn.PC}" if pn.PC else ""
+        tiled += f",QO={pn.QO}" if pn.QO else ""
         kt = dict(self.kern.tunables)
         if pn.strategy is Strategy.TILED and fast_reduce(pn, layout(pn, kt["BM"], kt["BN"])):
             tiled += f",SGFAST={pn.SGFAST}"

@@ -157,8 +157,8 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
         shapes = [(32, 32, 64, 2), (16, 32, 64, 1), (32, 64, 128, 2), (64, 32, 64, 4), (64, 64, 128, 4),
                   (64, 64, 64, 8), (128, 64, 256, 4)]
     else:
-        shapes = [(128, 64, 256, 4), (128, 32, 128, 8), (128, 32, 256, 4), (128, 64, 128, 8), (64, 64, 64, 8),
-                  (64, 64, 128, 4), (128, 32, 128, 4),
+        shapes = [(128, 64, 256, 4), (64, 64, 256, 4), (128, 32, 128, 8), (128, 32, 256, 4), (128, 64, 128, 8),
+                  (64, 64, 64, 8), (64, 64, 128, 4), (128, 32, 128, 4),
                   (64, 32, 64, 4), (128, 64, 128, 4), (64, 64, 64, 4), (64, 64, 256, 2)]
     # loop unrolling and prefetching: the heuristic's, then partial unrolling, then the other prefetch setting
     loops = list(dict.fromkeys([(base.UN, base.PF)] + ([(16, base.PF), (base.UN, 1 - base.PF)] if base.UN > 1 else [])))

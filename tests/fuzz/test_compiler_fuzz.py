@@ -236,7 +236,7 @@ def kernels_and_plans(draw):
                  SGFAST=draw(st.sampled_from([0, 8, 32])),
                  VEC=draw(st.sampled_from([1, 4])), UN=draw(st.sampled_from([1, 2])),
                  PF=draw(st.sampled_from([0, 1])), VK=draw(st.sampled_from([0, 8, 16])),
-                 PC=draw(st.sampled_from([0, 16, 32])))
+                 PC=draw(st.sampled_from([0, 16, 32])), QO=draw(st.sampled_from([0, 1])))
     rows = dict(KC=draw(st.sampled_from([1, 2, 4, 8])), DQ=draw(st.sampled_from([8, 64, 128])),
                 DVC=draw(st.sampled_from([32, 64, 256])), VEC=draw(st.sampled_from([1, 4])))
     BM, BN = draw(st.sampled_from([16, 32, 64])), draw(st.sampled_from([16, 32, 64]))

@@ -68,7 +68,7 @@ def problems(draw):
                 DK=draw(st.sampled_from([8, 16, 24])), DVC=draw(st.sampled_from([16, 32, 64])),
                 DVS=draw(st.sampled_from([8, 16, 32])), VK=draw(st.sampled_from([0, 0, 8, 16])), VEC=vec,
                 UN=draw(st.sampled_from([1, 2])), PF=draw(st.sampled_from([0, 1, 1])),
-                PC=draw(st.sampled_from([0, 16, 32])))
+                PC=draw(st.sampled_from([0, 16, 32])), QO=draw(st.sampled_from([0, 1])))
     if draw(st.booleans()):
         plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, "QRES": True,
                        "DQ": -(-dims["D"] // plan.DK) * plan.DK})
@@ -102,9 +102,9 @@ def test_tiled_loop_shapes_match_reference(spec, problem, require_adapters) -> N
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ADAPTERS)
 def test_unrolled_prefetched_kernel_gives_the_same_bits(spec, require_adapters) -> None:
-    """Unrolling and prefetching change when loads happen, and PC when p is written, not the
-    arithmetic: same bits, also with a NaN value at a visible key (its rows only) and an inf one
-    at a masked key."""
+    """Unrolling and prefetching change when loads happen, PC when p is written and QO which
+    workgroup takes which query tile, not the arithmetic: same bits, also with a NaN value at a
+    visible key (its rows only) and an inf one at a masked key."""
     dev = require_adapters(spec)[0]
     rng = np.random.default_rng(6)
     dims = dict(B=1, Hq=2, Hkv=1, S=90, T=150, D=40, Dv=36)
@@ -115,8 +115,10 @@ def test_unrolled_prefetched_kernel_gives_the_same_bits(spec, require_adapters) 
     v[0, 0, 70, 3] = np.nan
     outs = []
     # 64-key tiles over 8 invocations per row: PC=32 writes p in two chunks (of one or two value blocks)
-    for un, pf, pc, vk in ((1, 0, 0, 0), (4, 1, 0, 0), (4, 1, 32, 32), (1, 0, 32, 16), (1, 1, 64, 16)):
-        plan = Plan(Family.PORTABLE, WG=64, TM=4, DK=8, DVC=32, DVS=16, VEC=4, UN=un, PF=pf, PC=pc, VK=vk)
+    # and QO=1 takes the query tiles in another order
+    for un, pf, pc, vk, qo in ((1, 0, 0, 0, 0), (4, 1, 0, 0, 0), (4, 1, 32, 32, 0), (1, 0, 32, 16, 0),
+                               (1, 1, 64, 16, 0), (1, 0, 0, 0, 1)):
+        plan = Plan(Family.PORTABLE, WG=64, TM=4, DK=8, DVC=32, DVS=16, VEC=4, UN=un, PF=pf, PC=pc, VK=vk, QO=qo)
         op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 32, "BN": 64}, nsplit=2,
                          causal=True)
         op.bind(q, k, v)

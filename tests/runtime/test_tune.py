@@ -214,6 +214,25 @@ def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
     assert api.plan_for(cpu, Family.PORTABLE, vit, api.Options())[0].PC == 0
 
 
+def test_gpu_causal_prefill_takes_long_tiles_first_in_64_row_tiles() -> None:
+    """Causal prefill on a GPU takes the query tiles last first (QO=1); where 128-row tiles would
+    make fewer than 256 workgroups (phi35: 128), 64-row tiles of 256 invocations. Non-causal
+    problems and CPU adapters keep the index order, long causal prefill its 128-row tiles."""
+    from attnc.lowering.plan import Family
+
+    gpu = _H200Like()
+    phi = dict(B=1, Hq=32, Hkv=32, S=501, T=501, D=96, Dv=96)
+    plan, tun = api.plan_for(gpu, Family.SUBGROUPS, phi, api.Options(causal=True))
+    assert (tun["BM"], plan.WG, plan.TM, plan.QO, plan.VK) == (64, 256, 4, 1, 32)
+    plan, tun = api.plan_for(gpu, Family.SUBGROUPS, phi, api.Options())
+    assert (tun["BM"], plan.QO) == (128, 0)
+    plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dict(phi, S=4096, T=4096), api.Options(causal=True))
+    assert (tun["BM"], plan.QO) == (128, 1)
+    cpu = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
+    cpu.adapter_type = "CPU"
+    assert api.plan_for(cpu, Family.PORTABLE, phi, api.Options(causal=True))[0].QO == 0
+
+
 def test_32_row_decode_tiles_match_the_reference(require_adapters) -> None:
     """The GPU plan for many packed rows (loops kept: lavapipe compiles unrolled tiles slowly),
     split, with ragged KV lengths, on lavapipe."""
