@@ -150,7 +150,8 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
       (H200: vit, vision_h72 and gemma about 5 % faster, phi35 within 4 %);
     - on a GPU, a tile that needs more than SHARED_SMEM of workgroup memory and holds at most
       32 outputs per invocation takes `chunked_p`'s plan instead (p in chunks, 16-key value
-      blocks, no prefetch), about half the memory, so that two workgroups share an SM;
+      blocks, no prefetch), about half the memory, so that two workgroups share an SM; with
+      Tint's shaders up to 48 outputs when there are at least 256 row tiles (`tiled_plan`);
     - on a CPU adapter with 8-lane subgroups, large problems with head dims up to 96: the lanes
       strategy (`lanes_plan`; lavapipe ci_prefill and ci_vision about 3x faster than tiled,
       the decode cases 2.5-3.5x faster than rows and stream).
@@ -240,7 +241,10 @@ def tiled_plan(device: Device, base: Plan, dims: dict[str, int], shapes: list[tu
 
     GPUs: head-dim chunks of 8 when 16 does not divide D (D = 72: 9 chunks, not 5 with 8 of 80
     padding), value blocks of half the key tile by all of Dv up to 96 columns (64 above), and
-    `chunked_p` for tiles over SHARED_SMEM with at most 32 outputs per invocation."""
+    `chunked_p` for tiles over SHARED_SMEM with at most 32 outputs per invocation, or 48 for
+    Tint's shaders when the row tiles make at least 256 workgroups (H200 vision_h72 on Dawn 7.18
+    -> 6.14 ms; through Naga the same plan takes 9.7 ms, and with 128 workgroups (phi35) it
+    was 9 % slower on Dawn too: two workgroups per SM only pay with more than one per SM)."""
     cpu = device.adapter_type == "CPU"
     dvc = min(-(-dims["Dv"] // 32) * 32, 128)
     lim = device.gpu.limits
@@ -253,7 +257,9 @@ def tiled_plan(device: Device, base: Plan, dims: dict[str, int], shapes: list[tu
             plan = dataclasses.replace(base, WG=wg, TM=tm, DK=dk, DVC=dvc, DVS=dvs, VK=vk)
             lay = layout(plan, bm, bn)
             if not fit or (4 * lay.smem_words <= smem and wg <= inv):
-                if not cpu and fit and 4 * lay.smem_words > SHARED_SMEM and lay.TM * lay.TD <= 32:
+                many = dims["B"] * dims["Hq"] * -(-dims["S"] // bm) >= 256
+                outs = 48 if many and plan.dialect is Dialect.TINT else 32
+                if not cpu and fit and 4 * lay.smem_words > SHARED_SMEM and lay.TM * lay.TD <= outs:
                     small = chunked_p(plan, bm, bn)
                     if small is not None and 4 * layout(small, bm, bn).smem_words <= SHARED_SMEM:
                         plan = small
@@ -271,15 +277,16 @@ def chunked_p(plan: Plan, bm: int, bn: int) -> Plan | None:
     """A tiled plan cut down to about half its workgroup memory, or None where it cannot be: p
     written in chunks of the keys a row group owns in one group of runs (PC), 16-key value
     blocks, and no prefetch registers (PF=0), so that two 256-invocation workgroups fit an SM's
-    registers (at most 128 each) as well as its workgroup memory. With at most 32 outputs per
-    invocation (TM x TD): H200 vit 11 % (Dawn) and 7 % (wgpu-native) faster, two
-    workgroups per SM instead of one; with 48 outputs (Dv 72 or 96) 10 % faster on Dawn but
-    up to 1.4x slower on wgpu-native, so tiled_plan leaves those alone (docs/BENCHMARKS.md,
-    session 9)."""
+    registers (at most 128 each) as well as its workgroup memory; head-dim chunks of at least
+    16 (they fit beside the smaller p tile). With at most 32 outputs per invocation (TM x TD):
+    H200 vit 11 % (Dawn) and 7 % (wgpu-native) faster, two workgroups per SM instead of one;
+    with 48 outputs (Dv 72 or 96) vision_h72 15 % faster on Dawn (6.14 ms; 6.42 with head-dim
+    chunks of 8) but 1.25x slower on wgpu-native, so tiled_plan takes it for Tint only
+    (docs/BENCHMARKS.md, sessions 9 and 10)."""
     try:
         lay = layout(plan, bm, bn)
         pc = lay.CT * owned_run(lay.TN)
-        small = dataclasses.replace(plan, PC=pc, VK=16, PF=0)
+        small = dataclasses.replace(plan, PC=pc, VK=16, PF=0, DK=max(plan.DK, 16))
         layout(small, bm, bn)  # (PC below 16 keys cannot hold a 16-key value block)
     except LoweringError:
         return None

@@ -193,8 +193,8 @@ def test_gpu_decode_with_8_packed_rows_takes_a_softmax_phase_and_long_splits() -
 
 def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
     """A 128x64 prefill tile with 32 outputs per invocation (vit: Dv = 64) takes the chunked-p
-    plan, under SHARED_SMEM (the whole p tile needs 42 KiB); 48 outputs (Dv 72 or 96) and CPU
-    adapters keep the whole p tile."""
+    plan, under SHARED_SMEM (the whole p tile needs 42 KiB); 48 outputs (Dv 72 or 96) only with
+    Tint's shaders and many row tiles; CPU adapters keep the whole p tile."""
     import dataclasses
 
     from attnc.lowering.plan import Family, layout
@@ -209,6 +209,16 @@ def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
     for d in (72, 96):
         plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dict(vit, D=d, Dv=d), api.Options())
         assert tun["BM"] == 128 and (plan.PC, plan.VK, plan.PF) == (0, 32, 1)
+    # Tint's shaders take it with 48 outputs too (head-dim chunks of 16), given >= 256 row tiles
+    tint = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
+    tint.dialect = "tint"
+    vision = dict(vit, S=5776, T=5776, D=72, Dv=72)
+    plan, tun = api.plan_for(tint, Family.SUBGROUPS, vision, api.Options())
+    assert tun["BM"] == 128 and (plan.PC, plan.VK, plan.PF, plan.DK) == (32, 16, 0, 16)
+    assert 4 * layout(plan, 128, 64).smem_words <= api.SHARED_SMEM
+    assert api.plan_for(gpu, Family.SUBGROUPS, vision, api.Options())[0].PC == 0
+    plan, tun = api.plan_for(tint, Family.SUBGROUPS, dict(vision, S=1024, T=1024), api.Options())  # 128 tiles
+    assert tun["BM"] == 128 and plan.PC == 0
     cpu = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
     cpu.adapter_type = "CPU"
     assert api.plan_for(cpu, Family.PORTABLE, vit, api.Options())[0].PC == 0
