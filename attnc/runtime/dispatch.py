@@ -74,9 +74,11 @@ class PipelineCache:
         return len(self._entries)
 
     def key(self, device: Device, program: Program) -> tuple[str, str, str, str]:
-        """The cache key: everything that changes the compiled pipeline."""
+        """The cache key: everything that changes the compiled pipeline (the WGSL, and on
+        wgpu-native the runtime checks Naga inserts, `_shader_module`)."""
         digest = hashlib.sha256(program.wgsl.encode()).hexdigest()
-        return (device.key, program.name, digest, program.entry_point)
+        checks = os.environ.get("ATTNC_NAGA_CHECKS", "").strip() if device.backend == "wgpu" else ""
+        return (device.key, program.name, f"{digest}{'|' + checks if checks else ''}", program.entry_point)
 
     def get(self, device: Device, program: Program) -> CompiledProgram:
         """Return the compiled pipeline for `program`, compiling it on first use."""
@@ -111,7 +113,7 @@ def compile_program(device: Device, program: Program) -> CompiledProgram:
         pipeline_layout = gpu.create_pipeline_layout(
             label=program.name, bind_group_layouts=[layout]
         )
-        module = gpu.create_shader_module(label=program.name, code=program.wgsl)
+        module = _shader_module(device, program)
         pipeline = gpu.create_compute_pipeline(
             label=program.name,
             layout=pipeline_layout,
@@ -120,6 +122,37 @@ def compile_program(device: Device, program: Program) -> CompiledProgram:
     except (device.wgpu.GPUError, device.wgpu.GPUPipelineError) as exc:
         raise shader_error(device, program, str(exc)) from None
     return CompiledProgram(pipeline, layout)
+
+
+NAGA_CHECKS = ("bounds", "loops")
+
+
+def _shader_module(device: Device, program: Program) -> Any:
+    """The WGSL shader module. ATTNC_NAGA_CHECKS (wgpu-native only; for measurements, like
+    ATTNC_DAWN_TOGGLES) names the runtime checks Naga inserts, comma-separated from "bounds"
+    (index clamps on every buffer, workgroup-array and vector access) and "loops" (loop
+    bounding), or "none"; unset: both, as wgpu-native's create_shader_module does. Without the
+    bounds checks attnc's shaders are not memory-safe yet: the tail of a KV tile evaluates the
+    score function of keys past the end (the select discards it), so reading a bias or other
+    score tensor there goes out of bounds."""
+    checks = os.environ.get("ATTNC_NAGA_CHECKS", "").strip()
+    if not checks or device.backend != "wgpu":
+        return device.gpu.create_shader_module(label=program.name, code=program.wgsl)
+    names = {c.strip() for c in checks.split(",")} - {"none"}
+    if names - set(NAGA_CHECKS):
+        raise ValueError(f"ATTNC_NAGA_CHECKS={checks!r}: expected 'none' or names from {NAGA_CHECKS}")
+    from wgpu.backends.wgpu_native import _api
+    from wgpu.backends.wgpu_native._ffi import ffi, lib
+
+    mask = (lib.WGPUShaderRuntimeChecks_BoundsChecks if "bounds" in names else 0) | (
+        lib.WGPUShaderRuntimeChecks_ForceLoopBounding if "loops" in names else 0)
+    src = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(program.wgsl))
+    src[0].chain.next = ffi.NULL
+    src[0].chain.sType = lib.WGPUSType_ShaderSourceWGSL
+    desc = _api.new_struct_p("WGPUShaderModuleDescriptor *", nextInChain=ffi.cast("WGPUChainedStruct *", src),
+                             label=_api.to_c_string_view(program.name))
+    handle = _api.libf.wgpuDeviceCreateShaderModuleTrusted(device.gpu._internal, desc, mask)
+    return _api.GPUShaderModule(program.name, handle, device.gpu)
 
 
 def _check_features(device: Device, program: Program) -> None:

@@ -257,3 +257,26 @@ def test_subgroup_lanes_are_contiguous_where_subgroups_are_offered(require_adapt
         assert dev.subgroup_lanes_contiguous == min(dev.subgroup_size, 32), dev
     (gl,) = require_adapters("wgpu:opengl")
     assert gl.subgroup_lanes_contiguous == 0
+
+
+def test_naga_runtime_checks_knob_keeps_the_bits(require_adapters, monkeypatch) -> None:
+    """ATTNC_NAGA_CHECKS (a measurement knob: which runtime checks Naga inserts) compiles its own
+    pipelines and, on a problem whose shaders stay in bounds (no score tensors), gives the same
+    bits as wgpu-native's default module; a name it does not know is refused."""
+    import attnc
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 2, 70, 32)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 90, 32)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 90, 32)).astype(np.float32)
+    ref = attnc.attention(q, k, v, causal=True, device=dev)
+    before = len(dev.pipelines)
+    for checks in ("bounds,loops", "loops", "none"):
+        monkeypatch.setenv("ATTNC_NAGA_CHECKS", checks)
+        np.testing.assert_array_equal(attnc.attention(q, k, v, causal=True, device=dev), ref)
+    assert len(dev.pipelines) > before  # compiled again, not served from the cache
+    monkeypatch.setenv("ATTNC_NAGA_CHECKS", "bounds,fast")
+    monkeypatch.setattr(dev, "pipelines", type(dev.pipelines)())
+    with pytest.raises(ValueError, match="ATTNC_NAGA_CHECKS"):
+        attnc.attention(q, k, v, device=dev)
