@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import statistics
@@ -18,13 +17,12 @@ from collections.abc import Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_plan_sweep import PER_ROUND, ROUNDS, head0_relerr, take_json  # noqa: E402
+from gpu_plan_sweep import PER_ROUND, emit, head0_relerr, take_json, time_rounds  # noqa: E402
 
 from attnc.bench.cases import load_suite, make_inputs  # noqa: E402
 from attnc.lowering import tiled  # noqa: E402
 from attnc.runtime import api  # noqa: E402
 from attnc.runtime.devices import get_device  # noqa: E402
-from attnc.runtime.dispatch import warm_up  # noqa: E402
 
 
 def _p_only(w, sh) -> None:
@@ -148,19 +146,14 @@ def main() -> None:
                 ops.append((name, op, handles, err, []))
             except Exception as exc:  # report and go on with the others
                 print(f"{cname} {name}: {type(exc).__name__}: {exc}", flush=True)
-        for r in range(ROUNDS):
-            warm_up(dev, float(os.environ.get("SWEEP_WARM_MS", "300")))
-            for _n, op, handles, _e, times in ops:
-                for i in range(PER_ROUND):
-                    times.append(op.run(timestamps=True, binding=handles[(r + i) % len(handles)]))
+        warm_ms = float(os.environ.get("SWEEP_WARM_MS", "300"))
+        time_rounds(dev, [(op, h, times) for _n, op, h, _e, times in ops], warm_ms)
         base = statistics.median(ops[0][4][PER_ROUND:]) if ops and ops[0][0] == "-" else None
         for name, op, _h, err, times in ops:
             ms = statistics.median(times[PER_ROUND:])
             row = {"case": cname, "device": argv[0], "ablation": name, "ms": round(ms, 5),
                    "saved": round(1 - ms / base, 3) if base else None, "relerr": err, "variant": op.variant}
-            print(json.dumps(row), flush=True)
-            if out:
-                out.write(json.dumps(row) + "\n")
+            emit(row, out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ FIELD=VALUE,...; ABLATIONS `a+b+...` from gpu_ablate.py, e.g. `PF=0/smem20+nosof
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -16,12 +15,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_ablate import ablated  # noqa: E402
-from gpu_plan_sweep import parse, take_json  # noqa: E402
+from gpu_plan_sweep import PER_ROUND, emit, parse, take_json, time_rounds  # noqa: E402
 
 from attnc.bench.cases import Case, make_inputs  # noqa: E402
 from attnc.runtime import api  # noqa: E402
 from attnc.runtime.devices import get_device  # noqa: E402
-from attnc.runtime.dispatch import warm_up  # noqa: E402
 
 
 def main() -> None:
@@ -47,17 +45,12 @@ def main() -> None:
             handle = op.bind_copy(q, k, v)
             op.run(binding=handle)
             ops.append((n, op, handle, []))
-        for _ in range(5):
-            warm_up(dev, 300.0)
-            for _n, op, handle, times in ops:
-                times.extend(op.run(timestamps=True, binding=handle) for _ in range(4))
+        time_rounds(dev, [(op, [handle], times) for _n, op, handle, times in ops], 300.0)
         for n, op, _h, times in ops:
-            ms = statistics.median(times[4:])
+            ms = statistics.median(times[PER_ROUND:])
             row = {"D": D, "T": T, "spec": spec, "workgroups": n, "ms": round(ms, 5),
                    "variant": op.variant, "device": argv[0]}
-            print(json.dumps(row), flush=True)
-            if out:
-                out.write(json.dumps(row) + "\n")
+            emit(row, out)
 
 
 if __name__ == "__main__":

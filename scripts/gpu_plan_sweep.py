@@ -45,6 +45,24 @@ def take_json(argv: list[str]) -> TextIO | None:
     return out
 
 
+def time_rounds(dev, runs: list, warm_ms: float) -> None:
+    """Time every (op, handles, times) of `runs` in ROUNDS interleaved rounds, each after a GPU
+    warm-up of warm_ms: PER_ROUND runs per op and round, rotating over its input handles,
+    appended to its times (the first round's are the warm-up, left out of the medians)."""
+    for r in range(ROUNDS):
+        warm_up(dev, warm_ms)
+        for op, handles, times in runs:
+            for i in range(PER_ROUND):
+                times.append(op.run(timestamps=True, binding=handles[(r + i) % len(handles)]))
+
+
+def emit(row: dict, out: TextIO | None) -> None:
+    """Print one result row as JSON, and append it to the --json file when there is one."""
+    print(json.dumps(row), flush=True)
+    if out:
+        out.write(json.dumps(row) + "\n")
+
+
 def parse(spec: str) -> dict[str, int]:
     return {} if spec == "-" else {k: int(x) for k, x in (kv.split("=") for kv in spec.split(","))}
 
@@ -99,19 +117,14 @@ def main() -> None:
                 ops.append((spec, *prepare_variant(dev, case, dims, base, tun0, spec, copies), []))
             except Exception as exc:  # report and go on with the other variants
                 print(f"{name} {spec}: {type(exc).__name__}: {exc}", flush=True)
-        for r in range(ROUNDS):
-            warm_up(dev, float(os.environ.get("SWEEP_WARM_MS", "60")))
-            for _spec, op, handles, _err, times in ops:
-                for i in range(PER_ROUND):
-                    times.append(op.run(timestamps=True, binding=handles[(r + i) % len(handles)]))
+        warm_ms = float(os.environ.get("SWEEP_WARM_MS", "60"))
+        time_rounds(dev, [(op, h, times) for _s, op, h, _e, times in ops], warm_ms)
         for spec, op, _h, err, times in ops:
             ms = statistics.median(times[PER_ROUND:])
             row = {"case": name, "device": argv[0], "spec": spec, "variant": op.variant, "ms": round(ms, 5),
                    "tflops": round(case.flops() / ms / 1e9, 2), "relerr": err, "ms_min": round(min(times), 5),
                    "sgmin": op.plan.SGMIN}
-            print(json.dumps(row), flush=True)
-            if out:
-                out.write(json.dumps(row) + "\n")
+            emit(row, out)
 
 
 if __name__ == "__main__":
