@@ -119,6 +119,11 @@ def pow2ceil(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def row_tiles(dims: dict[str, int], bm: int) -> int:
+    """Workgroups of an unsplit prefill plan with bm-row tiles: one per (batch, head, row tile)."""
+    return dims["B"] * dims["Hq"] * -(-dims["S"] // bm)
+
+
 def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options,
              explicit_family: bool = False, f16_math: bool = False) -> tuple[Plan, dict[str, int]]:
     """The heuristic plan and kernel tunables for a shape (a tuned choice overrides it).
@@ -217,7 +222,7 @@ def plan_for(device: Device, family: Family, dims: dict[str, int], opts: Options
     lanes = lanes_plan(device, family, dims, storage, dialect, vec, f16_math, only)
     if lanes is not None:
         return lanes
-    tiles128 = dims["B"] * dims["Hq"] * -(-dims["S"] // 128)
+    tiles128 = row_tiles(dims, 128)
     few = tiles128 < 64  # 128-row tiles would leave SMs idle
     if cpu:
         shapes = [(64, 64, 64, 4), (64, 32, 64, 4)]
@@ -257,7 +262,7 @@ def tiled_plan(device: Device, base: Plan, dims: dict[str, int], shapes: list[tu
             plan = dataclasses.replace(base, WG=wg, TM=tm, DK=dk, DVC=dvc, DVS=dvs, VK=vk)
             lay = layout(plan, bm, bn)
             if not fit or (4 * lay.smem_words <= smem and wg <= inv):
-                many = dims["B"] * dims["Hq"] * -(-dims["S"] // bm) >= 256
+                many = row_tiles(dims, bm) >= 256
                 outs = 48 if many and plan.dialect is Dialect.TINT else 32
                 if not cpu and fit and 4 * lay.smem_words > SHARED_SMEM and lay.TM * lay.TD <= outs:
                     small = chunked_p(plan, bm, bn)
@@ -365,7 +370,7 @@ def split_count(device: Device, dims: dict[str, int], BM: int, BN: int, packed: 
     if packed:
         base = dims["B"] * dims["Hkv"] * -(-(dims["Hq"] // dims["Hkv"]) * dims["S"] // BM)
     else:
-        base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
+        base = row_tiles(dims, BM)
     target = 64 if device.adapter_type == "CPU" else (512 if stream else 2048)
     tiles = -(-dims["T"] // BN)
     per = (2 if BM >= 8 else 1) if stream else 2
@@ -377,7 +382,7 @@ def prefill_split_count(device: Device, dims: dict[str, int], BM: int, BN: int) 
     workgroups, enough for about 192, keeping >= 2 KV tiles each. Measured on the H200
     (docs/BENCHMARKS.md): gemma's 64 workgroups of causal rows 2.1x faster with 3 splits;
     with 128 workgroups (phi35) the partial states and the combine cost more than they gain."""
-    base = dims["B"] * dims["Hq"] * -(-dims["S"] // BM)
+    base = row_tiles(dims, BM)
     if device.adapter_type == "CPU" or base >= 96:
         return 1
     return max(1, min(-(-192 // base), -(-dims["T"] // BN) // 2))

@@ -24,7 +24,7 @@ import numpy as np
 from attnc.bench.timing import rotation_count
 from attnc.errors import AttncError
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage, Strategy, layout, stream_layout
-from attnc.runtime.api import chunked_p, lanes_widths, pow2ceil, stream_plan, wide_value_block
+from attnc.runtime.api import chunked_p, lanes_widths, pow2ceil, row_tiles, stream_plan, wide_value_block
 from attnc.runtime.devices import Device
 from attnc.runtime.dispatch import warm_up
 
@@ -149,7 +149,7 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
         + ([(dv32, 64, 1)] if dv32 % 64 == 0 else []) + sorted((c, x, 1) for c, x in exact)))
     if short:  # decoding is memory bound: the family matters little, try the device's default only
         families = families[-1:]
-    few = dims["B"] * dims["Hq"] * -(-dims["S"] // 64) < 512  # prefill with few 64-row tiles
+    few = row_tiles(dims, 64) < 512  # prefill with few 64-row tiles
     if short:  # few rows: small row tiles, long key tiles, many splits
         shapes = [(4, 64, 128, 1), (4, 64, 64, 1), (8, 64, 128, 1), (4, 128, 128, 1), (4, 32, 64, 1),
                   (16, 64, 128, 1), (16, 64, 64, 2), (4, 128, 256, 1), (4, 64, 256, 1), (8, 128, 256, 1)]
