@@ -10,6 +10,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 python3 -m ruff check attnc tests examples scripts
 python3 -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=30 tests
+# the property tests of every strategy again under the bounds sanitizer: each index into a buffer,
+# workgroup array or vector checked, so a read whose value a select discards counts too (attnc's
+# kernels run without Naga's index clamps on wgpu-native; lowering/sanitize.py)
+echo "test: sanitize with ATTNC_SANITIZE=bounds" >&2
+ATTNC_SANITIZE=bounds python3 -m pytest -q -p no:cacheprovider -n 2 -m sanitize tests
 # only the tiled strategy reduces across subgroups, so the reruns use it for every shape
 # (the stream and rows strategies, chosen for short rows, have no subgroup operations)
 for width in 128 512; do

@@ -16,13 +16,14 @@ from tests.textbook import assert_close, attention_ref
 OPTION_SETS = st.fixed_dictionaries({}, optional={
     "causal": st.just(True), "softcap": st.just(20.0), "return_lse": st.just(True),
     "window": st.tuples(st.integers(0, 50), st.none() | st.integers(0, 8)),
-    "kv_lens": st.just("draw"), "sinks": st.just("draw"), "bias": st.just("draw")})
+    "kv_lens": st.just("draw"), "sinks": st.just("draw"), "bias": st.sampled_from(["draw", "full"])})
 
 
 def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str, int], nsplit: int | None,
                       opts: dict[str, Any], seed: int) -> api.Prepared:
     """Standard-normal f32 q/k/v; options given as "draw" get random values (kv_lens, with NaN
-    values past kv_lens[0]: masked keys add nothing; sinks; a [Hq, 1, T] bias). Returns the op."""
+    values past kv_lens[0]: masked keys add nothing; sinks; a [Hq, 1, T] bias, or with "full" a
+    [B, Hq, S, T] one, whose every index matters). Returns the op."""
     rng = np.random.default_rng(seed)
     B, Hq, Hkv, S, T, D, Dv = (dims[x] for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
     q = rng.standard_normal((B, Hq, S, D)).astype(np.float32)
@@ -35,7 +36,8 @@ def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str,
     if "sinks" in opts:
         opts["sinks"] = rng.uniform(-2, 2, Hq).astype(np.float32)
     if "bias" in opts:
-        opts["bias"] = rng.standard_normal((Hq, 1, T)).astype(np.float32)
+        shape = (B, Hq, S, T) if opts["bias"] == "full" else (Hq, 1, T)
+        opts["bias"] = rng.standard_normal(shape).astype(np.float32)
     op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables=tun, nsplit=nsplit, **opts)
     op.bind(q, k, v_dev)
     op.run()

@@ -109,7 +109,8 @@ def emit_combine(sh: Shader) -> Program:
                 with w.block("if (col == 0u)"):
                     w.line(f"t_lse[lse_base(qi)] = select(mx + log(l), {NEG_INF}, l == 0.0);")
     grid = tuple(a.dim for a in s.axes) + (f"ceil_div({s.width},{COLS})",)
-    return Program("combine", w.text(), "main", WG, binds, sh.uniforms, grid, frozenset(), 12 * WG)
+    return Program("combine", w.text(), "main", WG, binds, sh.uniforms, grid, frozenset(), 12 * WG,
+                   in_bounds=True)
 
 
 def _combine_reads(s: FlashSpec) -> set[str]:

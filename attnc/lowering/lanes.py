@@ -107,7 +107,8 @@ def emit_lanes(sh: Shader) -> Program:
         for r in rows:
             with w.block(f"if (ok{r})"):
                 _epilogue(sh, w, r, C4)
-    return Program("main", w.text(), "main", NW, binds, sh.uniforms, sh.grid_factors(), features(plan), 0)
+    return Program("main", w.text(), "main", NW, binds, sh.uniforms, sh.grid_factors(), features(plan), 0,
+                   in_bounds=True)
 
 
 def _epilogue(sh: Shader, w: Writer, r: int, C4: int) -> None:

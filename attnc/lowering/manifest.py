@@ -93,6 +93,7 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str]) -> dict
                                      "value": formulas[f.name]} for f in p.uniforms]},
             "workgroups": "*".join(p.grid),
             "workgroup_storage_bytes": p.workgroup_storage_bytes,
+            "in_bounds": p.in_bounds,
         })
         n_storage.append(len(storage))
     webgpu_name = {"subgroups": "subgroups", "f16": "shader-f16"}  # attnc's names -> WebGPU's

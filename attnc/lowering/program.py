@@ -54,6 +54,12 @@ class Program:
     evaluated from shapes); the runtime folds it into (x, y, z) when it exceeds the
     per-dimension limit, and the shader re-linearises the workgroup id and returns early
     past the end (the uniform field `grid_total` carries the true count).
+
+    `in_bounds`: every index the program makes into an array, a vector or a buffer stays in
+    bounds for any shapes and strides the runtime describes in its uniforms. attnc's own
+    kernels are built that way (reads guarded or clamped, `clamp_ix`) and tested under the
+    bounds sanitizer (lowering/sanitize.py); the runtime then creates them without the
+    compiler's own index clamps where it can (`runtime/dispatch.py::_shader_module`).
     """
 
     name: str
@@ -65,6 +71,7 @@ class Program:
     grid: tuple[str, ...]
     features: frozenset[str]
     workgroup_storage_bytes: int
+    in_bounds: bool = False
 
     @property
     def uniform_size(self) -> int:

@@ -107,4 +107,5 @@ def emit_rows(sh: Shader) -> Program:
             w.line("let ob = o_base(qi);")
             with w.block("for (var d = 0u; d < n_cols; d = d + 1u)"):
                 w.line(f"t_o[ob + (c0 + d) * P.s_o_{len(s.axes)}] = select({acc} * inv, {NAN}, nan);")
-    return Program("main", w.text(), "main", BM, binds, sh.uniforms, sh.grid_factors(), features(plan), 0)
+    return Program("main", w.text(), "main", BM, binds, sh.uniforms, sh.grid_factors(), features(plan), 0,
+                   in_bounds=True)

@@ -50,7 +50,12 @@ class Shader:
 
     # ------------------------------------------------------------------ leaves
     def load(self, e: ir.Load, env: ExprEnv) -> str:
-        addr = " + ".join(f"u32({env.render(i)}) * P.s_{e.tensor}_{n}" for n, i in enumerate(e.index))
+        """An element of a kernel tensor, each index clamped to its dim (`clamp_ix`): the
+        strategies evaluate the score function for the rows and keys past the ends of the last
+        tiles too (a select discards the value), so the clamp keeps those reads in bounds."""
+        dims = self.spec.kernel.param(e.tensor).type.dims
+        addr = " + ".join(f"clamp_ix({env.render(i)}, P.d_{d}) * P.s_{e.tensor}_{n}"
+                          for n, (i, d) in enumerate(zip(e.index, dims, strict=True)))
         return self.read(e.tensor, addr or "0u")
 
     def read(self, tensor: str, addr: str) -> str:

@@ -92,7 +92,7 @@ def emit_stream(sh: Shader) -> Program:
         _merge(w, sh, lay)
     smem = 4 * lay.smem_words
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),
-                   features(plan) - {"subgroups"}, smem)
+                   features(plan) - {"subgroups"}, smem, in_bounds=True)
 
 
 def _stage_queries(w: Writer, sh: Shader, lay: StreamLayout) -> None:

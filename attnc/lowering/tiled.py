@@ -382,7 +382,7 @@ def emit_main(sh: Shader) -> Program:
             w.line("workgroupBarrier();")
         _emit_epilogue(w, sh)
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),
-                   features(plan), smem)
+                   features(plan), smem, in_bounds=True)
 
 
 def _p_keys(lay: Layout, kc: int) -> list[int]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from attnc.errors import AttncError, DeviceError, LoweringError, Span
+from attnc.lowering import sanitize
 from attnc.lowering.program import Access, Binding, Program, Scalar
 
 if TYPE_CHECKING:
@@ -56,6 +57,56 @@ class DispatchError(AttncError):
     kind = "dispatch error"
 
 
+class BoundsError(AttncError):
+    """Under ATTNC_SANITIZE=bounds, a shader indexed an array or buffer out of bounds."""
+
+    kind = "out-of-bounds access"
+
+
+SANITIZERS = ("bounds",)
+
+
+def sanitizing() -> bool:
+    """Whether ATTNC_SANITIZE asks for the bounds sanitizer (lowering/sanitize.py): every
+    dispatch then runs an instrumented shader and `run` raises BoundsError for any index past
+    the end of an array, read or written, even one whose value a select discards."""
+    value = os.environ.get("ATTNC_SANITIZE", "").strip()
+    if value and value not in SANITIZERS:
+        raise ValueError(f"ATTNC_SANITIZE={value!r}: expected one of {SANITIZERS} or nothing")
+    return value == "bounds"
+
+
+_INSTRUMENTED: dict[Program, tuple[Program, tuple[sanitize.Site, ...]]] = {}
+
+
+def _sanitized_parts(device: Device, d: Dispatch) -> tuple[Dispatch, tuple[sanitize.Site, ...], Any]:
+    """The dispatch with its program instrumented and a fresh, zeroed violation record bound."""
+    if d.program not in _INSTRUMENTED:
+        _INSTRUMENTED[d.program] = sanitize.instrument(d.program)
+    program, sites = _INSTRUMENTED[d.program]
+    record = empty(device, 4 * sanitize.record_words(sites))
+    return Dispatch(program, {**d.buffers, sanitize.BUFFER: record}, d.uniforms, d.workgroups), sites, record
+
+
+def _check_records(device: Device, checked: list[tuple[Dispatch, Dispatch, tuple[sanitize.Site, ...], Any]]
+                   ) -> None:
+    """Read the sanitizer's records (waits for the GPU); raise BoundsError naming every site
+    (positions in the original WGSL, which `attnc compile` writes)."""
+    for d, _, sites, record in checked:
+        words = readback(device, record, Scalar.U32, (sanitize.record_words(sites),)).tolist()
+        if not words[0]:
+            continue
+        found = sanitize.violations(words, sites)
+        site, index, length = found[0]
+        lines = d.program.wgsl.splitlines()
+        span = Span(f"<{d.program.name}.wgsl>", site.line, site.column, lines[site.line - 1],
+                    site.column + len(site.text.splitlines()[0]))
+        notes = tuple(f"line {s.line}:{s.column}: {s.text} reached index {i} of {n}" for s, i, n in found)
+        raise BoundsError(
+            f"{d.program.name}: {words[0]} out-of-bounds accesses at {len(found)} site(s); "
+            f"the first, {site.text}, reached index {index} of {length}", span, notes)
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledProgram:
     """A compute pipeline with its explicit bind group layout."""
@@ -77,8 +128,9 @@ class PipelineCache:
         """The cache key: everything that changes the compiled pipeline (the WGSL, and on
         wgpu-native the runtime checks Naga inserts, `_shader_module`)."""
         digest = hashlib.sha256(program.wgsl.encode()).hexdigest()
-        checks = os.environ.get("ATTNC_NAGA_CHECKS", "").strip() if device.backend == "wgpu" else ""
-        return (device.key, program.name, f"{digest}{'|' + checks if checks else ''}", program.entry_point)
+        checks = naga_checks(device, program)
+        return (device.key, program.name, f"{digest}{'' if checks is None else '|' + ','.join(checks)}",
+                program.entry_point)
 
     def get(self, device: Device, program: Program) -> CompiledProgram:
         """Return the compiled pipeline for `program`, compiling it on first use."""
@@ -127,31 +179,48 @@ def compile_program(device: Device, program: Program) -> CompiledProgram:
 NAGA_CHECKS = ("bounds", "loops")
 
 
-def _shader_module(device: Device, program: Program) -> Any:
-    """The WGSL shader module. ATTNC_NAGA_CHECKS (wgpu-native only; for measurements, like
-    ATTNC_DAWN_TOGGLES) names the runtime checks Naga inserts, comma-separated from "bounds"
-    (index clamps on every buffer, workgroup-array and vector access) and "loops" (loop
-    bounding), or "none"; unset: both, as wgpu-native's create_shader_module does. Without the
-    bounds checks attnc's shaders are not memory-safe yet: the tail of a KV tile evaluates the
-    score function of keys past the end (the select discards it), so reading a bias or other
-    score tensor there goes out of bounds."""
-    checks = os.environ.get("ATTNC_NAGA_CHECKS", "").strip()
-    if not checks or device.backend != "wgpu":
-        return device.gpu.create_shader_module(label=program.name, code=program.wgsl)
-    names = {c.strip() for c in checks.split(",")} - {"none"}
-    if names - set(NAGA_CHECKS):
-        raise ValueError(f"ATTNC_NAGA_CHECKS={checks!r}: expected 'none' or names from {NAGA_CHECKS}")
-    from wgpu.backends.wgpu_native import _api
-    from wgpu.backends.wgpu_native._ffi import ffi, lib
+def naga_checks(device: Device, program: Program) -> tuple[str, ...] | None:
+    """The runtime checks Naga inserts into `program` on wgpu-native, from "bounds" (index
+    clamps on every buffer, workgroup-array and vector access) and "loops" (loop bounding);
+    None: wgpu-native's default module (both), and always on Dawn.
 
-    mask = (lib.WGPUShaderRuntimeChecks_BoundsChecks if "bounds" in names else 0) | (
-        lib.WGPUShaderRuntimeChecks_ForceLoopBounding if "loops" in names else 0)
+    A program that is `in_bounds` (attnc's kernels, tested under the bounds sanitizer) gets
+    neither: its indices stay in bounds by construction and its loops run a bounded number of
+    times, and on an H200 the clamps cost 10-17 % of every seeds case (docs/BENCHMARKS.md,
+    session 10). Other programs keep both. ATTNC_NAGA_CHECKS ("bounds", "loops", both
+    comma-separated, or "none") sets them for every program: to put the clamps back, or to
+    measure what they cost."""
+    if device.backend != "wgpu":
+        return None
+    value = os.environ.get("ATTNC_NAGA_CHECKS", "").strip()
+    if not value:
+        return () if program.in_bounds else None
+    names = {c.strip() for c in value.split(",")} - {"none"}
+    if names - set(NAGA_CHECKS):
+        raise ValueError(f"ATTNC_NAGA_CHECKS={value!r}: expected 'none' or names from {NAGA_CHECKS}")
+    return tuple(c for c in NAGA_CHECKS if c in names)
+
+
+def _shader_module(device: Device, program: Program) -> Any:
+    """The WGSL shader module, with the runtime checks `naga_checks` picks: through
+    wgpu-native's `wgpuDeviceCreateShaderModuleTrusted` when they differ from the default."""
+    checks = naga_checks(device, program)
+    trusted = None
+    if checks is not None:
+        from wgpu.backends.wgpu_native import _api
+        from wgpu.backends.wgpu_native._ffi import ffi, lib
+
+        trusted = getattr(_api.libf, "wgpuDeviceCreateShaderModuleTrusted", None)
+    if trusted is None:  # Dawn, a program that keeps the checks, or a wgpu-native without the entry
+        return device.gpu.create_shader_module(label=program.name, code=program.wgsl)
+    mask = (lib.WGPUShaderRuntimeChecks_BoundsChecks if "bounds" in checks else 0) | (
+        lib.WGPUShaderRuntimeChecks_ForceLoopBounding if "loops" in checks else 0)
     src = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(program.wgsl))
     src[0].chain.next = ffi.NULL
     src[0].chain.sType = lib.WGPUSType_ShaderSourceWGSL
     desc = _api.new_struct_p("WGPUShaderModuleDescriptor *", nextInChain=ffi.cast("WGPUChainedStruct *", src),
                              label=_api.to_c_string_view(program.name))
-    handle = _api.libf.wgpuDeviceCreateShaderModuleTrusted(device.gpu._internal, desc, mask)
+    handle = trusted(device.gpu._internal, desc, mask)
     return _api.GPUShaderModule(program.name, handle, device.gpu)
 
 
@@ -344,9 +413,13 @@ def run(
     prepared = []
     logging = bool(os.environ.get("ATTNC_COMPILE_LOG"))
     known, start = len(device.pipelines), time.perf_counter()
+    checked = []
     for d in dispatches:
         _check_features(device, d.program)
         _check_buffers(d)
+        if sanitizing():
+            checked.append((d, *_sanitized_parts(device, d)))
+            d = checked[-1][1]
         compiled = device.pipelines.get(device, d.program)
         grid = fold_grid(d.workgroups, max_per_dim)
         prepared.append((compiled, _bind_group(device, d, compiled, grid), grid, d.program.name))
@@ -382,6 +455,7 @@ def run(
         probe = gpu.create_buffer(size=16, usage=device.wgpu.BufferUsage.COPY_SRC)
         gpu.queue.read_buffer(probe, 0, 16)  # waits for the submission (as in warm_up)
         log_compile(device, [p[3] for p in prepared], created - start, time.perf_counter() - created)
+    _check_records(device, checked)
     if not timestamps:
         return None
     if resolved is None:

@@ -196,6 +196,7 @@ def describe(opts: dict) -> str:
                      for n, f in opts.items())
 
 
+@pytest.mark.sanitize
 @settings(FUZZ, max_examples=E2E_EXAMPLES)
 @given(problem=problems())
 def test_generated_kernels_match_the_reference(problem, require_adapters) -> None:

@@ -415,8 +415,12 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
                 "uniforms",
                 "workgroups",
                 "workgroup_storage_bytes",
+                "in_bounds",
             },
+            optional={"in_bounds"},
         )
+        if "in_bounds" in p and not isinstance(p["in_bounds"], bool):
+            out.append(f"{pw}.in_bounds: not a boolean")
         if not _ident(p.get("name")):
             out.append(f"{pw}.name: not an identifier")
         file = p.get("file")

@@ -55,6 +55,7 @@ def problems(draw):
     return dims, plan, nsplit, opts, draw(st.integers(0, 2**16))
 
 
+@pytest.mark.sanitize
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ADAPTERS)
 @RUN

@@ -34,7 +34,8 @@ def _program(entry: dict, outdir: Path, naga: bool) -> Program:
                           else Access(b["access"]), Scalar.U32) for b in entry["bindings"])
     fields = tuple(UniformField(f["name"], f["offset"], Scalar(f["type"])) for f in entry["uniforms"]["fields"])
     return Program(entry["name"], wgsl, entry["entry_point"], entry["workgroup_size"][0], binds, fields,
-                   (entry["workgroups"],), frozenset(), entry["workgroup_storage_bytes"])
+                   (entry["workgroups"],), frozenset(), entry["workgroup_storage_bytes"],
+                   entry.get("in_bounds", False))
 
 
 def _compiled(tmp_path_factory) -> list[tuple[str, Path, dict]]:
@@ -67,6 +68,8 @@ def test_manifests_list_every_file(compiled):
         assert m["format"] == "attnc.manifest" and m["version"] == 1
         files = {p["file"] for v in m["variants"] for p in v["programs"]}
         assert files == {f.name for f in d.glob("*.wgsl")}
+        # attnc's kernels say their shaders stay in bounds (tests/runtime/test_bounds.py)
+        assert all(p["in_bounds"] is True for v in m["variants"] for p in v["programs"])
         for v in m["variants"]:
             lim = v["requires"]["limits"]
             if v["family"] == "portable":

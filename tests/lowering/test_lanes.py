@@ -64,6 +64,7 @@ def problems(draw, sgb: int):
     return dims, plan, tun, nsplit, opts, draw(st.integers(0, 2**16))
 
 
+@pytest.mark.sanitize
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ADAPTERS)
 @RUN

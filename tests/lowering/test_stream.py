@@ -85,6 +85,7 @@ def problems(draw):
     return dims, plan, tun, nsplit, opts, draw(st.integers(0, 2**16))
 
 
+@pytest.mark.sanitize
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ADAPTERS)
 @RUN
@@ -138,6 +139,7 @@ def test_tiled_decode_still_matches_reference(spec, require_adapters) -> None:
     assert_close(o, attention_ref(q, k, v, causal=True, kv_lens=kv_lens), 1e-5, "o")
 
 
+@pytest.mark.sanitize
 @pytest.mark.gpu
 @pytest.mark.parametrize(("smx", "nsplit"), [(0, 3), (1, 3), (1, 1)])
 def test_stream_many_rows(smx, nsplit, require_adapters) -> None:

@@ -84,10 +84,12 @@ def problems(draw):
         assume(False)
     opts = draw(st.fixed_dictionaries({}, optional={
         "causal": st.just(True), "softcap": st.just(20.0), "return_lse": st.just(True),
-        "window": st.tuples(st.integers(0, 50), st.none() | st.integers(0, 8)), "kv_lens": st.just("draw")}))
+        "window": st.tuples(st.integers(0, 50), st.none() | st.integers(0, 8)), "kv_lens": st.just("draw"),
+        "bias": st.sampled_from(["draw", "full"]), "sinks": st.just("draw")}))
     return dims, plan, {"BM": bm, "BN": bn}, draw(st.sampled_from([None, 1, 3])), opts, draw(st.integers(0, 2**16))
 
 
+@pytest.mark.sanitize
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ADAPTERS)
 @RUN

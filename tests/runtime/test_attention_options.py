@@ -126,6 +126,7 @@ def test_window_right_only_with_kv_lens(target, dtype, data) -> None:
             dict(window=(None, data.draw(SIDE)), kv_lens=lens, return_lse=True))
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(RUN, max_examples=10)
@@ -177,6 +178,7 @@ def stripes_np(b, h, i, j):
     return (j % 3 != 1) | (h == 0)
 
 
+@pytest.mark.sanitize
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(RUN, max_examples=8)

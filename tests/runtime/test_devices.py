@@ -225,11 +225,13 @@ def test_dispatch_argument_errors(device) -> None:
         ("    let i: f32 = group * 64u + lid;", 14),  # type error
     ],
 )
-def test_invalid_wgsl_raises_lowering_error(device, bad_line: str, line: int) -> None:
+@pytest.mark.parametrize("in_bounds", [False, True])
+def test_invalid_wgsl_raises_lowering_error(device, bad_line: str, line: int, in_bounds: bool) -> None:
+    """Also through wgpu-native's trusted module (an `in_bounds` program, no runtime checks)."""
     lines = ADD_WGSL.splitlines()
     assert lines[line - 1].strip().startswith("let i =")
     lines[line - 1] = bad_line
-    program = add_program("\n".join(lines) + "\n")
+    program = dataclasses.replace(add_program("\n".join(lines) + "\n"), in_bounds=in_bounds)
     x = upload(device, np.ones(64, np.float32))
     bufs = {"a": x, "b": x, "out": empty(device, 256)}
     with pytest.raises(LoweringError) as info:
@@ -259,10 +261,32 @@ def test_subgroup_lanes_are_contiguous_where_subgroups_are_offered(require_adapt
     assert gl.subgroup_lanes_contiguous == 0
 
 
+def test_naga_checks_are_off_for_in_bounds_programs_only(require_adapters, monkeypatch) -> None:
+    """attnc's kernels (`in_bounds`) get wgpu-native's trusted module without runtime checks;
+    any other program keeps the default module; Dawn is never asked; ATTNC_NAGA_CHECKS sets the
+    checks of every program."""
+    from attnc.runtime.dispatch import naga_checks
+
+    wg, dawn = require_adapters("wgpu:vulkan", "dawn:vulkan")
+    plain = add_program()
+    ours = dataclasses.replace(plain, in_bounds=True)
+    monkeypatch.delenv("ATTNC_NAGA_CHECKS", raising=False)
+    assert (naga_checks(wg, ours), naga_checks(wg, plain), naga_checks(dawn, ours)) == ((), None, None)
+    monkeypatch.setenv("ATTNC_NAGA_CHECKS", "loops,bounds")
+    assert naga_checks(wg, ours) == naga_checks(wg, plain) == ("bounds", "loops")
+    monkeypatch.setenv("ATTNC_NAGA_CHECKS", "none")
+    assert naga_checks(wg, plain) == () and naga_checks(dawn, plain) is None
+    keys = []
+    for value in ("none", "", "bounds", "bounds,loops"):
+        monkeypatch.setenv("ATTNC_NAGA_CHECKS", value)
+        keys.append(wg.pipelines.key(wg, ours))
+    assert keys[0] == keys[1] and len(set(keys)) == 3  # a pipeline per set of checks
+
+
 def test_naga_runtime_checks_knob_keeps_the_bits(require_adapters, monkeypatch) -> None:
-    """ATTNC_NAGA_CHECKS (a measurement knob: which runtime checks Naga inserts) compiles its own
-    pipelines and, on a problem whose shaders stay in bounds (no score tensors), gives the same
-    bits as wgpu-native's default module; a name it does not know is refused."""
+    """ATTNC_NAGA_CHECKS (which runtime checks Naga inserts; attnc's kernels default to none)
+    compiles its own pipelines and gives the same bits as without the checks; a name it does
+    not know is refused."""
     import attnc
 
     dev = require_adapters("wgpu:vulkan")[0]

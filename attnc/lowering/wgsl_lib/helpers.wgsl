@@ -18,6 +18,12 @@ fn floor_mod(a: i32, b: i32) -> i32 {
   return select(r, r + b, (r != 0) && ((r < 0) != (b < 0)));
 }
 
+// A tensor index clamped into [0, n): rows and keys past the end of the last tile evaluate
+// the score function too (its value is discarded), and their reads must stay in bounds.
+fn clamp_ix(i: i32, n: u32) -> u32 {
+  return min(u32(i), max(n, 1u) - 1u);
+}
+
 // tanh that never produces NaN from overflow inside exp (|x| > 15 is +-1 in f32).
 fn safe_tanh(x: f32) -> f32 {
   return tanh(clamp(x, -15.0, 15.0));
