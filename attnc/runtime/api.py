@@ -246,10 +246,12 @@ def tiled_plan(device: Device, base: Plan, dims: dict[str, int], shapes: list[tu
 
     GPUs: head-dim chunks of 8 when 16 does not divide D (D = 72: 9 chunks, not 5 with 8 of 80
     padding), value blocks of half the key tile by all of Dv up to 96 columns (64 above), and
-    `chunked_p` for tiles over SHARED_SMEM with at most 32 outputs per invocation, or 48 for
-    Tint's shaders when the row tiles make at least 256 workgroups (H200 vision_h72 on Dawn 7.18
-    -> 6.14 ms; through Naga the same plan takes 9.7 ms, and with 128 workgroups (phi35) it
-    was 9 % slower on Dawn too: two workgroups per SM only pay with more than one per SM)."""
+    `chunked_p` for tiles over SHARED_SMEM with at most 32 outputs per invocation, or 48 when
+    the row tiles make at least 256 workgroups (H200 vision_h72 on Dawn 7.18 -> 6.14 ms; with
+    128 workgroups (phi35) it was 9 % slower on Dawn: two workgroups per SM only pay with more
+    than one per SM). Naga's 48-output shaders keep PF=1 there: without Naga's runtime checks
+    (attnc's kernels since session 11) 6.47 ms against the whole-p plan's 6.75 and 8.39 with
+    PF=0; with the checks the same plan was 1.3 % faster, PF=0 1.25x slower."""
     cpu = device.adapter_type == "CPU"
     dvc = min(-(-dims["Dv"] // 32) * 32, 128)
     lim = device.gpu.limits
@@ -260,12 +262,18 @@ def tiled_plan(device: Device, base: Plan, dims: dict[str, int], shapes: list[tu
     for bm, bn, wg, tm in shapes:
         for dvs, vk in ([(wide, bn // 2)] if wide and fit else []) + [(32, 0)]:
             plan = dataclasses.replace(base, WG=wg, TM=tm, DK=dk, DVC=dvc, DVS=dvs, VK=vk)
+            if vk == 0 and plan.UN > 16:
+                # P.V over the whole key tile in one block (Dv <= 32): 16 copies of its key loop
+                # (H200 minilm 0.0167 ms against 0.0190 fully unrolled on wgpu-native, 3 % on Dawn)
+                plan = dataclasses.replace(plan, UN=16)
             lay = layout(plan, bm, bn)
             if not fit or (4 * lay.smem_words <= smem and wg <= inv):
-                many = row_tiles(dims, bm) >= 256
-                outs = 48 if many and plan.dialect is Dialect.TINT else 32
+                outs = 48 if row_tiles(dims, bm) >= 256 else 32
                 if not cpu and fit and 4 * lay.smem_words > SHARED_SMEM and lay.TM * lay.TD <= outs:
-                    small = chunked_p(plan, bm, bn)
+                    # 48 outputs: Naga's shaders keep the prefetch registers (H200 vision_h72
+                    # without Naga's checks 6.47 ms with them, 8.39 without, 6.75 with the whole p)
+                    pf = int(lay.TM * lay.TD > 32 and plan.dialect is Dialect.NAGA)
+                    small = chunked_p(plan, bm, bn, pf)
                     if small is not None and 4 * layout(small, bm, bn).smem_words <= SHARED_SMEM:
                         plan = small
                 return plan, {"BM": bm, "BN": bn}
@@ -278,20 +286,19 @@ def tiled_plan(device: Device, base: Plan, dims: dict[str, int], shapes: list[tu
 SHARED_SMEM = 24 * 1024
 
 
-def chunked_p(plan: Plan, bm: int, bn: int) -> Plan | None:
+def chunked_p(plan: Plan, bm: int, bn: int, pf: int = 0) -> Plan | None:
     """A tiled plan cut down to about half its workgroup memory, or None where it cannot be: p
     written in chunks of the keys a row group owns in one group of runs (PC), 16-key value
-    blocks, and no prefetch registers (PF=0), so that two 256-invocation workgroups fit an SM's
-    registers (at most 128 each) as well as its workgroup memory; head-dim chunks of at least
+    blocks, and no prefetch registers (PF=0, unless `pf`), so that two 256-invocation workgroups
+    fit an SM's registers (at most 128 each) as well as its workgroup memory; head-dim chunks of at least
     16 (they fit beside the smaller p tile). With at most 32 outputs per invocation (TM x TD):
     H200 vit 11 % (Dawn) and 7 % (wgpu-native) faster, two workgroups per SM instead of one;
     with 48 outputs (Dv 72 or 96) vision_h72 15 % faster on Dawn (6.14 ms; 6.42 with head-dim
-    chunks of 8) but 1.25x slower on wgpu-native, so tiled_plan takes it for Tint only
-    (docs/BENCHMARKS.md, sessions 9 and 10)."""
+    chunks of 8), and through Naga with pf=1 only (docs/BENCHMARKS.md, sessions 9-11)."""
     try:
         lay = layout(plan, bm, bn)
         pc = lay.CT * owned_run(lay.TN)
-        small = dataclasses.replace(plan, PC=pc, VK=16, PF=0, DK=max(plan.DK, 16))
+        small = dataclasses.replace(plan, PC=pc, VK=16, PF=pf, DK=max(plan.DK, 16))
         layout(small, bm, bn)  # (PC below 16 keys cannot hold a 16-key value block)
     except LoweringError:
         return None

@@ -193,8 +193,8 @@ def test_gpu_decode_with_8_packed_rows_takes_a_softmax_phase_and_long_splits() -
 
 def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
     """A 128x64 prefill tile with 32 outputs per invocation (vit: Dv = 64) takes the chunked-p
-    plan, under SHARED_SMEM (the whole p tile needs 42 KiB); 48 outputs (Dv 72 or 96) only with
-    Tint's shaders and many row tiles; CPU adapters keep the whole p tile."""
+    plan, under SHARED_SMEM (the whole p tile needs 42 KiB); 48 outputs (Dv 72 or 96) with many
+    row tiles only, through Naga with the prefetch registers; CPU adapters keep the whole p tile."""
     import dataclasses
 
     from attnc.lowering.plan import Family, layout
@@ -208,7 +208,9 @@ def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
     assert 4 * layout(plan, 128, 64).smem_words <= api.SHARED_SMEM < 4 * layout(whole, 128, 64).smem_words
     for d in (72, 96):
         plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dict(vit, D=d, Dv=d), api.Options())
-        assert tun["BM"] == 128 and (plan.PC, plan.VK, plan.PF) == (0, 32, 1)
+        assert tun["BM"] == 128 and (plan.PC, plan.VK, plan.PF) == (32, 16, 1)
+        plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dict(vit, S=1024, T=1024, D=d, Dv=d), api.Options())
+        assert tun["BM"] == 128 and (plan.PC, plan.VK, plan.PF) == (0, 32, 1)  # 128 row tiles
     # Tint's shaders take it with 48 outputs too (head-dim chunks of 16), given >= 256 row tiles
     tint = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
     tint.dialect = "tint"
@@ -216,7 +218,8 @@ def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
     plan, tun = api.plan_for(tint, Family.SUBGROUPS, vision, api.Options())
     assert tun["BM"] == 128 and (plan.PC, plan.VK, plan.PF, plan.DK) == (32, 16, 0, 16)
     assert 4 * layout(plan, 128, 64).smem_words <= api.SHARED_SMEM
-    assert api.plan_for(gpu, Family.SUBGROUPS, vision, api.Options())[0].PC == 0
+    plan = api.plan_for(gpu, Family.SUBGROUPS, vision, api.Options())[0]  # Naga
+    assert (plan.PC, plan.VK, plan.PF, plan.DK) == (32, 16, 1, 16)
     plan, tun = api.plan_for(tint, Family.SUBGROUPS, dict(vision, S=1024, T=1024), api.Options())  # 128 tiles
     assert tun["BM"] == 128 and plan.PC == 0
     cpu = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
@@ -255,3 +258,18 @@ def test_32_row_decode_tiles_match_the_reference(require_adapters) -> None:
     dims = dict(B=2, Hq=16, Hkv=2, S=4, T=700, D=64, Dv=64)
     plan, tun = api.plan_for(_H200Like(), Family.SUBGROUPS, dict(dims, Hq=64, Hkv=8), api.Options())
     check_forced_plan(dev, dims, dataclasses.replace(plan, UN=1), tun, 3, {"kv_lens": "draw"}, 6)
+
+
+def test_gpu_prefill_with_one_value_block_per_tile_unrolls_its_key_loop_16_times() -> None:
+    """Dv <= 32 (minilm): P.V over the whole key tile in one block, its 64-key loop in 16 copies
+    per iteration; wider value blocks keep their loops whole (UN=64), CPU adapters plain loops."""
+    from attnc.lowering.plan import Family
+
+    gpu = _H200Like()
+    minilm = dict(B=1, Hq=12, Hkv=12, S=128, T=128, D=32, Dv=32)
+    plan, tun = api.plan_for(gpu, Family.SUBGROUPS, minilm, api.Options())
+    assert (plan.VK, plan.DVS, plan.UN, plan.PF) == (0, 32, 16, 1) and tun == {"BM": 32, "BN": 64}
+    assert api.plan_for(gpu, Family.SUBGROUPS, dict(minilm, D=64, Dv=64), api.Options())[0].UN == 64
+    cpu = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
+    cpu.adapter_type = "CPU"
+    assert api.plan_for(cpu, Family.PORTABLE, minilm, api.Options())[0].UN == 1
