@@ -98,6 +98,7 @@ python_ready() {
 import sys
 import attnc, hypothesis, lark, numpy, pytest, wgpu, wgpudawn  # noqa: F401
 import matplotlib, tqdm  # noqa: F401
+import onnx  # noqa: F401  (the test extra: checks the ORT baseline's hand-written model)
 # a regular package (not a namespace) installed from this checkout
 ok = attnc.__file__ is not None and list(attnc.__path__) == [sys.argv[1] + "/attnc"]
 sys.exit(0 if ok else 1)
