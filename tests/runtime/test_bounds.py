@@ -4,7 +4,6 @@ attnc's own kernels under it: in bounds by construction, tails and score tensors
 from __future__ import annotations
 
 import dataclasses
-import types
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from attnc.lowering.program import Access, Binding, Program, Scalar, UniformFiel
 from attnc.runtime import api
 from attnc.runtime.dispatch import BoundsError, Dispatch, empty, readback, run, upload
 from tests.forced_plan import check_forced_plan
+from tests.gpu_facts import h200_like
 
 pytestmark = pytest.mark.gpu
 
@@ -93,21 +93,6 @@ def test_score_tensors_are_read_in_bounds_on_the_tail_tiles(device, monkeypatch,
 
 
 # --------------------------------------------------------------------------- the GPU plans
-class _H200:
-    """The adapter facts plan_for reads, as the H200 reports them through either compiler."""
-
-    adapter_type = "DiscreteGPU"
-    subgroup_min_size = 4
-    subgroup_size = 32
-    subgroup_lanes_contiguous = 32
-    features = frozenset({"subgroups", "timestamps"})
-    gpu = types.SimpleNamespace(limits={"max-compute-workgroup-storage-size": 49152,
-                                        "max-compute-invocations-per-workgroup": 1024})
-
-    def __init__(self, dialect: str):
-        self.dialect = dialect
-
-
 def _seeds_plans() -> list[tuple[str, str, dict, dict, object, dict, int]]:
     """(case, dialect, dims, options, plan, tunables, splits) of the heuristic's H200 choice for
     every seeds case, the Tint plan only where it differs from Naga's."""
@@ -116,7 +101,7 @@ def _seeds_plans() -> list[tuple[str, str, dict, dict, object, dict, int]]:
     out, seen = [], set()
     for dialect in ("naga", "tint"):
         for case in load_suite("seeds"):
-            gpu = _H200(dialect)
+            gpu = h200_like(dialect=dialect)
             dims = {x: getattr(case, x) for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv")}
             plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dims, api.Options(causal=case.causal))
             packed = dims["S"] <= 16 and dims["Hq"] > dims["Hkv"]

@@ -11,6 +11,7 @@ import pytest
 
 import attnc
 from attnc.runtime import api, tune
+from tests.gpu_facts import h200_like
 from tests.textbook import assert_close, attention_ref
 
 pytestmark = pytest.mark.gpu
@@ -139,26 +140,13 @@ def test_prefill_splits_only_when_a_gpu_has_few_row_tiles() -> None:
 
 
 # --------------------------------------------------------------------------- GPU heuristics
-class _H200Like:
-    """The adapter facts plan_for reads, as the H200 reports them (docs/BENCHMARKS.md)."""
-
-    adapter_type = "DiscreteGPU"
-    dialect = "naga"
-    subgroup_min_size = 4
-    subgroup_size = 32
-    subgroup_lanes_contiguous = 32
-    features = frozenset({"subgroups", "timestamps"})
-    gpu = types.SimpleNamespace(limits={"max-compute-workgroup-storage-size": 49152,
-                                        "max-compute-invocations-per-workgroup": 1024})
-
-
 def test_gpu_decode_with_many_packed_rows_takes_32_row_tiles() -> None:
     """GQA decode with >= 32 query rows per KV head (dec4_gqa8: 8 heads x 4 queries): 32x64
     tiles of the tiled strategy, 4 rows per invocation, 8-key value blocks (a small workgroup),
     >= 2 KV tiles per split; fewer packed rows (dec_gqa8, whisper) stay with the stream strategy."""
     from attnc.lowering.plan import Family, Strategy, layout
 
-    gpu = _H200Like()
+    gpu = h200_like()
     dec4 = dict(B=1, Hq=64, Hkv=8, S=4, T=7680, D=64, Dv=64)
     plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dec4, api.Options())
     assert plan.strategy is Strategy.TILED and tun == {"BM": 32, "BN": 64}
@@ -167,8 +155,7 @@ def test_gpu_decode_with_many_packed_rows_takes_32_row_tiles() -> None:
     assert api.split_count(gpu, dec4, 32, 64, packed=True) == 60  # 120 KV tiles, 2 per split
     for dims in (dict(dec4, S=1), dict(B=1, Hq=6, Hkv=6, S=4, T=1500, D=64, Dv=64)):
         assert api.plan_for(gpu, Family.SUBGROUPS, dims, api.Options())[0].strategy is Strategy.STREAM
-    cpu = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
-    cpu.adapter_type = "CPU"
+    cpu = h200_like(adapter_type="CPU")
     assert api.plan_for(cpu, Family.PORTABLE, dec4, api.Options())[0].strategy is not Strategy.TILED
 
 
@@ -178,7 +165,7 @@ def test_gpu_decode_with_8_packed_rows_takes_a_softmax_phase_and_long_splits() -
     (whisper) and 1 row (dec_h128) keep every invocation's own softmax and 1 tile per split."""
     from attnc.lowering.plan import Family, Strategy
 
-    gpu = _H200Like()
+    gpu = h200_like()
     dec = dict(B=1, Hq=64, Hkv=8, S=1, T=7680, D=64, Dv=64)
     plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dec, api.Options())
     assert plan.strategy is Strategy.STREAM and plan.SMX == 1 and tun["BM"] == 8
@@ -199,7 +186,7 @@ def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
 
     from attnc.lowering.plan import Family, layout
 
-    gpu = _H200Like()
+    gpu = h200_like()
     vit = dict(B=1, Hq=16, Hkv=16, S=4096, T=4096, D=64, Dv=64)
     plan, tun = api.plan_for(gpu, Family.SUBGROUPS, vit, api.Options())
     assert tun == {"BM": 128, "BN": 64}
@@ -212,8 +199,7 @@ def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
         plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dict(vit, S=1024, T=1024, D=d, Dv=d), api.Options())
         assert tun["BM"] == 128 and (plan.PC, plan.VK, plan.PF) == (0, 32, 1)  # 128 row tiles
     # Tint's shaders take it with 48 outputs too (head-dim chunks of 16), given >= 256 row tiles
-    tint = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
-    tint.dialect = "tint"
+    tint = h200_like(dialect="tint")
     vision = dict(vit, S=5776, T=5776, D=72, Dv=72)
     plan, tun = api.plan_for(tint, Family.SUBGROUPS, vision, api.Options())
     assert tun["BM"] == 128 and (plan.PC, plan.VK, plan.PF, plan.DK) == (32, 16, 0, 16)
@@ -222,8 +208,7 @@ def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
     assert (plan.PC, plan.VK, plan.PF, plan.DK) == (32, 16, 1, 16)
     plan, tun = api.plan_for(tint, Family.SUBGROUPS, dict(vision, S=1024, T=1024), api.Options())  # 128 tiles
     assert tun["BM"] == 128 and plan.PC == 0
-    cpu = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
-    cpu.adapter_type = "CPU"
+    cpu = h200_like(adapter_type="CPU")
     assert api.plan_for(cpu, Family.PORTABLE, vit, api.Options())[0].PC == 0
 
 
@@ -233,7 +218,7 @@ def test_gpu_causal_prefill_takes_long_tiles_first_in_64_row_tiles() -> None:
     problems and CPU adapters keep the index order, long causal prefill its 128-row tiles."""
     from attnc.lowering.plan import Family
 
-    gpu = _H200Like()
+    gpu = h200_like()
     phi = dict(B=1, Hq=32, Hkv=32, S=501, T=501, D=96, Dv=96)
     plan, tun = api.plan_for(gpu, Family.SUBGROUPS, phi, api.Options(causal=True))
     assert (tun["BM"], plan.WG, plan.TM, plan.QO, plan.VK) == (64, 256, 4, 1, 32)
@@ -241,8 +226,7 @@ def test_gpu_causal_prefill_takes_long_tiles_first_in_64_row_tiles() -> None:
     assert (tun["BM"], plan.QO) == (128, 0)
     plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dict(phi, S=4096, T=4096), api.Options(causal=True))
     assert (tun["BM"], plan.QO) == (128, 1)
-    cpu = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
-    cpu.adapter_type = "CPU"
+    cpu = h200_like(adapter_type="CPU")
     assert api.plan_for(cpu, Family.PORTABLE, phi, api.Options(causal=True))[0].QO == 0
 
 
@@ -256,7 +240,7 @@ def test_32_row_decode_tiles_match_the_reference(require_adapters) -> None:
 
     dev = require_adapters("wgpu:vulkan")[0]
     dims = dict(B=2, Hq=16, Hkv=2, S=4, T=700, D=64, Dv=64)
-    plan, tun = api.plan_for(_H200Like(), Family.SUBGROUPS, dict(dims, Hq=64, Hkv=8), api.Options())
+    plan, tun = api.plan_for(h200_like(), Family.SUBGROUPS, dict(dims, Hq=64, Hkv=8), api.Options())
     check_forced_plan(dev, dims, dataclasses.replace(plan, UN=1), tun, 3, {"kv_lens": "draw"}, 6)
 
 
@@ -265,11 +249,10 @@ def test_gpu_prefill_with_one_value_block_per_tile_unrolls_its_key_loop_16_times
     per iteration; wider value blocks keep their loops whole (UN=64), CPU adapters plain loops."""
     from attnc.lowering.plan import Family
 
-    gpu = _H200Like()
+    gpu = h200_like()
     minilm = dict(B=1, Hq=12, Hkv=12, S=128, T=128, D=32, Dv=32)
     plan, tun = api.plan_for(gpu, Family.SUBGROUPS, minilm, api.Options())
     assert (plan.VK, plan.DVS, plan.UN, plan.PF) == (0, 32, 16, 1) and tun == {"BM": 32, "BN": 64}
     assert api.plan_for(gpu, Family.SUBGROUPS, dict(minilm, D=64, Dv=64), api.Options())[0].UN == 64
-    cpu = types.SimpleNamespace(**{k: getattr(gpu, k) for k in dir(_H200Like) if not k.startswith("_")})
-    cpu.adapter_type = "CPU"
+    cpu = h200_like(adapter_type="CPU")
     assert api.plan_for(cpu, Family.PORTABLE, minilm, api.Options())[0].UN == 1
