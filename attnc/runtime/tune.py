@@ -193,10 +193,10 @@ def candidates(device: Device, dims: dict[str, int], base: Plan, families: list[
                                                        UN=un, PF=pf, PC=0)
                             rank = (si > 0) + (fi > 0) + (ki > 0) + (vi > 0) + (ui > 0)
                             add(rank, plan, {"BM": bm, "BN": bn}, ns)
-                            for pf in (0, 1) if ui == 0 and base.UN > 1 else ():
-                                small = chunked_p(plan, bm, bn, pf)
+                            for small_pf in (0, 1) if ui == 0 and base.UN > 1 else ():
+                                small = chunked_p(plan, bm, bn, small_pf)
                                 if small is not None:  # (GPUs) half the workgroup memory, p in chunks
-                                    add(rank + (base.PC == 0) + pf, small, {"BM": bm, "BN": bn}, ns)
+                                    add(rank + (base.PC == 0) + small_pf, small, {"BM": bm, "BN": bn}, ns)
         sg = device.subgroup_size
         if not short and Family.SUBGROUPS in families and sg and dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0:
             # query rows in registers, keys shared across the subgroup (lowering/lanes.py)
