@@ -57,8 +57,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     kernel = _load_kernel(args.kernel, _parse_sets(args.set))
     targets = args.target or ["portable", "subgroups"]
     dtypes = args.dtype or ["f32", "f16"]
-    plans = [Plan(Family(t), Storage(d), Dialect.TINT, WG=args.wg, DVC=args.dvc, UN=args.unroll,
-                  PF=int(args.prefetch)) for t in targets for d in dtypes]
+    plans = [Plan(Family(t), Storage(d), Dialect.TINT, workgroup_size=args.wg, value_columns=args.dvc,
+                  unroll=args.unroll,
+                  prefetch=int(args.prefetch)) for t in targets for d in dtypes]
     manifest = compile_kernel(kernel, plans, Path(args.output))
     for v in manifest["variants"]:
         files = ", ".join(p["file"] for p in v["programs"])
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--device", default=None, help="device spec (default: the best adapter)")
     r.set_defaults(fn=cmd_run)
     t = sub.add_parser("tune", help="autotune variants per device and shape bucket (persistent cache)")
-    t.add_argument("--suite", default="ci", help="suite of ../shared/bench/shapes.json (ci, seeds)")
+    t.add_argument("--suite", default="ci", help="suite of attnc/bench/shapes.json (ci, seeds)")
     t.add_argument("--case", action="append", help="only these case names")
     t.add_argument("--shape", action="append", default=[], help="B,Hq,Hkv,S,T,D,Dv[,causal]")
     t.add_argument("--device", default=None)

@@ -1,4 +1,9 @@
-"""The layers import in one direction: ir <- frontend, ir <- lowering <- runtime (STYLE.md #1)."""
+"""The layers import in one direction, and no attnc module imports itself through others.
+
+Packages: ir <- frontend <- kernels; ir <- lowering <- runtime <- bench <- cli. Inside the
+runtime, modules sit in layers too (dispatch at the bottom, the public API and the tuner at
+the top). Every import counts: module-level, inside functions, and under TYPE_CHECKING.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,49 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "attnc"
-# what each layer may import from attnc, besides itself
+# what each package may import from attnc, besides itself
 ALLOWED = {
     "ir": {"attnc.errors", "attnc._version"},
     "frontend": {"attnc.errors", "attnc.ir", "attnc._version"},
+    "kernels": {"attnc.frontend"},
     "lowering": {"attnc.errors", "attnc.ir", "attnc._version"},
+    "runtime": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.kernels", "attnc._version"},
+    "bench": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.runtime", "attnc._version"},
 }
+# runtime modules, bottom layer first: a module may import only from earlier layers
+RUNTIME_LAYERS = [
+    {"dispatch", "timing"},
+    {"devices"},
+    {"build", "prepared", "chunking", "tuning_cache"},
+    {"api"},
+    {"tune"},
+]
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
 
 
 def _imports(path: Path) -> set[str]:
+    """The attnc modules a file imports, anywhere in it (`from attnc.x import y` counts as
+    attnc.x.y when that is a module, else attnc.x)."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                out.add(sub if sub in MODULES else node.module)
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
     return {m for m in out if m == "attnc" or m.startswith("attnc.")}
+
+
+MODULES = {_module_name(f): f for f in PKG.rglob("*.py")}
+GRAPH = {name: {m for m in _imports(f) if m in MODULES and m != name} for name, f in MODULES.items()}
 
 
 def test_layers_import_in_one_direction() -> None:
@@ -33,3 +65,62 @@ def test_layers_import_in_one_direction() -> None:
                 if not own and not any(m == a or m.startswith(a + ".") for a in allowed):
                     bad.append(f"{f.relative_to(PKG.parent)} imports {m}")
     assert not bad, "\n".join(bad)
+
+
+def test_runtime_modules_import_downwards() -> None:
+    level = {name: i for i, names in enumerate(RUNTIME_LAYERS) for name in names}
+    found = {f.stem for f in (PKG / "runtime").glob("*.py")} - {"__init__"}
+    assert found <= set(level), f"runtime modules without a layer in RUNTIME_LAYERS: {sorted(found - set(level))}"
+    bad = []
+    for name in found:
+        for m in GRAPH[f"attnc.runtime.{name}"]:
+            if m.startswith("attnc.runtime.") and level[m.rsplit(".", 1)[1]] >= level[name]:
+                bad.append(f"attnc.runtime.{name} imports {m}, which is not in a lower layer")
+    assert not bad, "\n".join(bad)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles() -> None:
+    # a package's __init__ re-exporting its submodules is not a cycle of the code itself
+    graph = {name: {m for m in deps if not (name.startswith(m + ".") and MODULES[m].name == "__init__.py")}
+             for name, deps in GRAPH.items()}
+    assert not _cycles(graph), _cycles(graph)
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

@@ -1,4 +1,4 @@
-"""A textbook float64 attention, written from DESIGN.md's "functional API" (not from attnc's code).
+"""A textbook float64 attention, written from the semantics in docs/API.md (not from attnc's code).
 
 Dense [B, Hq, S, T] scores, explicit boolean masks, one softmax over the key axis. The order
 of the contract is followed literally:

@@ -93,12 +93,8 @@ def parse_shape(text: str) -> Case:
 
 
 def shapes_path(explicit: str | Path | None = None) -> Path:
-    """shapes.json: explicit path, else ../shared/bench/ beside the repo, else the packaged one."""
-    if explicit is not None:
-        return Path(explicit)
-    repo = Path(__file__).resolve().parents[2]
-    shared = repo.parent / "shared" / "bench" / "shapes.json"
-    return shared if shared.is_file() else PACKAGED_SHAPES
+    """shapes.json: the explicit path, else the one packaged with attnc (attnc/bench/shapes.json)."""
+    return PACKAGED_SHAPES if explicit is None else Path(explicit)
 
 
 def load_suites(path: str | Path | None = None) -> dict[str, list[Case]]:

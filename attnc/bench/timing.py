@@ -29,7 +29,6 @@ import numpy as np
 
 MAX_QUERIES = 4096  # WebGPU's limit on the size of one timestamp query set
 DAWN_QUANTUM_NS = 1 << 16  # Dawn's timestamp quantization masks the low 16 bits
-DEFAULT_CACHE_BYTES = 64 << 20  # a guess at the last-level cache (H100/H200 L2: 50 MiB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +62,6 @@ class Timing:
             "ms_max": max(self.samples) if self.samples else None,
             "timestamps_quantized": self.quantized,
         }
-
-
-def rotation_count(nbytes: int, cache_bytes: int = DEFAULT_CACHE_BYTES, max_copies: int = 32) -> int:
-    """How many input copies keep `runs` from reading cached inputs: cover ~3x the cache."""
-    if nbytes <= 0 or nbytes >= 3 * cache_bytes:
-        return 1
-    return int(max(1, min(max_copies, -(-3 * cache_bytes // nbytes))))
 
 
 def has_timestamps(gpu: Any) -> bool:

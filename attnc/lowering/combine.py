@@ -38,7 +38,7 @@ def emit_combine(sh: Shader) -> Program:
     of dec_h128 on an H200, most of it load latency.
     """
     s = sh.spec
-    SG = sh.plan.CSG or MAX_GROUPS
+    SG = sh.plan.combine_groups or MAX_GROUPS
     if SG not in (1, 2, 4, 8):
         raise LoweringError(f"CSG={SG} split groups must be 1, 2, 4 or 8")
     WG = COLS * SG

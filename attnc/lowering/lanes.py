@@ -26,7 +26,8 @@ from attnc.lowering.wgsl import NAN, NEG_INF, Writer
 def emit_lanes(sh: Shader) -> Program:
     """TM rows per invocation; each step reads one key per lane and shuffles them to all."""
     s, plan = sh.spec, sh.plan
-    BM, BN, SG, R, D4, C4 = s.BM, s.BN, plan.SGB, plan.TM, plan.DQ // 4, plan.DVC // 4
+    BM, BN, SG, R = s.BM, s.BN, plan.subgroup_width, plan.rows_per_invocation
+    D4, C4 = plan.query_dim // 4, plan.value_columns // 4
     NW = BM // R  # invocations per workgroup
     w = Writer()
     if plan.dialect is Dialect.TINT:  # the key loop's bounds come from subgroup reductions

@@ -111,8 +111,9 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str]) -> dict
             },
         },
         "enables": sorted({"shader-f16": "f16"}.get(f, f) for f in features),
-        "tunables": dict(kernel.tunables) | {"WG": c.plan.WG, "DK": c.plan.DK, "DVC": c.plan.DVC,
-                                            "DVS": c.plan.DVS, "SGMIN": c.plan.SGMIN},
+        "tunables": dict(kernel.tunables) | {"WG": c.plan.workgroup_size, "DK": c.plan.head_chunk,
+                                             "DVC": c.plan.value_columns,
+                                            "DVS": c.plan.value_stage_columns, "SGMIN": c.plan.min_subgroup},
         "tensors": _tensors(kernel, c.plan, c.programs),
         "params": [{"name": p.name, "type": p.type.dtype.value,
                     **({"default": _PARAM_DEFAULTS[p.name]} if p.name in _PARAM_DEFAULTS else {})}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 from attnc.errors import LoweringError
 
@@ -49,78 +49,103 @@ DEFAULT_LIMITS = {
 }
 
 
+# Plan field -> the compact key that names it in variant strings, manifests, JSON and logs
+# (docs/PLANS.md has the table with each field's meaning).
+COMPACT_KEYS = {
+    "workgroup_size": "WG", "head_chunk": "DK", "value_columns": "DVC", "value_stage_columns": "DVS",
+    "min_subgroup": "SGMIN", "rows_per_invocation": "TM", "keys_per_step": "KC", "query_dim": "DQ",
+    "vector_width": "VEC", "resident_query": "QRES", "lanes_per_key": "KL", "softmax_phase": "SMX",
+    "unroll": "UN", "prefetch": "PF", "combine_groups": "CSG", "value_block_keys": "VK",
+    "p_chunk_keys": "PC", "last_tile_first": "QO", "subgroup_width": "SGB", "shuffle_only_lanes": "SGFAST",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Everything lowering needs besides the IR: family, storage, dialect and tunables.
+    """Everything lowering needs besides the IR: family, storage, dialect, strategy and the
+    strategy's tunables (each field's compact key in variant strings is in COMPACT_KEYS).
 
-    WG: invocations per workgroup; DK: head-dim chunk staged in workgroup memory;
-    DVC: output columns per workgroup (a grid axis covers Dv in chunks of DVC);
-    DVS: value columns staged at once; SGMIN: the smallest subgroup size the variant
-    must be correct for (butterflies stay within SGMIN lanes); TM: query rows per
-    invocation (register blocking: each invocation computes TM x TN scores).
-    ROWS strategy: KC keys per softmax step, DQ the largest head dim held in registers.
-    VEC=4 loads q/k/v as vec4 (the runtime picks it only when D and Dv are multiples of 4).
-    QRES keeps the query tile (BM x DQ, DQ >= D) in workgroup memory across the KV loop.
-    STREAM strategy: KL lanes share a key's dot product, KC keys per softmax step, DQ >= D,
-    DVC output columns per workgroup (four per invocation); SMX=1 computes each probability
-    once in a softmax phase (one invocation per key group and row) instead of in every
-    invocation that uses it (worth its extra barrier when tiles have many rows).
-    UN (tiled): copies of the body per iteration of the loops whose trip count is a tile
-    constant (head-dim steps of a chunk, keys of the P.V loop, staging), UN >= count
-    unrolls them completely. PF=1 (tiled) issues the global loads of the next staged block
-    (head-dim chunk, value chunk, next tile) into registers before the math on the current one,
-    so their latency overlaps it; PF=0 loads each block right before its barrier.
-    VK (tiled): keys per staged value block (0 = the whole key tile BN): with VK < BN a stage
-    can hold more value columns (DVS) in the same workgroup memory, so each p read from
-    workgroup memory feeds more products.
-    PC (tiled): keys of p held in workgroup memory at once (0 = the whole key tile BN): the
-    p tile is written PC keys at a time, each chunk before its value blocks, so workgroup
-    memory holds PC x BM probabilities instead of BN x BM (on drivers that give an SM little
-    workgroup memory, this lets two workgroups share it). A power of two from VK to BN that
-    covers whole runs of the keys each row group's invocations own (owned()).
-    LANES strategy: TM query rows per invocation, DQ >= D and DVC value columns held in
-    registers; each step reads one key per lane of a subgroup of exactly SGB lanes; VEC=4 only.
-    SGFAST (tiled, subgroups family): lanes the device was found to keep in one subgroup in
-    local_invocation_index order (its probe); row groups wider than SGMIN but not than SGFAST
-    reduce by shuffles alone, with no workgroup memory or barriers, when the subgroup size the
-    shader runs with is at least the row group's width, and through workgroup memory otherwise.
-    QO=1 (all strategies): the workgroups take the query tiles last tile first, each tile for
-    every head and split before the next, instead of every tile of one head before the next
-    head: with causal masks the last tiles see the most keys, so this starts the longest
-    workgroups first (the GPU starts workgroups in index order) and the short ones fill in.
-    CSG (split-KV combine): split groups per output column, each merging every CSG-th split
-    (workgroups of 32 x CSG); 0 = from the split count when the runtime knows it, else 8.
+    All strategies:
+    - workgroup_size: invocations per workgroup.
+    - value_columns: output columns per workgroup (a grid axis covers Dv in chunks of it).
+    - vector_width: 4 loads q/k/v as vec4 (the runtime picks it only when D and Dv are
+      multiples of 4), else 1.
+    - last_tile_first: 1 makes the workgroups take the query tiles last tile first, each tile
+      for every head and split before the next, instead of every tile of one head before the
+      next head: under a causal mask the last tiles see the most keys, so the longest
+      workgroups start first (GPUs start workgroups in index order) and the short ones fill in.
+    - combine_groups (split-KV combine): split groups per output column, each merging every
+      combine_groups-th split (workgroups of 32 x combine_groups); 0 = from the split count
+      when the runtime knows it, else 8.
+
+    Tiled strategy:
+    - rows_per_invocation: query rows per invocation (register blocking: each invocation
+      computes rows_per_invocation x its keys' scores).
+    - head_chunk: head-dim columns of q and k staged in workgroup memory at once.
+    - value_stage_columns: value columns staged at once.
+    - min_subgroup: the smallest subgroup size the variant must be correct for (butterflies
+      stay within that many lanes).
+    - resident_query: keep the query tile (BM x query_dim, query_dim >= D) in workgroup
+      memory across the KV loop.
+    - unroll: copies of the body per iteration of the loops whose trip count is a tile
+      constant (head-dim steps of a chunk, keys of the P.V loop, staging); unroll >= the count
+      unrolls them completely.
+    - prefetch: 1 issues the global loads of the next staged block (head-dim chunk, value
+      chunk, next tile) into registers before the math on the current one, so that their
+      latency overlaps it; 0 loads each block right before its barrier.
+    - value_block_keys: keys per staged value block (0 = the whole key tile BN): with fewer
+      keys a stage holds more value columns in the same workgroup memory, so each p read
+      from workgroup memory feeds more products.
+    - p_chunk_keys: keys of p held in workgroup memory at once (0 = the whole key tile BN):
+      the p tile is written that many keys at a time, each chunk before its value blocks, so
+      that workgroup memory holds p_chunk_keys x BM probabilities instead of BN x BM (on
+      drivers that give an SM little workgroup memory, two workgroups then share it). A power
+      of two from value_block_keys to BN that covers whole runs of the keys each row group's
+      invocations own (owned_run()).
+    - shuffle_only_lanes (subgroups family): lanes the device was found to keep in one
+      subgroup in local_invocation_index order (its probe); row groups wider than
+      min_subgroup but not than this reduce by shuffles alone, with no workgroup memory or
+      barriers, when the subgroup size the shader runs with is at least the row group's width,
+      and through workgroup memory otherwise.
+
+    Rows strategy: keys_per_step keys per softmax step; query_dim, the largest head dim held
+    in registers.
+
+    Stream strategy: lanes_per_key lanes share a key's dot product, keys_per_step keys per
+    softmax step, query_dim >= D, value_columns output columns per workgroup (four per
+    invocation); softmax_phase=1 computes each probability once in a softmax phase (one
+    invocation per key group and row) instead of in every invocation that uses it (worth its
+    extra barrier when tiles have many rows).
+
+    Lanes strategy: rows_per_invocation query rows per invocation, query_dim >= D and
+    value_columns value columns held in registers; each step reads one key per lane of a
+    subgroup of exactly subgroup_width lanes; vector_width 4 only.
     """
 
     family: Family = Family.PORTABLE
     storage: Storage = Storage.F32
     dialect: Dialect = Dialect.TINT
-    WG: int = 128
-    DK: int = 16
-    DVC: int = 64
-    DVS: int = 32
-    SGMIN: int = 4
-    TM: int = 1
+    workgroup_size: int = 128
+    head_chunk: int = 16
+    value_columns: int = 64
+    value_stage_columns: int = 32
+    min_subgroup: int = 4
+    rows_per_invocation: int = 1
     strategy: Strategy = Strategy.TILED
-    KC: int = 4
-    DQ: int = 64
-    VEC: int = 1
-    QRES: bool = False
-    KL: int = 2
-    SMX: int = 0
-    UN: int = 1
-    PF: int = 0
-    CSG: int = 0
-    VK: int = 0
-    PC: int = 0
-    QO: int = 0
-    SGB: int = 0
-    SGFAST: int = 0
-    overrides: tuple[tuple[str, int], ...] = field(default=())
-
-    def with_tunables(self, **kw: int) -> Plan:
-        """A copy with some plan tunables replaced."""
-        return replace(self, **kw)
+    keys_per_step: int = 4
+    query_dim: int = 64
+    vector_width: int = 1
+    resident_query: bool = False
+    lanes_per_key: int = 2
+    softmax_phase: int = 0
+    unroll: int = 1
+    prefetch: int = 0
+    combine_groups: int = 0
+    value_block_keys: int = 0
+    p_chunk_keys: int = 0
+    last_tile_first: int = 0
+    subgroup_width: int = 0
+    shuffle_only_lanes: int = 0
 
     @property
     def name(self) -> str:
@@ -191,27 +216,27 @@ def _pow2(n: int) -> bool:
 def fast_reduce(plan: Plan, lay: Layout) -> bool:
     """Whether a tiled shader checks its run-time subgroup size for shuffle-only row reductions:
     row groups wider than SGMIN lanes, no wider than the SGFAST lanes the device keeps contiguous."""
-    return plan.family is Family.SUBGROUPS and lay.G < lay.CT <= plan.SGFAST
+    return plan.family is Family.SUBGROUPS and lay.G < lay.CT <= plan.shuffle_only_lanes
 
 
 def layout(plan: Plan, BM: int, BN: int) -> Layout:
     """Map the tile sizes onto invocations; raise LoweringError when they do not fit."""
-    WG = plan.WG
-    for name, val in (("BM", BM), ("BN", BN), ("WG", WG), ("TM", plan.TM)):
+    WG = plan.workgroup_size
+    for name, val in (("BM", BM), ("BN", BN), ("WG", WG), ("TM", plan.rows_per_invocation)):
         if not _pow2(val):
             raise LoweringError(f"tunable {name}={val} must be a power of two")
-    for name, val in (("DK", plan.DK), ("DVC", plan.DVC), ("DVS", plan.DVS)):
+    for name, val in (("DK", plan.head_chunk), ("DVC", plan.value_columns), ("DVS", plan.value_stage_columns)):
         if val <= 0 or val % 4:
             raise LoweringError(f"tunable {name}={val} must be a positive multiple of 4")
-    if plan.UN < 1:
-        raise LoweringError(f"tunable UN={plan.UN} must be at least 1")
-    if plan.PF not in (0, 1):
-        raise LoweringError(f"tunable PF={plan.PF} must be 0 or 1")
-    vk = plan.VK or BN
+    if plan.unroll < 1:
+        raise LoweringError(f"tunable UN={plan.unroll} must be at least 1")
+    if plan.prefetch not in (0, 1):
+        raise LoweringError(f"tunable PF={plan.prefetch} must be 0 or 1")
+    vk = plan.value_block_keys or BN
     if not _pow2(vk) or vk > BN:
-        raise LoweringError(f"tunable VK={plan.VK} must be 0 or a power of two no larger than BN={BN}")
+        raise LoweringError(f"tunable VK={plan.value_block_keys} must be 0 or a power of two no larger than BN={BN}")
     # row groups of TM rows; the invocations of a row group share its keys and columns
-    TM = min(plan.TM, BM)
+    TM = min(plan.rows_per_invocation, BM)
     RT = min(BM // TM, WG)
     TM = BM // RT
     CT = WG // RT
@@ -219,21 +244,23 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
         raise LoweringError(f"WG={WG} invocations over BM={BM} rows leaves {CT} per row, "
                             f"more than BN={BN} keys", notes=("raise BN or lower WG",))
     TN = BN // CT
-    dvs = -(-max(plan.DVS, CT) // CT) * CT  # each staged value chunk gives every invocation whole columns
+    dvs = -(-max(plan.value_stage_columns,
+                 CT) // CT) * CT  # each staged value chunk gives every invocation whole columns
     if dvs % 4:
         raise LoweringError(f"DVS={dvs} value columns per stage must be a multiple of 4")
-    dvc = -(-max(plan.DVC, dvs) // dvs) * dvs  # whole value chunks
+    dvc = -(-max(plan.value_columns, dvs) // dvs) * dvs  # whole value chunks
     TD = dvc // CT
-    G = 1 if plan.family is Family.PORTABLE else min(CT, plan.SGMIN)
-    if plan.QRES and plan.DQ % plan.DK:
-        raise LoweringError(f"DQ={plan.DQ} must be a multiple of DK={plan.DK} with QRES")
-    pk = plan.PC or BN
+    G = 1 if plan.family is Family.PORTABLE else min(CT, plan.min_subgroup)
+    if plan.resident_query and plan.query_dim % plan.head_chunk:
+        raise LoweringError(f"DQ={plan.query_dim} must be a multiple of DK={plan.head_chunk} with QRES")
+    pk = plan.p_chunk_keys or BN
     if not _pow2(pk) or not vk <= pk <= BN:
-        raise LoweringError(f"tunable PC={plan.PC} must be 0 or a power of two from VK={vk} to BN={BN}")
+        raise LoweringError(f"tunable PC={plan.p_chunk_keys} must be 0 or a power of two from VK={vk} to BN={BN}")
     if pk % (CT * owned_run(TN)):
         raise LoweringError(f"PC={pk} must be a multiple of {CT * owned_run(TN)}: the keys that the {CT} "
                             f"invocations of a row group own in runs of {owned_run(TN)}")
-    return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.QRES, plan.DQ, plan.DK, dvc, dvs, vk, pk)
+    return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.resident_query, plan.query_dim, plan.head_chunk, dvc, dvs, vk,
+                  pk)
 
 
 def owned_run(n: int) -> int:
@@ -285,33 +312,35 @@ class StreamLayout:
 
 def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
     """Map a stream plan onto invocations; raise LoweringError when it does not fit."""
-    for name, val in (("BM", BM), ("BN", BN), ("WG", plan.WG), ("KL", plan.KL), ("KC", plan.KC)):
+    for name, val in (("BM", BM), ("BN", BN), ("WG", plan.workgroup_size), ("KL", plan.lanes_per_key), ("KC",
+                                                                                                        plan.keys_per_step)):
         if not _pow2(val):
             raise LoweringError(f"tunable {name}={val} must be a power of two")
-    if plan.VEC != 4:
+    if plan.vector_width != 4:
         raise LoweringError("the stream strategy reads q, k and v as vec4: it needs VEC=4 "
                             "(head dims that are multiples of 4)")
-    if plan.DQ % (4 * plan.KL) or plan.DVC % 4 or plan.DVC <= 0:
-        raise LoweringError(f"DQ={plan.DQ} must be a multiple of 4*KL={4 * plan.KL} and "
-                            f"DVC={plan.DVC} a positive multiple of 4")
-    CG = plan.DVC // 4
-    if not _pow2(CG) or CG > plan.WG:
-        raise LoweringError(f"DVC={plan.DVC} gives {CG} column groups: it must be a power of two "
-                            f"no larger than WG={plan.WG}")
-    KG = plan.WG // CG
-    if BN % (KG * plan.KC):
-        raise LoweringError(f"BN={BN} keys must split evenly over {KG} key groups x KC={plan.KC}",
+    if plan.query_dim % (4 * plan.lanes_per_key) or plan.value_columns % 4 or plan.value_columns <= 0:
+        raise LoweringError(f"DQ={plan.query_dim} must be a multiple of 4*KL={4 * plan.lanes_per_key} and "
+                            f"DVC={plan.value_columns} a positive multiple of 4")
+    CG = plan.value_columns // 4
+    if not _pow2(CG) or CG > plan.workgroup_size:
+        raise LoweringError(f"DVC={plan.value_columns} gives {CG} column groups: it must be a power of two "
+                            f"no larger than WG={plan.workgroup_size}")
+    KG = plan.workgroup_size // CG
+    if BN % (KG * plan.keys_per_step):
+        raise LoweringError(f"BN={BN} keys must split evenly over {KG} key groups x KC={plan.keys_per_step}",
                             notes=("raise BN or lower WG",))
     # rows merged per round: at most one output vec4 per invocation; for packed-GQA tiles of 8
     # rows or more, which take many splits, the merge goes through the partial dots' array and
     # no more rows than it holds, so that the workgroup stays small and more of them share an
     # SM (H200 dec_gqa8: 16.8 -> 8.8 KiB, 2 -> 5 per SM)
-    RC = max(1, min(BM, KG, 512 // plan.WG))
+    RC = max(1, min(BM, KG, 512 // plan.workgroup_size))
     if BM >= 8:
-        RC = max(1, min(RC, BN * plan.KL * BM // (4 * KG * CG)))
-    if plan.SMX not in (0, 1):
-        raise LoweringError(f"tunable SMX={plan.SMX} must be 0 or 1")
-    return StreamLayout(BM, BN, plan.WG, plan.KL, plan.KC, plan.DQ // 4, CG, KG, RC, plan.SMX)
+        RC = max(1, min(RC, BN * plan.lanes_per_key * BM // (4 * KG * CG)))
+    if plan.softmax_phase not in (0, 1):
+        raise LoweringError(f"tunable SMX={plan.softmax_phase} must be 0 or 1")
+    return StreamLayout(BM, BN, plan.workgroup_size, plan.lanes_per_key, plan.keys_per_step, plan.query_dim // 4, CG,
+                        KG, RC, plan.softmax_phase)
 
 
 def check_lanes(plan: Plan, BM: int) -> None:
@@ -320,12 +349,13 @@ def check_lanes(plan: Plan, BM: int) -> None:
         raise LoweringError("the lanes strategy shares keys by subgroupBroadcast: use the subgroups family")
     if plan.storage is Storage.F16A:
         raise LoweringError("f16 arithmetic is a tiled-strategy variant")
-    if plan.VEC != 4 or plan.DQ % 4 or plan.DVC % 4 or plan.DQ <= 0 or plan.DVC <= 0:
-        raise LoweringError(f"the lanes strategy reads q, k and v as vec4: it needs VEC=4 and DQ={plan.DQ}, "
-                            f"DVC={plan.DVC} positive multiples of 4")
-    for name, val in (("BM", BM), ("TM", plan.TM), ("SGB", plan.SGB)):
+    if plan.vector_width != 4 or min(plan.query_dim, plan.value_columns) <= 0 \
+            or plan.query_dim % 4 or plan.value_columns % 4:
+        raise LoweringError(f"the lanes strategy reads q, k and v as vec4: it needs VEC=4 and DQ={plan.query_dim}, "
+                            f"DVC={plan.value_columns} positive multiples of 4")
+    for name, val in (("BM", BM), ("TM", plan.rows_per_invocation), ("SGB", plan.subgroup_width)):
         if not _pow2(val):
             raise LoweringError(f"tunable {name}={val} must be a power of two")
-    if plan.SGB < 4 or BM // plan.TM < plan.SGB:
-        raise LoweringError(f"SGB={plan.SGB}: the lanes strategy needs a subgroup size of at least 4 and "
-                            f"whole subgroups in a workgroup of BM/TM={BM // plan.TM} invocations")
+    if plan.subgroup_width < 4 or BM // plan.rows_per_invocation < plan.subgroup_width:
+        raise LoweringError(f"SGB={plan.subgroup_width}: the lanes strategy needs a subgroup size of at least 4 and "
+                            f"whole subgroups in a workgroup of BM/TM={BM // plan.rows_per_invocation} invocations")

@@ -17,7 +17,7 @@ from attnc.lowering.wgsl import NAN, NEG_INF, Writer
 def emit_rows(sh: Shader) -> Program:
     """One invocation per query row; KC keys per online-softmax step."""
     s, plan = sh.spec, sh.plan
-    BM, BN, KC, DQ, DVC = s.BM, s.BN, plan.KC, plan.DQ, plan.DVC
+    BM, BN, KC, DQ, DVC = s.BM, s.BN, plan.keys_per_step, plan.query_dim, plan.value_columns
     w = Writer()
     sh.header(w, False)
     binds = sh.main_bindings(w)

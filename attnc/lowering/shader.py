@@ -35,7 +35,7 @@ class Shader:
                      if p.type.dtype is ir.DType.F16 and plan.storage is Storage.F16A}
         self.smem_t = "f16" if self.half else "f32"
         # q, k and v read four head-dim elements per load (needs D, Dv % 4 == 0, unit stride)
-        self.vec4 = {spec.dot.a.tensor, spec.dot.b.tensor, spec.value.tensor} if plan.VEC == 4 else set()
+        self.vec4 = {spec.dot.a.tensor, spec.dot.b.tensor, spec.value.tensor} if plan.vector_width == 4 else set()
         fields: list[tuple[str, Scalar]] = [("grid_total", Scalar.U32), ("grid_stride_x", Scalar.U32)]
         fields += [(f"d_{d}", Scalar.U32) for d in k.dims]
         for p in spec.tensors:
@@ -231,11 +231,11 @@ class Shader:
             w.line(f"g_{s.split_var} = i32(rem % u32(P.p_{s.split_count}));")
             w.line(f"rem = rem / u32(P.p_{s.split_count});")
         axes = list(reversed(s.axes))
-        if self.plan.QO:  # query tiles outermost, last tile first (Plan.QO)
+        if self.plan.last_tile_first:  # query tiles outermost, last tile first (Plan.QO)
             axes = [a for a in axes if a is not s.row] + [s.row]
         for a in axes:
             ext = self.extent(a.dim, a.tile)
-            if a is s.row and self.plan.QO:
+            if a is s.row and self.plan.last_tile_first:
                 w.line(f"let qtile = {ext} - 1u - rem % {ext};")
             elif a is s.row:
                 w.line(f"let qtile = rem % {ext};")
@@ -308,7 +308,7 @@ class Shader:
 
     @property
     def dvc(self) -> int:
-        return self.lay.DVC if self.lay is not None else self.plan.DVC
+        return self.lay.DVC if self.lay is not None else self.plan.value_columns
 
     def n_dvc(self) -> str:
         return f"((P.d_{self.spec.width} + {self.dvc - 1}u) / {self.dvc}u)"

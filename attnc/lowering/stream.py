@@ -63,7 +63,7 @@ def emit_stream(sh: Shader) -> Program:
         w.line(f"let n_keys = i32(P.d_{s.kv_dim});")
         w.line(f"let n_dot4 = P.d_{s.head_dim} >> 2u;")
         w.line(f"let n_width = P.d_{s.width};")
-        w.line(f"let col = dvc * {plan.DVC}u + cg * 4u;")
+        w.line(f"let col = dvc * {plan.value_columns}u + cg * 4u;")
         w.line("let col_in = min(col, n_width - 4u);  // lanes past Dv read a valid column, never stored")
         sh.tile_bounds(w, BM, BN)
         _stage_queries(w, sh, lay)
@@ -274,7 +274,7 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                     w.line(f"acc = acc + o_red[{b}];")
             w.line(f"let row = {r0}u + rr;")
             w.line("let qi = q0 + i32(row);")
-            w.line(f"let c = dvc * {sh.plan.DVC}u + cc * 4u;")
+            w.line(f"let c = dvc * {sh.plan.value_columns}u + cc * 4u;")
             w.line("let mm = m_fin[row];")
             w.line("let ll = l_fin[row];")
             with w.block("if (qi < n_rows && c < n_width)"):

@@ -122,11 +122,11 @@ def _stage(w: Writer, sh: Shader, cp: _Copy) -> None:
         _fetch(w, sh, cp, "x")
         _put(w, sh, cp, "x")
 
-    if sh.plan.UN == 1:  # a loop from lid: LLVM (lavapipe) does not unroll it, which compiles 2x faster
+    if sh.plan.unroll == 1:  # a loop from lid: LLVM (lavapipe) does not unroll it, which compiles 2x faster
         with w.block(f"for (var e = lid; e < {n}u; e = e + {sh.lay.WG}u)"):
             _element(w, sh, cp, None, n, body)
     else:
-        w.counted("ei", per, sh.plan.UN, lambda: _element(w, sh, cp, f"lid + ei * {sh.lay.WG}u", n, body))
+        w.counted("ei", per, sh.plan.unroll, lambda: _element(w, sh, cp, f"lid + ei * {sh.lay.WG}u", n, body))
 
 
 def _prefetch_regs(w: Writer, sh: Shader, cp: _Copy, name: str) -> None:
@@ -210,11 +210,11 @@ def _pv_key(w: Writer, lay: Layout, vs: int, ks: int, careful: bool, half: bool)
 def _dot_step(w: Writer, sh: Shader) -> None:
     """The TM x TN score updates of head-dim index dd of the staged chunk."""
     lay = sh.lay
-    if sh.plan.QRES:
+    if sh.plan.resident_query:
         _loads(w, "a", "q_sh", f"(d0 + dd) * {lay.QS}u + rg * {lay.TM}u", lay.TM)
     else:
         _loads(w, "a", "stage", f"dd * {lay.QS}u + rg * {lay.TM}u", lay.TM)
-    kofs = 0 if sh.plan.QRES else lay.QS * lay.DK
+    kofs = 0 if sh.plan.resident_query else lay.QS * lay.DK
     _loads_owned(w, lay, "b", f"{kofs}u + dd * {lay.KS}u", lay.TN)
     for i in range(lay.TM):
         for x in range(lay.TN):
@@ -270,7 +270,7 @@ def emit_main(sh: Shader) -> Program:
     w = Writer()
     sh.header(w, plan.family is Family.SUBGROUPS)
     binds = sh.main_bindings(w)
-    qres = plan.QRES  # the query tile stays in workgroup memory for the whole KV loop
+    qres = plan.resident_query  # the query tile stays in workgroup memory for the whole KV loop
     # one array for both phases: q/k chunks while dot products run, then the p tile and the
     # value chunks (p is written after the dot loop's last barrier, q/k after the tile's)
     stage = lay.stage_words
@@ -279,7 +279,7 @@ def emit_main(sh: Shader) -> Program:
     st = sh.smem_t
     w.line(f"var<workgroup> stage: array<vec4<{st}>, {stage // 4}>;")
     if qres:
-        w.line(f"var<workgroup> q_sh: array<vec4<{st}>, {lay.QS * plan.DQ // 4}>;")
+        w.line(f"var<workgroup> q_sh: array<vec4<{st}>, {lay.QS * plan.query_dim // 4}>;")
     if CT > lay.G:
         w.line(f"var<workgroup> red: array<f32, {BM * groups}>;")
     w.line("var<workgroup> wg_lo: i32;")
@@ -288,7 +288,7 @@ def emit_main(sh: Shader) -> Program:
     sh.privates(w)
     sh.functions(w)
     esz = 2 if st == "f16" else 4
-    smem = esz * (stage + (lay.QS * plan.DQ if qres else 0)) + 4 * ((BM * groups if CT > lay.G else 0) + 3)
+    smem = esz * (stage + (lay.QS * plan.query_dim if qres else 0)) + 4 * ((BM * groups if CT > lay.G else 0) + 3)
     fast = fast_reduce(plan, lay)
     sg_arg = ", @builtin(subgroup_size) sg_size: u32" if fast else ""
     with w.block(f"@compute @workgroup_size({WG}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
@@ -317,14 +317,14 @@ def emit_main(sh: Shader) -> Program:
         vblk = _Copy(s.value, "kj", "k0", "n_keys", "v_base", lay.VK, DVS, f"dvc * {DVC}u", "n_width",
                      lay.p_words, transpose=False, flag=True)
         qk = [(kblk, "pk")] if qres else [(qblk, "pq"), (kblk, "pk")]
-        pf = bool(plan.PF)  # the next block's global loads are issued before this block's math
+        pf = bool(plan.prefetch)  # the next block's global loads are issued before this block's math
 
         def prefetch_qk(first: str, col0: str) -> None:
             for cp, name in qk:
                 _prefetch(w, sh, cp.at(cp.first if cp is qblk else first, col0), name, put=False)
 
         if qres:  # transposed [d][row], zero past the head dim and the last row
-            _stage(w, sh, replace(qblk, cols=plan.DQ, col0="0u", arr="q_sh"))
+            _stage(w, sh, replace(qblk, cols=plan.query_dim, col0="0u", arr="q_sh"))
         if pf:
             for cp, name in [*qk, (vblk, "pv")]:
                 _prefetch_regs(w, sh, cp, name)
@@ -348,7 +348,7 @@ def emit_main(sh: Shader) -> Program:
                         prefetch_qk("k0", f"(d0 + {DK}u)")
                     with w.block("else"):
                         _prefetch(w, sh, vblk, "pv", put=False)
-                w.counted("dd", DK, plan.UN, lambda: _dot_step(w, sh))
+                w.counted("dd", DK, plan.unroll, lambda: _dot_step(w, sh))
                 w.line("workgroupBarrier();")
             _softmax(w, sh, _p_keys(lay, 0))
             # value blocks of VK keys x DVS columns: p chunks of PK keys outer (each written
@@ -376,9 +376,9 @@ def emit_main(sh: Shader) -> Program:
                 # values takes the careful loop, every other tile the branch-free one
                 half = bool(sh.half)
                 with w.block("if (atomicLoad(&v_bad) == 0u)"):
-                    _pv_loop(w, lay, vs, ks, careful=False, half=half, unroll=plan.UN)
+                    _pv_loop(w, lay, vs, ks, careful=False, half=half, unroll=plan.unroll)
                 with w.block("else"):
-                    _pv_loop(w, lay, vs, ks, careful=True, half=half, unroll=plan.UN)
+                    _pv_loop(w, lay, vs, ks, careful=True, half=half, unroll=plan.unroll)
             w.line("workgroupBarrier();")
         _emit_epilogue(w, sh)
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),

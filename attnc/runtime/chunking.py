@@ -3,6 +3,7 @@ query rows x keys (a kernel with absolute positions), merged by log-sum-exp on t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,11 +26,11 @@ def largest_binding(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarra
     return max(sizes)
 
 
-def chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], limit: int) -> Any:
+def chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], limit: int,
+            attend: Callable[..., Any], prepare: Callable[..., Any]) -> Any:
     """Attention in pieces when a binding would exceed the device's limit: halves of the batch,
-    then halves of the KV heads (with their query heads); rows are independent across both."""
-    from attnc.runtime import api
-
+    then halves of the KV heads (with their query heads); rows are independent across both.
+    `attend` is `attnc.attention` (each half may be chunked again), `prepare` its `prepare`."""
     B, Hq, S, _ = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     bias = kw.get("bias")
@@ -41,7 +42,7 @@ def chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], lim
         cut = Hkv // 2
         parts = [(slice(None), slice(0, cut)), (slice(None), slice(cut, Hkv))]
     else:
-        return _chunk_sequence(q, k, v, kw, limit)
+        return _chunk_sequence(q, k, v, kw, limit, prepare)
     outs = []
     for bs, hs in parts:
         qh = hs if hs == slice(None) else slice(hs.start * (Hq // Hkv), hs.stop * (Hq // Hkv))
@@ -53,21 +54,20 @@ def chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], lim
         for name in ("alibi_slopes", "sinks"):
             if kw.get(name) is not None:
                 sub[name] = kw[name][qh]
-        outs.append(api.attention(q[bs, qh], k[bs, hs], v[bs, hs], **sub))
+        outs.append(attend(q[bs, qh], k[bs, hs], v[bs, hs], **sub))
     axis = 0 if B > 1 else 1
     if kw.get("return_lse"):
         return (np.concatenate([o for o, _ in outs], axis), np.concatenate([lse for _, lse in outs], axis))
     return np.concatenate(outs, axis)
 
 
-def _chunk_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], limit: int) -> Any:
+def _chunk_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], limit: int,
+                    prepare: Callable[..., Any]) -> Any:
     """One head too large for a binding: blocks of query rows times blocks of keys, each a
     kernel with absolute positions (offsets), merged on the host by log-sum-exp (sinks too)."""
-    from attnc.runtime import api
-
-    _, Hq, S, D = q.shape
-    T, Dv = k.shape[2], v.shape[3]
-    dims = api.validate(q, k, v)
+    B, Hq, S, D = q.shape
+    Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dims = dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=Dv)
     bias = kw.get("bias")
     bias4 = None if bias is None else np.asarray(bias).reshape((1,) * (4 - np.ndim(bias)) + np.shape(bias))
     row = max(q.nbytes // S, 4 * Hq * Dv, 1)
@@ -86,7 +86,7 @@ def _chunk_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, A
             if bias4 is not None:
                 sub["bias"] = bias4[:, :, s0:s1 if bias4.shape[2] > 1 else 1, t0:t1 if bias4.shape[3] > 1 else 1]
             cdims = {**dims, "S": s1 - s0, "T": t1 - t0}
-            prep = api.prepare(cdims, q.dtype, return_lse=True, offsets=(s0, S, t0, T), **sub)
+            prep = prepare(cdims, q.dtype, return_lse=True, offsets=(s0, S, t0, T), **sub)
             prep.bind(q[:, :, s0:s1], k[:, :, t0:t1], v[:, :, t0:t1]).run()
             parts.append(prep.result())
         lse = np.stack([p[1] for p in parts]).astype(np.float64)  # [chunks, B, Hq, rows]

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from attnc.errors import DeviceError
+from attnc.lowering.capabilities import Capabilities
+from attnc.lowering.plan import Dialect
 from attnc.lowering.program import Access, Binding, Program, Scalar
 from attnc.runtime.dispatch import Dispatch, PipelineCache, readback, run, upload
 
@@ -125,6 +127,15 @@ class Device:
     @functools.cached_property
     def _subgroup_probe(self) -> tuple[int, int]:
         return _probe_subgroups(self)
+
+    @functools.cached_property
+    def capabilities(self) -> Capabilities:
+        """What planning reads of this device (runs the subgroup probe once where it has subgroups)."""
+        return Capabilities(
+            cpu=self.adapter_type == "CPU", dialect=Dialect(self.dialect), features=self.features,
+            subgroup_size=self.subgroup_size, subgroup_min_size=self.subgroup_min_size,
+            subgroup_lanes_contiguous=self.subgroup_lanes_contiguous,
+            limits=dict(self.gpu.limits), name=repr(self))
 
     @functools.cached_property
     def timestamp_period(self) -> float:

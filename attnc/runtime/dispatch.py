@@ -18,7 +18,7 @@ import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,8 +26,26 @@ from attnc.errors import AttncError, DeviceError, LoweringError, Span
 from attnc.lowering import sanitize
 from attnc.lowering.program import Access, Binding, Program, Scalar
 
-if TYPE_CHECKING:
-    from attnc.runtime.devices import Device
+
+class DeviceLike(Protocol):
+    """What dispatching needs of a device (`attnc.runtime.devices.Device` is one): the wgpu-py
+    module and GPUDevice it speaks through, its normalized features and its pipeline cache."""
+
+    backend: str
+    key: str
+    spec: str
+    adapter_type: str
+    dialect: str
+    features: frozenset[str]
+    wgpu: Any
+    pipelines: PipelineCache
+
+    @property
+    def gpu(self) -> Any: ...
+
+    @property
+    def timestamp_period(self) -> float: ...
+
 
 # uniform fields the runtime fills in itself
 AUTO_UNIFORMS = ("grid_total", "grid_stride_x")
@@ -79,7 +97,7 @@ def sanitizing() -> bool:
 _INSTRUMENTED: dict[Program, tuple[Program, tuple[sanitize.Site, ...]]] = {}
 
 
-def _sanitized_parts(device: Device, d: Dispatch) -> tuple[Dispatch, tuple[sanitize.Site, ...], Any]:
+def _sanitized_parts(device: DeviceLike, d: Dispatch) -> tuple[Dispatch, tuple[sanitize.Site, ...], Any]:
     """The dispatch with its program instrumented and a fresh, zeroed violation record bound."""
     if d.program not in _INSTRUMENTED:
         _INSTRUMENTED[d.program] = sanitize.instrument(d.program)
@@ -88,7 +106,7 @@ def _sanitized_parts(device: Device, d: Dispatch) -> tuple[Dispatch, tuple[sanit
     return Dispatch(program, {**d.buffers, sanitize.BUFFER: record}, d.uniforms, d.workgroups), sites, record
 
 
-def _check_records(device: Device, checked: list[tuple[Dispatch, Dispatch, tuple[sanitize.Site, ...], Any]]
+def _check_records(device: DeviceLike, checked: list[tuple[Dispatch, Dispatch, tuple[sanitize.Site, ...], Any]]
                    ) -> None:
     """Read the sanitizer's records (waits for the GPU); raise BoundsError naming every site
     (positions in the original WGSL, which `attnc compile` writes)."""
@@ -124,7 +142,7 @@ class PipelineCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def key(self, device: Device, program: Program) -> tuple[str, str, str, str]:
+    def key(self, device: DeviceLike, program: Program) -> tuple[str, str, str, str]:
         """The cache key: everything that changes the compiled pipeline (the WGSL, and on
         wgpu-native the runtime checks Naga inserts, `_shader_module`)."""
         digest = hashlib.sha256(program.wgsl.encode()).hexdigest()
@@ -132,7 +150,7 @@ class PipelineCache:
         return (device.key, program.name, f"{digest}{'' if checks is None else '|' + ','.join(checks)}",
                 program.entry_point)
 
-    def get(self, device: Device, program: Program) -> CompiledProgram:
+    def get(self, device: DeviceLike, program: Program) -> CompiledProgram:
         """Return the compiled pipeline for `program`, compiling it on first use."""
         key = self.key(device, program)
         compiled = self._entries.get(key)
@@ -141,7 +159,7 @@ class PipelineCache:
         return compiled
 
 
-def log_compile(device: Device, names: list[str], create_s: float, first_run_s: float) -> None:
+def log_compile(device: DeviceLike, names: list[str], create_s: float, first_run_s: float) -> None:
     """Append a JSON line to $ATTNC_COMPILE_LOG for a run that compiled new pipelines:
     pipeline creation time, and the first submission's wall time (lavapipe's LLVM compiles a
     shader at its first dispatch, so that is where its compile time shows)."""
@@ -151,7 +169,7 @@ def log_compile(device: Device, names: list[str], create_s: float, first_run_s: 
         log.write(json.dumps(record) + "\n")
 
 
-def compile_program(device: Device, program: Program) -> CompiledProgram:
+def compile_program(device: DeviceLike, program: Program) -> CompiledProgram:
     """Create the shader module and compute pipeline; compiler errors become LoweringError."""
     _check_features(device, program)
     gpu = device.gpu
@@ -179,7 +197,7 @@ def compile_program(device: Device, program: Program) -> CompiledProgram:
 NAGA_CHECKS = ("bounds", "loops")
 
 
-def naga_checks(device: Device, program: Program) -> tuple[str, ...] | None:
+def naga_checks(device: DeviceLike, program: Program) -> tuple[str, ...] | None:
     """The runtime checks Naga inserts into `program` on wgpu-native, from "bounds" (index
     clamps on every buffer, workgroup-array and vector access) and "loops" (loop bounding);
     None: wgpu-native's default module (both), and always on Dawn.
@@ -187,7 +205,7 @@ def naga_checks(device: Device, program: Program) -> tuple[str, ...] | None:
     A program that is `in_bounds` (attnc's kernels, tested under the bounds sanitizer) gets
     neither: its indices stay in bounds by construction and its loops run a bounded number of
     times, and on an H200 the clamps cost 10-17 % of every seeds case (docs/BENCHMARKS.md,
-    session 10). Other programs keep both. ATTNC_NAGA_CHECKS ("bounds", "loops", both
+    2026-11-22). Other programs keep both. ATTNC_NAGA_CHECKS ("bounds", "loops", both
     comma-separated, or "none") sets them for every program: to put the clamps back, or to
     measure what they cost."""
     if device.backend != "wgpu":
@@ -201,7 +219,7 @@ def naga_checks(device: Device, program: Program) -> tuple[str, ...] | None:
     return tuple(c for c in NAGA_CHECKS if c in names)
 
 
-def _shader_module(device: Device, program: Program) -> Any:
+def _shader_module(device: DeviceLike, program: Program) -> Any:
     """The WGSL shader module, with the runtime checks `naga_checks` picks: through
     wgpu-native's `wgpuDeviceCreateShaderModuleTrusted` when they differ from the default."""
     checks = naga_checks(device, program)
@@ -224,7 +242,7 @@ def _shader_module(device: Device, program: Program) -> Any:
     return _api.GPUShaderModule(program.name, handle, device.gpu)
 
 
-def _check_features(device: Device, program: Program) -> None:
+def _check_features(device: DeviceLike, program: Program) -> None:
     """Raise DeviceError when the program needs a feature the device does not offer."""
     missing = program.features - device.features
     if missing:
@@ -233,7 +251,7 @@ def _check_features(device: Device, program: Program) -> None:
         )
 
 
-def shader_error(device: Device, program: Program, message: str) -> LoweringError:
+def shader_error(device: DeviceLike, program: Program, message: str) -> LoweringError:
     """Turn a Naga/Tint message into a LoweringError pointing at the WGSL line when it names one."""
     lines = program.wgsl.splitlines()
     span = None
@@ -261,13 +279,13 @@ def shader_error(device: Device, program: Program, message: str) -> LoweringErro
     )
 
 
-def _usage(device: Device) -> int:
+def _usage(device: DeviceLike) -> int:
     """Usage flags for data buffers: bindable as storage, writable and readable from the host."""
     usage = device.wgpu.BufferUsage
     return usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
 
 
-def upload(device: Device, array: np.ndarray) -> Any:
+def upload(device: DeviceLike, array: np.ndarray) -> Any:
     """Copy a f32/f16/i32/u32 numpy array into a new storage buffer (size padded to 4 bytes)."""
     host = np.ascontiguousarray(array)
     if host.dtype not in NUMPY_DTYPES.values():
@@ -280,13 +298,13 @@ def upload(device: Device, array: np.ndarray) -> Any:
     return device.gpu.create_buffer_with_data(data=data, usage=_usage(device))
 
 
-def empty(device: Device, nbytes: int) -> Any:
+def empty(device: DeviceLike, nbytes: int) -> Any:
     """A zero-initialised storage buffer of at least `nbytes` (padded to 4, at least 4)."""
     size = max(4, (int(nbytes) + 3) // 4 * 4)
     return device.gpu.create_buffer(size=size, usage=_usage(device))
 
 
-def readback(device: Device, buffer: Any, dtype: Scalar | Any, shape: Sequence[int]) -> np.ndarray:
+def readback(device: DeviceLike, buffer: Any, dtype: Scalar | Any, shape: Sequence[int]) -> np.ndarray:
     """Read the first prod(shape) elements of `buffer` as a new numpy array of `dtype`."""
     dt = NUMPY_DTYPES[dtype] if isinstance(dtype, Scalar) else np.dtype(dtype)
     count = math.prod(shape)
@@ -367,7 +385,7 @@ def _check_buffers(d: Dispatch) -> None:
 
 
 def _bind_group(
-    device: Device, d: Dispatch, compiled: CompiledProgram, grid: tuple[int, int, int]
+    device: DeviceLike, d: Dispatch, compiled: CompiledProgram, grid: tuple[int, int, int]
 ) -> Any:
     """Create the bind group of one dispatch, with a fresh uniform buffer when it has one."""
     values = dict(d.uniforms)
@@ -394,7 +412,7 @@ def _bind_group(
 
 
 def run(
-    device: Device, dispatches: Sequence[Dispatch], timestamps: bool = False, span: bool = False
+    device: DeviceLike, dispatches: Sequence[Dispatch], timestamps: bool = False, span: bool = False
 ) -> list[float] | None:
     """Encode all dispatches in one command encoder and submit them.
 
@@ -404,7 +422,7 @@ def run(
     the one value returned is its duration. Without timestamps they share one pass as well:
     WebGPU orders the dispatches of a pass and makes each one's writes visible to the next,
     and a pass boundary between the main pass and the split-KV combine measured 6-8 us on an
-    H200 (scripts/gpu_decode_probe.py).
+    H200 (tools/gpu/gpu_decode_probe.py).
     """
     if timestamps and "timestamps" not in device.features:
         raise DeviceError(f"{device!r} does not offer timestamp queries")
@@ -489,7 +507,7 @@ _WARM_BEST: dict[int, float] = {}  # the fastest warm-up submission seen per dev
 RAMP_MS, MAX_MS = 1000.0, 3000.0
 
 
-def warm_up(device: Device, ms: float = 60.0) -> None:
+def warm_up(device: DeviceLike, ms: float = 60.0) -> None:
     """Keep the GPU busy until its clocks are up, then return: at least `ms` of wall time,
     at most MAX_MS, and until a warm-up submission runs within 10 % of the fastest one this
     process has seen on the device (the first call of a process runs RAMP_MS at least, to
@@ -498,7 +516,7 @@ def warm_up(device: Device, ms: float = 60.0) -> None:
     A GPU that idled (pipeline compilation, host work, a low duty cycle) runs at lowered SM
     and memory clocks, and short timed runs with host round trips in between do not raise
     them again; a fixed short warm-up is not enough. Measured on an H200
-    (scripts/gpu_plan_sweep.py, SWEEP_WARM_MS): after compiling, dec_h128 timed 0.177 ms and
+    (tools/gpu/gpu_plan_sweep.py, SWEEP_WARM_MS): after compiling, dec_h128 timed 0.177 ms and
     phi35 0.80 ms after a 60 ms warm-up, 0.072 and 0.205 ms after 1 s or 3 s.
     """
     if device.adapter_type == "CPU":  # no clocks to ramp up

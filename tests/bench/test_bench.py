@@ -15,8 +15,8 @@ import pytest
 from attnc.bench import cases as bc
 from attnc.bench.baselines import onnx_proto, ort
 from attnc.bench.cases import Case
-from attnc.bench.timing import rotation_count
 from attnc.bench.wgsl import Shader, f32
+from attnc.runtime.timing import rotation_count
 
 # --- counts, shapes, reference (no GPU) ------------------------------------------------
 
@@ -68,8 +68,7 @@ def test_shapes_json_loader_and_packaged_copy() -> None:
     assert "vit_s4096_h64" in names and "gemma_gqa4_h256_s512" in names
     gemma = next(c for c in suites["seeds"] if c.name == "gemma_gqa4_h256_s512")
     assert (gemma.Hq, gemma.Hkv, gemma.D, gemma.causal) == (4, 1, 256, True)
-    packaged = bc.load_suites(bc.PACKAGED_SHAPES)
-    assert packaged == suites  # the packaged copy is in sync with ../shared/bench
+    assert bc.load_suites(bc.PACKAGED_SHAPES) == suites
     with pytest.raises(ValueError, match="unknown suite"):
         bc.load_suite("nope")
 

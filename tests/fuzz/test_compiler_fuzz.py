@@ -231,15 +231,17 @@ def kernels_and_plans(draw):
                                               "kv_lens", "lse", "split")}
     side = st.none() | st.just(0)
     window = draw(st.none() | st.tuples(side, side))
-    tiled = dict(WG=draw(st.sampled_from([32, 64, 128, 256])), TM=draw(st.sampled_from([1, 2, 4])),
-                 DK=draw(st.sampled_from([8, 16, 32])), DVC=draw(st.sampled_from([32, 64, 128])),
-                 DVS=draw(st.sampled_from([16, 32])), SGMIN=draw(st.sampled_from([4, 8, 32])),
-                 SGFAST=draw(st.sampled_from([0, 8, 32])),
-                 VEC=draw(st.sampled_from([1, 4])), UN=draw(st.sampled_from([1, 2])),
-                 PF=draw(st.sampled_from([0, 1])), VK=draw(st.sampled_from([0, 8, 16])),
-                 PC=draw(st.sampled_from([0, 16, 32])), QO=draw(st.sampled_from([0, 1])))
-    rows = dict(KC=draw(st.sampled_from([1, 2, 4, 8])), DQ=draw(st.sampled_from([8, 64, 128])),
-                DVC=draw(st.sampled_from([32, 64, 256])), VEC=draw(st.sampled_from([1, 4])))
+    tiled = dict(workgroup_size=draw(st.sampled_from([32, 64, 128, 256])), rows_per_invocation=draw(st.sampled_from([1,
+                                                                                                                     2,
+                                                                                                                     4])),
+                 head_chunk=draw(st.sampled_from([8, 16, 32])), value_columns=draw(st.sampled_from([32, 64, 128])),
+                 value_stage_columns=draw(st.sampled_from([16, 32])), min_subgroup=draw(st.sampled_from([4, 8, 32])),
+                 shuffle_only_lanes=draw(st.sampled_from([0, 8, 32])),
+                 vector_width=draw(st.sampled_from([1, 4])), unroll=draw(st.sampled_from([1, 2])),
+                 prefetch=draw(st.sampled_from([0, 1])), value_block_keys=draw(st.sampled_from([0, 8, 16])),
+                 p_chunk_keys=draw(st.sampled_from([0, 16, 32])), last_tile_first=draw(st.sampled_from([0, 1])))
+    rows = dict(keys_per_step=draw(st.sampled_from([1, 2, 4, 8])), query_dim=draw(st.sampled_from([8, 64, 128])),
+                value_columns=draw(st.sampled_from([32, 64, 256])), vector_width=draw(st.sampled_from([1, 4])))
     BM, BN = draw(st.sampled_from([16, 32, 64])), draw(st.sampled_from([16, 32, 64]))
     RBM = draw(st.sampled_from([1, 8, 32]))
     return score, mask, flags, window, tiled, rows, (BM, BN, RBM)

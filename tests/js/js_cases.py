@@ -21,7 +21,7 @@ from manifest_schema import FormulaError, evaluate
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 FIXTURES = HERE / "fixtures"
-TOL = {"f32": 1e-5, "f16": 2e-3}  # DESIGN.md: relative Frobenius error
+TOL = {"f32": 1e-5, "f16": 2e-3}  # docs/API.md: relative Frobenius error
 NP_DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "u32": np.uint32}
 
 
@@ -283,7 +283,7 @@ def attention_reference(
     sinks=None,
     kv_lens=None,
 ):
-    """DESIGN.md's attention semantics in float64 numpy: returns (o, lse)."""
+    """docs/API.md's attention semantics in float64 numpy: returns (o, lse)."""
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     B, Hq, S, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]

@@ -25,7 +25,7 @@ RUN = settings(deadline=None, max_examples=4,
 
 
 def stream(**kw) -> Plan:
-    base = dict(WG=32, KL=1, KC=1, DQ=8, DVC=128, VEC=4)
+    base = dict(workgroup_size=32, lanes_per_key=1, keys_per_step=1, query_dim=8, value_columns=128, vector_width=4)
     return Plan(Family.PORTABLE, strategy=Strategy.STREAM, **(base | kw))
 
 
@@ -40,14 +40,14 @@ def test_combine_groups_cover_the_splits() -> None:
 def test_combine_rejects_bad_group_counts() -> None:
     kern = api.build_kernel(api.Options(split=True), {"BM": 1, "BN": 32})
     with pytest.raises(LoweringError, match="CSG=3"):
-        lower(kern, stream(CSG=3))
+        lower(kern, stream(combine_groups=3))
 
 
 @st.composite
 def problems(draw):
     dims = dict(B=draw(st.integers(1, 2)), Hq=2, Hkv=2, S=draw(st.integers(1, 3)),
                 T=draw(st.integers(1, 400)), D=8, Dv=4 * draw(st.integers(1, 20)))
-    plan = stream(CSG=draw(st.sampled_from([1, 2, 4, 8])))
+    plan = stream(combine_groups=draw(st.sampled_from([1, 2, 4, 8])))
     nsplit = draw(st.integers(2, 80))
     opts = draw(st.fixed_dictionaries({}, optional={
         "causal": st.just(True), "return_lse": st.just(True), "kv_lens": st.just("draw"),
@@ -64,8 +64,8 @@ def test_combine_matches_reference(spec, problem, require_adapters) -> None:
     dev = require_adapters(spec)[0]
     dims, plan, nsplit, opts, seed = problem
     op = check_forced_plan(dev, dims, plan, {"BM": 1, "BN": 32}, nsplit, opts, seed)
-    assert op.scalars["NSPLIT"] == nsplit and op.plan.CSG == plan.CSG
-    assert op.progs[-1].workgroup_size == 32 * plan.CSG
+    assert op.scalars["NSPLIT"] == nsplit and op.plan.combine_groups == plan.combine_groups
+    assert op.progs[-1].workgroup_size == 32 * plan.combine_groups
 
 
 @pytest.mark.gpu
@@ -75,4 +75,4 @@ def test_combine_groups_from_the_split_count(spec, require_adapters) -> None:
     dev = require_adapters(spec)[0]
     dims = dict(B=1, Hq=2, Hkv=1, S=1, T=300, D=8, Dv=36)
     op = check_forced_plan(dev, dims, stream(), {"BM": 2, "BN": 32}, 70, {"return_lse": True, "sinks": "draw"}, 1)
-    assert op.plan.CSG == 8
+    assert op.plan.combine_groups == 8

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnc.errors import LoweringError
-from attnc.lowering import lower
+from attnc.lowering import lower, schedule
 from attnc.lowering.plan import Dialect, Family, Plan, Strategy
 from attnc.runtime import api
 from tests.forced_plan import OPTION_SETS, check_forced_plan
@@ -31,17 +31,18 @@ def dialect(dev) -> Dialect:
 
 
 def lanes(**kw) -> Plan:
-    base = dict(family=Family.SUBGROUPS, TM=1, SGB=8, DQ=16, DVC=16, VEC=4)
+    base = dict(family=Family.SUBGROUPS, rows_per_invocation=1, subgroup_width=8, query_dim=16, value_columns=16,
+                vector_width=4)
     return Plan(strategy=Strategy.LANES, **(base | kw))
 
 
 @pytest.mark.parametrize(("plan", "BM", "msg"), [
     (lanes(family=Family.PORTABLE), 64, "use the subgroups family"),
-    (lanes(VEC=1), 64, "needs VEC=4"),
-    (lanes(DQ=18), 64, "multiples of 4"),
-    (lanes(TM=3), 64, "TM=3 must be a power of two"),
-    (lanes(SGB=2), 64, "at least 4"),
-    (lanes(SGB=32, TM=4), 64, "whole subgroups"),
+    (lanes(vector_width=1), 64, "needs VEC=4"),
+    (lanes(query_dim=18), 64, "multiples of 4"),
+    (lanes(rows_per_invocation=3), 64, "TM=3 must be a power of two"),
+    (lanes(subgroup_width=2), 64, "at least 4"),
+    (lanes(subgroup_width=32, rows_per_invocation=4), 64, "whole subgroups"),
 ])
 def test_lanes_rejects_what_it_cannot_map(plan, BM, msg) -> None:
     kern = api.build_kernel(api.Options(), {"BM": BM, "BN": 64})
@@ -57,7 +58,7 @@ def problems(draw, sgb: int):
                 T=draw(st.integers(1, 200)), D=4 * draw(st.integers(1, 16)), Dv=4 * draw(st.integers(1, 16)))
     tm = draw(st.sampled_from([1, 2]))
     dvc = draw(st.sampled_from([8, 16, 64]))
-    plan = lanes(TM=tm, SGB=sgb, DQ=-(-dims["D"] // 8) * 8, DVC=dvc)
+    plan = lanes(rows_per_invocation=tm, subgroup_width=sgb, query_dim=-(-dims["D"] // 8) * 8, value_columns=dvc)
     tun = {"BM": draw(st.sampled_from([32, 64]).filter(lambda b: b // tm >= sgb)), "BN": 64}
     nsplit = draw(st.sampled_from([1, 1, 3]))
     opts = draw(OPTION_SETS)
@@ -85,7 +86,8 @@ def test_lanes_at_the_device_subgroup_size(spec, require_adapters) -> None:
     lavapipe has (scripts/test.sh reruns it with 4 and 16 lanes)."""
     dev = require_adapters(spec)[0]
     dims = dict(B=2, Hq=4, Hkv=2, S=37, T=70, D=16, Dv=12)
-    plan = lanes(SGB=dev.subgroup_size, TM=2, DQ=16, DVC=12, dialect=dialect(dev))
+    plan = lanes(subgroup_width=dev.subgroup_size, rows_per_invocation=2, query_dim=16, value_columns=12,
+                 dialect=dialect(dev))
     check_forced_plan(dev, dims, plan, {"BM": 4 * dev.subgroup_size, "BN": 64}, 1,
                       {"causal": True, "kv_lens": "draw", "return_lse": True}, 11)
 
@@ -99,13 +101,13 @@ def test_lanes_on_another_subgroup_size_writes_nan(spec, require_adapters) -> No
     rng = np.random.default_rng(5)
     q, k, v = (rng.standard_normal((1, 2, 40, 16)).astype(np.float32) for _ in range(3))
     dims = dict(B=1, Hq=2, Hkv=2, S=40, T=40, D=16, Dv=16)
-    op = api.prepare(dims, np.float32, device=dev, plan=lanes(SGB=other, dialect=dialect(dev)),
+    op = api.prepare(dims, np.float32, device=dev, plan=lanes(subgroup_width=other, dialect=dialect(dev)),
                      tunables={"BM": 64, "BN": 64}, nsplit=1, return_lse=True)
     op.bind(q, k, v)
     op.run()
     o, lse = op.result()
     assert np.isnan(o).all() and np.isnan(lse).all()
-    good = api.prepare(dims, np.float32, device=dev, plan=lanes(SGB=dev.subgroup_size, dialect=dialect(dev)),
+    good = api.prepare(dims, np.float32, device=dev, plan=lanes(subgroup_width=dev.subgroup_size, dialect=dialect(dev)),
                        tunables={"BM": 64, "BN": 64}, nsplit=1)
     good.bind(q, k, v)
     good.run()
@@ -119,11 +121,12 @@ def test_heuristic_picks_lanes_for_large_cpu_prefill_only(require_adapters) -> N
     if dev.subgroup_size != 8:
         pytest.skip(f"the heuristic picks lanes with 8-lane subgroups only; this lavapipe has {dev.subgroup_size}")
     big = dict(B=1, Hq=4, Hkv=4, S=256, T=256, D=64, Dv=64)
-    plan, tun = api.plan_for(dev, Family.SUBGROUPS, big, api.Options(causal=True))
-    assert plan.strategy is Strategy.LANES and (plan.TM, plan.SGB, plan.DQ, plan.DVC) == (2, 8, 64, 64)
-    assert tun["BM"] // plan.TM >= plan.SGB
+    plan, tun = schedule.plan_for(dev.capabilities, Family.SUBGROUPS, big, causal=True)
+    assert plan.strategy is Strategy.LANES and (plan.rows_per_invocation, plan.subgroup_width, plan.query_dim,
+                                                plan.value_columns) == (2, 8, 64, 64)
+    assert tun["BM"] // plan.rows_per_invocation >= plan.subgroup_width
     vision = dict(big, S=576, T=576, D=72, Dv=72)
-    assert api.plan_for(dev, Family.SUBGROUPS, vision, api.Options())[0].DQ == 72
+    assert schedule.plan_for(dev.capabilities, Family.SUBGROUPS, vision)[0].query_dim == 72
     for dims, fam in ((dict(big, S=80, T=150), Family.SUBGROUPS), (dict(big, D=128, Dv=128), Family.SUBGROUPS),
                       (big, Family.PORTABLE)):
-        assert api.plan_for(dev, fam, dims, api.Options())[0].strategy is Strategy.TILED
+        assert schedule.plan_for(dev.capabilities, fam, dims)[0].strategy is Strategy.TILED

@@ -26,20 +26,20 @@ RUN = settings(deadline=None, max_examples=5,
 
 
 def stream(**kw) -> Plan:
-    base = dict(WG=64, KL=2, KC=4, DQ=64, DVC=64, VEC=4)
+    base = dict(workgroup_size=64, lanes_per_key=2, keys_per_step=4, query_dim=64, value_columns=64, vector_width=4)
     return Plan(Family.PORTABLE, strategy=Strategy.STREAM, **(base | kw))
 
 
 # --------------------------------------------------------------------------- layout rules
 @pytest.mark.parametrize(("kw", "BM", "BN", "msg"), [
-    (dict(VEC=1), 4, 64, "needs VEC=4"),
-    (dict(DQ=36, KL=2), 4, 64, r"multiple of 4\*KL"),
-    (dict(DVC=48), 4, 64, "power of two"),
-    (dict(DVC=512, WG=64), 4, 64, "no larger than WG"),
-    (dict(WG=128, KC=8), 4, 32, "split evenly"),
-    (dict(KL=3), 4, 64, "power of two"),
+    (dict(vector_width=1), 4, 64, "needs VEC=4"),
+    (dict(query_dim=36, lanes_per_key=2), 4, 64, r"multiple of 4\*KL"),
+    (dict(value_columns=48), 4, 64, "power of two"),
+    (dict(value_columns=512, workgroup_size=64), 4, 64, "no larger than WG"),
+    (dict(workgroup_size=128, keys_per_step=8), 4, 32, "split evenly"),
+    (dict(lanes_per_key=3), 4, 64, "power of two"),
     (dict(), 3, 64, "BM=3 must be a power of two"),
-    (dict(SMX=2), 4, 64, "SMX=2 must be 0 or 1"),
+    (dict(softmax_phase=2), 4, 64, "SMX=2 must be 0 or 1"),
 ])
 def test_stream_layout_rejects_what_it_cannot_map(kw, BM, BN, msg) -> None:
     with pytest.raises(LoweringError, match=msg):
@@ -47,18 +47,22 @@ def test_stream_layout_rejects_what_it_cannot_map(kw, BM, BN, msg) -> None:
 
 
 def test_stream_layout_counts() -> None:
-    lay = stream_layout(stream(WG=128, DVC=128, DQ=128, KL=2, KC=4), 4, 128)
+    lay = stream_layout(stream(workgroup_size=128, value_columns=128, query_dim=128, lanes_per_key=2, keys_per_step=4),
+                        4, 128)
     assert (lay.CG, lay.KG, lay.NK, lay.D4) == (32, 4, 32, 32)
     assert lay.RC * lay.CG <= lay.WG  # a merge round stores one vec4 per invocation
     assert not lay.merge_in_sp and (lay.RC, lay.sp_words) == (4, 128 * 2 * 4)  # o_red: 4 rows per round
     assert lay.smem_words == 4 * 4 * 32 + 128 * 2 * 4 + 2 * 4 * 4 + 2 * 4 + 4 * 4 * 4 * 32 + 2
     # from 8 rows the merge reuses the partial dots' array, rounds no larger than its 2048 words
-    eight = stream_layout(stream(WG=128, DVC=128, DQ=128, KL=2, KC=4), 8, 128)
+    eight = stream_layout(stream(workgroup_size=128, value_columns=128, query_dim=128, lanes_per_key=2,
+                                 keys_per_step=4), 8, 128)
     assert eight.merge_in_sp
     assert (eight.RC, eight.sp_words) == (4, 128 * 2 * 8) == (4, 4 * eight.KG * 4 * eight.CG)
-    gqa8 = stream_layout(stream(WG=128, DVC=64, DQ=64, KL=2, KC=4, SMX=1), 8, 64)  # dec_gqa8's
+    gqa8 = stream_layout(stream(workgroup_size=128, value_columns=64, query_dim=64, lanes_per_key=2, keys_per_step=4,
+                                softmax_phase=1), 8, 64)  # dec_gqa8's
     assert (gqa8.RC, gqa8.sp_words, 4 * gqa8.smem_words) == (2, 64 * 2 * 8, 9032)
-    smx = stream_layout(stream(WG=128, DVC=128, DQ=128, KL=2, KC=4, SMX=1), 4, 128)
+    smx = stream_layout(stream(workgroup_size=128, value_columns=128, query_dim=128, lanes_per_key=2, keys_per_step=4,
+                               softmax_phase=1), 4, 128)
     assert smx.smem_words == lay.smem_words + 128 * 4 + 4 * 4  # probabilities and rescale factors
 
 
@@ -75,8 +79,9 @@ def problems(draw):
     kg = wg // (dvc // 4)
     kc = draw(st.sampled_from([1, 2, 4]))
     bn = draw(st.sampled_from([32, 64, 128]).filter(lambda b: b % (kg * kc) == 0))
-    plan = stream(WG=wg, KL=kl, KC=kc, DQ=-(-dims["D"] // (4 * kl)) * 4 * kl, DVC=dvc,
-                  SMX=draw(st.integers(0, 1)))
+    plan = stream(workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc, query_dim=-(-dims["D"] // (4 * kl)) * 4 * kl,
+                  value_columns=dvc,
+                  softmax_phase=draw(st.integers(0, 1)))
     # row tiles up to 4 here (lavapipe compiles 8-row stream tiles for seconds); 8 rows run
     # in test_stream_many_rows
     tun = {"BM": draw(st.sampled_from([1, 2, 4])), "BN": bn}
@@ -108,7 +113,8 @@ def test_stream_nan_value_of_a_visible_key_poisons_only_its_rows(spec, smx, requ
     v = rng.standard_normal((1, 2, 200, 64)).astype(np.float32)
     v[0, 1, 17, 5] = np.nan
     dims = dict(B=1, Hq=4, Hkv=2, S=2, T=200, D=64, Dv=64)
-    op = api.prepare(dims, np.float32, device=dev, plan=stream(SMX=smx), tunables={"BM": 4, "BN": 64}, nsplit=2)
+    op = api.prepare(dims, np.float32, device=dev, plan=stream(softmax_phase=smx), tunables={"BM": 4, "BN": 64},
+                     nsplit=2)
     op.bind(q, k, v)
     op.run()
     o, _ = op.result()
@@ -129,7 +135,8 @@ def test_tiled_decode_still_matches_reference(spec, require_adapters) -> None:
     k = rng.standard_normal((2, 2, 333, 64)).astype(np.float32)
     v = rng.standard_normal((2, 2, 333, 32)).astype(np.float32)
     kv_lens = np.array([333, 101], np.int32)
-    plan = Plan(Family.PORTABLE, WG=64, TM=1, DK=16, DVC=32, DVS=32, VEC=4)
+    plan = Plan(Family.PORTABLE, workgroup_size=64, rows_per_invocation=1, head_chunk=16, value_columns=32,
+                value_stage_columns=32, vector_width=4)
     op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 8, "BN": 64}, nsplit=3,
                      causal=True, kv_lens=kv_lens)
     assert op.plan.strategy is Strategy.TILED
@@ -151,7 +158,7 @@ def test_stream_many_rows(smx, nsplit, require_adapters) -> None:
     q = rng.standard_normal((1, 32, 1, 64)).astype(np.float32)
     k = rng.standard_normal((1, 2, 700, 64)).astype(np.float32)
     v = rng.standard_normal((1, 2, 700, 64)).astype(np.float32)
-    plan = stream(SMX=smx)
+    plan = stream(softmax_phase=smx)
     lay = stream_layout(plan, 8, 64)
     assert lay.merge_in_sp and lay.RC == 4
     op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 8, "BN": 64}, nsplit=nsplit,

@@ -44,16 +44,18 @@ def test_counted_unrolls_by_the_largest_divisor() -> None:
     assert part.count("f(j);") == 12 and "let j = j_0 + 11u;" in part
 
 
-@pytest.mark.parametrize(("kw", "msg"), [(dict(UN=0), "UN=0 must be at least 1"),
-                                         (dict(PF=2), "PF=2 must be 0 or 1"),
-                                         (dict(VK=64), "VK=64 must be 0 or a power of two no larger than BN=32"),
-                                         (dict(VK=12), "VK=12 must be 0 or a power of two"),
-                                         (dict(PC=16, VK=8), "PC=16 must be a multiple of 32"),
-                                         (dict(PC=16, VK=32), "PC=16 must be 0 or a power of two from VK=32"),
-                                         (dict(PC=24), "PC=24 must be 0 or a power of two")])
+@pytest.mark.parametrize(("kw", "msg"), [(dict(unroll=0), "UN=0 must be at least 1"),
+                                         (dict(prefetch=2), "PF=2 must be 0 or 1"),
+                                         (dict(value_block_keys=64),
+                                          "VK=64 must be 0 or a power of two no larger than BN=32"),
+                                         (dict(value_block_keys=12), "VK=12 must be 0 or a power of two"),
+                                         (dict(p_chunk_keys=16, value_block_keys=8), "PC=16 must be a multiple of 32"),
+                                         (dict(p_chunk_keys=16, value_block_keys=32),
+                                          "PC=16 must be 0 or a power of two from VK=32"),
+                                         (dict(p_chunk_keys=24), "PC=24 must be 0 or a power of two")])
 def test_layout_rejects_bad_loop_knobs(kw, msg) -> None:
     with pytest.raises(LoweringError, match=msg):
-        layout(Plan(Family.PORTABLE, WG=64, TM=4, **kw), 32, 32)
+        layout(Plan(Family.PORTABLE, workgroup_size=64, rows_per_invocation=4, **kw), 32, 32)
 
 
 # --------------------------------------------------------------------------- against the reference
@@ -64,14 +66,17 @@ def problems(draw):
     dims = dict(B=1, Hq=group * 2, Hkv=2, S=draw(st.integers(1, 140)), T=draw(st.integers(1, 200)),
                 D=vec * draw(st.integers(1, 80 // vec)), Dv=vec * draw(st.integers(1, 80 // vec)))
     bm, bn = draw(st.sampled_from([16, 32, 64])), draw(st.sampled_from([16, 32, 64]))
-    plan = Plan(Family.PORTABLE, WG=draw(st.sampled_from([32, 64, 128])), TM=draw(st.sampled_from([1, 2, 4])),
-                DK=draw(st.sampled_from([8, 16, 24])), DVC=draw(st.sampled_from([16, 32, 64])),
-                DVS=draw(st.sampled_from([8, 16, 32])), VK=draw(st.sampled_from([0, 0, 8, 16])), VEC=vec,
-                UN=draw(st.sampled_from([1, 2])), PF=draw(st.sampled_from([0, 1, 1])),
-                PC=draw(st.sampled_from([0, 16, 32])), QO=draw(st.sampled_from([0, 1])))
+    plan = Plan(Family.PORTABLE, workgroup_size=draw(st.sampled_from([32, 64, 128])),
+                rows_per_invocation=draw(st.sampled_from([1, 2, 4])),
+                head_chunk=draw(st.sampled_from([8, 16, 24])), value_columns=draw(st.sampled_from([16, 32, 64])),
+                value_stage_columns=draw(st.sampled_from([8, 16, 32])), value_block_keys=draw(st.sampled_from([0, 0, 8,
+                                                                                                               16])),
+                                                                                                               vector_width=vec,
+                unroll=draw(st.sampled_from([1, 2])), prefetch=draw(st.sampled_from([0, 1, 1])),
+                p_chunk_keys=draw(st.sampled_from([0, 16, 32])), last_tile_first=draw(st.sampled_from([0, 1])))
     if draw(st.booleans()):
-        plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, "QRES": True,
-                       "DQ": -(-dims["D"] // plan.DK) * plan.DK})
+        plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, "resident_query": True,
+                       "query_dim": -(-dims["D"] // plan.head_chunk) * plan.head_chunk})
     try:
         assume(api.fits_portable_limits(plan, bm, bn))
         # at most 32 scores and 32 output columns per invocation (the GPU heuristic's 128x64
@@ -98,7 +103,7 @@ def test_tiled_loop_shapes_match_reference(spec, problem, require_adapters) -> N
     dev = require_adapters(spec)[0]
     dims, plan, tun, nsplit, opts, seed = problem
     op = check_forced_plan(dev, dims, plan, tun, nsplit, opts, seed)
-    assert op.plan.strategy is Strategy.TILED and (op.plan.UN, op.plan.PF) == (plan.UN, plan.PF)
+    assert op.plan.strategy is Strategy.TILED and (op.plan.unroll, op.plan.prefetch) == (plan.unroll, plan.prefetch)
 
 
 @pytest.mark.gpu
@@ -120,7 +125,9 @@ def test_unrolled_prefetched_kernel_gives_the_same_bits(spec, require_adapters) 
     # and QO=1 takes the query tiles in another order
     for un, pf, pc, vk, qo in ((1, 0, 0, 0, 0), (4, 1, 0, 0, 0), (4, 1, 32, 32, 0), (1, 0, 32, 16, 0),
                                (1, 1, 64, 16, 0), (1, 0, 0, 0, 1)):
-        plan = Plan(Family.PORTABLE, WG=64, TM=4, DK=8, DVC=32, DVS=16, VEC=4, UN=un, PF=pf, PC=pc, VK=vk, QO=qo)
+        plan = Plan(Family.PORTABLE, workgroup_size=64, rows_per_invocation=4, head_chunk=8, value_columns=32,
+                    value_stage_columns=16, vector_width=4, unroll=un, prefetch=pf, p_chunk_keys=pc,
+                    value_block_keys=vk, last_tile_first=qo)
         op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 32, "BN": 64}, nsplit=2,
                          causal=True)
         op.bind(q, k, v)
@@ -155,9 +162,10 @@ def test_prefetch_with_float16_inputs(spec, target, require_adapters) -> None:
     outs = []
     for un, pf in ((1, 0), (2, 1)):
         storage = Storage.F16A if target == "portable-f16" else Storage.F16
-        plan = Plan(Family.PORTABLE, storage, WG=64, TM=2, DK=8, DVC=32, DVS=16, VEC=4, UN=un, PF=pf)
+        plan = Plan(Family.PORTABLE, storage, workgroup_size=64, rows_per_invocation=2, head_chunk=8, value_columns=32,
+                    value_stage_columns=16, vector_width=4, unroll=un, prefetch=pf)
         op = api.prepare(dims, np.float16, device=dev, plan=plan, tunables={"BM": 32, "BN": 32}, target=target)
-        assert (op.plan.UN, op.plan.PF) == (un, pf)
+        assert (op.plan.unroll, op.plan.prefetch) == (un, pf)
         op.bind(q, k, v)
         op.run()
         outs.append(op.result()[0])
@@ -192,7 +200,8 @@ def test_row_reductions_at_the_device_subgroup_size(spec, wg, bm, tm, require_ad
 
     dev = require_adapters(spec)[0]
     dialect = Dialect.TINT if dev.dialect == "tint" else Dialect.NAGA
-    plan = Plan(Family.SUBGROUPS, dialect=dialect, WG=wg, TM=tm, DK=16, DVC=32, DVS=32, SGMIN=4, SGFAST=16, VEC=4)
+    plan = Plan(Family.SUBGROUPS, dialect=dialect, workgroup_size=wg, rows_per_invocation=tm, head_chunk=16,
+                value_columns=32, value_stage_columns=32, min_subgroup=4, shuffle_only_lanes=16, vector_width=4)
     assert fast_reduce(plan, layout(plan, bm, 64))
     dims = dict(B=2, Hq=4, Hkv=2, S=45, T=150, D=40, Dv=28)
     op = check_forced_plan(dev, dims, plan, {"BM": bm, "BN": 64}, 2,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import attnc
+from attnc.lowering import schedule
 from attnc.lowering.plan import Dialect, Family, Strategy, layout, stream_layout
 from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
-from attnc.runtime import api
 from attnc.runtime.dispatch import BoundsError, Dispatch, empty, readback, run, upload
 from tests.forced_plan import check_forced_plan
 from tests.gpu_facts import h200_like
@@ -103,10 +103,10 @@ def _seeds_plans() -> list[tuple[str, str, dict, dict, object, dict, int]]:
         for case in load_suite("seeds"):
             gpu = h200_like(dialect=dialect)
             dims = {x: getattr(case, x) for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv")}
-            plan, tun = api.plan_for(gpu, Family.SUBGROUPS, dims, api.Options(causal=case.causal))
+            plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dims, causal=case.causal)
             packed = dims["S"] <= 16 and dims["Hq"] > dims["Hkv"]
-            nsplit = (api.split_count(gpu, dims, tun["BM"], tun["BN"], packed, plan.strategy is Strategy.STREAM)
-                      if dims["S"] <= 16 else api.prefill_split_count(gpu, dims, tun["BM"], tun["BN"]))
+            nsplit = (schedule.split_count(gpu, dims, tun["BM"], tun["BN"], packed, plan.strategy is Strategy.STREAM)
+                      if dims["S"] <= 16 else schedule.prefill_split_count(gpu, dims, tun["BM"], tun["BN"]))
             key = (case.name, dataclasses.replace(plan, dialect=Dialect.NAGA), nsplit)
             if key not in seen:
                 seen.add(key)
@@ -146,5 +146,5 @@ def test_gpu_heuristic_plans_stay_in_bounds(case, dialect, dims, opts, plan, tun
     small["Hq"] = group * small["Hkv"]
     options = {**opts, "bias": "full", "sinks": "draw", "kv_lens": "draw", "return_lse": True}
     monkeypatch.setenv("ATTNC_SANITIZE", "bounds")
-    op = check_forced_plan(dev, small, dataclasses.replace(plan, UN=1), tun, nsplit, options, seed=11)
+    op = check_forced_plan(dev, small, dataclasses.replace(plan, unroll=1), tun, nsplit, options, seed=11)
     assert op.plan.strategy is plan.strategy and op.plan.dialect is plan.dialect

@@ -88,8 +88,10 @@ def test_storage_buffer_count_beyond_the_default_is_stated(tmp_path) -> None:
     requires.limits.maxStorageBuffersPerShaderStage, for every variant and program."""
     kern = flash_attention.trace(causal=True, window=(0, 0), softcap=True, alibi=True, bias=True,
                                  sinks=True, kv_lens=True, lse=True)
-    plans = [Plan(Family.PORTABLE, Storage.F32, Dialect.TINT, WG=64, TM=4, DK=16, DVC=64, DVS=32),
-             Plan(Family.SUBGROUPS, Storage.F16, Dialect.TINT, WG=64, TM=4, DK=16, DVC=64, DVS=32)]
+    plans = [Plan(Family.PORTABLE, Storage.F32, Dialect.TINT, workgroup_size=64, rows_per_invocation=4, head_chunk=16,
+                  value_columns=64, value_stage_columns=32),
+             Plan(Family.SUBGROUPS, Storage.F16, Dialect.TINT, workgroup_size=64, rows_per_invocation=4, head_chunk=16,
+                  value_columns=64, value_stage_columns=32)]
     manifest = compile_kernel(kern, plans, tmp_path)
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert on_disk["variants"] == manifest["variants"]

@@ -1,0 +1,168 @@
+"""Planning (lowering/schedule.py, lowering/candidates.py): the heuristic plans and split counts
+for device facts (the H200's among them, without that GPU), and the tuner's candidates."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnc.lowering import candidates, schedule
+from tests.gpu_facts import h200_like
+
+
+def test_decode_candidates_start_with_valid_stream_plans(require_adapters) -> None:
+    """Short rows: stream-strategy variants lead the list (a --max cut keeps them), each
+    valid and within the device's limits; head dims that are not multiples of 4 get none."""
+    from attnc.lowering.plan import Family, Strategy, stream_layout
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    dims = dict(B=1, Hq=16, Hkv=2, S=1, T=5000, D=64, Dv=64)
+    base, _ = schedule.plan_for(dev.capabilities, Family.PORTABLE, dims, explicit_family=True)
+    cands = list(candidates.candidates(dev.capabilities, dims, base, [Family.PORTABLE], 8))
+    kinds = [p.strategy for p, _, _ in cands]
+    assert kinds[:6] == [Strategy.STREAM] * 6 and Strategy.TILED in kinds
+    limit = int(dev.gpu.limits["max-compute-workgroup-storage-size"])
+    for p, tun, ns in cands:
+        if p.strategy is Strategy.STREAM:
+            assert 4 * stream_layout(p, tun["BM"], tun["BN"]).smem_words <= limit and ns >= 1
+    odd = dict(dims, D=30)
+    odd_cands = candidates.candidates(dev.capabilities, odd, base, [Family.PORTABLE], 8)
+    assert Strategy.STREAM not in [p.strategy for p, _, _ in odd_cands]
+
+
+def test_strategy_environment_variable_limits_the_heuristics(require_adapters, monkeypatch) -> None:
+    from attnc.lowering.plan import Family, Strategy
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    dims = dict(B=1, Hq=8, Hkv=2, S=1, T=500, D=64, Dv=64)
+    assert schedule.plan_for(dev.capabilities, Family.PORTABLE, dims)[0].strategy is Strategy.STREAM
+    monkeypatch.setenv("ATTNC_STRATEGY", "tiled")
+    assert schedule.plan_for(dev.capabilities, Family.PORTABLE, dims)[0].strategy is Strategy.TILED
+    monkeypatch.setenv("ATTNC_STRATEGY", "fast")
+    with pytest.raises(ValueError, match="ATTNC_STRATEGY must be one of"):
+        schedule.plan_for(dev.capabilities, Family.PORTABLE, dims)
+
+
+# --------------------------------------------------------------------------- split counts
+def test_prefill_splits_only_when_a_gpu_has_few_row_tiles() -> None:
+    """Long rows split over KV on a GPU only when the row tiles make fewer than 96 workgroups
+    (about 192 with the splits, >= 2 KV tiles each); never on a CPU adapter."""
+    gpu = h200_like()
+    cpu = h200_like(adapter_type="CPU")
+    gemma = dict(B=1, Hq=4, Hkv=1, S=512, T=512, D=256, Dv=256)
+    phi = dict(B=1, Hq=32, Hkv=32, S=501, T=501, D=96, Dv=96)
+    assert schedule.prefill_split_count(gpu, gemma, 32, 64) == 3  # 64 workgroups of 32 rows
+    assert schedule.prefill_split_count(cpu, gemma, 32, 64) == 1
+    assert schedule.prefill_split_count(gpu, phi, 128, 64) == 1  # 128 workgroups: no split
+    assert schedule.prefill_split_count(gpu, dict(gemma, T=100), 32, 64) == 1  # 2 KV tiles: 1 split
+    assert schedule.prefill_split_count(gpu, dict(gemma, Hq=1, S=40), 32, 64) == 4  # 2 workgroups, 8 tiles
+
+
+# --------------------------------------------------------------------------- GPU heuristics
+def test_gpu_decode_with_many_packed_rows_takes_32_row_tiles() -> None:
+    """GQA decode with >= 32 query rows per KV head (dec4_gqa8: 8 heads x 4 queries): 32x64
+    tiles of the tiled strategy, 4 rows per invocation, 8-key value blocks (a small workgroup),
+    >= 2 KV tiles per split; fewer packed rows (dec_gqa8, whisper) stay with the stream strategy."""
+    from attnc.lowering.plan import Family, Strategy, layout
+
+    gpu = h200_like()
+    dec4 = dict(B=1, Hq=64, Hkv=8, S=4, T=7680, D=64, Dv=64)
+    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dec4)
+    assert plan.strategy is Strategy.TILED and tun == {"BM": 32, "BN": 64}
+    assert (plan.workgroup_size, plan.rows_per_invocation, plan.value_stage_columns, plan.value_block_keys, plan.unroll,
+            plan.prefetch) == (128, 4, 64, 8, 64, 1)
+    assert 4 * layout(plan, 32, 64).smem_words <= 12 * 1024  # four per SM on the H200
+    assert schedule.split_count(gpu, dec4, 32, 64, packed=True) == 60  # 120 KV tiles, 2 per split
+    for dims in (dict(dec4, S=1), dict(B=1, Hq=6, Hkv=6, S=4, T=1500, D=64, Dv=64)):
+        assert schedule.plan_for(gpu, Family.SUBGROUPS, dims)[0].strategy is Strategy.STREAM
+    cpu = h200_like(adapter_type="CPU")
+    assert schedule.plan_for(cpu, Family.PORTABLE, dec4)[0].strategy is not Strategy.TILED
+
+
+def test_gpu_decode_with_8_packed_rows_takes_a_softmax_phase_and_long_splits() -> None:
+    """8 query rows per KV head (dec_gqa8: S = 1, 8 heads per KV head): the stream strategy with
+    its softmax phase (each probability computed once) and >= 2 KV tiles per split; 4 rows
+    (whisper) and 1 row (dec_h128) keep every invocation's own softmax and 1 tile per split."""
+    from attnc.lowering.plan import Family, Strategy
+
+    gpu = h200_like()
+    dec = dict(B=1, Hq=64, Hkv=8, S=1, T=7680, D=64, Dv=64)
+    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dec)
+    assert plan.strategy is Strategy.STREAM and plan.softmax_phase == 1 and tun["BM"] == 8
+    assert schedule.split_count(gpu, dec, 8, 64, packed=True, stream=True) == 60  # 120 KV tiles, 2 per split
+    whisper = dict(B=1, Hq=6, Hkv=6, S=4, T=1500, D=64, Dv=64)
+    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, whisper)
+    assert plan.strategy is Strategy.STREAM and plan.softmax_phase == 0 and tun["BM"] == 4
+    assert schedule.split_count(gpu, whisper, 4, 64, packed=True, stream=True) == 24  # one tile each
+    h128 = dict(B=1, Hq=8, Hkv=8, S=1, T=16384, D=128, Dv=128)
+    assert schedule.split_count(gpu, h128, 1, 128, packed=True, stream=True) == 64  # 512 workgroups
+
+
+def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
+    """A 128x64 prefill tile with 32 outputs per invocation (vit: Dv = 64) takes the chunked-p
+    plan, under SHARED_SMEM (the whole p tile needs 42 KiB); 48 outputs (Dv 72 or 96) with many
+    row tiles only, through Naga with the prefetch registers; CPU adapters keep the whole p tile."""
+    import dataclasses
+
+    from attnc.lowering.plan import Family, layout
+
+    gpu = h200_like()
+    vit = dict(B=1, Hq=16, Hkv=16, S=4096, T=4096, D=64, Dv=64)
+    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, vit)
+    assert tun == {"BM": 128, "BN": 64}
+    assert (plan.workgroup_size, plan.rows_per_invocation, plan.p_chunk_keys, plan.value_block_keys,
+            plan.value_stage_columns, plan.unroll, plan.prefetch) == (256, 4, 32, 16, 64, 64, 0)
+    whole = dataclasses.replace(plan, p_chunk_keys=0, value_block_keys=32, prefetch=1)
+    assert 4 * layout(plan, 128, 64).smem_words <= schedule.SHARED_SMEM < 4 * layout(whole, 128, 64).smem_words
+    for d in (72, 96):
+        plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dict(vit, D=d, Dv=d))
+        assert tun["BM"] == 128 and (plan.p_chunk_keys, plan.value_block_keys, plan.prefetch) == (32, 16, 1)
+        plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dict(vit, S=1024, T=1024, D=d, Dv=d))
+        assert tun["BM"] == 128 and (plan.p_chunk_keys, plan.value_block_keys, plan.prefetch) == (0, 32,
+                                                                                                  1)  # 128 row tiles
+    # Tint's shaders take it with 48 outputs too (head-dim chunks of 16), given >= 256 row tiles
+    tint = h200_like(dialect="tint")
+    vision = dict(vit, S=5776, T=5776, D=72, Dv=72)
+    plan, tun = schedule.plan_for(tint, Family.SUBGROUPS, vision)
+    assert tun["BM"] == 128 and (plan.p_chunk_keys, plan.value_block_keys, plan.prefetch, plan.head_chunk) == (32, 16,
+                                                                                                               0, 16)
+    assert 4 * layout(plan, 128, 64).smem_words <= schedule.SHARED_SMEM
+    plan = schedule.plan_for(gpu, Family.SUBGROUPS, vision)[0]  # Naga
+    assert (plan.p_chunk_keys, plan.value_block_keys, plan.prefetch, plan.head_chunk) == (32, 16, 1, 16)
+    plan, tun = schedule.plan_for(tint, Family.SUBGROUPS, dict(vision, S=1024, T=1024))  # 128 tiles
+    assert tun["BM"] == 128 and plan.p_chunk_keys == 0
+    cpu = h200_like(adapter_type="CPU")
+    assert schedule.plan_for(cpu, Family.PORTABLE, vit)[0].p_chunk_keys == 0
+
+
+def test_gpu_causal_prefill_takes_long_tiles_first_in_64_row_tiles() -> None:
+    """Causal prefill on a GPU takes the query tiles last first (QO=1); where 128-row tiles would
+    make fewer than 256 workgroups (phi35: 128), 64-row tiles of 256 invocations. Non-causal
+    problems and CPU adapters keep the index order, long causal prefill its 128-row tiles."""
+    from attnc.lowering.plan import Family
+
+    gpu = h200_like()
+    phi = dict(B=1, Hq=32, Hkv=32, S=501, T=501, D=96, Dv=96)
+    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, phi, causal=True)
+    assert (tun["BM"], plan.workgroup_size, plan.rows_per_invocation, plan.last_tile_first,
+            plan.value_block_keys) == (64, 256, 4, 1, 32)
+    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, phi)
+    assert (tun["BM"], plan.last_tile_first) == (128, 0)
+    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dict(phi, S=4096, T=4096), causal=True)
+    assert (tun["BM"], plan.last_tile_first) == (128, 1)
+    cpu = h200_like(adapter_type="CPU")
+    assert schedule.plan_for(cpu, Family.PORTABLE, phi, causal=True)[0].last_tile_first == 0
+
+
+def test_gpu_prefill_with_one_value_block_per_tile_unrolls_its_key_loop_16_times() -> None:
+    """Dv <= 32 (minilm): P.V over the whole key tile in one block, its 64-key loop in 16 copies
+    per iteration; wider value blocks keep their loops whole (UN=64), CPU adapters plain loops."""
+    from attnc.lowering.plan import Family
+
+    gpu = h200_like()
+    minilm = dict(B=1, Hq=12, Hkv=12, S=128, T=128, D=32, Dv=32)
+    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, minilm)
+    assert (plan.value_block_keys, plan.value_stage_columns, plan.unroll, plan.prefetch) == (0, 32, 16, 1)
+    assert tun == {"BM": 32, "BN": 64}
+    assert schedule.plan_for(gpu, Family.SUBGROUPS, dict(minilm, D=64, Dv=64))[0].unroll == 64
+    cpu = h200_like(adapter_type="CPU")
+    assert schedule.plan_for(cpu, Family.PORTABLE, minilm)[0].unroll == 1
