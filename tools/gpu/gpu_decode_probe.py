@@ -2,11 +2,12 @@
 pass end), each pass alone, and the same dispatches encoded in one compute pass; plus a
 read-only kernel over as many bytes as K and V (the bandwidth a decode pass could reach).
 Variants as in gpu_plan_sweep.py (`-` = heuristic, `FIELD=VALUE,...`, BM/BN/NSPLIT).
-Usage: python scripts/gpu_decode_probe.py DEVICE CASE[,CASE...] VARIANT [VARIANT...]"""
+Usage: python tools/gpu/gpu_decode_probe.py DEVICE CASE[,CASE...] VARIANT [VARIANT...]"""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 
@@ -19,7 +20,7 @@ from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import get_device
 from attnc.runtime.dispatch import warm_up
 
-sys.path.insert(0, "scripts")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_plan_sweep import prepare_variant  # noqa: E402
 
 READ_WGSL = """\

@@ -1,6 +1,6 @@
 """Render `attnc bench --json` files as the markdown tables of docs/BENCHMARKS.md.
 
-Usage: python scripts/bench_table.py RESULT.json [...]  — one table per file: every case with
+Usage: python tools/bench_table.py RESULT.json [...]  — one table per file: every case with
 attnc's time, each baseline's time and attnc's speed-up over it, the fraction of the FMA or
 copy ceiling attnc reached (copy for S <= 4: decode is bandwidth bound), and WRONG where a
 result is off the float64 reference.

@@ -1,7 +1,7 @@
 """Where the tiled kernel's time goes: time the heuristic plan against copies of it with one
 part of the emitted main pass removed (results are wrong by design; only the time matters),
 in interleaved rounds like gpu_plan_sweep.py. Measurement only: attnc never runs these.
-Usage: python scripts/gpu_ablate.py DEVICE CASE[,CASE...] [ABLATION ...] [--json FILE]
+Usage: python tools/gpu/gpu_ablate.py DEVICE CASE[,CASE...] [ABLATION ...] [--json FILE]
 Ablations: nosoftmax noreduce nomaxred nosumred norescale smem20 nomask nonan noexp nobar nopv nodot noqstage
 nokstage novstage."""
 

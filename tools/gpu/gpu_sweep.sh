@@ -7,26 +7,25 @@
 #   OUTDIR/<backend>.json  OUTDIR/<backend>.png  OUTDIR/<backend>.log
 # plus OUTDIR/env.txt (driver, GPU, packages). A backend that fails does not stop the other.
 #
-# Usage (repo root):  bash scripts/gpu_sweep.sh OUTDIR [extra attnc bench args...]
+# Usage (repo root):  bash tools/gpu/gpu_sweep.sh OUTDIR [extra attnc bench args...]
 #
-# Before, on a networked machine, inside this checkout (python 3.12 wheels):
-#   bash ../shared/gpu/prepare.sh onnxruntime-webgpu==1.27.0 tinygrad==0.14.0 \
-#     dawn-python==0.3.0 matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing \
-#     python-dateutil six packaging tqdm
-# and carry .gl/ and .whl/ to the GPU machine with the working tree. Without the
+# Before, on a networked machine, inside this checkout: download the loader debs into .gl/ and
+# the Python 3.12 wheels (wgpu, wgpudawn and their dependencies; onnxruntime-webgpu, tinygrad,
+# dawn-python and matplotlib for the baselines and the plot) into .whl/, as tools/README.md
+# says, and carry both to the GPU machine with the working tree. Without the
 # onnxruntime/tinygrad/matplotlib wheels those baselines or the plot are reported missing.
 #
 # Environment knobs: SWEEP_TIMEOUT (seconds per backend, default 270), SWEEP_BACKENDS
 # (default "wgpu dawn"), SWEEP_SUITE (default seeds), SWEEP_SITE (default /tmp/site).
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
-out=${1:?usage: bash scripts/gpu_sweep.sh OUTDIR [extra attnc bench args...]}
+out=${1:?usage: bash tools/gpu/gpu_sweep.sh OUTDIR [extra attnc bench args...]}
 shift
 mkdir -p "$out"
 site=${SWEEP_SITE:-/tmp/site}
 
-source scripts/gpu_env.sh
+source tools/gpu/gpu_env.sh
 
 compare=ort,naive
 if python3 -c 'import tinygrad, pydawn' 2>/dev/null; then compare=$compare,tinygrad; fi

@@ -1,6 +1,7 @@
-# Sourced by the GPU scripts: on the offline NVIDIA machine, install the Vulkan/GL loader
-# debs from .gl/ and the wheels from .whl/ (both made by ../shared/gpu/prepare.sh) into a
-# private site directory, and point Vulkan at the NVIDIA driver. Idempotent.
+# Sourced by the GPU scripts: on an offline NVIDIA machine, install the Vulkan/GL loader
+# debs from .gl/ and the wheels from .whl/ (both downloaded beforehand on a networked machine,
+# see tools/README.md) into a private site directory, and point Vulkan at the NVIDIA driver.
+# Idempotent.
 site=${SWEEP_SITE:-/tmp/site}
 if [ -z "${ATTNC_GPU_ENV_DONE:-}" ]; then
   # the Vulkan/GL loader, unless the system already has one
@@ -9,7 +10,7 @@ if [ -z "${ATTNC_GPU_ENV_DONE:-}" ]; then
       for f in .gl/*.deb; do dpkg -x "$f" /; done
       ldconfig
     else
-      echo "gpu_sweep: no libvulkan.so.1 and no .gl/*.deb (run ../shared/gpu/prepare.sh)" >&2
+      echo "gpu_sweep: no libvulkan.so.1 and no .gl/*.deb (see tools/README.md)" >&2
     fi
   fi
 

@@ -4,7 +4,7 @@ BM/BN (tile sizes) and NSPLIT; `-` is the heuristic plan itself; a `@STRATEGY:` 
 from the heuristic plan restricted to that strategy (ATTNC_STRATEGY), e.g. `@tiled:BM=32,TM=2`.
 Checks query head 0 of copy 0 against float64 numpy; SWEEP_WARM_MS (default 60) is the GPU
 warm-up before each round. Usage:
-python scripts/gpu_plan_sweep.py DEVICE CASE[,CASE...] VARIANT [VARIANT...] [--json FILE]"""
+python tools/gpu/gpu_plan_sweep.py DEVICE CASE[,CASE...] VARIANT [VARIANT...] [--json FILE]"""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # A shorter GPU run than gpu_tune_sweep.sh: tune and benchmark only the cases named in CASES
-# (default: every seeds case), both backends, into OUTDIR. Usage: bash scripts/gpu_quick.sh OUTDIR
+# (default: every seeds case), both backends, into OUTDIR. Usage: bash tools/gpu/gpu_quick.sh OUTDIR
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-out=${1:?usage: bash scripts/gpu_quick.sh OUTDIR}
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+out=${1:?usage: bash tools/gpu/gpu_quick.sh OUTDIR}
 mkdir -p "$out/cache"
 export ATTNC_CACHE_DIR="$out/cache"
-source scripts/gpu_env.sh
+source tools/gpu/gpu_env.sh
 cases=()
 for c in ${CASES:-}; do cases+=(--case "$c"); done
 for backend in ${SWEEP_BACKENDS:-dawn wgpu}; do

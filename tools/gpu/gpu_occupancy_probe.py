@@ -1,7 +1,7 @@
 """How many workgroups of a prefill plan an SM holds at once, read from the time against the
 workgroup count: one head of S = BM * n queries over T keys is n workgroups, and the time
 steps up where n passes a multiple of (SMs x workgroups per SM). Measurement only.
-Usage: python scripts/gpu_occupancy_probe.py DEVICE D T N[,N...] [VARIANT ...] [--json FILE]
+Usage: python tools/gpu/gpu_occupancy_probe.py DEVICE D T N[,N...] [VARIANT ...] [--json FILE]
 (VARIANT: PLAN[/ABLATIONS], PLAN as in gpu_plan_sweep.py, `-` for the heuristic plan or
 FIELD=VALUE,...; ABLATIONS `a+b+...` from gpu_ablate.py, e.g. `PF=0/smem20+nosoftmax`)."""
 

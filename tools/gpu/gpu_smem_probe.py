@@ -2,7 +2,7 @@
 driver's shared-memory carve-out), with a kernel that uses few registers: each invocation
 chases a chain of dependent workgroup-memory loads, so a workgroup's time does not depend on
 what shares its SM, and the time for n = SMs x k workgroups stays flat while k workgroups fit.
-Measurement only. Usage: python scripts/gpu_smem_probe.py DEVICE SMS KIB[,KIB...] [STEPS]"""
+Measurement only. Usage: python tools/gpu/gpu_smem_probe.py DEVICE SMS KIB[,KIB...] [STEPS]"""
 
 from __future__ import annotations
 
