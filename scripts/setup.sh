@@ -116,7 +116,7 @@ setup_python() {
   python_ready || { log "Python set-up did not take effect"; return 1; }
 }
 
-# --- MiniLM example (issue 7) ---
+# --- the MiniLM example (examples/minilm) ---
 # The end-to-end test compares with sentence-transformers on PyTorch's CPU build. torch goes
 # first, pinned to the CPU wheel this machine kind keeps on disk, so that no CUDA build is
 # pulled in by sentence-transformers' requirement.
@@ -137,7 +137,7 @@ setup_minilm() {
   minilm_ready || { log "MiniLM dependencies did not install"; return 1; }
 }
 
-# --- browser (issue 6) ---
+# --- browser: the JS loader tests in headless Chromium and Node ---
 # Headless Chromium (Debian's `chromium`: WebGPU on SwiftShader, subgroups of 4) and the JS
 # loader's test packages, pinned in js/package-lock.json: npm `webgpu` (Dawn for Node, on
 # lavapipe) and `playwright-core` (drives Chromium). Needs Node >= 20 with npm (on the image).

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
-python3 -m ruff check attnc tests examples scripts
+python3 -m ruff check attnc tests examples scripts tools
 python3 -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile --durations=30 tests
 # the property tests of every strategy again under the bounds sanitizer: each index into a buffer,
 # workgroup array or vector checked, so a read whose value a select discards counts too (attnc's

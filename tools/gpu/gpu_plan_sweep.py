@@ -1,0 +1,131 @@
+"""Time variants of the heuristic plan side by side (interleaved rounds, inputs rotated) to
+decide a heuristic or a lowering change. Each variant is `FIELD=VALUE,...` over Plan fields,
+BM/BN (tile sizes) and NSPLIT; `-` is the heuristic plan itself; a `@STRATEGY:` prefix starts
+from the heuristic plan restricted to that strategy (ATTNC_STRATEGY), e.g. `@tiled:BM=32,TM=2`.
+Checks query head 0 of copy 0 against float64 numpy; SWEEP_WARM_MS (default 60) is the GPU
+warm-up before each round. Usage:
+python tools/gpu/gpu_plan_sweep.py DEVICE CASE[,CASE...] VARIANT [VARIANT...] [--json FILE]"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from typing import TextIO
+
+import numpy as np
+
+from attnc.bench.cases import load_suite, make_inputs
+from attnc.runtime import api
+from attnc.runtime.devices import get_device
+from attnc.runtime.dispatch import warm_up
+
+ROUNDS, PER_ROUND = 5, 4
+
+
+def head0_relerr(case, q, k, v, o) -> float:
+    """Relative error of query head 0 of batch 0 against float64 numpy."""
+    s = (q[0, 0].astype(np.float64) @ k[0, 0].T.astype(np.float64)) / np.sqrt(case.D)
+    lim = case.key_limits()
+    s = np.where(np.arange(case.T)[None, :] < lim[:, None], s, -np.inf)
+    p = np.exp(s - s.max(1, keepdims=True))
+    ref = (p @ v[0, 0]) / p.sum(1, keepdims=True)
+    return float(np.linalg.norm(o[0, 0] - ref) / np.linalg.norm(ref))
+
+
+def take_json(argv: list[str]) -> TextIO | None:
+    """Remove `--json FILE` from argv; the file opened for appending, or None."""
+    if "--json" not in argv:
+        return None
+    i = argv.index("--json")
+    out = open(argv[i + 1], "a")  # (kept open for the whole run)
+    del argv[i:i + 2]
+    return out
+
+
+def time_rounds(dev, runs: list, warm_ms: float) -> None:
+    """Time every (op, handles, times) of `runs` in ROUNDS interleaved rounds, each after a GPU
+    warm-up of warm_ms: PER_ROUND runs per op and round, rotating over its input handles,
+    appended to its times (the first round's are the warm-up, left out of the medians)."""
+    for r in range(ROUNDS):
+        warm_up(dev, warm_ms)
+        for op, handles, times in runs:
+            for i in range(PER_ROUND):
+                times.append(op.run(timestamps=True, binding=handles[(r + i) % len(handles)]))
+
+
+def emit(row: dict, out: TextIO | None) -> None:
+    """Print one result row as JSON, and append it to the --json file when there is one."""
+    print(json.dumps(row), flush=True)
+    if out:
+        out.write(json.dumps(row) + "\n")
+
+
+def parse(spec: str) -> dict[str, int]:
+    return {} if spec == "-" else {k: int(x) for k, x in (kv.split("=") for kv in spec.split(","))}
+
+
+def strategy_base(dev, case, dims, spec: str, base, tun0) -> tuple:
+    """(spec without its `@STRATEGY:` prefix, base plan, tunables) for a variant."""
+    if not spec.startswith("@"):
+        return spec, base, tun0
+    strat, _, rest = spec[1:].partition(":")
+    old = os.environ.get("ATTNC_STRATEGY")
+    os.environ["ATTNC_STRATEGY"] = strat
+    try:
+        base, tun0 = api.plan_for(dev, api.pick_family(dev, None), dims, api.Options(causal=case.causal))
+    finally:
+        if old is None:
+            del os.environ["ATTNC_STRATEGY"]
+        else:
+            os.environ["ATTNC_STRATEGY"] = old
+    return rest or "-", base, tun0
+
+
+def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
+    """One variant of the heuristic plan, bound to every input copy and run once:
+    (op, handles, head-0 relerr). Raises what prepare or the run raises."""
+    spec, base, tun0 = strategy_base(dev, case, dims, spec, base, tun0)
+    kw = parse(spec)
+    tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
+    ns = kw.pop("NSPLIT", None)
+    op = api.prepare(dims, np.float32, causal=case.causal, device=dev,
+                     plan=dataclasses.replace(base, **kw), tunables=tun, nsplit=ns)
+    handles = [op.bind_copy(*c) for c in copies]
+    op.run(binding=handles[0])
+    q, k, v = copies[0]
+    return op, handles, head0_relerr(case, q, k, v, op.result()[0])
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    out = take_json(argv)
+    dev = get_device(argv[0])
+    cases = {c.name: c for c in load_suite("seeds") + load_suite("ci")}
+    for name in argv[1].split(","):
+        case = cases[name]
+        copies = [make_inputs(case, seed=i) for i in range(3 if case.flops() > 1e10 else 8)]
+        q, k, v = copies[0]
+        dims = api.validate(q, k, v)
+        fam = api.pick_family(dev, None)
+        base, tun0 = api.plan_for(dev, fam, dims, api.Options(causal=case.causal))
+        ops = []
+        for spec in argv[2:]:
+            try:
+                ops.append((spec, *prepare_variant(dev, case, dims, base, tun0, spec, copies), []))
+            except Exception as exc:  # report and go on with the other variants
+                print(f"{name} {spec}: {type(exc).__name__}: {exc}", flush=True)
+        warm_ms = float(os.environ.get("SWEEP_WARM_MS", "60"))
+        time_rounds(dev, [(op, h, times) for _s, op, h, _e, times in ops], warm_ms)
+        for spec, op, _h, err, times in ops:
+            ms = statistics.median(times[PER_ROUND:])
+            row = {"case": name, "device": argv[0], "spec": spec, "variant": op.variant, "ms": round(ms, 5),
+                   "tflops": round(case.flops() / ms / 1e9, 2), "relerr": err, "ms_min": round(min(times), 5),
+                   "sgmin": op.plan.SGMIN}
+            emit(row, out)
+
+
+if __name__ == "__main__":
+    main()
