@@ -58,6 +58,16 @@ COMPACT_KEYS = {
     "unroll": "UN", "prefetch": "PF", "combine_groups": "CSG", "value_block_keys": "VK",
     "p_chunk_keys": "PC", "last_tile_first": "QO", "subgroup_width": "SGB", "shuffle_only_lanes": "SGFAST",
 }
+FIELDS_BY_KEY = {key: name for name, key in COMPACT_KEYS.items()}
+
+
+def from_compact(values: dict[str, int]) -> dict[str, int]:
+    """Plan fields from compact keys (`{"UN": 16}` -> `{"unroll": 16}`), for tools and the CLI;
+    ValueError naming the keys that are not plan fields."""
+    unknown = sorted(set(values) - set(FIELDS_BY_KEY))
+    if unknown:
+        raise ValueError(f"unknown plan keys {unknown}; expected some of {sorted(FIELDS_BY_KEY)}")
+    return {FIELDS_BY_KEY[k]: v for k, v in values.items()}
 
 
 @dataclass(frozen=True, slots=True)

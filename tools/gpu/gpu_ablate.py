@@ -21,7 +21,10 @@ from gpu_plan_sweep import PER_ROUND, emit, head0_relerr, take_json, time_rounds
 
 from attnc.bench.cases import load_suite, make_inputs  # noqa: E402
 from attnc.lowering import tiled  # noqa: E402
-from attnc.runtime import api  # noqa: E402
+from attnc.runtime import (
+    api,  # noqa: E402
+    build,  # noqa: E402
+)
 from attnc.runtime.devices import get_device  # noqa: E402
 
 
@@ -114,7 +117,7 @@ def _ablated(name: str) -> Iterator[None]:
 
     for k, f in PATCHES.get(name, {}).items():
         setattr(tiled, k, f)
-    api._CACHE.programs.clear()
+    build._CACHE.programs.clear()
     api.programs_for = programs_for
     try:
         yield
@@ -122,7 +125,7 @@ def _ablated(name: str) -> Iterator[None]:
         for k, f in saved.items():
             setattr(tiled, k, f)
         api.programs_for = lower
-        api._CACHE.programs.clear()
+        build._CACHE.programs.clear()
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from attnc.bench.cases import load_suite, make_inputs
+from attnc.lowering import schedule  # noqa: E402
 from attnc.lowering.program import Access, Binding, Program, Scalar
 from attnc.runtime import api
 from attnc.runtime import dispatch as rt
@@ -84,7 +85,8 @@ def main() -> None:
         copies = [make_inputs(case, seed=i) for i in range(6)]
         q, k, v = copies[0]
         dims = api.validate(q, k, v)
-        base, tun0 = api.plan_for(dev, api.pick_family(dev, None), dims, api.Options(causal=case.causal))
+        base, tun0 = schedule.plan_for(dev.capabilities, schedule.pick_family(dev.capabilities, None), dims,
+                                       causal=case.causal)
         kv_bytes = k.nbytes + v.nbytes
         src = rt.upload(dev, np.concatenate([k.reshape(-1), v.reshape(-1)]))
         for unroll in (1, 4, 8):

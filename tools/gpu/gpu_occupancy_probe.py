@@ -18,6 +18,8 @@ from gpu_ablate import ablated  # noqa: E402
 from gpu_plan_sweep import PER_ROUND, emit, parse, take_json, time_rounds  # noqa: E402
 
 from attnc.bench.cases import Case, make_inputs  # noqa: E402
+from attnc.lowering import schedule  # noqa: E402
+from attnc.lowering.plan import from_compact  # noqa: E402
 from attnc.runtime import api  # noqa: E402
 from attnc.runtime.devices import get_device  # noqa: E402
 
@@ -30,7 +32,7 @@ def main() -> None:
     counts = [int(x) for x in argv[3].split(",")]
     specs = argv[4:] or ["-"]
     big = {"B": 1, "Hq": 16, "Hkv": 16, "S": 4096, "T": T, "D": D, "Dv": D}  # vit-like: a prefill plan
-    base, tun0 = api.plan_for(dev, api.pick_family(dev, None), big, api.Options())
+    base, tun0 = schedule.plan_for(dev.capabilities, schedule.pick_family(dev.capabilities, None), big)
     for spec in specs:
         plan_spec, _, abl = spec.partition("/")
         kw = parse(plan_spec)
@@ -41,7 +43,7 @@ def main() -> None:
             q, k, v = make_inputs(case, seed=0)
             with ablated(abl or "-"):
                 op = api.prepare(api.validate(q, k, v), q.dtype, device=dev,
-                                 plan=dataclasses.replace(base, **kw), tunables=tun, nsplit=1)
+                                 plan=dataclasses.replace(base, **from_compact(kw)), tunables=tun, nsplit=1)
             handle = op.bind_copy(q, k, v)
             op.run(binding=handle)
             ops.append((n, op, handle, []))

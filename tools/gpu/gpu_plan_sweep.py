@@ -18,6 +18,8 @@ from typing import TextIO
 import numpy as np
 
 from attnc.bench.cases import load_suite, make_inputs
+from attnc.lowering import schedule  # noqa: E402
+from attnc.lowering.plan import from_compact  # noqa: E402
 from attnc.runtime import api
 from attnc.runtime.devices import get_device
 from attnc.runtime.dispatch import warm_up
@@ -75,7 +77,8 @@ def strategy_base(dev, case, dims, spec: str, base, tun0) -> tuple:
     old = os.environ.get("ATTNC_STRATEGY")
     os.environ["ATTNC_STRATEGY"] = strat
     try:
-        base, tun0 = api.plan_for(dev, api.pick_family(dev, None), dims, api.Options(causal=case.causal))
+        base, tun0 = schedule.plan_for(dev.capabilities, schedule.pick_family(dev.capabilities, None), dims,
+                                       causal=case.causal)
     finally:
         if old is None:
             del os.environ["ATTNC_STRATEGY"]
@@ -92,7 +95,7 @@ def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
     tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
     ns = kw.pop("NSPLIT", None)
     op = api.prepare(dims, np.float32, causal=case.causal, device=dev,
-                     plan=dataclasses.replace(base, **kw), tunables=tun, nsplit=ns)
+                     plan=dataclasses.replace(base, **from_compact(kw)), tunables=tun, nsplit=ns)
     handles = [op.bind_copy(*c) for c in copies]
     op.run(binding=handles[0])
     q, k, v = copies[0]
@@ -109,8 +112,8 @@ def main() -> None:
         copies = [make_inputs(case, seed=i) for i in range(3 if case.flops() > 1e10 else 8)]
         q, k, v = copies[0]
         dims = api.validate(q, k, v)
-        fam = api.pick_family(dev, None)
-        base, tun0 = api.plan_for(dev, fam, dims, api.Options(causal=case.causal))
+        fam = schedule.pick_family(dev.capabilities, None)
+        base, tun0 = schedule.plan_for(dev.capabilities, fam, dims, causal=case.causal)
         ops = []
         for spec in argv[2:]:
             try:
@@ -123,7 +126,7 @@ def main() -> None:
             ms = statistics.median(times[PER_ROUND:])
             row = {"case": name, "device": argv[0], "spec": spec, "variant": op.variant, "ms": round(ms, 5),
                    "tflops": round(case.flops() / ms / 1e9, 2), "relerr": err, "ms_min": round(min(times), 5),
-                   "sgmin": op.plan.SGMIN}
+                   "sgmin": op.plan.min_subgroup}
             emit(row, out)
 
 
