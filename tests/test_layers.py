@@ -22,8 +22,8 @@ ALLOWED = {
 }
 # runtime modules, bottom layer first: a module may import only from earlier layers
 RUNTIME_LAYERS = [
-    {"dispatch", "timing"},
-    {"devices"},
+    {"dispatch"},
+    {"devices", "timing"},
     {"build", "prepared", "chunking", "tuning_cache"},
     {"api"},
     {"tune"},

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", metavar="FILE", help="shapes.json to read suites from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="list suites and cases, then exit")
+    p.add_argument("--repeat-processes", type=int, default=1, metavar="N",
+                   help="run the benchmark in N separate processes and report the spread of their medians")
     return p  # fmt: skip
 
 
@@ -367,9 +369,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, suite in load_suites(args.shapes).items():
             print(f"{name}: " + ", ".join(c.name for c in suite))
         return 0
-    if args.runs < 1 or args.warmup < 0:
-        print("attnc bench: --runs must be >= 1 and --warmup >= 0", file=sys.stderr)
+    if args.runs < 1 or args.warmup < 0 or args.repeat_processes < 1:
+        print("attnc bench: --runs and --repeat-processes must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    if args.repeat_processes > 1:
+        from attnc.bench.repeat import run_repeated
+
+        return run_repeated(list(sys.argv[1:] if argv is None else argv), args.repeat_processes, args.json)
     from attnc.bench.ceilings import measure_ceilings
     from attnc.runtime.devices import get_device
 

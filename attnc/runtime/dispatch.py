@@ -411,6 +411,28 @@ def _bind_group(
     return device.gpu.create_bind_group(layout=compiled.layout, entries=entries)
 
 
+Recordable = tuple[CompiledProgram, Any, tuple[int, int, int], str]
+
+
+def recordable(device: DeviceLike, d: Dispatch, max_per_dim: int) -> Recordable:
+    """What a compute pass needs to record one dispatch: its pipeline (compiled on first use),
+    bind group and folded grid, and its program's name (for pass labels)."""
+    compiled = device.pipelines.get(device, d.program)
+    grid = fold_grid(d.workgroups, max_per_dim)
+    return compiled, _bind_group(device, d, compiled, grid), grid, d.program.name
+
+
+def record_pass(encoder: Any, recorded: Sequence[Recordable], timestamp_writes: Mapping[str, Any] | None = None
+                ) -> None:
+    """Record dispatches (from `recordable`) as one compute pass of `encoder`."""
+    compute = encoder.begin_compute_pass(label="+".join(r[3] for r in recorded), timestamp_writes=timestamp_writes)
+    for compiled, bind_group, grid, _name in recorded:
+        compute.set_pipeline(compiled.pipeline)
+        compute.set_bind_group(0, bind_group)
+        compute.dispatch_workgroups(*grid)
+    compute.end()
+
+
 def run(
     device: DeviceLike, dispatches: Sequence[Dispatch], timestamps: bool = False, span: bool = False
 ) -> list[float] | None:
@@ -438,9 +460,7 @@ def run(
         if sanitizing():
             checked.append((d, *_sanitized_parts(device, d)))
             d = checked[-1][1]
-        compiled = device.pipelines.get(device, d.program)
-        grid = fold_grid(d.workgroups, max_per_dim)
-        prepared.append((compiled, _bind_group(device, d, compiled, grid), grid, d.program.name))
+        prepared.append(recordable(device, d, max_per_dim))
     per_dispatch = timestamps and not span
     passes = [[p] for p in prepared] if per_dispatch else [prepared] if prepared else []
     query_set = None
@@ -456,12 +476,7 @@ def run(
                 "beginning_of_pass_write_index": 2 * i,
                 "end_of_pass_write_index": 2 * i + 1,
             }
-        compute = encoder.begin_compute_pass(label="+".join(g[3] for g in group), timestamp_writes=writes)
-        for compiled, bind_group, grid, _name in group:
-            compute.set_pipeline(compiled.pipeline)
-            compute.set_bind_group(0, bind_group)
-            compute.dispatch_workgroups(*grid)
-        compute.end()
+        record_pass(encoder, group, writes)
     resolved = None
     if query_set is not None:
         usage = device.wgpu.BufferUsage
@@ -507,6 +522,30 @@ _WARM_BEST: dict[int, float] = {}  # the fastest warm-up submission seen per dev
 RAMP_MS, MAX_MS = 1000.0, 3000.0
 
 
+def warm_dispatch(device: DeviceLike) -> Dispatch:
+    """A dispatch that keeps the GPU busy (WARM_WGSL over a buffer of up to 256 MiB, about a
+    quarter of a millisecond on an H200), with its buffer made once per device."""
+    program = Program(
+        name="warm_up", wgsl=WARM_WGSL, entry_point="main", workgroup_size=256,
+        bindings=(Binding("buf", 0, Access.READ_WRITE, Scalar.F32),), uniforms=(), grid=(),
+        features=frozenset(), workgroup_storage_bytes=0,
+    )
+    limit = int(device.gpu.limits.get("max-storage-buffer-binding-size", 1 << 27))
+    nbytes = min(256 << 20, limit // 16 * 16)
+    buf = _WARM_BUFFERS.get(id(device))
+    if buf is None:
+        buf = _WARM_BUFFERS[id(device)] = empty(device, nbytes)
+    return Dispatch(program, {"buf": buf}, {}, -(-nbytes // (16 * 256)))
+
+
+def warm_dispatch_ms(device: DeviceLike) -> float:
+    """The fastest one `warm_dispatch` has run in this process, in ms (warming the GPU up first
+    when none was timed yet; 1.0 where the device cannot time it)."""
+    if id(device) not in _WARM_BEST:
+        warm_up(device)
+    return _WARM_BEST.get(id(device), 4.0) / 4
+
+
 def warm_up(device: DeviceLike, ms: float = 60.0) -> None:
     """Keep the GPU busy until its clocks are up, then return: at least `ms` of wall time,
     at most MAX_MS, and until a warm-up submission runs within 10 % of the fastest one this
@@ -521,27 +560,17 @@ def warm_up(device: DeviceLike, ms: float = 60.0) -> None:
     """
     if device.adapter_type == "CPU":  # no clocks to ramp up
         return
-    program = Program(
-        name="warm_up", wgsl=WARM_WGSL, entry_point="main", workgroup_size=256,
-        bindings=(Binding("buf", 0, Access.READ_WRITE, Scalar.F32),), uniforms=(), grid=(),
-        features=frozenset(), workgroup_storage_bytes=0,
-    )
-    limit = int(device.gpu.limits.get("max-storage-buffer-binding-size", 1 << 27))
-    nbytes = min(256 << 20, limit // 16 * 16)
-    buf = _WARM_BUFFERS.get(id(device))
-    if buf is None:
-        buf = _WARM_BUFFERS[id(device)] = empty(device, nbytes)
-    groups = -(-nbytes // (16 * 256))
+    warm = warm_dispatch(device)
     timed = "timestamps" in device.features
     start = time.perf_counter()
     least = ms if timed and id(device) in _WARM_BEST else max(ms, RAMP_MS)
     while (elapsed := (time.perf_counter() - start) * 1e3) < MAX_MS:
-        t = run(device, [Dispatch(program, {"buf": buf}, {}, groups)] * 4, timestamps=timed, span=True)
+        t = run(device, [warm] * 4, timestamps=timed, span=True)
         if timed:  # (reading the timestamps waits for the submission)
             best = _WARM_BEST[id(device)] = min(_WARM_BEST.get(id(device), math.inf), t[0])
             up = t[0] <= 1.1 * best
         else:
-            device.gpu.queue.read_buffer(buf, 0, 16)  # waits for the submission
+            device.gpu.queue.read_buffer(warm.buffers["buf"], 0, 16)  # waits for the submission
             up = True
         if elapsed >= least and up:
             return
