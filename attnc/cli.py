@@ -62,7 +62,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                   prefetch=int(args.prefetch)) for t in targets for d in dtypes]
     manifest = compile_kernel(kernel, plans, Path(args.output))
     for v in manifest["variants"]:
-        files = ", ".join(p["file"] for p in v["programs"])
+        files = ", ".join(f for p in v["programs"] for f in dict.fromkeys([p["file"], *p["dialect_files"].values()]))
         print(f"{v['name']}: {files}")
     print(f"wrote {Path(args.output) / 'manifest.json'}")
     return 0

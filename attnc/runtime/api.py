@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -60,8 +60,33 @@ def validate(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, int]:
     _check(Dk == D, f"head dim D differs: q has {D}, k has {Dk}")
     _check(v.shape[1] == Hkv and v.shape[2] == T,
            f"v shape {v.shape} does not match k shape {k.shape} in (B, Hkv, T)")
-    _check(Hq % Hkv == 0, f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} kv heads")
+    validate_dims(dict(B=B, Hq=Hq, S=S, D=D, Hkv=Hkv, T=T, Dv=v.shape[3]))
     return dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=v.shape[3])
+
+
+# The attention dims in the order q, k and v introduce them (the order of a compiled manifest's dims).
+DIMS = ("B", "Hq", "S", "D", "Hkv", "T", "Dv")
+
+
+def validate_dims(dims: Mapping[str, Any]) -> dict[str, int]:
+    """Check attention dims (what `validate` reads off q, k, v; js/attnc.js applies the same
+    rules to the shapes a caller passes): each a positive integer (q, k, v must not be empty),
+    no other names, Hq a multiple of Hkv (so Hkv <= Hq). The first problem, in DIMS order, is
+    a ValueError whose message starts with the dim's name."""
+    for name in DIMS:
+        if name not in dims:
+            raise ValueError(f"{name}: missing")
+        x = dims[name]
+        if not isinstance(x, (int, np.integer)) or isinstance(x, (bool, np.bool_)):
+            raise ValueError(f"{name}: expected a positive integer, got {x!r}")
+        if x < 1:
+            raise ValueError(f"{name}={x}: expected a positive integer (q, k and v must not be empty)")
+    for name in dims:
+        if name not in DIMS:
+            raise ValueError(f"{name}: not an attention dim (the dims: {', '.join(DIMS)})")
+    _check(dims["Hq"] % dims["Hkv"] == 0,
+           f"Hq={dims['Hq']} query heads is not a multiple of Hkv={dims['Hkv']} kv heads")
+    return {n: int(dims[n]) for n in DIMS}
 
 
 def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = False,
