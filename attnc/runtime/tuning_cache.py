@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy
 from attnc.lowering.schedule import pow2ceil
+from attnc.runtime.cachedir import cache_dir
 from attnc.runtime.devices import Device
 
 VERSION = 2
 
 
 def cache_path() -> Path:
-    """The tuning cache file: $ATTNC_CACHE_DIR, else $XDG_CACHE_HOME/attnc, else ~/.cache/attnc."""
-    base = os.environ.get("ATTNC_CACHE_DIR")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        base = str(Path(xdg) / "attnc")
-    return Path(base) / "tune.json"
+    """The tuning cache file: tune.json in attnc's cache directory (runtime/cachedir.py)."""
+    return cache_dir() / "tune.json"
 
 
 def bucket(dims: dict[str, int]) -> str:
