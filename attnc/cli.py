@@ -14,6 +14,7 @@ import importlib
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -28,6 +29,7 @@ from typing import Any
 from attnc.errors import AttncError, UsageError
 
 MANIFEST = "manifest.json"
+MAX_DVC = 1024  # --dvc: output columns per workgroup, four per invocation (Dv is at most a few hundred)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -84,7 +86,8 @@ def _where(exc: BaseException) -> str:
         frames = traceback.extract_tb(exc.__traceback__)
         if frames:
             where = f" ({frames[-1].filename}:{frames[-1].lineno})"
-    first = str(exc).splitlines()[0] if str(exc) else ""
+    text = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first}{where}" if first else f"{type(exc).__name__}{where}"
 
 
@@ -343,11 +346,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from attnc.lowering.manifest import compile_kernel
     from attnc.lowering.plan import Dialect, Family, Plan, Storage
 
+    if not 4 <= args.dvc <= MAX_DVC:
+        # each invocation keeps DVC/4 accumulators: a DVC of a million wrote 139 MB shaders
+        raise UsageError(f"--dvc {args.dvc}: output columns per workgroup must be 4 to {MAX_DVC} "
+                         "(a multiple of 4; the value head dim Dv is what it covers)")
     out = Path(args.output)
     previous = _output_dir(out, args.force)
     kernel = _load_kernel(args.kernel, args.set)
-    targets = args.target or ["portable", "subgroups"]
-    dtypes = args.dtype or ["f32", "f16"]
+    targets = list(dict.fromkeys(args.target or ["portable", "subgroups"]))  # a repeated one: one variant
+    dtypes = list(dict.fromkeys(args.dtype or ["f32", "f16"]))
     plans = [Plan(Family(t), Storage(d), Dialect.TINT, WG=args.wg, DVC=args.dvc, UN=args.unroll,
                   PF=int(args.prefetch)) for t in targets for d in dtypes]
     created = not out.exists()
@@ -455,6 +462,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.max < 1:
         raise UsageError("--runs and --max must be at least 1")
     cases = _tune_cases(args)
+    cache = cache_path()
+    try:  # the winners are stored there after each case: fail now, not after the first tuning
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache.parent, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as exc:
+        raise UsageError(f"tuning cache {cache}: cannot write: {exc.strerror or exc} "
+                         "(ATTNC_CACHE_DIR names another folder)") from None
     if args.json:
         try:
             with open(args.json, "a"):

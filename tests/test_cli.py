@@ -163,6 +163,9 @@ def _bad_numbers(draw: Callable[..., Any], tmp: Path) -> tuple[list[str], tuple[
         st.tuples(st.just("bench"), st.sampled_from(["--runs"]), st.integers(-5, 0)),
         st.tuples(st.just("bench"), st.sampled_from(["--warmup", "--seed", "--cache-mib"]), st.integers(-9, -1)),
     ))
+    if draw(st.booleans()):  # compile's --dvc: a million columns once wrote 139 MB shaders
+        dvc = draw(st.one_of(st.integers(-8, 3), st.integers(1025, 10**7)))
+        return ["compile", str(EXAMPLE), "--dvc", str(dvc), "-o", str(tmp / "out")], (f"--dvc {dvc}",), True
     return [tool, flag, str(value), "--shape", "1,1,1,2,2,4,4"], (flag,), True
 
 
@@ -376,3 +379,52 @@ def test_the_shell_command_reports_without_a_traceback(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
         if status:
             assert proc.stderr.count("\n") == 1 and text in proc.stderr, (argv, proc.stderr)
+
+
+# ----------------------------------------------------------------------------- the user's own kernel modules
+
+USER_MODULES = {
+    "syntax": ("import attnc\ndef broken(:\n", "SyntaxError", 2),
+    "import_time": ("import attnc\n\nraise RuntimeError('no GPU config here')\n", "RuntimeError: no GPU config", 3),
+    "trace_time": (
+        "import attnc\nfrom attnc import f32, tunable\nfrom attnc.kernels.flash import Q, K, V\n\n\n"
+        "@attnc.kernel\ndef kern(q: Q, k: K, v: V, scale: f32, *, BM=tunable(32), flag=False):\n"
+        "    return 1 // 0\n", "ZeroDivisionError", 8),
+    "not_a_kernel": ("kern = 3\n", "is a int, not an @attnc.kernel", None),
+    "no_attribute": ("x = 1\n", "has no attribute 'kern'", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_MODULES))
+def test_a_broken_user_kernel_module_is_one_line_with_its_location(case: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    source, needle, line = USER_MODULES[case]
+    name = f"attnc_user_{case}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)  # `module:kernel` is imported with the current directory on sys.path
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    rc, _, err = run_cli(["compile", f"{name}:kern", "-o", str(tmp_path / "out")], capsys)
+    where = (f"{tmp_path / (name + '.py')}:{line}",) if line else ()
+    assert_message(rc, err, f"{name}:kern", needle, *where)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["under_file", "is_file", "proc"])
+def test_tune_checks_its_cache_folder_before_tuning(where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import attnc.runtime.devices as devices
+
+    (tmp_path / "plain").write_text("x")
+    folder = {"under_file": tmp_path / "plain" / "cache", "is_file": tmp_path / "plain",
+              "proc": Path("/proc/attnc-cache")}[where]
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(folder))
+    monkeypatch.setattr(devices, "get_device", lambda *_a, **_k: pytest.fail("tuned before checking the cache"))
+    rc, _, err = run_cli(["tune", "--shape", "1,1,1,2,2,4,4"], capsys)
+    assert_message(rc, err, "tuning cache", str(folder), "ATTNC_CACHE_DIR")
+
+
+def test_a_repeated_target_is_one_variant(tmp_path: Path) -> None:
+    assert main(["compile", str(EXAMPLE), "-o", str(tmp_path), "--target", "portable", "--target", "portable",
+                 "--dtype", "f32", "--dtype", "f32"]) == 0
+    assert len(json.loads((tmp_path / "manifest.json").read_text())["variants"]) == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnc import f32, tunable
@@ -268,3 +268,39 @@ def test_compile_rejects_a_non_boolean_causal(value: str, capsys: pytest.Capture
         assert not out.exists()  # nothing written for a rejected command
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--set causal={value}:" in err and "true or false" in err
+
+
+@st.composite
+def well_typed_command(draw: Any) -> list[str]:
+    """A compile command line whose every --set value is of its option's type (any values)."""
+    argv = ["compile", FLASH, *draw(st.sampled_from([[], ["--target", "portable"], ["--dtype", "f16"]]))]
+    for name in draw(st.lists(st.sampled_from(BOOLS + TUNABLES + ["window"]), unique=True, max_size=6)):
+        if name in BOOLS:
+            value = draw(st.sampled_from(["true", "false", "1", "0", "TRUE"]))
+        elif name in TUNABLES:
+            value = str(draw(st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128, 3, 24, 1000])))
+        else:
+            value = draw(st.sampled_from(["[4, null]", "[null, 0]", "[0, 0]", "null", "(2,3)"]))
+        argv += ["--set", f"{name}={value}"]
+    argv += draw(st.sampled_from([[], ["--prefetch"], ["--unroll", "4"], ["--wg", "64"], ["--wg", "256"],
+                                  ["--dvc", "32"], ["--dvc", "12"], ["--wg", "3"], ["--dvc", "2048"]]))
+    return argv
+
+
+@given(argv=well_typed_command())
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_well_typed_options_compile_or_give_a_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Any combination of well-typed options and plan flags either compiles (a manifest listing
+    every file written) or is an attnc message: never an exception from inside the compiler."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "o"
+        rc = main([*argv, "-o", str(out)])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        if rc == 0:
+            manifest = json.loads((out / "manifest.json").read_text())
+            files = {p["file"] for v in manifest["variants"] for p in v["programs"]}
+            assert files | {"manifest.json"} == {p.name for p in out.iterdir()}
+        else:
+            assert rc in (1, 2) and err.startswith(("lowering error", "verify error", "trace error", "error:")), err
+            assert not out.exists()
