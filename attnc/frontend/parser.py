@@ -55,6 +55,9 @@ I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 # Deepest nesting accepted: of brackets in the text, and of an expression through the lets
 # it uses. Deeper trees would exhaust Python's recursion in the reader or the lowering.
 MAX_DEPTH = 200
+# Largest expression accepted once its lets are inlined, as the WGSL renders it: lets used
+# twice at each level double it per level (a 30-level chain never finished compiling).
+MAX_INLINED = 20_000
 BOM = "\ufeff"
 # control characters shown as '?' in the source line of a diagnostic (a tab stays a tab)
 _UNPRINTABLE = {c: "?" for c in [*range(0, 9), *range(10, 32), 127, *range(128, 160)]}
@@ -485,11 +488,15 @@ def _deepest_bracket(text: str) -> tuple[int, int, int]:
     return best, *at
 
 
-def _expr_depth(e: Expr, lets: dict[str, int]) -> int:
-    """Nesting depth of an expression, a use of a let counting as one more than the let's value
-    (the lowering walks through lets); bounded by MAX_DEPTH brackets, so the recursion is too."""
+def _expr_measure(e: Expr, lets: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(depth, size) of an expression with its lets inlined, as the lowering walks and renders it:
+    a use of a let is one level more than the let's value and as large. Bounded by MAX_DEPTH
+    brackets, so the recursion is too; each let's measure is computed once."""
     if isinstance(e, Var):
-        return 1 + lets[e.name] if e.name in lets else 1
+        if e.name in lets:
+            depth, size = lets[e.name]
+            return depth + 1, size
+        return 1, 1
     if isinstance(e, Call):
         kids = e.args
     elif isinstance(e, Load):
@@ -498,11 +505,14 @@ def _expr_depth(e: Expr, lets: dict[str, int]) -> int:
         kids = tuple(i for sl in (e.a, e.b) for i in sl.index if i is not None)
     else:
         kids = ()
-    return 1 + max((_expr_depth(k, lets) for k in kids), default=0)
+    measures = [_expr_measure(k, lets) for k in kids]
+    return 1 + max((d for d, _ in measures), default=0), 1 + sum(n for _, n in measures)
 
 
-def _check_let_depth(body: tuple[Stmt, ...], lets: dict[str, int]) -> None:
-    """VerifyError at the first let (or update, sink) nested deeper than MAX_DEPTH through lets."""
+def _check_let_depth(body: tuple[Stmt, ...], lets: dict[str, tuple[int, int]]) -> None:
+    """VerifyError at the first let (or update, sink) nested deeper than MAX_DEPTH, or larger
+    than MAX_INLINED operations, once the lets it uses are inlined (as the lowering does: a
+    let used twice at each of 30 levels would render 2**30 operations)."""
     for st in body:
         if isinstance(st, Loop):
             _check_let_depth(st.body, lets)
@@ -515,10 +525,14 @@ def _check_let_depth(body: tuple[Stmt, ...], lets: dict[str, int]) -> None:
             exprs = (st.logit,)
         else:
             continue
-        depth = max(_expr_depth(x, lets) for x in exprs)
+        measures = [_expr_measure(x, lets) for x in exprs]
+        depth, size = max(d for d, _ in measures), sum(n for _, n in measures)
+        what = {Let: f"%{getattr(st, 'var', '')}", Update: "the update", Sink: "the sink"}[type(st)]
         if depth > MAX_DEPTH:
-            what = {Let: f"%{getattr(st, 'var', '')}", Update: "the update", Sink: "the sink"}[type(st)]
             raise VerifyError(f"{what} is nested {depth} deep through the lets it uses; at most {MAX_DEPTH} "
                               "levels are supported", st.span)
+        if size > MAX_INLINED:
+            raise VerifyError(f"{what} is {size} operations once the lets it uses are inlined (the WGSL "
+                              f"inlines a let at each use); at most {MAX_INLINED} are supported", st.span)
         if isinstance(st, Let):
-            lets[st.var] = depth
+            lets[st.var] = (depth, size)
