@@ -343,6 +343,7 @@ def _install(tmp: Path, out: Path, previous: list[str]) -> list[str]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    """Compile a kernel into -o: .wgsl files and manifest.json (see docs/MANIFEST.md)."""
     from attnc.lowering.manifest import compile_kernel
     from attnc.lowering.plan import Dialect, Family, Plan, Storage
 
@@ -390,6 +391,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Parse and verify each .attn file; a bad one is reported and the others still checked."""
     bad = 0
     for f in args.files:
         try:
@@ -402,6 +404,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_print(args: argparse.Namespace) -> int:
+    """Print an .attn file in canonical form."""
     from attnc.ir.printer import print_kernel
 
     print(print_kernel(_read_kernel(args.file)), end="")
@@ -409,6 +412,7 @@ def cmd_print(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
+    """List the adapters (the best marked *) and the backends that are not installed."""
     from attnc.runtime.devices import default_device, devices, missing_backends
 
     best = default_device()
@@ -492,6 +496,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
+    """`attnc bench`, with its own parser (attnc/bench/cli.py)."""
     from attnc.bench.cli import main as bench_main
 
     return int(bench_main(argv) or 0)
