@@ -29,6 +29,7 @@ from attnc.frontend.dsl import (
 
 ScoreMod = Callable[..., object]
 MaskMod = Callable[..., object]
+Window = tuple[int | None, int | None]  # (left, right); an end that is None is open
 
 
 # Tensor types: dtype and symbolic dims (BHSD; the runtime passes strides, so BSHD works too).
@@ -40,7 +41,7 @@ V = f32["B", "Hkv", "T", "Dv"]
 @kernel
 def flash_attention(q: Q, k: K, v: V, scale: f32, *,
                     BM=tunable(32), BN=tunable(32), split=False,
-                    causal=False, window=None, softcap=False, alibi=False, bias=False,
+                    causal=False, window: Window | None = None, softcap=False, alibi=False, bias=False,
                     sinks=False, kv_lens=False, score_mod: ScoreMod | None = None,
                     mask_mod: MaskMod | None = None, lse=False, pack_gqa=False, offsets=False):
     """FlashAttention with every option of attnc.attention; split=True gives flash-decoding.

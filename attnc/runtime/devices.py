@@ -29,6 +29,8 @@ from attnc.runtime.dispatch import Dispatch, PipelineCache, readback, run, uploa
 
 # backend name -> the Python module that speaks the wgpu-py API for it
 BACKEND_MODULES = {"wgpu": "wgpu", "dawn": "wgpudawn"}
+# what to install for a backend whose module does not import
+BACKEND_INSTALL = {"wgpu": "pip install wgpu", "dawn": 'pip install "attnc[dawn]"'}
 DIALECTS = {"wgpu": "naga", "dawn": "tint"}
 
 # backend feature spelling -> attnc's normalized feature name
@@ -222,6 +224,17 @@ def _enumerate() -> tuple[Device, ...]:
     return tuple(found)
 
 
+def missing_backends() -> dict[str, str]:
+    """Backends whose Python module does not import, each with what to install for it."""
+    missing = {}
+    for backend, module_name in BACKEND_MODULES.items():
+        try:
+            importlib.import_module(module_name)
+        except ImportError:
+            missing[backend] = BACKEND_INSTALL[backend]
+    return missing
+
+
 def devices() -> list[Device]:
     """All adapters from wgpu-native and (when `wgpudawn` imports) Dawn, enumerated once."""
     return list(_enumerate())
@@ -262,10 +275,15 @@ def get_device(spec: Device | str | None = None) -> Device:
         raise DeviceError(
             f"device must be None, a Device or a 'backend[:api]' string, not {spec!r}"
         )
-    backend, _, api = spec.strip().lower().partition(":")
+    backend, _, api = spec.lower().partition(":")
+    backend, api = backend.strip(), api.strip()
     found = devices()
     matches = [d for d in found if d.backend == backend and (not api or d.api.lower() == api)]
     if not matches:
+        missing = missing_backends()
+        if backend in missing:
+            raise DeviceError(f"no device matches {spec!r}: the {backend} backend is not installed "
+                              f"({BACKEND_MODULES[backend]} does not import); {missing[backend]}")
         listing = tuple(f"available: {d.spec} ({d.adapter_type}, {d.name})" for d in found)
         if not found:
             listing = (SETUP_HINT,)

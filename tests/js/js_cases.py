@@ -403,8 +403,8 @@ def compile_options(options: dict) -> dict:
 
 
 def compile_command(out: Path, options: dict) -> list[str]:
-    """`python -m attnc compile attnc.kernels.flash:flash_attention -o OUT --set KEY=JSON ...`."""
-    cmd = [*(_compile_prefix() or []), KERNEL, "-o", str(out)]
+    """`python -m attnc compile attnc.kernels.flash:flash_attention -o OUT --force --set KEY=JSON ...`."""
+    cmd = [*(_compile_prefix() or []), KERNEL, "-o", str(out), "--force"]  # rerunnable into the same folder
     for key, val in compile_options(options).items():
         cmd += ["--set", f"{key}={json.dumps(val)}"]
     return cmd
