@@ -26,6 +26,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from attnc.argparsing import Parser
 from attnc.errors import AttncError, UsageError
 
 MANIFEST = "manifest.json"
@@ -507,15 +508,6 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- entry point
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with its usage errors as one line (and where the full usage is) instead of
-    the usage block: the same shape as every other attnc message."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        """Print `PROG: error: MESSAGE (see PROG --help)` and exit with status 2."""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -301,7 +301,10 @@ def test_good_inputs_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     bom.write_bytes(b"\xef\xbb\xbf" + EXAMPLE.read_bytes().replace(b"\n", b"\r\n"))
     assert run_cli(["print", str(bom)], capsys)[1] == run_cli(["print", str(EXAMPLE)], capsys)[1]
     rc, out, err = run_cli(["compile", str(bom), "-o", str(tmp_path / "c")], capsys)
-    assert rc == 0 and "wrote" in out and len(list((tmp_path / "c").glob("*.wgsl"))) == 4
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    listed = {f for v in manifest["variants"] for p in v["programs"] for f in p["dialect_files"].values()}
+    assert rc == 0 and "wrote" in out and {f.name for f in (tmp_path / "c").glob("*.wgsl")} == listed
+    assert len(listed) == 6  # 4 variants, the 2 subgroup ones in both dialects
     rc, out, _ = run_cli(["compile", FLASH, "--set", "window=[4,null]", "--set", "BN=64", "--set", "lse=1",
                           "-o", str(tmp_path / "w"), *FAST], capsys)
     assert rc == 0

@@ -299,7 +299,7 @@ def test_well_typed_options_compile_or_give_a_message(argv: list[str], capsys: p
         assert "Traceback" not in err
         if rc == 0:
             manifest = json.loads((out / "manifest.json").read_text())
-            files = {p["file"] for v in manifest["variants"] for p in v["programs"]}
+            files = {f for v in manifest["variants"] for p in v["programs"] for f in p["dialect_files"].values()}
             assert files | {"manifest.json"} == {p.name for p in out.iterdir()}
         else:
             assert rc in (1, 2) and err.startswith(("lowering error", "verify error", "trace error", "error:")), err

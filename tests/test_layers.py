@@ -18,7 +18,7 @@ ALLOWED = {
     "kernels": {"attnc.frontend"},
     "lowering": {"attnc.errors", "attnc.ir", "attnc._version"},
     "runtime": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.kernels", "attnc._version"},
-    "bench": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.runtime", "attnc._version"},
+    "bench": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.runtime", "attnc._version", "attnc.argparsing"},
 }
 # runtime modules, bottom layer first: a module may import only from earlier layers
 RUNTIME_LAYERS = [

@@ -23,6 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from attnc.argparsing import Parser
 from attnc.bench.cases import Case, load_suites, make_inputs, parse_shape, reference, relerr, shapes_path
 from attnc.bench.impls import IMPLS, RunOptions, Unavailable
 from attnc.errors import AttncError
@@ -38,8 +39,6 @@ DISTRIBUTIONS = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `attnc bench`."""
-    from attnc.cli import Parser
-
     p = Parser(prog="attnc bench", description=__doc__.splitlines()[0])
     p.add_argument("--suite", help="suite of shapes.json (seeds for GPUs, ci for a CPU adapter)")
     p.add_argument(
