@@ -14,7 +14,7 @@ from attnc.lowering import Plan
 from attnc.lowering.plan import Storage
 from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, packs_gqa, pick_family, plan_for, with_combine
 from attnc.runtime.build import Options, build_kernel, options_key, programs_for
-from attnc.runtime.chunking import binding_limit, chunked, largest_binding
+from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.prepared import Prepared, broadcast_strides, check_limits
 from attnc.runtime.tuning_cache import tuned_plan
@@ -73,14 +73,20 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
             score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
             plan: Plan | None = None, tunables: dict[str, int] | None = None,
             nsplit: int | None = None, pack_gqa: bool | None = None,
-            offsets: tuple[int, int, int, int] | None = None) -> Prepared:
-    """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it."""
+            offsets: tuple[int, int, int, int] | dict[str, int] | None = None) -> Prepared:
+    """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it.
+
+    offsets: the problem is one piece of a larger one (runtime/chunking.py), given as
+    (q_offset, q_total, kv_offset, kv_total) or a dict of those and b_offset, b_total,
+    h_offset, hq_total, hkv_total (whole_problem()): masks and mods see the whole problem."""
     dev = get_device(device)
     fam = pick_family(dev.capabilities, target)
     f16_math = target in F16_MATH_TARGETS
     if f16_math and np.dtype(dtype) != np.float16:
         raise ValueError(f"target {target!r} computes products in f16: pass float16 q, k, v (got {np.dtype(dtype)})")
     B, Hq, S, T = dims["B"], dims["Hq"], dims["S"], dims["T"]
+    if offsets is not None:
+        offsets = whole_problem(dims, offsets)
     extra: dict[str, np.ndarray] = {}
     strides: dict[str, list[int]] = {}
     scalars: dict[str, float | int] = {}
@@ -113,7 +119,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
         x = _array("kv_lens", kv_lens, 1)
         _check(x.shape == (B,), f"kv_lens: expected shape ({B},) (B), got {x.shape}")
         _check(np.issubdtype(x.dtype, np.integer), f"kv_lens: expected integers, got {x.dtype}")
-        total = T if offsets is None else offsets[3]
+        total = T if offsets is None else offsets["kv_total"]
         _check(bool(np.all((x >= 0) & (x <= total))), f"kv_lens: values must be in [0, T={total}]")
         extra["kv_lens"] = np.ascontiguousarray(x, dtype=np.int32)
         strides["kv_lens"] = [1]
@@ -132,7 +138,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
                    mask_mod=mask_mod)
     if offsets is not None:  # one chunk of a larger problem: absolute positions
         opts = Options(**{**opts.__dict__, "offsets": True})
-        scalars.update(q_offset=offsets[0], q_total=offsets[1], kv_offset=offsets[2], kv_total=offsets[3])
+        scalars.update(offsets)
     okey = options_key(opts)
     caps = dev.capabilities
     if plan is None and tunables is None and score_mod is None and mask_mod is None:
@@ -149,6 +155,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
         pack_gqa = packs_gqa(dims, plan)
     if nsplit is None:
         nsplit = kv_splits(caps, dims, plan, tun, pack_gqa)
+    nsplit = min(nsplit, split_limit(dev, dims))  # the splits' partial states fit one binding
     if nsplit > 1:
         opts = dataclasses.replace(opts, split=True)
         scalars["NSPLIT"] = nsplit
