@@ -54,6 +54,26 @@ def pick_family(caps: Capabilities, target: str | None) -> Family:
     return fam
 
 
+def device_refuses(caps: Capabilities, plan: Plan) -> str | None:
+    """Why a plan that lowers would still not run correctly on this device, or None: the
+    subgroup facts a subgroups-family plan assumes must be the device's (a tuning-cache entry
+    written elsewhere or damaged may claim others), and f16 arithmetic needs shader-f16."""
+    if plan.family is Family.SUBGROUPS:
+        if "subgroups" not in caps.features or caps.subgroup_lanes_contiguous < 4:
+            return f"its family is subgroups, which {caps.name} does not offer (or fails the subgroup probe)"
+        sg_min = max(1, min(caps.subgroup_min_size or 4, 32, caps.subgroup_lanes_contiguous))
+        if plan.min_subgroup > sg_min:
+            return f"SGMIN={plan.min_subgroup}: {caps.name} keeps only {sg_min} lanes together for certain"
+        if plan.shuffle_only_lanes > caps.subgroup_lanes_contiguous:
+            return (f"SGFAST={plan.shuffle_only_lanes}: the subgroup probe found {caps.subgroup_lanes_contiguous} "
+                    f"contiguous lanes on {caps.name}")
+    if plan.strategy is Strategy.LANES and plan.subgroup_width != caps.subgroup_size:
+        return f"SGB={plan.subgroup_width}: {caps.name} runs subgroups of {caps.subgroup_size} lanes"
+    if plan.storage is Storage.F16A and "f16" not in caps.features:
+        return f"f16 arithmetic needs shader-f16, which {caps.name} does not offer"
+    return None
+
+
 def pow2ceil(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())
