@@ -219,9 +219,11 @@ def rows_fit(plan: Plan) -> bool:
 
 
 # The stream strategy's largest D: its dot phase issues all of a key's loads before using any
-# (D / 4 / KL of them, unrolled) and holds the query rows in workgroup memory, so its shader
-# grows with D; above this the tiled strategy (head-dim chunks in a loop) serves short rows too
-# (lavapipe's stream plan for D = 576 was 46 KB of WGSL, against 24 KB for D = 256).
+# (D / 4 / KL vec4s, unrolled, all live in registers: 32 of them, 128 registers, at D = 256 with
+# KL = 2, the largest D it was measured at) and holds the query rows in workgroup memory, so
+# its shader and its registers grow with D; above this the tiled strategy (head-dim chunks in
+# a loop) serves short rows too. Not measured on a GPU above D = 256; on lavapipe the stream
+# plan for D = 576 was 46 KB of WGSL, against 24 KB for D = 256.
 STREAM_MAX_D = 256
 
 
