@@ -126,7 +126,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     import numpy as np
 
     from attnc.bench.cases import load_suite, parse_shape
-    from attnc.runtime.tune import cache_path, tune
+    from attnc.runtime.tune import tune
+    from attnc.runtime.tuning_cache import cache_path
 
     cases = [parse_shape(s) for s in args.shape] if args.shape else load_suite(args.suite)
     if args.case:

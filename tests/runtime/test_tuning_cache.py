@@ -175,3 +175,24 @@ def test_an_entry_the_lowering_refuses_warns_once_and_falls_back(require_adapter
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attnc.attention(q, k, v, device=dev)  # once per entry and process
+
+
+def test_attnc_tune_writes_entries_that_load(require_adapters, tmp_path, monkeypatch, capsys) -> None:
+    """`attnc tune` end to end: what it stores follows PLAN_SCHEMA and is used without a warning."""
+    from attnc import cli
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning_cache, "_WARNED", set())
+    assert cli.main(["tune", "--shape", "1,2,1,20,45,12,8", "--max", "2", "--runs", "1", "--device", dev.spec]) == 0
+    assert str(tmp_path / "tune.json") in capsys.readouterr().out
+    sh = PROBLEMS["prefill"]
+    okey = api.prepare(sh, np.float32, device=dev).options_key
+    entries = tuning_cache.load()
+    assert list(entries) == [tuning_cache.key(dev, okey, sh)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuned = tuning_cache.tuned_plan(dev, okey, sh, False, None, None)
+    assert tuned is not None and tuning_cache.plan_to_entry(tuned.plan, tuned.tunables, None)["plan"] == \
+        next(iter(entries.values()))["plan"]
+
