@@ -419,9 +419,14 @@ def cmd_devices(args: argparse.Namespace) -> int:
     """List the adapters (the best marked *) and the backends that are not installed."""
     from attnc.runtime.devices import default_device, devices, missing_backends
 
-    best = default_device()
-    for d in devices():
+    listed = devices(include_unusable=True)
+    best = default_device() if any(d.unusable is None for d in listed) else None
+    for d in listed:
         mark = "*" if d is best else " "
+        if d.unusable is not None:
+            print(f"  {d.spec:13s} {d.adapter_type:12s} {d.name}")
+            print(f"    unusable: {d.unusable}")
+            continue
         sg = f"subgroup size {d.subgroup_size}" if d.subgroup_size else "no subgroups"
         lim = d.limits
         print(f"{mark} {d.spec:13s} {d.adapter_type:12s} {d.name}")
@@ -432,6 +437,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
               f"storage binding {lim.get('max-storage-buffer-binding-size')} B")
     for backend, hint in missing_backends().items():
         print(f"  {backend}: not installed ({hint})")
+    if best is None:
+        default_device()  # raises the DeviceError that says why none is usable
     return 0
 
 
