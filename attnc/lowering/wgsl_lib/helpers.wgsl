@@ -55,3 +55,20 @@ fn is_neg_inf(x: f32) -> bool {
 fn exp_sub(x: f32, m: f32) -> f32 {
   return select(exp(x - m), 0.0, is_neg_inf(x));
 }
+
+// +inf test by bits.
+fn is_pos_inf(x: f32) -> bool {
+  return bitcast<u32>(x) == 0x7f800000u;
+}
+
+// A sink logit z joining a softmax state of max m (mf = max(m, z)): the factor that rescales
+// the state's sum and accumulators, and the sink's own term of the sum. A sink of +inf takes
+// all the weight (factor 0, term 1: o = 0, lse = +inf) where exp(z - mf) would be NaN; a NaN
+// state stays NaN (NaN * 0).
+fn sink_scale(m: f32, mf: f32, z: f32) -> f32 {
+  return select(exp_sub(m, mf), 0.0, is_pos_inf(z));
+}
+
+fn sink_term(z: f32, mf: f32) -> f32 {
+  return select(exp_sub(z, mf), 1.0, is_pos_inf(z));
+}
