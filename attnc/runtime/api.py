@@ -223,6 +223,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (q_idx is the raw query index).
     target: "portable", "subgroups", or (float16 inputs, shader-f16) "portable-f16" /
     "subgroups-f16" for f16 products; None picks the tuned or heuristic variant.
+    sinks [Hq]: one more logit per head in the softmax denominator, with no value. A sink of
+    +inf takes all the weight: o = 0 and lse = +inf on that head's rows, fully masked rows
+    too; -inf is the same as no sink (a fully masked row: o = 0, lse = -inf); NaN makes that
+    head's o and lse NaN.
     """
     dims = validate(q, k, v)
     dev = get_device(device)

@@ -170,8 +170,9 @@ def _chunk_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, A
         with np.errstate(all="ignore"):
             m = np.max(lse_all, axis=0)
             m = np.where(np.isneginf(m), 0.0, m)
-            w = np.exp(lse - m)
-            den = np.exp(lse_all - m).sum(axis=0)
+            d = np.where(lse_all == m, 0.0, lse_all - m)  # a sink of +inf: exp(0), not exp(inf - inf)
+            w = np.exp(d[:len(parts)])
+            den = np.exp(d).sum(axis=0)
             o = sum(wc[..., None] * p[0].astype(np.float64) for wc, p in zip(w, parts, strict=True))
             o = np.where((den > 0)[..., None], o / np.where(den > 0, den, 1.0)[..., None], 0.0)
             o = np.where(np.isnan(den)[..., None], np.nan, o)
