@@ -93,6 +93,7 @@ class _FakeDevice:
         self.features = frozenset()
         self.subgroup_size = self.subgroup_min_size = self.subgroup_max_size = None
         self.limits: dict[str, int] = {}
+        self.unusable: str | None = None
 
     @property
     def spec(self) -> str:
@@ -104,8 +105,14 @@ def wgpu_only(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """wgpudawn not importable; wgpu-native offers a Vulkan and an OpenGL adapter."""
     fakes = [_FakeDevice("wgpu", "Vulkan"), _FakeDevice("wgpu", "OpenGL")]
     monkeypatch.setitem(sys.modules, "wgpudawn", None)
-    monkeypatch.setattr(devices_mod, "devices", lambda: list(fakes))
+    _only_these_adapters(monkeypatch, fakes)
     return fakes
+
+
+def _only_these_adapters(mp: pytest.MonkeyPatch, fakes: list[Any]) -> None:
+    """Every way the runtime lists adapters (the cached enumeration, devices()) sees only `fakes`."""
+    mp.setattr(devices_mod, "_enumerate", lambda: tuple(fakes))
+    mp.setattr(devices_mod, "devices", lambda include_unusable=False: list(fakes))
 
 
 SPECS = st.tuples(st.sampled_from(["dawn", "Dawn", "DAWN", " dawn "]),
@@ -120,7 +127,7 @@ def test_dawn_without_wgpudawn_says_what_to_install(spec: tuple[str, str]) -> No
     text = f"{backend}:{api}" if api else backend
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "wgpudawn", None)
-        mp.setattr(devices_mod, "devices", lambda: [_FakeDevice("wgpu", "Vulkan")])
+        _only_these_adapters(mp, [_FakeDevice("wgpu", "Vulkan")])
         with pytest.raises(DeviceError) as e:
             devices_mod.get_device(text)
     msg = e.value.render()

@@ -150,7 +150,7 @@ class Device:
             cpu=self.adapter_type == "CPU", dialect=Dialect(self.dialect), features=self.features,
             subgroup_size=self.subgroup_size, subgroup_min_size=self.subgroup_min_size,
             subgroup_lanes_contiguous=self.subgroup_lanes_contiguous,
-            limits=dict(self.gpu.limits), name=repr(self))
+            limits=self.gpu.limits, name=repr(self))
 
     @functools.cached_property
     def timestamp_period(self) -> float:
