@@ -24,9 +24,10 @@ ALLOWED = {
 RUNTIME_LAYERS = [
     {"dispatch", "timing"},
     {"devices"},
+    {"tensor"},
     {"build", "prepared", "chunking", "tuning_cache"},
     {"api"},
-    {"tune"},
+    {"kvcache", "tune"},
 ]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy
-from attnc.lowering.schedule import pow2ceil
+from attnc.lowering.schedule import pick_family, pow2ceil
 from attnc.runtime.devices import Device
 
 VERSION = 2
@@ -43,14 +43,30 @@ def key(device: Device, options_key: str, dims: dict[str, int]) -> str:
     return f"{device.key}|attnc {__version__}|{options_key}|{bucket(dims)}"
 
 
+# (path, mtime_ns, size) of the file last read, and its entries: read once per process, again
+# only when the file changes (attention() looks its problem up on every new prepared op)
+_LOADED: tuple[tuple[str, int, int] | None, dict[str, Any]] = (None, {})
+
+
 def load() -> dict[str, Any]:
-    """The whole cache (empty when missing or unreadable)."""
+    """The whole cache (empty when missing or unreadable); the file is read again only when its
+    path, modification time or size changed since the last read."""
+    global _LOADED
     p = cache_path()
+    try:
+        st = p.stat()
+    except OSError:
+        return {}
+    stamp = (str(p), st.st_mtime_ns, st.st_size)
+    if _LOADED[0] == stamp:
+        return _LOADED[1]
     try:
         data = json.loads(p.read_text())
     except (OSError, ValueError):
         return {}
-    return data.get("entries", {}) if data.get("version") == VERSION else {}
+    entries = data.get("entries", {}) if data.get("version") == VERSION else {}
+    _LOADED = (stamp, entries)
+    return entries
 
 
 def lookup(device: Device, options_key: str, dims: dict[str, int]) -> dict[str, Any] | None:
@@ -60,7 +76,7 @@ def lookup(device: Device, options_key: str, dims: dict[str, int]) -> dict[str, 
 
 def store(device: Device, options_key: str, dims: dict[str, int], entry: dict[str, Any]) -> None:
     """Record a tuned choice (atomically replacing the cache file)."""
-    entries = load()
+    entries = dict(load())
     entries[key(device, options_key, dims)] = entry
     p = cache_path()
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -92,9 +108,12 @@ def tuned_plan(dev: Device, okey: str, dims: dict[str, int], f16: bool, family: 
     entry = lookup(dev, okey, dims)
     if entry is None:
         return None, None, nsplit
-    plan, tun, ns = entry_to_plan(entry, dev.capabilities.dialect, Storage.F16 if f16 else Storage.F32)
+    caps = dev.capabilities
+    plan, tun, ns = entry_to_plan(entry, caps.dialect, Storage.F16 if f16 else Storage.F32)
     if family is not None and plan.family is not family:
         return None, None, nsplit
+    if plan.family is Family.SUBGROUPS and pick_family(caps, None) is not Family.SUBGROUPS:
+        return None, None, nsplit  # e.g. an application's device created without subgroups
     if plan.vector_width == 4 and (dims["D"] % 4 or dims["Dv"] % 4):
         if plan.strategy in (Strategy.STREAM, Strategy.LANES):
             return None, None, nsplit
