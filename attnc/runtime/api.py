@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import numpy as np
@@ -259,19 +259,33 @@ def _tensors_device(device: Any, named: dict[str, Any]) -> Device:
     return dev
 
 
-def prepare(q: Any, k: Any, v: Any, *, dtype: Any = None, causal: bool = False, scale: float | None = None,
-            window: tuple[int | None, int | None] | None = None, bias: Any = None, alibi_slopes: Any = None,
-            softcap: float | None = None, sinks: Any = None, kv_lens: Any = None, return_lse: bool = False,
-            device: Any = None, target: str | None = None, score_mod: Callable[..., Any] | None = None,
-            mask_mod: Callable[..., Any] | None = None, out: Tensor | None = None,
-            out_lse: Tensor | None = None) -> Prepared:
+def prepare(q: Any, k: Any = None, v: Any = None, *, dtype: Any = None, causal: bool = False,
+            scale: float | None = None, window: tuple[int | None, int | None] | None = None, bias: Any = None,
+            alibi_slopes: Any = None, softcap: float | None = None, sinks: Any = None, kv_lens: Any = None,
+            return_lse: bool = False, device: Any = None, target: str | None = None,
+            score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
+            out: Tensor | None = None, out_lse: Tensor | None = None, **planning: Any) -> Prepared:
     """A prepared attention op for inputs like q, k, v (GPU tensors, host arrays, or shape
     tuples with `dtype`) and these options; call it with new tensors of the same shapes:
     `op(q, k, v, out=..., encoder=..., kv_lens=...)` (Prepared.__call__). Option tensors given
     here are the op's defaults; a call may pass others. GPU tensors fix the device (`device=`
     otherwise: a Device, an application's GPUDevice or a spec string) and, by their strides,
     the variant: whether it reads q, k, v with vec4 loads, and (`out`, `out_lse`: examples of
-    the outputs the calls will write) whether it may pack GQA heads into rows."""
+    the outputs the calls will write) whether it may pack GQA heads into rows.
+
+    `prepare(dims, dtype, **options)`, a dict of the dims B, Hq, Hkv, S, T, D, Dv first, is
+    `prepare_dims` (what the tuner, the benchmarks and the tests use; it also takes `plan`,
+    `tunables`, `nsplit`, `pack_gqa`, `offsets` and `vector_loads`)."""
+    options = dict(causal=causal, scale=scale, window=window, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
+                   sinks=sinks, kv_lens=kv_lens, return_lse=return_lse, device=device, target=target,
+                   score_mod=score_mod, mask_mod=mask_mod)
+    if isinstance(q, Mapping):
+        dt = dtype if k is None else k
+        return prepare_dims(dict(q), np.float32 if dt is None else dt, **options, **planning)
+    if planning:
+        raise TypeError(f"prepare() got unexpected keyword arguments {sorted(planning)} (they go with the dims form)")
+    if k is None or v is None:
+        raise ValueError("prepare: pass q, k and v (tensors, arrays or shapes), or a dict of the dims")
     examples = [_example(n, x, dtype) for n, x in (("q", q), ("k", k), ("v", v))]
     dims = validate(*examples)
     named = {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes, "sinks": sinks, "kv_lens": kv_lens}
@@ -327,9 +341,9 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
            None if score_mod is None else function_key(score_mod), None if mask_mod is None else function_key(mask_mod))
     op = _OPS.get(key)
     if op is None:
-        op = prepare_dims(dims, q.dtype, causal=causal, scale=scale, window=window, device=dev, target=target,
-                          return_lse=return_lse, score_mod=score_mod, mask_mod=mask_mod, vector_loads=vec,
-                          pack_gqa=None if packable else False, **options)
+        op = prepare_dims(dims, q.dtype, causal=causal, scale=scale, window=window, softcap=softcap, device=dev,
+                          target=target, return_lse=return_lse, score_mod=score_mod, mask_mod=mask_mod,
+                          vector_loads=vec, pack_gqa=None if packable else False, **options)
         op.defaults.clear()  # every call passes its own option tensors: keep no data
         _OPS[key] = op
         if len(_OPS) > MAX_CACHED_OPS:

@@ -169,7 +169,7 @@ class Prepared:
         self._part: Any = None
         # calls with the same GPU tensors: (recorded items, result, buffers), see _call
         self._memo: collections.OrderedDict[Any, tuple[Any, Any, tuple[Any, ...]]] = collections.OrderedDict()
-        self._sanitize_or_log = rt.sanitizing() or bool(os.environ.get("ATTNC_COMPILE_LOG"))
+        self._env: tuple[str | None, ...] = ()
 
     # ------------------------------------------------------------------ facts
     @property
@@ -370,12 +370,18 @@ class Prepared:
         # the fast path: GPU tensors this op was called with before (tensors are immutable
         # views, so what was checked and bound for them still holds; only a destroyed buffer
         # can change, and is checked)
+        env = (os.environ.get("ATTNC_SANITIZE"), os.environ.get("ATTNC_COMPILE_LOG"),
+               os.environ.get("ATTNC_NAGA_CHECKS"))
+        if env != self._env:  # what the pipelines are (and whether calls are checked or logged) changed
+            self._env, self._compiled = env, None
+            self._groups.clear()
+            self._memo.clear()
         memo_key = None
-        if keep_groups and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and \
-                (not tensors or all(type(x) is Tensor for x in tensors.values())):
+        if keep_groups and not (env[0] or env[1]) and type(q) is Tensor and type(k) is Tensor and \
+                type(v) is Tensor and (not tensors or all(type(x) is Tensor for x in tensors.values())):
             memo_key = (q, k, v, out, out_lse, output, encoder is None, *tensors.items())
             hit = self._memo.get(memo_key)
-            if hit is not None and not self._sanitize_or_log:
+            if hit is not None:
                 items, result, buffers = hit
                 for b in buffers:
                     if getattr(b, rt.DESTROYED, False):

@@ -19,7 +19,7 @@ from attnc.errors import AttncError
 from attnc.lowering.candidates import candidates
 from attnc.lowering.plan import Family
 from attnc.lowering.schedule import pick_family, plan_for, split_count
-from attnc.runtime.api import prepare_dims
+from attnc.runtime.api import prepare
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.dispatch import warm_up
 from attnc.runtime.timing import rotation_count
@@ -68,7 +68,7 @@ def tune(dims: dict[str, int], dtype: Any = np.float32, *, device: Device | str 
         print(f"  compiling {len(cands)} candidates", file=sys.stderr, flush=True)
     for plan, tun, ns in cands:
         try:
-            op = prepare_dims(dims, dtype, device=dev, plan=plan, tunables=tun, nsplit=ns, **options)
+            op = prepare(dims, dtype, device=dev, plan=plan, tunables=tun, nsplit=ns, **options)
             for prog in op.progs:
                 dev.pipelines.get(dev, prog)
             compiled.append(op)

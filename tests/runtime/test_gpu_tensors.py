@@ -56,10 +56,13 @@ def test_every_option_tensor_as_a_gpu_tensor(target, data) -> None:
     bias = rng.standard_normal(BIAS_SHAPES[data.draw(st.sampled_from(sorted(BIAS_SHAPES)))]).astype(np.float32)
     slopes = rng.uniform(0, 0.2, 4).astype(np.float32)
     sinks = rng.standard_normal(4).astype(np.float32)
-    opts = dict(causal=True, bias=bias, alibi_slopes=slopes, sinks=sinks, kv_lens=lens)
+    # scalar options drawn too: attention() keeps its ops by them, a stale one would be wrong here
+    scalars = dict(causal=True, softcap=data.draw(st.sampled_from([5.0, 30.0])),
+                   window=(data.draw(st.integers(0, 40)), None), scale=data.draw(st.sampled_from([None, 0.3])))
+    opts = dict(scalars, bias=bias, alibi_slopes=slopes, sinks=sinks, kv_lens=lens)
     ref_o, ref_lse = attention_ref(q, k, v, **opts, return_lse=True)
-    gpu_opts = dict(causal=True, **dict(zip(("bias", "alibi_slopes", "sinks", "kv_lens"),
-                                            on(dev, bias, slopes, sinks, lens), strict=True)))
+    gpu_opts = dict(scalars, **dict(zip(("bias", "alibi_slopes", "sinks", "kv_lens"),
+                                        on(dev, bias, slopes, sinks, lens), strict=True)))
     o, lse = attnc.attention(*on(dev, q, k, v), **gpu_opts, return_lse=True, target=family)
     assert isinstance(o, attnc.Tensor) and isinstance(lse, attnc.Tensor)
     assert o.shape == (2, 4, 3, 8) and o.dtype == np.float32 and o.device is dev

@@ -143,7 +143,7 @@ def main() -> None:
         for name in names:
             try:
                 with ablated(name):
-                    op = api.prepare_dims(dims, q.dtype, causal=case.causal, device=dev)
+                    op = api.prepare(dims, q.dtype, causal=case.causal, device=dev)
                     handles = [op.bind_copy(*c) for c in copies]
                     op.run(binding=handles[0])
                 err = head0_relerr(case, q, k, v, op.result()[0])

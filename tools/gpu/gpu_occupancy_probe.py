@@ -42,7 +42,7 @@ def main() -> None:
             case = Case(f"n{n}", 1, 1, 1, tun["BM"] * n, T, D, D)
             q, k, v = make_inputs(case, seed=0)
             with ablated(abl or "-"):
-                op = api.prepare_dims(api.validate(q, k, v), q.dtype, device=dev,
+                op = api.prepare(api.validate(q, k, v), q.dtype, device=dev,
                                  plan=dataclasses.replace(base, **from_compact(kw)), tunables=tun, nsplit=1)
             handle = op.bind_copy(q, k, v)
             op.run(binding=handle)

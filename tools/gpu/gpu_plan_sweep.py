@@ -94,7 +94,7 @@ def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
     kw = parse(spec)
     tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
     ns = kw.pop("NSPLIT", None)
-    op = api.prepare_dims(dims, np.float32, causal=case.causal, device=dev,
+    op = api.prepare(dims, np.float32, causal=case.causal, device=dev,
                      plan=dataclasses.replace(base, **from_compact(kw)), tunables=tun, nsplit=ns)
     handles = [op.bind_copy(*c) for c in copies]
     op.run(binding=handles[0])
