@@ -12,8 +12,10 @@ reads the outputs back; each output is checked against numpy attention over the 
     python3 examples/decode_loop.py [--steps 256] [--backend wgpu|dawn] [--json FILE]
 
 Printed per step (every 32nd, then a summary): host time (building and submitting the step's
-GPU work, not waiting for it), GPU time (timestamps around the step's passes, where the
-device offers them), the bytes the step uploaded (attnc's device counters) and the error.
+GPU work, not waiting for it: wall time, and the CPU time of this thread, which other
+processes on a busy machine do not inflate), GPU time (timestamps around the step's passes,
+where the device offers them), the bytes the step uploaded (attnc's device counters) and
+the error.
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(args.steps):
         projected = [model.qkv(layer, x) for layer in range(LAYERS)]  # (a real model: layer by layer on the GPU)
         before = dev.counters.snapshot()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         encoder = gpu.create_command_encoder()
         timer.mark(encoder, 0)
         for layer, cache in enumerate(caches):
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         timer.mark(encoder, 1)
         timer.resolve(encoder)
         gpu.queue.submit([encoder.finish()])
-        host_us = (time.perf_counter() - t0) * 1e6
+        host_us, cpu_us = (time.perf_counter() - t0) * 1e6, (time.thread_time() - c0) * 1e6
         moved = dev.counters.since(before)
         outs = [t.numpy() for t in o_t]  # waits for the GPU
         gpu_us = timer.read_us()
@@ -200,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
             err = max(err, float(np.linalg.norm(outs[layer] - ref) / np.linalg.norm(ref)))
             x = model.mix(layer, x, outs[layer])
         worst = max(worst, err)
-        rows.append({"step": step, "host_us": host_us, "gpu_us": gpu_us, "bytes_uploaded": moved["bytes_uploaded"],
+        rows.append({"step": step, "host_us": host_us, "host_cpu_us": cpu_us, "gpu_us": gpu_us,
+                     "bytes_uploaded": moved["bytes_uploaded"],
                      "buffers_created": moved["buffers_created"], "relative_error": err})
         if step % 32 == 0 or step == args.steps - 1:
             gpu_text = "n/a" if gpu_us is None else f"{gpu_us:8.1f} us"
-            print(f"step {step:4d}: keys {caches[0].lengths.tolist()}, host {host_us:8.1f} us, GPU {gpu_text}, "
-                  f"uploaded {moved['bytes_uploaded']} B, relative error {err:.2e}")
+            print(f"step {step:4d}: keys {caches[0].lengths.tolist()}, host {host_us:8.1f} us (CPU {cpu_us:7.1f} us), "
+                  f"GPU {gpu_text}, uploaded {moved['bytes_uploaded']} B, relative error {err:.2e}")
         if err > 1e-5:
             print(f"step {step}: relative error {err:.3e} above 1e-5", file=sys.stderr)
             return 1
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "device": repr(dev), "steps": args.steps, "layers": LAYERS, "batch": B, "heads": [HQ, HKV], "head_dim": D,
         "host_us_median": statistics.median(r["host_us"] for r in later),
+        "host_cpu_us_median": statistics.median(r["host_cpu_us"] for r in later),
         "gpu_us_median": None if rows[0]["gpu_us"] is None else statistics.median(r["gpu_us"] for r in later),
         "bytes_uploaded_per_step": sorted({r["bytes_uploaded"] for r in later}),
         "new_q_and_kv_bytes_per_step": step_bytes,
@@ -222,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_relative_error": worst,
     }
     gpu_text = "n/a" if summary["gpu_us_median"] is None else f"{summary['gpu_us_median']:.1f} us"
-    print(f"summary: {args.steps} steps x {LAYERS} layers, median host {summary['host_us_median']:.1f} us, "
-          f"median GPU {gpu_text} per step; uploaded {summary['bytes_uploaded_per_step']} B per step "
+    print(f"summary: {args.steps} steps x {LAYERS} layers, median host {summary['host_us_median']:.1f} us "
+          f"(CPU {summary['host_cpu_us_median']:.1f} us), median GPU {gpu_text} per step; "
+          f"uploaded {summary['bytes_uploaded_per_step']} B per step "
           f"(the new q, k and v rows: {step_bytes} B); buffers created after step 2: "
           f"{summary['buffers_created_after_step_2']}; max relative error {worst:.2e}")
     if args.json:
