@@ -8,6 +8,8 @@ Modes (each on the same shape, float32, non-causal; the GPU work is the same in 
                    path every call took before GPU tensors; wall time per call
   attention_gpu    attnc.attention() with GPU tensors (a new output tensor per call)
   op_submit        a prepared op on GPU tensors with out=, submitting its own encoder
+  submit_floor     an empty command encoder finished and submitted: what any call that submits
+                   its own work pays the WebGPU library and driver at least
   op_record        a prepared op on GPU tensors with out=, recorded into the caller's encoder
                    (one encoder per 32 calls, submitted outside the timed calls)
   layers32         32 layers (own q/k/v/o each) recorded into one encoder, one submission:
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnc  # noqa: E402
 
-MODES = ("attention_numpy", "attention_gpu", "op_submit", "op_record", "layers32", "decode_step")
+MODES = ("attention_numpy", "attention_gpu", "op_submit", "submit_floor", "op_record", "layers32", "decode_step")
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, lens: np.ndarray | None = None) -> np.ndarray:
@@ -137,10 +139,19 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(lambda: attnc.attention(qt, kt, vt), args.calls, wait)
         record("attention_gpu", row, rel(attnc.attention(qt, kt, vt).numpy(), ref))
     if "op_submit" in modes:
+        op(qt, kt, vt, out=out)  # the first call makes the uniform buffers and bind groups
         before = dev.counters.snapshot()
         row = measure(lambda: op(qt, kt, vt, out=out), args.calls, wait)
-        row["created"] = {n: c for n, c in dev.counters.since(before).items() if n != "submits"}
-        record("op_submit", row, rel(out.numpy(), ref), f"created {sum(row['created'].values())} things")
+        made = dev.counters.since(before)  # (the untimed waits between calls are readbacks)
+        row["created"] = {n: made[n] for n in ("buffers_created", "bind_groups_created", "pipelines_compiled",
+                                               "bytes_uploaded")}
+        record("op_submit", row, rel(out.numpy(), ref),
+               "created: " + ", ".join(f"{n} {c}" for n, c in row["created"].items()))
+    if "submit_floor" in modes:
+        def empty_submit() -> None:
+            dev.gpu.queue.submit([dev.gpu.create_command_encoder().finish()])
+
+        record("submit_floor", measure(empty_submit, args.calls, wait), 0.0, "(no attnc code)")
     if "op_record" in modes:
         state = {"enc": dev.gpu.create_command_encoder(), "n": 0}
 
@@ -207,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(decode, args.calls, o_t.numpy)
         row["bytes_uploaded_per_step"] = moved["bytes_uploaded"]
         row["new_rows_and_q_bytes"] = q.nbytes + rows_k.nbytes + rows_v.nbytes
-        row["created_per_step"] = {n: c for n, c in moved.items() if n not in ("submits", "uploads", "bytes_uploaded")}
+        row["created_per_step"] = {n: moved[n] for n in ("buffers_created", "bind_groups_created",
+                                                         "pipelines_compiled")}
         kk, vv = cache.k.numpy(), cache.v.numpy()
         err = rel(o_t.numpy(), reference(q, kk, vv, cache.lengths))
         record("decode_step", row, err, f"uploaded {moved['bytes_uploaded']} B per step "

@@ -358,8 +358,8 @@ class Prepared:
         sinks, alibi_slopes).
 
         The result stays on the GPU (float32 tensors o [B, Hq, S, Dv] and, with return_lse, lse
-        [B, Hq, S]) when q, k or v is a GPU tensor, else it is read back as numpy (o in q's
-        dtype); `output="tensor"` / `"numpy"` chooses. Without `out=` the result is the op's own
+        [B, Hq, S]) when q, k or v is a GPU tensor or `out=` is given, else it is read back as
+        numpy (o in q's dtype); `output="tensor"` / `"numpy"` chooses. Without `out=` the result is the op's own
         buffer, which the next call overwrites; `out=` / `out_lse=` write into given tensors
         (any strides). `encoder=` records the dispatches into the caller's GPUCommandEncoder
         without submitting them (the caller submits; every input must be a GPU tensor)."""
@@ -417,7 +417,7 @@ class Prepared:
         if unknown:
             raise ValueError(f"{unknown[0]}: not a tensor of this op (it takes q, k, v"
                              + "".join(f", {n}" for n in sorted(self.option_names)) + ")")
-        on_gpu = isinstance(q, Tensor) or isinstance(k, Tensor) or isinstance(v, Tensor)
+        on_gpu = isinstance(q, Tensor) or isinstance(k, Tensor) or isinstance(v, Tensor) or out is not None
         if output is None:
             output = "tensor" if on_gpu else "numpy"
         elif output not in OUTPUT_MODES:
