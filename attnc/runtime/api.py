@@ -16,16 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from attnc.errors import AttncError
+from attnc.errors import AttncError, LoweringError
 from attnc.lowering import Plan
 from attnc.lowering.plan import Storage, Strategy
 from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, packs_gqa, pick_family, plan_for, with_combine
 from attnc.runtime.build import Options, build_kernel, function_key, options_key, programs_for
-from attnc.runtime.chunking import binding_limit, chunked, largest_binding
+from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.prepared import BROADCAST, Prepared, broadcast_shape, check_host_option, check_limits
 from attnc.runtime.tensor import Tensor, host_array
-from attnc.runtime.tuning_cache import tuned_plan
+from attnc.runtime.tuning_cache import ignore, tuned_plan
 
 OPTION_TENSORS = ("bias", "alibi_slopes", "sinks", "kv_lens")
 MAX_CACHED_OPS = 32
@@ -70,8 +70,33 @@ def validate(q: Any, k: Any, v: Any) -> dict[str, int]:
     _check(Dk == D, f"head dim D differs: q has {D}, k has {Dk}")
     _check(v.shape[1] == Hkv and v.shape[2] == T,
            f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} in (B, Hkv, T)")
-    _check(Hq % Hkv == 0, f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} kv heads")
+    validate_dims(dict(B=B, Hq=Hq, S=S, D=D, Hkv=Hkv, T=T, Dv=v.shape[3]))
     return dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=v.shape[3])
+
+
+# The attention dims in the order q, k and v introduce them (the order of a compiled manifest's dims).
+DIMS = ("B", "Hq", "S", "D", "Hkv", "T", "Dv")
+
+
+def validate_dims(dims: Mapping[str, Any]) -> dict[str, int]:
+    """Check attention dims (what `validate` reads off q, k, v; js/attnc.js applies the same
+    rules to the shapes a caller passes): each a positive integer (q, k, v must not be empty),
+    no other names, Hq a multiple of Hkv (so Hkv <= Hq). The first problem, in DIMS order, is
+    a ValueError whose message starts with the dim's name."""
+    for name in DIMS:
+        if name not in dims:
+            raise ValueError(f"{name}: missing")
+        x = dims[name]
+        if not isinstance(x, (int, np.integer)) or isinstance(x, (bool, np.bool_)):
+            raise ValueError(f"{name}: expected a positive integer, got {x!r}")
+        if x < 1:
+            raise ValueError(f"{name}={x}: expected a positive integer (q, k and v must not be empty)")
+    for name in dims:
+        if name not in DIMS:
+            raise ValueError(f"{name}: not an attention dim (the dims: {', '.join(DIMS)})")
+    _check(dims["Hq"] % dims["Hkv"] == 0,
+           f"Hq={dims['Hq']} query heads is not a multiple of Hkv={dims['Hkv']} kv heads")
+    return {n: int(dims[n]) for n in DIMS}
 
 
 def vector_readable(*xs: Any) -> bool:
@@ -140,18 +165,25 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
                  score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
                  plan: Plan | None = None, tunables: dict[str, int] | None = None,
                  nsplit: int | None = None, pack_gqa: bool | None = None,
-                 offsets: tuple[int, int, int, int] | None = None, vector_loads: bool = True) -> Prepared:
+                 offsets: tuple[int, int, int, int] | dict[str, int] | None = None,
+                 vector_loads: bool = True) -> Prepared:
     """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it,
     for the dims B, Hq, Hkv, S, T, D, Dv. Option tensors (host data or GPU tensors) become the
     op's defaults. `vector_loads=False` plans scalar loads of q/k/v (for views whose head dim
-    is not contiguous)."""
+    is not contiguous).
+
+    offsets: the problem is one piece of a larger one (runtime/chunking.py), given as
+    (q_offset, q_total, kv_offset, kv_total) or a dict of those and b_offset, b_total,
+    h_offset, hq_total, hkv_total (whole_problem()): masks and mods see the whole problem."""
     dev = get_device(device)
     fam = pick_family(dev.capabilities, target)
     f16_math = target in F16_MATH_TARGETS
     if f16_math and np.dtype(dtype) != np.float16:
         raise ValueError(f"target {target!r} computes products in f16: pass float16 q, k, v (got {np.dtype(dtype)})")
     scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod)
-    total_keys = None if offsets is None else offsets[3]
+    if offsets is not None:
+        offsets = whole_problem(dims, offsets)
+    total_keys = None if offsets is None else offsets["kv_total"]
     given = {n: x for n, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks), ("kv_lens", kv_lens),
                                ("bias", bias)) if x is not None}
     for name, x in given.items():
@@ -166,37 +198,37 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
                    mask_mod=mask_mod)
     if offsets is not None:  # one chunk of a larger problem: absolute positions
         opts = Options(**{**opts.__dict__, "offsets": True})
-        scalars.update(q_offset=offsets[0], q_total=offsets[1], kv_offset=offsets[2], kv_total=offsets[3])
+        scalars.update(offsets)
     okey = options_key(opts)
     caps = dev.capabilities
-    tuned = False
-    if plan is None and tunables is None and score_mod is None and mask_mod is None:
-        plan, tunables, nsplit_tuned = tuned_plan(dev, okey, dims, opts.f16, fam if target is not None else None,
-                                                  nsplit)
-        tuned = plan is not None
-        if tuned and plan.vector_width == 4 and not vector_loads:
-            if plan.strategy is Strategy.TILED:
-                plan = dataclasses.replace(plan, vector_width=1)
+    tuned = None
+    if plan is None and tunables is None and score_mod is None and mask_mod is None and not f16_math:
+        # (f16-math plans are never tuned: `attnc tune` stores f16-storage plans)
+        tuned = tuned_plan(dev, okey, dims, opts.f16, fam if target is not None else None, nsplit)
+        if tuned is not None and tuned.plan.vector_width == 4 and not vector_loads:
+            if tuned.plan.strategy is Strategy.TILED:
+                tuned = dataclasses.replace(tuned, plan=dataclasses.replace(tuned.plan, vector_width=1))
             else:
-                plan, tunables, tuned = None, None, False
-        if tuned:
-            nsplit = nsplit_tuned
+                tuned = None
     hplan, htun = plan_for(caps, fam, dims, causal=opts.causal, f16=opts.f16, explicit_family=target is not None,
                            f16_math=f16_math, vector_loads=vector_loads)
     if f16_math:
         hplan = dataclasses.replace(hplan, storage=Storage.F16A)
-        if plan is not None and plan.storage is not Storage.F16A:
-            plan, tunables, tuned = None, None, False  # a tuned f16-storage plan is not an f16-math plan
-    requested_nsplit = nsplit
-    try:
-        return _lowered(dev, dims, opts, scalars, float(scale), given, plan or hplan, tunables or htun, nsplit,
-                        pack_gqa, okey, total_keys)
-    except AttncError:
-        if not tuned:
-            raise
-    # a tuned plan that does not fit this device (e.g. an application's device with lower limits)
-    return _lowered(dev, dims, opts, scalars, float(scale), given, hplan, htun,
-                    None if requested_nsplit == nsplit else requested_nsplit, pack_gqa, okey, total_keys)
+    if tuned is not None:
+        try:
+            prep = _lowered(dev, dims, opts, scalars, float(scale), given, tuned.plan, tuned.tunables, tuned.nsplit,
+                            pack_gqa, okey, total_keys)
+            for prog in prep.progs:  # (a WGSL compiler's refusal is a LoweringError too)
+                dev.pipelines.get(dev, prog)
+            return prep
+        except LoweringError as exc:
+            # an application's device may grant less than the adapter the entry was tuned on
+            if not dev.external:
+                ignore(tuned.key, f"attnc cannot lower its plan ({exc.message})")
+        except AttncError:
+            pass  # the heuristic plan says what is wrong, if it is not the tuned plan
+    return _lowered(dev, dims, opts, scalars, float(scale), given, plan or hplan, tunables or htun, nsplit,
+                    pack_gqa, okey, total_keys)
 
 
 def _lowered(dev: Device, dims: dict[str, int], opts: Options, scalars: dict[str, float | int], scale: float,
@@ -209,6 +241,7 @@ def _lowered(dev: Device, dims: dict[str, int], opts: Options, scalars: dict[str
         pack_gqa = packs_gqa(dims, plan)
     if nsplit is None:
         nsplit = kv_splits(caps, dims, plan, tun, pack_gqa)
+    nsplit = min(nsplit, split_limit(dev, dims))  # the splits' partial states fit one binding
     if nsplit > 1:
         opts = dataclasses.replace(opts, split=True)
         scalars["NSPLIT"] = nsplit
@@ -314,8 +347,13 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
     (attnc.Tensor); with a GPU q, k or v the result is a new GPU tensor (float32) unless
     `output="numpy"`, and `out=` / `out_lse=` write into given tensors. score_mod(s, b, h,
     q_idx, kv_idx) and mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (once per
-    distinct function). target: "portable", "subgroups", or (float16 inputs, shader-f16)
-    "portable-f16" / "subgroups-f16" for f16 products; None picks the tuned or heuristic variant.
+    distinct function; q_idx is the raw query index). target: "portable", "subgroups", or
+    (float16 inputs, shader-f16) "portable-f16" / "subgroups-f16" for f16 products; None picks
+    the tuned or heuristic variant.
+    sinks [Hq]: one more logit per head in the softmax denominator, with no value. A sink of
+    +inf takes all the weight: o = 0 and lse = +inf on that head's rows, fully masked rows
+    too; -inf is the same as no sink (a fully masked row: o = 0, lse = -inf); NaN makes that
+    head's o and lse NaN.
     """
     q, k, v = as_input("q", q), as_input("k", k), as_input("v", v)
     dims = validate(q, k, v)

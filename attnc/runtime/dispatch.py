@@ -561,6 +561,25 @@ def encode_pass(encoder: Any, items: Sequence[tuple[CompiledProgram, Any, tuple[
     compute.end()
 
 
+Recordable = tuple[CompiledProgram, Any, tuple[int, int, int], str]
+
+
+def recordable(device: DeviceLike, d: Dispatch, max_per_dim: int) -> Recordable:
+    """What a compute pass needs to record one dispatch: its pipeline (compiled on first use),
+    bind group and folded grid, and its program's name (for pass labels)."""
+    compiled = device.pipelines.get(device, d.program)
+    grid = fold_grid(d.workgroups, max_per_dim)
+    return compiled, _bind_group(device, d, compiled, grid), grid, d.program.name
+
+
+def record_pass(encoder: Any, recorded: Sequence[Recordable], timestamp_writes: Mapping[str, Any] | None = None
+                ) -> None:
+    """Record dispatches (from `recordable`) as one compute pass of `encoder`, labelled by
+    their programs' names."""
+    encode_pass(encoder, [(c, g, grid) for c, g, grid, _ in recorded], "+".join(r[3] for r in recorded),
+                None if timestamp_writes is None else dict(timestamp_writes))
+
+
 def run(
     device: DeviceLike, dispatches: Sequence[Dispatch], timestamps: bool = False, span: bool = False
 ) -> list[float] | None:
@@ -588,9 +607,7 @@ def run(
         if sanitizing():
             checked.append((d, *_sanitized_parts(device, d)))
             d = checked[-1][1]
-        compiled = device.pipelines.get(device, d.program)
-        grid = fold_grid(d.workgroups, max_per_dim)
-        prepared.append((compiled, _bind_group(device, d, compiled, grid), grid, d.program.name))
+        prepared.append(recordable(device, d, max_per_dim))
     per_dispatch = timestamps and not span
     passes = [[p] for p in prepared] if per_dispatch else [prepared] if prepared else []
     query_set = None
@@ -606,7 +623,7 @@ def run(
                 "beginning_of_pass_write_index": 2 * i,
                 "end_of_pass_write_index": 2 * i + 1,
             }
-        encode_pass(encoder, [(c, g, grid) for c, g, grid, _ in group], "+".join(g[3] for g in group), writes)
+        record_pass(encoder, group, writes)
     resolved = None
     if query_set is not None:
         usage = device.wgpu.BufferUsage
@@ -664,20 +681,9 @@ _WARM_BEST: dict[int, float] = {}  # the fastest warm-up submission seen per dev
 RAMP_MS, MAX_MS = 1000.0, 3000.0
 
 
-def warm_up(device: DeviceLike, ms: float = 60.0) -> None:
-    """Keep the GPU busy until its clocks are up, then return: at least `ms` of wall time,
-    at most MAX_MS, and until a warm-up submission runs within 10 % of the fastest one this
-    process has seen on the device (the first call of a process runs RAMP_MS at least, to
-    learn that time).
-
-    A GPU that idled (pipeline compilation, host work, a low duty cycle) runs at lowered SM
-    and memory clocks, and short timed runs with host round trips in between do not raise
-    them again; a fixed short warm-up is not enough. Measured on an H200
-    (tools/gpu/gpu_plan_sweep.py, SWEEP_WARM_MS): after compiling, dec_h128 timed 0.177 ms and
-    phi35 0.80 ms after a 60 ms warm-up, 0.072 and 0.205 ms after 1 s or 3 s.
-    """
-    if device.adapter_type == "CPU":  # no clocks to ramp up
-        return
+def warm_dispatch(device: DeviceLike) -> Dispatch:
+    """A dispatch that keeps the GPU busy (WARM_WGSL over a buffer of up to 256 MiB, about a
+    quarter of a millisecond on an H200), with its buffer made once per device."""
     program = Program(
         name="warm_up", wgsl=WARM_WGSL, entry_point="main", workgroup_size=256,
         bindings=(Binding("buf", 0, Access.READ_WRITE, Scalar.F32),), uniforms=(), grid=(),
@@ -688,17 +694,45 @@ def warm_up(device: DeviceLike, ms: float = 60.0) -> None:
     buf = _WARM_BUFFERS.get(id(device))
     if buf is None:
         buf = _WARM_BUFFERS[id(device)] = empty(device, nbytes)
-    groups = -(-nbytes // (16 * 256))
+    return Dispatch(program, {"buf": buf}, {}, -(-nbytes // (16 * 256)))
+
+
+def warm_dispatch_ms(device: DeviceLike) -> float:
+    """The fastest one `warm_dispatch` has run in this process, in ms (warming the GPU up first
+    when none was timed yet; 1.0 where the device cannot time it)."""
+    if id(device) not in _WARM_BEST:
+        warm_up(device)
+    return _WARM_BEST.get(id(device), 4.0) / 4
+
+
+def warm_up(device: DeviceLike, ms: float = 60.0) -> bool:
+    """Keep the GPU busy until its clocks are up, then return: at least `ms` of wall time,
+    at most MAX_MS, and until a warm-up submission runs within 10 % of the fastest one this
+    process has seen on the device (the first call of a process runs RAMP_MS at least, to
+    learn that time).
+
+    Returns whether the clocks came up (False: MAX_MS passed first).
+
+    A GPU that idled (pipeline compilation, host work, a low duty cycle) runs at lowered SM
+    and memory clocks, and short timed runs with host round trips in between do not raise
+    them again; a fixed short warm-up is not enough. Measured on an H200
+    (tools/gpu/gpu_plan_sweep.py, SWEEP_WARM_MS): after compiling, dec_h128 timed 0.177 ms and
+    phi35 0.80 ms after a 60 ms warm-up, 0.072 and 0.205 ms after 1 s or 3 s.
+    """
+    if device.adapter_type == "CPU":  # no clocks to ramp up
+        return True
+    warm = warm_dispatch(device)
     timed = "timestamps" in device.features
     start = time.perf_counter()
     least = ms if timed and id(device) in _WARM_BEST else max(ms, RAMP_MS)
     while (elapsed := (time.perf_counter() - start) * 1e3) < MAX_MS:
-        t = run(device, [Dispatch(program, {"buf": buf}, {}, groups)] * 4, timestamps=timed, span=True)
+        t = run(device, [warm] * 4, timestamps=timed, span=True)
         if timed:  # (reading the timestamps waits for the submission)
             best = _WARM_BEST[id(device)] = min(_WARM_BEST.get(id(device), math.inf), t[0])
             up = t[0] <= 1.1 * best
         else:
-            read_bytes(device, buf, 0, 16)  # waits for the submission
+            read_bytes(device, warm.buffers["buf"], 0, 16)  # waits for the submission
             up = True
         if elapsed >= least and up:
-            return
+            return True
+    return False

@@ -68,6 +68,10 @@ def test_portable_plans_fit_webgpu_default_limits(require_adapters, target, ever
     dev = require_adapters("dawn:vulkan")[0]
     monkeypatch.setitem(dev.gpu.limits, "max-compute-workgroup-storage-size", DEFAULT_WG_STORAGE)
     monkeypatch.setitem(dev.gpu.limits, "max-compute-invocations-per-workgroup", DEFAULT_INVOCATIONS)
+    # planning reads the limits through Device.capabilities, cached once per process: drop it
+    # for this test (whichever test ran on the device first), the original comes back after
+    dev.capabilities  # noqa: B018 - cached, so that monkeypatch restores it
+    monkeypatch.delitem(dev.__dict__, "capabilities")
     rng = np.random.default_rng(0)
     for sh in SHAPES:
         dims = dict(sh)
