@@ -105,14 +105,9 @@ def wgpu_only(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """wgpudawn not importable; wgpu-native offers a Vulkan and an OpenGL adapter."""
     fakes = [_FakeDevice("wgpu", "Vulkan"), _FakeDevice("wgpu", "OpenGL")]
     monkeypatch.setitem(sys.modules, "wgpudawn", None)
-    _only_these_adapters(monkeypatch, fakes)
+    # (devices(), default_device() and get_device() all list adapters through _enumerate)
+    monkeypatch.setattr(devices_mod, "_enumerate", lambda: tuple(fakes))
     return fakes
-
-
-def _only_these_adapters(mp: pytest.MonkeyPatch, fakes: list[Any]) -> None:
-    """Every way the runtime lists adapters (the cached enumeration, devices()) sees only `fakes`."""
-    mp.setattr(devices_mod, "_enumerate", lambda: tuple(fakes))
-    mp.setattr(devices_mod, "devices", lambda include_unusable=False: list(fakes))
 
 
 SPECS = st.tuples(st.sampled_from(["dawn", "Dawn", "DAWN", " dawn "]),
@@ -127,7 +122,7 @@ def test_dawn_without_wgpudawn_says_what_to_install(spec: tuple[str, str]) -> No
     text = f"{backend}:{api}" if api else backend
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "wgpudawn", None)
-        _only_these_adapters(mp, [_FakeDevice("wgpu", "Vulkan")])
+        mp.setattr(devices_mod, "_enumerate", lambda: (_FakeDevice("wgpu", "Vulkan"),))
         with pytest.raises(DeviceError) as e:
             devices_mod.get_device(text)
     msg = e.value.render()
