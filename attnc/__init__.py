@@ -10,11 +10,17 @@ from attnc.errors import (
     VerifyError,
 )
 from attnc.frontend.dsl import (
+    and_masks,
+    bool_,
+    ceil,
+    cos,
     dim,
     dot,
     exp,
+    exp2,
     f16,
     f32,
+    floor,
     grid,
     i32,
     inf,
@@ -22,25 +28,35 @@ from attnc.frontend.dsl import (
     kernel,
     let,
     log,
+    log2,
     maximum,
     minimum,
     online_softmax,
+    or_masks,
     rsqrt,
     scalar,
+    sigmoid,
+    sin,
     splits,
     sqrt,
+    tan,
     tanh,
     tiles,
     tunable,
+    u8,
+    u32,
     where,
 )
 from attnc.runtime.api import attention
+from attnc.runtime.custom import Op, build
 from attnc.runtime.devices import Device, default_device, devices, get_device
 
 __all__ = [
     "__version__",
     "AttncError", "Device", "DeviceError", "LoweringError", "ParseError", "TraceError",
-    "VerifyError", "attention", "default_device", "devices", "dim", "dot", "exp", "f16", "f32",
-    "get_device", "grid", "i32", "inf", "input", "kernel", "let", "log", "maximum", "minimum",
-    "online_softmax", "rsqrt", "scalar", "splits", "sqrt", "tanh", "tiles", "tunable", "where",
+    "Op", "VerifyError", "and_masks", "attention", "bool_", "build", "ceil", "cos", "default_device", "devices",
+    "dim", "dot", "exp", "exp2", "f16", "f32", "floor", "get_device", "grid", "i32", "inf", "input",
+    "kernel", "let", "log", "log2", "maximum", "minimum", "online_softmax", "or_masks", "rsqrt",
+    "scalar", "sigmoid", "sin", "splits", "sqrt", "tan", "tanh", "tiles", "tunable", "u8", "u32",
+    "where",
 ]

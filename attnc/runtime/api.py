@@ -13,9 +13,10 @@ import numpy as np
 from attnc.lowering import Plan
 from attnc.lowering.plan import Storage
 from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, packs_gqa, pick_family, plan_for, with_combine
-from attnc.runtime.build import Options, build_kernel, options_key, programs_for
+from attnc.runtime.build import Options, build_kernel_with_captures, options_key, programs_for
 from attnc.runtime.chunking import binding_limit, chunked, largest_binding
 from attnc.runtime.devices import Device, get_device
+from attnc.runtime.params import bind_params
 from attnc.runtime.prepared import Prepared, broadcast_strides, check_limits
 from attnc.runtime.tuning_cache import tuned_plan
 
@@ -55,8 +56,9 @@ def validate(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, int]:
            f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, Hq, S, D = q.shape
     _, Hkv, T, Dk = k.shape
-    _check(k.shape[0] == B and v.shape[0] == B,
-           f"batch dims differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    _check(k.shape[0] == v.shape[0] and k.shape[0] in (1, B),
+           f"batch dims differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]} (k and v share "
+           f"one, which is q's or 1 for K/V shared by the batch)")
     _check(Dk == D, f"head dim D differs: q has {D}, k has {Dk}")
     _check(v.shape[1] == Hkv and v.shape[2] == T,
            f"v shape {v.shape} does not match k shape {k.shape} in (B, Hkv, T)")
@@ -73,7 +75,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
             score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
             plan: Plan | None = None, tunables: dict[str, int] | None = None,
             nsplit: int | None = None, pack_gqa: bool | None = None,
-            offsets: tuple[int, int, int, int] | None = None) -> Prepared:
+            offsets: tuple[int, int, int, int] | None = None, inputs: dict[str, Any] | None = None) -> Prepared:
     """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it."""
     dev = get_device(device)
     fam = pick_family(dev.capabilities, target)
@@ -156,7 +158,22 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
     if pack_gqa:
         opts = dataclasses.replace(opts, pack_gqa=True)
         dims = {**dims, "R": (dims["Hq"] // dims["Hkv"]) * S}
-    kern = build_kernel(opts, tun)
+    kern, captured = build_kernel_with_captures(opts, tun)
+    # what the mods capture and the inputs passed by name: bindings, uniforms and their dims
+    if inputs is not None and not isinstance(inputs, dict):
+        raise ValueError(f"inputs must be a dict of name -> array or number, got {type(inputs).__name__}")
+    inputs = dict(inputs or {})
+    own = {"q", "k", "v", "scale", *extra, *scalars}
+    names = {p.name for p in kern.params}
+    unknown = sorted(set(inputs) - (names - own - set(captured)))
+    if unknown:
+        declared = sorted(names - own - set(captured))
+        raise ValueError(f"inputs: the kernel has no input {', '.join(map(repr, unknown))}; its inputs declared "
+                         f"with attnc.input/attnc.scalar are {declared or 'none'}")
+    sources = {n: f"the value a mod captures as {n!r}" for n in captured} | {n: f"inputs[{n!r}]" for n in inputs}
+    bound = bind_params(kern, dims, {**captured, **inputs}, skip=own, sources=sources)
+    dims = bound.dims
+    extra, strides, scalars = {**extra, **bound.arrays}, {**strides, **bound.strides}, {**scalars, **bound.scalars}
     progs = programs_for(kern, plan)
     check_limits(dev, progs, plan, dims)
     prep = Prepared(dev, kern, plan, progs, dims, scalars | {"scale": float(scale)}, extra, strides)
@@ -171,12 +188,14 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
               kv_lens: np.ndarray | None = None, return_lse: bool = False,
               device: Device | str | None = None, target: str | None = None,
               score_mod: Callable[..., Any] | None = None,
-              mask_mod: Callable[..., Any] | None = None) -> Any:
+              mask_mod: Callable[..., Any] | None = None, inputs: dict[str, Any] | None = None) -> Any:
     """Scaled dot-product attention on a WebGPU device with the semantics of docs/API.md.
 
-    q [B,Hq,S,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv] -> o [B,Hq,S,Dv] in q's dtype
+    q [B,Hq,S,D], k [B or 1,Hkv,T,D], v [B or 1,Hkv,T,Dv] -> o [B,Hq,S,Dv] in q's dtype
     (and lse [B,Hq,S] float32 with return_lse). score_mod(s, b, h, q_idx, kv_idx) and
-    mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (q_idx is the raw query index).
+    mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (q_idx is the raw query index);
+    the arrays and numbers they close over become its inputs, and `inputs` gives the values of
+    the ones they declare with attnc.input(name, type) or attnc.scalar(name), by name.
     target: "portable", "subgroups", or (float16 inputs, shader-f16) "portable-f16" /
     "subgroups-f16" for f16 products; None picks the tuned or heuristic variant.
     """
@@ -185,12 +204,14 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     kw = dict(causal=causal, scale=scale, window=window, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
               sinks=sinks, kv_lens=kv_lens, return_lse=return_lse, device=dev, target=target,
               score_mod=score_mod, mask_mod=mask_mod)
+    if inputs:
+        kw["inputs"] = inputs
     if largest_binding(q, k, v, bias) > binding_limit(dev):
         return chunked(q, k, v, kw, binding_limit(dev), attention, prepare)
     prep = prepare(dims, q.dtype, causal=causal, scale=scale, window=window, bias=bias,
                    alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, kv_lens=kv_lens,
                    return_lse=return_lse, device=dev, target=target, score_mod=score_mod,
-                   mask_mod=mask_mod)
+                   mask_mod=mask_mod, inputs=inputs)
     prep.bind(q, k, v).run()
     o, lse = prep.result()
     o = o.astype(q.dtype)

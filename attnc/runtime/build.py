@@ -1,7 +1,10 @@
 """The shipped flash kernel traced for a call's options, and lowered for a plan (both cached).
 
 What the traced IR depends on is `Options` (which options are present, not their values:
-those are uniforms); a kernel and a plan give the programs, whatever the device.
+those are uniforms) and, for score_mod and mask_mod, their code and what they capture
+(frontend/capture.py: the dtypes and shapes of captured tensors and the constants the mods
+use, not the values of captured tensors and numbers, which are bindings and uniforms); a
+kernel and a plan give the programs, whatever the device.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from attnc.frontend import capture
 from attnc.ir import nodes as ir
 from attnc.lowering import Plan, Storage, lower
 from attnc.lowering.program import Program
@@ -46,8 +50,9 @@ class _Cache:
     """Traced kernels and lowered programs, keyed by everything that changes them."""
 
     def __init__(self) -> None:
-        self.kernels: dict[Any, ir.Kernel] = {}
+        self.kernels: dict[Any, tuple[ir.Kernel, dict[str, capture.Path]]] = {}
         self.programs: dict[Any, tuple[Program, ...]] = {}
+        self.traces = 0  # kernels traced (tests check that new captured values do not re-trace)
 
 
 _CACHE = _Cache()
@@ -55,20 +60,42 @@ _CACHE = _Cache()
 
 def build_kernel(opts: Options, tunables: dict[str, int]) -> ir.Kernel:
     """Trace the shipped flash kernel for these options (cached) and set the storage dtype."""
+    return build_kernel_with_captures(opts, tunables)[0]
+
+
+def build_kernel_with_captures(opts: Options, tunables: dict[str, int]) -> tuple[ir.Kernel, dict[str, Any]]:
+    """The traced kernel (cached) and the objects its mods capture in this call, by param name."""
+    mods = {n: f for n in ("score_mod", "mask_mod") if (f := getattr(opts, n)) is not None}
+    scan = capture.scan(mods) if mods else None
+    key = _key(opts, tunables, scan)
+    hit = _CACHE.kernels.get(key) if key is not None else None
+    if hit is not None:
+        kern, paths = hit
+        assert scan is not None or not paths
+        return kern, {name: scan.slots[path].obj for name, path in paths.items()} if scan else {}
     from attnc.kernels.flash import flash_attention
 
-    key = (opts, tuple(sorted(tunables.items())))
-    kern = _CACHE.kernels.get(key)
-    if kern is None:
-        kern = flash_attention.trace(
-            causal=opts.causal, window=opts.window, softcap=opts.softcap, alibi=opts.alibi,
-            bias=opts.bias, sinks=opts.sinks, kv_lens=opts.kv_lens, lse=opts.lse,
-            split=opts.split, score_mod=opts.score_mod, mask_mod=opts.mask_mod, pack_gqa=opts.pack_gqa,
-            offsets=opts.offsets, **tunables)
-        kern = retype(kern, Storage.F16 if opts.f16 else Storage.F32)
-        if opts.score_mod is None and opts.mask_mod is None:
-            _CACHE.kernels[key] = kern
-    return kern
+    _CACHE.traces += 1
+    kern, captured = flash_attention.trace_with_captures(
+        causal=opts.causal, window=opts.window, softcap=opts.softcap, alibi=opts.alibi,
+        bias=opts.bias, sinks=opts.sinks, kv_lens=opts.kv_lens, lse=opts.lse,
+        split=opts.split, score_mod=opts.score_mod, mask_mod=opts.mask_mod, pack_gqa=opts.pack_gqa,
+        offsets=opts.offsets, **tunables)
+    kern = retype(kern, Storage.F16 if opts.f16 else Storage.F32)
+    # the trace may have found numbers to hold constant: the key of later calls includes them
+    key = _key(opts, tunables, capture.scan(mods) if mods else None)
+    if key is not None and all(slot.path[0] in mods for slot in captured.values()):
+        _CACHE.kernels[key] = (kern, {name: slot.path for name, slot in captured.items()})
+    return kern, {name: slot.obj for name, slot in captured.items()}
+
+
+def _key(opts: Options, tunables: dict[str, int], scan: capture.Scan | None) -> Any:
+    """The kernel cache key: the options without the mods, the tunables and the mods' scan key
+    (None when a mod reaches a value that cannot be part of a key: such calls trace again)."""
+    if scan is not None and scan.key is None:
+        return None
+    base = Options(**{**opts.__dict__, "score_mod": None, "mask_mod": None})
+    return base, tuple(sorted(tunables.items())), None if scan is None else scan.key
 
 
 def programs_for(kern: ir.Kernel, plan: Plan) -> tuple[Program, ...]:

@@ -54,7 +54,8 @@ def chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], lim
         for name in ("alibi_slopes", "sinks"):
             if kw.get(name) is not None:
                 sub[name] = kw[name][qh]
-        outs.append(attend(q[bs, qh], k[bs, hs], v[bs, hs], **sub))
+        kb = slice(None) if k.shape[0] == 1 else bs  # K/V shared by the batch stay whole
+        outs.append(attend(q[bs, qh], k[kb, hs], v[kb, hs], **sub))
     axis = 0 if B > 1 else 1
     if kw.get("return_lse"):
         return (np.concatenate([o for o, _ in outs], axis), np.concatenate([lse for _, lse in outs], axis))

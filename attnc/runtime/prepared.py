@@ -75,6 +75,15 @@ class Prepared:
         self.dispatches: list[rt.Dispatch] = []
         self.has_lse = any(b.name == "lse" for p in progs for b in p.bindings)
         self.options_key = ""
+        # o as rows x width; read back as [B, Hq, S, Dv] (a GQA-packed kernel's [B, Hkv, R, Dv]
+        # is the same memory), or in the kernel's output dims for other kernels
+        out = kern.output.dims
+        self.rows, self.width = math.prod(dims[d] for d in out[:-1]), dims[out[-1]]
+        flash = tuple(dims.get(d, 0) for d in ("B", "Hq", "S", "Dv"))
+        self.out_shape = flash if math.prod(flash) == self.rows * self.width and "Dv" == out[-1] \
+            else tuple(dims[d] for d in out)
+        self.split_param = next((a.extent.count for st in kern.body if isinstance(st, ir.Grid)
+                                 for a in st.axes if isinstance(a.extent, ir.SplitExtent)), None)
 
     @property
     def variant(self) -> str:
@@ -87,8 +96,11 @@ class Prepared:
                  f"DVS={pn.value_stage_columns},VK={pn.value_block_keys},UN={pn.unroll},PF={pn.prefetch}")
         tiled += f",PC={pn.p_chunk_keys}" if pn.p_chunk_keys else ""
         tiled += f",QO={pn.last_tile_first}" if pn.last_tile_first else ""
+        grid = next(st for st in self.kern.body if isinstance(st, ir.Grid))
+        bm = next(a.extent.size for a in grid.axes if isinstance(a.extent, ir.TileExtent))
+        bn = next(st.size for st in self.kern.body if isinstance(st, ir.Loop))
         kt = dict(self.kern.tunables)
-        if pn.strategy is Strategy.TILED and fast_reduce(pn, layout(pn, kt["BM"], kt["BN"])):
+        if pn.strategy is Strategy.TILED and fast_reduce(pn, layout(pn, kt[bm], kt[bn])):
             tiled += f",SGFAST={pn.shuffle_only_lanes}"
         stream = f"WG={pl.workgroup_size},KL={pn.lanes_per_key},KC={pn.keys_per_step},SMX={pn.softmax_phase}"
         knobs = {Strategy.ROWS: f"KC={pn.keys_per_step},DQ={pn.query_dim}",
@@ -103,19 +115,23 @@ class Prepared:
 
     def bind(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Prepared:
         """Upload inputs and create the output/scratch buffers and the dispatches."""
-        self.bufs, self.dispatches = self._binding(q, k, v)
+        self.bufs, self.dispatches = self._binding({"q": q, "k": k, "v": v})
+        return self
+
+    def bind_tensors(self, tensors: dict[str, np.ndarray]) -> Prepared:
+        """`bind` for a kernel whose tensors are not q, k and v (attnc.build's ops): every
+        tensor param not in `extra`, by name."""
+        self.bufs, self.dispatches = self._binding(tensors)
         return self
 
     def bind_copy(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Bound:
         """Another set of inputs and outputs for `run(binding=...)`: benchmarks rotate over
         copies so that inputs smaller than the GPU's cache are not timed cache-resident."""
-        return Bound(*self._binding(q, k, v))
+        return Bound(*self._binding({"q": q, "k": k, "v": v}))
 
-    def _binding(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[dict[str, Any], list[rt.Dispatch]]:
+    def _binding(self, tensors: dict[str, np.ndarray]) -> tuple[dict[str, Any], list[rt.Dispatch]]:
         dims = self.dims
-        B, Hq, S, Dv = dims["B"], dims["Hq"], dims["S"], dims["Dv"]
-        arrays = {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
-                  "v": np.ascontiguousarray(v), **self.extra}
+        arrays = {**{n: np.ascontiguousarray(x) for n, x in tensors.items()}, **self.extra}
         uni: dict[str, float | int] = {f"d_{d}": dims[d] for d in self.kern.dims}
         bufs: dict[str, Any] = {}
         for p in self.kern.params:
@@ -125,7 +141,9 @@ class Prepared:
                 uni[f"p_{p.name}"] = self.scalars[p.name]
                 continue
             arr = arrays[p.name]
-            st = self.strides.get(p.name) or dense_strides(arr.shape)
+            # a size-1 axis over a larger dim (K/V shared by the batch) reads with stride 0
+            st = self.strides.get(p.name) or [0 if n == 1 and dims.get(d, 1) > 1 else s for s, n, d in
+                                              zip(dense_strides(arr.shape), arr.shape, p.type.dims, strict=True)]
             for i, stride in enumerate(st):
                 uni[f"s_{p.name}_{i}"] = stride
             if arr.dtype == np.float16 and arr.size % 2:
@@ -137,10 +155,11 @@ class Prepared:
         if self.has_lse:
             for i, stride in enumerate(dense_strides(o_shape[:-1])):
                 uni[f"s_lse_{i}"] = stride
-            bufs["lse"] = rt.empty(self.dev, 4 * B * Hq * S)
-        bufs["o"] = rt.empty(self.dev, 4 * B * Hq * S * Dv)
+            bufs["lse"] = rt.empty(self.dev, 4 * self.rows)
+        bufs["o"] = rt.empty(self.dev, 4 * self.rows * self.width)
         if len(self.progs) > 1:
-            bufs["part"] = rt.empty(self.dev, 4 * B * Hq * S * int(self.scalars["NSPLIT"]) * (Dv + 2))
+            nsplit = int(self.scalars[str(self.split_param)])
+            bufs["part"] = rt.empty(self.dev, 4 * self.rows * nsplit * (self.width + 2))
         dispatches = []
         for p, n in zip(self.progs, self.plan_grid, strict=True):
             names = {b.name for b in p.bindings}
@@ -162,9 +181,8 @@ class Prepared:
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Read o (float32) and lse back."""
-        B, Hq, S, Dv = (self.dims[x] for x in ("B", "Hq", "S", "Dv"))
-        o = rt.readback(self.dev, self.bufs["o"], np.float32, (B, Hq, S, Dv))
-        lse = rt.readback(self.dev, self.bufs["lse"], np.float32, (B, Hq, S)) if self.has_lse else None
+        o = rt.readback(self.dev, self.bufs["o"], np.float32, self.out_shape)
+        lse = rt.readback(self.dev, self.bufs["lse"], np.float32, self.out_shape[:-1]) if self.has_lse else None
         return o, lse
 
 

@@ -1,0 +1,191 @@
+"""A kernel's params beyond the ones a call binds itself: the tensors and numbers its mods
+captured, the inputs passed by name, and the dims their shapes bind.
+
+`bind_params` is the one place that turns such values into what a dispatch needs: storage
+arrays in their buffer layout, element strides, uniform scalars, and the sizes of dims no
+other tensor gave (a table's `NB`, a captured array's `rel_0`). Buffer layouts (the same as
+docs/MANIFEST.md's): f32 and i32 one per 32-bit word; f16 two per word; u8 and bool four per
+word, element i in byte i % 4 (little-endian) of word i // 4; u32 one per word, below 2**31.
+numpy arrays are accepted, and any object numpy can convert that has `shape` and `dtype` (a
+CPU tensor of another library); `register` adds a tensor type whose objects are bound some
+other way (device-resident tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from attnc.frontend import capture
+from attnc.ir import nodes as ir
+
+_I32_MAX = 2**31 - 1
+
+
+def _array_like_info(obj: Any) -> capture.TensorInfo | None:
+    """Objects numpy converts without copying their meaning: `__array__` plus shape and dtype."""
+    if isinstance(obj, np.ndarray) or not hasattr(obj, "__array__") or not hasattr(obj, "shape"):
+        return None
+    try:
+        arr = np.asarray(obj)
+    except Exception:  # noqa: BLE001 - an object numpy cannot convert is simply not a tensor
+        return None
+    return capture.TensorInfo(arr.dtype, tuple(int(n) for n in arr.shape))
+
+
+capture.register_tensor_type(_array_like_info)
+
+# tensor types bound without numpy: (describe, to_binding) pairs; see `register`
+_CUSTOM: list[tuple[Callable[[Any], capture.TensorInfo | None], Callable[[Any], Any]]] = []
+
+
+def register(describe: Callable[[Any], capture.TensorInfo | None], to_binding: Callable[[Any], Any]) -> None:
+    """Let mods capture, and calls pass, a tensor type of the runtime: `describe(obj)` gives its
+    dtype and shape (None: not this type), `to_binding(obj)` what Prepared binds for it."""
+    capture.register_tensor_type(describe)
+    _CUSTOM.append((describe, to_binding))
+
+
+@dataclass
+class BoundParams:
+    """What bind_params made: arrays (buffer layout), strides, scalars, and every dim's size."""
+
+    dims: dict[str, int]
+    arrays: dict[str, Any] = field(default_factory=dict)
+    strides: dict[str, list[int]] = field(default_factory=dict)
+    scalars: dict[str, float | int] = field(default_factory=dict)
+
+
+def _where(name: str, sources: dict[str, str]) -> str:
+    return sources.get(name, f"input {name!r}")
+
+
+def _as_array(name: str, obj: Any, what: str) -> np.ndarray:
+    if isinstance(obj, np.ndarray):
+        return obj
+    if hasattr(obj, "__array__") and hasattr(obj, "shape"):
+        return np.asarray(obj)
+    raise ValueError(f"{what}: expected an array, got {type(obj).__name__}")
+
+
+def _host(arr: np.ndarray, dtype: ir.DType, what: str) -> np.ndarray:
+    """`arr` converted to the buffer layout of a tensor param of `dtype` (ValueError naming it)."""
+    kind = arr.dtype.kind
+    if dtype in (ir.DType.F32, ir.DType.F16):
+        if kind not in "fiu":
+            raise ValueError(f"{what}: expected real numbers for an {dtype.value} tensor, got dtype {arr.dtype}")
+        return np.ascontiguousarray(arr, dtype=np.float16 if dtype is ir.DType.F16 else np.float32)
+    if dtype is ir.DType.BOOL:
+        if kind != "b":
+            raise ValueError(f"{what}: expected a bool array, got dtype {arr.dtype}")
+        return _bytes(arr.astype(np.uint8))
+    if kind not in "iu":
+        raise ValueError(f"{what}: expected integers for an {dtype.value} tensor, got dtype {arr.dtype}")
+    lo, hi = {ir.DType.I32: (-(2**31), _I32_MAX), ir.DType.U32: (0, _I32_MAX), ir.DType.U8: (0, 255)}[dtype]
+    if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+        raise ValueError(f"{what}: values must be in [{lo}, {hi}] for an {dtype.value} tensor "
+                         f"(found {int(arr.min())}..{int(arr.max())})")
+    if dtype is ir.DType.U8:
+        return _bytes(arr.astype(np.uint8))
+    return np.ascontiguousarray(arr, dtype=np.int32 if dtype is ir.DType.I32 else np.uint32)
+
+
+def _bytes(arr: np.ndarray) -> np.ndarray:
+    """u8 elements four per little-endian u32 word, padded to whole words."""
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    flat = np.concatenate([flat, np.zeros(-flat.size % 4 or (4 if flat.size == 0 else 0), np.uint8)])
+    return flat.view("<u4")
+
+
+def _compact(arr: np.ndarray) -> tuple[np.ndarray, list[bool]]:
+    """The array without its zero-stride (broadcast) axes repeated, and which axes those were."""
+    zero = [s == 0 and n > 1 for s, n in zip(arr.strides, arr.shape, strict=True)]
+    if any(zero):
+        arr = arr[tuple(slice(0, 1) if z else slice(None) for z in zero)]
+    return arr, zero
+
+
+def bind_params(kern: ir.Kernel, dims: dict[str, int], values: dict[str, Any], *,
+                skip: set[str] = frozenset(), sources: dict[str, str] | None = None) -> BoundParams:  # type: ignore[assignment]
+    """Bind every param of `kern` not in `skip` from `values` (by param name): check its rank,
+    dtype and that its dims agree with `dims` and with each other (a size-1 axis broadcasts),
+    and add the dims it alone gives. `sources` names where a value came from, for messages
+    ("the array score_mod captures as 'rel'"). Raises ValueError naming the tensor."""
+    sources = sources or {}
+    out = BoundParams(dict(dims))
+    todo = [p for p in kern.params if p.name not in skip]
+    missing = [p.name for p in todo if p.name not in values]
+    if missing:
+        raise ValueError(f"kernel {kern.name} needs {', '.join(repr(m) for m in missing)}: pass "
+                         f"{'them' if len(missing) > 1 else 'it'} with inputs={{name: value}}")
+    arrays: dict[str, np.ndarray] = {}
+    for p in todo:
+        what = _where(p.name, sources)
+        obj = values[p.name]
+        if not p.type.dims:
+            out.scalars[p.name] = _scalar(obj, p.type.dtype, what)
+            continue
+        custom = next((conv for desc, conv in _CUSTOM if desc(obj) is not None), None)
+        if custom is not None:
+            info = next(d(obj) for d, _ in _CUSTOM if d(obj) is not None)
+            shape = info.shape  # type: ignore[union-attr]
+            arrays[p.name] = None  # type: ignore[assignment]
+            out.arrays[p.name] = custom(obj)
+        else:
+            arr = _as_array(p.name, obj, what)
+            shape = arr.shape
+            arrays[p.name] = arr
+        if len(shape) != len(p.type.dims):
+            raise ValueError(f"{what}: expected {len(p.type.dims)} dims {list(p.type.dims)}, got shape {tuple(shape)}")
+        if math.prod(shape) == 0:
+            raise ValueError(f"{what}: empty (shape {tuple(shape)}); a kernel input has at least one element")
+    # dims: the one size other than 1 each dim has (size-1 axes broadcast)
+    origin: dict[str, str] = {d: "q, k, v" for d in dims}
+    for p in todo:
+        if not p.type.dims:
+            continue
+        shape = arrays[p.name].shape if arrays[p.name] is not None else \
+            next(d(values[p.name]) for d, _ in _CUSTOM if d(values[p.name]) is not None).shape  # type: ignore[union-attr]
+        for d, n in zip(p.type.dims, shape, strict=True):
+            have = out.dims.get(d)
+            if have is None or (have == 1 and d not in dims):
+                out.dims[d] = int(n)
+                origin[d] = _where(p.name, sources)
+            elif n not in (1, have):
+                raise ValueError(f"{_where(p.name, sources)}: dim {d} is {n}, but {have} in {origin[d]}")
+    for p in todo:
+        arr = arrays.get(p.name)
+        if arr is None:
+            continue
+        arr, zero = _compact(arr)
+        st = _dense(arr.shape)
+        out.strides[p.name] = [0 if z or (n == 1 and out.dims[d] > 1) else s
+                               for s, n, d, z in zip(st, arr.shape, p.type.dims, zero, strict=True)]
+        out.arrays[p.name] = _host(arr, p.type.dtype, _where(p.name, sources))
+    return out
+
+
+def _dense(shape: tuple[int, ...]) -> list[int]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return out[::-1]
+
+
+def _scalar(obj: Any, dtype: ir.DType, what: str) -> float | int:
+    if isinstance(obj, np.ndarray):
+        if obj.ndim != 0:
+            raise ValueError(f"{what}: expected a number, got an array of shape {obj.shape}")
+        obj = obj[()]
+    if isinstance(obj, bool | np.bool_) or not isinstance(obj, int | float | np.integer | np.floating):
+        raise ValueError(f"{what}: expected a number, got {type(obj).__name__}")
+    if dtype is ir.DType.I32:
+        if not float(obj).is_integer() or not -(2**31) <= int(obj) <= _I32_MAX:
+            raise ValueError(f"{what}: expected an integer in the i32 range, got {obj!r}")
+        return int(obj)
+    return float(obj)
