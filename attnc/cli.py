@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,22 @@ def _load_kernel(spec: str, options: dict[str, Any]):
         raise SystemExit(f"error: cannot load {spec!r}: {exc}") from None
     if not isinstance(obj, KernelDef):
         raise SystemExit(f"error: {spec!r} is a {type(obj).__name__}, not an @attnc.kernel")
+    # `--set score_mod=pkg.module:fn`: options naming a Python object are that object; what a
+    # mod captures becomes kernel inputs, listed in the manifest for the caller to bind
+    options = {k: _resolve(v) if isinstance(v, str) and _OBJECT.match(v) else v for k, v in options.items()}
     return obj.trace(**options)
+
+
+_OBJECT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
+
+
+def _resolve(spec: str) -> Any:
+    """The object `module:attr` names (SystemExit with the reason when it cannot be loaded)."""
+    mod_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"error: cannot load {spec!r}: {exc}") from None
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
@@ -161,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="variant family (repeatable; default: both)")
     c.add_argument("--dtype", action="append", choices=["f32", "f16"], help="storage dtype (default: both)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="option or tunable of a DSL kernel, e.g. --set causal=true --set BN=64")
+                   help="option or tunable of a DSL kernel, e.g. --set causal=true --set BN=64; a value "
+                        "module:name is that Python object, e.g. --set score_mod=examples.flex.t5_buckets:score_mod")
     c.add_argument("--wg", type=int, default=128, help="invocations per workgroup")
     c.add_argument("--dvc", type=int, default=64, help="output columns per workgroup")
     c.add_argument("--unroll", type=int, default=1, metavar="UN",

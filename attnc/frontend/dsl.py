@@ -96,10 +96,7 @@ def _expr(x: Any) -> ir.Expr:
     if isinstance(x, Value):
         return x.expr
     if isinstance(x, _SubTensor):
-        t = x.tensor
-        what = f"captured tensor {t.slot.hint!r}" if isinstance(t, CapturedTensor) else t.name
-        dims = "" if isinstance(t, CapturedTensor) else f" {list(t.type.dims)}"
-        raise fail(f"{what} has {len(t.type.dims)} dims{dims}, indexed with {len(x.prefix)}",
+        raise fail(f"{x.tensor._describe()}, indexed with {len(x.prefix)}",
                    ("index it down to one element, e.g. t[b, q_idx] or t[b][q_idx]",))
     if isinstance(x, CapturedTensor):
         raise fail(f"captured tensor {x.slot.hint!r} is not a scalar value; index it first")
@@ -376,11 +373,15 @@ class TensorInput:
     def __getitem__(self, idx: Any) -> Value | Slice | _SubTensor:
         return self._index(idx if isinstance(idx, tuple) else (idx,))
 
+    def _describe(self) -> str:
+        """How errors name it: `bias has 4 dims ['B', 'Hq', 'S', 'T']`."""
+        return f"{self.name} has {len(self.type.dims)} dims {list(self.type.dims)}"
+
     def _index(self, idx: tuple[Any, ...]) -> Value | Slice | _SubTensor:
         rank = len(self.type.dims)
         colons = [i for i, x in enumerate(idx) if isinstance(x, slice)]
         if len(idx) > rank or (colons and len(idx) != rank):
-            raise fail(f"{self.name} has {rank} dims {list(self.type.dims)}, indexed with {len(idx)}")
+            raise fail(f"{self._describe()}, indexed with {len(idx)}")
         if any(x != slice(None) for x in idx if isinstance(x, slice)):
             raise fail("only a plain ':' slice is supported (the reduction axis)")
         if any(x is Ellipsis or x is None for x in idx):
@@ -458,6 +459,16 @@ class CapturedTensor(TensorInput):
     def __init__(self, name: str, ty: ir.TensorType, slot: capture.Slot):
         super().__init__(name, ty)
         self.slot = slot
+
+    def _describe(self) -> str:
+        return f"captured tensor {self.slot.hint!r} of shape {self.slot.shape} has {len(self.slot.shape)} dims"
+
+    def _index(self, idx: tuple[Any, ...]) -> Value | Slice | _SubTensor:
+        if any(isinstance(x, slice) for x in idx):
+            raise fail(f"captured tensor {self.slot.hint!r} is indexed with one integer per axis",
+                       ("a ':' slice (a whole axis) is for q/k/v in dot() and update(); a mod reads "
+                        "single elements",))
+        return super()._index(idx)
 
     def _register(self) -> None:
         b = _builder()
@@ -753,18 +764,25 @@ def _output_type(b: sem.Builder, body: tuple[ir.Stmt, ...]) -> ir.TensorType:
 
 def _name_captures(kern: ir.Kernel, captured: dict[str, capture.Slot]
                    ) -> tuple[ir.Kernel, dict[str, capture.Slot]]:
-    """Give captured params (and their dims) the names of the variables they came from, or those
-    names with a number where the kernel already uses them: `rel` and its dim `rel_0`."""
+    """Give captured params (and their dims) the names of the variables they came from, `rel`
+    and its dims `rel_0`, ...: those are what a caller of `attnc compile`'s output binds. A name
+    the kernel's params, dims, grid or loop use gets a number (`rel1`); a `%let` of the kernel
+    with that name is renamed instead (lets are the kernel's own)."""
     if not captured:
         return kern, {}
-    taken = set(KEYWORDS) | {p.name for p in kern.params if p.name not in captured}
-    taken |= {d for p in kern.params if p.name not in captured for d in p.type.dims}
-    taken |= {n for n, _ in kern.tunables} | set(kern.output.dims)
+    fixed = set(KEYWORDS) | {p.name for p in kern.params if p.name not in captured}
+    fixed |= {d for p in kern.params if p.name not in captured for d in p.type.dims}
+    fixed |= {n for n, _ in kern.tunables} | set(kern.output.dims) | set(kern.dims)
+    lets: set[str] = set()
     for st in ir.walk_stmts(kern.body):
-        if isinstance(st, ir.Let | ir.Softmax | ir.Loop):
-            taken.add(st.var)
+        if isinstance(st, ir.Let):
+            lets.add(st.var)
+        elif isinstance(st, ir.Softmax | ir.Loop):
+            fixed.add(st.var)
         elif isinstance(st, ir.Grid):
-            taken.update(a.var for a in st.axes)
+            fixed.update(a.var for a in st.axes)
+    fixed -= set(captured)
+    fixed -= {d for p in kern.params if p.name in captured for d in p.type.dims}
     mapping: dict[str, str] = {}
     out: dict[str, capture.Slot] = {}
     for p in kern.params:
@@ -773,14 +791,21 @@ def _name_captures(kern: ir.Kernel, captured: dict[str, capture.Slot]
         slot = captured[p.name]
         base = slot.hint if slot.hint.isidentifier() else "captured"
         name, i = base, 1
-        while name in taken or any(f"{name}_{j}" in taken for j in range(len(p.type.dims))):
+        while name in fixed or any(f"{name}_{j}" in fixed for j in range(len(p.type.dims))):
             name, i = f"{base}{i}", i + 1
-        taken.add(name)
         mapping[p.name] = name
+        fixed.add(name)
         for j, d in enumerate(p.type.dims):
             mapping[d] = f"{name}_{j}"
-            taken.add(mapping[d])
+            fixed.add(mapping[d])
         out[name] = slot
+    taken = fixed | lets | set(mapping.values())
+    for let in sorted(lets & set(mapping.values())):  # a kernel let the user's name displaces
+        new, i = f"{let}1", 2
+        while new in taken:
+            new, i = f"{let}{i}", i + 1
+        mapping[let] = new
+        taken.add(new)
     return ir.rename(kern, mapping), out
 
 

@@ -425,7 +425,8 @@ def walk_expr(e: Expr):
 
 
 def rename(kernel: Kernel, mapping: dict[str, str]) -> Kernel:
-    """The kernel with params, dims and the names that refer to them renamed by `mapping`."""
+    """The kernel with names renamed by `mapping`: params, dims, lets, grid and loop variables
+    and softmax states, where they are defined and wherever they are used (not tunables)."""
     if not mapping:
         return kernel
 
@@ -457,17 +458,20 @@ def rename(kernel: Kernel, mapping: dict[str, str]) -> Kernel:
 
     def st(s):
         if isinstance(s, Grid):
-            return Grid(tuple(GridAxis(a.var, ext(a.extent), a.span) for a in s.axes), s.span)
+            return Grid(tuple(GridAxis(n(a.var), ext(a.extent), a.span) for a in s.axes), s.span)
         if isinstance(s, Let):
-            return Let(s.var, ex(s.value), s.span)
+            return Let(n(s.var), ex(s.value), s.span)
         if isinstance(s, Softmax):
-            return Softmax(s.var, s.rows, n(s.width), s.span)
+            return Softmax(n(s.var), n(s.rows), n(s.width), s.span)
         if isinstance(s, Update):
-            return Update(s.acc, ex(s.score), sl(s.value), s.span)
+            return Update(n(s.acc), ex(s.score), sl(s.value), s.span)
         if isinstance(s, Sink):
-            return Sink(s.acc, ex(s.logit), s.span)
+            return Sink(n(s.acc), ex(s.logit), s.span)
         if isinstance(s, Loop):
-            return Loop(s.var, n(s.dim), s.size, s.split, tuple(st(t) for t in s.body), s.span)
+            split = None if s.split is None else n(s.split)
+            return Loop(n(s.var), n(s.dim), s.size, split, tuple(st(t) for t in s.body), s.span)
+        if isinstance(s, Return):
+            return Return(n(s.acc), s.lse, None if s.combine is None else n(s.combine), s.span)
         return s
 
     params = tuple(Param(n(p.name), TensorType(p.type.dtype, tuple(n(d) for d in p.type.dims)), p.span)

@@ -151,7 +151,7 @@ class Op:
                              "this value itself; it is not passed by name")
         sources = {n: f"the value a mod captures as {n!r}" for n in captured} | {n: repr(n) for n in values}
         bound = bind_params(kern, {d: int(n) for d, n in self._dims.items()}, {**captured, **values},
-                            sources=sources)
+                            sources=sources, dims_from="dims=")
         missing = [d for d in kern.dims if d not in bound.dims]
         if missing:
             raise ValueError(f"kernel {kern.name}: no tensor has dim {', '.join(map(repr, missing))}: pass its "

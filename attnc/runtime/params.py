@@ -110,11 +110,13 @@ def _compact(arr: np.ndarray) -> tuple[np.ndarray, list[bool]]:
 
 
 def bind_params(kern: ir.Kernel, dims: dict[str, int], values: dict[str, Any], *,
-                skip: set[str] = frozenset(), sources: dict[str, str] | None = None) -> BoundParams:  # type: ignore[assignment]
+                skip: frozenset[str] | set[str] = frozenset(), sources: dict[str, str] | None = None,
+                dims_from: str = "q, k, v") -> BoundParams:
     """Bind every param of `kern` not in `skip` from `values` (by param name): check its rank,
-    dtype and that its dims agree with `dims` and with each other (a size-1 axis broadcasts),
-    and add the dims it alone gives. `sources` names where a value came from, for messages
-    ("the array score_mod captures as 'rel'"). Raises ValueError naming the tensor."""
+    dtype and that its dims agree with `dims` (which came from `dims_from`) and with each other
+    (a size-1 axis broadcasts), and add the dims it alone gives. `sources` names where a value
+    came from, for messages ("the array a mod captures as 'rel'"). Raises ValueError naming
+    the tensor."""
     sources = sources or {}
     out = BoundParams(dict(dims))
     todo = [p for p in kern.params if p.name not in skip]
@@ -122,46 +124,39 @@ def bind_params(kern: ir.Kernel, dims: dict[str, int], values: dict[str, Any], *
     if missing:
         raise ValueError(f"kernel {kern.name} needs {', '.join(repr(m) for m in missing)}: pass "
                          f"{'them' if len(missing) > 1 else 'it'} with inputs={{name: value}}")
-    arrays: dict[str, np.ndarray] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    custom: dict[str, Callable[[Any], Any]] = {}
     for p in todo:
-        what = _where(p.name, sources)
-        obj = values[p.name]
+        what, obj = _where(p.name, sources), values[p.name]
         if not p.type.dims:
             out.scalars[p.name] = _scalar(obj, p.type.dtype, what)
             continue
-        custom = next((conv for desc, conv in _CUSTOM if desc(obj) is not None), None)
-        if custom is not None:
-            info = next(d(obj) for d, _ in _CUSTOM if d(obj) is not None)
-            shape = info.shape  # type: ignore[union-attr]
-            arrays[p.name] = None  # type: ignore[assignment]
-            out.arrays[p.name] = custom(obj)
+        conv = next(((d(obj), c) for d, c in _CUSTOM if d(obj) is not None), None)
+        if conv is not None:
+            shapes[p.name], custom[p.name] = conv[0].shape, conv[1]  # type: ignore[union-attr]
         else:
-            arr = _as_array(p.name, obj, what)
-            shape = arr.shape
-            arrays[p.name] = arr
+            shapes[p.name] = _as_array(p.name, obj, what).shape
+        shape = shapes[p.name]
         if len(shape) != len(p.type.dims):
             raise ValueError(f"{what}: expected {len(p.type.dims)} dims {list(p.type.dims)}, got shape {tuple(shape)}")
         if math.prod(shape) == 0:
             raise ValueError(f"{what}: empty (shape {tuple(shape)}); a kernel input has at least one element")
-    # dims: the one size other than 1 each dim has (size-1 axes broadcast)
-    origin: dict[str, str] = {d: "q, k, v" for d in dims}
+    # each dim's size is the one size other than 1 its tensors have (size-1 axes broadcast)
+    origin: dict[str, str] = {d: dims_from for d in dims}
     for p in todo:
-        if not p.type.dims:
-            continue
-        shape = arrays[p.name].shape if arrays[p.name] is not None else \
-            next(d(values[p.name]) for d, _ in _CUSTOM if d(values[p.name]) is not None).shape  # type: ignore[union-attr]
-        for d, n in zip(p.type.dims, shape, strict=True):
+        for d, n in zip(p.type.dims, shapes.get(p.name, ()), strict=True):
             have = out.dims.get(d)
             if have is None or (have == 1 and d not in dims):
-                out.dims[d] = int(n)
-                origin[d] = _where(p.name, sources)
+                out.dims[d], origin[d] = int(n), _where(p.name, sources)
             elif n not in (1, have):
                 raise ValueError(f"{_where(p.name, sources)}: dim {d} is {n}, but {have} in {origin[d]}")
     for p in todo:
-        arr = arrays.get(p.name)
-        if arr is None:
+        if p.name in custom:
+            out.arrays[p.name] = custom[p.name](values[p.name])
             continue
-        arr, zero = _compact(arr)
+        if p.name not in shapes:
+            continue
+        arr, zero = _compact(_as_array(p.name, values[p.name], _where(p.name, sources)))
         st = _dense(arr.shape)
         out.strides[p.name] = [0 if z or (n == 1 and out.dims[d] > 1) else s
                                for s, n, d, z in zip(st, arr.shape, p.type.dims, zero, strict=True)]

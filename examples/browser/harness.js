@@ -11,7 +11,7 @@ import {
   AttncError, createAttention, evaluateFormula, f16BitsToF32, f16ToF32, f32ToF16, loadManifest, selectVariant,
 } from '../../js/attnc.js';
 
-const ARRAYS = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array};
+const ARRAYS = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array, u8: Uint8Array, bool: Uint8Array};
 
 /** @param {string} base @param {string} rel */
 export function joinPath(base, rel) {

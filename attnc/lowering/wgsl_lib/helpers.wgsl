@@ -6,18 +6,27 @@ var<private> BITS_NEG_INF: u32 = 0xff800000u;
 var<private> BITS_POS_INF: u32 = 0x7f800000u;
 var<private> BITS_NAN: u32 = 0x7fc00000u;
 
-// Integer division rounding toward -inf, as the IR's idiv (Python's //); 0 for b = 0.
-// (WGSL's / truncates, and gives a for b = 0 and for i32 min / -1.)
+// Integer division rounding toward -inf, as the IR's idiv (Python's //); 0 for b = 0; i32 min
+// divided by -1 wraps to i32 min. Computed on magnitudes in u32: GLSL (wgpu's OpenGL backend)
+// leaves % (and / on some drivers) undefined for negative operands, and llvmpipe's GL gives
+// unsigned results for them.
 fn floor_div(a: i32, b: i32) -> i32 {
-  let q = a / b;
-  return select(select(q, q - 1, (a % b != 0) && ((a < 0) != (b < 0))), 0, b == 0);
+  let ua = select(u32(a), 0u - u32(a), a < 0);
+  let ub = max(select(u32(b), 0u - u32(b), b < 0), 1u);
+  let uq = ua / ub;
+  let neg = (a < 0) != (b < 0);
+  let q = select(i32(uq), i32(0u - uq), neg);
+  return select(select(q, q - 1, neg && ua != uq * ub), 0, b == 0);
 }
 
 // Modulo with the sign of the divisor, as the IR's mod (Python's %); a for b = 0, so that
-// a == floor_div(a, b) * b + floor_mod(a, b) always.
+// a == floor_div(a, b) * b + floor_mod(a, b) always (magnitudes in u32, as floor_div).
 fn floor_mod(a: i32, b: i32) -> i32 {
-  let r = a % b;
-  return select(select(r, r + b, (r != 0) && ((r < 0) != (b < 0))), a, b == 0);
+  let ua = select(u32(a), 0u - u32(a), a < 0);
+  let ub = max(select(u32(b), 0u - u32(b), b < 0), 1u);
+  let ur = ua - (ua / ub) * ub;
+  let r = select(i32(ur), i32(0u - ur), a < 0);
+  return select(select(r, r + b, r != 0 && ((r < 0) != (b < 0))), a, b == 0);
 }
 
 // A tensor index clamped into [0, n - 1], the IR's rule for every read: rows and keys past
