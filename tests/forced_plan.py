@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from attnc.lowering.plan import Plan
+from attnc.lowering.plan import DEFAULT_LIMITS, Plan, layout
 from attnc.runtime import api
 from tests.textbook import assert_close, attention_ref
 
@@ -17,6 +17,13 @@ OPTION_SETS = st.fixed_dictionaries({}, optional={
     "causal": st.just(True), "softcap": st.just(20.0), "return_lse": st.just(True),
     "window": st.tuples(st.integers(0, 50), st.none() | st.integers(0, 8)),
     "kv_lens": st.just("draw"), "sinks": st.just("draw"), "bias": st.sampled_from(["draw", "full"])})
+
+
+def fits_portable_limits(plan: Plan, BM: int, BN: int) -> bool:
+    """Whether a tiled plan stays inside WebGPU's default limits (workgroup memory, invocations)."""
+    lay = layout(plan, BM, BN)
+    return (4 * lay.smem_words <= DEFAULT_LIMITS["max-compute-workgroup-storage-size"]
+            and lay.WG <= DEFAULT_LIMITS["max-compute-invocations-per-workgroup"])
 
 
 def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str, int], nsplit: int | None,

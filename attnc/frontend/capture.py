@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -377,8 +377,3 @@ class NeedsStatic(Exception):  # noqa: N818 - a signal to the tracer, not an err
     def __init__(self, paths: set[Path]):
         super().__init__(f"captured numbers used as constants: {sorted(map(str, paths))}")
         self.paths = paths
-
-
-def iter_paths(slots: dict[Path, Slot]) -> Iterator[Path]:
-    """Slot paths in a stable order."""
-    return iter(sorted(slots, key=str))

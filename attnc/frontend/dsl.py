@@ -2,7 +2,8 @@
 
 A kernel is a Python function decorated with `@kernel`; `KernelDef.trace(**options)` calls
 it with symbolic values and records IR. Masks and score modifiers are plain functions of
-traced values (FlexAttention style): operators on traced values build IR expressions.
+traced values (FlexAttention style): operators on traced values build IR expressions, and the
+arrays and numbers they close over become kernel params (frontend/capture.py).
 """
 
 from __future__ import annotations

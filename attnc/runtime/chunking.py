@@ -47,6 +47,7 @@ def chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], lim
     for bs, hs in parts:
         qh = hs if hs == slice(None) else slice(hs.start * (Hq // Hkv), hs.stop * (Hq // Hkv))
         sub = dict(kw)
+        _offset_mods(sub, bs.start or 0, qh.start or 0)
         if full is not None:
             sub["bias"] = np.ascontiguousarray(full[bs, qh])
         if kw.get("kv_lens") is not None:
@@ -60,6 +61,18 @@ def chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], lim
     if kw.get("return_lse"):
         return (np.concatenate([o for o, _ in outs], axis), np.concatenate([lse for _, lse in outs], axis))
     return np.concatenate(outs, axis)
+
+
+def _offset_mods(kw: dict[str, Any], b0: int, h0: int) -> None:
+    """score_mod and mask_mod of a piece see the batch and head indices of the whole problem
+    (b0 and h0 are captured numbers: uniforms, so every piece runs the same kernel)."""
+    if b0 == 0 and h0 == 0:
+        return
+    score_mod, mask_mod = kw.get("score_mod"), kw.get("mask_mod")
+    if score_mod is not None:
+        kw["score_mod"] = lambda s, b, h, q_idx, kv_idx: score_mod(s, b + b0, h + h0, q_idx, kv_idx)
+    if mask_mod is not None:
+        kw["mask_mod"] = lambda b, h, q_idx, kv_idx: mask_mod(b + b0, h + h0, q_idx, kv_idx)
 
 
 def _chunk_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], limit: int,

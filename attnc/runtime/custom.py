@@ -41,6 +41,8 @@ class Op:
         self.device = get_device(device)
         self.family = pick_family(self.device.capabilities, target)
         self.last: Prepared | None = None  # the last call's prepared op (its IR, plan and variant)
+        self._dims: dict[str, int] = {}
+        self._optional: set[str] = set()
         self._kernels: dict[Any, tuple[ir.Kernel, dict[str, capture.Path]]] = {}
         self.traces = 0
 
@@ -86,42 +88,35 @@ class Op:
         for d, n in self._dims.items():
             if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 1:
                 raise ValueError(f"dims[{d!r}]: expected a positive int, got {n!r}")
-        kern0, captured = self._trace(self.options)
-        bound = self._bind(kern0, values, captured)
-        spec = analyze(kern0)
-        f16 = self._f16(kern0, values)
+        kern, captured = self._trace(self.options)
+        spec = analyze(kern)
+        # the split count (a kernel with a split KV axis) is chosen here unless given
+        self._optional = {spec.split_count} - set(values) if spec.split_count else set()
+        f16 = self._f16(kern, values)
         f16_math = self.target in F16_MATH_TARGETS
         if f16_math and not f16:
             raise ValueError(f"target {self.target!r} computes products in f16: pass float16 operands")
-        pdims = self._plan_dims(kern0, spec, bound.dims)
+        pdims = self._plan_dims(kern, spec, self._bind(kern, values, captured).dims)
         caps = self.device.capabilities
         plan, htun = plan_for(caps, self.family, pdims, f16=f16, explicit_family=self.target is not None,
                               f16_math=f16_math)
         if f16_math:
             plan = dataclasses.replace(plan, storage=Storage.F16A)
         # the kernel's own tile tunables take the plan's sizes unless the options fix them
-        tun = {}
-        for ours, name in (("BM", _tile_tunable(kern0)), ("BN", _loop_tunable(kern0))):
-            if name is not None and name not in self.options:
-                tun[name] = htun[ours]
-        kern, captured = self._trace({**self.options, **tun}) if tun else (kern0, captured)
+        tun = {name: htun[ours] for ours, name in (("BM", _tile_tunable(kern)), ("BN", _loop_tunable(kern)))
+               if name is not None and name not in self.options}
         if tun:
-            bound = self._bind(kern, values, captured)
+            kern, captured = self._trace({**self.options, **tun})
         kern = retype(kern, Storage.F16 if f16 else Storage.F32)
-        scalars = dict(bound.scalars)
+        bound = self._bind(kern, values, captured)  # the retyped kernel: f16 operands stay f16
         spec = analyze(kern)
         if spec.split_count is not None:
-            n = scalars.get(spec.split_count)
             if spec.split_count not in values:
-                n = kv_splits(caps, pdims, plan, {"BM": spec.BM, "BN": spec.BN}, False)
-                scalars[spec.split_count] = n
-            plan = with_combine(plan, int(n))
-        # tensors are bound again for the retyped kernel: f16 operands stay f16
-        bound = self._bind(kern, values, captured)
-        scalars = {**bound.scalars, **{k: v for k, v in scalars.items() if k not in bound.scalars}}
+                bound.scalars[spec.split_count] = kv_splits(caps, pdims, plan, {"BM": spec.BM, "BN": spec.BN}, False)
+            plan = with_combine(plan, int(bound.scalars[spec.split_count]))
         progs = programs_for(kern, plan)
         check_limits(self.device, progs, plan, pdims)
-        prep = Prepared(self.device, kern, plan, progs, bound.dims, scalars, bound.arrays, bound.strides)
+        prep = Prepared(self.device, kern, plan, progs, bound.dims, bound.scalars, bound.arrays, bound.strides)
         self.last = prep
         return prep
 
@@ -151,7 +146,8 @@ class Op:
                              "this value itself; it is not passed by name")
         sources = {n: f"the value a mod captures as {n!r}" for n in captured} | {n: repr(n) for n in values}
         bound = bind_params(kern, {d: int(n) for d, n in self._dims.items()}, {**captured, **values},
-                            sources=sources, dims_from="dims=")
+                            skip=self._optional, sources=sources, dims_from="dims=",
+                            how="by name: op(name=value, ...)")
         missing = [d for d in kern.dims if d not in bound.dims]
         if missing:
             raise ValueError(f"kernel {kern.name}: no tensor has dim {', '.join(map(repr, missing))}: pass its "

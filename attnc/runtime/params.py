@@ -111,7 +111,7 @@ def _compact(arr: np.ndarray) -> tuple[np.ndarray, list[bool]]:
 
 def bind_params(kern: ir.Kernel, dims: dict[str, int], values: dict[str, Any], *,
                 skip: frozenset[str] | set[str] = frozenset(), sources: dict[str, str] | None = None,
-                dims_from: str = "q, k, v") -> BoundParams:
+                dims_from: str = "q, k, v", how: str = "with inputs={name: value}") -> BoundParams:
     """Bind every param of `kern` not in `skip` from `values` (by param name): check its rank,
     dtype and that its dims agree with `dims` (which came from `dims_from`) and with each other
     (a size-1 axis broadcasts), and add the dims it alone gives. `sources` names where a value
@@ -123,7 +123,7 @@ def bind_params(kern: ir.Kernel, dims: dict[str, int], values: dict[str, Any], *
     missing = [p.name for p in todo if p.name not in values]
     if missing:
         raise ValueError(f"kernel {kern.name} needs {', '.join(repr(m) for m in missing)}: pass "
-                         f"{'them' if len(missing) > 1 else 'it'} with inputs={{name: value}}")
+                         f"{'them' if len(missing) > 1 else 'it'} {how}")
     shapes: dict[str, tuple[int, ...]] = {}
     custom: dict[str, Callable[[Any], Any]] = {}
     for p in todo:

@@ -24,11 +24,13 @@ def t5_bucket(rel: np.ndarray, num_buckets: int = 32, max_distance: int = 128) -
     return out + np.where(rel < exact, rel, np.minimum(large, n - 1))
 
 
-def t5_bias(table: np.ndarray, S: int, T: int, num_buckets: int = 32, max_distance: int = 128):
-    """A score_mod adding table[bucket(kv_idx - q_idx), h] for queries S and keys T."""
-    buckets = t5_bucket(np.arange(-(S - 1), T), num_buckets, max_distance).astype(np.int32)
+def t5_bias(table: np.ndarray, n_queries: int, n_keys: int, num_buckets: int = 32, max_distance: int = 128):
+    """A score_mod adding table[bucket(kv_idx - q_idx), h] for n_queries queries and n_keys keys."""
+    first = n_queries - 1  # buckets[0] is the distance -(n_queries - 1)
+    buckets = t5_bucket(np.arange(-first, n_keys), num_buckets, max_distance).astype(np.int32)
+
     def score_mod(score, b, h, q_idx, kv_idx):
-        return score + table[buckets[kv_idx - q_idx + (S - 1)], h]
+        return score + table[buckets[kv_idx - q_idx + first], h]
     return score_mod
 
 

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 import attnc
+from attnc.frontend.parser import parse
+from attnc.ir.printer import print_kernel
+from attnc.kernels.flash import flash_attention
 from attnc.runtime import build
 from tests.textbook import assert_close, attention_ref
 
@@ -24,7 +27,6 @@ import paged_kv  # noqa: E402
 import prefix_lm  # noqa: E402
 import t5_buckets  # noqa: E402
 
-pytestmark = pytest.mark.gpu
 TOL = 1e-5
 
 
@@ -34,6 +36,33 @@ def qkv(rng, B, Hq, Hkv, S, T, D=32, Dv=32):
             rng.standard_normal((B, Hkv, T, Dv)).astype(np.float32))
 
 
+def flex_kernels() -> dict:
+    """The kernels the examples trace (the .attn text of examples/flex/attn/ is theirs)."""
+    doc_ids = np.zeros((2, 8), np.int64)
+    table = np.zeros((32, 4), np.float32)
+    return {
+        "document_mask": flash_attention.trace(mask_mod=document_mask.document_mask(doc_ids)),
+        "prefix_lm": flash_attention.trace(mask_mod=prefix_lm.prefix_lm(np.zeros(2, np.int32))),
+        "t5_buckets": flash_attention.trace(score_mod=t5_buckets.t5_bias(table, 8, 8)),
+        "head_temperature": flash_attention.trace(score_mod=head_temperature.tempered(np.ones(4, np.float32), 0.5)),
+        "alibi": flash_attention.trace(score_mod=alibi.alibi(np.ones(4, np.float32)), mask_mod=alibi.causal),
+        "bool_mask": flash_attention.trace(mask_mod=bool_mask.from_bool(np.ones((2, 8, 8), bool))),
+        "paged_kv": paged_kv.paged_attention.trace(),
+    }
+
+
+@pytest.mark.parametrize("name", ["document_mask", "prefix_lm", "t5_buckets", "head_temperature", "alibi",
+                                  "bool_mask", "paged_kv"])
+def test_text_form_of_each_example_is_current_and_round_trips(name: str) -> None:
+    """examples/flex/attn/NAME.attn is the printed kernel of the example: its captured arrays and
+    numbers are params (dims of their own), and the text parses back to the same kernel."""
+    kern = flex_kernels()[name]
+    text = print_kernel(kern)
+    assert (FLEX / "attn" / f"{name}.attn").read_text() == text
+    assert parse(text) == kern
+
+
+@pytest.mark.gpu
 def test_document_mask(device) -> None:
     rng = np.random.default_rng(1)
     q, k, v = qkv(rng, 2, 4, 2, 70, 70)
@@ -47,6 +76,7 @@ def test_document_mask(device) -> None:
     assert build._CACHE.traces - traces == 0  # the second call reused the traced kernel
 
 
+@pytest.mark.gpu
 def test_prefix_lm(device) -> None:
     rng = np.random.default_rng(2)
     q, k, v = qkv(rng, 3, 2, 2, 40, 40)
@@ -56,6 +86,7 @@ def test_prefix_lm(device) -> None:
     assert_close(o, ref, TOL)
 
 
+@pytest.mark.gpu
 def test_t5_buckets(device) -> None:
     rng = np.random.default_rng(3)
     S, T = 50, 200  # distances up to 199: every bucket, exact and logarithmic
@@ -68,6 +99,7 @@ def test_t5_buckets(device) -> None:
     assert_close(o, attention_ref(q, k, v, bias=bias), TOL)
 
 
+@pytest.mark.gpu
 def test_head_temperature(device) -> None:
     rng = np.random.default_rng(4)
     q, k, v = qkv(rng, 1, 4, 2, 33, 47)
@@ -80,6 +112,7 @@ def test_head_temperature(device) -> None:
     assert build._CACHE.traces - traces <= 1  # alpha is a uniform, not a new kernel
 
 
+@pytest.mark.gpu
 def test_alibi(device) -> None:
     rng = np.random.default_rng(5)
     q, k, v = qkv(rng, 1, 8, 2, 45, 45)
@@ -92,6 +125,7 @@ def test_alibi(device) -> None:
     assert_close(o, attnc.attention(q, k, v, alibi_slopes=slopes, causal=True, device=device).astype(np.float64), TOL)
 
 
+@pytest.mark.gpu
 def test_bool_mask(device) -> None:
     rng = np.random.default_rng(6)
     q, k, v = qkv(rng, 2, 2, 1, 31, 29)
@@ -102,6 +136,7 @@ def test_bool_mask(device) -> None:
     assert_close(o, attention_ref(q, k, v, mask_mod=lambda b, h, i, j: mask[b, i, j]), TOL)
 
 
+@pytest.mark.gpu
 def test_paged_kv(device) -> None:
     rng = np.random.default_rng(7)
     B, Hq, Hkv, S, D, P, pages, per = 3, 4, 2, 3, 32, 8, 20, 5

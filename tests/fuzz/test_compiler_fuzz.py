@@ -38,10 +38,11 @@ from attnc.frontend.dsl import Value
 from attnc.ir import nodes as ir
 from attnc.ir.interp import interpret
 from attnc.lowering import Family, Plan, Storage, Strategy, lower
-from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, layout
+from attnc.lowering.plan import DEFAULT_LIMITS, Dialect
 from attnc.lowering.retype import retype
 from attnc.runtime import api
 from attnc.runtime.dispatch import compile_program
+from tests.forced_plan import fits_portable_limits
 
 pytestmark = pytest.mark.gpu
 
@@ -322,13 +323,6 @@ def test_generated_wgsl_is_accepted_by_naga_and_tint(case, require_adapters) -> 
                 compile_program(tint_dev, pt)
                 checked += 1
     assert checked >= 1, refused
-
-
-def fits_portable_limits(plan: Plan, BM: int, BN: int) -> bool:
-    """Whether a tiled plan stays inside WebGPU's default limits."""
-    lay = layout(plan, BM, BN)
-    return (4 * lay.smem_words <= DEFAULT_LIMITS["max-compute-workgroup-storage-size"]
-            and lay.WG <= DEFAULT_LIMITS["max-compute-invocations-per-workgroup"])
 
 
 def test_mod_generation_round_trips_through_the_tracer() -> None:

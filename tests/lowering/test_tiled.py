@@ -20,7 +20,7 @@ from attnc.lowering.plan import Family, Plan, Storage, Strategy, layout
 from attnc.lowering.tiled import owned
 from attnc.lowering.wgsl import Writer
 from attnc.runtime import api
-from tests.forced_plan import check_forced_plan
+from tests.forced_plan import check_forced_plan, fits_portable_limits
 from tests.textbook import assert_close, attention_ref
 
 ADAPTERS = ["wgpu:vulkan", "wgpu:opengl", "dawn:vulkan"]
@@ -78,7 +78,7 @@ def problems(draw):
         plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, "resident_query": True,
                        "query_dim": -(-dims["D"] // plan.head_chunk) * plan.head_chunk})
     try:
-        assume(api.fits_portable_limits(plan, bm, bn))
+        assume(fits_portable_limits(plan, bm, bn))
         # at most 32 scores and 32 output columns per invocation (the GPU heuristic's 128x64
         # tiles have 32 of each) and at most 4 value blocks: the emitted structure is the same
         # beyond, and lavapipe compiles such shaders for a minute or more (128 + 128 with UN=2:
