@@ -104,10 +104,11 @@ class Scope:
         return [t for t in self.tables if t.dtype in want]
 
 
-def _read(draw, scope: Scope, kind: str) -> Expr:
-    """A read of a random `kind` table at random (shallow) i32 indices, gathers included."""
+def _read(draw, scope: Scope, kind: str, depth: int) -> Expr:
+    """A read of a random `kind` table at random i32 indices of depth < `depth` (reads of
+    integer tables among them while depth allows: gathers)."""
     t = draw(st.sampled_from(scope.of(kind)))
-    index = tuple(_int(draw, scope, draw(st.integers(0, 1)))[0] for _ in range(t.rank))
+    index = tuple(_int(draw, scope, depth - 1)[0] for _ in range(t.rank))
     return Load(t.name, index, {"f32": F32, "i32": I32, "bool": BOOL}[kind])
 
 
@@ -131,7 +132,7 @@ def _f32(draw, scope: Scope, depth: int) -> tuple[Expr, float]:
     if depth <= 0 or draw(st.integers(0, 3)) == 0:
         kind = draw(st.sampled_from(["score", "score", "const", "int", "float", "table"]))
         if kind == "table" and scope.of("f32"):
-            return _read(draw, scope, "f32"), LOAD_BOUND
+            return _read(draw, scope, "f32", min(depth, 1)), LOAD_BOUND
         if kind in ("score", "table"):
             return scope.score, SCORE_BOUND
         if kind == "const" or (kind == "float" and not scope.floats):
@@ -174,8 +175,8 @@ def _f32(draw, scope: Scope, depth: int) -> tuple[Expr, float]:
 def _int(draw, scope: Scope, depth: int) -> tuple[Expr, int]:
     """A random i32 expression and a bound on its magnitude."""
     if depth <= 0 or draw(st.integers(0, 3)) == 0:
-        if scope.of("i32") and draw(st.integers(0, 4)) == 0:
-            return _read(draw, scope, "i32"), TABLE_INT_BOUND
+        if scope.of("i32") and depth >= 0 and draw(st.integers(0, 4)) == 0:
+            return _read(draw, scope, "i32", depth), TABLE_INT_BOUND
         if scope.ints and draw(st.booleans()):
             return draw(st.sampled_from(scope.ints)), POS_BOUND
         c = draw(st.integers(-8, 8))
@@ -205,7 +206,7 @@ def _bool(draw, scope: Scope, depth: int) -> tuple[Expr, int]:
     """A random bool expression (the bound is meaningless and kept for symmetry)."""
     if depth <= 0 or draw(st.integers(0, 3)) == 0:
         if scope.of("bool") and draw(st.integers(0, 3)) == 0:
-            return _read(draw, scope, "bool"), 0
+            return _read(draw, scope, "bool", min(depth, 1)), 0
         if draw(st.integers(0, 4)) == 0:
             return Const(draw(st.booleans()), BOOL), 0
         cmp = draw(st.sampled_from([Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE]))

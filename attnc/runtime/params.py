@@ -7,14 +7,14 @@ other tensor gave (a table's `NB`, a captured array's `rel_0`). Buffer layouts (
 docs/MANIFEST.md's): f32 and i32 one per 32-bit word; f16 two per word; u8 and bool four per
 word, element i in byte i % 4 (little-endian) of word i // 4; u32 one per word, below 2**31.
 numpy arrays are accepted, and any object numpy can convert that has `shape` and `dtype` (a
-CPU tensor of another library); `register` adds a tensor type whose objects are bound some
-other way (device-resident tensors).
+CPU tensor of another library). This is the place to add a tensor type bound another way (a
+device-resident tensor): describe it to tracing with `capture.register_tensor_type`, and bind
+it in `bind_params` (where `_as_array` converts host objects).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,17 +39,6 @@ def _array_like_info(obj: Any) -> capture.TensorInfo | None:
 
 capture.register_tensor_type(_array_like_info)
 
-# tensor types bound without numpy: (describe, to_binding) pairs; see `register`
-_CUSTOM: list[tuple[Callable[[Any], capture.TensorInfo | None], Callable[[Any], Any]]] = []
-
-
-def register(describe: Callable[[Any], capture.TensorInfo | None], to_binding: Callable[[Any], Any]) -> None:
-    """Let mods capture, and calls pass, a tensor type of the runtime: `describe(obj)` gives its
-    dtype and shape (None: not this type), `to_binding(obj)` what Prepared binds for it."""
-    capture.register_tensor_type(describe)
-    _CUSTOM.append((describe, to_binding))
-
-
 @dataclass
 class BoundParams:
     """What bind_params made: arrays (buffer layout), strides, scalars, and every dim's size."""
@@ -64,7 +53,7 @@ def _where(name: str, sources: dict[str, str]) -> str:
     return sources.get(name, f"input {name!r}")
 
 
-def _as_array(name: str, obj: Any, what: str) -> np.ndarray:
+def _as_array(obj: Any, what: str) -> np.ndarray:
     if isinstance(obj, np.ndarray):
         return obj
     if hasattr(obj, "__array__") and hasattr(obj, "shape"):
@@ -125,18 +114,12 @@ def bind_params(kern: ir.Kernel, dims: dict[str, int], values: dict[str, Any], *
         raise ValueError(f"kernel {kern.name} needs {', '.join(repr(m) for m in missing)}: pass "
                          f"{'them' if len(missing) > 1 else 'it'} {how}")
     shapes: dict[str, tuple[int, ...]] = {}
-    custom: dict[str, Callable[[Any], Any]] = {}
     for p in todo:
         what, obj = _where(p.name, sources), values[p.name]
         if not p.type.dims:
             out.scalars[p.name] = _scalar(obj, p.type.dtype, what)
             continue
-        conv = next(((d(obj), c) for d, c in _CUSTOM if d(obj) is not None), None)
-        if conv is not None:
-            shapes[p.name], custom[p.name] = conv[0].shape, conv[1]  # type: ignore[union-attr]
-        else:
-            shapes[p.name] = _as_array(p.name, obj, what).shape
-        shape = shapes[p.name]
+        shape = shapes[p.name] = _as_array(obj, what).shape
         if len(shape) != len(p.type.dims):
             raise ValueError(f"{what}: expected {len(p.type.dims)} dims {list(p.type.dims)}, got shape {tuple(shape)}")
         if math.prod(shape) == 0:
@@ -151,12 +134,9 @@ def bind_params(kern: ir.Kernel, dims: dict[str, int], values: dict[str, Any], *
             elif n not in (1, have):
                 raise ValueError(f"{_where(p.name, sources)}: dim {d} is {n}, but {have} in {origin[d]}")
     for p in todo:
-        if p.name in custom:
-            out.arrays[p.name] = custom[p.name](values[p.name])
-            continue
         if p.name not in shapes:
             continue
-        arr, zero = _compact(_as_array(p.name, values[p.name], _where(p.name, sources)))
+        arr, zero = _compact(_as_array(values[p.name], _where(p.name, sources)))
         st = _dense(arr.shape)
         out.strides[p.name] = [0 if z or (n == 1 and out.dims[d] > 1) else s
                                for s, n, d, z in zip(st, arr.shape, p.type.dims, zero, strict=True)]

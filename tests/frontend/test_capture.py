@@ -220,3 +220,16 @@ def test_bool_equality_in_masks_and_the_new_functions():
     assert {ir.Op.SIN, ir.Op.COS, ir.Op.TAN, ir.Op.EXP2, ir.Op.LOG2, ir.Op.FLOOR, ir.Op.CEIL,
             ir.Op.SIGMOID, ir.Op.EQ, ir.Op.NE, ir.Op.I32} <= ops
     assert parse(print_kernel(k)) == k
+
+
+def test_cpu_tensors_of_other_libraries_are_captured_like_arrays():
+    """Objects numpy converts, with shape and dtype (here a PyTorch CPU tensor, as in
+    FlexAttention's own tests), are captured as tensors; the runtime binds them with numpy."""
+    torch = pytest.importorskip("torch")
+    head_offset = torch.rand(4)
+    doc = torch.arange(10, dtype=torch.int64) // 3
+    k, caps = flash_attention.trace_with_captures(score_mod=lambda s, b, h, q, kv: s * head_offset[h],
+                                                  mask_mod=lambda b, h, q, kv: doc[q] == doc[kv])
+    ps = params(k)
+    assert ps["head_offset"].dtype is ir.DType.F32 and ps["doc"] == ir.TensorType(ir.DType.I32, ("doc_0",))
+    assert caps["doc"].obj is doc and caps["doc"].shape == (10,)

@@ -337,3 +337,25 @@ def test_mod_generation_round_trips_through_the_tracer() -> None:
     expect = call(ir.Op.SUB, ir.Var("s", F32), call(ir.Op.MUL, call(ir.Op.F32, call(
         ir.Op.ABS, call(ir.Op.SUB, ir.Var("qi", I32), ir.Var("kj", I32)))), ir.Const(0.25, F32)))
     assert mod.value == expect
+
+
+def test_the_generators_draw_captured_reads_gathers_and_the_new_ops() -> None:
+    """The trees reach every table dtype, a read indexed by another read, and the new math."""
+    from hypothesis import find
+
+    def loads(e):
+        return [x for x in ir.walk_expr(e) if isinstance(x, ir.Load)]
+
+    gather = find(score_exprs(SCORE_SCOPE, max_depth=4),
+                  lambda e: any(loads(i) for x in loads(e) for i in x.index), settings=settings(max_examples=2000))
+    assert any(loads(i) for x in loads(gather) for i in x.index)
+    for name in TABLES:
+        strategy = mask_exprs(MASK_SCOPE, max_depth=3) if name == "btab" else score_exprs(SCORE_SCOPE, max_depth=4)
+        find(strategy, lambda e, n=name: any(x.tensor == n for x in loads(e)), settings=settings(max_examples=2000))
+    for op in (ir.Op.SIN, ir.Op.TAN, ir.Op.SIGMOID, ir.Op.FLOOR, ir.Op.EXP2):
+        find(score_exprs(SCORE_SCOPE, max_depth=4),
+             lambda e, op=op: any(isinstance(x, ir.Call) and x.op is op for x in ir.walk_expr(e)),
+             settings=settings(max_examples=2000))
+    find(mask_exprs(MASK_SCOPE, max_depth=3),
+         lambda e: any(isinstance(x, ir.Call) and x.op is ir.Op.EQ and x.args[0].dtype is ir.DType.BOOL
+                       for x in ir.walk_expr(e)), settings=settings(max_examples=2000))
