@@ -122,7 +122,7 @@ SCORE_MODS = {
     "_inverse_causal": (_inverse_causal, lambda s, b, h, m, n: np.where(m <= n, s, -inf)),
     "_rel_bias": (_rel_bias, lambda s, b, h, m, n: s + (m - n)),
     "_rel_causal": (_rel_causal, lambda s, b, h, m, n: np.where(m >= n, s + (m - n), -inf)),
-    "_generate_alibi_bias(8)": (_generate_alibi_bias(HQ),
+    "_generate_alibi_bias(Hq)": (_generate_alibi_bias(HQ),
                                 lambda s, b, h, m, n: s + (n - m) * np.exp2(-((h + 1) * 8.0 / HQ))),
     "_trig": (_trig, lambda s, b, h, m, n: np.sin(np.cos(s)) + np.tan(b)),
     "_trig2": (_trig2, lambda s, b, h, m, n: np.cos(s) * np.sin(s) + np.tan(b)),
@@ -566,7 +566,7 @@ def test_flex_function_f16(target, name: str) -> None:
 
 
 @pytest.mark.parametrize("target", targets(), indirect=True)
-@pytest.mark.parametrize("name", ["_rel_causal", "_generate_alibi_bias(8)"])
+@pytest.mark.parametrize("name", ["_rel_causal", "_generate_alibi_bias(Hq)"])
 @pytest.mark.parametrize("Bq,Hkv", [(3, 2), (4, 1)])
 def test_kv_batch_broadcast(target, name: str, Bq: int, Hkv: int) -> None:
     """K and V with batch 1 serve every query batch (test_kv_batch_broadcast); GQA 4:2 and 4:1."""
@@ -600,6 +600,6 @@ def test_recompile_changed_score_mod(target) -> None:
 def test_every_case_is_ported() -> None:
     """The functions listed in PyTorch's test file, each a case here (a guard against dropping one)."""
     flex_names = {"_identity", "_times_two", "_squared", "_causal", "_inverse_causal", "_rel_bias",
-                  "_rel_causal", "_generate_alibi_bias(8)", "_head_offset", "_trig", "_trig2"}
+                  "_rel_causal", "_generate_alibi_bias(Hq)", "_head_offset", "_trig", "_trig2"}
     assert flex_names <= set(CASES)
     assert len(CASES) >= 45
