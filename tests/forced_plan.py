@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from attnc.lowering.plan import DEFAULT_LIMITS, Plan, layout
+from attnc.lowering.plan import Plan
 from attnc.runtime import api
+from tests.strategies import draw_sinks
 from tests.textbook import assert_close, attention_ref
 
 # random option sets for check_forced_plan ("draw": random values made there from the seed)
@@ -19,18 +20,12 @@ OPTION_SETS = st.fixed_dictionaries({}, optional={
     "kv_lens": st.just("draw"), "sinks": st.just("draw"), "bias": st.sampled_from(["draw", "full"])})
 
 
-def fits_portable_limits(plan: Plan, BM: int, BN: int) -> bool:
-    """Whether a tiled plan stays inside WebGPU's default limits (workgroup memory, invocations)."""
-    lay = layout(plan, BM, BN)
-    return (4 * lay.smem_words <= DEFAULT_LIMITS["max-compute-workgroup-storage-size"]
-            and lay.WG <= DEFAULT_LIMITS["max-compute-invocations-per-workgroup"])
-
-
 def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str, int], nsplit: int | None,
                       opts: dict[str, Any], seed: int) -> api.Prepared:
     """Standard-normal f32 q/k/v; options given as "draw" get random values (kv_lens, with NaN
-    values past kv_lens[0]: masked keys add nothing; sinks; a [Hq, 1, T] bias, or with "full" a
-    [B, Hq, S, T] one, whose every index matters). Returns the op."""
+    values past kv_lens[0]: masked keys add nothing; sinks, a third of them +-inf, NaN or huge,
+    tests/strategies.py; a [Hq, 1, T] bias, or with "full" a [B, Hq, S, T] one, whose every
+    index matters). Returns the op."""
     rng = np.random.default_rng(seed)
     B, Hq, Hkv, S, T, D, Dv = (dims[x] for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
     q = rng.standard_normal((B, Hq, S, D)).astype(np.float32)
@@ -41,7 +36,7 @@ def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str,
         opts["kv_lens"] = rng.integers(0, T + 1, B).astype(np.int32)
         v_dev[0, :, opts["kv_lens"][0]:] = np.nan
     if "sinks" in opts:
-        opts["sinks"] = rng.uniform(-2, 2, Hq).astype(np.float32)
+        opts["sinks"] = draw_sinks(rng, Hq)
     if "bias" in opts:
         shape = (B, Hq, S, T) if opts["bias"] == "full" else (Hq, 1, T)
         opts["bias"] = rng.standard_normal(shape).astype(np.float32)

@@ -9,7 +9,7 @@ output on copy 0, and extra facts for the JSON. A runner that cannot run here ra
 from __future__ import annotations
 
 import importlib
-import inspect
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +18,12 @@ import numpy as np
 
 from attnc.bench.cases import Case
 from attnc.bench.timing import Timing, time_callable, time_dispatches
+from attnc.runtime import dispatch as rt
+from attnc.runtime import timing as timing_rt
+from attnc.runtime.api import prepare_attention
+
+BACK_TO_BACK = f"gpu-timestamps, runs back to back behind {timing_rt.LEAD_MS:g} ms of work"
+ONE_PER_SUBMISSION = "gpu-timestamps, one run per submission"
 
 Inputs = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -63,68 +69,34 @@ def run_naive(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
 
 
 def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions) -> Measured:
-    """attnc's own kernels through `attnc.runtime.api.prepare_attention` (GPU time of the op)."""
-    try:
-        api = importlib.import_module("attnc.runtime.api")
-    except ImportError as exc:
-        raise Unavailable(f"attnc.runtime.api does not import ({exc})") from None
+    """attnc's own kernels through `prepare_attention`: the GPU time of the op, its runs back to
+    back on a busy GPU (runtime/timing.py says why), input copies rotated."""
     q, k, v = copies[0]
     kwargs: dict[str, Any] = {"causal": case.causal, "device": device}
     if opts.target is not None:
         kwargs["target"] = opts.target
-    prepare = getattr(api, "prepare_attention", None)
-    if prepare is None:
-        return _attnc_wall(api, copies, opts, kwargs)
-    op = prepare(q.shape, k.shape, v.shape, q.dtype, **kwargs)
-    handles: list[Any] = []
-    if len(copies) > 1 and _accepts(op.run, "binding"):
-        handles = [op.bind_copy(*c) for c in copies]
-    rotating = bool(handles) and all(h is not None for h in handles)
-    if not rotating:
-        op.bind(*copies[0])
-    state = {"i": 0}
+    op = prepare_attention(q.shape, k.shape, v.shape, q.dtype, **kwargs)
+    handles = [op.bind_copy(*c) for c in copies]
+    op.run(binding=handles[0])  # compiles (and on lavapipe, where compiling happens at the first run)
+    extra: dict[str, Any] = {"variant": op.variant}
+    if rt.sanitizing() or "timestamps" not in device.features:  # one run per submission, as a user's call
+        state = {"i": 0}
 
-    def once() -> float:
-        if rotating:
-            ms = op.run(timestamps=True, binding=handles[state["i"] % len(handles)])
-        else:
-            ms = op.run(timestamps=True)
-        state["i"] += 1
-        return float(ms)
+        def once() -> float | None:
+            ms = op.run(timestamps="timestamps" in device.features, binding=handles[state["i"] % len(handles)])
+            state["i"] += 1
+            return ms
 
-    timing = time_callable(once, runs=opts.runs, warmup=opts.warmup, method="gpu-timestamps")
-    if rotating:
-        op.run(timestamps=False, binding=handles[0])
-    timing = _with_rotations(timing, len(copies) if rotating else 1)
-    extra = {k: v for k, v in {"variant": getattr(op, "variant", None)}.items() if v is not None}
+        timing = time_callable(once, runs=opts.runs, warmup=opts.warmup, method=ONE_PER_SUBMISSION)
+    else:
+        runs = timing_rt.chained([h.dispatches for h in handles])
+        order = [runs[i % len(runs)] for i in range(opts.warmup + opts.runs)]
+        samples = timing_rt.time_back_to_back(device, order)[opts.warmup:]
+        method = BACK_TO_BACK if device.adapter_type != "CPU" else "gpu-timestamps, runs back to back"
+        timing = Timing(statistics.median(samples), tuple(samples), (), method)
+    op.run(binding=handles[0])
     o, _lse = op.result()
-    return Measured(timing, np.asarray(o), extra)
-
-
-def _attnc_wall(api: Any, copies: Sequence[Inputs], opts: RunOptions, kwargs: dict[str, Any]) -> Measured:
-    """Fallback until `prepare_attention` exists: wall time of a whole `attention()` call."""
-    if not hasattr(api, "attention"):
-        raise Unavailable("attnc.runtime.api has neither prepare_attention nor attention")
-    state = {"i": 0}
-
-    def once() -> None:
-        api.attention(*copies[state["i"] % len(copies)], **kwargs)
-        state["i"] += 1
-
-    timing = time_callable(
-        once, runs=opts.runs, warmup=opts.warmup,
-        method="wall (attention(): upload, dispatch, readback)",
-    )  # fmt: skip
-    out = api.attention(*copies[0], **kwargs)
-    return Measured(_with_rotations(timing, len(copies)), np.asarray(out), {})
-
-
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    """Whether `fn` takes a keyword argument `name`."""
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    return Measured(_with_rotations(timing, len(copies)), np.asarray(o), extra)
 
 
 def _with_rotations(t: Timing, n: int) -> Timing:

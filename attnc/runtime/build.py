@@ -36,6 +36,7 @@ class Options:
     split: bool = False
     pack_gqa: bool = False
     f16: bool = False
+    paged: bool = False  # K/V in pages read through a block table (kernels/flash.py)
     score_mod: Callable[..., Any] | None = None
     mask_mod: Callable[..., Any] | None = None
 
@@ -63,30 +64,41 @@ def build_kernel(opts: Options, tunables: dict[str, int]) -> ir.Kernel:
     return build_kernel_with_captures(opts, tunables)[0]
 
 
-def build_kernel_with_captures(opts: Options, tunables: dict[str, int]) -> tuple[ir.Kernel, dict[str, Any]]:
-    """The traced kernel (cached) and the objects its mods capture in this call, by param name."""
+def mods_scan(score_mod: Callable[..., Any] | None, mask_mod: Callable[..., Any] | None) -> capture.Scan | None:
+    """What score_mod and mask_mod reach (frontend/capture.py): the key of the kernel they
+    trace to and their captured objects by path; None without mods."""
+    mods = {n: f for n, f in (("score_mod", score_mod), ("mask_mod", mask_mod)) if f is not None}
+    return capture.scan(mods) if mods else None
+
+
+def build_kernel_with_captures(opts: Options, tunables: dict[str, int]
+                               ) -> tuple[ir.Kernel, dict[str, Any], dict[str, capture.Path]]:
+    """The traced kernel (cached), the objects its mods capture in this call by param name,
+    and where each is found (its path, for looking up later calls' objects in their scan)."""
     mods = {n: f for n in ("score_mod", "mask_mod") if (f := getattr(opts, n)) is not None}
     scan = capture.scan(mods) if mods else None
     key = _key(opts, tunables, scan)
     hit = _CACHE.kernels.get(key) if key is not None else None
     if hit is not None:
         kern, paths = hit
-        assert scan is not None or not paths
-        return kern, {name: scan.slots[path].obj for name, path in paths.items()} if scan else {}
-    from attnc.kernels.flash import flash_attention
+        return kern, {name: scan.slots[path].obj for name, path in paths.items()} if scan else {}, paths
+    from attnc.kernels.flash import flash_attention, paged_flash_attention
 
     _CACHE.traces += 1
-    kern, captured = flash_attention.trace_with_captures(
-        causal=opts.causal, window=opts.window, softcap=opts.softcap, alibi=opts.alibi,
-        bias=opts.bias, sinks=opts.sinks, kv_lens=opts.kv_lens, lse=opts.lse,
-        split=opts.split, score_mod=opts.score_mod, mask_mod=opts.mask_mod, pack_gqa=opts.pack_gqa,
-        offsets=opts.offsets, **tunables)
+    options = dict(causal=opts.causal, window=opts.window, softcap=opts.softcap, alibi=opts.alibi,
+                   bias=opts.bias, sinks=opts.sinks, kv_lens=opts.kv_lens, lse=opts.lse, split=opts.split,
+                   score_mod=opts.score_mod, mask_mod=opts.mask_mod, pack_gqa=opts.pack_gqa, **tunables)
+    if opts.paged:
+        kern, captured = paged_flash_attention.trace_with_captures(**options)
+    else:
+        kern, captured = flash_attention.trace_with_captures(offsets=opts.offsets, **options)
     kern = retype(kern, Storage.F16 if opts.f16 else Storage.F32)
+    paths = {name: slot.path for name, slot in captured.items()}
     # the trace may have found numbers to hold constant: the key of later calls includes them
     key = _key(opts, tunables, capture.scan(mods) if mods else None)
     if key is not None and all(slot.path[0] in mods for slot in captured.values()):
-        _CACHE.kernels[key] = (kern, {name: slot.path for name, slot in captured.items()})
-    return kern, {name: slot.obj for name, slot in captured.items()}
+        _CACHE.kernels[key] = (kern, paths)
+    return kern, {name: slot.obj for name, slot in captured.items()}, paths
 
 
 def _key(opts: Options, tunables: dict[str, int], scan: capture.Scan | None) -> Any:

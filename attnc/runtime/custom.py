@@ -28,6 +28,7 @@ from attnc.runtime.build import programs_for
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.params import bind_params
 from attnc.runtime.prepared import Prepared, check_limits
+from attnc.runtime.tensor import Tensor, host_array
 
 
 class Op:
@@ -44,7 +45,9 @@ class Op:
         self._dims: dict[str, int] = {}
         self._optional: set[str] = set()
         self._kernels: dict[Any, tuple[ir.Kernel, dict[str, capture.Path]]] = {}
+        self._ops: dict[Any, Prepared] = {}
         self.traces = 0
+        self._paths: dict[str, capture.Path] = {}
 
     def __repr__(self) -> str:
         return f"<attnc op {self.kernel.name} on {self.device.spec}>"
@@ -58,9 +61,11 @@ class Op:
         hit = self._kernels.get(key) if key is not None else None
         if hit is not None:
             kern, paths = hit
+            self._paths = dict(paths)
             return kern, {n: scan.slots[p].obj for n, p in paths.items()} if scan else {}
         self.traces += 1
         kern, captured = self.kernel.trace_with_captures(**options)
+        self._paths = {n: s.path for n, s in captured.items()}
         key = self._key(options, mods, capture.scan(mods) if mods else None)
         if key is not None and all(s.path[0] in mods for s in captured.values()):
             self._kernels[key] = (kern, {n: s.path for n, s in captured.items()})
@@ -89,6 +94,7 @@ class Op:
             if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 1:
                 raise ValueError(f"dims[{d!r}]: expected a positive int, got {n!r}")
         kern, captured = self._trace(self.options)
+        paths = self._paths
         spec = analyze(kern)
         # the split count (a kernel with a split KV axis) is chosen here unless given
         self._optional = {spec.split_count} - set(values) if spec.split_count else set()
@@ -107,6 +113,7 @@ class Op:
                if name is not None and name not in self.options}
         if tun:
             kern, captured = self._trace({**self.options, **tun})
+            paths = self._paths
         kern = retype(kern, Storage.F16 if f16 else Storage.F32)
         bound = self._bind(kern, values, captured)  # the retyped kernel: f16 operands stay f16
         spec = analyze(kern)
@@ -116,21 +123,49 @@ class Op:
             plan = with_combine(plan, int(bound.scalars[spec.split_count]))
         progs = programs_for(kern, plan)
         check_limits(self.device, progs, plan, pdims)
-        prep = Prepared(self.device, kern, plan, progs, bound.dims, bound.scalars, bound.arrays, bound.strides)
+        sources = {n: f"the value a mod captures as {n!r}" for n in captured} | {n: repr(n) for n in values}
+        prep = Prepared(self.device, kern, plan, progs, bound.dims, bound.scalars, bound.tensors,
+                        generic=frozenset(p.name for p in kern.params) - {spec.split_count}, sources=sources)
+        prep.capture_paths = paths
         self.last = prep
         return prep
 
-    def __call__(self, *, dims: dict[str, int] | None = None, **values: Any) -> Any:
+    def __call__(self, *, dims: dict[str, int] | None = None, out: Tensor | None = None,
+                 out_lse: Tensor | None = None, encoder: Any = None, output: str | None = None,
+                 **values: Any) -> Any:
         """Run the kernel on these params (by name); returns o, or (o, lse) when it returns the lse.
 
-        `dims` gives the sizes of dims no tensor has (the logical length of paged keys). o is
-        float16 when the kernel's operands were passed as float16, else float32; lse float32."""
-        prep = self.prepare(values, dims)
-        prep.bind_tensors({}).run()
-        o, lse = prep.result()
-        if prep.kern.output.dtype is ir.DType.F16:
-            o = o.astype(np.float16)
-        return (o, lse) if lse is not None else o
+        `dims` gives the sizes of dims no tensor has (the logical length of paged keys). Params
+        are host data or GPU tensors (attnc.Tensor); as for a prepared attention op, the result
+        is numpy (o in the operands' dtype, lse float32) for host inputs, else GPU tensors
+        (float32), and `out=`, `out_lse=`, `encoder=`, `output=` work the same. An op prepared
+        before for the same shapes, dtypes and options is reused: new values are new bindings
+        and uniforms."""
+        prep = self._prepared(values, dims)
+        gpu = any(isinstance(x, Tensor) for x in values.values())
+        fresh = gpu and out is None
+        if prep.split_param is not None:  # the split count shapes the grid: fixed when prepared
+            values.pop(prep.split_param, None)
+        return prep._call(None, None, None, out, out_lse, encoder, output, values, keep_groups=not fresh)
+
+    def _prepared(self, values: dict[str, Any], dims: dict[str, int] | None) -> Prepared:
+        """The op for these values' shapes and dtypes and `dims` (prepared once, then reused)."""
+        mods = {n: f for n, f in self.options.items() if callable(f) and not isinstance(f, Tunable)}
+        scan = capture.scan(mods) if mods else None
+        key = None if scan is not None and scan.key is None else (
+            tuple(sorted((n, _value_key(x)) for n, x in values.items())), self._split_value(values),
+            tuple(sorted((dims or {}).items())), None if scan is None else scan.key)
+        prep = self._ops.get(key) if key is not None else None
+        if prep is None:
+            prep = self.prepare(values, dims)
+            if key is not None:
+                self._ops[key] = prep
+                if len(self._ops) > 16:
+                    self._ops.pop(next(iter(self._ops)))
+        self.last = prep
+        if scan is not None:
+            values.update(prep.captured_values(scan))
+        return prep
 
     # ------------------------------------------------------------------ helpers
     def _bind(self, kern: ir.Kernel, values: dict[str, Any], captured: dict[str, Any]):
@@ -154,11 +189,17 @@ class Op:
                              f"size with dims={{{missing[0]!r}: n}}")
         return bound
 
+    def _split_value(self, values: dict[str, Any]) -> Any:
+        """The split count a call gives (part of the op's key: it shapes the grid), if any."""
+        kern = next(iter(self._kernels.values()), (None,))[0] if self._kernels else None
+        split = None if kern is None else analyze(kern).split_count
+        return None if split is None else values.get(split)
+
     @staticmethod
     def _f16(kern: ir.Kernel, values: dict[str, Any]) -> bool:
         """Whether the operands (the dot's and the value slice's tensors) come as float16."""
         ops = sorted(operand_tensors(kern))
-        halves = [np.asarray(values[n]).dtype == np.float16 for n in ops if n in values]
+        halves = [np.dtype(values[n].dtype) == np.float16 for n in ops if n in values and hasattr(values[n], "dtype")]
         if any(halves) and not all(halves):
             raise ValueError(f"the operands {ops} of kernel {kern.name} must all be float16 or all float32")
         return bool(halves) and all(halves)
@@ -175,6 +216,17 @@ class Op:
         if not last:  # a slice across a tensor's inner axis: element loads, not vec4
             d, dv = d + (d % 4 == 0), dv + (dv % 4 == 0)
         return dict(B=others, Hq=1, Hkv=1, S=dims[spec.row.dim], T=dims[spec.kv_dim], D=d, Dv=dv)
+
+
+def _value_key(x: Any) -> Any:
+    """What a param's value contributes to the op's key: a tensor's kind, dtype and shape, a
+    number's type (its value is a uniform)."""
+    if isinstance(x, Tensor):
+        return ("tensor", str(x.dtype), x.shape)
+    if isinstance(x, (bool, int, float, np.number)):
+        return ("number", type(x).__name__)
+    arr = host_array("value", x)
+    return ("array", str(arr.dtype), arr.shape) if arr is not None else ("object", type(x).__name__)
 
 
 def _tile_tunable(kern: ir.Kernel) -> str | None:

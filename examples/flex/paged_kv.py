@@ -1,6 +1,8 @@
 """Paged keys and values, as in a KV cache: the keys of sequence b are pages of P rows in a
-shared pool, listed in order by page_table[b]. A custom kernel (DSL code) reads them through the
-table; `attnc.build` runs it from Python."""
+shared pool, listed in order by block_table[b] (vLLM's layout). `attnc.paged_attention` runs
+the shipped flash kernel reading K and V through the table, with every option of
+attnc.attention; `paged_attention` below is the same idea written as a kernel of one's own
+(DSL code with indirect indexing), run with `attnc.build`."""
 
 import numpy as np
 
@@ -10,6 +12,11 @@ from attnc import dim, dot, f32, grid, i32, inf, let, online_softmax, tiles, tun
 Q = f32["B", "Hq", "S", "D"]
 K_PAGES = f32["NP", "Hkv", "P", "D"]  # NP pages of P keys
 V_PAGES = f32["NP", "Hkv", "P", "Dv"]
+
+
+def paged_decode(q, k_pages, v_pages, block_table, seq_lens, **options):
+    """Causal attention of the last S tokens of each sequence over its seq_lens[b] keys."""
+    return attnc.paged_attention(q, k_pages, v_pages, block_table, kv_lens=seq_lens, causal=True, **options)
 
 
 @attnc.kernel
@@ -32,7 +39,9 @@ if __name__ == "__main__":
     B, Hq, Hkv, S, D, P, pages = 2, 8, 2, 1, 64, 16, 12
     pool_k, pool_v = (rng.standard_normal((pages, Hkv, P, D)).astype(np.float32) for _ in range(2))
     table = rng.permutation(pages)[:B * 4].reshape(B, 4).astype(np.int32)  # 4 pages per sequence
+    q = rng.standard_normal((B, Hq, S, D)).astype(np.float32)
+    lens = np.array([64, 37], np.int32)
+    o = paged_decode(q, pool_k, pool_v, table, lens)
     op = attnc.build(paged_attention)
-    o = op(q=rng.standard_normal((B, Hq, S, D)).astype(np.float32), k_pages=pool_k, v_pages=pool_v,
-           scale=D ** -0.5, seq_lens=np.array([64, 37], np.int32), page_table=table, dims={"T": 64})
-    print(o.shape)
+    o_own = op(q=q, k_pages=pool_k, v_pages=pool_v, scale=D ** -0.5, seq_lens=lens, page_table=table, dims={"T": 64})
+    print(o.shape, float(np.abs(o - o_own).max()))

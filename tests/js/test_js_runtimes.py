@@ -152,3 +152,81 @@ def test_f16_conversion_matches_numpy(runtime):
     f16 = res["checks"]["f16"]
     assert f16["count"] > 20000
     assert f16["to_half_mismatches"] == 0 and f16["to_float_mismatches"] == 0, f16
+
+
+def test_kv_cache(runtime, cases_dir):
+    """js/attnc.js KVCache: ragged and whole appends from typed arrays and GPUBuffers (dense and
+    strided), in place (the cache buffers hold exactly the appended rows, zeros past each
+    prefix; the GPU lengths advanced), and attention over each row's prefix, against numpy; on
+    every runtime, f32 and f16 (odd head dims)."""
+    name, res = runtime
+    results = [r for r in res["results"] if r["name"].startswith("kv.")]
+    if not results:
+        assert not js_cases.compiler_available(), "attnc compile exists but made no KV-cache cases"
+        pytest.skip("`python -m attnc compile` is not available yet")
+    spec = {c["name"]: c for c in js_cases.load_cases(cases_dir)}
+    assert sorted(r["name"] for r in results) == sorted(n for n in spec if n.startswith("kv."))
+    have = set(res["device_features"])
+    for r in results:
+        c = spec[r["name"]]
+        if set(c["requires_features"]) - have:
+            assert r["status"] == "unsupported", r
+            continue
+        assert r["status"] == "ok", r.get("error")
+        for out_name in ("cache_k", "cache_v", "kv_lens"):  # written in place: exactly
+            got = js_cases.decode_output(r["outputs"][out_name])
+            want = js_cases.read_bin(cases_dir, c["expected"][out_name])
+            assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), f"{r['name']}.{out_name} differs"
+        check_outputs(name, c, r, cases_dir)
+
+
+def test_js_store_kernels_are_the_python_ones():
+    """js/attnc.js embeds attnc's KV store kernels: the same WGSL text, so both write alike."""
+    from attnc.runtime import kvcache
+
+    text = (js_cases.ROOT / "js" / "attnc.js").read_text()
+    for name, wgsl in (("KV_STORE_WGSL", kvcache.STORE_WGSL), ("KV_STORE_F32", kvcache.STORE_F32),
+                       ("KV_STORE_F16", kvcache.STORE_F16), ("KV_ADVANCE_WGSL", kvcache.ADVANCE_WGSL)):
+        start = text.index(f"const {name} = String.raw`") + len(f"const {name} = String.raw`")
+        assert text[start:text.index("`;", start)] == wgsl, name
+
+
+def test_refused_calls_name_the_problem(runtime, cases_dir):
+    """Calls of compiled kernels that attnc's Python API refuses (GQA non-multiples, Hkv > Hq,
+    string/fractional/zero/negative dims, a short input, kv_lens past T) are refused by the
+    loader with a message naming the problem, never run into plausible numbers."""
+    name, res = runtime
+    spec = [c for c in js_cases.load_cases(cases_dir) if c["name"].startswith("refuse.")]
+    if not spec:
+        assert not js_cases.compiler_available(), "attnc compile exists but made no refusal cases"
+        pytest.skip("`python -m attnc compile` is not available yet")
+    for c in spec:
+        r = _result(res, c["name"])
+        assert "error" in r, f"{c['name']} on {name}: ran, status {r['status']}"
+        assert c["expect_error"] in r["error"], (c["name"], r["error"])
+
+
+def test_validation_matches_python(runtime, cases_dir):
+    """A fixed sample of tests/js/test_js_validation.py's properties on the real runtimes:
+    checkShapes agrees with api.validate_dims, and corrupted manifests are refused by path."""
+    import test_js_validation as tv
+    import validation_cases
+
+    name, res = runtime
+    checks = js_cases.load_checks(cases_dir)
+    if "shapes" not in checks:
+        assert not js_cases.compiler_available(), "attnc compile exists but made no validation checks"
+        pytest.skip("`python -m attnc compile` is not available yet")
+    got = res["checks"]["shapes"]
+    assert len(got) == len(checks["shapes"]) == len(validation_cases.shape_checks())
+    for c, js in zip(validation_cases.shape_checks(), got, strict=True):
+        py = tv.python_shapes(c)
+        if "ok" in py:
+            assert js.get("ok") and js["env"] == py["env"], (c, js)
+        else:
+            assert js.get("attnc_error") and tv.named(js["error"]) == tv.named(py["error"]), (c, py, js)
+    got = res["checks"]["manifests"]
+    assert [g["path"] for g in got] == [c["path"] for c in checks["manifests"]]
+    for g in got:
+        assert g.get("attnc_error") and g["problems"] >= 1, (name, g)
+        assert f"  {g['path']}:" in g["error"], (name, g)

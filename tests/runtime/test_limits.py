@@ -68,6 +68,10 @@ def test_portable_plans_fit_webgpu_default_limits(require_adapters, target, ever
     dev = require_adapters("dawn:vulkan")[0]
     monkeypatch.setitem(dev.gpu.limits, "max-compute-workgroup-storage-size", DEFAULT_WG_STORAGE)
     monkeypatch.setitem(dev.gpu.limits, "max-compute-invocations-per-workgroup", DEFAULT_INVOCATIONS)
+    # planning reads the limits through Device.capabilities, cached once per process: drop it
+    # for this test (whichever test ran on the device first), the original comes back after
+    dev.capabilities  # noqa: B018 - cached, so that monkeypatch restores it
+    monkeypatch.delitem(dev.__dict__, "capabilities")
     rng = np.random.default_rng(0)
     for sh in SHAPES:
         dims = dict(sh)
@@ -187,13 +191,13 @@ def test_problem_larger_than_the_binding_limit_is_chunked(require_adapters, monk
     limit = 16384  # bytes; every per-(b, h) slice below fits, no whole tensor does
     monkeypatch.setitem(dev.gpu.limits, "max-storage-buffer-binding-size", limit)
     sizes: list[int] = []
-    real_bg = rt._bind_group
+    real_bg = rt.create_bind_group
 
-    def spy(device, d, compiled, grid):
-        sizes.extend(int(b.size) for n, b in d.buffers.items())
-        return real_bg(device, d, compiled, grid)
+    def spy(device, program, compiled, buffers, uniform):  # every bind group is made here
+        sizes.extend(int(b.size) for b in buffers.values())  # GPUBuffers or bound BufferSlices
+        return real_bg(device, program, compiled, buffers, uniform)
 
-    monkeypatch.setattr(rt, "_bind_group", spy)
+    monkeypatch.setattr(rt, "create_bind_group", spy)
     rng = np.random.default_rng(5)
     q, k, v = qkv(rng, 4, 4, 2, 24, 40, 32, 32)  # k, v: 40 KiB each; one (b, hk) slice 5 KiB
     try:
