@@ -13,7 +13,7 @@ from tests.textbook import assert_close, attention_ref
 
 pytestmark = pytest.mark.gpu
 
-RUN = settings(deadline=None, max_examples=4,
+RUN = settings(deadline=None, max_examples=3,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
@@ -67,8 +67,10 @@ def test_paged_matches_the_reference(device, data) -> None:
     assert_close(lse, ref_lse, 1e-5, "lse")
 
 
+@pytest.mark.sanitize
 def test_paged_gpu_tensors_and_decode_split(device) -> None:
-    """GPU tensors in and out, a long decode (split-KV), f16 pages."""
+    """GPU tensors in and out, a long decode (split-KV), f16 pages; the table's padding past
+    row 1's pages (-1) is never read outside the pool (the sanitizer run checks every index)."""
     rng = np.random.default_rng(3)
     q, kp, vp, table, k, v = paged_problem(rng, 2, 8, 2, 1, 32, 16, 24, spare=5, dtype=np.float16)
     lens = np.array([384, 150], np.int32)
