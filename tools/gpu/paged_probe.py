@@ -95,7 +95,8 @@ def main() -> None:
             row = probe(dev, name, CASES[name], page, dtype, a.rounds, a.calls)
             rows.append(row)
             print(f"{name} P={page} {a.dtype}: contiguous {row['contiguous_ms']:.4f} ms, "
-                  f"paged {row['paged_ms']:.4f} ms, paged/contiguous {row['ratio']:.3f} (max |diff| {row['max_abs_diff']:.1e})", flush=True)
+                  f"paged {row['paged_ms']:.4f} ms, paged/contiguous {row['ratio']:.3f} "
+                  f"(max |diff| {row['max_abs_diff']:.1e})", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(device=repr(dev), rows=rows), f, indent=1)
