@@ -132,13 +132,13 @@ class Prepared:
                 arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])
             bufs[p.name] = rt.upload(self.dev, arr)
         o_shape = tuple(dims[d] for d in self.kern.output.dims)  # [B, Hq, S, Dv] or packed [B, Hkv, R, Dv]
-        for i, stride in enumerate(dense_strides(o_shape)):
+        for i, stride in enumerate(dense_strides(o_shape[:-1] + (self.o_row_stride,))):
             uni[f"s_o_{i}"] = stride
         if self.has_lse:
             for i, stride in enumerate(dense_strides(o_shape[:-1])):
                 uni[f"s_lse_{i}"] = stride
             bufs["lse"] = rt.empty(self.dev, 4 * B * Hq * S)
-        bufs["o"] = rt.empty(self.dev, 4 * B * Hq * S * Dv)
+        bufs["o"] = rt.empty(self.dev, self.o_dtype.itemsize * B * Hq * S * self.o_row_stride)
         if len(self.progs) > 1:
             bufs["part"] = rt.empty(self.dev, 4 * B * Hq * S * int(self.scalars["NSPLIT"]) * (Dv + 2))
         dispatches = []
@@ -160,10 +160,25 @@ class Prepared:
         times = rt.run(self.dev, self.dispatches, timestamps=timestamps, span=True)
         return None if times is None else float(sum(times))
 
+    @property
+    def o_dtype(self) -> np.dtype:
+        """The dtype the kernel writes o in: float16 for float16 inputs, else float32."""
+        return np.dtype(np.float16 if self.kern.output.dtype is ir.DType.F16 else np.float32)
+
+    @property
+    def o_row_stride(self) -> int:
+        """Elements from one row of o to the next in its buffer: Dv, or for a float16 o with an
+        odd Dv, Dv + 1 (the kernel stores halves in pairs, one u32 word each, so rows start on
+        a word; the padding element holds 0)."""
+        Dv = self.dims["Dv"]
+        return Dv + Dv % 2 if self.o_dtype == np.float16 else Dv
+
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Read o (float32) and lse back."""
+        """Read o (in o_dtype, as the kernel wrote it: no conversion) and lse (float32) back."""
         B, Hq, S, Dv = (self.dims[x] for x in ("B", "Hq", "S", "Dv"))
-        o = rt.readback(self.dev, self.bufs["o"], np.float32, (B, Hq, S, Dv))
+        o = rt.readback(self.dev, self.bufs["o"], self.o_dtype, (B, Hq, S, self.o_row_stride))
+        if self.o_row_stride != Dv:
+            o = np.ascontiguousarray(o[..., :Dv])
         lse = rt.readback(self.dev, self.bufs["lse"], np.float32, (B, Hq, S)) if self.has_lse else None
         return o, lse
 
