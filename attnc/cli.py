@@ -1,80 +1,405 @@
-"""The `attnc` command line: compile, check, print, devices, run (the main job), bench."""
+"""The `attnc` command line: compile, check, print, devices, run (the main job), tune, bench.
+
+Every failure a user can cause (a missing or binary file, a bad option value, an output
+directory that cannot be used, an unknown suite) is a one-line message on stderr and a
+non-zero exit status: 2 for a command line attnc cannot use, 1 for a kernel it rejects.
+"""
 
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import difflib
 import importlib
+import inspect
 import json
+import math
+import os
+import re
+import shutil
 import sys
+import tempfile
 import time
+import traceback
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
-from attnc.errors import AttncError
+from attnc.argparsing import Parser
+from attnc.errors import AttncError, UsageError
+
+MANIFEST = "manifest.json"
+MAX_DVC = 1024  # --dvc: output columns per workgroup, four per invocation (Dv is at most a few hundred)
 
 
-def _load_kernel(spec: str, options: dict[str, Any]):
-    """KERNEL is an .attn file or `module:name` naming a DSL kernel (traced with options)."""
-    from attnc.frontend.dsl import KernelDef
+# ----------------------------------------------------------------------------- kernels
+
+
+def _read_kernel(path: str):
+    """Parse an .attn file; a file that cannot be read is a UsageError naming it."""
     from attnc.frontend.parser import parse_file
 
+    try:
+        return parse_file(path)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _load_kernel(spec: str, sets: list[str]):
+    """KERNEL is an .attn file or `module:name` naming a DSL kernel (traced with the --set options)."""
+    from attnc.frontend.dsl import KernelDef
+
     if spec.endswith(".attn") or Path(spec).is_file():
-        if options:
-            raise SystemExit("error: --set options apply to module:kernel DSL kernels, not .attn files")
-        return parse_file(spec)
+        if sets:
+            raise UsageError("--set options apply to module:kernel DSL kernels, not .attn files "
+                             "(an .attn file states its tunables in its tunables(...) line)")
+        return _read_kernel(spec)
     if ":" not in spec:
-        raise SystemExit(f"error: KERNEL must be an .attn file or module:kernel, got {spec!r}")
+        raise UsageError(f"KERNEL must be an .attn file or module:kernel, got {spec!r}")
     mod_name, _, attr = spec.partition(":")
     sys.path.insert(0, str(Path.cwd()))
     try:
         obj = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise SystemExit(f"error: cannot load {spec!r}: {exc}") from None
+        raise UsageError(f"cannot load {spec!r}: {exc}") from None
+    except Exception as exc:  # the user's module failed while importing: say where, in one line
+        raise UsageError(f"cannot load {spec!r}: importing {mod_name} raised {_where(exc)}") from None
     if not isinstance(obj, KernelDef):
-        raise SystemExit(f"error: {spec!r} is a {type(obj).__name__}, not an @attnc.kernel")
-    return obj.trace(**options)
+        raise UsageError(f"{spec!r} is a {type(obj).__name__}, not an @attnc.kernel")
+    options = parse_sets(obj, sets)
+    try:
+        return obj.trace(**options)
+    except AttncError:
+        raise
+    except RecursionError:
+        raise UsageError(f"tracing {spec!r}: the kernel is nested too deeply") from None
+    except Exception as exc:  # a bug in the user's kernel function, not in attnc
+        raise UsageError(f"tracing {spec!r} raised {_where(exc)}") from None
 
 
-def _parse_sets(items: list[str]) -> dict[str, Any]:
+def _where(exc: BaseException) -> str:
+    """`Type: message (file:line)` for an exception, at the innermost frame it came from."""
+    where = ""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        where = f" ({exc.filename}:{exc.lineno})"
+    else:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames:
+            where = f" ({frames[-1].filename}:{frames[-1].lineno})"
+    text = exc.msg if isinstance(exc, SyntaxError) and exc.msg else str(exc)
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}{where}" if first else f"{type(exc).__name__}{where}"
+
+
+# ----------------------------------------------------------------------------- --set values
+
+_BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
+_NONE_WORDS = {"none", "null"}
+_INT = re.compile(r"[+-]?[0-9]+\Z")
+
+
+class _BadValue(Exception):
+    """A --set value that does not read as the option's type."""
+
+
+class _NotSettable(Exception):
+    """An option whose type (a Python function) the command line cannot express."""
+
+
+def option_types(kdef: Any) -> dict[str, Any]:
+    """The options of a DSL kernel (its keyword-only parameters) and the type each takes on the
+    command line: the annotation, else the default's type (a tunable: a positive int), else Any."""
+    from attnc.frontend.dsl import Tunable
+
     out: dict[str, Any] = {}
-    for item in items:
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise SystemExit(f"error: --set takes key=value, got {item!r}")
-        try:
-            out[key] = json.loads(val)
-        except json.JSONDecodeError:
-            out[key] = val
-        if isinstance(out[key], list):
-            out[key] = tuple(out[key])
+    for p in kdef.signature.parameters.values():
+        if p.kind is not p.KEYWORD_ONLY:
+            continue
+        if isinstance(p.default, Tunable):
+            out[p.name] = Tunable
+        elif p.annotation is not inspect.Parameter.empty:
+            out[p.name] = p.annotation
+        elif p.default is not None and type(p.default) in (bool, int, float, str):
+            out[p.name] = type(p.default)
+        else:
+            out[p.name] = Any
     return out
 
 
+def parse_sets(kdef: Any, items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as typed keyword options of `kdef`; UsageError naming the item
+    for an unknown option or a value that is not of the option's type (a later KEY wins)."""
+    types_ = option_types(kdef)
+    inputs = [p.name for p in kdef.signature.parameters.values() if p.kind is not p.KEYWORD_ONLY]
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        shown = _shown(item)
+        if not eq:
+            raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
+        if key not in types_:
+            if key in inputs:
+                raise UsageError(f"--set {shown}: {key!r} is an input of kernel {kdef.name}, not an option")
+            close = difflib.get_close_matches(key, list(types_), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UsageError(f"--set {shown}: kernel {kdef.name} has no option {key!r}; {hint}"
+                             f"options: {', '.join(sorted(types_))}")
+        try:
+            out[key] = convert(text, types_[key])
+        except _NotSettable:
+            raise UsageError(f"--set {shown}: option {key!r} takes a Python function, which the command line "
+                             "cannot give (write a kernel in Python that passes it)") from None
+        except _BadValue:
+            raise UsageError(f"--set {shown}: option {key!r} takes {describe(types_[key])}, "
+                             f"got {text!r}") from None
+    return out
+
+
+def _shown(text: str) -> str:
+    """`text` as a message quotes it: as typed, or as a Python literal when it holds a line break
+    or another unprintable character (messages stay one line)."""
+    return text if text.isprintable() else repr(text)
+
+
+def convert(text: str, t: Any) -> Any:
+    """`text` read as a value of type `t`: bool (true/false/1/0, any case), int, float, str,
+    None (none/null), a union of those, tuple[...] (`[a, b]`, `(a, b)` or `a,b`), a tunable
+    (a positive int) or Any (JSON, lists as tuples); _BadValue when it is not one."""
+    from attnc.frontend.dsl import Tunable
+
+    word = text.strip()
+    origin = typing.get_origin(t)
+    if t is Tunable:
+        value = convert(word, int)
+        if value < 1:
+            raise _BadValue
+        return value
+    if origin in (typing.Union, types.UnionType):
+        members = sorted(typing.get_args(t), key=lambda a: a is not type(None))  # none first
+        settable = False  # some member other than None has a command-line spelling
+        for member in members:
+            try:
+                return convert(word, member)
+            except _BadValue:
+                settable = settable or member is not type(None)
+            except _NotSettable:
+                pass
+        if settable:
+            raise _BadValue
+        raise _NotSettable
+    if t is type(None) or t is None:
+        if word.lower() in _NONE_WORDS:
+            return None
+        raise _BadValue
+    if t is bool:
+        if word.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[word.lower()]
+        raise _BadValue
+    if t is int:
+        if _INT.match(word):
+            return int(word)
+        raise _BadValue
+    if t is float:
+        try:
+            value = float(word)
+        except ValueError:
+            raise _BadValue from None
+        if math.isnan(value):
+            raise _BadValue
+        return value
+    if t is str:
+        return text
+    if t is tuple or origin is tuple:
+        args = typing.get_args(t)
+        parts = _list_items(word)
+        if args and args[-1] is not Ellipsis and len(parts) != len(args):
+            raise _BadValue
+        elems = [args[0]] * len(parts) if args and args[-1] is Ellipsis else list(args) or [Any] * len(parts)
+        return tuple(convert(p, a) for p, a in zip(parts, elems, strict=True))
+    if t is collections.abc.Callable or origin is collections.abc.Callable:
+        raise _NotSettable
+    if t is Any:
+        try:
+            value = json.loads(word)
+        except ValueError:
+            raise _BadValue from None
+        return _tuples(value)
+    raise _NotSettable  # a class or other type the command line has no spelling for
+
+
+def _list_items(word: str) -> list[str]:
+    """The items of `[a, b]`, `(a, b)` or `a,b` (no nesting); [] for `[]` or `()`."""
+    if len(word) >= 2 and (word[0], word[-1]) in (("[", "]"), ("(", ")")):
+        word = word[1:-1]
+    if not word.strip():
+        return []
+    return [p.strip() for p in word.split(",")]
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists as tuples (options are hashable, like Python's own keyword values)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def describe(t: Any) -> str:
+    """How the messages name a type: `true or false`, `an integer`, `none or a list of 2 (...)`."""
+    from attnc.frontend.dsl import Tunable
+
+    origin = typing.get_origin(t)
+    if t is Tunable:
+        return "a positive integer"
+    if origin in (typing.Union, types.UnionType):
+        members = sorted(typing.get_args(t), key=lambda a: a is not type(None))
+        return " or ".join(describe(m) for m in members)
+    if t is type(None) or t is None:
+        return "none"
+    if t is tuple or origin is tuple:
+        args = typing.get_args(t)
+        if not args:
+            return "a list"
+        if args[-1] is Ellipsis:
+            return f"a list of {describe(args[0])}"
+        example = ", ".join(_example(a) for a in args)
+        return f"a list of {len(args)} ({', '.join(describe(a) for a in args)}), e.g. [{example}]"
+    if t is collections.abc.Callable or origin is collections.abc.Callable:
+        return "a Python function"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text",
+             Any: "a JSON value (text in double quotes)"}
+    return names.get(t, getattr(t, "__name__", str(t)))
+
+
+def _example(t: Any) -> str:
+    """A value of type `t` as one would type it."""
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return _example(next(a for a in typing.get_args(t) if a is not type(None)))
+    return {bool: "true", int: "4", float: "0.5", str: "x"}.get(t, "null")
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def _output_dir(out: Path, force: bool) -> list[str]:
+    """Check `-o OUT` before compiling: a directory, empty unless --force. With --force, the
+    names of the previous compile's files there (what its manifest.json lists, and itself)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out}: exists and is not a directory")
+    if not out.is_dir():
+        return []
+    try:
+        entries = sorted(p.name for p in out.iterdir())
+    except OSError as exc:
+        raise UsageError(f"-o {out}: cannot list the directory: {exc.strerror or exc}") from None
+    if entries and not force:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(f"-o {out}: the directory holds {len(entries)} file{'s' * (len(entries) != 1)} "
+                         f"({shown}); pass --force to replace the files of a previous compile there")
+    return _previous_compile(out) if entries else []
+
+
+def _previous_compile(out: Path) -> list[str]:
+    """The files a previous compile left in `out`: those its manifest.json names, and the manifest
+    (plain names inside `out` only; an unreadable manifest names none but itself)."""
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        return []
+    names = {MANIFEST}
+    try:
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return sorted(names)
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, val in node.items():
+                files = [val] if key == "file" else list(val.values()) if key == "dialect_files" and \
+                    isinstance(val, dict) else None
+                if files is None:
+                    stack.append(val)
+                    continue
+                for f in files:
+                    if isinstance(f, str) and f not in (".", "..") and Path(f).name == f and "\\" not in f:
+                        names.add(f)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return sorted(n for n in names if (out / n).is_file())
+
+
+def _install(tmp: Path, out: Path, previous: list[str]) -> list[str]:
+    """Move the compiled files from `tmp` into `out` (the manifest last), first removing the
+    previous compile's files; returns lines saying what was overwritten or removed."""
+    new = sorted(p.name for p in tmp.iterdir())
+    new.sort(key=lambda n: n == MANIFEST)
+    said = []
+    for name in previous:
+        if name not in new:
+            (out / name).unlink()
+            said.append(f"removed {out / name} (from the previous compile)")
+    for name in new:
+        if (out / name).exists():
+            said.append(f"overwrote {out / name}")
+        shutil.copyfile(tmp / name, out / name)
+    return said
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
+    """Compile a kernel into -o: .wgsl files and manifest.json (see docs/MANIFEST.md)."""
     from attnc.lowering.manifest import compile_kernel
     from attnc.lowering.plan import Dialect, Family, Plan, Storage
 
-    kernel = _load_kernel(args.kernel, _parse_sets(args.set))
-    targets = args.target or ["portable", "subgroups"]
-    dtypes = args.dtype or ["f32", "f16"]
+    if not 4 <= args.dvc <= MAX_DVC:
+        # each invocation keeps DVC/4 accumulators: a DVC of a million wrote 139 MB shaders
+        raise UsageError(f"--dvc {args.dvc}: output columns per workgroup must be 4 to {MAX_DVC} "
+                         "(a multiple of 4; the value head dim Dv is what it covers)")
+    out = Path(args.output)
+    previous = _output_dir(out, args.force)
+    kernel = _load_kernel(args.kernel, args.set)
+    targets = list(dict.fromkeys(args.target or ["portable", "subgroups"]))  # a repeated one: one variant
+    dtypes = list(dict.fromkeys(args.dtype or ["f32", "f16"]))
     plans = [Plan(Family(t), Storage(d), Dialect.TINT, workgroup_size=args.wg, value_columns=args.dvc,
-                  unroll=args.unroll,
-                  prefetch=int(args.prefetch)) for t in targets for d in dtypes]
-    manifest = compile_kernel(kernel, plans, Path(args.output))
+                  unroll=args.unroll, prefetch=int(args.prefetch)) for t in targets for d in dtypes]
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"-o {out}: cannot create the directory: {exc.strerror or exc}") from None
+    try:
+        with tempfile.TemporaryDirectory(prefix="attnc-compile-") as tmp:
+            try:
+                manifest = compile_kernel(kernel, plans, Path(tmp))
+            except RecursionError:
+                raise UsageError(f"{args.kernel}: the kernel is nested too deeply to compile") from None
+            try:
+                said = _install(Path(tmp), out, previous)
+            except OSError as exc:
+                where = exc.filename or out
+                raise UsageError(f"-o {out}: cannot write {where}: {exc.strerror or exc}") from None
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed compile leaves no directory it made
+        raise
     for v in manifest["variants"]:
-        files = ", ".join(p["file"] for p in v["programs"])
+        files = ", ".join(f for p in v["programs"] for f in dict.fromkeys([p["file"], *p["dialect_files"].values()]))
         print(f"{v['name']}: {files}")
-    print(f"wrote {Path(args.output) / 'manifest.json'}")
+    for line in said:
+        print(line)
+    print(f"wrote {out / MANIFEST}")
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from attnc.frontend.parser import parse_file
+# ----------------------------------------------------------------------------- other commands
 
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Parse and verify each .attn file; a bad one is reported and the others still checked."""
     bad = 0
     for f in args.files:
         try:
-            parse_file(f)
+            _read_kernel(f)
             print(f"{f}: ok")
         except AttncError as exc:
             print(exc.render(), file=sys.stderr)
@@ -83,19 +408,25 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_print(args: argparse.Namespace) -> int:
-    from attnc.frontend.parser import parse_file
+    """Print an .attn file in canonical form."""
     from attnc.ir.printer import print_kernel
 
-    print(print_kernel(parse_file(args.file)), end="")
+    print(print_kernel(_read_kernel(args.file)), end="")
     return 0
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from attnc.runtime.devices import default_device, devices
+    """List the adapters (the best marked *) and the backends that are not installed."""
+    from attnc.runtime.devices import default_device, devices, missing_backends
 
-    best = default_device()
-    for d in devices():
+    listed = devices(include_unusable=True)
+    best = default_device() if any(d.unusable is None for d in listed) else None
+    for d in listed:
         mark = "*" if d is best else " "
+        if d.unusable is not None:
+            print(f"  {d.spec:13s} {d.adapter_type:12s} {d.name}")
+            print(f"    unusable: {d.unusable}")
+            continue
         sg = f"subgroup size {d.subgroup_size}" if d.subgroup_size else "no subgroups"
         lim = d.limits
         print(f"{mark} {d.spec:13s} {d.adapter_type:12s} {d.name}")
@@ -104,6 +435,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
         print(f"    limits: workgroup storage {lim.get('max-compute-workgroup-storage-size')} B, "
               f"{lim.get('max-compute-invocations-per-workgroup')} invocations, "
               f"storage binding {lim.get('max-storage-buffer-binding-size')} B")
+    for backend, hint in missing_backends().items():
+        print(f"  {backend}: not installed ({hint})")
+    if best is None:
+        default_device()  # raises the DeviceError that says why none is usable
     return 0
 
 
@@ -114,18 +449,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_demo(args.device, verbose=True)
 
 
+def _tune_cases(args: argparse.Namespace) -> list[Any]:
+    """The cases `attnc tune` was asked for; UsageError for an unknown suite, case or bad shape."""
+    from attnc.bench.cases import load_suite, parse_shape
+
+    try:
+        cases = [parse_shape(s) for s in args.shape] if args.shape else load_suite(args.suite)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.case:
+        known = {c.name for c in cases}
+        unknown = [n for n in args.case if n not in known]
+        if unknown:
+            where = "the --shape cases" if args.shape else f"suite {args.suite!r}"
+            raise UsageError(f"--case: no case named {', '.join(map(repr, unknown))} in {where}; "
+                             f"cases: {', '.join(sorted(known))}")
+        cases = [c for c in cases if c.name in args.case]
+    return cases
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     """Time the candidate variants of each case on a device and store the fastest."""
     import numpy as np
 
-    from attnc.bench.cases import load_suite, parse_shape
-    from attnc.runtime.tune import cache_path, tune
+    from attnc.runtime.tune import tune
+    from attnc.runtime.tuning_cache import cache_path
 
-    cases = [parse_shape(s) for s in args.shape] if args.shape else load_suite(args.suite)
-    if args.case:
-        cases = [c for c in cases if c.name in args.case]
-        if not cases:
-            raise SystemExit(f"error: no case named {args.case} in suite {args.suite}")
+    if args.runs < 1 or args.max < 1:
+        raise UsageError("--runs and --max must be at least 1")
+    cases = _tune_cases(args)
+    cache = cache_path()
+    try:  # the winners are stored there after each case: fail now, not after the first tuning
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache.parent, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as exc:
+        raise UsageError(f"tuning cache {cache}: cannot write: {exc.strerror or exc} "
+                         "(ATTNC_CACHE_DIR names another folder)") from None
+    if args.json:
+        try:
+            with open(args.json, "a"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"--json {args.json}: cannot write: {exc.strerror or exc}") from None
     dtype = np.float16 if args.dtype == "f16" else np.float32
     for c in cases:
         dims = dict(B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, T=c.T, D=c.D, Dv=c.Dv)
@@ -142,26 +508,31 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
+    """`attnc bench`, with its own parser (attnc/bench/cli.py)."""
     from attnc.bench.cli import main as bench_main
 
     return int(bench_main(argv) or 0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `attnc` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        return cmd_bench(argv[1:])
-    ap = argparse.ArgumentParser(prog="attnc", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `attnc` (`attnc bench` has its own, in attnc/bench/cli.py)."""
+    ap = Parser(prog="attnc", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     c = sub.add_parser("compile", help="compile a kernel to .wgsl files and manifest.json")
     c.add_argument("kernel", help="an .attn file or module:kernel")
-    c.add_argument("-o", "--output", required=True, help="output directory")
+    c.add_argument("-o", "--output", required=True, help="output directory (new or empty, or --force)")
+    c.add_argument("--force", action="store_true",
+                   help="compile into a directory that holds files: replace the files its manifest.json "
+                        "lists (other files stay)")
     c.add_argument("--target", action="append", choices=["portable", "subgroups"],
                    help="variant family (repeatable; default: both)")
     c.add_argument("--dtype", action="append", choices=["f32", "f16"], help="storage dtype (default: both)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="option or tunable of a DSL kernel, e.g. --set causal=true --set BN=64")
+                   help="option or tunable of a DSL kernel, typed as the kernel declares it, e.g. "
+                        "--set causal=true --set BN=64 --set window=[4,null]")
     c.add_argument("--wg", type=int, default=128, help="invocations per workgroup")
     c.add_argument("--dvc", type=int, default=64, help="output columns per workgroup")
     c.add_argument("--unroll", type=int, default=1, metavar="UN",
@@ -192,15 +563,31 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--json", default=None, help="append every measurement as JSON lines")
     t.set_defaults(fn=cmd_tune)
     sub.add_parser("bench", help="benchmarks (see `attnc bench --help`)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `attnc` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
+    cmd = None
     try:
+        if argv[:1] == ["bench"]:
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        cmd = args.cmd
         return int(args.fn(args))
+    except UsageError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
     except AttncError as exc:
         print(exc.render(), file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("attnc: interrupted", file=sys.stderr)
+        return 130
     finally:
-        if args.cmd == "run":
+        if cmd == "run":
             print(f"({time.time() - t0:.1f} s)")
 
 

@@ -77,6 +77,12 @@ class LoweringError(AttncError):
     kind = "lowering error"
 
 
+class UsageError(AttncError):
+    """A command line, option value or file that attnc cannot use (missing, unreadable, unwritable)."""
+
+    kind = "error"
+
+
 class DeviceError(AttncError):
     """No suitable WebGPU adapter, or the adapter lacks a requested capability."""
 

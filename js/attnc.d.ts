@@ -29,15 +29,22 @@ export interface ManifestTensor {
 export interface ManifestParam { name: string; type: 'f32' | 'u32' | 'i32'; default?: string }
 export interface ManifestBinding { binding: number; name: string; kind: 'storage' | 'uniform'; access?: 'read' | 'read_write' }
 export interface ManifestUniformField { name: string; offset: number; type: 'f32' | 'u32' | 'i32'; value: string }
+/** A shader compiler's WGSL dialect: Tint (browsers, Dawn) or Naga (wgpu-native, Firefox). */
+export type Dialect = 'tint' | 'naga';
+export const DIALECTS: readonly Dialect[];
 export interface ManifestProgram {
   name: string;
+  /** The WGSL in Tint's dialect (the WGSL spec's, with every `enables` directive). */
   file: string;
+  /** The file each dialect's compiler takes (`tint` is `file`); absent in older manifests. */
+  dialect_files?: Record<Dialect, string>;
   entry_point: string;
   workgroup_size: [number, number, number];
   bindings: ManifestBinding[];
   uniforms: { size: number; fields: ManifestUniformField[] };
   workgroups: string;
   workgroup_storage_bytes: number;
+  in_bounds?: boolean;
 }
 export interface ManifestVariant {
   name: string;
@@ -78,8 +85,23 @@ export function f32ToF16(a: ArrayLike<number>): Uint16Array;
 export function f16ToF32(a: ArrayLike<number>): Float32Array;
 
 /**
- * Load manifest.json (URL/path, or an already parsed object). `fetchText(url)` reads text files
- * (default: fetch); or pass `{file: wgslText}`. Program files resolve relative to the manifest.
+ * Every way a manifest departs from docs/MANIFEST.md in what a runtime reads, as
+ * `path: problem` lines such as `manifest.variants[2].programs[0].file: missing` (empty: valid).
+ */
+export function manifestProblems(manifest: unknown): string[];
+/** Throw an AttncError listing manifestProblems(manifest), if any. */
+export function checkManifest(manifest: unknown, where?: string): void;
+/**
+ * Check shapes against the manifest's dims: each a positive integer, no other names, and Hq a
+ * multiple of Hkv where both are dims (attnc's Python rules). Throws an AttncError whose
+ * message starts with the offending dim's name; returns the shapes.
+ */
+export function checkShapes(dims: string[], shapes: unknown): Shapes;
+
+/**
+ * Load manifest.json (URL/path, or an already parsed object) and check it (checkManifest).
+ * `fetchText(url)` reads text files (default: fetch); or pass `{file: wgslText}`. Program
+ * files resolve relative to the manifest.
  */
 export function loadManifest(
   urlOrObject: string | Manifest,
@@ -90,8 +112,10 @@ export function variantMismatches(variant: ManifestVariant, features: Iterable<s
 export function selectVariant(manifest: Manifest, opts?: { variant?: VariantSelector; features?: Iterable<string>; limits?: any }): ManifestVariant;
 /** requestDevice() descriptor that enables every variant the adapter can run. */
 export function deviceDescriptor(adapter: any, manifest: Manifest): { requiredFeatures: string[]; requiredLimits: Record<string, number> };
-/** 'tint' (browsers, Dawn) keeps `enable` lines; 'naga' drops `enable subgroups;`. */
-export function adaptWgsl(code: string, dialect?: 'tint' | 'naga'): string;
+/** For manifests without `dialect_files`: 'tint' (browsers, Dawn) keeps `enable` lines; 'naga' drops `enable subgroups;`. */
+export function adaptWgsl(code: string, dialect?: Dialect): string;
+/** A program's file for a dialect (`dialect_files`, else `file`) and whether it needs adaptWgsl. */
+export function programFile(program: ManifestProgram, dialect?: Dialect): { file: string; adapt: boolean };
 
 export interface CreateOptions {
   variant?: VariantSelector;
@@ -100,7 +124,8 @@ export interface CreateOptions {
   features?: Iterable<string>;
   /** Limits to select and fold by, over device.limits (e.g. a lower maxComputeWorkgroupsPerDimension). */
   limits?: Record<string, number>;
-  dialect?: 'tint' | 'naga';
+  /** The shader compiler's dialect (default 'tint': browsers, Dawn); 'naga' for wgpu-native. */
+  dialect?: Dialect;
   fetchText?: (file: string) => Promise<string> | string;
   label?: string;
 }

@@ -197,6 +197,313 @@ function toScalar(v, type, what) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Manifest validation (docs/MANIFEST.md): every field a runtime reads, with its path.
+// ---------------------------------------------------------------------------------------
+
+const IDENT = /^[A-Za-z_][A-Za-z0-9_]*$/;
+const GRID_NAMES = ['grid_total', 'grid_stride_x'];
+/** The WGSL dialects a program's `dialect_files` names: Tint (browsers, Dawn) and Naga (wgpu-native). */
+export const DIALECTS = Object.freeze(['tint', 'naga']);
+const MAX_PROBLEMS = 40;
+
+/** A short description of a JSON value for messages. @param {any} x */
+function describe(x) {
+  if (x === undefined) return 'nothing';
+  if (x === null) return 'null';
+  if (Array.isArray(x)) return 'an array';
+  if (typeof x === 'object') return 'an object';
+  if (typeof x === 'string') return JSON.stringify(x.length > 40 ? x.slice(0, 40) + '…' : x);
+  if (typeof x === 'number' || typeof x === 'boolean') return String(x);
+  if (typeof x === 'bigint') return `${x}n`;
+  return `a ${typeof x}`;
+}
+
+/** Whether obj has its own key (not one inherited from Object.prototype). @param {object} obj @param {string} key */
+const has = (obj, key) => Object.prototype.hasOwnProperty.call(obj, key);
+
+/** @param {any} x @returns {x is Record<string, any>} */
+const isObject = (x) => x !== null && typeof x === 'object' && !Array.isArray(x);
+/** @param {any} x */
+const isCount = (x) => Number.isInteger(x) && x >= 0;
+/** @param {string} file */
+const isWgslPath = (file) => typeof file === 'string' && file.endsWith('.wgsl') && !file.startsWith('/')
+  && !/^[a-z][a-z0-9+.-]*:/i.test(file) && !file.split('/').includes('..') && !file.includes('\\');
+
+/**
+ * Every way `manifest` departs from docs/MANIFEST.md in what a runtime reads, as
+ * `path: problem` lines (empty: it can be loaded). Paths look like
+ * `manifest.variants[2].programs[0].file`. Keys the format does not define are ignored (a
+ * later attnc may add optional ones); kernel.hash is not recomputed.
+ * @param {any} manifest @returns {string[]}
+ */
+export function manifestProblems(manifest) {
+  /** @type {string[]} */
+  const out = [];
+  const bad = (/** @type {string} */ path, /** @type {string} */ what) => { out.push(`${path}: ${what}`); };
+  /** The value at obj[key] if present and of the right kind, else undefined (problem recorded). */
+  const field = (/** @type {any} */ obj, /** @type {string} */ path, /** @type {string} */ key,
+    /** @type {(x: any) => boolean} */ ok, /** @type {string} */ want, optional = false) => {
+    const p = `${path}.${key}`;
+    if (!has(obj, key) || obj[key] === undefined) {
+      if (!optional) bad(p, 'missing');
+      return undefined;
+    }
+    if (!ok(obj[key])) {
+      bad(p, `expected ${want}, got ${describe(obj[key])}`);
+      return undefined;
+    }
+    return obj[key];
+  };
+  const str = (/** @type {any} */ x) => typeof x === 'string';
+  const ident = (/** @type {any} */ x) => typeof x === 'string' && IDENT.test(x);
+  const oneOf = (/** @type {string[]} */ values) => (/** @type {any} */ x) => values.includes(x);
+  const list = (/** @type {any} */ x) => Array.isArray(x);
+  const nonEmptyList = (/** @type {any} */ x) => Array.isArray(x) && x.length > 0;
+  /** Check a formula field: present (unless optional), parses, names only `names`. */
+  const formula = (/** @type {any} */ obj, /** @type {string} */ path, /** @type {string} */ key,
+    /** @type {Set<string>} */ names, optional = false) => {
+    const src = field(obj, path, key, str, 'a formula string', optional);
+    if (src === undefined) return;
+    try {
+      const f = parseFormula(src);
+      const unknown = [...f.names].filter((n) => !names.has(n));
+      if (unknown.length) bad(`${path}.${key}`, `formula ${JSON.stringify(src)} uses unknown name(s) ${unknown.join(', ')}`);
+    } catch (e) {
+      if (!(e instanceof AttncError)) throw e;
+      bad(`${path}.${key}`, e.message);
+    }
+  };
+  /** Each element of a list checked by `ok`, with its index in the path. */
+  const elements = (/** @type {any[]} */ xs, /** @type {string} */ path, /** @type {(x: any) => boolean} */ ok, /** @type {string} */ want) => {
+    xs.forEach((x, i) => { if (!ok(x)) bad(`${path}[${i}]`, `expected ${want}, got ${describe(x)}`); });
+  };
+
+  if (!isObject(manifest)) return [`manifest: expected the manifest object, got ${describe(manifest)}`];
+  const m = 'manifest';
+  const format = field(manifest, m, 'format', str, 'a string');
+  if (format !== undefined && format !== MANIFEST_FORMAT) bad(`${m}.format`, `${describe(format)}: not an attnc manifest (expected ${JSON.stringify(MANIFEST_FORMAT)})`);
+  const version = field(manifest, m, 'version', Number.isInteger, 'an integer');
+  if (version !== undefined && version !== MANIFEST_VERSION) bad(`${m}.version`, `${version} is not supported (this loader reads version ${MANIFEST_VERSION})`);
+  if (out.length) return out; // not a manifest this loader reads: the rest would only add noise
+  field(manifest, m, 'attnc_version', str, 'a string');
+  const kernel = field(manifest, m, 'kernel', isObject, 'an object');
+  if (kernel) {
+    field(kernel, `${m}.kernel`, 'name', ident, 'an identifier');
+    field(kernel, `${m}.kernel`, 'hash', (x) => typeof x === 'string' && /^[0-9a-f]{64}$/.test(x), 'a lowercase hex sha256');
+    field(kernel, `${m}.kernel`, 'source', str, 'a string');
+  }
+  /** @type {Set<string>} */
+  const dims = new Set();
+  const dimList = field(manifest, m, 'dims', nonEmptyList, 'a non-empty list of dim names');
+  if (dimList) {
+    dimList.forEach((/** @type {any} */ d, /** @type {number} */ i) => {
+      if (!ident(d)) bad(`${m}.dims[${i}]`, `expected an identifier, got ${describe(d)}`);
+      else if (dims.has(d)) bad(`${m}.dims[${i}]`, `${JSON.stringify(d)} is listed twice`);
+      else dims.add(d);
+    });
+  }
+  const variants = field(manifest, m, 'variants', nonEmptyList, 'a non-empty list of variants');
+  if (!variants) return out;
+  /** @type {Map<string, number>} */
+  const variantNames = new Map();
+  variants.forEach((/** @type {any} */ v, /** @type {number} */ i) => {
+    const vp = `${m}.variants[${i}]`;
+    if (!isObject(v)) return bad(vp, `expected a variant object, got ${describe(v)}`);
+    const name = field(v, vp, 'name', (x) => typeof x === 'string' && x.length > 0, 'a non-empty string');
+    if (name !== undefined) {
+      if (variantNames.has(name)) bad(`${vp}.name`, `${JSON.stringify(name)} is also the name of variants[${variantNames.get(name)}]`);
+      else variantNames.set(name, i);
+    }
+    field(v, vp, 'family', oneOf(['portable', 'subgroups']), '"portable" or "subgroups"');
+    field(v, vp, 'dtype', oneOf(['f32', 'f16']), '"f32" or "f16"');
+    const req = field(v, vp, 'requires', isObject, 'an object');
+    if (req) {
+      const fs = field(req, `${vp}.requires`, 'features', list, 'a list of feature names');
+      if (fs) elements(fs, `${vp}.requires.features`, str, 'a feature name');
+      const ls = field(req, `${vp}.requires`, 'limits', isObject, 'an object of limits');
+      if (ls) for (const k of Object.keys(ls)) if (!isCount(ls[k])) bad(`${vp}.requires.limits.${k}`, `expected a non-negative integer, got ${describe(ls[k])}`);
+    }
+    const en = field(v, vp, 'enables', list, 'a list of enable directives');
+    if (en) elements(en, `${vp}.enables`, oneOf(['subgroups', 'f16']), '"subgroups" or "f16"');
+    field(v, vp, 'tunables', isObject, 'an object');
+
+    /** @type {Map<string, any>} */
+    const tensors = new Map();
+    /** @type {[string, any][]} */
+    const scratch = [];
+    const ts = field(v, vp, 'tensors', nonEmptyList, 'a non-empty list of tensors');
+    (ts || []).forEach((/** @type {any} */ t, /** @type {number} */ j) => {
+      const tp = `${vp}.tensors[${j}]`;
+      if (!isObject(t)) return bad(tp, `expected a tensor object, got ${describe(t)}`);
+      const tname = field(t, tp, 'name', ident, 'an identifier');
+      if (tname !== undefined) {
+        if (tensors.has(tname)) bad(`${tp}.name`, `${JSON.stringify(tname)} is listed twice`);
+        else tensors.set(tname, t);
+      }
+      const role = field(t, tp, 'role', oneOf(['input', 'output', 'scratch']), '"input", "output" or "scratch"');
+      field(t, tp, 'dtype', oneOf(Object.keys(ELEM_BYTES)), Object.keys(ELEM_BYTES).map((x) => JSON.stringify(x)).join(', '));
+      if (role === 'scratch') {
+        scratch.push([tp, t]);
+      } else if (role !== undefined) {
+        const td = field(t, tp, 'dims', list, 'a list of dim names');
+        if (td) elements(td, `${tp}.dims`, (d) => dims.has(d), `one of the manifest's dims (${[...dims].join(', ')})`);
+        if (has(t, 'row_stride')) { // padded rows: outputs with dims only, a formula over dims
+          if (role !== 'output' || !(td && td.length)) bad(`${tp}.row_stride`, 'only an output with dims may have padded rows');
+          formula(t, tp, 'row_stride', dims);
+        }
+      }
+      if (role === 'scratch' && has(t, 'row_stride')) bad(`${tp}.row_stride`, 'only an output with dims may have padded rows');
+    });
+    if (ts && ![...tensors.values()].some((t) => t.role === 'output')) bad(`${vp}.tensors`, 'no output tensor');
+
+    const known = new Set(dims);
+    const ps = field(v, vp, 'params', list, 'a list of params');
+    (ps || []).forEach((/** @type {any} */ p, /** @type {number} */ j) => {
+      const pp = `${vp}.params[${j}]`;
+      if (!isObject(p)) return bad(pp, `expected a param object, got ${describe(p)}`);
+      const pname = field(p, pp, 'name', ident, 'an identifier');
+      field(p, pp, 'type', oneOf(['f32', 'u32', 'i32']), '"f32", "u32" or "i32"');
+      formula(p, pp, 'default', known, true); // dims and the params before it
+      if (pname !== undefined) {
+        if (known.has(pname) || GRID_NAMES.includes(pname) || pname in FUNCTIONS) bad(`${pp}.name`, `${JSON.stringify(pname)} clashes with a dim, a param, a grid name or a function`);
+        known.add(pname);
+      }
+    });
+    for (const [tp, t] of scratch) formula(t, tp, 'count', known);
+    const withGrid = new Set([...known, ...GRID_NAMES]);
+
+    const progs = field(v, vp, 'programs', nonEmptyList, 'a non-empty list of programs');
+    /** @type {Set<string>} */
+    const progNames = new Set();
+    (progs || []).forEach((/** @type {any} */ p, /** @type {number} */ j) => {
+      const pp = `${vp}.programs[${j}]`;
+      if (!isObject(p)) return bad(pp, `expected a program object, got ${describe(p)}`);
+      const pname = field(p, pp, 'name', ident, 'an identifier');
+      if (pname !== undefined) {
+        if (progNames.has(pname)) bad(`${pp}.name`, `${JSON.stringify(pname)} is listed twice`);
+        progNames.add(pname);
+      }
+      const file = field(p, pp, 'file', isWgslPath, 'a relative .wgsl path');
+      const df = field(p, pp, 'dialect_files', isObject, 'an object of files by dialect', true);
+      if (df) {
+        for (const d of DIALECTS) field(df, `${pp}.dialect_files`, d, isWgslPath, 'a relative .wgsl path');
+        if (file !== undefined && isWgslPath(df.tint) && df.tint !== file) bad(`${pp}.dialect_files.tint`, `${describe(df.tint)} is not the program's file ${describe(file)}`);
+      }
+      field(p, pp, 'entry_point', ident, 'an identifier');
+      const wg = field(p, pp, 'workgroup_size', (x) => Array.isArray(x) && x.length === 3, 'a list of 3 sizes');
+      if (wg) elements(wg, `${pp}.workgroup_size`, (x) => Number.isInteger(x) && x >= 1, 'a positive integer');
+      formula(p, pp, 'workgroups', withGrid);
+      field(p, pp, 'workgroup_storage_bytes', isCount, 'a non-negative integer');
+      field(p, pp, 'in_bounds', (x) => typeof x === 'boolean', 'a boolean', true);
+      const bs = field(p, pp, 'bindings', list, 'a list of bindings');
+      /** @type {Set<number>} */
+      const slots = new Set();
+      let uniforms = 0;
+      (bs || []).forEach((/** @type {any} */ b, /** @type {number} */ k) => {
+        const bp = `${pp}.bindings[${k}]`;
+        if (!isObject(b)) return bad(bp, `expected a binding object, got ${describe(b)}`);
+        const slot = field(b, bp, 'binding', isCount, 'a non-negative integer');
+        if (slot !== undefined) {
+          if (slots.has(slot)) bad(`${bp}.binding`, `slot ${slot} is used twice`);
+          slots.add(slot);
+        }
+        const bname = field(b, bp, 'name', str, 'a string');
+        const kind = field(b, bp, 'kind', oneOf(['storage', 'uniform']), '"storage" or "uniform"');
+        if (kind === 'uniform' && ++uniforms === 2) bad(bp, 'a second uniform binding (a program has one)');
+        if (kind === 'storage') {
+          field(b, bp, 'access', oneOf(['read', 'read_write']), '"read" or "read_write"');
+          if (bname !== undefined && ts && !tensors.has(bname)) bad(`${bp}.name`, `${JSON.stringify(bname)} is not a tensor of the variant`);
+        }
+      });
+      if (bs && uniforms === 0) bad(`${pp}.bindings`, 'no uniform binding (grid_total and grid_stride_x need one)');
+      const u = field(p, pp, 'uniforms', isObject, 'an object');
+      if (u) {
+        const size = field(u, `${pp}.uniforms`, 'size', (x) => Number.isInteger(x) && x > 0 && x % 16 === 0, 'a positive multiple of 16');
+        const fields = field(u, `${pp}.uniforms`, 'fields', list, 'a list of fields');
+        /** @type {Map<number, number>} */
+        const offsets = new Map();
+        (fields || []).forEach((/** @type {any} */ f, /** @type {number} */ k) => {
+          const fp = `${pp}.uniforms.fields[${k}]`;
+          if (!isObject(f)) return bad(fp, `expected a field object, got ${describe(f)}`);
+          field(f, fp, 'name', ident, 'an identifier');
+          field(f, fp, 'type', oneOf(['f32', 'u32', 'i32']), '"f32", "u32" or "i32"');
+          const off = field(f, fp, 'offset', (x) => isCount(x) && x % 4 === 0, 'a non-negative multiple of 4');
+          if (off !== undefined) {
+            if (size !== undefined && off + 4 > size) bad(`${fp}.offset`, `${off} + 4 bytes is past the uniform size ${size}`);
+            else if (offsets.has(off)) bad(`${fp}.offset`, `${off} is also the offset of fields[${offsets.get(off)}]`);
+            offsets.set(off, k);
+          }
+          formula(f, fp, 'value', withGrid);
+        });
+        if (fields) {
+          for (const g of GRID_NAMES) {
+            if (!fields.some((/** @type {any} */ f) => isObject(f) && f.value === g)) bad(`${pp}.uniforms.fields`, `no field whose value is ${g} (the dispatch rule needs it)`);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+/** Throw an AttncError listing the manifest's problems, if any. @param {any} manifest @param {string} [where] */
+export function checkManifest(manifest, where = 'manifest') {
+  const problems = manifestProblems(manifest);
+  if (!problems.length) return;
+  const shown = problems.slice(0, MAX_PROBLEMS);
+  const more = problems.length > shown.length ? `\n  … and ${problems.length - shown.length} more` : '';
+  throw new AttncError(`invalid ${where}:\n  ${shown.join('\n  ')}${more}`);
+}
+
+// ---------------------------------------------------------------------------------------
+// Shapes and params: the rules attnc's Python API applies (attnc/runtime/api.py).
+// ---------------------------------------------------------------------------------------
+
+/**
+ * Check a run's shapes against the manifest's `dims`; return them. Every dim is a positive
+ * integer (q, k and v must not be empty, as in attnc's Python API), no other name is given,
+ * and where the dims include Hq and Hkv, Hq is a multiple of Hkv (so Hkv <= Hq): the
+ * kernels read KV head h / (Hq / Hkv) for query head h. The first problem, in `dims` order,
+ * is thrown as an AttncError whose message starts with the dim's name.
+ * @param {string[]} dims @param {any} shapes @returns {Record<string, number>}
+ */
+export function checkShapes(dims, shapes) {
+  if (!isObject(shapes)) throw new AttncError(`shapes: expected an object of dims (${dims.join(', ')}), got ${describe(shapes)}`);
+  /** @type {Record<string, number>} */
+  const env = Object.create(null);
+  for (const d of dims) {
+    const x = has(shapes, d) ? shapes[d] : undefined;
+    if (x === undefined) throw new AttncError(`${d}: missing (the shapes give ${Object.keys(shapes).join(', ') || 'no dims'})`);
+    if (typeof x !== 'number' || !Number.isInteger(x)) throw new AttncError(`${d}: expected a positive integer, got ${describe(x)}`);
+    if (x < 1) throw new AttncError(`${d}=${x}: expected a positive integer (q, k and v must not be empty)`);
+    env[d] = x;
+  }
+  for (const k of Object.keys(shapes)) {
+    if (!dims.includes(k)) throw new AttncError(`${k}: not a dim of this kernel (its dims: ${dims.join(', ')})`);
+  }
+  if ('Hq' in env && 'Hkv' in env && env.Hq % env.Hkv !== 0) {
+    throw new AttncError(`Hq=${env.Hq} query heads is not a multiple of Hkv=${env.Hkv} kv heads`);
+  }
+  return env;
+}
+
+/**
+ * A param's value, checked: a finite number (an integer in range for u32/i32), and for
+ * attnc's attention params the rules of its Python API: `softcap` > 0, `window_left` and
+ * `window_right` >= 0, `NSPLIT` >= 1.
+ * @param {{name: string, type: string}} p @param {any} x @returns {number}
+ */
+function checkParam(p, x) {
+  if (typeof x !== 'number' || !Number.isFinite(x)) throw new AttncError(`param ${p.name}: expected a finite number, got ${describe(x)}`);
+  const v = p.type === 'f32' ? x : toScalar(x, p.type, `param ${p.name}`);
+  const min = {softcap: [0, false], window_left: [0, true], window_right: [0, true], NSPLIT: [1, true]}[p.name];
+  if (min && (min[1] ? v < min[0] : v <= min[0])) {
+    throw new AttncError(`param ${p.name}: ${v} must be ${min[1] ? 'at least' : 'greater than'} ${min[0]}`);
+  }
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------
 // f16 <-> f32 (IEEE binary16 bits in a Uint16Array; round to nearest even, like numpy).
 // ---------------------------------------------------------------------------------------
 
@@ -258,6 +565,15 @@ export function f16ToF32(a) {
 // ---------------------------------------------------------------------------------------
 
 const SOURCES = Symbol('attnc.sources');
+/** Manifests that passed checkManifest. */
+const checked = new WeakSet();
+
+/** checkManifest, once per manifest object (loadManifest's are checked already). @param {any} manifest */
+function ensureChecked(manifest) {
+  if (manifest !== null && typeof manifest === 'object' && checked.has(manifest)) return;
+  checkManifest(manifest);
+  checked.add(manifest);
+}
 
 /** @param {string} base @param {string} file */
 function resolvePath(base, file) {
@@ -296,13 +612,17 @@ export async function loadManifest(urlOrObject, fetchText) {
   let manifest, base = '';
   if (typeof urlOrObject === 'string') {
     base = urlOrObject;
-    manifest = JSON.parse(await read(urlOrObject));
+    const text = await read(urlOrObject);
+    try {
+      manifest = JSON.parse(text);
+    } catch (e) {
+      throw new AttncError(`${urlOrObject}: not JSON (${/** @type {any} */ (e).message})`);
+    }
   } else {
     manifest = urlOrObject;
   }
-  if (!manifest || manifest.format !== MANIFEST_FORMAT) throw new AttncError(`not an attnc manifest (format ${JSON.stringify(manifest && manifest.format)})`);
-  if (manifest.version !== MANIFEST_VERSION) throw new AttncError(`manifest version ${manifest.version} is not supported (this loader reads version ${MANIFEST_VERSION})`);
-  if (!Array.isArray(manifest.variants) || manifest.variants.length === 0) throw new AttncError('manifest has no variants');
+  checkManifest(manifest, typeof urlOrObject === 'string' ? `manifest ${urlOrObject}` : 'manifest');
+  checked.add(manifest);
   Object.defineProperty(manifest, SOURCES, {
     value: (/** @type {string} */ file) => read(base ? resolvePath(base, file) : file),
     enumerable: false,
@@ -353,6 +673,7 @@ function matchesSelector(v, sel) {
  * @param {any} manifest @param {{variant?: any, features?: Iterable<string>, limits?: any}} [opts]
  */
 export function selectVariant(manifest, opts = {}) {
+  ensureChecked(manifest);
   const rejected = [];
   for (const v of manifest.variants) {
     if (!matchesSelector(v, opts.variant)) continue;
@@ -369,6 +690,7 @@ export function selectVariant(manifest, opts = {}) {
  * @param {any} adapter @param {any} manifest @returns {{requiredFeatures: string[], requiredLimits: Record<string, number>}}
  */
 export function deviceDescriptor(adapter, manifest) {
+  ensureChecked(manifest);
   const features = new Set();
   /** @type {Record<string, number>} */
   const limits = {};
@@ -383,13 +705,26 @@ export function deviceDescriptor(adapter, manifest) {
 }
 
 /**
- * Prepare WGSL text for the shader compiler: Tint (browsers, Dawn) keeps the `enable`
- * lines; Naga (wgpu-native, Firefox) gets `enable subgroups;` removed.
+ * Prepare a manifest's Tint WGSL (a program's `file`) for a shader compiler: Tint (browsers,
+ * Dawn) keeps the `enable` lines; Naga (wgpu-native, Firefox) gets `enable subgroups;`
+ * removed. Only for manifests without `dialect_files`, which name each dialect's own file.
  * @param {string} code @param {'tint' | 'naga'} [dialect]
  */
 export function adaptWgsl(code, dialect = 'tint') {
   if (dialect === 'naga') return code.replace(/^[ \t]*enable[ \t]+subgroups[ \t]*;[ \t]*\r?\n?/gm, '');
   return code;
+}
+
+/**
+ * The WGSL file of a manifest program for a compiler's dialect, and whether its text still
+ * needs adaptWgsl: the program's `dialect_files[dialect]` where the manifest has them, else
+ * its `file` (Tint's; adapted for Naga).
+ * @param {any} program @param {'tint' | 'naga'} [dialect] @returns {{file: string, adapt: boolean}}
+ */
+export function programFile(program, dialect = 'tint') {
+  if (!DIALECTS.includes(dialect)) throw new AttncError(`dialect must be one of ${DIALECTS.map((d) => `'${d}'`).join(', ')}, got ${describe(dialect)}`);
+  const own = program.dialect_files && program.dialect_files[dialect];
+  return own ? {file: own, adapt: false} : {file: program.file, adapt: dialect !== 'tint'};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -416,6 +751,9 @@ export function adaptWgsl(code, dialect = 'tint') {
  *   dialect?: 'tint' | 'naga', fetchText?: (file: string) => Promise<string> | string, label?: string}} [opts]
  */
 export async function createAttention(device, manifest, opts = {}) {
+  ensureChecked(manifest);
+  const dialect = opts.dialect ?? 'tint';
+  programFile({file: ''}, dialect); // an unknown dialect is an error before any work
   const features = opts.adapterFeatures || opts.features || device.features;
   // Selection uses the device's limits (what was granted), overridden by opts.limits.
   const limits = mergeLimits(device.limits, opts.limits);
@@ -428,7 +766,9 @@ export async function createAttention(device, manifest, opts = {}) {
     const invocations = wg[0] * wg[1] * wg[2];
     if (invocations > limitOf(limits, 'maxComputeInvocationsPerWorkgroup')) throw new AttncError(`${variant.name}/${p.name}: ${invocations} invocations per workgroup exceed the device limit`);
     if ((p.workgroup_storage_bytes || 0) > limitOf(limits, 'maxComputeWorkgroupStorageSize')) throw new AttncError(`${variant.name}/${p.name}: ${p.workgroup_storage_bytes} bytes of workgroup storage exceed the device limit`);
-    const code = adaptWgsl(await source(p.file), opts.dialect);
+    const {file, adapt} = programFile(p, dialect);
+    const text = await source(file);
+    const code = adapt ? adaptWgsl(text, dialect) : text;
     const label = `${opts.label || variant.name}/${p.name}`;
     const entries = p.bindings.map((/** @type {any} */ b) => {
       if (b.kind === 'uniform') return {binding: b.binding, visibility: STAGE_COMPUTE, buffer: {type: 'uniform'}};
@@ -517,21 +857,17 @@ export class Attention {
    */
   plan(shapes, params = {}) {
     const v = this.variant;
-    /** @type {Record<string, number>} */
-    const env = {};
-    for (const [k, val] of Object.entries(shapes)) {
-      if (!Number.isInteger(val) || val < 0) throw new AttncError(`shape ${k}=${val} is not a non-negative integer`);
-      env[k] = val;
-    }
+    const env = checkShapes(this.manifest.dims, shapes);
+    if (params === null || params === undefined) params = {};
+    if (!isObject(params)) throw new AttncError(`params: expected an object of param values, got ${describe(params)}`);
     const known = new Set((v.params || []).map((/** @type {any} */ p) => p.name));
     for (const k of Object.keys(params)) if (!known.has(k)) throw new AttncError(`unknown param ${k} (variant ${v.name} has: ${[...known].join(', ') || 'none'})`);
     for (const p of v.params || []) {
-      const given = params[p.name];
+      const given = has(params, p.name) ? params[p.name] : undefined;
       if ((given === undefined || given === null) && (p.default === undefined || p.default === null)) {
         throw new AttncError(`param ${p.name} (${p.type}) has no default: pass it (variant ${v.name})`);
       }
-      const val = given !== undefined && given !== null ? Number(given) : evaluateFormula(p.default, env);
-      env[p.name] = p.type === 'f32' ? val : toScalar(val, p.type, `param ${p.name}`);
+      env[p.name] = checkParam(p, given !== undefined && given !== null ? given : evaluateFormula(p.default, env));
     }
     /** @type {Record<string, TensorPlan>} */
     const tensors = {};
@@ -577,6 +913,17 @@ export class Attention {
    * @param {any} encoder GPUCommandEncoder @param {Record<string, any>} buffers @param {Plan} plan
    */
   encode(encoder, buffers, plan) {
+    if (!isObject(plan) || !Array.isArray(plan.dispatches) || plan.dispatches.length !== this.programs.length || !isObject(plan.tensors)) {
+      throw new AttncError(`plan: expected what attn.plan(shapes, params) returned for variant ${this.variant.name}`);
+    }
+    if (!isObject(buffers)) throw new AttncError(`buffers: expected an object of GPUBuffers by tensor name, got ${describe(buffers)}`);
+    for (const t of this.variant.tensors) {
+      const buf = buffers[t.name], tp = plan.tensors[t.name];
+      if (!tp) throw new AttncError(`plan: no tensor ${t.name}: pass what attn.plan(shapes, params) returned for variant ${this.variant.name}`);
+      if (buf === undefined || buf === null) throw new AttncError(`no buffer for tensor ${t.name}`);
+      if (!isGpuBuffer(buf)) throw new AttncError(`buffer ${t.name}: expected a GPUBuffer, got ${describe(buf)}`);
+      if (buf.size < tp.bytes) throw new AttncError(`buffer ${t.name}: ${buf.size} bytes, the shapes need ${tp.bytes}`);
+    }
     const created = [];
     const pass = encoder.beginComputePass({label: this.variant.name});
     this.programs.forEach(({program, pipeline, layout, uniform}, i) => {
@@ -617,24 +964,42 @@ export class Attention {
   async run(inputs, shapes, params = {}, opts = {}) {
     const device = this.device;
     const plan = this.plan(shapes, params);
+    if (!isObject(inputs)) throw new AttncError(`inputs: expected an object of arrays or GPUBuffers by tensor name, got ${describe(inputs)}`);
+    if (!isObject(opts)) throw new AttncError(`opts: expected an object such as {output: 'buffer'}, got ${describe(opts)}`);
+    if (![undefined, 'array', 'buffer'].includes(opts.output)) throw new AttncError(`opts.output: expected 'array' or 'buffer', got ${describe(opts.output)}`);
     /** @type {Record<string, any>} */
     const buffers = {};
     const temporary = [];
     for (const k of Object.keys(inputs)) if (!this.inputs.some((/** @type {any} */ t) => t.name === k)) throw new AttncError(`unknown input ${k} (variant ${this.variant.name} takes ${this.inputs.map((/** @type {any} */ t) => t.name).join(', ')})`);
+    // every input checked before any buffer is created (a refusal leaves nothing behind)
+    /** @type {Record<string, any>} */
+    const given = {};
+    for (const t of this.inputs) {
+      const tp = plan.tensors[t.name];
+      const data = inputs[t.name];
+      if (data === undefined || data === null) throw new AttncError(`missing input ${t.name}`);
+      if (isGpuBuffer(data)) {
+        if (data.size < tp.bytes) throw new AttncError(`input ${t.name}: buffer has ${data.size} bytes, needs ${tp.bytes}`);
+        if (typeof data.usage === 'number' && !(data.usage & USAGE.STORAGE)) throw new AttncError(`input ${t.name}: the GPUBuffer lacks STORAGE usage`);
+        given[t.name] = data;
+        continue;
+      }
+      const arr = toTypedArray(data, t.dtype, t.name);
+      const shape = t.dims.map((/** @type {string} */ d) => `${d}=${plan.env[d]}`).join(', ');
+      if (arr.length !== tp.count) throw new AttncError(`input ${t.name}: ${arr.length} elements, shape [${shape}] needs ${tp.count}`);
+      if (t.name === 'kv_lens') checkKvLens(arr, plan.env);
+      given[t.name] = arr;
+    }
     for (const t of this.variant.tensors) {
       const tp = plan.tensors[t.name];
       if (t.role === 'input') {
-        const data = inputs[t.name];
-        if (data === undefined || data === null) throw new AttncError(`missing input ${t.name}`);
+        const data = given[t.name];
         if (isGpuBuffer(data)) {
-          if (data.size < tp.bytes) throw new AttncError(`input ${t.name}: buffer has ${data.size} bytes, needs ${tp.bytes}`);
           buffers[t.name] = data;
           continue;
         }
-        const arr = toTypedArray(data, t.dtype, t.name);
-        if (arr.length !== tp.count) throw new AttncError(`input ${t.name}: ${arr.length} elements, shape [${t.dims.join(', ')}] needs ${tp.count}`);
         const buf = device.createBuffer({label: t.name, size: tp.size, usage: USAGE.STORAGE | USAGE.COPY_DST, mappedAtCreation: true});
-        new Uint8Array(buf.getMappedRange()).set(new Uint8Array(arr.buffer, arr.byteOffset, arr.byteLength));
+        new Uint8Array(buf.getMappedRange()).set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
         buf.unmap();
         buffers[t.name] = buf;
         temporary.push(buf);
@@ -684,6 +1049,19 @@ function denseRows(stored, tp) {
     out.set(stored.subarray(r * tp.rowStride, r * tp.rowStride + tp.width), r * tp.width);
   }
   return out;
+}
+
+/**
+ * attnc's kv_lens (valid keys per batch) lie in [0, T] (of kv_total for a chunk of a larger
+ * problem), as its Python API requires: more keys than k and v hold would be read past them.
+ * @param {ArrayLike<number>} lens @param {Record<string, number>} env
+ */
+function checkKvLens(lens, env) {
+  const total = 'kv_total' in env ? env.kv_total : env.T;
+  if (typeof total !== 'number') return;
+  for (let i = 0; i < lens.length; i++) {
+    if (!(lens[i] >= 0 && lens[i] <= total)) throw new AttncError(`input kv_lens: values must be in [0, ${'kv_total' in env ? 'kv_total' : 'T'}=${total}], got ${lens[i]} at index ${i}`);
+  }
 }
 
 /** @param {any} x */

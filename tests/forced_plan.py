@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from attnc.lowering.plan import DEFAULT_LIMITS, Plan, Storage, layout
 from attnc.runtime import api
+from tests.strategies import draw_sinks
 from tests.textbook import assert_close, attention_ref
 
 
@@ -33,8 +34,9 @@ def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str,
                       target: str | None = None) -> api.Prepared:
     """Standard-normal q/k/v of `dtype` (float32: within 1e-5 of the float64 reference;
     float16: the kernel's float16 o within 2e-3); options given as "draw" get random values
-    (kv_lens, with NaN values past kv_lens[0]: masked keys add nothing; sinks; a [Hq, 1, T]
-    bias, or with "full" a [B, Hq, S, T] one, whose every index matters). Returns the op."""
+    (kv_lens, with NaN values past kv_lens[0]: masked keys add nothing; sinks, a third of them
+    +-inf, NaN or huge, tests/strategies.py; a [Hq, 1, T] bias, or with "full" a [B, Hq, S, T]
+    one, whose every index matters). Returns the op."""
     rng = np.random.default_rng(seed)
     B, Hq, Hkv, S, T, D, Dv = (dims[x] for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
     q = rng.standard_normal((B, Hq, S, D)).astype(dtype)
@@ -45,7 +47,7 @@ def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str,
         opts["kv_lens"] = rng.integers(0, T + 1, B).astype(np.int32)
         v_dev[0, :, opts["kv_lens"][0]:] = np.nan
     if "sinks" in opts:
-        opts["sinks"] = rng.uniform(-2, 2, Hq).astype(np.float32)
+        opts["sinks"] = draw_sinks(rng, Hq)
     if "bias" in opts:
         shape = (B, Hq, S, T) if opts["bias"] == "full" else (Hq, 1, T)
         opts["bias"] = rng.standard_normal(shape).astype(np.float32)

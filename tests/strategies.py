@@ -275,3 +275,26 @@ def kernels(draw, split: bool | None = None, sink: bool | None = None,
              Loop(n["kj"], T, n["BN"], n["ks"] if split else None, tuple(body)), *post)
     name = draw(identifiers())
     return Kernel(name, tuple(params), TensorType(dt[0], (B, Hq, S, Dv)), tunables, stmts)
+
+
+# ----------------------------------------------------------------------------- sink values
+# Attention sinks beyond ordinary logits, the rule of attnc.attention's docstring: +inf takes
+# all the weight (o = 0, lse = +inf, fully masked rows too), -inf is no sink, NaN makes the
+# head's rows NaN; finite but huge ones (1e30, the f32 extremes) beside them.
+SPECIAL_SINKS = (math.inf, -math.inf, math.nan, 1e30, -1e30, 3.4e38, -3.4e38)
+
+
+def sink_values(large: float = 3.0) -> st.SearchStrategy[float]:
+    """One head's sink: a special value or an ordinary one in [-large, large] (f32-exact)."""
+    return st.sampled_from(SPECIAL_SINKS) | st.floats(-large, large, width=32)
+
+
+def draw_sinks(rng, n: int, special: float = 1 / 3):
+    """n float32 sinks from a numpy Generator: uniform in [-2, 2], each replaced by one of
+    SPECIAL_SINKS with probability `special` (for the seed-driven forced-plan checks)."""
+    import numpy as np
+
+    z = rng.uniform(-2, 2, n)
+    pick = rng.random(n) < special
+    z[pick] = rng.choice(np.array(SPECIAL_SINKS), int(pick.sum()))
+    return z.astype(np.float32)

@@ -14,6 +14,8 @@ of the contract is followed literally:
     sinks[h]:       one extra logit in the softmax denominator, contributing no value
     o = sum_j p_j v_j,  lse = log(denominator);  a row with every key masked and no sink gives
     o = 0 and lse = -inf, never NaN; NaN inputs propagate to the affected rows.
+    sinks[h] = +inf takes all the weight (o = 0, lse = +inf, masked keys or not); -inf is no
+    sink; NaN makes the head's rows NaN.
 
 `score_mod` / `mask_mod` here take numpy arrays (broadcast index grids b [B,1,1,1], h [1,Hq,1,1],
 i [1,1,S,1], j [1,1,1,T]); tests pass the numpy twin of the DSL function they give attnc.
@@ -92,8 +94,8 @@ def attention_ref(q, k, v, *, causal: bool = False, scale: float | None = None,
         m_safe = np.where(np.isneginf(m), 0.0, m)
         p = np.exp(s - m_safe[..., None])  # exp(-inf) = 0 on masked keys
         denom = p.sum(axis=-1)
-        if sinks is not None:
-            denom = denom + np.exp(sink - m_safe)
+        if sinks is not None:  # exp(0) for the max: a sink of +inf takes all the weight (o = 0, lse = +inf)
+            denom = denom + np.exp(np.where(sink == m_safe, 0.0, sink - m_safe))
         num = np.einsum("bhij,bhjd->bhid", p, vh)
         zero = denom == 0  # False for NaN, so NaN rows stay NaN
         o = np.where(zero[..., None], 0.0, num / np.where(zero, 1.0, denom)[..., None])

@@ -89,7 +89,10 @@ def parse_shape(text: str) -> Case:
         causal = flag in ("1", "true", "causal")
     b, hq, hkv, s, t, d, dv = dims
     name = f"shape_b{b}_h{hq}x{hkv}_s{s}_t{t}_d{d}x{dv}" + ("_causal" if causal else "")
-    return Case(name, b, hq, hkv, s, t, d, dv, causal)
+    try:
+        return Case(name, b, hq, hkv, s, t, d, dv, causal)
+    except ValueError as exc:
+        raise ValueError(f"--shape {text}: {exc}") from None
 
 
 def shapes_path(explicit: str | Path | None = None) -> Path:
@@ -99,19 +102,32 @@ def shapes_path(explicit: str | Path | None = None) -> Path:
 
 def load_suites(path: str | Path | None = None) -> dict[str, list[Case]]:
     """All suites of a shapes.json file, as lists of Cases."""
-    data = json.loads(shapes_path(path).read_text())
-    suites = data.get("suites")
+    file = shapes_path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise ValueError(f"{file}: not a JSON shapes file: {exc}") from None
+    suites = data.get("suites") if isinstance(data, dict) else None
     if not isinstance(suites, dict):
-        raise ValueError(f"{shapes_path(path)}: no 'suites' object")
+        raise ValueError(f"{file}: no 'suites' object")
     fields = ("name", "B", "Hq", "Hkv", "S", "T", "D", "Dv")
     out: dict[str, list[Case]] = {}
     for suite, entries in suites.items():
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"{file}: suite {suite!r} is not a list of case objects")
         cases = []
         for e in entries:
             missing = [f for f in fields if f not in e]
             if missing:
-                raise ValueError(f"suite {suite!r}: case {e.get('name')!r} lacks {missing}")
-            cases.append(Case(*(e[f] for f in fields), causal=bool(e.get("causal", False))))
+                raise ValueError(f"{file}: suite {suite!r}: case {e.get('name')!r} lacks {missing}")
+            if not all(type(e[f]) is int for f in fields[1:]):
+                raise ValueError(f"{file}: suite {suite!r}: case {e['name']!r}: dimensions must be integers")
+            try:
+                cases.append(Case(*(e[f] for f in fields), causal=bool(e.get("causal", False))))
+            except ValueError as exc:
+                raise ValueError(f"{file}: suite {suite!r}: {exc}") from None
         out[suite] = cases
     return out
 

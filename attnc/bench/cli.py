@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -22,10 +23,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from attnc.bench.cases import Case, load_suites, make_inputs, parse_shape, reference, relerr
+from attnc.argparsing import Parser
+from attnc.bench.cases import Case, load_suites, make_inputs, parse_shape, reference, relerr, shapes_path
 from attnc.bench.impls import IMPLS, RunOptions, Unavailable
+from attnc.errors import AttncError
 from attnc.runtime.dispatch import warm_up
-from attnc.runtime.timing import DEFAULT_CACHE_BYTES, rotation_count
+from attnc.runtime.timing import CLOCK_OK, DEFAULT_CACHE_BYTES, clock_ratio, rotation_count
 
 TOLERANCE = {"f32": 1e-5, "f16": 2e-3}  # the accuracy contract (docs/API.md)
 DISTRIBUTIONS = (
@@ -36,7 +39,7 @@ DISTRIBUTIONS = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `attnc bench`."""
-    p = argparse.ArgumentParser(prog="attnc bench", description=__doc__.splitlines()[0])
+    p = Parser(prog="attnc bench", description=__doc__.splitlines()[0])
     p.add_argument("--suite", help="suite of shapes.json (seeds for GPUs, ci for a CPU adapter)")
     p.add_argument(
         "--case",
@@ -98,6 +101,9 @@ def select_cases(args: argparse.Namespace) -> list[Case]:
             raise ValueError(f"unknown case(s) {unknown}; known: {sorted(by_name)}")
         cases = [by_name[n] for n in args.case]
     elif args.suite or not args.shape:
+        if (args.suite or "ci") not in suites:
+            raise ValueError(f"{shapes_path(args.shapes)} has no suite 'ci' (the default): pass --suite, one of "
+                             f"{sorted(suites)}")
         cases = list(suites[args.suite or "ci"])
     return cases + [parse_shape(s) for s in args.shape]
 
@@ -223,6 +229,27 @@ def error_row(case: Case, impl: str, message: str, dtype: str) -> dict[str, Any]
     }  # fmt: skip
 
 
+CLOCK_ATTEMPTS = 3  # measurements taken with the GPU's clocks down are retaken this often at most
+
+
+def measure(device: Any, case: Case, impl: str, copies: Sequence[Any], opts: RunOptions, bar: Any
+            ) -> tuple[Any, float | None, int]:
+    """One implementation's measurement, started on a busy, clocked-up GPU and checked after:
+    when the GPU then runs slower than CLOCK_OK of its best (its clocks came down during the
+    measurement, e.g. throttled), it is retaken after a longer warm-up, up to CLOCK_ATTEMPTS
+    times. Returns the measurement, the clock ratio after it and the attempts it took."""
+    clock = None
+    for attempt in range(1, CLOCK_ATTEMPTS + 1):
+        warm_up(device, ms=60.0 if attempt == 1 else 1000.0)
+        m = IMPLS[impl](device, case, copies, opts)
+        clock = clock_ratio(device)
+        if clock is None or clock >= CLOCK_OK:
+            return m, clock, attempt
+        bar.write(f"{case.name} {impl}: the GPU ran at {100 * clock:.0f} % of its best speed after the "
+                  f"measurement (attempt {attempt} of {CLOCK_ATTEMPTS})", file=sys.stderr)
+    return m, clock, CLOCK_ATTEMPTS
+
+
 def run_cases(
     device: Any,
     cases: Sequence[Case],
@@ -245,10 +272,10 @@ def run_cases(
             for impl in impls:
                 bar.set_description(f"{case.name} {impl}")
                 try:
-                    warm_up(device)  # every implementation starts timing on a busy, clocked-up GPU
-                    m = IMPLS[impl](device, case, copies, opts)
+                    m, clock, attempts = measure(device, case, impl, copies, opts, bar)
                     err = relerr(m.out, ref) if ref is not None else None
                     row = result_row(case, impl, m, err, ceilings, opts.dtype)
+                    row.update(clock=clock, attempts=attempts)
                 except Unavailable as exc:
                     row = error_row(case, impl, f"unavailable: {exc}", opts.dtype)
                 except Exception as exc:  # one failing implementation must not stop a sweep
@@ -289,6 +316,8 @@ def format_table(rows: Sequence[dict[str, Any]], ceilings: dict[str, Any]) -> st
         frac = [_fmt(None if f is None else 100 * f, ".1f") for f in
                 (r["fma_fraction"], r["copy_fraction"])]  # fmt: skip
         timing = r["timing"] + (" QUANTIZED" if r.get("timestamps_quantized") else "")
+        if r.get("clock") is not None and r["clock"] < CLOCK_OK:
+            timing += f" CLOCKS AT {100 * r['clock']:.0f} %"
         table.append((
             r["case"], r["impl"], _fmt(r["ms"], ".4f"), _fmt(r["tflops"], ".4f"),
             _fmt(r["gbps"], ".2f"), _fmt(r["relerr"], ".2e"), ok, *frac, timing,
@@ -356,26 +385,68 @@ def write_json(path: str | None, doc: dict[str, Any]) -> None:
     tmp.replace(target)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before measuring anything: --plot's matplotlib is importable and the --json and --plot
+    files can be written (ValueError saying what to do otherwise), so a sweep never ends in
+    an error it could have reported first."""
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if not path:
+            continue
+        target = Path(path)
+        if target.is_dir():
+            raise ValueError(f"{flag} {path}: is a directory")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"{flag} {path}: cannot create {target.parent}: {exc.strerror or exc}") from None
+        if not os.access(target.parent, os.W_OK):
+            raise ValueError(f"{flag} {path}: {target.parent} is not writable")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError(f'--plot {args.plot} needs matplotlib: pip install "attnc[bench]"') from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `attnc bench` with `argv` (default: sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        cases = select_cases(args)
-        impls = impl_names(args)
-    except ValueError as exc:
-        print(f"attnc bench: {exc}", file=sys.stderr)
-        return 2
     if args.list:
-        for name, suite in load_suites(args.shapes).items():
+        try:
+            suites = load_suites(args.shapes)
+        except ValueError as exc:
+            print(f"attnc bench: {exc}", file=sys.stderr)
+            return 2
+        for name, suite in suites.items():
             print(f"{name}: " + ", ".join(c.name for c in suite))
         return 0
-    if args.runs < 1 or args.warmup < 0 or args.repeat_processes < 1:
-        print("attnc bench: --runs and --repeat-processes must be >= 1 and --warmup >= 0", file=sys.stderr)
+    try:
+        if args.runs < 1 or args.warmup < 0 or args.repeat_processes < 1:
+            raise ValueError("--runs and --repeat-processes must be >= 1 and --warmup >= 0")
+        if args.seed < 0 or args.cache_mib < 0:
+            raise ValueError("--seed and --cache-mib must be >= 0")
+        cases = select_cases(args)
+        impls = impl_names(args)
+        check_outputs(args)
+    except ValueError as exc:
+        print(f"attnc bench: {exc}", file=sys.stderr)
         return 2
     if args.repeat_processes > 1:
         from attnc.bench.repeat import run_repeated
 
         return run_repeated(list(sys.argv[1:] if argv is None else argv), args.repeat_processes, args.json)
+    try:
+        return _run(args, argv, cases, impls)
+    except AttncError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    except OSError as exc:  # --json or --plot could not be written after all
+        print(f"attnc bench: cannot write {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None, cases: list[Case], impls: list[str]) -> int:
+    """Measure the ceilings and every (case, impl); print the table, write --json and --plot."""
     from attnc.bench.ceilings import measure_ceilings
     from attnc.runtime.devices import get_device
 
@@ -410,9 +481,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows, ceilings))
     if args.plot:
         title = f"{doc['device']['name']} ({doc['device']['backend']}, {args.dtype})"
-        try:
-            Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-            plot(rows, ceilings, args.plot, title)
-        except ImportError:
-            print("attnc bench: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        plot(rows, ceilings, args.plot, title)
     return 0

@@ -94,7 +94,6 @@ def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
         samples = timing_rt.time_back_to_back(device, order)[opts.warmup:]
         method = BACK_TO_BACK if device.adapter_type != "CPU" else "gpu-timestamps, runs back to back"
         timing = Timing(statistics.median(samples), tuple(samples), (), method)
-        extra["clock"] = timing_rt.clock_ratio(device)
     op.run(binding=handles[0])
     o, _lse = op.result()
     return Measured(_with_rotations(timing, len(copies)), np.asarray(o), extra)

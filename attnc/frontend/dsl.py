@@ -23,6 +23,11 @@ _BUILDER: contextvars.ContextVar[sem.Builder | None] = contextvars.ContextVar("a
                                                                               default=None)
 
 
+# what dim(name) gives inside the score_mod or mask_mod being traced (see apply_mod)
+_MOD_DIMS: contextvars.ContextVar[dict[str, Callable[[], Value]] | None] = contextvars.ContextVar(
+    "attnc_mod_dims", default=None)
+
+
 def _builder() -> sem.Builder:
     b = _BUILDER.get()
     if b is None:
@@ -184,7 +189,11 @@ def where(cond: Any, a: Any, b: Any) -> Value:
 
 
 def dim(name: str) -> Value:
-    """The runtime size of a symbolic dim, as an i32 value."""
+    """The runtime size of a symbolic dim, as an i32 value (inside a score_mod or mask_mod,
+    the value apply_mod was given for it, if any)."""
+    whole = (_MOD_DIMS.get() or {}).get(name)
+    if whole is not None:
+        return whole()
     return Value(ir.Dim(name, sem.user_span()))
 
 
@@ -208,13 +217,21 @@ def _def_span(fn: Any) -> Any:
         return None
 
 
-def apply_mod(fn: Any, args: tuple[Any, ...], kind: str) -> Value:
-    """Call a score_mod ("score", must return a number) or mask_mod ("mask", must return a bool)."""
+def apply_mod(fn: Any, args: tuple[Any, ...], kind: str,
+              dims: dict[str, Callable[[], Value]] | None = None) -> Value:
+    """Call a score_mod ("score", must return a number) or mask_mod ("mask", must return a bool).
+
+    `dims` gives what `dim(name)` means inside the mod where that is not the kernel's dim
+    (a kernel computing one piece of a larger problem: the sizes of the whole problem)."""
     from attnc.errors import TraceError
 
     if not callable(fn):
         raise TraceError(f"{kind}_mod must be a function, got a {type(fn).__name__}")
-    out = fn(*args)
+    token = _MOD_DIMS.set(dims)
+    try:
+        out = fn(*args)
+    finally:
+        _MOD_DIMS.reset(token)
     want = "a bool (a comparison, & | ~, where)" if kind == "mask" else "a number (the modified score)"
     if out is None or (not isinstance(out, (Value, bool, int, float))):
         raise TraceError(f"{kind}_mod {getattr(fn, '__name__', '')!r} returned {out!r}; it must return {want}",

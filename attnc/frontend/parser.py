@@ -52,6 +52,15 @@ from attnc.ir.verify import TypeRuleError, call_dtype, load_dtype, verify
 __all__ = ["KEYWORDS", "parse", "parse_file"]
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
+# Deepest nesting accepted: of brackets in the text, and of an expression through the lets
+# it uses. Deeper trees would exhaust Python's recursion in the reader or the lowering.
+MAX_DEPTH = 200
+# Largest expression accepted once its lets are inlined, as the WGSL renders it: lets used
+# twice at each level double it per level (a 30-level chain never finished compiling).
+MAX_INLINED = 20_000
+BOM = "\ufeff"
+# control characters shown as '?' in the source line of a diagnostic (a tab stays a tab)
+_UNPRINTABLE = {c: "?" for c in [*range(0, 9), *range(10, 32), 127, *range(128, 160)]}
 OPS = {o.value: o for o in Op}
 TERMINAL_WORDS = {"NAME": "a name", "LETNAME": "a %name", "FLOAT": "a number",
                   "INT": "an integer", "$END": "end of input"}
@@ -414,11 +423,17 @@ def _syntax_error(e: UnexpectedInput, lines: list[str], filename: str) -> ParseE
 
 def parse(text: str, filename: str = "<string>") -> Kernel:
     """Parse `.attn` text into a verified Kernel; raises ParseError or VerifyError."""
-    lines = text.splitlines()
+    text = text.removeprefix(BOM)  # editors that write a byte-order mark: it is not part of the text
+    # Lark counts lines by '\n' only, so the lines shown in diagnostics are split the same way
+    lines = [line.removesuffix("\r").translate(_UNPRINTABLE) for line in text.split("\n")]
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as e:
         raise _syntax_error(e, lines, filename) from None
+    depth, line, column = _deepest_bracket(text)
+    if depth > MAX_DEPTH:
+        raise ParseError(f"brackets nested {depth} deep here; at most {MAX_DEPTH} levels are supported",
+                         Span(filename, line, column))
     try:
         raw = _ToRaw(filename, lines).transform(tree)
         kernel = replace(raw, body=_Resolver(raw).stmts(raw.body))
@@ -427,14 +442,97 @@ def parse(text: str, filename: str = "<string>") -> Kernel:
             raise e.orig_exc from None
         raise ParseError(f"internal error while reading the kernel: {e.orig_exc!r}") from None
     except RecursionError:
-        raise ParseError("the kernel is nested too deeply to read") from None
+        raise ParseError("the kernel is nested too deeply to read", Span(filename, line, column)) from None
+    _check_let_depth(kernel.body, {})
     try:
         verify(kernel)
     except RecursionError:
-        raise VerifyError("the kernel is nested too deeply to verify") from None
+        raise VerifyError("the kernel is nested too deeply to verify", Span(filename, line, column)) from None
     return kernel
 
 
 def parse_file(path: str | Path) -> Kernel:
-    """Parse and verify the `.attn` file at `path`; spans name the file."""
-    return parse(Path(path).read_text(), filename=str(path))
+    """Parse and verify the `.attn` file at `path` (UTF-8, a leading byte-order mark is skipped);
+    spans name the file. OSError when it cannot be read; ParseError when it is not UTF-8 text."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start]
+        line_start = before.rfind(b"\n") + 1
+        column = len(before[line_start:].decode("utf-8", errors="replace")) + 1
+        raise ParseError(f"not UTF-8 text: byte 0x{data[e.start]:02x} ({e.reason}); .attn files are UTF-8",
+                         Span(str(path), before.count(b"\n") + 1, column)) from None
+    return parse(text, filename=str(path))
+
+
+def _deepest_bracket(text: str) -> tuple[int, int, int]:
+    """(depth, line, column) where (, [ and { first nest deepest, comments skipped."""
+    depth = best = 0
+    line, column, at = 1, 0, (1, 1)
+    comment = False
+    for ch in text:
+        column += 1
+        if ch == "\n":
+            line, column, comment = line + 1, 0, False
+        elif comment:
+            continue
+        elif ch == "#":
+            comment = True
+        elif ch in "([{":
+            depth += 1
+            if depth > best:
+                best, at = depth, (line, column)
+        elif ch in ")]}":
+            depth -= 1
+    return best, *at
+
+
+def _expr_measure(e: Expr, lets: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(depth, size) of an expression with its lets inlined, as the lowering walks and renders it:
+    a use of a let is one level more than the let's value and as large. Bounded by MAX_DEPTH
+    brackets, so the recursion is too; each let's measure is computed once."""
+    if isinstance(e, Var):
+        if e.name in lets:
+            depth, size = lets[e.name]
+            return depth + 1, size
+        return 1, 1
+    if isinstance(e, Call):
+        kids = e.args
+    elif isinstance(e, Load):
+        kids = e.index
+    elif isinstance(e, Dot):
+        kids = tuple(i for sl in (e.a, e.b) for i in sl.index if i is not None)
+    else:
+        kids = ()
+    measures = [_expr_measure(k, lets) for k in kids]
+    return 1 + max((d for d, _ in measures), default=0), 1 + sum(n for _, n in measures)
+
+
+def _check_let_depth(body: tuple[Stmt, ...], lets: dict[str, tuple[int, int]]) -> None:
+    """VerifyError at the first let (or update, sink) nested deeper than MAX_DEPTH, or larger
+    than MAX_INLINED operations, once the lets it uses are inlined (as the lowering does: a
+    let used twice at each of 30 levels would render 2**30 operations)."""
+    for st in body:
+        if isinstance(st, Loop):
+            _check_let_depth(st.body, lets)
+            continue
+        if isinstance(st, Let):
+            exprs = (st.value,)
+        elif isinstance(st, Update):
+            exprs = (st.score, *(i for i in st.value.index if i is not None))
+        elif isinstance(st, Sink):
+            exprs = (st.logit,)
+        else:
+            continue
+        measures = [_expr_measure(x, lets) for x in exprs]
+        depth, size = max(d for d, _ in measures), sum(n for _, n in measures)
+        what = {Let: f"%{getattr(st, 'var', '')}", Update: "the update", Sink: "the sink"}[type(st)]
+        if depth > MAX_DEPTH:
+            raise VerifyError(f"{what} is nested {depth} deep through the lets it uses; at most {MAX_DEPTH} "
+                              "levels are supported", st.span)
+        if size > MAX_INLINED:
+            raise VerifyError(f"{what} is {size} operations once the lets it uses are inlined (the WGSL "
+                              f"inlines a let at each use); at most {MAX_INLINED} are supported", st.span)
+        if isinstance(st, Let):
+            lets[st.var] = (depth, size)

@@ -191,9 +191,12 @@ class _Interp:
         for st in self.k.body:
             if isinstance(st, Sink):
                 z = np.broadcast_to(self.expr(st.logit), self.row_shape).astype(np.float64)
-                m = np.maximum(state.m, z)
-                a = np.exp(_safe_sub_max(state.m, m))
-                state = _State(m, state.l * a + np.exp(_safe_sub_max(z, m)), state.o * a[..., None])
+                top = np.isposinf(z)  # the sink takes all the weight: o = 0, lse = +inf (NaN stays NaN)
+                with np.errstate(all="ignore"):
+                    m = np.maximum(state.m, z)
+                    a = np.where(top, 0.0, np.exp(_safe_sub_max(state.m, m)))
+                    sink = np.where(top, 1.0, np.exp(_safe_sub_max(z, m)))
+                state = _State(m, state.l * a + sink, state.o * a[..., None])
         with np.errstate(all="ignore"):
             o = np.where((state.l > 0)[..., None], state.o / np.where(state.l > 0, state.l, 1.0)[..., None], 0.0)
             o = np.where(np.isnan(state.l)[..., None], np.nan, o)

@@ -25,7 +25,9 @@ Semantics (what every pass, the printer, the interpreter and the WGSL back end a
   with p = 0 adds nothing to o, even when its value row holds NaN or inf.
   A score of -inf is a masked key (`where(keep, s, -inf)` is how masks are written).
 * `sink %acc, z` adds one logit z per row to the denominator only (no value), after the
-  loop (and after the split combine).
+  loop (and after the split combine). z = +inf takes all the weight (m = +inf, l = 1, o
+  scaled by 0: o = 0 and lse = +inf, masked rows too, NaN states stay NaN); z = -inf
+  changes nothing; a NaN z makes the row NaN.
 * `return result(%acc)` gives o / l, and 0 where l = 0 (all keys masked);
   `lse(%acc)` gives m + log(l) (-inf where l = 0); `combine(%acc, ks)` first merges the
   split partial states by log-sum-exp: M = max m_s, L = sum l_s exp(m_s - M),

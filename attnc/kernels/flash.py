@@ -29,6 +29,7 @@ from attnc.frontend.dsl import (
 
 ScoreMod = Callable[..., object]
 MaskMod = Callable[..., object]
+Window = tuple[int | None, int | None]  # (left, right); an end that is None is open
 
 
 # Tensor types: dtype and symbolic dims (BHSD; the runtime passes strides, so BSHD works too).
@@ -40,13 +41,16 @@ V = f32["B", "Hkv", "T", "Dv"]
 @kernel
 def flash_attention(q: Q, k: K, v: V, scale: f32, *,
                     BM=tunable(32), BN=tunable(32), split=False,
-                    causal=False, window=None, softcap=False, alibi=False, bias=False,
+                    causal=False, window: Window | None = None, softcap=False, alibi=False, bias=False,
                     sinks=False, kv_lens=False, score_mod: ScoreMod | None = None,
                     mask_mod: MaskMod | None = None, lse=False, pack_gqa=False, offsets=False):
     """FlashAttention with every option of attnc.attention; split=True gives flash-decoding.
 
     offsets=True computes one chunk of a larger problem: query rows start at q_offset of
-    q_total, keys at kv_offset of kv_total, and positions in masks and mods are absolute.
+    q_total, keys at kv_offset of kv_total, and positions in masks and mods are absolute; the
+    mods also see the batch and query head of the whole problem (b_offset, h_offset) and its
+    sizes for dim("B"), dim("Hq"), dim("Hkv"), dim("S"), dim("T") (b_total, hq_total,
+    hkv_total, q_total, kv_total).
     """
     group = dim("Hq") // dim("Hkv")
     if pack_gqa:  # the query heads sharing a KV head are rows of one tile: K/V are read once
@@ -56,31 +60,39 @@ def flash_attention(q: Q, k: K, v: V, scale: f32, *,
     if split:
         axes["ks"] = splits("T", "NSPLIT")
     b, x, rows, *ks = grid(**axes)
+    # row: the query row within this call's q (what q and the bias are indexed by); qi: the
+    # position of that row in the whole problem (what masks and mods see). They differ only
+    # with offsets; with packed GQA rows neither is the tile variable `rows`.
     if pack_gqa:
         hk = x
         h = let("h", hk * group + rows // dim("S"))
-        qi = let("i", rows % dim("S"))
+        row = let("i", rows % dim("S"))
     else:
-        h, qi = x, rows
+        h, row = x, rows
         hk = let("hk", h // group)
     n_keys, n_queries = (scalar("kv_total", i32), scalar("q_total", i32)) if offsets else (dim("T"), dim("S"))
     length = let("len", input("kv_lens", i32["B"])[b]) if kv_lens else n_keys
-    if offsets:
-        qi = let("qabs", qi + scalar("q_offset", i32))
+    qi = let("qabs", row + scalar("q_offset", i32)) if offsets else row
     qpos = let("qpos", qi + (length - n_queries))  # queries aligned to the end of the keys
+    mb, mh, whole = b, h, None  # what the mods see: the batch, the query head, the dims
+    if offsets and (score_mod is not None or mask_mod is not None):
+        mb = let("babs", b + scalar("b_offset", i32))
+        mh = let("habs", h + scalar("h_offset", i32))
+        whole = {"B": lambda: scalar("b_total", i32), "Hq": lambda: scalar("hq_total", i32),
+                 "Hkv": lambda: scalar("hkv_total", i32), "S": lambda: n_queries, "T": lambda: n_keys}
     acc = online_softmax(rows=rows, width="Dv")
     for kt in tiles("T", BN, split=ks[0] if ks else None):
         kj = let("kabs", kt + scalar("kv_offset", i32)) if offsets else kt
-        s = let("s", dot(q[b, h, rows if offsets else qi, :], k[b, hk, kt, :]) * scale)
+        s = let("s", dot(q[b, h, row, :], k[b, hk, kt, :]) * scale)
         if softcap:
             cap = scalar("softcap")
             s = let("capped", cap * tanh(s / cap))
         if alibi:
             s = let("alibi", s + input("alibi_slopes", f32["Hq"])[h] * f32(kj - qpos))
         if bias:
-            s = let("biased", s + input("bias", f32["B", "Hq", "S", "T"])[b, h, rows if offsets else qi, kt])
+            s = let("biased", s + input("bias", f32["B", "Hq", "S", "T"])[b, h, row, kt])
         if score_mod is not None:
-            s = let("mod", apply_mod(score_mod, (s, b, h, qi, kj), "score"))
+            s = let("mod", apply_mod(score_mod, (s, mb, mh, qi, kj), "score", whole))
         keep = None
         if kv_lens:
             keep = kj < length
@@ -93,7 +105,7 @@ def flash_attention(q: Q, k: K, v: V, scale: f32, *,
             if right is not None:
                 keep = _and(keep, kj <= qpos + scalar("window_right", i32))
         if mask_mod is not None:
-            keep = _and(keep, apply_mod(mask_mod, (b, h, qi, kj), "mask"))
+            keep = _and(keep, apply_mod(mask_mod, (mb, mh, qi, kj), "mask", whole))
         if keep is not None:
             s = where(let("keep", keep), s, -inf)
         acc.update(s, v[b, hk, kt, :])

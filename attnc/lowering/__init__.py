@@ -7,7 +7,7 @@ from attnc.ir import nodes as ir
 from attnc.lowering.analyze import FlashSpec, analyze
 from attnc.lowering.combine import emit_combine
 from attnc.lowering.lanes import emit_lanes
-from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy, check_lanes, layout
+from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy, check_lanes, check_rows, layout
 from attnc.lowering.program import Program
 from attnc.lowering.rows import emit_rows
 from attnc.lowering.shader import Shader
@@ -27,6 +27,7 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
             raise LoweringError("f16 arithmetic is a tiled-strategy variant")
         if plan.family is not Family.PORTABLE:
             raise LoweringError("the rows strategy has no cross-invocation reductions: use the portable family")
+        check_rows(plan)
         sh = Shader(spec, plan, None)
         progs = [emit_rows(sh)]
     elif plan.strategy is Strategy.LANES:

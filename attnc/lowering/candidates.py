@@ -18,6 +18,7 @@ from attnc.lowering.schedule import (
     lanes_widths,
     pow2ceil,
     row_tiles,
+    rows_fit,
     split_count,
     stream_plan,
     wide_value_block,
@@ -31,7 +32,7 @@ STREAM_SHAPES = [(64, 128, 2, 4), (128, 128, 2, 4), (64, 64, 2, 4), (128, 256, 2
 def fits(caps: Capabilities, plan: Plan, tun: dict[str, int]) -> bool:
     """Whether a candidate is valid and fits the device's limits (and default limits if portable-only)."""
     if plan.strategy is Strategy.ROWS:
-        return tun["BM"] <= caps.limit("max-compute-invocations-per-workgroup")
+        return tun["BM"] <= caps.limit("max-compute-invocations-per-workgroup") and rows_fit(plan)
     if plan.strategy is Strategy.LANES:
         return tun["BM"] // plan.rows_per_invocation <= caps.limit("max-compute-invocations-per-workgroup")
     if plan.strategy is Strategy.STREAM:

@@ -120,8 +120,8 @@ def emit_combine(sh: Shader) -> Program:
             if s.sink is not None:
                 w.line("let z = sink_fn(qi);")
                 w.line("let mf = max(mx, z);")
-                w.line("let a = exp_sub(mx, mf);")
-                w.line("l = select(l * a + exp_sub(z, mf), z, is_nan(z));")
+                w.line("let a = sink_scale(mx, mf, z);")
+                w.line("l = select(l * a + sink_term(z, mf), z, is_nan(z));")
                 w.line("o = o * a;")
                 if CPL == 2:
                     w.line("o1 = o1 * a;")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attnc.errors import LoweringError
 from attnc.ir import nodes as ir
 from attnc.ir.printer import print_kernel
 from attnc.lowering import lower
-from attnc.lowering.plan import Family, Plan, Storage
+from attnc.lowering.plan import Dialect, Family, Plan, Storage
 from attnc.lowering.program import Access, Program
 from attnc.lowering.retype import retype
 
@@ -19,11 +21,14 @@ FORMAT = "attnc.manifest"
 VERSION = 1
 
 _PARAM_DEFAULTS = {"scale": "rsqrt(D)", "NSPLIT": "1"}
+# The WGSL dialects `attnc compile` writes; a program's `file` is in the first, Tint's (the
+# WGSL spec's, with every `enable` directive: what manifests without `dialect_files` had).
+DIALECTS = (Dialect.TINT, Dialect.NAGA)
 
 
 @dataclass(frozen=True)
 class Compiled:
-    """One variant: the plan it was lowered for and its programs."""
+    """One variant: the plan it was lowered for and its programs (those of `plan.dialect`)."""
 
     name: str
     plan: Plan
@@ -82,8 +87,10 @@ def _tensors(kernel: ir.Kernel, plan: Plan, programs: tuple[Program, ...]) -> li
     return out
 
 
-def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str]) -> dict[str, Any]:
-    """The manifest entry of one compiled variant."""
+def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str],
+                  dialect_files: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """The manifest entry of one compiled variant; `files` maps a program to its `file`,
+    `dialect_files` (optional) to the file of each dialect, by dialect name."""
     lse = any(b.name == "lse" for p in c.programs for b in p.bindings)
     formulas = _field_formulas(kernel, lse)
     programs = []
@@ -93,6 +100,7 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str]) -> dict
         programs.append({
             "name": p.name,
             "file": files[p.name],
+            **({"dialect_files": dialect_files[p.name]} if dialect_files else {}),
             "entry_point": p.entry_point,
             "workgroup_size": [p.workgroup_size, 1, 1],
             "bindings": [{"binding": b.binding, "name": b.name, "kind": "uniform"} if b.access is Access.UNIFORM
@@ -133,19 +141,41 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str]) -> dict
 
 
 def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path) -> dict[str, Any]:
-    """Lower for each plan, write `<kernel>.<variant>.<program>.wgsl` files and manifest.json."""
+    """Lower for each plan in each of DIALECTS, write `<kernel>.<variant>.<program>.wgsl`
+    files and manifest.json, so that one manifest serves Tint and Naga runtimes alike.
+
+    A program's `file` is Tint's WGSL; `dialect_files` names the file each dialect's compiler
+    takes: the same file where the WGSL is the same (the portable family), else
+    `<kernel>.<variant>.<program>.<dialect>.wgsl` (the subgroups family: Tint requires
+    `enable subgroups;`, Naga rejects it). The plans' own dialect is ignored."""
+    dialects = DIALECTS
     outdir.mkdir(parents=True, exist_ok=True)
     text = print_kernel(kernel)
     variants = []
     for plan in plans:
         k = retype(kernel, plan.storage)
-        c = Compiled(f"{kernel.name}.{plan.family.value}.{plan.storage.value}", plan, lower(k, plan))
-        files = {}
-        for p in c.programs:
-            fname = f"{c.name}.{p.name}.wgsl"
-            (outdir / fname).write_text(p.wgsl)
-            files[p.name] = fname
-        variants.append(variant_entry(k, c, files))
+        name = f"{kernel.name}.{plan.family.value}.{plan.storage.value}"
+        lowered = {d: lower(k, dataclasses.replace(plan, dialect=d)) for d in dialects}
+        first = dialects[0]
+        files: dict[str, str] = {}
+        per_dialect: dict[str, dict[str, str]] = {}
+        for i, p in enumerate(lowered[first]):
+            files[p.name] = f"{name}.{p.name}.wgsl"
+            (outdir / files[p.name]).write_text(p.wgsl)
+            per_dialect[p.name] = {first.value: files[p.name]}
+            for d in dialects[1:]:
+                other = lowered[d][i]
+                if dataclasses.replace(other, wgsl=p.wgsl) != p:  # one manifest entry describes both
+                    raise LoweringError(f"{name}.{p.name}: the {d.value} program differs from the "
+                                        f"{first.value} one in more than its WGSL text")
+                if other.wgsl == p.wgsl:
+                    per_dialect[p.name][d.value] = files[p.name]
+                else:
+                    fname = f"{name}.{p.name}.{d.value}.wgsl"
+                    (outdir / fname).write_text(other.wgsl)
+                    per_dialect[p.name][d.value] = fname
+        c = Compiled(name, dataclasses.replace(plan, dialect=first), lowered[first])
+        variants.append(variant_entry(k, c, files, per_dialect))
     from attnc._version import __version__
 
     manifest = {

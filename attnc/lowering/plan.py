@@ -358,6 +358,16 @@ def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
                         KG, RC, plan.softmax_phase)
 
 
+def check_rows(plan: Plan) -> None:
+    """Raise LoweringError unless a rows-strategy plan is consistent (see lowering/rows.py):
+    its query row (DQ) and value columns (DVC) are held in registers in vectors of VEC."""
+    vec = 4 if plan.vector_width == 4 else 1
+    if min(plan.query_dim, plan.value_columns, plan.keys_per_step) <= 0 \
+            or plan.query_dim % vec or plan.value_columns % vec:
+        raise LoweringError(f"the rows strategy needs KC={plan.keys_per_step} >= 1 and DQ={plan.query_dim}, "
+                            f"DVC={plan.value_columns} positive multiples of VEC={plan.vector_width}")
+
+
 def check_lanes(plan: Plan, BM: int) -> None:
     """Raise LoweringError unless a lanes-strategy plan is consistent (see lowering/lanes.py)."""
     if plan.family is not Family.SUBGROUPS:

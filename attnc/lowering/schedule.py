@@ -54,6 +54,26 @@ def pick_family(caps: Capabilities, target: str | None) -> Family:
     return fam
 
 
+def device_refuses(caps: Capabilities, plan: Plan) -> str | None:
+    """Why a plan that lowers would still not run correctly on this device, or None: the
+    subgroup facts a subgroups-family plan assumes must be the device's (a tuning-cache entry
+    written elsewhere or damaged may claim others), and f16 arithmetic needs shader-f16."""
+    if plan.family is Family.SUBGROUPS:
+        if "subgroups" not in caps.features or caps.subgroup_lanes_contiguous < 4:
+            return f"its family is subgroups, which {caps.name} does not offer (or fails the subgroup probe)"
+        sg_min = max(1, min(caps.subgroup_min_size or 4, 32, caps.subgroup_lanes_contiguous))
+        if plan.min_subgroup > sg_min:
+            return f"SGMIN={plan.min_subgroup}: {caps.name} keeps only {sg_min} lanes together for certain"
+        if plan.shuffle_only_lanes > caps.subgroup_lanes_contiguous:
+            return (f"SGFAST={plan.shuffle_only_lanes}: the subgroup probe found {caps.subgroup_lanes_contiguous} "
+                    f"contiguous lanes on {caps.name}")
+    if plan.strategy is Strategy.LANES and plan.subgroup_width != caps.subgroup_size:
+        return f"SGB={plan.subgroup_width}: {caps.name} runs subgroups of {caps.subgroup_size} lanes"
+    if plan.storage is Storage.F16A and "f16" not in caps.features:
+        return f"f16 arithmetic needs shader-f16, which {caps.name} does not offer"
+    return None
+
+
 def pow2ceil(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())
@@ -77,7 +97,8 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
       packed rows per KV head (GQA with several queries), 32x64 tiles of the tiled strategy with
       4 rows per invocation and 8-key value blocks (H200 dec4_gqa8 1.6x faster than stream, and
       1.15x again in a workgroup of 11.5 KiB with 60 splits); the tiled strategy where
-      none applies (head dims not multiples of 4, f16 arithmetic);
+      none applies (head dims not multiples of 4, D over STREAM_MAX_D, f16 arithmetic; the
+      rows strategy only where its registers fit FUNCTION_VAR_BYTES);
     - longer rows: the largest of 128x64 (256 invocations), 64x64 and 64x32 tiles with 4 rows
       per invocation that the device's limits allow (CPU adapters skip the 256-wide one);
       on a GPU, when 128-row tiles would make fewer than 64 workgroups, 32x64 tiles first;
@@ -137,11 +158,11 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
                 # splits run in one wave (dec4_gqa8 with 60 splits: 0.052-0.057 ms against
                 # 0.062-0.064 with 32-key blocks and 30)
                 return dataclasses.replace(tiled[0], value_block_keys=8), tiled[1]
-        if cpu and group == 1 and not explicit_family and only in ("", "rows"):
-            plan = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, keys_per_step=4,
-                        query_dim=max(pow2ceil(dims["D"]), 4), value_columns=dv, vector_width=vec)
-            return plan, {"BM": 8, "BN": 64}
-        if vec == 4 and not f16_math and only in ("", "stream"):
+        rows = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, keys_per_step=4,
+                    query_dim=max(pow2ceil(dims["D"]), 4), value_columns=dv, vector_width=vec)
+        if cpu and group == 1 and not explicit_family and only in ("", "rows") and rows_fit(rows):
+            return rows, {"BM": 8, "BN": 64}
+        if vec == 4 and not f16_math and dims["D"] <= STREAM_MAX_D and only in ("", "stream"):
             dvc = max(4, pow2ceil(dims["Dv"]))
             if cpu:  # small tiles: lavapipe compiles large unrolled row tiles slowly (seconds)
                 wg, bn, bm = 64, 64, min(4, pow2ceil(group * dims["S"]))
@@ -149,11 +170,14 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
                 wg, bn = (256, 128) if dvc >= 128 else (128, 64)
                 bm = min(16, pow2ceil(group * dims["S"]))
             wg = min(wg, max(dvc // 4 * 16, 32))  # at most 16 key groups
+            # a vec4 of output columns per invocation of a key group at most (Dv > 256 on a CPU
+            # adapter, > 1024 on a GPU): a grid axis covers Dv in chunks of these columns
+            dvc = min(dvc, 4 * wg)
             dq = max(8, pow2ceil(dims["D"])) if cpu else -(-dims["D"] // 8) * 8  # CPU: fewer shaders to compile
             # packed GQA: a softmax phase from 8 rows, one lane per key from 16 (tuned on the H200)
             plan = stream_plan(Plan(family, storage, dialect), dims, workgroup_size=wg,
                                lanes_per_key=1 if bm >= 16 else 2, keys_per_step=4,
-                               softmax_phase=int(bm >= 8), query_dim=dq)
+                               softmax_phase=int(bm >= 8), query_dim=dq, value_columns=dvc)
             tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4)}
             if 4 * stream_layout(plan, tun["BM"], tun["BN"]).smem_words <= \
                     caps.limit("max-compute-workgroup-storage-size"):
@@ -179,6 +203,28 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
                                                                         fit=False)
     assert chosen is not None
     return chosen
+
+
+# What WGSL promises a function's variables at least (the spec's limits: 8 KiB in the function
+# address space): the rows strategy holds its query row and its value columns there.
+FUNCTION_VAR_BYTES = 8192
+
+
+def rows_fit(plan: Plan) -> bool:
+    """Whether a rows plan's query row (DQ) and accumulator (DVC) fit FUNCTION_VAR_BYTES: D up
+    to 1024 with 256 value columns (above, short rows take the tiled plan). lavapipe compiles
+    more, but slowly: 144-166 s for DQ = 4096 on a loaded machine, where tiled decode shaders
+    for D = 2048-4096 took 17-35 s."""
+    return 4 * (plan.query_dim + plan.value_columns) <= FUNCTION_VAR_BYTES
+
+
+# The stream strategy's largest D: its dot phase issues all of a key's loads before using any
+# (D / 4 / KL vec4s, unrolled, all live in registers: 32 of them, 128 registers, at D = 256 with
+# KL = 2, the largest D it was measured at) and holds the query rows in workgroup memory, so
+# its shader and its registers grow with D; above this the tiled strategy (head-dim chunks in
+# a loop) serves short rows too. Not measured on a GPU above D = 256; on lavapipe the stream
+# plan for D = 576 was 46 KB of WGSL, against 24 KB for D = 256.
+STREAM_MAX_D = 256
 
 
 def tiled_plan(caps: Capabilities, base: Plan, dims: dict[str, int], shapes: list[tuple[int, int, int, int]],
@@ -302,12 +348,12 @@ def wide_value_block(dvc: int) -> int:
 
 
 def stream_plan(base: Plan, dims: dict[str, int], **kw: int) -> Plan:
-    """A stream-strategy plan for these head dims: all of Dv in one workgroup, DQ >= D (the
-    smallest multiple of 4*KL unless DQ is given)."""
+    """A stream-strategy plan for these head dims: all of Dv in one workgroup unless DVC is
+    given, DQ >= D (the smallest multiple of 4*KL unless DQ is given)."""
     kl = kw.get("lanes_per_key", base.lanes_per_key)
     kw.setdefault("query_dim", -(-dims["D"] // (4 * kl)) * 4 * kl)
-    return dataclasses.replace(base, strategy=Strategy.STREAM, value_columns=max(4, pow2ceil(dims["Dv"])),
-                               vector_width=4, **kw)
+    kw.setdefault("value_columns", max(4, pow2ceil(dims["Dv"])))
+    return dataclasses.replace(base, strategy=Strategy.STREAM, vector_width=4, **kw)
 
 
 def split_count(caps: Capabilities, dims: dict[str, int], BM: int, BN: int, packed: bool = False,

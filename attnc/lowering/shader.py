@@ -294,8 +294,8 @@ class Shader:
         emits the rescaling of the row's accumulators by the factor named a."""
         w.line(f"let z = sink_fn({qi});")
         w.line(f"let mf = max({m}, z);")
-        w.line(f"let a = exp_sub({m}, mf);")
-        w.line(f"{l} = {l} * a + exp_sub(z, mf);")
+        w.line(f"let a = sink_scale({m}, mf, z);")
+        w.line(f"{l} = {l} * a + sink_term(z, mf);")
         w.line(f"{nan} = {nan} || is_nan(z);")
         scale("a")
         w.line(f"{m} = mf;")

@@ -238,7 +238,7 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
         if s.sink is not None and not s.split_var:
             w.line("let z = sink_fn(q0 + i32(r));")
             w.line("let mf = max(mm, z);")
-            w.line("ll = ll * exp_sub(mm, mf) + exp_sub(z, mf);")
+            w.line("ll = ll * sink_scale(mm, mf, z) + sink_term(z, mf);")
             w.line("bad = bad || is_nan(z);")
             w.line("mm = mf;")
         w.line("m_fin[r] = mm;")

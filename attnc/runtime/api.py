@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from attnc.errors import LoweringError
 from attnc.lowering import Plan
 from attnc.lowering.plan import Storage
 from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, packs_gqa, pick_family, plan_for, with_combine
 from attnc.runtime.build import Options, build_kernel, options_key, programs_for
-from attnc.runtime.chunking import binding_limit, chunked, largest_binding
+from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.prepared import Prepared, broadcast_strides, check_limits
-from attnc.runtime.tuning_cache import tuned_plan
+from attnc.runtime.tuning_cache import ignore, tuned_plan
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -60,8 +61,33 @@ def validate(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, int]:
     _check(Dk == D, f"head dim D differs: q has {D}, k has {Dk}")
     _check(v.shape[1] == Hkv and v.shape[2] == T,
            f"v shape {v.shape} does not match k shape {k.shape} in (B, Hkv, T)")
-    _check(Hq % Hkv == 0, f"Hq={Hq} query heads is not a multiple of Hkv={Hkv} kv heads")
+    validate_dims(dict(B=B, Hq=Hq, S=S, D=D, Hkv=Hkv, T=T, Dv=v.shape[3]))
     return dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=v.shape[3])
+
+
+# The attention dims in the order q, k and v introduce them (the order of a compiled manifest's dims).
+DIMS = ("B", "Hq", "S", "D", "Hkv", "T", "Dv")
+
+
+def validate_dims(dims: Mapping[str, Any]) -> dict[str, int]:
+    """Check attention dims (what `validate` reads off q, k, v; js/attnc.js applies the same
+    rules to the shapes a caller passes): each a positive integer (q, k, v must not be empty),
+    no other names, Hq a multiple of Hkv (so Hkv <= Hq). The first problem, in DIMS order, is
+    a ValueError whose message starts with the dim's name."""
+    for name in DIMS:
+        if name not in dims:
+            raise ValueError(f"{name}: missing")
+        x = dims[name]
+        if not isinstance(x, (int, np.integer)) or isinstance(x, (bool, np.bool_)):
+            raise ValueError(f"{name}: expected a positive integer, got {x!r}")
+        if x < 1:
+            raise ValueError(f"{name}={x}: expected a positive integer (q, k and v must not be empty)")
+    for name in dims:
+        if name not in DIMS:
+            raise ValueError(f"{name}: not an attention dim (the dims: {', '.join(DIMS)})")
+    _check(dims["Hq"] % dims["Hkv"] == 0,
+           f"Hq={dims['Hq']} query heads is not a multiple of Hkv={dims['Hkv']} kv heads")
+    return {n: int(dims[n]) for n in DIMS}
 
 
 def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = False,
@@ -73,14 +99,20 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
             score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
             plan: Plan | None = None, tunables: dict[str, int] | None = None,
             nsplit: int | None = None, pack_gqa: bool | None = None,
-            offsets: tuple[int, int, int, int] | None = None) -> Prepared:
-    """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it."""
+            offsets: tuple[int, int, int, int] | dict[str, int] | None = None) -> Prepared:
+    """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it.
+
+    offsets: the problem is one piece of a larger one (runtime/chunking.py), given as
+    (q_offset, q_total, kv_offset, kv_total) or a dict of those and b_offset, b_total,
+    h_offset, hq_total, hkv_total (whole_problem()): masks and mods see the whole problem."""
     dev = get_device(device)
     fam = pick_family(dev.capabilities, target)
     f16_math = target in F16_MATH_TARGETS
     if f16_math and np.dtype(dtype) != np.float16:
         raise ValueError(f"target {target!r} computes products in f16: pass float16 q, k, v (got {np.dtype(dtype)})")
     B, Hq, S, T = dims["B"], dims["Hq"], dims["S"], dims["T"]
+    if offsets is not None:
+        offsets = whole_problem(dims, offsets)
     extra: dict[str, np.ndarray] = {}
     strides: dict[str, list[int]] = {}
     scalars: dict[str, float | int] = {}
@@ -113,7 +145,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
         x = _array("kv_lens", kv_lens, 1)
         _check(x.shape == (B,), f"kv_lens: expected shape ({B},) (B), got {x.shape}")
         _check(np.issubdtype(x.dtype, np.integer), f"kv_lens: expected integers, got {x.dtype}")
-        total = T if offsets is None else offsets[3]
+        total = T if offsets is None else offsets["kv_total"]
         _check(bool(np.all((x >= 0) & (x <= total))), f"kv_lens: values must be in [0, T={total}]")
         extra["kv_lens"] = np.ascontiguousarray(x, dtype=np.int32)
         strides["kv_lens"] = [1]
@@ -132,36 +164,48 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
                    mask_mod=mask_mod)
     if offsets is not None:  # one chunk of a larger problem: absolute positions
         opts = Options(**{**opts.__dict__, "offsets": True})
-        scalars.update(q_offset=offsets[0], q_total=offsets[1], kv_offset=offsets[2], kv_total=offsets[3])
+        scalars.update(offsets)
     okey = options_key(opts)
     caps = dev.capabilities
-    if plan is None and tunables is None and score_mod is None and mask_mod is None:
-        plan, tunables, nsplit = tuned_plan(dev, okey, dims, opts.f16, fam if target is not None else None, nsplit)
+    tuned = None
+    if plan is None and tunables is None and score_mod is None and mask_mod is None and not f16_math:
+        # (f16-math plans are never tuned: `attnc tune` stores f16-storage plans)
+        tuned = tuned_plan(dev, okey, dims, opts.f16, fam if target is not None else None, nsplit)
     hplan, htun = plan_for(caps, fam, dims, causal=opts.causal, f16=opts.f16, explicit_family=target is not None,
                            f16_math=f16_math)
     if f16_math:
         hplan = dataclasses.replace(hplan, storage=Storage.F16A)
-        if plan is not None and plan.storage is not Storage.F16A:
-            plan = None  # a tuned f16-storage plan is not an f16-math plan
-    plan = plan or hplan
-    tun = tunables or htun
-    if pack_gqa is None:
-        pack_gqa = packs_gqa(dims, plan)
-    if nsplit is None:
-        nsplit = kv_splits(caps, dims, plan, tun, pack_gqa)
-    if nsplit > 1:
-        opts = dataclasses.replace(opts, split=True)
-        scalars["NSPLIT"] = nsplit
-        plan = with_combine(plan, nsplit)
-    if pack_gqa:
-        opts = dataclasses.replace(opts, pack_gqa=True)
-        dims = {**dims, "R": (dims["Hq"] // dims["Hkv"]) * S}
-    kern = build_kernel(opts, tun)
-    progs = programs_for(kern, plan)
-    check_limits(dev, progs, plan, dims)
-    prep = Prepared(dev, kern, plan, progs, dims, scalars | {"scale": float(scale)}, extra, strides)
-    prep.options_key = okey
-    return prep
+
+    def lowered(plan: Plan, tun: dict[str, int], nsplit: int | None) -> Prepared:
+        op, sc, d, pack = opts, dict(scalars), dims, pack_gqa
+        if pack is None:
+            pack = packs_gqa(d, plan)
+        if nsplit is None:
+            nsplit = kv_splits(caps, d, plan, tun, pack)
+        nsplit = min(nsplit, split_limit(dev, d))  # the splits' partial states fit one binding
+        if nsplit > 1:
+            op = dataclasses.replace(op, split=True)
+            sc["NSPLIT"] = nsplit
+            plan = with_combine(plan, nsplit)
+        if pack:
+            op = dataclasses.replace(op, pack_gqa=True)
+            d = {**d, "R": (d["Hq"] // d["Hkv"]) * S}
+        kern = build_kernel(op, tun)
+        progs = programs_for(kern, plan)
+        check_limits(dev, progs, plan, d)
+        prep = Prepared(dev, kern, plan, progs, d, sc | {"scale": float(scale)}, extra, strides)
+        prep.options_key = okey
+        return prep
+
+    if tuned is not None:
+        try:
+            prep = lowered(tuned.plan, tuned.tunables, tuned.nsplit)
+            for prog in prep.progs:  # (a WGSL compiler's refusal is a LoweringError too)
+                dev.pipelines.get(dev, prog)
+            return prep
+        except LoweringError as exc:
+            ignore(tuned.key, f"attnc cannot lower its plan ({exc.message})")
+    return lowered(plan or hplan, tunables or htun, nsplit)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
@@ -179,6 +223,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (q_idx is the raw query index).
     target: "portable", "subgroups", or (float16 inputs, shader-f16) "portable-f16" /
     "subgroups-f16" for f16 products; None picks the tuned or heuristic variant.
+    sinks [Hq]: one more logit per head in the softmax denominator, with no value. A sink of
+    +inf takes all the weight: o = 0 and lse = +inf on that head's rows, fully masked rows
+    too; -inf is the same as no sink (a fully masked row: o = 0, lse = -inf); NaN makes that
+    head's o and lse NaN.
     """
     dims = validate(q, k, v)
     dev = get_device(device)

@@ -1,14 +1,22 @@
 """Problems larger than a storage binding: split over batch, then KV heads, then blocks of
-query rows x keys (a kernel with absolute positions), merged by log-sum-exp on the host."""
+query rows x keys (a kernel with absolute positions), merged by log-sum-exp on the host.
+
+Every piece computes its rows as in the whole problem: the options' tensors are sliced with
+it (keeping their broadcast dims), and a piece that runs with `offsets` (whole_problem) sees
+the whole problem's positions, and in score_mod/mask_mod its batch, query heads and sizes."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from attnc.errors import DeviceError
 from attnc.runtime.devices import Device
+
+OFFSET_KEYS = ("q_offset", "q_total", "kv_offset", "kv_total")
 
 
 def binding_limit(dev: Device) -> int:
@@ -29,35 +37,83 @@ def largest_binding(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarra
     return max(sizes)
 
 
+def whole_problem(dims: dict[str, int], offsets: Any) -> dict[str, int]:
+    """The scalars that place one piece (of sizes `dims`) in the whole problem, from
+    (q_offset, q_total, kv_offset, kv_total) or a dict of any of those and b_offset, b_total,
+    h_offset (query heads), hq_total, hkv_total; what is not given is the piece's own."""
+    out = {"q_offset": 0, "q_total": dims["S"], "kv_offset": 0, "kv_total": dims["T"],
+           "b_offset": 0, "b_total": dims["B"], "h_offset": 0, "hq_total": dims["Hq"], "hkv_total": dims["Hkv"]}
+    if isinstance(offsets, dict):
+        given = dict(offsets)
+    else:
+        if len(tuple(offsets)) != len(OFFSET_KEYS):
+            raise ValueError(f"offsets: expected ({', '.join(OFFSET_KEYS)}), got {offsets!r}")
+        given = dict(zip(OFFSET_KEYS, offsets, strict=True))
+    unknown = sorted(set(given) - set(out))
+    if unknown:
+        raise ValueError(f"offsets: unknown keys {unknown}; known: {sorted(out)}")
+    out.update({n: int(x) for n, x in given.items()})
+    return out
+
+
+def split_limit(dev: Device, dims: dict[str, int]) -> int:
+    """The most KV splits whose partial states ([B, Hq, S, splits, Dv + 2] f32) fit one binding."""
+    per_split = 4 * dims["B"] * dims["Hq"] * dims["S"] * (dims["Dv"] + 2)
+    return max(1, binding_limit(dev) // per_split)
+
+
+def _bias4(bias: Any) -> np.ndarray | None:
+    """The bias as a 4-d array with its broadcast (size-1) dims kept."""
+    if bias is None:
+        return None
+    return np.asarray(bias).reshape((1,) * (4 - np.ndim(bias)) + np.shape(bias))
+
+
+def _has_mods(kw: dict[str, Any]) -> bool:
+    return kw.get("score_mod") is not None or kw.get("mask_mod") is not None
+
+
 def chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], limit: int,
             attend: Callable[..., Any], prepare: Callable[..., Any]) -> Any:
     """Attention in pieces when a binding would exceed the device's limit: halves of the batch,
     then halves of the KV heads (with their query heads); rows are independent across both.
-    `attend` is `attnc.attention` (each half may be chunked again), `prepare` its `prepare`."""
-    B, Hq, S, _ = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    bias = kw.get("bias")
-    full = None if bias is None else np.broadcast_to(bias, (B, Hq, S, T))
+    `attend` is `attnc.attention` (for the halves that fit), `prepare` its `prepare`."""
+    B, Hq = q.shape[:2]
+    whole = dict(b_offset=0, b_total=B, h_offset=0, hq_total=Hq, hkv_total=k.shape[1])
+    return _halves(q, k, v, kw, limit, attend, prepare, whole)
+
+
+def _halves(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], limit: int,
+            attend: Callable[..., Any], prepare: Callable[..., Any], whole: dict[str, int]) -> Any:
+    B, Hq = q.shape[:2]
+    Hkv = k.shape[1]
+    if largest_binding(q, k, v, kw.get("bias")) <= limit:
+        # a piece that fits runs whole; with a mod, through offsets, so that the mod sees the
+        # batch, heads and sizes of the whole problem
+        return _chunk_sequence(q, k, v, kw, limit, prepare, whole) if _has_mods(kw) else attend(q, k, v, **kw)
     if B > 1:
         cut = B // 2
-        parts = [(slice(0, cut), slice(None)), (slice(cut, B), slice(None))]
+        parts = [(slice(0, cut), slice(0, Hkv)), (slice(cut, B), slice(0, Hkv))]
     elif Hkv > 1:
         cut = Hkv // 2
-        parts = [(slice(None), slice(0, cut)), (slice(None), slice(cut, Hkv))]
+        parts = [(slice(0, B), slice(0, cut)), (slice(0, B), slice(cut, Hkv))]
     else:
-        return _chunk_sequence(q, k, v, kw, limit, prepare)
+        return _chunk_sequence(q, k, v, kw, limit, prepare, whole)
+    group = Hq // Hkv
+    bias4 = _bias4(kw.get("bias"))
     outs = []
     for bs, hs in parts:
-        qh = hs if hs == slice(None) else slice(hs.start * (Hq // Hkv), hs.stop * (Hq // Hkv))
+        qh = slice(hs.start * group, hs.stop * group)
         sub = dict(kw)
-        if full is not None:
-            sub["bias"] = np.ascontiguousarray(full[bs, qh])
+        if bias4 is not None:
+            sub["bias"] = bias4[bs if bias4.shape[0] > 1 else slice(None), qh if bias4.shape[1] > 1 else slice(None)]
         if kw.get("kv_lens") is not None:
             sub["kv_lens"] = kw["kv_lens"][bs]
         for name in ("alibi_slopes", "sinks"):
             if kw.get(name) is not None:
                 sub[name] = kw[name][qh]
-        outs.append(attend(q[bs, qh], k[bs, hs], v[bs, hs], **sub))
+        at = {**whole, "b_offset": whole["b_offset"] + bs.start, "h_offset": whole["h_offset"] + qh.start}
+        outs.append(_halves(q[bs, qh], k[bs, hs], v[bs, hs], sub, limit, attend, prepare, at))
     axis = 0 if B > 1 else 1
     if kw.get("return_lse"):
         return (np.concatenate([o for o, _ in outs], axis), np.concatenate([lse for _, lse in outs], axis))
@@ -65,18 +121,32 @@ def chunked(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], lim
 
 
 def _chunk_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], limit: int,
-                    prepare: Callable[..., Any]) -> Any:
-    """One head too large for a binding: blocks of query rows times blocks of keys, each a
-    kernel with absolute positions (offsets), merged on the host by log-sum-exp (sinks too)."""
+                    prepare: Callable[..., Any], whole: dict[str, int]) -> Any:
+    """Blocks of query rows times blocks of keys, each a kernel with absolute positions
+    (offsets), merged on the host by log-sum-exp (sinks too). Every binding of a block fits
+    `limit`: q and o by its rows, k and v by its keys, the bias by both where it has both."""
     B, Hq, S, D = q.shape
     Hkv, T, Dv = k.shape[1], k.shape[2], v.shape[3]
     dims = dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=Dv)
-    bias = kw.get("bias")
-    bias4 = None if bias is None else np.asarray(bias).reshape((1,) * (4 - np.ndim(bias)) + np.shape(bias))
-    row = max(q.nbytes // S, 4 * Hq * Dv, 1)
-    key = max(k.nbytes // T, v.nbytes // T, 1, 0 if bias4 is None else 4 * bias4[0, 0].size // max(T, 1))
-    sq = max(1, int(limit * 0.9) // row)
-    sk = max(1, int(limit * 0.9) // key)
+    bias4 = _bias4(kw.get("bias"))
+    per_row = max(q.nbytes // S, 4 * B * Hq * Dv, 1)  # q and o of one query row (every batch, head)
+    per_key = max(k.nbytes // T, v.nbytes // T, 1)  # k and v of one key
+    if max(per_row, per_key) > limit:
+        raise DeviceError(f"one query row or key of this problem needs {max(per_row, per_key)} bytes in one "
+                          f"binding; the device grants max-storage-buffer-binding-size = {limit}")
+    budget = int(limit * 0.9)
+    sq = max(1, budget // per_row)
+    sk = max(1, budget // per_key)
+    if bias4 is not None:  # 4 bytes per (row, key) element of every batch and head it holds
+        cell = 4 * bias4.shape[0] * bias4.shape[1]
+        rows_too, keys_too = bias4.shape[2] > 1, bias4.shape[3] > 1
+        if rows_too and keys_too:
+            sq = min(sq, max(1, math.isqrt(budget // cell)))
+            sk = min(sk, max(1, budget // (cell * sq)))
+        elif rows_too:
+            sq = min(sq, max(1, budget // cell))
+        elif keys_too:
+            sk = min(sk, max(1, budget // cell))
     sinks = kw.get("sinks")
     opts = {n: x for n, x in kw.items() if n not in ("sinks", "return_lse", "bias")}
     o_rows, lse_rows = [], []
@@ -87,9 +157,11 @@ def _chunk_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, A
             t1 = min(T, t0 + sk)
             sub = dict(opts)
             if bias4 is not None:
-                sub["bias"] = bias4[:, :, s0:s1 if bias4.shape[2] > 1 else 1, t0:t1 if bias4.shape[3] > 1 else 1]
+                sub["bias"] = bias4[:, :, slice(s0, s1) if bias4.shape[2] > 1 else slice(None),
+                                    slice(t0, t1) if bias4.shape[3] > 1 else slice(None)]
             cdims = {**dims, "S": s1 - s0, "T": t1 - t0}
-            prep = prepare(cdims, q.dtype, return_lse=True, offsets=(s0, S, t0, T), **sub)
+            at = {**whole, "q_offset": s0, "q_total": S, "kv_offset": t0, "kv_total": T}
+            prep = prepare(cdims, q.dtype, return_lse=True, offsets=at, **sub)
             prep.bind(q[:, :, s0:s1], k[:, :, t0:t1], v[:, :, t0:t1]).run()
             parts.append(prep.result())
         lse = np.stack([p[1] for p in parts]).astype(np.float64)  # [chunks, B, Hq, rows]
@@ -101,12 +173,14 @@ def _chunk_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, A
         with np.errstate(all="ignore"):
             m = np.max(lse_all, axis=0)
             m = np.where(np.isneginf(m), 0.0, m)
-            w = np.exp(lse - m)
-            den = np.exp(lse_all - m).sum(axis=0)
+            d = np.where(lse_all == m, 0.0, lse_all - m)  # a sink of +inf: exp(0), not exp(inf - inf)
+            w = np.exp(d[:len(parts)])
+            den = np.exp(d).sum(axis=0)
             o = sum(wc[..., None] * p[0].astype(np.float64) for wc, p in zip(w, parts, strict=True))
             o = np.where((den > 0)[..., None], o / np.where(den > 0, den, 1.0)[..., None], 0.0)
             o = np.where(np.isnan(den)[..., None], np.nan, o)
             lse_out = np.where(den > 0, m + np.log(np.where(den > 0, den, 1.0)), -np.inf)
+            lse_out = np.where(np.isnan(den), np.nan, lse_out)
         o_rows.append(o.astype(q.dtype))
         lse_rows.append(lse_out.astype(np.float32))
     o_full = np.concatenate(o_rows, axis=2)

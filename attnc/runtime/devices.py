@@ -29,6 +29,8 @@ from attnc.runtime.dispatch import Dispatch, PipelineCache, readback, run, uploa
 
 # backend name -> the Python module that speaks the wgpu-py API for it
 BACKEND_MODULES = {"wgpu": "wgpu", "dawn": "wgpudawn"}
+# what to install for a backend whose module does not import
+BACKEND_INSTALL = {"wgpu": "pip install wgpu", "dawn": 'pip install "attnc[dawn]"'}
 DIALECTS = {"wgpu": "naga", "dawn": "tint"}
 
 # backend feature spelling -> attnc's normalized feature name
@@ -106,6 +108,19 @@ class Device:
         return self.adapter.request_device_sync(
             label="attnc", required_features=features, required_limits=limits
         )
+
+    @functools.cached_property
+    def unusable(self) -> str | None:
+        """Why attnc cannot run on this adapter, or None when it can: checked once per process
+        (lazily) by creating its device and running a tiny compute pipeline, which some drivers
+        list adapters for and then refuse (e.g. an OpenGL adapter whose GL version has no
+        compute shaders: the device request fails or the device is lost)."""
+        try:
+            _probe_compute(self)
+        except Exception as exc:  # whatever the backend raises, the adapter cannot serve attnc
+            first = (str(exc).strip().splitlines() or [""])[0]
+            return f"{type(exc).__name__}: {first}"[:300]
+        return None
 
     @functools.cached_property
     def subgroup_size(self) -> int | None:
@@ -205,6 +220,29 @@ def _probe_subgroups(device: Device) -> tuple[int, int]:
     return size, bad
 
 
+COMPUTE_PROBE_WGSL = """\
+@group(0) @binding(0) var<storage, read_write> out: array<u32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_index) lid: u32) {
+    out[lid] = lid * 3u + 1u;
+}
+"""
+
+
+def _probe_compute(device: Device) -> None:
+    """Create the device, compile a compute pipeline, run it and check what it wrote; raise if
+    any of it fails."""
+    program = Program(name="compute_probe", wgsl=COMPUTE_PROBE_WGSL, entry_point="main", workgroup_size=64,
+                      bindings=(Binding("out", 0, Access.READ_WRITE, Scalar.U32),), uniforms=(), grid=(),
+                      features=frozenset(), workgroup_storage_bytes=0)
+    out = upload(device, np.zeros(64, np.uint32))
+    run(device, [Dispatch(program, {"out": out}, {}, 1)])
+    got = readback(device, out, Scalar.U32, (64,))
+    if not np.array_equal(got, np.arange(64, dtype=np.uint32) * 3 + 1):
+        raise DeviceError("a compute pipeline ran but wrote wrong values")
+
+
 @functools.cache
 def _enumerate() -> tuple[Device, ...]:
     """Enumerate adapters of every importable backend once per process."""
@@ -222,9 +260,23 @@ def _enumerate() -> tuple[Device, ...]:
     return tuple(found)
 
 
-def devices() -> list[Device]:
-    """All adapters from wgpu-native and (when `wgpudawn` imports) Dawn, enumerated once."""
-    return list(_enumerate())
+def missing_backends() -> dict[str, str]:
+    """Backends whose Python module does not import, each with what to install for it."""
+    missing = {}
+    for backend, module_name in BACKEND_MODULES.items():
+        try:
+            importlib.import_module(module_name)
+        except ImportError:
+            missing[backend] = BACKEND_INSTALL[backend]
+    return missing
+
+
+def devices(include_unusable: bool = False) -> list[Device]:
+    """The adapters from wgpu-native and (when `wgpudawn` imports) Dawn on which attnc runs,
+    enumerated once; each is checked once (Device.unusable) when first listed. With
+    `include_unusable`, the others too (their `unusable` says why)."""
+    found = _enumerate()
+    return list(found) if include_unusable else [d for d in found if d.unusable is None]
 
 
 def rank(device: Device) -> tuple[int, int, int]:
@@ -236,20 +288,31 @@ def rank(device: Device) -> tuple[int, int, int]:
     )
 
 
-def _best(candidates: list[Device]) -> Device:
-    """The best-ranked device; ties keep enumeration order (wgpu before dawn)."""
-    return min(candidates, key=rank)
+def _best_usable(candidates: list[Device]) -> Device | None:
+    """The best-ranked device attnc can run on (ties keep enumeration order: wgpu before dawn),
+    checking only as many as it takes."""
+    for d in sorted(candidates, key=rank):  # (a stable sort: ties keep enumeration order)
+        if d.unusable is None:
+            return d
+    return None
+
+
+def _unusable_notes(found: list[Device]) -> tuple[str, ...]:
+    return tuple(f"{d.spec} ({d.adapter_type}, {d.name}) is unusable: {d.unusable}" for d in found)
 
 
 def default_device() -> Device:
-    """The best available adapter; DeviceError with set-up instructions when there is none."""
-    found = devices()
-    if not found:
+    """The best adapter attnc can run on; DeviceError with set-up instructions when there is none."""
+    found = list(_enumerate())
+    best = _best_usable(found)
+    if best is None:
         raise DeviceError(
+            "no usable WebGPU adapter found (neither wgpu-native nor Dawn offers one on which attnc "
+            "can run a compute pipeline)" if found else
             "no WebGPU adapter found (neither wgpu-native nor Dawn offers one)",
-            notes=(SETUP_HINT,),
+            notes=_unusable_notes(found) + (SETUP_HINT,),
         )
-    return _best(found)
+    return best
 
 
 def get_device(spec: Device | str | None = None) -> Device:
@@ -257,21 +320,33 @@ def get_device(spec: Device | str | None = None) -> Device:
     if spec is None:
         return default_device()
     if isinstance(spec, Device):
+        if spec.unusable is not None:
+            raise DeviceError(f"attnc cannot run on {spec.spec} ({spec.name}): {spec.unusable}")
         return spec
     if not isinstance(spec, str):
         raise DeviceError(
             f"device must be None, a Device or a 'backend[:api]' string, not {spec!r}"
         )
-    backend, _, api = spec.strip().lower().partition(":")
-    found = devices()
+    backend, _, api = spec.lower().partition(":")
+    backend, api = backend.strip(), api.strip()
+    found = list(_enumerate())
     matches = [d for d in found if d.backend == backend and (not api or d.api.lower() == api)]
-    if not matches:
-        listing = tuple(f"available: {d.spec} ({d.adapter_type}, {d.name})" for d in found)
+    best = _best_usable(matches)
+    if best is None and matches:
+        raise DeviceError(f"attnc cannot run on {spec!r}: {matches[0].unusable}",
+                          notes=_unusable_notes(matches[1:]) + tuple(
+                              f"available: {d.spec} ({d.adapter_type}, {d.name})" for d in devices()))
+    if best is None:
+        missing = missing_backends()
+        if backend in missing:
+            raise DeviceError(f"no device matches {spec!r}: the {backend} backend is not installed "
+                              f"({BACKEND_MODULES[backend]} does not import); {missing[backend]}")
+        listing = tuple(f"available: {d.spec} ({d.adapter_type}, {d.name})" for d in devices())
         if not found:
             listing = (SETUP_HINT,)
         raise DeviceError(
             f"no device matches {spec!r} (expected 'backend[:api]' with backend in "
             f"{sorted(BACKEND_MODULES)})",
-            notes=listing,
+            notes=listing + _unusable_notes([d for d in found if d.unusable is not None]),
         )
-    return _best(matches)
+    return best

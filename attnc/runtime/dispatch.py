@@ -546,11 +546,13 @@ def warm_dispatch_ms(device: DeviceLike) -> float:
     return _WARM_BEST.get(id(device), 4.0) / 4
 
 
-def warm_up(device: DeviceLike, ms: float = 60.0) -> None:
+def warm_up(device: DeviceLike, ms: float = 60.0) -> bool:
     """Keep the GPU busy until its clocks are up, then return: at least `ms` of wall time,
     at most MAX_MS, and until a warm-up submission runs within 10 % of the fastest one this
     process has seen on the device (the first call of a process runs RAMP_MS at least, to
     learn that time).
+
+    Returns whether the clocks came up (False: MAX_MS passed first).
 
     A GPU that idled (pipeline compilation, host work, a low duty cycle) runs at lowered SM
     and memory clocks, and short timed runs with host round trips in between do not raise
@@ -559,7 +561,7 @@ def warm_up(device: DeviceLike, ms: float = 60.0) -> None:
     phi35 0.80 ms after a 60 ms warm-up, 0.072 and 0.205 ms after 1 s or 3 s.
     """
     if device.adapter_type == "CPU":  # no clocks to ramp up
-        return
+        return True
     warm = warm_dispatch(device)
     timed = "timestamps" in device.features
     start = time.perf_counter()
@@ -573,4 +575,5 @@ def warm_up(device: DeviceLike, ms: float = 60.0) -> None:
             device.gpu.queue.read_buffer(warm.buffers["buf"], 0, 16)  # waits for the submission
             up = True
         if elapsed >= least and up:
-            return
+            return True
+    return False

@@ -190,7 +190,8 @@ def check_limits(dev: Device, progs: tuple[Program, ...], plan: Plan | None = No
             and dims["D"] > plan.query_dim:
         raise LoweringError(f"the variant keeps queries of at most DQ={plan.query_dim} in workgroup memory; "
                             f"D={dims['D']}")
-    if plan is not None and dims is not None and plan.strategy is Strategy.LANES and dims["D"] > plan.query_dim:
+    if plan is not None and dims is not None and plan.strategy in (Strategy.LANES, Strategy.ROWS) \
+            and dims["D"] > plan.query_dim:
         raise LoweringError(f"the variant keeps queries of at most DQ={plan.query_dim} in registers; D={dims['D']}")
     lim = dev.gpu.limits
     for p in progs:

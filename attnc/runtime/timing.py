@@ -12,6 +12,7 @@ back to back behind a few milliseconds of work run at the full clock every time.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,10 +20,12 @@ from typing import Any
 import numpy as np
 
 from attnc.runtime import dispatch as rt
+from attnc.runtime.cachedir import cache_dir
 
 DEFAULT_CACHE_BYTES = 64 << 20  # a guess at the last-level cache (H100/H200 L2: 50 MiB)
 MAX_QUERIES = 4096  # WebGPU's limit on the size of one timestamp query set
 LEAD_MS = 20.0  # clock-raising work recorded ahead of the timed runs
+CLOCKS_FILE = "clocks.json"  # the fastest warm dispatch per device (adapter and driver)
 
 
 def rotation_count(nbytes: int, cache_bytes: int = DEFAULT_CACHE_BYTES, max_copies: int = 32) -> int:
@@ -74,15 +77,45 @@ def time_back_to_back(device: Any, runs: Sequence[Sequence[rt.Dispatch]], *, lea
     return out
 
 
+CLOCK_OK = 0.9  # a measurement taken with the GPU slower than this fraction of its best is retaken
+
+
 def clock_ratio(device: Any) -> float | None:
-    """How fast the clock-raising dispatch runs now against the fastest this process has seen
-    (1.0: the clocks are at their best; 0.6: the GPU runs at 60 % of its best speed); None on
-    a CPU adapter or without timestamps."""
+    """How fast the clock-raising dispatch runs now against the fastest it has run on this
+    device, in this process or an earlier one (clocks.json in attnc's cache directory): 1.0,
+    the clocks are at their best; 0.2, the GPU runs at a fifth of its best speed. None on a
+    CPU adapter or without timestamps."""
     if device.adapter_type == "CPU" or "timestamps" not in device.features:
         return None
-    best = rt.warm_dispatch_ms(device)
+    best = min(rt.warm_dispatch_ms(device), _reference(device.key) or math.inf)
     now = min(time_back_to_back(device, [[rt.warm_dispatch(device)]] * 4, lead_ms=0))
+    if now < 0.99 * best:
+        _remember(device.key, now)
     return min(1.0, best / now)
+
+
+def _reference(key: str) -> float | None:
+    try:
+        return float(json.loads((cache_dir() / CLOCKS_FILE).read_text())[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remember(key: str, ms: float) -> None:
+    path = cache_dir() / CLOCKS_FILE
+    try:
+        known = json.loads(path.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    known[key] = ms
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:  # a read-only cache directory only loses the cross-process reference
+        pass
 
 
 def chained(runs: Sequence[Sequence[rt.Dispatch]]) -> list[list[rt.Dispatch]]:

@@ -4,11 +4,14 @@
 //   {"cases": [{"name", "manifest", "variant", "shapes", "params", "limits", "tol",
 //               "expect_variant", "inputs": {name: {"file", "dtype"}},
 //               "expected": {name: {"file", "dtype"}}}],
-//    "checks": {"formulas": [{"formula", "env", "value" | "error"}], "f16": {...}}}
+//    "checks": {"formulas": [{"formula", "env", "value" | "error"}], "f16": {...},
+//               "shapes": [{"dims", "shapes"}], "manifests": [{"path", "manifest"}]}}
+// (in "shapes", numbers JSON cannot hold are {"$number": "NaN" | "Infinity" | "-Infinity"}).
 // Paths are relative to the cases file. Binary files are little-endian raw arrays.
 
 import {
-  AttncError, createAttention, evaluateFormula, f16BitsToF32, f16ToF32, f32ToF16, loadManifest, selectVariant,
+  AttncError, checkShapes, createAttention, evaluateFormula, f16BitsToF32, f16ToF32, f32ToF16, loadManifest,
+  manifestProblems, selectVariant,
 } from '../../js/attnc.js';
 
 const ARRAYS = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array};
@@ -207,6 +210,26 @@ async function runChecks(/** @type {string} */ casesPath, /** @type {any} */ che
       }
     });
   }
+  if (checks.shapes) {
+    out.shapes = checks.shapes.map((/** @type {any} */ c) => {
+      try {
+        return {ok: true, env: checkShapes(c.dims, specialNumbers(c.shapes))};
+      } catch (e) {
+        return {error: String(/** @type {any} */ (e).message || e), attnc_error: e instanceof AttncError};
+      }
+    });
+  }
+  if (checks.manifests) {
+    out.manifests = await Promise.all(checks.manifests.map(async (/** @type {any} */ c) => {
+      try {
+        await loadManifest(c.manifest, {});
+        return {path: c.path, ok: true};
+      } catch (e) {
+        return {path: c.path, error: String(/** @type {any} */ (e).message || e), attnc_error: e instanceof AttncError,
+          problems: manifestProblems(c.manifest).length};
+      }
+    }));
+  }
   if (checks.f16) {
     const values = new Float32Array(await io.bytes(joinPath(casesPath, checks.f16.f32_file)));
     const bits = new Uint16Array(await io.bytes(joinPath(casesPath, checks.f16.bits_file)));
@@ -224,6 +247,17 @@ async function runChecks(/** @type {string} */ casesPath, /** @type {any} */ che
     out.f16 = {count: bits.length, to_half_mismatches: toHalf, to_float_mismatches: toFloat};
   }
   return out;
+}
+
+/** Replace {"$number": "NaN" | "Infinity" | "-Infinity"} by the number. @param {any} x @returns {any} */
+function specialNumbers(x) {
+  if (Array.isArray(x)) return x.map(specialNumbers);
+  if (x && typeof x === 'object') {
+    const keys = Object.keys(x);
+    if (keys.length === 1 && keys[0] === '$number') return {NaN: NaN, Infinity: Infinity, '-Infinity': -Infinity}[x.$number];
+    return Object.fromEntries(keys.map((k) => [k, specialNumbers(x[k])]));
+  }
+  return x;
 }
 
 /** Independent half → float via DataView-free arithmetic on the fields. @param {number} h */

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ from hypothesis.extra.lark import from_lark
 from lark.lexer import PatternStr
 
 from attnc.errors import AttncError, ParseError, VerifyError
-from attnc.frontend.parser import _lark, parse
+from attnc.frontend.parser import MAX_DEPTH, _lark, parse, parse_file
 from attnc.ir.nodes import Const, DType, Let, Loop, Var
+from attnc.ir.printer import print_kernel
 
 BASE = """\
 kernel fa(q: f32[B,H,S,D], k: f32[B,H,T,D], v: f32[B,H,T,Dv], scale: f32) -> f32[B,H,S,Dv]
@@ -155,6 +157,7 @@ def test_examples_parse(path):
 
 SOURCES = [BASE] + [p.read_text() for p in EXAMPLES]
 VOCAB = ["(", ")", "[", "]", "{", "}", ",", ":", "=", "->", "%", "%acc", "%s", "kernel", "for",
+         "\x0c", "\r", "\x1b[2J", "\u2028", "\x85", "\ufeff",
          "in", "tile", "split", "grid", "update", "sink", "return", "result", "combine", "lse",
          "online_softmax", "rows", "width", "dot", "add", "where", "f32", "i32", "f16", "-inf",
          "nan", "1.5", "-3", "1e400", "99999999999", "true", "#", "\n", " ", "q", "b", "kj",
@@ -163,11 +166,25 @@ TOKEN = re.compile(r"%?\w+|-?\d+(?:\.\d*)?(?:e[+-]?\d+)?|->|\S")
 
 
 def _parse_or_attnc_error(text: str) -> None:
-    """Parse; an AttncError is fine, any other exception fails the test."""
+    """Parse; an AttncError is fine, any other exception fails the test. Its diagnostic shows
+    the line its span names (lines as the parser counts them: at '\n'), without control
+    characters a terminal would act on."""
     try:
         parse(text, "fuzz.attn")
     except AttncError as e:
         assert e.render()  # renders without crashing
+        _check_shown_line(e, text)
+
+
+def _check_shown_line(e: AttncError, text: str) -> None:
+    """The source line of `e`'s diagnostic is line `span.line` of `text`, controls shown as '?'."""
+    if e.span is None or not e.span.source_line:
+        return
+    shown = e.span.source_line
+    assert not any(ord(c) < 32 and c != "\t" or 127 <= ord(c) < 160 for c in shown), repr(shown)
+    raw = text.removeprefix("\ufeff").split("\n")[e.span.line - 1].removesuffix("\r")
+    assert len(shown) == len(raw)
+    assert all(a == b or b == "?" for a, b in zip(raw, shown, strict=True)), (raw, shown)
 
 
 @st.composite
@@ -239,3 +256,117 @@ def test_grammar_generated_text_raises_only_attnc_errors(data):
 def test_deep_nesting_is_an_attnc_error():
     deep = "neg(" * 3000 + "%s" + ")" * 3000
     _parse_or_attnc_error(BASE.replace("update %acc, %s,", f"update %acc, {deep},"))
+
+
+# ----------------------------------------------------------------------------- files as editors write them
+
+def _flip_line_endings(text: str, crlf: bool) -> str:
+    return text.replace("\n", "\r\n") if crlf else text
+
+
+@given(st.sampled_from([BASE] + [p.read_text() for p in EXAMPLES]), st.booleans(), st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_bom_and_crlf_files_read_as_the_plain_text(text, bom, crlf):
+    """A UTF-8 byte-order mark (some editors write one) and CRLF line endings change nothing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.attn"
+        path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + _flip_line_endings(text, crlf).encode())
+        assert print_kernel(parse_file(path)) == print_kernel(parse(text))
+
+
+@given(st.sampled_from(["update %acc, %s,", "%s = mul("]), st.booleans())
+@settings(max_examples=10, deadline=None)
+def test_errors_in_bom_files_are_located_as_the_editor_shows_them(where, bom):
+    """The byte-order mark takes no column: an error on line 1 or later is where the editor says."""
+    text = ("\ufeff" if bom else "") + BASE.replace(where, where.replace(",", " ,,", 1).replace("(", "((", 1))
+    with pytest.raises(AttncError) as e:
+        parse(text, "b.attn")
+    with pytest.raises(AttncError) as plain:
+        parse(text.removeprefix("\ufeff"), "b.attn")
+    assert e.value.render() == plain.value.render()
+
+
+@given(st.binary(min_size=1, max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_files_that_are_not_utf8_are_a_parse_error_at_the_first_bad_byte(data):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bin.attn"
+        path.write_bytes(data)
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            with pytest.raises(ParseError) as e:
+                parse_file(path)
+            assert e.value.span.file == str(path)
+            assert e.value.span.line == data[: exc.start].count(b"\n") + 1
+            assert "not UTF-8" in e.value.message and "\n" not in e.value.render()
+        else:
+            _parse_or_attnc_error(data.decode("utf-8"))
+
+
+# ----------------------------------------------------------------------------- nesting limits
+
+NESTERS = {"neg": ("neg(", ")"), "exp": ("exp(", ")"), "max": ("max(scale, ", ")")}
+
+
+def _nested(depth: int, nester: str) -> str:
+    """`depth` calls around `scale`."""
+    head, tail = NESTERS[nester]
+    return head * depth + "scale" + tail * depth
+
+
+@given(depth=st.integers(1, 4000), nester=st.sampled_from(["neg", "exp", "max"]),
+       line=st.sampled_from(["let", "update"]))
+@settings(max_examples=40, deadline=None)
+def test_deep_nesting_is_reported_at_its_line_or_compiles(depth, nester, line):
+    """Nesting past MAX_DEPTH is a one-line ParseError at the file, line and column where the
+    brackets are deepest; nesting the parser accepts also lowers (no RecursionError)."""
+    from attnc.lowering.manifest import compile_kernel
+    from attnc.lowering.plan import Dialect, Family, Plan, Storage
+
+    deep = _nested(depth, nester)
+    if line == "let":  # %deep on line 7, the let using it on line 8 (one level deeper)
+        text = BASE.replace("    update %acc, %s,", f"    %deep = {deep}\n    %s2 = add(%s, %deep)\n"
+                                                  "    update %acc, %s2,")
+        lines = (7, 8)
+    else:
+        text = BASE.replace("update %acc, %s,", f"update %acc, add(%s, {deep}),")
+        lines = (7,)
+    try:
+        k = parse(text, "deep.attn")
+    except AttncError as e:
+        assert depth > MAX_DEPTH - 8, e.render()
+        assert e.span is not None and e.span.file == "deep.attn" and e.span.line in lines, e.render()
+        assert "nested" in e.message and e.render().count("\n") <= 2
+        return
+    assert depth <= MAX_DEPTH
+    with tempfile.TemporaryDirectory() as tmp:
+        compile_kernel(k, [Plan(Family.PORTABLE, Storage.F32, Dialect.TINT)], Path(tmp))
+
+
+@given(n=st.integers(1, 400),
+       body=st.sampled_from(["neg(%p)", "add(%p, scale)", "%p", "max(%p, neg(%p))", "add(mul(%p, %p), %p)"]))
+@settings(max_examples=40, deadline=None)
+def test_let_chains_compile_or_are_rejected_at_the_let(n, body):
+    """A chain of lets, each using the previous (some twice or three times), nests through them,
+    and the lowering inlines a let at each use: a chain past MAX_DEPTH levels or MAX_INLINED
+    operations is a VerifyError at its first let too deep or too large; a chain accepted lowers
+    without a RecursionError to WGSL of bounded size (a reused let used to double it per level,
+    and 30 levels never finished compiling)."""
+    from attnc.lowering.manifest import compile_kernel
+    from attnc.lowering.plan import Dialect, Family, Plan, Storage
+
+    lets = ["    %c0 = neg(scale)"] + [f"    %c{i} = {body.replace('%p', f'%c{i - 1}')}" for i in range(1, n)]
+    text = BASE.replace("    update %acc, %s,",
+                        "\n".join(lets) + f"\n    %s2 = add(%s, %c{n - 1})\n    update %acc, %s2,")
+    try:
+        k = parse(text, "chain.attn")
+    except VerifyError as e:
+        assert ("nested" in e.message or "operations" in e.message) and e.span.file == "chain.attn"
+        assert e.span.source_line.strip().startswith(("%c", "%s2", "update"))
+        assert n >= 10  # a short chain is neither deep nor large
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        plans = [Plan(family, Storage.F32, Dialect.TINT) for family in (Family.PORTABLE, Family.SUBGROUPS)]
+        compile_kernel(k, plans, Path(tmp))
+        assert all(f.stat().st_size < 1 << 20 for f in Path(tmp).glob("*.wgsl"))

@@ -14,14 +14,16 @@ from hypothesis import strategies as st
 import attnc
 from attnc.ir.interp import interpret
 from attnc.kernels.flash import flash_attention
+from tests.strategies import sink_values
 from tests.textbook import assert_close, attention_ref, rel_err
 
 TOL = 1e-12
 
 
 @st.composite
-def problems(draw, split=None):
-    """A shape, an option set, tunables and the inputs for both the interpreter and textbook."""
+def problems(draw, split=None, special_sinks=False):
+    """A shape, an option set, tunables and the inputs for both the interpreter and textbook;
+    with `special_sinks`, sinks always, each head's drawn with +-inf, NaN and huge values."""
     B = draw(st.integers(1, 2))
     Hkv = draw(st.integers(1, 2))
     Hq = Hkv * draw(st.integers(1, 3))
@@ -37,7 +39,7 @@ def problems(draw, split=None):
         softcap=draw(st.booleans()),
         alibi=draw(st.booleans()),
         bias=draw(st.booleans()),
-        sinks=draw(st.booleans()),
+        sinks=special_sinks or draw(st.booleans()),
         kv_lens=draw(st.booleans()),
         lse=draw(st.booleans()),
         split=draw(st.booleans()) if split is None else split,
@@ -69,7 +71,8 @@ def problems(draw, split=None):
         ref["bias"] = bias
         args["bias"] = np.broadcast_to(bias, (B, Hq, S, T))
     if opts["sinks"]:
-        args["sinks"] = ref["sinks"] = rng.uniform(-2, 2, Hq)
+        args["sinks"] = ref["sinks"] = (np.array([draw(sink_values()) for _ in range(Hq)]) if special_sinks
+                                        else rng.uniform(-2, 2, Hq))
     if opts["kv_lens"]:
         lens = np.array([draw(st.sampled_from([0, T, draw(st.integers(0, T))])) for _ in range(B)])
         args["kv_lens"] = ref["kv_lens"] = lens
@@ -161,6 +164,28 @@ def test_fully_masked_row_with_sink_has_lse_of_the_sink() -> None:
                         dict(q=q, k=k, v=v, scale=1.0, kv_lens=np.array([0]), sinks=sinks))
     assert np.all(o == 0.0)
     np.testing.assert_array_equal(lse[0], np.broadcast_to(sinks[:, None], (2, 3)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(special_sinks=True))
+def test_special_sinks_follow_the_rule(problem) -> None:
+    """sinks[h] = +inf: o = 0 and lse = +inf on all the head's rows (fully masked ones too);
+    -inf: as without a sink; NaN: the head's rows NaN; finite ones, however large, finite
+    results. Split or not, every option, against the textbook too."""
+    opts, tun, args, ref = problem
+    o, lse = run_interp({**opts, "lse": True}, tun, args)
+    o_ref, lse_ref = attention_ref(args["q"], args["k"], args["v"], **ref)
+    assert_close(o, o_ref, TOL, "o")
+    assert_close(lse, lse_ref, TOL, "lse")
+    z = np.asarray(args["sinks"])
+    assert np.all(o[:, z == np.inf] == 0.0) and np.all(lse[:, z == np.inf] == np.inf)
+    assert np.all(np.isnan(o[:, np.isnan(z)])) and np.all(np.isnan(lse[:, np.isnan(z)]))
+    finite = ~np.isnan(z)
+    assert not np.isnan(o[:, finite]).any() and not np.isnan(lse[:, finite]).any()
+    assert np.all(np.isfinite(lse[:, np.isfinite(z)]))
+    none = run_interp({**opts, "lse": True, "sinks": False}, tun, {n: a for n, a in args.items() if n != "sinks"})
+    assert_close(o[:, z == -np.inf], none[0][:, z == -np.inf], TOL, "o (sink -inf)")
+    assert_close(lse[:, z == -np.inf], none[1][:, z == -np.inf], TOL, "lse (sink -inf)")
 
 
 def test_nan_in_one_query_row_propagates_to_that_row_only() -> None:

@@ -50,6 +50,12 @@ def node_or_missing() -> str:
     return node
 
 
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node executable (missing: skipped locally, failed in CI)."""
+    return node_or_missing()
+
+
 def package_or_missing(name: str) -> None:
     if not (ROOT / "js" / "node_modules" / name / "package.json").is_file():
         missing(f"npm package {name} is not installed in js/node_modules")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import validation_cases
 from manifest_schema import FormulaError, evaluate
 
 HERE = Path(__file__).resolve().parent
@@ -95,7 +96,9 @@ def fixture_cases(w: _Writer) -> list[dict]:
         {"B": 1, "H": 1, "S": 1, "D": 101},
         limits={"maxComputeWorkgroupsPerDimension": 7},
     )
+    # an empty q: refused, as attnc's Python API refuses empty arrays
     scale_case("scale.f32.empty", "f32", {"B": 1, "H": 2, "S": 0, "D": 4})
+    cases[-1]["expect_error"] = "S=0: expected a positive integer"
 
     def rowsum_case(name, variant, shapes, lens, params=None, limits=None, expect_variant=None):
         B, S, D = (shapes[k] for k in "BSD")
@@ -239,9 +242,11 @@ def write_cases(folder: str | os.PathLike, extra: list[dict] | None = None) -> d
     if not link.exists():
         link.symlink_to(FIXTURES, target_is_directory=True)
     w = _Writer(folder)
+    fixtures = fixture_cases(w)  # first: case_list() names their files the same way
+    attention = attention_cases(w, folder)
     spec = {
-        "cases": fixture_cases(w) + attention_cases(w, folder) + (extra or []),
-        "checks": {"formulas": formula_checks(), "f16": f16_check(w)},
+        "cases": fixtures + attention + refusal_cases(w, folder) + (extra or []),
+        "checks": {"formulas": formula_checks(), "f16": f16_check(w), **validation_checks(folder)},
     }
     (folder / "cases.json").write_text(json.dumps(spec, indent=1))
     return spec
@@ -249,6 +254,10 @@ def write_cases(folder: str | os.PathLike, extra: list[dict] | None = None) -> d
 
 def load_cases(folder: Path) -> list[dict]:
     return json.loads((Path(folder) / "cases.json").read_text())["cases"]
+
+
+def load_checks(folder: Path) -> dict:
+    return json.loads((Path(folder) / "cases.json").read_text())["checks"]
 
 
 def decode_output(entry: dict) -> np.ndarray:
@@ -394,8 +403,8 @@ def compile_options(options: dict) -> dict:
 
 
 def compile_command(out: Path, options: dict) -> list[str]:
-    """`python -m attnc compile attnc.kernels.flash:flash_attention -o OUT --set KEY=JSON ...`."""
-    cmd = [*(_compile_prefix() or []), KERNEL, "-o", str(out)]
+    """`python -m attnc compile attnc.kernels.flash:flash_attention -o OUT --force --set KEY=JSON ...`."""
+    cmd = [*(_compile_prefix() or []), KERNEL, "-o", str(out), "--force"]  # rerunnable into the same folder
     for key, val in compile_options(options).items():
         cmd += ["--set", f"{key}={json.dumps(val)}"]
     return cmd
@@ -531,4 +540,61 @@ def _attention_case(w, rng, manifest_rel, var, cname, options, params, shapes) -
         "tol": TOL[var["dtype"]],
         "inputs": inputs,
         "expected": expected,
+    }
+
+
+# --- refused calls and the validation sample ---------------------------------------------------
+
+
+def refusal_cases(w: _Writer, folder: Path) -> list[dict]:
+    """Calls of compiled kernels the loader must refuse with a message naming the problem (on
+    runners the other cases already built: no new pipelines): dims attnc's Python API
+    refuses, a kv_lens past T, an input of the wrong length. [] without `attnc compile`."""
+    if not (folder / "compiled" / "plain" / "manifest.json").is_file():
+        return []
+    rng = np.random.default_rng(5)
+    good = {"B": 1, "Hq": 2, "Hkv": 1, "S": 3, "T": 5, "D": 8, "Dv": 8}
+    out = []
+
+    def case(name, cname, variant, shapes, expect, arrays=None, lens=None, params=None):
+        """A call with these shapes and q/k/v of the shapes `arrays` (default: good)."""
+        B, Hq, Hkv, S, T, D, Dv = ({**good, **(arrays or {})}[k] for k in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
+        inputs = {
+            "q": w.bin(rng.standard_normal((B, Hq, S, D)), "f32"),
+            "k": w.bin(rng.standard_normal((B, Hkv, T, D)), "f32"),
+            "v": w.bin(rng.standard_normal((B, Hkv, T, Dv)), "f32"),
+        }
+        if lens is not None:
+            inputs["kv_lens"] = w.bin(np.array(lens), "i32")
+        out.append({"name": f"refuse.{name}", "manifest": f"compiled/{cname}/manifest.json", "variant": variant,
+                    "shapes": shapes, "params": params or {}, "limits": {}, "tol": TOL["f32"], "inputs": inputs,
+                    "expected": {}, "expect_error": expect})
+
+    plain = {"family": "portable", "dtype": "f32"}
+    gqa = {"Hq": 3, "Hkv": 2}
+    case("gqa_not_a_multiple", "plain", plain, {**good, **gqa}, "Hq=3 query heads is not a multiple of Hkv=2", gqa)
+    gqa = {"Hq": 2, "Hkv": 4}
+    case("more_kv_heads", "plain", plain, {**good, **gqa}, "Hq=2 query heads is not a multiple of Hkv=4", gqa)
+    case("string_dim", "plain", plain, {**good, "S": "3"}, 'S: expected a positive integer, got "3"')
+    case("fractional_dim", "plain", plain, {**good, "D": 2.5}, "D: expected a positive integer, got 2.5")
+    case("zero_dim", "plain", plain, {**good, "T": 0}, "T=0: expected a positive integer")
+    case("negative_dim", "plain", plain, {**good, "B": -1}, "B=-1: expected a positive integer")
+    case("short_input", "plain", plain, good, "input q: 40 elements, shape [B=1, Hq=2, S=3, D=8] needs 48",
+         arrays={"S": 5, "D": 4})
+    case("kv_lens_past_T", "kvlens_window_right", {"family": "subgroups", "dtype": "f32"}, good,
+         "input kv_lens: values must be in [0, T=5], got 6 at index 0", lens=[6], params={"window_right": 2})
+    return out
+
+
+def validation_checks(folder: Path) -> dict:
+    """The fixed validation sample for the harness: dims (with the flash kernel's dims) and
+    corrupted copies of a compiled manifest ({} without `attnc compile`)."""
+    path = folder / "compiled" / "split" / "manifest.json"
+    if not path.is_file():
+        return {}
+    manifest = json.loads(path.read_text())
+    return {
+        "shapes": [{"dims": manifest["dims"], "shapes": validation_cases.encode_numbers(d)}
+                   for d in validation_cases.shape_checks()],
+        "manifests": validation_cases.manifest_checks(manifest),
     }

@@ -25,6 +25,7 @@ ROLES = {"input", "output", "scratch"}
 PARAM_TYPES = {"f32", "u32", "i32"}
 FIELD_TYPES = {"f32", "u32", "i32"}
 ENABLES = {"f16": "shader-f16", "subgroups": "subgroups"}
+DIALECTS = ("tint", "naga")  # dialect_files' keys: the shader compilers' WGSL dialects
 GRID_NAMES = ("grid_total", "grid_stride_x")
 # WebGPU's default limits (what holds when requires.limits does not name one).
 DEFAULT_LIMITS = {
@@ -255,7 +256,7 @@ def validate(manifest: Any, root: str | Path | None = None) -> list[str]:
     if not (isinstance(variants, list) and variants):
         out.append("variants: not a non-empty list")
         return out
-    names = [v.get("name") for v in variants if isinstance(v, dict)]
+    names = [v.get("name") for v in variants if isinstance(v, dict) and isinstance(v.get("name"), str)]
     for dup in {n for n in names if names.count(n) > 1}:
         out.append(f"variants: name {dup!r} used twice")
     for i, v in enumerate(variants):
@@ -286,9 +287,9 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
     )
     if not isinstance(v.get("name"), str) or not v.get("name"):
         out.append(f"{where}.name: not a non-empty string")
-    if v.get("family") not in FAMILIES:
+    if not _in(v.get("family"), FAMILIES):
         out.append(f"{where}.family: {v.get('family')!r} not one of {sorted(FAMILIES)}")
-    if v.get("dtype") not in VARIANT_DTYPES:
+    if not _in(v.get("dtype"), VARIANT_DTYPES):
         out.append(f"{where}.dtype: {v.get('dtype')!r} not one of {sorted(VARIANT_DTYPES)}")
     req = v.get("requires")
     features: set[str] = set()
@@ -315,7 +316,7 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
     if v.get("family") == "subgroups" and "subgroups" not in features:
         out.append(f"{where}: a subgroups variant does not require 'subgroups'")
     enables = v.get("enables")
-    if isinstance(enables, list) and all(e in ENABLES for e in enables) and len(set(enables)) == len(enables):
+    if isinstance(enables, list) and all(_in(e, ENABLES) for e in enables) and len(set(enables)) == len(enables):
         for e in enables:
             if ENABLES[e] not in features:
                 out.append(f"{where}.enables: {e!r} without {ENABLES[e]!r} in requires.features")
@@ -349,9 +350,9 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
             out.append(f"{tw}: defined twice")
         tensors[name] = t
         role = t.get("role")
-        if role not in ROLES:
+        if not _in(role, ROLES):
             out.append(f"{tw}.role: {role!r} not one of {sorted(ROLES)}")
-        if t.get("dtype") not in TENSOR_DTYPES:
+        if not _in(t.get("dtype"), TENSOR_DTYPES):
             out.append(f"{tw}.dtype: {t.get('dtype')!r} not one of {sorted(TENSOR_DTYPES)}")
         if role == "scratch":
             _keys(out, tw, t, {"name", "role", "dtype", "count"})
@@ -359,7 +360,7 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
         else:
             _keys(out, tw, t, {"name", "role", "dtype", "dims", "row_stride"}, optional={"row_stride"})
             tdims = t.get("dims")
-            if not (isinstance(tdims, list) and all(d in dims for d in tdims)):
+            if not (isinstance(tdims, list) and all(_in(d, dims) for d in tdims)):
                 out.append(f"{tw}.dims: {tdims!r} is not a list of manifest dims")
             if "row_stride" in t:  # padded rows: outputs only, a formula over dims
                 if role != "output" or not tdims:
@@ -382,7 +383,7 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
         _keys(out, pw, p, {"name", "type", "default"}, optional={"default"})
         if p["name"] in known or p["name"] in GRID_NAMES or p["name"] in FUNCTIONS:
             out.append(f"{pw}: name clashes with a dim, a param, a grid name or a function")
-        if p.get("type") not in PARAM_TYPES:
+        if not _in(p.get("type"), PARAM_TYPES):
             out.append(f"{pw}.type: {p.get('type')!r} not one of {sorted(PARAM_TYPES)}")
         if "default" in p:  # no default: the caller must pass the param
             _formula(out, f"{pw}.default", p.get("default"), known)
@@ -395,7 +396,7 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
     if not isinstance(progs, list) or not progs:
         out.append(f"{where}.programs: not a non-empty list")
         return
-    pnames = [p.get("name") for p in progs if isinstance(p, dict)]
+    pnames = [p.get("name") for p in progs if isinstance(p, dict) and _ident(p.get("name"))]
     if len(set(pnames)) != len(pnames):
         out.append(f"{where}.programs: duplicate names")
     written: set[str] = set()
@@ -420,23 +421,34 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
                 "workgroups",
                 "workgroup_storage_bytes",
                 "in_bounds",
+                "dialect_files",
             },
-            optional={"in_bounds"},
+            optional={"in_bounds", "dialect_files"},
         )
         if "in_bounds" in p and not isinstance(p["in_bounds"], bool):
             out.append(f"{pw}.in_bounds: not a boolean")
         if not _ident(p.get("name")):
             out.append(f"{pw}.name: not an identifier")
         file = p.get("file")
-        if not (
-            isinstance(file, str)
-            and file.endswith(".wgsl")
-            and not file.startswith("/")
-            and ".." not in Path(file).parts
-            and "\\" not in file
-        ):
+        if not _wgsl_path(file):
             out.append(f"{pw}.file: {file!r} is not a relative .wgsl path inside the output folder")
             file = None
+        # the file of each dialect: {"tint": file, "naga": ...}; without the key, `file` (Tint's)
+        # for both, a Naga runtime removing `enable subgroups;` (MANIFEST.md, Program)
+        dialect_files = {d: file for d in DIALECTS} if file else {}
+        if "dialect_files" in p:
+            df = p["dialect_files"]
+            if not (isinstance(df, dict) and set(df) == set(DIALECTS)):
+                out.append(f"{pw}.dialect_files: not an object with exactly the keys {list(DIALECTS)}")
+                dialect_files = {}
+            else:
+                for d, f in df.items():
+                    if not _wgsl_path(f):
+                        out.append(f"{pw}.dialect_files.{d}: {f!r} is not a relative .wgsl path inside the "
+                                   "output folder")
+                if df.get("tint") != p.get("file"):
+                    out.append(f"{pw}.dialect_files.tint: {df.get('tint')!r} is not the program's file {file!r}")
+                dialect_files = {d: f for d, f in df.items() if _wgsl_path(f)}
         if not _ident(p.get("entry_point")):
             out.append(f"{pw}.entry_point: not an identifier")
         wg = p.get("workgroup_size")
@@ -464,21 +476,25 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
                 out.append(f"{pw}.bindings: {b!r} is not an object")
                 continue
             bw = f"{pw}.bindings.{b.get('name')}"
-            if not (_int(b.get("binding")) and b["binding"] >= 0) or b.get("binding") in seen_b:
+            if not (_int(b.get("binding")) and b["binding"] >= 0) or b["binding"] in seen_b:
                 out.append(f"{bw}.binding: missing, negative or used twice")
-            seen_b.add(b.get("binding"))
-            if b.get("name") in seen_n:
+            else:
+                seen_b.add(b["binding"])
+            if not _ident(b.get("name")):
+                out.append(f"{bw}.name: not an identifier")
+            elif b["name"] in seen_n:
                 out.append(f"{bw}: bound twice")
-            seen_n.add(b.get("name"))
+            else:
+                seen_n.add(b["name"])
             if b.get("kind") == "uniform":
                 _keys(out, bw, b, {"binding", "name", "kind"})
                 uniform_bindings.append(b)
-                if b.get("name") in tensors:
+                if _in(b.get("name"), tensors):
                     out.append(f"{bw}: a uniform binding named like a tensor")
             elif b.get("kind") == "storage":
                 _keys(out, bw, b, {"binding", "name", "kind", "access"})
                 storage += 1
-                t = tensors.get(b.get("name"))
+                t = tensors.get(b["name"]) if _ident(b.get("name")) else None
                 if t is None:
                     out.append(f"{bw}: not a tensor of the variant")
                     continue
@@ -500,7 +516,7 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
         uni = p.get("uniforms")
         if not uniform_bindings:
             out.append(f"{pw}: no uniform binding (grid_total/grid_stride_x need one)")
-        if uni is not None:
+        if "uniforms" in p:
             _uniforms(
                 out,
                 f"{pw}.uniforms",
@@ -508,8 +524,13 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
                 known | set(GRID_NAMES),
                 limit("maxUniformBufferBindingSize"),
             )
-        if root is not None and file:
-            _wgsl(out, pw, root / file, enables, p.get("entry_point"), wg, p.get("bindings") or [])
+        if root is not None:
+            for d, f in dialect_files.items():
+                if d == "naga" and "dialect_files" not in p:
+                    continue  # the Tint file, less a line: checked as Tint's
+                want = [e for e in enables if d == "tint" or e != "subgroups"]
+                _wgsl(out, pw, f"{pw}.dialect_files.{d}" if "dialect_files" in p else f"{pw}.file",
+                      root / f, want, p.get("entry_point"), wg, p.get("bindings") or [])
     for name, t in tensors.items():
         if name not in used:
             out.append(f"{where}.tensors.{name}: bound by no program")
@@ -538,7 +559,7 @@ def _uniforms(out: list[str], uw: str, uni: Any, names: set[str], max_size: int)
             continue
         fw = f"{uw}.{fd['name']}"
         _keys(out, fw, fd, {"name", "offset", "type", "value"})
-        if fd.get("type") not in FIELD_TYPES:
+        if not _in(fd.get("type"), FIELD_TYPES):
             out.append(f"{fw}.type: {fd.get('type')!r} not one of {sorted(FIELD_TYPES)}")
         off = fd.get("offset")
         if not (_int(off) and off >= 0 and off % 4 == 0):
@@ -550,27 +571,36 @@ def _uniforms(out: list[str], uw: str, uni: Any, names: set[str], max_size: int)
                 out.append(f"{fw}.offset: {off} also used by {taken[off]}")
             taken[off] = fd["name"]
         _formula(out, f"{fw}.value", fd.get("value"), names)
-        values.add(fd.get("value"))
+        if isinstance(fd.get("value"), str):
+            values.add(fd["value"])
     for g in GRID_NAMES:
         if g not in values:
             out.append(f"{uw}: no field whose value is {g!r} (the dispatch rule needs it)")
 
 
-def _wgsl(out: list[str], pw: str, path: Path, enables: list[str], entry: Any, wg: Any, bindings: list) -> None:
+def _wgsl_path(file: Any) -> bool:
+    """A relative `.wgsl` path that stays inside the manifest's folder."""
+    return (isinstance(file, str) and file.endswith(".wgsl") and not file.startswith("/")
+            and ".." not in Path(file).parts and "\\" not in file)
+
+
+def _wgsl(out: list[str], pw: str, fw: str, path: Path, enables: list[str], entry: Any, wg: Any,
+          bindings: list) -> None:
+    """Check one WGSL file of program `pw` (its field `fw`) against the program's entry."""
     if not path.is_file():
-        out.append(f"{pw}.file: {path} does not exist")
+        out.append(f"{fw}: {path} does not exist")
         return
     text = path.read_text()
     code = re.sub(r"/\*.*?\*/", "", re.sub(r"//[^\n]*", "", text), flags=re.S)
     found = re.findall(r"\benable\s+([A-Za-z0-9_,\s]+?)\s*;", code)
     got = [e.strip() for group in found for e in group.split(",") if e.strip()]
     if sorted(got) != sorted(enables):
-        out.append(f"{pw}.file: enable directives {got} differ from enables {enables}")
+        out.append(f"{fw}: enable directives {got} differ from enables {enables}")
     first = code.strip().split(";", 1)[0].strip() if code.strip() else ""
     if enables and not first.startswith("enable"):
-        out.append(f"{pw}.file: does not start with its enable directives")
+        out.append(f"{fw}: does not start with its enable directives")
     if isinstance(entry, str) and not re.search(r"@compute\b[^{;]*?\bfn\s+" + re.escape(entry) + r"\s*\(", code, re.S):
-        out.append(f"{pw}.file: no @compute fn {entry}")
+        out.append(f"{fw}: no @compute fn {entry}")
     m = re.search(r"@workgroup_size\s*\(([^)]*)\)", code)
     if m and isinstance(wg, list):
         parts = [x.strip().rstrip("u") for x in m.group(1).split(",") if x.strip()]
@@ -585,12 +615,12 @@ def _wgsl(out: list[str], pw: str, path: Path, enables: list[str], entry: Any, w
             pat = r"@group\(0\)\s*@binding\(" + str(b["binding"]) + r"\)\s*var<([^>]*)>\s*[A-Za-z_][A-Za-z0-9_]*\b"
             mm = re.search(pat, code)
             if not mm:
-                out.append(f"{pw}.file: no @group(0) @binding({b['binding']}) var (for {b['name']})")
+                out.append(f"{fw}: no @group(0) @binding({b['binding']}) var (for {b['name']})")
                 continue
             space = [s.strip() for s in mm.group(1).split(",")]
             want = ["uniform"] if b.get("kind") == "uniform" else ["storage", b.get("access")]
             if space != want and not (want == ["storage", "read"] and space == ["storage"]):
-                out.append(f"{pw}.file: {b['name']} is var<{', '.join(space)}>, the manifest says {want}")
+                out.append(f"{fw}: {b['name']} is var<{', '.join(space)}>, the manifest says {want}")
 
 
 def _formula(out: list[str], where: str, source: Any, names: set[str]) -> None:
@@ -611,6 +641,11 @@ def _keys(out: list[str], where: str, obj: dict, allowed: set[str], optional: se
         out.append(f"{where}: missing {sorted(missing)}")
     if extra:
         out.append(f"{where}: unknown key(s) {sorted(extra)}")
+
+
+def _in(x: Any, values: Any) -> bool:
+    """x is one of `values` (strings); False for values of any other kind, hashable or not."""
+    return isinstance(x, str) and x in values
 
 
 def _ident(x: Any) -> bool:

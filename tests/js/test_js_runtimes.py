@@ -153,3 +153,44 @@ def test_f16_conversion_matches_numpy(runtime):
     f16 = res["checks"]["f16"]
     assert f16["count"] > 20000
     assert f16["to_half_mismatches"] == 0 and f16["to_float_mismatches"] == 0, f16
+
+
+def test_refused_calls_name_the_problem(runtime, cases_dir):
+    """Calls of compiled kernels that attnc's Python API refuses (GQA non-multiples, Hkv > Hq,
+    string/fractional/zero/negative dims, a short input, kv_lens past T) are refused by the
+    loader with a message naming the problem, never run into plausible numbers."""
+    name, res = runtime
+    spec = [c for c in js_cases.load_cases(cases_dir) if c["name"].startswith("refuse.")]
+    if not spec:
+        assert not js_cases.compiler_available(), "attnc compile exists but made no refusal cases"
+        pytest.skip("`python -m attnc compile` is not available yet")
+    for c in spec:
+        r = _result(res, c["name"])
+        assert "error" in r, f"{c['name']} on {name}: ran, status {r['status']}"
+        assert c["expect_error"] in r["error"], (c["name"], r["error"])
+
+
+def test_validation_matches_python(runtime, cases_dir):
+    """A fixed sample of tests/js/test_js_validation.py's properties on the real runtimes:
+    checkShapes agrees with api.validate_dims, and corrupted manifests are refused by path."""
+    import test_js_validation as tv
+    import validation_cases
+
+    name, res = runtime
+    checks = js_cases.load_checks(cases_dir)
+    if "shapes" not in checks:
+        assert not js_cases.compiler_available(), "attnc compile exists but made no validation checks"
+        pytest.skip("`python -m attnc compile` is not available yet")
+    got = res["checks"]["shapes"]
+    assert len(got) == len(checks["shapes"]) == len(validation_cases.shape_checks())
+    for c, js in zip(validation_cases.shape_checks(), got, strict=True):
+        py = tv.python_shapes(c)
+        if "ok" in py:
+            assert js.get("ok") and js["env"] == py["env"], (c, js)
+        else:
+            assert js.get("attnc_error") and tv.named(js["error"]) == tv.named(py["error"]), (c, py, js)
+    got = res["checks"]["manifests"]
+    assert [g["path"] for g in got] == [c["path"] for c in checks["manifests"]]
+    for g in got:
+        assert g.get("attnc_error") and g["problems"] >= 1, (name, g)
+        assert f"  {g['path']}:" in g["error"], (name, g)

@@ -13,7 +13,7 @@ import pytest
 
 from attnc.errors import DeviceError, LoweringError
 from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
-from attnc.runtime.devices import default_device, devices, get_device
+from attnc.runtime.devices import Device, default_device, devices, get_device
 from attnc.runtime.dispatch import (
     Dispatch,
     DispatchError,
@@ -304,3 +304,113 @@ def test_naga_runtime_checks_knob_keeps_the_bits(require_adapters, monkeypatch) 
     monkeypatch.setattr(dev, "pipelines", type(dev.pipelines)())
     with pytest.raises(ValueError, match="ATTNC_NAGA_CHECKS"):
         attnc.attention(q, k, v, device=dev)
+
+
+# --------------------------------------------------------------------------- unusable adapters
+class _Queue:
+    """A queue that drops what is submitted: what a silently lost device does."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def submit(self, buffers) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class _GPU:
+    """A real GPUDevice that fails the way `fail` says."""
+
+    def __init__(self, real, fail: str):
+        self._real, self._fail = real, fail
+
+    def create_compute_pipeline(self, **kw):
+        if self._fail == "pipeline":
+            raise RuntimeError("indirect-validation error: ComputePipeline(Internal(\"The selected version doesn't "
+                               "support Features(BUFFER_STORAGE | COMPUTE_SHADER)\"))")
+        return self._real.create_compute_pipeline(**kw)
+
+    @property
+    def queue(self):
+        return _Queue(self._real.queue) if self._fail == "lost" else self._real.queue
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class _Adapter:
+    """A real adapter that says it is another one and fails as told: at the device request (what
+    wgpu-native's GL backend does on a GL version without compute shaders), at pipeline
+    creation, or by losing the work; "ok" does not fail."""
+
+    def __init__(self, real, fail: str, **info):
+        self._real, self._fail = real, fail
+        self.info = {**dict(real.info), **info}
+        self.features, self.limits = real.features, real.limits
+        self.requests = 0
+
+    def request_device_sync(self, **kw):
+        self.requests += 1
+        if self._fail == "request":
+            raise RuntimeError("Request device failed: Parent device is lost")
+        return _GPU(self._real.request_device_sync(**kw), self._fail)
+
+
+def _fake_devices(wgpu_module):
+    """Adapters of wgpu-native that fail in each way, discrete or integrated GPUs (ranked first)."""
+
+    def vulkan():  # a fresh adapter for each (an adapter gives one device)
+        return next(a for a in wgpu_module.gpu.enumerate_adapters_sync() if a.info.get("backend_type") == "Vulkan")
+
+    return [Device("wgpu", wgpu_module, _Adapter(vulkan(), "request", adapter_type="DiscreteGPU", device="Fake GPU A")),
+            Device("wgpu", wgpu_module, _Adapter(vulkan(), "pipeline", adapter_type="DiscreteGPU", device="Fake GPU B",
+                                                 backend_type="OpenGL")),
+            Device("wgpu", wgpu_module, _Adapter(vulkan(), "lost", adapter_type="IntegratedGPU", device="Fake GPU C",
+                                                 backend_type="Metal"))]
+
+
+def test_adapters_attnc_cannot_run_on_are_not_listed_and_say_why(require_adapters, monkeypatch, capsys) -> None:
+    """A device request that fails, a pipeline that cannot be created, work that is lost: those
+    adapters are left out of devices(), never the default, a DeviceError with the reason when
+    asked for, and `attnc devices` shows them with it. Each is checked once."""
+    from attnc import cli
+    from attnc.runtime import devices as devmod
+
+    real = require_adapters()
+    assert all(d.unusable is None for d in real)
+    fakes = _fake_devices(real[0].wgpu)
+    monkeypatch.setattr(devmod, "_enumerate", lambda: tuple(fakes + real))
+    assert devices() == real
+    assert devices(include_unusable=True) == fakes + real
+    reasons = [d.unusable for d in fakes]
+    assert "Parent device is lost" in reasons[0]
+    assert "COMPUTE_SHADER" in reasons[1]
+    assert "wrong values" in reasons[2]
+    assert default_device() in real
+    with pytest.raises(DeviceError, match="wrote wrong values"):
+        get_device("wgpu:metal")  # (fake C, the only one of its kind)
+    with pytest.raises(DeviceError, match="COMPUTE_SHADER"):
+        get_device(fakes[1])  # the Device itself
+    assert get_device("wgpu:opengl") is real[1]  # the spec: the usable adapter of that kind
+    assert [d.adapter.requests for d in fakes] == [1, 1, 1]  # each checked once
+    assert cli.main(["devices"]) == 0
+    out = capsys.readouterr().out
+    for d in fakes:
+        assert d.name in out and d.unusable in out
+    assert out.count("unusable:") == 3
+
+
+def test_no_usable_adapter_is_a_device_error_with_the_reasons(require_adapters, monkeypatch) -> None:
+    from attnc.runtime import devices as devmod
+
+    real = require_adapters("wgpu:vulkan")
+    fakes = _fake_devices(real[0].wgpu)
+    monkeypatch.setattr(devmod, "_enumerate", lambda: tuple(fakes))
+    assert devices() == []
+    with pytest.raises(DeviceError, match="no usable WebGPU adapter") as err:
+        default_device()
+    assert all(d.unusable in "\n".join(err.value.notes) for d in fakes)
+    with pytest.raises(DeviceError, match="Parent device is lost"):
+        get_device("wgpu:vulkan")

@@ -55,3 +55,23 @@ def test_spread_flags_processes_that_disagree() -> None:
     same = [{"results": [{"case": "a", "impl": "attnc", "dtype": "f32", "ms": ms}]} for ms in (1.0, 1.04)]
     assert not repeat.spread_rows(same)[0]["disagree"]
     assert "DISAGREE" in repeat.format_spread(list(rows.values()), 3)
+
+
+def test_a_measurement_with_the_clocks_down_is_retaken(monkeypatch) -> None:
+    """attnc bench retakes a measurement after which the GPU ran below CLOCK_OK of its best
+    speed (after a longer warm-up), at most CLOCK_ATTEMPTS times, and reports the last ratio."""
+    from attnc.bench import cli
+
+    ratios = iter([0.2, 0.5, 0.97, 0.3, 0.3, 0.3])
+    warmups: list[float] = []
+    monkeypatch.setattr(cli, "warm_up", lambda device, ms: warmups.append(ms) or True)
+    monkeypatch.setattr(cli, "clock_ratio", lambda device: next(ratios))
+    monkeypatch.setitem(cli.IMPLS, "fake", lambda device, case, copies, opts: object())
+    bar = type("Bar", (), {"write": staticmethod(lambda *a, **k: None)})()
+    _m, clock, attempts = cli.measure(None, type("C", (), {"name": "c"})(), "fake", [], None, bar)
+    assert (clock, attempts, warmups) == (0.97, 3, [60.0, 1000.0, 1000.0])
+    _m, clock, attempts = cli.measure(None, type("C", (), {"name": "c"})(), "fake", [], None, bar)
+    assert (clock, attempts) == (0.3, 3)  # still down after three: reported, flagged in the table
+    row = {"case": "c", "impl": "fake", "ms": 1.0, "tflops": None, "gbps": None, "relerr": None, "correct": None,
+           "fma_fraction": None, "copy_fraction": None, "timing": "t", "clock": 0.3}
+    assert "CLOCKS AT 30 %" in cli.format_table([row], {})

@@ -1,0 +1,16 @@
+"""The argument parser every attnc command uses: usage errors on one line, like every other
+attnc message (attnc/cli.py and attnc/bench/cli.py share it)."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line (and where the full usage is) instead of
+    the usage block: the same shape as every other attnc message."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        """Print `PROG: error: MESSAGE (see PROG --help)` and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -1,0 +1,74 @@
+// Node helper for the JS loader's validation tests (tests/js/test_js_validation.py): answers
+// one JSON request per stdin line with one JSON line on stdout, so that a hypothesis test
+// can ask js/attnc.js thousands of questions from one process. No GPU: runners are created on
+// a recording stand-in device (shader modules are not compiled).
+//   {"op": "shapes", "dims": [...], "shapes": {...}}             checkShapes
+//   {"op": "manifest", "manifest": {...}}                        loadManifest on the object
+//   {"op": "plan", "manifest", "files", "variant", "shapes", "params"}   createAttention + plan
+//   {"op": "sources", "manifest", "files", "variant", "dialect"} the WGSL createAttention compiles
+// Answers: {"ok": true, ...} or {"error": message, "attnc_error": bool, "type": constructor name}.
+// Numbers JSON cannot hold travel as {"$number": "NaN" | "Infinity" | "-Infinity"}.
+import {createInterface} from 'node:readline';
+
+import {AttncError, checkShapes, createAttention, loadManifest} from '../../js/attnc.js';
+
+const SPECIAL = {NaN: NaN, Infinity: Infinity, '-Infinity': -Infinity};
+
+/** @param {string} _key @param {any} value */
+function revive(_key, value) {
+  if (value && typeof value === 'object' && !Array.isArray(value) && Object.keys(value).length === 1 && '$number' in value) {
+    return SPECIAL[value.$number];
+  }
+  return value;
+}
+
+/** A GPUDevice stand-in that records the WGSL it is given. @param {string[]} codes */
+function recordingDevice(codes) {
+  return {
+    features: new Set(['subgroups', 'shader-f16']),
+    limits: {},
+    pushErrorScope() {},
+    popErrorScope: async () => null,
+    createShaderModule: ({code}) => (codes.push(code), {}),
+    createBindGroupLayout: () => ({}),
+    createPipelineLayout: () => ({}),
+    createComputePipelineAsync: async () => ({}),
+  };
+}
+
+/** @param {any} req */
+async function answer(req) {
+  switch (req.op) {
+    case 'shapes':
+      return {ok: true, env: checkShapes(req.dims, req.shapes)};
+    case 'manifest':
+      await loadManifest(req.manifest, {});
+      return {ok: true};
+    case 'plan': {
+      const m = await loadManifest(req.manifest, req.files || {});
+      const attn = await createAttention(recordingDevice([]), m, {variant: req.variant});
+      const plan = attn.plan(req.shapes, req.params);
+      return {ok: true, env: plan.env, dispatches: plan.dispatches.map((d) => d.n)};
+    }
+    case 'sources': {
+      const codes = [];
+      const m = await loadManifest(req.manifest, req.files);
+      await createAttention(recordingDevice(codes), m, {variant: req.variant, dialect: req.dialect});
+      return {ok: true, codes};
+    }
+  }
+  throw new Error(`unknown op ${req.op}`);
+}
+
+const lines = createInterface({input: process.stdin, crlfDelay: Infinity});
+for await (const line of lines) {
+  if (!line.trim()) continue;
+  let out;
+  try {
+    out = await answer(JSON.parse(line, revive));
+  } catch (e) {
+    const err = /** @type {any} */ (e);
+    out = {error: String(err && err.message), attnc_error: err instanceof AttncError, type: err && err.constructor ? err.constructor.name : typeof err};
+  }
+  process.stdout.write(JSON.stringify(out) + '\n');
+}

@@ -1,0 +1,264 @@
+"""js/attnc.js validates what callers and manifests give it like attnc's Python side does.
+
+Shapes: hypothesis draws dims (valid ones, and non-multiples, Hkv > Hq, zeros, negatives,
+non-integers, strings, missing and unknown names); `attnc.runtime.api.validate_dims` and the
+loader's `checkShapes` must agree on accept/reject and on the dim the message names. Manifests:
+a valid `attnc compile` manifest (and a hand-made one without `dialect_files`) with one field
+deleted or given a value of the wrong kind at a random path; the loader must reject it with an
+AttncError naming that path (never a raw TypeError), and tests/js/manifest_schema.py must
+report it too. Also: params, the file each dialect's runtime compiles.
+
+All of it runs in one Node process (tests/js/check_node.mjs) without a GPU; a small fixed
+sample of the shapes and manifests also runs in Node + Dawn and in Chromium through the
+example page (tests/js/test_js_runtimes.py::test_validation_matches_python).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import manifest_schema
+import numpy as np
+import pytest
+import validation_cases as vc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnc.runtime import api
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE / "fixtures"
+
+
+def examples(n: int) -> settings:
+    """n examples, no deadline (a Node round trip), module-scoped fixtures shared."""
+    return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+class NodeChecker:
+    """One `node check_node.mjs` process: a JSON request per line in, a JSON answer per line out."""
+
+    def __init__(self, node: str) -> None:
+        self.proc = subprocess.Popen([node, str(HERE / "check_node.mjs")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+
+    def ask(self, request: dict) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(vc.encode_numbers(request), allow_nan=False) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"check_node.mjs exited: {self.proc.stderr.read() if self.proc.stderr else ''}"
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def checker(node: str):
+    c = NodeChecker(node)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> tuple[Path, dict]:
+    """An `attnc compile` output with scratch, two programs and params of every kind."""
+    d = tmp_path_factory.mktemp("validation")
+    return d, vc.compile_validation_manifest(d)
+
+
+def wgsl_files(d: Path) -> dict[str, str]:
+    return {f.name: f.read_text() for f in d.glob("*.wgsl")}
+
+
+# --------------------------------------------------------------------------- shapes
+def any_value(small: bool) -> st.SearchStrategy:
+    """A dim's value: mostly integers (from 0 and negatives up), else anything JSON carries
+    that is not an integer. Integral floats are left out: a JS number cannot tell 4.0 from 4."""
+    ints = st.integers(-3, 6) if small else st.integers(-3, 12) | st.integers(-(2**40), 2**40)
+    non_integers = st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: not x.is_integer())
+    others = (st.sampled_from(vc.BAD_VALUES) | st.text(max_size=3) | non_integers
+              | st.lists(st.integers(0, 3), max_size=2))
+    return st.one_of(ints, ints, others) if not small else ints
+
+
+@st.composite
+def drawn_dims(draw, small: bool = False) -> dict:
+    """Dims: valid GQA shapes, then up to 3 dims replaced by any value (Hq and Hkv included:
+    non-multiples, Hkv > Hq), sometimes one left out or an unknown name added."""
+    hkv = draw(st.integers(1, 4))
+    dims = {d: draw(st.integers(1, 9)) for d in vc.DIMS} | {"Hkv": hkv, "Hq": hkv * draw(st.integers(1, 4))}
+    for d in draw(st.lists(st.sampled_from(vc.DIMS), max_size=3, unique=True)):
+        dims[d] = draw(any_value(small))
+    if not small and draw(st.integers(0, 9)) == 0:
+        del dims[draw(st.sampled_from(vc.DIMS))]
+    if not small and draw(st.integers(0, 9)) == 0:
+        dims[draw(st.sampled_from(["H", "Hk", "R", "d"]))] = draw(st.integers(1, 3))
+    return dims
+
+
+def python_shapes(dims: dict) -> dict:
+    """Python's answer in the shape of the Node helper's."""
+    try:
+        return {"ok": True, "env": api.validate_dims(dims)}
+    except ValueError as e:
+        return {"error": str(e)}
+
+
+def named(message: str) -> str:
+    """The argument an error message names first (both sides start with it)."""
+    m = re.match(r"[A-Za-z_][A-Za-z0-9_]*", message)
+    return m.group(0) if m else message
+
+
+def test_manifest_dims_are_pythons_order(compiled):
+    """checkShapes goes through the manifest's dims in order, validate_dims through DIMS: the
+    same order, so that both name the same first problem."""
+    assert compiled[1]["dims"] == list(api.DIMS)
+
+
+@examples(400)
+@given(dims=drawn_dims())
+def test_shapes_rules_match_python(dims, checker, compiled):
+    py = python_shapes(dims)
+    js = checker.ask({"op": "shapes", "dims": compiled[1]["dims"], "shapes": dims})
+    if "ok" in py:
+        assert js.get("ok"), (dims, js)
+        assert js["env"] == py["env"]
+    else:
+        assert "error" in js, (dims, py)
+        assert js["attnc_error"], js
+        assert named(js["error"]) == named(py["error"]), (dims, py["error"], js["error"])
+
+
+@examples(150)
+@given(dims=drawn_dims(small=True))
+def test_validate_dims_is_the_rule_validate_applies(dims):
+    """api.validate on zero arrays of these shapes accepts exactly what validate_dims accepts
+    (a zero dim: an empty q, k or v), so the JS loader follows attention()'s own rule."""
+    if set(dims) != set(api.DIMS) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                             for x in dims.values()):
+        return  # no arrays of these shapes
+    d = dims
+    q = np.zeros((d["B"], d["Hq"], d["S"], d["D"]), np.float32)
+    k = np.zeros((d["B"], d["Hkv"], d["T"], d["D"]), np.float32)
+    v = np.zeros((d["B"], d["Hkv"], d["T"], d["Dv"]), np.float32)
+    try:
+        api.validate(q, k, v)
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert accepted == ("ok" in python_shapes(dims)), dims
+
+
+# --------------------------------------------------------------------------- manifests
+def hand_made() -> tuple[Path, dict]:
+    """A hand-made manifest without `dialect_files` (the format before it)."""
+    return FIXTURES / "rowsum", json.loads((FIXTURES / "rowsum" / "manifest.json").read_text())
+
+
+@st.composite
+def corruptions(draw, m: dict) -> tuple[list, bool, object]:
+    """A position in m (a field or a list element), whether to delete it (a field the format
+    requires) and otherwise the value of another kind it gets."""
+    keys, deletable = draw(st.sampled_from(list(vc.manifest_paths(m))))
+    if deletable and draw(st.booleans()):
+        return keys, True, None
+    obj = m
+    for k in keys:
+        obj = obj[k]
+    return keys, False, draw(st.sampled_from(vc.wrong_values(obj)))
+
+
+def test_valid_manifests_load(checker, compiled):
+    for d, m in (compiled, hand_made()):
+        assert manifest_schema.validate(m, d) == []
+        assert checker.ask({"op": "manifest", "manifest": m}) == {"ok": True}
+
+
+@examples(300)
+@given(data=st.data())
+def test_corrupted_manifest_is_rejected_naming_the_path(data, checker, compiled):
+    which = data.draw(st.sampled_from(["compiled", "hand-made"]), label="manifest")
+    m = compiled[1] if which == "compiled" else hand_made()[1]
+    keys, delete, value = data.draw(corruptions(m), label="position, delete, value")
+    bad, path = vc.corrupt(m, keys, value, delete), vc.path_text(keys)
+    js = checker.ask({"op": "manifest", "manifest": bad})
+    assert "error" in js, f"{path}: accepted"
+    assert js["attnc_error"], f"{path}: {js['type']}: {js['error']}"
+    assert re.search(r"(^|\s)" + re.escape(path) + ":", js["error"]), (path, js["error"])
+    problems = manifest_schema.validate(bad)  # the schema validator: reports it, never crashes
+    assert problems, f"{path}: the schema accepts it"
+
+
+def test_a_manifest_that_is_not_an_object_is_rejected(checker):
+    for m in (None, [], "manifest", 3, {"format": "attnc.manifest"}):
+        js = checker.ask({"op": "manifest", "manifest": m})
+        assert js.get("attnc_error"), (m, js)
+        assert manifest_schema.validate(m), m
+
+
+# --------------------------------------------------------------------------- params, dialects
+GOOD_SHAPES = {"B": 2, "Hq": 4, "S": 3, "D": 8, "Hkv": 2, "T": 9, "Dv": 8}
+
+
+@pytest.mark.parametrize(("params", "needle"), [
+    ({"NSPLIT": 0}, "param NSPLIT: 0 must be at least 1"),
+    ({"NSPLIT": 2.5}, "param NSPLIT"),
+    ({"softcap": 0}, "param softcap: 0 must be greater than 0"),
+    ({"softcap": -3}, "param softcap"),
+    ({"window_left": -1}, "param window_left: -1 must be at least 0"),
+    ({"scale": "0.5"}, 'param scale: expected a finite number, got "0.5"'),
+    ({"scale": math.nan}, "param scale: expected a finite number, got NaN"),
+    ({"scale": math.inf}, "param scale"),
+    ({"softcap": None}, "param softcap (f32) has no default"),
+    ({"nsplit": 2}, "unknown param nsplit"),
+])
+def test_bad_params_are_named(checker, compiled, params, needle):
+    d, m = compiled
+    base = {"softcap": 20.0, "window_left": 4}
+    js = checker.ask({"op": "plan", "manifest": m, "files": wgsl_files(d), "variant": {"family": "portable"},
+                      "shapes": GOOD_SHAPES, "params": {**base, **params}})
+    assert js.get("attnc_error") and needle in js["error"], js
+
+
+def test_good_params_plan(checker, compiled):
+    d, m = compiled
+    js = checker.ask({"op": "plan", "manifest": m, "files": wgsl_files(d), "variant": {"family": "portable"},
+                      "shapes": GOOD_SHAPES, "params": {"softcap": 20.0, "window_left": 0, "NSPLIT": 3}})
+    assert js.get("ok"), js
+    assert js["env"]["NSPLIT"] == 3 and math.isclose(js["env"]["scale"], 8 ** -0.5)
+    assert all(n > 0 for n in js["dispatches"])
+
+
+@pytest.mark.parametrize("family", ["subgroups", "portable"])
+def test_each_dialect_gets_its_own_file(checker, compiled, family):
+    """createAttention compiles `dialect_files[dialect]` (Tint's by default); for a manifest
+    without `dialect_files` it compiles `file`, for Naga less `enable subgroups;`, which is
+    what the Naga file of a newer manifest holds."""
+    d, m = compiled
+    files = wgsl_files(d)
+    var = next(v for v in m["variants"] if v["family"] == family)
+    tint = [files[p["dialect_files"]["tint"]] for p in var["programs"]]
+    naga = [files[p["dialect_files"]["naga"]] for p in var["programs"]]
+    assert (tint == naga) == (family == "portable")
+    old = copy.deepcopy(m)
+    for v in old["variants"]:
+        for p in v["programs"]:
+            del p["dialect_files"]
+    for manifest in (m, old):
+        for dialect, want in ((None, tint), ("tint", tint), ("naga", naga)):
+            js = checker.ask({"op": "sources", "manifest": manifest, "files": files, "variant": var["name"],
+                              **({"dialect": dialect} if dialect else {})})
+            assert js.get("ok"), js
+            assert js["codes"] == want, (dialect, "dialect_files" in manifest["variants"][0]["programs"][0])
+    js = checker.ask({"op": "sources", "manifest": m, "files": files, "variant": var["name"], "dialect": "spirv"})
+    assert js.get("attnc_error") and "dialect must be one of 'tint', 'naga'" in js["error"], js

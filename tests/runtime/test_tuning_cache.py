@@ -1,0 +1,198 @@
+"""The tuning cache is the user's file: damaged, hand-edited or written by another attnc, it
+never breaks attention(). Fuzzed cache files (not JSON, wrong top-level types, entries with
+fields deleted, replaced by other values or garbage, unknown fields added) under the key the
+call looks up: attention() returns the reference's answer and does not raise; an entry (or a
+file) it cannot use is named in one TuningCacheWarning per process, and the call takes the
+heuristic plan; an entry it can use (a valid plan, perhaps another than the one stored) gives
+the right answer too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attnc
+from attnc.lowering import candidates as cands
+from attnc.lowering import schedule
+from attnc.lowering.plan import Family, Plan
+from attnc.runtime import api, tuning_cache
+from attnc.runtime.tuning_cache import PLAN_SCHEMA, TuningCacheWarning
+from tests.textbook import assert_close, attention_ref
+
+pytestmark = pytest.mark.gpu
+
+RUN = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                     HealthCheck.too_slow])
+PROBLEMS = {"decode_gqa": dict(B=1, Hq=4, Hkv=2, S=3, T=90, D=16, Dv=16),
+            "prefill": dict(B=1, Hq=2, Hkv=1, S=20, T=45, D=12, Dv=8)}
+GARBAGE = st.sampled_from([None, "x", "", -1, 0, 1, 3, 7, 2**40, 1.5, True, False, [], {}, [1, 2], {"a": 1},
+                           "tiled", "subgroups", "portable", 4, 8, 64, 256, -(2**31)])
+
+
+@st.composite
+def mutated(draw, entry: dict):
+    """A cache entry made from a valid one: fields deleted, replaced, added, or the whole thing garbage."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(GARBAGE | st.text(max_size=5))
+    e = json.loads(json.dumps(entry))
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.sampled_from(["plan", "plan", "plan", "tunables", "top"]))
+        obj = e if where == "top" or not isinstance(e.get(where), dict) else e[where]
+        action = draw(st.sampled_from(["delete", "replace", "replace", "add", "valid"]))
+        names = sorted(obj)
+        if action == "add" or not names:
+            obj[draw(st.sampled_from(["extra", "BK", "unroll_factor", "DVC"]))] = draw(GARBAGE)
+            continue
+        name = draw(st.sampled_from(names))
+        if action == "delete":
+            del obj[name]
+        elif action == "valid" and where == "plan" and name in PLAN_SCHEMA:
+            field = PLAN_SCHEMA[name]  # another value of the field's own type
+            obj[name] = draw(st.sampled_from(field.values) if field.kind == "enum" else st.booleans()
+                             if field.kind == "bool" else st.sampled_from([0, 1, 2, 4, 8, 16, 32, 64, 128]))
+        else:
+            obj[name] = draw(GARBAGE)
+    return e
+
+
+@st.composite
+def cache_files(draw, key: str, entry: dict):
+    """The text of a tune.json: not JSON, JSON of another shape, or entries around the call's key."""
+    kind = draw(st.sampled_from(["text", "shape", "intact", "entries", "entries", "entries", "entries"]))
+    if kind == "intact":  # as `attnc tune` stores it
+        return json.dumps({"version": 2, "entries": {key: entry}})
+    if kind == "text":
+        return draw(st.sampled_from(["", "{", "not json", "\x00\xff", '{"version": 2, "entries": {'])
+                    | st.text(max_size=30))
+    if kind == "shape":
+        data = draw(st.sampled_from([[], 2, "tune", None, {}, {"version": 2}, {"version": 1, "entries": {}},
+                                     {"version": "2", "entries": {key: entry}}, {"version": 2, "entries": []},
+                                     {"version": 2, "entries": "x"}, {"entries": {key: entry}}]))
+        return json.dumps(data)
+    entries = {key: draw(mutated(entry))}
+    if draw(st.booleans()):
+        entries["another|key"] = draw(mutated(entry))
+    return json.dumps({"version": 2, "entries": entries})
+
+
+def _problem(dev, name: str, seed: int):
+    sh = PROBLEMS[name]
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((sh["B"], sh["Hq"], sh["S"], sh["D"])).astype(np.float32)
+    k = rng.standard_normal((sh["B"], sh["Hkv"], sh["T"], sh["D"])).astype(np.float32)
+    v = rng.standard_normal((sh["B"], sh["Hkv"], sh["T"], sh["Dv"])).astype(np.float32)
+    return sh, (q, k, v)
+
+
+def _valid_entries(dev, dims: dict) -> list[dict]:
+    """Entries `attnc tune` could store for this problem: the heuristic plan and a few candidates."""
+    caps = dev.capabilities
+    fams = [Family.PORTABLE] + ([Family.SUBGROUPS] if "subgroups" in dev.features else [])
+    base, tun = schedule.plan_for(caps, schedule.pick_family(caps, None), dims, causal=True)
+    out = [tuning_cache.plan_to_entry(base, tun, None)]
+    ns0 = schedule.split_count(caps, dims, 32, 64) if dims["S"] <= 16 else None
+    for i, (plan, t, ns) in enumerate(cands.candidates(caps, dims, base, fams, ns0)):
+        if i % 7 == 3:
+            out.append(tuning_cache.plan_to_entry(plan, t, ns))
+        if len(out) == 4:
+            break
+    return out
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "wgpu:opengl", "dawn:vulkan"])
+@settings(RUN, max_examples=20)
+@given(data=st.data())
+def test_fuzzed_cache_files_never_break_attention(require_adapters, tmp_path_factory, monkeypatch, spec,
+                                                  data) -> None:
+    dev = require_adapters(spec)[0]
+    name = data.draw(st.sampled_from(sorted(PROBLEMS)))
+    sh, (q, k, v) = _problem(dev, name, data.draw(st.integers(0, 2**16)))
+    okey = api.prepare(sh, np.float32, device=dev, causal=True).options_key
+    key = tuning_cache.key(dev, okey, sh)
+    entry = data.draw(st.sampled_from(_valid_entries(dev, sh)))
+    text = data.draw(cache_files(key, entry))
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "tune.json").write_text(text, encoding="utf-8", errors="surrogatepass")
+    ref = attention_ref(q, k, v, causal=True)
+    with monkeypatch.context() as mp:
+        mp.setenv("ATTNC_CACHE_DIR", str(cache))
+        mp.setattr(tuning_cache, "_WARNED", set())  # the warnings of this example only
+        for call in range(2):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                o = attnc.attention(q, k, v, causal=True, device=dev)
+            assert_close(o, ref, 1e-5, f"o (call {call + 1}, cache {text[:300]!r})")
+            ours = [w for w in seen if issubclass(w.category, TuningCacheWarning)]
+            assert len(ours) <= (1 if call == 0 else 0), [str(w.message) for w in ours]
+            if text == json.dumps({"version": 2, "entries": {key: entry}}):  # a choice the tuner could store
+                assert not ours, [str(w.message) for w in ours]
+            for w in ours:  # naming the file, and the entry's key unless the whole file is ignored
+                msg = str(w.message)
+                assert str(cache / "tune.json") in msg, msg
+                assert repr(key) in msg or msg.startswith("attnc: ignoring the tuning cache file"), msg
+
+
+def test_the_plan_schema_names_every_plan_field() -> None:
+    """PLAN_SCHEMA (whose digest is in every cache key) must follow the Plan: a field added to or
+    removed from Plan without a schema change would make old entries load under a new meaning."""
+    stored = {f.name for f in dataclasses.fields(Plan)} - set(tuning_cache.CALL_FIELDS)
+    assert set(PLAN_SCHEMA) == stored
+    for f in dataclasses.fields(Plan):
+        if f.name in PLAN_SCHEMA:  # each default is a value the schema accepts
+            PLAN_SCHEMA[f.name].check(f.name, getattr(f.default, "value", f.default))
+
+
+def test_the_key_names_version_and_plan_schema(require_adapters) -> None:
+    from attnc._version import __version__
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    k = tuning_cache.key(dev, "opts", PROBLEMS["prefill"])
+    assert f"attnc {__version__}" in k and f"plan schema {tuning_cache.SCHEMA_ID}" in k
+
+
+def test_an_entry_the_lowering_refuses_warns_once_and_falls_back(require_adapters, tmp_path, monkeypatch) -> None:
+    """A well-formed entry whose plan does not fit the device (more invocations than it grants)."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    sh, (q, k, v) = _problem(dev, "prefill", 0)
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning_cache, "_WARNED", set())
+    heuristic = api.prepare(sh, np.float32, device=dev)
+    plan = dataclasses.replace(heuristic.plan, value_columns=1024, value_stage_columns=1024)  # > 32 KiB
+    tun = dict(heuristic.kern.tunables)
+    tuning_cache.store(dev, heuristic.options_key, sh, tuning_cache.plan_to_entry(plan, tun, None))
+    with pytest.warns(TuningCacheWarning, match="cannot lower") as seen:
+        o = attnc.attention(q, k, v, device=dev)
+    assert len(seen) == 1 and str(tmp_path / "tune.json") in str(seen[0].message)
+    assert_close(o, attention_ref(q, k, v), 1e-5)
+    assert api.prepare(sh, np.float32, device=dev).variant == heuristic.variant
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attnc.attention(q, k, v, device=dev)  # once per entry and process
+
+
+def test_attnc_tune_writes_entries_that_load(require_adapters, tmp_path, monkeypatch, capsys) -> None:
+    """`attnc tune` end to end: what it stores follows PLAN_SCHEMA and is used without a warning."""
+    from attnc import cli
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning_cache, "_WARNED", set())
+    assert cli.main(["tune", "--shape", "1,2,1,20,45,12,8", "--max", "2", "--runs", "1", "--device", dev.spec]) == 0
+    assert str(tmp_path / "tune.json") in capsys.readouterr().out
+    sh = PROBLEMS["prefill"]
+    okey = api.prepare(sh, np.float32, device=dev).options_key
+    entries = tuning_cache.load()
+    assert list(entries) == [tuning_cache.key(dev, okey, sh)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuned = tuning_cache.tuned_plan(dev, okey, sh, False, None, None)
+    assert tuned is not None and tuning_cache.plan_to_entry(tuned.plan, tuned.tunables, None)["plan"] == \
+        next(iter(entries.values()))["plan"]
+
