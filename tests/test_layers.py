@@ -24,9 +24,10 @@ ALLOWED = {
 RUNTIME_LAYERS = [
     {"dispatch", "cachedir"},
     {"devices", "timing"},
+    {"tensor"},
     {"build", "prepared", "chunking", "tuning_cache"},
     {"api"},
-    {"tune"},
+    {"kvcache", "tune"},
 ]
 
 
