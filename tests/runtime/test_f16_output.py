@@ -14,12 +14,15 @@ included; f16 arithmetic where shader-f16 is offered).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnc
+from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy
 from attnc.runtime import api
 from attnc.runtime import dispatch as rt
 from tests.runtime.test_attention_options import BIAS_SHAPES, RUN, _seed, bias_of, kv_lens_for, qkv
@@ -205,3 +208,208 @@ def test_f16_problems_past_the_binding_limit(require_adapters, monkeypatch, limi
     opts = dict(causal=True, window=(100, None), kv_lens=np.full(B, 250), sinks=np.full(Hq, 0.5, np.float32),
                 alibi_slopes=np.full(Hq, 0.1, np.float32), softcap=20.0, return_lse=True)
     check((dev, None), q, k, v, opts)
+
+
+# --------------------------------------------------------------------------- the output contract
+# o in q's dtype everywhere, as the kernel wrote it: numpy results, GPU tensors (a float16 o with
+# an odd Dv: a strided view, rows Dv + 1 apart, its padding never in the view), out= tensors of
+# the layouts the kernel can write; float32 inputs and outputs alongside as the control.
+# (plan, tunables, split count) per strategy; None: the heuristic (attention() with a target)
+CONTRACT_PLANS = {
+    "heuristic": None,
+    "tiled": (Plan(Family.PORTABLE, workgroup_size=32, head_chunk=8, value_columns=32, value_stage_columns=4,
+                   vector_width=1), {"BM": 16, "BN": 32}, 1),
+    "tiled_exchange": (Plan(Family.PORTABLE, workgroup_size=64, head_chunk=8, value_columns=32,
+                            value_stage_columns=4, vector_width=1), {"BM": 16, "BN": 32}, 1),
+    "rows_split": (Plan(Family.PORTABLE, strategy=Strategy.ROWS, keys_per_step=2, query_dim=8, value_columns=16,
+                        vector_width=1), {"BM": 16, "BN": 32}, 2),
+    "stream_split": (Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=32, lanes_per_key=1,
+                          keys_per_step=1, query_dim=8, value_columns=16, vector_width=4), {"BM": 2, "BN": 32}, 2),
+    "lanes": (Plan(Family.SUBGROUPS, strategy=Strategy.LANES, rows_per_invocation=1, query_dim=8, value_columns=16,
+                   vector_width=4), {"BN": 32}, 1),
+}
+CONTRACT_TOL = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 1e-5}
+
+
+def contract_op(dev, name: str, dims: dict, dtype, causal: bool, out):
+    """The op of a forced plan (float16: its f16-storage form), prepared as attnc.prepare does
+    for an `out` example (no packed GQA rows for a layout that cannot take them)."""
+    plan, tun, nsplit = CONTRACT_PLANS[name]
+    if dtype == np.float16:
+        plan = dataclasses.replace(plan, storage=Storage.F16)
+    if plan.strategy is Strategy.LANES:
+        sg = dev.subgroup_size
+        plan = dataclasses.replace(plan, subgroup_width=sg, dialect=Dialect.TINT if dev.dialect == "tint"
+                                   else Dialect.NAGA)
+        tun = {**tun, "BM": 4 * sg}
+    return api.prepare_dims(dims, dtype, device=dev, plan=plan, tunables=tun, nsplit=nsplit, causal=causal,
+                            return_lse=True, vector_loads=plan.vector_width == 4,
+                            pack_gqa=None if api.rows_packable(dims, out) else False)
+
+
+def out_tensor(dev, kind: str, shape: tuple, dtype) -> attnc.Tensor | None:
+    """An out= tensor the kernel can write: rows padded to an even length for float16 ("padded":
+    [B, Hq, S, Dv] rows; "bshd": a [B, S, Hq, Dv'] buffer viewed as [B, Hq, S, Dv]), filled with
+    a sentinel so that what the kernel writes outside the view shows."""
+    if kind == "none":
+        return None
+    B, Hq, S, Dv = shape
+    pad = Dv + Dv % 2 if dtype == np.float16 else Dv + 1
+    full = (B, Hq, S, pad) if kind == "padded" else (B, S, Hq, pad)
+    t = attnc.tensor(np.full(full, 7, dtype), dev)
+    return (t if kind == "padded" else t.permute(0, 2, 1, 3))[..., :Dv]
+
+
+def check_o_tensor(o: attnc.Tensor, shape: tuple, dtype) -> None:
+    """A GPU o: q's dtype, [B, Hq, S, Dv], last dim contiguous; a float16 o rows at an even stride
+    (odd Dv: Dv + 1, the padding element zero and outside the view)."""
+    assert isinstance(o, attnc.Tensor) and o.dtype == dtype and o.shape == shape and o.strides[-1] == 1
+    if dtype == np.float16:
+        assert all(s % 2 == 0 for s in o.strides[:-1]), o.strides
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@pytest.mark.parametrize("strategy", list(CONTRACT_PLANS))
+@settings(RUN, max_examples=4)
+@given(data=st.data())
+def test_o_in_q_dtype_with_its_layout_everywhere(spec, strategy, data, require_adapters) -> None:
+    """dtype (f32 / f16) x odd / even Dv x host / GPU inputs x out= (none, padded rows, a
+    [B, S, H, D] view) x strategy (forced plans through prepared ops, the heuristic through
+    attention()): o's dtype, shape, strides and values against float64 (2e-3 for a float16 o,
+    1e-5 for float32), lse float32; the padding of an odd Dv is never in a result; a repeated
+    call creates no buffers or bind groups."""
+    dev = require_adapters(spec)[0]
+    dtype = np.dtype(data.draw(st.sampled_from([np.float16, np.float32]), label="dtype"))
+    vec4 = strategy in ("stream_split", "lanes")  # vec4 loads: head dims multiples of 4
+    odd = False if vec4 else data.draw(st.booleans(), label="odd Dv")
+    Dv = (5 if odd else 8) if not vec4 else 8
+    gpu_in = data.draw(st.booleans(), label="GPU inputs")
+    out_kind = data.draw(st.sampled_from(["none", "padded", "bshd"]), label="out")
+    causal = data.draw(st.booleans(), label="causal")
+    S = data.draw(st.sampled_from([1, 3]), label="S")
+    dims = dict(B=2, Hq=4, Hkv=2, S=S, T=data.draw(st.integers(1, 40), label="T"), D=8, Dv=Dv)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31), label="seed"))
+    q = rng.standard_normal((2, 4, S, 8)).astype(dtype)
+    k = rng.standard_normal((2, 2, dims["T"], 8)).astype(dtype)
+    v = rng.standard_normal((2, 2, dims["T"], Dv)).astype(dtype)
+    shape = (2, 4, S, Dv)
+    ref_o, ref_lse = attention_ref(q, k, v, causal=causal, return_lse=True)
+    args = [attnc.tensor(x, dev) for x in (q, k, v)] if gpu_in else [q, k, v]
+    out = out_tensor(dev, out_kind, shape, dtype)
+    if strategy == "heuristic":
+        family = data.draw(st.sampled_from(["portable", "subgroups"]), label="family")
+
+        def call():
+            return attnc.attention(*args, causal=causal, return_lse=True, target=family, out=out)
+    else:
+        op = contract_op(dev, strategy, dims, dtype, causal, out)
+        assert op.plan.strategy.value == strategy.split("_")[0] and op.o_dtype == dtype
+
+        def call():
+            return op(*args, out=out)
+    o, lse = call()
+    if out is not None:
+        assert o is out
+    if gpu_in or out is not None:
+        check_o_tensor(o, shape, dtype)
+        assert isinstance(lse, attnc.Tensor) and lse.dtype == np.float32 and lse.shape == shape[:3]
+        if out is None and dtype == np.float16:  # its own buffer: rows of Dv + Dv % 2 halves
+            row = Dv + Dv % 2
+            assert o.strides == (4 * S * row, S * row, row, 1) and o.buffer.size == 2 * 2 * 4 * S * row
+            raw = np.frombuffer(dev.gpu.queue.read_buffer(o.buffer), np.float16).reshape(2, 4, S, row)
+            assert np.all(raw[..., Dv:] == 0)
+        o_host, lse_host = o.numpy(), lse.numpy()
+    else:
+        assert isinstance(o, np.ndarray) and o.flags.c_contiguous
+        o_host, lse_host = o, lse
+    assert o_host.dtype == dtype and o_host.shape == shape and lse_host.dtype == np.float32
+    assert_close(o_host, ref_o, CONTRACT_TOL[dtype], "o")
+    assert_close(lse_host, ref_lse, CONTRACT_TOL[dtype], "lse")
+    if out is not None:  # outside the view: the sentinel, but the padding element of a float16 row (0)
+        whole = attnc.as_tensor(out.buffer, (out.buffer.size // dtype.itemsize,), dtype).numpy()
+        inside = np.zeros(whole.shape, bool)
+        idx = np.indices(shape).reshape(4, -1)
+        flat = (idx * np.array(out.strides)[:, None]).sum(0) + out.offset // dtype.itemsize
+        inside[flat] = True
+        pad = np.zeros(whole.shape, bool)
+        if dtype == np.float16 and Dv % 2:
+            pad[flat.reshape(shape)[..., -1] + 1] = True
+        assert np.all(whole[pad] == 0) and np.all(whole[~inside & ~pad] == 7)
+    before = dev.counters.snapshot()
+    again = call()
+    made = dev.counters.since(before)
+    if gpu_in and out is None and strategy == "heuristic":  # attention() allocates a new GPU output per call
+        assert made["buffers_created"] == 2, made
+    else:
+        assert made["buffers_created"] == made["bind_groups_created"] == made["pipelines_compiled"] == 0, made
+    assert_close(again[0].numpy() if isinstance(again[0], attnc.Tensor) else again[0], ref_o, CONTRACT_TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_out_layouts_the_kernel_cannot_write_are_refused(require_adapters) -> None:
+    """A float32 out= with float16 inputs, a float16 one with a strided last dim or odd row
+    strides: ValueErrors naming out, from prepared ops, attention() and KVCache.attend alike,
+    before anything runs; a float16 out= with odd strides on size-1 dims only is fine."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 2, 3, 8)).astype(np.float16)
+    k = rng.standard_normal((1, 1, 9, 8)).astype(np.float16)
+    v = rng.standard_normal((1, 1, 9, 5)).astype(np.float16)
+    qt, kt, vt = (attnc.tensor(x, dev) for x in (q, k, v))
+    op = attnc.prepare(qt, kt, vt)
+    cache = attnc.KVCache(1, 1, 16, 8, 5, dtype=np.float16, device=dev)
+    cache.append(k, v)
+    bad = {
+        "float32": (attnc.zeros((1, 2, 3, 5), np.float32, dev), r"^out: dtype float32; this op writes o in float16"),
+        "dense odd rows": (attnc.zeros((1, 2, 3, 5), np.float16, dev), r"^out: strides \(30, 15, 5, 1\).*even"),
+        "strided last dim": (attnc.zeros((1, 2, 3, 10), np.float16, dev)[..., ::2],
+                             r"^out: strides \(60, 30, 10, 2\).*contiguous"),
+    }
+    for what, (out, msg) in bad.items():
+        before = dev.counters.snapshot()
+        for run in (lambda o: op(qt, kt, vt, out=o), lambda o: attnc.attention(qt, kt, vt, out=o),
+                    lambda o: attnc.attention(q, k, v, out=o), lambda o: cache.attend(qt, out=o)):
+            with pytest.raises(ValueError, match=msg):
+                run(out)
+        assert dev.counters.since(before)["submits"] == 0, what
+    ok = attnc.zeros((1, 2, 3, 6), np.float16, dev)[:, :1, :1, :5]  # [1, 1, 1, 5]: odd strides of size-1 dims
+    one = attnc.attention(qt[:, :1, :1], kt, vt, out=ok)
+    assert one is ok
+    assert_close(ok.numpy(), attention_ref(q[:, :1, :1], k, v), 2e-3)
+
+
+@pytest.mark.gpu
+def test_a_float16_kv_cache_gives_a_float16_o_without_allocating(require_adapters) -> None:
+    """KVCache.attend on a float16 cache with an odd Dv: a float16 o (the op's own: rows Dv + 1
+    apart; or out=), within 2e-3 of float64; a decode step with out= creates no buffers."""
+    dev = require_adapters("dawn:vulkan")[0]
+    rng = np.random.default_rng(4)
+    B, Hkv, Hq, D, Dv = 2, 2, 4, 13, 7
+    cache = attnc.KVCache(B, Hkv, 32, D, Dv, dtype=np.float16, device=dev)
+    cache.append(rng.standard_normal((B, Hkv, 6, D)).astype(np.float16),
+                 rng.standard_normal((B, Hkv, 6, Dv)).astype(np.float16), counts=[6, 4])
+    q = rng.standard_normal((B, Hq, 1, D)).astype(np.float16)
+    qt = attnc.tensor(q, dev)
+    o = cache.attend(qt, causal=True)
+    check_o_tensor(o, (B, Hq, 1, Dv), np.float16)
+    assert o.strides == (Hq * (Dv + 1), Dv + 1, Dv + 1, 1)
+    ref = attention_ref(q, cache.k.numpy(), cache.v.numpy(), kv_lens=cache.lengths, causal=True)
+    assert_close(o.numpy(), ref, 2e-3)
+    host = cache.attend(q, causal=True)
+    assert host.dtype == np.float16 and host.shape == (B, Hq, 1, Dv)
+    assert_close(host, ref, 2e-3)
+    out = attnc.zeros((B, Hq, 1, Dv + 1), np.float16, dev)[..., :Dv]
+    for _ in range(2):
+        cache.append(rng.standard_normal((B, Hkv, 1, D)).astype(np.float16),
+                     rng.standard_normal((B, Hkv, 1, Dv)).astype(np.float16))
+        qt.write(q)
+        cache.attend(qt, causal=True, out=out)
+    before = dev.counters.snapshot()
+    cache.append(rng.standard_normal((B, Hkv, 1, D)).astype(np.float16),
+                 rng.standard_normal((B, Hkv, 1, Dv)).astype(np.float16))
+    assert cache.attend(qt, causal=True, out=out) is out
+    made = dev.counters.since(before)
+    assert made["buffers_created"] == made["bind_groups_created"] == made["pipelines_compiled"] == 0, made
+    ref = attention_ref(q, cache.k.numpy(), cache.v.numpy(), kv_lens=cache.lengths, causal=True)
+    assert_close(out.numpy(), ref, 2e-3)
