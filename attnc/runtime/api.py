@@ -368,8 +368,9 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
 
     q [B,Hq,S,D], k [B or 1,Hkv,T,D], v [B or 1,Hkv,T,Dv] -> o [B,Hq,S,Dv] in q's dtype
     (and lse [B,Hq,S] float32 with return_lse). Inputs are host data or GPU tensors
-    (attnc.Tensor); with a GPU q, k or v the result is a new GPU tensor (float32) unless
-    `output="numpy"`, and `out=` / `out_lse=` write into given tensors. score_mod(s, b, h,
+    (attnc.Tensor); with a GPU q, k or v the result is a new GPU tensor (o in q's dtype, as
+    the kernel wrote it: float16 inputs give a float16 o, rows Dv + 1 apart for an odd Dv)
+    unless `output="numpy"`, and `out=` (of q's dtype) / `out_lse=` write into given tensors. score_mod(s, b, h,
     q_idx, kv_idx) and mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (once per
     distinct function; q_idx is the raw query index); the tensors (numpy or GPU) and numbers
     they close over become the kernel's inputs (bindings and uniforms: new values run the same

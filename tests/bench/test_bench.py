@@ -247,3 +247,18 @@ def test_cli_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--case", "nope"]) == 2
     assert main(["--compare", "pytorch"]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_attnc_f16_result_is_the_kernels_f16_output(require_adapters: Any) -> None:
+    """`attnc bench --dtype f16` measures relerr on the float16 o the kernel wrote (odd Dv:
+    its padded rows stripped), not on a float32 copy."""
+    from attnc.bench.impls import RunOptions, run_attnc
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    case = bc.parse_shape("1,2,1,5,40,16,15")
+    q, k, v = bc.make_inputs(case, "f16", seed=2)
+    m = run_attnc(dev, case, [(q, k, v)], RunOptions(runs=1, warmup=0, dtype="f16"))
+    assert m.out.dtype == np.float16 and m.out.shape == (1, 2, 5, 15)
+    err = bc.relerr(m.out, bc.reference(case, q, k, v))
+    assert 0 < err < 2e-3  # an f16 output: nonzero rounding error, within the contract
