@@ -54,6 +54,9 @@ class DTypeSpec:
 
     def __call__(self, x: Any) -> Value:
         """Convert a value: f32(i) turns an index into a float, i32(x) truncates."""
+        if self.dtype.is_quant:
+            raise fail(f"{self.dtype.value} is a storage type for tensors, not a conversion",
+                       ("use f32(x) or i32(x)",))
         op = ir.Op.F32 if self.dtype is not ir.DType.I32 else ir.Op.I32
         return Value(sem.call(op, _expr(x)))
 
@@ -64,6 +67,10 @@ class DTypeSpec:
 f32 = DTypeSpec(ir.DType.F32)
 f16 = DTypeSpec(ir.DType.F16)
 i32 = DTypeSpec(ir.DType.I32)
+# quantized storage of K/V tensors (attnc/quant.py): k: q8_0["B", "Hkv", "T", "D"]
+q8_0 = DTypeSpec(ir.DType.Q8_0)
+q4_0 = DTypeSpec(ir.DType.Q4_0)
+int8 = DTypeSpec(ir.DType.INT8)
 inf = float("inf")
 
 

@@ -133,7 +133,8 @@ class _ToRaw(Transformer):
 
     def type(self, meta, dtype, *dims):
         if str(dtype) not in {d.value for d in DType}:
-            raise ParseError(f"unknown dtype '{dtype}'; expected f32, f16, i32 or bool",
+            raise ParseError(f"unknown dtype '{dtype}'; expected f32, f16, i32, bool "
+                             "or a quantized format (q8_0, q4_0, int8)",
                              self.tspan(dtype))
         return TensorType(DType(str(dtype)), tuple(str(d) for d in dims if d is not None))
 

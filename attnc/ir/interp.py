@@ -68,6 +68,16 @@ def _masked_pv(p: np.ndarray, v: np.ndarray) -> np.ndarray:
     return terms.sum(axis=-2, keepdims=True)
 
 
+def _dequantized(name: str, fmt: str, a: object) -> np.ndarray:
+    """The float values of a quantized tensor argument (the oracle dequantizes the words itself)."""
+    from attnc.quant import QuantTensor, dequantize
+
+    if not isinstance(a, QuantTensor) or a.fmt != fmt:
+        got = f"a {a.fmt} tensor" if isinstance(a, QuantTensor) else type(a).__name__
+        raise ValueError(f"{name}: expected a {fmt} QuantTensor (attnc.quant.quantize), got {got}")
+    return dequantize(a)
+
+
 class _Interp:
     """Evaluates one kernel on concrete arrays; one instance per call."""
 
@@ -81,6 +91,8 @@ class _Interp:
             if p.name not in args:
                 raise ValueError(f"missing argument {p.name!r}")
             a = args[p.name]
+            if p.type.dtype.is_quant:
+                a = _dequantized(p.name, p.type.dtype.value, a)
             if p.type.dims:
                 arr = np.asarray(a)
                 if arr.ndim != len(p.type.dims):

@@ -33,6 +33,9 @@ Semantics (what every pass, the printer, the interpreter and the WGSL back end a
   split partial states by log-sum-exp: M = max m_s, L = sum l_s exp(m_s - M),
   O = sum o_s exp(m_s - M).
 * dot(a[.., :], b[.., :]) is the f32 dot product over the one `:` axis of each slice.
+* A tensor of a quantized dtype (`q8_0`, `q4_0`, `int8`: attnc/quant.py) holds float values
+  in that format along its last dim; every load or slice of it reads the dequantized f32
+  values, and its slices are along that last dim.
 * Integer ops are on i32; `idiv`/`mod` floor toward -inf; float math is f32 on devices
   and float64 in the reference interpreter.
 """
@@ -52,10 +55,20 @@ class DType(enum.Enum):
     F16 = "f16"
     I32 = "i32"
     BOOL = "bool"
+    # quantized storage of float tensors (attnc/quant.py): loads give f32
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+    INT8 = "int8"
 
     @property
     def is_float(self) -> bool:
-        return self in (DType.F32, DType.F16)
+        """A float tensor's dtype: f32, f16 or a quantized format."""
+        return self in (DType.F32, DType.F16) or self.is_quant
+
+    @property
+    def is_quant(self) -> bool:
+        """A quantized storage format (q8_0, q4_0, int8), read through its dequantization."""
+        return self in (DType.Q8_0, DType.Q4_0, DType.INT8)
 
 
 class Op(enum.Enum):

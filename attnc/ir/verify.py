@@ -363,20 +363,24 @@ class _Verifier:
             raise self.fail(sl, "a slice has exactly one ':'")
         if not p.type.dtype.is_float:
             raise self.fail(sl, f"'{sl.tensor}' is {p.type.dtype.value}; slices read float tensors")
+        if p.type.dtype.is_quant and sl.axis != len(p.type.dims) - 1:
+            raise self.fail(sl, f"'{sl.tensor}' is stored as {p.type.dtype.value} along its last dim "
+                                f"'{p.type.dims[-1]}'; its slices are along that dim")
         self.check_indices(sl, sl.index)
         return p.type.dims[sl.axis]
 
     def phase2(self) -> Analysis:
         k = self.k
         for p in k.params:
-            allowed = (DType.F32, DType.F16, DType.I32) if p.type.dims else NUMERIC
+            allowed = (DType.F32, DType.F16, DType.I32, DType.Q8_0, DType.Q4_0, DType.INT8) \
+                if p.type.dims else NUMERIC
             if p.type.dtype not in allowed:
                 what = "tensor" if p.type.dims else "scalar"
                 raise self.fail(p, f"a {what} param cannot be {p.type.dtype.value}")
         for name, value in k.tunables:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise self.fail(k, f"tunable {name}={value!r} must be a positive integer", k.span)
-        if not k.output.dtype.is_float:
+        if k.output.dtype not in (DType.F32, DType.F16):
             raise self.fail(k, f"the output is f32 or f16, not {k.output.dtype.value}", k.span)
         grid = k.body[0]
         tiles = [a for a in grid.axes if isinstance(a.extent, TileExtent)]

@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from attnc.errors import LoweringError
+from attnc.errors import DeviceError, LoweringError
 from attnc.lowering import Plan
 from attnc.lowering.plan import Storage
 from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, packs_gqa, pick_family, plan_for, with_combine
+from attnc.quant import QuantTensor, check_format, check_head_dim
 from attnc.runtime.build import Options, build_kernel, options_key, programs_for
 from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
 from attnc.runtime.devices import Device, get_device
@@ -45,15 +46,22 @@ def _real_array(name: str, x: Any, ndim: int | None = None) -> np.ndarray:
     return x
 
 
-def validate(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> dict[str, int]:
-    """Check q/k/v against the contract; return the dims B, Hq, Hkv, S, T, D, Dv."""
+def validate(q: np.ndarray, k: np.ndarray | QuantTensor, v: np.ndarray | QuantTensor) -> dict[str, int]:
+    """Check q/k/v against the contract; return the dims B, Hq, Hkv, S, T, D, Dv. k and v may
+    each be a QuantTensor (attnc.quant.quantize) of 4 dims instead of an array."""
     for n, x in (("q", q), ("k", k), ("v", v)):
+        if isinstance(x, QuantTensor):
+            _check(x.ndim == 4, f"{n}: expected 4 dims, got {x.ndim} (shape {x.shape})")
+            _check(min(x.shape) > 0, f"{n}: empty tensor (shape {x.shape})")
+            continue
         _array(n, x, 4)
         _check(x.dtype in (np.float32, np.float16),
                f"{n}: dtype must be float32 or float16, got {x.dtype}")
         _check(x.size > 0, f"{n}: empty array (shape {x.shape})")
-    _check(q.dtype == k.dtype == v.dtype,
-           f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    floats = [x for x in (k, v) if not isinstance(x, QuantTensor)]
+    _check(all(x.dtype == q.dtype for x in floats),
+           f"q, k, v must share a dtype (or k, v be quantized), got "
+           f"{', '.join(x.fmt if isinstance(x, QuantTensor) else str(x.dtype) for x in (q, k, v))}")
     B, Hq, S, D = q.shape
     _, Hkv, T, Dk = k.shape
     _check(k.shape[0] == B and v.shape[0] == B,
@@ -99,12 +107,20 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
             score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
             plan: Plan | None = None, tunables: dict[str, int] | None = None,
             nsplit: int | None = None, pack_gqa: bool | None = None,
-            offsets: tuple[int, int, int, int] | dict[str, int] | None = None) -> Prepared:
+            offsets: tuple[int, int, int, int] | dict[str, int] | None = None,
+            k_format: str | None = None, v_format: str | None = None) -> Prepared:
     """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it.
+
+    k_format / v_format: K / V stored quantized (q8_0, q4_0, int8: attnc/quant.py); bind()
+    then takes QuantTensors for them.
 
     offsets: the problem is one piece of a larger one (runtime/chunking.py), given as
     (q_offset, q_total, kv_offset, kv_total) or a dict of those and b_offset, b_total,
     h_offset, hq_total, hkv_total (whole_problem()): masks and mods see the whole problem."""
+    for name, fmt, d in (("k", k_format, "D"), ("v", v_format, "Dv")):
+        if fmt is not None:
+            check_format(fmt)
+            check_head_dim(fmt, name, dims[d])
     dev = get_device(device)
     fam = pick_family(dev.capabilities, target)
     f16_math = target in F16_MATH_TARGETS
@@ -161,7 +177,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
                    softcap=softcap is not None, alibi=alibi_slopes is not None,
                    bias=bias is not None, sinks=sinks is not None, kv_lens=kv_lens is not None,
                    lse=return_lse, f16=np.dtype(dtype) == np.float16, score_mod=score_mod,
-                   mask_mod=mask_mod)
+                   mask_mod=mask_mod, k_format=k_format, v_format=v_format)
     if offsets is not None:  # one chunk of a larger problem: absolute positions
         opts = Options(**{**opts.__dict__, "offsets": True})
         scalars.update(offsets)
@@ -208,7 +224,7 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
     return lowered(plan or hplan, tunables or htun, nsplit)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = False,
+def attention(q: np.ndarray, k: np.ndarray | QuantTensor, v: np.ndarray | QuantTensor, *, causal: bool = False,
               scale: float | None = None, window: tuple[int | None, int | None] | None = None,
               bias: np.ndarray | None = None, alibi_slopes: np.ndarray | None = None,
               softcap: float | None = None, sinks: np.ndarray | None = None,
@@ -219,7 +235,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     """Scaled dot-product attention on a WebGPU device with the semantics of docs/API.md.
 
     q [B,Hq,S,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv] -> o [B,Hq,S,Dv] in q's dtype
-    (and lse [B,Hq,S] float32 with return_lse). score_mod(s, b, h, q_idx, kv_idx) and
+    (and lse [B,Hq,S] float32 with return_lse). k and v may each be a QuantTensor
+    (attnc.quant.quantize: q8_0, q4_0, int8), read by the kernels in that format. score_mod(s, b, h, q_idx, kv_idx) and
     mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (q_idx is the raw query index).
     target: "portable", "subgroups", or (float16 inputs, shader-f16) "portable-f16" /
     "subgroups-f16" for f16 products; None picks the tuned or heuristic variant.
@@ -230,6 +247,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     """
     dims = validate(q, k, v)
     dev = get_device(device)
+    fmts = {f"{n}_format": x.fmt for n, x in (("k", k), ("v", v)) if isinstance(x, QuantTensor)}
+    if fmts:
+        big = largest_binding(q, k, v, bias)
+        if big > binding_limit(dev):
+            raise DeviceError(f"a {big}-byte binding is larger than {dev.spec}'s largest storage binding "
+                              f"({binding_limit(dev)} B); quantized K/V are not split into pieces",
+                              notes=("call attention on fewer batch entries or heads at a time",))
     kw = dict(causal=causal, scale=scale, window=window, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
               sinks=sinks, kv_lens=kv_lens, return_lse=return_lse, device=dev, target=target,
               score_mod=score_mod, mask_mod=mask_mod)
@@ -238,7 +262,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool = Fal
     prep = prepare(dims, q.dtype, causal=causal, scale=scale, window=window, bias=bias,
                    alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, kv_lens=kv_lens,
                    return_lse=return_lse, device=dev, target=target, score_mod=score_mod,
-                   mask_mod=mask_mod)
+                   mask_mod=mask_mod, **fmts)
     prep.bind(q, k, v).run()
     o, lse = prep.result()
     o = o.astype(q.dtype)

@@ -13,7 +13,7 @@ from typing import Any
 from attnc.ir import nodes as ir
 from attnc.lowering import Plan, Storage, lower
 from attnc.lowering.program import Program
-from attnc.lowering.retype import retype
+from attnc.lowering.retype import retype, with_kv_formats
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,16 @@ class Options:
     split: bool = False
     pack_gqa: bool = False
     f16: bool = False
+    k_format: str | None = None  # a quantized K (attnc/quant.py: q8_0, q4_0, int8), else q's dtype
+    v_format: str | None = None  # the same for V
     score_mod: Callable[..., Any] | None = None
     mask_mod: Callable[..., Any] | None = None
 
 
 def options_key(opts: Options) -> str:
     """The kernel-shaping options as a stable string (the tuning cache keys on it)."""
-    d = {k: v for k, v in opts.__dict__.items() if k not in ("split", "score_mod", "mask_mod")}
+    d = {k: v for k, v in opts.__dict__.items() if k not in ("split", "score_mod", "mask_mod")
+         and not (k in ("k_format", "v_format") and v is None)}
     return ",".join(f"{k}={v}" for k, v in sorted(d.items()))
 
 
@@ -66,6 +69,7 @@ def build_kernel(opts: Options, tunables: dict[str, int]) -> ir.Kernel:
             split=opts.split, score_mod=opts.score_mod, mask_mod=opts.mask_mod, pack_gqa=opts.pack_gqa,
             offsets=opts.offsets, **tunables)
         kern = retype(kern, Storage.F16 if opts.f16 else Storage.F32)
+        kern = with_kv_formats(kern, opts.k_format, opts.v_format)
         if opts.score_mod is None and opts.mask_mod is None:
             _CACHE.kernels[key] = kern
     return kern

@@ -13,6 +13,7 @@ from attnc.ir import nodes as ir
 from attnc.lowering import Plan, Strategy
 from attnc.lowering.plan import fast_reduce, layout
 from attnc.lowering.program import Access, Program
+from attnc.quant import QuantTensor
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device
 
@@ -94,7 +95,9 @@ class Prepared:
         knobs = {Strategy.ROWS: f"KC={pn.keys_per_step},DQ={pn.query_dim}",
                  Strategy.LANES: f"TM={pn.rows_per_invocation},SGB={pn.subgroup_width},DQ={pn.query_dim}",
                  Strategy.STREAM: stream}.get(pn.strategy, tiled)
-        return f"{pl.name}:{pn.name}[{tun},{knobs},DVC={pn.value_columns},VEC={pn.vector_width}{split}]"
+        kv = "".join(f",{n.upper()}={self.kern.param(n).type.dtype.value}" for n in ("k", "v")
+                     if self.kern.param(n).type.dtype.is_quant)
+        return f"{pl.name}:{pn.name}[{tun},{knobs},DVC={pn.value_columns},VEC={pn.vector_width}{split}{kv}]"
 
     @property
     def plan_grid(self) -> list[int]:
@@ -114,8 +117,9 @@ class Prepared:
     def _binding(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[dict[str, Any], list[rt.Dispatch]]:
         dims = self.dims
         B, Hq, S, Dv = dims["B"], dims["Hq"], dims["S"], dims["Dv"]
-        arrays = {"q": np.ascontiguousarray(q), "k": np.ascontiguousarray(k),
-                  "v": np.ascontiguousarray(v), **self.extra}
+        arrays = {"q": np.ascontiguousarray(q), "k": k, "v": v, **self.extra}
+        for name in ("k", "v"):
+            arrays[name] = self._operand(name, arrays[name])
         uni: dict[str, float | int] = {f"d_{d}": dims[d] for d in self.kern.dims}
         bufs: dict[str, Any] = {}
         for p in self.kern.params:
@@ -125,6 +129,11 @@ class Prepared:
                 uni[f"p_{p.name}"] = self.scalars[p.name]
                 continue
             arr = arrays[p.name]
+            if isinstance(arr, QuantTensor):  # element strides of the dense logical tensor
+                for i, stride in enumerate(dense_strides(arr.shape)):
+                    uni[f"s_{p.name}_{i}"] = stride
+                bufs[p.name] = rt.upload(self.dev, arr.words)
+                continue
             st = self.strides.get(p.name) or dense_strides(arr.shape)
             for i, stride in enumerate(st):
                 uni[f"s_{p.name}_{i}"] = stride
@@ -148,6 +157,22 @@ class Prepared:
             dispatches.append(rt.Dispatch(p, {x: b for x, b in bufs.items() if x in names},
                                           {x: uni[x] for x in fields}, n))
         return bufs, dispatches
+
+    def _operand(self, name: str, x: Any) -> Any:
+        """k or v as bound: a QuantTensor of the format the kernel reads, else a contiguous array."""
+        want = self.kern.param(name).type.dtype
+        shape = tuple(self.dims[d] for d in self.kern.param(name).type.dims)
+        if want.is_quant:
+            if not isinstance(x, QuantTensor) or x.fmt != want.value:
+                got = f"a {x.fmt} QuantTensor" if isinstance(x, QuantTensor) else f"a {type(x).__name__}"
+                raise ValueError(f"{name}: this op reads {name} stored as {want.value}; got {got}")
+            if x.shape != shape:
+                raise ValueError(f"{name}: expected shape {shape}, got {x.shape}")
+            return x
+        if isinstance(x, QuantTensor):
+            raise ValueError(f"{name}: this op reads {name} as {want.value} values; got a {x.fmt} QuantTensor "
+                             f"(prepare it with {name}_format={x.fmt!r})")
+        return np.ascontiguousarray(x)
 
     def run(self, timestamps: bool = False, binding: Bound | None = None) -> float | None:
         """Dispatch all programs in one submission; with timestamps, the GPU ms from the start
