@@ -68,17 +68,31 @@ def run_naive(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
     return Measured(timing, op.result(indices[0]), extra)
 
 
-def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions) -> Measured:
+KV_PREFIX = "attnc-"  # attnc-q8_0, attnc-q4_0, attnc-int8: attnc over K and V stored in that format
+
+
+def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions,
+              kv_format: str | None = None) -> Measured:
     """attnc's own kernels through `prepare_attention`: the GPU time of the op, its runs back to
-    back on a busy GPU (runtime/timing.py says why), input copies rotated."""
+    back on a busy GPU (runtime/timing.py says why), input copies rotated. With `kv_format`,
+    K and V of every copy are quantized to it first (attnc.quant) and read in that format."""
     q, k, v = copies[0]
     kwargs: dict[str, Any] = {"causal": case.causal, "device": device}
     if opts.target is not None:
         kwargs["target"] = opts.target
+    extra: dict[str, Any] = {}
+    if kv_format is not None:
+        from attnc.quant import quantize
+
+        kwargs.update(k_format=kv_format, v_format=kv_format)
+        copies = [(c[0], quantize(c[1], kv_format), quantize(c[2], kv_format)) for c in copies]
+        extra.update(kv_format=kv_format, kv_bytes=copies[0][1].nbytes + copies[0][2].nbytes)
+    else:
+        extra.update(kv_bytes=int(k.nbytes + v.nbytes))
     op = prepare_attention(q.shape, k.shape, v.shape, q.dtype, **kwargs)
     handles = [op.bind_copy(*c) for c in copies]
     op.run(binding=handles[0])  # compiles (and on lavapipe, where compiling happens at the first run)
-    extra: dict[str, Any] = {"variant": op.variant}
+    extra["variant"] = op.variant
     if rt.sanitizing() or "timestamps" not in device.features:  # one run per submission, as a user's call
         state = {"i": 0}
 
@@ -114,9 +128,24 @@ def _lazy(module: str) -> Runner:
     return runner
 
 
+def _kv_runner(fmt: str) -> Runner:
+    """attnc over K and V quantized to `fmt`."""
+
+    def runner(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions) -> Measured:
+        return run_attnc(device, case, copies, opts, kv_format=fmt)
+
+    return runner
+
+
 IMPLS: dict[str, Runner] = {
     "attnc": run_attnc,
     "naive": run_naive,
     "ort": _lazy("ort"),
     "tinygrad": _lazy("tinygrad"),
+    **{KV_PREFIX + f: _kv_runner(f) for f in ("q8_0", "q4_0", "int8")},
 }
+
+
+def kv_format_of(impl: str) -> str | None:
+    """The KV format an implementation name stands for (attnc-q8_0 -> q8_0), else None."""
+    return impl[len(KV_PREFIX):] if impl.startswith(KV_PREFIX) else None
