@@ -511,3 +511,58 @@ def _output_type(b: sem.Builder, body: tuple[ir.Stmt, ...]) -> ir.TensorType:
 def kernel(fn: Callable[..., Any]) -> KernelDef:
     """Decorator: make a DSL kernel from a Python function."""
     return KernelDef(fn)
+
+
+def store(target: Slice, value: Slice) -> None:
+    """In a store kernel: write the row `value` (x[b, h, n, :]) at `target` (cache[b, h, t, :]),
+    quantized to the target's format when it has one; a target index outside its dims writes nothing."""
+    if not isinstance(target, Slice) or not isinstance(value, Slice):
+        raise fail("store() takes two slices such as cache[b, h, t, :] and x[b, h, n, :]")
+    _builder().emit(ir.Store(target.node, value.node, sem.user_span()))
+
+
+class StoreKernelDef(KernelDef):
+    """A decorated store kernel; `trace(**options)` gives a verified ir.StoreKernel.
+
+    Keyword options `<param>_dtype` (e.g. cache_dtype="q8_0") retype a tensor parameter, so one
+    function serves every storage format."""
+
+    def trace(self, **options: Any) -> ir.StoreKernel:  # type: ignore[override]
+        """Run the function on symbolic inputs; return the verified store kernel."""
+        from attnc.ir.verify import verify_store
+
+        b = sem.Builder(self.name)
+        token = _BUILDER.set(b)
+        try:
+            args, kwargs = [], {}
+            for p in self.signature.parameters.values():
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                    ann = p.annotation
+                    if isinstance(ann, DTypeSpec):
+                        ann = ir.TensorType(ann.dtype, ())
+                    if not isinstance(ann, ir.TensorType):
+                        raise fail(f"parameter {p.name!r} needs a type annotation like f32['B', 'H', 'N', 'D']")
+                    retype = options.pop(f"{p.name}_dtype", None)
+                    if retype is not None:
+                        if not ann.dims:
+                            raise fail(f"{p.name}_dtype: {p.name!r} is a scalar")
+                        ann = ir.TensorType(ir.DType(retype), ann.dims)
+                    t = TensorInput(p.name, ann)
+                    t._register()
+                    args.append(t if ann.dims else t.value())
+                elif p.kind is p.KEYWORD_ONLY:
+                    kwargs[p.name] = options.pop(p.name, p.default)
+            if options:
+                raise fail(f"unknown options for store kernel {self.name}: {sorted(options)}")
+            if self.fn(*args, **kwargs) is not None:
+                raise fail("a store kernel returns nothing: it writes with store(...)")
+            kern = ir.StoreKernel(self.name, tuple(b.params.values()), tuple(b.scopes[0]), sem.user_span())
+        finally:
+            _BUILDER.reset(token)
+        verify_store(kern)
+        return kern
+
+
+def store_kernel(fn: Callable[..., Any]) -> StoreKernelDef:
+    """Decorator: make a DSL store kernel (grid, lets, store(...)) from a Python function."""
+    return StoreKernelDef(fn)

@@ -380,6 +380,51 @@ class Kernel:
         return tuple(seen)
 
 
+@dataclass(frozen=True, slots=True)
+class Store:
+    """`store dst[.., :], src[.., :]`: write the vector src at dst, in dst's storage format (a
+    quantized dst gets the row quantized as attnc.quant.quantize does). A store whose dst index
+    lies outside dst's dims writes nothing."""
+
+    target: Slice
+    value: Slice
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class StoreKernel:
+    """A kernel that writes rows into a tensor in place (a KV cache append): a grid of plain dim
+    axes, lets, then stores; one grid point per stored row. The stores' targets are its outputs."""
+
+    name: str
+    params: tuple[Param, ...]
+    body: tuple[Stmt | Store, ...]
+    span: Span | None = SPAN
+    tunables: tuple[tuple[str, int], ...] = ()
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def output(self) -> TensorType:
+        """The type of the first store's target (what the verifier's header sees as the output)."""
+        st = next(s for s in self.body if isinstance(s, Store))
+        return self.param(st.target.tensor).type
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The tensors the kernel writes, in order of first store."""
+        return tuple(dict.fromkeys(s.target.tensor for s in self.body if isinstance(s, Store)))
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        """Every dim name in order of first appearance in the params."""
+        return tuple(dict.fromkeys(d for p in self.params for d in p.type.dims))
+
+
 def walk_stmts(body: tuple[Stmt, ...]):
     """Yield every statement, depth first, loops before their bodies."""
     for s in body:
