@@ -194,8 +194,25 @@ class Shader:
                 w.line(f"let s = bitcast<f32>(t_{name}[w]);")
                 w.line(f"let x = t_{name}[w + 1u + (i4 - r * n4)];")
                 w.line(f"return s * {sext};")
-        with w.block(f"fn ld_{name}(i: u32) -> f32"):
-            w.line(f"return ld4_{name}(i >> 2u)[i & 3u];")
+        sext1 = "f32((bitcast<i32>(x) << (24u - 8u * (j & 3u))) >> 24u)"
+        with w.block(f"fn ld_{name}(i: u32) -> f32"):  # one value (scalar loads, VEC=1)
+            if fmt is ir.DType.Q8_0:
+                w.line("let w = (i >> 5u) * 9u;")
+                w.line("let j = i & 31u;")
+                w.line(f"let x = t_{name}[w + 1u + (j >> 2u)];")
+                w.line(f"return unpack2x16float(t_{name}[w]).x * {sext1};")
+            elif fmt is ir.DType.Q4_0:
+                w.line("let w = (i >> 5u) * 5u;")
+                w.line("let j = i & 31u;")
+                w.line(f"let q = (t_{name}[w + 1u + ((j & 15u) >> 2u)] >> (8u * (j & 3u) + 4u * (j >> 4u))) & 15u;")
+                w.line(f"return unpack2x16float(t_{name}[w]).x * (f32(q) - 8.0);")
+            else:
+                last = self.spec.kernel.param(name).type.dims[-1]
+                w.line(f"let r = i / P.d_{last};")
+                w.line(f"let j = i - r * P.d_{last};")
+                w.line(f"let w = r * ((P.d_{last} >> 2u) + 1u);")
+                w.line(f"let x = t_{name}[w + 1u + (j >> 2u)];")
+                w.line(f"return bitcast<f32>(t_{name}[w]) * {sext1};")
 
     def privates(self, w: Writer) -> None:
         s = self.spec
