@@ -10,17 +10,23 @@ them (`store_rows`).
 
 from attnc.frontend.dsl import dim, f32, grid, i32, let, store, store_kernel
 
+# Tensor types (the cache's dtype is set per trace: cache_dtype=)
+X = f32["B", "H", "N", "D"]
+POS = i32["B"]
+CACHE = f32["B", "H", "C", "D"]
+TABLE = i32["B", "NP"]
+POOL = f32["NB", "H", "P", "D"]
+
 
 @store_kernel
-def kv_store(x: f32["B", "H", "N", "D"], pos: i32["B"], cache: f32["B", "H", "C", "D"]):
+def kv_store(x: X, pos: POS, cache: CACHE):
     """cache[b, h, pos[b] + n, :] = x[b, h, n, :] for every b, h, n (rows past C are not written)."""
     b, h, n = grid(b="B", h="H", n="N")
     store(cache[b, h, pos[b] + n, :], x[b, h, n, :])
 
 
 @store_kernel
-def kv_store_paged(x: f32["B", "H", "N", "D"], pos: i32["B"], table: i32["B", "NP"],
-                   cache: f32["NB", "H", "P", "D"]):
+def kv_store_paged(x: X, pos: POS, table: TABLE, cache: POOL):
     """Row pos[b] + n of batch entry b into slot (pos[b] + n) % P of page table[b, (pos[b] + n) / P]."""
     b, h, n = grid(b="B", h="H", n="N")
     t = let("t", pos[b] + n)

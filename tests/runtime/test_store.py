@@ -129,9 +129,12 @@ def test_store_errors() -> None:
         store_rows(pool, x, np.array([7]), table=np.array([[0, 1]]))
 
 
+BD, DB, BE, B_ = f32["B", "D"], f32["D", "B"], f32["B", "E"], i32["B"]
+
+
 def test_store_kernel_verifier() -> None:
     @store_kernel
-    def reads_its_target(x: f32["B", "D"], cache: f32["B", "D"]):
+    def reads_its_target(x: BD, cache: BD):
         (b,) = grid(b="B")
         store(cache[b, :], cache[b, :])
 
@@ -139,7 +142,7 @@ def test_store_kernel_verifier() -> None:
         reads_its_target.trace()
 
     @store_kernel
-    def wrong_width(x: f32["B", "E"], pos: i32["B"], cache: f32["B", "D"]):
+    def wrong_width(x: BE, pos: B_, cache: BD):
         (b,) = grid(b="B")
         store(cache[b, :], x[b, :])
 
@@ -147,7 +150,7 @@ def test_store_kernel_verifier() -> None:
         wrong_width.trace()
     with pytest.raises(VerifyError, match="stored as q8_0 along its last dim"):
         @store_kernel
-        def across(x: f32["B", "D"], cache: f32["D", "B"]):
+        def across(x: BD, cache: DB):
             (b,) = grid(b="B")
             store(cache[:, b], x[b, :])
 
