@@ -108,13 +108,16 @@ class _NotSettable(Exception):
 
 
 def option_types(kdef: Any) -> dict[str, Any]:
-    """The options of a DSL kernel (its keyword-only parameters) and the type each takes on the
-    command line: the annotation, else the default's type (a tunable: a positive int), else Any."""
+    """The options of a DSL kernel (its keyword-only parameters, and `<input>_dtype` for each tensor
+    input: its storage, e.g. k_dtype=q8_0) and the type each takes on the command line: the
+    annotation, else the default's type (a tunable: a positive int), else Any."""
     from attnc.frontend.dsl import Tunable
 
     out: dict[str, Any] = {}
     for p in kdef.signature.parameters.values():
         if p.kind is not p.KEYWORD_ONLY:
+            if getattr(p.annotation, "dims", None):  # a tensor input: its storage, <name>_dtype=q8_0
+                out[f"{p.name}_dtype"] = str
             continue
         if isinstance(p.default, Tunable):
             out[p.name] = Tunable

@@ -145,6 +145,7 @@ def quantize(x: np.ndarray, fmt: str) -> QuantTensor:
     else:
         idx = np.argmax(np.abs(blocks), axis=1)  # the first value of largest magnitude
         m = blocks[np.arange(blocks.shape[0]), idx][:, None]
+        m = np.where(np.abs(m) > 0, m, np.float32(0.0)).astype(np.float32)  # ggml's max starts at +0.0
         d = (m / np.float32(-8)).astype(np.float32)
         t = (blocks * _inverse(d) + np.float32(8.5)).astype(np.float32)
         qv = np.minimum(15, np.trunc(t).astype(np.int64)).astype(np.uint8)

@@ -7,7 +7,8 @@ export const DEFAULT_LIMITS: Readonly<Record<string, number>>;
 
 export class AttncError extends Error {}
 
-export type Dtype = 'f32' | 'f16' | 'i32' | 'u32';
+/** Quantized K/V inputs (q8_0, q4_0, int8) are Uint32Array words (docs/MANIFEST.md). */
+export type Dtype = 'f32' | 'f16' | 'i32' | 'u32' | 'q8_0' | 'q4_0' | 'int8';
 export type Shapes = Record<string, number>;
 export type Params = Record<string, number>;
 /** f32 → Float32Array, f16 → Uint16Array (half bits), i32 → Int32Array, u32 → Uint32Array. */

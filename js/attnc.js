@@ -41,7 +41,16 @@ export const DEFAULT_LIMITS = Object.freeze({
 });
 
 const ELEM_BYTES = {f32: 4, f16: 2, i32: 4, u32: 4};
-const ARRAY_TYPES = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array};
+const ARRAY_TYPES = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array,
+  q8_0: Uint32Array, q4_0: Uint32Array, int8: Uint32Array};
+// Quantized K/V inputs (MANIFEST.md "Quantized K/V tensors"): u32 words, `unit` values of the last
+// dim per block (q8_0, q4_0) or row (int8), `words(D)` words per row of D values.
+const QUANT = {
+  q8_0: {unit: 32, words: (/** @type {number} */ d) => (d / 32) * 9},
+  q4_0: {unit: 32, words: (/** @type {number} */ d) => (d / 32) * 5},
+  int8: {unit: 4, words: (/** @type {number} */ d) => d / 4 + 1},
+};
+const TENSOR_DTYPES = [...Object.keys(ELEM_BYTES), ...Object.keys(QUANT)];
 
 // ---------------------------------------------------------------------------------------
 // Formulas (MANIFEST.md "Formulas"): a recursive-descent parser, evaluated in float64.
@@ -340,7 +349,7 @@ export function manifestProblems(manifest) {
         else tensors.set(tname, t);
       }
       const role = field(t, tp, 'role', oneOf(['input', 'output', 'scratch']), '"input", "output" or "scratch"');
-      field(t, tp, 'dtype', oneOf(Object.keys(ELEM_BYTES)), Object.keys(ELEM_BYTES).map((x) => JSON.stringify(x)).join(', '));
+      field(t, tp, 'dtype', oneOf(TENSOR_DTYPES), TENSOR_DTYPES.map((x) => JSON.stringify(x)).join(', '));
       if (role === 'scratch') {
         scratch.push([tp, t]);
       } else if (role !== undefined) {
@@ -848,8 +857,18 @@ export class Attention {
     const tensors = {};
     const maxBinding = limitOf(this.limits, 'maxStorageBufferBindingSize');
     for (const t of v.tensors) {
-      const count = elementCount(t, env);
-      const bytes = count * ELEM_BYTES[/** @type {keyof typeof ELEM_BYTES} */ (t.dtype)];
+      let count = elementCount(t, env);
+      let elem = ELEM_BYTES[/** @type {keyof typeof ELEM_BYTES} */ (t.dtype)];
+      const qf = QUANT[/** @type {keyof typeof QUANT} */ (t.dtype)];
+      if (qf) {  // a quantized tensor: count its u32 words
+        const d = env[t.dims[t.dims.length - 1]];
+        if (d % qf.unit) {
+          throw new AttncError(`${t.name}: head dim ${d} cannot be stored as ${t.dtype}: it must be a multiple of ${qf.unit} (pad it with zeros to ${Math.ceil(d / qf.unit) * qf.unit})`);
+        }
+        count = (count / d) * qf.words(d);
+        elem = 4;
+      }
+      const bytes = count * elem;
       const size = Math.max(4, Math.ceil(bytes / 4) * 4);
       if (size > maxBinding) throw new AttncError(`${t.name}: ${size} bytes exceed maxStorageBufferBindingSize ${maxBinding}`);
       tensors[t.name] = {name: t.name, role: t.role, dtype: t.dtype, count, bytes, size};
@@ -957,7 +976,8 @@ export class Attention {
       }
       const arr = toTypedArray(data, t.dtype, t.name);
       const shape = t.dims.map((/** @type {string} */ d) => `${d}=${plan.env[d]}`).join(', ');
-      if (arr.length !== tp.count) throw new AttncError(`input ${t.name}: ${arr.length} elements, shape [${shape}] needs ${tp.count}`);
+      const unit = t.dtype in QUANT ? `${t.dtype} words` : 'elements';
+      if (arr.length !== tp.count) throw new AttncError(`input ${t.name}: ${arr.length} ${unit}, shape [${shape}] needs ${tp.count}`);
       if (t.name === 'kv_lens') checkKvLens(arr, plan.env);
       given[t.name] = arr;
     }

@@ -442,8 +442,23 @@ def online_softmax(rows: Value, width: str) -> Acc:
 # ----------------------------------------------------------------------------- kernels
 
 
+def _retyped(name: str, ann: ir.TensorType, dtype: str | None) -> ir.TensorType:
+    """A tensor parameter's type with the dtype a `<name>_dtype=` trace option gives (f32, f16
+    or a quantized storage format: k_dtype="q8_0"), else as annotated."""
+    if dtype is None:
+        return ann
+    if not ann.dims:
+        raise fail(f"{name}_dtype: {name!r} is a scalar, its dtype is fixed")
+    allowed = ("f32", "f16", "q8_0", "q4_0", "int8") if ann.dtype.is_float else (ann.dtype.value,)
+    if dtype not in allowed:
+        raise fail(f"{name}_dtype={dtype!r}: {name!r} can be stored as {', '.join(allowed)}")
+    return ir.TensorType(ir.DType(dtype), ann.dims)
+
+
 class KernelDef:
-    """A decorated kernel function; `trace(**options)` turns it into verified IR."""
+    """A decorated kernel function; `trace(**options)` turns it into verified IR. Besides the
+    function's keyword options, `<param>_dtype="..."` sets the storage of a tensor parameter
+    (k_dtype="q8_0": K stored as q8_0)."""
 
     def __init__(self, fn: Callable[..., Any]):
         self.fn = fn
@@ -465,6 +480,7 @@ class KernelDef:
                     if not isinstance(ann, ir.TensorType):
                         raise fail(f"parameter {p.name!r} needs a type annotation like "
                                    "f32['B', 'H', 'S', 'D'] or f32")
+                    ann = _retyped(p.name, ann, options.pop(f"{p.name}_dtype", None))
                     t = TensorInput(p.name, ann)
                     t._register()
                     args.append(t if ann.dims else t.value())
@@ -542,11 +558,7 @@ class StoreKernelDef(KernelDef):
                         ann = ir.TensorType(ann.dtype, ())
                     if not isinstance(ann, ir.TensorType):
                         raise fail(f"parameter {p.name!r} needs a type annotation like f32['B', 'H', 'N', 'D']")
-                    retype = options.pop(f"{p.name}_dtype", None)
-                    if retype is not None:
-                        if not ann.dims:
-                            raise fail(f"{p.name}_dtype: {p.name!r} is a scalar")
-                        ann = ir.TensorType(ir.DType(retype), ann.dims)
+                    ann = _retyped(p.name, ann, options.pop(f"{p.name}_dtype", None))
                     t = TensorInput(p.name, ann)
                     t._register()
                     args.append(t if ann.dims else t.value())

@@ -19,6 +19,8 @@ import numpy as np
 import validation_cases
 from manifest_schema import FormulaError, evaluate
 
+from attnc import quant
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 FIXTURES = HERE / "fixtures"
@@ -357,7 +359,12 @@ ATTENTION_CONFIGS = [
         {"NSPLIT": 3},
         [SG16, PO32],
     ),
+    # quantized K and V (attnc/quant.py): the words are inputs, the reference reads the
+    # dequantized values; only the shapes whose head dims the formats hold (multiples of 32)
+    ("kvquant", {"k_dtype": "q8_0", "v_dtype": "q4_0", "causal": True, "kv_lens": True, "lse": True}, {},
+     [SG32, PO16]),
 ]
+QUANT_DTYPES = ("q8_0", "q4_0", "int8")
 ATTENTION_CONFIGS_FULL = [
     ("causal", {"causal": True}, {}, None),
     ("window", {"window": (5, 0)}, {}, None),
@@ -406,7 +413,7 @@ def compile_command(out: Path, options: dict) -> list[str]:
     """`python -m attnc compile attnc.kernels.flash:flash_attention -o OUT --force --set KEY=JSON ...`."""
     cmd = [*(_compile_prefix() or []), KERNEL, "-o", str(out), "--force"]  # rerunnable into the same folder
     for key, val in compile_options(options).items():
-        cmd += ["--set", f"{key}={json.dumps(val)}"]
+        cmd += ["--set", f"{key}={val if isinstance(val, str) else json.dumps(val)}"]
     return cmd
 
 
@@ -471,7 +478,10 @@ def attention_cases(w: _Writer, folder: Path) -> list[dict]:
             if key in seen or (variants is not None and key not in variants):
                 continue
             seen.add(key)
+            quantized = any(t["dtype"] in QUANT_DTYPES for t in var["tensors"])
             for shapes in ATTENTION_SHAPES:
+                if quantized and (shapes["D"] % 32 or shapes["Dv"] % 32):
+                    continue
                 cases.append(
                     _attention_case(w, rng, f"compiled/{cname}/manifest.json", var, cname, options, params, shapes)
                 )
@@ -497,6 +507,11 @@ def _attention_case(w, rng, manifest_rel, var, cname, options, params, shapes) -
             continue
         if t["name"] not in data:
             raise KeyError(f"{manifest_rel}: no test data for input tensor {t['name']}")
+        if t["dtype"] in QUANT_DTYPES:  # u32 words in, the dequantized values to the reference
+            qt = quant.quantize(data[t["name"]].astype(np.float32), t["dtype"])
+            inputs[t["name"]] = w.bin(qt.words, "u32")
+            ref_args[t["name"]] = quant.dequantize(qt)
+            continue
         arr = data[t["name"]].astype(NP_DTYPES[t["dtype"]])  # f16 inputs rounded to f16 here
         inputs[t["name"]] = w.bin(arr, t["dtype"])
         ref_args[t["name"]] = arr
