@@ -12,6 +12,10 @@ a cache themselves):
 * ``int8``: one f32 scale s per (token, head) row of the head dim, x = s * q with
   s = max|x| / 127 and q = round(x / s) (half away from zero).
 
+A scale below the normal f32 range (2^-126; only blocks or rows whose values are all below
+about 1e-36) counts as a zero of its sign: ggml's reference divides by zero there (1/d
+overflows), and its values dequantize to 0 (f16 scales of that size are 0 anyway).
+
 In WebGPU buffers every format is an array of u32 words (little-endian bytes), the rows of
 the logical tensor in row-major order of its other dims:
 
@@ -103,6 +107,15 @@ def _round_away(x: np.ndarray) -> np.ndarray:
     return np.sign(x64) * np.floor(np.abs(x64) + 0.5)
 
 
+FLT_MIN = np.float32(2.0**-126)  # the smallest normal f32
+
+
+def _flushed(d: np.ndarray) -> np.ndarray:
+    """A scale below the normal f32 range as a zero of its sign: ggml's 1/d would overflow there
+    (undefined behaviour in its reference), and GPUs may flush such scales to zero anyway."""
+    return np.where(np.abs(d) < FLT_MIN, d * np.float32(0), d).astype(np.float32)
+
+
 def _inverse(d: np.ndarray) -> np.ndarray:
     """1/d in float32, 0 where d is 0 (ggml's `id = d ? 1.0f/d : 0.0f`)."""
     with np.errstate(divide="ignore"):
@@ -134,19 +147,19 @@ def quantize(x: np.ndarray, fmt: str) -> QuantTensor:
     rows = xs.shape[0]
     if fmt == "int8":
         amax = np.abs(xs).max(axis=1, keepdims=True) if xs.size else np.zeros((rows, 1), np.float32)
-        s = (amax / np.float32(127)).astype(np.float32)
+        s = _flushed((amax / np.float32(127)).astype(np.float32))
         q = _round_away(xs * _inverse(s)).astype(np.int8)
         words = np.concatenate([s.view(np.uint32), _bytes_to_words(q.view(np.uint8))], axis=1)
         return QuantTensor(fmt, tuple(x.shape), words.reshape(-1))
     blocks = xs.reshape(-1, BLOCK)
     if fmt == "q8_0":
-        d = (np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
+        d = _flushed((np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32))
         q = _round_away(blocks * _inverse(d)).astype(np.int8).view(np.uint8)
     else:
         idx = np.argmax(np.abs(blocks), axis=1)  # the first value of largest magnitude
         m = blocks[np.arange(blocks.shape[0]), idx][:, None]
         m = np.where(np.abs(m) > 0, m, np.float32(0.0)).astype(np.float32)  # ggml's max starts at +0.0
-        d = (m / np.float32(-8)).astype(np.float32)
+        d = _flushed((m / np.float32(-8)).astype(np.float32))
         t = (blocks * _inverse(d) + np.float32(8.5)).astype(np.float32)
         qv = np.minimum(15, np.trunc(t).astype(np.int64)).astype(np.uint8)
         q = (qv[:, :16] | (qv[:, 16:] << 4)).astype(np.uint8)

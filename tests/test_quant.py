@@ -3,7 +3,9 @@
 `_ggml_q8_0` and `_ggml_q4_0` transcribe ggml-quants.c's quantize_row_q8_0_ref and
 quantize_row_q4_0_ref loop by loop in float32 scalars and return ggml's block bytes
 (block_q8_0: f16 d, int8 qs[32]; block_q4_0: f16 d, uint8 qs[16]); attnc's u32 words must
-hold the same d and qs bytes, and dequantize to ggml's dequantize_row_*.
+hold the same d and qs bytes, and dequantize to ggml's dequantize_row_*. Where ggml's
+reference is undefined (a scale below the normal f32 range makes 1/d overflow) the
+transcription takes attnc's rule, a zero scale of the same sign.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def _ggml_q8_0(x: np.ndarray) -> bytes:
         for v in blk:
             amax = max(amax, F(abs(v)))
         d = F(amax / F(127))
+        if 0 < abs(d) < quant.FLT_MIN:  # ggml's 1/d overflows (undefined): attnc's zero scale
+            d = d * F(0)
         idd = F(F(1.0) / d) if d else F(0.0)
         qs = [_roundf(F(v * idd)) for v in blk]
         out += _f16_bytes(d) + struct.pack("32b", *qs)
@@ -52,6 +56,8 @@ def _ggml_q4_0(x: np.ndarray) -> bytes:
             if amax < F(abs(v)):
                 amax, mx = F(abs(v)), v
         d = F(mx / F(-8))
+        if 0 < abs(d) < quant.FLT_MIN:  # as above
+            d = d * F(0)
         idd = F(F(1.0) / d) if d else F(0.0)
         qs = []
         for j in range(16):
@@ -129,6 +135,16 @@ def test_error_within_half_a_step(x, fmt) -> None:
         step = amax / 8
         assert np.all(err <= step + 8 * np.maximum(2**-11 * step, 2**-25) + slack)
         assert q.min() >= 0 and q.max() <= 15
+
+
+def test_scales_below_the_normal_range_are_zero() -> None:
+    """Blocks or rows of values so small that 1/d would overflow get a zero scale of d's sign."""
+    tiny = np.full((1, 32), 1.1754944e-38, np.float32)
+    for fmt, zero in (("q8_0", 0x0000), ("q4_0", 0x8000)):
+        t = quant.quantize(tiny, fmt)
+        assert t.words[0] == zero and not quant.dequantize(t).any()
+    t = quant.quantize(tiny, "int8")
+    assert t.words[0] == 0 and not t.words[1:].any()
 
 
 def test_int8_rows_hold_scale_then_bytes() -> None:

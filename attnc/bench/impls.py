@@ -110,7 +110,29 @@ def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
         timing = Timing(statistics.median(samples), tuple(samples), (), method)
     op.run(binding=handles[0])
     o, _lse = op.result()
+    if kv_format is not None:  # (after the result: the appends overwrite the last cache row)
+        extra["append_ms"] = _append_ms(device, kv_format, handles[0], copies[0], opts)
     return Measured(_with_rotations(timing, len(copies)), np.asarray(o), extra)
+
+
+def _append_ms(device: Any, fmt: str, handle: Any, copy: Any, opts: RunOptions) -> float:
+    """GPU ms of one decode step's append: one new K row and one V row per (batch, KV head),
+    quantized to `fmt` by the DSL store kernel into the last position of the bound cache."""
+    from attnc.runtime.store import store_dispatch
+
+    _q, k, v = copy
+    B, Hkv, T, _ = k.shape
+    rng = np.random.default_rng(1)
+    pos = np.full(B, T - 1, np.int32)
+    steps = [store_dispatch(device, fmt, handle.bufs[name], t.shape,
+                            rng.standard_normal((B, Hkv, 1, t.shape[3])).astype(np.float32), pos)
+             for name, t in (("k", k), ("v", v))]
+
+    def once() -> float | None:  # one submission, as a decode step's append would be
+        times = rt.run(device, steps, timestamps="timestamps" in device.features)
+        return None if times is None else float(sum(times))
+
+    return time_callable(once, runs=opts.runs, warmup=opts.warmup).ms
 
 
 def _with_rotations(t: Timing, n: int) -> Timing:

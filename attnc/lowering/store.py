@@ -23,6 +23,9 @@ ROUND = """fn round_away(v: f32) -> f32 {
   let t = trunc(v);
   return t + select(0.0, sign(v), abs(v - t) >= 0.5);
 }
+fn flushed(d: f32) -> f32 {
+  return select(d, d * 0.0, abs(d) < 1.17549435e-38);
+}
 fn inv_or_zero(d: f32) -> f32 {
   return select(0.0, 1.0 / d, d != 0.0);
 }
@@ -144,7 +147,7 @@ def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: in
                 with w.block("if (amax < abs(xs[j]))"):
                     w.line("amax = abs(xs[j]);")
                     w.line("mx = xs[j];")
-            w.line("let d = " + ("amax / 127.0;" if fmt is ir.DType.Q8_0 else "mx / -8.0;"))
+            w.line("let d = flushed(" + ("amax / 127.0);" if fmt is ir.DType.Q8_0 else "mx / -8.0);"))
             w.line("let id = inv_or_zero(d);")
             w.line(f"let wb = ((dst >> 5u) + blk) * {per}u;")
             w.line(f"t_{t}[wb] = pack2x16float(vec2<f32>(d, 0.0)) & 0xffffu;")
@@ -172,7 +175,7 @@ def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: in
         with w.block(f"for (var j = 0u; j < {WG}u; j++)"):
             w.line("amax = max(amax, red[j]);")
         w.line("workgroupBarrier();")  # red is reused by the next store
-        w.line("let s = amax / 127.0;")
+        w.line("let s = flushed(amax / 127.0);")
         w.line("let id = inv_or_zero(s);")
         w.line(f"let wb = (dst / {width}) * ({width} / 4u + 1u);")
         with w.block("if (ok && lid == 0u)"):

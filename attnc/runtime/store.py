@@ -93,31 +93,44 @@ def store_rows(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, 
         raise ValueError(f"pos: rows {int(pos[b])}..{int(pos[b]) + N - 1} of entry {b} run past the cache's "
                          f"capacity C={shape[2]}")
     dev = get_device(device)
-    kern, prog = store_program(fmt, "f16" if x.dtype == np.float16 else "f32", paged)
-    arrays: dict[str, Any] = {"x": np.ascontiguousarray(x), "pos": pos.astype(np.int32),
-                              "cache": cache.words if isinstance(cache, QuantTensor) else np.ascontiguousarray(cache)}
-    if paged:
-        arrays["table"] = np.ascontiguousarray(table, dtype=np.int32)
-    dims: dict[str, int] = {}
-    uni: dict[str, float | int] = {}
-    bufs: dict[str, Any] = {}
-    for p in kern.params:
-        shp = shape if p.name == "cache" else arrays[p.name].shape
-        for d, n in zip(p.type.dims, shp, strict=True):
-            dims[d] = n
-        for i, s in enumerate(dense_strides(tuple(shp))):
-            uni[f"s_{p.name}_{i}"] = s
-        arr = arrays[p.name]
-        if arr.dtype == np.float16 and arr.size % 2:
-            arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])
-        bufs[p.name] = rt.upload(dev, arr)
-    uni.update({f"d_{d}": n for d, n in dims.items()})
-    fields = {f.name for f in prog.uniforms} - set(rt.AUTO_UNIFORMS)
-    points = int(np.prod([dims[d] for d in prog.grid]))
-    rt.run(dev, [rt.Dispatch(prog, bufs, {f: uni[f] for f in fields}, points)])
+    words = cache.words if isinstance(cache, QuantTensor) else np.ascontiguousarray(cache)
+    if words.dtype == np.float16 and words.size % 2:
+        words = np.concatenate([words.reshape(-1), np.zeros(1, np.float16)])
+    buf = rt.upload(dev, words)
+    rt.run(dev, [store_dispatch(dev, fmt, buf, shape, x, pos, table)])
+    bufs = {"cache": buf}
     if isinstance(cache, QuantTensor):
         return QuantTensor(fmt, shape, rt.readback(dev, bufs["cache"], np.uint32, cache.words.shape))
     if fmt == "f16":
         n = cache.size + cache.size % 2
         return rt.readback(dev, bufs["cache"], np.float16, (n,))[:cache.size].reshape(shape)
     return rt.readback(dev, bufs["cache"], np.float32, shape)
+
+
+def store_dispatch(dev: Device, fmt: str, cache_buf: Any, cache_shape: tuple[int, ...], x: np.ndarray,
+                   pos: np.ndarray, table: np.ndarray | None = None) -> rt.Dispatch:
+    """The store kernel's dispatch writing rows x at pos into a cache already on the device
+    (`cache_buf`, of logical shape `cache_shape` in `fmt`); x, pos and table are uploaded. The
+    caller has checked them (store_rows does)."""
+    kern, prog = store_program(fmt, "f16" if x.dtype == np.float16 else "f32", table is not None)
+    arrays: dict[str, np.ndarray] = {"x": np.ascontiguousarray(x), "pos": np.asarray(pos, dtype=np.int32)}
+    if table is not None:
+        arrays["table"] = np.ascontiguousarray(table, dtype=np.int32)
+    dims: dict[str, int] = {}
+    uni: dict[str, float | int] = {}
+    bufs: dict[str, Any] = {"cache": cache_buf}
+    for p in kern.params:
+        shp = tuple(cache_shape) if p.name == "cache" else arrays[p.name].shape
+        for d, n in zip(p.type.dims, shp, strict=True):
+            dims[d] = n
+        for i, stride in enumerate(dense_strides(shp)):
+            uni[f"s_{p.name}_{i}"] = stride
+        if p.name != "cache":
+            arr = arrays[p.name]
+            if arr.dtype == np.float16 and arr.size % 2:
+                arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])
+            bufs[p.name] = rt.upload(dev, arr)
+    uni.update({f"d_{d}": n for d, n in dims.items()})
+    fields = {f.name for f in prog.uniforms} - set(rt.AUTO_UNIFORMS)
+    points = int(np.prod([dims[d] for d in prog.grid]))
+    return rt.Dispatch(prog, bufs, {f: uni[f] for f in fields}, points)

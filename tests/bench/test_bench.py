@@ -267,6 +267,7 @@ def test_cli_kv_formats_against_f16_kv(require_adapters: Any, tmp_path: Path) ->
     assert q4["kv_format"] == "q4_0" and q4["kv_bytes"] == 2 * (2 * 96) * 5 * 4 < rows["attnc"]["kv_bytes"]
     assert q4["speedup_vs_attnc"] == pytest.approx(rows["attnc"]["ms"] / q4["ms"])
     assert q4["variant"].endswith(",K=q4_0,V=q4_0]")
+    assert q4["append_ms"] > 0 and q4["append_fraction"] == pytest.approx(q4["append_ms"] / q4["ms"])
 
 
 def test_kv_suites_and_bad_formats(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,7 +6,9 @@
 # for attnc's own row, then the same q with K and V quantized to each format, in one process),
 # and writes OUTDIR/kv_<backend>.{json,log} plus OUTDIR/env.txt. Each quantized row carries
 # `speedup_vs_attnc` (the f16-KV row's time over its own), `relerr` (against the float64
-# reference on the dequantized K/V: the contract), `relerr_unquantized` and `kv_bytes`.
+# reference on the dequantized K/V: the contract), `relerr_unquantized`, `kv_bytes`, and
+# `append_ms` / `append_fraction`: one decode step's append (a K and a V row per KV head, by the
+# DSL store kernel) and its share of that step's attention time.
 # Set-up as tools/gpu/gpu_sweep.sh (.gl/ and .whl/ beside the checkout).
 #
 # Usage (repo root):  bash tools/gpu/kv_quant_bench.sh OUTDIR [extra attnc bench args...]
