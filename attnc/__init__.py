@@ -34,13 +34,17 @@ from attnc.frontend.dsl import (
     tunable,
     where,
 )
-from attnc.runtime.api import attention
+from attnc.runtime.api import attention, prepare
 from attnc.runtime.devices import Device, default_device, devices, get_device
+from attnc.runtime.kvcache import KVCache
+from attnc.runtime.prepared import Prepared
+from attnc.runtime.tensor import Tensor, as_tensor, tensor, zeros
 
 __all__ = [
     "__version__",
-    "AttncError", "Device", "DeviceError", "LoweringError", "ParseError", "TraceError",
-    "VerifyError", "attention", "default_device", "devices", "dim", "dot", "exp", "f16", "f32",
-    "get_device", "grid", "i32", "inf", "input", "kernel", "let", "log", "maximum", "minimum",
-    "online_softmax", "rsqrt", "scalar", "splits", "sqrt", "tanh", "tiles", "tunable", "where",
+    "AttncError", "Device", "DeviceError", "KVCache", "LoweringError", "ParseError", "Prepared", "Tensor",
+    "TraceError", "VerifyError", "as_tensor", "attention", "default_device", "devices", "dim", "dot", "exp",
+    "f16", "f32", "get_device", "grid", "i32", "inf", "input", "kernel", "let", "log", "maximum", "minimum",
+    "online_softmax", "prepare", "rsqrt", "scalar", "splits", "sqrt", "tanh", "tensor", "tiles", "tunable",
+    "where", "zeros",
 ]

@@ -147,3 +147,60 @@ export class Attention {
 }
 
 export function createAttention(device: any, manifest: Manifest, opts?: CreateOptions): Promise<Attention>;
+
+export interface KVCacheOptions {
+  batch: number;
+  kvHeads: number;
+  /** Rows per sequence; f16 caches with an odd head dim round it up to even. */
+  capacity: number;
+  headDim: number;
+  /** Default: headDim. */
+  valueDim?: number;
+  dtype?: 'f32' | 'f16';
+  label?: string;
+}
+
+export interface AppendOptions {
+  /** New rows n of the sources (needed for GPUBuffer sources). */
+  rows?: number;
+  /** B integers in [0, n]: batch row b appends its first counts[b] rows. Default: all n. */
+  counts?: ArrayLike<number>;
+  /** Element strides of GPUBuffer sources (default dense [B, Hkv, n, D]). */
+  strides?: { k?: number[]; v?: number[] };
+  /** Record into this GPUCommandEncoder (GPUBuffer sources only); the caller submits. */
+  encoder?: any;
+}
+
+/** Keys [B, Hkv, capacity, D] and values [B, Hkv, capacity, Dv] on the GPU, grown in place. */
+export class KVCache {
+  readonly device: any;
+  readonly dtype: 'f32' | 'f16';
+  readonly batch: number;
+  readonly kvHeads: number;
+  readonly capacity: number;
+  readonly headDim: number;
+  readonly valueDim: number;
+  /** GPUBuffers of the keys, the values and the i32 lengths (kv_lens). */
+  readonly k: any;
+  readonly v: any;
+  readonly kvLens: any;
+  /** Each row's number of valid keys (a copy). */
+  readonly lengths: Int32Array;
+  /** `{k, v, kv_lens}`: pass with q to Attention.run / encode. */
+  inputs(): { k: any; v: any; kv_lens: any };
+  /** Shapes of attention over the cache: `{B, Hkv, T: capacity, D, Dv, ...extra}`. */
+  shapes(extra?: Shapes): Shapes;
+  /** Write new rows behind each row's prefix (typed arrays, or GPUBuffers); throws past capacity. */
+  append(kNew: TensorData | Float32Array | any, vNew: TensorData | Float32Array | any, opts?: AppendOptions): void;
+  setLengths(lengths: ArrayLike<number>): void;
+  reset(): void;
+  /** Attention (a kernel compiled with kv_lens) of q [B, Hq, S, D] over each row's prefix. */
+  attend(attn: Attention, q: TensorData | Float32Array | any, shapes: { Hq: number; S: number }, params?: Params,
+    opts?: { output?: 'array' | 'buffer' }): Promise<Record<string, any>>;
+  destroy(): void;
+}
+
+/** Compile the store kernels and allocate a KV cache on `device`. */
+export function createKVCache(device: any, opts: KVCacheOptions): Promise<KVCache>;
+/** The WGSL of the KV store kernel for a cache dtype (the same text as attnc's Python KVCache). */
+export function kvStoreWgsl(dtype: 'f32' | 'f16'): string;

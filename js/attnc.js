@@ -1029,6 +1029,369 @@ export class Attention {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// KV caches: keys and values on the GPU that grow in place (the same store kernels as
+// attnc's Python KVCache, attnc/runtime/kvcache.py; tests check the text is identical).
+// ---------------------------------------------------------------------------------------
+
+const KV_STORE_WGSL = String.raw`struct Params {
+    grid_total: u32, grid_stride_x: u32, B: u32, H: u32, n: u32, D: u32, cap: u32, ragged: u32,
+    s0: u32, s1: u32, s2: u32, s3: u32, per: u32,
+}
+
+@group(0) @binding(0) var<storage, read> src: array<ELEM>;
+@group(0) @binding(1) var<storage, read> lens: array<i32>;
+@group(0) @binding(2) var<storage, read> counts: array<i32>;
+@group(0) @binding(3) var<storage, read_write> dst: array<ELEM>;
+@group(0) @binding(4) var<uniform> P: Params;
+
+fn row_count(b: u32) -> u32 {
+    if (P.ragged != 0u) {
+        return u32(max(counts[b], 0));
+    }
+    return P.n;
+}
+
+fn src_index(b: u32, h: u32, i: u32, d: u32) -> u32 {
+    return b * P.s0 + h * P.s1 + i * P.s2 + d * P.s3;
+}
+BODY`;
+const KV_STORE_F32 = String.raw`
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wid.x + wid.y * P.grid_stride_x;
+    let g = group * 64u + lid;
+    if (group >= P.grid_total || g >= P.B * P.H * P.per) {
+        return;
+    }
+    let bh = g / P.per;
+    let b = bh / P.H;
+    let h = bh % P.H;
+    let i = (g % P.per) / P.D;
+    let d = (g % P.per) % P.D;
+    if (i >= row_count(b)) {
+        return;
+    }
+    dst[(bh * P.cap + u32(lens[b]) + i) * P.D + d] = src[src_index(b, h, i, d)];
+}
+`;
+const KV_STORE_F16 = String.raw`
+fn src_half(b: u32, h: u32, rel: u32) -> f32 {
+    let e = src_index(b, h, rel / P.D, rel % P.D);
+    let pair = unpack2x16float(src[e >> 1u]);
+    return select(pair.x, pair.y, (e & 1u) == 1u);
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wid.x + wid.y * P.grid_stride_x;
+    let g = group * 64u + lid;
+    if (group >= P.grid_total || g >= P.B * P.H * P.per) {
+        return;
+    }
+    let bh = g / P.per;
+    let b = bh / P.H;
+    let h = bh % P.H;
+    let e0 = (bh * P.cap + u32(lens[b])) * P.D;   // the first element written in this block
+    let e1 = e0 + row_count(b) * P.D;              // one past the last
+    let w = (e0 >> 1u) + g % P.per;
+    if (2u * w >= e1) {
+        return;
+    }
+    var pair = unpack2x16float(dst[w]);
+    if (2u * w >= e0) {
+        pair.x = src_half(b, h, 2u * w - e0);
+    }
+    if (2u * w + 1u < e1) {
+        pair.y = src_half(b, h, 2u * w + 1u - e0);
+    }
+    dst[w] = pack2x16float(pair);
+}
+`;
+const KV_ADVANCE_WGSL = String.raw`struct Params { grid_total: u32, grid_stride_x: u32, B: u32, n: u32, ragged: u32 }
+
+@group(0) @binding(0) var<storage, read> counts: array<i32>;
+@group(0) @binding(1) var<storage, read_write> lens: array<i32>;
+@group(0) @binding(2) var<uniform> P: Params;
+
+// lens[b] += count(b), after the store dispatches that read the old lengths
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wid.x + wid.y * P.grid_stride_x;
+    let b = group * 64u + lid;
+    if (group >= P.grid_total || b >= P.B) {
+        return;
+    }
+    var c = i32(P.n);
+    if (P.ragged != 0u) {
+        c = counts[b];
+    }
+    lens[b] = lens[b] + c;
+}
+`;
+
+const KV_STORE_FIELDS = ['grid_total', 'grid_stride_x', 'B', 'H', 'n', 'D', 'cap', 'ragged', 's0', 's1', 's2', 's3', 'per'];
+const KV_ADVANCE_FIELDS = ['grid_total', 'grid_stride_x', 'B', 'n', 'ragged'];
+const KV_WORKGROUP = 64;
+
+/** The store kernel's WGSL for a cache of `dtype` ('f32', or 'f16' packed two per u32). @param {'f32' | 'f16'} dtype */
+export function kvStoreWgsl(dtype) {
+  const half = dtype === 'f16';
+  return KV_STORE_WGSL.replaceAll('ELEM', half ? 'u32' : 'f32')
+    .replace('BODY', half ? KV_STORE_F16 : KV_STORE_F32);
+}
+
+/** @param {any} device @param {string} code @param {string} label */
+async function kvPipeline(device, code, label) {
+  device.pushErrorScope('validation');
+  const module = device.createShaderModule({label, code});
+  const scoped = device.popErrorScope();
+  let pipeline;
+  try {
+    pipeline = await device.createComputePipelineAsync({label, layout: 'auto', compute: {module, entryPoint: 'main'}});
+  } catch (e) {
+    throw new AttncError(`${label}: pipeline creation failed: ${await compileMessages(module) || /** @type {any} */ (e).message}`);
+  }
+  const err = await scoped;
+  if (err) throw new AttncError(`${label}: ${err.message}`);
+  return pipeline;
+}
+
+/** @param {number} n @param {number} maxDim */
+function foldGrid(n, maxDim) {
+  const x = Math.max(1, Math.min(n, maxDim));
+  const y = Math.ceil(n / x);
+  if (y > maxDim) throw new AttncError(`${n} workgroups do not fit a ${maxDim}x${maxDim} grid`);
+  return [x, y];
+}
+
+/**
+ * Create a KV cache on `device`: keys [B, Hkv, capacity, D] and values [B, Hkv, capacity, Dv]
+ * in GPU buffers (f32, or f16 packed two per u32 as attnc's kernels read them), each row's
+ * length on the host (`lengths`) and in an i32 GPU buffer (`kvLens`) that attention reads as
+ * `kv_lens`. Appending past `capacity` throws. f16 caches with an odd head dim get an even
+ * capacity (a 32-bit word never spans two sequences).
+ * @param {any} device
+ * @param {{batch: number, kvHeads: number, capacity: number, headDim: number, valueDim?: number,
+ *   dtype?: 'f32' | 'f16', label?: string}} opts
+ */
+export async function createKVCache(device, opts) {
+  const dtype = opts.dtype || 'f32';
+  if (dtype !== 'f32' && dtype !== 'f16') throw new AttncError(`dtype must be 'f32' or 'f16', got ${JSON.stringify(dtype)}`);
+  const dims = {batch: opts.batch, kvHeads: opts.kvHeads, capacity: opts.capacity, headDim: opts.headDim,
+    valueDim: opts.valueDim ?? opts.headDim};
+  for (const [k, n] of Object.entries(dims)) {
+    if (!Number.isInteger(n) || n < 1) throw new AttncError(`${k} must be a positive integer, got ${n}`);
+  }
+  const label = opts.label || 'attnc.kv';
+  const [store, advance] = await Promise.all([
+    kvPipeline(device, kvStoreWgsl(dtype), `${label}.store`),
+    kvPipeline(device, KV_ADVANCE_WGSL, `${label}.advance`),
+  ]);
+  return new KVCache(device, {...dims, dtype}, store, advance);
+}
+
+export class KVCache {
+  /** @param {any} device @param {any} cfg @param {any} store @param {any} advance */
+  constructor(device, cfg, store, advance) {
+    this.device = device;
+    this.dtype = cfg.dtype;
+    this.batch = cfg.batch;
+    this.kvHeads = cfg.kvHeads;
+    this.headDim = cfg.headDim;
+    this.valueDim = cfg.valueDim;
+    this.capacity = cfg.capacity + (cfg.dtype === 'f16' && (cfg.headDim % 2 || cfg.valueDim % 2) && cfg.capacity % 2 ? 1 : 0);
+    const elem = ELEM_BYTES[cfg.dtype];
+    const usage = USAGE.STORAGE | USAGE.COPY_SRC | USAGE.COPY_DST;
+    const size = (/** @type {number} */ n) => Math.max(16, Math.ceil(n * elem / 4) * 4);
+    /** Keys [B, Hkv, capacity, D]. */
+    this.k = device.createBuffer({label: 'attnc.kv.k', size: size(this.batch * this.kvHeads * this.capacity * this.headDim), usage});
+    /** Values [B, Hkv, capacity, Dv]. */
+    this.v = device.createBuffer({label: 'attnc.kv.v', size: size(this.batch * this.kvHeads * this.capacity * this.valueDim), usage});
+    /** Each row's length as i32, what attention reads as kv_lens. */
+    this.kvLens = device.createBuffer({label: 'attnc.kv.lens', size: Math.max(16, 4 * this.batch), usage});
+    this._lengths = new Int32Array(this.batch);
+    this._store = store;
+    this._advance = advance;
+    this._noCounts = device.createBuffer({label: 'attnc.kv.counts', size: Math.max(16, 4 * this.batch), usage});
+    /** @type {Map<string, any>} */
+    this._counts = new Map();
+    /** @type {Map<string, any>} */
+    this._uniforms = new Map();
+    /** @type {Record<string, any>} */
+    this._staging = {};
+  }
+
+  /** Each row's number of valid keys (a copy). */
+  get lengths() {
+    return Int32Array.from(this._lengths);
+  }
+
+  /** The tensors attention reads: `{k, v, kv_lens}` (pass them with q to `Attention.run`/`encode`). */
+  inputs() {
+    return {k: this.k, v: this.v, kv_lens: this.kvLens};
+  }
+
+  /** The shapes of attention over the cache (T = capacity): `{B, Hkv, T, D, Dv, ...extra}` (extra: Hq, S). @param {Record<string, number>} extra */
+  shapes(extra = {}) {
+    return {B: this.batch, Hkv: this.kvHeads, T: this.capacity, D: this.headDim, Dv: this.valueDim, ...extra};
+  }
+
+  /** Set every row's valid prefix (e.g. zeros to start over). @param {ArrayLike<number>} lengths */
+  setLengths(lengths) {
+    if (lengths.length !== this.batch) throw new AttncError(`lengths: expected ${this.batch} values, got ${lengths.length}`);
+    for (let b = 0; b < this.batch; b++) {
+      if (!Number.isInteger(lengths[b]) || lengths[b] < 0 || lengths[b] > this.capacity) throw new AttncError(`lengths: values must be integers in [0, capacity=${this.capacity}], got ${lengths[b]}`);
+    }
+    this._lengths = Int32Array.from(lengths);
+    this.device.queue.writeBuffer(this.kvLens, 0, this._lengths);
+  }
+
+  /** Empty every row. */
+  reset() {
+    this.setLengths(new Int32Array(this.batch));
+  }
+
+  /**
+   * Write new keys and values behind each row's valid prefix, in place. kNew [B, Hkv, n, D] and
+   * vNew [B, Hkv, n, Dv]: typed arrays (f16: Uint16Array half bits, or Float32Array converted;
+   * `rows` gives n) or GPUBuffers holding them (`rows` = n; `strides` = {k: [s0, s1, s2, s3],
+   * v: [...]} in elements for other layouts, e.g. [B, n, Hkv, D]). `counts` (B integers in
+   * [0, n]) appends only the first counts[b] rows of batch row b. With `encoder` the store is
+   * recorded there (GPUBuffer sources only) and the caller submits; otherwise it is submitted.
+   * @param {any} kNew @param {any} vNew
+   * @param {{rows?: number, counts?: ArrayLike<number>, strides?: {k?: number[], v?: number[]}, encoder?: any}} [opts]
+   */
+  append(kNew, vNew, opts = {}) {
+    const B = this.batch, H = this.kvHeads;
+    const n = opts.rows ?? (isGpuBuffer(kNew) ? undefined : kNew.length / (B * H * this.headDim));
+    if (!Number.isInteger(n) || n < 0) throw new AttncError(`kNew: cannot tell the number of new rows (pass rows): got ${n}`);
+    let rows;
+    if (opts.counts) {
+      if (opts.counts.length !== B) throw new AttncError(`counts: expected ${B} values (one per batch row), got ${opts.counts.length}`);
+      rows = Int32Array.from(opts.counts);
+      for (const c of rows) if (c < 0 || c > n) throw new AttncError(`counts: values must be in [0, n=${n}] (the rows given), got ${[...rows]}`);
+    } else {
+      rows = new Int32Array(B).fill(n);
+    }
+    for (let b = 0; b < B; b++) {
+      if (this._lengths[b] + rows[b] > this.capacity) throw new AttncError(`append: batch row ${b} holds ${this._lengths[b]} keys; ${rows[b]} more exceed the cache's capacity of ${this.capacity}`);
+    }
+    if (n === 0 || rows.every((c) => c === 0)) return;
+    const k = this._source('kNew', kNew, n, this.headDim, opts.strides?.k, !!opts.encoder);
+    const v = this._source('vNew', vNew, n, this.valueDim, opts.strides?.v, !!opts.encoder);
+    const ragged = !!opts.counts && !rows.every((c) => c === n);
+    const counts = ragged ? this._countsBuffer(rows) : this._noCounts;
+    const encoder = opts.encoder || this.device.createCommandEncoder({label: 'attnc.kv.append'});
+    this._encodeStore(encoder, [[k, this.k, this.headDim], [v, this.v, this.valueDim]], n, ragged, counts);
+    if (!opts.encoder) this.device.queue.submit([encoder.finish()]);
+    for (let b = 0; b < B; b++) this._lengths[b] += rows[b];
+  }
+
+  /** Destroy the cache's buffers. */
+  destroy() {
+    for (const b of [this.k, this.v, this.kvLens, this._noCounts, ...this._counts.values(), ...this._uniforms.values(), ...Object.values(this._staging)]) b.destroy();
+  }
+
+  /**
+   * Run a loaded attention kernel (compiled with kv_lens) over each row's valid prefix: q [B, Hq,
+   * S, D] (typed array or GPUBuffer), shapes `{Hq, S}`; query i of row b sits at position
+   * lengths[b] - S + i. Returns what `Attention.run` returns.
+   * @param {Attention} attn @param {any} q @param {{Hq: number, S: number}} shapes
+   * @param {Record<string, number>} [params] @param {{output?: 'array' | 'buffer'}} [opts]
+   */
+  attend(attn, q, shapes, params = {}, opts = {}) {
+    return attn.run({q, ...this.inputs()}, this.shapes(shapes), params, /** @type {any} */ (opts));
+  }
+
+  /** @param {Int32Array} rows */
+  _countsBuffer(rows) {
+    const key = rows.join(',');
+    let buf = this._counts.get(key);
+    if (buf) {
+      this._counts.delete(key);
+    } else {
+      buf = this.device.createBuffer({label: 'attnc.kv.counts', size: Math.max(16, 4 * rows.length), usage: USAGE.STORAGE | USAGE.COPY_DST});
+      this.device.queue.writeBuffer(buf, 0, rows);
+      if (this._counts.size >= 16) {
+        const [oldKey, old] = this._counts.entries().next().value;
+        this._counts.delete(oldKey);
+        old.destroy();
+      }
+    }
+    this._counts.set(key, buf);
+    return buf;
+  }
+
+  /** A source as {buffer, strides}: a GPUBuffer in place, a typed array uploaded (only the new rows). */
+  _source(/** @type {string} */ name, /** @type {any} */ x, /** @type {number} */ n, /** @type {number} */ width,
+    /** @type {number[] | undefined} */ strides, /** @type {boolean} */ recorded) {
+    const B = this.batch, H = this.kvHeads;
+    const dense = [H * n * width, n * width, width, 1];
+    if (isGpuBuffer(x)) {
+      const st = strides || dense;
+      const last = (B - 1) * st[0] + (H - 1) * st[1] + (n - 1) * st[2] + (width - 1) * st[3] + 1;
+      if (x.size < last * ELEM_BYTES[this.dtype]) throw new AttncError(`${name}: buffer has ${x.size} bytes, the rows need ${last * ELEM_BYTES[this.dtype]}`);
+      return {buffer: x, strides: st};
+    }
+    if (recorded) throw new AttncError(`${name}: typed arrays cannot be recorded into an encoder (they would be uploaded before it runs); pass a GPUBuffer`);
+    const arr = toTypedArray(x, this.dtype, name);
+    if (arr.length !== B * H * n * width) throw new AttncError(`${name}: ${arr.length} elements, [${B}, ${H}, ${n}, ${width}] needs ${B * H * n * width}`);
+    const bytes = Math.max(16, Math.ceil(arr.byteLength / 4) * 4);
+    let buf = this._staging[name];
+    if (!buf || buf.size < bytes) {
+      if (buf) buf.destroy();
+      buf = this._staging[name] = this.device.createBuffer({label: `attnc.kv.${name}`, size: bytes, usage: USAGE.STORAGE | USAGE.COPY_DST});
+    }
+    const padded = new Uint8Array(Math.ceil(arr.byteLength / 4) * 4);
+    padded.set(new Uint8Array(arr.buffer, arr.byteOffset, arr.byteLength));
+    this.device.queue.writeBuffer(buf, 0, padded);
+    return {buffer: buf, strides: dense};
+  }
+
+  /** The one write path: store each [source, destination, width] pair's new rows, then advance the GPU lengths. */
+  _encodeStore(/** @type {any} */ encoder, /** @type {any[]} */ pairs, /** @type {number} */ n, /** @type {boolean} */ ragged, /** @type {any} */ counts) {
+    const maxDim = this.device.limits.maxComputeWorkgroupsPerDimension;
+    const pass = encoder.beginComputePass({label: 'attnc.kv.append'});
+    const B = this.batch, H = this.kvHeads;
+    for (const [src, dst, width] of pairs) {
+      const per = this.dtype === 'f32' ? n * width : Math.ceil(n * width / 2) + 1;
+      const groups = Math.ceil(B * H * per / KV_WORKGROUP);
+      const [x, y] = foldGrid(groups, maxDim);
+      const values = {grid_total: groups, grid_stride_x: x, B, H, n, D: width, cap: this.capacity, ragged: ragged ? 1 : 0,
+        s0: src.strides[0], s1: src.strides[1], s2: src.strides[2], s3: src.strides[3], per};
+      const ub = this._uniform(KV_STORE_FIELDS, values);
+      pass.setPipeline(this._store);
+      pass.setBindGroup(0, this.device.createBindGroup({layout: this._store.getBindGroupLayout(0), entries: [
+        {binding: 0, resource: {buffer: src.buffer}}, {binding: 1, resource: {buffer: this.kvLens}},
+        {binding: 2, resource: {buffer: counts}}, {binding: 3, resource: {buffer: dst}}, {binding: 4, resource: {buffer: ub}}]}));
+      pass.dispatchWorkgroups(x, y, 1);
+    }
+    const groups = Math.ceil(B / KV_WORKGROUP);
+    const [x, y] = foldGrid(groups, maxDim);
+    const ub = this._uniform(KV_ADVANCE_FIELDS, {grid_total: groups, grid_stride_x: x, B, n, ragged: ragged ? 1 : 0});
+    pass.setPipeline(this._advance);
+    pass.setBindGroup(0, this.device.createBindGroup({layout: this._advance.getBindGroupLayout(0), entries: [
+      {binding: 0, resource: {buffer: counts}}, {binding: 1, resource: {buffer: this.kvLens}}, {binding: 2, resource: {buffer: ub}}]}));
+    pass.dispatchWorkgroups(x, y, 1);
+    pass.end();
+  }
+
+  /** A uniform buffer holding these u32 fields, made once per distinct content. @param {string[]} fields @param {Record<string, number>} values */
+  _uniform(fields, values) {
+    const data = new Uint32Array(Math.ceil(fields.length / 4) * 4);
+    fields.forEach((f, i) => { data[i] = values[f]; });
+    const key = data.join(',');
+    let buf = this._uniforms.get(key);
+    if (!buf) {
+      buf = this.device.createBuffer({label: 'attnc.kv.uniforms', size: data.byteLength, usage: USAGE.UNIFORM | USAGE.COPY_DST});
+      this.device.queue.writeBuffer(buf, 0, data);
+      this._uniforms.set(key, buf);
+    }
+    return buf;
+  }
+}
+
 /**
  * attnc's kv_lens (valid keys per batch) lie in [0, T] (of kv_total for a chunk of a larger
  * problem), as its Python API requires: more keys than k and v hold would be read past them.

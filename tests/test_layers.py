@@ -1,6 +1,8 @@
 """The layers import in one direction, and no attnc module imports itself through others.
 
-Packages: ir <- frontend <- kernels; ir <- lowering <- runtime <- bench <- cli. Inside the
+Packages: ir <- frontend <- kernels; ir <- lowering <- runtime <- bench <- cli; attnc.quant
+(the numpy reference of the quantized KV formats) imports nothing of attnc; the IR interpreter,
+the runtime and bench read it. Inside the
 runtime, modules sit in layers too (dispatch at the bottom, the public API and the tuner at
 the top). Every import counts: module-level, inside functions, and under TYPE_CHECKING.
 """
@@ -13,20 +15,22 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "attnc"
 # what each package may import from attnc, besides itself
 ALLOWED = {
-    "ir": {"attnc.errors", "attnc._version"},
+    "ir": {"attnc.errors", "attnc.quant", "attnc._version"},
     "frontend": {"attnc.errors", "attnc.ir", "attnc._version"},
     "kernels": {"attnc.frontend"},
     "lowering": {"attnc.errors", "attnc.ir", "attnc._version"},
-    "runtime": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.kernels", "attnc._version"},
-    "bench": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.runtime", "attnc._version", "attnc.argparsing"},
+    "runtime": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.kernels", "attnc.quant", "attnc._version"},
+    "bench": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.runtime", "attnc.quant", "attnc._version",
+              "attnc.argparsing"},
 }
 # runtime modules, bottom layer first: a module may import only from earlier layers
 RUNTIME_LAYERS = [
     {"dispatch", "cachedir"},
     {"devices", "timing"},
-    {"build", "prepared", "chunking", "tuning_cache"},
+    {"tensor"},
+    {"build", "prepared", "chunking", "tuning_cache", "store"},
     {"api"},
-    {"tune"},
+    {"kvcache", "tune"},
 ]
 
 
@@ -142,3 +146,7 @@ def test_every_import_resolves() -> None:
                     if not hasattr(mod, alias.name) and sub not in MODULES:
                         bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}: {node.module} has no {alias.name}")
     assert not bad, "\n".join(bad)
+
+
+def test_quant_is_a_leaf() -> None:
+    assert not GRAPH["attnc.quant"], f"attnc.quant imports {sorted(GRAPH['attnc.quant'])}"

@@ -93,6 +93,7 @@ class _FakeDevice:
         self.features = frozenset()
         self.subgroup_size = self.subgroup_min_size = self.subgroup_max_size = None
         self.limits: dict[str, int] = {}
+        self.unusable: str | None = None
 
     @property
     def spec(self) -> str:
@@ -104,7 +105,8 @@ def wgpu_only(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """wgpudawn not importable; wgpu-native offers a Vulkan and an OpenGL adapter."""
     fakes = [_FakeDevice("wgpu", "Vulkan"), _FakeDevice("wgpu", "OpenGL")]
     monkeypatch.setitem(sys.modules, "wgpudawn", None)
-    monkeypatch.setattr(devices_mod, "devices", lambda: list(fakes))
+    # (devices(), default_device() and get_device() all list adapters through _enumerate)
+    monkeypatch.setattr(devices_mod, "_enumerate", lambda: tuple(fakes))
     return fakes
 
 
@@ -120,7 +122,7 @@ def test_dawn_without_wgpudawn_says_what_to_install(spec: tuple[str, str]) -> No
     text = f"{backend}:{api}" if api else backend
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "wgpudawn", None)
-        mp.setattr(devices_mod, "devices", lambda: [_FakeDevice("wgpu", "Vulkan")])
+        mp.setattr(devices_mod, "_enumerate", lambda: (_FakeDevice("wgpu", "Vulkan"),))
         with pytest.raises(DeviceError) as e:
             devices_mod.get_device(text)
     msg = e.value.render()

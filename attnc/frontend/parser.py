@@ -55,9 +55,6 @@ I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 # Deepest nesting accepted: of brackets in the text, and of an expression through the lets
 # it uses. Deeper trees would exhaust Python's recursion in the reader or the lowering.
 MAX_DEPTH = 200
-# Largest expression accepted once its lets are inlined, as the WGSL renders it: lets used
-# twice at each level double it per level (a 30-level chain never finished compiling).
-MAX_INLINED = 20_000
 BOM = "\ufeff"
 # control characters shown as '?' in the source line of a diagnostic (a tab stays a tab)
 _UNPRINTABLE = {c: "?" for c in [*range(0, 9), *range(10, 32), 127, *range(128, 160)]}
@@ -511,9 +508,9 @@ def _expr_measure(e: Expr, lets: dict[str, tuple[int, int]]) -> tuple[int, int]:
 
 
 def _check_let_depth(body: tuple[Stmt, ...], lets: dict[str, tuple[int, int]]) -> None:
-    """VerifyError at the first let (or update, sink) nested deeper than MAX_DEPTH, or larger
-    than MAX_INLINED operations, once the lets it uses are inlined (as the lowering does: a
-    let used twice at each of 30 levels would render 2**30 operations)."""
+    """VerifyError at the first let (or update, sink) nested deeper than MAX_DEPTH through the
+    lets it uses. (Size needs no limit: the lowering writes a let used more than once as a WGSL
+    `let`, so a let used twice at each of 30 levels is 30 lets, not 2**30 operations.)"""
     for st in body:
         if isinstance(st, Loop):
             _check_let_depth(st.body, lets)
@@ -532,8 +529,5 @@ def _check_let_depth(body: tuple[Stmt, ...], lets: dict[str, tuple[int, int]]) -
         if depth > MAX_DEPTH:
             raise VerifyError(f"{what} is nested {depth} deep through the lets it uses; at most {MAX_DEPTH} "
                               "levels are supported", st.span)
-        if size > MAX_INLINED:
-            raise VerifyError(f"{what} is {size} operations once the lets it uses are inlined (the WGSL "
-                              f"inlines a let at each use); at most {MAX_INLINED} are supported", st.span)
         if isinstance(st, Let):
             lets[st.var] = (depth, size)

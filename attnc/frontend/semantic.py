@@ -10,12 +10,14 @@ Promotion rules (numbered so errors can cite them):
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
 
 from attnc.errors import Span, TraceError
 from attnc.ir import nodes as ir
+from attnc.ir.share import share_repeated
 
 _FRONTEND_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -127,6 +129,13 @@ class Builder:
     names: set[str] = field(default_factory=set)
 
     def emit(self, stmt: ir.Stmt) -> None:
+        """Append a statement; values it reaches twice become lets first (ir/share.py)."""
+        if isinstance(stmt, ir.Let | ir.Update | ir.Sink):
+            field_name = {ir.Let: "value", ir.Update: "score", ir.Sink: "logit"}[type(stmt)]
+            lets, expr = share_repeated(getattr(stmt, field_name), self.fresh)
+            self.scopes[-1].extend(lets)
+            if lets:
+                stmt = dataclasses.replace(stmt, **{field_name: expr})
         self.scopes[-1].append(stmt)
 
     def fresh(self, base: str) -> str:

@@ -45,13 +45,17 @@ class FlashSpec:
         return self.row.tile
 
     def depends(self, e: ir.Expr, names: frozenset[str]) -> bool:
-        """Whether `e` (lets followed) reads any of `names`."""
-        for x in ir.walk_expr(e):
-            if isinstance(x, ir.Var):
-                if x.name in names:
-                    return True
-                if x.name in self.lets and self.depends(self.lets[x.name], names):
-                    return True
+        """Whether `e` (lets followed, each once) reads any of `names`."""
+        seen: set[str] = set()
+        todo = [e]
+        while todo:
+            for x in ir.walk_expr(todo.pop()):
+                if isinstance(x, ir.Var):
+                    if x.name in names:
+                        return True
+                    if x.name in self.lets and x.name not in seen:
+                        seen.add(x.name)
+                        todo.append(self.lets[x.name])
         return False
 
     def resolve(self, e: ir.Expr) -> ir.Expr:
@@ -131,12 +135,14 @@ def _the_dot(score: ir.Expr, lets: dict[str, ir.Expr], loop_lets: tuple[ir.Expr,
     """The q.k dot of the score; a score that ignores it (a constant score_mod) still has one
     in the loop body, which then only shapes the tiles."""
     seen: dict[int, ir.Dot] = {}
+    visited: set[str] = set()
 
     def visit(e: ir.Expr) -> None:
         for x in ir.walk_expr(e):
             if isinstance(x, ir.Dot):
                 seen[hash(x)] = x
-            elif isinstance(x, ir.Var) and x.name in lets:
+            elif isinstance(x, ir.Var) and x.name in lets and x.name not in visited:
+                visited.add(x.name)
                 visit(lets[x.name])
 
     visit(score)

@@ -52,6 +52,11 @@ def fits(caps: Capabilities, plan: Plan, tun: dict[str, int]) -> bool:
     return 4 * lay.smem_words <= smem and lay.WG <= wg and lay.TN >= 1 and lay.TD >= 1
 
 
+def fits_default_limits(plan: Plan, tun: dict[str, int]) -> bool:
+    """Whether a plan fits a device that grants only WebGPU's default limits (any browser)."""
+    return fits(Capabilities(cpu=False, dialect=plan.dialect), plan, tun)
+
+
 def candidates(caps: Capabilities, dims: dict[str, int], base: Plan, families: list[Family],
                nsplit: int | None) -> Iterator[tuple[Plan, dict[str, int], int | None]]:
     """Valid plans to time for a problem, the likeliest first (a `--max` cut keeps variety):

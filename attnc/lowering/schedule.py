@@ -85,7 +85,8 @@ def row_tiles(dims: dict[str, int], bm: int) -> int:
 
 
 def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal: bool = False,
-             f16: bool = False, explicit_family: bool = False, f16_math: bool = False) -> tuple[Plan, dict[str, int]]:
+             f16: bool = False, explicit_family: bool = False, f16_math: bool = False,
+             vector_loads: bool = True) -> tuple[Plan, dict[str, int]]:
     """The heuristic plan and kernel tunables for a shape (a tuned choice overrides it).
 
     From the tuning runs in docs/bench/ (no vendor names: adapter type and limits only):
@@ -107,7 +108,8 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
       than 256 workgroups, 64-row tiles of 256 invocations, twice as many pieces of work for the
       GPU to balance (H200 phi35: 128 workgroups of 2-8 KV tiles; 0.166 -> 0.129 ms on
       wgpu-native; 64-row tiles without QO 0.195, QO alone 0.163; docs/BENCHMARKS.md);
-    - q/k/v load as vec4 when both head dims are multiples of 4;
+    - q/k/v load as vec4 when both head dims are multiples of 4 (and `vector_loads`: False for
+      strided views whose head dim is not contiguous, which only scalar loads can read);
     - tiled plans on a GPU unroll their tile loops completely (UN=64) and prefetch the next
       staged block into registers (PF=1): 1.2-1.5x on the H200 prefill cases; CPU adapters keep
       the loops (lavapipe takes minutes to compile fully unrolled tiles);
@@ -132,7 +134,7 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
     sg_fast = caps.subgroup_lanes_contiguous if family is Family.SUBGROUPS else 0
     dialect = caps.dialect
     storage = Storage.F16 if f16 else Storage.F32
-    vec = 4 if dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0 else 1
+    vec = 4 if vector_loads and dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0 else 1
     dv = min(max(pow2ceil(dims["Dv"]), 32), 256)
     cpu = caps.cpu
     group = dims["Hq"] // dims["Hkv"]

@@ -239,13 +239,13 @@ class Shader:
             self.main_functions(w, env)
         if s.sink is not None:
             with w.block("fn sink_fn(qi: i32) -> f32"):
-                w.line(f"return {self.env('qi', None).render(s.sink)};")
+                w.line(f"return {self.env('qi', None).hoist(w, s.sink).render(s.sink)};")
         self.out_functions(w)
 
     def main_functions(self, w: Writer, env: ExprEnv) -> None:
         s = self.spec
         with w.block("fn score_fn(dotv: f32, qi: i32, kj: i32) -> f32"):
-            w.line(f"return {env.render(s.score)};")
+            w.line(f"return {env.hoist(w, s.score).render(s.score)};")
         with w.block("fn q_base(qi: i32) -> u32"):
             w.line(f"return {self.slice_base(s.dot.a, env)};")
         with w.block("fn k_base(kj: i32) -> u32"):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -102,6 +105,31 @@ class ExprEnv:
     dot: str | None = None
     memo: dict[str, str] = field(default_factory=dict)
 
+    def hoist(self, w: Writer, *roots: ir.Expr) -> ExprEnv:
+        """An env in which each let that `roots` read more than once (directly or through
+        other lets) is a WGSL `let` written to `w` first, once: a value the kernel shares
+        stays shared in the shader instead of being inlined at every use."""
+        uses: Counter[str] = Counter()
+        order: list[str] = []  # lets before the lets that read them
+
+        def visit(e: ir.Expr) -> None:
+            for x in ir.walk_expr(e):
+                if isinstance(x, ir.Var) and x.name in self.lets and x.name not in self.vars:
+                    uses[x.name] += 1
+                    if uses[x.name] == 1:
+                        visit(self.lets[x.name])
+                        order.append(x.name)
+
+        for r in roots:
+            visit(r)
+        env = dataclasses.replace(self, vars=dict(self.vars), memo={})
+        for name in order:
+            if uses[name] > 1:
+                local = "let_" + re.sub(r"\W", "_", name)
+                w.line(f"let {local} = {env.render(self.lets[name])};")
+                env.vars[name] = local
+        return env
+
     def render(self, e: ir.Expr) -> str:
         """Render an expression; let references not bound in `vars` are inlined."""
         if isinstance(e, ir.Const):
@@ -183,12 +211,17 @@ class IntervalEnv:
         return None
 
     def _varying(self, e: ir.Expr) -> bool:
-        for x in ir.walk_expr(e):
-            if isinstance(x, ir.Var) and x.name in (self.row, self.kv):
-                return True
-            if isinstance(x, ir.Var) and x.name in self.lets and x.name not in self.uniform.vars:
-                if self._varying(self.lets[x.name]):
+        """Whether `e` (lets followed, each once) reads the query row or the key index."""
+        seen: set[str] = set()
+        todo = [e]
+        while todo:
+            for x in ir.walk_expr(todo.pop()):
+                if isinstance(x, ir.Var) and x.name in (self.row, self.kv):
                     return True
+                if isinstance(x, ir.Var) and x.name in self.lets and x.name not in self.uniform.vars \
+                        and x.name not in seen:
+                    seen.add(x.name)
+                    todo.append(self.lets[x.name])
         return False
 
 

@@ -1,25 +1,35 @@
-"""The public API: `attnc.attention` and `prepare`: validate the inputs, choose the variant
-(tuned, else the heuristic of lowering/schedule.py), prepare it on the device, run it."""
+"""The public API: `attnc.attention` and `attnc.prepare`: validate the inputs, choose the
+variant (tuned, else the heuristic of lowering/schedule.py), prepare it on the device, run it.
+
+Inputs are host data (numpy, or anything numpy reads through `__array__` or DLPack) or GPU
+tensors (`runtime/tensor.py`). `attention()` keeps the ops it prepared (by device, shapes,
+dtype and options), so a repeated call runs one it made before.
+"""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import numpy as np
 
-from attnc.errors import DeviceError, LoweringError
+from attnc.errors import AttncError, DeviceError, LoweringError
 from attnc.lowering import Plan
-from attnc.lowering.plan import Storage
+from attnc.lowering.plan import Storage, Strategy
 from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, packs_gqa, pick_family, plan_for, with_combine
 from attnc.quant import QuantTensor, check_format, check_head_dim
-from attnc.runtime.build import Options, build_kernel, options_key, programs_for
+from attnc.runtime.build import Options, build_kernel, function_key, options_key, programs_for
 from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
 from attnc.runtime.devices import Device, get_device
-from attnc.runtime.prepared import Prepared, broadcast_strides, check_limits
+from attnc.runtime.prepared import BROADCAST, Prepared, broadcast_shape, check_host_option, check_limits
+from attnc.runtime.tensor import QuantGPUTensor, Tensor, host_array, on_gpu
 from attnc.runtime.tuning_cache import ignore, tuned_plan
+
+OPTION_TENSORS = ("bias", "alibi_slopes", "sinks", "kv_lens")
+MAX_CACHED_OPS = 32
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -27,48 +37,47 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _array(name: str, x: Any, ndim: int | None = None) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
-        raise ValueError(f"{name}: expected a numpy array, got {type(x).__name__}")
-    if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{name}: expected {ndim} dims, got {x.ndim} (shape {x.shape})")
-    return x
-
-
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def _real_array(name: str, x: Any, ndim: int | None = None) -> np.ndarray:
-    """A numpy array of real numbers (ints or floats), else a ValueError naming the argument."""
-    x = _array(name, x, ndim)
-    _check(x.dtype.kind in "iuf", f"{name}: expected real numbers, got dtype {x.dtype}")
-    return x
+def as_input(name: str, x: Any) -> Tensor | np.ndarray:
+    """A GPU tensor or a quantized tensor (host or GPU) as it is, host data as a numpy array;
+    anything else a ValueError."""
+    if isinstance(x, (Tensor, QuantTensor, QuantGPUTensor)):
+        return x
+    arr = host_array(name, x)
+    if arr is None:
+        raise ValueError(f"{name}: expected a numpy array, an attnc.Tensor or host data with __array__ or "
+                         f"__dlpack__, got {type(x).__name__}")
+    return arr
 
 
-def validate(q: np.ndarray, k: np.ndarray | QuantTensor, v: np.ndarray | QuantTensor) -> dict[str, int]:
-    """Check q/k/v against the contract; return the dims B, Hq, Hkv, S, T, D, Dv. k and v may
-    each be a QuantTensor (attnc.quant.quantize) of 4 dims instead of an array."""
+def validate(q: Any, k: Any, v: Any) -> dict[str, int]:
+    """Check q/k/v (numpy arrays or GPU tensors) against the contract; return the dims B, Hq,
+    Hkv, S, T, D, Dv. k and v may each be quantized (a host QuantTensor or a QuantGPUTensor of
+    4 dims; attnc/quant.py)."""
     for n, x in (("q", q), ("k", k), ("v", v)):
-        if isinstance(x, QuantTensor):
-            _check(x.ndim == 4, f"{n}: expected 4 dims, got {x.ndim} (shape {x.shape})")
-            _check(min(x.shape) > 0, f"{n}: empty tensor (shape {x.shape})")
+        if n != "q" and isinstance(x, (QuantTensor, QuantGPUTensor)):
+            _check(len(x.shape) == 4, f"{n}: expected 4 dims, got {len(x.shape)} (shape {tuple(x.shape)})")
             continue
-        _array(n, x, 4)
+        if not isinstance(x, (np.ndarray, Tensor, InputSpec)):
+            raise ValueError(f"{n}: expected a numpy array or an attnc.Tensor, got {type(x).__name__}")
+        _check(len(x.shape) == 4, f"{n}: expected 4 dims, got {len(x.shape)} (shape {tuple(x.shape)})")
         _check(x.dtype in (np.float32, np.float16),
                f"{n}: dtype must be float32 or float16, got {x.dtype}")
-        _check(x.size > 0, f"{n}: empty array (shape {x.shape})")
-    floats = [x for x in (k, v) if not isinstance(x, QuantTensor)]
+        _check(x.size > 0, f"{n}: empty array (shape {tuple(x.shape)})")
+    floats = [x for x in (k, v) if not isinstance(x, (QuantTensor, QuantGPUTensor))]
     _check(all(x.dtype == q.dtype for x in floats),
-           f"q, k, v must share a dtype (or k, v be quantized), got "
-           f"{', '.join(x.fmt if isinstance(x, QuantTensor) else str(x.dtype) for x in (q, k, v))}")
+           "q, k, v must share a dtype (or k, v be quantized), got "
+           + ", ".join(x.fmt if isinstance(x, (QuantTensor, QuantGPUTensor)) else str(x.dtype) for x in (q, k, v)))
     B, Hq, S, D = q.shape
     _, Hkv, T, Dk = k.shape
     _check(k.shape[0] == B and v.shape[0] == B,
            f"batch dims differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
     _check(Dk == D, f"head dim D differs: q has {D}, k has {Dk}")
     _check(v.shape[1] == Hkv and v.shape[2] == T,
-           f"v shape {v.shape} does not match k shape {k.shape} in (B, Hkv, T)")
+           f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} in (B, Hkv, T)")
     validate_dims(dict(B=B, Hq=Hq, S=S, D=D, Hkv=Hkv, T=T, Dv=v.shape[3]))
     return dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=v.shape[3])
 
@@ -98,39 +107,29 @@ def validate_dims(dims: Mapping[str, Any]) -> dict[str, int]:
     return {n: int(dims[n]) for n in DIMS}
 
 
-def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = False,
-            scale: float | None = None, window: tuple[int | None, int | None] | None = None,
-            bias: np.ndarray | None = None, alibi_slopes: np.ndarray | None = None,
-            softcap: float | None = None, sinks: np.ndarray | None = None,
-            kv_lens: np.ndarray | None = None, return_lse: bool = False,
-            device: Device | str | None = None, target: str | None = None,
-            score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
-            plan: Plan | None = None, tunables: dict[str, int] | None = None,
-            nsplit: int | None = None, pack_gqa: bool | None = None,
-            offsets: tuple[int, int, int, int] | dict[str, int] | None = None,
-            k_format: str | None = None, v_format: str | None = None) -> Prepared:
-    """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it.
+def kv_formats(k: Any, v: Any) -> dict[str, str]:
+    """The k_format / v_format options of quantized k and v (none for float ones)."""
+    return {f"{n}_format": x.fmt for n, x in (("k", k), ("v", v)) if isinstance(x, (QuantTensor, QuantGPUTensor))}
 
-    k_format / v_format: K / V stored quantized (q8_0, q4_0, int8: attnc/quant.py); bind()
-    then takes QuantTensors for them.
 
-    offsets: the problem is one piece of a larger one (runtime/chunking.py), given as
-    (q_offset, q_total, kv_offset, kv_total) or a dict of those and b_offset, b_total,
-    h_offset, hq_total, hkv_total (whole_problem()): masks and mods see the whole problem."""
-    for name, fmt, d in (("k", k_format, "D"), ("v", v_format, "Dv")):
-        if fmt is not None:
-            check_format(fmt)
-            check_head_dim(fmt, name, dims[d])
-    dev = get_device(device)
-    fam = pick_family(dev.capabilities, target)
-    f16_math = target in F16_MATH_TARGETS
-    if f16_math and np.dtype(dtype) != np.float16:
-        raise ValueError(f"target {target!r} computes products in f16: pass float16 q, k, v (got {np.dtype(dtype)})")
-    B, Hq, S, T = dims["B"], dims["Hq"], dims["S"], dims["T"]
-    if offsets is not None:
-        offsets = whole_problem(dims, offsets)
-    extra: dict[str, np.ndarray] = {}
-    strides: dict[str, list[int]] = {}
+def vector_readable(*xs: Any) -> bool:
+    """Whether vec4 loads can read these q/k/v: host arrays (uploaded dense) always, GPU
+    tensors when their head dim is contiguous and their other strides are multiples of 4."""
+    return all(not isinstance(x, Tensor) or (x.strides[-1] == 1 and all(s % 4 == 0 for s in x.strides[:-1]))
+               for x in xs)
+
+
+def rows_packable(dims: dict[str, int], *outs: Any) -> bool:
+    """Whether outputs with these tensors' strides can be written by a variant that packs the
+    query heads of a KV head into rows (GQA decoding): the rows of a head must follow one
+    another (head stride = S x row stride), or S = 1."""
+    return all(not isinstance(t, Tensor) or dims["S"] == 1 or t.strides[1] == dims["S"] * t.strides[2]
+               for t in outs)
+
+
+def scalar_options(dims: dict[str, int], window: Any, softcap: Any, scale: Any,
+                   score_mod: Any, mask_mod: Any) -> dict[str, float | int]:
+    """Check the scalar options and return the uniform values they set (window sides, cap)."""
     scalars: dict[str, float | int] = {}
     if window is not None:
         if not (isinstance(window, tuple) and len(window) == 2):
@@ -151,25 +150,63 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
             raise ValueError(f"{name} must be a function of (score, b, h, q_idx, kv_idx), got {type(fn).__name__}"
                              if name == "score_mod" else
                              f"{name} must be a function of (b, h, q_idx, kv_idx), got {type(fn).__name__}")
-    for name, x, shape in (("alibi_slopes", alibi_slopes, (Hq,)), ("sinks", sinks, (Hq,))):
-        if x is not None:
-            x = _real_array(name, x, 1)
-            _check(x.shape == shape, f"{name}: expected shape {shape} (Hq), got {x.shape}")
-            extra[name] = np.ascontiguousarray(x, dtype=np.float32)
-            strides[name] = [1]
-    if kv_lens is not None:
-        x = _array("kv_lens", kv_lens, 1)
-        _check(x.shape == (B,), f"kv_lens: expected shape ({B},) (B), got {x.shape}")
-        _check(np.issubdtype(x.dtype, np.integer), f"kv_lens: expected integers, got {x.dtype}")
-        total = T if offsets is None else offsets["kv_total"]
-        _check(bool(np.all((x >= 0) & (x <= total))), f"kv_lens: values must be in [0, T={total}]")
-        extra["kv_lens"] = np.ascontiguousarray(x, dtype=np.int32)
-        strides["kv_lens"] = [1]
-    if bias is not None:
-        _real_array("bias", bias)
-        arr, st = broadcast_strides("bias", bias, (B, Hq, S, T))
-        extra["bias"] = arr.astype(np.float32, copy=False)
-        strides["bias"] = st
+    return scalars
+
+
+def _check_option_value(name: str, x: Any, dims: dict[str, int], total_keys: int | None) -> Any:
+    """An option tensor's value checked before anything is traced: host data against the
+    contract, a GPU tensor's dtype and shape (the prepared op checks the rest)."""
+    if not isinstance(x, Tensor):
+        arr = check_host_option(name, x, dims, total_keys)
+        if name in BROADCAST:
+            broadcast_shape(name, arr.shape, (dims["B"], dims["Hq"], dims["S"], dims["T"]))
+        return x
+    want = np.int32 if name == "kv_lens" else np.float32
+    _check(x.dtype == want, f"{name}: dtype {x.dtype}; the kernel reads {np.dtype(want)}")
+    full = {"kv_lens": (dims["B"],), "bias": (dims["B"], dims["Hq"], dims["S"], dims["T"])}.get(name, (dims["Hq"],))
+    if name in BROADCAST:
+        broadcast_shape(name, tuple(x.shape), full)
+    else:
+        _check(tuple(x.shape) == full, f"{name}: expected shape {full}, got {tuple(x.shape)}")
+    return x
+
+
+def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = False,
+                 scale: float | None = None, window: tuple[int | None, int | None] | None = None,
+                 bias: Any = None, alibi_slopes: Any = None, softcap: float | None = None, sinks: Any = None,
+                 kv_lens: Any = None, return_lse: bool = False, device: Any = None, target: str | None = None,
+                 score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
+                 plan: Plan | None = None, tunables: dict[str, int] | None = None,
+                 nsplit: int | None = None, pack_gqa: bool | None = None,
+                 offsets: tuple[int, int, int, int] | dict[str, int] | None = None,
+                 vector_loads: bool = True, k_format: str | None = None,
+                 v_format: str | None = None) -> Prepared:
+    """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it,
+    for the dims B, Hq, Hkv, S, T, D, Dv. Option tensors (host data or GPU tensors) become the
+    op's defaults. `vector_loads=False` plans scalar loads of q/k/v (for views whose head dim
+    is not contiguous). k_format / v_format: K / V stored quantized (q8_0, q4_0, int8:
+    attnc/quant.py); calls then take QuantTensors or QuantGPUTensors of that format for them.
+
+    offsets: the problem is one piece of a larger one (runtime/chunking.py), given as
+    (q_offset, q_total, kv_offset, kv_total) or a dict of those and b_offset, b_total,
+    h_offset, hq_total, hkv_total (whole_problem()): masks and mods see the whole problem."""
+    for name, fmt, d in (("k", k_format, "D"), ("v", v_format, "Dv")):
+        if fmt is not None:
+            check_format(fmt)
+            check_head_dim(fmt, name, dims[d])
+    dev = get_device(device)
+    fam = pick_family(dev.capabilities, target)
+    f16_math = target in F16_MATH_TARGETS
+    if f16_math and np.dtype(dtype) != np.float16:
+        raise ValueError(f"target {target!r} computes products in f16: pass float16 q, k, v (got {np.dtype(dtype)})")
+    scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod)
+    if offsets is not None:
+        offsets = whole_problem(dims, offsets)
+    total_keys = None if offsets is None else offsets["kv_total"]
+    given = {n: x for n, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks), ("kv_lens", kv_lens),
+                               ("bias", bias)) if x is not None}
+    for name, x in given.items():
+        _check_option_value(name, x, dims, total_keys)
     if scale is None:
         scale = 1.0 / math.sqrt(dims["D"])
     sides = None if window is None else tuple(None if w is None else 0 for w in window)
@@ -187,92 +224,212 @@ def prepare(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = Fal
     if plan is None and tunables is None and score_mod is None and mask_mod is None and not f16_math:
         # (f16-math plans are never tuned: `attnc tune` stores f16-storage plans)
         tuned = tuned_plan(dev, okey, dims, opts.f16, fam if target is not None else None, nsplit)
+        if tuned is not None and tuned.plan.vector_width == 4 and not vector_loads:
+            if tuned.plan.strategy is Strategy.TILED:
+                tuned = dataclasses.replace(tuned, plan=dataclasses.replace(tuned.plan, vector_width=1))
+            else:
+                tuned = None
     hplan, htun = plan_for(caps, fam, dims, causal=opts.causal, f16=opts.f16, explicit_family=target is not None,
-                           f16_math=f16_math)
+                           f16_math=f16_math, vector_loads=vector_loads)
     if f16_math:
         hplan = dataclasses.replace(hplan, storage=Storage.F16A)
-
-    def lowered(plan: Plan, tun: dict[str, int], nsplit: int | None) -> Prepared:
-        op, sc, d, pack = opts, dict(scalars), dims, pack_gqa
-        if pack is None:
-            pack = packs_gqa(d, plan)
-        if nsplit is None:
-            nsplit = kv_splits(caps, d, plan, tun, pack)
-        nsplit = min(nsplit, split_limit(dev, d))  # the splits' partial states fit one binding
-        if nsplit > 1:
-            op = dataclasses.replace(op, split=True)
-            sc["NSPLIT"] = nsplit
-            plan = with_combine(plan, nsplit)
-        if pack:
-            op = dataclasses.replace(op, pack_gqa=True)
-            d = {**d, "R": (d["Hq"] // d["Hkv"]) * S}
-        kern = build_kernel(op, tun)
-        progs = programs_for(kern, plan)
-        check_limits(dev, progs, plan, d)
-        prep = Prepared(dev, kern, plan, progs, d, sc | {"scale": float(scale)}, extra, strides)
-        prep.options_key = okey
-        return prep
-
     if tuned is not None:
         try:
-            prep = lowered(tuned.plan, tuned.tunables, tuned.nsplit)
+            prep = _lowered(dev, dims, opts, scalars, float(scale), given, tuned.plan, tuned.tunables, tuned.nsplit,
+                            pack_gqa, okey, total_keys)
             for prog in prep.progs:  # (a WGSL compiler's refusal is a LoweringError too)
                 dev.pipelines.get(dev, prog)
             return prep
         except LoweringError as exc:
-            ignore(tuned.key, f"attnc cannot lower its plan ({exc.message})")
-    return lowered(plan or hplan, tunables or htun, nsplit)
+            # an application's device may grant less than the adapter the entry was tuned on
+            if not dev.external:
+                ignore(tuned.key, f"attnc cannot lower its plan ({exc.message})")
+        except AttncError:
+            pass  # the heuristic plan says what is wrong, if it is not the tuned plan
+    return _lowered(dev, dims, opts, scalars, float(scale), given, plan or hplan, tunables or htun, nsplit,
+                    pack_gqa, okey, total_keys)
 
 
-def attention(q: np.ndarray, k: np.ndarray | QuantTensor, v: np.ndarray | QuantTensor, *, causal: bool = False,
+def _lowered(dev: Device, dims: dict[str, int], opts: Options, scalars: dict[str, float | int], scale: float,
+             given: dict[str, Any], plan: Plan, tun: dict[str, int], nsplit: int | None, pack_gqa: bool | None,
+             okey: str, total_keys: int | None) -> Prepared:
+    """Split count, GQA packing, trace, lower, check the device's limits: the op."""
+    caps = dev.capabilities
+    scalars = dict(scalars)
+    if pack_gqa is None:
+        pack_gqa = packs_gqa(dims, plan)
+    if nsplit is None:
+        nsplit = kv_splits(caps, dims, plan, tun, pack_gqa)
+    nsplit = min(nsplit, split_limit(dev, dims))  # the splits' partial states fit one binding
+    if nsplit > 1:
+        opts = dataclasses.replace(opts, split=True)
+        scalars["NSPLIT"] = nsplit
+        plan = with_combine(plan, nsplit)
+    if pack_gqa:
+        opts = dataclasses.replace(opts, pack_gqa=True)
+        dims = {**dims, "R": (dims["Hq"] // dims["Hkv"]) * dims["S"]}
+    kern = build_kernel(opts, tun)
+    progs = programs_for(kern, plan)
+    check_limits(dev, progs, plan, dims)
+    prep = Prepared(dev, kern, plan, progs, dims, scalars | {"scale": scale}, given, total_keys)
+    prep.options_key = okey
+    return prep
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """An input given to `prepare` by its shape and dtype only."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def _example(name: str, x: Any, dtype: Any) -> Tensor | np.ndarray | InputSpec:
+    """What `prepare` reads of an example input: a tensor or array, or a shape tuple (with
+    `dtype`, float32 by default)."""
+    if isinstance(x, (tuple, list)) and all(isinstance(n, (int, np.integer)) for n in x):
+        return InputSpec(tuple(int(n) for n in x), np.dtype(np.float32 if dtype is None else dtype))
+    return as_input(name, x)
+
+
+def _tensors_device(device: Any, named: dict[str, Any]) -> Device:
+    """The device of the call: that of its GPU tensors (all on one), which `device=` must name
+    if given; else the device `device=` resolves to."""
+    on = {n: x.device for n, x in named.items() if on_gpu(x)}
+    if not on:
+        return get_device(device)
+    first, dev = next(iter(on.items()))
+    for n, d in on.items():
+        if d is not dev:
+            raise ValueError(f"{n}: the tensor is on {d!r}, but {first} is on {dev!r}")
+    if device is not None and get_device(device) is not dev:
+        raise ValueError(f"device: {device!r} is not the device of the GPU tensors ({dev!r})")
+    return dev
+
+
+def prepare(q: Any, k: Any = None, v: Any = None, *, dtype: Any = None, causal: bool = False,
+            scale: float | None = None, window: tuple[int | None, int | None] | None = None, bias: Any = None,
+            alibi_slopes: Any = None, softcap: float | None = None, sinks: Any = None, kv_lens: Any = None,
+            return_lse: bool = False, device: Any = None, target: str | None = None,
+            score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
+            out: Tensor | None = None, out_lse: Tensor | None = None, **planning: Any) -> Prepared:
+    """A prepared attention op for inputs like q, k, v (GPU tensors, host arrays, or shape
+    tuples with `dtype`) and these options; call it with new tensors of the same shapes:
+    `op(q, k, v, out=..., encoder=..., kv_lens=...)` (Prepared.__call__). Option tensors given
+    here are the op's defaults; a call may pass others. GPU tensors fix the device (`device=`
+    otherwise: a Device, an application's GPUDevice or a spec string) and, by their strides,
+    the variant: whether it reads q, k, v with vec4 loads, and (`out`, `out_lse`: examples of
+    the outputs the calls will write) whether it may pack GQA heads into rows.
+
+    `prepare(dims, dtype, **options)`, a dict of the dims B, Hq, Hkv, S, T, D, Dv first, is
+    `prepare_dims` (what the tuner, the benchmarks and the tests use; it also takes `plan`,
+    `tunables`, `nsplit`, `pack_gqa`, `offsets` and `vector_loads`)."""
+    options = dict(causal=causal, scale=scale, window=window, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
+                   sinks=sinks, kv_lens=kv_lens, return_lse=return_lse, device=device, target=target,
+                   score_mod=score_mod, mask_mod=mask_mod)
+    if isinstance(q, Mapping):
+        dt = dtype if k is None else k
+        return prepare_dims(dict(q), np.float32 if dt is None else dt, **options, **planning)
+    given_formats = {n: planning.pop(n) for n in ("k_format", "v_format") if planning.get(n) is not None}
+    planning = {n: x for n, x in planning.items() if n not in ("k_format", "v_format")}
+    if planning:
+        raise TypeError(f"prepare() got unexpected keyword arguments {sorted(planning)} (they go with the dims form)")
+    if k is None or v is None:
+        raise ValueError("prepare: pass q, k and v (tensors, arrays or shapes), or a dict of the dims")
+    examples = [_example(n, x, dtype) for n, x in (("q", q), ("k", k), ("v", v))]
+    dims = validate(*examples)
+    formats = kv_formats(examples[1], examples[2])
+    for n, fmt in given_formats.items():
+        if formats.get(n, fmt) != fmt:
+            raise ValueError(f"{n}: {fmt!r}, but the example {n[0]} is stored as {formats[n]}")
+    formats.update(given_formats)
+    named = {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes, "sinks": sinks, "kv_lens": kv_lens}
+    dev = _tensors_device(device, named)
+    return prepare_dims(dims, examples[0].dtype, causal=causal, scale=scale, window=window, bias=bias,
+                        alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, kv_lens=kv_lens,
+                        return_lse=return_lse, device=dev, target=target, score_mod=score_mod, mask_mod=mask_mod,
+                        vector_loads=vector_readable(*examples), pack_gqa=None if rows_packable(dims, out, out_lse)
+                        else False, **formats)
+
+
+# ops attention() prepared, least recently used dropped first
+_OPS: collections.OrderedDict[Hashable, Prepared] = collections.OrderedDict()
+
+
+def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
               scale: float | None = None, window: tuple[int | None, int | None] | None = None,
-              bias: np.ndarray | None = None, alibi_slopes: np.ndarray | None = None,
-              softcap: float | None = None, sinks: np.ndarray | None = None,
-              kv_lens: np.ndarray | None = None, return_lse: bool = False,
-              device: Device | str | None = None, target: str | None = None,
-              score_mod: Callable[..., Any] | None = None,
-              mask_mod: Callable[..., Any] | None = None) -> Any:
+              bias: Any = None, alibi_slopes: Any = None, softcap: float | None = None, sinks: Any = None,
+              kv_lens: Any = None, return_lse: bool = False, device: Any = None, target: str | None = None,
+              score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
+              out: Tensor | None = None, out_lse: Tensor | None = None, output: str | None = None) -> Any:
     """Scaled dot-product attention on a WebGPU device with the semantics of docs/API.md.
 
     q [B,Hq,S,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv] -> o [B,Hq,S,Dv] in q's dtype
-    (and lse [B,Hq,S] float32 with return_lse). k and v may each be a QuantTensor
-    (attnc.quant.quantize: q8_0, q4_0, int8), read by the kernels in that format. score_mod(s, b, h, q_idx, kv_idx) and
-    mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (q_idx is the raw query index).
-    target: "portable", "subgroups", or (float16 inputs, shader-f16) "portable-f16" /
-    "subgroups-f16" for f16 products; None picks the tuned or heuristic variant.
+    (and lse [B,Hq,S] float32 with return_lse). Inputs are host data or GPU tensors
+    (attnc.Tensor); k and v may each be quantized (attnc.quant.quantize's QuantTensor on the
+    host, or a QuantGPUTensor: q8_0, q4_0, int8), read by the kernels in that format. With a
+    GPU q, k or v the result is a new GPU tensor (float32) unless `output="numpy"`, and
+    `out=` / `out_lse=` write into given tensors. score_mod(s, b, h, q_idx, kv_idx) and
+    mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (once per distinct function;
+    q_idx is the raw query index). target: "portable", "subgroups", or
+    (float16 inputs, shader-f16) "portable-f16" / "subgroups-f16" for f16 products; None picks
+    the tuned or heuristic variant.
     sinks [Hq]: one more logit per head in the softmax denominator, with no value. A sink of
     +inf takes all the weight: o = 0 and lse = +inf on that head's rows, fully masked rows
     too; -inf is the same as no sink (a fully masked row: o = 0, lse = -inf); NaN makes that
     head's o and lse NaN.
     """
+    q, k, v = as_input("q", q), as_input("k", k), as_input("v", v)
     dims = validate(q, k, v)
-    dev = get_device(device)
-    fmts = {f"{n}_format": x.fmt for n, x in (("k", k), ("v", v)) if isinstance(x, QuantTensor)}
-    if fmts:
+    options = {n: x for n, x in (("bias", bias), ("alibi_slopes", alibi_slopes), ("sinks", sinks),
+                                 ("kv_lens", kv_lens)) if x is not None}
+    dev = _tensors_device(device, {"q": q, "k": k, "v": v, **options, "out": out, "out_lse": out_lse})
+    gpu = any(on_gpu(x) for x in (q, k, v, *options.values(), out, out_lse))
+    formats = kv_formats(k, v)
+    if formats and not gpu and largest_binding(q, k, v, bias) > binding_limit(dev):
         big = largest_binding(q, k, v, bias)
-        if big > binding_limit(dev):
-            raise DeviceError(f"a {big}-byte binding is larger than {dev.spec}'s largest storage binding "
-                              f"({binding_limit(dev)} B); quantized K/V are not split into pieces",
-                              notes=("call attention on fewer batch entries or heads at a time",))
-    kw = dict(causal=causal, scale=scale, window=window, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
-              sinks=sinks, kv_lens=kv_lens, return_lse=return_lse, device=dev, target=target,
-              score_mod=score_mod, mask_mod=mask_mod)
-    if largest_binding(q, k, v, bias) > binding_limit(dev):
-        return chunked(q, k, v, kw, binding_limit(dev), attention, prepare)
-    prep = prepare(dims, q.dtype, causal=causal, scale=scale, window=window, bias=bias,
-                   alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, kv_lens=kv_lens,
-                   return_lse=return_lse, device=dev, target=target, score_mod=score_mod,
-                   mask_mod=mask_mod, **fmts)
-    prep.bind(q, k, v).run()
-    o, lse = prep.result()
-    o = o.astype(q.dtype)
-    return (o, lse) if return_lse else o
+        raise DeviceError(f"a {big}-byte binding is larger than {dev.spec}'s largest storage binding "
+                          f"({binding_limit(dev)} B); quantized K/V are not split into pieces",
+                          notes=("call attention on fewer batch entries or heads at a time",))
+    if not gpu and largest_binding(q, k, v, bias) > binding_limit(dev):
+        kw = dict(causal=causal, scale=scale, window=window, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
+                  sinks=sinks, kv_lens=kv_lens, return_lse=return_lse, device=dev, target=target,
+                  score_mod=score_mod, mask_mod=mask_mod)
+        out_host = chunked(q, k, v, kw, binding_limit(dev), attention, prepare_dims)
+        if output == "tensor":
+            raise ValueError("output='tensor': this problem is larger than a binding and runs in pieces on the "
+                             "host; pass GPU tensors small enough to bind")
+        return out_host
+    scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod)
+    vec = vector_readable(q, k, v)
+    packable = rows_packable(dims, out, out_lse)
+    key = (id(dev), tuple(sorted(dims.items())), str(q.dtype), vec, packable, bool(causal), scale,
+           None if window is None else tuple(window), tuple(sorted(scalars.items())), tuple(sorted(options)),
+           bool(return_lse), target, tuple(sorted(formats.items())),
+           None if score_mod is None else function_key(score_mod), None if mask_mod is None else function_key(mask_mod))
+    op = _OPS.get(key)
+    if op is None:
+        op = prepare_dims(dims, q.dtype, causal=causal, scale=scale, window=window, softcap=softcap, device=dev,
+                          target=target, return_lse=return_lse, score_mod=score_mod, mask_mod=mask_mod,
+                          vector_loads=vec, pack_gqa=None if packable else False, **options, **formats)
+        op.defaults.clear()  # every call passes its own option tensors: keep no data
+        _OPS[key] = op
+        if len(_OPS) > MAX_CACHED_OPS:
+            _OPS.popitem(last=False)
+    else:
+        _OPS.move_to_end(key)
+    fresh = on_gpu(q) or on_gpu(k) or on_gpu(v)
+    return op._call(q, k, v, out, out_lse, None, output, options, keep_groups=not (fresh and out is None))
 
 
 def prepare_attention(q_shape: tuple[int, ...], k_shape: tuple[int, ...], v_shape: tuple[int, ...],
                       dtype: Any = np.float32, **options: Any) -> Prepared:
-    """`prepare` from array shapes (what the benchmark harness and the tuner use)."""
+    """`prepare_dims` from array shapes (what the benchmark harness and the tuner use)."""
     B, Hq, S, D = q_shape
     _, Hkv, T, _ = k_shape
     dims = dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=v_shape[3])
-    return prepare(dims, dtype, **options)
+    return prepare_dims(dims, dtype, **options)

@@ -6,6 +6,10 @@ capabilities attnc cares about (feature names differ per backend), creates its G
 lazily with those features and the larger limits requested, and measures the real subgroup
 size once with a probe shader (adapters report only the range WebGPU allows, 4..128).
 
+`Device.from_gpu_device` wraps a GPUDevice the application created instead: its features and
+limits are what the application asked for (attnc requests nothing more), and planning picks
+the variants that fit them.
+
 Both modules load in one process side by side: each bundles its own native library
 (wgpu-native resp. Dawn) with its own instance, and they share only the Vulkan loader and
 driver, which supports several instances. Nothing here runs at import time.
@@ -25,10 +29,12 @@ from attnc.errors import DeviceError
 from attnc.lowering.capabilities import Capabilities
 from attnc.lowering.plan import Dialect
 from attnc.lowering.program import Access, Binding, Program, Scalar
-from attnc.runtime.dispatch import Dispatch, PipelineCache, readback, run, upload
+from attnc.runtime.dispatch import Counters, Dispatch, PipelineCache, readback, run, track_destroyed_buffers, upload
 
 # backend name -> the Python module that speaks the wgpu-py API for it
 BACKEND_MODULES = {"wgpu": "wgpu", "dawn": "wgpudawn"}
+# backend name -> the module that defines its GPUDevice, GPUBuffer, ... classes
+BACKEND_API_MODULES = {"wgpu": "wgpu.backends.wgpu_native._api", "dawn": "wgpudawn.backends.dawn._api"}
 # what to install for a backend whose module does not import
 BACKEND_INSTALL = {"wgpu": "pip install wgpu", "dawn": 'pip install "attnc[dawn]"'}
 DIALECTS = {"wgpu": "naga", "dawn": "tint"}
@@ -59,10 +65,11 @@ SETUP_HINT = (
 
 
 class Device:
-    """One adapter of one backend, with normalized capabilities and a lazily created GPUDevice."""
+    """One adapter of one backend, with normalized capabilities and a lazily created GPUDevice
+    (or, from `from_gpu_device`, the application's own GPUDevice)."""
 
-    def __init__(self, backend: str, module: ModuleType, adapter: Any):
-        info = dict(adapter.info)
+    def __init__(self, backend: str, module: ModuleType, adapter: Any, gpu_device: Any = None):
+        info = dict(adapter.info) if adapter is not None else {}
         self.backend = backend
         self.wgpu = module  # the wgpu-py-compatible module (flags, enums, error classes)
         self.adapter = adapter
@@ -71,11 +78,14 @@ class Device:
         self.api = str(info.get("backend_type", "Unknown"))
         self.adapter_type = str(info.get("adapter_type", "Unknown"))
         self.dialect = DIALECTS[backend]
-        offered = set(adapter.features)
+        # external: the GPUDevice is the application's; its features and limits are what it
+        # was created with, and attnc requests nothing
+        self.external = gpu_device is not None
+        offered = set(gpu_device.features if self.external else adapter.features)
         spelling = FEATURE_NAMES[backend]
         self.features = frozenset(ours for theirs, ours in spelling.items() if theirs in offered)
         self.required_features = tuple(t for t in spelling if t in offered)
-        self.limits = dict(adapter.limits)
+        self.limits = dict(gpu_device.limits if self.external else adapter.limits)
         has_sg = "subgroups" in self.features
         self.subgroup_min_size = _info_int(info, "subgroup_min_size") if has_sg else None
         self.subgroup_max_size = _info_int(info, "subgroup_max_size") if has_sg else None
@@ -84,10 +94,37 @@ class Device:
             + [str(info.get(k, "")) for k in ("vendor", "device", "description", "driver")]
         )
         self.pipelines = PipelineCache()
+        self.counters = Counters()
+        track_destroyed_buffers(importlib.import_module(BACKEND_API_MODULES[backend]).GPUBuffer)
+        if self.external:
+            self.__dict__["gpu"] = gpu_device  # what the cached property below would hold
+            _BY_GPU_DEVICE[id(gpu_device)] = self
+
+    @classmethod
+    def from_gpu_device(cls, gpu_device: Any, adapter: Any = None) -> Device:
+        """The attnc Device of an application's GPUDevice (wgpu-py or wgpudawn), created once
+        per GPUDevice: attention runs on it with the features and limits it was created with.
+
+        `adapter` (default: the device's own `.adapter`) only supplies names and the subgroup
+        size range; features and limits always come from `gpu_device`."""
+        found = _BY_GPU_DEVICE.get(id(gpu_device))
+        if found is not None and found.gpu is gpu_device:
+            return found
+        backend = gpu_backend(gpu_device)
+        if backend is None:
+            raise DeviceError(f"device: expected a GPUDevice of wgpu-py or wgpudawn, got {type(gpu_device).__name__}")
+        if adapter is None:
+            adapter = getattr(gpu_device, "adapter", None)
+        return cls(backend, importlib.import_module(BACKEND_MODULES[backend]), adapter, gpu_device)
 
     @functools.cached_property
     def gpu(self) -> Any:
         """The GPUDevice, requested once with attnc's features and the adapter's larger limits."""
+        gpu = self._request_device()
+        _BY_GPU_DEVICE[id(gpu)] = self
+        return gpu
+
+    def _request_device(self) -> Any:
         limits = {k: self.limits[k] for k in RAISED_LIMITS if k in self.limits}
         features = list(self.required_features)
         if self.backend == "dawn":
@@ -114,7 +151,10 @@ class Device:
         """Why attnc cannot run on this adapter, or None when it can: checked once per process
         (lazily) by creating its device and running a tiny compute pipeline, which some drivers
         list adapters for and then refuse (e.g. an OpenGL adapter whose GL version has no
-        compute shaders: the device request fails or the device is lost)."""
+        compute shaders: the device request fails or the device is lost). An application's
+        own GPUDevice (`from_gpu_device`) is taken as it is: nothing is submitted to it."""
+        if self.external:
+            return None
         try:
             _probe_compute(self)
         except Exception as exc:  # whatever the backend raises, the adapter cannot serve attnc
@@ -150,7 +190,7 @@ class Device:
             cpu=self.adapter_type == "CPU", dialect=Dialect(self.dialect), features=self.features,
             subgroup_size=self.subgroup_size, subgroup_min_size=self.subgroup_min_size,
             subgroup_lanes_contiguous=self.subgroup_lanes_contiguous,
-            limits=dict(self.gpu.limits), name=repr(self))
+            limits=self.gpu.limits, name=repr(self))
 
     @functools.cached_property
     def timestamp_period(self) -> float:
@@ -169,7 +209,23 @@ class Device:
         return f"{self.backend}:{self.api.lower()}"
 
     def __repr__(self) -> str:
-        return f"<Device {self.backend}:{self.api} {self.adapter_type} {self.name!r}>"
+        own = " (application device)" if self.external else ""
+        return f"<Device {self.backend}:{self.api} {self.adapter_type} {self.name!r}{own}>"
+
+
+# id(GPUDevice) -> its attnc Device (attnc's own and the wrapped ones); a Device holds its
+# GPUDevice, so an id here is never reused by another object
+_BY_GPU_DEVICE: dict[int, Device] = {}
+
+
+def gpu_backend(obj: Any) -> str | None:
+    """"wgpu" or "dawn" for a GPUDevice (or other GPU object) of that backend's module, else None."""
+    module = type(obj).__module__
+    for backend, name in BACKEND_MODULES.items():
+        if module == name or module.startswith(name + "."):
+            return backend
+    return None
+
 
 
 def _info_int(info: dict[str, Any], name: str) -> int | None:
@@ -315,8 +371,9 @@ def default_device() -> Device:
     return best
 
 
-def get_device(spec: Device | str | None = None) -> Device:
-    """Resolve None (the default), a Device, or a 'backend[:api]' string such as 'wgpu:opengl'."""
+def get_device(spec: Any = None) -> Device:
+    """Resolve None (the default), a Device, an application's GPUDevice (wgpu-py or wgpudawn;
+    wrapped once, see Device.from_gpu_device) or a 'backend[:api]' string such as 'wgpu:opengl'."""
     if spec is None:
         return default_device()
     if isinstance(spec, Device):
@@ -324,8 +381,10 @@ def get_device(spec: Device | str | None = None) -> Device:
             raise DeviceError(f"attnc cannot run on {spec.spec} ({spec.name}): {spec.unusable}")
         return spec
     if not isinstance(spec, str):
+        if gpu_backend(spec) is not None and hasattr(spec, "create_compute_pipeline"):
+            return Device.from_gpu_device(spec)
         raise DeviceError(
-            f"device must be None, a Device or a 'backend[:api]' string, not {spec!r}"
+            f"device must be None, a Device, a GPUDevice or a 'backend[:api]' string, not {spec!r}"
         )
     backend, _, api = spec.lower().partition(":")
     backend, api = backend.strip(), api.strip()

@@ -39,6 +39,7 @@ class DeviceLike(Protocol):
     features: frozenset[str]
     wgpu: Any
     pipelines: PipelineCache
+    counters: Counters
 
     @property
     def gpu(self) -> Any: ...
@@ -67,6 +68,81 @@ NUMPY_DTYPES = {
 NAGA_LOCATION = re.compile(r"wgsl:(\d+):(\d+)")
 TINT_LOCATION = re.compile(r"(?:^|\s)[^\s:]*:(\d+):(\d+) error: (.*)$", re.MULTILINE)
 ERROR_LINE = re.compile(r"error: (.*)$", re.MULTILINE)
+
+
+@dataclass
+class Counters:
+    """What attnc created on a device and moved to and from it, counted where it happens (the
+    helpers below), so that tests assert "a repeated call creates nothing" and benchmarks print
+    the bytes a step uploads. `uploads`/`bytes_uploaded` count host data written into buffers
+    (create_buffer_with_data and queue.write_buffer); `readbacks`/`bytes_read` count
+    queue.read_buffer calls (wgpu-py makes a staging buffer for each, not counted here)."""
+
+    buffers_created: int = 0
+    bytes_allocated: int = 0
+    bind_groups_created: int = 0
+    pipelines_compiled: int = 0
+    uploads: int = 0
+    bytes_uploaded: int = 0
+    readbacks: int = 0
+    bytes_read: int = 0
+    submits: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        """The counts now, as a plain dict (subtract two snapshots to count what happened between)."""
+        return dict(self.__dict__)
+
+    def since(self, before: Mapping[str, int]) -> dict[str, int]:
+        """What happened since `before` (a snapshot): count by count."""
+        return {k: v - before.get(k, 0) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class BufferSlice:
+    """A byte range of a GPUBuffer to bind (offset aligned to the device's
+    min-storage-buffer-offset-alignment, size a multiple of 4)."""
+
+    buffer: Any
+    offset: int
+    size: int
+
+
+DESTROYED = "_attnc_destroyed"
+
+
+def track_destroyed_buffers(buffer_class: type) -> None:
+    """Make `buffer_class.destroy()` mark the buffer (once per class), so that `is_destroyed`
+    can tell: WebGPU offers no query for it, and wgpu-native aborts the whole process when a
+    submission uses a destroyed buffer, where attnc must raise an error naming the argument."""
+    original = buffer_class.__dict__.get("destroy")
+    if original is None or getattr(original, "_attnc_marks", False):
+        return
+
+    def destroy(self: Any) -> None:
+        setattr(self, DESTROYED, True)
+        original(self)
+
+    destroy._attnc_marks = True  # type: ignore[attr-defined]
+    destroy.__doc__ = original.__doc__
+    destroy.__wrapped__ = original  # type: ignore[attr-defined]
+    buffer_class.destroy = destroy  # type: ignore[attr-defined]
+
+
+def is_destroyed(buffer: Any) -> bool:
+    """Whether `buffer.destroy()` was called (on a backend whose buffers attnc tracks)."""
+    return getattr(buffer, DESTROYED, False)
+
+
+def buffer_of(bound: Any) -> Any:
+    """The GPUBuffer of a binding given as a GPUBuffer or a BufferSlice."""
+    return bound.buffer if isinstance(bound, BufferSlice) else bound
+
+
+def binding_resource(bound: Any) -> dict[str, Any]:
+    """The bind group `resource` of a GPUBuffer (whole) or a BufferSlice."""
+    if isinstance(bound, BufferSlice):
+        return {"buffer": bound.buffer, "offset": bound.offset, "size": bound.size}
+    return {"buffer": bound, "offset": 0, "size": bound.size}
 
 
 class DispatchError(AttncError):
@@ -191,6 +267,7 @@ def compile_program(device: DeviceLike, program: Program) -> CompiledProgram:
         )
     except (device.wgpu.GPUError, device.wgpu.GPUPipelineError) as exc:
         raise shader_error(device, program, str(exc)) from None
+    device.counters.pipelines_compiled += 1
     return CompiledProgram(pipeline, layout)
 
 
@@ -285,6 +362,14 @@ def _usage(device: DeviceLike) -> int:
     return usage.STORAGE | usage.COPY_SRC | usage.COPY_DST
 
 
+def create_buffer(device: DeviceLike, size: int, usage: int | None = None, label: str = "") -> Any:
+    """A new zero-initialised buffer (counted); data buffers by default (`_usage`)."""
+    buffer = device.gpu.create_buffer(label=label, size=size, usage=_usage(device) if usage is None else usage)
+    device.counters.buffers_created += 1
+    device.counters.bytes_allocated += size
+    return buffer
+
+
 def upload(device: DeviceLike, array: np.ndarray) -> Any:
     """Copy a f32/f16/i32/u32 numpy array into a new storage buffer (size padded to 4 bytes)."""
     host = np.ascontiguousarray(array)
@@ -295,13 +380,46 @@ def upload(device: DeviceLike, array: np.ndarray) -> Any:
         )
     data = host.tobytes()
     data += bytes(-len(data) % 4 if data else 4)
-    return device.gpu.create_buffer_with_data(data=data, usage=_usage(device))
+    return upload_bytes(device, data, _usage(device))
+
+
+def upload_bytes(device: DeviceLike, data: bytes, usage: int, label: str = "") -> Any:
+    """A new buffer holding `data` (a multiple of 4 bytes), counted as created and uploaded."""
+    buffer = device.gpu.create_buffer_with_data(label=label, data=data, usage=usage)
+    c = device.counters
+    c.buffers_created += 1
+    c.bytes_allocated += len(data)
+    c.uploads += 1
+    c.bytes_uploaded += len(data)
+    return buffer
+
+
+def write(device: DeviceLike, buffer: Any, offset: int, data: Any) -> None:
+    """queue.write_buffer of host data (bytes or a contiguous array; offset and length multiples
+    of 4) into an existing buffer, counted."""
+    nbytes = memoryview(data).nbytes
+    device.gpu.queue.write_buffer(buffer, offset, data)
+    device.counters.uploads += 1
+    device.counters.bytes_uploaded += nbytes
 
 
 def empty(device: DeviceLike, nbytes: int) -> Any:
     """A zero-initialised storage buffer of at least `nbytes` (padded to 4, at least 4)."""
-    size = max(4, (int(nbytes) + 3) // 4 * 4)
-    return device.gpu.create_buffer(size=size, usage=_usage(device))
+    return create_buffer(device, max(4, (int(nbytes) + 3) // 4 * 4))
+
+
+def read_bytes(device: DeviceLike, buffer: Any, offset: int, size: int) -> memoryview:
+    """`size` bytes of `buffer` from `offset` (both multiples of 4); waits for the GPU. Counted."""
+    data = device.gpu.queue.read_buffer(buffer, offset, size)
+    device.counters.readbacks += 1
+    device.counters.bytes_read += size
+    return data
+
+
+def submit(device: DeviceLike, command_buffers: list[Any]) -> None:
+    """queue.submit, counted."""
+    device.gpu.queue.submit(command_buffers)
+    device.counters.submits += 1
 
 
 def readback(device: DeviceLike, buffer: Any, dtype: Scalar | Any, shape: Sequence[int]) -> np.ndarray:
@@ -312,13 +430,14 @@ def readback(device: DeviceLike, buffer: Any, dtype: Scalar | Any, shape: Sequen
     if nbytes > buffer.size:
         raise DispatchError(f"cannot read {nbytes} bytes from a buffer of {buffer.size} bytes")
     size = min(buffer.size, max(4, (nbytes + 3) // 4 * 4))
-    data = device.gpu.queue.read_buffer(buffer, 0, size)
+    data = read_bytes(device, buffer, 0, size)
     return np.frombuffer(data, dtype=dt, count=count).reshape(tuple(shape)).copy()
 
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """One program invocation: storage buffers by binding name, uniform values, workgroup count."""
+    """One program invocation: storage buffers (GPUBuffers or BufferSlices) by binding name,
+    uniform values, workgroup count."""
 
     program: Program
     buffers: Mapping[str, Any]
@@ -377,17 +496,16 @@ def _check_buffers(d: Dispatch) -> None:
     for i, a in enumerate(storage):
         for b in storage[i + 1 :]:
             writable = Access.READ_WRITE in (a.access, b.access)
-            if writable and d.buffers[a.name] is d.buffers[b.name]:
+            if writable and buffer_of(d.buffers[a.name]) is buffer_of(d.buffers[b.name]):
                 raise DispatchError(
                     f"{d.program.name}: the same buffer is bound to {a.name!r} and {b.name!r}, "
                     "and one of them is writable (WebGPU forbids this aliasing)"
                 )
 
 
-def _bind_group(
-    device: DeviceLike, d: Dispatch, compiled: CompiledProgram, grid: tuple[int, int, int]
-) -> Any:
-    """Create the bind group of one dispatch, with a fresh uniform buffer when it has one."""
+def uniform_block(d: Dispatch, grid: tuple[int, int, int]) -> bytes:
+    """The packed uniform block of one dispatch folded into `grid` (the runtime's own fields
+    `grid_total` and `grid_stride_x` filled in)."""
     values = dict(d.uniforms)
     given = sorted(set(values) & set(AUTO_UNIFORMS))
     if given:
@@ -397,18 +515,50 @@ def _bind_group(
     fields = {f.name for f in d.program.uniforms}
     auto = {"grid_total": d.workgroups, "grid_stride_x": grid[0]}
     values.update({k: v for k, v in auto.items() if k in fields})
+    return pack_uniforms(d.program, values)
+
+
+def uniform_buffer(device: DeviceLike, data: bytes) -> Any:
+    """A new uniform buffer holding `data` (counted)."""
+    usage = device.wgpu.BufferUsage.UNIFORM | device.wgpu.BufferUsage.COPY_DST
+    return upload_bytes(device, data, usage, label="attnc.uniforms")
+
+
+def create_bind_group(device: DeviceLike, program: Program, compiled: CompiledProgram,
+                      buffers: Mapping[str, Any], uniform: Any | None) -> Any:
+    """The bind group of `program` over storage buffers by binding name (GPUBuffers or
+    BufferSlices) and its uniform buffer (counted)."""
     entries = []
-    for b in d.program.bindings:
-        if b.access is Access.UNIFORM:
-            usage = device.wgpu.BufferUsage.UNIFORM | device.wgpu.BufferUsage.COPY_DST
-            data = pack_uniforms(d.program, values)
-            buffer = device.gpu.create_buffer_with_data(data=data, usage=usage)
-        else:
-            buffer = d.buffers[b.name]
-        entries.append(
-            {"binding": b.binding, "resource": {"buffer": buffer, "offset": 0, "size": buffer.size}}
-        )
-    return device.gpu.create_bind_group(layout=compiled.layout, entries=entries)
+    for b in program.bindings:
+        resource = binding_resource(uniform if b.access is Access.UNIFORM else buffers[b.name])
+        entries.append({"binding": b.binding, "resource": resource})
+    group = device.gpu.create_bind_group(label=program.name, layout=compiled.layout, entries=entries)
+    device.counters.bind_groups_created += 1
+    return group
+
+
+def _bind_group(
+    device: DeviceLike, d: Dispatch, compiled: CompiledProgram, grid: tuple[int, int, int]
+) -> Any:
+    """Create the bind group of one dispatch, with a fresh uniform buffer when it has one."""
+    data = uniform_block(d, grid)
+    has_uniform = any(b.access is Access.UNIFORM for b in d.program.bindings)
+    return create_bind_group(device, d.program, compiled, d.buffers,
+                             uniform_buffer(device, data) if has_uniform else None)
+
+
+def encode_pass(encoder: Any, items: Sequence[tuple[CompiledProgram, Any, tuple[int, int, int]]], label: str,
+                timestamp_writes: dict[str, Any] | None = None) -> None:
+    """Record one compute pass of (pipeline, bind group, folded grid) dispatches; a grid of no
+    workgroups is not dispatched."""
+    compute = encoder.begin_compute_pass(label=label, timestamp_writes=timestamp_writes)
+    for compiled, bind_group, grid in items:
+        if grid[0] == 0:
+            continue
+        compute.set_pipeline(compiled.pipeline)
+        compute.set_bind_group(0, bind_group)
+        compute.dispatch_workgroups(*grid)
+    compute.end()
 
 
 Recordable = tuple[CompiledProgram, Any, tuple[int, int, int], str]
@@ -424,13 +574,10 @@ def recordable(device: DeviceLike, d: Dispatch, max_per_dim: int) -> Recordable:
 
 def record_pass(encoder: Any, recorded: Sequence[Recordable], timestamp_writes: Mapping[str, Any] | None = None
                 ) -> None:
-    """Record dispatches (from `recordable`) as one compute pass of `encoder`."""
-    compute = encoder.begin_compute_pass(label="+".join(r[3] for r in recorded), timestamp_writes=timestamp_writes)
-    for compiled, bind_group, grid, _name in recorded:
-        compute.set_pipeline(compiled.pipeline)
-        compute.set_bind_group(0, bind_group)
-        compute.dispatch_workgroups(*grid)
-    compute.end()
+    """Record dispatches (from `recordable`) as one compute pass of `encoder`, labelled by
+    their programs' names."""
+    encode_pass(encoder, [(c, g, grid) for c, g, grid, _ in recorded], "+".join(r[3] for r in recorded),
+                None if timestamp_writes is None else dict(timestamp_writes))
 
 
 def run(
@@ -480,23 +627,35 @@ def run(
     resolved = None
     if query_set is not None:
         usage = device.wgpu.BufferUsage
-        resolved = gpu.create_buffer(size=8 * count, usage=usage.QUERY_RESOLVE | usage.COPY_SRC)
+        resolved = create_buffer(device, 8 * count, usage.QUERY_RESOLVE | usage.COPY_SRC)
         encoder.resolve_query_set(query_set, 0, count, resolved, 0)
     created = time.perf_counter()
-    gpu.queue.submit([encoder.finish()])
+    submit(device, [encoder.finish()])
     if logging and len(device.pipelines) > known:
-        probe = gpu.create_buffer(size=16, usage=device.wgpu.BufferUsage.COPY_SRC)
-        gpu.queue.read_buffer(probe, 0, 16)  # waits for the submission (as in warm_up)
+        wait_idle(device)
         log_compile(device, [p[3] for p in prepared], created - start, time.perf_counter() - created)
     _check_records(device, checked)
     if not timestamps:
         return None
     if resolved is None:
         return []
-    ticks = np.frombuffer(gpu.queue.read_buffer(resolved), dtype=np.uint64).astype(np.int64)
+    ticks = np.frombuffer(read_bytes(device, resolved, 0, resolved.size), dtype=np.uint64).astype(np.int64)
     if span:
         return [float(ticks[-1] - ticks[0]) * device.timestamp_period / 1e6]
     return [float(t) * device.timestamp_period / 1e6 for t in ticks[1::2] - ticks[0::2]]
+
+
+def wait_idle(device: DeviceLike) -> None:
+    """Wait until the device's queue has finished everything submitted so far (a 16-byte read
+    of a scratch buffer, which waits for the submissions before it)."""
+    probe = _IDLE_PROBES.get(id(device))
+    if probe is None:
+        usage = device.wgpu.BufferUsage.COPY_SRC | device.wgpu.BufferUsage.COPY_DST
+        probe = _IDLE_PROBES[id(device)] = create_buffer(device, 16, usage)
+    read_bytes(device, probe, 0, 16)
+
+
+_IDLE_PROBES: dict[int, Any] = {}
 
 
 WARM_WGSL = """\
@@ -572,7 +731,7 @@ def warm_up(device: DeviceLike, ms: float = 60.0) -> bool:
             best = _WARM_BEST[id(device)] = min(_WARM_BEST.get(id(device), math.inf), t[0])
             up = t[0] <= 1.1 * best
         else:
-            device.gpu.queue.read_buffer(warm.buffers["buf"], 0, 16)  # waits for the submission
+            read_bytes(device, warm.buffers["buf"], 0, 16)  # waits for the submission
             up = True
         if elapsed >= least and up:
             return True

@@ -1,9 +1,26 @@
-"""A prepared attention op: its kernel, programs, uniforms and device buffers, ready to run."""
+"""A prepared attention op: its kernel, programs and uniforms, ready to run on new tensors.
+
+Calling an op, `op(q, k, v, ...)`, binds GPU tensors (`runtime/tensor.py`) in place and
+uploads host arrays into buffers the op keeps, then records its dispatches in one compute
+pass: into the caller's command encoder (`encoder=`, the caller submits) or into one of its
+own that it submits. Everything a call needs is made once and looked up again: pipelines
+(per device), uniform buffers (per distinct uniform block: the strides of the tensors it is
+given), bind groups (per set of buffers, by identity). A repeated call with tensors of the
+same shapes creates no buffers, pipelines or bind groups and uploads nothing; the device's
+counters (`Device.counters`) show it.
+
+The older interface, `bind` / `bind_copy` / `run` / `result`, uploads into new buffers for
+each binding (the tuner and the benchmarks rotate over such copies) and times runs.
+"""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import os
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,6 +33,20 @@ from attnc.lowering.program import Access, Program
 from attnc.quant import QuantTensor
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device
+from attnc.runtime.tensor import QuantGPUTensor, Tensor, dense_strides, host_array, on_gpu
+
+# kernel tensor dtypes as numpy dtypes
+NUMPY_OF = {ir.DType.F32: np.dtype(np.float32), ir.DType.F16: np.dtype(np.float16), ir.DType.I32: np.dtype(np.int32)}
+# tensors read as vec4 by a plan with vector_width 4 (the dot and value operands)
+VECTOR_TENSORS = ("q", "k", "v")
+# tensor params that may be given with a shape broadcastable to their dims (read with stride 0)
+BROADCAST = frozenset({"bias"})
+# bind groups an op keeps (least recently used dropped first): enough for one op reused by a
+# whole model's layers with their own buffers
+MAX_BIND_GROUPS = 256
+MAX_UNIFORM_BLOCKS = 16
+OUTPUT_MODES = ("tensor", "numpy")
+_GPU = (Tensor, QuantGPUTensor)  # the types of k and v a call's fast path takes
 
 
 def workgroups(factors: tuple[str, ...], env: dict[str, float | int]) -> int:
@@ -31,52 +62,121 @@ def workgroups(factors: tuple[str, ...], env: dict[str, float | int]) -> int:
     return total
 
 
-def dense_strides(shape: tuple[int, ...]) -> list[int]:
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= n
-    return out[::-1]
-
-
 def broadcast_strides(name: str, x: np.ndarray, full: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
     """A compact array and element strides that read it broadcast to `full` (0 on size-1 dims)."""
-    if x.ndim > len(full):
-        raise ValueError(f"{name}: shape {x.shape} has more dims than {full}")
-    shape = (1,) * (len(full) - x.ndim) + x.shape
-    for n, f in zip(shape, full, strict=True):
-        if n not in (1, f):
-            raise ValueError(f"{name}: shape {x.shape} is not broadcastable to {full}")
+    shape = broadcast_shape(name, x.shape, full)
     arr = np.ascontiguousarray(x.reshape(shape))
     st = dense_strides(shape)
     return arr, [0 if n == 1 and f != 1 else s for s, n, f in zip(st, shape, full, strict=True)]
 
 
-@dataclasses.dataclass(frozen=True)
-class Bound:
-    """One set of device buffers and the dispatches that use them (see Prepared.bind_copy)."""
+def broadcast_shape(name: str, shape: tuple[int, ...], full: tuple[int, ...]) -> tuple[int, ...]:
+    """`shape` padded with leading 1s to the rank of `full`, when it broadcasts to `full`."""
+    if len(shape) > len(full):
+        raise ValueError(f"{name}: shape {shape} has more dims than {full}")
+    padded = (1,) * (len(full) - len(shape)) + tuple(shape)
+    for n, f in zip(padded, full, strict=True):
+        if n not in (1, f):
+            raise ValueError(f"{name}: shape {shape} is not broadcastable to {full}")
+    return padded
 
-    bufs: dict[str, Any]
-    dispatches: list[rt.Dispatch]
+
+@dataclasses.dataclass(frozen=True)
+class TensorParam:
+    """A tensor input of the op's kernel: its concrete shape and dtype, how it may be read."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    vector: bool  # read as vec4: unit stride on the last dim, the other strides multiples of 4
+    broadcast: bool  # may be given broadcastable to `shape` (stride 0 on its size-1 dims)
+    fmt: str | None = None  # k / v stored quantized (q8_0, q4_0, int8): given as a (GPU) QuantTensor
+
+
+def check_host_option(name: str, x: Any, dims: Mapping[str, int], total_keys: int | None = None) -> np.ndarray:
+    """A host value of an option tensor, checked against the contract and converted to what
+    the kernel reads (float32; int32 kv_lens); errors name the argument."""
+    arr = host_array(name, x)
+    if arr is None:
+        raise ValueError(f"{name}: expected a numpy array, an attnc.Tensor or host data with __array__ or "
+                         f"__dlpack__, got {type(x).__name__}")
+    if name == "kv_lens":
+        B = dims["B"]
+        if arr.ndim != 1:
+            raise ValueError(f"kv_lens: expected 1 dims, got {arr.ndim} (shape {arr.shape})")
+        if arr.shape != (B,):
+            raise ValueError(f"kv_lens: expected shape ({B},) (B), got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"kv_lens: expected integers, got {arr.dtype}")
+        total = dims["T"] if total_keys is None else total_keys
+        if not np.all((arr >= 0) & (arr <= total)):
+            raise ValueError(f"kv_lens: values must be in [0, T={total}]")
+        return np.ascontiguousarray(arr, dtype=np.int32)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name}: expected real numbers, got dtype {arr.dtype}")
+    if name in ("alibi_slopes", "sinks"):
+        if arr.ndim != 1:
+            raise ValueError(f"{name}: expected 1 dims, got {arr.ndim} (shape {arr.shape})")
+        if arr.shape != (dims["Hq"],):
+            raise ValueError(f"{name}: expected shape ({dims['Hq']},) (Hq), got {arr.shape}")
+    return arr.astype(np.float32, copy=False)
+
+
+def zeros_on(dev: Device, shape: tuple[int, ...]) -> Tensor:
+    """A new float32 GPU tensor of `shape` (zero-filled) on `dev`."""
+    return Tensor(dev, rt.empty(dev, 4 * math.prod(shape)), shape, np.float32)
 
 
 class Prepared:
-    """One attention problem made ready on a device: kernel, programs, uniforms, buffers.
+    """One attention problem made ready on a device: kernel, programs, uniforms.
 
-    `bind` uploads q/k/v (and the option tensors), `run` dispatches every program in one
-    submission (optionally returning the GPU time in ms), `result` reads o (and lse) back.
+    `op(q, k, v, ...)` runs it on GPU tensors or host arrays (see the module docstring);
+    `bind` / `run` / `result` are the interface of the tuner and the benchmarks.
     """
 
     def __init__(self, dev: Device, kern: ir.Kernel, plan: Plan, progs: tuple[Program, ...],
-                 dims: dict[str, int], scalars: dict[str, float | int], extra: dict[str, np.ndarray],
-                 strides: dict[str, list[int]]):
+                 dims: dict[str, int], scalars: dict[str, float | int], defaults: dict[str, Any],
+                 total_keys: int | None = None):
         self.dev, self.kern, self.plan, self.progs, self.dims = dev, kern, plan, progs, dims
-        self.scalars, self.extra, self.strides = scalars, extra, strides
+        self.scalars = scalars
+        self.total_keys = total_keys  # kv_lens' upper bound (T, or the whole T of a chunked problem)
         self.bufs: dict[str, Any] = {}
         self.dispatches: list[rt.Dispatch] = []
         self.has_lse = any(b.name == "lse" for p in progs for b in p.bindings)
         self.options_key = ""
+        vec = plan.vector_width == 4
+        self.params = tuple(
+            TensorParam(p.name, tuple(dims[d] for d in p.type.dims),
+                        np.dtype(np.uint32) if p.type.dtype.is_quant else NUMPY_OF[p.type.dtype],
+                        vec and p.name in VECTOR_TENSORS, p.name in BROADCAST,
+                        p.type.dtype.value if p.type.dtype.is_quant else None)
+            for p in kern.params if p.type.dims)
+        self.option_names = frozenset(p.name for p in self.params) - set(VECTOR_TENSORS)
+        self.defaults: dict[str, Any] = {}
+        for name, value in defaults.items():
+            self.defaults[name] = self._checked_default(name, value)
+        B, Hq, S = dims["B"], dims["Hq"], dims["S"]
+        self.out_shape = (B, Hq, S, dims["Dv"])
+        self.packed_rows = tuple(kern.output.dims) != ("B", "Hq", "S", "Dv")  # GQA packed: [B, Hkv, R, Dv]
+        env = {**dims, **scalars}
+        self.grids = [workgroups(p.grid, env) for p in progs]
+        base = {f"d_{d}": dims[d] for d in kern.dims}
+        base.update({f"p_{p.name}": scalars[p.name] for p in kern.params if not p.type.dims})
+        self._base_uniforms = [{n: v for n, v in base.items() if n in {f.name for f in p.uniforms}} for p in progs]
+        self._storage = [tuple(b.name for b in p.bindings if b.access is not Access.UNIFORM) for p in progs]
+        self._compiled: list[rt.CompiledProgram] | None = None
+        self._folded: list[tuple[int, int, int]] = []
+        self._uniforms: collections.OrderedDict[Any, list[Any]] = collections.OrderedDict()
+        self._groups: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._staging: dict[str, Any] = {}  # host inputs: the op's own upload buffers
+        self._uploaded_defaults: dict[str, tuple[rt.BufferSlice, tuple[int, ...]]] = {}
+        self._own_out: tuple[Tensor, Tensor | None] | None = None
+        self._part: Any = None
+        # calls with the same GPU tensors: (recorded items, result, buffers), see _call
+        self._memo: collections.OrderedDict[Any, tuple[Any, Any, tuple[Any, ...]]] = collections.OrderedDict()
+        self._env: tuple[str | None, ...] = ()
 
+    # ------------------------------------------------------------------ facts
     @property
     def variant(self) -> str:
         """A readable name of the variant: family, storage, tile sizes and plan tunables."""
@@ -95,84 +195,415 @@ class Prepared:
         knobs = {Strategy.ROWS: f"KC={pn.keys_per_step},DQ={pn.query_dim}",
                  Strategy.LANES: f"TM={pn.rows_per_invocation},SGB={pn.subgroup_width},DQ={pn.query_dim}",
                  Strategy.STREAM: stream}.get(pn.strategy, tiled)
-        kv = "".join(f",{n.upper()}={self.kern.param(n).type.dtype.value}" for n in ("k", "v")
-                     if self.kern.param(n).type.dtype.is_quant)
+        kv = "".join(f",{p.name.upper()}={p.fmt}" for p in self.params if p.fmt)
         return f"{pl.name}:{pn.name}[{tun},{knobs},DVC={pn.value_columns},VEC={pn.vector_width}{split}{kv}]"
 
     @property
     def plan_grid(self) -> list[int]:
-        env = {**self.dims, **self.scalars}
-        return [workgroups(p.grid, env) for p in self.progs]
+        return list(self.grids)
 
-    def bind(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Prepared:
-        """Upload inputs and create the output/scratch buffers and the dispatches."""
+    @property
+    def extra(self) -> dict[str, np.ndarray]:
+        """The option tensors given as host arrays when the op was prepared, as the kernel reads
+        them (float32 / int32; bias compact, broadcast by strides)."""
+        return {n: x[0] for n, x in self.defaults.items() if isinstance(x, tuple)}
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of q, k and v."""
+        return self.params[0].dtype
+
+    # ------------------------------------------------------------------ arguments
+    def _param(self, name: str) -> TensorParam:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def _checked_default(self, name: str, value: Any) -> Any:
+        """A prepare-time option value: a GPU Tensor (checked at each call) or a host array,
+        kept converted as (array, strides)."""
+        if isinstance(value, Tensor):
+            self._gpu_arg(self._param(name), value)
+            return value
+        return self._host_value(self._param(name), value)
+
+    def _host_value(self, p: TensorParam, x: Any) -> tuple[np.ndarray, tuple[int, ...]]:
+        """A host argument checked and converted: (compact array, element strides)."""
+        if p.fmt is not None or isinstance(x, QuantTensor):
+            return self._quant_arg(p, x, QuantTensor).words, dense_strides(p.shape)
+        if p.name in VECTOR_TENSORS:
+            arr = host_array(p.name, x)
+            if arr is None:
+                raise ValueError(f"{p.name}: expected a numpy array, an attnc.Tensor or host data with __array__ "
+                                 f"or __dlpack__, got {type(x).__name__}")
+            if arr.dtype != p.dtype:
+                raise ValueError(f"{p.name}: dtype {arr.dtype}; this op takes {p.dtype}")
+            if arr.shape != p.shape:
+                raise ValueError(f"{p.name}: shape {arr.shape}; this op takes {p.shape}")
+            arr = np.ascontiguousarray(arr)
+            return arr, dense_strides(arr.shape)
+        arr = check_host_option(p.name, x, self.dims, self.total_keys)
+        if p.broadcast:
+            arr, st = broadcast_strides(p.name, arr, p.shape)
+            return arr, tuple(st)
+        if arr.shape != p.shape:
+            raise ValueError(f"{p.name}: expected shape {p.shape}, got {arr.shape}")
+        return arr, dense_strides(arr.shape)
+
+    def _quant_arg(self, p: TensorParam, x: Any, kind: type) -> Any:
+        """k or v given for a quantized param (or quantized for a float one), checked: a
+        QuantTensor (host) or QuantGPUTensor (`kind`) of the op's format and shape."""
+        name = p.name
+        if p.fmt is None:
+            raise ValueError(f"{name}: this op reads {name} as {p.dtype} values; got a {x.fmt} {type(x).__name__} "
+                             f"(prepare the op with a quantized {name} like it, or {name}_format={x.fmt!r})")
+        if not isinstance(x, (QuantTensor, QuantGPUTensor)):
+            got = f"{x.dtype} values" if hasattr(x, "dtype") else f"a {type(x).__name__}"
+            raise ValueError(f"{name}: this op reads {name} stored as {p.fmt}; got {got} (quantize them with "
+                             f"attnc.quant.quantize(x, {p.fmt!r}))")
+        if x.fmt != p.fmt:
+            raise ValueError(f"{name}: this op reads {name} stored as {p.fmt}; got a {x.fmt} {type(x).__name__}")
+        if tuple(x.shape) != p.shape:
+            raise ValueError(f"{name}: shape {tuple(x.shape)}; this op takes {p.shape}")
+        if not isinstance(x, kind):
+            raise ValueError(f"{name}: expected a {kind.__name__}, got a {type(x).__name__}")
+        return x
+
+    def _gpu_arg(self, p: TensorParam, t: Tensor) -> tuple[rt.BufferSlice, tuple[int, ...]]:
+        """A GPU tensor argument checked against the op: device, dtype, shape, strides the
+        variant can read, binding alignment, a live buffer. Errors name the argument."""
+        name = p.name
+        if t.device is not self.dev:
+            raise ValueError(f"{name}: the tensor is on {t.device!r}; this op runs on {self.dev!r}")
+        if p.fmt is not None or isinstance(t, QuantGPUTensor):
+            return self._quant_arg(p, t, QuantGPUTensor).binding(name), dense_strides(p.shape)
+        if t.dtype != p.dtype:
+            raise ValueError(f"{name}: dtype {t.dtype}; this op takes {p.dtype}")
+        strides = t.strides
+        if t.shape != p.shape:
+            if not p.broadcast:
+                raise ValueError(f"{name}: shape {t.shape}; this op takes {p.shape}")
+            padded = broadcast_shape(name, t.shape, p.shape)
+            strides = (0,) * (len(p.shape) - t.ndim) + strides
+            strides = tuple(0 if n == 1 and f != 1 else s for s, n, f in zip(strides, padded, p.shape, strict=True))
+        elif p.broadcast:
+            strides = tuple(0 if n == 1 else s for s, n in zip(strides, p.shape, strict=True))
+        if p.vector and (strides[-1] != 1 or any(s % 4 for s in strides[:-1])):
+            raise ValueError(f"{name}: strides {t.strides} cannot be read by this variant's vec4 loads (they need "
+                             "a head-dim stride of 1 and the other strides multiples of 4); prepare the op with "
+                             "a view like this one (attnc.prepare(q, k, v) with the tensors themselves), which picks "
+                             "a variant with scalar loads")
+        return t.binding(name), strides
+
+    def _out_arg(self, name: str, t: Tensor, shape: tuple[int, ...], inputs: list[Any]) -> tuple[int, ...]:
+        """An output tensor (`out`, `out_lse`) checked: device, float32, shape, a live
+        aligned buffer that no input shares. Returns the strides the kernel writes with."""
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name}: expected an attnc.Tensor to write into, got {type(t).__name__}")
+        if t.device is not self.dev:
+            raise ValueError(f"{name}: the tensor is on {t.device!r}; this op runs on {self.dev!r}")
+        if t.dtype != np.float32:
+            raise ValueError(f"{name}: dtype {t.dtype}; the kernels write float32")
+        if t.shape != shape:
+            raise ValueError(f"{name}: shape {t.shape}; this op writes {shape}")
+        t.binding(name)
+        for x in inputs:
+            if rt.buffer_of(x) is t.buffer:
+                raise ValueError(f"{name}: shares its GPUBuffer with an input; WebGPU does not let a dispatch "
+                                 "write a buffer it also reads")
+        if 0 in t.strides and t.size > 1:
+            raise ValueError(f"{name}: strides {t.strides} make outputs overlap")
+        return t.strides
+
+    def _kernel_out_strides(self, strides: tuple[int, ...], name: str) -> tuple[int, ...]:
+        """The strides of o (or lse) as the kernel writes them: with GQA packed into rows, its
+        [B, Hkv, R] view of [B, Hq, S] (query row r = g * S + i of KV head hk is head
+        hk * G + g, row i)."""
+        if not self.packed_rows:
+            return strides
+        S, group = self.dims["S"], self.dims["Hq"] // self.dims["Hkv"]
+        sb, sh, ss = strides[:3]
+        if S > 1 and sh != S * ss:
+            raise ValueError(f"{name}: strides {strides}: this variant packs the {group} query heads of a KV head "
+                             f"into rows, so the head stride must be S={S} times the row stride; prepare the op "
+                             f"with an output like this one (attnc.prepare(..., {name}=...)) for a variant that "
+                             "writes any strides")
+        return (sb, group * sh, ss if S > 1 else sh) + strides[3:]
+
+    def _host_slice(self, name: str, arr: np.ndarray) -> rt.BufferSlice:
+        """Upload a host array into the op's own buffer for `name` (grown when too small)."""
+        nbytes = max(4, -(-arr.nbytes // 4) * 4)
+        buffer = self._staging.get(name)
+        if buffer is None or buffer.size < nbytes:
+            buffer = self._staging[name] = rt.create_buffer(self.dev, max(nbytes, 16), label=f"attnc.{name}")
+        data = arr.reshape(-1)
+        if arr.nbytes % 4:
+            data = np.concatenate([data.view(np.uint8), np.zeros(4 - arr.nbytes % 4, np.uint8)])
+        if data.size:
+            rt.write(self.dev, buffer, 0, data)
+        return rt.BufferSlice(buffer, 0, nbytes)
+
+    def _resolve(self, values: Mapping[str, Any], *, fresh: bool, recorded: bool
+                 ) -> tuple[dict[str, Any], list[tuple[int, ...]]]:
+        """Every tensor param bound: GPU tensors in place, host arrays uploaded (into new
+        buffers with `fresh`, else the op's own); their strides in param order."""
+        bound: dict[str, Any] = {}
+        strides: list[tuple[int, ...]] = []
+        for p in self.params:
+            x = values.get(p.name)
+            if x is None:
+                x = self.defaults.get(p.name)
+                if x is None:
+                    raise ValueError(f"{p.name}: missing (this op was prepared with {p.name})")
+                if isinstance(x, tuple):  # a host default: uploaded once
+                    if fresh:
+                        bound[p.name], st = rt.upload(self.dev, x[0]), x[1]
+                    else:
+                        if p.name not in self._uploaded_defaults:
+                            self._uploaded_defaults[p.name] = (self._host_slice(p.name, x[0]), x[1])
+                        bound[p.name], st = self._uploaded_defaults[p.name]
+                    strides.append(st)
+                    continue
+            if on_gpu(x):
+                bound[p.name], st = self._gpu_arg(p, x)
+            else:
+                if recorded:
+                    raise ValueError(f"{p.name}: host data cannot be recorded into an encoder (it would be "
+                                     "uploaded before the encoder runs, and a later call would overwrite it); "
+                                     "pass an attnc.Tensor")
+                arr, st = self._host_value(p, x)
+                bound[p.name] = rt.upload(self.dev, arr) if fresh else self._host_slice(p.name, arr)
+                if not fresh:
+                    self._uploaded_defaults.pop(p.name, None)  # its buffer now holds this call's data
+            strides.append(st)
+        return bound, strides
+
+    # ------------------------------------------------------------------ calls
+    def __call__(self, q: Any, k: Any, v: Any, *, out: Tensor | None = None, out_lse: Tensor | None = None,
+                 encoder: Any = None, output: str | None = None, **tensors: Any) -> Any:
+        """Attention on new q, k, v (GPU tensors or host arrays of the prepared shapes and
+        dtype) and, by name, option tensors that replace the prepared ones (bias, kv_lens,
+        sinks, alibi_slopes).
+
+        The result stays on the GPU (float32 tensors o [B, Hq, S, Dv] and, with return_lse, lse
+        [B, Hq, S]) when q, k or v is a GPU tensor or `out=` is given, else it is read back as
+        numpy (o in q's dtype); `output="tensor"` / `"numpy"` chooses. Without `out=` the result is the op's own
+        buffer, which the next call overwrites; `out=` / `out_lse=` write into given tensors
+        (any strides). `encoder=` records the dispatches into the caller's GPUCommandEncoder
+        without submitting them (the caller submits; every input must be a GPU tensor)."""
+        return self._call(q, k, v, out, out_lse, encoder, output, tensors, keep_groups=True)
+
+    def _call(self, q: Any, k: Any, v: Any, out: Tensor | None, out_lse: Tensor | None, encoder: Any,
+              output: str | None, tensors: Mapping[str, Any], keep_groups: bool) -> Any:
+        # the fast path: GPU tensors this op was called with before (tensors are immutable
+        # views, so what was checked and bound for them still holds; only a destroyed buffer
+        # can change, and is checked)
+        env = (os.environ.get("ATTNC_SANITIZE"), os.environ.get("ATTNC_COMPILE_LOG"),
+               os.environ.get("ATTNC_NAGA_CHECKS"))
+        if env != self._env:  # what the pipelines are (and whether calls are checked or logged) changed
+            self._env, self._compiled = env, None
+            self._groups.clear()
+            self._memo.clear()
+        memo_key = None
+        if keep_groups and not (env[0] or env[1]) and type(q) is Tensor and type(k) in _GPU and \
+                type(v) in _GPU and (not tensors or all(type(x) is Tensor for x in tensors.values())):
+            memo_key = (q, k, v, out, out_lse, output, encoder is None, *tensors.items())
+            hit = self._memo.get(memo_key)
+            if hit is not None:
+                items, result, buffers = hit
+                for b in buffers:
+                    if getattr(b, rt.DESTROYED, False):
+                        break
+                else:
+                    self._memo.move_to_end(memo_key)
+                    self._encode(items, encoder)
+                    return result
+        items, result, buffers = self._bind_call(q, k, v, out, out_lse, encoder, output, tensors, keep_groups)
+        if items is None:
+            return result
+        if memo_key is not None and output != "numpy":
+            self._memo[memo_key] = (items, result, buffers)
+            if len(self._memo) > MAX_BIND_GROUPS:
+                self._memo.popitem(last=False)
+        return result
+
+    def _encode(self, items: list[tuple[rt.CompiledProgram, Any, tuple[int, int, int]]], encoder: Any) -> None:
+        """Record the op's pass into `encoder`, or into a new encoder that is submitted."""
+        if encoder is not None:
+            rt.encode_pass(encoder, items, self.progs[0].name)
+            return
+        enc = self.dev.gpu.create_command_encoder(label="attnc")
+        rt.encode_pass(enc, items, self.progs[0].name)
+        rt.submit(self.dev, [enc.finish()])
+
+    def _bind_call(self, q: Any, k: Any, v: Any, out: Tensor | None, out_lse: Tensor | None, encoder: Any,
+                   output: str | None, tensors: Mapping[str, Any], keep_groups: bool
+                   ) -> tuple[list[Any] | None, Any, tuple[Any, ...]]:
+        """A call checked and bound from scratch, run; returns what the fast path reuses: the
+        recorded items, the result and the buffers whose destruction would void them."""
+        unknown = sorted(set(tensors) - self.option_names)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a tensor of this op (it takes q, k, v"
+                             + "".join(f", {n}" for n in sorted(self.option_names)) + ")")
+        gpu = on_gpu(q) or on_gpu(k) or on_gpu(v) or out is not None
+        if output is None:
+            output = "tensor" if gpu else "numpy"
+        elif output not in OUTPUT_MODES:
+            raise ValueError(f"output must be one of {OUTPUT_MODES} or None, got {output!r}")
+        if encoder is not None and output == "numpy":
+            raise ValueError("output='numpy' reads the result back, which a call with encoder= cannot do "
+                             "(the caller submits the encoder)")
+        if out_lse is not None and not self.has_lse:
+            raise ValueError("out_lse: this op was prepared without return_lse")
+        values = dict(tensors)
+        values["q"], values["k"], values["v"] = q, k, v
+        bound, strides = self._resolve(values, fresh=False, recorded=encoder is not None)
+        o, lse = self._outputs(out, out_lse, list(bound.values()), fresh=not keep_groups)
+        o_strides = self._kernel_out_strides(o.strides, "out")
+        lse_strides = None if lse is None else self._kernel_out_strides(lse.strides, "out_lse")
+        bound["o"] = o.binding("out")
+        if lse is not None:
+            bound["lse"] = lse.binding("out_lse")
+        if self._part is not None:
+            bound["part"] = self._part
+        key = (tuple(strides), o_strides, lse_strides)
+        items = None
+        if rt.sanitizing():
+            if encoder is not None:
+                raise ValueError("ATTNC_SANITIZE=bounds reads its records after the run: call without encoder=")
+            rt.run(self.dev, self._dispatches(bound, strides, o_strides, lse_strides))
+        else:
+            compiled, logged = self._compile()
+            uniforms = self._uniform_buffers(key, strides, o_strides, lse_strides)
+            items = []
+            for i, (names, ub) in enumerate(zip(self._storage, uniforms, strict=True)):
+                slices = tuple(bound[n] for n in names)
+                gkey = (i, ub, slices)
+                group = self._groups.get(gkey)
+                if group is None:
+                    group = rt.create_bind_group(self.dev, self.progs[i], compiled[i], dict(zip(names, slices,
+                                                                                              strict=True)), ub)
+                    if keep_groups:
+                        self._groups[gkey] = group
+                        if len(self._groups) > MAX_BIND_GROUPS:
+                            self._groups.popitem(last=False)
+                else:
+                    self._groups.move_to_end(gkey)
+                items.append((compiled[i], group, self._folded[i]))
+            self._encode(items, encoder)
+            if logged is not None:
+                rt.wait_idle(self.dev)
+                rt.log_compile(self.dev, [p.name for p in self.progs], logged[0], time.perf_counter() - logged[1])
+        if output == "numpy":
+            o_host = o.numpy().astype(self.dtype)
+            return None, ((o_host, lse.numpy()) if lse is not None else o_host), ()
+        result = (o, lse) if self.has_lse else o
+        buffers = tuple({id(rt.buffer_of(b)): rt.buffer_of(b) for b in bound.values()}.values())
+        return items, result, buffers
+
+    def _outputs(self, out: Tensor | None, out_lse: Tensor | None, inputs: list[Any], fresh: bool
+                 ) -> tuple[Tensor, Tensor | None]:
+        """o and lse: the given tensors, new ones (`fresh`), or the op's own."""
+        if self._part is None and len(self.progs) > 1:
+            B, Hq, S, Dv = self.out_shape
+            part = rt.empty(self.dev, 4 * B * Hq * S * int(self.scalars["NSPLIT"]) * (Dv + 2))
+            self._part = rt.BufferSlice(part, 0, part.size)
+        lse_shape = self.out_shape[:3]
+        if fresh:  # new tensors for what is not given
+            o = out if out is not None else zeros_on(self.dev, self.out_shape)
+            lse = out_lse if out_lse is not None or not self.has_lse else zeros_on(self.dev, lse_shape)
+        else:
+            if self._own_out is None and (out is None or (self.has_lse and out_lse is None)):
+                self._own_out = (zeros_on(self.dev, self.out_shape),
+                                 zeros_on(self.dev, lse_shape) if self.has_lse else None)
+            o = out if out is not None else self._own_out[0]  # type: ignore[index]
+            lse = out_lse if out_lse is not None or not self.has_lse else self._own_out[1]  # type: ignore[index]
+        if out is not None:
+            self._out_arg("out", out, self.out_shape, inputs)
+        if out_lse is not None:
+            self._out_arg("out_lse", out_lse, lse_shape, inputs)
+        return o, lse
+
+    def _compile(self) -> tuple[list[rt.CompiledProgram], tuple[float, float] | None]:
+        """The op's pipelines (compiled at the first call) and, when ATTNC_COMPILE_LOG is set
+        and this call compiled them, (creation seconds, time the compile ended)."""
+        if self._compiled is not None:
+            return self._compiled, None
+        known, start = len(self.dev.pipelines), time.perf_counter()
+        self._compiled = [self.dev.pipelines.get(self.dev, p) for p in self.progs]
+        per_dim = int(self.dev.gpu.limits["max-compute-workgroups-per-dimension"])
+        self._folded = [rt.fold_grid(n, per_dim) for n in self.grids]
+        end = time.perf_counter()
+        logged = (end - start, end) if os.environ.get("ATTNC_COMPILE_LOG") and len(self.dev.pipelines) > known \
+            else None
+        return self._compiled, logged
+
+    def _uniform_values(self, i: int, strides: list[tuple[int, ...]], o_strides: tuple[int, ...],
+                        lse_strides: tuple[int, ...] | None) -> dict[str, float | int]:
+        values = dict(self._base_uniforms[i])
+        fields = {f.name for f in self.progs[i].uniforms}
+        named = [(p.name, st) for p, st in zip(self.params, strides, strict=True)] + [("o", o_strides)]
+        if lse_strides is not None:
+            named.append(("lse", lse_strides))
+        for name, st in named:
+            for j, s in enumerate(st):
+                if f"s_{name}_{j}" in fields:
+                    values[f"s_{name}_{j}"] = s
+        return values
+
+    def _uniform_buffers(self, key: Any, strides: list[tuple[int, ...]], o_strides: tuple[int, ...],
+                         lse_strides: tuple[int, ...] | None) -> list[Any]:
+        """One uniform buffer per program for these strides: made once per distinct block (a
+        call recorded into an encoder keeps the buffer it bound, whatever later calls bind)."""
+        found = self._uniforms.get(key)
+        if found is not None:
+            self._uniforms.move_to_end(key)
+            return found
+        made = []
+        for i, p in enumerate(self.progs):
+            d = rt.Dispatch(p, {}, self._uniform_values(i, strides, o_strides, lse_strides), self.grids[i])
+            made.append(rt.uniform_buffer(self.dev, rt.uniform_block(d, self._folded[i])))
+        self._uniforms[key] = made
+        if len(self._uniforms) > MAX_UNIFORM_BLOCKS:
+            self._uniforms.popitem(last=False)
+        return made
+
+    def _dispatches(self, bound: Mapping[str, Any], strides: list[tuple[int, ...]], o_strides: tuple[int, ...],
+                    lse_strides: tuple[int, ...] | None) -> list[rt.Dispatch]:
+        """The dispatches of one binding, for `dispatch.run` (timing, the sanitizer)."""
+        out = []
+        for i, p in enumerate(self.progs):
+            names = set(self._storage[i])
+            values = self._uniform_values(i, strides, o_strides, lse_strides)
+            fields = {f.name for f in p.uniforms} - set(rt.AUTO_UNIFORMS)
+            out.append(rt.Dispatch(p, {x: b for x, b in bound.items() if x in names},
+                                   {x: values[x] for x in fields}, self.grids[i]))
+        return out
+
+    # ------------------------------------------------------------------ tuner / benchmark interface
+    def bind(self, q: Any, k: Any, v: Any) -> Prepared:
+        """Upload inputs into new buffers and create the output/scratch buffers and dispatches."""
         self.bufs, self.dispatches = self._binding(q, k, v)
         return self
 
-    def bind_copy(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Bound:
+    def bind_copy(self, q: Any, k: Any, v: Any) -> Bound:
         """Another set of inputs and outputs for `run(binding=...)`: benchmarks rotate over
         copies so that inputs smaller than the GPU's cache are not timed cache-resident."""
         return Bound(*self._binding(q, k, v))
 
-    def _binding(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[dict[str, Any], list[rt.Dispatch]]:
-        dims = self.dims
-        B, Hq, S, Dv = dims["B"], dims["Hq"], dims["S"], dims["Dv"]
-        arrays = {"q": np.ascontiguousarray(q), "k": k, "v": v, **self.extra}
-        for name in ("k", "v"):
-            arrays[name] = self._operand(name, arrays[name])
-        uni: dict[str, float | int] = {f"d_{d}": dims[d] for d in self.kern.dims}
-        bufs: dict[str, Any] = {}
-        for p in self.kern.params:
-            if not p.type.dims:
-                if p.name not in self.scalars:
-                    raise ValueError(f"no value for kernel scalar {p.name!r}")
-                uni[f"p_{p.name}"] = self.scalars[p.name]
-                continue
-            arr = arrays[p.name]
-            if isinstance(arr, QuantTensor):  # element strides of the dense logical tensor
-                for i, stride in enumerate(dense_strides(arr.shape)):
-                    uni[f"s_{p.name}_{i}"] = stride
-                bufs[p.name] = rt.upload(self.dev, arr.words)
-                continue
-            st = self.strides.get(p.name) or dense_strides(arr.shape)
-            for i, stride in enumerate(st):
-                uni[f"s_{p.name}_{i}"] = stride
-            if arr.dtype == np.float16 and arr.size % 2:
-                arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])
-            bufs[p.name] = rt.upload(self.dev, arr)
-        o_shape = tuple(dims[d] for d in self.kern.output.dims)  # [B, Hq, S, Dv] or packed [B, Hkv, R, Dv]
-        for i, stride in enumerate(dense_strides(o_shape)):
-            uni[f"s_o_{i}"] = stride
+    def _binding(self, q: Any, k: Any, v: Any) -> tuple[dict[str, Any], list[rt.Dispatch]]:
+        bound, strides = self._resolve({"q": q, "k": k, "v": v}, fresh=True, recorded=False)
+        B, Hq, S, Dv = self.out_shape
+        bound["o"] = rt.empty(self.dev, 4 * B * Hq * S * Dv)
+        o_strides = self._kernel_out_strides(dense_strides(self.out_shape), "o")
+        lse_strides = None
         if self.has_lse:
-            for i, stride in enumerate(dense_strides(o_shape[:-1])):
-                uni[f"s_lse_{i}"] = stride
-            bufs["lse"] = rt.empty(self.dev, 4 * B * Hq * S)
-        bufs["o"] = rt.empty(self.dev, 4 * B * Hq * S * Dv)
+            bound["lse"] = rt.empty(self.dev, 4 * B * Hq * S)
+            lse_strides = self._kernel_out_strides(dense_strides(self.out_shape[:3]), "lse")
         if len(self.progs) > 1:
-            bufs["part"] = rt.empty(self.dev, 4 * B * Hq * S * int(self.scalars["NSPLIT"]) * (Dv + 2))
-        dispatches = []
-        for p, n in zip(self.progs, self.plan_grid, strict=True):
-            names = {b.name for b in p.bindings}
-            fields = {f.name for f in p.uniforms} - {"grid_total", "grid_stride_x"}
-            dispatches.append(rt.Dispatch(p, {x: b for x, b in bufs.items() if x in names},
-                                          {x: uni[x] for x in fields}, n))
-        return bufs, dispatches
-
-    def _operand(self, name: str, x: Any) -> Any:
-        """k or v as bound: a QuantTensor of the format the kernel reads, else a contiguous array."""
-        want = self.kern.param(name).type.dtype
-        shape = tuple(self.dims[d] for d in self.kern.param(name).type.dims)
-        if want.is_quant:
-            if not isinstance(x, QuantTensor) or x.fmt != want.value:
-                got = f"a {x.fmt} QuantTensor" if isinstance(x, QuantTensor) else f"a {type(x).__name__}"
-                raise ValueError(f"{name}: this op reads {name} stored as {want.value}; got {got}")
-            if x.shape != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {x.shape}")
-            return x
-        if isinstance(x, QuantTensor):
-            raise ValueError(f"{name}: this op reads {name} as {want.value} values; got a {x.fmt} QuantTensor "
-                             f"(prepare it with {name}_format={x.fmt!r})")
-        return np.ascontiguousarray(x)
+            bound["part"] = rt.empty(self.dev, 4 * B * Hq * S * int(self.scalars["NSPLIT"]) * (Dv + 2))
+        return bound, self._dispatches(bound, strides, o_strides, lse_strides)
 
     def run(self, timestamps: bool = False, binding: Bound | None = None) -> float | None:
         """Dispatch all programs in one submission; with timestamps, the GPU ms from the start
@@ -186,15 +617,23 @@ class Prepared:
         return None if times is None else float(sum(times))
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Read o (float32) and lse back."""
-        B, Hq, S, Dv = (self.dims[x] for x in ("B", "Hq", "S", "Dv"))
+        """Read o (float32) and lse back (of the last `bind`/`run`)."""
+        B, Hq, S, Dv = self.out_shape
         o = rt.readback(self.dev, self.bufs["o"], np.float32, (B, Hq, S, Dv))
         lse = rt.readback(self.dev, self.bufs["lse"], np.float32, (B, Hq, S)) if self.has_lse else None
         return o, lse
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """One set of device buffers and the dispatches that use them (see Prepared.bind_copy)."""
+
+    bufs: dict[str, Any]
+    dispatches: list[rt.Dispatch]
+
+
 def check_limits(dev: Device, progs: tuple[Program, ...], plan: Plan | None = None,
-                  dims: dict[str, int] | None = None) -> None:
+                 dims: dict[str, int] | None = None) -> None:
     """Refuse, with the numbers, a variant that needs more than the device granted."""
     if plan is not None and dims is not None and (plan.resident_query or plan.strategy is Strategy.STREAM) \
             and dims["D"] > plan.query_dim:

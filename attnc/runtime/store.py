@@ -13,7 +13,7 @@ from attnc.lowering.store import emit_store
 from attnc.quant import QuantTensor, check_head_dim
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device, get_device
-from attnc.runtime.prepared import dense_strides
+from attnc.runtime.tensor import dense_strides
 
 _PROGRAMS: dict[tuple[str, str, bool], tuple[ir.StoreKernel, Program]] = {}
 

@@ -152,30 +152,49 @@ def ignore(what: str, reason: str, path: Path | None = None) -> None:
                   stacklevel=2)
 
 
-def load(quiet: bool = False) -> dict[str, Any]:
-    """The cache's entries (empty when the file is missing; an unreadable file, or one of
-    another format, is ignored with a warning unless `quiet`)."""
-    p = cache_path()
+# (path, mtime_ns, size) of the file last read, its entries, and why the whole file is ignored
+# (None: it is not): the file is read once per process, and again only when it changes
+# (attention() looks its problem up for every new prepared op)
+_LOADED: tuple[tuple[str, int, int] | None, dict[str, Any], str | None] = (None, {}, None)
+
+
+def _read(p: Path) -> tuple[dict[str, Any], str | None]:
+    """The entries of the cache file at `p`, or ({}, why it is ignored)."""
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        return {}, f"not readable as JSON ({type(exc).__name__}: {exc})"
+    if not isinstance(data, dict):
+        return {}, f"the file holds a {type(data).__name__}, not an object"
+    if data.get("version") != VERSION:
+        return {}, f"format version {data.get('version')!r}, not {VERSION} (run `attnc tune` again)"
+    if not isinstance(data.get("entries"), dict):
+        return {}, f"'entries' is a {type(data.get('entries')).__name__}, not an object"
+    return data["entries"], None
+
+
+def load(quiet: bool = False) -> dict[str, Any]:
+    """The cache's entries (empty when the file is missing; an unreadable file, or one of
+    another format, is ignored with a warning unless `quiet`). The file is read again only when
+    its path, modification time or size changed since the last read; the dict returned is
+    shared, not to be modified."""
+    global _LOADED
+    p = cache_path()
+    try:
+        st = p.stat()
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+    except OSError as exc:
         if not quiet:
-            ignore("", f"not readable as JSON ({type(exc).__name__}: {exc})", p)
+            ignore("", f"not readable ({type(exc).__name__}: {exc})", p)
         return {}
-    reason = None
-    if not isinstance(data, dict):
-        reason = f"the file holds a {type(data).__name__}, not an object"
-    elif data.get("version") != VERSION:
-        reason = f"format version {data.get('version')!r}, not {VERSION} (run `attnc tune` again)"
-    elif not isinstance(data.get("entries"), dict):
-        reason = f"'entries' is a {type(data.get('entries')).__name__}, not an object"
-    if reason is not None:
-        if not quiet:
-            ignore("", reason, p)
-        return {}
-    return data["entries"]
+    stamp = (str(p), st.st_mtime_ns, st.st_size)
+    if _LOADED[0] != stamp:
+        _LOADED = (stamp, *_read(p))
+    _, entries, reason = _LOADED
+    if reason is not None and not quiet:
+        ignore("", reason, p)
+    return entries
 
 
 def lookup(device: Device, options_key: str, dims: dict[str, int]) -> dict[str, Any] | None:
@@ -185,7 +204,7 @@ def lookup(device: Device, options_key: str, dims: dict[str, int]) -> dict[str, 
 
 def store(device: Device, options_key: str, dims: dict[str, int], entry: dict[str, Any]) -> None:
     """Record a tuned choice (atomically replacing the cache file; an unreadable one is replaced)."""
-    entries = load(quiet=True)
+    entries = dict(load(quiet=True))
     entries[key(device, options_key, dims)] = entry
     p = cache_path()
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -262,11 +281,13 @@ def tuned_plan(dev: Device, okey: str, dims: dict[str, int], f16: bool, family: 
     except ValueError as exc:
         ignore(k, str(exc))
         return None
+    if family is not None and plan.family is not family:
+        return None
+    if dev.external and plan.family is Family.SUBGROUPS and "subgroups" not in dev.features:
+        return None  # tuned on the adapter; the application created its device without subgroups
     refused = device_refuses(caps, plan)
     if refused is not None:
         ignore(k, refused)
-        return None
-    if family is not None and plan.family is not family:
         return None
     if plan.vector_width == 4 and (dims["D"] % 4 or dims["Dv"] % 4):
         if plan.strategy in (Strategy.STREAM, Strategy.LANES):

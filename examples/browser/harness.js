@@ -10,8 +10,8 @@
 // Paths are relative to the cases file. Binary files are little-endian raw arrays.
 
 import {
-  AttncError, checkShapes, createAttention, evaluateFormula, f16BitsToF32, f16ToF32, f32ToF16, loadManifest,
-  manifestProblems, selectVariant,
+  AttncError, checkShapes, createAttention, createKVCache, evaluateFormula, f16BitsToF32, f16ToF32, f32ToF16,
+  loadManifest, manifestProblems, selectVariant,
 } from '../../js/attnc.js';
 
 const ARRAYS = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array};
@@ -104,6 +104,7 @@ export async function runCases(adapter, device, casesPath, io) {
 async function runCase(device, casesPath, c, io, manifests, attentions) {
   /** @type {any} */
   const r = {name: c.name, status: 'error', variant: null, shapes: c.shapes};
+  if (c.kind === 'kv_cache') return runKvCase(device, casesPath, c, io, manifests, attentions, r);
   try {
     const mpath = joinPath(casesPath, c.manifest);
     if (!manifests.has(mpath)) manifests.set(mpath, await loadManifest(mpath, io.text));
@@ -158,6 +159,93 @@ async function runCase(device, casesPath, c, io, manifests, attentions) {
     if (c.expect_error) r.expected_error = c.expect_error;
   }
   return r;
+}
+
+/**
+ * A KV-cache case: appends (typed arrays; GPUBuffers recorded into an encoder, dense or in
+ * [B, n, Hkv, D] order with strides), then attention over the cache; returns o and the cache's
+ * contents and lengths. Same arguments as runCase.
+ * @param {any} device @param {string} casesPath @param {any} c @param {any} io @param {Map<string, any>} manifests
+ * @param {Map<string, any>} attentions @param {any} r
+ */
+async function runKvCase(device, casesPath, c, io, manifests, attentions, r) {
+  try {
+    const mpath = joinPath(casesPath, c.manifest);
+    if (!manifests.has(mpath)) manifests.set(mpath, await loadManifest(mpath, io.text));
+    const manifest = manifests.get(mpath);
+    try {
+      selectVariant(manifest, {variant: c.variant, features: device.features, limits: deviceLimits(device)});
+    } catch (e) {
+      if (!(e instanceof AttncError)) throw e;
+      r.status = 'unsupported';
+      r.error = e.message;
+      return r;
+    }
+    const key = JSON.stringify([mpath, c.variant, {}]);
+    if (!attentions.has(key)) attentions.set(key, await createAttention(device, manifest, {variant: c.variant}));
+    const attn = attentions.get(key);
+    r.variant = attn.variant.name;
+    const read = async (/** @type {any} */ f) => new ARRAYS[/** @type {keyof typeof ARRAYS} */ (f.dtype)](await io.bytes(joinPath(casesPath, f.file)));
+    const cache = await createKVCache(device, c.cache);
+    const {batch: B, kvHeads: H, headDim: D, valueDim: Dv} = c.cache;
+    for (const step of c.steps) {
+      const k = await read(step.k), v = await read(step.v);
+      const opts = {rows: step.rows, counts: step.counts ?? undefined};
+      if (step.source === 'array') {
+        cache.append(k, v, opts);
+        continue;
+      }
+      const upload = (/** @type {any} */ a) => {
+        const buf = device.createBuffer({size: Math.max(16, Math.ceil(a.byteLength / 4) * 4), usage: 0x80 | 0x8, mappedAtCreation: true});
+        new Uint8Array(buf.getMappedRange()).set(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
+        buf.unmap();
+        return buf;
+      };
+      const n = step.rows;
+      const strides = step.source === 'bshd' ? {k: [n * H * D, D, H * D, 1], v: [n * H * Dv, Dv, H * Dv, 1]} : undefined;
+      const encoder = device.createCommandEncoder();
+      cache.append(upload(k), upload(v), {...opts, strides, encoder});
+      device.queue.submit([encoder.finish()]);
+    }
+    const q = await read(c.q);
+    const out = await cache.attend(attn, q, c.shapes, c.params || {});
+    const cacheOut = {
+      o: out.o,
+      cache_k: await readBuffer(device, cache.k, c.expected.cache_k.dtype, B * H * cache.capacity * D),
+      cache_v: await readBuffer(device, cache.v, c.expected.cache_v.dtype, B * H * cache.capacity * Dv),
+      kv_lens: await readBuffer(device, cache.kvLens, 'i32', B),
+    };
+    r.metrics = {};
+    r.outputs = {};
+    for (const [name, f] of Object.entries(c.expected)) {
+      const want = await read(f);
+      const got = /** @type {any} */ (cacheOut)[name];
+      r.metrics[name] = compare(asFloat(got, f.dtype), asFloat(want, f.dtype));
+      if (io.returnOutputs) r.outputs[name] = {dtype: f.dtype, b64: toBase64(new Uint8Array(got.buffer, got.byteOffset, got.byteLength))};
+    }
+    cache.destroy();
+    r.status = 'ok';
+  } catch (e) {
+    r.error = String(/** @type {any} */ (e).message || e);
+    r.status = 'error';
+  }
+  return r;
+}
+
+/** The first `count` elements of a GPUBuffer as a typed array of `dtype`. @param {any} device @param {any} buffer @param {string} dtype @param {number} count */
+async function readBuffer(device, buffer, dtype, count) {
+  const Ctor = ARRAYS[/** @type {keyof typeof ARRAYS} */ (dtype)];
+  const bytes = count * Ctor.BYTES_PER_ELEMENT;
+  const size = Math.ceil(bytes / 4) * 4;
+  const staging = device.createBuffer({size, usage: 0x1 | 0x8});
+  const encoder = device.createCommandEncoder();
+  encoder.copyBufferToBuffer(buffer, 0, staging, 0, size);
+  device.queue.submit([encoder.finish()]);
+  await staging.mapAsync(0x1);
+  const out = new Ctor(staging.getMappedRange().slice(0, bytes));
+  staging.unmap();
+  staging.destroy();
+  return out;
 }
 
 /** @param {any} device */

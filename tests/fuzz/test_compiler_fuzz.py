@@ -35,6 +35,7 @@ from attnc.frontend.dsl import Value
 from attnc.ir import nodes as ir
 from attnc.ir.interp import interpret
 from attnc.lowering import Family, Plan, Storage, Strategy, lower
+from attnc.lowering.candidates import fits_default_limits
 from attnc.lowering.plan import DEFAULT_LIMITS, Dialect
 from attnc.lowering.retype import retype
 from attnc.runtime import api
@@ -273,7 +274,7 @@ def test_generated_wgsl_is_accepted_by_naga_and_tint(case, require_adapters) -> 
                          Plan(Family.PORTABLE, storage, strategy=Strategy.ROWS, **rows)))
         for k, plan in variants:
             try:
-                if plan.strategy is Strategy.TILED and not api.fits_portable_limits(plan, BM, BN):
+                if plan.strategy is Strategy.TILED and not fits_default_limits(plan, {"BM": BM, "BN": BN}):
                     continue
                 progs = {d: lower(k, dataclasses.replace(plan, dialect=d)) for d in Dialect}
             except LoweringError as e:  # a plan that does not fit is refused clearly, never emitted

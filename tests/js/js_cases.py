@@ -247,7 +247,7 @@ def write_cases(folder: str | os.PathLike, extra: list[dict] | None = None) -> d
     fixtures = fixture_cases(w)  # first: case_list() names their files the same way
     attention = attention_cases(w, folder)
     spec = {
-        "cases": fixtures + attention + refusal_cases(w, folder) + (extra or []),
+        "cases": fixtures + attention + kv_cache_cases(w, folder) + refusal_cases(w, folder) + (extra or []),
         "checks": {"formulas": formula_checks(), "f16": f16_check(w), **validation_checks(folder)},
     }
     (folder / "cases.json").write_text(json.dumps(spec, indent=1))
@@ -363,6 +363,8 @@ ATTENTION_CONFIGS = [
     # dequantized values; only the shapes whose head dims the formats hold (multiples of 32)
     ("kvquant", {"k_dtype": "q8_0", "v_dtype": "q4_0", "causal": True, "kv_lens": True, "lse": True}, {},
      [SG32, PO16]),
+    # the kernel of the KV-cache cases (kv_cache_cases): attention over each row's prefix
+    ("kv_cache", {"kv_lens": True, "causal": True}, {}, [PO32, SG16]),
 ]
 QUANT_DTYPES = ("q8_0", "q4_0", "int8")
 ATTENTION_CONFIGS_FULL = [
@@ -556,6 +558,66 @@ def _attention_case(w, rng, manifest_rel, var, cname, options, params, shapes) -
         "inputs": inputs,
         "expected": expected,
     }
+
+
+# --- KV caches (js/attnc.js createKVCache) ----------------------------------------------------
+
+# (family, dtype), head dims, appends as (new rows n, counts or None, source): the f16 cache has
+# odd head dims, so rows share 32-bit words and the store keeps the halves it does not own
+KV_CACHES = [
+    (PO32, 8, 8, [(4, [4, 2, 0], "array"), (1, None, "buffer"), (3, [1, 3, 2], "bshd"), (2, None, "array")]),
+    (SG16, 5, 6, [(3, [3, 1, 0], "array"), (2, [0, 2, 2], "bshd"), (1, None, "buffer"), (2, [2, 0, 1], "array")]),
+]
+
+
+def kv_cache_cases(w: _Writer, folder: Path) -> list[dict]:
+    """Cases for the JS KV cache: appends from typed arrays and GPUBuffers (dense, or [B, n,
+    Hkv, D] with strides), ragged and not, then attention over each row's prefix with the
+    compiled `kv_cache` kernel; expected: o, the cache's whole k and v buffers (rows past each
+    prefix still zero) and its GPU lengths. [] when `attnc compile` is missing."""
+    if not compiler_available():
+        return []
+    manifest = json.loads((folder / "compiled" / "kv_cache" / "manifest.json").read_text())
+    rng = np.random.default_rng(2024)
+    B, Hkv, Hq, cap, S = 3, 2, 4, 24, 2
+    cases = []
+    for (family, dtype), D, Dv, steps in KV_CACHES:
+        var = next(v for v in manifest["variants"] if (v["family"], v["dtype"]) == (family, dtype))
+        npdt = NP_DTYPES[dtype]
+        k_all = np.zeros((B, Hkv, cap, D), npdt)
+        v_all = np.zeros((B, Hkv, cap, Dv), npdt)
+        lens = np.zeros(B, np.int32)
+        spec_steps = []
+        for n, counts, source in steps:
+            k_new = rng.standard_normal((B, Hkv, n, D)).astype(npdt)
+            v_new = rng.standard_normal((B, Hkv, n, Dv)).astype(npdt)
+            rows = counts if counts is not None else [n] * B
+            for b in range(B):
+                k_all[b, :, lens[b]:lens[b] + rows[b]] = k_new[b, :, :rows[b]]
+                v_all[b, :, lens[b]:lens[b] + rows[b]] = v_new[b, :, :rows[b]]
+                lens[b] += rows[b]
+            order = (0, 2, 1, 3) if source == "bshd" else (0, 1, 2, 3)
+            spec_steps.append({"rows": n, "counts": counts, "source": source,
+                               "k": w.bin(k_new.transpose(order), dtype), "v": w.bin(v_new.transpose(order), dtype)})
+        q = rng.standard_normal((B, Hq, S, D)).astype(npdt)
+        o, _ = attention_reference(q, k_all, v_all, causal=True, kv_lens=lens)
+        o_dtype = next(t["dtype"] for t in var["tensors"] if t["name"] == "o")
+        cases.append({
+            "name": f"kv.{family}.{dtype}",
+            "kind": "kv_cache",
+            "manifest": "compiled/kv_cache/manifest.json",
+            "variant": {"family": family, "dtype": dtype},
+            "requires_features": list(var["requires"].get("features", [])),
+            "cache": {"batch": B, "kvHeads": Hkv, "capacity": cap, "headDim": D, "valueDim": Dv, "dtype": dtype},
+            "steps": spec_steps,
+            "q": w.bin(q, dtype),
+            "shapes": {"Hq": Hq, "S": S},
+            "params": {},
+            "tol": TOL[dtype],
+            "expected": {"o": w.bin(o, o_dtype), "cache_k": w.bin(k_all, dtype), "cache_v": w.bin(v_all, dtype),
+                         "kv_lens": w.bin(lens, "i32")},
+        })
+    return cases
 
 
 # --- refused calls and the validation sample ---------------------------------------------------

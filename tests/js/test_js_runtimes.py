@@ -128,6 +128,43 @@ def test_f16_conversion_matches_numpy(runtime):
     assert f16["to_half_mismatches"] == 0 and f16["to_float_mismatches"] == 0, f16
 
 
+def test_kv_cache(runtime, cases_dir):
+    """js/attnc.js KVCache: ragged and whole appends from typed arrays and GPUBuffers (dense and
+    strided), in place (the cache buffers hold exactly the appended rows, zeros past each
+    prefix; the GPU lengths advanced), and attention over each row's prefix, against numpy; on
+    every runtime, f32 and f16 (odd head dims)."""
+    name, res = runtime
+    results = [r for r in res["results"] if r["name"].startswith("kv.")]
+    if not results:
+        assert not js_cases.compiler_available(), "attnc compile exists but made no KV-cache cases"
+        pytest.skip("`python -m attnc compile` is not available yet")
+    spec = {c["name"]: c for c in js_cases.load_cases(cases_dir)}
+    assert sorted(r["name"] for r in results) == sorted(n for n in spec if n.startswith("kv."))
+    have = set(res["device_features"])
+    for r in results:
+        c = spec[r["name"]]
+        if set(c["requires_features"]) - have:
+            assert r["status"] == "unsupported", r
+            continue
+        assert r["status"] == "ok", r.get("error")
+        for out_name in ("cache_k", "cache_v", "kv_lens"):  # written in place: exactly
+            got = js_cases.decode_output(r["outputs"][out_name])
+            want = js_cases.read_bin(cases_dir, c["expected"][out_name])
+            assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), f"{r['name']}.{out_name} differs"
+        check_outputs(name, c, r, cases_dir)
+
+
+def test_js_store_kernels_are_the_python_ones():
+    """js/attnc.js embeds attnc's KV store kernels: the same WGSL text, so both write alike."""
+    from attnc.runtime import kvcache
+
+    text = (js_cases.ROOT / "js" / "attnc.js").read_text()
+    for name, wgsl in (("KV_STORE_WGSL", kvcache.STORE_WGSL), ("KV_STORE_F32", kvcache.STORE_F32),
+                       ("KV_STORE_F16", kvcache.STORE_F16), ("KV_ADVANCE_WGSL", kvcache.ADVANCE_WGSL)):
+        start = text.index(f"const {name} = String.raw`") + len(f"const {name} = String.raw`")
+        assert text[start:text.index("`;", start)] == wgsl, name
+
+
 def test_refused_calls_name_the_problem(runtime, cases_dir):
     """Calls of compiled kernels that attnc's Python API refuses (GQA non-multiples, Hkv > Hq,
     string/fractional/zero/negative dims, a short input, kv_lens past T) are refused by the

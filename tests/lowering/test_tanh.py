@@ -142,10 +142,13 @@ def _programs() -> list[tuple[str, Program]]:
     def mod(s, b, h, q_idx, kv_idx):
         return attnc.tanh(s * 0.5) * 2.0
 
+    columns = dict(query_dim=64, value_columns=64, vector_width=4)
     plans = [(Plan(Family.PORTABLE), False, 16), (Plan(Family.SUBGROUPS, Storage.F16A, Dialect.TINT), True, 16),
-             (Plan(Family.PORTABLE, Storage.F16, strategy=Strategy.ROWS, KC=4, DQ=64, DVC=64, VEC=4), True, 8),
-             (Plan(Family.PORTABLE, strategy=Strategy.STREAM, WG=64, KL=2, KC=4, DQ=64, DVC=64, VEC=4), False, 4),
-             (Plan(Family.SUBGROUPS, strategy=Strategy.LANES, TM=1, SGB=8, DQ=64, DVC=64, VEC=4), False, 8)]
+             (Plan(Family.PORTABLE, Storage.F16, strategy=Strategy.ROWS, keys_per_step=4, **columns), True, 8),
+             (Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=64, lanes_per_key=2, keys_per_step=4,
+                   **columns), False, 4),
+             (Plan(Family.SUBGROUPS, strategy=Strategy.LANES, rows_per_invocation=1, subgroup_width=8, **columns),
+              False, 8)]
     out = []
     for plan, f16, bm in plans:
         opts = api.Options(softcap=True, sinks=True, lse=True, split=True, score_mod=mod, f16=f16)

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from attnc.errors import LoweringError
+from attnc.lowering.candidates import fits_default_limits
 from attnc.lowering.plan import Family, Plan, Storage, Strategy, layout
 from attnc.lowering.tiled import owned
 from attnc.lowering.wgsl import Writer
@@ -69,16 +70,15 @@ def problems(draw):
     plan = Plan(Family.PORTABLE, workgroup_size=draw(st.sampled_from([32, 64, 128])),
                 rows_per_invocation=draw(st.sampled_from([1, 2, 4])),
                 head_chunk=draw(st.sampled_from([8, 16, 24])), value_columns=draw(st.sampled_from([16, 32, 64])),
-                value_stage_columns=draw(st.sampled_from([8, 16, 32])), value_block_keys=draw(st.sampled_from([0, 0, 8,
-                                                                                                               16])),
-                                                                                                               vector_width=vec,
+                value_stage_columns=draw(st.sampled_from([8, 16, 32])),
+                value_block_keys=draw(st.sampled_from([0, 0, 8, 16])), vector_width=vec,
                 unroll=draw(st.sampled_from([1, 2])), prefetch=draw(st.sampled_from([0, 1, 1])),
                 p_chunk_keys=draw(st.sampled_from([0, 16, 32])), last_tile_first=draw(st.sampled_from([0, 1])))
     if draw(st.booleans()):
         plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, "resident_query": True,
                        "query_dim": -(-dims["D"] // plan.head_chunk) * plan.head_chunk})
     try:
-        assume(api.fits_portable_limits(plan, bm, bn))
+        assume(fits_default_limits(plan, {"BM": bm, "BN": bn}))
         # at most 32 scores and 32 output columns per invocation (the GPU heuristic's 128x64
         # tiles have 32 of each) and at most 4 value blocks: the emitted structure is the same
         # beyond, and lavapipe compiles such shaders for a minute or more (128 + 128 with UN=2:

@@ -107,7 +107,7 @@ def _valid_entries(dev, dims: dict) -> list[dict]:
 
 
 @pytest.mark.parametrize("spec", ["wgpu:vulkan", "wgpu:opengl", "dawn:vulkan"])
-@settings(RUN, max_examples=20)
+@settings(RUN, max_examples=12)
 @given(data=st.data())
 def test_fuzzed_cache_files_never_break_attention(require_adapters, tmp_path_factory, monkeypatch, spec,
                                                   data) -> None:

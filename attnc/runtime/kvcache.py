@@ -1,0 +1,400 @@
+"""A KV cache on the GPU: keys and values that grow in place, and attention over them.
+
+`KVCache(batch, kv_heads, capacity, head_dim)` holds k [B, Hkv, capacity, D] and v [B, Hkv,
+capacity, Dv] (float32 or float16) in GPU buffers, and each batch row's length twice: on the
+host (`lengths`) and in a GPU int32 tensor (`kv_lens`) that attention reads. `append` writes
+new rows behind each row's valid prefix with a store kernel, which also advances the GPU
+lengths, so a decode step moves only the new rows; `attend` runs attention of new queries
+over each row's prefix (queries aligned to its end, as with `kv_lens`).
+
+Every write goes through `_store` (one store program per cache dtype): a later storage
+format (quantized rows written by their own store kernel) changes that method and the
+program it dispatches, not the callers.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
+from attnc.runtime import dispatch as rt
+from attnc.runtime.api import prepare
+from attnc.runtime.build import function_key
+from attnc.runtime.devices import get_device
+from attnc.runtime.prepared import Prepared
+from attnc.runtime.tensor import Tensor, host_array, zeros
+
+WORKGROUP = 64
+
+# src [B, H, n, D] (any strides) -> dst [B, H, capacity, D] rows lens[b] .. lens[b] + count(b);
+# count(b) = n, or counts[b] when ragged. One invocation per destination element (f32) or per
+# 32-bit word of two f16 halves, keeping a half that belongs to a row outside the range.
+STORE_WGSL = """\
+struct Params {
+    grid_total: u32, grid_stride_x: u32, B: u32, H: u32, n: u32, D: u32, cap: u32, ragged: u32,
+    s0: u32, s1: u32, s2: u32, s3: u32, per: u32,
+}
+
+@group(0) @binding(0) var<storage, read> src: array<ELEM>;
+@group(0) @binding(1) var<storage, read> lens: array<i32>;
+@group(0) @binding(2) var<storage, read> counts: array<i32>;
+@group(0) @binding(3) var<storage, read_write> dst: array<ELEM>;
+@group(0) @binding(4) var<uniform> P: Params;
+
+fn row_count(b: u32) -> u32 {
+    if (P.ragged != 0u) {
+        return u32(max(counts[b], 0));
+    }
+    return P.n;
+}
+
+fn src_index(b: u32, h: u32, i: u32, d: u32) -> u32 {
+    return b * P.s0 + h * P.s1 + i * P.s2 + d * P.s3;
+}
+BODY"""
+
+STORE_F32 = """
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wid.x + wid.y * P.grid_stride_x;
+    let g = group * 64u + lid;
+    if (group >= P.grid_total || g >= P.B * P.H * P.per) {
+        return;
+    }
+    let bh = g / P.per;
+    let b = bh / P.H;
+    let h = bh % P.H;
+    let i = (g % P.per) / P.D;
+    let d = (g % P.per) % P.D;
+    if (i >= row_count(b)) {
+        return;
+    }
+    dst[(bh * P.cap + u32(lens[b]) + i) * P.D + d] = src[src_index(b, h, i, d)];
+}
+"""
+
+STORE_F16 = """
+fn src_half(b: u32, h: u32, rel: u32) -> f32 {
+    let e = src_index(b, h, rel / P.D, rel % P.D);
+    let pair = unpack2x16float(src[e >> 1u]);
+    return select(pair.x, pair.y, (e & 1u) == 1u);
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wid.x + wid.y * P.grid_stride_x;
+    let g = group * 64u + lid;
+    if (group >= P.grid_total || g >= P.B * P.H * P.per) {
+        return;
+    }
+    let bh = g / P.per;
+    let b = bh / P.H;
+    let h = bh % P.H;
+    let e0 = (bh * P.cap + u32(lens[b])) * P.D;   // the first element written in this block
+    let e1 = e0 + row_count(b) * P.D;              // one past the last
+    let w = (e0 >> 1u) + g % P.per;
+    if (2u * w >= e1) {
+        return;
+    }
+    var pair = unpack2x16float(dst[w]);
+    if (2u * w >= e0) {
+        pair.x = src_half(b, h, 2u * w - e0);
+    }
+    if (2u * w + 1u < e1) {
+        pair.y = src_half(b, h, 2u * w + 1u - e0);
+    }
+    dst[w] = pack2x16float(pair);
+}
+"""
+
+ADVANCE_WGSL = """\
+struct Params { grid_total: u32, grid_stride_x: u32, B: u32, n: u32, ragged: u32 }
+
+@group(0) @binding(0) var<storage, read> counts: array<i32>;
+@group(0) @binding(1) var<storage, read_write> lens: array<i32>;
+@group(0) @binding(2) var<uniform> P: Params;
+
+// lens[b] += count(b), after the store dispatches that read the old lengths
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let group = wid.x + wid.y * P.grid_stride_x;
+    let b = group * 64u + lid;
+    if (group >= P.grid_total || b >= P.B) {
+        return;
+    }
+    var c = i32(P.n);
+    if (P.ragged != 0u) {
+        c = counts[b];
+    }
+    lens[b] = lens[b] + c;
+}
+"""
+
+STORE_FIELDS = ("grid_total", "grid_stride_x", "B", "H", "n", "D", "cap", "ragged", "s0", "s1", "s2", "s3", "per")
+ADVANCE_FIELDS = ("grid_total", "grid_stride_x", "B", "n", "ragged")
+
+
+def _program(name: str, wgsl: str, bindings: tuple[tuple[str, Access, Scalar], ...], fields: tuple[str, ...]
+             ) -> Program:
+    return Program(name=name, wgsl=wgsl, entry_point="main", workgroup_size=WORKGROUP,
+                   bindings=tuple(Binding(n, i, a, e) for i, (n, a, e) in enumerate(bindings)),
+                   uniforms=tuple(UniformField(f, 4 * i, Scalar.U32) for i, f in enumerate(fields)),
+                   grid=(), features=frozenset(), workgroup_storage_bytes=0)
+
+
+def store_program(dtype: np.dtype) -> Program:
+    """The program that writes new rows into a cache of `dtype` (float32, or float16 packed
+    two per 32-bit word as attnc's kernels read them)."""
+    half = dtype == np.float16
+    elem = Scalar.U32 if half else Scalar.F32
+    wgsl = STORE_WGSL.replace("ELEM", "u32" if half else "f32").replace("BODY", STORE_F16 if half else STORE_F32)
+    return _program(f"kv_store_{'f16' if half else 'f32'}", wgsl,
+                    (("src", Access.READ, elem), ("lens", Access.READ, Scalar.I32),
+                     ("counts", Access.READ, Scalar.I32), ("dst", Access.READ_WRITE, elem),
+                     ("params", Access.UNIFORM, Scalar.U32)), STORE_FIELDS)
+
+
+ADVANCE = _program("kv_advance", ADVANCE_WGSL, (("counts", Access.READ, Scalar.I32),
+                                                ("lens", Access.READ_WRITE, Scalar.I32),
+                                                ("params", Access.UNIFORM, Scalar.U32)), ADVANCE_FIELDS)
+
+
+class KVCache:
+    """Keys and values of B sequences on a device, appended in place (see the module docstring).
+
+    `k`, `v`: GPU tensors [B, Hkv, capacity, D] / [B, Hkv, capacity, Dv]; `lengths`: each
+    row's valid prefix (host copy); `kv_lens`: the same lengths in a GPU int32 tensor.
+    Appending past `capacity` is a ValueError (the cache does not reallocate). float16 caches
+    with an odd head dim get an even capacity (a 32-bit word never spans two sequences).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, value_dim: int | None = None,
+                 dtype: Any = np.float32, device: Any = None):
+        dt = np.dtype(dtype)
+        if dt not in (np.float32, np.float16):
+            raise ValueError(f"dtype must be float32 or float16, got {dt}")
+        for name, n in (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity), ("head_dim", head_dim),
+                        ("value_dim", head_dim if value_dim is None else value_dim)):
+            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"{name} must be a positive int, got {n!r}")
+        dv = head_dim if value_dim is None else value_dim
+        if dt == np.float16 and (head_dim % 2 or dv % 2) and capacity % 2:
+            capacity += 1
+        self.device = get_device(device)
+        self.dtype, self.batch, self.kv_heads, self.capacity = dt, int(batch), int(kv_heads), int(capacity)
+        self.head_dim, self.value_dim = int(head_dim), int(dv)
+        self.k = zeros((batch, kv_heads, capacity, head_dim), dt, self.device)
+        self.v = zeros((batch, kv_heads, capacity, dv), dt, self.device)
+        self.kv_lens = zeros((batch,), np.int32, self.device)
+        self._lengths = np.zeros(batch, np.int64)
+        # ragged appends: rows per batch row, one buffer per distinct pattern (so appends recorded
+        # into one encoder before it is submitted do not overwrite each other's counts)
+        self._counts: collections.OrderedDict[tuple[int, ...], Tensor] = collections.OrderedDict()
+        self._no_counts = zeros((batch,), np.int32, self.device)  # bound when every row appends n
+        self._store_program = store_program(dt)
+        self._staging: dict[str, Any] = {}
+        self._uniforms: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._groups: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._ops: dict[Any, Prepared] = {}
+
+    def __repr__(self) -> str:
+        return (f"attnc.KVCache(batch={self.batch}, kv_heads={self.kv_heads}, capacity={self.capacity}, "
+                f"head_dim={self.head_dim}, value_dim={self.value_dim}, dtype={self.dtype}, "
+                f"lengths={self._lengths.tolist()}, device={self.device.spec})")
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Each batch row's number of valid keys (a copy)."""
+        return self._lengths.copy()
+
+    # ------------------------------------------------------------------ lengths
+    def set_lengths(self, lengths: Sequence[int] | np.ndarray) -> None:
+        """Set every row's valid prefix (e.g. 0 to start over, or fewer to drop rows), on the
+        host and the GPU; the rows past it are overwritten by the next appends."""
+        arr = host_array("lengths", np.asarray(lengths) if isinstance(lengths, (list, tuple)) else lengths)
+        if arr is None or arr.shape != (self.batch,) or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"lengths: expected {self.batch} ints, got {lengths!r}")
+        if np.any(arr < 0) or np.any(arr > self.capacity):
+            raise ValueError(f"lengths: values must be in [0, capacity={self.capacity}], got {arr.tolist()}")
+        self._lengths = arr.astype(np.int64)
+        self.kv_lens.write(arr.astype(np.int32))
+
+    def reset(self) -> None:
+        """Empty every row."""
+        self.set_lengths(np.zeros(self.batch, np.int64))
+
+    # ------------------------------------------------------------------ append
+    def append(self, k_new: Any, v_new: Any, counts: Sequence[int] | np.ndarray | None = None, *,
+               encoder: Any = None) -> None:
+        """Write new keys and values behind each row's valid prefix, in place.
+
+        k_new [B, Hkv, n, D] and v_new [B, Hkv, n, Dv]: host data (converted to the cache's
+        dtype) or GPU tensors of the cache's dtype and device (any strides, e.g. a [B, n, Hkv,
+        D] buffer viewed with permute(0, 2, 1, 3)). `counts` (B ints in [0, n]) appends only
+        the first counts[b] rows of batch row b (ragged); None appends all n. With `encoder=`
+        the store is recorded there (GPU tensors only) and the caller submits; the host
+        lengths advance at once either way."""
+        n = self._check_source("k_new", k_new, self.head_dim)
+        nv = self._check_source("v_new", v_new, self.value_dim)
+        if nv != n:
+            raise ValueError(f"v_new: {nv} new rows, but k_new has {n}")
+        if counts is None:
+            rows = np.full(self.batch, n, np.int64)
+        else:
+            rows = np.asarray(counts)
+            if rows.shape != (self.batch,) or not np.issubdtype(rows.dtype, np.integer):
+                raise ValueError(f"counts: expected {self.batch} ints (one per batch row), got {counts!r}")
+            if np.any(rows < 0) or np.any(rows > n):
+                raise ValueError(f"counts: values must be in [0, n={n}] (the rows given), got {rows.tolist()}")
+            rows = rows.astype(np.int64)
+        after = self._lengths + rows
+        if np.any(after > self.capacity):
+            b = int(np.argmax(after > self.capacity))
+            raise ValueError(f"append: batch row {b} holds {int(self._lengths[b])} keys; {int(rows[b])} more exceed "
+                             f"the cache's capacity of {self.capacity} (make a larger KVCache)")
+        if n == 0 or not rows.any():
+            return
+        recorded = encoder is not None
+        k_src = self._source("k_new", k_new, recorded)
+        v_src = self._source("v_new", v_new, recorded)
+        ragged = counts is not None and not np.all(rows == n)
+        counts_t = self._counts_tensor(rows) if ragged else self._no_counts
+        enc = self.device.gpu.create_command_encoder(label="attnc.kv_append") if encoder is None else encoder
+        self._store(enc, [(k_src, self.k), (v_src, self.v)], n, counts_t if ragged else None)
+        if encoder is None:
+            rt.submit(self.device, [enc.finish()])
+        self._lengths = after
+
+    def _counts_tensor(self, rows: np.ndarray) -> Tensor:
+        """A GPU int32 tensor holding these per-row counts (made once per distinct pattern,
+        the 16 most recent kept)."""
+        key = tuple(int(r) for r in rows)
+        found = self._counts.get(key)
+        if found is None:
+            found = self._counts[key] = Tensor(self.device, rt.upload(self.device, rows.astype(np.int32)),
+                                               (self.batch,), np.int32)
+            if len(self._counts) > 16:
+                self._counts.popitem(last=False)
+        else:
+            self._counts.move_to_end(key)
+        return found
+
+    def _check_source(self, name: str, x: Any, width: int) -> int:
+        """The number of new rows n of a source [B, Hkv, n, width]."""
+        shape = tuple(x.shape) if isinstance(x, Tensor) or hasattr(x, "shape") else None
+        if shape is None or len(shape) != 4 or shape[:2] != (self.batch, self.kv_heads) or shape[3] != width:
+            raise ValueError(f"{name}: expected shape ({self.batch}, {self.kv_heads}, n, {width}), "
+                             f"got {shape if shape is not None else type(x).__name__}")
+        return int(shape[2])
+
+    def _source(self, name: str, x: Any, recorded: bool) -> tuple[rt.BufferSlice, tuple[int, ...]]:
+        """A source bound: a GPU tensor in place (checked), host data uploaded into the cache's
+        own staging buffer (only the new rows)."""
+        if isinstance(x, Tensor):
+            if x.device is not self.device:
+                raise ValueError(f"{name}: the tensor is on {x.device!r}; the cache is on {self.device!r}")
+            if x.dtype != self.dtype:
+                raise ValueError(f"{name}: dtype {x.dtype}; the cache holds {self.dtype}")
+            return x.binding(name), x.strides
+        if recorded:
+            raise ValueError(f"{name}: host data cannot be recorded into an encoder (it would be uploaded before "
+                             "the encoder runs, and a later append would overwrite it); pass an attnc.Tensor")
+        arr = host_array(name, x)
+        if arr is None:
+            raise ValueError(f"{name}: expected host data or an attnc.Tensor, got {type(x).__name__}")
+        if arr.dtype.kind != "f":
+            raise ValueError(f"{name}: expected floating point values, got {arr.dtype}")
+        host = np.ascontiguousarray(arr, self.dtype)
+        raw = host.reshape(-1).view(np.uint8)
+        if raw.size % 4:
+            raw = np.concatenate([raw, np.zeros(4 - raw.size % 4, np.uint8)])
+        buffer = self._staging.get(name)
+        if buffer is None or buffer.size < raw.size:
+            buffer = self._staging[name] = rt.create_buffer(self.device, max(16, raw.size), label=f"attnc.{name}")
+        rt.write(self.device, buffer, 0, raw)
+        return rt.BufferSlice(buffer, 0, raw.size), tuple(int(s) // host.itemsize for s in host.strides)
+
+    def _store(self, encoder: Any, pairs: list[tuple[tuple[rt.BufferSlice, tuple[int, ...]], Tensor]], n: int,
+               counts: Tensor | None) -> None:
+        """The one write path: record the store of each (source, destination) pair's first n
+        rows (counts[b] of them for batch row b when given) and the advance of the GPU
+        lengths, in one compute pass."""
+        dev = self.device
+        ragged = counts is not None
+        counts_slice = (self._no_counts if counts is None else counts).binding("counts")
+        per_dim = int(dev.gpu.limits["max-compute-workgroups-per-dimension"])
+        items = []
+        for (src, strides), dst in pairs:
+            width = dst.shape[3]
+            per = n * width if self.dtype == np.float32 else -(-n * width // 2) + 1
+            groups = -(-self.batch * self.kv_heads * per // WORKGROUP)
+            values = dict(B=self.batch, H=self.kv_heads, n=n, D=width, cap=self.capacity, ragged=int(ragged),
+                          s0=strides[0], s1=strides[1], s2=strides[2], s3=strides[3], per=per)
+            bufs = {"src": src, "lens": self.kv_lens.binding("kv_lens"), "counts": counts_slice,
+                    "dst": dst.binding("cache")}
+            items.append(self._item(self._store_program, bufs, values, groups, per_dim))
+        values = dict(B=self.batch, n=n, ragged=int(ragged))
+        bufs = {"counts": counts_slice, "lens": self.kv_lens.binding("kv_lens")}
+        items.append(self._item(ADVANCE, bufs, values, -(-self.batch // WORKGROUP), per_dim))
+        rt.encode_pass(encoder, items, "attnc.kv_append")
+
+    def _item(self, program: Program, bufs: dict[str, Any], values: dict[str, int], groups: int, per_dim: int
+              ) -> tuple[rt.CompiledProgram, Any, tuple[int, int, int]]:
+        """(pipeline, bind group, grid) of one store dispatch; uniform buffers by content and
+        bind groups by buffers are made once."""
+        compiled = self.device.pipelines.get(self.device, program)
+        grid = rt.fold_grid(groups, per_dim)
+        ukey = (program.name, tuple(sorted(values.items())))
+        ub = self._uniforms.get(ukey)
+        if ub is None:
+            block = rt.uniform_block(rt.Dispatch(program, {}, values, groups), grid)
+            ub = self._uniforms[ukey] = rt.uniform_buffer(self.device, block)
+            if len(self._uniforms) > 32:
+                self._uniforms.popitem(last=False)
+        gkey = (program.name, ub, tuple(bufs[b.name] for b in program.bindings if b.access is not Access.UNIFORM))
+        group = self._groups.get(gkey)
+        if group is None:
+            group = self._groups[gkey] = rt.create_bind_group(self.device, program, compiled, bufs, ub)
+            if len(self._groups) > 64:
+                self._groups.popitem(last=False)
+        return compiled, group, grid
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, q: Any, *, causal: bool = False, scale: float | None = None,
+               window: tuple[int | None, int | None] | None = None, bias: Any = None, alibi_slopes: Any = None,
+               softcap: float | None = None, sinks: Any = None, return_lse: bool = False, target: str | None = None,
+               score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
+               out: Tensor | None = None, out_lse: Tensor | None = None, encoder: Any = None,
+               output: str | None = None) -> Any:
+        """Attention of q [B, Hq, S, D] (host data or a GPU tensor; Hq a multiple of Hkv) over
+        each row's valid prefix: attention(q, k, v, kv_lens=lengths) with the cache's tensors,
+        so query i of row b sits at position lengths[b] - S + i and `causal` masks the keys after
+        it. The op for each query shape and option set is prepared once; `out=`, `encoder=`
+        and `output=` are as for a prepared op (Prepared.__call__). The result is numpy for
+        host q, else the op's own GPU tensor (float32), which the next attend overwrites."""
+        options = dict(causal=causal, scale=scale, window=window, softcap=softcap, return_lse=return_lse,
+                       target=target, score_mod=score_mod, mask_mod=mask_mod)
+        extra = {n: x for n, x in (("bias", bias), ("alibi_slopes", alibi_slopes), ("sinks", sinks)) if x is not None}
+        shape = tuple(q.shape) if hasattr(q, "shape") else None
+        if shape is None or len(shape) != 4 or shape[0] != self.batch or shape[3] != self.head_dim:
+            raise ValueError(f"q: expected shape ({self.batch}, Hq, S, {self.head_dim}), got "
+                             f"{shape if shape is not None else type(q).__name__}")
+        if isinstance(q, Tensor) and q.device is not self.device:
+            raise ValueError(f"q: the tensor is on {q.device!r}; the cache is on {self.device!r}")
+        mods = tuple(None if f is None else function_key(f) for f in (score_mod, mask_mod))
+        plain = tuple((n, x if isinstance(x, (bool, int, float, str, tuple, type(None))) else id(x))
+                      for n, x in sorted(options.items()) if n not in ("score_mod", "mask_mod"))
+        key = (shape, str(q.dtype), tuple(sorted(extra)), plain, mods)
+        op = self._ops.get(key)
+        if op is None:
+            op = prepare(q, self.k, self.v, kv_lens=self.kv_lens, device=self.device, **extra, **options)
+            self._ops[key] = op
+        if output is None:
+            output = "tensor" if isinstance(q, Tensor) else "numpy"
+        return op(q, self.k, self.v, kv_lens=self.kv_lens, out=out, out_lse=out_lse, encoder=encoder,
+                  output=output, **extra)
+

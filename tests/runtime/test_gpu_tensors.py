@@ -1,0 +1,447 @@
+"""GPU tensors, prepared ops and the application's own device, on every CI adapter.
+
+attention() and prepared ops take attnc.Tensor views of GPUBuffers for q, k, v and every
+option tensor, keep results on the GPU, read strided views in place, write into `out=`, record
+into the application's command encoder, and on a repeated call create nothing (the device's
+counters say so). Misuse (another device, a wrong dtype or shape, a destroyed buffer, an
+unaligned offset) is a ValueError naming the argument.
+
+Shapes are fixed per test (a kernel per option set and plan compiles once per adapter, seconds
+on these CPU adapters); values, kv_lens, bias shapes and views are drawn.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attnc
+from attnc.runtime import tuning_cache
+from attnc.runtime.dispatch import is_destroyed
+from tests.targets import targets
+from tests.textbook import assert_close, attention_ref
+
+pytestmark = pytest.mark.gpu
+
+RUN = settings(deadline=None, max_examples=6,
+               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+DIMS = dict(B=2, Hq=4, Hkv=2, S=3, T=40, D=16, Dv=8)  # short rows: the decode plans
+BIAS_SHAPES = {"T": (40,), "ST": (3, 40), "1H1T": (1, 4, 1, 40), "B1S1": (2, 1, 3, 1), "full": (2, 4, 3, 40)}
+
+
+def qkv(rng, dims=DIMS, dtype=np.float32):
+    B, Hq, Hkv, S, T, D, Dv = (dims[k] for k in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
+    return (rng.standard_normal((B, Hq, S, D)).astype(dtype), rng.standard_normal((B, Hkv, T, D)).astype(dtype),
+            rng.standard_normal((B, Hkv, T, Dv)).astype(dtype))
+
+
+def on(dev, *xs):
+    return [attnc.tensor(x, dev) for x in xs]
+
+
+# ----------------------------------------------------------------------------- every option on the GPU
+@pytest.mark.parametrize("target", targets(), indirect=True)
+@RUN
+@given(data=st.data())
+def test_every_option_tensor_as_a_gpu_tensor(target, data) -> None:
+    dev, family = target
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    q, k, v = qkv(rng)
+    lens = np.array([data.draw(st.integers(0, 40)), data.draw(st.sampled_from([3, 40]))], np.int32)
+    bias = rng.standard_normal(BIAS_SHAPES[data.draw(st.sampled_from(sorted(BIAS_SHAPES)))]).astype(np.float32)
+    slopes = rng.uniform(0, 0.2, 4).astype(np.float32)
+    sinks = rng.standard_normal(4).astype(np.float32)
+    # scalar options drawn too: attention() keeps its ops by them, a stale one would be wrong here
+    scalars = dict(causal=True, softcap=data.draw(st.sampled_from([5.0, 30.0])),
+                   window=(data.draw(st.integers(0, 40)), None), scale=data.draw(st.sampled_from([None, 0.3])))
+    opts = dict(scalars, bias=bias, alibi_slopes=slopes, sinks=sinks, kv_lens=lens)
+    ref_o, ref_lse = attention_ref(q, k, v, **opts, return_lse=True)
+    gpu_opts = dict(scalars, **dict(zip(("bias", "alibi_slopes", "sinks", "kv_lens"),
+                                        on(dev, bias, slopes, sinks, lens), strict=True)))
+    o, lse = attnc.attention(*on(dev, q, k, v), **gpu_opts, return_lse=True, target=family)
+    assert isinstance(o, attnc.Tensor) and isinstance(lse, attnc.Tensor)
+    assert o.shape == (2, 4, 3, 8) and o.dtype == np.float32 and o.device is dev
+    assert_close(o.numpy(), ref_o, 1e-5)
+    assert_close(lse.numpy(), ref_lse, 1e-5, "lse")
+    # host q/k/v with GPU option tensors, read back on request; and the reverse
+    o2 = attnc.attention(q, k, v, **gpu_opts, target=family, output="numpy")
+    assert isinstance(o2, np.ndarray)
+    assert_close(o2, ref_o, 1e-5)
+    o3 = attnc.attention(*on(dev, q, k, v), **opts, return_lse=True, target=family)[0]
+    assert_close(o3.numpy(), ref_o, 1e-5)
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+def test_float16_gpu_tensors(require_adapters, spec) -> None:
+    """f16 q/k/v on the GPU (packed storage, f32 math); the GPU result is float32."""
+    dev = require_adapters(spec)[0]
+    q, k, v = qkv(np.random.default_rng(1), dtype=np.float16)
+    lens = np.array([17, 40], np.int32)
+    o = attnc.attention(*on(dev, q, k, v), kv_lens=attnc.tensor(lens, dev), causal=True)
+    assert o.dtype == np.float32
+    assert_close(o.numpy(), attention_ref(q, k, v, causal=True, kv_lens=lens), 2e-3)
+    o_host = attnc.attention(*on(dev, q, k, v), kv_lens=lens, causal=True, output="numpy")
+    assert o_host.dtype == np.float16
+
+
+def test_host_objects_through_dlpack_and_array(require_adapters) -> None:
+    """PyTorch CPU tensors (DLPack) and objects with __array__ wherever numpy is accepted."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    q, k, v = qkv(np.random.default_rng(2))
+    lens = np.array([30, 12], np.int32)
+    sinks = np.linspace(-1, 1, 4).astype(np.float32)
+
+    class ArrayLike:
+        def __init__(self, a):
+            self.a = a
+
+        def __array__(self, dtype=None, copy=None):
+            return self.a
+
+    o = attnc.attention(torch.from_numpy(q), ArrayLike(k), torch.from_numpy(v), kv_lens=torch.from_numpy(lens),
+                        sinks=ArrayLike(sinks), device=dev)
+    assert isinstance(o, np.ndarray)
+    assert_close(o, attention_ref(q, k, v, kv_lens=lens, sinks=sinks), 1e-5)
+    t = attnc.tensor(torch.from_numpy(q), dev)
+    np.testing.assert_array_equal(t.numpy(), q)
+    with pytest.raises(ValueError, match="q"):
+        attnc.attention(torch.from_numpy(q).requires_grad_(True), k, v, device=dev)
+
+
+# ----------------------------------------------------------------------------- strided views
+def test_strided_views_are_read_in_place(require_adapters) -> None:
+    """BSHD buffers viewed as BHSD, a KV prefix sliced out of a longer buffer, an output
+    written into a BSHD view: no copies (only the prepared op's own buffers are made)."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    rng = np.random.default_rng(3)
+    q, k, v = qkv(rng)
+    k_long = rng.standard_normal((2, 2, 64, 16)).astype(np.float32)
+    k_long[:, :, :40] = k
+    q_bshd = attnc.tensor(np.ascontiguousarray(q.transpose(0, 2, 1, 3)), dev).permute(0, 2, 1, 3)
+    v_bshd = attnc.tensor(np.ascontiguousarray(v.transpose(0, 2, 1, 3)), dev).permute(0, 2, 1, 3)
+    k_prefix = attnc.tensor(k_long, dev)[:, :, :40]
+    o_bshd = attnc.zeros((2, 3, 4, 8), device=dev)
+    assert not q_bshd.is_contiguous and not k_prefix.is_contiguous
+    with pytest.raises(ValueError, match=r"^out: strides \(96, 8, 32, 1\): this variant packs"):
+        attnc.prepare(q_bshd, k_prefix, v_bshd, causal=True)(q_bshd, k_prefix, v_bshd, out=o_bshd.permute(0, 2, 1, 3))
+    op = attnc.prepare(q_bshd, k_prefix, v_bshd, causal=True, out=o_bshd.permute(0, 2, 1, 3))
+    assert op.plan.vector_width == 4  # head dims contiguous: vec4 loads read these views
+    before = dev.counters.snapshot()
+    op(q_bshd, k_prefix, v_bshd, out=o_bshd.permute(0, 2, 1, 3))
+    made = dev.counters.since(before)
+    # the first call uploads its uniform blocks, and no data: the views are read in place
+    assert made["bytes_uploaded"] == sum(p.uniform_size for p in op.progs), made
+    ref = attention_ref(q, k, v, causal=True)
+    assert_close(o_bshd.numpy().transpose(0, 2, 1, 3), ref, 1e-5)
+
+
+def test_head_dim_strided_views_get_scalar_loads(require_adapters) -> None:
+    """A view whose head dim is not contiguous (every other element) cannot be read by vec4
+    loads: an op prepared with it takes scalar loads; an op prepared for dense tensors refuses
+    it with an error naming the argument."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    q, k, v = qkv(np.random.default_rng(4))
+    k_wide = np.repeat(k, 2, axis=3)  # [.., 32]: every other element is k
+    k_view = attnc.tensor(k_wide, dev)[..., ::2]
+    qt, kt, vt = on(dev, q, k, v)
+    op = attnc.prepare(qt, k_view, vt)
+    assert op.plan.vector_width == 1
+    assert_close(op(qt, k_view, vt).numpy(), attention_ref(q, k, v), 1e-5)
+    dense = attnc.prepare(qt, kt, vt)
+    assert dense.plan.vector_width == 4
+    with pytest.raises(ValueError, match=r"^k: strides .*vec4"):
+        dense(qt, k_view, vt)
+
+
+def test_offsets_must_meet_the_binding_alignment(require_adapters) -> None:
+    dev = require_adapters("dawn:vulkan")[0]
+    q, k, v = qkv(np.random.default_rng(5))
+    align = int(dev.gpu.limits["min-storage-buffer-offset-alignment"])
+    pad = align // 4  # floats before q in one buffer: an aligned offset
+    both = attnc.tensor(np.concatenate([np.zeros(pad, np.float32), q.reshape(-1)]), dev)
+    q_at = attnc.as_tensor(both.buffer, q.shape, np.float32, offset=4 * pad)
+    kt, vt = on(dev, k, v)
+    assert_close(attnc.attention(q_at, kt, vt).numpy(), attention_ref(q, k, v), 1e-5)
+    q_off = attnc.as_tensor(both.buffer, q.shape, np.float32, offset=4 * (pad - 1))
+    with pytest.raises(ValueError, match=rf"^q: byte offset {4 * (pad - 1)} is not a multiple of {align}"):
+        attnc.attention(q_off, kt, vt)
+
+
+# ----------------------------------------------------------------------------- prepared ops
+def test_a_prepared_op_creates_nothing_on_repeated_calls(require_adapters) -> None:
+    """After the first call with a set of tensors, calls with that set or another one seen
+    before create no buffers, bind groups or pipelines and upload nothing; host inputs are
+    uploaded into the op's own buffers (bytes, no buffers)."""
+    for spec in ("wgpu:vulkan", "dawn:vulkan", "wgpu:opengl"):
+        dev = require_adapters(spec)[0]
+        rng = np.random.default_rng(6)
+        sets = [on(dev, *qkv(rng)) for _ in range(2)]
+        lens = [attnc.tensor(np.array(x, np.int32), dev) for x in ([40, 9], [1, 33])]
+        op = attnc.prepare(*sets[0], kv_lens=lens[0], causal=True)
+        outs = [attnc.zeros((2, 4, 3, 8), device=dev) for _ in range(2)]
+        for i in range(2):
+            op(*sets[i], kv_lens=lens[i], out=outs[i])
+        before = dev.counters.snapshot()
+        for _ in range(5):
+            for i in range(2):
+                op(*sets[i], kv_lens=lens[i], out=outs[i])
+        made = dev.counters.since(before)
+        assert made["submits"] == 10, made
+        assert {n: c for n, c in made.items() if n != "submits"} == dict.fromkeys(made.keys() - {"submits"}, 0), made
+        for i in range(2):
+            q, k, v = (t.numpy() for t in sets[i])
+            assert_close(outs[i].numpy(), attention_ref(q, k, v, causal=True, kv_lens=lens[i].numpy()), 1e-5)
+        q, k, v = (t.numpy() for t in sets[0])
+        op(q, k, v)
+        before = dev.counters.snapshot()
+        o = op(q, k, v)
+        made = dev.counters.since(before)
+        assert made["buffers_created"] == 0 and made["bind_groups_created"] == 0, made
+        assert made["bytes_uploaded"] == q.nbytes + k.nbytes + v.nbytes, made
+        assert_close(o, attention_ref(q, k, v, causal=True, kv_lens=lens[0].numpy()), 1e-5)
+
+
+def test_out_encoder_and_the_ops_own_output(require_adapters) -> None:
+    dev = require_adapters("wgpu:vulkan")[0]
+    q, k, v = qkv(np.random.default_rng(7))
+    qt, kt, vt = on(dev, q, k, v)
+    op = attnc.prepare(qt, kt, vt, return_lse=True)
+    ref_o, ref_lse = attention_ref(q, k, v, return_lse=True)
+    o, lse = op(qt, kt, vt)
+    o_again, _ = op(qt, kt, vt)
+    assert o_again is o  # the op's own output, overwritten by each call
+    out, out_lse = attnc.zeros((2, 4, 3, 8), device=dev), attnc.zeros((2, 4, 3), device=dev)
+    encoder = dev.gpu.create_command_encoder()
+    before = dev.counters.snapshot()
+    got = op(qt, kt, vt, out=out, out_lse=out_lse, encoder=encoder)
+    assert got == (out, out_lse) and dev.counters.since(before)["submits"] == 0
+    assert np.all(out.numpy() == 0)  # recorded, not run: the caller submits
+    dev.gpu.queue.submit([encoder.finish()])
+    assert_close(out.numpy(), ref_o, 1e-5)
+    assert_close(out_lse.numpy(), ref_lse, 1e-5, "lse")
+    with pytest.raises(ValueError, match="^q: host data cannot be recorded"):
+        op(q, kt, vt, encoder=dev.gpu.create_command_encoder())
+    with pytest.raises(ValueError, match="output='numpy'"):
+        op(qt, kt, vt, encoder=dev.gpu.create_command_encoder(), output="numpy")
+    with pytest.raises(ValueError, match="^out: shape"):
+        op(qt, kt, vt, out=attnc.zeros((2, 4, 3, 16), device=dev))
+    with pytest.raises(ValueError, match="^out: shares its GPUBuffer with an input"):
+        op(qt, kt, vt, out=attnc.as_tensor(qt.buffer, (2, 4, 3, 8)))
+
+
+def test_32_layers_recorded_into_one_encoder(require_adapters) -> None:
+    """One op, 32 layers' own tensors, one encoder, one submission: every layer right."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    rng = np.random.default_rng(8)
+    layers = [qkv(rng) for _ in range(32)]
+    tensors = [on(dev, *x) for x in layers]
+    outs = [attnc.zeros((2, 4, 3, 8), device=dev) for _ in layers]
+    op = attnc.prepare(*tensors[0], causal=True)
+    encoder = dev.gpu.create_command_encoder()
+    for t, out in zip(tensors, outs, strict=True):
+        op(*t, out=out, encoder=encoder)
+    dev.gpu.queue.submit([encoder.finish()])
+    for (q, k, v), out in zip(layers, outs, strict=True):
+        assert_close(out.numpy(), attention_ref(q, k, v, causal=True), 1e-5)
+
+
+# ----------------------------------------------------------------------------- the application's device
+def _app_device(spec: str, features: list[str]):
+    import importlib
+
+    module = importlib.import_module("wgpu" if spec.startswith("wgpu") else "wgpudawn")
+    api = spec.split(":")[1]
+    adapters = [a for a in module.gpu.enumerate_adapters_sync()
+                if str(a.info.get("backend_type", "")).lower() == api]
+    adapter = adapters[0]
+    wanted = [f for f in features if f in adapter.features]
+    return adapter, adapter.request_device_sync(required_features=wanted), set(wanted)
+
+
+FEATURE_SETS = {"none": [], "f16": ["shader-f16"], "subgroups+f16": ["subgroup", "subgroups", "shader-f16"]}
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan", "wgpu:opengl"])
+@pytest.mark.parametrize("features", list(FEATURE_SETS))
+def test_the_applications_device_with_the_features_it_enabled(require_adapters, spec, features) -> None:
+    """attnc runs on a GPUDevice the application made, with what it enabled: the subgroups
+    family only with subgroups, f16 products only with shader-f16; planning sees that
+    device's features and limits; attnc adds no feature and the probe runs only with
+    subgroups."""
+    require_adapters(spec)
+    adapter, gpu, enabled = _app_device(spec, FEATURE_SETS[features])
+    dev = attnc.get_device(gpu)
+    assert dev.external and dev.gpu is gpu and attnc.get_device(gpu) is dev
+    caps = dev.capabilities
+    assert caps.limits == dict(gpu.limits)
+    has_sg = bool(enabled & {"subgroup", "subgroups"})
+    assert ("subgroups" in caps.features) == has_sg and ("f16" in caps.features) == ("shader-f16" in enabled)
+    assert ("_subgroup_probe" in dev.__dict__) == has_sg
+    q, k, v = qkv(np.random.default_rng(9))
+    lens = np.array([40, 21], np.int32)
+    o = attnc.attention(*on(gpu, q, k, v), kv_lens=attnc.tensor(lens, gpu), causal=True)
+    assert_close(o.numpy(), attention_ref(q, k, v, kv_lens=lens, causal=True), 1e-5)
+    op = attnc.prepare(q, k, v, device=gpu, causal=True)
+    assert op.plan.family.value == ("subgroups" if has_sg and caps.subgroup_lanes_contiguous >= 4 else "portable")
+    assert all(p.features <= dev.features for p in op.progs)
+    assert set(gpu.features) == set(dev.gpu.features) and dev.gpu is gpu
+    h = [x.astype(np.float16) for x in (q, k, v)]
+    if "f16" in caps.features:
+        o16 = attnc.attention(*h, device=gpu, target="portable-f16")
+        assert_close(o16, attention_ref(*h), 2e-3)
+    else:
+        with pytest.raises(attnc.DeviceError, match="shader-f16"):
+            attnc.attention(*h, device=gpu, target="portable-f16")
+    if not has_sg:
+        with pytest.raises(attnc.DeviceError, match="subgroups"):
+            attnc.attention(q, k, v, device=gpu, target="subgroups")
+
+
+DOUBLE_WGSL = """
+@group(0) @binding(0) var<storage, read> src: array<f32>;
+@group(0) @binding(1) var<storage, read_write> dst: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    if (i < arrayLength(&dst)) { dst[i] = 2.0 * src[i] + 1.0; }
+}
+"""
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+def test_buffers_shared_with_the_applications_own_passes(require_adapters, spec) -> None:
+    """In one encoder: the application's shader writes q (2x + 1), attnc reads it, the
+    application's shader reads o (2o + 1); one submission."""
+    require_adapters(spec)
+    _, gpu, _ = _app_device(spec, [])
+    module = __import__("wgpu" if spec.startswith("wgpu") else "wgpudawn")
+    U = module.BufferUsage
+    q, k, v = qkv(np.random.default_rng(10))
+    storage = U.STORAGE | U.COPY_SRC | U.COPY_DST
+    x_buf = gpu.create_buffer_with_data(data=q.tobytes(), usage=storage)
+    q_buf = gpu.create_buffer(size=q.nbytes, usage=storage)
+    o_buf = gpu.create_buffer(size=2 * 4 * 3 * 8 * 4, usage=storage)
+    y_buf = gpu.create_buffer(size=o_buf.size, usage=storage)
+    pipeline = gpu.create_compute_pipeline(layout="auto", compute={
+        "module": gpu.create_shader_module(code=DOUBLE_WGSL), "entry_point": "main"})
+
+    def double(src, dst, n):
+        group = gpu.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=[
+            {"binding": 0, "resource": {"buffer": src, "offset": 0, "size": src.size}},
+            {"binding": 1, "resource": {"buffer": dst, "offset": 0, "size": dst.size}}])
+        p = encoder.begin_compute_pass()
+        p.set_pipeline(pipeline)
+        p.set_bind_group(0, group)
+        p.dispatch_workgroups(-(-n // 64))
+        p.end()
+
+    qt = attnc.as_tensor(q_buf, q.shape)
+    kt, vt = on(gpu, k, v)
+    op = attnc.prepare(qt, kt, vt, causal=True)
+    encoder = gpu.create_command_encoder()
+    double(x_buf, q_buf, q.size)
+    op(qt, kt, vt, out=attnc.as_tensor(o_buf, (2, 4, 3, 8)), encoder=encoder)
+    double(o_buf, y_buf, 2 * 4 * 3 * 8)
+    gpu.queue.submit([encoder.finish()])
+    y = np.frombuffer(gpu.queue.read_buffer(y_buf), np.float32).reshape(2, 4, 3, 8)
+    assert_close(y, 2 * attention_ref(2 * q.astype(np.float64) + 1, k, v, causal=True) + 1, 1e-5)
+
+
+# ----------------------------------------------------------------------------- misuse
+def test_misuse_is_an_error_naming_the_argument(require_adapters) -> None:
+    vk, dawn = require_adapters("wgpu:vulkan", "dawn:vulkan")
+    q, k, v = qkv(np.random.default_rng(11))
+    qt, kt, vt = on(vk, q, k, v)
+    with pytest.raises(ValueError, match="^k: the tensor is on .*dawn"):
+        attnc.attention(qt, attnc.tensor(k, dawn), vt)
+    with pytest.raises(ValueError, match="^device: "):
+        attnc.attention(qt, kt, vt, device=dawn)
+    op = attnc.prepare(qt, kt, vt, kv_lens=np.array([40, 40]))
+    with pytest.raises(ValueError, match="^v: the tensor is on .*dawn"):
+        op(qt, kt, attnc.tensor(v, dawn))
+    with pytest.raises(ValueError, match=r"^q: dtype float16; this op takes float32"):
+        op(attnc.tensor(q.astype(np.float16), vk), kt, vt)
+    with pytest.raises(ValueError, match=r"^q: shape \(2, 4, 2, 16\); this op takes \(2, 4, 3, 16\)"):
+        op(attnc.tensor(q[:, :, :2], vk), kt, vt)
+    with pytest.raises(ValueError, match=r"^kv_lens: dtype uint32; the kernel reads int32"):
+        attnc.attention(qt, kt, vt, kv_lens=attnc.tensor(np.array([3, 4], np.uint32), vk))
+    with pytest.raises(ValueError, match=r"^bias: shape \(3, 41\) is not broadcastable"):
+        attnc.attention(qt, kt, vt, bias=attnc.zeros((3, 41), device=vk))
+    with pytest.raises(ValueError, match="^kv_lens: not a tensor of this op|^bias: not a tensor of this op"):
+        op(qt, kt, vt, bias=attnc.zeros((3, 40), device=vk))
+    dead = attnc.tensor(k, vk)
+    dead.destroy()
+    assert is_destroyed(dead.buffer)
+    with pytest.raises(ValueError, match="^k: its GPU buffer was destroyed"):
+        op(qt, dead, vt)
+    vt2 = attnc.tensor(v, vk)
+    op(qt, kt, vt2, out=attnc.zeros((2, 4, 3, 8), device=vk))  # bound and remembered ...
+    vt2.buffer.destroy()  # ... then destroyed through the buffer itself
+    with pytest.raises(ValueError, match="^v: its GPU buffer was destroyed"):
+        op(qt, kt, vt2)
+    with pytest.raises(ValueError, match="^tensor: its GPU buffer was destroyed"):
+        vt2.numpy()
+    with pytest.raises(ValueError, match="^buffer: shape"):
+        attnc.as_tensor(qt.buffer, (2, 4, 3, 17))
+
+
+# ----------------------------------------------------------------------------- tracing and the tuning cache
+def test_score_mods_are_traced_once_per_distinct_function(require_adapters) -> None:
+    dev = require_adapters("wgpu:vulkan")[0]
+    q, k, v = qkv(np.random.default_rng(12))
+
+    def penalty(alpha):
+        return lambda s, b, h, qi, kj: s - alpha * attnc.f32(abs(qi - kj))
+
+    from attnc.kernels.flash import flash_attention
+
+    traced = []
+    original = flash_attention.trace
+
+    def counting(*a, **kw):
+        traced.append(kw.get("score_mod"))
+        return original(*a, **kw)
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(flash_attention, "trace", counting)
+    try:
+        attnc.attention(q, k, v, score_mod=penalty(0.25), device=dev)
+        before = len(traced)
+        for _ in range(3):
+            o = attnc.attention(q, k, v, score_mod=penalty(0.25), device=dev)  # a new closure, equal values
+        assert len(traced) == before
+        for _ in range(2):
+            op = attnc.prepare(q, k, v, score_mod=penalty(0.25), device=dev)  # prepare shares the trace too
+        assert len(traced) == before
+        o2 = attnc.attention(q, k, v, score_mod=penalty(0.5), device=dev)  # another value: traced again
+        assert len(traced) == before + 1
+    finally:
+        monkeypatch.undo()
+    assert_close(o, attention_ref(q, k, v, score_mod=lambda s, b, h, i, j: s - 0.25 * np.abs(i - j)), 1e-5)
+    assert_close(op(q, k, v), attention_ref(q, k, v, score_mod=lambda s, b, h, i, j: s - 0.25 * np.abs(i - j)), 1e-5)
+    assert_close(o2, attention_ref(q, k, v, score_mod=lambda s, b, h, i, j: s - 0.5 * np.abs(i - j)), 1e-5)
+
+
+def test_the_tuning_cache_is_read_once_and_again_when_it_changes(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    path = tuning_cache.cache_path()
+    path.write_text(json.dumps({"version": tuning_cache.VERSION, "entries": {"a": 1}}))
+    reads = []
+    original = type(path).read_text
+
+    def counting(self, *a, **kw):
+        reads.append(str(self))
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(type(path), "read_text", counting)
+    assert tuning_cache.load() == {"a": 1}
+    for _ in range(5):
+        assert tuning_cache.load() == {"a": 1}
+    assert len(reads) == 1
+    path.write_text(json.dumps({"version": tuning_cache.VERSION, "entries": {"a": 1, "bb": 2}}))
+    assert tuning_cache.load() == {"a": 1, "bb": 2} and len(reads) == 2
