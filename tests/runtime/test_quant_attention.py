@@ -67,6 +67,7 @@ def _check(strategy: str, data: st.DataObject, require_adapters) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.sanitize
 @pytest.mark.parametrize("strategy", sorted(set(PLANS) - {"tiled-scalar"}))
 @RUN
 @given(data=st.data())
@@ -75,6 +76,7 @@ def test_quantized_kv_matches_reference(strategy, data, require_adapters) -> Non
 
 
 @pytest.mark.gpu
+@pytest.mark.sanitize
 @settings(RUN, max_examples=1)  # lavapipe compiles the scalar-load tiled shaders slowly
 @given(data=st.data())
 def test_quantized_kv_scalar_loads(data, require_adapters) -> None:

@@ -41,6 +41,7 @@ def _same(got, ref) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.sanitize
 @RUN
 @given(fmt=st.sampled_from(CACHE_FORMATS), f16_rows=st.booleans(), B=st.integers(1, 2), H=st.integers(1, 3),
        N=st.integers(1, 5), D=st.sampled_from([32, 64, 128]), seed=st.integers(0, 2**16), paged=st.booleans())
