@@ -349,6 +349,17 @@ def _install(tmp: Path, out: Path, previous: list[str]) -> list[str]:
     return said
 
 
+def _quant_stores(kernel: Any) -> tuple[Any, ...]:
+    """The DSL store kernels (attnc/kernels/store.py) that append float32 rows to a cache in
+    each quantized format the kernel's inputs are stored in (a manifest's "stores")."""
+    fmts = sorted({p.type.dtype.value for p in kernel.params if p.type.dims and p.type.dtype.is_quant})
+    if not fmts:
+        return ()
+    from attnc.kernels.store import kv_store
+
+    return tuple(kv_store.trace(cache_dtype=f, x_dtype="f32") for f in fmts)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     """Compile a kernel into -o: .wgsl files and manifest.json (see docs/MANIFEST.md)."""
     from attnc.lowering.manifest import compile_kernel
@@ -373,7 +384,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="attnc-compile-") as tmp:
             try:
-                manifest = compile_kernel(kernel, plans, Path(tmp))
+                manifest = compile_kernel(kernel, plans, Path(tmp), _quant_stores(kernel))
             except RecursionError:
                 raise UsageError(f"{args.kernel}: the kernel is nested too deeply to compile") from None
             try:

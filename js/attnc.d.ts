@@ -157,6 +157,11 @@ export interface KVCacheOptions {
   /** Default: headDim. */
   valueDim?: number;
   dtype?: 'f32' | 'f16';
+  /** Keep K / V quantized (u32 words, docs/MANIFEST.md): appends take f32 rows, quantized on the device by the manifest's store kernel of that format. */
+  kFormat?: 'q8_0' | 'q4_0' | 'int8' | null;
+  vFormat?: 'q8_0' | 'q4_0' | 'int8' | null;
+  /** A loaded manifest compiled with k_dtype / v_dtype of those formats (its "stores"); needed with kFormat / vFormat. */
+  manifest?: Manifest;
   label?: string;
 }
 

@@ -617,6 +617,75 @@ def kv_cache_cases(w: _Writer, folder: Path) -> list[dict]:
             "expected": {"o": w.bin(o, o_dtype), "cache_k": w.bin(k_all, dtype), "cache_v": w.bin(v_all, dtype),
                          "kv_lens": w.bin(lens, "i32")},
         })
+    return cases + kv_quant_cases(w, folder)
+
+
+# (variant, k format, v format, D, Dv, steps): a quantized cache appends with the store kernels
+# of the `kvquant` compile's manifest ("stores")
+KV_QUANT_CACHES = [
+    (PO32, "q8_0", "q4_0", 32, 32, [(4, [4, 2, 0], "array"), (1, None, "buffer"), (3, [1, 3, 2], "bshd")]),
+]
+
+
+def kv_quant_cases(w: _Writer, folder: Path) -> list[dict]:
+    """The JS KV cache with quantized K/V: every append writes its n rows at each row's length
+    (clipped to the capacity; a ragged append's extra rows too) as attnc.quant quantizes them;
+    expected: the cache's words exactly (rows never written: zero words), the GPU lengths, and
+    o against the float64 reference on the dequantized cache."""
+    manifest = json.loads((folder / "compiled" / "kvquant" / "manifest.json").read_text())
+    rng = np.random.default_rng(2025)
+    B, Hkv, Hq, cap, S = 3, 2, 4, 24, 2
+    cases = []
+    for (family, dtype), kf, vf, D, Dv, steps in KV_QUANT_CACHES:
+        var = next(v for v in manifest["variants"] if (v["family"], v["dtype"]) == (family, dtype))
+        vals = {"k": np.zeros((B, Hkv, cap, D), np.float32), "v": np.zeros((B, Hkv, cap, Dv), np.float32)}
+        written = np.zeros((B, Hkv, cap), bool)
+        lens = np.zeros(B, np.int32)
+        spec_steps = []
+        for n, counts, source in steps:
+            new = {"k": rng.standard_normal((B, Hkv, n, D)).astype(np.float32),
+                   "v": rng.standard_normal((B, Hkv, n, Dv)).astype(np.float32)}
+            rows = counts if counts is not None else [n] * B
+            for b in range(B):
+                for name, fmt in (("k", kf), ("v", vf)):
+                    m = n if fmt else rows[b]  # a quantized store writes all n rows (up to the capacity)
+                    end = min(cap, lens[b] + m)
+                    vals[name][b, :, lens[b]:end] = new[name][b, :, :end - lens[b]]
+                written[b, :, lens[b]:min(cap, lens[b] + n)] = True
+                lens[b] += rows[b]
+            order = (0, 2, 1, 3) if source == "bshd" else (0, 1, 2, 3)
+            spec_steps.append({"rows": n, "counts": counts, "source": source,
+                               "k": w.bin(new["k"].transpose(order), "f32"),
+                               "v": w.bin(new["v"].transpose(order), "f32")})
+        expected, ref = {}, {}
+        for name, fmt in (("k", kf), ("v", vf)):
+            if fmt is None:
+                ref[name] = vals[name]
+                expected[f"cache_{name}"] = w.bin(vals[name], "f32")
+                continue
+            width = vals[name].shape[3]
+            per = quant.words_per_row(fmt, width)
+            words = quant.quantize(vals[name], fmt).words.reshape(-1, per)
+            words = np.where(written.reshape(-1, 1), words, 0).astype(np.uint32).reshape(-1)
+            ref[name] = quant.dequantize(quant.QuantTensor(fmt, vals[name].shape, words))
+            expected[f"cache_{name}"] = {**w.bin(words, "u32"), "count": int(words.size)}
+        q = rng.standard_normal((B, Hq, S, D)).astype(np.float32)
+        o, _ = attention_reference(q, ref["k"], ref["v"], causal=True, kv_lens=lens)
+        cases.append({
+            "name": f"kv.{family}.{dtype}.{kf}.{vf}",
+            "kind": "kv_cache",
+            "manifest": "compiled/kvquant/manifest.json",
+            "variant": {"family": family, "dtype": dtype},
+            "requires_features": list(var["requires"].get("features", [])),
+            "cache": {"batch": B, "kvHeads": Hkv, "capacity": cap, "headDim": D, "valueDim": Dv, "dtype": dtype,
+                      "kFormat": kf, "vFormat": vf},
+            "steps": spec_steps,
+            "q": w.bin(q, dtype),
+            "shapes": {"Hq": Hq, "S": S},
+            "params": {},
+            "tol": TOL[dtype],
+            "expected": {"o": w.bin(o, "f32"), **expected, "kv_lens": w.bin(lens, "i32")},
+        })
     return cases
 
 
