@@ -10,11 +10,17 @@ from attnc.errors import (
     VerifyError,
 )
 from attnc.frontend.dsl import (
+    and_masks,
+    bool_,
+    ceil,
+    cos,
     dim,
     dot,
     exp,
+    exp2,
     f16,
     f32,
+    floor,
     grid,
     i32,
     inf,
@@ -22,29 +28,39 @@ from attnc.frontend.dsl import (
     kernel,
     let,
     log,
+    log2,
     maximum,
     minimum,
     online_softmax,
+    or_masks,
     rsqrt,
     scalar,
+    sigmoid,
+    sin,
     splits,
     sqrt,
+    tan,
     tanh,
     tiles,
     tunable,
+    u8,
+    u32,
     where,
 )
 from attnc.runtime.api import attention, prepare
+from attnc.runtime.custom import Op, build
 from attnc.runtime.devices import Device, default_device, devices, get_device
 from attnc.runtime.kvcache import KVCache
+from attnc.runtime.paged import paged_attention
 from attnc.runtime.prepared import Prepared
 from attnc.runtime.tensor import Tensor, as_tensor, tensor, zeros
 
 __all__ = [
     "__version__",
-    "AttncError", "Device", "DeviceError", "KVCache", "LoweringError", "ParseError", "Prepared", "Tensor",
-    "TraceError", "VerifyError", "as_tensor", "attention", "default_device", "devices", "dim", "dot", "exp",
-    "f16", "f32", "get_device", "grid", "i32", "inf", "input", "kernel", "let", "log", "maximum", "minimum",
-    "online_softmax", "prepare", "rsqrt", "scalar", "splits", "sqrt", "tanh", "tensor", "tiles", "tunable",
-    "where", "zeros",
+    "AttncError", "Device", "DeviceError", "KVCache", "LoweringError", "Op", "ParseError", "Prepared", "Tensor",
+    "TraceError", "VerifyError", "and_masks", "as_tensor", "attention", "bool_", "build", "ceil", "cos",
+    "default_device", "devices", "dim", "dot", "exp", "exp2", "f16", "f32", "floor", "get_device", "grid", "i32",
+    "inf", "input", "kernel", "let", "log", "log2", "maximum", "minimum", "online_softmax", "or_masks",
+    "paged_attention", "prepare", "rsqrt", "scalar", "sigmoid", "sin", "splits", "sqrt", "tan", "tanh", "tensor",
+    "tiles", "tunable", "u8", "u32", "where", "zeros",
 ]

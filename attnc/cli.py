@@ -152,8 +152,8 @@ def parse_sets(kdef: Any, items: list[str]) -> dict[str, Any]:
         try:
             out[key] = convert(text, types_[key])
         except _NotSettable:
-            raise UsageError(f"--set {shown}: option {key!r} takes a Python function, which the command line "
-                             "cannot give (write a kernel in Python that passes it)") from None
+            raise UsageError(f"--set {shown}: option {key!r} takes a Python function: give it as module:name "
+                             "(e.g. --set score_mod=examples.flex.t5_buckets:score_mod)") from None
         except _BadValue:
             raise UsageError(f"--set {shown}: option {key!r} takes {describe(types_[key])}, "
                              f"got {text!r}") from None
@@ -222,6 +222,8 @@ def convert(text: str, t: Any) -> Any:
         elems = [args[0]] * len(parts) if args and args[-1] is Ellipsis else list(args) or [Any] * len(parts)
         return tuple(convert(p, a) for p, a in zip(parts, elems, strict=True))
     if t is collections.abc.Callable or origin is collections.abc.Callable:
+        if _OBJECT.match(word):  # module:name, a function defined in Python (a mod's captures
+            return _resolve(word)  # become kernel inputs, listed in the manifest)
         raise _NotSettable
     if t is Any:
         try:
@@ -230,6 +232,23 @@ def convert(text: str, t: Any) -> Any:
             raise _BadValue from None
         return _tuples(value)
     raise _NotSettable  # a class or other type the command line has no spelling for
+
+
+_OBJECT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
+
+
+def _resolve(spec: str) -> Any:
+    """The callable `module:attr` names (UsageError with the reason when it cannot be loaded)."""
+    mod_name, _, attr = spec.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot load {spec!r}: {exc}") from None
+    if not callable(obj):
+        raise UsageError(f"{spec!r} is a {type(obj).__name__}, not a function")
+    return obj
 
 
 def _list_items(word: str) -> list[str]:
@@ -546,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", action="append", choices=["f32", "f16"], help="storage dtype (default: both)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="option or tunable of a DSL kernel, typed as the kernel declares it, e.g. "
-                        "--set causal=true --set BN=64 --set window=[4,null]")
+                        "--set causal=true --set BN=64 --set window=[4,null]; a function option takes "
+                        "module:name, e.g. --set score_mod=examples.flex.t5_buckets:score_mod")
     c.add_argument("--wg", type=int, default=128, help="invocations per workgroup")
     c.add_argument("--dvc", type=int, default=64, help="output columns per workgroup")
     c.add_argument("--unroll", type=int, default=1, metavar="UN",

@@ -6,7 +6,8 @@
 //   const attn = await createAttention(device, await loadManifest('kernels/manifest.json'));
 //   const {o} = await attn.run({q, k, v}, {B: 1, Hq: 8, Hkv: 2, S: 128, T: 128, D: 64, Dv: 64});
 //
-// f16 tensors travel as Uint16Array holding IEEE half bits (see f32ToF16 / f16ToF32).
+// f16 tensors travel as Uint16Array holding IEEE half bits (see f32ToF16 / f16ToF32); u8 and
+// bool tensors as Uint8Array (bool: 0 or 1), one byte per element, as the shaders read them.
 
 export const MANIFEST_FORMAT = 'attnc.manifest';
 export const MANIFEST_VERSION = 1;
@@ -40,8 +41,8 @@ export const DEFAULT_LIMITS = Object.freeze({
   maxBindingsPerBindGroup: 1000,
 });
 
-const ELEM_BYTES = {f32: 4, f16: 2, i32: 4, u32: 4};
-const ARRAY_TYPES = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array,
+const ELEM_BYTES = {f32: 4, f16: 2, i32: 4, u32: 4, u8: 1, bool: 1};
+const ARRAY_TYPES = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array, u8: Uint8Array, bool: Uint8Array,
   q8_0: Uint32Array, q4_0: Uint32Array, int8: Uint32Array};
 // Quantized K/V inputs (MANIFEST.md "Quantized K/V tensors"): u32 words, `unit` values of the last
 // dim per block (q8_0, q4_0) or row (int8), `words(D)` words per row of D values.

@@ -8,10 +8,16 @@ reference, so every generated value is kept numerically tame, assuming tensor in
   power of two, so f32 and float64 evaluations differ by a few ulps of <= 16 (exp of a score
   error that small stays within the 1e-5 accuracy contract).
 * f32 constants are multiples of 1/8 in [-4, 4] (exact in f32); i32 constants are small.
-* exp only sees arguments bounded by 2 (else exp(neg(abs(x)))); log, sqrt and rsqrt see
-  abs(x) + 1; div divides by abs(y) + 1; so nothing overflows, divides by zero or is NaN.
+* exp and exp2 only see arguments bounded by 2 (else exp(neg(abs(x)))); log, log2, sqrt and
+  rsqrt see abs(x) + 1; tan sees tanh(x) * 1.25; div divides by abs(y) + 1; so nothing
+  overflows, divides by zero or is NaN. sin, cos and sigmoid are bounded by 1; floor and ceil
+  can flip only within rounding of an integer, like comparisons.
 * i32 values stay below INT_LIMIT (mul only by small constants; idiv/mod by constants in
-  1..16); i32(x) casts only f32(i) * 0.5, which is exact, so truncation agrees everywhere.
+  -16..16, zero and negative divisors included); i32(x) casts only f32(i) * 0.5, which is
+  exact, so truncation agrees everywhere.
+* reads of captured tables (`Scope.tables`) take any i32 index expressions (indices out of
+  range are clamped, the IR's rule), also values read from integer tables (gathers); float
+  tables hold |x| <= 1, integer tables values below TABLE_INT_BOUND.
 * comparisons of f32 values can flip only when a value lies within rounding of the other
   side (measure zero for random inputs); masks of i32 positions are exact.
 """
@@ -58,6 +64,7 @@ LOAD_BOUND = 1.0  # assumed |x| of f32 tensor loads
 F32_LIMIT = 16.0
 POS_BOUND = 4096  # assumed bound on positions and dims
 INT_LIMIT = 2**20
+TABLE_INT_BOUND = 256  # assumed bound on the values of integer tables (u8 included)
 
 
 def call(op: Op, *args: Expr) -> Call:
@@ -74,12 +81,35 @@ def i32(x: int) -> Const:
 
 
 @dataclass(frozen=True)
+class Table:
+    """A tensor param expressions may read anywhere (a captured array): name, dtype, rank."""
+
+    name: str
+    dtype: DType
+    rank: int
+
+
+@dataclass(frozen=True)
 class Scope:
-    """The leaves an expression may use: the f32 score, i32 positions/dims, f32 loads."""
+    """The leaves an expression may use: the f32 score, i32 positions/dims, f32 loads, tables."""
 
     score: Expr
     ints: tuple[Expr, ...]
     floats: tuple[Expr, ...] = ()
+    tables: tuple[Table, ...] = ()
+
+    def of(self, kind: str) -> list[Table]:
+        """The tables whose reads are `kind` values: "f32", "i32" or "bool"."""
+        want = {"f32": (F32, F16), "i32": (I32, DType.U32, DType.U8), "bool": (BOOL,)}[kind]
+        return [t for t in self.tables if t.dtype in want]
+
+
+def _read(draw, scope: Scope, kind: str, depth: int) -> Expr:
+    """A read of a random `kind` table at random i32 indices of depth < `depth` (reads of
+    integer tables among them while depth allows: gathers)."""
+    t = draw(st.sampled_from(scope.of(kind)))
+    index = tuple(_int(draw, scope, depth - 1)[0] for _ in range(t.rank))
+    return Load(t.name, index, {"f32": F32, "i32": I32, "bool": BOOL}[kind])
 
 
 DEFAULT_SCOPE = Scope(
@@ -100,8 +130,10 @@ def _scale_down(e: Expr, bound: float, limit: float = F32_LIMIT) -> tuple[Expr, 
 def _f32(draw, scope: Scope, depth: int) -> tuple[Expr, float]:
     """A random f32 expression and a bound on its magnitude."""
     if depth <= 0 or draw(st.integers(0, 3)) == 0:
-        kind = draw(st.sampled_from(["score", "score", "const", "int", "float"]))
-        if kind == "score":
+        kind = draw(st.sampled_from(["score", "score", "const", "int", "float", "table"]))
+        if kind == "table" and scope.of("f32"):
+            return _read(draw, scope, "f32", min(depth, 1)), LOAD_BOUND
+        if kind in ("score", "table"):
             return scope.score, SCORE_BOUND
         if kind == "const" or (kind == "float" and not scope.floats):
             c = draw(st.integers(-32, 32)) / 8
@@ -111,7 +143,8 @@ def _f32(draw, scope: Scope, depth: int) -> tuple[Expr, float]:
         i, ib = _int(draw, scope, depth - 1)
         return _scale_down(call(Op.F32, i), float(ib), 16.0)
     op = draw(st.sampled_from(["add", "sub", "mul", "max", "min", "neg", "abs", "div", "exp",
-                               "log", "tanh", "sqrt", "rsqrt", "where"]))
+                               "log", "tanh", "sqrt", "rsqrt", "where", "sin", "cos", "tan", "exp2",
+                               "log2", "floor", "ceil", "sigmoid"]))
     a, ab = _f32(draw, scope, depth - 1)
     one = f32(1.0)
     if op in ("add", "sub", "mul", "max", "min", "div", "where"):
@@ -124,20 +157,26 @@ def _f32(draw, scope: Scope, depth: int) -> tuple[Expr, float]:
         return _scale_down(call(Op(op), a, b), bound)
     if op in ("neg", "abs"):
         return call(Op(op), a), ab
-    if op == "exp":
+    if op in ("floor", "ceil"):
+        return call(Op(op), a), ab + 1
+    if op in ("exp", "exp2"):
         if ab <= 2:
-            return call(Op.EXP, a), math.exp(ab)
-        return call(Op.EXP, call(Op.NEG, call(Op.ABS, a))), 1.0
-    if op == "tanh":
-        return call(Op.TANH, a), 1.0
+            return call(Op(op), a), math.exp(ab)
+        return call(Op(op), call(Op.NEG, call(Op.ABS, a))), 1.0
+    if op in ("tanh", "sin", "cos", "sigmoid"):
+        return call(Op(op), a), 1.0
+    if op == "tan":  # |argument| <= 1.25: no pole
+        return call(Op.TAN, call(Op.MUL, call(Op.TANH, a), f32(1.25))), math.tan(1.25)
     safe = call(Op.ADD, call(Op.ABS, a), one)
-    bound = {"log": math.log(ab + 1), "sqrt": math.sqrt(ab + 1), "rsqrt": 1.0}[op]
+    bound = {"log": math.log(ab + 1), "log2": math.log2(ab + 1), "sqrt": math.sqrt(ab + 1), "rsqrt": 1.0}[op]
     return call(Op(op), safe), bound
 
 
 def _int(draw, scope: Scope, depth: int) -> tuple[Expr, int]:
     """A random i32 expression and a bound on its magnitude."""
     if depth <= 0 or draw(st.integers(0, 3)) == 0:
+        if scope.of("i32") and depth >= 0 and draw(st.integers(0, 4)) == 0:
+            return _read(draw, scope, "i32", depth), TABLE_INT_BOUND
         if scope.ints and draw(st.booleans()):
             return draw(st.sampled_from(scope.ints)), POS_BOUND
         c = draw(st.integers(-8, 8))
@@ -155,9 +194,9 @@ def _int(draw, scope: Scope, depth: int) -> tuple[Expr, int]:
     if op == "mul":
         c = draw(st.integers(-4, 4))
         return (call(Op.MUL, a, i32(c)), ab * abs(c)) if ab * 4 <= INT_LIMIT else (a, ab)
-    if op in ("idiv", "mod"):
-        c = draw(st.integers(1, 16))
-        return call(Op(op), a, i32(c)), (ab if op == "idiv" else c)
+    if op in ("idiv", "mod"):  # floor semantics; zero and negative divisors too
+        c = draw(st.integers(1, 16) | st.integers(-16, 0))
+        return call(Op(op), a, i32(c)), (ab if op == "idiv" or c == 0 else abs(c))
     if op == "cast":  # i32(f32(a) * 0.5): exact in f32, so every evaluator truncates alike
         return call(Op.I32, call(Op.MUL, call(Op.F32, a), f32(0.5))), ab
     return call(Op(op), a), ab
@@ -166,11 +205,16 @@ def _int(draw, scope: Scope, depth: int) -> tuple[Expr, int]:
 def _bool(draw, scope: Scope, depth: int) -> tuple[Expr, int]:
     """A random bool expression (the bound is meaningless and kept for symmetry)."""
     if depth <= 0 or draw(st.integers(0, 3)) == 0:
+        if scope.of("bool") and draw(st.integers(0, 3)) == 0:
+            return _read(draw, scope, "bool", min(depth, 1)), 0
         if draw(st.integers(0, 4)) == 0:
             return Const(draw(st.booleans()), BOOL), 0
         cmp = draw(st.sampled_from([Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE]))
         return call(cmp, _int(draw, scope, 0)[0], _int(draw, scope, 0)[0]), 0
-    op = draw(st.sampled_from(["cmp_int", "cmp_int", "cmp_f32", "and", "or", "not", "where"]))
+    op = draw(st.sampled_from(["cmp_int", "cmp_int", "cmp_f32", "cmp_bool", "and", "or", "not", "where"]))
+    if op == "cmp_bool":  # == and != between booleans
+        return call(draw(st.sampled_from([Op.EQ, Op.NE])), _bool(draw, scope, depth - 1)[0],
+                    _bool(draw, scope, depth - 1)[0]), 0
     if op.startswith("cmp"):
         cmp = draw(st.sampled_from([Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE]))
         gen = _int if op == "cmp_int" else _f32
@@ -210,24 +254,26 @@ def identifiers() -> st.SearchStrategy[str]:
 
 ROLES = ("B", "Hq", "S", "D", "Hkv", "T", "Dv", "q", "k", "v", "scale", "lens", "slopes",
          "sinks", "nsplit", "BM", "BN", "b", "h", "qi", "ks", "kj", "hk", "len", "qpos", "acc",
-         "s", "t", "keep")
+         "s", "t", "keep", "NT", "tf", "ti", "tb")
 
 
 @st.composite
 def kernels(draw, split: bool | None = None, sink: bool | None = None,
-            lse: bool | None = None, max_depth: int = 3) -> Kernel:
+            lse: bool | None = None, max_depth: int = 3, tables: bool | None = None) -> Kernel:
     """Verified flash-attention-shaped kernels with random names, options, score and mask.
 
     Roles (q, k, v, dims, ...) are as in examples/*.attn; the kernel may split the KV axis,
     read per-batch lengths (`lens: i32[B]`), per-head slopes (an f32 leaf of the score),
-    add per-head sinks and return the lse. Tunables are random powers of two.
+    read tables of every tensor dtype over a dim of their own (`tables`: as a mod's captured
+    arrays are), add per-head sinks and return the lse. Tunables are random powers of two.
     """
     names = draw(st.lists(identifiers(), min_size=len(ROLES), max_size=len(ROLES), unique=True))
     n = dict(zip(ROLES, names, strict=True))
     split = draw(st.booleans()) if split is None else split
     sink = draw(st.booleans()) if sink is None else sink
     lse = draw(st.booleans()) if lse is None else lse
-    use_lens, use_slopes, use_scale, use_mask = (draw(st.booleans()) for _ in range(4))
+    use_lens, use_slopes, use_scale, use_mask, use_tables = (draw(st.booleans()) for _ in range(5))
+    use_tables = use_tables if tables is None else tables
     dt = [draw(st.sampled_from([F32, F16])) for _ in range(3)]
     B, Hq, S, D, Hkv, T, Dv = (n[r] for r in ("B", "Hq", "S", "D", "Hkv", "T", "Dv"))
     params = [Param(n["q"], TensorType(dt[0], (B, Hq, S, D))),
@@ -238,6 +284,13 @@ def kernels(draw, split: bool | None = None, sink: bool | None = None,
     params += [Param(n["slopes"], TensorType(F32, (Hq,)))] if use_slopes else []
     params += [Param(n["sinks"], TensorType(F32, (Hq,)))] if sink else []
     params += [Param(n["nsplit"], TensorType(I32))] if split else []
+    tables: tuple[Table, ...] = ()
+    if use_tables:  # captured-style tables: a named dim of their own, every tensor dtype
+        tables = (Table(n["tf"], draw(st.sampled_from([F32, F16])), 2),
+                  Table(n["ti"], draw(st.sampled_from([I32, DType.U32, DType.U8])), 1),
+                  Table(n["tb"], BOOL, 1))
+        dims = {n["tf"]: (n["NT"], Hq), n["ti"]: (n["NT"],), n["tb"]: (n["NT"],)}
+        params += [Param(t.name, TensorType(t.dtype, dims[t.name])) for t in tables]
     params = draw(st.permutations(params))
     tunables = ((n["BM"], 2 ** draw(st.integers(0, 6))), (n["BN"], 2 ** draw(st.integers(0, 7))))
 
@@ -256,7 +309,7 @@ def kernels(draw, split: bool | None = None, sink: bool | None = None,
               Slice(n["k"], (v["b"], v["hk"], v["kj"], None)))
     row_ints = (v["b"], v["h"], v["qi"], v["qpos"], v["len"], Dim(S), Dim(T))
     floats = (Load(n["slopes"], (v["h"],), F32),) if use_slopes else ()
-    scope = Scope(Var(n["s"], F32), row_ints + (v["kj"],), floats)
+    scope = Scope(Var(n["s"], F32), row_ints + (v["kj"],), floats, tables)
     score = _f32(draw, scope, draw(st.integers(0, max_depth)))[0]
     body: list = [Let(n["s"], call(Op.MUL, dot, scale))]
     if draw(st.booleans()):
@@ -268,7 +321,7 @@ def kernels(draw, split: bool | None = None, sink: bool | None = None,
     body.append(Update(n["acc"], score, Slice(n["v"], (v["b"], v["hk"], v["kj"], None))))
     post = []
     if sink:
-        sink_scope = Scope(Load(n["sinks"], (v["h"],), F32), row_ints, floats)
+        sink_scope = Scope(Load(n["sinks"], (v["h"],), F32), row_ints, floats, tables)
         post.append(Sink(n["acc"], _f32(draw, sink_scope, draw(st.integers(0, 2)))[0]))
     post.append(Return(n["acc"], lse, n["ks"] if split else None))
     stmts = (*pre, Softmax(n["acc"], n["qi"], Dv),

@@ -28,6 +28,17 @@ def targets(subgroup_sizes: bool = False) -> list:
             for spec, fam in TARGETS]
 
 
+def spread(names: list[str], start: int = 0) -> list:
+    """(target, name) params giving each name one target, round robin from TARGETS[start]: a
+    catalogue of functions (each a new pipeline per target, seconds on a CPU adapter) meets every
+    target without running every function on every one; argnames "target,name"."""
+    out = []
+    for i, name in enumerate(names):
+        spec, fam = TARGETS[(start + i) % len(TARGETS)]
+        out.append(pytest.param((spec, fam), name, id=f"{spec}-{fam}-{name}"))
+    return out
+
+
 def expected_subgroup_size(device) -> int | None:
     """The size lavapipe must report under this process's LP_NATIVE_VECTOR_WIDTH (None: not lavapipe)."""
     if "llvmpipe" not in device.name:

@@ -1,6 +1,7 @@
 """The layers import in one direction, and no attnc module imports itself through others.
 
-Packages: ir <- frontend <- kernels; ir <- lowering <- runtime <- bench <- cli; attnc.quant
+Packages: ir <- frontend <- kernels; ir <- lowering <- runtime <- bench <- cli; the runtime
+also reads the frontend (it traces kernels and binds what their mods capture); attnc.quant
 (the numpy reference of the quantized KV formats) imports nothing of attnc; the IR interpreter,
 the runtime and bench read it. Inside the
 runtime, modules sit in layers too (dispatch at the bottom, the public API and the tuner at
@@ -19,7 +20,8 @@ ALLOWED = {
     "frontend": {"attnc.errors", "attnc.ir", "attnc._version"},
     "kernels": {"attnc.frontend"},
     "lowering": {"attnc.errors", "attnc.ir", "attnc._version"},
-    "runtime": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.kernels", "attnc.quant", "attnc._version"},
+    "runtime": {"attnc.errors", "attnc.ir", "attnc.frontend", "attnc.lowering", "attnc.kernels", "attnc.quant",
+                "attnc._version"},
     "bench": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.runtime", "attnc.quant", "attnc._version",
               "attnc.argparsing"},
 }
@@ -28,9 +30,10 @@ RUNTIME_LAYERS = [
     {"dispatch", "cachedir"},
     {"devices", "timing"},
     {"tensor"},
+    {"params"},
     {"build", "prepared", "chunking", "tuning_cache", "store"},
-    {"api"},
-    {"kvcache", "tune"},
+    {"api", "custom"},
+    {"kvcache", "tune", "paged"},
 ]
 
 

@@ -2,7 +2,8 @@
 
 A kernel is a Python function decorated with `@kernel`; `KernelDef.trace(**options)` calls
 it with symbolic values and records IR. Masks and score modifiers are plain functions of
-traced values (FlexAttention style): operators on traced values build IR expressions.
+traced values (FlexAttention style): operators on traced values build IR expressions, and the
+arrays and numbers they close over become kernel params (frontend/capture.py).
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from attnc.errors import AttncError
+import numpy as np
+
+from attnc.errors import TraceError
+from attnc.frontend import capture
 from attnc.frontend import semantic as sem
+from attnc.frontend.capture import NeedsStatic
 from attnc.frontend.semantic import fail
 from attnc.ir import nodes as ir
-from attnc.ir.verify import verify
+from attnc.ir.printer import KEYWORDS
+from attnc.ir.verify import load_dtype, verify
 
 _BUILDER: contextvars.ContextVar[sem.Builder | None] = contextvars.ContextVar("attnc_builder",
                                                                               default=None)
@@ -40,7 +46,8 @@ def _builder() -> sem.Builder:
 
 
 class DTypeSpec:
-    """`f32`, `f16`, `i32`: a scalar annotation, or `f32["B", "S"]` for a tensor type."""
+    """`f32`, `f16`, `i32`, `u32`, `u8`, `bool_`: a scalar annotation (f32, i32), or
+    `f32["B", "S"]` for a tensor type."""
 
     def __init__(self, dtype: ir.DType):
         self.dtype = dtype
@@ -57,6 +64,8 @@ class DTypeSpec:
         if self.dtype.is_quant:
             raise fail(f"{self.dtype.value} is a storage type for tensors, not a conversion",
                        ("use f32(x) or i32(x)",))
+        if self.dtype not in (ir.DType.F32, ir.DType.F16, ir.DType.I32):
+            raise fail(f"{self.dtype.value} is a tensor storage type; values convert with f32(...) or i32(...)")
         op = ir.Op.F32 if self.dtype is not ir.DType.I32 else ir.Op.I32
         return Value(sem.call(op, _expr(x)))
 
@@ -67,6 +76,9 @@ class DTypeSpec:
 f32 = DTypeSpec(ir.DType.F32)
 f16 = DTypeSpec(ir.DType.F16)
 i32 = DTypeSpec(ir.DType.I32)
+u32 = DTypeSpec(ir.DType.U32)
+u8 = DTypeSpec(ir.DType.U8)
+bool_ = DTypeSpec(ir.DType.BOOL)
 # quantized storage of K/V tensors (attnc/quant.py): k: q8_0["B", "Hkv", "T", "D"]
 q8_0 = DTypeSpec(ir.DType.Q8_0)
 q4_0 = DTypeSpec(ir.DType.Q4_0)
@@ -96,6 +108,11 @@ def tunable(default: int) -> Tunable:
 def _expr(x: Any) -> ir.Expr:
     if isinstance(x, Value):
         return x.expr
+    if isinstance(x, _SubTensor):
+        raise fail(f"{x.tensor._describe()}, indexed with {len(x.prefix)}",
+                   ("index it down to one element, e.g. t[b, q_idx] or t[b][q_idx]",))
+    if isinstance(x, CapturedTensor):
+        raise fail(f"captured tensor {x.slot.hint!r} is not a scalar value; index it first")
     if isinstance(x, (TensorInput, Acc)):
         raise fail(f"{x!r} is not a scalar value; index it first")
     return sem.const(x)
@@ -140,29 +157,102 @@ class Value:
     def __neg__(self): return Value(sem.call(ir.Op.NEG, self.expr))
     def __abs__(self): return Value(sem.call(ir.Op.ABS, self.expr))
     def __pow__(self, o):
-        raise fail("'**' is not supported in kernels", ("use exp(log(x) * y) or x * x",))
+        if isinstance(o, int | np.integer) and not isinstance(o, bool) and -8 <= int(o) <= 8:
+            n = int(o)
+            out: Value = Value(sem.const(1.0)) if n == 0 else self
+            for _ in range(abs(n) - 1):
+                out = out * self
+            return 1.0 / out if n < 0 else out
+        raise fail("'**' takes a constant integer exponent from -8 to 8 in kernels",
+                   ("use exp(log(x) * y), sqrt(x) or x * x",))
+
+    def __floor__(self) -> Value:  # math.floor(x): an integer, as in Python
+        return Value(sem.call(ir.Op.I32, sem.call(ir.Op.FLOOR, self.expr)))
+
+    def __ceil__(self) -> Value:  # math.ceil(x)
+        return Value(sem.call(ir.Op.I32, sem.call(ir.Op.CEIL, self.expr)))
+
+    def __trunc__(self) -> Value:  # math.trunc(x)
+        return Value(sem.call(ir.Op.I32, self.expr))
+
+    # the tensor-method spellings of the DSL's functions (x.abs(), x.exp(), ...)
+    def abs(self) -> Value: return abs(self)
+    def exp(self) -> Value: return exp(self)
+    def exp2(self) -> Value: return exp2(self)
+    def log(self) -> Value: return log(self)
+    def log2(self) -> Value: return log2(self)
+    def sin(self) -> Value: return sin(self)
+    def cos(self) -> Value: return cos(self)
+    def tan(self) -> Value: return tan(self)
+    def tanh(self) -> Value: return tanh(self)
+    def sqrt(self) -> Value: return sqrt(self)
+    def rsqrt(self) -> Value: return rsqrt(self)
+    def sigmoid(self) -> Value: return sigmoid(self)
+    def floor(self) -> Value: return floor(self)
+    def ceil(self) -> Value: return ceil(self)
+
+    def _not_python(self, what: str, notes: tuple[str, ...]) -> TraceError:
+        """The error for using a traced value as a Python value; for a captured number, the
+        signal to trace again with it as a constant."""
+        paths = _captured_numbers(self.expr)
+        if paths:
+            return NeedsStatic(paths)  # type: ignore[return-value]
+        return fail(what, notes)
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         name = getattr(ufunc, "__name__", "a numpy function")
-        raise fail(f"numpy's {name} cannot take a traced value",
-                   (f"use the DSL's version, e.g. attnc.{name}" if name in _DSL_FUNCS else
-                    "use attnc.exp, log, tanh, sqrt, rsqrt, maximum, minimum, where",))
+        raise self._not_python(f"numpy's {name} cannot take a traced value",
+                               (f"use the DSL's version, e.g. attnc.{name}" if name in _DSL_FUNCS else
+                                "use attnc.exp, log, sin, cos, tanh, sqrt, maximum, minimum, where",))
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._not_python(
+            "a numpy array (or a value numpy converts) met a traced value: only captured arrays "
+            "can be indexed with traced values",
+            ("attnc captures the arrays a score_mod or mask_mod closes over, takes as default "
+             "arguments or reads as module globals; bind one reached another way (an attribute, "
+             "a large container) to a variable the function closes over, or declare it with "
+             "attnc.input(...) and pass it with inputs=",))
 
     def __bool__(self) -> bool:
-        raise fail("a traced value cannot drive Python control flow (if/and/or/not/while)",
-                   ("use where(cond, a, b) for a choice, & | ~ for logic",))
+        raise self._not_python("a traced value cannot drive Python control flow (if/and/or/not/while)",
+                               ("use where(cond, a, b) for a choice, & | ~ for logic",))
 
     def __index__(self) -> int:
-        raise fail("a traced value cannot be used as a Python int")
+        raise self._not_python("a traced value cannot be used as a Python int", ())
+
+    def __int__(self) -> int:
+        raise self._not_python("a traced value cannot be used as a Python int",
+                               ("use attnc.i32(x) (truncates) or math.floor(x)",))
 
     def __float__(self) -> float:
-        raise fail("a traced value cannot be used as a Python float")
+        raise self._not_python("a traced value cannot be used as a Python float",
+                               ("math.* functions need Python floats: use attnc.sin, cos, exp, "
+                                "log, sqrt, tanh ... on traced values",))
 
     def __repr__(self) -> str:
         return f"Value({self.expr.dtype.value})"
 
 
-_DSL_FUNCS = {"exp", "log", "tanh", "sqrt", "maximum", "minimum", "where", "abs"}
+def _captured_numbers(e: ir.Expr) -> set:
+    """The capture paths of the captured numbers an expression depends on (lets followed)."""
+    b = _BUILDER.get()
+    if b is None or not b.capture_scalars:
+        return set()
+    out, stack, seen = set(), [e], set()
+    while stack:
+        for x in ir.walk_expr(stack.pop()):
+            if isinstance(x, ir.Var) and x.name not in seen:
+                seen.add(x.name)
+                if x.name in b.capture_scalars:
+                    out.add(b.capture_scalars[x.name])
+                elif x.name in b.let_values:
+                    stack.append(b.let_values[x.name])
+    return out
+
+
+_DSL_FUNCS = {"exp", "log", "tanh", "sqrt", "maximum", "minimum", "where", "abs", "sin", "cos",
+              "tan", "exp2", "log2", "floor", "ceil"}
 
 
 def _unary(op: ir.Op) -> Callable[[Any], Value]:
@@ -178,6 +268,17 @@ log = _unary(ir.Op.LOG)
 tanh = _unary(ir.Op.TANH)
 sqrt = _unary(ir.Op.SQRT)
 rsqrt = _unary(ir.Op.RSQRT)
+sin = _unary(ir.Op.SIN)
+cos = _unary(ir.Op.COS)
+tan = _unary(ir.Op.TAN)
+exp2 = _unary(ir.Op.EXP2)
+log2 = _unary(ir.Op.LOG2)
+floor = _unary(ir.Op.FLOOR)
+ceil = _unary(ir.Op.CEIL)
+sigmoid = _unary(ir.Op.SIGMOID)
+sigmoid.__doc__ = "Elementwise 1 / (1 + exp(-x)) of a traced value (no overflow for large |x|)."
+floor.__doc__ = "Elementwise floor of a traced value, as an f32 (math.floor(x) gives an i32)."
+ceil.__doc__ = "Elementwise ceiling of a traced value, as an f32 (math.ceil(x) gives an i32)."
 
 
 def maximum(a: Any, b: Any) -> Value:
@@ -195,6 +296,26 @@ def where(cond: Any, a: Any, b: Any) -> Value:
     return Value(sem.call(ir.Op.WHERE, _expr(cond), _expr(a), _expr(b)))
 
 
+def and_masks(*mask_mods: Callable[..., Any]) -> Callable[..., Any]:
+    """A mask_mod keeping the keys every one of `mask_mods` keeps (FlexAttention's and_masks)."""
+    def and_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        out: Any = True
+        for m in mask_mods:
+            out = out & m(b, h, q_idx, kv_idx)
+        return out
+    return and_mask
+
+
+def or_masks(*mask_mods: Callable[..., Any]) -> Callable[..., Any]:
+    """A mask_mod keeping the keys any one of `mask_mods` keeps (FlexAttention's or_masks)."""
+    def or_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        out: Any = False
+        for m in mask_mods:
+            out = out | m(b, h, q_idx, kv_idx)
+        return out
+    return or_mask
+
+
 def dim(name: str) -> Value:
     """The runtime size of a symbolic dim, as an i32 value (inside a score_mod or mask_mod,
     the value apply_mod was given for it, if any)."""
@@ -210,6 +331,7 @@ def let(name: str, x: Any) -> Value:
     e = _expr(x)
     var = b.fresh(name)
     b.emit(ir.Let(var, e, sem.user_span()))
+    b.let_values[var] = e
     return Value(ir.Var(var, e.dtype, sem.user_span()))
 
 
@@ -226,14 +348,16 @@ def _def_span(fn: Any) -> Any:
 
 def apply_mod(fn: Any, args: tuple[Any, ...], kind: str,
               dims: dict[str, Callable[[], Value]] | None = None) -> Value:
-    """Call a score_mod ("score", must return a number) or mask_mod ("mask", must return a bool).
+    """Call a score_mod ("score", must return a number) or mask_mod ("mask", must return a bool);
+    the tensors and numbers it closes over become kernel inputs (frontend/capture.py).
 
     `dims` gives what `dim(name)` means inside the mod where that is not the kernel's dim
     (a kernel computing one piece of a larger problem: the sizes of the whole problem)."""
-    from attnc.errors import TraceError
-
     if not callable(fn):
         raise TraceError(f"{kind}_mod must be a function, got a {type(fn).__name__}")
+    b = _builder()
+    if b.captures is not None:  # what it closes over becomes kernel inputs
+        fn = b.captures.rewrite(fn)
     token = _MOD_DIMS.set(dims)
     try:
         out = fn(*args)
@@ -258,6 +382,9 @@ class TensorInput:
 
     Kernel parameters are made from the function's annotations; `input(name, type)`
     makes extra ones (bias, slopes, kv_lens...) that become parameters when used.
+    Indexing with one index per dim reads an element (each index clamped into its dim, the
+    IR's rule; a negative Python int counts from the end); fewer indices select a sub-tensor
+    to index further (`bias[b][h, q_idx]`); one ':' makes a slice for dot() and update().
     """
 
     def __init__(self, name: str, ty: ir.TensorType):
@@ -268,22 +395,54 @@ class TensorInput:
     def _register(self) -> None:
         _builder().add_param(self.name, self.type)
 
-    def __getitem__(self, idx: Any) -> Value | Slice:
-        self._register()
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        if len(idx) != len(self.type.dims):
-            raise fail(f"{self.name} has {len(self.type.dims)} dims {list(self.type.dims)}, "
-                       f"indexed with {len(idx)}")
+    def __getitem__(self, idx: Any) -> Value | Slice | _SubTensor:
+        return self._index(idx if isinstance(idx, tuple) else (idx,))
+
+    def _describe(self) -> str:
+        """How errors name it: `bias has 4 dims ['B', 'Hq', 'S', 'T']`."""
+        return f"{self.name} has {len(self.type.dims)} dims {list(self.type.dims)}"
+
+    def _index(self, idx: tuple[Any, ...]) -> Value | Slice | _SubTensor:
+        rank = len(self.type.dims)
         colons = [i for i, x in enumerate(idx) if isinstance(x, slice)]
+        if len(idx) > rank or (colons and len(idx) != rank):
+            raise fail(f"{self._describe()}, indexed with {len(idx)}")
         if any(x != slice(None) for x in idx if isinstance(x, slice)):
             raise fail("only a plain ':' slice is supported (the reduction axis)")
-        exprs = tuple(None if isinstance(x, slice) else _index(x) for x in idx)
+        if any(x is Ellipsis or x is None for x in idx):
+            raise fail(f"{self.name}[...]: indices are integers (traced or Python), or one ':'")
+        if len(idx) < rank:
+            return _SubTensor(self, idx)
+        self._register()
+        exprs = tuple(None if isinstance(x, slice) else self._one(x, d)
+                      for x, d in zip(idx, self.type.dims, strict=True))
         if not colons:
-            dt = ir.DType.I32 if self.type.dtype is ir.DType.I32 else ir.DType.F32
-            return Value(ir.Load(self.name, exprs, dt, sem.user_span()))  # type: ignore[arg-type]
+            return Value(ir.Load(self.name, exprs, load_dtype(self.type.dtype), sem.user_span()))  # type: ignore[arg-type]
         if len(colons) > 1:
             raise fail(f"{self.name}[...] has {len(colons)} ':' slices; a slice takes exactly one")
+        if not self.type.dtype.is_float:
+            raise fail(f"{self.name} is {self.type.dtype.value}; slices read float tensors")
         return Slice(ir.Slice(self.name, exprs, sem.user_span()), self.type.dims[colons[0]])
+
+    @staticmethod
+    def _one(x: Any, dim_name: str) -> ir.Expr:
+        """One index: a negative Python int counts from the end of its dim, as in Python."""
+        if isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_) and int(x) < 0:
+            return sem.call(ir.Op.ADD, ir.Dim(dim_name, sem.user_span()), sem.const(int(x)))
+        return _index(x)
+
+    @property
+    def shape(self) -> tuple[Any, ...]:
+        """The sizes of its dims, as traced i32 values (captured tensors: Python ints)."""
+        return tuple(dim(d) for d in self.type.dims)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.type.dims)
+
+    def __len__(self) -> int:
+        raise fail(f"len({self.name}): the size of a kernel input is a runtime value",
+                   (f"use attnc.dim({self.type.dims[0]!r})" if self.type.dims else "it is a scalar",))
 
     def value(self) -> Value:
         """A scalar input's value."""
@@ -294,6 +453,105 @@ class TensorInput:
 
     def __repr__(self) -> str:
         return f"{self.name}: {self.type.dtype.value}{list(self.type.dims)}"
+
+
+class _SubTensor:
+    """`t[i]` of a tensor with more dims: the leading indices, waiting for the rest."""
+
+    def __init__(self, tensor: TensorInput, prefix: tuple[Any, ...]):
+        self.tensor, self.prefix = tensor, prefix
+
+    def __getitem__(self, idx: Any) -> Value | Slice | _SubTensor:
+        return self.tensor._index(self.prefix + (idx if isinstance(idx, tuple) else (idx,)))
+
+    @property
+    def shape(self) -> tuple[Any, ...]:
+        return self.tensor.shape[len(self.prefix):]
+
+    def __getattr__(self, name: str) -> Any:
+        raise fail(f"a sub-tensor of {self.tensor.name} has no '{name}': index it down to elements",
+                   ("reductions over captured tensors (sum, max, ...) are not traced; compute them "
+                    "outside the function and capture the result",))
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise fail(f"a sub-tensor of {self.tensor.name} is not an array: index it down to elements")
+
+
+class CapturedTensor(TensorInput):
+    """A tensor a mod closes over (frontend/capture.py): a kernel param with a dim per axis,
+    named after the variable when the trace ends; `.shape` gives the captured array's sizes."""
+
+    def __init__(self, name: str, ty: ir.TensorType, slot: capture.Slot):
+        super().__init__(name, ty)
+        self.slot = slot
+
+    def _describe(self) -> str:
+        return f"captured tensor {self.slot.hint!r} of shape {self.slot.shape} has {len(self.slot.shape)} dims"
+
+    def _index(self, idx: tuple[Any, ...]) -> Value | Slice | _SubTensor:
+        if any(isinstance(x, slice) for x in idx):
+            raise fail(f"captured tensor {self.slot.hint!r} is indexed with one integer per axis",
+                       ("a ':' slice (a whole axis) is for q/k/v in dot() and update(); a mod reads "
+                        "single elements",))
+        return super()._index(idx)
+
+    def _register(self) -> None:
+        b = _builder()
+        if self.name not in b.params:
+            b.captured[self.name] = self.slot
+        super()._register()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.slot.shape
+
+    @property
+    def dtype(self) -> Any:
+        return capture.tensor_info(self.slot.obj).dtype  # type: ignore[union-attr]
+
+    def __len__(self) -> int:
+        return self.slot.shape[0]
+
+    def __getattr__(self, name: str) -> Any:
+        raise fail(f"captured tensor {self.slot.hint!r} has no '{name}' in a kernel",
+                   ("a captured tensor is indexed with traced integers, and has .shape, .ndim and "
+                    ".dtype; compute anything else outside the function and capture the result",))
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        raise fail(f"captured tensor {self.slot.hint!r} is not an array while the kernel is traced",
+                   ("index it with traced integers; numpy functions cannot run on it inside a mod",))
+
+
+class CapturedScalar(Value):
+    """A number a mod closes over: a scalar param (a uniform) once an operation reads it."""
+
+    __slots__ = ("_slot", "_name")
+
+    def __init__(self, name: str, slot: capture.Slot):  # noqa: D107 - no Value.__init__: lazy expr
+        self._name, self._slot = name, slot
+
+    @property  # type: ignore[override]
+    def expr(self) -> ir.Expr:
+        b = _builder()
+        if self._name not in b.params:
+            b.add_param(self._name, ir.TensorType(self._slot.dtype, ()))
+            b.captured[self._name] = self._slot
+            b.capture_scalars[self._name] = self._slot.path
+        return ir.Var(self._name, self._slot.dtype, sem.user_span())
+
+
+def _proxy(b: sem.Builder, slot: capture.Slot) -> Any:
+    """The stand-in for a captured object while a kernel is traced (names are provisional)."""
+    def fresh(base: str) -> str:  # a name no other is using; taken for real when registered
+        name = b.fresh(base)
+        b.names.discard(name)
+        return name
+
+    name = fresh(f"captured{len(b.captures.proxies)}")
+    if slot.kind == "scalar":
+        return CapturedScalar(name, slot)
+    dims = tuple(fresh(f"{name}_d{i}") for i in range(len(slot.shape)))
+    return CapturedTensor(name, ir.TensorType(slot.dtype, dims), slot)
 
 
 def _index(x: Any) -> ir.Expr:
@@ -468,7 +726,30 @@ class KernelDef:
 
     def trace(self, **options: Any) -> ir.Kernel:
         """Run the function on symbolic inputs with these options/tunables; return the IR."""
+        return self.trace_with_captures(**options)[0]
+
+    def trace_with_captures(self, **options: Any) -> tuple[ir.Kernel, dict[str, capture.Slot]]:
+        """The IR, and the objects its mods captured by kernel param name (frontend/capture.py).
+
+        A captured number that the mods use in Python control flow makes the trace start again
+        with that number as a constant (remembered for later traces of the same mods)."""
+        mods = {k: v for k, v in options.items() if callable(v) and not isinstance(v, Tunable)}
+        static = capture.static_paths(mods)
+        for _ in range(64):
+            try:
+                return self._trace_once(dict(options), mods, static)
+            except NeedsStatic as e:
+                if e.paths <= static:  # pragma: no cover - each retry adds a constant
+                    raise
+                static = static | e.paths
+                capture.learn_static(mods, e.paths)
+        raise fail(f"kernel {self.name}: too many captured numbers used as Python values")
+
+    def _trace_once(self, options: dict[str, Any], mods: dict[str, Any], static: set
+                    ) -> tuple[ir.Kernel, dict[str, capture.Slot]]:
         b = sem.Builder(self.name)
+        b.captures = capture.Session(static=set(static), prefixes={id(f): n for n, f in mods.items()},
+                                     make_proxy=lambda slot: _proxy(b, slot))
         token = _BUILDER.set(b)
         try:
             args, kwargs = [], {}
@@ -500,11 +781,9 @@ class KernelDef:
                              tuple(b.tunables.items()), body, sem.user_span())
         finally:
             _BUILDER.reset(token)
-        try:
-            verify(kern)
-        except AttncError:
-            raise
-        return kern
+        kern, captured = _name_captures(kern, b.captured)
+        verify(kern)
+        return kern, captured
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
@@ -522,6 +801,53 @@ def _output_type(b: sem.Builder, body: tuple[ir.Stmt, ...]) -> ir.TensorType:
     first = next((p for p in b.params.values() if p.type.dims), None)
     dtype = first.type.dtype if first else ir.DType.F32
     return ir.TensorType(dtype, dims + (acc.width,))
+
+
+def _name_captures(kern: ir.Kernel, captured: dict[str, capture.Slot]
+                   ) -> tuple[ir.Kernel, dict[str, capture.Slot]]:
+    """Give captured params (and their dims) the names of the variables they came from, `rel`
+    and its dims `rel_0`, ...: those are what a caller of `attnc compile`'s output binds. A name
+    the kernel's params, dims, grid or loop use gets a number (`rel1`); a `%let` of the kernel
+    with that name is renamed instead (lets are the kernel's own)."""
+    if not captured:
+        return kern, {}
+    fixed = set(KEYWORDS) | {p.name for p in kern.params if p.name not in captured}
+    fixed |= {d for p in kern.params if p.name not in captured for d in p.type.dims}
+    fixed |= {n for n, _ in kern.tunables} | set(kern.output.dims) | set(kern.dims)
+    lets: set[str] = set()
+    for st in ir.walk_stmts(kern.body):
+        if isinstance(st, ir.Let):
+            lets.add(st.var)
+        elif isinstance(st, ir.Softmax | ir.Loop):
+            fixed.add(st.var)
+        elif isinstance(st, ir.Grid):
+            fixed.update(a.var for a in st.axes)
+    fixed -= set(captured)
+    fixed -= {d for p in kern.params if p.name in captured for d in p.type.dims}
+    mapping: dict[str, str] = {}
+    out: dict[str, capture.Slot] = {}
+    for p in kern.params:
+        if p.name not in captured:
+            continue
+        slot = captured[p.name]
+        base = slot.hint if slot.hint.isidentifier() else "captured"
+        name, i = base, 1
+        while name in fixed or any(f"{name}_{j}" in fixed for j in range(len(p.type.dims))):
+            name, i = f"{base}{i}", i + 1
+        mapping[p.name] = name
+        fixed.add(name)
+        for j, d in enumerate(p.type.dims):
+            mapping[d] = f"{name}_{j}"
+            fixed.add(mapping[d])
+        out[name] = slot
+    taken = fixed | lets | set(mapping.values())
+    for let in sorted(lets & set(mapping.values())):  # a kernel let the user's name displaces
+        new, i = f"{let}1", 2
+        while new in taken:
+            new, i = f"{let}{i}", i + 1
+        mapping[let] = new
+        taken.add(new)
+    return ir.rename(kern, mapping), out
 
 
 def kernel(fn: Callable[..., Any]) -> KernelDef:

@@ -130,8 +130,8 @@ class _ToRaw(Transformer):
 
     def type(self, meta, dtype, *dims):
         if str(dtype) not in {d.value for d in DType}:
-            raise ParseError(f"unknown dtype '{dtype}'; expected f32, f16, i32, bool "
-                             "or a quantized format (q8_0, q4_0, int8)",
+            raise ParseError(f"unknown dtype '{dtype}'; expected one of "
+                             f"{', '.join(d.value for d in DType)}",
                              self.tspan(dtype))
         return TensorType(DType(str(dtype)), tuple(str(d) for d in dims if d is not None))
 
@@ -246,6 +246,8 @@ class _Resolver:
             self.scope.setdefault(p.name, ("tensor" if p.type.dims else "scalar", p.type.dtype))
         for name, _ in k.tunables:
             self.scope.setdefault(name, ("tunable", None))
+        for d in k.dims:  # the output's and the KV loop's dims too
+            self.scope.setdefault(d, ("dim", DType.I32))
         self.tensors = {p.name: p.type for p in k.params if p.type.dims}
 
     def stmts(self, body: tuple[Stmt, ...]) -> tuple[Stmt, ...]:

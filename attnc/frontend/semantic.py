@@ -4,8 +4,10 @@ Promotion rules (numbered so errors can cite them):
   1. Python ints become i32 constants, Python floats f32 constants, bools bool constants.
   2. An i32 meeting an f32 in arithmetic or a comparison is converted with f32(...).
   3. `/` is float division (both sides converted to f32); `//` and `%` need i32 on both sides.
-  4. exp/log/tanh/sqrt/rsqrt take f32 (an i32 argument is converted).
-  5. `&`, `|`, `~` and where()'s condition need bool values (comparisons make them).
+  4. exp/log/tanh/sqrt/rsqrt/sin/cos/tan/exp2/log2/floor/ceil/sigmoid take f32 (an i32
+     argument is converted).
+  5. `&`, `|`, `~` and where()'s condition need bool values (comparisons make them);
+     `==` and `!=` also compare two bools.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from attnc.errors import Span, TraceError
 from attnc.ir import nodes as ir
@@ -81,6 +84,8 @@ def const(v: object) -> ir.Expr:
 def call(op: ir.Op, *args: ir.Expr) -> ir.Expr:
     """Build a Call, applying the promotion rules and checking operand kinds."""
     span = user_span()
+    if op in ir.BOOL_COMPARE and args[0].dtype is ir.DType.BOOL and args[1].dtype is ir.DType.BOOL:
+        return ir.Call(op, (args[0], args[1]), ir.DType.BOOL, span)
     if op in ir.ARITH_BINARY | ir.COMPARE:
         a, b = promote(args[0], args[1], op.value)
         dt = ir.DType.BOOL if op in ir.COMPARE else a.dtype
@@ -127,6 +132,10 @@ class Builder:
     tunables: dict[str, int] = field(default_factory=dict)
     scopes: list[list[ir.Stmt]] = field(default_factory=lambda: [[]])
     names: set[str] = field(default_factory=set)
+    captures: Any = None  # the capture.Session of this trace
+    captured: dict[str, Any] = field(default_factory=dict)  # captured param name -> capture.Slot
+    capture_scalars: dict[str, Any] = field(default_factory=dict)  # captured number param -> path
+    let_values: dict[str, ir.Expr] = field(default_factory=dict)
 
     def emit(self, stmt: ir.Stmt) -> None:
         """Append a statement; values it reaches twice become lets first (ir/share.py)."""

@@ -18,6 +18,7 @@ from attnc.ir.nodes import (
     Const,
     Dim,
     Dot,
+    DType,
     Expr,
     Grid,
     Kernel,
@@ -38,8 +39,42 @@ from attnc.ir.nodes import (
 
 _UNARY = {
     Op.NEG: np.negative, Op.ABS: np.abs, Op.EXP: np.exp, Op.LOG: np.log, Op.TANH: np.tanh,
-    Op.SQRT: np.sqrt, Op.NOT: np.logical_not,
+    Op.SQRT: np.sqrt, Op.NOT: np.logical_not, Op.SIN: np.sin, Op.COS: np.cos, Op.TAN: np.tan,
+    Op.EXP2: np.exp2, Op.LOG2: np.log2, Op.FLOOR: np.floor, Op.CEIL: np.ceil,
 }
+I32_MIN, I32_MAX = -(2**31), 2**31 - 1
+
+
+def wrap_i32(x):
+    """Two's-complement i32 wrap-around of int64 values (the IR's integer overflow)."""
+    return (np.asarray(x, dtype=np.int64) - I32_MIN) % 2**32 + I32_MIN
+
+
+def floor_div(a, b):
+    """The IR's idiv: floor division (Python's //), 0 for a zero divisor."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    safe = np.where(b == 0, 1, b)
+    return np.where(b == 0, 0, np.floor_divide(a, safe))
+
+
+def floor_mod(a, b):
+    """The IR's mod: the sign of the divisor (Python's %), a itself for a zero divisor."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    safe = np.where(b == 0, 1, b)
+    return np.where(b == 0, a, np.mod(a, safe))
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)) without overflow for large |x|."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def to_i32(x):
+    """The IR's i32(f32): truncation toward zero, saturating at the i32 range, NaN -> 0."""
+    x = np.trunc(np.asarray(x, dtype=np.float64))
+    return np.where(np.isnan(x), 0, np.clip(np.nan_to_num(x), I32_MIN, I32_MAX)).astype(np.int64)
 _BINARY = {
     Op.ADD: np.add, Op.SUB: np.subtract, Op.MUL: np.multiply, Op.DIV: np.divide,
     Op.MAX: np.maximum, Op.MIN: np.minimum, Op.LT: np.less, Op.LE: np.less_equal,
@@ -89,6 +124,7 @@ class _Interp:
         self.arrays: dict[str, np.ndarray] = {}
         self.scalars: dict[str, float | int] = {}
         self.dims: dict[str, int] = dict(dims or {})
+        tensors: dict[str, np.ndarray] = {}
         for p in kernel.params:
             if p.name not in args:
                 raise ValueError(f"missing argument {p.name!r}")
@@ -99,12 +135,25 @@ class _Interp:
                 arr = np.asarray(a)
                 if arr.ndim != len(p.type.dims):
                     raise ValueError(f"{p.name}: expected rank {len(p.type.dims)}, got {arr.ndim}")
-                for d, n in zip(p.type.dims, arr.shape, strict=True):
-                    if self.dims.setdefault(d, n) != n:
-                        raise ValueError(f"{p.name}: dim {d} is {n}, elsewhere {self.dims[d]}")
-                self.arrays[p.name] = arr.astype(np.float64) if p.type.dtype.is_float else arr
+                tensors[p.name] = arr
             else:
                 self.scalars[p.name] = a  # type: ignore[assignment]
+        # a dim's size is the one size other than 1 its tensors have (size-1 axes broadcast)
+        for p in kernel.params:
+            for d, n in zip(p.type.dims, tensors.get(p.name, np.empty(0)).shape, strict=False):
+                have = self.dims.get(d)
+                if have is None or have == 1:
+                    self.dims[d] = n
+                elif n not in (1, have):
+                    raise ValueError(f"{p.name}: dim {d} is {n}, elsewhere {have}")
+        for name, arr in tensors.items():
+            p = kernel.param(name)
+            arr = np.broadcast_to(arr, tuple(self.dims[d] for d in p.type.dims))
+            if p.type.dtype.is_float:
+                arr = arr.astype(np.float64)
+            elif p.type.dtype is not DType.BOOL:
+                arr = arr.astype(np.int64)
+            self.arrays[name] = arr
         grid = next(s for s in kernel.body if isinstance(s, Grid))
         self.axes = [a for a in grid.axes if not isinstance(a.extent, SplitExtent)]
         self.split = next((a for a in grid.axes if isinstance(a.extent, SplitExtent)), None)
@@ -130,7 +179,8 @@ class _Interp:
         if isinstance(e, Call):
             args = [self.expr(a) for a in e.args]
             with np.errstate(all="ignore"):
-                return self.call(e.op, args)
+                out = self.call(e.op, args)
+            return wrap_i32(out) if e.dtype is DType.I32 else out
         if isinstance(e, Load):
             return self.gather(e.tensor, [self.expr(i) for i in e.index], None)
         if isinstance(e, Dot):
@@ -144,31 +194,31 @@ class _Interp:
             return _UNARY[op](args[0])
         if op is Op.RSQRT:
             return 1.0 / np.sqrt(args[0])
+        if op is Op.SIGMOID:
+            return sigmoid(args[0])
         if op in _BINARY:
             return _BINARY[op](args[0], args[1])
         if op is Op.IDIV:
-            return np.floor_divide(args[0], args[1])
+            return floor_div(args[0], args[1])
         if op is Op.MOD:
-            return np.mod(args[0], args[1])
+            return floor_mod(args[0], args[1])
         if op is Op.WHERE:
             return np.where(args[0], args[1], args[2])
         if op is Op.F32:
             return np.asarray(args[0], dtype=np.float64)
         if op is Op.I32:
-            return np.trunc(np.asarray(args[0], dtype=np.float64)).astype(np.int64)
+            return to_i32(args[0])
         raise TypeError(f"unknown op {op}")
 
     def gather(self, tensor: str, index: list, axis: int | None) -> np.ndarray:
-        """Elements (or, with `axis`, whole vectors along that axis) at broadcast indices."""
+        """Elements (or, with `axis`, whole vectors along that axis) at broadcast indices, each
+        index clamped into its dim (the IR's reads never fail)."""
         arr = self.arrays[tensor]
         if axis is not None:
             arr = np.moveaxis(arr, axis, -1)
         idx = [np.asarray(i, dtype=np.int64) for i in index]
         shape = np.broadcast_shapes(*(i.shape for i in idx))
-        idx = [np.broadcast_to(i, shape) for i in idx]
-        for i, n in zip(idx, arr.shape, strict=False):
-            if i.size and (i.min() < 0 or i.max() >= n):
-                raise IndexError(f"index out of range reading {tensor!r}")
+        idx = [np.clip(np.broadcast_to(i, shape), 0, n - 1) for i, n in zip(idx, arr.shape, strict=False)]
         return arr[tuple(idx)]
 
     def slice(self, s: Slice) -> np.ndarray:

@@ -33,11 +33,24 @@ Semantics (what every pass, the printer, the interpreter and the WGSL back end a
   split partial states by log-sum-exp: M = max m_s, L = sum l_s exp(m_s - M),
   O = sum o_s exp(m_s - M).
 * dot(a[.., :], b[.., :]) is the f32 dot product over the one `:` axis of each slice.
+* **Tensor dtypes**: f32, f16, i32, u32, u8 and bool. f16 is storage only (a load is an f32
+  value); u32 and u8 loads are i32 values (a u32 element must be below 2**31); a bool tensor
+  loads bools. Scalar params are f32 or i32.
 * A tensor of a quantized dtype (`q8_0`, `q4_0`, `int8`: attnc/quant.py) holds float values
   in that format along its last dim; every load or slice of it reads the dequantized f32
   values, and its slices are along that last dim.
-* Integer ops are on i32; `idiv`/`mod` floor toward -inf; float math is f32 on devices
-  and float64 in the reference interpreter.
+* **Reads never fail**: each index of a load or a slice row is clamped into [0, n - 1] of its
+  dim (the nearest element), so a kernel reads in bounds for any index values. Kernels
+  evaluate score and mask functions for rows and keys past the ends of their last tiles too
+  and discard the value; the clamp keeps those reads, and any other, inside the tensor.
+* **Integers** are i32 and wrap around on overflow (two's complement). `idiv` floors toward
+  -inf and `mod` takes the sign of the divisor, as Python's `//` and `%` do (-7 // 2 = -4,
+  -7 % 2 = 1, 7 % -2 = -1); a zero divisor gives `idiv(x, 0) = 0` and `mod(x, 0) = x`, which
+  keeps x == idiv(x, y) * y + mod(x, y) for every x and y. `i32(x)` truncates toward zero,
+  saturating at the i32 range (NaN gives 0).
+* **Floats**: float math is f32 on devices and float64 in the reference interpreter.
+  `floor`, `ceil`, `sin`, `cos`, `tan`, `exp2`, `log2`, `sigmoid` (1 / (1 + exp(-x))) are the
+  usual functions on f32 values; `eq`/`ne` also compare two bools.
 """
 
 from __future__ import annotations
@@ -54,6 +67,8 @@ class DType(enum.Enum):
     F32 = "f32"
     F16 = "f16"
     I32 = "i32"
+    U32 = "u32"
+    U8 = "u8"
     BOOL = "bool"
     # quantized storage of float tensors (attnc/quant.py): loads give f32
     Q8_0 = "q8_0"
@@ -69,6 +84,10 @@ class DType(enum.Enum):
     def is_quant(self) -> bool:
         """A quantized storage format (q8_0, q4_0, int8), read through its dequantization."""
         return self in (DType.Q8_0, DType.Q4_0, DType.INT8)
+
+    @property
+    def is_int(self) -> bool:
+        return self in (DType.I32, DType.U32, DType.U8)
 
 
 class Op(enum.Enum):
@@ -89,6 +108,14 @@ class Op(enum.Enum):
     TANH = "tanh"
     SQRT = "sqrt"
     RSQRT = "rsqrt"
+    SIN = "sin"
+    COS = "cos"
+    TAN = "tan"
+    EXP2 = "exp2"
+    LOG2 = "log2"
+    FLOOR = "floor"
+    CEIL = "ceil"
+    SIGMOID = "sigmoid"
     LT = "lt"
     LE = "le"
     GT = "gt"
@@ -112,11 +139,14 @@ FLOAT_BINARY = frozenset({Op.DIV})
 # numeric unary ops keeping the dtype
 ARITH_UNARY = frozenset({Op.NEG, Op.ABS})
 # float-only unary transcendental ops
-FLOAT_UNARY = frozenset({Op.EXP, Op.LOG, Op.TANH, Op.SQRT, Op.RSQRT})
-# comparisons: numeric x numeric -> bool
+FLOAT_UNARY = frozenset({Op.EXP, Op.LOG, Op.TANH, Op.SQRT, Op.RSQRT, Op.SIN, Op.COS, Op.TAN,
+                         Op.EXP2, Op.LOG2, Op.FLOOR, Op.CEIL, Op.SIGMOID})
+# comparisons: numeric x numeric -> bool (eq and ne also bool x bool)
 COMPARE = frozenset({Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE})
 # logic: bool -> bool
 LOGIC = frozenset({Op.AND, Op.OR, Op.NOT})
+# comparisons that also take two bools
+BOOL_COMPARE = frozenset({Op.EQ, Op.NE})
 # conversions
 CAST = frozenset({Op.F32, Op.I32})
 ARITY = {
@@ -370,13 +400,18 @@ class Kernel:
 
     @property
     def dims(self) -> tuple[str, ...]:
-        """Every dim name in order of first appearance in the params and output."""
+        """Every dim name in order of first appearance in the params, the output and the KV
+        loop (a loop over a dim no tensor has, such as the logical length of paged keys, runs
+        over a runtime size the caller gives)."""
         seen: dict[str, None] = {}
         for p in self.params:
             for d in p.type.dims:
                 seen.setdefault(d)
         for d in self.output.dims:
             seen.setdefault(d)
+        for s in walk_stmts(self.body):
+            if isinstance(s, Loop):
+                seen.setdefault(s.dim)
         return tuple(seen)
 
 
@@ -447,3 +482,59 @@ def walk_expr(e: Expr):
             for a in sl.index:
                 if a is not None:
                     yield from walk_expr(a)
+
+
+def rename(kernel: Kernel, mapping: dict[str, str]) -> Kernel:
+    """The kernel with names renamed by `mapping`: params, dims, lets, grid and loop variables
+    and softmax states, where they are defined and wherever they are used (not tunables)."""
+    if not mapping:
+        return kernel
+
+    def n(x: str) -> str:
+        return mapping.get(x, x)
+
+    def ex(e):
+        if isinstance(e, Dim):
+            return Dim(n(e.name), e.span)
+        if isinstance(e, Var):
+            return Var(n(e.name), e.dtype, e.span)
+        if isinstance(e, Call):
+            return Call(e.op, tuple(ex(a) for a in e.args), e.dtype, e.span)
+        if isinstance(e, Load):
+            return Load(n(e.tensor), tuple(ex(i) for i in e.index), e.dtype, e.span)
+        if isinstance(e, Dot):
+            return Dot(sl(e.a), sl(e.b), e.span)
+        return e
+
+    def sl(s: Slice) -> Slice:
+        return Slice(n(s.tensor), tuple(None if i is None else ex(i) for i in s.index), s.span)
+
+    def ext(x):
+        if isinstance(x, DimExtent):
+            return DimExtent(n(x.dim))
+        if isinstance(x, TileExtent):
+            return TileExtent(n(x.dim), x.size)
+        return SplitExtent(n(x.dim), n(x.count))
+
+    def st(s):
+        if isinstance(s, Grid):
+            return Grid(tuple(GridAxis(n(a.var), ext(a.extent), a.span) for a in s.axes), s.span)
+        if isinstance(s, Let):
+            return Let(n(s.var), ex(s.value), s.span)
+        if isinstance(s, Softmax):
+            return Softmax(n(s.var), n(s.rows), n(s.width), s.span)
+        if isinstance(s, Update):
+            return Update(n(s.acc), ex(s.score), sl(s.value), s.span)
+        if isinstance(s, Sink):
+            return Sink(n(s.acc), ex(s.logit), s.span)
+        if isinstance(s, Loop):
+            split = None if s.split is None else n(s.split)
+            return Loop(n(s.var), n(s.dim), s.size, split, tuple(st(t) for t in s.body), s.span)
+        if isinstance(s, Return):
+            return Return(n(s.acc), s.lse, None if s.combine is None else n(s.combine), s.span)
+        return s
+
+    params = tuple(Param(n(p.name), TensorType(p.type.dtype, tuple(n(d) for d in p.type.dims)), p.span)
+                   for p in kernel.params)
+    out = TensorType(kernel.output.dtype, tuple(n(d) for d in kernel.output.dims))
+    return Kernel(kernel.name, params, out, kernel.tunables, tuple(st(s) for s in kernel.body), kernel.span)

@@ -16,6 +16,7 @@ from attnc.ir.nodes import (
     ARITH_BINARY,
     ARITH_UNARY,
     ARITY,
+    BOOL_COMPARE,
     CAST,
     COMPARE,
     FLOAT_BINARY,
@@ -59,9 +60,15 @@ class TypeRuleError(Exception):
     """An operator applied to operands of the wrong dtypes or count (no span; callers add it)."""
 
 
+TENSOR_DTYPES = (DType.F32, DType.F16, DType.I32, DType.U32, DType.U8, DType.BOOL, DType.Q8_0, DType.Q4_0, DType.INT8)
+
+
 def load_dtype(storage: DType) -> DType:
-    """The dtype of a value loaded from a tensor: f16 is storage only, so float loads are f32."""
-    return DType.F32 if storage.is_float else storage
+    """The dtype of a value loaded from a tensor: f16 is storage only, so float loads are f32;
+    u32 and u8 loads are i32 values."""
+    if storage.is_float:
+        return DType.F32
+    return DType.I32 if storage.is_int else storage
 
 
 def call_dtype(op: Op, arg_dtypes: tuple[DType, ...] | list[DType]) -> DType:
@@ -93,9 +100,10 @@ def call_dtype(op: Op, arg_dtypes: tuple[DType, ...] | list[DType]) -> DType:
             return DType.F32
         raise TypeRuleError(f"'{op.value}' needs an f32 operand (cast with f32(...)); got {got}")
     if op in COMPARE:
-        if ts[0] == ts[1] and ts[0] in NUMERIC:
+        if ts[0] == ts[1] and (ts[0] in NUMERIC or (op in BOOL_COMPARE and ts[0] == DType.BOOL)):
             return DType.BOOL
-        raise TypeRuleError(f"'{op.value}' compares two operands of the same dtype, i32 or f32; "
+        which = "i32, f32 (or bool for eq/ne)" if op in BOOL_COMPARE else "i32 or f32"
+        raise TypeRuleError(f"'{op.value}' compares two operands of the same dtype, {which}; "
                             f"got {got}")
     if op in (Op.AND, Op.OR, Op.NOT):
         if all(t == DType.BOOL for t in ts):
@@ -191,6 +199,9 @@ class _Verifier:
         for d in k.output.dims:  # a dim only the output has is a runtime size the caller gives
             if self.names.get(d, _Binding("")).kind != "dim":
                 self.define(d, _Binding("dim", DType.I32), k)
+        for s in k.body:  # so is the dim of a KV loop no tensor has (paged keys' logical length)
+            if isinstance(s, Loop) and isinstance(s.dim, str) and s.dim not in self.names:
+                self.define(s.dim, _Binding("dim", DType.I32), s)
 
     def expr_names(self, e: Expr, stmt: Stmt) -> None:
         for x in walk_expr(e):
@@ -374,8 +385,7 @@ class _Verifier:
     def phase2(self) -> Analysis:
         k = self.k
         for p in k.params:
-            allowed = (DType.F32, DType.F16, DType.I32, DType.Q8_0, DType.Q4_0, DType.INT8) \
-                if p.type.dims else NUMERIC
+            allowed = TENSOR_DTYPES if p.type.dims else NUMERIC
             if p.type.dtype not in allowed:
                 what = "tensor" if p.type.dims else "scalar"
                 raise self.fail(p, f"a {what} param cannot be {p.type.dtype.value}")

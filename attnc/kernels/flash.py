@@ -1,7 +1,10 @@
-"""The shipped kernels, written in the DSL: FlashAttention prefill and split-KV decode.
+"""The shipped kernels, written in the DSL: FlashAttention prefill and split-KV decode, over
+contiguous or paged keys and values.
 
-One kernel function covers every option of `attnc.attention`: each option adds a line
-or two of DSL (a score modifier or a mask term), so every variant shares one description.
+One kernel body covers every option of `attnc.attention`: each option adds a line or two of
+DSL (a score modifier or a mask term), so every variant shares one description. The paged
+kernel is the same body reading K and V through a block table (indirect indexing): the keys
+of batch row b are the pages block_table[b, 0], block_table[b, 1], ... of a shared pool.
 """
 
 
@@ -36,6 +39,9 @@ Window = tuple[int | None, int | None]  # (left, right); an end that is None is 
 Q = f32["B", "Hq", "S", "D"]
 K = f32["B", "Hkv", "T", "D"]
 V = f32["B", "Hkv", "T", "Dv"]
+# paged K/V: NP pages of P keys each; a row's key j is in page block_table[b, j // P], row j % P
+K_PAGES = f32["NP", "Hkv", "P", "D"]
+V_PAGES = f32["NP", "Hkv", "P", "Dv"]
 
 
 @kernel
@@ -52,6 +58,29 @@ def flash_attention(q: Q, k: K, v: V, scale: f32, *,
     sizes for dim("B"), dim("Hq"), dim("Hkv"), dim("S"), dim("T") (b_total, hq_total,
     hkv_total, q_total, kv_total).
     """
+    return _attention(q, k, v, scale, BM=BM, BN=BN, split=split, causal=causal, window=window, softcap=softcap,
+                      alibi=alibi, bias=bias, sinks=sinks, kv_lens=kv_lens, score_mod=score_mod, mask_mod=mask_mod,
+                      lse=lse, pack_gqa=pack_gqa, offsets=offsets, paged=False)
+
+
+@kernel
+def paged_flash_attention(q: Q, k: K_PAGES, v: V_PAGES, scale: f32, *,
+                          BM=tunable(32), BN=tunable(32), split=False,
+                          causal=False, window: Window | None = None, softcap=False, alibi=False, bias=False,
+                          sinks=False, kv_lens=False, score_mod: ScoreMod | None = None,
+                          mask_mod: MaskMod | None = None, lse=False, pack_gqa=False):
+    """flash_attention over paged K/V: k [NP, Hkv, P, D] and v [NP, Hkv, P, Dv] are pools of
+    pages, block_table [B, NB] (i32) lists each batch row's pages in order; T = NB * P is the
+    longest sequence (kv_lens gives each row's length). Every option works as for
+    flash_attention; the page of a key is read once per key and indexes both K and V."""
+    return _attention(q, k, v, scale, BM=BM, BN=BN, split=split, causal=causal, window=window, softcap=softcap,
+                      alibi=alibi, bias=bias, sinks=sinks, kv_lens=kv_lens, score_mod=score_mod, mask_mod=mask_mod,
+                      lse=lse, pack_gqa=pack_gqa, offsets=False, paged=True)
+
+
+def _attention(q, k, v, scale, *, BM, BN, split, causal, window, softcap, alibi, bias, sinks, kv_lens,
+               score_mod, mask_mod, lse, pack_gqa, offsets, paged):
+    """The body of both kernels (contiguous or paged K/V)."""
     group = dim("Hq") // dim("Hkv")
     if pack_gqa:  # the query heads sharing a KV head are rows of one tile: K/V are read once
         axes = dict(b="B", hk="Hkv", r=tiles("R", BM))  # R = (Hq / Hkv) * S, same memory as [Hq, S]
@@ -83,7 +112,12 @@ def flash_attention(q: Q, k: K, v: V, scale: f32, *,
     acc = online_softmax(rows=rows, width="Dv")
     for kt in tiles("T", BN, split=ks[0] if ks else None):
         kj = let("kabs", kt + scalar("kv_offset", i32)) if offsets else kt
-        s = let("s", dot(q[b, h, row, :], k[b, hk, kt, :]) * scale)
+        if paged:  # the key's page in the pool, and its row in the page
+            page = let("page", input("block_table", i32["B", "NB"])[b, kt // dim("P")])
+            krow, kb = let("prow", kt % dim("P")), page
+        else:
+            krow, kb = kt, b
+        s = let("s", dot(q[b, h, row, :], k[kb, hk, krow, :]) * scale)
         if softcap:
             cap = scalar("softcap")
             s = let("capped", cap * tanh(s / cap))
@@ -108,7 +142,7 @@ def flash_attention(q: Q, k: K, v: V, scale: f32, *,
             keep = _and(keep, apply_mod(mask_mod, (mb, mh, qi, kj), "mask", whole))
         if keep is not None:
             s = where(let("keep", keep), s, -inf)
-        acc.update(s, v[b, hk, kt, :])
+        acc.update(s, v[kb, hk, krow, :])
     if sinks:
         acc.sink(input("sinks", f32["Hq"])[h])
     return acc.combine(ks[0], lse=lse) if ks else acc.result(lse=lse)

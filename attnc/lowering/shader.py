@@ -28,11 +28,13 @@ class Shader:
     def __init__(self, spec: FlashSpec, plan: Plan, lay: Layout | None):
         self.spec, self.plan, self.lay = spec, plan, lay
         k = spec.kernel
-        self.packed = {p.name for p in spec.tensors
-                       if p.type.dtype is ir.DType.F16 and plan.storage is Storage.F16}
         # shader-f16: f16 tensors read natively; workgroup tiles hold f16; products are f16
         self.half = {p.name for p in spec.tensors
                      if p.type.dtype is ir.DType.F16 and plan.storage is Storage.F16A}
+        # other f16 tensors (q/k/v under f16 storage, f16 tables a mod reads): two per u32
+        self.packed = {p.name for p in spec.tensors if p.type.dtype is ir.DType.F16} - self.half
+        # u8 and bool tensors: four per u32, byte i of the tensor in byte i % 4 of word i / 4
+        self.bytes = {p.name for p in spec.tensors if p.type.dtype in (ir.DType.U8, ir.DType.BOOL)}
         self.smem_t = "f16" if self.half else "f32"
         # quantized K/V (attnc/quant.py): u32 words, dequantized by the ld_/ld4_ loaders
         self.quant = {p.name: p.type.dtype for p in spec.tensors if p.type.dtype.is_quant}
@@ -61,13 +63,17 @@ class Shader:
         return self.read(e.tensor, addr or "0u")
 
     def read(self, tensor: str, addr: str) -> str:
-        """A scalar element of a tensor as f32 (or i32), whatever its storage."""
-        if tensor in self.packed or tensor in self.vec4 or tensor in self.quant:
+        """A scalar element of a tensor as its value type (f32, i32 or bool), whatever its storage."""
+        if tensor in self.packed or tensor in self.vec4 or tensor in self.bytes or tensor in self.quant:
             return f"ld_{tensor}({addr})"
         if tensor in self.half:
             return f"f32(t_{tensor}[{addr}])"
-        return f"t_{tensor}[{addr}]" if self.spec.kernel.param(tensor).type.dtype is ir.DType.I32 \
-            else f"f32(t_{tensor}[{addr}])"
+        dt = self.spec.kernel.param(tensor).type.dtype
+        if dt is ir.DType.I32:
+            return f"t_{tensor}[{addr}]"
+        if dt is ir.DType.U32:
+            return f"i32(t_{tensor}[{addr}])"
+        return f"f32(t_{tensor}[{addr}])"
 
     def read4(self, tensor: str, addr4: str) -> str:
         """Four consecutive elements (a vec4<f32>) at index 4*addr4 of a vectorised tensor."""
@@ -98,9 +104,28 @@ class Shader:
         return ExprEnv(names, s.lets, self.load, dot)
 
     def slice_base(self, sl: ir.Slice, env: ExprEnv) -> str:
-        terms = [f"u32({env.render(i)}) * P.s_{sl.tensor}_{n}"
-                 for n, i in enumerate(sl.index) if i is not None]
+        """The element offset of a slice's first element. An index that is the grid or loop
+        variable over the same dim is in range where the strategies use it; any other (a head
+        computed for GQA, a page read from a table) is clamped into its dim, the IR's rule."""
+        dims = self.spec.kernel.param(sl.tensor).type.dims
+        terms = []
+        for n, i in enumerate(sl.index):
+            if i is None:
+                continue
+            x = env.render(i)
+            ix = f"u32({x})" if self._ranges_over(i, dims[n]) else f"clamp_ix({x}, P.d_{dims[n]})"
+            terms.append(f"{ix} * P.s_{sl.tensor}_{n}")
         return " + ".join(terms) or "0u"
+
+    def _ranges_over(self, e: ir.Expr, dim_name: str) -> bool:
+        """Whether `e` is the grid or KV-loop variable that runs over `dim_name`."""
+        e = self.spec.resolve(e)
+        if not isinstance(e, ir.Var):
+            return False
+        s = self.spec
+        if e.name == s.loop_var:
+            return s.kv_dim == dim_name
+        return any(a.var == e.name and a.dim == dim_name for a in s.axes)
 
     # ------------------------------------------------------------------ module parts
     def header(self, w: Writer, with_subgroups: bool, with_f16: bool = True) -> None:
@@ -122,7 +147,8 @@ class Shader:
             else:
                 dt = self.spec.kernel.param(name).type.dtype
                 elem = Scalar.I32 if dt is ir.DType.I32 else (
-                    Scalar.U32 if name in self.packed or name in self.quant else Scalar.F32)
+                    Scalar.U32 if name in self.packed or name in self.bytes or name in self.quant
+                    or dt is ir.DType.U32 else Scalar.F32)
             out.append(Binding(name, len(out), Access.READ, elem))
         for name in outputs:
             out.append(Binding(name, len(out), Access.READ_WRITE, Scalar.F32))
@@ -154,6 +180,14 @@ class Shader:
         packed, vec = name in self.packed, name in self.vec4
         if name in self.quant:
             self._quant_loaders(w, name)
+        elif name in self.bytes:
+            byte = f"((t_{name}[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu)"
+            if self.spec.kernel.param(name).type.dtype is ir.DType.BOOL:
+                with w.block(f"fn ld_{name}(i: u32) -> bool"):
+                    w.line(f"return {byte} != 0u;")
+            else:
+                with w.block(f"fn ld_{name}(i: u32) -> i32"):
+                    w.line(f"return i32{byte};")
         elif packed and vec:
             with w.block(f"fn ld4_{name}(i: u32) -> vec4<f32>"):
                 w.line(f"let x = t_{name}[i];")

@@ -21,9 +21,10 @@ from attnc.lowering import Plan
 from attnc.lowering.plan import Storage, Strategy
 from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, packs_gqa, pick_family, plan_for, with_combine
 from attnc.quant import QuantTensor, check_format, check_head_dim
-from attnc.runtime.build import Options, build_kernel, function_key, options_key, programs_for
+from attnc.runtime.build import Options, build_kernel_with_captures, mods_scan, options_key, programs_for
 from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
 from attnc.runtime.devices import Device, get_device
+from attnc.runtime.params import bind_params
 from attnc.runtime.prepared import BROADCAST, Prepared, broadcast_shape, check_host_option, check_limits
 from attnc.runtime.tensor import QuantGPUTensor, Tensor, host_array, on_gpu
 from attnc.runtime.tuning_cache import ignore, tuned_plan
@@ -73,8 +74,9 @@ def validate(q: Any, k: Any, v: Any) -> dict[str, int]:
            + ", ".join(x.fmt if isinstance(x, (QuantTensor, QuantGPUTensor)) else str(x.dtype) for x in (q, k, v)))
     B, Hq, S, D = q.shape
     _, Hkv, T, Dk = k.shape
-    _check(k.shape[0] == B and v.shape[0] == B,
-           f"batch dims differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    _check(k.shape[0] == v.shape[0] and k.shape[0] in (1, B),
+           f"batch dims differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]} (k and v share "
+           f"one, which is q's or 1 for K/V shared by the batch)")
     _check(Dk == D, f"head dim D differs: q has {D}, k has {Dk}")
     _check(v.shape[1] == Hkv and v.shape[2] == T,
            f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} in (B, Hkv, T)")
@@ -179,13 +181,16 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
                  plan: Plan | None = None, tunables: dict[str, int] | None = None,
                  nsplit: int | None = None, pack_gqa: bool | None = None,
                  offsets: tuple[int, int, int, int] | dict[str, int] | None = None,
-                 vector_loads: bool = True, k_format: str | None = None,
-                 v_format: str | None = None) -> Prepared:
+                 vector_loads: bool = True, inputs: Mapping[str, Any] | None = None, paged: bool = False,
+                 k_format: str | None = None, v_format: str | None = None) -> Prepared:
     """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it,
     for the dims B, Hq, Hkv, S, T, D, Dv. Option tensors (host data or GPU tensors) become the
-    op's defaults. `vector_loads=False` plans scalar loads of q/k/v (for views whose head dim
-    is not contiguous). k_format / v_format: K / V stored quantized (q8_0, q4_0, int8:
-    attnc/quant.py); calls then take QuantTensors or QuantGPUTensors of that format for them.
+    op's defaults, as do `inputs` (the values of what the mods declare with attnc.input /
+    attnc.scalar) and what the mods capture. `vector_loads=False` plans scalar loads of q/k/v
+    (for views whose head dim is not contiguous). `paged=True`: K/V are pools of pages read
+    through inputs["block_table"] (runtime/paged.py; dims also NP, P, NB, and T = NB * P).
+    k_format / v_format: K / V stored quantized (q8_0, q4_0, int8: attnc/quant.py); calls
+    then take QuantTensors or QuantGPUTensors of that format for them.
 
     offsets: the problem is one piece of a larger one (runtime/chunking.py), given as
     (q_offset, q_total, kv_offset, kv_total) or a dict of those and b_offset, b_total,
@@ -200,6 +205,9 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
     if f16_math and np.dtype(dtype) != np.float16:
         raise ValueError(f"target {target!r} computes products in f16: pass float16 q, k, v (got {np.dtype(dtype)})")
     scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod)
+    if inputs is not None and not isinstance(inputs, Mapping):
+        raise ValueError(f"inputs must be a dict of name -> array or number, got {type(inputs).__name__}")
+    inputs = dict(inputs or {})
     if offsets is not None:
         offsets = whole_problem(dims, offsets)
     total_keys = None if offsets is None else offsets["kv_total"]
@@ -214,14 +222,14 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
                    softcap=softcap is not None, alibi=alibi_slopes is not None,
                    bias=bias is not None, sinks=sinks is not None, kv_lens=kv_lens is not None,
                    lse=return_lse, f16=np.dtype(dtype) == np.float16, score_mod=score_mod,
-                   mask_mod=mask_mod, k_format=k_format, v_format=v_format)
+                   mask_mod=mask_mod, paged=paged, k_format=k_format, v_format=v_format)
     if offsets is not None:  # one chunk of a larger problem: absolute positions
         opts = Options(**{**opts.__dict__, "offsets": True})
         scalars.update(offsets)
     okey = options_key(opts)
     caps = dev.capabilities
     tuned = None
-    if plan is None and tunables is None and score_mod is None and mask_mod is None and not f16_math:
+    if plan is None and tunables is None and score_mod is None and mask_mod is None and not f16_math and not paged:
         # (f16-math plans are never tuned: `attnc tune` stores f16-storage plans)
         tuned = tuned_plan(dev, okey, dims, opts.f16, fam if target is not None else None, nsplit)
         if tuned is not None and tuned.plan.vector_width == 4 and not vector_loads:
@@ -236,7 +244,7 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
     if tuned is not None:
         try:
             prep = _lowered(dev, dims, opts, scalars, float(scale), given, tuned.plan, tuned.tunables, tuned.nsplit,
-                            pack_gqa, okey, total_keys)
+                            pack_gqa, okey, total_keys, inputs)
             for prog in prep.progs:  # (a WGSL compiler's refusal is a LoweringError too)
                 dev.pipelines.get(dev, prog)
             return prep
@@ -247,13 +255,14 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
         except AttncError:
             pass  # the heuristic plan says what is wrong, if it is not the tuned plan
     return _lowered(dev, dims, opts, scalars, float(scale), given, plan or hplan, tunables or htun, nsplit,
-                    pack_gqa, okey, total_keys)
+                    pack_gqa, okey, total_keys, inputs)
 
 
 def _lowered(dev: Device, dims: dict[str, int], opts: Options, scalars: dict[str, float | int], scale: float,
              given: dict[str, Any], plan: Plan, tun: dict[str, int], nsplit: int | None, pack_gqa: bool | None,
-             okey: str, total_keys: int | None) -> Prepared:
-    """Split count, GQA packing, trace, lower, check the device's limits: the op."""
+             okey: str, total_keys: int | None, inputs: dict[str, Any]) -> Prepared:
+    """Split count, GQA packing, trace, bind what the mods capture and the named inputs,
+    lower, check the device's limits: the op."""
     caps = dev.capabilities
     scalars = dict(scalars)
     if pack_gqa is None:
@@ -268,11 +277,23 @@ def _lowered(dev: Device, dims: dict[str, int], opts: Options, scalars: dict[str
     if pack_gqa:
         opts = dataclasses.replace(opts, pack_gqa=True)
         dims = {**dims, "R": (dims["Hq"] // dims["Hkv"]) * dims["S"]}
-    kern = build_kernel(opts, tun)
+    kern, captured, paths = build_kernel_with_captures(opts, tun)
+    # what the mods capture and the inputs passed by name: bindings, uniforms and their dims
+    own = {"q", "k", "v", "scale", *given, *scalars}
+    declared = sorted({p.name for p in kern.params} - own - set(captured))
+    unknown = sorted(set(inputs) - set(declared))
+    if unknown:
+        raise ValueError(f"inputs: the kernel has no input {', '.join(map(repr, unknown))}; its inputs declared "
+                         f"with attnc.input/attnc.scalar are {declared or 'none'}")
+    sources = {n: f"the value a mod captures as {n!r}" for n in captured} | \
+        {n: n if n == "block_table" else f"inputs[{n!r}]" for n in inputs}
+    bound = bind_params(kern, dims, {**captured, **inputs}, skip=own, sources=sources)
     progs = programs_for(kern, plan)
-    check_limits(dev, progs, plan, dims)
-    prep = Prepared(dev, kern, plan, progs, dims, scalars | {"scale": scale}, given, total_keys)
+    check_limits(dev, progs, plan, bound.dims)
+    prep = Prepared(dev, kern, plan, progs, bound.dims, scalars | bound.scalars | {"scale": scale},
+                    {**given, **bound.tensors}, total_keys, generic=frozenset(sources), sources=sources)
     prep.options_key = okey
+    prep.capture_paths = paths
     return prep
 
 
@@ -316,21 +337,24 @@ def prepare(q: Any, k: Any = None, v: Any = None, *, dtype: Any = None, causal: 
             alibi_slopes: Any = None, softcap: float | None = None, sinks: Any = None, kv_lens: Any = None,
             return_lse: bool = False, device: Any = None, target: str | None = None,
             score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
-            out: Tensor | None = None, out_lse: Tensor | None = None, **planning: Any) -> Prepared:
+            out: Tensor | None = None, out_lse: Tensor | None = None, inputs: Mapping[str, Any] | None = None,
+            **planning: Any) -> Prepared:
     """A prepared attention op for inputs like q, k, v (GPU tensors, host arrays, or shape
     tuples with `dtype`) and these options; call it with new tensors of the same shapes:
     `op(q, k, v, out=..., encoder=..., kv_lens=...)` (Prepared.__call__). Option tensors given
     here are the op's defaults; a call may pass others. GPU tensors fix the device (`device=`
     otherwise: a Device, an application's GPUDevice or a spec string) and, by their strides,
     the variant: whether it reads q, k, v with vec4 loads, and (`out`, `out_lse`: examples of
-    the outputs the calls will write) whether it may pack GQA heads into rows.
+    the outputs the calls will write) whether it may pack GQA heads into rows. What the mods
+    capture (and `inputs`, by name) are the op's defaults too; a call may pass new values by
+    name: tensors of the same shapes, numbers (uniforms).
 
     `prepare(dims, dtype, **options)`, a dict of the dims B, Hq, Hkv, S, T, D, Dv first, is
     `prepare_dims` (what the tuner, the benchmarks and the tests use; it also takes `plan`,
     `tunables`, `nsplit`, `pack_gqa`, `offsets` and `vector_loads`)."""
     options = dict(causal=causal, scale=scale, window=window, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
                    sinks=sinks, kv_lens=kv_lens, return_lse=return_lse, device=device, target=target,
-                   score_mod=score_mod, mask_mod=mask_mod)
+                   score_mod=score_mod, mask_mod=mask_mod, inputs=inputs)
     if isinstance(q, Mapping):
         dt = dtype if k is None else k
         return prepare_dims(dict(q), np.float32 if dt is None else dt, **options, **planning)
@@ -353,7 +377,7 @@ def prepare(q: Any, k: Any = None, v: Any = None, *, dtype: Any = None, causal: 
                         alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, kv_lens=kv_lens,
                         return_lse=return_lse, device=dev, target=target, score_mod=score_mod, mask_mod=mask_mod,
                         vector_loads=vector_readable(*examples), pack_gqa=None if rows_packable(dims, out, out_lse)
-                        else False, **formats)
+                        else False, inputs=inputs, **formats)
 
 
 # ops attention() prepared, least recently used dropped first
@@ -365,17 +389,21 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
               bias: Any = None, alibi_slopes: Any = None, softcap: float | None = None, sinks: Any = None,
               kv_lens: Any = None, return_lse: bool = False, device: Any = None, target: str | None = None,
               score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
-              out: Tensor | None = None, out_lse: Tensor | None = None, output: str | None = None) -> Any:
+              out: Tensor | None = None, out_lse: Tensor | None = None, output: str | None = None,
+              inputs: Mapping[str, Any] | None = None) -> Any:
     """Scaled dot-product attention on a WebGPU device with the semantics of docs/API.md.
 
-    q [B,Hq,S,D], k [B,Hkv,T,D], v [B,Hkv,T,Dv] -> o [B,Hq,S,Dv] in q's dtype
+    q [B,Hq,S,D], k [B or 1,Hkv,T,D], v [B or 1,Hkv,T,Dv] -> o [B,Hq,S,Dv] in q's dtype
     (and lse [B,Hq,S] float32 with return_lse). Inputs are host data or GPU tensors
     (attnc.Tensor); k and v may each be quantized (attnc.quant.quantize's QuantTensor on the
     host, or a QuantGPUTensor: q8_0, q4_0, int8), read by the kernels in that format. With a
     GPU q, k or v the result is a new GPU tensor (float32) unless `output="numpy"`, and
     `out=` / `out_lse=` write into given tensors. score_mod(s, b, h, q_idx, kv_idx) and
     mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (once per distinct function;
-    q_idx is the raw query index). target: "portable", "subgroups", or
+    q_idx is the raw query index); the tensors (numpy or GPU) and numbers
+    they close over become the kernel's inputs (bindings and uniforms: new values run the same
+    kernel), and `inputs` gives, by name, the values of the ones they declare with
+    attnc.input(name, type) / attnc.scalar(name). target: "portable", "subgroups", or
     (float16 inputs, shader-f16) "portable-f16" / "subgroups-f16" for f16 products; None picks
     the tuned or heuristic variant.
     sinks [Hq]: one more logit per head in the softmax denominator, with no value. A sink of
@@ -399,6 +427,8 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
         kw = dict(causal=causal, scale=scale, window=window, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
                   sinks=sinks, kv_lens=kv_lens, return_lse=return_lse, device=dev, target=target,
                   score_mod=score_mod, mask_mod=mask_mod)
+        if inputs:
+            kw["inputs"] = dict(inputs)
         out_host = chunked(q, k, v, kw, binding_limit(dev), attention, prepare_dims)
         if output == "tensor":
             raise ValueError("output='tensor': this problem is larger than a binding and runs in pieces on the "
@@ -407,23 +437,45 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
     scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod)
     vec = vector_readable(q, k, v)
     packable = rows_packable(dims, out, out_lse)
-    key = (id(dev), tuple(sorted(dims.items())), str(q.dtype), vec, packable, bool(causal), scale,
-           None if window is None else tuple(window), tuple(sorted(scalars.items())), tuple(sorted(options)),
-           bool(return_lse), target, tuple(sorted(formats.items())),
-           None if score_mod is None else function_key(score_mod), None if mask_mod is None else function_key(mask_mod))
-    op = _OPS.get(key)
+    if inputs is not None and not isinstance(inputs, Mapping):
+        raise ValueError(f"inputs must be a dict of name -> array or number, got {type(inputs).__name__}")
+    named = dict(inputs or {})
+    scan = mods_scan(score_mod, mask_mod)
+    # the op depends on the mods' code and constants and on the dtypes and shapes of what
+    # they capture and of the named inputs, not on those values (bindings and uniforms)
+    shapes = tuple(sorted((n, _input_key(x)) for n, x in named.items()))
+    key = None if scan is not None and scan.key is None else \
+        (id(dev), tuple(sorted(dims.items())), str(q.dtype), str(k.shape[0]), vec, packable, bool(causal), scale,
+         None if window is None else tuple(window), tuple(sorted(scalars.items())), tuple(sorted(options)),
+         bool(return_lse), target, tuple(sorted(formats.items())), None if scan is None else scan.key, shapes)
+    op = None if key is None else _OPS.get(key)
     if op is None:
         op = prepare_dims(dims, q.dtype, causal=causal, scale=scale, window=window, softcap=softcap, device=dev,
                           target=target, return_lse=return_lse, score_mod=score_mod, mask_mod=mask_mod,
-                          vector_loads=vec, pack_gqa=None if packable else False, **options, **formats)
-        op.defaults.clear()  # every call passes its own option tensors: keep no data
-        _OPS[key] = op
-        if len(_OPS) > MAX_CACHED_OPS:
-            _OPS.popitem(last=False)
+                          vector_loads=vec, pack_gqa=None if packable else False, inputs=named, **options,
+                          **formats)
+        op.defaults.clear()  # every call passes its own option tensors and captures: keep no data
+        if key is not None:
+            _OPS[key] = op
+            if len(_OPS) > MAX_CACHED_OPS:
+                _OPS.popitem(last=False)
     else:
         _OPS.move_to_end(key)
+    if scan is not None:
+        named.update(op.captured_values(scan))
     fresh = on_gpu(q) or on_gpu(k) or on_gpu(v)
-    return op._call(q, k, v, out, out_lse, None, output, options, keep_groups=not (fresh and out is None))
+    return op._call(q, k, v, out, out_lse, None, output, {**options, **named},
+                    keep_groups=not (fresh and out is None))
+
+
+def _input_key(x: Any) -> Hashable:
+    """What a named input contributes to an op's key: a tensor's dtype and shape, a number's type."""
+    if isinstance(x, Tensor):
+        return ("tensor", str(x.dtype), x.shape)
+    if isinstance(x, (bool, int, float, np.number)):
+        return ("number", type(x).__name__)
+    arr = host_array("inputs", x)
+    return ("array", str(arr.dtype), arr.shape) if arr is not None else ("object", id(x))
 
 
 def prepare_attention(q_shape: tuple[int, ...], k_shape: tuple[int, ...], v_shape: tuple[int, ...],

@@ -1,19 +1,19 @@
 """The shipped flash kernel traced for a call's options, and lowered for a plan (both cached).
 
 What the traced IR depends on is `Options` (which options are present, not their values:
-those are uniforms); a kernel and a plan give the programs, whatever the device. A
-score_mod or mask_mod is traced once per distinct function (`function_key`).
+those are uniforms) and, for score_mod and mask_mod, their code and what they capture
+(frontend/capture.py: the dtypes and shapes of captured tensors and the constants the mods
+use, not the values of captured tensors and numbers, which are bindings and uniforms); a
+kernel and a plan give the programs, whatever the device.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import types
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from attnc.frontend import capture
 from attnc.ir import nodes as ir
 from attnc.lowering import Plan, Storage, lower
 from attnc.lowering.program import Program
@@ -38,6 +38,7 @@ class Options:
     f16: bool = False
     k_format: str | None = None  # a quantized K (attnc/quant.py: q8_0, q4_0, int8), else q's dtype
     v_format: str | None = None  # the same for V
+    paged: bool = False  # K/V in pages read through a block table (kernels/flash.py)
     score_mod: Callable[..., Any] | None = None
     mask_mod: Callable[..., Any] | None = None
 
@@ -49,106 +50,68 @@ def options_key(opts: Options) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(d.items()))
 
 
-class _Identity:
-    """A key part that compares an object by identity and keeps it alive (so its id is not
-    reused while the key is in a cache)."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Identity) and other.obj is self.obj
-
-    def __hash__(self) -> int:
-        return id(self.obj)
-
-
-_PLAIN = (type(None), bool, int, float, complex, str, bytes)
-
-
-def _value_key(x: Any, depth: int) -> Hashable:
-    """A value a traced function reads, as a cache key: numbers, strings and tuples of them by
-    value, modules by name, functions by their own key, anything else by identity."""
-    if isinstance(x, _PLAIN):
-        return (type(x).__name__, x)
-    if isinstance(x, tuple):
-        return ("tuple",) + tuple(_value_key(v, depth) for v in x)
-    if hasattr(x, "dtype") and hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # numpy scalars
-        return ("scalar", str(x.dtype), x.item())
-    if isinstance(x, types.ModuleType):
-        return ("module", x.__name__)
-    if callable(x) and not isinstance(x, type) and depth < 8:
-        return function_key(x, depth + 1)
-    return _Identity(x)
-
-
-def _global_names(code: types.CodeType) -> set[str]:
-    """The names a code object (and the functions nested in it) may read as globals."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
-
-
-def function_key(fn: Any, depth: int = 0) -> Hashable:
-    """What tracing a score_mod or mask_mod depends on, as a cache key: its code object, the
-    values of its closure cells, defaults and the globals its code names (numbers, strings and
-    tuples by value, functions by their own key, other objects by identity). Two calls with
-    the same function, or with a new closure over equal values, share one traced kernel; a
-    captured object mutated in place is not noticed."""
-    if isinstance(fn, functools.partial):
-        return ("partial", function_key(fn.func, depth + 1), _value_key(tuple(fn.args), depth),
-                _value_key(tuple(sorted(fn.keywords.items())), depth))
-    if isinstance(fn, types.MethodType):
-        return ("method", function_key(fn.__func__, depth + 1), _value_key(fn.__self__, depth))
-    code = getattr(fn, "__code__", None)
-    if not isinstance(fn, types.FunctionType) or code is None:
-        return ("object", _Identity(fn))
-    cells = []
-    for cell in fn.__closure__ or ():
-        try:
-            cells.append(_value_key(cell.cell_contents, depth))
-        except ValueError:  # an empty cell (a name assigned after the function was made)
-            cells.append(("empty",))
-    scope = fn.__globals__
-    used = tuple(sorted((n, _value_key(scope[n], depth)) for n in _global_names(code) if n in scope
-                        and scope[n] is not fn))
-    kwdefaults = tuple(sorted((fn.__kwdefaults__ or {}).items()))
-    return ("function", code, tuple(cells), _value_key(fn.__defaults__, depth), _value_key(kwdefaults, depth), used)
-
-
 class _Cache:
     """Traced kernels and lowered programs, keyed by everything that changes them."""
 
     def __init__(self) -> None:
-        self.kernels: dict[Any, ir.Kernel] = {}
+        self.kernels: dict[Any, tuple[ir.Kernel, dict[str, capture.Path]]] = {}
         self.programs: dict[Any, tuple[Program, ...]] = {}
+        self.traces = 0  # kernels traced (tests check that new captured values do not re-trace)
 
 
 _CACHE = _Cache()
 
 
 def build_kernel(opts: Options, tunables: dict[str, int]) -> ir.Kernel:
-    """Trace the shipped flash kernel for these options (cached; score_mod and mask_mod by
-    `function_key`) and set the storage dtype."""
-    from attnc.kernels.flash import flash_attention
+    """Trace the shipped flash kernel for these options (cached) and set the storage dtype."""
+    return build_kernel_with_captures(opts, tunables)[0]
 
-    mods = tuple(None if f is None else function_key(f) for f in (opts.score_mod, opts.mask_mod))
-    key = (dataclasses.replace(opts, score_mod=None, mask_mod=None), mods, tuple(sorted(tunables.items())))
-    kern = _CACHE.kernels.get(key)
-    if kern is None:
-        kern = flash_attention.trace(
-            causal=opts.causal, window=opts.window, softcap=opts.softcap, alibi=opts.alibi,
-            bias=opts.bias, sinks=opts.sinks, kv_lens=opts.kv_lens, lse=opts.lse,
-            split=opts.split, score_mod=opts.score_mod, mask_mod=opts.mask_mod, pack_gqa=opts.pack_gqa,
-            offsets=opts.offsets, **tunables)
-        kern = retype(kern, Storage.F16 if opts.f16 else Storage.F32)
-        kern = with_kv_formats(kern, opts.k_format, opts.v_format)
-        _CACHE.kernels[key] = kern
-    return kern
+
+def mods_scan(score_mod: Callable[..., Any] | None, mask_mod: Callable[..., Any] | None) -> capture.Scan | None:
+    """What score_mod and mask_mod reach (frontend/capture.py): the key of the kernel they
+    trace to and their captured objects by path; None without mods."""
+    mods = {n: f for n, f in (("score_mod", score_mod), ("mask_mod", mask_mod)) if f is not None}
+    return capture.scan(mods) if mods else None
+
+
+def build_kernel_with_captures(opts: Options, tunables: dict[str, int]
+                               ) -> tuple[ir.Kernel, dict[str, Any], dict[str, capture.Path]]:
+    """The traced kernel (cached), the objects its mods capture in this call by param name,
+    and where each is found (its path, for looking up later calls' objects in their scan)."""
+    mods = {n: f for n in ("score_mod", "mask_mod") if (f := getattr(opts, n)) is not None}
+    scan = capture.scan(mods) if mods else None
+    key = _key(opts, tunables, scan)
+    hit = _CACHE.kernels.get(key) if key is not None else None
+    if hit is not None:
+        kern, paths = hit
+        return kern, {name: scan.slots[path].obj for name, path in paths.items()} if scan else {}, paths
+    from attnc.kernels.flash import flash_attention, paged_flash_attention
+
+    _CACHE.traces += 1
+    options = dict(causal=opts.causal, window=opts.window, softcap=opts.softcap, alibi=opts.alibi,
+                   bias=opts.bias, sinks=opts.sinks, kv_lens=opts.kv_lens, lse=opts.lse, split=opts.split,
+                   score_mod=opts.score_mod, mask_mod=opts.mask_mod, pack_gqa=opts.pack_gqa, **tunables)
+    if opts.paged:
+        kern, captured = paged_flash_attention.trace_with_captures(**options)
+    else:
+        kern, captured = flash_attention.trace_with_captures(offsets=opts.offsets, **options)
+    kern = retype(kern, Storage.F16 if opts.f16 else Storage.F32)
+    kern = with_kv_formats(kern, opts.k_format, opts.v_format)
+    paths = {name: slot.path for name, slot in captured.items()}
+    # the trace may have found numbers to hold constant: the key of later calls includes them
+    key = _key(opts, tunables, capture.scan(mods) if mods else None)
+    if key is not None and all(slot.path[0] in mods for slot in captured.values()):
+        _CACHE.kernels[key] = (kern, paths)
+    return kern, {name: slot.obj for name, slot in captured.items()}, paths
+
+
+def _key(opts: Options, tunables: dict[str, int], scan: capture.Scan | None) -> Any:
+    """The kernel cache key: the options without the mods, the tunables and the mods' scan key
+    (None when a mod reaches a value that cannot be part of a key: such calls trace again)."""
+    if scan is not None and scan.key is None:
+        return None
+    base = Options(**{**opts.__dict__, "score_mod": None, "mask_mod": None})
+    return base, tuple(sorted(tunables.items())), None if scan is None else scan.key
 
 
 def programs_for(kern: ir.Kernel, plan: Plan) -> tuple[Program, ...]:

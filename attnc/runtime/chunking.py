@@ -110,7 +110,8 @@ def _halves(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, Any], lim
             if kw.get(name) is not None:
                 sub[name] = kw[name][qh]
         at = {**whole, "b_offset": whole["b_offset"] + bs.start, "h_offset": whole["h_offset"] + qh.start}
-        outs.append(_halves(q[bs, qh], k[bs, hs], v[bs, hs], sub, limit, attend, prepare, at))
+        kb = slice(0, 1) if k.shape[0] == 1 else bs  # K/V shared by the batch stay whole
+        outs.append(_halves(q[bs, qh], k[kb, hs], v[kb, hs], sub, limit, attend, prepare, at))
     axis = 0 if B > 1 else 1
     if kw.get("return_lse"):
         return (np.concatenate([o for o, _ in outs], axis), np.concatenate([lse for _, lse in outs], axis))

@@ -26,7 +26,7 @@ from attnc.lowering.program import Access, Binding, Program, Scalar, UniformFiel
 from attnc.quant import check_format, check_head_dim
 from attnc.runtime import dispatch as rt
 from attnc.runtime.api import prepare
-from attnc.runtime.build import function_key
+from attnc.runtime.build import mods_scan
 from attnc.runtime.devices import get_device
 from attnc.runtime.prepared import Prepared
 from attnc.runtime.store import store_program as dsl_store_program
@@ -447,14 +447,17 @@ class KVCache:
                              f"{shape if shape is not None else type(q).__name__}")
         if isinstance(q, Tensor) and q.device is not self.device:
             raise ValueError(f"q: the tensor is on {q.device!r}; the cache is on {self.device!r}")
-        mods = tuple(None if f is None else function_key(f) for f in (score_mod, mask_mod))
+        scan = mods_scan(score_mod, mask_mod)  # the mods' code and constants, what they capture
         plain = tuple((n, x if isinstance(x, (bool, int, float, str, tuple, type(None))) else id(x))
                       for n, x in sorted(options.items()) if n not in ("score_mod", "mask_mod"))
-        key = (shape, str(q.dtype), tuple(sorted(extra)), plain, mods)
-        op = self._ops.get(key)
+        key = (shape, str(q.dtype), tuple(sorted(extra)), plain, None if scan is None else scan.key)
+        op = self._ops.get(key) if scan is None or scan.key is not None else None
         if op is None:
             op = prepare(q, self.k, self.v, kv_lens=self.kv_lens, device=self.device, **extra, **options)
-            self._ops[key] = op
+            if scan is None or scan.key is not None:
+                self._ops[key] = op
+        if scan is not None:  # this call's captured tensors and numbers
+            extra.update(op.captured_values(scan))
         if output is None:
             output = "tensor" if isinstance(q, Tensor) else "numpy"
         return op(q, self.k, self.v, kv_lens=self.kv_lens, out=out, out_lse=out_lse, encoder=encoder,

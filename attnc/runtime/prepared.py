@@ -9,6 +9,11 @@ given), bind groups (per set of buffers, by identity). A repeated call with tens
 same shapes creates no buffers, pipelines or bind groups and uploads nothing; the device's
 counters (`Device.counters`) show it.
 
+Besides q, k, v and the option tensors, an op may take params bound by runtime/params.py's
+rules (any dtype and named dims): the tensors and numbers score_mod/mask_mod capture, the
+inputs passed by name, and every param of a custom kernel (attnc.build). Their numbers are
+uniforms a call may change (`op(q, k, v, temperature=0.5)`), not new kernels.
+
 The older interface, `bind` / `bind_copy` / `run` / `result`, uploads into new buffers for
 each binding (the tuner and the benchmarks rotate over such copies) and times runs.
 """
@@ -30,14 +35,17 @@ from attnc.ir import nodes as ir
 from attnc.lowering import Plan, Strategy
 from attnc.lowering.plan import fast_reduce, layout
 from attnc.lowering.program import Access, Program
+from attnc.lowering.retype import operand_tensors
 from attnc.quant import QuantTensor
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device
+from attnc.runtime.params import host_param, scalar_value
 from attnc.runtime.tensor import QuantGPUTensor, Tensor, dense_strides, host_array, on_gpu
 
-# kernel tensor dtypes as numpy dtypes
-NUMPY_OF = {ir.DType.F32: np.dtype(np.float32), ir.DType.F16: np.dtype(np.float16), ir.DType.I32: np.dtype(np.int32)}
-# tensors read as vec4 by a plan with vector_width 4 (the dot and value operands)
+# kernel tensor dtypes as numpy dtypes (bool and u8 params are packed four per word: host data only)
+NUMPY_OF = {ir.DType.F32: np.dtype(np.float32), ir.DType.F16: np.dtype(np.float16), ir.DType.I32: np.dtype(np.int32),
+            ir.DType.U32: np.dtype(np.uint32), ir.DType.U8: np.dtype(np.uint8), ir.DType.BOOL: np.dtype(np.bool_)}
+# the attention kernel's operands: read as vec4 by a plan with vector_width 4
 VECTOR_TENSORS = ("q", "k", "v")
 # tensor params that may be given with a shape broadcastable to their dims (read with stride 0)
 BROADCAST = frozenset({"bias"})
@@ -90,6 +98,8 @@ class TensorParam:
     dtype: np.dtype
     vector: bool  # read as vec4: unit stride on the last dim, the other strides multiples of 4
     broadcast: bool  # may be given broadcastable to `shape` (stride 0 on its size-1 dims)
+    ir_dtype: ir.DType = ir.DType.F32
+    generic: bool = False  # bound by runtime/params.py's rules (captures, named inputs, custom kernels)
     fmt: str | None = None  # k / v stored quantized (q8_0, q4_0, int8): given as a (GPU) QuantTensor
 
 
@@ -136,7 +146,8 @@ class Prepared:
 
     def __init__(self, dev: Device, kern: ir.Kernel, plan: Plan, progs: tuple[Program, ...],
                  dims: dict[str, int], scalars: dict[str, float | int], defaults: dict[str, Any],
-                 total_keys: int | None = None):
+                 total_keys: int | None = None, *, generic: frozenset[str] = frozenset(),
+                 sources: Mapping[str, str] | None = None):
         self.dev, self.kern, self.plan, self.progs, self.dims = dev, kern, plan, progs, dims
         self.scalars = scalars
         self.total_keys = total_keys  # kv_lens' upper bound (T, or the whole T of a chunked problem)
@@ -145,19 +156,35 @@ class Prepared:
         self.has_lse = any(b.name == "lse" for p in progs for b in p.bindings)
         self.options_key = ""
         vec = plan.vector_width == 4
+        operands = operand_tensors(kern)
+        # `generic`: params bound by runtime/params.py (captured, named, a custom kernel's);
+        # `sources` says what each is in messages ("the array a mod captures as 'doc'")
+        self.generic = frozenset(generic)
+        self.sources = dict(sources or {})
         self.params = tuple(
             TensorParam(p.name, tuple(dims[d] for d in p.type.dims),
                         np.dtype(np.uint32) if p.type.dtype.is_quant else NUMPY_OF[p.type.dtype],
-                        vec and p.name in VECTOR_TENSORS, p.name in BROADCAST,
-                        p.type.dtype.value if p.type.dtype.is_quant else None)
+                        vec and p.name in operands, p.name in BROADCAST or p.name in self.generic,
+                        p.type.dtype, p.name in self.generic, p.type.dtype.value if p.type.dtype.is_quant else None)
             for p in kern.params if p.type.dims)
-        self.option_names = frozenset(p.name for p in self.params) - set(VECTOR_TENSORS)
+        # scalar params a call may set by name (uniforms): captured numbers, named scalars
+        self.scalar_inputs = frozenset(p.name for p in kern.params if not p.type.dims and p.name in self.generic)
+        self.option_names = frozenset(p.name for p in self.params if p.generic or p.name not in VECTOR_TENSORS) \
+            | self.scalar_inputs
+        # k and v indexed by the batch: one of batch 1 serves every query batch (stride 0)
+        self._kv_batch = frozenset(p.name for p in kern.params if p.name in ("k", "v") and p.type.dims[:1] == ("B",))
         self.defaults: dict[str, Any] = {}
         for name, value in defaults.items():
             self.defaults[name] = self._checked_default(name, value)
-        B, Hq, S = dims["B"], dims["Hq"], dims["S"]
-        self.out_shape = (B, Hq, S, dims["Dv"])
-        self.packed_rows = tuple(kern.output.dims) != ("B", "Hq", "S", "Dv")  # GQA packed: [B, Hkv, R, Dv]
+        out = tuple(kern.output.dims)
+        # GQA packed into rows: [B, Hkv, R, Dv] is the memory of [B, Hq, S, Dv]
+        self.packed_rows = out == ("B", "Hkv", "R", "Dv")
+        if out == ("B", "Hq", "S", "Dv") or self.packed_rows:
+            self.out_shape = (dims["B"], dims["Hq"], dims["S"], dims["Dv"])
+        else:  # a custom kernel: o in its own dims
+            self.out_shape = tuple(dims[d] for d in out)
+        self.split_param = next((str(a.extent.count) for st in kern.body if isinstance(st, ir.Grid)
+                                 for a in st.axes if isinstance(a.extent, ir.SplitExtent)), None)
         env = {**dims, **scalars}
         self.grids = [workgroups(p.grid, env) for p in progs]
         base = {f"d_{d}": dims[d] for d in kern.dims}
@@ -175,6 +202,7 @@ class Prepared:
         # calls with the same GPU tensors: (recorded items, result, buffers), see _call
         self._memo: collections.OrderedDict[Any, tuple[Any, Any, tuple[Any, ...]]] = collections.OrderedDict()
         self._env: tuple[str | None, ...] = ()
+        self.capture_paths: dict[str, Any] = {}  # captured param -> its path in the mods (api.py)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -182,14 +210,18 @@ class Prepared:
         """A readable name of the variant: family, storage, tile sizes and plan tunables."""
         pl = self.progs[0]
         tun = ",".join(f"{k}={v}" for k, v in self.kern.tunables)
-        split = f",NSPLIT={self.scalars['NSPLIT']},CSG={self.plan.combine_groups}" if "NSPLIT" in self.scalars else ""
+        split = f",NSPLIT={self.scalars[self.split_param]},CSG={self.plan.combine_groups}" \
+            if self.split_param in self.scalars else ""
         pn = self.plan
         tiled = (f"WG={pl.workgroup_size},TM={pn.rows_per_invocation},DK={pn.head_chunk},"
                  f"DVS={pn.value_stage_columns},VK={pn.value_block_keys},UN={pn.unroll},PF={pn.prefetch}")
         tiled += f",PC={pn.p_chunk_keys}" if pn.p_chunk_keys else ""
         tiled += f",QO={pn.last_tile_first}" if pn.last_tile_first else ""
         kt = dict(self.kern.tunables)
-        if pn.strategy is Strategy.TILED and fast_reduce(pn, layout(pn, kt["BM"], kt["BN"])):
+        grid = next(st for st in self.kern.body if isinstance(st, ir.Grid))
+        bm = next(str(a.extent.size) for a in grid.axes if isinstance(a.extent, ir.TileExtent))
+        bn = next(str(st.size) for st in ir.walk_stmts(self.kern.body) if isinstance(st, ir.Loop))
+        if pn.strategy is Strategy.TILED and fast_reduce(pn, layout(pn, kt[bm], kt[bn])):
             tiled += f",SGFAST={pn.shuffle_only_lanes}"
         stream = f"WG={pl.workgroup_size},KL={pn.lanes_per_key},KC={pn.keys_per_step},SMX={pn.softmax_phase}"
         knobs = {Strategy.ROWS: f"KC={pn.keys_per_step},DQ={pn.query_dim}",
@@ -210,8 +242,22 @@ class Prepared:
 
     @property
     def dtype(self) -> np.dtype:
-        """The dtype of q, k and v."""
-        return self.params[0].dtype
+        """The dtype of q, k and v (of a custom kernel's operands)."""
+        ops = operand_tensors(self.kern)
+        return next((p.dtype for p in self.params if p.name in ops), self.params[0].dtype)
+
+    @property
+    def nsplit(self) -> int:
+        """The number of KV splits (1: no split)."""
+        return int(self.scalars[self.split_param]) if self.split_param in self.scalars else 1
+
+    def captured_values(self, scan: Any) -> dict[str, Any]:
+        """The objects the mods capture in a call (their scan, runtime/build.py's mods_scan),
+        by the names of this op's params."""
+        return {name: scan.slots[path].obj for name, path in self.capture_paths.items() if path in scan.slots}
+
+    def _what(self, name: str) -> str:
+        return self.sources.get(name, name)
 
     # ------------------------------------------------------------------ arguments
     def _param(self, name: str) -> TensorParam:
@@ -223,6 +269,8 @@ class Prepared:
     def _checked_default(self, name: str, value: Any) -> Any:
         """A prepare-time option value: a GPU Tensor (checked at each call) or a host array,
         kept converted as (array, strides)."""
+        if name in self.scalar_inputs:
+            return scalar_value(value, self.kern.param(name).type.dtype, self._what(name))
         if isinstance(value, Tensor):
             self._gpu_arg(self._param(name), value)
             return value
@@ -232,6 +280,9 @@ class Prepared:
         """A host argument checked and converted: (compact array, element strides)."""
         if p.fmt is not None or isinstance(x, QuantTensor):
             return self._quant_arg(p, x, QuantTensor).words, dense_strides(p.shape)
+        if p.generic:
+            arr, st = host_param(x, p.ir_dtype, p.shape, self._what(p.name))
+            return arr, tuple(st)
         if p.name in VECTOR_TENSORS:
             arr = host_array(p.name, x)
             if arr is None:
@@ -239,9 +290,11 @@ class Prepared:
                                  f"or __dlpack__, got {type(x).__name__}")
             if arr.dtype != p.dtype:
                 raise ValueError(f"{p.name}: dtype {arr.dtype}; this op takes {p.dtype}")
+            arr = np.ascontiguousarray(arr)
+            if p.name in self._kv_batch and arr.shape[0] == 1 and arr.shape[1:] == p.shape[1:]:
+                return arr, (0,) + dense_strides(arr.shape)[1:]  # K/V shared by every query batch
             if arr.shape != p.shape:
                 raise ValueError(f"{p.name}: shape {arr.shape}; this op takes {p.shape}")
-            arr = np.ascontiguousarray(arr)
             return arr, dense_strides(arr.shape)
         arr = check_host_option(p.name, x, self.dims, self.total_keys)
         if p.broadcast:
@@ -273,15 +326,19 @@ class Prepared:
     def _gpu_arg(self, p: TensorParam, t: Tensor) -> tuple[rt.BufferSlice, tuple[int, ...]]:
         """A GPU tensor argument checked against the op: device, dtype, shape, strides the
         variant can read, binding alignment, a live buffer. Errors name the argument."""
-        name = p.name
+        name = self._what(p.name)
         if t.device is not self.dev:
             raise ValueError(f"{name}: the tensor is on {t.device!r}; this op runs on {self.dev!r}")
         if p.fmt is not None or isinstance(t, QuantGPUTensor):
             return self._quant_arg(p, t, QuantGPUTensor).binding(name), dense_strides(p.shape)
         if t.dtype != p.dtype:
-            raise ValueError(f"{name}: dtype {t.dtype}; this op takes {p.dtype}")
+            packed = " (bool and uint8 params are packed four per word: pass them as host data)" \
+                if p.ir_dtype in (ir.DType.BOOL, ir.DType.U8) else ""
+            raise ValueError(f"{name}: dtype {t.dtype}; this op takes {p.dtype}{packed}")
         strides = t.strides
-        if t.shape != p.shape:
+        if p.name in self._kv_batch and t.shape[0] == 1 and t.shape[1:] == p.shape[1:] and p.shape[0] > 1:
+            strides = (0,) + strides[1:]  # K/V shared by every query batch
+        elif t.shape != p.shape:
             if not p.broadcast:
                 raise ValueError(f"{name}: shape {t.shape}; this op takes {p.shape}")
             padded = broadcast_shape(name, t.shape, p.shape)
@@ -407,7 +464,8 @@ class Prepared:
             self._memo.clear()
         memo_key = None
         if keep_groups and not (env[0] or env[1]) and type(q) is Tensor and type(k) in _GPU and \
-                type(v) in _GPU and (not tensors or all(type(x) is Tensor for x in tensors.values())):
+                type(v) in _GPU and all(type(x) is Tensor or (n in self.scalar_inputs and type(x) in (int, float))
+                                        for n, x in tensors.items()):
             memo_key = (q, k, v, out, out_lse, output, encoder is None, *tensors.items())
             hit = self._memo.get(memo_key)
             if hit is not None:
@@ -447,6 +505,8 @@ class Prepared:
             raise ValueError(f"{unknown[0]}: not a tensor of this op (it takes q, k, v"
                              + "".join(f", {n}" for n in sorted(self.option_names)) + ")")
         gpu = on_gpu(q) or on_gpu(k) or on_gpu(v) or out is not None
+        if q is None and k is None and v is None:  # a custom kernel's call: every param by name
+            gpu = gpu or any(on_gpu(x) for x in tensors.values())
         if output is None:
             output = "tensor" if gpu else "numpy"
         elif output not in OUTPUT_MODES:
@@ -456,8 +516,11 @@ class Prepared:
                              "(the caller submits the encoder)")
         if out_lse is not None and not self.has_lse:
             raise ValueError("out_lse: this op was prepared without return_lse")
-        values = dict(tensors)
-        values["q"], values["k"], values["v"] = q, k, v
+        values = {n: x for n, x in tensors.items() if n not in self.scalar_inputs}
+        for n, x in (("q", q), ("k", k), ("v", v)):
+            if x is not None:
+                values[n] = x
+        scalars = self._call_scalars(tensors)
         bound, strides = self._resolve(values, fresh=False, recorded=encoder is not None)
         o, lse = self._outputs(out, out_lse, list(bound.values()), fresh=not keep_groups)
         o_strides = self._kernel_out_strides(o.strides, "out")
@@ -467,15 +530,15 @@ class Prepared:
             bound["lse"] = lse.binding("out_lse")
         if self._part is not None:
             bound["part"] = self._part
-        key = (tuple(strides), o_strides, lse_strides)
+        key = (tuple(strides), o_strides, lse_strides, tuple(sorted(scalars.items())))
         items = None
         if rt.sanitizing():
             if encoder is not None:
                 raise ValueError("ATTNC_SANITIZE=bounds reads its records after the run: call without encoder=")
-            rt.run(self.dev, self._dispatches(bound, strides, o_strides, lse_strides))
+            rt.run(self.dev, self._dispatches(bound, strides, o_strides, lse_strides, scalars))
         else:
             compiled, logged = self._compile()
-            uniforms = self._uniform_buffers(key, strides, o_strides, lse_strides)
+            uniforms = self._uniform_buffers(key, strides, o_strides, lse_strides, scalars)
             items = []
             for i, (names, ub) in enumerate(zip(self._storage, uniforms, strict=True)):
                 slices = tuple(bound[n] for n in names)
@@ -506,10 +569,9 @@ class Prepared:
                  ) -> tuple[Tensor, Tensor | None]:
         """o and lse: the given tensors, new ones (`fresh`), or the op's own."""
         if self._part is None and len(self.progs) > 1:
-            B, Hq, S, Dv = self.out_shape
-            part = rt.empty(self.dev, 4 * B * Hq * S * int(self.scalars["NSPLIT"]) * (Dv + 2))
+            part = rt.empty(self.dev, self._part_bytes())
             self._part = rt.BufferSlice(part, 0, part.size)
-        lse_shape = self.out_shape[:3]
+        lse_shape = self.out_shape[:-1]
         if fresh:  # new tensors for what is not given
             o = out if out is not None else zeros_on(self.dev, self.out_shape)
             lse = out_lse if out_lse is not None or not self.has_lse else zeros_on(self.dev, lse_shape)
@@ -539,10 +601,19 @@ class Prepared:
             else None
         return self._compiled, logged
 
+    def _call_scalars(self, given: Mapping[str, Any]) -> dict[str, float | int]:
+        """The scalar params a call sets by name, checked (the others keep their prepared values)."""
+        return {n: scalar_value(x, self.kern.param(n).type.dtype, self._what(n))
+                for n, x in given.items() if n in self.scalar_inputs}
+
     def _uniform_values(self, i: int, strides: list[tuple[int, ...]], o_strides: tuple[int, ...],
-                        lse_strides: tuple[int, ...] | None) -> dict[str, float | int]:
+                        lse_strides: tuple[int, ...] | None,
+                        scalars: Mapping[str, float | int] | None = None) -> dict[str, float | int]:
         values = dict(self._base_uniforms[i])
         fields = {f.name for f in self.progs[i].uniforms}
+        for n, x in (scalars or {}).items():
+            if f"p_{n}" in fields:
+                values[f"p_{n}"] = x
         named = [(p.name, st) for p, st in zip(self.params, strides, strict=True)] + [("o", o_strides)]
         if lse_strides is not None:
             named.append(("lse", lse_strides))
@@ -553,7 +624,8 @@ class Prepared:
         return values
 
     def _uniform_buffers(self, key: Any, strides: list[tuple[int, ...]], o_strides: tuple[int, ...],
-                         lse_strides: tuple[int, ...] | None) -> list[Any]:
+                         lse_strides: tuple[int, ...] | None,
+                         scalars: Mapping[str, float | int] | None = None) -> list[Any]:
         """One uniform buffer per program for these strides: made once per distinct block (a
         call recorded into an encoder keeps the buffer it bound, whatever later calls bind)."""
         found = self._uniforms.get(key)
@@ -562,7 +634,7 @@ class Prepared:
             return found
         made = []
         for i, p in enumerate(self.progs):
-            d = rt.Dispatch(p, {}, self._uniform_values(i, strides, o_strides, lse_strides), self.grids[i])
+            d = rt.Dispatch(p, {}, self._uniform_values(i, strides, o_strides, lse_strides, scalars), self.grids[i])
             made.append(rt.uniform_buffer(self.dev, rt.uniform_block(d, self._folded[i])))
         self._uniforms[key] = made
         if len(self._uniforms) > MAX_UNIFORM_BLOCKS:
@@ -570,12 +642,13 @@ class Prepared:
         return made
 
     def _dispatches(self, bound: Mapping[str, Any], strides: list[tuple[int, ...]], o_strides: tuple[int, ...],
-                    lse_strides: tuple[int, ...] | None) -> list[rt.Dispatch]:
+                    lse_strides: tuple[int, ...] | None,
+                    scalars: Mapping[str, float | int] | None = None) -> list[rt.Dispatch]:
         """The dispatches of one binding, for `dispatch.run` (timing, the sanitizer)."""
         out = []
         for i, p in enumerate(self.progs):
             names = set(self._storage[i])
-            values = self._uniform_values(i, strides, o_strides, lse_strides)
+            values = self._uniform_values(i, strides, o_strides, lse_strides, scalars)
             fields = {f.name for f in p.uniforms} - set(rt.AUTO_UNIFORMS)
             out.append(rt.Dispatch(p, {x: b for x, b in bound.items() if x in names},
                                    {x: values[x] for x in fields}, self.grids[i]))
@@ -592,17 +665,20 @@ class Prepared:
         copies so that inputs smaller than the GPU's cache are not timed cache-resident."""
         return Bound(*self._binding(q, k, v))
 
+    def _part_bytes(self) -> int:
+        """Bytes of the split-KV partial states: per output row and split, Dv values, max, sum."""
+        return 4 * math.prod(self.out_shape[:-1]) * self.nsplit * (self.out_shape[-1] + 2)
+
     def _binding(self, q: Any, k: Any, v: Any) -> tuple[dict[str, Any], list[rt.Dispatch]]:
         bound, strides = self._resolve({"q": q, "k": k, "v": v}, fresh=True, recorded=False)
-        B, Hq, S, Dv = self.out_shape
-        bound["o"] = rt.empty(self.dev, 4 * B * Hq * S * Dv)
+        bound["o"] = rt.empty(self.dev, 4 * math.prod(self.out_shape))
         o_strides = self._kernel_out_strides(dense_strides(self.out_shape), "o")
         lse_strides = None
         if self.has_lse:
-            bound["lse"] = rt.empty(self.dev, 4 * B * Hq * S)
-            lse_strides = self._kernel_out_strides(dense_strides(self.out_shape[:3]), "lse")
+            bound["lse"] = rt.empty(self.dev, 4 * math.prod(self.out_shape[:-1]))
+            lse_strides = self._kernel_out_strides(dense_strides(self.out_shape[:-1]), "lse")
         if len(self.progs) > 1:
-            bound["part"] = rt.empty(self.dev, 4 * B * Hq * S * int(self.scalars["NSPLIT"]) * (Dv + 2))
+            bound["part"] = rt.empty(self.dev, self._part_bytes())
         return bound, self._dispatches(bound, strides, o_strides, lse_strides)
 
     def run(self, timestamps: bool = False, binding: Bound | None = None) -> float | None:
@@ -618,9 +694,8 @@ class Prepared:
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Read o (float32) and lse back (of the last `bind`/`run`)."""
-        B, Hq, S, Dv = self.out_shape
-        o = rt.readback(self.dev, self.bufs["o"], np.float32, (B, Hq, S, Dv))
-        lse = rt.readback(self.dev, self.bufs["lse"], np.float32, (B, Hq, S)) if self.has_lse else None
+        o = rt.readback(self.dev, self.bufs["o"], np.float32, self.out_shape)
+        lse = rt.readback(self.dev, self.bufs["lse"], np.float32, self.out_shape[:-1]) if self.has_lse else None
         return o, lse
 
 

@@ -14,7 +14,7 @@ import {
   loadManifest, manifestProblems, selectVariant,
 } from '../../js/attnc.js';
 
-const ARRAYS = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array};
+const ARRAYS = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array, u8: Uint8Array, bool: Uint8Array};
 
 /** @param {string} base @param {string} rel */
 export function joinPath(base, rel) {

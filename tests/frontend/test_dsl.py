@@ -10,6 +10,7 @@ import pytest
 import attnc
 from attnc.errors import TraceError
 from attnc.frontend.parser import parse
+from attnc.ir import nodes as ir
 from attnc.ir.interp import interpret
 from attnc.ir.printer import print_kernel
 from attnc.kernels.flash import flash_attention
@@ -74,9 +75,15 @@ def test_unknown_option_is_reported():
         flash_attention.trace(causl=True)
 
 
-def test_pow_is_rejected_with_an_alternative():
-    with pytest.raises(TraceError, match=r"'\*\*' is not supported"):
-        flash_attention.trace(score_mod=lambda s, b, h, q, kv: s ** 2)
+def test_pow_takes_small_integer_exponents_and_rejects_others_with_an_alternative():
+    k = flash_attention.trace(score_mod=lambda s, b, h, q, kv: s ** 3 + s ** -1)
+    mod = next(x.value for x in ir.walk_stmts(k.body) if isinstance(x, ir.Let) and x.var == "mod")
+    s = ir.Var("s", ir.DType.F32)
+    cube = ir.Call(ir.Op.MUL, (ir.Call(ir.Op.MUL, (s, s), ir.DType.F32), s), ir.DType.F32)
+    inv = ir.Call(ir.Op.DIV, (ir.Const(1.0, ir.DType.F32), s), ir.DType.F32)
+    assert mod == ir.Call(ir.Op.ADD, (cube, inv), ir.DType.F32)
+    with pytest.raises(TraceError, match=r"'\*\*' takes a constant integer exponent"):
+        flash_attention.trace(score_mod=lambda s, b, h, q, kv: s ** 0.5)
 
 
 def test_captured_input_becomes_a_parameter_and_runs_in_the_reference():

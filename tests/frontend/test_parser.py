@@ -40,8 +40,9 @@ CASES = [
         '        ^^^^^^')),
     ('unknown_op', 'mul(dot', 'mult(dot', (
         "fa.attn:6:10: parse error: unknown operator 'mult'; did you mean 'mul'? known: "
-        'abs, add, and, div, dot, eq, exp, f32, ge, gt, i32, idiv, le, log, lt, max, min,'
-        ' mod, mul, ne, neg, not, or, rsqrt, sqrt, sub, tanh, where\n'
+        'abs, add, and, ceil, cos, div, dot, eq, exp, exp2, f32, floor, ge, gt, i32, idiv, le,'
+        ' log, log2, lt, max, min, mod, mul, ne, neg, not, or, rsqrt, sigmoid, sin, sqrt, sub, tan,'
+        ' tanh, where\n'
         '        %s = mult(dot(q[b, h, qi, :], k[b, h, kj, :]), scale)\n'
         '             ^^^^')),
     ('unknown_name', 'k[b, h, kj, :]', 'k[b, hh, kj, :]', (
@@ -87,8 +88,8 @@ CASES = [
         '        %s = mul(dot(q[b, h, qi, :], k[b, h, kj, :]), q)\n'
         '                                                      ^')),
     ('bad_dtype', 'scale: f32)', 'scale: f64)', (
-        "fa.attn:1:70: parse error: unknown dtype 'f64'; expected f32, f16, i32, bool or a quantized format "
-        "(q8_0, q4_0, int8)\n"
+        "fa.attn:1:70: parse error: unknown dtype 'f64'; expected one of f32, f16, i32, u32, u8, bool, q8_0, q4_0, "
+        "int8\n"
         '    kernel fa(q: f32[B,H,S,D], k: f32[B,H,T,D], v: f32[B,H,T,Dv], scale: f64) ->'
         ' f32[B,H,S,Dv]\n'
         '                                                                         ^^^')),

@@ -237,3 +237,52 @@ def test_rel_err_definition() -> None:
     assert rel_err(np.zeros(2), np.array([3.0, 4.0])) == 1.0
     assert rel_err(np.array([3.0, 4.0]), np.zeros(2)) == 5.0  # ref norm 0: absolute
     assert np.isnan(rel_err(np.array([np.nan]), np.array([1.0])))
+
+
+# ------------------------------------------------------------------ the IR's scalar semantics
+def _lse_of(score_mod, S: int):
+    """lse per query row of a one-key kernel whose score is score_mod's value (lse = the score),
+    with the arrays score_mod captures."""
+    kern, captured = flash_attention.trace_with_captures(score_mod=score_mod, lse=True)
+    q, k, v = np.zeros((1, 1, S, 1)), np.zeros((1, 1, 1, 1)), np.ones((1, 1, 1, 1))
+    _, lse = interpret(kern, {"q": q, "k": k, "v": v, "scale": 1.0, **{n: c.obj for n, c in captured.items()}})
+    return lse[0, 0]
+
+
+def test_integer_division_and_modulo_floor_like_python_with_zero_divisors():
+    a = np.array([-7, 7, -7, 7, 0, 5, -5, -(2**31), 2**31 - 1], np.int32)
+    b = np.array([2, -2, -2, 2, 0, 0, 0, -1, 2], np.int32)
+    div = _lse_of(lambda s, bb, h, i, j: attnc.f32(a[i] // b[i]), len(a))
+    mod = _lse_of(lambda s, bb, h, i, j: attnc.f32(a[i] % b[i]), len(a))
+    assert div.tolist() == [-4, -4, 3, 3, 0, 0, 0, -(2**31), 2**30 - 1]  # i32 min // -1 wraps
+    assert mod.tolist() == [1, -1, -1, 1, 0, 5, -5, 0, 1]
+
+
+def test_i32_arithmetic_wraps_and_conversions_saturate():
+    x = np.array([2**30, -(2**30), 3], np.int32)
+    wrapped = _lse_of(lambda s, b, h, i, j: attnc.f32(x[i] * 4 + 1), 3)
+    assert wrapped.tolist() == [1, 1, 13]
+    f = np.array([3.9, -3.9, 1e20, -1e20, np.nan], np.float32)
+    conv = _lse_of(lambda s, b, h, i, j: attnc.f32(attnc.i32(f[i])), 5)
+    assert conv.tolist() == [3, -3, 2**31 - 1, -(2**31), 0]
+
+
+def test_reads_are_clamped_into_the_tensor():
+    t = np.array([10.0, 20.0, 30.0])
+    got = _lse_of(lambda s, b, h, i, j: t[i * 2 - 3], 5)
+    assert got.tolist() == [10.0, 10.0, 20.0, 30.0, 30.0]
+
+
+def test_float_functions_and_bool_equality():
+    x = np.array([-2.5, -0.5, 0.0, 0.5, 2.5, 800.0, -800.0])
+    fs = {"floor": np.floor, "ceil": np.ceil, "sin": np.sin, "cos": np.cos, "tan": np.tan,
+          "exp2": np.exp2, "sigmoid": lambda z: 1 / (1 + np.exp(-z))}
+    for name, ref in fs.items():
+        fn = getattr(attnc, name)
+        with np.errstate(over="ignore"):
+            want = ref(x)
+        np.testing.assert_allclose(_lse_of(lambda s, b, h, i, j, fn=fn: fn(x[i]), len(x)), want, rtol=1e-15,
+                                   err_msg=name)
+    flags = np.array([True, False, True])
+    eq = _lse_of(lambda s, b, h, i, j: attnc.where(flags[i] == (i > 0), 1.0, 0.0), 3)
+    assert eq.tolist() == [0.0, 0.0, 1.0]

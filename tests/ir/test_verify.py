@@ -314,8 +314,14 @@ def test_param_dtypes():
     ps = kernel().params
     fails(kernel(params=ps[:4] + (Param("scale", TensorType(BOOL)),) + ps[5:]),
           "a scalar param cannot be bool")
-    fails(kernel(params=ps[:3] + (Param("sinks", TensorType(BOOL, ("Hq",))),) + ps[4:]),
-          "a tensor param cannot be bool")
+    fails(kernel(params=ps[:4] + (Param("scale", TensorType(DType.U8)),) + ps[5:]),
+          "a scalar param cannot be u8")
+    # every tensor dtype is a valid param; a load has the dtype of its storage's values
+    for dt in (BOOL, DType.U8, DType.U32, I32):
+        bad = kernel(sink=True, params=ps[:3] + (Param("sinks", TensorType(dt, ("Hq",))),) + ps[4:])
+        load = BOOL if dt is BOOL else I32
+        fails(bad, f"a load of 'sinks' is {load.value}, not f32")
+    verify(kernel(sink=True, params=ps[:3] + (Param("sinks", TensorType(F16, ("Hq",))),) + ps[4:]))
 
 
 def test_slices_read_float_tensors():

@@ -25,7 +25,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 FIXTURES = HERE / "fixtures"
 TOL = {"f32": 1e-5, "f16": 2e-3}  # docs/API.md: relative Frobenius error
-NP_DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "u32": np.uint32}
+NP_DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32, "u32": np.uint32, "u8": np.uint8, "bool": np.bool_}
+BIN_DTYPES = {"f32": "<f4", "f16": "<f2", "i32": "<i4", "u32": "<u4", "u8": "u1", "bool": "u1"}
 
 
 def _scale_ref(q: np.ndarray, scale: float, shift: float) -> np.ndarray:
@@ -49,7 +50,7 @@ class _Writer:
         self.n = 0
 
     def bin(self, arr: np.ndarray, dtype: str) -> dict:
-        np_dtype = {"f32": "<f4", "f16": "<f2", "i32": "<i4", "u32": "<u4"}[dtype]
+        np_dtype = BIN_DTYPES[dtype]
         self.n += 1
         name = f"t{self.n:03d}.{dtype}.bin"
         if self.folder is not None:
@@ -247,7 +248,8 @@ def write_cases(folder: str | os.PathLike, extra: list[dict] | None = None) -> d
     fixtures = fixture_cases(w)  # first: case_list() names their files the same way
     attention = attention_cases(w, folder)
     spec = {
-        "cases": fixtures + attention + kv_cache_cases(w, folder) + refusal_cases(w, folder) + (extra or []),
+        "cases": fixtures + attention + kv_cache_cases(w, folder) + refusal_cases(w, folder) + flex_cases(w, folder)
+        + (extra or []),
         "checks": {"formulas": formula_checks(), "f16": f16_check(w), **validation_checks(folder)},
     }
     (folder / "cases.json").write_text(json.dumps(spec, indent=1))
@@ -267,13 +269,13 @@ def decode_output(entry: dict) -> np.ndarray:
     import base64
 
     raw = base64.b64decode(entry["b64"])
-    return np.frombuffer(raw, dtype={"f32": "<f4", "f16": "<f2", "i32": "<i4", "u32": "<u4"}[entry["dtype"]])
+    return np.frombuffer(raw, dtype=BIN_DTYPES[entry["dtype"]])
 
 
 def read_bin(folder: Path, entry: dict) -> np.ndarray:
     return np.fromfile(
         folder / entry["file"],
-        dtype={"f32": "<f4", "f16": "<f2", "i32": "<i4", "u32": "<u4"}[entry["dtype"]],
+        dtype=BIN_DTYPES[entry["dtype"]],
     )
 
 
@@ -549,6 +551,92 @@ def _attention_case(w, rng, manifest_rel, var, cname, options, params, shapes) -
     return {
         "name": f"attn.{cname}.{var['family']}.{var['dtype']}.{dims}",
         "manifest": manifest_rel,
+        "variant": {"family": var["family"], "dtype": var["dtype"]},
+        "requires_features": list(var["requires"].get("features", [])),
+        "shapes": shapes,
+        "params": params,
+        "limits": {},
+        "tol": TOL[var["dtype"]],
+        "inputs": inputs,
+        "expected": expected,
+    }
+
+
+# --- a kernel whose mods read data of their own (tests/js/flex_mods.py) ------------------------
+
+FLEX_SHAPES = [
+    {"B": 1, "Hq": 3, "Hkv": 3, "S": 9, "T": 13, "D": 16, "Dv": 16},
+    {"B": 2, "Hq": 3, "Hkv": 1, "S": 1, "T": 21, "D": 12, "Dv": 8},
+]
+
+
+def flex_cases(w: _Writer, folder: Path) -> list[dict]:
+    """`attnc compile` the flash kernel with flex_mods' score_mod and mask_mod (causal) and make a
+    case per (family, dtype) and shape, with its captured tables as inputs and numpy's result."""
+    import subprocess
+
+    if not compiler_available():
+        return []
+    out = (folder / "compiled" / "flex").resolve()
+    # q, k, v, four captured arrays and o: 8 storage buffers, WebGPU's default limit
+    argv = [*_compile_prefix(), KERNEL, "-o", str(out), "--set", "causal=true",
+            "--set", "score_mod=tests.js.flex_mods:score_mod", "--set", "mask_mod=tests.js.flex_mods:mask_mod"]
+    proc = subprocess.run(argv, capture_output=True, text=True, **_compile_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"attnc compile failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    rng = np.random.default_rng(5)
+    cases = []
+    for var in manifest["variants"]:
+        for shapes in FLEX_SHAPES:
+            cases.append(_flex_case(w, rng, var, dict(shapes)))
+    return cases
+
+
+def _flex_case(w: _Writer, rng, var: dict, shapes: dict) -> dict:
+    B, Hq, Hkv, S, T, D, Dv = (shapes[k] for k in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
+    NB = 8
+    data = {
+        "q": rng.standard_normal((B, Hq, S, D)), "k": rng.standard_normal((B, Hkv, T, D)),
+        "v": rng.standard_normal((B, Hkv, T, Dv)),
+        "table": rng.standard_normal((NB, Hq)),
+        "buckets": rng.integers(0, NB, S + T - 1),  # one per distance kv_idx - q_idx + S - 1
+        "level": rng.integers(0, 256, T),
+        "keep": rng.random((S, T)) < 0.8,
+    }
+    params = {"temperature": 0.75, "OFFSET": S - 1}
+    names = {t["name"] for t in var["tensors"] if t["role"] == "input"}
+    assert names == set(data), (names, set(data))  # the manifest lists every captured array
+    assert {p["name"] for p in var["params"]} == {"scale", "temperature", "OFFSET"}
+    inputs, arrays = {}, {}
+    for t in var["tensors"]:
+        if t["role"] == "input":
+            arrays[t["name"]] = data[t["name"]].astype(NP_DTYPES[t["dtype"]])
+            inputs[t["name"]] = w.bin(arrays[t["name"]], t["dtype"])
+            for i, d in enumerate(t["dims"]):  # captured arrays bring their own dims
+                shapes.setdefault(d, arrays[t["name"]].shape[i])
+    q, k, v = (arrays[n].astype(np.float64) for n in ("q", "k", "v"))
+    g = Hq // Hkv
+    kk, vv = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+    s = np.einsum("bhsd,bhtd->bhst", q, kk) / math.sqrt(D)
+    i, j = np.arange(S)[:, None], np.arange(T)[None, :]
+    table = arrays["table"].astype(np.float64)
+    bias = table[arrays["buckets"][j - i + S - 1]].transpose(2, 0, 1)  # [Hq, S, T]
+    s = s * float(np.float32(0.75)) + bias[None] + 0.25 * arrays["level"][None, None, None, :]
+    keep = arrays["keep"] & (j <= i + T - S)  # the mask_mod and causal (queries at the end of the keys)
+    s = np.where(keep[None, None], s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    den = p.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        o = np.where(den > 0, (p @ vv) / den, 0.0)
+        lse = np.where(den[..., 0] > 0, m[..., 0] + np.log(den[..., 0]), -np.inf)
+    assert np.isfinite(lse).any()
+    expected = {"o": w.bin(o, "f32")}
+    return {
+        "name": f"flex.{var['family']}.{var['dtype']}.{S}x{T}",
+        "manifest": "compiled/flex/manifest.json",
         "variant": {"family": var["family"], "dtype": var["dtype"]},
         "requires_features": list(var["requires"].get("features", [])),
         "shapes": shapes,

@@ -107,6 +107,32 @@ def test_compiled_attention(runtime, cases_dir):
         assert ran == {(f, d) for f in ("subgroups", "portable") for d in ("f32", "f16")}, sorted(ran)
 
 
+def test_compiled_flex_kernel(runtime, cases_dir):
+    """A kernel whose mods capture arrays (f32 and i32 gathers, u8, bool) and numbers, compiled
+    with `attnc compile`, runs from the manifest alone on every variant the adapter can run,
+    matching numpy (f16 variants: q, k, v in f16, the captured table in f32)."""
+    name, res = runtime
+    results = [r for r in res["results"] if r["name"].startswith("flex.")]
+    if not results:
+        assert not js_cases.compiler_available(), "attnc compile exists but made no flex cases"
+        pytest.skip("`python -m attnc compile` is not available yet")
+    spec = {c["name"]: c for c in js_cases.load_cases(cases_dir)}
+    have = set(res["device_features"])
+    ran, failures = set(), []
+    for r in results:
+        c = spec[r["name"]]
+        if set(c["requires_features"]) - have:
+            continue
+        try:
+            assert r["status"] == "ok", r.get("error")
+            check_outputs(name, c, r, cases_dir)
+            ran.add((c["variant"]["family"], c["variant"]["dtype"]))
+        except AssertionError as e:
+            failures.append(f"{r['name']}: {e}")
+    assert not failures, "\n".join(failures)
+    assert ("portable", "f32") in ran and ("portable", "f16") in ran, sorted(ran)
+
+
 def test_formulas_match_python(runtime):
     """js/attnc.js evaluates manifest formulas exactly like the Python reading of the spec."""
     _, res = runtime

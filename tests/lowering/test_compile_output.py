@@ -25,7 +25,12 @@ from attnc.lowering.program import Access, Binding, Program, Scalar, UniformFiel
 from tests.js import manifest_schema
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.attn")) + sorted((ROOT / "examples" / "variants" / "attn").glob("*.attn"))
+# the .attn examples and variants, and kernels whose mods read data of their own (a gather
+# through an i32 table into an f32 one, a bool mask four to a word, paged keys found through a
+# page table)
+EXAMPLES = sorted((ROOT / "examples").glob("*.attn")) \
+    + sorted((ROOT / "examples" / "variants" / "attn").glob("*.attn")) \
+    + [ROOT / "examples" / "flex" / "attn" / f"{name}.attn" for name in ("t5_buckets", "bool_mask", "paged_kv")]
 # DSL kernel option sets compiled through `module:kernel --set ...`: every option of the
 # shipped kernel at least once
 DSL_SETS = [

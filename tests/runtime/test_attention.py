@@ -67,7 +67,7 @@ RUN = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped
 
 @pytest.mark.parametrize("target", targets(subgroup_sizes=True), indirect=True)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@settings(RUN, max_examples=20)
+@settings(RUN, max_examples=12)
 @given(shape=shapes(ANY_S, Dv=st.integers(33, 64)), seed=st.integers(0, 2**32 - 1))
 def test_random_shapes_dv_bucket_64(target, causal, shape, seed) -> None:
     """Any S (decode, prefill, split) and T; D from the whole list, Dv in the 64 bucket."""
@@ -75,7 +75,7 @@ def test_random_shapes_dv_bucket_64(target, causal, shape, seed) -> None:
 
 
 @pytest.mark.parametrize("target", targets(), indirect=True)
-@settings(RUN, max_examples=10)
+@settings(RUN, max_examples=6)
 @given(shape=shapes(PREFILL_S, D=st.sampled_from((32, 72, 80, 96, 128, 256))), seed=st.integers(0, 2**32 - 1))
 def test_random_prefill_head_dims(target, shape, seed) -> None:
     """Prefill, causal, D = Dv from the list (buckets 32 and 128: 72..256 share the capped one)."""
@@ -91,7 +91,7 @@ def test_random_decode_head_dims(target, shape, seed) -> None:
 
 
 @pytest.mark.parametrize("target", targets(), indirect=True)
-@settings(RUN, max_examples=10)
+@settings(RUN, max_examples=6)
 @given(shape=shapes(PREFILL_S, D=st.sampled_from(HEAD_DIMS), Dv=st.sampled_from((80, 96, 100, 128))),
        seed=st.integers(0, 2**32 - 1))
 def test_random_prefill_d_differs_from_dv(target, shape, seed) -> None:

@@ -91,7 +91,7 @@ def _seed(draw):
 # --------------------------------------------------------------------------- option groups
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
 @pytest.mark.parametrize("dtype", F32_ONLY)
-@settings(RUN, max_examples=8)
+@settings(RUN, max_examples=5)
 @given(data=st.data())
 def test_window_both_sides(target, dtype, data) -> None:
     sh = data.draw(prefill())
@@ -102,7 +102,7 @@ def test_window_both_sides(target, dtype, data) -> None:
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
 @pytest.mark.parametrize("dtype", F32_ONLY)
-@settings(RUN, max_examples=8)
+@settings(RUN, max_examples=5)
 @given(data=st.data())
 def test_sliding_window_left_causal_with_sinks(target, dtype, data) -> None:
     """window=(left, None) + causal (the usual sliding window) + sinks, with lse."""
@@ -115,7 +115,7 @@ def test_sliding_window_left_causal_with_sinks(target, dtype, data) -> None:
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
 @pytest.mark.parametrize("dtype", F32_ONLY)
-@settings(RUN, max_examples=8)
+@settings(RUN, max_examples=5)
 @given(data=st.data())
 def test_window_right_only_with_kv_lens(target, dtype, data) -> None:
     """window=(None, right) + kv_lens (0 and T included: queries align to each batch's length)."""
@@ -129,7 +129,7 @@ def test_window_right_only_with_kv_lens(target, dtype, data) -> None:
 @pytest.mark.sanitize
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
-@settings(RUN, max_examples=10)
+@settings(RUN, max_examples=6)
 @given(data=st.data())
 def test_bias_broadcast_and_scale(target, dtype, data) -> None:
     """bias of shape [T], [S,T], [1,Hq,1,T], [B,1,S,1] or full; scale drawn (None = 1/sqrt(D))."""
@@ -141,7 +141,7 @@ def test_bias_broadcast_and_scale(target, dtype, data) -> None:
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
 @pytest.mark.parametrize("dtype", F32_ONLY)
-@settings(RUN, max_examples=8)
+@settings(RUN, max_examples=5)
 @given(data=st.data())
 def test_alibi_causal(target, dtype, data) -> None:
     sh = data.draw(prefill())
@@ -152,7 +152,7 @@ def test_alibi_causal(target, dtype, data) -> None:
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
 @pytest.mark.parametrize("dtype", F32_ONLY)
-@settings(RUN, max_examples=8)
+@settings(RUN, max_examples=5)
 @given(data=st.data())
 def test_softcap(target, dtype, data) -> None:
     """softcap with scale drawn large enough that tanh saturates on some scores."""
@@ -181,7 +181,7 @@ def stripes_np(b, h, i, j):
 @pytest.mark.sanitize
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
-@settings(RUN, max_examples=8)
+@settings(RUN, max_examples=5)
 @given(data=st.data())
 def test_score_mod_and_mask_mod(target, dtype, data) -> None:
     """User mods (FlexAttention style) combined with causal; q_idx is the RAW query row index."""
@@ -225,7 +225,7 @@ def combined_opts(draw, rng, B, Hq, S, T):
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
-@settings(RUN, max_examples=10)
+@settings(RUN, max_examples=6)
 @given(data=st.data())
 def test_combined_options_gqa(target, dtype, data) -> None:
     """Everything at once with GQA (ratio 2-4), decode (S <= 8) and prefill (S >= 17) shapes."""

@@ -1,0 +1,94 @@
+"""attnc.paged_attention: K/V in pages read through a block table (the shipped flash kernel with
+indirect indexing), against the float64 reference on the same keys gathered contiguously."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attnc
+from tests.textbook import assert_close, attention_ref
+
+pytestmark = pytest.mark.gpu
+
+RUN = settings(deadline=None, max_examples=3,
+               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def paged_problem(rng, B, Hq, Hkv, S, D, P, NB, spare, dtype=np.float32):
+    """q, the page pools, a block table of distinct pages in random order, and the contiguous
+    k and v [B, Hkv, NB * P, D] that the table describes."""
+    NP = B * NB + spare
+    q = rng.standard_normal((B, Hq, S, D)).astype(dtype)
+    kp = rng.standard_normal((NP, Hkv, P, D)).astype(dtype)
+    vp = rng.standard_normal((NP, Hkv, P, D)).astype(dtype)
+    table = rng.permutation(NP)[:B * NB].reshape(B, NB).astype(np.int32)
+    k = kp[table].transpose(0, 2, 1, 3, 4).reshape(B, Hkv, NB * P, D)
+    v = vp[table].transpose(0, 2, 1, 3, 4).reshape(B, Hkv, NB * P, D)
+    return q, kp, vp, table, k, v
+
+
+@RUN
+@given(data=st.data())
+def test_paged_matches_the_reference(device, data) -> None:
+    """Random page sizes, tables, lengths, GQA ratios, prefill and decode rows, and options."""
+    B, Hkv, group = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(st.sampled_from([1, 4]))
+    S, P, NB = data.draw(st.sampled_from([1, 5])), data.draw(st.sampled_from([1, 4, 16])), data.draw(st.integers(1, 4))
+    seed = data.draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    q, kp, vp, table, k, v = paged_problem(rng, B, Hkv * group, Hkv, S, 16, P, NB, spare=3)
+    T = NB * P
+    opts: dict = {}
+    if data.draw(st.booleans()):
+        opts["kv_lens"] = rng.integers(0, T + 1, B).astype(np.int32)
+        # entries past a row's length may hold anything: the kernel never needs them
+        for b in range(B):
+            table[b, -(-int(opts["kv_lens"][b]) // P):] = 10**6
+    opts["causal"] = data.draw(st.booleans())
+    if data.draw(st.booleans()):
+        opts["window"] = (int(rng.integers(0, T)), None)
+    if data.draw(st.booleans()):
+        opts["softcap"] = 5.0
+    if data.draw(st.booleans()):
+        opts["sinks"] = rng.standard_normal(Hkv * group).astype(np.float32)
+    if data.draw(st.booleans()):
+        opts["alibi_slopes"] = rng.random(Hkv * group).astype(np.float32)
+    keep = rng.random((B, T)) < 0.8  # a mask_mod reading a captured array
+
+    def mask(b, h, q_idx, kv_idx):
+        return keep[b, kv_idx]
+
+    o, lse = attnc.paged_attention(q, kp, vp, table, mask_mod=mask, return_lse=True, device=device, **opts)
+    ref_o, ref_lse = attention_ref(q, k, v, mask_mod=lambda b, h, i, j: keep[b, j],
+                                   return_lse=True, **opts)
+    assert_close(o, ref_o, 1e-5)
+    assert_close(lse, ref_lse, 1e-5, "lse")
+
+
+@pytest.mark.sanitize
+def test_paged_gpu_tensors_and_decode_split(device) -> None:
+    """GPU tensors in and out, a long decode (split-KV), f16 pages; the table's padding past
+    row 1's pages (-1) is never read outside the pool (the sanitizer run checks every index)."""
+    rng = np.random.default_rng(3)
+    q, kp, vp, table, k, v = paged_problem(rng, 2, 8, 2, 1, 32, 16, 24, spare=5, dtype=np.float16)
+    lens = np.array([384, 150], np.int32)
+    table[1, -(-150 // 16):] = -1
+    gq, gk, gv = (attnc.tensor(x, device=device) for x in (q, kp, vp))
+    gt, gl = attnc.tensor(table, device=device), attnc.tensor(lens, device=device)
+    o = attnc.paged_attention(gq, gk, gv, gt, kv_lens=gl, causal=True).numpy()
+    assert_close(o, attention_ref(q, k, v, kv_lens=lens, causal=True), 2e-3)
+
+
+def test_a_table_entry_past_the_pool_is_named(device) -> None:
+    rng = np.random.default_rng(4)
+    q, kp, vp, table, _, _ = paged_problem(rng, 2, 2, 1, 1, 8, 4, 3, spare=0)
+    bad = table.copy()
+    bad[1, 1] = kp.shape[0]
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 6 is past the page pool: .* hold 6 pages"):
+        attnc.paged_attention(q, kp, vp, bad, device=device)
+    with pytest.raises(ValueError, match=r"block_table: expected shape \(2, max_pages\)"):
+        attnc.paged_attention(q, kp, vp, table[:1], device=device)
+    with pytest.raises(ValueError, match=r"v_pages shape .* does not match k_pages"):
+        attnc.paged_attention(q, kp, vp[:, :, :2], table, device=device)
