@@ -178,6 +178,8 @@ export interface AppendOptions {
 
 /** Keys [B, Hkv, capacity, D] and values [B, Hkv, capacity, Dv] on the GPU, grown in place. */
 export class KVCache {
+  /** Storage of K and V: a quantized format (u32 words) or null (the cache's dtype). */
+  readonly formats: { k: 'q8_0' | 'q4_0' | 'int8' | null; v: 'q8_0' | 'q4_0' | 'int8' | null };
   readonly device: any;
   readonly dtype: 'f32' | 'f16';
   readonly batch: number;

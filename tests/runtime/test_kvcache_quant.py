@@ -128,6 +128,11 @@ def test_errors_name_the_problem(require_adapters) -> None:
         attnc.prepare(q, plain.k, plain.v, kv_lens=plain.kv_lens)(q, cache.k, plain.v, kv_lens=plain.kv_lens)
     o = op(q, cache.k, cache.v, kv_lens=cache.kv_lens, output="numpy")  # one key: o is its value row, -1
     np.testing.assert_array_equal(o, np.full((1, 2, 1, 32), -1, np.float32))
+    # attention() itself: k uploaded from a host QuantTensor (read back from the cache), v on the host
+    k_gpu = attnc.tensor(cache.k.numpy(), dev)
+    assert k_gpu.fmt == "q8_0" and k_gpu.shape == cache.k.shape
+    o = attnc.attention(q, k_gpu, cache.v.numpy(), kv_lens=np.array([1]), output="numpy")
+    np.testing.assert_array_equal(o, np.full((1, 2, 1, 32), -1, np.float32))
 
 
 def test_a_quantized_cache_of_another_device_is_refused(require_adapters) -> None:
