@@ -145,3 +145,26 @@ def test_a_quantized_cache_of_another_device_is_refused(require_adapters) -> Non
         op(q, far.k, cache.v, kv_lens=cache.kv_lens)
     with pytest.raises(ValueError, match="k_new: the tensor is on .*dawn.*; the cache is on .*wgpu"):
         cache.append(attnc.tensor(np.zeros((1, 1, 1, 32), np.float32), other), np.zeros((1, 1, 1, 32), np.float32))
+
+
+def test_a_quantized_decode_step_uploads_only_the_new_rows_and_creates_nothing(require_adapters) -> None:
+    (dev,) = require_adapters("wgpu:vulkan")
+    cache = attnc.KVCache(B, HKV, CAP, D, device=dev, k_format="q4_0", v_format="int8")
+    rng = np.random.default_rng(4)
+    cache.append(*rng.standard_normal((2, B, HKV, 5, D)).astype(np.float32))
+    q = attnc.zeros((B, HQ, 1, D), device=dev)
+    out = attnc.zeros((B, HQ, 1, D), device=dev)
+    for _ in range(2):  # first steps: the store kernels' and the op's buffers and bind groups
+        cache.append(*rng.standard_normal((2, B, HKV, 1, D)).astype(np.float32))
+        cache.attend(q, causal=True, out=out)
+    before = dev.counters.snapshot()
+    q_host = rng.standard_normal((B, HQ, 1, D)).astype(np.float32)
+    k_row, v_row = rng.standard_normal((2, B, HKV, 1, D)).astype(np.float32)
+    q.write(q_host)
+    cache.append(k_row, v_row)
+    cache.attend(q, causal=True, out=out)
+    made = dev.counters.since(before)
+    assert made["bytes_uploaded"] == q_host.nbytes + k_row.nbytes + v_row.nbytes, made
+    assert made["buffers_created"] == made["bind_groups_created"] == made["pipelines_compiled"] == 0, made
+    kd, vd = quant.dequantize(cache.k.numpy()), quant.dequantize(cache.v.numpy())
+    assert_close(out.numpy(), attention_ref(q_host, kd, vd, kv_lens=cache.lengths, causal=True), 1e-5)
