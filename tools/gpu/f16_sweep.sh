@@ -2,8 +2,8 @@
 # f16 against f32 and ONNX Runtime's f16 on the GPU machine, each (backend, dtype) in separate
 # processes (attnc bench --repeat-processes): f16 with ONNX Runtime in the same processes, f32
 # attnc only (the ratio f16/f32 is read across the two JSON files, per case, process medians).
-# Then, where the branches exist in this checkout, the extra sweeps named in EXTRA (scripts
-# in tools/gpu/ taking OUTDIR/<name> as their argument).
+# Then paged against contiguous decode (tools/gpu/paged_probe.py, PAGED_DTYPES), and the extra
+# sweeps named in EXTRA that exist (scripts in tools/gpu/ taking OUTDIR/<name> as their argument).
 # Usage (repo root):  bash tools/gpu/f16_sweep.sh OUTDIR
 # Knobs: CONFIGS ("device/dtype/processes/compare ..."), STEP_TIMEOUT (seconds per config, default 150),
 # EXTRA (default "kv_quant_bench flex_bench"), RUNS (default 10).
@@ -29,6 +29,11 @@ for cfg in ${CONFIGS:-wgpu:vulkan/f16/3/ort dawn:vulkan/f16/2/ort wgpu:vulkan/f3
   timeout "${STEP_TIMEOUT:-150}" python3 -m attnc.bench "${args[@]}" > "$out/$name.log" 2>&1
   echo "rc=$?" >> "$out/$name.log"
   grep -v '^Warning' "$out/$name.log" | sed -n '/^medians of/,$p' | head -40
+done
+for dt in ${PAGED_DTYPES:-f16 f32}; do
+  echo "== paged decode ($dt)"
+  timeout "${STEP_TIMEOUT:-150}" python3 tools/gpu/paged_probe.py wgpu:vulkan --dtype "$dt" --json "$out/paged_$dt.json" \
+    2>&1 | grep -v '^Warning' | tee "$out/paged_$dt.log"
 done
 for x in ${EXTRA:-kv_quant_bench flex_bench}; do
   if [ -f "tools/gpu/$x.sh" ]; then
