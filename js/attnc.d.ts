@@ -11,7 +11,10 @@ export class AttncError extends Error {}
 export type Dtype = 'f32' | 'f16' | 'i32' | 'u32' | 'q8_0' | 'q4_0' | 'int8';
 export type Shapes = Record<string, number>;
 export type Params = Record<string, number>;
-/** f32 → Float32Array, f16 → Uint16Array (half bits), i32 → Int32Array, u32 → Uint32Array. */
+/**
+ * f32 → Float32Array, f16 → Uint16Array (IEEE half bits: an f16 variant's o comes back this
+ * way, `f16ToF32` converts), i32 → Int32Array, u32 → Uint32Array.
+ */
 export type TensorData = Float32Array | Uint16Array | Int32Array | Uint32Array;
 
 export interface ManifestTensor {
@@ -20,6 +23,8 @@ export interface ManifestTensor {
   dtype: Dtype;
   dims?: string[];
   count?: string;
+  /** Outputs only: elements from one row (last dim) to the next in the buffer, a formula (absent: dense). */
+  row_stride?: string;
 }
 /** A runtime scalar; without `default` (e.g. window_left, softcap) the caller must pass it. */
 export interface ManifestParam { name: string; type: 'f32' | 'u32' | 'i32'; default?: string }
@@ -126,7 +131,14 @@ export interface CreateOptions {
   label?: string;
 }
 
-export interface TensorPlan { name: string; role: string; dtype: Dtype; count: number; bytes: number; size: number }
+/**
+ * count: the tensor's elements (what run() returns for an output); width: its last dim;
+ * rowStride: elements from one row to the next in its buffer (> width for padded rows, e.g. an
+ * f16 o with an odd last dim); bytes: the buffer's content; size: bytes rounded up to 4.
+ */
+export interface TensorPlan {
+  name: string; role: string; dtype: Dtype; count: number; bytes: number; size: number; width: number; rowStride: number;
+}
 export interface DispatchPlan { program: ManifestProgram; n: number; x: number; y: number; uniform: ArrayBuffer | null }
 export interface Plan { env: Record<string, number>; tensors: Record<string, TensorPlan>; dispatches: DispatchPlan[] }
 
@@ -141,7 +153,11 @@ export class Attention {
   plan(shapes: Shapes, params?: Params): Plan;
   /** Record all programs into `encoder`; `buffers` has a GPUBuffer per tensor. Returns uniform buffers to destroy later. */
   encode(encoder: any, buffers: Record<string, any>, plan: Plan): any[];
-  /** Upload, dispatch, read back. Inputs: typed arrays (f16 as Uint16Array, or Float32Array converted) or GPUBuffers. */
+  /**
+   * Upload, dispatch, read back. Inputs: typed arrays (f16 as Uint16Array, or Float32Array converted)
+   * or GPUBuffers. Outputs: dense typed arrays (padded rows stripped; an f16 o as Uint16Array half
+   * bits), or with `{output: 'buffer'}` the GPUBuffers as the kernel wrote them (rows at plan.tensors[name].rowStride).
+   */
   run(inputs: Record<string, TensorData | Float32Array | any>, shapes: Shapes, params?: Params, opts?: { output?: 'array' }): Promise<Record<string, TensorData>>;
   run(inputs: Record<string, TensorData | Float32Array | any>, shapes: Shapes, params: Params | undefined, opts: { output: 'buffer' }): Promise<Record<string, any>>;
 }

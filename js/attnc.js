@@ -8,6 +8,8 @@
 //
 // f16 tensors travel as Uint16Array holding IEEE half bits (see f32ToF16 / f16ToF32); u8 and
 // bool tensors as Uint8Array (bool: 0 or 1), one byte per element, as the shaders read them.
+// An f16 variant's o is f16, written by the kernel, and comes back that way (Node 20 has no
+// Float16Array).
 
 export const MANIFEST_FORMAT = 'attnc.manifest';
 export const MANIFEST_VERSION = 1;
@@ -356,7 +358,12 @@ export function manifestProblems(manifest) {
       } else if (role !== undefined) {
         const td = field(t, tp, 'dims', list, 'a list of dim names');
         if (td) elements(td, `${tp}.dims`, (d) => dims.has(d), `one of the manifest's dims (${[...dims].join(', ')})`);
+        if (has(t, 'row_stride')) { // padded rows: outputs with dims only, a formula over dims
+          if (role !== 'output' || !(td && td.length)) bad(`${tp}.row_stride`, 'only an output with dims may have padded rows');
+          formula(t, tp, 'row_stride', dims);
+        }
       }
+      if (role === 'scratch' && has(t, 'row_stride')) bad(`${tp}.row_stride`, 'only an output with dims may have padded rows');
     });
     if (ts && ![...tensors.values()].some((t) => t.role === 'output')) bad(`${vp}.tensors`, 'no output tensor');
 
@@ -735,8 +742,13 @@ export function programFile(program, dialect = 'tint') {
 // Attention objects: pipelines per program, planning, encoding, running.
 // ---------------------------------------------------------------------------------------
 
+// A TensorPlan's count is the tensor's elements (the product of its dims; what run() returns
+// for an output), width its last dim, rowStride the elements from one row to the next in the
+// buffer (width, or the manifest's `row_stride`: an f16 o with an odd last dim has padded
+// rows), bytes the buffer's content (rows at rowStride) and size that rounded up to 4.
 /**
- * @typedef {{name: string, bytes: number, size: number, count: number, dtype: string, role: string}} TensorPlan
+ * @typedef {{name: string, bytes: number, size: number, count: number, dtype: string, role: string,
+ *   width: number, rowStride: number}} TensorPlan
  * @typedef {{program: any, n: number, x: number, y: number, uniform: ArrayBuffer | null}} DispatchPlan
  * @typedef {{env: Record<string, number>, tensors: Record<string, TensorPlan>, dispatches: DispatchPlan[]}} Plan
  */
@@ -810,6 +822,20 @@ function mergeLimits(deviceLimits, overrides) {
   return Object.assign(out, overrides || {});
 }
 
+/**
+ * A tensor's rows in its buffer: [width, rowStride] (rowStride = the manifest's `row_stride`
+ * formula, else width). @param {any} t @param {Record<string, number>} env @returns {[number, number]}
+ */
+function rowLayout(t, env) {
+  if (!t.dims || t.dims.length === 0) return [1, 1];
+  const width = env[t.dims[t.dims.length - 1]];
+  if (t.row_stride === undefined) return [width, width];
+  if (t.role !== 'output') throw new AttncError(`${t.name}: only outputs may have a row_stride (it is ${t.role})`);
+  const stride = toScalar(evaluateFormula(t.row_stride, env), 'u32', `${t.name}.row_stride`);
+  if (stride < width) throw new AttncError(`${t.name}: row_stride ${stride} is less than its last dim ${width}`);
+  return [width, stride];
+}
+
 /** The product of a tensor's dims. @param {any} t @param {Record<string, number>} env */
 function elementCount(t, env) {
   if (t.dims) {
@@ -859,6 +885,8 @@ export class Attention {
     const maxBinding = limitOf(this.limits, 'maxStorageBufferBindingSize');
     for (const t of v.tensors) {
       let count = elementCount(t, env);
+      const [width, rowStride] = t.dims ? rowLayout(t, env) : [count, count];
+      let stored = width === rowStride ? count : (width ? count / width : 0) * rowStride;
       let elem = ELEM_BYTES[/** @type {keyof typeof ELEM_BYTES} */ (t.dtype)];
       const qf = QUANT[/** @type {keyof typeof QUANT} */ (t.dtype)];
       if (qf) {  // a quantized tensor: count its u32 words
@@ -866,13 +894,13 @@ export class Attention {
         if (d % qf.unit) {
           throw new AttncError(`${t.name}: head dim ${d} cannot be stored as ${t.dtype}: it must be a multiple of ${qf.unit} (pad it with zeros to ${Math.ceil(d / qf.unit) * qf.unit})`);
         }
-        count = (count / d) * qf.words(d);
+        count = stored = (count / d) * qf.words(d);
         elem = 4;
       }
-      const bytes = count * elem;
+      const bytes = stored * elem;
       const size = Math.max(4, Math.ceil(bytes / 4) * 4);
       if (size > maxBinding) throw new AttncError(`${t.name}: ${size} bytes exceed maxStorageBufferBindingSize ${maxBinding}`);
-      tensors[t.name] = {name: t.name, role: t.role, dtype: t.dtype, count, bytes, size};
+      tensors[t.name] = {name: t.name, role: t.role, dtype: t.dtype, count, bytes, size, width, rowStride};
     }
     const maxDim = this.limits.maxComputeWorkgroupsPerDimension;
     const dispatches = this.programs.map(({program, uniform}) => {
@@ -947,7 +975,9 @@ export class Attention {
   /**
    * Run the variant: uploads inputs (typed arrays; f16 tensors as Uint16Array half bits or
    * Float32Array, converted; or GPUBuffers, used as they are), dispatches every program and
-   * returns the outputs as typed arrays (`{output: 'buffer'}`: as GPUBuffers the caller owns).
+   * returns the outputs as dense typed arrays, f16 ones as Uint16Array half bits (rows a
+   * manifest `row_stride` pads are stripped; `{output: 'buffer'}`: the GPUBuffers as written,
+   * rows at plan.tensors[name].rowStride, owned by the caller).
    * @param {Record<string, any>} inputs @param {Record<string, number>} shapes @param {Record<string, number>} [params]
    * @param {{output?: 'array' | 'buffer'}} [opts]
    * @returns {Promise<Record<string, any>>}
@@ -1021,7 +1051,7 @@ export class Attention {
     await Promise.all(staging.map(async ([t, tp, s]) => {
       await s.mapAsync(MAP_READ);
       const Ctor = ARRAY_TYPES[/** @type {keyof typeof ARRAY_TYPES} */ (t.dtype)];
-      result[t.name] = new Ctor(s.getMappedRange().slice(0, tp.bytes));
+      result[t.name] = denseRows(new Ctor(s.getMappedRange().slice(0, tp.bytes)), tp);
       s.unmap();
       s.destroy();
     }));
@@ -1442,6 +1472,19 @@ export class KVCache {
     }
     return buf;
   }
+}
+
+/**
+ * An output read back as stored (rows at tp.rowStride) → dense rows of tp.width elements.
+ * @param {Float32Array | Uint16Array | Int32Array | Uint32Array} stored @param {TensorPlan} tp
+ */
+function denseRows(stored, tp) {
+  if (tp.rowStride === tp.width) return stored;
+  const out = new /** @type {any} */ (stored.constructor)(tp.count);
+  for (let r = 0, n = tp.width ? tp.count / tp.width : 0; r < n; r++) {
+    out.set(stored.subarray(r * tp.rowStride, r * tp.rowStride + tp.width), r * tp.width);
+  }
+  return out;
 }
 
 /**

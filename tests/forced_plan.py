@@ -3,17 +3,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
 
 from attnc import quant
-from attnc.lowering.plan import Plan
+from attnc.lowering.plan import DEFAULT_LIMITS, Plan, Storage, layout
 from attnc.quant import QuantTensor
 from attnc.runtime import api
 from tests.strategies import draw_sinks
 from tests.textbook import assert_close, attention_ref
+
+
+def fits_default_limits(plan: Plan, BM: int, BN: int) -> bool:
+    """Whether a tiled plan stays inside WebGPU's default limits (workgroup memory, invocations)."""
+    lay = layout(plan, BM, BN)
+    return (4 * lay.smem_words <= DEFAULT_LIMITS["max-compute-workgroup-storage-size"]
+            and lay.WG <= DEFAULT_LIMITS["max-compute-invocations-per-workgroup"])
+
 
 # random option sets for check_forced_plan ("draw": random values made there from the seed)
 OPTION_SETS = st.fixed_dictionaries({}, optional={
@@ -37,18 +46,20 @@ def nan_rows(t: QuantTensor, lo: int) -> QuantTensor:
 
 
 def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str, int], nsplit: int | None,
-                      opts: dict[str, Any], seed: int,
+                      opts: dict[str, Any], seed: int, dtype: Any = np.float32,
+                      target: str | None = None,
                       kv_formats: tuple[str | None, str | None] = (None, None)) -> api.Prepared:
-    """Standard-normal f32 q/k/v; options given as "draw" get random values (kv_lens, with NaN
-    values past kv_lens[0]: masked keys add nothing; sinks, a third of them +-inf, NaN or huge,
-    tests/strategies.py; a [Hq, 1, T] bias, or with "full" a [B, Hq, S, T] one, whose every
-    index matters). `kv_formats` stores K and/or V quantized (attnc/quant.py); the reference
-    then reads the dequantized values. Returns the op."""
+    """Standard-normal q/k/v of `dtype` (float32: within 1e-5 of the float64 reference;
+    float16: the kernel's float16 o within 2e-3); options given as "draw" get random values
+    (kv_lens, with NaN values past kv_lens[0]: masked keys add nothing; sinks, a third of them
+    +-inf, NaN or huge, tests/strategies.py; a [Hq, 1, T] bias, or with "full" a [B, Hq, S, T]
+    one, whose every index matters). `kv_formats` stores K and/or V quantized (attnc/quant.py);
+    the reference then reads the dequantized values. Returns the op."""
     rng = np.random.default_rng(seed)
     B, Hq, Hkv, S, T, D, Dv = (dims[x] for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
-    q = rng.standard_normal((B, Hq, S, D)).astype(np.float32)
-    k = rng.standard_normal((B, Hkv, T, D)).astype(np.float32)
-    v = rng.standard_normal((B, Hkv, T, Dv)).astype(np.float32)
+    q = rng.standard_normal((B, Hq, S, D)).astype(dtype)
+    k = rng.standard_normal((B, Hkv, T, D)).astype(dtype)
+    v = rng.standard_normal((B, Hkv, T, Dv)).astype(dtype)
     kf, vf = kv_formats
     k_dev: Any = k
     v_dev: Any = v.copy()
@@ -69,14 +80,19 @@ def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str,
     if "bias" in opts:
         shape = (B, Hq, S, T) if opts["bias"] == "full" else (Hq, 1, T)
         opts["bias"] = rng.standard_normal(shape).astype(np.float32)
-    op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables=tun, nsplit=nsplit, k_format=kf,
+    if dtype == np.float16 and plan.storage is Storage.F32:  # float16 q/k/v and o: f16 storage
+        plan = dataclasses.replace(plan, storage=Storage.F16)
+    op = api.prepare(dims, dtype, device=dev, plan=plan, tunables=tun, nsplit=nsplit, target=target, k_format=kf,
                      v_format=vf, **opts)
     op.bind(q, k_dev, v_dev)
     op.run()
     o, lse = op.result()
+    assert o.dtype == dtype and o.shape == (B, Hq, S, Dv)
     ref = attention_ref(q, k, v, **opts)
     o_ref, lse_ref = ref if opts.get("return_lse") else (ref, None)
-    assert_close(o, o_ref, 1e-5, "o")
+    tol = 2e-3 if dtype == np.float16 else 1e-5
+    assert_close(o, o_ref, tol, "o")
     if lse_ref is not None:
-        assert_close(lse, lse_ref, 1e-5, "lse")
+        assert lse.dtype == np.float32
+        assert_close(lse, lse_ref, tol, "lse")
     return op

@@ -20,6 +20,8 @@ __all__ = ["Dialect", "Family", "Plan", "Program", "Storage", "Strategy", "lower
 def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
     """Lower a verified kernel for a plan: the programs to dispatch, in order."""
     spec = analyze(kernel)
+    if kernel.output.dtype is ir.DType.F16 and plan.storage is Storage.F32:
+        raise LoweringError("a float16 output is written by f16-storage plans (F16 or F16A), not an F32 one")
     if plan.strategy is Strategy.ROWS:
         if plan.storage is Storage.F16A:
             raise LoweringError("f16 arithmetic is a tiled-strategy variant")

@@ -139,6 +139,14 @@ def _epilogue(sh: Shader, w: Writer, r: int, C4: int) -> None:
             w.line(f"let lse = select(m{r} + log(l{r}), {NEG_INF}, l{r} == 0.0);")
             w.line(f"t_lse[lse_base({qi})] = select(lse, {NAN}, nan{r});")
     w.line(f"let ob = o_base({qi});")
+    if sh.half_out:  # float16: columns 4c + e, 4c + e + 1 (e = 0, 2) as one word of halves
+        for c in range(C4):
+            for e in (0, 2):
+                with w.block(f"if ({4 * c + e}u < n_cols)"):
+                    lo = f"select(acc{r}_{c}[{e}] * inv, {NAN}, nan{r})"
+                    hi = f"select(select(acc{r}_{c}[{e + 1}] * inv, {NAN}, nan{r}), 0.0, {4 * c + e + 1}u >= n_cols)"
+                    sh.store_o2(w, "ob", f"c0 + {4 * c + e}u", lo, hi)
+        return
     for c in range(C4):
         for e in range(4):
             with w.block(f"if ({4 * c + e}u < n_cols)"):

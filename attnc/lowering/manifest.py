@@ -40,6 +40,13 @@ def _dense_strides(dims: tuple[str, ...]) -> list[str]:
     return ["*".join(dims[i + 1:]) or "1" for i in range(len(dims))]
 
 
+def _o_row_stride(kernel: ir.Kernel) -> str:
+    """Elements from one row of o to the next: its last dim, or for a float16 o that dim
+    rounded up to even (halves are stored in pairs, one u32 word each: rows start on a word)."""
+    width = kernel.output.dims[-1]
+    return f"2*ceil_div({width},2)" if kernel.output.dtype is ir.DType.F16 else width
+
+
 def _field_formulas(kernel: ir.Kernel, lse: bool) -> dict[str, str]:
     """The value formula of every uniform field a program of this kernel can have."""
     out = {"grid_total": "grid_total", "grid_stride_x": "grid_stride_x"}
@@ -50,7 +57,7 @@ def _field_formulas(kernel: ir.Kernel, lse: bool) -> dict[str, str]:
                 out[f"s_{p.name}_{i}"] = s
         else:
             out[f"p_{p.name}"] = p.name
-    for i, s in enumerate(_dense_strides(kernel.output.dims)):
+    for i, s in enumerate(_dense_strides(kernel.output.dims[:-1] + (_o_row_stride(kernel),))):
         out[f"s_o_{i}"] = s
     if lse:
         for i, s in enumerate(_dense_strides(kernel.output.dims[:-1])):
@@ -64,7 +71,10 @@ def _tensors(kernel: ir.Kernel, plan: Plan, programs: tuple[Program, ...]) -> li
     for p in kernel.params:
         if p.type.dims:
             out.append({"name": p.name, "role": "input", "dtype": p.type.dtype.value, "dims": list(p.type.dims)})
-    out.append({"name": "o", "role": "output", "dtype": "f32", "dims": list(kernel.output.dims)})
+    o = {"name": "o", "role": "output", "dtype": kernel.output.dtype.value, "dims": list(kernel.output.dims)}
+    if kernel.output.dtype is ir.DType.F16:
+        o["row_stride"] = _o_row_stride(kernel)
+    out.append(o)
     if "lse" in bound:
         out.append({"name": "lse", "role": "output", "dtype": "f32", "dims": list(kernel.output.dims[:-1])})
     if "part" in bound:

@@ -183,6 +183,7 @@ class Layout:
     DVS: int
     VK: int  # keys per staged value block
     PK: int  # keys of p held at once (PC, or BN)
+    XW: int = 0  # words of the pair-exchange array (a float16 output with an odd DVS / CT; see tiled.py)
 
     # Transposed tiles ([d][row] for q, [d][key] for k, [key][row] for p) get 4 words of
     # padding per line: a line then starts 4 banks further on, so the invocations storing
@@ -213,10 +214,11 @@ class Layout:
 
     @property
     def smem_words(self) -> int:
-        """Workgroup storage in 4-byte words: the staging array, partials, a resident q tile."""
+        """Workgroup storage in 4-byte words: the staging array, partials, a resident q tile,
+        the pair exchange."""
         qk_res = self.QS * self.DQ if self.QRES else 0
         red = self.BM * (self.CT // self.G) if self.CT > self.G else 0
-        return self.stage_words + red + 4 + qk_res
+        return self.stage_words + red + 4 + qk_res + self.XW
 
 
 def _pow2(n: int) -> bool:
@@ -269,8 +271,11 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
     if pk % (CT * owned_run(TN)):
         raise LoweringError(f"PC={pk} must be a multiple of {CT * owned_run(TN)}: the keys that the {CT} "
                             f"invocations of a row group own in runs of {owned_run(TN)}")
+    # a float16 output (f16 storage) is stored as pairs of columns; with an odd number of
+    # columns per invocation per chunk, a pair's second column is its neighbour's (ct ^ 1)
+    xw = CT * BM // 2 if plan.storage is not Storage.F32 and (dvs // CT) % 2 else 0
     return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.resident_query, plan.query_dim, plan.head_chunk, dvc, dvs, vk,
-                  pk)
+                  pk, xw)
 
 
 def owned_run(n: int) -> int:

@@ -9,6 +9,7 @@ strategy (flash.py) suits GPUs. Which is faster on a device is decided by measur
 
 from __future__ import annotations
 
+from attnc.errors import LoweringError
 from attnc.lowering.program import Program
 from attnc.lowering.shader import Shader, features
 from attnc.lowering.wgsl import NAN, NEG_INF, Writer
@@ -18,6 +19,8 @@ def emit_rows(sh: Shader) -> Program:
     """One invocation per query row; KC keys per online-softmax step."""
     s, plan = sh.spec, sh.plan
     BM, BN, KC, DQ, DVC = s.BM, s.BN, plan.keys_per_step, plan.query_dim, plan.value_columns
+    if sh.half_out and DVC % 2:
+        raise LoweringError(f"DVC={DVC} must be even for a float16 output (its columns are stored in pairs)")
     w = Writer()
     sh.header(w, False)
     binds = sh.main_bindings(w)
@@ -105,7 +108,13 @@ def emit_rows(sh: Shader) -> Program:
                     w.line(f"let lse = select(m + log(l), {NEG_INF}, l == 0.0);")
                     w.line(f"t_lse[lse_base(qi)] = select(lse, {NAN}, nan);")
             w.line("let ob = o_base(qi);")
-            with w.block("for (var d = 0u; d < n_cols; d = d + 1u)"):
-                w.line(f"t_o[ob + (c0 + d) * P.s_o_{len(s.axes)}] = select({acc} * inv, {NAN}, nan);")
+            if sh.half_out:  # float16: columns in pairs (DVC is even, so c0 + d is), one word each
+                acc1 = "acc[(d + 1u) >> 2u][(d + 1u) & 3u]" if vec == 4 else "acc[d + 1u]"
+                with w.block("for (var d = 0u; d < n_cols; d = d + 2u)"):
+                    sh.store_o2(w, "ob", "c0 + d", f"select({acc} * inv, {NAN}, nan)",
+                                f"select(select({acc1} * inv, {NAN}, nan), 0.0, d + 1u >= n_cols)")
+            else:
+                with w.block("for (var d = 0u; d < n_cols; d = d + 1u)"):
+                    w.line(f"t_o[ob + (c0 + d) * P.s_o_{len(s.axes)}] = select({acc} * inv, {NAN}, nan);")
     return Program("main", w.text(), "main", BM, binds, sh.uniforms, sh.grid_factors(), features(plan), 0,
                    in_bounds=True)

@@ -18,8 +18,8 @@ _WGSL_TYPE = {ir.DType.F32: "f32", ir.DType.I32: "i32", ir.DType.BOOL: "bool"}
 
 
 @functools.cache
-def _helpers() -> str:
-    return (importlib.resources.files("attnc.lowering") / "wgsl_lib" / "helpers.wgsl").read_text()
+def _helpers(name: str = "helpers.wgsl") -> str:
+    return (importlib.resources.files("attnc.lowering") / "wgsl_lib" / name).read_text()
 
 
 class Shader:
@@ -38,6 +38,9 @@ class Shader:
         self.smem_t = "f16" if self.half else "f32"
         # quantized K/V (attnc/quant.py): u32 words, dequantized by the ld_/ld4_ loaders
         self.quant = {p.name: p.type.dtype for p in spec.tensors if p.type.dtype.is_quant}
+        # a float16 o (f16 storage, both families): pairs of halves packed in u32 words, rows at
+        # an even element stride (the runtime pads odd Dv), the last dim contiguous; see store_o2
+        self.half_out = k.output.dtype is ir.DType.F16
         # q, k and v read four head-dim elements per load (needs D, Dv % 4 == 0, unit stride)
         self.vec4 = {spec.dot.a.tensor, spec.dot.b.tensor, spec.value.tensor} if plan.vector_width == 4 else set()
         fields: list[tuple[str, Scalar]] = [("grid_total", Scalar.U32), ("grid_stride_x", Scalar.U32)]
@@ -138,6 +141,8 @@ class Shader:
             for f in self.uniforms:
                 w.line(f"{f.name}: {f.type.value},")
         w.line(_helpers())
+        if self.half_out:
+            w.line(_helpers("f16_out.wgsl"))
 
     def bindings(self, w: Writer, outputs: list[str], inputs: list[str]) -> tuple[Binding, ...]:
         out: list[Binding] = []
@@ -151,7 +156,8 @@ class Shader:
                     or dt is ir.DType.U32 else Scalar.F32)
             out.append(Binding(name, len(out), Access.READ, elem))
         for name in outputs:
-            out.append(Binding(name, len(out), Access.READ_WRITE, Scalar.F32))
+            elem = Scalar.U32 if name == "o" and self.half_out else Scalar.F32
+            out.append(Binding(name, len(out), Access.READ_WRITE, elem))
         for b in out:
             ty = b.elem.value
             if b.name in self.quant:
@@ -286,6 +292,12 @@ class Shader:
             w.line(f"return {self.slice_base(s.dot.b, env)};")
         with w.block("fn v_base(kj: i32) -> u32"):
             w.line(f"return {self.slice_base(s.value, env)};")
+
+    def store_o2(self, w: Writer, base: str, col: str, lo: str, hi: str) -> None:
+        """Store output columns `col` (even) and `col` + 1 of the row whose element offset is
+        `base` as one u32 word of halves (a float16 o; the last dim has unit stride and rows an
+        even one, so the pair never straddles two rows and one invocation owns the word)."""
+        w.line(f"t_o[({base} + {col}) >> 1u] = pack_f16({lo}, {hi});")
 
     def out_functions(self, w: Writer) -> None:
         s = self.spec

@@ -299,5 +299,10 @@ def _store(w: Writer, sh: Shader) -> None:
         with w.block("if (c == 0u)"):
             w.line(f"let lse = select(mm + log(ll), {NEG_INF}, ll == 0.0);")
             w.line(f"t_lse[lse_base(qi)] = select(lse, {NAN}, bad);")
+    if sh.half_out:  # float16: columns c..c+3 (Dv is a multiple of 4 here) as two words of halves
+        w.line(f"let x = select(acc * inv, vec4<f32>({NAN}), bad);")
+        sh.store_o2(w, "o_base(qi)", "c", "x.x", "x.y")
+        sh.store_o2(w, "o_base(qi)", "c + 2u", "x.z", "x.w")
+        return
     for i, comp in enumerate("xyzw"):
         w.line(f"t_o[o_base(qi) + (c + {i}u) * P.s_o_{len(s.axes)}] = select(acc.{comp} * inv, {NAN}, bad);")

@@ -282,13 +282,16 @@ def emit_main(sh: Shader) -> Program:
         w.line(f"var<workgroup> q_sh: array<vec4<{st}>, {lay.QS * plan.query_dim // 4}>;")
     if CT > lay.G:
         w.line(f"var<workgroup> red: array<f32, {BM * groups}>;")
+    if lay.XW and sh.half_out and not s.split_var:
+        w.line(f"var<workgroup> o_x: array<f32, {lay.XW}>;  // odd invocations' outputs for their even neighbours")
     w.line("var<workgroup> wg_lo: i32;")
     w.line("var<workgroup> wg_hi: i32;")
     w.line("var<workgroup> v_bad: atomic<u32>;  // a staged value is inf/NaN in this tile")
     sh.privates(w)
     sh.functions(w)
     esz = 2 if st == "f16" else 4
-    smem = esz * (stage + (lay.QS * plan.query_dim if qres else 0)) + 4 * ((BM * groups if CT > lay.G else 0) + 3)
+    xw = lay.XW if sh.half_out and not s.split_var else 0
+    smem = esz * (stage + (lay.QS * plan.query_dim if qres else 0)) + 4 * ((BM * groups if CT > lay.G else 0) + 3 + xw)
     fast = fast_reduce(plan, lay)
     sg_arg = ", @builtin(subgroup_size) sg_size: u32" if fast else ""
     with w.block(f"@compute @workgroup_size({WG}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
@@ -444,7 +447,9 @@ def _softmax(w: Writer, sh: Shader, xs: list[int]) -> None:
 def _emit_epilogue(w: Writer, sh: Shader) -> None:
     """Sink, normalisation and the stores (final output, or the split's partial state)."""
     s, lay = sh.spec, sh.lay
-    YPS = lay.DVS // lay.CT
+    if sh.half_out and not s.split_var and lay.XW:
+        _epilogue_exchanged(w, sh)
+        return
     for i in range(lay.TM):
         with w.block(""):
             w.line(f"let qi = q0 + i32(rg * {lay.TM}u + {i}u);")
@@ -466,11 +471,88 @@ def _emit_epilogue(w: Writer, sh: Shader) -> None:
                         with w.block("if (ct == 0u && dvc == 0u)"):
                             w.line(f"let lse = select(m{i} + log(l{i}), {NEG_INF}, l{i} == 0.0);")
                             w.line(f"t_lse[lse_base(qi)] = select(lse, {NAN}, nan{i});")
-                for y in range(lay.TD):
-                    col = f"dvc * {lay.DVC}u + {(y // YPS) * lay.DVS}u + {_owned(lay, YPS, y % YPS)}"
-                    with w.block(f"if ({col} < n_width)"):
-                        if s.split_var:
-                            w.line(f"t_part[pr + 2u + {col}] = o{i}_{y};")
-                        else:
-                            w.line(f"t_o[o_base(qi) + ({col}) * P.s_o_{len(s.axes)}] = "
-                                   f"select(o{i}_{y} * inv, {NAN}, nan{i});")
+                if sh.half_out and not s.split_var:
+                    _store_half(w, sh, i)
+                else:
+                    _store_columns(w, sh, i)
+
+
+def _store_columns(w: Writer, sh: Shader, i: int) -> None:
+    """Row i's owned columns, one f32 each: the split's partial accumulators, or the normalised
+    output."""
+    s, lay = sh.spec, sh.lay
+    YPS = lay.DVS // lay.CT
+    for y in range(lay.TD):
+        col = f"dvc * {lay.DVC}u + {(y // YPS) * lay.DVS}u + {_owned(lay, YPS, y % YPS)}"
+        with w.block(f"if ({col} < n_width)"):
+            if s.split_var:
+                w.line(f"t_part[pr + 2u + {col}] = o{i}_{y};")
+            else:
+                w.line(f"t_o[o_base(qi) + ({col}) * P.s_o_{len(s.axes)}] = "
+                       f"select(o{i}_{y} * inv, {NAN}, nan{i});")
+
+
+def _store_half(w: Writer, sh: Shader, i: int) -> None:
+    """Row i's normalised outputs as float16, when the invocation owns an even number of columns
+    per staged chunk (DVS / CT): they are dealt in runs of 2 or 4, so its columns come in pairs
+    (c, c + 1), c even, one u32 word each; the half past an odd Dv is the row's padding, 0."""
+    lay = sh.lay
+    YPS = lay.DVS // lay.CT
+    for y in range(0, lay.TD, 2):
+        (a, b), (a1, b1) = owned(lay.CT, YPS, y % YPS), owned(lay.CT, YPS, y % YPS + 1)
+        assert YPS % 2 == 0 and (a, b + 1) == (a1, b1), "a packed pair of columns spans two invocations"
+        col = f"dvc * {lay.DVC}u + {(y // YPS) * lay.DVS}u + {_owned(lay, YPS, y % YPS)}"
+        with w.block(f"if ({col} < n_width)"):
+            w.line(f"let c = {col};")
+            lo = f"select(o{i}_{y} * inv, {NAN}, nan{i})"
+            hi = f"select(select(o{i}_{y + 1} * inv, {NAN}, nan{i}), 0.0, c + 1u >= n_width)"
+            sh.store_o2(w, "o_base(qi)", "c", lo, hi)
+
+
+def _epilogue_exchanged(w: Writer, sh: Shader) -> None:
+    """A float16 output when each invocation owns an odd number of columns per staged chunk
+    (DVS / CT odd, e.g. one column of 32 among 32 invocations of a decode tile): columns are
+    dealt one at a time (run 1), so column c + 1 of an even invocation's column c belongs to its
+    neighbour ct ^ 1 (same rows: lid ^ 1). Each round (one owned column) the odd invocations
+    leave their normalised outputs in workgroup memory (o_x, CT x BM / 2 words), the even ones
+    take them and store both as one word. Barriers are fine here: after the KV loop, in
+    uniform control flow; rows past n_rows compute but never store."""
+    s, lay = sh.spec, sh.lay
+    TM, YPS, half = lay.TM, lay.DVS // lay.CT, lay.WG // 2
+    assert YPS % 2 == 1 and lay.CT % 2 == 0 and owned(lay.CT, YPS, 0)[0] == 1
+    for i in range(TM):
+        if s.sink is not None:
+            with w.block(""):
+                w.line(f"let qi = q0 + i32(rg * {TM}u + {i}u);")
+
+                def scale(a: str, i: int = i) -> None:
+                    for y in range(lay.TD):
+                        w.line(f"o{i}_{y} = o{i}_{y} * {a};")
+
+                sh.merge_sink(w, "qi", f"m{i}", f"l{i}", f"nan{i}", scale)
+        w.line(f"let inv{i} = select(1.0 / l{i}, 0.0, l{i} == 0.0);")
+    w.line("let odd = (ct & 1u) == 1u;")
+    for y in range(lay.TD):
+        if y:
+            w.line("workgroupBarrier();")
+        with w.block("if (odd)"):
+            for i in range(TM):
+                w.line(f"o_x[{i * half}u + (lid >> 1u)] = select(o{i}_{y} * inv{i}, {NAN}, nan{i});")
+        w.line("workgroupBarrier();")
+        for i in range(TM):
+            w.line(f"let h{i}_{y} = o_x[{i * half}u + (lid >> 1u)];")
+    for i in range(TM):
+        with w.block(""):
+            w.line(f"let qi = q0 + i32(rg * {TM}u + {i}u);")
+            with w.block("if (qi < n_rows)"):
+                if s.lse:
+                    with w.block("if (ct == 0u && dvc == 0u)"):
+                        w.line(f"let lse = select(m{i} + log(l{i}), {NEG_INF}, l{i} == 0.0);")
+                        w.line(f"t_lse[lse_base(qi)] = select(lse, {NAN}, nan{i});")
+                with w.block("if (!odd)"):
+                    for y in range(lay.TD):
+                        col = f"dvc * {lay.DVC}u + {(y // YPS) * lay.DVS}u + {_owned(lay, YPS, y % YPS)}"
+                        with w.block(f"if ({col} < n_width)"):
+                            w.line(f"let c = {col};")
+                            sh.store_o2(w, "o_base(qi)", "c", f"select(o{i}_{y} * inv{i}, {NAN}, nan{i})",
+                                        f"select(h{i}_{y}, 0.0, c + 1u >= n_width)")

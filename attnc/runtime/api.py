@@ -397,10 +397,11 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
     (and lse [B,Hq,S] float32 with return_lse). Inputs are host data or GPU tensors
     (attnc.Tensor); k and v may each be quantized (attnc.quant.quantize's QuantTensor on the
     host, or a QuantGPUTensor: q8_0, q4_0, int8), read by the kernels in that format. With a
-    GPU q, k or v the result is a new GPU tensor (float32) unless `output="numpy"`, and
-    `out=` / `out_lse=` write into given tensors. score_mod(s, b, h, q_idx, kv_idx) and
-    mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (once per distinct function;
-    q_idx is the raw query index); the tensors (numpy or GPU) and numbers
+    GPU q, k or v the result is a new GPU tensor (o in q's dtype, as the kernel wrote it:
+    float16 inputs give a float16 o, rows Dv + 1 apart for an odd Dv) unless
+    `output="numpy"`, and `out=` (of q's dtype) / `out_lse=` write into given tensors.
+    score_mod(s, b, h, q_idx, kv_idx) and mask_mod(b, h, q_idx, kv_idx) are traced into the
+    kernel (once per distinct function; q_idx is the raw query index); the tensors (numpy or GPU) and numbers
     they close over become the kernel's inputs (bindings and uniforms: new values run the same
     kernel), and `inputs` gives, by name, the values of the ones they declare with
     attnc.input(name, type) / attnc.scalar(name). target: "portable", "subgroups", or

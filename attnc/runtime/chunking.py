@@ -26,9 +26,12 @@ def binding_limit(dev: Device) -> int:
 
 
 def largest_binding(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray | None) -> int:
-    """Bytes of the largest buffer a call binds: an input, o (f32) or the compact bias."""
+    """Bytes of the largest buffer a call binds: an input, o (in q's dtype, float16 rows
+    padded to an even length) or the compact bias."""
     B, Hq, S, _ = q.shape
-    sizes = [q.nbytes, k.nbytes, v.nbytes, 4 * B * Hq * S * v.shape[3]]
+    Dv = v.shape[3]
+    row = Dv + Dv % 2 if q.dtype == np.float16 else Dv
+    sizes = [q.nbytes, k.nbytes, v.nbytes, q.dtype.itemsize * B * Hq * S * row]
     if bias is not None:
         sizes.append(4 * int(np.asarray(bias).size))
     return max(sizes)

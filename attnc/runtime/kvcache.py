@@ -437,7 +437,9 @@ class KVCache:
         so query i of row b sits at position lengths[b] - S + i and `causal` masks the keys after
         it. The op for each query shape and option set is prepared once; `out=`, `encoder=`
         and `output=` are as for a prepared op (Prepared.__call__). The result is numpy for
-        host q, else the op's own GPU tensor (float32), which the next attend overwrites."""
+        host q, else the op's own GPU tensor, which the next attend overwrites; o is in q's dtype
+        (the cache's: a float16 cache gives a float16 o, rows Dv + 1 apart for an odd Dv) and
+        `out=` must be a tensor of that dtype the kernel can write (docs/API.md, float16)."""
         options = dict(causal=causal, scale=scale, window=window, softcap=softcap, return_lse=return_lse,
                        target=target, score_mod=score_mod, mask_mod=mask_mod)
         extra = {n: x for n, x in (("bias", bias), ("alibi_slopes", alibi_slopes), ("sinks", sinks)) if x is not None}

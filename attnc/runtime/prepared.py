@@ -354,16 +354,22 @@ class Prepared:
         return t.binding(name), strides
 
     def _out_arg(self, name: str, t: Tensor, shape: tuple[int, ...], inputs: list[Any]) -> tuple[int, ...]:
-        """An output tensor (`out`, `out_lse`) checked: device, float32, shape, a live
-        aligned buffer that no input shares. Returns the strides the kernel writes with."""
+        """An output tensor (`out`, `out_lse`) checked: device, dtype (o: o_dtype, q's; lse:
+        float32), shape, a layout the kernel can write (a float16 o: see `_check_half_layout`),
+        a live aligned buffer that no input shares. Returns the strides the kernel writes with."""
         if not isinstance(t, Tensor):
             raise ValueError(f"{name}: expected an attnc.Tensor to write into, got {type(t).__name__}")
         if t.device is not self.dev:
             raise ValueError(f"{name}: the tensor is on {t.device!r}; this op runs on {self.dev!r}")
-        if t.dtype != np.float32:
-            raise ValueError(f"{name}: dtype {t.dtype}; the kernels write float32")
+        want = self.o_dtype if name == "out" else np.dtype(np.float32)
+        if t.dtype != want:
+            what = (f"this op writes o in {want}, the dtype of q (the kernel stores it; float16 inputs give a "
+                    "float16 o)") if name == "out" else "lse is float32"
+            raise ValueError(f"{name}: dtype {t.dtype}; {what}")
         if t.shape != shape:
             raise ValueError(f"{name}: shape {t.shape}; this op writes {shape}")
+        if name == "out" and want == np.float16:
+            self._check_half_layout(name, t)
         t.binding(name)
         for x in inputs:
             if rt.buffer_of(x) is t.buffer:
@@ -372,6 +378,30 @@ class Prepared:
         if 0 in t.strides and t.size > 1:
             raise ValueError(f"{name}: strides {t.strides} make outputs overlap")
         return t.strides
+
+    def _check_half_layout(self, name: str, t: Tensor) -> None:
+        """A float16 o is stored as 32-bit words of two halves, columns c (even) and c + 1 of
+        a row: the kernel writes it with a contiguous last dim and rows starting on a word, so
+        every other stride (of a dim longer than 1) must be even; the binding's offset is
+        word-aligned already. With an odd Dv each row's word at columns Dv - 1, Dv holds the
+        padding: the element after the row's last is set to 0 (it is never an element of
+        another row when these strides hold and rows do not overlap)."""
+        if self.out_shape[3] > 1 and t.strides[-1] != 1:
+            raise ValueError(f"{name}: strides {t.strides}: a float16 o is written as pairs of halves per 32-bit "
+                             "word, so its last dim must be contiguous (stride 1)")
+        odd = [s for s, n in zip(t.strides[:-1], t.shape[:-1], strict=True) if n > 1 and s % 2]
+        if odd:
+            raise ValueError(f"{name}: strides {t.strides}: a float16 o is written as pairs of halves per 32-bit "
+                             "word, so every row must start on a word: the strides of B, Hq and S must be even "
+                             f"(odd Dv: pad the rows, e.g. attnc.zeros((B, Hq, S, Dv + 1), float16)[..., :Dv])")
+
+    def _new_o(self) -> Tensor:
+        """A new o as the kernel writes it (zero-filled): o_dtype, rows o_row_stride apart (a
+        float16 o with an odd Dv is a strided view of rows padded to Dv + 1)."""
+        rows = self.out_shape[:-1]
+        row = self.o_row_stride
+        buffer = rt.empty(self.dev, self.o_dtype.itemsize * math.prod(rows) * row)
+        return Tensor(self.dev, buffer, self.out_shape, self.o_dtype, dense_strides(rows + (row,)))
 
     def _kernel_out_strides(self, strides: tuple[int, ...], name: str) -> tuple[int, ...]:
         """The strides of o (or lse) as the kernel writes them: with GQA packed into rows, its
@@ -443,11 +473,14 @@ class Prepared:
         dtype) and, by name, option tensors that replace the prepared ones (bias, kv_lens,
         sinks, alibi_slopes).
 
-        The result stays on the GPU (float32 tensors o [B, Hq, S, Dv] and, with return_lse, lse
-        [B, Hq, S]) when q, k or v is a GPU tensor or `out=` is given, else it is read back as
-        numpy (o in q's dtype); `output="tensor"` / `"numpy"` chooses. Without `out=` the result is the op's own
-        buffer, which the next call overwrites; `out=` / `out_lse=` write into given tensors
-        (any strides). `encoder=` records the dispatches into the caller's GPUCommandEncoder
+        The result stays on the GPU (tensors o [B, Hq, S, Dv] in q's dtype, as the kernel writes
+        it, and, with return_lse, lse [B, Hq, S] float32) when q, k or v is a GPU tensor or
+        `out=` is given, else it is read back as numpy; `output="tensor"` / `"numpy"` chooses.
+        A float16 o with an odd Dv is a strided view whose rows are Dv + 1 apart (o_row_stride).
+        Without `out=` the result is the op's own buffer, which the next call overwrites; `out=`
+        / `out_lse=` write into given tensors: `out` of o's dtype with any strides (float16: last
+        dim contiguous, the other strides even; see _check_half_layout), `out_lse` float32.
+        `encoder=` records the dispatches into the caller's GPUCommandEncoder
         without submitting them (the caller submits; every input must be a GPU tensor)."""
         return self._call(q, k, v, out, out_lse, encoder, output, tensors, keep_groups=True)
 
@@ -559,7 +592,7 @@ class Prepared:
                 rt.wait_idle(self.dev)
                 rt.log_compile(self.dev, [p.name for p in self.progs], logged[0], time.perf_counter() - logged[1])
         if output == "numpy":
-            o_host = o.numpy().astype(self.dtype)
+            o_host = o.numpy()  # in q's dtype, as the kernel wrote it
             return None, ((o_host, lse.numpy()) if lse is not None else o_host), ()
         result = (o, lse) if self.has_lse else o
         buffers = tuple({id(rt.buffer_of(b)): rt.buffer_of(b) for b in bound.values()}.values())
@@ -573,11 +606,11 @@ class Prepared:
             self._part = rt.BufferSlice(part, 0, part.size)
         lse_shape = self.out_shape[:-1]
         if fresh:  # new tensors for what is not given
-            o = out if out is not None else zeros_on(self.dev, self.out_shape)
+            o = out if out is not None else self._new_o()
             lse = out_lse if out_lse is not None or not self.has_lse else zeros_on(self.dev, lse_shape)
         else:
             if self._own_out is None and (out is None or (self.has_lse and out_lse is None)):
-                self._own_out = (zeros_on(self.dev, self.out_shape),
+                self._own_out = (self._new_o(),
                                  zeros_on(self.dev, lse_shape) if self.has_lse else None)
             o = out if out is not None else self._own_out[0]  # type: ignore[index]
             lse = out_lse if out_lse is not None or not self.has_lse else self._own_out[1]  # type: ignore[index]
@@ -671,8 +704,9 @@ class Prepared:
 
     def _binding(self, q: Any, k: Any, v: Any) -> tuple[dict[str, Any], list[rt.Dispatch]]:
         bound, strides = self._resolve({"q": q, "k": k, "v": v}, fresh=True, recorded=False)
-        bound["o"] = rt.empty(self.dev, 4 * math.prod(self.out_shape))
-        o_strides = self._kernel_out_strides(dense_strides(self.out_shape), "o")
+        o = self._new_o()
+        bound["o"] = o.buffer
+        o_strides = self._kernel_out_strides(o.strides, "o")
         lse_strides = None
         if self.has_lse:
             bound["lse"] = rt.empty(self.dev, 4 * math.prod(self.out_shape[:-1]))
@@ -692,9 +726,26 @@ class Prepared:
         times = rt.run(self.dev, self.dispatches, timestamps=timestamps, span=True)
         return None if times is None else float(sum(times))
 
+    @property
+    def o_dtype(self) -> np.dtype:
+        """The dtype the kernel writes o in: float16 for float16 inputs, else float32."""
+        return np.dtype(np.float16 if self.kern.output.dtype is ir.DType.F16 else np.float32)
+
+    @property
+    def o_row_stride(self) -> int:
+        """Elements from one row of o to the next in its buffer: Dv, or for a float16 o with an
+        odd Dv, Dv + 1 (the kernel stores halves in pairs, one u32 word each, so rows start on
+        a word; the padding element holds 0)."""
+        width = self.out_shape[-1]
+        return width + width % 2 if self.o_dtype == np.float16 else width
+
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Read o (float32) and lse back (of the last `bind`/`run`)."""
-        o = rt.readback(self.dev, self.bufs["o"], np.float32, self.out_shape)
+        """Read o (in o_dtype, as the kernel wrote it: no conversion, the padding of odd rows
+        dropped) and lse (float32) back, of the last `bind`/`run`."""
+        Dv = self.out_shape[-1]
+        o = rt.readback(self.dev, self.bufs["o"], self.o_dtype, self.out_shape[:-1] + (self.o_row_stride,))
+        if self.o_row_stride != Dv:
+            o = np.ascontiguousarray(o[..., :Dv])
         lse = rt.readback(self.dev, self.bufs["lse"], np.float32, self.out_shape[:-1]) if self.has_lse else None
         return o, lse
 

@@ -149,9 +149,12 @@ async function runCase(device, casesPath, c, io, manifests, attentions) {
       const Ctor = ARRAYS[/** @type {keyof typeof ARRAYS} */ (f.dtype)];
       const want = new Ctor(await io.bytes(joinPath(casesPath, f.file)));
       const got = out[name];
-      r.metrics[name] = compare(asFloat(got, f.dtype), asFloat(want, f.dtype));
-      if (io.returnOutputs) r.outputs[name] = {dtype: f.dtype, b64: toBase64(new Uint8Array(got.buffer, got.byteOffset, got.byteLength))};
+      // the output's own dtype (an f16 variant's o is f16; its expected values may be f32)
+      const dtype = attn.outputs.find((/** @type {any} */ t) => t.name === name)?.dtype ?? f.dtype;
+      r.metrics[name] = compare(asFloat(got, dtype), asFloat(want, f.dtype));
+      if (io.returnOutputs) r.outputs[name] = {dtype, b64: toBase64(new Uint8Array(got.buffer, got.byteOffset, got.byteLength))};
     }
+    if (io.returnOutputs) r.stored = await storedOutputs(device, attn, inputs, c);
     r.status = 'ok';
   } catch (e) {
     r.error = String(/** @type {any} */ (e).message || e);
@@ -159,6 +162,32 @@ async function runCase(device, casesPath, c, io, manifests, attentions) {
     if (c.expect_error) r.expected_error = c.expect_error;
   }
   return r;
+}
+
+/**
+ * The outputs as the kernel wrote them (`run(..., {output: 'buffer'})`), read back whole, with
+ * the plan's width (last dim) and rowStride (padded rows: an f16 o with an odd last dim).
+ * @param {any} device @param {any} attn @param {Record<string, any>} inputs @param {any} c
+ */
+async function storedOutputs(device, attn, inputs, c) {
+  const plan = attn.plan(c.shapes, c.params || {});
+  const bufs = await attn.run(inputs, c.shapes, c.params || {}, {output: 'buffer'});
+  /** @type {Record<string, any>} */
+  const out = {};
+  for (const [name, buf] of Object.entries(bufs)) {
+    const tp = plan.tensors[name];
+    const s = device.createBuffer({label: `${name}.stored`, size: tp.size, usage: 0x1 | 0x8});  // MAP_READ | COPY_DST
+    const enc = device.createCommandEncoder();
+    enc.copyBufferToBuffer(buf, 0, s, 0, tp.size);
+    device.queue.submit([enc.finish()]);
+    await s.mapAsync(0x1);
+    const bytes = new Uint8Array(s.getMappedRange().slice(0, tp.bytes));
+    s.unmap();
+    s.destroy();
+    /** @type {any} */ (buf).destroy();
+    out[name] = {dtype: tp.dtype, width: tp.width, row_stride: tp.rowStride, count: tp.count, b64: toBase64(bytes)};
+  }
+  return out;
 }
 
 /**

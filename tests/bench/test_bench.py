@@ -280,3 +280,17 @@ def test_kv_suites_and_bad_formats(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(c.T <= 2048 for c in suites["kvquant_ci"])
     assert main(["--kv", "q5_0"]) == 2
     assert "unknown KV format(s) ['q5_0']" in capsys.readouterr().err
+
+
+def test_attnc_f16_result_is_the_kernels_f16_output(require_adapters: Any) -> None:
+    """`attnc bench --dtype f16` measures relerr on the float16 o the kernel wrote (odd Dv:
+    its padded rows stripped), not on a float32 copy."""
+    from attnc.bench.impls import RunOptions, run_attnc
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    case = bc.parse_shape("1,2,1,5,40,16,15")
+    q, k, v = bc.make_inputs(case, "f16", seed=2)
+    m = run_attnc(dev, case, [(q, k, v)], RunOptions(runs=1, warmup=0, dtype="f16"))
+    assert m.out.dtype == np.float16 and m.out.shape == (1, 2, 5, 15)
+    err = bc.relerr(m.out, bc.reference(case, q, k, v))
+    assert 0 < err < 2e-3  # an f16 output: nonzero rounding error, within the contract

@@ -5,6 +5,7 @@
 //   {"op": "shapes", "dims": [...], "shapes": {...}}             checkShapes
 //   {"op": "manifest", "manifest": {...}}                        loadManifest on the object
 //   {"op": "plan", "manifest", "files", "variant", "shapes", "params"}   createAttention + plan
+//                                                                (env, workgroups, tensor plans)
 //   {"op": "sources", "manifest", "files", "variant", "dialect"} the WGSL createAttention compiles
 // Answers: {"ok": true, ...} or {"error": message, "attnc_error": bool, "type": constructor name}.
 // Numbers JSON cannot hold travel as {"$number": "NaN" | "Infinity" | "-Infinity"}.
@@ -48,7 +49,7 @@ async function answer(req) {
       const m = await loadManifest(req.manifest, req.files || {});
       const attn = await createAttention(recordingDevice([]), m, {variant: req.variant});
       const plan = attn.plan(req.shapes, req.params);
-      return {ok: true, env: plan.env, dispatches: plan.dispatches.map((d) => d.n)};
+      return {ok: true, env: plan.env, dispatches: plan.dispatches.map((d) => d.n), tensors: plan.tensors};
     }
     case 'sources': {
       const codes = [];

@@ -407,10 +407,14 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
             _keys(out, tw, t, {"name", "role", "dtype", "count"})
             scratch_formulas.append((f"{tw}.count", t.get("count")))
         else:
-            _keys(out, tw, t, {"name", "role", "dtype", "dims"})
+            _keys(out, tw, t, {"name", "role", "dtype", "dims", "row_stride"}, optional={"row_stride"})
             tdims = t.get("dims")
             if not (isinstance(tdims, list) and all(_in(d, dims) for d in tdims)):
                 out.append(f"{tw}.dims: {tdims!r} is not a list of manifest dims")
+            if "row_stride" in t:  # padded rows: outputs only, a formula over dims
+                if role != "output" or not tdims:
+                    out.append(f"{tw}.row_stride: only an output with dims may have padded rows")
+                _formula(out, f"{tw}.row_stride", t["row_stride"], dims)
     if not any(t.get("role") == "output" for t in tensors.values()):
         out.append(f"{where}: no output tensor")
 

@@ -75,8 +75,9 @@ def check_outputs(runtime_name: str, c: dict, r: dict, cases_dir) -> None:
 def test_compiled_attention(runtime, cases_dir):
     """Real `attnc compile` kernels (js_cases.attention_configs() x variants x shapes), once the
     compiler exists. A variant may be skipped only where the adapter lacks a feature its
-    manifest `requires` (attnc's f16 variants pack halves in u32 and need no shader-f16, so
-    they run on SwiftShader too); every (family, dtype) the adapter can run must have run."""
+    manifest `requires` (attnc's f16 variants pack halves in u32, reading and writing, and need
+    no shader-f16, so they run on SwiftShader too); every (family, dtype) the adapter can run
+    must have run. f16 variants return o as f16 (Uint16Array half bits), odd Dv included."""
     name, res = runtime
     results = [r for r in res["results"] if r["name"].startswith("attn.")]
     if not results:
@@ -97,7 +98,11 @@ def test_compiled_attention(runtime, cases_dir):
         try:
             assert r["status"] == "ok", r.get("error")
             assert r["variant"] == "flash_attention.{}.{}".format(*key), r["variant"]
+            # an f16 variant's o is the kernel's f16 output (padded rows of odd Dv stripped by
+            # the loader), checked against the f32 reference as it is
+            assert r["outputs"]["o"]["dtype"] == key[1], r["outputs"]["o"]["dtype"]
             check_outputs(name, c, r, cases_dir)
+            check_stored(c, r)
             ran.add(key)
         except AssertionError as e:
             failures.append(f"{r['name']}: {e}")
@@ -131,6 +136,28 @@ def test_compiled_flex_kernel(runtime, cases_dir):
             failures.append(f"{r['name']}: {e}")
     assert not failures, "\n".join(failures)
     assert ("portable", "f32") in ran and ("portable", "f16") in ran, sorted(ran)
+
+
+def check_stored(c: dict, r: dict) -> None:
+    """Each output's buffer as the kernel wrote it (`run(..., {output: 'buffer'})`): rows at the
+    plan's rowStride, which is 2*ceil(Dv/2) for an f16 o (halves stored in pairs) and the last
+    dim otherwise; the dense output `run` returned is those rows without their padding, bit for
+    bit, and the padding holds 0."""
+    dv = c["shapes"]["Dv"]
+    assert set(r["stored"]) == set(r["outputs"]), (sorted(r["stored"]), sorted(r["outputs"]))
+    for out_name, entry in r["stored"].items():
+        width, stride = entry["width"], entry["row_stride"]
+        f16_o = out_name == "o" and entry["dtype"] == "f16"
+        assert stride == (2 * -(-width // 2) if f16_o else width), (out_name, entry["dtype"], width, stride)
+        if out_name == "o":
+            assert width == dv, (width, dv)
+        dense = js_cases.decode_output(r["outputs"][out_name])
+        raw = js_cases.decode_output(entry)
+        assert dense.size == entry["count"] and raw.size == entry["count"] // width * stride, (dense.size, raw.size)
+        bits = {2: np.uint16, 4: np.uint32}[raw.itemsize]
+        rows = raw.view(bits).reshape(-1, stride)
+        assert np.array_equal(rows[:, :width], dense.view(bits).reshape(-1, width)), f"{out_name}: rows differ"
+        assert not rows[:, width:].any(), f"{out_name}: nonzero row padding"
 
 
 def test_formulas_match_python(runtime):

@@ -239,6 +239,59 @@ def test_good_params_plan(checker, compiled):
     assert all(n > 0 for n in js["dispatches"])
 
 
+@examples(40)
+@given(family=st.sampled_from(["subgroups", "portable"]), dtype=st.sampled_from(["f32", "f16"]),
+       b=st.integers(1, 3), s=st.integers(1, 9), dv=st.integers(1, 40))
+def test_output_buffers_hold_the_rows_the_kernel_writes(checker, compiled, family, dtype, b, s, dv):
+    """plan() sizes each output as attnc's Python runtime does: an f16 o holds rows of
+    2*ceil(Dv/2) halves (odd Dv: one padding half a row), an f32 o and lse are dense; count is
+    the dense element count run() returns."""
+    d, m = compiled
+    shapes = {**GOOD_SHAPES, "B": b, "S": s, "Dv": dv}
+    js = checker.ask({"op": "plan", "manifest": m, "files": wgsl_files(d), "shapes": shapes,
+                      "variant": {"family": family, "dtype": dtype}, "params": {"softcap": 20.0, "window_left": 4}})
+    assert js.get("ok"), js
+    rows = b * shapes["Hq"] * s
+    stride = dv + dv % 2 if dtype == "f16" else dv
+    o = js["tensors"]["o"]
+    assert (o["dtype"], o["width"], o["rowStride"], o["count"]) == (dtype, dv, stride, rows * dv), o
+    assert o["bytes"] == rows * stride * (2 if dtype == "f16" else 4), o
+    assert o["size"] == max(4, -(-o["bytes"] // 4) * 4), o
+    lse = js["tensors"]["lse"]
+    assert (lse["dtype"], lse["rowStride"], lse["width"], lse["bytes"]) == ("f32", s, s, 4 * rows), lse
+
+
+def _with_row_stride(m: dict, tensor: str, value: str) -> tuple[dict, str]:
+    """A copy of m whose first variant's `tensor` has row_stride `value`, and that field's path."""
+    bad = copy.deepcopy(m)
+    j = next(j for j, t in enumerate(bad["variants"][0]["tensors"]) if t["name"] == tensor)
+    bad["variants"][0]["tensors"][j]["row_stride"] = value
+    return bad, f"manifest.variants[0].tensors[{j}].row_stride"
+
+
+@pytest.mark.parametrize(("tensor", "value", "needle"), [
+    ("q", "2*ceil_div(D,2)", "only an output with dims"),
+    ("part", "2", "only an output with dims"),
+    ("o", "2*ceil_div(Dv,2)+NSPLIT", "unknown name"),
+    ("o", "2*ceil_div(Dv,", "formula"),
+])
+def test_bad_row_stride_is_rejected_naming_the_path(checker, compiled, tensor, value, needle):
+    bad, path = _with_row_stride(compiled[1], tensor, value)
+    js = checker.ask({"op": "manifest", "manifest": bad})
+    assert js.get("attnc_error") and f"{path}:" in js["error"] and needle in js["error"], js
+    problems = manifest_schema.validate(bad)
+    assert any("row_stride" in p for p in problems), problems
+
+
+def test_row_stride_below_the_last_dim_is_a_plan_error(checker, compiled):
+    d, m = compiled
+    bad, _ = _with_row_stride(m, "o", "Dv-1")
+    variant = {"family": bad["variants"][0]["family"], "dtype": bad["variants"][0]["dtype"]}
+    js = checker.ask({"op": "plan", "manifest": bad, "files": wgsl_files(d), "variant": variant,
+                      "shapes": GOOD_SHAPES, "params": {"softcap": 20.0, "window_left": 4}})
+    assert js.get("attnc_error") and "o: row_stride 7 is less than its last dim 8" in js["error"], js
+
+
 @pytest.mark.parametrize("family", ["subgroups", "portable"])
 def test_each_dialect_gets_its_own_file(checker, compiled, family):
     """createAttention compiles `dialect_files[dialect]` (Tint's by default); for a manifest

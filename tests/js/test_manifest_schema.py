@@ -55,6 +55,8 @@ BREAKAGES = {
     "unknown limit": (_set(f"{V0}/requires/limits", {"maxWarpDrive": 1}), "unknown limit"),
     "tensor dims": (_set(f"{V0}/tensors/0/dims", ["B", "X"]), "dims"),
     "tensor dtype": (_set(f"{V0}/tensors/0/dtype", "bf16"), "dtype"),
+    "row_stride on an input": (_set(f"{V0}/tensors/0/row_stride", "2*ceil_div(D,2)"), "only an output"),
+    "row_stride unknown name": (_set(f"{V0}/tensors/2/row_stride", "2*ceil_div(Dv,2)"), "unknown name"),
     "scratch without count": (_set(f"{V0}/tensors/3/count", DELETE), "missing"),
     "param clash": (_set(f"{V0}/params/0/name", "D"), "clashes"),
     "param uses later param": (_set(f"{V0}/params/0/default", "NSPLIT"), "unknown name"),

@@ -48,8 +48,9 @@ def compile_validation_manifest(outdir: Path) -> dict:
 # --------------------------------------------------------------------------- manifests
 def _optional(parent: list[str], key: str) -> bool:
     """Keys MANIFEST.md lets a manifest leave out: a program's in_bounds and dialect_files, a
-    param's default, any one limit of requires.limits, any tunable."""
-    return key in ("in_bounds", "dialect_files", "default") or parent[-1:] == ["tunables"] \
+    param's default, an output's row_stride (dense rows), any one limit of requires.limits, any
+    tunable."""
+    return key in ("in_bounds", "dialect_files", "default", "row_stride") or parent[-1:] == ["tunables"] \
         or parent[-2:] == ["requires", "limits"]
 
 
