@@ -108,13 +108,16 @@ class _NotSettable(Exception):
 
 
 def option_types(kdef: Any) -> dict[str, Any]:
-    """The options of a DSL kernel (its keyword-only parameters) and the type each takes on the
-    command line: the annotation, else the default's type (a tunable: a positive int), else Any."""
+    """The options of a DSL kernel (its keyword-only parameters, and `<input>_dtype` for each tensor
+    input: its storage, e.g. k_dtype=q8_0) and the type each takes on the command line: the
+    annotation, else the default's type (a tunable: a positive int), else Any."""
     from attnc.frontend.dsl import Tunable
 
     out: dict[str, Any] = {}
     for p in kdef.signature.parameters.values():
         if p.kind is not p.KEYWORD_ONLY:
+            if getattr(p.annotation, "dims", None):  # a tensor input: its storage, <name>_dtype=q8_0
+                out[f"{p.name}_dtype"] = str
             continue
         if isinstance(p.default, Tunable):
             out[p.name] = Tunable
@@ -365,6 +368,17 @@ def _install(tmp: Path, out: Path, previous: list[str]) -> list[str]:
     return said
 
 
+def _quant_stores(kernel: Any) -> tuple[Any, ...]:
+    """The DSL store kernels (attnc/kernels/store.py) that append float32 rows to a cache in
+    each quantized format the kernel's inputs are stored in (a manifest's "stores")."""
+    fmts = sorted({p.type.dtype.value for p in kernel.params if p.type.dims and p.type.dtype.is_quant})
+    if not fmts:
+        return ()
+    from attnc.kernels.store import kv_store
+
+    return tuple(kv_store.trace(cache_dtype=f, x_dtype="f32") for f in fmts)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     """Compile a kernel into -o: .wgsl files and manifest.json (see docs/MANIFEST.md)."""
     from attnc.lowering.manifest import compile_kernel
@@ -389,7 +403,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="attnc-compile-") as tmp:
             try:
-                manifest = compile_kernel(kernel, plans, Path(tmp))
+                manifest = compile_kernel(kernel, plans, Path(tmp), _quant_stores(kernel))
             except RecursionError:
                 raise UsageError(f"{args.kernel}: the kernel is nested too deeply to compile") from None
             try:

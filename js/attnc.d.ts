@@ -7,7 +7,8 @@ export const DEFAULT_LIMITS: Readonly<Record<string, number>>;
 
 export class AttncError extends Error {}
 
-export type Dtype = 'f32' | 'f16' | 'i32' | 'u32';
+/** Quantized K/V inputs (q8_0, q4_0, int8) are Uint32Array words (docs/MANIFEST.md). */
+export type Dtype = 'f32' | 'f16' | 'i32' | 'u32' | 'q8_0' | 'q4_0' | 'int8';
 export type Shapes = Record<string, number>;
 export type Params = Record<string, number>;
 /**
@@ -172,6 +173,11 @@ export interface KVCacheOptions {
   /** Default: headDim. */
   valueDim?: number;
   dtype?: 'f32' | 'f16';
+  /** Keep K / V quantized (u32 words, docs/MANIFEST.md): appends take f32 rows, quantized on the device by the manifest's store kernel of that format. */
+  kFormat?: 'q8_0' | 'q4_0' | 'int8' | null;
+  vFormat?: 'q8_0' | 'q4_0' | 'int8' | null;
+  /** A loaded manifest compiled with k_dtype / v_dtype of those formats (its "stores"); needed with kFormat / vFormat. */
+  manifest?: Manifest;
   label?: string;
 }
 
@@ -188,6 +194,8 @@ export interface AppendOptions {
 
 /** Keys [B, Hkv, capacity, D] and values [B, Hkv, capacity, Dv] on the GPU, grown in place. */
 export class KVCache {
+  /** Storage of K and V: a quantized format (u32 words) or null (the cache's dtype). */
+  readonly formats: { k: 'q8_0' | 'q4_0' | 'int8' | null; v: 'q8_0' | 'q4_0' | 'int8' | null };
   readonly device: any;
   readonly dtype: 'f32' | 'f16';
   readonly batch: number;

@@ -44,7 +44,16 @@ export const DEFAULT_LIMITS = Object.freeze({
 });
 
 const ELEM_BYTES = {f32: 4, f16: 2, i32: 4, u32: 4, u8: 1, bool: 1};
-const ARRAY_TYPES = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array, u8: Uint8Array, bool: Uint8Array};
+const ARRAY_TYPES = {f32: Float32Array, f16: Uint16Array, i32: Int32Array, u32: Uint32Array, u8: Uint8Array, bool: Uint8Array,
+  q8_0: Uint32Array, q4_0: Uint32Array, int8: Uint32Array};
+// Quantized K/V inputs (MANIFEST.md "Quantized K/V tensors"): u32 words, `unit` values of the last
+// dim per block (q8_0, q4_0) or row (int8), `words(D)` words per row of D values.
+const QUANT = {
+  q8_0: {unit: 32, words: (/** @type {number} */ d) => (d / 32) * 9},
+  q4_0: {unit: 32, words: (/** @type {number} */ d) => (d / 32) * 5},
+  int8: {unit: 4, words: (/** @type {number} */ d) => d / 4 + 1},
+};
+const TENSOR_DTYPES = [...Object.keys(ELEM_BYTES), ...Object.keys(QUANT)];
 
 // ---------------------------------------------------------------------------------------
 // Formulas (MANIFEST.md "Formulas"): a recursive-descent parser, evaluated in float64.
@@ -343,7 +352,7 @@ export function manifestProblems(manifest) {
         else tensors.set(tname, t);
       }
       const role = field(t, tp, 'role', oneOf(['input', 'output', 'scratch']), '"input", "output" or "scratch"');
-      field(t, tp, 'dtype', oneOf(Object.keys(ELEM_BYTES)), Object.keys(ELEM_BYTES).map((x) => JSON.stringify(x)).join(', '));
+      field(t, tp, 'dtype', oneOf(TENSOR_DTYPES), TENSOR_DTYPES.map((x) => JSON.stringify(x)).join(', '));
       if (role === 'scratch') {
         scratch.push([tp, t]);
       } else if (role !== undefined) {
@@ -875,10 +884,20 @@ export class Attention {
     const tensors = {};
     const maxBinding = limitOf(this.limits, 'maxStorageBufferBindingSize');
     for (const t of v.tensors) {
-      const count = elementCount(t, env);
+      let count = elementCount(t, env);
       const [width, rowStride] = t.dims ? rowLayout(t, env) : [count, count];
-      const stored = width === rowStride ? count : (width ? count / width : 0) * rowStride;
-      const bytes = stored * ELEM_BYTES[/** @type {keyof typeof ELEM_BYTES} */ (t.dtype)];
+      let stored = width === rowStride ? count : (width ? count / width : 0) * rowStride;
+      let elem = ELEM_BYTES[/** @type {keyof typeof ELEM_BYTES} */ (t.dtype)];
+      const qf = QUANT[/** @type {keyof typeof QUANT} */ (t.dtype)];
+      if (qf) {  // a quantized tensor: count its u32 words
+        const d = env[t.dims[t.dims.length - 1]];
+        if (d % qf.unit) {
+          throw new AttncError(`${t.name}: head dim ${d} cannot be stored as ${t.dtype}: it must be a multiple of ${qf.unit} (pad it with zeros to ${Math.ceil(d / qf.unit) * qf.unit})`);
+        }
+        count = stored = (count / d) * qf.words(d);
+        elem = 4;
+      }
+      const bytes = stored * elem;
       const size = Math.max(4, Math.ceil(bytes / 4) * 4);
       if (size > maxBinding) throw new AttncError(`${t.name}: ${size} bytes exceed maxStorageBufferBindingSize ${maxBinding}`);
       tensors[t.name] = {name: t.name, role: t.role, dtype: t.dtype, count, bytes, size, width, rowStride};
@@ -988,7 +1007,8 @@ export class Attention {
       }
       const arr = toTypedArray(data, t.dtype, t.name);
       const shape = t.dims.map((/** @type {string} */ d) => `${d}=${plan.env[d]}`).join(', ');
-      if (arr.length !== tp.count) throw new AttncError(`input ${t.name}: ${arr.length} elements, shape [${shape}] needs ${tp.count}`);
+      const unit = t.dtype in QUANT ? `${t.dtype} words` : 'elements';
+      if (arr.length !== tp.count) throw new AttncError(`input ${t.name}: ${arr.length} ${unit}, shape [${shape}] needs ${tp.count}`);
       if (t.name === 'kv_lens') checkKvLens(arr, plan.env);
       given[t.name] = arr;
     }
@@ -1195,11 +1215,29 @@ export async function createKVCache(device, opts) {
     if (!Number.isInteger(n) || n < 1) throw new AttncError(`${k} must be a positive integer, got ${n}`);
   }
   const label = opts.label || 'attnc.kv';
+  // quantized K / V (kFormat, vFormat: q8_0, q4_0, int8): the manifest's store kernel of that
+  // format (compiled with k_dtype / v_dtype), which quantizes f32 rows on the device
+  const formats = {k: opts.kFormat ?? null, v: opts.vFormat ?? null};
+  /** @type {Record<string, {pipeline: any, entry: any}>} */
+  const quantStores = {};
+  for (const [name, fmt] of Object.entries(formats)) {
+    if (fmt === null) continue;
+    const q = QUANT[/** @type {keyof typeof QUANT} */ (fmt)];
+    if (!q) throw new AttncError(`${name}Format: unknown KV format ${JSON.stringify(fmt)}; the quantized formats are ${Object.keys(QUANT).join(', ')}`);
+    const width = name === 'k' ? dims.headDim : dims.valueDim;
+    if (width % q.unit) throw new AttncError(`${name === 'k' ? 'headDim' : 'valueDim'}: head dim ${width} cannot be stored as ${fmt}: the head dim must be a multiple of ${q.unit} (pad it with zeros to ${Math.ceil(width / q.unit) * q.unit})`);
+    if (quantStores[fmt]) continue;
+    const manifest = opts.manifest;
+    if (!manifest || !manifest[SOURCES]) throw new AttncError(`${name}Format: a ${fmt} cache appends with the store kernel of a manifest compiled with ${name}_dtype=${fmt}: pass manifest (from loadManifest)`);
+    const entry = (manifest.stores || []).find((/** @type {any} */ e) => e.format === fmt && e.rows === 'f32');
+    if (!entry) throw new AttncError(`${name}Format: the manifest has no store kernel for ${fmt} (compile with --set ${name}_dtype=${fmt})`);
+    quantStores[fmt] = {entry, pipeline: await kvPipeline(device, await manifest[SOURCES](entry.file), `${label}.store.${fmt}`)};
+  }
   const [store, advance] = await Promise.all([
     kvPipeline(device, kvStoreWgsl(dtype), `${label}.store`),
     kvPipeline(device, KV_ADVANCE_WGSL, `${label}.advance`),
   ]);
-  return new KVCache(device, {...dims, dtype}, store, advance);
+  return new KVCache(device, {...dims, dtype, formats, quantStores}, store, advance);
 }
 
 export class KVCache {
@@ -1212,13 +1250,19 @@ export class KVCache {
     this.headDim = cfg.headDim;
     this.valueDim = cfg.valueDim;
     this.capacity = cfg.capacity + (cfg.dtype === 'f16' && (cfg.headDim % 2 || cfg.valueDim % 2) && cfg.capacity % 2 ? 1 : 0);
+    /** Storage of K and V: a quantized format (q8_0, q4_0, int8: u32 words) or null (the cache's dtype). */
+    this.formats = cfg.formats || {k: null, v: null};
+    this._quantStores = cfg.quantStores || {};
     const elem = ELEM_BYTES[cfg.dtype];
     const usage = USAGE.STORAGE | USAGE.COPY_SRC | USAGE.COPY_DST;
-    const size = (/** @type {number} */ n) => Math.max(16, Math.ceil(n * elem / 4) * 4);
-    /** Keys [B, Hkv, capacity, D]. */
-    this.k = device.createBuffer({label: 'attnc.kv.k', size: size(this.batch * this.kvHeads * this.capacity * this.headDim), usage});
-    /** Values [B, Hkv, capacity, Dv]. */
-    this.v = device.createBuffer({label: 'attnc.kv.v', size: size(this.batch * this.kvHeads * this.capacity * this.valueDim), usage});
+    const rowsOf = this.batch * this.kvHeads * this.capacity;
+    const size = (/** @type {string | null} */ fmt, /** @type {number} */ width) => Math.max(16, fmt
+      ? 4 * rowsOf * QUANT[/** @type {keyof typeof QUANT} */ (fmt)].words(width)
+      : Math.ceil(rowsOf * width * elem / 4) * 4);
+    /** Keys [B, Hkv, capacity, D] (quantized: u32 words). */
+    this.k = device.createBuffer({label: 'attnc.kv.k', size: size(this.formats.k, this.headDim), usage});
+    /** Values [B, Hkv, capacity, Dv] (quantized: u32 words). */
+    this.v = device.createBuffer({label: 'attnc.kv.v', size: size(this.formats.v, this.valueDim), usage});
     /** Each row's length as i32, what attention reads as kv_lens. */
     this.kvLens = device.createBuffer({label: 'attnc.kv.lens', size: Math.max(16, 4 * this.batch), usage});
     this._lengths = new Int32Array(this.batch);
@@ -1289,12 +1333,12 @@ export class KVCache {
       if (this._lengths[b] + rows[b] > this.capacity) throw new AttncError(`append: batch row ${b} holds ${this._lengths[b]} keys; ${rows[b]} more exceed the cache's capacity of ${this.capacity}`);
     }
     if (n === 0 || rows.every((c) => c === 0)) return;
-    const k = this._source('kNew', kNew, n, this.headDim, opts.strides?.k, !!opts.encoder);
-    const v = this._source('vNew', vNew, n, this.valueDim, opts.strides?.v, !!opts.encoder);
+    const k = this._source('kNew', kNew, n, this.headDim, opts.strides?.k, !!opts.encoder, this.formats.k ? 'f32' : this.dtype);
+    const v = this._source('vNew', vNew, n, this.valueDim, opts.strides?.v, !!opts.encoder, this.formats.v ? 'f32' : this.dtype);
     const ragged = !!opts.counts && !rows.every((c) => c === n);
     const counts = ragged ? this._countsBuffer(rows) : this._noCounts;
     const encoder = opts.encoder || this.device.createCommandEncoder({label: 'attnc.kv.append'});
-    this._encodeStore(encoder, [[k, this.k, this.headDim], [v, this.v, this.valueDim]], n, ragged, counts);
+    this._encodeStore(encoder, [[k, this.k, this.headDim, this.formats.k], [v, this.v, this.valueDim, this.formats.v]], n, ragged, counts);
     if (!opts.encoder) this.device.queue.submit([encoder.finish()]);
     for (let b = 0; b < B; b++) this._lengths[b] += rows[b];
   }
@@ -1334,19 +1378,20 @@ export class KVCache {
     return buf;
   }
 
-  /** A source as {buffer, strides}: a GPUBuffer in place, a typed array uploaded (only the new rows). */
+  /** A source as {buffer, strides}: a GPUBuffer in place, a typed array uploaded (only the new rows); `dtype`: the rows' (f32 for a quantized K or V). */
   _source(/** @type {string} */ name, /** @type {any} */ x, /** @type {number} */ n, /** @type {number} */ width,
-    /** @type {number[] | undefined} */ strides, /** @type {boolean} */ recorded) {
+    /** @type {number[] | undefined} */ strides, /** @type {boolean} */ recorded, /** @type {string} */ dtype = this.dtype) {
     const B = this.batch, H = this.kvHeads;
     const dense = [H * n * width, n * width, width, 1];
     if (isGpuBuffer(x)) {
       const st = strides || dense;
       const last = (B - 1) * st[0] + (H - 1) * st[1] + (n - 1) * st[2] + (width - 1) * st[3] + 1;
-      if (x.size < last * ELEM_BYTES[this.dtype]) throw new AttncError(`${name}: buffer has ${x.size} bytes, the rows need ${last * ELEM_BYTES[this.dtype]}`);
+      const eb = ELEM_BYTES[/** @type {keyof typeof ELEM_BYTES} */ (dtype)];
+      if (x.size < last * eb) throw new AttncError(`${name}: buffer has ${x.size} bytes, the rows need ${last * eb}`);
       return {buffer: x, strides: st};
     }
     if (recorded) throw new AttncError(`${name}: typed arrays cannot be recorded into an encoder (they would be uploaded before it runs); pass a GPUBuffer`);
-    const arr = toTypedArray(x, this.dtype, name);
+    const arr = toTypedArray(x, dtype, name);
     if (arr.length !== B * H * n * width) throw new AttncError(`${name}: ${arr.length} elements, [${B}, ${H}, ${n}, ${width}] needs ${B * H * n * width}`);
     const bytes = Math.max(16, Math.ceil(arr.byteLength / 4) * 4);
     let buf = this._staging[name];
@@ -1365,7 +1410,11 @@ export class KVCache {
     const maxDim = this.device.limits.maxComputeWorkgroupsPerDimension;
     const pass = encoder.beginComputePass({label: 'attnc.kv.append'});
     const B = this.batch, H = this.kvHeads;
-    for (const [src, dst, width] of pairs) {
+    for (const [src, dst, width, fmt] of pairs) {
+      if (fmt) {
+        this._encodeQuantStore(pass, src, dst, width, fmt, n);
+        continue;
+      }
       const per = this.dtype === 'f32' ? n * width : Math.ceil(n * width / 2) + 1;
       const groups = Math.ceil(B * H * per / KV_WORKGROUP);
       const [x, y] = foldGrid(groups, maxDim);
@@ -1386,6 +1435,28 @@ export class KVCache {
       {binding: 0, resource: {buffer: counts}}, {binding: 1, resource: {buffer: this.kvLens}}, {binding: 2, resource: {buffer: ub}}]}));
     pass.dispatchWorkgroups(x, y, 1);
     pass.end();
+  }
+
+  /** The manifest's store kernel writing n f32 rows of `src` into the quantized `dst` at each row's GPU length (the rows past the capacity are not written). */
+  _encodeQuantStore(/** @type {any} */ pass, /** @type {any} */ src, /** @type {any} */ dst, /** @type {number} */ width, /** @type {string} */ fmt, /** @type {number} */ n) {
+    const {entry, pipeline} = this._quantStores[fmt];
+    const maxDim = this.device.limits.maxComputeWorkgroupsPerDimension;
+    const env = {B: this.batch, H: this.kvHeads, N: n, D: width, C: this.capacity};
+    const groups = evaluateFormula(entry.workgroups, env);
+    const [x, y] = foldGrid(groups, maxDim);
+    /** @type {Record<string, number>} */
+    const values = {};
+    for (const f of entry.uniforms.fields) {
+      const m = /^s_x_(\d)$/.exec(f.name);
+      values[f.name] = f.name === 'grid_total' ? groups : f.name === 'grid_stride_x' ? x
+        : m ? src.strides[Number(m[1])] : evaluateFormula(f.value, env);
+    }
+    const ub = this._uniform(entry.uniforms.fields.map((/** @type {any} */ f) => f.name), values);
+    const buffers = /** @type {Record<string, any>} */ ({x: src.buffer, pos: this.kvLens, cache: dst, params: ub});
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, this.device.createBindGroup({layout: pipeline.getBindGroupLayout(0),
+      entries: entry.bindings.map((/** @type {any} */ b) => ({binding: b.binding, resource: {buffer: buffers[b.name]}}))}));
+    pass.dispatchWorkgroups(x, y, 1);
   }
 
   /** A uniform buffer holding these u32 fields, made once per distinct content. @param {string[]} fields @param {Record<string, number>} values */

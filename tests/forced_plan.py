@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
+from attnc import quant
 from attnc.lowering.plan import DEFAULT_LIMITS, Plan, Storage, layout
+from attnc.quant import QuantTensor
 from attnc.runtime import api
 from tests.strategies import draw_sinks
 from tests.textbook import assert_close, attention_ref
@@ -29,23 +31,50 @@ OPTION_SETS = st.fixed_dictionaries({}, optional={
     "kv_lens": st.just("draw"), "sinks": st.just("draw"), "bias": st.sampled_from(["draw", "full"])})
 
 
+def nan_rows(t: QuantTensor, lo: int) -> QuantTensor:
+    """A copy of a quantized [B, H, T, D] tensor whose rows of batch 0 from key `lo` on
+    dequantize to NaN (their scales are NaN); the other rows are untouched (every format's
+    blocks lie within one row)."""
+    B, H, T, D = t.shape
+    words = t.words.reshape(B, H, T, -1).copy()
+    if t.fmt == "int8":
+        words[0, :, lo:, 0] = np.float32(np.nan).view(np.uint32)
+    else:
+        per = 9 if t.fmt == "q8_0" else 5
+        words[0, :, lo:, ::per] = np.uint32(0x7E00)  # an f16 NaN scale in every block
+    return QuantTensor(t.fmt, t.shape, words.reshape(-1))
+
+
 def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str, int], nsplit: int | None,
                       opts: dict[str, Any], seed: int, dtype: Any = np.float32,
-                      target: str | None = None) -> api.Prepared:
+                      target: str | None = None,
+                      kv_formats: tuple[str | None, str | None] = (None, None)) -> api.Prepared:
     """Standard-normal q/k/v of `dtype` (float32: within 1e-5 of the float64 reference;
     float16: the kernel's float16 o within 2e-3); options given as "draw" get random values
     (kv_lens, with NaN values past kv_lens[0]: masked keys add nothing; sinks, a third of them
     +-inf, NaN or huge, tests/strategies.py; a [Hq, 1, T] bias, or with "full" a [B, Hq, S, T]
-    one, whose every index matters). Returns the op."""
+    one, whose every index matters). `kv_formats` stores K and/or V quantized (attnc/quant.py);
+    the reference then reads the dequantized values. Returns the op."""
     rng = np.random.default_rng(seed)
     B, Hq, Hkv, S, T, D, Dv = (dims[x] for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
     q = rng.standard_normal((B, Hq, S, D)).astype(dtype)
     k = rng.standard_normal((B, Hkv, T, D)).astype(dtype)
     v = rng.standard_normal((B, Hkv, T, Dv)).astype(dtype)
-    v_dev = v.copy()
+    kf, vf = kv_formats
+    k_dev: Any = k
+    v_dev: Any = v.copy()
+    if kf is not None:
+        k_dev = quant.quantize(k, kf)
+        k = quant.dequantize(k_dev)
+    if vf is not None:
+        v_dev = quant.quantize(v, vf)
+        v = quant.dequantize(v_dev)
     if "kv_lens" in opts:
         opts["kv_lens"] = rng.integers(0, T + 1, B).astype(np.int32)
-        v_dev[0, :, opts["kv_lens"][0]:] = np.nan
+        if vf is None:
+            v_dev[0, :, opts["kv_lens"][0]:] = np.nan
+        else:
+            v_dev = nan_rows(v_dev, int(opts["kv_lens"][0]))
     if "sinks" in opts:
         opts["sinks"] = draw_sinks(rng, Hq)
     if "bias" in opts:
@@ -53,8 +82,9 @@ def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str,
         opts["bias"] = rng.standard_normal(shape).astype(np.float32)
     if dtype == np.float16 and plan.storage is Storage.F32:  # float16 q/k/v and o: f16 storage
         plan = dataclasses.replace(plan, storage=Storage.F16)
-    op = api.prepare(dims, dtype, device=dev, plan=plan, tunables=tun, nsplit=nsplit, target=target, **opts)
-    op.bind(q, k, v_dev)
+    op = api.prepare(dims, dtype, device=dev, plan=plan, tunables=tun, nsplit=nsplit, target=target, k_format=kf,
+                     v_format=vf, **opts)
+    op.bind(q, k_dev, v_dev)
     op.run()
     o, lse = op.result()
     assert o.dtype == dtype and o.shape == (B, Hq, S, Dv)

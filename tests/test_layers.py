@@ -1,7 +1,9 @@
 """The layers import in one direction, and no attnc module imports itself through others.
 
 Packages: ir <- frontend <- kernels; ir <- lowering <- runtime <- bench <- cli; the runtime
-also reads the frontend (it traces kernels and binds what their mods capture). Inside the
+also reads the frontend (it traces kernels and binds what their mods capture); attnc.quant
+(the numpy reference of the quantized KV formats) imports nothing of attnc; the IR interpreter,
+the runtime and bench read it. Inside the
 runtime, modules sit in layers too (dispatch at the bottom, the public API and the tuner at
 the top). Every import counts: module-level, inside functions, and under TYPE_CHECKING.
 """
@@ -14,12 +16,14 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "attnc"
 # what each package may import from attnc, besides itself
 ALLOWED = {
-    "ir": {"attnc.errors", "attnc._version"},
+    "ir": {"attnc.errors", "attnc.quant", "attnc._version"},
     "frontend": {"attnc.errors", "attnc.ir", "attnc._version"},
     "kernels": {"attnc.frontend"},
     "lowering": {"attnc.errors", "attnc.ir", "attnc._version"},
-    "runtime": {"attnc.errors", "attnc.ir", "attnc.frontend", "attnc.lowering", "attnc.kernels", "attnc._version"},
-    "bench": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.runtime", "attnc._version", "attnc.argparsing"},
+    "runtime": {"attnc.errors", "attnc.ir", "attnc.frontend", "attnc.lowering", "attnc.kernels", "attnc.quant",
+                "attnc._version"},
+    "bench": {"attnc.errors", "attnc.ir", "attnc.lowering", "attnc.runtime", "attnc.quant", "attnc._version",
+              "attnc.argparsing"},
 }
 # runtime modules, bottom layer first: a module may import only from earlier layers
 RUNTIME_LAYERS = [
@@ -27,7 +31,7 @@ RUNTIME_LAYERS = [
     {"devices", "timing"},
     {"tensor"},
     {"params"},
-    {"build", "prepared", "chunking", "tuning_cache"},
+    {"build", "prepared", "chunking", "tuning_cache", "store"},
     {"api", "custom"},
     {"kvcache", "tune", "paged"},
 ]
@@ -145,3 +149,7 @@ def test_every_import_resolves() -> None:
                     if not hasattr(mod, alias.name) and sub not in MODULES:
                         bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}: {node.module} has no {alias.name}")
     assert not bad, "\n".join(bad)
+
+
+def test_quant_is_a_leaf() -> None:
+    assert not GRAPH["attnc.quant"], f"attnc.quant imports {sorted(GRAPH['attnc.quant'])}"

@@ -5,7 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from attnc import quant
+from tests.textbook import assert_close, attention_ref
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -17,10 +21,15 @@ def test_readme_python_example_runs(require_adapters) -> None:
     # signature elided with `...`), which is not a program of its own
     usage = README.read_text().split("\n## A kernel in the DSL\n")[0]
     blocks = re.findall(r"```python\n(.*?)```", usage, re.S)
-    assert len(blocks) >= 2, "README has no python example"
+    assert len(blocks) >= 3, "README has no python example"
     scope: dict = {}
     exec(compile(blocks[0], str(README), "exec"), scope)  # noqa: S102 - our own README
     assert scope["o"].shape == (1, 8, 128, 64) and scope["lse"].shape == (1, 8, 128)
-    for block in blocks[1:]:  # the later examples build on the first one's q, k, v
+    # the second block (a quantized KV cache) continues the first one's q, k, v
+    exec(compile(blocks[1], str(README), "exec"), scope)  # noqa: S102
+    k, v = quant.dequantize(scope["kc"])[:, :, :128], quant.dequantize(scope["vc"])[:, :, :128]
+    assert_close(scope["o"], attention_ref(scope["q"], k, v), 1e-5, "o")
+    assert np.array_equal(k, quant.dequantize(quant.quantize(scope["k"], "q8_0")))
+    for block in blocks[2:]:  # the later examples build on the first one's q, k, v
         exec(compile(block, str(README), "exec"), scope)  # noqa: S102
     assert scope["o1"].shape == (1, 8, 1, 64) and scope["cache"].lengths.tolist() == [100]

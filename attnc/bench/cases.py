@@ -181,6 +181,13 @@ def reference(case: Case, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.nda
     return out
 
 
+def dequantized(fmt: str, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """K and V as the kernels read them when stored in `fmt` (quantized, then dequantized)."""
+    from attnc.quant import dequantize, quantize
+
+    return dequantize(quantize(k, fmt)), dequantize(quantize(v, fmt))
+
+
 def relerr(out: np.ndarray, ref: np.ndarray) -> float:
     """Frobenius relative error of `out` against `ref` (inf when shapes differ, nan on NaN)."""
     out = np.asarray(out, dtype=np.float64)

@@ -1,7 +1,7 @@
 """`attnc bench`: time attnc and baselines on one device, against its measured ceilings.
 
     attnc bench [--suite seeds|ci] [--case NAME ...] [--shape B,Hq,Hkv,S,T,D,Dv[,causal]]
-                [--device SPEC] [--compare ort,tinygrad,naive] [--dtype f32|f16]
+                [--device SPEC] [--compare ort,tinygrad,naive] [--kv q8_0,q4_0,int8] [--dtype f32|f16]
                 [--json FILE] [--plot FILE.png] [--runs N] [--warmup N]
 
 Every implementation runs in this process on the same inputs; each result carries its GPU
@@ -24,8 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from attnc.argparsing import Parser
-from attnc.bench.cases import Case, load_suites, make_inputs, parse_shape, reference, relerr, shapes_path
-from attnc.bench.impls import IMPLS, RunOptions, Unavailable
+from attnc.bench.cases import (
+    Case,
+    dequantized,
+    load_suites,
+    make_inputs,
+    parse_shape,
+    reference,
+    relerr,
+    shapes_path,
+)
+from attnc.bench.impls import IMPLS, KV_PREFIX, RunOptions, Unavailable, kv_format_of
 from attnc.errors import AttncError
 from attnc.runtime.dispatch import warm_up
 from attnc.runtime.timing import CLOCK_OK, DEFAULT_CACHE_BYTES, clock_ratio, rotation_count
@@ -59,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="device spec, e.g. wgpu, dawn, wgpu:vulkan (default: best)")
     p.add_argument("--compare", default="", help="baselines: comma list of ort, tinygrad, naive")
     p.add_argument("--no-attnc", action="store_true", help="time only the baselines")
+    p.add_argument("--kv", metavar="FORMATS",
+                   help="also time attnc over K/V quantized to these formats (comma list of q8_0, q4_0, int8), "
+                        "each row with its speed-up over attnc's own run (use --dtype f16 for f16 KV as the baseline)")
     p.add_argument("--target", help="attnc variant family (portable, subgroups, ...)")
     p.add_argument("--dtype", choices=sorted(TOLERANCE), default="f32")
     p.add_argument("--json", metavar="FILE", help="write results as JSON")
@@ -109,12 +121,16 @@ def select_cases(args: argparse.Namespace) -> list[Case]:
 
 
 def impl_names(args: argparse.Namespace) -> list[str]:
-    """attnc (unless --no-attnc) followed by the --compare baselines, validated."""
+    """attnc (unless --no-attnc), attnc over each --kv format, then the --compare baselines, validated."""
     compare = [c.strip() for c in args.compare.split(",") if c.strip()]
-    unknown = [c for c in compare if c not in IMPLS or c == "attnc"]
+    unknown = [c for c in compare if c not in IMPLS or c == "attnc" or kv_format_of(c)]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from ort, tinygrad, naive")
-    names = ([] if args.no_attnc else ["attnc"]) + compare
+    kv = [c.strip() for c in (args.kv or "").split(",") if c.strip()]
+    bad = [f for f in kv if KV_PREFIX + f not in IMPLS]
+    if bad:
+        raise ValueError(f"unknown KV format(s) {bad} for --kv; choose from q8_0, q4_0, int8")
+    names = ([] if args.no_attnc else ["attnc"]) + [KV_PREFIX + f for f in kv] + compare
     if not names:
         raise ValueError("nothing to run: --no-attnc without --compare")
     return list(dict.fromkeys(names))
@@ -269,13 +285,28 @@ def run_cases(
             n = rotation_count(case.nbytes(itemsize), cache_bytes) if cache_bytes > 0 else 1
             copies = [make_inputs(case, opts.dtype, seed + i) for i in range(n)]
             ref = reference(case, *copies[0]) if check else None
+            base_ms = None
             for impl in impls:
                 bar.set_description(f"{case.name} {impl}")
                 try:
                     m, clock, attempts = measure(device, case, impl, copies, opts, bar)
+                    fmt = kv_format_of(impl)
                     err = relerr(m.out, ref) if ref is not None else None
+                    if fmt is not None and ref is not None:
+                        # the contract is against the dequantized K/V; the quantization error is reported
+                        q, k, v = copies[0]
+                        err, unquantized = relerr(m.out, reference(case, q, *dequantized(fmt, k, v))), err
                     row = result_row(case, impl, m, err, ceilings, opts.dtype)
                     row.update(clock=clock, attempts=attempts)
+                    if impl == "attnc":
+                        base_ms = row["ms"]
+                    if fmt is not None:
+                        if ref is not None:
+                            row["relerr_unquantized"] = unquantized
+                        if base_ms:
+                            row["speedup_vs_attnc"] = base_ms / row["ms"]
+                        if row.get("append_ms") is not None:
+                            row["append_fraction"] = row["append_ms"] / row["ms"]
                 except Unavailable as exc:
                     row = error_row(case, impl, f"unavailable: {exc}", opts.dtype)
                 except Exception as exc:  # one failing implementation must not stop a sweep

@@ -68,17 +68,31 @@ def run_naive(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
     return Measured(timing, op.result(indices[0]), extra)
 
 
-def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions) -> Measured:
+KV_PREFIX = "attnc-"  # attnc-q8_0, attnc-q4_0, attnc-int8: attnc over K and V stored in that format
+
+
+def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions,
+              kv_format: str | None = None) -> Measured:
     """attnc's own kernels through `prepare_attention`: the GPU time of the op, its runs back to
-    back on a busy GPU (runtime/timing.py says why), input copies rotated."""
+    back on a busy GPU (runtime/timing.py says why), input copies rotated. With `kv_format`,
+    K and V of every copy are quantized to it first (attnc.quant) and read in that format."""
     q, k, v = copies[0]
     kwargs: dict[str, Any] = {"causal": case.causal, "device": device}
     if opts.target is not None:
         kwargs["target"] = opts.target
+    extra: dict[str, Any] = {}
+    if kv_format is not None:
+        from attnc.quant import quantize
+
+        kwargs.update(k_format=kv_format, v_format=kv_format)
+        copies = [(c[0], quantize(c[1], kv_format), quantize(c[2], kv_format)) for c in copies]
+        extra.update(kv_format=kv_format, kv_bytes=copies[0][1].nbytes + copies[0][2].nbytes)
+    else:
+        extra.update(kv_bytes=int(k.nbytes + v.nbytes))
     op = prepare_attention(q.shape, k.shape, v.shape, q.dtype, **kwargs)
     handles = [op.bind_copy(*c) for c in copies]
     op.run(binding=handles[0])  # compiles (and on lavapipe, where compiling happens at the first run)
-    extra: dict[str, Any] = {"variant": op.variant}
+    extra["variant"] = op.variant
     if rt.sanitizing() or "timestamps" not in device.features:  # one run per submission, as a user's call
         state = {"i": 0}
 
@@ -96,7 +110,29 @@ def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
         timing = Timing(statistics.median(samples), tuple(samples), (), method)
     op.run(binding=handles[0])
     o, _lse = op.result()
+    if kv_format is not None:  # (after the result: the appends overwrite the last cache row)
+        extra["append_ms"] = _append_ms(device, kv_format, handles[0], copies[0], opts)
     return Measured(_with_rotations(timing, len(copies)), np.asarray(o), extra)
+
+
+def _append_ms(device: Any, fmt: str, handle: Any, copy: Any, opts: RunOptions) -> float:
+    """GPU ms of one decode step's append: one new K row and one V row per (batch, KV head),
+    quantized to `fmt` by the DSL store kernel into the last position of the bound cache."""
+    from attnc.runtime.store import store_dispatch
+
+    _q, k, v = copy
+    B, Hkv, T, _ = k.shape
+    rng = np.random.default_rng(1)
+    pos = np.full(B, T - 1, np.int32)
+    steps = [store_dispatch(device, fmt, handle.bufs[name], t.shape,
+                            rng.standard_normal((B, Hkv, 1, t.shape[3])).astype(np.float32), pos)
+             for name, t in (("k", k), ("v", v))]
+
+    def once() -> float | None:  # one submission, as a decode step's append would be
+        times = rt.run(device, steps, timestamps="timestamps" in device.features)
+        return None if times is None else float(sum(times))
+
+    return time_callable(once, runs=opts.runs, warmup=opts.warmup).ms
 
 
 def _with_rotations(t: Timing, n: int) -> Timing:
@@ -114,9 +150,24 @@ def _lazy(module: str) -> Runner:
     return runner
 
 
+def _kv_runner(fmt: str) -> Runner:
+    """attnc over K and V quantized to `fmt`."""
+
+    def runner(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions) -> Measured:
+        return run_attnc(device, case, copies, opts, kv_format=fmt)
+
+    return runner
+
+
 IMPLS: dict[str, Runner] = {
     "attnc": run_attnc,
     "naive": run_naive,
     "ort": _lazy("ort"),
     "tinygrad": _lazy("tinygrad"),
+    **{KV_PREFIX + f: _kv_runner(f) for f in ("q8_0", "q4_0", "int8")},
 }
+
+
+def kv_format_of(impl: str) -> str | None:
+    """The KV format an implementation name stands for (attnc-q8_0 -> q8_0), else None."""
+    return impl[len(KV_PREFIX):] if impl.startswith(KV_PREFIX) else None

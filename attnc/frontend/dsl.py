@@ -61,6 +61,9 @@ class DTypeSpec:
 
     def __call__(self, x: Any) -> Value:
         """Convert a value: f32(i) turns an index into a float, i32(x) truncates."""
+        if self.dtype.is_quant:
+            raise fail(f"{self.dtype.value} is a storage type for tensors, not a conversion",
+                       ("use f32(x) or i32(x)",))
         if self.dtype not in (ir.DType.F32, ir.DType.F16, ir.DType.I32):
             raise fail(f"{self.dtype.value} is a tensor storage type; values convert with f32(...) or i32(...)")
         op = ir.Op.F32 if self.dtype is not ir.DType.I32 else ir.Op.I32
@@ -76,6 +79,10 @@ i32 = DTypeSpec(ir.DType.I32)
 u32 = DTypeSpec(ir.DType.U32)
 u8 = DTypeSpec(ir.DType.U8)
 bool_ = DTypeSpec(ir.DType.BOOL)
+# quantized storage of K/V tensors (attnc/quant.py): k: q8_0["B", "Hkv", "T", "D"]
+q8_0 = DTypeSpec(ir.DType.Q8_0)
+q4_0 = DTypeSpec(ir.DType.Q4_0)
+int8 = DTypeSpec(ir.DType.INT8)
 inf = float("inf")
 
 
@@ -693,8 +700,23 @@ def online_softmax(rows: Value, width: str) -> Acc:
 # ----------------------------------------------------------------------------- kernels
 
 
+def _retyped(name: str, ann: ir.TensorType, dtype: str | None) -> ir.TensorType:
+    """A tensor parameter's type with the dtype a `<name>_dtype=` trace option gives (f32, f16
+    or a quantized storage format: k_dtype="q8_0"), else as annotated."""
+    if dtype is None:
+        return ann
+    if not ann.dims:
+        raise fail(f"{name}_dtype: {name!r} is a scalar, its dtype is fixed")
+    allowed = ("f32", "f16", "q8_0", "q4_0", "int8") if ann.dtype.is_float else (ann.dtype.value,)
+    if dtype not in allowed:
+        raise fail(f"{name}_dtype={dtype!r}: {name!r} can be stored as {', '.join(allowed)}")
+    return ir.TensorType(ir.DType(dtype), ann.dims)
+
+
 class KernelDef:
-    """A decorated kernel function; `trace(**options)` turns it into verified IR."""
+    """A decorated kernel function; `trace(**options)` turns it into verified IR. Besides the
+    function's keyword options, `<param>_dtype="..."` sets the storage of a tensor parameter
+    (k_dtype="q8_0": K stored as q8_0)."""
 
     def __init__(self, fn: Callable[..., Any]):
         self.fn = fn
@@ -739,6 +761,7 @@ class KernelDef:
                     if not isinstance(ann, ir.TensorType):
                         raise fail(f"parameter {p.name!r} needs a type annotation like "
                                    "f32['B', 'H', 'S', 'D'] or f32")
+                    ann = _retyped(p.name, ann, options.pop(f"{p.name}_dtype", None))
                     t = TensorInput(p.name, ann)
                     t._register()
                     args.append(t if ann.dims else t.value())
@@ -830,3 +853,54 @@ def _name_captures(kern: ir.Kernel, captured: dict[str, capture.Slot]
 def kernel(fn: Callable[..., Any]) -> KernelDef:
     """Decorator: make a DSL kernel from a Python function."""
     return KernelDef(fn)
+
+
+def store(target: Slice, value: Slice) -> None:
+    """In a store kernel: write the row `value` (x[b, h, n, :]) at `target` (cache[b, h, t, :]),
+    quantized to the target's format when it has one; a target index outside its dims writes nothing."""
+    if not isinstance(target, Slice) or not isinstance(value, Slice):
+        raise fail("store() takes two slices such as cache[b, h, t, :] and x[b, h, n, :]")
+    _builder().emit(ir.Store(target.node, value.node, sem.user_span()))
+
+
+class StoreKernelDef(KernelDef):
+    """A decorated store kernel; `trace(**options)` gives a verified ir.StoreKernel.
+
+    Keyword options `<param>_dtype` (e.g. cache_dtype="q8_0") retype a tensor parameter, so one
+    function serves every storage format."""
+
+    def trace(self, **options: Any) -> ir.StoreKernel:  # type: ignore[override]
+        """Run the function on symbolic inputs; return the verified store kernel."""
+        from attnc.ir.verify import verify_store
+
+        b = sem.Builder(self.name)
+        token = _BUILDER.set(b)
+        try:
+            args, kwargs = [], {}
+            for p in self.signature.parameters.values():
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                    ann = p.annotation
+                    if isinstance(ann, DTypeSpec):
+                        ann = ir.TensorType(ann.dtype, ())
+                    if not isinstance(ann, ir.TensorType):
+                        raise fail(f"parameter {p.name!r} needs a type annotation like f32['B', 'H', 'N', 'D']")
+                    ann = _retyped(p.name, ann, options.pop(f"{p.name}_dtype", None))
+                    t = TensorInput(p.name, ann)
+                    t._register()
+                    args.append(t if ann.dims else t.value())
+                elif p.kind is p.KEYWORD_ONLY:
+                    kwargs[p.name] = options.pop(p.name, p.default)
+            if options:
+                raise fail(f"unknown options for store kernel {self.name}: {sorted(options)}")
+            if self.fn(*args, **kwargs) is not None:
+                raise fail("a store kernel returns nothing: it writes with store(...)")
+            kern = ir.StoreKernel(self.name, tuple(b.params.values()), tuple(b.scopes[0]), sem.user_span())
+        finally:
+            _BUILDER.reset(token)
+        verify_store(kern)
+        return kern
+
+
+def store_kernel(fn: Callable[..., Any]) -> StoreKernelDef:
+    """Decorator: make a DSL store kernel (grid, lets, store(...)) from a Python function."""
+    return StoreKernelDef(fn)

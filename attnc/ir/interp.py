@@ -31,6 +31,8 @@ from attnc.ir.nodes import (
     Slice,
     Softmax,
     SplitExtent,
+    Store,
+    StoreKernel,
     Update,
     Var,
 )
@@ -103,6 +105,16 @@ def _masked_pv(p: np.ndarray, v: np.ndarray) -> np.ndarray:
     return terms.sum(axis=-2, keepdims=True)
 
 
+def _dequantized(name: str, fmt: str, a: object) -> np.ndarray:
+    """The float values of a quantized tensor argument (the oracle dequantizes the words itself)."""
+    from attnc.quant import QuantTensor, dequantize
+
+    if not isinstance(a, QuantTensor) or a.fmt != fmt:
+        got = f"a {a.fmt} tensor" if isinstance(a, QuantTensor) else type(a).__name__
+        raise ValueError(f"{name}: expected a {fmt} QuantTensor (attnc.quant.quantize), got {got}")
+    return dequantize(a)
+
+
 class _Interp:
     """Evaluates one kernel on concrete arrays; one instance per call."""
 
@@ -117,6 +129,8 @@ class _Interp:
             if p.name not in args:
                 raise ValueError(f"missing argument {p.name!r}")
             a = args[p.name]
+            if p.type.dtype.is_quant:
+                a = _dequantized(p.name, p.type.dtype.value, a)
             if p.type.dims:
                 arr = np.asarray(a)
                 if arr.ndim != len(p.type.dims):
@@ -314,3 +328,67 @@ def interpret(kernel: Kernel, args: Mapping[str, object], dims: Mapping[str, int
         raise ValueError(f"no size for dims {missing}: pass them in dims=")
     return _Interp(kernel, args, dims).run()
 
+
+
+def interpret_store(kernel: StoreKernel, args: Mapping[str, object]) -> dict[str, object]:
+    """Run a store kernel on numpy arrays (a quantized tensor as a QuantTensor); return its targets
+    after the stores, as new arrays / QuantTensors (the arguments are not changed). Rows are
+    quantized with attnc.quant.quantize; a row whose target index is out of range is not written."""
+    from attnc.quant import QuantTensor, quantize, words_per_row
+
+    dims: dict[str, int] = {}
+    env: dict[str, object] = {}
+    arrays: dict[str, object] = {}
+    for p in kernel.params:
+        a = args[p.name]
+        shape = a.shape if isinstance(a, QuantTensor) else np.shape(a)
+        if len(shape) != len(p.type.dims):
+            raise ValueError(f"{p.name}: expected rank {len(p.type.dims)}, got {len(shape)}")
+        for d, n in zip(p.type.dims, shape, strict=True):
+            if dims.setdefault(d, n) != n:
+                raise ValueError(f"{p.name}: dim {d} is {n}, elsewhere {dims[d]}")
+        if p.type.dtype.is_quant:
+            if not isinstance(a, QuantTensor) or a.fmt != p.type.dtype.value:
+                raise ValueError(f"{p.name}: expected a {p.type.dtype.value} QuantTensor")
+            arrays[p.name] = QuantTensor(a.fmt, a.shape, a.words.copy())
+        elif p.type.dims:
+            arrays[p.name] = np.array(a)
+        else:
+            env[p.name] = a
+    grid = kernel.body[0]
+    assert isinstance(grid, Grid)
+    nd = len(grid.axes)
+    for i, ax in enumerate(grid.axes):
+        shape = [1] * nd
+        shape[i] = dims[ax.extent.dim]
+        env[ax.var] = np.arange(shape[i], dtype=np.int64).reshape(shape)
+    points = tuple(dims[ax.extent.dim] for ax in grid.axes)
+    interp = _Interp.__new__(_Interp)
+    interp.dims, interp.env, interp.scalars = dims, env, {}
+    interp.arrays = {n: a for n, a in arrays.items() if isinstance(a, np.ndarray)}
+    for st in kernel.body[1:]:
+        if isinstance(st, Let):
+            env[st.var] = interp.expr(st.value)
+            continue
+        assert isinstance(st, Store)
+        value = interp.slice(st.value)  # [*points, width]
+        value = np.broadcast_to(value, points + value.shape[-1:]).reshape(-1, value.shape[-1])
+        tgt = kernel.param(st.target.tensor)
+        index = [np.broadcast_to(np.asarray(interp.expr(i), dtype=np.int64), points).reshape(-1)
+                 for i in st.target.index if i is not None]
+        outer = [d for d, i in zip(tgt.type.dims, st.target.index, strict=True) if i is not None]
+        ok = np.ones(value.shape[0], bool)
+        for i, d in zip(index, outer, strict=True):
+            ok &= (i >= 0) & (i < dims[d])
+        a = arrays[st.target.tensor]
+        if isinstance(a, QuantTensor):
+            rows = np.ravel_multi_index([i[ok] for i in index], [dims[d] for d in outer])
+            wpr = words_per_row(a.fmt, a.shape[-1])
+            words = a.words.reshape(-1, wpr)
+            words[rows] = quantize(value[ok].astype(np.float32), a.fmt).words.reshape(-1, wpr)
+        else:
+            full = [None if i is None else 0 for i in st.target.index]
+            axis = full.index(None)
+            moved = np.moveaxis(a, axis, -1)
+            moved[tuple(i[ok] for i in index)] = value[ok].astype(moved.dtype)
+    return {n: arrays[n] for n in kernel.targets}

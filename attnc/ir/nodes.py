@@ -36,6 +36,9 @@ Semantics (what every pass, the printer, the interpreter and the WGSL back end a
 * **Tensor dtypes**: f32, f16, i32, u32, u8 and bool. f16 is storage only (a load is an f32
   value); u32 and u8 loads are i32 values (a u32 element must be below 2**31); a bool tensor
   loads bools. Scalar params are f32 or i32.
+* A tensor of a quantized dtype (`q8_0`, `q4_0`, `int8`: attnc/quant.py) holds float values
+  in that format along its last dim; every load or slice of it reads the dequantized f32
+  values, and its slices are along that last dim.
 * **Reads never fail**: each index of a load or a slice row is clamped into [0, n - 1] of its
   dim (the nearest element), so a kernel reads in bounds for any index values. Kernels
   evaluate score and mask functions for rows and keys past the ends of their last tiles too
@@ -67,10 +70,20 @@ class DType(enum.Enum):
     U32 = "u32"
     U8 = "u8"
     BOOL = "bool"
+    # quantized storage of float tensors (attnc/quant.py): loads give f32
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+    INT8 = "int8"
 
     @property
     def is_float(self) -> bool:
-        return self in (DType.F32, DType.F16)
+        """A float tensor's dtype: f32, f16 or a quantized format."""
+        return self in (DType.F32, DType.F16) or self.is_quant
+
+    @property
+    def is_quant(self) -> bool:
+        """A quantized storage format (q8_0, q4_0, int8), read through its dequantization."""
+        return self in (DType.Q8_0, DType.Q4_0, DType.INT8)
 
     @property
     def is_int(self) -> bool:
@@ -400,6 +413,51 @@ class Kernel:
             if isinstance(s, Loop):
                 seen.setdefault(s.dim)
         return tuple(seen)
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """`store dst[.., :], src[.., :]`: write the vector src at dst, in dst's storage format (a
+    quantized dst gets the row quantized as attnc.quant.quantize does). A store whose dst index
+    lies outside dst's dims writes nothing."""
+
+    target: Slice
+    value: Slice
+    span: Span | None = SPAN
+
+
+@dataclass(frozen=True, slots=True)
+class StoreKernel:
+    """A kernel that writes rows into a tensor in place (a KV cache append): a grid of plain dim
+    axes, lets, then stores; one grid point per stored row. The stores' targets are its outputs."""
+
+    name: str
+    params: tuple[Param, ...]
+    body: tuple[Stmt | Store, ...]
+    span: Span | None = SPAN
+    tunables: tuple[tuple[str, int], ...] = ()
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @property
+    def output(self) -> TensorType:
+        """The type of the first store's target (what the verifier's header sees as the output)."""
+        st = next(s for s in self.body if isinstance(s, Store))
+        return self.param(st.target.tensor).type
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The tensors the kernel writes, in order of first store."""
+        return tuple(dict.fromkeys(s.target.tensor for s in self.body if isinstance(s, Store)))
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        """Every dim name in order of first appearance in the params."""
+        return tuple(dict.fromkeys(d for p in self.params for d in p.type.dims))
 
 
 def walk_stmts(body: tuple[Stmt, ...]):

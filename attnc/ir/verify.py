@@ -41,6 +41,8 @@ from attnc.ir.nodes import (
     Softmax,
     SplitExtent,
     Stmt,
+    Store,
+    StoreKernel,
     TileExtent,
     Update,
     Var,
@@ -58,7 +60,7 @@ class TypeRuleError(Exception):
     """An operator applied to operands of the wrong dtypes or count (no span; callers add it)."""
 
 
-TENSOR_DTYPES = (DType.F32, DType.F16, DType.I32, DType.U32, DType.U8, DType.BOOL)
+TENSOR_DTYPES = (DType.F32, DType.F16, DType.I32, DType.U32, DType.U8, DType.BOOL, DType.Q8_0, DType.Q4_0, DType.INT8)
 
 
 def load_dtype(storage: DType) -> DType:
@@ -374,6 +376,9 @@ class _Verifier:
             raise self.fail(sl, "a slice has exactly one ':'")
         if not p.type.dtype.is_float:
             raise self.fail(sl, f"'{sl.tensor}' is {p.type.dtype.value}; slices read float tensors")
+        if p.type.dtype.is_quant and sl.axis != len(p.type.dims) - 1:
+            raise self.fail(sl, f"'{sl.tensor}' is stored as {p.type.dtype.value} along its last dim "
+                                f"'{p.type.dims[-1]}'; its slices are along that dim")
         self.check_indices(sl, sl.index)
         return p.type.dims[sl.axis]
 
@@ -387,7 +392,7 @@ class _Verifier:
         for name, value in k.tunables:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise self.fail(k, f"tunable {name}={value!r} must be a positive integer", k.span)
-        if not k.output.dtype.is_float:
+        if k.output.dtype not in (DType.F32, DType.F16):
             raise self.fail(k, f"the output is f32 or f16, not {k.output.dtype.value}", k.span)
         grid = k.body[0]
         tiles = [a for a in grid.axes if isinstance(a.extent, TileExtent)]
@@ -482,3 +487,47 @@ def verify(kernel: Kernel) -> Analysis:
     v = _Verifier(kernel)
     v.phase1()
     return v.phase2()
+
+
+def verify_store(k: StoreKernel) -> None:
+    """Check a store kernel: names, a grid of plain dim axes first, then lets and stores whose
+    target and value are slices over the same dim of float tensors (a quantized target along its
+    last dim), the target not read by the kernel. Raises VerifyError."""
+    v = _Verifier(k)  # type: ignore[arg-type]
+    if not k.body or not isinstance(k.body[0], Grid):
+        raise v.fail(k.body[0] if k.body else k, "a store kernel body starts with its grid",
+                     k.body[0].span if k.body else k.span)
+    if not any(isinstance(s, Store) for s in k.body):
+        raise v.fail(k, "a store kernel stores at least one row (store(dst[..., :], src[..., :]))", k.span)
+    v.header()
+    read: set[str] = set()
+    for i, s in enumerate(k.body):
+        if isinstance(s, Grid):
+            if i:
+                raise v.fail(s, "only one grid, as the first statement")
+            for ax in s.axes:
+                if not isinstance(ax.extent, DimExtent):
+                    raise v.fail(ax, "a store kernel's grid axes cover whole dims (one point per stored row)")
+                v.extent_names(ax)
+                v.define(ax.var, _Binding("grid", DType.I32), ax)
+        elif isinstance(s, Let):
+            v.expr_names(s.value, s)
+            v.define(s.var, _Binding("let", getattr(s.value, "dtype", None)), s, let=True)
+            v.check_expr(s.value)
+            read.update(x.tensor for x in walk_expr(s.value) if isinstance(x, Load))
+        elif isinstance(s, Store):
+            for sl in (s.target, s.value):
+                v.slice_names(sl)
+                for ix in sl.index:
+                    if ix is not None:
+                        v.expr_names(ix, s)
+                        read.update(x.tensor for x in walk_expr(ix) if isinstance(x, Load))
+            dt, dv = v.check_slice(s.target), v.check_slice(s.value)
+            if dt != dv:
+                raise v.fail(s, f"the store writes a row of '{dv}' into a row of '{dt}'")
+            read.add(s.value.tensor)
+        else:
+            raise v.fail(s, f"a store kernel holds a grid, lets and stores, not {type(s).__name__}")
+    both = sorted(read & set(k.targets))
+    if both:
+        raise v.fail(k, f"'{both[0]}' is both stored to and read; a store kernel reads other tensors", k.span)

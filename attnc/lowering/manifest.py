@@ -140,14 +140,49 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str],
     }
 
 
-def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path) -> dict[str, Any]:
+def store_entry(store: ir.StoreKernel, outdir: Path) -> dict[str, Any]:
+    """The manifest entry of a store kernel (a KV cache's append in the format of its `cache`
+    tensor; Tint and Naga take the same WGSL): file, bindings, uniform fields with their
+    formulas (dense strides; a runtime reading other strides sets s_x_* itself), workgroups."""
+    from attnc.lowering.store import emit_store
+
+    p = emit_store(store)
+    cache = next(q for q in store.params if q.name == "cache")
+    x = next(q for q in store.params if q.name == "x")
+    fname = f"{store.name}.{cache.type.dtype.value}.{x.type.dtype.value}.wgsl"
+    (outdir / fname).write_text(p.wgsl)
+    formulas = {"grid_total": "grid_total", "grid_stride_x": "grid_stride_x"}
+    for q in store.params:
+        formulas.update({f"d_{d}": d for d in q.type.dims})
+        formulas.update({f"s_{q.name}_{i}": f for i, f in enumerate(_dense_strides(q.type.dims))})
+    return {
+        "name": store.name,
+        "format": cache.type.dtype.value,
+        "rows": x.type.dtype.value,
+        "file": fname,
+        "entry_point": p.entry_point,
+        "workgroup_size": [p.workgroup_size, 1, 1],
+        "tensors": [{"name": q.name, "dtype": q.type.dtype.value, "dims": list(q.type.dims)} for q in store.params],
+        "bindings": [{"binding": b.binding, "name": b.name, "kind": "uniform"} if b.access is Access.UNIFORM
+                     else {"binding": b.binding, "name": b.name, "kind": "storage", "access": b.access.value}
+                     for b in p.bindings],
+        "uniforms": {"size": p.uniform_size,
+                     "fields": [{"name": f.name, "offset": f.offset, "type": f.type.value, "value": formulas[f.name]}
+                                for f in p.uniforms]},
+        "workgroups": "*".join(p.grid),
+    }
+
+
+def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path,
+                   stores: tuple[ir.StoreKernel, ...] = ()) -> dict[str, Any]:
     """Lower for each plan in each of DIALECTS, write `<kernel>.<variant>.<program>.wgsl`
     files and manifest.json, so that one manifest serves Tint and Naga runtimes alike.
 
     A program's `file` is Tint's WGSL; `dialect_files` names the file each dialect's compiler
     takes: the same file where the WGSL is the same (the portable family), else
     `<kernel>.<variant>.<program>.<dialect>.wgsl` (the subgroups family: Tint requires
-    `enable subgroups;`, Naga rejects it). The plans' own dialect is ignored."""
+    `enable subgroups;`, Naga rejects it). The plans' own dialect is ignored. `stores`: store
+    kernels (quantized KV caches' appends) listed under "stores"."""
     dialects = DIALECTS
     outdir.mkdir(parents=True, exist_ok=True)
     text = print_kernel(kernel)
@@ -187,5 +222,7 @@ def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path) -> dict[s
         "variants": sorted(variants, key=lambda v: (v["family"] != Family.SUBGROUPS.value,
                                                     v["dtype"] != Storage.F32.value)),
     }
+    if stores:
+        manifest["stores"] = [store_entry(st, outdir) for st in stores]
     (outdir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -36,6 +36,8 @@ class Shader:
         # u8 and bool tensors: four per u32, byte i of the tensor in byte i % 4 of word i / 4
         self.bytes = {p.name for p in spec.tensors if p.type.dtype in (ir.DType.U8, ir.DType.BOOL)}
         self.smem_t = "f16" if self.half else "f32"
+        # quantized K/V (attnc/quant.py): u32 words, dequantized by the ld_/ld4_ loaders
+        self.quant = {p.name: p.type.dtype for p in spec.tensors if p.type.dtype.is_quant}
         # a float16 o (f16 storage, both families): pairs of halves packed in u32 words, rows at
         # an even element stride (the runtime pads odd Dv), the last dim contiguous; see store_o2
         self.half_out = k.output.dtype is ir.DType.F16
@@ -65,7 +67,7 @@ class Shader:
 
     def read(self, tensor: str, addr: str) -> str:
         """A scalar element of a tensor as its value type (f32, i32 or bool), whatever its storage."""
-        if tensor in self.packed or tensor in self.vec4 or tensor in self.bytes:
+        if tensor in self.packed or tensor in self.vec4 or tensor in self.bytes or tensor in self.quant:
             return f"ld_{tensor}({addr})"
         if tensor in self.half:
             return f"f32(t_{tensor}[{addr}])"
@@ -80,11 +82,15 @@ class Shader:
         """Four consecutive elements (a vec4<f32>) at index 4*addr4 of a vectorised tensor."""
         if tensor in self.half:
             return f"vec4<f32>(t_{tensor}[{addr4}])"
-        return f"ld4_{tensor}({addr4})" if tensor in self.packed else f"t_{tensor}[{addr4}]"
+        return f"ld4_{tensor}({addr4})" if tensor in self.packed or tensor in self.quant else f"t_{tensor}[{addr4}]"
 
     def read4_tile(self, tensor: str, addr4: str) -> str:
         """Four consecutive elements in the workgroup tiles' element type (f16 under F16A)."""
-        return f"t_{tensor}[{addr4}]" if tensor in self.half else self.read4(tensor, addr4)
+        if tensor in self.half:
+            return f"t_{tensor}[{addr4}]"
+        if self.half:  # a quantized tensor beside f16 ones: its f32 values into f16 tiles
+            return f"vec4<f16>({self.read4(tensor, addr4)})"
+        return self.read4(tensor, addr4)
 
     def env(self, row: str | None, kv: str | None, dot: str | None = None) -> ExprEnv:
         """Rendering environment: grid vars and uniform lets are private globals."""
@@ -146,15 +152,17 @@ class Shader:
             else:
                 dt = self.spec.kernel.param(name).type.dtype
                 elem = Scalar.I32 if dt is ir.DType.I32 else (
-                    Scalar.U32 if name in self.packed or name in self.bytes or dt is ir.DType.U32
-                    else Scalar.F32)
+                    Scalar.U32 if name in self.packed or name in self.bytes or name in self.quant
+                    or dt is ir.DType.U32 else Scalar.F32)
             out.append(Binding(name, len(out), Access.READ, elem))
         for name in outputs:
             elem = Scalar.U32 if name == "o" and self.half_out else Scalar.F32
             out.append(Binding(name, len(out), Access.READ_WRITE, elem))
         for b in out:
             ty = b.elem.value
-            if b.name in self.half:
+            if b.name in self.quant:
+                ty = "u32"
+            elif b.name in self.half:
                 ty = "vec4<f16>" if b.name in self.vec4 else "f16"
             elif b.name in self.vec4:
                 ty = "vec2<u32>" if b.name in self.packed else "vec4<f32>"
@@ -173,9 +181,12 @@ class Shader:
         return self.bindings(w, outputs, [p.name for p in s.tensors])
 
     def _loaders(self, w: Writer, name: str) -> None:
-        """ld_/ld4_ functions for packed f16 (two per u32, no shader-f16 needed) and vec4 tensors."""
+        """ld_/ld4_ functions for packed f16 (two per u32, no shader-f16 needed), quantized and
+        vec4 tensors."""
         packed, vec = name in self.packed, name in self.vec4
-        if name in self.bytes:
+        if name in self.quant:
+            self._quant_loaders(w, name)
+        elif name in self.bytes:
             byte = f"((t_{name}[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu)"
             if self.spec.kernel.param(name).type.dtype is ir.DType.BOOL:
                 with w.block(f"fn ld_{name}(i: u32) -> bool"):
@@ -196,6 +207,52 @@ class Shader:
         elif vec:
             with w.block(f"fn ld_{name}(i: u32) -> f32"):
                 w.line(f"return f32(t_{name}[i >> 2u][i & 3u]);")
+
+    def _quant_loaders(self, w: Writer, name: str) -> None:
+        """ld4_/ld_ for a quantized tensor: four (one) dequantized f32 values at an element address
+        of the dense logical tensor (the word layouts are in attnc/quant.py and docs/MANIFEST.md)."""
+        fmt = self.quant[name]
+        sext = "vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(x) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u))"
+        with w.block(f"fn ld4_{name}(i4: u32) -> vec4<f32>"):
+            if fmt is ir.DType.Q8_0:  # 9 words a block of 8 vec4s: f16 d, then 32 int8
+                w.line("let w = (i4 >> 3u) * 9u;")
+                w.line(f"let d = unpack2x16float(t_{name}[w]).x;")
+                w.line(f"let x = t_{name}[w + 1u + (i4 & 7u)];")
+                w.line(f"return d * {sext};")
+            elif fmt is ir.DType.Q4_0:  # 5 words a block: f16 d, then 16 bytes of two nibbles
+                w.line("let w = (i4 >> 3u) * 5u;")
+                w.line("let c = i4 & 7u;")
+                w.line(f"let d = unpack2x16float(t_{name}[w]).x;")
+                w.line(f"let x = t_{name}[w + 1u + (c & 3u)] >> ((c >> 2u) * 4u);")
+                w.line("let q = (vec4<u32>(x) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u);")
+                w.line("return d * (vec4<f32>(q) - vec4<f32>(8.0));")
+            else:  # int8: a row of D/4 + 1 words: f32 s, then D int8
+                last = self.spec.kernel.param(name).type.dims[-1]
+                w.line(f"let n4 = P.d_{last} >> 2u;")
+                w.line("let r = i4 / n4;")
+                w.line("let w = r * (n4 + 1u);")
+                w.line(f"let s = bitcast<f32>(t_{name}[w]);")
+                w.line(f"let x = t_{name}[w + 1u + (i4 - r * n4)];")
+                w.line(f"return s * {sext};")
+        sext1 = "f32((bitcast<i32>(x) << (24u - 8u * (j & 3u))) >> 24u)"
+        with w.block(f"fn ld_{name}(i: u32) -> f32"):  # one value (scalar loads, VEC=1)
+            if fmt is ir.DType.Q8_0:
+                w.line("let w = (i >> 5u) * 9u;")
+                w.line("let j = i & 31u;")
+                w.line(f"let x = t_{name}[w + 1u + (j >> 2u)];")
+                w.line(f"return unpack2x16float(t_{name}[w]).x * {sext1};")
+            elif fmt is ir.DType.Q4_0:
+                w.line("let w = (i >> 5u) * 5u;")
+                w.line("let j = i & 31u;")
+                w.line(f"let q = (t_{name}[w + 1u + ((j & 15u) >> 2u)] >> (8u * (j & 3u) + 4u * (j >> 4u))) & 15u;")
+                w.line(f"return unpack2x16float(t_{name}[w]).x * (f32(q) - 8.0);")
+            else:
+                last = self.spec.kernel.param(name).type.dims[-1]
+                w.line(f"let r = i / P.d_{last};")
+                w.line(f"let j = i - r * P.d_{last};")
+                w.line(f"let w = r * ((P.d_{last} >> 2u) + 1u);")
+                w.line(f"let x = t_{name}[w + 1u + (j >> 2u)];")
+                w.line(f"return bitcast<f32>(t_{name}[w]) * {sext1};")
 
     def privates(self, w: Writer) -> None:
         s = self.spec

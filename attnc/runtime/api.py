@@ -16,16 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from attnc.errors import AttncError, LoweringError
+from attnc.errors import AttncError, DeviceError, LoweringError
 from attnc.lowering import Plan
 from attnc.lowering.plan import Storage, Strategy
 from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, packs_gqa, pick_family, plan_for, with_combine
+from attnc.quant import QuantTensor, check_format, check_head_dim
 from attnc.runtime.build import Options, build_kernel_with_captures, mods_scan, options_key, programs_for
 from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.params import bind_params
 from attnc.runtime.prepared import BROADCAST, Prepared, broadcast_shape, check_host_option, check_limits
-from attnc.runtime.tensor import Tensor, host_array
+from attnc.runtime.tensor import QuantGPUTensor, Tensor, host_array, on_gpu
 from attnc.runtime.tuning_cache import ignore, tuned_plan
 
 OPTION_TENSORS = ("bias", "alibi_slopes", "sinks", "kv_lens")
@@ -42,8 +43,9 @@ def _is_real(x: Any) -> bool:
 
 
 def as_input(name: str, x: Any) -> Tensor | np.ndarray:
-    """A GPU tensor as it is, host data as a numpy array; anything else a ValueError."""
-    if isinstance(x, Tensor):
+    """A GPU tensor or a quantized tensor (host or GPU) as it is, host data as a numpy array;
+    anything else a ValueError."""
+    if isinstance(x, (Tensor, QuantTensor, QuantGPUTensor)):
         return x
     arr = host_array(name, x)
     if arr is None:
@@ -54,16 +56,22 @@ def as_input(name: str, x: Any) -> Tensor | np.ndarray:
 
 def validate(q: Any, k: Any, v: Any) -> dict[str, int]:
     """Check q/k/v (numpy arrays or GPU tensors) against the contract; return the dims B, Hq,
-    Hkv, S, T, D, Dv."""
+    Hkv, S, T, D, Dv. k and v may each be quantized (a host QuantTensor or a QuantGPUTensor of
+    4 dims; attnc/quant.py)."""
     for n, x in (("q", q), ("k", k), ("v", v)):
+        if n != "q" and isinstance(x, (QuantTensor, QuantGPUTensor)):
+            _check(len(x.shape) == 4, f"{n}: expected 4 dims, got {len(x.shape)} (shape {tuple(x.shape)})")
+            continue
         if not isinstance(x, (np.ndarray, Tensor, InputSpec)):
             raise ValueError(f"{n}: expected a numpy array or an attnc.Tensor, got {type(x).__name__}")
         _check(len(x.shape) == 4, f"{n}: expected 4 dims, got {len(x.shape)} (shape {tuple(x.shape)})")
         _check(x.dtype in (np.float32, np.float16),
                f"{n}: dtype must be float32 or float16, got {x.dtype}")
         _check(x.size > 0, f"{n}: empty array (shape {tuple(x.shape)})")
-    _check(q.dtype == k.dtype == v.dtype,
-           f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    floats = [x for x in (k, v) if not isinstance(x, (QuantTensor, QuantGPUTensor))]
+    _check(all(x.dtype == q.dtype for x in floats),
+           "q, k, v must share a dtype (or k, v be quantized), got "
+           + ", ".join(x.fmt if isinstance(x, (QuantTensor, QuantGPUTensor)) else str(x.dtype) for x in (q, k, v)))
     B, Hq, S, D = q.shape
     _, Hkv, T, Dk = k.shape
     _check(k.shape[0] == v.shape[0] and k.shape[0] in (1, B),
@@ -99,6 +107,11 @@ def validate_dims(dims: Mapping[str, Any]) -> dict[str, int]:
     _check(dims["Hq"] % dims["Hkv"] == 0,
            f"Hq={dims['Hq']} query heads is not a multiple of Hkv={dims['Hkv']} kv heads")
     return {n: int(dims[n]) for n in DIMS}
+
+
+def kv_formats(k: Any, v: Any) -> dict[str, str]:
+    """The k_format / v_format options of quantized k and v (none for float ones)."""
+    return {f"{n}_format": x.fmt for n, x in (("k", k), ("v", v)) if isinstance(x, (QuantTensor, QuantGPUTensor))}
 
 
 def vector_readable(*xs: Any) -> bool:
@@ -168,17 +181,24 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
                  plan: Plan | None = None, tunables: dict[str, int] | None = None,
                  nsplit: int | None = None, pack_gqa: bool | None = None,
                  offsets: tuple[int, int, int, int] | dict[str, int] | None = None,
-                 vector_loads: bool = True, inputs: Mapping[str, Any] | None = None, paged: bool = False) -> Prepared:
+                 vector_loads: bool = True, inputs: Mapping[str, Any] | None = None, paged: bool = False,
+                 k_format: str | None = None, v_format: str | None = None) -> Prepared:
     """Validate options, choose the variant (tuned, heuristic or the given plan) and lower it,
     for the dims B, Hq, Hkv, S, T, D, Dv. Option tensors (host data or GPU tensors) become the
     op's defaults, as do `inputs` (the values of what the mods declare with attnc.input /
     attnc.scalar) and what the mods capture. `vector_loads=False` plans scalar loads of q/k/v
     (for views whose head dim is not contiguous). `paged=True`: K/V are pools of pages read
     through inputs["block_table"] (runtime/paged.py; dims also NP, P, NB, and T = NB * P).
+    k_format / v_format: K / V stored quantized (q8_0, q4_0, int8: attnc/quant.py); calls
+    then take QuantTensors or QuantGPUTensors of that format for them.
 
     offsets: the problem is one piece of a larger one (runtime/chunking.py), given as
     (q_offset, q_total, kv_offset, kv_total) or a dict of those and b_offset, b_total,
     h_offset, hq_total, hkv_total (whole_problem()): masks and mods see the whole problem."""
+    for name, fmt, d in (("k", k_format, "D"), ("v", v_format, "Dv")):
+        if fmt is not None:
+            check_format(fmt)
+            check_head_dim(fmt, name, dims[d])
     dev = get_device(device)
     fam = pick_family(dev.capabilities, target)
     f16_math = target in F16_MATH_TARGETS
@@ -202,7 +222,7 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
                    softcap=softcap is not None, alibi=alibi_slopes is not None,
                    bias=bias is not None, sinks=sinks is not None, kv_lens=kv_lens is not None,
                    lse=return_lse, f16=np.dtype(dtype) == np.float16, score_mod=score_mod,
-                   mask_mod=mask_mod, paged=paged)
+                   mask_mod=mask_mod, paged=paged, k_format=k_format, v_format=v_format)
     if offsets is not None:  # one chunk of a larger problem: absolute positions
         opts = Options(**{**opts.__dict__, "offsets": True})
         scalars.update(offsets)
@@ -300,7 +320,7 @@ def _example(name: str, x: Any, dtype: Any) -> Tensor | np.ndarray | InputSpec:
 def _tensors_device(device: Any, named: dict[str, Any]) -> Device:
     """The device of the call: that of its GPU tensors (all on one), which `device=` must name
     if given; else the device `device=` resolves to."""
-    on = {n: x.device for n, x in named.items() if isinstance(x, Tensor)}
+    on = {n: x.device for n, x in named.items() if on_gpu(x)}
     if not on:
         return get_device(device)
     first, dev = next(iter(on.items()))
@@ -338,19 +358,26 @@ def prepare(q: Any, k: Any = None, v: Any = None, *, dtype: Any = None, causal: 
     if isinstance(q, Mapping):
         dt = dtype if k is None else k
         return prepare_dims(dict(q), np.float32 if dt is None else dt, **options, **planning)
+    given_formats = {n: planning.pop(n) for n in ("k_format", "v_format") if planning.get(n) is not None}
+    planning = {n: x for n, x in planning.items() if n not in ("k_format", "v_format")}
     if planning:
         raise TypeError(f"prepare() got unexpected keyword arguments {sorted(planning)} (they go with the dims form)")
     if k is None or v is None:
         raise ValueError("prepare: pass q, k and v (tensors, arrays or shapes), or a dict of the dims")
     examples = [_example(n, x, dtype) for n, x in (("q", q), ("k", k), ("v", v))]
     dims = validate(*examples)
+    formats = kv_formats(examples[1], examples[2])
+    for n, fmt in given_formats.items():
+        if formats.get(n, fmt) != fmt:
+            raise ValueError(f"{n}: {fmt!r}, but the example {n[0]} is stored as {formats[n]}")
+    formats.update(given_formats)
     named = {"q": q, "k": k, "v": v, "bias": bias, "alibi_slopes": alibi_slopes, "sinks": sinks, "kv_lens": kv_lens}
     dev = _tensors_device(device, named)
     return prepare_dims(dims, examples[0].dtype, causal=causal, scale=scale, window=window, bias=bias,
                         alibi_slopes=alibi_slopes, softcap=softcap, sinks=sinks, kv_lens=kv_lens,
                         return_lse=return_lse, device=dev, target=target, score_mod=score_mod, mask_mod=mask_mod,
                         vector_loads=vector_readable(*examples), pack_gqa=None if rows_packable(dims, out, out_lse)
-                        else False, inputs=inputs)
+                        else False, inputs=inputs, **formats)
 
 
 # ops attention() prepared, least recently used dropped first
@@ -368,11 +395,13 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
 
     q [B,Hq,S,D], k [B or 1,Hkv,T,D], v [B or 1,Hkv,T,Dv] -> o [B,Hq,S,Dv] in q's dtype
     (and lse [B,Hq,S] float32 with return_lse). Inputs are host data or GPU tensors
-    (attnc.Tensor); with a GPU q, k or v the result is a new GPU tensor (o in q's dtype, as
-    the kernel wrote it: float16 inputs give a float16 o, rows Dv + 1 apart for an odd Dv)
-    unless `output="numpy"`, and `out=` (of q's dtype) / `out_lse=` write into given tensors. score_mod(s, b, h,
-    q_idx, kv_idx) and mask_mod(b, h, q_idx, kv_idx) are traced into the kernel (once per
-    distinct function; q_idx is the raw query index); the tensors (numpy or GPU) and numbers
+    (attnc.Tensor); k and v may each be quantized (attnc.quant.quantize's QuantTensor on the
+    host, or a QuantGPUTensor: q8_0, q4_0, int8), read by the kernels in that format. With a
+    GPU q, k or v the result is a new GPU tensor (o in q's dtype, as the kernel wrote it:
+    float16 inputs give a float16 o, rows Dv + 1 apart for an odd Dv) unless
+    `output="numpy"`, and `out=` (of q's dtype) / `out_lse=` write into given tensors.
+    score_mod(s, b, h, q_idx, kv_idx) and mask_mod(b, h, q_idx, kv_idx) are traced into the
+    kernel (once per distinct function; q_idx is the raw query index); the tensors (numpy or GPU) and numbers
     they close over become the kernel's inputs (bindings and uniforms: new values run the same
     kernel), and `inputs` gives, by name, the values of the ones they declare with
     attnc.input(name, type) / attnc.scalar(name). target: "portable", "subgroups", or
@@ -388,8 +417,14 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
     options = {n: x for n, x in (("bias", bias), ("alibi_slopes", alibi_slopes), ("sinks", sinks),
                                  ("kv_lens", kv_lens)) if x is not None}
     dev = _tensors_device(device, {"q": q, "k": k, "v": v, **options, "out": out, "out_lse": out_lse})
-    on_gpu = any(isinstance(x, Tensor) for x in (q, k, v, *options.values(), out, out_lse))
-    if not on_gpu and largest_binding(q, k, v, bias) > binding_limit(dev):
+    gpu = any(on_gpu(x) for x in (q, k, v, *options.values(), out, out_lse))
+    formats = kv_formats(k, v)
+    if formats and not gpu and largest_binding(q, k, v, bias) > binding_limit(dev):
+        big = largest_binding(q, k, v, bias)
+        raise DeviceError(f"a {big}-byte binding is larger than {dev.spec}'s largest storage binding "
+                          f"({binding_limit(dev)} B); quantized K/V are not split into pieces",
+                          notes=("call attention on fewer batch entries or heads at a time",))
+    if not gpu and largest_binding(q, k, v, bias) > binding_limit(dev):
         kw = dict(causal=causal, scale=scale, window=window, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
                   sinks=sinks, kv_lens=kv_lens, return_lse=return_lse, device=dev, target=target,
                   score_mod=score_mod, mask_mod=mask_mod)
@@ -413,12 +448,13 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
     key = None if scan is not None and scan.key is None else \
         (id(dev), tuple(sorted(dims.items())), str(q.dtype), str(k.shape[0]), vec, packable, bool(causal), scale,
          None if window is None else tuple(window), tuple(sorted(scalars.items())), tuple(sorted(options)),
-         bool(return_lse), target, None if scan is None else scan.key, shapes)
+         bool(return_lse), target, tuple(sorted(formats.items())), None if scan is None else scan.key, shapes)
     op = None if key is None else _OPS.get(key)
     if op is None:
         op = prepare_dims(dims, q.dtype, causal=causal, scale=scale, window=window, softcap=softcap, device=dev,
                           target=target, return_lse=return_lse, score_mod=score_mod, mask_mod=mask_mod,
-                          vector_loads=vec, pack_gqa=None if packable else False, inputs=named, **options)
+                          vector_loads=vec, pack_gqa=None if packable else False, inputs=named, **options,
+                          **formats)
         op.defaults.clear()  # every call passes its own option tensors and captures: keep no data
         if key is not None:
             _OPS[key] = op
@@ -428,7 +464,7 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
         _OPS.move_to_end(key)
     if scan is not None:
         named.update(op.captured_values(scan))
-    fresh = isinstance(q, Tensor) or isinstance(k, Tensor) or isinstance(v, Tensor)
+    fresh = on_gpu(q) or on_gpu(k) or on_gpu(v)
     return op._call(q, k, v, out, out_lse, None, output, {**options, **named},
                     keep_groups=not (fresh and out is None))
 

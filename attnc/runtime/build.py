@@ -17,7 +17,7 @@ from attnc.frontend import capture
 from attnc.ir import nodes as ir
 from attnc.lowering import Plan, Storage, lower
 from attnc.lowering.program import Program
-from attnc.lowering.retype import retype
+from attnc.lowering.retype import retype, with_kv_formats
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class Options:
     split: bool = False
     pack_gqa: bool = False
     f16: bool = False
+    k_format: str | None = None  # a quantized K (attnc/quant.py: q8_0, q4_0, int8), else q's dtype
+    v_format: str | None = None  # the same for V
     paged: bool = False  # K/V in pages read through a block table (kernels/flash.py)
     score_mod: Callable[..., Any] | None = None
     mask_mod: Callable[..., Any] | None = None
@@ -43,7 +45,8 @@ class Options:
 
 def options_key(opts: Options) -> str:
     """The kernel-shaping options as a stable string (the tuning cache keys on it)."""
-    d = {k: v for k, v in opts.__dict__.items() if k not in ("split", "score_mod", "mask_mod")}
+    d = {k: v for k, v in opts.__dict__.items() if k not in ("split", "score_mod", "mask_mod")
+         and not (k in ("k_format", "v_format") and v is None)}
     return ",".join(f"{k}={v}" for k, v in sorted(d.items()))
 
 
@@ -93,6 +96,7 @@ def build_kernel_with_captures(opts: Options, tunables: dict[str, int]
     else:
         kern, captured = flash_attention.trace_with_captures(offsets=opts.offsets, **options)
     kern = retype(kern, Storage.F16 if opts.f16 else Storage.F32)
+    kern = with_kv_formats(kern, opts.k_format, opts.v_format)
     paths = {name: slot.path for name, slot in captured.items()}
     # the trace may have found numbers to hold constant: the key of later calls includes them
     key = _key(opts, tunables, capture.scan(mods) if mods else None)

@@ -7,9 +7,11 @@ new rows behind each row's valid prefix with a store kernel, which also advances
 lengths, so a decode step moves only the new rows; `attend` runs attention of new queries
 over each row's prefix (queries aligned to its end, as with `kv_lens`).
 
-Every write goes through `_store` (one store program per cache dtype): a later storage
-format (quantized rows written by their own store kernel) changes that method and the
-program it dispatches, not the callers.
+Every write goes through `_store`: one store program per float cache dtype, and for K or V
+kept quantized (`k_format=` / `v_format=`: q8_0, q4_0, int8; attnc/quant.py) the DSL store
+kernel of attnc/kernels/store.py, which quantizes the new rows on the device and writes them
+at each row's length (read from the GPU lengths); attention reads the quantized buffers
+directly.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from typing import Any
 import numpy as np
 
 from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
+from attnc.quant import check_format, check_head_dim
 from attnc.runtime import dispatch as rt
 from attnc.runtime.api import prepare
 from attnc.runtime.build import mods_scan
 from attnc.runtime.devices import get_device
 from attnc.runtime.prepared import Prepared
-from attnc.runtime.tensor import Tensor, host_array, zeros
+from attnc.runtime.store import store_program as dsl_store_program
+from attnc.runtime.tensor import QuantGPUTensor, Tensor, dense_strides, host_array, quant_zeros, zeros
 
 WORKGROUP = 64
 
@@ -163,6 +167,11 @@ ADVANCE = _program("kv_advance", ADVANCE_WGSL, (("counts", Access.READ, Scalar.I
                                                 ("params", Access.UNIFORM, Scalar.U32)), ADVANCE_FIELDS)
 
 
+def _storage(fmt: str | None, shape: tuple[int, ...], dtype: np.dtype, device: Any) -> Tensor | QuantGPUTensor:
+    """A zeroed cache tensor: quantized in `fmt`, else of `dtype`."""
+    return zeros(shape, dtype, device) if fmt is None else quant_zeros(fmt, shape, device)
+
+
 class KVCache:
     """Keys and values of B sequences on a device, appended in place (see the module docstring).
 
@@ -170,10 +179,18 @@ class KVCache:
     row's valid prefix (host copy); `kv_lens`: the same lengths in a GPU int32 tensor.
     Appending past `capacity` is a ValueError (the cache does not reallocate). float16 caches
     with an odd head dim get an even capacity (a 32-bit word never spans two sequences).
+
+    `k_format` / `v_format` ("q8_0", "q4_0", "int8", or None for `dtype`) keep K / V quantized:
+    `k` / `v` are then QuantGPUTensors, appends quantize the new rows on the device (host
+    rows are converted to `dtype` first; GPU rows may be float32 or float16), and `attend`
+    reads them as they are. q8_0 and q4_0 need a head dim that is a multiple of 32, int8 of 4.
+    A ragged append of a quantized K or V may also write rows past a row's new length (within
+    the capacity): rows there are unspecified in every format, and the next append overwrites them.
     """
 
     def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, value_dim: int | None = None,
-                 dtype: Any = np.float32, device: Any = None):
+                 dtype: Any = np.float32, device: Any = None, *, k_format: str | None = None,
+                 v_format: str | None = None):
         dt = np.dtype(dtype)
         if dt not in (np.float32, np.float16):
             raise ValueError(f"dtype must be float32 or float16, got {dt}")
@@ -182,13 +199,18 @@ class KVCache:
             if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
                 raise ValueError(f"{name} must be a positive int, got {n!r}")
         dv = head_dim if value_dim is None else value_dim
+        for name, fmt, width in (("k_format", k_format, head_dim), ("v_format", v_format, dv)):
+            if fmt is not None:
+                check_format(fmt)
+                check_head_dim(fmt, "head_dim" if name == "k_format" else "value_dim", int(width))
         if dt == np.float16 and (head_dim % 2 or dv % 2) and capacity % 2:
             capacity += 1
         self.device = get_device(device)
         self.dtype, self.batch, self.kv_heads, self.capacity = dt, int(batch), int(kv_heads), int(capacity)
         self.head_dim, self.value_dim = int(head_dim), int(dv)
-        self.k = zeros((batch, kv_heads, capacity, head_dim), dt, self.device)
-        self.v = zeros((batch, kv_heads, capacity, dv), dt, self.device)
+        self.k_format, self.v_format = k_format, v_format
+        self.k: Tensor | QuantGPUTensor = _storage(k_format, (batch, kv_heads, capacity, head_dim), dt, self.device)
+        self.v: Tensor | QuantGPUTensor = _storage(v_format, (batch, kv_heads, capacity, dv), dt, self.device)
         self.kv_lens = zeros((batch,), np.int32, self.device)
         self._lengths = np.zeros(batch, np.int64)
         # ragged appends: rows per batch row, one buffer per distinct pattern (so appends recorded
@@ -204,7 +226,8 @@ class KVCache:
     def __repr__(self) -> str:
         return (f"attnc.KVCache(batch={self.batch}, kv_heads={self.kv_heads}, capacity={self.capacity}, "
                 f"head_dim={self.head_dim}, value_dim={self.value_dim}, dtype={self.dtype}, "
-                f"lengths={self._lengths.tolist()}, device={self.device.spec})")
+                + "".join(f"{n}={f!r}, " for n, f in (("k_format", self.k_format), ("v_format", self.v_format)) if f)
+                + f"lengths={self._lengths.tolist()}, device={self.device.spec})")
 
     @property
     def lengths(self) -> np.ndarray:
@@ -259,14 +282,17 @@ class KVCache:
         if n == 0 or not rows.any():
             return
         recorded = encoder is not None
-        k_src = self._source("k_new", k_new, recorded)
-        v_src = self._source("v_new", v_new, recorded)
+        k_src = self._source("k_new", k_new, recorded, self.k_format)
+        v_src = self._source("v_new", v_new, recorded, self.v_format)
         ragged = counts is not None and not np.all(rows == n)
         counts_t = self._counts_tensor(rows) if ragged else self._no_counts
-        enc = self.device.gpu.create_command_encoder(label="attnc.kv_append") if encoder is None else encoder
-        self._store(enc, [(k_src, self.k), (v_src, self.v)], n, counts_t if ragged else None)
-        if encoder is None:
-            rt.submit(self.device, [enc.finish()])
+        if rt.sanitizing() and encoder is None:
+            self._store(None, [(k_src, self.k), (v_src, self.v)], n, counts_t if ragged else None)
+        else:
+            enc = self.device.gpu.create_command_encoder(label="attnc.kv_append") if encoder is None else encoder
+            self._store(enc, [(k_src, self.k), (v_src, self.v)], n, counts_t if ragged else None)
+            if encoder is None:
+                rt.submit(self.device, [enc.finish()])
         self._lengths = after
 
     def _counts_tensor(self, rows: np.ndarray) -> Tensor:
@@ -291,15 +317,21 @@ class KVCache:
                              f"got {shape if shape is not None else type(x).__name__}")
         return int(shape[2])
 
-    def _source(self, name: str, x: Any, recorded: bool) -> tuple[rt.BufferSlice, tuple[int, ...]]:
+    def _source(self, name: str, x: Any, recorded: bool, fmt: str | None = None
+                ) -> tuple[rt.BufferSlice, tuple[int, ...], np.dtype]:
         """A source bound: a GPU tensor in place (checked), host data uploaded into the cache's
-        own staging buffer (only the new rows)."""
+        own staging buffer (only the new rows); with its element strides and dtype. A
+        quantized destination (`fmt`) takes float32 or float16 GPU rows."""
+        if isinstance(x, QuantGPUTensor):
+            raise ValueError(f"{name}: a {x.fmt} QuantGPUTensor; append takes float rows (the cache quantizes them)")
         if isinstance(x, Tensor):
             if x.device is not self.device:
                 raise ValueError(f"{name}: the tensor is on {x.device!r}; the cache is on {self.device!r}")
-            if x.dtype != self.dtype:
+            if fmt is not None and x.dtype not in (np.float32, np.float16):
+                raise ValueError(f"{name}: dtype {x.dtype}; a {fmt} cache quantizes float32 or float16 rows")
+            if fmt is None and x.dtype != self.dtype:
                 raise ValueError(f"{name}: dtype {x.dtype}; the cache holds {self.dtype}")
-            return x.binding(name), x.strides
+            return x.binding(name), x.strides, x.dtype
         if recorded:
             raise ValueError(f"{name}: host data cannot be recorded into an encoder (it would be uploaded before "
                              "the encoder runs, and a later append would overwrite it); pass an attnc.Tensor")
@@ -316,9 +348,10 @@ class KVCache:
         if buffer is None or buffer.size < raw.size:
             buffer = self._staging[name] = rt.create_buffer(self.device, max(16, raw.size), label=f"attnc.{name}")
         rt.write(self.device, buffer, 0, raw)
-        return rt.BufferSlice(buffer, 0, raw.size), tuple(int(s) // host.itemsize for s in host.strides)
+        return rt.BufferSlice(buffer, 0, raw.size), tuple(int(s) // host.itemsize for s in host.strides), host.dtype
 
-    def _store(self, encoder: Any, pairs: list[tuple[tuple[rt.BufferSlice, tuple[int, ...]], Tensor]], n: int,
+    def _store(self, encoder: Any,
+               pairs: list[tuple[tuple[rt.BufferSlice, tuple[int, ...], np.dtype], Tensor | QuantGPUTensor]], n: int,
                counts: Tensor | None) -> None:
         """The one write path: record the store of each (source, destination) pair's first n
         rows (counts[b] of them for batch row b when given) and the advance of the GPU
@@ -328,7 +361,10 @@ class KVCache:
         counts_slice = (self._no_counts if counts is None else counts).binding("counts")
         per_dim = int(dev.gpu.limits["max-compute-workgroups-per-dimension"])
         items = []
-        for (src, strides), dst in pairs:
+        for (src, strides, src_dtype), dst in pairs:
+            if isinstance(dst, QuantGPUTensor):
+                items.append(self._quant_store(src, strides, src_dtype, dst, n, per_dim))
+                continue
             width = dst.shape[3]
             per = n * width if self.dtype == np.float32 else -(-n * width // 2) + 1
             groups = -(-self.batch * self.kv_heads * per // WORKGROUP)
@@ -340,15 +376,41 @@ class KVCache:
         values = dict(B=self.batch, n=n, ragged=int(ragged))
         bufs = {"counts": counts_slice, "lens": self.kv_lens.binding("kv_lens")}
         items.append(self._item(ADVANCE, bufs, values, -(-self.batch // WORKGROUP), per_dim))
+        if rt.sanitizing():  # the instrumented shaders, their records checked after the run
+            if encoder is not None:
+                raise ValueError("ATTNC_SANITIZE=bounds reads its records after the run: append without encoder=")
+            rt.run(dev, items)
+            return
         rt.encode_pass(encoder, items, "attnc.kv_append")
 
+    def _quant_store(self, src: rt.BufferSlice, strides: tuple[int, ...], src_dtype: np.dtype, dst: QuantGPUTensor,
+                     n: int, per_dim: int) -> Any:
+        """The DSL store kernel's item writing n rows of `src` [B, Hkv, n, width] into the
+        quantized `dst` at each row's GPU length (it writes no row past the capacity)."""
+        kern, prog = dsl_store_program(dst.fmt, "f16" if src_dtype == np.float16 else "f32", False)
+        shapes = {"x": (self.batch, self.kv_heads, n, dst.shape[3]), "pos": (self.batch,), "cache": dst.shape}
+        given = {"x": strides, "pos": (1,), "cache": dense_strides(dst.shape)}
+        values: dict[str, int] = {}
+        dims: dict[str, int] = {}
+        for p in kern.params:
+            dims.update(zip(p.type.dims, shapes[p.name], strict=True))
+            values.update({f"s_{p.name}_{i}": int(st) for i, st in enumerate(given[p.name])})
+        values.update({f"d_{d}": x for d, x in dims.items()})
+        fields = {f.name for f in prog.uniforms} - set(rt.AUTO_UNIFORMS)
+        points = int(np.prod([dims[d] for d in prog.grid]))
+        bufs = {"x": src, "pos": self.kv_lens.binding("kv_lens"), "cache": dst.binding("cache")}
+        return self._item(prog, bufs, {f: values[f] for f in fields}, points, per_dim)
+
     def _item(self, program: Program, bufs: dict[str, Any], values: dict[str, int], groups: int, per_dim: int
-              ) -> tuple[rt.CompiledProgram, Any, tuple[int, int, int]]:
+              ) -> Any:
         """(pipeline, bind group, grid) of one store dispatch; uniform buffers by content and
-        bind groups by buffers are made once."""
+        bind groups by buffers are made once. Under ATTNC_SANITIZE=bounds, the rt.Dispatch
+        (run instrumented by `_store`)."""
+        if rt.sanitizing():
+            return rt.Dispatch(program, bufs, values, groups)
         compiled = self.device.pipelines.get(self.device, program)
         grid = rt.fold_grid(groups, per_dim)
-        ukey = (program.name, tuple(sorted(values.items())))
+        ukey = (id(program), tuple(sorted(values.items())))
         ub = self._uniforms.get(ukey)
         if ub is None:
             block = rt.uniform_block(rt.Dispatch(program, {}, values, groups), grid)

@@ -36,10 +36,11 @@ from attnc.lowering import Plan, Strategy
 from attnc.lowering.plan import fast_reduce, layout
 from attnc.lowering.program import Access, Program
 from attnc.lowering.retype import operand_tensors
+from attnc.quant import QuantTensor
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device
 from attnc.runtime.params import host_param, scalar_value
-from attnc.runtime.tensor import Tensor, dense_strides, host_array
+from attnc.runtime.tensor import QuantGPUTensor, Tensor, dense_strides, host_array, on_gpu
 
 # kernel tensor dtypes as numpy dtypes (bool and u8 params are packed four per word: host data only)
 NUMPY_OF = {ir.DType.F32: np.dtype(np.float32), ir.DType.F16: np.dtype(np.float16), ir.DType.I32: np.dtype(np.int32),
@@ -53,6 +54,7 @@ BROADCAST = frozenset({"bias"})
 MAX_BIND_GROUPS = 256
 MAX_UNIFORM_BLOCKS = 16
 OUTPUT_MODES = ("tensor", "numpy")
+_GPU = (Tensor, QuantGPUTensor)  # the types of k and v a call's fast path takes
 
 
 def workgroups(factors: tuple[str, ...], env: dict[str, float | int]) -> int:
@@ -98,6 +100,7 @@ class TensorParam:
     broadcast: bool  # may be given broadcastable to `shape` (stride 0 on its size-1 dims)
     ir_dtype: ir.DType = ir.DType.F32
     generic: bool = False  # bound by runtime/params.py's rules (captures, named inputs, custom kernels)
+    fmt: str | None = None  # k / v stored quantized (q8_0, q4_0, int8): given as a (GPU) QuantTensor
 
 
 def check_host_option(name: str, x: Any, dims: Mapping[str, int], total_keys: int | None = None) -> np.ndarray:
@@ -159,9 +162,10 @@ class Prepared:
         self.generic = frozenset(generic)
         self.sources = dict(sources or {})
         self.params = tuple(
-            TensorParam(p.name, tuple(dims[d] for d in p.type.dims), NUMPY_OF[p.type.dtype],
+            TensorParam(p.name, tuple(dims[d] for d in p.type.dims),
+                        np.dtype(np.uint32) if p.type.dtype.is_quant else NUMPY_OF[p.type.dtype],
                         vec and p.name in operands, p.name in BROADCAST or p.name in self.generic,
-                        p.type.dtype, p.name in self.generic)
+                        p.type.dtype, p.name in self.generic, p.type.dtype.value if p.type.dtype.is_quant else None)
             for p in kern.params if p.type.dims)
         # scalar params a call may set by name (uniforms): captured numbers, named scalars
         self.scalar_inputs = frozenset(p.name for p in kern.params if not p.type.dims and p.name in self.generic)
@@ -223,7 +227,8 @@ class Prepared:
         knobs = {Strategy.ROWS: f"KC={pn.keys_per_step},DQ={pn.query_dim}",
                  Strategy.LANES: f"TM={pn.rows_per_invocation},SGB={pn.subgroup_width},DQ={pn.query_dim}",
                  Strategy.STREAM: stream}.get(pn.strategy, tiled)
-        return f"{pl.name}:{pn.name}[{tun},{knobs},DVC={pn.value_columns},VEC={pn.vector_width}{split}]"
+        kv = "".join(f",{p.name.upper()}={p.fmt}" for p in self.params if p.fmt)
+        return f"{pl.name}:{pn.name}[{tun},{knobs},DVC={pn.value_columns},VEC={pn.vector_width}{split}{kv}]"
 
     @property
     def plan_grid(self) -> list[int]:
@@ -273,6 +278,8 @@ class Prepared:
 
     def _host_value(self, p: TensorParam, x: Any) -> tuple[np.ndarray, tuple[int, ...]]:
         """A host argument checked and converted: (compact array, element strides)."""
+        if p.fmt is not None or isinstance(x, QuantTensor):
+            return self._quant_arg(p, x, QuantTensor).words, dense_strides(p.shape)
         if p.generic:
             arr, st = host_param(x, p.ir_dtype, p.shape, self._what(p.name))
             return arr, tuple(st)
@@ -297,12 +304,33 @@ class Prepared:
             raise ValueError(f"{p.name}: expected shape {p.shape}, got {arr.shape}")
         return arr, dense_strides(arr.shape)
 
+    def _quant_arg(self, p: TensorParam, x: Any, kind: type) -> Any:
+        """k or v given for a quantized param (or quantized for a float one), checked: a
+        QuantTensor (host) or QuantGPUTensor (`kind`) of the op's format and shape."""
+        name = p.name
+        if p.fmt is None:
+            raise ValueError(f"{name}: this op reads {name} as {p.dtype} values; got a {x.fmt} {type(x).__name__} "
+                             f"(prepare the op with a quantized {name} like it, or {name}_format={x.fmt!r})")
+        if not isinstance(x, (QuantTensor, QuantGPUTensor)):
+            got = f"{x.dtype} values" if hasattr(x, "dtype") else f"a {type(x).__name__}"
+            raise ValueError(f"{name}: this op reads {name} stored as {p.fmt}; got {got} (quantize them with "
+                             f"attnc.quant.quantize(x, {p.fmt!r}))")
+        if x.fmt != p.fmt:
+            raise ValueError(f"{name}: this op reads {name} stored as {p.fmt}; got a {x.fmt} {type(x).__name__}")
+        if tuple(x.shape) != p.shape:
+            raise ValueError(f"{name}: shape {tuple(x.shape)}; this op takes {p.shape}")
+        if not isinstance(x, kind):
+            raise ValueError(f"{name}: expected a {kind.__name__}, got a {type(x).__name__}")
+        return x
+
     def _gpu_arg(self, p: TensorParam, t: Tensor) -> tuple[rt.BufferSlice, tuple[int, ...]]:
         """A GPU tensor argument checked against the op: device, dtype, shape, strides the
         variant can read, binding alignment, a live buffer. Errors name the argument."""
         name = self._what(p.name)
         if t.device is not self.dev:
             raise ValueError(f"{name}: the tensor is on {t.device!r}; this op runs on {self.dev!r}")
+        if p.fmt is not None or isinstance(t, QuantGPUTensor):
+            return self._quant_arg(p, t, QuantGPUTensor).binding(name), dense_strides(p.shape)
         if t.dtype != p.dtype:
             packed = " (bool and uint8 params are packed four per word: pass them as host data)" \
                 if p.ir_dtype in (ir.DType.BOOL, ir.DType.U8) else ""
@@ -424,7 +452,7 @@ class Prepared:
                         bound[p.name], st = self._uploaded_defaults[p.name]
                     strides.append(st)
                     continue
-            if isinstance(x, Tensor):
+            if on_gpu(x):
                 bound[p.name], st = self._gpu_arg(p, x)
             else:
                 if recorded:
@@ -468,9 +496,9 @@ class Prepared:
             self._groups.clear()
             self._memo.clear()
         memo_key = None
-        if keep_groups and not (env[0] or env[1]) and type(q) is Tensor and type(k) is Tensor and \
-                type(v) is Tensor and all(type(x) is Tensor or (n in self.scalar_inputs and type(x) in (int, float))
-                                          for n, x in tensors.items()):
+        if keep_groups and not (env[0] or env[1]) and type(q) is Tensor and type(k) in _GPU and \
+                type(v) in _GPU and all(type(x) is Tensor or (n in self.scalar_inputs and type(x) in (int, float))
+                                        for n, x in tensors.items()):
             memo_key = (q, k, v, out, out_lse, output, encoder is None, *tensors.items())
             hit = self._memo.get(memo_key)
             if hit is not None:
@@ -509,11 +537,11 @@ class Prepared:
         if unknown:
             raise ValueError(f"{unknown[0]}: not a tensor of this op (it takes q, k, v"
                              + "".join(f", {n}" for n in sorted(self.option_names)) + ")")
-        on_gpu = isinstance(q, Tensor) or isinstance(k, Tensor) or isinstance(v, Tensor) or out is not None
+        gpu = on_gpu(q) or on_gpu(k) or on_gpu(v) or out is not None
         if q is None and k is None and v is None:  # a custom kernel's call: every param by name
-            on_gpu = on_gpu or any(isinstance(x, Tensor) for x in tensors.values())
+            gpu = gpu or any(on_gpu(x) for x in tensors.values())
         if output is None:
-            output = "tensor" if on_gpu else "numpy"
+            output = "tensor" if gpu else "numpy"
         elif output not in OUTPUT_MODES:
             raise ValueError(f"output must be one of {OUTPUT_MODES} or None, got {output!r}")
         if encoder is not None and output == "numpy":

@@ -7,6 +7,10 @@ upload), as zeros (`zeros`), or around a buffer the application owns (`as_tensor
 back with `.numpy()`. Views (`permute`, `transpose`, indexing with ints and slices) share the
 buffer. f16 tensors are packed two per 32-bit word, as attnc's kernels read them.
 
+A `QuantGPUTensor` is a quantized tensor (q8_0, q4_0, int8: attnc/quant.py) on the GPU: its
+logical shape and format, and its packed u32 words in a dense uint32 Tensor. `tensor()` of a
+host `QuantTensor` uploads one; `.numpy()` reads it back as a QuantTensor.
+
 Host objects are numpy arrays or anything numpy can read without a copy through DLPack
 (`__dlpack__`, e.g. a PyTorch CPU tensor) or `__array__` (`host_array`).
 """
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from attnc.quant import QuantTensor, check_format, words_per_row
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device, get_device
 
@@ -260,10 +265,81 @@ class Tensor:
         return self._slice
 
 
-def tensor(data: Any, device: Any = None, dtype: Any = None) -> Tensor:
+class QuantGPUTensor:
+    """A quantized tensor of logical `shape` (head dim last) in format `fmt` on the GPU: its
+    packed u32 words (attnc/quant.py's layouts) in `words`, a dense 1-D uint32 Tensor. The
+    kernels address it by the element index of the dense logical tensor, so it has no views."""
+
+    __slots__ = ("fmt", "shape", "words")
+
+    def __init__(self, fmt: str, shape: Sequence[int], words: Tensor, *, name: str = "tensor"):
+        check_format(fmt)
+        shape = tuple(int(n) for n in shape)
+        if not shape or any(n < 1 for n in shape):
+            raise ValueError(f"{name}: a quantized tensor needs positive dims, got shape {shape}")
+        want = math.prod(shape[:-1]) * words_per_row(fmt, shape[-1])
+        if not isinstance(words, Tensor) or words.dtype != np.uint32 or words.shape != (want,) \
+                or not words.is_contiguous:
+            got = f"{words.dtype} {words.shape}" if isinstance(words, Tensor) else type(words).__name__
+            raise ValueError(f"{name}: a {fmt} tensor of shape {shape} is {want} dense uint32 words; got {got}")
+        self.fmt, self.shape, self.words = fmt, shape, words
+
+    @property
+    def device(self) -> Device:
+        return self.words.device
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed words."""
+        return self.words.nbytes
+
+    @property
+    def destroyed(self) -> bool:
+        return self.words.destroyed
+
+    def __repr__(self) -> str:
+        return f"attnc.QuantGPUTensor(fmt={self.fmt!r}, shape={self.shape}, device={self.device.spec})"
+
+    def numpy(self) -> QuantTensor:
+        """A host copy (a QuantTensor; attnc.quant.dequantize gives its values)."""
+        return QuantTensor(self.fmt, self.shape, self.words.numpy())
+
+    def binding(self, name: str) -> rt.BufferSlice:
+        """The words' binding (errors as Tensor.binding)."""
+        return self.words.binding(name)
+
+    def destroy(self) -> None:
+        self.words.destroy()
+
+
+def quant_zeros(fmt: str, shape: Sequence[int], device: Any = None) -> QuantGPUTensor:
+    """A new quantized GPU tensor of zero words (every value 0)."""
+    dev = get_device(device)
+    shape = tuple(int(n) for n in shape)
+    n = math.prod(shape[:-1]) * words_per_row(check_format(fmt), shape[-1]) if shape else 0
+    return QuantGPUTensor(fmt, shape, Tensor(dev, rt.empty(dev, 4 * max(n, 1)), (n,), np.uint32))
+
+
+def on_gpu(x: Any) -> bool:
+    """Whether `x` is a GPU tensor (plain or quantized)."""
+    return isinstance(x, (Tensor, QuantGPUTensor))
+
+
+def tensor(data: Any, device: Any = None, dtype: Any = None) -> Any:
     """Upload host data (numpy, `__array__` or DLPack) into a new GPU tensor on `device`
     (a Device, a GPUDevice, a spec string, or None for the default). `dtype` converts; without
-    it the data's dtype must be one of float32, float16, int32, uint32."""
+    it the data's dtype must be one of float32, float16, int32, uint32. A host QuantTensor
+    (attnc.quant.quantize) becomes a QuantGPUTensor of its format."""
+    if isinstance(data, QuantTensor):
+        if dtype is not None:
+            raise ValueError("dtype: a quantized tensor keeps its format; dtype= does not apply")
+        dev = get_device(device)
+        words = Tensor(dev, rt.upload(dev, data.words), data.words.shape, np.uint32)
+        return QuantGPUTensor(data.fmt, data.shape, words)
     arr = host_array("data", data)
     if arr is None:
         raise ValueError(f"data: expected host data (numpy, __array__ or DLPack), got {type(data).__name__}")

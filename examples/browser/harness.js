@@ -215,8 +215,11 @@ async function runKvCase(device, casesPath, c, io, manifests, attentions, r) {
     const attn = attentions.get(key);
     r.variant = attn.variant.name;
     const read = async (/** @type {any} */ f) => new ARRAYS[/** @type {keyof typeof ARRAYS} */ (f.dtype)](await io.bytes(joinPath(casesPath, f.file)));
-    const cache = await createKVCache(device, c.cache);
+    const cache = await createKVCache(device, c.cache.kFormat || c.cache.vFormat ? {...c.cache, manifest} : c.cache);
     const {batch: B, kvHeads: H, headDim: D, valueDim: Dv} = c.cache;
+    // elements of each cache buffer read back: values, or (quantized) u32 words
+    const kCount = c.expected.cache_k.count ?? B * H * cache.capacity * D;
+    const vCount = c.expected.cache_v.count ?? B * H * cache.capacity * Dv;
     for (const step of c.steps) {
       const k = await read(step.k), v = await read(step.v);
       const opts = {rows: step.rows, counts: step.counts ?? undefined};
@@ -240,8 +243,8 @@ async function runKvCase(device, casesPath, c, io, manifests, attentions, r) {
     const out = await cache.attend(attn, q, c.shapes, c.params || {});
     const cacheOut = {
       o: out.o,
-      cache_k: await readBuffer(device, cache.k, c.expected.cache_k.dtype, B * H * cache.capacity * D),
-      cache_v: await readBuffer(device, cache.v, c.expected.cache_v.dtype, B * H * cache.capacity * Dv),
+      cache_k: await readBuffer(device, cache.k, c.expected.cache_k.dtype, kCount),
+      cache_v: await readBuffer(device, cache.v, c.expected.cache_v.dtype, vCount),
       kv_lens: await readBuffer(device, cache.kvLens, 'i32', B),
     };
     r.metrics = {};

@@ -250,6 +250,38 @@ def test_cli_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.gpu
+def test_cli_kv_formats_against_f16_kv(require_adapters: Any, tmp_path: Path) -> None:
+    """--kv: attnc over quantized K/V beside attnc's f16 KV run, the contract on the dequantized
+    K/V, the quantization error and the speed-up reported."""
+    from attnc.bench.cli import main
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    out = tmp_path / "kv.json"
+    argv = ["--device", dev.spec, "--kv", "q4_0", "--dtype", "f16", "--shape", "1,4,2,1,96,32,32",
+            "--ceilings", "off", "--runs", "2", "--warmup", "1", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"attnc", "attnc-q4_0"}
+    q4 = rows["attnc-q4_0"]
+    assert q4["correct"] is True and q4["relerr"] < 2e-3 < q4["relerr_unquantized"]
+    assert q4["kv_format"] == "q4_0" and q4["kv_bytes"] == 2 * (2 * 96) * 5 * 4 < rows["attnc"]["kv_bytes"]
+    assert q4["speedup_vs_attnc"] == pytest.approx(rows["attnc"]["ms"] / q4["ms"])
+    assert q4["variant"].endswith(",K=q4_0,V=q4_0]")
+    assert q4["append_ms"] > 0 and q4["append_fraction"] == pytest.approx(q4["append_ms"] / q4["ms"])
+
+
+def test_kv_suites_and_bad_formats(capsys: pytest.CaptureFixture[str]) -> None:
+    from attnc.bench.cli import main
+
+    suites = bc.load_suites()
+    big = {(c.S, c.T, c.Hq, c.Hkv, c.D) for c in suites["kvquant"]}
+    assert big == {(s, t, hq, hkv, d) for s in (1, 4) for t in (16384, 32768)
+                   for hq, hkv, d in ((8, 8, 128), (64, 8, 64))}
+    assert all(c.T <= 2048 for c in suites["kvquant_ci"])
+    assert main(["--kv", "q5_0"]) == 2
+    assert "unknown KV format(s) ['q5_0']" in capsys.readouterr().err
+
+
 def test_attnc_f16_result_is_the_kernels_f16_output(require_adapters: Any) -> None:
     """`attnc bench --dtype f16` measures relerr on the float16 o the kernel wrote (odd Dv:
     its padded rows stripped), not on a float32 copy."""

@@ -88,7 +88,8 @@ CASES = [
         '        %s = mul(dot(q[b, h, qi, :], k[b, h, kj, :]), q)\n'
         '                                                      ^')),
     ('bad_dtype', 'scale: f32)', 'scale: f64)', (
-        "fa.attn:1:70: parse error: unknown dtype 'f64'; expected one of f32, f16, i32, u32, u8, bool\n"
+        "fa.attn:1:70: parse error: unknown dtype 'f64'; expected one of f32, f16, i32, u32, u8, bool, q8_0, q4_0, "
+        "int8\n"
         '    kernel fa(q: f32[B,H,S,D], k: f32[B,H,T,D], v: f32[B,H,T,Dv], scale: f64) ->'
         ' f32[B,H,S,Dv]\n'
         '                                                                         ^^^')),

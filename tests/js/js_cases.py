@@ -19,6 +19,8 @@ import numpy as np
 import validation_cases
 from manifest_schema import FormulaError, evaluate
 
+from attnc import quant
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 FIXTURES = HERE / "fixtures"
@@ -359,9 +361,14 @@ ATTENTION_CONFIGS = [
         {"NSPLIT": 3},
         [SG16, PO32],
     ),
+    # quantized K and V (attnc/quant.py): the words are inputs, the reference reads the
+    # dequantized values; only the shapes whose head dims the formats hold (multiples of 32)
+    ("kvquant", {"k_dtype": "q8_0", "v_dtype": "q4_0", "causal": True, "kv_lens": True, "lse": True}, {},
+     [SG32, PO16]),
     # the kernel of the KV-cache cases (kv_cache_cases): attention over each row's prefix
     ("kv_cache", {"kv_lens": True, "causal": True}, {}, [PO32, SG16]),
 ]
+QUANT_DTYPES = ("q8_0", "q4_0", "int8")
 ATTENTION_CONFIGS_FULL = [
     ("causal", {"causal": True}, {}, None),
     ("window", {"window": (5, 0)}, {}, None),
@@ -410,7 +417,7 @@ def compile_command(out: Path, options: dict) -> list[str]:
     """`python -m attnc compile attnc.kernels.flash:flash_attention -o OUT --force --set KEY=JSON ...`."""
     cmd = [*(_compile_prefix() or []), KERNEL, "-o", str(out), "--force"]  # rerunnable into the same folder
     for key, val in compile_options(options).items():
-        cmd += ["--set", f"{key}={json.dumps(val)}"]
+        cmd += ["--set", f"{key}={val if isinstance(val, str) else json.dumps(val)}"]
     return cmd
 
 
@@ -475,7 +482,10 @@ def attention_cases(w: _Writer, folder: Path) -> list[dict]:
             if key in seen or (variants is not None and key not in variants):
                 continue
             seen.add(key)
+            quantized = any(t["dtype"] in QUANT_DTYPES for t in var["tensors"])
             for shapes in ATTENTION_SHAPES:
+                if quantized and (shapes["D"] % 32 or shapes["Dv"] % 32):
+                    continue
                 cases.append(
                     _attention_case(w, rng, f"compiled/{cname}/manifest.json", var, cname, options, params, shapes)
                 )
@@ -501,6 +511,11 @@ def _attention_case(w, rng, manifest_rel, var, cname, options, params, shapes) -
             continue
         if t["name"] not in data:
             raise KeyError(f"{manifest_rel}: no test data for input tensor {t['name']}")
+        if t["dtype"] in QUANT_DTYPES:  # u32 words in, the dequantized values to the reference
+            qt = quant.quantize(data[t["name"]].astype(np.float32), t["dtype"])
+            inputs[t["name"]] = w.bin(qt.words, "u32")
+            ref_args[t["name"]] = quant.dequantize(qt)
+            continue
         arr = data[t["name"]].astype(NP_DTYPES[t["dtype"]])  # f16 inputs rounded to f16 here
         inputs[t["name"]] = w.bin(arr, t["dtype"])
         ref_args[t["name"]] = arr
@@ -689,6 +704,75 @@ def kv_cache_cases(w: _Writer, folder: Path) -> list[dict]:
             "tol": TOL[dtype],
             "expected": {"o": w.bin(o, o_dtype), "cache_k": w.bin(k_all, dtype), "cache_v": w.bin(v_all, dtype),
                          "kv_lens": w.bin(lens, "i32")},
+        })
+    return cases + kv_quant_cases(w, folder)
+
+
+# (variant, k format, v format, D, Dv, steps): a quantized cache appends with the store kernels
+# of the `kvquant` compile's manifest ("stores")
+KV_QUANT_CACHES = [
+    (PO32, "q8_0", "q4_0", 32, 32, [(4, [4, 2, 0], "array"), (1, None, "buffer"), (3, [1, 3, 2], "bshd")]),
+]
+
+
+def kv_quant_cases(w: _Writer, folder: Path) -> list[dict]:
+    """The JS KV cache with quantized K/V: every append writes its n rows at each row's length
+    (clipped to the capacity; a ragged append's extra rows too) as attnc.quant quantizes them;
+    expected: the cache's words exactly (rows never written: zero words), the GPU lengths, and
+    o against the float64 reference on the dequantized cache."""
+    manifest = json.loads((folder / "compiled" / "kvquant" / "manifest.json").read_text())
+    rng = np.random.default_rng(2025)
+    B, Hkv, Hq, cap, S = 3, 2, 4, 24, 2
+    cases = []
+    for (family, dtype), kf, vf, D, Dv, steps in KV_QUANT_CACHES:
+        var = next(v for v in manifest["variants"] if (v["family"], v["dtype"]) == (family, dtype))
+        vals = {"k": np.zeros((B, Hkv, cap, D), np.float32), "v": np.zeros((B, Hkv, cap, Dv), np.float32)}
+        written = np.zeros((B, Hkv, cap), bool)
+        lens = np.zeros(B, np.int32)
+        spec_steps = []
+        for n, counts, source in steps:
+            new = {"k": rng.standard_normal((B, Hkv, n, D)).astype(np.float32),
+                   "v": rng.standard_normal((B, Hkv, n, Dv)).astype(np.float32)}
+            rows = counts if counts is not None else [n] * B
+            for b in range(B):
+                for name, fmt in (("k", kf), ("v", vf)):
+                    m = n if fmt else rows[b]  # a quantized store writes all n rows (up to the capacity)
+                    end = min(cap, lens[b] + m)
+                    vals[name][b, :, lens[b]:end] = new[name][b, :, :end - lens[b]]
+                written[b, :, lens[b]:min(cap, lens[b] + n)] = True
+                lens[b] += rows[b]
+            order = (0, 2, 1, 3) if source == "bshd" else (0, 1, 2, 3)
+            spec_steps.append({"rows": n, "counts": counts, "source": source,
+                               "k": w.bin(new["k"].transpose(order), "f32"),
+                               "v": w.bin(new["v"].transpose(order), "f32")})
+        expected, ref = {}, {}
+        for name, fmt in (("k", kf), ("v", vf)):
+            if fmt is None:
+                ref[name] = vals[name]
+                expected[f"cache_{name}"] = w.bin(vals[name], "f32")
+                continue
+            width = vals[name].shape[3]
+            per = quant.words_per_row(fmt, width)
+            words = quant.quantize(vals[name], fmt).words.reshape(-1, per)
+            words = np.where(written.reshape(-1, 1), words, 0).astype(np.uint32).reshape(-1)
+            ref[name] = quant.dequantize(quant.QuantTensor(fmt, vals[name].shape, words))
+            expected[f"cache_{name}"] = {**w.bin(words, "u32"), "count": int(words.size)}
+        q = rng.standard_normal((B, Hq, S, D)).astype(np.float32)
+        o, _ = attention_reference(q, ref["k"], ref["v"], causal=True, kv_lens=lens)
+        cases.append({
+            "name": f"kv.{family}.{dtype}.{kf}.{vf}",
+            "kind": "kv_cache",
+            "manifest": "compiled/kvquant/manifest.json",
+            "variant": {"family": family, "dtype": dtype},
+            "requires_features": list(var["requires"].get("features", [])),
+            "cache": {"batch": B, "kvHeads": Hkv, "capacity": cap, "headDim": D, "valueDim": Dv, "dtype": dtype,
+                      "kFormat": kf, "vFormat": vf},
+            "steps": spec_steps,
+            "q": w.bin(q, dtype),
+            "shapes": {"Hq": Hq, "S": S},
+            "params": {},
+            "tol": TOL[dtype],
+            "expected": {"o": w.bin(o, "f32"), **expected, "kv_lens": w.bin(lens, "i32")},
         })
     return cases
 

@@ -20,7 +20,7 @@ FORMAT = "attnc.manifest"
 VERSION = 1
 FAMILIES = {"portable", "subgroups"}
 VARIANT_DTYPES = {"f32", "f16"}
-TENSOR_DTYPES = {"f32", "f16", "i32", "u32", "u8", "bool"}
+TENSOR_DTYPES = {"f32", "f16", "i32", "u32", "u8", "bool", "q8_0", "q4_0", "int8"}  # quantized: K/V (MANIFEST.md)
 ROLES = {"input", "output", "scratch"}
 PARAM_TYPES = {"f32", "u32", "i32"}
 FIELD_TYPES = {"f32", "u32", "i32"}
@@ -224,7 +224,8 @@ def validate(manifest: Any, root: str | Path | None = None) -> list[str]:
         out,
         "manifest",
         manifest,
-        {"format", "version", "attnc_version", "kernel", "dims", "variants"},
+        {"format", "version", "attnc_version", "kernel", "dims", "variants", "stores"},
+        {"stores"},
     )
     if manifest.get("format") != FORMAT:
         out.append(f"format: {manifest.get('format')!r}, expected {FORMAT!r}")
@@ -265,7 +266,55 @@ def validate(manifest: Any, root: str | Path | None = None) -> list[str]:
             out.append(f"{where}: not an object")
             continue
         _variant(out, where, v, set(dims), Path(root) if root is not None else None)
+    stores = manifest.get("stores", [])
+    if not isinstance(stores, list):
+        out.append("stores: not a list")
+        return out
+    for i, st in enumerate(stores):
+        _store(out, f"stores[{i}]", st, Path(root) if root is not None else None)
     return out
+
+
+QUANT_FORMATS = {"q8_0", "q4_0", "int8"}
+
+
+def _store(out: list[str], where: str, st: Any, root: Path | None) -> None:
+    """A store kernel entry (MANIFEST.md "Store kernels")."""
+    if not isinstance(st, dict):
+        out.append(f"{where}: not an object")
+        return
+    _keys(out, where, st, {"name", "format", "rows", "file", "entry_point", "workgroup_size", "tensors", "bindings",
+                           "uniforms", "workgroups"})
+    if not _in(st.get("format"), QUANT_FORMATS):
+        out.append(f"{where}.format: {st.get('format')!r} is not a quantized format")
+    if not _in(st.get("rows"), {"f32", "f16"}):
+        out.append(f"{where}.rows: {st.get('rows')!r}, expected f32 or f16")
+    tensors = st.get("tensors")
+    if not (isinstance(tensors, list) and all(isinstance(t, dict) and isinstance(t.get("dims"), list)
+                                              for t in tensors)):
+        out.append(f"{where}.tensors: not a list of tensors with dims")
+        return
+    by_name = {t.get("name"): t for t in tensors}
+    if set(by_name) != {"x", "pos", "cache"} and set(by_name) != {"x", "pos", "table", "cache"}:
+        out.append(f"{where}.tensors: {sorted(map(str, by_name))}, expected x, pos, (table,) cache")
+        return
+    if by_name["cache"].get("dtype") != st.get("format") or by_name["x"].get("dtype") != st.get("rows"):
+        out.append(f"{where}.tensors: cache / x dtypes do not match format / rows")
+    names = {d for t in tensors for d in t["dims"] if isinstance(d, str)} | {"grid_total", "grid_stride_x"}
+    _formula(out, f"{where}.workgroups", st.get("workgroups"), names)
+    bindings = st.get("bindings")
+    want = set(by_name) | {"params"}
+    if not (isinstance(bindings, list) and {b.get("name") for b in bindings if isinstance(b, dict)} == want):
+        out.append(f"{where}.bindings: expected one binding each for {sorted(want)}")
+    fields = (st.get("uniforms") or {}).get("fields")
+    if not isinstance(fields, list):
+        out.append(f"{where}.uniforms.fields: not a list")
+    else:
+        for j, f in enumerate(fields):
+            if isinstance(f, dict):
+                _formula(out, f"{where}.uniforms.fields[{j}].value", f.get("value"), names)
+    if root is not None and isinstance(st.get("file"), str) and not (root / st["file"]).is_file():
+        out.append(f"{where}.file: {st['file']} does not exist")
 
 
 def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | None) -> None:

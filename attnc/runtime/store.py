@@ -1,0 +1,136 @@
+"""Appending rows to a K/V cache on the device with the shipped DSL store kernels
+(attnc/kernels/store.py), in the cache's format (f32, f16, q8_0, q4_0, int8)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from attnc.ir import nodes as ir
+from attnc.lowering.program import Program
+from attnc.lowering.store import emit_store
+from attnc.quant import QuantTensor, check_head_dim
+from attnc.runtime import dispatch as rt
+from attnc.runtime.devices import Device, get_device
+from attnc.runtime.tensor import dense_strides
+
+_PROGRAMS: dict[tuple[str, str, bool], tuple[ir.StoreKernel, Program]] = {}
+
+
+def store_program(cache_format: str, x_dtype: str = "f32", paged: bool = False) -> tuple[ir.StoreKernel, Program]:
+    """The traced store kernel and its program for a cache format and row dtype (cached)."""
+    key = (cache_format, x_dtype, paged)
+    if key not in _PROGRAMS:
+        from attnc.kernels.store import kv_store, kv_store_paged
+
+        kern = (kv_store_paged if paged else kv_store).trace(cache_dtype=cache_format, x_dtype=x_dtype)
+        _PROGRAMS[key] = (kern, emit_store(kern))
+    return _PROGRAMS[key]
+
+
+def _format(cache: Any) -> str:
+    if isinstance(cache, QuantTensor):
+        return cache.fmt
+    if isinstance(cache, np.ndarray) and cache.dtype in (np.float32, np.float16):
+        return "f32" if cache.dtype == np.float32 else "f16"
+    got = f"a {cache.dtype} array" if isinstance(cache, np.ndarray) else f"a {type(cache).__name__}"
+    raise ValueError(f"cache: expected a float32/float16 array or a QuantTensor, got {got}")
+
+
+def check_rows(x: Any, cache_shape: tuple[int, ...], paged: bool) -> None:
+    """ValueError naming the problem when x is not [B, H, N, D] float rows for this cache."""
+    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype not in (np.float32, np.float16):
+        got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"rows: expected a float32 or float16 array [B, H, N, D], got {got}")
+    _, H, _, D = cache_shape
+    if x.shape[1] != H or x.shape[3] != D or (not paged and x.shape[0] != cache_shape[0]):
+        want = f"[*, H={H}, N, D={D}]" if paged else f"[B={cache_shape[0]}, H={H}, N, D={D}]"
+        raise ValueError(f"rows: shape {x.shape} does not match the cache: expected {want}")
+    if not np.isfinite(x).all():
+        raise ValueError("rows: inf or NaN cannot be stored in a KV cache")
+
+
+def store_rows(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, *,
+               table: np.ndarray | None = None, device: Device | str | None = None) -> QuantTensor | np.ndarray:
+    """A copy of `cache` with rows x[b, h, n] written at position pos[b] + n of batch entry b, in
+    the cache's format, by the DSL store kernel on the device.
+
+    cache: [B, H, C, D] (contiguous), or with `table` [B, NP] a page pool [NB, H, P, D] in
+    which position t of entry b is slot t % P of page table[b, t // P]."""
+    fmt = _format(cache)
+    shape = tuple(cache.shape)
+    paged = table is not None
+    if len(shape) != 4:
+        raise ValueError(f"cache: expected 4 dims [B, H, C, D] (pages: [NB, H, P, D]), got shape {shape}")
+    check_rows(x, shape, paged)
+    if fmt not in ("f32", "f16"):
+        check_head_dim(fmt, "cache", shape[3])
+    elif fmt == "f16" and shape[3] % 2:
+        raise ValueError(f"cache: an f16 cache stores two values per 32-bit word; head dim {shape[3]} is odd")
+    B, _, N, _ = x.shape
+    pos = np.asarray(pos)
+    if pos.shape != (B,) or pos.dtype.kind not in "iu":
+        raise ValueError(f"pos: expected {B} integers (one per batch entry), got {pos.dtype} {pos.shape}")
+    if (pos < 0).any():
+        raise ValueError(f"pos: positions must be >= 0, got {pos.tolist()}")
+    if paged:
+        table = np.asarray(table)
+        if table.ndim != 2 or table.shape[0] != B or table.dtype.kind not in "iu":
+            raise ValueError(f"table: expected integers [B={B}, pages], got {table.dtype} {table.shape}")
+        page, pool = shape[2], shape[0]
+        end = int((pos + N).max())
+        if end > table.shape[1] * page:
+            raise ValueError(f"table: position {end - 1} needs page {(end - 1) // page}, but the block table "
+                             f"has {table.shape[1]} pages per entry")
+        for b in range(B):
+            used = table[b, pos[b] // page:(pos[b] + N - 1) // page + 1]
+            bad = used[(used < 0) | (used >= pool)]
+            if bad.size:
+                raise ValueError(f"table: entry {b} points at page {int(bad[0])}, past the page pool of {pool} pages")
+    elif int((pos + N).max()) > shape[2]:
+        b = int(np.argmax(pos + N))
+        raise ValueError(f"pos: rows {int(pos[b])}..{int(pos[b]) + N - 1} of entry {b} run past the cache's "
+                         f"capacity C={shape[2]}")
+    dev = get_device(device)
+    words = cache.words if isinstance(cache, QuantTensor) else np.ascontiguousarray(cache)
+    if words.dtype == np.float16 and words.size % 2:
+        words = np.concatenate([words.reshape(-1), np.zeros(1, np.float16)])
+    buf = rt.upload(dev, words)
+    rt.run(dev, [store_dispatch(dev, fmt, buf, shape, x, pos, table)])
+    bufs = {"cache": buf}
+    if isinstance(cache, QuantTensor):
+        return QuantTensor(fmt, shape, rt.readback(dev, bufs["cache"], np.uint32, cache.words.shape))
+    if fmt == "f16":
+        n = cache.size + cache.size % 2
+        return rt.readback(dev, bufs["cache"], np.float16, (n,))[:cache.size].reshape(shape)
+    return rt.readback(dev, bufs["cache"], np.float32, shape)
+
+
+def store_dispatch(dev: Device, fmt: str, cache_buf: Any, cache_shape: tuple[int, ...], x: np.ndarray,
+                   pos: np.ndarray, table: np.ndarray | None = None) -> rt.Dispatch:
+    """The store kernel's dispatch writing rows x at pos into a cache already on the device
+    (`cache_buf`, of logical shape `cache_shape` in `fmt`); x, pos and table are uploaded. The
+    caller has checked them (store_rows does)."""
+    kern, prog = store_program(fmt, "f16" if x.dtype == np.float16 else "f32", table is not None)
+    arrays: dict[str, np.ndarray] = {"x": np.ascontiguousarray(x), "pos": np.asarray(pos, dtype=np.int32)}
+    if table is not None:
+        arrays["table"] = np.ascontiguousarray(table, dtype=np.int32)
+    dims: dict[str, int] = {}
+    uni: dict[str, float | int] = {}
+    bufs: dict[str, Any] = {"cache": cache_buf}
+    for p in kern.params:
+        shp = tuple(cache_shape) if p.name == "cache" else arrays[p.name].shape
+        for d, n in zip(p.type.dims, shp, strict=True):
+            dims[d] = n
+        for i, stride in enumerate(dense_strides(shp)):
+            uni[f"s_{p.name}_{i}"] = stride
+        if p.name != "cache":
+            arr = arrays[p.name]
+            if arr.dtype == np.float16 and arr.size % 2:
+                arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])
+            bufs[p.name] = rt.upload(dev, arr)
+    uni.update({f"d_{d}": n for d, n in dims.items()})
+    fields = {f.name for f in prog.uniforms} - set(rt.AUTO_UNIFORMS)
+    points = int(np.prod([dims[d] for d in prog.grid]))
+    return rt.Dispatch(prog, bufs, {f: uni[f] for f in fields}, points)

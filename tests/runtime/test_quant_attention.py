@@ -1,0 +1,146 @@
+"""Attention over quantized K/V (q8_0, q4_0, int8; attnc/quant.py) through every strategy.
+
+Each strategy's plan is forced (tiled with vec4 and scalar loads, stream, rows, lanes) with
+random formats for K and V (one of them at least quantized, the other maybe f32), GQA, KV
+splits and option sets, against the textbook reference on the dequantized K/V: the kernels
+must dequantize exactly what attnc.quant.dequantize does, so the f32 contract (1e-5) holds.
+Masked keys whose quantized rows dequantize to NaN add nothing (tests/forced_plan.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnc import quant
+from attnc.errors import LoweringError
+from attnc.lowering.plan import Dialect, Family, Plan, Strategy
+from attnc.runtime import api
+from tests.forced_plan import OPTION_SETS, check_forced_plan
+from tests.textbook import assert_close, attention_ref
+
+RUN = settings(deadline=None, max_examples=3,
+               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+# (plan, tunables, largest S drawn, head dims drawn): small tiles, so that several tiles and splits
+# are visited; lavapipe compiles the scalar-load tiled and the rows shaders slowly for D = 64
+PLANS = {
+    "tiled": (Plan(Family.PORTABLE, workgroup_size=64, rows_per_invocation=2, head_chunk=16, value_columns=32,
+                   value_stage_columns=16, vector_width=4, prefetch=1), {"BM": 16, "BN": 32}, 40, (32, 64)),
+    "tiled-scalar": (Plan(Family.PORTABLE, workgroup_size=32, rows_per_invocation=1, head_chunk=16, value_columns=32,
+                          value_stage_columns=16, vector_width=1), {"BM": 16, "BN": 16}, 20, (32,)),
+    "stream": (Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=64, lanes_per_key=2, keys_per_step=4,
+                    query_dim=64, value_columns=64, vector_width=4), {"BM": 4, "BN": 32}, 6, (32, 64)),
+    "rows": (Plan(Family.PORTABLE, strategy=Strategy.ROWS, keys_per_step=4, query_dim=32, value_columns=32,
+                  vector_width=4), {"BM": 16, "BN": 32}, 20, (32,)),
+    "lanes": (Plan(Family.SUBGROUPS, strategy=Strategy.LANES, rows_per_invocation=1, subgroup_width=8, query_dim=64,
+                   value_columns=64, vector_width=4), {"BM": 8, "BN": 32}, 6, (32, 64)),
+}
+FORMATS = st.sampled_from([None, *quant.FORMATS])
+
+
+@st.composite
+def problems(draw, max_s: int, head_dims: tuple[int, ...]):
+    kf, vf = draw(FORMATS), draw(FORMATS)
+    if kf is None and vf is None:
+        kf = draw(st.sampled_from(quant.FORMATS))
+    group = draw(st.sampled_from([1, 2, 4]))
+    hkv = draw(st.integers(1, 2))
+    dims = dict(B=draw(st.integers(1, 2)), Hq=group * hkv, Hkv=hkv, S=draw(st.integers(1, max_s)),
+                T=draw(st.integers(1, 150)), D=draw(st.sampled_from(head_dims)), Dv=draw(st.sampled_from(head_dims)))
+    return dims, (kf, vf), draw(st.sampled_from([None, 1, 3])), draw(OPTION_SETS), draw(st.integers(0, 2**16))
+
+
+def _check(strategy: str, data: st.DataObject, require_adapters) -> None:
+    (dev,) = require_adapters("wgpu:vulkan")
+    plan, tun, max_s, head_dims = PLANS[strategy]
+    if plan.family is Family.SUBGROUPS:
+        plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__},
+                       "dialect": Dialect.TINT if dev.dialect == "tint" else Dialect.NAGA})
+    dims, formats, nsplit, opts, seed = data.draw(problems(max_s, head_dims))
+    op = check_forced_plan(dev, dims, plan, tun, nsplit, opts, seed, kv_formats=formats)
+    assert op.plan.strategy is plan.strategy
+    for name, fmt in zip("kv", formats, strict=True):
+        assert (op.kern.param(name).type.dtype.value == fmt) if fmt else not op.kern.param(name).type.dtype.is_quant
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
+@pytest.mark.parametrize("strategy", sorted(set(PLANS) - {"tiled-scalar"}))
+@RUN
+@given(data=st.data())
+def test_quantized_kv_matches_reference(strategy, data, require_adapters) -> None:
+    _check(strategy, data, require_adapters)
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
+@settings(RUN, max_examples=1)  # lavapipe compiles the scalar-load tiled shaders slowly
+@given(data=st.data())
+def test_quantized_kv_scalar_loads(data, require_adapters) -> None:
+    """The tiled strategy's one-value loads (VEC=1), which dequantize a single value."""
+    _check("tiled-scalar", data, require_adapters)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["wgpu:opengl", "dawn:vulkan"])
+@pytest.mark.parametrize(("S", "kf", "vf"), [(1, "q4_0", "int8"), (37, "int8", "q8_0")])
+def test_heuristic_plans_on_other_adapters(spec, S, kf, vf, require_adapters) -> None:
+    """attention() with QuantTensors (the heuristic's decode and prefill plans), GQA, causal."""
+    (dev,) = require_adapters(spec)
+    rng = np.random.default_rng(S)
+    q = rng.standard_normal((1, 4, S, 64)).astype(np.float32)
+    k = quant.quantize(rng.standard_normal((1, 2, 90, 64)).astype(np.float32), kf)
+    v = quant.quantize(rng.standard_normal((1, 2, 90, 32)).astype(np.float32), vf)
+    o, lse = api.attention(q, k, v, causal=True, return_lse=True, device=dev)
+    o_ref, lse_ref = attention_ref(q, quant.dequantize(k), quant.dequantize(v), causal=True, return_lse=True)
+    assert_close(o, o_ref, 1e-5, "o")
+    assert_close(lse, lse_ref, 1e-5, "lse")
+
+
+@pytest.mark.gpu
+def test_f16_queries_with_quantized_kv(require_adapters) -> None:
+    """float16 q with quantized K and f16 V: f16 storage for q, v and the output (2e-3)."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 2, 5, 32)).astype(np.float16)
+    kf = rng.standard_normal((2, 1, 70, 32)).astype(np.float32)
+    k = quant.quantize(kf, "q8_0")
+    v = rng.standard_normal((2, 1, 70, 32)).astype(np.float16)
+    o = api.attention(q, k, v, device=dev)
+    assert o.dtype == np.float16
+    ref = attention_ref(q.astype(np.float32), quant.dequantize(k), v.astype(np.float32))
+    assert_close(o.astype(np.float32), ref, 2e-3, "o")
+
+
+@pytest.mark.parametrize(("fmt", "D", "rule"), [("q8_0", 80, "multiple of 32"), ("int8", 6, "multiple of 4")])
+def test_prepare_refuses_head_dims_the_format_cannot_hold(fmt, D, rule) -> None:
+    dims = dict(B=1, Hq=1, Hkv=1, S=1, T=8, D=D, Dv=D)
+    with pytest.raises(ValueError, match=f"k: head dim {D} cannot be stored as {fmt}.*{rule}"):
+        api.prepare(dims, np.float32, k_format=fmt, device="wgpu:vulkan")
+
+
+def test_bind_refuses_the_wrong_format_or_shape(require_adapters) -> None:
+    (dev,) = require_adapters("wgpu:vulkan")
+    dims = dict(B=1, Hq=2, Hkv=1, S=1, T=8, D=32, Dv=32)
+    op = api.prepare(dims, np.float32, k_format="q8_0", device=dev)
+    q = np.zeros((1, 2, 1, 32), np.float32)
+    v = np.zeros((1, 1, 8, 32), np.float32)
+    with pytest.raises(ValueError, match="k: this op reads k stored as q8_0; got a q4_0 QuantTensor"):
+        op.bind(q, quant.quantize(v, "q4_0"), v)
+    with pytest.raises(ValueError, match=r"k: shape \(1, 1, 9, 32\); this op takes \(1, 1, 8, 32\)"):
+        op.bind(q, quant.quantize(np.zeros((1, 1, 9, 32), np.float32), "q8_0"), v)
+    with pytest.raises(ValueError, match="v: this op reads v as float32 values; got a int8 QuantTensor"):
+        op.bind(q, quant.quantize(v, "q8_0"), quant.quantize(v, "int8"))
+    with pytest.raises(ValueError, match="unknown KV format 'q5_0'"):
+        api.prepare(dims, np.float32, v_format="q5_0", device=dev)
+
+
+def test_lowering_refuses_a_non_quantized_format() -> None:
+    from attnc.kernels.flash import flash_attention
+    from attnc.lowering.retype import with_kv_formats
+
+    with pytest.raises(LoweringError, match="'f16' is not a quantized format"):
+        with_kv_formats(flash_attention.trace(), "f16", None)

@@ -1,0 +1,158 @@
+"""The DSL store kernels (attnc/kernels/store.py) on the device: rows quantized and written at
+each row's position, contiguous or through a block table, against the interpreter (which
+quantizes with attnc.quant); then attention over the cache they wrote; and the errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnc import quant
+from attnc.errors import VerifyError
+from attnc.frontend.dsl import f32, grid, i32, store, store_kernel
+from attnc.ir.interp import interpret_store
+from attnc.kernels.store import kv_store, kv_store_paged
+from attnc.runtime import api
+from attnc.runtime.store import store_rows
+from tests.textbook import assert_close, attention_ref
+
+RUN = settings(deadline=None, max_examples=12,
+               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+CACHE_FORMATS = ("f32", "f16", *quant.FORMATS)
+
+
+def _cache(fmt: str, x: np.ndarray):
+    if fmt == "f32":
+        return x.astype(np.float32)
+    if fmt == "f16":
+        return x.astype(np.float16)
+    return quant.quantize(x, fmt)
+
+
+def _same(got, ref) -> None:
+    if isinstance(ref, quant.QuantTensor):
+        assert got.fmt == ref.fmt and got.shape == ref.shape
+        np.testing.assert_array_equal(got.words, ref.words)
+    else:
+        assert got.dtype == ref.dtype
+        np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
+@RUN
+@given(fmt=st.sampled_from(CACHE_FORMATS), f16_rows=st.booleans(), B=st.integers(1, 2), H=st.integers(1, 3),
+       N=st.integers(1, 5), D=st.sampled_from([32, 64, 128]), seed=st.integers(0, 2**16), paged=st.booleans())
+def test_store_matches_interpreter(fmt, f16_rows, B, H, N, D, seed, paged, require_adapters) -> None:
+    """Every word the device writes equals the interpreter's (attnc.quant's quantization); rows
+    not stored keep their old words."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((B, H, N, D)) * rng.choice([1e-3, 1.0, 300.0])).astype(np.float16 if f16_rows
+                                                                                  else np.float32)
+    x[..., : D // 4] *= rng.integers(0, 2)  # blocks of zeros now and then
+    if paged:
+        P, NP = 4, 6
+        pool = _cache(fmt, rng.standard_normal((B * NP, H, P, D)).astype(np.float32))
+        table = rng.permutation(B * NP).reshape(B, NP).astype(np.int32)
+        pos = rng.integers(0, NP * P - N + 1, B).astype(np.int32)
+        got = store_rows(pool, x, pos, table=table, device=dev)
+        ref = interpret_store(kv_store_paged.trace(cache_dtype=fmt, x_dtype="f16" if f16_rows else "f32"),
+                              dict(x=x, pos=pos, table=table, cache=pool))["cache"]
+    else:
+        C = 9
+        cache = _cache(fmt, rng.standard_normal((B, H, C, D)).astype(np.float32))
+        pos = rng.integers(0, C - N + 1, B).astype(np.int32)
+        got = store_rows(cache, x, pos, device=dev)
+        ref = interpret_store(kv_store.trace(cache_dtype=fmt, x_dtype="f16" if f16_rows else "f32"),
+                              dict(x=x, pos=pos, cache=cache))["cache"]
+    _same(got, ref)
+
+
+def test_interpreter_store_is_quantize() -> None:
+    """The interpreter writes exactly attnc.quant.quantize's words at the rows' positions."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 2, 3, 64)).astype(np.float32)
+    cache = quant.quantize(np.zeros((2, 2, 8, 64), np.float32), "q4_0")
+    out = interpret_store(kv_store.trace(cache_dtype="q4_0"), dict(x=x, pos=np.array([0, 5]), cache=cache))["cache"]
+    rows = out.words.reshape(2, 2, 8, -1)
+    np.testing.assert_array_equal(rows[0, :, 0:3].reshape(-1), quant.quantize(x[0], "q4_0").words)
+    np.testing.assert_array_equal(rows[1, :, 5:8].reshape(-1), quant.quantize(x[1], "q4_0").words)
+    old = cache.words.reshape(2, 2, 8, -1)  # (q4_0 zeros: d = -0.0, every nibble 8)
+    np.testing.assert_array_equal(rows[0, :, 3:], old[0, :, 3:])
+    np.testing.assert_array_equal(rows[1, :, :5], old[1, :, :5])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_append_then_attend(fmt, require_adapters) -> None:
+    """Decode steps: append one token per step with the store kernel, attend over the valid prefix
+    (kv_lens) of the quantized cache; matches the reference on the dequantized rows."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    rng = np.random.default_rng(7)
+    B, Hq, Hkv, C, D = 2, 4, 2, 16, 64
+    k = quant.quantize(np.zeros((B, Hkv, C, D), np.float32), fmt)
+    v = quant.quantize(np.zeros((B, Hkv, C, D), np.float32), fmt)
+    lens = np.array([3, 0], np.int32)
+    k = store_rows(k, rng.standard_normal((B, Hkv, 3, D)).astype(np.float32), np.zeros(B, np.int32), device=dev)
+    v = store_rows(v, rng.standard_normal((B, Hkv, 3, D)).astype(np.float32), np.zeros(B, np.int32), device=dev)
+    for _ in range(2):
+        k = store_rows(k, rng.standard_normal((B, Hkv, 1, D)).astype(np.float32), lens, device=dev)
+        v = store_rows(v, rng.standard_normal((B, Hkv, 1, D)).astype(np.float32), lens, device=dev)
+        lens = lens + 1
+        q = rng.standard_normal((B, Hq, 1, D)).astype(np.float32)
+        o = api.attention(q, k, v, kv_lens=lens, device=dev)
+        ref = attention_ref(q, quant.dequantize(k), quant.dequantize(v), kv_lens=lens)
+        assert_close(o, ref, 1e-5, "o")
+
+
+def test_store_errors() -> None:
+    x = np.zeros((1, 2, 2, 64), np.float32)
+    cache = quant.quantize(np.zeros((1, 2, 4, 64), np.float32), "q8_0")
+    pos = np.zeros(1, np.int32)
+    with pytest.raises(ValueError, match=r"pos: rows 3..4 of entry 0 run past the cache's capacity C=4"):
+        store_rows(cache, x, np.array([3]))
+    with pytest.raises(ValueError, match=r"rows: shape \(1, 2, 2, 32\) does not match the cache: expected "
+                                         r"\[B=1, H=2, N, D=64\]"):
+        store_rows(cache, np.zeros((1, 2, 2, 32), np.float32), pos)
+    with pytest.raises(ValueError, match="rows: expected a float32 or float16 array"):
+        store_rows(cache, x.astype(np.float64), pos)
+    with pytest.raises(ValueError, match="rows: inf or NaN"):
+        store_rows(cache, np.full_like(x, np.nan), pos)
+    with pytest.raises(ValueError, match="cache: expected a float32/float16 array or a QuantTensor, got a int8"):
+        store_rows(np.zeros((1, 2, 4, 64), np.int8), x, pos)
+    pool = quant.quantize(np.zeros((3, 2, 4, 64), np.float32), "int8")
+    with pytest.raises(ValueError, match="table: entry 0 points at page 7, past the page pool of 3 pages"):
+        store_rows(pool, x, np.array([3]), table=np.array([[0, 7]]))
+    with pytest.raises(ValueError, match="block table has 2 pages per entry"):
+        store_rows(pool, x, np.array([7]), table=np.array([[0, 1]]))
+
+
+BD, DB, BE, B_ = f32["B", "D"], f32["D", "B"], f32["B", "E"], i32["B"]
+
+
+def test_store_kernel_verifier() -> None:
+    @store_kernel
+    def reads_its_target(x: BD, cache: BD):
+        (b,) = grid(b="B")
+        store(cache[b, :], cache[b, :])
+
+    with pytest.raises(VerifyError, match="'cache' is both stored to and read"):
+        reads_its_target.trace()
+
+    @store_kernel
+    def wrong_width(x: BE, pos: B_, cache: BD):
+        (b,) = grid(b="B")
+        store(cache[b, :], x[b, :])
+
+    with pytest.raises(VerifyError, match="writes a row of 'E' into a row of 'D'"):
+        wrong_width.trace()
+    with pytest.raises(VerifyError, match="stored as q8_0 along its last dim"):
+        @store_kernel
+        def across(x: BD, cache: DB):
+            (b,) = grid(b="B")
+            store(cache[:, b], x[b, :])
+
+        across.trace(cache_dtype="q8_0")
