@@ -63,6 +63,7 @@ def test_text_form_of_each_example_is_current_and_round_trips(name: str) -> None
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("device", ["wgpu:vulkan"], indirect=True)  # one adapter each, in turn
 def test_document_mask(device) -> None:
     rng = np.random.default_rng(1)
     q, k, v = qkv(rng, 2, 4, 2, 70, 70)
@@ -77,6 +78,7 @@ def test_document_mask(device) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("device", ["wgpu:opengl"], indirect=True)  # one adapter each, in turn
 def test_prefix_lm(device) -> None:
     rng = np.random.default_rng(2)
     q, k, v = qkv(rng, 3, 2, 2, 40, 40)
@@ -87,6 +89,7 @@ def test_prefix_lm(device) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("device", ["dawn:vulkan"], indirect=True)  # one adapter each, in turn
 def test_t5_buckets(device) -> None:
     rng = np.random.default_rng(3)
     S, T = 50, 200  # distances up to 199: every bucket, exact and logarithmic
@@ -100,6 +103,7 @@ def test_t5_buckets(device) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("device", ["wgpu:vulkan"], indirect=True)  # one adapter each, in turn
 def test_head_temperature(device) -> None:
     rng = np.random.default_rng(4)
     q, k, v = qkv(rng, 1, 4, 2, 33, 47)
@@ -113,6 +117,7 @@ def test_head_temperature(device) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("device", ["wgpu:opengl"], indirect=True)  # one adapter each, in turn
 def test_alibi(device) -> None:
     rng = np.random.default_rng(5)
     q, k, v = qkv(rng, 1, 8, 2, 45, 45)
@@ -126,6 +131,7 @@ def test_alibi(device) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("device", ["dawn:vulkan"], indirect=True)  # one adapter each, in turn
 def test_bool_mask(device) -> None:
     rng = np.random.default_rng(6)
     q, k, v = qkv(rng, 2, 2, 1, 31, 29)
@@ -137,6 +143,7 @@ def test_bool_mask(device) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("device", ["dawn:vulkan"], indirect=True)  # one adapter each, in turn
 def test_paged_kv(device) -> None:
     rng = np.random.default_rng(7)
     B, Hq, Hkv, S, D, P, pages, per = 3, 4, 2, 3, 32, 8, 20, 5

@@ -119,7 +119,7 @@ def problems(draw):
 
 @pytest.mark.sanitize
 @pytest.mark.parametrize("target", F16_TARGETS, indirect=True)
-@settings(RUN, max_examples=4)
+@settings(RUN, max_examples=3)
 @given(data=st.data())
 def test_f16_output_with_drawn_options(target, data) -> None:
     sh, opts, mods, rng = data.draw(problems())
@@ -271,7 +271,7 @@ def check_o_tensor(o: attnc.Tensor, shape: tuple, dtype) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
 @pytest.mark.parametrize("strategy", list(CONTRACT_PLANS))
-@settings(RUN, max_examples=4)
+@settings(RUN, max_examples=3)
 @given(data=st.data())
 def test_o_in_q_dtype_with_its_layout_everywhere(spec, strategy, data, require_adapters) -> None:
     """dtype (f32 / f16) x odd / even Dv x host / GPU inputs x out= (none, padded rows, a

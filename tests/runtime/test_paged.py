@@ -13,7 +13,7 @@ from tests.textbook import assert_close, attention_ref
 
 pytestmark = pytest.mark.gpu
 
-RUN = settings(deadline=None, max_examples=3,
+RUN = settings(deadline=None, max_examples=2,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
