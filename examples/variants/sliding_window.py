@@ -15,7 +15,9 @@ def sliding_window(b, h, q_idx, kv_idx):
 
 
 q, k, v = inputs(S=64, T=64)
-run("sliding_window", q, k, v, {"mask_mod": sliding_window}, {}, mask_mod=sliding_window)
+# W is a number the mask captures: a runtime parameter of the kernel (a new W needs no new
+# kernel), so the reference interpreter is given its value by name
+run("sliding_window", q, k, v, {"mask_mod": sliding_window}, {"W": W}, mask_mod=sliding_window)
 # the same through the built-in option (queries aligned to the end of the keys)
 run("window_option", q, k, v, {"window": (W - 1, 0)}, {"window_left": W - 1, "window_right": 0},
     window=(W - 1, 0))
