@@ -16,7 +16,7 @@ from attnc.errors import LoweringError
 from attnc.lowering import lower
 from attnc.lowering.combine import CU, combine_groups
 from attnc.lowering.plan import Family, Plan, Strategy
-from attnc.runtime import api
+from attnc.runtime.build import Options, build_kernel
 from tests.forced_plan import check_forced_plan
 
 ADAPTERS = ["wgpu:vulkan", "wgpu:opengl", "dawn:vulkan"]
@@ -38,7 +38,7 @@ def test_combine_groups_cover_the_splits() -> None:
 
 
 def test_combine_rejects_bad_group_counts() -> None:
-    kern = api.build_kernel(api.Options(split=True), {"BM": 1, "BN": 32})
+    kern = build_kernel(Options(split=True), {"BM": 1, "BN": 32})
     with pytest.raises(LoweringError, match="CSG=3"):
         lower(kern, stream(combine_groups=3))
 

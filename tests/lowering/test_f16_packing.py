@@ -30,6 +30,7 @@ from attnc.lowering.plan import Family, Plan, Storage, Strategy, layout, owned_r
 from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
 from attnc.runtime import api
 from attnc.runtime import dispatch as rt
+from attnc.runtime.build import Options, build_kernel
 from tests.forced_plan import OPTION_SETS, check_forced_plan, fits_default_limits
 from tests.lowering import test_combine, test_lanes, test_stream
 from tests.textbook import assert_close, attention_ref
@@ -130,7 +131,7 @@ def test_tiled_layout_pairs_columns_in_an_invocation_or_with_its_neighbour(stora
 
 
 def test_rows_needs_an_even_column_chunk() -> None:
-    kern = api.build_kernel(api.Options(f16=True), {"BM": 32, "BN": 32})
+    kern = build_kernel(Options(f16=True), {"BM": 32, "BN": 32})
     plan = Plan(Family.PORTABLE, Storage.F16, strategy=Strategy.ROWS, value_columns=6, query_dim=8)
     lower(kern, plan)
     with pytest.raises(LoweringError, match="DVC=5 must be even"):
@@ -138,7 +139,7 @@ def test_rows_needs_an_even_column_chunk() -> None:
 
 
 def test_an_f16_output_needs_an_f16_storage_plan() -> None:
-    kern = api.build_kernel(api.Options(f16=True), {"BM": 32, "BN": 32})
+    kern = build_kernel(Options(f16=True), {"BM": 32, "BN": 32})
     with pytest.raises(LoweringError, match="float16 output"):
         lower(kern, Plan(Family.PORTABLE, Storage.F32))
 
@@ -146,12 +147,12 @@ def test_an_f16_output_needs_an_f16_storage_plan() -> None:
 def test_f32_programs_do_not_change() -> None:
     """An f32 kernel's programs have no trace of the f16 output (f32 WGSL is byte-identical to
     before; tools/plan_snapshot.py compares all of it), an f16 one packs o into u32 words."""
-    for opts in (api.Options(), api.Options(split=True, lse=True)):
-        kern = api.build_kernel(opts, {"BM": 32, "BN": 32})
+    for opts in (Options(), Options(split=True, lse=True)):
+        kern = build_kernel(opts, {"BM": 32, "BN": 32})
         for p in lower(kern, Plan(Family.PORTABLE)):
             assert "pack_f16" not in p.wgsl and "f16" not in p.wgsl.replace(".f16", "")
             assert "t_o" not in p.wgsl or "t_o: array<f32>;" in p.wgsl
-        kern16 = api.build_kernel(dataclasses.replace(opts, f16=True), {"BM": 32, "BN": 32})
+        kern16 = build_kernel(dataclasses.replace(opts, f16=True), {"BM": 32, "BN": 32})
         progs = lower(kern16, Plan(Family.PORTABLE, Storage.F16))
         assert "t_o" not in progs[0].wgsl if opts.split else "t_o: array<u32>;" in progs[0].wgsl
         assert "t_o: array<u32>;" in progs[-1].wgsl and "pack_f16(" in progs[-1].wgsl.split("fn main")[-1]

@@ -18,6 +18,7 @@ from attnc.errors import LoweringError
 from attnc.lowering import lower, schedule
 from attnc.lowering.plan import Dialect, Family, Plan, Strategy
 from attnc.runtime import api
+from attnc.runtime.build import Options, build_kernel
 from tests.forced_plan import OPTION_SETS, check_forced_plan
 from tests.textbook import assert_close, attention_ref
 
@@ -45,7 +46,7 @@ def lanes(**kw) -> Plan:
     (lanes(subgroup_width=32, rows_per_invocation=4), 64, "whole subgroups"),
 ])
 def test_lanes_rejects_what_it_cannot_map(plan, BM, msg) -> None:
-    kern = api.build_kernel(api.Options(), {"BM": BM, "BN": 64})
+    kern = build_kernel(Options(), {"BM": BM, "BN": 64})
     with pytest.raises(LoweringError, match=msg):
         lower(kern, plan)
 

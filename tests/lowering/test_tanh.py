@@ -23,7 +23,7 @@ from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy
 from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
 from attnc.lowering.shader import _helpers
 from attnc.lowering.wgsl import CODE_FOR_OP
-from attnc.runtime import api
+from attnc.runtime.build import Options, build_kernel
 from attnc.runtime.dispatch import Dispatch, empty, readback, run, upload
 
 # The largest relative error accepted: measured 1.14e-7 on lavapipe (all three adapters, a
@@ -151,8 +151,8 @@ def _programs() -> list[tuple[str, Program]]:
               False, 8)]
     out = []
     for plan, f16, bm in plans:
-        opts = api.Options(softcap=True, sinks=True, lse=True, split=True, score_mod=mod, f16=f16)
-        kern = api.build_kernel(opts, {"BM": bm, "BN": 64})
+        opts = Options(softcap=True, sinks=True, lse=True, split=True, score_mod=mod, f16=f16)
+        kern = build_kernel(opts, {"BM": bm, "BN": 64})
         out += [(f"{plan.name}/{p.name}", p) for p in lower(kern, plan)]
     return out
 
