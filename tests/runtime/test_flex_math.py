@@ -35,7 +35,7 @@ def run_elementwise(device, fns, x, extra=None):
     _, lse = attnc.attention(q, k, v, score_mod=score_mod, return_lse=True, device=device)
     from attnc.runtime.build import Options, build_kernel_with_captures
 
-    kern, captured = build_kernel_with_captures(Options(lse=True, score_mod=score_mod), {"BM": 32, "BN": 32})
+    kern, captured, _ = build_kernel_with_captures(Options(lse=True, score_mod=score_mod), {"BM": 32, "BN": 32})
     _, lse_ref = interpret(kern, {"q": q, "k": k, "v": v, "scale": 0.5, **captured})
     return lse[0].astype(np.float64), lse_ref[0]
 
