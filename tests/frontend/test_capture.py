@@ -222,12 +222,31 @@ def test_bool_equality_in_masks_and_the_new_functions():
     assert parse(print_kernel(k)) == k
 
 
+class ForeignTensor:
+    """A CPU tensor of another library as attnc sees one (a PyTorch CPU tensor in FlexAttention's
+    own tests): shape, a dtype that is not numpy's, `__array__`, and indexing that returns more
+    foreign tensors rather than numbers."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self._data = data
+        self.shape = data.shape
+        self.dtype = f"foreign.{data.dtype}"
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self._data if dtype is None else self._data.astype(dtype)
+
+    def __getitem__(self, index):
+        return ForeignTensor(np.asarray(self._data[index]))
+
+    def __floordiv__(self, other: int) -> ForeignTensor:
+        return ForeignTensor(self._data // other)
+
+
 def test_cpu_tensors_of_other_libraries_are_captured_like_arrays():
-    """Objects numpy converts, with shape and dtype (here a PyTorch CPU tensor, as in
-    FlexAttention's own tests), are captured as tensors; the runtime binds them with numpy."""
-    torch = pytest.importorskip("torch")
-    head_offset = torch.rand(4)
-    doc = torch.arange(10, dtype=torch.int64) // 3
+    """Objects numpy converts, with shape and dtype (a PyTorch CPU tensor, as in FlexAttention's
+    own tests, or any such class), are captured as tensors; the runtime binds them with numpy."""
+    head_offset = ForeignTensor(np.random.default_rng(0).random(4, dtype=np.float32))
+    doc = ForeignTensor(np.arange(10, dtype=np.int64)) // 3
     k, caps = flash_attention.trace_with_captures(score_mod=lambda s, b, h, q, kv: s * head_offset[h],
                                                   mask_mod=lambda b, h, q, kv: doc[q] == doc[kv])
     ps = params(k)

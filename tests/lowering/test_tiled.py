@@ -106,41 +106,46 @@ def test_tiled_loop_shapes_match_reference(spec, problem, require_adapters) -> N
     assert op.plan.strategy is Strategy.TILED and (op.plan.unroll, op.plan.prefetch) == (plan.unroll, plan.prefetch)
 
 
+# (UN, PF, PC, VK, QO) against the plain kernel (1, 0, 0, 0, 0), each on one adapter: 64-key tiles
+# over 8 invocations per row, so PC=32 writes p in two chunks of one (VK=32) or two (VK=16) value
+# blocks, PC=64 in one chunk of four, and QO=1 takes the query tiles in another order. 16-key
+# value blocks go to the Vulkan adapters: lavapipe compiles them in 20-50 s (with 16-column value
+# stages 110-200 s), llvmpipe's GL path slower still.
+SAME_BITS = [("wgpu:vulkan", (1, 0, 32, 16, 0)), ("dawn:vulkan", (1, 1, 64, 16, 0)),
+             ("wgpu:opengl", (4, 1, 0, 0, 0)), ("wgpu:opengl", (1, 0, 0, 0, 1)), ("dawn:vulkan", (4, 1, 32, 32, 0))]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("spec", ADAPTERS)
-def test_unrolled_prefetched_kernel_gives_the_same_bits(spec, require_adapters) -> None:
+@pytest.mark.parametrize("spec,variant", SAME_BITS, ids=[f"{s}-{v}" for s, v in SAME_BITS])
+def test_unrolled_prefetched_kernel_gives_the_same_bits(spec, variant, require_adapters) -> None:
     """Unrolling and prefetching change when loads happen, PC when p is written and QO which
     workgroup takes which query tile, not the arithmetic: same bits, also with a NaN value at a
     visible key (its rows only) and an inf one at a masked key."""
     dev = require_adapters(spec)[0]
     rng = np.random.default_rng(6)
-    dims = dict(B=1, Hq=2, Hkv=1, S=90, T=150, D=40, Dv=36)
-    q = rng.standard_normal((1, 2, 90, 40)).astype(np.float32)
-    k = rng.standard_normal((1, 1, 150, 40)).astype(np.float32)
-    v = rng.standard_normal((1, 1, 150, 36)).astype(np.float32)
+    dims = dict(B=1, Hq=2, Hkv=1, S=90, T=150, D=24, Dv=20)
+    q = rng.standard_normal((1, 2, 90, 24)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 150, 24)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 150, 20)).astype(np.float32)
     v[0, 0, 149, 7] = np.inf  # visible to the last row only (causal)
     v[0, 0, 70, 3] = np.nan
     outs = []
-    # 64-key tiles over 8 invocations per row: PC=32 writes p in two chunks (of one or two value blocks)
-    # and QO=1 takes the query tiles in another order
-    for un, pf, pc, vk, qo in ((1, 0, 0, 0, 0), (4, 1, 0, 0, 0), (4, 1, 32, 32, 0), (1, 0, 32, 16, 0),
-                               (1, 1, 64, 16, 0), (1, 0, 0, 0, 1)):
+    for un, pf, pc, vk, qo in ((1, 0, 0, 0, 0), variant):
         plan = Plan(Family.PORTABLE, workgroup_size=64, rows_per_invocation=4, head_chunk=8, value_columns=32,
-                    value_stage_columns=16, vector_width=4, unroll=un, prefetch=pf, p_chunk_keys=pc,
+                    value_stage_columns=32, vector_width=4, unroll=un, prefetch=pf, p_chunk_keys=pc,
                     value_block_keys=vk, last_tile_first=qo)
         op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 32, "BN": 64}, nsplit=2,
                          causal=True)
         op.bind(q, k, v)
         op.run()
         outs.append(op.result()[0])
-    for other in outs[1:]:
-        np.testing.assert_array_equal(outs[0], other)
-    o = outs[2]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    o = outs[1]
     nan_rows = np.arange(90) + 60 >= 70  # rows that see key 70
     assert np.isnan(o[0, :, nan_rows, 3]).all() and not np.isnan(o[0, :, ~nan_rows]).any()
     assert np.isnan(o[0, :, -1, 7]).all() or np.isinf(o[0, :, -1, 7]).all()
     ref = attention_ref(q, k, np.nan_to_num(v, nan=0.0, posinf=0.0), causal=True)
-    keep = np.ones(36, bool)
+    keep = np.ones(20, bool)
     keep[[3, 7]] = False
     assert_close(o[..., keep], ref[..., keep], 1e-5, "o")
 
@@ -148,12 +153,12 @@ def test_unrolled_prefetched_kernel_gives_the_same_bits(spec, require_adapters) 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
 @pytest.mark.parametrize("target", ["portable", "portable-f16"])
-def test_prefetch_with_float16_inputs(spec, target, require_adapters) -> None:
+def test_prefetch_with_float16_inputs(spec, target, require_adapters, missing_adapter) -> None:
     """f16 inputs (packed storage with f32 math, or shader-f16 tiles and products): the
     prefetched, unrolled kernel gives the same bits as the plain one."""
     dev = require_adapters(spec)[0]
     if target == "portable-f16" and "f16" not in dev.features:
-        pytest.skip(f"{spec} offers no shader-f16")
+        missing_adapter(f"{spec} offers no shader-f16 (lavapipe does)")
     rng = np.random.default_rng(7)
     dims = dict(B=1, Hq=2, Hkv=2, S=70, T=100, D=32, Dv=24)
     q = rng.standard_normal((1, 2, 70, 32)).astype(np.float16)

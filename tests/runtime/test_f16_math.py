@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnc
@@ -37,7 +37,7 @@ def target(request, require_adapters, missing_adapter):
 
 
 @pytest.mark.parametrize("target", F16_TARGETS, indirect=True)
-@RUN
+@settings(RUN, max_examples=30)
 @given(data=st.data())
 def test_f16_math_prefill_and_decode(target, data) -> None:
     sh = data.draw(prefill()) if data.draw(st.booleans()) else dict(
@@ -47,7 +47,7 @@ def test_f16_math_prefill_and_decode(target, data) -> None:
 
 
 @pytest.mark.parametrize("target", F16_TARGETS, indirect=True)
-@RUN
+@settings(RUN, max_examples=30)
 @given(data=st.data())
 def test_f16_math_with_every_option(target, data) -> None:
     Hkv = data.draw(st.integers(1, 2))
