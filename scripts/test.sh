@@ -16,7 +16,7 @@ python3 -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile --durations=30
 # index clamps on wgpu-native; lowering/sanitize.py). They compare against the reference as well,
 # so they run once, sanitized; the shaders users get run unsanitized in every other test.
 echo "test: sanitize with ATTNC_SANITIZE=bounds" >&2
-ATTNC_SANITIZE=bounds python3 -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile --durations=15 -m sanitize tests
+ATTNC_SANITIZE=bounds python3 -m pytest -q -rs -p no:cacheprovider -n 2 --dist load --durations=15 -m sanitize tests
 # only the tiled strategy reduces across subgroups, so the reruns use it for every shape
 # (the stream and rows strategies, chosen for short rows, have no subgroup operations)
 for width in 128 512; do

@@ -153,8 +153,14 @@ def make_inputs(case: Case, dtype: str = "f32", seed: int = 0) -> tuple[np.ndarr
     return q, k, v
 
 
-def reference(case: Case, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """float64 attention o [B,Hq,S,Dv] with scale 1/sqrt(D), GQA, causal aligned to the end.
+def document_ids(T: int, documents: int) -> np.ndarray:
+    """The document of each of T tokens packed as `documents` equal documents (int32)."""
+    return (np.arange(T, dtype=np.int64) * documents // T).astype(np.int32)
+
+
+def reference(case: Case, q: np.ndarray, k: np.ndarray, v: np.ndarray, documents: int = 0) -> np.ndarray:
+    """float64 attention o [B,Hq,S,Dv] with scale 1/sqrt(D), GQA, causal aligned to the end;
+    with `documents`, each query (the last S tokens) sees the keys of its own document only.
 
     Rows that attend to no key give 0. Scores are built per head and row block so memory
     stays bounded for the large cases.
@@ -172,6 +178,10 @@ def reference(case: Case, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.nda
                 qh = q[b, h, r0 : r0 + rows].astype(np.float64)
                 s = (qh @ kh.T) * scale
                 keep = cols[None, :] < limits[r0 : r0 + rows, None]
+                if documents:
+                    doc = document_ids(case.T, documents)
+                    qdoc = doc[np.arange(r0, min(r0 + rows, case.S)) + case.T - case.S]
+                    keep = keep & (qdoc[:, None] == doc[None, :])
                 s = np.where(keep, s, -np.inf)
                 m = np.max(s, axis=1, keepdims=True)
                 m = np.where(np.isfinite(m), m, 0.0)

@@ -34,7 +34,7 @@ from attnc.bench.cases import (
     relerr,
     shapes_path,
 )
-from attnc.bench.impls import IMPLS, KV_PREFIX, RunOptions, Unavailable, kv_format_of
+from attnc.bench.impls import DOCS_IMPL, IMPLS, KV_PREFIX, RunOptions, Unavailable, kv_format_of
 from attnc.errors import AttncError
 from attnc.runtime.dispatch import warm_up
 from attnc.runtime.timing import CLOCK_OK, DEFAULT_CACHE_BYTES, clock_ratio, rotation_count
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv", metavar="FORMATS",
                    help="also time attnc over K/V quantized to these formats (comma list of q8_0, q4_0, int8), "
                         "each row with its speed-up over attnc's own run (use --dtype f16 for f16 KV as the baseline)")
+    p.add_argument("--documents", type=int, default=0, metavar="N",
+                   help="also time attnc with a document mask (the tokens packed as N equal documents, a mask_mod "
+                        "reading their ids), each row with its speed-up over attnc's own dense run")
     p.add_argument("--target", help="attnc variant family (portable, subgroups, ...)")
     p.add_argument("--dtype", choices=sorted(TOLERANCE), default="f32")
     p.add_argument("--json", metavar="FILE", help="write results as JSON")
@@ -123,14 +126,17 @@ def select_cases(args: argparse.Namespace) -> list[Case]:
 def impl_names(args: argparse.Namespace) -> list[str]:
     """attnc (unless --no-attnc), attnc over each --kv format, then the --compare baselines, validated."""
     compare = [c.strip() for c in args.compare.split(",") if c.strip()]
-    unknown = [c for c in compare if c not in IMPLS or c == "attnc" or kv_format_of(c)]
+    unknown = [c for c in compare if c not in IMPLS or c in ("attnc", DOCS_IMPL) or kv_format_of(c)]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from ort, tinygrad, naive")
     kv = [c.strip() for c in (args.kv or "").split(",") if c.strip()]
     bad = [f for f in kv if KV_PREFIX + f not in IMPLS]
     if bad:
         raise ValueError(f"unknown KV format(s) {bad} for --kv; choose from q8_0, q4_0, int8")
-    names = ([] if args.no_attnc else ["attnc"]) + [KV_PREFIX + f for f in kv] + compare
+    if args.documents < 0:
+        raise ValueError(f"--documents must be a positive number of documents, got {args.documents}")
+    docs = [DOCS_IMPL] if args.documents else []
+    names = ([] if args.no_attnc else ["attnc"]) + [KV_PREFIX + f for f in kv] + docs + compare
     if not names:
         raise ValueError("nothing to run: --no-attnc without --compare")
     return list(dict.fromkeys(names))
@@ -292,6 +298,8 @@ def run_cases(
                     m, clock, attempts = measure(device, case, impl, copies, opts, bar)
                     fmt = kv_format_of(impl)
                     err = relerr(m.out, ref) if ref is not None else None
+                    if impl == DOCS_IMPL and check:
+                        err = relerr(m.out, reference(case, *copies[0], documents=opts.documents))
                     if fmt is not None and ref is not None:
                         # the contract is against the dequantized K/V; the quantization error is reported
                         q, k, v = copies[0]
@@ -300,6 +308,10 @@ def run_cases(
                     row.update(clock=clock, attempts=attempts)
                     if impl == "attnc":
                         base_ms = row["ms"]
+                    if impl == DOCS_IMPL:
+                        row["documents"] = opts.documents
+                        if base_ms:
+                            row["speedup_vs_attnc"] = base_ms / row["ms"]
                     if fmt is not None:
                         if ref is not None:
                             row["relerr_unquantized"] = unquantized
@@ -323,8 +335,9 @@ def summary(row: dict[str, Any]) -> str:
     """One line about a result, for logs."""
     if row.get("error"):
         return f"{row['case']} {row['impl']}: {row['error']}"
+    speedup = f", {row['speedup_vs_attnc']:.2f}x attnc" if row.get("speedup_vs_attnc") else ""
     return (f"{row['case']} {row['impl']}: {row['ms']:.4f} ms, {_fmt(row['tflops'], '.3f')} "
-            f"TFLOP/s, relerr {_fmt(row['relerr'], '.1e')} ({row['timing']})")  # fmt: skip
+            f"TFLOP/s, relerr {_fmt(row['relerr'], '.1e')}{speedup} ({row['timing']})")  # fmt: skip
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -490,7 +503,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cases: list[Case]
         cases = []
         if not ceilings:
             ceilings = measure_ceilings(device, size="auto")
-    opts = RunOptions(runs=args.runs, warmup=args.warmup, dtype=args.dtype, target=args.target)
+    opts = RunOptions(runs=args.runs, warmup=args.warmup, dtype=args.dtype, target=args.target,
+                      documents=args.documents)
     started = time.time()
     doc: dict[str, Any] = {
         "device": device_info(device),

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from attnc.bench.cases import Case
+from attnc.bench.cases import Case, document_ids
 from attnc.bench.timing import Timing, time_callable, time_dispatches
 from attnc.runtime import dispatch as rt
 from attnc.runtime import timing as timing_rt
@@ -40,6 +40,7 @@ class RunOptions:
     warmup: int = 3
     dtype: str = "f32"
     target: str | None = None
+    documents: int = 0  # DOCS_IMPL: the tokens packed as this many equal documents
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +70,25 @@ def run_naive(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
 
 
 KV_PREFIX = "attnc-"  # attnc-q8_0, attnc-q4_0, attnc-int8: attnc over K and V stored in that format
+DOCS_IMPL = "attnc+documents"  # attnc with a document mask (mask_mod reading the document ids)
 
 
 def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions,
-              kv_format: str | None = None) -> Measured:
+              kv_format: str | None = None, documents: int = 0) -> Measured:
     """attnc's own kernels through `prepare_attention`: the GPU time of the op, its runs back to
     back on a busy GPU (runtime/timing.py says why), input copies rotated. With `kv_format`,
-    K and V of every copy are quantized to it first (attnc.quant) and read in that format."""
+    K and V of every copy are quantized to it first (attnc.quant) and read in that format.
+    With `documents`, a mask_mod keeps the keys of each query's own document (equal documents,
+    cases.document_ids): the block map of a mask that reads data at work."""
     q, k, v = copies[0]
     kwargs: dict[str, Any] = {"causal": case.causal, "device": device}
+    if documents:
+        doc, off = document_ids(case.T, documents), case.T - case.S
+
+        def same_document(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return doc[q_idx + off] == doc[kv_idx]
+
+        kwargs["mask_mod"] = same_document
     if opts.target is not None:
         kwargs["target"] = opts.target
     extra: dict[str, Any] = {}
@@ -159,8 +170,14 @@ def _kv_runner(fmt: str) -> Runner:
     return runner
 
 
+def _documents_runner(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOptions) -> Measured:
+    """attnc with the document mask of opts.documents documents."""
+    return run_attnc(device, case, copies, opts, documents=opts.documents)
+
+
 IMPLS: dict[str, Runner] = {
     "attnc": run_attnc,
+    DOCS_IMPL: _documents_runner,
     "naive": run_naive,
     "ort": _lazy("ort"),
     "tinygrad": _lazy("tinygrad"),

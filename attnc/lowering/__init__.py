@@ -1,10 +1,12 @@
-"""Lowering: verified IR + Plan -> WGSL Programs (the main pass, and the split-KV combine)."""
+"""Lowering: verified IR + Plan -> WGSL Programs (the main pass, the block map of a mask that reads
+data before it, the split-KV combine after it)."""
 
 from __future__ import annotations
 
 from attnc.errors import LoweringError
 from attnc.ir import nodes as ir
 from attnc.lowering.analyze import FlashSpec, analyze
+from attnc.lowering.blocks import block_mask, emit_classify, emit_compact
 from attnc.lowering.combine import emit_combine
 from attnc.lowering.lanes import emit_lanes
 from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy, check_lanes, check_rows, layout
@@ -33,6 +35,7 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
     elif plan.strategy is Strategy.LANES:
         check_lanes(plan, spec.BM)
         sh = Shader(spec, plan, None)
+        sh.block_mask = block_mask(spec)
         progs = [emit_lanes(sh)]
     elif plan.strategy is Strategy.STREAM:
         if plan.storage is Storage.F16A:
@@ -41,7 +44,10 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
         progs = [emit_stream(sh)]
     else:
         sh = Shader(spec, plan, layout(plan, spec.BM, spec.BN))
+        sh.block_mask = block_mask(spec)
         progs = [emit_main(sh)]
+    if sh.block_mask is not None:  # the live KV tiles first (lowering/blocks.py)
+        progs = [emit_classify(sh, sh.block_mask), emit_compact(sh, sh.block_mask), *progs]
     if spec.split_var is not None:
         progs.append(emit_combine(sh))
     return tuple(progs)

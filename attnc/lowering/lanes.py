@@ -17,6 +17,9 @@ users of `attnc compile` output see it too.
 
 from __future__ import annotations
 
+import contextlib
+
+from attnc.lowering.blocks import FULL_BIT, record_base
 from attnc.lowering.plan import Dialect
 from attnc.lowering.program import Program
 from attnc.lowering.shader import Shader, features
@@ -75,7 +78,20 @@ def emit_lanes(sh: Shader) -> Program:
         # every lane runs the same key steps: the subgroup's union of the rows' ranges
         w.line("lo = subgroupMin(lo);")
         w.line("hi = subgroupMax(hi);")
-        with w.block(f"for (var j0 = lo; j0 < hi; j0 = j0 + {SG})"):
+        listed = sh.block_mask is not None
+        tiles = contextlib.ExitStack()  # the loop over listed tiles around the key loop
+        if listed:  # only the KV tiles the block map lists as live (lowering/blocks.py)
+            w.line(f"let n_kt = (P.d_{s.kv_dim} + {BN - 1}u) / {BN}u;")
+            record_base(w, s, sh.block_mask, "qtile", "n_kt")
+            w.line("let n_live = t_blocks[blk_rec];")
+            tiles.enter_context(w.block("for (var li = 0u; li < n_live; li = li + 1u)"))
+            w.line("let listed = t_blocks[blk_rec + 1u + min(li, n_kt - 1u)];")
+            w.line(f"let tk0 = i32(listed & {FULL_BIT - 1:#x}u) * {BN};")
+            w.line(f"let tile_full = listed >= {FULL_BIT:#x}u;")
+            keys = f"for (var j0 = max(lo, tk0); j0 < min(hi, tk0 + {BN}); j0 = j0 + {SG})"
+        else:
+            keys = f"for (var j0 = lo; j0 < hi; j0 = j0 + {SG})"
+        with w.block(keys):
             w.line("let kb = k_base(clamp(j0 + i32(lane), 0, n_keys - 1)) >> 2u;")
             for d in range(D4):
                 w.line(f"let k_{d} = select(vec4<f32>(0.0), {sh.read4(kt, f'kb + min({d}u, nd - 1u)')}, {d}u < nd);")
@@ -92,8 +108,15 @@ def emit_lanes(sh: Shader) -> Program:
                     for r in rows:
                         w.line(f"t{r} = fma(q{r}_{d}, kk{d}, t{r});")
                 for r in rows:
-                    w.line(f"let s{r} = select({NEG_INF}, score_fn(dot(t{r}, vec4<f32>(1.0)), qc{r}, jc), "
-                           f"j >= klo{r} && j < khi{r});")
+                    if listed:  # a full tile drops the mask
+                        w.line(f"var sc{r}: f32;")
+                        with w.block("if (tile_full)"):
+                            w.line(f"sc{r} = score_free_fn(dot(t{r}, vec4<f32>(1.0)), qc{r}, jc);")
+                        with w.block("else"):
+                            w.line(f"sc{r} = score_fn(dot(t{r}, vec4<f32>(1.0)), qc{r}, jc);")
+                    else:
+                        w.line(f"let sc{r} = score_fn(dot(t{r}, vec4<f32>(1.0)), qc{r}, jc);")
+                    w.line(f"let s{r} = select({NEG_INF}, sc{r}, j >= klo{r} && j < khi{r});")
                     w.line(f"nan{r} = nan{r} || is_nan(s{r});")
                     w.line(f"let mn{r} = max(m{r}, s{r});")
                     w.line(f"let al{r} = select(exp_sub(m{r}, mn{r}), 1.0, is_neg_inf(mn{r}));")
@@ -105,6 +128,7 @@ def emit_lanes(sh: Shader) -> Program:
                     for r in rows:  # masked keys add nothing, even a NaN value
                         w.line(f"let a{r}_{x} = acc{r}_{x} * al{r};")
                         w.line(f"acc{r}_{x} = select(a{r}_{x}, fma(vec4<f32>(p{r}), vv{x}, a{r}_{x}), p{r} != 0.0);")
+        tiles.close()
         for r in rows:
             with w.block(f"if (ok{r})"):
                 _epilogue(sh, w, r, C4)

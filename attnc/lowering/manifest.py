@@ -84,6 +84,9 @@ def _tensors(kernel: ir.Kernel, plan: Plan, programs: tuple[Program, ...]) -> li
                      and any(isinstance(a.extent, ir.SplitExtent) and a.extent.count == p.name
                              for s in kernel.body if isinstance(s, ir.Grid) for a in s.axes))
         out.append({"name": "part", "role": "scratch", "dtype": "f32", "count": f"{rows}*{split}*({width}+2)"})
+    for p in programs:
+        for name, factors in p.scratch:
+            out.append({"name": name, "role": "scratch", "dtype": "u32", "count": "*".join(factors)})
     return out
 
 

@@ -72,6 +72,9 @@ class Program:
     features: frozenset[str]
     workgroup_storage_bytes: int
     in_bounds: bool = False
+    # scratch buffers this program fills for the ones after it: (binding name, factors whose
+    # product is the u32 word count, in the grid's syntax)
+    scratch: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def uniform_size(self) -> int:

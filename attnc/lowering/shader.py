@@ -43,6 +43,9 @@ class Shader:
         self.half_out = k.output.dtype is ir.DType.F16
         # q, k and v read four head-dim elements per load (needs D, Dv % 4 == 0, unit stride)
         self.vec4 = {spec.dot.a.tensor, spec.dot.b.tensor, spec.value.tensor} if plan.vector_width == 4 else set()
+        # a mask that reads data: the main pass visits the live KV tiles a block map lists
+        # (lowering/blocks.py), set by `lower` for the tiled strategy
+        self.block_mask: ir.Expr | None = None
         fields: list[tuple[str, Scalar]] = [("grid_total", Scalar.U32), ("grid_stride_x", Scalar.U32)]
         fields += [(f"d_{d}", Scalar.U32) for d in k.dims]
         for p in spec.tensors:
@@ -147,8 +150,10 @@ class Shader:
     def bindings(self, w: Writer, outputs: list[str], inputs: list[str]) -> tuple[Binding, ...]:
         out: list[Binding] = []
         for name in inputs:
-            if name in ("part",):
+            if name == "part":
                 elem = Scalar.F32
+            elif name == "blocks":
+                elem = Scalar.U32
             else:
                 dt = self.spec.kernel.param(name).type.dtype
                 elem = Scalar.I32 if dt is ir.DType.I32 else (
@@ -156,7 +161,7 @@ class Shader:
                     or dt is ir.DType.U32 else Scalar.F32)
             out.append(Binding(name, len(out), Access.READ, elem))
         for name in outputs:
-            elem = Scalar.U32 if name == "o" and self.half_out else Scalar.F32
+            elem = Scalar.U32 if (name == "o" and self.half_out) or name == "blocks" else Scalar.F32
             out.append(Binding(name, len(out), Access.READ_WRITE, elem))
         for b in out:
             ty = b.elem.value
@@ -178,7 +183,7 @@ class Shader:
         split partial states."""
         s = self.spec
         outputs = ["part"] if s.split_var else (["o", "lse"] if s.lse else ["o"])
-        return self.bindings(w, outputs, [p.name for p in s.tensors])
+        return self.bindings(w, outputs, [p.name for p in s.tensors] + (["blocks"] if self.block_mask else []))
 
     def _loaders(self, w: Writer, name: str) -> None:
         """ld_/ld4_ functions for packed f16 (two per u32, no shader-f16 needed), quantized and
@@ -286,6 +291,10 @@ class Shader:
         s = self.spec
         with w.block("fn score_fn(dotv: f32, qi: i32, kj: i32) -> f32"):
             w.line(f"return {env.hoist(w, s.score).render(s.score)};")
+        if self.block_mask is not None:  # the score on a tile the mask keeps whole
+            free = unmasked_score(s)
+            with w.block("fn score_free_fn(dotv: f32, qi: i32, kj: i32) -> f32"):
+                w.line(f"return {env.hoist(w, free).render(free)};")
         with w.block("fn q_base(qi: i32) -> u32"):
             w.line(f"return {self.slice_base(s.dot.a, env)};")
         with w.block("fn k_base(kj: i32) -> u32"):
@@ -393,8 +402,21 @@ class Shader:
 
     def tile_bounds(self, w: Writer, BM: int, BN: int) -> None:
         """`wg_lo`/`wg_hi` (workgroup vars): the KV tiles of BN keys this workgroup visits for
-        query rows q0..q0+BM-1: the mask-implied key range, cut to the split's share."""
+        query rows q0..q0+BM-1: the mask-implied key range, cut to the split's share. With a
+        block map, the range of the query tile's list of live tiles (`blk_rec`) instead."""
         s = self.spec
+        if self.block_mask is not None:
+            with w.block("if (lid == 0u)"):
+                w.line("let n_live = i32(t_blocks[blk_rec]);")
+                if s.split_var:  # an equal share of the live tiles per split
+                    w.line(f"let per = (n_live + P.p_{s.split_count} - 1) / P.p_{s.split_count};")
+                    w.line(f"let lo = min(g_{s.split_var} * per, n_live);")
+                    w.line("wg_lo = lo;")
+                    w.line("wg_hi = min(lo + per, n_live);")
+                else:
+                    w.line("wg_lo = 0;")
+                    w.line("wg_hi = n_live;")
+            return
         with w.block("if (lid == 0u)"):
             w.line("let r_lo = q0;")
             w.line(f"let r_hi = min(q0 + {BM}, n_rows) - 1;")
@@ -434,6 +456,13 @@ def mask_of(s: FlashSpec) -> ir.Expr | None:
         if isinstance(neg, ir.Const) and neg.value == -math.inf:
             return e.args[0]
     return None
+
+
+def unmasked_score(s: FlashSpec) -> ir.Expr:
+    """The score `x` of a score written `where(c, x, -inf)` (see mask_of)."""
+    e = s.resolve(s.score)
+    assert isinstance(e, ir.Call) and e.op is ir.Op.WHERE
+    return e.args[1]
 
 
 def features(plan: Plan) -> frozenset[str]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from attnc.ir import nodes as ir
+from attnc.lowering.blocks import FULL_BIT, record_base
 from attnc.lowering.plan import Family, Layout, fast_reduce, owned_run
 from attnc.lowering.program import Program
 from attnc.lowering.shader import Shader, features
@@ -306,6 +307,10 @@ def emit_main(sh: Shader) -> Program:
         w.line(f"let n_keys = i32(P.d_{s.kv_dim});")
         w.line(f"let n_dot = P.d_{s.head_dim};")
         w.line(f"let n_width = P.d_{s.width};")
+        listed = sh.block_mask is not None  # the loop runs over the list of live KV tiles
+        if listed:
+            w.line(f"let n_kt = (P.d_{s.kv_dim} + {BN - 1}u) / {BN}u;")
+            record_base(w, s, sh.block_mask, "qtile", "n_kt")
         sh.tile_bounds(w, BM, BN)
         w.line("let t_lo = workgroupUniformLoad(&wg_lo);")
         w.line("let t_hi = workgroupUniformLoad(&wg_hi);")
@@ -326,14 +331,26 @@ def emit_main(sh: Shader) -> Program:
             for cp, name in qk:
                 _prefetch(w, sh, cp.at(cp.first if cp is qblk else first, col0), name, put=False)
 
+        def first_key(t: str) -> str:
+            """The first key of the t-th tile the loop visits (a listed index past the list
+            reads its last word: only a prefetch that is never used does)."""
+            if not listed:
+                return f"({t}) * {BN}"
+            return f"i32(t_blocks[blk_rec + 1u + min(u32({t}), n_kt - 1u)] & {FULL_BIT - 1:#x}u) * {BN}"
+
         if qres:  # transposed [d][row], zero past the head dim and the last row
             _stage(w, sh, replace(qblk, cols=plan.query_dim, col0="0u", arr="q_sh"))
         if pf:
             for cp, name in [*qk, (vblk, "pv")]:
                 _prefetch_regs(w, sh, cp, name)
-            prefetch_qk(f"t_lo * {BN}", "0u")
+            prefetch_qk(first_key("t_lo"), "0u")
         with w.block("for (var t = t_lo; t < t_hi; t = t + 1)"):
-            w.line(f"let k0 = t * {BN};")
+            if listed:
+                w.line("let listed = t_blocks[blk_rec + 1u + u32(t)];")
+                w.line(f"let k0 = i32(listed & {FULL_BIT - 1:#x}u) * {BN};")
+                w.line(f"let tile_full = listed >= {FULL_BIT:#x}u;")
+            else:
+                w.line(f"let k0 = t * {BN};")
             with w.block("if (lid == 0u)"):
                 w.line("atomicStore(&v_bad, 0u);")
             for i in range(TM):
@@ -374,7 +391,7 @@ def emit_main(sh: Shader) -> Program:
                     _prefetch(w, sh, vblk.at(f"(k0 + {nks})", f"dvc * {DVC}u + {nvs}u"), "pv", put=False)
                 elif pf:  # the next tile's first chunk
                     with w.block("if (t + 1 < t_hi)"):
-                        prefetch_qk(f"(k0 + {BN})", "0u")
+                        prefetch_qk(first_key("t + 1"), "0u")
                 # masked keys (p = 0) add nothing, even an inf/NaN value: a tile holding such
                 # values takes the careful loop, every other tile the branch-free one
                 half = bool(sh.half)
@@ -410,6 +427,12 @@ def _store_p(w: Writer, sh: Shader, xs: list[int], ks: int) -> None:
                 w.line(f"{_sm('stage', f'{line} + {i}u')} = {st}(s{i}_{x});")
 
 
+def _scores(w: Writer, i: int, TN: int, fn: str) -> None:
+    """Row i's scores of its owned keys through `fn`; keys past the end masked."""
+    for x in range(TN):
+        w.line(f"s{i}_{x} = select({NEG_INF}, {fn}(s{i}_{x}, qi, kj{x}), kj{x} < n_keys);")
+
+
 def _softmax(w: Writer, sh: Shader, xs: list[int]) -> None:
     """Scores (score_mod, masks), the online-softmax update of m, l and o, and the p of owned
     keys xs into the staging array."""
@@ -422,8 +445,14 @@ def _softmax(w: Writer, sh: Shader, xs: list[int]) -> None:
             w.line(f"let qi = q0 + i32(rg * {TM}u + {i}u);")
             for x in range(TN):
                 w.line(f"let kj{x} = k0 + i32({_owned(lay, TN, x)});")
-                w.line(f"s{i}_{x} = select({NEG_INF}, score_fn(s{i}_{x}, qi, kj{x}), "
-                       f"kj{x} < n_keys);")
+            if sh.block_mask is None:
+                _scores(w, i, TN, "score_fn")
+            else:  # a full tile (the block map) drops the mask
+                with w.block("if (tile_full)"):
+                    _scores(w, i, TN, "score_free_fn")
+                with w.block("else"):
+                    _scores(w, i, TN, "score_fn")
+            for x in range(TN):
                 w.line(f"nan{i} = nan{i} || is_nan(s{i}_{x});")
                 w.line(f"tmax{i} = max(tmax{i}, s{i}_{x});")
     fast = fast_reduce(sh.plan, lay)

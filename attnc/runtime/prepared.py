@@ -58,12 +58,16 @@ _GPU = (Tensor, QuantGPUTensor)  # the types of k and v a call's fast path takes
 
 
 def workgroups(factors: tuple[str, ...], env: dict[str, float | int]) -> int:
-    """Evaluate a product of grid factors (`X`, `ceil_div(X,n)`, `ceil_div(A*B,n)`)."""
+    """Evaluate a product of grid factors (`X`, `ceil_div(X,n)`, `ceil_div(A*B,n)`,
+    `ceil_div(X+n,n)`)."""
+    def term(x: str) -> int:
+        return int(x) if x.isdigit() else int(env[x])
+
     total = 1
     for f in factors:
         if f.startswith("ceil_div("):
             num, den = f[len("ceil_div("):-1].split(",")
-            n = math.prod(int(env[x]) for x in num.split("*"))
+            n = sum(math.prod(term(x) for x in t.split("*")) for t in num.split("+"))
             total *= -(-n // int(den))
         else:
             total *= int(env[f])
@@ -198,7 +202,7 @@ class Prepared:
         self._staging: dict[str, Any] = {}  # host inputs: the op's own upload buffers
         self._uploaded_defaults: dict[str, tuple[rt.BufferSlice, tuple[int, ...]]] = {}
         self._own_out: tuple[Tensor, Tensor | None] | None = None
-        self._part: Any = None
+        self._scratch: dict[str, Any] = {}  # the op's own scratch buffers (split partials, block map)
         # calls with the same GPU tensors: (recorded items, result, buffers), see _call
         self._memo: collections.OrderedDict[Any, tuple[Any, Any, tuple[Any, ...]]] = collections.OrderedDict()
         self._env: tuple[str | None, ...] = ()
@@ -206,9 +210,14 @@ class Prepared:
 
     # ------------------------------------------------------------------ facts
     @property
+    def main_program(self) -> Program:
+        """The attention pass (before it the block map's programs, after it the combine)."""
+        return next((p for p in self.progs if p.name == "main"), self.progs[0])
+
+    @property
     def variant(self) -> str:
         """A readable name of the variant: family, storage, tile sizes and plan tunables."""
-        pl = self.progs[0]
+        pl = self.main_program
         tun = ",".join(f"{k}={v}" for k, v in self.kern.tunables)
         split = f",NSPLIT={self.scalars[self.split_param]},CSG={self.plan.combine_groups}" \
             if self.split_param in self.scalars else ""
@@ -522,10 +531,10 @@ class Prepared:
     def _encode(self, items: list[tuple[rt.CompiledProgram, Any, tuple[int, int, int]]], encoder: Any) -> None:
         """Record the op's pass into `encoder`, or into a new encoder that is submitted."""
         if encoder is not None:
-            rt.encode_pass(encoder, items, self.progs[0].name)
+            rt.encode_pass(encoder, items, self.main_program.name)
             return
         enc = self.dev.gpu.create_command_encoder(label="attnc")
-        rt.encode_pass(enc, items, self.progs[0].name)
+        rt.encode_pass(enc, items, self.main_program.name)
         rt.submit(self.dev, [enc.finish()])
 
     def _bind_call(self, q: Any, k: Any, v: Any, out: Tensor | None, out_lse: Tensor | None, encoder: Any,
@@ -561,8 +570,7 @@ class Prepared:
         bound["o"] = o.binding("out")
         if lse is not None:
             bound["lse"] = lse.binding("out_lse")
-        if self._part is not None:
-            bound["part"] = self._part
+        bound.update(self._scratch)
         key = (tuple(strides), o_strides, lse_strides, tuple(sorted(scalars.items())))
         items = None
         if rt.sanitizing():
@@ -601,9 +609,10 @@ class Prepared:
     def _outputs(self, out: Tensor | None, out_lse: Tensor | None, inputs: list[Any], fresh: bool
                  ) -> tuple[Tensor, Tensor | None]:
         """o and lse: the given tensors, new ones (`fresh`), or the op's own."""
-        if self._part is None and len(self.progs) > 1:
-            part = rt.empty(self.dev, self._part_bytes())
-            self._part = rt.BufferSlice(part, 0, part.size)
+        for name, size in self._scratch_bytes().items():
+            if name not in self._scratch:
+                buf = rt.empty(self.dev, size)
+                self._scratch[name] = rt.BufferSlice(buf, 0, buf.size)
         lse_shape = self.out_shape[:-1]
         if fresh:  # new tensors for what is not given
             o = out if out is not None else self._new_o()
@@ -698,9 +707,17 @@ class Prepared:
         copies so that inputs smaller than the GPU's cache are not timed cache-resident."""
         return Bound(*self._binding(q, k, v))
 
-    def _part_bytes(self) -> int:
-        """Bytes of the split-KV partial states: per output row and split, Dv values, max, sum."""
-        return 4 * math.prod(self.out_shape[:-1]) * self.nsplit * (self.out_shape[-1] + 2)
+    def _scratch_bytes(self) -> dict[str, int]:
+        """Bytes of each scratch buffer the programs pass on: the split-KV partial states (per
+        output row and split, Dv values, max, sum) and what a program declares (the block map)."""
+        out = {}
+        if any(b.name == "part" for p in self.progs for b in p.bindings):
+            out["part"] = 4 * math.prod(self.out_shape[:-1]) * self.nsplit * (self.out_shape[-1] + 2)
+        env = {**self.dims, **self.scalars}
+        for p in self.progs:
+            for name, factors in p.scratch:
+                out[name] = 4 * workgroups(factors, env)
+        return out
 
     def _binding(self, q: Any, k: Any, v: Any) -> tuple[dict[str, Any], list[rt.Dispatch]]:
         bound, strides = self._resolve({"q": q, "k": k, "v": v}, fresh=True, recorded=False)
@@ -711,8 +728,8 @@ class Prepared:
         if self.has_lse:
             bound["lse"] = rt.empty(self.dev, 4 * math.prod(self.out_shape[:-1]))
             lse_strides = self._kernel_out_strides(dense_strides(self.out_shape[:-1]), "lse")
-        if len(self.progs) > 1:
-            bound["part"] = rt.empty(self.dev, self._part_bytes())
+        for name, size in self._scratch_bytes().items():
+            bound[name] = rt.empty(self.dev, size)
         return bound, self._dispatches(bound, strides, o_strides, lse_strides)
 
     def run(self, timestamps: bool = False, binding: Bound | None = None) -> float | None:

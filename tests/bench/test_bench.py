@@ -270,6 +270,29 @@ def test_cli_kv_formats_against_f16_kv(require_adapters: Any, tmp_path: Path) ->
     assert q4["append_ms"] > 0 and q4["append_fraction"] == pytest.approx(q4["append_ms"] / q4["ms"])
 
 
+@pytest.mark.gpu
+def test_cli_documents_against_the_dense_run(require_adapters: Any, tmp_path: Path) -> None:
+    """--documents N: attnc with a document mask beside its dense run, checked against float64
+    with the same mask (the documents' keys only), the speed-up over dense reported; the
+    reference's mask is the one the runner builds (documents of unequal query offset: S < T)."""
+    from attnc.bench.cli import main
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    out = tmp_path / "docs.json"
+    argv = ["--device", dev.spec, "--documents", "3", "--shape", "1,2,2,40,100,32,32", "--target", "portable",
+            "--ceilings", "off", "--runs", "2", "--warmup", "1", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"attnc", "attnc+documents"}
+    docs = rows["attnc+documents"]
+    assert docs["correct"] is True and docs["relerr"] < 1e-5 and docs["documents"] == 3
+    assert docs["speedup_vs_attnc"] == pytest.approx(rows["attnc"]["ms"] / docs["ms"])
+    case = bc.parse_shape("1,2,2,40,100,32,32")
+    q, k, v = bc.make_inputs(case, "f32", 0)
+    assert bc.relerr(bc.reference(case, q, k, v, documents=3), bc.reference(case, q, k, v)) > 1e-2
+    assert main(["--documents", "-1"]) == 2
+
+
 def test_kv_suites_and_bad_formats(capsys: pytest.CaptureFixture[str]) -> None:
     from attnc.bench.cli import main
 

@@ -271,7 +271,7 @@ def check_o_tensor(o: attnc.Tensor, shape: tuple, dtype) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
 @pytest.mark.parametrize("strategy", list(CONTRACT_PLANS))
-@settings(RUN, max_examples=3)
+@settings(RUN, max_examples=2)
 @given(data=st.data())
 def test_o_in_q_dtype_with_its_layout_everywhere(spec, strategy, data, require_adapters) -> None:
     """dtype (f32 / f16) x odd / even Dv x host / GPU inputs x out= (none, padded rows, a
