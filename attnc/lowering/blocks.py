@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from attnc.ir import nodes as ir
 from attnc.lowering.analyze import FlashSpec
+from attnc.lowering.plan import Family
 from attnc.lowering.program import Program
 from attnc.lowering.shader import Shader, mask_of
 from attnc.lowering.wgsl import Writer
@@ -121,7 +122,8 @@ def _header(sh: Shader, mask: ir.Expr, w: Writer) -> tuple[list[str], object]:
     """Header, bindings (the tensors the mask and the uniform lets read, then `blocks`) and the
     mask function `keep_fn(qi, kj)`."""
     s = sh.spec
-    sh.header(w, False)
+    # a variant's programs share its enable directives (the manifest lists them per variant)
+    sh.header(w, sh.plan.family is Family.SUBGROUPS)
     reads = _reads(s, mask)
     for n in s.uniform_lets:
         reads |= _reads(s, s.lets[n])
@@ -201,7 +203,7 @@ def emit_compact(sh: Shader, mask: ir.Expr) -> Program:
     s = sh.spec
     BM, BN, WG = s.BM, s.BN, COMPACT_WG
     w = Writer()
-    sh.header(w, False, with_f16=False)
+    sh.header(w, sh.plan.family is Family.SUBGROUPS, with_f16=False)
     binds = sh.bindings(w, ["blocks"], [])
     sh.privates(w)
     w.line(f"var<workgroup> scan: array<u32, {WG}>;")
