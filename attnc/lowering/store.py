@@ -150,7 +150,12 @@ def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: in
             w.line("let d = flushed(" + ("amax / 127.0);" if fmt is ir.DType.Q8_0 else "mx / -8.0);"))
             w.line("let id = inv_or_zero(d);")
             w.line(f"let wb = ((dst >> 5u) + blk) * {per}u;")
-            w.line(f"t_{t}[wb] = pack2x16float(vec2<f32>(d, 0.0)) & 0xffffu;")
+            # a d that is 0 in f16 (|d| <= 2^-25) is written as the zero of d's sign from integer
+            # bits: drivers may drop the sign of a zero in float arithmetic (q8_0: d >= 0; q4_0:
+            # d = mx / -8, mx starting at +0.0 as in ggml, so an all-zero block has d = -0.0)
+            sign = "0u" if fmt is ir.DType.Q8_0 else "((bitcast<u32>(mx) >> 16u) & 0x8000u) ^ 0x8000u"
+            w.line(f"t_{t}[wb] = select(pack2x16float(vec2<f32>(d, 0.0)) & 0xffffu, {sign}, "
+                   "abs(d) <= 2.98023224e-8);")
             if fmt is ir.DType.Q8_0:
                 with w.block("for (var m = 0u; m < 8u; m++)"):
                     w.line("var word = 0u;")

@@ -71,6 +71,24 @@ def test_store_matches_interpreter(fmt, f16_rows, B, H, N, D, seed, paged, requi
     _same(got, ref)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", CACHE_FORMATS)
+def test_zero_and_tiny_blocks_store_ggml_words(fmt, require_adapters) -> None:
+    """Blocks and rows whose scale is a zero in f16 or below f32's normal range (all +0, all
+    -0, mixed zeros, tiny values of either sign, 2^-25 * 8 at f16's rounding edge) store exactly
+    the words attnc.quant (ggml's reference) does, the sign of a zero scale included."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    tiny = np.float32(2.0**-25 * 8)
+    rows = [np.zeros(64), -np.zeros(64), np.where(np.arange(64) % 2, -0.0, 0.0), np.full(64, 1e-30),
+            np.full(64, -1e-30), np.full(64, 1e-39), np.full(64, -tiny), np.full(64, tiny * 1.5)]
+    x = np.stack(rows).astype(np.float32).reshape(1, 8, 1, 64)
+    cache = _cache(fmt, np.ones((1, 8, 2, 64), np.float32))
+    pos = np.array([1], np.int32)
+    got = store_rows(cache, x, pos, device=dev)
+    ref = interpret_store(kv_store.trace(cache_dtype=fmt, x_dtype="f32"), dict(x=x, pos=pos, cache=cache))["cache"]
+    _same(got, ref)
+
+
 def test_interpreter_store_is_quantize() -> None:
     """The interpreter writes exactly attnc.quant.quantize's words at the rows' positions."""
     rng = np.random.default_rng(1)
