@@ -35,7 +35,7 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
     elif plan.strategy is Strategy.LANES:
         check_lanes(plan, spec.BM)
         sh = Shader(spec, plan, None)
-        sh.block_mask = block_mask(spec)
+        sh.block_mask = block_mask(spec) if plan.block_map else None
         progs = [emit_lanes(sh)]
     elif plan.strategy is Strategy.STREAM:
         if plan.storage is Storage.F16A:
@@ -44,7 +44,7 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
         progs = [emit_stream(sh)]
     else:
         sh = Shader(spec, plan, layout(plan, spec.BM, spec.BN))
-        sh.block_mask = block_mask(spec)
+        sh.block_mask = block_mask(spec) if plan.block_map else None
         progs = [emit_main(sh)]
     if sh.block_mask is not None:  # the live KV tiles first (lowering/blocks.py)
         progs = [emit_classify(sh, sh.block_mask), emit_compact(sh, sh.block_mask), *progs]

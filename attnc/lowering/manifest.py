@@ -13,8 +13,8 @@ from attnc.errors import LoweringError
 from attnc.ir import nodes as ir
 from attnc.ir.printer import print_kernel
 from attnc.lowering import lower
-from attnc.lowering.plan import Dialect, Family, Plan, Storage
-from attnc.lowering.program import Access, Program
+from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage
+from attnc.lowering.program import Access, Program, storage_buffers
 from attnc.lowering.retype import retype
 
 FORMAT = "attnc.manifest"
@@ -117,6 +117,7 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str],
             "in_bounds": p.in_bounds,
         })
         n_storage.append(len(storage))
+    mapped = any(p.name == "classify" for p in c.programs)  # the block map's first pass
     webgpu_name = {"subgroups": "subgroups", "f16": "shader-f16"}  # attnc's names -> WebGPU's
     features = sorted({webgpu_name[f] for p in c.programs for f in p.features})
     return {
@@ -134,7 +135,8 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str],
         "enables": sorted({"shader-f16": "f16"}.get(f, f) for f in features),
         "tunables": dict(kernel.tunables) | {"WG": c.plan.workgroup_size, "DK": c.plan.head_chunk,
                                              "DVC": c.plan.value_columns,
-                                            "DVS": c.plan.value_stage_columns, "SGMIN": c.plan.min_subgroup},
+                                            "DVS": c.plan.value_stage_columns, "SGMIN": c.plan.min_subgroup}
+                    | ({"BMAP": int(mapped)} if mapped or not c.plan.block_map else {}),
         "tensors": _tensors(kernel, c.plan, c.programs),
         "params": [{"name": p.name, "type": p.type.dtype.value,
                     **({"default": _PARAM_DEFAULTS[p.name]} if p.name in _PARAM_DEFAULTS else {})}
@@ -176,6 +178,24 @@ def store_entry(store: ir.StoreKernel, outdir: Path) -> dict[str, Any]:
     }
 
 
+def _with_lean_variants(kernel: ir.Kernel, plans: list[Plan]) -> list[tuple[Plan, str]]:
+    """Each plan with its variant name; a plan whose block map takes a pass past WebGPU's
+    default storage buffers per stage comes as two variants, best first: `<name>.block-map`
+    (the map, needing the larger limit) and `<name>` without it (fitting the defaults)."""
+    out = []
+    for plan in plans:
+        name = f"{kernel.name}.{plan.family.value}.{plan.storage.value}"
+        k = retype(kernel, plan.storage)
+        limit = DEFAULT_LIMITS["max-storage-buffers-per-shader-stage"]
+        if plan.block_map and storage_buffers(lower(k, plan)) > limit:
+            lean = dataclasses.replace(plan, block_map=0)
+            if storage_buffers(lower(k, lean)) <= limit:
+                out += [(plan, f"{name}.block-map"), (lean, name)]
+                continue
+        out.append((plan, name))
+    return out
+
+
 def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path,
                    stores: tuple[ir.StoreKernel, ...] = ()) -> dict[str, Any]:
     """Lower for each plan in each of DIALECTS, write `<kernel>.<variant>.<program>.wgsl`
@@ -190,9 +210,8 @@ def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path,
     outdir.mkdir(parents=True, exist_ok=True)
     text = print_kernel(kernel)
     variants = []
-    for plan in plans:
+    for plan, name in _with_lean_variants(kernel, plans):
         k = retype(kernel, plan.storage)
-        name = f"{kernel.name}.{plan.family.value}.{plan.storage.value}"
         lowered = {d: lower(k, dataclasses.replace(plan, dialect=d)) for d in dialects}
         first = dialects[0]
         files: dict[str, str] = {}

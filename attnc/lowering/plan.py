@@ -57,6 +57,7 @@ COMPACT_KEYS = {
     "vector_width": "VEC", "resident_query": "QRES", "lanes_per_key": "KL", "softmax_phase": "SMX",
     "unroll": "UN", "prefetch": "PF", "combine_groups": "CSG", "value_block_keys": "VK",
     "p_chunk_keys": "PC", "last_tile_first": "QO", "subgroup_width": "SGB", "shuffle_only_lanes": "SGFAST",
+    "block_map": "BMAP",
 }
 FIELDS_BY_KEY = {key: name for name, key in COMPACT_KEYS.items()}
 
@@ -84,6 +85,11 @@ class Plan:
       for every head and split before the next, instead of every tile of one head before the
       next head: under a causal mask the last tiles see the most keys, so the longest
       workgroups start first (GPUs start workgroups in index order) and the short ones fill in.
+    - block_map (tiled and lanes strategies): 1 builds a block map when the mask reads tensors
+      (lowering/blocks.py: two small passes list each query tile's live KV tiles, and the main
+      pass visits only those); 0 evaluates the mask on every tile. The map's scratch buffer is
+      one more storage binding per pass: where that exceeds the device's limit the runtime
+      takes 0, and `attnc compile` also lists a variant with 0 that fits WebGPU's defaults.
     - combine_groups (split-KV combine): split groups per output column, each merging every
       combine_groups-th split (workgroups of 32 x combine_groups); 0 = from the split count
       when the runtime knows it, else 8.
@@ -156,6 +162,7 @@ class Plan:
     last_tile_first: int = 0
     subgroup_width: int = 0
     shuffle_only_lanes: int = 0
+    block_map: int = 1
 
     @property
     def name(self) -> str:

@@ -81,3 +81,8 @@ class Program:
         """Size in bytes of the uniform block, rounded up to 16 as WGSL requires."""
         end = max((f.offset + 4 for f in self.uniforms), default=4)
         return (end + 15) // 16 * 16
+
+
+def storage_buffers(progs: tuple[Program, ...]) -> int:
+    """The most storage buffers one of the programs binds (WebGPU limits them per shader stage)."""
+    return max(sum(b.access is not Access.UNIFORM for b in p.bindings) for p in progs)

@@ -21,11 +21,18 @@ from attnc.lowering import Plan
 from attnc.lowering.plan import Storage, Strategy
 from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, packs_gqa, pick_family, plan_for, with_combine
 from attnc.quant import QuantTensor, check_format, check_head_dim
-from attnc.runtime.build import Options, build_kernel_with_captures, mods_scan, options_key, programs_for
+from attnc.runtime.build import Options, build_kernel_with_captures, mods_scan, options_key, programs_within
 from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.params import bind_params
-from attnc.runtime.prepared import BROADCAST, Prepared, broadcast_shape, check_host_option, check_limits
+from attnc.runtime.prepared import (
+    BROADCAST,
+    Prepared,
+    broadcast_shape,
+    check_host_option,
+    check_limits,
+    max_storage_buffers,
+)
 from attnc.runtime.tensor import QuantGPUTensor, Tensor, host_array, on_gpu
 from attnc.runtime.tuning_cache import ignore, tuned_plan
 
@@ -288,7 +295,7 @@ def _lowered(dev: Device, dims: dict[str, int], opts: Options, scalars: dict[str
     sources = {n: f"the value a mod captures as {n!r}" for n in captured} | \
         {n: n if n == "block_table" else f"inputs[{n!r}]" for n in inputs}
     bound = bind_params(kern, dims, {**captured, **inputs}, skip=own, sources=sources)
-    progs = programs_for(kern, plan)
+    plan, progs = programs_within(kern, plan, max_storage_buffers(dev))
     check_limits(dev, progs, plan, bound.dims)
     prep = Prepared(dev, kern, plan, progs, bound.dims, scalars | bound.scalars | {"scale": scale},
                     {**given, **bound.tensors}, total_keys, generic=frozenset(sources), sources=sources)

@@ -9,6 +9,7 @@ kernel and a plan give the programs, whatever the device.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from attnc.frontend import capture
 from attnc.ir import nodes as ir
 from attnc.lowering import Plan, Storage, lower
-from attnc.lowering.program import Program
+from attnc.lowering.program import Program, storage_buffers
 from attnc.lowering.retype import retype, with_kv_formats
 
 
@@ -122,3 +123,15 @@ def programs_for(kern: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
         progs = lower(kern, plan)
         _CACHE.programs[key] = progs
     return progs
+
+
+def programs_within(kern: ir.Kernel, plan: Plan, max_storage_buffers: int) -> tuple[Plan, tuple[Program, ...]]:
+    """The plan and its programs, without the block map (an optimisation: one more storage
+    binding per pass) when with it a pass would bind more storage buffers than the device grants."""
+    progs = programs_for(kern, plan)
+    if plan.block_map and storage_buffers(progs) > max_storage_buffers:
+        lean = dataclasses.replace(plan, block_map=0)
+        lean_progs = programs_for(kern, lean)
+        if storage_buffers(lean_progs) < storage_buffers(progs):
+            return lean, lean_progs
+    return plan, progs

@@ -24,10 +24,10 @@ from attnc.ir import nodes as ir
 from attnc.lowering import Storage, analyze
 from attnc.lowering.retype import operand_tensors, retype
 from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, pick_family, plan_for, with_combine
-from attnc.runtime.build import programs_for
+from attnc.runtime.build import programs_within
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.params import bind_params
-from attnc.runtime.prepared import Prepared, check_limits
+from attnc.runtime.prepared import Prepared, check_limits, max_storage_buffers
 from attnc.runtime.tensor import Tensor, host_array
 
 
@@ -121,7 +121,7 @@ class Op:
             if spec.split_count not in values:
                 bound.scalars[spec.split_count] = kv_splits(caps, pdims, plan, {"BM": spec.BM, "BN": spec.BN}, False)
             plan = with_combine(plan, int(bound.scalars[spec.split_count]))
-        progs = programs_for(kern, plan)
+        plan, progs = programs_within(kern, plan, max_storage_buffers(self.device))
         check_limits(self.device, progs, plan, pdims)
         sources = {n: f"the value a mod captures as {n!r}" for n in captured} | {n: repr(n) for n in values}
         prep = Prepared(self.device, kern, plan, progs, bound.dims, bound.scalars, bound.tensors,

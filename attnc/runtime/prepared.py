@@ -34,7 +34,7 @@ from attnc.errors import DeviceError, LoweringError
 from attnc.ir import nodes as ir
 from attnc.lowering import Plan, Strategy
 from attnc.lowering.plan import fast_reduce, layout
-from attnc.lowering.program import Access, Program
+from attnc.lowering.program import Access, Program, storage_buffers
 from attnc.lowering.retype import operand_tensors
 from attnc.quant import QuantTensor
 from attnc.runtime import dispatch as rt
@@ -236,6 +236,8 @@ class Prepared:
         knobs = {Strategy.ROWS: f"KC={pn.keys_per_step},DQ={pn.query_dim}",
                  Strategy.LANES: f"TM={pn.rows_per_invocation},SGB={pn.subgroup_width},DQ={pn.query_dim}",
                  Strategy.STREAM: stream}.get(pn.strategy, tiled)
+        if any(p.name == "classify" for p in self.progs) or not pn.block_map:
+            knobs += f",BMAP={int(any(p.name == 'classify' for p in self.progs))}"
         kv = "".join(f",{p.name.upper()}={p.fmt}" for p in self.params if p.fmt)
         return f"{pl.name}:{pn.name}[{tun},{knobs},DVC={pn.value_columns},VEC={pn.vector_width}{split}{kv}]"
 
@@ -775,6 +777,11 @@ class Bound:
     dispatches: list[rt.Dispatch]
 
 
+def max_storage_buffers(dev: Device) -> int:
+    """Storage buffers a shader stage may bind on this device."""
+    return int(dev.gpu.limits.get("max-storage-buffers-per-shader-stage", 8))
+
+
 def check_limits(dev: Device, progs: tuple[Program, ...], plan: Plan | None = None,
                  dims: dict[str, int] | None = None) -> None:
     """Refuse, with the numbers, a variant that needs more than the device granted."""
@@ -795,8 +802,8 @@ def check_limits(dev: Device, progs: tuple[Program, ...], plan: Plan | None = No
         if p.workgroup_size > have:
             raise LoweringError(f"variant {p.name} needs {p.workgroup_size} invocations per workgroup; "
                                 f"{dev.spec} grants {have}", notes=("choose a smaller WG",))
-        nbuf = sum(b.access is not Access.UNIFORM for b in p.bindings)
-        have = int(lim.get("max-storage-buffers-per-shader-stage", 8))
+        nbuf = storage_buffers((p,))
+        have = max_storage_buffers(dev)
         if nbuf > have:
             raise DeviceError(f"these options need {nbuf} storage buffers per shader stage; {dev.spec} grants "
                               f"max-storage-buffers-per-shader-stage = {have}",

@@ -26,6 +26,19 @@ export function joinPath(base, rel) {
 /** The WebGPU features the harness asks for when the adapter offers them. */
 export const WANTED_FEATURES = ['subgroups', 'shader-f16', 'timestamp-query'];
 
+/**
+ * The device the harness asks for: the wanted features the adapter offers, and the adapter's
+ * own storage-buffer limit (a kernel whose masks read several tensors has a block-map variant
+ * that binds one more storage buffer than WebGPU's default 8).
+ * @param {any} adapter
+ */
+export function deviceRequest(adapter) {
+  return {
+    requiredFeatures: WANTED_FEATURES.filter((f) => adapter.features.has(f)),
+    requiredLimits: {maxStorageBuffersPerShaderStage: adapter.limits.maxStorageBuffersPerShaderStage},
+  };
+}
+
 /** Describe an adapter: name, features that matter, subgroup sizes, key limits. @param {any} adapter */
 export function describeAdapter(adapter) {
   const info = adapter.info || {};
@@ -37,6 +50,7 @@ export function describeAdapter(adapter) {
     features: WANTED_FEATURES.filter((f) => adapter.features.has(f)),
     maxComputeWorkgroupsPerDimension: adapter.limits.maxComputeWorkgroupsPerDimension,
     maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize,
+    maxStorageBuffersPerShaderStage: adapter.limits.maxStorageBuffersPerShaderStage,
   };
 }
 
@@ -93,7 +107,8 @@ export async function runCases(adapter, device, casesPath, io) {
     if (io.onResult) io.onResult(r);
   }
   const checks = spec.checks ? await runChecks(casesPath, spec.checks, io) : {};
-  return {adapter: describeAdapter(adapter), device_features: [...device.features].filter((f) => WANTED_FEATURES.includes(f)), results, checks};
+  return {adapter: describeAdapter(adapter), device_features: [...device.features].filter((f) => WANTED_FEATURES.includes(f)),
+    device_limits: deviceLimits(device), results, checks};
 }
 
 /**

@@ -1,7 +1,7 @@
 // The example page: runs the cases file (?cases=URL, default data/cases.json) with the
 // attnc JS loader on this browser's WebGPU adapter and shows timing and errors. Results also
 // land in window.__attncResults (window.__attncDone = true when finished) for the tests.
-import {describeAdapter, runCases, WANTED_FEATURES} from './harness.js';
+import {describeAdapter, deviceRequest, runCases} from './harness.js';
 
 const params = new URLSearchParams(location.search);
 const casesUrl = params.get('cases') || 'data/cases.json';
@@ -38,7 +38,7 @@ async function main() {
     const a = describeAdapter(adapter);
     $('adapter').textContent = `Adapter: ${a.description || a.device || a.vendor} (${a.architecture}), ` +
       `features: ${a.features.join(', ') || 'none'}, subgroup size ${a.subgroupMinSize}–${a.subgroupMaxSize}`;
-    const device = await adapter.requestDevice({requiredFeatures: WANTED_FEATURES.filter((f) => adapter.features.has(f))});
+    const device = await adapter.requestDevice(deviceRequest(adapter));
     const fetchText = async (/** @type {string} */ u) => {
       const r = await fetch(u);
       if (!r.ok) throw new Error(`${u}: HTTP ${r.status}`);

@@ -4,7 +4,7 @@ import {readFile, writeFile} from 'node:fs/promises';
 import {createRequire} from 'node:module';
 import {pathToFileURL} from 'node:url';
 
-import {runCases, WANTED_FEATURES} from '../../examples/browser/harness.js';
+import {deviceRequest, runCases} from '../../examples/browser/harness.js';
 
 const [casesPath, outPath] = process.argv.slice(2);
 const require = createRequire(new URL('../../js/package.json', import.meta.url));
@@ -16,7 +16,7 @@ try {
   const gpu = create([]);
   const adapter = await gpu.requestAdapter();
   if (!adapter) throw new Error('Dawn found no WebGPU adapter');
-  const device = await adapter.requestDevice({requiredFeatures: WANTED_FEATURES.filter((f) => adapter.features.has(f))});
+  const device = await adapter.requestDevice(deviceRequest(adapter));
   device.addEventListener?.('uncapturederror', (e) => console.error('uncaptured WebGPU error:', e.error?.message));
   const out = await runCases(adapter, device, casesPath, {
     text: (p) => readFile(p, 'utf8'),

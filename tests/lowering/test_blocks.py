@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
+from attnc.errors import DeviceError
 from attnc.lowering import blocks
 from attnc.lowering.analyze import analyze
 from attnc.lowering.plan import Dialect, Family, Plan, Strategy
@@ -200,3 +201,87 @@ def test_lanes_plans_over_block_maps_match_the_reference(spec, data, require_ada
     assert_close(op(q, k, v), attention_ref(q, k, v, mask_mod=mm), 1e-5, "o")
     got, want = _read_map(op, truth, BM, BN)
     assert got == want
+
+
+def _reading_mods(n_tables: int, T: int):
+    """A document mask and a score_mod adding n_tables captured [T] f32 tables (each one more
+    storage binding), with their numpy meaning."""
+    doc = (np.arange(T) // 5)[None].astype(np.int32)
+    tables = [np.linspace(-1, 1, T, dtype=np.float32) * (i + 1) for i in range(n_tables)]
+
+    def mm(b, h, q, kv):
+        return (doc[b, q] == doc[b, kv]) & (kv <= q)
+
+    def sm(s, b, h, q, kv):
+        for t in tables:
+            s = s + t[kv]
+        return s
+    return mm, sm if tables else None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_tables,lse", [(2, False), (3, False), (2, True), (4, False)])
+def test_devices_with_default_limits_run_data_masks_with_or_without_the_map(n_tables, lse, require_adapters) -> None:
+    """On a GPUDevice created with WebGPU's default limits (8 storage buffers per stage), a
+    kernel whose block map would bind one buffer too many runs without the map (BMAP=0) and
+    one that fits keeps it; both match float64; one that needs too many even without the map is
+    refused naming the limit. attnc's own device (larger limits) keeps the map."""
+    backend = require_adapters("wgpu:vulkan")[0].backend
+    import importlib
+
+    from attnc.runtime.devices import BACKEND_MODULES
+
+    gpu_mod = importlib.import_module(BACKEND_MODULES[backend])
+    adapter = next(a for a in gpu_mod.gpu.enumerate_adapters_sync()
+                   if a.info.get("backend_type", "").lower() == "vulkan" and a.info.get("adapter_type") == "CPU")
+    dev = attnc.get_device(adapter.request_device_sync(required_limits={"max-storage-buffers-per-shader-stage": 8}))
+    assert int(dev.gpu.limits["max-storage-buffers-per-shader-stage"]) == 8
+    T = 40
+    mm, sm = _reading_mods(n_tables, T)
+    rng = np.random.default_rng(n_tables)
+    q, k, v = (rng.standard_normal((1, 2, T, 16)).astype(np.float32) for _ in range(3))
+    want = attention_ref(q, k, v, mask_mod=mm, score_mod=sm, return_lse=lse)
+    buffers = 4 + 1 + n_tables + lse  # q k v o, doc, the tables, lse
+    for device, limit in ((dev, 8), (require_adapters("wgpu:vulkan")[0], None)):
+        if limit is not None and buffers > limit:
+            with pytest.raises(DeviceError, match="max-storage-buffers-per-shader-stage = 8"):
+                api.prepare_dims(dict(B=1, Hq=2, Hkv=2, S=T, T=T, D=16, Dv=16), mask_mod=mm, score_mod=sm,
+                                 return_lse=lse, device=device, tunables={"BM": 16, "BN": 16})
+            continue
+        op = api.prepare_dims(dict(B=1, Hq=2, Hkv=2, S=T, T=T, D=16, Dv=16), mask_mod=mm, score_mod=sm,
+                              return_lse=lse, device=device, tunables={"BM": 16, "BN": 16})
+        mapped = limit is None or buffers + 1 <= limit
+        assert ("classify" in [p.name for p in op.progs]) == mapped, op.variant
+        assert f"BMAP={int(mapped)}" in op.variant
+        got = op(q, k, v)
+        for g, w, what in zip(got if lse else (got,), want if lse else (want,), ("o", "lse"), strict=False):
+            assert_close(g, w, 1e-5, what)
+
+
+@pytest.mark.parametrize("n_tables", [0, 2, 3, 4])
+def test_compiled_manifests_fit_default_limits_in_every_family_and_dtype(n_tables, tmp_path) -> None:
+    """`attnc compile` output: every (family, dtype) has a variant within WebGPU's default 8
+    storage buffers whenever the kernel without a block map fits them; where only the map
+    needs more, the map variant comes first (best first) and the one without it second."""
+    from attnc.lowering.manifest import compile_kernel
+    from attnc.lowering.plan import Storage
+
+    mm, sm = _reading_mods(n_tables, 40)
+    kern = build_kernel(Options(mask_mod=mm, score_mod=sm), {"BM": 16, "BN": 16})
+    plans = [Plan(f, s) for f in (Family.PORTABLE, Family.SUBGROUPS) for s in (Storage.F32, Storage.F16)]
+    manifest = compile_kernel(kern, plans, tmp_path)
+    names = [v["name"] for v in manifest["variants"]]
+    assert len(names) == len(set(names))
+    for f in (Family.PORTABLE, Family.SUBGROUPS):
+        for s in (Storage.F32, Storage.F16):
+            group = [v for v in manifest["variants"] if (v["family"], v["dtype"]) == (f.value, s.value)]
+            need = [v["requires"]["limits"]["maxStorageBuffersPerShaderStage"] for v in group]
+            lean = 5 + n_tables  # q k v o, doc, the tables: the kernel without the map
+            assert group[0]["tunables"]["BMAP"] == 1  # the map first
+            if lean + 1 <= 8:
+                assert need == [lean + 1]
+            elif lean <= 8:
+                assert need == [lean + 1, lean] and group[1]["tunables"]["BMAP"] == 0
+                assert group[1]["name"] + ".block-map" == group[0]["name"]
+            else:  # nothing fits the defaults: the best variant, for devices that grant more
+                assert need == [lean + 1]
