@@ -27,7 +27,7 @@ ALLOWED = {
 }
 # runtime modules, bottom layer first: a module may import only from earlier layers
 RUNTIME_LAYERS = [
-    {"dispatch", "cachedir"},
+    {"dispatch", "cachedir", "lru"},
     {"devices", "timing"},
     {"tensor"},
     {"params"},

@@ -8,7 +8,6 @@ dtype and options), so a repeated call runs one it made before.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 from collections.abc import Callable, Hashable, Mapping
@@ -24,6 +23,7 @@ from attnc.quant import QuantTensor, check_format, check_head_dim
 from attnc.runtime.build import Options, build_kernel_with_captures, mods_scan, options_key, programs_within
 from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
 from attnc.runtime.devices import Device, get_device
+from attnc.runtime.lru import LRU
 from attnc.runtime.params import bind_params
 from attnc.runtime.prepared import (
     BROADCAST,
@@ -40,9 +40,10 @@ OPTION_TENSORS = ("bias", "alibi_slopes", "sinks", "kv_lens")
 MAX_CACHED_OPS = 32
 
 
-def _check(cond: bool, msg: str) -> None:
+def _check(cond: bool, msg: str | Callable[[], str]) -> None:
+    """Raise ValueError(msg) unless `cond`; a message given as a function is only formatted then."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg if isinstance(msg, str) else msg())
 
 
 def _is_real(x: Any) -> bool:
@@ -67,26 +68,28 @@ def validate(q: Any, k: Any, v: Any) -> dict[str, int]:
     4 dims; attnc/quant.py)."""
     for n, x in (("q", q), ("k", k), ("v", v)):
         if n != "q" and isinstance(x, (QuantTensor, QuantGPUTensor)):
-            _check(len(x.shape) == 4, f"{n}: expected 4 dims, got {len(x.shape)} (shape {tuple(x.shape)})")
+            _check(len(x.shape) == 4, lambda n=n, x=x: f"{n}: expected 4 dims, got {len(x.shape)} "
+                                                       f"(shape {tuple(x.shape)})")
             continue
         if not isinstance(x, (np.ndarray, Tensor, InputSpec)):
             raise ValueError(f"{n}: expected a numpy array or an attnc.Tensor, got {type(x).__name__}")
-        _check(len(x.shape) == 4, f"{n}: expected 4 dims, got {len(x.shape)} (shape {tuple(x.shape)})")
+        _check(len(x.shape) == 4, lambda n=n, x=x: f"{n}: expected 4 dims, got {len(x.shape)} "
+                                                   f"(shape {tuple(x.shape)})")
         _check(x.dtype in (np.float32, np.float16),
-               f"{n}: dtype must be float32 or float16, got {x.dtype}")
-        _check(x.size > 0, f"{n}: empty array (shape {tuple(x.shape)})")
+               lambda n=n, x=x: f"{n}: dtype must be float32 or float16, got {x.dtype}")
+        _check(x.size > 0, lambda n=n, x=x: f"{n}: empty array (shape {tuple(x.shape)})")
     floats = [x for x in (k, v) if not isinstance(x, (QuantTensor, QuantGPUTensor))]
     _check(all(x.dtype == q.dtype for x in floats),
-           "q, k, v must share a dtype (or k, v be quantized), got "
+           lambda: "q, k, v must share a dtype (or k, v be quantized), got "
            + ", ".join(x.fmt if isinstance(x, (QuantTensor, QuantGPUTensor)) else str(x.dtype) for x in (q, k, v)))
     B, Hq, S, D = q.shape
     _, Hkv, T, Dk = k.shape
     _check(k.shape[0] == v.shape[0] and k.shape[0] in (1, B),
-           f"batch dims differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]} (k and v share "
+           lambda: f"batch dims differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]} (k and v share "
            f"one, which is q's or 1 for K/V shared by the batch)")
-    _check(Dk == D, f"head dim D differs: q has {D}, k has {Dk}")
+    _check(Dk == D, lambda: f"head dim D differs: q has {D}, k has {Dk}")
     _check(v.shape[1] == Hkv and v.shape[2] == T,
-           f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} in (B, Hkv, T)")
+           lambda: f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} in (B, Hkv, T)")
     validate_dims(dict(B=B, Hq=Hq, S=S, D=D, Hkv=Hkv, T=T, Dv=v.shape[3]))
     return dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=v.shape[3])
 
@@ -112,7 +115,7 @@ def validate_dims(dims: Mapping[str, Any]) -> dict[str, int]:
         if name not in DIMS:
             raise ValueError(f"{name}: not an attention dim (the dims: {', '.join(DIMS)})")
     _check(dims["Hq"] % dims["Hkv"] == 0,
-           f"Hq={dims['Hq']} query heads is not a multiple of Hkv={dims['Hkv']} kv heads")
+           lambda: f"Hq={dims['Hq']} query heads is not a multiple of Hkv={dims['Hkv']} kv heads")
     return {n: int(dims[n]) for n in DIMS}
 
 
@@ -171,12 +174,12 @@ def _check_option_value(name: str, x: Any, dims: dict[str, int], total_keys: int
             broadcast_shape(name, arr.shape, (dims["B"], dims["Hq"], dims["S"], dims["T"]))
         return x
     want = np.int32 if name == "kv_lens" else np.float32
-    _check(x.dtype == want, f"{name}: dtype {x.dtype}; the kernel reads {np.dtype(want)}")
+    _check(x.dtype == want, lambda: f"{name}: dtype {x.dtype}; the kernel reads {np.dtype(want)}")
     full = {"kv_lens": (dims["B"],), "bias": (dims["B"], dims["Hq"], dims["S"], dims["T"])}.get(name, (dims["Hq"],))
     if name in BROADCAST:
         broadcast_shape(name, tuple(x.shape), full)
     else:
-        _check(tuple(x.shape) == full, f"{name}: expected shape {full}, got {tuple(x.shape)}")
+        _check(tuple(x.shape) == full, lambda: f"{name}: expected shape {full}, got {tuple(x.shape)}")
     return x
 
 
@@ -388,7 +391,34 @@ def prepare(q: Any, k: Any = None, v: Any = None, *, dtype: Any = None, causal: 
 
 
 # ops attention() prepared, least recently used dropped first
-_OPS: collections.OrderedDict[Hashable, Prepared] = collections.OrderedDict()
+_OPS: LRU[Hashable, Prepared] = LRU(MAX_CACHED_OPS)
+# the keys in _OPS of calls with GPU tensors and no mods, by `_signature`
+_CALLS: LRU[Hashable, Hashable] = LRU(4 * MAX_CACHED_OPS)
+
+
+def _signature(q: Any, k: Any, v: Any, options: dict[str, Any], out: Any, out_lse: Any,
+               scalars: tuple[Any, ...]) -> Hashable | None:
+    """What attention() reads of a call whose tensors are all attnc.Tensors (else None) to
+    check it and find its op: each tensor's shape, strides, dtype and device, and the scalar
+    options with their types (True and 1 are checked differently); None when one of them
+    cannot be hashed. A call with the signature of one that passed those checks passes them
+    and has its op."""
+    for x in (q, k, v, *options.values()):
+        if type(x) is not Tensor:
+            return None
+    if (out is not None and type(out) is not Tensor) or (out_lse is not None and type(out_lse) is not Tensor):
+        return None
+    sig = ((q.shape, q.strides, q.dtype, q.device), (k.shape, k.strides, k.dtype, k.device),
+           (v.shape, v.strides, v.dtype, v.device),
+           tuple((n, x.shape, x.strides, x.dtype, x.device) for n, x in options.items()),
+           None if out is None else (out.shape, out.strides, out.dtype, out.device),
+           None if out_lse is None else (out_lse.shape, out_lse.strides, out_lse.dtype, out_lse.device),
+           tuple((type(x), tuple((type(y), y) for y in x) if type(x) is tuple else x) for x in scalars))
+    try:
+        hash(sig)
+    except TypeError:
+        return None
+    return sig
 
 
 def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
@@ -419,10 +449,16 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
     too; -inf is the same as no sink (a fully masked row: o = 0, lse = -inf); NaN makes that
     head's o and lse NaN.
     """
-    q, k, v = as_input("q", q), as_input("k", k), as_input("v", v)
-    dims = validate(q, k, v)
     options = {n: x for n, x in (("bias", bias), ("alibi_slopes", alibi_slopes), ("sinks", sinks),
                                  ("kv_lens", kv_lens)) if x is not None}
+    sig = None
+    if score_mod is None and mask_mod is None and inputs is None and device is None:
+        sig = _signature(q, k, v, options, out, out_lse, (causal, scale, window, softcap, return_lse, target))
+        op = None if sig is None else _OPS.get(_CALLS.get(sig))
+        if op is not None:  # everything below up to the op's call is a function of `sig`
+            return op._call(q, k, v, out, out_lse, None, output, options, keep_groups=out is not None)
+    q, k, v = as_input("q", q), as_input("k", k), as_input("v", v)
+    dims = validate(q, k, v)
     dev = _tensors_device(device, {"q": q, "k": k, "v": v, **options, "out": out, "out_lse": out_lse})
     gpu = any(on_gpu(x) for x in (q, k, v, *options.values(), out, out_lse))
     formats = kv_formats(k, v)
@@ -453,22 +489,21 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
     # they capture and of the named inputs, not on those values (bindings and uniforms)
     shapes = tuple(sorted((n, _input_key(x)) for n, x in named.items()))
     key = None if scan is not None and scan.key is None else \
-        (id(dev), tuple(sorted(dims.items())), str(q.dtype), str(k.shape[0]), vec, packable, bool(causal), scale,
+        (id(dev), tuple(sorted(dims.items())), q.dtype, str(k.shape[0]), vec, packable, bool(causal), scale,
          None if window is None else tuple(window), tuple(sorted(scalars.items())), tuple(sorted(options)),
          bool(return_lse), target, tuple(sorted(formats.items())), None if scan is None else scan.key, shapes)
-    op = None if key is None else _OPS.get(key)
-    if op is None:
+
+    def make() -> Prepared:
         op = prepare_dims(dims, q.dtype, causal=causal, scale=scale, window=window, softcap=softcap, device=dev,
                           target=target, return_lse=return_lse, score_mod=score_mod, mask_mod=mask_mod,
                           vector_loads=vec, pack_gqa=None if packable else False, inputs=named, **options,
                           **formats)
         op.defaults.clear()  # every call passes its own option tensors and captures: keep no data
-        if key is not None:
-            _OPS[key] = op
-            if len(_OPS) > MAX_CACHED_OPS:
-                _OPS.popitem(last=False)
-    else:
-        _OPS.move_to_end(key)
+        return op
+
+    op = _OPS.get_or_make(key, make)
+    if sig is not None and key is not None:
+        _CALLS.put(sig, key)
     if scan is not None:
         named.update(op.captured_values(scan))
     fresh = on_gpu(q) or on_gpu(k) or on_gpu(v)

@@ -9,13 +9,17 @@ re-linearise `workgroup_id.x + workgroup_id.y * grid_stride_x` and return past t
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import json
 import math
 import os
 import re
 import struct
+import sys
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -209,6 +213,12 @@ class CompiledProgram:
     layout: Any
 
 
+@functools.lru_cache(maxsize=1024)
+def _digest(wgsl: str) -> str:
+    """sha256 of a shader's text (once per text: a pipeline is looked up at every dispatch)."""
+    return hashlib.sha256(wgsl.encode()).hexdigest()
+
+
 class PipelineCache:
     """Compiled pipelines of one device, keyed by (device key, name, sha256 of WGSL, entry)."""
 
@@ -221,7 +231,7 @@ class PipelineCache:
     def key(self, device: DeviceLike, program: Program) -> tuple[str, str, str, str]:
         """The cache key: everything that changes the compiled pipeline (the WGSL, and on
         wgpu-native the runtime checks Naga inserts, `_shader_module`)."""
-        digest = hashlib.sha256(program.wgsl.encode()).hexdigest()
+        digest = _digest(program.wgsl)
         checks = naga_checks(device, program)
         return (device.key, program.name, f"{digest}{'' if checks is None else '|' + ','.join(checks)}",
                 program.entry_point)
@@ -364,7 +374,12 @@ def _usage(device: DeviceLike) -> int:
 
 def create_buffer(device: DeviceLike, size: int, usage: int | None = None, label: str = "") -> Any:
     """A new zero-initialised buffer (counted); data buffers by default (`_usage`)."""
-    buffer = device.gpu.create_buffer(label=label, size=size, usage=_usage(device) if usage is None else usage)
+    lib = native(device)
+    usage = _usage(device) if usage is None else usage
+    if lib is not None:
+        buffer = lib.buffer(device.gpu, size, usage, label)
+    else:
+        buffer = device.gpu.create_buffer(label=label, size=size, usage=usage)
     device.counters.buffers_created += 1
     device.counters.bytes_allocated += size
     return buffer
@@ -397,8 +412,12 @@ def upload_bytes(device: DeviceLike, data: bytes, usage: int, label: str = "") -
 def write(device: DeviceLike, buffer: Any, offset: int, data: Any) -> None:
     """queue.write_buffer of host data (bytes or a contiguous array; offset and length multiples
     of 4) into an existing buffer, counted."""
-    nbytes = memoryview(data).nbytes
-    device.gpu.queue.write_buffer(buffer, offset, data)
+    lib = native(device)
+    if lib is not None:
+        nbytes = lib.write(device.gpu, buffer, offset, data)
+    else:
+        nbytes = memoryview(data).nbytes
+        device.gpu.queue.write_buffer(buffer, offset, data)
     device.counters.uploads += 1
     device.counters.bytes_uploaded += nbytes
 
@@ -528,11 +547,15 @@ def create_bind_group(device: DeviceLike, program: Program, compiled: CompiledPr
                       buffers: Mapping[str, Any], uniform: Any | None) -> Any:
     """The bind group of `program` over storage buffers by binding name (GPUBuffers or
     BufferSlices) and its uniform buffer (counted)."""
-    entries = []
-    for b in program.bindings:
-        resource = binding_resource(uniform if b.access is Access.UNIFORM else buffers[b.name])
-        entries.append({"binding": b.binding, "resource": resource})
-    group = device.gpu.create_bind_group(label=program.name, layout=compiled.layout, entries=entries)
+    lib = native(device)
+    if lib is not None:
+        group = lib.bind_group(device.gpu, program, compiled.layout, buffers, uniform)
+    else:
+        entries = []
+        for b in program.bindings:
+            resource = binding_resource(uniform if b.access is Access.UNIFORM else buffers[b.name])
+            entries.append({"binding": b.binding, "resource": resource})
+        group = device.gpu.create_bind_group(label=program.name, layout=compiled.layout, entries=entries)
     device.counters.bind_groups_created += 1
     return group
 
@@ -559,6 +582,281 @@ def encode_pass(encoder: Any, items: Sequence[tuple[CompiledProgram, Any, tuple[
         compute.set_bind_group(0, bind_group)
         compute.dispatch_workgroups(*grid)
     compute.end()
+
+
+class Pass:
+    """The dispatches of one compute pass, (pipeline, bind group, folded grid) each, ready to
+    be recorded into an encoder or submitted in one of their own, again and again.
+
+    Where attnc reaches the native WebGPU library under the GPUDevice (`native`), the pass
+    is recorded through its C functions directly with one error capture around them all:
+    wgpu-py's wrappers cost about as much host time per call as the native work (a
+    descriptor struct, an error capture and a Python object for every encoder, pass and
+    command); errors are raised as wgpu-py raises them. Elsewhere, wgpu-py's API."""
+
+    __slots__ = ("device", "items", "label", "encoder_label", "_lib", "_raw", "_desc")
+
+    def __init__(self, device: DeviceLike, items: Sequence[tuple[CompiledProgram, Any, tuple[int, int, int]]],
+                 label: str, encoder_label: str = "attnc"):
+        self.device, self.items, self.label, self.encoder_label = device, tuple(items), label, encoder_label
+        self._lib = native(device)
+        self._raw: tuple[tuple[Any, Any, int, int, int], ...] = ()
+        self._desc: Any = None
+        if self._lib is not None:  # the handles stay valid while `items` holds their objects
+            self._raw = tuple((c.pipeline._internal, g._internal, *grid) for c, g, grid in self.items if grid[0])
+            self._desc = self._lib.pass_descriptor(label)
+
+    def record(self, encoder: Any) -> None:
+        """Record the pass into the caller's GPUCommandEncoder (the caller submits it)."""
+        lib = self._lib
+        if lib is None or type(encoder) is not lib.encoder_type:
+            encode_pass(encoder, self.items, self.label)
+        else:
+            lib.record(encoder._internal, self._raw, self._desc)
+
+    def submit(self) -> None:
+        """Record the pass into a new command encoder and submit it (counted)."""
+        lib = self._lib
+        if lib is None:
+            encoder = self.device.gpu.create_command_encoder(label=self.encoder_label)
+            encode_pass(encoder, self.items, self.label)
+            submit(self.device, [encoder.finish()])
+            return
+        lib.submit(self.device.gpu, self._raw, self._desc, self.encoder_label)
+        self.device.counters.submits += 1
+
+
+class Native:
+    """The C library of wgpu-py (wgpu-native) or wgpudawn (Dawn), for the calls a repeated
+    attention call makes (`Pass`, `create_bind_group`); one per GPUDevice, which it does not
+    hold (each call is given it)."""
+
+    def __init__(self, api: Any, error_types: Mapping[str, type], base_error: type):
+        self.lib, self.ffi = api.lib, api.ffi
+        # the library's error handler, which the device's error callback reports to while a
+        # call runs: wgpu-py's captures around each call, wgpudawn's keeps a pending list
+        self.errors = api.error_handler
+        self.error_types, self.base_error = error_types, base_error
+        if callable(getattr(self.errors, "capture", None)) and callable(getattr(self.errors, "release", None)):
+            self._open, self._close = self.errors.capture, self.errors.release
+        elif isinstance(getattr(self.errors, "pending", None), list) and callable(self.errors.log_error):
+            self._open, self._close = self._no_capture, self._pending
+        else:
+            raise AttributeError("an error handler attnc does not know")
+        self.encoder_type, self.bind_group_type = api.GPUCommandEncoder, api.GPUBindGroup
+        self.buffer_type, self.unmapped = api.GPUBuffer, api.enums.BufferMapState.unmapped
+        self._views: dict[str, Any] = {}  # label -> WGPUStringView and the bytes it points to
+        self._encoders: dict[str, Any] = {}  # label -> command encoder descriptor
+        self._finish_desc = self.ffi.new("WGPUCommandBufferDescriptor *")
+        self._passes: dict[str, Any] = {}
+        self._probe()
+
+    def _probe(self) -> None:
+        """Fill one of each struct the calls below fill (a library whose header differs fails
+        here, when the Native is made, rather than in a call)."""
+        null = self.ffi.NULL
+        entry = self.ffi.new("WGPUBindGroupEntry[]", 1)[0]
+        entry.binding, entry.buffer, entry.offset, entry.size = 0, null, 0, 4
+        group = self.ffi.new("WGPUBindGroupDescriptor *")
+        group.label, group.layout, group.entryCount, group.entries = self._view("attnc"), null, 0, null
+        buffer = self.ffi.new("WGPUBufferDescriptor *")
+        buffer.label, buffer.size, buffer.usage = self._view("attnc"), 4, 0
+        self.pass_descriptor("attnc")
+        self.ffi.new("WGPUCommandEncoderDescriptor *").label = self._view("attnc")
+
+    def _view(self, label: str) -> Any:
+        found = self._views.get(label)
+        if found is None:
+            text = label.encode()
+            data = self.ffi.new("char[]", text)
+            view = self.ffi.new("WGPUStringView *")
+            view.data, view.length = data, len(text)
+            found = self._views[label] = (view, data)
+        return found[0][0]
+
+    def pass_descriptor(self, label: str) -> Any:
+        """A compute pass descriptor labelled `label` (made once per label)."""
+        found = self._passes.get(label)
+        if found is None:
+            found = self._passes[label] = self.ffi.new("WGPUComputePassDescriptor *")
+            found.label = self._view(label)
+        return found
+
+    @staticmethod
+    def _no_capture(name: str) -> None:
+        pass
+
+    def _pending(self, name: str) -> tuple[str, str] | None:
+        """The first error reported since the last check (the others are logged), or None."""
+        pending = self.errors.pending
+        if not pending:
+            return None
+        first, *others = pending
+        pending.clear()
+        for _, message in others:
+            self.errors.log_error(message)
+        return first
+
+    def _raise(self, error: tuple[str, str] | None) -> None:
+        if error is not None:
+            raise self.error_types.get(error[0], self.base_error)(error[1])
+
+    def _encode(self, encoder: Any, raw: Sequence[tuple[Any, Any, int, int, int]], desc: Any) -> None:
+        lib = self.lib
+        compute = lib.wgpuCommandEncoderBeginComputePass(encoder, desc)
+        try:
+            for pipeline, group, x, y, z in raw:
+                lib.wgpuComputePassEncoderSetPipeline(compute, pipeline)
+                lib.wgpuComputePassEncoderSetBindGroup(compute, 0, group, 0, self.ffi.NULL)
+                lib.wgpuComputePassEncoderDispatchWorkgroups(compute, x, y, z)
+            lib.wgpuComputePassEncoderEnd(compute)
+        finally:
+            lib.wgpuComputePassEncoderRelease(compute)
+
+    def record(self, encoder: Any, raw: Sequence[tuple[Any, Any, int, int, int]], desc: Any) -> None:
+        """Record a pass into an encoder (its native handle)."""
+        self._open("attnc.record")
+        try:
+            self._encode(encoder, raw, desc)
+        finally:
+            error = self._close("attnc.record")
+        self._raise(error)
+
+    def submit(self, gpu: Any, raw: Sequence[tuple[Any, Any, int, int, int]], desc: Any, label: str) -> None:
+        """Record a pass into a new encoder of `gpu` labelled `label`, finish it and, when
+        that raised no error (as the API would have, before submitting), submit it; release
+        what was made."""
+        lib = self.lib
+        encoder_desc = self._encoders.get(label)
+        if encoder_desc is None:
+            encoder_desc = self._encoders[label] = self.ffi.new("WGPUCommandEncoderDescriptor *")
+            encoder_desc.label = self._view(label)
+        self._open("attnc.encode")
+        try:
+            encoder = lib.wgpuDeviceCreateCommandEncoder(gpu._internal, encoder_desc)
+            try:
+                self._encode(encoder, raw, desc)
+                commands = lib.wgpuCommandEncoderFinish(encoder, self._finish_desc)
+            finally:
+                lib.wgpuCommandEncoderRelease(encoder)
+        finally:
+            error = self._close("attnc.encode")
+        if error is not None:
+            lib.wgpuCommandBufferRelease(commands)
+            self._raise(error)
+        self._open("attnc.submit")
+        try:
+            lib.wgpuQueueSubmit(gpu.queue._internal, 1, self.ffi.new("WGPUCommandBuffer[1]", [commands]))
+        finally:
+            lib.wgpuCommandBufferRelease(commands)
+            error = self._close("attnc.submit")
+        self._raise(error)
+
+    def write(self, gpu: Any, buffer: Any, offset: int, data: Any) -> int:
+        """queue.write_buffer of `data` (anything with the buffer protocol, contiguous) into
+        `buffer` at `offset`, checked as wgpu-py checks it; the bytes written."""
+        view = memoryview(data)
+        if not view.contiguous:
+            raise ValueError("The given data is not contiguous")
+        nbytes = view.nbytes
+        if not 0 <= offset < buffer.size:
+            raise ValueError("Invalid buffer_offset")
+        if nbytes == 0:
+            raise ValueError("Invalid data_offset")
+        if nbytes > buffer.size - offset:
+            raise ValueError("Invalid data_length")
+        self._open("attnc.write")
+        try:
+            self.lib.wgpuQueueWriteBuffer(gpu.queue._internal, buffer._internal, offset,
+                                          self.ffi.from_buffer("uint8_t[]", view), nbytes)
+        finally:
+            error = self._close("attnc.write")
+        self._raise(error)
+        return nbytes
+
+    def buffer(self, gpu: Any, size: int, usage: int, label: str) -> Any:
+        """A new GPUBuffer of `gpu` (not mapped), made by the C call."""
+        desc = self.ffi.new("WGPUBufferDescriptor *")
+        desc.label, desc.size, desc.usage = self._view(label), size, int(usage)
+        self._open("attnc.buffer")
+        try:
+            handle = self.lib.wgpuDeviceCreateBuffer(gpu._internal, desc)
+        finally:
+            error = self._close("attnc.buffer")
+        if error is not None:
+            if handle:
+                self.lib.wgpuBufferRelease(handle)
+            self._raise(error)
+        return self.buffer_type(label, handle, gpu, size, usage, self.unmapped)
+
+    def bind_group(self, gpu: Any, program: Program, layout: Any, buffers: Mapping[str, Any],
+                   uniform: Any | None) -> Any:
+        """A GPUBindGroup of `program` on `gpu` (as `create_bind_group` describes it), made by
+        the C call."""
+        entries = self.ffi.new("WGPUBindGroupEntry[]", len(program.bindings))
+        for e, b in zip(entries, program.bindings, strict=True):
+            bound = uniform if b.access is Access.UNIFORM else buffers[b.name]
+            e.binding = b.binding
+            if isinstance(bound, BufferSlice):
+                e.buffer, e.offset, e.size = bound.buffer._internal, bound.offset, bound.size
+            else:
+                e.buffer, e.offset, e.size = bound._internal, 0, bound.size
+        desc = self.ffi.new("WGPUBindGroupDescriptor *")
+        desc.label = self._view(program.name)
+        desc.layout, desc.entryCount, desc.entries = layout._internal, len(program.bindings), entries
+        self._open("attnc.bind_group")
+        try:
+            handle = self.lib.wgpuDeviceCreateBindGroup(gpu._internal, desc)
+        finally:
+            error = self._close("attnc.bind_group")
+        if error is not None:
+            if handle:
+                self.lib.wgpuBindGroupRelease(handle)
+            self._raise(error)
+        return self.bind_group_type(program.name, handle, gpu)  # (it releases the handle when dropped)
+
+
+# GPUDevice -> its Native (None: attnc does not reach its library)
+_NATIVE: weakref.WeakKeyDictionary[Any, Native | None] = weakref.WeakKeyDictionary()
+# the wgpu-py-like modules whose C library `Native` calls: module of the GPUDevice class -> helpers module
+NATIVE_MODULES = {"wgpu.backends.wgpu_native._api": "wgpu.backends.wgpu_native._helpers",
+                  "wgpudawn.backends.dawn._api": "wgpudawn.backends.dawn._helpers"}
+
+
+def native(device: DeviceLike) -> Native | None:
+    """The `Native` of the device's GPUDevice: made once per GPUDevice of wgpu-py or wgpudawn
+    that has what it calls; None for any other (attnc then uses the API), or when
+    ATTNC_NATIVE=0 was set when it was first asked for."""
+    gpu = device.gpu
+    try:
+        return _NATIVE[gpu]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referenceable: not one of the modules above
+        return None
+    found = None
+    helpers_name = NATIVE_MODULES.get(type(gpu).__module__)
+    if helpers_name is not None and os.environ.get("ATTNC_NATIVE", "1") != "0":
+        try:
+            api, helpers = sys.modules[type(gpu).__module__], importlib.import_module(helpers_name)
+            if getattr(helpers, "IS_WEB", False):  # (errors arrive later there)
+                raise ImportError("in a browser")
+            base = importlib.import_module(type(gpu).__module__.split(".")[0]).GPUError
+            found = Native(api, helpers.ERROR_TYPES, base)
+            for name in NATIVE_FUNCTIONS:
+                getattr(found.lib, name)
+        except Exception:  # (a library attnc does not know: the API serves)
+            found = None
+    _NATIVE[gpu] = found
+    return found
+
+
+NATIVE_FUNCTIONS = ("wgpuDeviceCreateCommandEncoder", "wgpuCommandEncoderBeginComputePass",
+                    "wgpuComputePassEncoderSetPipeline", "wgpuComputePassEncoderSetBindGroup",
+                    "wgpuComputePassEncoderDispatchWorkgroups", "wgpuComputePassEncoderEnd",
+                    "wgpuComputePassEncoderRelease", "wgpuCommandEncoderFinish", "wgpuCommandEncoderRelease",
+                    "wgpuQueueSubmit", "wgpuCommandBufferRelease", "wgpuDeviceCreateBindGroup",
+                    "wgpuBindGroupRelease", "wgpuDeviceCreateBuffer", "wgpuBufferRelease", "wgpuQueueWriteBuffer")
 
 
 Recordable = tuple[CompiledProgram, Any, tuple[int, int, int], str]

@@ -17,6 +17,7 @@ directly.
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from attnc.runtime import dispatch as rt
 from attnc.runtime.api import prepare
 from attnc.runtime.build import mods_scan
 from attnc.runtime.devices import get_device
+from attnc.runtime.lru import LRU
 from attnc.runtime.prepared import Prepared
 from attnc.runtime.store import store_program as dsl_store_program
 from attnc.runtime.tensor import QuantGPUTensor, Tensor, dense_strides, host_array, quant_zeros, zeros
@@ -222,6 +224,8 @@ class KVCache:
         self._uniforms: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         self._groups: collections.OrderedDict[Any, Any] = collections.OrderedDict()
         self._ops: dict[Any, Prepared] = {}
+        # the store passes of appends made before, by what they bind (see _store)
+        self._passes: LRU[Any, rt.Pass] = LRU(32)
 
     def __repr__(self) -> str:
         return (f"attnc.KVCache(batch={self.batch}, kv_heads={self.kv_heads}, capacity={self.capacity}, "
@@ -286,13 +290,7 @@ class KVCache:
         v_src = self._source("v_new", v_new, recorded, self.v_format)
         ragged = counts is not None and not np.all(rows == n)
         counts_t = self._counts_tensor(rows) if ragged else self._no_counts
-        if rt.sanitizing() and encoder is None:
-            self._store(None, [(k_src, self.k), (v_src, self.v)], n, counts_t if ragged else None)
-        else:
-            enc = self.device.gpu.create_command_encoder(label="attnc.kv_append") if encoder is None else encoder
-            self._store(enc, [(k_src, self.k), (v_src, self.v)], n, counts_t if ragged else None)
-            if encoder is None:
-                rt.submit(self.device, [enc.finish()])
+        self._store(encoder, [(k_src, self.k), (v_src, self.v)], n, counts_t if ragged else None)
         self._lengths = after
 
     def _counts_tensor(self, rows: np.ndarray) -> Tensor:
@@ -355,36 +353,49 @@ class KVCache:
                counts: Tensor | None) -> None:
         """The one write path: record the store of each (source, destination) pair's first n
         rows (counts[b] of them for batch row b when given) and the advance of the GPU
-        lengths, in one compute pass."""
+        lengths, in one compute pass: into `encoder`, or one of its own that is submitted."""
         dev = self.device
+        sanitize = rt.sanitizing()
         ragged = counts is not None
         counts_slice = (self._no_counts if counts is None else counts).binding("counts")
-        per_dim = int(dev.gpu.limits["max-compute-workgroups-per-dimension"])
-        items = []
-        for (src, strides, src_dtype), dst in pairs:
-            if isinstance(dst, QuantGPUTensor):
-                items.append(self._quant_store(src, strides, src_dtype, dst, n, per_dim))
-                continue
-            width = dst.shape[3]
-            per = n * width if self.dtype == np.float32 else -(-n * width // 2) + 1
-            groups = -(-self.batch * self.kv_heads * per // WORKGROUP)
-            values = dict(B=self.batch, H=self.kv_heads, n=n, D=width, cap=self.capacity, ragged=int(ragged),
-                          s0=strides[0], s1=strides[1], s2=strides[2], s3=strides[3], per=per)
-            bufs = {"src": src, "lens": self.kv_lens.binding("kv_lens"), "counts": counts_slice,
-                    "dst": dst.binding("cache")}
-            items.append(self._item(self._store_program, bufs, values, groups, per_dim))
-        values = dict(B=self.batch, n=n, ragged=int(ragged))
-        bufs = {"counts": counts_slice, "lens": self.kv_lens.binding("kv_lens")}
-        items.append(self._item(ADVANCE, bufs, values, -(-self.batch // WORKGROUP), per_dim))
-        if rt.sanitizing():  # the instrumented shaders, their records checked after the run
-            if encoder is not None:
-                raise ValueError("ATTNC_SANITIZE=bounds reads its records after the run: append without encoder=")
-            rt.run(dev, items)
-            return
-        rt.encode_pass(encoder, items, "attnc.kv_append")
+        lens_slice = self.kv_lens.binding("kv_lens")
+        dst_slices = tuple(dst.binding("cache") for _, dst in pairs)
+        # the pass depends on these (and on the pipelines, which ATTNC_NAGA_CHECKS changes) only
+        key = None if sanitize else (n, counts_slice, lens_slice, os.environ.get("ATTNC_NAGA_CHECKS"),
+                                     tuple((*src, d) for (src, _), d in zip(pairs, dst_slices, strict=True)))
+        ready = None if key is None else self._passes.get(key)
+        if ready is None:
+            per_dim = int(dev.gpu.limits["max-compute-workgroups-per-dimension"])
+            items = []
+            for ((src, strides, src_dtype), dst), dst_slice in zip(pairs, dst_slices, strict=True):
+                if isinstance(dst, QuantGPUTensor):
+                    items.append(self._quant_store(src, strides, src_dtype, dst, n, per_dim, sanitize))
+                    continue
+                width = dst.shape[3]
+                per = n * width if self.dtype == np.float32 else -(-n * width // 2) + 1
+                groups = -(-self.batch * self.kv_heads * per // WORKGROUP)
+                values = dict(B=self.batch, H=self.kv_heads, n=n, D=width, cap=self.capacity, ragged=int(ragged),
+                              s0=strides[0], s1=strides[1], s2=strides[2], s3=strides[3], per=per)
+                bufs = {"src": src, "lens": lens_slice, "counts": counts_slice, "dst": dst_slice}
+                items.append(self._item(self._store_program, bufs, values, groups, per_dim, sanitize))
+            values = dict(B=self.batch, n=n, ragged=int(ragged))
+            bufs = {"counts": counts_slice, "lens": lens_slice}
+            items.append(self._item(ADVANCE, bufs, values, -(-self.batch // WORKGROUP), per_dim, sanitize))
+            if sanitize:  # the instrumented shaders, their records checked after the run
+                if encoder is not None:
+                    raise ValueError("ATTNC_SANITIZE=bounds reads its records after the run: append without "
+                                     "encoder=")
+                rt.run(dev, items)
+                return
+            ready = rt.Pass(dev, items, "attnc.kv_append", encoder_label="attnc.kv_append")
+            self._passes.put(key, ready)
+        if encoder is None:
+            ready.submit()
+        else:
+            ready.record(encoder)
 
     def _quant_store(self, src: rt.BufferSlice, strides: tuple[int, ...], src_dtype: np.dtype, dst: QuantGPUTensor,
-                     n: int, per_dim: int) -> Any:
+                     n: int, per_dim: int, sanitize: bool) -> Any:
         """The DSL store kernel's item writing n rows of `src` [B, Hkv, n, width] into the
         quantized `dst` at each row's GPU length (it writes no row past the capacity)."""
         kern, prog = dsl_store_program(dst.fmt, "f16" if src_dtype == np.float16 else "f32", False)
@@ -399,14 +410,14 @@ class KVCache:
         fields = {f.name for f in prog.uniforms} - set(rt.AUTO_UNIFORMS)
         points = int(np.prod([dims[d] for d in prog.grid]))
         bufs = {"x": src, "pos": self.kv_lens.binding("kv_lens"), "cache": dst.binding("cache")}
-        return self._item(prog, bufs, {f: values[f] for f in fields}, points, per_dim)
+        return self._item(prog, bufs, {f: values[f] for f in fields}, points, per_dim, sanitize)
 
-    def _item(self, program: Program, bufs: dict[str, Any], values: dict[str, int], groups: int, per_dim: int
-              ) -> Any:
+    def _item(self, program: Program, bufs: dict[str, Any], values: dict[str, int], groups: int, per_dim: int,
+              sanitize: bool) -> Any:
         """(pipeline, bind group, grid) of one store dispatch; uniform buffers by content and
-        bind groups by buffers are made once. Under ATTNC_SANITIZE=bounds, the rt.Dispatch
-        (run instrumented by `_store`)."""
-        if rt.sanitizing():
+        bind groups by buffers are made once. With `sanitize` (ATTNC_SANITIZE=bounds), the
+        rt.Dispatch (run instrumented by `_store`)."""
+        if sanitize:
             return rt.Dispatch(program, bufs, values, groups)
         compiled = self.device.pipelines.get(self.device, program)
         grid = rt.fold_grid(groups, per_dim)
@@ -452,7 +463,8 @@ class KVCache:
         scan = mods_scan(score_mod, mask_mod)  # the mods' code and constants, what they capture
         plain = tuple((n, x if isinstance(x, (bool, int, float, str, tuple, type(None))) else id(x))
                       for n, x in sorted(options.items()) if n not in ("score_mod", "mask_mod"))
-        key = (shape, str(q.dtype), tuple(sorted(extra)), plain, None if scan is None else scan.key)
+        dtype = q.dtype if isinstance(q.dtype, np.dtype) else str(q.dtype)
+        key = (shape, dtype, tuple(sorted(extra)), plain, None if scan is None else scan.key)
         op = self._ops.get(key) if scan is None or scan.key is not None else None
         if op is None:
             op = prepare(q, self.k, self.v, kv_lens=self.kv_lens, device=self.device, **extra, **options)

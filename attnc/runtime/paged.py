@@ -13,7 +13,6 @@ in the row's sequence), split-KV decoding, f16.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
@@ -30,11 +29,12 @@ from attnc.runtime.api import (
     vector_readable,
 )
 from attnc.runtime.build import mods_scan
+from attnc.runtime.lru import LRU
 from attnc.runtime.prepared import Prepared
 from attnc.runtime.tensor import Tensor, host_array
 
 MAX_CACHED_OPS = 16
-_OPS: collections.OrderedDict[Hashable, Prepared] = collections.OrderedDict()
+_OPS: LRU[Hashable, Prepared] = LRU(MAX_CACHED_OPS)
 
 
 def validate_paged(q: Any, k_pages: Any, v_pages: Any, block_table: Any) -> dict[str, int]:
@@ -126,19 +126,16 @@ def paged_attention(q: Any, k_pages: Any, v_pages: Any, block_table: Any, *, kv_
         (id(dev), tuple(sorted(dims.items())), str(q.dtype), vec, packable, bool(causal), scale,
          None if window is None else tuple(window), tuple(sorted(scalars.items())), tuple(sorted(options)),
          bool(return_lse), target, None if scan is None else scan.key, shapes)
-    op = None if key is None else _OPS.get(key)
-    if op is None:
+
+    def make() -> Prepared:
         op = prepare_dims(dims, q.dtype, causal=causal, scale=scale, window=window, softcap=softcap, device=dev,
                           target=target, return_lse=return_lse, score_mod=score_mod, mask_mod=mask_mod,
                           vector_loads=vec, pack_gqa=None if packable else False, paged=True,
                           inputs={**named, "block_table": table}, **options)
         op.defaults.clear()  # every call passes its own tensors: keep no data
-        if key is not None:
-            _OPS[key] = op
-            if len(_OPS) > MAX_CACHED_OPS:
-                _OPS.popitem(last=False)
-    else:
-        _OPS.move_to_end(key)
+        return op
+
+    op = _OPS.get_or_make(key, make)
     if scan is not None:
         named.update(op.captured_values(scan))
     fresh = isinstance(q, Tensor) or isinstance(kp, Tensor) or isinstance(vp, Tensor)

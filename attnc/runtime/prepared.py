@@ -25,6 +25,7 @@ import dataclasses
 import math
 import os
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +40,7 @@ from attnc.lowering.retype import operand_tensors
 from attnc.quant import QuantTensor
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device
+from attnc.runtime.lru import LRU
 from attnc.runtime.params import host_param, scalar_value
 from attnc.runtime.tensor import QuantGPUTensor, Tensor, dense_strides, host_array, on_gpu
 
@@ -53,8 +55,10 @@ BROADCAST = frozenset({"bias"})
 # whole model's layers with their own buffers
 MAX_BIND_GROUPS = 256
 MAX_UNIFORM_BLOCKS = 16
+MAX_FRESH_CALLS = 16
 OUTPUT_MODES = ("tensor", "numpy")
 _GPU = (Tensor, QuantGPUTensor)  # the types of k and v a call's fast path takes
+_F32 = np.dtype(np.float32)
 
 
 def workgroups(factors: tuple[str, ...], env: dict[str, float | int]) -> int:
@@ -136,9 +140,17 @@ def check_host_option(name: str, x: Any, dims: Mapping[str, int], total_keys: in
     return arr.astype(np.float32, copy=False)
 
 
+def _destroyed(buffers: tuple[Any, ...]) -> bool:
+    """Whether any of these GPUBuffers was destroyed."""
+    for b in buffers:
+        if getattr(b, rt.DESTROYED, False):
+            return True
+    return False
+
+
 def zeros_on(dev: Device, shape: tuple[int, ...]) -> Tensor:
     """A new float32 GPU tensor of `shape` (zero-filled) on `dev`."""
-    return Tensor(dev, rt.empty(dev, 4 * math.prod(shape)), shape, np.float32)
+    return Tensor._dense(dev, rt.empty(dev, 4 * math.prod(shape)), shape, _F32, dense_strides(shape))
 
 
 class Prepared:
@@ -187,6 +199,9 @@ class Prepared:
             self.out_shape = (dims["B"], dims["Hq"], dims["S"], dims["Dv"])
         else:  # a custom kernel: o in its own dims
             self.out_shape = tuple(dims[d] for d in out)
+        self._o_dtype = np.dtype(np.float16 if kern.output.dtype is ir.DType.F16 else np.float32)
+        width = self.out_shape[-1]
+        self._o_row_stride = width + width % 2 if self._o_dtype == np.float16 else width
         self.split_param = next((str(a.extent.count) for st in kern.body if isinstance(st, ir.Grid)
                                  for a in st.axes if isinstance(a.extent, ir.SplitExtent)), None)
         env = {**dims, **scalars}
@@ -203,9 +218,13 @@ class Prepared:
         self._uploaded_defaults: dict[str, tuple[rt.BufferSlice, tuple[int, ...]]] = {}
         self._own_out: tuple[Tensor, Tensor | None] | None = None
         self._scratch: dict[str, Any] = {}  # the op's own scratch buffers (split partials, block map)
-        # calls with the same GPU tensors: (recorded items, result, buffers), see _call
+        # calls with the same GPU tensors: (recorded pass, result, buffers), see _call
         self._memo: collections.OrderedDict[Any, tuple[Any, Any, tuple[Any, ...]]] = collections.OrderedDict()
+        # calls that return new outputs (attention() with GPU tensors), by the identity of their
+        # tensors, held weakly: see _remember_fresh
+        self._fresh: LRU[Any, tuple[tuple[Any, ...], tuple[Any, ...], Any]] = LRU(MAX_FRESH_CALLS)
         self._env: tuple[str | None, ...] = ()
+        self._pass_label = self.main_program.name
         self.capture_paths: dict[str, Any] = {}  # captured param -> its path in the mods (api.py)
 
     # ------------------------------------------------------------------ facts
@@ -409,10 +428,9 @@ class Prepared:
     def _new_o(self) -> Tensor:
         """A new o as the kernel writes it (zero-filled): o_dtype, rows o_row_stride apart (a
         float16 o with an odd Dv is a strided view of rows padded to Dv + 1)."""
-        rows = self.out_shape[:-1]
-        row = self.o_row_stride
-        buffer = rt.empty(self.dev, self.o_dtype.itemsize * math.prod(rows) * row)
-        return Tensor(self.dev, buffer, self.out_shape, self.o_dtype, dense_strides(rows + (row,)))
+        dtype, rows, row = self._o_dtype, self.out_shape[:-1], self._o_row_stride
+        buffer = rt.empty(self.dev, dtype.itemsize * math.prod(rows) * row)
+        return Tensor._dense(self.dev, buffer, self.out_shape, dtype, dense_strides(rows + (row,)))
 
     def _kernel_out_strides(self, strides: tuple[int, ...], name: str) -> tuple[int, ...]:
         """The strides of o (or lse) as the kernel writes them: with GQA packed into rows, its
@@ -497,7 +515,7 @@ class Prepared:
 
     def _call(self, q: Any, k: Any, v: Any, out: Tensor | None, out_lse: Tensor | None, encoder: Any,
               output: str | None, tensors: Mapping[str, Any], keep_groups: bool) -> Any:
-        # the fast path: GPU tensors this op was called with before (tensors are immutable
+        # the fast paths: GPU tensors this op was called with before (tensors are immutable
         # views, so what was checked and bound for them still holds; only a destroyed buffer
         # can change, and is checked)
         env = (os.environ.get("ATTNC_SANITIZE"), os.environ.get("ATTNC_COMPILE_LOG"),
@@ -506,44 +524,96 @@ class Prepared:
             self._env, self._compiled = env, None
             self._groups.clear()
             self._memo.clear()
-        memo_key = None
-        if keep_groups and not (env[0] or env[1]) and type(q) is Tensor and type(k) in _GPU and \
-                type(v) in _GPU and all(type(x) is Tensor or (n in self.scalar_inputs and type(x) in (int, float))
-                                        for n, x in tensors.items()):
-            memo_key = (q, k, v, out, out_lse, output, encoder is None, *tensors.items())
-            hit = self._memo.get(memo_key)
-            if hit is not None:
-                items, result, buffers = hit
-                for b in buffers:
-                    if getattr(b, rt.DESTROYED, False):
-                        break
-                else:
+            self._fresh.clear()
+        memo_key = fresh_key = None
+        if not (env[0] or env[1]) and type(q) is Tensor and type(k) in _GPU and type(v) in _GPU and \
+                all(type(x) is Tensor or (n in self.scalar_inputs and type(x) in (int, float))
+                    for n, x in tensors.items()):
+            if keep_groups:
+                memo_key = (q, k, v, out, out_lse, output, encoder is None, *tensors.items())
+                hit = self._memo.get(memo_key)
+                if hit is not None and not _destroyed(hit[2]):
                     self._memo.move_to_end(memo_key)
-                    self._encode(items, encoder)
-                    return result
-        items, result, buffers = self._bind_call(q, k, v, out, out_lse, encoder, output, tensors, keep_groups)
-        if items is None:
+                    if encoder is None:
+                        hit[0].submit()
+                    else:
+                        hit[0].record(encoder)
+                    return hit[1]
+            elif out is None and encoder is None:
+                fresh_key = (id(q), id(k), id(v), id(out_lse), output,
+                             *((n, id(x)) if type(x) is Tensor else (n, type(x), x) for n, x in tensors.items()))
+                entry = self._fresh.get(fresh_key)
+                if entry is not None and not _destroyed(entry[1]):
+                    return self._fresh_run(entry, out_lse, output)
+        parts, result, buffers = self._bind_call(q, k, v, out, out_lse, encoder, output, tensors, keep_groups)
+        if parts is None:
             return result
         if memo_key is not None and output != "numpy":
-            self._memo[memo_key] = (items, result, buffers)
+            ready = self._pass([(self._compiled[i], g, self._folded[i]) for i, _, _, _, g in parts])
+            self._memo[memo_key] = (ready, result, buffers)
             if len(self._memo) > MAX_BIND_GROUPS:
                 self._memo.popitem(last=False)
+        elif fresh_key is not None:
+            self._remember_fresh(fresh_key, parts, out_lse, (q, k, v, out_lse, *tensors.values()))
         return result
 
-    def _encode(self, items: list[tuple[rt.CompiledProgram, Any, tuple[int, int, int]]], encoder: Any) -> None:
-        """Record the op's pass into `encoder`, or into a new encoder that is submitted."""
-        if encoder is not None:
-            rt.encode_pass(encoder, items, self.main_program.name)
+    def _pass(self, items: list[tuple[rt.CompiledProgram, Any, tuple[int, int, int]]]) -> rt.Pass:
+        """The dispatches of a call, every program in order (the block map's, the attention
+        pass, the combine), as one compute pass named after the attention pass. A call that
+        reuses it runs them all again: the block map is made from the data of each call."""
+        return rt.Pass(self.dev, items, self._pass_label)
+
+    def _remember_fresh(self, key: tuple[Any, ...], parts: list[tuple[int, tuple[str, ...], tuple[Any, ...], Any,
+                                                                     Any]], out_lse: Tensor | None,
+                        args: tuple[Any, ...]) -> None:
+        """Keep what a call that returned new outputs bound, for calls with the same tensors
+        (`_fresh_run`): its bind groups that do not bind the new outputs. The tensors are held
+        weakly, by identity: the entry goes when any of them does, so it keeps no buffer of
+        theirs alive (a bind group holds its buffers) and no later tensor can take its key."""
+        made = {"o", "lse"} if self.has_lse and out_lse is None else {"o"}
+        kept = []
+        for i, names, slices, ub, group in parts:
+            if made.isdisjoint(names):
+                kept.append((i, names, slices, ub, group))
+            else:  # bound anew at each call (not the first call's outputs: they are the caller's)
+                kept.append((i, names, tuple(None if n in made else x for n, x in zip(names, slices, strict=True)),
+                             ub, None))
+        fresh = self._fresh
+        try:
+            refs = tuple(weakref.ref(x, lambda _, key=key: fresh.pop(key)) for x in args if on_gpu(x))
+        except TypeError:
             return
-        enc = self.dev.gpu.create_command_encoder(label="attnc")
-        rt.encode_pass(enc, items, self.main_program.name)
-        rt.submit(self.dev, [enc.finish()])
+        buffers = tuple({id(b): b for i, names, slices, _, _ in kept for b in
+                         (rt.buffer_of(x) for x in slices if x is not None)}.values())
+        fresh.put(key, (tuple(kept), buffers, refs))
+
+    def _fresh_run(self, entry: tuple[tuple[Any, ...], tuple[Any, ...], Any], out_lse: Tensor | None,
+                   output: str | None) -> Any:
+        """A call with the tensors of a `_remember_fresh` entry: new outputs bound, run."""
+        o = self._new_o()
+        lse = out_lse if out_lse is not None or not self.has_lse else zeros_on(self.dev, self.out_shape[:-1])
+        made = {"o": o.binding("out")}
+        if out_lse is None and lse is not None:
+            made["lse"] = lse.binding("out_lse")
+        compiled, items = self._compiled, []
+        for i, names, slices, ub, group in entry[0]:
+            if group is None:
+                bufs = {n: made[n] if x is None else x for n, x in zip(names, slices, strict=True)}
+                group = rt.create_bind_group(self.dev, self.progs[i], compiled[i], bufs, ub)  # type: ignore[index]
+            items.append((compiled[i], group, self._folded[i]))  # type: ignore[index]
+        self._pass(items).submit()
+        if output == "numpy":
+            o_host = o.numpy()
+            return (o_host, lse.numpy()) if lse is not None else o_host
+        return (o, lse) if self.has_lse else o
 
     def _bind_call(self, q: Any, k: Any, v: Any, out: Tensor | None, out_lse: Tensor | None, encoder: Any,
                    output: str | None, tensors: Mapping[str, Any], keep_groups: bool
                    ) -> tuple[list[Any] | None, Any, tuple[Any, ...]]:
-        """A call checked and bound from scratch, run; returns what the fast path reuses: the
-        recorded items, the result and the buffers whose destruction would void them."""
+        """A call checked and bound from scratch, run; returns what the fast paths reuse: per
+        program (index, binding names, bound slices, uniform buffer, bind group), the result
+        and the buffers whose destruction would void them (None and the result when nothing
+        can be reused: under the sanitizer)."""
         unknown = sorted(set(tensors) - self.option_names)
         if unknown:
             raise ValueError(f"{unknown[0]}: not a tensor of this op (it takes q, k, v"
@@ -574,7 +644,7 @@ class Prepared:
             bound["lse"] = lse.binding("out_lse")
         bound.update(self._scratch)
         key = (tuple(strides), o_strides, lse_strides, tuple(sorted(scalars.items())))
-        items = None
+        parts = None
         if rt.sanitizing():
             if encoder is not None:
                 raise ValueError("ATTNC_SANITIZE=bounds reads its records after the run: call without encoder=")
@@ -582,7 +652,7 @@ class Prepared:
         else:
             compiled, logged = self._compile()
             uniforms = self._uniform_buffers(key, strides, o_strides, lse_strides, scalars)
-            items = []
+            parts, items = [], []
             for i, (names, ub) in enumerate(zip(self._storage, uniforms, strict=True)):
                 slices = tuple(bound[n] for n in names)
                 gkey = (i, ub, slices)
@@ -596,17 +666,21 @@ class Prepared:
                             self._groups.popitem(last=False)
                 else:
                     self._groups.move_to_end(gkey)
+                parts.append((i, names, slices, ub, group))
                 items.append((compiled[i], group, self._folded[i]))
-            self._encode(items, encoder)
+            ready = self._pass(items)
+            if encoder is None:
+                ready.submit()
+            else:
+                ready.record(encoder)
             if logged is not None:
                 rt.wait_idle(self.dev)
                 rt.log_compile(self.dev, [p.name for p in self.progs], logged[0], time.perf_counter() - logged[1])
+        buffers = tuple({id(rt.buffer_of(b)): rt.buffer_of(b) for b in bound.values()}.values())
         if output == "numpy":
             o_host = o.numpy()  # in q's dtype, as the kernel wrote it
-            return None, ((o_host, lse.numpy()) if lse is not None else o_host), ()
-        result = (o, lse) if self.has_lse else o
-        buffers = tuple({id(rt.buffer_of(b)): rt.buffer_of(b) for b in bound.values()}.values())
-        return items, result, buffers
+            return parts, ((o_host, lse.numpy()) if lse is not None else o_host), buffers
+        return parts, ((o, lse) if self.has_lse else o), buffers
 
     def _outputs(self, out: Tensor | None, out_lse: Tensor | None, inputs: list[Any], fresh: bool
                  ) -> tuple[Tensor, Tensor | None]:
@@ -748,15 +822,14 @@ class Prepared:
     @property
     def o_dtype(self) -> np.dtype:
         """The dtype the kernel writes o in: float16 for float16 inputs, else float32."""
-        return np.dtype(np.float16 if self.kern.output.dtype is ir.DType.F16 else np.float32)
+        return self._o_dtype
 
     @property
     def o_row_stride(self) -> int:
         """Elements from one row of o to the next in its buffer: Dv, or for a float16 o with an
         odd Dv, Dv + 1 (the kernel stores halves in pairs, one u32 word each, so rows start on
         a word; the padding element holds 0)."""
-        width = self.out_shape[-1]
-        return width + width % 2 if self.o_dtype == np.float16 else width
+        return self._o_row_stride
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Read o (in o_dtype, as the kernel wrote it: no conversion, the padding of odd rows

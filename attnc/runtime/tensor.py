@@ -80,7 +80,7 @@ class Tensor:
     argument when the tensor is used, not when the view is made.
     """
 
-    __slots__ = ("device", "buffer", "shape", "strides", "dtype", "offset", "_slice")
+    __slots__ = ("device", "buffer", "shape", "strides", "dtype", "offset", "_slice", "__weakref__")
 
     def __init__(self, device: Device, buffer: Any, shape: Sequence[int], dtype: Any,
                  strides: Sequence[int] | None = None, offset: int = 0, *, name: str = "tensor"):
@@ -109,6 +109,16 @@ class Tensor:
             raise ValueError(f"{name}: shape {shape} with strides {strides} from byte {offset} needs {end} bytes; "
                              f"the buffer has {buffer.size}")
 
+    @classmethod
+    def _dense(cls, device: Device, buffer: Any, shape: tuple[int, ...], dtype: np.dtype,
+               strides: tuple[int, ...]) -> Tensor:
+        """A tensor attnc makes over a new buffer it sized for it (ints, a GPU dtype, offset 0,
+        a span within the buffer): what __init__ checks holds by construction."""
+        t = cls.__new__(cls)
+        t.device, t.buffer, t.shape, t.strides, t.dtype = device, buffer, shape, strides, dtype
+        t.offset, t._slice = 0, None
+        return t
+
     # ------------------------------------------------------------------ facts
     @property
     def ndim(self) -> int:
@@ -131,9 +141,12 @@ class Tensor:
     @property
     def span_bytes(self) -> int:
         """Bytes from the first element to the end of the last one (0 when empty)."""
-        if self.size == 0:
-            return 0
-        return (sum((n - 1) * s for n, s in zip(self.shape, self.strides, strict=True)) + 1) * self.itemsize
+        last = 0  # the element index of the last element
+        for n, s in zip(self.shape, self.strides, strict=True):
+            if n == 0:
+                return 0
+            last += (n - 1) * s
+        return (last + 1) * self.dtype.itemsize
 
     @property
     def is_contiguous(self) -> bool:
@@ -270,7 +283,7 @@ class QuantGPUTensor:
     packed u32 words (attnc/quant.py's layouts) in `words`, a dense 1-D uint32 Tensor. The
     kernels address it by the element index of the dense logical tensor, so it has no views."""
 
-    __slots__ = ("fmt", "shape", "words")
+    __slots__ = ("fmt", "shape", "words", "__weakref__")
 
     def __init__(self, fmt: str, shape: Sequence[int], words: Tensor, *, name: str = "tensor"):
         check_format(fmt)

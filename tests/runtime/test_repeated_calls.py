@@ -1,0 +1,152 @@
+"""Repeated calls: what a call reuses of an earlier one never shows in its results.
+
+attention() and prepared ops remember what they checked and bound for the tensors of a call
+(bind groups, uniforms, the recorded pass) and record it through the native WebGPU library
+where they reach it. Whatever the mode of a call (a new result tensor, a numpy result, out=,
+an application's encoder) and whichever path records it, a later call never changes an
+earlier call's result, a destroyed input is still an error naming it, and attention() keeps
+no input of a call alive once the caller has let it go.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+import attnc
+from attnc.runtime import api, dispatch
+from tests.textbook import assert_close, attention_ref
+
+pytestmark = pytest.mark.gpu
+
+DIMS = dict(B=2, Hq=4, Hkv=2, S=3, T=40, D=16, Dv=8)
+
+
+def qkv(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    B, Hq, Hkv, S, T, D, Dv = (DIMS[k] for k in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
+    return (rng.standard_normal((B, Hq, S, D)).astype(np.float32),
+            rng.standard_normal((B, Hkv, T, D)).astype(np.float32),
+            rng.standard_normal((B, Hkv, T, Dv)).astype(np.float32))
+
+
+@pytest.fixture(params=["native", "api"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way of recording: the native library's C calls, and wgpu-py's API (fresh ops and
+    an empty cache of attention()'s ops either way)."""
+    if request.param == "api":
+        monkeypatch.setattr(dispatch, "native", lambda device: None)
+    api._OPS.clear()
+    api._CALLS.clear()
+    yield request.param
+    api._OPS.clear()
+    api._CALLS.clear()
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+def test_a_later_call_never_changes_an_earlier_result(require_adapters, spec, path) -> None:
+    """Two input sets, called in turn and again (the second round takes every fast path), in
+    every mode; each result is checked after all calls are made."""
+    dev = require_adapters(spec)[0]
+    rng = np.random.default_rng(3)
+    hosts = [qkv(rng) for _ in range(2)]
+    sets = [tuple(attnc.tensor(x, dev) for x in h) for h in hosts]
+    refs = [attention_ref(*h, return_lse=True) for h in hosts]
+    op = attnc.prepare(*sets[0], return_lse=True)
+    encoder = dev.gpu.create_command_encoder()
+    results = []  # (reference index, o, lse) with o/lse GPU tensors or numpy arrays
+    for _ in range(2):
+        for i, (q, k, v) in enumerate(sets):
+            results.append((i, *attnc.attention(q, k, v, return_lse=True)))
+            results.append((i, attnc.attention(q, k, v), None))
+            results.append((i, *attnc.attention(q, k, v, return_lse=True, output="numpy")))
+            outs = attnc.zeros((2, 4, 3, 8), device=dev), attnc.zeros((2, 4, 3), device=dev)
+            results.append((i, *attnc.attention(q, k, v, return_lse=True, out=outs[0], out_lse=outs[1])))
+            outs = attnc.zeros((2, 4, 3, 8), device=dev), attnc.zeros((2, 4, 3), device=dev)
+            results.append((i, *op(q, k, v, out=outs[0], out_lse=outs[1])))
+            outs = attnc.zeros((2, 4, 3, 8), device=dev), attnc.zeros((2, 4, 3), device=dev)
+            results.append((i, *op(q, k, v, out=outs[0], out_lse=outs[1], encoder=encoder)))
+    dev.gpu.queue.submit([encoder.finish()])
+    gpu_outputs = [t for _, o, lse in results for t in (o, lse) if isinstance(t, attnc.Tensor)]
+    assert len({id(t.buffer) for t in gpu_outputs}) == len(gpu_outputs)  # no result shares another's buffer
+    for n, (i, o, lse) in enumerate(results):
+        o = o.numpy() if isinstance(o, attnc.Tensor) else o
+        assert_close(o, refs[i][0], 1e-5, f"o of call {n}")
+        if lse is not None:
+            assert_close(lse.numpy() if isinstance(lse, attnc.Tensor) else lse, refs[i][1], 1e-5, f"lse of call {n}")
+
+
+def test_attention_keeps_no_input_alive_and_checks_destroyed_ones(require_adapters, path) -> None:
+    dev = require_adapters("wgpu:vulkan")[0]
+    q, k, v = qkv(np.random.default_rng(4))
+    qt, kt, vt = (attnc.tensor(x, dev) for x in (q, k, v))
+    for _ in range(3):
+        o = attnc.attention(qt, kt, vt)
+    assert_close(o.numpy(), attention_ref(q, k, v), 1e-5)
+    buffers = [weakref.ref(t.buffer) for t in (qt, kt, vt)]
+    del qt, kt, vt
+    gc.collect()
+    assert [b() for b in buffers] == [None, None, None]
+    qt, kt, vt = (attnc.tensor(x, dev) for x in (q, k, v))
+    for _ in range(2):
+        attnc.attention(qt, kt, vt)
+    vt.buffer.destroy()
+    with pytest.raises(ValueError, match="^v: its GPU buffer was destroyed"):
+        attnc.attention(qt, kt, vt)
+
+
+def test_errors_of_the_recorded_commands_are_raised(require_adapters, path) -> None:
+    """Recording into an encoder that was finished already is WebGPU's validation error,
+    raised by the call whichever path recorded it."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    qt, kt, vt = (attnc.tensor(x, dev) for x in qkv(np.random.default_rng(5)))
+    op = attnc.prepare(qt, kt, vt)
+    out = attnc.zeros((2, 4, 3, 8), device=dev)
+    finished = dev.gpu.create_command_encoder()
+    finished.finish()
+    with pytest.raises(dev.wgpu.GPUValidationError):  # a call that binds
+        op(qt, kt, vt, out=out, encoder=finished)
+    op(qt, kt, vt, out=out, encoder=dev.gpu.create_command_encoder())
+    with pytest.raises(dev.wgpu.GPUValidationError):  # a call that records what it remembered
+        op(qt, kt, vt, out=out, encoder=finished)
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+def test_repeated_calls_rebuild_the_block_map_from_new_mask_data(require_adapters, spec, path) -> None:
+    """A mask reading document ids from a GPU tensor has a block map (classify and compact
+    before the attention pass, lowering/blocks.py). The ids are rewritten in place between
+    calls that reuse what an earlier call bound (attention()'s remembered call, a prepared
+    op's recorded pass submitted on its own or into the application's encoder): each call
+    gives the result of the ids it ran with, so the map is made anew each time. Tiles empty
+    under one set of ids are live or full under the other, and documents end inside tiles."""
+    dev = require_adapters(spec)[0]
+    B, H, T = 2, 2, 256
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((B, H, T, 16)).astype(np.float32) for _ in range(3))
+    qt, kt, vt = (attnc.tensor(x, dev) for x in (q, k, v))
+    ids = [np.stack([np.repeat(np.arange(4), 64), np.repeat(np.arange(2), 128)]).astype(np.int32),
+           np.stack([np.zeros(T), np.repeat(np.arange(3), [50, 100, 106])]).astype(np.int32)]
+    doc = attnc.tensor(ids[0], dev)
+
+    def mask_mod(b, h, i, j):
+        return doc[b, i] == doc[b, j]
+    op = attnc.prepare(qt, kt, vt, mask_mod=mask_mod)
+    assert [p.name for p in op.progs][:3] == ["classify", "compact", "main"]
+    out, recorded = attnc.zeros((B, H, T, 16), device=dev), attnc.zeros((B, H, T, 16), device=dev)
+    for n in range(4):
+        d = ids[n % 2]
+        doc.write(d)
+        groups = dev.counters.bind_groups_created
+        got = {"attention()": attnc.attention(qt, kt, vt, mask_mod=mask_mod).numpy(),
+               "op": op(qt, kt, vt).numpy(), "op with out=": op(qt, kt, vt, out=out).numpy()}
+        encoder = dev.gpu.create_command_encoder()
+        op(qt, kt, vt, out=recorded, encoder=encoder)
+        dev.gpu.queue.submit([encoder.finish()])
+        got["op with encoder="] = recorded.numpy()
+        if n:  # every call reused an earlier one's: only attention()'s new output was bound
+            assert dev.counters.bind_groups_created - groups == 1
+        ref = attention_ref(q, k, v, mask_mod=lambda b, h, i, j, d=d: d[b, i] == d[b, j])
+        for name, o in got.items():
+            assert_close(o, ref, 1e-5, f"{name}, call {n}")
