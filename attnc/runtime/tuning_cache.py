@@ -104,6 +104,7 @@ PLAN_SCHEMA: dict[str, Field] = {
     "last_tile_first": _flag(),
     "subgroup_width": _pow2(1, 128, zero=True),
     "shuffle_only_lanes": Field("int", 0, 128),
+    "block_map": _flag(),
 }
 CALL_FIELDS = ("dialect", "storage")  # plan fields every call sets from its device and inputs
 TUNABLE = _pow2(1, 1024)  # the kernel's tunables (BM, BN)
