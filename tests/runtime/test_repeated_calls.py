@@ -15,6 +15,8 @@ import weakref
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import attnc
 from attnc.runtime import api, dispatch
@@ -150,3 +152,54 @@ def test_repeated_calls_rebuild_the_block_map_from_new_mask_data(require_adapter
         ref = attention_ref(q, k, v, mask_mod=lambda b, h, i, j, d=d: d[b, i] == d[b, j])
         for name, o in got.items():
             assert_close(o, ref, 1e-5, f"{name}, call {n}")
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@settings(deadline=None, max_examples=4, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(calls=st.lists(st.tuples(st.sampled_from(["host", "gpu", "attention"]), st.integers(0, 2),
+                                st.sampled_from([0, 5])), min_size=3, max_size=7))
+def test_the_block_map_is_kept_only_while_its_host_data_is_unchanged(require_adapters, spec, calls) -> None:
+    """A prepared op whose mask reads host arrays keeps its block map between calls with the
+    same bytes and uniforms (the map's passes are left out), and builds it again when the data,
+    a captured number (a uniform) or the kind of tensor changes (a GPU tensor's contents may
+    change unseen: such calls always build it, and the next host call builds it again). Every
+    call of a drawn sequence matches float64; the map's passes run exactly when the map of the
+    op's scratch was not made from this call's host data by the op's previous call."""
+    dev = require_adapters(spec)[0]
+    B, H, T = 1, 2, 96
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((B, H, T, 16)).astype(np.float32) for _ in range(3))
+    ids = [np.repeat(np.arange(3), [20, 40, 36])[None].astype(np.int32),
+           np.repeat(np.arange(2), [70, 26])[None].astype(np.int32),
+           np.zeros((1, T), np.int32)]
+    holder = {"doc": ids[0], "shift": 0}
+
+    def mask_mod(b, h, i, j):
+        return (holder["doc"][b, i] == holder["doc"][b, j]) & (j <= i + holder["shift"])
+    op = api.prepare_dims(dict(B=B, Hq=H, Hkv=H, S=T, T=T, D=16, Dv=16), mask_mod=mask_mod, device=dev)
+    assert [p.name for p in op.progs][:2] == ["classify", "compact"]
+    ran: list[int] = []
+    real_pass = op._pass
+    op._pass = lambda items: (ran.append(len(items)), real_pass(items))[1]
+    full = len(op.progs)
+    last = None  # (ids index, shift) the op's map was made from by a host call, if the previous call
+    kept = 0
+    # a host call repeated, a GPU call between two of the same host data, a changed uniform,
+    # then a drawn sequence
+    fixed = [("host", 0, 0), ("host", 0, 0), ("gpu", 1, 0), ("host", 0, 0), ("host", 0, 5), ("host", 0, 5)]
+    for kind, which, shift in [*fixed, *calls]:
+        holder["doc"], holder["shift"] = ids[which], shift
+        ran.clear()
+        if kind == "attention":
+            got = attnc.attention(q, k, v, mask_mod=mask_mod, device=dev)
+        else:
+            doc = ids[which] if kind == "host" else attnc.tensor(ids[which], dev)
+            got = op(q, k, v, doc=doc, shift=shift)
+        want = attention_ref(q, k, v, mask_mod=lambda b, h, i, j, d=ids[which], s=shift: (d[b, i] == d[b, j])
+                             & (j <= i + s))
+        assert_close(got, want, 1e-5, f"{kind} call with ids {which}, shift {shift}")
+        if kind != "attention":
+            assert ran == [full - 2 if kind == "host" and last == (which, shift) else full], (kind, last)
+            kept += ran == [full - 2]
+            last = (which, shift) if kind == "host" else None
+    assert kept  # the repeated host call at least
