@@ -113,8 +113,15 @@ def rel_err(a, b) -> float:
     return diff if ref == 0.0 else diff / ref
 
 
+# GPUs may flush f32 subnormals to zero (WGSL allows it): a softmax weight under 2^-126 of the
+# row's largest can vanish, changing o by less than T * 2^-126 * max|v| (under 1e-30 for every
+# size tested); that much of each element's difference is not counted (docs/API.md, Accuracy).
+FLUSHED = 1e-30
+
+
 def assert_close(got, ref, tol: float, what: str = "o") -> None:
-    """NaN and +-inf where the reference has them (same places), rel_err <= tol elsewhere."""
+    """NaN and +-inf where the reference has them (same places), rel_err <= tol elsewhere, after
+    forgiving each element FLUSHED of absolute difference (subnormal weights flushed to zero)."""
     got = np.asarray(got, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
     assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
@@ -126,5 +133,6 @@ def assert_close(got, ref, tol: float, what: str = "o") -> None:
         f"{what}: infinities differ: got {np.argwhere(np.isinf(got)).tolist()[:8]}, "
         f"expected {np.argwhere(inf_ref).tolist()[:8]}")
     fin = ~(nan_ref | inf_ref)
-    err = rel_err(got[fin], ref[fin])
+    diff = np.maximum(np.abs(got[fin] - ref[fin]) - FLUSHED, 0.0)
+    err = rel_err(ref[fin] + diff, ref[fin]) if diff.any() else 0.0
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"

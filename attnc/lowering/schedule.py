@@ -94,7 +94,9 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
       straight from storage) with row tiles of up to 16 rows (4 on a CPU adapter; query heads
       of a KV head packed into rows), split over KV, with a softmax phase (SMX) from 8 rows
       (H200 dec_gqa8 about 10 % faster with it) and >= 2 KV tiles per split; on a CPU adapter
-      without GQA, the rows strategy (one query row per invocation); on a GPU with at least 32
+      without GQA, the rows strategy (one query row per invocation) from ROWS_TILE rows, and
+      below that where stream does not apply (with fewer rows its workgroups idle: stream is
+      1.1-3.6x faster at S = 1 and 4 on lavapipe, llvmpipe GL and Dawn, 2026-12-04); on a GPU with at least 32
       packed rows per KV head (GQA with several queries), 32x64 tiles of the tiled strategy with
       4 rows per invocation and 8-key value blocks (H200 dec4_gqa8 1.6x faster than stream, and
       1.15x again in a workgroup of 11.5 KiB with 60 splits); the tiled strategy where
@@ -160,10 +162,12 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
                 # splits run in one wave (dec4_gqa8 with 60 splits: 0.052-0.057 ms against
                 # 0.062-0.064 with 32-key blocks and 30)
                 return dataclasses.replace(tiled[0], value_block_keys=8), tiled[1]
+        # the rows strategy: one query row per invocation in workgroups of ROWS_TILE rows
         rows = Plan(Family.PORTABLE, storage, dialect, strategy=Strategy.ROWS, keys_per_step=4,
                     query_dim=max(pow2ceil(dims["D"]), 4), value_columns=dv, vector_width=vec)
-        if cpu and group == 1 and not explicit_family and only in ("", "rows") and rows_fit(rows):
-            return rows, {"BM": 8, "BN": 64}
+        rows_apply = cpu and group == 1 and not explicit_family and only in ("", "rows") and rows_fit(rows)
+        if rows_apply and dims["S"] >= ROWS_TILE:  # fewer rows would leave invocations idle
+            return rows, {"BM": ROWS_TILE, "BN": 64}
         if vec == 4 and not f16_math and dims["D"] <= STREAM_MAX_D and only in ("", "stream"):
             dvc = max(4, pow2ceil(dims["Dv"]))
             if cpu:  # small tiles: lavapipe compiles large unrolled row tiles slowly (seconds)
@@ -184,6 +188,8 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
             if 4 * stream_layout(plan, tun["BM"], tun["BN"]).smem_words <= \
                     caps.limit("max-compute-workgroup-storage-size"):
                 return plan, tun
+        if rows_apply:
+            return rows, {"BM": ROWS_TILE, "BN": 64}
         bm = min(16, max(4, pow2ceil(group * dims["S"])))
         plan = dataclasses.replace(tiled_base, workgroup_size=64 if cpu else 128, rows_per_invocation=1, head_chunk=16,
                                    value_columns=dv, value_stage_columns=32)
@@ -210,6 +216,10 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
 # What WGSL promises a function's variables at least (the spec's limits: 8 KiB in the function
 # address space): the rows strategy holds its query row and its value columns there.
 FUNCTION_VAR_BYTES = 8192
+
+
+# Query rows per workgroup of the rows strategy (one per invocation).
+ROWS_TILE = 8
 
 
 def rows_fit(plan: Plan) -> bool:

@@ -83,7 +83,7 @@ def _checked_table(table: Any, dims: dict[str, int], kv_lens: Any) -> Any:
     bad = used & ((arr < 0) | (arr >= NP))
     if bad.any():
         b, j = (int(x) for x in np.argwhere(bad)[0])
-        raise ValueError(f"block_table[{b}, {j}] = {int(arr[b, j])} is past the page pool: k_pages and v_pages "
+        raise ValueError(f"block_table[{b}, {j}] = {int(arr[b, j])} is outside the page pool: k_pages and v_pages "
                          f"hold {NP} pages (0..{NP - 1}); row {b} uses its first "
                          f"{int(-(-min(int(lens[b]), dims['T']) // P))} entries")
     return np.ascontiguousarray(arr, dtype=np.int32)

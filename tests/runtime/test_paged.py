@@ -86,7 +86,7 @@ def test_a_table_entry_past_the_pool_is_named(device) -> None:
     q, kp, vp, table, _, _ = paged_problem(rng, 2, 2, 1, 1, 8, 4, 3, spare=0)
     bad = table.copy()
     bad[1, 1] = kp.shape[0]
-    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 6 is past the page pool: .* hold 6 pages"):
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 6 is outside the page pool: .* hold 6 pages"):
         attnc.paged_attention(q, kp, vp, bad, device=device)
     with pytest.raises(ValueError, match=r"block_table: expected shape \(2, max_pages\)"):
         attnc.paged_attention(q, kp, vp, table[:1], device=device)

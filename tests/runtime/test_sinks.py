@@ -11,7 +11,7 @@ A +inf sink gave NaN everywhere (exp(inf - inf) in the sink's term of the softma
 strategy merges the sink itself when it runs unsplit (tiled, rows, lanes: Shader.merge_sink;
 stream: its key-group merge), the combine when split, so decode shapes draw the split count;
 the host merge of over-large problems has its own test. The strategy is forced through
-ATTNC_STRATEGY (rows: the heuristic's own choice for decoding without GQA and without a
+ATTNC_STRATEGY (rows: the heuristic's own choice for decoding from 8 rows without GQA and without a
 target). Values and sizes are run-time inputs, drawn so that each case compiles one kernel
 per (split, lse); the forced-plan tests of tests/lowering (tiled, stream, lanes, combine, with
 random knobs) draw special sinks too (tests/forced_plan.py).

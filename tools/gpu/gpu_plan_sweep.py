@@ -17,7 +17,7 @@ from typing import TextIO
 
 import numpy as np
 
-from attnc.bench.cases import load_suite, make_inputs
+from attnc.bench.cases import load_suites, make_inputs
 from attnc.lowering import schedule  # noqa: E402
 from attnc.lowering.plan import from_compact  # noqa: E402
 from attnc.runtime import api
@@ -106,7 +106,7 @@ def main() -> None:
     argv = sys.argv[1:]
     out = take_json(argv)
     dev = get_device(argv[0])
-    cases = {c.name: c for c in load_suite("seeds") + load_suite("ci")}
+    cases = {c.name: c for suite in load_suites().values() for c in suite}  # every suite of shapes.json
     for name in argv[1].split(","):
         case = cases[name]
         copies = [make_inputs(case, seed=i) for i in range(3 if case.flops() > 1e10 else 8)]
