@@ -159,6 +159,7 @@ FOLD_CASES = {
     "decode_split_combine": (dict(B=1, Hq=4, Hkv=2, S=2, T=700, D=16, Dv=16),
                              dict(causal=True, return_lse=True)),
     "decode_rows": (dict(B=3, Hq=4, Hkv=4, S=5, T=90, D=8, Dv=8), dict(return_lse=True)),
+    "decode_stream": (dict(B=1, Hq=3, Hkv=3, S=2, T=90, D=8, Dv=8), dict(return_lse=True)),
 }
 
 
@@ -168,6 +169,8 @@ def test_grid_folding_under_a_small_forced_limit(require_adapters, monkeypatch, 
     (x, y) and the shaders' re-linearised workgroup ids still give the right answer."""
     dev = require_adapters("wgpu:vulkan")[0]
     sh, opts = FOLD_CASES[case]
+    strategy = case.split("_")[1]
+    monkeypatch.setenv("ATTNC_STRATEGY", "" if strategy in ("tiled", "split") else strategy)
     rng = np.random.default_rng(4)
     q, k, v = qkv(rng, **sh)
     target = None if case == "decode_rows" else "portable"
