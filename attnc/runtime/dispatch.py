@@ -778,16 +778,23 @@ class Native:
         """A new GPUBuffer of `gpu` (not mapped), made by the C call."""
         desc = self.ffi.new("WGPUBufferDescriptor *")
         desc.label, desc.size, desc.usage = self._view(label), size, int(usage)
-        self._open("attnc.buffer")
+        handle = self._create("attnc.buffer", lambda: self.lib.wgpuDeviceCreateBuffer(gpu._internal, desc),
+                              self.lib.wgpuBufferRelease)
+        return self.buffer_type(label, handle, gpu, size, usage, self.unmapped)
+
+    def _create(self, what: str, create: Any, release: Any) -> Any:
+        """A C create call inside one error capture: the handle, or the error raised (a handle
+        made alongside an error released first)."""
+        self._open(what)
         try:
-            handle = self.lib.wgpuDeviceCreateBuffer(gpu._internal, desc)
+            handle = create()
         finally:
-            error = self._close("attnc.buffer")
+            error = self._close(what)
         if error is not None:
             if handle:
-                self.lib.wgpuBufferRelease(handle)
+                release(handle)
             self._raise(error)
-        return self.buffer_type(label, handle, gpu, size, usage, self.unmapped)
+        return handle
 
     def bind_group(self, gpu: Any, program: Program, layout: Any, buffers: Mapping[str, Any],
                    uniform: Any | None) -> Any:
@@ -804,15 +811,8 @@ class Native:
         desc = self.ffi.new("WGPUBindGroupDescriptor *")
         desc.label = self._view(program.name)
         desc.layout, desc.entryCount, desc.entries = layout._internal, len(program.bindings), entries
-        self._open("attnc.bind_group")
-        try:
-            handle = self.lib.wgpuDeviceCreateBindGroup(gpu._internal, desc)
-        finally:
-            error = self._close("attnc.bind_group")
-        if error is not None:
-            if handle:
-                self.lib.wgpuBindGroupRelease(handle)
-            self._raise(error)
+        handle = self._create("attnc.bind_group", lambda: self.lib.wgpuDeviceCreateBindGroup(gpu._internal, desc),
+                              self.lib.wgpuBindGroupRelease)
         return self.bind_group_type(program.name, handle, gpu)  # (it releases the handle when dropped)
 
 
