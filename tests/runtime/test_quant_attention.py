@@ -85,6 +85,27 @@ def test_quantized_kv_scalar_loads(data, require_adapters) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("spec", "vec"), [("wgpu:vulkan", 4), ("dawn:vulkan", 4), ("wgpu:vulkan", 1)])
+def test_int8_rows_of_every_length(spec, vec, require_adapters) -> None:
+    """int8 rows hold D/4 + 1 words (a scale, then D values), so loads find a value's row from
+    the run-time head dim: head dims that are multiples of 4 but not powers of two (12, 20, 96)
+    and one that is (16), K and V of different kinds, vec4 and one-value loads, prefill and
+    decode (the other quantized-KV tests draw head dims 32 and 64 only)."""
+    (dev,) = require_adapters(spec)
+    plan = Plan(Family.PORTABLE, workgroup_size=32, rows_per_invocation=1, head_chunk=16, value_columns=32,
+                value_stage_columns=16, vector_width=vec)
+    rng = np.random.default_rng(vec)
+    for D, Dv, S in ((12, 16, 5), (96, 20, 1)):
+        q = rng.standard_normal((1, 2, S, D)).astype(np.float32)
+        k = quant.quantize(rng.standard_normal((1, 2, 40, D)).astype(np.float32), "int8")
+        v = quant.quantize(rng.standard_normal((1, 2, 40, Dv)).astype(np.float32), "int8")
+        op = api.prepare_dims(dict(B=1, Hq=2, Hkv=2, S=S, T=40, D=D, Dv=Dv), causal=True, device=dev, plan=plan,
+                              tunables={"BM": 16, "BN": 16}, k_format="int8", v_format="int8")
+        assert_close(op(q, k, v), attention_ref(q, quant.dequantize(k), quant.dequantize(v), causal=True),
+                     1e-5, f"D={D}, Dv={Dv}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["wgpu:opengl", "dawn:vulkan"])
 @pytest.mark.parametrize(("S", "kf", "vf"), [(1, "q4_0", "int8"), (37, "int8", "q8_0")])
 def test_heuristic_plans_on_other_adapters(spec, S, kf, vf, require_adapters) -> None:
