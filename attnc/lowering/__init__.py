@@ -41,6 +41,7 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
         if plan.storage is Storage.F16A:
             raise LoweringError("f16 arithmetic is a tiled-strategy variant")
         sh = Shader(spec, plan, None)
+        sh.block_mask = block_mask(spec) if plan.block_map else None
         progs = [emit_stream(sh)]
     else:
         sh = Shader(spec, plan, layout(plan, spec.BM, spec.BN))

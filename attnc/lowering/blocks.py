@@ -1,5 +1,5 @@
 """Block sparsity from data: for a mask that reads tensors (document ids, a boolean block
-table, prefix lengths), two small programs before the tiled main pass classify every
+table, prefix lengths), two small programs before the main pass (tiled, stream, lanes) classify every
 (query tile, KV tile) as empty, partial or full and list each query tile's live KV tiles, so
 the main pass visits only those and drops the mask on full ones (FlexAttention's BlockMask,
 computed on the device from the same mask expression).

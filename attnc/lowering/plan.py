@@ -85,7 +85,7 @@ class Plan:
       for every head and split before the next, instead of every tile of one head before the
       next head: under a causal mask the last tiles see the most keys, so the longest
       workgroups start first (GPUs start workgroups in index order) and the short ones fill in.
-    - block_map (tiled and lanes strategies): 1 builds a block map when the mask reads tensors
+    - block_map (tiled, stream and lanes strategies): 1 builds a block map when the mask reads tensors
       (lowering/blocks.py: two small passes list each query tile's live KV tiles, and the main
       pass visits only those); 0 evaluates the mask on every tile. The map's scratch buffer is
       one more storage binding per pass: where that exceeds the device's limit the runtime

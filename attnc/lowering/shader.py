@@ -44,7 +44,7 @@ class Shader:
         # q, k and v read four head-dim elements per load (needs D, Dv % 4 == 0, unit stride)
         self.vec4 = {spec.dot.a.tensor, spec.dot.b.tensor, spec.value.tensor} if plan.vector_width == 4 else set()
         # a mask that reads data: the main pass visits the live KV tiles a block map lists
-        # (lowering/blocks.py), set by `lower` for the tiled strategy
+        # (lowering/blocks.py), set by `lower` for the tiled, stream and lanes strategies
         self.block_mask: ir.Expr | None = None
         fields: list[tuple[str, Scalar]] = [("grid_total", Scalar.U32), ("grid_stride_x", Scalar.U32)]
         fields += [(f"d_{d}", Scalar.U32) for d in k.dims]
@@ -295,6 +295,10 @@ class Shader:
             free = unmasked_score(s)
             with w.block("fn score_free_fn(dotv: f32, qi: i32, kj: i32) -> f32"):
                 w.line(f"return {env.hoist(w, free).render(free)};")
+            with w.block("fn score_tile_fn(dotv: f32, qi: i32, kj: i32, full: bool) -> f32"):  # full: uniform
+                with w.block("if (full)"):
+                    w.line("return score_free_fn(dotv, qi, kj);")
+                w.line("return score_fn(dotv, qi, kj);")
         with w.block("fn q_base(qi: i32) -> u32"):
             w.line(f"return {self.slice_base(s.dot.a, env)};")
         with w.block("fn k_base(kj: i32) -> u32"):

@@ -23,6 +23,7 @@ No subgroup operations: the same code serves both families.
 
 from __future__ import annotations
 
+from attnc.lowering.blocks import FULL_BIT, record_base
 from attnc.lowering.plan import StreamLayout, stream_layout
 from attnc.lowering.program import Program
 from attnc.lowering.shader import Shader, features
@@ -65,6 +66,10 @@ def emit_stream(sh: Shader) -> Program:
         w.line(f"let n_width = P.d_{s.width};")
         w.line(f"let col = dvc * {plan.value_columns}u + cg * 4u;")
         w.line("let col_in = min(col, n_width - 4u);  // lanes past Dv read a valid column, never stored")
+        listed = sh.block_mask is not None  # the loop runs over the list of live KV tiles
+        if listed:
+            w.line(f"let n_kt = (P.d_{s.kv_dim} + {BN - 1}u) / {BN}u;")
+            record_base(w, s, sh.block_mask, "qtile", "n_kt")
         sh.tile_bounds(w, BM, BN)
         _stage_queries(w, sh, lay)
         w.line("let t_lo = workgroupUniformLoad(&wg_lo);")
@@ -79,7 +84,12 @@ def emit_stream(sh: Shader) -> Program:
         for r in range(BM):
             w.line(f"var o{r} = vec4<f32>();")
         with w.block("for (var t = t_lo; t < t_hi; t = t + 1)"):
-            w.line(f"let k0 = t * {BN};")
+            if listed:  # a full tile drops the mask (score_tile_fn)
+                w.line("let listed = t_blocks[blk_rec + 1u + u32(t)];")
+                w.line(f"let k0 = i32(listed & {FULL_BIT - 1:#x}u) * {BN};")
+                w.line(f"let tile_full = listed >= {FULL_BIT:#x}u;")
+            else:
+                w.line(f"let k0 = t * {BN};")
             _dot_phase(w, sh, lay)
             w.line("workgroupBarrier();")
             if lay.SMX:
@@ -139,7 +149,7 @@ def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                 w.line(f"let qi = q0 + {r};")
                 for u in range(KC):
                     dots = " + ".join(f"sp[(jl{u} * {KL}u + {p}u) * {BM}u + {r}u]" for p in range(KL))
-                    w.line(f"let s{u} = select({NEG_INF}, score_fn({dots}, qi, kj{u}), kj{u} < n_keys);")
+                    w.line(f"let s{u} = select({NEG_INF}, {_score(sh, dots, f'kj{u}')}, kj{u} < n_keys);")
                     w.line(f"nan{r} = nan{r} || is_nan(s{u});")
                 mx = "s0"
                 for u in range(1, KC):
@@ -155,6 +165,13 @@ def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                     w.line(f"o{r} = fma(vec4<f32>(p{u}), select(v{u}, vec4<f32>(), p{u} == 0.0), o{r});")
                 w.line(f"l{r} = ps;")
                 w.line(f"m{r} = mn;")
+
+
+def _score(sh: Shader, dots: str, kj: str) -> str:
+    """The score of key `kj` for row `qi`: without the mask on a tile the block map lists as full."""
+    if sh.block_mask is None:
+        return f"score_fn({dots}, qi, {kj})"
+    return f"score_tile_fn({dots}, qi, {kj}, tile_full)"
 
 
 def _pairs(lay: StreamLayout) -> int:
@@ -176,7 +193,7 @@ def _softmax_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                 w.line(f"let jl = g + {KG}u * n;")
                 w.line("let kj = k0 + i32(jl);")
                 dots = " + ".join(f"sp[(jl * {KL}u + {p}u) * {BM}u + r]" for p in range(KL))
-                w.line(f"let x = select({NEG_INF}, score_fn({dots}, qi, kj), kj < n_keys);")
+                w.line(f"let x = select({NEG_INF}, {_score(sh, dots, 'kj')}, kj < n_keys);")
                 w.line(f"nan{i} = nan{i} || is_nan(x);")
                 w.line("mx = max(mx, x);")
                 w.line(f"p_sh[jl * {BM}u + r] = x;")

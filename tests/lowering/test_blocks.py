@@ -2,7 +2,7 @@
 lists against numpy's classification of the mask, and attention through it against float64,
 over drawn masks that read tensors (documents whose boundaries fall anywhere in a tile,
 boolean block tables, prefix lengths, random bits), tiled plans (prefetch, split KV, tile
-sizes) and the lanes strategy, through Naga and Tint on lavapipe."""
+sizes), the stream and lanes strategies, through Naga and Tint on lavapipe."""
 
 from __future__ import annotations
 
@@ -124,22 +124,30 @@ def _read_map(op, truth: np.ndarray, BM: int, BN: int) -> tuple[list, list]:
     return out, _classes(truth[:n_rec // n_qt], BM, BN)
 
 
+SANITIZED_PLANS = {
+    "tiled": (Plan(Family.PORTABLE, workgroup_size=64, rows_per_invocation=1, head_chunk=16, value_columns=32,
+                   value_stage_columns=32, vector_width=4, prefetch=1), {"BM": 16, "BN": 16}),
+    "stream": (Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=32, lanes_per_key=2, keys_per_step=4,
+                    softmax_phase=1, query_dim=32, value_columns=32, vector_width=4), {"BM": 4, "BN": 32}),
+}
+
+
 @pytest.mark.sanitize
 @pytest.mark.gpu
-def test_block_map_programs_stay_in_bounds(require_adapters) -> None:
-    """classify, compact, the listed main pass (prefetching past the list's end) and the
+@pytest.mark.parametrize("strategy", list(SANITIZED_PLANS))
+def test_block_map_programs_stay_in_bounds(strategy, require_adapters) -> None:
+    """classify, compact, the listed main pass (tiled: prefetching past the list's end) and the
     combine, under the bounds sanitizer in its run: a document mask, 3 splits, ragged tiles."""
     dev = require_adapters("wgpu:vulkan")[0]
     doc = np.repeat(np.arange(4), [7, 30, 1, 32])[None].astype(np.int32)
 
     def mm(b, h, q, kv):
         return (doc[b, q] == doc[b, kv]) & (kv <= q)
-    plan = Plan(Family.PORTABLE, workgroup_size=64, rows_per_invocation=1, head_chunk=16, value_columns=32,
-                value_stage_columns=32, vector_width=4, prefetch=1)
+    plan, tunables = SANITIZED_PLANS[strategy]
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((1, 2, 70, 32)).astype(np.float32) for _ in range(3))
     op = api.prepare_dims(dict(B=1, Hq=2, Hkv=2, S=70, T=70, D=32, Dv=32), mask_mod=mm, device=dev, plan=plan,
-                          tunables={"BM": 16, "BN": 16}, nsplit=3)
+                          tunables=tunables, nsplit=3)
     assert [p.name for p in op.progs] == ["classify", "compact", "main", "combine"]
     assert_close(op(q, k, v), attention_ref(q, k, v, mask_mod=mm), 1e-5, "o")
 
@@ -201,6 +209,35 @@ def test_lanes_plans_over_block_maps_match_the_reference(spec, data, require_ada
     assert_close(op(q, k, v), attention_ref(q, k, v, mask_mod=mm), 1e-5, "o")
     got, want = _read_map(op, truth, BM, BN)
     assert got == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@RUN
+@given(data=st.data())
+def test_stream_plans_over_block_maps_match_the_reference(spec, data, require_adapters) -> None:
+    """The stream strategy (short rows: decoding) walks the listed tiles only, with and without
+    its softmax phase, split or not, GQA rows packed, dropping the mask on full tiles."""
+    dev = require_adapters(spec)[0]
+    B, Hkv = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
+    Hq = Hkv * data.draw(st.sampled_from([1, 2]))
+    T = data.draw(st.integers(1, 200))
+    S = data.draw(st.integers(1, min(T, 4)))
+    mm, truth = _masks(data.draw, B, S, T)
+    BM, BN = data.draw(st.sampled_from([(4, 32), (8, 64)]))
+    plan = Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=32, lanes_per_key=2, keys_per_step=4,
+                softmax_phase=data.draw(st.integers(0, 1)), query_dim=16, value_columns=16, vector_width=4)
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((B, Hq, S, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((B, Hkv, T, 16)).astype(np.float32) for _ in range(2))
+    op = api.prepare_dims(dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=16, Dv=16), mask_mod=mm, return_lse=True,
+                          device=dev, plan=plan, tunables={"BM": BM, "BN": BN},
+                          nsplit=data.draw(st.sampled_from([None, 1, 3])))
+    assert op.plan.strategy is Strategy.STREAM and [p.name for p in op.progs][:3] == ["classify", "compact", "main"]
+    o, lse = op(q, k, v)
+    ref_o, ref_lse = attention_ref(q, k, v, mask_mod=mm, return_lse=True)
+    assert_close(o, ref_o, 1e-5, "o")
+    assert_close(lse, ref_lse, 1e-5, "lse")
 
 
 def _reading_mods(n_tables: int, T: int):
