@@ -58,6 +58,20 @@ class FlashSpec:
                         todo.append(self.lets[x.name])
         return False
 
+    def gathers(self, sl: ir.Slice) -> bool:
+        """Whether a slice's index reads a tensor (lets followed): a gather such as a page
+        table's entry, a load per key that the strategies compute once and share."""
+        seen: set[str] = set()
+        todo = [i for i in sl.index if i is not None]
+        while todo:
+            for x in ir.walk_expr(todo.pop()):
+                if isinstance(x, ir.Load):
+                    return True
+                if isinstance(x, ir.Var) and x.name in self.lets and x.name not in seen:
+                    seen.add(x.name)
+                    todo.append(self.lets[x.name])
+        return False
+
     def resolve(self, e: ir.Expr) -> ir.Expr:
         """Follow a chain of let references to the defining expression."""
         while isinstance(e, ir.Var) and e.name in self.lets:

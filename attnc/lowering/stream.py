@@ -50,6 +50,9 @@ def emit_stream(sh: Shader) -> Program:
     if lay.SMX:
         w.line(f"var<workgroup> p_sh: array<f32, {BN * BM}>;  // probabilities [key][row]")
         w.line(f"var<workgroup> al_sh: array<f32, {KG * BM}>;  // rescale factor [key group][row]")
+    gathered = s.gathers(s.value)  # V's row read through a table (paged): shared per key
+    if gathered:
+        w.line(f"var<workgroup> vb_sh: array<u32, {BN}>;  // each key's V row base, found once per tile")
     w.line("var<workgroup> wg_lo: i32;")
     w.line("var<workgroup> wg_hi: i32;")
     sh.privates(w)
@@ -90,17 +93,17 @@ def emit_stream(sh: Shader) -> Program:
                 w.line(f"let tile_full = listed >= {FULL_BIT:#x}u;")
             else:
                 w.line(f"let k0 = t * {BN};")
-            _dot_phase(w, sh, lay)
+            _dot_phase(w, sh, lay, gathered)
             w.line("workgroupBarrier();")
             if lay.SMX:
                 _softmax_phase(w, sh, lay)
                 w.line("workgroupBarrier();")
-                _pv_shared(w, sh, lay)
+                _pv_shared(w, sh, lay, gathered)
             else:
-                _pv_phase(w, sh, lay)
+                _pv_phase(w, sh, lay, gathered)
             w.line("workgroupBarrier();")
         _merge(w, sh, lay)
-    smem = 4 * lay.smem_words
+    smem = 4 * (lay.smem_words + (BN if gathered else 0))
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),
                    features(plan) - {"subgroups"}, smem, in_bounds=True)
 
@@ -118,14 +121,18 @@ def _stage_queries(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     w.line("workgroupBarrier();")
 
 
-def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
-    """Partial q.k dots: KL lanes per key, each over every KL-th vec4 of the head dim."""
+def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout, gathered: bool) -> None:
+    """Partial q.k dots: KL lanes per key, each over every KL-th vec4 of the head dim. With
+    `gathered`, the first lane of each key also finds its V row base for the P.V phase."""
     kt = sh.spec.dot.b.tensor
     n = lay.D4 // lay.KL
     with w.block(f"for (var e = lid; e < {lay.BN * lay.KL}u; e = e + {lay.WG}u)"):
         w.line(f"let jl = e / {lay.KL}u;")
         w.line(f"let part = e % {lay.KL}u;")
         w.line("let kb = k_base(min(k0 + i32(jl), n_keys - 1)) >> 2u;  // past the end: masked below")
+        if gathered:
+            with w.block("if (part == 0u)"):
+                w.line("vb_sh[jl] = v_base(min(k0 + i32(jl), n_keys - 1));")
         for i in range(n):  # every load issued before any is used
             w.line(f"let c{i} = part + {lay.KL * i}u;")
             w.line(f"let k{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
@@ -135,7 +142,12 @@ def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
             w.line(f"sp[e * {lay.BM}u + {r}u] = {terms};")
 
 
-def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
+def _v_row(u: int, key: str, gathered: bool) -> str:
+    """The V row base of the P.V phase's u-th key (`key`: its absolute index)."""
+    return f"vb_sh[jl{u}]" if gathered else f"v_base(min({key}, n_keys - 1))"
+
+
+def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout, gathered: bool) -> None:
     """Scores, the invocation's own online softmax and o += p.v over its keys of the tile."""
     vt = sh.spec.value.tensor
     KC, KL, BM = lay.KC, lay.KL, lay.BM
@@ -143,7 +155,8 @@ def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
         for u in range(KC):
             w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
             w.line(f"let kj{u} = k0 + i32(jl{u});")
-            w.line(f"let v{u} = {sh.read4(vt, f'(v_base(min(kj{u}, n_keys - 1)) + col_in) >> 2u')};")
+            row = _v_row(u, f"kj{u}", gathered)
+            w.line(f"let v{u} = {sh.read4(vt, f'({row} + col_in) >> 2u')};")
         for r in range(BM):
             with w.block(""):
                 w.line(f"let qi = q0 + {r};")
@@ -210,7 +223,7 @@ def _softmax_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
             w.line(f"al_sh[pi{i}] = al;")
 
 
-def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout) -> None:
+def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout, gathered: bool) -> None:
     """SMX: o = o * al + p.v over the invocation's keys, p and al from workgroup memory."""
     vt = sh.spec.value.tensor
     KC, BM = lay.KC, lay.BM
@@ -219,7 +232,8 @@ def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
         for u in range(KC):
             w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
-            w.line(f"let v{u} = {sh.read4(vt, f'(v_base(min(k0 + i32(jl{u}), n_keys - 1)) + col_in) >> 2u')};")
+            row = _v_row(u, f"k0 + i32(jl{u})", gathered)
+            w.line(f"let v{u} = {sh.read4(vt, f'({row} + col_in) >> 2u')};")
         for u in range(KC):
             for r in range(BM):
                 # a key with p = 0 adds nothing, even an inf/NaN value

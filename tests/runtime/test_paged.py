@@ -92,3 +92,42 @@ def test_a_table_entry_past_the_pool_is_named(device) -> None:
         attnc.paged_attention(q, kp, vp, table[:1], device=device)
     with pytest.raises(ValueError, match=r"v_pages shape .* does not match k_pages"):
         attnc.paged_attention(q, kp, vp[:, :, :2], table, device=device)
+
+
+STREAM_PAGED = [  # (plan fields, BM, BN): the stream strategy with and without its softmax phase
+    (dict(lanes_per_key=2, softmax_phase=0), 4, 32),
+    (dict(lanes_per_key=1, softmax_phase=1), 8, 64),
+    (dict(lanes_per_key=4, softmax_phase=0), 1, 32),
+]
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("fields,BM,BN", STREAM_PAGED)
+@RUN
+@given(data=st.data())
+def test_paged_stream_plans_share_each_keys_page(fields, BM, BN, device, data) -> None:
+    """The stream strategy finds each key's V row through the table once per tile and shares
+    it (workgroup memory): pages smaller and larger than a tile, tables in any order, GQA rows
+    packed or not, split KV or not, lengths that end inside a page."""
+    from attnc.lowering import Family, Plan, Strategy
+    from attnc.runtime import api
+
+    B, Hkv, group = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(st.sampled_from([1, 3]))
+    S, P = data.draw(st.integers(1, 4)), data.draw(st.sampled_from([1, 5, 16, 128]))
+    NB = data.draw(st.integers(1, max(1, 200 // P)))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    q, kp, vp, table, k, v = paged_problem(rng, B, Hkv * group, Hkv, S, 16, P, NB, spare=2)
+    T = NB * P
+    lens = rng.integers(0, T + 1, B).astype(np.int32)
+    plan = Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=32, keys_per_step=4, query_dim=16,
+                value_columns=16, vector_width=4, **fields)
+    dims = dict(B=B, Hq=Hkv * group, Hkv=Hkv, S=S, T=T, D=16, Dv=16, NP=kp.shape[0], P=P, NB=NB)
+    op = api.prepare_dims(dims, paged=True, kv_lens=lens, causal=True, return_lse=True, device=device, plan=plan,
+                          tunables={"BM": BM, "BN": BN}, nsplit=data.draw(st.sampled_from([None, 1, 3])),
+                          inputs={"block_table": table})
+    assert op.plan.strategy is Strategy.STREAM
+    assert "vb_sh" in op.progs[0].wgsl  # (the gathered V row bases are shared)
+    o, lse = op(q, kp, vp)
+    ref_o, ref_lse = attention_ref(q, k, v, kv_lens=lens, causal=True, return_lse=True)
+    assert_close(o, ref_o, 1e-5, "o")
+    assert_close(lse, ref_lse, 1e-5, "lse")

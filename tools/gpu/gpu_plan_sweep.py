@@ -2,9 +2,12 @@
 decide a heuristic or a lowering change. Each variant is `FIELD=VALUE,...` over Plan fields,
 BM/BN (tile sizes) and NSPLIT; `-` is the heuristic plan itself; a `@STRATEGY:` prefix starts
 from the heuristic plan restricted to that strategy (ATTNC_STRATEGY), e.g. `@tiled:BM=32,TM=2`.
-Checks query head 0 of copy 0 against float64 numpy; SWEEP_WARM_MS (default 60) is the GPU
-warm-up before each round. Usage:
-python tools/gpu/gpu_plan_sweep.py DEVICE CASE[,CASE...] VARIANT [VARIANT...] [--json FILE]"""
+`KV=q8_0` (q4_0, int8) reads K and V quantized to that format (attnc.quant), e.g.
+`KV=q4_0,KL=4`; `KV=q4_0` alone is the heuristic plan over that cache.
+Checks query head 0 of copy 0 against float64 numpy (over the dequantized K/V for a KV
+format); SWEEP_WARM_MS (default 60) is the GPU warm-up before each round; `--dtype f16` runs
+f16 q, k, v (default f32). Usage:
+python tools/gpu/gpu_plan_sweep.py DEVICE CASE[,CASE...] VARIANT [VARIANT...] [--dtype f16] [--json FILE]"""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 from attnc.bench.cases import load_suites, make_inputs
 from attnc.lowering import schedule  # noqa: E402
 from attnc.lowering.plan import from_compact  # noqa: E402
+from attnc.quant import dequantize, quantize
 from attnc.runtime import api
 from attnc.runtime.devices import get_device
 from attnc.runtime.dispatch import warm_up
@@ -69,6 +73,28 @@ def parse(spec: str) -> dict[str, int]:
     return {} if spec == "-" else {k: int(x) for k, x in (kv.split("=") for kv in spec.split(","))}
 
 
+def take_kv(spec: str) -> tuple[str, str | None]:
+    """(the spec without its `KV=FORMAT` item, the format or None); a `@STRATEGY:` prefix stays."""
+    prefix = ""
+    if spec.startswith("@"):
+        head, _, spec = spec.partition(":")
+        prefix = head + ":"
+    items = [] if spec in ("-", "") else spec.split(",")
+    fmts = [x.split("=", 1)[1] for x in items if x.startswith("KV=")]
+    rest = ",".join(x for x in items if not x.startswith("KV="))
+    return prefix + (rest or ("" if prefix else "-")), (fmts[0] if fmts else None)
+
+
+def take_dtype(argv: list[str]) -> np.dtype:
+    """Remove `--dtype f16|f32` from argv; the numpy dtype (float32 without it)."""
+    if "--dtype" not in argv:
+        return np.dtype(np.float32)
+    i = argv.index("--dtype")
+    name = argv[i + 1]
+    del argv[i:i + 2]
+    return np.dtype({"f16": np.float16, "f32": np.float32}[name])
+
+
 def strategy_base(dev, case, dims, spec: str, base, tun0) -> tuple:
     """(spec without its `@STRATEGY:` prefix, base plan, tunables) for a variant."""
     if not spec.startswith("@"):
@@ -76,44 +102,53 @@ def strategy_base(dev, case, dims, spec: str, base, tun0) -> tuple:
     strat, _, rest = spec[1:].partition(":")
     old = os.environ.get("ATTNC_STRATEGY")
     os.environ["ATTNC_STRATEGY"] = strat
+    storage = base.storage
     try:
-        base, tun0 = schedule.plan_for(dev.capabilities, schedule.pick_family(dev.capabilities, None), dims,
+        new, tun0 = schedule.plan_for(dev.capabilities, schedule.pick_family(dev.capabilities, None), dims,
                                        causal=case.causal)
     finally:
         if old is None:
             del os.environ["ATTNC_STRATEGY"]
         else:
             os.environ["ATTNC_STRATEGY"] = old
-    return rest or "-", base, tun0
+    return rest or "-", dataclasses.replace(new, storage=storage), tun0
 
 
 def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
     """One variant of the heuristic plan, bound to every input copy and run once:
     (op, handles, head-0 relerr). Raises what prepare or the run raises."""
+    spec, fmt = take_kv(spec)
     spec, base, tun0 = strategy_base(dev, case, dims, spec, base, tun0)
     kw = parse(spec)
     tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
     ns = kw.pop("NSPLIT", None)
-    op = api.prepare(dims, np.float32, causal=case.causal, device=dev,
+    dtype = copies[0][0].dtype
+    if fmt is not None:
+        copies = [(q, quantize(k, fmt), quantize(v, fmt)) for q, k, v in copies]
+    op = api.prepare(dims, dtype, causal=case.causal, device=dev, k_format=fmt, v_format=fmt,
                      plan=dataclasses.replace(base, **from_compact(kw)), tunables=tun, nsplit=ns)
     handles = [op.bind_copy(*c) for c in copies]
     op.run(binding=handles[0])
     q, k, v = copies[0]
+    if fmt is not None:
+        k, v = dequantize(k), dequantize(v)
     return op, handles, head0_relerr(case, q, k, v, op.result()[0])
 
 
 def main() -> None:
     argv = sys.argv[1:]
     out = take_json(argv)
+    dtype = take_dtype(argv)
     dev = get_device(argv[0])
     cases = {c.name: c for suite in load_suites().values() for c in suite}  # every suite of shapes.json
     for name in argv[1].split(","):
         case = cases[name]
-        copies = [make_inputs(case, seed=i) for i in range(3 if case.flops() > 1e10 else 8)]
+        copies = [tuple(x.astype(dtype) for x in make_inputs(case, seed=i))
+                  for i in range(3 if case.flops() > 1e10 else 8)]
         q, k, v = copies[0]
         dims = api.validate(q, k, v)
         fam = schedule.pick_family(dev.capabilities, None)
-        base, tun0 = schedule.plan_for(dev.capabilities, fam, dims, causal=case.causal)
+        base, tun0 = schedule.plan_for(dev.capabilities, fam, dims, causal=case.causal, f16=dtype == np.float16)
         ops = []
         for spec in argv[2:]:
             try:
@@ -124,7 +159,8 @@ def main() -> None:
         time_rounds(dev, [(op, h, times) for _s, op, h, _e, times in ops], warm_ms)
         for spec, op, _h, err, times in ops:
             ms = statistics.median(times[PER_ROUND:])
-            row = {"case": name, "device": argv[0], "spec": spec, "variant": op.variant, "ms": round(ms, 5),
+            row = {"case": name, "device": argv[0], "dtype": dtype.name, "spec": spec, "variant": op.variant,
+                   "ms": round(ms, 5),
                    "tflops": round(case.flops() / ms / 1e9, 2), "relerr": err, "ms_min": round(min(times), 5),
                    "sgmin": op.plan.min_subgroup}
             emit(row, out)
