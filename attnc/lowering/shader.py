@@ -22,6 +22,11 @@ def _helpers(name: str = "helpers.wgsl") -> str:
     return (importlib.resources.files("attnc.lowering") / "wgsl_lib" / name).read_text()
 
 
+# Words per block of 32 values (8 vec4s): an f16 scale word, then the values (q8_0: 8 words of
+# four int8; q4_0: 4 words of eight nibbles). int8 has one f32 scale per row instead.
+QUANT_BLOCK_WORDS = {ir.DType.Q8_0: 9, ir.DType.Q4_0: 5}
+
+
 class Shader:
     """State shared by the two programs: bindings, the uniform struct, leaf rendering."""
 
@@ -214,50 +219,74 @@ class Shader:
                 w.line(f"return f32(t_{name}[i >> 2u][i & 3u]);")
 
     def _quant_loaders(self, w: Writer, name: str) -> None:
-        """ld4_/ld_ for a quantized tensor: four (one) dequantized f32 values at an element address
-        of the dense logical tensor (the word layouts are in attnc/quant.py and docs/MANIFEST.md)."""
+        """WGSL for a quantized tensor (word layouts in attnc/quant.py and docs/MANIFEST.md):
+        qs_ (the scale at a block's or an int8 row's first word), qr4_ (vec4 c of that block
+        or row, unscaled), ldr4_ (vec4 c of a row given the row's first word), ld4_/ld_ (four or
+        one dequantized values at an element address of the dense logical tensor)."""
         fmt = self.quant[name]
+        t = f"t_{name}"
         sext = "vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(x) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u))"
-        with w.block(f"fn ld4_{name}(i4: u32) -> vec4<f32>"):
-            if fmt is ir.DType.Q8_0:  # 9 words a block of 8 vec4s: f16 d, then 32 int8
-                w.line("let w = (i4 >> 3u) * 9u;")
-                w.line(f"let d = unpack2x16float(t_{name}[w]).x;")
-                w.line(f"let x = t_{name}[w + 1u + (i4 & 7u)];")
-                w.line(f"return d * {sext};")
-            elif fmt is ir.DType.Q4_0:  # 5 words a block: f16 d, then 16 bytes of two nibbles
-                w.line("let w = (i4 >> 3u) * 5u;")
-                w.line("let c = i4 & 7u;")
-                w.line(f"let d = unpack2x16float(t_{name}[w]).x;")
-                w.line(f"let x = t_{name}[w + 1u + (c & 3u)] >> ((c >> 2u) * 4u);")
+        with w.block(f"fn qs_{name}(w: u32) -> f32"):
+            if fmt is ir.DType.INT8:
+                w.line(f"return bitcast<f32>({t}[w]);")
+            else:  # f16 d in the low half of the block's first word
+                w.line(f"return unpack2x16float({t}[w]).x;")
+        with w.block(f"fn qr4_{name}(w: u32, c: u32) -> vec4<f32>"):
+            if fmt is ir.DType.Q4_0:  # 16 bytes of two nibbles: vec4 c < 4 low nibbles, c >= 4 high
+                w.line(f"let x = {t}[w + 1u + (c & 3u)] >> ((c >> 2u) * 4u);")
                 w.line("let q = (vec4<u32>(x) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u);")
-                w.line("return d * (vec4<f32>(q) - vec4<f32>(8.0));")
-            else:  # int8: a row of D/4 + 1 words: f32 s, then D int8
+                w.line("return vec4<f32>(q) - vec4<f32>(8.0);")
+            else:  # q8_0 (c < 8 in a block) and int8 (any c of the row): 4 int8 a word
+                w.line(f"let x = {t}[w + 1u + c];")
+                w.line(f"return {sext};")
+        words = QUANT_BLOCK_WORDS.get(fmt)
+        with w.block(f"fn ldr4_{name}(rw: u32, c: u32) -> vec4<f32>"):
+            if words is None:
+                w.line(f"return qs_{name}(rw) * qr4_{name}(rw, c);")
+            else:
+                w.line(f"let w = rw + (c >> 3u) * {words}u;")
+                w.line(f"return qs_{name}(w) * qr4_{name}(w, c & 7u);")
+        with w.block(f"fn ld4_{name}(i4: u32) -> vec4<f32>"):
+            if words is None:  # a row of D/4 + 1 words: f32 s, then D int8
                 last = self.spec.kernel.param(name).type.dims[-1]
                 w.line(f"let n4 = P.d_{last} >> 2u;")
                 w.line("let r = i4 / n4;")
-                w.line("let w = r * (n4 + 1u);")
-                w.line(f"let s = bitcast<f32>(t_{name}[w]);")
-                w.line(f"let x = t_{name}[w + 1u + (i4 - r * n4)];")
-                w.line(f"return s * {sext};")
+                w.line(f"return ldr4_{name}(r * (n4 + 1u), i4 - r * n4);")
+            else:  # blocks of 8 vec4s
+                w.line(f"let w = (i4 >> 3u) * {words}u;")
+                w.line(f"return qs_{name}(w) * qr4_{name}(w, i4 & 7u);")
         sext1 = "f32((bitcast<i32>(x) << (24u - 8u * (j & 3u))) >> 24u)"
         with w.block(f"fn ld_{name}(i: u32) -> f32"):  # one value (scalar loads, VEC=1)
             if fmt is ir.DType.Q8_0:
                 w.line("let w = (i >> 5u) * 9u;")
                 w.line("let j = i & 31u;")
-                w.line(f"let x = t_{name}[w + 1u + (j >> 2u)];")
-                w.line(f"return unpack2x16float(t_{name}[w]).x * {sext1};")
+                w.line(f"let x = {t}[w + 1u + (j >> 2u)];")
+                w.line(f"return unpack2x16float({t}[w]).x * {sext1};")
             elif fmt is ir.DType.Q4_0:
                 w.line("let w = (i >> 5u) * 5u;")
                 w.line("let j = i & 31u;")
-                w.line(f"let q = (t_{name}[w + 1u + ((j & 15u) >> 2u)] >> (8u * (j & 3u) + 4u * (j >> 4u))) & 15u;")
-                w.line(f"return unpack2x16float(t_{name}[w]).x * (f32(q) - 8.0);")
+                w.line(f"let q = ({t}[w + 1u + ((j & 15u) >> 2u)] >> (8u * (j & 3u) + 4u * (j >> 4u))) & 15u;")
+                w.line(f"return unpack2x16float({t}[w]).x * (f32(q) - 8.0);")
             else:
                 last = self.spec.kernel.param(name).type.dims[-1]
                 w.line(f"let r = i / P.d_{last};")
                 w.line(f"let j = i - r * P.d_{last};")
                 w.line(f"let w = r * ((P.d_{last} >> 2u) + 1u);")
-                w.line(f"let x = t_{name}[w + 1u + (j >> 2u)];")
-                w.line(f"return bitcast<f32>(t_{name}[w]) * {sext1};")
+                w.line(f"let x = {t}[w + 1u + (j >> 2u)];")
+                w.line(f"return bitcast<f32>({t}[w]) * {sext1};")
+
+    def quant_row_words(self, name: str, first4: str) -> str:
+        """The first word of a quantized tensor's row, from the vec4 index `first4` of the row's
+        first element in the dense logical tensor (rows start on a block: D % 32 == 0)."""
+        words = QUANT_BLOCK_WORDS.get(self.quant[name])
+        if words is None:  # int8: D/4 + 1 words a row
+            last = self.spec.kernel.param(name).type.dims[-1]
+            return f"(({first4}) / (P.d_{last} >> 2u)) * ((P.d_{last} >> 2u) + 1u)"
+        return f"(({first4}) >> 3u) * {words}u"
+
+    def quant_block_words(self, name: str) -> int | None:
+        """Words per block of 8 vec4s with their own scale (q8_0, q4_0), None for a scale per row."""
+        return QUANT_BLOCK_WORDS.get(self.quant[name])
 
     def privates(self, w: Writer) -> None:
         s = self.spec

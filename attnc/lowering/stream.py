@@ -50,7 +50,8 @@ def emit_stream(sh: Shader) -> Program:
     if lay.SMX:
         w.line(f"var<workgroup> p_sh: array<f32, {BN * BM}>;  // probabilities [key][row]")
         w.line(f"var<workgroup> al_sh: array<f32, {KG * BM}>;  // rescale factor [key group][row]")
-    gathered = s.gathers(s.value)  # V's row read through a table (paged): shared per key
+    # V's row read through a table (paged) or quantized (its first word computed): shared per key
+    gathered = s.gathers(s.value) or s.value.tensor in sh.quant
     if gathered:
         w.line(f"var<workgroup> vb_sh: array<u32, {BN}>;  // each key's V row base, found once per tile")
     w.line("var<workgroup> wg_lo: i32;")
@@ -132,31 +133,79 @@ def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout, gathered: bool) -> None
         w.line("let kb = k_base(min(k0 + i32(jl), n_keys - 1)) >> 2u;  // past the end: masked below")
         if gathered:
             with w.block("if (part == 0u)"):
-                w.line("vb_sh[jl] = v_base(min(k0 + i32(jl), n_keys - 1));")
-        for i in range(n):  # every load issued before any is used
-            w.line(f"let c{i} = part + {lay.KL * i}u;")
-            w.line(f"let k{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
-                   f"c{i} < n_dot4);")
+                w.line(f"vb_sh[jl] = {_v_row_base(sh, 'min(k0 + i32(jl), n_keys - 1)')};")
+        groups = _scale_groups(sh, kt, lay)
+        if groups is None:
+            for i in range(n):  # every load issued before any is used
+                w.line(f"let c{i} = part + {lay.KL * i}u;")
+                w.line(f"let k{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
+                       f"c{i} < n_dot4);")
+            for r in range(lay.BM):
+                terms = " + ".join(f"dot(q_sh[{r * lay.D4}u + c{i}], k{i})" for i in range(n))
+                w.line(f"sp[e * {lay.BM}u + {r}u] = {terms};")
+            return
+        # quantized K: each scale read once and applied once to its group's partial dot
+        w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
+        words = sh.quant_block_words(kt)
+        for g, members in enumerate(groups):
+            if words is None:  # int8: one scale for the row
+                w.line(f"let kw{g} = kw;")
+            else:  # the group's block (clamped: past the head dim the values are discarded)
+                w.line(f"let kw{g} = kw + min({g}u, (n_dot4 >> 3u) - 1u) * {words}u;")
+            w.line(f"let d{g} = qs_{kt}(kw{g});")
+            for i in members:
+                c = f"min(c{i}, n_dot4 - 1u)" + (" & 7u" if words is not None else "")
+                w.line(f"let c{i} = part + {lay.KL * i}u;")
+                w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, {c}), c{i} < n_dot4);")
         for r in range(lay.BM):
-            terms = " + ".join(f"dot(q_sh[{r * lay.D4}u + c{i}], k{i})" for i in range(n))
+            terms = " + ".join(
+                f"d{g} * (" + " + ".join(f"dot(q_sh[{r * lay.D4}u + c{i}], k{i})" for i in members) + ")"
+                for g, members in enumerate(groups))
             w.line(f"sp[e * {lay.BM}u + {r}u] = {terms};")
 
 
-def _v_row(u: int, key: str, gathered: bool) -> str:
-    """The V row base of the P.V phase's u-th key (`key`: its absolute index)."""
-    return f"vb_sh[jl{u}]" if gathered else f"v_base(min({key}, n_keys - 1))"
+def _scale_groups(sh: Shader, kt: str, lay: StreamLayout) -> list[list[int]] | None:
+    """For a quantized K, the lane's vec4 loads (i: vec4 part + KL * i of the row) grouped by
+    the scale they share: one group per block of 8 vec4s (q8_0, q4_0; KL must divide 8 so
+    that a block's vec4s are the same i for every part), or one for the row (int8). None
+    for other K (and for KL that does not divide 8)."""
+    if kt not in sh.quant:
+        return None
+    n = lay.D4 // lay.KL
+    if sh.quant_block_words(kt) is None:
+        return [list(range(n))]
+    if 8 % lay.KL:
+        return None
+    per = 8 // lay.KL
+    return [list(range(g, min(g + per, n))) for g in range(0, n, per)]
+
+
+def _v_row_base(sh: Shader, key: str) -> str:
+    """What the P.V phase needs of a key's V row, found once per tile: the first word of the
+    row for a quantized V, else the element offset (v_base)."""
+    vt = sh.spec.value.tensor
+    if vt in sh.quant:
+        return sh.quant_row_words(vt, f"v_base({key}) >> 2u")
+    return f"v_base({key})"
+
+
+def _v_read(sh: Shader, u: int, key: str, gathered: bool) -> str:
+    """The P.V phase's vec4 of V for its u-th key (`key`: its absolute index) at col_in."""
+    vt = sh.spec.value.tensor
+    if vt in sh.quant:
+        return f"ldr4_{vt}(vb_sh[jl{u}], col_in >> 2u)"
+    row = f"vb_sh[jl{u}]" if gathered else f"v_base(min({key}, n_keys - 1))"
+    return sh.read4(vt, f"({row} + col_in) >> 2u")
 
 
 def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout, gathered: bool) -> None:
     """Scores, the invocation's own online softmax and o += p.v over its keys of the tile."""
-    vt = sh.spec.value.tensor
     KC, KL, BM = lay.KC, lay.KL, lay.BM
     with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
         for u in range(KC):
             w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
             w.line(f"let kj{u} = k0 + i32(jl{u});")
-            row = _v_row(u, f"kj{u}", gathered)
-            w.line(f"let v{u} = {sh.read4(vt, f'({row} + col_in) >> 2u')};")
+            w.line(f"let v{u} = {_v_read(sh, u, f'kj{u}', gathered)};")
         for r in range(BM):
             with w.block(""):
                 w.line(f"let qi = q0 + {r};")
@@ -225,15 +274,13 @@ def _softmax_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
 
 def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout, gathered: bool) -> None:
     """SMX: o = o * al + p.v over the invocation's keys, p and al from workgroup memory."""
-    vt = sh.spec.value.tensor
     KC, BM = lay.KC, lay.BM
     for r in range(BM):
         w.line(f"o{r} = o{r} * al_sh[kg * {BM}u + {r}u];")
     with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
         for u in range(KC):
             w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
-            row = _v_row(u, f"k0 + i32(jl{u})", gathered)
-            w.line(f"let v{u} = {sh.read4(vt, f'({row} + col_in) >> 2u')};")
+            w.line(f"let v{u} = {_v_read(sh, u, f'k0 + i32(jl{u})', gathered)};")
         for u in range(KC):
             for r in range(BM):
                 # a key with p = 0 adds nothing, even an inf/NaN value

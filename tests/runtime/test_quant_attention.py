@@ -165,3 +165,55 @@ def test_lowering_refuses_a_non_quantized_format() -> None:
 
     with pytest.raises(LoweringError, match="'f16' is not a quantized format"):
         with_kv_formats(flash_attention.trace(), "f16", None)
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@RUN
+@given(data=st.data())
+def test_stream_plans_over_quantized_caches(spec, data, require_adapters) -> None:
+    """The stream strategy reads a quantized K block by block (each scale once per lane, applied
+    to its block's partial dot; int8: once per row) and a quantized V through each key's first
+    word, found once per tile: lanes per key 1 to 16 (16 does not divide a block: plain loads),
+    with and without the softmax phase, head dims 32 to 128 (96: three blocks), GQA, splits,
+    options, K and V in different formats."""
+    dev = require_adapters(spec)[0]
+    KL, smx = data.draw(st.sampled_from([1, 2, 4, 8, 16])), data.draw(st.integers(0, 1))
+    BM, BN = data.draw(st.sampled_from([(1, 32), (4, 32), (8, 64)]))
+    kf, vf = data.draw(st.sampled_from(quant.FORMATS)), data.draw(FORMATS)
+    D, Dv = data.draw(st.sampled_from([32, 64, 96, 128])), data.draw(st.sampled_from([32, 96]))
+    group, hkv = data.draw(st.sampled_from([1, 3])), data.draw(st.integers(1, 2))
+    dims = dict(B=data.draw(st.integers(1, 2)), Hq=group * hkv, Hkv=hkv, S=data.draw(st.integers(1, 4)),
+                T=data.draw(st.integers(1, 150)), D=D, Dv=Dv)
+    dq = -(-D // (4 * KL)) * 4 * KL
+    plan = Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=64, lanes_per_key=KL, keys_per_step=4,
+                softmax_phase=smx, query_dim=dq, value_columns=128 if Dv > 64 else Dv, vector_width=4)
+    op = check_forced_plan(dev, dims, plan, {"BM": BM, "BN": BN}, data.draw(st.sampled_from([None, 1, 3])),
+                           data.draw(OPTION_SETS), data.draw(st.integers(0, 2**16)), kv_formats=(kf, vf))
+    main = next(p for p in op.progs if p.name == "main")
+    assert ("qs_k(kw" in main.wgsl) == (KL < 16 or kf == "int8")  # the scale read once per block or row
+    assert ("vb_sh" in main.wgsl) == (vf is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_paged_quantized_caches(fmt, require_adapters) -> None:
+    """Pages of a quantized pool read through a block table (decode rows, a split KV), every
+    strategy the heuristics take here, against the reference on the dequantized keys."""
+    from tests.runtime.test_paged import paged_problem
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    rng = np.random.default_rng(5)
+    for S, group in ((1, 1), (1, 4), (3, 2), (20, 1)):
+        q, kp, vp, table, _, _ = paged_problem(rng, 2, 2 * group, 2, S, 64, 16, 6, spare=3)
+        qk, qv = quant.quantize(kp, fmt), quant.quantize(vp, fmt)
+        dk, dv = quant.dequantize(qk), quant.dequantize(qv)
+        k = dk[table].transpose(0, 2, 1, 3, 4).reshape(2, 2, 96, 64)
+        v = dv[table].transpose(0, 2, 1, 3, 4).reshape(2, 2, 96, 64)
+        lens = np.array([96, 41], np.int32)
+        dims = dict(B=2, Hq=2 * group, Hkv=2, S=S, T=96, D=64, Dv=64, NP=kp.shape[0], P=16, NB=6)
+        op = api.prepare_dims(dims, paged=True, kv_lens=lens, causal=True, device=dev, k_format=fmt, v_format=fmt,
+                              inputs={"block_table": table})
+        assert_close(op(q, qk, qv), attention_ref(q, k, v, kv_lens=lens, causal=True), 1e-5,
+                     f"S={S} group={group} {op.variant}")
