@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from attnc.quant import QuantTensor
 from attnc.runtime.api import (
     _input_key,
     _tensors_device,
     as_input,
+    kv_formats,
     prepare_dims,
     rows_packable,
     scalar_options,
@@ -31,7 +33,7 @@ from attnc.runtime.api import (
 from attnc.runtime.build import mods_scan
 from attnc.runtime.lru import LRU
 from attnc.runtime.prepared import Prepared
-from attnc.runtime.tensor import Tensor, host_array
+from attnc.runtime.tensor import QuantGPUTensor, Tensor, host_array
 
 MAX_CACHED_OPS = 16
 _OPS: LRU[Hashable, Prepared] = LRU(MAX_CACHED_OPS)
@@ -43,10 +45,14 @@ def validate_paged(q: Any, k_pages: Any, v_pages: Any, block_table: Any) -> dict
     for n, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
         if len(x.shape) != 4:
             raise ValueError(f"{n}: expected 4 dims, got {len(x.shape)} (shape {tuple(x.shape)})")
+        if n != "q" and isinstance(x, (QuantTensor, QuantGPUTensor)):
+            continue  # a quantized pool: its format says how the kernel reads it
         if x.dtype not in (np.float32, np.float16):
             raise ValueError(f"{n}: dtype must be float32 or float16, got {x.dtype}")
-    if not q.dtype == k_pages.dtype == v_pages.dtype:
-        raise ValueError(f"q, k_pages, v_pages must share a dtype, got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+    floats = [x for x in (k_pages, v_pages) if not isinstance(x, (QuantTensor, QuantGPUTensor))]
+    if any(x.dtype != q.dtype for x in floats):
+        raise ValueError("q, k_pages, v_pages must share a dtype (or the pools be quantized), got "
+                         + ", ".join(getattr(x, "fmt", None) or str(x.dtype) for x in (q, k_pages, v_pages)))
     B, Hq, S, D = q.shape
     NP, Hkv, P, Dk = k_pages.shape
     if Dk != D:
@@ -118,6 +124,7 @@ def paged_attention(q: Any, k_pages: Any, v_pages: Any, block_table: Any, *, kv_
     named = dict(inputs or {})
     if "block_table" in named:
         raise ValueError("inputs: 'block_table' is paged_attention's own argument")
+    formats = kv_formats(kp, vp)
     vec = vector_readable(q, kp, vp)
     packable = rows_packable(dims, out, out_lse)
     scan = mods_scan(score_mod, mask_mod)
@@ -125,13 +132,13 @@ def paged_attention(q: Any, k_pages: Any, v_pages: Any, block_table: Any, *, kv_
     key = None if scan is not None and scan.key is None else \
         (id(dev), tuple(sorted(dims.items())), str(q.dtype), vec, packable, bool(causal), scale,
          None if window is None else tuple(window), tuple(sorted(scalars.items())), tuple(sorted(options)),
-         bool(return_lse), target, None if scan is None else scan.key, shapes)
+         bool(return_lse), target, tuple(sorted(formats.items())), None if scan is None else scan.key, shapes)
 
     def make() -> Prepared:
         op = prepare_dims(dims, q.dtype, causal=causal, scale=scale, window=window, softcap=softcap, device=dev,
                           target=target, return_lse=return_lse, score_mod=score_mod, mask_mod=mask_mod,
                           vector_loads=vec, pack_gqa=None if packable else False, paged=True,
-                          inputs={**named, "block_table": table}, **options)
+                          inputs={**named, "block_table": table}, **options, **formats)
         op.defaults.clear()  # every call passes its own tensors: keep no data
         return op
 

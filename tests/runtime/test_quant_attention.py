@@ -199,21 +199,26 @@ def test_stream_plans_over_quantized_caches(spec, data, require_adapters) -> Non
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_paged_quantized_caches(fmt, require_adapters) -> None:
-    """Pages of a quantized pool read through a block table (decode rows, a split KV), every
-    strategy the heuristics take here, against the reference on the dequantized keys."""
+    """attnc.paged_attention over pools of a quantized format, host QuantTensors and GPU ones
+    (decode rows, GQA, a split KV, prefill rows), against the reference on the dequantized
+    keys; K and V of different formats; a float pool of another dtype than q is named."""
+    import attnc
     from tests.runtime.test_paged import paged_problem
 
     (dev,) = require_adapters("wgpu:vulkan")
     rng = np.random.default_rng(5)
-    for S, group in ((1, 1), (1, 4), (3, 2), (20, 1)):
+    other = quant.FORMATS[(quant.FORMATS.index(fmt) + 1) % len(quant.FORMATS)]
+    for S, group, gpu in ((1, 1, False), (1, 4, True), (3, 2, False), (20, 1, True)):
         q, kp, vp, table, _, _ = paged_problem(rng, 2, 2 * group, 2, S, 64, 16, 6, spare=3)
-        qk, qv = quant.quantize(kp, fmt), quant.quantize(vp, fmt)
+        qk, qv = quant.quantize(kp, fmt), quant.quantize(vp, other)
         dk, dv = quant.dequantize(qk), quant.dequantize(qv)
         k = dk[table].transpose(0, 2, 1, 3, 4).reshape(2, 2, 96, 64)
         v = dv[table].transpose(0, 2, 1, 3, 4).reshape(2, 2, 96, 64)
         lens = np.array([96, 41], np.int32)
-        dims = dict(B=2, Hq=2 * group, Hkv=2, S=S, T=96, D=64, Dv=64, NP=kp.shape[0], P=16, NB=6)
-        op = api.prepare_dims(dims, paged=True, kv_lens=lens, causal=True, device=dev, k_format=fmt, v_format=fmt,
-                              inputs={"block_table": table})
-        assert_close(op(q, qk, qv), attention_ref(q, k, v, kv_lens=lens, causal=True), 1e-5,
-                     f"S={S} group={group} {op.variant}")
+        pools = (attnc.tensor(qk, device=dev), attnc.tensor(qv, device=dev)) if gpu else (qk, qv)
+        o = attnc.paged_attention(q, *pools, table, kv_lens=lens, causal=True, device=dev)
+        o = o.numpy() if isinstance(o, attnc.Tensor) else o
+        assert_close(o, attention_ref(q, k, v, kv_lens=lens, causal=True), 1e-5, f"S={S} group={group} gpu={gpu}")
+    with pytest.raises(ValueError, match=r"q, k_pages, v_pages must share a dtype \(or the pools be quantized\), "
+                                         rf"got float16, {fmt}, float32"):
+        attnc.paged_attention(q.astype(np.float16), qk, vp, table, device=dev)
