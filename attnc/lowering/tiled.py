@@ -79,13 +79,23 @@ def _element(w: Writer, sh: Shader, cp: _Copy, e: str | None, n: int, body: Call
         body()
 
 
-def _fetch(w: Writer, sh: Shader, cp: _Copy, reg: str) -> None:
-    """reg = the element at (r, c) from storage, zero outside the slice."""
-    w.line(f"{reg} = {_reg_type(sh, cp)}();")
+def _packed_regs(sh: Shader, cp: _Copy) -> bool:
+    """Whether the block's prefetch registers hold its packed f16 words (vec2<u32>), unpacked
+    only when stored to workgroup memory: unpacking at the load would wait for it there, where
+    the prefetch is meant to leave it in flight behind the tile's math."""
+    return cp.sl.tensor in sh.packed and _vec(sh, cp) == 4
+
+
+def _fetch(w: Writer, sh: Shader, cp: _Copy, reg: str, packed: bool = False) -> None:
+    """reg = the element at (r, c) from storage, zero outside the slice (with `packed`, the
+    raw words of four f16 elements)."""
+    w.line(f"{reg} = {'vec2<u32>' if packed else _reg_type(sh, cp)}();")
     w.line(f"let {cp.idx} = {cp.first} + i32(r);")
     w.line(f"let col = {cp.col0} + c;")
     with w.block(f"if ({cp.idx} < {cp.limit} && col < {cp.col_limit})"):
-        if _vec(sh, cp) == 4:  # the head-dim axis has unit stride and every other stride is a multiple of 4
+        if packed:
+            w.line(f"{reg} = t_{cp.sl.tensor}[({cp.base}({cp.idx}) + col) >> 2u];")
+        elif _vec(sh, cp) == 4:  # the head-dim axis has unit stride and every other stride is a multiple of 4
             w.line(f"{reg} = {sh.read4_tile(cp.sl.tensor, f'({cp.base}({cp.idx}) + col) >> 2u')};")
         else:
             ref = f"{cp.base}({cp.idx}) + col * P.s_{cp.sl.tensor}_{cp.sl.axis}"
@@ -132,17 +142,28 @@ def _stage(w: Writer, sh: Shader, cp: _Copy) -> None:
 
 def _prefetch_regs(w: Writer, sh: Shader, cp: _Copy, name: str) -> None:
     """Declare the registers a prefetched block passes through (one per copy)."""
+    reg = "vec2<u32>" if _packed_regs(sh, cp) else _reg_type(sh, cp)
     for i in range(_count(sh, cp)[1]):
-        w.line(f"var {name}{i}: {_reg_type(sh, cp)};")
+        w.line(f"var {name}{i}: {reg};")
 
 
 def _prefetch(w: Writer, sh: Shader, cp: _Copy, name: str, put: bool) -> None:
     """Load a block into its registers (put=False), or store them into workgroup memory."""
     n, per = _count(sh, cp)
+    packed = _packed_regs(sh, cp)
+
+    def one(reg: str) -> None:
+        if not put:
+            _fetch(w, sh, cp, reg, packed)
+        elif packed:
+            w.line(f"let x = vec4<f32>(unpack2x16float({reg}.x), unpack2x16float({reg}.y));")
+            _put(w, sh, cp, "x")
+        else:
+            _put(w, sh, cp, reg)
+
     for i in range(per):
         with w.block(""):
-            _element(w, sh, cp, f"lid + {i * sh.lay.WG}u", n,
-                     lambda i=i: (_put if put else _fetch)(w, sh, cp, f"{name}{i}"))
+            _element(w, sh, cp, f"lid + {i * sh.lay.WG}u", n, lambda i=i: one(f"{name}{i}"))
 
 
 def _loads(w: Writer, name: str, arr: str, base: str, n: int, first: int = 0) -> None:

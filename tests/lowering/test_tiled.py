@@ -150,6 +150,23 @@ def test_unrolled_prefetched_kernel_gives_the_same_bits(spec, variant, require_a
     assert_close(o[..., keep], ref[..., keep], 1e-5, "o")
 
 
+def test_f16_prefetch_registers_hold_packed_words() -> None:
+    """Under f16 storage (packed words, f32 math) the prefetch registers keep the loaded words
+    and unpack them where they are stored to workgroup memory, so the loads stay in flight
+    behind the tile's math; f32 plans keep vec4<f32> registers."""
+    from attnc.lowering import lower
+    from attnc.runtime.build import Options, build_kernel
+
+    for f16 in (False, True):
+        kern = build_kernel(Options(f16=f16), {"BM": 32, "BN": 32})
+        plan = Plan(Family.PORTABLE, Storage.F16 if f16 else Storage.F32, workgroup_size=64, rows_per_invocation=2,
+                    head_chunk=8, value_columns=32, value_stage_columns=16, vector_width=4, unroll=2, prefetch=1)
+        main = lower(kern, plan)[0].wgsl
+        regs = [line.split(":")[1].strip() for line in main.splitlines() if line.strip().startswith("var pk")]
+        assert regs and set(regs) == {"vec2<u32>;" if f16 else "vec4<f32>;"}
+        assert ("unpack2x16float(pk0.x)" in main) == f16
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
 @pytest.mark.parametrize("target", ["portable", "portable-f16"])

@@ -3,7 +3,9 @@ decide a heuristic or a lowering change. Each variant is `FIELD=VALUE,...` over 
 BM/BN (tile sizes) and NSPLIT; `-` is the heuristic plan itself; a `@STRATEGY:` prefix starts
 from the heuristic plan restricted to that strategy (ATTNC_STRATEGY), e.g. `@tiled:BM=32,TM=2`.
 `KV=q8_0` (q4_0, int8) reads K and V quantized to that format (attnc.quant), e.g.
-`KV=q4_0,KL=4`; `KV=q4_0` alone is the heuristic plan over that cache.
+`KV=q4_0,KL=4`; `KV=q4_0` alone is the heuristic plan over that cache. `DT=f32` (f16) runs
+that variant on inputs of that dtype, from that dtype's heuristic plan (two dtypes compared
+in one process).
 Checks query head 0 of copy 0 against float64 numpy (over the dequantized K/V for a KV
 format); SWEEP_WARM_MS (default 60) is the GPU warm-up before each round; `--dtype f16` runs
 f16 q, k, v (default f32). Usage:
@@ -73,6 +75,31 @@ def parse(spec: str) -> dict[str, int]:
     return {} if spec == "-" else {k: int(x) for k, x in (kv.split("=") for kv in spec.split(","))}
 
 
+def take_dt(spec: str) -> tuple[str, np.dtype | None]:
+    """(the spec without its `DT=f16|f32` item, that dtype or None); a `@STRATEGY:` prefix stays."""
+    prefix = ""
+    if spec.startswith("@"):
+        head, _, spec = spec.partition(":")
+        prefix = head + ":"
+    items = [] if spec in ("-", "") else spec.split(",")
+    dts = [x.split("=", 1)[1] for x in items if x.startswith("DT=")]
+    rest = ",".join(x for x in items if not x.startswith("DT="))
+    dt = np.dtype({"f16": np.float16, "f32": np.float32}[dts[0]]) if dts else None
+    return prefix + (rest or ("" if prefix else "-")), dt
+
+
+_CAST: dict[tuple[int, str], list] = {}
+
+
+def cast_copies(copies: list, dtype: np.dtype) -> list:
+    """The input copies as `dtype`, made once per copy list and dtype."""
+    key = (id(copies), dtype.name)
+    if key not in _CAST:
+        _CAST.clear()  # one case at a time
+        _CAST[key] = [tuple(x.astype(dtype) for x in c) for c in copies]
+    return _CAST[key]
+
+
 def take_kv(spec: str) -> tuple[str, str | None]:
     """(the spec without its `KV=FORMAT` item, the format or None); a `@STRATEGY:` prefix stays."""
     prefix = ""
@@ -138,6 +165,11 @@ def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
     """One variant of the heuristic plan, bound to every input copy and run once:
     (op, handles, head-0 relerr). Raises what prepare or the run raises."""
     spec, fmt = take_kv(spec)
+    spec, dt = take_dt(spec)
+    if dt is not None and dt != copies[0][0].dtype:  # the other dtype's heuristic plan and inputs
+        copies = cast_copies(copies, dt)
+        base, tun0 = schedule.plan_for(dev.capabilities, schedule.pick_family(dev.capabilities, None), dims,
+                                       causal=case.causal, f16=dt == np.float16)
     spec, base, tun0 = strategy_base(dev, case, dims, spec, base, tun0)
     kw = parse(spec)
     tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
@@ -179,7 +211,8 @@ def main() -> None:
         time_rounds(dev, [(op, h, times) for _s, op, h, _e, times in ops], warm_ms)
         for spec, op, _h, err, times in ops:
             ms = statistics.median(times[PER_ROUND:])
-            row = {"case": name, "device": argv[0], "dtype": dtype.name, "spec": spec, "variant": op.variant,
+            row = {"case": name, "device": argv[0], "dtype": (take_dt(spec)[1] or dtype).name, "spec": spec,
+                   "variant": op.variant,
                    "ms": round(ms, 5),
                    "tflops": round(case.flops() / ms / 1e9, 2), "relerr": err, "ms_min": round(min(times), 5),
                    "sgmin": op.plan.min_subgroup}
