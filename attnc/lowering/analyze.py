@@ -58,19 +58,23 @@ class FlashSpec:
                         todo.append(self.lets[x.name])
         return False
 
-    def gathers(self, sl: ir.Slice) -> bool:
-        """Whether a slice's index reads a tensor (lets followed): a gather such as a page
-        table's entry, a load per key that the strategies compute once and share."""
+    def contains(self, exprs: list[ir.Expr], node: type) -> bool:
+        """Whether any of `exprs` (lets followed, each once) has a sub-expression of type `node`."""
         seen: set[str] = set()
-        todo = [i for i in sl.index if i is not None]
+        todo = list(exprs)
         while todo:
             for x in ir.walk_expr(todo.pop()):
-                if isinstance(x, ir.Load):
+                if isinstance(x, node):
                     return True
                 if isinstance(x, ir.Var) and x.name in self.lets and x.name not in seen:
                     seen.add(x.name)
                     todo.append(self.lets[x.name])
         return False
+
+    def gathers(self, sl: ir.Slice) -> bool:
+        """Whether a slice's index reads a tensor (lets followed): a gather such as a page
+        table's entry, a load per key that the strategies compute once and share."""
+        return self.contains([i for i in sl.index if i is not None], ir.Load)
 
     def resolve(self, e: ir.Expr) -> ir.Expr:
         """Follow a chain of let references to the defining expression."""

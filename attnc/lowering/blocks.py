@@ -49,16 +49,7 @@ def _reads(spec: FlashSpec, e: ir.Expr) -> set[str]:
 
 def _has_dot(spec: FlashSpec, e: ir.Expr) -> bool:
     """Whether `e` (lets followed) reads the score's dot product."""
-    seen: set[str] = set()
-    todo = [e]
-    while todo:
-        for x in ir.walk_expr(todo.pop()):
-            if isinstance(x, ir.Dot):
-                return True
-            if isinstance(x, ir.Var) and x.name in spec.lets and x.name not in seen:
-                seen.add(x.name)
-                todo.append(spec.lets[x.name])
-    return False
+    return spec.contains([e], ir.Dot)
 
 
 def _conjuncts(spec: FlashSpec, mask: ir.Expr) -> list[ir.Expr]:

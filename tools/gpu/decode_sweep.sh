@@ -16,12 +16,7 @@ out=${1:?usage: bash tools/gpu/decode_sweep.sh OUTDIR}
 mkdir -p "$out"
 source tools/gpu/gpu_env.sh
 
-{
-  date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
-  python3 --version
-  git log -1 --format='%H %s' 2>/dev/null || true
-} > "$out/env.txt" 2>&1
+write_env_txt "$out/env.txt"
 
 cases=${KV_CASES:-kv_dec1_h128_t32768,kv_dec1_gqa8_t32768,kv_dec4_h128_t16384}
 variants=${KV_VARIANTS:-- KL=4 NSPLIT=128 KV=q8_0 KV=q8_0,KL=4 KV=q8_0,KL=8 KV=q4_0 KV=q4_0,KL=4 KV=q4_0,KL=8 KV=q4_0,NSPLIT=128 KV=int8 KV=int8,KL=4}

@@ -27,3 +27,13 @@ if [ -z "${ATTNC_GPU_ENV_DONE:-}" ]; then
 
   export ATTNC_GPU_ENV_DONE=1
 fi
+
+# write_env_txt FILE: the date, the GPU and its driver, Python and the checkout's commit.
+write_env_txt() {
+  {
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
+    python3 --version
+    git log -1 --format='%H %s' 2>/dev/null || true
+  } > "$1" 2>&1
+}

@@ -75,17 +75,22 @@ def parse(spec: str) -> dict[str, int]:
     return {} if spec == "-" else {k: int(x) for k, x in (kv.split("=") for kv in spec.split(","))}
 
 
-def take_dt(spec: str) -> tuple[str, np.dtype | None]:
-    """(the spec without its `DT=f16|f32` item, that dtype or None); a `@STRATEGY:` prefix stays."""
+def take_item(spec: str, key: str) -> tuple[str, str | None]:
+    """(the spec without its `KEY=VALUE` item, the value or None); a `@STRATEGY:` prefix stays."""
     prefix = ""
     if spec.startswith("@"):
         head, _, spec = spec.partition(":")
         prefix = head + ":"
     items = [] if spec in ("-", "") else spec.split(",")
-    dts = [x.split("=", 1)[1] for x in items if x.startswith("DT=")]
-    rest = ",".join(x for x in items if not x.startswith("DT="))
-    dt = np.dtype({"f16": np.float16, "f32": np.float32}[dts[0]]) if dts else None
-    return prefix + (rest or ("" if prefix else "-")), dt
+    values = [x.split("=", 1)[1] for x in items if x.startswith(key + "=")]
+    rest = ",".join(x for x in items if not x.startswith(key + "="))
+    return prefix + (rest or ("" if prefix else "-")), (values[0] if values else None)
+
+
+def take_dt(spec: str) -> tuple[str, np.dtype | None]:
+    """(the spec without its `DT=f16|f32` item, that dtype or None)."""
+    rest, dt = take_item(spec, "DT")
+    return rest, (None if dt is None else np.dtype({"f16": np.float16, "f32": np.float32}[dt]))
 
 
 _CAST: dict[tuple[int, str], list] = {}
@@ -101,15 +106,8 @@ def cast_copies(copies: list, dtype: np.dtype) -> list:
 
 
 def take_kv(spec: str) -> tuple[str, str | None]:
-    """(the spec without its `KV=FORMAT` item, the format or None); a `@STRATEGY:` prefix stays."""
-    prefix = ""
-    if spec.startswith("@"):
-        head, _, spec = spec.partition(":")
-        prefix = head + ":"
-    items = [] if spec in ("-", "") else spec.split(",")
-    fmts = [x.split("=", 1)[1] for x in items if x.startswith("KV=")]
-    rest = ",".join(x for x in items if not x.startswith("KV="))
-    return prefix + (rest or ("" if prefix else "-")), (fmts[0] if fmts else None)
+    """(the spec without its `KV=FORMAT` item, the format or None)."""
+    return take_item(spec, "KV")
 
 
 _QUANTIZED: dict[tuple[int, str], list] = {}

@@ -24,12 +24,7 @@ site=${SWEEP_SITE:-/tmp/site}
 
 source tools/gpu/gpu_env.sh
 
-{
-  date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
-  python3 --version
-  git log -1 --format='%H %s' 2>/dev/null || true
-} > "$out/env.txt" 2>&1
+write_env_txt "$out/env.txt"
 
 status=0
 for backend in ${SWEEP_BACKENDS:-wgpu dawn}; do
