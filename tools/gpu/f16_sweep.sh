@@ -6,7 +6,8 @@
 # sweeps named in EXTRA that exist (scripts in tools/gpu/ taking OUTDIR/<name> as their argument).
 # Usage (repo root):  bash tools/gpu/f16_sweep.sh OUTDIR
 # Knobs: CONFIGS ("device/dtype/processes/compare ..."), STEP_TIMEOUT (seconds per config, default 150),
-# EXTRA (default "kv_quant_bench flex_bench"), RUNS (default 10).
+# EXTRA (default "kv_quant_bench flex_bench"; empty: none), PAGED_DTYPES (default "f16 f32"; empty: none),
+# RUNS (default 10).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${1:?usage: bash tools/gpu/f16_sweep.sh OUTDIR}
@@ -30,12 +31,12 @@ for cfg in ${CONFIGS:-wgpu:vulkan/f16/3/ort dawn:vulkan/f16/2/ort wgpu:vulkan/f3
   echo "rc=$?" >> "$out/$name.log"
   grep -v '^Warning' "$out/$name.log" | sed -n '/^medians of/,$p' | head -40
 done
-for dt in ${PAGED_DTYPES:-f16 f32}; do
+for dt in ${PAGED_DTYPES-f16 f32}; do
   echo "== paged decode ($dt)"
   timeout "${STEP_TIMEOUT:-150}" python3 tools/gpu/paged_probe.py wgpu:vulkan --dtype "$dt" --json "$out/paged_$dt.json" \
     2>&1 | grep -v '^Warning' | tee "$out/paged_$dt.log"
 done
-for x in ${EXTRA:-kv_quant_bench flex_bench}; do
+for x in ${EXTRA-kv_quant_bench flex_bench}; do
   if [ -f "tools/gpu/$x.sh" ]; then
     echo "== $x"
     timeout "${STEP_TIMEOUT:-150}" bash "tools/gpu/$x.sh" "$out/$x" > "$out/$x.log" 2>&1
