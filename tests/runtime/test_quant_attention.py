@@ -176,17 +176,21 @@ def test_stream_plans_over_quantized_caches(spec, data, require_adapters) -> Non
     """The stream strategy reads a quantized K block by block (each scale once per lane, applied
     to its block's partial dot; int8: once per row) and a quantized V through each key's first
     word, found once per tile: lanes per key 1 to 16 (16 does not divide a block: plain loads),
-    with and without the softmax phase, head dims 32 to 128 (96: three blocks), GQA, splits,
-    options, K and V in different formats."""
+    with and without the softmax phase, head dims 32 to 128 (96: three blocks) with the query
+    dim exact or padded past them, GQA, splits, options, K and V in different formats."""
     dev = require_adapters(spec)[0]
-    KL, smx = data.draw(st.sampled_from([1, 2, 4, 8, 16])), data.draw(st.integers(0, 1))
     BM, BN = data.draw(st.sampled_from([(1, 32), (4, 32), (8, 64)]))
+    # lanes per key; the partial dots take BN * KL * BM words of the 32 KiB lavapipe grants
+    KL = data.draw(st.sampled_from([x for x in (1, 2, 4, 8, 16) if x * BM * BN <= 4096]))
+    smx = data.draw(st.integers(0, 1))
     kf, vf = data.draw(st.sampled_from(quant.FORMATS)), data.draw(FORMATS)
     D, Dv = data.draw(st.sampled_from([32, 64, 96, 128])), data.draw(st.sampled_from([32, 96]))
     group, hkv = data.draw(st.sampled_from([1, 3])), data.draw(st.integers(1, 2))
     dims = dict(B=data.draw(st.integers(1, 2)), Hq=group * hkv, Hkv=hkv, S=data.draw(st.integers(1, 4)),
                 T=data.draw(st.integers(1, 150)), D=D, Dv=Dv)
     dq = -(-D // (4 * KL)) * 4 * KL
+    if data.draw(st.booleans()):  # a query dim padded past D (CPU plans: a power of two): blocks past D
+        dq = -(-max(dq, 1 << (D - 1).bit_length()) // (4 * KL)) * 4 * KL
     plan = Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=64, lanes_per_key=KL, keys_per_step=4,
                 softmax_phase=smx, query_dim=dq, value_columns=128 if Dv > 64 else Dv, vector_width=4)
     op = check_forced_plan(dev, dims, plan, {"BM": BM, "BN": BN}, data.draw(st.sampled_from([None, 1, 3])),
