@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from attnc.errors import LoweringError
@@ -44,32 +45,26 @@ class FlashSpec:
         assert self.row.tile is not None
         return self.row.tile
 
-    def depends(self, e: ir.Expr, names: frozenset[str]) -> bool:
-        """Whether `e` (lets followed, each once) reads any of `names`."""
-        seen: set[str] = set()
-        todo = [e]
-        while todo:
-            for x in ir.walk_expr(todo.pop()):
-                if isinstance(x, ir.Var):
-                    if x.name in names:
-                        return True
-                    if x.name in self.lets and x.name not in seen:
-                        seen.add(x.name)
-                        todo.append(self.lets[x.name])
-        return False
-
-    def contains(self, exprs: list[ir.Expr], node: type) -> bool:
-        """Whether any of `exprs` (lets followed, each once) has a sub-expression of type `node`."""
+    def reaches(self, exprs: list[ir.Expr], found: Callable[[ir.Expr], bool]) -> bool:
+        """Whether a sub-expression of any of `exprs`, lets followed (each once), is `found`."""
         seen: set[str] = set()
         todo = list(exprs)
         while todo:
             for x in ir.walk_expr(todo.pop()):
-                if isinstance(x, node):
+                if found(x):
                     return True
                 if isinstance(x, ir.Var) and x.name in self.lets and x.name not in seen:
                     seen.add(x.name)
                     todo.append(self.lets[x.name])
         return False
+
+    def depends(self, e: ir.Expr, names: frozenset[str]) -> bool:
+        """Whether `e` (lets followed, each once) reads any of `names`."""
+        return self.reaches([e], lambda x: isinstance(x, ir.Var) and x.name in names)
+
+    def contains(self, exprs: list[ir.Expr], node: type) -> bool:
+        """Whether any of `exprs` (lets followed, each once) has a sub-expression of type `node`."""
+        return self.reaches(exprs, lambda x: isinstance(x, node))
 
     def gathers(self, sl: ir.Slice) -> bool:
         """Whether a slice's index reads a tensor (lets followed): a gather such as a page

@@ -22,6 +22,11 @@ def _helpers(name: str = "helpers.wgsl") -> str:
     return (importlib.resources.files("attnc.lowering") / "wgsl_lib" / name).read_text()
 
 
+def unpack_f16x4(words: str) -> str:
+    """Four f32 from a vec2<u32> of packed halves (element 0 in the low half of .x)."""
+    return f"vec4<f32>(unpack2x16float({words}.x), unpack2x16float({words}.y))"
+
+
 # Words per block of 32 values (8 vec4s): an f16 scale word, then the values (q8_0: 8 words of
 # four int8; q4_0: 4 words of eight nibbles). int8 has one f32 scale per row instead.
 QUANT_BLOCK_WORDS = {ir.DType.Q8_0: 9, ir.DType.Q4_0: 5}
@@ -207,7 +212,7 @@ class Shader:
         elif packed and vec:
             with w.block(f"fn ld4_{name}(i: u32) -> vec4<f32>"):
                 w.line(f"let x = t_{name}[i];")
-                w.line("return vec4<f32>(unpack2x16float(x.x), unpack2x16float(x.y));")
+                w.line(f"return {unpack_f16x4('x')};")
             with w.block(f"fn ld_{name}(i: u32) -> f32"):
                 w.line(f"return ld4_{name}(i >> 2u)[i & 3u];")
         elif packed:
@@ -239,7 +244,7 @@ class Shader:
             else:  # q8_0 (c < 8 in a block) and int8 (any c of the row): 4 int8 a word
                 w.line(f"let x = {t}[w + 1u + c];")
                 w.line(f"return {sext};")
-        words = QUANT_BLOCK_WORDS.get(fmt)
+        words = self.quant_block_words(name)
         with w.block(f"fn ldr4_{name}(rw: u32, c: u32) -> vec4<f32>"):
             if words is None:
                 w.line(f"return qs_{name}(rw) * qr4_{name}(rw, c);")
@@ -278,7 +283,7 @@ class Shader:
     def quant_row_words(self, name: str, first4: str) -> str:
         """The first word of a quantized tensor's row, from the vec4 index `first4` of the row's
         first element in the dense logical tensor (rows start on a block: D % 32 == 0)."""
-        words = QUANT_BLOCK_WORDS.get(self.quant[name])
+        words = self.quant_block_words(name)
         if words is None:  # int8: D/4 + 1 words a row
             last = self.spec.kernel.param(name).type.dims[-1]
             return f"(({first4}) / (P.d_{last} >> 2u)) * ((P.d_{last} >> 2u) + 1u)"

@@ -51,8 +51,8 @@ def emit_stream(sh: Shader) -> Program:
         w.line(f"var<workgroup> p_sh: array<f32, {BN * BM}>;  // probabilities [key][row]")
         w.line(f"var<workgroup> al_sh: array<f32, {KG * BM}>;  // rescale factor [key group][row]")
     # V's row read through a table (paged) or quantized (its first word computed): shared per key
-    gathered = s.gathers(s.value) or s.value.tensor in sh.quant
-    if gathered:
+    v_rows_shared = s.gathers(s.value) or s.value.tensor in sh.quant
+    if v_rows_shared:
         w.line(f"var<workgroup> vb_sh: array<u32, {BN}>;  // each key's V row base, found once per tile")
     w.line("var<workgroup> wg_lo: i32;")
     w.line("var<workgroup> wg_hi: i32;")
@@ -94,17 +94,17 @@ def emit_stream(sh: Shader) -> Program:
                 w.line(f"let tile_full = listed >= {FULL_BIT:#x}u;")
             else:
                 w.line(f"let k0 = t * {BN};")
-            _dot_phase(w, sh, lay, gathered)
+            _dot_phase(w, sh, lay, v_rows_shared)
             w.line("workgroupBarrier();")
             if lay.SMX:
                 _softmax_phase(w, sh, lay)
                 w.line("workgroupBarrier();")
-                _pv_shared(w, sh, lay, gathered)
+                _pv_shared(w, sh, lay, v_rows_shared)
             else:
-                _pv_phase(w, sh, lay, gathered)
+                _pv_phase(w, sh, lay, v_rows_shared)
             w.line("workgroupBarrier();")
         _merge(w, sh, lay)
-    smem = 4 * (lay.smem_words + (BN if gathered else 0))
+    smem = 4 * (lay.smem_words + (BN if v_rows_shared else 0))
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),
                    features(plan) - {"subgroups"}, smem, in_bounds=True)
 
@@ -122,16 +122,16 @@ def _stage_queries(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     w.line("workgroupBarrier();")
 
 
-def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout, gathered: bool) -> None:
+def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
     """Partial q.k dots: KL lanes per key, each over every KL-th vec4 of the head dim. With
-    `gathered`, the first lane of each key also finds its V row base for the P.V phase."""
+    `v_rows_shared`, the first lane of each key also finds its V row base for the P.V phase."""
     kt = sh.spec.dot.b.tensor
     n = lay.D4 // lay.KL
     with w.block(f"for (var e = lid; e < {lay.BN * lay.KL}u; e = e + {lay.WG}u)"):
         w.line(f"let jl = e / {lay.KL}u;")
         w.line(f"let part = e % {lay.KL}u;")
         w.line("let kb = k_base(min(k0 + i32(jl), n_keys - 1)) >> 2u;  // past the end: masked below")
-        if gathered:
+        if v_rows_shared:
             with w.block("if (part == 0u)"):
                 w.line(f"vb_sh[jl] = {_v_row_base(sh, 'min(k0 + i32(jl), n_keys - 1)')};")
         groups = _scale_groups(sh, kt, lay)
@@ -189,23 +189,23 @@ def _v_row_base(sh: Shader, key: str) -> str:
     return f"v_base({key})"
 
 
-def _v_read(sh: Shader, u: int, key: str, gathered: bool) -> str:
+def _v_read(sh: Shader, u: int, key: str, v_rows_shared: bool) -> str:
     """The P.V phase's vec4 of V for its u-th key (`key`: its absolute index) at col_in."""
     vt = sh.spec.value.tensor
     if vt in sh.quant:
         return f"ldr4_{vt}(vb_sh[jl{u}], col_in >> 2u)"
-    row = f"vb_sh[jl{u}]" if gathered else f"v_base(min({key}, n_keys - 1))"
+    row = f"vb_sh[jl{u}]" if v_rows_shared else f"v_base(min({key}, n_keys - 1))"
     return sh.read4(vt, f"({row} + col_in) >> 2u")
 
 
-def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout, gathered: bool) -> None:
+def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
     """Scores, the invocation's own online softmax and o += p.v over its keys of the tile."""
     KC, KL, BM = lay.KC, lay.KL, lay.BM
     with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
         for u in range(KC):
             w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
             w.line(f"let kj{u} = k0 + i32(jl{u});")
-            w.line(f"let v{u} = {_v_read(sh, u, f'kj{u}', gathered)};")
+            w.line(f"let v{u} = {_v_read(sh, u, f'kj{u}', v_rows_shared)};")
         for r in range(BM):
             with w.block(""):
                 w.line(f"let qi = q0 + {r};")
@@ -272,7 +272,7 @@ def _softmax_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
             w.line(f"al_sh[pi{i}] = al;")
 
 
-def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout, gathered: bool) -> None:
+def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
     """SMX: o = o * al + p.v over the invocation's keys, p and al from workgroup memory."""
     KC, BM = lay.KC, lay.BM
     for r in range(BM):
@@ -280,7 +280,7 @@ def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout, gathered: bool) -> None
     with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
         for u in range(KC):
             w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
-            w.line(f"let v{u} = {_v_read(sh, u, f'k0 + i32(jl{u})', gathered)};")
+            w.line(f"let v{u} = {_v_read(sh, u, f'k0 + i32(jl{u})', v_rows_shared)};")
         for u in range(KC):
             for r in range(BM):
                 # a key with p = 0 adds nothing, even an inf/NaN value

@@ -11,7 +11,7 @@ from attnc.ir import nodes as ir
 from attnc.lowering.blocks import FULL_BIT, record_base
 from attnc.lowering.plan import Family, Layout, fast_reduce, owned_run
 from attnc.lowering.program import Program
-from attnc.lowering.shader import Shader, features
+from attnc.lowering.shader import Shader, features, unpack_f16x4
 from attnc.lowering.wgsl import NAN, NEG_INF, Writer
 
 
@@ -156,7 +156,7 @@ def _prefetch(w: Writer, sh: Shader, cp: _Copy, name: str, put: bool) -> None:
         if not put:
             _fetch(w, sh, cp, reg, packed)
         elif packed:
-            w.line(f"let x = vec4<f32>(unpack2x16float({reg}.x), unpack2x16float({reg}.y));")
+            w.line(f"let x = {unpack_f16x4(reg)};")
             _put(w, sh, cp, "x")
         else:
             _put(w, sh, cp, reg)

@@ -46,6 +46,18 @@ def _check(cond: bool, msg: str | Callable[[], str]) -> None:
         raise ValueError(msg if isinstance(msg, str) else msg())
 
 
+QUANTIZED = (QuantTensor, QuantGPUTensor)  # K/V stored in a format of attnc.quant (host or GPU)
+
+
+def check_shared_dtype(named: dict[str, Any], quantized: str) -> None:
+    """The float tensors among `named` (q first) share q's dtype; quantized ones (any format)
+    are exempt. The message names them all, and `quantized` says which may be quantized."""
+    q, *rest = named.values()
+    _check(all(x.dtype == q.dtype for x in rest if not isinstance(x, QUANTIZED)),
+           lambda: f"{', '.join(named)} must share a dtype (or {quantized} be quantized), got "
+           + ", ".join(x.fmt if isinstance(x, QUANTIZED) else str(x.dtype) for x in named.values()))
+
+
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
@@ -67,7 +79,7 @@ def validate(q: Any, k: Any, v: Any) -> dict[str, int]:
     Hkv, S, T, D, Dv. k and v may each be quantized (a host QuantTensor or a QuantGPUTensor of
     4 dims; attnc/quant.py)."""
     for n, x in (("q", q), ("k", k), ("v", v)):
-        if n != "q" and isinstance(x, (QuantTensor, QuantGPUTensor)):
+        if n != "q" and isinstance(x, QUANTIZED):
             _check(len(x.shape) == 4, lambda n=n, x=x: f"{n}: expected 4 dims, got {len(x.shape)} "
                                                        f"(shape {tuple(x.shape)})")
             continue
@@ -78,10 +90,7 @@ def validate(q: Any, k: Any, v: Any) -> dict[str, int]:
         _check(x.dtype in (np.float32, np.float16),
                lambda n=n, x=x: f"{n}: dtype must be float32 or float16, got {x.dtype}")
         _check(x.size > 0, lambda n=n, x=x: f"{n}: empty array (shape {tuple(x.shape)})")
-    floats = [x for x in (k, v) if not isinstance(x, (QuantTensor, QuantGPUTensor))]
-    _check(all(x.dtype == q.dtype for x in floats),
-           lambda: "q, k, v must share a dtype (or k, v be quantized), got "
-           + ", ".join(x.fmt if isinstance(x, (QuantTensor, QuantGPUTensor)) else str(x.dtype) for x in (q, k, v)))
+    check_shared_dtype({"q": q, "k": k, "v": v}, "k, v")
     B, Hq, S, D = q.shape
     _, Hkv, T, Dk = k.shape
     _check(k.shape[0] == v.shape[0] and k.shape[0] in (1, B),
@@ -121,7 +130,7 @@ def validate_dims(dims: Mapping[str, Any]) -> dict[str, int]:
 
 def kv_formats(k: Any, v: Any) -> dict[str, str]:
     """The k_format / v_format options of quantized k and v (none for float ones)."""
-    return {f"{n}_format": x.fmt for n, x in (("k", k), ("v", v)) if isinstance(x, (QuantTensor, QuantGPUTensor))}
+    return {f"{n}_format": x.fmt for n, x in (("k", k), ("v", v)) if isinstance(x, QUANTIZED)}
 
 
 def vector_readable(*xs: Any) -> bool:

@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from attnc.quant import QuantTensor
 from attnc.runtime.api import (
+    QUANTIZED,
     _input_key,
     _tensors_device,
     as_input,
+    check_shared_dtype,
     kv_formats,
     prepare_dims,
     rows_packable,
@@ -33,7 +34,7 @@ from attnc.runtime.api import (
 from attnc.runtime.build import mods_scan
 from attnc.runtime.lru import LRU
 from attnc.runtime.prepared import Prepared
-from attnc.runtime.tensor import QuantGPUTensor, Tensor, host_array
+from attnc.runtime.tensor import Tensor, host_array
 
 MAX_CACHED_OPS = 16
 _OPS: LRU[Hashable, Prepared] = LRU(MAX_CACHED_OPS)
@@ -45,14 +46,11 @@ def validate_paged(q: Any, k_pages: Any, v_pages: Any, block_table: Any) -> dict
     for n, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
         if len(x.shape) != 4:
             raise ValueError(f"{n}: expected 4 dims, got {len(x.shape)} (shape {tuple(x.shape)})")
-        if n != "q" and isinstance(x, (QuantTensor, QuantGPUTensor)):
+        if n != "q" and isinstance(x, QUANTIZED):
             continue  # a quantized pool: its format says how the kernel reads it
         if x.dtype not in (np.float32, np.float16):
             raise ValueError(f"{n}: dtype must be float32 or float16, got {x.dtype}")
-    floats = [x for x in (k_pages, v_pages) if not isinstance(x, (QuantTensor, QuantGPUTensor))]
-    if any(x.dtype != q.dtype for x in floats):
-        raise ValueError("q, k_pages, v_pages must share a dtype (or the pools be quantized), got "
-                         + ", ".join(getattr(x, "fmt", None) or str(x.dtype) for x in (q, k_pages, v_pages)))
+    check_shared_dtype({"q": q, "k_pages": k_pages, "v_pages": v_pages}, "the pools")
     B, Hq, S, D = q.shape
     NP, Hkv, P, Dk = k_pages.shape
     if Dk != D:

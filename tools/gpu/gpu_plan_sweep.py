@@ -87,40 +87,26 @@ def take_item(spec: str, key: str) -> tuple[str, str | None]:
     return prefix + (rest or ("" if prefix else "-")), (values[0] if values else None)
 
 
+DTYPES = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
+
+
 def take_dt(spec: str) -> tuple[str, np.dtype | None]:
     """(the spec without its `DT=f16|f32` item, that dtype or None)."""
     rest, dt = take_item(spec, "DT")
-    return rest, (None if dt is None else np.dtype({"f16": np.float16, "f32": np.float32}[dt]))
+    return rest, (None if dt is None else DTYPES[dt])
 
 
-_CAST: dict[tuple[int, str], list] = {}
+_DERIVED: dict[tuple[int, str], list] = {}
 
 
-def cast_copies(copies: list, dtype: np.dtype) -> list:
-    """The input copies as `dtype`, made once per copy list and dtype."""
-    key = (id(copies), dtype.name)
-    if key not in _CAST:
-        _CAST.clear()  # one case at a time
-        _CAST[key] = [tuple(x.astype(dtype) for x in c) for c in copies]
-    return _CAST[key]
-
-
-def take_kv(spec: str) -> tuple[str, str | None]:
-    """(the spec without its `KV=FORMAT` item, the format or None)."""
-    return take_item(spec, "KV")
-
-
-_QUANTIZED: dict[tuple[int, str], list] = {}
-
-
-def quantized_copies(copies: list, fmt: str) -> list:
-    """The input copies with K and V quantized to `fmt`, made once per copy list and format
-    (quantizing a long cache on the host takes seconds)."""
-    key = (id(copies), fmt)
-    if key not in _QUANTIZED:
-        _QUANTIZED.clear()  # one case at a time
-        _QUANTIZED[key] = [(q, quantize(k, fmt), quantize(v, fmt)) for q, k, v in copies]
-    return _QUANTIZED[key]
+def derived_copies(copies: list, what: str, make) -> list:
+    """`make(copy)` of every input copy, made once per copy list and `what` (one case at a
+    time: casting or quantizing a long cache on the host takes seconds)."""
+    key = (id(copies), what)
+    if key not in _DERIVED:
+        _DERIVED.clear()
+        _DERIVED[key] = [make(c) for c in copies]
+    return _DERIVED[key]
 
 
 def copy_count(case) -> int:
@@ -137,7 +123,7 @@ def take_dtype(argv: list[str]) -> np.dtype:
     i = argv.index("--dtype")
     name = argv[i + 1]
     del argv[i:i + 2]
-    return np.dtype({"f16": np.float16, "f32": np.float32}[name])
+    return DTYPES[name]
 
 
 def strategy_base(dev, case, dims, spec: str, base, tun0) -> tuple:
@@ -162,10 +148,10 @@ def strategy_base(dev, case, dims, spec: str, base, tun0) -> tuple:
 def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
     """One variant of the heuristic plan, bound to every input copy and run once:
     (op, handles, head-0 relerr). Raises what prepare or the run raises."""
-    spec, fmt = take_kv(spec)
+    spec, fmt = take_item(spec, "KV")
     spec, dt = take_dt(spec)
     if dt is not None and dt != copies[0][0].dtype:  # the other dtype's heuristic plan and inputs
-        copies = cast_copies(copies, dt)
+        copies = derived_copies(copies, dt.name, lambda c: tuple(x.astype(dt) for x in c))
         base, tun0 = schedule.plan_for(dev.capabilities, schedule.pick_family(dev.capabilities, None), dims,
                                        causal=case.causal, f16=dt == np.float16)
     spec, base, tun0 = strategy_base(dev, case, dims, spec, base, tun0)
@@ -174,7 +160,8 @@ def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
     ns = kw.pop("NSPLIT", None)
     dtype = copies[0][0].dtype
     if fmt is not None:
-        copies = quantized_copies(copies, fmt)
+        copies = derived_copies(copies, f"{dtype.name}/{fmt}",
+                                lambda c: (c[0], quantize(c[1], fmt), quantize(c[2], fmt)))
     op = api.prepare(dims, dtype, causal=case.causal, device=dev, k_format=fmt, v_format=fmt,
                      plan=dataclasses.replace(base, **from_compact(kw)), tunables=tun, nsplit=ns)
     handles = [op.bind_copy(*c) for c in copies]
