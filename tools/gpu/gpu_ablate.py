@@ -3,7 +3,9 @@ part of the emitted main pass removed (results are wrong by design; only the tim
 in interleaved rounds like gpu_plan_sweep.py. Measurement only: attnc never runs these.
 Usage: python tools/gpu/gpu_ablate.py DEVICE CASE[,CASE...] [ABLATION ...] [--json FILE]
 Ablations: nosoftmax noreduce nomaxred nosumred norescale smem20 nomask nonan noexp nobar nopv nodot noqstage
-nokstage novstage."""
+nokstage novstage; of the stream strategy (decoding): snok (no K loads in the dot phase), snov (no V
+loads in the P.V phase), snosp (scores not read back from the partial dots). gpu_plan_sweep.py
+takes any of them as `ABL=a+b` on a variant (f16, quantized KV, any plan)."""
 
 from __future__ import annotations
 
@@ -80,6 +82,12 @@ EDITS: dict[str, list[tuple[str, str]]] = {
     # registers and instructions, a smaller workgroup-memory footprint
     "smem20": [(r"var<workgroup> stage: array<vec4<f32>, \d+>;", "var<workgroup> stage: array<vec4<f32>, 1280>;")],
     "nobar": [(r"\n *workgroupBarrier\(\);", "")],
+    # stream strategy: a K vec4 made from the invocation's index, not loaded
+    "snok": [(r"let k(\d+) = select\(vec4<f32>\(\), [^;]*;", r"let k\1 = vec4<f32>(f32(e + \1u) * 1e-3);")],
+    # stream strategy: a V vec4 made from the key's index, not loaded
+    "snov": [(r"let v(\d+) = [^;]*(?:kj|jl)\1\b[^;]*;", r"let v\1 = vec4<f32>(f32(jl\1) * 1e-3);")],
+    # stream strategy: each score from the key's index, its partial dots not read back
+    "snosp": [(r"(score_(?:tile_)?fn\()sp\[\(jl(\d*) \* [^,]*,", r"\1f32(jl\2) * 1e-3,")],
 }
 
 
@@ -99,7 +107,7 @@ def _ablated(name: str) -> Iterator[None]:
     if name not in PATCHES and name not in EDITS:
         raise KeyError(f"no ablation {name!r}")
     saved = {k: getattr(tiled, k) for k in PATCHES.get(name, {})}
-    lower = api.programs_for
+    lower = build.programs_for
     edits = EDITS.get(name, [])
 
     def programs_for(kern, plan):
@@ -118,13 +126,13 @@ def _ablated(name: str) -> Iterator[None]:
     for k, f in PATCHES.get(name, {}).items():
         setattr(tiled, k, f)
     build._CACHE.programs.clear()
-    api.programs_for = programs_for
+    build.programs_for = programs_for
     try:
         yield
     finally:
         for k, f in saved.items():
             setattr(tiled, k, f)
-        api.programs_for = lower
+        build.programs_for = lower
         build._CACHE.programs.clear()
 
 

@@ -1,8 +1,10 @@
 """Where a decode op's time goes: for each plan variant, the whole op (first pass begin to last
 pass end), each pass alone, and the same dispatches encoded in one compute pass; plus a
-read-only kernel over as many bytes as K and V (the bandwidth a decode pass could reach).
-Variants as in gpu_plan_sweep.py (`-` = heuristic, `FIELD=VALUE,...`, BM/BN/NSPLIT).
-Usage: python tools/gpu/gpu_decode_probe.py DEVICE CASE[,CASE...] VARIANT [VARIANT...]"""
+read-only kernel over as many bytes as K and V, and over the fractions of them in READ_FRACTIONS
+(the bytes of a quantized cache: q8_0 reads 0.53 of f16 K/V, q4_0 0.28), so the time a decode
+pass could reach is measured, not assumed. Variants as in gpu_plan_sweep.py (`-` = heuristic,
+`FIELD=VALUE,...`, BM/BN/NSPLIT, KV=, ABL=); cases from every suite of shapes.json.
+Usage: python tools/gpu/gpu_decode_probe.py DEVICE CASE[,CASE...] VARIANT [VARIANT...] [--dtype f16]"""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 
 import numpy as np
 
-from attnc.bench.cases import load_suite, make_inputs
+from attnc.bench.cases import load_suites, make_inputs
 from attnc.lowering import schedule  # noqa: E402
 from attnc.lowering.program import Access, Binding, Program, Scalar
 from attnc.runtime import api
@@ -22,7 +24,9 @@ from attnc.runtime.devices import get_device
 from attnc.runtime.dispatch import warm_up
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_plan_sweep import prepare_variant  # noqa: E402
+from gpu_plan_sweep import prepare_variant, take_dtype  # noqa: E402
+
+READ_FRACTIONS = (1.0, 0.53, 0.28)
 
 READ_WGSL = """\
 @group(0) @binding(0) var<storage, read> src: array<vec4<f32>>;
@@ -78,27 +82,32 @@ def one_pass(dev, dispatches) -> float:
 
 
 def main() -> None:
-    dev = get_device(sys.argv[1])
-    cases = {c.name: c for c in load_suite("seeds") + load_suite("ci")}
-    for name in sys.argv[2].split(","):
+    argv = sys.argv[1:]
+    dtype = take_dtype(argv)
+    dev = get_device(argv[0])
+    cases = {c.name: c for suite in load_suites().values() for c in suite}
+    for name in argv[1].split(","):
         case = cases[name]
-        copies = [make_inputs(case, seed=i) for i in range(6)]
+        copies = [tuple(x.astype(dtype) for x in make_inputs(case, seed=i)) for i in range(2 if case.T > 8192 else 6)]
         q, k, v = copies[0]
         dims = api.validate(q, k, v)
         base, tun0 = schedule.plan_for(dev.capabilities, schedule.pick_family(dev.capabilities, None), dims,
-                                       causal=case.causal)
+                                       causal=case.causal, f16=dtype == np.float16)
         kv_bytes = k.nbytes + v.nbytes
-        src = rt.upload(dev, np.concatenate([k.reshape(-1), v.reshape(-1)]))
-        for unroll in (1, 4, 8):
-            for groups in (1056, 4224):
-                dst = rt.empty(dev, 16 * groups * 256)
-                d = rt.Dispatch(read_program(unroll), {"src": src, "dst": dst}, {}, groups)
-                warm_up(dev, 200)
-                ts = [rt.run(dev, [d], timestamps=True)[0] for _ in range(30)]
-                ms = statistics.median(ts[5:])
-                print(json.dumps({"case": name, "read": unroll, "groups": groups, "ms": round(ms, 5),
-                                  "GBps": round(kv_bytes / ms / 1e6, 1)}), flush=True)
-        for spec in sys.argv[3:]:
+        whole = np.concatenate([k.reshape(-1), v.reshape(-1)]).view(np.uint8)
+        for frac in READ_FRACTIONS:
+            nbytes = int(kv_bytes * frac) // 16 * 16
+            src = rt.upload(dev, whole[:nbytes].view(np.float32))
+            for unroll in (1, 4, 8):
+                for groups in (1056, 4224):
+                    dst = rt.empty(dev, 16 * groups * 256)
+                    d = rt.Dispatch(read_program(unroll), {"src": src, "dst": dst}, {}, groups)
+                    warm_up(dev, 200)
+                    ts = [rt.run(dev, [d], timestamps=True)[0] for _ in range(30)]
+                    ms = statistics.median(ts[5:])
+                    print(json.dumps({"case": name, "read": unroll, "fraction": frac, "groups": groups,
+                                      "ms": round(ms, 5), "GBps": round(nbytes / ms / 1e6, 1)}), flush=True)
+        for spec in argv[2:]:
             try:
                 op, hs, err = prepare_variant(dev, case, dims, base, tun0, spec, copies)
             except Exception as exc:  # report and go on

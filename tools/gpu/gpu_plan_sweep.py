@@ -5,7 +5,8 @@ from the heuristic plan restricted to that strategy (ATTNC_STRATEGY), e.g. `@til
 `KV=q8_0` (q4_0, int8) reads K and V quantized to that format (attnc.quant), e.g.
 `KV=q4_0,KL=4`; `KV=q4_0` alone is the heuristic plan over that cache. `DT=f32` (f16) runs
 that variant on inputs of that dtype, from that dtype's heuristic plan (two dtypes compared
-in one process).
+in one process). `ABL=name[+name]` emits the main pass with those ablations of gpu_ablate.py
+(parts removed, results wrong by design: only the time matters).
 Checks query head 0 of copy 0 against float64 numpy (over the dequantized K/V for a KV
 format); SWEEP_WARM_MS (default 60) is the GPU warm-up before each round; `--dtype f16` runs
 f16 q, k, v (default f32). Usage:
@@ -13,6 +14,7 @@ python tools/gpu/gpu_plan_sweep.py DEVICE CASE[,CASE...] VARIANT [VARIANT...] [-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -149,6 +151,7 @@ def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
     """One variant of the heuristic plan, bound to every input copy and run once:
     (op, handles, head-0 relerr). Raises what prepare or the run raises."""
     spec, fmt = take_item(spec, "KV")
+    spec, abl = take_item(spec, "ABL")
     spec, dt = take_dt(spec)
     if dt is not None and dt != copies[0][0].dtype:  # the other dtype's heuristic plan and inputs
         copies = derived_copies(copies, dt.name, lambda c: tuple(x.astype(dt) for x in c))
@@ -162,14 +165,24 @@ def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
     if fmt is not None:
         copies = derived_copies(copies, f"{dtype.name}/{fmt}",
                                 lambda c: (c[0], quantize(c[1], fmt), quantize(c[2], fmt)))
-    op = api.prepare(dims, dtype, causal=case.causal, device=dev, k_format=fmt, v_format=fmt,
-                     plan=dataclasses.replace(base, **from_compact(kw)), tunables=tun, nsplit=ns)
-    handles = [op.bind_copy(*c) for c in copies]
-    op.run(binding=handles[0])
+    with ablation(abl):
+        op = api.prepare(dims, dtype, causal=case.causal, device=dev, k_format=fmt, v_format=fmt,
+                         plan=dataclasses.replace(base, **from_compact(kw)), tunables=tun, nsplit=ns)
+        handles = [op.bind_copy(*c) for c in copies]
+        op.run(binding=handles[0])
     q, k, v = copies[0]
     if fmt is not None:
         k, v = dequantize(k), dequantize(v)
     return op, handles, head0_relerr(case, q, k, v, op.result()[0])
+
+
+def ablation(names: str | None) -> contextlib.AbstractContextManager:
+    """The lowering with gpu_ablate.py's ablations `names` applied (None: as it is)."""
+    if names is None:
+        return contextlib.nullcontext()
+    from gpu_ablate import ablated  # it imports this module
+
+    return ablated(names)
 
 
 def main() -> None:
