@@ -131,7 +131,9 @@ class Plan:
     softmax step, query_dim >= D, value_columns output columns per workgroup (four per
     invocation); softmax_phase=1 computes each probability once in a softmax phase (one
     invocation per key group and row) instead of in every invocation that uses it (worth its
-    extra barrier when tiles have many rows).
+    extra barrier when tiles have many rows); softmax_phase=2 computes it once in the dot
+    phase (one lane per key), against a maximum the workgroup shares and raises only when a
+    score passes it by a margin (no extra barrier on the tiles that do not).
 
     Lanes strategy: rows_per_invocation query rows per invocation, query_dim >= D and
     value_columns value columns held in registers; each step reads one key per lane of a
@@ -304,7 +306,7 @@ class StreamLayout:
     CG: int  # column groups: invocations sharing a key, four output columns each
     KG: int  # key groups: each keeps its own online-softmax state over every KG-th key
     RC: int  # rows merged per round at the end
-    SMX: int  # 1: a softmax phase computes each probability once
+    SMX: int  # 1: a softmax phase computes each probability once; 2: the dot phase does (shared max)
 
     @property
     def NK(self) -> int:
@@ -327,7 +329,7 @@ class StreamLayout:
     @property
     def smem_words(self) -> int:
         """Workgroup storage in 4-byte words: q tile, partial dots, merge buffers."""
-        smx = self.BN * self.BM + self.KG * self.BM if self.SMX else 0
+        smx = self.BN * self.BM + (self.KG * self.BM if self.SMX == 1 else 0) if self.SMX else 0
         o_red = 0 if self.merge_in_sp else 4 * self.KG * self.RC * self.CG
         return 4 * self.BM * self.D4 + self.sp_words + 2 * self.KG * self.BM + 2 * self.BM + o_red + 2 + smx
 
@@ -359,8 +361,12 @@ def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
     RC = max(1, min(BM, KG, 512 // plan.workgroup_size))
     if BM >= 8:
         RC = max(1, min(RC, BN * plan.lanes_per_key * BM // (4 * KG * CG)))
-    if plan.softmax_phase not in (0, 1):
-        raise LoweringError(f"tunable SMX={plan.softmax_phase} must be 0 or 1")
+    if plan.softmax_phase not in (0, 1, 2):
+        raise LoweringError(f"tunable SMX={plan.softmax_phase} must be 0, 1 or 2")
+    if plan.softmax_phase == 2 and (plan.lanes_per_key != 1 or BN < plan.workgroup_size or plan.workgroup_size < 16):
+        raise LoweringError(f"SMX=2 scores each key whole in one invocation: it needs KL=1 (got {plan.lanes_per_key}) "
+                            f"and BN={BN} >= WG={plan.workgroup_size} >= 16",
+                            notes=("use SMX=0 or 1 for other shapes",))
     return StreamLayout(BM, BN, plan.workgroup_size, plan.lanes_per_key, plan.keys_per_step, plan.query_dim // 4, CG,
                         KG, RC, plan.softmax_phase)
 

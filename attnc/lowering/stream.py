@@ -18,6 +18,13 @@ recompute its scores and exponentials; SMX=1 adds a softmax phase between the tw
 invocation per key group and row keeps that row's max and sum and writes the probabilities
 and the rescale factor to workgroup memory), and the P.V phase only multiplies and adds.
 
+SMX=2 (one lane per key) computes each probability once in the dot phase instead: the lane
+that scores a key also takes its exponential, against a maximum per row that the whole
+workgroup shares. A tile only updates that maximum (a reduction, the accumulators rescaled,
+the tile's exponentials taken again) when one of its scores passes it by more than
+LAZY_MARGIN, which on most data happens on a split's first tile alone; the other tiles keep
+the two barriers and the P.V phase only multiplies and adds.
+
 No subgroup operations: the same code serves both families.
 """
 
@@ -28,6 +35,14 @@ from attnc.lowering.plan import StreamLayout, stream_layout
 from attnc.lowering.program import Program
 from attnc.lowering.shader import Shader, features
 from attnc.lowering.wgsl import NAN, NEG_INF, Writer
+
+# How far a score may pass the workgroup's shared maximum before SMX=2 raises it: the
+# probabilities stay below e^20 (4.9e8), so a split's sum and accumulators stay below
+# 4.9e8 x its keys x max|v|, far from f32's 3.4e38 for any cache that fits a device.
+LAZY_MARGIN = 20.0
+# invocations per row in the middle step of SMX=2's maximum reduction (fewer when the
+# workgroup has fewer than this many per row)
+LAZY_REDUCE_LANES = 16
 
 
 def emit_stream(sh: Shader) -> Program:
@@ -49,7 +64,10 @@ def emit_stream(sh: Shader) -> Program:
         w.line(f"var<workgroup> o_red: array<vec4<f32>, {KG * lay.RC * CG}>;")
     if lay.SMX:
         w.line(f"var<workgroup> p_sh: array<f32, {BN * BM}>;  // probabilities [key][row]")
+    if lay.SMX == 1:
         w.line(f"var<workgroup> al_sh: array<f32, {KG * BM}>;  // rescale factor [key group][row]")
+    if lay.SMX == 2:
+        w.line("var<workgroup> wg_raise: atomic<u32>;  // a score of this tile passed the shared maximum")
     # V's row read through a table (paged) or quantized (its first word computed): shared per key
     v_rows_shared = s.gathers(s.value) or s.value.tensor in sh.quant
     if v_rows_shared:
@@ -78,13 +96,14 @@ def emit_stream(sh: Shader) -> Program:
         _stage_queries(w, sh, lay)
         w.line("let t_lo = workgroupUniformLoad(&wg_lo);")
         w.line("let t_hi = workgroupUniformLoad(&wg_hi);")
-        states = range(_pairs(lay)) if lay.SMX else range(BM)  # online-softmax states held
+        states = range(_pairs(lay)) if lay.SMX == 1 else range(BM)  # online-softmax states held
         for r in states:
-            if lay.SMX:
+            if lay.SMX == 1:
                 w.line(f"let pi{r} = lid + {WG * r}u;  // softmax-phase pair: key group pi / BM, row pi % BM")
             w.line(f"var m{r} = {NEG_INF};")
             w.line(f"var l{r} = 0.0;")
-            w.line(f"var nan{r} = false;")
+            if lay.SMX != 2:  # SMX=2: a NaN score is a NaN probability, summed into l
+                w.line(f"var nan{r} = false;")
         for r in range(BM):
             w.line(f"var o{r} = vec4<f32>();")
         with w.block("for (var t = t_lo; t < t_hi; t = t + 1)"):
@@ -94,13 +113,19 @@ def emit_stream(sh: Shader) -> Program:
                 w.line(f"let tile_full = listed >= {FULL_BIT:#x}u;")
             else:
                 w.line(f"let k0 = t * {BN};")
-            _dot_phase(w, sh, lay, v_rows_shared)
-            w.line("workgroupBarrier();")
-            if lay.SMX:
+            if lay.SMX == 2:
+                _lazy_dot_phase(w, sh, lay, v_rows_shared)
+                _lazy_raise(w, lay)
+                _pv_shared(w, sh, lay, v_rows_shared)
+            elif lay.SMX == 1:
+                _dot_phase(w, sh, lay, v_rows_shared)
+                w.line("workgroupBarrier();")
                 _softmax_phase(w, sh, lay)
                 w.line("workgroupBarrier();")
                 _pv_shared(w, sh, lay, v_rows_shared)
             else:
+                _dot_phase(w, sh, lay, v_rows_shared)
+                w.line("workgroupBarrier();")
                 _pv_phase(w, sh, lay, v_rows_shared)
             w.line("workgroupBarrier();")
         _merge(w, sh, lay)
@@ -125,43 +150,128 @@ def _stage_queries(w: Writer, sh: Shader, lay: StreamLayout) -> None:
 def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
     """Partial q.k dots: KL lanes per key, each over every KL-th vec4 of the head dim. With
     `v_rows_shared`, the first lane of each key also finds its V row base for the P.V phase."""
-    kt = sh.spec.dot.b.tensor
-    n = lay.D4 // lay.KL
     with w.block(f"for (var e = lid; e < {lay.BN * lay.KL}u; e = e + {lay.WG}u)"):
         w.line(f"let jl = e / {lay.KL}u;")
         w.line(f"let part = e % {lay.KL}u;")
-        w.line("let kb = k_base(min(k0 + i32(jl), n_keys - 1)) >> 2u;  // past the end: masked below")
-        if v_rows_shared:
-            with w.block("if (part == 0u)"):
-                w.line(f"vb_sh[jl] = {_v_row_base(sh, 'min(k0 + i32(jl), n_keys - 1)')};")
-        groups = _scale_groups(sh, kt, lay)
-        if groups is None:
-            for i in range(n):  # every load issued before any is used
-                w.line(f"let c{i} = part + {lay.KL * i}u;")
-                w.line(f"let k{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
-                       f"c{i} < n_dot4);")
-            for r in range(lay.BM):
-                terms = " + ".join(f"dot(q_sh[{r * lay.D4}u + c{i}], k{i})" for i in range(n))
-                w.line(f"sp[e * {lay.BM}u + {r}u] = {terms};")
-            return
-        # quantized K: each scale read once and applied once to its group's partial dot
-        w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
-        words = sh.quant_block_words(kt)
-        for g, members in enumerate(groups):
-            if words is None:  # int8: one scale for the row
-                w.line(f"let kw{g} = kw;")
-            else:  # the group's block (clamped: past the head dim the values are discarded)
-                w.line(f"let kw{g} = kw + min({g}u, (n_dot4 >> 3u) - 1u) * {words}u;")
-            w.line(f"let d{g} = qs_{kt}(kw{g});")
-            for i in members:
-                c = f"min(c{i}, n_dot4 - 1u)" + (" & 7u" if words is not None else "")
-                w.line(f"let c{i} = part + {lay.KL * i}u;")
-                w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, {c}), c{i} < n_dot4);")
-        for r in range(lay.BM):
-            terms = " + ".join(
-                f"d{g} * (" + " + ".join(f"dot(q_sh[{r * lay.D4}u + c{i}], k{i})" for i in members) + ")"
-                for g, members in enumerate(groups))
+        _key_row(w, sh, v_rows_shared, "part == 0u")
+        for r, terms in enumerate(_key_dots(w, sh, lay)):
             w.line(f"sp[e * {lay.BM}u + {r}u] = {terms};")
+
+
+def _key_row(w: Writer, sh: Shader, v_rows_shared: bool, first_lane: str | None) -> None:
+    """`kb`, the vec4 index of key `jl`'s K row, and (`v_rows_shared`, by the key's
+    `first_lane`: None for every lane) its V row's base in `vb_sh`."""
+    w.line("let kb = k_base(min(k0 + i32(jl), n_keys - 1)) >> 2u;  // past the end: masked below")
+    if v_rows_shared:
+        row = f"vb_sh[jl] = {_v_row_base(sh, 'min(k0 + i32(jl), n_keys - 1)')};"
+        if first_lane is None:
+            w.line(row)
+        else:
+            with w.block(f"if ({first_lane})"):
+                w.line(row)
+
+
+def _key_dots(w: Writer, sh: Shader, lay: StreamLayout) -> list[str]:
+    """Load this lane's vec4s of K row `kb` (every KL-th from `part`, all issued before any is
+    used) and return, per query row of the tile, its dot with them (a partial dot for KL > 1)."""
+    kt = sh.spec.dot.b.tensor
+    n = lay.D4 // lay.KL
+    groups = _scale_groups(sh, kt, lay)
+    if groups is None:
+        for i in range(n):
+            w.line(f"let c{i} = part + {lay.KL * i}u;")
+            w.line(f"let k{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
+                   f"c{i} < n_dot4);")
+        return [" + ".join(f"dot(q_sh[{r * lay.D4}u + c{i}], k{i})" for i in range(n)) for r in range(lay.BM)]
+    # quantized K: each scale read once and applied once to its group's partial dot
+    w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
+    words = sh.quant_block_words(kt)
+    for g, members in enumerate(groups):
+        if words is None:  # int8: one scale for the row
+            w.line(f"let kw{g} = kw;")
+        else:  # the group's block (clamped: past the head dim the values are discarded)
+            w.line(f"let kw{g} = kw + min({g}u, (n_dot4 >> 3u) - 1u) * {words}u;")
+        w.line(f"let d{g} = qs_{kt}(kw{g});")
+        for i in members:
+            c = f"min(c{i}, n_dot4 - 1u)" + (" & 7u" if words is not None else "")
+            w.line(f"let c{i} = part + {lay.KL * i}u;")
+            w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, {c}), c{i} < n_dot4);")
+    return [" + ".join(f"d{g} * (" + " + ".join(f"dot(q_sh[{r * lay.D4}u + c{i}], k{i})" for i in members) + ")"
+                       for g, members in enumerate(groups))
+            for r in range(lay.BM)]
+
+
+def _lazy_dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
+    """SMX=2: invocation i scores keys i, i + WG, ... of the tile whole (kept as s{n}_{r} for a
+    raise), writes each probability against the shared maximum m{r}, and flags the tile when
+    a score passes that maximum by more than LAZY_MARGIN."""
+    BM, WG = lay.BM, lay.WG
+    for n in range(lay.BN // WG):
+        for r in range(BM):
+            w.line(f"var s{n}_{r} = {NEG_INF};")
+        with w.block(""):
+            w.line(f"let jl = lid + {WG * n}u;")
+            w.line("let part = 0u;")
+            w.line("let kj = k0 + i32(jl);  // before the K vec4s k0, k1, ... shadow the tile's k0")
+            _key_row(w, sh, v_rows_shared, None)
+            terms = _key_dots(w, sh, lay)
+            for r in range(BM):
+                with w.block(""):
+                    w.line(f"let qi = q0 + {r};")
+                    w.line(f"s{n}_{r} = select({NEG_INF}, {_score(sh, terms[r], 'kj')}, kj < n_keys);")
+                    w.line(f"p_sh[jl * {BM}u + {r}u] = {_prob(f's{n}_{r}', f'm{r}')};")
+                    with w.block(f"if (s{n}_{r} > m{r} + {LAZY_MARGIN})"):
+                        w.line("atomicOr(&wg_raise, 1u);")
+
+
+def _prob(s: str, m: str) -> str:
+    """The probability of score `s` against maximum `m`: NaN for a NaN score (so that the
+    row's sum, and with it the row, is NaN), 0 for a masked one."""
+    return f"select(exp_sub({s}, {m}), {NAN}, is_nan({s}))"
+
+
+def _lazy_raise(w: Writer, lay: StreamLayout) -> None:
+    """SMX=2: after the dot phase (a barrier), if a score passed the shared maximum: the tile's
+    maximum per row (each invocation's own keys, then LAZY_REDUCE_LANES invocations per row,
+    then one), the new maximum in m_fin, every accumulator rescaled to it and the tile's
+    probabilities written again."""
+    BM, WG = lay.BM, lay.WG
+    lanes = max(1, min(LAZY_REDUCE_LANES, WG // BM))
+    keys = range(lay.BN // WG)
+    w.line("let raise = workgroupUniformLoad(&wg_raise);")
+    with w.block("if (raise != 0u)"):
+        for r in range(BM):
+            own = f"s0_{r}"
+            for n in keys[1:]:
+                own = f"max({own}, s{n}_{r})"
+            w.line(f"sp[{r * WG}u + lid] = {own};")
+        w.line("workgroupBarrier();")
+        with w.block(f"for (var x = lid; x < {BM * lanes}u; x = x + {WG}u)"):
+            w.line(f"let r = x / {lanes}u;")
+            w.line(f"var mx = {NEG_INF};")
+            with w.block(f"for (var i = x % {lanes}u; i < {WG}u; i = i + {lanes}u)"):
+                w.line(f"mx = max(mx, sp[r * {WG}u + i]);")
+            w.line("p_sh[x] = mx;  // rewritten below")
+        w.line("workgroupBarrier();")
+        for r in range(BM):
+            with w.block(f"if (lid == {r}u)"):
+                w.line(f"var mx = m{r};")
+                with w.block(f"for (var i = 0u; i < {lanes}u; i = i + 1u)"):
+                    w.line(f"mx = max(mx, p_sh[{r * lanes}u + i]);")
+                w.line(f"m_fin[{r}] = mx;")
+        w.line("workgroupBarrier();")
+        with w.block("if (lid == 0u)"):
+            w.line("atomicStore(&wg_raise, 0u);")
+        for r in range(BM):
+            w.line(f"let mn{r} = m_fin[{r}];")
+            w.line(f"let al{r} = select(exp_sub(m{r}, mn{r}), 1.0, is_neg_inf(mn{r}));")
+            w.line(f"o{r} = o{r} * al{r};")
+            w.line(f"l{r} = l{r} * al{r};")
+            w.line(f"m{r} = mn{r};")
+        for n in keys:
+            for r in range(BM):
+                w.line(f"p_sh[(lid + {WG * n}u) * {BM}u + {r}u] = {_prob(f's{n}_{r}', f'm{r}')};")
+        w.line("workgroupBarrier();")
 
 
 def _scale_groups(sh: Shader, kt: str, lay: StreamLayout) -> list[list[int]] | None:
@@ -273,10 +383,12 @@ def _softmax_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
 
 
 def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
-    """SMX: o = o * al + p.v over the invocation's keys, p and al from workgroup memory."""
+    """o += p.v over the invocation's keys, p from workgroup memory: after SMX=1's rescale by
+    al (from workgroup memory), or summing l (SMX=2, whose raise rescaled o and l)."""
     KC, BM = lay.KC, lay.BM
-    for r in range(BM):
-        w.line(f"o{r} = o{r} * al_sh[kg * {BM}u + {r}u];")
+    if lay.SMX == 1:
+        for r in range(BM):
+            w.line(f"o{r} = o{r} * al_sh[kg * {BM}u + {r}u];")
     with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
         for u in range(KC):
             w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
@@ -285,6 +397,8 @@ def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) ->
             for r in range(BM):
                 # a key with p = 0 adds nothing, even an inf/NaN value
                 w.line(f"let p{u}_{r} = p_sh[jl{u} * {BM}u + {r}u];")
+                if lay.SMX == 2:
+                    w.line(f"l{r} = l{r} + p{u}_{r};")
                 w.line(f"o{r} = o{r} + select(vec4<f32>(p{u}_{r}) * v{u}, vec4<f32>(), p{u}_{r} == 0.0);")
 
 
@@ -292,7 +406,7 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     """Merge the KG key groups' states per row (log-sum-exp), apply the sink, store."""
     s = sh.spec
     BM, KG, CG, RC = lay.BM, lay.KG, lay.CG, lay.RC
-    if lay.SMX:  # the softmax-phase owners hold the states
+    if lay.SMX == 1:  # the softmax-phase owners hold the states
         for i in range(_pairs(lay)):
             with w.block(f"if (pi{i} < {KG * BM}u)"):
                 w.line(f"m_red[pi{i}] = m{i};")
@@ -301,7 +415,8 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
         with w.block("if (cg == 0u)"):
             for r in range(BM):
                 w.line(f"m_red[kg * {BM}u + {r}u] = m{r};")
-                w.line(f"l_red[kg * {BM}u + {r}u] = select(l{r}, {NAN}, nan{r});")
+                lr = f"l{r}" if lay.SMX == 2 else f"select(l{r}, {NAN}, nan{r})"
+                w.line(f"l_red[kg * {BM}u + {r}u] = {lr};")
     w.line("workgroupBarrier();")
     with w.block(f"for (var r = lid; r < {BM}u; r = r + {lay.WG}u)"):  # an invocation per row
         w.line(f"var mm = {NEG_INF};")
@@ -323,7 +438,7 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
         w.line(f"l_fin[r] = select(ll, {NAN}, bad);")
     w.line("workgroupBarrier();")
     for r in range(BM):  # this invocation's share, rescaled to the row's final max
-        own = f"m_red[kg * {BM}u + {r}u]" if lay.SMX else f"m{r}"
+        own = f"m_red[kg * {BM}u + {r}u]" if lay.SMX == 1 else f"m{r}"
         w.line(f"o{r} = o{r} * exp_sub({own}, m_fin[{r}]);")
     # each round: RC rows' outputs of every key group, [key group][row][column group] vec4s in
     # o_red, or (merge_in_sp) in sp, free after the loop's last barrier, as component-major

@@ -39,7 +39,9 @@ def stream(**kw) -> Plan:
     (dict(workgroup_size=128, keys_per_step=8), 4, 32, "split evenly"),
     (dict(lanes_per_key=3), 4, 64, "power of two"),
     (dict(), 3, 64, "BM=3 must be a power of two"),
-    (dict(softmax_phase=2), 4, 64, "SMX=2 must be 0 or 1"),
+    (dict(softmax_phase=3), 4, 64, "SMX=3 must be 0, 1 or 2"),
+    (dict(softmax_phase=2), 4, 64, "SMX=2 scores each key whole in one invocation: it needs KL=1"),
+    (dict(softmax_phase=2, lanes_per_key=1, workgroup_size=128), 4, 64, "BN=64 >= WG=128"),
 ])
 def test_stream_layout_rejects_what_it_cannot_map(kw, BM, BN, msg) -> None:
     with pytest.raises(LoweringError, match=msg):
@@ -73,15 +75,15 @@ def problems(draw):
     Hkv = draw(st.integers(1, 2))
     dims = dict(B=draw(st.integers(1, 2)), Hq=group * Hkv, Hkv=Hkv, S=draw(st.integers(1, 6)),
                 T=draw(st.integers(1, 300)), D=4 * draw(st.integers(1, 24)), Dv=4 * draw(st.integers(1, 24)))
-    kl = draw(st.sampled_from([1, 2, 4]))
+    smx = draw(st.integers(0, 2))
+    kl = 1 if smx == 2 else draw(st.sampled_from([1, 2, 4]))  # SMX=2: one lane per key
     wg = draw(st.sampled_from([32, 64, 128]))
     dvc = draw(st.sampled_from([4, 8, 16, 32, 64, 128]).filter(lambda c: c // 4 <= wg))
     kg = wg // (dvc // 4)
     kc = draw(st.sampled_from([1, 2, 4]))
-    bn = draw(st.sampled_from([32, 64, 128]).filter(lambda b: b % (kg * kc) == 0))
+    bn = draw(st.sampled_from([32, 64, 128]).filter(lambda b: b % (kg * kc) == 0 and (smx < 2 or b >= wg)))
     plan = stream(workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc, query_dim=-(-dims["D"] // (4 * kl)) * 4 * kl,
-                  value_columns=dvc,
-                  softmax_phase=draw(st.integers(0, 1)))
+                  value_columns=dvc, softmax_phase=smx)
     # row tiles up to 4 here (lavapipe compiles 8-row stream tiles for seconds); 8 rows run
     # in test_stream_many_rows
     tun = {"BM": draw(st.sampled_from([1, 2, 4])), "BN": bn}
@@ -104,7 +106,7 @@ def test_stream_matches_reference(spec, problem, require_adapters) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ADAPTERS)
-@pytest.mark.parametrize("smx", [0, 1])
+@pytest.mark.parametrize("smx", [0, 1, 2])
 def test_stream_nan_value_of_a_visible_key_poisons_only_its_rows(spec, smx, require_adapters) -> None:
     dev = require_adapters(spec)[0]
     rng = np.random.default_rng(3)
@@ -113,8 +115,8 @@ def test_stream_nan_value_of_a_visible_key_poisons_only_its_rows(spec, smx, requ
     v = rng.standard_normal((1, 2, 200, 64)).astype(np.float32)
     v[0, 1, 17, 5] = np.nan
     dims = dict(B=1, Hq=4, Hkv=2, S=2, T=200, D=64, Dv=64)
-    op = api.prepare(dims, np.float32, device=dev, plan=stream(softmax_phase=smx), tunables={"BM": 4, "BN": 64},
-                     nsplit=2)
+    op = api.prepare(dims, np.float32, device=dev, plan=stream(softmax_phase=smx, lanes_per_key=1 if smx == 2 else 2),
+                     tunables={"BM": 4, "BN": 64}, nsplit=2)
     op.bind(q, k, v)
     op.run()
     o, _ = op.result()
@@ -148,19 +150,20 @@ def test_tiled_decode_still_matches_reference(spec, require_adapters) -> None:
 
 @pytest.mark.sanitize
 @pytest.mark.gpu
-@pytest.mark.parametrize(("smx", "nsplit"), [(0, 3), (1, 3), (1, 1)])
+@pytest.mark.parametrize(("smx", "nsplit"), [(0, 3), (1, 3), (1, 1), (2, 3)])
 def test_stream_many_rows(smx, nsplit, require_adapters) -> None:
     """Packed GQA decode with 16 query heads per KV head in 8-row tiles (the merge through the
-    partial-dot array, in two rounds of 4 rows), split or not."""
+    partial-dot array, in rounds of 4 rows, or of 2 where one lane per key halves that
+    array), split or not."""
     dev = require_adapters("wgpu:vulkan")[0]
     rng = np.random.default_rng(5)
     dims = dict(B=1, Hq=32, Hkv=2, S=1, T=700, D=64, Dv=64)
     q = rng.standard_normal((1, 32, 1, 64)).astype(np.float32)
     k = rng.standard_normal((1, 2, 700, 64)).astype(np.float32)
     v = rng.standard_normal((1, 2, 700, 64)).astype(np.float32)
-    plan = stream(softmax_phase=smx)
+    plan = stream(softmax_phase=smx, lanes_per_key=1 if smx == 2 else 2)
     lay = stream_layout(plan, 8, 64)
-    assert lay.merge_in_sp and lay.RC == 4
+    assert lay.merge_in_sp and lay.RC == (2 if smx == 2 else 4)  # as many rows as the partial dots' array holds
     op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 8, "BN": 64}, nsplit=nsplit,
                      softcap=30.0, return_lse=True)
     op.bind(q, k, v)
@@ -169,3 +172,56 @@ def test_stream_many_rows(smx, nsplit, require_adapters) -> None:
     o_ref, lse_ref = attention_ref(q, k, v, softcap=30.0, return_lse=True)
     assert_close(o, o_ref, 1e-5, "o")
     assert_close(lse, lse_ref, 1e-5, "lse")
+
+
+# --------------------------------------------------------------------------- SMX=2's shared maximum
+def _lazy_case(rng, kind: str, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q, k, v (one KV head, two query heads, 3 rows) whose scores (scale 1, exact in f32)
+    exercise the shared maximum: `rising` passes it by more than the margin on every tile
+    (a raise per tile), `below` stays within the margin after the first tile (no raise),
+    `huge` has |s| in the thousands in both signs, `late` puts the row's largest scores
+    (about 40x the others) in the last 40 keys."""
+    q = rng.integers(-3, 4, (1, 2, 3, 32)).astype(np.float32)
+    k = rng.integers(-3, 4, (1, 1, T, 32)).astype(np.float32)
+    v = rng.standard_normal((1, 1, T, 32)).astype(np.float32)
+    if kind == "rising":  # the score of key j is 0.5 j (+ q's row sum / 64): 32 more per 64-key tile
+        k[0, 0] = np.arange(T, dtype=np.float32)[:, None] / 64 + rng.integers(0, 2, (T, 32)) / 64
+        q[...] = 1.0
+    elif kind == "below":
+        q, k = q / 8, k / 8
+    elif kind == "huge":
+        q = rng.integers(-25, 26, (1, 2, 3, 32)).astype(np.float32)
+        k = rng.integers(-25, 26, (1, 1, T, 32)).astype(np.float32)
+    elif kind == "late":
+        k[0, 0, T - 40:] *= 40.0
+    return q, k, v
+
+
+@pytest.mark.sanitize
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ADAPTERS)
+@pytest.mark.parametrize("kind", ["rising", "below", "huge", "late"])
+@pytest.mark.parametrize("nsplit", [1, 3])
+def test_shared_maximum_raises_where_scores_pass_it(spec, kind, nsplit, require_adapters) -> None:
+    """SMX=2 against the reference where the shared maximum rises on every tile, never after
+    the first, by thousands, or on the last tile only; also under a sliding window that masks
+    a split's first tiles whole (its maximum stays -inf there), soft-capping and the lse."""
+    dev = require_adapters(spec)[0]
+    rng = np.random.default_rng(11)
+    T = 450
+    q, k, v = _lazy_case(rng, kind, T)
+    if kind == "huge":
+        assert np.abs(np.einsum("bhid,bjd->bhij", q, k[:, 0])).max() > 3e3
+    dims = dict(B=1, Hq=2, Hkv=1, S=3, T=T, D=32, Dv=32)
+    plan = stream(softmax_phase=2, lanes_per_key=1, query_dim=32, value_columns=32)
+    for opts in (dict(), dict(window=(100, 0), return_lse=True), dict(softcap=50.0, return_lse=True)):
+        op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 4, "BN": 64}, nsplit=nsplit,
+                         scale=1.0, **opts)
+        assert op.plan.softmax_phase == 2
+        op.bind(q, k, v)
+        op.run()
+        o, lse = op.result()
+        ref_o, ref_lse = attention_ref(q, k, v, scale=1.0, **{**opts, "return_lse": True})
+        assert_close(o, ref_o, 1e-5, f"o {opts}")
+        if opts.get("return_lse"):
+            assert_close(lse, ref_lse, 1e-5, f"lse {opts}")

@@ -94,10 +94,11 @@ def test_a_table_entry_past_the_pool_is_named(device) -> None:
         attnc.paged_attention(q, kp, vp[:, :, :2], table, device=device)
 
 
-STREAM_PAGED = [  # (plan fields, BM, BN): the stream strategy with and without its softmax phase
+STREAM_PAGED = [  # (plan fields, BM, BN): the stream strategy with each softmax placement
     (dict(lanes_per_key=2, softmax_phase=0), 4, 32),
     (dict(lanes_per_key=1, softmax_phase=1), 8, 64),
     (dict(lanes_per_key=4, softmax_phase=0), 1, 32),
+    (dict(lanes_per_key=1, softmax_phase=2), 2, 32),
 ]
 
 

@@ -176,13 +176,15 @@ def test_stream_plans_over_quantized_caches(spec, data, require_adapters) -> Non
     """The stream strategy reads a quantized K block by block (each scale once per lane, applied
     to its block's partial dot; int8: once per row) and a quantized V through each key's first
     word, found once per tile: lanes per key 1 to 16 (16 does not divide a block: plain loads),
-    with and without the softmax phase, head dims 32 to 128 (96: three blocks) with the query
+    each softmax placement (SMX 0, 1, 2), head dims 32 to 128 (96: three blocks) with the query
     dim exact or padded past them, GQA, splits, options, K and V in different formats."""
     dev = require_adapters(spec)[0]
     BM, BN = data.draw(st.sampled_from([(1, 32), (4, 32), (8, 64)]))
     # lanes per key; the partial dots take BN * KL * BM words of the 32 KiB lavapipe grants
-    KL = data.draw(st.sampled_from([x for x in (1, 2, 4, 8, 16) if x * BM * BN <= 4096]))
-    smx = data.draw(st.integers(0, 1))
+    smx = data.draw(st.integers(0, 2))
+    KL = 1 if smx == 2 else data.draw(st.sampled_from([x for x in (1, 2, 4, 8, 16) if x * BM * BN <= 4096]))
+    if smx == 2:  # a key per lane: tiles of at least the workgroup's 64 keys
+        BN = max(BN, 64)
     kf, vf = data.draw(st.sampled_from(quant.FORMATS)), data.draw(FORMATS)
     D, Dv = data.draw(st.sampled_from([32, 64, 96, 128])), data.draw(st.sampled_from([32, 96]))
     group, hkv = data.draw(st.sampled_from([1, 3])), data.draw(st.integers(1, 2))
