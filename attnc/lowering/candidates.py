@@ -26,7 +26,7 @@ from attnc.lowering.schedule import (
 
 # (BN, WG, KL, KC) of the stream strategy, most promising first
 STREAM_SHAPES = [(64, 128, 2, 4), (128, 128, 2, 4), (64, 64, 2, 4), (128, 256, 2, 4), (64, 128, 1, 4),
-                 (32, 64, 2, 4)]
+                 (32, 64, 2, 4), (256, 128, 1, 4)]
 
 
 def fits(caps: Capabilities, plan: Plan, tun: dict[str, int]) -> bool:
@@ -110,7 +110,8 @@ def candidates(caps: Capabilities, dims: dict[str, int], base: Plan, families: l
             for bn, wg, kl, kc in STREAM_SHAPES:
                 ns0 = split_count(caps, dims, bm, bn, group > 1, stream=True)
                 for si, ns in enumerate(dict.fromkeys([ns0, 2 * ns0, max(1, ns0 // 2)])):
-                    for smx in (1, 0) if bm >= 4 else (0,):
+                    # the shared maximum (SMX=2) where a lane scores a key and a tile covers the workgroup
+                    for smx in (1, 0) if bm >= 4 else ((0, 2) if kl == 1 and bn >= wg else (0,)):
                         add(si + bi, stream_plan(base, dims, workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc,
                                                  softmax_phase=smx), {"BM": bm, "BN": bn}, ns)
     for si, ns in enumerate(splits):

@@ -86,14 +86,18 @@ def row_tiles(dims: dict[str, int], bm: int) -> int:
 
 def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal: bool = False,
              f16: bool = False, explicit_family: bool = False, f16_math: bool = False,
-             vector_loads: bool = True) -> tuple[Plan, dict[str, int]]:
+             vector_loads: bool = True, quantized_k: bool = False) -> tuple[Plan, dict[str, int]]:
     """The heuristic plan and kernel tunables for a shape (a tuned choice overrides it).
 
     From the tuning runs in docs/bench/ (no vendor names: adapter type and limits only):
     - short query rows (S <= 16: decoding, cross-attention): the stream strategy (K/V read
       straight from storage) with row tiles of up to 16 rows (4 on a CPU adapter; query heads
       of a KV head packed into rows), split over KV, with a softmax phase (SMX) from 8 rows
-      (H200 dec_gqa8 about 10 % faster with it) and >= 2 KV tiles per split; on a CPU adapter
+      (H200 dec_gqa8 about 10 % faster with it) and >= 2 KV tiles per split; on a GPU, a
+      quantized K (`quantized_k`) with one row per tile takes one lane per key, tiles of a
+      key per invocation and the probabilities in the dot phase (SMX=2: H200 kv_dec1_h128, q8_0, q4_0 and int8,
+      5-11 % faster; slower with f16 K, whose rows one lane reads in 8-byte pieces, and with
+      4 or 8 rows per tile); on a CPU adapter
       without GQA, the rows strategy (one query row per invocation) from ROWS_TILE rows, and
       below that where stream does not apply (with fewer rows its workgroups idle: stream is
       1.1-3.6x faster at S = 1 and 4 on lavapipe, llvmpipe GL and Dawn, 2026-12-04); on a GPU with at least 32
@@ -181,10 +185,11 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
             dvc = min(dvc, 4 * wg)
             dq = max(8, pow2ceil(dims["D"])) if cpu else -(-dims["D"] // 8) * 8  # CPU: fewer shaders to compile
             # packed GQA: a softmax phase from 8 rows, one lane per key from 16 (tuned on the H200)
+            shared_max = quantized_k and bm == 1 and not cpu  # SMX=2
             plan = stream_plan(Plan(family, storage, dialect), dims, workgroup_size=wg,
-                               lanes_per_key=1 if bm >= 16 else 2, keys_per_step=4,
-                               softmax_phase=int(bm >= 8), query_dim=dq, value_columns=dvc)
-            tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4)}
+                               lanes_per_key=1 if bm >= 16 or shared_max else 2, keys_per_step=4,
+                               softmax_phase=2 if shared_max else int(bm >= 8), query_dim=dq, value_columns=dvc)
+            tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4, wg if shared_max else 0)}
             if 4 * stream_layout(plan, tun["BM"], tun["BN"]).smem_words <= \
                     caps.limit("max-compute-workgroup-storage-size"):
                 return plan, tun

@@ -97,6 +97,29 @@ def test_gpu_decode_with_8_packed_rows_takes_a_softmax_phase_and_long_splits() -
     assert schedule.split_count(gpu, h128, 1, 128, packed=True, stream=True) == 64  # 512 workgroups
 
 
+def test_gpu_decode_over_a_quantized_k_shares_the_maximum_with_one_row_per_tile() -> None:
+    """A quantized K with one query row per tile (kv_dec1_h128): one lane per key, a key per
+    invocation in each tile, probabilities in the dot phase (SMX=2), valid for the layout;
+    the same shape over f16 K, packed GQA rows over a quantized K, and a CPU adapter keep
+    their plans."""
+    from attnc.lowering.plan import Family, Strategy, stream_layout
+
+    gpu = h200_like()
+    h128 = dict(B=1, Hq=8, Hkv=8, S=1, T=16384, D=128, Dv=128)
+    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, h128, f16=True, quantized_k=True)
+    assert (plan.strategy, plan.softmax_phase, plan.lanes_per_key) == (Strategy.STREAM, 2, 1)
+    assert tun == {"BM": 1, "BN": plan.workgroup_size}
+    stream_layout(plan, tun["BM"], tun["BN"])  # (raises if it does not map)
+    h64 = dict(h128, Hq=16, Hkv=16, D=64, Dv=64)
+    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, h64, quantized_k=True)
+    assert plan.softmax_phase == 2 and tun["BN"] >= plan.workgroup_size
+    assert schedule.plan_for(gpu, Family.SUBGROUPS, h128, f16=True)[0].softmax_phase == 0
+    gqa8 = dict(h128, Hq=64, D=64, Dv=64)
+    assert schedule.plan_for(gpu, Family.SUBGROUPS, gqa8, quantized_k=True)[0].softmax_phase == 1
+    cpu = h200_like(adapter_type="CPU", subgroup_size=8, subgroup_lanes_contiguous=8)
+    assert schedule.plan_for(cpu, Family.SUBGROUPS, h128, quantized_k=True)[0].softmax_phase != 2
+
+
 def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
     """A 128x64 prefill tile with 32 outputs per invocation (vit: Dv = 64) takes the chunked-p
     plan, under SHARED_SMEM (the whole p tile needs 42 KiB); 48 outputs (Dv 72 or 96) with many
