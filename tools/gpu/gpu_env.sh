@@ -28,12 +28,21 @@ if [ -z "${ATTNC_GPU_ENV_DONE:-}" ]; then
   export ATTNC_GPU_ENV_DONE=1
 fi
 
-# write_env_txt FILE: the date, the GPU and its driver, Python and the checkout's commit.
+# write_env_txt FILE: the date, the GPU and its driver, Python, the checkout's commit and a
+# digest of the package's files (the commit line can be stale where the tree was copied onto
+# the machine without its history; the same command on a checkout says which tree it was).
 write_env_txt() {
   {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
     python3 --version
     git log -1 --format='%H %s' 2>/dev/null || true
+    echo "attnc files sha1: $(attnc_digest)"
   } > "$1" 2>&1
+}
+
+# attnc_digest: one sha1 over the package's files (names and contents), run from the repo root.
+attnc_digest() {
+  find attnc -type f \( -name '*.py' -o -name '*.lark' -o -name '*.wgsl' -o -name '*.json' \) | LC_ALL=C sort \
+    | xargs sha1sum | sha1sum | cut -c1-12
 }
