@@ -26,7 +26,7 @@ from attnc.lowering.schedule import (
 
 # (BN, WG, KL, KC) of the stream strategy, most promising first
 STREAM_SHAPES = [(64, 128, 2, 4), (128, 128, 2, 4), (64, 64, 2, 4), (128, 256, 2, 4), (64, 128, 1, 4),
-                 (32, 64, 2, 4), (256, 128, 1, 4)]
+                 (32, 64, 2, 4), (256, 128, 1, 4), (128, 256, 8, 4)]
 
 
 def fits(caps: Capabilities, plan: Plan, tun: dict[str, int]) -> bool:

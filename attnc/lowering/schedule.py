@@ -183,12 +183,18 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
             # a vec4 of output columns per invocation of a key group at most (Dv > 256 on a CPU
             # adapter, > 1024 on a GPU): a grid axis covers Dv in chunks of these columns
             dvc = min(dvc, 4 * wg)
-            dq = max(8, pow2ceil(dims["D"])) if cpu else -(-dims["D"] // 8) * 8  # CPU: fewer shaders to compile
             # packed GQA: a softmax phase from 8 rows, one lane per key from 16 (tuned on the H200)
             shared_max = quantized_k and bm == 1 and not cpu  # SMX=2
+            # one row of a long head on a GPU: 8 lanes per key, so that a load instruction reads
+            # 64 or 128 contiguous bytes of each key's row, not 16 or 32 (H200 kv_dec1_h128:
+            # 10-14 % faster in f16 and f32; 2 lanes stay best below D = 128 and with more rows;
+            # head dims that are multiples of 32, which 8 lanes of vec4 cover without padding)
+            long_row = bm == 1 and dims["D"] >= 128 and dims["D"] % 32 == 0 and not cpu
+            kl = 1 if bm >= 16 or shared_max else (8 if long_row else 2)
+            dq = max(8, pow2ceil(dims["D"])) if cpu else -(-dims["D"] // (4 * kl)) * 4 * kl  # CPU: fewer shaders
             plan = stream_plan(Plan(family, storage, dialect), dims, workgroup_size=wg,
-                               lanes_per_key=1 if bm >= 16 or shared_max else 2, keys_per_step=4,
-                               softmax_phase=2 if shared_max else int(bm >= 8), query_dim=dq, value_columns=dvc)
+                               lanes_per_key=kl, keys_per_step=4,
+                               softmax_phase=2 if shared_max else int(bm >= 8), query_dim=max(dq, 8), value_columns=dvc)
             tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4, wg if shared_max else 0)}
             if 4 * stream_layout(plan, tun["BM"], tun["BN"]).smem_words <= \
                     caps.limit("max-compute-workgroup-storage-size"):

@@ -97,6 +97,25 @@ def test_gpu_decode_with_8_packed_rows_takes_a_softmax_phase_and_long_splits() -
     assert schedule.split_count(gpu, h128, 1, 128, packed=True, stream=True) == 64  # 512 workgroups
 
 
+def test_gpu_decode_of_one_long_row_reads_each_key_with_8_lanes() -> None:
+    """One query row per tile and a head dim of 128 or more (multiple of 32) on a GPU: 8 lanes
+    per key (f16 and f32), a query dim without padding, a layout that maps; shorter heads,
+    head dims 8 lanes would pad, more rows per tile and CPU adapters keep 2 lanes."""
+    from attnc.lowering.plan import Family, stream_layout
+
+    gpu = h200_like()
+    for D, f16 in ((128, True), (128, False), (256, True)):
+        dims = dict(B=1, Hq=8, Hkv=8, S=1, T=16384, D=D, Dv=D)
+        plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dims, f16=f16)
+        assert (plan.lanes_per_key, plan.query_dim, tun["BM"]) == (8, D, 1)
+        stream_layout(plan, tun["BM"], tun["BN"])
+    h128 = dict(B=1, Hq=8, Hkv=8, S=1, T=16384, D=128, Dv=128)
+    for dims in (dict(h128, D=64, Dv=64), dict(h128, D=136), dict(h128, S=4)):
+        assert schedule.plan_for(gpu, Family.SUBGROUPS, dims)[0].lanes_per_key == 2
+    cpu = h200_like(adapter_type="CPU", subgroup_size=8, subgroup_lanes_contiguous=8)
+    assert schedule.plan_for(cpu, Family.SUBGROUPS, h128)[0].lanes_per_key != 8
+
+
 def test_gpu_decode_over_a_quantized_k_shares_the_maximum_with_one_row_per_tile() -> None:
     """A quantized K with one query row per tile (kv_dec1_h128): one lane per key, a key per
     invocation in each tile, probabilities in the dot phase (SMX=2), valid for the layout;
