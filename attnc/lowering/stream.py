@@ -72,6 +72,11 @@ def emit_stream(sh: Shader) -> Program:
     v_rows_shared = s.gathers(s.value) or s.value.tensor in sh.quant
     if v_rows_shared:
         w.line(f"var<workgroup> vb_sh: array<u32, {BN}>;  // each key's V row base, found once per tile")
+    # K's row found through a table, read by several lanes per key: found once per key, for
+    # the next tile during this one (the first before the loop)
+    k_rows_shared = s.gathers(s.dot.b) and lay.KL > 1
+    if k_rows_shared:
+        w.line(f"var<workgroup> kb_sh: array<u32, {BN}>;  // each key's K row (vec4 index), for the dot phase")
     w.line("var<workgroup> wg_lo: i32;")
     w.line("var<workgroup> wg_hi: i32;")
     sh.privates(w)
@@ -96,6 +101,10 @@ def emit_stream(sh: Shader) -> Program:
         _stage_queries(w, sh, lay)
         w.line("let t_lo = workgroupUniformLoad(&wg_lo);")
         w.line("let t_hi = workgroupUniformLoad(&wg_hi);")
+        if k_rows_shared:
+            with w.block("if (t_lo < t_hi)"):
+                _share_k_rows(w, sh, lay, listed, "t_lo")
+            w.line("workgroupBarrier();")
         states = range(_pairs(lay)) if lay.SMX == 1 else range(BM)  # online-softmax states held
         for r in states:
             if lay.SMX == 1:
@@ -118,18 +127,21 @@ def emit_stream(sh: Shader) -> Program:
                 _lazy_raise(w, lay)
                 _pv_shared(w, sh, lay, v_rows_shared)
             elif lay.SMX == 1:
-                _dot_phase(w, sh, lay, v_rows_shared)
+                _dot_phase(w, sh, lay, v_rows_shared, k_rows_shared)
                 w.line("workgroupBarrier();")
                 _softmax_phase(w, sh, lay)
                 w.line("workgroupBarrier();")
                 _pv_shared(w, sh, lay, v_rows_shared)
             else:
-                _dot_phase(w, sh, lay, v_rows_shared)
+                _dot_phase(w, sh, lay, v_rows_shared, k_rows_shared)
                 w.line("workgroupBarrier();")
                 _pv_phase(w, sh, lay, v_rows_shared)
+            if k_rows_shared:  # kb_sh was last read before the barrier after the dot phase
+                with w.block("if (t + 1 < t_hi)"):
+                    _share_k_rows(w, sh, lay, listed, "t + 1")
             w.line("workgroupBarrier();")
         _merge(w, sh, lay)
-    smem = 4 * (lay.smem_words + (BN if v_rows_shared else 0))
+    smem = 4 * (lay.smem_words + (BN if v_rows_shared else 0) + (BN if k_rows_shared else 0))
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),
                    features(plan) - {"subgroups"}, smem, in_bounds=True)
 
@@ -147,21 +159,25 @@ def _stage_queries(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     w.line("workgroupBarrier();")
 
 
-def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
+def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool, k_rows_shared: bool = False) -> None:
     """Partial q.k dots: KL lanes per key, each over every KL-th vec4 of the head dim. With
-    `v_rows_shared`, the first lane of each key also finds its V row base for the P.V phase."""
+    `v_rows_shared`, the first lane of each key also finds its V row base for the P.V phase;
+    with `k_rows_shared`, the K row comes from kb_sh (found once per key)."""
     with w.block(f"for (var e = lid; e < {lay.BN * lay.KL}u; e = e + {lay.WG}u)"):
         w.line(f"let jl = e / {lay.KL}u;")
         w.line(f"let part = e % {lay.KL}u;")
-        _key_row(w, sh, v_rows_shared, "part == 0u")
+        _key_row(w, sh, v_rows_shared, "part == 0u", "kb_sh[jl]" if k_rows_shared else None)
         for r, terms in enumerate(_key_dots(w, sh, lay)):
             w.line(f"sp[e * {lay.BM}u + {r}u] = {terms};")
 
 
-def _key_row(w: Writer, sh: Shader, v_rows_shared: bool, first_lane: str | None) -> None:
-    """`kb`, the vec4 index of key `jl`'s K row, and (`v_rows_shared`, by the key's
-    `first_lane`: None for every lane) its V row's base in `vb_sh`."""
-    w.line("let kb = k_base(min(k0 + i32(jl), n_keys - 1)) >> 2u;  // past the end: masked below")
+def _key_row(w: Writer, sh: Shader, v_rows_shared: bool, first_lane: str | None, shared: str | None = None) -> None:
+    """`kb`, the vec4 index of key `jl`'s K row (`shared`: where it was found already), and
+    (`v_rows_shared`, by the key's `first_lane`: None for every lane) its V row's base in `vb_sh`."""
+    if shared is None:
+        w.line("let kb = k_base(min(k0 + i32(jl), n_keys - 1)) >> 2u;  // past the end: masked below")
+    else:
+        w.line(f"let kb = {shared};")
     if v_rows_shared:
         row = f"vb_sh[jl] = {_v_row_base(sh, 'min(k0 + i32(jl), n_keys - 1)')};"
         if first_lane is None:
@@ -169,6 +185,18 @@ def _key_row(w: Writer, sh: Shader, v_rows_shared: bool, first_lane: str | None)
         else:
             with w.block(f"if ({first_lane})"):
                 w.line(row)
+
+
+def _share_k_rows(w: Writer, sh: Shader, lay: StreamLayout, listed: bool, tile: str) -> None:
+    """kb_sh: the K row (vec4 index) of each key of tile `tile`, one invocation per key."""
+    with w.block(""):
+        w.line(f"let tn = {tile};")
+        if listed:
+            w.line(f"let kn = i32(t_blocks[blk_rec + 1u + u32(tn)] & {FULL_BIT - 1:#x}u) * {lay.BN};")
+        else:
+            w.line(f"let kn = tn * {lay.BN};")
+        with w.block(f"for (var e = lid; e < {lay.BN}u; e = e + {lay.WG}u)"):
+            w.line("kb_sh[e] = k_base(min(kn + i32(e), n_keys - 1)) >> 2u;")
 
 
 def _key_dots(w: Writer, sh: Shader, lay: StreamLayout) -> list[str]:

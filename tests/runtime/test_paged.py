@@ -99,6 +99,7 @@ STREAM_PAGED = [  # (plan fields, BM, BN): the stream strategy with each softmax
     (dict(lanes_per_key=1, softmax_phase=1), 8, 64),
     (dict(lanes_per_key=4, softmax_phase=0), 1, 32),
     (dict(lanes_per_key=1, softmax_phase=2), 2, 32),
+    (dict(lanes_per_key=4, softmax_phase=1), 8, 32),
 ]
 
 
@@ -108,8 +109,10 @@ STREAM_PAGED = [  # (plan fields, BM, BN): the stream strategy with each softmax
 @given(data=st.data())
 def test_paged_stream_plans_share_each_keys_page(fields, BM, BN, device, data) -> None:
     """The stream strategy finds each key's V row through the table once per tile and shares
-    it (workgroup memory): pages smaller and larger than a tile, tables in any order, GQA rows
-    packed or not, split KV or not, lengths that end inside a page."""
+    it (workgroup memory), and its K row too where several lanes read a key (found for the
+    next tile during this one): pages smaller and larger than a tile, tables in any order, GQA rows
+    packed or not, split KV or not, lengths that end inside a page, with and without a mask
+    that reads data (the loop over a block map's listed tiles)."""
     from attnc.lowering import Family, Plan, Strategy
     from attnc.runtime import api
 
@@ -123,12 +126,16 @@ def test_paged_stream_plans_share_each_keys_page(fields, BM, BN, device, data) -
     plan = Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=32, keys_per_step=4, query_dim=16,
                 value_columns=16, vector_width=4, **fields)
     dims = dict(B=B, Hq=Hkv * group, Hkv=Hkv, S=S, T=T, D=16, Dv=16, NP=kp.shape[0], P=P, NB=NB)
+    keep = rng.random((B, T)) < 0.6
+    mods = {"mask_mod": lambda b, h, i, j: keep[b, j]} if data.draw(st.booleans()) else {}  # a block map: listed tiles
     op = api.prepare_dims(dims, paged=True, kv_lens=lens, causal=True, return_lse=True, device=device, plan=plan,
                           tunables={"BM": BM, "BN": BN}, nsplit=data.draw(st.sampled_from([None, 1, 3])),
-                          inputs={"block_table": table})
+                          inputs={"block_table": table}, **mods)
     assert op.plan.strategy is Strategy.STREAM
-    assert "vb_sh" in op.progs[0].wgsl  # (the gathered V row bases are shared)
+    main = next(p for p in op.progs if p.name == "main")
+    assert "vb_sh" in main.wgsl  # (the gathered V row bases are shared)
+    assert ("kb_sh" in main.wgsl) == (plan.lanes_per_key > 1)  # and K's, where lanes share a key
     o, lse = op(q, kp, vp)
-    ref_o, ref_lse = attention_ref(q, k, v, kv_lens=lens, causal=True, return_lse=True)
+    ref_o, ref_lse = attention_ref(q, k, v, kv_lens=lens, causal=True, return_lse=True, **mods)
     assert_close(o, ref_o, 1e-5, "o")
     assert_close(lse, ref_lse, 1e-5, "lse")
