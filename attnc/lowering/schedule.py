@@ -95,9 +95,10 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
       of a KV head packed into rows), split over KV, with a softmax phase (SMX) from 8 rows
       (H200 dec_gqa8 about 10 % faster with it) and >= 2 KV tiles per split; on a GPU, a
       quantized K (`quantized_k`) with one row per tile takes one lane per key, tiles of a
-      key per invocation and the probabilities in the dot phase (SMX=2: H200 kv_dec1_h128, q8_0, q4_0 and int8,
-      5-11 % faster; slower with f16 K, whose rows one lane reads in 8-byte pieces, and with
-      4 or 8 rows per tile); on a CPU adapter
+      key per invocation and the probabilities in the dot phase (SMX=2: H200 kv_dec1_h128,
+      q8_0, q4_0 and int8, 5-11 % faster; slower with f16 K, whose rows one lane reads in
+      8-byte pieces, and with 4 or 8 rows per tile), and so does an f16 or quantized K on a
+      CPU adapter (lavapipe kv_lp_dec1_h128: 8-24 % faster; f32 K not); on a CPU adapter
       without GQA, the rows strategy (one query row per invocation) from ROWS_TILE rows, and
       below that where stream does not apply (with fewer rows its workgroups idle: stream is
       1.1-3.6x faster at S = 1 and 4 on lavapipe, llvmpipe GL and Dawn, 2026-12-04); on a GPU with at least 32
@@ -184,7 +185,10 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
             # adapter, > 1024 on a GPU): a grid axis covers Dv in chunks of these columns
             dvc = min(dvc, 4 * wg)
             # packed GQA: a softmax phase from 8 rows, one lane per key from 16 (tuned on the H200)
-            shared_max = quantized_k and bm == 1 and not cpu  # SMX=2
+            # one row per tile: SMX=2 over a quantized K on GPUs, and over f16 or quantized K on
+            # CPU adapters, where each exponential taken once instead of once per column group
+            # pays more (lavapipe kv_lp_dec1_h128: 0.76-0.92 of the time; f32 K: 1.0-1.17)
+            shared_max = bm == 1 and (quantized_k or (cpu and f16))
             # one row of a long head on a GPU: 8 lanes per key, so that a load instruction reads
             # 64 or 128 contiguous bytes of each key's row, not 16 or 32 (H200 kv_dec1_h128:
             # 10-14 % faster in f16 and f32; 2 lanes stay best below D = 128 and with more rows;

@@ -119,8 +119,8 @@ def test_gpu_decode_of_one_long_row_reads_each_key_with_8_lanes() -> None:
 def test_gpu_decode_over_a_quantized_k_shares_the_maximum_with_one_row_per_tile() -> None:
     """A quantized K with one query row per tile (kv_dec1_h128): one lane per key, a key per
     invocation in each tile, probabilities in the dot phase (SMX=2), valid for the layout;
-    the same shape over f16 K, packed GQA rows over a quantized K, and a CPU adapter keep
-    their plans."""
+    the same shape over f16 K and packed GQA rows over a quantized K keep their plans on a
+    GPU; a CPU adapter takes SMX=2 over f16 K as well, not over f32 K."""
     from attnc.lowering.plan import Family, Strategy, stream_layout
 
     gpu = h200_like()
@@ -135,8 +135,12 @@ def test_gpu_decode_over_a_quantized_k_shares_the_maximum_with_one_row_per_tile(
     assert schedule.plan_for(gpu, Family.SUBGROUPS, h128, f16=True)[0].softmax_phase == 0
     gqa8 = dict(h128, Hq=64, D=64, Dv=64)
     assert schedule.plan_for(gpu, Family.SUBGROUPS, gqa8, quantized_k=True)[0].softmax_phase == 1
+    # CPU adapters: over f16 and quantized K too, not over f32 K
     cpu = h200_like(adapter_type="CPU", subgroup_size=8, subgroup_lanes_contiguous=8)
-    assert schedule.plan_for(cpu, Family.SUBGROUPS, h128, quantized_k=True)[0].softmax_phase != 2
+    for f16, quantized, smx in ((True, False, 2), (False, True, 2), (False, False, 0)):
+        plan, tun = schedule.plan_for(cpu, Family.SUBGROUPS, h128, f16=f16, quantized_k=quantized)
+        assert plan.softmax_phase == smx and tun["BM"] == 1
+        stream_layout(plan, tun["BM"], tun["BN"])
 
 
 def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:
