@@ -195,10 +195,11 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
             # head dims that are multiples of 32, which 8 lanes of vec4 cover without padding)
             long_row = bm == 1 and dims["D"] >= 128 and dims["D"] % 32 == 0 and not cpu
             kl = 1 if bm >= 16 or shared_max else (8 if long_row else 2)
-            dq = max(8, pow2ceil(dims["D"])) if cpu else -(-dims["D"] // (4 * kl)) * 4 * kl  # CPU: fewer shaders
+            # the query dim: a multiple of 4 * KL (CPU: a power of two, fewer shaders to compile)
+            dq = max(8, pow2ceil(dims["D"]) if cpu else -(-dims["D"] // (4 * kl)) * 4 * kl)
             plan = stream_plan(Plan(family, storage, dialect), dims, workgroup_size=wg,
                                lanes_per_key=kl, keys_per_step=4,
-                               softmax_phase=2 if shared_max else int(bm >= 8), query_dim=max(dq, 8), value_columns=dvc)
+                               softmax_phase=2 if shared_max else int(bm >= 8), query_dim=dq, value_columns=dvc)
             tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4, wg if shared_max else 0)}
             if 4 * stream_layout(plan, tun["BM"], tun["BN"]).smem_words <= \
                     caps.limit("max-compute-workgroup-storage-size"):

@@ -118,7 +118,7 @@ def emit_stream(sh: Shader) -> Program:
         with w.block("for (var t = t_lo; t < t_hi; t = t + 1)"):
             if listed:  # a full tile drops the mask (score_tile_fn)
                 w.line("let listed = t_blocks[blk_rec + 1u + u32(t)];")
-                w.line(f"let k0 = i32(listed & {FULL_BIT - 1:#x}u) * {BN};")
+                w.line(f"let k0 = {_first_key('listed', BN)};")
                 w.line(f"let tile_full = listed >= {FULL_BIT:#x}u;")
             else:
                 w.line(f"let k0 = t * {BN};")
@@ -175,7 +175,7 @@ def _key_row(w: Writer, sh: Shader, v_rows_shared: bool, first_lane: str | None,
     """`kb`, the vec4 index of key `jl`'s K row (`shared`: where it was found already), and
     (`v_rows_shared`, by the key's `first_lane`: None for every lane) its V row's base in `vb_sh`."""
     if shared is None:
-        w.line("let kb = k_base(min(k0 + i32(jl), n_keys - 1)) >> 2u;  // past the end: masked below")
+        w.line(f"let kb = {_k_row('k0 + i32(jl)')};  // past the end: masked below")
     else:
         w.line(f"let kb = {shared};")
     if v_rows_shared:
@@ -187,16 +187,32 @@ def _key_row(w: Writer, sh: Shader, v_rows_shared: bool, first_lane: str | None,
                 w.line(row)
 
 
+def _first_key(entry: str, BN: int) -> str:
+    """The first key of the tile a block map's list `entry` names (its full bit dropped)."""
+    return f"i32({entry} & {FULL_BIT - 1:#x}u) * {BN}"
+
+
+def _k_row(key: str) -> str:
+    """The vec4 index of K row `key`, clamped to the last key (keys past the end are masked)."""
+    return f"k_base(min({key}, n_keys - 1)) >> 2u"
+
+
+def _rescale(m: str, mn: str) -> str:
+    """The factor that takes a state kept against maximum `m` to maximum `mn` (1 while `mn`
+    is still -inf: nothing kept yet)."""
+    return f"select(exp_sub({m}, {mn}), 1.0, is_neg_inf({mn}))"
+
+
 def _share_k_rows(w: Writer, sh: Shader, lay: StreamLayout, listed: bool, tile: str) -> None:
     """kb_sh: the K row (vec4 index) of each key of tile `tile`, one invocation per key."""
     with w.block(""):
         w.line(f"let tn = {tile};")
         if listed:
-            w.line(f"let kn = i32(t_blocks[blk_rec + 1u + u32(tn)] & {FULL_BIT - 1:#x}u) * {lay.BN};")
+            w.line(f"let kn = {_first_key('t_blocks[blk_rec + 1u + u32(tn)]', lay.BN)};")
         else:
             w.line(f"let kn = tn * {lay.BN};")
         with w.block(f"for (var e = lid; e < {lay.BN}u; e = e + {lay.WG}u)"):
-            w.line("kb_sh[e] = k_base(min(kn + i32(e), n_keys - 1)) >> 2u;")
+            w.line(f"kb_sh[e] = {_k_row('kn + i32(e)')};")
 
 
 def _key_dots(w: Writer, sh: Shader, lay: StreamLayout) -> list[str]:
@@ -292,7 +308,7 @@ def _lazy_raise(w: Writer, lay: StreamLayout) -> None:
             w.line("atomicStore(&wg_raise, 0u);")
         for r in range(BM):
             w.line(f"let mn{r} = m_fin[{r}];")
-            w.line(f"let al{r} = select(exp_sub(m{r}, mn{r}), 1.0, is_neg_inf(mn{r}));")
+            w.line(f"let al{r} = {_rescale(f'm{r}', f'mn{r}')};")
             w.line(f"o{r} = o{r} * al{r};")
             w.line(f"l{r} = l{r} * al{r};")
             w.line(f"m{r} = mn{r};")
@@ -355,7 +371,7 @@ def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> 
                 for u in range(1, KC):
                     mx = f"max({mx}, s{u})"
                 w.line(f"let mn = max(m{r}, {mx});")
-                w.line(f"let al = select(exp_sub(m{r}, mn), 1.0, is_neg_inf(mn));")
+                w.line(f"let al = {_rescale(f'm{r}', 'mn')};")
                 w.line(f"o{r} = o{r} * al;")
                 w.line(f"var ps = l{r} * al;")
                 for u in range(KC):
@@ -398,7 +414,7 @@ def _softmax_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                 w.line("mx = max(mx, x);")
                 w.line(f"p_sh[jl * {BM}u + r] = x;")
             w.line(f"let mn = max(m{i}, mx);")
-            w.line(f"let al = select(exp_sub(m{i}, mn), 1.0, is_neg_inf(mn));")
+            w.line(f"let al = {_rescale(f'm{i}', 'mn')};")
             w.line("var ps = 0.0;")
             with w.block(f"for (var n = 0u; n < {lay.NK}u; n = n + 1u)"):
                 w.line(f"let a = (g + {KG}u * n) * {BM}u + r;")

@@ -153,13 +153,13 @@ def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
     spec, fmt = take_item(spec, "KV")
     spec, abl = take_item(spec, "ABL")
     spec, dt = take_dt(spec)
-    if dt is not None and dt != copies[0][0].dtype:  # the other dtype's heuristic plan and inputs
+    other_dtype = dt is not None and dt != copies[0][0].dtype
+    if other_dtype:
         copies = derived_copies(copies, dt.name, lambda c: tuple(x.astype(dt) for x in c))
+    if other_dtype or fmt is not None:  # the heuristic plan of those inputs (over a quantized K)
         base, tun0 = schedule.plan_for(dev.capabilities, schedule.pick_family(dev.capabilities, None), dims,
-                                       causal=case.causal, f16=dt == np.float16)
-    if fmt is not None:  # the heuristic plan over a quantized K
-        base, tun0 = schedule.plan_for(dev.capabilities, schedule.pick_family(dev.capabilities, None), dims,
-                                       causal=case.causal, f16=copies[0][0].dtype == np.float16, quantized_k=True)
+                                       causal=case.causal, f16=copies[0][0].dtype == np.float16,
+                                       quantized_k=fmt is not None)
     spec, base, tun0 = strategy_base(dev, case, dims, spec, base, tun0)
     kw = parse(spec)
     tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
