@@ -133,7 +133,11 @@ class Plan:
     invocation per key group and row) instead of in every invocation that uses it (worth its
     extra barrier when tiles have many rows); softmax_phase=2 computes it once in the dot
     phase (one lane per key), against a maximum the workgroup shares and raises only when a
-    score passes it by a margin (no extra barrier on the tiles that do not).
+    score passes it by a margin (no extra barrier on the tiles that do not); softmax_phase=3
+    (subgroups family) has no phases: the KL lanes of a key, in one subgroup, reduce its dot by
+    shuffles and own DVC/KL of its value columns, so each group of KL lanes streams its own
+    keys with its own online softmax in registers, without workgroup memory or barriers in
+    the KV loop.
 
     Lanes strategy: rows_per_invocation query rows per invocation, query_dim >= D and
     value_columns value columns held in registers; each step reads one key per lane of a
@@ -306,12 +310,29 @@ class StreamLayout:
     CG: int  # column groups: invocations sharing a key, four output columns each
     KG: int  # key groups: each keeps its own online-softmax state over every KG-th key
     RC: int  # rows merged per round at the end
-    SMX: int  # 1: a softmax phase computes each probability once; 2: the dot phase does (shared max)
+    SMX: int  # 1: a softmax phase computes each probability once; 2: the dot phase does (shared max);
+    # 3: each key's KL lanes (one subgroup's) reduce its dot by shuffles and own its value columns
+
+    @property
+    def NG(self) -> int:
+        """SMX=3: lane groups of KL lanes, each streaming every NG-th key of a tile."""
+        return self.WG // self.KL
+
+    @property
+    def NV(self) -> int:
+        """SMX=3: output vec4s a lane owns (columns 4 (part + KL j), j < NV, of the chunk)."""
+        return self.CG // self.KL
+
+    @property
+    def RV(self) -> int:
+        """SMX=3: output vec4s per lane merged per round at the end (workgroup memory of at
+        most 512 vec4s)."""
+        return max(1, min(self.BM * self.NV, 512 // self.WG))
 
     @property
     def NK(self) -> int:
-        """Keys of a tile one invocation visits in the P.V phase."""
-        return self.BN // self.KG
+        """Keys of a tile one invocation visits in the P.V phase (SMX=3: one lane group)."""
+        return self.BN // (self.NG if self.SMX == 3 else self.KG)
 
     @property
     def merge_in_sp(self) -> bool:
@@ -329,6 +350,8 @@ class StreamLayout:
     @property
     def smem_words(self) -> int:
         """Workgroup storage in 4-byte words: q tile, partial dots, merge buffers."""
+        if self.SMX == 3:  # q tile, each lane group's max and sum per row, a merge round, tile bounds
+            return 4 * self.BM * self.D4 + 2 * self.NG * self.BM + 2 * self.BM + 4 * self.RV * self.WG + 2
         smx = self.BN * self.BM + (self.KG * self.BM if self.SMX == 1 else 0) if self.SMX else 0
         o_red = 0 if self.merge_in_sp else 4 * self.KG * self.RC * self.CG
         return 4 * self.BM * self.D4 + self.sp_words + 2 * self.KG * self.BM + 2 * self.BM + o_red + 2 + smx
@@ -351,7 +374,9 @@ def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
         raise LoweringError(f"DVC={plan.value_columns} gives {CG} column groups: it must be a power of two "
                             f"no larger than WG={plan.workgroup_size}")
     KG = plan.workgroup_size // CG
-    if BN % (KG * plan.keys_per_step):
+    if plan.softmax_phase == 3:
+        _check_lane_groups(plan, BM, BN, CG)
+    elif BN % (KG * plan.keys_per_step):
         raise LoweringError(f"BN={BN} keys must split evenly over {KG} key groups x KC={plan.keys_per_step}",
                             notes=("raise BN or lower WG",))
     # rows merged per round: at most one output vec4 per invocation; for packed-GQA tiles of 8
@@ -361,14 +386,36 @@ def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
     RC = max(1, min(BM, KG, 512 // plan.workgroup_size))
     if BM >= 8:
         RC = max(1, min(RC, BN * plan.lanes_per_key * BM // (4 * KG * CG)))
-    if plan.softmax_phase not in (0, 1, 2):
-        raise LoweringError(f"tunable SMX={plan.softmax_phase} must be 0, 1 or 2")
+    if plan.softmax_phase not in (0, 1, 2, 3):
+        raise LoweringError(f"tunable SMX={plan.softmax_phase} must be 0, 1, 2 or 3")
     if plan.softmax_phase == 2 and (plan.lanes_per_key != 1 or BN < plan.workgroup_size or plan.workgroup_size < 16):
         raise LoweringError(f"SMX=2 scores each key whole in one invocation: it needs KL=1 (got {plan.lanes_per_key}) "
                             f"and BN={BN} >= WG={plan.workgroup_size} >= 16",
                             notes=("use SMX=0 or 1 for other shapes",))
     return StreamLayout(BM, BN, plan.workgroup_size, plan.lanes_per_key, plan.keys_per_step, plan.query_dim // 4, CG,
                         KG, RC, plan.softmax_phase)
+
+
+# SMX=3 holds BM x NV output vec4s per lane in registers: at most this many
+LANE_GROUP_MAX_VEC4 = 16
+
+
+def _check_lane_groups(plan: Plan, BM: int, BN: int, CG: int) -> None:
+    """Raise LoweringError unless an SMX=3 stream plan fits: subgroups, KL dividing the
+    column groups, whole steps of KC keys per lane group, registers for the outputs."""
+    kl, wg, kc = plan.lanes_per_key, plan.workgroup_size, plan.keys_per_step
+    if plan.family is not Family.SUBGROUPS:
+        raise LoweringError("SMX=3 reduces each key's dot across its KL lanes by subgroup shuffles: "
+                            "use the subgroups family", notes=("use SMX=0, 1 or 2 in the portable family",))
+    if kl > 32 or CG % kl:
+        raise LoweringError(f"SMX=3: KL={kl} lanes per key must divide the {CG} output vec4s (DVC/4) "
+                            "and be at most 32")
+    if BN % (wg // kl * kc):
+        raise LoweringError(f"SMX=3: BN={BN} keys must split evenly over {wg // kl} lane groups x KC={kc}",
+                            notes=("raise BN or lower WG",))
+    if BM * (CG // kl) > LANE_GROUP_MAX_VEC4:
+        raise LoweringError(f"SMX=3 keeps BM x DVC/(4 KL) = {BM * (CG // kl)} output vec4s per lane in registers; "
+                            f"at most {LANE_GROUP_MAX_VEC4}", notes=("raise KL or lower DVC",))
 
 
 def check_rows(plan: Plan) -> None:

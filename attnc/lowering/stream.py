@@ -25,10 +25,20 @@ the tile's exponentials taken again) when one of its scores passes it by more th
 LAZY_MARGIN, which on most data happens on a split's first tile alone; the other tiles keep
 the two barriers and the P.V phase only multiplies and adds.
 
-No subgroup operations: the same code serves both families.
+SMX=3 (subgroups family) drops the phases. A key belongs to KL neighbouring lanes of one
+subgroup: each dots every KL-th vec4 of its K row, a shuffle butterfly gives all KL the score,
+and each multiplies it into DVC/KL of the key's value columns (every KL-th vec4). So each
+group of KL lanes streams its own keys (every NG-th of a tile) with its own online softmax,
+in registers: no workgroup memory, no barrier and no repeated exponential in the KV loop, and
+the groups' states are merged once at the end. A shader run where a key's KL lanes are not
+neighbours in one subgroup (checked by shuffling the invocation index) writes NaN.
+
+SMX 0-2 use no subgroup operations: the same code serves both families.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from attnc.lowering.blocks import FULL_BIT, record_base
 from attnc.lowering.plan import StreamLayout, stream_layout
@@ -51,6 +61,8 @@ def emit_stream(sh: Shader) -> Program:
     lay = stream_layout(plan, s.BM, s.BN)
     BM, BN, WG, CG, KG, D4 = lay.BM, lay.BN, lay.WG, lay.CG, lay.KG, lay.D4
     w = Writer()
+    if lay.SMX == 3:
+        return _emit_lane_groups(sh, lay, w)
     sh.header(w, False)
     binds = sh.main_bindings(w)
     w.line(f"var<workgroup> q_sh: array<vec4<f32>, {BM * D4}>;")
@@ -215,18 +227,25 @@ def _share_k_rows(w: Writer, sh: Shader, lay: StreamLayout, listed: bool, tile: 
             w.line(f"kb_sh[e] = {_k_row('kn + i32(e)')};")
 
 
-def _key_dots(w: Writer, sh: Shader, lay: StreamLayout) -> list[str]:
+def _q_shared(lay: StreamLayout) -> Callable[[int, int], str]:
+    """Row r's query vec4 that the lane's i-th K vec4 (vec4 c{i} of the row) meets: from q_sh."""
+    return lambda r, i: f"q_sh[{r * lay.D4}u + c{i}]"
+
+
+def _key_dots(w: Writer, sh: Shader, lay: StreamLayout, q: Callable[[int, int], str] | None = None) -> list[str]:
     """Load this lane's vec4s of K row `kb` (every KL-th from `part`, all issued before any is
-    used) and return, per query row of the tile, its dot with them (a partial dot for KL > 1)."""
+    used) and return, per query row of the tile, its dot with them (a partial dot for KL > 1);
+    `q(r, i)` names the query vec4 (default: from q_sh)."""
     kt = sh.spec.dot.b.tensor
     n = lay.D4 // lay.KL
+    q = q or _q_shared(lay)
     groups = _scale_groups(sh, kt, lay)
     if groups is None:
         for i in range(n):
             w.line(f"let c{i} = part + {lay.KL * i}u;")
             w.line(f"let k{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
                    f"c{i} < n_dot4);")
-        return [" + ".join(f"dot(q_sh[{r * lay.D4}u + c{i}], k{i})" for i in range(n)) for r in range(lay.BM)]
+        return [" + ".join(f"dot({q(r, i)}, k{i})" for i in range(n)) for r in range(lay.BM)]
     # quantized K: each scale read once and applied once to its group's partial dot
     w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
     words = sh.quant_block_words(kt)
@@ -240,7 +259,7 @@ def _key_dots(w: Writer, sh: Shader, lay: StreamLayout) -> list[str]:
             c = f"min(c{i}, n_dot4 - 1u)" + (" & 7u" if words is not None else "")
             w.line(f"let c{i} = part + {lay.KL * i}u;")
             w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, {c}), c{i} < n_dot4);")
-    return [" + ".join(f"d{g} * (" + " + ".join(f"dot(q_sh[{r * lay.D4}u + c{i}], k{i})" for i in members) + ")"
+    return [" + ".join(f"d{g} * (" + " + ".join(f"dot({q(r, i)}, k{i})" for i in members) + ")"
                        for g, members in enumerate(groups))
             for r in range(lay.BM)]
 
@@ -448,7 +467,6 @@ def _pv_shared(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) ->
 
 def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     """Merge the KG key groups' states per row (log-sum-exp), apply the sink, store."""
-    s = sh.spec
     BM, KG, CG, RC = lay.BM, lay.KG, lay.CG, lay.RC
     if lay.SMX == 1:  # the softmax-phase owners hold the states
         for i in range(_pairs(lay)):
@@ -462,24 +480,7 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                 lr = f"l{r}" if lay.SMX == 2 else f"select(l{r}, {NAN}, nan{r})"
                 w.line(f"l_red[kg * {BM}u + {r}u] = {lr};")
     w.line("workgroupBarrier();")
-    with w.block(f"for (var r = lid; r < {BM}u; r = r + {lay.WG}u)"):  # an invocation per row
-        w.line(f"var mm = {NEG_INF};")
-        with w.block(f"for (var g = 0u; g < {KG}u; g = g + 1u)"):
-            w.line(f"mm = max(mm, m_red[g * {BM}u + r]);")
-        w.line("var ll = 0.0;")
-        w.line("var bad = false;")
-        with w.block(f"for (var g = 0u; g < {KG}u; g = g + 1u)"):
-            w.line(f"let lg = l_red[g * {BM}u + r];")
-            w.line("bad = bad || is_nan(lg);")
-            w.line(f"ll = ll + lg * exp_sub(m_red[g * {BM}u + r], mm);")
-        if s.sink is not None and not s.split_var:
-            w.line("let z = sink_fn(q0 + i32(r));")
-            w.line("let mf = max(mm, z);")
-            w.line("ll = ll * sink_scale(mm, mf, z) + sink_term(z, mf);")
-            w.line("bad = bad || is_nan(z);")
-            w.line("mm = mf;")
-        w.line("m_fin[r] = mm;")
-        w.line(f"l_fin[r] = select(ll, {NAN}, bad);")
+    _merge_rows(w, sh, lay, KG)
     w.line("workgroupBarrier();")
     for r in range(BM):  # this invocation's share, rescaled to the row's final max
         own = f"m_red[kg * {BM}u + {r}u]" if lay.SMX == 1 else f"m{r}"
@@ -517,6 +518,179 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
             with w.block("if (qi < n_rows && c < n_width)"):
                 _store(w, sh)
         w.line("workgroupBarrier();")
+
+
+def _merge_rows(w: Writer, sh: Shader, lay: StreamLayout, groups: int, bad: str = "false") -> None:
+    """m_fin and l_fin per row from the `groups` states in m_red and l_red ([group][row]): the
+    row's maximum, the sum rescaled to it, the sink (unsplit); l NaN where a group's is or `bad`."""
+    s, BM = sh.spec, lay.BM
+    with w.block(f"for (var r = lid; r < {BM}u; r = r + {lay.WG}u)"):  # an invocation per row
+        w.line(f"var mm = {NEG_INF};")
+        with w.block(f"for (var g = 0u; g < {groups}u; g = g + 1u)"):
+            w.line(f"mm = max(mm, m_red[g * {BM}u + r]);")
+        w.line("var ll = 0.0;")
+        w.line(f"var bad = {bad};")
+        with w.block(f"for (var g = 0u; g < {groups}u; g = g + 1u)"):
+            w.line(f"let lg = l_red[g * {BM}u + r];")
+            w.line("bad = bad || is_nan(lg);")
+            w.line(f"ll = ll + lg * exp_sub(m_red[g * {BM}u + r], mm);")
+        if s.sink is not None and not s.split_var:
+            w.line("let z = sink_fn(q0 + i32(r));")
+            w.line("let mf = max(mm, z);")
+            w.line("ll = ll * sink_scale(mm, mf, z) + sink_term(z, mf);")
+            w.line("bad = bad || is_nan(z);")
+            w.line("mm = mf;")
+        w.line("m_fin[r] = mm;")
+        w.line(f"l_fin[r] = select(ll, {NAN}, bad);")
+
+
+def _emit_lane_groups(sh: Shader, lay: StreamLayout, w: Writer) -> Program:
+    """SMX=3: groups of KL lanes, each streaming every NG-th key of a tile with its own online
+    softmax and its DVC/KL value columns in registers; merged once at the end."""
+    s, plan = sh.spec, sh.plan
+    BM, WG, KL, NG, NV, KC = lay.BM, lay.WG, lay.KL, lay.NG, lay.NV, lay.KC
+    sh.header(w, True)
+    binds = sh.main_bindings(w)
+    w.line(f"var<workgroup> q_sh: array<vec4<f32>, {BM * lay.D4}>;")
+    w.line(f"var<workgroup> m_red: array<f32, {NG * BM}>;  // each lane group's max and sum [group][row]")
+    w.line(f"var<workgroup> l_red: array<f32, {NG * BM}>;")
+    w.line(f"var<workgroup> m_fin: array<f32, {BM}>;")
+    w.line(f"var<workgroup> l_fin: array<f32, {BM}>;")
+    w.line(f"var<workgroup> o_red: array<vec4<f32>, {lay.RV * WG}>;  // a merge round [vec4][group][lane]")
+    w.line("var<workgroup> wg_bad: atomic<u32>;  // a key's lanes were not neighbours in one subgroup")
+    w.line("var<workgroup> wg_lo: i32;")
+    w.line("var<workgroup> wg_hi: i32;")
+    sh.privates(w)
+    sh.functions(w)
+    with w.block(f"@compute @workgroup_size({WG}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
+                 "@builtin(local_invocation_index) lid: u32, @builtin(subgroup_size) sg_size: u32)"):
+        sh.prologue(w)
+        w.line(f"let grp = lid / {KL}u;")
+        w.line(f"let part = lid % {KL}u;")
+        w.line(f"let q0 = i32(qtile) * {BM};")
+        w.line(f"let n_rows = i32(P.d_{s.row.dim});")
+        w.line(f"let n_keys = i32(P.d_{s.kv_dim});")
+        w.line(f"let n_dot4 = P.d_{s.head_dim} >> 2u;")
+        w.line(f"let n_width = P.d_{s.width};")
+        for j in range(NV):  # lanes past Dv read a valid column, never stored
+            w.line(f"let cin{j} = min(dvc * {plan.value_columns}u + (part + {KL * j}u) * 4u, n_width - 4u);")
+        listed = sh.block_mask is not None
+        if listed:
+            w.line(f"let n_kt = (P.d_{s.kv_dim} + {lay.BN - 1}u) / {lay.BN}u;")
+            record_base(w, s, sh.block_mask, "qtile", "n_kt")
+        sh.tile_bounds(w, BM, lay.BN)
+        with w.block("if (lid == 0u)"):  # not left to zero-initialisation, which a driver may skip
+            w.line("atomicStore(&wg_bad, 0u);")
+        _stage_queries(w, sh, lay)
+        w.line("let t_lo = workgroupUniformLoad(&wg_lo);")
+        w.line("let t_hi = workgroupUniformLoad(&wg_hi);")
+        w.line(f"var lanes_ok = sg_size >= {KL}u;")
+        k = 1
+        while k < KL:  # each shuffle on its own line: not under a short-circuit's control flow
+            w.line(f"let lane_x{k} = subgroupShuffleXor(lid, {k}u);")
+            w.line(f"lanes_ok = lanes_ok && lane_x{k} == (lid ^ {k}u);")
+            k *= 2
+        for r in range(BM):
+            for i in range(lay.D4 // KL):
+                w.line(f"let qv{r}_{i} = q_sh[{r * lay.D4}u + part + {KL * i}u];")
+            w.line(f"var m{r} = {NEG_INF};")
+            w.line(f"var l{r} = 0.0;")
+            w.line(f"var nan{r} = false;")
+            for j in range(NV):
+                w.line(f"var o{r}_{j} = vec4<f32>();")
+        with w.block("for (var t = t_lo; t < t_hi; t = t + 1)"):
+            if listed:
+                w.line("let listed = t_blocks[blk_rec + 1u + u32(t)];")
+                w.line(f"let k0 = {_first_key('listed', lay.BN)};")
+                w.line(f"let tile_full = listed >= {FULL_BIT:#x}u;")
+            else:
+                w.line(f"let k0 = t * {lay.BN};")
+            with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
+                _group_step(w, sh, lay)
+        with w.block("if (!lanes_ok)"):
+            w.line("atomicOr(&wg_bad, 1u);")
+        with w.block("if (part == 0u)"):
+            for r in range(BM):
+                w.line(f"m_red[grp * {BM}u + {r}u] = m{r};")
+                w.line(f"l_red[grp * {BM}u + {r}u] = select(l{r}, {NAN}, nan{r});")
+        w.line("workgroupBarrier();")
+        _merge_rows(w, sh, lay, NG, "atomicLoad(&wg_bad) != 0u")
+        w.line("workgroupBarrier();")
+        for r in range(BM):
+            w.line(f"let al{r} = exp_sub(m{r}, m_fin[{r}]);")
+            for j in range(NV):
+                w.line(f"o{r}_{j} = o{r}_{j} * al{r};")
+        owned = [(r, j) for r in range(BM) for j in range(NV)]  # the lane's vec4s, merged RV per round
+        for a in range(0, len(owned), lay.RV):
+            batch = owned[a:a + lay.RV]
+            for slot, (r, j) in enumerate(batch):
+                w.line(f"o_red[{slot * WG}u + lid] = o{r}_{j};")
+            w.line("workgroupBarrier();")
+            with w.block(f"if (lid < {len(batch) * KL}u)"):
+                w.line(f"let slot = lid / {KL}u;")
+                w.line(f"let pp = lid % {KL}u;")
+                w.line("var acc = vec4<f32>();")
+                with w.block(f"for (var g = 0u; g < {NG}u; g = g + 1u)"):
+                    w.line(f"acc = acc + o_red[slot * {WG}u + g * {KL}u + pp];")
+                w.line(f"let own = {a}u + slot;  // (row, vec4) pair own / NV, own % NV")
+                w.line(f"let row = own / {NV}u;")
+                w.line("let qi = q0 + i32(row);")
+                w.line(f"let c = dvc * {plan.value_columns}u + (pp + {KL}u * (own % {NV}u)) * 4u;")
+                w.line("let mm = m_fin[row];")
+                w.line("let ll = l_fin[row];")
+                with w.block("if (qi < n_rows && c < n_width)"):
+                    _store(w, sh)
+            w.line("workgroupBarrier();")
+    return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(), features(plan),
+                   4 * lay.smem_words, in_bounds=True)
+
+
+def _group_step(w: Writer, sh: Shader, lay: StreamLayout) -> None:
+    """SMX=3: KC keys of a lane group: their K and V loads (all issued first), the dots summed
+    across the KL lanes by a shuffle butterfly, the online softmax and o += p.v per row."""
+    KL, NG, NV, KC, BM = lay.KL, lay.NG, lay.NV, lay.KC, lay.BM
+    vt = sh.spec.value.tensor
+    for u in range(KC):
+        w.line(f"let kj{u} = k0 + i32(grp + {NG}u * (i0 + {u}u));")
+        for r in range(BM):
+            w.line(f"var s{u}_{r} = 0.0;")
+        with w.block(""):
+            w.line(f"let kb = {_k_row(f'kj{u}')};")
+            for r, terms in enumerate(_key_dots(w, sh, lay, lambda r, i: f"qv{r}_{i}")):
+                w.line(f"s{u}_{r} = {terms};")
+        w.line(f"let vb{u} = {_v_row_base(sh, f'min(kj{u}, n_keys - 1)')};")
+        for j in range(NV):
+            if vt in sh.quant:
+                w.line(f"let v{u}_{j} = ldr4_{vt}(vb{u}, cin{j} >> 2u);")
+            else:
+                w.line(f"let v{u}_{j} = {sh.read4(vt, f'(vb{u} + cin{j}) >> 2u')};")
+    for u in range(KC):
+        for r in range(BM):
+            k = 1
+            while k < KL:  # every lane of the group ends with the same sum (a + b == b + a)
+                w.line(f"s{u}_{r} = s{u}_{r} + subgroupShuffleXor(s{u}_{r}, {k}u);")
+                k *= 2
+    for r in range(BM):
+        with w.block(""):
+            w.line(f"let qi = q0 + {r};")
+            for u in range(KC):
+                w.line(f"let x{u} = select({NEG_INF}, {_score(sh, f's{u}_{r}', f'kj{u}')}, kj{u} < n_keys);")
+                w.line(f"nan{r} = nan{r} || is_nan(x{u});")
+            mx = "x0"
+            for u in range(1, KC):
+                mx = f"max({mx}, x{u})"
+            w.line(f"let mn = max(m{r}, {mx});")
+            w.line(f"let al = {_rescale(f'm{r}', 'mn')};")
+            w.line(f"var ps = l{r} * al;")
+            for j in range(NV):
+                w.line(f"o{r}_{j} = o{r}_{j} * al;")
+            for u in range(KC):
+                w.line(f"let p{u} = exp_sub(x{u}, mn);")
+                w.line(f"ps = ps + p{u};")
+                for j in range(NV):  # a key with p = 0 adds nothing, even an inf/NaN value
+                    w.line(f"o{r}_{j} = fma(vec4<f32>(p{u}), select(v{u}_{j}, vec4<f32>(), p{u} == 0.0), o{r}_{j});")
+            w.line(f"l{r} = ps;")
+            w.line(f"m{r} = mn;")
 
 
 def _store(w: Writer, sh: Shader) -> None:
