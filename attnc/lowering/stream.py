@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from attnc.errors import LoweringError
 from attnc.lowering.blocks import FULL_BIT, record_base
 from attnc.lowering.plan import StreamLayout, stream_layout
 from attnc.lowering.program import Program
@@ -232,13 +233,17 @@ def _q_shared(lay: StreamLayout) -> Callable[[int, int], str]:
     return lambda r, i: f"q_sh[{r * lay.D4}u + c{i}]"
 
 
-def _key_dots(w: Writer, sh: Shader, lay: StreamLayout, q: Callable[[int, int], str] | None = None) -> list[str]:
-    """Load this lane's vec4s of K row `kb` (every KL-th from `part`, all issued before any is
-    used) and return, per query row of the tile, its dot with them (a partial dot for KL > 1);
-    `q(r, i)` names the query vec4 (default: from q_sh)."""
+def _key_dots(w: Writer, sh: Shader, lay: StreamLayout, q: Callable[[int, int], str] | None = None,
+              runs: bool = False) -> list[str]:
+    """Load this lane's vec4s of K row `kb` (every KL-th from `part`, or with `runs` the lane's
+    own run of D4/KL, all issued before any is used) and return, per query row of the tile,
+    its dot with them (a partial dot for KL > 1); `q(r, i)` names the query vec4 (default:
+    from q_sh)."""
     kt = sh.spec.dot.b.tensor
     n = lay.D4 // lay.KL
     q = q or _q_shared(lay)
+    if runs:
+        return _key_dots_in_runs(w, sh, lay, q)
     groups = _scale_groups(sh, kt, lay)
     if groups is None:
         for i in range(n):
@@ -261,6 +266,35 @@ def _key_dots(w: Writer, sh: Shader, lay: StreamLayout, q: Callable[[int, int], 
             w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, {c}), c{i} < n_dot4);")
     return [" + ".join(f"d{g} * (" + " + ".join(f"dot({q(r, i)}, k{i})" for i in members) + ")"
                        for g, members in enumerate(groups))
+            for r in range(lay.BM)]
+
+
+def block_runs(sh: Shader, tensor: str) -> bool:
+    """SMX=3: whether the lanes of a key own runs of a row's vec4s rather than every KL-th:
+    for q8_0 and q4_0, so that a lane's vec4s share their blocks' scales and words."""
+    return tensor in sh.quant and sh.quant_block_words(tensor) is not None
+
+
+def _key_dots_in_runs(w: Writer, sh: Shader, lay: StreamLayout, q: Callable[[int, int], str]) -> list[str]:
+    """_key_dots for a q8_0 or q4_0 K whose lanes own runs of n = D4/KL vec4s (n divides 8 or 8
+    divides n): one scale per block of the run, read once, applied to that block's partial dot."""
+    kt = sh.spec.dot.b.tensor
+    n = lay.D4 // lay.KL
+    words = sh.quant_block_words(kt)
+    if 8 % n and n % 8:
+        raise LoweringError(f"SMX=3 over a {sh.quant[kt].value} K: each lane's run of DQ/(4 KL) = {n} vec4s must "
+                            "divide a block of 8 or be whole blocks")
+    w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
+    w.line(f"let c_run = part * {n}u;")
+    blocks = [list(range(g, min(g + 8, n))) for g in range(0, n, 8)]
+    for g, members in enumerate(blocks):  # clamped: past the head dim the values are discarded
+        w.line(f"let kw{g} = kw + min((c_run >> 3u) + {g}u, (n_dot4 >> 3u) - 1u) * {words}u;")
+        w.line(f"let d{g} = qs_{kt}(kw{g});")
+        for i in members:
+            w.line(f"let c{i} = c_run + {i}u;")
+            w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, min(c{i}, n_dot4 - 1u) & 7u), c{i} < n_dot4);")
+    return [" + ".join(f"d{g} * (" + " + ".join(f"dot({q(r, i)}, k{i})" for i in members) + ")"
+                       for g, members in enumerate(blocks))
             for r in range(lay.BM)]
 
 
@@ -572,8 +606,10 @@ def _emit_lane_groups(sh: Shader, lay: StreamLayout, w: Writer) -> Program:
         w.line(f"let n_keys = i32(P.d_{s.kv_dim});")
         w.line(f"let n_dot4 = P.d_{s.head_dim} >> 2u;")
         w.line(f"let n_width = P.d_{s.width};")
+        v_runs = block_runs(sh, s.value.tensor)
         for j in range(NV):  # lanes past Dv read a valid column, never stored
-            w.line(f"let cin{j} = min(dvc * {plan.value_columns}u + (part + {KL * j}u) * 4u, n_width - 4u);")
+            w.line(f"let cin{j} = min(dvc * {plan.value_columns}u + ({_own_vec4(lay, v_runs, 'part', j)}) * 4u, "
+                   "n_width - 4u);")
         listed = sh.block_mask is not None
         if listed:
             w.line(f"let n_kt = (P.d_{s.kv_dim} + {lay.BN - 1}u) / {lay.BN}u;")
@@ -590,9 +626,11 @@ def _emit_lane_groups(sh: Shader, lay: StreamLayout, w: Writer) -> Program:
             w.line(f"let lane_x{k} = subgroupShuffleXor(lid, {k}u);")
             w.line(f"lanes_ok = lanes_ok && lane_x{k} == (lid ^ {k}u);")
             k *= 2
+        k_runs = block_runs(sh, s.dot.b.tensor)
         for r in range(BM):
             for i in range(lay.D4 // KL):
-                w.line(f"let qv{r}_{i} = q_sh[{r * lay.D4}u + part + {KL * i}u];")
+                c = f"part * {lay.D4 // KL}u + {i}u" if k_runs else f"part + {KL * i}u"
+                w.line(f"let qv{r}_{i} = q_sh[{r * lay.D4}u + {c}];")
             w.line(f"var m{r} = {NEG_INF};")
             w.line(f"var l{r} = 0.0;")
             w.line(f"var nan{r} = false;")
@@ -606,7 +644,7 @@ def _emit_lane_groups(sh: Shader, lay: StreamLayout, w: Writer) -> Program:
             else:
                 w.line(f"let k0 = t * {lay.BN};")
             with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
-                _group_step(w, sh, lay)
+                _group_step(w, sh, lay, k_runs)
         with w.block("if (!lanes_ok)"):
             w.line("atomicOr(&wg_bad, 1u);")
         with w.block("if (part == 0u)"):
@@ -635,7 +673,7 @@ def _emit_lane_groups(sh: Shader, lay: StreamLayout, w: Writer) -> Program:
                 w.line(f"let own = {a}u + slot;  // (row, vec4) pair own / NV, own % NV")
                 w.line(f"let row = own / {NV}u;")
                 w.line("let qi = q0 + i32(row);")
-                w.line(f"let c = dvc * {plan.value_columns}u + (pp + {KL}u * (own % {NV}u)) * 4u;")
+                w.line(f"let c = dvc * {plan.value_columns}u + ({_own_vec4(lay, v_runs, 'pp', f'own % {NV}u')}) * 4u;")
                 w.line("let mm = m_fin[row];")
                 w.line("let ll = l_fin[row];")
                 with w.block("if (qi < n_rows && c < n_width)"):
@@ -645,7 +683,14 @@ def _emit_lane_groups(sh: Shader, lay: StreamLayout, w: Writer) -> Program:
                    4 * lay.smem_words, in_bounds=True)
 
 
-def _group_step(w: Writer, sh: Shader, lay: StreamLayout) -> None:
+def _own_vec4(lay: StreamLayout, runs: bool, part: str, j: int | str) -> str:
+    """The vec4 of the Dv chunk that lane `part` of a key owns as its j-th: every KL-th, or
+    (`runs`, a q8_0 or q4_0 V) the lane's own run of NV, whose blocks share scales and words."""
+    jj = f"{j}u" if isinstance(j, int) else f"({j})"
+    return f"{part} * {lay.NV}u + {jj}" if runs else f"{part} + {lay.KL}u * {jj}"
+
+
+def _group_step(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool) -> None:
     """SMX=3: KC keys of a lane group: their K and V loads (all issued first), the dots summed
     across the KL lanes by a shuffle butterfly, the online softmax and o += p.v per row."""
     KL, NG, NV, KC, BM = lay.KL, lay.NG, lay.NV, lay.KC, lay.BM
@@ -656,7 +701,7 @@ def _group_step(w: Writer, sh: Shader, lay: StreamLayout) -> None:
             w.line(f"var s{u}_{r} = 0.0;")
         with w.block(""):
             w.line(f"let kb = {_k_row(f'kj{u}')};")
-            for r, terms in enumerate(_key_dots(w, sh, lay, lambda r, i: f"qv{r}_{i}")):
+            for r, terms in enumerate(_key_dots(w, sh, lay, lambda r, i: f"qv{r}_{i}", k_runs)):
                 w.line(f"s{u}_{r} = {terms};")
         w.line(f"let vb{u} = {_v_row_base(sh, f'min(kj{u}, n_keys - 1)')};")
         for j in range(NV):
