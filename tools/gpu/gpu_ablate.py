@@ -4,7 +4,8 @@ in interleaved rounds like gpu_plan_sweep.py. Measurement only: attnc never runs
 Usage: python tools/gpu/gpu_ablate.py DEVICE CASE[,CASE...] [ABLATION ...] [--json FILE]
 Ablations: nosoftmax noreduce nomaxred nosumred norescale smem20 nomask nonan noexp nobar nopv nodot noqstage
 nokstage novstage; of the stream strategy (decoding): snok (no K loads in the dot phase), snov (no V
-loads in the P.V phase), snosp (scores not read back from the partial dots). gpu_plan_sweep.py
+loads in the P.V phase), snosp (scores not read back from the partial dots); of its SMX=3 lane
+groups: gnok (no K loads), gnov (no V loads), gnoshuf (no shuffles summing a key's dot). gpu_plan_sweep.py
 takes any of them as `ABL=a+b` on a variant (f16, quantized KV, any plan)."""
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ EDITS: dict[str, list[tuple[str, str]]] = {
     "snok": [(r"let k(\d+) = select\(vec4<f32>\(\), [^;]*;", r"let k\1 = vec4<f32>(f32(e + \1u) * 1e-3);")],
     # stream strategy: a V vec4 made from the key's index, not loaded
     "snov": [(r"let v(\d+) = [^;]*(?:kj|jl)\1\b[^;]*;", r"let v\1 = vec4<f32>(f32(jl\1) * 1e-3);")],
+    # stream SMX=3 (lane groups): K vec4s from the lane's index, V vec4s from the key's index,
+    # no shuffles summing a key's partial dots
+    "gnok": [(r"let k(\d+) = select\(vec4<f32>\(\), [^;]*;", r"let k\1 = vec4<f32>(f32(lid + \1u) * 1e-3);")],
+    "gnov": [(r"let v(\d+)_(\d+) = [^;]*;", r"let v\1_\2 = vec4<f32>(f32(kj\1) * 1e-3);")],
+    "gnoshuf": [(r"\n *s\d+_\d+ = s\d+_\d+ \+ subgroupShuffleXor\([^;]*;", "")],
     # stream strategy: each score from the key's index, its partial dots not read back
     "snosp": [(r"(score_(?:tile_)?fn\()sp\[\(jl(\d*) \* [^,]*,", r"\1f32(jl\2) * 1e-3,")],
 }
