@@ -233,24 +233,40 @@ def _q_shared(lay: StreamLayout) -> Callable[[int, int], str]:
     return lambda r, i: f"q_sh[{r * lay.D4}u + c{i}]"
 
 
-def _key_dots(w: Writer, sh: Shader, lay: StreamLayout, q: Callable[[int, int], str] | None = None,
-              runs: bool = False) -> list[str]:
-    """Load this lane's vec4s of K row `kb` (every KL-th from `part`, or with `runs` the lane's
-    own run of D4/KL, all issued before any is used) and return, per query row of the tile,
-    its dot with them (a partial dot for KL > 1); `q(r, i)` names the query vec4 (default:
-    from q_sh)."""
+def _key_dots(w: Writer, sh: Shader, lay: StreamLayout, q: Callable[[int, int], str] | None = None) -> list[str]:
+    """Load this lane's vec4s of K row `kb` (every KL-th from `part`, all issued before any is
+    used) and return, per query row of the tile, its dot with them (a partial dot for KL > 1);
+    `q(r, i)` names the query vec4 (default: from q_sh)."""
+    return _dot_terms(_load_key(w, sh, lay, False), lay, q or _q_shared(lay))
+
+
+def _dot_terms(groups: list[list[int]] | None, lay: StreamLayout, q: Callable[[int, int], str],
+               k: Callable[[int], str] = lambda i: f"k{i}", d: Callable[[int], str] = lambda g: f"d{g}") -> list[str]:
+    """Per query row, the dot of its vec4s `q(r, i)` with the lane's D4/KL K vec4s `k(i)`: for
+    a quantized K each group's sum times its scale `d(g)` (`groups`, from _load_key)."""
+    if groups is None:
+        return [" + ".join(f"dot({q(r, i)}, {k(i)})" for i in range(lay.D4 // lay.KL)) for r in range(lay.BM)]
+    return [" + ".join(f"{d(g)} * (" + " + ".join(f"dot({q(r, i)}, {k(i)})" for i in members) + ")"
+                       for g, members in enumerate(groups))
+            for r in range(lay.BM)]
+
+
+def _load_key(w: Writer, sh: Shader, lay: StreamLayout, runs: bool) -> list[list[int]] | None:
+    """Emit this lane's loads of K row `kb` as `k{i}` (vec4 c{i} of the row: every KL-th from
+    `part`, or with `runs` the lane's own run of D4/KL), all issued before any is used, and
+    for a quantized K each group's scale `d{g}` (read once per group). Returns the groups of
+    i that share a scale; None for an unquantized K."""
     kt = sh.spec.dot.b.tensor
     n = lay.D4 // lay.KL
-    q = q or _q_shared(lay)
     if runs:
-        return _key_dots_in_runs(w, sh, lay, q)
+        return _load_key_runs(w, sh, lay)
     groups = _scale_groups(sh, kt, lay)
     if groups is None:
         for i in range(n):
             w.line(f"let c{i} = part + {lay.KL * i}u;")
             w.line(f"let k{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
                    f"c{i} < n_dot4);")
-        return [" + ".join(f"dot({q(r, i)}, k{i})" for i in range(n)) for r in range(lay.BM)]
+        return None
     # quantized K: each scale read once and applied once to its group's partial dot
     w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
     words = sh.quant_block_words(kt)
@@ -264,9 +280,7 @@ def _key_dots(w: Writer, sh: Shader, lay: StreamLayout, q: Callable[[int, int], 
             c = f"min(c{i}, n_dot4 - 1u)" + (" & 7u" if words is not None else "")
             w.line(f"let c{i} = part + {lay.KL * i}u;")
             w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, {c}), c{i} < n_dot4);")
-    return [" + ".join(f"d{g} * (" + " + ".join(f"dot({q(r, i)}, k{i})" for i in members) + ")"
-                       for g, members in enumerate(groups))
-            for r in range(lay.BM)]
+    return groups
 
 
 def block_runs(sh: Shader, tensor: str) -> bool:
@@ -275,9 +289,9 @@ def block_runs(sh: Shader, tensor: str) -> bool:
     return tensor in sh.quant and sh.quant_block_words(tensor) is not None
 
 
-def _key_dots_in_runs(w: Writer, sh: Shader, lay: StreamLayout, q: Callable[[int, int], str]) -> list[str]:
-    """_key_dots for a q8_0 or q4_0 K whose lanes own runs of n = D4/KL vec4s (n divides 8 or 8
-    divides n): one scale per block of the run, read once, applied to that block's partial dot."""
+def _load_key_runs(w: Writer, sh: Shader, lay: StreamLayout) -> list[list[int]]:
+    """_load_key for a q8_0 or q4_0 K whose lanes own runs of n = D4/KL vec4s (n divides 8 or 8
+    divides n): one scale per block of the run."""
     kt = sh.spec.dot.b.tensor
     n = lay.D4 // lay.KL
     words = sh.quant_block_words(kt)
@@ -293,9 +307,7 @@ def _key_dots_in_runs(w: Writer, sh: Shader, lay: StreamLayout, q: Callable[[int
         for i in members:
             w.line(f"let c{i} = c_run + {i}u;")
             w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, min(c{i}, n_dot4 - 1u) & 7u), c{i} < n_dot4);")
-    return [" + ".join(f"d{g} * (" + " + ".join(f"dot({q(r, i)}, k{i})" for i in members) + ")"
-                       for g, members in enumerate(blocks))
-            for r in range(lay.BM)]
+    return blocks
 
 
 def _lazy_dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
@@ -636,15 +648,21 @@ def _emit_lane_groups(sh: Shader, lay: StreamLayout, w: Writer) -> Program:
             w.line(f"var nan{r} = false;")
             for j in range(NV):
                 w.line(f"var o{r}_{j} = vec4<f32>();")
-        with w.block("for (var t = t_lo; t < t_hi; t = t + 1)"):
-            if listed:
-                w.line("let listed = t_blocks[blk_rec + 1u + u32(t)];")
-                w.line(f"let k0 = {_first_key('listed', lay.BN)};")
-                w.line(f"let tile_full = listed >= {FULL_BIT:#x}u;")
-            else:
-                w.line(f"let k0 = t * {lay.BN};")
-            with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
-                _group_step(w, sh, lay, k_runs)
+        # one loop over the group's steps of KC keys (NK / KC per tile): with PF=1 the loads of
+        # the next step are issued before the math on this one, so their latency overlaps it
+        parts = _group_registers(w, sh, lay, k_runs)
+        w.line(f"let n_steps = (t_hi - t_lo) * {lay.NK // KC};")
+        if plan.prefetch:
+            with w.block("if (n_steps > 0)"):
+                _group_fetch(w, sh, lay, k_runs, "0")
+        with w.block("for (var n = 0; n < n_steps; n = n + 1)"):
+            if not plan.prefetch:
+                _group_fetch(w, sh, lay, k_runs, "n")
+            _group_take(w, sh, lay, parts)
+            if plan.prefetch:
+                with w.block("if (n + 1 < n_steps)"):
+                    _group_fetch(w, sh, lay, k_runs, "n + 1")
+            _group_math(w, sh, lay, parts)
         with w.block("if (!lanes_ok)"):
             w.line("atomicOr(&wg_bad, 1u);")
         with w.block("if (part == 0u)"):
@@ -690,27 +708,87 @@ def _own_vec4(lay: StreamLayout, runs: bool, part: str, j: int | str) -> str:
     return f"{part} * {lay.NV}u + {jj}" if runs else f"{part} + {lay.KL}u * {jj}"
 
 
-def _group_step(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool) -> None:
-    """SMX=3: KC keys of a lane group: their K and V loads (all issued first), the dots summed
-    across the KL lanes by a shuffle butterfly, the online softmax and o += p.v per row."""
-    KL, NG, NV, KC, BM = lay.KL, lay.NG, lay.NV, lay.KC, lay.BM
+def _group_registers(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool) -> list[list[int]] | None:
+    """SMX=3: the registers one step's loads go to (per key u of the step: its index fkj{u},
+    K vec4s fk{u}_{i}, scales fd{u}_{g} of a quantized K, V vec4s fv{u}_{j}; fful, whether the
+    step's tile is full in the block map); returns the K scale groups (_load_key's)."""
+    kt = sh.spec.dot.b.tensor
+    n = lay.D4 // lay.KL
+    if k_runs:
+        groups: list[list[int]] | None = [list(range(g, min(g + 8, n))) for g in range(0, n, 8)]
+    else:
+        groups = _scale_groups(sh, kt, lay)
+    for u in range(lay.KC):
+        w.line(f"var fkj{u} = 0;")
+        for i in range(n):
+            w.line(f"var fk{u}_{i} = vec4<f32>();")
+        for g in range(len(groups or [])):
+            w.line(f"var fd{u}_{g} = 0.0;")
+        for j in range(lay.NV):
+            w.line(f"var fv{u}_{j} = vec4<f32>();")
+    if sh.block_mask is not None:
+        w.line("var fful = false;")
+    return groups
+
+
+def _group_fetch(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool, step: str) -> None:
+    """SMX=3: issue the loads of the group's step `step` (of the workgroup's tiles, NK / KC
+    steps each) into the fetch registers."""
+    KL, NG, KC = lay.KL, lay.NG, lay.KC
     vt = sh.spec.value.tensor
+    per = lay.NK // KC
+    with w.block(""):
+        w.line(f"let st = {step};")
+        w.line(f"let t = t_lo + st / {per};")
+        w.line(f"let i0 = u32(st % {per}) * {KC}u;")
+        if sh.block_mask is not None:
+            w.line("let listed = t_blocks[blk_rec + 1u + u32(t)];")
+            w.line(f"let k0 = {_first_key('listed', lay.BN)};")
+            w.line(f"fful = listed >= {FULL_BIT:#x}u;")
+        else:
+            w.line(f"let k0 = t * {lay.BN};")
+        for u in range(KC):
+            with w.block(""):
+                w.line(f"let kj = k0 + i32(grp + {NG}u * (i0 + {u}u));")
+                w.line(f"fkj{u} = kj;")
+                w.line(f"let vb = {_v_row_base(sh, 'min(kj, n_keys - 1)')};")
+                w.line(f"let kb = {_k_row('kj')};")
+                groups = _load_key(w, sh, lay, k_runs)
+                for i in range(lay.D4 // KL):
+                    w.line(f"fk{u}_{i} = k{i};")
+                for g in range(len(groups or [])):
+                    w.line(f"fd{u}_{g} = d{g};")
+                for j in range(lay.NV):
+                    if vt in sh.quant:
+                        w.line(f"fv{u}_{j} = ldr4_{vt}(vb, cin{j} >> 2u);")
+                    else:
+                        w.line(f"fv{u}_{j} = {sh.read4(vt, f'(vb + cin{j}) >> 2u')};")
+
+
+def _group_take(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]] | None) -> None:
+    """SMX=3: the fetched step's values as this step's (kj{u}, k{u}_{i}, d{u}_{g}, v{u}_{j},
+    tile_full), before the fetch registers take the next step's loads."""
+    for u in range(lay.KC):
+        w.line(f"let kj{u} = fkj{u};")
+        for i in range(lay.D4 // lay.KL):
+            w.line(f"let k{u}_{i} = fk{u}_{i};")
+        for g in range(len(groups or [])):
+            w.line(f"let d{u}_{g} = fd{u}_{g};")
+        for j in range(lay.NV):
+            w.line(f"let v{u}_{j} = fv{u}_{j};")
+    if sh.block_mask is not None:
+        w.line("let tile_full = fful;")
+
+
+def _group_math(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]] | None) -> None:
+    """SMX=3: the step's dots summed across the KL lanes by a shuffle butterfly, the online
+    softmax and o += p.v per row."""
+    KL, KC, BM, NV = lay.KL, lay.KC, lay.BM, lay.NV
     for u in range(KC):
-        w.line(f"let kj{u} = k0 + i32(grp + {NG}u * (i0 + {u}u));")
+        terms = _dot_terms(groups, lay, lambda r, i: f"qv{r}_{i}", lambda i, u=u: f"k{u}_{i}",
+                           lambda g, u=u: f"d{u}_{g}")
         for r in range(BM):
-            w.line(f"var s{u}_{r} = 0.0;")
-        with w.block(""):
-            w.line(f"let kb = {_k_row(f'kj{u}')};")
-            for r, terms in enumerate(_key_dots(w, sh, lay, lambda r, i: f"qv{r}_{i}", k_runs)):
-                w.line(f"s{u}_{r} = {terms};")
-        w.line(f"let vb{u} = {_v_row_base(sh, f'min(kj{u}, n_keys - 1)')};")
-        for j in range(NV):
-            if vt in sh.quant:
-                w.line(f"let v{u}_{j} = ldr4_{vt}(vb{u}, cin{j} >> 2u);")
-            else:
-                w.line(f"let v{u}_{j} = {sh.read4(vt, f'(vb{u} + cin{j}) >> 2u')};")
-    for u in range(KC):
-        for r in range(BM):
+            w.line(f"var s{u}_{r} = {terms[r]};")
             k = 1
             while k < KL:  # every lane of the group ends with the same sum (a + b == b + a)
                 w.line(f"s{u}_{r} = s{u}_{r} + subgroupShuffleXor(s{u}_{r}, {k}u);")
