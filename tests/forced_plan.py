@@ -10,11 +10,16 @@ import numpy as np
 from hypothesis import strategies as st
 
 from attnc import quant
-from attnc.lowering.plan import DEFAULT_LIMITS, Plan, Storage, layout
+from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Plan, Storage, layout
 from attnc.quant import QuantTensor
 from attnc.runtime import api
 from tests.strategies import draw_sinks
 from tests.textbook import assert_close, attention_ref
+
+
+def dialect(dev: Any) -> Dialect:
+    """The WGSL dialect of `dev`'s shader compiler (a forced subgroups plan must name it)."""
+    return Dialect.TINT if dev.dialect == "tint" else Dialect.NAGA
 
 
 def fits_default_limits(plan: Plan, BM: int, BN: int) -> bool:

@@ -28,6 +28,9 @@ from attnc.lowering.schedule import (
 STREAM_SHAPES = [(64, 128, 2, 4), (128, 128, 2, 4), (64, 64, 2, 4), (128, 256, 2, 4), (64, 128, 1, 4),
                  (32, 64, 2, 4), (256, 128, 1, 4), (128, 256, 8, 4)]
 
+# (BN, WG, KL, KC) of the stream strategy's lane groups (SMX=3, subgroups family)
+LANE_GROUP_SHAPES = [(64, 64, 4, 2), (64, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 1)]
+
 
 def fits(caps: Capabilities, plan: Plan, tun: dict[str, int]) -> bool:
     """Whether a candidate is valid and fits the device's limits (and default limits if portable-only)."""
@@ -114,6 +117,12 @@ def candidates(caps: Capabilities, dims: dict[str, int], base: Plan, families: l
                     for smx in (1, 0) if bm >= 4 else ((0, 2) if kl == 1 and bn >= wg else (0,)):
                         add(si + bi, stream_plan(base, dims, workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc,
                                                  softmax_phase=smx), {"BM": bm, "BN": bn}, ns)
+            if base.family is Family.SUBGROUPS and bm <= 4:  # lane groups (SMX=3): KL within a subgroup
+                for bn, wg, kl, kc in LANE_GROUP_SHAPES:
+                    if kl <= caps.subgroup_lanes_contiguous:
+                        add(bi, stream_plan(base, dims, workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc,
+                                            softmax_phase=3), {"BM": bm, "BN": bn},
+                            split_count(caps, dims, bm, bn, group > 1, stream=True))
     for si, ns in enumerate(splits):
         for fi, fam in enumerate(reversed(families)):
             for bm, bn, wg, tm in shapes:

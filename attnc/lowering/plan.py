@@ -350,8 +350,8 @@ class StreamLayout:
     @property
     def smem_words(self) -> int:
         """Workgroup storage in 4-byte words: q tile, partial dots, merge buffers."""
-        if self.SMX == 3:  # q tile, each lane group's max and sum per row, a merge round, tile bounds
-            return 4 * self.BM * self.D4 + 2 * self.NG * self.BM + 2 * self.BM + 4 * self.RV * self.WG + 2
+        if self.SMX == 3:  # q tile, each lane group's max and sum per row, a merge round, tile bounds, flag
+            return 4 * self.BM * self.D4 + 2 * self.NG * self.BM + 2 * self.BM + 4 * self.RV * self.WG + 3
         smx = self.BN * self.BM + (self.KG * self.BM if self.SMX == 1 else 0) if self.SMX else 0
         o_red = 0 if self.merge_in_sp else 4 * self.KG * self.RC * self.CG
         return 4 * self.BM * self.D4 + self.sp_words + 2 * self.KG * self.BM + 2 * self.BM + o_red + 2 + smx

@@ -16,6 +16,7 @@ from attnc.errors import DeviceError, LoweringError
 from attnc.lowering.capabilities import Capabilities
 from attnc.lowering.combine import combine_groups
 from attnc.lowering.plan import (
+    LANE_GROUP_MAX_VEC4,
     Dialect,
     Family,
     Plan,
@@ -90,6 +91,8 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
     """The heuristic plan and kernel tunables for a shape (a tuned choice overrides it).
 
     From the tuning runs in docs/bench/ (no vendor names: adapter type and limits only):
+    - short query rows on a CPU adapter with subgroups, up to LANE_GROUP_MAX_ROWS packed rows
+      per tile: the stream strategy's lane groups (`lane_groups_plan`: lavapipe 2-4x faster);
     - short query rows (S <= 16: decoding, cross-attention): the stream strategy (K/V read
       straight from storage) with row tiles of up to 16 rows (4 on a CPU adapter; query heads
       of a KV head packed into rows), split over KV, with a softmax phase (SMX) from 8 rows
@@ -155,6 +158,9 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
     tiled_base = Plan(family, storage, dialect, min_subgroup=sg_min, shuffle_only_lanes=sg_fast, vector_width=vec,
                       last_tile_first=int(causal), **gpu)
     if dims["S"] <= 16:
+        groups = lane_groups_plan(caps, family, dims, storage, dialect, vec, f16_math, only, quantized_k)
+        if groups is not None:
+            return groups
         lanes = lanes_plan(caps, family, dims, storage, dialect, vec, f16_math, only)
         if lanes is not None:
             return lanes
@@ -329,6 +335,46 @@ LANES_MIN_SCORES = 1 << 18
 LANES_SPLIT_KEYS = 2048
 LANES_MIN_DECODE = 1 << 15  # short rows: one row per invocation, shaders as quick to compile as the others
 LANES_MAX_D = 96
+
+
+# Packed rows per tile up to which CPU adapters decode with lane groups (SMX=3).
+LANE_GROUP_MAX_ROWS = 2
+
+
+def lane_groups_plan(caps: Capabilities, family: Family, dims: dict[str, int], storage: Storage, dialect: Dialect,
+                     vec: int, f16_math: bool, only: str, quantized_k: bool) -> tuple[Plan, dict[str, int]] | None:
+    """The stream strategy's lane groups (SMX=3: a key's KL lanes in one subgroup, no barrier
+    in the KV loop) for decoding on a CPU adapter with subgroups, or None where they do not apply.
+
+    Measured on lavapipe, f16, both backends, one process each (docs/BENCHMARKS.md): one row per
+    tile 0.46-0.54 of the time of the shared-maximum plan (kv_lp_dec1_h128), 0.22-0.39 of the lanes
+    plan's at D = 64 (dl_mha_d64, dl_gqa2_d64), 0.64-0.69 at D = 80; with 4 packed rows (gqa8)
+    1.7-2.5x slower than the lanes plan, so up to LANE_GROUP_MAX_ROWS rows. 8 lanes per key from
+    D = 80, 4 below (at most the lanes the probe found in one subgroup). On the H200 they were
+    1.03-1.10x slower than the plans GPUs take (its loads overlap the math less), so GPUs do not.
+    A block-quantized K is read in runs of whole blocks or parts of one: where the head dim does
+    not split so, 4 lanes per key and the query dim padded to blocks of 4 (D = 96 -> 128)."""
+    if not caps.cpu or family is not Family.SUBGROUPS or vec != 4 or f16_math or only not in ("", "stream"):
+        return None
+    rows = dims["Hq"] // dims["Hkv"] * dims["S"]
+    if rows > LANE_GROUP_MAX_ROWS or dims["D"] > STREAM_MAX_D:
+        return None
+    bm = pow2ceil(rows)
+    dvc = max(4, pow2ceil(dims["Dv"]))
+    kl = max(1, min(8 if dims["D"] >= 80 else 4, caps.subgroup_lanes_contiguous, dvc // 4))
+    dq = -(-dims["D"] // (4 * kl)) * 4 * kl
+    run = dq // (4 * kl)  # K vec4s per lane
+    if quantized_k and 8 % run and run % 8:  # a lane's run must be whole blocks or part of one (D = 96: 4 x 32)
+        kl = min(kl, 4)
+        dq = -(-dims["D"] // (32 * kl)) * 32 * kl
+    dvc = min(dvc, 4 * kl * LANE_GROUP_MAX_VEC4 // bm)  # outputs held in registers; a grid axis covers the rest
+    wg, kc = 64, 2
+    plan = stream_plan(Plan(family, storage, dialect), dims, workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc,
+                       softmax_phase=3, query_dim=dq, value_columns=dvc)
+    tun = {"BM": bm, "BN": max(64, wg // kl * kc)}
+    if 4 * stream_layout(plan, bm, tun["BN"]).smem_words > caps.limit("max-compute-workgroup-storage-size"):
+        return None
+    return plan, tun
 
 
 def lanes_plan(caps: Capabilities, family: Family, dims: dict[str, int], storage: Storage, dialect: Dialect,

@@ -21,6 +21,7 @@ from attnc.lowering.plan import Dialect, Family, Plan, Strategy
 from attnc.runtime import api
 from attnc.runtime import dispatch as rt
 from attnc.runtime.build import Options, build_kernel
+from tests.forced_plan import dialect
 from tests.textbook import assert_close, attention_ref
 
 RUN = settings(deadline=None, max_examples=3,
@@ -217,7 +218,8 @@ def test_lanes_plans_over_block_maps_match_the_reference(spec, data, require_ada
 @given(data=st.data())
 def test_stream_plans_over_block_maps_match_the_reference(spec, data, require_adapters) -> None:
     """The stream strategy (short rows: decoding) walks the listed tiles only, each softmax
-    placement (per column group, a softmax phase, the dot phase against a shared maximum),
+    placement (per column group, a softmax phase, the dot phase against a shared maximum, lane
+    groups with the next step's loads issued early or not),
     split or not, GQA rows packed, dropping the mask on full tiles."""
     dev = require_adapters(spec)[0]
     B, Hkv = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
@@ -226,9 +228,11 @@ def test_stream_plans_over_block_maps_match_the_reference(spec, data, require_ad
     S = data.draw(st.integers(1, min(T, 4)))
     mm, truth = _masks(data.draw, B, S, T)
     BM, BN = data.draw(st.sampled_from([(4, 32), (8, 64)]))
-    smx = data.draw(st.integers(0, 2))
-    plan = Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=32, lanes_per_key=1 if smx == 2 else 2,
-                keys_per_step=4, softmax_phase=smx, query_dim=16, value_columns=16, vector_width=4)
+    smx = data.draw(st.integers(0, 3))  # 3: lane groups (subgroups), each visiting its keys of the listed tiles
+    plan = Plan(Family.SUBGROUPS if smx == 3 else Family.PORTABLE, dialect=dialect(dev), strategy=Strategy.STREAM,
+                workgroup_size=32, lanes_per_key=1 if smx == 2 else 2, keys_per_step=2 if smx == 3 else 4,
+                softmax_phase=smx, query_dim=16, value_columns=16, vector_width=4,
+                prefetch=data.draw(st.sampled_from([0, 1])))
     rng = np.random.default_rng(4)
     q = rng.standard_normal((B, Hq, S, 16)).astype(np.float32)
     k, v = (rng.standard_normal((B, Hkv, T, 16)).astype(np.float32) for _ in range(2))

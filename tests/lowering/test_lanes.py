@@ -16,19 +16,15 @@ from hypothesis import strategies as st
 
 from attnc.errors import LoweringError
 from attnc.lowering import lower, schedule
-from attnc.lowering.plan import Dialect, Family, Plan, Strategy
+from attnc.lowering.plan import Family, Plan, Strategy
 from attnc.runtime import api
 from attnc.runtime.build import Options, build_kernel
-from tests.forced_plan import OPTION_SETS, check_forced_plan
+from tests.forced_plan import OPTION_SETS, check_forced_plan, dialect
 from tests.textbook import assert_close, attention_ref
 
 ADAPTERS = ["wgpu:vulkan", "dawn:vulkan"]  # the lavapipe adapters with subgroups
 RUN = settings(deadline=None, max_examples=5,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-def dialect(dev) -> Dialect:
-    return Dialect.TINT if dev.dialect == "tint" else Dialect.NAGA
 
 
 def lanes(**kw) -> Plan:

@@ -113,7 +113,7 @@ def test_gpu_decode_of_one_long_row_reads_each_key_with_8_lanes() -> None:
     for dims in (dict(h128, D=64, Dv=64), dict(h128, D=136), dict(h128, S=4)):
         assert schedule.plan_for(gpu, Family.SUBGROUPS, dims)[0].lanes_per_key == 2
     cpu = h200_like(adapter_type="CPU", subgroup_size=8, subgroup_lanes_contiguous=8)
-    assert schedule.plan_for(cpu, Family.SUBGROUPS, h128)[0].lanes_per_key != 8
+    assert schedule.plan_for(cpu, Family.PORTABLE, h128)[0].lanes_per_key != 8
 
 
 def test_gpu_decode_over_a_quantized_k_shares_the_maximum_with_one_row_per_tile() -> None:
@@ -135,12 +135,46 @@ def test_gpu_decode_over_a_quantized_k_shares_the_maximum_with_one_row_per_tile(
     assert schedule.plan_for(gpu, Family.SUBGROUPS, h128, f16=True)[0].softmax_phase == 0
     gqa8 = dict(h128, Hq=64, D=64, Dv=64)
     assert schedule.plan_for(gpu, Family.SUBGROUPS, gqa8, quantized_k=True)[0].softmax_phase == 1
-    # CPU adapters: over f16 and quantized K too, not over f32 K
+    # CPU adapters (portable family; with subgroups they take lane groups): over f16 and
+    # quantized K too, not over f32 K
     cpu = h200_like(adapter_type="CPU", subgroup_size=8, subgroup_lanes_contiguous=8)
     for f16, quantized, smx in ((True, False, 2), (False, True, 2), (False, False, 0)):
-        plan, tun = schedule.plan_for(cpu, Family.SUBGROUPS, h128, f16=f16, quantized_k=quantized)
+        plan, tun = schedule.plan_for(cpu, Family.PORTABLE, h128, f16=f16, quantized_k=quantized)
         assert plan.softmax_phase == smx and tun["BM"] == 1
         stream_layout(plan, tun["BM"], tun["BN"])
+
+
+def test_cpu_decode_of_one_or_two_rows_takes_lane_groups() -> None:
+    """A CPU adapter with subgroups decodes up to 2 packed rows per tile with lane groups
+    (SMX=3): 8 lanes per key from D = 80, 4 below, no more than the lanes the probe found in one
+    subgroup or the output vec4s; f16, f32 and quantized K; a block-quantized K's query dim padded
+    so that each lane reads whole blocks or part of one; every plan maps. More packed rows, the
+    portable family and GPUs keep their plans."""
+    from attnc.lowering.plan import LANE_GROUP_MAX_VEC4, Family, Strategy, stream_layout
+
+    cpu = h200_like(adapter_type="CPU", subgroup_size=8, subgroup_lanes_contiguous=8)
+    h128 = dict(B=1, Hq=4, Hkv=4, S=1, T=8192, D=128, Dv=128)
+    cases = [  # (dims, quantized K, expected (KL, DQ, BM))
+        (h128, False, (8, 128, 1)), (h128, True, (8, 128, 1)), (dict(h128, D=64, Dv=64), False, (4, 64, 1)),
+        (dict(h128, Hq=8, D=64, Dv=64), True, (4, 64, 2)), (dict(h128, D=80, Dv=80), False, (8, 96, 1)),
+        (dict(h128, D=96, Dv=96), True, (4, 128, 1)), (dict(h128, D=64, Dv=8), False, (2, 64, 1)),
+        (dict(h128, Hq=8, Dv=256), False, (8, 128, 2)),
+    ]
+    for dims, quantized, (kl, dq, bm) in cases:
+        for f16 in (True, False):
+            plan, tun = schedule.plan_for(cpu, Family.SUBGROUPS, dims, f16=f16, quantized_k=quantized)
+            assert (plan.strategy, plan.softmax_phase) == (Strategy.STREAM, 3), dims
+            assert (plan.lanes_per_key, plan.query_dim, tun["BM"]) == (kl, dq, bm), dims
+            lay = stream_layout(plan, tun["BM"], tun["BN"])
+            assert lay.BM * lay.NV <= LANE_GROUP_MAX_VEC4
+            run = dq // (4 * kl)
+            assert not quantized or 8 % run == 0 or run % 8 == 0
+    narrow = h200_like(adapter_type="CPU", subgroup_size=4, subgroup_lanes_contiguous=4)
+    assert schedule.plan_for(narrow, Family.SUBGROUPS, h128)[0].lanes_per_key == 4
+    for dims in (dict(h128, Hq=16), dict(h128, S=4)):  # 4 packed rows
+        assert schedule.plan_for(cpu, Family.SUBGROUPS, dims)[0].softmax_phase != 3
+    assert schedule.plan_for(cpu, Family.PORTABLE, h128)[0].softmax_phase != 3
+    assert schedule.plan_for(h200_like(), Family.SUBGROUPS, h128)[0].softmax_phase != 3
 
 
 def test_gpu_prefill_tiles_over_24_kib_write_p_in_chunks() -> None:

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnc.errors import LoweringError
-from attnc.lowering.plan import Family, Plan, Strategy, stream_layout
+from attnc.lowering.plan import LANE_GROUP_MAX_VEC4, Family, Plan, Strategy, stream_layout
 from attnc.runtime import api
-from tests.forced_plan import OPTION_SETS, check_forced_plan
+from tests.forced_plan import OPTION_SETS, check_forced_plan, dialect
 from tests.textbook import assert_close, attention_ref
 
 ADAPTERS = ["wgpu:vulkan", "wgpu:opengl", "dawn:vulkan"]
@@ -25,9 +25,14 @@ RUN = settings(deadline=None, max_examples=5,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-def stream(**kw) -> Plan:
+def stream(family: Family = Family.PORTABLE, **kw) -> Plan:
     base = dict(workgroup_size=64, lanes_per_key=2, keys_per_step=4, query_dim=64, value_columns=64, vector_width=4)
-    return Plan(Family.PORTABLE, strategy=Strategy.STREAM, **(base | kw))
+    return Plan(family, strategy=Strategy.STREAM, **(base | kw))
+
+
+def lane_groups(dev, **kw) -> Plan:
+    """An SMX=3 stream plan (subgroups family) in the dialect of `dev`'s compiler."""
+    return stream(Family.SUBGROUPS, softmax_phase=3, dialect=dialect(dev), **kw)
 
 
 # --------------------------------------------------------------------------- layout rules
@@ -39,13 +44,21 @@ def stream(**kw) -> Plan:
     (dict(workgroup_size=128, keys_per_step=8), 4, 32, "split evenly"),
     (dict(lanes_per_key=3), 4, 64, "power of two"),
     (dict(), 3, 64, "BM=3 must be a power of two"),
-    (dict(softmax_phase=3), 4, 64, "SMX=3 must be 0, 1 or 2"),
+    (dict(softmax_phase=4), 4, 64, "SMX=4 must be 0, 1, 2 or 3"),
+    (dict(softmax_phase=3), 1, 64, "SMX=3 reduces each key's dot .* by subgroup shuffles: use the subgroups family"),
+    (dict(family=Family.SUBGROUPS, softmax_phase=3, lanes_per_key=8, value_columns=16, query_dim=64), 1, 64,
+     "KL=8 lanes per key must divide the 4 output vec4s"),
+    (dict(family=Family.SUBGROUPS, softmax_phase=3, lanes_per_key=2, keys_per_step=4), 1, 64,
+     "BN=64 keys must split evenly over 32 lane groups x KC=4"),
+    (dict(family=Family.SUBGROUPS, softmax_phase=3, lanes_per_key=1, keys_per_step=1, value_columns=128), 1, 64,
+     "32 output vec4s per lane in registers; at most 16"),
     (dict(softmax_phase=2), 4, 64, "SMX=2 scores each key whole in one invocation: it needs KL=1"),
     (dict(softmax_phase=2, lanes_per_key=1, workgroup_size=128), 4, 64, "BN=64 >= WG=128"),
 ])
 def test_stream_layout_rejects_what_it_cannot_map(kw, BM, BN, msg) -> None:
+    kw = dict(kw)
     with pytest.raises(LoweringError, match=msg):
-        stream_layout(stream(**kw), BM, BN)
+        stream_layout(stream(kw.pop("family", Family.PORTABLE), **kw), BM, BN)
 
 
 def test_stream_layout_counts() -> None:
@@ -66,6 +79,14 @@ def test_stream_layout_counts() -> None:
     smx = stream_layout(stream(workgroup_size=128, value_columns=128, query_dim=128, lanes_per_key=2, keys_per_step=4,
                                softmax_phase=1), 4, 128)
     assert smx.smem_words == lay.smem_words + 128 * 4 + 4 * 4  # probabilities and rescale factors
+    # SMX=3: 16 groups of 8 lanes, 4 output vec4s a lane, merged in one round of 4 x 128 vec4s
+    groups = stream_layout(stream(Family.SUBGROUPS, workgroup_size=128, value_columns=128, query_dim=128,
+                                  lanes_per_key=8, keys_per_step=2, softmax_phase=3), 1, 128)
+    assert (groups.NG, groups.NV, groups.RV, groups.NK) == (16, 4, 4, 8)
+    assert groups.smem_words == 4 * 32 + 2 * 16 + 2 + 4 * 4 * 128 + 3  # q, group states, row states, merge, flags
+    two = stream_layout(stream(Family.SUBGROUPS, workgroup_size=256, value_columns=128, query_dim=128,
+                               lanes_per_key=4, keys_per_step=2, softmax_phase=3), 2, 128)
+    assert (two.NV, two.RV) == (8, 2) and two.BM * two.NV == LANE_GROUP_MAX_VEC4  # 16 vec4s: 8 rounds of 2
 
 
 # --------------------------------------------------------------------------- against the reference
@@ -172,6 +193,114 @@ def test_stream_many_rows(smx, nsplit, require_adapters) -> None:
     o_ref, lse_ref = attention_ref(q, k, v, softcap=30.0, return_lse=True)
     assert_close(o, o_ref, 1e-5, "o")
     assert_close(lse, lse_ref, 1e-5, "lse")
+
+
+# --------------------------------------------------------------------------- SMX=3's lane groups
+SUBGROUP_ADAPTERS = ["wgpu:vulkan", "dawn:vulkan"]
+
+
+@st.composite
+def lane_group_problems(draw, lanes: int):
+    """An SMX=3 plan (KL up to `lanes`, the device's subgroup size) and a problem for it: head
+    dims with padded query dims, Dv in chunks, 1-4 rows, keys per step, tiles, splits, the
+    next step's loads issued early or not, K and V each float or quantized, f32 or f16."""
+    kf = draw(st.sampled_from([None, None, "q8_0", "q4_0", "int8"]))
+    vf = draw(st.sampled_from([None, None, "q8_0", "q4_0", "int8"]))
+    quantized = kf is not None or vf is not None
+    D = 32 * draw(st.integers(1, 4)) if quantized else 4 * draw(st.integers(1, 24))
+    Dv = 32 * draw(st.integers(1, 3)) if vf is not None else 4 * draw(st.integers(1, 24))
+    kl = draw(st.sampled_from([x for x in (1, 2, 4, 8, 16) if x <= lanes]))
+    dq = -(-D // (4 * kl)) * 4 * kl
+    if kf in ("q8_0", "q4_0"):  # a lane's run of vec4s divides a block or is whole blocks
+        n = dq // 4 // kl
+        if 8 % n and n % 8:
+            dq = -(-dq // (32 * kl)) * 32 * kl
+    dvc = draw(st.sampled_from([c for c in (16, 32, 64, 128)
+                                if (c // 4) % kl == 0 and kl <= c // 4 <= kl * LANE_GROUP_MAX_VEC4]))
+    # unrolled vec4 loads and products per step (KC keys x BM rows x the lane's K and V vec4s) kept
+    # to 48: lavapipe takes minutes to compile much larger shaders
+    per_key = dq // 4 // kl + dvc // 4 // kl
+    bm = draw(st.sampled_from([b for b in (1, 2, 4) if b * dvc // 4 // kl <= LANE_GROUP_MAX_VEC4
+                               and (b == 1 or b * per_key <= 48)]))
+    wg = draw(st.sampled_from([w for w in (32, 64, 128) if w >= kl]))
+    kc = draw(st.sampled_from([c for c in (1, 2, 4) if wg // kl * c <= 256 and (c == 1 or c * bm * per_key <= 48)]))
+    bn = draw(st.sampled_from([b for b in (32, 64, 128, 256) if b % (wg // kl * kc) == 0]))
+    group = draw(st.sampled_from([1, 2]))
+    Hkv = draw(st.integers(1, 2))
+    dims = dict(B=draw(st.integers(1, 2)), Hq=group * Hkv, Hkv=Hkv, S=draw(st.integers(1, 4)),
+                T=draw(st.integers(1, 400)), D=D, Dv=Dv)
+    fields = dict(workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc, query_dim=dq, value_columns=dvc,
+                  prefetch=draw(st.sampled_from([0, 1])))
+    return (dims, fields, {"BM": bm, "BN": bn}, draw(st.sampled_from([1, 1, 2, 5])), draw(OPTION_SETS),
+            draw(st.integers(0, 2**16)), (kf, vf), draw(st.sampled_from([np.float32, np.float16])))
+
+
+@pytest.mark.sanitize
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SUBGROUP_ADAPTERS)
+@RUN
+@given(data=st.data())
+def test_lane_groups_match_reference(spec, data, require_adapters) -> None:
+    """SMX=3 against the reference with every option set, quantized caches, f16, splits."""
+    dev = require_adapters(spec)[0]
+    dims, fields, tun, nsplit, opts, seed, formats, dtype = data.draw(lane_group_problems(dev.subgroup_size))
+    op = check_forced_plan(dev, dims, lane_groups(dev, **fields), tun, nsplit, opts, seed, dtype, kv_formats=formats)
+    assert op.plan.softmax_phase == 3
+    main = next(p for p in op.progs if p.name == "main")
+    assert ("subgroupShuffleXor(s0_0" in main.wgsl) == (fields["lanes_per_key"] > 1)  # a key's dot summed
+    assert "workgroupBarrier" not in main.wgsl.split("n < n_steps")[1].split("atomicOr(&wg_bad")[0]  # none in the loop
+
+
+@pytest.mark.gpu
+@pytest.mark.subgroup_sizes
+@pytest.mark.parametrize("spec", SUBGROUP_ADAPTERS)
+def test_lane_groups_wider_than_the_subgroup_write_nan(spec, require_adapters) -> None:
+    """A key's lanes must be neighbours in one subgroup: at the device's subgroup size the plan
+    matches the reference; with twice as many lanes per key the shader's check writes NaN
+    (o and lse), never a wrong number (scripts/test.sh reruns this at 4 and 16 lanes)."""
+    dev = require_adapters(spec)[0]
+    size = dev.subgroup_size
+    rng = np.random.default_rng(9)
+    dims = dict(B=1, Hq=2, Hkv=2, S=1, T=300, D=128, Dv=128)
+    q = rng.standard_normal((1, 2, 1, 128)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 2, 300, 128)).astype(np.float32) for _ in range(2))
+    for kl, ok in ((size, True), (2 * size, False)):
+        if kl > 32:
+            continue
+        plan = lane_groups(dev, workgroup_size=64, lanes_per_key=kl, keys_per_step=1, query_dim=128, value_columns=128)
+        op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 1, "BN": 64}, nsplit=2,
+                         return_lse=True)
+        op.bind(q, k, v)
+        op.run()
+        o, lse = op.result()
+        if ok:
+            o_ref, lse_ref = attention_ref(q, k, v, return_lse=True)
+            assert_close(o, o_ref, 1e-5, f"o KL={kl}")
+            assert_close(lse, lse_ref, 1e-5, f"lse KL={kl}")
+        else:
+            assert np.isnan(o).all() and np.isnan(lse).all(), f"KL={kl} on {size}-lane subgroups"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SUBGROUP_ADAPTERS)
+def test_lane_groups_nan_value_of_a_visible_key_poisons_only_its_rows(spec, require_adapters) -> None:
+    dev = require_adapters(spec)[0]
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 4, 1, 64)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 200, 64)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 200, 64)).astype(np.float32)
+    v[0, 1, 17, 5] = np.nan
+    dims = dict(B=1, Hq=4, Hkv=2, S=1, T=200, D=64, Dv=64)
+    kl = min(4, dev.subgroup_size)
+    op = api.prepare(dims, np.float32, device=dev, plan=lane_groups(dev, lanes_per_key=kl, keys_per_step=2),
+                     tunables={"BM": 2, "BN": 64}, nsplit=2)
+    op.bind(q, k, v)
+    op.run()
+    o, _ = op.result()
+    ref = attention_ref(q, k, v)
+    assert np.array_equal(np.isnan(o), np.isnan(ref))
+    assert np.isnan(o[0, 2:, :, 5]).all() and not np.isnan(o[0, :2]).any()
+    assert_close(np.nan_to_num(o), np.nan_to_num(ref), 1e-5, "o")
 
 
 # --------------------------------------------------------------------------- SMX=2's shared maximum

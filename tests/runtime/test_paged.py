@@ -114,6 +114,35 @@ def test_paged_stream_plans_share_each_keys_page(fields, BM, BN, device, data) -
     packed or not, split KV or not, lengths that end inside a page, with and without a mask
     that reads data (the loop over a block map's listed tiles)."""
     from attnc.lowering import Family, Plan, Strategy
+
+    plan = Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=32, keys_per_step=4, query_dim=16,
+                value_columns=16, vector_width=4, **fields)
+    _check_paged_stream(device, plan, BM, BN, data)
+
+
+@pytest.mark.sanitize
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@pytest.mark.parametrize("kl,BM", [(4, 1), (2, 2)])
+@RUN
+@given(data=st.data())
+def test_paged_lane_groups(spec, kl, BM, data, require_adapters) -> None:
+    """The stream strategy's lane groups (SMX=3, subgroups) find each key's K and V rows through
+    the table in every lane of the key's group: the same pages, orders, lengths and masks."""
+    from attnc.lowering import Family, Plan, Strategy
+    from tests.forced_plan import dialect
+
+    dev = require_adapters(spec)[0]
+    plan = Plan(Family.SUBGROUPS, dialect=dialect(dev), workgroup_size=32,
+                strategy=Strategy.STREAM, lanes_per_key=kl, keys_per_step=2, softmax_phase=3, query_dim=16,
+                value_columns=16, vector_width=4, prefetch=data.draw(st.sampled_from([0, 1])))
+    _check_paged_stream(dev, plan, BM, 32, data)
+
+
+def _check_paged_stream(device, plan, BM: int, BN: int, data) -> None:
+    """A paged problem (random pages, table order, lengths, GQA, splits, a data mask or not)
+    through a forced stream plan, against the reference on the gathered K/V."""
+    from attnc.lowering import Strategy
     from attnc.runtime import api
 
     B, Hkv, group = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(st.sampled_from([1, 3]))
@@ -123,8 +152,6 @@ def test_paged_stream_plans_share_each_keys_page(fields, BM, BN, device, data) -
     q, kp, vp, table, k, v = paged_problem(rng, B, Hkv * group, Hkv, S, 16, P, NB, spare=2)
     T = NB * P
     lens = rng.integers(0, T + 1, B).astype(np.int32)
-    plan = Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=32, keys_per_step=4, query_dim=16,
-                value_columns=16, vector_width=4, **fields)
     dims = dict(B=B, Hq=Hkv * group, Hkv=Hkv, S=S, T=T, D=16, Dv=16, NP=kp.shape[0], P=P, NB=NB)
     keep = rng.random((B, T)) < 0.6
     mods = {"mask_mod": lambda b, h, i, j: keep[b, j]} if data.draw(st.booleans()) else {}  # a block map: listed tiles
@@ -133,8 +160,9 @@ def test_paged_stream_plans_share_each_keys_page(fields, BM, BN, device, data) -
                           inputs={"block_table": table}, **mods)
     assert op.plan.strategy is Strategy.STREAM
     main = next(p for p in op.progs if p.name == "main")
-    assert "vb_sh" in main.wgsl  # (the gathered V row bases are shared)
-    assert ("kb_sh" in main.wgsl) == (plan.lanes_per_key > 1)  # and K's, where lanes share a key
+    lane_groups = plan.softmax_phase == 3  # (each group finds its keys' rows itself)
+    assert ("vb_sh" in main.wgsl) != lane_groups  # the gathered V row bases are shared
+    assert ("kb_sh" in main.wgsl) == (plan.lanes_per_key > 1 and not lane_groups)  # and K's, where lanes share a key
     o, lse = op(q, kp, vp)
     ref_o, ref_lse = attention_ref(q, k, v, kv_lens=lens, causal=True, return_lse=True, **mods)
     assert_close(o, ref_o, 1e-5, "o")
