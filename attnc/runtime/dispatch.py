@@ -977,6 +977,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 _WARM_BUFFERS: dict[int, Any] = {}
 _WARM_BEST: dict[int, float] = {}  # the fastest warm-up submission seen per device (ms)
 RAMP_MS, MAX_MS = 1000.0, 3000.0
+# warm dispatches per warm-up submission: about 8 ms of GPU work on an H200, so that the host's
+# round trip between submissions (longer through Dawn than through wgpu-native) leaves the GPU
+# idle a small part of the time; with 4 per submission (1 ms) Dawn's processes kept the GPU
+# about 40 % busy and its clock governor at 1.0-1.26 GHz of 1.98 (tools/gpu/variance_probe.sh)
+WARM_BATCH = 32
 
 
 def warm_dispatch(device: DeviceLike) -> Dispatch:
@@ -1000,7 +1005,7 @@ def warm_dispatch_ms(device: DeviceLike) -> float:
     when none was timed yet; 1.0 where the device cannot time it)."""
     if id(device) not in _WARM_BEST:
         warm_up(device)
-    return _WARM_BEST.get(id(device), 4.0) / 4
+    return _WARM_BEST.get(id(device), float(WARM_BATCH)) / WARM_BATCH
 
 
 def warm_up(device: DeviceLike, ms: float = 60.0) -> bool:
@@ -1024,7 +1029,7 @@ def warm_up(device: DeviceLike, ms: float = 60.0) -> bool:
     start = time.perf_counter()
     least = ms if timed and id(device) in _WARM_BEST else max(ms, RAMP_MS)
     while (elapsed := (time.perf_counter() - start) * 1e3) < MAX_MS:
-        t = run(device, [warm] * 4, timestamps=timed, span=True)
+        t = run(device, [warm] * WARM_BATCH, timestamps=timed, span=True)
         if timed:  # (reading the timestamps waits for the submission)
             best = _WARM_BEST[id(device)] = min(_WARM_BEST.get(id(device), math.inf), t[0])
             up = t[0] <= 1.1 * best

@@ -4,6 +4,7 @@
 # whether anything else uses the GPU), and tools/gpu/variance_probe.py runs as several
 # separate processes per backend and dtype. Writes OUTDIR/probe.jsonl, OUTDIR/smi.csv,
 # OUTDIR/smi_q.txt. Usage (repo root): bash tools/gpu/variance_probe.sh OUTDIR
+# Knobs: PROBE_ROUNDS, PROBE_CONFIGS (DEVICE/DTYPE[/DAWN_TOGGLES] each), PROBE_TIMEOUT.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${1:?usage: bash tools/gpu/variance_probe.sh OUTDIR}
@@ -17,8 +18,10 @@ smi=$!
 sleep 3  # idle: what does the GPU do without us?
 for round in ${PROBE_ROUNDS:-1 2 3 4}; do
   for cfg in ${PROBE_CONFIGS:-wgpu:vulkan/f32 wgpu:vulkan/f16 dawn:vulkan/f32}; do
-    timeout "${PROBE_TIMEOUT:-90}" python3 tools/gpu/variance_probe.py --device "${cfg%/*}" --dtype "${cfg#*/}" \
-      --out "$out/probe.jsonl" --tag "$round" 2>&1 | grep -v '^Warning' | tail -2
+    IFS=/ read -r dev dtype toggles <<< "$cfg"  # DEVICE/DTYPE[/DAWN_TOGGLES, e.g. +disable_workgroup_init]
+    ATTNC_DAWN_TOGGLES="$toggles" timeout "${PROBE_TIMEOUT:-90}" python3 tools/gpu/variance_probe.py \
+      --device "$dev" --dtype "$dtype" --out "$out/probe.jsonl" --tag "$round${toggles:+/$toggles}" 2>&1 \
+      | grep -v '^Warning' | tail -2
     sleep 1
   done
 done
