@@ -7,7 +7,10 @@ idle part of the time, and the governor then settles on a lower clock, not alway
 one. On an H200 (driver 580.159.04, 2026-12-03, tools/gpu/variance_probe.sh) the SM clock sat
 near 1.1-1.2 GHz instead of 1.98 GHz through whole processes whose GPU utilization was about
 40 %, and the same kernel timed 1.65x apart from one such process to the next; kernels queued
-back to back behind a few milliseconds of work run at the full clock every time.
+back to back behind a few milliseconds of work run at the full clock every time. The warm-up
+before them (dispatch.warm_up) keeps the GPU busy the same way: its submissions hold enough
+work (WARM_BATCH) that the host's round trip between them, longer through Dawn, leaves the GPU
+idle a small part of the time (docs/BENCHMARKS.md, 2026-12-04).
 """
 
 from __future__ import annotations
