@@ -367,13 +367,14 @@ def lane_groups_plan(caps: Capabilities, family: Family, dims: dict[str, int], s
     if quantized_k and 8 % run and run % 8:  # a lane's run must be whole blocks or part of one (D = 96: 4 x 32)
         kl = min(kl, 4)
         dq = -(-dims["D"] // (32 * kl)) * 32 * kl
-    dvc = min(dvc, 4 * kl * LANE_GROUP_MAX_VEC4 // bm)  # outputs held in registers; a grid axis covers the rest
     wg, kc = 64, 2
+    # outputs held in registers, at most a vec4 per invocation: a grid axis covers the rest of Dv
+    dvc = min(dvc, 4 * kl * LANE_GROUP_MAX_VEC4 // bm, 4 * wg)
     plan = stream_plan(Plan(family, storage, dialect), dims, workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc,
                        softmax_phase=3, query_dim=dq, value_columns=dvc)
     tun = {"BM": bm, "BN": max(64, wg // kl * kc)}
     if 4 * stream_layout(plan, bm, tun["BN"]).smem_words > caps.limit("max-compute-workgroup-storage-size"):
-        return None
+        return None  # (stream_layout raises for a plan that does not map: none is built here)
     return plan, tun
 
 

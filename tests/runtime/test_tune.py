@@ -69,15 +69,18 @@ class _FakeDevice:
 def test_warm_up_runs_until_the_clocks_are_up(monkeypatch) -> None:
     """The first warm-up of a process runs RAMP_MS to learn the fastest submission time; later
     ones keep going while their submissions run slower than that (clocks still ramping) and
-    stop once one is within 10 % of it."""
+    stop once one is within 10 % of it. Each submission holds WARM_BATCH warm dispatches
+    (milliseconds of GPU work, so that the host's round trips leave the GPU busy)."""
     from attnc.runtime import dispatch
+
+    assert dispatch.WARM_BATCH >= 16
 
     times = iter([5.0, 4.0, 1.0, 1.0, 1.05, 3.0, 2.5, 1.08, 1.0])
     calls = []
     clock = types.SimpleNamespace(now=0.0)
 
     def fake_run(device, dispatches, timestamps=False, span=False):
-        calls.append(timestamps and span)
+        calls.append(timestamps and span and len(dispatches) == dispatch.WARM_BATCH)
         clock.now += 0.004  # each warm-up submission takes 4 ms of wall time
         return [next(times)]
 
