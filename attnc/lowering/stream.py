@@ -632,12 +632,7 @@ def _emit_lane_groups(sh: Shader, lay: StreamLayout, w: Writer) -> Program:
         _stage_queries(w, sh, lay)
         w.line("let t_lo = workgroupUniformLoad(&wg_lo);")
         w.line("let t_hi = workgroupUniformLoad(&wg_hi);")
-        w.line(f"var lanes_ok = sg_size >= {KL}u;")
-        k = 1
-        while k < KL:  # each shuffle on its own line: not under a short-circuit's control flow
-            w.line(f"let lane_x{k} = subgroupShuffleXor(lid, {k}u);")
-            w.line(f"lanes_ok = lanes_ok && lane_x{k} == (lid ^ {k}u);")
-            k *= 2
+        _check_lane_neighbours(w, KL)
         k_runs = block_runs(sh, s.dot.b.tensor)
         for r in range(BM):
             for i in range(lay.D4 // KL):
@@ -663,42 +658,62 @@ def _emit_lane_groups(sh: Shader, lay: StreamLayout, w: Writer) -> Program:
                 with w.block("if (n + 1 < n_steps)"):
                     _group_fetch(w, sh, lay, k_runs, "n + 1")
             _group_math(w, sh, lay, parts)
-        with w.block("if (!lanes_ok)"):
-            w.line("atomicOr(&wg_bad, 1u);")
-        with w.block("if (part == 0u)"):
-            for r in range(BM):
-                w.line(f"m_red[grp * {BM}u + {r}u] = m{r};")
-                w.line(f"l_red[grp * {BM}u + {r}u] = select(l{r}, {NAN}, nan{r});")
-        w.line("workgroupBarrier();")
-        _merge_rows(w, sh, lay, NG, "atomicLoad(&wg_bad) != 0u")
-        w.line("workgroupBarrier();")
-        for r in range(BM):
-            w.line(f"let al{r} = exp_sub(m{r}, m_fin[{r}]);")
-            for j in range(NV):
-                w.line(f"o{r}_{j} = o{r}_{j} * al{r};")
-        owned = [(r, j) for r in range(BM) for j in range(NV)]  # the lane's vec4s, merged RV per round
-        for a in range(0, len(owned), lay.RV):
-            batch = owned[a:a + lay.RV]
-            for slot, (r, j) in enumerate(batch):
-                w.line(f"o_red[{slot * WG}u + lid] = o{r}_{j};")
-            w.line("workgroupBarrier();")
-            with w.block(f"if (lid < {len(batch) * KL}u)"):
-                w.line(f"let slot = lid / {KL}u;")
-                w.line(f"let pp = lid % {KL}u;")
-                w.line("var acc = vec4<f32>();")
-                with w.block(f"for (var g = 0u; g < {NG}u; g = g + 1u)"):
-                    w.line(f"acc = acc + o_red[slot * {WG}u + g * {KL}u + pp];")
-                w.line(f"let own = {a}u + slot;  // (row, vec4) pair own / NV, own % NV")
-                w.line(f"let row = own / {NV}u;")
-                w.line("let qi = q0 + i32(row);")
-                w.line(f"let c = dvc * {plan.value_columns}u + ({_own_vec4(lay, v_runs, 'pp', f'own % {NV}u')}) * 4u;")
-                w.line("let mm = m_fin[row];")
-                w.line("let ll = l_fin[row];")
-                with w.block("if (qi < n_rows && c < n_width)"):
-                    _store(w, sh)
-            w.line("workgroupBarrier();")
+        _merge_lane_groups(w, sh, lay, v_runs)
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(), features(plan),
                    4 * lay.smem_words, in_bounds=True)
+
+
+def _check_lane_neighbours(w: Writer, KL: int) -> None:
+    """`lanes_ok`: whether this invocation's key group of KL lanes lies in one subgroup in
+    invocation order (its xor partners are the invocations lid ^ 1, lid ^ 2, ...), which the
+    shuffle butterflies assume; the merge turns a group that is not into NaN."""
+    w.line(f"var lanes_ok = sg_size >= {KL}u;")
+    k = 1
+    while k < KL:  # each shuffle on its own line: not under a short-circuit's control flow
+        w.line(f"let lane_x{k} = subgroupShuffleXor(lid, {k}u);")
+        w.line(f"lanes_ok = lanes_ok && lane_x{k} == (lid ^ {k}u);")
+        k *= 2
+
+
+def _merge_lane_groups(w: Writer, sh: Shader, lay: StreamLayout, v_runs: bool) -> None:
+    """SMX=3's end: the NG groups' states per row (log-sum-exp; NaN where a group's lanes were
+    not neighbours), each lane's output vec4s rescaled to the row's maximum and summed over the
+    groups in rounds of RV vec4s per lane through o_red, then stored."""
+    BM, WG, KL, NG, NV = lay.BM, lay.WG, lay.KL, lay.NG, lay.NV
+    with w.block("if (!lanes_ok)"):
+        w.line("atomicOr(&wg_bad, 1u);")
+    with w.block("if (part == 0u)"):
+        for r in range(BM):
+            w.line(f"m_red[grp * {BM}u + {r}u] = m{r};")
+            w.line(f"l_red[grp * {BM}u + {r}u] = select(l{r}, {NAN}, nan{r});")
+    w.line("workgroupBarrier();")
+    _merge_rows(w, sh, lay, NG, "atomicLoad(&wg_bad) != 0u")
+    w.line("workgroupBarrier();")
+    for r in range(BM):
+        w.line(f"let al{r} = exp_sub(m{r}, m_fin[{r}]);")
+        for j in range(NV):
+            w.line(f"o{r}_{j} = o{r}_{j} * al{r};")
+    owned = [(r, j) for r in range(BM) for j in range(NV)]  # the lane's vec4s, merged RV per round
+    for a in range(0, len(owned), lay.RV):
+        batch = owned[a:a + lay.RV]
+        for slot, (r, j) in enumerate(batch):
+            w.line(f"o_red[{slot * WG}u + lid] = o{r}_{j};")
+        w.line("workgroupBarrier();")
+        with w.block(f"if (lid < {len(batch) * KL}u)"):
+            w.line(f"let slot = lid / {KL}u;")
+            w.line(f"let pp = lid % {KL}u;")
+            w.line("var acc = vec4<f32>();")
+            with w.block(f"for (var g = 0u; g < {NG}u; g = g + 1u)"):
+                w.line(f"acc = acc + o_red[slot * {WG}u + g * {KL}u + pp];")
+            w.line(f"let own = {a}u + slot;  // (row, vec4) pair own / NV, own % NV")
+            w.line(f"let row = own / {NV}u;")
+            w.line("let qi = q0 + i32(row);")
+            w.line(f"let c = dvc * {sh.plan.value_columns}u + ({_own_vec4(lay, v_runs, 'pp', f'own % {NV}u')}) * 4u;")
+            w.line("let mm = m_fin[row];")
+            w.line("let ll = l_fin[row];")
+            with w.block("if (qi < n_rows && c < n_width)"):
+                _store(w, sh)
+        w.line("workgroupBarrier();")
 
 
 def _own_vec4(lay: StreamLayout, runs: bool, part: str, j: int | str) -> str:
