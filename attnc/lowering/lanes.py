@@ -93,11 +93,20 @@ def emit_lanes(sh: Shader) -> Program:
             keys = f"for (var j0 = lo; j0 < hi; j0 = j0 + {SG})"
         with w.block(keys):
             w.line("let kb = k_base(clamp(j0 + i32(lane), 0, n_keys - 1)) >> 2u;")
+            if kt in sh.quant:  # the row's first word once per key; each block's scale read once
+                w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
             for d in range(D4):
-                w.line(f"let k_{d} = select(vec4<f32>(0.0), {sh.read4(kt, f'kb + min({d}u, nd - 1u)')}, {d}u < nd);")
-            w.line("let vb = (v_base(clamp(j0 + i32(lane), 0, n_keys - 1)) + c0) >> 2u;")
-            for x in range(C4):
-                w.line(f"let v_{x} = {sh.read4(vt, f'vb + min({x}u, nc - 1u)')};")
+                c = f"min({d}u, nd - 1u)"
+                k4 = f"ldr4_{kt}(kw, {c})" if kt in sh.quant else sh.read4(kt, f"kb + {c}")
+                w.line(f"let k_{d} = select(vec4<f32>(0.0), {k4}, {d}u < nd);")
+            if vt in sh.quant:  # likewise for V: the row's first word, then vec4 c0 / 4 + x of it
+                w.line(f"let vw = {sh.quant_row_words(vt, 'v_base(clamp(j0 + i32(lane), 0, n_keys - 1)) >> 2u')};")
+                for x in range(C4):
+                    w.line(f"let v_{x} = ldr4_{vt}(vw, (c0 >> 2u) + min({x}u, nc - 1u));")
+            else:
+                w.line("let vb = (v_base(clamp(j0 + i32(lane), 0, n_keys - 1)) + c0) >> 2u;")
+                for x in range(C4):
+                    w.line(f"let v_{x} = {sh.read4(vt, f'vb + min({x}u, nc - 1u)')};")
             with w.block(f"for (var c = 0u; c < {SG}u; c = c + 1u)"):
                 w.line("let j = j0 + i32(c);")
                 w.line("let jc = min(j, n_keys - 1);")
