@@ -351,7 +351,7 @@ def lane_groups_plan(caps: Capabilities, family: Family, dims: dict[str, int], s
     plan's at D = 64 (dl_mha_d64, dl_gqa2_d64), 0.64-0.69 at D = 80; with 4 packed rows (gqa8)
     1.7-2.5x slower than the lanes plan, so up to LANE_GROUP_MAX_ROWS rows. 8 lanes per key from
     D = 80, 4 below (at most the lanes the probe found in one subgroup). On the H200 they were
-    1.03-1.10x slower than the plans GPUs take (its loads overlap the math less), so GPUs do not.
+    0.99-1.10x the time of the plans GPUs take (their loads overlap the math less), so GPUs do not.
     A block-quantized K is read in runs of whole blocks or parts of one: where the head dim does
     not split so, 4 lanes per key and the query dim padded to blocks of 4 (D = 96 -> 128)."""
     if not caps.cpu or family is not Family.SUBGROUPS or vec != 4 or f16_math or only not in ("", "stream"):
