@@ -111,6 +111,9 @@ def emit_stream(sh: Shader) -> Program:
             w.line(f"let n_kt = (P.d_{s.kv_dim} + {BN - 1}u) / {BN}u;")
             record_base(w, s, sh.block_mask, "qtile", "n_kt")
         sh.tile_bounds(w, BM, BN)
+        if lay.SMX == 2:  # not left to zero-initialisation, which a driver may skip
+            with w.block("if (lid == 0u)"):
+                w.line("atomicStore(&wg_raise, 0u);")
         _stage_queries(w, sh, lay)
         w.line("let t_lo = workgroupUniformLoad(&wg_lo);")
         w.line("let t_hi = workgroupUniformLoad(&wg_hi);")

@@ -354,3 +354,35 @@ def test_shared_maximum_raises_where_scores_pass_it(spec, kind, nsplit, require_
         assert_close(o, ref_o, 1e-5, f"o {opts}")
         if opts.get("return_lse"):
             assert_close(lse, ref_lse, 1e-5, f"lse {opts}")
+
+
+# --------------------------------------------------------------------------- workgroup flags
+@pytest.mark.gpu
+def test_workgroup_flags_are_stored_before_use(require_adapters) -> None:
+    """Every atomic flag in workgroup memory (SMX=2's raise, SMX=3's lane check, the tiled
+    strategy's inf/NaN value flag, the block map's classification) is stored 0 before anything
+    sets or reads it: wgpu-native over lavapipe does not zero-initialise workgroup memory, and
+    SMX=3 wrote NaN at random while its flag relied on that."""
+    import re
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    dims = dict(B=1, Hq=2, Hkv=2, S=1, T=300, D=64, Dv=64)
+    keep = np.ones((1, 300), bool)
+    plans = [
+        (stream(softmax_phase=2, lanes_per_key=1), {"BM": 1, "BN": 64}, {}),
+        (lane_groups(dev, lanes_per_key=4, keys_per_step=2), {"BM": 1, "BN": 64}, {}),
+        (stream(), {"BM": 1, "BN": 64}, {"mask_mod": lambda b, h, i, j: keep[b, j]}),
+        (Plan(Family.PORTABLE, workgroup_size=64, rows_per_invocation=1, head_chunk=16, value_columns=64,
+              value_stage_columns=32, vector_width=4), {"BM": 8, "BN": 64}, {}),
+    ]
+    seen = set()
+    for plan, tun, mods in plans:
+        op = api.prepare_dims(dims, device=dev, plan=plan, tunables=tun, nsplit=2, **mods)
+        for prog in op.progs:
+            for name in re.findall(r"var<workgroup> (\w+): atomic<u32>;", prog.wgsl):
+                seen.add(name)
+                body = prog.wgsl.split("fn main", 1)[1]
+                uses = [f"{op_}(&{name}" for op_ in ("atomicOr", "atomicLoad", "workgroupUniformLoad")]
+                first_use = min(body.index(u) for u in uses if u in body)
+                assert body.find(f"atomicStore(&{name}, 0u)") in range(0, first_use), (prog.name, name)
+    assert {"wg_raise", "wg_bad", "seen"} <= seen  # (the flags this test is about were emitted)
