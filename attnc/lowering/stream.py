@@ -236,11 +236,10 @@ def _q_shared(lay: StreamLayout) -> Callable[[int, int], str]:
     return lambda r, i: f"q_sh[{r * lay.D4}u + c{i}]"
 
 
-def _key_dots(w: Writer, sh: Shader, lay: StreamLayout, q: Callable[[int, int], str] | None = None) -> list[str]:
+def _key_dots(w: Writer, sh: Shader, lay: StreamLayout) -> list[str]:
     """Load this lane's vec4s of K row `kb` (every KL-th from `part`, all issued before any is
-    used) and return, per query row of the tile, its dot with them (a partial dot for KL > 1);
-    `q(r, i)` names the query vec4 (default: from q_sh)."""
-    return _dot_terms(_load_key(w, sh, lay, False), lay, q or _q_shared(lay))
+    used) and return, per query row of the tile, its dot with them (a partial dot for KL > 1)."""
+    return _dot_terms(_load_key(w, sh, lay, False), lay, _q_shared(lay))
 
 
 def _dot_terms(groups: list[list[int]] | None, lay: StreamLayout, q: Callable[[int, int], str],
@@ -261,9 +260,11 @@ def _load_key(w: Writer, sh: Shader, lay: StreamLayout, runs: bool) -> list[list
     i that share a scale; None for an unquantized K."""
     kt = sh.spec.dot.b.tensor
     n = lay.D4 // lay.KL
+    groups = _key_groups(sh, lay, runs)
     if runs:
-        return _load_key_runs(w, sh, lay)
-    groups = _scale_groups(sh, kt, lay)
+        assert groups is not None
+        _load_key_runs(w, sh, lay, groups)
+        return groups
     if groups is None:
         for i in range(n):
             w.line(f"let c{i} = part + {lay.KL * i}u;")
@@ -292,25 +293,32 @@ def block_runs(sh: Shader, tensor: str) -> bool:
     return tensor in sh.quant and sh.quant_block_words(tensor) is not None
 
 
-def _load_key_runs(w: Writer, sh: Shader, lay: StreamLayout) -> list[list[int]]:
-    """_load_key for a q8_0 or q4_0 K whose lanes own runs of n = D4/KL vec4s (n divides 8 or 8
-    divides n): one scale per block of the run."""
+def _key_groups(sh: Shader, lay: StreamLayout, runs: bool) -> list[list[int]] | None:
+    """The lane's K vec4s i grouped by the scale they share: _scale_groups, or with `runs` (a
+    q8_0 or q4_0 K whose lanes own runs of n = D4/KL vec4s, n dividing 8 or a multiple of 8)
+    one group per block of the run. None for K without scales."""
     kt = sh.spec.dot.b.tensor
+    if not runs:
+        return _scale_groups(sh, kt, lay)
     n = lay.D4 // lay.KL
-    words = sh.quant_block_words(kt)
     if 8 % n and n % 8:
         raise LoweringError(f"SMX=3 over a {sh.quant[kt].value} K: each lane's run of DQ/(4 KL) = {n} vec4s must "
                             "divide a block of 8 or be whole blocks")
+    return [list(range(g, min(g + 8, n))) for g in range(0, n, 8)]
+
+
+def _load_key_runs(w: Writer, sh: Shader, lay: StreamLayout, blocks: list[list[int]]) -> None:
+    """_load_key for a K whose lanes own runs (_key_groups): one scale per block of the run."""
+    kt = sh.spec.dot.b.tensor
+    words = sh.quant_block_words(kt)
     w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
-    w.line(f"let c_run = part * {n}u;")
-    blocks = [list(range(g, min(g + 8, n))) for g in range(0, n, 8)]
+    w.line(f"let c_run = part * {lay.D4 // lay.KL}u;")
     for g, members in enumerate(blocks):  # clamped: past the head dim the values are discarded
         w.line(f"let kw{g} = kw + min((c_run >> 3u) + {g}u, (n_dot4 >> 3u) - 1u) * {words}u;")
         w.line(f"let d{g} = qs_{kt}(kw{g});")
         for i in members:
             w.line(f"let c{i} = c_run + {i}u;")
             w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, min(c{i}, n_dot4 - 1u) & 7u), c{i} < n_dot4);")
-    return blocks
 
 
 def _lazy_dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
@@ -429,26 +437,8 @@ def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> 
             w.line(f"let kj{u} = k0 + i32(jl{u});")
             w.line(f"let v{u} = {_v_read(sh, u, f'kj{u}', v_rows_shared)};")
         for r in range(BM):
-            with w.block(""):
-                w.line(f"let qi = q0 + {r};")
-                for u in range(KC):
-                    dots = " + ".join(f"sp[(jl{u} * {KL}u + {p}u) * {BM}u + {r}u]" for p in range(KL))
-                    w.line(f"let s{u} = select({NEG_INF}, {_score(sh, dots, f'kj{u}')}, kj{u} < n_keys);")
-                    w.line(f"nan{r} = nan{r} || is_nan(s{u});")
-                mx = "s0"
-                for u in range(1, KC):
-                    mx = f"max({mx}, s{u})"
-                w.line(f"let mn = max(m{r}, {mx});")
-                w.line(f"let al = {_rescale(f'm{r}', 'mn')};")
-                w.line(f"o{r} = o{r} * al;")
-                w.line(f"var ps = l{r} * al;")
-                for u in range(KC):
-                    w.line(f"let p{u} = exp_sub(s{u}, mn);")
-                    w.line(f"ps = ps + p{u};")
-                    # a key with p = 0 adds nothing, even an inf/NaN value
-                    w.line(f"o{r} = fma(vec4<f32>(p{u}), select(v{u}, vec4<f32>(), p{u} == 0.0), o{r});")
-                w.line(f"l{r} = ps;")
-                w.line(f"m{r} = mn;")
+            dots = [" + ".join(f"sp[(jl{u} * {KL}u + {p}u) * {BM}u + {r}u]" for p in range(KL)) for u in range(KC)]
+            _online_step(w, sh, r, "s", dots, [(f"o{r}", lambda u: f"v{u}")])
 
 
 def _score(sh: Shader, dots: str, kj: str) -> str:
@@ -730,12 +720,8 @@ def _group_registers(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool) -> 
     """SMX=3: the registers one step's loads go to (per key u of the step: its index fkj{u},
     K vec4s fk{u}_{i}, scales fd{u}_{g} of a quantized K, V vec4s fv{u}_{j}; fful, whether the
     step's tile is full in the block map); returns the K scale groups (_load_key's)."""
-    kt = sh.spec.dot.b.tensor
     n = lay.D4 // lay.KL
-    if k_runs:
-        groups: list[list[int]] | None = [list(range(g, min(g + 8, n))) for g in range(0, n, 8)]
-    else:
-        groups = _scale_groups(sh, kt, lay)
+    groups = _key_groups(sh, lay, k_runs)
     for u in range(lay.KC):
         w.line(f"var fkj{u} = 0;")
         for i in range(n):
@@ -812,26 +798,35 @@ def _group_math(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]
                 w.line(f"s{u}_{r} = s{u}_{r} + subgroupShuffleXor(s{u}_{r}, {k}u);")
                 k *= 2
     for r in range(BM):
-        with w.block(""):
-            w.line(f"let qi = q0 + {r};")
-            for u in range(KC):
-                w.line(f"let x{u} = select({NEG_INF}, {_score(sh, f's{u}_{r}', f'kj{u}')}, kj{u} < n_keys);")
-                w.line(f"nan{r} = nan{r} || is_nan(x{u});")
-            mx = "x0"
-            for u in range(1, KC):
-                mx = f"max({mx}, x{u})"
-            w.line(f"let mn = max(m{r}, {mx});")
-            w.line(f"let al = {_rescale(f'm{r}', 'mn')};")
-            w.line(f"var ps = l{r} * al;")
-            for j in range(NV):
-                w.line(f"o{r}_{j} = o{r}_{j} * al;")
-            for u in range(KC):
-                w.line(f"let p{u} = exp_sub(x{u}, mn);")
-                w.line(f"ps = ps + p{u};")
-                for j in range(NV):  # a key with p = 0 adds nothing, even an inf/NaN value
-                    w.line(f"o{r}_{j} = fma(vec4<f32>(p{u}), select(v{u}_{j}, vec4<f32>(), p{u} == 0.0), o{r}_{j});")
-            w.line(f"l{r} = ps;")
-            w.line(f"m{r} = mn;")
+        _online_step(w, sh, r, "x", [f"s{u}_{r}" for u in range(KC)],
+                     [(f"o{r}_{j}", lambda u, j=j: f"v{u}_{j}") for j in range(NV)])
+
+
+def _online_step(w: Writer, sh: Shader, r: int, name: str, dots: list[str],
+                 accs: list[tuple[str, Callable[[int], str]]]) -> None:
+    """Row r's online-softmax step over the keys kj{u} of `dots` (their dot products): scores
+    `{name}{u}` (NaN flagged in nan{r}), the new maximum, m{r} and l{r} rescaled with every
+    accumulator of `accs`, and each accumulator += p_u times its value vec4 `value(u)`."""
+    with w.block(""):
+        w.line(f"let qi = q0 + {r};")
+        for u, dot in enumerate(dots):
+            w.line(f"let {name}{u} = select({NEG_INF}, {_score(sh, dot, f'kj{u}')}, kj{u} < n_keys);")
+            w.line(f"nan{r} = nan{r} || is_nan({name}{u});")
+        mx = f"{name}0"
+        for u in range(1, len(dots)):
+            mx = f"max({mx}, {name}{u})"
+        w.line(f"let mn = max(m{r}, {mx});")
+        w.line(f"let al = {_rescale(f'm{r}', 'mn')};")
+        for acc, _ in accs:
+            w.line(f"{acc} = {acc} * al;")
+        w.line(f"var ps = l{r} * al;")
+        for u in range(len(dots)):
+            w.line(f"let p{u} = exp_sub({name}{u}, mn);")
+            w.line(f"ps = ps + p{u};")
+            for acc, value in accs:  # a key with p = 0 adds nothing, even an inf/NaN value
+                w.line(f"{acc} = fma(vec4<f32>(p{u}), select({value(u)}, vec4<f32>(), p{u} == 0.0), {acc});")
+        w.line(f"l{r} = ps;")
+        w.line(f"m{r} = mn;")
 
 
 def _store(w: Writer, sh: Shader) -> None:
