@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# On the GPU machine: the seeds suite in 3 separate processes per (backend, dtype) with the
-# busy-GPU timing (attnc bench --repeat-processes 3; attnc only), then `attnc tune` on f16 for
-# the cases named in TUNE_CASES. Usage (repo root): bash tools/gpu/repeat_and_tune.sh OUTDIR
+# On the GPU machine: the seeds suite in separate processes per (backend, dtype) with the
+# busy-GPU timing (attnc bench --repeat-processes), then `attnc tune` on f16 for the cases named
+# in TUNE_CASES. A REPEAT_CONFIGS entry is DEVICE/DTYPE[/PROCESSES[/BASELINES]]: the process
+# count (default $PROCESSES, else 3) and baselines timed in the same processes (e.g. ort).
+# Usage (repo root): bash tools/gpu/repeat_and_tune.sh OUTDIR
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${1:?usage: bash tools/gpu/repeat_and_tune.sh OUTDIR}
@@ -9,9 +11,12 @@ mkdir -p "$out/cache"
 source tools/gpu/gpu_env.sh
 export ATTNC_CACHE_DIR="$out/cache"
 for cfg in ${REPEAT_CONFIGS:-wgpu:vulkan/f32 wgpu:vulkan/f16 dawn:vulkan/f32 dawn:vulkan/f16}; do
-  dev=${cfg%/*}; dt=${cfg#*/}
+  IFS=/ read -r dev dt procs baselines <<< "$cfg"
+  compare=(); tag=""
+  if [ -n "${baselines:-}" ]; then compare=(--compare "$baselines"); tag="_${baselines//,/_}"; fi
   timeout "${REPEAT_TIMEOUT:-150}" python3 -m attnc.bench --suite seeds --device "$dev" --dtype "$dt" --runs 10 \
-    --ceilings off --repeat-processes "${PROCESSES:-3}" --json "$out/repeat_${dev%%:*}_$dt.json" 2>&1 \
+    --ceilings off --repeat-processes "${procs:-${PROCESSES:-3}}" "${compare[@]}" \
+    --json "$out/repeat_${dev%%:*}_$dt$tag.json" 2>&1 \
     | grep -v '^Warning' | sed -n '/^medians of/,$p'
 done
 cases=()
