@@ -80,7 +80,11 @@ def time_back_to_back(device: Any, runs: Sequence[Sequence[rt.Dispatch]], *, lea
     return out
 
 
-CLOCK_OK = 0.9  # a measurement taken with the GPU slower than this fraction of its best is retaken
+# A measurement after which the GPU runs slower than this fraction of its best is retaken. On the
+# H200 (2026-12-04, 28 processes of the seeds suite, both backends) the ratio after a measurement
+# was 0.928-0.99 (all but one at 0.945 or more) in the processes whose time agreed with the
+# others, and 0.913-0.914 in the two whose case ran 8-10 % slow; a 0.9 gate let those through.
+CLOCK_OK = 0.93
 
 
 def clock_ratio(device: Any) -> float | None:

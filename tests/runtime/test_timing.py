@@ -75,3 +75,18 @@ def test_a_measurement_with_the_clocks_down_is_retaken(monkeypatch) -> None:
     row = {"case": "c", "impl": "fake", "ms": 1.0, "tflops": None, "gbps": None, "relerr": None, "correct": None,
            "fma_fraction": None, "copy_fraction": None, "timing": "t", "clock": 0.3}
     assert "CLOCKS AT 30 %" in cli.format_table([row], {})
+
+
+@pytest.mark.parametrize(("after", "retaken"), [(0.913, True), (0.928, True), (0.945, False), (0.99, False)])
+def test_the_clock_gate_retakes_a_few_percent_slow(monkeypatch, after: float, retaken: bool) -> None:
+    """A GPU 7-9 % below its best after a measurement made the case 8-10 % slow on the H200
+    (one process in five): such a measurement is retaken, one within the normal 1-5 % is not."""
+    from attnc.bench import cli
+
+    ratios = iter([after, 0.99])
+    monkeypatch.setattr(cli, "warm_up", lambda device, ms: True)
+    monkeypatch.setattr(cli, "clock_ratio", lambda device: next(ratios))
+    monkeypatch.setitem(cli.IMPLS, "fake", lambda device, case, copies, opts: object())
+    bar = type("Bar", (), {"write": staticmethod(lambda *a, **k: None)})()
+    _m, _clock, attempts = cli.measure(None, type("C", (), {"name": "c"})(), "fake", [], None, bar)
+    assert attempts == (2 if retaken else 1)
