@@ -1,5 +1,6 @@
 """Where a decode op's time goes: for each plan variant, the whole op (first pass begin to last
-pass end), each pass alone, and the same dispatches encoded in one compute pass; plus a
+pass end), each pass alone, and the same dispatches encoded in one compute pass (also the first
+pass alone and followed by a dependent one-workgroup dispatch: a second pass's fixed cost); plus a
 read-only kernel over as many bytes as K and V, and over the fractions of them in READ_FRACTIONS
 (the bytes of a quantized cache: q8_0 reads 0.53 of f16 K/V, q4_0 0.28), so the time a decode
 pass could reach is measured, not assumed. Variants as in gpu_plan_sweep.py (`-` = heuristic,
@@ -60,6 +61,29 @@ def read_program(unroll: int) -> Program:
                    uniforms=(), grid=(), features=frozenset(), workgroup_storage_bytes=0)
 
 
+TOUCH_WGSL = """\
+@group(0) @binding(0) var<storage, read> src: array<f32>;
+@group(0) @binding(1) var<storage, read_write> dst: array<f32>;
+
+// One workgroup that reads a word of what the pass before wrote: a dependent dispatch with no work.
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_index) lid: u32) {
+    if (lid == 0u) { dst[0] = src[0]; }
+}
+"""
+
+
+def touch_dispatch(dev, after) -> rt.Dispatch:
+    """A one-workgroup dispatch reading the buffer the dispatch `after` writes first: what a second
+    pass costs with nothing to do (its launch and the barrier before it)."""
+    prog = Program(name="touch", wgsl=TOUCH_WGSL, entry_point="main", workgroup_size=64,
+                   bindings=(Binding("src", 0, Access.READ, Scalar.F32),
+                             Binding("dst", 1, Access.READ_WRITE, Scalar.F32)),
+                   uniforms=(), grid=(), features=frozenset(), workgroup_storage_bytes=0)
+    written = next(b.name for b in after.program.bindings if b.access is Access.READ_WRITE)
+    return rt.Dispatch(prog, {"src": after.buffers[written], "dst": rt.empty(dev, 256)}, {}, 1)
+
+
 def one_pass(dev, dispatches) -> float:
     """All dispatches in one compute pass (timestamps at its begin and end), in ms."""
     gpu = dev.gpu
@@ -114,16 +138,24 @@ def main() -> None:
                 print(f"{name} {spec}: {type(exc).__name__}: {exc}", flush=True)
                 continue
             warm_up(dev, 200)
-            span, per, one = [], [], []
+            span, per, one, first, first_touch, touch = [], [], [], [], [], []
             for i in range(40):
                 h = hs[i % len(hs)]
                 span.append(rt.run(dev, h.dispatches, timestamps=True, span=True)[0])
                 per.append(rt.run(dev, h.dispatches, timestamps=True))
                 one.append(one_pass(dev, h.dispatches))
+                t = touch_dispatch(dev, h.dispatches[0])
+                first.append(one_pass(dev, h.dispatches[:1]))
+                first_touch.append(one_pass(dev, [h.dispatches[0], t]))
+                touch.append(one_pass(dev, [t]))
             row = {"case": name, "spec": spec, "variant": op.variant, "relerr": err,
                    "span": round(statistics.median(span[5:]), 5),
                    "passes": [round(statistics.median(p[j] for p in per[5:]), 5) for j in range(len(per[0]))],
                    "one_pass": round(statistics.median(one[5:]), 5),
+                   # the first pass alone, then followed by a dependent empty dispatch, and that alone
+                   "first_pass": round(statistics.median(first[5:]), 5),
+                   "first_then_touch": round(statistics.median(first_touch[5:]), 5),
+                   "touch_alone": round(statistics.median(touch[5:]), 5),
                    "GBps_span": round(kv_bytes / statistics.median(span[5:]) / 1e6, 1)}
             print(json.dumps(row), flush=True)
 
