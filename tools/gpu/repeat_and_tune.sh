@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine: the seeds suite in separate processes per (backend, dtype) with the
 # busy-GPU timing (attnc bench --repeat-processes), then `attnc tune` on f16 for the cases named
-# in TUNE_CASES. A REPEAT_CONFIGS entry is DEVICE/DTYPE[/PROCESSES[/BASELINES]]: the process
-# count (default $PROCESSES, else 3) and baselines timed in the same processes (e.g. ort).
+# in TUNE_CASES (on each of TUNE_DEVICES, TUNE_REPEATS times). A REPEAT_CONFIGS entry is
+# DEVICE/DTYPE[/PROCESSES[/BASELINES]]: the process count (default $PROCESSES, else 3) and
+# baselines timed in the same processes (e.g. ort).
 # Usage (repo root): bash tools/gpu/repeat_and_tune.sh OUTDIR
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -22,6 +23,14 @@ done
 cases=()
 for c in ${TUNE_CASES:-}; do cases+=(--case "$c"); done
 if [ ${#cases[@]} -gt 0 ]; then
-  timeout "${TUNE_TIMEOUT:-200}" python3 -m attnc tune --suite seeds "${cases[@]}" --device wgpu:vulkan --dtype f16 \
-    --max "${TUNE_MAX:-16}" --runs 5 --json "$out/tune_f16_wgpu.jsonl" 2>&1 | grep -v '^\s*\[' | grep -v '^Warning' | tail -20
+  # TUNE_REPEATS separate tuning processes per device, each with an empty tuning cache of its
+  # own: whether repeated runs choose the same winners
+  for tdev in ${TUNE_DEVICES:-wgpu:vulkan}; do
+    for rep in $(seq 1 "${TUNE_REPEATS:-1}"); do
+      suffix=${tdev%%:*}; [ "${TUNE_REPEATS:-1}" -gt 1 ] && suffix="${suffix}_$rep"
+      ATTNC_CACHE_DIR="$out/cache_tune_$suffix" timeout "${TUNE_TIMEOUT:-200}" python3 -m attnc tune --suite seeds \
+        "${cases[@]}" --device "$tdev" --dtype f16 --max "${TUNE_MAX:-16}" --runs 5 --json "$out/tune_f16_$suffix.jsonl" \
+        2>&1 | grep -v '^\s*\[' | grep -v '^Warning' | tail -20
+    done
+  done
 fi
