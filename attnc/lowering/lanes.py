@@ -93,16 +93,27 @@ def emit_lanes(sh: Shader) -> Program:
             keys = f"for (var j0 = lo; j0 < hi; j0 = j0 + {SG})"
         with w.block(keys):
             w.line("let kb = k_base(clamp(j0 + i32(lane), 0, n_keys - 1)) >> 2u;")
-            if kt in sh.quant:  # the row's first word once per key; each block's scale read once
+            if kt in sh.quant:  # the row's first word once per key
                 w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
-            for d in range(D4):
-                c = f"min({d}u, nd - 1u)"
-                k4 = f"ldr4_{kt}(kw, {c})" if kt in sh.quant else sh.read4(kt, f"kb + {c}")
-                w.line(f"let k_{d} = select(vec4<f32>(0.0), {k4}, {d}u < nd);")
+            if kt in sh.quant and sh.quant_block_words(kt) is not None:
+                _read_blocks(w, sh, kt, "k", "kw", range(D4), "0u", f"(P.d_{s.head_dim} >> 5u) - 1u")
+                for d in range(D4):  # vec4s past the head dim (the padded query dim) are 0
+                    w.line(f"let k_{d} = select(vec4<f32>(0.0), kr_{d}, {d}u < nd);")
+            else:
+                for d in range(D4):
+                    c = f"min({d}u, nd - 1u)"
+                    k4 = f"ldr4_{kt}(kw, {c})" if kt in sh.quant else sh.read4(kt, f"kb + {c}")
+                    w.line(f"let k_{d} = select(vec4<f32>(0.0), {k4}, {d}u < nd);")
             if vt in sh.quant:  # likewise for V: the row's first word, then vec4 c0 / 4 + x of it
                 w.line(f"let vw = {sh.quant_row_words(vt, 'v_base(clamp(j0 + i32(lane), 0, n_keys - 1)) >> 2u')};")
-                for x in range(C4):
-                    w.line(f"let v_{x} = ldr4_{vt}(vw, (c0 >> 2u) + min({x}u, nc - 1u));")
+                if sh.quant_block_words(vt) is not None and C4 % 8 == 0:  # c0 starts a block
+                    # columns past Dv read a valid block (clamped) and are never stored
+                    _read_blocks(w, sh, vt, "v", "vw", range(C4), "(c0 >> 5u)", f"(P.d_{s.width} >> 5u) - 1u")
+                    for x in range(C4):
+                        w.line(f"let v_{x} = vr_{x};")
+                else:
+                    for x in range(C4):
+                        w.line(f"let v_{x} = ldr4_{vt}(vw, (c0 >> 2u) + min({x}u, nc - 1u));")
             else:
                 w.line("let vb = (v_base(clamp(j0 + i32(lane), 0, n_keys - 1)) + c0) >> 2u;")
                 for x in range(C4):
@@ -185,3 +196,17 @@ def _epilogue(sh: Shader, w: Writer, r: int, C4: int) -> None:
             with w.block(f"if ({4 * c + e}u < n_cols)"):
                 w.line(f"t_o[ob + (c0 + {4 * c + e}u) * P.s_o_{len(s.axes)}] = "
                        f"select(acc{r}_{c}[{e}] * inv, {NAN}, nan{r});")
+
+
+def _read_blocks(w: Writer, sh: Shader, tensor: str, name: str, row: str, vec4s: range, first: str,
+                 last: str) -> None:
+    """{name}r_i: the dequantized vec4s i of a q8_0 or q4_0 row starting at word `row`, from its
+    block `first` on (blocks clamped to `last`): each block's scale read once, and every word at
+    a constant offset from its block's first, so that the loads and shifts are not recomputed
+    per vec4 (the CPU adapters this strategy serves run every one of those instructions)."""
+    words = sh.quant_block_words(tensor)
+    for g in range(-(-len(vec4s) // 8)):
+        w.line(f"let {name}b{g} = {row} + min({first} + {g}u, {last}) * {words}u;")
+        w.line(f"let {name}d{g} = qs_{tensor}({name}b{g});")
+        for i in vec4s[8 * g:8 * g + 8]:
+            w.line(f"let {name}r_{i} = {name}d{g} * qr4_{tensor}({name}b{g}, {i % 8}u);")

@@ -37,6 +37,10 @@ PLANS = {
                   vector_width=4), {"BM": 16, "BN": 32}, 20, (32,)),
     "lanes": (Plan(Family.SUBGROUPS, strategy=Strategy.LANES, rows_per_invocation=1, subgroup_width=8, query_dim=64,
                    value_columns=64, vector_width=4), {"BM": 8, "BN": 32}, 6, (32, 64)),
+    # a query dim of 2.5 blocks and value chunks of half a block: the lanes strategy's per-vec4
+    # reads of V, and K's blocks clamped to the row's last
+    "lanes-narrow": (Plan(Family.SUBGROUPS, strategy=Strategy.LANES, rows_per_invocation=1, subgroup_width=8,
+                          query_dim=80, value_columns=16, vector_width=4), {"BM": 8, "BN": 32}, 4, (32, 64)),
 }
 FORMATS = st.sampled_from([None, *quant.FORMATS])
 
