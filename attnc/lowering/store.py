@@ -7,6 +7,8 @@ values per invocation at a time (max |x| of the block, the f16 scale, the packed
 the row's max |x| reduced through workgroup memory, then its f32 scale and bytes. The rounding
 is attnc.quant's (half away from zero, q4_0's trunc(x / d + 8.5)); where a device's f32
 division is not correctly rounded, a value at a rounding tie may take the neighbouring code.
+A block (q8_0, q4_0) or row (int8) holding an inf or NaN gets a NaN scale, so that it reads as
+NaN rather than as numbers made up from it (attnc.quant.quantize refuses such rows).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ fn flushed(d: f32) -> f32 {
 }
 fn inv_or_zero(d: f32) -> f32 {
   return select(0.0, 1.0 / d, d != 0.0);
+}
+fn non_finite(v: f32) -> bool {
+  return (bitcast<u32>(v) & 0x7f800000u) == 0x7f800000u;
 }
 fn i8_byte(v: f32, j: u32) -> u32 {
   return (u32(i32(clamp(v, -128.0, 127.0))) & 0xffu) << (8u * j);
@@ -142,8 +147,10 @@ def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: in
             w.line("var xs: array<f32, 32>;")
             w.line("var amax = 0.0;")
             w.line("var mx = 0.0;")
+            w.line("var bad = false;  // an inf or NaN in the block: its scale is written NaN")
             with w.block("for (var j = 0u; j < 32u; j++)"):
                 w.line(f"xs[j] = {x('blk * 32u + j')};")
+                w.line("bad = bad || non_finite(xs[j]);")
                 with w.block("if (amax < abs(xs[j]))"):
                     w.line("amax = abs(xs[j]);")
                     w.line("mx = xs[j];")
@@ -154,8 +161,8 @@ def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: in
             # bits: drivers may drop the sign of a zero in float arithmetic (q8_0: d >= 0; q4_0:
             # d = mx / -8, mx starting at +0.0 as in ggml, so an all-zero block has d = -0.0)
             sign = "0u" if fmt is ir.DType.Q8_0 else "((bitcast<u32>(mx) >> 16u) & 0x8000u) ^ 0x8000u"
-            w.line(f"t_{t}[wb] = select(pack2x16float(vec2<f32>(d, 0.0)) & 0xffffu, {sign}, "
-                   "abs(d) <= 2.98023224e-8);")
+            w.line(f"t_{t}[wb] = select(select(pack2x16float(vec2<f32>(d, 0.0)) & 0xffffu, {sign}, "
+                   "abs(d) <= 2.98023224e-8), 0x7e00u, bad);")
             if fmt is ir.DType.Q8_0:
                 with w.block("for (var m = 0u; m < 8u; m++)"):
                     w.line("var word = 0u;")
@@ -172,19 +179,23 @@ def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: in
                     w.line(f"t_{t}[wb + 1u + m] = word;")
     else:  # int8: the row's max |x| through workgroup memory, then its scale and bytes
         w.line("var part = 0.0;")
+        w.line("var bad = false;  // an inf or NaN in the row: its scale is written NaN")
         with w.block(f"for (var c = lid; ok && c < {width}; c += {WG}u)"):
-            w.line(f"part = max(part, abs({x('c')}));")
-        w.line("red[lid] = part;")
+            w.line(f"let xc = {x('c')};")
+            w.line("part = max(part, abs(xc));")
+            w.line("bad = bad || non_finite(xc);")
+        w.line("red[lid] = select(part, -1.0, bad);")
         w.line("workgroupBarrier();")
         w.line("var amax = 0.0;")
         with w.block(f"for (var j = 0u; j < {WG}u; j++)"):
             w.line("amax = max(amax, red[j]);")
+            w.line("bad = bad || red[j] < 0.0;")
         w.line("workgroupBarrier();")  # red is reused by the next store
         w.line("let s = flushed(amax / 127.0);")
         w.line("let id = inv_or_zero(s);")
         w.line(f"let wb = (dst / {width}) * ({width} / 4u + 1u);")
         with w.block("if (ok && lid == 0u)"):
-            w.line(f"t_{t}[wb] = bitcast<u32>(s);")
+            w.line(f"t_{t}[wb] = select(bitcast<u32>(s), 0x7fc00000u, bad);")
         with w.block(f"for (var m = lid; ok && m < {width} / 4u; m += {WG}u)"):
             w.line("var word = 0u;")
             with w.block("for (var j = 0u; j < 4u; j++)"):

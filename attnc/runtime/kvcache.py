@@ -339,6 +339,9 @@ class KVCache:
         if arr.dtype.kind != "f":
             raise ValueError(f"{name}: expected floating point values, got {arr.dtype}")
         host = np.ascontiguousarray(arr, self.dtype)
+        if fmt is not None and not np.isfinite(host).all():  # as attnc.quant.quantize refuses them
+            past = " (values beyond float16's range become inf)" if self.dtype == np.float16 else ""
+            raise ValueError(f"{name}: inf or NaN cannot be stored as {fmt}{past}")
         raw = host.reshape(-1).view(np.uint8)
         if raw.size % 4:
             raw = np.concatenate([raw, np.zeros(4 - raw.size % 4, np.uint8)])

@@ -83,6 +83,10 @@ def _checked_table(table: Any, dims: dict[str, int], kv_lens: Any) -> Any:
     P, NP = dims["P"], dims["NP"]
     lens = np.full(dims["B"], dims["T"]) if kv_lens is None or isinstance(kv_lens, Tensor) \
         else np.asarray(host_array("kv_lens", kv_lens)).astype(np.int64)
+    if lens.shape == (dims["B"],) and (lens > dims["T"]).any():  # more keys than the table's pages hold
+        b = int(np.argmax(lens > dims["T"]))
+        raise ValueError(f"kv_lens[{b}] = {int(lens[b])} needs {int(-(-lens[b] // P))} pages of {P} keys, but "
+                         f"block_table has {arr.shape[1]} entries per row ({dims['T']} keys)")
     used = np.arange(arr.shape[1])[None, :] < (-(-np.clip(lens, 0, dims["T"]) // P))[:, None]
     bad = used & ((arr < 0) | (arr >= NP))
     if bad.any():

@@ -92,6 +92,10 @@ def test_a_table_entry_past_the_pool_is_named(device) -> None:
         attnc.paged_attention(q, kp, vp, table[:1], device=device)
     with pytest.raises(ValueError, match=r"v_pages shape .* does not match k_pages"):
         attnc.paged_attention(q, kp, vp[:, :, :2], table, device=device)
+    # a row longer than its table's pages hold (3 entries of 4 keys): the table is named
+    with pytest.raises(ValueError, match=r"kv_lens\[1\] = 13 needs 4 pages of 4 keys, but block_table has 3 "
+                                         r"entries per row \(12 keys\)"):
+        attnc.paged_attention(q, kp, vp, table, kv_lens=np.array([5, 13]), device=device)
 
 
 STREAM_PAGED = [  # (plan fields, BM, BN): the stream strategy with each softmax placement

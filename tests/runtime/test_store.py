@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import attnc
 from attnc import quant
 from attnc.errors import VerifyError
 from attnc.frontend.dsl import f32, grid, i32, store, store_kernel
@@ -174,3 +175,37 @@ def test_store_kernel_verifier() -> None:
             store(cache[:, b], x[b, :])
 
         across.trace(cache_dtype="q8_0")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@settings(RUN, max_examples=6)
+@given(fmt=st.sampled_from(quant.FORMATS), f16_rows=st.booleans(), N=st.integers(1, 4),
+       D=st.sampled_from([32, 64, 128]), bad=st.lists(st.sampled_from([np.nan, np.inf, -np.inf]), min_size=1,
+                                                      max_size=4), seed=st.integers(0, 2**16))
+def test_non_finite_rows_read_as_nan_not_numbers(spec, fmt, f16_rows, N, D, bad, seed, require_adapters) -> None:
+    """GPU rows holding inf or NaN (which attnc.quant.quantize and host appends refuse) appended
+    to a quantized KVCache: each block (q8_0, q4_0) or row (int8) holding one gets a NaN scale,
+    so it reads as NaN, never as numbers made up from it; every other block stores exactly
+    quantize's words. Host rows with them are a ValueError naming the argument."""
+    (dev,) = require_adapters(spec)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, 2, N, D)).astype(np.float16 if f16_rows else np.float32)
+    flat = x.reshape(-1)
+    for value in bad:
+        flat[rng.integers(0, flat.size)] = value
+    cache = attnc.KVCache(1, 2, 8, D, k_format=fmt, dtype=np.float16 if f16_rows else np.float32, device=dev)
+    with pytest.raises(ValueError, match=f"k_new: inf or NaN cannot be stored as {fmt}"):
+        cache.append(x, np.zeros_like(x))
+    cache.append(attnc.tensor(x, device=dev), attnc.tensor(np.zeros_like(x), device=dev))
+    got = cache.k.numpy()
+    unit = D if fmt == "int8" else quant.BLOCK  # the values one scale covers
+    values = quant.dequantize(got)[:, :, :N].reshape(-1, unit)
+    units = x.astype(np.float32).reshape(-1, unit)
+    poisoned = ~np.isfinite(units).all(axis=1)
+    assert np.isnan(values[poisoned]).all()
+    clean = np.where(poisoned[:, None], 0.0, units).astype(np.float32).reshape(1, 2, N, D)
+    per = quant.words_per_row(fmt, unit)
+    want = quant.quantize(clean, fmt).words.reshape(-1, per)
+    words = got.words.reshape(1, 2, 8, -1)[:, :, :N].reshape(-1, per)
+    np.testing.assert_array_equal(words[~poisoned], want[~poisoned])
