@@ -312,13 +312,17 @@ def _load_key_runs(w: Writer, sh: Shader, lay: StreamLayout, blocks: list[list[i
     kt = sh.spec.dot.b.tensor
     words = sh.quant_block_words(kt)
     w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
-    w.line(f"let c_run = part * {lay.D4 // lay.KL}u;")
+    n = lay.D4 // lay.KL
+    w.line(f"let c_run = part * {n}u;")
+    # a run of whole blocks starts a block (vec4 i at i % 8 of its block); a shorter run lies in
+    # one block, from vec4 c_run & 7 on
+    base = "" if n % 8 == 0 else "(c_run & 7u) + "
     for g, members in enumerate(blocks):  # clamped: past the head dim the values are discarded
         w.line(f"let kw{g} = kw + min((c_run >> 3u) + {g}u, (n_dot4 >> 3u) - 1u) * {words}u;")
         w.line(f"let d{g} = qs_{kt}(kw{g});")
         for i in members:
             w.line(f"let c{i} = c_run + {i}u;")
-            w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, min(c{i}, n_dot4 - 1u) & 7u), c{i} < n_dot4);")
+            w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, {base}{i % 8}u), c{i} < n_dot4);")
 
 
 def _lazy_dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
@@ -692,9 +696,10 @@ def _merge_lane_groups(w: Writer, sh: Shader, lay: StreamLayout, v_runs: bool) -
         for slot, (r, j) in enumerate(batch):
             w.line(f"o_red[{slot * WG}u + lid] = o{r}_{j};")
         w.line("workgroupBarrier();")
-        with w.block(f"if (lid < {len(batch) * KL}u)"):
-            w.line(f"let slot = lid / {KL}u;")
-            w.line(f"let pp = lid % {KL}u;")
+        # the round's len(batch) x KL (vec4, lane) pairs, which may outnumber the invocations
+        with w.block(f"for (var e = lid; e < {len(batch) * KL}u; e = e + {WG}u)"):
+            w.line(f"let slot = e / {KL}u;")
+            w.line(f"let pp = e % {KL}u;")
             w.line("var acc = vec4<f32>();")
             with w.block(f"for (var g = 0u; g < {NG}u; g = g + 1u)"):
                 w.line(f"acc = acc + o_red[slot * {WG}u + g * {KL}u + pp];")
@@ -762,11 +767,30 @@ def _group_fetch(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool, step: s
                     w.line(f"fk{u}_{i} = k{i};")
                 for g in range(len(groups or [])):
                     w.line(f"fd{u}_{g} = d{g};")
+                if vt in sh.quant and block_runs(sh, vt) and (lay.NV % 8 == 0 or 8 % lay.NV == 0):
+                    _fetch_value_blocks(w, sh, lay, u)
                 for j in range(lay.NV):
+                    if vt in sh.quant and block_runs(sh, vt) and (lay.NV % 8 == 0 or 8 % lay.NV == 0):
+                        continue
                     if vt in sh.quant:
                         w.line(f"fv{u}_{j} = ldr4_{vt}(vb, cin{j} >> 2u);")
                     else:
                         w.line(f"fv{u}_{j} = {sh.read4(vt, f'(vb + cin{j}) >> 2u')};")
+
+
+def _fetch_value_blocks(w: Writer, sh: Shader, lay: StreamLayout, u: int) -> None:
+    """SMX=3, a q8_0 or q4_0 V whose lane runs of NV vec4s are whole blocks or lie in one: the
+    run's V vec4s of step key u into fv{u}_j, each block's scale read once, its words at
+    constant offsets (blocks clamped to the row's last: columns past Dv are never stored)."""
+    vt, NV = sh.spec.value.tensor, lay.NV
+    words = sh.quant_block_words(vt)
+    w.line(f"let vr = dvc * {sh.plan.value_columns // 4}u + part * {NV}u;  // the run's first vec4 in the row")
+    base = "" if NV % 8 == 0 else "(vr & 7u) + "
+    for g in range(max(1, NV // 8)):
+        w.line(f"let vk{g} = vb + min((vr >> 3u) + {g}u, (n_width >> 5u) - 1u) * {words}u;")
+        w.line(f"let vd{g} = qs_{vt}(vk{g});")
+        for j in range(8 * g, min(NV, 8 * g + 8)):
+            w.line(f"fv{u}_{j} = vd{g} * qr4_{vt}(vk{g}, {base}{j % 8}u);")
 
 
 def _group_take(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]] | None) -> None:

@@ -251,6 +251,29 @@ def test_lane_groups_match_reference(spec, data, require_adapters) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("spec", SUBGROUP_ADAPTERS)
+@pytest.mark.parametrize(("WG", "KL", "BM", "DVC"), [(32, 8, 2, 128), (32, 4, 4, 64), (32, 4, 2, 128)])
+def test_lane_group_merge_rounds_larger_than_the_workgroup(spec, WG, KL, BM, DVC, require_adapters) -> None:
+    """A merge round holds RV output vec4s of each of a key's KL lanes; where RV x KL passes the
+    workgroup's invocations (small workgroups, many rows or columns), every (vec4, lane) pair is
+    still summed and stored: each row and column against the reference (the second row of
+    such a round was left unwritten once)."""
+    dev = require_adapters(spec)[0]
+    lay = stream_layout(lane_groups(dev, workgroup_size=WG, lanes_per_key=KL, keys_per_step=1, query_dim=32,
+                                    value_columns=DVC), BM, 64)
+    assert lay.RV * KL > WG  # the case this test is for
+    rng = np.random.default_rng(WG + KL + BM)
+    dims = dict(B=1, Hq=1, Hkv=1, S=BM, T=70, D=32, Dv=DVC)
+    q = rng.standard_normal((1, 1, BM, 32)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 70, 32)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 70, DVC)).astype(np.float32)
+    plan = lane_groups(dev, workgroup_size=WG, lanes_per_key=KL, keys_per_step=1, query_dim=32, value_columns=DVC)
+    for nsplit in (None, 2):
+        op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": BM, "BN": 64}, nsplit=nsplit)
+        assert_close(op(q, k, v), attention_ref(q, k, v), 1e-5, f"nsplit={nsplit}")
+
+
+@pytest.mark.gpu
 @pytest.mark.subgroup_sizes
 @pytest.mark.parametrize("spec", SUBGROUP_ADAPTERS)
 def test_lane_groups_wider_than_the_subgroup_write_nan(spec, require_adapters) -> None:
