@@ -96,7 +96,7 @@ def emit_lanes(sh: Shader) -> Program:
             if kt in sh.quant:  # the row's first word once per key
                 w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
             if kt in sh.quant and sh.quant_block_words(kt) is not None:
-                _read_blocks(w, sh, kt, "k", "kw", range(D4), "0u", f"(P.d_{s.head_dim} >> 5u) - 1u")
+                sh.read_blocks(w, kt, "k", "kw", D4, "0u", f"(P.d_{s.head_dim} >> 5u) - 1u")
                 for d in range(D4):  # vec4s past the head dim (the padded query dim) are 0
                     w.line(f"let k_{d} = select(vec4<f32>(0.0), kr_{d}, {d}u < nd);")
             else:
@@ -108,7 +108,7 @@ def emit_lanes(sh: Shader) -> Program:
                 w.line(f"let vw = {sh.quant_row_words(vt, 'v_base(clamp(j0 + i32(lane), 0, n_keys - 1)) >> 2u')};")
                 if sh.quant_block_words(vt) is not None and C4 % 8 == 0:  # c0 starts a block
                     # columns past Dv read a valid block (clamped) and are never stored
-                    _read_blocks(w, sh, vt, "v", "vw", range(C4), "(c0 >> 5u)", f"(P.d_{s.width} >> 5u) - 1u")
+                    sh.read_blocks(w, vt, "v", "vw", C4, "(c0 >> 5u)", f"(P.d_{s.width} >> 5u) - 1u")
                     for x in range(C4):
                         w.line(f"let v_{x} = vr_{x};")
                 else:
@@ -197,16 +197,3 @@ def _epilogue(sh: Shader, w: Writer, r: int, C4: int) -> None:
                 w.line(f"t_o[ob + (c0 + {4 * c + e}u) * P.s_o_{len(s.axes)}] = "
                        f"select(acc{r}_{c}[{e}] * inv, {NAN}, nan{r});")
 
-
-def _read_blocks(w: Writer, sh: Shader, tensor: str, name: str, row: str, vec4s: range, first: str,
-                 last: str) -> None:
-    """{name}r_i: the dequantized vec4s i of a q8_0 or q4_0 row starting at word `row`, from its
-    block `first` on (blocks clamped to `last`): each block's scale read once, and every word at
-    a constant offset from its block's first, so that the loads and shifts are not recomputed
-    per vec4 (the CPU adapters this strategy serves run every one of those instructions)."""
-    words = sh.quant_block_words(tensor)
-    for g in range(-(-len(vec4s) // 8)):
-        w.line(f"let {name}b{g} = {row} + min({first} + {g}u, {last}) * {words}u;")
-        w.line(f"let {name}d{g} = qs_{tensor}({name}b{g});")
-        for i in vec4s[8 * g:8 * g + 8]:
-            w.line(f"let {name}r_{i} = {name}d{g} * qr4_{tensor}({name}b{g}, {i % 8}u);")

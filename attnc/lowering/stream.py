@@ -767,30 +767,20 @@ def _group_fetch(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool, step: s
                     w.line(f"fk{u}_{i} = k{i};")
                 for g in range(len(groups or [])):
                     w.line(f"fd{u}_{g} = d{g};")
-                if vt in sh.quant and block_runs(sh, vt) and (lay.NV % 8 == 0 or 8 % lay.NV == 0):
-                    _fetch_value_blocks(w, sh, lay, u)
+                # a q8_0 / q4_0 V run of whole blocks, or inside one: each block's scale once
+                v_blocks = block_runs(sh, vt) and (lay.NV % 8 == 0 or 8 % lay.NV == 0)
+                if v_blocks:
+                    w.line(f"let vr = dvc * {sh.plan.value_columns // 4}u + part * {lay.NV}u;  // the run's first vec4")
+                    # blocks clamped to the row's last: columns past Dv are never stored
+                    sh.read_blocks(w, vt, "v", "vb", lay.NV, "(vr >> 3u)", "(n_width >> 5u) - 1u",
+                                   "" if lay.NV % 8 == 0 else "(vr & 7u) + ")
                 for j in range(lay.NV):
-                    if vt in sh.quant and block_runs(sh, vt) and (lay.NV % 8 == 0 or 8 % lay.NV == 0):
-                        continue
-                    if vt in sh.quant:
+                    if v_blocks:
+                        w.line(f"fv{u}_{j} = vr_{j};")
+                    elif vt in sh.quant:
                         w.line(f"fv{u}_{j} = ldr4_{vt}(vb, cin{j} >> 2u);")
                     else:
                         w.line(f"fv{u}_{j} = {sh.read4(vt, f'(vb + cin{j}) >> 2u')};")
-
-
-def _fetch_value_blocks(w: Writer, sh: Shader, lay: StreamLayout, u: int) -> None:
-    """SMX=3, a q8_0 or q4_0 V whose lane runs of NV vec4s are whole blocks or lie in one: the
-    run's V vec4s of step key u into fv{u}_j, each block's scale read once, its words at
-    constant offsets (blocks clamped to the row's last: columns past Dv are never stored)."""
-    vt, NV = sh.spec.value.tensor, lay.NV
-    words = sh.quant_block_words(vt)
-    w.line(f"let vr = dvc * {sh.plan.value_columns // 4}u + part * {NV}u;  // the run's first vec4 in the row")
-    base = "" if NV % 8 == 0 else "(vr & 7u) + "
-    for g in range(max(1, NV // 8)):
-        w.line(f"let vk{g} = vb + min((vr >> 3u) + {g}u, (n_width >> 5u) - 1u) * {words}u;")
-        w.line(f"let vd{g} = qs_{vt}(vk{g});")
-        for j in range(8 * g, min(NV, 8 * g + 8)):
-            w.line(f"fv{u}_{j} = vd{g} * qr4_{vt}(vk{g}, {base}{j % 8}u);")
 
 
 def _group_take(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]] | None) -> None:
