@@ -70,7 +70,11 @@ def _load_kernel(spec: str, sets: list[str]):
     options = parse_sets(obj, sets)
     try:
         return obj.trace(**options)
-    except AttncError:
+    except AttncError as exc:
+        if exc.span is not None and os.path.abspath(exc.span.file) == os.path.abspath(__file__):
+            # refused at the trace call itself: an option value from the command line, not the
+            # kernel's code, so name the --set rather than show attnc's own source line
+            raise UsageError(f"--set: {exc.message}", notes=exc.notes) from None
         raise
     except RecursionError:
         raise UsageError(f"tracing {spec!r}: the kernel is nested too deeply") from None

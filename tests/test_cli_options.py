@@ -304,3 +304,19 @@ def test_well_typed_options_compile_or_give_a_message(argv: list[str], capsys: p
         else:
             assert rc in (1, 2) and err.startswith(("lowering error", "verify error", "trace error", "error:")), err
             assert not out.exists()
+
+
+@pytest.mark.parametrize("setting", ["k_dtype=q5_1", "k_dtype=F16", "k_dtype=", "v_dtype=bf16", "q_dtype=q8_0",
+                                     "q_dtype=int8", "k_dtype=q4_0", "v_dtype=int8"])
+def test_storage_dtypes_compile_or_name_the_set(setting: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--set k_dtype=...` (and v_, q_): a storage the kernel takes compiles; one it refuses is a
+    one-line error naming the --set, not an excerpt of attnc's own source where the trace was
+    called (the refusal once pointed at attnc/cli.py)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "o"
+        rc = main(["compile", FLASH, "--set", setting, "-o", str(out)])
+        err = capsys.readouterr().err
+    if rc == 0:
+        return
+    assert rc == 2 and err.startswith("error: --set") and err.count("\n") == 1, err
+    assert "cli.py" not in err and setting.split("=")[0] in err

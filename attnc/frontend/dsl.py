@@ -800,6 +800,9 @@ def _output_type(b: sem.Builder, body: tuple[ir.Stmt, ...]) -> ir.TensorType:
     dims = tuple(a.extent.dim for a in grid.axes if not isinstance(a.extent, ir.SplitExtent))
     first = next((p for p in b.params.values() if p.type.dims), None)
     dtype = first.type.dtype if first else ir.DType.F32
+    if first is not None and dtype.is_quant:
+        raise fail(f"the output takes the dtype of the first tensor parameter {first.name!r}, which is "
+                   f"{dtype.value}: {first.name}_dtype must be f32 or f16")
     return ir.TensorType(dtype, dims + (acc.width,))
 
 
