@@ -95,7 +95,7 @@ def emit_lanes(sh: Shader) -> Program:
             w.line("let kb = k_base(clamp(j0 + i32(lane), 0, n_keys - 1)) >> 2u;")
             if kt in sh.quant:  # the row's first word once per key
                 w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
-            if kt in sh.quant and sh.quant_block_words(kt) is not None:
+            if sh.block_quantized(kt):
                 sh.read_blocks(w, kt, "k", "kw", D4, "0u", f"(P.d_{s.head_dim} >> 5u) - 1u")
                 for d in range(D4):  # vec4s past the head dim (the padded query dim) are 0
                     w.line(f"let k_{d} = select(vec4<f32>(0.0), kr_{d}, {d}u < nd);")
@@ -106,7 +106,7 @@ def emit_lanes(sh: Shader) -> Program:
                     w.line(f"let k_{d} = select(vec4<f32>(0.0), {k4}, {d}u < nd);")
             if vt in sh.quant:  # likewise for V: the row's first word, then vec4 c0 / 4 + x of it
                 w.line(f"let vw = {sh.quant_row_words(vt, 'v_base(clamp(j0 + i32(lane), 0, n_keys - 1)) >> 2u')};")
-                if sh.quant_block_words(vt) is not None and C4 % 8 == 0:  # c0 starts a block
+                if sh.block_quantized(vt) and C4 % 8 == 0:  # c0 starts a block
                     # columns past Dv read a valid block (clamped) and are never stored
                     sh.read_blocks(w, vt, "v", "vw", C4, "(c0 >> 5u)", f"(P.d_{s.width} >> 5u) - 1u")
                     for x in range(C4):

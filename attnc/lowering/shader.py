@@ -302,6 +302,10 @@ class Shader:
             for i in range(8 * g, min(count, 8 * g + 8)):
                 w.line(f"let {name}r_{i} = {name}d{g} * qr4_{tensor}({name}b{g}, {base}{i % 8}u);")
 
+    def block_quantized(self, name: str) -> bool:
+        """Whether tensor `name` is stored in blocks of 32 values with a scale each (q8_0, q4_0)."""
+        return name in self.quant and self.quant_block_words(name) is not None
+
     def quant_block_words(self, name: str) -> int | None:
         """Words per block of 8 vec4s with their own scale (q8_0, q4_0), None for a scale per row."""
         return QUANT_BLOCK_WORDS.get(self.quant[name])

@@ -290,7 +290,7 @@ def _load_key(w: Writer, sh: Shader, lay: StreamLayout, runs: bool) -> list[list
 def block_runs(sh: Shader, tensor: str) -> bool:
     """SMX=3: whether the lanes of a key own runs of a row's vec4s rather than every KL-th:
     for q8_0 and q4_0, so that a lane's vec4s share their blocks' scales and words."""
-    return tensor in sh.quant and sh.quant_block_words(tensor) is not None
+    return sh.block_quantized(tensor)
 
 
 def _key_groups(sh: Shader, lay: StreamLayout, runs: bool) -> list[list[int]] | None:
@@ -554,12 +554,7 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                 else:
                     w.line(f"acc = acc + o_red[{b}];")
             w.line(f"let row = {r0}u + rr;")
-            w.line("let qi = q0 + i32(row);")
-            w.line(f"let c = dvc * {sh.plan.value_columns}u + cc * 4u;")
-            w.line("let mm = m_fin[row];")
-            w.line("let ll = l_fin[row];")
-            with w.block("if (qi < n_rows && c < n_width)"):
-                _store(w, sh)
+            _store_merged(w, sh, f"dvc * {sh.plan.value_columns}u + cc * 4u")
         w.line("workgroupBarrier();")
 
 
@@ -705,12 +700,8 @@ def _merge_lane_groups(w: Writer, sh: Shader, lay: StreamLayout, v_runs: bool) -
                 w.line(f"acc = acc + o_red[slot * {WG}u + g * {KL}u + pp];")
             w.line(f"let own = {a}u + slot;  // (row, vec4) pair own / NV, own % NV")
             w.line(f"let row = own / {NV}u;")
-            w.line("let qi = q0 + i32(row);")
-            w.line(f"let c = dvc * {sh.plan.value_columns}u + ({_own_vec4(lay, v_runs, 'pp', f'own % {NV}u')}) * 4u;")
-            w.line("let mm = m_fin[row];")
-            w.line("let ll = l_fin[row];")
-            with w.block("if (qi < n_rows && c < n_width)"):
-                _store(w, sh)
+            own = _own_vec4(lay, v_runs, "pp", f"own % {NV}u")
+            _store_merged(w, sh, f"dvc * {sh.plan.value_columns}u + ({own}) * 4u")
         w.line("workgroupBarrier();")
 
 
@@ -746,6 +737,8 @@ def _group_fetch(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool, step: s
     KL, NG, KC = lay.KL, lay.NG, lay.KC
     vt = sh.spec.value.tensor
     per = lay.NK // KC
+    # a q8_0 / q4_0 V run of whole blocks, or inside one: each block's scale read once
+    v_blocks = block_runs(sh, vt) and (lay.NV % 8 == 0 or 8 % lay.NV == 0)
     with w.block(""):
         w.line(f"let st = {step};")
         w.line(f"let t = t_lo + st / {per};")
@@ -767,8 +760,6 @@ def _group_fetch(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool, step: s
                     w.line(f"fk{u}_{i} = k{i};")
                 for g in range(len(groups or [])):
                     w.line(f"fd{u}_{g} = d{g};")
-                # a q8_0 / q4_0 V run of whole blocks, or inside one: each block's scale once
-                v_blocks = block_runs(sh, vt) and (lay.NV % 8 == 0 or 8 % lay.NV == 0)
                 if v_blocks:
                     w.line(f"let vr = dvc * {sh.plan.value_columns // 4}u + part * {lay.NV}u;  // the run's first vec4")
                     # blocks clamped to the row's last: columns past Dv are never stored
@@ -841,6 +832,17 @@ def _online_step(w: Writer, sh: Shader, r: int, name: str, dots: list[str],
                 w.line(f"{acc} = fma(vec4<f32>(p{u}), select({value(u)}, vec4<f32>(), p{u} == 0.0), {acc});")
         w.line(f"l{r} = ps;")
         w.line(f"m{r} = mn;")
+
+
+def _store_merged(w: Writer, sh: Shader, column: str) -> None:
+    """A merge's end for tile row `row` and output column `column` (its vec4 summed in `acc`):
+    the row's final maximum and sum, and the store where row and column exist."""
+    w.line("let qi = q0 + i32(row);")
+    w.line(f"let c = {column};")
+    w.line("let mm = m_fin[row];")
+    w.line("let ll = l_fin[row];")
+    with w.block("if (qi < n_rows && c < n_width)"):
+        _store(w, sh)
 
 
 def _store(w: Writer, sh: Shader) -> None:
