@@ -124,30 +124,53 @@ def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
     op.run(binding=handles[0])
     o, _lse = op.result()
     if kv_format is not None:  # (after the result: the appends overwrite the last cache row)
-        extra["append_ms"] = _append_ms(device, kv_format, handles[0], copies[0], opts)
+        extra.update(_append_costs(device, kv_format, handles[0], copies[0], opts))
         if device.adapter_type != "CPU" and "timestamps" in device.features:
             rt.warm_up(device, ms=60.0)  # its runs one per submission idled the GPU; measure()'s clock check follows
     return Measured(_with_rotations(timing, len(copies)), np.asarray(o), extra)
 
 
-def _append_ms(device: Any, fmt: str, handle: Any, copy: Any, opts: RunOptions) -> float:
-    """GPU ms of one decode step's append: one new K row and one V row per (batch, KV head),
-    quantized to `fmt` by the DSL store kernel into the last position of the bound cache."""
-    from attnc.runtime.store import store_dispatch
+def _append_costs(device: Any, fmt: str, handle: Any, copy: Inputs, opts: RunOptions) -> dict[str, Any]:
+    """GPU ms of one decode step's append (a new K and V row per (batch, KV head), quantized to
+    `fmt` at the last position of the bound cache): the pair store kernel and the length
+    advance, the two dispatches KVCache.append records.
 
-    _q, k, v = copy
+    `append_ms`: what the append adds to the step, recorded as KVCache records it (its own pass,
+    then the attention's): the median of such steps less the median of the attention alone,
+    interleaved in one submission. `append_one_pass_ms`: the same with the append's dispatches
+    in the attention's pass. `append_alone_ms`: the append's pass alone, one submission each.
+    Without timestamps (or sanitizing), `append_ms` is the append alone, by the wall clock."""
+    from attnc.runtime.kvcache import ADVANCE
+    from attnc.runtime.store import pair_store_dispatch
+
+    q, k, v = copy
     B, Hkv, T, _ = k.shape
     rng = np.random.default_rng(1)
+    rows = [rng.standard_normal((B, Hkv, 1, t.shape[3])).astype(q.dtype) for t in (k, v)]
     pos = np.full(B, T - 1, np.int32)
-    steps = [store_dispatch(device, fmt, handle.bufs[name], t.shape,
-                            rng.standard_normal((B, Hkv, 1, t.shape[3])).astype(np.float32), pos)
-             for name, t in (("k", k), ("v", v))]
+    store = pair_store_dispatch(device, (fmt, handle.bufs["k"], k.shape), (fmt, handle.bufs["v"], v.shape),
+                                *rows, pos)
+    lens = rt.upload(device, pos)
+    counts = rt.upload(device, np.zeros(B, np.int32))  # (read only when ragged)
+    advance = rt.Dispatch(ADVANCE, {"counts": counts, "lens": lens}, {"B": B, "n": 1, "ragged": 0}, -(-B // 64))
+    append = [store, advance]
+    timestamps = "timestamps" in device.features
 
-    def once() -> float | None:  # one submission, as a decode step's append would be
-        times = rt.run(device, steps, timestamps="timestamps" in device.features)
+    def alone() -> float | None:  # one submission, the append's pass alone
+        times = rt.run(device, append, timestamps=timestamps, span=True)
         return None if times is None else float(sum(times))
 
-    return time_callable(once, runs=opts.runs, warmup=opts.warmup).ms
+    out: dict[str, Any] = {"append_alone_ms": time_callable(alone, runs=opts.runs, warmup=opts.warmup).ms}
+    if rt.sanitizing() or not timestamps:
+        return out | {"append_ms": out["append_alone_ms"]}
+    attention = list(handle.dispatches)
+    kinds = ([attention], [append, attention], [append + attention])
+    if device.adapter_type != "CPU":  # the runs above, one per submission, idled the GPU
+        rt.warm_up(device, ms=60.0)
+    times = timing_rt.time_steps(device, [kinds[i % 3] for i in range(3 * (opts.warmup + opts.runs))])
+    medians = [statistics.median(times[3 * opts.warmup + j::3]) for j in range(3)]
+    return out | {"append_ms": medians[1] - medians[0], "append_one_pass_ms": medians[2] - medians[0],
+                  "append_step_attention_ms": medians[0]}
 
 
 def _with_rotations(t: Timing, n: int) -> Timing:

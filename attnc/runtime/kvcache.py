@@ -31,6 +31,7 @@ from attnc.runtime.build import mods_scan
 from attnc.runtime.devices import get_device
 from attnc.runtime.lru import LRU
 from attnc.runtime.prepared import Prepared
+from attnc.runtime.store import pair_store_program as dsl_pair_store_program
 from attnc.runtime.store import store_program as dsl_store_program
 from attnc.runtime.tensor import QuantGPUTensor, Tensor, dense_strides, host_array, quant_zeros, zeros
 
@@ -370,9 +371,11 @@ class KVCache:
         if ready is None:
             per_dim = int(dev.gpu.limits["max-compute-workgroups-per-dimension"])
             items = []
-            for ((src, strides, src_dtype), dst), dst_slice in zip(pairs, dst_slices, strict=True):
+            quantized = [(src, dst) for src, dst in pairs if isinstance(dst, QuantGPUTensor)]
+            if quantized:  # one dispatch of the DSL store kernel for K and V when both are quantized
+                items.append(self._quant_store(quantized, n, per_dim, sanitize))
+            for ((src, strides, _dtype), dst), dst_slice in zip(pairs, dst_slices, strict=True):
                 if isinstance(dst, QuantGPUTensor):
-                    items.append(self._quant_store(src, strides, src_dtype, dst, n, per_dim, sanitize))
                     continue
                 width = dst.shape[3]
                 per = n * width if self.dtype == np.float32 else -(-n * width // 2) + 1
@@ -397,13 +400,25 @@ class KVCache:
         else:
             ready.record(encoder)
 
-    def _quant_store(self, src: rt.BufferSlice, strides: tuple[int, ...], src_dtype: np.dtype, dst: QuantGPUTensor,
+    def _quant_store(self, pairs: list[tuple[tuple[rt.BufferSlice, tuple[int, ...], np.dtype], QuantGPUTensor]],
                      n: int, per_dim: int, sanitize: bool) -> Any:
-        """The DSL store kernel's item writing n rows of `src` [B, Hkv, n, width] into the
-        quantized `dst` at each row's GPU length (it writes no row past the capacity)."""
-        kern, prog = dsl_store_program(dst.fmt, "f16" if src_dtype == np.float16 else "f32", False)
-        shapes = {"x": (self.batch, self.kv_heads, n, dst.shape[3]), "pos": (self.batch,), "cache": dst.shape}
-        given = {"x": strides, "pos": (1,), "cache": dense_strides(dst.shape)}
+        """The item of the DSL store kernel writing n rows of each (source [B, Hkv, n, width],
+        quantized destination) pair at each row's GPU length (no row past the capacity): K's and
+        V's in one dispatch (kv_store_pair) when both are quantized."""
+        rows = ["f16" if src_dtype == np.float16 else "f32" for (_src, _strides, src_dtype), _ in pairs]
+        if len(pairs) == 2:
+            kern, prog = dsl_pair_store_program(pairs[0][1].fmt, pairs[1][1].fmt, rows[0], rows[1])
+            names = (("k", "k_cache"), ("v", "v_cache"))
+        else:
+            kern, prog = dsl_store_program(pairs[0][1].fmt, rows[0], False)
+            names = (("x", "cache"),)
+        shapes: dict[str, tuple[int, ...]] = {"pos": (self.batch,)}
+        given: dict[str, tuple[int, ...]] = {"pos": (1,)}
+        bufs: dict[str, Any] = {"pos": self.kv_lens.binding("kv_lens")}
+        for ((src, strides, _dtype), dst), (x_name, cache_name) in zip(pairs, names, strict=True):
+            shapes[x_name], given[x_name] = (self.batch, self.kv_heads, n, dst.shape[3]), strides
+            shapes[cache_name], given[cache_name] = dst.shape, dense_strides(dst.shape)
+            bufs[x_name], bufs[cache_name] = src, dst.binding("cache")
         values: dict[str, int] = {}
         dims: dict[str, int] = {}
         for p in kern.params:
@@ -412,7 +427,6 @@ class KVCache:
         values.update({f"d_{d}": x for d, x in dims.items()})
         fields = {f.name for f in prog.uniforms} - set(rt.AUTO_UNIFORMS)
         points = int(np.prod([dims[d] for d in prog.grid]))
-        bufs = {"x": src, "pos": self.kv_lens.binding("kv_lens"), "cache": dst.binding("cache")}
         return self._item(prog, bufs, {f: values[f] for f in fields}, points, per_dim, sanitize)
 
     def _item(self, program: Program, bufs: dict[str, Any], values: dict[str, int], groups: int, per_dim: int,

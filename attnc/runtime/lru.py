@@ -53,6 +53,10 @@ class LRU(Generic[K, V]):
         """Remove the entry of `key`; it, or None when there was none."""
         return self._entries.pop(key, None)
 
+    def values(self) -> list[V]:
+        """The entries, least recently used first (not marked used)."""
+        return list(self._entries.values())
+
     def clear(self) -> None:
         """Drop every entry."""
         self._entries.clear()

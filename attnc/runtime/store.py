@@ -15,16 +15,31 @@ from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.tensor import dense_strides
 
-_PROGRAMS: dict[tuple[str, str, bool], tuple[ir.StoreKernel, Program]] = {}
+_PROGRAMS: dict[tuple[tuple[str, ...], tuple[str, ...], bool], tuple[ir.StoreKernel, Program]] = {}
 
 
 def store_program(cache_format: str, x_dtype: str = "f32", paged: bool = False) -> tuple[ir.StoreKernel, Program]:
     """The traced store kernel and its program for a cache format and row dtype (cached)."""
-    key = (cache_format, x_dtype, paged)
-    if key not in _PROGRAMS:
-        from attnc.kernels.store import kv_store, kv_store_paged
+    return _traced((cache_format,), (x_dtype,), paged)
 
-        kern = (kv_store_paged if paged else kv_store).trace(cache_dtype=cache_format, x_dtype=x_dtype)
+
+def pair_store_program(k_format: str, v_format: str, k_rows: str = "f32", v_rows: str = "f32",
+                       paged: bool = False) -> tuple[ir.StoreKernel, Program]:
+    """The store kernel writing K's and V's rows in one dispatch (kv_store_pair), traced for
+    these cache formats and row dtypes, and its program (cached)."""
+    return _traced((k_format, v_format), (k_rows, v_rows), paged)
+
+
+def _traced(formats: tuple[str, ...], rows: tuple[str, ...], paged: bool) -> tuple[ir.StoreKernel, Program]:
+    key = (formats, rows, paged)
+    if key not in _PROGRAMS:
+        from attnc.kernels.store import kv_store, kv_store_paged, kv_store_pair, kv_store_pair_paged
+
+        if len(formats) == 1:
+            kern = (kv_store_paged if paged else kv_store).trace(cache_dtype=formats[0], x_dtype=rows[0])
+        else:
+            kern = (kv_store_pair_paged if paged else kv_store_pair).trace(
+                k_cache_dtype=formats[0], v_cache_dtype=formats[1], k_dtype=rows[0], v_dtype=rows[1])
         _PROGRAMS[key] = (kern, emit_store(kern))
     return _PROGRAMS[key]
 
@@ -58,6 +73,46 @@ def store_rows(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, 
 
     cache: [B, H, C, D] (contiguous), or with `table` [B, NP] a page pool [NB, H, P, D] in
     which position t of entry b is slot t % P of page table[b, t // P]."""
+    fmt = _checked(cache, x, pos, table)
+    dev = get_device(device)
+    buf = _upload(dev, cache)
+    rt.run(dev, [store_dispatch(dev, fmt, buf, tuple(cache.shape), x, np.asarray(pos), table)])
+    return _read(dev, buf, cache)
+
+
+def store_pair_rows(k_cache: QuantTensor | np.ndarray, v_cache: QuantTensor | np.ndarray, k_rows: np.ndarray,
+                    v_rows: np.ndarray, pos: np.ndarray, *, table: np.ndarray | None = None,
+                    device: Device | str | None = None) -> tuple[QuantTensor | np.ndarray, QuantTensor | np.ndarray]:
+    """store_rows of K's and V's rows at the same positions (and block table) by one dispatch of
+    the pair store kernel, which a KV cache's append uses: copies of (k_cache, v_cache)."""
+    k_fmt = _checked(k_cache, k_rows, pos, table, "k_")
+    v_fmt = _checked(v_cache, v_rows, pos, table, "v_")
+    if k_rows.shape[:3] != v_rows.shape[:3]:
+        raise ValueError(f"v_rows: shape {v_rows.shape}; k_rows has {k_rows.shape}: the same [B, H, N] expected")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)}; k_cache has {tuple(k_cache.shape)}: the same "
+                         "[B, H, C] (pages: [NB, H, P]) expected")
+    dev = get_device(device)
+    k_buf, v_buf = _upload(dev, k_cache), _upload(dev, v_cache)
+    rt.run(dev, [pair_store_dispatch(dev, (k_fmt, k_buf, tuple(k_cache.shape)), (v_fmt, v_buf, tuple(v_cache.shape)),
+                                     k_rows, v_rows, np.asarray(pos), table)])
+    return _read(dev, k_buf, k_cache), _read(dev, v_buf, v_cache)
+
+
+def _checked(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, table: np.ndarray | None,
+             prefix: str = "") -> str:
+    """The cache's format; ValueError naming the problem with the cache, the rows x, pos or the
+    table (`prefix` names which cache and rows: "k_", "v_")."""
+    try:
+        return _check(cache, x, pos, table)
+    except ValueError as exc:
+        if not prefix:
+            raise
+        msg = str(exc)
+        raise ValueError(prefix + msg if msg.startswith(("cache:", "rows:")) else msg) from None
+
+
+def _check(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, table: np.ndarray | None) -> str:
     fmt = _format(cache)
     shape = tuple(cache.shape)
     paged = table is not None
@@ -92,19 +147,26 @@ def store_rows(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, 
         b = int(np.argmax(pos + N))
         raise ValueError(f"pos: rows {int(pos[b])}..{int(pos[b]) + N - 1} of entry {b} run past the cache's "
                          f"capacity C={shape[2]}")
-    dev = get_device(device)
+    return fmt
+
+
+def _upload(dev: Device, cache: QuantTensor | np.ndarray) -> Any:
+    """A device buffer holding the cache's words (f16 padded to whole 32-bit words)."""
     words = cache.words if isinstance(cache, QuantTensor) else np.ascontiguousarray(cache)
     if words.dtype == np.float16 and words.size % 2:
         words = np.concatenate([words.reshape(-1), np.zeros(1, np.float16)])
-    buf = rt.upload(dev, words)
-    rt.run(dev, [store_dispatch(dev, fmt, buf, shape, x, pos, table)])
-    bufs = {"cache": buf}
+    return rt.upload(dev, words)
+
+
+def _read(dev: Device, buf: Any, cache: QuantTensor | np.ndarray) -> QuantTensor | np.ndarray:
+    """The cache read back from `buf`, in the form and format it was given."""
+    shape = tuple(cache.shape)
     if isinstance(cache, QuantTensor):
-        return QuantTensor(fmt, shape, rt.readback(dev, bufs["cache"], np.uint32, cache.words.shape))
-    if fmt == "f16":
+        return QuantTensor(cache.fmt, shape, rt.readback(dev, buf, np.uint32, cache.words.shape))
+    if cache.dtype == np.float16:
         n = cache.size + cache.size % 2
-        return rt.readback(dev, bufs["cache"], np.float16, (n,))[:cache.size].reshape(shape)
-    return rt.readback(dev, bufs["cache"], np.float32, shape)
+        return rt.readback(dev, buf, np.float16, (n,))[:cache.size].reshape(shape)
+    return rt.readback(dev, buf, np.float32, shape)
 
 
 def store_dispatch(dev: Device, fmt: str, cache_buf: Any, cache_shape: tuple[int, ...], x: np.ndarray,
@@ -112,20 +174,43 @@ def store_dispatch(dev: Device, fmt: str, cache_buf: Any, cache_shape: tuple[int
     """The store kernel's dispatch writing rows x at pos into a cache already on the device
     (`cache_buf`, of logical shape `cache_shape` in `fmt`); x, pos and table are uploaded. The
     caller has checked them (store_rows does)."""
-    kern, prog = store_program(fmt, "f16" if x.dtype == np.float16 else "f32", table is not None)
-    arrays: dict[str, np.ndarray] = {"x": np.ascontiguousarray(x), "pos": np.asarray(pos, dtype=np.int32)}
+    kern, prog = store_program(fmt, _rows_dtype(x), table is not None)
+    return _dispatch(dev, kern, prog, {"x": x}, {"cache": (cache_buf, cache_shape)}, pos, table)
+
+
+def pair_store_dispatch(dev: Device, k_target: tuple[str, Any, tuple[int, ...]], v_target: tuple[str, Any,
+                        tuple[int, ...]], k_rows: np.ndarray, v_rows: np.ndarray, pos: np.ndarray,
+                        table: np.ndarray | None = None) -> rt.Dispatch:
+    """One dispatch writing K's rows and V's rows at pos, each target a (format, device buffer,
+    logical shape) cache; rows, pos and table are uploaded, and checked by the caller."""
+    kern, prog = pair_store_program(k_target[0], v_target[0], _rows_dtype(k_rows), _rows_dtype(v_rows),
+                                    table is not None)
+    return _dispatch(dev, kern, prog, {"k": k_rows, "v": v_rows},
+                     {"k_cache": k_target[1:], "v_cache": v_target[1:]}, pos, table)
+
+
+def _rows_dtype(x: np.ndarray) -> str:
+    return "f16" if x.dtype == np.float16 else "f32"
+
+
+def _dispatch(dev: Device, kern: ir.StoreKernel, prog: Program, rows: dict[str, np.ndarray],
+              caches: dict[str, tuple[Any, tuple[int, ...]]], pos: np.ndarray, table: np.ndarray | None
+              ) -> rt.Dispatch:
+    """The dispatch of a store kernel: host arrays (rows, pos, table) uploaded dense, caches
+    bound as they are on the device; dims and strides from their shapes."""
+    arrays = {name: np.ascontiguousarray(x) for name, x in rows.items()} | {"pos": np.asarray(pos, dtype=np.int32)}
     if table is not None:
         arrays["table"] = np.ascontiguousarray(table, dtype=np.int32)
     dims: dict[str, int] = {}
     uni: dict[str, float | int] = {}
-    bufs: dict[str, Any] = {"cache": cache_buf}
+    bufs: dict[str, Any] = {name: buf for name, (buf, _shape) in caches.items()}
     for p in kern.params:
-        shp = tuple(cache_shape) if p.name == "cache" else arrays[p.name].shape
+        shp = tuple(caches[p.name][1]) if p.name in caches else arrays[p.name].shape
         for d, n in zip(p.type.dims, shp, strict=True):
             dims[d] = n
         for i, stride in enumerate(dense_strides(shp)):
             uni[f"s_{p.name}_{i}"] = stride
-        if p.name != "cache":
+        if p.name not in caches:
             arr = arrays[p.name]
             if arr.dtype == np.float16 and arr.size % 2:
                 arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])

@@ -46,6 +46,14 @@ def time_back_to_back(device: Any, runs: Sequence[Sequence[rt.Dispatch]], *, lea
     Consecutive runs must not overlap on the GPU: give them a dependency, e.g. the same
     output buffers (a write after a write orders them). Splits into several submissions only
     where one would need more than MAX_QUERIES timestamps (each with its own lead)."""
+    return time_steps(device, [[run] for run in runs], lead_ms=lead_ms)
+
+
+def time_steps(device: Any, steps: Sequence[Sequence[Sequence[rt.Dispatch]]], *, lead_ms: float = LEAD_MS
+               ) -> list[float]:
+    """time_back_to_back for steps of several compute passes each (a decode step: the cache's
+    append pass, then attention's): the GPU time in ms from the start of a step's first pass
+    to the end of its last."""
     if "timestamps" not in device.features:
         raise rt.DeviceError(f"{device!r} does not offer timestamp queries")
     gpu = device.gpu
@@ -55,7 +63,7 @@ def time_back_to_back(device: Any, runs: Sequence[Sequence[rt.Dispatch]], *, lea
     if device.adapter_type != "CPU" and lead_ms > 0:
         per = rt.warm_dispatch_ms(device)
         lead = [rt.recordable(device, warm, max_per_dim)] * max(1, math.ceil(lead_ms / per))
-    recorded = [[rt.recordable(device, d, max_per_dim) for d in run] for run in runs]
+    recorded = [[[rt.recordable(device, d, max_per_dim) for d in run] for run in step] for step in steps]
     period = float(getattr(device, "timestamp_period", 1.0) or 1.0)
     usage = device.wgpu.BufferUsage
     out: list[float] = []
@@ -65,12 +73,17 @@ def time_back_to_back(device: Any, runs: Sequence[Sequence[rt.Dispatch]], *, lea
         count = 2 * len(batch)
         query_set = gpu.create_query_set(type="timestamp", count=count)
         resolved = gpu.create_buffer(size=8 * count, usage=usage.QUERY_RESOLVE | usage.COPY_SRC)
-        encoder = gpu.create_command_encoder(label="attnc.time_back_to_back")
+        encoder = gpu.create_command_encoder(label="attnc.time_steps")
         if lead:
             rt.record_pass(encoder, lead)
-        for i, run in enumerate(batch):
-            rt.record_pass(encoder, run, {"query_set": query_set, "beginning_of_pass_write_index": 2 * i,
-                                          "end_of_pass_write_index": 2 * i + 1})
+        for i, step in enumerate(batch):
+            for j, run in enumerate(step):
+                writes = {"query_set": query_set}
+                if j == 0:
+                    writes["beginning_of_pass_write_index"] = 2 * i
+                if j == len(step) - 1:
+                    writes["end_of_pass_write_index"] = 2 * i + 1
+                rt.record_pass(encoder, run, writes)
         encoder.resolve_query_set(query_set, 0, count, resolved, 0)
         gpu.queue.submit([encoder.finish()])
         ticks = np.frombuffer(gpu.queue.read_buffer(resolved), dtype=np.uint64).astype(np.int64)

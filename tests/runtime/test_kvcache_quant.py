@@ -168,3 +168,21 @@ def test_a_quantized_decode_step_uploads_only_the_new_rows_and_creates_nothing(r
     assert made["buffers_created"] == made["bind_groups_created"] == made["pipelines_compiled"] == 0, made
     kd, vd = quant.dequantize(cache.k.numpy()), quant.dequantize(cache.v.numpy())
     assert_close(out.numpy(), attention_ref(q_host, kd, vd, kv_lens=cache.lengths, causal=True), 1e-5)
+
+
+@pytest.mark.parametrize(("kf", "vf"), [("q4_0", "int8"), ("q8_0", "q8_0"), ("int8", "q4_0")])
+def test_quantized_k_and_v_append_in_one_store_dispatch(kf, vf, require_adapters) -> None:
+    """A decode step's append over quantized K and V (head dims 32 and 64) records two
+    dispatches, the pair store and the length advance, and each cache holds its rows."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    cache = attnc.KVCache(B, HKV, CAP, 32, 64, device=dev, k_format=kf, v_format=vf)
+    rng = np.random.default_rng(5)
+    k_rows, v_rows = rng.standard_normal((B, HKV, 3, 32)), rng.standard_normal((B, HKV, 3, 64))
+    cache.append(k_rows.astype(np.float32), v_rows.astype(np.float32), [3, 1])
+    (recorded,) = cache._passes.values()
+    assert len(recorded.items) == 2
+    np.testing.assert_array_equal(cache.kv_lens.numpy(), [3, 1])
+    for t, rows, fmt in ((cache.k, k_rows, kf), (cache.v, v_rows, vf)):
+        got = quant.dequantize(t.numpy())
+        for b, n in enumerate((3, 1)):
+            np.testing.assert_array_equal(got[b, :, :n], quant.dequantize(quant.quantize(rows[b, :, :n], fmt)))

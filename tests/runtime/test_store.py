@@ -14,9 +14,9 @@ from attnc import quant
 from attnc.errors import VerifyError
 from attnc.frontend.dsl import f32, grid, i32, store, store_kernel
 from attnc.ir.interp import interpret_store
-from attnc.kernels.store import kv_store, kv_store_paged
+from attnc.kernels.store import kv_store, kv_store_paged, kv_store_pair, kv_store_pair_paged
 from attnc.runtime import api
-from attnc.runtime.store import store_rows
+from attnc.runtime.store import store_pair_rows, store_rows
 from tests.textbook import assert_close, attention_ref
 
 RUN = settings(deadline=None, max_examples=12,
@@ -70,6 +70,62 @@ def test_store_matches_interpreter(fmt, f16_rows, B, H, N, D, seed, paged, requi
         ref = interpret_store(kv_store.trace(cache_dtype=fmt, x_dtype="f16" if f16_rows else "f32"),
                               dict(x=x, pos=pos, cache=cache))["cache"]
     _same(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.sanitize
+@RUN
+@given(k_fmt=st.sampled_from(CACHE_FORMATS), v_fmt=st.sampled_from(CACHE_FORMATS), k16=st.booleans(),
+       v16=st.booleans(), B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 4),
+       D=st.sampled_from([32, 64, 128]), Dv=st.sampled_from([32, 64, 96]), seed=st.integers(0, 2**16),
+       paged=st.booleans())
+def test_pair_store_matches_interpreter(k_fmt, v_fmt, k16, v16, B, H, N, D, Dv, seed, paged,
+                                        require_adapters) -> None:
+    """K's and V's rows written by one dispatch (kv_store_pair, what a KV cache's append runs):
+    every word of both caches equals the interpreter's, for any pair of formats, row dtypes and
+    head dims (D != Dv), contiguous or paged; rows not stored keep their old words."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    rng = np.random.default_rng(seed)
+
+    def rows(width, half):
+        x = rng.standard_normal((B, H, N, width)) * rng.choice([1e-3, 1.0, 300.0])
+        return x.astype(np.float16 if half else np.float32)
+
+    k_rows, v_rows = rows(D, k16), rows(Dv, v16)
+    opts = dict(k_cache_dtype=k_fmt, v_cache_dtype=v_fmt, k_dtype="f16" if k16 else "f32",
+                v_dtype="f16" if v16 else "f32")
+    if paged:
+        P, NP = 4, 5
+        lead = (B * NP, H, P)
+        table = rng.permutation(B * NP).reshape(B, NP).astype(np.int32)
+        pos = rng.integers(0, NP * P - N + 1, B).astype(np.int32)
+    else:
+        lead, table = (B, H, 7), None
+        pos = rng.integers(0, 7 - N + 1, B).astype(np.int32)
+    k_cache = _cache(k_fmt, rng.standard_normal((*lead, D)).astype(np.float32))
+    v_cache = _cache(v_fmt, rng.standard_normal((*lead, Dv)).astype(np.float32))
+    got = store_pair_rows(k_cache, v_cache, k_rows, v_rows, pos, table=table, device=dev)
+    kern = (kv_store_pair_paged if paged else kv_store_pair).trace(**opts)
+    args = dict(k=k_rows, v=v_rows, pos=pos, k_cache=k_cache, v_cache=v_cache)
+    ref = interpret_store(kern, args | ({"table": table} if paged else {}))
+    _same(got[0], ref["k_cache"])
+    _same(got[1], ref["v_cache"])
+
+
+def test_pair_store_errors() -> None:
+    """The pair store names which cache or rows is wrong."""
+    k = quant.quantize(np.zeros((1, 2, 4, 64), np.float32), "q8_0")
+    v = quant.quantize(np.zeros((1, 2, 4, 32), np.float32), "q4_0")
+    kx, vx, pos = np.zeros((1, 2, 1, 64), np.float32), np.zeros((1, 2, 1, 32), np.float32), np.zeros(1, np.int32)
+    with pytest.raises(ValueError, match=r"v_rows: shape \(1, 2, 1, 64\) does not match the cache: expected "
+                                         r"\[B=1, H=2, N, D=32\]"):
+        store_pair_rows(k, v, kx, kx, pos)
+    with pytest.raises(ValueError, match=r"v_rows: shape \(1, 2, 2, 32\); k_rows has \(1, 2, 1, 64\)"):
+        store_pair_rows(k, v, kx, np.zeros((1, 2, 2, 32), np.float32), pos)
+    with pytest.raises(ValueError, match=r"v_cache: shape \(1, 2, 8, 32\); k_cache has \(1, 2, 4, 64\)"):
+        store_pair_rows(k, quant.quantize(np.zeros((1, 2, 8, 32), np.float32), "q4_0"), kx, vx, pos)
+    with pytest.raises(ValueError, match="k_cache: expected a float32/float16 array or a QuantTensor"):
+        store_pair_rows(np.zeros((1, 2, 4, 64), np.int8), v, kx, vx, pos)
 
 
 @pytest.mark.gpu

@@ -7,8 +7,11 @@
 # and writes OUTDIR/kv_<backend>.{json,log} plus OUTDIR/env.txt. Each quantized row carries
 # `speedup_vs_attnc` (the f16-KV row's time over its own), `relerr` (against the float64
 # reference on the dequantized K/V: the contract), `relerr_unquantized`, `kv_bytes`, and
-# `append_ms` / `append_fraction`: one decode step's append (a K and a V row per KV head, by the
-# DSL store kernel) and its share of that step's attention time.
+# the append of one decode step (a K and a V row per KV head, by the DSL pair store kernel, and
+# the length advance): `append_ms` (what it adds to a step recorded as KVCache records it, its
+# pass then attention's), `append_one_pass_ms` (its dispatches in attention's pass),
+# `append_alone_ms` (its pass alone) and `append_fraction` (append_ms over the attention timed
+# beside it).
 # Set-up as tools/gpu/gpu_sweep.sh (.gl/ and .whl/ beside the checkout).
 #
 # Usage (repo root):  bash tools/gpu/kv_quant_bench.sh OUTDIR [extra attnc bench args...]
