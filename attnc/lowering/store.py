@@ -2,9 +2,10 @@
 
 Each workgroup computes its target row's index (rows outside the target's dims are skipped)
 and writes the value row in the target's format: f32 values; f16 packed two per u32 word
-(each invocation owns whole words, so no two write one word); q8_0 and q4_0 one block of 32
-values per invocation at a time (max |x| of the block, the f16 scale, the packed bytes); int8
-the row's max |x| reduced through workgroup memory, then its f32 scale and bytes. The rounding
+(each invocation owns whole words, so no two write one word); q8_0 and q4_0 a block at a time,
+its 32 values one per invocation through workgroup memory (each invocation finds the block's
+max |x| from them in the serial order of ggml's loop; invocation m packs word m); int8 the
+row's max |x| reduced through workgroup memory, then its f32 scale and bytes. The rounding
 is attnc.quant's (half away from zero, q4_0's trunc(x / d + 8.5)); where a device's f32
 division is not correctly rounded, a value at a rounding tie may take the neighbouring code.
 A block (q8_0, q4_0) or row (int8) holding an inf or NaN gets a NaN scale, so that it reads as
@@ -81,7 +82,7 @@ def emit_store(k: ir.StoreKernel, dialect: Dialect = Dialect.TINT) -> Program:
             raise LoweringError(f"store kernels read f32 or f16 rows; {p.name!r} is {dt.value}")
     binds.append(Binding("params", len(binds), Access.UNIFORM, Scalar.U32))
     w.line(f"@group(0) @binding({len(binds) - 1}) var<uniform> P: Params;")
-    if any(k.param(s.target.tensor).type.dtype is ir.DType.INT8 for s in stores):
+    if any(k.param(s.target.tensor).type.dtype.is_quant for s in stores):
         w.line(f"var<workgroup> red: array<f32, {WG}>;")
 
     def load(e: ir.Load, env: ExprEnv) -> str:
@@ -141,19 +142,24 @@ def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: in
         with w.block(f"for (var c = 2u * lid; ok && c < {width}; c += {2 * WG}u)"):
             w.line(f"let hi = select(0.0, {x('c + 1u')}, c + 1u < {width});")
             w.line(f"t_{t}[(dst + c) >> 1u] = pack2x16float(vec2<f32>({x('c')}, hi));")
-    elif fmt in (ir.DType.Q8_0, ir.DType.Q4_0):
+    elif fmt in (ir.DType.Q8_0, ir.DType.Q4_0):  # a block at a time: its 32 values, one per lane
         per = 9 if fmt is ir.DType.Q8_0 else 5
-        with w.block(f"for (var blk = lid; ok && blk < {width} / 32u; blk += {WG}u)"):
-            w.line("var xs: array<f32, 32>;")
+        words = 8 if fmt is ir.DType.Q8_0 else 4
+        with w.block(f"for (var blk = 0u; blk < {width} / 32u; blk++)"):  # (barriers: no exit on !ok)
+            w.line("var xl = 0.0;")
+            with w.block("if (ok)"):
+                w.line(f"xl = {x('blk * 32u + lid')};")
+            w.line("red[lid] = xl;")
+            w.line("workgroupBarrier();")
             w.line("var amax = 0.0;")
             w.line("var mx = 0.0;")
             w.line("var bad = false;  // an inf or NaN in the block: its scale is written NaN")
-            with w.block("for (var j = 0u; j < 32u; j++)"):
-                w.line(f"xs[j] = {x('blk * 32u + j')};")
-                w.line("bad = bad || non_finite(xs[j]);")
-                with w.block("if (amax < abs(xs[j]))"):
-                    w.line("amax = abs(xs[j]);")
-                    w.line("mx = xs[j];")
+            with w.block("for (var j = 0u; j < 32u; j++)"):  # every lane, in order: the first max |x| wins
+                w.line("let xj = red[j];")
+                w.line("bad = bad || non_finite(xj);")
+                with w.block("if (amax < abs(xj))"):
+                    w.line("amax = abs(xj);")
+                    w.line("mx = xj;")
             w.line("let d = flushed(" + ("amax / 127.0);" if fmt is ir.DType.Q8_0 else "mx / -8.0);"))
             w.line("let id = inv_or_zero(d);")
             w.line(f"let wb = ((dst >> 5u) + blk) * {per}u;")
@@ -161,22 +167,20 @@ def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: in
             # bits: drivers may drop the sign of a zero in float arithmetic (q8_0: d >= 0; q4_0:
             # d = mx / -8, mx starting at +0.0 as in ggml, so an all-zero block has d = -0.0)
             sign = "0u" if fmt is ir.DType.Q8_0 else "((bitcast<u32>(mx) >> 16u) & 0x8000u) ^ 0x8000u"
-            w.line(f"t_{t}[wb] = select(select(pack2x16float(vec2<f32>(d, 0.0)) & 0xffffu, {sign}, "
-                   "abs(d) <= 2.98023224e-8), 0x7e00u, bad);")
-            if fmt is ir.DType.Q8_0:
-                with w.block("for (var m = 0u; m < 8u; m++)"):
-                    w.line("var word = 0u;")
-                    with w.block("for (var j = 0u; j < 4u; j++)"):
-                        w.line("word = word | i8_byte(round_away(xs[4u * m + j] * id), j);")
-                    w.line(f"t_{t}[wb + 1u + m] = word;")
-            else:
-                with w.block("for (var m = 0u; m < 4u; m++)"):
-                    w.line("var word = 0u;")
-                    with w.block("for (var j = 0u; j < 4u; j++)"):
-                        w.line("let lo = min(15u, u32(trunc(xs[4u * m + j] * id + 8.5)));")
-                        w.line("let hi = min(15u, u32(trunc(xs[4u * m + j + 16u] * id + 8.5)));")
+            with w.block("if (ok && lid == 0u)"):
+                w.line(f"t_{t}[wb] = select(select(pack2x16float(vec2<f32>(d, 0.0)) & 0xffffu, {sign}, "
+                       "abs(d) <= 2.98023224e-8), 0x7e00u, bad);")
+            with w.block(f"if (ok && lid < {words}u)"):  # lane m packs word m of the block
+                w.line("var word = 0u;")
+                with w.block("for (var j = 0u; j < 4u; j++)"):
+                    if fmt is ir.DType.Q8_0:
+                        w.line("word = word | i8_byte(round_away(red[4u * lid + j] * id), j);")
+                    else:
+                        w.line("let lo = min(15u, u32(trunc(red[4u * lid + j] * id + 8.5)));")
+                        w.line("let hi = min(15u, u32(trunc(red[4u * lid + j + 16u] * id + 8.5)));")
                         w.line("word = word | ((lo | (hi << 4u)) << (8u * j));")
-                    w.line(f"t_{t}[wb + 1u + m] = word;")
+                w.line(f"t_{t}[wb + 1u + lid] = word;")
+            w.line("workgroupBarrier();  // red is reused by the next block")
     else:  # int8: the row's max |x| through workgroup memory, then its scale and bytes
         w.line("var part = 0.0;")
         w.line("var bad = false;  // an inf or NaN in the row: its scale is written NaN")
