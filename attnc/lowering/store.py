@@ -2,10 +2,11 @@
 
 Each workgroup computes its target row's index (rows outside the target's dims are skipped)
 and writes the value row in the target's format: f32 values; f16 packed two per u32 word
-(each invocation owns whole words, so no two write one word); q8_0 and q4_0 a block at a time,
-its 32 values one per invocation through workgroup memory (each invocation finds the block's
-max |x| from them in the serial order of ggml's loop; invocation m packs word m); int8 the
-row's max |x| reduced through workgroup memory, then its f32 scale and bytes. The rounding
+(each invocation owns whole words, so no two write one word); q8_0 and q4_0 up to 8 blocks of
+the row at a time, loaded into workgroup memory by all invocations at once, then one
+invocation per packed word finds its block's max |x| there in the serial order of ggml's loop
+and writes the word (and the scale); int8 the row's max |x| reduced through workgroup memory,
+then its f32 scale and bytes. The rounding
 is attnc.quant's (half away from zero, q4_0's trunc(x / d + 8.5)); where a device's f32
 division is not correctly rounded, a value at a rounding tie may take the neighbouring code.
 A block (q8_0, q4_0) or row (int8) holding an inf or NaN gets a NaN scale, so that it reads as
@@ -22,6 +23,9 @@ from attnc.lowering.shader import _helpers
 from attnc.lowering.wgsl import ExprEnv, Writer
 
 WG = 32
+# q8_0 / q4_0: values of a row loaded into workgroup memory at once (8 blocks: a head dim of up
+# to 256 in one round, each invocation issuing its 8 loads together)
+ROUND_VALUES = 256
 ROUND = """fn round_away(v: f32) -> f32 {
   let t = trunc(v);
   return t + select(0.0, sign(v), abs(v - t) >= 0.5);
@@ -82,8 +86,11 @@ def emit_store(k: ir.StoreKernel, dialect: Dialect = Dialect.TINT) -> Program:
             raise LoweringError(f"store kernels read f32 or f16 rows; {p.name!r} is {dt.value}")
     binds.append(Binding("params", len(binds), Access.UNIFORM, Scalar.U32))
     w.line(f"@group(0) @binding({len(binds) - 1}) var<uniform> P: Params;")
-    if any(k.param(s.target.tensor).type.dtype.is_quant for s in stores):
+    formats = {k.param(s.target.tensor).type.dtype for s in stores}
+    if ir.DType.INT8 in formats:
         w.line(f"var<workgroup> red: array<f32, {WG}>;")
+    if formats & {ir.DType.Q8_0, ir.DType.Q4_0}:
+        w.line(f"var<workgroup> row_x: array<f32, {ROUND_VALUES}>;")
 
     def load(e: ir.Load, env: ExprEnv) -> str:
         dims = k.param(e.tensor).type.dims
@@ -112,7 +119,7 @@ def emit_store(k: ir.StoreKernel, dialect: Dialect = Dialect.TINT) -> Program:
             with w.block(""):
                 _store(w, k, st, env, read, n)
     return Program("store", w.text(), "main", WG, tuple(binds), uniforms,
-                   tuple(a.extent.dim for a in grid.axes), frozenset(), 4 * WG, in_bounds=True)
+                   tuple(a.extent.dim for a in grid.axes), frozenset(), 4 * (WG + ROUND_VALUES), in_bounds=True)
 
 
 def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: int) -> None:
@@ -142,45 +149,53 @@ def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: in
         with w.block(f"for (var c = 2u * lid; ok && c < {width}; c += {2 * WG}u)"):
             w.line(f"let hi = select(0.0, {x('c + 1u')}, c + 1u < {width});")
             w.line(f"t_{t}[(dst + c) >> 1u] = pack2x16float(vec2<f32>({x('c')}, hi));")
-    elif fmt in (ir.DType.Q8_0, ir.DType.Q4_0):  # a block at a time: its 32 values, one per lane
+    elif fmt in (ir.DType.Q8_0, ir.DType.Q4_0):  # up to ROUND_VALUES of the row at a time, loaded at once
         per = 9 if fmt is ir.DType.Q8_0 else 5
         words = 8 if fmt is ir.DType.Q8_0 else 4
-        with w.block(f"for (var blk = 0u; blk < {width} / 32u; blk++)"):  # (barriers: no exit on !ok)
-            w.line("var xl = 0.0;")
-            with w.block("if (ok)"):
-                w.line(f"xl = {x('blk * 32u + lid')};")
-            w.line("red[lid] = xl;")
+        loads = ROUND_VALUES // WG
+        with w.block(f"for (var base = 0u; base < {width}; base += {ROUND_VALUES}u)"):  # (no exit on !ok)
+            with w.block(f"for (var i = 0u; i < {loads}u; i++)"):
+                w.line(f"let c = base + i * {WG}u + lid;")
+                w.line("var xl = 0.0;")
+                with w.block(f"if (ok && c < {width})"):
+                    w.line(f"xl = {x('c')};")
+                w.line(f"row_x[i * {WG}u + lid] = xl;")
             w.line("workgroupBarrier();")
-            w.line("var amax = 0.0;")
-            w.line("var mx = 0.0;")
-            w.line("var bad = false;  // an inf or NaN in the block: its scale is written NaN")
-            with w.block("for (var j = 0u; j < 32u; j++)"):  # every lane, in order: the first max |x| wins
-                w.line("let xj = red[j];")
-                w.line("bad = bad || non_finite(xj);")
-                with w.block("if (amax < abs(xj))"):
-                    w.line("amax = abs(xj);")
-                    w.line("mx = xj;")
-            w.line("let d = flushed(" + ("amax / 127.0);" if fmt is ir.DType.Q8_0 else "mx / -8.0);"))
-            w.line("let id = inv_or_zero(d);")
-            w.line(f"let wb = ((dst >> 5u) + blk) * {per}u;")
-            # a d that is 0 in f16 (|d| <= 2^-25) is written as the zero of d's sign from integer
-            # bits: drivers may drop the sign of a zero in float arithmetic (q8_0: d >= 0; q4_0:
-            # d = mx / -8, mx starting at +0.0 as in ggml, so an all-zero block has d = -0.0)
-            sign = "0u" if fmt is ir.DType.Q8_0 else "((bitcast<u32>(mx) >> 16u) & 0x8000u) ^ 0x8000u"
-            with w.block("if (ok && lid == 0u)"):
-                w.line(f"t_{t}[wb] = select(select(pack2x16float(vec2<f32>(d, 0.0)) & 0xffffu, {sign}, "
-                       "abs(d) <= 2.98023224e-8), 0x7e00u, bad);")
-            with w.block(f"if (ok && lid < {words}u)"):  # lane m packs word m of the block
+            w.line(f"let blocks = min({ROUND_VALUES // 32}u, ({width} - base) / 32u);")
+            # invocation wi packs word wi % words of block wi / words; each finds its block's
+            # max |x| in the serial order of ggml's loop (the first of equal |x| wins)
+            with w.block(f"for (var wi = lid; ok && wi < blocks * {words}u; wi += {WG}u)"):
+                w.line(f"let x0 = (wi / {words}u) * 32u;")
+                w.line(f"let m = wi % {words}u;")
+                w.line("var amax = 0.0;")
+                w.line("var mx = 0.0;")
+                w.line("var bad = false;  // an inf or NaN in the block: its scale is written NaN")
+                with w.block("for (var j = 0u; j < 32u; j++)"):
+                    w.line("let xj = row_x[x0 + j];")
+                    w.line("bad = bad || non_finite(xj);")
+                    with w.block("if (amax < abs(xj))"):
+                        w.line("amax = abs(xj);")
+                        w.line("mx = xj;")
+                w.line("let d = flushed(" + ("amax / 127.0);" if fmt is ir.DType.Q8_0 else "mx / -8.0);"))
+                w.line("let id = inv_or_zero(d);")
+                w.line(f"let wb = ((dst >> 5u) + (base + x0) / 32u) * {per}u;")
+                # a d that is 0 in f16 (|d| <= 2^-25) is written as the zero of d's sign from integer
+                # bits: drivers may drop the sign of a zero in float arithmetic (q8_0: d >= 0; q4_0:
+                # d = mx / -8, mx starting at +0.0 as in ggml, so an all-zero block has d = -0.0)
+                sign = "0u" if fmt is ir.DType.Q8_0 else "((bitcast<u32>(mx) >> 16u) & 0x8000u) ^ 0x8000u"
+                with w.block("if (m == 0u)"):
+                    w.line(f"t_{t}[wb] = select(select(pack2x16float(vec2<f32>(d, 0.0)) & 0xffffu, {sign}, "
+                           "abs(d) <= 2.98023224e-8), 0x7e00u, bad);")
                 w.line("var word = 0u;")
                 with w.block("for (var j = 0u; j < 4u; j++)"):
                     if fmt is ir.DType.Q8_0:
-                        w.line("word = word | i8_byte(round_away(red[4u * lid + j] * id), j);")
+                        w.line("word = word | i8_byte(round_away(row_x[x0 + 4u * m + j] * id), j);")
                     else:
-                        w.line("let lo = min(15u, u32(trunc(red[4u * lid + j] * id + 8.5)));")
-                        w.line("let hi = min(15u, u32(trunc(red[4u * lid + j + 16u] * id + 8.5)));")
+                        w.line("let lo = min(15u, u32(trunc(row_x[x0 + 4u * m + j] * id + 8.5)));")
+                        w.line("let hi = min(15u, u32(trunc(row_x[x0 + 4u * m + j + 16u] * id + 8.5)));")
                         w.line("word = word | ((lo | (hi << 4u)) << (8u * j));")
-                w.line(f"t_{t}[wb + 1u + lid] = word;")
-            w.line("workgroupBarrier();  // red is reused by the next block")
+                w.line(f"t_{t}[wb + 1u + m] = word;")
+            w.line("workgroupBarrier();  // row_x is reused by the next round")
     else:  # int8: the row's max |x| through workgroup memory, then its scale and bytes
         w.line("var part = 0.0;")
         w.line("var bad = false;  // an inf or NaN in the row: its scale is written NaN")

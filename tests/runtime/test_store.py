@@ -45,7 +45,7 @@ def _same(got, ref) -> None:
 @pytest.mark.sanitize
 @RUN
 @given(fmt=st.sampled_from(CACHE_FORMATS), f16_rows=st.booleans(), B=st.integers(1, 2), H=st.integers(1, 3),
-       N=st.integers(1, 5), D=st.sampled_from([32, 64, 128]), seed=st.integers(0, 2**16), paged=st.booleans())
+       N=st.integers(1, 5), D=st.sampled_from([32, 64, 128, 320]), seed=st.integers(0, 2**16), paged=st.booleans())
 def test_store_matches_interpreter(fmt, f16_rows, B, H, N, D, seed, paged, require_adapters) -> None:
     """Every word the device writes equals the interpreter's (attnc.quant's quantization); rows
     not stored keep their old words."""
@@ -77,7 +77,7 @@ def test_store_matches_interpreter(fmt, f16_rows, B, H, N, D, seed, paged, requi
 @RUN
 @given(k_fmt=st.sampled_from(CACHE_FORMATS), v_fmt=st.sampled_from(CACHE_FORMATS), k16=st.booleans(),
        v16=st.booleans(), B=st.integers(1, 2), H=st.integers(1, 3), N=st.integers(1, 4),
-       D=st.sampled_from([32, 64, 128]), Dv=st.sampled_from([32, 64, 96]), seed=st.integers(0, 2**16),
+       D=st.sampled_from([32, 64, 128]), Dv=st.sampled_from([32, 96, 288]), seed=st.integers(0, 2**16),
        paged=st.booleans())
 def test_pair_store_matches_interpreter(k_fmt, v_fmt, k16, v16, B, H, N, D, Dv, seed, paged,
                                         require_adapters) -> None:
