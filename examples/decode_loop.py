@@ -6,8 +6,9 @@ creates its GPUDevice with wgpu itself and hands it to attnc. Per layer an attnc
 keeps the keys and values on the GPU: the prompt goes in with one ragged append (each row its
 own length), then every step appends one token per row and attends over each row's prefix.
 A step uploads the new query and K/V rows into GPU tensors, records every layer's append
-and attention into one command encoder between two timestamp passes, submits it once and
-reads the outputs back; each output is checked against numpy attention over the same keys.
+and attention (one compute pass per layer: `attend(..., append=(k, v))`) into one command
+encoder between two timestamp passes, submits it once and reads the outputs back; each
+output is checked against numpy attention over the same keys.
 
     python3 examples/decode_loop.py [--steps 256] [--backend wgpu|dawn] [--json FILE]
 
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             q_t[layer].write(q)
             k_t[layer].write(k)
             v_t[layer].write(v)
-            cache.append(k_t[layer], v_t[layer], encoder=encoder)
-            cache.attend(q_t[layer], causal=True, out=o_t[layer], encoder=encoder)
+            # append this token's K/V rows, then attend: one compute pass per layer
+            cache.attend(q_t[layer], causal=True, out=o_t[layer], encoder=encoder, append=(k_t[layer], v_t[layer]))
         timer.mark(encoder, 1)
         timer.resolve(encoder)
         gpu.queue.submit([encoder.finish()])

@@ -265,7 +265,20 @@ class KVCache:
         D] buffer viewed with permute(0, 2, 1, 3)). `counts` (B ints in [0, n]) appends only
         the first counts[b] rows of batch row b (ragged); None appends all n. With `encoder=`
         the store is recorded there (GPU tensors only) and the caller submits; the host
-        lengths advance at once either way."""
+        lengths advance at once either way. `attend(q, append=(k_new, v_new))` appends and
+        attends in one compute pass."""
+        ready, after = self._append_pass(k_new, v_new, counts, encoder is not None)
+        if ready is not None:
+            if encoder is None:
+                ready.submit()
+            else:
+                ready.record(encoder)
+        self._lengths = after
+
+    def _append_pass(self, k_new: Any, v_new: Any, counts: Sequence[int] | np.ndarray | None, recorded: bool
+                     ) -> tuple[rt.Pass | None, np.ndarray]:
+        """The checked append's compute pass (None when there is nothing to store, or under
+        ATTNC_SANITIZE=bounds, which runs it at once) and the lengths after it."""
         n = self._check_source("k_new", k_new, self.head_dim)
         nv = self._check_source("v_new", v_new, self.value_dim)
         if nv != n:
@@ -285,14 +298,14 @@ class KVCache:
             raise ValueError(f"append: batch row {b} holds {int(self._lengths[b])} keys; {int(rows[b])} more exceed "
                              f"the cache's capacity of {self.capacity} (make a larger KVCache)")
         if n == 0 or not rows.any():
-            return
-        recorded = encoder is not None
+            return None, after
         k_src = self._source("k_new", k_new, recorded, self.k_format)
         v_src = self._source("v_new", v_new, recorded, self.v_format)
         ragged = counts is not None and not np.all(rows == n)
-        counts_t = self._counts_tensor(rows) if ragged else self._no_counts
-        self._store(encoder, [(k_src, self.k), (v_src, self.v)], n, counts_t if ragged else None)
-        self._lengths = after
+        counts_t = self._counts_tensor(rows) if ragged else None
+        if rt.sanitizing() and recorded:
+            raise ValueError("ATTNC_SANITIZE=bounds reads its records after the run: append without encoder=")
+        return self._store([(k_src, self.k), (v_src, self.v)], n, counts_t), after
 
     def _counts_tensor(self, rows: np.ndarray) -> Tensor:
         """A GPU int32 tensor holding these per-row counts (made once per distinct pattern,
@@ -352,12 +365,12 @@ class KVCache:
         rt.write(self.device, buffer, 0, raw)
         return rt.BufferSlice(buffer, 0, raw.size), tuple(int(s) // host.itemsize for s in host.strides), host.dtype
 
-    def _store(self, encoder: Any,
-               pairs: list[tuple[tuple[rt.BufferSlice, tuple[int, ...], np.dtype], Tensor | QuantGPUTensor]], n: int,
-               counts: Tensor | None) -> None:
-        """The one write path: record the store of each (source, destination) pair's first n
-        rows (counts[b] of them for batch row b when given) and the advance of the GPU
-        lengths, in one compute pass: into `encoder`, or one of its own that is submitted."""
+    def _store(self, pairs: list[tuple[tuple[rt.BufferSlice, tuple[int, ...], np.dtype], Tensor | QuantGPUTensor]],
+               n: int, counts: Tensor | None) -> rt.Pass | None:
+        """The one write path: the compute pass storing each (source, destination) pair's first n
+        rows (counts[b] of them for batch row b when given), then advancing the GPU lengths
+        (made once per distinct binding and kept); under ATTNC_SANITIZE=bounds it runs the
+        instrumented dispatches at once and returns None."""
         dev = self.device
         sanitize = rt.sanitizing()
         ragged = counts is not None
@@ -388,17 +401,11 @@ class KVCache:
             bufs = {"counts": counts_slice, "lens": lens_slice}
             items.append(self._item(ADVANCE, bufs, values, -(-self.batch // WORKGROUP), per_dim, sanitize))
             if sanitize:  # the instrumented shaders, their records checked after the run
-                if encoder is not None:
-                    raise ValueError("ATTNC_SANITIZE=bounds reads its records after the run: append without "
-                                     "encoder=")
                 rt.run(dev, items)
-                return
+                return None
             ready = rt.Pass(dev, items, "attnc.kv_append", encoder_label="attnc.kv_append")
             self._passes.put(key, ready)
-        if encoder is None:
-            ready.submit()
-        else:
-            ready.record(encoder)
+        return ready
 
     def _quant_store(self, pairs: list[tuple[tuple[rt.BufferSlice, tuple[int, ...], np.dtype], QuantGPUTensor]],
                      n: int, per_dim: int, sanitize: bool) -> Any:
@@ -459,7 +466,7 @@ class KVCache:
                softcap: float | None = None, sinks: Any = None, return_lse: bool = False, target: str | None = None,
                score_mod: Callable[..., Any] | None = None, mask_mod: Callable[..., Any] | None = None,
                out: Tensor | None = None, out_lse: Tensor | None = None, encoder: Any = None,
-               output: str | None = None) -> Any:
+               output: str | None = None, append: tuple[Any, ...] | None = None) -> Any:
         """Attention of q [B, Hq, S, D] (host data or a GPU tensor; Hq a multiple of Hkv) over
         each row's valid prefix: attention(q, k, v, kv_lens=lengths) with the cache's tensors,
         so query i of row b sits at position lengths[b] - S + i and `causal` masks the keys after
@@ -467,7 +474,11 @@ class KVCache:
         and `output=` are as for a prepared op (Prepared.__call__). The result is numpy for
         host q, else the op's own GPU tensor, which the next attend overwrites; o is in q's dtype
         (the cache's: a float16 cache gives a float16 o, rows Dv + 1 apart for an odd Dv) and
-        `out=` must be a tensor of that dtype the kernel can write (docs/API.md, float16)."""
+        `out=` must be a tensor of that dtype the kernel can write (docs/API.md, float16).
+
+        `append=(k_new, v_new)` or `(k_new, v_new, counts)`: append those rows first, as
+        `append()` does, in the same compute pass as the attention (a decode step in one pass:
+        a pass boundary costs about 6 us of the step on an H200 with wgpu-native)."""
         options = dict(causal=causal, scale=scale, window=window, softcap=softcap, return_lse=return_lse,
                        target=target, score_mod=score_mod, mask_mod=mask_mod)
         extra = {n: x for n, x in (("bias", bias), ("alibi_slopes", alibi_slopes), ("sinks", sinks)) if x is not None}
@@ -491,6 +502,18 @@ class KVCache:
             extra.update(op.captured_values(scan))
         if output is None:
             output = "tensor" if isinstance(q, Tensor) else "numpy"
-        return op(q, self.k, self.v, kv_lens=self.kv_lens, out=out, out_lse=out_lse, encoder=encoder,
-                  output=output, **extra)
+        if append is None:
+            return op(q, self.k, self.v, kv_lens=self.kv_lens, out=out, out_lse=out_lse, encoder=encoder,
+                      output=output, **extra)
+        if not isinstance(append, tuple) or len(append) not in (2, 3):
+            raise ValueError(f"append: expected (k_new, v_new) or (k_new, v_new, counts), got {type(append).__name__}"
+                             + (f" of {len(append)}" if isinstance(append, tuple) else ""))
+        before, after = self._append_pass(append[0], append[1], append[2] if len(append) == 3 else None,
+                                          encoder is not None)
+        if before is None:  # nothing to store, or stored already (ATTNC_SANITIZE=bounds runs it at once)
+            self._lengths = after
+        result = op._call(q, self.k, self.v, out, out_lse, encoder, output, {"kv_lens": self.kv_lens, **extra},
+                          keep_groups=True, before=before)
+        self._lengths = after
+        return result
 

@@ -229,6 +229,9 @@ class Prepared:
         # calls that return new outputs (attention() with GPU tensors), by the identity of their
         # tensors, held weakly: see _remember_fresh
         self._fresh: LRU[Any, tuple[tuple[Any, ...], tuple[Any, ...], Any]] = LRU(MAX_FRESH_CALLS)
+        # a pass of the caller's run ahead of the op's in one compute pass (KVCache.attend's
+        # append=): the joined pass, by (the caller's pass, the op's)
+        self._joined: LRU[tuple[rt.Pass, rt.Pass], rt.Pass] = LRU(16)
         self._env: tuple[str | None, ...] = ()
         self._pass_label = self.main_program.name
         self.capture_paths: dict[str, Any] = {}  # captured param -> its path in the mods (api.py)
@@ -526,7 +529,8 @@ class Prepared:
         return self._call(q, k, v, out, out_lse, encoder, output, tensors, keep_groups=True)
 
     def _call(self, q: Any, k: Any, v: Any, out: Tensor | None, out_lse: Tensor | None, encoder: Any,
-              output: str | None, tensors: Mapping[str, Any], keep_groups: bool) -> Any:
+              output: str | None, tensors: Mapping[str, Any], keep_groups: bool, before: rt.Pass | None = None
+              ) -> Any:
         # the fast paths: GPU tensors this op was called with before (tensors are immutable
         # views, so what was checked and bound for them still holds; only a destroyed buffer
         # can change, and is checked)
@@ -537,6 +541,7 @@ class Prepared:
             self._groups.clear()
             self._memo.clear()
             self._fresh.clear()
+            self._joined.clear()
         memo_key = fresh_key = None
         previous_map, self._map_digest = self._map_digest, None  # kept only by _bind_call
         if not (env[0] or env[1]) and type(q) is Tensor and type(k) in _GPU and type(v) in _GPU and \
@@ -547,19 +552,16 @@ class Prepared:
                 hit = self._memo.get(memo_key)
                 if hit is not None and not _destroyed(hit[2]):
                     self._memo.move_to_end(memo_key)
-                    if encoder is None:
-                        hit[0].submit()
-                    else:
-                        hit[0].record(encoder)
+                    self._run(hit[0], encoder, before)
                     return hit[1]
-            elif out is None and encoder is None:
+            elif out is None and encoder is None and before is None:
                 fresh_key = (id(q), id(k), id(v), id(out_lse), output,
                              *((n, id(x)) if type(x) is Tensor else (n, type(x), x) for n, x in tensors.items()))
                 entry = self._fresh.get(fresh_key)
                 if entry is not None and not _destroyed(entry[1]):
                     return self._fresh_run(entry, out_lse, output)
         parts, result, buffers = self._bind_call(q, k, v, out, out_lse, encoder, output, tensors, keep_groups,
-                                                 previous_map)
+                                                 previous_map, before)
         if parts is None:
             return result
         if memo_key is not None and output != "numpy":
@@ -570,6 +572,22 @@ class Prepared:
         elif fresh_key is not None:
             self._remember_fresh(fresh_key, parts, out_lse, (q, k, v, out_lse, *tensors.values()))
         return result
+
+    def _run(self, ready: rt.Pass, encoder: Any, before: rt.Pass | None, keep: bool = True) -> None:
+        """Submit the op's pass, or record it into `encoder`; with `before`, that pass's
+        dispatches first, in the same compute pass (the joined pass kept for the next call
+        with the same two when `keep`: `ready` is a memoized pass)."""
+        if before is not None:
+            joined = self._joined.get((before, ready)) if keep else None
+            if joined is None:
+                joined = rt.Pass(self.dev, before.items + ready.items, ready.label)
+                if keep:
+                    self._joined.put((before, ready), joined)
+            ready = joined
+        if encoder is None:
+            ready.submit()
+        else:
+            ready.record(encoder)
 
     def _pass(self, items: list[tuple[rt.CompiledProgram, Any, tuple[int, int, int]]]) -> rt.Pass:
         """The dispatches of a call, every program in order (the block map's, the attention
@@ -623,7 +641,8 @@ class Prepared:
 
     def _bind_call(self, q: Any, k: Any, v: Any, out: Tensor | None, out_lse: Tensor | None, encoder: Any,
                    output: str | None, tensors: Mapping[str, Any], keep_groups: bool,
-                   previous_map: bytes | None = None) -> tuple[list[Any] | None, Any, tuple[Any, ...]]:
+                   previous_map: bytes | None = None, before: rt.Pass | None = None
+                   ) -> tuple[list[Any] | None, Any, tuple[Any, ...]]:
         """A call checked and bound from scratch, run; returns what the fast paths reuse: per
         program (index, binding names, bound slices, uniform buffer, bind group), the result
         and the buffers whose destruction would void them (None and the result when nothing
@@ -688,11 +707,7 @@ class Prepared:
                 parts.append((i, names, slices, ub, group))
                 if not (map_is_current and i in self._map_programs):
                     items.append((compiled[i], group, self._folded[i]))
-            ready = self._pass(items)
-            if encoder is None:
-                ready.submit()
-            else:
-                ready.record(encoder)
+            self._run(self._pass(items), encoder, before, keep=False)
             if logged is not None:
                 rt.wait_idle(self.dev)
                 rt.log_compile(self.dev, [p.name for p in self.progs], logged[0], time.perf_counter() - logged[1])

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
+from attnc.runtime import dispatch as rt
 from tests.textbook import assert_close, attention_ref
 
 pytestmark = pytest.mark.gpu
@@ -186,3 +187,78 @@ def test_appends_recorded_into_the_applications_encoder(require_adapters) -> Non
     dev.gpu.queue.submit([encoder.finish()])
     k, v, lens = mirror.padded()
     assert_close(out.numpy(), attention_ref(q, k, v, kv_lens=lens), 1e-5)
+
+
+FORMATS = [(np.float32, None, None), (np.float16, None, None), (np.float32, "q8_0", "int8"),
+           (np.float16, "q4_0", None)]
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize(("dtype", "kf", "vf"), FORMATS, ids=["f32", "f16", "q8_0-int8", "f16-q4_0-f16"])
+@RUN
+@given(data=st.data())
+def test_append_inside_attend_is_append_then_attend(dtype, kf, vf, data, require_adapters) -> None:
+    """attend(q, append=(k_new, v_new[, counts])) gives what append() then attend() give, bit for
+    bit (the same kernels in one compute pass), with host or GPU rows, ragged counts, recorded
+    into an encoder or submitted, for float and quantized caches; one submission a step."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    D, Dv = (32, 64) if kf or vf else SHAPES[dtype]
+    caches = [attnc.KVCache(B, HKV, CAP, D, Dv, dtype=dtype, device=dev, k_format=kf, v_format=vf)
+              for _ in range(2)]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    for step in range(data.draw(st.integers(1, 3), label="steps")):
+        n = data.draw(st.integers(1, 4), label="rows")
+        room = CAP - caches[0].lengths
+        counts = [data.draw(st.integers(0, min(n, int(r)))) for r in room] \
+            if data.draw(st.booleans(), label=f"ragged{step}") else None
+        if counts is None and np.any(room < n):
+            break
+        k_new = rng.standard_normal((B, HKV, n, D)).astype(dtype)
+        v_new = rng.standard_normal((B, HKV, n, Dv)).astype(dtype)
+        S = data.draw(st.integers(1, 2), label=f"S{step}")
+        q = rng.standard_normal((B, HQ, S, D)).astype(dtype)
+        recorded = data.draw(st.booleans(), label=f"encoder{step}") and not rt.sanitizing()
+        outs = []
+        for i, cache in enumerate(caches):
+            kn, vn = (attnc.tensor(k_new, dev), attnc.tensor(v_new, dev)) if recorded else (k_new, v_new)
+            qi = attnc.tensor(q, dev) if recorded else q
+            encoder = dev.gpu.create_command_encoder() if recorded else None
+            submits = dev.counters.submits
+            if i == 0:
+                cache.append(kn, vn, counts, encoder=encoder)
+                o = cache.attend(qi, causal=True, encoder=encoder)
+            else:
+                o = cache.attend(qi, causal=True, encoder=encoder,
+                                 append=(kn, vn) if counts is None else (kn, vn, counts))
+                if not recorded and not rt.sanitizing():
+                    assert dev.counters.submits == submits + 1
+            if recorded:
+                dev.gpu.queue.submit([encoder.finish()])
+            outs.append(o.numpy() if isinstance(o, attnc.Tensor) else o)
+        np.testing.assert_array_equal(caches[1].lengths, caches[0].lengths)
+        np.testing.assert_array_equal(caches[1].kv_lens.numpy(), caches[0].kv_lens.numpy())
+        np.testing.assert_array_equal(outs[1], outs[0])
+    for name in ("k", "v"):
+        a, b = (getattr(c, name).numpy() for c in caches)
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(b, a)
+        else:
+            np.testing.assert_array_equal(b.words, a.words)
+
+
+def test_append_inside_attend_names_its_misuse(require_adapters) -> None:
+    dev = require_adapters("wgpu:vulkan")[0]
+    D, Dv = SHAPES[np.float32]
+    cache = attnc.KVCache(B, HKV, CAP, D, Dv, device=dev)
+    q = np.ones((B, HQ, 1, D), np.float32)
+    k, v = np.ones((B, HKV, 1, D), np.float32), np.ones((B, HKV, 1, Dv), np.float32)
+    with pytest.raises(ValueError, match=r"^append: expected \(k_new, v_new\) or \(k_new, v_new, counts\), got list"):
+        cache.attend(q, append=[k, v])
+    with pytest.raises(ValueError, match=r"^append: expected .*, got tuple of 1"):
+        cache.attend(q, append=(k,))
+    with pytest.raises(ValueError, match="^v_new: 2 new rows, but k_new has 1"):
+        cache.attend(q, append=(k, np.ones((B, HKV, 2, Dv), np.float32)))
+    with pytest.raises(ValueError, match="^k_new: host data cannot be recorded"):
+        cache.attend(attnc.tensor(q, dev), append=(k, v), encoder=dev.gpu.create_command_encoder())
+    np.testing.assert_array_equal(cache.lengths, [0, 0, 0])
+    np.testing.assert_array_equal(cache.kv_lens.numpy(), [0, 0, 0])
