@@ -95,7 +95,7 @@ PLAN_SCHEMA: dict[str, Field] = {
     "vector_width": _pow2(1, 4),
     "resident_query": Field("bool"),
     "lanes_per_key": _pow2(1, 64),
-    "softmax_phase": Field("int", 0, 2),
+    "softmax_phase": Field("int", 0, 3),
     "unroll": Field("int", 1, 64),
     "prefetch": _flag(),
     "combine_groups": Field("int", 0, 64),

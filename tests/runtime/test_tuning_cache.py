@@ -149,6 +149,35 @@ def test_the_plan_schema_names_every_plan_field() -> None:
             PLAN_SCHEMA[f.name].check(f.name, getattr(f.default, "value", f.default))
 
 
+@pytest.mark.parametrize("facts", [{}, {"dialect": "tint"}, {"adapter_type": "CPU", "subgroup_size": 8,
+                                                             "subgroup_lanes_contiguous": 8},
+                                   {"adapter_type": "CPU", "subgroup_size": None, "subgroup_min_size": None,
+                                    "subgroup_lanes_contiguous": 0, "features": frozenset({"timestamps"})}],
+                         ids=["h200-naga", "h200-tint", "cpu-subgroups", "cpu-portable"])
+def test_every_plan_the_tuner_can_store_loads_back(facts) -> None:
+    """What `attnc tune` may store (the heuristic plans and every candidate, over decode, GQA
+    and prefill shapes, f32 and f16) passes PLAN_SCHEMA and loads back as the same plan: a
+    schema narrower than the planner (SMX=3 was refused) loses tuned choices."""
+    from tests.gpu_facts import h200_like
+
+    caps = h200_like(**facts)
+    fams = [Family.PORTABLE] + ([Family.SUBGROUPS] if "subgroups" in caps.features else [])
+    shapes = [dict(B=1, Hq=8, Hkv=8, S=1, T=16384, D=128, Dv=128), dict(B=1, Hq=64, Hkv=8, S=1, T=7680, D=64, Dv=64),
+              dict(B=1, Hq=8, Hkv=2, S=4, T=2048, D=64, Dv=64), dict(B=1, Hq=16, Hkv=16, S=576, T=576, D=72, Dv=72),
+              dict(B=2, Hq=4, Hkv=4, S=128, T=128, D=32, Dv=32), dict(B=1, Hq=8, Hkv=8, S=1, T=4096, D=256, Dv=256)]
+    seen = 0
+    for dims in shapes:
+        for f16 in (False, True):
+            base, tun = schedule.plan_for(caps, fams[-1], dims, f16=f16)
+            ns0 = schedule.split_count(caps, dims, 32, 64) if dims["S"] <= 16 else None
+            for plan, t, ns in [(base, tun, ns0), *cands.candidates(caps, dims, base, fams, ns0)]:
+                entry = json.loads(json.dumps(tuning_cache.plan_to_entry(plan, t, ns)))
+                back, t_back, ns_back = tuning_cache.entry_to_plan(entry, plan.dialect, plan.storage)
+                assert (back, t_back, ns_back) == (plan, t, ns), entry
+                seen += 1
+    assert seen > 100
+
+
 def test_the_key_names_version_and_plan_schema(require_adapters) -> None:
     from attnc._version import __version__
 
