@@ -57,7 +57,7 @@ COMPACT_KEYS = {
     "vector_width": "VEC", "resident_query": "QRES", "lanes_per_key": "KL", "softmax_phase": "SMX",
     "unroll": "UN", "prefetch": "PF", "combine_groups": "CSG", "value_block_keys": "VK",
     "p_chunk_keys": "PC", "last_tile_first": "QO", "subgroup_width": "SGB", "shuffle_only_lanes": "SGFAST",
-    "block_map": "BMAP",
+    "block_map": "BMAP", "lane_sum": "LS",
 }
 FIELDS_BY_KEY = {key: name for name, key in COMPACT_KEYS.items()}
 
@@ -137,7 +137,10 @@ class Plan:
     (subgroups family) has no phases: the KL lanes of a key, in one subgroup, reduce its dot by
     shuffles and own DVC/KL of its value columns, so each group of KL lanes streams its own
     keys with its own online softmax in registers, without workgroup memory or barriers in
-    the KV loop.
+    the KV loop. lane_sum=1 (subgroups family, softmax_phase 0 or 1, KL > 1): the KL lanes of
+    a key sum its partial dots by shuffles in the dot phase, so workgroup memory holds one
+    score per key and row, and the P.V phase (or the softmax phase) reads one word per key
+    instead of KL.
 
     Lanes strategy: rows_per_invocation query rows per invocation, query_dim >= D and
     value_columns value columns held in registers; each step reads one key per lane of a
@@ -169,6 +172,7 @@ class Plan:
     subgroup_width: int = 0
     shuffle_only_lanes: int = 0
     block_map: int = 1
+    lane_sum: int = 0
 
     @property
     def name(self) -> str:
@@ -312,6 +316,7 @@ class StreamLayout:
     RC: int  # rows merged per round at the end
     SMX: int  # 1: a softmax phase computes each probability once; 2: the dot phase does (shared max);
     # 3: each key's KL lanes (one subgroup's) reduce its dot by shuffles and own its value columns
+    LS: bool = False  # SMX 0/1: a key's KL partial dots summed by shuffles: one score per key in sp
 
     @property
     def NG(self) -> int:
@@ -345,7 +350,7 @@ class StreamLayout:
         """The partial-dot array: [key][lane][row] during the KV loop, then (merge_in_sp) the
         merge's 4 x [key group][row of the round][column group] words (RC rows per round)."""
         merge = 4 * self.KG * self.RC * self.CG
-        return max(self.BN * self.KL * self.BM, merge if self.merge_in_sp else 0)
+        return max(self.BN * (1 if self.LS else self.KL) * self.BM, merge if self.merge_in_sp else 0)
 
     @property
     def smem_words(self) -> int:
@@ -354,7 +359,8 @@ class StreamLayout:
             return 4 * self.BM * self.D4 + 2 * self.NG * self.BM + 2 * self.BM + 4 * self.RV * self.WG + 3
         smx = self.BN * self.BM + (self.KG * self.BM if self.SMX == 1 else 0) if self.SMX else 0
         o_red = 0 if self.merge_in_sp else 4 * self.KG * self.RC * self.CG
-        return 4 * self.BM * self.D4 + self.sp_words + 2 * self.KG * self.BM + 2 * self.BM + o_red + 2 + smx
+        return (4 * self.BM * self.D4 + self.sp_words + 2 * self.KG * self.BM + 2 * self.BM + o_red + 2 + smx
+                + int(self.LS))  # (LS: the lane check's flag)
 
 
 def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
@@ -392,8 +398,16 @@ def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
         raise LoweringError(f"SMX=2 scores each key whole in one invocation: it needs KL=1 (got {plan.lanes_per_key}) "
                             f"and BN={BN} >= WG={plan.workgroup_size} >= 16",
                             notes=("use SMX=0 or 1 for other shapes",))
+    if plan.lane_sum not in (0, 1):
+        raise LoweringError(f"tunable LS={plan.lane_sum} must be 0 or 1")
+    if plan.lane_sum and (plan.family is not Family.SUBGROUPS or plan.softmax_phase not in (0, 1)
+                          or plan.lanes_per_key < 2 or BN * plan.lanes_per_key % plan.workgroup_size):
+        raise LoweringError(f"LS=1 sums a key's partial dots by subgroup shuffles in the dot phase: it needs the "
+                            f"subgroups family, SMX=0 or 1, KL >= 2 and BN x KL = {BN * plan.lanes_per_key} a "
+                            f"multiple of WG={plan.workgroup_size} (got {plan.family.value}, SMX={plan.softmax_phase}, "
+                            f"KL={plan.lanes_per_key})")
     return StreamLayout(BM, BN, plan.workgroup_size, plan.lanes_per_key, plan.keys_per_step, plan.query_dim // 4, CG,
-                        KG, RC, plan.softmax_phase)
+                        KG, RC, plan.softmax_phase, bool(plan.lane_sum))
 
 
 # SMX=3 holds BM x NV output vec4s per lane in registers: at most this many

@@ -64,11 +64,12 @@ def emit_stream(sh: Shader) -> Program:
     w = Writer()
     if lay.SMX == 3:
         return _emit_lane_groups(sh, lay, w)
-    sh.header(w, False)
+    sh.header(w, lay.LS)
     binds = sh.main_bindings(w)
     w.line(f"var<workgroup> q_sh: array<vec4<f32>, {BM * D4}>;")
     merge = ", then the merge's" if lay.merge_in_sp else ""
-    w.line(f"var<workgroup> sp: array<f32, {lay.sp_words}>;  // partial dots [key][lane][row]{merge}")
+    held = "scores [key][row]" if lay.LS else "partial dots [key][lane][row]"
+    w.line(f"var<workgroup> sp: array<f32, {lay.sp_words}>;  // {held}{merge}")
     w.line(f"var<workgroup> m_red: array<f32, {KG * BM}>;")
     w.line(f"var<workgroup> l_red: array<f32, {KG * BM}>;")
     w.line(f"var<workgroup> m_fin: array<f32, {BM}>;")
@@ -81,6 +82,8 @@ def emit_stream(sh: Shader) -> Program:
         w.line(f"var<workgroup> al_sh: array<f32, {KG * BM}>;  // rescale factor [key group][row]")
     if lay.SMX == 2:
         w.line("var<workgroup> wg_raise: atomic<u32>;  // a score of this tile passed the shared maximum")
+    if lay.LS:
+        w.line("var<workgroup> wg_bad: atomic<u32>;  // a key's lanes were not neighbours in one subgroup")
     # V's row read through a table (paged) or quantized (its first word computed): shared per key
     v_rows_shared = s.gathers(s.value) or s.value.tensor in sh.quant
     if v_rows_shared:
@@ -94,8 +97,9 @@ def emit_stream(sh: Shader) -> Program:
     w.line("var<workgroup> wg_hi: i32;")
     sh.privates(w)
     sh.functions(w)
+    subgroup_size = ", @builtin(subgroup_size) sg_size: u32" if lay.LS else ""
     with w.block(f"@compute @workgroup_size({WG}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
-                 "@builtin(local_invocation_index) lid: u32)"):
+                 f"@builtin(local_invocation_index) lid: u32{subgroup_size})"):
         sh.prologue(w)
         w.line(f"let kg = lid / {CG}u;")
         w.line(f"let cg = lid % {CG}u;")
@@ -111,12 +115,16 @@ def emit_stream(sh: Shader) -> Program:
             w.line(f"let n_kt = (P.d_{s.kv_dim} + {BN - 1}u) / {BN}u;")
             record_base(w, s, sh.block_mask, "qtile", "n_kt")
         sh.tile_bounds(w, BM, BN)
-        if lay.SMX == 2:  # not left to zero-initialisation, which a driver may skip
+        flags = (["wg_raise"] if lay.SMX == 2 else []) + (["wg_bad"] if lay.LS else [])
+        if flags:  # not left to zero-initialisation, which a driver may skip
             with w.block("if (lid == 0u)"):
-                w.line("atomicStore(&wg_raise, 0u);")
+                for flag in flags:
+                    w.line(f"atomicStore(&{flag}, 0u);")
         _stage_queries(w, sh, lay)
         w.line("let t_lo = workgroupUniformLoad(&wg_lo);")
         w.line("let t_hi = workgroupUniformLoad(&wg_hi);")
+        if lay.LS:
+            _check_lane_neighbours(w, lay.KL)
         if k_rows_shared:
             with w.block("if (t_lo < t_hi)"):
                 _share_k_rows(w, sh, lay, listed, "t_lo")
@@ -159,7 +167,7 @@ def emit_stream(sh: Shader) -> Program:
         _merge(w, sh, lay)
     smem = 4 * (lay.smem_words + (BN if v_rows_shared else 0) + (BN if k_rows_shared else 0))
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(),
-                   features(plan) - {"subgroups"}, smem, in_bounds=True)
+                   features(plan) - (set() if lay.LS else {"subgroups"}), smem, in_bounds=True)
 
 
 def _stage_queries(w: Writer, sh: Shader, lay: StreamLayout) -> None:
@@ -178,13 +186,43 @@ def _stage_queries(w: Writer, sh: Shader, lay: StreamLayout) -> None:
 def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool, k_rows_shared: bool = False) -> None:
     """Partial q.k dots: KL lanes per key, each over every KL-th vec4 of the head dim. With
     `v_rows_shared`, the first lane of each key also finds its V row base for the P.V phase;
-    with `k_rows_shared`, the K row comes from kb_sh (found once per key)."""
-    with w.block(f"for (var e = lid; e < {lay.BN * lay.KL}u; e = e + {lay.WG}u)"):
-        w.line(f"let jl = e / {lay.KL}u;")
-        w.line(f"let part = e % {lay.KL}u;")
+    with `k_rows_shared`, the K row comes from kb_sh (found once per key). LS: the KL partial
+    dots summed by a shuffle butterfly (the loop's trip count the same in every invocation,
+    as shuffles need), the first lane storing the key's score per row."""
+    KL, BM = lay.KL, lay.BM
+    if lay.LS:  # (BN x KL is a multiple of WG: every invocation has a key part each round)
+        w.line("// a key's KL neighbouring lanes sum its partial dots by shuffles: one score per key and row")
+    loop = (f"for (var e0 = 0u; e0 < {lay.BN * KL}u; e0 = e0 + {lay.WG}u)" if lay.LS
+            else f"for (var e = lid; e < {lay.BN * KL}u; e = e + {lay.WG}u)")
+    with w.block(loop):
+        if lay.LS:
+            w.line("let e = e0 + lid;")
+        w.line(f"let jl = e / {KL}u;")
+        w.line(f"let part = e % {KL}u;")
         _key_row(w, sh, v_rows_shared, "part == 0u", "kb_sh[jl]" if k_rows_shared else None)
-        for r, terms in enumerate(_key_dots(w, sh, lay)):
-            w.line(f"sp[e * {lay.BM}u + {r}u] = {terms};")
+        dots = _key_dots(w, sh, lay)
+        if lay.LS:
+            for r, terms in enumerate(dots):
+                w.line(f"var s{r} = {terms};")
+                k = 1
+                while k < KL:  # every lane of the key ends with the same sum (a + b == b + a)
+                    w.line(f"s{r} = s{r} + subgroupShuffleXor(s{r}, {k}u);")
+                    k *= 2
+            with w.block("if (part == 0u)"):
+                for r in range(BM):
+                    w.line(f"sp[jl * {BM}u + {r}u] = s{r};")
+        else:
+            for r, terms in enumerate(dots):
+                w.line(f"sp[e * {BM}u + {r}u] = {terms};")
+
+
+def _key_score(lay: StreamLayout, jl: str, r: int | str) -> str:
+    """The dot of key `jl` of the tile with row `r` from workgroup memory: its score (LS), or
+    the sum of its KL lanes' partial dots."""
+    rr = f"{r}u" if isinstance(r, int) else r
+    if lay.LS:
+        return f"sp[{jl} * {lay.BM}u + {rr}]"
+    return " + ".join(f"sp[({jl} * {lay.KL}u + {p}u) * {lay.BM}u + {rr}]" for p in range(lay.KL))
 
 
 def _key_row(w: Writer, sh: Shader, v_rows_shared: bool, first_lane: str | None, shared: str | None = None) -> None:
@@ -434,14 +472,14 @@ def _v_read(sh: Shader, u: int, key: str, v_rows_shared: bool) -> str:
 
 def _pv_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
     """Scores, the invocation's own online softmax and o += p.v over its keys of the tile."""
-    KC, KL, BM = lay.KC, lay.KL, lay.BM
+    KC, BM = lay.KC, lay.BM
     with w.block(f"for (var i0 = 0u; i0 < {lay.NK}u; i0 = i0 + {KC}u)"):
         for u in range(KC):
             w.line(f"let jl{u} = kg + {lay.KG}u * (i0 + {u}u);")
             w.line(f"let kj{u} = k0 + i32(jl{u});")
             w.line(f"let v{u} = {_v_read(sh, u, f'kj{u}', v_rows_shared)};")
         for r in range(BM):
-            dots = [" + ".join(f"sp[(jl{u} * {KL}u + {p}u) * {BM}u + {r}u]" for p in range(KL)) for u in range(KC)]
+            dots = [_key_score(lay, f"jl{u}", r) for u in range(KC)]
             _online_step(w, sh, r, "s", dots, [(f"o{r}", lambda u: f"v{u}")])
 
 
@@ -460,7 +498,7 @@ def _pairs(lay: StreamLayout) -> int:
 def _softmax_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
     """SMX: pair (key group g, row r) scores g's keys of the tile for row r, updates r's max and
     sum over them, and leaves p and the rescale factor in workgroup memory."""
-    BM, KG, KL = lay.BM, lay.KG, lay.KL
+    BM, KG = lay.BM, lay.KG
     for i in range(_pairs(lay)):
         with w.block(f"if (pi{i} < {KG * BM}u)"):
             w.line(f"let g = pi{i} / {BM}u;")
@@ -470,8 +508,7 @@ def _softmax_phase(w: Writer, sh: Shader, lay: StreamLayout) -> None:
             with w.block(f"for (var n = 0u; n < {lay.NK}u; n = n + 1u)"):
                 w.line(f"let jl = g + {KG}u * n;")
                 w.line("let kj = k0 + i32(jl);")
-                dots = " + ".join(f"sp[(jl * {KL}u + {p}u) * {BM}u + r]" for p in range(KL))
-                w.line(f"let x = select({NEG_INF}, {_score(sh, dots, 'kj')}, kj < n_keys);")
+                w.line(f"let x = select({NEG_INF}, {_score(sh, _key_score(lay, 'jl', 'r'), 'kj')}, kj < n_keys);")
                 w.line(f"nan{i} = nan{i} || is_nan(x);")
                 w.line("mx = max(mx, x);")
                 w.line(f"p_sh[jl * {BM}u + r] = x;")
@@ -522,8 +559,11 @@ def _merge(w: Writer, sh: Shader, lay: StreamLayout) -> None:
                 w.line(f"m_red[kg * {BM}u + {r}u] = m{r};")
                 lr = f"l{r}" if lay.SMX == 2 else f"select(l{r}, {NAN}, nan{r})"
                 w.line(f"l_red[kg * {BM}u + {r}u] = {lr};")
+    if lay.LS:
+        with w.block("if (!lanes_ok)"):
+            w.line("atomicOr(&wg_bad, 1u);")
     w.line("workgroupBarrier();")
-    _merge_rows(w, sh, lay, KG)
+    _merge_rows(w, sh, lay, KG, "atomicLoad(&wg_bad) != 0u" if lay.LS else "false")
     w.line("workgroupBarrier();")
     for r in range(BM):  # this invocation's share, rescaled to the row's final max
         own = f"m_red[kg * {BM}u + {r}u]" if lay.SMX == 1 else f"m{r}"

@@ -105,6 +105,7 @@ PLAN_SCHEMA: dict[str, Field] = {
     "subgroup_width": _pow2(1, 128, zero=True),
     "shuffle_only_lanes": Field("int", 0, 128),
     "block_map": _flag(),
+    "lane_sum": _flag(),
 }
 CALL_FIELDS = ("dialect", "storage")  # plan fields every call sets from its device and inputs
 TUNABLE = _pow2(1, 1024)  # the kernel's tunables (BM, BN)
