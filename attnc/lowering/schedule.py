@@ -101,7 +101,9 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
       key per invocation and the probabilities in the dot phase (SMX=2: H200 kv_dec1_h128,
       q8_0, q4_0 and int8, 5-11 % faster; slower with f16 K, whose rows one lane reads in
       8-byte pieces, and with 4 or 8 rows per tile), and so does an f16 or quantized K on a
-      CPU adapter (lavapipe kv_lp_dec1_h128: 8-24 % faster; f32 K not); on a CPU adapter
+      CPU adapter (lavapipe kv_lp_dec1_h128: 8-24 % faster; f32 K not); f16 tiles of 4 or
+      more rows on a GPU sum a key's partial dots by shuffles (LS=1: H200 dec4_h128, gqa8
+      4-9 % faster on both backends; one row with 8 lanes per key 11-20 % slower); on a CPU adapter
       without GQA, the rows strategy (one query row per invocation) from ROWS_TILE rows, and
       below that where stream does not apply (with fewer rows its workgroups idle: stream is
       1.1-3.6x faster at S = 1 and 4 on lavapipe, llvmpipe GL and Dawn, 2026-12-04); on a GPU with at least 32
@@ -203,10 +205,15 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
             kl = 1 if bm >= 16 or shared_max else (8 if long_row else 2)
             # the query dim: a multiple of 4 * KL (CPU: a power of two, fewer shaders to compile)
             dq = max(8, pow2ceil(dims["D"]) if cpu else -(-dims["D"] // (4 * kl)) * 4 * kl)
-            plan = stream_plan(Plan(family, storage, dialect), dims, workgroup_size=wg,
-                               lanes_per_key=kl, keys_per_step=4,
-                               softmax_phase=2 if shared_max else int(bm >= 8), query_dim=dq, value_columns=dvc)
             tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4, wg if shared_max else 0)}
+            # 4 or more rows per tile in f16 on a GPU: a key's lanes sum its partial dots by
+            # shuffles, one score per key and row in workgroup memory (H200, 2 lanes per key:
+            # 4-9 % faster on both backends for 4 and 8 rows; one row with 8 lanes, and f32, not)
+            lane_sum = int(not cpu and f16 and family is Family.SUBGROUPS and 2 <= kl and bm >= 4
+                           and tun["BN"] * kl % wg == 0)
+            plan = stream_plan(Plan(family, storage, dialect), dims, workgroup_size=wg,
+                               lanes_per_key=kl, keys_per_step=4, lane_sum=lane_sum,
+                               softmax_phase=2 if shared_max else int(bm >= 8), query_dim=dq, value_columns=dvc)
             if 4 * stream_layout(plan, tun["BM"], tun["BN"]).smem_words <= \
                     caps.limit("max-compute-workgroup-storage-size"):
                 return plan, tun

@@ -116,6 +116,30 @@ def test_gpu_decode_of_one_long_row_reads_each_key_with_8_lanes() -> None:
     assert schedule.plan_for(cpu, Family.PORTABLE, h128)[0].lanes_per_key != 8
 
 
+def test_gpu_f16_decode_of_4_or_more_rows_sums_lanes_by_shuffles() -> None:
+    """f16 stream tiles of 4 or 8 packed rows on a GPU with subgroups sum each key's partial
+    dots by shuffles (LS=1), in a layout that maps; f32, one row per tile (8 lanes), the
+    portable family, CPU adapters and the lane groups of a CPU do not; the tuner tries the
+    other setting too."""
+    from attnc.lowering import candidates as cands
+    from attnc.lowering.plan import Family, Strategy, stream_layout
+
+    gpu, cpu = h200_like(), h200_like(adapter_type="CPU", subgroup_size=8, subgroup_lanes_contiguous=8)
+    for dims in (dict(B=1, Hq=8, Hkv=2, S=1, T=16384, D=128, Dv=128), dict(B=1, Hq=64, Hkv=8, S=1, T=7680, D=64, Dv=64),
+                 dict(B=1, Hq=8, Hkv=8, S=4, T=16384, D=128, Dv=128)):
+        plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dims, f16=True)
+        assert plan.strategy is Strategy.STREAM and tun["BM"] >= 4 and plan.lane_sum == 1, (dims, plan)
+        stream_layout(plan, tun["BM"], tun["BN"])
+        assert schedule.plan_for(gpu, Family.SUBGROUPS, dims)[0].lane_sum == 0  # f32
+        assert schedule.plan_for(gpu, Family.PORTABLE, dims, f16=True)[0].lane_sum == 0
+        assert schedule.plan_for(cpu, Family.SUBGROUPS, dims, f16=True)[0].lane_sum == 0
+        sums = {c.lane_sum for c, _, _ in cands.candidates(gpu, dims, plan, [Family.PORTABLE, Family.SUBGROUPS], 8)
+                if c.strategy is Strategy.STREAM and c.softmax_phase in (0, 1) and c.lanes_per_key > 1}
+        assert sums == {0, 1}
+    one_row = dict(B=1, Hq=8, Hkv=8, S=1, T=16384, D=128, Dv=128)
+    assert schedule.plan_for(gpu, Family.SUBGROUPS, one_row, f16=True)[0].lane_sum == 0
+
+
 def test_gpu_decode_over_a_quantized_k_shares_the_maximum_with_one_row_per_tile() -> None:
     """A quantized K with one query row per tile (kv_dec1_h128): one lane per key, a key per
     invocation in each tile, probabilities in the dot phase (SMX=2), valid for the layout;
