@@ -32,4 +32,6 @@ def test_readme_python_example_runs(require_adapters) -> None:
     assert np.array_equal(k, quant.dequantize(quant.quantize(scope["k"], "q8_0")))
     for block in blocks[2:]:  # the later examples build on the first one's q, k, v
         exec(compile(block, str(README), "exec"), scope)  # noqa: S102
-    assert scope["o1"].shape == (1, 8, 1, 64) and scope["cache"].lengths.tolist() == [100]
+    assert scope["o1"].shape == (1, 8, 1, 64) and scope["cache"].lengths.tolist() == [101]
+    q1, k0, v0 = scope["q1"].numpy(), scope["k"][:, :, :101], scope["v"][:, :, :101]
+    assert_close(scope["o2"].numpy(), attention_ref(q1, k0, v0, causal=True, kv_lens=np.array([101])), 1e-5, "o2")
