@@ -374,13 +374,18 @@ def _install(tmp: Path, out: Path, previous: list[str]) -> list[str]:
 
 def _quant_stores(kernel: Any) -> tuple[Any, ...]:
     """The DSL store kernels (attnc/kernels/store.py) that append float32 rows to a cache in
-    each quantized format the kernel's inputs are stored in (a manifest's "stores")."""
+    each quantized format the kernel's inputs are stored in, and where k and v are both
+    quantized the pair kernel appending both in one dispatch (a manifest's "stores")."""
     fmts = sorted({p.type.dtype.value for p in kernel.params if p.type.dims and p.type.dtype.is_quant})
     if not fmts:
         return ()
-    from attnc.kernels.store import kv_store
+    from attnc.kernels.store import kv_store, kv_store_pair
 
-    return tuple(kv_store.trace(cache_dtype=f, x_dtype="f32") for f in fmts)
+    stores = [kv_store.trace(cache_dtype=f, x_dtype="f32") for f in fmts]
+    kv = {p.name: p.type.dtype for p in kernel.params if p.name in ("k", "v")}
+    if len(kv) == 2 and all(d.is_quant for d in kv.values()):
+        stores.append(kv_store_pair.trace(k_cache_dtype=kv["k"].value, v_cache_dtype=kv["v"].value))
+    return tuple(stores)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

@@ -1233,11 +1233,18 @@ export async function createKVCache(device, opts) {
     if (!entry) throw new AttncError(`${name}Format: the manifest has no store kernel for ${fmt} (compile with --set ${name}_dtype=${fmt})`);
     quantStores[fmt] = {entry, pipeline: await kvPipeline(device, await manifest[SOURCES](entry.file), `${label}.store.${fmt}`)};
   }
+  // K and V both quantized: the manifest's pair kernel appends both in one dispatch, where it has one
+  let quantPair = null;
+  if (formats.k !== null && formats.v !== null) {
+    const entry = (opts.manifest.stores || []).find((/** @type {any} */ e) => e.formats && e.formats.k === formats.k
+      && e.formats.v === formats.v && e.rows === 'f32' && !e.tensors.some((/** @type {any} */ t) => t.name === 'table'));
+    if (entry) quantPair = {entry, pipeline: await kvPipeline(device, await opts.manifest[SOURCES](entry.file), `${label}.store.kv`)};
+  }
   const [store, advance] = await Promise.all([
     kvPipeline(device, kvStoreWgsl(dtype), `${label}.store`),
     kvPipeline(device, KV_ADVANCE_WGSL, `${label}.advance`),
   ]);
-  return new KVCache(device, {...dims, dtype, formats, quantStores}, store, advance);
+  return new KVCache(device, {...dims, dtype, formats, quantStores, quantPair}, store, advance);
 }
 
 export class KVCache {
@@ -1253,6 +1260,8 @@ export class KVCache {
     /** Storage of K and V: a quantized format (q8_0, q4_0, int8: u32 words) or null (the cache's dtype). */
     this.formats = cfg.formats || {k: null, v: null};
     this._quantStores = cfg.quantStores || {};
+    /** The manifest's kv_store_pair entry and pipeline (K and V quantized), or null. */
+    this._quantPair = cfg.quantPair || null;
     const elem = ELEM_BYTES[cfg.dtype];
     const usage = USAGE.STORAGE | USAGE.COPY_SRC | USAGE.COPY_DST;
     const rowsOf = this.batch * this.kvHeads * this.capacity;
@@ -1410,6 +1419,10 @@ export class KVCache {
     const maxDim = this.device.limits.maxComputeWorkgroupsPerDimension;
     const pass = encoder.beginComputePass({label: 'attnc.kv.append'});
     const B = this.batch, H = this.kvHeads;
+    if (this._quantPair && pairs.every(([, , , fmt]) => fmt)) {  // K and V in one dispatch
+      this._encodeQuantPairStore(pass, pairs[0][0], pairs[1][0], n);
+      pairs = [];
+    }
     for (const [src, dst, width, fmt] of pairs) {
       if (fmt) {
         this._encodeQuantStore(pass, src, dst, width, fmt, n);
@@ -1453,6 +1466,29 @@ export class KVCache {
     }
     const ub = this._uniform(entry.uniforms.fields.map((/** @type {any} */ f) => f.name), values);
     const buffers = /** @type {Record<string, any>} */ ({x: src.buffer, pos: this.kvLens, cache: dst, params: ub});
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, this.device.createBindGroup({layout: pipeline.getBindGroupLayout(0),
+      entries: entry.bindings.map((/** @type {any} */ b) => ({binding: b.binding, resource: {buffer: buffers[b.name]}}))}));
+    pass.dispatchWorkgroups(x, y, 1);
+  }
+
+  /** The manifest's kv_store_pair writing n f32 rows of K (`k`) and V (`v`) into the quantized caches at each row's GPU length, in one dispatch. */
+  _encodeQuantPairStore(/** @type {any} */ pass, /** @type {any} */ k, /** @type {any} */ v, /** @type {number} */ n) {
+    const {entry, pipeline} = this._quantPair;
+    const maxDim = this.device.limits.maxComputeWorkgroupsPerDimension;
+    const env = {B: this.batch, H: this.kvHeads, N: n, D: this.headDim, DV: this.valueDim, C: this.capacity};
+    const groups = evaluateFormula(entry.workgroups, env);
+    const [x, y] = foldGrid(groups, maxDim);
+    /** @type {Record<string, number>} */
+    const values = {};
+    for (const f of entry.uniforms.fields) {
+      const m = /^s_([kv])_(\d)$/.exec(f.name);  // the rows' strides: the sources' own
+      values[f.name] = f.name === 'grid_total' ? groups : f.name === 'grid_stride_x' ? x
+        : m ? (m[1] === 'k' ? k : v).strides[Number(m[2])] : evaluateFormula(f.value, env);
+    }
+    const ub = this._uniform(entry.uniforms.fields.map((/** @type {any} */ f) => f.name), values);
+    const buffers = /** @type {Record<string, any>} */ ({k: k.buffer, v: v.buffer, pos: this.kvLens, k_cache: this.k,
+      v_cache: this.v, params: ub});
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, this.device.createBindGroup({layout: pipeline.getBindGroupLayout(0),
       entries: entry.bindings.map((/** @type {any} */ b) => ({binding: b.binding, resource: {buffer: buffers[b.name]}}))}));

@@ -147,14 +147,22 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str],
 
 def store_entry(store: ir.StoreKernel, outdir: Path) -> dict[str, Any]:
     """The manifest entry of a store kernel (a KV cache's append in the format of its `cache`
-    tensor; Tint and Naga take the same WGSL): file, bindings, uniform fields with their
-    formulas (dense strides; a runtime reading other strides sets s_x_* itself), workgroups."""
+    tensor, or kv_store_pair's K and V at once in the formats of `k_cache` and `v_cache`; Tint
+    and Naga take the same WGSL): file, bindings, uniform fields with their formulas (dense
+    strides; a runtime reading other strides sets the rows' s_* itself), workgroups."""
     from attnc.lowering.store import emit_store
 
     p = emit_store(store)
-    cache = next(q for q in store.params if q.name == "cache")
-    x = next(q for q in store.params if q.name == "x")
-    fname = f"{store.name}.{cache.type.dtype.value}.{x.type.dtype.value}.wgsl"
+    params = {q.name: q for q in store.params}
+    pair = "k_cache" in params
+    rows = params["k" if pair else "x"].type.dtype.value
+    if pair:
+        fmts = {"k": params["k_cache"].type.dtype.value, "v": params["v_cache"].type.dtype.value}
+        described: dict[str, Any] = {"formats": fmts}
+        fname = f"{store.name}.{fmts['k']}.{fmts['v']}.{rows}.wgsl"
+    else:
+        described = {"format": params["cache"].type.dtype.value}
+        fname = f"{store.name}.{described['format']}.{rows}.wgsl"
     (outdir / fname).write_text(p.wgsl)
     formulas = {"grid_total": "grid_total", "grid_stride_x": "grid_stride_x"}
     for q in store.params:
@@ -162,8 +170,8 @@ def store_entry(store: ir.StoreKernel, outdir: Path) -> dict[str, Any]:
         formulas.update({f"s_{q.name}_{i}": f for i, f in enumerate(_dense_strides(q.type.dims))})
     return {
         "name": store.name,
-        "format": cache.type.dtype.value,
-        "rows": x.type.dtype.value,
+        **described,
+        "rows": rows,
         "file": fname,
         "entry_point": p.entry_point,
         "workgroup_size": [p.workgroup_size, 1, 1],

@@ -713,6 +713,8 @@ def kv_cache_cases(w: _Writer, folder: Path) -> list[dict]:
 # of the `kvquant` compile's manifest ("stores")
 KV_QUANT_CACHES = [
     (PO32, "q8_0", "q4_0", 32, 32, [(4, [4, 2, 0], "array"), (1, None, "buffer"), (3, [1, 3, 2], "bshd")]),
+    # head dims that differ: the pair store's D and DV (one dispatch for K and V)
+    (PO32, "q8_0", "q4_0", 64, 32, [(2, None, "array"), (3, [3, 0, 1], "bshd"), (1, None, "buffer")]),
 ]
 
 
@@ -761,7 +763,7 @@ def kv_quant_cases(w: _Writer, folder: Path) -> list[dict]:
         q = rng.standard_normal((B, Hq, S, D)).astype(np.float32)
         o, _ = attention_reference(q, ref["k"], ref["v"], causal=True, kv_lens=lens)
         cases.append({
-            "name": f"kv.{family}.{dtype}.{kf}.{vf}",
+            "name": f"kv.{family}.{dtype}.{kf}.{vf}.d{D}.dv{Dv}",
             "kind": "kv_cache",
             "manifest": "compiled/kvquant/manifest.json",
             "variant": {"family": family, "dtype": dtype},

@@ -279,14 +279,20 @@ QUANT_FORMATS = {"q8_0", "q4_0", "int8"}
 
 
 def _store(out: list[str], where: str, st: Any, root: Path | None) -> None:
-    """A store kernel entry (MANIFEST.md "Store kernels")."""
+    """A store kernel entry (MANIFEST.md "Store kernels"): one cache's (`format`), or K's and
+    V's at once (`formats`, kv_store_pair)."""
     if not isinstance(st, dict):
         out.append(f"{where}: not an object")
         return
-    _keys(out, where, st, {"name", "format", "rows", "file", "entry_point", "workgroup_size", "tensors", "bindings",
-                           "uniforms", "workgroups"})
-    if not _in(st.get("format"), QUANT_FORMATS):
-        out.append(f"{where}.format: {st.get('format')!r} is not a quantized format")
+    pair = "formats" in st
+    _keys(out, where, st, {"name", "formats" if pair else "format", "rows", "file", "entry_point", "workgroup_size",
+                           "tensors", "bindings", "uniforms", "workgroups"})
+    fmts = st.get("formats") if pair else {"": st.get("format")}
+    if not (isinstance(fmts, dict) and set(fmts) == ({"k", "v"} if pair else {""})
+            and all(_in(f, QUANT_FORMATS) for f in fmts.values())):
+        out.append(f"{where}.{'formats' if pair else 'format'}: {fmts!r} is not "
+                   + ("{k, v} quantized formats" if pair else "a quantized format"))
+        return
     if not _in(st.get("rows"), {"f32", "f16"}):
         out.append(f"{where}.rows: {st.get('rows')!r}, expected f32 or f16")
     tensors = st.get("tensors")
@@ -295,11 +301,14 @@ def _store(out: list[str], where: str, st: Any, root: Path | None) -> None:
         out.append(f"{where}.tensors: not a list of tensors with dims")
         return
     by_name = {t.get("name"): t for t in tensors}
-    if set(by_name) != {"x", "pos", "cache"} and set(by_name) != {"x", "pos", "table", "cache"}:
-        out.append(f"{where}.tensors: {sorted(map(str, by_name))}, expected x, pos, (table,) cache")
+    # (rows, cache) tensor names of each format: x and cache, or k, k_cache and v, v_cache
+    pairs = [("k", "k_cache", fmts["k"]), ("v", "v_cache", fmts["v"])] if pair else [("x", "cache", fmts[""])]
+    base = {n for r, c, _ in pairs for n in (r, c)} | {"pos"}
+    if set(by_name) != base and set(by_name) != base | {"table"}:
+        out.append(f"{where}.tensors: {sorted(map(str, by_name))}, expected {', '.join(sorted(base))} (and table)")
         return
-    if by_name["cache"].get("dtype") != st.get("format") or by_name["x"].get("dtype") != st.get("rows"):
-        out.append(f"{where}.tensors: cache / x dtypes do not match format / rows")
+    if any(by_name[c].get("dtype") != f or by_name[r].get("dtype") != st.get("rows") for r, c, f in pairs):
+        out.append(f"{where}.tensors: cache / row dtypes do not match the format(s) / rows")
     names = {d for t in tensors for d in t["dims"] if isinstance(d, str)} | {"grid_total", "grid_stride_x"}
     _formula(out, f"{where}.workgroups", st.get("workgroups"), names)
     bindings = st.get("bindings")
