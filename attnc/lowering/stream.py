@@ -38,6 +38,7 @@ SMX 0-2 use no subgroup operations: the same code serves both families.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from attnc.errors import LoweringError
@@ -186,34 +187,57 @@ def _stage_queries(w: Writer, sh: Shader, lay: StreamLayout) -> None:
 def _dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool, k_rows_shared: bool = False) -> None:
     """Partial q.k dots: KL lanes per key, each over every KL-th vec4 of the head dim. With
     `v_rows_shared`, the first lane of each key also finds its V row base for the P.V phase;
-    with `k_rows_shared`, the K row comes from kb_sh (found once per key). LS: the KL partial
-    dots summed by a shuffle butterfly (the loop's trip count the same in every invocation,
-    as shuffles need), the first lane storing the key's score per row."""
-    KL, BM = lay.KL, lay.BM
-    if lay.LS:  # (BN x KL is a multiple of WG: every invocation has a key part each round)
-        w.line("// a key's KL neighbouring lanes sum its partial dots by shuffles: one score per key and row")
-    loop = (f"for (var e0 = 0u; e0 < {lay.BN * KL}u; e0 = e0 + {lay.WG}u)" if lay.LS
-            else f"for (var e = lid; e < {lay.BN * KL}u; e = e + {lay.WG}u)")
-    with w.block(loop):
-        if lay.LS:
-            w.line("let e = e0 + lid;")
-        w.line(f"let jl = e / {KL}u;")
-        w.line(f"let part = e % {KL}u;")
+    with `k_rows_shared`, the K row comes from kb_sh (found once per key). LS: _summed_dots."""
+    if lay.LS:
+        _summed_dots(w, sh, lay, v_rows_shared, k_rows_shared)
+        return
+    with w.block(f"for (var e = lid; e < {lay.BN * lay.KL}u; e = e + {lay.WG}u)"):
+        w.line(f"let jl = e / {lay.KL}u;")
+        w.line(f"let part = e % {lay.KL}u;")
         _key_row(w, sh, v_rows_shared, "part == 0u", "kb_sh[jl]" if k_rows_shared else None)
-        dots = _key_dots(w, sh, lay)
-        if lay.LS:
-            for r, terms in enumerate(dots):
-                w.line(f"var s{r} = {terms};")
-                k = 1
-                while k < KL:  # every lane of the key ends with the same sum (a + b == b + a)
-                    w.line(f"s{r} = s{r} + subgroupShuffleXor(s{r}, {k}u);")
-                    k *= 2
-            with w.block("if (part == 0u)"):
+        for r, terms in enumerate(_key_dots(w, sh, lay)):
+            w.line(f"sp[e * {lay.BM}u + {r}u] = {terms};")
+
+
+# LS: key parts per invocation and tile written out one after another (their loads all issued
+# before the first shuffle, which compilers do not move loads across); more go in a loop
+LANE_SUM_UNROLLED_PARTS = 8
+
+
+def _summed_dots(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool, k_rows_shared: bool) -> None:
+    """LS: each of the invocation's key parts (BN x KL / WG of them: the same count in every
+    invocation, as shuffles need) dots its vec4s, then the KL lanes of each key sum the partial
+    dots by a shuffle butterfly and the key's first lane stores its score per row."""
+    KL, BM, WG = lay.KL, lay.BM, lay.WG
+    parts = lay.BN * KL // WG
+    w.line("// a key's KL neighbouring lanes sum its partial dots by shuffles: one score per key and row")
+    w.line(f"let part = lid % {KL}u;  // (WG is a multiple of KL: the same lane of its key in every part)")
+    unrolled = parts <= LANE_SUM_UNROLLED_PARTS
+    # the key part index e of each part written out (all of them, or one per loop iteration)
+    indices = [f"lid + {i * WG}u" for i in range(parts)] if unrolled else ["e0 + lid"]
+    loop = contextlib.nullcontext() if unrolled else \
+        w.block(f"for (var e0 = 0u; e0 < {lay.BN * KL}u; e0 = e0 + {WG}u)")
+    with loop:
+        for i in range(len(indices)):
+            for r in range(BM):
+                w.line(f"var s{i}_{r} = 0.0;")
+        for i, e in enumerate(indices):
+            with w.block(""):
+                w.line(f"let e = {e};")
+                w.line(f"let jl = e / {KL}u;")
+                _key_row(w, sh, v_rows_shared, "part == 0u", "kb_sh[jl]" if k_rows_shared else None)
+                for r, terms in enumerate(_key_dots(w, sh, lay)):
+                    w.line(f"s{i}_{r} = {terms};")
+        k = 1
+        while k < KL:  # every lane of the key ends with the same sum (a + b == b + a); a round of
+            for i in range(len(indices)):  # shuffles over every part before the next (independent)
                 for r in range(BM):
-                    w.line(f"sp[jl * {BM}u + {r}u] = s{r};")
-        else:
-            for r, terms in enumerate(dots):
-                w.line(f"sp[e * {BM}u + {r}u] = {terms};")
+                    w.line(f"s{i}_{r} = s{i}_{r} + subgroupShuffleXor(s{i}_{r}, {k}u);")
+            k *= 2
+        with w.block("if (part == 0u)"):
+            for i, e in enumerate(indices):
+                for r in range(BM):
+                    w.line(f"sp[(({e}) / {KL}u) * {BM}u + {r}u] = s{i}_{r};")
 
 
 def _key_score(lay: StreamLayout, jl: str, r: int | str) -> str:
