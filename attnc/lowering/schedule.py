@@ -103,7 +103,8 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
       8-byte pieces, and with 4 or 8 rows per tile), and so does an f16 or quantized K on a
       CPU adapter (lavapipe kv_lp_dec1_h128: 8-24 % faster; f32 K not); f16 tiles of 4 or
       more rows on a GPU sum a key's partial dots by shuffles (LS=1: H200 dec4_h128, gqa8
-      4-9 % faster on both backends; one row with 8 lanes per key 11-20 % slower); on a CPU adapter
+      3-9 % faster on both backends in three processes; one row with 8 lanes per key, and
+      f32, not faster); on a CPU adapter
       without GQA, the rows strategy (one query row per invocation) from ROWS_TILE rows, and
       below that where stream does not apply (with fewer rows its workgroups idle: stream is
       1.1-3.6x faster at S = 1 and 4 on lavapipe, llvmpipe GL and Dawn, 2026-12-04); on a GPU with at least 32
@@ -208,7 +209,7 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
             tun = {"BM": bm, "BN": max(bn, wg // (dvc // 4) * 4, wg if shared_max else 0)}
             # 4 or more rows per tile in f16 on a GPU: a key's lanes sum its partial dots by
             # shuffles, one score per key and row in workgroup memory (H200, 2 lanes per key:
-            # 4-9 % faster on both backends for 4 and 8 rows; one row with 8 lanes, and f32, not)
+            # 3-9 % faster on both backends for 4 and 8 rows; one row with 8 lanes, and f32, not)
             lane_sum = int(not cpu and f16 and family is Family.SUBGROUPS and 2 <= kl and bm >= 4
                            and tun["BN"] * kl % wg == 0)
             plan = stream_plan(Plan(family, storage, dialect), dims, workgroup_size=wg,

@@ -6,8 +6,8 @@ and writes the value row in the target's format: f32 values; f16 packed two per 
 the row at a time, loaded into workgroup memory by all invocations at once, then one
 invocation per packed word finds its block's max |x| there in the serial order of ggml's loop
 and writes the word (and the scale); int8 the row's max |x| reduced through workgroup memory,
-then its f32 scale and bytes. The rounding
-is attnc.quant's (half away from zero, q4_0's trunc(x / d + 8.5)); where a device's f32
+then its f32 scale and bytes. The rounding is attnc.quant's (half away from zero, q4_0's
+trunc(x / d + 8.5)); where a device's f32
 division is not correctly rounded, a value at a rounding tie may take the neighbouring code.
 A block (q8_0, q4_0) or row (int8) holding an inf or NaN gets a NaN scale, so that it reads as
 NaN rather than as numbers made up from it (attnc.quant.quantize refuses such rows).
@@ -87,10 +87,13 @@ def emit_store(k: ir.StoreKernel, dialect: Dialect = Dialect.TINT) -> Program:
     binds.append(Binding("params", len(binds), Access.UNIFORM, Scalar.U32))
     w.line(f"@group(0) @binding({len(binds) - 1}) var<uniform> P: Params;")
     formats = {k.param(s.target.tensor).type.dtype for s in stores}
+    smem = 0
     if ir.DType.INT8 in formats:
         w.line(f"var<workgroup> red: array<f32, {WG}>;")
+        smem += 4 * WG
     if formats & {ir.DType.Q8_0, ir.DType.Q4_0}:
         w.line(f"var<workgroup> row_x: array<f32, {ROUND_VALUES}>;")
+        smem += 4 * ROUND_VALUES
 
     def load(e: ir.Load, env: ExprEnv) -> str:
         dims = k.param(e.tensor).type.dims
@@ -119,7 +122,7 @@ def emit_store(k: ir.StoreKernel, dialect: Dialect = Dialect.TINT) -> Program:
             with w.block(""):
                 _store(w, k, st, env, read, n)
     return Program("store", w.text(), "main", WG, tuple(binds), uniforms,
-                   tuple(a.extent.dim for a in grid.axes), frozenset(), 4 * (WG + ROUND_VALUES), in_bounds=True)
+                   tuple(a.extent.dim for a in grid.axes), frozenset(), smem, in_bounds=True)
 
 
 def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: int) -> None:
