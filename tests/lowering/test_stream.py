@@ -36,6 +36,11 @@ def lane_groups(dev, **kw) -> Plan:
     return stream(Family.SUBGROUPS, softmax_phase=3, dialect=dialect(dev), **kw)
 
 
+def lane_sums(dev, **kw) -> Plan:
+    """An LS=1 stream plan (subgroups family, SMX 0 or 1) in the dialect of `dev`'s compiler."""
+    return stream(Family.SUBGROUPS, lane_sum=1, dialect=dialect(dev), **kw)
+
+
 # --------------------------------------------------------------------------- layout rules
 @pytest.mark.parametrize(("kw", "BM", "BN", "msg"), [
     (dict(vector_width=1), 4, 64, "needs VEC=4"),
@@ -55,6 +60,22 @@ def lane_groups(dev, **kw) -> Plan:
      "32 output vec4s per lane in registers; at most 16"),
     (dict(softmax_phase=2), 4, 64, "SMX=2 scores each key whole in one invocation: it needs KL=1"),
     (dict(softmax_phase=2, lanes_per_key=1, workgroup_size=128), 4, 64, "BN=64 >= WG=128"),
+    # LS=1: a key's partial dots summed by shuffles in the dot phase
+    (dict(lane_sum=1), 4, 64, r"LS=1 sums a key's partial dots by subgroup shuffles in the dot phase: it needs the "
+     r"subgroups family, SMX=0 or 1, KL >= 2 and BN x KL = 128 a multiple of WG=64 \(got portable, SMX=0, KL=2\)"),
+    (dict(family=Family.SUBGROUPS, lane_sum=1, softmax_phase=2, lanes_per_key=1), 4, 64,
+     r"LS=1 sums .* it needs the subgroups family, SMX=0 or 1, KL >= 2 .*\(got subgroups, SMX=2, KL=1\)"),
+    (dict(family=Family.SUBGROUPS, lane_sum=1, softmax_phase=3, keys_per_step=2), 1, 64,
+     r"LS=1 sums .*\(got subgroups, SMX=3, KL=2\)"),
+    (dict(family=Family.SUBGROUPS, lane_sum=1, lanes_per_key=1), 4, 64, r"LS=1 sums .*\(got subgroups, SMX=0, KL=1\)"),
+    (dict(family=Family.SUBGROUPS, lane_sum=1, softmax_phase=1, lanes_per_key=1), 4, 64,
+     r"LS=1 sums .*\(got subgroups, SMX=1, KL=1\)"),
+    (dict(family=Family.SUBGROUPS, lane_sum=1, lanes_per_key=2, workgroup_size=128, value_columns=128,
+          keys_per_step=1), 4, 32, r"LS=1 sums .*BN x KL = 64 a multiple of WG=128 \(got subgroups, SMX=0, KL=2\)"),
+    (dict(family=Family.SUBGROUPS, lane_sum=1, lanes_per_key=4, workgroup_size=128, value_columns=128,
+          keys_per_step=1, softmax_phase=1), 4, 16,
+     r"BN x KL = 64 a multiple of WG=128 \(got subgroups, SMX=1, KL=4\)"),
+    (dict(family=Family.SUBGROUPS, lane_sum=2), 4, 64, "tunable LS=2 must be 0 or 1"),
 ])
 def test_stream_layout_rejects_what_it_cannot_map(kw, BM, BN, msg) -> None:
     kw = dict(kw)
@@ -127,9 +148,10 @@ def test_stream_matches_reference(spec, problem, require_adapters) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("spec", "smx"), [(a, x) for a in ADAPTERS for x in (0, 1, 2, 3)
-                                           if x < 3 or a in SUBGROUP_ADAPTERS])  # 3: lane groups, subgroups
-def test_stream_nan_value_of_a_visible_key_poisons_only_its_rows(spec, smx, require_adapters) -> None:
+@pytest.mark.parametrize(("spec", "smx", "ls"), [(a, x, 0) for a in ADAPTERS for x in (0, 1, 2, 3)
+                                                 if x < 3 or a in SUBGROUP_ADAPTERS]  # 3: lane groups, subgroups
+                         + [(a, x, 1) for a in SUBGROUP_ADAPTERS for x in (0, 1)])  # LS=1: subgroups
+def test_stream_nan_value_of_a_visible_key_poisons_only_its_rows(spec, smx, ls, require_adapters) -> None:
     dev = require_adapters(spec)[0]
     rng = np.random.default_rng(3)
     q = rng.standard_normal((1, 4, 2, 64)).astype(np.float32)
@@ -137,9 +159,14 @@ def test_stream_nan_value_of_a_visible_key_poisons_only_its_rows(spec, smx, requ
     v = rng.standard_normal((1, 2, 200, 64)).astype(np.float32)
     v[0, 1, 17, 5] = np.nan
     dims = dict(B=1, Hq=4, Hkv=2, S=2, T=200, D=64, Dv=64)
-    plan = lane_groups(dev, lanes_per_key=min(4, dev.subgroup_size), keys_per_step=2) if smx == 3 else \
-        stream(softmax_phase=smx, lanes_per_key=1 if smx == 2 else 2)
+    if smx == 3:
+        plan = lane_groups(dev, lanes_per_key=min(4, dev.subgroup_size), keys_per_step=2)
+    elif ls:  # a key's 2 partial dots summed by shuffles
+        plan = lane_sums(dev, softmax_phase=smx)
+    else:
+        plan = stream(softmax_phase=smx, lanes_per_key=1 if smx == 2 else 2)
     op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 4, "BN": 64}, nsplit=2)
+    assert op.plan.lane_sum == ls
     op.bind(q, k, v)
     op.run()
     o, _ = op.result()
@@ -197,23 +224,47 @@ def test_stream_many_rows(smx, nsplit, require_adapters) -> None:
     assert_close(lse, lse_ref, 1e-5, "lse")
 
 
-# --------------------------------------------------------------------------- SMX=3's lane groups
-@st.composite
-def lane_group_problems(draw, lanes: int):
-    """An SMX=3 plan (KL up to `lanes`, the device's subgroup size) and a problem for it: head
-    dims with padded query dims, Dv in chunks, 1-4 rows, keys per step, tiles, splits, the
-    next step's loads issued early or not, K and V each float or quantized, f32 or f16."""
+# --------------------------------------------------------------- subgroup plans: lane groups, lane sums
+def _formats_and_head_dims(draw) -> tuple[str | None, str | None, int, int]:
+    """K's and V's storage (float or quantized) and head dims that fit them."""
     kf = draw(st.sampled_from([None, None, "q8_0", "q4_0", "int8"]))
     vf = draw(st.sampled_from([None, None, "q8_0", "q4_0", "int8"]))
     quantized = kf is not None or vf is not None
     D = 32 * draw(st.integers(1, 4)) if quantized else 4 * draw(st.integers(1, 24))
     Dv = 32 * draw(st.integers(1, 3)) if vf is not None else 4 * draw(st.integers(1, 24))
-    kl = draw(st.sampled_from([x for x in (1, 2, 4, 8, 16) if x <= lanes]))
+    return kf, vf, D, Dv
+
+
+def _query_dim(D: int, kl: int, kf: str | None) -> int:
+    """D padded to a multiple of 4 KL; for a q8_0 / q4_0 K, so that a lane's run of vec4s
+    divides a block or is whole blocks."""
     dq = -(-D // (4 * kl)) * 4 * kl
-    if kf in ("q8_0", "q4_0"):  # a lane's run of vec4s divides a block or is whole blocks
-        n = dq // 4 // kl
-        if 8 % n and n % 8:
-            dq = -(-dq // (32 * kl)) * 32 * kl
+    n = dq // 4 // kl
+    if kf in ("q8_0", "q4_0") and 8 % n and n % 8:
+        dq = -(-dq // (32 * kl)) * 32 * kl
+    return dq
+
+
+def _subgroup_problem(draw, D: int, Dv: int, groups: list[int], max_T: int, fields: dict, tun: dict,
+                      formats: tuple[str | None, str | None]) -> tuple:
+    """A problem for a drawn subgroup plan: batch, GQA group, rows, keys, splits, options,
+    seed, dtype (what lane_group_problems and lane_sum_problems return)."""
+    group = draw(st.sampled_from(groups))
+    Hkv = draw(st.integers(1, 2))
+    dims = dict(B=draw(st.integers(1, 2)), Hq=group * Hkv, Hkv=Hkv, S=draw(st.integers(1, 4)),
+                T=draw(st.integers(1, max_T)), D=D, Dv=Dv)
+    return (dims, fields, tun, draw(st.sampled_from([1, 1, 2, 5])), draw(OPTION_SETS),
+            draw(st.integers(0, 2**16)), formats, draw(st.sampled_from([np.float32, np.float16])))
+
+
+@st.composite
+def lane_group_problems(draw, lanes: int):
+    """An SMX=3 plan (KL up to `lanes`, the device's subgroup size) and a problem for it: head
+    dims with padded query dims, Dv in chunks, 1-4 rows, keys per step, tiles, splits, the
+    next step's loads issued early or not, K and V each float or quantized, f32 or f16."""
+    kf, vf, D, Dv = _formats_and_head_dims(draw)
+    kl = draw(st.sampled_from([x for x in (1, 2, 4, 8, 16) if x <= lanes]))
+    dq = _query_dim(D, kl, kf)
     dvc = draw(st.sampled_from([c for c in (16, 32, 64, 128)
                                 if (c // 4) % kl == 0 and kl <= c // 4 <= kl * LANE_GROUP_MAX_VEC4]))
     # unrolled vec4 loads and products per step (KC keys x BM rows x the lane's K and V vec4s) kept
@@ -224,14 +275,9 @@ def lane_group_problems(draw, lanes: int):
     wg = draw(st.sampled_from([w for w in (32, 64, 128) if w >= kl]))
     kc = draw(st.sampled_from([c for c in (1, 2, 4) if wg // kl * c <= 256 and (c == 1 or c * bm * per_key <= 48)]))
     bn = draw(st.sampled_from([b for b in (32, 64, 128, 256) if b % (wg // kl * kc) == 0]))
-    group = draw(st.sampled_from([1, 2]))
-    Hkv = draw(st.integers(1, 2))
-    dims = dict(B=draw(st.integers(1, 2)), Hq=group * Hkv, Hkv=Hkv, S=draw(st.integers(1, 4)),
-                T=draw(st.integers(1, 400)), D=D, Dv=Dv)
     fields = dict(workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc, query_dim=dq, value_columns=dvc,
                   prefetch=draw(st.sampled_from([0, 1])))
-    return (dims, fields, {"BM": bm, "BN": bn}, draw(st.sampled_from([1, 1, 2, 5])), draw(OPTION_SETS),
-            draw(st.integers(0, 2**16)), (kf, vf), draw(st.sampled_from([np.float32, np.float16])))
+    return _subgroup_problem(draw, D, Dv, [1, 2], 400, fields, {"BM": bm, "BN": bn}, (kf, vf))
 
 
 @pytest.mark.sanitize
@@ -276,10 +322,12 @@ def test_lane_group_merge_rounds_larger_than_the_workgroup(spec, WG, KL, BM, DVC
 @pytest.mark.gpu
 @pytest.mark.subgroup_sizes
 @pytest.mark.parametrize("spec", SUBGROUP_ADAPTERS)
-def test_lane_groups_wider_than_the_subgroup_write_nan(spec, require_adapters) -> None:
-    """A key's lanes must be neighbours in one subgroup: at the device's subgroup size the plan
-    matches the reference; with twice as many lanes per key the shader's check writes NaN
-    (o and lse), never a wrong number (scripts/test.sh reruns this at 4 and 16 lanes)."""
+@pytest.mark.parametrize("kind", ["lane groups", "LS=1 SMX=0", "LS=1 SMX=1"])
+def test_key_lanes_wider_than_the_subgroup_write_nan(spec, kind, require_adapters) -> None:
+    """A key's lanes must be neighbours in one subgroup (lane groups, and lane sums in the dot
+    phase): at the device's subgroup size the plan matches the reference; with twice as many
+    lanes per key the shader's check writes NaN (o and lse), never a wrong number
+    (scripts/test.sh reruns this at 4 and 16 lanes)."""
     dev = require_adapters(spec)[0]
     size = dev.subgroup_size
     rng = np.random.default_rng(9)
@@ -287,11 +335,14 @@ def test_lane_groups_wider_than_the_subgroup_write_nan(spec, require_adapters) -
     q = rng.standard_normal((1, 2, 1, 128)).astype(np.float32)
     k, v = (rng.standard_normal((1, 2, 300, 128)).astype(np.float32) for _ in range(2))
     for kl, ok in ((size, True), (2 * size, False)):
-        if kl > 32:
+        if kl > 32 or (kind != "lane groups" and kl < 2):  # KL divides a key's 32 vec4s; LS needs KL >= 2
             continue
-        plan = lane_groups(dev, workgroup_size=64, lanes_per_key=kl, keys_per_step=1, query_dim=128, value_columns=128)
+        fields = dict(workgroup_size=64, lanes_per_key=kl, keys_per_step=1, query_dim=128, value_columns=128)
+        plan = lane_groups(dev, **fields) if kind == "lane groups" else \
+            lane_sums(dev, softmax_phase=int(kind[-1]), **fields)
         op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 1, "BN": 64}, nsplit=2,
                          return_lse=True)
+        assert op.plan.lane_sum == (kind != "lane groups")
         op.bind(q, k, v)
         op.run()
         o, lse = op.result()
@@ -301,6 +352,68 @@ def test_lane_groups_wider_than_the_subgroup_write_nan(spec, require_adapters) -
             assert_close(lse, lse_ref, 1e-5, f"lse KL={kl}")
         else:
             assert np.isnan(o).all() and np.isnan(lse).all(), f"KL={kl} on {size}-lane subgroups"
+
+
+# --------------------------------------------------------------------------- LS=1's summed scores
+def test_lane_sum_layout_holds_one_score_per_key() -> None:
+    """LS=1 keeps one score per key and row in sp (KL partial dots without it), plus the flag
+    of the lane check; the merge through sp (8 rows) still fits its rounds."""
+    for smx in (0, 1):
+        fields = dict(workgroup_size=64, lanes_per_key=4, keys_per_step=4, query_dim=64, value_columns=64,
+                      softmax_phase=smx)
+        plain = stream_layout(stream(Family.SUBGROUPS, **fields), 4, 64)
+        summed = stream_layout(stream(Family.SUBGROUPS, lane_sum=1, **fields), 4, 64)
+        assert summed.LS and not plain.LS
+        assert (plain.sp_words, summed.sp_words) == (64 * 4 * 4, 64 * 4)
+        assert summed.smem_words == plain.smem_words - 64 * 3 * 4 + 1
+    eight = stream_layout(stream(Family.SUBGROUPS, lane_sum=1, workgroup_size=128, value_columns=128, query_dim=128,
+                                 lanes_per_key=2, keys_per_step=4), 8, 128)
+    assert eight.merge_in_sp and eight.sp_words == max(128 * 8, 4 * eight.KG * eight.RC * eight.CG)
+
+
+@st.composite
+def lane_sum_problems(draw, lanes: int):
+    """An LS=1 plan (SMX 0 or 1, KL from 2 up to `lanes`, the device's subgroup size) and a
+    problem for it: head dims with padded query dims, Dv in chunks, 1-4 rows, keys per step,
+    tiles with BN x KL a multiple of WG, splits, K and V each float or quantized, f32 or f16."""
+    kf, vf, D, Dv = _formats_and_head_dims(draw)
+    kl = draw(st.sampled_from([x for x in (2, 4, 8, 16) if x <= lanes]))
+    dq = _query_dim(D, kl, kf)
+    n = dq // 4 // kl  # the lane's K vec4s per key
+    wg = draw(st.sampled_from([w for w in (32, 64, 128) if w >= kl]))
+    dvc = draw(st.sampled_from([c for c in (4, 8, 16, 32, 64, 128) if c // 4 <= wg]))
+    kg = wg // (dvc // 4)
+    # unrolled work kept small (lavapipe takes minutes over much larger shaders): BM rows x the
+    # lane's K vec4s in the dot phase, for each of an invocation's BN x KL / WG key parts of a
+    # tile (up to 8 of them may be written out one after another); KC keys x BM rows in the P.V
+    # phase
+
+    def tiles(bm: int) -> list[tuple[int, int]]:
+        return [(c, b) for c in (1, 2, 4) for b in (32, 64, 128)
+                if (c == 1 or c * bm * n <= 48) and b % (kg * c) == 0 and b * kl % wg == 0
+                and (b * kl // wg > 8 or b * kl // wg * bm * n <= 96)]
+
+    bm = draw(st.sampled_from([b for b in (1, 2, 4) if (b == 1 or b * n <= 48) and tiles(b)]))
+    kc, bn = draw(st.sampled_from(tiles(bm)))
+    fields = dict(workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc, query_dim=dq, value_columns=dvc,
+                  softmax_phase=draw(st.sampled_from([0, 1])))
+    return _subgroup_problem(draw, D, Dv, [1, 2, 4], 300, fields, {"BM": bm, "BN": bn}, (kf, vf))
+
+
+@pytest.mark.sanitize
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SUBGROUP_ADAPTERS)
+@RUN
+@given(data=st.data())
+def test_lane_sums_match_reference(spec, data, require_adapters) -> None:
+    """LS=1 (SMX 0 and 1) against the reference with every option set, quantized caches, f16,
+    splits, GQA groups and row tiles."""
+    dev = require_adapters(spec)[0]
+    dims, fields, tun, nsplit, opts, seed, formats, dtype = data.draw(lane_sum_problems(dev.subgroup_size))
+    op = check_forced_plan(dev, dims, lane_sums(dev, **fields), tun, nsplit, opts, seed, dtype, kv_formats=formats)
+    assert op.plan.lane_sum == 1 and op.plan.softmax_phase == fields["softmax_phase"]
+    main = next(p for p in op.progs if p.name == "main")
+    assert "subgroupShuffleXor(s0" in main.wgsl  # a key's partial dots summed in the dot phase
 
 
 # --------------------------------------------------------------------------- SMX=2's shared maximum
@@ -359,7 +472,7 @@ def test_shared_maximum_raises_where_scores_pass_it(spec, kind, nsplit, require_
 # --------------------------------------------------------------------------- workgroup flags
 @pytest.mark.gpu
 def test_workgroup_flags_are_stored_before_use(require_adapters) -> None:
-    """Every atomic flag in workgroup memory (SMX=2's raise, SMX=3's lane check, the tiled
+    """Every atomic flag in workgroup memory (SMX=2's raise, SMX=3's and LS=1's lane check, the tiled
     strategy's inf/NaN value flag, the block map's classification) is stored 0 before anything
     sets or reads it: wgpu-native over lavapipe does not zero-initialise workgroup memory, and
     SMX=3 wrote NaN at random while its flag relied on that."""
@@ -371,6 +484,7 @@ def test_workgroup_flags_are_stored_before_use(require_adapters) -> None:
     plans = [
         (stream(softmax_phase=2, lanes_per_key=1), {"BM": 1, "BN": 64}, {}),
         (lane_groups(dev, lanes_per_key=4, keys_per_step=2), {"BM": 1, "BN": 64}, {}),
+        (lane_sums(dev, lanes_per_key=2), {"BM": 1, "BN": 64}, {}),
         (stream(), {"BM": 1, "BN": 64}, {"mask_mod": lambda b, h, i, j: keep[b, j]}),
         (Plan(Family.PORTABLE, workgroup_size=64, rows_per_invocation=1, head_chunk=16, value_columns=64,
               value_stage_columns=32, vector_width=4), {"BM": 8, "BN": 64}, {}),
