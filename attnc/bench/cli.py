@@ -336,8 +336,13 @@ def summary(row: dict[str, Any]) -> str:
     if row.get("error"):
         return f"{row['case']} {row['impl']}: {row['error']}"
     speedup = f", {row['speedup_vs_attnc']:.2f}x attnc" if row.get("speedup_vs_attnc") else ""
+    append = ""
+    if row.get("append_ms") is not None:  # a quantized cache's append per decode step
+        one = row.get("append_one_pass_ms")
+        append = (f", append {row['append_ms'] * 1e3:.1f} us ({row['append_fraction']:.0%} of the step's attention)"
+                  + (f", {one * 1e3:.1f} us in the attention's pass" if one is not None else ""))
     return (f"{row['case']} {row['impl']}: {row['ms']:.4f} ms, {_fmt(row['tflops'], '.3f')} "
-            f"TFLOP/s, relerr {_fmt(row['relerr'], '.1e')}{speedup} ({row['timing']})")  # fmt: skip
+            f"TFLOP/s, relerr {_fmt(row['relerr'], '.1e')}{speedup}{append} ({row['timing']})")  # fmt: skip
 
 
 def _fmt(value: float | None, spec: str) -> str:

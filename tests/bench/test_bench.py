@@ -270,6 +270,10 @@ def test_cli_kv_formats_against_f16_kv(require_adapters: Any, tmp_path: Path) ->
     assert q4["append_alone_ms"] > 0 and q4["append_step_attention_ms"] > 0
     assert q4["append_fraction"] == pytest.approx(q4["append_ms"] / q4["append_step_attention_ms"])
     assert np.isfinite([q4["append_ms"], q4["append_one_pass_ms"]]).all()
+    from attnc.bench.cli import summary
+
+    line = summary(q4)  # the log line names the append's cost
+    assert f"append {q4['append_ms'] * 1e3:.1f} us ({q4['append_fraction']:.0%} of the step's attention)" in line
 
 
 @pytest.mark.gpu
