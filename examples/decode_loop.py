@@ -10,7 +10,11 @@ and attention (one compute pass per layer: `attend(..., append=(k, v))`) into on
 encoder between two timestamp passes, submits it once and reads the outputs back; each
 output is checked against numpy attention over the same keys.
 
-    python3 examples/decode_loop.py [--steps 256] [--backend wgpu|dawn] [--json FILE]
+    python3 examples/decode_loop.py [--steps 256] [--backend wgpu|dawn] [--kv-format q8_0|q4_0|int8]
+                                    [--json FILE]
+
+With --kv-format the caches keep K and V quantized (each appended row quantized on the GPU);
+the check is then against numpy over the rows as stored (attnc.quant's dequantized values).
 
 Printed per step (every 32nd, then a summary): host time (building and submitting the step's
 GPU work, not waiting for it: wall time, and the CPU time of this thread, which other
@@ -32,6 +36,7 @@ import time
 import numpy as np
 
 import attnc
+from attnc import quant
 
 LAYERS, HQ, HKV, D, D_MODEL = 2, 8, 2, 64, 128
 PROMPTS = (40, 23)  # tokens already in each sequence before decoding
@@ -130,8 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--backend", choices=("wgpu", "dawn"), default="wgpu")
+    ap.add_argument("--kv-format", choices=quant.FORMATS, help="keep K and V quantized in this format")
     ap.add_argument("--json", help="write the per-step measurements and the summary here")
     args = ap.parse_args(argv)
+    fmt = args.kv_format
+
+    def stored(rows: np.ndarray) -> np.ndarray:
+        """Rows [..., D] as the cache holds them: themselves, or quantized and read back."""
+        return rows if fmt is None else quant.dequantize(quant.quantize(rows, fmt)).astype(np.float32)
 
     module, gpu = application_device(args.backend)
     dev = attnc.get_device(gpu)  # the application's device, as an attnc Device
@@ -139,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     model = Model(rng)
     B, capacity = len(PROMPTS), max(PROMPTS) + args.steps
-    caches = [attnc.KVCache(B, HKV, capacity, D, device=dev) for _ in range(LAYERS)]
+    caches = [attnc.KVCache(B, HKV, capacity, D, device=dev, k_format=fmt, v_format=fmt) for _ in range(LAYERS)]
     mirrors = [(np.zeros((B, HKV, capacity, D), np.float32), np.zeros((B, HKV, capacity, D), np.float32))
                for _ in range(LAYERS)]
     timer = Timestamps(module, gpu)
@@ -158,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         cache.append(k_rows, v_rows, counts=list(PROMPTS))
         mk, mv = mirrors[layer]
         for b, n in enumerate(PROMPTS):
-            mk[b, :, :n], mv[b, :, :n] = k_rows[b, :, :n], v_rows[b, :, :n]
+            mk[b, :, :n], mv[b, :, :n] = stored(k_rows[b, :, :n]), stored(v_rows[b, :, :n])
         o = cache.attend(q, causal=True)  # host q: the result comes back as numpy
         ref = reference(q, mk, mv, cache.lengths)
         worst = max(worst, float(np.linalg.norm(o - ref) / np.linalg.norm(ref)))
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             mk, mv = mirrors[layer]
             for b in range(B):
                 n = int(caches[layer].lengths[b]) - 1
-                mk[b, :, n], mv[b, :, n] = k[b, :, 0], v[b, :, 0]
+                mk[b, :, n], mv[b, :, n] = stored(k[b, :, 0]), stored(v[b, :, 0])
             ref = reference(q, mk, mv, caches[layer].lengths)
             err = max(err, float(np.linalg.norm(outs[layer] - ref) / np.linalg.norm(ref)))
             x = model.mix(layer, x, outs[layer])
@@ -218,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     later = rows[2:] or rows
     summary = {
         "device": repr(dev), "steps": args.steps, "layers": LAYERS, "batch": B, "heads": [HQ, HKV], "head_dim": D,
+        "kv_format": fmt,
         "host_us_median": statistics.median(r["host_us"] for r in later),
         "host_cpu_us_median": statistics.median(r["host_cpu_us"] for r in later),
         "gpu_us_median": None if rows[0]["gpu_us"] is None else statistics.median(r["gpu_us"] for r in later),

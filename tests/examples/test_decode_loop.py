@@ -29,3 +29,19 @@ def test_decode_loop_example_runs(require_adapters, tmp_path) -> None:
     assert summary["max_relative_error"] <= 1e-5
     assert summary["bytes_uploaded_per_step"] == [summary["new_q_and_kv_bytes_per_step"]]
     assert summary["buffers_created_after_step_2"] == 0
+
+
+@pytest.mark.gpu
+def test_decode_loop_example_over_quantized_caches(require_adapters, tmp_path) -> None:
+    """--kv-format: the same loop with K and V quantized on the GPU, checked against numpy over
+    the rows as stored; nothing created after the first steps."""
+    require_adapters("wgpu:vulkan")
+    out = tmp_path / "decode_q8.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "examples/decode_loop.py", "--steps", "48", "--kv-format", "q8_0",
+                        "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["kv_format"] == "q8_0" and summary["steps"] == 48
+    assert summary["max_relative_error"] <= 1e-5
+    assert summary["buffers_created_after_step_2"] == 0
