@@ -122,7 +122,8 @@ def candidates(caps: Capabilities, dims: dict[str, int], base: Plan, families: l
                         plan = stream_plan(base, dims, workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc,
                                            softmax_phase=smx)
                         summed = dataclasses.replace(plan, lane_sum=1)
-                        if base.family is not Family.SUBGROUPS or smx == 2 or kl == 1:
+                        if base.family is not Family.SUBGROUPS or smx == 2 or kl == 1 \
+                                or kl > caps.subgroup_lanes_contiguous:
                             summed = None
                         for ls, p in enumerate((plan, summed)):
                             if p is not None:

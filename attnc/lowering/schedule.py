@@ -68,6 +68,10 @@ def device_refuses(caps: Capabilities, plan: Plan) -> str | None:
         if plan.shuffle_only_lanes > caps.subgroup_lanes_contiguous:
             return (f"SGFAST={plan.shuffle_only_lanes}: the subgroup probe found {caps.subgroup_lanes_contiguous} "
                     f"contiguous lanes on {caps.name}")
+        key_lanes = plan.strategy is Strategy.STREAM and (plan.softmax_phase == 3 or plan.lane_sum)
+        if key_lanes and plan.lanes_per_key > caps.subgroup_lanes_contiguous:  # its lane check would write NaN
+            return (f"KL={plan.lanes_per_key} lanes per key shuffle within one subgroup, but the subgroup probe found "
+                    f"{caps.subgroup_lanes_contiguous} contiguous lanes on {caps.name}")
     if plan.strategy is Strategy.LANES and plan.subgroup_width != caps.subgroup_size:
         return f"SGB={plan.subgroup_width}: {caps.name} runs subgroups of {caps.subgroup_size} lanes"
     if plan.storage is Storage.F16A and "f16" not in caps.features:

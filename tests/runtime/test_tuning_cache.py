@@ -178,6 +178,27 @@ def test_every_plan_the_tuner_can_store_loads_back(facts) -> None:
     assert seen > 100
 
 
+def test_plans_whose_key_lanes_pass_the_contiguous_lanes_are_refused() -> None:
+    """A stored lane-group (SMX=3) or lane-sum (LS=1) plan whose KL lanes per key pass the lanes
+    the device's subgroup probe found contiguous would write NaN (its lane check): the cache
+    refuses it by name and the tuner never offers it; within the contiguous lanes both run."""
+    from attnc.lowering.plan import Strategy
+    from attnc.lowering.schedule import device_refuses
+    from tests.gpu_facts import h200_like
+
+    four = h200_like(subgroup_size=4, subgroup_lanes_contiguous=4)
+    stream = dict(family=Family.SUBGROUPS, strategy=Strategy.STREAM, vector_width=4, query_dim=128,
+                  value_columns=128, workgroup_size=128)
+    for kw in (dict(softmax_phase=3, lanes_per_key=8), dict(lane_sum=1, lanes_per_key=8)):
+        msg = device_refuses(four, Plan(**stream, **kw))
+        assert msg is not None and "KL=8 lanes per key" in msg and "found 4 contiguous lanes" in msg
+        assert device_refuses(four, Plan(**stream, **{**kw, "lanes_per_key": 4})) is None
+    dims = dict(B=1, Hq=64, Hkv=8, S=1, T=8192, D=128, Dv=128)
+    base, _ = schedule.plan_for(four, Family.SUBGROUPS, dims, f16=True)
+    for plan, _t, _ns in cands.candidates(four, dims, base, [Family.PORTABLE, Family.SUBGROUPS], 8):
+        assert device_refuses(four, plan) is None, plan
+
+
 def test_the_key_names_version_and_plan_schema(require_adapters) -> None:
     from attnc._version import __version__
 
