@@ -113,6 +113,7 @@ def _checked(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, ta
 
 
 def _check(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, table: np.ndarray | None) -> str:
+    """The cache's format once the cache, the rows, pos and the table are checked."""
     fmt = _format(cache)
     shape = tuple(cache.shape)
     paged = table is not None
