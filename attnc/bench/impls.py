@@ -140,7 +140,7 @@ def _append_costs(device: Any, fmt: str, handle: Any, copy: Inputs, opts: RunOpt
     interleaved in one submission. `append_one_pass_ms`: the same with the append's dispatches
     in the attention's pass. `append_alone_ms`: the append's pass alone, one submission each.
     Without timestamps (or sanitizing), `append_ms` is the append alone, by the wall clock."""
-    from attnc.runtime.kvcache import ADVANCE
+    from attnc.runtime.kvcache import ADVANCE, advance_uniforms
     from attnc.runtime.store import pair_store_dispatch
 
     q, k, v = copy
@@ -152,7 +152,7 @@ def _append_costs(device: Any, fmt: str, handle: Any, copy: Inputs, opts: RunOpt
                                 *rows, pos)
     lens = rt.upload(device, pos)
     counts = rt.upload(device, np.zeros(B, np.int32))  # (read only when ragged)
-    advance = rt.Dispatch(ADVANCE, {"counts": counts, "lens": lens}, {"B": B, "n": 1, "ragged": 0}, -(-B // 64))
+    advance = rt.Dispatch(ADVANCE, {"counts": counts, "lens": lens}, *advance_uniforms(B, 1, False))
     append = [store, advance]
     timestamps = "timestamps" in device.features
 

@@ -119,15 +119,12 @@ def candidates(caps: Capabilities, dims: dict[str, int], base: Plan, families: l
                 for si, ns in enumerate(dict.fromkeys([ns0, 2 * ns0, max(1, ns0 // 2)])):
                     # the shared maximum (SMX=2) where a lane scores a key and a tile covers the workgroup
                     for smx in (1, 0) if bm >= 4 else ((0, 2) if kl == 1 and bn >= wg else (0,)):
-                        plan = stream_plan(base, dims, workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc,
-                                           softmax_phase=smx)
-                        summed = dataclasses.replace(plan, lane_sum=1)
-                        if base.family is not Family.SUBGROUPS or smx == 2 or kl == 1 \
-                                or kl > caps.subgroup_lanes_contiguous:
-                            summed = None
-                        for ls, p in enumerate((plan, summed)):
-                            if p is not None:
-                                add(si + bi + int(ls != sums_first), p, {"BM": bm, "BN": bn}, ns)
+                        # lane sums: a key's lanes shuffle within the device's contiguous lanes
+                        sums = base.family is Family.SUBGROUPS and smx != 2 and 1 < kl <= caps.subgroup_lanes_contiguous
+                        for ls in (0, 1) if sums else (0,):
+                            add(si + bi + int(ls != sums_first),
+                                stream_plan(base, dims, workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc,
+                                            softmax_phase=smx, lane_sum=ls), {"BM": bm, "BN": bn}, ns)
             if base.family is Family.SUBGROUPS and bm <= 4:  # lane groups (SMX=3): KL within a subgroup
                 for bn, wg, kl, kc in LANE_GROUP_SHAPES:
                     if kl <= caps.subgroup_lanes_contiguous:

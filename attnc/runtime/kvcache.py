@@ -33,6 +33,7 @@ from attnc.runtime.lru import LRU
 from attnc.runtime.prepared import Prepared
 from attnc.runtime.store import pair_store_program as dsl_pair_store_program
 from attnc.runtime.store import store_program as dsl_store_program
+from attnc.runtime.store import store_uniforms
 from attnc.runtime.tensor import QuantGPUTensor, Tensor, dense_strides, host_array, quant_zeros, zeros
 
 WORKGROUP = 64
@@ -168,6 +169,12 @@ def store_program(dtype: np.dtype) -> Program:
 ADVANCE = _program("kv_advance", ADVANCE_WGSL, (("counts", Access.READ, Scalar.I32),
                                                 ("lens", Access.READ_WRITE, Scalar.I32),
                                                 ("params", Access.UNIFORM, Scalar.U32)), ADVANCE_FIELDS)
+
+
+def advance_uniforms(batch: int, n: int, ragged: bool) -> tuple[dict[str, int], int]:
+    """The length advance's uniform values and workgroup count for an append of n rows (counts
+    read from its counts binding when `ragged`)."""
+    return dict(B=batch, n=n, ragged=int(ragged)), -(-batch // WORKGROUP)
 
 
 def _storage(fmt: str | None, shape: tuple[int, ...], dtype: np.dtype, device: Any) -> Tensor | QuantGPUTensor:
@@ -397,9 +404,9 @@ class KVCache:
                               s0=strides[0], s1=strides[1], s2=strides[2], s3=strides[3], per=per)
                 bufs = {"src": src, "lens": lens_slice, "counts": counts_slice, "dst": dst_slice}
                 items.append(self._item(self._store_program, bufs, values, groups, per_dim, sanitize))
-            values = dict(B=self.batch, n=n, ragged=int(ragged))
+            values, groups = advance_uniforms(self.batch, n, ragged)
             bufs = {"counts": counts_slice, "lens": lens_slice}
-            items.append(self._item(ADVANCE, bufs, values, -(-self.batch // WORKGROUP), per_dim, sanitize))
+            items.append(self._item(ADVANCE, bufs, values, groups, per_dim, sanitize))
             if sanitize:  # the instrumented shaders, their records checked after the run
                 rt.run(dev, items)
                 return None
@@ -426,15 +433,8 @@ class KVCache:
             shapes[x_name], given[x_name] = (self.batch, self.kv_heads, n, dst.shape[3]), strides
             shapes[cache_name], given[cache_name] = dst.shape, dense_strides(dst.shape)
             bufs[x_name], bufs[cache_name] = src, dst.binding("cache")
-        values: dict[str, int] = {}
-        dims: dict[str, int] = {}
-        for p in kern.params:
-            dims.update(zip(p.type.dims, shapes[p.name], strict=True))
-            values.update({f"s_{p.name}_{i}": int(st) for i, st in enumerate(given[p.name])})
-        values.update({f"d_{d}": x for d, x in dims.items()})
-        fields = {f.name for f in prog.uniforms} - set(rt.AUTO_UNIFORMS)
-        points = int(np.prod([dims[d] for d in prog.grid]))
-        return self._item(prog, bufs, {f: values[f] for f in fields}, points, per_dim, sanitize)
+        values, points = store_uniforms(kern, prog, shapes, given)
+        return self._item(prog, bufs, values, points, per_dim, sanitize)
 
     def _item(self, program: Program, bufs: dict[str, Any], values: dict[str, int], groups: int, per_dim: int,
               sanitize: bool) -> Any:

@@ -44,26 +44,26 @@ def _traced(formats: tuple[str, ...], rows: tuple[str, ...], paged: bool) -> tup
     return _PROGRAMS[key]
 
 
-def _format(cache: Any) -> str:
+def _format(cache: Any, name: str = "cache") -> str:
     if isinstance(cache, QuantTensor):
         return cache.fmt
     if isinstance(cache, np.ndarray) and cache.dtype in (np.float32, np.float16):
         return "f32" if cache.dtype == np.float32 else "f16"
     got = f"a {cache.dtype} array" if isinstance(cache, np.ndarray) else f"a {type(cache).__name__}"
-    raise ValueError(f"cache: expected a float32/float16 array or a QuantTensor, got {got}")
+    raise ValueError(f"{name}: expected a float32/float16 array or a QuantTensor, got {got}")
 
 
-def check_rows(x: Any, cache_shape: tuple[int, ...], paged: bool) -> None:
-    """ValueError naming the problem when x is not [B, H, N, D] float rows for this cache."""
+def check_rows(x: Any, cache_shape: tuple[int, ...], paged: bool, name: str = "rows") -> None:
+    """ValueError naming the problem (and `name`) when x is not [B, H, N, D] float rows for this cache."""
     if not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype not in (np.float32, np.float16):
         got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
-        raise ValueError(f"rows: expected a float32 or float16 array [B, H, N, D], got {got}")
+        raise ValueError(f"{name}: expected a float32 or float16 array [B, H, N, D], got {got}")
     _, H, _, D = cache_shape
     if x.shape[1] != H or x.shape[3] != D or (not paged and x.shape[0] != cache_shape[0]):
         want = f"[*, H={H}, N, D={D}]" if paged else f"[B={cache_shape[0]}, H={H}, N, D={D}]"
-        raise ValueError(f"rows: shape {x.shape} does not match the cache: expected {want}")
+        raise ValueError(f"{name}: shape {x.shape} does not match the cache: expected {want}")
     if not np.isfinite(x).all():
-        raise ValueError("rows: inf or NaN cannot be stored in a KV cache")
+        raise ValueError(f"{name}: inf or NaN cannot be stored in a KV cache")
 
 
 def store_rows(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, *,
@@ -73,7 +73,7 @@ def store_rows(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, 
 
     cache: [B, H, C, D] (contiguous), or with `table` [B, NP] a page pool [NB, H, P, D] in
     which position t of entry b is slot t % P of page table[b, t // P]."""
-    fmt = _checked(cache, x, pos, table)
+    fmt = _check(cache, x, pos, table)
     dev = get_device(device)
     buf = _upload(dev, cache)
     rt.run(dev, [store_dispatch(dev, fmt, buf, tuple(cache.shape), x, np.asarray(pos), table)])
@@ -85,8 +85,8 @@ def store_pair_rows(k_cache: QuantTensor | np.ndarray, v_cache: QuantTensor | np
                     device: Device | str | None = None) -> tuple[QuantTensor | np.ndarray, QuantTensor | np.ndarray]:
     """store_rows of K's and V's rows at the same positions (and block table) by one dispatch of
     the pair store kernel, which a KV cache's append uses: copies of (k_cache, v_cache)."""
-    k_fmt = _checked(k_cache, k_rows, pos, table, "k_")
-    v_fmt = _checked(v_cache, v_rows, pos, table, "v_")
+    k_fmt = _check(k_cache, k_rows, pos, table, "k_")
+    v_fmt = _check(v_cache, v_rows, pos, table, "v_")
     if k_rows.shape[:3] != v_rows.shape[:3]:
         raise ValueError(f"v_rows: shape {v_rows.shape}; k_rows has {k_rows.shape}: the same [B, H, N] expected")
     if k_cache.shape[:3] != v_cache.shape[:3]:
@@ -99,31 +99,21 @@ def store_pair_rows(k_cache: QuantTensor | np.ndarray, v_cache: QuantTensor | np
     return _read(dev, k_buf, k_cache), _read(dev, v_buf, v_cache)
 
 
-def _checked(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, table: np.ndarray | None,
-             prefix: str = "") -> str:
-    """The cache's format; ValueError naming the problem with the cache, the rows x, pos or the
-    table (`prefix` names which cache and rows: "k_", "v_")."""
-    try:
-        return _check(cache, x, pos, table)
-    except ValueError as exc:
-        if not prefix:
-            raise
-        msg = str(exc)
-        raise ValueError(prefix + msg if msg.startswith(("cache:", "rows:")) else msg) from None
-
-
-def _check(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, table: np.ndarray | None) -> str:
-    """The cache's format once the cache, the rows, pos and the table are checked."""
-    fmt = _format(cache)
+def _check(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, table: np.ndarray | None,
+           prefix: str = "") -> str:
+    """The cache's format once the cache, the rows x, pos and the table are checked (ValueError
+    naming the problem; `prefix` names which cache and rows: "k_", "v_")."""
+    cache_name = f"{prefix}cache"
+    fmt = _format(cache, cache_name)
     shape = tuple(cache.shape)
     paged = table is not None
     if len(shape) != 4:
-        raise ValueError(f"cache: expected 4 dims [B, H, C, D] (pages: [NB, H, P, D]), got shape {shape}")
-    check_rows(x, shape, paged)
+        raise ValueError(f"{cache_name}: expected 4 dims [B, H, C, D] (pages: [NB, H, P, D]), got shape {shape}")
+    check_rows(x, shape, paged, f"{prefix}rows")
     if fmt not in ("f32", "f16"):
-        check_head_dim(fmt, "cache", shape[3])
+        check_head_dim(fmt, cache_name, shape[3])
     elif fmt == "f16" and shape[3] % 2:
-        raise ValueError(f"cache: an f16 cache stores two values per 32-bit word; head dim {shape[3]} is odd")
+        raise ValueError(f"{cache_name}: an f16 cache stores two values per 32-bit word; head dim {shape[3]} is odd")
     B, _, N, _ = x.shape
     pos = np.asarray(pos)
     if pos.shape != (B,) or pos.dtype.kind not in "iu":
@@ -202,21 +192,26 @@ def _dispatch(dev: Device, kern: ir.StoreKernel, prog: Program, rows: dict[str, 
     arrays = {name: np.ascontiguousarray(x) for name, x in rows.items()} | {"pos": np.asarray(pos, dtype=np.int32)}
     if table is not None:
         arrays["table"] = np.ascontiguousarray(table, dtype=np.int32)
-    dims: dict[str, int] = {}
-    uni: dict[str, float | int] = {}
     bufs: dict[str, Any] = {name: buf for name, (buf, _shape) in caches.items()}
+    shapes = {name: tuple(shape) for name, (_buf, shape) in caches.items()}
+    for name, arr in arrays.items():
+        shapes[name] = arr.shape
+        if arr.dtype == np.float16 and arr.size % 2:
+            arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])
+        bufs[name] = rt.upload(dev, arr)
+    values, points = store_uniforms(kern, prog, shapes, {n: dense_strides(sh) for n, sh in shapes.items()})
+    return rt.Dispatch(prog, bufs, values, points)
+
+
+def store_uniforms(kern: ir.StoreKernel, prog: Program, shapes: dict[str, tuple[int, ...]],
+                   strides: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], int]:
+    """A store program's uniform values (its dims from the tensors' shapes, their element
+    strides) and its workgroup count (one per grid point)."""
+    dims: dict[str, int] = {}
+    values: dict[str, int] = {}
     for p in kern.params:
-        shp = tuple(caches[p.name][1]) if p.name in caches else arrays[p.name].shape
-        for d, n in zip(p.type.dims, shp, strict=True):
-            dims[d] = n
-        for i, stride in enumerate(dense_strides(shp)):
-            uni[f"s_{p.name}_{i}"] = stride
-        if p.name not in caches:
-            arr = arrays[p.name]
-            if arr.dtype == np.float16 and arr.size % 2:
-                arr = np.concatenate([arr.reshape(-1), np.zeros(1, np.float16)])
-            bufs[p.name] = rt.upload(dev, arr)
-    uni.update({f"d_{d}": n for d, n in dims.items()})
+        dims.update(zip(p.type.dims, shapes[p.name], strict=True))
+        values.update({f"s_{p.name}_{i}": int(st) for i, st in enumerate(strides[p.name])})
+    values.update({f"d_{d}": int(x) for d, x in dims.items()})
     fields = {f.name for f in prog.uniforms} - set(rt.AUTO_UNIFORMS)
-    points = int(np.prod([dims[d] for d in prog.grid]))
-    return rt.Dispatch(prog, bufs, {f: uni[f] for f in fields}, points)
+    return {f: values[f] for f in fields}, int(np.prod([dims[d] for d in prog.grid]))
