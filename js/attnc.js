@@ -1231,13 +1231,15 @@ export async function createKVCache(device, opts) {
     if (!manifest || !manifest[SOURCES]) throw new AttncError(`${name}Format: a ${fmt} cache appends with the store kernel of a manifest compiled with ${name}_dtype=${fmt}: pass manifest (from loadManifest)`);
     const entry = (manifest.stores || []).find((/** @type {any} */ e) => e.format === fmt && e.rows === 'f32');
     if (!entry) throw new AttncError(`${name}Format: the manifest has no store kernel for ${fmt} (compile with --set ${name}_dtype=${fmt})`);
+    if (!entry.tensors.some((/** @type {any} */ t) => t.name === 'counts')) throw new AttncError(`${name}Format: the manifest's ${fmt} store kernel has no counts binding (an attnc older than ragged quantized appends compiled it): compile it again`);
     quantStores[fmt] = {entry, pipeline: await kvPipeline(device, await manifest[SOURCES](entry.file), `${label}.store.${fmt}`)};
   }
   // K and V both quantized: the manifest's pair kernel appends both in one dispatch, where it has one
   let quantPair = null;
   if (formats.k !== null && formats.v !== null) {
     const entry = (opts.manifest.stores || []).find((/** @type {any} */ e) => e.formats && e.formats.k === formats.k
-      && e.formats.v === formats.v && e.rows === 'f32' && !e.tensors.some((/** @type {any} */ t) => t.name === 'table'));
+      && e.formats.v === formats.v && e.rows === 'f32' && !e.tensors.some((/** @type {any} */ t) => t.name === 'table')
+      && e.tensors.some((/** @type {any} */ t) => t.name === 'counts'));
     if (entry) quantPair = {entry, pipeline: await kvPipeline(device, await opts.manifest[SOURCES](entry.file), `${label}.store.kv`)};
   }
   const [store, advance] = await Promise.all([
@@ -1346,8 +1348,10 @@ export class KVCache {
     const v = this._source('vNew', vNew, n, this.valueDim, opts.strides?.v, !!opts.encoder, this.formats.v ? 'f32' : this.dtype);
     const ragged = !!opts.counts && !rows.every((c) => c === n);
     const counts = ragged ? this._countsBuffer(rows) : this._noCounts;
+    // the DSL store kernels of a quantized K or V read every row's count (n unless ragged)
+    const written = this.formats.k || this.formats.v ? (ragged ? counts : this._countsBuffer(rows)) : null;
     const encoder = opts.encoder || this.device.createCommandEncoder({label: 'attnc.kv.append'});
-    this._encodeStore(encoder, [[k, this.k, this.headDim, this.formats.k], [v, this.v, this.valueDim, this.formats.v]], n, ragged, counts);
+    this._encodeStore(encoder, [[k, this.k, this.headDim, this.formats.k], [v, this.v, this.valueDim, this.formats.v]], n, ragged, counts, written);
     if (!opts.encoder) this.device.queue.submit([encoder.finish()]);
     for (let b = 0; b < B; b++) this._lengths[b] += rows[b];
   }
@@ -1414,18 +1418,18 @@ export class KVCache {
     return {buffer: buf, strides: dense};
   }
 
-  /** The one write path: store each [source, destination, width] pair's new rows, then advance the GPU lengths. */
-  _encodeStore(/** @type {any} */ encoder, /** @type {any[]} */ pairs, /** @type {number} */ n, /** @type {boolean} */ ragged, /** @type {any} */ counts) {
+  /** The one write path: store each [source, destination, width] pair's new rows, then advance the GPU lengths (`written`: every row's count, for the quantized stores). */
+  _encodeStore(/** @type {any} */ encoder, /** @type {any[]} */ pairs, /** @type {number} */ n, /** @type {boolean} */ ragged, /** @type {any} */ counts, /** @type {any} */ written) {
     const maxDim = this.device.limits.maxComputeWorkgroupsPerDimension;
     const pass = encoder.beginComputePass({label: 'attnc.kv.append'});
     const B = this.batch, H = this.kvHeads;
     if (this._quantPair && pairs.every(([, , , fmt]) => fmt)) {  // K and V in one dispatch
-      this._encodeQuantPairStore(pass, pairs[0][0], pairs[1][0], n);
+      this._encodeQuantPairStore(pass, pairs[0][0], pairs[1][0], n, written);
       pairs = [];
     }
     for (const [src, dst, width, fmt] of pairs) {
       if (fmt) {
-        this._encodeQuantStore(pass, src, dst, width, fmt, n);
+        this._encodeQuantStore(pass, src, dst, width, fmt, n, written);
         continue;
       }
       const per = this.dtype === 'f32' ? n * width : Math.ceil(n * width / 2) + 1;
@@ -1450,8 +1454,8 @@ export class KVCache {
     pass.end();
   }
 
-  /** The manifest's store kernel writing n f32 rows of `src` into the quantized `dst` at each row's GPU length (the rows past the capacity are not written). */
-  _encodeQuantStore(/** @type {any} */ pass, /** @type {any} */ src, /** @type {any} */ dst, /** @type {number} */ width, /** @type {string} */ fmt, /** @type {number} */ n) {
+  /** The manifest's store kernel writing the first counts[b] of n f32 rows of `src` into the quantized `dst` at each row's GPU length (the rows past the capacity are not written). */
+  _encodeQuantStore(/** @type {any} */ pass, /** @type {any} */ src, /** @type {any} */ dst, /** @type {number} */ width, /** @type {string} */ fmt, /** @type {number} */ n, /** @type {any} */ counts) {
     const {entry, pipeline} = this._quantStores[fmt];
     const maxDim = this.device.limits.maxComputeWorkgroupsPerDimension;
     const env = {B: this.batch, H: this.kvHeads, N: n, D: width, C: this.capacity};
@@ -1465,15 +1469,15 @@ export class KVCache {
         : m ? src.strides[Number(m[1])] : evaluateFormula(f.value, env);
     }
     const ub = this._uniform(entry.uniforms.fields.map((/** @type {any} */ f) => f.name), values);
-    const buffers = /** @type {Record<string, any>} */ ({x: src.buffer, pos: this.kvLens, cache: dst, params: ub});
+    const buffers = /** @type {Record<string, any>} */ ({x: src.buffer, pos: this.kvLens, counts, cache: dst, params: ub});
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, this.device.createBindGroup({layout: pipeline.getBindGroupLayout(0),
       entries: entry.bindings.map((/** @type {any} */ b) => ({binding: b.binding, resource: {buffer: buffers[b.name]}}))}));
     pass.dispatchWorkgroups(x, y, 1);
   }
 
-  /** The manifest's kv_store_pair writing n f32 rows of K (`k`) and V (`v`) into the quantized caches at each row's GPU length, in one dispatch. */
-  _encodeQuantPairStore(/** @type {any} */ pass, /** @type {any} */ k, /** @type {any} */ v, /** @type {number} */ n) {
+  /** The manifest's kv_store_pair writing the first counts[b] of n f32 rows of K (`k`) and V (`v`) into the quantized caches at each row's GPU length, in one dispatch. */
+  _encodeQuantPairStore(/** @type {any} */ pass, /** @type {any} */ k, /** @type {any} */ v, /** @type {number} */ n, /** @type {any} */ counts) {
     const {entry, pipeline} = this._quantPair;
     const maxDim = this.device.limits.maxComputeWorkgroupsPerDimension;
     const env = {B: this.batch, H: this.kvHeads, N: n, D: this.headDim, DV: this.valueDim, C: this.capacity};
@@ -1487,7 +1491,7 @@ export class KVCache {
         : m ? (m[1] === 'k' ? k : v).strides[Number(m[2])] : evaluateFormula(f.value, env);
     }
     const ub = this._uniform(entry.uniforms.fields.map((/** @type {any} */ f) => f.name), values);
-    const buffers = /** @type {Record<string, any>} */ ({k: k.buffer, v: v.buffer, pos: this.kvLens, k_cache: this.k,
+    const buffers = /** @type {Record<string, any>} */ ({k: k.buffer, v: v.buffer, pos: this.kvLens, counts, k_cache: this.k,
       v_cache: this.v, params: ub});
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, this.device.createBindGroup({layout: pipeline.getBindGroupLayout(0),

@@ -1,8 +1,11 @@
 """The shipped store kernels, written in the DSL: append K/V rows to a cache in its format.
 
-`kv_store` writes the rows x[b, h, n] of a [B, H, N, D] tensor at positions pos[b] + n of a
-contiguous cache [B, H, C, D]; `kv_store_paged` writes them through a block table into a
-pool of pages [NB, H, P, D] (row t of batch entry b lives in page table[b, t / P], slot t % P).
+`kv_store` writes the rows x[b, h, n] of a [B, H, N, D] tensor with n < counts[b] at positions
+pos[b] + n of a contiguous cache [B, H, C, D] (counts[b] = N appends every row; fewer, a
+ragged append, leaves the rest of the cache as it was); `kv_store_paged` writes them through a
+block table into a pool of pages [NB, H, P, D] (row t of batch entry b lives in page
+table[b, t / P], slot t % P). A row is skipped by giving it an index outside the cache: a
+store writes nothing there.
 Trace with `cache_dtype=` "f32", "f16", "q8_0", "q4_0" or "int8" (x_dtype="f16" for f16
 rows): the store quantizes each row as attnc.quant.quantize does. `kv_store_pair` and
 `kv_store_pair_paged` write a decode step's K and V rows in one dispatch (trace with
@@ -10,11 +13,12 @@ rows): the store quantizes each row as attnc.quant.quantize does. `kv_store_pair
 one store dispatch, not two. attnc/runtime/store.py runs them (`store_rows`, `store_dispatch`).
 """
 
-from attnc.frontend.dsl import dim, f32, grid, i32, let, store, store_kernel
+from attnc.frontend.dsl import dim, f32, grid, i32, let, store, store_kernel, where
 
 # Tensor types (the cache's dtype is set per trace: cache_dtype=)
 X = f32["B", "H", "N", "D"]
 POS = i32["B"]
+COUNTS = i32["B"]  # rows to write per batch entry (the first counts[b] of N)
 CACHE = f32["B", "H", "C", "D"]
 TABLE = i32["B", "NP"]
 POOL = f32["NB", "H", "P", "D"]
@@ -25,33 +29,38 @@ K_POOL, V_POOL = f32["NB", "H", "P", "D"], f32["NB", "H", "P", "DV"]
 
 
 @store_kernel
-def kv_store(x: X, pos: POS, cache: CACHE):
-    """cache[b, h, pos[b] + n, :] = x[b, h, n, :] for every b, h, n (rows past C are not written)."""
+def kv_store(x: X, pos: POS, counts: COUNTS, cache: CACHE):
+    """cache[b, h, pos[b] + n, :] = x[b, h, n, :] for n < counts[b] (rows past C are not written)."""
     b, h, n = grid(b="B", h="H", n="N")
-    store(cache[b, h, pos[b] + n, :], x[b, h, n, :])
+    store(cache[b, h, where(n < counts[b], pos[b] + n, -1), :], x[b, h, n, :])
 
 
 @store_kernel
-def kv_store_paged(x: X, pos: POS, table: TABLE, cache: POOL):
-    """Row pos[b] + n of batch entry b into slot (pos[b] + n) % P of page table[b, (pos[b] + n) / P]."""
+def kv_store_paged(x: X, pos: POS, counts: COUNTS, table: TABLE, cache: POOL):
+    """Row pos[b] + n (n < counts[b]) of batch entry b into slot (pos[b] + n) % P of page
+    table[b, (pos[b] + n) / P]."""
     b, h, n = grid(b="B", h="H", n="N")
     t = let("t", pos[b] + n)
-    store(cache[table[b, t // dim("P")], h, t % dim("P"), :], x[b, h, n, :])
+    page = let("page", where(n < counts[b], table[b, t // dim("P")], -1))
+    store(cache[page, h, t % dim("P"), :], x[b, h, n, :])
 
 
 @store_kernel
-def kv_store_pair(k: K_ROWS, v: V_ROWS, pos: POS, k_cache: K_CACHE, v_cache: V_CACHE):
+def kv_store_pair(k: K_ROWS, v: V_ROWS, pos: POS, counts: COUNTS, k_cache: K_CACHE, v_cache: V_CACHE):
     """kv_store of K's and V's new rows at once: one dispatch per append."""
     b, h, n = grid(b="B", h="H", n="N")
-    store(k_cache[b, h, pos[b] + n, :], k[b, h, n, :])
-    store(v_cache[b, h, pos[b] + n, :], v[b, h, n, :])
+    t = let("t", where(n < counts[b], pos[b] + n, -1))
+    store(k_cache[b, h, t, :], k[b, h, n, :])
+    store(v_cache[b, h, t, :], v[b, h, n, :])
 
 
 @store_kernel
-def kv_store_pair_paged(k: K_ROWS, v: V_ROWS, pos: POS, table: TABLE, k_cache: K_POOL, v_cache: V_POOL):
+def kv_store_pair_paged(k: K_ROWS, v: V_ROWS, pos: POS, counts: COUNTS, table: TABLE, k_cache: K_POOL,
+                        v_cache: V_POOL):
     """kv_store_paged of K's and V's new rows at once, through one block table."""
     b, h, n = grid(b="B", h="H", n="N")
     t = let("t", pos[b] + n)
-    page, slot = table[b, t // dim("P")], t % dim("P")
+    page = let("page", where(n < counts[b], table[b, t // dim("P")], -1))
+    slot = t % dim("P")
     store(k_cache[page, h, slot, :], k[b, h, n, :])
     store(v_cache[page, h, slot, :], v[b, h, n, :])

@@ -194,8 +194,7 @@ class KVCache:
     `k` / `v` are then QuantGPUTensors, appends quantize the new rows on the device (host
     rows are converted to `dtype` first; GPU rows may be float32 or float16), and `attend`
     reads them as they are. q8_0 and q4_0 need a head dim that is a multiple of 32, int8 of 4.
-    A ragged append of a quantized K or V may also write rows past a row's new length (within
-    the capacity): rows there are unspecified in every format, and the next append overwrites them.
+    A ragged append writes exactly counts[b] rows of batch row b in every format.
     """
 
     def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, value_dim: int | None = None,
@@ -393,7 +392,8 @@ class KVCache:
             items = []
             quantized = [(src, dst) for src, dst in pairs if isinstance(dst, QuantGPUTensor)]
             if quantized:  # one dispatch of the DSL store kernel for K and V when both are quantized
-                items.append(self._quant_store(quantized, n, per_dim, sanitize))
+                written = counts if counts is not None else self._counts_tensor(np.full(self.batch, n))
+                items.append(self._quant_store(quantized, n, written.binding("counts"), per_dim, sanitize))
             for ((src, strides, _dtype), dst), dst_slice in zip(pairs, dst_slices, strict=True):
                 if isinstance(dst, QuantGPUTensor):
                     continue
@@ -415,10 +415,10 @@ class KVCache:
         return ready
 
     def _quant_store(self, pairs: list[tuple[tuple[rt.BufferSlice, tuple[int, ...], np.dtype], QuantGPUTensor]],
-                     n: int, per_dim: int, sanitize: bool) -> Any:
-        """The item of the DSL store kernel writing n rows of each (source [B, Hkv, n, width],
-        quantized destination) pair at each row's GPU length (no row past the capacity): K's and
-        V's in one dispatch (kv_store_pair) when both are quantized."""
+                     n: int, counts: rt.BufferSlice, per_dim: int, sanitize: bool) -> Any:
+        """The item of the DSL store kernel writing the first counts[b] of n rows of each (source
+        [B, Hkv, n, width], quantized destination) pair at each row's GPU length (no row past the
+        capacity): K's and V's in one dispatch (kv_store_pair) when both are quantized."""
         rows = ["f16" if src_dtype == np.float16 else "f32" for (_src, _strides, src_dtype), _ in pairs]
         if len(pairs) == 2:
             kern, prog = dsl_pair_store_program(pairs[0][1].fmt, pairs[1][1].fmt, rows[0], rows[1])
@@ -426,9 +426,9 @@ class KVCache:
         else:
             kern, prog = dsl_store_program(pairs[0][1].fmt, rows[0], False)
             names = (("x", "cache"),)
-        shapes: dict[str, tuple[int, ...]] = {"pos": (self.batch,)}
-        given: dict[str, tuple[int, ...]] = {"pos": (1,)}
-        bufs: dict[str, Any] = {"pos": self.kv_lens.binding("kv_lens")}
+        shapes: dict[str, tuple[int, ...]] = {"pos": (self.batch,), "counts": (self.batch,)}
+        given: dict[str, tuple[int, ...]] = {"pos": (1,), "counts": (1,)}
+        bufs: dict[str, Any] = {"pos": self.kv_lens.binding("kv_lens"), "counts": counts}
         for ((src, strides, _dtype), dst), (x_name, cache_name) in zip(pairs, names, strict=True):
             shapes[x_name], given[x_name] = (self.batch, self.kv_heads, n, dst.shape[3]), strides
             shapes[cache_name], given[cache_name] = dst.shape, dense_strides(dst.shape)

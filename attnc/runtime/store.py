@@ -67,26 +67,31 @@ def check_rows(x: Any, cache_shape: tuple[int, ...], paged: bool, name: str = "r
 
 
 def store_rows(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, *,
-               table: np.ndarray | None = None, device: Device | str | None = None) -> QuantTensor | np.ndarray:
+               table: np.ndarray | None = None, counts: np.ndarray | None = None,
+               device: Device | str | None = None) -> QuantTensor | np.ndarray:
     """A copy of `cache` with rows x[b, h, n] written at position pos[b] + n of batch entry b, in
     the cache's format, by the DSL store kernel on the device.
 
     cache: [B, H, C, D] (contiguous), or with `table` [B, NP] a page pool [NB, H, P, D] in
-    which position t of entry b is slot t % P of page table[b, t // P]."""
-    fmt = _check(cache, x, pos, table)
+    which position t of entry b is slot t % P of page table[b, t // P]. `counts` (B ints in
+    [0, N]) writes only the first counts[b] rows of entry b; None writes all N."""
+    counts = _counts(x, counts)
+    fmt = _check(cache, x, pos, table, counts=counts)
     dev = get_device(device)
     buf = _upload(dev, cache)
-    rt.run(dev, [store_dispatch(dev, fmt, buf, tuple(cache.shape), x, np.asarray(pos), table)])
+    rt.run(dev, [store_dispatch(dev, fmt, buf, tuple(cache.shape), x, np.asarray(pos), table, counts)])
     return _read(dev, buf, cache)
 
 
 def store_pair_rows(k_cache: QuantTensor | np.ndarray, v_cache: QuantTensor | np.ndarray, k_rows: np.ndarray,
                     v_rows: np.ndarray, pos: np.ndarray, *, table: np.ndarray | None = None,
-                    device: Device | str | None = None) -> tuple[QuantTensor | np.ndarray, QuantTensor | np.ndarray]:
-    """store_rows of K's and V's rows at the same positions (and block table) by one dispatch of
-    the pair store kernel, which a KV cache's append uses: copies of (k_cache, v_cache)."""
-    k_fmt = _check(k_cache, k_rows, pos, table, "k_")
-    v_fmt = _check(v_cache, v_rows, pos, table, "v_")
+                    counts: np.ndarray | None = None, device: Device | str | None = None
+                    ) -> tuple[QuantTensor | np.ndarray, QuantTensor | np.ndarray]:
+    """store_rows of K's and V's rows at the same positions (block table, counts) by one
+    dispatch of the pair store kernel, which a KV cache's append uses: copies of (k_cache, v_cache)."""
+    counts = _counts(k_rows, counts)
+    k_fmt = _check(k_cache, k_rows, pos, table, "k_", counts)
+    v_fmt = _check(v_cache, v_rows, pos, table, "v_", counts)
     if k_rows.shape[:3] != v_rows.shape[:3]:
         raise ValueError(f"v_rows: shape {v_rows.shape}; k_rows has {k_rows.shape}: the same [B, H, N] expected")
     if k_cache.shape[:3] != v_cache.shape[:3]:
@@ -95,14 +100,32 @@ def store_pair_rows(k_cache: QuantTensor | np.ndarray, v_cache: QuantTensor | np
     dev = get_device(device)
     k_buf, v_buf = _upload(dev, k_cache), _upload(dev, v_cache)
     rt.run(dev, [pair_store_dispatch(dev, (k_fmt, k_buf, tuple(k_cache.shape)), (v_fmt, v_buf, tuple(v_cache.shape)),
-                                     k_rows, v_rows, np.asarray(pos), table)])
+                                     k_rows, v_rows, np.asarray(pos), table, counts)])
     return _read(dev, k_buf, k_cache), _read(dev, v_buf, v_cache)
 
 
+def _counts(x: Any, counts: Any) -> np.ndarray:
+    """The rows to write per batch entry: `counts` checked (B ints in [0, N] for rows x [B, H, N,
+    D]), or N for every entry when None."""
+    shape = getattr(x, "shape", ())
+    if len(shape) != 4:  # the rows' own check names the problem
+        return np.zeros(0, np.int32)
+    B, _, N, _ = shape
+    if counts is None:
+        return np.full(B, N, np.int32)
+    c = np.asarray(counts)
+    if c.shape != (B,) or c.dtype.kind not in "iu":
+        raise ValueError(f"counts: expected {B} integers (one per batch entry), got {c.dtype} {c.shape}")
+    if ((c < 0) | (c > N)).any():
+        raise ValueError(f"counts: values must be in [0, N={N}] (the rows given), got {c.tolist()}")
+    return c.astype(np.int32)
+
+
 def _check(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, table: np.ndarray | None,
-           prefix: str = "") -> str:
-    """The cache's format once the cache, the rows x, pos and the table are checked (ValueError
-    naming the problem; `prefix` names which cache and rows: "k_", "v_")."""
+           prefix: str = "", counts: np.ndarray | None = None) -> str:
+    """The cache's format once the cache, the rows x, pos and the table are checked against the
+    rows written (the first counts[b] of entry b; all N when None) (ValueError naming the
+    problem; `prefix` names which cache and rows: "k_", "v_")."""
     cache_name = f"{prefix}cache"
     fmt = _format(cache, cache_name)
     shape = tuple(cache.shape)
@@ -120,23 +143,26 @@ def _check(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, tabl
         raise ValueError(f"pos: expected {B} integers (one per batch entry), got {pos.dtype} {pos.shape}")
     if (pos < 0).any():
         raise ValueError(f"pos: positions must be >= 0, got {pos.tolist()}")
+    ends = pos + (N if counts is None else counts)  # one past each entry's last written row
     if paged:
         table = np.asarray(table)
         if table.ndim != 2 or table.shape[0] != B or table.dtype.kind not in "iu":
             raise ValueError(f"table: expected integers [B={B}, pages], got {table.dtype} {table.shape}")
         page, pool = shape[2], shape[0]
-        end = int((pos + N).max())
+        end = int(ends.max(initial=0))
         if end > table.shape[1] * page:
             raise ValueError(f"table: position {end - 1} needs page {(end - 1) // page}, but the block table "
                              f"has {table.shape[1]} pages per entry")
         for b in range(B):
-            used = table[b, pos[b] // page:(pos[b] + N - 1) // page + 1]
+            if ends[b] <= pos[b]:  # nothing written for this entry
+                continue
+            used = table[b, pos[b] // page:(ends[b] - 1) // page + 1]
             bad = used[(used < 0) | (used >= pool)]
             if bad.size:
                 raise ValueError(f"table: entry {b} points at page {int(bad[0])}, past the page pool of {pool} pages")
-    elif int((pos + N).max()) > shape[2]:
-        b = int(np.argmax(pos + N))
-        raise ValueError(f"pos: rows {int(pos[b])}..{int(pos[b]) + N - 1} of entry {b} run past the cache's "
+    elif int(ends.max(initial=0)) > shape[2]:
+        b = int(np.argmax(ends))
+        raise ValueError(f"pos: rows {int(pos[b])}..{int(ends[b]) - 1} of entry {b} run past the cache's "
                          f"capacity C={shape[2]}")
     return fmt
 
@@ -161,23 +187,25 @@ def _read(dev: Device, buf: Any, cache: QuantTensor | np.ndarray) -> QuantTensor
 
 
 def store_dispatch(dev: Device, fmt: str, cache_buf: Any, cache_shape: tuple[int, ...], x: np.ndarray,
-                   pos: np.ndarray, table: np.ndarray | None = None) -> rt.Dispatch:
-    """The store kernel's dispatch writing rows x at pos into a cache already on the device
-    (`cache_buf`, of logical shape `cache_shape` in `fmt`); x, pos and table are uploaded. The
-    caller has checked them (store_rows does)."""
+                   pos: np.ndarray, table: np.ndarray | None = None, counts: np.ndarray | None = None
+                   ) -> rt.Dispatch:
+    """The store kernel's dispatch writing rows x at pos (the first counts[b] of entry b; all
+    when None) into a cache already on the device (`cache_buf`, of logical shape `cache_shape`
+    in `fmt`); x, pos, table and counts are uploaded. The caller has checked them (store_rows does)."""
     kern, prog = store_program(fmt, _rows_dtype(x), table is not None)
-    return _dispatch(dev, kern, prog, {"x": x}, {"cache": (cache_buf, cache_shape)}, pos, table)
+    return _dispatch(dev, kern, prog, {"x": x}, {"cache": (cache_buf, cache_shape)}, pos, table, _counts(x, counts))
 
 
 def pair_store_dispatch(dev: Device, k_target: tuple[str, Any, tuple[int, ...]], v_target: tuple[str, Any,
                         tuple[int, ...]], k_rows: np.ndarray, v_rows: np.ndarray, pos: np.ndarray,
-                        table: np.ndarray | None = None) -> rt.Dispatch:
-    """One dispatch writing K's rows and V's rows at pos, each target a (format, device buffer,
-    logical shape) cache; rows, pos and table are uploaded, and checked by the caller."""
+                        table: np.ndarray | None = None, counts: np.ndarray | None = None) -> rt.Dispatch:
+    """One dispatch writing K's rows and V's rows at pos (the first counts[b] of entry b; all
+    when None), each target a (format, device buffer, logical shape) cache; rows, pos, table
+    and counts are uploaded, and checked by the caller."""
     kern, prog = pair_store_program(k_target[0], v_target[0], _rows_dtype(k_rows), _rows_dtype(v_rows),
                                     table is not None)
     return _dispatch(dev, kern, prog, {"k": k_rows, "v": v_rows},
-                     {"k_cache": k_target[1:], "v_cache": v_target[1:]}, pos, table)
+                     {"k_cache": k_target[1:], "v_cache": v_target[1:]}, pos, table, _counts(k_rows, counts))
 
 
 def _rows_dtype(x: np.ndarray) -> str:
@@ -185,11 +213,12 @@ def _rows_dtype(x: np.ndarray) -> str:
 
 
 def _dispatch(dev: Device, kern: ir.StoreKernel, prog: Program, rows: dict[str, np.ndarray],
-              caches: dict[str, tuple[Any, tuple[int, ...]]], pos: np.ndarray, table: np.ndarray | None
-              ) -> rt.Dispatch:
-    """The dispatch of a store kernel: host arrays (rows, pos, table) uploaded dense, caches
-    bound as they are on the device; dims and strides from their shapes."""
-    arrays = {name: np.ascontiguousarray(x) for name, x in rows.items()} | {"pos": np.asarray(pos, dtype=np.int32)}
+              caches: dict[str, tuple[Any, tuple[int, ...]]], pos: np.ndarray, table: np.ndarray | None,
+              counts: np.ndarray) -> rt.Dispatch:
+    """The dispatch of a store kernel: host arrays (rows, pos, counts, table) uploaded dense,
+    caches bound as they are on the device; dims and strides from their shapes."""
+    arrays = {name: np.ascontiguousarray(x) for name, x in rows.items()} | {
+        "pos": np.asarray(pos, dtype=np.int32), "counts": np.asarray(counts, dtype=np.int32)}
     if table is not None:
         arrays["table"] = np.ascontiguousarray(table, dtype=np.int32)
     bufs: dict[str, Any] = {name: buf for name, (buf, _shape) in caches.items()}

@@ -719,10 +719,10 @@ KV_QUANT_CACHES = [
 
 
 def kv_quant_cases(w: _Writer, folder: Path) -> list[dict]:
-    """The JS KV cache with quantized K/V: every append writes its n rows at each row's length
-    (clipped to the capacity; a ragged append's extra rows too) as attnc.quant quantizes them;
-    expected: the cache's words exactly (rows never written: zero words), the GPU lengths, and
-    o against the float64 reference on the dequantized cache."""
+    """The JS KV cache with quantized K/V: every append writes each row's counts[b] (or n) rows
+    at its length as attnc.quant quantizes them, and no other row; expected: the cache's words
+    exactly (rows never written: zero words), the GPU lengths, and o against the float64
+    reference on the dequantized cache."""
     manifest = json.loads((folder / "compiled" / "kvquant" / "manifest.json").read_text())
     rng = np.random.default_rng(2025)
     B, Hkv, Hq, cap, S = 3, 2, 4, 24, 2
@@ -738,11 +738,9 @@ def kv_quant_cases(w: _Writer, folder: Path) -> list[dict]:
                    "v": rng.standard_normal((B, Hkv, n, Dv)).astype(np.float32)}
             rows = counts if counts is not None else [n] * B
             for b in range(B):
-                for name, fmt in (("k", kf), ("v", vf)):
-                    m = n if fmt else rows[b]  # a quantized store writes all n rows (up to the capacity)
-                    end = min(cap, lens[b] + m)
-                    vals[name][b, :, lens[b]:end] = new[name][b, :, :end - lens[b]]
-                written[b, :, lens[b]:min(cap, lens[b] + n)] = True
+                for name in ("k", "v"):
+                    vals[name][b, :, lens[b]:lens[b] + rows[b]] = new[name][b, :, :rows[b]]
+                written[b, :, lens[b]:lens[b] + rows[b]] = True
                 lens[b] += rows[b]
             order = (0, 2, 1, 3) if source == "bshd" else (0, 1, 2, 3)
             spec_steps.append({"rows": n, "counts": counts, "source": source,

@@ -303,7 +303,7 @@ def _store(out: list[str], where: str, st: Any, root: Path | None) -> None:
     by_name = {t.get("name"): t for t in tensors}
     # (rows, cache) tensor names of each format: x and cache, or k, k_cache and v, v_cache
     pairs = [("k", "k_cache", fmts["k"]), ("v", "v_cache", fmts["v"])] if pair else [("x", "cache", fmts[""])]
-    base = {n for r, c, _ in pairs for n in (r, c)} | {"pos"}
+    base = {n for r, c, _ in pairs for n in (r, c)} | {"pos", "counts"}
     if set(by_name) != base and set(by_name) != base | {"table"}:
         out.append(f"{where}.tensors: {sorted(map(str, by_name))}, expected {', '.join(sorted(base))} (and table)")
         return

@@ -1,7 +1,8 @@
 """attnc.KVCache with quantized K/V (k_format=, v_format=): appends quantize the new rows on the
 device with the DSL store kernel, at each row's length (ragged too, from host data and from
-float32/float16 GPU tensors of any strides), and attention over the quantized buffers equals
-the float64 reference on the dequantized cache over each row's prefix.
+float32/float16 GPU tensors of any strides), writing no row past a row's new length, and
+attention over the quantized buffers equals the float64 reference on the dequantized cache over
+each row's prefix.
 
 One cache shape (GQA) and three format pairs, so each compiles its store kernels and one
 attention variant once; hypothesis draws the appends, the steps and the sources.
@@ -71,6 +72,9 @@ def test_quantized_appends_and_attention_match_the_dequantized_reference(kf, vf,
         for got, rows, fmt in ((kd, rows_k, kf), (vd, rows_v, vf)):
             want = rows[b] if fmt is None or not rows[b].size else quant.dequantize(quant.quantize(rows[b], fmt))
             np.testing.assert_array_equal(got[b, :, :lens[b]], want)
+            # and nothing past it: a ragged append writes exactly counts[b] rows (the cache
+            # starts zeroed, which every format reads as 0)
+            np.testing.assert_array_equal(got[b, :, lens[b]:], 0)
     S = data.draw(st.integers(1, 2), label="S")
     q = rng.standard_normal((B, HQ, S, D)).astype(np.float32)
     ref = attention_ref(q, kd, vd, kv_lens=lens, causal=True)

@@ -32,6 +32,15 @@ def _cache(fmt: str, x: np.ndarray):
     return quant.quantize(x, fmt)
 
 
+def _counts(rng, B: int, N: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """Rows to write per entry: None (all N) half the time, else ragged counts in [0, N]; and
+    the counts the kernel binds."""
+    if rng.integers(0, 2):
+        return None, np.full(B, N, np.int32)
+    counts = rng.integers(0, N + 1, B).astype(np.int32)
+    return counts, counts
+
+
 def _same(got, ref) -> None:
     if isinstance(ref, quant.QuantTensor):
         assert got.fmt == ref.fmt and got.shape == ref.shape
@@ -48,27 +57,28 @@ def _same(got, ref) -> None:
        N=st.integers(1, 5), D=st.sampled_from([32, 64, 128, 320]), seed=st.integers(0, 2**16), paged=st.booleans())
 def test_store_matches_interpreter(fmt, f16_rows, B, H, N, D, seed, paged, require_adapters) -> None:
     """Every word the device writes equals the interpreter's (attnc.quant's quantization); rows
-    not stored keep their old words."""
+    not stored (past an entry's count in a ragged store) keep their old words."""
     (dev,) = require_adapters("wgpu:vulkan")
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((B, H, N, D)) * rng.choice([1e-3, 1.0, 300.0])).astype(np.float16 if f16_rows
                                                                                   else np.float32)
     x[..., : D // 4] *= rng.integers(0, 2)  # blocks of zeros now and then
+    counts, bound = _counts(rng, B, N)
     if paged:
         P, NP = 4, 6
         pool = _cache(fmt, rng.standard_normal((B * NP, H, P, D)).astype(np.float32))
         table = rng.permutation(B * NP).reshape(B, NP).astype(np.int32)
         pos = rng.integers(0, NP * P - N + 1, B).astype(np.int32)
-        got = store_rows(pool, x, pos, table=table, device=dev)
+        got = store_rows(pool, x, pos, table=table, counts=counts, device=dev)
         ref = interpret_store(kv_store_paged.trace(cache_dtype=fmt, x_dtype="f16" if f16_rows else "f32"),
-                              dict(x=x, pos=pos, table=table, cache=pool))["cache"]
+                              dict(x=x, pos=pos, counts=bound, table=table, cache=pool))["cache"]
     else:
         C = 9
         cache = _cache(fmt, rng.standard_normal((B, H, C, D)).astype(np.float32))
         pos = rng.integers(0, C - N + 1, B).astype(np.int32)
-        got = store_rows(cache, x, pos, device=dev)
+        got = store_rows(cache, x, pos, counts=counts, device=dev)
         ref = interpret_store(kv_store.trace(cache_dtype=fmt, x_dtype="f16" if f16_rows else "f32"),
-                              dict(x=x, pos=pos, cache=cache))["cache"]
+                              dict(x=x, pos=pos, counts=bound, cache=cache))["cache"]
     _same(got, ref)
 
 
@@ -83,7 +93,8 @@ def test_pair_store_matches_interpreter(k_fmt, v_fmt, k16, v16, B, H, N, D, Dv, 
                                         require_adapters) -> None:
     """K's and V's rows written by one dispatch (kv_store_pair, what a KV cache's append runs):
     every word of both caches equals the interpreter's, for any pair of formats, row dtypes and
-    head dims (D != Dv), contiguous or paged; rows not stored keep their old words."""
+    head dims (D != Dv), contiguous or paged, all rows or ragged counts; rows not stored keep
+    their old words."""
     (dev,) = require_adapters("wgpu:vulkan")
     rng = np.random.default_rng(seed)
 
@@ -92,6 +103,7 @@ def test_pair_store_matches_interpreter(k_fmt, v_fmt, k16, v16, B, H, N, D, Dv, 
         return x.astype(np.float16 if half else np.float32)
 
     k_rows, v_rows = rows(D, k16), rows(Dv, v16)
+    counts, bound = _counts(rng, B, N)
     opts = dict(k_cache_dtype=k_fmt, v_cache_dtype=v_fmt, k_dtype="f16" if k16 else "f32",
                 v_dtype="f16" if v16 else "f32")
     if paged:
@@ -104,9 +116,9 @@ def test_pair_store_matches_interpreter(k_fmt, v_fmt, k16, v16, B, H, N, D, Dv, 
         pos = rng.integers(0, 7 - N + 1, B).astype(np.int32)
     k_cache = _cache(k_fmt, rng.standard_normal((*lead, D)).astype(np.float32))
     v_cache = _cache(v_fmt, rng.standard_normal((*lead, Dv)).astype(np.float32))
-    got = store_pair_rows(k_cache, v_cache, k_rows, v_rows, pos, table=table, device=dev)
+    got = store_pair_rows(k_cache, v_cache, k_rows, v_rows, pos, table=table, counts=counts, device=dev)
     kern = (kv_store_pair_paged if paged else kv_store_pair).trace(**opts)
-    args = dict(k=k_rows, v=v_rows, pos=pos, k_cache=k_cache, v_cache=v_cache)
+    args = dict(k=k_rows, v=v_rows, pos=pos, counts=bound, k_cache=k_cache, v_cache=v_cache)
     ref = interpret_store(kern, args | ({"table": table} if paged else {}))
     _same(got[0], ref["k_cache"])
     _same(got[1], ref["v_cache"])
@@ -142,22 +154,26 @@ def test_zero_and_tiny_blocks_store_ggml_words(fmt, require_adapters) -> None:
     cache = _cache(fmt, np.ones((1, 8, 2, 64), np.float32))
     pos = np.array([1], np.int32)
     got = store_rows(cache, x, pos, device=dev)
-    ref = interpret_store(kv_store.trace(cache_dtype=fmt, x_dtype="f32"), dict(x=x, pos=pos, cache=cache))["cache"]
+    ref = interpret_store(kv_store.trace(cache_dtype=fmt, x_dtype="f32"),
+                          dict(x=x, pos=pos, counts=np.ones(1, np.int32), cache=cache))["cache"]
     _same(got, ref)
 
 
 def test_interpreter_store_is_quantize() -> None:
-    """The interpreter writes exactly attnc.quant.quantize's words at the rows' positions."""
+    """The interpreter writes exactly attnc.quant.quantize's words at the rows' positions, the
+    first counts[b] rows of entry b, and nothing else."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 2, 3, 64)).astype(np.float32)
     cache = quant.quantize(np.zeros((2, 2, 8, 64), np.float32), "q4_0")
-    out = interpret_store(kv_store.trace(cache_dtype="q4_0"), dict(x=x, pos=np.array([0, 5]), cache=cache))["cache"]
+    out = interpret_store(kv_store.trace(cache_dtype="q4_0"),
+                          dict(x=x, pos=np.array([0, 5]), counts=np.array([3, 2]), cache=cache))["cache"]
     rows = out.words.reshape(2, 2, 8, -1)
     np.testing.assert_array_equal(rows[0, :, 0:3].reshape(-1), quant.quantize(x[0], "q4_0").words)
-    np.testing.assert_array_equal(rows[1, :, 5:8].reshape(-1), quant.quantize(x[1], "q4_0").words)
+    np.testing.assert_array_equal(rows[1, :, 5:7].reshape(-1), quant.quantize(x[1, :, :2], "q4_0").words)
     old = cache.words.reshape(2, 2, 8, -1)  # (q4_0 zeros: d = -0.0, every nibble 8)
     np.testing.assert_array_equal(rows[0, :, 3:], old[0, :, 3:])
     np.testing.assert_array_equal(rows[1, :, :5], old[1, :, :5])
+    np.testing.assert_array_equal(rows[1, :, 7:], old[1, :, 7:])  # past entry 1's count
 
 
 @pytest.mark.gpu
@@ -203,6 +219,24 @@ def test_store_errors() -> None:
         store_rows(pool, x, np.array([3]), table=np.array([[0, 7]]))
     with pytest.raises(ValueError, match="block table has 2 pages per entry"):
         store_rows(pool, x, np.array([7]), table=np.array([[0, 1]]))
+    with pytest.raises(ValueError, match=r"counts: expected 1 integers \(one per batch entry\), got int64 \(2,\)"):
+        store_rows(cache, x, pos, counts=np.array([1, 1]))
+    with pytest.raises(ValueError, match=r"counts: values must be in \[0, N=2\] \(the rows given\), got \[3\]"):
+        store_rows(cache, x, pos, counts=np.array([3]))
+
+
+@pytest.mark.gpu
+def test_checks_follow_the_rows_written(require_adapters) -> None:
+    """The capacity and block-table checks look at the rows counts writes, not at all N: a
+    ragged store that ends within the cache, or skips an entry whose pages are not mapped, runs."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    x = np.ones((2, 1, 3, 32), np.float32)
+    cache = quant.quantize(np.zeros((2, 1, 4, 32), np.float32), "q8_0")
+    out = quant.dequantize(store_rows(cache, x, np.array([3, 0]), counts=np.array([1, 3]), device=dev))
+    np.testing.assert_array_equal(out[:, 0, :, 0] != 0, [[0, 0, 0, 1], [1, 1, 1, 0]])  # rows written
+    pool = np.zeros((2, 1, 2, 32), np.float32)
+    out = store_rows(pool, x, np.array([0, 0]), table=np.array([[1, -1], [9, 9]]), counts=np.array([2, 0]), device=dev)
+    np.testing.assert_array_equal(out[:, 0, :, 0], [[0, 0], [1, 1]])
 
 
 BD, DB, BE, B_ = f32["B", "D"], f32["D", "B"], f32["B", "E"], i32["B"]
