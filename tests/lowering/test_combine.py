@@ -76,3 +76,33 @@ def test_combine_groups_from_the_split_count(spec, require_adapters) -> None:
     dims = dict(B=1, Hq=2, Hkv=1, S=1, T=300, D=8, Dv=36)
     op = check_forced_plan(dev, dims, stream(), {"BM": 2, "BN": 32}, 70, {"return_lse": True, "sinks": "draw"}, 1)
     assert op.plan.combine_groups == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ADAPTERS)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_maximum_rising_in_later_loop_iterations(spec, groups, require_adapters) -> None:
+    """Each split group walks its splits CU at a time, keeping an online maximum: with scores
+    that grow along the keys, every later iteration raises it, so the state gathered so far
+    must be rescaled each time (a missed rescale weighs the early splits e^(many) too much)."""
+    import numpy as np
+
+    from attnc.runtime import api
+    from tests.textbook import assert_close, attention_ref
+
+    dev = require_adapters(spec)[0]
+    nsplit, T = 5 * CU * groups, 5 * CU * groups * 32  # five loop iterations per group, a tile per split
+    dims = dict(B=1, Hq=2, Hkv=2, S=1, T=T, D=8, Dv=36)
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((1, 2, 1, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 2, T, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 2, T, 36)).astype(np.float32)
+    bias = np.broadcast_to(np.linspace(0.0, 30.0, T, dtype=np.float32), (2, 1, T)).copy()
+    op = api.prepare(dims, np.float32, device=dev, plan=stream(combine_groups=groups), tunables={"BM": 1, "BN": 32},
+                     nsplit=nsplit, bias=bias, return_lse=True)
+    op.bind(q, k, v)
+    op.run()
+    o, lse = op.result()
+    o_ref, lse_ref = attention_ref(q, k, v, bias=bias, return_lse=True)
+    assert_close(o, o_ref, 1e-5, "o")
+    assert_close(lse, lse_ref, 1e-5, "lse")

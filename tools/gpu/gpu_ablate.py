@@ -6,12 +6,16 @@ Ablations: nosoftmax noreduce nomaxred nosumred norescale smem20 nomask nonan no
 nokstage novstage; of the stream strategy (decoding): snok (no K loads in the dot phase), snov (no V
 loads in the P.V phase), snosp (scores not read back from the partial dots); of its SMX=3 lane
 groups: gnok (no K loads), gnov (no V loads), gnoshuf (no shuffles summing a key's dot). gpu_plan_sweep.py
-takes any of them as `ABL=a+b` on a variant (f16, quantized KV, any plan)."""
+takes any of them as `ABL=a+b` on a variant (f16, quantized KV, any plan).
+`altcombine` is not an ablation but an A/B: the split-KV combine emitted by another version of
+attnc/lowering/combine.py, the file named by ALT_COMBINE (e.g. `git show REV:attnc/lowering/combine.py
+> .ab/combine.py`), so two versions of the pass are timed in one process."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import re
 import statistics
@@ -108,8 +112,30 @@ def ablated(names: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _alternative_combine() -> Iterator[None]:
+    """Lower with emit_combine from the file ALT_COMBINE names (lowering cache bypassed)."""
+    import attnc.lowering as lowering
+
+    spec = importlib.util.spec_from_file_location("alt_combine", os.environ["ALT_COMBINE"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    saved = lowering.emit_combine
+    lowering.emit_combine = module.emit_combine
+    build._CACHE.programs.clear()
+    try:
+        yield
+    finally:
+        lowering.emit_combine = saved
+        build._CACHE.programs.clear()
+
+
+@contextlib.contextmanager
 def _ablated(name: str) -> Iterator[None]:
     """Emit with one ablation applied (module patches, WGSL edits), lowering cache bypassed."""
+    if name == "altcombine":
+        with _alternative_combine():
+            yield
+        return
     if name not in PATCHES and name not in EDITS:
         raise KeyError(f"no ablation {name!r}")
     saved = {k: getattr(tiled, k) for k in PATCHES.get(name, {})}
