@@ -7,11 +7,13 @@
 //   {"op": "plan", "manifest", "files", "variant", "shapes", "params"}   createAttention + plan
 //                                                                (env, workgroups, tensor plans)
 //   {"op": "sources", "manifest", "files", "variant", "dialect"} the WGSL createAttention compiles
+//   {"op": "kvcache", "manifest", "files", "cache"}              createKVCache (cache: its options
+//                                                                but manifest): the store kernels picked
 // Answers: {"ok": true, ...} or {"error": message, "attnc_error": bool, "type": constructor name}.
 // Numbers JSON cannot hold travel as {"$number": "NaN" | "Infinity" | "-Infinity"}.
 import {createInterface} from 'node:readline';
 
-import {AttncError, checkShapes, createAttention, loadManifest} from '../../js/attnc.js';
+import {AttncError, checkShapes, createAttention, createKVCache, loadManifest} from '../../js/attnc.js';
 
 const SPECIAL = {NaN: NaN, Infinity: Infinity, '-Infinity': -Infinity};
 
@@ -34,6 +36,8 @@ function recordingDevice(codes) {
     createBindGroupLayout: () => ({}),
     createPipelineLayout: () => ({}),
     createComputePipelineAsync: async () => ({}),
+    createBuffer: () => ({destroy() {}}),
+    queue: {writeBuffer() {}},
   };
 }
 
@@ -56,6 +60,11 @@ async function answer(req) {
       const m = await loadManifest(req.manifest, req.files);
       await createAttention(recordingDevice(codes), m, {variant: req.variant, dialect: req.dialect});
       return {ok: true, codes};
+    }
+    case 'kvcache': {
+      const m = await loadManifest(req.manifest, req.files);
+      const cache = await createKVCache(recordingDevice([]), {...req.cache, manifest: m});
+      return {ok: true, singles: Object.keys(cache._quantStores).sort(), pair: cache._quantPair ? cache._quantPair.entry.file : null};
     }
   }
   throw new Error(`unknown op ${req.op}`);

@@ -315,3 +315,41 @@ def test_each_dialect_gets_its_own_file(checker, compiled, family):
             assert js["codes"] == want, (dialect, "dialect_files" in manifest["variants"][0]["programs"][0])
     js = checker.ask({"op": "sources", "manifest": m, "files": files, "variant": var["name"], "dialect": "spirv"})
     assert js.get("attnc_error") and "dialect must be one of 'tint', 'naga'" in js["error"], js
+
+
+@pytest.fixture(scope="module")
+def quant_compiled(tmp_path_factory) -> tuple[Path, dict]:
+    """An `attnc compile` output with q8_0 K and q4_0 V: single and pair store kernels."""
+    from attnc.cli import main
+
+    d = tmp_path_factory.mktemp("kvquant")
+    assert main(["compile", "attnc.kernels.flash:flash_attention", "-o", str(d), "--set", "k_dtype=q8_0",
+                 "--set", "v_dtype=q4_0", "--set", "kv_lens=true"]) == 0
+    return d, json.loads((d / "manifest.json").read_text())
+
+
+def test_kv_cache_store_kernels_need_counts(checker, quant_compiled):
+    """createKVCache takes the manifest's store kernels that bind each row's count; one compiled
+    without it (before ragged appends wrote exactly their rows) is refused naming the fix, and
+    a pair kernel without it is passed over for the single ones."""
+    d, m = quant_compiled
+    files = wgsl_files(d)
+    cache = {"batch": 2, "kvHeads": 2, "capacity": 64, "headDim": 64, "kFormat": "q8_0", "vFormat": "q4_0"}
+    ok = checker.ask({"op": "kvcache", "manifest": m, "files": files, "cache": cache})
+    assert ok.get("ok") and ok["singles"] == ["q4_0", "q8_0"] and ok["pair"], ok
+
+    def without_counts(pick) -> dict:
+        old = copy.deepcopy(m)
+        for entry in old["stores"]:
+            if pick(entry):
+                entry["tensors"] = [t for t in entry["tensors"] if t["name"] != "counts"]
+                entry["bindings"] = [b for b in entry["bindings"] if b["name"] != "counts"]
+        return old
+
+    pairless = checker.ask({"op": "kvcache", "manifest": without_counts(lambda e: "formats" in e), "files": files,
+                            "cache": cache})
+    assert pairless.get("ok") and pairless["pair"] is None, pairless
+    refused = checker.ask({"op": "kvcache", "manifest": without_counts(lambda e: True), "files": files,
+                           "cache": cache})
+    assert refused.get("attnc_error") and "kFormat: the manifest's q8_0 store kernel has no counts binding" in \
+        refused["error"] and "compile it again" in refused["error"], refused
