@@ -86,46 +86,37 @@ def emit_combine(sh: Shader) -> Program:
         w.line(f"let base = row_linear(qi) * {ns};")
         w.line(f"let nsp = {ns};")
         step = f"{SG * CU}u"
-        # one round of loads: each lane reads its splits' (m, l, o) together and keeps an online
-        # log-sum-exp state (a first pass for the maximum would be a second round of dependent
-        # loads); the SG groups' states then merge in workgroup memory
         w.line(f"var mx = {NEG_INF};")
+        with w.block(f"for (var j = sg; j < nsp; j = j + {step})"):
+            for u in range(CU):  # a clamped index repeats the last split: harmless for a max
+                w.line(f"mx = max(mx, t_part[(base + min(j + {u * SG}u, nsp - 1u)) * (n_width + 2u)]);")
+        w.line("c_m[lid] = mx;")
+        w.line("workgroupBarrier();")
+        w.line(f"mx = {_tree([f'c_m[{COLS * g}u]' for g in range(SG)], 'max({0}, {1})')};")
         w.line("var l = 0.0;")
         w.line("var o = 0.0;")
         if CPL == 2:
             w.line("var o1 = 0.0;")
         with w.block(f"for (var j = sg; j < nsp; j = j + {step})"):
-            for u in range(CU):  # a clamped index repeats the last split: harmless for the maximum, weighted 0
+            for u in range(CU):
                 w.line(f"let sp{u} = j + {u * SG}u;")
                 w.line(f"let pr{u} = (base + min(sp{u}, nsp - 1u)) * (n_width + 2u);")
-                w.line(f"let pm{u} = t_part[pr{u}];")
-                w.line(f"let pl{u} = t_part[pr{u} + 1u];")
-                w.line(f"let po{u} = t_part[pr{u} + 2u + cin];")
+                w.line(f"let wt{u} = select(0.0, select(exp_sub(t_part[pr{u}], mx), 0.0, is_neg_inf(mx)), "
+                       f"sp{u} < nsp);")
+                w.line(f"l = l + select(0.0, t_part[pr{u} + 1u] * wt{u}, sp{u} < nsp);")
+                w.line(f"o = o + select(0.0, t_part[pr{u} + 2u + cin] * wt{u}, sp{u} < nsp);")
                 if CPL == 2:
-                    w.line(f"let pq{u} = t_part[pr{u} + 2u + cin1];")
-            w.line(f"let mn = max(mx, {_tree([f'pm{u}' for u in range(CU)], 'max({0}, {1})')});")
-            w.line("let al = exp_sub(mx, mn);  // 0 while mx is -inf (l and o are 0 then)")
-            sums = [("l", "pl"), ("o", "po")] + ([("o1", "pq")] if CPL == 2 else [])
-            for u in range(CU):
-                w.line(f"let wt{u} = exp_sub(pm{u}, mn);")
-            for acc, part in sums:
-                terms = [f"select(0.0, {part}{u} * wt{u}, sp{u} < nsp)" for u in range(CU)]
-                w.line(f"{acc} = {acc} * al + {_tree(terms, '({0} + {1})')};")
-            w.line("mx = mn;")
-        w.line("c_m[lid] = mx;")
+                    w.line(f"o1 = o1 + select(0.0, t_part[pr{u} + 2u + cin1] * wt{u}, sp{u} < nsp);")
         w.line("c_l[lid] = l;")
         w.line("c_o[lid] = o;")
         if CPL == 2:
             w.line("c_o1[lid] = o1;")
         w.line("workgroupBarrier();")
         with w.block("if (sg == 0u && col < n_width)"):
-            w.line(f"mx = {_tree([f'c_m[lid + {COLS * g}u]' for g in range(SG)], 'max({0}, {1})')};")
-            for g in range(SG):
-                w.line(f"let gw{g} = exp_sub(c_m[lid + {COLS * g}u], mx);")
-            w.line(f"l = {_tree([f'c_l[lid + {COLS * g}u] * gw{g}' for g in range(SG)], '({0} + {1})')};")
-            w.line(f"o = {_tree([f'c_o[lid + {COLS * g}u] * gw{g}' for g in range(SG)], '({0} + {1})')};")
+            w.line(f"l = {_tree([f'c_l[lid + {COLS * g}u]' for g in range(SG)], '({0} + {1})')};")
+            w.line(f"o = {_tree([f'c_o[lid + {COLS * g}u]' for g in range(SG)], '({0} + {1})')};")
             if CPL == 2:
-                w.line(f"o1 = {_tree([f'c_o1[lid + {COLS * g}u] * gw{g}' for g in range(SG)], '({0} + {1})')};")
+                w.line(f"o1 = {_tree([f'c_o1[lid + {COLS * g}u]' for g in range(SG)], '({0} + {1})')};")
             if s.sink is not None:
                 w.line("let z = sink_fn(qi);")
                 w.line("let mf = max(mx, z);")

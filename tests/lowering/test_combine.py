@@ -82,9 +82,10 @@ def test_combine_groups_from_the_split_count(spec, require_adapters) -> None:
 @pytest.mark.parametrize("spec", ADAPTERS)
 @pytest.mark.parametrize("groups", [1, 2])
 def test_a_maximum_rising_in_later_loop_iterations(spec, groups, require_adapters) -> None:
-    """Each split group walks its splits CU at a time, keeping an online maximum: with scores
-    that grow along the keys, every later iteration raises it, so the state gathered so far
-    must be rescaled each time (a missed rescale weighs the early splits e^(many) too much)."""
+    """Each split group walks its splits CU at a time: with scores that grow along the keys,
+    every later loop iteration holds a larger maximum, so a weight taken against any maximum
+    but the one over all splits (or a state not rescaled when it rises) weighs the early splits
+    e^(many) too much."""
     import numpy as np
 
     from attnc.runtime import api
