@@ -91,17 +91,19 @@ def row_tiles(dims: dict[str, int], bm: int) -> int:
 
 def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal: bool = False,
              f16: bool = False, explicit_family: bool = False, f16_math: bool = False,
-             vector_loads: bool = True, quantized_k: bool = False) -> tuple[Plan, dict[str, int]]:
+             vector_loads: bool = True, k_format: str | None = None) -> tuple[Plan, dict[str, int]]:
     """The heuristic plan and kernel tunables for a shape (a tuned choice overrides it).
 
-    From the tuning runs in docs/bench/ (no vendor names: adapter type and limits only):
+    From the tuning runs in docs/bench/ (no vendor names: adapter type and limits only);
+    `k_format` is K's storage format when it is quantized ("q8_0", "q4_0", "int8"):
     - short query rows on a CPU adapter with subgroups, up to LANE_GROUP_MAX_ROWS packed rows
-      per tile: the stream strategy's lane groups (`lane_groups_plan`: lavapipe 2-4x faster);
+      per tile, and one row per tile over a q8_0 K on a GPU with subgroups: the stream
+      strategy's lane groups (`lane_groups_plan`: lavapipe 2-4x faster; H200 q8_0 3-25 %);
     - short query rows (S <= 16: decoding, cross-attention): the stream strategy (K/V read
       straight from storage) with row tiles of up to 16 rows (4 on a CPU adapter; query heads
       of a KV head packed into rows), split over KV, with a softmax phase (SMX) from 8 rows
       (H200 dec_gqa8 about 10 % faster with it) and >= 2 KV tiles per split; on a GPU, a
-      quantized K (`quantized_k`) with one row per tile takes one lane per key, tiles of a
+      q4_0 or int8 K with one row per tile takes one lane per key, tiles of a
       key per invocation and the probabilities in the dot phase (SMX=2: H200 kv_dec1_h128,
       q8_0, q4_0 and int8, 5-11 % faster; slower with f16 K, whose rows one lane reads in
       8-byte pieces, and with 4 or 8 rows per tile), and so does an f16 or quantized K on a
@@ -165,7 +167,7 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
     tiled_base = Plan(family, storage, dialect, min_subgroup=sg_min, shuffle_only_lanes=sg_fast, vector_width=vec,
                       last_tile_first=int(causal), **gpu)
     if dims["S"] <= 16:
-        groups = lane_groups_plan(caps, family, dims, storage, dialect, vec, f16_math, only, quantized_k)
+        groups = lane_groups_plan(caps, family, dims, storage, dialect, vec, f16_math, only, k_format)
         if groups is not None:
             return groups
         lanes = lanes_plan(caps, family, dims, storage, dialect, vec, f16_math, only)
@@ -201,7 +203,7 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
             # one row per tile: SMX=2 over a quantized K on GPUs, and over f16 or quantized K on
             # CPU adapters, where each exponential taken once instead of once per column group
             # pays more (lavapipe kv_lp_dec1_h128: 0.76-0.92 of the time; f32 K: 1.0-1.17)
-            shared_max = bm == 1 and (quantized_k or (cpu and f16))
+            shared_max = bm == 1 and (k_format is not None or (cpu and f16))
             # one row of a long head on a GPU: 8 lanes per key, so that a load instruction reads
             # 64 or 128 contiguous bytes of each key's row, not 16 or 32 (H200 kv_dec1_h128:
             # 10-14 % faster in f16 and f32; 2 lanes stay best below D = 128 and with more rows;
@@ -354,37 +356,48 @@ LANE_GROUP_MAX_ROWS = 2
 
 
 def lane_groups_plan(caps: Capabilities, family: Family, dims: dict[str, int], storage: Storage, dialect: Dialect,
-                     vec: int, f16_math: bool, only: str, quantized_k: bool) -> tuple[Plan, dict[str, int]] | None:
+                     vec: int, f16_math: bool, only: str, k_format: str | None) -> tuple[Plan, dict[str, int]] | None:
     """The stream strategy's lane groups (SMX=3: a key's KL lanes in one subgroup, no barrier
-    in the KV loop) for decoding on a CPU adapter with subgroups, or None where they do not apply.
+    in the KV loop) for decoding on a CPU adapter with subgroups, and for one query row per tile
+    over a q8_0 K on a GPU with subgroups; None where they do not apply.
 
     Measured on lavapipe, f16, both backends, one process each (docs/BENCHMARKS.md): one row per
     tile 0.46-0.54 of the time of the shared-maximum plan (kv_lp_dec1_h128), 0.22-0.39 of the lanes
     plan's at D = 64 (dl_mha_d64, dl_gqa2_d64), 0.64-0.69 at D = 80; with 4 packed rows (gqa8)
     1.7-2.5x slower than the lanes plan, so up to LANE_GROUP_MAX_ROWS rows. 8 lanes per key from
-    D = 80, 4 below (at most the lanes the probe found in one subgroup). On the H200 they were
-    0.99-1.10x the time of the plans GPUs take (their loads overlap the math less), so GPUs do not.
+    D = 80, 4 below (at most the lanes the probe found in one subgroup). On the H200 over float K
+    they were 0.99-1.10x the time of the plans GPUs take (their loads overlap the math less), so
+    GPUs take them only over a q8_0 K with one row per tile: 4 lanes per key, 128 invocations,
+    128-key tiles, 2 keys per step, 0.80-0.97 of the shared-maximum plan's time on both backends
+    in two processes each (dec_h128_kv16384, kv_dec1_h128_t32768, kv_dec1_h64_t32768, f16 q).
     A block-quantized K is read in runs of whole blocks or parts of one: where the head dim does
     not split so, 4 lanes per key and the query dim padded to blocks of 4 (D = 96 -> 128)."""
-    if not caps.cpu or family is not Family.SUBGROUPS or vec != 4 or f16_math or only not in ("", "stream"):
+    if family is not Family.SUBGROUPS or vec != 4 or f16_math or only not in ("", "stream"):
         return None
     rows = dims["Hq"] // dims["Hkv"] * dims["S"]
-    if rows > LANE_GROUP_MAX_ROWS or dims["D"] > STREAM_MAX_D:
+    if dims["D"] > STREAM_MAX_D:
+        return None
+    if caps.cpu:
+        if rows > LANE_GROUP_MAX_ROWS:
+            return None
+        wg, kc, kl_max = 64, 2, 8 if dims["D"] >= 80 else 4
+    elif k_format == "q8_0" and rows == 1 and caps.subgroup_lanes_contiguous >= 4:
+        wg, kc, kl_max = 128, 2, 4
+    else:
         return None
     bm = pow2ceil(rows)
     dvc = max(4, pow2ceil(dims["Dv"]))
-    kl = max(1, min(8 if dims["D"] >= 80 else 4, caps.subgroup_lanes_contiguous, dvc // 4))
+    kl = max(1, min(kl_max, caps.subgroup_lanes_contiguous, dvc // 4))
     dq = -(-dims["D"] // (4 * kl)) * 4 * kl
     run = dq // (4 * kl)  # K vec4s per lane
-    if quantized_k and 8 % run and run % 8:  # a lane's run must be whole blocks or part of one (D = 96: 4 x 32)
+    if k_format is not None and 8 % run and run % 8:  # a lane's run must be whole blocks or part of one
         kl = min(kl, 4)
         dq = -(-dims["D"] // (32 * kl)) * 32 * kl
-    wg, kc = 64, 2
     # outputs held in registers, at most a vec4 per invocation: a grid axis covers the rest of Dv
     dvc = min(dvc, 4 * kl * LANE_GROUP_MAX_VEC4 // bm, 4 * wg)
     plan = stream_plan(Plan(family, storage, dialect), dims, workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc,
                        softmax_phase=3, query_dim=dq, value_columns=dvc)
-    tun = {"BM": bm, "BN": max(64, wg // kl * kc)}
+    tun = {"BM": bm, "BN": max(64 if caps.cpu else 128, wg // kl * kc)}
     if 4 * stream_layout(plan, bm, tun["BN"]).smem_words > caps.limit("max-compute-workgroup-storage-size"):
         return None  # (stream_layout raises for a plan that does not map: none is built here)
     return plan, tun

@@ -257,7 +257,7 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
             else:
                 tuned = None
     hplan, htun = plan_for(caps, fam, dims, causal=opts.causal, f16=opts.f16, explicit_family=target is not None,
-                           f16_math=f16_math, vector_loads=vector_loads, quantized_k=k_format is not None)
+                           f16_math=f16_math, vector_loads=vector_loads, k_format=k_format)
     if f16_math:
         hplan = dataclasses.replace(hplan, storage=Storage.F16A)
     if tuned is not None:

@@ -140,30 +140,44 @@ def test_gpu_f16_decode_of_4_or_more_rows_sums_lanes_by_shuffles() -> None:
     assert schedule.plan_for(gpu, Family.SUBGROUPS, one_row, f16=True)[0].lane_sum == 0
 
 
-def test_gpu_decode_over_a_quantized_k_shares_the_maximum_with_one_row_per_tile() -> None:
-    """A quantized K with one query row per tile (kv_dec1_h128): one lane per key, a key per
-    invocation in each tile, probabilities in the dot phase (SMX=2), valid for the layout;
-    the same shape over f16 K and packed GQA rows over a quantized K keep their plans on a
-    GPU; a CPU adapter takes SMX=2 over f16 K as well, not over f32 K."""
+def test_gpu_decode_over_a_quantized_k_with_one_row_per_tile() -> None:
+    """A quantized K with one query row per tile (kv_dec1_h128): over q4_0 and int8, one lane
+    per key, a key per invocation in each tile, probabilities in the dot phase (SMX=2); over
+    q8_0, lane groups of 4 lanes per key (SMX=3, 128 invocations, 128-key tiles, 2 keys per
+    step), where the device keeps 4 lanes contiguous; each plan valid for the layout. The same
+    shape over f16 K and packed GQA rows over a quantized K keep their plans on a GPU; a CPU
+    adapter takes SMX=2 over f16 K as well, not over f32 K."""
     from attnc.lowering.plan import Family, Strategy, stream_layout
 
     gpu = h200_like()
     h128 = dict(B=1, Hq=8, Hkv=8, S=1, T=16384, D=128, Dv=128)
-    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, h128, f16=True, quantized_k=True)
-    assert (plan.strategy, plan.softmax_phase, plan.lanes_per_key) == (Strategy.STREAM, 2, 1)
-    assert tun == {"BM": 1, "BN": plan.workgroup_size}
-    stream_layout(plan, tun["BM"], tun["BN"])  # (raises if it does not map)
     h64 = dict(h128, Hq=16, Hkv=16, D=64, Dv=64)
-    plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, h64, quantized_k=True)
-    assert plan.softmax_phase == 2 and tun["BN"] >= plan.workgroup_size
+    for fmt in ("q4_0", "int8"):
+        plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, h128, f16=True, k_format=fmt)
+        assert (plan.strategy, plan.softmax_phase, plan.lanes_per_key) == (Strategy.STREAM, 2, 1)
+        assert tun == {"BM": 1, "BN": plan.workgroup_size}
+        stream_layout(plan, tun["BM"], tun["BN"])  # (raises if it does not map)
+        plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, h64, k_format=fmt)
+        assert plan.softmax_phase == 2 and tun["BN"] >= plan.workgroup_size
+    for dims in (h128, h64, dict(h128, D=96, Dv=96)):
+        for f16 in (True, False):
+            plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dims, f16=f16, k_format="q8_0")
+            assert (plan.strategy, plan.softmax_phase, plan.lanes_per_key) == (Strategy.STREAM, 3, 4), dims
+            assert (plan.workgroup_size, plan.keys_per_step, tun) == (128, 2, {"BM": 1, "BN": 128}), dims
+            assert (plan.query_dim // 16) % 8 == 0 or 8 % (plan.query_dim // 16) == 0  # whole blocks per lane
+            stream_layout(plan, tun["BM"], tun["BN"])
+    narrow = h200_like(subgroup_lanes_contiguous=2)  # lanes the probe did not find contiguous
+    assert schedule.plan_for(narrow, Family.SUBGROUPS, h128, k_format="q8_0")[0].softmax_phase == 2
+    assert schedule.plan_for(gpu, Family.PORTABLE, h128, k_format="q8_0")[0].softmax_phase == 2
     assert schedule.plan_for(gpu, Family.SUBGROUPS, h128, f16=True)[0].softmax_phase == 0
     gqa8 = dict(h128, Hq=64, D=64, Dv=64)
-    assert schedule.plan_for(gpu, Family.SUBGROUPS, gqa8, quantized_k=True)[0].softmax_phase == 1
+    for fmt in ("q8_0", "q4_0"):
+        assert schedule.plan_for(gpu, Family.SUBGROUPS, gqa8, k_format=fmt)[0].softmax_phase == 1
     # CPU adapters (portable family; with subgroups they take lane groups): over f16 and
     # quantized K too, not over f32 K
     cpu = h200_like(adapter_type="CPU", subgroup_size=8, subgroup_lanes_contiguous=8)
-    for f16, quantized, smx in ((True, False, 2), (False, True, 2), (False, False, 0)):
-        plan, tun = schedule.plan_for(cpu, Family.PORTABLE, h128, f16=f16, quantized_k=quantized)
+    for f16, fmt, smx in ((True, None, 2), (False, "q8_0", 2), (False, None, 0)):
+        plan, tun = schedule.plan_for(cpu, Family.PORTABLE, h128, f16=f16, k_format=fmt)
         assert plan.softmax_phase == smx and tun["BM"] == 1
         stream_layout(plan, tun["BM"], tun["BN"])
 
@@ -178,15 +192,16 @@ def test_cpu_decode_of_one_or_two_rows_takes_lane_groups() -> None:
 
     cpu = h200_like(adapter_type="CPU", subgroup_size=8, subgroup_lanes_contiguous=8)
     h128 = dict(B=1, Hq=4, Hkv=4, S=1, T=8192, D=128, Dv=128)
-    cases = [  # (dims, quantized K, expected (KL, DQ, BM))
-        (h128, False, (8, 128, 1)), (h128, True, (8, 128, 1)), (dict(h128, D=64, Dv=64), False, (4, 64, 1)),
-        (dict(h128, Hq=8, D=64, Dv=64), True, (4, 64, 2)), (dict(h128, D=80, Dv=80), False, (8, 96, 1)),
-        (dict(h128, D=96, Dv=96), True, (4, 128, 1)), (dict(h128, D=64, Dv=8), False, (2, 64, 1)),
-        (dict(h128, Hq=8, Dv=256), False, (8, 128, 2)),
+    cases = [  # (dims, quantized K's format, expected (KL, DQ, BM))
+        (h128, None, (8, 128, 1)), (h128, "q4_0", (8, 128, 1)), (dict(h128, D=64, Dv=64), None, (4, 64, 1)),
+        (dict(h128, Hq=8, D=64, Dv=64), "q8_0", (4, 64, 2)), (dict(h128, D=80, Dv=80), None, (8, 96, 1)),
+        (dict(h128, D=96, Dv=96), "int8", (4, 128, 1)), (dict(h128, D=64, Dv=8), None, (2, 64, 1)),
+        (dict(h128, Hq=8, Dv=256), None, (8, 128, 2)),
     ]
-    for dims, quantized, (kl, dq, bm) in cases:
+    for dims, fmt, (kl, dq, bm) in cases:
+        quantized = fmt is not None
         for f16 in (True, False):
-            plan, tun = schedule.plan_for(cpu, Family.SUBGROUPS, dims, f16=f16, quantized_k=quantized)
+            plan, tun = schedule.plan_for(cpu, Family.SUBGROUPS, dims, f16=f16, k_format=fmt)
             assert (plan.strategy, plan.softmax_phase) == (Strategy.STREAM, 3), dims
             assert (plan.lanes_per_key, plan.query_dim, tun["BM"]) == (kl, dq, bm), dims
             lay = stream_layout(plan, tun["BM"], tun["BN"])

@@ -148,3 +148,39 @@ def test_gpu_heuristic_plans_stay_in_bounds(case, dialect, dims, opts, plan, tun
     monkeypatch.setenv("ATTNC_SANITIZE", "bounds")
     op = check_forced_plan(dev, small, dataclasses.replace(plan, unroll=1), tun, nsplit, options, seed=11)
     assert op.plan.strategy is plan.strategy and op.plan.dialect is plan.dialect
+
+
+def _quantized_plans() -> list[tuple[str, str, str, dict, object, dict, int]]:
+    """(case, dialect, K/V format, dims, plan, tunables, splits) of the heuristic's H200 choice
+    for one-row decoding over a quantized cache: lane groups over q8_0, the shared maximum over
+    q4_0 and int8; Tint's for q8_0 only (the same rule)."""
+    from attnc.bench.cases import load_suites
+
+    cases = {c.name: c for s in load_suites().values() for c in s}
+    out = []
+    for name, dialect, fmt in (("kv_dec1_h128_t16384", "naga", "q8_0"), ("kv_dec1_h128_t16384", "naga", "q4_0"),
+                               ("kv_dec1_h128_t16384", "naga", "int8"), ("kv_dec1_h64_t32768", "naga", "q8_0"),
+                               ("kv_dec1_h128_t16384", "tint", "q8_0")):
+        case, gpu = cases[name], h200_like(dialect=dialect)
+        dims = {x: getattr(case, x) for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv")}
+        plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dims, f16=True, k_format=fmt)
+        nsplit = schedule.split_count(gpu, dims, tun["BM"], tun["BN"], False, True)
+        out.append((name, dialect, fmt, dims, plan, tun, nsplit))
+    return out
+
+
+@pytest.mark.parametrize(("case", "dialect", "fmt", "dims", "plan", "tun", "nsplit"),
+                         [pytest.param(*p, id=f"{p[0]}-{p[1]}-{p[2]}") for p in _quantized_plans()])
+def test_gpu_quantized_decode_plans_stay_in_bounds(case, dialect, fmt, dims, plan, tun, nsplit, require_adapters,
+                                                   monkeypatch) -> None:
+    """The plans attention() takes on the H200 for one-row decoding over q8_0, q4_0 and int8 K/V
+    (f16 q), under the sanitizer on lavapipe through the same compiler, on a smaller problem
+    with a tail in every axis, a [B, Hq, S, T] bias, sinks, kv_lens and lse, against float64
+    on the dequantized K/V."""
+    dev = require_adapters("wgpu:vulkan" if dialect == "naga" else "dawn:vulkan")[0]
+    assert plan.softmax_phase == (3 if fmt == "q8_0" else 2)
+    small = dict(dims, B=2, Hq=2, Hkv=2, T=301)
+    options = {"bias": "full", "sinks": "draw", "kv_lens": "draw", "return_lse": True}
+    monkeypatch.setenv("ATTNC_SANITIZE", "bounds")
+    op = check_forced_plan(dev, small, plan, tun, nsplit, options, seed=12, dtype=np.float16, kv_formats=(fmt, fmt))
+    assert op.plan.softmax_phase == plan.softmax_phase

@@ -3,7 +3,7 @@ decide a heuristic or a lowering change. Each variant is `FIELD=VALUE,...` over 
 BM/BN (tile sizes) and NSPLIT; `-` is the heuristic plan itself; a `@STRATEGY:` prefix starts
 from the heuristic plan restricted to that strategy (ATTNC_STRATEGY), e.g. `@tiled:BM=32,TM=2`.
 `KV=q8_0` (q4_0, int8) reads K and V quantized to that format (attnc.quant), e.g.
-`KV=q4_0,KL=4`; `KV=q4_0` alone is the heuristic plan over that cache (plan_for's quantized_k). `DT=f32` (f16) runs
+`KV=q4_0,KL=4`; `KV=q4_0` alone is the heuristic plan over that cache (plan_for's k_format). `DT=f32` (f16) runs
 that variant on inputs of that dtype, from that dtype's heuristic plan (two dtypes compared
 in one process). `ABL=name[+name]` emits the main pass with those ablations of gpu_ablate.py
 (parts removed, results wrong by design: only the time matters).
@@ -159,7 +159,7 @@ def prepare_variant(dev, case, dims, base, tun0, spec: str, copies) -> tuple:
     if other_dtype or fmt is not None:  # the heuristic plan of those inputs (over a quantized K)
         base, tun0 = schedule.plan_for(dev.capabilities, schedule.pick_family(dev.capabilities, None), dims,
                                        causal=case.causal, f16=copies[0][0].dtype == np.float16,
-                                       quantized_k=fmt is not None)
+                                       k_format=fmt)
     spec, base, tun0 = strategy_base(dev, case, dims, spec, base, tun0)
     kw = parse(spec)
     tun = {**tun0, **{x: kw.pop(x) for x in ("BM", "BN") if x in kw}}
