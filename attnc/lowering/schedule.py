@@ -200,7 +200,8 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
             # adapter, > 1024 on a GPU): a grid axis covers Dv in chunks of these columns
             dvc = min(dvc, 4 * wg)
             # packed GQA: a softmax phase from 8 rows, one lane per key from 16 (tuned on the H200)
-            # one row per tile: SMX=2 over a quantized K on GPUs, and over f16 or quantized K on
+            # one row per tile: SMX=2 over a quantized K on GPUs (q8_0 takes lane groups above where
+            # the family has subgroups), and over f16 or quantized K on
             # CPU adapters, where each exponential taken once instead of once per column group
             # pays more (lavapipe kv_lp_dec1_h128: 0.76-0.92 of the time; f32 K: 1.0-1.17)
             shared_max = bm == 1 and (k_format is not None or (cpu and f16))
