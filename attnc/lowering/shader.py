@@ -284,9 +284,9 @@ class Shader:
         """The first word of a quantized tensor's row, from the vec4 index `first4` of the row's
         first element in the dense logical tensor (rows start on a block: D % 32 == 0)."""
         words = self.quant_block_words(name)
-        if words is None:  # int8: D/4 + 1 words a row
+        if words is None:  # int8: D/4 + 1 words a row (first4 is a row's start: an exact division)
             last = self.spec.kernel.param(name).type.dims[-1]
-            return f"(({first4}) / (P.d_{last} >> 2u)) * ((P.d_{last} >> 2u) + 1u)"
+            return f"exact_div({first4}, P.d_{last} >> 2u) * ((P.d_{last} >> 2u) + 1u)"
         return f"(({first4}) >> 3u) * {words}u"
 
     def read_blocks(self, w: Writer, tensor: str, name: str, row: str, count: int, first: str, last: str,
