@@ -286,7 +286,7 @@ class Shader:
         words = self.quant_block_words(name)
         if words is None:  # int8: D/4 + 1 words a row (first4 is a row's start: an exact division)
             last = self.spec.kernel.param(name).type.dims[-1]
-            return f"exact_div({first4}, P.d_{last} >> 2u) * ((P.d_{last} >> 2u) + 1u)"
+            return f"div_by({first4}, rows_{name}) * ((P.d_{last} >> 2u) + 1u)"
         return f"(({first4}) >> 3u) * {words}u"
 
     def read_blocks(self, w: Writer, tensor: str, name: str, row: str, count: int, first: str, last: str,
@@ -319,8 +319,19 @@ class Shader:
             w.line(f"var<private> g_{s.split_var}: i32;")
         for n in s.uniform_lets:
             w.line(f"var<private> g_{n}: {_WGSL_TYPE[s.lets[n].dtype]};")
+        for name in self._int8_rows():
+            w.line(f"var<private> rows_{name}: vec2<u32>;  // exact_div's divisor: an int8 row's vec4s")
+
+    def _int8_rows(self) -> list[str]:
+        """The int8 tensors, whose rows' first words quant_row_words finds by exact_div."""
+        return [n for n, fmt in self.quant.items() if fmt is ir.DType.INT8]
 
     def uniform_lets(self, w: Writer, skip_split: bool = False) -> None:
+        """The private values every invocation computes once from the uniforms: the uniform
+        lets (those depending on the split unless `skip_split`), and the int8 rows' divisors."""
+        for name in self._int8_rows():
+            last = self.spec.kernel.param(name).type.dims[-1]
+            w.line(f"rows_{name} = divisor(P.d_{last} >> 2u);")
         env = self.env(None, None)
         for n in self.spec.uniform_lets:
             if skip_split and self.spec.split_var and self.spec.depends(

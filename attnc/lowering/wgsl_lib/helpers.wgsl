@@ -29,12 +29,14 @@ fn floor_mod(a: i32, b: i32) -> i32 {
   return select(select(r, r + b, r != 0 && ((r < 0) != (b < 0))), a, b == 0);
 }
 
-// x / n for an x that is a multiple of n (n >= 1; wrapping when it is not): x's shift by n's
-// trailing zeros times the inverse of n's odd part modulo 2^32 (Newton's iteration, from the
-// 3 bits o * o == 1 mod 8 gives to 48), with no integer division: a per-lane loop of scalar
-// divisions on CPU adapters (an int8 KV row per key: 15-18 % of a lavapipe decode), a long
-// instruction sequence on GPUs. Uniform n: compilers hoist all but the shift and the product.
-fn exact_div(x: u32, n: u32) -> u32 {
+// x / n for an x that is a multiple of n (n >= 1; wrapping when it is not), with no integer
+// division (a per-lane loop of scalar divisions on CPU adapters: an int8 KV row per key cost
+// 15-18 % of a lavapipe decode; a long instruction sequence on GPUs): x's shift by n's
+// trailing zeros times the inverse of n's odd part modulo 2^32. divisor(n) is that (shift,
+// inverse), computed once per invocation where n is uniform (the int8 rows' rows_*), div_by
+// the division itself. The inverse by Newton's iteration: o * o == 1 mod 8 gives 3 bits, each
+// step doubles them (48 >= 32).
+fn divisor(n: u32) -> vec2<u32> {
   let s = countTrailingZeros(n);
   let o = n >> s;
   var inv = o;
@@ -42,7 +44,15 @@ fn exact_div(x: u32, n: u32) -> u32 {
   inv = inv * (2u - o * inv);
   inv = inv * (2u - o * inv);
   inv = inv * (2u - o * inv);
-  return (x >> s) * inv;
+  return vec2<u32>(s, inv);
+}
+
+fn div_by(x: u32, d: vec2<u32>) -> u32 {
+  return (x >> d.x) * d.y;
+}
+
+fn exact_div(x: u32, n: u32) -> u32 {
+  return div_by(x, divisor(n));
 }
 
 // A tensor index clamped into [0, n - 1], the IR's rule for every read: rows and keys past
