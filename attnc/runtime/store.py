@@ -76,7 +76,7 @@ def store_rows(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, 
     which position t of entry b is slot t % P of page table[b, t // P]. `counts` (B ints in
     [0, N]) writes only the first counts[b] rows of entry b; None writes all N."""
     counts = _counts(x, counts)
-    fmt = _check(cache, x, pos, table, counts=counts)
+    fmt = _check(cache, x, pos, table, counts)
     dev = get_device(device)
     buf = _upload(dev, cache)
     rt.run(dev, [store_dispatch(dev, fmt, buf, tuple(cache.shape), x, np.asarray(pos), table, counts)])
@@ -90,8 +90,8 @@ def store_pair_rows(k_cache: QuantTensor | np.ndarray, v_cache: QuantTensor | np
     """store_rows of K's and V's rows at the same positions (block table, counts) by one
     dispatch of the pair store kernel, which a KV cache's append uses: copies of (k_cache, v_cache)."""
     counts = _counts(k_rows, counts)
-    k_fmt = _check(k_cache, k_rows, pos, table, "k_", counts)
-    v_fmt = _check(v_cache, v_rows, pos, table, "v_", counts)
+    k_fmt = _check(k_cache, k_rows, pos, table, counts, "k_")
+    v_fmt = _check(v_cache, v_rows, pos, table, counts, "v_")
     if k_rows.shape[:3] != v_rows.shape[:3]:
         raise ValueError(f"v_rows: shape {v_rows.shape}; k_rows has {k_rows.shape}: the same [B, H, N] expected")
     if k_cache.shape[:3] != v_cache.shape[:3]:
@@ -122,10 +122,10 @@ def _counts(x: Any, counts: Any) -> np.ndarray:
 
 
 def _check(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, table: np.ndarray | None,
-           prefix: str = "", counts: np.ndarray | None = None) -> str:
+           counts: np.ndarray, prefix: str = "") -> str:
     """The cache's format once the cache, the rows x, pos and the table are checked against the
-    rows written (the first counts[b] of entry b; all N when None) (ValueError naming the
-    problem; `prefix` names which cache and rows: "k_", "v_")."""
+    rows written (the first counts[b] of entry b, from _counts) (ValueError naming the problem;
+    `prefix` names which cache and rows: "k_", "v_")."""
     cache_name = f"{prefix}cache"
     fmt = _format(cache, cache_name)
     shape = tuple(cache.shape)
@@ -137,13 +137,13 @@ def _check(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, tabl
         check_head_dim(fmt, cache_name, shape[3])
     elif fmt == "f16" and shape[3] % 2:
         raise ValueError(f"{cache_name}: an f16 cache stores two values per 32-bit word; head dim {shape[3]} is odd")
-    B, _, N, _ = x.shape
+    B = x.shape[0]
     pos = np.asarray(pos)
     if pos.shape != (B,) or pos.dtype.kind not in "iu":
         raise ValueError(f"pos: expected {B} integers (one per batch entry), got {pos.dtype} {pos.shape}")
     if (pos < 0).any():
         raise ValueError(f"pos: positions must be >= 0, got {pos.tolist()}")
-    ends = pos + (N if counts is None else counts)  # one past each entry's last written row
+    ends = pos + counts  # one past each entry's last written row
     if paged:
         table = np.asarray(table)
         if table.ndim != 2 or table.shape[0] != B or table.dtype.kind not in "iu":
