@@ -245,11 +245,14 @@ class PipelineCache:
         return compiled
 
 
-def log_compile(device: DeviceLike, names: list[str], create_s: float, first_run_s: float) -> None:
+def log_compile(device: DeviceLike, programs: Sequence[Program], create_s: float, first_run_s: float) -> None:
     """Append a JSON line to $ATTNC_COMPILE_LOG for a run that compiled new pipelines:
     pipeline creation time, and the first submission's wall time (lavapipe's LLVM compiles a
-    shader at its first dispatch, so that is where its compile time shows)."""
-    record = {"device": device.spec, "programs": names, "create_s": round(create_s, 3),
+    shader at its first dispatch, so that is where its compile time shows), with each
+    program's workgroup barriers (lavapipe turns a compute shader into a coroutine that
+    suspends at each barrier: its compile time grows with their number)."""
+    record = {"device": device.spec, "programs": [p.name for p in programs],
+              "barriers": [p.wgsl.count("workgroupBarrier()") for p in programs], "create_s": round(create_s, 3),
               "first_run_s": round(first_run_s, 3), "test": os.environ.get("PYTEST_CURRENT_TEST", "")}
     with open(os.environ["ATTNC_COMPILE_LOG"], "a", encoding="utf-8") as log:
         log.write(json.dumps(record) + "\n")
@@ -931,7 +934,7 @@ def run(
     submit(device, [encoder.finish()])
     if logging and len(device.pipelines) > known:
         wait_idle(device)
-        log_compile(device, [p[3] for p in prepared], created - start, time.perf_counter() - created)
+        log_compile(device, [d.program for d in dispatches], created - start, time.perf_counter() - created)
     _check_records(device, checked)
     if not timestamps:
         return None

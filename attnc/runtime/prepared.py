@@ -711,7 +711,7 @@ class Prepared:
             self._run(self._pass(items), encoder, before, keep=False)
             if logged is not None:
                 rt.wait_idle(self.dev)
-                rt.log_compile(self.dev, [p.name for p in self.progs], logged[0], time.perf_counter() - logged[1])
+                rt.log_compile(self.dev, self.progs, logged[0], time.perf_counter() - logged[1])
             self._map_digest = digest
         buffers = tuple({id(rt.buffer_of(b)): rt.buffer_of(b) for b in bound.values()}.values())
         if output == "numpy":

@@ -163,18 +163,20 @@ def test_dispatch_folds_grid_and_times(device) -> None:
 
 
 def test_compile_log_records_each_new_pipeline_once(device, tmp_path, monkeypatch) -> None:
-    """ATTNC_COMPILE_LOG gets one JSON line per run that created pipelines, none for cached ones."""
+    """ATTNC_COMPILE_LOG gets one JSON line per run that created pipelines, none for cached ones,
+    with each program's workgroup barriers."""
     log = tmp_path / "compile.jsonl"
     monkeypatch.setenv("ATTNC_COMPILE_LOG", str(log))
     monkeypatch.setenv("PYTEST_CURRENT_TEST", "probe")
     bufs = {"a": upload(device, np.ones(64, np.float32)), "b": upload(device, np.ones(64, np.float32)),
             "out": empty(device, 4 * 64)}
-    program = dataclasses.replace(add_program(), name="logged")  # a key no other test compiled
+    barriers = ADD_WGSL.replace("    let group", "    workgroupBarrier();\n    workgroupBarrier();\n    let group")
+    program = add_program(barriers)  # a key no other test compiled
     step = Dispatch(program, bufs, {"n": 64, "alpha": 1.0, "shift": 0}, 1)
     run(device, [step])
     run(device, [step])
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(records) == 1 and records[0]["programs"] == ["logged"], records
+    assert len(records) == 1 and records[0]["programs"] == ["add"] and records[0]["barriers"] == [2], records
     assert records[0]["device"] == device.spec and records[0]["test"] == "probe"
     assert records[0]["first_run_s"] >= 0 and records[0]["create_s"] >= 0
 

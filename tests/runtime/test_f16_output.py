@@ -214,12 +214,15 @@ def test_f16_problems_past_the_binding_limit(require_adapters, monkeypatch, limi
 # o in q's dtype everywhere, as the kernel wrote it: numpy results, GPU tensors (a float16 o with
 # an odd Dv: a strided view, rows Dv + 1 apart, its padding never in the view), out= tensors of
 # the layouts the kernel can write; float32 inputs and outputs alongside as the control.
-# (plan, tunables, split count) per strategy; None: the heuristic (attention() with a target)
+# (plan, tunables, split count) per strategy; None: the heuristic (attention() with a target).
+# The tiled plans hold Dv <= 8 in two value stages of 4 (the second partial for Dv = 5): each
+# stage is unrolled with two barriers, and lavapipe compiles a shader as a coroutine suspending
+# at every barrier, so 32 value columns (8 stages) took its LLVM 30-66 s per shader, 8 take 3 s.
 CONTRACT_PLANS = {
     "heuristic": None,
-    "tiled": (Plan(Family.PORTABLE, workgroup_size=32, head_chunk=8, value_columns=32, value_stage_columns=4,
+    "tiled": (Plan(Family.PORTABLE, workgroup_size=32, head_chunk=8, value_columns=8, value_stage_columns=4,
                    vector_width=1), {"BM": 16, "BN": 32}, 1),
-    "tiled_exchange": (Plan(Family.PORTABLE, workgroup_size=64, head_chunk=8, value_columns=32,
+    "tiled_exchange": (Plan(Family.PORTABLE, workgroup_size=64, head_chunk=8, value_columns=8,
                             value_stage_columns=4, vector_width=1), {"BM": 16, "BN": 32}, 1),
     "rows_split": (Plan(Family.PORTABLE, strategy=Strategy.ROWS, keys_per_step=2, query_dim=8, value_columns=16,
                         vector_width=1), {"BM": 16, "BN": 32}, 2),
@@ -286,9 +289,7 @@ def test_o_in_q_dtype_with_its_layout_everywhere(spec, strategy, data, require_a
     Dv = (5 if odd else 8) if not vec4 else 8
     gpu_in = data.draw(st.booleans(), label="GPU inputs")
     out_kind = data.draw(st.sampled_from(["none", "padded", "bshd"]), label="out")
-    # (the pair-exchange epilogue with a causal mask takes lavapipe's LLVM minutes to compile:
-    # tiled_exchange draws no mask here; test_f16_packing covers its stores)
-    causal = False if strategy == "tiled_exchange" else data.draw(st.booleans(), label="causal")
+    causal = data.draw(st.booleans(), label="causal")
     S = data.draw(st.sampled_from([1, 3]), label="S")
     dims = dict(B=2, Hq=4, Hkv=2, S=S, T=data.draw(st.integers(1, 40), label="T"), D=8, Dv=Dv)
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31), label="seed"))
