@@ -545,7 +545,7 @@ class Prepared:
             self._joined.clear()
         memo_key = fresh_key = None
         previous_map, self._map_digest = self._map_digest, None  # kept only by _bind_call
-        if not (env[0] or env[1]) and type(q) is Tensor and type(k) in _GPU and type(v) in _GPU and \
+        if not env[0] and type(q) is Tensor and type(k) in _GPU and type(v) in _GPU and \
                 all(type(x) is Tensor or (n in self.scalar_inputs and type(x) in (int, float))
                     for n, x in tensors.items()):
             if keep_groups:

@@ -116,13 +116,17 @@ def test_errors_of_the_recorded_commands_are_raised(require_adapters, path) -> N
 
 
 @pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
-def test_repeated_calls_rebuild_the_block_map_from_new_mask_data(require_adapters, spec, path) -> None:
+@pytest.mark.parametrize("compile_log", [False, True], ids=["", "compile_log"])
+def test_repeated_calls_rebuild_the_block_map_from_new_mask_data(require_adapters, spec, path, compile_log,
+                                                                 tmp_path, monkeypatch) -> None:
     """A mask reading document ids from a GPU tensor has a block map (classify and compact
     before the attention pass, lowering/blocks.py). The ids are rewritten in place between
     calls that reuse what an earlier call bound (attention()'s remembered call, a prepared
     op's recorded pass submitted on its own or into the application's encoder): each call
     gives the result of the ids it ran with, so the map is made anew each time. Tiles empty
     under one set of ids are live or full under the other, and documents end inside tiles."""
+    if compile_log:  # a diagnostic log changes nothing of what a repeated call reuses
+        monkeypatch.setenv("ATTNC_COMPILE_LOG", str(tmp_path / "compile.jsonl"))
     dev = require_adapters(spec)[0]
     B, H, T = 2, 2, 256
     rng = np.random.default_rng(6)
