@@ -111,9 +111,11 @@ def test_lanes_on_another_subgroup_size_writes_nan(spec, require_adapters) -> No
     assert_close(good.result()[0], attention_ref(q, k, v), 1e-5, "o")
 
 
+@pytest.mark.subgroup_sizes
 def test_heuristic_picks_lanes_for_large_cpu_prefill_only(require_adapters) -> None:
-    """8-lane CPU subgroups: lanes for the ci prefill shapes, tiled below the size threshold,
-    for head dims above LANES_MAX_D, and for the portable family."""
+    """8-lane CPU subgroups (lavapipe's default width, scripts/test.sh's rerun at 256): lanes
+    for the ci prefill shapes, tiled below the size threshold, for head dims above
+    LANES_MAX_D, and for the portable family."""
     dev = require_adapters("wgpu:vulkan")[0]
     if dev.subgroup_size != 8:
         pytest.skip(f"the heuristic picks lanes with 8-lane subgroups only; this lavapipe has {dev.subgroup_size}")
