@@ -60,9 +60,11 @@ def problems(draw, max_s: int, head_dims: tuple[int, ...]):
 def _check(strategy: str, data: st.DataObject, require_adapters) -> None:
     (dev,) = require_adapters("wgpu:vulkan")
     plan, tun, max_s, head_dims = PLANS[strategy]
-    if plan.family is Family.SUBGROUPS:
+    if plan.family is Family.SUBGROUPS:  # lanes at the device's subgroup size (a row's lanes share one)
         plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__},
-                       "dialect": Dialect.TINT if dev.dialect == "tint" else Dialect.NAGA})
+                       "dialect": Dialect.TINT if dev.dialect == "tint" else Dialect.NAGA,
+                       "subgroup_width": dev.subgroup_size})
+        tun = {**tun, "BM": max(tun["BM"], plan.rows_per_invocation * dev.subgroup_size)}
     dims, formats, nsplit, opts, seed = data.draw(problems(max_s, head_dims))
     op = check_forced_plan(dev, dims, plan, tun, nsplit, opts, seed, kv_formats=formats)
     assert op.plan.strategy is plan.strategy
