@@ -17,7 +17,7 @@ import attnc
 from attnc.errors import DeviceError
 from attnc.lowering import blocks
 from attnc.lowering.analyze import analyze
-from attnc.lowering.plan import Dialect, Family, Plan, Strategy
+from attnc.lowering.plan import Family, Plan, Strategy
 from attnc.runtime import api
 from attnc.runtime import dispatch as rt
 from attnc.runtime.build import Options, build_kernel
@@ -200,8 +200,7 @@ def test_lanes_plans_over_block_maps_match_the_reference(spec, data, require_ada
     mm, truth = _masks(data.draw, B, S, T)
     rows = data.draw(st.sampled_from([1, 2]))
     BM, BN = max(16, rows * dev.subgroup_size), data.draw(st.sampled_from([16, 32]))
-    plan = Plan(Family.SUBGROUPS, dialect=Dialect.TINT if dev.dialect == "tint" else Dialect.NAGA,
-                strategy=Strategy.LANES, rows_per_invocation=rows,
+    plan = Plan(Family.SUBGROUPS, dialect=dialect(dev), strategy=Strategy.LANES, rows_per_invocation=rows,
                 subgroup_width=dev.subgroup_size, query_dim=16, value_columns=16, vector_width=4)
     rng = np.random.default_rng(2)
     q, k, v = (rng.standard_normal((B, 2, n, 16)).astype(np.float32) for n in (S, T, T))

@@ -9,6 +9,8 @@ Masked keys whose quantized rows dequantize to NaN add nothing (tests/forced_pla
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,9 +18,9 @@ from hypothesis import strategies as st
 
 from attnc import quant
 from attnc.errors import LoweringError
-from attnc.lowering.plan import Dialect, Family, Plan, Strategy
+from attnc.lowering.plan import Family, Plan, Strategy
 from attnc.runtime import api
-from tests.forced_plan import OPTION_SETS, check_forced_plan
+from tests.forced_plan import OPTION_SETS, check_forced_plan, dialect
 from tests.textbook import assert_close, attention_ref
 
 RUN = settings(deadline=None, max_examples=3,
@@ -61,9 +63,7 @@ def _check(strategy: str, data: st.DataObject, require_adapters) -> None:
     (dev,) = require_adapters("wgpu:vulkan")
     plan, tun, max_s, head_dims = PLANS[strategy]
     if plan.family is Family.SUBGROUPS:  # lanes at the device's subgroup size (a row's lanes share one)
-        plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__},
-                       "dialect": Dialect.TINT if dev.dialect == "tint" else Dialect.NAGA,
-                       "subgroup_width": dev.subgroup_size})
+        plan = dataclasses.replace(plan, dialect=dialect(dev), subgroup_width=dev.subgroup_size)
         tun = {**tun, "BM": max(tun["BM"], plan.rows_per_invocation * dev.subgroup_size)}
     dims, formats, nsplit, opts, seed = data.draw(problems(max_s, head_dims))
     op = check_forced_plan(dev, dims, plan, tun, nsplit, opts, seed, kv_formats=formats)
