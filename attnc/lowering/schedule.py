@@ -97,13 +97,15 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
     From the tuning runs in docs/bench/ (no vendor names: adapter type and limits only);
     `k_format` is K's storage format when it is quantized ("q8_0", "q4_0", "int8"):
     - short query rows on a CPU adapter with subgroups, up to LANE_GROUP_MAX_ROWS packed rows
-      per tile, and one row per tile over a q8_0 K on a GPU with subgroups: the stream
-      strategy's lane groups (`lane_groups_plan`: lavapipe 2-4x faster; H200 q8_0 3-25 %);
+      per tile, and one row per tile over a block-quantized K (int8 up to D = 64) on a GPU with
+      subgroups: the stream strategy's lane groups (`lane_groups_plan`: lavapipe 2-4x faster;
+      H200 q8_0 3-25 %, q4_0 5-14 %, int8 at D = 64 14-17 %);
     - short query rows (S <= 16: decoding, cross-attention): the stream strategy (K/V read
       straight from storage) with row tiles of up to 16 rows (4 on a CPU adapter; query heads
       of a KV head packed into rows), split over KV, with a softmax phase (SMX) from 8 rows
       (H200 dec_gqa8 about 10 % faster with it) and >= 2 KV tiles per split; on a GPU, a
-      q4_0 or int8 K with one row per tile takes one lane per key, tiles of a
+      quantized K with one row per tile where lane groups do not apply (int8 from D = 128, the
+      portable family) takes one lane per key, tiles of a
       key per invocation and the probabilities in the dot phase (SMX=2: H200 kv_dec1_h128,
       q8_0, q4_0 and int8, 5-11 % faster; slower with f16 K, whose rows one lane reads in
       8-byte pieces, and with 4 or 8 rows per tile), and so does an f16 or quantized K on a
@@ -200,8 +202,8 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
             # adapter, > 1024 on a GPU): a grid axis covers Dv in chunks of these columns
             dvc = min(dvc, 4 * wg)
             # packed GQA: a softmax phase from 8 rows, one lane per key from 16 (tuned on the H200)
-            # one row per tile: SMX=2 over a quantized K on GPUs (q8_0 takes lane groups above where
-            # the family has subgroups), and over f16 or quantized K on
+            # one row per tile: SMX=2 over a quantized K on GPUs (where the lane groups above do not
+            # apply: int8 from D = 128, the portable family), and over f16 or quantized K on
             # CPU adapters, where each exponential taken once instead of once per column group
             # pays more (lavapipe kv_lp_dec1_h128: 0.76-0.92 of the time; f32 K: 1.0-1.17)
             shared_max = bm == 1 and (k_format is not None or (cpu and f16))
@@ -356,11 +358,26 @@ LANES_MAX_D = 96
 LANE_GROUP_MAX_ROWS = 2
 
 
+def gpu_lane_groups_read(k_format: str | None, d: int) -> bool:
+    """Whether one query row over a K of this format and head dim reads faster on a GPU with lane
+    groups (4 lanes per key) than with the shared maximum (one lane per key, SMX=2).
+
+    H200, f16 q, both backends, two processes each, time over the shared maximum's
+    (docs/BENCHMARKS.md): q8_0 0.80-0.97 and q4_0 0.86-0.95 (dec_h128_kv16384,
+    kv_dec1_h128_t16384, kv_dec1_h128_t32768, kv_dec1_h64_t32768); int8 0.83-0.86 at D = 64 but
+    0.96-1.05 at D = 128, so int8 only for head dims up to 64 that 4 lanes split without padding.
+    Float K: no (0.99-1.10 on the H200)."""
+    if k_format in ("q8_0", "q4_0"):
+        return True
+    return k_format == "int8" and d in (16, 32, 64)
+
+
 def lane_groups_plan(caps: Capabilities, family: Family, dims: dict[str, int], storage: Storage, dialect: Dialect,
                      vec: int, f16_math: bool, only: str, k_format: str | None) -> tuple[Plan, dict[str, int]] | None:
     """The stream strategy's lane groups (SMX=3: a key's KL lanes in one subgroup, no barrier
     in the KV loop) for decoding on a CPU adapter with subgroups, and for one query row per tile
-    over a q8_0 K on a GPU with subgroups; None where they do not apply.
+    over a quantized K on a GPU with subgroups (`gpu_lane_groups_read`); None where they do not
+    apply.
 
     Measured on lavapipe, f16, both backends, one process each (docs/BENCHMARKS.md): one row per
     tile 0.46-0.54 of the time of the shared-maximum plan (kv_lp_dec1_h128), 0.22-0.39 of the lanes
@@ -368,9 +385,8 @@ def lane_groups_plan(caps: Capabilities, family: Family, dims: dict[str, int], s
     1.7-2.5x slower than the lanes plan, so up to LANE_GROUP_MAX_ROWS rows. 8 lanes per key from
     D = 80, 4 below (at most the lanes the probe found in one subgroup). On the H200 over float K
     they were 0.99-1.10x the time of the plans GPUs take (their loads overlap the math less), so
-    GPUs take them only over a q8_0 K with one row per tile: 4 lanes per key, 128 invocations,
-    128-key tiles, 2 keys per step, 0.80-0.97 of the shared-maximum plan's time on both backends
-    in two processes each (dec_h128_kv16384, kv_dec1_h128_t32768, kv_dec1_h64_t32768, f16 q).
+    GPUs take them only over a quantized K with one row per tile: 4 lanes per key, 128
+    invocations, 128-key tiles, 2 keys per step (the measurements: `gpu_lane_groups_read`).
     A block-quantized K is read in runs of whole blocks or parts of one: where the head dim does
     not split so, 4 lanes per key and the query dim padded to blocks of 4 (D = 96 -> 128)."""
     if family is not Family.SUBGROUPS or vec != 4 or f16_math or only not in ("", "stream"):
@@ -382,7 +398,7 @@ def lane_groups_plan(caps: Capabilities, family: Family, dims: dict[str, int], s
         if rows > LANE_GROUP_MAX_ROWS:
             return None
         wg, kc, kl_max = 64, 2, 8 if dims["D"] >= 80 else 4
-    elif k_format == "q8_0" and rows == 1 and caps.subgroup_lanes_contiguous >= 4:
+    elif rows == 1 and caps.subgroup_lanes_contiguous >= 4 and gpu_lane_groups_read(k_format, dims["D"]):
         wg, kc, kl_max = 128, 2, 4
     else:
         return None

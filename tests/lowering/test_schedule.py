@@ -141,34 +141,43 @@ def test_gpu_f16_decode_of_4_or_more_rows_sums_lanes_by_shuffles() -> None:
 
 
 def test_gpu_decode_over_a_quantized_k_with_one_row_per_tile() -> None:
-    """A quantized K with one query row per tile (kv_dec1_h128): over q4_0 and int8, one lane
-    per key, a key per invocation in each tile, probabilities in the dot phase (SMX=2); over
-    q8_0, lane groups of 4 lanes per key (SMX=3, 128 invocations, 128-key tiles, 2 keys per
-    step), where the device keeps 4 lanes contiguous; each plan valid for the layout. The same
-    shape over f16 K and packed GQA rows over a quantized K keep their plans on a GPU; a CPU
-    adapter takes SMX=2 over f16 K as well, not over f32 K."""
+    """A quantized K with one query row per tile (kv_dec1_h128): over q8_0 and q4_0, and int8 at
+    D = 16, 32 and 64, lane groups of 4 lanes per key (SMX=3, 128 invocations, 128-key tiles, 2
+    keys per step), where the device keeps 4 lanes contiguous; over int8 from D = 128 (and
+    other head dims), one lane per key, a key per invocation in each tile, probabilities in the
+    dot phase (SMX=2), as for every format without 4 contiguous lanes or in the portable family;
+    each plan valid for the layout. The same shape over f16 K and packed GQA rows over a
+    quantized K keep their plans on a GPU; a CPU adapter takes SMX=2 over f16 K as well, not
+    over f32 K."""
     from attnc.lowering.plan import Family, Strategy, stream_layout
 
     gpu = h200_like()
     h128 = dict(B=1, Hq=8, Hkv=8, S=1, T=16384, D=128, Dv=128)
     h64 = dict(h128, Hq=16, Hkv=16, D=64, Dv=64)
-    for fmt in ("q4_0", "int8"):
-        plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, h128, f16=True, k_format=fmt)
-        assert (plan.strategy, plan.softmax_phase, plan.lanes_per_key) == (Strategy.STREAM, 2, 1)
-        assert tun == {"BM": 1, "BN": plan.workgroup_size}
-        stream_layout(plan, tun["BM"], tun["BN"])  # (raises if it does not map)
-        plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, h64, k_format=fmt)
-        assert plan.softmax_phase == 2 and tun["BN"] >= plan.workgroup_size
-    for dims in (h128, h64, dict(h128, D=96, Dv=96)):
-        for f16 in (True, False):
-            plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dims, f16=f16, k_format="q8_0")
-            assert (plan.strategy, plan.softmax_phase, plan.lanes_per_key) == (Strategy.STREAM, 3, 4), dims
-            assert (plan.workgroup_size, plan.keys_per_step, tun) == (128, 2, {"BM": 1, "BN": 128}), dims
-            assert (plan.query_dim // 16) % 8 == 0 or 8 % (plan.query_dim // 16) == 0  # whole blocks per lane
-            stream_layout(plan, tun["BM"], tun["BN"])
     narrow = h200_like(subgroup_lanes_contiguous=2)  # lanes the probe did not find contiguous
-    assert schedule.plan_for(narrow, Family.SUBGROUPS, h128, k_format="q8_0")[0].softmax_phase == 2
-    assert schedule.plan_for(gpu, Family.PORTABLE, h128, k_format="q8_0")[0].softmax_phase == 2
+
+    def assert_shared_maximum(caps, family, dims, fmt, f16=True) -> None:
+        plan, tun = schedule.plan_for(caps, family, dims, f16=f16, k_format=fmt)
+        assert (plan.strategy, plan.softmax_phase, plan.lanes_per_key) == (Strategy.STREAM, 2, 1), (dims, fmt)
+        assert tun["BM"] == 1 and tun["BN"] >= plan.workgroup_size
+        stream_layout(plan, tun["BM"], tun["BN"])  # (raises if it does not map)
+
+    for dims in (h128, dict(h128, D=96, Dv=96), dict(h128, D=48, Dv=48), dict(h128, D=256, Dv=256)):
+        assert_shared_maximum(gpu, Family.SUBGROUPS, dims, "int8")
+    for fmt in ("q8_0", "q4_0", "int8"):
+        assert_shared_maximum(narrow, Family.SUBGROUPS, h128, fmt)
+        assert_shared_maximum(gpu, Family.PORTABLE, h64, fmt, f16=False)
+    lane_group_cases = [(dims, fmt) for fmt in ("q8_0", "q4_0") for dims in (h128, h64, dict(h128, D=96, Dv=96))]
+    lane_group_cases += [(dict(h64, D=d, Dv=d), "int8") for d in (16, 32, 64)]
+    for dims, fmt in lane_group_cases:
+        for f16 in (True, False):
+            plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dims, f16=f16, k_format=fmt)
+            assert (plan.strategy, plan.softmax_phase, plan.lanes_per_key) == (Strategy.STREAM, 3, 4), (dims, fmt)
+            assert (plan.workgroup_size, plan.keys_per_step, tun) == (128, 2, {"BM": 1, "BN": 128}), (dims, fmt)
+            assert (plan.query_dim // 16) % 8 == 0 or 8 % (plan.query_dim // 16) == 0  # whole blocks per lane
+            if fmt == "int8":
+                assert plan.query_dim == max(16, dims["D"])  # no padded lanes
+            stream_layout(plan, tun["BM"], tun["BN"])
     assert schedule.plan_for(gpu, Family.SUBGROUPS, h128, f16=True)[0].softmax_phase == 0
     gqa8 = dict(h128, Hq=64, D=64, Dv=64)
     for fmt in ("q8_0", "q4_0"):
