@@ -36,6 +36,25 @@ OPTION_SETS = st.fixed_dictionaries({}, optional={
     "kv_lens": st.just("draw"), "sinks": st.just("draw"), "bias": st.sampled_from(["draw", "full"])})
 
 
+def every_code(shape: tuple[int, ...], fmt: str, rng: np.random.Generator) -> QuantTensor:
+    """A tensor of `fmt` whose stored bytes run through every value 0-255 in random order (for at
+    least 256 of them): every code the format holds, int8's and q8_0's -128 included, which
+    quantize() never writes but a runtime filling a cache may; scales random around 1/128. What a
+    kernel reads must be what attnc.quant.dequantize gives for these exactly."""
+    rows, D = int(np.prod(shape[:-1])), shape[-1]
+    value_bytes = D // 2 if fmt == "q4_0" else D
+    codes = np.resize(np.arange(256, dtype=np.uint8), rows * value_bytes)
+    rng.shuffle(codes)
+    if fmt == "int8":
+        scales = (rng.uniform(0.5, 1.0, (rows, 1)) / 128).astype(np.float32).view(np.uint32)
+        words = np.concatenate([scales, codes.reshape(rows, -1).view("<u4").astype(np.uint32)], axis=1)
+    else:
+        blocks = rows * D // quant.BLOCK
+        scales = (rng.uniform(0.5, 1.0, (blocks, 1)) / 128).astype(np.float16).view(np.uint16).astype(np.uint32)
+        words = np.concatenate([scales, codes.reshape(blocks, -1).view("<u4").astype(np.uint32)], axis=1)
+    return QuantTensor(fmt, tuple(shape), words.reshape(-1))
+
+
 def nan_rows(t: QuantTensor, lo: int) -> QuantTensor:
     """A copy of a quantized [B, H, T, D] tensor whose rows of batch 0 from key `lo` on
     dequantize to NaN (their scales are NaN); the other rows are untouched (every format's
@@ -53,13 +72,15 @@ def nan_rows(t: QuantTensor, lo: int) -> QuantTensor:
 def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str, int], nsplit: int | None,
                       opts: dict[str, Any], seed: int, dtype: Any = np.float32,
                       target: str | None = None,
-                      kv_formats: tuple[str | None, str | None] = (None, None)) -> api.Prepared:
+                      kv_formats: tuple[str | None, str | None] = (None, None),
+                      kv_codes: str = "quantized") -> api.Prepared:
     """Standard-normal q/k/v of `dtype` (float32: within 1e-5 of the float64 reference;
     float16: the kernel's float16 o within 2e-3); options given as "draw" get random values
     (kv_lens, with NaN values past kv_lens[0]: masked keys add nothing; sinks, a third of them
     +-inf, NaN or huge, tests/strategies.py; a [Hq, 1, T] bias, or with "full" a [B, Hq, S, T]
     one, whose every index matters). `kv_formats` stores K and/or V quantized (attnc/quant.py);
-    the reference then reads the dequantized values. Returns the op."""
+    the reference then reads the dequantized values; with kv_codes="every" they hold every code
+    of their format instead of the quantized normal values (`every_code`). Returns the op."""
     rng = np.random.default_rng(seed)
     B, Hq, Hkv, S, T, D, Dv = (dims[x] for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
     q = rng.standard_normal((B, Hq, S, D)).astype(dtype)
@@ -68,11 +89,12 @@ def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str,
     kf, vf = kv_formats
     k_dev: Any = k
     v_dev: Any = v.copy()
+    store = quant.quantize if kv_codes == "quantized" else lambda x, fmt: every_code(x.shape, fmt, rng)
     if kf is not None:
-        k_dev = quant.quantize(k, kf)
+        k_dev = store(k, kf)
         k = quant.dequantize(k_dev)
     if vf is not None:
-        v_dev = quant.quantize(v, vf)
+        v_dev = store(v, vf)
         v = quant.dequantize(v_dev)
     if "kv_lens" in opts:
         opts["kv_lens"] = rng.integers(0, T + 1, B).astype(np.int32)

@@ -81,6 +81,42 @@ def test_quantized_kv_matches_reference(strategy, data, require_adapters) -> Non
     _check(strategy, data, require_adapters)
 
 
+def _every_code_plan(name: str, dev, kf: str) -> tuple[Plan, dict[str, int], int, int]:
+    """(plan, tunables, S, D) of one load path for the every-code test: a forced CPU plan of
+    PLANS, or the H200's decode plan over a K of format kf (lane groups; the shared maximum where
+    its lanes are not contiguous), in `dev`'s dialect."""
+    from attnc.lowering import schedule
+    from tests.gpu_facts import h200_like
+
+    if name in PLANS:
+        plan, tun, max_s, head_dims = PLANS[name]
+        if plan.family is Family.SUBGROUPS:
+            plan = dataclasses.replace(plan, dialect=dialect(dev), subgroup_width=dev.subgroup_size)
+            tun = {**tun, "BM": max(tun["BM"], plan.rows_per_invocation * dev.subgroup_size)}
+        return plan, tun, min(max_s, 5), max(head_dims)
+    caps = h200_like(subgroup_lanes_contiguous=32 if name == "gpu-lane-groups" else 2)
+    dims = dict(B=1, Hq=2, Hkv=2, S=1, T=64, D=64, Dv=64)
+    plan, tun = schedule.plan_for(caps, Family.SUBGROUPS, dims, k_format=kf)
+    assert plan.softmax_phase == (3 if name == "gpu-lane-groups" else 2)
+    return dataclasses.replace(plan, dialect=dialect(dev)), tun, 1, 64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["tiled", "tiled-scalar", "stream", "lanes", "gpu-lane-groups", "gpu-shared-max"])
+@pytest.mark.parametrize(("kf", "vf"), [("q8_0", "q4_0"), ("q4_0", "int8"), ("int8", "q8_0")])
+def test_every_code_of_every_format(path, kf, vf, require_adapters) -> None:
+    """K and V whose stored bytes take every value (int8's and q8_0's -128 too, which quantize()
+    never writes but a runtime filling a cache may; every pair of q4_0 nibbles), through each load
+    path that dequantizes them (vec4 and one-value loads, block runs, whole-block reads, lane
+    groups), each format as K and as V: the kernels' exact integer-to-float conversions against
+    attnc.quant.dequantize, within the f32 contract."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    plan, tun, S, D = _every_code_plan(path, dev, kf)
+    dims = dict(B=1, Hq=4, Hkv=2, S=S, T=64, D=D, Dv=D)  # >= 256 bytes of K and of V
+    check_forced_plan(dev, dims, plan, tun, None, {"return_lse": True}, seed=5, kv_formats=(kf, vf),
+                      kv_codes="every")
+
+
 @pytest.mark.gpu
 @pytest.mark.sanitize
 @settings(RUN, max_examples=1)  # lavapipe compiles the scalar-load tiled shaders slowly
