@@ -333,7 +333,9 @@ def _load_key(w: Writer, sh: Shader, lay: StreamLayout, runs: bool) -> list[list
             w.line(f"let k{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
                    f"c{i} < n_dot4);")
         return None
-    # quantized K: each scale read once and applied once to its group's partial dot
+    # quantized K: each scale read once and applied once to its group's partial dot; vec4s past
+    # the head dim read clamped and unmasked: they meet q_sh's zeros, and integer codes are
+    # finite, so they add exactly nothing
     w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
     words = sh.quant_block_words(kt)
     for g, members in enumerate(groups):
@@ -345,7 +347,7 @@ def _load_key(w: Writer, sh: Shader, lay: StreamLayout, runs: bool) -> list[list
         for i in members:
             c = f"min(c{i}, n_dot4 - 1u)" + (" & 7u" if words is not None else "")
             w.line(f"let c{i} = part + {lay.KL * i}u;")
-            w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, {c}), c{i} < n_dot4);")
+            w.line(f"let k{i} = qr4_{kt}(kw{g}, {c});")
     return groups
 
 
@@ -370,7 +372,9 @@ def _key_groups(sh: Shader, lay: StreamLayout, runs: bool) -> list[list[int]] | 
 
 
 def _load_key_runs(w: Writer, sh: Shader, lay: StreamLayout, blocks: list[list[int]]) -> None:
-    """_load_key for a K whose lanes own runs (_key_groups): one scale per block of the run."""
+    """_load_key for a K whose lanes own runs (_key_groups): one scale per block of the run.
+    The vec4s past the head dim are read from the row's last block unmasked: they meet the
+    zeros of q_sh past it, and integer codes are finite, so they add exactly nothing."""
     kt = sh.spec.dot.b.tensor
     words = sh.quant_block_words(kt)
     w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
@@ -383,8 +387,7 @@ def _load_key_runs(w: Writer, sh: Shader, lay: StreamLayout, blocks: list[list[i
         w.line(f"let kw{g} = kw + min((c_run >> 3u) + {g}u, (n_dot4 >> 3u) - 1u) * {words}u;")
         w.line(f"let d{g} = qs_{kt}(kw{g});")
         for i in members:
-            w.line(f"let c{i} = c_run + {i}u;")
-            w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, {base}{i % 8}u), c{i} < n_dot4);")
+            w.line(f"let k{i} = qr4_{kt}(kw{g}, {base}{i % 8}u);")
 
 
 def _lazy_dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
@@ -776,10 +779,27 @@ def _own_vec4(lay: StreamLayout, runs: bool, part: str, j: int | str) -> str:
     return f"{part} * {lay.NV}u + {jj}" if runs else f"{part} + {lay.KL}u * {jj}"
 
 
+def _value_groups(sh: Shader, lay: StreamLayout) -> list[list[int]] | None:
+    """SMX=3: a quantized V's vec4s j < NV of a lane grouped by the scale they share, where its
+    codes are kept unscaled and each scale multiplies the probability instead (o += (p d) q: one
+    product per key and block, not one per value, and no guard per value against a NaN or inf
+    value, integer codes being finite): one group for an int8 row, one per block of a q8_0 or
+    q4_0 run of whole blocks or inside one. None otherwise (float V, or runs across blocks)."""
+    vt = sh.spec.value.tensor
+    if vt not in sh.quant:
+        return None
+    if sh.quant_block_words(vt) is None:
+        return [list(range(lay.NV))]
+    if not block_runs(sh, vt) or (lay.NV % 8 and 8 % lay.NV):
+        return None
+    return [list(range(g, min(g + 8, lay.NV))) for g in range(0, lay.NV, 8)]
+
+
 def _group_registers(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool) -> list[list[int]] | None:
     """SMX=3: the registers one step's loads go to (per key u of the step: its index fkj{u},
-    K vec4s fk{u}_{i}, scales fd{u}_{g} of a quantized K, V vec4s fv{u}_{j}; fful, whether the
-    step's tile is full in the block map); returns the K scale groups (_load_key's)."""
+    K vec4s fk{u}_{i}, scales fd{u}_{g} of a quantized K, V vec4s fv{u}_{j} and the scales
+    fvd{u}_{g} of a quantized V's groups (_value_groups); fful, whether the step's tile is full in
+    the block map); returns the K scale groups (_load_key's)."""
     n = lay.D4 // lay.KL
     groups = _key_groups(sh, lay, k_runs)
     for u in range(lay.KC):
@@ -790,6 +810,8 @@ def _group_registers(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool) -> 
             w.line(f"var fd{u}_{g} = 0.0;")
         for j in range(lay.NV):
             w.line(f"var fv{u}_{j} = vec4<f32>();")
+        for g in range(len(_value_groups(sh, lay) or [])):
+            w.line(f"var fvd{u}_{g} = 0.0;")
     if sh.block_mask is not None:
         w.line("var fful = false;")
     return groups
@@ -801,8 +823,10 @@ def _group_fetch(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool, step: s
     KL, NG, KC = lay.KL, lay.NG, lay.KC
     vt = sh.spec.value.tensor
     per = lay.NK // KC
-    # a q8_0 / q4_0 V run of whole blocks, or inside one: each block's scale read once
-    v_blocks = block_runs(sh, vt) and (lay.NV % 8 == 0 or 8 % lay.NV == 0)
+    # a q8_0 / q4_0 V run of whole blocks, or inside one: each block's scale read once and
+    # kept apart from its codes (_value_groups), as an int8 row's
+    v_groups = _value_groups(sh, lay)
+    v_blocks = v_groups is not None and sh.block_quantized(vt)
     with w.block(""):
         w.line(f"let st = {step};")
         w.line(f"let t = t_lo + st / {per};")
@@ -828,10 +852,16 @@ def _group_fetch(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool, step: s
                     w.line(f"let vr = dvc * {sh.plan.value_columns // 4}u + part * {lay.NV}u;  // the run's first vec4")
                     # blocks clamped to the row's last: columns past Dv are never stored
                     sh.read_blocks(w, vt, "v", "vb", lay.NV, "(vr >> 3u)", "(n_width >> 5u) - 1u",
-                                   "" if lay.NV % 8 == 0 else "(vr & 7u) + ")
+                                   "" if lay.NV % 8 == 0 else "(vr & 7u) + ", scaled=False)
+                    for g in range(len(v_groups or [])):
+                        w.line(f"fvd{u}_{g} = vd{g};")
+                elif v_groups is not None:  # int8: the row's scale
+                    w.line(f"fvd{u}_0 = qs_{vt}(vb);")
                 for j in range(lay.NV):
                     if v_blocks:
                         w.line(f"fv{u}_{j} = vr_{j};")
+                    elif v_groups is not None:
+                        w.line(f"fv{u}_{j} = qr4_{vt}(vb, cin{j} >> 2u);")
                     elif vt in sh.quant:
                         w.line(f"fv{u}_{j} = ldr4_{vt}(vb, cin{j} >> 2u);")
                     else:
@@ -840,7 +870,7 @@ def _group_fetch(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool, step: s
 
 def _group_take(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]] | None) -> None:
     """SMX=3: the fetched step's values as this step's (kj{u}, k{u}_{i}, d{u}_{g}, v{u}_{j},
-    tile_full), before the fetch registers take the next step's loads."""
+    vd{u}_{g}, tile_full), before the fetch registers take the next step's loads."""
     for u in range(lay.KC):
         w.line(f"let kj{u} = fkj{u};")
         for i in range(lay.D4 // lay.KL):
@@ -849,6 +879,8 @@ def _group_take(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]
             w.line(f"let d{u}_{g} = fd{u}_{g};")
         for j in range(lay.NV):
             w.line(f"let v{u}_{j} = fv{u}_{j};")
+        for g in range(len(_value_groups(sh, lay) or [])):
+            w.line(f"let vd{u}_{g} = fvd{u}_{g};")
     if sh.block_mask is not None:
         w.line("let tile_full = fful;")
 
@@ -866,16 +898,21 @@ def _group_math(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]
             while k < KL:  # every lane of the group ends with the same sum (a + b == b + a)
                 w.line(f"s{u}_{r} = s{u}_{r} + subgroupShuffleXor(s{u}_{r}, {k}u);")
                 k *= 2
+    v_group = {j: g for g, members in enumerate(_value_groups(sh, lay) or []) for j in members}
     for r in range(BM):
         _online_step(w, sh, r, "x", [f"s{u}_{r}" for u in range(KC)],
-                     [(f"o{r}_{j}", lambda u, j=j: f"v{u}_{j}") for j in range(NV)])
+                     [(f"o{r}_{j}", lambda u, j=j: f"v{u}_{j}") for j in range(NV)],
+                     (lambda u, j: f"vd{u}_{v_group[j]}") if v_group else None)
 
 
 def _online_step(w: Writer, sh: Shader, r: int, name: str, dots: list[str],
-                 accs: list[tuple[str, Callable[[int], str]]]) -> None:
+                 accs: list[tuple[str, Callable[[int], str]]],
+                 value_scale: Callable[[int, int], str] | None = None) -> None:
     """Row r's online-softmax step over the keys kj{u} of `dots` (their dot products): scores
     `{name}{u}` (NaN flagged in nan{r}), the new maximum, m{r} and l{r} rescaled with every
-    accumulator of `accs`, and each accumulator += p_u times its value vec4 `value(u)`."""
+    accumulator of `accs`, and each accumulator += p_u times its value vec4 `value(u)`; with
+    `value_scale` (the scale of key u's value vec4 j, whose codes are finite integers) p_u times
+    that scale once per scale, then times the codes, unguarded."""
     with w.block(""):
         w.line(f"let qi = q0 + {r};")
         for u, dot in enumerate(dots):
@@ -892,6 +929,15 @@ def _online_step(w: Writer, sh: Shader, r: int, name: str, dots: list[str],
         for u in range(len(dots)):
             w.line(f"let p{u} = exp_sub({name}{u}, mn);")
             w.line(f"ps = ps + p{u};")
+            if value_scale is not None:
+                scaled: dict[str, str] = {}
+                for j, (acc, value) in enumerate(accs):
+                    d = value_scale(u, j)
+                    if d not in scaled:  # a key with p = 0 adds nothing, even over an inf/NaN scale
+                        scaled[d] = f"pd{u}_{len(scaled)}"
+                        w.line(f"let {scaled[d]} = select(p{u} * {d}, 0.0, p{u} == 0.0);")
+                    w.line(f"{acc} = fma(vec4<f32>({scaled[d]}), {value(u)}, {acc});")
+                continue
             for acc, value in accs:  # a key with p = 0 adds nothing, even an inf/NaN value
                 w.line(f"{acc} = fma(vec4<f32>(p{u}), select({value(u)}, vec4<f32>(), p{u} == 0.0), {acc});")
         w.line(f"l{r} = ps;")
