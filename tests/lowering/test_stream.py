@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from attnc import quant
 from attnc.errors import LoweringError
 from attnc.lowering.plan import LANE_GROUP_MAX_VEC4, Family, Plan, Strategy, stream_layout
 from attnc.runtime import api
@@ -469,6 +470,38 @@ def test_shared_maximum_raises_where_scores_pass_it(spec, kind, nsplit, require_
         op.run()
         o, lse = op.result()
         ref_o, ref_lse = attention_ref(q, k, v, scale=1.0, **{**opts, "return_lse": True})
+        assert_close(o, ref_o, 1e-5, f"o {opts}")
+        if opts.get("return_lse"):
+            assert_close(lse, ref_lse, 1e-5, f"lse {opts}")
+
+
+@pytest.mark.sanitize
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SUBGROUP_ADAPTERS)
+@pytest.mark.parametrize("kind", ["rising", "below", "huge", "late"])
+@pytest.mark.parametrize("v_format", [None, "q8_0", "int8"])
+def test_lane_groups_rescale_where_the_maximum_rises(spec, kind, v_format, require_adapters) -> None:
+    """SMX=3 rescales a row's accumulators only at the steps where its maximum rises (their
+    factor is exactly 1 otherwise), and over a quantized V scales each key's probability by its
+    block's or row's scale: against the reference where the maximum rises with every key, never
+    after the first keys, by thousands, or in the last keys only; under a sliding window (a
+    split's first keys all masked), soft-capping, the lse, one split or three."""
+    dev = require_adapters(spec)[0]
+    rng = np.random.default_rng(12)
+    T = 450
+    q, k, v = _lazy_case(rng, kind, T)
+    v_dev = v if v_format is None else quant.quantize(v, v_format)
+    v_ref = v if v_format is None else quant.dequantize(v_dev)
+    dims = dict(B=1, Hq=2, Hkv=1, S=3, T=T, D=32, Dv=32)
+    plan = lane_groups(dev, workgroup_size=64, lanes_per_key=4, keys_per_step=2, query_dim=32, value_columns=32)
+    for nsplit, opts in ((1, dict()), (3, dict(window=(100, 0), return_lse=True)), (3, dict(softcap=50.0))):
+        op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 4, "BN": 64}, nsplit=nsplit,
+                         scale=1.0, v_format=v_format, **opts)
+        assert op.plan.softmax_phase == 3
+        op.bind(q, k, v_dev)
+        op.run()
+        o, lse = op.result()
+        ref_o, ref_lse = attention_ref(q, k, v_ref, scale=1.0, **{**opts, "return_lse": True})
         assert_close(o, ref_o, 1e-5, f"o {opts}")
         if opts.get("return_lse"):
             assert_close(lse, ref_lse, 1e-5, f"lse {opts}")
