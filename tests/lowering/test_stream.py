@@ -481,11 +481,11 @@ def test_shared_maximum_raises_where_scores_pass_it(spec, kind, nsplit, require_
 @pytest.mark.parametrize("kind", ["rising", "below", "huge", "late"])
 @pytest.mark.parametrize("v_format", [None, "q8_0", "int8"])
 def test_lane_groups_rescale_where_the_maximum_rises(spec, kind, v_format, require_adapters) -> None:
-    """SMX=3 rescales a row's accumulators only at the steps where its maximum rises (their
-    factor is exactly 1 otherwise), and over a quantized V scales each key's probability by its
-    block's or row's scale: against the reference where the maximum rises with every key, never
-    after the first keys, by thousands, or in the last keys only; under a sliding window (a
-    split's first keys all masked), soft-capping, the lse, one split or three."""
+    """SMX=3's online softmax (each lane group's maximum, its accumulators rescaled as it rises;
+    over a quantized V each key's probability times its block's or row's scale) against the
+    reference where the maximum rises with every key, never after the first keys, by thousands,
+    or in the last keys only; under a sliding window (a split's first keys all masked),
+    soft-capping, the lse, one split or three."""
     dev = require_adapters(spec)[0]
     rng = np.random.default_rng(12)
     T = 450
