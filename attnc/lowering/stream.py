@@ -315,11 +315,15 @@ def _dot_terms(groups: list[list[int]] | None, lay: StreamLayout, q: Callable[[i
             for r in range(lay.BM)]
 
 
-def _load_key(w: Writer, sh: Shader, lay: StreamLayout, runs: bool) -> list[list[int]] | None:
+def _load_key(w: Writer, sh: Shader, lay: StreamLayout, runs: bool, masked: bool = True) -> list[list[int]] | None:
     """Emit this lane's loads of K row `kb` as `k{i}` (vec4 c{i} of the row: every KL-th from
     `part`, or with `runs` the lane's own run of D4/KL), all issued before any is used, and
     for a quantized K each group's scale `d{g}` (read once per group). Returns the groups of
-    i that share a scale; None for an unquantized K."""
+    i that share a scale; None for an unquantized K. Not `masked`: a quantized K's vec4s past
+    the head dim are read clamped and unmasked (they meet q_sh's zeros, and integer codes are
+    finite, so they add exactly nothing): lane groups take that (H200, with their scaled
+    probabilities, 0.88-0.94 of the time), the shared maximum keeps the mask (Dawn 1.19-1.21x
+    slower without it over int8, one process: docs/BENCHMARKS.md)."""
     kt = sh.spec.dot.b.tensor
     n = lay.D4 // lay.KL
     groups = _key_groups(sh, lay, runs)
@@ -333,9 +337,7 @@ def _load_key(w: Writer, sh: Shader, lay: StreamLayout, runs: bool) -> list[list
             w.line(f"let k{i} = select(vec4<f32>(), {sh.read4(kt, f'kb + min(c{i}, n_dot4 - 1u)')}, "
                    f"c{i} < n_dot4);")
         return None
-    # quantized K: each scale read once and applied once to its group's partial dot; vec4s past
-    # the head dim read clamped and unmasked: they meet q_sh's zeros, and integer codes are
-    # finite, so they add exactly nothing
+    # quantized K: each scale read once and applied once to its group's partial dot
     w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
     words = sh.quant_block_words(kt)
     for g, members in enumerate(groups):
@@ -347,7 +349,8 @@ def _load_key(w: Writer, sh: Shader, lay: StreamLayout, runs: bool) -> list[list
         for i in members:
             c = f"min(c{i}, n_dot4 - 1u)" + (" & 7u" if words is not None else "")
             w.line(f"let c{i} = part + {lay.KL * i}u;")
-            w.line(f"let k{i} = qr4_{kt}(kw{g}, {c});")
+            k = f"qr4_{kt}(kw{g}, {c})"
+            w.line(f"let k{i} = select(vec4<f32>(), {k}, c{i} < n_dot4);" if masked else f"let k{i} = {k};")
     return groups
 
 
@@ -843,7 +846,7 @@ def _group_fetch(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool, step: s
                 w.line(f"fkj{u} = kj;")
                 w.line(f"let vb = {_v_row_base(sh, 'min(kj, n_keys - 1)')};")
                 w.line(f"let kb = {_k_row('kj')};")
-                groups = _load_key(w, sh, lay, k_runs)
+                groups = _load_key(w, sh, lay, k_runs, masked=False)
                 for i in range(lay.D4 // KL):
                     w.line(f"fk{u}_{i} = k{i};")
                 for g in range(len(groups or [])):
