@@ -242,7 +242,7 @@ class Shader:
         fmt = self.quant[name]
         t = f"t_{name}"
         # int8 bytes sign-extended, then converted: a GPU may convert a byte of a word in one
-        # instruction (H200: small_uints_to_f32 of the byte plus 128 was 1-8 % slower on
+        # instruction (H200: small_uints_to_f32 of q + 128, the sign bit flipped, was 1-8 % slower on
         # wgpu-native, 0.98-1.05 on Dawn)
         sext = "vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(x) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u))"
         with w.block(f"fn qs_{name}(w: u32) -> f32"):
