@@ -445,6 +445,23 @@ def _lazy_case(rng, kind: str, T: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return q, k, v
 
 
+def _check_scale_one(dev, dims: dict, plan: Plan, nsplit: int, opts: dict, q, k, v,
+                     v_format: str | None = None) -> None:
+    """Run `plan` (scores unscaled, BM=4, BN=64) on q, k, v (a QuantTensor of `v_format` where
+    given) and check o, and the lse where asked, against float64 on the dequantized V (1e-5)."""
+    op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 4, "BN": 64}, nsplit=nsplit,
+                     scale=1.0, v_format=v_format, **opts)
+    assert op.plan.softmax_phase == plan.softmax_phase
+    op.bind(q, k, v)
+    op.run()
+    o, lse = op.result()
+    v_ref = v if v_format is None else quant.dequantize(v)
+    ref_o, ref_lse = attention_ref(q, k, v_ref, scale=1.0, **{**opts, "return_lse": True})
+    assert_close(o, ref_o, 1e-5, f"o {opts}")
+    if opts.get("return_lse"):
+        assert_close(lse, ref_lse, 1e-5, f"lse {opts}")
+
+
 @pytest.mark.sanitize
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ADAPTERS)
@@ -463,16 +480,7 @@ def test_shared_maximum_raises_where_scores_pass_it(spec, kind, nsplit, require_
     dims = dict(B=1, Hq=2, Hkv=1, S=3, T=T, D=32, Dv=32)
     plan = stream(softmax_phase=2, lanes_per_key=1, query_dim=32, value_columns=32)
     for opts in (dict(), dict(window=(100, 0), return_lse=True), dict(softcap=50.0, return_lse=True)):
-        op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 4, "BN": 64}, nsplit=nsplit,
-                         scale=1.0, **opts)
-        assert op.plan.softmax_phase == 2
-        op.bind(q, k, v)
-        op.run()
-        o, lse = op.result()
-        ref_o, ref_lse = attention_ref(q, k, v, scale=1.0, **{**opts, "return_lse": True})
-        assert_close(o, ref_o, 1e-5, f"o {opts}")
-        if opts.get("return_lse"):
-            assert_close(lse, ref_lse, 1e-5, f"lse {opts}")
+        _check_scale_one(dev, dims, plan, nsplit, opts, q, k, v)
 
 
 @pytest.mark.sanitize
@@ -491,20 +499,10 @@ def test_lane_groups_rescale_where_the_maximum_rises(spec, kind, v_format, requi
     T = 450
     q, k, v = _lazy_case(rng, kind, T)
     v_dev = v if v_format is None else quant.quantize(v, v_format)
-    v_ref = v if v_format is None else quant.dequantize(v_dev)
     dims = dict(B=1, Hq=2, Hkv=1, S=3, T=T, D=32, Dv=32)
     plan = lane_groups(dev, workgroup_size=64, lanes_per_key=4, keys_per_step=2, query_dim=32, value_columns=32)
     for nsplit, opts in ((1, dict()), (3, dict(window=(100, 0), return_lse=True)), (3, dict(softcap=50.0))):
-        op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 4, "BN": 64}, nsplit=nsplit,
-                         scale=1.0, v_format=v_format, **opts)
-        assert op.plan.softmax_phase == 3
-        op.bind(q, k, v_dev)
-        op.run()
-        o, lse = op.result()
-        ref_o, ref_lse = attention_ref(q, k, v_ref, scale=1.0, **{**opts, "return_lse": True})
-        assert_close(o, ref_o, 1e-5, f"o {opts}")
-        if opts.get("return_lse"):
-            assert_close(lse, ref_lse, 1e-5, f"lse {opts}")
+        _check_scale_one(dev, dims, plan, nsplit, opts, q, k, v_dev, v_format)
 
 
 # --------------------------------------------------------------------------- workgroup flags
