@@ -3,6 +3,7 @@ rendering, helper functions and the workgroup-id prologue."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.resources
 import math
@@ -36,6 +37,18 @@ def small_uints_to_f32(u: str, offset: int, lanes: int = 4) -> str:
     ty = f"vec{lanes}<u32>" if lanes > 1 else "u32"
     fty = f"vec{lanes}<f32>" if lanes > 1 else "f32"
     return f"(bitcast<{fty}>(({u}) | {ty}(0x4B000000u)) - {fty}({float(2 ** 23 + offset)}))"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetched:
+    """A load kept in a register as it is stored (WGSL type `ty`, expression `load`) and made its
+    f32 value where it is used (`use` of the register's name): f16 pairs and quantized codes take
+    a half or a quarter of the registers of their f32 values, and nothing waits on the load
+    before its value is needed (a prefetch's registers)."""
+
+    ty: str
+    load: str
+    use: Callable[[str], str] = lambda x: x
 
 
 # Words per block of 32 values (8 vec4s): an f16 scale word, then the values (q8_0: 8 words of
@@ -107,6 +120,28 @@ class Shader:
         if tensor in self.half:
             return f"vec4<f32>(t_{tensor}[{addr4}])"
         return f"ld4_{tensor}({addr4})" if tensor in self.packed or tensor in self.quant else f"t_{tensor}[{addr4}]"
+
+    def fetch4(self, tensor: str, addr4: str) -> Fetched:
+        """read4 as a Fetched: a packed f16 tensor's vec4 kept as its two words."""
+        if tensor in self.packed:
+            return Fetched("vec2<u32>", f"t_{tensor}[{addr4}]", unpack_f16x4)
+        if tensor in self.half:
+            return Fetched("vec4<f16>", f"t_{tensor}[{addr4}]", lambda x: f"vec4<f32>({x})")
+        return Fetched("vec4<f32>", self.read4(tensor, addr4))
+
+    def fetch_codes(self, tensor: str, w: str, c: int | str) -> Fetched:
+        """The unscaled codes of vec4 `c` of a quantized tensor's block or int8 row at word `w`,
+        kept as the word that holds them (q4_0's vec4s c and c + 4 share one: a constant c
+        names it as c % 4, so that equal loads can share a register)."""
+        fmt = self.quant[tensor]
+        word = c % 4 if isinstance(c, int) and fmt is ir.DType.Q4_0 else c
+        cw = f"{word}u" if isinstance(word, int) else word
+        cc = f"{c}u" if isinstance(c, int) else c
+        return Fetched("u32", f"qw_{tensor}({w}, {cw})", lambda x: f"qx_{tensor}({x}, {cc})")
+
+    def fetch_scale(self, tensor: str, w: str) -> Fetched:
+        """The scale of a quantized tensor's block or int8 row at word `w`, kept as its word."""
+        return Fetched("u32", f"t_{tensor}[{w}]", lambda x: f"qsx_{tensor}({x})")
 
     def read4_tile(self, tensor: str, addr4: str) -> str:
         """Four consecutive elements in the workgroup tiles' element type (f16 under F16A)."""
@@ -236,28 +271,36 @@ class Shader:
 
     def _quant_loaders(self, w: Writer, name: str) -> None:
         """WGSL for a quantized tensor (word layouts in attnc/quant.py and docs/MANIFEST.md):
-        qs_ (the scale at a block's or an int8 row's first word), qr4_ (vec4 c of that block
-        or row, unscaled), ldr4_ (vec4 c of a row given the row's first word), ld4_/ld_ (four or
-        one dequantized values at an element address of the dense logical tensor)."""
+        qs_ (the scale at a block's or an int8 row's first word; qsx_ from that word), qr4_
+        (vec4 c of that block or row, unscaled: qx_ of the word qw_ that holds it), ldr4_ (vec4
+        c of a row given the row's first word), ld4_/ld_ (four or one dequantized values at an
+        element address of the dense logical tensor)."""
         fmt = self.quant[name]
         t = f"t_{name}"
         # int8 bytes sign-extended, then converted: a GPU may convert a byte of a word in one
         # instruction (H200: small_uints_to_f32 of q + 128, the sign bit flipped, was 1-8 % slower on
         # wgpu-native, 0.98-1.05 on Dawn)
         sext = "vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(x) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u))"
-        with w.block(f"fn qs_{name}(w: u32) -> f32"):
+        with w.block(f"fn qsx_{name}(x: u32) -> f32"):  # the scale from its word
             if fmt is ir.DType.INT8:
-                w.line(f"return bitcast<f32>({t}[w]);")
+                w.line("return bitcast<f32>(x);")
             else:  # f16 d in the low half of the block's first word
-                w.line(f"return unpack2x16float({t}[w]).x;")
-        with w.block(f"fn qr4_{name}(w: u32, c: u32) -> vec4<f32>"):
+                w.line("return unpack2x16float(x).x;")
+        with w.block(f"fn qs_{name}(w: u32) -> f32"):
+            w.line(f"return qsx_{name}({t}[w]);")
+        with w.block(f"fn qw_{name}(w: u32, c: u32) -> u32"):  # the word holding vec4 c's codes
             if fmt is ir.DType.Q4_0:  # 16 bytes of two nibbles: vec4 c < 4 low nibbles, c >= 4 high
-                w.line(f"let x = {t}[w + 1u + (c & 3u)] >> ((c >> 2u) * 4u);")
-                w.line("let q = (vec4<u32>(x) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u);")
-                w.line(f"return {small_uints_to_f32('q', 8)};")
+                w.line(f"return {t}[w + 1u + (c & 3u)];")
             else:  # q8_0 (c < 8 in a block) and int8 (any c of the row): 4 int8 a word
-                w.line(f"let x = {t}[w + 1u + c];")
+                w.line(f"return {t}[w + 1u + c];")
+        with w.block(f"fn qx_{name}(x: u32, c: u32) -> vec4<f32>"):  # vec4 c's codes from its word
+            if fmt is ir.DType.Q4_0:
+                w.line("let q = (vec4<u32>(x >> ((c >> 2u) * 4u)) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u);")
+                w.line(f"return {small_uints_to_f32('q', 8)};")
+            else:
                 w.line(f"return {sext};")
+        with w.block(f"fn qr4_{name}(w: u32, c: u32) -> vec4<f32>"):
+            w.line(f"return qx_{name}(qw_{name}(w, c), c);")
         words = self.quant_block_words(name)
         with w.block(f"fn ldr4_{name}(rw: u32, c: u32) -> vec4<f32>"):
             if words is None:

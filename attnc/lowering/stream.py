@@ -45,7 +45,7 @@ from attnc.errors import LoweringError
 from attnc.lowering.blocks import FULL_BIT, record_base
 from attnc.lowering.plan import StreamLayout, stream_layout
 from attnc.lowering.program import Program
-from attnc.lowering.shader import Shader, features
+from attnc.lowering.shader import Fetched, Shader, features
 from attnc.lowering.wgsl import NAN, NEG_INF, Writer
 
 # How far a score may pass the workgroup's shared maximum before SMX=2 raises it: the
@@ -715,10 +715,11 @@ def _emit_lane_groups(sh: Shader, lay: StreamLayout, w: Writer) -> Program:
         with w.block("for (var n = 0; n < n_steps; n = n + 1)"):
             if not plan.prefetch:
                 _group_fetch(w, sh, lay, k_runs, "n")
-            _group_take(w, sh, lay, parts)
+            _group_take(w, sh, lay, k_runs)
             if plan.prefetch:
                 with w.block("if (n + 1 < n_steps)"):
                     _group_fetch(w, sh, lay, k_runs, "n + 1")
+            _group_unpack(w, sh, lay, k_runs)
             _group_math(w, sh, lay, parts)
         _merge_lane_groups(w, sh, lay, v_runs)
     return Program("main", w.text(), "main", WG, binds, sh.uniforms, sh.grid_factors(), features(plan),
@@ -798,38 +799,88 @@ def _value_groups(sh: Shader, lay: StreamLayout) -> list[list[int]] | None:
     return [list(range(g, min(g + 8, lay.NV))) for g in range(0, lay.NV, 8)]
 
 
-def _group_registers(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool) -> list[list[int]] | None:
-    """SMX=3: the registers one step's loads go to (per key u of the step: its index fkj{u},
-    K vec4s fk{u}_{i}, scales fd{u}_{g} of a quantized K, V vec4s fv{u}_{j} and the scales
-    fvd{u}_{g} of a quantized V's groups (_value_groups); fful, whether the step's tile is full in
-    the block map); returns the K scale groups (_load_key's)."""
-    n = lay.D4 // lay.KL
+def _step_loads(sh: Shader, lay: StreamLayout, k_runs: bool, u: int) -> tuple[list[str], list[tuple[str, Fetched]]]:
+    """SMX=3: key u of a step (its index `kj` in scope): the lines that find its K and V rows and
+    blocks, and what the step uses of them as (name, Fetched): K vec4s k{u}_{i}, the scales
+    d{u}_{g} of a quantized K's groups, V vec4s v{u}_{j} and the scales vd{u}_{g} of a quantized
+    V's groups (_value_groups). Quantized codes and f16 pairs stay packed until used."""
+    kt, vt = sh.spec.dot.b.tensor, sh.spec.value.tensor
+    KL, n = lay.KL, lay.D4 // lay.KL
+    lines = [f"let vb = {_v_row_base(sh, 'min(kj, n_keys - 1)')};", f"let kb = {_k_row('kj')};"]
+    out: list[tuple[str, Fetched]] = []
     groups = _key_groups(sh, lay, k_runs)
+    if groups is None:  # float K: vec4 part + KL i, zero past the head dim
+        for i in range(n):
+            f = sh.fetch4(kt, f"kb + min(part + {KL * i}u, n_dot4 - 1u)")
+            out.append((f"k{u}_{i}", Fetched(f.ty, f.load, lambda x, f=f, i=i:
+                                             f"select(vec4<f32>(), {f.use(x)}, part + {KL * i}u < n_dot4)")))
+    else:  # quantized K read unmasked past the head dim (_load_key)
+        words = sh.quant_block_words(kt)
+        lines.append(f"let kw = {sh.quant_row_words(kt, 'kb')};")
+        for g, members in enumerate(groups):
+            if words is None:
+                lines.append(f"let kw{g} = kw;")
+            elif k_runs:
+                lines.append(f"let kw{g} = kw + min((k_run0 >> 3u) + {g}u, (n_dot4 >> 3u) - 1u) * {words}u;")
+            else:
+                lines.append(f"let kw{g} = kw + min({g}u, (n_dot4 >> 3u) - 1u) * {words}u;")
+            out.append((f"d{u}_{g}", sh.fetch_scale(kt, f"kw{g}")))
+            for i in members:
+                c: int | str
+                if k_runs:
+                    c = i % 8 if n % 8 == 0 else f"(k_run0 & 7u) + {i % 8}u"
+                else:
+                    c = f"min(part + {KL * i}u, n_dot4 - 1u)" + (" & 7u" if words is not None else "")
+                out.append((f"k{u}_{i}", sh.fetch_codes(kt, f"kw{g}", c)))
+    v_groups = _value_groups(sh, lay)
+    if v_groups is not None and sh.block_quantized(vt):  # a run of whole blocks, or inside one
+        words = sh.quant_block_words(vt)
+        for g, members in enumerate(v_groups):  # blocks clamped to the row's last: columns past Dv are never stored
+            lines.append(f"let vb{g} = vb + min((v_run0 >> 3u) + {g}u, (n_width >> 5u) - 1u) * {words}u;")
+            out.append((f"vd{u}_{g}", sh.fetch_scale(vt, f"vb{g}")))
+            for j in members:
+                c = j % 8 if lay.NV % 8 == 0 else f"(v_run0 & 7u) + {j % 8}u"
+                out.append((f"v{u}_{j}", sh.fetch_codes(vt, f"vb{g}", c)))
+    elif v_groups is not None:  # int8: the row's scale
+        out.append((f"vd{u}_0", sh.fetch_scale(vt, "vb")))
+        out.extend((f"v{u}_{j}", sh.fetch_codes(vt, "vb", f"cin{j} >> 2u")) for j in range(lay.NV))
+    elif vt in sh.quant:
+        out.extend((f"v{u}_{j}", Fetched("vec4<f32>", f"ldr4_{vt}(vb, cin{j} >> 2u)")) for j in range(lay.NV))
+    else:
+        out.extend((f"v{u}_{j}", sh.fetch4(vt, f"(vb + cin{j}) >> 2u")) for j in range(lay.NV))
+    return lines, out
+
+
+def _step_registers(loads: list[tuple[str, Fetched]], u: int) -> dict[str, tuple[str, str]]:
+    """The fetch registers of key u's loads: one per distinct load (q4_0's vec4s c and c + 4
+    share a word), as load -> (register, WGSL type)."""
+    regs: dict[str, tuple[str, str]] = {}
+    for _, f in loads:
+        regs.setdefault(f.load, (f"f{u}_{len(regs)}", f.ty))
+    return regs
+
+
+def _group_registers(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool) -> list[list[int]] | None:
+    """SMX=3: the registers one step's loads go to (per key u of the step: its index fkj{u} and
+    its loads as stored, _step_loads; fful, whether the step's tile is full in the block map);
+    returns the K scale groups (_load_key's)."""
+    if k_runs:
+        w.line(f"let k_run0 = part * {lay.D4 // lay.KL}u;  // the first vec4 of the lane's run of K")
+    if _value_groups(sh, lay) is not None and sh.block_quantized(sh.spec.value.tensor):
+        w.line(f"let v_run0 = dvc * {sh.plan.value_columns // 4}u + part * {lay.NV}u;  // and of V")
     for u in range(lay.KC):
         w.line(f"var fkj{u} = 0;")
-        for i in range(n):
-            w.line(f"var fk{u}_{i} = vec4<f32>();")
-        for g in range(len(groups or [])):
-            w.line(f"var fd{u}_{g} = 0.0;")
-        for j in range(lay.NV):
-            w.line(f"var fv{u}_{j} = vec4<f32>();")
-        for g in range(len(_value_groups(sh, lay) or [])):
-            w.line(f"var fvd{u}_{g} = 0.0;")
+        for reg, ty in _step_registers(_step_loads(sh, lay, k_runs, u)[1], u).values():
+            w.line(f"var {reg} = {ty}();")
     if sh.block_mask is not None:
         w.line("var fful = false;")
-    return groups
+    return _key_groups(sh, lay, k_runs)
 
 
 def _group_fetch(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool, step: str) -> None:
     """SMX=3: issue the loads of the group's step `step` (of the workgroup's tiles, NK / KC
     steps each) into the fetch registers."""
-    KL, NG, KC = lay.KL, lay.NG, lay.KC
-    vt = sh.spec.value.tensor
-    per = lay.NK // KC
-    # a q8_0 / q4_0 V run of whole blocks, or inside one: each block's scale read once and
-    # kept apart from its codes (_value_groups), as an int8 row's
-    v_groups = _value_groups(sh, lay)
-    v_blocks = v_groups is not None and sh.block_quantized(vt)
+    KC, per = lay.KC, lay.NK // lay.KC
     with w.block(""):
         w.line(f"let st = {step};")
         w.line(f"let t = t_lo + st / {per};")
@@ -842,50 +893,34 @@ def _group_fetch(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool, step: s
             w.line(f"let k0 = t * {lay.BN};")
         for u in range(KC):
             with w.block(""):
-                w.line(f"let kj = k0 + i32(grp + {NG}u * (i0 + {u}u));")
+                w.line(f"let kj = k0 + i32(grp + {lay.NG}u * (i0 + {u}u));")
                 w.line(f"fkj{u} = kj;")
-                w.line(f"let vb = {_v_row_base(sh, 'min(kj, n_keys - 1)')};")
-                w.line(f"let kb = {_k_row('kj')};")
-                groups = _load_key(w, sh, lay, k_runs, masked=False)
-                for i in range(lay.D4 // KL):
-                    w.line(f"fk{u}_{i} = k{i};")
-                for g in range(len(groups or [])):
-                    w.line(f"fd{u}_{g} = d{g};")
-                if v_blocks:
-                    w.line(f"let vr = dvc * {sh.plan.value_columns // 4}u + part * {lay.NV}u;  // the run's first vec4")
-                    # blocks clamped to the row's last: columns past Dv are never stored
-                    sh.read_blocks(w, vt, "v", "vb", lay.NV, "(vr >> 3u)", "(n_width >> 5u) - 1u",
-                                   "" if lay.NV % 8 == 0 else "(vr & 7u) + ", scaled=False)
-                    for g in range(len(v_groups or [])):
-                        w.line(f"fvd{u}_{g} = vd{g};")
-                elif v_groups is not None:  # int8: the row's scale
-                    w.line(f"fvd{u}_0 = qs_{vt}(vb);")
-                for j in range(lay.NV):
-                    if v_blocks:
-                        w.line(f"fv{u}_{j} = vr_{j};")
-                    elif v_groups is not None:
-                        w.line(f"fv{u}_{j} = qr4_{vt}(vb, cin{j} >> 2u);")
-                    elif vt in sh.quant:
-                        w.line(f"fv{u}_{j} = ldr4_{vt}(vb, cin{j} >> 2u);")
-                    else:
-                        w.line(f"fv{u}_{j} = {sh.read4(vt, f'(vb + cin{j}) >> 2u')};")
+                lines, loads = _step_loads(sh, lay, k_runs, u)
+                for line in lines:
+                    w.line(line)
+                for load, (reg, _) in _step_registers(loads, u).items():
+                    w.line(f"{reg} = {load};")
 
 
-def _group_take(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]] | None) -> None:
-    """SMX=3: the fetched step's values as this step's (kj{u}, k{u}_{i}, d{u}_{g}, v{u}_{j},
-    vd{u}_{g}, tile_full), before the fetch registers take the next step's loads."""
+def _group_take(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool) -> None:
+    """SMX=3: the fetched step's loads as stored (x{u}_{n}: kj{u}, tile_full), taken from the
+    fetch registers before they take the next step's loads."""
     for u in range(lay.KC):
         w.line(f"let kj{u} = fkj{u};")
-        for i in range(lay.D4 // lay.KL):
-            w.line(f"let k{u}_{i} = fk{u}_{i};")
-        for g in range(len(groups or [])):
-            w.line(f"let d{u}_{g} = fd{u}_{g};")
-        for j in range(lay.NV):
-            w.line(f"let v{u}_{j} = fv{u}_{j};")
-        for g in range(len(_value_groups(sh, lay) or [])):
-            w.line(f"let vd{u}_{g} = fvd{u}_{g};")
+        for reg, _ in _step_registers(_step_loads(sh, lay, k_runs, u)[1], u).values():
+            w.line(f"let x{reg[1:]} = {reg};")
     if sh.block_mask is not None:
         w.line("let tile_full = fful;")
+
+
+def _group_unpack(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool) -> None:
+    """SMX=3: the taken step's values (k{u}_{i}, d{u}_{g}, v{u}_{j}, vd{u}_{g}), unpacked after
+    the next step's loads are issued, so that those do not wait on this step's."""
+    for u in range(lay.KC):
+        loads = _step_loads(sh, lay, k_runs, u)[1]
+        regs = _step_registers(loads, u)
+        for name, f in loads:
+            w.line(f"let {name} = {f.use('x' + regs[f.load][0][1:])};")
 
 
 def _group_math(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]] | None) -> None:
