@@ -49,6 +49,11 @@ class Fetched:
     ty: str
     load: str
     use: Callable[[str], str] = lambda x: x
+    value_ty: str = "vec4<f32>"
+
+    def unpacked(self) -> Fetched:
+        """The same value loaded and unpacked at once (its register holds the f32 value)."""
+        return Fetched(self.value_ty, self.use(self.load), value_ty=self.value_ty)
 
 
 # Words per block of 32 values (8 vec4s): an f16 scale word, then the values (q8_0: 8 words of
@@ -141,7 +146,7 @@ class Shader:
 
     def fetch_scale(self, tensor: str, w: str) -> Fetched:
         """The scale of a quantized tensor's block or int8 row at word `w`, kept as its word."""
-        return Fetched("u32", f"t_{tensor}[{w}]", lambda x: f"qsx_{tensor}({x})")
+        return Fetched("u32", f"t_{tensor}[{w}]", lambda x: f"qsx_{tensor}({x})", "f32")
 
     def read4_tile(self, tensor: str, addr4: str) -> str:
         """Four consecutive elements in the workgroup tiles' element type (f16 under F16A)."""

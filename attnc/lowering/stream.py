@@ -803,7 +803,9 @@ def _step_loads(sh: Shader, lay: StreamLayout, k_runs: bool, u: int) -> tuple[li
     """SMX=3: key u of a step (its index `kj` in scope): the lines that find its K and V rows and
     blocks, and what the step uses of them as (name, Fetched): K vec4s k{u}_{i}, the scales
     d{u}_{g} of a quantized K's groups, V vec4s v{u}_{j} and the scales vd{u}_{g} of a quantized
-    V's groups (_value_groups). Quantized codes and f16 pairs stay packed until used."""
+    V's groups (_value_groups). With PF=1 quantized codes, scales and f16 pairs stay as stored
+    until the step that uses them (registers carried across an iteration); without, each is
+    unpacked where it is loaded."""
     kt, vt = sh.spec.dot.b.tensor, sh.spec.value.tensor
     KL, n = lay.KL, lay.D4 // lay.KL
     lines = [f"let vb = {_v_row_base(sh, 'min(kj, n_keys - 1)')};", f"let kb = {_k_row('kj')};"]
@@ -848,6 +850,8 @@ def _step_loads(sh: Shader, lay: StreamLayout, k_runs: bool, u: int) -> tuple[li
         out.extend((f"v{u}_{j}", Fetched("vec4<f32>", f"ldr4_{vt}(vb, cin{j} >> 2u)")) for j in range(lay.NV))
     else:
         out.extend((f"v{u}_{j}", sh.fetch4(vt, f"(vb + cin{j}) >> 2u")) for j in range(lay.NV))
+    if not sh.plan.prefetch:  # loaded and used in the same step: unpacked where loaded (H200: as fast)
+        out = [(name, f.unpacked()) for name, f in out]
     return lines, out
 
 

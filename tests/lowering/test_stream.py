@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from attnc import quant
 from attnc.errors import LoweringError
-from attnc.lowering.plan import LANE_GROUP_MAX_VEC4, Family, Plan, Strategy, stream_layout
+from attnc.lowering.plan import LANE_GROUP_MAX_VEC4, Family, Plan, Storage, Strategy, stream_layout
 from attnc.runtime import api
 from tests.forced_plan import OPTION_SETS, check_forced_plan, dialect
 from tests.textbook import assert_close, attention_ref
@@ -536,3 +536,32 @@ def test_workgroup_flags_are_stored_before_use(require_adapters) -> None:
                 first_use = min(body.index(u) for u in uses if u in body)
                 assert body.find(f"atomicStore(&{name}, 0u)") in range(0, first_use), (prog.name, name)
     assert {"wg_raise", "wg_bad", "seen"} <= seen  # (the flags this test is about were emitted)
+
+
+@pytest.mark.parametrize(("fmt", "register"), [("f16", "vec2<u32>"), ("q8_0", "u32"), ("q4_0", "u32"),
+                                               ("int8", "u32")])
+def test_lane_group_prefetch_registers_hold_loads_as_stored(fmt, register) -> None:
+    """With PF=1 the registers that carry a step's loads into the next iteration hold them as
+    stored (f16 pairs, quantized words and scales) and are unpacked after the next step's loads
+    are issued: f32 registers (twice to four times as many) made the H200's PF=1 lane groups
+    1.4-1.5x slower. A q4_0 word serves two vec4s and is loaded once. Without prefetch the
+    values are unpacked where loaded, as before."""
+    from attnc.lowering import lower
+    from attnc.runtime.build import Options, build_kernel
+
+    quantized = None if fmt == "f16" else fmt
+    kern = build_kernel(Options(f16=True, k_format=quantized, v_format=quantized), {"BM": 1, "BN": 128})
+    for pf in (0, 1):
+        plan = stream(Family.SUBGROUPS, softmax_phase=3, lanes_per_key=4, keys_per_step=2, workgroup_size=128,
+                      query_dim=128, value_columns=128, prefetch=pf, storage=Storage.F16)
+        main = lower(kern, plan)[0].wgsl
+        regs = [line.split("=")[0].split()[1] for line in main.splitlines() if line.strip().startswith("var f0_")]
+        types = {line.split("=")[1].strip(" ;") for line in main.splitlines() if line.strip().startswith("var f0_")}
+        fetch = main.split("if (n + 1 < n_steps)")[1].split("\n    }\n")[0] if pf else ""
+        if pf:
+            assert types == {register + "()"}, types
+            assert "qx_" not in fetch and "unpack2x16float" not in fetch and "qsx_" not in fetch
+            per_key = {"f16": 16, "q8_0": 18, "q4_0": 10, "int8": 18}[fmt]  # K and V, D = Dv = 128, 4 lanes
+            assert len(regs) == per_key
+        else:
+            assert types <= {"vec4<f32>()", "f32()"}, types
