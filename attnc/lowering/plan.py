@@ -57,7 +57,7 @@ COMPACT_KEYS = {
     "vector_width": "VEC", "resident_query": "QRES", "lanes_per_key": "KL", "softmax_phase": "SMX",
     "unroll": "UN", "prefetch": "PF", "combine_groups": "CSG", "value_block_keys": "VK",
     "p_chunk_keys": "PC", "last_tile_first": "QO", "subgroup_width": "SGB", "shuffle_only_lanes": "SGFAST",
-    "block_map": "BMAP", "lane_sum": "LS",
+    "block_map": "BMAP", "lane_sum": "LS", "int_dot": "IDP",
 }
 FIELDS_BY_KEY = {key: name for name, key in COMPACT_KEYS.items()}
 
@@ -140,7 +140,10 @@ class Plan:
     the KV loop. lane_sum=1 (subgroups family, softmax_phase 0 or 1, KL > 1): the KL lanes of
     a key sum its partial dots by shuffles in the dot phase, so workgroup memory holds one
     score per key and row, and the P.V phase (or the softmax phase) reads one word per key
-    instead of KL.
+    instead of KL. int_dot=1 (softmax_phase=3, a q8_0, q4_0 or int8 K): each lane holds its
+    query values as three int8 digits of a 24-bit integer per scale group of K and takes its
+    dots with K's stored codes by packed int8 dot products (dot4I8Packed), three per four
+    values, instead of unpacking each code to f32 for an FMA.
 
     Lanes strategy: rows_per_invocation query rows per invocation, query_dim >= D and
     value_columns value columns held in registers; each step reads one key per lane of a
@@ -173,6 +176,7 @@ class Plan:
     shuffle_only_lanes: int = 0
     block_map: int = 1
     lane_sum: int = 0
+    int_dot: int = 0
 
     @property
     def name(self) -> str:
@@ -406,6 +410,10 @@ def stream_layout(plan: Plan, BM: int, BN: int) -> StreamLayout:
                             f"subgroups family, SMX=0 or 1, KL >= 2 and BN x KL = {BN * plan.lanes_per_key} a "
                             f"multiple of WG={plan.workgroup_size} (got {plan.family.value}, SMX={plan.softmax_phase}, "
                             f"KL={plan.lanes_per_key})")
+    if plan.int_dot not in (0, 1):
+        raise LoweringError(f"tunable IDP={plan.int_dot} must be 0 or 1")
+    if plan.int_dot and plan.softmax_phase != 3:
+        raise LoweringError(f"IDP=1 takes integer dots in lane groups: it needs SMX=3 (got SMX={plan.softmax_phase})")
     return StreamLayout(BM, BN, plan.workgroup_size, plan.lanes_per_key, plan.keys_per_step, plan.query_dim // 4, CG,
                         KG, RC, plan.softmax_phase, bool(plan.lane_sum))
 

@@ -134,14 +134,17 @@ class Shader:
             return Fetched("vec4<f16>", f"t_{tensor}[{addr4}]", lambda x: f"vec4<f32>({x})")
         return Fetched("vec4<f32>", self.read4(tensor, addr4))
 
-    def fetch_codes(self, tensor: str, w: str, c: int | str) -> Fetched:
+    def fetch_codes(self, tensor: str, w: str, c: int | str, as_int8: bool = False) -> Fetched:
         """The unscaled codes of vec4 `c` of a quantized tensor's block or int8 row at word `w`,
         kept as the word that holds them (q4_0's vec4s c and c + 4 share one: a constant c
-        names it as c % 4, so that equal loads can share a register)."""
+        names it as c % 4, so that equal loads can share a register); used as a vec4<f32>, or
+        `as_int8` as a word of four int8 codes for dot4I8Packed (q4_0's 0-15, 8 above the value)."""
         fmt = self.quant[tensor]
         word = c % 4 if isinstance(c, int) and fmt is ir.DType.Q4_0 else c
         cw = f"{word}u" if isinstance(word, int) else word
         cc = f"{c}u" if isinstance(c, int) else c
+        if as_int8:
+            return Fetched("u32", f"qw_{tensor}({w}, {cw})", lambda x: f"qb_{tensor}({x}, {cc})", "u32")
         return Fetched("u32", f"qw_{tensor}({w}, {cw})", lambda x: f"qx_{tensor}({x}, {cc})")
 
     def fetch_scale(self, tensor: str, w: str) -> Fetched:
@@ -304,6 +307,11 @@ class Shader:
                 w.line(f"return {small_uints_to_f32('q', 8)};")
             else:
                 w.line(f"return {sext};")
+        with w.block(f"fn qb_{name}(x: u32, c: u32) -> u32"):  # vec4 c's codes as 4 int8 (q4_0: 0-15, less 8 apart)
+            if fmt is ir.DType.Q4_0:
+                w.line("return (x >> ((c >> 2u) * 4u)) & 0x0F0F0F0Fu;")
+            else:
+                w.line("return x;")
         with w.block(f"fn qr4_{name}(w: u32, c: u32) -> vec4<f32>"):
             w.line(f"return qx_{name}(qw_{name}(w, c), c);")
         words = self.quant_block_words(name)

@@ -42,6 +42,7 @@ import contextlib
 from collections.abc import Callable
 
 from attnc.errors import LoweringError
+from attnc.ir import nodes as ir
 from attnc.lowering.blocks import FULL_BIT, record_base
 from attnc.lowering.plan import StreamLayout, stream_layout
 from attnc.lowering.program import Program
@@ -700,6 +701,12 @@ def _emit_lane_groups(sh: Shader, lay: StreamLayout, w: Writer) -> Program:
             for i in range(lay.D4 // KL):
                 c = f"part * {lay.D4 // KL}u + {i}u" if k_runs else f"part + {KL * i}u"
                 w.line(f"let qv{r}_{i} = q_sh[{r * lay.D4}u + {c}];")
+            if plan.int_dot:
+                k_groups = _key_groups(sh, lay, k_runs)
+                if k_groups is None:
+                    raise LoweringError("IDP=1 takes K's dots from its stored int8 codes: K must be q8_0, q4_0 or "
+                                        f"int8 (got {sh.spec.kernel.param(s.dot.b.tensor).type.dtype.value})")
+                _int_queries(w, sh, lay, k_groups, r)
             w.line(f"var m{r} = {NEG_INF};")
             w.line(f"var l{r} = 0.0;")
             w.line(f"var nan{r} = false;")
@@ -833,7 +840,7 @@ def _step_loads(sh: Shader, lay: StreamLayout, k_runs: bool, u: int) -> tuple[li
                     c = i % 8 if n % 8 == 0 else f"(k_run0 & 7u) + {i % 8}u"
                 else:
                     c = f"min(part + {KL * i}u, n_dot4 - 1u)" + (" & 7u" if words is not None else "")
-                out.append((f"k{u}_{i}", sh.fetch_codes(kt, f"kw{g}", c)))
+                out.append((f"k{u}_{i}", sh.fetch_codes(kt, f"kw{g}", c, as_int8=bool(sh.plan.int_dot))))
     v_groups = _value_groups(sh, lay)
     if v_groups is not None and sh.block_quantized(vt):  # a run of whole blocks, or inside one
         words = sh.quant_block_words(vt)
@@ -932,8 +939,11 @@ def _group_math(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]
     softmax and o += p.v per row."""
     KL, KC, BM, NV = lay.KL, lay.KC, lay.BM, lay.NV
     for u in range(KC):
-        terms = _dot_terms(groups, lay, lambda r, i: f"qv{r}_{i}", lambda i, u=u: f"k{u}_{i}",
-                           lambda g, u=u: f"d{u}_{g}")
+        if sh.plan.int_dot:
+            terms = _int_dot_terms(sh, groups, lay, u)
+        else:
+            terms = _dot_terms(groups, lay, lambda r, i: f"qv{r}_{i}", lambda i, u=u: f"k{u}_{i}",
+                               lambda g, u=u: f"d{u}_{g}")
         for r in range(BM):
             w.line(f"var s{u}_{r} = {terms[r]};")
             k = 1
@@ -945,6 +955,68 @@ def _group_math(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]
         _online_step(w, sh, r, "x", [f"s{u}_{r}" for u in range(KC)],
                      [(f"o{r}_{j}", lambda u, j=j: f"v{u}_{j}") for j in range(NV)],
                      (lambda u, j: f"vd{u}_{v_group[j]}") if v_group else None)
+
+
+# The largest integer whose three balanced base-256 digits (each -128..127) fit int8: 0x7F7F7F.
+QUERY_INT_MAX = 0x7F7F7F
+
+
+def _int_queries(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int]], r: int) -> None:
+    """IDP=1: row r's query vec4s of each K scale group g as integers n = round(q / qs{r}_{g})
+    of at most QUERY_INT_MAX (qs{r}_{g} = the group's max |q| / QUERY_INT_MAX: the error is
+    2^-24 of that maximum, an f32 rounding), each split into three balanced base-256 digits
+    packed as int8 words qd{r}_{i}_{0,1,2} for dot4I8Packed; for a q4_0 K (codes 8 above their
+    values) each digit's sum over the group, qsum{r}_{g}_{l}. A group holding an inf or NaN
+    gets a NaN scale, so its dots are NaN as its f32 products would make them."""
+    top = f"{float(QUERY_INT_MAX)}"
+    bias = sh.quant[sh.spec.dot.b.tensor] is ir.DType.Q4_0
+    for g, members in enumerate(groups):
+        mx = f"abs(qv{r}_{members[0]})"
+        for i in members[1:]:
+            mx = f"max({mx}, abs(qv{r}_{i}))"
+        w.line(f"let qm{r}_{g} = {mx};")
+        w.line(f"let qa{r}_{g} = max(max(qm{r}_{g}.x, qm{r}_{g}.y), max(qm{r}_{g}.z, qm{r}_{g}.w));")
+        finite = " && ".join(f"all((bitcast<vec4<u32>>(qv{r}_{i}) & vec4<u32>(0x7fffffffu)) < vec4<u32>(0x7f800000u))"
+                             for i in members)  # by bits: holds where a compiler assumes finite math
+        w.line(f"let qok{r}_{g} = {finite};")
+        w.line(f"let qs{r}_{g} = select({NAN}, qa{r}_{g} / {top}, qok{r}_{g});")
+        for i in members:
+            n = f"qn{r}_{i}"
+            w.line(f"let {n} = select(vec4<i32>(), vec4<i32>(clamp(round(qv{r}_{i} / qa{r}_{g} * {top}), "
+                   f"vec4<f32>(-{top}), vec4<f32>({top}))), qok{r}_{g} && qa{r}_{g} > 0.0);")
+            for digit in range(3):
+                if digit < 2:
+                    w.line(f"let {n}d{digit} = (({n} + vec4<i32>(128)) & vec4<i32>(255)) - vec4<i32>(128);")
+                    nxt = f"qn{r}_{i}_{digit + 1}"
+                    w.line(f"let {nxt} = ({n} - {n}d{digit}) >> vec4<u32>(8u);")
+                    w.line(f"let qd{r}_{i}_{digit} = pack4xI8({n}d{digit});")
+                    n = nxt
+                else:
+                    w.line(f"let qd{r}_{i}_{digit} = pack4xI8({n});")
+        if bias:
+            for digit in range(3):
+                total = " + ".join(f"dot4I8Packed(qd{r}_{i}_{digit}, 0x01010101u)" for i in members)
+                w.line(f"let qsum{r}_{g}_{digit} = {total};")
+
+
+def _int_dot_terms(sh: Shader, groups: list[list[int]] | None, lay: StreamLayout, u: int) -> list[str]:
+    """IDP=1: per query row, key u's partial dot from K's int8 codes k{u}_{i} and the row's
+    digits (_int_queries): per scale group and digit an exact i32 sum of dot4I8Packed (at most
+    32 x 128 x 128 in magnitude, so exact in f32 too), the digits weighed 65536 / 256 / 1 in
+    f32, times the group's K scale and q scale."""
+    assert groups is not None
+    bias = sh.quant[sh.spec.dot.b.tensor] is ir.DType.Q4_0
+    rows = []
+    for r in range(lay.BM):
+        parts = []
+        for g, members in enumerate(groups):
+            sums = []
+            for digit in range(3):
+                total = " + ".join(f"dot4I8Packed(k{u}_{i}, qd{r}_{i}_{digit})" for i in members)
+                sums.append(f"f32({total} - 8 * qsum{r}_{g}_{digit})" if bias else f"f32({total})")
+            parts.append(f"d{u}_{g} * qs{r}_{g} * ({sums[2]} * 65536.0 + ({sums[1]} * 256.0 + {sums[0]}))")
+        rows.append(" + ".join(parts))
+    return rows
 
 
 def _online_step(w: Writer, sh: Shader, r: int, name: str, dots: list[str],
