@@ -262,7 +262,8 @@ def _subgroup_problem(draw, D: int, Dv: int, groups: list[int], max_T: int, fiel
 def lane_group_problems(draw, lanes: int):
     """An SMX=3 plan (KL up to `lanes`, the device's subgroup size) and a problem for it: head
     dims with padded query dims, Dv in chunks, 1-4 rows, keys per step, tiles, splits, the
-    next step's loads issued early or not, K and V each float or quantized, f32 or f16."""
+    next step's loads issued early or not, K and V each float or quantized (a quantized K's
+    dots by f32 products or by int8 dot products, IDP), f32 or f16."""
     kf, vf, D, Dv = _formats_and_head_dims(draw)
     kl = draw(st.sampled_from([x for x in (1, 2, 4, 8, 16) if x <= lanes]))
     dq = _query_dim(D, kl, kf)
@@ -277,7 +278,8 @@ def lane_group_problems(draw, lanes: int):
     kc = draw(st.sampled_from([c for c in (1, 2, 4) if wg // kl * c <= 256 and (c == 1 or c * bm * per_key <= 48)]))
     bn = draw(st.sampled_from([b for b in (32, 64, 128, 256) if b % (wg // kl * kc) == 0]))
     fields = dict(workgroup_size=wg, lanes_per_key=kl, keys_per_step=kc, query_dim=dq, value_columns=dvc,
-                  prefetch=draw(st.sampled_from([0, 1])))
+                  prefetch=draw(st.sampled_from([0, 1])),
+                  int_dot=draw(st.sampled_from([0, 1])) if kf is not None else 0)
     return _subgroup_problem(draw, D, Dv, [1, 2], 400, fields, {"BM": bm, "BN": bn}, (kf, vf))
 
 
@@ -293,6 +295,7 @@ def test_lane_groups_match_reference(spec, data, require_adapters) -> None:
     op = check_forced_plan(dev, dims, lane_groups(dev, **fields), tun, nsplit, opts, seed, dtype, kv_formats=formats)
     assert op.plan.softmax_phase == 3
     main = next(p for p in op.progs if p.name == "main")
+    assert ("dot4I8Packed" in main.wgsl) == bool(fields["int_dot"])
     assert ("subgroupShuffleXor(s0_0" in main.wgsl) == (fields["lanes_per_key"] > 1)  # a key's dot summed
     assert "workgroupBarrier" not in main.wgsl.split("n < n_steps")[1].split("atomicOr(&wg_bad")[0]  # none in the loop
 
@@ -565,3 +568,75 @@ def test_lane_group_prefetch_registers_hold_loads_as_stored(fmt, register) -> No
             assert len(regs) == per_key
         else:
             assert types <= {"vec4<f32>()", "f32()"}, types
+
+
+# ------------------------------------------------------------------ K's dots by int8 dot products
+# (D, KL, WG): a lane's run of whole blocks (D 128 / KL 4: one block; D 256: two), a run inside
+# one block (D 64 / KL 4), int8's every-KL-th vec4s (D 128 / KL 2 and D 32 / KL 4)
+INT_DOT_SHAPES = [(128, 4, 128), (256, 4, 64), (64, 4, 64), (64, 2, 32), (32, 4, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SUBGROUP_ADAPTERS)
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "int8"])
+@pytest.mark.parametrize(("D", "KL", "WG"), INT_DOT_SHAPES)
+def test_int_dot_matches_reference(spec, fmt, D, KL, WG, require_adapters) -> None:
+    """IDP=1 against float64 on the dequantized K/V: K's codes as stored (every byte value,
+    -128 included) and quantized normal values; f32 q within 1e-5, f16 within 2e-3; every
+    option, GQA, splits, the next step's loads early or not."""
+    dev = require_adapters(spec)[0]
+    dims = dict(B=2, Hq=4, Hkv=2, S=2, T=277, D=D, Dv=64)
+    opts = {"bias": "full", "sinks": "draw", "kv_lens": "draw", "return_lse": True, "softcap": 20.0}
+    for seed, (dtype, codes, pf) in enumerate([(np.float32, "every", 0), (np.float32, "quantized", 1),
+                                               (np.float16, "every", 1), (np.float16, "quantized", 0)]):
+        plan = lane_groups(dev, workgroup_size=WG, lanes_per_key=KL, keys_per_step=2, query_dim=D, value_columns=64,
+                           int_dot=1, prefetch=pf)
+        op = check_forced_plan(dev, dims, plan, {"BM": 2, "BN": 64}, 3, dict(opts), seed, dtype,
+                               kv_formats=(fmt, "q8_0"), kv_codes=codes)
+        assert "dot4I8Packed" in op.main_program.wgsl
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SUBGROUP_ADAPTERS)
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "int8"])
+def test_int_dot_large_logits_and_non_finite_queries(spec, fmt, require_adapters) -> None:
+    """q held as 24-bit integers per scale group keeps f32's accuracy where scores reach 1e4
+    (one key takes nearly all the weight) and where a group mixes large and tiny values; a
+    query row holding an inf or a NaN gives NaN, as f32 products do, and no other row changes."""
+    dev = require_adapters(spec)[0]
+    rng = np.random.default_rng(11)
+    B, H, S, T, D = 1, 2, 4, 300, 128
+    q = rng.standard_normal((B, H, S, D)).astype(np.float32)
+    q[0, 0, 0] *= 3000.0  # scores up to ~1e4
+    q[0, 0, 1, :16] *= 1e-6  # tiny values beside normal ones in a block
+    k = quant.dequantize(quant.quantize(rng.standard_normal((B, H, T, D)).astype(np.float32), fmt))
+    v = rng.standard_normal((B, H, T, 64)).astype(np.float32)
+    kq = quant.quantize(k, fmt)
+    assert np.array_equal(quant.dequantize(kq), k)
+    dims = dict(B=B, Hq=H, Hkv=H, S=S, T=T, D=D, Dv=64)
+    plan = lane_groups(dev, workgroup_size=64, lanes_per_key=4, keys_per_step=2, query_dim=D, value_columns=64,
+                       int_dot=1)
+    op = api.prepare(dims, np.float32, device=dev, plan=plan, tunables={"BM": 1, "BN": 64}, nsplit=2, k_format=fmt)
+    assert_close(op(q, kq, v), attention_ref(q, k, v), 1e-5, "o")
+    bad = q.copy()
+    bad[0, 1, 2, 5], bad[0, 0, 3, 100] = np.inf, np.nan
+    o = op(bad, kq, v)
+    assert np.isnan(o[0, 1, 2]).all() and np.isnan(o[0, 0, 3]).all()
+    keep = np.ones((B, H, S), bool)
+    keep[0, 1, 2] = keep[0, 0, 3] = False
+    assert_close(o[keep], attention_ref(q, k, v)[keep], 1e-5, "o")
+
+
+@pytest.mark.parametrize(("kw", "k_format", "msg"), [
+    (dict(softmax_phase=2, lanes_per_key=1, workgroup_size=64), "q8_0", "IDP=1 takes integer dots in lane groups"),
+    (dict(softmax_phase=3, keys_per_step=2), None, "K must be q8_0, q4_0 or int8"),
+    (dict(softmax_phase=3, keys_per_step=2, int_dot=2), "q8_0", "IDP=2 must be 0 or 1")])
+def test_int_dot_plan_errors(kw, k_format, msg) -> None:
+    """IDP=1 outside lane groups or over a float K is refused, naming the rule."""
+    from attnc.lowering import lower
+    from attnc.runtime.build import Options, build_kernel
+
+    kern = build_kernel(Options(k_format=k_format), {"BM": 1, "BN": 64})
+    plan = stream(Family.SUBGROUPS, **({"int_dot": 1, "query_dim": 64, "value_columns": 64} | kw))
+    with pytest.raises(LoweringError, match=msg):
+        lower(kern, plan)
