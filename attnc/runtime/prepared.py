@@ -263,6 +263,7 @@ class Prepared:
         stream = f"WG={pl.workgroup_size},KL={pn.lanes_per_key},KC={pn.keys_per_step},SMX={pn.softmax_phase}"
         stream += ",PF=1" if pn.prefetch and pn.softmax_phase == 3 else ""  # SMX=3's next-step loads
         stream += ",LS=1" if pn.lane_sum else ""
+        stream += ",IDP=1" if pn.int_dot else ""
         knobs = {Strategy.ROWS: f"KC={pn.keys_per_step},DQ={pn.query_dim}",
                  Strategy.LANES: f"TM={pn.rows_per_invocation},SGB={pn.subgroup_width},DQ={pn.query_dim}",
                  Strategy.STREAM: stream}.get(pn.strategy, tiled)

@@ -106,6 +106,7 @@ PLAN_SCHEMA: dict[str, Field] = {
     "shuffle_only_lanes": Field("int", 0, 128),
     "block_map": _flag(),
     "lane_sum": _flag(),
+    "int_dot": _flag(),
 }
 CALL_FIELDS = ("dialect", "storage")  # plan fields every call sets from its device and inputs
 TUNABLE = _pow2(1, 1024)  # the kernel's tunables (BM, BN)
