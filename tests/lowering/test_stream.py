@@ -547,7 +547,7 @@ def test_lane_group_prefetch_registers_hold_loads_as_stored(fmt, register) -> No
     """With PF=1 the registers that carry a step's loads into the next iteration hold them as
     stored (f16 pairs, quantized words and scales) and are unpacked after the next step's loads
     are issued: f32 registers (twice to four times as many) made the H200's PF=1 lane groups
-    1.4-1.5x slower. A q4_0 word serves two vec4s and is loaded once. Without prefetch the
+    1.35-1.57x slower. A q4_0 word serves two vec4s and is loaded once. Without prefetch the
     values are unpacked where loaded, as before."""
     from attnc.lowering import lower
     from attnc.runtime.build import Options, build_kernel
