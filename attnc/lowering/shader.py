@@ -359,20 +359,16 @@ class Shader:
             return f"div_by({first4}, rows_{name}) * ((P.d_{last} >> 2u) + 1u)"
         return f"(({first4}) >> 3u) * {words}u"
 
-    def read_blocks(self, w: Writer, tensor: str, name: str, row: str, count: int, first: str, last: str,
-                    base: str = "", scaled: bool = True) -> None:
+    def read_blocks(self, w: Writer, tensor: str, name: str, row: str, count: int, first: str, last: str) -> None:
         """`{name}r_i` (i < count): the dequantized vec4s of a q8_0 or q4_0 row at word `row`,
-        from its block `first` on (blocks clamped to `last`; vec4 i at `base` + i % 8 of its
-        block, `base` a run's run-time start inside one block): each block's scale read once,
-        its words at constant offsets, so that no load or shift is recomputed per vec4. Not
-        `scaled`: the integer codes (less q4_0's 8), block g's scale left in `{name}d{g}`."""
+        from its block `first` on (blocks clamped to `last`): each block's scale read once, its
+        words at constant offsets, so that no load or shift is recomputed per vec4."""
         words = self.quant_block_words(tensor)
         for g in range(-(-count // 8)):
             w.line(f"let {name}b{g} = {row} + min({first} + {g}u, {last}) * {words}u;")
             w.line(f"let {name}d{g} = qs_{tensor}({name}b{g});")
             for i in range(8 * g, min(count, 8 * g + 8)):
-                scale = f"{name}d{g} * " if scaled else ""
-                w.line(f"let {name}r_{i} = {scale}qr4_{tensor}({name}b{g}, {base}{i % 8}u);")
+                w.line(f"let {name}r_{i} = {name}d{g} * qr4_{tensor}({name}b{g}, {i % 8}u);")
 
     def block_quantized(self, name: str) -> bool:
         """Whether tensor `name` is stored in blocks of 32 values with a scale each (q8_0, q4_0)."""

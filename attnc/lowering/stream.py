@@ -302,7 +302,7 @@ def _q_shared(lay: StreamLayout) -> Callable[[int, int], str]:
 def _key_dots(w: Writer, sh: Shader, lay: StreamLayout) -> list[str]:
     """Load this lane's vec4s of K row `kb` (every KL-th from `part`, all issued before any is
     used) and return, per query row of the tile, its dot with them (a partial dot for KL > 1)."""
-    return _dot_terms(_load_key(w, sh, lay, False), lay, _q_shared(lay))
+    return _dot_terms(_load_key(w, sh, lay), lay, _q_shared(lay))
 
 
 def _dot_terms(groups: list[list[int]] | None, lay: StreamLayout, q: Callable[[int, int], str],
@@ -316,22 +316,14 @@ def _dot_terms(groups: list[list[int]] | None, lay: StreamLayout, q: Callable[[i
             for r in range(lay.BM)]
 
 
-def _load_key(w: Writer, sh: Shader, lay: StreamLayout, runs: bool, masked: bool = True) -> list[list[int]] | None:
-    """Emit this lane's loads of K row `kb` as `k{i}` (vec4 c{i} of the row: every KL-th from
-    `part`, or with `runs` the lane's own run of D4/KL), all issued before any is used, and
-    for a quantized K each group's scale `d{g}` (read once per group). Returns the groups of
-    i that share a scale; None for an unquantized K. Not `masked`: a quantized K's vec4s past
-    the head dim are read clamped and unmasked (they meet q_sh's zeros, and integer codes are
-    finite, so they add exactly nothing): lane groups take that (H200, with their scaled
-    probabilities, 0.88-0.94 of the time), the shared maximum keeps the mask (Dawn 1.19-1.21x
-    slower without it over int8, one process: docs/BENCHMARKS.md)."""
+def _load_key(w: Writer, sh: Shader, lay: StreamLayout) -> list[list[int]] | None:
+    """Emit this lane's loads of K row `kb` as `k{i}` (vec4 c{i} = part + KL i of the row, zero
+    past the head dim), all issued before any is used, and for a quantized K each group's scale
+    `d{g}` (read once per group). Returns the groups of i that share a scale; None for an
+    unquantized K. (Lane groups read a quantized K past the head dim unmasked: _step_loads.)"""
     kt = sh.spec.dot.b.tensor
     n = lay.D4 // lay.KL
-    groups = _key_groups(sh, lay, runs)
-    if runs:
-        assert groups is not None
-        _load_key_runs(w, sh, lay, groups)
-        return groups
+    groups = _key_groups(sh, lay, False)
     if groups is None:
         for i in range(n):
             w.line(f"let c{i} = part + {lay.KL * i}u;")
@@ -350,8 +342,7 @@ def _load_key(w: Writer, sh: Shader, lay: StreamLayout, runs: bool, masked: bool
         for i in members:
             c = f"min(c{i}, n_dot4 - 1u)" + (" & 7u" if words is not None else "")
             w.line(f"let c{i} = part + {lay.KL * i}u;")
-            k = f"qr4_{kt}(kw{g}, {c})"
-            w.line(f"let k{i} = select(vec4<f32>(), {k}, c{i} < n_dot4);" if masked else f"let k{i} = {k};")
+            w.line(f"let k{i} = select(vec4<f32>(), qr4_{kt}(kw{g}, {c}), c{i} < n_dot4);")
     return groups
 
 
@@ -373,25 +364,6 @@ def _key_groups(sh: Shader, lay: StreamLayout, runs: bool) -> list[list[int]] | 
         raise LoweringError(f"SMX=3 over a {sh.quant[kt].value} K: each lane's run of DQ/(4 KL) = {n} vec4s must "
                             "divide a block of 8 or be whole blocks")
     return [list(range(g, min(g + 8, n))) for g in range(0, n, 8)]
-
-
-def _load_key_runs(w: Writer, sh: Shader, lay: StreamLayout, blocks: list[list[int]]) -> None:
-    """_load_key for a K whose lanes own runs (_key_groups): one scale per block of the run.
-    The vec4s past the head dim are read from the row's last block unmasked: they meet the
-    zeros of q_sh past it, and integer codes are finite, so they add exactly nothing."""
-    kt = sh.spec.dot.b.tensor
-    words = sh.quant_block_words(kt)
-    w.line(f"let kw = {sh.quant_row_words(kt, 'kb')};")
-    n = lay.D4 // lay.KL
-    w.line(f"let c_run = part * {n}u;")
-    # a run of whole blocks starts a block (vec4 i at i % 8 of its block); a shorter run lies in
-    # one block, from vec4 c_run & 7 on
-    base = "" if n % 8 == 0 else "(c_run & 7u) + "
-    for g, members in enumerate(blocks):  # clamped: past the head dim the values are discarded
-        w.line(f"let kw{g} = kw + min((c_run >> 3u) + {g}u, (n_dot4 >> 3u) - 1u) * {words}u;")
-        w.line(f"let d{g} = qs_{kt}(kw{g});")
-        for i in members:
-            w.line(f"let k{i} = qr4_{kt}(kw{g}, {base}{i % 8}u);")
 
 
 def _lazy_dot_phase(w: Writer, sh: Shader, lay: StreamLayout, v_rows_shared: bool) -> None:
@@ -823,7 +795,9 @@ def _step_loads(sh: Shader, lay: StreamLayout, k_runs: bool, u: int) -> tuple[li
             f = sh.fetch4(kt, f"kb + min(part + {KL * i}u, n_dot4 - 1u)")
             out.append((f"k{u}_{i}", Fetched(f.ty, f.load, lambda x, f=f, i=i:
                                              f"select(vec4<f32>(), {f.use(x)}, part + {KL * i}u < n_dot4)")))
-    else:  # quantized K read unmasked past the head dim (_load_key)
+    else:  # quantized K past the head dim read clamped and unmasked: it meets q's zeros there and
+        # integer codes are finite, so it adds exactly nothing (H200, with the scaled probabilities,
+        # 0.88-0.94 of the time; SMX=2 keeps the mask, Dawn 1.19-1.21x slower without it over int8)
         words = sh.quant_block_words(kt)
         lines.append(f"let kw = {sh.quant_row_words(kt, 'kb')};")
         for g, members in enumerate(groups):
@@ -874,7 +848,7 @@ def _step_registers(loads: list[tuple[str, Fetched]], u: int) -> dict[str, tuple
 def _group_registers(w: Writer, sh: Shader, lay: StreamLayout, k_runs: bool) -> list[list[int]] | None:
     """SMX=3: the registers one step's loads go to (per key u of the step: its index fkj{u} and
     its loads as stored, _step_loads; fful, whether the step's tile is full in the block map);
-    returns the K scale groups (_load_key's)."""
+    returns the K scale groups (_key_groups)."""
     if k_runs:
         w.line(f"let k_run0 = part * {lay.D4 // lay.KL}u;  // the first vec4 of the lane's run of K")
     if _value_groups(sh, lay) is not None and sh.block_quantized(sh.spec.value.tensor):
