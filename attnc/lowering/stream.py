@@ -958,15 +958,12 @@ def _int_queries(w: Writer, sh: Shader, lay: StreamLayout, groups: list[list[int
             n = f"qn{r}_{i}"
             w.line(f"let {n} = select(vec4<i32>(), vec4<i32>(clamp(round(qv{r}_{i} / qa{r}_{g} * {top}), "
                    f"vec4<f32>(-{top}), vec4<f32>({top}))), qok{r}_{g} && qa{r}_{g} > 0.0);")
-            for digit in range(3):
-                if digit < 2:
-                    w.line(f"let {n}d{digit} = (({n} + vec4<i32>(128)) & vec4<i32>(255)) - vec4<i32>(128);")
-                    nxt = f"qn{r}_{i}_{digit + 1}"
-                    w.line(f"let {nxt} = ({n} - {n}d{digit}) >> vec4<u32>(8u);")
-                    w.line(f"let qd{r}_{i}_{digit} = pack4xI8({n}d{digit});")
-                    n = nxt
-                else:
-                    w.line(f"let qd{r}_{i}_{digit} = pack4xI8({n});")
+            for digit in range(2):  # the low digit in -128..127, the rest carried on; the top one is what is left
+                w.line(f"let {n}d{digit} = (({n} + vec4<i32>(128)) & vec4<i32>(255)) - vec4<i32>(128);")
+                w.line(f"let qd{r}_{i}_{digit} = pack4xI8({n}d{digit});")
+                w.line(f"let qn{r}_{i}_{digit + 1} = ({n} - {n}d{digit}) >> vec4<u32>(8u);")
+                n = f"qn{r}_{i}_{digit + 1}"
+            w.line(f"let qd{r}_{i}_2 = pack4xI8({n});")
         if bias:
             for digit in range(3):
                 total = " + ".join(f"dot4I8Packed(qd{r}_{i}_{digit}, 0x01010101u)" for i in members)
