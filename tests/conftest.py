@@ -8,7 +8,9 @@ GPU suite into a row of skips; on a developer's machine it is a skip.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -23,8 +25,10 @@ if os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}:
     settings.load_profile("ci")
 
 # attention() follows a tuning cache when one exists; the tests run the heuristic variants
-# whatever `attnc tune` stored on this machine (tests of the cache point it elsewhere)
+# whatever `attnc tune` stored on this machine (tests of the cache point it elsewhere); each
+# test process (pytest-xdist workers too) makes its own and removes it when it exits
 os.environ["ATTNC_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnc-test-cache-")
+atexit.register(shutil.rmtree, os.environ["ATTNC_CACHE_DIR"], ignore_errors=True)
 
 if TYPE_CHECKING:
     from attnc.runtime.devices import Device
