@@ -73,19 +73,20 @@ def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str,
                       opts: dict[str, Any], seed: int, dtype: Any = np.float32,
                       target: str | None = None,
                       kv_formats: tuple[str | None, str | None] = (None, None),
-                      kv_codes: str = "quantized") -> api.Prepared:
+                      kv_codes: str = "quantized", shared_kv: bool = False) -> api.Prepared:
     """Standard-normal q/k/v of `dtype` (float32: within 1e-5 of the float64 reference;
     float16: the kernel's float16 o within 2e-3); options given as "draw" get random values
     (kv_lens, with NaN values past kv_lens[0]: masked keys add nothing; sinks, a third of them
     +-inf, NaN or huge, tests/strategies.py; a [Hq, 1, T] bias, or with "full" a [B, Hq, S, T]
     one, whose every index matters). `kv_formats` stores K and/or V quantized (attnc/quant.py);
     the reference then reads the dequantized values; with kv_codes="every" they hold every code
-    of their format instead of the quantized normal values (`every_code`). Returns the op."""
+    of their format instead of the quantized normal values (`every_code`). With `shared_kv`, K and
+    V have batch 1 and serve every query batch. Returns the op."""
     rng = np.random.default_rng(seed)
     B, Hq, Hkv, S, T, D, Dv = (dims[x] for x in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
     q = rng.standard_normal((B, Hq, S, D)).astype(dtype)
-    k = rng.standard_normal((B, Hkv, T, D)).astype(dtype)
-    v = rng.standard_normal((B, Hkv, T, Dv)).astype(dtype)
+    k = rng.standard_normal((1 if shared_kv else B, Hkv, T, D)).astype(dtype)
+    v = rng.standard_normal((1 if shared_kv else B, Hkv, T, Dv)).astype(dtype)
     kf, vf = kv_formats
     k_dev: Any = k
     v_dev: Any = v.copy()
@@ -98,10 +99,11 @@ def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str,
         v = quant.dequantize(v_dev)
     if "kv_lens" in opts:
         opts["kv_lens"] = rng.integers(0, T + 1, B).astype(np.int32)
+        masked = int(opts["kv_lens"].max() if shared_kv else opts["kv_lens"][0])  # past every reader's length
         if vf is None:
-            v_dev[0, :, opts["kv_lens"][0]:] = np.nan
+            v_dev[0, :, masked:] = np.nan
         else:
-            v_dev = nan_rows(v_dev, int(opts["kv_lens"][0]))
+            v_dev = nan_rows(v_dev, masked)
     if "sinks" in opts:
         opts["sinks"] = draw_sinks(rng, Hq)
     if "bias" in opts:
@@ -115,6 +117,8 @@ def check_forced_plan(dev: Any, dims: dict[str, int], plan: Plan, tun: dict[str,
     op.run()
     o, lse = op.result()
     assert o.dtype == dtype and o.shape == (B, Hq, S, Dv)
+    if shared_kv:
+        k, v = np.repeat(k, B, axis=0), np.repeat(v, B, axis=0)
     ref = attention_ref(q, k, v, **opts)
     o_ref, lse_ref = ref if opts.get("return_lse") else (ref, None)
     tol = 2e-3 if dtype == np.float16 else 1e-5

@@ -321,7 +321,7 @@ class Prepared:
     def _host_value(self, p: TensorParam, x: Any) -> tuple[np.ndarray, tuple[int, ...]]:
         """A host argument checked and converted: (compact array, element strides)."""
         if p.fmt is not None or isinstance(x, QuantTensor):
-            return self._quant_arg(p, x, QuantTensor).words, dense_strides(p.shape)
+            return self._quant_arg(p, x, QuantTensor).words, self._quant_strides(p, x)
         if p.generic:
             arr, st = host_param(x, p.ir_dtype, p.shape, self._what(p.name))
             return arr, tuple(st)
@@ -359,11 +359,21 @@ class Prepared:
                              f"attnc.quant.quantize(x, {p.fmt!r}))")
         if x.fmt != p.fmt:
             raise ValueError(f"{name}: this op reads {name} stored as {p.fmt}; got a {x.fmt} {type(x).__name__}")
-        if tuple(x.shape) != p.shape:
+        if tuple(x.shape) != p.shape and not self._shared_batch(p, tuple(x.shape)):
             raise ValueError(f"{name}: shape {tuple(x.shape)}; this op takes {p.shape}")
         if not isinstance(x, kind):
             raise ValueError(f"{name}: expected a {kind.__name__}, got a {type(x).__name__}")
         return x
+
+    def _shared_batch(self, p: TensorParam, shape: tuple[int, ...]) -> bool:
+        """Whether k or v of this shape is one batch shared by every query batch ([1, Hkv, T, D])."""
+        return p.name in self._kv_batch and shape[0] == 1 and p.shape[0] > 1 and shape[1:] == p.shape[1:]
+
+    def _quant_strides(self, p: TensorParam, x: QuantTensor | QuantGPUTensor) -> tuple[int, ...]:
+        """The logical element strides of a quantized k or v (the kernel finds a value's block
+        from them): dense, or batch stride 0 for one batch shared by every query batch."""
+        strides = dense_strides(p.shape)
+        return (0,) + strides[1:] if self._shared_batch(p, tuple(x.shape)) else strides
 
     def _gpu_arg(self, p: TensorParam, t: Tensor) -> tuple[rt.BufferSlice, tuple[int, ...]]:
         """A GPU tensor argument checked against the op: device, dtype, shape, strides the
@@ -372,7 +382,7 @@ class Prepared:
         if t.device is not self.dev:
             raise ValueError(f"{name}: the tensor is on {t.device!r}; this op runs on {self.dev!r}")
         if p.fmt is not None or isinstance(t, QuantGPUTensor):
-            return self._quant_arg(p, t, QuantGPUTensor).binding(name), dense_strides(p.shape)
+            return self._quant_arg(p, t, QuantGPUTensor).binding(name), self._quant_strides(p, t)
         if t.dtype != p.dtype:
             packed = " (bool and uint8 params are packed four per word: pass them as host data)" \
                 if p.ir_dtype in (ir.DType.BOOL, ir.DType.U8) else ""

@@ -1,9 +1,10 @@
 """Attention over quantized K/V (q8_0, q4_0, int8; attnc/quant.py) through every strategy.
 
 Each strategy's plan is forced (tiled with vec4 and scalar loads, stream, rows, lanes) with
-random formats for K and V (one of them at least quantized, the other maybe f32), GQA, KV
-splits and option sets, against the textbook reference on the dequantized K/V: the kernels
-must dequantize exactly what attnc.quant.dequantize does, so the f32 contract (1e-5) holds.
+random formats for K and V (one of them at least quantized, the other maybe f32), GQA, K/V of
+batch 1 shared by every query batch, KV splits and option sets, against the textbook reference
+on the dequantized K/V: the kernels must dequantize exactly what attnc.quant.dequantize does,
+so the f32 contract (1e-5) holds.
 Masked keys whose quantized rows dequantize to NaN add nothing (tests/forced_plan.py).
 """
 
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import attnc
 from attnc import quant
 from attnc.errors import LoweringError
 from attnc.lowering.plan import Family, Plan, Strategy
@@ -56,7 +58,8 @@ def problems(draw, max_s: int, head_dims: tuple[int, ...]):
     hkv = draw(st.integers(1, 2))
     dims = dict(B=draw(st.integers(1, 2)), Hq=group * hkv, Hkv=hkv, S=draw(st.integers(1, max_s)),
                 T=draw(st.integers(1, 150)), D=draw(st.sampled_from(head_dims)), Dv=draw(st.sampled_from(head_dims)))
-    return dims, (kf, vf), draw(st.sampled_from([None, 1, 3])), draw(OPTION_SETS), draw(st.integers(0, 2**16))
+    shared = dims["B"] > 1 and draw(st.booleans())  # K/V of batch 1 serving every query batch
+    return dims, (kf, vf), draw(st.sampled_from([None, 1, 3])), draw(OPTION_SETS), draw(st.integers(0, 2**16)), shared
 
 
 def _check(strategy: str, data: st.DataObject, require_adapters) -> None:
@@ -65,8 +68,8 @@ def _check(strategy: str, data: st.DataObject, require_adapters) -> None:
     if plan.family is Family.SUBGROUPS:  # lanes at the device's subgroup size (a row's lanes share one)
         plan = dataclasses.replace(plan, dialect=dialect(dev), subgroup_width=dev.subgroup_size)
         tun = {**tun, "BM": max(tun["BM"], plan.rows_per_invocation * dev.subgroup_size)}
-    dims, formats, nsplit, opts, seed = data.draw(problems(max_s, head_dims))
-    op = check_forced_plan(dev, dims, plan, tun, nsplit, opts, seed, kv_formats=formats)
+    dims, formats, nsplit, opts, seed, shared = data.draw(problems(max_s, head_dims))
+    op = check_forced_plan(dev, dims, plan, tun, nsplit, opts, seed, kv_formats=formats, shared_kv=shared)
     assert op.plan.strategy is plan.strategy
     for name, fmt in zip("kv", formats, strict=True):
         assert (op.kern.param(name).type.dtype.value == fmt) if fmt else not op.kern.param(name).type.dtype.is_quant
@@ -176,6 +179,35 @@ def test_f16_queries_with_quantized_kv(require_adapters) -> None:
     assert o.dtype == np.float16
     ref = attention_ref(q.astype(np.float32), quant.dequantize(k), v.astype(np.float32))
     assert_close(o.astype(np.float32), ref, 2e-3, "o")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("kf", "vf"), [("q8_0", None), (None, "int8"), ("q4_0", "q8_0")])
+def test_quantized_kv_of_one_batch_serves_every_query_batch(kf, vf, require_adapters) -> None:
+    """[1, Hkv, T, D] K and V serve every query batch (API.md) when stored quantized too, from the
+    host and as GPU tensors, prefill and split-KV decode rows; a batch of 2 for 3 is refused
+    naming the batch dims, and by a prepared op naming the shape (a quantized K of batch 1 was refused as if its shape were wrong)."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    rng = np.random.default_rng(4)
+    k = rng.standard_normal((1, 2, 300, 64)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 300, 64)).astype(np.float32)
+    k_host = quant.quantize(k, kf) if kf else k
+    v_host = quant.quantize(v, vf) if vf else v
+    k_ref = quant.dequantize(k_host) if kf else k
+    v_ref = quant.dequantize(v_host) if vf else v
+    lens = np.array([300, 17, 250], np.int32)
+    for S in (1, 20):
+        q = rng.standard_normal((3, 4, S, 64)).astype(np.float32)
+        ref = attention_ref(q, np.repeat(k_ref, 3, 0), np.repeat(v_ref, 3, 0), kv_lens=lens)
+        assert_close(api.attention(q, k_host, v_host, kv_lens=lens, device=dev), ref, 1e-5, "o (host)")
+        k_gpu, v_gpu = attnc.tensor(k_host, dev), attnc.tensor(v_host, dev)
+        assert_close(api.attention(q, k_gpu, v_gpu, kv_lens=lens, device=dev, output="numpy"), ref, 1e-5, "o (GPU)")
+    two = quant.quantize(np.concatenate([k, k]), kf) if kf else np.concatenate([k, k])
+    with pytest.raises(ValueError, match=r"batch dims differ: q 3, k 2, v 1"):
+        api.attention(q, two, v_host, device=dev)
+    op = api.prepare(q, k_host, v_host, device=dev)  # a prepared op's own check of each binding
+    with pytest.raises(ValueError, match=r"k: shape \(2, 2, 300, 64\); this op takes \(3, 2, 300, 64\)"):
+        op.bind(q, two, v_host)
 
 
 @pytest.mark.parametrize(("fmt", "D", "rule"), [("q8_0", 80, "multiple of 32"), ("int8", 6, "multiple of 4")])
