@@ -24,9 +24,13 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
     spec = analyze(kernel)
     if kernel.output.dtype is ir.DType.F16 and plan.storage is Storage.F32:
         raise LoweringError("a float16 output is written by f16-storage plans (F16 or F16A), not an F32 one")
+    quantized = sorted(p.name for p in spec.tensors if p.type.dtype.is_quant)
+    if plan.storage is Storage.F16A and quantized:
+        raise LoweringError(f"F16A plans stage K and V in f16 workgroup tiles, which would round the values of the "
+                            f"quantized {', '.join(quantized)} (d * q: up to 19 bits); quantized K/V take F16 storage")
     if plan.strategy is Strategy.ROWS:
         if plan.storage is Storage.F16A:
-            raise LoweringError("f16 arithmetic is a tiled-strategy variant")
+            raise LoweringError("f16 tiles (F16A) are a tiled-strategy variant")
         if plan.family is not Family.PORTABLE:
             raise LoweringError("the rows strategy has no cross-invocation reductions: use the portable family")
         check_rows(plan)
@@ -39,7 +43,7 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
         progs = [emit_lanes(sh)]
     elif plan.strategy is Strategy.STREAM:
         if plan.storage is Storage.F16A:
-            raise LoweringError("f16 arithmetic is a tiled-strategy variant")
+            raise LoweringError("f16 tiles (F16A) are a tiled-strategy variant")
         sh = Shader(spec, plan, None)
         sh.block_mask = block_mask(spec) if plan.block_map else None
         progs = [emit_stream(sh)]

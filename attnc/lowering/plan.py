@@ -25,11 +25,11 @@ class Strategy(enum.Enum):
 
 
 class Storage(enum.Enum):
-    """How float tensors are stored in buffers, and (F16A) whether products are f16."""
+    """How float tensors are stored in buffers and workgroup tiles."""
 
     F32 = "f32"
     F16 = "f16"  # packed two per u32, unpacked with unpack2x16float (no shader-f16 needed)
-    F16A = "f16a"  # shader-f16: f16 loads and workgroup tiles, f16 products summed in f32
+    F16A = "f16a"  # shader-f16: f16 loads and workgroup tiles (half the memory), f32 products and sums
 
 
 class Dialect(enum.Enum):
@@ -455,7 +455,7 @@ def check_lanes(plan: Plan, BM: int) -> None:
     if plan.family is not Family.SUBGROUPS:
         raise LoweringError("the lanes strategy shares keys by subgroupBroadcast: use the subgroups family")
     if plan.storage is Storage.F16A:
-        raise LoweringError("f16 arithmetic is a tiled-strategy variant")
+        raise LoweringError("f16 tiles (F16A) are a tiled-strategy variant")
     if plan.vector_width != 4 or min(plan.query_dim, plan.value_columns) <= 0 \
             or plan.query_dim % 4 or plan.value_columns % 4:
         raise LoweringError(f"the lanes strategy reads q, k and v as vec4: it needs VEC=4 and DQ={plan.query_dim}, "

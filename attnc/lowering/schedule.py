@@ -58,7 +58,7 @@ def pick_family(caps: Capabilities, target: str | None) -> Family:
 def device_refuses(caps: Capabilities, plan: Plan) -> str | None:
     """Why a plan that lowers would still not run correctly on this device, or None: the
     subgroup facts a subgroups-family plan assumes must be the device's (a tuning-cache entry
-    written elsewhere or damaged may claim others), and f16 arithmetic needs shader-f16."""
+    written elsewhere or damaged may claim others), and f16 tiles need shader-f16."""
     if plan.family is Family.SUBGROUPS:
         if "subgroups" not in caps.features or caps.subgroup_lanes_contiguous < 4:
             return f"its family is subgroups, which {caps.name} does not offer (or fails the subgroup probe)"
@@ -75,7 +75,7 @@ def device_refuses(caps: Capabilities, plan: Plan) -> str | None:
     if plan.strategy is Strategy.LANES and plan.subgroup_width != caps.subgroup_size:
         return f"SGB={plan.subgroup_width}: {caps.name} runs subgroups of {caps.subgroup_size} lanes"
     if plan.storage is Storage.F16A and "f16" not in caps.features:
-        return f"f16 arithmetic needs shader-f16, which {caps.name} does not offer"
+        return f"f16 tiles (F16A) need shader-f16, which {caps.name} does not offer"
     return None
 
 
@@ -119,7 +119,7 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
       packed rows per KV head (GQA with several queries), 32x64 tiles of the tiled strategy with
       4 rows per invocation and 8-key value blocks (H200 dec4_gqa8 1.6x faster than stream, and
       1.15x again in a workgroup of 11.5 KiB with 60 splits); the tiled strategy where
-      none applies (head dims not multiples of 4, D over STREAM_MAX_D, f16 arithmetic; the
+      none applies (head dims not multiples of 4, D over STREAM_MAX_D, f16 tiles; the
       rows strategy only where its registers fit FUNCTION_VAR_BYTES);
     - longer rows: the largest of 128x64 (256 invocations), 64x64 and 64x32 tiles with 4 rows
       per invocation that the device's limits allow (CPU adapters skip the 256-wide one);

@@ -206,7 +206,7 @@ def _loads_owned(w: Writer, lay: Layout, name: str, base: str, n: int) -> None:
 
 def _pv_loop(w: Writer, lay: Layout, vs: int, ks: int, careful: bool, half: bool, unroll: int) -> None:
     """o += p . v over the VK keys from ks of a tile, for one staged block of value columns
-    (with `half`, p and v are f16 and each product is rounded to f16, then summed in f32)."""
+    (with `half`, p and v come from f16 tiles and are multiplied in f32: see `_dot_step`)."""
     w.counted("j", lay.VK, unroll, lambda: _pv_key(w, lay, vs, ks, careful, half))
 
 
@@ -218,7 +218,7 @@ def _pv_key(w: Writer, lay: Layout, vs: int, ks: int, careful: bool, half: bool)
     _loads(w, "p", "stage", f"({pk}u + j) * {lay.QS}u + rg * {lay.TM}u", lay.TM)
     for i in range(lay.TM):
         acc = [f"o{i}_{(vs // lay.DVS) * YPS + y}" for y in range(YPS)]
-        updates = [f"{a} = {a} + f32(p{i} * v{y});" if half else f"{a} = fma(p{i}, v{y}, {a});"
+        updates = [f"{a} = fma(f32(p{i}), f32(v{y}), {a});" if half else f"{a} = fma(p{i}, v{y}, {a});"
                    for y, a in enumerate(acc)]
         if careful:
             with w.block(f"if (p{i} != 0.0)"):
@@ -240,8 +240,11 @@ def _dot_step(w: Writer, sh: Shader) -> None:
     _loads_owned(w, lay, "b", f"{kofs}u + dd * {lay.KS}u", lay.TN)
     for i in range(lay.TM):
         for x in range(lay.TN):
-            if sh.half:  # an f16 product, summed in f32
-                w.line(f"s{i}_{x} = s{i}_{x} + f32(a{i} * b{x});")
+            if sh.half:
+                # f16 tiles, f32 products: the product of two halves is exact in f32, where an f16
+                # product (one instruction more than this fma) rounds |q_i k_i| to 11 bits and
+                # overflows past 65504: scores of 6e3 would be 4 apart
+                w.line(f"s{i}_{x} = fma(f32(a{i}), f32(b{x}), s{i}_{x});")
             else:
                 w.line(f"s{i}_{x} = fma(a{i}, b{x}, s{i}_{x});")
 

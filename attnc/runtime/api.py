@@ -222,7 +222,12 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
     fam = pick_family(dev.capabilities, target)
     f16_math = target in F16_MATH_TARGETS
     if f16_math and np.dtype(dtype) != np.float16:
-        raise ValueError(f"target {target!r} computes products in f16: pass float16 q, k, v (got {np.dtype(dtype)})")
+        raise ValueError(f"target {target!r} stages f16 tiles: pass float16 q, k, v (got {np.dtype(dtype)})")
+    if f16_math and (k_format or v_format):
+        name, fmt = ("k", k_format) if k_format else ("v", v_format)
+        raise ValueError(f"target {target!r} stages K and V in f16 tiles, which would round the values of a {fmt} "
+                         f"{name} (d * q: up to 19 bits); a quantized cache runs with target 'portable' or "
+                         "'subgroups' (or None), which read it in f32")
     scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod)
     if inputs is not None and not isinstance(inputs, Mapping):
         raise ValueError(f"inputs must be a dict of name -> array or number, got {type(inputs).__name__}")
@@ -451,7 +456,7 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
     they close over become the kernel's inputs (bindings and uniforms: new values run the same
     kernel), and `inputs` gives, by name, the values of the ones they declare with
     attnc.input(name, type) / attnc.scalar(name). target: "portable", "subgroups", or
-    (float16 inputs, shader-f16) "portable-f16" / "subgroups-f16" for f16 products; None picks
+    (float16 inputs, shader-f16) "portable-f16" / "subgroups-f16" for f16 workgroup tiles; None picks
     the tuned or heuristic variant.
     sinks [Hq]: one more logit per head in the softmax denominator, with no value. A sink of
     +inf takes all the weight: o = 0 and lse = +inf on that head's rows, fully masked rows

@@ -101,8 +101,13 @@ class Op:
         f16 = self._f16(kern, values)
         f16_math = self.target in F16_MATH_TARGETS
         if f16_math and not f16:
-            raise ValueError(f"target {self.target!r} computes products in f16: pass float16 operands")
-        pdims = self._plan_dims(kern, spec, self._bind(kern, values, captured).dims)
+            raise ValueError(f"target {self.target!r} stages f16 tiles: pass float16 operands")
+        quantized = sorted(p.name for p in kern.params if isinstance(p.type, ir.TensorType) and p.type.dtype.is_quant)
+        if f16_math and quantized:
+            raise ValueError(f"target {self.target!r} stages f16 tiles, which would round the values of the quantized "
+                             f"{', '.join(quantized)} (d * q: up to 19 bits): use target 'portable' or 'subgroups'")
+        storage = Storage.F16 if f16 else Storage.F32  # bound as retyped: float16 GPU tensors are f16 operands
+        pdims = self._plan_dims(kern, spec, self._bind(retype(kern, storage), values, captured).dims)
         caps = self.device.capabilities
         plan, htun = plan_for(caps, self.family, pdims, f16=f16, explicit_family=self.target is not None,
                               f16_math=f16_math)
@@ -114,8 +119,8 @@ class Op:
         if tun:
             kern, captured = self._trace({**self.options, **tun})
             paths = self._paths
-        kern = retype(kern, Storage.F16 if f16 else Storage.F32)
-        bound = self._bind(kern, values, captured)  # the retyped kernel: f16 operands stay f16
+        kern = retype(kern, storage)
+        bound = self._bind(kern, values, captured)
         spec = analyze(kern)
         if spec.split_count is not None:
             if spec.split_count not in values:
@@ -138,7 +143,7 @@ class Op:
         `dims` gives the sizes of dims no tensor has (the logical length of paged keys). Params
         are host data or GPU tensors (attnc.Tensor); as for a prepared attention op, the result
         is numpy (o in the operands' dtype, lse float32) for host inputs, else GPU tensors
-        (float32), and `out=`, `out_lse=`, `encoder=`, `output=` work the same. An op prepared
+        (the same dtypes), and `out=`, `out_lse=`, `encoder=`, `output=` work the same. An op prepared
         before for the same shapes, dtypes and options is reused: new values are new bindings
         and uniforms."""
         prep = self._prepared(values, dims)

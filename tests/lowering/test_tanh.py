@@ -5,7 +5,7 @@ The builtin is not accurate near 0 on lavapipe (tanh(1e-30) came out as 2^-25, a
 error of about ulp(1)/4), which made softcap and tanh score_mods wrong for large caps. The
 expression evaluated here is the op table's (CODE_FOR_OP[TANH]) over the helpers every shader
 includes, so it is the code the kernels run. Tanh is always evaluated in f32: scores are f32 in
-every strategy, f16-arithmetic variants included (only q.k and p.v products are f16 there).
+every strategy, f16-tile variants included.
 """
 
 from __future__ import annotations

@@ -196,16 +196,23 @@ def test_build_runs_the_flash_kernel_with_a_split_and_its_lse(device) -> None:
     assert op.traces == traces
 
 
-def test_build_with_float16_operands_and_a_mod(device) -> None:
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_build_with_host_and_gpu_operands_and_a_mod(device, dtype) -> None:
+    """Host arrays and GPU tensors of either dtype: o in the operands' dtype, the same values
+    (float16 GPU tensors were refused as if the kernel read f32: the op bound them to the kernel
+    before giving it f16 operands)."""
     rng = np.random.default_rng(9)
-    q, k, v = qkv(rng, dtype=np.float16)
+    q, k, v = qkv(rng, dtype=dtype)
     slopes = rng.uniform(0, 0.2, 4).astype(np.float32)
     op = attnc.build(flash_attention, device=device,
                      score_mod=lambda s, b, h, i, j: s + slopes[h] * attnc.f32(j - i))
     o = op(q=q, k=k, v=v, scale=0.25)
-    assert o.dtype == np.float16
+    assert o.dtype == dtype
     ref = attention_ref(q, k, v, scale=0.25, score_mod=lambda s, b, h, i, j: s + slopes[h] * (j - i))
-    assert_close(o, ref, 2e-3)
+    assert_close(o, ref, 2e-3 if dtype == np.float16 else 1e-5)
+    o_gpu = op(q=attnc.tensor(q, device), k=attnc.tensor(k, device), v=attnc.tensor(v, device), scale=0.25)
+    assert isinstance(o_gpu, attnc.Tensor) and o_gpu.dtype == dtype and o_gpu.shape == o.shape
+    np.testing.assert_array_equal(o_gpu.numpy(), o)
 
 
 def test_build_errors_are_clear(device) -> None:

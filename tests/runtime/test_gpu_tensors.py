@@ -271,7 +271,7 @@ FEATURE_SETS = {"none": [], "f16": ["shader-f16"], "subgroups+f16": ["subgroup",
 @pytest.mark.parametrize("features", list(FEATURE_SETS))
 def test_the_applications_device_with_the_features_it_enabled(require_adapters, spec, features) -> None:
     """attnc runs on a GPUDevice the application made, with what it enabled: the subgroups
-    family only with subgroups, f16 products only with shader-f16; planning sees that
+    family only with subgroups, f16 tiles only with shader-f16; planning sees that
     device's features and limits; attnc adds no feature and the probe runs only with
     subgroups."""
     require_adapters(spec)

@@ -1,6 +1,6 @@
 """tanh in the scores, end to end: softcap over caps from 1e-3 to 1e9 and a tanh score_mod over
 log-spaced factors, against the float64 textbook reference, on every adapter x family (and the
-f16-arithmetic targets), prefill and split-KV decode shapes.
+f16-tile targets), prefill and split-KV decode shapes.
 
 WGSL's builtin tanh lost its relative accuracy near 0 on lavapipe, so large caps (s / cap
 small) were wrong: softcap=1e3 gave a relative error of 2e-5, 1e5 1.6e-3, 1e8 0.64, and
@@ -32,7 +32,7 @@ FACTORS = (2.0**-33, 2.0**-20, 2.0**-7, 2.0**6)
 
 @pytest.fixture
 def target(request, require_adapters, missing_adapter):
-    """(device, target) for TARGETS and the f16-arithmetic targets: missing features fail in CI."""
+    """(device, target) for TARGETS and the f16-tile targets: missing features fail in CI."""
     spec, family = request.param
     dev = require_adapters(spec)[0]
     need = {"f16"} if family.endswith("-f16") else set()
@@ -46,7 +46,7 @@ def shape(draw, kind: str) -> dict[str, int]:
     """Four query heads; prefill S >= 17 over 1, 2 or 4 KV heads, decode S <= 8 over T >= 1000
     keys (split-KV and the combine) with GQA packing. One head dim: a kernel per case. At least
     two keys: with one, lse is the score itself, whose magnitude a small cap bounds while the
-    rounding of q.k (f16 products: ~2e-4) does not shrink with it; not tanh's accuracy."""
+    rounding of q.k does not shrink with it; not tanh's accuracy."""
     if kind == "prefill":
         return dict(B=draw(st.integers(1, 2)), Hq=4, Hkv=draw(st.sampled_from([1, 2, 4])),
                     S=draw(st.integers(17, 70)), T=draw(st.integers(2, 150)), D=64, Dv=64)
@@ -69,7 +69,7 @@ def log_uniform(draw, lo: float, hi: float) -> float:
 def test_softcap_over_log_spaced_caps(target, kind, data) -> None:
     """cap in [1e-3, 1e9]: tanh's argument s / cap from ~1e-13 (tanh(x) = x to f32 precision)
     to saturation (|s| up to ~20 under caps from 1e-3). Larger scales are left out: the
-    rounding of q.k (f16 products especially) times a large scale is what they would test."""
+    rounding of q.k times a large scale is what they would test."""
     cap = log_uniform(data.draw, 1e-3, 1e9)
     scale = log_uniform(data.draw, 1e-4, 0.5)
     sh = shape(data.draw, kind)
