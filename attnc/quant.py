@@ -16,6 +16,11 @@ A scale below the normal f32 range (2^-126; only blocks or rows whose values are
 about 1e-36) counts as a zero of its sign: ggml's reference divides by zero there (1/d
 overflows), and its values dequantize to 0 (f16 scales of that size are 0 anyway).
 
+Values a format cannot store are refused (``storable``): inf and NaN, and q8_0 and q4_0 blocks
+whose f16 scale would round past 65504 (a largest |x| of 65520 * 127 = 8321040 or more for
+q8_0, 65520 * 8 = 524160 or more for q4_0; ggml stores an inf scale there, whose values read
+back as inf and NaN). The GPU store kernel writes a NaN scale for such a block instead.
+
 In WebGPU buffers every format is an array of u32 words (little-endian bytes), the rows of
 the logical tensor in row-major order of its other dims:
 
@@ -101,6 +106,26 @@ class QuantTensor:
         return int(self.words.nbytes)
 
 
+F16_SCALE_LIMIT = np.float32(65520.0)  # an f32 scale this large or larger rounds to an f16 inf
+LARGEST_STORABLE = {"q8_0": 65520.0 * 127, "q4_0": 65520.0 * 8}  # the largest |x| a block may not reach
+
+
+def storable(x: np.ndarray, fmt: str, name: str) -> None:
+    """ValueError naming `name` unless every value of `x` (float, head dim last) can be stored in
+    `fmt`: finite, and in q8_0 and q4_0 blocks whose f16 scale stays finite."""
+    xs = np.asarray(x, np.float32).reshape(-1, x.shape[-1]) if x.size else np.zeros((0, BLOCK), np.float32)
+    if not np.isfinite(xs).all():
+        raise ValueError(f"{name}: inf or NaN cannot be stored as {fmt}")
+    if fmt not in _BLOCK_WORDS or xs.size == 0:
+        return
+    amax = np.abs(xs.reshape(-1, BLOCK)).max(axis=1)
+    scale = (amax / np.float32(127 if fmt == "q8_0" else 8)).astype(np.float32)
+    if (scale >= F16_SCALE_LIMIT).any():
+        worst = float(amax.max())
+        raise ValueError(f"{name}: a block of 32 values holds |x| = {worst:.7g}; {fmt} keeps each block's scale as "
+                         f"float16, which overflows from |x| = {LARGEST_STORABLE[fmt]:.7g} on (a scale past 65504)")
+
+
 def _round_away(x: np.ndarray) -> np.ndarray:
     """C's roundf on float32 values (half away from zero), exactly (float64 holds x + 0.5)."""
     x64 = x.astype(np.float64)
@@ -142,8 +167,7 @@ def quantize(x: np.ndarray, fmt: str) -> QuantTensor:
         raise ValueError(f"quantize: expected a float array with the head dim last, got {x.dtype} {x.shape}")
     check_head_dim(fmt, "quantize", x.shape[-1])
     xs = x.astype(np.float32).reshape(-1, x.shape[-1])
-    if not np.isfinite(xs).all():
-        raise ValueError(f"quantize: {fmt} cannot store inf or NaN")
+    storable(xs, fmt, "quantize")
     rows = xs.shape[0]
     if fmt == "int8":
         amax = np.abs(xs).max(axis=1, keepdims=True) if xs.size else np.zeros((rows, 1), np.float32)

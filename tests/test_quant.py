@@ -187,3 +187,22 @@ def test_bad_words_and_values() -> None:
         quant.quantize(np.zeros((1, 32), np.float32), "q5_0")
     with pytest.raises(ValueError, match="inf or NaN"):
         quant.quantize(np.full((1, 32), np.inf, np.float32), "q8_0")
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_block_scales_past_float16_are_refused(fmt) -> None:
+    """A block whose f16 scale would round past 65504 (ggml stores an inf: its values read back as
+    inf and NaN) is refused naming the limit, either sign; the largest |x| below it stores a scale
+    of 65504 and reads back finite; int8's f32 scale has no such limit below inf."""
+    limit = np.float32(quant.LARGEST_STORABLE[fmt])
+    below = np.nextafter(limit, np.float32(0))
+    x = np.zeros((2, 64), np.float32)
+    x[1, 40] = below
+    t = quant.quantize(x, fmt)
+    assert np.abs(quant.codes(t)[0]).max() == 65504.0 and np.isfinite(quant.dequantize(t)).all()
+    for sign in (1, -1):
+        x[0, 5] = sign * limit
+        with pytest.raises(ValueError, match=rf"quantize: a block of 32 values holds \|x\| = {int(limit)}; {fmt} "
+                                             r"keeps each block's scale as float16, which overflows"):
+            quant.quantize(x, fmt)
+    assert np.isfinite(quant.dequantize(quant.quantize(x * np.float32(1e30), "int8"))).all()

@@ -9,8 +9,9 @@ and writes the word (and the scale); int8 the row's max |x| reduced through work
 then its f32 scale and bytes. The rounding is attnc.quant's (half away from zero, q4_0's
 trunc(x / d + 8.5)); where a device's f32
 division is not correctly rounded, a value at a rounding tie may take the neighbouring code.
-A block (q8_0, q4_0) or row (int8) holding an inf or NaN gets a NaN scale, so that it reads as
-NaN rather than as numbers made up from it (attnc.quant.quantize refuses such rows).
+A block (q8_0, q4_0) or row (int8) holding an inf or NaN, or a block whose f16 scale would
+round past 65504, gets a NaN scale, so that it reads as NaN rather than as numbers made up from
+it (attnc.quant.quantize refuses such rows).
 """
 
 from __future__ import annotations
@@ -181,13 +182,17 @@ def _store(w: Writer, k: ir.StoreKernel, st: ir.Store, env: ExprEnv, read, n: in
                         w.line("mx = xj;")
                 w.line("let d = flushed(" + ("amax / 127.0);" if fmt is ir.DType.Q8_0 else "mx / -8.0);"))
                 w.line("let id = inv_or_zero(d);")
+                # a scale that rounds past f16's 65504 (|d| >= 65520) is written NaN, as for an inf
+                # (attnc.quant refuses such blocks); one just below rounds to 65504, as numpy rounds it
+                w.line("bad = bad || abs(d) >= 65520.0;")
+                w.line("let dh = clamp(d, -65504.0, 65504.0);")
                 w.line(f"let wb = ((dst >> 5u) + (base + x0) / 32u) * {per}u;")
                 # a d that is 0 in f16 (|d| <= 2^-25) is written as the zero of d's sign from integer
                 # bits: drivers may drop the sign of a zero in float arithmetic (q8_0: d >= 0; q4_0:
                 # d = mx / -8, mx starting at +0.0 as in ggml, so an all-zero block has d = -0.0)
                 sign = "0u" if fmt is ir.DType.Q8_0 else "((bitcast<u32>(mx) >> 16u) & 0x8000u) ^ 0x8000u"
                 with w.block("if (m == 0u)"):
-                    w.line(f"t_{t}[wb] = select(select(pack2x16float(vec2<f32>(d, 0.0)) & 0xffffu, {sign}, "
+                    w.line(f"t_{t}[wb] = select(select(pack2x16float(vec2<f32>(dh, 0.0)) & 0xffffu, {sign}, "
                            "abs(d) <= 2.98023224e-8), 0x7e00u, bad);")
                 w.line("var word = 0u;")
                 with w.block("for (var j = 0u; j < 4u; j++)"):

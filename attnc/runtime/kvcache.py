@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
-from attnc.quant import check_format, check_head_dim
+from attnc.quant import check_format, check_head_dim, storable
 from attnc.runtime import dispatch as rt
 from attnc.runtime.api import prepare
 from attnc.runtime.build import mods_scan
@@ -362,6 +362,8 @@ class KVCache:
         if fmt is not None and not np.isfinite(host).all():  # as attnc.quant.quantize refuses them
             past = " (values beyond float16's range become inf)" if self.dtype == np.float16 else ""
             raise ValueError(f"{name}: inf or NaN cannot be stored as {fmt}{past}")
+        if fmt is not None:
+            storable(host, fmt, name)
         raw = host.reshape(-1).view(np.uint8)
         if raw.size % 4:
             raw = np.concatenate([raw, np.zeros(4 - raw.size % 4, np.uint8)])

@@ -10,7 +10,7 @@ import numpy as np
 from attnc.ir import nodes as ir
 from attnc.lowering.program import Program
 from attnc.lowering.store import emit_store
-from attnc.quant import QuantTensor, check_head_dim
+from attnc.quant import QuantTensor, check_head_dim, storable
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.tensor import dense_strides
@@ -135,6 +135,7 @@ def _check(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, tabl
     check_rows(x, shape, paged, f"{prefix}rows")
     if fmt not in ("f32", "f16"):
         check_head_dim(fmt, cache_name, shape[3])
+        storable(x, fmt, f"{prefix}rows")
     elif fmt == "f16" and shape[3] % 2:
         raise ValueError(f"{cache_name}: an f16 cache stores two values per 32-bit word; head dim {shape[3]} is odd")
     B = x.shape[0]

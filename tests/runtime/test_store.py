@@ -299,3 +299,37 @@ def test_non_finite_rows_read_as_nan_not_numbers(spec, fmt, f16_rows, N, D, bad,
     want = quant.quantize(clean, fmt).words.reshape(-1, per)
     words = got.words.reshape(1, 2, 8, -1)[:, :, :N].reshape(-1, per)
     np.testing.assert_array_equal(words[~poisoned], want[~poisoned])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_block_scales_past_float16_read_as_nan(spec, fmt, require_adapters) -> None:
+    """f32 rows whose q8_0 or q4_0 block scale would round past f16's 65504 (host rows refuse them,
+    as quantize does): from GPU rows that block gets a NaN scale and reads as NaN, never as inf or
+    numbers; a block just below the limit stores the scale 65504 as quantize does, and the other
+    blocks quantize's words."""
+    (dev,) = require_adapters(spec)
+    limit = np.float32(quant.LARGEST_STORABLE[fmt])
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 2, 3, 64)).astype(np.float32)
+    x[0, 0, 1, 3] = -limit * np.float32(1.5)  # past the limit: block 0 of row (0, 1)
+    x[0, 1, 2, 33] = limit  # the limit itself: block 1 of row (1, 2)
+    x[0, 1, 0, 40] = np.nextafter(limit, np.float32(0))  # just below: block 1 of row (1, 0), scale 65504
+    cache = attnc.KVCache(1, 2, 8, 64, k_format=fmt, device=dev)
+    with pytest.raises(ValueError, match=rf"k_new: a block of 32 values holds \|x\| = .*{fmt} keeps each block's "
+                                         "scale as float16"):
+        cache.append(x, np.zeros_like(x))
+    with pytest.raises(ValueError, match=r"rows: a block of 32 values holds"):
+        store_rows(quant.quantize(np.zeros((1, 2, 8, 64), np.float32), fmt), x, np.zeros(1, np.int32), device=dev)
+    cache.append(attnc.tensor(x, device=dev), attnc.tensor(np.zeros_like(x), device=dev))
+    got = cache.k.numpy()
+    values = quant.dequantize(got)[:, :, :3].reshape(-1, quant.BLOCK)
+    poisoned = np.abs(x.reshape(-1, quant.BLOCK)).max(axis=1) >= limit
+    assert poisoned.sum() == 2 and np.isnan(values[poisoned]).all()
+    clean = np.where(poisoned[:, None], 0.0, x.reshape(-1, quant.BLOCK)).astype(np.float32).reshape(x.shape)
+    per = quant.words_per_row(fmt, quant.BLOCK)
+    want = quant.quantize(clean, fmt).words.reshape(-1, per)
+    words = got.words.reshape(1, 2, 8, -1)[:, :, :3].reshape(-1, per)
+    np.testing.assert_array_equal(words[~poisoned], want[~poisoned])
+    assert np.nanmax(np.abs(quant.codes(got)[0])) == 65504.0
