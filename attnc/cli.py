@@ -47,14 +47,15 @@ def _read_kernel(path: str):
 
 
 def _load_kernel(spec: str, sets: list[str]):
-    """KERNEL is an .attn file or `module:name` naming a DSL kernel (traced with the --set options)."""
+    """KERNEL is an .attn file or `module:name` naming a DSL kernel (traced with the --set options);
+    returns the kernel and those options."""
     from attnc.frontend.dsl import KernelDef
 
     if spec.endswith(".attn") or Path(spec).is_file():
         if sets:
             raise UsageError("--set options apply to module:kernel DSL kernels, not .attn files "
                              "(an .attn file states its tunables in its tunables(...) line)")
-        return _read_kernel(spec)
+        return _read_kernel(spec), {}
     if ":" not in spec:
         raise UsageError(f"KERNEL must be an .attn file or module:kernel, got {spec!r}")
     mod_name, _, attr = spec.partition(":")
@@ -69,7 +70,7 @@ def _load_kernel(spec: str, sets: list[str]):
         raise UsageError(f"{spec!r} is a {type(obj).__name__}, not an @attnc.kernel")
     options = parse_sets(obj, sets)
     try:
-        return obj.trace(**options)
+        return obj.trace(**options), options
     except AttncError as exc:
         if exc.span is not None and os.path.abspath(exc.span.file) == os.path.abspath(__file__):
             # refused at the trace call itself: an option value from the command line, not the
@@ -157,7 +158,7 @@ def parse_sets(kdef: Any, items: list[str]) -> dict[str, Any]:
             out[key] = convert(text, types_[key])
         except _NotSettable:
             raise UsageError(f"--set {shown}: option {key!r} takes a Python function: give it as module:name "
-                             "(e.g. --set score_mod=examples.flex.t5_buckets:score_mod)") from None
+                             "(e.g. --set mask_mod=examples.flex.alibi:causal)") from None
         except _BadValue:
             raise UsageError(f"--set {shown}: option {key!r} takes {describe(types_[key])}, "
                              f"got {text!r}") from None
@@ -372,6 +373,27 @@ def _install(tmp: Path, out: Path, previous: list[str]) -> list[str]:
     return said
 
 
+def _window_defaults(kernel: Any, options: dict[str, Any]) -> dict[str, str]:
+    """The sides of `--set window=[left,right]` as defaults of the kernel's window_left and
+    window_right params: the option fixes which sides are bounded, the numbers are runtime params
+    (a caller may pass others); a side below 0 is refused, as attention() refuses it."""
+    window = options.get("window")
+    if not isinstance(window, tuple):
+        return {}
+    params = {p.name for p in kernel.params if not p.type.dims}
+    out = {}
+    for side, n in zip(("left", "right"), window, strict=True):
+        if n is None:
+            continue
+        if n < 0:
+            shown = "[" + ",".join("null" if x is None else str(x) for x in window) + "]"
+            raise UsageError(f"--set window={shown}: the {side} side is {n}; a side is a number of keys >= 0, "
+                             "or null for a side without a bound")
+        if f"window_{side}" in params:
+            out[f"window_{side}"] = str(n)
+    return out
+
+
 def _quant_stores(kernel: Any) -> tuple[Any, ...]:
     """The DSL store kernels (attnc/kernels/store.py) that append float32 rows to a cache in
     each quantized format the kernel's inputs are stored in, and where k and v are both
@@ -399,7 +421,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                          "(a multiple of 4; the value head dim Dv is what it covers)")
     out = Path(args.output)
     previous = _output_dir(out, args.force)
-    kernel = _load_kernel(args.kernel, args.set)
+    kernel, options = _load_kernel(args.kernel, args.set)
+    defaults = _window_defaults(kernel, options)
     targets = list(dict.fromkeys(args.target or ["portable", "subgroups"]))  # a repeated one: one variant
     dtypes = list(dict.fromkeys(args.dtype or ["f32", "f16"]))
     plans = [Plan(Family(t), Storage(d), Dialect.TINT, workgroup_size=args.wg, value_columns=args.dvc,
@@ -412,7 +435,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="attnc-compile-") as tmp:
             try:
-                manifest = compile_kernel(kernel, plans, Path(tmp), _quant_stores(kernel))
+                manifest = compile_kernel(kernel, plans, Path(tmp), _quant_stores(kernel), defaults)
             except RecursionError:
                 raise UsageError(f"{args.kernel}: the kernel is nested too deeply to compile") from None
             try:
@@ -575,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="option or tunable of a DSL kernel, typed as the kernel declares it, e.g. "
                         "--set causal=true --set BN=64 --set window=[4,null]; a function option takes "
-                        "module:name, e.g. --set score_mod=examples.flex.t5_buckets:score_mod")
+                        "module:name, e.g. --set mask_mod=examples.flex.alibi:causal")
     c.add_argument("--wg", type=int, default=128, help="invocations per workgroup")
     c.add_argument("--dvc", type=int, default=64, help="output columns per workgroup")
     c.add_argument("--unroll", type=int, default=1, metavar="UN",

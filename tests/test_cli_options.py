@@ -320,3 +320,57 @@ def test_storage_dtypes_compile_or_name_the_set(setting: str, capsys: pytest.Cap
         return
     assert rc == 2 and err.startswith("error: --set") and err.count("\n") == 1, err
     assert "cli.py" not in err and setting.split("=")[0] in err
+
+
+@pytest.mark.parametrize(("window", "defaults"), [
+    ("[4,null]", {"window_left": "4"}), ("[null,0]", {"window_right": "0"}),
+    ("(2,3)", {"window_left": "2", "window_right": "3"}), ("null", {})])
+def test_window_sides_become_the_params_defaults(window: str, defaults: dict[str, str]) -> None:
+    """`--set window=[4,null]` bounds the left side (the kernel's option) and makes 4 the default
+    of its runtime param window_left in every variant (the number was dropped: the caller had to
+    pass window_left anyway); a side without a number stays a param without a default."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "o"
+        assert main(["compile", FLASH, "--set", f"window={window}", "-o", str(out)]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+    for variant in manifest["variants"]:
+        params = {p["name"]: p.get("default") for p in variant["params"]}
+        assert {n: d for n, d in params.items() if n.startswith("window_")} == {
+            n: defaults.get(n) for n in params if n.startswith("window_")}
+        assert set(defaults) <= set(params) and params["scale"] == "rsqrt(D)"
+
+
+@pytest.mark.parametrize("window", ["[-1,null]", "[3,-2]"])
+def test_a_negative_window_side_is_refused(window: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "o"
+        assert main(["compile", FLASH, "--set", f"window={window}", "-o", str(out)]) == 2
+        assert not out.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "side is -" in err and "a number of keys >= 0" in err
+
+
+def test_every_set_example_in_the_help_compiles(capsys: pytest.CaptureFixture[str]) -> None:
+    """The `--set` examples `attnc compile --help` and its error hints give run as written from
+    the repository root (the hint once named a module attribute that does not exist)."""
+    import argparse
+    import os
+
+    from attnc.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["compile"]
+    with tempfile.TemporaryDirectory() as tmp:  # the hint for a function option given a value
+        assert main(["compile", FLASH, "--set", "score_mod=1", "-o", str(Path(tmp) / "o")]) == 2
+    text = sub.format_help() + capsys.readouterr().err.split("e.g.", 1)[1]
+    examples = sorted(set(re.findall(r"--set\s+([A-Za-z_]+=[^\s;)\"']+)", text)) - {"KEY=VALUE", "KEY=VALUE]"})
+    assert any("mod=" in e for e in examples) and any(e.startswith("window=") for e in examples)
+    cwd = os.getcwd()
+    os.chdir(Path(__file__).parents[1])
+    try:
+        for example in examples:
+            with tempfile.TemporaryDirectory() as tmp:
+                assert main(["compile", FLASH, "--set", example, "-o", str(Path(tmp) / "o")]) == 0, (
+                    example, capsys.readouterr().err)
+    finally:
+        os.chdir(cwd)

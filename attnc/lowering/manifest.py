@@ -91,9 +91,12 @@ def _tensors(kernel: ir.Kernel, plan: Plan, programs: tuple[Program, ...]) -> li
 
 
 def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str],
-                  dialect_files: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+                  dialect_files: dict[str, dict[str, str]] | None = None,
+                  param_defaults: dict[str, str] | None = None) -> dict[str, Any]:
     """The manifest entry of one compiled variant; `files` maps a program to its `file`,
-    `dialect_files` (optional) to the file of each dialect, by dialect name."""
+    `dialect_files` (optional) to the file of each dialect, by dialect name; `param_defaults`
+    formulas for params beyond attnc's own defaults (scale, NSPLIT)."""
+    defaults = {**_PARAM_DEFAULTS, **(param_defaults or {})}
     lse = any(b.name == "lse" for p in c.programs for b in p.bindings)
     formulas = _field_formulas(kernel, lse)
     programs = []
@@ -139,7 +142,7 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str],
                     | ({"BMAP": int(mapped)} if mapped or not c.plan.block_map else {}),
         "tensors": _tensors(kernel, c.plan, c.programs),
         "params": [{"name": p.name, "type": p.type.dtype.value,
-                    **({"default": _PARAM_DEFAULTS[p.name]} if p.name in _PARAM_DEFAULTS else {})}
+                    **({"default": defaults[p.name]} if p.name in defaults else {})}
                    for p in kernel.params if not p.type.dims],
         "programs": programs,
     }
@@ -205,7 +208,8 @@ def _with_lean_variants(kernel: ir.Kernel, plans: list[Plan]) -> list[tuple[Plan
 
 
 def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path,
-                   stores: tuple[ir.StoreKernel, ...] = ()) -> dict[str, Any]:
+                   stores: tuple[ir.StoreKernel, ...] = (), param_defaults: dict[str, str] | None = None
+                   ) -> dict[str, Any]:
     """Lower for each plan in each of DIALECTS, write `<kernel>.<variant>.<program>.wgsl`
     files and manifest.json, so that one manifest serves Tint and Naga runtimes alike.
 
@@ -213,7 +217,8 @@ def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path,
     takes: the same file where the WGSL is the same (the portable family), else
     `<kernel>.<variant>.<program>.<dialect>.wgsl` (the subgroups family: Tint requires
     `enable subgroups;`, Naga rejects it). The plans' own dialect is ignored. `stores`: store
-    kernels (quantized KV caches' appends) listed under "stores"."""
+    kernels (quantized KV caches' appends) listed under "stores"; `param_defaults`: default
+    formulas of params (e.g. `--set window=[4,null]`'s window_left "4")."""
     dialects = DIALECTS
     outdir.mkdir(parents=True, exist_ok=True)
     text = print_kernel(kernel)
@@ -240,7 +245,7 @@ def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path,
                     (outdir / fname).write_text(other.wgsl)
                     per_dialect[p.name][d.value] = fname
         c = Compiled(name, dataclasses.replace(plan, dialect=first), lowered[first])
-        variants.append(variant_entry(k, c, files, per_dialect))
+        variants.append(variant_entry(k, c, files, per_dialect, param_defaults))
     from attnc._version import __version__
 
     manifest = {

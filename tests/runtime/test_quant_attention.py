@@ -186,7 +186,8 @@ def test_f16_queries_with_quantized_kv(require_adapters) -> None:
 def test_quantized_kv_of_one_batch_serves_every_query_batch(kf, vf, require_adapters) -> None:
     """[1, Hkv, T, D] K and V serve every query batch (API.md) when stored quantized too, from the
     host and as GPU tensors, prefill and split-KV decode rows; a batch of 2 for 3 is refused
-    naming the batch dims, and by a prepared op naming the shape (a quantized K of batch 1 was refused as if its shape were wrong)."""
+    naming the batch dims, and by a prepared op naming the shape (a quantized K of batch 1 was
+    refused as if its shape were wrong)."""
     (dev,) = require_adapters("wgpu:vulkan")
     rng = np.random.default_rng(4)
     k = rng.standard_normal((1, 2, 300, 64)).astype(np.float32)
