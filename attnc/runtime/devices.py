@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import os
 from types import ModuleType
 from typing import Any
@@ -38,6 +39,7 @@ BACKEND_API_MODULES = {"wgpu": "wgpu.backends.wgpu_native._api", "dawn": "wgpuda
 # what to install for a backend whose module does not import
 BACKEND_INSTALL = {"wgpu": "pip install wgpu", "dawn": 'pip install "attnc[dawn]"'}
 DIALECTS = {"wgpu": "naga", "dawn": "tint"}
+_APPLICATION_DEVICES = itertools.count(1)  # numbers the application's GPUDevices attnc wraps
 
 # backend feature spelling -> attnc's normalized feature name
 FEATURE_NAMES = {
@@ -81,6 +83,9 @@ class Device:
         # external: the GPUDevice is the application's; its features and limits are what it
         # was created with, and attnc requests nothing
         self.external = gpu_device is not None
+        # application devices numbered in the order attnc first saw them, so that two on one
+        # adapter read apart in messages ("the tensor is on ... but q is on ...")
+        self.application_index = next(_APPLICATION_DEVICES) if self.external else 0
         offered = set(gpu_device.features if self.external else adapter.features)
         spelling = FEATURE_NAMES[backend]
         self.features = frozenset(ours for theirs, ours in spelling.items() if theirs in offered)
@@ -209,7 +214,8 @@ class Device:
         return f"{self.backend}:{self.api.lower()}"
 
     def __repr__(self) -> str:
-        own = " (application device)" if self.external else ""
+        label = getattr(self.gpu, "label", "") if self.external else ""
+        own = f" (application device {self.application_index}{f' {label!r}' if label else ''})" if self.external else ""
         return f"<Device {self.backend}:{self.api} {self.adapter_type} {self.name!r}{own}>"
 
 

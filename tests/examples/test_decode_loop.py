@@ -24,7 +24,7 @@ def test_decode_loop_example_runs(require_adapters, tmp_path) -> None:
     r = subprocess.run([sys.executable, "examples/decode_loop.py", "--json", str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "summary: 256 steps" in r.stdout and "(application device)" in r.stdout
+    assert "summary: 256 steps" in r.stdout and "(application device 1" in r.stdout
     summary = json.loads(out.read_text())["summary"]
     assert summary["max_relative_error"] <= 1e-5
     assert summary["bytes_uploaded_per_step"] == [summary["new_q_and_kv_bytes_per_step"]]

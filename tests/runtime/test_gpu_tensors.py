@@ -13,6 +13,7 @@ on these CPU adapters); values, kv_lens, bias shapes and views are drawn.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -367,6 +368,13 @@ def test_misuse_is_an_error_naming_the_argument(require_adapters) -> None:
         op(qt, kt, attnc.tensor(v, dawn))
     with pytest.raises(ValueError, match=r"^q: dtype float16; this op takes float32"):
         op(attnc.tensor(q.astype(np.float16), vk), kt, vt)
+    # two application devices of one adapter read apart in the message (they once read the same)
+    one, two = (vk.adapter.request_device_sync(label=name) for name in ("one", "two"))
+    with pytest.raises(ValueError, match=r"^k: the tensor is on .*\(application device \d+ 'two'\)>, but q is on "
+                                         r".*\(application device \d+ 'one'\)>") as e:
+        attnc.attention(attnc.tensor(q, one), attnc.tensor(k, two), attnc.tensor(v, one))
+    numbers = re.findall(r"application device (\d+)", str(e.value))
+    assert len(numbers) == 2 and numbers[0] != numbers[1]
     with pytest.raises(ValueError, match=r"^q: shape \(2, 4, 2, 16\); this op takes \(2, 4, 3, 16\)"):
         op(attnc.tensor(q[:, :, :2], vk), kt, vt)
     with pytest.raises(ValueError, match=r"^kv_lens: dtype uint32; the kernel reads int32"):
