@@ -475,8 +475,9 @@ class KVCache:
         it. The op for each query shape and option set is prepared once; `out=`, `encoder=`
         and `output=` are as for a prepared op (Prepared.__call__). The result is numpy for
         host q, else the op's own GPU tensor, which the next attend overwrites; o is in q's dtype
-        (the cache's: a float16 cache gives a float16 o, rows Dv + 1 apart for an odd Dv) and
-        `out=` must be a tensor of that dtype the kernel can write (docs/API.md, float16).
+        (q has the dtype of the cache's float K or V; over K and V both quantized it may be either
+        float: a float16 q gives a float16 o, rows Dv + 1 apart for an odd Dv) and `out=` must be
+        a tensor of that dtype the kernel can write (docs/API.md, float16).
 
         `append=(k_new, v_new)` or `(k_new, v_new, counts)`: append those rows first, as
         `append()` does, in the same compute pass as the attention (a decode step in one pass:
