@@ -191,8 +191,14 @@ class Prepared:
         # k and v indexed by the batch: one of batch 1 serves every query batch (stride 0)
         self._kv_batch = frozenset(p.name for p in kern.params if p.name in ("k", "v") and p.type.dims[:1] == ("B",))
         self.defaults: dict[str, Any] = {}
+        # host arrays given as defaults, with a copy of what they held when last converted:
+        # read again at every call (_refresh_defaults), so an edit in place is seen
+        self._default_sources: dict[str, tuple[Any, np.ndarray]] = {}
         for name, value in defaults.items():
             self.defaults[name] = self._checked_default(name, value)
+            seen = host_array(self._what(name), value) if isinstance(self.defaults[name], tuple) else None
+            if seen is not None:
+                self._default_sources[name] = (value, np.array(seen, copy=True))
         out = tuple(kern.output.dims)
         # GQA packed into rows: [B, Hkv, R, Dv] is the memory of [B, Hq, S, Dv]
         self.packed_rows = out == ("B", "Hkv", "R", "Dv")
@@ -469,6 +475,25 @@ class Prepared:
                              "writes any strides")
         return (sb, group * sh, ss if S > 1 else sh) + strides[3:]
 
+    def _refresh_defaults(self) -> None:
+        """Read the host arrays given as defaults (prepare's option tensors, the arrays mods
+        capture) again, as attention() does at every call: one whose values changed in place
+        since it was converted is converted again and written into the op's buffer for it
+        (bind groups that bind that buffer stay valid); calls that bound new buffers for it
+        are forgotten. A byte compare per array when nothing changed."""
+        for name, (source, seen) in self._default_sources.items():
+            now = np.ascontiguousarray(host_array(name, source))
+            if now.shape == seen.shape and now.dtype == seen.dtype and \
+                    memoryview(now).cast("B") == memoryview(seen).cast("B"):
+                continue
+            self.defaults[name] = self._checked_default(name, source)
+            self._default_sources[name] = (source, np.array(now, copy=True))
+            if name in self._uploaded_defaults:
+                arr, st = self.defaults[name]
+                self._uploaded_defaults[name] = (self._host_slice(name, arr), st)
+            self._fresh.clear()
+            self._map_digest = None
+
     def _host_slice(self, name: str, arr: np.ndarray) -> rt.BufferSlice:
         """Upload a host array into the op's own buffer for `name` (grown when too small)."""
         nbytes = max(4, -(-arr.nbytes // 4) * 4)
@@ -546,6 +571,8 @@ class Prepared:
         # the fast paths: GPU tensors this op was called with before (tensors are immutable
         # views, so what was checked and bound for them still holds; only a destroyed buffer
         # can change, and is checked)
+        if self._default_sources:
+            self._refresh_defaults()
         env = (os.environ.get("ATTNC_SANITIZE"), os.environ.get("ATTNC_COMPILE_LOG"),
                os.environ.get("ATTNC_NAGA_CHECKS"))
         if env != self._env:  # what the pipelines are (and whether calls are checked or logged) changed
@@ -858,6 +885,8 @@ class Prepared:
         return out
 
     def _binding(self, q: Any, k: Any, v: Any) -> tuple[dict[str, Any], list[rt.Dispatch]]:
+        if self._default_sources:
+            self._refresh_defaults()
         bound, strides = self._resolve({"q": q, "k": k, "v": v}, fresh=True, recorded=False)
         o = self._new_o()
         bound["o"] = o.buffer

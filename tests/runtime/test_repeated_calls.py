@@ -207,3 +207,55 @@ def test_the_block_map_is_kept_only_while_its_host_data_is_unchanged(require_ada
             kept += ran == [full - 2]
             last = (which, shift) if kind == "host" else None
     assert kept  # the repeated host call at least
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan"])  # host-side logic: one adapter, both recording paths
+def test_host_arrays_a_prepared_op_holds_are_read_at_every_call(require_adapters, spec, path) -> None:
+    """Host arrays given to attnc.prepare (kv_lens, bias, sinks) and the ones its mods capture (a
+    table a score_mod gathers from, document ids a mask reads, which get a block map) are edited
+    in place between calls: every call in every mode (numpy result; GPU tensors again, which
+    replays the recorded pass; out=; the application's encoder; bind/run) computes with the
+    values they hold then, as attention() does (a prepared op once kept the values it was
+    prepared with). A repeated GPU call binds nothing new, changed data or not."""
+    dev = require_adapters(spec)[0]
+    B, Hq, Hkv, S, T, D = 2, 4, 2, 40, 64, 16
+    rng = np.random.default_rng(14)
+    q = rng.standard_normal((B, Hq, S, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, Hkv, T, D)).astype(np.float32) for _ in range(2))
+    qt, kt, vt = (attnc.tensor(x, dev) for x in (q, k, v))
+    lens = np.array([T, 30], np.int32)
+    bias = rng.standard_normal((Hq, 1, T)).astype(np.float32)
+    sinks = np.zeros(Hq, np.float32)
+    table = rng.standard_normal((Hq, 8)).astype(np.float32)
+    doc = np.repeat(np.arange(4), 16)[None].repeat(B, 0).astype(np.int32)
+
+    def score_mod(s, b, h, i, j):
+        return s + table[h, j % 8]
+
+    def mask_mod(b, h, i, j):
+        return doc[b, i] == doc[b, j]
+    options = dict(kv_lens=lens, bias=bias, sinks=sinks)
+    op = attnc.prepare(qt, kt, vt, score_mod=score_mod, mask_mod=mask_mod, **options)
+    out = attnc.zeros((B, Hq, S, D), device=dev)
+    for n in range(4):
+        if n:  # every array changed in place (the op holds the same objects)
+            lens[1] = (lens[1] + 13) % (T + 1)
+            bias *= -1.5
+            sinks[:] = rng.standard_normal(Hq)
+            table[:, n] += 2.0
+            doc[1] = np.repeat(np.arange(2 + n), [T // (2 + n)] * (1 + n) + [T - T // (2 + n) * (1 + n)])
+        ref = attention_ref(q, k, v, **options, score_mod=lambda s, b, h, i, j: s + table[h, j % 8],
+                            mask_mod=lambda b, h, i, j: doc[b, i] == doc[b, j])
+        groups = dev.counters.bind_groups_created
+        got = {"op (GPU tensors)": op(qt, kt, vt).numpy(), "op (numpy)": op(q, k, v),
+               "op with out=": op(qt, kt, vt, out=out).numpy()}
+        if n:
+            assert dev.counters.bind_groups_created == groups  # the replays and the host call's groups
+        encoder = dev.gpu.create_command_encoder()
+        op(qt, kt, vt, out=out, encoder=encoder)
+        dev.gpu.queue.submit([encoder.finish()])
+        got["op with encoder="] = out.numpy()
+        op.bind(q, k, v).run()
+        got["bind/run"] = op.result()[0]
+        for name, o in got.items():
+            assert_close(o, ref, 1e-5, f"{name}, call {n}")
