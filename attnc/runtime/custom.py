@@ -202,9 +202,18 @@ class Op:
 
     @staticmethod
     def _f16(kern: ir.Kernel, values: dict[str, Any]) -> bool:
-        """Whether the operands (the dot's and the value slice's tensors) come as float16."""
+        """Whether the operands (the dot's and the value slice's tensors) come as float16; they
+        must be float32 or float16 (as attention() takes them, nothing converted), and float16
+        where the kernel declares them f16."""
         ops = sorted(operand_tensors(kern))
-        halves = [np.dtype(values[n].dtype) == np.float16 for n in ops if n in values and hasattr(values[n], "dtype")]
+        given = {n: np.dtype(values[n].dtype) for n in ops if n in values and hasattr(values[n], "dtype")}
+        for n, dt in given.items():
+            if dt not in (np.float32, np.float16):
+                raise ValueError(f"{n}: dtype {dt}; the operands {ops} of kernel {kern.name} are float32 or "
+                                 "float16 arrays or tensors")
+            if dt == np.float32 and kern.param(n).type.dtype is ir.DType.F16:
+                raise ValueError(f"{n}: float32 values; kernel {kern.name} declares {n} f16: pass float16 data")
+        halves = [dt == np.float16 for dt in given.values()]
         if any(halves) and not all(halves):
             raise ValueError(f"the operands {ops} of kernel {kern.name} must all be float16 or all float32")
         return bool(halves) and all(halves)

@@ -226,6 +226,13 @@ def test_build_errors_are_clear(device) -> None:
         op(q=q, k=k, v=v)
     with pytest.raises(ValueError, match=r"'v': dim Hkv is 3, but 2 in 'k'"):
         op(q=q, k=k, v=np.zeros((2, 3, 33, 16), np.float32), scale=0.1)
+    for dt in (np.int32, np.float64):  # refused as attention() refuses them, not converted
+        with pytest.raises(ValueError, match=rf"k: dtype {np.dtype(dt)}; the operands \['k', 'q', 'v'\] of kernel "
+                                             "flash_attention are float32 or float16"):
+            op(q=q, k=k.astype(dt), v=v, scale=0.1)
+    half = attnc.build(flash_attention, device=device, q_dtype="f16", k_dtype="f16", v_dtype="f16")
+    with pytest.raises(ValueError, match="k: float32 values; kernel flash_attention declares k f16: pass float16"):
+        half(q=q.astype(np.float16), k=k, v=v.astype(np.float16), scale=0.1)
     from examples.flex.paged_kv import paged_attention
 
     paged = attnc.build(paged_attention, device=device)
