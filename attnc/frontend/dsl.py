@@ -355,6 +355,7 @@ def apply_mod(fn: Any, args: tuple[Any, ...], kind: str,
     (a kernel computing one piece of a larger problem: the sizes of the whole problem)."""
     if not callable(fn):
         raise TraceError(f"{kind}_mod must be a function, got a {type(fn).__name__}")
+    _check_mod_arity(fn, len(args), kind)
     b = _builder()
     if b.captures is not None:  # what it closes over becomes kernel inputs
         fn = b.captures.rewrite(fn)
@@ -372,6 +373,23 @@ def apply_mod(fn: Any, args: tuple[Any, ...], kind: str,
         raise TraceError(f"{kind}_mod {getattr(fn, '__name__', '')!r} returned a {e.dtype.value}; "
                          f"it must return {want}", _def_span(fn))
     return Value(e)
+
+
+def _check_mod_arity(fn: Any, n: int, kind: str) -> None:
+    """A TraceError at the mod's definition when it cannot take the n positional arguments its
+    kind is called with (a Python TypeError from inside the trace said only how many it got)."""
+    try:
+        inspect.signature(fn).bind(*range(n))
+    except TypeError:
+        params = "(score, b, h, q_idx, kv_idx)" if kind == "score" else "(b, h, q_idx, kv_idx)"
+        try:
+            have = f"{getattr(fn, '__name__', type(fn).__name__)}{inspect.signature(fn)}"
+        except (TypeError, ValueError):
+            have = repr(fn)
+        raise TraceError(f"a {kind}_mod is called with {n} arguments {params}; {have} cannot take them",
+                         _def_span(fn)) from None
+    except ValueError:  # no signature to read (a builtin): let the call say what it says
+        return
 
 
 # ----------------------------------------------------------------------------- tensors

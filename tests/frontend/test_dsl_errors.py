@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -170,3 +171,27 @@ def test_score_mod_returning_a_bool_points_at_the_user_function():
     with pytest.raises(TraceError, match="score_mod") as e:
         flash_attention.trace(score_mod=mod)
     assert e.value.span is not None and e.value.span.file == __file__, e.value.render()
+
+
+def _mod_of_arity(n: int):
+    """A plain function of n parameters (never called: refused before)."""
+    scope: dict = {}
+    exec(f"def mod({', '.join(f'a{i}' for i in range(n))}):\n    return None\n", scope)
+    return scope["mod"]
+
+
+@pytest.mark.parametrize(("kind", "n"), [("score", 4), ("score", 6), ("mask", 3), ("mask", 5), ("mask", 0)])
+def test_a_mod_of_the_wrong_arity_names_the_signature(kind: str, n: int) -> None:
+    """A score_mod / mask_mod that cannot take its 5 / 4 arguments: a TraceError at its def line
+    giving the parameters it is called with and its own signature (a bare TypeError from inside
+    the trace said only how many arguments it got)."""
+    def four(b, h, q_idx):
+        return q_idx >= 0
+
+    mod = four if n == 3 else _mod_of_arity(n)
+    want = "(score, b, h, q_idx, kv_idx)" if kind == "score" else "(b, h, q_idx, kv_idx)"
+    with pytest.raises(TraceError, match=rf"a {kind}_mod is called with {5 if kind == 'score' else 4} arguments "
+                                         rf"{re.escape(want)}; .*cannot take them") as e:
+        flash_attention.trace(**{f"{kind}_mod": mod})
+    if mod is four:
+        _at(e.value, four, 0)
