@@ -373,6 +373,22 @@ def _install(tmp: Path, out: Path, previous: list[str]) -> list[str]:
     return said
 
 
+DEFAULT_WORKGROUP = 128
+
+
+def default_workgroup(kernel: Any) -> int:
+    """`attnc compile`'s invocations per workgroup when --wg is not given: 128, or fewer for tiles
+    of fewer rows x keys (a decode tile of one row over 32 keys has work for 32; the tiled layout
+    gives each row at most BN invocations)."""
+    from attnc.lowering import analyze
+
+    try:
+        spec = analyze(kernel)
+    except AttncError:
+        return DEFAULT_WORKGROUP  # the lowering will say what is wrong with the kernel
+    return max(1, min(DEFAULT_WORKGROUP, spec.BM * spec.BN))
+
+
 def _window_defaults(kernel: Any, options: dict[str, Any]) -> dict[str, str]:
     """The sides of `--set window=[left,right]` as defaults of the kernel's window_left and
     window_right params: the option fixes which sides are bounded, the numbers are runtime params
@@ -425,7 +441,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     defaults = _window_defaults(kernel, options)
     targets = list(dict.fromkeys(args.target or ["portable", "subgroups"]))  # a repeated one: one variant
     dtypes = list(dict.fromkeys(args.dtype or ["f32", "f16"]))
-    plans = [Plan(Family(t), Storage(d), Dialect.TINT, workgroup_size=args.wg, value_columns=args.dvc,
+    wg = args.wg if args.wg is not None else default_workgroup(kernel)
+    plans = [Plan(Family(t), Storage(d), Dialect.TINT, workgroup_size=wg, value_columns=args.dvc,
                   unroll=args.unroll, prefetch=int(args.prefetch)) for t in targets for d in dtypes]
     created = not out.exists()
     try:
@@ -599,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="option or tunable of a DSL kernel, typed as the kernel declares it, e.g. "
                         "--set causal=true --set BN=64 --set window=[4,null]; a function option takes "
                         "module:name, e.g. --set mask_mod=examples.flex.alibi:causal")
-    c.add_argument("--wg", type=int, default=128, help="invocations per workgroup")
+    c.add_argument("--wg", type=int, default=None,
+                   help="invocations per workgroup (default 128, or the tile's rows x keys where fewer: "
+                        "BM=1 with BN=32 takes 32)")
     c.add_argument("--dvc", type=int, default=64, help="output columns per workgroup")
     c.add_argument("--unroll", type=int, default=1, metavar="UN",
                    help="copies of each tile loop's body per iteration (64: straight-line code, what "

@@ -374,3 +374,18 @@ def test_every_set_example_in_the_help_compiles(capsys: pytest.CaptureFixture[st
                     example, capsys.readouterr().err)
     finally:
         os.chdir(cwd)
+
+
+@pytest.mark.parametrize(("sets", "wg"), [(["BM=1"], 32), (["BM=1", "BN=64"], 64), (["BM=2", "BN=16"], 32), ([], 128)])
+def test_the_default_workgroup_fits_the_tiles(sets: list[str], wg: int) -> None:
+    """Without --wg a compile takes 128 invocations, or the tile's rows x keys where fewer: a
+    one-row decode tile compiles as it runs through attnc.build (it failed with "WG=128
+    invocations over BM=1 rows leaves 128 per row"); a --wg given is kept as given."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "o"
+        argv = ["compile", FLASH, *(x for s in sets for x in ("--set", s))]
+        assert main([*argv, "-o", str(out)]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert {v["programs"][0]["workgroup_size"][0] for v in manifest["variants"]} == {wg}
+        if sets:
+            assert main([*argv, "--wg", "128", "-o", str(Path(tmp) / "p")]) == 1  # lowering error: no fit
