@@ -17,9 +17,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 @pytest.mark.gpu
 def test_readme_python_example_runs(require_adapters) -> None:
     require_adapters("wgpu:vulkan", "dawn:vulkan")
-    # the usage examples; the DSL section shows an excerpt of attnc/kernels/flash.py (its
-    # signature elided with `...`), which is not a program of its own
-    usage = README.read_text().split("\n## A kernel in the DSL\n")[0]
+    # the usage examples, then the DSL section's kernel (on the first example's q, k, v)
+    usage, dsl = README.read_text().split("\n## A kernel in the DSL\n")
     blocks = re.findall(r"```python\n(.*?)```", usage, re.S)
     assert len(blocks) >= 3, "README has no python example"
     scope: dict = {}
@@ -35,3 +34,6 @@ def test_readme_python_example_runs(require_adapters) -> None:
     assert scope["o1"].shape == (1, 8, 1, 64) and scope["cache"].lengths.tolist() == [101]
     q1, k0, v0 = scope["q1"].numpy(), scope["k"][:, :, :101], scope["v"][:, :, :101]
     assert_close(scope["o2"].numpy(), attention_ref(q1, k0, v0, causal=True, kv_lens=np.array([101])), 1e-5, "o2")
+    (kernel_block,) = re.findall(r"```python\n(.*?)```", dsl.split("\n## ")[0], re.S)
+    exec(compile(kernel_block, str(README), "exec"), scope)  # noqa: S102
+    assert_close(scope["o_dsl"], attention_ref(scope["q"], scope["k"], scope["v"], causal=True), 1e-5, "o_dsl")
