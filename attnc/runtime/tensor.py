@@ -18,6 +18,7 @@ Host objects are numpy arrays or anything numpy can read without a copy through 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -181,7 +182,8 @@ class Tensor:
 
     def write(self, data: Any) -> Tensor:
         """Copy host data of this shape into the tensor in place (queue.write_buffer; the
-        tensor must be contiguous and its bytes start and end on 4-byte boundaries)."""
+        tensor must be contiguous and its bytes start and end on 4-byte boundaries, or be a
+        whole tensor attnc allocated, whose buffer is padded to a word)."""
         self.check_alive("tensor")
         arr = host_array("data", data)
         if arr is None:
@@ -190,10 +192,18 @@ class Tensor:
             raise ValueError(f"data: shape {arr.shape} does not match the tensor's {self.shape}")
         if not self.is_contiguous:
             raise ValueError(f"tensor: write() needs a contiguous tensor; this view has strides {self.strides}")
-        if self.offset % 4 or self.nbytes % 4:
-            raise ValueError(f"tensor: write() needs 4-byte aligned bytes; offset {self.offset}, {self.nbytes} bytes")
+        host = np.ascontiguousarray(arr, self.dtype)
+        tail = -self.nbytes % 4
+        if tail and self.offset % 4 == 0 and _PADDED.get(self.buffer) == self.offset + self.nbytes:
+            # a tensor attnc allocated (an odd number of halves): the bytes up to the next word are
+            # its buffer's padding, which nothing reads, so the write covers them with zeros
+            host = np.concatenate([host.reshape(-1).view(np.uint8), np.zeros(tail, np.uint8)])
+        elif self.offset % 4 or tail:
+            raise ValueError(f"tensor: write() needs 4-byte aligned bytes; offset {self.offset}, {self.nbytes} bytes "
+                             "(WebGPU writes whole 4-byte words: write the words around this view, e.g. through "
+                             "a float16 view of an even number of elements)")
         if self.nbytes:
-            rt.write(self.device, self.buffer, self.offset, np.ascontiguousarray(arr, self.dtype))
+            rt.write(self.device, self.buffer, self.offset, host)
         return self
 
     def destroy(self) -> None:
@@ -342,6 +352,11 @@ def on_gpu(x: Any) -> bool:
     return isinstance(x, (Tensor, QuantGPUTensor))
 
 
+# buffers attnc allocated for one tensor, by the bytes of its data: what follows, up to the
+# next 4-byte word, is padding that nothing reads (Tensor.write may cover it)
+_PADDED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
 def tensor(data: Any, device: Any = None, dtype: Any = None) -> Any:
     """Upload host data (numpy, `__array__` or DLPack) into a new GPU tensor on `device`
     (a Device, a GPUDevice, a spec string, or None for the default). `dtype` converts; without
@@ -360,6 +375,7 @@ def tensor(data: Any, device: Any = None, dtype: Any = None) -> Any:
     dt = _check_dtype("data", arr.dtype if dtype is None else dtype)
     host = np.ascontiguousarray(arr, dt)
     buffer = rt.upload(dev, host)
+    _PADDED[buffer] = host.nbytes
     return Tensor(dev, buffer, host.shape, dt)
 
 
@@ -368,7 +384,9 @@ def zeros(shape: Sequence[int], dtype: Any = np.float32, device: Any = None) -> 
     dev = get_device(device)
     dt = _check_dtype("dtype", dtype)
     shape = tuple(int(n) for n in shape)
-    return Tensor(dev, rt.empty(dev, math.prod(shape) * dt.itemsize), shape, dt)
+    buffer = rt.empty(dev, math.prod(shape) * dt.itemsize)
+    _PADDED[buffer] = math.prod(shape) * dt.itemsize
+    return Tensor(dev, buffer, shape, dt)
 
 
 def as_tensor(buffer: Any, shape: Sequence[int], dtype: Any = np.float32, strides: Sequence[int] | None = None,

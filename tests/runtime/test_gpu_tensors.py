@@ -442,3 +442,25 @@ def test_the_tuning_cache_is_read_once_and_again_when_it_changes(tmp_path, monke
     assert len(reads) == 1
     path.write_text(json.dumps({"version": tuning_cache.VERSION, "entries": {"a": 1, "bb": 2}}))
     assert tuning_cache.load() == {"a": 1, "bb": 2} and len(reads) == 2
+
+
+@pytest.mark.parametrize("make", ["tensor", "zeros"])
+def test_write_covers_float16_tensors_of_an_odd_size(require_adapters, make) -> None:
+    """A float16 tensor attnc allocated with an odd number of elements (its buffer padded to a
+    word) takes write() like any other (it was refused: WebGPU writes whole words), and attention
+    reads what was written; a view whose bytes share a word with other data is refused naming
+    the alignment, its neighbours untouched."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    rng = np.random.default_rng(15)
+    q, k, v = (rng.standard_normal((1, 3, 7, 5)).astype(np.float16) for _ in range(3))
+    qt = attnc.tensor(np.zeros_like(q), dev) if make == "tensor" else attnc.zeros(q.shape, np.float16, device=dev)
+    assert qt.nbytes % 4 == 2
+    qt.write(q)
+    np.testing.assert_array_equal(qt.numpy(), q)
+    o = attnc.attention(qt, attnc.tensor(k, dev), attnc.tensor(v, dev), output="numpy")
+    assert_close(o, attention_ref(q, k, v), 2e-3, "o")
+    words = attnc.tensor(np.arange(8, dtype=np.float16), dev)
+    inner = attnc.as_tensor(words.buffer, (3,), np.float16, offset=4)  # halves 2..4: ends inside a word
+    with pytest.raises(ValueError, match=r"tensor: write\(\) needs 4-byte aligned bytes; offset 4, 6 bytes"):
+        inner.write(np.ones(3, np.float16))
+    np.testing.assert_array_equal(words.numpy(), np.arange(8, dtype=np.float16))
