@@ -19,6 +19,7 @@ from attnc.ir import nodes as ir
 from attnc.lowering import Plan, Storage, lower
 from attnc.lowering.program import Program, storage_buffers
 from attnc.lowering.retype import retype, with_kv_formats
+from attnc.runtime.lru import LRU
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,18 @@ def options_key(opts: Options) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(d.items()))
 
 
+# traced kernels and lowered program sets kept: an application making new mods at every call
+# (new closures, numbers a mod branches on) would otherwise keep every kernel it ever traced
+MAX_KERNELS = 256
+
+
 class _Cache:
-    """Traced kernels and lowered programs, keyed by everything that changes them."""
+    """Traced kernels and lowered programs, keyed by everything that changes them (the
+    MAX_KERNELS most recently used of each)."""
 
     def __init__(self) -> None:
-        self.kernels: dict[Any, tuple[ir.Kernel, dict[str, capture.Path]]] = {}
-        self.programs: dict[Any, tuple[Program, ...]] = {}
+        self.kernels: LRU[Any, tuple[ir.Kernel, dict[str, capture.Path]]] = LRU(MAX_KERNELS)
+        self.programs: LRU[Any, tuple[Program, ...]] = LRU(MAX_KERNELS)
         self.traces = 0  # kernels traced (tests check that new captured values do not re-trace)
 
 
@@ -102,7 +109,7 @@ def build_kernel_with_captures(opts: Options, tunables: dict[str, int]
     # the trace may have found numbers to hold constant: the key of later calls includes them
     key = _key(opts, tunables, capture.scan(mods) if mods else None)
     if key is not None and all(slot.path[0] in mods for slot in captured.values()):
-        _CACHE.kernels[key] = (kern, paths)
+        _CACHE.kernels.put(key, (kern, paths))
     return kern, {name: slot.obj for name, slot in captured.items()}, paths
 
 
@@ -121,7 +128,7 @@ def programs_for(kern: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
     progs = _CACHE.programs.get(key)
     if progs is None:
         progs = lower(kern, plan)
-        _CACHE.programs[key] = progs
+        _CACHE.programs.put(key, progs)
     return progs
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from attnc.errors import AttncError, DeviceError, LoweringError, Span
 from attnc.lowering import sanitize
 from attnc.lowering.program import Access, Binding, Program, Scalar
+from attnc.runtime.lru import LRU
 
 
 class DeviceLike(Protocol):
@@ -162,6 +163,7 @@ class BoundsError(AttncError):
 
 
 SANITIZERS = ("bounds",)
+MAX_PIPELINES = 512  # compiled pipelines a device keeps (PipelineCache)
 
 
 def sanitizing() -> bool:
@@ -220,10 +222,11 @@ def _digest(wgsl: str) -> str:
 
 
 class PipelineCache:
-    """Compiled pipelines of one device, keyed by (device key, name, sha256 of WGSL, entry)."""
+    """Compiled pipelines of one device, keyed by (device key, name, sha256 of WGSL, entry): the
+    MAX_PIPELINES most recently used (a prepared op holds its own, evicted or not)."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, str, str, str], CompiledProgram] = {}
+        self._entries: LRU[tuple[str, str, str, str], CompiledProgram] = LRU(MAX_PIPELINES)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -241,7 +244,8 @@ class PipelineCache:
         key = self.key(device, program)
         compiled = self._entries.get(key)
         if compiled is None:
-            compiled = self._entries[key] = compile_program(device, program)
+            compiled = compile_program(device, program)
+            self._entries.put(key, compiled)
         return compiled
 
 

@@ -259,3 +259,34 @@ def test_host_arrays_a_prepared_op_holds_are_read_at_every_call(require_adapters
         got["bind/run"] = op.result()[0]
         for name, o in got.items():
             assert_close(o, ref, 1e-5, f"{name}, call {n}")
+
+
+def test_traced_kernels_programs_and_pipelines_are_bounded(require_adapters, monkeypatch) -> None:
+    """An application making new mods keeps at most the most recently used traced kernels,
+    program sets and pipelines (they grew without bound, about 2 MB a mod): with the caches
+    shrunk to 2 (3 pipelines past the ones already compiled), four mods that trace to four
+    kernels leave the caches at their size, and the first mod again traces anew and is right."""
+    from attnc.runtime import build
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    monkeypatch.setattr(build._CACHE.kernels, "size", 2)
+    monkeypatch.setattr(build._CACHE.programs, "size", 2)
+    monkeypatch.setattr(dev.pipelines._entries, "size", len(dev.pipelines) + 3)
+    rng = np.random.default_rng(16)
+    q, k, v = (rng.standard_normal((1, 2, 5, 16)).astype(np.float32) for _ in range(3))
+    mods = [lambda s, b, h, i, j: s * 0.5,
+            lambda s, b, h, i, j: s + attnc.f32(j - i) * 0.01,
+            lambda s, b, h, i, j: attnc.where(j <= i, s, s - 1.0),
+            lambda s, b, h, i, j: s - attnc.f32(h) * 0.1]
+    refs = [lambda s, b, h, i, j: s * 0.5, lambda s, b, h, i, j: s + (j - i) * 0.01,
+            lambda s, b, h, i, j: np.where(j <= i, s, s - 1.0), lambda s, b, h, i, j: s - h * 0.1]
+    for n in (0, 1, 2, 3, 0):
+        api._OPS.clear()  # attention()'s own ops (the 32 most recent) would keep the kernel alive
+        api._CALLS.clear()
+        traces = build._CACHE.traces
+        o = attnc.attention(q, k, v, score_mod=mods[n], device=dev)
+        assert_close(o, attention_ref(q, k, v, score_mod=refs[n]), 1e-5, f"mod {n}")
+        assert build._CACHE.traces == traces + 1  # the first mod's kernel was dropped by the others
+        assert len(build._CACHE.kernels) <= 2 and len(build._CACHE.programs) <= 2
+        assert len(dev.pipelines) <= dev.pipelines._entries.size
+    api._OPS.clear()
