@@ -708,8 +708,9 @@ class Acc:
 def online_softmax(rows: Value, width: str) -> Acc:
     """Declare an online-softmax state per row of `rows` with an accumulator of `width`."""
     b = _builder()
-    if not isinstance(rows.expr, ir.Var):
-        raise fail("online_softmax(rows=...) takes the query tile grid variable")
+    if not isinstance(rows, Value) or not isinstance(rows.expr, ir.Var):
+        got = "" if isinstance(rows, Value) else f", got a {type(rows).__name__}"
+        raise fail(f"online_softmax(rows=...) takes the query tile grid variable (qi of grid(..., qi=tiles(...))){got}")
     var = b.fresh("acc")
     b.emit(ir.Softmax(var, rows.expr.name, width, sem.user_span()))
     return Acc(var)
@@ -777,8 +778,8 @@ class KernelDef:
                     if isinstance(ann, DTypeSpec):
                         ann = ir.TensorType(ann.dtype, ())
                     if not isinstance(ann, ir.TensorType):
-                        raise fail(f"parameter {p.name!r} needs a type annotation like "
-                                   "f32['B', 'H', 'S', 'D'] or f32")
+                        raise TraceError(f"parameter {p.name!r} of kernel {self.name} needs a type annotation like "
+                                         "f32['B', 'H', 'S', 'D'] or f32", _def_span(self.fn) or sem.user_span())
                     ann = _retyped(p.name, ann, options.pop(f"{p.name}_dtype", None))
                     t = TensorInput(p.name, ann)
                     t._register()
@@ -792,7 +793,9 @@ class KernelDef:
                 raise fail(f"unknown options for kernel {self.name}: {sorted(options)}")
             ret = self.fn(*args, **kwargs)
             if not isinstance(ret, ir.Return):
-                raise fail("a kernel must return acc.result() or acc.combine(...)")
+                raise TraceError(f"kernel {self.name} returned {type(ret).__name__ if ret is not None else 'None'}; "
+                                 "a kernel must return acc.result() or acc.combine(...)",
+                                 _def_span(self.fn) or sem.user_span())
             b.emit(ret)
             body = tuple(b.scopes[0])
             kern = ir.Kernel(self.name, tuple(b.params.values()), _output_type(b, body),
@@ -904,7 +907,8 @@ class StoreKernelDef(KernelDef):
                     if isinstance(ann, DTypeSpec):
                         ann = ir.TensorType(ann.dtype, ())
                     if not isinstance(ann, ir.TensorType):
-                        raise fail(f"parameter {p.name!r} needs a type annotation like f32['B', 'H', 'N', 'D']")
+                        raise TraceError(f"parameter {p.name!r} of store kernel {self.name} needs a type annotation "
+                                         "like f32['B', 'H', 'N', 'D']", _def_span(self.fn) or sem.user_span())
                     ann = _retyped(p.name, ann, options.pop(f"{p.name}_dtype", None))
                     t = TensorInput(p.name, ann)
                     t._register()

@@ -38,6 +38,13 @@ class Op:
                  options: dict[str, Any]):
         if not isinstance(kernel, KernelDef):
             raise ValueError(f"attnc.build takes a kernel written with @attnc.kernel, got {type(kernel).__name__}")
+        params = kernel.signature.parameters.values()
+        known = {p.name for p in params if p.kind is p.KEYWORD_ONLY} | {
+            f"{p.name}_dtype" for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"attnc.build: kernel {kernel.name} has no option {', '.join(map(repr, unknown))}; its "
+                             f"options are {sorted(known)}")
         self.kernel, self.target, self.options = kernel, target, dict(options)
         self.device = get_device(device)
         self.family = pick_family(self.device.capabilities, target)

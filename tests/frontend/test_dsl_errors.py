@@ -195,3 +195,36 @@ def test_a_mod_of_the_wrong_arity_names_the_signature(kind: str, n: int) -> None
         flash_attention.trace(**{f"{kind}_mod": mod})
     if mod is four:
         _at(e.value, four, 0)
+
+
+def test_kernel_signature_and_return_mistakes_point_at_the_kernel() -> None:
+    """A parameter without an annotation and a kernel returning its accumulator instead of
+    acc.result() are reported at the kernel's definition, naming the kernel (they pointed at
+    the line that called trace(), or inside attnc when attnc.build traced); online_softmax given
+    a number names what it takes."""
+    @kernel
+    def no_annotation(q, k: K, v: K, *, BM=tunable(8), BN=tunable(8)):
+        return None
+
+    @kernel
+    def returns_acc(q: Q, k: K, v: K, *, BM=tunable(8), BN=tunable(8)):
+        b, h, qi = grid(b="B", h="H", qi=tiles("S", BM))
+        acc = online_softmax(rows=qi, width="D")
+        for kj in tiles("T", BN):
+            acc.update(dot(q[b, h, qi, :], k[b, h, kj, :]), v[b, h, kj, :])
+        return acc
+
+    @kernel
+    def rows_number(q: Q, k: K, v: K, *, BM=tunable(8), BN=tunable(8)):
+        online_softmax(rows=0, width="D")
+
+    for kern, message in ((no_annotation, "parameter 'q' of kernel no_annotation needs a type annotation"),
+                          (returns_acc, "kernel returns_acc returned Acc; a kernel must return acc.result()")):
+        with pytest.raises(TraceError, match=re.escape(message)) as e:
+            kern.trace()
+        _at(e.value, kern.fn, 0)  # where the definition starts (its decorator)
+        with pytest.raises(TraceError, match=re.escape(message)) as e:
+            attnc.build(kern, device=None)(q=np.zeros((1, 1, 2, 4), np.float32))
+        assert e.value.span is not None and e.value.span.file == __file__
+    with pytest.raises(TraceError, match=r"online_softmax\(rows=...\) takes the query tile grid variable .*got a int"):
+        rows_number.trace()

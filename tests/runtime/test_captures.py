@@ -219,6 +219,9 @@ def test_build_errors_are_clear(device) -> None:
     q, k, v = qkv(np.random.default_rng(10))
     with pytest.raises(ValueError, match="attnc.build takes a kernel written with @attnc.kernel"):
         attnc.build(lambda q: q, device=device)
+    with pytest.raises(ValueError, match=r"attnc.build: kernel flash_attention has no option 'causual'; its options "
+                                         r"are \['BM', 'BN', 'alibi', .*'window'\]"):
+        attnc.build(flash_attention, device=device, causual=True)  # refused when built, not at the first call
     op = attnc.build(flash_attention, device=device)
     with pytest.raises(ValueError, match=r"kernel flash_attention has no param 'queries'"):
         op(queries=q, k=k, v=v, scale=0.1)
