@@ -365,6 +365,8 @@ def apply_mod(fn: Any, args: tuple[Any, ...], kind: str,
     finally:
         _MOD_DIMS.reset(token)
     want = "a bool (a comparison, & | ~, where)" if kind == "mask" else "a number (the modified score)"
+    if isinstance(out, np.generic) and out.dtype.kind in "biuf":  # np.True_, np.float32(0.5): constants
+        out = out.item()
     if out is None or (not isinstance(out, (Value, bool, int, float))):
         raise TraceError(f"{kind}_mod {getattr(fn, '__name__', '')!r} returned {out!r}; it must return {want}",
                          _def_span(fn))

@@ -228,3 +228,12 @@ def test_kernel_signature_and_return_mistakes_point_at_the_kernel() -> None:
         assert e.value.span is not None and e.value.span.file == __file__
     with pytest.raises(TraceError, match=r"online_softmax\(rows=...\) takes the query tile grid variable .*got a int"):
         rows_number.trace()
+
+
+def test_a_mod_may_return_a_numpy_scalar_constant() -> None:
+    """np.True_ from a mask_mod and a numpy float from a score_mod are constants like Python's
+    True and 0.5 (np.True_ was refused as not a bool)."""
+    assert flash_attention.trace(mask_mod=lambda b, h, i, j: np.True_) == flash_attention.trace(
+        mask_mod=lambda b, h, i, j: True)
+    assert flash_attention.trace(score_mod=lambda s, b, h, i, j: np.float32(0.5)) == flash_attention.trace(
+        score_mod=lambda s, b, h, i, j: 0.5)
