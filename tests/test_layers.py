@@ -27,7 +27,8 @@ ALLOWED = {
 }
 # runtime modules, bottom layer first: a module may import only from earlier layers
 RUNTIME_LAYERS = [
-    {"dispatch", "cachedir", "lru"},
+    {"lru", "cachedir"},  # no attnc imports: the bounded map every cache uses, the cache directory
+    {"dispatch"},
     {"devices", "timing"},
     {"tensor"},
     {"params"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,16 @@ def tunable(default: int) -> Tunable:
 
 
 # ----------------------------------------------------------------------------- values
+
+
+# numpy's ufuncs that a numpy scalar operand (np.float32(0.5) * s) calls on a traced value,
+# as the Python operators the traced value implements
+_NUMPY_OPERATORS: dict[str, Callable[..., Any]] = {
+    "add": operator.add, "subtract": operator.sub, "multiply": operator.mul, "true_divide": operator.truediv,
+    "floor_divide": operator.floordiv, "remainder": operator.mod, "less": operator.lt, "less_equal": operator.le,
+    "greater": operator.gt, "greater_equal": operator.ge, "equal": operator.eq, "not_equal": operator.ne,
+    "bitwise_and": operator.and_, "bitwise_or": operator.or_, "negative": operator.neg,
+}
 
 
 def _expr(x: Any) -> ir.Expr:
@@ -201,6 +212,11 @@ class Value:
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         name = getattr(ufunc, "__name__", "a numpy function")
+        op = _NUMPY_OPERATORS.get(name)
+        if op is not None and method == "__call__" and not kwargs and all(
+                isinstance(x, Value) or (isinstance(x, np.generic) and x.dtype.kind in "biuf") for x in inputs):
+            # a numpy scalar beside a traced value (np.float32(0.5) * s): the Python operator
+            return op(*(x.item() if isinstance(x, np.generic) else x for x in inputs))
         raise self._not_python(f"numpy's {name} cannot take a traced value",
                                (f"use the DSL's version, e.g. attnc.{name}" if name in _DSL_FUNCS else
                                 "use attnc.exp, log, sin, cos, tanh, sqrt, maximum, minimum, where",))

@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from attnc.errors import Span, TraceError
 from attnc.ir import nodes as ir
 from attnc.ir.share import share_repeated
@@ -68,7 +70,9 @@ def to_f32(x: ir.Expr) -> ir.Expr:
 
 
 def const(v: object) -> ir.Expr:
-    """Rule 1: Python constants to IR constants."""
+    """Rule 1: Python constants (and numpy's scalar bools, ints and floats) to IR constants."""
+    if isinstance(v, np.generic) and v.dtype.kind in "biuf":
+        v = v.item()
     if isinstance(v, bool):
         return ir.Const(v, ir.DType.BOOL, user_span())
     if isinstance(v, int):
@@ -78,7 +82,7 @@ def const(v: object) -> ir.Expr:
     if isinstance(v, float):
         return ir.Const(v, ir.DType.F32, user_span())
     raise fail(f"cannot use a {type(v).__name__} in a kernel expression",
-               ("kernel expressions take traced values, ints, floats and bools",))
+               ("kernel expressions take traced values, ints, floats and bools (Python's or numpy's scalars)",))
 
 
 def call(op: ir.Op, *args: ir.Expr) -> ir.Expr:

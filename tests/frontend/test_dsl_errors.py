@@ -120,13 +120,25 @@ def test_python_constructs_on_traced_values(construct):
     assert word in src[e.value.span.line - first]
 
 
-def test_numpy_scalar_constant_points_at_the_user_line():
+def test_a_constant_of_another_kind_points_at_the_user_line():
     def mod(s, b, h, q_idx, kv_idx):
-        return s * np.float32(2.0)
+        return s * complex(2.0)
 
-    with pytest.raises(TraceError, match="float32") as e:
+    with pytest.raises(TraceError, match="cannot use a complex in a kernel expression") as e:
         flash_attention.trace(score_mod=mod)
     _at(e.value, mod, 1)
+
+
+def test_numpy_scalars_are_constants_on_either_side() -> None:
+    """np.float32(2.0) * s, s * np.float32(2.0), s > np.int32(0): constants as 2.0 and 0 (numpy's
+    scalars were refused, and on the left numpy's ufunc met the traced value first)."""
+    def plain(s, b, h, q_idx, kv_idx):
+        return attnc.where(q_idx > 0, 2.0 * s - s * 0.5, s)
+
+    def numpy_scalars(s, b, h, q_idx, kv_idx):
+        return attnc.where(q_idx > np.int32(0), np.float32(2.0) * s - s * np.float64(0.5), s)
+
+    assert flash_attention.trace(score_mod=numpy_scalars) == flash_attention.trace(score_mod=plain)
 
 
 def test_integer_ops_on_floats_point_at_the_user_line():
