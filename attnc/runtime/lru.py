@@ -46,7 +46,7 @@ class LRU(Generic[K, V]):
         recently used one when there are more than `size`."""
         self._entries.pop(key, None)
         self._entries[key] = value
-        if len(self._entries) > self.size:
+        while len(self._entries) > max(self.size, 1):  # down to the size, also after it was lowered
             self._entries.pop(next(iter(self._entries)), None)
 
     def pop(self, key: K) -> V | None:

@@ -198,7 +198,7 @@ class Prepared:
             self.defaults[name] = self._checked_default(name, value)
             seen = host_array(self._what(name), value) if isinstance(self.defaults[name], tuple) else None
             if seen is not None:
-                self._default_sources[name] = (value, np.array(seen, copy=True))
+                self._default_sources[name] = (value, np.array(seen, copy=True, order="C"))
         out = tuple(kern.output.dims)
         # GQA packed into rows: [B, Hkv, R, Dv] is the memory of [B, Hq, S, Dv]
         self.packed_rows = out == ("B", "Hkv", "R", "Dv")
@@ -487,7 +487,7 @@ class Prepared:
                     memoryview(now).cast("B") == memoryview(seen).cast("B"):
                 continue
             self.defaults[name] = self._checked_default(name, source)
-            self._default_sources[name] = (source, np.array(now, copy=True))
+            self._default_sources[name] = (source, now.copy())
             if name in self._uploaded_defaults:
                 arr, st = self.defaults[name]
                 self._uploaded_defaults[name] = (self._host_slice(name, arr), st)
