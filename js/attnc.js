@@ -482,7 +482,10 @@ export function checkShapes(dims, shapes) {
   if (!isObject(shapes)) throw new AttncError(`shapes: expected an object of dims (${dims.join(', ')}), got ${describe(shapes)}`);
   /** @type {Record<string, number>} */
   const env = Object.create(null);
+  // R: the rows of a variant that packs each KV head's query heads into rows (pack_gqa), Hq/Hkv·S
+  const packed = dims.includes('R') && ['Hq', 'Hkv', 'S'].every((d) => dims.includes(d));
   for (const d of dims) {
+    if (d === 'R' && packed) continue;  // derived below
     const x = has(shapes, d) ? shapes[d] : undefined;
     if (x === undefined) throw new AttncError(`${d}: missing (the shapes give ${Object.keys(shapes).join(', ') || 'no dims'})`);
     if (typeof x !== 'number' || !Number.isInteger(x)) throw new AttncError(`${d}: expected a positive integer, got ${describe(x)}`);
@@ -495,6 +498,13 @@ export function checkShapes(dims, shapes) {
   if ('Hq' in env && 'Hkv' in env && env.Hq % env.Hkv !== 0) {
     throw new AttncError(`Hq=${env.Hq} query heads is not a multiple of Hkv=${env.Hkv} kv heads`);
   }
+  if (packed) {
+    const rows = (env.Hq / env.Hkv) * env.S;
+    if (has(shapes, 'R') && shapes.R !== rows) {
+      throw new AttncError(`R=${describe(shapes.R)}: this variant packs the Hq/Hkv query heads of a KV head into rows, R = (Hq/Hkv)·S = ${rows}; leave R out and it is derived`);
+    }
+    env.R = rows;
+  }
   return env;
 }
 
@@ -506,6 +516,7 @@ export function checkShapes(dims, shapes) {
  */
 function checkParam(p, x) {
   if (typeof x !== 'number' || !Number.isFinite(x)) throw new AttncError(`param ${p.name}: expected a finite number, got ${describe(x)}`);
+  if (p.type === 'f32' && !Number.isFinite(Math.fround(x))) throw new AttncError(`param ${p.name}: ${x} is past f32's range (the kernel reads it as f32)`);
   const v = p.type === 'f32' ? x : toScalar(x, p.type, `param ${p.name}`);
   const min = {softcap: [0, false], window_left: [0, true], window_right: [0, true], NSPLIT: [1, true]}[p.name];
   if (min && (min[1] ? v < min[0] : v <= min[0])) {
@@ -797,7 +808,9 @@ export async function createAttention(device, manifest, opts = {}) {
         compute: {module, entryPoint: p.entry_point},
       });
     } catch (e) {
-      throw new AttncError(`${label}: pipeline creation failed: ${await compileMessages(module) || /** @type {any} */ (e).message}`);
+      const lost = device.lost && await Promise.race([device.lost, Promise.resolve(null)]);
+      const why = lost ? `the device was lost (${lost.reason}: ${lost.message})` : /** @type {any} */ (e).message;
+      throw new AttncError(`${label}: pipeline creation failed: ${await compileMessages(module) || why}`);
     }
     const err = await scoped;
     if (err) throw new AttncError(`${label}: ${err.message}`);
@@ -806,11 +819,16 @@ export async function createAttention(device, manifest, opts = {}) {
   return new Attention(device, manifest, variant, programs, limits);
 }
 
-/** @param {any} module */
+/** The compiler's messages for a module, or '' (also where they cannot be read: a lost device must
+ * not hide the error that asked for them). @param {any} module */
 async function compileMessages(module) {
   if (!module.getCompilationInfo) return '';
-  const info = await module.getCompilationInfo();
-  return info.messages.map((/** @type {any} */ m) => `${m.type} ${m.lineNum}:${m.linePos} ${m.message}`).join('\n');
+  try {
+    const info = await module.getCompilationInfo();
+    return info.messages.map((/** @type {any} */ m) => `${m.type} ${m.lineNum}:${m.linePos} ${m.message}`).join('\n');
+  } catch {
+    return '';
+  }
 }
 
 /** @param {any} deviceLimits @param {any} overrides */
@@ -878,7 +896,15 @@ export class Attention {
       if ((given === undefined || given === null) && (p.default === undefined || p.default === null)) {
         throw new AttncError(`param ${p.name} (${p.type}) has no default: pass it (variant ${v.name})`);
       }
-      env[p.name] = checkParam(p, given !== undefined && given !== null ? given : evaluateFormula(p.default, env));
+      let value = given;
+      if (given === undefined || given === null) {
+        try {
+          value = evaluateFormula(p.default, env);
+        } catch (e) {
+          throw new AttncError(`param ${p.name}: its default ${JSON.stringify(p.default)}: ${/** @type {any} */ (e).message}`);
+        }
+      }
+      env[p.name] = checkParam(p, value);
     }
     /** @type {Record<string, TensorPlan>} */
     const tensors = {};
@@ -1031,8 +1057,18 @@ export class Attention {
         if (t.role === 'scratch') temporary.push(buf);
       }
     }
-    const encoder = device.createCommandEncoder({label: this.variant.name});
-    temporary.push(...this.encode(encoder, buffers, plan));
+    // what WebGPU rejects (a destroyed buffer, a binding the shader does not match) is an error,
+    // not a result of zeros: the commands run inside an error scope
+    device.pushErrorScope('validation');
+    let encoder;
+    try {
+      encoder = device.createCommandEncoder({label: this.variant.name});
+      temporary.push(...this.encode(encoder, buffers, plan));
+    } catch (e) {
+      await device.popErrorScope();
+      for (const b of temporary) b.destroy();
+      throw e;
+    }
     /** @type {Record<string, any>} */
     const result = {};
     const staging = [];
@@ -1048,6 +1084,12 @@ export class Attention {
       }
     }
     device.queue.submit([encoder.finish()]);
+    const rejected = await device.popErrorScope();
+    if (rejected) {
+      for (const [, , s] of staging) s.destroy();
+      for (const b of temporary) b.destroy();
+      throw new AttncError(`variant ${this.variant.name}: WebGPU rejected the work: ${String(rejected.message || rejected).split('\n')[0]}`);
+    }
     await Promise.all(staging.map(async ([t, tp, s]) => {
       await s.mapAsync(MAP_READ);
       const Ctor = ARRAY_TYPES[/** @type {keyof typeof ARRAY_TYPES} */ (t.dtype)];
@@ -1330,13 +1372,19 @@ export class KVCache {
    */
   append(kNew, vNew, opts = {}) {
     const B = this.batch, H = this.kvHeads;
+    for (const [name, x] of [['kNew', kNew], ['vNew', vNew]]) {
+      if (!isGpuBuffer(x) && !ArrayBuffer.isView(x) && !Array.isArray(x)) throw new AttncError(`${name}: expected a typed array, an array or a GPUBuffer of new rows, got ${describe(x)}`);
+    }
+    if (!isObject(opts)) throw new AttncError(`opts: expected an object such as {rows, counts, encoder}, got ${describe(opts)}`);
     const n = opts.rows ?? (isGpuBuffer(kNew) ? undefined : kNew.length / (B * H * this.headDim));
     if (!Number.isInteger(n) || n < 0) throw new AttncError(`kNew: cannot tell the number of new rows (pass rows): got ${n}`);
     let rows;
     if (opts.counts) {
       if (opts.counts.length !== B) throw new AttncError(`counts: expected ${B} values (one per batch row), got ${opts.counts.length}`);
-      rows = Int32Array.from(opts.counts);
-      for (const c of rows) if (c < 0 || c > n) throw new AttncError(`counts: values must be in [0, n=${n}] (the rows given), got ${[...rows]}`);
+      const given = Array.from(opts.counts);
+      const bad = given.findIndex((c) => typeof c !== 'number' || !Number.isInteger(c) || c < 0 || c > n);
+      if (bad >= 0) throw new AttncError(`counts: values must be integers in [0, n=${n}] (the rows given), got ${describe(given[bad])} at ${bad}`);
+      rows = Int32Array.from(given);
     } else {
       rows = new Int32Array(B).fill(n);
     }
@@ -1369,6 +1417,14 @@ export class KVCache {
    * @param {Record<string, number>} [params] @param {{output?: 'array' | 'buffer'}} [opts]
    */
   attend(attn, q, shapes, params = {}, opts = {}) {
+    if (!(attn instanceof Attention)) throw new AttncError(`attn: expected what createAttention returned, got ${describe(attn)}`);
+    for (const [name, fmt] of [['k', this.formats.k], ['v', this.formats.v]]) {
+      const t = attn.inputs.find((/** @type {any} */ x) => x.name === name);
+      const stored = fmt || this.dtype;
+      if (t && t.dtype !== stored) {
+        throw new AttncError(`${name}: the cache stores ${name} as ${stored}, but variant ${attn.variant.name} reads ${t.dtype}: compile the kernel with --set ${name}_dtype=${stored} (or make the cache with ${name === 'k' ? 'kFormat' : 'vFormat'}/dtype to match)`);
+      }
+    }
     return attn.run({q, ...this.inputs()}, this.shapes(shapes), params, /** @type {any} */ (opts));
   }
 
@@ -1550,7 +1606,13 @@ function toTypedArray(data, dtype, name) {
   const Want = ARRAY_TYPES[/** @type {keyof typeof ARRAY_TYPES} */ (dtype)];
   if (data instanceof Want) return data;
   if (dtype === 'f16' && (data instanceof Float32Array || data instanceof Float64Array || Array.isArray(data))) return f32ToF16(data);
-  if (dtype !== 'f16' && Array.isArray(data)) return Want.from(data);
+  if (dtype !== 'f16' && Array.isArray(data)) {
+    // a plain array is converted only where each value is one of the dtype's (no truncation of 2.5, NaN or '1')
+    const integer = dtype === 'i32' || dtype === 'u32';
+    const bad = data.findIndex((x) => typeof x !== 'number' || (integer && !Number.isInteger(x)));
+    if (bad >= 0) throw new AttncError(`input ${name}: element ${bad} is ${describe(data[bad])}, not ${integer ? 'an integer' : 'a number'} (dtype ${dtype})`);
+    return Want.from(data);
+  }
   if (dtype === 'f32' && data instanceof Float64Array) return Float32Array.from(data);
   throw new AttncError(`input ${name}: expected ${Want.name} for dtype ${dtype}, got ${data && data.constructor ? data.constructor.name : typeof data}`);
 }

@@ -9,6 +9,8 @@
 //   {"op": "sources", "manifest", "files", "variant", "dialect"} the WGSL createAttention compiles
 //   {"op": "kvcache", "manifest", "files", "cache"}              createKVCache (cache: its options
 //                                                                but manifest): the store kernels picked
+//   {"op": "rejected", "manifest", "files", "variant", "shapes", "params"}   run() on a device whose
+//                                                                error scope reports a validation error
 // Answers: {"ok": true, ...} or {"error": message, "attnc_error": bool, "type": constructor name}.
 // Numbers JSON cannot hold travel as {"$number": "NaN" | "Infinity" | "-Infinity"}.
 import {createInterface} from 'node:readline';
@@ -41,6 +43,19 @@ function recordingDevice(codes) {
   };
 }
 
+/** A stand-in device on which run() can encode and submit (buffers map, passes record nothing). */
+function workingDevice() {
+  const pass = {setPipeline() {}, setBindGroup() {}, dispatchWorkgroups() {}, end() {}};
+  return {
+    ...recordingDevice([]),
+    createBuffer: ({size, usage}) => ({size, usage, getMappedRange: () => new ArrayBuffer(size), unmap() {}, destroy() {},
+      mapAsync: async () => {}}),
+    createBindGroup: () => ({}),
+    createCommandEncoder: () => ({beginComputePass: () => pass, copyBufferToBuffer() {}, finish: () => ({})}),
+    queue: {writeBuffer() {}, submit() {}},
+  };
+}
+
 /** @param {any} req */
 async function answer(req) {
   switch (req.op) {
@@ -60,6 +75,16 @@ async function answer(req) {
       const m = await loadManifest(req.manifest, req.files);
       await createAttention(recordingDevice(codes), m, {variant: req.variant, dialect: req.dialect});
       return {ok: true, codes};
+    }
+    case 'rejected': {
+      const m = await loadManifest(req.manifest, req.files || {});
+      const device = workingDevice();
+      const attn = await createAttention(device, m, {variant: req.variant});
+      device.popErrorScope = async () => ({message: "Buffer 'q' is destroyed.\n - While encoding"});
+      const plan = attn.plan(req.shapes, req.params);
+      const inputs = Object.fromEntries(attn.inputs.map((t) => [t.name, device.createBuffer({size: plan.tensors[t.name].size, usage: 0x80})]));
+      await attn.run(inputs, req.shapes, req.params);
+      return {ok: true};
     }
     case 'kvcache': {
       const m = await loadManifest(req.manifest, req.files);

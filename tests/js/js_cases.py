@@ -580,7 +580,7 @@ def flex_cases(w: _Writer, folder: Path) -> list[dict]:
     out = (folder / "compiled" / "flex").resolve()
     # q, k, v, four captured arrays and o: 8 storage buffers, WebGPU's default limit; the block
     # map of the mask's table takes a 9th, so each (family, dtype) has a `.block-map` variant too
-    argv = [*_compile_prefix(), KERNEL, "-o", str(out), "--set", "causal=true",
+    argv = [*_compile_prefix(), KERNEL, "-o", str(out), "--force", "--set", "causal=true",
             "--set", "score_mod=tests.js.flex_mods:score_mod", "--set", "mask_mod=tests.js.flex_mods:mask_mod"]
     proc = subprocess.run(argv, capture_output=True, text=True, **_compile_env())
     if proc.returncode != 0:
@@ -818,6 +818,19 @@ def refusal_cases(w: _Writer, folder: Path) -> list[dict]:
          arrays={"S": 5, "D": 4})
     case("kv_lens_past_T", "kvlens_window_right", {"family": "subgroups", "dtype": "f32"}, good,
          "input kv_lens: values must be in [0, T=5], got 6 at index 0", lens=[6], params={"window_right": 2})
+    if (folder / "compiled" / "kvquant" / "manifest.json").is_file():
+        # a float cache attended by a variant that reads a q8_0 K: refused naming both (it ran into
+        # plausible numbers; an f16 variant over an f32 cache gave NaN)
+        B, H, D = 1, 2, 32
+        out.append({"name": "refuse.kv_cache_of_another_format", "kind": "kv_cache",
+                    "manifest": "compiled/kvquant/manifest.json", "variant": plain, "requires_features": [],
+                    "cache": {"batch": B, "kvHeads": H, "capacity": 8, "headDim": D, "valueDim": D, "dtype": "f32"},
+                    "steps": [{"rows": 2, "counts": None, "source": "array",
+                               "k": w.bin(rng.standard_normal((B, H, 2, D)), "f32"),
+                               "v": w.bin(rng.standard_normal((B, H, 2, D)), "f32")}],
+                    "q": w.bin(rng.standard_normal((B, 4, 1, D)), "f32"), "shapes": {"Hq": 4, "S": 1}, "params": {},
+                    "tol": TOL["f32"], "expected": {},
+                    "expect_error": "k: the cache stores k as f32, but variant"})
     return out
 
 

@@ -139,6 +139,34 @@ def test_shapes_rules_match_python(dims, checker, compiled):
         assert named(js["error"]) == named(py["error"]), (dims, py["error"], js["error"])
 
 
+def test_work_webgpu_rejects_is_an_error_not_zeros(checker, compiled):
+    """run() encodes and submits inside a validation error scope: what WebGPU rejects (a destroyed
+    input buffer, a uniform block smaller than the shader's) is an AttncError naming the variant,
+    not a result of zeros (the loader returned the zeros its outputs were created with)."""
+    d, manifest = compiled
+    js = checker.ask({"op": "rejected", "manifest": manifest, "files": wgsl_files(d),
+                      "variant": {"family": "portable", "dtype": "f32"},
+                      "shapes": {"B": 1, "Hq": 2, "S": 3, "D": 8, "Hkv": 1, "T": 5, "Dv": 8},
+                      "params": {"softcap": 30.0}})
+    assert js.get("attnc_error") and "WebGPU rejected the work: Buffer 'q' is destroyed." in js["error"], js
+
+
+@pytest.mark.parametrize(("given", "want"), [
+    ({}, {"R": 12}), ({"R": 12}, {"R": 12}),
+    ({"R": 3}, "R=3: this variant packs"), ({"R": 20}, "R=20: this variant packs")])
+def test_packed_rows_are_derived_and_checked(checker, given, want):
+    """A pack_gqa variant's dim R is (Hq/Hkv)·S, as attnc's Python API sets it: left out, the
+    loader derives it; given otherwise, it is refused naming R (any R once ran, returning as many
+    rows as it said: 48 or 320 values where 192 were due)."""
+    dims = [*api.DIMS, "R"]
+    shapes = {"B": 1, "Hq": 4, "Hkv": 1, "S": 3, "T": 5, "D": 8, "Dv": 16, **given}
+    js = checker.ask({"op": "shapes", "dims": dims, "shapes": shapes})
+    if isinstance(want, dict):
+        assert js.get("ok") and js["env"]["R"] == want["R"], js
+    else:
+        assert js["attnc_error"] and js["error"].startswith(want), js
+
+
 @examples(150)
 @given(dims=drawn_dims(small=True))
 def test_validate_dims_is_the_rule_validate_applies(dims):
@@ -219,6 +247,7 @@ GOOD_SHAPES = {"B": 2, "Hq": 4, "S": 3, "D": 8, "Hkv": 2, "T": 9, "Dv": 8}
     ({"scale": "0.5"}, 'param scale: expected a finite number, got "0.5"'),
     ({"scale": math.nan}, "param scale: expected a finite number, got NaN"),
     ({"scale": math.inf}, "param scale"),
+    ({"scale": 1e39}, "param scale: 1e+39 is past f32's range"),
     ({"softcap": None}, "param softcap (f32) has no default"),
     ({"nsplit": 2}, "unknown param nsplit"),
 ])
