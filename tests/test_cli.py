@@ -185,7 +185,10 @@ def _bad_shapes_file(draw: Callable[..., Any], tmp: Path) -> tuple[list[str], tu
                          b'{"suites": {"a": [{"name": "x", "B": "1", "Hq": 1, "Hkv": 1, "S": 1, "T": 1, "D": 1, '
                          b'"Dv": 1}]}}',
                          b'{"suites": {"a": [{"name": "x", "B": 1, "Hq": 3, "Hkv": 2, "S": 1, "T": 1, "D": 1, '
-                         b'"Dv": 1}]}}']),
+                         b'"Dv": 1}]}}',
+                         # a string for causal ("false" ran causal: any non-empty string was true)
+                         b'{"suites": {"a": [{"name": "x", "B": 1, "Hq": 2, "Hkv": 2, "S": 1, "T": 1, "D": 1, '
+                         b'"Dv": 1, "causal": "false"}]}}']),
     ))
     try:
         doc = json.loads(content)

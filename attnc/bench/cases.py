@@ -124,6 +124,9 @@ def load_suites(path: str | Path | None = None) -> dict[str, list[Case]]:
                 raise ValueError(f"{file}: suite {suite!r}: case {e.get('name')!r} lacks {missing}")
             if not all(type(e[f]) is int for f in fields[1:]):
                 raise ValueError(f"{file}: suite {suite!r}: case {e['name']!r}: dimensions must be integers")
+            if e.get("causal", False) not in (True, False) or type(e.get("causal", False)) not in (bool, int):
+                raise ValueError(f"{file}: suite {suite!r}: case {e['name']!r}: causal must be true or false, got "
+                                 f"{e['causal']!r}")  # "false" (a string) ran causal
             try:
                 cases.append(Case(*(e[f] for f in fields), causal=bool(e.get("causal", False))))
             except ValueError as exc:

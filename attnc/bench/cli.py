@@ -2,7 +2,8 @@
 
     attnc bench [--suite seeds|ci] [--case NAME ...] [--shape B,Hq,Hkv,S,T,D,Dv[,causal]]
                 [--device SPEC] [--compare ort,tinygrad,naive] [--kv q8_0,q4_0,int8] [--dtype f32|f16]
-                [--json FILE] [--plot FILE.png] [--runs N] [--warmup N]
+                [--json FILE] [--plot FILE.png] [--runs N] [--warmup N] [--documents N] [--seed N]
+                [--repeat-processes N] (and the rest: `attnc bench --help`)
 
 Every implementation runs in this process on the same inputs; each result carries its GPU
 time per op (median), TFLOP/s, GB/s, its relative error against a float64 numpy reference,
@@ -205,6 +206,16 @@ class _Counter:
         """Nothing to tear down."""
 
 
+def math_dtype(impl: str, opts: RunOptions) -> str:
+    """The dtype an implementation computes in: attnc's rows in f32 but for the f16-tile
+    targets (f16 storage is unpacked to f32), a baseline in the inputs' dtype."""
+    from attnc.lowering.schedule import F16_MATH_TARGETS
+
+    if impl.startswith("attnc"):
+        return "f16" if opts.target in F16_MATH_TARGETS else "f32"
+    return opts.dtype
+
+
 def result_row(
     case: Case,
     impl: str,
@@ -212,13 +223,16 @@ def result_row(
     err: float | None,
     ceilings: dict[str, Any],
     dtype: str,
+    math: str | None = None,
 ) -> dict[str, Any]:
-    """One JSON result: timing, rates, accuracy, fractions of the ceilings, extras."""
+    """One JSON result: timing, rates, accuracy, fractions of the ceilings, extras. `math`: the
+    dtype of the implementation's arithmetic, whose FMA ceiling it is measured against (attnc's
+    f16 storage computes in f32: the f16 ceiling is 4x lower on lavapipe, and gave 199 % FMA)."""
     ms = measured.timing.ms
     itemsize = 2 if dtype == "f16" else 4
     tflops = case.flops() / (ms * 1e-3) / 1e12 if ms > 0 else None
     gbps = case.nbytes(itemsize) / (ms * 1e-3) / 1e9 if ms > 0 else None
-    fma = ceilings.get(f"fma_{dtype}") or ceilings.get("fma_f32")
+    fma = ceilings.get(f"fma_{math or dtype}") or ceilings.get("fma_f32")
     copy = ceilings.get("copy")
     row: dict[str, Any] = {
         "case": case.name,
@@ -304,7 +318,7 @@ def run_cases(
                         # the contract is against the dequantized K/V; the quantization error is reported
                         q, k, v = copies[0]
                         err, unquantized = relerr(m.out, reference(case, q, *dequantized(fmt, k, v))), err
-                    row = result_row(case, impl, m, err, ceilings, opts.dtype)
+                    row = result_row(case, impl, m, err, ceilings, opts.dtype, math_dtype(impl, opts))
                     row.update(clock=clock, attempts=attempts)
                     if impl == "attnc":
                         base_ms = row["ms"]
@@ -339,8 +353,11 @@ def summary(row: dict[str, Any]) -> str:
     append = ""
     if row.get("append_ms") is not None:  # a quantized cache's append per decode step
         one = row.get("append_one_pass_ms")
-        append = (f", append {row['append_ms'] * 1e3:.1f} us ({row['append_fraction']:.0%} of the step's attention)"
-                  + (f", {one * 1e3:.1f} us in the attention's pass" if one is not None else ""))
+        # a difference of two medians: below 0 it is inside their runs' spread, not a gain
+        cost = (f"{row['append_ms'] * 1e3:.1f} us ({row['append_fraction']:.0%} of the step's attention)"
+                if row["append_ms"] >= 0 else
+                f"not measurable ({row['append_ms'] * 1e3:.1f} us: within the spread of the two medians)")
+        append = f", append {cost}" + (f", {one * 1e3:.1f} us in the attention's pass" if one is not None else "")
     return (f"{row['case']} {row['impl']}: {row['ms']:.4f} ms, {_fmt(row['tflops'], '.3f')} "
             f"TFLOP/s, relerr {_fmt(row['relerr'], '.1e')}{speedup}{append} ({row['timing']})")  # fmt: skip
 
@@ -457,6 +474,19 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise ValueError(f'--plot {args.plot} needs matplotlib: pip install "attnc[bench]"') from None
 
 
+def check_target(target: str | None, dtype: str) -> None:
+    """ValueError unless --target names a variant family that can take --dtype's inputs (whether
+    the device offers it is said when the device is opened)."""
+    from attnc.lowering.schedule import F16_MATH_TARGETS, TARGETS
+
+    if target is None:
+        return
+    if target not in TARGETS:
+        raise ValueError(f"--target {target}: not a variant family; the families are {', '.join(sorted(TARGETS))}")
+    if target in F16_MATH_TARGETS and dtype != "f16":
+        raise ValueError(f"--target {target} stages f16 tiles: it takes --dtype f16")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `attnc bench` with `argv` (default: sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -466,14 +496,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"attnc bench: {exc}", file=sys.stderr)
             return 2
-        for name, suite in suites.items():
-            print(f"{name}: " + ", ".join(c.name for c in suite))
+        try:
+            for name, suite in suites.items():
+                print(f"{name}: " + ", ".join(c.name for c in suite))
+        except BrokenPipeError:  # `attnc bench --list | head`: the reader has what it wanted
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flushed at exit instead of the closed pipe
         return 0
     try:
         if args.runs < 1 or args.warmup < 0 or args.repeat_processes < 1:
             raise ValueError("--runs and --repeat-processes must be >= 1 and --warmup >= 0")
         if args.seed < 0 or args.cache_mib < 0:
             raise ValueError("--seed and --cache-mib must be >= 0")
+        check_target(args.target, args.dtype)
+        if args.plot and args.repeat_processes > 1:
+            raise ValueError("--plot draws one process's results: run without --repeat-processes for a plot "
+                             "(the spread is printed, and written with --json)")
         cases = select_cases(args)
         impls = impl_names(args)
         check_outputs(args)
@@ -501,6 +538,10 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cases: list[Case]
 
     device = get_device(args.device)
     print(f"device: {device!r}", file=sys.stderr)
+    if args.target is not None:  # a family the device lacks: said before anything is measured
+        from attnc.lowering.schedule import pick_family
+
+        pick_family(device.capabilities, args.target)
     ceilings = {}
     if args.ceilings != "off":
         ceilings = measure_ceilings(device, size=args.ceilings)

@@ -40,14 +40,19 @@ def child_argv(argv: Sequence[str]) -> list[str]:
 def spread_rows(processes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (case, impl, dtype): the process medians, their min/median/max and the spread."""
     found: dict[tuple[str, str, str], list[float | None]] = {}
+    unavailable: set[tuple[str, str, str]] = set()  # a baseline not installed: no measurement, no failure
     for i, doc in enumerate(processes):
         for r in doc.get("results", []):
             key = (r["case"], r["impl"], r.get("dtype", ""))
             found.setdefault(key, [None] * len(processes))[i] = None if r.get("error") else r.get("ms")
+            if str(r.get("error", "")).startswith("unavailable:"):
+                unavailable.add(key)
     rows = []
     for (case, impl, dtype), per in found.items():
         ms = [x for x in per if x is not None]
         row: dict[str, Any] = {"case": case, "impl": impl, "dtype": dtype, "per_process_ms": per}
+        if not ms and (case, impl, dtype) in unavailable:
+            row["unavailable"], row["disagree"] = True, False
         if ms:
             lo, hi = min(ms), max(ms)
             row.update(ms_min=lo, ms_median=statistics.median(ms), ms_max=hi, spread=hi / lo - 1 if lo > 0 else None)
@@ -62,7 +67,8 @@ def format_spread(rows: Sequence[dict[str, Any]], n: int) -> str:
     table = [head]
     for r in rows:
         if "ms_min" not in r:
-            table.append((r["case"], r["impl"], "-", "-", "-", "-", f"failed in all {n}"))
+            table.append((r["case"], r["impl"], "-", "-", "-", "-",
+                          f"unavailable in all {n}" if r.get("unavailable") else f"failed in all {n}"))
             continue
         flag = " DISAGREE" if r["disagree"] else ""
         per = " ".join("-" if x is None else f"{x:.4f}" for x in r["per_process_ms"])

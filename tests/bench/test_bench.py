@@ -323,3 +323,47 @@ def test_attnc_f16_result_is_the_kernels_f16_output(require_adapters: Any) -> No
     assert m.out.dtype == np.float16 and m.out.shape == (1, 2, 5, 15)
     err = bc.relerr(m.out, bc.reference(case, q, k, v))
     assert 0 < err < 2e-3  # an f16 output: nonzero rounding error, within the contract
+
+
+def test_bench_table_renders_every_kind_of_result(tmp_path) -> None:
+    """tools/bench_table.py over what `attnc bench --json` writes: a baseline that did not run
+    (no ms: its reason), ceilings off, an unchecked result (--no-check: not WRONG), a wrong one,
+    a --repeat-processes file (a table a process), small ceilings shown as measured (it crashed,
+    judged unchecked results WRONG and printed lavapipe's 0.029 TFLOP/s as 0.0)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_table", Path(__file__).parents[2] / "tools" / "bench_table.py")
+    bench_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_table)
+    dev = {"name": "llvmpipe", "backend": "wgpu", "api": "Vulkan"}
+    shape = {"S": 1}
+    results = [
+        {"case": "a", "impl": "attnc", "ms": 2.0, "correct": None, "shape": shape, "copy_fraction": 0.25},
+        {"case": "a", "impl": "ort", "ms": None, "error": "unavailable: onnxruntime is not installed"},
+        {"case": "a", "impl": "naive", "ms": 8.0, "correct": False},
+    ]
+    ceilings = {"fma_f32": {"value": 0.0293, "unit": "TFLOP/s"}, "copy": {"value": 6.67, "unit": "GB/s"}}
+    one = {"device": dev, "ceilings": {}, "results": results}
+    for name, doc in (("plain", {**one, "ceilings": ceilings}), ("off", one),
+                      ("repeat", {"processes": [one, one], "spread": []})):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(doc))
+        text = bench_table.table(str(path))
+        assert "| a | 2 | — (unavailable: onnxruntime is not installed) | 8 WRONG (4.00×) | 25.0 % BW |" in text, text
+        assert text.count("| a |") == (2 if name == "repeat" else 1)
+        assert ("fma_f32 0.0293 TFLOP/s" in text) == (name == "plain")
+
+
+def test_each_row_is_measured_against_the_ceiling_of_its_arithmetic() -> None:
+    """%FMA of a float16 run: attnc's rows against the f32 FMA ceiling (f16 storage computes in
+    f32; the f16 ceiling, 4x lower on lavapipe, gave 199 %), its f16-tile targets and the
+    baselines against the inputs' dtype."""
+    from attnc.bench.cli import math_dtype
+    from attnc.bench.impls import RunOptions
+
+    f16 = RunOptions(dtype="f16")
+    assert [math_dtype(i, f16) for i in ("attnc", "attnc-q8_0", "attnc+documents", "ort")] == ["f32"] * 3 + ["f16"]
+    assert math_dtype("attnc", RunOptions(dtype="f16", target="subgroups-f16")) == "f16"
+    assert math_dtype("attnc", RunOptions()) == "f32"

@@ -39,6 +39,20 @@ def test_chained_runs_compute_each_op_and_share_only_what_they_write(require_ada
     assert_close(o, attention_ref(*copies[2]), 1e-5)
 
 
+def test_plot_and_targets_are_checked_before_measuring(capsys) -> None:
+    """--plot with --repeat-processes (no process draws one) and a --target that is no family, or
+    an f16-tile family over f32 inputs: one-line errors, status 2, before any device is opened
+    (the target was found wrong mid-run, as a traceback in a row, exit 0)."""
+    from attnc.bench.cli import main
+
+    for argv, needle in ((["--plot", "p.png", "--repeat-processes", "2"], "--plot draws one process's results"),
+                         (["--target", "bogus"], "--target bogus: not a variant family"),
+                         (["--target", "subgroups-f16"], "stages f16 tiles: it takes --dtype f16")):
+        assert main(["--case", "ci_dec_gqa4_kv2048", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1 and "device:" not in err
+
+
 def test_child_argv_drops_only_the_parents_options() -> None:
     argv = ["--suite", "ci", "--repeat-processes", "3", "--json=x.json", "--plot", "p.png", "--runs", "5"]
     assert repeat.child_argv(argv) == ["--suite", "ci", "--runs", "5"]
@@ -55,6 +69,11 @@ def test_spread_flags_processes_that_disagree() -> None:
     same = [{"results": [{"case": "a", "impl": "attnc", "dtype": "f32", "ms": ms}]} for ms in (1.0, 1.04)]
     assert not repeat.spread_rows(same)[0]["disagree"]
     assert "DISAGREE" in repeat.format_spread(list(rows.values()), 3)
+    # a baseline that is not installed is no disagreement (its processes did not fail: exit 0)
+    absent = [{"results": [{"case": "a", "impl": "ort", "dtype": "f32", "error": "unavailable: onnxruntime is not "
+                            "installed"}]} for _ in range(2)]
+    (row,) = repeat.spread_rows(absent)
+    assert row["unavailable"] and not row["disagree"] and "unavailable in all 2" in repeat.format_spread([row], 2)
 
 
 def test_a_measurement_with_the_clocks_down_is_retaken(monkeypatch) -> None:
