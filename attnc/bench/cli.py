@@ -508,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seed < 0 or args.cache_mib < 0:
             raise ValueError("--seed and --cache-mib must be >= 0")
         check_target(args.target, args.dtype)
+        if args.only_ceilings and args.ceilings == "off":
+            raise ValueError("--only-ceilings measures the ceilings: give it --ceilings auto, small or large, not off")
         if args.plot and args.repeat_processes > 1:
             raise ValueError("--plot draws one process's results: run without --repeat-processes for a plot "
                              "(the spread is printed, and written with --json)")
@@ -547,8 +549,6 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cases: list[Case]
         ceilings = measure_ceilings(device, size=args.ceilings)
     if args.only_ceilings:
         cases = []
-        if not ceilings:
-            ceilings = measure_ceilings(device, size="auto")
     opts = RunOptions(runs=args.runs, warmup=args.warmup, dtype=args.dtype, target=args.target,
                       documents=args.documents)
     started = time.time()

@@ -40,14 +40,16 @@ def test_chained_runs_compute_each_op_and_share_only_what_they_write(require_ada
 
 
 def test_plot_and_targets_are_checked_before_measuring(capsys) -> None:
-    """--plot with --repeat-processes (no process draws one) and a --target that is no family, or
-    an f16-tile family over f32 inputs: one-line errors, status 2, before any device is opened
-    (the target was found wrong mid-run, as a traceback in a row, exit 0)."""
+    """--plot with --repeat-processes (no process draws one), a --target that is no family or an
+    f16-tile family over f32 inputs, --only-ceilings with the ceilings off (it measured them
+    anyway): one-line errors, status 2, before any device is opened (the target was found wrong
+    mid-run, as a traceback in a row, exit 0)."""
     from attnc.bench.cli import main
 
     for argv, needle in ((["--plot", "p.png", "--repeat-processes", "2"], "--plot draws one process's results"),
                          (["--target", "bogus"], "--target bogus: not a variant family"),
-                         (["--target", "subgroups-f16"], "stages f16 tiles: it takes --dtype f16")):
+                         (["--target", "subgroups-f16"], "stages f16 tiles: it takes --dtype f16"),
+                         (["--only-ceilings", "--ceilings", "off"], "--only-ceilings measures the ceilings")):
         assert main(["--case", "ci_dec_gqa4_kv2048", *argv]) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1 and "device:" not in err
