@@ -761,6 +761,14 @@ class KernelDef:
         self.signature = inspect.signature(fn, eval_str=True)
         self.__doc__ = fn.__doc__
 
+    @property
+    def option_names(self) -> frozenset[str]:
+        """What trace() takes by keyword: the keyword-only options and tunables, and a
+        `<param>_dtype` storage for each tensor parameter."""
+        params = self.signature.parameters.values()
+        return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY) | frozenset(
+            f"{p.name}_dtype" for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
     def trace(self, **options: Any) -> ir.Kernel:
         """Run the function on symbolic inputs with these options/tunables; return the IR."""
         return self.trace_with_captures(**options)[0]

@@ -55,6 +55,20 @@ def pick_family(caps: Capabilities, target: str | None) -> Family:
     return fam
 
 
+def check_target_inputs(target: str | None, operands: str, quantized: dict[str, str]) -> None:
+    """ValueError where a target cannot take these inputs: the f16-tile targets stage float16
+    operands (`operands`: their dtype, e.g. "float32") and no quantized K or V (`quantized`:
+    format by tensor name), whose values d * q need up to 19 bits and would be rounded there."""
+    if target not in F16_MATH_TARGETS:
+        return
+    if operands != "float16":
+        raise ValueError(f"target {target!r} stages f16 tiles: pass float16 q, k, v (got {operands})")
+    for name, fmt in quantized.items():
+        raise ValueError(f"target {target!r} stages K and V in f16 tiles, which would round the values of a {fmt} "
+                         f"{name} (d * q: up to 19 bits); a quantized cache runs with target 'portable' or "
+                         "'subgroups' (or None), which read it in f32")
+
+
 def device_refuses(caps: Capabilities, plan: Plan) -> str | None:
     """Why a plan that lowers would still not run correctly on this device, or None: the
     subgroup facts a subgroups-family plan assumes must be the device's (a tuning-cache entry

@@ -18,7 +18,15 @@ import numpy as np
 from attnc.errors import AttncError, DeviceError, LoweringError
 from attnc.lowering import Plan
 from attnc.lowering.plan import Storage, Strategy
-from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, packs_gqa, pick_family, plan_for, with_combine
+from attnc.lowering.schedule import (
+    F16_MATH_TARGETS,
+    check_target_inputs,
+    kv_splits,
+    packs_gqa,
+    pick_family,
+    plan_for,
+    with_combine,
+)
 from attnc.quant import QuantTensor, check_format, check_head_dim
 from attnc.runtime.build import Options, build_kernel_with_captures, mods_scan, options_key, programs_within
 from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
@@ -221,13 +229,7 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
     dev = get_device(device)
     fam = pick_family(dev.capabilities, target)
     f16_math = target in F16_MATH_TARGETS
-    if f16_math and np.dtype(dtype) != np.float16:
-        raise ValueError(f"target {target!r} stages f16 tiles: pass float16 q, k, v (got {np.dtype(dtype)})")
-    if f16_math and (k_format or v_format):
-        name, fmt = ("k", k_format) if k_format else ("v", v_format)
-        raise ValueError(f"target {target!r} stages K and V in f16 tiles, which would round the values of a {fmt} "
-                         f"{name} (d * q: up to 19 bits); a quantized cache runs with target 'portable' or "
-                         "'subgroups' (or None), which read it in f32")
+    check_target_inputs(target, str(np.dtype(dtype)), {n: f for n, f in (("k", k_format), ("v", v_format)) if f})
     scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod)
     if inputs is not None and not isinstance(inputs, Mapping):
         raise ValueError(f"inputs must be a dict of name -> array or number, got {type(inputs).__name__}")

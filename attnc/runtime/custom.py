@@ -23,7 +23,14 @@ from attnc.frontend.dsl import KernelDef, Tunable
 from attnc.ir import nodes as ir
 from attnc.lowering import Storage, analyze
 from attnc.lowering.retype import operand_tensors, retype
-from attnc.lowering.schedule import F16_MATH_TARGETS, kv_splits, pick_family, plan_for, with_combine
+from attnc.lowering.schedule import (
+    F16_MATH_TARGETS,
+    check_target_inputs,
+    kv_splits,
+    pick_family,
+    plan_for,
+    with_combine,
+)
 from attnc.runtime.build import programs_within
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.params import bind_params
@@ -38,13 +45,10 @@ class Op:
                  options: dict[str, Any]):
         if not isinstance(kernel, KernelDef):
             raise ValueError(f"attnc.build takes a kernel written with @attnc.kernel, got {type(kernel).__name__}")
-        params = kernel.signature.parameters.values()
-        known = {p.name for p in params if p.kind is p.KEYWORD_ONLY} | {
-            f"{p.name}_dtype" for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
-        unknown = sorted(set(options) - known)
+        unknown = sorted(set(options) - kernel.option_names)
         if unknown:
             raise ValueError(f"attnc.build: kernel {kernel.name} has no option {', '.join(map(repr, unknown))}; its "
-                             f"options are {sorted(known)}")
+                             f"options are {sorted(kernel.option_names)}")
         self.kernel, self.target, self.options = kernel, target, dict(options)
         self.device = get_device(device)
         self.family = pick_family(self.device.capabilities, target)
@@ -107,12 +111,8 @@ class Op:
         self._optional = {spec.split_count} - set(values) if spec.split_count else set()
         f16 = self._f16(kern, values)
         f16_math = self.target in F16_MATH_TARGETS
-        if f16_math and not f16:
-            raise ValueError(f"target {self.target!r} stages f16 tiles: pass float16 operands")
-        quantized = sorted(p.name for p in kern.params if isinstance(p.type, ir.TensorType) and p.type.dtype.is_quant)
-        if f16_math and quantized:
-            raise ValueError(f"target {self.target!r} stages f16 tiles, which would round the values of the quantized "
-                             f"{', '.join(quantized)} (d * q: up to 19 bits): use target 'portable' or 'subgroups'")
+        check_target_inputs(self.target, "float16" if f16 else "float32",
+                            {p.name: p.type.dtype.value for p in kern.params if p.type.dtype.is_quant})
         storage = Storage.F16 if f16 else Storage.F32  # bound as retyped: float16 GPU tensors are f16 operands
         pdims = self._plan_dims(kern, spec, self._bind(retype(kern, storage), values, captured).dims)
         caps = self.device.capabilities
