@@ -327,10 +327,11 @@ def test_deep_nesting_is_reported_at_its_line_or_compiles(depth, nester, line):
     from attnc.lowering.plan import Dialect, Family, Plan, Storage
 
     deep = _nested(depth, nester)
-    if line == "let":  # %deep on line 7, the let using it on line 8 (one level deeper)
+    if line == "let":  # %deep on line 7, the let using it on line 8 and the update using that on
+        # line 9 (each one level deeper: the first of them past MAX_DEPTH is where it is reported)
         text = BASE.replace("    update %acc, %s,", f"    %deep = {deep}\n    %s2 = add(%s, %deep)\n"
                                                   "    update %acc, %s2,")
-        lines = (7, 8)
+        lines = (7, 8, 9)
     else:
         text = BASE.replace("update %acc, %s,", f"update %acc, add(%s, {deep}),")
         lines = (7,)
