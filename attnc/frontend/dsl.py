@@ -861,7 +861,7 @@ def _name_captures(kern: ir.Kernel, captured: dict[str, capture.Slot]
     with that name is renamed instead (lets are the kernel's own)."""
     if not captured:
         return kern, {}
-    fixed = set(KEYWORDS) | {p.name for p in kern.params if p.name not in captured}
+    fixed = set(KEYWORDS) | set(ir.LOWERING_NAMES) | {p.name for p in kern.params if p.name not in captured}
     fixed |= {d for p in kern.params if p.name not in captured for d in p.type.dims}
     fixed |= {n for n, _ in kern.tunables} | set(kern.output.dims) | set(kern.dims)
     lets: set[str] = set()

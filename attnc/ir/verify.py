@@ -22,6 +22,7 @@ from attnc.ir.nodes import (
     FLOAT_BINARY,
     FLOAT_UNARY,
     INT_BINARY,
+    LOWERING_NAMES,
     Call,
     Const,
     Dim,
@@ -192,6 +193,9 @@ class _Verifier:
                 if self.names.get(d, _Binding("")).kind != "dim":
                     self.define(d, _Binding("dim", DType.I32), p)
         for p in k.params:
+            if p.name in LOWERING_NAMES:
+                raise self.fail(p, f"param '{p.name}': the names {', '.join(sorted(LOWERING_NAMES))} are attnc's "
+                                   "(the output, its lse, split-KV partial states, the block map); rename it")
             kind = "tensor" if p.type.dims else "scalar"
             self.define(p.name, _Binding(kind, p.type.dtype), p)
         for name, _value in k.tunables:

@@ -89,6 +89,8 @@ def const(c: ir.Const) -> str:
         return "true" if c.value else "false"
     if c.dtype is ir.DType.I32:
         v = int(c.value)
+        if v == -2**31:  # its magnitude is no i32: written as the sum of two that are
+            return "(-i32(2147483647) - i32(1))"
         return f"i32({v})" if v >= 0 else f"(-i32({-v}))"
     v = float(c.value)
     if math.isnan(v):

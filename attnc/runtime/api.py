@@ -152,8 +152,8 @@ def rows_packable(dims: dict[str, int], *outs: Any) -> bool:
     """Whether outputs with these tensors' strides can be written by a variant that packs the
     query heads of a KV head into rows (GQA decoding): the rows of a head must follow one
     another (head stride = S x row stride), or S = 1."""
-    return all(not isinstance(t, Tensor) or dims["S"] == 1 or t.strides[1] == dims["S"] * t.strides[2]
-               for t in outs)
+    return all(not isinstance(t, Tensor) or t.ndim < 3 or dims["S"] == 1 or t.strides[1] == dims["S"] * t.strides[2]
+               for t in outs)  # (a tensor of another shape is refused by the op, naming it)
 
 
 def scalar_options(dims: dict[str, int], window: Any, softcap: Any, scale: Any,

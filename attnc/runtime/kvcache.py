@@ -26,7 +26,7 @@ import numpy as np
 from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
 from attnc.quant import check_format, check_head_dim, storable
 from attnc.runtime import dispatch as rt
-from attnc.runtime.api import prepare
+from attnc.runtime.api import prepare, rows_packable
 from attnc.runtime.build import mods_scan
 from attnc.runtime.devices import get_device
 from attnc.runtime.lru import LRU
@@ -495,10 +495,15 @@ class KVCache:
         plain = tuple((n, x if isinstance(x, (bool, int, float, str, tuple, type(None))) else id(x))
                       for n, x in sorted(options.items()) if n not in ("score_mod", "mask_mod"))
         dtype = q.dtype if isinstance(q.dtype, np.dtype) else str(q.dtype)
-        key = (shape, dtype, tuple(sorted(extra)), plain, None if scan is None else scan.key)
+        # outputs whose query heads' rows do not follow one another (e.g. a [B, S, Hq, Dv] buffer
+        # viewed as [B, Hq, S, Dv]) need an op that does not pack GQA heads into rows
+        packable = rows_packable({"S": shape[2]}, out, out_lse)
+        key = (shape, dtype, tuple(sorted(extra)), plain, None if scan is None else scan.key, packable)
         op = self._ops.get(key) if scan is None or scan.key is not None else None
         if op is None:
-            op = prepare(q, self.k, self.v, kv_lens=self.kv_lens, device=self.device, **extra, **options)
+            examples = {} if packable else {"out": out, "out_lse": out_lse}
+            op = prepare(q, self.k, self.v, kv_lens=self.kv_lens, device=self.device, **extra, **options,
+                         **examples)
             if scan is None or scan.key is not None:
                 self._ops[key] = op
         if scan is not None:  # this call's captured tensors and numbers

@@ -497,6 +497,11 @@ class Prepared:
     def _host_slice(self, name: str, arr: np.ndarray) -> rt.BufferSlice:
         """Upload a host array into the op's own buffer for `name` (grown when too small)."""
         nbytes = max(4, -(-arr.nbytes // 4) * 4)
+        largest = int(self.dev.gpu.limits.get("max-storage-buffer-binding-size", 1 << 27))
+        if nbytes > largest:  # what a mod reads (or a prepared op's input) is bound whole
+            raise ValueError(f"{name}: {arr.nbytes} bytes, more than the device's max-storage-buffer-binding-size "
+                             f"({largest}), the most one binding may cover (a tensor a mod reads is bound whole; "
+                             "request a larger limit for the device, or index a smaller table)")
         buffer = self._staging.get(name)
         if buffer is None or buffer.size < nbytes:
             buffer = self._staging[name] = rt.create_buffer(self.dev, max(nbytes, 16), label=f"attnc.{name}")
@@ -571,6 +576,10 @@ class Prepared:
         # the fast paths: GPU tensors this op was called with before (tensors are immutable
         # views, so what was checked and bound for them still holds; only a destroyed buffer
         # can change, and is checked)
+        for name, t in (("out", out), ("out_lse", out_lse)):
+            if t is not None and not isinstance(t, Tensor):
+                raise ValueError(f"{name}: expected an attnc.Tensor to write into, got {type(t).__name__} (the "
+                                 "result of a call is returned; use output='numpy' for a host array)")
         if self._default_sources:
             self._refresh_defaults()
         env = (os.environ.get("ATTNC_SANITIZE"), os.environ.get("ATTNC_COMPILE_LOG"),
@@ -663,9 +672,9 @@ class Prepared:
         """A call with the tensors of a `_remember_fresh` entry: new outputs bound, run."""
         o = self._new_o()
         lse = out_lse if out_lse is not None or not self.has_lse else zeros_on(self.dev, self.out_shape[:-1])
-        made = {"o": o.binding("out")}
+        made = {"o": o.binding("o (the output attnc allocates)")}
         if out_lse is None and lse is not None:
-            made["lse"] = lse.binding("out_lse")
+            made["lse"] = lse.binding("lse (the output attnc allocates)")
         compiled, items = self._compiled, []
         for i, names, slices, ub, group in entry[0]:
             if group is None:
@@ -714,9 +723,9 @@ class Prepared:
         o, lse = self._outputs(out, out_lse, list(bound.values()), fresh=not keep_groups)
         o_strides = self._kernel_out_strides(o.strides, "out")
         lse_strides = None if lse is None else self._kernel_out_strides(lse.strides, "out_lse")
-        bound["o"] = o.binding("out")
+        bound["o"] = o.binding("out" if out is not None else "o (the output attnc allocates)")
         if lse is not None:
-            bound["lse"] = lse.binding("out_lse")
+            bound["lse"] = lse.binding("out_lse" if out_lse is not None else "lse (the output attnc allocates)")
         bound.update(self._scratch)
         key = (tuple(strides), o_strides, lse_strides, tuple(sorted(scalars.items())))
         digest = self._map_digest_of(hosts, key)
@@ -792,6 +801,13 @@ class Prepared:
             self._out_arg("out", out, self.out_shape, inputs)
         if out_lse is not None:
             self._out_arg("out_lse", out_lse, lse_shape, inputs)
+            if out is not None and out.buffer is out_lse.buffer:
+                a, b = out.binding("out"), out_lse.binding("out_lse")
+                if a.offset < b.offset + b.size and b.offset < a.offset + a.size:
+                    raise ValueError(f"out_lse: bytes {b.offset}..{b.offset + b.size} of its buffer overlap out's "
+                                     f"{a.offset}..{a.offset + a.size}; o and lse would overwrite each other (and "
+                                     "WebGPU does not let a dispatch write overlapping ranges): give them disjoint "
+                                     "ranges or buffers")
         return o, lse
 
     def _compile(self) -> tuple[list[rt.CompiledProgram], tuple[float, float] | None]:

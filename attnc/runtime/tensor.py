@@ -185,6 +185,10 @@ class Tensor:
         tensor must be contiguous and its bytes start and end on 4-byte boundaries, or be a
         whole tensor attnc allocated, whose buffer is padded to a word)."""
         self.check_alive("tensor")
+        if not self.buffer.usage & self.device.wgpu.BufferUsage.COPY_DST:
+            raise ValueError("tensor: its buffer was created without COPY_DST usage, so it cannot be written from "
+                             "the host (queue.write_buffer); create it with COPY_DST, or write a buffer that has it "
+                             "and copy from there")
         arr = host_array("data", data)
         if arr is None:
             raise ValueError(f"data: expected host data (numpy, __array__ or DLPack), got {type(data).__name__}")

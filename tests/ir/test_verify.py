@@ -8,6 +8,7 @@ import pytest
 
 from attnc.errors import Span, VerifyError
 from attnc.ir.nodes import (
+    LOWERING_NAMES,
     Call,
     Const,
     Dim,
@@ -181,6 +182,16 @@ def test_wrong_kind_of_name():
 def test_invalid_and_reserved_names():
     fails(kernel(pre=(Let("for", v("b")),)), "'for' is not a valid name")
     fails(replace(kernel(), name="1x"), "not a valid kernel name")
+
+
+@pytest.mark.parametrize("name", sorted(LOWERING_NAMES))
+def test_params_cannot_take_the_lowerings_buffer_names(name):
+    """A param named like a buffer the lowering adds (o, lse, part, blocks) would share its WGSL
+    binding, loader and stride uniforms: refused at the param (a captured table named so gave
+    wrong numbers through a u32 binding, or a redefinition error)."""
+    base = kernel()
+    params = base.params + (Param(name, TensorType(F32, ("Hq",)), span=SPAN),)
+    fails(replace(base, params=params), f"param '{name}': the names blocks, lse, o, part are attnc's", SPAN)
 
 
 def test_update_outside_loop():

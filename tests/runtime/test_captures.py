@@ -9,6 +9,7 @@ import pytest
 
 import attnc
 from attnc.ir.interp import interpret
+from attnc.ir.nodes import LOWERING_NAMES
 from attnc.kernels.flash import flash_attention
 from attnc.runtime import api, build
 from tests.textbook import assert_close, attention_ref
@@ -106,6 +107,30 @@ def test_tables_of_every_dtype(device) -> None:
                         score_mod=lambda s, b, h, i, j: s + f64.astype(np.float32)[i] + f16[j]
                         + (u32[hh] % 7) * np.float32(0.1) + u8[i, j] * np.float32(0.01) + i8[hh] * np.float32(0.01))
     assert_close(o, ref, 1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(LOWERING_NAMES))
+def test_captures_named_like_attncs_own_buffers(device, name) -> None:
+    """Variables named like the buffers the lowering adds (o, lse, part, blocks) captured by a
+    score_mod and (with a suffix) a mask_mod, over a prefill with its block map and a split-KV
+    decode: bound under other names, right on every path (a float table named `blocks` was
+    read through the block map's u32 binding, wrong by 0.8; `o` and `part` failed to compile)."""
+    rng = np.random.default_rng(19)
+    code = (f"def make({name}, {name}_m):\n"
+            f"    return (lambda s, b, h, i, j: s + {name}[h]), (lambda b, h, i, j: {name}_m[b, j] != 0)\n")
+    ns: dict = {}
+    exec(code, ns)  # the variables' names are the point: written out, as a user's module would
+    table = np.array([0.5, -0.5, 1.0, 0.25], np.float32)
+    for S, T in ((21, 33), (1, 600)):
+        q, k, v = qkv(rng, S=S, T=T)
+        keep = (rng.random((2, T)) < 0.7).astype(np.int32)
+        score_mod, mask_mod = ns["make"](table, keep)
+        o, lse = attnc.attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, causal=S > 1, return_lse=True,
+                                 device=device)
+        ref_o, ref_lse = attention_ref(q, k, v, score_mod=lambda s, b, h, i, j: s + table[h],
+                                       mask_mod=lambda b, h, i, j, m=keep: m[b, j] != 0, causal=S > 1, return_lse=True)
+        assert_close(o, ref_o, 1e-5, f"o, S={S}")
+        assert_close(lse, ref_lse, 1e-5, f"lse, S={S}")
 
 
 def test_new_values_reuse_the_traced_kernel(device) -> None:

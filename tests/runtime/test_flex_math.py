@@ -106,6 +106,24 @@ def test_floor_division_and_modulo_follow_python(device):
     assert S == len(b)
 
 
+def test_integer_literals_at_the_ends_of_i32(device):
+    """Literals -2**31 and 2**31 - 1 in a mod compile on every compiler and compute as the
+    interpreter does (-2**31 was written -i32(2147483648), which Naga and Tint reject)."""
+    a = np.array([0, 1, -1, 2**31 - 1, -(2**31), 12345, -999], np.int64)
+    fns = [lambda t, i: attnc.f32(t[i, 0] + (-2147483648)),
+           lambda t, i: attnc.where(t[i, 0] > -2147483648, 1.0, 0.0),
+           lambda t, i: attnc.where(t[i, 0] < 2147483647, 1.0, 0.0), lambda t, i: attnc.f32(t[i, 0] - 2147483647)]
+    got, interp = run_elementwise(device, fns, np.stack([a, a], axis=1).astype(np.int32))
+
+    def wrap(x):
+        return (np.asarray(x, np.int64) + 2**31) % 2**32 - 2**31
+
+    want = [wrap(a - 2**31), (a > -(2**31)).astype(np.int64), (a < 2**31 - 1).astype(np.int64), wrap(a - (2**31 - 1))]
+    for h, w in enumerate(want):
+        np.testing.assert_array_equal(got[h], w.astype(np.float32).astype(np.float64), err_msg=f"op {h}")
+        np.testing.assert_array_equal(interp[h], w.astype(np.float64), err_msg=f"interp op {h}")
+
+
 @pytest.mark.sanitize
 def test_reads_of_captured_tables_are_clamped_to_the_nearest_element(device):
     """Indices below 0 and past the end read the first and last elements on the device and in

@@ -253,7 +253,7 @@ def test_32_layers_recorded_into_one_encoder(require_adapters) -> None:
 
 
 # ----------------------------------------------------------------------------- the application's device
-def _app_device(spec: str, features: list[str]):
+def _app_device(spec: str, features: list[str], limits: dict[str, int] | None = None):
     import importlib
 
     module = importlib.import_module("wgpu" if spec.startswith("wgpu") else "wgpudawn")
@@ -262,7 +262,7 @@ def _app_device(spec: str, features: list[str]):
                 if str(a.info.get("backend_type", "")).lower() == api]
     adapter = adapters[0]
     wanted = [f for f in features if f in adapter.features]
-    return adapter, adapter.request_device_sync(required_features=wanted), set(wanted)
+    return adapter, adapter.request_device_sync(required_features=wanted, required_limits=limits or {}), set(wanted)
 
 
 FEATURE_SETS = {"none": [], "f16": ["shader-f16"], "subgroups+f16": ["subgroup", "subgroups", "shader-f16"]}
@@ -397,6 +397,65 @@ def test_misuse_is_an_error_naming_the_argument(require_adapters) -> None:
         vt2.numpy()
     with pytest.raises(ValueError, match="^buffer: shape"):
         attnc.as_tensor(qt.buffer, (2, 4, 3, 17))
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+def test_outputs_encoders_and_buffers_the_application_gets_wrong(require_adapters, spec) -> None:
+    """What an application can get wrong with its own buffers and encoders is a ValueError
+    naming the argument, on both compilers: out and out_lse overlapping in one buffer (wrong
+    numbers on wgpu-native, a raw validation error on Dawn; disjoint ranges are fine), a numpy
+    array as out= (an unhashable-type TypeError), a write into a buffer without COPY_DST, an
+    encoder of another device or a finished one (errors at the application's own finish()),
+    an output attnc allocates past the binding limit (named `out`, which was not given), a
+    captured table past it (a raw bind-group error)."""
+    _, gpu, _ = _app_device(spec, [])
+    module = __import__("wgpu" if spec.startswith("wgpu") else "wgpudawn")
+    U = module.BufferUsage
+    dev = attnc.get_device(gpu)
+    q, k, v = qkv(np.random.default_rng(12))
+    qt, kt, vt = on(gpu, q, k, v)
+    ref_o, ref_lse = attention_ref(q, k, v, return_lse=True)
+    shared = gpu.create_buffer(size=4096, usage=U.STORAGE | U.COPY_SRC | U.COPY_DST)
+    o_view = attnc.as_tensor(shared, (2, 4, 3, 8))
+    with pytest.raises(ValueError, match=r"^out_lse: bytes 0\.\.96 of its buffer overlap out's 0\.\.768"):
+        attnc.attention(qt, kt, vt, out=o_view, out_lse=attnc.as_tensor(shared, (2, 4, 3)), return_lse=True)
+    lse_view = attnc.as_tensor(shared, (2, 4, 3), offset=1024)  # disjoint: allowed
+    attnc.attention(qt, kt, vt, out=o_view, out_lse=lse_view, return_lse=True)
+    assert_close(o_view.numpy(), ref_o, 1e-5)
+    assert_close(lse_view.numpy(), ref_lse, 1e-5, "lse")
+    for args in ((qt, kt, vt), (q, k, v)):
+        with pytest.raises(ValueError, match="^out: expected an attnc.Tensor to write into, got ndarray"):
+            attnc.attention(*args, device=dev, out=np.zeros((2, 4, 3, 8), np.float32))
+    read_only = attnc.as_tensor(gpu.create_buffer(size=768, usage=U.STORAGE | U.COPY_SRC), (2, 4, 3, 8))
+    with pytest.raises(ValueError, match="^tensor: its buffer was created without COPY_DST"):
+        read_only.write(q[:, :, :, :8])
+    op = attnc.prepare(qt, kt, vt)
+    other = _app_device(spec, [])[1]
+    with pytest.raises(ValueError, match="^encoder: it was created by another GPUDevice"):
+        op(qt, kt, vt, out=o_view, encoder=other.create_command_encoder())
+    finished = gpu.create_command_encoder()
+    finished.finish()
+    with pytest.raises(ValueError, match="^encoder: recording into it failed"):
+        op(qt, kt, vt, out=o_view, encoder=finished)
+    with pytest.raises(ValueError, match="^encoder: expected a GPUCommandEncoder, got str"):
+        op(qt, kt, vt, out=o_view, encoder="not an encoder")
+    encoder = gpu.create_command_encoder()  # the device still records and runs
+    op(qt, kt, vt, out=o_view, encoder=encoder)
+    gpu.queue.submit([encoder.finish()])
+    assert_close(o_view.numpy(), ref_o, 1e-5)
+    small = _app_device(spec, [], {"max-storage-buffer-binding-size": 1024})[1]
+    if small.limits["max-storage-buffer-binding-size"] != 1024:
+        assert spec.startswith("dawn")  # a required limit is a least: Dawn gives the adapter's (wgpu-native: it)
+        return
+    rng = np.random.default_rng(13)
+    sq, sk, sv = (attnc.tensor(rng.standard_normal(shape).astype(np.float32), small)
+                  for shape in ((1, 4, 8, 4), (1, 1, 4, 4), (1, 1, 4, 16)))  # 512, 64 and 256 bytes; o 2048
+    with pytest.raises(ValueError, match=r"^o \(the output attnc allocates\): spans 2048 bytes"):
+        attnc.attention(sq, sk, sv)
+    table = np.zeros(512, np.float32)  # 2048 bytes
+    with pytest.raises(ValueError, match=r"^table: 2048 bytes, more than the device's max-storage-buffer-binding-size"):
+        attnc.attention(sq, sk, sv, score_mod=lambda s, b, h, i, j: s + table[j], out=attnc.zeros((1, 4, 8, 4),
+                                                                                                device=small))
 
 
 # ----------------------------------------------------------------------------- tracing and the tuning cache

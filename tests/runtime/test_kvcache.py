@@ -94,8 +94,14 @@ def test_appends_and_attention_match_numpy_over_the_prefix(device, dtype, data) 
     q = rng.standard_normal((B, HQ, S, D)).astype(dtype)
     ref = attention_ref(q, k, v, kv_lens=lens, causal=True)
     assert_close(cache.attend(q, causal=True), ref, TOL[dtype])
-    o = cache.attend(attnc.tensor(q, device), causal=True)
-    assert isinstance(o, attnc.Tensor)
+    # the result in the op's own tensor, or written into the caller's: dense, or a [B, S, Hq, Dv]
+    # buffer viewed as [B, Hq, S, Dv], whose query heads' rows do not follow one another (GQA
+    # ops that pack those rows cannot write it: the cache must prepare one that does not)
+    layout = data.draw(st.sampled_from(["own", "dense", "bshd"]), label="out")
+    out = None if layout == "own" else attnc.zeros((B, HQ, S, Dv), dtype, device=device) if layout == "dense" \
+        else attnc.zeros((B, S, HQ, Dv), dtype, device=device).permute(0, 2, 1, 3)
+    o = cache.attend(attnc.tensor(q, device), causal=True, out=out)
+    assert isinstance(o, attnc.Tensor) and (out is None or o is out)
     assert_close(o.numpy(), ref, TOL[dtype])
 
 

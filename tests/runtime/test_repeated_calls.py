@@ -261,6 +261,30 @@ def test_host_arrays_a_prepared_op_holds_are_read_at_every_call(require_adapters
             assert_close(o, ref, 1e-5, f"{name}, call {n}")
 
 
+def test_captures_rebound_after_prepare_are_passed_by_name(require_adapters) -> None:
+    """A mod's variables rebound after attnc.prepare (a new table, a new number): the op keeps
+    what it captured (as docs/API.md says), attention() scans the mods again and sees the new
+    ones, and the op takes them by the variables' names, host array, GPU tensor or number."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    rng = np.random.default_rng(17)
+    q, k, v = (rng.standard_normal((1, 2, 16, 8)).astype(np.float32) for _ in range(3))
+    alpha, tab = 3.0, np.zeros(2, np.float32)
+
+    def score_mod(s, b, h, i, j):
+        return s * alpha + tab[h]
+
+    def ref(a, t):
+        return attention_ref(q, k, v, score_mod=lambda s, b, h, i, j: s * a + t[h])
+    op = attnc.prepare(q, k, v, score_mod=score_mod, device=dev)
+    assert_close(op(q, k, v), ref(3.0, tab), 1e-5)
+    old = tab
+    alpha, tab = 0.5, np.array([1.0, -1.0], np.float32)
+    assert_close(op(q, k, v), ref(3.0, old), 1e-5, "the op's own captures")
+    assert_close(attnc.attention(q, k, v, score_mod=score_mod, device=dev), ref(0.5, tab), 1e-5, "attention()")
+    assert_close(op(q, k, v, tab=tab, alpha=alpha), ref(0.5, tab), 1e-5, "by name")
+    assert_close(op(q, k, v, tab=attnc.tensor(tab, dev), alpha=alpha), ref(0.5, tab), 1e-5, "a GPU tensor by name")
+
+
 def test_traced_kernels_programs_and_pipelines_are_bounded(require_adapters, monkeypatch) -> None:
     """An application making new mods keeps at most the most recently used traced kernels,
     program sets and pipelines (they grew without bound, about 2 MB a mod): with the caches
