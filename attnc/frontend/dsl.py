@@ -165,6 +165,25 @@ class Value:
     def __or__(self, o): return self._bin(ir.Op.OR, o)
     def __ror__(self, o): return self._bin(ir.Op.OR, o, True)
     def __invert__(self): return Value(sem.call(ir.Op.NOT, self.expr))
+
+    def _xor(self, o: Any) -> Value:
+        """`a ^ b` of two masks: they differ (a != b); the DSL has no bitwise integer ops."""
+        if self.expr.dtype is ir.DType.BOOL and _expr(o).dtype is ir.DType.BOOL:
+            return self._bin(ir.Op.NE, o)
+        raise fail("'^' takes two bools (masks) in kernels: the DSL has no bitwise integer operators",
+                   ("for masks, a ^ b is a != b",))
+
+    def __xor__(self, o): return self._xor(o)
+    def __rxor__(self, o): return self._xor(o)
+
+    def _shift(self, *_: Any) -> Value:
+        raise fail("'<<' and '>>' are not in the DSL (it has no bitwise integer operators)",
+                   ("use x * 2**n or x // 2**n (floor division, as Python's >> on ints)",))
+
+    __lshift__ = __rlshift__ = __rshift__ = __rrshift__ = _shift
+
+    def __round__(self, ndigits: Any = None) -> Value:
+        raise fail("round() of a traced value is not in the DSL", ("use math.floor(x + 0.5) or attnc.floor",))
     def __neg__(self): return Value(sem.call(ir.Op.NEG, self.expr))
     def __abs__(self): return Value(sem.call(ir.Op.ABS, self.expr))
     def __pow__(self, o):

@@ -141,6 +141,37 @@ def test_numpy_scalars_are_constants_on_either_side() -> None:
     assert flash_attention.trace(score_mod=numpy_scalars) == flash_attention.trace(score_mod=plain)
 
 
+def test_xor_of_masks_is_their_difference() -> None:
+    """`a ^ b` of two masks traces to a != b, on either side of a Python bool (it was a plain
+    TypeError from Python)."""
+    def xor(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) ^ (kv_idx > 2)
+
+    def ne(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) != (kv_idx > 2)
+
+    assert flash_attention.trace(mask_mod=xor) == flash_attention.trace(mask_mod=ne)
+    assert flash_attention.trace(mask_mod=lambda b, h, q_idx, kv_idx: True ^ (kv_idx > 2)) == \
+        flash_attention.trace(mask_mod=lambda b, h, q_idx, kv_idx: True != (kv_idx > 2))  # noqa: E712 (a traced comparison)
+
+
+@pytest.mark.parametrize(("op", "message"), [("xor_int", "'\\^' takes two bools"), ("lshift", "'<<' and '>>'"),
+                                             ("rshift", "'<<' and '>>'"), ("rrshift", "'<<' and '>>'"),
+                                             ("round", "round\\(\\) of a traced value")])
+def test_operators_the_dsl_lacks_point_at_the_user_line(op: str, message: str) -> None:
+    """Bitwise integer operators and round() on traced values: a TraceError at the user's line
+    with what to write instead (they were plain TypeErrors from Python)."""
+    def mask(b, h, q_idx, kv_idx):
+        return {"xor_int": lambda: (kv_idx ^ 1) == 0, "lshift": lambda: (kv_idx << 1) == 0,
+                "rshift": lambda: (kv_idx >> 1) == 0, "rrshift": lambda: (8 >> kv_idx) == 0,
+                "round": lambda: round(attnc.f32(kv_idx)) == 0}[op]()
+
+    with pytest.raises(TraceError, match=message) as e:
+        flash_attention.trace(mask_mod=mask)
+    assert e.value.span is not None and e.value.span.file == __file__, e.value.render()
+    assert _line(mask, 1) <= e.value.span.line <= _line(mask, 3), e.value.render()
+
+
 def test_integer_ops_on_floats_point_at_the_user_line():
     def mod(s, b, h, q_idx, kv_idx):
         return s // 2
