@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from attnc.frontend.parser import KEYWORDS
 from attnc.ir.nodes import (
+    LOWERING_NAMES,
     Call,
     Const,
     Dim,
@@ -252,6 +253,8 @@ def identifiers() -> st.SearchStrategy[str]:
         lambda s: s not in KEYWORDS)
 
 
+# roles that are params, whose names cannot be the lowering's buffers' (o, lse, part, blocks)
+PARAM_ROLES = ("q", "k", "v", "scale", "lens", "slopes", "sinks", "nsplit", "tf", "ti", "tb")
 ROLES = ("B", "Hq", "S", "D", "Hkv", "T", "Dv", "q", "k", "v", "scale", "lens", "slopes",
          "sinks", "nsplit", "BM", "BN", "b", "h", "qi", "ks", "kj", "hk", "len", "qpos", "acc",
          "s", "t", "keep", "NT", "tf", "ti", "tb")
@@ -267,7 +270,8 @@ def kernels(draw, split: bool | None = None, sink: bool | None = None,
     read tables of every tensor dtype over a dim of their own (`tables`: as a mod's captured
     arrays are), add per-head sinks and return the lse. Tunables are random powers of two.
     """
-    names = draw(st.lists(identifiers(), min_size=len(ROLES), max_size=len(ROLES), unique=True))
+    names = draw(st.lists(identifiers(), min_size=len(ROLES), max_size=len(ROLES), unique=True).filter(
+        lambda ns: not any(ns[ROLES.index(r)] in LOWERING_NAMES for r in PARAM_ROLES)))
     n = dict(zip(ROLES, names, strict=True))
     split = draw(st.booleans()) if split is None else split
     sink = draw(st.booleans()) if sink is None else sink

@@ -615,8 +615,9 @@ class Pass:
 
     def record(self, encoder: Any) -> None:
         """Record the pass into the caller's GPUCommandEncoder (the caller submits it). An
-        encoder of another device, or one that cannot record (finished), is a ValueError
-        naming `encoder`, not a validation error at the caller's finish() or submit."""
+        encoder of another device is a ValueError naming `encoder` (WebGPU would only say so at
+        the caller's finish()); one that cannot record (finished) is WebGPU's validation error,
+        raised here."""
         if not callable(getattr(encoder, "begin_compute_pass", None)):
             raise ValueError(f"encoder: expected a GPUCommandEncoder, got {type(encoder).__name__}")
         owner = getattr(encoder, "_device", None)  # wgpu-py's and wgpudawn's encoders know their device
@@ -624,14 +625,10 @@ class Pass:
             raise ValueError(f"encoder: it was created by another GPUDevice; this op runs on {self.device!r} "
                              "(record into an encoder of that device)")
         lib = self._lib
-        try:
-            if lib is None or type(encoder) is not lib.encoder_type:
-                encode_pass(encoder, self.items, self.label)
-            else:
-                lib.record(encoder._internal, self._raw, self._desc)
-        except Exception as exc:  # the pass's own objects are valid: it is the encoder's state
-            raise ValueError(f"encoder: recording into it failed (an encoder that was finished, or has a pass "
-                             f"open, cannot record): {exc}") from exc
+        if lib is None or type(encoder) is not lib.encoder_type:
+            encode_pass(encoder, self.items, self.label)
+        else:
+            lib.record(encoder._internal, self._raw, self._desc)
 
     def submit(self) -> None:
         """Record the pass into a new command encoder and submit it (counted)."""
