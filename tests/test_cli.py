@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnc.cli import main
+from attnc.lowering.plan import COMPACT_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.attn"))
@@ -315,6 +316,13 @@ def test_good_inputs_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     params = {p["name"] for p in manifest["variants"][0]["params"]}
     assert "window_left" in params and "window_right" not in params
     assert manifest["variants"][0]["tunables"]["BN"] == 64
+    # every plan key is in the manifest, as in variant strings (UN and PF were missing)
+    rc, out, _ = run_cli(["compile", str(EXAMPLE), "--unroll", "64", "--prefetch", "-o", str(tmp_path / "u")],
+                         capsys)
+    manifest = json.loads((tmp_path / "u" / "manifest.json").read_text())
+    for v in manifest["variants"]:
+        assert set(v["tunables"]) >= set(COMPACT_KEYS.values()) | {"BM", "BN"}, v["name"]
+        assert (v["tunables"]["UN"], v["tunables"]["PF"]) == (64, 1), v["name"]
     rc, out, _ = run_cli(["bench", "--list"], capsys)
     assert rc == 0 and out.startswith(("seeds:", "ci:"))
 

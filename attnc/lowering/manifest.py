@@ -13,7 +13,7 @@ from attnc.errors import LoweringError
 from attnc.ir import nodes as ir
 from attnc.ir.printer import print_kernel
 from attnc.lowering import lower
-from attnc.lowering.plan import DEFAULT_LIMITS, Dialect, Family, Plan, Storage
+from attnc.lowering.plan import COMPACT_KEYS, DEFAULT_LIMITS, Dialect, Family, Plan, Storage
 from attnc.lowering.program import Access, Program, storage_buffers
 from attnc.lowering.retype import retype
 
@@ -136,10 +136,9 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str],
             },
         },
         "enables": sorted({"shader-f16": "f16"}.get(f, f) for f in features),
-        "tunables": dict(kernel.tunables) | {"WG": c.plan.workgroup_size, "DK": c.plan.head_chunk,
-                                             "DVC": c.plan.value_columns,
-                                            "DVS": c.plan.value_stage_columns, "SGMIN": c.plan.min_subgroup}
-                    | ({"BMAP": int(mapped)} if mapped or not c.plan.block_map else {}),
+        # the tile sizes and every plan key (docs/PLANS.md), as in variant strings and tune.json
+        "tunables": dict(kernel.tunables) | {key: int(getattr(c.plan, name)) for name, key in COMPACT_KEYS.items()}
+                    | {"BMAP": int(mapped)},
         "tensors": _tensors(kernel, c.plan, c.programs),
         "params": [{"name": p.name, "type": p.type.dtype.value,
                     **({"default": defaults[p.name]} if p.name in defaults else {})}
