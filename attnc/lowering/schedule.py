@@ -378,12 +378,13 @@ def gpu_lane_groups_read(k_format: str | None, d: int) -> bool:
 
     H200, f16 q, both backends, two processes each, time over the shared maximum's
     (docs/BENCHMARKS.md): q8_0 0.80-0.97 and q4_0 0.86-0.95 (dec_h128_kv16384,
-    kv_dec1_h128_t16384, kv_dec1_h128_t32768, kv_dec1_h64_t32768); int8 0.83-0.86 at D = 64 but
-    0.96-1.05 at D = 128, so int8 only for head dims up to 64 that 4 lanes split without padding.
-    Float K: no (0.99-1.10 on the H200)."""
+    kv_dec1_h128_t16384, kv_dec1_h128_t32768, kv_dec1_h64_t32768); int8 0.83-0.86 at D = 64 and,
+    since lane groups' per-key work was cut (c742fe7), 0.86-0.93 at D = 128 on wgpu-native (three
+    processes) and 0.86-0.99 on Dawn (two), so int8 for head dims that 4 lanes split into whole
+    vec4s without padding, up to the measured 128. Float K: no (0.99-1.10 on the H200)."""
     if k_format in ("q8_0", "q4_0"):
         return True
-    return k_format == "int8" and d in (16, 32, 64)
+    return k_format == "int8" and d in (16, 32, 64, 128)
 
 
 def lane_groups_plan(caps: Capabilities, family: Family, dims: dict[str, int], storage: Storage, dialect: Dialect,

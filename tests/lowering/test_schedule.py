@@ -142,9 +142,9 @@ def test_gpu_f16_decode_of_4_or_more_rows_sums_lanes_by_shuffles() -> None:
 
 def test_gpu_decode_over_a_quantized_k_with_one_row_per_tile() -> None:
     """A quantized K with one query row per tile (kv_dec1_h128): over q8_0 and q4_0, and int8 at
-    D = 16, 32 and 64, lane groups of 4 lanes per key (SMX=3, 128 invocations, 128-key tiles, 2
-    keys per step), where the device keeps 4 lanes contiguous; over int8 from D = 128 (and
-    other head dims), one lane per key, a key per invocation in each tile, probabilities in the
+    D = 16, 32, 64 and 128, lane groups of 4 lanes per key (SMX=3, 128 invocations, 128-key tiles,
+    2 keys per step), where the device keeps 4 lanes contiguous; over int8 at other head dims
+    (48, 96, 256), one lane per key, a key per invocation in each tile, probabilities in the
     dot phase (SMX=2), as for every format without 4 contiguous lanes or in the portable family;
     each plan valid for the layout. The same shape over f16 K and packed GQA rows over a
     quantized K keep their plans on a GPU; a CPU adapter takes SMX=2 over f16 K as well, not
@@ -162,13 +162,13 @@ def test_gpu_decode_over_a_quantized_k_with_one_row_per_tile() -> None:
         assert tun["BM"] == 1 and tun["BN"] >= plan.workgroup_size
         stream_layout(plan, tun["BM"], tun["BN"])  # (raises if it does not map)
 
-    for dims in (h128, dict(h128, D=96, Dv=96), dict(h128, D=48, Dv=48), dict(h128, D=256, Dv=256)):
+    for dims in (dict(h128, D=96, Dv=96), dict(h128, D=48, Dv=48), dict(h128, D=256, Dv=256)):
         assert_shared_maximum(gpu, Family.SUBGROUPS, dims, "int8")
     for fmt in ("q8_0", "q4_0", "int8"):
         assert_shared_maximum(narrow, Family.SUBGROUPS, h128, fmt)
         assert_shared_maximum(gpu, Family.PORTABLE, h64, fmt, f16=False)
     lane_group_cases = [(dims, fmt) for fmt in ("q8_0", "q4_0") for dims in (h128, h64, dict(h128, D=96, Dv=96))]
-    lane_group_cases += [(dict(h64, D=d, Dv=d), "int8") for d in (16, 32, 64)]
+    lane_group_cases += [(dict(h64, D=d, Dv=d), "int8") for d in (16, 32, 64, 128)]
     for dims, fmt in lane_group_cases:
         for f16 in (True, False):
             plan, tun = schedule.plan_for(gpu, Family.SUBGROUPS, dims, f16=f16, k_format=fmt)

@@ -152,8 +152,8 @@ def test_gpu_heuristic_plans_stay_in_bounds(case, dialect, dims, opts, plan, tun
 
 def _quantized_plans() -> list[tuple[str, str, str, dict, object, dict, int]]:
     """(case, dialect, K/V format, dims, plan, tunables, splits) of the heuristic's H200 choice
-    for one-row decoding over a quantized cache: lane groups over q8_0 and q4_0 (and int8 at
-    D = 64), the shared maximum over int8 at D = 128; Tint's for q8_0 only (the same rule)."""
+    for one-row decoding over a quantized cache: lane groups over q8_0, q4_0 and int8 (at D = 64
+    and 128); Tint's for q8_0 only (the same rule)."""
     from attnc.bench.cases import load_suites
 
     cases = {c.name: c for s in load_suites().values() for c in s}
@@ -179,7 +179,7 @@ def test_gpu_quantized_decode_plans_stay_in_bounds(case, dialect, fmt, dims, pla
     with a tail in every axis, a [B, Hq, S, T] bias, sinks, kv_lens and lse, against float64
     on the dequantized K/V."""
     dev = require_adapters("wgpu:vulkan" if dialect == "naga" else "dawn:vulkan")[0]
-    assert plan.softmax_phase == (2 if fmt == "int8" and dims["D"] > 64 else 3)
+    assert plan.softmax_phase == 3
     small = dict(dims, B=2, Hq=2, Hkv=2, T=301)
     options = {"bias": "full", "sinks": "draw", "kv_lens": "draw", "return_lse": True}
     monkeypatch.setenv("ATTNC_SANITIZE", "bounds")
