@@ -165,6 +165,8 @@ class Value:
     def __or__(self, o): return self._bin(ir.Op.OR, o)
     def __ror__(self, o): return self._bin(ir.Op.OR, o, True)
     def __invert__(self): return Value(sem.call(ir.Op.NOT, self.expr))
+    def __neg__(self): return Value(sem.call(ir.Op.NEG, self.expr))
+    def __abs__(self): return Value(sem.call(ir.Op.ABS, self.expr))
 
     def _xor(self, o: Any) -> Value:
         """`a ^ b` of two masks: they differ (a != b); the DSL has no bitwise integer ops."""
@@ -184,8 +186,7 @@ class Value:
 
     def __round__(self, ndigits: Any = None) -> Value:
         raise fail("round() of a traced value is not in the DSL", ("use math.floor(x + 0.5) or attnc.floor",))
-    def __neg__(self): return Value(sem.call(ir.Op.NEG, self.expr))
-    def __abs__(self): return Value(sem.call(ir.Op.ABS, self.expr))
+
     def __pow__(self, o):
         if isinstance(o, int | np.integer) and not isinstance(o, bool) and -8 <= int(o) <= 8:
             n = int(o)

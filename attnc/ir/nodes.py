@@ -130,12 +130,12 @@ class Op(enum.Enum):
     I32 = "i32"
 
 
-# numeric (int or float) binary ops: same dtype in, same out
 # the buffers the lowering adds to a kernel's programs: the output o, its lse, the split-KV
 # partial states and the block map; a kernel's own params cannot take these names (their
 # WGSL bindings, loaders and stride uniforms would be the lowering's)
 LOWERING_NAMES = frozenset({"o", "lse", "part", "blocks"})
 
+# numeric (int or float) binary ops: same dtype in, same out
 ARITH_BINARY = frozenset({Op.ADD, Op.SUB, Op.MUL, Op.MAX, Op.MIN})
 # integer-only binary ops
 INT_BINARY = frozenset({Op.IDIV, Op.MOD})
