@@ -190,6 +190,9 @@ def ablation(names: str | None) -> contextlib.AbstractContextManager:
 
 def main() -> None:
     argv = sys.argv[1:]
+    if len(argv) < 3 or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     out = take_json(argv)
     dtype = take_dtype(argv)
     dev = get_device(argv[0])
