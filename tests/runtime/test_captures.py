@@ -109,12 +109,14 @@ def test_tables_of_every_dtype(device) -> None:
     assert_close(o, ref, 1e-5)
 
 
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])  # both WGSL compilers
 @pytest.mark.parametrize("name", sorted(LOWERING_NAMES))
-def test_captures_named_like_attncs_own_buffers(device, name) -> None:
+def test_captures_named_like_attncs_own_buffers(require_adapters, spec, name) -> None:
     """Variables named like the buffers the lowering adds (o, lse, part, blocks) captured by a
     score_mod and (with a suffix) a mask_mod, over a prefill with its block map and a split-KV
     decode: bound under other names, right on every path (a float table named `blocks` was
     read through the block map's u32 binding, wrong by 0.8; `o` and `part` failed to compile)."""
+    device = require_adapters(spec)[0]
     rng = np.random.default_rng(19)
     code = (f"def make({name}, {name}_m):\n"
             f"    return (lambda s, b, h, i, j: s + {name}[h]), (lambda b, h, i, j: {name}_m[b, j] != 0)\n")
