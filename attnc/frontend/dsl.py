@@ -404,7 +404,9 @@ def apply_mod(fn: Any, args: tuple[Any, ...], kind: str,
     if isinstance(out, np.generic) and out.dtype.kind in "biuf":  # np.True_, np.float32(0.5): constants
         out = out.item()
     if out is None or (not isinstance(out, (Value, bool, int, float))):
-        raise TraceError(f"{kind}_mod {getattr(fn, '__name__', '')!r} returned {out!r}; it must return {want}",
+        what = f"the captured tensor {out.slot.hint!r} of shape {out.slot.shape} (index it: {out.slot.hint}[h])" \
+            if isinstance(out, CapturedTensor) else repr(out)
+        raise TraceError(f"{kind}_mod {getattr(fn, '__name__', '')!r} returned {what}; it must return {want}",
                          _def_span(fn))
     e = _expr(out)
     if (kind == "mask") != (e.dtype is ir.DType.BOOL):

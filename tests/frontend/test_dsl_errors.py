@@ -172,6 +172,14 @@ def test_operators_the_dsl_lacks_point_at_the_user_line(op: str, message: str) -
     assert _line(mask, 1) <= e.value.span.line <= _line(mask, 3), e.value.render()
 
 
+def test_a_mod_returning_a_captured_array_names_the_variable() -> None:
+    """A mod returning a whole captured array (not an element of it) says which variable, by
+    its name and shape (it said `captured0: f32['captured0_d0']`, the trace's internal name)."""
+    slopes = np.zeros(4, np.float32)
+    with pytest.raises(TraceError, match=r"returned the captured tensor 'slopes' of shape \(4,\) \(index it"):
+        flash_attention.trace(score_mod=lambda s, b, h, q_idx, kv_idx: slopes)
+
+
 def test_integer_ops_on_floats_point_at_the_user_line():
     def mod(s, b, h, q_idx, kv_idx):
         return s // 2
