@@ -985,7 +985,8 @@ def check_limits(dev: Device, progs: tuple[Program, ...], plan: Plan | None = No
         nbuf = storage_buffers((p,))
         have = max_storage_buffers(dev)
         if nbuf > have:
-            raise DeviceError(f"these options need {nbuf} storage buffers per shader stage; {dev.spec} grants "
-                              f"max-storage-buffers-per-shader-stage = {have}",
-                              notes=("drop an option (e.g. fold alibi_slopes into bias) or use a device "
-                                     "that grants more",))
+            tensors = [b.name for b in p.bindings if b.access is not Access.UNIFORM]
+            raise DeviceError(f"these options need {nbuf} storage buffers per shader stage ({', '.join(tensors)}); "
+                              f"{dev.spec} grants max-storage-buffers-per-shader-stage = {have}",
+                              notes=("drop an option tensor (or fold one into another, e.g. alibi_slopes into bias) "
+                                     "or use a device that grants more",))

@@ -138,6 +138,7 @@ def test_storage_buffer_limit_of_the_device_is_respected(require_adapters, monke
         o, _ = attnc.attention(q, k, v, device=dev, target="portable", **opts)
     except DeviceError as e:
         assert "storage" in e.message.lower() and "8" in e.message
+        assert "(q, k, v, " in e.message  # the buffers, so the caller sees which options cost them
         return
     assert compiled and all(storage_count(p) <= 8 for p in compiled), \
         [storage_count(p) for p in compiled]
