@@ -272,8 +272,14 @@ def test_cli_kv_formats_against_f16_kv(require_adapters: Any, tmp_path: Path) ->
     assert np.isfinite([q4["append_ms"], q4["append_one_pass_ms"]]).all()
     from attnc.bench.cli import summary
 
-    line = summary(q4)  # the log line names the append's cost
-    assert f"append {q4['append_ms'] * 1e3:.1f} us ({q4['append_fraction']:.0%} of the step's attention)" in line
+    line = summary(q4)  # the log line names the append's cost (a difference of two medians: on a
+    # busy CPU adapter it can come out below 0, which the line calls noise)
+    cost = q4["append_ms"] * 1e3
+    assert (f"append {cost:.1f} us ({q4['append_fraction']:.0%} of the step's attention)" if cost >= 0 else
+            f"append not measurable ({cost:.1f} us: within the spread of the two medians)") in line
+    for fake in (0.25, -0.25):  # both forms, whatever this run measured
+        row = {**q4, "append_ms": fake, "append_fraction": fake / q4["append_step_attention_ms"]}
+        assert ("not measurable" in summary(row)) == (fake < 0)
 
 
 @pytest.mark.gpu
