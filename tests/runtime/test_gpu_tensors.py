@@ -405,9 +405,10 @@ def test_outputs_encoders_and_buffers_the_application_gets_wrong(require_adapter
     naming the argument, on both compilers: out and out_lse overlapping in one buffer (wrong
     numbers on wgpu-native, a raw validation error on Dawn; disjoint ranges are fine), a numpy
     array as out= (an unhashable-type TypeError), a write into a buffer without COPY_DST, an
-    encoder of another device or a finished one (errors at the application's own finish()),
-    an output attnc allocates past the binding limit (named `out`, which was not given), a
-    captured table past it (a raw bind-group error)."""
+    encoder of another device (an error only at the application's own finish()), an output
+    attnc allocates past the binding limit (named `out`, which was not given), a captured
+    table past it (a raw bind-group error). A finished encoder is WebGPU's own validation
+    error, raised by the call."""
     _, gpu, _ = _app_device(spec, [])
     module = __import__("wgpu" if spec.startswith("wgpu") else "wgpudawn")
     U = module.BufferUsage
