@@ -138,6 +138,12 @@ def is_destroyed(buffer: Any) -> bool:
     return getattr(buffer, DESTROYED, False)
 
 
+def max_binding_bytes(device: DeviceLike) -> int:
+    """The most bytes one storage binding may cover on this device (WebGPU's default, 128 MiB,
+    where the device does not say)."""
+    return int(device.gpu.limits.get("max-storage-buffer-binding-size", 1 << 27))
+
+
 def buffer_of(bound: Any) -> Any:
     """The GPUBuffer of a binding given as a GPUBuffer or a BufferSlice."""
     return bound.buffer if isinstance(bound, BufferSlice) else bound
@@ -1008,8 +1014,7 @@ def warm_dispatch(device: DeviceLike) -> Dispatch:
         bindings=(Binding("buf", 0, Access.READ_WRITE, Scalar.F32),), uniforms=(), grid=(),
         features=frozenset(), workgroup_storage_bytes=0,
     )
-    limit = int(device.gpu.limits.get("max-storage-buffer-binding-size", 1 << 27))
-    nbytes = min(256 << 20, limit // 16 * 16)
+    nbytes = min(256 << 20, max_binding_bytes(device) // 16 * 16)
     buf = _WARM_BUFFERS.get(id(device))
     if buf is None:
         buf = _WARM_BUFFERS[id(device)] = empty(device, nbytes)

@@ -497,7 +497,7 @@ class Prepared:
     def _host_slice(self, name: str, arr: np.ndarray) -> rt.BufferSlice:
         """Upload a host array into the op's own buffer for `name` (grown when too small)."""
         nbytes = max(4, -(-arr.nbytes // 4) * 4)
-        largest = int(self.dev.gpu.limits.get("max-storage-buffer-binding-size", 1 << 27))
+        largest = rt.max_binding_bytes(self.dev)
         if nbytes > largest:  # what a mod reads (or a prepared op's input) is bound whole
             raise ValueError(f"{name}: {arr.nbytes} bytes, more than the device's max-storage-buffer-binding-size "
                              f"({largest}), the most one binding may cover (a tensor a mod reads is bound whole; "

@@ -281,7 +281,7 @@ class Tensor:
                              "min-storage-buffer-offset-alignment that WebGPU requires of a binding's offset "
                              "(start the tensor at an aligned offset, or copy it)")
         size = max(4, -(-self.span_bytes // 4) * 4)
-        largest = int(limits.get("max-storage-buffer-binding-size", 1 << 27))
+        largest = rt.max_binding_bytes(self.device)
         if size > largest:
             raise ValueError(f"{name}: spans {size} bytes, more than the device's max-storage-buffer-binding-size "
                              f"({largest})")
