@@ -223,6 +223,8 @@ def test_store_errors() -> None:
         store_rows(cache, x, pos, counts=np.array([1, 1]))
     with pytest.raises(ValueError, match=r"counts: values must be in \[0, N=2\] \(the rows given\), got \[3\]"):
         store_rows(cache, x, pos, counts=np.array([3]))
+    with pytest.raises(ValueError, match="cache: an f16 cache stores two values per 32-bit word; head dim 3 is odd"):
+        store_rows(np.zeros((1, 2, 4, 3), np.float16), np.zeros((1, 2, 2, 3), np.float16), pos)
 
 
 @pytest.mark.gpu
