@@ -31,6 +31,7 @@ from attnc.errors import AttncError, UsageError
 
 MANIFEST = "manifest.json"
 MAX_DVC = 1024  # --dvc: output columns per workgroup, four per invocation (Dv is at most a few hundred)
+F16_TILE_TARGETS = {"portable-f16": "portable", "subgroups-f16": "subgroups"}  # --target: f16 tiles of a family
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -50,6 +51,7 @@ def _load_kernel(spec: str, sets: list[str]):
     """KERNEL is an .attn file or `module:name` naming a DSL kernel (traced with the --set options);
     returns the kernel and those options."""
     from attnc.frontend.dsl import KernelDef
+    from attnc.ir.nodes import StoreKernel
 
     if spec.endswith(".attn") or Path(spec).is_file():
         if sets:
@@ -70,7 +72,12 @@ def _load_kernel(spec: str, sets: list[str]):
         raise UsageError(f"{spec!r} is a {type(obj).__name__}, not an @attnc.kernel")
     options = parse_sets(obj, sets)
     try:
-        return obj.trace(**options), options
+        traced = obj.trace(**options)
+        if isinstance(traced, StoreKernel):
+            raise UsageError(f"{spec!r} is a store kernel (a KV cache's append): `attnc compile` writes store "
+                             "kernels into the manifest of an attention kernel that reads a quantized K or V, "
+                             "under \"stores\" (e.g. --set k_dtype=q8_0); it compiles attention kernels only")
+        return traced, options
     except AttncError as exc:
         if exc.span is not None and os.path.abspath(exc.span.file) == os.path.abspath(__file__):
             # refused at the trace call itself: an option value from the command line, not the
@@ -441,9 +448,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
     defaults = _window_defaults(kernel, options)
     targets = list(dict.fromkeys(args.target or ["portable", "subgroups"]))  # a repeated one: one variant
     dtypes = list(dict.fromkeys(args.dtype or ["f32", "f16"]))
+    tiles16 = [t for t in targets if t in F16_TILE_TARGETS]
+    if tiles16 and args.dtype and "f16" not in dtypes:
+        raise UsageError(f"--target {tiles16[0]} compiles float16 variants (f16 workgroup tiles); "
+                         f"--dtype {' '.join(dtypes)} asks for none")
+    quantized = [p.name for p in kernel.params if p.type.dims and p.type.dtype.is_quant]
+    if tiles16 and quantized:
+        raise UsageError(f"--target {tiles16[0]}: f16 workgroup tiles would round the dequantized values of "
+                         f"{', '.join(quantized)} (d * q needs up to 19 bits); quantized K/V compile with "
+                         f"--target {F16_TILE_TARGETS[tiles16[0]]} (f16 storage, f32 tiles)")
+    storages = [(t, Storage(d)) for t in targets if t not in F16_TILE_TARGETS for d in dtypes]
+    storages += [(F16_TILE_TARGETS[t], Storage.F16A) for t in tiles16]
     wg = args.wg if args.wg is not None else default_workgroup(kernel)
-    plans = [Plan(Family(t), Storage(d), Dialect.TINT, workgroup_size=wg, value_columns=args.dvc,
-                  unroll=args.unroll, prefetch=int(args.prefetch)) for t in targets for d in dtypes]
+    plans = [Plan(Family(t), st, Dialect.TINT, workgroup_size=wg, value_columns=args.dvc,
+                  unroll=args.unroll, prefetch=int(args.prefetch)) for t, st in storages]
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -609,8 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true",
                    help="compile into a directory that holds files: replace the files its manifest.json "
                         "lists (other files stay)")
-    c.add_argument("--target", action="append", choices=["portable", "subgroups"],
-                   help="variant family (repeatable; default: both)")
+    c.add_argument("--target", action="append", choices=["portable", "subgroups", *F16_TILE_TARGETS],
+                   help="variant family (repeatable; default: portable and subgroups); portable-f16 and "
+                        "subgroups-f16 add float16 variants with f16 workgroup tiles (shader-f16)")
     c.add_argument("--dtype", action="append", choices=["f32", "f16"], help="storage dtype (default: both)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="option or tunable of a DSL kernel, typed as the kernel declares it, e.g. "

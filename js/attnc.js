@@ -1422,7 +1422,14 @@ export class KVCache {
       const t = attn.inputs.find((/** @type {any} */ x) => x.name === name);
       const stored = fmt || this.dtype;
       if (t && t.dtype !== stored) {
-        throw new AttncError(`${name}: the cache stores ${name} as ${stored}, but variant ${attn.variant.name} reads ${t.dtype}: compile the kernel with --set ${name}_dtype=${stored} (or make the cache with ${name === 'k' ? 'kFormat' : 'vFormat'}/dtype to match)`);
+        const option = name === 'k' ? 'kFormat' : 'vFormat';
+        // a float K/V takes the variant's storage dtype (attnc compile --dtype), a quantized one its --set
+        const fix = stored in QUANT
+          ? `compile the kernel with --set ${name}_dtype=${stored}, or make the cache with ${option}: ${JSON.stringify(t.dtype in QUANT ? t.dtype : null)}`
+          : t.dtype in QUANT
+            ? `make the cache with ${option}: ${JSON.stringify(t.dtype)}`
+            : `make the cache with dtype: ${JSON.stringify(t.dtype)}, or load a variant of dtype ${JSON.stringify(stored)}`;
+        throw new AttncError(`${name}: the cache stores ${name} as ${stored}, but variant ${attn.variant.name} reads ${t.dtype}: ${fix}`);
       }
     }
     return attn.run({q, ...this.inputs()}, this.shapes(shapes), params, /** @type {any} */ (opts));

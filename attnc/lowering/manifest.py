@@ -126,7 +126,9 @@ def variant_entry(kernel: ir.Kernel, c: Compiled, files: dict[str, str],
     return {
         "name": c.name,
         "family": c.plan.family.value,
-        "dtype": c.plan.storage.value,
+        # f16 tiles (F16A) read and write what an f16-storage variant does: "tiles" tells them apart
+        "dtype": Storage.F16.value if c.plan.storage is Storage.F16A else c.plan.storage.value,
+        **({"tiles": "f16"} if c.plan.storage is Storage.F16A else {}),
         "requires": {
             "features": features,
             "limits": {
@@ -254,7 +256,7 @@ def compile_kernel(kernel: ir.Kernel, plans: list[Plan], outdir: Path,
         "kernel": {"name": kernel.name, "hash": hashlib.sha256(text.encode()).hexdigest(), "source": text},
         "dims": list(kernel.dims),
         "variants": sorted(variants, key=lambda v: (v["family"] != Family.SUBGROUPS.value,
-                                                    v["dtype"] != Storage.F32.value)),
+                                                    v["dtype"] != Storage.F32.value, "tiles" in v)),
     }
     if stores:
         manifest["stores"] = [store_entry(st, outdir) for st in stores]

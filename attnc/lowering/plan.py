@@ -205,6 +205,9 @@ class Layout:
     VK: int  # keys per staged value block
     PK: int  # keys of p held at once (PC, or BN)
     XW: int = 0  # words of the pair-exchange array (a float16 output with an odd DVS / CT; see tiled.py)
+    # f16 tiles (F16A): q/k/v staged as f16 (two per word) and p in an f32 array of its own, so
+    # that the P.V products and the row sums use the same unrounded probabilities
+    HALF: bool = False
 
     # Transposed tiles ([d][row] for q, [d][key] for k, [key][row] for p) get 4 words of
     # padding per line: a line then starts 4 banks further on, so the invocations storing
@@ -222,24 +225,32 @@ class Layout:
 
     @property
     def p_words(self) -> int:
-        """Words of the p tile ([key][row], BM + 4 words a key) at the start of the staging
-        array: PK keys (all BN unless the plan chunks p)."""
+        """Words of the p tile ([key][row], BM + 4 words a key): PK keys (all BN unless the
+        plan chunks p), at the start of the staging array (its own f32 array with HALF)."""
         return self.PK * self.QS
 
     @property
+    def value_offset(self) -> int:
+        """Where a staged value chunk starts in the staging array: after the p tile, or at 0
+        when p has its own array (HALF)."""
+        return 0 if self.HALF else self.p_words
+
+    @property
     def stage_words(self) -> int:
-        """The staging array: q/k chunks during the dot products, aliased with the p tile and
-        a value chunk during P.V (the two phases are separated by barriers)."""
+        """Elements of the staging array: q/k chunks during the dot products, aliased with
+        the p tile (unless HALF) and a value chunk during P.V (the phases are separated by
+        barriers)."""
         qk = (0 if self.QRES else self.QS * self.DK) + self.KS * self.DK
-        return max(qk, self.p_words + self.VK * self.DVS)
+        return max(qk, self.value_offset + self.VK * self.DVS)
 
     @property
     def smem_words(self) -> int:
-        """Workgroup storage in 4-byte words: the staging array, partials, a resident q tile,
-        the pair exchange."""
+        """Workgroup storage in 4-byte words: the staging array (and a resident q tile), two
+        elements a word with HALF, the p tile of HALF, partials, the pair exchange."""
         qk_res = self.QS * self.DQ if self.QRES else 0
         red = self.BM * (self.CT // self.G) if self.CT > self.G else 0
-        return self.stage_words + red + 4 + qk_res + self.XW
+        tiles = (self.stage_words + qk_res) // 2 + self.p_words if self.HALF else self.stage_words + qk_res
+        return tiles + red + 4 + self.XW
 
 
 def _pow2(n: int) -> bool:
@@ -296,7 +307,7 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
     # columns per invocation per chunk, a pair's second column is its neighbour's (ct ^ 1)
     xw = CT * BM // 2 if plan.storage is not Storage.F32 and (dvs // CT) % 2 else 0
     return Layout(BM, BN, WG, CT, RT, TM, TN, TD, G, plan.resident_query, plan.query_dim, plan.head_chunk, dvc, dvs, vk,
-                  pk, xw)
+                  pk, xw, plan.storage is Storage.F16A)
 
 
 def owned_run(n: int) -> int:

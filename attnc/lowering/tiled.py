@@ -213,12 +213,12 @@ def _pv_loop(w: Writer, lay: Layout, vs: int, ks: int, careful: bool, half: bool
 def _pv_key(w: Writer, lay: Layout, vs: int, ks: int, careful: bool, half: bool) -> None:
     """The P.V updates of key ks + j."""
     YPS = lay.DVS // lay.CT
-    _loads_owned(w, lay, "v", f"{lay.p_words}u + j * {lay.DVS}u", YPS)
+    _loads_owned(w, lay, "v", f"{lay.value_offset}u + j * {lay.DVS}u", YPS)
     pk = ks % lay.PK  # the p tile holds the chunk of PK keys this block is in
-    _loads(w, "p", "stage", f"({pk}u + j) * {lay.QS}u + rg * {lay.TM}u", lay.TM)
+    _loads(w, "p", _p_array(lay), f"({pk}u + j) * {lay.QS}u + rg * {lay.TM}u", lay.TM)
     for i in range(lay.TM):
         acc = [f"o{i}_{(vs // lay.DVS) * YPS + y}" for y in range(YPS)]
-        updates = [f"{a} = fma(f32(p{i}), f32(v{y}), {a});" if half else f"{a} = fma(p{i}, v{y}, {a});"
+        updates = [f"{a} = fma(p{i}, f32(v{y}), {a});" if half else f"{a} = fma(p{i}, v{y}, {a});"
                    for y, a in enumerate(acc)]
         if careful:
             with w.block(f"if (p{i} != 0.0)"):
@@ -303,6 +303,8 @@ def emit_main(sh: Shader) -> Program:
     groups = CT // lay.G
     st = sh.smem_t
     w.line(f"var<workgroup> stage: array<vec4<{st}>, {stage // 4}>;")
+    if lay.HALF:  # p unrounded: the products and the row sums must use the same probabilities
+        w.line(f"var<workgroup> p_tile: array<vec4<f32>, {-(-lay.p_words // 4)}>;")
     if qres:
         w.line(f"var<workgroup> q_sh: array<vec4<{st}>, {lay.QS * plan.query_dim // 4}>;")
     if CT > lay.G:
@@ -317,6 +319,7 @@ def emit_main(sh: Shader) -> Program:
     esz = 2 if st == "f16" else 4
     xw = lay.XW if sh.half_out and not s.split_var else 0
     smem = esz * (stage + (lay.QS * plan.query_dim if qres else 0)) + 4 * ((BM * groups if CT > lay.G else 0) + 3 + xw)
+    smem += 4 * lay.p_words if lay.HALF else 0
     fast = fast_reduce(plan, lay)
     sg_arg = ", @builtin(subgroup_size) sg_size: u32" if fast else ""
     with w.block(f"@compute @workgroup_size({WG}) fn main(@builtin(workgroup_id) wid: vec3<u32>, "
@@ -347,7 +350,7 @@ def emit_main(sh: Shader) -> Program:
         qblk = _Copy(s.dot.a, "qi", "q0", "n_rows", "q_base", BM, DK, "d0", "n_dot", stride=lay.QS)
         kblk = _Copy(s.dot.b, "kj", "k0", "n_keys", "k_base", BN, DK, "d0", "n_dot", kofs, stride=lay.KS)
         vblk = _Copy(s.value, "kj", "k0", "n_keys", "v_base", lay.VK, DVS, f"dvc * {DVC}u", "n_width",
-                     lay.p_words, transpose=False, flag=True)
+                     lay.value_offset, transpose=False, flag=True)
         qk = [(kblk, "pk")] if qres else [(qblk, "pq"), (kblk, "pk")]
         pf = bool(plan.prefetch)  # the next block's global loads are issued before this block's math
 
@@ -435,20 +438,28 @@ def _p_keys(lay: Layout, kc: int) -> list[int]:
     return [x for x in range(lay.TN) if kc <= owned(lay.CT, lay.TN, x)[1] < kc + lay.PK]
 
 
+def _p_array(lay: Layout) -> str:
+    """The workgroup array of the p tile: the staging array, or its own f32 one beside f16
+    tiles (an f16 p would round each probability to 11 bits in the products but not in the row
+    sums, so o would not be a weighted mean of v)."""
+    return "p_tile" if lay.HALF else "stage"
+
+
 def _store_p(w: Writer, sh: Shader, xs: list[int], ks: int) -> None:
     """p of the invocation's owned keys xs into [key - ks][row] lines of QS words: a vec4 of 4
     rows per store where TM allows."""
-    lay, st, TM = sh.lay, sh.smem_t, sh.lay.TM
+    lay, TM = sh.lay, sh.lay.TM
+    st, arr = ("f32", "p_tile") if lay.HALF else (sh.smem_t, "stage")
     for x in xs:
         key = _owned(lay, lay.TN, x) + (f" - {ks}u" if ks else "")
         line = f"({key}) * {lay.QS}u + rg * {TM}u"
         if TM % 4 == 0:
             for i4 in range(0, TM, 4):
                 vals = ", ".join(f"{st}(s{i4 + k}_{x})" for k in range(4))
-                w.line(f"stage[({line} + {i4}u) >> 2u] = vec4<{st}>({vals});")
+                w.line(f"{arr}[({line} + {i4}u) >> 2u] = vec4<{st}>({vals});")
         else:
             for i in range(TM):
-                w.line(f"{_sm('stage', f'{line} + {i}u')} = {st}(s{i}_{x});")
+                w.line(f"{_sm(arr, f'{line} + {i}u')} = {st}(s{i}_{x});")
 
 
 def _scores(w: Writer, i: int, TN: int, fn: str) -> None:

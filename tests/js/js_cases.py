@@ -367,6 +367,8 @@ ATTENTION_CONFIGS = [
      [SG32, PO16]),
     # the kernel of the KV-cache cases (kv_cache_cases): attention over each row's prefix
     ("kv_cache", {"kv_lens": True, "causal": True}, {}, [PO32, SG16]),
+    # f16 workgroup tiles (`--target portable-f16 --target subgroups-f16`: shader-f16)
+    ("f16_tiles", {"causal": True, "lse": True, "targets": ["portable-f16", "subgroups-f16"]}, {}, None),
 ]
 QUANT_DTYPES = ("q8_0", "q4_0", "int8")
 ATTENTION_CONFIGS_FULL = [
@@ -405,6 +407,8 @@ def compile_options(options: dict) -> dict:
     runtime param), window keeps only which ends exist (the values are runtime params)."""
     out = {}
     for key, val in options.items():
+        if key == "targets":  # --target, not a kernel option
+            continue
         if key == "softcap":
             val = val is not None and val is not False
         elif key == "window" and val is not None:
@@ -416,6 +420,8 @@ def compile_options(options: dict) -> dict:
 def compile_command(out: Path, options: dict) -> list[str]:
     """`python -m attnc compile attnc.kernels.flash:flash_attention -o OUT --force --set KEY=JSON ...`."""
     cmd = [*(_compile_prefix() or []), KERNEL, "-o", str(out), "--force"]  # rerunnable into the same folder
+    for target in options.get("targets", []):
+        cmd += ["--target", target]
     for key, val in compile_options(options).items():
         cmd += ["--set", f"{key}={val if isinstance(val, str) else json.dumps(val)}"]
     return cmd
@@ -479,9 +485,9 @@ def attention_cases(w: _Writer, folder: Path) -> list[dict]:
         seen = set()
         for var in manifest["variants"]:
             key = (var["family"], var["dtype"])
-            if key in seen or (variants is not None and key not in variants):
+            if (*key, var.get("tiles")) in seen or (variants is not None and key not in variants):
                 continue
-            seen.add(key)
+            seen.add((*key, var.get("tiles")))
             quantized = any(t["dtype"] in QUANT_DTYPES for t in var["tensors"])
             for shapes in ATTENTION_SHAPES:
                 if quantized and (shapes["D"] % 32 or shapes["Dv"] % 32):
@@ -549,9 +555,10 @@ def _attention_case(w, rng, manifest_rel, var, cname, options, params, shapes) -
             expected[t["name"]] = w.bin(o if t["name"] == "o" else lse, "f32")
     dims = "x".join(str(shapes[k]) for k in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
     return {
-        "name": f"attn.{cname}.{var['family']}.{var['dtype']}.{dims}",
+        "name": f"attn.{cname}.{var['family']}.{var['dtype']}{'.tiles-f16' if 'tiles' in var else ''}.{dims}",
         "manifest": manifest_rel,
-        "variant": {"family": var["family"], "dtype": var["dtype"]},
+        "variant": {"family": var["family"], "dtype": var["dtype"],
+                    **({"tiles": var["tiles"]} if "tiles" in var else {})},
         "requires_features": list(var["requires"].get("features", [])),
         "shapes": shapes,
         "params": params,
@@ -830,7 +837,23 @@ def refusal_cases(w: _Writer, folder: Path) -> list[dict]:
                                "v": w.bin(rng.standard_normal((B, H, 2, D)), "f32")}],
                     "q": w.bin(rng.standard_normal((B, 4, 1, D)), "f32"), "shapes": {"Hq": 4, "S": 1}, "params": {},
                     "tol": TOL["f32"], "expected": {},
-                    "expect_error": "k: the cache stores k as f32, but variant"})
+                    "expect_error": "k: the cache stores k as f32, but variant flash_attention.portable.f32 reads "
+                                    'q8_0: make the cache with kFormat: "q8_0"'})
+    if (folder / "compiled" / "kv_cache" / "manifest.json").is_file():
+        # an f32 cache attended by an f16 variant: the advice names the cache's dtype or the
+        # variant's (an `--set k_dtype=f32` would not help: --dtype f16 sets every float input)
+        B, H, D = 1, 2, 32
+        out.append({"name": "refuse.kv_cache_of_another_dtype", "kind": "kv_cache",
+                    "manifest": "compiled/kv_cache/manifest.json", "variant": {"family": "portable", "dtype": "f16"},
+                    "requires_features": [],
+                    "cache": {"batch": B, "kvHeads": H, "capacity": 8, "headDim": D, "valueDim": D, "dtype": "f32"},
+                    "steps": [{"rows": 2, "counts": None, "source": "array",
+                               "k": w.bin(rng.standard_normal((B, H, 2, D)), "f32"),
+                               "v": w.bin(rng.standard_normal((B, H, 2, D)), "f32")}],
+                    "q": w.bin(rng.standard_normal((B, 4, 1, D)), "f32"), "shapes": {"Hq": 4, "S": 1}, "params": {},
+                    "tol": TOL["f32"], "expected": {},
+                    "expect_error": "k: the cache stores k as f32, but variant flash_attention.portable.f16 reads f16: "
+                                    'make the cache with dtype: "f16", or load a variant of dtype "f32"'})
     return out
 
 

@@ -128,12 +128,18 @@ def test_tiled_layout_pairs_columns_in_an_invocation_or_with_its_neighbour(stora
         return
     half, single = layout(plan, bm, 64), layout(dataclasses.replace(plan, storage=Storage.F32), bm, 64)
     yps = half.DVS // half.CT
-    assert dataclasses.replace(half, XW=0) == single and single.XW == 0
+    assert dataclasses.replace(half, XW=0, HALF=False) == single and single.XW == 0
     if yps % 2:
         assert owned_run(yps) == 1 and half.CT % 2 == 0 and half.XW == half.CT * half.BM // 2
     else:
         assert owned_run(yps) in (2, 4) and half.XW == 0
-    assert half.smem_words == single.smem_words + half.XW
+    if storage is Storage.F16:
+        assert not half.HALF and half.smem_words == single.smem_words + half.XW
+    else:  # f16 tiles: the staging array in halves, the value chunk at its start; p in f32 words beside it
+        qk = half.QS * half.DK + half.KS * half.DK
+        assert half.HALF and half.value_offset == 0 and half.stage_words == max(qk, half.VK * half.DVS)
+        red = single.smem_words - single.stage_words - 4
+        assert half.smem_words == half.stage_words // 2 + half.p_words + red + 4 + half.XW
 
 
 def test_rows_needs_an_even_column_chunk() -> None:

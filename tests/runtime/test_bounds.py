@@ -10,10 +10,11 @@ import pytest
 
 import attnc
 from attnc.lowering import schedule
-from attnc.lowering.plan import Dialect, Family, Strategy, layout, stream_layout
+from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy, layout, stream_layout
 from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
 from attnc.runtime.dispatch import BoundsError, Dispatch, empty, readback, run, upload
 from tests.forced_plan import check_forced_plan
+from tests.forced_plan import dialect as compiler_dialect
 from tests.gpu_facts import h200_like
 
 pytestmark = pytest.mark.gpu
@@ -185,3 +186,30 @@ def test_gpu_quantized_decode_plans_stay_in_bounds(case, dialect, fmt, dims, pla
     monkeypatch.setenv("ATTNC_SANITIZE", "bounds")
     op = check_forced_plan(dev, small, plan, tun, nsplit, options, seed=12, dtype=np.float16, kv_formats=(fmt, fmt))
     assert op.plan.softmax_phase == plan.softmax_phase
+
+
+F16_TILE_PLANS = [  # (target, plan, BM, BN): p chunks and value blocks smaller than the key tile,
+    # p stored one row at a time (TM = 2) and four at once (TM = 4), a resident query tile
+    ("portable-f16", Plan(Family.PORTABLE, Storage.F16A, workgroup_size=64, rows_per_invocation=2, head_chunk=8,
+                          value_columns=32, value_stage_columns=16, vector_width=4, value_block_keys=8,
+                          p_chunk_keys=16), 32, 32),
+    ("subgroups-f16", Plan(Family.SUBGROUPS, Storage.F16A, workgroup_size=128, rows_per_invocation=4, head_chunk=16,
+                           value_columns=64, value_stage_columns=32, vector_width=4, value_block_keys=16,
+                           p_chunk_keys=32, resident_query=True, query_dim=64, prefetch=1), 64, 64),
+]
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@pytest.mark.parametrize(("target", "plan", "bm", "bn"), [pytest.param(*p, id=p[0]) for p in F16_TILE_PLANS])
+def test_f16_tile_plans_stay_in_bounds(spec, target, plan, bm, bn, require_adapters, monkeypatch) -> None:
+    """f16 tiles (q/k/v staged in halves, p in an f32 tile of its own) under the sanitizer, with
+    tails in every tiled axis, a [B, Hq, S, T] bias, sinks, kv_lens, causal and lse, within 2e-3."""
+    dev = require_adapters(spec)[0]
+    plan = dataclasses.replace(plan, dialect=compiler_dialect(dev))
+    assert 4 * layout(plan, bm, bn).smem_words <= LAVAPIPE_SMEM
+    dims = dict(B=2, Hq=4, Hkv=2, S=77, T=150, D=60, Dv=36)
+    options = {"causal": True, "bias": "full", "sinks": "draw", "kv_lens": "draw", "return_lse": True}
+    monkeypatch.setenv("ATTNC_SANITIZE", "bounds")
+    op = check_forced_plan(dev, dims, plan, {"BM": bm, "BN": bn}, None, options, seed=13, dtype=np.float16,
+                           target=target)
+    assert op.plan.storage is Storage.F16A

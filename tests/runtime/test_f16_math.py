@@ -1,5 +1,5 @@
 """The f16-tile variants (targets 'portable-f16', 'subgroups-f16'; need shader-f16): float16
-q/k/v read natively and staged in f16 workgroup tiles, p rounded to f16 in its tile, products
+q/k/v read natively and staged in f16 workgroup tiles, p in an f32 tile of its own, products
 and sums in f32. Same contract as the other f16 paths: within 2e-3 of the float64 reference;
 the large-logit cases where f16 products failed it are in test_f16_output.py."""
 

@@ -164,6 +164,35 @@ def test_f16_output_with_large_near_tied_logits(target) -> None:
     assert np.isfinite(o).all()
 
 
+def _keys_scoring(k: np.ndarray, rows: slice, score: float) -> None:
+    """Set k[..., rows, :4] so that q = [1, 1, 1, 1, 0, ...] scores `score` against them: a
+    sum of four halves, exact in f32."""
+    for c in range(4):
+        k[..., rows, c] = np.float16(score)
+        score -= float(np.float16(score))
+
+
+@pytest.mark.parametrize("target", F16_TARGETS, indirect=True)
+@pytest.mark.parametrize("S", [1, 37])
+def test_f16_output_stays_a_weighted_mean_where_probabilities_round(target, S) -> None:
+    """Probabilities just past a rounding boundary of f16 (0.5 + 2^-12 +- 2^-16): a kernel that
+    rounds p for its products but not for its row sums (an f16 p tile) gives o = +inf where
+    every value is 65504, and 0.5 relative error where values of +-1000 cancel to 0.52.
+    Every target keeps both within 2e-3, 65504 exactly (S = 1: split-KV)."""
+    T = 2048
+    q = np.zeros((1, 1, S, 64), np.float16)
+    q[..., :4] = 1
+    k = np.zeros((1, 1, T, 64), np.float16)
+    _keys_scoring(k, slice(1, None), float(np.log(0.5 + 2**-12 + 2**-18)))  # key 0 scores 0: p = 1
+    v = np.full((1, 1, T, 33), 65504, np.float16)
+    o, _ = check(target, q, k, v, dict(scale=1.0))
+    assert (o == 65504).all()
+    _keys_scoring(k, slice(1, None, 2), float(np.log(0.5 + 2**-12 + 2**-16)))  # p rounds up in f16
+    _keys_scoring(k, slice(2, None, 2), float(np.log(0.5 + 2**-12 - 2**-16)))  # p rounds down
+    v[:, :, 0], v[:, :, 1::2], v[:, :, 2::2] = 0, 1000, -1000
+    check(target, q, k, v, dict(scale=1.0))
+
+
 @pytest.mark.parametrize("S", [1, 5, 40])
 def test_f16_output_over_long_rows(device, S) -> None:
     """T = 16500 keys (split-KV for the short rows): the f16 output keeps 2e-3."""
