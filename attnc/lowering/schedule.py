@@ -168,7 +168,7 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
     # when the shader's run-time subgroup size allows (H200: 32 lanes, a reported minimum of 4)
     sg_fast = caps.subgroup_lanes_contiguous if family is Family.SUBGROUPS else 0
     dialect = caps.dialect
-    storage = Storage.F16 if f16 else Storage.F32
+    storage = Storage.F16A if f16_math else Storage.F16 if f16 else Storage.F32  # layouts count what each stages
     vec = 4 if vector_loads and dims["D"] % 4 == 0 and dims["Dv"] % 4 == 0 else 1
     dv = min(max(pow2ceil(dims["Dv"]), 32), 256)
     cpu = caps.cpu

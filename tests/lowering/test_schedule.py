@@ -294,3 +294,22 @@ def test_gpu_prefill_with_one_value_block_per_tile_unrolls_its_key_loop_16_times
     assert schedule.plan_for(gpu, Family.SUBGROUPS, dict(minilm, D=64, Dv=64))[0].unroll == 64
     cpu = h200_like(adapter_type="CPU")
     assert schedule.plan_for(cpu, Family.PORTABLE, minilm)[0].unroll == 1
+
+
+@pytest.mark.parametrize("smem", [16384, 24576, 32768, 49152])
+@pytest.mark.parametrize("cpu", [False, True])
+def test_f16_tile_plans_fit_the_device_by_what_they_stage(smem, cpu) -> None:
+    """The f16-tile targets' plans are sized by their own layout (q/k/v tiles in halves, p in f32
+    words beside them, more than half an f32 plan's memory): each fits the device's workgroup
+    memory, for prefill, decode and GQA shapes of several head dims."""
+    from attnc.lowering.plan import Family, Storage, layout
+
+    caps = h200_like(adapter_type="CPU" if cpu else "DiscreteGPU", features=frozenset({"subgroups", "f16"}),
+                     limits={"max-compute-workgroup-storage-size": smem,
+                             "max-compute-invocations-per-workgroup": 1024})
+    for S, T, D, Hq, Hkv in ((4096, 4096, 64, 16, 16), (501, 501, 96, 32, 32), (5776, 5776, 72, 16, 16),
+                             (512, 512, 256, 4, 1), (4, 7680, 64, 64, 8), (1, 1500, 128, 8, 8)):
+        dims = dict(B=1, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=D)
+        plan, tun = schedule.plan_for(caps, Family.SUBGROUPS, dims, f16=True, f16_math=True, explicit_family=True)
+        assert plan.storage is Storage.F16A
+        assert 4 * layout(plan, tun["BM"], tun["BN"]).smem_words <= smem, (dims, plan, tun)
