@@ -551,20 +551,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _tune_cases(args: argparse.Namespace) -> list[Any]:
     """The cases `attnc tune` was asked for; UsageError for an unknown suite, case or bad shape."""
-    from attnc.bench.cases import load_suite, parse_shape
+    from attnc.bench.cases import load_suite, load_suites, parse_shape
 
     try:
-        cases = [parse_shape(s) for s in args.shape] if args.shape else load_suite(args.suite)
+        if args.shape:
+            cases = [parse_shape(s) for s in args.shape]
+        elif args.case and args.suite is None:  # a case is looked for in every suite, as bench does
+            cases = list({c.name: c for suite in load_suites().values() for c in suite}.values())
+        else:
+            cases = load_suite(args.suite or "ci")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.case:
         known = {c.name for c in cases}
         unknown = [n for n in args.case if n not in known]
         if unknown:
-            where = "the --shape cases" if args.shape else f"suite {args.suite!r}"
+            where = ("the --shape cases" if args.shape else f"suite {args.suite!r}" if args.suite
+                     else "any suite")
             raise UsageError(f"--case: no case named {', '.join(map(repr, unknown))} in {where}; "
                              f"cases: {', '.join(sorted(known))}")
-        cases = [c for c in cases if c.name in args.case]
+        by_name = {c.name: c for c in cases}
+        cases = [by_name[n] for n in dict.fromkeys(args.case)]
     return cases
 
 
@@ -583,6 +590,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         cache.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(cache.parent, os.W_OK):
             raise PermissionError(13, "not writable")
+        if cache.exists() and not cache.is_file():
+            raise IsADirectoryError(21, "not a file")
     except OSError as exc:
         raise UsageError(f"tuning cache {cache}: cannot write: {exc.strerror or exc} "
                          "(ATTNC_CACHE_DIR names another folder)") from None
@@ -596,7 +605,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     for c in cases:
         dims = dict(B=c.B, Hq=c.Hq, Hkv=c.Hkv, S=c.S, T=c.T, D=c.D, Dv=c.Dv)
         print(f"{c.name}: tuning", file=sys.stderr)
-        res = tune(dims, dtype, device=args.device, runs=args.runs, max_candidates=args.max, causal=c.causal)
+        try:
+            res = tune(dims, dtype, device=args.device, runs=args.runs, max_candidates=args.max, causal=c.causal)
+        except OSError as exc:  # storing the winner (the checks above ran before any tuning)
+            raise UsageError(f"tuning cache {cache}: cannot write: {exc.strerror or exc}") from None
         best = res["best"]
         print(f"{c.name} [{res['bucket']}] on {res['device']}: {best['variant']} {best['ms']:.3f} ms "
               f"({len([r for r in res['results'] if r.get('ok')])} valid of {len(res['results'])})")
@@ -657,8 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="device spec (default: the best adapter)")
     r.set_defaults(fn=cmd_run)
     t = sub.add_parser("tune", help="autotune variants per device and shape bucket (persistent cache)")
-    t.add_argument("--suite", default="ci", help="suite of attnc/bench/shapes.json (ci, seeds)")
-    t.add_argument("--case", action="append", help="only these case names")
+    t.add_argument("--suite", default=None, help="suite of attnc/bench/shapes.json (ci, seeds; default ci)")
+    t.add_argument("--case", nargs="+", action="extend", default=[], metavar="NAME",
+                   help="only these cases (searched in every suite when --suite is not given)")
     t.add_argument("--shape", action="append", default=[], help="B,Hq,Hkv,S,T,D,Dv[,causal]")
     t.add_argument("--device", default=None)
     t.add_argument("--dtype", choices=["f32", "f16"], default="f32")
@@ -678,7 +691,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["bench"]:
             return cmd_bench(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the command's own parser: its usage is where the right spelling is
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
         cmd = args.cmd
         return int(args.fn(args))
     except UsageError as exc:

@@ -474,9 +474,9 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise ValueError(f'--plot {args.plot} needs matplotlib: pip install "attnc[bench]"') from None
 
 
-def check_target(target: str | None, dtype: str) -> None:
-    """ValueError unless --target names a variant family that can take --dtype's inputs (whether
-    the device offers it is said when the device is opened)."""
+def check_target(target: str | None, dtype: str, kv: str | None = None) -> None:
+    """ValueError unless --target names a variant family that can take --dtype's inputs and
+    --kv's quantized K/V (whether the device offers it is said when the device is opened)."""
     from attnc.lowering.schedule import F16_MATH_TARGETS, TARGETS
 
     if target is None:
@@ -485,6 +485,10 @@ def check_target(target: str | None, dtype: str) -> None:
         raise ValueError(f"--target {target}: not a variant family; the families are {', '.join(sorted(TARGETS))}")
     if target in F16_MATH_TARGETS and dtype != "f16":
         raise ValueError(f"--target {target} stages f16 tiles: it takes --dtype f16")
+    if target in F16_MATH_TARGETS and kv:
+        raise ValueError(f"--target {target} stages K and V in f16 tiles, which would round a quantized cache's "
+                         f"values (d * q: up to 19 bits): --kv {kv} runs with --target "
+                         f"{target.removesuffix('-f16')} (or without --target)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -507,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--runs and --repeat-processes must be >= 1 and --warmup >= 0")
         if args.seed < 0 or args.cache_mib < 0:
             raise ValueError("--seed and --cache-mib must be >= 0")
-        check_target(args.target, args.dtype)
+        check_target(args.target, args.dtype, args.kv)
         if args.only_ceilings and args.ceilings == "off":
             raise ValueError("--only-ceilings measures the ceilings: give it --ceilings auto, small or large, not off")
         if args.plot and args.repeat_processes > 1:

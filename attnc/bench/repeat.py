@@ -93,7 +93,11 @@ def run_repeated(argv: Sequence[str], n: int, json_path: str | None) -> int:
             done = subprocess.run([sys.executable, "-m", "attnc.bench", *args, "--json", str(out)], check=False)
             if done.returncode != 0:
                 status = 1
-            processes.append(json.loads(out.read_text()) if out.is_file() else {"results": []})
+            if not out.is_file():  # it measured nothing (no device, a bad option): the others would not either
+                print(f"attnc bench: process {i + 1} measured nothing (exit status {done.returncode}); "
+                      "not starting the others", file=sys.stderr)
+                return done.returncode or 1
+            processes.append(json.loads(out.read_text()))
     rows = spread_rows(processes)
     print(f"\nmedians of {n} processes (spread = max / min - 1; over {100 * SPREAD_LIMIT:.0f} % is flagged):")
     print(format_spread(rows, n))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from attnc.runtime import dispatch as rt
-from attnc.runtime.cachedir import cache_dir
+from attnc.runtime.cachedir import cache_dir, locked, replace_text
 
 DEFAULT_CACHE_BYTES = 64 << 20  # a guess at the last-level cache (H100/H200 L2: 50 MiB)
 MAX_QUERIES = 4096  # WebGPU's limit on the size of one timestamp query set
@@ -124,16 +124,14 @@ def _reference(key: str) -> float | None:
 def _remember(key: str, ms: float) -> None:
     path = cache_dir() / CLOCKS_FILE
     try:
-        known = json.loads(path.read_text())
-        known = known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
-        known = {}
-    known[key] = ms
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-        tmp.replace(path)
+        with locked(path):
+            try:
+                known = json.loads(path.read_text())
+                known = known if isinstance(known, dict) else {}
+            except (OSError, ValueError):
+                known = {}
+            known[key] = ms
+            replace_text(path, json.dumps(known, indent=1, sort_keys=True))
     except OSError:  # a read-only cache directory only loses the cross-process reference
         pass
 

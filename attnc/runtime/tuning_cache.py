@@ -24,7 +24,7 @@ from typing import Any
 
 from attnc.lowering.plan import Dialect, Family, Plan, Storage, Strategy
 from attnc.lowering.schedule import device_refuses, pow2ceil
-from attnc.runtime.cachedir import cache_dir
+from attnc.runtime.cachedir import cache_dir, locked, replace_text
 from attnc.runtime.devices import Device
 
 VERSION = 2
@@ -206,14 +206,13 @@ def lookup(device: Device, options_key: str, dims: dict[str, int]) -> dict[str, 
 
 
 def store(device: Device, options_key: str, dims: dict[str, int], entry: dict[str, Any]) -> None:
-    """Record a tuned choice (atomically replacing the cache file; an unreadable one is replaced)."""
-    entries = dict(load(quiet=True))
-    entries[key(device, options_key, dims)] = entry
+    """Record a tuned choice (atomically replacing the cache file; an unreadable one is replaced),
+    under the cache's lock and over the file as it is then: another process's entries stay."""
     p = cache_path()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": VERSION, "entries": entries}, indent=1, sort_keys=True))
-    tmp.replace(p)
+    with locked(p):
+        entries = dict(_read(p)[0]) if p.exists() else {}
+        entries[key(device, options_key, dims)] = entry
+        replace_text(p, json.dumps({"version": VERSION, "entries": entries}, indent=1, sort_keys=True))
 
 
 def plan_to_entry(plan: Plan, tunables: dict[str, int], nsplit: int | None) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def test_chained_runs_compute_each_op_and_share_only_what_they_write(require_ada
 
 def test_plot_and_targets_are_checked_before_measuring(capsys) -> None:
     """--plot with --repeat-processes (no process draws one), a --target that is no family or an
-    f16-tile family over f32 inputs, --only-ceilings with the ceilings off (it measured them
+    f16-tile family over f32 inputs or a quantized cache, --only-ceilings with the ceilings off (it measured them
     anyway): one-line errors, status 2, before any device is opened (the target was found wrong
     mid-run, as a traceback in a row, exit 0)."""
     from attnc.bench.cli import main
@@ -49,6 +49,8 @@ def test_plot_and_targets_are_checked_before_measuring(capsys) -> None:
     for argv, needle in ((["--plot", "p.png", "--repeat-processes", "2"], "--plot draws one process's results"),
                          (["--target", "bogus"], "--target bogus: not a variant family"),
                          (["--target", "subgroups-f16"], "stages f16 tiles: it takes --dtype f16"),
+                         (["--target", "portable-f16", "--dtype", "f16", "--kv", "q8_0"],
+                          "--kv q8_0 runs with --target portable (or without --target)"),
                          (["--only-ceilings", "--ceilings", "off"], "--only-ceilings measures the ceilings")):
         assert main(["--case", "ci_dec_gqa4_kv2048", *argv]) == 2
         err = capsys.readouterr().err
@@ -111,3 +113,21 @@ def test_the_clock_gate_retakes_a_few_percent_slow(monkeypatch, after: float, re
     bar = type("Bar", (), {"write": staticmethod(lambda *a, **k: None)})()
     _m, _clock, attempts = cli.measure(None, type("C", (), {"name": "c"})(), "fake", [], None, bar)
     assert attempts == (2 if retaken else 1)
+
+
+def test_repeated_processes_stop_when_the_first_measures_nothing(monkeypatch, capsys) -> None:
+    """A process that writes no results (an adapter that is not there, an option it refuses)
+    stops the run: the other N - 1 would fail the same way (they all started, and an empty
+    spread table was printed)."""
+    import subprocess
+
+    started = []
+
+    def fake_run(cmd, check):
+        started.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert repeat.run_repeated(["--device", "wgpu:metal"], 3, None) == 1
+    assert len(started) == 1
+    assert "process 1 measured nothing (exit status 1); not starting the others" in capsys.readouterr().err

@@ -246,3 +246,40 @@ def test_attnc_tune_writes_entries_that_load(require_adapters, tmp_path, monkeyp
     assert tuned is not None and tuning_cache.plan_to_entry(tuned.plan, tuned.tunables, None)["plan"] == \
         next(iter(entries.values()))["plan"]
 
+
+
+def _store_many(cache_dir: str, worker: int, n: int, barrier) -> list[str]:
+    """Store n entries of worker's own into the cache at cache_dir, starting with the others."""
+    import os
+
+    os.environ["ATTNC_CACHE_DIR"] = cache_dir
+    dev = attnc.get_device("wgpu:vulkan")
+    barrier.wait()
+    errors = []
+    for i in range(n):
+        dims = dict(B=1, Hq=1, Hkv=1, S=1, T=1 << (i % 16), D=8 + 4 * i, Dv=8 + 4 * worker)
+        try:
+            tuning_cache.store(dev, f"worker{worker}", dims, {"plan": {}, "tunables": {}, "nsplit": None})
+        except Exception as exc:  # noqa: BLE001 (reported by the test)
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return errors
+
+
+def test_concurrent_tuners_keep_every_entry(require_adapters, tmp_path) -> None:
+    """Two processes storing winners into one cache at once (two `attnc tune` runs): every entry
+    of both is in the file afterwards and neither raises (a shared temporary file and an
+    unlocked read-modify-write lost two thirds of them and raised FileNotFoundError)."""
+    import concurrent.futures
+    import multiprocessing
+
+    require_adapters("wgpu:vulkan")
+    ctx = multiprocessing.get_context("spawn")
+    n = 80
+    with ctx.Manager() as manager, concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        barrier = manager.Barrier(2)
+        runs = [pool.submit(_store_many, str(tmp_path), w, n, barrier) for w in range(2)]
+        errors = [e for r in runs for e in r.result(timeout=300)]
+    assert not errors, errors[:3]
+    entries = json.loads((tmp_path / "tune.json").read_text())["entries"]
+    assert len(entries) == 2 * n
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
