@@ -33,6 +33,9 @@ _BUILDER: contextvars.ContextVar[sem.Builder | None] = contextvars.ContextVar("a
 # what dim(name) gives inside the score_mod or mask_mod being traced (see apply_mod)
 _MOD_DIMS: contextvars.ContextVar[dict[str, Callable[[], Value]] | None] = contextvars.ContextVar(
     "attnc_mod_dims", default=None)
+# whether a user's score_mod or mask_mod is being traced (its attnc.input / attnc.scalar declare
+# inputs of its own, which must not take the kernel's names)
+_IN_MOD: contextvars.ContextVar[bool] = contextvars.ContextVar("attnc_in_mod", default=False)
 
 
 def _builder() -> sem.Builder:
@@ -395,11 +398,12 @@ def apply_mod(fn: Any, args: tuple[Any, ...], kind: str,
     b = _builder()
     if b.captures is not None:  # what it closes over becomes kernel inputs
         fn = b.captures.rewrite(fn)
-    token = _MOD_DIMS.set(dims)
+    token, in_mod = _MOD_DIMS.set(dims), _IN_MOD.set(True)
     try:
         out = fn(*args)
     finally:
         _MOD_DIMS.reset(token)
+        _IN_MOD.reset(in_mod)
     want = "a bool (a comparison, & | ~, where)" if kind == "mask" else "a number (the modified score)"
     if isinstance(out, np.generic) and out.dtype.kind in "biuf":  # np.True_, np.float32(0.5): constants
         out = out.item()
@@ -451,7 +455,10 @@ class TensorInput:
         self.name, self.type = name, ty
 
     def _register(self) -> None:
-        _builder().add_param(self.name, self.type)
+        b = _builder()
+        if type(self) is TensorInput:  # declared by name (a captured tensor's name is its own)
+            b.declare_input(self.name, _IN_MOD.get())
+        b.add_param(self.name, self.type)
 
     def __getitem__(self, idx: Any) -> Value | Slice | _SubTensor:
         return self._index(idx if isinstance(idx, tuple) else (idx,))
@@ -502,6 +509,10 @@ class TensorInput:
         raise fail(f"len({self.name}): the size of a kernel input is a runtime value",
                    (f"use attnc.dim({self.type.dims[0]!r})" if self.type.dims else "it is a scalar",))
 
+    def __iter__(self) -> Iterator[Any]:
+        raise fail(f"iterating over {self.name}: the size of a kernel input is a runtime value",
+                   ("index it with traced integers",))
+
     def value(self) -> Value:
         """A scalar input's value."""
         if self.type.dims:
@@ -525,6 +536,13 @@ class _SubTensor:
     @property
     def shape(self) -> tuple[Any, ...]:
         return self.tensor.shape[len(self.prefix):]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Its elements along the next axis, where that size is known (a captured tensor)."""
+        if not isinstance(self.tensor, CapturedTensor):
+            raise fail(f"iterating over a sub-tensor of {self.tensor.name}: its size is a runtime value",
+                       ("index it with traced integers",))
+        return (self[i] for i in range(self.tensor.slot.shape[len(self.prefix)]))
 
     def __getattr__(self, name: str) -> Any:
         raise fail(f"a sub-tensor of {self.tensor.name} has no '{name}': index it down to elements",
@@ -568,7 +586,15 @@ class CapturedTensor(TensorInput):
         return capture.tensor_info(self.slot.obj).dtype  # type: ignore[union-attr]
 
     def __len__(self) -> int:
+        if not self.slot.shape:
+            raise fail(f"len() of the 0-d captured array {self.slot.hint!r}")
         return self.slot.shape[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Its rows (its elements, if 1-D), as numpy iterates the captured array: the sizes are
+        known while tracing, so `for row in table` unrolls (it had no __iter__: Python's fallback
+        indexed it without end, as a clamped index never runs past it)."""
+        return (self[i] for i in range(len(self)))
 
     def __getattr__(self, name: str) -> Any:
         raise fail(f"captured tensor {self.slot.hint!r} has no '{name}' in a kernel",

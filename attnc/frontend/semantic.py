@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ import numpy as np
 from attnc.errors import Span, TraceError
 from attnc.ir import nodes as ir
 from attnc.ir.share import share_repeated
+from attnc.ir.verify import F32_MAX, F32_MAX_ROUNDING
 
 _FRONTEND_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,6 +82,9 @@ def const(v: object) -> ir.Expr:
             raise fail(f"integer constant {v} does not fit in i32")
         return ir.Const(v, ir.DType.I32, user_span())
     if isinstance(v, float):
+        if math.isfinite(v) and abs(v) >= F32_MAX_ROUNDING:
+            raise fail(f"float constant {v!r} is outside f32's range (largest {F32_MAX:.7g})",
+                       ("use float('inf') (or math.inf) for an infinity",))
         return ir.Const(v, ir.DType.F32, user_span())
     raise fail(f"cannot use a {type(v).__name__} in a kernel expression",
                ("kernel expressions take traced values, ints, floats and bools (Python's or numpy's scalars)",))
@@ -140,6 +145,8 @@ class Builder:
     captured: dict[str, Any] = field(default_factory=dict)  # captured param name -> capture.Slot
     capture_scalars: dict[str, Any] = field(default_factory=dict)  # captured number param -> path
     let_values: dict[str, ir.Expr] = field(default_factory=dict)
+    kernel_inputs: dict[str, Span | None] = field(default_factory=dict)  # inputs the kernel reads by name
+    mod_inputs: dict[str, Span | None] = field(default_factory=dict)  # inputs a mod declares, where
 
     def emit(self, stmt: ir.Stmt) -> None:
         """Append a statement; values it reaches twice become lets first (ir/share.py)."""
@@ -158,6 +165,17 @@ class Builder:
             name, i = f"{base}{i}", i + 1
         self.names.add(name)
         return name
+
+    def declare_input(self, name: str, in_mod: bool) -> None:
+        """Note who reads the input `name` by name: the kernel, or a user's mod through
+        attnc.input / attnc.scalar. A mod's own input named like one of the kernel's (its `scale`,
+        `k`, `bias`) would silently read the kernel's: a TraceError at the mod's declaration."""
+        mine, other = (self.mod_inputs, self.kernel_inputs) if in_mod else (self.kernel_inputs, self.mod_inputs)
+        if name in other or (in_mod and name in self.params and name not in self.mod_inputs):
+            span = self.mod_inputs.get(name) if not in_mod else None
+            raise TraceError(f"attnc.input/attnc.scalar {name!r} in a mod names the kernel's own input {name!r}: "
+                             "a mod's inputs need names of their own", span or user_span())
+        mine.setdefault(name, user_span())
 
     def add_param(self, name: str, ty: ir.TensorType) -> None:
         old = self.params.get(name)

@@ -8,6 +8,7 @@ ranks, slice axes and the grid/loop/softmax consistency rules. Every failure is 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -55,6 +56,10 @@ NUMERIC = (DType.I32, DType.F32)
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 LET_IDENT = re.compile(r"[A-Za-z0-9_]+\Z")  # `%0` is a fine SSA name
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
+F32_MAX = 3.4028234663852886e38  # the largest finite f32
+# constants below this round to F32_MAX (it is half an f32 ulp above it), from it on to inf,
+# which WGSL's compilers refuse for a literal
+F32_MAX_ROUNDING = F32_MAX + 2.0**103
 
 
 class TypeRuleError(Exception):
@@ -327,6 +332,8 @@ class _Verifier:
                 t == DType.F32 and isinstance(v, float | int) and not isinstance(v, bool))
             if not ok:
                 raise self.fail(e, f"{v!r} is not a valid {t.value} constant")
+            if t == DType.F32 and math.isfinite(v) and abs(v) >= F32_MAX_ROUNDING:
+                raise self.fail(e, f"{v!r} is outside f32's range (largest {F32_MAX:.7g}); write inf for an infinity")
             return t
         if isinstance(e, Dim):
             return DType.I32

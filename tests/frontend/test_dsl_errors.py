@@ -288,3 +288,70 @@ def test_a_mod_may_return_a_numpy_scalar_constant() -> None:
         mask_mod=lambda b, h, i, j: True)
     assert flash_attention.trace(score_mod=lambda s, b, h, i, j: np.float32(0.5)) == flash_attention.trace(
         score_mod=lambda s, b, h, i, j: 0.5)
+
+
+# the kernel's own inputs by option (flash_attention's keywords that add them), and always
+OWN_INPUTS = {"q": {}, "k": {}, "v": {}, "scale": {}, "bias": {"bias": True}, "sinks": {"sinks": True},
+              "kv_lens": {"kv_lens": True}, "alibi_slopes": {"alibi": True}, "softcap": {"softcap": True}}
+
+
+@pytest.mark.parametrize("name", sorted(OWN_INPUTS))
+@pytest.mark.parametrize("how", ["scalar", "input"])
+def test_a_mod_input_named_like_the_kernels_own_points_at_the_mod(name: str, how: str) -> None:
+    """attnc.scalar("scale") in a mod read the kernel's softmax scale (1/sqrt(D)) without a word,
+    attnc.input("k", ...) attention's k; now a TraceError at the declaration, either way round
+    (the mod traced before the kernel reads the input or after)."""
+    def mod(s, b, h, qi, kj):
+        if how == "scalar":
+            return s * attnc.scalar(name)
+        return s + attnc.input(name, attnc.f32["NX"])[kj]
+
+    with pytest.raises(TraceError, match=f"attnc.input/attnc.scalar '{name}' in a mod names the kernel's own "
+                                         f"input '{name}'") as e:
+        flash_attention.trace(score_mod=mod, **OWN_INPUTS[name])
+    _at(e.value, mod, 2 if how == "scalar" else 3)
+
+
+def test_a_mod_input_of_its_own_name_may_be_declared_twice() -> None:
+    """The same declared input read twice, by the score and the mask mod: one input."""
+    kern = flash_attention.trace(score_mod=lambda s, b, h, qi, kj: s * attnc.scalar("temp"),
+                                 mask_mod=lambda b, h, qi, kj: attnc.scalar("temp") > 0.0)
+    assert [p.name for p in kern.params].count("temp") == 1
+
+
+PAST_F32 = {  # literals in the mod (a number it closes over is a runtime input, not a constant)
+    "1e39": lambda s, b, h, qi, kj: attnc.where(kj > qi, -1e39, s),
+    "-3.5e38": lambda s, b, h, qi, kj: s + -3.5e38,
+    "halfway": lambda s, b, h, qi, kj: attnc.minimum(s, 3.4028235677973366e38),
+    "1e300": lambda s, b, h, qi, kj: s * 1e300,
+}
+WITHIN_F32 = [lambda s, b, h, qi, kj: attnc.minimum(s, 3.4028234663852886e38),
+              lambda s, b, h, qi, kj: s - 3.40282356e38, lambda s, b, h, qi, kj: attnc.where(kj > qi, -math.inf, s)]
+
+
+@pytest.mark.parametrize("case", sorted(PAST_F32))
+def test_a_float_constant_past_f32_points_at_the_user_line(case: str) -> None:
+    """A float constant that f32 rounds to inf (WGSL's compilers refused the literal, pointing
+    at the WGSL); f32's largest value, constants that round to it, and inf stay constants."""
+    with pytest.raises(TraceError, match="is outside f32's range") as e:
+        flash_attention.trace(score_mod=PAST_F32[case])
+    _at(e.value, PAST_F32[case], 0)
+    for fine in WITHIN_F32:
+        flash_attention.trace(score_mod=fine)
+
+
+def test_iterating_over_captured_arrays_unrolls_and_over_inputs_is_an_error() -> None:
+    """`for row in table` over a captured array (no __iter__: Python indexed it forever, the
+    trace never ended) unrolls over its rows, as numpy iterates; over a kernel input, whose
+    size is a runtime value, it is a TraceError at the loop."""
+    table = np.arange(12, dtype=np.float32).reshape(3, 4)
+    kern = flash_attention.trace(score_mod=lambda s, b, h, qi, kj: s + sum(x[kj % 4] for x in table)
+                                 + sum(e for e in table[1]))
+    assert kern is not None
+
+    def bad(s, b, h, qi, kj):
+        return s + sum(x for x in attnc.input("rel", attnc.f32["NR"]))
+
+    with pytest.raises(TraceError, match="iterating over rel: the size of a kernel input is a runtime value") as e:
+        flash_attention.trace(score_mod=bad)
+    _at(e.value, bad, 1)
