@@ -339,3 +339,13 @@ def test_slices_read_float_tensors():
     ps = kernel().params
     ps = ps[:2] + (Param("v", TensorType(I32, ("B", "Hkv", "T", "Dv"))),) + ps[3:]
     fails(kernel(params=ps), "slices read float tensors")
+
+
+def test_f32_constants_past_f32_are_refused_at_their_span():
+    """A constant that f32 rounds to inf (1e39 in .attn text) is a VerifyError at the constant
+    (it passed `attnc check` and failed in Naga or Tint at the WGSL); f32's largest value, the
+    constants that round to it and inf are constants."""
+    for bad in (1e39, -3.5e38, 3.4028235677973366e38):
+        fails(kernel(pre=(Let("x", Const(bad, F32, span=SPAN)),)), "is outside f32's range", SPAN)
+    for good in (3.4028234663852886e38, -3.40282356e38, float("inf"), float("-inf")):
+        verify(kernel(pre=(Let("x", Const(good, F32)),)))
