@@ -9,7 +9,9 @@ arrays and numbers they close over become kernel params (frontend/capture.py).
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
+import math
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -200,6 +202,14 @@ class Value:
         raise fail("'**' takes a constant integer exponent from -8 to 8 in kernels",
                    ("use exp(log(x) * y), sqrt(x) or x * x",))
 
+    def __rpow__(self, base):
+        """A positive number to a traced power (ALiBi's 2 ** (-8 * (h + 1) / H)): exp2(x * log2(base))."""
+        if isinstance(base, int | float | np.integer | np.floating) and not isinstance(base, bool | np.bool_) \
+                and math.isfinite(base) and base > 0:
+            return exp2(self * math.log2(float(base)))
+        raise fail(f"{base!r} ** a traced value: the base of a traced power must be a positive number",
+                   ("use where() to choose the sign, or exp(log(b) * x)",))
+
     def __floor__(self) -> Value:  # math.floor(x): an integer, as in Python
         return Value(sem.call(ir.Op.I32, sem.call(ir.Op.FLOOR, self.expr)))
 
@@ -255,7 +265,8 @@ class Value:
 
     def __bool__(self) -> bool:
         raise self._not_python("a traced value cannot drive Python control flow (if/and/or/not/while)",
-                               ("use where(cond, a, b) for a choice, & | ~ for logic",))
+                               ("use where(cond, a, b) for a choice, & | ~ for logic, attnc.maximum / "
+                                "attnc.minimum for Python's max / min",))
 
     def __index__(self) -> int:
         raise self._not_python("a traced value cannot be used as a Python int", ())
@@ -294,12 +305,30 @@ _DSL_FUNCS = {"exp", "log", "tanh", "sqrt", "maximum", "minimum", "where", "abs"
               "tan", "exp2", "log2", "floor", "ceil"}
 
 
+def _arity_checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` with its arguments checked against its signature first: a TraceError at the user's
+    line naming the function and what is missing or extra (Python's TypeError named attnc's
+    internals: `_unary.<locals>.f() takes 1 positional argument`)."""
+    sig = inspect.signature(fn)
+    shown = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}" for p in sig.parameters.values())
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise fail(f"attnc.{fn.__name__}({shown}): {exc}") from None
+        return fn(*args, **kwargs)
+    return checked
+
+
 def _unary(op: ir.Op) -> Callable[[Any], Value]:
     def f(x: Any) -> Value:
         return Value(sem.call(op, _expr(x)))
     f.__name__ = op.value
+    f.__qualname__ = op.value
     f.__doc__ = f"Elementwise {op.value} of a traced value."
-    return f
+    return _arity_checked(f)
 
 
 exp = _unary(ir.Op.EXP)
@@ -320,16 +349,19 @@ floor.__doc__ = "Elementwise floor of a traced value, as an f32 (math.floor(x) g
 ceil.__doc__ = "Elementwise ceiling of a traced value, as an f32 (math.ceil(x) gives an i32)."
 
 
+@_arity_checked
 def maximum(a: Any, b: Any) -> Value:
     """Elementwise max (NaN propagates)."""
     return Value(sem.call(ir.Op.MAX, _expr(a), _expr(b)))
 
 
+@_arity_checked
 def minimum(a: Any, b: Any) -> Value:
     """Elementwise min (NaN propagates)."""
     return Value(sem.call(ir.Op.MIN, _expr(a), _expr(b)))
 
 
+@_arity_checked
 def where(cond: Any, a: Any, b: Any) -> Value:
     """a where cond holds, else b."""
     return Value(sem.call(ir.Op.WHERE, _expr(cond), _expr(a), _expr(b)))
@@ -355,6 +387,7 @@ def or_masks(*mask_mods: Callable[..., Any]) -> Callable[..., Any]:
     return or_mask
 
 
+@_arity_checked
 def dim(name: str) -> Value:
     """The runtime size of a symbolic dim, as an i32 value (inside a score_mod or mask_mod,
     the value apply_mod was given for it, if any)."""
@@ -364,6 +397,7 @@ def dim(name: str) -> Value:
     return Value(ir.Dim(name, sem.user_span()))
 
 
+@_arity_checked
 def let(name: str, x: Any) -> Value:
     """Bind a value to a name (`%name` in the text form), so it is computed once."""
     b = _builder()
@@ -665,6 +699,7 @@ class Slice:
     dim: str
 
 
+@_arity_checked
 def dot(a: Slice, b: Slice) -> Value:
     """f32 dot product of two slices over their ':' axes (the head dim)."""
     if not isinstance(a, Slice) or not isinstance(b, Slice):

@@ -355,3 +355,38 @@ def test_iterating_over_captured_arrays_unrolls_and_over_inputs_is_an_error() ->
     with pytest.raises(TraceError, match="iterating over rel: the size of a kernel input is a runtime value") as e:
         flash_attention.trace(score_mod=bad)
     _at(e.value, bad, 1)
+
+
+ARITY = {  # a DSL function called with arguments it does not take: its signature and what is wrong
+    "where": (lambda s, b, h, qi, kj: attnc.where(qi > kj, s), "attnc.where(cond, a, b): missing a required"),
+    "maximum": (lambda s, b, h, qi, kj: attnc.maximum(s), "attnc.maximum(a, b): missing a required"),
+    "exp": (lambda s, b, h, qi, kj: attnc.exp(s, 2), "attnc.exp(x): too many positional arguments"),
+    "log": (lambda s, b, h, qi, kj: s + attnc.log(), "attnc.log(x): missing a required"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARITY))
+def test_dsl_functions_with_wrong_arguments_point_at_the_user_line(case: str) -> None:
+    """Python's TypeError named attnc's internals (`_unary.<locals>.f() takes 1 positional
+    argument but 2 were given`); now a TraceError at the call naming the DSL signature."""
+    fn, message = ARITY[case]
+    with pytest.raises(TraceError, match=re.escape(message)) as e:
+        flash_attention.trace(score_mod=fn)
+    _at(e.value, fn, 0)
+
+
+def test_a_positive_number_to_a_traced_power_is_exp2_and_python_max_hints_maximum() -> None:
+    """`2 ** x` (ALiBi's slopes) had no __rpow__: Python's TypeError. It is exp2(x * log2(2)),
+    against numpy in tests/runtime; a base that is not a positive number is a TraceError, and
+    Python's max() of a traced value points at attnc.maximum."""
+    kern = flash_attention.trace(score_mod=lambda s, b, h, qi, kj: s * 2 ** (-(h + 1) / 8) + 0.5 ** kj)
+    from attnc.ir.printer import print_kernel
+
+    assert print_kernel(kern).count("exp2(") == 2
+    neg = lambda s, b, h, qi, kj: (-2) ** s  # noqa: E731
+    with pytest.raises(TraceError, match="the base of a traced power must be a positive number") as e:
+        flash_attention.trace(score_mod=neg)
+    _at(e.value, neg, 0)
+    with pytest.raises(TraceError, match="control flow") as e:
+        flash_attention.trace(score_mod=lambda s, b, h, qi, kj: max(s, 0.1))
+    assert any("attnc.maximum" in n for n in e.value.notes)

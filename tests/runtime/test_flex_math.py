@@ -140,3 +140,16 @@ def test_reads_of_captured_tables_are_clamped_to_the_nearest_element(device):
     for h, w in enumerate(want):
         np.testing.assert_array_equal(got[h], w)
         np.testing.assert_array_equal(interp[h], w)
+
+
+def test_a_positive_number_to_a_traced_power(device):
+    """`b ** x` for a number b > 0 (ALiBi's 2 ** (-8 * (h + 1) / H)): exp2(x * log2(b)), within
+    a few f32 ulps of float64 over the exponents slopes and decays take."""
+    x = np.concatenate([np.linspace(-20, 20, 2001), -8 * (np.arange(64) + 1) / 64]).astype(np.float32)
+    fns = [lambda a, i: 2 ** a[i], lambda a, i: 0.5 ** a[i], lambda a, i: 10.0 ** (a[i] * 0.25)]
+    got, interp = run_elementwise(device, fns, x)
+    x64 = x.astype(np.float64)
+    want = [2.0 ** x64, 0.5 ** x64, 10.0 ** (x64 * 0.25)]
+    for h, w in enumerate(want):
+        np.testing.assert_allclose(got[h], w, rtol=2e-6, err_msg=f"function {h}")
+        np.testing.assert_allclose(interp[h], w, rtol=1e-12)
