@@ -136,10 +136,20 @@ class _ToRaw(Transformer):
         return TensorType(DType(str(dtype)), tuple(str(d) for d in dims if d is not None))
 
     def tunables(self, meta, *items):
-        return _Tunables(tuple(i for i in items if i is not None))
+        seen: dict[str, int] = {}
+        for name, value, span in (i for i in items if i is not None):
+            if name in seen:
+                raise ParseError(f"tunable {name} is given twice ({name}={seen[name]} before)", span)
+            seen[name] = value
+        return _Tunables(tuple(seen.items()))
 
     def tunable(self, meta, name, value):
-        return (str(name), self._int(value))
+        """(name, value, the name's span): a tile size is a positive integer, checked here where
+        the text says it (the verifier's check could point only at the kernel)."""
+        v = self._int(value)
+        if v < 1:
+            raise ParseError(f"tunable {name}={v} must be a positive integer", self.tspan(value))
+        return (str(name), v, self.tspan(name))
 
     def grid(self, meta, *axes):
         return Grid(axes, self.span(meta))

@@ -108,8 +108,21 @@ def test_error_renders_completely(case, old, new, rendered):
 def test_error_kinds():
     with pytest.raises(ParseError):
         parse(BASE.replace("scale)\n", "scale\n"))
-    with pytest.raises(VerifyError):
-        parse(BASE.replace("tunables(BM=32", "tunables(BM=0"))
+    with pytest.raises(VerifyError, match="'D' is already defined"):
+        parse(BASE.replace("tunables(BM=32", "tunables(D=4, BM=32"))
+
+
+@pytest.mark.parametrize(("tunables", "message", "column"), [
+    ("tunables(BM=0", "tunable BM=0 must be a positive integer", 17),
+    ("tunables(BM=-4", "tunable BM=-4 must be a positive integer", 17),
+    ("tunables(BN=8, BM=32", "tunable BN is given twice (BN=8 before)", 27),
+])
+def test_tunable_values_are_checked_where_the_text_gives_them(tunables, message, column):
+    """A tile size of 0 or below, or one given twice, is a ParseError at it (the verifier's
+    check pointed at the kernel line)."""
+    with pytest.raises(ParseError, match=re.escape(message)) as e:
+        parse(BASE.replace("tunables(BM=32", tunables))
+    assert (e.value.span.line, e.value.span.column) == (2, column)
 
 
 def test_spans_point_at_source():
