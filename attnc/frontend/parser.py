@@ -296,7 +296,7 @@ class _Resolver:
         shown = ("%" if e.let else "") + e.name
         kind, dtype = self.scope.get(e.name, ("unknown", None))
         if kind == "unknown" or (e.let != (kind in ("let", "softmax"))):
-            hint = _did_you_mean(e.name, self.known(e.let).replace("%", "").split(", "))
+            hint = _did_you_mean(shown, self.known(e.let).split(", "))  # a let's suggestion keeps its '%'
             if kind != "unknown":
                 hint = f"did you mean '{'' if e.let else '%'}{e.name}'? "
             raise ParseError(f"unknown name '{shown}'; {hint}known here: {self.known(e.let)}",

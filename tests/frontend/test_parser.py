@@ -83,6 +83,10 @@ CASES = [
         'H, S, D, T, Dv, scale, b, h, qi, kj\n'
         '        update %acc, s, v[b, h, kj, :]\n'
         '                     ^')),
+    ('misspelled_let', 'update %acc, %s,', 'update %acc, %ss,', (
+        "fa.attn:7:18: parse error: unknown name '%ss'; did you mean '%s'? known here: %s\n"
+        '        update %acc, %ss, v[b, h, kj, :]\n'
+        '                     ^^^')),
     ('tensor_as_value', 'scale)\n', 'q)\n', (
         "fa.attn:6:51: parse error: 'q' is a tensor; index it, as in q[...]\n"
         '        %s = mul(dot(q[b, h, qi, :], k[b, h, kj, :]), q)\n'
