@@ -31,6 +31,7 @@ from attnc.quant import QuantTensor, check_format, check_head_dim
 from attnc.runtime.build import Options, build_kernel_with_captures, mods_scan, options_key, programs_within
 from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
 from attnc.runtime.devices import Device, get_device
+from attnc.runtime.locking import serialized
 from attnc.runtime.lru import LRU
 from attnc.runtime.params import bind_params
 from attnc.runtime.prepared import (
@@ -200,6 +201,7 @@ def _check_option_value(name: str, x: Any, dims: dict[str, int], total_keys: int
     return x
 
 
+@serialized
 def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool = False,
                  scale: float | None = None, window: tuple[int | None, int | None] | None = None,
                  bias: Any = None, alibi_slopes: Any = None, softcap: float | None = None, sinks: Any = None,
@@ -358,6 +360,7 @@ def _tensors_device(device: Any, named: dict[str, Any]) -> Device:
     return dev
 
 
+@serialized
 def prepare(q: Any, k: Any = None, v: Any = None, *, dtype: Any = None, causal: bool = False,
             scale: float | None = None, window: tuple[int | None, int | None] | None = None, bias: Any = None,
             alibi_slopes: Any = None, softcap: float | None = None, sinks: Any = None, kv_lens: Any = None,
@@ -437,6 +440,7 @@ def _signature(q: Any, k: Any, v: Any, options: dict[str, Any], out: Any, out_ls
     return sig
 
 
+@serialized
 def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
               scale: float | None = None, window: tuple[int | None, int | None] | None = None,
               bias: Any = None, alibi_slopes: Any = None, softcap: float | None = None, sinks: Any = None,

@@ -33,6 +33,7 @@ from attnc.lowering.schedule import (
 )
 from attnc.runtime.build import programs_within
 from attnc.runtime.devices import Device, get_device
+from attnc.runtime.locking import serialized
 from attnc.runtime.params import bind_params
 from attnc.runtime.prepared import Prepared, check_limits, max_storage_buffers
 from attnc.runtime.tensor import Tensor, host_array
@@ -142,6 +143,7 @@ class Op:
         self.last = prep
         return prep
 
+    @serialized
     def __call__(self, *, dims: dict[str, int] | None = None, out: Tensor | None = None,
                  out_lse: Tensor | None = None, encoder: Any = None, output: str | None = None,
                  **values: Any) -> Any:
@@ -261,6 +263,7 @@ def _loop_tunable(kern: ir.Kernel) -> str | None:
     return next((s.size for s in ir.walk_stmts(kern.body) if isinstance(s, ir.Loop)), None)
 
 
+@serialized
 def build(kernel: KernelDef, *, device: Device | str | None = None, target: str | None = None,
           **options: Any) -> Op:
     """Make a kernel written with @attnc.kernel callable on a device: `op = attnc.build(k,

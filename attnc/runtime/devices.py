@@ -31,6 +31,7 @@ from attnc.lowering.capabilities import Capabilities
 from attnc.lowering.plan import Dialect
 from attnc.lowering.program import Access, Binding, Program, Scalar
 from attnc.runtime.dispatch import Counters, Dispatch, PipelineCache, readback, run, track_destroyed_buffers, upload
+from attnc.runtime.locking import serialized
 
 # backend name -> the Python module that speaks the wgpu-py API for it
 BACKEND_MODULES = {"wgpu": "wgpu", "dawn": "wgpudawn"}
@@ -333,6 +334,7 @@ def missing_backends() -> dict[str, str]:
     return missing
 
 
+@serialized
 def devices(include_unusable: bool = False) -> list[Device]:
     """The adapters from wgpu-native and (when `wgpudawn` imports) Dawn on which attnc runs,
     enumerated once; each is checked once (Device.unusable) when first listed. With
@@ -363,6 +365,7 @@ def _unusable_notes(found: list[Device]) -> tuple[str, ...]:
     return tuple(f"{d.spec} ({d.adapter_type}, {d.name}) is unusable: {d.unusable}" for d in found)
 
 
+@serialized
 def default_device() -> Device:
     """The best adapter attnc can run on; DeviceError with set-up instructions when there is none."""
     found = list(_enumerate())
@@ -377,6 +380,7 @@ def default_device() -> Device:
     return best
 
 
+@serialized
 def get_device(spec: Any = None) -> Device:
     """Resolve None (the default), a Device, an application's GPUDevice (wgpu-py or wgpudawn;
     wrapped once, see Device.from_gpu_device) or a 'backend[:api]' string such as 'wgpu:opengl'."""

@@ -29,6 +29,7 @@ from attnc.runtime import dispatch as rt
 from attnc.runtime.api import prepare, rows_packable
 from attnc.runtime.build import mods_scan
 from attnc.runtime.devices import get_device
+from attnc.runtime.locking import serialized
 from attnc.runtime.lru import LRU
 from attnc.runtime.prepared import Prepared
 from attnc.runtime.store import pair_store_program as dsl_pair_store_program
@@ -197,6 +198,7 @@ class KVCache:
     A ragged append writes exactly counts[b] rows of batch row b in every format.
     """
 
+    @serialized
     def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, value_dim: int | None = None,
                  dtype: Any = np.float32, device: Any = None, *, k_format: str | None = None,
                  v_format: str | None = None):
@@ -246,6 +248,7 @@ class KVCache:
         return self._lengths.copy()
 
     # ------------------------------------------------------------------ lengths
+    @serialized
     def set_lengths(self, lengths: Sequence[int] | np.ndarray) -> None:
         """Set every row's valid prefix (e.g. 0 to start over, or fewer to drop rows), on the
         host and the GPU; the rows past it are overwritten by the next appends."""
@@ -257,11 +260,13 @@ class KVCache:
         self._lengths = arr.astype(np.int64)
         self.kv_lens.write(arr.astype(np.int32))
 
+    @serialized
     def reset(self) -> None:
         """Empty every row."""
         self.set_lengths(np.zeros(self.batch, np.int64))
 
     # ------------------------------------------------------------------ append
+    @serialized
     def append(self, k_new: Any, v_new: Any, counts: Sequence[int] | np.ndarray | None = None, *,
                encoder: Any = None) -> None:
         """Write new keys and values behind each row's valid prefix, in place.
@@ -463,6 +468,7 @@ class KVCache:
         return compiled, group, grid
 
     # ------------------------------------------------------------------ attention
+    @serialized
     def attend(self, q: Any, *, causal: bool = False, scale: float | None = None,
                window: tuple[int | None, int | None] | None = None, bias: Any = None, alibi_slopes: Any = None,
                softcap: float | None = None, sinks: Any = None, return_lse: bool = False, target: str | None = None,

@@ -32,6 +32,7 @@ from attnc.runtime.api import (
     vector_readable,
 )
 from attnc.runtime.build import mods_scan
+from attnc.runtime.locking import serialized
 from attnc.runtime.lru import LRU
 from attnc.runtime.prepared import Prepared
 from attnc.runtime.tensor import Tensor, host_array
@@ -97,6 +98,7 @@ def _checked_table(table: Any, dims: dict[str, int], kv_lens: Any) -> Any:
     return np.ascontiguousarray(arr, dtype=np.int32)
 
 
+@serialized
 def paged_attention(q: Any, k_pages: Any, v_pages: Any, block_table: Any, *, kv_lens: Any = None,
                     causal: bool = False, scale: float | None = None,
                     window: tuple[int | None, int | None] | None = None, bias: Any = None,

@@ -41,6 +41,7 @@ from attnc.lowering.retype import operand_tensors
 from attnc.quant import QuantTensor
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device
+from attnc.runtime.locking import serialized
 from attnc.runtime.lru import LRU
 from attnc.runtime.params import host_param, scalar_value
 from attnc.runtime.tensor import QuantGPUTensor, Tensor, dense_strides, host_array, on_gpu
@@ -553,6 +554,7 @@ class Prepared:
         return bound, strides
 
     # ------------------------------------------------------------------ calls
+    @serialized
     def __call__(self, q: Any, k: Any, v: Any, *, out: Tensor | None = None, out_lse: Tensor | None = None,
                  encoder: Any = None, output: str | None = None, **tensors: Any) -> Any:
         """Attention on new q, k, v (GPU tensors or host arrays of the prepared shapes and
@@ -878,11 +880,13 @@ class Prepared:
         return out
 
     # ------------------------------------------------------------------ tuner / benchmark interface
+    @serialized
     def bind(self, q: Any, k: Any, v: Any) -> Prepared:
         """Upload inputs into new buffers and create the output/scratch buffers and dispatches."""
         self.bufs, self.dispatches = self._binding(q, k, v)
         return self
 
+    @serialized
     def bind_copy(self, q: Any, k: Any, v: Any) -> Bound:
         """Another set of inputs and outputs for `run(binding=...)`: benchmarks rotate over
         copies so that inputs smaller than the GPU's cache are not timed cache-resident."""
@@ -915,6 +919,7 @@ class Prepared:
             bound[name] = rt.empty(self.dev, size)
         return bound, self._dispatches(bound, strides, o_strides, lse_strides)
 
+    @serialized
     def run(self, timestamps: bool = False, binding: Bound | None = None) -> float | None:
         """Dispatch all programs in one submission; with timestamps, the GPU ms from the start
         of the first pass to the end of the last. With `binding` (from bind_copy), on those
@@ -938,6 +943,7 @@ class Prepared:
         a word; the padding element holds 0)."""
         return self._o_row_stride
 
+    @serialized
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Read o (in o_dtype, as the kernel wrote it: no conversion, the padding of odd rows
         dropped) and lse (float32) back, of the last `bind`/`run`."""

@@ -13,6 +13,7 @@ from attnc.lowering.store import emit_store
 from attnc.quant import QuantTensor, check_head_dim, storable
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device, get_device
+from attnc.runtime.locking import serialized
 from attnc.runtime.tensor import dense_strides
 
 _PROGRAMS: dict[tuple[tuple[str, ...], tuple[str, ...], bool], tuple[ir.StoreKernel, Program]] = {}
@@ -66,6 +67,7 @@ def check_rows(x: Any, cache_shape: tuple[int, ...], paged: bool, name: str = "r
         raise ValueError(f"{name}: inf or NaN cannot be stored in a KV cache")
 
 
+@serialized
 def store_rows(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, *,
                table: np.ndarray | None = None, counts: np.ndarray | None = None,
                device: Device | str | None = None) -> QuantTensor | np.ndarray:
@@ -83,6 +85,7 @@ def store_rows(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, 
     return _read(dev, buf, cache)
 
 
+@serialized
 def store_pair_rows(k_cache: QuantTensor | np.ndarray, v_cache: QuantTensor | np.ndarray, k_rows: np.ndarray,
                     v_rows: np.ndarray, pos: np.ndarray, *, table: np.ndarray | None = None,
                     counts: np.ndarray | None = None, device: Device | str | None = None

@@ -27,6 +27,7 @@ import numpy as np
 from attnc.quant import QuantTensor, check_format, words_per_row
 from attnc.runtime import dispatch as rt
 from attnc.runtime.devices import Device, get_device
+from attnc.runtime.locking import serialized
 
 # the dtypes a GPU tensor may have (what the kernels read and write)
 DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int32), np.dtype(np.uint32))
@@ -166,6 +167,7 @@ class Tensor:
         return f"attnc.Tensor(shape={self.shape}, dtype={self.dtype}{extra}, device={self.device.spec})"
 
     # ------------------------------------------------------------------ data
+    @serialized
     def numpy(self) -> np.ndarray:
         """A host copy (waits for the GPU work that writes it)."""
         self.check_alive("tensor")
@@ -180,6 +182,7 @@ class Tensor:
         view = np.lib.stride_tricks.as_strided(flat, self.shape, tuple(s * self.itemsize for s in self.strides))
         return np.array(view)
 
+    @serialized
     def write(self, data: Any) -> Tensor:
         """Copy host data of this shape into the tensor in place (queue.write_buffer; the
         tensor must be contiguous and its bytes start and end on 4-byte boundaries, or be a
@@ -210,6 +213,7 @@ class Tensor:
             rt.write(self.device, self.buffer, self.offset, host)
         return self
 
+    @serialized
     def destroy(self) -> None:
         """Destroy the buffer (and with it every view of it)."""
         self.buffer.destroy()
@@ -331,6 +335,7 @@ class QuantGPUTensor:
     def __repr__(self) -> str:
         return f"attnc.QuantGPUTensor(fmt={self.fmt!r}, shape={self.shape}, device={self.device.spec})"
 
+    @serialized
     def numpy(self) -> QuantTensor:
         """A host copy (a QuantTensor; attnc.quant.dequantize gives its values)."""
         return QuantTensor(self.fmt, self.shape, self.words.numpy())
@@ -339,10 +344,12 @@ class QuantGPUTensor:
         """The words' binding (errors as Tensor.binding)."""
         return self.words.binding(name)
 
+    @serialized
     def destroy(self) -> None:
         self.words.destroy()
 
 
+@serialized
 def quant_zeros(fmt: str, shape: Sequence[int], device: Any = None) -> QuantGPUTensor:
     """A new quantized GPU tensor of zero words (every value 0)."""
     dev = get_device(device)
@@ -361,6 +368,7 @@ def on_gpu(x: Any) -> bool:
 _PADDED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
+@serialized
 def tensor(data: Any, device: Any = None, dtype: Any = None) -> Any:
     """Upload host data (numpy, `__array__` or DLPack) into a new GPU tensor on `device`
     (a Device, a GPUDevice, a spec string, or None for the default). `dtype` converts; without
@@ -383,6 +391,7 @@ def tensor(data: Any, device: Any = None, dtype: Any = None) -> Any:
     return Tensor(dev, buffer, host.shape, dt)
 
 
+@serialized
 def zeros(shape: Sequence[int], dtype: Any = np.float32, device: Any = None) -> Tensor:
     """A new zero-filled GPU tensor (WebGPU zero-initialises buffers)."""
     dev = get_device(device)
@@ -393,6 +402,7 @@ def zeros(shape: Sequence[int], dtype: Any = np.float32, device: Any = None) -> 
     return Tensor(dev, buffer, shape, dt)
 
 
+@serialized
 def as_tensor(buffer: Any, shape: Sequence[int], dtype: Any = np.float32, strides: Sequence[int] | None = None,
               offset: int = 0, device: Any = None) -> Tensor:
     """A tensor view of a GPUBuffer the application owns (no copy). The device is the buffer's
