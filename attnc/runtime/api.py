@@ -29,7 +29,7 @@ from attnc.lowering.schedule import (
 )
 from attnc.quant import QuantTensor, check_format, check_head_dim
 from attnc.runtime.build import Options, build_kernel_with_captures, mods_scan, options_key, programs_within
-from attnc.runtime.chunking import binding_limit, chunked, largest_binding, split_limit, whole_problem
+from attnc.runtime.chunking import binding_limit, binding_sizes, chunked, largest_binding, split_limit, whole_problem
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.locking import serialized
 from attnc.runtime.lru import LRU
@@ -483,9 +483,11 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
     gpu = any(on_gpu(x) for x in (q, k, v, *options.values(), out, out_lse))
     formats = kv_formats(k, v)
     if formats and not gpu and largest_binding(q, k, v, bias) > binding_limit(dev):
-        big = largest_binding(q, k, v, bias)
-        raise DeviceError(f"a {big}-byte binding is larger than {dev.spec}'s largest storage binding "
-                          f"({binding_limit(dev)} B); quantized K/V are not split into pieces",
+        name, big = max(binding_sizes(q, k, v, bias).items(), key=lambda item: item[1])
+        raise DeviceError(f"{name}: {big} bytes, more than {dev.spec}'s largest storage binding "
+                          f"({binding_limit(dev)} B); a call over a quantized K/V "
+                          f"({', '.join(n.removesuffix('_format') + ' ' + f for n, f in sorted(formats.items()))}) "
+                          "is not split into pieces",
                           notes=("call attention on fewer batch entries or heads at a time",))
     if not gpu and largest_binding(q, k, v, bias) > binding_limit(dev):
         kw = dict(causal=causal, scale=scale, window=window, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,

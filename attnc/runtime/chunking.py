@@ -25,16 +25,21 @@ def binding_limit(dev: Device) -> int:
     return min(int(lim.get("max-storage-buffer-binding-size", 2**27)), int(lim.get("max-buffer-size", 2**28)))
 
 
-def largest_binding(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray | None) -> int:
-    """Bytes of the largest buffer a call binds: an input, o (in q's dtype, float16 rows
-    padded to an even length) or the compact bias."""
+def binding_sizes(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray | None) -> dict[str, int]:
+    """Bytes of each buffer a call binds by name: the inputs, o (in q's dtype, float16 rows
+    padded to an even length) and the compact bias."""
     B, Hq, S, _ = q.shape
     Dv = v.shape[3]
     row = Dv + Dv % 2 if q.dtype == np.float16 else Dv
-    sizes = [q.nbytes, k.nbytes, v.nbytes, q.dtype.itemsize * B * Hq * S * row]
+    sizes = {"q": q.nbytes, "k": k.nbytes, "v": v.nbytes, "o": q.dtype.itemsize * B * Hq * S * row}
     if bias is not None:
-        sizes.append(4 * int(np.asarray(bias).size))
-    return max(sizes)
+        sizes["bias"] = 4 * int(np.asarray(bias).size)
+    return sizes
+
+
+def largest_binding(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray | None) -> int:
+    """Bytes of the largest buffer a call binds (binding_sizes)."""
+    return max(binding_sizes(q, k, v, bias).values())
 
 
 def whole_problem(dims: dict[str, int], offsets: Any) -> dict[str, int]:

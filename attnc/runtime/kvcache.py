@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
-from attnc.quant import check_format, check_head_dim, storable
+from attnc.quant import check_format, check_head_dim, storable, words_per_row
 from attnc.runtime import dispatch as rt
 from attnc.runtime.api import prepare, rows_packable
 from attnc.runtime.build import mods_scan
@@ -217,6 +217,16 @@ class KVCache:
         if dt == np.float16 and (head_dim % 2 or dv % 2) and capacity % 2:
             capacity += 1
         self.device = get_device(device)
+        largest = rt.max_binding_bytes(self.device)
+        for name, fmt, width in (("k", k_format, head_dim), ("v", v_format, dv)):
+            row = 4 * words_per_row(fmt, int(width)) if fmt is not None else dt.itemsize * int(width)
+            nbytes = int(batch) * int(kv_heads) * int(capacity) * row
+            if nbytes > largest:  # attention binds the cache whole (refused at the first append before)
+                raise ValueError(f"{name}: a cache of batch={batch}, kv_heads={kv_heads}, capacity={capacity} and "
+                                 f"{'head_dim' if name == 'k' else 'value_dim'}={width} ({fmt or dt.name}) needs "
+                                 f"{nbytes} bytes, more than {self.device.spec}'s max-storage-buffer-binding-size "
+                                 f"({largest}): attention binds it whole; lower the capacity or the batch, or "
+                                 "request a larger limit for the device")
         self.dtype, self.batch, self.kv_heads, self.capacity = dt, int(batch), int(kv_heads), int(capacity)
         self.head_dim, self.value_dim = int(head_dim), int(dv)
         self.k_format, self.v_format = k_format, v_format

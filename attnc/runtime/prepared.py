@@ -56,6 +56,8 @@ BROADCAST = frozenset({"bias"})
 # bind groups an op keeps (least recently used dropped first): enough for one op reused by a
 # whole model's layers with their own buffers
 MAX_BIND_GROUPS = 256
+# the inputs of attention itself (not tables a mod reads), as binding-size errors name them
+ATTENTION_INPUTS = frozenset({"q", "k", "v", "bias", "sinks", "kv_lens", "alibi_slopes", "block_table"})
 MAX_UNIFORM_BLOCKS = 16
 MAX_FRESH_CALLS = 16
 OUTPUT_MODES = ("tensor", "numpy")
@@ -500,9 +502,12 @@ class Prepared:
         nbytes = max(4, -(-arr.nbytes // 4) * 4)
         largest = rt.max_binding_bytes(self.dev)
         if nbytes > largest:  # what a mod reads (or a prepared op's input) is bound whole
+            hint = ("a prepared op binds each input whole; attnc.attention with host inputs and no out= splits a "
+                    "problem past the limit, or request a larger limit for the device" if name in ATTENTION_INPUTS
+                    else "a tensor a mod reads is bound whole; request a larger limit for the device, or index a "
+                    "smaller table")
             raise ValueError(f"{name}: {arr.nbytes} bytes, more than the device's max-storage-buffer-binding-size "
-                             f"({largest}), the most one binding may cover (a tensor a mod reads is bound whole; "
-                             "request a larger limit for the device, or index a smaller table)")
+                             f"({largest}), the most one binding may cover ({hint})")
         buffer = self._staging.get(name)
         if buffer is None or buffer.size < nbytes:
             buffer = self._staging[name] = rt.create_buffer(self.dev, max(nbytes, 16), label=f"attnc.{name}")
@@ -794,7 +799,9 @@ class Prepared:
             o = out if out is not None else self._new_o()
             lse = out_lse if out_lse is not None or not self.has_lse else zeros_on(self.dev, lse_shape)
         else:
-            if self._own_out is None and (out is None or (self.has_lse and out_lse is None)):
+            own_gone = self._own_out is not None and any(t is not None and t.destroyed for t in self._own_out)
+            if (self._own_out is None or own_gone) and (out is None or (self.has_lse and out_lse is None)):
+                # (made again when the caller destroyed the one it was handed)
                 self._own_out = (self._new_o(),
                                  zeros_on(self.dev, lse_shape) if self.has_lse else None)
             o = out if out is not None else self._own_out[0]  # type: ignore[index]

@@ -524,3 +524,22 @@ def test_write_covers_float16_tensors_of_an_odd_size(require_adapters, make) -> 
     with pytest.raises(ValueError, match=r"tensor: write\(\) needs 4-byte aligned bytes; offset 4, 6 bytes"):
         inner.write(np.ones(3, np.float16))
     np.testing.assert_array_equal(words.numpy(), np.arange(8, dtype=np.float16))
+
+
+def test_an_output_the_caller_destroyed_is_made_again(require_adapters) -> None:
+    """The output a prepared op (or KVCache.attend with a GPU q) hands back is overwritten by its
+    next call; a caller that destroys it gets a new one from the next call (every later call
+    raised "its GPU buffer was destroyed")."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 2, n, 16)).astype(np.float32) for n in (4, 8, 8))
+    qt, kt, vt = (attnc.tensor(x, dev) for x in (q, k, v))
+    op = attnc.prepare(qt, kt, vt)
+    op(qt, kt, vt).destroy()
+    o = op(qt, kt, vt)
+    assert not o.destroyed
+    assert_close(o.numpy(), attention_ref(q, k, v), 1e-5, "o")
+    cache = attnc.KVCache(1, 2, 32, 16, device=dev)
+    cache.append(k, v)
+    cache.attend(qt[:, :, :1]).destroy()
+    assert_close(cache.attend(qt[:, :, :1]).numpy(), attention_ref(q[:, :, :1], k, v), 1e-5, "o")

@@ -386,3 +386,31 @@ def test_one_head_beyond_the_binding_limit_is_chunked_over_rows_and_keys(require
     assert_close(lse, rl, 1e-5, "lse")
     o = attnc.attention(q, k, v, device=dev, score_mod=lambda s, b, h, i, j: s - 0.01 * attnc.f32(abs(i - j)))
     assert_close(o, attention_ref(q, k, v, score_mod=lambda s, b, h, i, j: s - 0.01 * np.abs(i - j)), 1e-5)
+
+
+def test_binding_limit_errors_name_the_tensor_and_what_to_do(require_adapters) -> None:
+    """On a device granted a 256 KiB binding: a KV cache past it is refused when it is made,
+    naming k or v and the sizes (it was accepted, then the first append said "cache: spans ...");
+    a call over a quantized K whose float V is too large names v (it said only "a 1280000-byte
+    binding"); a prepared op's host q past it names q without the hint about mods' tables."""
+    backend = importlib.import_module(BACKEND_MODULES[require_adapters("wgpu:vulkan")[0].backend])
+    adapter = next(a for a in backend.gpu.enumerate_adapters_sync()
+                   if a.info.get("backend_type", "").lower() == "vulkan" and a.info.get("adapter_type") == "CPU")
+    limit = 1 << 18
+    dev = attnc.get_device(adapter.request_device_sync(required_limits={"max-storage-buffer-binding-size": limit}))
+    for fmt in (None, "q8_0"):
+        with pytest.raises(ValueError, match=r"k: a cache of batch=1, kv_heads=2, capacity=2000 and head_dim=64 "
+                                             rf"\({fmt or 'float32'}\) needs \d+ bytes, more than .*\({limit}\)"):
+            attnc.KVCache(1, 2, 2000, 64, device=dev, k_format=fmt)
+    attnc.KVCache(1, 2, 500, 64, device=dev)  # 256000 bytes: fits
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 1, 64)).astype(np.float32)
+    k = attnc.quant.quantize(rng.standard_normal((1, 2, 2500, 64)).astype(np.float32), "q8_0")
+    v = rng.standard_normal((1, 2, 2500, 64)).astype(np.float32)
+    with pytest.raises(AttncError, match=r"v: 1280000 bytes, more than .* a call over a quantized K/V \(k q8_0\)"):
+        attnc.attention(q, k, v, device=dev)
+    op = attnc.prepare((1, 2, 2500, 64), (1, 2, 4, 64), (1, 2, 4, 64), device=dev)
+    small = rng.standard_normal((1, 2, 4, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="q: 1280000 bytes, .*a prepared op binds each input whole") as e:
+        op(rng.standard_normal((1, 2, 2500, 64)).astype(np.float32), small, small)
+    assert "table" not in str(e.value)
