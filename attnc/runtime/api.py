@@ -495,11 +495,10 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
                   score_mod=score_mod, mask_mod=mask_mod)
         if inputs:
             kw["inputs"] = dict(inputs)
-        out_host = chunked(q, k, v, kw, binding_limit(dev), attention, prepare_dims)
-        if output == "tensor":
+        if output == "tensor":  # (said before the pieces run, not after)
             raise ValueError("output='tensor': this problem is larger than a binding and runs in pieces on the "
                              "host; pass GPU tensors small enough to bind")
-        return out_host
+        return chunked(q, k, v, kw, binding_limit(dev), attention, prepare_dims)
     scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod)
     vec = vector_readable(q, k, v)
     packable = rows_packable(dims, out, out_lse)

@@ -13,6 +13,8 @@ DeviceError naming the limit what it cannot chunk (one head's K/V beyond it).
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 import json
 
@@ -213,6 +215,11 @@ def test_problem_larger_than_the_binding_limit_is_chunked(require_adapters, monk
         return
     assert sizes and max(sizes) <= limit, f"bound {max(sizes)} bytes > limit {limit}"
     assert_close(o, attention_ref(q, k, v), 1e-5)
+    # output="tensor" cannot be given pieces run on the host: refused before any of them runs
+    before = dataclasses.replace(dev.counters)
+    with pytest.raises(ValueError, match="output='tensor': this problem is larger than a binding"):
+        attnc.attention(q, k, v, device=dev, output="tensor")
+    assert dev.counters == before
 
 
 def test_real_binding_limit_is_not_a_raw_webgpu_error(require_adapters) -> None:
