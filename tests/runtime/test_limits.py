@@ -14,7 +14,6 @@ DeviceError naming the limit what it cannot chunk (one head's K/V beyond it).
 from __future__ import annotations
 
 import dataclasses
-
 import importlib
 import json
 
