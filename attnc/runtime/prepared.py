@@ -999,7 +999,8 @@ def check_limits(dev: Device, progs: tuple[Program, ...], plan: Plan | None = No
         have = max_storage_buffers(dev)
         if nbuf > have:
             tensors = [b.name for b in p.bindings if b.access is not Access.UNIFORM]
+            fold = " (e.g. alibi_slopes into bias)" if {"alibi_slopes", "bias"} & set(tensors) else ""
             raise DeviceError(f"these options need {nbuf} storage buffers per shader stage ({', '.join(tensors)}); "
                               f"{dev.spec} grants max-storage-buffers-per-shader-stage = {have}",
-                              notes=("drop an option tensor (or fold one into another, e.g. alibi_slopes into bias) "
+                              notes=(f"drop an option tensor or a table a mod captures, fold one into another{fold}, "
                                      "or use a device that grants more",))
