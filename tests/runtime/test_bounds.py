@@ -199,11 +199,13 @@ F16_TILE_PLANS = [  # (target, plan, BM, BN): p chunks and value blocks smaller 
 ]
 
 
-@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
-@pytest.mark.parametrize(("target", "plan", "bm", "bn"), [pytest.param(*p, id=p[0]) for p in F16_TILE_PLANS])
+@pytest.mark.parametrize(("spec", "target", "plan", "bm", "bn"),
+                         [pytest.param(spec, *p, id=f"{p[0]}-{spec}")
+                          for spec, p in zip(("wgpu:vulkan", "dawn:vulkan"), F16_TILE_PLANS, strict=True)])
 def test_f16_tile_plans_stay_in_bounds(spec, target, plan, bm, bn, require_adapters, monkeypatch) -> None:
     """f16 tiles (q/k/v staged in halves, p in an f32 tile of its own) under the sanitizer, with
-    tails in every tiled axis, a [B, Hq, S, T] bias, sinks, kv_lens, causal and lse, within 2e-3."""
+    tails in every tiled axis, a [B, Hq, S, T] bias, sinks, kv_lens, causal and lse, within 2e-3;
+    each plan through one of the two WGSL compilers."""
     dev = require_adapters(spec)[0]
     plan = dataclasses.replace(plan, dialect=compiler_dialect(dev))
     assert 4 * layout(plan, bm, bn).smem_words <= LAVAPIPE_SMEM
