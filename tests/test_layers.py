@@ -27,7 +27,8 @@ ALLOWED = {
 }
 # runtime modules, bottom layer first: a module may import only from earlier layers
 RUNTIME_LAYERS = [
-    {"lru", "cachedir"},  # no attnc imports: the bounded map every cache uses, the cache directory
+    {"lru", "cachedir", "locking"},  # no attnc imports: the bounded map every cache uses, the cache
+    # directory, the lock of calls from several threads
     {"dispatch"},
     {"devices", "timing"},
     {"tensor"},

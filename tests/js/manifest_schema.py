@@ -341,10 +341,18 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
             "tensors",
             "params",
             "programs",
+            "tiles",
         },
+        optional={"tiles"},
     )
     if not isinstance(v.get("name"), str) or not v.get("name"):
         out.append(f"{where}.name: not a non-empty string")
+    if "tiles" in v:  # the f16-tile variants: f16 data staged in f16 workgroup tiles (shader-f16)
+        if v["tiles"] != "f16" or v.get("dtype") != "f16":
+            out.append(f"{where}.tiles: {v['tiles']!r} on a {v.get('dtype')!r} variant; only \"f16\" on an f16 one")
+        req = v.get("requires")
+        if not (isinstance(req, dict) and "shader-f16" in (req.get("features") or [])):
+            out.append(f"{where}.tiles: f16 tiles need shader-f16 in requires.features")
     if not _in(v.get("family"), FAMILIES):
         out.append(f"{where}.family: {v.get('family')!r} not one of {sorted(FAMILIES)}")
     if not _in(v.get("dtype"), VARIANT_DTYPES):
