@@ -825,35 +825,30 @@ def refusal_cases(w: _Writer, folder: Path) -> list[dict]:
          arrays={"S": 5, "D": 4})
     case("kv_lens_past_T", "kvlens_window_right", {"family": "subgroups", "dtype": "f32"}, good,
          "input kv_lens: values must be in [0, T=5], got 6 at index 0", lens=[6], params={"window_right": 2})
-    if (folder / "compiled" / "kvquant" / "manifest.json").is_file():
-        # a float cache attended by a variant that reads a q8_0 K: refused naming both (it ran into
-        # plausible numbers; an f16 variant over an f32 cache gave NaN)
+    def refused_cache(name: str, config: str, variant: dict, expect: str) -> None:
+        """An f32 cache of 2 appended rows attended by `variant` of compiled/`config`: refused."""
+        if not (folder / "compiled" / config / "manifest.json").is_file():
+            return
         B, H, D = 1, 2, 32
-        out.append({"name": "refuse.kv_cache_of_another_format", "kind": "kv_cache",
-                    "manifest": "compiled/kvquant/manifest.json", "variant": plain, "requires_features": [],
+        out.append({"name": f"refuse.{name}", "kind": "kv_cache", "manifest": f"compiled/{config}/manifest.json",
+                    "variant": variant, "requires_features": [],
                     "cache": {"batch": B, "kvHeads": H, "capacity": 8, "headDim": D, "valueDim": D, "dtype": "f32"},
                     "steps": [{"rows": 2, "counts": None, "source": "array",
                                "k": w.bin(rng.standard_normal((B, H, 2, D)), "f32"),
                                "v": w.bin(rng.standard_normal((B, H, 2, D)), "f32")}],
                     "q": w.bin(rng.standard_normal((B, 4, 1, D)), "f32"), "shapes": {"Hq": 4, "S": 1}, "params": {},
-                    "tol": TOL["f32"], "expected": {},
-                    "expect_error": "k: the cache stores k as f32, but variant flash_attention.portable.f32 reads "
-                                    'q8_0: make the cache with kFormat: "q8_0"'})
-    if (folder / "compiled" / "kv_cache" / "manifest.json").is_file():
-        # an f32 cache attended by an f16 variant: the advice names the cache's dtype or the
-        # variant's (an `--set k_dtype=f32` would not help: --dtype f16 sets every float input)
-        B, H, D = 1, 2, 32
-        out.append({"name": "refuse.kv_cache_of_another_dtype", "kind": "kv_cache",
-                    "manifest": "compiled/kv_cache/manifest.json", "variant": {"family": "portable", "dtype": "f16"},
-                    "requires_features": [],
-                    "cache": {"batch": B, "kvHeads": H, "capacity": 8, "headDim": D, "valueDim": D, "dtype": "f32"},
-                    "steps": [{"rows": 2, "counts": None, "source": "array",
-                               "k": w.bin(rng.standard_normal((B, H, 2, D)), "f32"),
-                               "v": w.bin(rng.standard_normal((B, H, 2, D)), "f32")}],
-                    "q": w.bin(rng.standard_normal((B, 4, 1, D)), "f32"), "shapes": {"Hq": 4, "S": 1}, "params": {},
-                    "tol": TOL["f32"], "expected": {},
-                    "expect_error": "k: the cache stores k as f32, but variant flash_attention.portable.f16 reads f16: "
-                                    'make the cache with dtype: "f16", or load a variant of dtype "f32"'})
+                    "tol": TOL["f32"], "expected": {}, "expect_error": expect})
+
+    # a float cache attended by a variant that reads a q8_0 K: refused naming both (it ran into
+    # plausible numbers; an f16 variant over an f32 cache gave NaN)
+    refused_cache("kv_cache_of_another_format", "kvquant", plain,
+                  "k: the cache stores k as f32, but variant flash_attention.portable.f32 reads "
+                  'q8_0: make the cache with kFormat: "q8_0"')
+    # an f32 cache attended by an f16 variant: the advice names the cache's dtype or the
+    # variant's (an `--set k_dtype=f32` would not help: --dtype f16 sets every float input)
+    refused_cache("kv_cache_of_another_dtype", "kv_cache", {"family": "portable", "dtype": "f16"},
+                  "k: the cache stores k as f32, but variant flash_attention.portable.f16 reads f16: "
+                  'make the cache with dtype: "f16", or load a variant of dtype "f32"')
     return out
 
 
