@@ -223,7 +223,9 @@ class Prepared:
         self._compiled: list[rt.CompiledProgram] | None = None
         self._folded: list[tuple[int, int, int]] = []
         self._uniforms: collections.OrderedDict[Any, list[Any]] = collections.OrderedDict()
-        self._groups: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        # bind groups by (program, uniform buffer, bound slices), each with weak references to the
+        # tensors of the call that made it: see _held_while
+        self._groups: LRU[Any, tuple[Any, Any]] = LRU(MAX_BIND_GROUPS)
         self._staging: dict[str, Any] = {}  # host inputs: the op's own upload buffers
         self._uploaded_defaults: dict[str, tuple[rt.BufferSlice, tuple[int, ...]]] = {}
         self._own_out: tuple[Tensor, Tensor | None] | None = None
@@ -233,8 +235,9 @@ class Prepared:
         self._map_programs = frozenset(i for i, p in enumerate(progs) if p.name in ("classify", "compact"))
         self._map_reads = frozenset(n for i in self._map_programs for n in self._storage[i]) - {"blocks"}
         self._map_digest: bytes | None = None
-        # calls with the same GPU tensors: (recorded pass, result, buffers), see _call
-        self._memo: collections.OrderedDict[Any, tuple[Any, Any, tuple[Any, ...]]] = collections.OrderedDict()
+        # calls with the same GPU tensors, by their identity: (recorded pass, the op's own outputs
+        # it returned, buffers, weak references to the tensors), see _call
+        self._memo: LRU[Any, tuple[Any, Any, tuple[Any, ...], Any]] = LRU(MAX_BIND_GROUPS)
         # calls that return new outputs (attention() with GPU tensors), by the identity of their
         # tensors, held weakly: see _remember_fresh
         self._fresh: LRU[Any, tuple[tuple[Any, ...], tuple[Any, ...], Any]] = LRU(MAX_FRESH_CALLS)
@@ -603,12 +606,12 @@ class Prepared:
                 all(type(x) is Tensor or (n in self.scalar_inputs and type(x) in (int, float))
                     for n, x in tensors.items()):
             if keep_groups:
-                memo_key = (q, k, v, out, out_lse, output, encoder is None, *tensors.items())
+                memo_key = (id(q), id(k), id(v), id(out), id(out_lse), output, encoder is None,
+                            *((n, id(x)) if type(x) is Tensor else (n, type(x), x) for n, x in tensors.items()))
                 hit = self._memo.get(memo_key)
                 if hit is not None and not _destroyed(hit[2]):
-                    self._memo.move_to_end(memo_key)
                     self._run(hit[0], encoder, before)
-                    return hit[1]
+                    return self._result(hit[1], out, out_lse)
             elif out is None and encoder is None and before is None:
                 fresh_key = (id(q), id(k), id(v), id(out_lse), output,
                              *((n, id(x)) if type(x) is Tensor else (n, type(x), x) for n, x in tensors.items()))
@@ -620,13 +623,33 @@ class Prepared:
         if parts is None:
             return result
         if memo_key is not None and output != "numpy":
-            ready = self._pass([(self._compiled[i], g, self._folded[i]) for i, _, _, _, g in parts])
-            self._memo[memo_key] = (ready, result, buffers)
-            if len(self._memo) > MAX_BIND_GROUPS:
-                self._memo.popitem(last=False)
+            refs = self._held_while((q, k, v, out, out_lse, *tensors.values()), self._memo, memo_key)
+            if refs is not None:
+                ready = self._pass([(self._compiled[i], g, self._folded[i]) for i, _, _, _, g in parts])
+                o, lse = result if self.has_lse else (result, None)
+                own = (None if out is not None else o, None if out_lse is not None else lse)
+                self._memo.put(memo_key, (ready, own, buffers, refs))
         elif fresh_key is not None:
             self._remember_fresh(fresh_key, parts, out_lse, (q, k, v, out_lse, *tensors.values()))
         return result
+
+    def _result(self, own: tuple[Tensor | None, Tensor | None], out: Tensor | None, out_lse: Tensor | None) -> Any:
+        """What a memoized call returns: the caller's out= / out_lse= where given, else the op's
+        own outputs it returned the first time."""
+        o = out if out is not None else own[0]
+        return (o, out_lse if out_lse is not None else own[1]) if self.has_lse else o
+
+    @staticmethod
+    def _held_while(args: tuple[Any, ...], store: LRU[Any, Any], key: Any) -> tuple[weakref.ref[Any], ...] | None:
+        """Weak references to the GPU tensors among `args` that drop `key` from `store` when any
+        of them goes: what an op remembers of a call (bind groups, a recorded pass, which hold
+        their buffers) lives no longer than the tensors the caller passed. Kept in the entry
+        (a dead reference calls nothing); None when a tensor takes no weak reference (then
+        nothing is remembered)."""
+        try:
+            return tuple(weakref.ref(x, lambda _, key=key: store.pop(key)) for x in args if on_gpu(x))
+        except TypeError:
+            return None
 
     def _run(self, ready: rt.Pass, encoder: Any, before: rt.Pass | None, keep: bool = True) -> None:
         """Submit the op's pass, or record it into `encoder`; with `before`, that pass's
@@ -665,14 +688,12 @@ class Prepared:
             else:  # bound anew at each call (not the first call's outputs: they are the caller's)
                 kept.append((i, names, tuple(None if n in made else x for n, x in zip(names, slices, strict=True)),
                              ub, None))
-        fresh = self._fresh
-        try:
-            refs = tuple(weakref.ref(x, lambda _, key=key: fresh.pop(key)) for x in args if on_gpu(x))
-        except TypeError:
+        refs = self._held_while(args, self._fresh, key)
+        if refs is None:
             return
         buffers = tuple({id(b): b for i, names, slices, _, _ in kept for b in
                          (rt.buffer_of(x) for x in slices if x is not None)}.values())
-        fresh.put(key, (tuple(kept), buffers, refs))
+        self._fresh.put(key, (tuple(kept), buffers, refs))
 
     def _fresh_run(self, entry: tuple[tuple[Any, ...], tuple[Any, ...], Any], out_lse: Tensor | None,
                    output: str | None) -> Any:
@@ -728,6 +749,7 @@ class Prepared:
         hosts: dict[str, np.ndarray] = {}
         bound, strides = self._resolve(values, fresh=False, recorded=encoder is not None, hosts=hosts)
         o, lse = self._outputs(out, out_lse, list(bound.values()), fresh=not keep_groups)
+        owners = (out, out_lse, *values.values())  # the tensors the call's bind groups live with
         o_strides = self._kernel_out_strides(o.strides, "out")
         lse_strides = None if lse is None else self._kernel_out_strides(lse.strides, "out_lse")
         bound["o"] = o.binding("out" if out is not None else "o (the output attnc allocates)")
@@ -749,16 +771,15 @@ class Prepared:
             for i, (names, ub) in enumerate(zip(self._storage, uniforms, strict=True)):
                 slices = tuple(bound[n] for n in names)
                 gkey = (i, ub, slices)
-                group = self._groups.get(gkey)
-                if group is None:
+                kept = self._groups.get(gkey)
+                if kept is not None:
+                    group = kept[0]
+                else:
                     group = rt.create_bind_group(self.dev, self.progs[i], compiled[i], dict(zip(names, slices,
                                                                                               strict=True)), ub)
-                    if keep_groups:
-                        self._groups[gkey] = group
-                        if len(self._groups) > MAX_BIND_GROUPS:
-                            self._groups.popitem(last=False)
-                else:
-                    self._groups.move_to_end(gkey)
+                    refs = self._held_while(owners, self._groups, gkey) if keep_groups else None
+                    if refs is not None:
+                        self._groups.put(gkey, (group, refs))
                 parts.append((i, names, slices, ub, group))
                 if not (map_is_current and i in self._map_programs):
                     items.append((compiled[i], group, self._folded[i]))

@@ -99,6 +99,43 @@ def test_attention_keeps_no_input_alive_and_checks_destroyed_ones(require_adapte
         attnc.attention(qt, kt, vt)
 
 
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@pytest.mark.parametrize("mode", ["op_out", "op_encoder", "attention_out", "op_new_inputs"])
+def test_no_call_keeps_a_tensor_alive_once_the_caller_lets_it_go(require_adapters, spec, path, mode) -> None:
+    """What an op remembers of a call (its bind groups and recorded pass) goes with the
+    call's tensors: a loop that passes new tensors at every call (a new out=, new inputs)
+    frees each set once it drops it, and the op still answers right afterwards."""
+    dev = require_adapters(spec)[0]
+    rng = np.random.default_rng(6)
+    q, k, v = qkv(rng)
+    qt, kt, vt = (attnc.tensor(x, dev) for x in (q, k, v))
+    op = attnc.prepare(qt, kt, vt)
+    dropped = []
+    for _ in range(3):
+        out = attnc.zeros((2, 4, 3, 8), device=dev)
+        ins = tuple(attnc.tensor(x, dev) for x in (q, k, v)) if mode == "op_new_inputs" else (qt, kt, vt)
+        if mode == "op_out":
+            op(*ins, out=out)
+        elif mode == "op_encoder":
+            encoder = dev.gpu.create_command_encoder()
+            op(*ins, out=out, encoder=encoder)
+            dev.gpu.queue.submit([encoder.finish()])
+            del encoder
+        elif mode == "attention_out":
+            attnc.attention(*ins, out=out)
+        else:
+            out = op(*ins)
+        assert_close(out.numpy(), attention_ref(q, k, v), 1e-5, mode)
+        mine = () if mode == "op_new_inputs" else (out,)  # (a prepared op's own output is its to keep)
+        dropped += [weakref.ref(t.buffer) for t in (*mine, *ins) if t not in (qt, kt, vt)]
+        del out, ins, mine
+    gc.collect()
+    assert [b() for b in dropped] == [None] * len(dropped)
+    out = attnc.zeros((2, 4, 3, 8), device=dev)
+    op(qt, kt, vt, out=out)
+    assert_close(out.numpy(), attention_ref(q, k, v), 1e-5, "after the dropped calls")
+
+
 def test_errors_of_the_recorded_commands_are_raised(require_adapters, path) -> None:
     """Recording into an encoder that was finished already is WebGPU's validation error,
     raised by the call whichever path recorded it."""
