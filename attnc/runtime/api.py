@@ -40,6 +40,7 @@ from attnc.runtime.prepared import (
     broadcast_shape,
     check_host_option,
     check_limits,
+    gives_new_output,
     max_storage_buffers,
 )
 from attnc.runtime.tensor import QuantGPUTensor, Tensor, host_array, on_gpu
@@ -476,7 +477,8 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
         sig = _signature(q, k, v, options, out, out_lse, (causal, scale, window, softcap, return_lse, target))
         op = None if sig is None else _OPS.get(_CALLS.get(sig))
         if op is not None:  # everything below up to the op's call is a function of `sig`
-            return op._call(q, k, v, out, out_lse, None, output, options, keep_groups=out is not None)
+            new_output = gives_new_output(out, output, on_gpu(q) or on_gpu(k) or on_gpu(v))
+            return op._call(q, k, v, out, out_lse, None, output, options, keep_groups=not new_output)
     q, k, v = as_input("q", q), as_input("k", k), as_input("v", v)
     dims = validate(q, k, v)
     dev = _tensors_device(device, {"q": q, "k": k, "v": v, **options, "out": out, "out_lse": out_lse})
@@ -527,9 +529,8 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
         _CALLS.put(sig, key)
     if scan is not None:
         named.update(op.captured_values(scan))
-    fresh = on_gpu(q) or on_gpu(k) or on_gpu(v)
-    return op._call(q, k, v, out, out_lse, None, output, {**options, **named},
-                    keep_groups=not (fresh and out is None))
+    new_output = gives_new_output(out, output, on_gpu(q) or on_gpu(k) or on_gpu(v))
+    return op._call(q, k, v, out, out_lse, None, output, {**options, **named}, keep_groups=not new_output)
 
 
 def _input_key(x: Any) -> Hashable:

@@ -35,7 +35,7 @@ from attnc.runtime.build import programs_within
 from attnc.runtime.devices import Device, get_device
 from attnc.runtime.locking import serialized
 from attnc.runtime.params import bind_params
-from attnc.runtime.prepared import Prepared, check_limits, max_storage_buffers
+from attnc.runtime.prepared import Prepared, check_limits, gives_new_output, max_storage_buffers
 from attnc.runtime.tensor import Tensor, host_array
 
 
@@ -156,11 +156,10 @@ class Op:
         before for the same shapes, dtypes and options is reused: new values are new bindings
         and uniforms."""
         prep = self._prepared(values, dims)
-        gpu = any(isinstance(x, Tensor) for x in values.values())
-        fresh = gpu and out is None
+        new_output = gives_new_output(out, output, any(isinstance(x, Tensor) for x in values.values()))
         if prep.split_param is not None:  # the split count shapes the grid: fixed when prepared
             values.pop(prep.split_param, None)
-        return prep._call(None, None, None, out, out_lse, encoder, output, values, keep_groups=not fresh)
+        return prep._call(None, None, None, out, out_lse, encoder, output, values, keep_groups=not new_output)
 
     def _prepared(self, values: dict[str, Any], dims: dict[str, int] | None) -> Prepared:
         """The op for these values' shapes and dtypes and `dims` (prepared once, then reused)."""

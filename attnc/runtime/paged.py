@@ -34,7 +34,7 @@ from attnc.runtime.api import (
 from attnc.runtime.build import mods_scan
 from attnc.runtime.locking import serialized
 from attnc.runtime.lru import LRU
-from attnc.runtime.prepared import Prepared
+from attnc.runtime.prepared import Prepared, gives_new_output
 from attnc.runtime.tensor import Tensor, host_array
 
 MAX_CACHED_OPS = 16
@@ -149,6 +149,7 @@ def paged_attention(q: Any, k_pages: Any, v_pages: Any, block_table: Any, *, kv_
     op = _OPS.get_or_make(key, make)
     if scan is not None:
         named.update(op.captured_values(scan))
-    fresh = isinstance(q, Tensor) or isinstance(kp, Tensor) or isinstance(vp, Tensor)
+    new_output = gives_new_output(out, output, isinstance(q, Tensor) or isinstance(kp, Tensor)
+                                  or isinstance(vp, Tensor))
     return op._call(q, kp, vp, out, out_lse, None, output, {**options, **named, "block_table": table},
-                    keep_groups=not (fresh and out is None))
+                    keep_groups=not new_output)

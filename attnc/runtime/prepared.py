@@ -157,6 +157,14 @@ def zeros_on(dev: Device, shape: tuple[int, ...]) -> Tensor:
     return Tensor._dense(dev, rt.empty(dev, 4 * math.prod(shape)), shape, _F32, dense_strides(shape))
 
 
+def gives_new_output(out: Any, output: str | None, gpu_inputs: bool) -> bool:
+    """Whether a call of attention() (paged_attention, a built kernel) hands its caller a GPU
+    tensor attnc allocates (output="tensor", or GPU inputs and no `output`, without out=): one
+    of its own at every call, which no later call writes (a prepared op's own output, by
+    contrast, is the op's)."""
+    return out is None and (output == "tensor" or (output is None and gpu_inputs))
+
+
 class Prepared:
     """One attention problem made ready on a device: kernel, programs, uniforms.
 

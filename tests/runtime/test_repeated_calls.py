@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
+from attnc.kernels.flash import flash_attention
 from attnc.runtime import api, dispatch
 from tests.textbook import assert_close, attention_ref
 
@@ -78,6 +79,55 @@ def test_a_later_call_never_changes_an_earlier_result(require_adapters, spec, pa
         assert_close(o, refs[i][0], 1e-5, f"o of call {n}")
         if lse is not None:
             assert_close(lse.numpy() if isinstance(lse, attnc.Tensor) else lse, refs[i][1], 1e-5, f"lse of call {n}")
+
+
+def _entry_points(dev):
+    """attention(), paged_attention() and a built kernel, each as f(q, k, v, placed, **call
+    options): the host arrays q, k, v (K/V of Hkv heads), passed as `placed(i, array)` gives
+    the i-th operand (the array or a GPU tensor of it)."""
+    built = attnc.build(flash_attention, device=dev)
+
+    def paged(q, k, v, placed, **kw):
+        B, Hkv, T, _ = k.shape  # (pages of T // 4 keys, row b's in its own pages)
+        pages = lambda x: np.ascontiguousarray(x.reshape(B, Hkv, 4, T // 4, x.shape[-1])  # noqa: E731
+                                               .transpose(0, 2, 1, 3, 4).reshape(B * 4, Hkv, T // 4, x.shape[-1]))
+        table = np.arange(B * 4, dtype=np.int32).reshape(B, 4)
+        return attnc.paged_attention(placed(0, q), placed(1, pages(k)), placed(2, pages(v)), table, device=dev, **kw)
+
+    def kernel(q, k, v, placed, **kw):
+        group = q.shape[1] // k.shape[1]  # (a built kernel takes K/V with q's heads)
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        return built(q=placed(0, q), k=placed(1, k), v=placed(2, v), scale=q.shape[-1] ** -0.5, **kw)
+
+    return {"attention": lambda q, k, v, placed, **kw: attnc.attention(placed(0, q), placed(1, k), placed(2, v),
+                                                                       device=dev, **kw),
+            "paged_attention": paged, "build": kernel}
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@pytest.mark.parametrize("entry", ["attention", "paged_attention", "build"])
+@pytest.mark.parametrize("inputs", ["host", "gpu", "host_q"])
+def test_a_result_handed_to_the_caller_is_never_written_by_a_later_call(require_adapters, spec, path, entry,
+                                                                        inputs) -> None:
+    """Every GPU tensor attention(), paged_attention() or a built kernel hands its caller
+    (output="tensor" over host inputs, GPU inputs, a mix) is its own: calls with other data
+    through the same cached op leave it as it was."""
+    dev = require_adapters(spec)[0]
+    call = _entry_points(dev)[entry]
+    rng = np.random.default_rng(7)
+    hosts = [qkv(rng) for _ in range(3)]
+
+    def placed(i, x):
+        return x if inputs == "host" or (inputs == "host_q" and i == 0) else attnc.tensor(x, dev)
+
+    results = []
+    for i in (0, 1, 2, 0, 1):
+        o = call(*hosts[i], placed, output="tensor")
+        assert isinstance(o, attnc.Tensor)
+        results.append((i, o))
+    assert len({id(o.buffer) for _, o in results}) == len(results)
+    for n, (i, o) in enumerate(results):
+        assert_close(o.numpy(), attention_ref(*hosts[i]), 1e-5, f"o of call {n}")
 
 
 def test_attention_keeps_no_input_alive_and_checks_destroyed_ones(require_adapters, path) -> None:
