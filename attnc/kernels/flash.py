@@ -21,6 +21,7 @@ from attnc.frontend.dsl import (
     input,
     kernel,
     let,
+    minimum,
     online_softmax,
     scalar,
     splits,
@@ -33,6 +34,10 @@ from attnc.frontend.dsl import (
 ScoreMod = Callable[..., object]
 MaskMod = Callable[..., object]
 Window = tuple[int | None, int | None]  # (left, right); an end that is None is open
+# a window side past every distance between a query and a key (2^30: positions lie within 2^29
+# of 0, as no binding holds more rows): larger sides read as this one, so that the bounds
+# `qpos - left` and `qpos + right` stay within i32 for every side a caller passes (2^31 - 1 wrapped)
+WINDOW_SIDE_CAP = 1 << 30
 
 
 # Tensor types: dtype and symbolic dims (BHSD; the runtime passes strides, so BSHD works too).
@@ -135,9 +140,9 @@ def _attention(q, k, v, scale, *, BM, BN, split, causal, window, softcap, alibi,
         if window is not None:
             left, right = window
             if left is not None:
-                keep = _and(keep, kj >= qpos - scalar("window_left", i32))
+                keep = _and(keep, kj >= qpos - minimum(scalar("window_left", i32), WINDOW_SIDE_CAP))
             if right is not None:
-                keep = _and(keep, kj <= qpos + scalar("window_right", i32))
+                keep = _and(keep, kj <= qpos + minimum(scalar("window_right", i32), WINDOW_SIDE_CAP))
         if mask_mod is not None:
             keep = _and(keep, apply_mod(mask_mod, (mb, mh, qi, kj), "mask", whole))
         if keep is not None:

@@ -13,6 +13,8 @@ float16 values, tolerance 2e-3 (float32: 1e-5), both as Frobenius relative error
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -98,6 +100,22 @@ def test_window_both_sides(target, dtype, data) -> None:
     rng = _seed(data.draw)
     window = (data.draw(SIDE), data.draw(SIDE))
     compare(target, dtype, *qkv(rng, **sh, dtype=dtype), dict(window=window, return_lse=True))
+
+
+# window sides from 0 to far past i32: a side past every distance between a query and a key
+# bounds nothing (2^31 - 1 wrapped the kernel's `qpos + right` to all-masked rows)
+EDGE_SIDES = (0, 3, 2**30 - 1, 2**30, 2**31 - 1, 2**32, 2**62)
+
+
+@pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
+def test_window_sides_up_to_and_past_the_integer_range(target) -> None:
+    """Every pair of sides from EDGE_SIDES, queries fewer and more than the keys (rows before
+    the first key), prefill and decode."""
+    rng = np.random.default_rng(11)
+    for S, T in ((20, 45), (45, 20), (1, 45)):
+        q, k, v = qkv(rng, B=1, Hq=2, Hkv=1, S=S, T=T, D=32, Dv=40, dtype=np.float32)
+        for window in itertools.product(EDGE_SIDES, EDGE_SIDES):
+            compare(target, np.float32, q, k, v, dict(window=window, return_lse=True))
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS, indirect=True)
