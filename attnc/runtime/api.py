@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from attnc.errors import AttncError, DeviceError, LoweringError
+from attnc.ir.verify import F32_MAX, F32_MAX_ROUNDING
 from attnc.lowering import Plan
 from attnc.lowering.plan import Storage, Strategy
 from attnc.lowering.schedule import (
@@ -159,8 +160,13 @@ def rows_packable(dims: dict[str, int], *outs: Any) -> bool:
 
 
 def scalar_options(dims: dict[str, int], window: Any, softcap: Any, scale: Any,
-                   score_mod: Any, mask_mod: Any) -> dict[str, float | int]:
+                   score_mod: Any, mask_mod: Any, causal: Any = False, return_lse: Any = False
+                   ) -> dict[str, float | int]:
     """Check the scalar options and return the uniform values they set (window sides, cap)."""
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        # (a string is refused: causal="False" from a config file would mean True)
+        if not (isinstance(flag, bool | np.bool_) or (type(flag) is int and flag in (0, 1))):
+            raise ValueError(f"{name} must be True or False, got {flag!r} ({type(flag).__name__})")
     scalars: dict[str, float | int] = {}
     if window is not None:
         if not (isinstance(window, tuple) and len(window) == 2):
@@ -171,11 +177,12 @@ def scalar_options(dims: dict[str, int], window: Any, softcap: Any, scale: Any,
                     raise ValueError(f"window {side} must be a non-negative int or None, got {val!r}")
                 scalars[f"window_{side}"] = int(min(val, 2**31 - 1))
     if softcap is not None:
-        if not (_is_real(softcap) and 0 < softcap < math.inf):
-            raise ValueError(f"softcap must be a positive finite number, got {softcap!r}")
+        if not (_is_real(softcap) and 0 < softcap < F32_MAX_ROUNDING):
+            raise ValueError(f"softcap must be a positive number, finite in float32 (at most {F32_MAX:.7g}), "
+                             f"got {softcap!r}")
         scalars["softcap"] = float(softcap)
-    if scale is not None and not (_is_real(scale) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if scale is not None and not (_is_real(scale) and abs(scale) < F32_MAX_ROUNDING):
+        raise ValueError(f"scale must be a number finite in float32 (|scale| at most {F32_MAX:.7g}), got {scale!r}")
     for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         if fn is not None and not callable(fn):
             raise ValueError(f"{name} must be a function of (score, b, h, q_idx, kv_idx), got {type(fn).__name__}"
@@ -233,7 +240,7 @@ def prepare_dims(dims: dict[str, int], dtype: Any = np.float32, *, causal: bool 
     fam = pick_family(dev.capabilities, target)
     f16_math = target in F16_MATH_TARGETS
     check_target_inputs(target, str(np.dtype(dtype)), {n: f for n, f in (("k", k_format), ("v", v_format)) if f})
-    scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod)
+    scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod, causal, return_lse)
     if inputs is not None and not isinstance(inputs, Mapping):
         raise ValueError(f"inputs must be a dict of name -> array or number, got {type(inputs).__name__}")
     inputs = dict(inputs or {})
@@ -501,7 +508,7 @@ def attention(q: Any, k: Any, v: Any, *, causal: bool = False,
             raise ValueError("output='tensor': this problem is larger than a binding and runs in pieces on the "
                              "host; pass GPU tensors small enough to bind")
         return chunked(q, k, v, kw, binding_limit(dev), attention, prepare_dims)
-    scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod)
+    scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod, causal, return_lse)
     vec = vector_readable(q, k, v)
     packable = rows_packable(dims, out, out_lse)
     if inputs is not None and not isinstance(inputs, Mapping):

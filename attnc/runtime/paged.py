@@ -122,7 +122,7 @@ def paged_attention(q: Any, k_pages: Any, v_pages: Any, block_table: Any, *, kv_
                                  ("kv_lens", kv_lens)) if x is not None}
     dev = _tensors_device(device, {"q": q, "k_pages": kp, "v_pages": vp, "block_table": table, **options,
                                    "out": out, "out_lse": out_lse})
-    scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod)
+    scalars = scalar_options(dims, window, softcap, scale, score_mod, mask_mod, causal, return_lse)
     if inputs is not None and not isinstance(inputs, Mapping):
         raise ValueError(f"inputs must be a dict of name -> array or number, got {type(inputs).__name__}")
     named = dict(inputs or {})

@@ -22,6 +22,7 @@ import numpy as np
 
 from attnc.frontend import capture
 from attnc.ir import nodes as ir
+from attnc.ir.verify import F32_MAX, F32_MAX_ROUNDING
 from attnc.runtime.tensor import Tensor, host_array
 
 _I32_MAX = 2**31 - 1
@@ -195,4 +196,8 @@ def scalar_value(obj: Any, dtype: ir.DType, what: str) -> float | int:
         if not float(obj).is_integer() or not -(2**31) <= int(obj) <= _I32_MAX:
             raise ValueError(f"{what}: expected an integer in the i32 range, got {obj!r}")
         return int(obj)
-    return float(obj)
+    value = float(obj)
+    if math.isfinite(value) and abs(value) >= F32_MAX_ROUNDING:
+        raise ValueError(f"{what}: {obj!r} is outside float32's range (largest {F32_MAX:.7g}), which the kernel "
+                         "computes in; pass inf for an infinity")
+    return value

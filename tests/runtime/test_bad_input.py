@@ -62,6 +62,7 @@ def test_broadcast_zero_stride_query_heads(require_adapters) -> None:
 
 
 # --------------------------------------------------------------------------- more bad values
+FAR_PAST_F32 = 1e300
 BAD = {
     "q_not_array_scalar": (dict(q=np.float32(1.0)), ValueError, r"\bq\b"),
     "q_big_endian": (dict(q=qkv()[0].astype(">f4")), ValueError, r"\bq\b.*dtype"),
@@ -86,6 +87,18 @@ BAD = {
     "softcap_negative": (dict(softcap=-1.0), ValueError, "softcap"),
     "softcap_nan": (dict(softcap=float("nan")), ValueError, "softcap"),
     "softcap_bool": (dict(softcap=True), ValueError, "softcap"),
+    # numbers past float32, in which the kernel computes (1e39 was struct's OverflowError)
+    "scale_past_f32": (dict(scale=1e39), ValueError, "scale.*float32"),
+    "scale_negative_past_f32": (dict(scale=-1e300), ValueError, "scale.*float32"),
+    "softcap_past_f32": (dict(softcap=1e39), ValueError, "softcap.*float32"),
+    "score_mod_captures_past_f32": (dict(score_mod=lambda s, b, h, i, j: s * FAR_PAST_F32), ValueError,
+                                    "FAR_PAST_F32.*1e\\+300.*float32"),
+    "scalar_input_past_f32": (dict(score_mod=lambda s, b, h, i, j: s * attnc.scalar("gain"), inputs={"gain": -1e39}),
+                              ValueError, "gain.*float32"),
+    # flags are bools: a string from a config file ("False") would read as True
+    "causal_string": (dict(causal="False"), ValueError, "causal must be True or False.*str"),
+    "causal_none": (dict(causal=None), ValueError, "causal must be True or False"),
+    "return_lse_string": (dict(return_lse="no"), ValueError, "return_lse must be True or False"),
     "target_case": (dict(target="Portable"), ValueError, "target.*portable.*subgroups"),
     "target_int": (dict(target=1), ValueError, "target"),
     "device_int": (dict(device=3), DeviceError, "device"),
