@@ -260,10 +260,16 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
         shapes = [(64, 64, 256, 4), (128, 64, 256, 4), (64, 64, 128, 4), (64, 32, 64, 4)]
     else:
         shapes = [(128, 64, 256, 4), (64, 64, 128, 4), (64, 32, 64, 4)]
-    chosen = tiled_plan(caps, tiled_base, dims, shapes) or tiled_plan(caps, tiled_base, dims, [(64, 32, 64, 4)],
-                                                                        fit=False)
+    # then smaller tiles, for a device granting less workgroup memory than WebGPU's 16 KiB
+    # (wgpu-native honours a lower request), and else the smallest (its lowering names the limit)
+    chosen = tiled_plan(caps, tiled_base, dims, shapes + SMALL_TILE_SHAPES) or \
+        tiled_plan(caps, tiled_base, dims, SMALL_TILE_SHAPES[-1:], fit=False)
     assert chosen is not None
     return chosen
+
+
+# tiled shapes (BM, BN, WG, TM) below the usual ones, tried where none of those fits
+SMALL_TILE_SHAPES = [(32, 32, 64, 2), (16, 16, 32, 2), (8, 8, 16, 2)]
 
 
 # What WGSL promises a function's variables at least (the spec's limits: 8 KiB in the function

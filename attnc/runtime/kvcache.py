@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField
+from attnc.lowering.program import Access, Binding, Program, Scalar, UniformField, storage_buffers
 from attnc.quant import check_format, check_head_dim, storable, words_per_row
 from attnc.runtime import dispatch as rt
 from attnc.runtime.api import prepare, rows_packable
@@ -31,7 +31,7 @@ from attnc.runtime.build import mods_scan
 from attnc.runtime.devices import get_device
 from attnc.runtime.locking import serialized
 from attnc.runtime.lru import LRU
-from attnc.runtime.prepared import Prepared
+from attnc.runtime.prepared import Prepared, max_storage_buffers
 from attnc.runtime.store import pair_store_program as dsl_pair_store_program
 from attnc.runtime.store import store_program as dsl_store_program
 from attnc.runtime.store import store_uniforms
@@ -410,7 +410,7 @@ class KVCache:
             quantized = [(src, dst) for src, dst in pairs if isinstance(dst, QuantGPUTensor)]
             if quantized:  # one dispatch of the DSL store kernel for K and V when both are quantized
                 written = counts if counts is not None else self._counts_tensor(np.full(self.batch, n))
-                items.append(self._quant_store(quantized, n, written.binding("counts"), per_dim, sanitize))
+                items.extend(self._quant_store(quantized, n, written.binding("counts"), per_dim, sanitize))
             for ((src, strides, _dtype), dst), dst_slice in zip(pairs, dst_slices, strict=True):
                 if isinstance(dst, QuantGPUTensor):
                     continue
@@ -432,13 +432,16 @@ class KVCache:
         return ready
 
     def _quant_store(self, pairs: list[tuple[tuple[rt.BufferSlice, tuple[int, ...], np.dtype], QuantGPUTensor]],
-                     n: int, counts: rt.BufferSlice, per_dim: int, sanitize: bool) -> Any:
-        """The item of the DSL store kernel writing the first counts[b] of n rows of each (source
+                     n: int, counts: rt.BufferSlice, per_dim: int, sanitize: bool) -> list[Any]:
+        """The items of the DSL store kernel writing the first counts[b] of n rows of each (source
         [B, Hkv, n, width], quantized destination) pair at each row's GPU length (no row past the
-        capacity): K's and V's in one dispatch (kv_store_pair) when both are quantized."""
+        capacity): K's and V's in one dispatch (kv_store_pair) when both are quantized and the
+        device binds its six storage buffers, else one dispatch each."""
         rows = ["f16" if src_dtype == np.float16 else "f32" for (_src, _strides, src_dtype), _ in pairs]
         if len(pairs) == 2:
             kern, prog = dsl_pair_store_program(pairs[0][1].fmt, pairs[1][1].fmt, rows[0], rows[1])
+            if storage_buffers((prog,)) > max_storage_buffers(self.device):
+                return [item for pair in pairs for item in self._quant_store([pair], n, counts, per_dim, sanitize)]
             names = (("k", "k_cache"), ("v", "v_cache"))
         else:
             kern, prog = dsl_store_program(pairs[0][1].fmt, rows[0], False)
@@ -451,7 +454,7 @@ class KVCache:
             shapes[cache_name], given[cache_name] = dst.shape, dense_strides(dst.shape)
             bufs[x_name], bufs[cache_name] = src, dst.binding("cache")
         values, points = store_uniforms(kern, prog, shapes, given)
-        return self._item(prog, bufs, values, points, per_dim, sanitize)
+        return [self._item(prog, bufs, values, points, per_dim, sanitize)]
 
     def _item(self, program: Program, bufs: dict[str, Any], values: dict[str, int], groups: int, per_dim: int,
               sanitize: bool) -> Any:

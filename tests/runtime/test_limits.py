@@ -420,3 +420,52 @@ def test_binding_limit_errors_name_the_tensor_and_what_to_do(require_adapters) -
     with pytest.raises(ValueError, match="q: 1280000 bytes, .*a prepared op binds each input whole") as e:
         op(rng.standard_normal((1, 2, 2500, 64)).astype(np.float32), small, small)
     assert "table" not in str(e.value)
+
+
+def _lowered_device(require_adapters, limits: dict[str, int]):
+    """A wgpu-native lavapipe device requested with `limits` below WebGPU's guaranteed minimums
+    (wgpu-native grants such requests; Dawn raises them to the minimums)."""
+    backend = importlib.import_module(BACKEND_MODULES[require_adapters("wgpu:vulkan")[0].backend])
+    adapter = next(a for a in backend.gpu.enumerate_adapters_sync()
+                   if a.info.get("backend_type", "").lower() == "vulkan" and a.info.get("adapter_type") == "CPU")
+    gpu = adapter.request_device_sync(required_limits=limits)
+    assert all(int(gpu.limits[n]) == v for n, v in limits.items())
+    return attnc.get_device(gpu)
+
+
+@pytest.mark.parametrize("smem", [8192, 12288])
+def test_plans_fit_a_device_granting_less_workgroup_memory(require_adapters, smem) -> None:
+    """Below WebGPU's 16 KiB of workgroup memory the heuristic picks smaller tiles (prefill
+    with every head dim up to 256 failed to lower: "needs 13836 B"), for f32 and f16, GQA,
+    decode, a KV cache and paged keys."""
+    dev = _lowered_device(require_adapters, {"max-compute-workgroup-storage-size": smem})
+    rng = np.random.default_rng(12)
+    for S, T, D, Hq, Hkv, dtype in ((64, 128, 32, 2, 1, np.float32), (64, 128, 128, 4, 2, np.float32),
+                                    (70, 200, 256, 2, 2, np.float32), (1, 256, 256, 2, 1, np.float32),
+                                    (33, 90, 64, 4, 1, np.float16), (4, 300, 128, 8, 2, np.float16)):
+        q = rng.standard_normal((1, Hq, S, D)).astype(dtype)
+        k, v = (rng.standard_normal((1, Hkv, T, D)).astype(dtype) for _ in range(2))
+        o = attnc.attention(q, k, v, causal=True, device=dev)
+        assert_close(o, attention_ref(q, k, v, causal=True), 2e-3 if dtype == np.float16 else 1e-5, (S, T, D))
+    cache = attnc.KVCache(1, 2, 256, 128, device=dev)
+    cache.append(k[:, :, :200].astype(np.float32), v[:, :, :200].astype(np.float32))
+    qt = attnc.tensor(q.astype(np.float32), dev)
+    assert_close(cache.attend(qt, causal=True).numpy(),
+                 attention_ref(q.astype(np.float32), k[:, :, :200], v[:, :, :200], causal=True), 1e-5)
+
+
+def test_a_quantized_cache_appends_on_a_device_binding_four_storage_buffers(require_adapters) -> None:
+    """With four storage buffers per stage the store kernel writes K and V in a dispatch each
+    (the pair kernel binds six: Naga's error at the first append); attention over the cache
+    is then a DeviceError naming the limit, as for every call that needs more."""
+    dev = _lowered_device(require_adapters, {"max-storage-buffers-per-shader-stage": 4})
+    rng = np.random.default_rng(13)
+    k, v = (rng.standard_normal((1, 2, 40, 64)).astype(np.float32) for _ in range(2))
+    cache = attnc.KVCache(1, 2, 64, 64, device=dev, k_format="q8_0", v_format="q4_0")
+    cache.append(k[:, :, :25], v[:, :, :25])
+    cache.append(k[:, :, 25:], v[:, :, 25:])
+    for stored, x, fmt in ((cache.k, k, "q8_0"), (cache.v, v, "q4_0")):
+        got = attnc.quant.dequantize(stored.numpy())[:, :, :40]
+        np.testing.assert_array_equal(got, attnc.quant.dequantize(attnc.quant.quantize(x, fmt)), fmt)
+    with pytest.raises(DeviceError, match="max-storage-buffers-per-shader-stage = 4"):
+        cache.attend(rng.standard_normal((1, 2, 1, 64)).astype(np.float32))
