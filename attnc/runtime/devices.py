@@ -30,13 +30,24 @@ from attnc.errors import DeviceError
 from attnc.lowering.capabilities import Capabilities
 from attnc.lowering.plan import Dialect
 from attnc.lowering.program import Access, Binding, Program, Scalar
-from attnc.runtime.dispatch import Counters, Dispatch, PipelineCache, readback, run, track_destroyed_buffers, upload
+from attnc.runtime.dispatch import (
+    Counters,
+    Dispatch,
+    PipelineCache,
+    readback,
+    run,
+    track_backend_buffers,
+    track_destroyed_buffers,
+    upload,
+)
 from attnc.runtime.locking import serialized
 
 # backend name -> the Python module that speaks the wgpu-py API for it
 BACKEND_MODULES = {"wgpu": "wgpu", "dawn": "wgpudawn"}
 # backend name -> the module that defines its GPUDevice, GPUBuffer, ... classes
 BACKEND_API_MODULES = {"wgpu": "wgpu.backends.wgpu_native._api", "dawn": "wgpudawn.backends.dawn._api"}
+# a buffer destroyed before attnc saw its backend is still known as destroyed (see dispatch)
+track_backend_buffers(list(BACKEND_API_MODULES.values()))
 # what to install for a backend whose module does not import
 BACKEND_INSTALL = {"wgpu": "pip install wgpu", "dawn": 'pip install "attnc[dawn]"'}
 DIALECTS = {"wgpu": "naga", "dawn": "tint"}

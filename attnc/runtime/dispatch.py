@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import importlib.abc
+import importlib.util
 import json
 import math
 import os
@@ -131,6 +133,46 @@ def track_destroyed_buffers(buffer_class: type) -> None:
     destroy.__doc__ = original.__doc__
     destroy.__wrapped__ = original  # type: ignore[attr-defined]
     buffer_class.destroy = destroy  # type: ignore[attr-defined]
+
+
+class _TrackOnImport(importlib.abc.MetaPathFinder):
+    """Marks `destroy()` of a backend's GPUBuffer class as its module is imported: an
+    application may make and destroy buffers before attnc sees a device of that backend."""
+
+    def __init__(self, modules: set[str]):
+        self.modules = modules
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in self.modules:
+            return None
+        self.modules.discard(fullname)  # (the search below finds the module's own spec)
+        spec = importlib.util.find_spec(fullname)
+        loader = None if spec is None else spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run_module = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run_module(module)
+            if isinstance(getattr(module, "GPUBuffer", None), type):
+                track_destroyed_buffers(module.GPUBuffer)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def track_backend_buffers(modules: Sequence[str]) -> None:
+    """Track destroyed buffers of these backend API modules: now for the imported ones, at
+    their import for the others."""
+    later = set()
+    for name in modules:
+        module = sys.modules.get(name)
+        if module is not None and isinstance(getattr(module, "GPUBuffer", None), type):
+            track_destroyed_buffers(module.GPUBuffer)
+        elif module is None:
+            later.add(name)
+    if later:
+        sys.meta_path.insert(0, _TrackOnImport(later))
 
 
 def is_destroyed(buffer: Any) -> bool:

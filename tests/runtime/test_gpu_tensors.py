@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -355,6 +358,38 @@ def test_buffers_shared_with_the_applications_own_passes(require_adapters, spec)
 
 
 # ----------------------------------------------------------------------------- misuse
+@pytest.mark.parametrize("backend_first", [False, True], ids=["attnc_first", "backend_first"])
+def test_a_buffer_destroyed_before_attnc_saw_its_backend_is_known_as_destroyed(require_adapters,
+                                                                                backend_first) -> None:
+    """In a fresh process an application makes a device and buffers of each backend, destroys
+    one, then hands them to attnc: a ValueError naming the argument (it was WebGPU's validation
+    error: attnc marked destroy() only once it had seen a device of that backend), whether the
+    backend's module was imported before attnc or after."""
+    specs = [d.spec for d in require_adapters("wgpu:vulkan", "dawn:vulkan")]
+    imports = "import wgpu.backends.wgpu_native, wgpudawn, attnc" if backend_first else "import attnc"
+    script = textwrap.dedent(f"""
+        import importlib, numpy as np
+        {imports}
+        for module in ("wgpu", "wgpudawn"):
+            api = importlib.import_module(module)
+            adapter = api.gpu.request_adapter_sync(power_preference="high-performance")
+            gpu = adapter.request_device_sync()
+            usage = api.BufferUsage.STORAGE | api.BufferUsage.COPY_SRC | api.BufferUsage.COPY_DST
+            buffers = [gpu.create_buffer(size=4 * 2 * 8, usage=usage) for _ in range(3)]
+            buffers[1].destroy()
+            q, k, v = (attnc.as_tensor(b, (1, 1, 2, 8), device=gpu) for b in buffers)
+            try:
+                attnc.attention(q, k, v)
+                print(module, "no error")
+            except ValueError as exc:
+                print(module, exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-2:] == ["wgpu k: its GPU buffer was destroyed",
+                                                     "wgpudawn k: its GPU buffer was destroyed"], (specs, done.stdout)
+
+
 def test_misuse_is_an_error_naming_the_argument(require_adapters) -> None:
     vk, dawn = require_adapters("wgpu:vulkan", "dawn:vulkan")
     q, k, v = qkv(np.random.default_rng(11))
