@@ -527,8 +527,8 @@ class KVCache:
                 self._ops[key] = op
         if scan is not None:  # this call's captured tensors and numbers
             extra.update(op.captured_values(scan))
-        if output is None:
-            output = "tensor" if isinstance(q, Tensor) else "numpy"
+        if output is None:  # (host q with encoder=: the op says host data cannot be recorded)
+            output = "tensor" if isinstance(q, Tensor) or encoder is not None else "numpy"
         if append is None:
             return op(q, self.k, self.v, kv_lens=self.kv_lens, out=out, out_lse=out_lse, encoder=encoder,
                       output=output, **extra)

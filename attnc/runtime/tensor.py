@@ -199,6 +199,9 @@ class Tensor:
             raise ValueError(f"data: shape {arr.shape} does not match the tensor's {self.shape}")
         if not self.is_contiguous:
             raise ValueError(f"tensor: write() needs a contiguous tensor; this view has strides {self.strides}")
+        if not np.can_cast(arr.dtype, self.dtype, "same_kind"):  # (floats truncated to ints, complex dropped)
+            raise ValueError(f"data: dtype {arr.dtype} does not convert to the tensor's {self.dtype} without losing "
+                             f"its kind of number; convert it first (e.g. data.astype(np.{self.dtype}))")
         host = np.ascontiguousarray(arr, self.dtype)
         tail = -self.nbytes % 4
         if tail and self.offset % 4 == 0 and _PADDED.get(self.buffer) == self.offset + self.nbytes:

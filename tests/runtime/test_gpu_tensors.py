@@ -430,6 +430,13 @@ def test_misuse_is_an_error_naming_the_argument(require_adapters) -> None:
         op(qt, kt, vt2)
     with pytest.raises(ValueError, match="^tensor: its GPU buffer was destroyed"):
         vt2.numpy()
+    # write() converts within a kind of number (float64 data into float32), never across it
+    # (complex data lost its imaginary part, floats were truncated into int32)
+    with pytest.raises(ValueError, match="^data: dtype complex128 does not convert to the tensor's float32"):
+        kt.write(np.full(k.shape, 1j))
+    with pytest.raises(ValueError, match="^data: dtype float64 does not convert to the tensor's int32"):
+        attnc.tensor(np.zeros(3, np.int32), vk).write(np.full(3, 2.7))
+    np.testing.assert_array_equal(kt.write(k.astype(np.float64)).numpy(), k)
     with pytest.raises(ValueError, match="^buffer: shape"):
         attnc.as_tensor(qt.buffer, (2, 4, 3, 17))
 

@@ -164,6 +164,8 @@ def test_misuse_names_the_argument(require_adapters) -> None:
         cache.append(k, v, counts=[1, 3, 0])
     with pytest.raises(ValueError, match="^k_new: host data cannot be recorded"):
         cache.append(k, v, encoder=vk.gpu.create_command_encoder())
+    with pytest.raises(ValueError, match="^q: host data cannot be recorded"):  # (it spoke of an output='numpy')
+        cache.attend(np.ones((B, HQ, 1, 16), np.float32), encoder=vk.gpu.create_command_encoder())
     dead = attnc.tensor(k, vk)
     dead.buffer.destroy()
     with pytest.raises(ValueError, match="^k_new: its GPU buffer was destroyed"):
