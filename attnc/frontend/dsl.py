@@ -165,11 +165,21 @@ class Value:
     def __ge__(self, o): return self._bin(ir.Op.GE, o)
     def __eq__(self, o): return self._bin(ir.Op.EQ, o)  # type: ignore[override]
     def __ne__(self, o): return self._bin(ir.Op.NE, o)  # type: ignore[override]
-    def __and__(self, o): return self._bin(ir.Op.AND, o)
-    def __rand__(self, o): return self._bin(ir.Op.AND, o, True)
-    def __or__(self, o): return self._bin(ir.Op.OR, o)
-    def __ror__(self, o): return self._bin(ir.Op.OR, o, True)
-    def __invert__(self): return Value(sem.call(ir.Op.NOT, self.expr))
+    def _mask_op(self, op: ir.Op, symbol: str, o: Any = None, swap: bool = False) -> Value:
+        """`a & b`, `a | b`, `~a` of masks (bools); on numbers the error says what the
+        operator is, not the IR op it traces to."""
+        operands = (self.expr,) if o is None else (self.expr, _expr(o))
+        if any(e.dtype is not ir.DType.BOOL for e in operands):
+            raise fail(f"'{symbol}' takes bools (masks) in kernels: the DSL has no bitwise integer operators",
+                       ("for integers use % and // (x % 4 for the low two bits), for masks compare first "
+                        "(kv_idx <= q_idx)",))
+        return Value(sem.call(op, self.expr)) if o is None else self._bin(op, o, swap)
+
+    def __and__(self, o): return self._mask_op(ir.Op.AND, "&", o)
+    def __rand__(self, o): return self._mask_op(ir.Op.AND, "&", o, True)
+    def __or__(self, o): return self._mask_op(ir.Op.OR, "|", o)
+    def __ror__(self, o): return self._mask_op(ir.Op.OR, "|", o, True)
+    def __invert__(self): return self._mask_op(ir.Op.NOT, "~")
     def __neg__(self): return Value(sem.call(ir.Op.NEG, self.expr))
     def __abs__(self): return Value(sem.call(ir.Op.ABS, self.expr))
 

@@ -101,7 +101,7 @@ def call(op: ir.Op, *args: ir.Expr) -> ir.Expr:
         return ir.Call(op, (a, b), dt, span)
     if op in ir.INT_BINARY:
         if any(a.dtype is not ir.DType.I32 for a in args):
-            raise fail(f"'{op.value}' (// or %) needs i32 operands (rule 3)",
+            raise fail(f"'{op.value}' (// or %) needs i32 operands",
                        ("use / for float division",))
         return ir.Call(op, args, ir.DType.I32, span)
     if op is ir.Op.DIV:
@@ -114,13 +114,13 @@ def call(op: ir.Op, *args: ir.Expr) -> ir.Expr:
         return ir.Call(op, args, args[0].dtype, span)
     if op in ir.LOGIC:
         if any(a.dtype is not ir.DType.BOOL for a in args):
-            raise fail(f"'{op.value}' needs bool operands (rule 5)",
+            raise fail(f"'{op.value}' needs bool operands",
                        ("comparisons such as kv_idx <= q_idx give bools",))
         return ir.Call(op, args, ir.DType.BOOL, span)
     if op is ir.Op.WHERE:
         c, a, b = args
         if c.dtype is not ir.DType.BOOL:
-            raise fail("where() needs a bool condition (rule 5)")
+            raise fail("where() needs a bool condition")
         if a.dtype is ir.DType.BOOL and b.dtype is ir.DType.BOOL:  # a choice between two masks
             return ir.Call(op, (c, a, b), ir.DType.BOOL, span)
         a, b = promote(a, b, "where")

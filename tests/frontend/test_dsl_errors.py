@@ -155,21 +155,26 @@ def test_xor_of_masks_is_their_difference() -> None:
         flash_attention.trace(mask_mod=lambda b, h, q_idx, kv_idx: True != (kv_idx > 2))  # noqa: E712 (a traced comparison)
 
 
-@pytest.mark.parametrize(("op", "message"), [("xor_int", "'\\^' takes two bools"), ("lshift", "'<<' and '>>'"),
+@pytest.mark.parametrize(("op", "message"), [("xor_int", "'\\^' takes two bools"), ("and_int", "'&' takes bools"),
+                                             ("rand_int", "'&' takes bools"), ("or_int", "'\\|' takes bools"),
+                                             ("invert_int", "'~' takes bools"), ("lshift", "'<<' and '>>'"),
                                              ("rshift", "'<<' and '>>'"), ("rrshift", "'<<' and '>>'"),
                                              ("round", "round\\(\\) of a traced value")])
 def test_operators_the_dsl_lacks_point_at_the_user_line(op: str, message: str) -> None:
     """Bitwise integer operators and round() on traced values: a TraceError at the user's line
-    with what to write instead (they were plain TypeErrors from Python)."""
+    naming the operator written, with what to write instead (they were plain TypeErrors from
+    Python; `kv_idx & 3` said "'and' needs bool operands (rule 5)")."""
     def mask(b, h, q_idx, kv_idx):
-        return {"xor_int": lambda: (kv_idx ^ 1) == 0, "lshift": lambda: (kv_idx << 1) == 0,
+        return {"xor_int": lambda: (kv_idx ^ 1) == 0, "and_int": lambda: (kv_idx & 3) == 0,
+                "rand_int": lambda: (3 & kv_idx) == 0, "or_int": lambda: (kv_idx | 1) == 0,
+                "invert_int": lambda: (~kv_idx) == 0, "lshift": lambda: (kv_idx << 1) == 0,
                 "rshift": lambda: (kv_idx >> 1) == 0, "rrshift": lambda: (8 >> kv_idx) == 0,
                 "round": lambda: round(attnc.f32(kv_idx)) == 0}[op]()
 
     with pytest.raises(TraceError, match=message) as e:
         flash_attention.trace(mask_mod=mask)
     assert e.value.span is not None and e.value.span.file == __file__, e.value.render()
-    assert _line(mask, 1) <= e.value.span.line <= _line(mask, 3), e.value.render()
+    assert _line(mask, 1) <= e.value.span.line <= _line(mask, 5), e.value.render()
 
 
 def test_a_mod_returning_a_captured_array_names_the_variable() -> None:
@@ -193,7 +198,7 @@ def test_logic_on_numbers_points_at_the_user_line():
     def mask(b, h, q_idx, kv_idx):
         return (kv_idx - q_idx) & (kv_idx > 0)
 
-    with pytest.raises(TraceError, match="needs bool operands") as e:
+    with pytest.raises(TraceError, match="'&' takes bools") as e:
         flash_attention.trace(mask_mod=mask)
     _at(e.value, mask, 1)
 
