@@ -855,6 +855,12 @@ class KernelDef:
         self.__doc__ = fn.__doc__
 
     @property
+    def tunable_names(self) -> frozenset[str]:
+        """The keyword options declared with attnc.tunable (compile-time integers)."""
+        return frozenset(p.name for p in self.signature.parameters.values()
+                         if p.kind is p.KEYWORD_ONLY and isinstance(p.default, Tunable))
+
+    @property
     def option_names(self) -> frozenset[str]:
         """What trace() takes by keyword: the keyword-only options and tunables, and a
         `<param>_dtype` storage for each tensor parameter."""

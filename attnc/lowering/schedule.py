@@ -105,7 +105,8 @@ def row_tiles(dims: dict[str, int], bm: int) -> int:
 
 def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal: bool = False,
              f16: bool = False, explicit_family: bool = False, f16_math: bool = False,
-             vector_loads: bool = True, k_format: str | None = None) -> tuple[Plan, dict[str, int]]:
+             vector_loads: bool = True, k_format: str | None = None, strategy: str = ""
+             ) -> tuple[Plan, dict[str, int]]:
     """The heuristic plan and kernel tunables for a shape (a tuned choice overrides it).
 
     From the tuning runs in docs/bench/ (no vendor names: adapter type and limits only);
@@ -161,7 +162,9 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
     The split count is chosen after the plan: split_count for short rows,
     prefill_split_count for long ones (GPUs with few row tiles only).
     The environment variable ATTNC_STRATEGY (tiled, stream or rows) limits these choices to
-    one strategy where it applies (tiled always does), e.g. to test or compare one of them.
+    one strategy where it applies (tiled always does), e.g. to test or compare one of them;
+    `strategy` does the same for a caller (tiles a kernel's options fix are the tiled
+    strategy's: its tiles are BM rows by BN keys whatever their sizes).
     """
     sg_min = max(1, min(caps.subgroup_min_size or 4, 32, caps.subgroup_lanes_contiguous or 4))
     # lanes the probe found contiguous: tiled row groups up to that wide reduce by shuffles alone
@@ -173,7 +176,7 @@ def plan_for(caps: Capabilities, family: Family, dims: dict[str, int], *, causal
     dv = min(max(pow2ceil(dims["Dv"]), 32), 256)
     cpu = caps.cpu
     group = dims["Hq"] // dims["Hkv"]
-    only = os.environ.get("ATTNC_STRATEGY", "").strip()  # heuristics restricted to one strategy
+    only = strategy or os.environ.get("ATTNC_STRATEGY", "").strip()  # heuristics restricted to one strategy
     if only and only not in {x.value for x in Strategy}:
         raise ValueError(f"ATTNC_STRATEGY must be one of {sorted(x.value for x in Strategy)}, got {only!r}")
     # GPUs: tile loops unrolled in the WGSL and the next block's loads issued before the math
@@ -296,6 +299,22 @@ def rows_fit(plan: Plan) -> bool:
 # a loop) serves short rows too. Not measured on a GPU above D = 256; on lavapipe the stream
 # plan for D = 576 was 46 KB of WGSL, against 24 KB for D = 256.
 STREAM_MAX_D = 256
+
+
+def fit_workgroup(plan: Plan, BM: int, BN: int) -> Plan:
+    """A tiled plan with its invocations per workgroup halved until its layout gives each row
+    of a BM x BN tile no more invocations than keys: tiles a kernel's options fix (attnc.build's
+    BM=1, BN=8) may hold less work than the heuristic's workgroup."""
+    fitted = plan
+    while fitted.strategy is Strategy.TILED and fitted.workgroup_size > 1:
+        try:
+            layout(fitted, BM, BN)
+            return fitted
+        except LoweringError as exc:
+            if "per row" not in exc.message:  # another rule: the lowering says it of the plan given
+                return plan
+        fitted = dataclasses.replace(fitted, workgroup_size=fitted.workgroup_size // 2)
+    return fitted
 
 
 def tiled_plan(caps: Capabilities, base: Plan, dims: dict[str, int], shapes: list[tuple[int, int, int, int]],

@@ -26,6 +26,7 @@ from attnc.lowering.retype import operand_tensors, retype
 from attnc.lowering.schedule import (
     F16_MATH_TARGETS,
     check_target_inputs,
+    fit_workgroup,
     kv_splits,
     pick_family,
     plan_for,
@@ -50,6 +51,11 @@ class Op:
         if unknown:
             raise ValueError(f"attnc.build: kernel {kernel.name} has no option {', '.join(map(repr, unknown))}; its "
                              f"options are {sorted(kernel.option_names)}")
+        for name in sorted(set(options) & kernel.tunable_names):
+            value = options[name]
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"attnc.build: tunable {name} of kernel {kernel.name} is a positive integer, "
+                                 f"got {value!r}")
         self.kernel, self.target, self.options = kernel, target, dict(options)
         self.device = get_device(device)
         self.family = pick_family(self.device.capabilities, target)
@@ -117,13 +123,24 @@ class Op:
         storage = Storage.F16 if f16 else Storage.F32  # bound as retyped: float16 GPU tensors are f16 operands
         pdims = self._plan_dims(kern, spec, self._bind(retype(kern, storage), values, captured).dims)
         caps = self.device.capabilities
+        fixes_tiles = any(name is not None and name in self.options
+                          for name in (_tile_tunable(kern), _loop_tunable(kern)))
         plan, htun = plan_for(caps, self.family, pdims, f16=f16, explicit_family=self.target is not None,
-                              f16_math=f16_math)
+                              f16_math=f16_math, strategy="tiled" if fixes_tiles else "")
         if f16_math:
             plan = dataclasses.replace(plan, storage=Storage.F16A)
         # the kernel's own tile tunables take the plan's sizes unless the options fix them
         tun = {name: htun[ours] for ours, name in (("BM", _tile_tunable(kern)), ("BN", _loop_tunable(kern)))
                if name is not None and name not in self.options}
+        fixed = {ours: self.options[name] for ours, name in (("BM", _tile_tunable(kern)), ("BN", _loop_tunable(kern)))
+                 if name is not None and name in self.options}
+        for ours, name in (("BM", _tile_tunable(kern)), ("BN", _loop_tunable(kern))):
+            value = fixed.get(ours)
+            if value is not None and value & (value - 1):
+                raise ValueError(f"attnc.build: tunable {name}={value} of kernel {self.kernel.name} sizes its "
+                                 f"{'query-row' if ours == 'BM' else 'key'} tiles, which are powers of two")
+        if fixed:
+            plan = fit_workgroup(plan, int(fixed.get("BM", htun["BM"])), int(fixed.get("BN", htun["BN"])))
         if tun:
             kern, captured = self._trace({**self.options, **tun})
             paths = self._paths

@@ -4,6 +4,8 @@ errors that name the tensor, K/V shared by the batch, and custom kernels run wit
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -270,6 +272,33 @@ def test_build_errors_are_clear(device) -> None:
     with pytest.raises(ValueError, match=r"no tensor has dim 'T': pass its size with dims=\{'T': n\}"):
         paged(q=q, k_pages=pool, v_pages=pool, scale=0.1, seq_lens=np.zeros(2, np.int32),
               page_table=np.zeros((2, 3), np.int32))
+
+
+@pytest.mark.parametrize("value", [0, -4, "x", 2.5, True, None])
+def test_build_refuses_tunables_that_are_not_positive_integers(value) -> None:
+    """Checked when built, naming the tunable (0 was a VerifyError pointing into attnc, "x" and
+    None Python's errors, 2.5 and True ran as 2 and 1)."""
+    with pytest.raises(ValueError, match=f"attnc.build: tunable BM of kernel flash_attention is a positive integer, "
+                                         f"got {re.escape(repr(value))}"):
+        attnc.build(flash_attention, device="wgpu:vulkan", BM=value)
+
+
+def test_build_runs_any_power_of_two_tiles_its_options_fix(require_adapters) -> None:
+    """Tiles a kernel's options fix are the tiled strategy's, its workgroup no larger than
+    they hold (BM=1, BN=1 failed: "WG=64 invocations over BM=1 rows ... more than BN=1 keys";
+    decode shapes failed in the stream strategy's key groups); a tile size that is not a power
+    of two is refused naming it. (Planning, on the host: one adapter; the tiled shaders run on
+    every adapter elsewhere.)"""
+    device = require_adapters("wgpu:vulkan")[0]
+    rng = np.random.default_rng(14)
+    for S, T, (bm, bn) in ((29, 40, (1, 1)), (1, 50, (1, 8)), (3, 70, (16, 2))):
+        q, k, v = qkv(rng, S=S, T=T)
+        op = attnc.build(flash_attention, device=device, BM=bm, BN=bn)
+        assert_close(op(q=q, k=k, v=v, scale=0.3), attention_ref(q, k, v, scale=0.3), 1e-5, (S, T, bm, bn))
+        assert f"BM={bm},BN={bn}," in op.last.variant
+    with pytest.raises(ValueError, match="tunable BN=24 of kernel flash_attention sizes its key tiles, which are "
+                                         "powers of two"):
+        attnc.build(flash_attention, device=device, BN=24)(q=q, k=k, v=v, scale=0.3)
 
 
 @pytest.mark.sanitize
