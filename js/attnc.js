@@ -289,6 +289,71 @@ export function manifestProblems(manifest) {
     xs.forEach((x, i) => { if (!ok(x)) bad(`${path}[${i}]`, `expected ${want}, got ${describe(x)}`); });
   };
 
+  /** A program's fields (a variant's program, or a store kernel: `store`, whose storage bytes
+   * are optional and which has one file for both dialects); `names`: what its formulas may
+   * use; `tensorNames`: what its storage bindings may be (null: not checked). */
+  const program = (/** @type {any} */ p, /** @type {string} */ pp, /** @type {Set<string>} */ withGrid,
+    /** @type {Set<string> | null} */ tensorNames, store = false) => {
+    const file = field(p, pp, 'file', isWgslPath, 'a relative .wgsl path');
+    const df = store ? undefined : field(p, pp, 'dialect_files', isObject, 'an object of files by dialect', true);
+    if (df) {
+      for (const d of DIALECTS) field(df, `${pp}.dialect_files`, d, isWgslPath, 'a relative .wgsl path');
+      if (file !== undefined && isWgslPath(df.tint) && df.tint !== file) bad(`${pp}.dialect_files.tint`, `${describe(df.tint)} is not the program's file ${describe(file)}`);
+    }
+    field(p, pp, 'entry_point', ident, 'an identifier');
+    const wg = field(p, pp, 'workgroup_size', (x) => Array.isArray(x) && x.length === 3, 'a list of 3 sizes');
+    if (wg) elements(wg, `${pp}.workgroup_size`, (x) => Number.isInteger(x) && x >= 1, 'a positive integer');
+    formula(p, pp, 'workgroups', withGrid);
+    field(p, pp, 'workgroup_storage_bytes', isCount, 'a non-negative integer', store);
+    field(p, pp, 'in_bounds', (x) => typeof x === 'boolean', 'a boolean', true);
+    const bs = field(p, pp, 'bindings', list, 'a list of bindings');
+    /** @type {Set<number>} */
+    const slots = new Set();
+    let uniforms = 0;
+    (bs || []).forEach((/** @type {any} */ b, /** @type {number} */ k) => {
+      const bp = `${pp}.bindings[${k}]`;
+      if (!isObject(b)) return bad(bp, `expected a binding object, got ${describe(b)}`);
+      const slot = field(b, bp, 'binding', isCount, 'a non-negative integer');
+      if (slot !== undefined) {
+        if (slots.has(slot)) bad(`${bp}.binding`, `slot ${slot} is used twice`);
+        slots.add(slot);
+      }
+      const bname = field(b, bp, 'name', str, 'a string');
+      const kind = field(b, bp, 'kind', oneOf(['storage', 'uniform']), '"storage" or "uniform"');
+      if (kind === 'uniform' && ++uniforms === 2) bad(bp, 'a second uniform binding (a program has one)');
+      if (kind === 'storage') {
+        field(b, bp, 'access', oneOf(['read', 'read_write']), '"read" or "read_write"');
+        if (bname !== undefined && tensorNames && !tensorNames.has(bname)) bad(`${bp}.name`, `${JSON.stringify(bname)} is not a tensor of the ${store ? 'store kernel' : 'variant'}`);
+      }
+    });
+    if (bs && uniforms === 0) bad(`${pp}.bindings`, 'no uniform binding (grid_total and grid_stride_x need one)');
+    const u = field(p, pp, 'uniforms', isObject, 'an object');
+    if (u) {
+      const size = field(u, `${pp}.uniforms`, 'size', (x) => Number.isInteger(x) && x > 0 && x % 16 === 0, 'a positive multiple of 16');
+      const fields = field(u, `${pp}.uniforms`, 'fields', list, 'a list of fields');
+      /** @type {Map<number, number>} */
+      const offsets = new Map();
+      (fields || []).forEach((/** @type {any} */ f, /** @type {number} */ k) => {
+        const fp = `${pp}.uniforms.fields[${k}]`;
+        if (!isObject(f)) return bad(fp, `expected a field object, got ${describe(f)}`);
+        field(f, fp, 'name', ident, 'an identifier');
+        field(f, fp, 'type', oneOf(['f32', 'u32', 'i32']), '"f32", "u32" or "i32"');
+        const off = field(f, fp, 'offset', (x) => isCount(x) && x % 4 === 0, 'a non-negative multiple of 4');
+        if (off !== undefined) {
+          if (size !== undefined && off + 4 > size) bad(`${fp}.offset`, `${off} + 4 bytes is past the uniform size ${size}`);
+          else if (offsets.has(off)) bad(`${fp}.offset`, `${off} is also the offset of fields[${offsets.get(off)}]`);
+          offsets.set(off, k);
+        }
+        formula(f, fp, 'value', withGrid);
+      });
+      if (fields) {
+        for (const g of GRID_NAMES) {
+          if (!fields.some((/** @type {any} */ f) => isObject(f) && f.value === g)) bad(`${pp}.uniforms.fields`, `no field whose value is ${g} (the dispatch rule needs it)`);
+        }
+      }
+    }
+  };
+
   if (!isObject(manifest)) return [`manifest: expected the manifest object, got ${describe(manifest)}`];
   const m = 'manifest';
   const format = field(manifest, m, 'format', str, 'a string');
@@ -394,65 +459,44 @@ export function manifestProblems(manifest) {
         if (progNames.has(pname)) bad(`${pp}.name`, `${JSON.stringify(pname)} is listed twice`);
         progNames.add(pname);
       }
-      const file = field(p, pp, 'file', isWgslPath, 'a relative .wgsl path');
-      const df = field(p, pp, 'dialect_files', isObject, 'an object of files by dialect', true);
-      if (df) {
-        for (const d of DIALECTS) field(df, `${pp}.dialect_files`, d, isWgslPath, 'a relative .wgsl path');
-        if (file !== undefined && isWgslPath(df.tint) && df.tint !== file) bad(`${pp}.dialect_files.tint`, `${describe(df.tint)} is not the program's file ${describe(file)}`);
-      }
-      field(p, pp, 'entry_point', ident, 'an identifier');
-      const wg = field(p, pp, 'workgroup_size', (x) => Array.isArray(x) && x.length === 3, 'a list of 3 sizes');
-      if (wg) elements(wg, `${pp}.workgroup_size`, (x) => Number.isInteger(x) && x >= 1, 'a positive integer');
-      formula(p, pp, 'workgroups', withGrid);
-      field(p, pp, 'workgroup_storage_bytes', isCount, 'a non-negative integer');
-      field(p, pp, 'in_bounds', (x) => typeof x === 'boolean', 'a boolean', true);
-      const bs = field(p, pp, 'bindings', list, 'a list of bindings');
-      /** @type {Set<number>} */
-      const slots = new Set();
-      let uniforms = 0;
-      (bs || []).forEach((/** @type {any} */ b, /** @type {number} */ k) => {
-        const bp = `${pp}.bindings[${k}]`;
-        if (!isObject(b)) return bad(bp, `expected a binding object, got ${describe(b)}`);
-        const slot = field(b, bp, 'binding', isCount, 'a non-negative integer');
-        if (slot !== undefined) {
-          if (slots.has(slot)) bad(`${bp}.binding`, `slot ${slot} is used twice`);
-          slots.add(slot);
-        }
-        const bname = field(b, bp, 'name', str, 'a string');
-        const kind = field(b, bp, 'kind', oneOf(['storage', 'uniform']), '"storage" or "uniform"');
-        if (kind === 'uniform' && ++uniforms === 2) bad(bp, 'a second uniform binding (a program has one)');
-        if (kind === 'storage') {
-          field(b, bp, 'access', oneOf(['read', 'read_write']), '"read" or "read_write"');
-          if (bname !== undefined && ts && !tensors.has(bname)) bad(`${bp}.name`, `${JSON.stringify(bname)} is not a tensor of the variant`);
-        }
-      });
-      if (bs && uniforms === 0) bad(`${pp}.bindings`, 'no uniform binding (grid_total and grid_stride_x need one)');
-      const u = field(p, pp, 'uniforms', isObject, 'an object');
-      if (u) {
-        const size = field(u, `${pp}.uniforms`, 'size', (x) => Number.isInteger(x) && x > 0 && x % 16 === 0, 'a positive multiple of 16');
-        const fields = field(u, `${pp}.uniforms`, 'fields', list, 'a list of fields');
-        /** @type {Map<number, number>} */
-        const offsets = new Map();
-        (fields || []).forEach((/** @type {any} */ f, /** @type {number} */ k) => {
-          const fp = `${pp}.uniforms.fields[${k}]`;
-          if (!isObject(f)) return bad(fp, `expected a field object, got ${describe(f)}`);
-          field(f, fp, 'name', ident, 'an identifier');
-          field(f, fp, 'type', oneOf(['f32', 'u32', 'i32']), '"f32", "u32" or "i32"');
-          const off = field(f, fp, 'offset', (x) => isCount(x) && x % 4 === 0, 'a non-negative multiple of 4');
-          if (off !== undefined) {
-            if (size !== undefined && off + 4 > size) bad(`${fp}.offset`, `${off} + 4 bytes is past the uniform size ${size}`);
-            else if (offsets.has(off)) bad(`${fp}.offset`, `${off} is also the offset of fields[${offsets.get(off)}]`);
-            offsets.set(off, k);
-          }
-          formula(f, fp, 'value', withGrid);
-        });
-        if (fields) {
-          for (const g of GRID_NAMES) {
-            if (!fields.some((/** @type {any} */ f) => isObject(f) && f.value === g)) bad(`${pp}.uniforms.fields`, `no field whose value is ${g} (the dispatch rule needs it)`);
-          }
-        }
+      program(p, pp, withGrid, ts ? new Set(tensors.keys()) : null);
+    });
+  });
+  // store kernels (a quantized K or V): what createKVCache reads of them
+  const quantized = variants.some((/** @type {any} */ v) => isObject(v) && Array.isArray(v.tensors)
+    && v.tensors.some((/** @type {any} */ t) => isObject(t) && t.dtype in QUANT));
+  // (there when an input is quantized: the kernels appending to its cache)
+  const stores = field(manifest, m, 'stores', list, 'a list of store kernels', !quantized);
+  (stores || []).forEach((/** @type {any} */ st, /** @type {number} */ i) => {
+    const sp = `${m}.stores[${i}]`;
+    if (!isObject(st)) return bad(sp, `expected a store kernel object, got ${describe(st)}`);
+    field(st, sp, 'name', ident, 'an identifier');
+    const quant = oneOf(Object.keys(QUANT));
+    if (has(st, 'formats')) {
+      const fs = field(st, sp, 'formats', isObject, 'an object {k, v} of formats');
+      if (fs) for (const n of ['k', 'v']) field(fs, `${sp}.formats`, n, quant, Object.keys(QUANT).map((x) => JSON.stringify(x)).join(', '));
+    } else {
+      field(st, sp, 'format', quant, Object.keys(QUANT).map((x) => JSON.stringify(x)).join(', '));
+    }
+    field(st, sp, 'rows', oneOf(['f32', 'f16']), '"f32" or "f16"');
+    /** @type {Set<string>} */
+    const names = new Set(GRID_NAMES);
+    /** @type {Set<string>} */
+    const tensorNames = new Set();
+    const ts = field(st, sp, 'tensors', nonEmptyList, 'a non-empty list of tensors');
+    (ts || []).forEach((/** @type {any} */ t, /** @type {number} */ j) => {
+      const tp = `${sp}.tensors[${j}]`;
+      if (!isObject(t)) return bad(tp, `expected a tensor object, got ${describe(t)}`);
+      const tname = field(t, tp, 'name', ident, 'an identifier');
+      if (tname !== undefined) tensorNames.add(tname);
+      field(t, tp, 'dtype', oneOf(TENSOR_DTYPES), TENSOR_DTYPES.map((x) => JSON.stringify(x)).join(', '));
+      const td = field(t, tp, 'dims', list, 'a list of dim names');
+      if (td) {
+        elements(td, `${tp}.dims`, ident, 'a dim name');
+        for (const d of td) if (ident(d)) names.add(d);
       }
     });
+    if (ts) program(st, sp, names, tensorNames, true);  // (its formulas name the tensors' dims)
   });
   return out;
 }
@@ -1038,6 +1082,7 @@ export class Attention {
       if (t.name === 'kv_lens') checkKvLens(arr, plan.env);
       given[t.name] = arr;
     }
+    if (ArrayBuffer.isView(given.block_table)) checkBlockTable(given.block_table, given.kv_lens, plan.env);
     for (const t of this.variant.tensors) {
       const tp = plan.tensors[t.name];
       if (t.role === 'input') {
@@ -1203,8 +1248,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }
 `;
 
-const KV_STORE_FIELDS = ['grid_total', 'grid_stride_x', 'B', 'H', 'n', 'D', 'cap', 'ragged', 's0', 's1', 's2', 's3', 'per'];
-const KV_ADVANCE_FIELDS = ['grid_total', 'grid_stride_x', 'B', 'n', 'ragged'];
+/** The u32 fields of a built-in kernel's uniform block, one after another. @param {string[]} names */
+const u32Fields = (names) => names.map((name, i) => ({name, offset: 4 * i, type: 'u32'}));
+const KV_STORE_FIELDS = u32Fields(['grid_total', 'grid_stride_x', 'B', 'H', 'n', 'D', 'cap', 'ragged', 's0', 's1', 's2', 's3', 'per']);
+const KV_ADVANCE_FIELDS = u32Fields(['grid_total', 'grid_stride_x', 'B', 'n', 'ragged']);
+/** Bytes of a uniform block of these fields (a multiple of 16). @param {{offset: number}[]} fields */
+const uniformBytes = (fields) => Math.ceil((Math.max(...fields.map((f) => f.offset)) + 4) / 16) * 16;
 const KV_WORKGROUP = 64;
 
 /** The store kernel's WGSL for a cache of `dtype` ('f32', or 'f16' packed two per u32). @param {'f32' | 'f16'} dtype */
@@ -1418,6 +1467,11 @@ export class KVCache {
    */
   attend(attn, q, shapes, params = {}, opts = {}) {
     if (!(attn instanceof Attention)) throw new AttncError(`attn: expected what createAttention returned, got ${describe(attn)}`);
+    if (!isObject(shapes)) throw new AttncError(`shapes: expected {Hq, S}, got ${describe(shapes)}`);
+    // the cache's own dims (B, Hkv, T = capacity, D, Dv) are not the caller's to change
+    const other = Object.keys(shapes).filter((d) => d !== 'Hq' && d !== 'S');
+    if (other.length) throw new AttncError(`shapes: ${other.join(', ')} ${other.length > 1 ? 'are' : 'is'} the cache's (B=${this.batch}, Hkv=${this.kvHeads}, T=${this.capacity}, D=${this.headDim}, Dv=${this.valueDim}); pass only Hq and S`);
+    if (!attn.inputs.some((/** @type {any} */ t) => t.name === 'kv_lens')) throw new AttncError(`attn: variant ${attn.variant.name} has no kv_lens input, which attention over a cache reads: compile the kernel with --set kv_lens=true`);
     for (const [name, fmt] of [['k', this.formats.k], ['v', this.formats.v]]) {
       const t = attn.inputs.find((/** @type {any} */ x) => x.name === name);
       const stored = fmt || this.dtype;
@@ -1445,9 +1499,9 @@ export class KVCache {
       buf = this.device.createBuffer({label: 'attnc.kv.counts', size: Math.max(16, 4 * rows.length), usage: USAGE.STORAGE | USAGE.COPY_DST});
       this.device.queue.writeBuffer(buf, 0, rows);
       if (this._counts.size >= 16) {
-        const [oldKey, old] = this._counts.entries().next().value;
-        this._counts.delete(oldKey);
-        old.destroy();
+        // dropped, not destroyed: an encoder of the caller's not yet submitted may use it (the
+        // garbage collector frees it once no command uses it)
+        this._counts.delete(this._counts.keys().next().value);
       }
     }
     this._counts.set(key, buf);
@@ -1460,6 +1514,10 @@ export class KVCache {
     const B = this.batch, H = this.kvHeads;
     const dense = [H * n * width, n * width, width, 1];
     if (isGpuBuffer(x)) {
+      if (typeof x.usage === 'number' && !(x.usage & USAGE.STORAGE)) throw new AttncError(`${name}: the GPUBuffer lacks STORAGE usage (the store kernel binds it as storage)`);
+      if (strides !== undefined && !(Array.isArray(strides) && strides.length === 4 && strides.every((s) => Number.isInteger(s) && s >= 0))) {
+        throw new AttncError(`strides.${name === 'kNew' ? 'k' : 'v'}: expected 4 non-negative integers (element strides of [B, Hkv, n, ${name === 'kNew' ? 'D' : 'Dv'}]), got ${describe(strides)}`);
+      }
       const st = strides || dense;
       const last = (B - 1) * st[0] + (H - 1) * st[1] + (n - 1) * st[2] + (width - 1) * st[3] + 1;
       const eb = ELEM_BYTES[/** @type {keyof typeof ELEM_BYTES} */ (dtype)];
@@ -1500,7 +1558,7 @@ export class KVCache {
       const [x, y] = foldGrid(groups, maxDim);
       const values = {grid_total: groups, grid_stride_x: x, B, H, n, D: width, cap: this.capacity, ragged: ragged ? 1 : 0,
         s0: src.strides[0], s1: src.strides[1], s2: src.strides[2], s3: src.strides[3], per};
-      const ub = this._uniform(KV_STORE_FIELDS, values);
+      const ub = this._uniform(KV_STORE_FIELDS, values, uniformBytes(KV_STORE_FIELDS));
       pass.setPipeline(this._store);
       pass.setBindGroup(0, this.device.createBindGroup({layout: this._store.getBindGroupLayout(0), entries: [
         {binding: 0, resource: {buffer: src.buffer}}, {binding: 1, resource: {buffer: this.kvLens}},
@@ -1509,7 +1567,8 @@ export class KVCache {
     }
     const groups = Math.ceil(B / KV_WORKGROUP);
     const [x, y] = foldGrid(groups, maxDim);
-    const ub = this._uniform(KV_ADVANCE_FIELDS, {grid_total: groups, grid_stride_x: x, B, n, ragged: ragged ? 1 : 0});
+    const ub = this._uniform(KV_ADVANCE_FIELDS, {grid_total: groups, grid_stride_x: x, B, n, ragged: ragged ? 1 : 0},
+      uniformBytes(KV_ADVANCE_FIELDS));
     pass.setPipeline(this._advance);
     pass.setBindGroup(0, this.device.createBindGroup({layout: this._advance.getBindGroupLayout(0), entries: [
       {binding: 0, resource: {buffer: counts}}, {binding: 1, resource: {buffer: this.kvLens}}, {binding: 2, resource: {buffer: ub}}]}));
@@ -1531,7 +1590,7 @@ export class KVCache {
       values[f.name] = f.name === 'grid_total' ? groups : f.name === 'grid_stride_x' ? x
         : m ? src.strides[Number(m[1])] : evaluateFormula(f.value, env);
     }
-    const ub = this._uniform(entry.uniforms.fields.map((/** @type {any} */ f) => f.name), values);
+    const ub = this._uniform(entry.uniforms.fields, values, entry.uniforms.size);
     const buffers = /** @type {Record<string, any>} */ ({x: src.buffer, pos: this.kvLens, counts, cache: dst, params: ub});
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, this.device.createBindGroup({layout: pipeline.getBindGroupLayout(0),
@@ -1553,7 +1612,7 @@ export class KVCache {
       values[f.name] = f.name === 'grid_total' ? groups : f.name === 'grid_stride_x' ? x
         : m ? (m[1] === 'k' ? k : v).strides[Number(m[2])] : evaluateFormula(f.value, env);
     }
-    const ub = this._uniform(entry.uniforms.fields.map((/** @type {any} */ f) => f.name), values);
+    const ub = this._uniform(entry.uniforms.fields, values, entry.uniforms.size);
     const buffers = /** @type {Record<string, any>} */ ({k: k.buffer, v: v.buffer, pos: this.kvLens, counts, k_cache: this.k,
       v_cache: this.v, params: ub});
     pass.setPipeline(pipeline);
@@ -1562,17 +1621,32 @@ export class KVCache {
     pass.dispatchWorkgroups(x, y, 1);
   }
 
-  /** A uniform buffer holding these u32 fields, made once per distinct content. @param {string[]} fields @param {Record<string, number>} values */
-  _uniform(fields, values) {
-    const data = new Uint32Array(Math.ceil(fields.length / 4) * 4);
-    fields.forEach((f, i) => { data[i] = values[f]; });
-    const key = data.join(',');
-    let buf = this._uniforms.get(key);
-    if (!buf) {
-      buf = this.device.createBuffer({label: 'attnc.kv.uniforms', size: data.byteLength, usage: USAGE.UNIFORM | USAGE.COPY_DST});
-      this.device.queue.writeBuffer(buf, 0, data);
-      this._uniforms.set(key, buf);
+  /**
+   * A uniform buffer of `size` bytes holding each field at its byte offset as its type (the
+   * manifest's `uniforms`; the built-in kernels' u32 fields one after another), made once per
+   * distinct content (the 64 most recent kept).
+   * @param {{name: string, offset: number, type: string}[]} fields @param {Record<string, number>} values @param {number} size
+   */
+  _uniform(fields, values, size) {
+    const data = new DataView(new ArrayBuffer(size));
+    for (const f of fields) {
+      const x = values[f.name];
+      if (f.type === 'f32') data.setFloat32(f.offset, x, true);
+      else if (f.type === 'i32') data.setInt32(f.offset, x, true);
+      else data.setUint32(f.offset, x, true);
     }
+    const bytes = new Uint8Array(data.buffer);
+    const key = bytes.join(',');
+    let buf = this._uniforms.get(key);
+    if (buf) {
+      this._uniforms.delete(key);
+    } else {
+      buf = this.device.createBuffer({label: 'attnc.kv.uniforms', size, usage: USAGE.UNIFORM | USAGE.COPY_DST});
+      this.device.queue.writeBuffer(buf, 0, bytes);
+      // dropped, not destroyed, past 64 (as the counts buffers)
+      if (this._uniforms.size >= 64) this._uniforms.delete(this._uniforms.keys().next().value);
+    }
+    this._uniforms.set(key, buf);
     return buf;
   }
 }
@@ -1600,6 +1674,27 @@ function checkKvLens(lens, env) {
   if (typeof total !== 'number') return;
   for (let i = 0; i < lens.length; i++) {
     if (!(lens[i] >= 0 && lens[i] <= total)) throw new AttncError(`input kv_lens: values must be in [0, ${'kv_total' in env ? 'kv_total' : 'T'}=${total}], got ${lens[i]} at index ${i}`);
+  }
+}
+
+/**
+ * A host block table of a paged variant (k and v [NP, Hkv, P, D], block_table [B, NB]), as
+ * attnc's paged_attention checks it: each row's keys (kv_lens[b] from a host kv_lens, T
+ * without kv_lens) fit its NB pages, and every entry of the pages it uses is a page of the
+ * pool (with kv_lens in a GPUBuffer, the entries of the first ceil(T / P) pages, at most NB).
+ * @param {ArrayLike<number>} table @param {any} lens @param {Record<string, number>} env
+ */
+function checkBlockTable(table, lens, env) {
+  const {B, NB, NP, P, T} = env;
+  if (![B, NB, NP, P, T].every((n) => typeof n === 'number')) return;
+  for (let b = 0; b < B; b++) {
+    const keys = ArrayBuffer.isView(lens) ? /** @type {any} */ (lens)[b] : T;
+    const pages = isGpuBuffer(lens) ? Math.min(NB, Math.ceil(T / P)) : Math.ceil(keys / P);
+    if (pages > NB) throw new AttncError(`input ${ArrayBuffer.isView(lens) ? `kv_lens[${b}] = ${keys}` : `T = ${T}`} needs ${pages} pages of P=${P} keys, but block_table has NB=${NB} entries per row (${NB * P} keys)`);
+    for (let j = 0; j < pages; j++) {
+      const page = table[b * NB + j];
+      if (!(page >= 0 && page < NP)) throw new AttncError(`input block_table[${b}, ${j}] = ${page} is outside the page pool: k and v hold NP=${NP} pages (0..${NP - 1}); row ${b} uses its first ${pages} entries`);
+    }
   }
 }
 

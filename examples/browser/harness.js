@@ -245,6 +245,8 @@ async function runKvCase(device, casesPath, c, io, manifests, attentions, r) {
     // elements of each cache buffer read back: values, or (quantized) u32 words
     const kCount = c.expected.cache_k?.count ?? B * H * cache.capacity * D;
     const vCount = c.expected.cache_v?.count ?? B * H * cache.capacity * Dv;
+    // c.one_encoder: every GPUBuffer append recorded into one encoder, submitted after the last
+    const shared = c.one_encoder ? device.createCommandEncoder() : null;
     for (const step of c.steps) {
       const k = await read(step.k), v = await read(step.v);
       const opts = {rows: step.rows, counts: step.counts ?? undefined};
@@ -260,9 +262,15 @@ async function runKvCase(device, casesPath, c, io, manifests, attentions, r) {
       };
       const n = step.rows;
       const strides = step.source === 'bshd' ? {k: [n * H * D, D, H * D, 1], v: [n * H * Dv, Dv, H * Dv, 1]} : undefined;
-      const encoder = device.createCommandEncoder();
+      const encoder = shared || device.createCommandEncoder();
       cache.append(upload(k), upload(v), {...opts, strides, encoder});
-      device.queue.submit([encoder.finish()]);
+      if (!shared) device.queue.submit([encoder.finish()]);
+    }
+    if (shared) {
+      device.pushErrorScope('validation');
+      device.queue.submit([shared.finish()]);
+      const rejected = await device.popErrorScope();
+      if (rejected) throw new Error(`the appends' encoder was rejected: ${rejected.message}`);
     }
     const q = await read(c.q);
     const out = await cache.attend(attn, q, c.shapes, c.params || {});

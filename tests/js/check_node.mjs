@@ -11,6 +11,14 @@
 //                                                                but manifest): the store kernels picked
 //   {"op": "rejected", "manifest", "files", "variant", "shapes", "params"}   run() on a device whose
 //                                                                error scope reports a validation error
+//   {"op": "kvcalls", "manifest", "files", "cache", "variant", "calls"}   a KV cache on a device that
+//                                                                encodes and submits, then each call:
+//                                                                {append: {rows, usage, strides}} with
+//                                                                GPUBuffer sources of that usage, or
+//                                                                {attend: {shapes}}; answers each call's
+//                                                                error (or null) and the host lengths
+//   {"op": "run", "manifest", "files", "variant", "shapes", "inputs"}   run() on that device with
+//                                                                typed arrays (name -> [dtype, values])
 // Answers: {"ok": true, ...} or {"error": message, "attnc_error": bool, "type": constructor name}.
 // Numbers JSON cannot hold travel as {"$number": "NaN" | "Infinity" | "-Infinity"}.
 import {createInterface} from 'node:readline';
@@ -37,7 +45,7 @@ function recordingDevice(codes) {
     createShaderModule: ({code}) => (codes.push(code), {}),
     createBindGroupLayout: () => ({}),
     createPipelineLayout: () => ({}),
-    createComputePipelineAsync: async () => ({}),
+    createComputePipelineAsync: async () => ({getBindGroupLayout: () => ({})}),
     createBuffer: () => ({destroy() {}}),
     queue: {writeBuffer() {}},
   };
@@ -84,6 +92,37 @@ async function answer(req) {
       const plan = attn.plan(req.shapes, req.params);
       const inputs = Object.fromEntries(attn.inputs.map((t) => [t.name, device.createBuffer({size: plan.tensors[t.name].size, usage: 0x80})]));
       await attn.run(inputs, req.shapes, req.params);
+      return {ok: true};
+    }
+    case 'kvcalls': {
+      const m = await loadManifest(req.manifest, req.files);
+      const device = workingDevice();
+      const cache = await createKVCache(device, {...req.cache, manifest: m});
+      const attn = await createAttention(device, m, {variant: req.variant});
+      const {batch: B, kvHeads: H, headDim: D, valueDim: Dv = D} = req.cache;
+      const errors = [];
+      for (const call of req.calls) {
+        try {
+          if (call.append) {
+            const {rows, usage, strides} = call.append;
+            const source = (/** @type {number} */ width) => device.createBuffer({size: 4 * B * H * rows * width, usage});
+            cache.append(source(D), source(Dv), {rows, strides, encoder: device.createCommandEncoder()});
+          } else {
+            await cache.attend(attn, new Float32Array(B * call.attend.shapes.Hq * call.attend.shapes.S * D), call.attend.shapes);
+          }
+          errors.push(null);
+        } catch (e) {
+          errors.push({error: String(/** @type {any} */ (e).message), attnc_error: e instanceof AttncError});
+        }
+      }
+      return {ok: true, errors, lengths: Array.from(cache.lengths)};
+    }
+    case 'run': {
+      const m = await loadManifest(req.manifest, req.files || {});
+      const attn = await createAttention(workingDevice(), m, {variant: req.variant});
+      const arrays = {Float32Array, Int32Array, Uint32Array};
+      const inputs = Object.fromEntries(Object.entries(req.inputs).map(([n, [t, xs]]) => [n, arrays[t].from(xs)]));
+      await attn.run(inputs, req.shapes, req.params || {});
       return {ok: true};
     }
     case 'kvcache': {

@@ -9,6 +9,7 @@ in float64 with numpy from the very inputs the GPU gets (f16 inputs rounded firs
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -716,12 +717,21 @@ def kv_cache_cases(w: _Writer, folder: Path) -> list[dict]:
     return cases + kv_quant_cases(w, folder)
 
 
-# (variant, k format, v format, D, Dv, steps): a quantized cache appends with the store kernels
-# of the `kvquant` compile's manifest ("stores")
+# (variant, k format, v format, D, Dv, steps, how): a quantized cache appends with the store
+# kernels of the `kvquant` compile's manifest ("stores"); `how`: "" as written, "one_encoder"
+# (every GPUBuffer append recorded into one encoder, submitted after the last), "permuted" (the
+# manifest's store uniform fields listed in reverse order, offsets unchanged)
 KV_QUANT_CACHES = [
-    (PO32, "q8_0", "q4_0", 32, 32, [(4, [4, 2, 0], "array"), (1, None, "buffer"), (3, [1, 3, 2], "bshd")]),
+    (PO32, "q8_0", "q4_0", 32, 32, [(4, [4, 2, 0], "array"), (1, None, "buffer"), (3, [1, 3, 2], "bshd")], ""),
     # head dims that differ: the pair store's D and DV (one dispatch for K and V)
-    (PO32, "q8_0", "q4_0", 64, 32, [(2, None, "array"), (3, [3, 0, 1], "bshd"), (1, None, "buffer")]),
+    (PO32, "q8_0", "q4_0", 64, 32, [(2, None, "array"), (3, [3, 0, 1], "bshd"), (1, None, "buffer")], ""),
+    # 19 ragged appends of counts of their own in one encoder: more counts buffers than the cache
+    # keeps (16; the oldest was destroyed while the encoder held it, the submit refused). Every
+    # pattern of 0..2 rows with at most one 2, but none: 16 rows or fewer per batch row
+    (PO32, "q8_0", "q4_0", 32, 32, [(2, list(c), "buffer") for c in itertools.product(range(3), repeat=3)
+                                    if c.count(2) <= 1 and any(c)], "one_encoder"),
+    # the store's uniforms written at their offsets (they were packed in list order)
+    (PO32, "q8_0", "q4_0", 32, 32, [(3, [3, 1, 2], "bshd"), (2, None, "buffer")], "permuted"),
 ]
 
 
@@ -731,10 +741,14 @@ def kv_quant_cases(w: _Writer, folder: Path) -> list[dict]:
     exactly (rows never written: zero words), the GPU lengths, and o against the float64
     reference on the dequantized cache."""
     manifest = json.loads((folder / "compiled" / "kvquant" / "manifest.json").read_text())
+    permuted = json.loads(json.dumps(manifest))
+    for st in permuted.get("stores", []):
+        st["uniforms"]["fields"].reverse()
+    (folder / "compiled" / "kvquant" / "manifest_permuted.json").write_text(json.dumps(permuted, indent=1))
     rng = np.random.default_rng(2025)
     B, Hkv, Hq, cap, S = 3, 2, 4, 24, 2
     cases = []
-    for (family, dtype), kf, vf, D, Dv, steps in KV_QUANT_CACHES:
+    for (family, dtype), kf, vf, D, Dv, steps, how in KV_QUANT_CACHES:
         var = next(v for v in manifest["variants"] if (v["family"], v["dtype"]) == (family, dtype))
         vals = {"k": np.zeros((B, Hkv, cap, D), np.float32), "v": np.zeros((B, Hkv, cap, Dv), np.float32)}
         written = np.zeros((B, Hkv, cap), bool)
@@ -768,9 +782,10 @@ def kv_quant_cases(w: _Writer, folder: Path) -> list[dict]:
         q = rng.standard_normal((B, Hq, S, D)).astype(np.float32)
         o, _ = attention_reference(q, ref["k"], ref["v"], causal=True, kv_lens=lens)
         cases.append({
-            "name": f"kv.{family}.{dtype}.{kf}.{vf}.d{D}.dv{Dv}",
+            "name": f"kv.{family}.{dtype}.{kf}.{vf}.d{D}.dv{Dv}" + (f".{how}" if how else ""),
             "kind": "kv_cache",
-            "manifest": "compiled/kvquant/manifest.json",
+            "manifest": f"compiled/kvquant/manifest{'_permuted' if how == 'permuted' else ''}.json",
+            "one_encoder": how == "one_encoder",
             "variant": {"family": family, "dtype": dtype},
             "requires_features": list(var["requires"].get("features", [])),
             "cache": {"batch": B, "kvHeads": Hkv, "capacity": cap, "headDim": D, "valueDim": Dv, "dtype": dtype,

@@ -266,6 +266,11 @@ def validate(manifest: Any, root: str | Path | None = None) -> list[str]:
             out.append(f"{where}: not an object")
             continue
         _variant(out, where, v, set(dims), Path(root) if root is not None else None)
+    quantized = any(isinstance(v, dict) and isinstance(v.get("tensors"), list)
+                    and any(isinstance(t, dict) and _in(t.get("dtype"), QUANT_FORMATS) for t in v["tensors"])
+                    for v in variants)
+    if quantized and "stores" not in manifest:
+        out.append("stores: missing (a variant reads a quantized input; its cache appends with these kernels)")
     stores = manifest.get("stores", [])
     if not isinstance(stores, list):
         out.append("stores: not a list")
@@ -280,13 +285,24 @@ QUANT_FORMATS = {"q8_0", "q4_0", "int8"}
 
 def _store(out: list[str], where: str, st: Any, root: Path | None) -> None:
     """A store kernel entry (MANIFEST.md "Store kernels"): one cache's (`format`), or K's and
-    V's at once (`formats`, kv_store_pair)."""
+    V's at once (`formats`, kv_store_pair); every field a runtime reads."""
     if not isinstance(st, dict):
         out.append(f"{where}: not an object")
         return
     pair = "formats" in st
     _keys(out, where, st, {"name", "formats" if pair else "format", "rows", "file", "entry_point", "workgroup_size",
                            "tensors", "bindings", "uniforms", "workgroups"})
+    if not _ident(st.get("name")):
+        out.append(f"{where}.name: not an identifier")
+    if not _ident(st.get("entry_point")):
+        out.append(f"{where}.entry_point: not an identifier")
+    wg = st.get("workgroup_size")
+    if not (isinstance(wg, list) and len(wg) == 3 and all(_int(x) and x >= 1 for x in wg)):
+        out.append(f"{where}.workgroup_size: not three positive integers")
+    if not _wgsl_path(st.get("file")):
+        out.append(f"{where}.file: {st.get('file')!r} is not a relative .wgsl path inside the output folder")
+    elif root is not None and not (root / st["file"]).is_file():
+        out.append(f"{where}.file: {st['file']} does not exist")
     fmts = st.get("formats") if pair else {"": st.get("format")}
     if not (isinstance(fmts, dict) and set(fmts) == ({"k", "v"} if pair else {""})
             and all(_in(f, QUANT_FORMATS) for f in fmts.values())):
@@ -296,11 +312,21 @@ def _store(out: list[str], where: str, st: Any, root: Path | None) -> None:
     if not _in(st.get("rows"), {"f32", "f16"}):
         out.append(f"{where}.rows: {st.get('rows')!r}, expected f32 or f16")
     tensors = st.get("tensors")
-    if not (isinstance(tensors, list) and all(isinstance(t, dict) and isinstance(t.get("dims"), list)
-                                              for t in tensors)):
-        out.append(f"{where}.tensors: not a list of tensors with dims")
+    if not (isinstance(tensors, list) and all(isinstance(t, dict) for t in tensors)):
+        out.append(f"{where}.tensors: not a list of tensors")
         return
-    by_name = {t.get("name"): t for t in tensors}
+    by_name: dict[str, dict] = {}
+    for j, t in enumerate(tensors):
+        tw = f"{where}.tensors[{j}]"
+        _keys(out, tw, t, {"name", "dtype", "dims"})
+        if not _ident(t.get("name")) or t["name"] in by_name:
+            out.append(f"{tw}.name: not an identifier, or listed twice")
+        else:
+            by_name[t["name"]] = t
+        if not _in(t.get("dtype"), TENSOR_DTYPES):
+            out.append(f"{tw}.dtype: {t.get('dtype')!r} not one of {sorted(TENSOR_DTYPES)}")
+        if not (isinstance(t.get("dims"), list) and t["dims"] and all(_ident(d) for d in t["dims"])):
+            out.append(f"{tw}.dims: not a non-empty list of dim names")
     # (rows, cache) tensor names of each format: x and cache, or k, k_cache and v, v_cache
     pairs = [("k", "k_cache", fmts["k"]), ("v", "v_cache", fmts["v"])] if pair else [("x", "cache", fmts[""])]
     base = {n for r, c, _ in pairs for n in (r, c)} | {"pos", "counts"}
@@ -309,21 +335,35 @@ def _store(out: list[str], where: str, st: Any, root: Path | None) -> None:
         return
     if any(by_name[c].get("dtype") != f or by_name[r].get("dtype") != st.get("rows") for r, c, f in pairs):
         out.append(f"{where}.tensors: cache / row dtypes do not match the format(s) / rows")
-    names = {d for t in tensors for d in t["dims"] if isinstance(d, str)} | {"grid_total", "grid_stride_x"}
+    names = {d for t in tensors for d in t.get("dims") or [] if _ident(d)} | set(GRID_NAMES)
     _formula(out, f"{where}.workgroups", st.get("workgroups"), names)
     bindings = st.get("bindings")
-    want = set(by_name) | {"params"}
-    if not (isinstance(bindings, list) and {b.get("name") for b in bindings if isinstance(b, dict)} == want):
-        out.append(f"{where}.bindings: expected one binding each for {sorted(want)}")
-    fields = (st.get("uniforms") or {}).get("fields")
-    if not isinstance(fields, list):
-        out.append(f"{where}.uniforms.fields: not a list")
-    else:
-        for j, f in enumerate(fields):
-            if isinstance(f, dict):
-                _formula(out, f"{where}.uniforms.fields[{j}].value", f.get("value"), names)
-    if root is not None and isinstance(st.get("file"), str) and not (root / st["file"]).is_file():
-        out.append(f"{where}.file: {st['file']} does not exist")
+    if not isinstance(bindings, list):
+        out.append(f"{where}.bindings: not a list")
+        bindings = []
+    slots: set[int] = set()
+    bound: list[str] = []
+    for b in bindings:
+        if not isinstance(b, dict):
+            out.append(f"{where}.bindings: {b!r} is not an object")
+            continue
+        bw = f"{where}.bindings.{b.get('name')}"
+        if not (_int(b.get("binding")) and b["binding"] >= 0) or b["binding"] in slots:
+            out.append(f"{bw}.binding: missing, negative or used twice")
+        else:
+            slots.add(b["binding"])
+        if b.get("kind") == "uniform":
+            _keys(out, bw, b, {"binding", "name", "kind"})
+        elif b.get("kind") == "storage":
+            _keys(out, bw, b, {"binding", "name", "kind", "access"})
+            if b.get("access") not in ("read", "read_write"):
+                out.append(f"{bw}.access: {b.get('access')!r} not 'read' or 'read_write'")
+        else:
+            out.append(f"{bw}.kind: {b.get('kind')!r} not 'storage' or 'uniform'")
+        bound.append(b.get("name"))
+    if sorted(map(str, bound)) != sorted(set(by_name) | {"params"}):
+        out.append(f"{where}.bindings: expected one binding each for {sorted(set(by_name) | {'params'})}")
+    _uniforms(out, f"{where}.uniforms", st.get("uniforms"), names, 1 << 16)
 
 
 def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | None) -> None:

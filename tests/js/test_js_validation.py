@@ -214,9 +214,11 @@ def test_valid_manifests_load(checker, compiled):
 
 @examples(300)
 @given(data=st.data())
-def test_corrupted_manifest_is_rejected_naming_the_path(data, checker, compiled):
-    which = data.draw(st.sampled_from(["compiled", "hand-made"]), label="manifest")
-    m = compiled[1] if which == "compiled" else hand_made()[1]
+def test_corrupted_manifest_is_rejected_naming_the_path(data, checker, compiled, quant_compiled):
+    """(The quantized compile's manifest has store kernels: `stores` went unchecked by the
+    loader, and a store without tensors was a TypeError in createKVCache.)"""
+    which = data.draw(st.sampled_from(["compiled", "hand-made", "quantized"]), label="manifest")
+    m = {"compiled": compiled[1], "quantized": quant_compiled[1]}.get(which) or hand_made()[1]
     keys, delete, value = data.draw(corruptions(m), label="position, delete, value")
     bad, path = vc.corrupt(m, keys, value, delete), vc.path_text(keys)
     js = checker.ask({"op": "manifest", "manifest": bad})
@@ -382,3 +384,84 @@ def test_kv_cache_store_kernels_need_counts(checker, quant_compiled):
                            "cache": cache})
     assert refused.get("attnc_error") and "kFormat: the manifest's q8_0 store kernel has no counts binding" in \
         refused["error"] and "compile it again" in refused["error"], refused
+
+
+def _variant_of(m: dict, family: str = "portable", dtype: str = "f32") -> dict:
+    return {"family": family, "dtype": dtype}
+
+
+def test_kv_cache_calls_refuse_what_would_reach_the_gpu_unchecked(checker, quant_compiled):
+    """A GPUBuffer source without STORAGE usage and malformed strides are AttncErrors naming
+    them, before anything is recorded (they were WebGPU's errors at the submit, or rows read
+    from the wrong elements, with the host lengths advanced anyway); attend takes only Hq and S
+    (T: 8 over a cache of capacity 64 read K/V with another head stride)."""
+    d, m = quant_compiled
+    cache = {"batch": 2, "kvHeads": 2, "capacity": 64, "headDim": 64, "kFormat": "q8_0", "vFormat": "q4_0"}
+    storage = 0x80 | 0x8
+    calls = [{"append": {"rows": 2, "usage": 0x8}},
+             {"append": {"rows": 2, "usage": storage, "strides": {"k": [1, 2]}}},
+             {"append": {"rows": 2, "usage": storage, "strides": {"v": [0, 0, 0, -1]}}},
+             {"append": {"rows": 2, "usage": storage}},
+             {"attend": {"shapes": {"Hq": 4, "S": 1, "T": 8}}},
+             {"attend": {"shapes": {"Hq": 4, "S": 1, "Hkv": 1, "D": 32}}},
+             {"attend": {"shapes": {"Hq": 4, "S": 1}}}]
+    js = checker.ask({"op": "kvcalls", "manifest": m, "files": wgsl_files(d), "cache": cache,
+                      "variant": _variant_of(m), "calls": calls})
+    assert js.get("ok"), js
+    errors = js["errors"]
+    assert all(e is None or e["attnc_error"] for e in errors), json.dumps(errors)
+    assert errors[0]["error"].startswith("kNew: the GPUBuffer lacks STORAGE usage"), errors[0]
+    assert errors[1]["error"].startswith("strides.k: expected 4 non-negative integers"), errors[1]
+    assert errors[2]["error"].startswith("strides.v: expected 4 non-negative integers"), errors[2]
+    assert errors[3] is None and errors[6] is None, errors
+    assert errors[4]["error"].startswith("shapes: T is the cache's (B=2, Hkv=2, T=64, D=64, Dv=64)"), errors[4]
+    assert errors[5]["error"].startswith("shapes: Hkv, D are the cache's"), errors[5]
+    assert js["lengths"] == [2, 2]
+
+
+def test_kv_cache_attend_names_the_compile_option_a_variant_lacks(checker, tmp_path):
+    """attend over a variant compiled without kv_lens says which option to compile with (it said
+    "unknown input kv_lens")."""
+    from attnc.cli import main
+
+    assert main(["compile", "attnc.kernels.flash:flash_attention", "-o", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    js = checker.ask({"op": "kvcalls", "manifest": m, "files": wgsl_files(tmp_path),
+                      "cache": {"batch": 1, "kvHeads": 1, "capacity": 8, "headDim": 8}, "variant": _variant_of(m),
+                      "calls": [{"attend": {"shapes": {"Hq": 1, "S": 1}}}]})
+    assert js["errors"][0]["attnc_error"] and "has no kv_lens input" in js["errors"][0]["error"] and \
+        "--set kv_lens=true" in js["errors"][0]["error"], js
+
+
+@pytest.fixture(scope="module")
+def paged_compiled(tmp_path_factory) -> tuple[Path, dict]:
+    from attnc.cli import main
+
+    d = tmp_path_factory.mktemp("paged")
+    assert main(["compile", "attnc.kernels.flash:paged_flash_attention", "-o", str(d), "--set", "kv_lens=true"]) == 0
+    return d, json.loads((d / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize(("table", "lens", "T", "needle"), [
+    ([[0, 1, 2], [3, 4, 5]], [12, 9], 12, None),
+    ([[0, 1, 99], [3, 4, 5]], [12, 9], 12, "input block_table[0, 2] = 99 is outside the page pool: k and v hold NP=6"),
+    ([[0, 1, 2], [-1, 4, 5]], [12, 9], 12, "input block_table[1, 0] = -1 is outside the page pool"),
+    ([[0, 1, 2], [3, 4, 99]], [12, 8], 12, None),  # (row 1 reads 2 pages: its third entry is never used)
+    ([[0, 1, 2], [3, 4, 5]], [13, 9], 16, "input kv_lens[0] = 13 needs 4 pages of P=4 keys, but block_table has NB=3"),
+])
+def test_paged_runs_check_the_block_table_as_python_does(checker, paged_compiled, table, lens, T, needle):
+    """Host block tables of a paged variant are checked as attnc.paged_attention checks them: a
+    used entry outside the pool, or a row longer than its pages, is an AttncError naming it (it
+    ran and returned numbers read from clamped pages)."""
+    d, m = paged_compiled
+    B, Hq, Hkv, S, D, NP, P, NB = 2, 2, 1, 1, 8, 6, 4, 3
+    shapes = {"B": B, "Hq": Hq, "S": S, "D": D, "Hkv": Hkv, "Dv": D, "NP": NP, "P": P, "NB": NB, "T": T}
+    inputs = {"q": ["Float32Array", [0.5] * (B * Hq * S * D)], "k": ["Float32Array", [0.25] * (NP * Hkv * P * D)],
+              "v": ["Float32Array", [1.0] * (NP * Hkv * P * D)], "kv_lens": ["Int32Array", lens],
+              "block_table": ["Int32Array", [x for row in table for x in row]]}
+    js = checker.ask({"op": "run", "manifest": m, "files": wgsl_files(d), "variant": _variant_of(m),
+                      "shapes": shapes, "inputs": inputs})
+    if needle is None:
+        assert js.get("ok"), js
+    else:
+        assert js.get("attnc_error") and js["error"].startswith(needle), js
