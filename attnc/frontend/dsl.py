@@ -498,11 +498,13 @@ class TensorInput:
             raise fail(f"input name {name!r} is not an identifier")
         self.name, self.type = name, ty
 
-    def _register(self) -> None:
+    def _register(self, span: Any = None) -> None:
+        """Make it a param of the kernel being traced (at `span`: a kernel's own params at its
+        def line, where the verifier points at them; else the user's line declaring it)."""
         b = _builder()
         if type(self) is TensorInput:  # declared by name (a captured tensor's name is its own)
             b.declare_input(self.name, _IN_MOD.get())
-        b.add_param(self.name, self.type)
+        b.add_param(self.name, self.type, span)
 
     def __getitem__(self, idx: Any) -> Value | Slice | _SubTensor:
         return self._index(idx if isinstance(idx, tuple) else (idx,))
@@ -907,7 +909,7 @@ class KernelDef:
                                          "f32['B', 'H', 'S', 'D'] or f32", _def_span(self.fn) or sem.user_span())
                     ann = _retyped(p.name, ann, options.pop(f"{p.name}_dtype", None))
                     t = TensorInput(p.name, ann)
-                    t._register()
+                    t._register(_def_span(self.fn))
                     args.append(t if ann.dims else t.value())
                 elif p.kind is p.KEYWORD_ONLY:
                     val = options.pop(p.name, p.default)
@@ -1036,7 +1038,7 @@ class StoreKernelDef(KernelDef):
                                          "like f32['B', 'H', 'N', 'D']", _def_span(self.fn) or sem.user_span())
                     ann = _retyped(p.name, ann, options.pop(f"{p.name}_dtype", None))
                     t = TensorInput(p.name, ann)
-                    t._register()
+                    t._register(_def_span(self.fn))
                     args.append(t if ann.dims else t.value())
                 elif p.kind is p.KEYWORD_ONLY:
                     kwargs[p.name] = options.pop(p.name, p.default)

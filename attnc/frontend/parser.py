@@ -266,7 +266,10 @@ class _Resolver:
     def stmt(self, s: Stmt) -> Stmt:
         if isinstance(s, Grid):
             for ax in s.axes:
-                self.scope.setdefault(ax.var, ("grid", DType.I32))
+                if ax.var in self.scope:  # (the verifier's rule, said here before a later use misleads)
+                    raise ParseError(f"'{ax.var}' is already defined (as a {self.scope[ax.var][0]}); names are "
+                                     "unique in a kernel", ax.span or s.span)
+                self.scope[ax.var] = ("grid", DType.I32)
             return s
         if isinstance(s, Let):
             value = self.expr(s.value)

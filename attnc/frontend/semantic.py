@@ -177,12 +177,12 @@ class Builder:
                              "a mod's inputs need names of their own", span or user_span())
         mine.setdefault(name, user_span())
 
-    def add_param(self, name: str, ty: ir.TensorType) -> None:
+    def add_param(self, name: str, ty: ir.TensorType, span: Span | None = None) -> None:
         old = self.params.get(name)
         if old is not None and old.type != ty:
             raise fail(f"input {name!r} used with two types: {old.type} and {ty}")
         if old is None:
             if name in self.names:
                 raise fail(f"input name {name!r} clashes with another name in the kernel")
-            self.params[name] = ir.Param(name, ty, user_span())
+            self.params[name] = ir.Param(name, ty, span or user_span())
             self.names.add(name)

@@ -395,3 +395,22 @@ def test_a_positive_number_to_a_traced_power_is_exp2_and_python_max_hints_maximu
     with pytest.raises(TraceError, match="control flow") as e:
         flash_attention.trace(score_mod=lambda s, b, h, qi, kj: max(s, 0.1))
     assert any("attnc.maximum" in n for n in e.value.notes)
+
+
+def test_a_kernel_param_the_verifier_refuses_points_at_the_kernel():
+    """A param named like attnc's own tensors (o, lse, part, blocks) is refused at the kernel's
+    definition (it pointed at the caller's trace() line, and `attnc compile` blamed --set)."""
+    from attnc.errors import VerifyError
+
+    @kernel
+    def named_o(q: Q, k: K, v: V, o: K, scale: f32, *, BM=tunable(16), BN=tunable(16)):
+        b, h, qi = grid(b="B", h="H", qi=tiles("S", BM))
+        acc = online_softmax(rows=qi, width="Dv")
+        for kj in tiles("T", BN):
+            acc.update(dot(q[b, h, qi, :], k[b, h, kj, :]) * scale + o[b, h, kj, 0], v[b, h, kj, :])
+        return acc.result()
+
+    with pytest.raises(VerifyError, match="param 'o': the names blocks, lse, o, part are attnc's") as e:
+        named_o.trace()
+    assert e.value.span is not None and e.value.span.file == __file__, e.value.render()
+    assert e.value.span.line in (_line(named_o.fn, 0), _line(named_o.fn, 1)), e.value.render()

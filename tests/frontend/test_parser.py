@@ -91,6 +91,11 @@ CASES = [
         "fa.attn:6:51: parse error: 'q' is a tensor; index it, as in q[...]\n"
         '        %s = mul(dot(q[b, h, qi, :], k[b, h, kj, :]), q)\n'
         '                                                      ^')),
+    # a grid axis named twice: said at the second (it was "unknown name 'h'" at a later use)
+    ('grid_axis_twice', 'grid b: B, h: H', 'grid b: B, b: H', (
+        "fa.attn:3:14: parse error: 'b' is already defined (as a grid); names are unique in a kernel\n"
+        '      grid b: B, b: H, qi: tile(S, BM)\n'
+        '                 ^^^^')),
     ('bad_dtype', 'scale: f32)', 'scale: f64)', (
         "fa.attn:1:70: parse error: unknown dtype 'f64'; expected one of f32, f16, i32, u32, u8, bool, q8_0, q4_0, "
         "int8\n"
