@@ -77,6 +77,7 @@ def _load_kernel(spec: str, sets: list[str]):
             raise UsageError(f"{spec!r} is a store kernel (a KV cache's append): `attnc compile` writes store "
                              "kernels into the manifest of an attention kernel that reads a quantized K or V, "
                              "under \"stores\" (e.g. --set k_dtype=q8_0); it compiles attention kernels only")
+        _tile_sizes_of(traced, options)
         return traced, options
     except AttncError as exc:
         if exc.span is not None and os.path.abspath(exc.span.file) == os.path.abspath(__file__):
@@ -88,6 +89,19 @@ def _load_kernel(spec: str, sets: list[str]):
         raise UsageError(f"tracing {spec!r}: the kernel is nested too deeply") from None
     except Exception as exc:  # a bug in the user's kernel function, not in attnc
         raise UsageError(f"tracing {spec!r} raised {_where(exc)}") from None
+
+
+def _tile_sizes_of(kernel: Any, options: dict[str, Any]) -> None:
+    """A tile size the --set options give that the lowering cannot take, said of the --set (the
+    lowering's error points at the kernel's tile, in the kernel's file)."""
+    from attnc.lowering.analyze import check_tile_sizes
+
+    try:
+        check_tile_sizes(kernel)
+    except AttncError as exc:
+        if any(f"tunable {name}=" in exc.message for name in options):
+            raise UsageError(f"--set: {exc.message}") from None
+        raise
 
 
 def _where(exc: BaseException) -> str:

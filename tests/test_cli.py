@@ -207,7 +207,15 @@ def _bad_compile_requests(draw: Callable[..., Any], tmp: Path) -> tuple[list[str
     f16 tiles with only f32 asked for, f16 tiles over a quantized K or V (they would round d*q)."""
     out = str(tmp / "out")
     tiles = draw(st.sampled_from(["portable-f16", "subgroups-f16"]))
+    odd = draw(st.sampled_from([3, 7, 24, 48]))
+    # a tile size the lowering cannot take: said of the --set, or at the .attn file's tile (it
+    # was "lowering error: tunable BM=7 must be a power of two" with no place, after `check` said ok)
+    odd_file = tmp / "odd.attn"
+    odd_file.write_text(EXAMPLE.read_text().replace("tunables(BM=32", f"tunables(BM={odd}", 1))
     return draw(st.sampled_from([
+        (["compile", FLASH, "--set", f"BN={odd}", "-o", out], (f"--set: tunable BN={odd} sizes the key tiles",), True),
+        (["compile", str(odd_file), "-o", out], (f"{odd_file}:", f"tunable BM={odd} sizes the query-row tiles"),
+         False),
         (["compile", "attnc.kernels.store:kv_store", "-o", out], ("is a store kernel", '"stores"'), True),
         (["compile", "attnc.kernels.store:kv_store_pair", "-o", out], ("is a store kernel",), True),
         (["compile", FLASH, "--target", tiles, "--dtype", "f32", "-o", out], (f"--target {tiles}", "--dtype f32"),

@@ -90,8 +90,22 @@ def _err(msg: str, node: object) -> LoweringError:
     return LoweringError(msg, getattr(node, "span", None))
 
 
+def check_tile_sizes(k: ir.Kernel) -> None:
+    """Tile sizes are powers of two (every layout divides them over workgroups and subgroups);
+    the IR and its reference take any size, so this is the lowering's rule, said at the tile."""
+    tun = k.tunable_values
+    grid = next(s for s in k.body if isinstance(s, ir.Grid))
+    tiles = [(a.extent.size, "query-row", a) for a in grid.axes if isinstance(a.extent, ir.TileExtent)]
+    tiles += [(s.size, "key", s) for s in ir.walk_stmts(k.body) if isinstance(s, ir.Loop)]
+    for name, what, node in tiles:
+        value = tun[name]
+        if value & (value - 1):
+            raise _err(f"tunable {name}={value} sizes the {what} tiles, which are powers of two when lowered", node)
+
+
 def analyze(k: ir.Kernel) -> FlashSpec:
     """Extract a FlashSpec, or raise LoweringError naming what does not fit the template."""
+    check_tile_sizes(k)
     tun = k.tunable_values
     grid = next(s for s in k.body if isinstance(s, ir.Grid))
     axes, split_var, split_count = [], None, None

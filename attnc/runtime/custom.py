@@ -113,6 +113,11 @@ class Op:
                 raise ValueError(f"dims[{d!r}]: expected a positive int, got {n!r}")
         kern, captured = self._trace(self.options)
         paths = self._paths
+        for ours, name in (("BM", _tile_tunable(kern)), ("BN", _loop_tunable(kern))):
+            value = self.options.get(name) if name is not None else None
+            if value is not None and value & (value - 1):
+                raise ValueError(f"attnc.build: tunable {name}={value} of kernel {self.kernel.name} sizes its "
+                                 f"{'query-row' if ours == 'BM' else 'key'} tiles, which are powers of two")
         spec = analyze(kern)
         # the split count (a kernel with a split KV axis) is chosen here unless given
         self._optional = {spec.split_count} - set(values) if spec.split_count else set()
@@ -134,11 +139,6 @@ class Op:
                if name is not None and name not in self.options}
         fixed = {ours: self.options[name] for ours, name in (("BM", _tile_tunable(kern)), ("BN", _loop_tunable(kern)))
                  if name is not None and name in self.options}
-        for ours, name in (("BM", _tile_tunable(kern)), ("BN", _loop_tunable(kern))):
-            value = fixed.get(ours)
-            if value is not None and value & (value - 1):
-                raise ValueError(f"attnc.build: tunable {name}={value} of kernel {self.kernel.name} sizes its "
-                                 f"{'query-row' if ours == 'BM' else 'key'} tiles, which are powers of two")
         if fixed:
             plan = fit_workgroup(plan, int(fixed.get("BM", htun["BM"])), int(fixed.get("BN", htun["BN"])))
         if tun:
