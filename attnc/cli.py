@@ -462,6 +462,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     defaults = _window_defaults(kernel, options)
     targets = list(dict.fromkeys(args.target or ["portable", "subgroups"]))  # a repeated one: one variant
     dtypes = list(dict.fromkeys(args.dtype or ["f32", "f16"]))
+    if kernel.output.dtype.value == "f16":  # (its f16 output is written by f16-storage variants only)
+        if args.dtype and "f32" in dtypes:
+            raise UsageError(f"--dtype f32: kernel {kernel.name} declares a float16 output, which f32 variants "
+                             "cannot write; compile it with --dtype f16")
+        dtypes = [d for d in dtypes if d != "f32"]
     tiles16 = [t for t in targets if t in F16_TILE_TARGETS]
     if tiles16 and args.dtype and "f16" not in dtypes:
         raise UsageError(f"--target {tiles16[0]} compiles float16 variants (f16 workgroup tiles); "

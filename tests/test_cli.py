@@ -212,7 +212,10 @@ def _bad_compile_requests(draw: Callable[..., Any], tmp: Path) -> tuple[list[str
     # was "lowering error: tunable BM=7 must be a power of two" with no place, after `check` said ok)
     odd_file = tmp / "odd.attn"
     odd_file.write_text(EXAMPLE.read_text().replace("tunables(BM=32", f"tunables(BM={odd}", 1))
+    half_out = tmp / "half_out.attn"  # a kernel declaring an f16 output, asked for f32 variants
+    half_out.write_text(EXAMPLE.read_text().replace("-> f32[", "-> f16[", 1))
     return draw(st.sampled_from([
+        (["compile", str(half_out), "--dtype", "f32", "-o", out], ("--dtype f32", "declares a float16 output"), True),
         (["compile", FLASH, "--set", f"BN={odd}", "-o", out], (f"--set: tunable BN={odd} sizes the key tiles",), True),
         (["compile", str(odd_file), "-o", out], (f"{odd_file}:", f"tunable BM={odd} sizes the query-row tiles"),
          False),
@@ -527,3 +530,13 @@ def test_tune_case_takes_names_as_bench_does(tmp_path: Path, monkeypatch: pytest
     assert [c.name for c in cli._tune_cases(args)] == ["ci_dec_gqa4_kv2048", "vit_s4096_h64"]
     rc, _, err = run_cli(["tune", "--case", "nosuch"], capsys)
     assert_message(rc, err, "--case: no case named 'nosuch' in any suite")
+
+
+def test_a_kernel_declaring_an_f16_output_compiles_its_f16_variants(tmp_path: Path) -> None:
+    """Without --dtype, a kernel whose output is f16 gets the f16-storage variants (it was a
+    lowering error with no place: the f32 ones cannot write it)."""
+    src = tmp_path / "half_out.attn"
+    src.write_text(EXAMPLE.read_text().replace("-> f32[", "-> f16[", 1))
+    assert main(["compile", str(src), "-o", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [v["dtype"] for v in manifest["variants"]] == ["f16", "f16"]

@@ -23,7 +23,8 @@ def lower(kernel: ir.Kernel, plan: Plan) -> tuple[Program, ...]:
     """Lower a verified kernel for a plan: the programs to dispatch, in order."""
     spec = analyze(kernel)
     if kernel.output.dtype is ir.DType.F16 and plan.storage is Storage.F32:
-        raise LoweringError("a float16 output is written by f16-storage plans (F16 or F16A), not an F32 one")
+        raise LoweringError("a float16 output is written by f16-storage plans (F16 or F16A), not an F32 one",
+                            kernel.span)
     quantized = sorted(p.name for p in spec.tensors if p.type.dtype.is_quant)
     if plan.storage is Storage.F16A and quantized:
         raise LoweringError(f"F16A plans stage K and V in f16 workgroup tiles, which would round the values of the "
