@@ -203,7 +203,7 @@ def codes(t: QuantTensor) -> tuple[np.ndarray, np.ndarray]:
     nb = _BLOCK_WORDS[t.fmt]
     blk = w.reshape(w.shape[0], D // BLOCK, nb)
     d = (blk[..., 0] & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float32)
-    raw = _words_to_bytes(blk[..., 1:].reshape(-1, nb - 1)).reshape(w.shape[0], D // BLOCK, -1)
+    raw = _words_to_bytes(blk[..., 1:].reshape(-1, nb - 1)).reshape(w.shape[0], D // BLOCK, 4 * (nb - 1))
     if t.fmt == "q8_0":
         q = raw.view(np.int8).astype(np.int64)
     else:

@@ -173,6 +173,18 @@ def test_zero_blocks_and_layout_sizes() -> None:
         == (36, 20, 33)
 
 
+@pytest.mark.parametrize("fmt", sorted(quant.FORMATS))
+@pytest.mark.parametrize("shape", [(0, 64), (2, 0, 64), (3, 0, 0, 32)])
+def test_no_rows_quantize_and_dequantize_to_no_rows(fmt, shape) -> None:
+    """A count of 0 rows (a finished sequence's ragged append, mirrored on the host) round-trips
+    to an empty array of the same shape in every format (q8_0 / q4_0 dequantize raised numpy's
+    reshape error)."""
+    t = quant.quantize(np.zeros(shape, np.float32), fmt)
+    assert t.words.size == 0
+    out = quant.dequantize(t)
+    assert out.shape == shape and out.dtype == np.float32
+
+
 @pytest.mark.parametrize(("fmt", "d", "rule"), [("q8_0", 48, "multiple of 32"), ("q4_0", 80, "multiple of 32"),
                                                 ("int8", 6, "multiple of 4")])
 def test_head_dim_rule(fmt, d, rule) -> None:
