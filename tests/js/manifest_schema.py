@@ -347,19 +347,7 @@ def _store(out: list[str], where: str, st: Any, root: Path | None) -> None:
         if not isinstance(b, dict):
             out.append(f"{where}.bindings: {b!r} is not an object")
             continue
-        bw = f"{where}.bindings.{b.get('name')}"
-        if not (_int(b.get("binding")) and b["binding"] >= 0) or b["binding"] in slots:
-            out.append(f"{bw}.binding: missing, negative or used twice")
-        else:
-            slots.add(b["binding"])
-        if b.get("kind") == "uniform":
-            _keys(out, bw, b, {"binding", "name", "kind"})
-        elif b.get("kind") == "storage":
-            _keys(out, bw, b, {"binding", "name", "kind", "access"})
-            if b.get("access") not in ("read", "read_write"):
-                out.append(f"{bw}.access: {b.get('access')!r} not 'read' or 'read_write'")
-        else:
-            out.append(f"{bw}.kind: {b.get('kind')!r} not 'storage' or 'uniform'")
+        _binding(out, f"{where}.bindings.{b.get('name')}", b, slots)
         bound.append(b.get("name"))
     if sorted(map(str, bound)) != sorted(set(by_name) | {"params"}):
         out.append(f"{where}.bindings: expected one binding each for {sorted(set(by_name) | {'params'})}")
@@ -582,37 +570,28 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
                 out.append(f"{pw}.bindings: {b!r} is not an object")
                 continue
             bw = f"{pw}.bindings.{b.get('name')}"
-            if not (_int(b.get("binding")) and b["binding"] >= 0) or b["binding"] in seen_b:
-                out.append(f"{bw}.binding: missing, negative or used twice")
-            else:
-                seen_b.add(b["binding"])
+            kind = _binding(out, bw, b, seen_b)
             if not _ident(b.get("name")):
                 out.append(f"{bw}.name: not an identifier")
             elif b["name"] in seen_n:
                 out.append(f"{bw}: bound twice")
             else:
                 seen_n.add(b["name"])
-            if b.get("kind") == "uniform":
-                _keys(out, bw, b, {"binding", "name", "kind"})
+            if kind == "uniform":
                 uniform_bindings.append(b)
                 if _in(b.get("name"), tensors):
                     out.append(f"{bw}: a uniform binding named like a tensor")
-            elif b.get("kind") == "storage":
-                _keys(out, bw, b, {"binding", "name", "kind", "access"})
+            elif kind == "storage":
                 storage += 1
                 t = tensors.get(b["name"]) if _ident(b.get("name")) else None
                 if t is None:
                     out.append(f"{bw}: not a tensor of the variant")
                     continue
                 used.add(b["name"])
-                if b.get("access") not in ("read", "read_write"):
-                    out.append(f"{bw}.access: {b.get('access')!r} not 'read' or 'read_write'")
-                elif b["access"] == "read_write":
+                if b.get("access") == "read_write":
                     if t.get("role") == "input":
                         out.append(f"{bw}: input tensor bound read_write")
                     written.add(b["name"])
-            else:
-                out.append(f"{bw}.kind: {b.get('kind')!r} not 'storage' or 'uniform'")
         if not isinstance(p.get("bindings"), list):
             out.append(f"{pw}.bindings: not a list")
         if storage > limit("maxStorageBuffersPerShaderStage"):
@@ -642,6 +621,26 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
             out.append(f"{where}.tensors.{name}: bound by no program")
         if t.get("role") in ("output", "scratch") and name not in written:
             out.append(f"{where}.tensors.{name}: {t.get('role')} never bound read_write")
+
+
+def _binding(out: list[str], bw: str, b: dict, slots: set[int]) -> str | None:
+    """A binding's slot (unique among `slots`, which it joins), keys and kind: 'storage' (with
+    a read or read_write access) or 'uniform'; returns the kind, None when it is neither."""
+    if not (_int(b.get("binding")) and b["binding"] >= 0) or b["binding"] in slots:
+        out.append(f"{bw}.binding: missing, negative or used twice")
+    else:
+        slots.add(b["binding"])
+    kind = b.get("kind")
+    if kind == "uniform":
+        _keys(out, bw, b, {"binding", "name", "kind"})
+    elif kind == "storage":
+        _keys(out, bw, b, {"binding", "name", "kind", "access"})
+        if b.get("access") not in ("read", "read_write"):
+            out.append(f"{bw}.access: {b.get('access')!r} not 'read' or 'read_write'")
+    else:
+        out.append(f"{bw}.kind: {kind!r} not 'storage' or 'uniform'")
+        return None
+    return kind
 
 
 def _uniforms(out: list[str], uw: str, uni: Any, names: set[str], max_size: int) -> None:
