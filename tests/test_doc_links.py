@@ -16,9 +16,14 @@ HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
 
 
 def markdown_files() -> list[Path]:
-    """The tracked Markdown files (what a clone has)."""
-    listed = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True, check=True)
-    return [ROOT / f for f in listed.stdout.split()]
+    """The tracked Markdown files (what a clone has); outside a git checkout, those of the tree
+    but for installed packages and build output."""
+    listed = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0 and listed.stdout.strip():
+        return [ROOT / f for f in listed.stdout.split()]
+    skip = {"node_modules", ".git", "build", ".venv"}
+    return sorted(p for p in ROOT.rglob("*.md") if not skip & set(p.relative_to(ROOT).parts)
+                  and not any(part.endswith(".egg-info") for part in p.parts))
 
 
 def anchors(path: Path) -> set[str]:
