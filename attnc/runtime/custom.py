@@ -113,10 +113,13 @@ class Op:
                 raise ValueError(f"dims[{d!r}]: expected a positive int, got {n!r}")
         kern, captured = self._trace(self.options)
         paths = self._paths
-        for ours, name in (("BM", _tile_tunable(kern)), ("BN", _loop_tunable(kern))):
-            value = self.options.get(name) if name is not None else None
-            if value is not None and value & (value - 1):
-                raise ValueError(f"attnc.build: tunable {name}={value} of kernel {self.kernel.name} sizes its "
+        # the kernel's tunables that size its query-row and key tiles, and those the options fix
+        tiles = {ours: name for ours, name in (("BM", _tile_tunable(kern)), ("BN", _loop_tunable(kern)))
+                 if name is not None}
+        fixed = {ours: self.options[name] for ours, name in tiles.items() if name in self.options}
+        for ours, value in fixed.items():
+            if value & (value - 1):
+                raise ValueError(f"attnc.build: tunable {tiles[ours]}={value} of kernel {self.kernel.name} sizes its "
                                  f"{'query-row' if ours == 'BM' else 'key'} tiles, which are powers of two")
         spec = analyze(kern)
         # the split count (a kernel with a split KV axis) is chosen here unless given
@@ -128,17 +131,12 @@ class Op:
         storage = Storage.F16 if f16 else Storage.F32  # bound as retyped: float16 GPU tensors are f16 operands
         pdims = self._plan_dims(kern, spec, self._bind(retype(kern, storage), values, captured).dims)
         caps = self.device.capabilities
-        fixes_tiles = any(name is not None and name in self.options
-                          for name in (_tile_tunable(kern), _loop_tunable(kern)))
         plan, htun = plan_for(caps, self.family, pdims, f16=f16, explicit_family=self.target is not None,
-                              f16_math=f16_math, strategy="tiled" if fixes_tiles else "")
+                              f16_math=f16_math, strategy="tiled" if fixed else "")
         if f16_math:
             plan = dataclasses.replace(plan, storage=Storage.F16A)
         # the kernel's own tile tunables take the plan's sizes unless the options fix them
-        tun = {name: htun[ours] for ours, name in (("BM", _tile_tunable(kern)), ("BN", _loop_tunable(kern)))
-               if name is not None and name not in self.options}
-        fixed = {ours: self.options[name] for ours, name in (("BM", _tile_tunable(kern)), ("BN", _loop_tunable(kern)))
-                 if name is not None and name in self.options}
+        tun = {name: htun[ours] for ours, name in tiles.items() if name not in self.options}
         if fixed:
             plan = fit_workgroup(plan, int(fixed.get("BM", htun["BM"])), int(fixed.get("BN", htun["BN"])))
         if tun:

@@ -37,7 +37,6 @@ from attnc.runtime.dispatch import (
     readback,
     run,
     track_backend_buffers,
-    track_destroyed_buffers,
     upload,
 )
 from attnc.runtime.locking import serialized
@@ -112,7 +111,6 @@ class Device:
         )
         self.pipelines = PipelineCache()
         self.counters = Counters()
-        track_destroyed_buffers(importlib.import_module(BACKEND_API_MODULES[backend]).GPUBuffer)
         if self.external:
             self.__dict__["gpu"] = gpu_device  # what the cached property below would hold
             _BY_GPU_DEVICE[id(gpu_device)] = self
