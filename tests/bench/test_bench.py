@@ -241,6 +241,60 @@ def test_cli_json_and_plot(require_adapters: Any, tmp_path: Path) -> None:
     assert has_mpl is False or png.stat().st_size > 0
 
 
+def _row(case: str, impl: str, ms: float | None, **extra: Any) -> dict[str, Any]:
+    row = {"case": case, "impl": impl, "ms": ms, "relerr": 1e-7, "correct": True}
+    return row | extra
+
+
+def test_rounds_merge_into_the_fastest_round_of_each_result() -> None:
+    """--rounds: each (case, impl) is its fastest round's row with every round in ms_rounds,
+    the worst error of any round, speed-ups over attnc taken again between the fastest rounds,
+    and a round that failed or was wrong is never hidden behind one that ran right."""
+    from attnc.bench.cli import merge_rounds
+
+    rounds = [
+        [_row("a", "attnc", 2.0), _row("a", "attnc[q8_0]", 1.0, speedup_vs_attnc=2.0, append_ms=0.1),
+         _row("b", "attnc", 1.0), _row("b", "ort", 3.0), _row("c", "attnc", 1.0)],
+        [_row("a", "attnc", 1.0), _row("a", "attnc[q8_0]", 0.8, speedup_vs_attnc=1.25, append_ms=0.2),
+         _row("b", "attnc", 1.5, relerr=3e-5, correct=False), _row("b", "ort", 2.0),
+         _row("c", "attnc", None, error="RuntimeError: lost")],
+        [_row("a", "attnc", 1.5), _row("a", "attnc[q8_0]", 0.9, speedup_vs_attnc=1.6, append_ms=0.3),
+         _row("b", "attnc", 0.9), _row("b", "ort", 2.5), _row("c", "attnc", 0.5)],
+    ]  # fmt: skip
+    merged = {(r["case"], r["impl"]): r for r in merge_rounds([r for rnd in rounds for r in rnd])}
+    assert list(merged) == [("a", "attnc"), ("a", "attnc[q8_0]"), ("b", "attnc"), ("b", "ort"), ("c", "attnc")]
+    a, q8 = merged["a", "attnc"], merged["a", "attnc[q8_0]"]
+    assert a["ms"] == 1.0 and a["ms_rounds"] == [2.0, 1.0, 1.5] and a["correct"] is True
+    assert q8["ms"] == 0.8 and q8["append_ms"] == 0.2  # the fastest round's own fields
+    assert q8["speedup_vs_attnc"] == pytest.approx(1.0 / 0.8)
+    b = merged["b", "attnc"]
+    assert b["ms"] == 0.9 and b["relerr"] == 3e-5 and b["correct"] is False  # round 2 was wrong
+    assert merged["b", "ort"]["ms"] == 2.0
+    c = merged["c", "attnc"]
+    assert c["error"] == "RuntimeError: lost" and c["ms"] is None and c["ms_rounds"] == [1.0, None, 0.5]
+    one = [_row("a", "attnc", 2.0)]
+    assert merge_rounds(one)[0]["ms_rounds"] == [2.0]
+
+
+@pytest.mark.gpu
+def test_cli_rounds_interleave_the_cases(require_adapters: Any, tmp_path: Path) -> None:
+    """`attnc bench --rounds 2`: every case measured in each round, cases interleaved, one row each."""
+    from attnc.bench.cli import main
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    out = tmp_path / "r.json"
+    argv = ["--device", dev.spec, "--compare", "naive", "--shape", "1,2,1,3,40,16,16,1", "--shape", "1,2,2,1,64,16,16",
+            "--ceilings", "off", "--runs", "2", "--warmup", "1", "--rounds", "2", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["rounds"] == 2
+    rows = doc["results"]
+    assert len(rows) == 4 and len({(r["case"], r["impl"]) for r in rows}) == 4
+    for r in rows:
+        assert len(r["ms_rounds"]) == 2 and r["ms"] == min(r["ms_rounds"]) and r["correct"] is True
+    assert main([*argv[:-2], "--rounds", "0"]) == 2
+
+
 def test_cli_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
     from attnc.bench.cli import main
 

@@ -7,7 +7,8 @@
 # Usage (repo root):  bash tools/gpu/f16_sweep.sh OUTDIR
 # Knobs: CONFIGS ("device/dtype/processes/compare ..."), STEP_TIMEOUT (seconds per config, default 150),
 # EXTRA (default "kv_quant_bench flex_bench"; empty: none), PAGED_DTYPES (default "f16 f32"; empty: none),
-# RUNS (default 10).
+# RUNS (default 10), ROUNDS (default 1: `attnc bench --rounds`, each process measuring the suite that many
+# times over, cases interleaved, each result its fastest round).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${1:?usage: bash tools/gpu/f16_sweep.sh OUTDIR}
@@ -23,8 +24,8 @@ source tools/gpu/gpu_env.sh
 for cfg in ${CONFIGS:-wgpu:vulkan/f16/3/ort dawn:vulkan/f16/2/ort wgpu:vulkan/f32/3/- dawn:vulkan/f32/2/-}; do
   IFS=/ read -r dev dt n cmp <<< "$cfg"
   name="${dev%%:*}_$dt"
-  args=(--suite seeds --device "$dev" --dtype "$dt" --runs "${RUNS:-10}" --ceilings off --repeat-processes "$n"
-        --json "$out/$name.json")
+  args=(--suite seeds --device "$dev" --dtype "$dt" --runs "${RUNS:-10}" --rounds "${ROUNDS:-1}" --ceilings off
+        --repeat-processes "$n" --json "$out/$name.json")
   [ "$cmp" != "-" ] && args+=(--compare "$cmp")
   echo "== $name ($n processes${cmp:+, compare $cmp})"
   timeout "${STEP_TIMEOUT:-150}" python3 -m attnc.bench "${args[@]}" > "$out/$name.log" 2>&1
