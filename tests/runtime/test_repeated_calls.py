@@ -401,3 +401,78 @@ def test_traced_kernels_programs_and_pipelines_are_bounded(require_adapters, mon
         assert len(build._CACHE.kernels) <= 2 and len(build._CACHE.programs) <= 2
         assert len(dev.pipelines) <= dev.pipelines._entries.size
     api._OPS.clear()
+
+
+# one argument at a time, two values besides its default: calls alike in everything else
+ONE_ARGUMENT_APART = {
+    "causal": [True, False],
+    "scale": [0.5, 2.0],
+    "window": [(5, 0), (2, 3)],
+    "softcap": [5.0, 20.0],
+    "return_lse": [True, False],
+    "bias": ["draw", "draw"],
+    "alibi_slopes": ["draw", "draw"],
+    "sinks": ["draw", "draw"],
+    "kv_lens": [[40, 17], [5, 40]],
+    "score_mod": [lambda s, b, h, qi, kj: s * 2.0, lambda s, b, h, qi, kj: s + 0.25 * kj],
+    "mask_mod": [lambda b, h, qi, kj: kj < 10, lambda b, h, qi, kj: kj % 2 == 0],
+}
+HOST_ONLY = {"score_mod", "mask_mod"}  # calls with mods are keyed by their code, tensors or not:
+# the tensors' signature path is not theirs
+
+
+def _drawn(name: str, value, rng: np.random.Generator):
+    """The argument's value for a call: arrays drawn anew at every call ('draw')."""
+    B, Hq, S, T = (DIMS[k] for k in ("B", "Hq", "S", "T"))
+    if value != "draw":
+        return np.array(value, np.int32) if name == "kv_lens" else value
+    shape = {"bias": (B, Hq, S, T), "alibi_slopes": (Hq,), "sinks": (Hq,)}[name]
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _pages(x: np.ndarray, P: int) -> np.ndarray:
+    """[B, H, T, D] as B * T / P pages [NP, H, P, D], row b's pages at b * T / P onwards."""
+    B, H, T, D = x.shape
+    return x.reshape(B, H, T // P, P, D).transpose(0, 2, 1, 3, 4).reshape(B * (T // P), H, P, D)
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@pytest.mark.parametrize(("entry", "name"), [(e, n) for e in ("attention", "attention-tensors", "paged_attention")
+                                             for n in sorted(ONE_ARGUMENT_APART)
+                                             if not (e == "attention-tensors" and n in HOST_ONLY)])
+def test_calls_one_argument_apart_each_get_their_own_result(require_adapters, spec, name, entry) -> None:
+    """Calls alike but for one argument (its default, then two other values, then the default
+    again) each give their own result: whatever attention() and paged_attention() remember
+    of a call (ops by their key, the key by the call's signature) tells every argument that
+    changes the kernel apart (an op cache key without `scale` gave the first call's scale to
+    every later call: relerr 0.88)."""
+    dev = require_adapters(spec)[0]
+    api._OPS.clear()
+    api._CALLS.clear()
+    rng = np.random.default_rng(11)
+    q, k, v = qkv(rng)
+    P = 8
+    for value in (None, *ONE_ARGUMENT_APART[name], None):
+        kw = {} if value is None else {name: _drawn(name, value, rng)}
+        ref = attention_ref(q, k, v, **kw)
+        if entry == "attention":
+            got = attnc.attention(q, k, v, device=dev, **kw)
+        elif entry == "attention-tensors":
+            tq, tk, tv = (attnc.tensor(x, dev) for x in (q, k, v))
+            opts = {n: attnc.tensor(x, dev) if isinstance(x, np.ndarray) else x for n, x in kw.items()}
+            got = attnc.attention(tq, tk, tv, **opts)
+            got = tuple(x.numpy() for x in got) if isinstance(got, tuple) else got.numpy()
+        else:
+            B, T = k.shape[0], k.shape[2]
+            order = rng.permutation(B * (T // P))  # pages of every row, shuffled into one pool
+            kp, vp = np.empty_like(_pages(k, P)), np.empty_like(_pages(v, P))
+            kp[order], vp[order] = _pages(k, P), _pages(v, P)
+            table = order.reshape(B, T // P).astype(np.int32)
+            got = attnc.paged_attention(q, kp, vp, table, device=dev, **kw)
+        if kw.get("return_lse"):
+            assert isinstance(got, tuple), f"{name}={value!r}: lse not returned"
+            assert_close(got[0], ref[0], 1e-5, f"o, {name}={value!r}")
+            assert_close(got[1], ref[1], 1e-5, f"lse, {name}={value!r}")
+        else:
+            assert not isinstance(got, tuple), f"{name}={value!r}: an lse returned that was not asked for"
+            assert_close(got, ref, 1e-5, f"o, {name}={value!r}")
