@@ -1,0 +1,62 @@
+"""Query and key counts at every tile boundary, for the strategies whose workgroups bound the keys
+of several rows at once (tiled, stream, lanes): the key range a tile visits comes from its first
+and last rows (`Shader.tile_bounds`), and an off-by-one there drops or adds a key only where a
+row's last key starts a new key tile, at (T - S) mod BN = 1 for a causal mask; with split-KV
+the same holds at the splits' shares. Shapes are
+runtime uniforms, so one pipeline per plan serves every shape here."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from attnc.lowering.plan import Family, Plan, Strategy
+from tests.forced_plan import check_forced_plan, dialect
+
+pytestmark = pytest.mark.gpu
+
+BM, BN = 16, 16
+
+
+def plans(dev) -> dict[str, tuple[Plan, dict[str, int]]]:
+    """A small plan of each multi-row strategy (lanes only where the adapter has subgroups)."""
+    out = {
+        "tiled": (Plan(Family.PORTABLE, workgroup_size=64, rows_per_invocation=1, head_chunk=16, value_columns=16,
+                       value_stage_columns=16, vector_width=4), {"BM": BM, "BN": BN}),
+        "stream": (Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=64, lanes_per_key=2,
+                        keys_per_step=1, query_dim=16, value_columns=16, vector_width=4), {"BM": 4, "BN": BN}),
+    }
+    if dev.subgroup_size:
+        out["lanes"] = (Plan(Family.SUBGROUPS, strategy=Strategy.LANES, rows_per_invocation=1,
+                             subgroup_width=dev.subgroup_size, query_dim=16, value_columns=16, vector_width=4,
+                             dialect=dialect(dev)),
+                        {"BM": 4 * dev.subgroup_size, "BN": BN})
+    return out
+
+
+# rows: one, around one and two query tiles; keys beyond the rows: around one and two key tiles
+ROWS = (1, BM - 1, BM, BM + 1, 2 * BM + 3)
+KEYS_PAST_ROWS = (-BN + 1, -1, 0, 1, 2, BN - 1, BN, BN + 1, 2 * BN - 1)
+MASKS = {
+    "causal": dict(causal=True),
+    "window-left": dict(window=(3, 0)),
+    "window-right": dict(window=(0, 2)),
+    "causal-kv-lens": dict(causal=True, kv_lens="draw"),
+}
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan", "wgpu:opengl"])
+@pytest.mark.parametrize("mask", sorted(MASKS))
+def test_masks_at_every_tile_boundary(require_adapters, spec, mask) -> None:
+    dev = require_adapters(spec)[0]
+    for name, (plan, tun) in plans(dev).items():
+        for seed, (S, past, nsplit) in enumerate(itertools.product(ROWS, KEYS_PAST_ROWS, (None, 3))):
+            T = S + past
+            if T < 1:
+                continue
+            dims = dict(B=2, Hq=2, Hkv=1, S=S, T=T, D=16, Dv=16)
+            try:
+                check_forced_plan(dev, dims, plan, tun, nsplit, dict(MASKS[mask]), seed)
+            except AssertionError as exc:
+                raise AssertionError(f"{name} plan, S={S}, T={T}, {nsplit} splits: {exc}") from None
