@@ -44,7 +44,7 @@ from attnc.runtime.devices import Device
 from attnc.runtime.locking import serialized
 from attnc.runtime.lru import LRU
 from attnc.runtime.params import host_param, scalar_value
-from attnc.runtime.tensor import QuantGPUTensor, Tensor, dense_strides, host_array, on_gpu
+from attnc.runtime.tensor import QuantGPUTensor, Tensor, dense_strides, host_array, on_gpu, overlaps
 
 # kernel tensor dtypes as numpy dtypes (bool and u8 params are packed four per word: host data only)
 NUMPY_OF = {ir.DType.F32: np.dtype(np.float32), ir.DType.F16: np.dtype(np.float16), ir.DType.I32: np.dtype(np.int32),
@@ -141,6 +141,7 @@ def check_host_option(name: str, x: Any, dims: Mapping[str, int], total_keys: in
             raise ValueError(f"{name}: expected 1 dims, got {arr.ndim} (shape {arr.shape})")
         if arr.shape != (dims["Hq"],):
             raise ValueError(f"{name}: expected shape ({dims['Hq']},) (Hq), got {arr.shape}")
+        return np.ascontiguousarray(arr, dtype=np.float32)  # bound as one run of Hq numbers
     return arr.astype(np.float32, copy=False)
 
 
@@ -447,8 +448,9 @@ class Prepared:
             if rt.buffer_of(x) is t.buffer:
                 raise ValueError(f"{name}: shares its GPUBuffer with an input; WebGPU does not let a dispatch "
                                  "write a buffer it also reads")
-        if 0 in t.strides and t.size > 1:
-            raise ValueError(f"{name}: strides {t.strides} make outputs overlap")
+        if overlaps(t.shape, t.strides):
+            raise ValueError(f"{name}: strides {t.strides} (shape {t.shape}) give one element to several "
+                             "indices: outputs would overwrite each other")
         return t.strides
 
     def _check_half_layout(self, name: str, t: Tensor) -> None:

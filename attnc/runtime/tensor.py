@@ -33,6 +33,24 @@ from attnc.runtime.locking import serialized
 DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int32), np.dtype(np.uint32))
 
 
+def overlaps(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether two indices of a view with these element strides address one element: quickly
+    for layouts whose dims nest (each stride past the extent of the smaller ones), else by
+    listing every element's offset."""
+    dims = sorted((abs(s), n) for s, n in zip(strides, shape, strict=True) if n > 1)
+    extent = 0  # the largest offset the smaller dims reach
+    for stride, n in dims:
+        if stride <= extent:
+            break
+        extent += stride * (n - 1)
+    else:
+        return False
+    offsets = np.zeros((), np.int64)
+    for stride, n in dims:
+        offsets = np.add.outer(offsets, stride * np.arange(n, dtype=np.int64))
+    return np.unique(offsets).size < offsets.size
+
+
 def dense_strides(shape: Sequence[int]) -> tuple[int, ...]:
     """Row-major element strides of a dense tensor of `shape`."""
     out, acc = [], 1

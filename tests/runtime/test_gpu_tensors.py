@@ -585,3 +585,55 @@ def test_an_output_the_caller_destroyed_is_made_again(require_adapters) -> None:
     cache.append(k, v)
     cache.attend(qt[:, :, :1]).destroy()
     assert_close(cache.attend(qt[:, :, :1]).numpy(), attention_ref(q[:, :, :1], k, v), 1e-5, "o")
+
+
+# ----------------------------------------------------------------------------- overlapping outputs
+@settings(deadline=None, max_examples=300, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 12)), min_size=1, max_size=4))
+def test_overlaps_is_true_exactly_when_two_indices_share_an_element(dims) -> None:
+    """`overlaps` against listing every index's offset (nested, interleaved, zero and equal strides)."""
+    from attnc.runtime.tensor import overlaps
+
+    shape, strides = [n for n, _ in dims], [s for _, s in dims]
+    offsets = [sum(i * s for i, s in zip(idx, strides, strict=True)) for idx in np.ndindex(*shape)]
+    assert overlaps(shape, strides) == (len(set(offsets)) < len(offsets))
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+def test_outputs_whose_elements_overlap_are_refused(require_adapters, spec) -> None:
+    """An out or out_lse view in which two indices share an element (rows 4 floats apart for
+    8-float rows, an lse with a stride of 1 over two dims) is a ValueError naming it, through
+    attention(), a prepared op and paged_attention (it was accepted and read back wrong by up
+    to 1.4); interleaved views whose elements are all distinct are written right."""
+    (dev,) = require_adapters(spec)
+    rng = np.random.default_rng(13)
+    q, k, v = qkv(rng)
+    B, Hq, S, Dv = q.shape[0], q.shape[1], q.shape[2], v.shape[3]
+    ref_o, ref_lse = attention_ref(q, k, v, return_lse=True)
+    qt, kt, vt = on(dev, q, k, v)
+    buf = attnc.zeros((4096,), device=dev)
+    rows = (Hq * S * 4, S * 4, 4, 1)  # rows of Dv = 8 floats only 4 apart
+    lse_strides = (Hq * S, 1, 1)
+    P = 5
+    table = np.arange(B * (k.shape[2] // P), dtype=np.int32).reshape(B, -1)
+    kp, vp = (x.reshape(B, x.shape[1], -1, P, x.shape[3]).transpose(0, 2, 1, 3, 4).reshape(-1, x.shape[1], P,
+                                                                                            x.shape[3]) for x in (k, v))
+    calls = {
+        "attention": lambda **kw: attnc.attention(qt, kt, vt, return_lse=True, **kw),
+        "prepared": lambda **kw: attnc.prepare(qt, kt, vt, return_lse=True, **kw)(qt, kt, vt, **kw),
+        "paged_attention": lambda **kw: attnc.paged_attention(q, kp, vp, table, device=dev, return_lse=True, **kw),
+    }
+    lse_ok = attnc.as_tensor(buf.buffer, (B, Hq, S), offset=3 * 4096 // 4)
+    for entry, call in calls.items():
+        bad_o = attnc.as_tensor(buf.buffer, (B, Hq, S, Dv), strides=rows)
+        with pytest.raises(ValueError, match=r"^out: strides \(48, 12, 4, 1\) .* give one element to several"):
+            call(out=bad_o, out_lse=lse_ok)
+        o_ok = attnc.as_tensor(buf.buffer, (B, Hq, S, Dv))
+        bad_lse = attnc.as_tensor(buf.buffer, (B, Hq, S), strides=lse_strides, offset=2048)
+        with pytest.raises(ValueError, match=r"^out_lse: strides \(12, 1, 1\) .* give one element to several"):
+            call(out=o_ok, out_lse=bad_lse)
+        # Hq and S interleaved (element (b, h, s) at b*Hq*S + s*Hq + h): distinct elements, allowed
+        woven = attnc.as_tensor(buf.buffer, (B, Hq, S), strides=(Hq * S, 1, Hq), offset=2048)
+        call(out=o_ok, out_lse=woven)
+        assert_close(o_ok.numpy(), ref_o, 1e-5, f"o, {entry}")
+        assert_close(woven.numpy(), ref_lse, 1e-5, f"lse, {entry}")

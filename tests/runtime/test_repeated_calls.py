@@ -476,3 +476,44 @@ def test_calls_one_argument_apart_each_get_their_own_result(require_adapters, sp
         else:
             assert not isinstance(got, tuple), f"{name}={value!r}: an lse returned that was not asked for"
             assert_close(got, ref, 1e-5, f"o, {name}={value!r}")
+
+
+def _layouts(x: np.ndarray) -> dict[str, np.ndarray]:
+    """The same values as views of other memory layouts: reversed, every other element of a
+    longer array, Fortran order, a broadcast of one row (where x's leading dim is 1 long)."""
+    out = {"reversed": np.flip(np.flip(x).copy()), "stepped": np.repeat(x, 2, axis=-1)[..., ::2],
+           "fortran": np.asfortranarray(x)}
+    assert not out["reversed"].flags.c_contiguous or x.size == 1
+    if x.ndim and x.shape[0] > 1 and np.all(x == x[:1]):
+        out["broadcast"] = np.broadcast_to(x[:1], x.shape)
+    return out
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@pytest.mark.parametrize("entry", ["attention", "prepared", "paged_attention"])
+def test_option_arrays_of_any_layout(require_adapters, spec, entry) -> None:
+    """Every host option array (bias, alibi_slopes, sinks, kv_lens) as a reversed, stepped,
+    Fortran-order or broadcast view gives the result of its contiguous copy (a reversed
+    float32 `sinks` was 'The given data is not contiguous')."""
+    dev = require_adapters(spec)[0]
+    rng = np.random.default_rng(5)
+    q, k, v = qkv(rng)
+    B, Hq, S, T = (DIMS[x] for x in ("B", "Hq", "S", "T"))
+    values = [("bias", rng.standard_normal((B, Hq, S, T)).astype(np.float32)),
+              ("alibi_slopes", np.array([0.25, 0.5, 0.125, 1.0], np.float32)),
+              ("alibi_slopes", np.full(Hq, 0.25, np.float32)), ("sinks", rng.standard_normal(Hq).astype(np.float32)),
+              ("sinks", np.full(Hq, 0.3, np.float32)), ("kv_lens", np.array([T, 17], np.int32)),
+              ("kv_lens", np.array([T - 3, T - 3], np.int32))]
+    for name, x in values:
+        ref = attention_ref(q, k, v, **{name: x})
+        for layout, view in _layouts(x).items():
+            if entry == "attention":
+                got = attnc.attention(q, k, v, device=dev, **{name: view})
+            elif entry == "prepared":
+                got = attnc.prepare(q, k, v, device=dev, **{name: x})(q, k, v, **{name: view})
+                got = got.numpy() if isinstance(got, attnc.Tensor) else got
+            else:
+                P = 8
+                table = np.arange(B * (T // P), dtype=np.int32).reshape(B, T // P)
+                got = attnc.paged_attention(q, _pages(k, P), _pages(v, P), table, device=dev, **{name: view})
+            assert_close(got, ref, 1e-5, f"o, {name} {layout}")
