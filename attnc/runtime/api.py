@@ -177,11 +177,11 @@ def scalar_options(dims: dict[str, int], window: Any, softcap: Any, scale: Any,
                     raise ValueError(f"window {side} must be a non-negative int or None, got {val!r}")
                 scalars[f"window_{side}"] = int(min(val, 2**31 - 1))
     if softcap is not None:
-        if not (_is_real(softcap) and 0 < softcap < F32_MAX_ROUNDING):
+        if not (_is_real(softcap) and 0 < float(softcap) < F32_MAX_ROUNDING):
             raise ValueError(f"softcap must be a positive number, finite in float32 (at most {F32_MAX:.7g}), "
                              f"got {softcap!r}")
         scalars["softcap"] = float(softcap)
-    if scale is not None and not (_is_real(scale) and abs(scale) < F32_MAX_ROUNDING):
+    if scale is not None and not (_is_real(scale) and abs(float(scale)) < F32_MAX_ROUNDING):
         raise ValueError(f"scale must be a number finite in float32 (|scale| at most {F32_MAX:.7g}), got {scale!r}")
     for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):
         if fn is not None and not callable(fn):

@@ -182,3 +182,27 @@ def test_mask_mod_returning_none_is_an_error(require_adapters) -> None:
     require_adapters("wgpu:vulkan")
     with pytest.raises(AttncError, match="mask_mod"):
         _call(dict(mask_mod=lambda b, h, i, j: None))
+
+
+# --------------------------------------------------------------------------- numbers of any numpy type
+NUMPY_NUMBERS = [np.float16, np.float32, np.float64, np.int8, np.int32, np.int64, np.uint16]
+
+
+@pytest.mark.parametrize("kind", NUMPY_NUMBERS, ids=lambda t: t.__name__)
+def test_numbers_of_every_numpy_type_work_without_warnings(require_adapters, kind) -> None:
+    """scale, softcap, window sides (integer types) and a mod's captured number as numpy scalars
+    of any type are the numbers they hold, with warnings as errors (np.float32(0.5) as scale warned of an
+    overflow: the float32 range check compared it to a float64 past float32's range)."""
+    import warnings
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    q, k, v = qkv(S=4, T=9)
+    two = kind(2)
+    sides = (kind(3), kind(1)) if np.issubdtype(kind, np.integer) else (3, 1)  # window sides are ints
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = attnc.attention(q, k, v, device=dev, scale=kind(2), softcap=kind(4), window=sides,
+                              score_mod=lambda s, b, h, qi, kj: s + two * kj)
+    ref = attention_ref(q, k, v, scale=2.0, softcap=4.0, window=(3, 1),
+                        score_mod=lambda s, b, h, qi, kj: s + 2.0 * kj)
+    assert_close(got, ref, 1e-5)
