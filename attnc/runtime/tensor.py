@@ -217,10 +217,7 @@ class Tensor:
             raise ValueError(f"data: shape {arr.shape} does not match the tensor's {self.shape}")
         if not self.is_contiguous:
             raise ValueError(f"tensor: write() needs a contiguous tensor; this view has strides {self.strides}")
-        if not np.can_cast(arr.dtype, self.dtype, "same_kind"):  # (floats truncated to ints, complex dropped)
-            raise ValueError(f"data: dtype {arr.dtype} does not convert to the tensor's {self.dtype} without losing "
-                             f"its kind of number; convert it first (e.g. data.astype(np.{self.dtype}))")
-        host = np.ascontiguousarray(arr, self.dtype)
+        host = converted("data", arr, self.dtype, "the tensor's")
         tail = -self.nbytes % 4
         if tail and self.offset % 4 == 0 and _PADDED.get(self.buffer) == self.offset + self.nbytes:
             # a tensor attnc allocated (an odd number of halves): the bytes up to the next word are
@@ -390,6 +387,30 @@ _PADDED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
 @serialized
+def converted(name: str, arr: np.ndarray, dtype: np.dtype, target: str) -> np.ndarray:
+    """`arr` as a contiguous array of `dtype`, or a ValueError where the conversion would change
+    a value's kind (floats truncated to ints, complex parts dropped), wrap an integer past the
+    range of `dtype`, or turn a finite number into an infinity (float64 past float32's range)."""
+    if not np.can_cast(arr.dtype, dtype, "same_kind"):
+        raise ValueError(f"{name}: dtype {arr.dtype} does not convert to {target} {dtype} without losing its kind "
+                         f"of number; convert it first (e.g. data.astype(np.{dtype}))")
+    if dtype.kind in "iu" and arr.dtype.kind in "iu" and arr.size:
+        info, lo, hi = np.iinfo(dtype), int(arr.min()), int(arr.max())
+        if lo < info.min or hi > info.max:
+            value = lo if lo < info.min else hi
+            raise ValueError(f"{name}: {value} at index {np.argwhere(arr == value)[0].tolist()} is outside {target} "
+                             f"{dtype}'s range [{info.min}, {info.max}]")
+    with np.errstate(over="ignore"):
+        host = np.ascontiguousarray(arr, dtype)
+    if dtype.kind == "f" and arr.dtype.kind == "f" and arr.dtype.itemsize > dtype.itemsize:
+        grew = np.isinf(host) & np.isfinite(arr)
+        if grew.any():
+            at = np.argwhere(grew)[0]
+            raise ValueError(f"{name}: {arr[tuple(at)].item()!r} at index {at.tolist()} is outside {target} {dtype}'s range "
+                             f"(largest {np.finfo(dtype).max}): it would become an infinity")
+    return host
+
+
 def tensor(data: Any, device: Any = None, dtype: Any = None) -> Any:
     """Upload host data (numpy, `__array__` or DLPack) into a new GPU tensor on `device`
     (a Device, a GPUDevice, a spec string, or None for the default). `dtype` converts; without
@@ -406,7 +427,7 @@ def tensor(data: Any, device: Any = None, dtype: Any = None) -> Any:
         raise ValueError(f"data: expected host data (numpy, __array__ or DLPack), got {type(data).__name__}")
     dev = get_device(device)
     dt = _check_dtype("data", arr.dtype if dtype is None else dtype)
-    host = np.ascontiguousarray(arr, dt)
+    host = converted("data", arr, dt, "dtype")
     buffer = rt.upload(dev, host)
     _PADDED[buffer] = host.nbytes
     return Tensor(dev, buffer, host.shape, dt)

@@ -637,3 +637,45 @@ def test_outputs_whose_elements_overlap_are_refused(require_adapters, spec) -> N
         call(out=o_ok, out_lse=woven)
         assert_close(o_ok.numpy(), ref_o, 1e-5, f"o, {entry}")
         assert_close(woven.numpy(), ref_lse, 1e-5, f"lse, {entry}")
+
+
+# ----------------------------------------------------------------------------- conversions into tensors
+TENSOR_DTYPES = [np.float32, np.float16, np.int32, np.uint32]
+HOST_DTYPES = [np.float64, np.float32, np.float16, np.int64, np.int32, np.uint32, np.uint64, np.int8, np.bool_]
+
+
+@settings(deadline=None, max_examples=60, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(src=st.sampled_from(HOST_DTYPES), dst=st.sampled_from(TENSOR_DTYPES), data=st.data())
+def test_data_converts_into_a_tensor_exactly_or_is_refused(require_adapters, src, dst, data) -> None:
+    """attnc.tensor(x, dtype=) and Tensor.write(x) hold x's values exactly as numpy converts
+    them, or raise a ValueError; never a value the conversion changed: a float truncated into an
+    int, an integer wrapped past the tensor's range (2**32 + 3 written as 3), a finite float64
+    turned into an infinity."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    src, dst = np.dtype(src), np.dtype(dst)
+    if src.kind == "b":
+        values = data.draw(st.lists(st.booleans(), min_size=1, max_size=6))
+    elif src.kind in "iu":
+        info = np.iinfo(src)
+        values = data.draw(st.lists(st.integers(int(info.min), int(info.max)) | st.sampled_from(
+            [v for v in (0, 1, 2**31 - 1, 2**31, -(2**31) - 1, 2**32 + 3) if info.min <= v <= info.max]),
+            min_size=1, max_size=6))
+    else:
+        values = data.draw(st.lists(st.floats(width=8 * src.itemsize) | st.sampled_from([1e5, 7e4, 65504.0, 3e38]),
+                                    min_size=1, max_size=6))
+    with np.errstate(over="ignore"):
+        x = np.array(values).astype(src)
+    same_kind = np.can_cast(src, dst, "same_kind")
+    with np.errstate(over="ignore", invalid="ignore"):
+        as_numpy = x.astype(dst)
+    exact = same_kind and (dst.kind == "f" or bool(np.all(as_numpy.astype(np.float64) == x.astype(np.float64))))
+    finite_to_inf = dst.kind == "f" and src.kind == "f" and bool(np.any(np.isinf(as_numpy) & np.isfinite(x)))
+    for make in ("tensor", "write"):
+        try:
+            t = attnc.tensor(x, dev, dtype=dst) if make == "tensor" else attnc.zeros(x.shape, dst, dev).write(x)
+        except ValueError:
+            assert not exact or finite_to_inf, f"{make}: {x!r} into {dst} refused"
+            continue
+        assert exact and not finite_to_inf, f"{make}: {x!r} into {dst} gave {t.numpy()!r}"
+        np.testing.assert_array_equal(t.numpy(), as_numpy)
