@@ -263,6 +263,14 @@ def fast_reduce(plan: Plan, lay: Layout) -> bool:
     return plan.family is Family.SUBGROUPS and lay.G < lay.CT <= plan.shuffle_only_lanes
 
 
+# What one invocation of the tiled strategy holds in registers: scores (TM x TN) and output
+# accumulators (TM x TD). The shader unrolls both; the heuristics and the tuner's candidates
+# use at most 64 and 128 (2026-12), and a hand-made plan far past that (WG=2 over 64x64 tiles:
+# 2048 scores) made a 1.4 MB shader that lavapipe compiled for over ten minutes.
+MAX_SCORES_PER_INVOCATION = 256
+MAX_OUTPUTS_PER_INVOCATION = 512
+
+
 def layout(plan: Plan, BM: int, BN: int) -> Layout:
     """Map the tile sizes onto invocations; raise LoweringError when they do not fit."""
     WG = plan.workgroup_size
@@ -288,12 +296,20 @@ def layout(plan: Plan, BM: int, BN: int) -> Layout:
         raise LoweringError(f"WG={WG} invocations over BM={BM} rows leaves {CT} per row, "
                             f"more than BN={BN} keys", notes=("raise BN or lower WG",))
     TN = BN // CT
+    if TM * TN > MAX_SCORES_PER_INVOCATION:
+        raise LoweringError(f"WG={WG} invocations over a {BM}x{BN} tile give each {TM * TN} scores to hold (at most "
+                            f"{MAX_SCORES_PER_INVOCATION}: the shader unrolls them, and more compiles for minutes)",
+                            notes=("raise WG or lower BM or BN",))
     dvs = -(-max(plan.value_stage_columns,
                  CT) // CT) * CT  # each staged value chunk gives every invocation whole columns
     if dvs % 4:
         raise LoweringError(f"DVS={dvs} value columns per stage must be a multiple of 4")
     dvc = -(-max(plan.value_columns, dvs) // dvs) * dvs  # whole value chunks
     TD = dvc // CT
+    if TM * TD > MAX_OUTPUTS_PER_INVOCATION:
+        raise LoweringError(f"WG={WG} invocations over {BM} rows and DVC={dvc} value columns give each {TM * TD} "
+                            f"outputs to hold (at most {MAX_OUTPUTS_PER_INVOCATION}: the shader unrolls them)",
+                            notes=("raise WG or lower BM or DVC",))
     G = 1 if plan.family is Family.PORTABLE else min(CT, plan.min_subgroup)
     if plan.resident_query and plan.query_dim % plan.head_chunk:
         raise LoweringError(f"DQ={plan.query_dim} must be a multiple of DK={plan.head_chunk} with QRES")

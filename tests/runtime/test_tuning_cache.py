@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import attnc
 from attnc.lowering import candidates as cands
 from attnc.lowering import schedule
-from attnc.lowering.plan import Family, Plan
+from attnc.lowering.plan import Family, Plan, Strategy, layout
 from attnc.runtime import api, tuning_cache
 from attnc.runtime.tuning_cache import PLAN_SCHEMA, TuningCacheWarning
 from tests.textbook import assert_close, attention_ref
@@ -171,6 +171,8 @@ def test_every_plan_the_tuner_can_store_loads_back(facts) -> None:
             base, tun = schedule.plan_for(caps, fams[-1], dims, f16=f16)
             ns0 = schedule.split_count(caps, dims, 32, 64) if dims["S"] <= 16 else None
             for plan, t, ns in [(base, tun, ns0), *cands.candidates(caps, dims, base, fams, ns0)]:
+                if plan.strategy is Strategy.TILED:  # within what one invocation may hold
+                    layout(plan, t["BM"], t["BN"])
                 entry = json.loads(json.dumps(tuning_cache.plan_to_entry(plan, t, ns)))
                 back, t_back, ns_back = tuning_cache.entry_to_plan(entry, plan.dialect, plan.storage)
                 assert (back, t_back, ns_back) == (plan, t, ns), entry
@@ -182,7 +184,6 @@ def test_plans_whose_key_lanes_pass_the_contiguous_lanes_are_refused() -> None:
     """A stored lane-group (SMX=3) or lane-sum (LS=1) plan whose KL lanes per key pass the lanes
     the device's subgroup probe found contiguous would write NaN (its lane check): the cache
     refuses it by name and the tuner never offers it; within the contiguous lanes both run."""
-    from attnc.lowering.plan import Strategy
     from attnc.lowering.schedule import device_refuses
     from tests.gpu_facts import h200_like
 
@@ -207,15 +208,25 @@ def test_the_key_names_version_and_plan_schema(require_adapters) -> None:
     assert f"attnc {__version__}" in k and f"plan schema {tuning_cache.SCHEMA_ID}" in k
 
 
-def test_an_entry_the_lowering_refuses_warns_once_and_falls_back(require_adapters, tmp_path, monkeypatch) -> None:
-    """A well-formed entry whose plan does not fit the device (more invocations than it grants)."""
+@pytest.mark.parametrize("misfit", ["workgroup-memory", "registers"])
+def test_an_entry_the_lowering_refuses_warns_once_and_falls_back(require_adapters, tmp_path, monkeypatch,
+                                                                 misfit) -> None:
+    """A well-formed entry whose plan does not fit the device: more workgroup memory than it
+    grants, or a tile far larger than its workgroup (2 invocations over 64x64 keys: 2048 scores
+    each, a 1.4 MB shader that lavapipe compiled for over ten minutes, as if attention hung)."""
     dev = require_adapters("wgpu:vulkan")[0]
     sh, (q, k, v) = _problem(dev, "prefill", 0)
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning_cache, "_WARNED", set())
+    api._OPS.clear()  # attention() looks the cache up when it makes an op
+    api._CALLS.clear()
     heuristic = api.prepare(sh, np.float32, device=dev)
-    plan = dataclasses.replace(heuristic.plan, value_columns=1024, value_stage_columns=1024)  # > 32 KiB
     tun = dict(heuristic.kern.tunables)
+    if misfit == "workgroup-memory":
+        plan = dataclasses.replace(heuristic.plan, value_columns=1024, value_stage_columns=1024)  # > 32 KiB
+    else:
+        plan = dataclasses.replace(heuristic.plan, strategy=Strategy.TILED, workgroup_size=2, rows_per_invocation=4)
+        tun = {"BM": 64, "BN": 64}
     tuning_cache.store(dev, heuristic.options_key, sh, tuning_cache.plan_to_entry(plan, tun, None))
     with pytest.warns(TuningCacheWarning, match="cannot lower") as seen:
         o = attnc.attention(q, k, v, device=dev)
