@@ -33,6 +33,11 @@ CODE_FOR_OP: dict[ir.Op, str] = {
     ir.Op.AND: "({0} && {1})", ir.Op.OR: "({0} || {1})", ir.Op.NOT: "(!{0})",
     ir.Op.WHERE: "select({2}, {1}, {0})", ir.Op.F32: "f32({0})", ir.Op.I32: "i32({0})",
 }
+# ops whose first operand is a float: NaN-propagating min and max, and the saturating i32(x)
+# (helpers.wgsl), where WGSL's builtins differ from the IR's semantics (ir/interp.py)
+FLOAT_CODE_FOR_OP: dict[ir.Op, str] = {
+    ir.Op.MAX: "max_nan({0}, {1})", ir.Op.MIN: "min_nan({0}, {1})", ir.Op.I32: "f32_to_i32({0})",
+}
 
 
 class Writer:
@@ -148,7 +153,8 @@ class ExprEnv:
                 return self.render(self.lets[e.name])
             raise LoweringError(f"no value for {e.name!r} in this part of the kernel", e.span)
         if isinstance(e, ir.Call):
-            return CODE_FOR_OP[e.op].format(*(self.render(a) for a in e.args))
+            table = FLOAT_CODE_FOR_OP if e.op in FLOAT_CODE_FOR_OP and e.args[0].dtype.is_float else CODE_FOR_OP
+            return table[e.op].format(*(self.render(a) for a in e.args))
         if isinstance(e, ir.Load):
             return self.load(e, self)
         if isinstance(e, ir.Dot):

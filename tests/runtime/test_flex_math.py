@@ -1,7 +1,8 @@
 """The math score and mask functions may use, elementwise on every CI adapter, against float64
 and the IR interpreter: sin, cos, tan over the ranges positions and scores take, exp2, log2,
-floor, ceil, sigmoid, Python's // and % on negative operands and zero divisors, i32 wrap-around
-and the clamped reads of captured tables.
+floor, ceil, sigmoid, Python's // and % on negative operands and zero divisors, i32 wrap-around,
+the clamped reads of captured tables, and over f32 edge values (signed zeros, subnormals, inf,
+NaN, the neighbours of +-2^31) the int conversions and minimum / maximum, exactly.
 
 A kernel with one key gives lse = the score exactly (m + log 1), so a score_mod computing f(x)
 from a captured array x hands back f32 values of f(x) through lse, one per query row; one
@@ -153,3 +154,55 @@ def test_a_positive_number_to_a_traced_power(device):
     for h, w in enumerate(want):
         np.testing.assert_allclose(got[h], w, rtol=2e-6, err_msg=f"function {h}")
         np.testing.assert_allclose(interp[h], w, rtol=1e-12)
+
+
+# f32 edge values: signed zeros, subnormals, infinities, NaN, the neighbours of +-2^31 (2^31 - 128
+# is the largest f32 below 2^31, 2^31 + 256 the next above), values past the i32 range and halves
+EDGES = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, np.inf, -np.inf, np.nan,
+                  2**31 - 128, 2**31, 2**31 + 256, -(2**31 - 128), -(2**31), -(2**31 + 256),
+                  3e9, -3e9, 1e10, -1e10, 3.4e38, -3.4e38, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5,
+                  0.999999, 16777217.0, 1.0, -1.0], np.float32)
+
+
+def test_int_conversions_saturate_and_take_nan_to_zero(device):
+    """attnc.i32, math.floor, math.ceil and math.trunc of f32 edge values give the documented
+    i32 (toward zero / floor / ceiling, saturating at the i32 range, NaN -> 0), as the interpreter.
+    WGSL's own f32 -> i32 clamps to 2^31 - 128 (+inf and 3e9 gave 2147483520) and left NaN to the
+    driver (-2^31 on lavapipe). Each i32 comes back exactly as two f32s: r // 65536 and r % 65536."""
+    import math
+
+    convs = [attnc.i32, math.floor, math.ceil, math.trunc]
+    fns = [f for c in convs for f in (lambda a, i, c=c: attnc.f32(c(a[i]) // 65536),
+                                      lambda a, i, c=c: attnc.f32(c(a[i]) % 65536))]
+    got, interp = run_elementwise(device, fns, EDGES)
+    x = EDGES.astype(np.float64)
+    for n, rnd in enumerate((np.trunc, np.floor, np.ceil, np.trunc)):
+        with np.errstate(invalid="ignore"):
+            r = np.where(np.isnan(x), 0, np.clip(np.nan_to_num(rnd(x)), -(2**31), 2**31 - 1)).astype(np.int64)
+        for h, w in ((2 * n, r // 65536), (2 * n + 1, r % 65536)):
+            np.testing.assert_array_equal(got[h], w.astype(np.float64), err_msg=f"device, conversion {n}, {x}")
+            np.testing.assert_array_equal(interp[h], w.astype(np.float64), err_msg=f"interpreter, conversion {n}")
+
+
+def test_minimum_and_maximum_propagate_nan(device):
+    """attnc.minimum / maximum over every pair of f32 edge values: a NaN operand gives NaN
+    (their documented rule, numpy's), as the interpreter; WGSL's min and max returned the other
+    operand on lavapipe. The lse passes each result through exactly except +inf, which comes
+    back as NaN (inf - inf in the softmax): -result tells the two apart."""
+    a, b = (g.ravel() for g in np.meshgrid(EDGES, EDGES, indexing="ij"))
+    pairs = np.stack([a, b], axis=1)
+    fns = [lambda t, i: attnc.minimum(t[i, 0], t[i, 1]), lambda t, i: -attnc.minimum(t[i, 0], t[i, 1]),
+           lambda t, i: attnc.maximum(t[i, 0], t[i, 1]), lambda t, i: -attnc.maximum(t[i, 0], t[i, 1]),
+           lambda t, i: attnc.minimum(t[i, 0], 1.0), lambda t, i: attnc.maximum(-1.0, t[i, 1])]
+    got, interp = run_elementwise(device, fns, pairs)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    lo, hi = np.minimum(a64, b64), np.maximum(a64, b64)
+
+    def through_lse(y):  # what the lse of a one-key row holding score y reads
+        return np.where(np.isposinf(y), np.nan, y) + 0.0
+
+    want = [lo, -lo, hi, -hi, np.minimum(a64, 1.0), np.maximum(-1.0, b64)]
+    assert np.isnan(want[0][np.isnan(a) | np.isnan(b)]).all()
+    for h, w in enumerate(want):
+        np.testing.assert_array_equal(got[h], through_lse(w), err_msg=f"device, function {h}")
+        np.testing.assert_array_equal(interp[h], through_lse(w), err_msg=f"interpreter, function {h}")

@@ -128,6 +128,28 @@ fn is_nan(x: f32) -> bool {
   return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
 }
 
+// The IR's i32(x) of an f32: truncation toward zero, saturating at the i32 range, NaN -> 0 (as
+// the interpreter's to_i32). WGSL's own conversion clamps to [-2^31, 2^31 - 128] (the largest
+// f32 below 2^31), so +inf and 3e9 gave 2147483520, and leaves NaN to the implementation
+// (lavapipe: -2^31). |x| >= 2^31, inf and NaN are told apart by bits, which fast-math
+// compilers cannot assume away.
+fn f32_to_i32(x: f32) -> i32 {
+  let b = bitcast<u32>(x);
+  let a = b & 0x7fffffffu;
+  let sat = bitcast<i32>(0x7fffffffu + (b >> 31u));  // 2^31 - 1, or -2^31 for a set sign bit
+  return select(i32(x), select(sat, 0, a > 0x7f800000u), a >= 0x4f000000u);
+}
+
+// The IR's min and max of f32s: NaN propagates (a NaN operand gives a NaN, as numpy's minimum
+// and maximum); WGSL's min and max may return the other operand (lavapipe does).
+fn min_nan(a: f32, b: f32) -> f32 {
+  return select(select(min(a, b), b, is_nan(b)), a, is_nan(a));
+}
+
+fn max_nan(a: f32, b: f32) -> f32 {
+  return select(select(max(a, b), b, is_nan(b)), a, is_nan(a));
+}
+
 // -inf test by bits.
 fn is_neg_inf(x: f32) -> bool {
   return bitcast<u32>(x) == 0xff800000u;
