@@ -204,19 +204,31 @@ class Value:
 
     def __pow__(self, o):
         if isinstance(o, int | np.integer) and not isinstance(o, bool) and -8 <= int(o) <= 8:
-            n = int(o)
-            out: Value = Value(sem.const(1.0)) if n == 0 else self
+            n = int(o)  # x ** 0 is 1 of x's type (an i32 for an integer x, as Python's int)
+            out: Value = Value(sem.const(1 if self.expr.dtype is ir.DType.I32 else 1.0)) if n == 0 else self
             for _ in range(abs(n) - 1):
                 out = out * self
             return 1.0 / out if n < 0 else out
-        raise fail("'**' takes a constant integer exponent from -8 to 8 in kernels",
-                   ("use exp(log(x) * y), sqrt(x) or x * x",))
+        notes = ("use exp(log(x) * y), sqrt(x) or x * x",)
+        if isinstance(o, Value):  # a captured number as the exponent: traced again as a constant
+            raise o._not_python("'**' takes a constant integer exponent from -8 to 8 in kernels", notes)
+        raise fail("'**' takes a constant integer exponent from -8 to 8 in kernels", notes)
 
     def __rpow__(self, base):
-        """A positive number to a traced power (ALiBi's 2 ** (-8 * (h + 1) / H)): exp2(x * log2(base))."""
+        """A positive number to a traced float power (ALiBi's 2 ** (-8 * (h + 1) / H)):
+        exp2(x * log2(base)), an f32. A traced integer power only of a power of 2 (2 ** kv_idx,
+        0.5 ** kv_idx), where exp2 is exact: 3 ** kv_idx would not be Python's integer."""
         if isinstance(base, int | float | np.integer | np.floating) and not isinstance(base, bool | np.bool_) \
                 and math.isfinite(base) and base > 0:
-            return exp2(self * math.log2(float(base)))
+            log_base = math.log2(float(base))
+            if self.expr.dtype is ir.DType.I32 and not log_base.is_integer():
+                raise self._not_python(
+                    f"{base!r} ** a traced integer: '**' takes a constant integer exponent from -8 to 8; a traced "
+                    "exponent is computed in f32 as exp2(x * log2(base)), exact only for a base that is a power of 2",
+                    (f"for exact integer powers, capture a table of them (pows = {base!r} ** np.arange(n), "
+                     "then pows[kv_idx])",
+                     f"for a float power, say so: {float(base)!r} ** attnc.f32(x) (f32, rounded)"))
+            return exp2(self * log_base)
         raise fail(f"{base!r} ** a traced value: the base of a traced power must be a positive number",
                    ("use where() to choose the sign, or exp(log(b) * x)",))
 

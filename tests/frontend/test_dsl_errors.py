@@ -397,6 +397,33 @@ def test_a_positive_number_to_a_traced_power_is_exp2_and_python_max_hints_maximu
     assert any("attnc.maximum" in n for n in e.value.notes)
 
 
+def test_a_traced_integer_power_of_a_base_not_a_power_of_two_points_at_the_user_line() -> None:
+    """`3 ** kv_idx` and `10 ** kv_idx` were exp2(kv_idx * log2(b)) in f32 (attnc.i32(10 ** kj)
+    gave 99, 999, ...; 3 ** 1 != 3), though the docs allow only a constant integer exponent: a
+    TraceError at the user's line naming the rule and what to write. A power of 2 stays exact
+    (2 ** kv_idx, 0.5 ** kv_idx), a float exponent is the documented f32 power, a captured int
+    exponent is traced as a constant, and an integer to the power 0 is the i32 1 ((kj ** 0) % 2
+    was "'mod' needs i32 operands")."""
+    def ten(b, h, q_idx, kv_idx):
+        return attnc.i32(10 ** kv_idx) == 100
+
+    for mask in (ten, lambda b, h, q_idx, kv_idx: 3 ** (kv_idx - q_idx) > 9):
+        with pytest.raises(TraceError, match=r"\*\* a traced integer: '\*\*' takes a constant integer exponent "
+                                             r"from -8 to 8; .* exact only for a base that is a power of 2") as e:
+            flash_attention.trace(mask_mod=mask)
+        _at(e.value, mask, 1 if mask is ten else 0)
+        assert any("capture a table" in n for n in e.value.notes) and any("attnc.f32(x)" in n for n in e.value.notes)
+    flash_attention.trace(mask_mod=lambda b, h, q_idx, kv_idx: 2 ** kv_idx + 0.25 ** q_idx > 9)
+    flash_attention.trace(mask_mod=lambda b, h, q_idx, kv_idx: 3.0 ** attnc.f32(kv_idx) > 9)
+    p = 3
+    kern = flash_attention.trace(mask_mod=lambda b, h, q_idx, kv_idx: 3 ** p + kv_idx ** p > 9)
+    from attnc.ir.printer import print_kernel
+
+    assert "exp2" not in print_kernel(kern) and "27" in print_kernel(kern)  # 3 ** 3, x * x * x
+    flash_attention.trace(mask_mod=lambda b, h, q_idx, kv_idx: (kv_idx ** 0) % 2 == 1)
+    flash_attention.trace(score_mod=lambda s, b, h, q_idx, kv_idx: s + s ** 0)
+
+
 def test_a_kernel_param_the_verifier_refuses_points_at_the_kernel():
     """A param named like attnc's own tensors (o, lse, part, blocks) is refused at the kernel's
     definition (it pointed at the caller's trace() line, and `attnc compile` blamed --set)."""
