@@ -79,7 +79,13 @@ def _host(arr: np.ndarray, dtype: ir.DType, what: str) -> np.ndarray:
     if dtype in (ir.DType.F32, ir.DType.F16):
         if kind not in "fiu":
             raise ValueError(f"{what}: expected real numbers for an {dtype.value} tensor, got dtype {arr.dtype}")
-        return np.ascontiguousarray(arr, dtype=np.float16 if dtype is ir.DType.F16 else np.float32)
+        target = np.dtype(np.float16 if dtype is ir.DType.F16 else np.float32)
+        if arr.dtype == target:
+            return np.ascontiguousarray(arr)
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(arr, dtype=target)
+        _check_range(arr, out, what)
+        return out
     if dtype is ir.DType.BOOL:
         if kind != "b":
             raise ValueError(f"{what}: expected a bool array, got dtype {arr.dtype}")
@@ -93,6 +99,21 @@ def _host(arr: np.ndarray, dtype: ir.DType, what: str) -> np.ndarray:
     if dtype is ir.DType.U8:
         return _bytes(arr.astype(np.uint8))
     return np.ascontiguousarray(arr, dtype=np.int32 if dtype is ir.DType.I32 else np.uint32)
+
+
+def _check_range(arr: np.ndarray, out: np.ndarray, what: str) -> None:
+    """A ValueError naming `what`, the first value and its index where a finite element of `arr`
+    became an infinity in `out` (float64 past float32's range, anything past float16's): the
+    same refusal as a captured number of 1e39 gets; inf and NaN elements stay as they are."""
+    if out.size == 0 or np.isfinite(out).all():
+        return
+    bad = np.isinf(out) & np.isfinite(arr)
+    if not bad.any():
+        return
+    at = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape))
+    name = out.dtype.name
+    raise ValueError(f"{what}: {arr[at].item()!r} at index {list(at)} is outside {name}'s range (largest "
+                     f"{float(np.finfo(out.dtype).max):.7g}), which the kernel reads it as; pass inf for an infinity")
 
 
 def _bytes(arr: np.ndarray) -> np.ndarray:

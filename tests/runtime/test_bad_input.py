@@ -63,6 +63,8 @@ def test_broadcast_zero_stride_query_heads(require_adapters) -> None:
 
 # --------------------------------------------------------------------------- more bad values
 FAR_PAST_F32 = 1e300
+BIG_TABLE = np.array([0.0, np.inf, 1e39, np.nan, -np.inf])  # float64: inf and NaN are meant, 1e39 is not
+BIG_GRID = np.array([[0.0] * 5, [0.0, 1.0, 2.0, -5e40, 3.0]])
 BAD = {
     "q_not_array_scalar": (dict(q=np.float32(1.0)), ValueError, r"\bq\b"),
     "q_big_endian": (dict(q=qkv()[0].astype(">f4")), ValueError, r"\bq\b.*dtype"),
@@ -95,6 +97,15 @@ BAD = {
                                     "FAR_PAST_F32.*1e\\+300.*float32"),
     "scalar_input_past_f32": (dict(score_mod=lambda s, b, h, i, j: s * attnc.scalar("gain"), inputs={"gain": -1e39}),
                               ValueError, "gain.*float32"),
+    # tables past float32 (float64) or float16 (a declared f16 input): they became inf silently
+    # (numpy's overflow warning only), where a captured number of 1e39 is a ValueError
+    "score_mod_captures_table_past_f32": (dict(score_mod=lambda s, b, h, i, j: s + BIG_TABLE[j] * 1e-38), ValueError,
+                                          r"captures as 'BIG_TABLE': 1e\+39 at index \[2\] is outside float32's range"),
+    "mask_mod_captures_2d_table_past_f32": (dict(mask_mod=lambda b, h, i, j: BIG_GRID[h, j] > 0), ValueError,
+                                            r"'BIG_GRID': -5e\+40 at index \[1, 3\] is outside float32's range"),
+    "f16_input_past_f16": (dict(score_mod=lambda s, b, h, i, j: s + attnc.input("rel", attnc.f16["T"])[j],
+                                inputs={"rel": np.array([0, 1, 65504, 7e4, -np.inf], np.float32)}), ValueError,
+                           r"rel.*70000\.0 at index \[3\] is outside float16's range"),
     # flags are bools: a string from a config file ("False") would read as True
     "causal_string": (dict(causal="False"), ValueError, "causal must be True or False.*str"),
     "causal_none": (dict(causal=None), ValueError, "causal must be True or False"),
@@ -125,6 +136,24 @@ def test_bad_values_raise_errors_naming_the_argument(require_adapters, case) -> 
     overrides, exc, pattern = BAD[case]
     with pytest.raises(exc, match=pattern):
         _call(overrides)
+
+
+def test_tables_keep_their_infinities_and_nans_and_values_within_range(require_adapters) -> None:
+    """What the range check above leaves alone: inf, -inf and NaN of a float64 table (a -inf
+    masks its key) and finite values up to float32's largest; a float32 table past float16 for an
+    f16 input is refused only where a value rounds to inf (65519 rounds to 65504)."""
+    from attnc.runtime.params import host_param
+
+    t = np.array([-np.inf, 0.5, 3.4028234e38, np.inf, np.nan, -3.4e38])
+    arr, _ = host_param(t, attnc.f32.dtype, (6,), "t")
+    assert arr.dtype == np.float32 and np.array_equal(arr, t.astype(np.float32), equal_nan=True)
+    arr, _ = host_param(np.array([65519.0, -65519.0, np.inf, np.nan]), attnc.f16.dtype, (4,), "h")
+    assert np.array_equal(arr, np.array([65504, -65504, np.inf, np.nan], np.float16), equal_nan=True)
+    dev = require_adapters("wgpu:vulkan")[0]
+    q, k, v = qkv()
+    table = np.array([-np.inf, 0.0, 1.0, -np.inf, 2.0])
+    o = attnc.attention(q, k, v, score_mod=lambda s, b, h, i, j: s + table[j], device=dev)
+    assert_close(o, attention_ref(q, k, v, bias=np.broadcast_to(table, (3, 5))), 1e-5)
 
 
 def test_unknown_device_lists_the_available_ones(require_adapters) -> None:
