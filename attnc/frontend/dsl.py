@@ -8,11 +8,14 @@ arrays and numbers they close over become kernel params (frontend/capture.py).
 
 from __future__ import annotations
 
+import ast
 import contextvars
 import functools
 import inspect
+import linecache
 import math
 import operator
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -183,6 +186,12 @@ class Value:
     def __neg__(self): return Value(sem.call(ir.Op.NEG, self.expr))
     def __abs__(self): return Value(sem.call(ir.Op.ABS, self.expr))
 
+    def _divmod(self, *_: Any) -> Value:
+        raise fail("divmod() of a traced value is not in the DSL",
+                   ("write the two parts: x // y and x % y (they floor, as Python's divmod)",))
+
+    __divmod__ = __rdivmod__ = _divmod
+
     def _xor(self, o: Any) -> Value:
         """`a ^ b` of two masks: they differ (a != b); the DSL has no bitwise integer ops."""
         if self.expr.dtype is ir.DType.BOOL and _expr(o).dtype is ir.DType.BOOL:
@@ -286,6 +295,11 @@ class Value:
              "attnc.input(...) and pass it with inputs=",))
 
     def __bool__(self) -> bool:
+        chained = _chained_comparison()
+        if chained is not None:
+            raise self._not_python(
+                "a chained comparison of traced values: Python evaluates `a < x < b` as `(a < x) and (x < b)`, "
+                "and `and` cannot take a traced value", (f"write {chained}",))
         raise self._not_python("a traced value cannot drive Python control flow (if/and/or/not/while)",
                                ("use where(cond, a, b) for a choice, & | ~ for logic, attnc.maximum / "
                                 "attnc.minimum for Python's max / min",))
@@ -304,6 +318,38 @@ class Value:
 
     def __repr__(self) -> str:
         return f"Value({self.expr.dtype.value})"
+
+
+_COMPARE_SYMBOLS = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!="}
+
+
+def _chained_comparison() -> str | None:
+    """When the user's expression being evaluated (the innermost frame outside attnc's
+    frontend) is a chained comparison `a < x < b`, the `&` of its links to write instead
+    ("(a < x) & (x < b)"); else None. Read from the source at the frame's instruction."""
+    frame = inspect.currentframe()
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(sem._FRONTEND_DIR):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    pos = inspect.getframeinfo(frame, context=0).positions
+    if pos is None or None in (pos.lineno, pos.end_lineno, pos.col_offset, pos.end_col_offset):
+        return None
+    lines = [x.encode() for x in linecache.getlines(frame.f_code.co_filename)[pos.lineno - 1:pos.end_lineno]]
+    if len(lines) != pos.end_lineno - pos.lineno + 1:
+        return None
+    lines[-1] = lines[-1][:pos.end_col_offset]  # offsets count UTF-8 bytes
+    lines[0] = lines[0][pos.col_offset:]
+    try:
+        node = ast.parse("(" + b"".join(lines).decode() + ")", mode="eval").body
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(node, ast.Compare) or len(node.ops) < 2 or \
+            any(type(op) not in _COMPARE_SYMBOLS for op in node.ops):
+        return None
+    parts = [node.left, *node.comparators]
+    return " & ".join(f"({ast.unparse(a)} {_COMPARE_SYMBOLS[type(op)]} {ast.unparse(b)})"
+                      for a, op, b in zip(parts, node.ops, parts[1:], strict=False))
 
 
 def _captured_numbers(e: ir.Expr) -> set:
@@ -547,6 +593,18 @@ class TensorInput:
             raise fail(f"{self.name} is {self.type.dtype.value}; slices read float tensors")
         return Slice(ir.Slice(self.name, exprs, sem.user_span()), self.type.dims[colons[0]])
 
+    def _not_a_value(self, *_: Any) -> Any:
+        """Arithmetic or a comparison on a whole tensor (`table * 2`): Python's TypeError named
+        attnc's classes and no line; a TraceError at the user's line."""
+        raise _whole_tensor(self, 0)
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _not_a_value
+    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __pow__ = __rpow__ = __divmod__ = _not_a_value
+    __rdivmod__ = __lt__ = __le__ = __gt__ = __ge__ = __neg__ = __pos__ = __abs__ = __invert__ = _not_a_value
+    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = __matmul__ = __rmatmul__ = _not_a_value
+    __eq__ = __ne__ = _not_a_value  # type: ignore[assignment] (Python's identity test: a constant False)
+    __hash__ = object.__hash__
+
     @staticmethod
     def _one(x: Any, dim_name: str) -> ir.Expr:
         """One index: a negative Python int counts from the end of its dim, as in Python."""
@@ -582,11 +640,36 @@ class TensorInput:
         return f"{self.name}: {self.type.dtype.value}{list(self.type.dims)}"
 
 
+def _whole_tensor(t: TensorInput, indexed: int) -> TraceError:
+    """The error for arithmetic or a comparison on a tensor (or a sub-tensor: `indexed` of its
+    axes indexed) where one element is meant."""
+    rank = len(t.type.dims)
+    name = t.slot.hint if isinstance(t, CapturedTensor) else t.name
+    what = f"captured tensor {name!r} of shape {t.slot.shape}" if isinstance(t, CapturedTensor) else \
+        f"input {name!r} of dims {list(t.type.dims)}"
+    if indexed:
+        what = f"{name}[...] with {indexed} of the {rank} axes of {what} indexed"
+    index = ", ".join(("b", "h", "q_idx", "kv_idx")[-rank:] if 1 <= rank <= 4 else ["i"] * max(1, rank))
+    return fail(f"{what}: arithmetic and comparisons take one element, not a whole tensor",
+                (f"index it down to one element first, with one integer per axis: {name}[{index}]",
+                 "a computation over the whole array is done outside the function, and its result captured"))
+
+
 class _SubTensor:
     """`t[i]` of a tensor with more dims: the leading indices, waiting for the rest."""
 
     def __init__(self, tensor: TensorInput, prefix: tuple[Any, ...]):
         self.tensor, self.prefix = tensor, prefix
+
+    def _not_a_value(self, *_: Any) -> Any:
+        raise _whole_tensor(self.tensor, len(self.prefix))
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _not_a_value
+    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __pow__ = __rpow__ = __divmod__ = _not_a_value
+    __rdivmod__ = __lt__ = __le__ = __gt__ = __ge__ = __neg__ = __pos__ = __abs__ = __invert__ = _not_a_value
+    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = __matmul__ = __rmatmul__ = _not_a_value
+    __eq__ = __ne__ = _not_a_value  # type: ignore[assignment] (Python's identity test: a constant False)
+    __hash__ = object.__hash__
 
     def __getitem__(self, idx: Any) -> Value | Slice | _SubTensor:
         return self.tensor._index(self.prefix + (idx if isinstance(idx, tuple) else (idx,)))

@@ -424,6 +424,81 @@ def test_a_traced_integer_power_of_a_base_not_a_power_of_two_points_at_the_user_
     flash_attention.trace(score_mod=lambda s, b, h, q_idx, kv_idx: s + s ** 0)
 
 
+WHOLE_TABLE = np.arange(4, dtype=np.float32)
+WHOLE_GRID = np.zeros((2, 3), np.int32)
+
+
+def _divmod_mask(b, h, q_idx, kv_idx):
+    return divmod(kv_idx, 64)[1] == 0
+
+
+def _rdivmod_mask(b, h, q_idx, kv_idx):
+    return divmod(100, kv_idx)[0] == 0
+
+
+def _table_times_two(s, b, h, q_idx, kv_idx):
+    return s + WHOLE_TABLE * 2
+
+
+def _two_times_table(s, b, h, q_idx, kv_idx):
+    return s + 2 * WHOLE_TABLE
+
+
+def _table_equals(b, h, q_idx, kv_idx):
+    return WHOLE_TABLE == 2  # was Python's identity test: the constant False, every key masked
+
+
+def _row_of_grid(s, b, h, q_idx, kv_idx):
+    return s + WHOLE_GRID[h] * 2
+
+
+def _declared_whole(s, b, h, q_idx, kv_idx):
+    return attnc.input("rel", attnc.f32["T"]) * 0.5 + s
+
+
+@pytest.mark.parametrize(("kind", "fn", "message", "note"), [
+    ("mask", _divmod_mask, "divmod() of a traced value is not in the DSL", "x // y and x % y"),
+    ("mask", _rdivmod_mask, "divmod() of a traced value is not in the DSL", "x // y and x % y"),
+    ("score", _table_times_two, "captured tensor 'WHOLE_TABLE' of shape (4,): arithmetic and comparisons take one "
+     "element, not a whole tensor", "WHOLE_TABLE[kv_idx]"),
+    ("score", _two_times_table, "captured tensor 'WHOLE_TABLE' of shape (4,): arithmetic", "WHOLE_TABLE[kv_idx]"),
+    ("mask", _table_equals, "captured tensor 'WHOLE_TABLE' of shape (4,): arithmetic", "WHOLE_TABLE[kv_idx]"),
+    ("score", _row_of_grid, "WHOLE_GRID[...] with 1 of the 2 axes of captured tensor 'WHOLE_GRID' of shape (2, 3) "
+     "indexed: arithmetic", "WHOLE_GRID[q_idx, kv_idx]"),
+    ("score", _declared_whole, "input 'rel' of dims ['T']: arithmetic", "rel[kv_idx]"),
+])
+def test_divmod_and_arithmetic_on_a_whole_table_point_at_the_user_line(kind, fn, message, note) -> None:
+    """`divmod(kv_idx, 64)` and `table * 2` (a captured or declared tensor used as a value)
+    were Python's TypeErrors naming attnc's classes, with no line (`table == 2` was silently
+    False); now TraceErrors at the user's line saying what to write."""
+    with pytest.raises(TraceError, match=re.escape(message)) as e:
+        flash_attention.trace(**{f"{kind}_mod": fn})
+    _at(e.value, fn, 1)
+    assert any(note in n for n in e.value.notes), e.value.render()
+
+
+def test_a_chained_comparison_says_to_write_the_links_with_and() -> None:
+    """`a < kv_idx < b` gave the generic "cannot drive Python control flow" error; it names the
+    chained comparison and writes the `&` of its links from the user's own expression, also
+    across lines; other control flow keeps the generic message."""
+    def between(b, h, q_idx, kv_idx):
+        return 3 < kv_idx <= q_idx
+
+    def across_lines(b, h, q_idx, kv_idx):
+        lo = 2
+        return (lo <= kv_idx + 1
+                < q_idx != 7)
+
+    for fn, offset, want in ((between, 1, "(3 < kv_idx) & (kv_idx <= q_idx)"),
+                             (across_lines, 2, "(lo <= kv_idx + 1) & (kv_idx + 1 < q_idx) & (q_idx != 7)")):
+        with pytest.raises(TraceError, match="a chained comparison of traced values") as e:
+            flash_attention.trace(mask_mod=fn)
+        _at(e.value, fn, offset)
+        assert e.value.notes == (f"write {want}",), e.value.render()
+    with pytest.raises(TraceError, match="cannot drive Python control flow"):
+        flash_attention.trace(mask_mod=lambda b, h, q_idx, kv_idx: (kv_idx > 2) and (kv_idx < q_idx))
+
+
 def test_a_kernel_param_the_verifier_refuses_points_at_the_kernel():
     """A param named like attnc's own tensors (o, lse, part, blocks) is refused at the kernel's
     definition (it pointed at the caller's trace() line, and `attnc compile` blamed --set)."""
