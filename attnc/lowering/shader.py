@@ -501,6 +501,8 @@ class Shader:
             return
         env = IntervalEnv(s.row.var, row_lo, row_hi, self.env(None, None), s.lets, s.loop_var)
         los, his = key_range(mask, env, s.resolve)
+        for line in env.lines:
+            w.line(line)
         for lo in los:
             w.line(f"k_lo = max(k_lo, {lo});")
         for hi in his:

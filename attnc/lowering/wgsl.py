@@ -166,10 +166,29 @@ class ExprEnv:
 
 # ----------------------------------------------------------------------------- bounds
 
+I32_MIN, I32_MAX = -2**31, 2**31 - 1
+
+
+def i32_lit(v: int) -> str:
+    """A WGSL i32 literal (for -2**31 too)."""
+    return const(ir.Const(v, ir.DType.I32))
+
+
+def sat_inc(x: str) -> str:
+    """WGSL for x + 1 that stays at i32 max instead of wrapping: sound for the key bounds (keys
+    lie below n_keys <= i32 max, so `kj <= max` keeps and `kj > max` drops every key either way)."""
+    return f"(min({x}, {i32_lit(I32_MAX - 1)}) + 1)"
+
 
 @dataclass
 class IntervalEnv:
-    """Interval arithmetic over i32 expressions: the query row ranges over [lo, hi]."""
+    """Interval arithmetic over i32 expressions: the query row ranges over [lo, hi].
+
+    Sound under the IR's i32 wrap-around: an expression that does not read the row is
+    rendered as it is (lo = hi = its value, wrapped as it wraps); an operation on row-varying
+    operands whose result could leave the i32 range for some operand values (+, -, *, negation)
+    has its bounds checked in WGSL against that, and is the whole i32 range where it could
+    (`lines`: the `let`s of those checks, written before the bounds are used)."""
 
     row: str
     row_lo: str
@@ -177,57 +196,97 @@ class IntervalEnv:
     uniform: ExprEnv
     lets: dict[str, ir.Expr]
     kv: str
+    lines: list[str] = field(default_factory=list)
+    # bounds found so far, with the number of `lines` they read (a subexpression that several
+    # comparisons share is checked once)
+    memo: dict[ir.Expr, tuple[tuple[str, str] | None, int]] = field(default_factory=dict)
 
     def bounds(self, e: ir.Expr) -> tuple[str, str] | None:
         """WGSL (lower, upper) bounds of `e`, or None when the analysis cannot tell."""
+        if e not in self.memo:
+            b = self._bounds(e)
+            self.memo[e] = b, len(self.lines)
+        return self.memo[e][0]
+
+    def rollback(self, n: int) -> None:
+        """Forget the `lines` from the n-th on (and the bounds that read them)."""
+        del self.lines[n:]
+        self.memo = {e: v for e, v in self.memo.items() if v[1] <= n}
+
+    def _bounds(self, e: ir.Expr) -> tuple[str, str] | None:
+        if e.dtype is not ir.DType.I32:
+            return None
         if isinstance(e, ir.Var) and e.name == self.row:
             return self.row_lo, self.row_hi
-        if isinstance(e, ir.Var) and e.name == self.kv:
-            return None
+        if not self._varying(e):  # its value, wrapped as the kernel wraps it
+            x = self.uniform.render(e)
+            return x, x
         if isinstance(e, ir.Var) and e.name in self.lets and e.name not in self.uniform.vars:
             return self.bounds(self.lets[e.name])
-        if isinstance(e, (ir.Const, ir.Dim, ir.Var)):
-            if e.dtype is not ir.DType.I32:
-                return None
-            x = self.uniform.render(e)
-            return x, x
-        if isinstance(e, ir.Load):
-            if any(self._varying(i) for i in e.index):
-                return None
-            x = self.uniform.render(e)
-            return x, x
-        if not isinstance(e, ir.Call) or e.dtype is not ir.DType.I32:
+        if not isinstance(e, ir.Call):  # the key index; a load at a varying index
             return None
+        if e.op is ir.Op.MUL:  # by a constant (either side)
+            x, c = e.args
+            if isinstance(x, ir.Const):
+                x, c = c, x
+            if not isinstance(c, ir.Const):
+                return None
+            return self._scaled(x, int(c.value))
         bs = [self.bounds(a) for a in e.args]
         if any(b is None for b in bs):
             return None
         (alo, ahi), *rest = bs  # type: ignore[misc]
         if e.op is ir.Op.NEG:
-            return f"(-{ahi})", f"(-{alo})"
+            return self._checked(f"{alo} != {i32_lit(I32_MIN)}", f"(-{ahi})", f"(-{alo})")
         blo, bhi = rest[0] if rest else ("", "")  # type: ignore[misc]
-        if e.op is ir.Op.ADD:
-            return f"({alo} + {blo})", f"({ahi} + {bhi})"
-        if e.op is ir.Op.SUB:
-            return f"({alo} - {bhi})", f"({ahi} - {blo})"
+        lo, hi = i32_lit(I32_MIN), i32_lit(I32_MAX)
+        if e.op is ir.Op.ADD:  # alo + blo >= min and ahi + bhi <= max, without wrapping
+            return self._checked(f"{alo} >= {lo} - min({blo}, 0) && {ahi} <= {hi} - max({bhi}, 0)",
+                                 f"({alo} + {blo})", f"({ahi} + {bhi})")
+        if e.op is ir.Op.SUB:  # alo - bhi >= min and ahi - blo <= max
+            return self._checked(f"{alo} >= {lo} + max({bhi}, 0) && {ahi} <= {hi} + min({blo}, 0)",
+                                 f"({alo} - {bhi})", f"({ahi} - {blo})")
         if e.op in (ir.Op.MIN, ir.Op.MAX):
             f = e.op.value
             return f"{f}({alo}, {blo})", f"{f}({ahi}, {bhi})"
-        if e.op is ir.Op.MUL and isinstance(e.args[1], ir.Const):
-            c = int(e.args[1].value)
-            return (f"({alo} * {c})", f"({ahi} * {c})") if c >= 0 else \
-                (f"({ahi} * {c})", f"({alo} * {c})")
         if e.op is ir.Op.IDIV and isinstance(e.args[1], ir.Const) and int(e.args[1].value) > 0:
-            c = int(e.args[1].value)
+            c = int(e.args[1].value)  # monotone, and never wraps for c > 0
             return f"floor_div({alo}, {c})", f"floor_div({ahi}, {c})"
         return None
 
+    def _scaled(self, x: ir.Expr, c: int) -> tuple[str, str] | None:
+        """Bounds of x * c for a constant c: x's bounds scaled, checked to lie where x * c
+        stays in the i32 range (x in [ceil(min / c), floor(max / c)] for c > 0)."""
+        b = self.bounds(x)
+        if b is None:
+            return None
+        if c == 0:
+            return i32_lit(0), i32_lit(0)
+        alo, ahi = b
+        # x * c stays in the i32 range for x in [x_lo, x_hi]: [ceil(min / c), floor(max / c)]
+        # for c > 0; [ceil(max / c), floor(min / c)] for c < 0 (the division flips the order)
+        x_lo, x_hi = (-(-I32_MIN // c), I32_MAX // c) if c > 0 else (-(I32_MAX // -c), I32_MIN // c)
+        ok = [f"{alo} >= {i32_lit(x_lo)}"] if x_lo > I32_MIN else []
+        ok += [f"{ahi} <= {i32_lit(x_hi)}"] if x_hi < I32_MAX else []
+        lo, hi = (f"({alo} * {i32_lit(c)})", f"({ahi} * {i32_lit(c)})") if c > 0 else \
+            (f"({ahi} * {i32_lit(c)})", f"({alo} * {i32_lit(c)})")
+        return self._checked(" && ".join(ok), lo, hi) if ok else (lo, hi)
+
+    def _checked(self, ok: str, lo: str, hi: str) -> tuple[str, str]:
+        """(lo, hi) where the WGSL condition `ok` holds (no operand values make the operation
+        wrap), else the whole i32 range; `ok` becomes a `let` of `lines`."""
+        name = f"kb_ok{len(self.lines)}"
+        self.lines.append(f"let {name} = {ok};")
+        return f"select({i32_lit(I32_MIN)}, {lo}, {name})", f"select({i32_lit(I32_MAX)}, {hi}, {name})"
+
     def _varying(self, e: ir.Expr) -> bool:
-        """Whether `e` (lets followed, each once) reads the query row or the key index."""
+        """Whether `e` (lets followed, each once) reads the query row or the key index (or a
+        dot product: none has a value outside the loop)."""
         seen: set[str] = set()
         todo = [e]
         while todo:
             for x in ir.walk_expr(todo.pop()):
-                if isinstance(x, ir.Var) and x.name in (self.row, self.kv):
+                if isinstance(x, ir.Var) and x.name in (self.row, self.kv) or isinstance(x, ir.Dot):
                     return True
                 if isinstance(x, ir.Var) and x.name in self.lets and x.name not in self.uniform.vars \
                         and x.name not in seen:
@@ -239,7 +298,8 @@ class IntervalEnv:
 def key_range(mask: ir.Expr, env: IntervalEnv, resolve: Callable[[ir.Expr], ir.Expr]
               ) -> tuple[list[str], list[str]]:
     """Lower bounds (inclusive) and upper bounds (exclusive) on the key index implied by a
-    conjunction of comparisons `kj <op> f(row)`: keys outside are masked for every row."""
+    conjunction of comparisons `kj <op> f(row)`: keys outside are masked for every row. They
+    read the `let`s the analysis adds to `env.lines` (write those first); none wraps around."""
     los: list[str] = []
     his: list[str] = []
     stack = [mask]
@@ -258,16 +318,18 @@ def key_range(mask: ir.Expr, env: IntervalEnv, resolve: Callable[[ir.Expr], ir.E
                   ir.Op.GE: ir.Op.LE}[op]
         if not (isinstance(a, ir.Var) and a.name == env.kv):
             continue
+        n = len(env.lines)
         bb = env.bounds(b)
         if bb is None:
+            env.rollback(n)
             continue
         lo, hi = bb
         if op is ir.Op.LT:
             his.append(hi)
         elif op is ir.Op.LE:
-            his.append(f"({hi} + 1)")
+            his.append(sat_inc(hi))
         elif op is ir.Op.GE:
             los.append(lo)
         else:
-            los.append(f"({lo} + 1)")
+            los.append(sat_inc(lo))
     return los, his
