@@ -388,9 +388,13 @@ def _install(tmp: Path, out: Path, previous: list[str]) -> list[str]:
             (out / name).unlink()
             said.append(f"removed {out / name} (from the previous compile)")
     for name in new:
-        if (out / name).exists():
+        if (out / name).is_symlink():
+            said.append(f"replaced the link {out / name} (its target is left alone)")
+        elif (out / name).exists():
             said.append(f"overwrote {out / name}")
-        shutil.copyfile(tmp / name, out / name)
+        # copied beside it, then renamed over it: a link of that name is replaced, never followed
+        shutil.copyfile(tmp / name, out / f".{name}.new")
+        os.replace(out / f".{name}.new", out / name)
     return said
 
 
@@ -414,6 +418,8 @@ def _window_defaults(kernel: Any, options: dict[str, Any]) -> dict[str, str]:
     """The sides of `--set window=[left,right]` as defaults of the kernel's window_left and
     window_right params: the option fixes which sides are bounded, the numbers are runtime params
     (a caller may pass others); a side below 0 is refused, as attention() refuses it."""
+    from attnc.kernels.flash import WINDOW_SIDE_CAP
+
     window = options.get("window")
     if not isinstance(window, tuple):
         return {}
@@ -426,8 +432,8 @@ def _window_defaults(kernel: Any, options: dict[str, Any]) -> dict[str, str]:
             shown = "[" + ",".join("null" if x is None else str(x) for x in window) + "]"
             raise UsageError(f"--set window={shown}: the {side} side is {n}; a side is a number of keys >= 0, "
                              "or null for a side without a bound")
-        if f"window_{side}" in params:
-            out[f"window_{side}"] = str(n)
+        if f"window_{side}" in params:  # past 2^30 no key is out of reach (kernels/flash.py), and it fits an i32
+            out[f"window_{side}"] = str(min(n, WINDOW_SIDE_CAP))
     return out
 
 

@@ -299,6 +299,25 @@ def test_force_replaces_only_the_previous_compile(tmp_path: Path, capsys: pytest
         assert f"overwrote {out / name}" in stdout
 
 
+def test_force_replaces_a_link_in_the_output_never_its_target(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A symlink in -o named like an output file is replaced by the file, and what it pointed
+    to (outside -o) is left alone (--force wrote through it)."""
+    out = tmp_path / "out"
+    assert run_cli(["compile", str(EXAMPLE), "-o", str(out), *FAST], capsys)[0] == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    for name in [p.name for p in out.iterdir()]:
+        (out / name).unlink()
+        (out / name).symlink_to(victim)
+    rc, stdout, err = run_cli(["compile", str(EXAMPLE), "-o", str(out), *FAST, "--force"], capsys)
+    assert rc == 0, err
+    assert victim.read_text() == "mine"
+    assert not any(p.is_symlink() for p in out.iterdir())
+    assert json.loads((out / "manifest.json").read_text())["variants"]
+    assert f"replaced the link {out / 'manifest.json'}" in stdout
+
+
 @given(st.lists(st.sampled_from(["a.wgsl", "b.wgsl", "../outside.txt", "sub/inner.wgsl", "/etc/hostname", ".",
                                  "..", "", "manifest.json", "c\\d.wgsl", "notes.txt"]), max_size=8),
        st.sampled_from(["list", "nested", "junk"]))

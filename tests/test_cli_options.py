@@ -324,15 +324,22 @@ def test_storage_dtypes_compile_or_name_the_set(setting: str, capsys: pytest.Cap
 
 @pytest.mark.parametrize(("window", "defaults"), [
     ("[4,null]", {"window_left": "4"}), ("[null,0]", {"window_right": "0"}),
-    ("(2,3)", {"window_left": "2", "window_right": "3"}), ("null", {})])
+    ("(2,3)", {"window_left": "2", "window_right": "3"}), ("null", {}),
+    ("[99999999999,null]", {"window_left": str(2**30)}), ("[3,2147483648]", {"window_left": "3",
+                                                                            "window_right": str(2**30)})])
 def test_window_sides_become_the_params_defaults(window: str, defaults: dict[str, str]) -> None:
     """`--set window=[4,null]` bounds the left side (the kernel's option) and makes 4 the default
     of its runtime param window_left in every variant (the number was dropped: the caller had to
-    pass window_left anyway); a side without a number stays a param without a default."""
+    pass window_left anyway); a side without a number stays a param without a default. A side
+    past 2^30 (past every query-key distance, as attention() reads it) is 2^30: an i32 default
+    (99999999999 was written as it is, which the JS loader refuses). The manifest validates."""
+    from tests.js.manifest_schema import validate
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "o"
         assert main(["compile", FLASH, "--set", f"window={window}", "-o", str(out)]) == 0
         manifest = json.loads((out / "manifest.json").read_text())
+        assert validate(manifest, out) == []
     for variant in manifest["variants"]:
         params = {p["name"]: p.get("default") for p in variant["params"]}
         assert {n: d for n, d in params.items() if n.startswith("window_")} == {

@@ -406,8 +406,8 @@ def converted(name: str, arr: np.ndarray, dtype: np.dtype, target: str) -> np.nd
         grew = np.isinf(host) & np.isfinite(arr)
         if grew.any():
             at = np.argwhere(grew)[0]
-            raise ValueError(f"{name}: {arr[tuple(at)].item()!r} at index {at.tolist()} is outside {target} {dtype}'s range "
-                             f"(largest {np.finfo(dtype).max}): it would become an infinity")
+            raise ValueError(f"{name}: {arr[tuple(at)].item()!r} at index {at.tolist()} is outside {target} "
+                             f"{dtype}'s range (largest {np.finfo(dtype).max}): it would become an infinity")
     return host
 
 

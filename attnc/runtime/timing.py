@@ -117,7 +117,7 @@ def clock_ratio(device: Any) -> float | None:
 def _reference(key: str) -> float | None:
     try:
         return float(json.loads((cache_dir() / CLOCKS_FILE).read_text())[key])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -128,7 +128,7 @@ def _remember(key: str, ms: float) -> None:
             try:
                 known = json.loads(path.read_text())
                 known = known if isinstance(known, dict) else {}
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 known = {}
             known[key] = ms
             replace_text(path, json.dumps(known, indent=1, sort_keys=True))

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,7 @@ def _read(p: Path) -> tuple[dict[str, Any], str | None]:
     """The entries of the cache file at `p`, or ({}, why it is ignored)."""
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+    except (OSError, ValueError, RecursionError) as exc:  # (decode errors are ValueErrors; nesting too deep)
         return {}, f"not readable as JSON ({type(exc).__name__}: {exc})"
     if not isinstance(data, dict):
         return {}, f"the file holds a {type(data).__name__}, not an object"
@@ -210,7 +211,13 @@ def store(device: Device, options_key: str, dims: dict[str, int], entry: dict[st
     under the cache's lock and over the file as it is then: another process's entries stay."""
     p = cache_path()
     with locked(p):
-        entries = dict(_read(p)[0]) if p.exists() else {}
+        entries, unreadable = _read(p) if p.exists() else ({}, None)
+        if unreadable is not None:  # (another attnc's format, say): kept for the user, not lost
+            kept = p.with_name(p.name + ".unreadable")
+            os.replace(p, kept)
+            warnings.warn(f"attnc: the tuning cache file {p} was {unreadable}: moved to {kept}, and a new "
+                          "one started", TuningCacheWarning, stacklevel=2)
+        entries = dict(entries)
         entries[key(device, options_key, dims)] = entry
         replace_text(p, json.dumps({"version": VERSION, "entries": entries}, indent=1, sort_keys=True))
 

@@ -70,6 +70,9 @@ class Formula:
     names: frozenset[str]
 
 
+INT_RANGES = {"i32": (-(2**31), 2**31 - 1), "u32": (0, 2**32 - 1)}  # a literal default a param can hold
+
+
 def parse_formula(source: str) -> Formula:
     """Parse a manifest formula into a small tuple AST (recursive descent, no eval)."""
     if not isinstance(source, str):
@@ -481,6 +484,11 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
             out.append(f"{pw}.type: {p.get('type')!r} not one of {sorted(PARAM_TYPES)}")
         if "default" in p:  # no default: the caller must pass the param
             _formula(out, f"{pw}.default", p.get("default"), known)
+            literal = p.get("default")
+            if isinstance(literal, str) and re.fullmatch(r"\s*-?\d+\s*", literal) and p.get("type") in INT_RANGES:
+                lo, hi = INT_RANGES[p["type"]]
+                if not lo <= int(literal) <= hi:
+                    out.append(f"{pw}.default: {literal} is outside {p['type']}'s range [{lo}, {hi}]")
         known.add(p["name"])
     for w, f in scratch_formulas:
         _formula(out, w, f, known)

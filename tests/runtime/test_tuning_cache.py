@@ -294,3 +294,69 @@ def test_concurrent_tuners_keep_every_entry(require_adapters, tmp_path) -> None:
     entries = json.loads((tmp_path / "tune.json").read_text())["entries"]
     assert len(entries) == 2 * n
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+UNREADABLE_FILES = {
+    "nested too deep": "[" * 100000 + "]" * 100000,
+    "another format": json.dumps({"version": 3, "entries": {"k": {"plan": {}}}}),
+    "truncated": '{"version": 2, "entries": {"a',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNREADABLE_FILES))
+def test_a_file_attnc_cannot_read_is_ignored_and_kept_aside_by_tune(require_adapters, tmp_path, monkeypatch,
+                                                                   kind) -> None:
+    """A tune.json nested past Python's recursion limit (a RecursionError from prepare, attention
+    and `attnc tune`), of another attnc's format or truncated: calls warn once and take the
+    heuristic plan; storing a tuned entry moves the file to tune.json.unreadable, saying so,
+    instead of replacing it silently. clocks.json nested as deep reads as no reference."""
+    from attnc.runtime import timing
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    sh, (q, k, v) = _problem(dev, "prefill", 0)
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning_cache, "_WARNED", set())
+    api._OPS.clear()
+    api._CALLS.clear()
+    text = UNREADABLE_FILES[kind]
+    (tmp_path / "tune.json").write_text(text)
+    with pytest.warns(TuningCacheWarning, match="ignoring the tuning cache file"):
+        o = attnc.attention(q, k, v, device=dev)
+    assert_close(o, attention_ref(q, k, v), 1e-5)
+    op = api.prepare(sh, np.float32, device=dev)
+    with pytest.warns(TuningCacheWarning, match=r"moved to .*tune\.json\.unreadable, and a new one started"):
+        tuning_cache.store(dev, op.options_key, sh, tuning_cache.plan_to_entry(op.plan, dict(op.kern.tunables), None))
+    assert (tmp_path / "tune.json.unreadable").read_text() == text
+    assert tuning_cache.lookup(dev, op.options_key, sh) is not None
+    (tmp_path / timing.CLOCKS_FILE).write_text(UNREADABLE_FILES["nested too deep"])
+    assert timing._reference("any device") is None
+    timing._remember("any device", 1.0)
+    assert timing._reference("any device") == 1.0
+
+
+def test_a_wait_for_the_cache_lock_is_said(tmp_path, capfd) -> None:
+    """A process waiting for another's lock on the cache file says so on stderr (`attnc tune`
+    finished its measurements and then sat silent while another held tune.json.lock)."""
+    import threading
+
+    from attnc.runtime.cachedir import locked
+
+    path = tmp_path / "tune.json"
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with locked(path):
+            held.set()
+            release.wait(5)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    held.wait(5)
+    threading.Timer(0.3, release.set).start()
+    with locked(path):
+        pass
+    other.join()
+    assert f"attnc: waiting for {path}.lock, which another process holds" in capfd.readouterr().err
+    with locked(path):  # no wait, nothing said
+        pass
+    assert capfd.readouterr().err == ""
