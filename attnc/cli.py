@@ -31,6 +31,8 @@ from attnc.errors import AttncError, UsageError
 
 MANIFEST = "manifest.json"
 MAX_DVC = 1024  # --dvc: output columns per workgroup, four per invocation (Dv is at most a few hundred)
+MAX_WG = 1024  # --wg: the most invocations per workgroup any WebGPU device grants
+MAX_UNROLL = 1024  # --unroll: past the longest loop of a tile (BN keys) it changes nothing
 F16_TILE_TARGETS = {"portable-f16": "portable", "subgroups-f16": "subgroups"}  # --target: f16 tiles of a family
 
 
@@ -458,10 +460,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from attnc.lowering.manifest import compile_kernel
     from attnc.lowering.plan import Dialect, Family, Plan, Storage
 
-    if not 4 <= args.dvc <= MAX_DVC:
+    if not 4 <= args.dvc <= MAX_DVC or args.dvc % 4:
         # each invocation keeps DVC/4 accumulators: a DVC of a million wrote 139 MB shaders
         raise UsageError(f"--dvc {args.dvc}: output columns per workgroup must be 4 to {MAX_DVC} "
                          "(a multiple of 4; the value head dim Dv is what it covers)")
+    if args.wg is not None and not (1 <= args.wg <= MAX_WG and args.wg & (args.wg - 1) == 0):
+        raise UsageError(f"--wg {args.wg}: invocations per workgroup must be a power of two from 1 to {MAX_WG}")
+    if not 1 <= args.unroll <= MAX_UNROLL:
+        raise UsageError(f"--unroll {args.unroll}: copies of a loop's body must be 1 to {MAX_UNROLL} (a count at "
+                         "least a loop's trip count unrolls it completely)")
+    if not args.output.strip():
+        raise UsageError("-o: an empty name; give the directory to write into (-o . for this one)")
     out = Path(args.output)
     previous = _output_dir(out, args.force)
     kernel, options = _load_kernel(args.kernel, args.set)
@@ -521,15 +530,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Parse and verify each .attn file; a bad one is reported and the others still checked."""
-    bad = 0
+    bad = unreadable = 0
     for f in args.files:
         try:
             _read_kernel(f)
             print(f"{f}: ok")
+        except UsageError as exc:  # not a kernel to check: a missing file, a directory
+            print(exc.render(), file=sys.stderr)
+            unreadable += 1
         except AttncError as exc:
             print(exc.render(), file=sys.stderr)
             bad += 1
-    return 1 if bad else 0
+    return 2 if unreadable else 1 if bad else 0
 
 
 def cmd_print(args: argparse.Namespace) -> int:
@@ -578,6 +590,8 @@ def _tune_cases(args: argparse.Namespace) -> list[Any]:
     """The cases `attnc tune` was asked for; UsageError for an unknown suite, case or bad shape."""
     from attnc.bench.cases import load_suite, load_suites, parse_shape
 
+    if args.shape and args.suite is not None:  # (--shape tunes those shapes only: a suite would be ignored)
+        raise UsageError(f"--suite {args.suite} and --shape: tune either a suite's cases or the given shapes")
     try:
         if args.shape:
             cases = [parse_shape(s) for s in args.shape]

@@ -559,3 +559,35 @@ def test_a_kernel_declaring_an_f16_output_compiles_its_f16_variants(tmp_path: Pa
     assert main(["compile", str(src), "-o", str(tmp_path / "out")]) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [v["dtype"] for v in manifest["variants"]] == ["f16", "f16"]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--wg", "0"), ("--wg", "-1"), ("--wg", "3"), ("--wg", "2048"),
+                                             ("--dvc", "5"), ("--dvc", "3"), ("--unroll", "0"),
+                                             ("--unroll", "100000")])
+def test_compile_tunables_out_of_range_are_command_line_errors(flag: str, value: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`attnc compile --wg 0` (3, --dvc 5, --unroll 0) is a bad command line: status 2 and a
+    message naming the option, not a lowering error about tunable WG with status 1; --unroll
+    100000 was written into the manifest as it was."""
+    rc, _, err = run_cli(["compile", str(EXAMPLE), "-o", str(tmp_path / "o"), *FAST, flag, value], capsys)
+    assert rc == 2, err
+    assert_message(rc, err, f"{flag} {value}:")
+    assert not (tmp_path / "o").exists()
+
+
+def test_check_says_which_files_it_could_not_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`attnc check` of a missing file or a directory: status 2 (a command line it cannot use),
+    as compile and print give, after checking the other files."""
+    rc, out, err = run_cli(["check", str(tmp_path / "missing.attn"), str(EXAMPLE), str(tmp_path)], capsys)
+    assert rc == 2 and f"{EXAMPLE}: ok" in out
+    assert err.count("cannot read") == 2, err
+
+
+def test_contradictory_or_empty_arguments_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`attnc tune --shape ... --suite nosuch` ignored the suite; `-o ""` wrote into the current directory."""
+    rc, _, err = run_cli(["tune", "--shape", "1,2,1,3,40,16,16", "--suite", "nosuch"], capsys)
+    assert_message(rc, err, "--suite nosuch and --shape")
+    assert rc == 2
+    rc, _, err = run_cli(["compile", str(EXAMPLE), "-o", "", *FAST], capsys)
+    assert_message(rc, err, "-o: an empty name")
+    assert rc == 2
