@@ -74,6 +74,7 @@ class TensorInfo:
 
     dtype: np.dtype
     shape: tuple[int, ...]
+    unreadable: str | None = None  # a tensor numpy cannot read (a bfloat16 one): its dtype, said when it is read
 
 
 def _numpy_info(obj: Any) -> TensorInfo | None:
@@ -199,10 +200,10 @@ class _Walk:
     def capture(self, obj: Any, path: Path, hint: str, kind: str, info: TensorInfo | None) -> Any:
         if kind == "tensor":
             assert info is not None
-            dtype = ir_dtype(info.dtype)
+            dtype = None if info.unreadable else ir_dtype(info.dtype)
             if dtype is None:
-                self.key.append((path, "bad tensor", str(info.dtype)))
-                return _Unsupported(hint, info.dtype) if self.make else obj
+                self.key.append((path, "bad tensor", info.unreadable or str(info.dtype)))
+                return _Unsupported(hint, info.unreadable or str(info.dtype)) if self.make else obj
             shape = info.shape
         else:
             dtype, shape = scalar_dtype(obj), ()
@@ -329,13 +330,13 @@ def scan(roots: dict[str, Callable[..., Any]]) -> Scan:
 class _Unsupported:
     """A captured array of a dtype attnc cannot bind: indexing it is a clear TraceError."""
 
-    def __init__(self, hint: str, dtype: np.dtype):
+    def __init__(self, hint: str, dtype: str):
         self.hint, self.dtype = hint, dtype
 
     def __getitem__(self, idx: Any) -> Any:
         from attnc.frontend.semantic import fail
 
-        raise fail(f"captured array {self.hint!r} has dtype {self.dtype}, which a kernel cannot read",
+        raise fail(f"captured array {self.hint!r} has dtype {self.dtype}: a kernel cannot read it",
                    ("captured tensors are float16/32/64, bool, uint8, uint32 or integers that fit "
                     "in int32",))
 

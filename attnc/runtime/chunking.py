@@ -15,6 +15,7 @@ import numpy as np
 
 from attnc.errors import DeviceError
 from attnc.runtime.devices import Device
+from attnc.runtime.tensor import host_array
 
 OFFSET_KEYS = ("q_offset", "q_total", "kv_offset", "kv_total")
 
@@ -33,7 +34,8 @@ def binding_sizes(q: np.ndarray, k: np.ndarray, v: np.ndarray, bias: np.ndarray 
     row = Dv + Dv % 2 if q.dtype == np.float16 else Dv
     sizes = {"q": q.nbytes, "k": k.nbytes, "v": v.nbytes, "o": q.dtype.itemsize * B * Hq * S * row}
     if bias is not None:
-        sizes["bias"] = 4 * int(np.asarray(bias).size)
+        arr = host_array("bias", bias)  # (a ValueError naming it for host data numpy cannot read)
+        sizes["bias"] = 4 * int((np.asarray(bias) if arr is None else arr).size)
     return sizes
 
 

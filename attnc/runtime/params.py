@@ -38,8 +38,12 @@ def _array_like_info(obj: Any) -> capture.TensorInfo | None:
         return None
     try:
         arr = host_array("tensor", obj)
-    except ValueError:  # an object numpy cannot read is simply not a tensor
-        return None
+    except ValueError:  # (a bfloat16 tensor): captured, and a TraceError naming it where the mod reads it
+        try:
+            shape = tuple(int(n) for n in obj.shape)
+        except (TypeError, ValueError):
+            return None
+        return capture.TensorInfo(np.dtype("V1"), shape, f"{getattr(obj, 'dtype', '?')} (numpy cannot read it)")
     return None if arr is None else capture.TensorInfo(arr.dtype, tuple(int(n) for n in arr.shape))
 
 

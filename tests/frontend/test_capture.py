@@ -178,7 +178,7 @@ def test_captured_names_yield_to_the_kernels_names_and_displace_its_lets():
 
 @pytest.mark.parametrize("fn, message", [
     (lambda s, b, h, q, kv: s + np.zeros(3, np.complex64)[h], "only captured arrays can be indexed"),
-    (lambda s, b, h, q, kv: s + CAPTURED_COMPLEX[h], "has dtype complex64, which a kernel cannot read"),
+    (lambda s, b, h, q, kv: s + CAPTURED_COMPLEX[h], "has dtype complex64: a kernel cannot read it"),
     (lambda s, b, h, q, kv: s + HOLDER.table[h], "only captured arrays can be indexed"),
     (lambda s, b, h, q, kv: s + GLOBAL_TABLE[h], "'GLOBAL_TABLE' of shape (3, 4) has 2 dims, indexed with 1"),
     (lambda s, b, h, q, kv: s + GLOBAL_TABLE[h, q, kv], "'GLOBAL_TABLE' of shape (3, 4) has 2 dims, indexed with 3"),

@@ -235,3 +235,21 @@ def test_numbers_of_every_numpy_type_work_without_warnings(require_adapters, kin
     ref = attention_ref(q, k, v, scale=2.0, softcap=4.0, window=(3, 1),
                         score_mod=lambda s, b, h, qi, kj: s + 2.0 * kj)
     assert_close(got, ref, 1e-5)
+
+
+def test_host_tensors_numpy_cannot_read_are_errors_naming_them(require_adapters) -> None:
+    """A bfloat16 torch tensor as bias, sinks or captured by a mod: an error naming the argument
+    or the capture and its dtype at the user's line (torch's own TypeError from attnc's size
+    count, and an IndexError from indexing the uncaptured tensor with a traced value)."""
+    import torch
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    q, k, v = qkv(S=3, T=5)
+    half = torch.ones(5, dtype=torch.bfloat16)
+    for name, value in (("bias", half), ("sinks", torch.ones(2, dtype=torch.bfloat16))):
+        with pytest.raises(ValueError, match=f"^{name}: numpy cannot read this Tensor"):
+            attnc.attention(q, k, v, device=dev, **{name: value})
+    with pytest.raises(AttncError, match=r"captured array 'half' has dtype torch.bfloat16 \(numpy cannot read it\)"
+                       ) as exc:
+        attnc.attention(q, k, v, device=dev, score_mod=lambda s, b, h, qi, kj: s + half[kj])
+    assert exc.value.span is not None and exc.value.span.file == __file__
