@@ -1,9 +1,11 @@
 """Render `attnc bench --json` files as the markdown tables of docs/BENCHMARKS.md.
 
 Usage: python tools/bench_table.py RESULT.json [...]  — one table per file: every case with
-attnc's time, each baseline's time and attnc's speed-up over it, the fraction of the FMA or
+attnc's time, each baseline's time and attnc's speed-up over it (attnc's own variants, a KV
+format or a document mask: their speed-up over attnc's plain run), the fraction of the FMA or
 copy ceiling attnc reached (copy for S <= 4: decode is bandwidth bound), WRONG where a result
-is off the float64 reference (unchecked results, `--no-check`, are not judged), and the error
+is off the float64 reference (unchecked results, `--no-check`, are not judged), the bench's
+QUANTIZED and CLOCKS AT n % flags, and the error
 of a row that did not run. A `--repeat-processes` file gives a table of each process.
 """
 
@@ -13,18 +15,27 @@ import json
 import sys
 from typing import Any
 
+CLOCK_OK = 0.93  # attnc.runtime.timing.CLOCK_OK: below it the bench flags a row CLOCKS AT n %
+
 
 def _cell(r: dict[str, Any]) -> str:
-    """A row's time, WRONG when checked and off, or why it did not run."""
+    """A row's time, WRONG when checked and off, the bench's flags (timestamps quantized, the
+    GPU's clocks down after the measurement), or why it did not run."""
     if r.get("ms") is None:
         return f"— ({str(r.get('error') or 'not run').splitlines()[0][:60]})"
-    return f"{r['ms']:.4g}" + (" WRONG" if r.get("correct") is False else "")
+    flags = " WRONG" if r.get("correct") is False else ""
+    flags += " QUANTIZED" if r.get("timestamps_quantized") else ""
+    if r.get("clock") is not None and r["clock"] < CLOCK_OK:
+        flags += f" CLOCKS AT {100 * r['clock']:.0f} %"
+    return f"{r['ms']:.4g}{flags}"
 
 
 def _header(data: dict[str, Any]) -> str:
     dev, ceil = data["device"], data.get("ceilings") or {}
     parts = [f"{name} {c['value']:.3g} {c['unit']}" for name, c in ceil.items()]
-    return f"**{dev['name']}, {dev['backend']} ({dev['api']})** — " + (", ".join(parts) or "ceilings not measured")
+    dtype = (data.get("config") or {}).get("dtype", "f32")
+    return (f"**{dev['name']}, {dev['backend']} ({dev['api']}), {dtype}** — "
+            + (", ".join(parts) or "ceilings not measured"))
 
 
 def table(path: str) -> str:
@@ -41,7 +52,10 @@ def _table(data: dict[str, Any]) -> str:
         if r["impl"] not in impls:
             impls.append(r["impl"])
     base = [i for i in impls if i != "attnc"]
-    head = ["case", "attnc ms"] + [f"{b} ms (attnc ×)" for b in base] + ["attnc % of ceiling"]
+    # a baseline's column: attnc's speed-up over it; attnc's own variants' (a KV format, a
+    # document mask): their speed-up over attnc's plain run, as the JSON's speedup_vs_attnc
+    head = ["case", "attnc ms"] + [f"{b} ms (over attnc ×)" if b.startswith("attnc") else f"{b} ms (attnc ×)"
+                                   for b in base] + ["attnc % of ceiling"]
     out = [_header(data), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cases: dict[str, dict[str, dict]] = {}
     for r in data["results"]:
@@ -54,7 +68,8 @@ def _table(data: dict[str, Any]) -> str:
             r = rs.get(b)
             cell = "—" if r is None else _cell(r)
             if r is not None and ran and r.get("ms") is not None:
-                cell += f" ({r['ms'] / a['ms']:.2f}×)"
+                ratio = a["ms"] / r["ms"] if b.startswith("attnc") else r["ms"] / a["ms"]
+                cell += f" ({ratio:.2f}×)"
             row.append(cell)
         decode = ran and a["shape"]["S"] <= 4
         frac = a and a.get("copy_fraction" if decode else "fma_fraction")

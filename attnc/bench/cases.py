@@ -74,8 +74,8 @@ class Case:
 
 def parse_shape(text: str) -> Case:
     """Parse `B,Hq,Hkv,S,T,D,Dv[,causal]` (causal: 1/0/true/false/causal) into a Case."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if len(parts) not in (7, 8):
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) not in (7, 8) or "" in parts:  # (an empty field is not a dimension left out)
         raise ValueError(f"--shape wants B,Hq,Hkv,S,T,D,Dv[,causal], got {text!r}")
     try:
         dims = [int(p) for p in parts[:7]]
@@ -131,6 +131,10 @@ def load_suites(path: str | Path | None = None) -> dict[str, list[Case]]:
                 cases.append(Case(*(e[f] for f in fields), causal=bool(e.get("causal", False))))
             except ValueError as exc:
                 raise ValueError(f"{file}: suite {suite!r}: {exc}") from None
+        names = [c.name for c in cases]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # results are keyed by case name: two cases of one name would be mixed up
+            raise ValueError(f"{file}: suite {suite!r}: case name(s) {twice} used more than once")
         out[suite] = cases
     return out
 

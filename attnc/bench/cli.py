@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw TFLOP/s per case per impl")
     p.add_argument("--runs", type=int, default=20, help="timed runs per result (median)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (at least 1: the first compiles)")
     p.add_argument(
         "--ceilings",
         choices=("auto", "small", "large", "off"),
@@ -118,13 +119,31 @@ def select_cases(args: argparse.Namespace) -> list[Case]:
         unknown = [n for n in args.case if n not in by_name]
         if unknown:
             raise ValueError(f"unknown case(s) {unknown}; known: {sorted(by_name)}")
+        ambiguous = sorted({c.name for c in pool if c.name in args.case and by_name[c.name] != c})
+        if ambiguous:  # (the same name in two suites, as different shapes)
+            raise ValueError(f"case(s) {ambiguous} are different shapes in different suites; pass --suite")
         cases = [by_name[n] for n in args.case]
     elif args.suite or not args.shape:
         if (args.suite or "ci") not in suites:
             raise ValueError(f"{shapes_path(args.shapes)} has no suite 'ci' (the default): pass --suite, one of "
                              f"{sorted(suites)}")
         cases = list(suites[args.suite or "ci"])
-    return cases + [parse_shape(s) for s in args.shape]
+    cases = list(dict.fromkeys(cases + [parse_shape(s) for s in args.shape]))  # (a shape given twice: once)
+    names = [c.name for c in cases]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # results are keyed by case name
+        raise ValueError(f"case name(s) {twice} stand for different shapes in this run")
+    return cases
+
+
+def check_documents(cases: Sequence[Case], documents: int) -> None:
+    """ValueError unless every case can hold --documents documents: at most T of them, and the
+    queries (the last S tokens) within the T tokens."""
+    for c in cases:
+        if documents and (c.S > c.T or documents > c.T):
+            raise ValueError(f"--documents {documents}: case {c.name} (S={c.S}, T={c.T}) cannot be packed as "
+                             f"{documents} documents of its T tokens with its S queries among them: --documents "
+                             "needs S <= T and at most T documents")
 
 
 def impl_names(args: argparse.Namespace) -> list[str]:
@@ -139,6 +158,8 @@ def impl_names(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"unknown KV format(s) {bad} for --kv; choose from q8_0, q4_0, int8")
     if args.documents < 0:
         raise ValueError(f"--documents must be a positive number of documents, got {args.documents}")
+    if args.no_attnc and (kv or args.documents):
+        raise ValueError("--no-attnc times the baselines only; --kv and --documents add rows of attnc's")
     docs = [DOCS_IMPL] if args.documents else []
     names = ([] if args.no_attnc else ["attnc"]) + [KV_PREFIX + f for f in kv] + docs + compare
     if not names:
@@ -299,10 +320,10 @@ def run_cases(
     cache_bytes: int,
     check: bool,
     seed: int,
-    references: dict[str, Any] | None = None,
+    references: dict[Case, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Measure every (case, impl), yielding result rows as they finish. `references` keeps each
-    case's float64 reference by name, so a later round does not compute it again."""
+    case's float64 reference, so a later round does not compute it again."""
     bar = _progress(len(cases) * len(impls))
     try:
         for case in cases:
@@ -310,9 +331,9 @@ def run_cases(
             n = rotation_count(case.nbytes(itemsize), cache_bytes) if cache_bytes > 0 else 1
             copies = [make_inputs(case, opts.dtype, seed + i) for i in range(n)]
             known = {} if references is None else references
-            if check and case.name not in known:
-                known[case.name] = reference(case, *copies[0])
-            ref = known.get(case.name) if check else None
+            if check and case not in known:
+                known[case] = reference(case, *copies[0])
+            ref = known.get(case) if check else None
             base_ms = None
             for impl in impls:
                 bar.set_description(f"{case.name} {impl}")
@@ -373,8 +394,8 @@ def merge_rounds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         best = dict(min(tries, key=lambda r: r["ms"]), ms_rounds=ms_rounds)
         errors = [r["relerr"] for r in tries if r.get("relerr") is not None]
-        if errors:
-            best["relerr"] = max(errors)
+        if errors:  # (a NaN error is the worst: max() would pass over it)
+            best["relerr"] = math.nan if any(math.isnan(e) for e in errors) else max(errors)
         verdicts = [r.get("correct") for r in tries]
         best["correct"] = None if None in verdicts else all(verdicts)
         merged[key] = best
@@ -397,7 +418,9 @@ def summary(row: dict[str, Any]) -> str:
         cost = (f"{row['append_ms'] * 1e3:.1f} us ({row['append_fraction']:.0%} of the step's attention)"
                 if row["append_ms"] >= 0 else
                 f"not measurable ({row['append_ms'] * 1e3:.1f} us: within the spread of the two medians)")
-        append = f", append {cost}" + (f", {one * 1e3:.1f} us in the attention's pass" if one is not None else "")
+        in_pass = "" if one is None else f", {one * 1e3:.1f} us in the attention's pass" if one >= 0 else \
+            f", not measurable in the attention's pass ({one * 1e3:.1f} us)"
+        append = f", append {cost}{in_pass}"
     return (f"{row['case']} {row['impl']}: {row['ms']:.4f} ms, {_fmt(row['tflops'], '.3f')} "
             f"TFLOP/s, relerr {_fmt(row['relerr'], '.1e')}{speedup}{append} ({row['timing']})")  # fmt: skip
 
@@ -547,8 +570,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flushed at exit instead of the closed pipe
         return 0
     try:
-        if args.runs < 1 or args.warmup < 0 or args.repeat_processes < 1 or args.rounds < 1:
-            raise ValueError("--runs, --rounds and --repeat-processes must be >= 1 and --warmup >= 0")
+        if args.runs < 1 or args.warmup < 1 or args.repeat_processes < 1 or args.rounds < 1:
+            raise ValueError("--runs, --warmup, --rounds and --repeat-processes must be >= 1 (the first run of "
+                             "each implementation compiles its programs: it is never timed)")
         if args.seed < 0 or args.cache_mib < 0:
             raise ValueError("--seed and --cache-mib must be >= 0")
         check_target(args.target, args.dtype, args.kv)
@@ -559,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(the spread is printed, and written with --json)")
         cases = select_cases(args)
         impls = impl_names(args)
+        check_documents(cases, args.documents)
         check_outputs(args)
     except ValueError as exc:
         print(f"attnc bench: {exc}", file=sys.stderr)
@@ -609,7 +634,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cases: list[Case]
     doc["config"]["rounds"] = args.rounds
     write_json(args.json, doc)
     measured: list[dict[str, Any]] = []
-    references: dict[str, Any] = {}
+    references: dict[Case, Any] = {}
     for _ in range(args.rounds):
         for row in run_cases(device, cases, impls, opts, ceilings, cache_bytes=args.cache_mib << 20,
                              check=not args.no_check, seed=args.seed, references=references):  # fmt: skip
@@ -622,4 +647,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cases: list[Case]
     if args.plot:
         title = f"{doc['device']['name']} ({doc['device']['backend']}, {args.dtype})"
         plot(rows, ceilings, args.plot, title)
-    return 0
+    return 1 if any(failed_attnc_row(r) for r in rows) else 0
+
+
+def failed_attnc_row(row: dict[str, Any]) -> bool:
+    """Whether a row is attnc's (any KV format, the documents row) and wrong or failed (a row
+    that could not be measured for a reason, "unavailable: ...", is neither); a baseline's
+    wrong result is reported in the table, not in the exit status."""
+    if not row["impl"].startswith("attnc"):
+        return False
+    error = row.get("error")
+    return row.get("correct") is False or bool(error and not str(error).startswith("unavailable:"))

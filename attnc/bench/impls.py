@@ -93,8 +93,13 @@ def run_attnc(device: Any, case: Case, copies: Sequence[Inputs], opts: RunOption
         kwargs["target"] = opts.target
     extra: dict[str, Any] = {}
     if kv_format is not None:
-        from attnc.quant import quantize
+        from attnc.quant import check_head_dim, quantize
 
+        for name, d in (("k", case.D), ("v", case.Dv)):
+            try:
+                check_head_dim(kv_format, name, d)
+            except ValueError as exc:  # a shape this format cannot store: no measurement, not a failure
+                raise Unavailable(str(exc)) from None
         kwargs.update(k_format=kv_format, v_format=kv_format)
         copies = [(c[0], quantize(c[1], kv_format), quantize(c[2], kv_format)) for c in copies]
         extra.update(kv_format=kv_format, kv_bytes=copies[0][1].nbytes + copies[0][2].nbytes)

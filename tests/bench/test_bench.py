@@ -274,6 +274,8 @@ def test_rounds_merge_into_the_fastest_round_of_each_result() -> None:
     assert c["error"] == "RuntimeError: lost" and c["ms"] is None and c["ms_rounds"] == [1.0, None, 0.5]
     one = [_row("a", "attnc", 2.0)]
     assert merge_rounds(one)[0]["ms_rounds"] == [2.0]
+    nan = merge_rounds([_row("a", "attnc", 1.0), _row("a", "attnc", 2.0, relerr=float("nan"), correct=False)])[0]
+    assert np.isnan(nan["relerr"]) and nan["correct"] is False and nan["ms"] == 1.0  # max() passed over NaN
 
 
 @pytest.mark.gpu
@@ -414,6 +416,18 @@ def test_bench_table_renders_every_kind_of_result(tmp_path) -> None:
         assert "| a | 2 | — (unavailable: onnxruntime is not installed) | 8 WRONG (4.00×) | 25.0 % BW |" in text, text
         assert text.count("| a |") == (2 if name == "repeat" else 1)
         assert ("fma_f32 0.0293 TFLOP/s" in text) == (name == "plain")
+    # the bench's flags; attnc's own variants read as their speed-up over attnc (the JSON's
+    # speedup_vs_attnc: a q8_0 row twice as fast is 2.00x, it read 0.50x); the dtype is named
+    flagged = [
+        {"case": "b", "impl": "attnc", "ms": 2.0, "correct": True, "shape": shape, "clock": 0.5},
+        {"case": "b", "impl": "attnc-q8_0", "ms": 1.0, "correct": True, "timestamps_quantized": True},
+        {"case": "b", "impl": "naive", "ms": 8.0, "correct": True, "clock": 0.99},
+    ]
+    path = tmp_path / "flags.json"
+    path.write_text(json.dumps({"device": dev, "ceilings": {}, "results": flagged, "config": {"dtype": "f16"}}))
+    text = bench_table.table(str(path))
+    assert "| b | 2 CLOCKS AT 50 % | 1 QUANTIZED (2.00×) | 8 (4.00×) |" in text, text
+    assert "attnc-q8_0 ms (over attnc ×)" in text and "naive ms (attnc ×)" in text and "Vulkan), f16**" in text
 
 
 def test_each_row_is_measured_against_the_ceiling_of_its_arithmetic() -> None:
@@ -427,3 +441,48 @@ def test_each_row_is_measured_against_the_ceiling_of_its_arithmetic() -> None:
     assert [math_dtype(i, f16) for i in ("attnc", "attnc-q8_0", "attnc+documents", "ort")] == ["f32"] * 3 + ["f16"]
     assert math_dtype("attnc", RunOptions(dtype="f16", target="subgroups-f16")) == "f16"
     assert math_dtype("attnc", RunOptions()) == "f32"
+
+
+def test_cases_and_options_that_would_mix_up_results_are_refused(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Results are keyed by case name: a shapes file with one name twice in a suite (a causal and
+    a plain case of one name read as relerr 1.13, WRONG, through the rounds' reference cache),
+    a name standing for two shapes in one run, a --shape with an empty field (a dimension
+    silently dropped), --documents that a case cannot hold (S > T: 0.69 WRONG; more documents
+    than keys: an IndexError row), --warmup 0 (the baselines' compiles timed, attnc's not) and
+    --no-attnc with attnc's --kv rows are status 2 with the reason, before any device."""
+    from attnc.bench.cli import main
+
+    shapes = tmp_path / "shapes.json"
+    case = {"name": "x", "B": 1, "Hq": 2, "Hkv": 2, "S": 3, "T": 16, "D": 16, "Dv": 16}
+    shapes.write_text(json.dumps({"suites": {"s": [case, {**case, "causal": True}]}}))
+    cases = [(["--shapes", str(shapes), "--suite", "s"], "case name(s) ['x'] used more than once"),
+             (["--shape", "1,4,4,,256,64,64,1"], "--shape wants B,Hq,Hkv,S,T,D,Dv"),
+             (["--shape", "1,2,2,20,16,16,16", "--documents", "2"], "needs S <= T"),
+             (["--shape", "1,2,1,8,16,16,16,causal", "--documents", "100"], "at most T documents"),
+             (["--shape", "1,2,2,2,16,16,16", "--warmup", "0"], "--warmup"),
+             (["--shape", "1,2,2,2,32,32,32", "--no-attnc", "--compare", "naive", "--kv", "q8_0"], "--no-attnc")]
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({"suites": {"a": [case], "b": [{**case, "T": 32}]}}))
+    cases.append((["--shapes", str(two), "--case", "x"], "are different shapes in different suites"))
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (argv, err)
+
+
+@pytest.mark.gpu
+def test_exit_status_says_whether_attncs_rows_are_right(require_adapters: Any, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process exits 1 when a row of attnc's is wrong or failed (it exited 0), 0 when only a
+    row that cannot be measured is missing (q8_0 at D = 24: 'unavailable', not a traceback)."""
+    from attnc.bench import cli
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    argv = ["--device", dev.spec, "--shape", "1,2,2,2,24,24,24", "--ceilings", "off", "--runs", "1",
+            "--warmup", "1", "--kv", "q8_0", "--dtype", "f16", "--json", str(tmp_path / "r.json")]
+    assert cli.main(argv) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert rows["attnc-q8_0"]["error"].startswith("unavailable: k: head dim 24 cannot be stored as q8_0")
+    monkeypatch.setattr(cli, "relerr", lambda out, ref: 1.0)  # every result off the reference
+    assert cli.main(argv) == 1
