@@ -419,6 +419,8 @@ ONE_ARGUMENT_APART = {
 }
 HOST_ONLY = {"score_mod", "mask_mod"}  # calls with mods are keyed by their code, tensors or not:
 # the tensors' signature path is not theirs
+# (a KV cache's attend takes every option but kv_lens: the cache's lengths are its own)
+ENTRIES = ("attention", "attention-tensors", "paged_attention", "kvcache")
 
 
 def _drawn(name: str, value, rng: np.random.Generator):
@@ -437,26 +439,33 @@ def _pages(x: np.ndarray, P: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
-@pytest.mark.parametrize(("entry", "name"), [(e, n) for e in ("attention", "attention-tensors", "paged_attention")
-                                             for n in sorted(ONE_ARGUMENT_APART)
-                                             if not (e == "attention-tensors" and n in HOST_ONLY)])
+@pytest.mark.parametrize(("entry", "name"), [(e, n) for e in ENTRIES for n in sorted(ONE_ARGUMENT_APART)
+                                             if not (e == "attention-tensors" and n in HOST_ONLY)
+                                             and not (e == "kvcache" and n == "kv_lens")])
 def test_calls_one_argument_apart_each_get_their_own_result(require_adapters, spec, name, entry) -> None:
     """Calls alike but for one argument (its default, then two other values, then the default
-    again) each give their own result: whatever attention() and paged_attention() remember
-    of a call (ops by their key, the key by the call's signature) tells every argument that
-    changes the kernel apart (an op cache key without `scale` gave the first call's scale to
-    every later call: relerr 0.88)."""
+    again) each give their own result: whatever attention(), paged_attention() and a KV cache's
+    attend remember of a call (ops by their key, the key by the call's signature) tells every
+    argument that changes the kernel apart (an op cache key without `scale` gave the first
+    call's scale to every later call: relerr 0.88; attend's without its option tensors' names
+    gave a call without sinks the last call's sinks: 0.80)."""
     dev = require_adapters(spec)[0]
     api._OPS.clear()
     api._CALLS.clear()
     rng = np.random.default_rng(11)
     q, k, v = qkv(rng)
     P = 8
+    cache = None
+    if entry == "kvcache":
+        cache = attnc.KVCache(k.shape[0], k.shape[1], k.shape[2], k.shape[3], v.shape[3], device=dev)
+        cache.append(k, v)
     for value in (None, *ONE_ARGUMENT_APART[name], None):
         kw = {} if value is None else {name: _drawn(name, value, rng)}
         ref = attention_ref(q, k, v, **kw)
         if entry == "attention":
             got = attnc.attention(q, k, v, device=dev, **kw)
+        elif entry == "kvcache":
+            got = cache.attend(q, **kw)
         elif entry == "attention-tensors":
             tq, tk, tv = (attnc.tensor(x, dev) for x in (q, k, v))
             opts = {n: attnc.tensor(x, dev) if isinstance(x, np.ndarray) else x for n, x in kw.items()}
@@ -517,3 +526,35 @@ def test_option_arrays_of_any_layout(require_adapters, spec, entry) -> None:
                 table = np.arange(B * (T // P), dtype=np.int32).reshape(B, T // P)
                 got = attnc.paged_attention(q, _pages(k, P), _pages(v, P), table, device=dev, **{name: view})
             assert_close(got, ref, 1e-5, f"o, {name} {layout}")
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+def test_a_built_kernel_called_with_other_shapes_dims_and_broadcasts(require_adapters, spec) -> None:
+    """One attnc.build op called in turn with another key count, another `dims=` (the paged
+    kernel's logical T) and bias arrays with size-1 axes (each broadcast over its dim) gives each
+    call its own result: what the op keeps per call shape tells them apart (an op key without
+    the arrays' shapes raised 'axis 2 is 12, this op takes 8'; without dims= the second T read
+    the first's: relerr 0.74; size-1 axes read as strided: 0.60)."""
+    from attnc.kernels.flash import paged_flash_attention
+
+    dev = require_adapters(spec)[0]
+    rng = np.random.default_rng(17)
+    B, H, S, D = 2, 2, 3, 8
+    op = attnc.build(flash_attention, device=dev, bias=True)
+    for T, shape in ((8, (1, H, 1, 8)), (12, (B, 1, S, 1)), (8, (1, 1, S, 8)), (12, (B, H, S, 12)), (8, (1, H, 1, 8))):
+        q = rng.standard_normal((B, H, S, D)).astype(np.float32)
+        k, v = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(2))
+        bias = (3 * rng.standard_normal(shape)).astype(np.float32)
+        got = op(q=q, k=k, v=v, scale=0.35, bias=bias)
+        assert_close(got, attention_ref(q, k, v, scale=0.35, bias=np.broadcast_to(bias, (B, H, S, T))), 1e-5,
+                     f"o, T={T}, bias {shape}")
+    paged = attnc.build(paged_flash_attention, device=dev, kv_lens=True)
+    P, NP = 4, 4
+    kp, vp = (rng.standard_normal((NP, 1, P, D)).astype(np.float32) for _ in range(2))
+    table = np.array([[2, 0, 3, 1]], np.int32)
+    k, v = (x[table[0]].transpose(1, 0, 2, 3).reshape(1, 1, NP * P, D) for x in (kp, vp))
+    q = rng.standard_normal((1, 1, 2, D)).astype(np.float32)
+    for T in (8, 16, 12, 8):
+        lens = np.array([T], np.int32)
+        got = paged(q=q, k=kp, v=vp, scale=0.35, block_table=table, kv_lens=lens, dims={"T": T})
+        assert_close(got, attention_ref(q, k[:, :, :T], v[:, :, :T], scale=0.35), 1e-5, f"paged o, T={T}")
