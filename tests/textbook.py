@@ -13,7 +13,8 @@ of the contract is followed literally:
                     (window, None side unbounded), not mask_mod(b, h, i, j)
     sinks[h]:       one extra logit in the softmax denominator, contributing no value
     o = sum_j p_j v_j,  lse = log(denominator);  a row with every key masked and no sink gives
-    o = 0 and lse = -inf, never NaN; NaN inputs propagate to the affected rows.
+    o = 0 and lse = -inf, never NaN; NaN inputs propagate to the affected rows (a NaN or inf in
+    k or v reaches only the rows that see its key).
     sinks[h] = +inf takes all the weight (o = 0, lse = +inf, masked keys or not); -inf is no
     sink; NaN makes the head's rows NaN.
 
@@ -96,7 +97,10 @@ def attention_ref(q, k, v, *, causal: bool = False, scale: float | None = None,
         denom = p.sum(axis=-1)
         if sinks is not None:  # exp(0) for the max: a sink of +inf takes all the weight (o = 0, lse = +inf)
             denom = denom + np.exp(np.where(sink == m_safe, 0.0, sink - m_safe))
-        num = np.einsum("bhij,bhjd->bhid", p, vh)
+        if np.isfinite(vh).all():
+            num = np.einsum("bhij,bhjd->bhid", p, vh)
+        else:  # only the keys a row sees: a masked key's NaN / inf value is never read (0 * NaN = NaN)
+            num = np.einsum("bhij,bhijd->bhid", p, np.where(keep[..., None], vh[:, :, None], 0.0))
         zero = denom == 0  # False for NaN, so NaN rows stay NaN
         o = np.where(zero[..., None], 0.0, num / np.where(zero, 1.0, denom)[..., None])
         lse = np.where(zero, -np.inf, m_safe + np.log(np.where(zero, 1.0, denom)))

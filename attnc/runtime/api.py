@@ -193,19 +193,22 @@ def scalar_options(dims: dict[str, int], window: Any, softcap: Any, scale: Any,
 
 def _check_option_value(name: str, x: Any, dims: dict[str, int], total_keys: int | None) -> Any:
     """An option tensor's value checked before anything is traced: host data against the
-    contract, a GPU tensor's dtype and shape (the prepared op checks the rest)."""
+    contract, a GPU tensor's dtype and shape (the prepared op checks the rest). A GPU tensor's
+    errors read as the prepared op's (Prepared._gpu_arg): attention() and KVCache.attend check
+    here only when they prepare an op, and call an op they prepared before, so the same misuse
+    must give the same message either way."""
     if not isinstance(x, Tensor):
         arr = check_host_option(name, x, dims, total_keys)
         if name in BROADCAST:
             broadcast_shape(name, arr.shape, (dims["B"], dims["Hq"], dims["S"], dims["T"]))
         return x
     want = np.int32 if name == "kv_lens" else np.float32
-    _check(x.dtype == want, lambda: f"{name}: dtype {x.dtype}; the kernel reads {np.dtype(want)}")
+    _check(x.dtype == want, lambda: f"{name}: dtype {x.dtype}; this op takes {np.dtype(want)}")
     full = {"kv_lens": (dims["B"],), "bias": (dims["B"], dims["Hq"], dims["S"], dims["T"])}.get(name, (dims["Hq"],))
     if name in BROADCAST:
         broadcast_shape(name, tuple(x.shape), full)
     else:
-        _check(tuple(x.shape) == full, lambda: f"{name}: expected shape {full}, got {tuple(x.shape)}")
+        _check(tuple(x.shape) == full, lambda: f"{name}: shape {tuple(x.shape)}; this op takes {full}")
     return x
 
 

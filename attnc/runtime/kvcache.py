@@ -508,8 +508,9 @@ class KVCache:
         if shape is None or len(shape) != 4 or shape[0] != self.batch or shape[3] != self.head_dim:
             raise ValueError(f"q: expected shape ({self.batch}, Hq, S, {self.head_dim}), got "
                              f"{shape if shape is not None else type(q).__name__}")
-        if isinstance(q, Tensor) and q.device is not self.device:
-            raise ValueError(f"q: the tensor is on {q.device!r}; the cache is on {self.device!r}")
+        for name, x in (("q", q), *extra.items()):  # (here, not only when an op is prepared: one message)
+            if isinstance(x, Tensor) and x.device is not self.device:
+                raise ValueError(f"{name}: the tensor is on {x.device!r}; the cache is on {self.device!r}")
         scan = mods_scan(score_mod, mask_mod)  # the mods' code and constants, what they capture
         plain = tuple((n, x if isinstance(x, (bool, int, float, str, tuple, type(None))) else id(x))
                       for n, x in sorted(options.items()) if n not in ("score_mod", "mask_mod"))

@@ -286,3 +286,61 @@ def test_float_functions_and_bool_equality():
     flags = np.array([True, False, True])
     eq = _lse_of(lambda s, b, h, i, j: attnc.where(flags[i] == (i > 0), 1.0, 0.0), 3)
     assert eq.tolist() == [0.0, 0.0, 1.0]
+
+
+# ------------------------------------------------------------------ non-finite K/V at masked keys
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize(("case", "bad"), [(c, x) for c in ("kv_lens", "causal", "window", "mask_mod")
+                                           for x in (np.nan, np.inf, -np.inf)] + [("nan_row", np.nan)],
+                         ids=[f"{c}-{x}" for c in ("kv_lens", "causal", "window", "mask_mod")
+                              for x in ("nan", "inf", "-inf")] + ["nan_row"])
+def test_non_finite_k_and_v_at_masked_keys_reach_only_the_rows_that_see_them(case: str, bad: float,
+                                                                             split: bool) -> None:
+    """API.md: a NaN (or inf) in k or v makes NaN only the rows that see its key, not the rows
+    that mask it. Bad values at keys masked by kv_lens, causal, a window or mask_mod (and a whole
+    key row of NaN): every output equals the textbook's, which reads only the keys a row sees,
+    and the rows that mask every bad key are finite."""
+    B, Hq, Hkv, S, T, D, Dv = 2, 2, 2, 4, 8, 4, 3
+    q, k, v = _qkv(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=Dv, seed=5)
+    opts: dict[str, object] = dict(lse=True, split=split)
+    args: dict[str, object] = dict(q=q, k=k, v=v, scale=0.5)
+    ref: dict[str, object] = dict(scale=0.5, return_lse=True)
+    if case in ("kv_lens", "nan_row"):  # keys past kv_lens: masked for every row of that batch row
+        opts["kv_lens"] = True
+        args["kv_lens"] = ref["kv_lens"] = np.array([5, 3])
+        cells = [(0, 0, 6, 1, "k"), (0, 1, 5, 0, "v"), (1, 0, 3, 2, "v"), (1, 1, 7, 3, "k")]
+    elif case == "causal":  # i_abs = i + 4: key 7 only seen by the last row, key 6 by the last two
+        opts["causal"] = ref["causal"] = True
+        cells = [(0, 0, 7, 0, "v"), (0, 1, 6, 2, "k"), (1, 0, 6, 1, "v"), (1, 1, 7, 3, "k")]
+    elif case == "window":  # rows see keys [i_abs - 1, i_abs]: keys 0, 1, 2 nobody, key 5 rows 1 and 2
+        opts["window"] = (0, 0)
+        args["window_left"], args["window_right"] = 1, 0
+        ref["window"] = (1, 0)
+        cells = [(0, 0, 0, 1, "v"), (0, 1, 2, 0, "k"), (1, 0, 5, 2, "v"), (1, 1, 1, 1, "k")]
+    else:  # stripe_mask: heads other than 0 mask keys j % 3 == 1 (kv head h serves query head h)
+        opts["mask_mod"] = stripe_mask_dsl
+        ref["mask_mod"] = stripe_mask_np
+        cells = [(0, 1, 1, 0, "v"), (0, 1, 4, 2, "k"), (1, 1, 7, 1, "v"), (1, 0, 2, 3, "k")]
+    for b, h, j, d, name in cells:
+        arr = k if name == "k" else v
+        if case == "nan_row":
+            k[b, h, j, :] = v[b, h, j, :] = np.nan
+        else:
+            arr[b, h, j, d % arr.shape[-1]] = bad
+    if split:
+        args["NSPLIT"] = 3
+    with np.errstate(invalid="ignore"):  # (inf - inf in the rows that see a +inf score)
+        o, lse = run_interp(opts, dict(BM=2, BN=2), args)
+    o_ref, lse_ref = attention_ref(q, k, v, **ref)
+    assert_close(o, o_ref, TOL, "o")
+    assert_close(lse, lse_ref, TOL, "lse")
+    # the rows that see no bad key: finite, and as with the bad keys' values replaced by zeros
+    clean_k, clean_v = np.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0), np.nan_to_num(v, nan=0.0, posinf=0.0,
+                                                                                        neginf=0.0)
+    o_clean = attention_ref(q, clean_k, clean_v, **{**ref, "return_lse": False})
+    same = np.all(o_ref == o_clean, axis=-1)
+    assert same.sum() >= B * Hq * S // 2, f"too few rows that mask every bad key: {same.sum()}"
+    assert np.all(np.isfinite(o[same])) and np.all(np.isfinite(lse[same]))
+    np.testing.assert_allclose(o[same], o_clean[same], rtol=0, atol=1e-12)
+    if case in ("kv_lens", "nan_row"):  # every bad key is past kv_lens: no row sees one
+        assert np.all(np.isfinite(o)) and np.all(np.isfinite(lse))

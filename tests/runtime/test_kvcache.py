@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
+from attnc import quant
 from attnc.runtime import dispatch as rt
 from tests.textbook import assert_close, attention_ref
 
@@ -270,3 +271,70 @@ def test_append_inside_attend_names_its_misuse(require_adapters) -> None:
         cache.attend(attnc.tensor(q, dev), append=(k, v), encoder=dev.gpu.create_command_encoder())
     np.testing.assert_array_equal(cache.lengths, [0, 0, 0])
     np.testing.assert_array_equal(cache.kv_lens.numpy(), [0, 0, 0])
+
+
+LENGTH_CACHES = [(np.float32, None, None), (np.float16, None, None), (np.float32, "q8_0", "int8")]
+
+
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+@pytest.mark.parametrize(("dtype", "kf", "vf"), LENGTH_CACHES, ids=["f32", "f16", "q8_0-int8"])
+def test_set_lengths_and_reset_move_the_valid_prefixes(spec, dtype, kf, vf, require_adapters) -> None:
+    """set_lengths shrinks (or grows back over rows written before: appends touch nothing else)
+    each row's prefix on the host and the GPU; the next append lands right behind it and attend
+    reads exactly that prefix; reset empties every row. Out-of-range lengths are a ValueError
+    that changes nothing."""
+    (dev,) = require_adapters(spec)
+    D, Dv = (32, 32) if kf else SHAPES[dtype]
+    cache = attnc.KVCache(B, HKV, CAP, D, Dv, dtype=dtype, device=dev, k_format=kf, v_format=vf)
+    rng = np.random.default_rng(7)
+    # what each position holds, as the kernels read it (float64): the rows written there last
+    held_k, held_v = np.zeros((B, HKV, CAP, D)), np.zeros((B, HKV, CAP, Dv))
+
+    def stored(x, fmt):
+        return quant.dequantize(quant.quantize(x, fmt)) if fmt else x.astype(np.float64)
+
+    def append(n: int, counts: list[int]) -> None:
+        k_new = rng.standard_normal((B, HKV, n, D)).astype(dtype)
+        v_new = rng.standard_normal((B, HKV, n, Dv)).astype(dtype)
+        at = cache.lengths
+        cache.append(k_new, v_new, counts)
+        for b, c in enumerate(counts):
+            held_k[b, :, at[b]:at[b] + c] = stored(k_new[b, :, :c], kf)
+            held_v[b, :, at[b]:at[b] + c] = stored(v_new[b, :, :c], vf)
+        np.testing.assert_array_equal(cache.lengths, at + counts)
+
+    def check(lens: list[int]) -> None:
+        np.testing.assert_array_equal(cache.lengths, lens)
+        np.testing.assert_array_equal(cache.kv_lens.numpy(), lens)
+        # the reference sees only the live rows: the rest are NaN (a row reading one is NaN)
+        live = np.arange(CAP)[None, None, :, None] < np.asarray(lens)[:, None, None, None]
+        k, v = np.where(live, held_k, np.nan), np.where(live, held_v, np.nan)
+        q = rng.standard_normal((B, HQ, 2, D)).astype(dtype)
+        assert_close(cache.attend(q, causal=True), attention_ref(q, k, v, kv_lens=lens, causal=True),
+                     TOL[dtype])
+
+    append(10, [10, 7, 9])
+    check([10, 7, 9])
+    cache.set_lengths([4, 7, 0])  # shrink, keep, empty
+    check([4, 7, 0])
+    append(3, [2, 3, 1])  # lands at 4, 7 and 0, over rows written before
+    check([6, 10, 1])
+    cache.set_lengths(np.array([9, 5, 1]))  # row 0 grows back over rows 6..8 of the first append
+    check([9, 5, 1])
+    for bad, match in (([9, 5, CAP + 1], rf"^lengths: values must be in \[0, capacity={CAP}\]"),
+                       ([-1, 0, 0], r"^lengths: values must be in \[0, capacity="),
+                       ([1, 2], "^lengths: expected 3 ints"),
+                       ([1.0, 2.0, 3.0], "^lengths: expected 3 ints")):
+        with pytest.raises(ValueError, match=match):
+            cache.set_lengths(bad)
+        np.testing.assert_array_equal(cache.lengths, [9, 5, 1])
+        np.testing.assert_array_equal(cache.kv_lens.numpy(), [9, 5, 1])
+    cache.reset()
+    check([0, 0, 0])
+    append(4, [4, 1, 3])
+    check([4, 1, 3])
+    cache.set_lengths([CAP, CAP - 1, 0])  # the whole capacity is a valid length
+    np.testing.assert_array_equal(cache.kv_lens.numpy(), [CAP, CAP - 1, 0])
+    append(1, [0, 1, 1])
+    with pytest.raises(ValueError, match="capacity"):
+        append(1, [1, 0, 0])

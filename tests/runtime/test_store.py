@@ -124,6 +124,72 @@ def test_pair_store_matches_interpreter(k_fmt, v_fmt, k16, v16, B, H, N, D, Dv, 
     _same(got[1], ref["v_cache"])
 
 
+def _paged_by_hand(pool, x: np.ndarray, pos: np.ndarray, counts: np.ndarray | None, table: np.ndarray):
+    """The page pool after a paged store, written from the docs, not from the DSL kernel: row
+    t = pos[b] + n (n < counts[b]) of entry b goes to slot t % P of page table[b, t // P], as
+    attnc.quant quantizes that one (token, head) row (f32 / f16: as cast); the rest untouched."""
+    P = pool.shape[2]
+    quantized = isinstance(pool, quant.QuantTensor)
+    out = pool.words.reshape(*pool.shape[:3], -1).copy() if quantized else pool.copy()
+    for b in range(x.shape[0]):
+        for n in range(x.shape[2] if counts is None else int(counts[b])):
+            t = int(pos[b]) + n
+            row = x[b, :, n].astype(np.float32)
+            out[table[b, t // P], :, t % P] = (quant.quantize(row, pool.fmt).words.reshape(row.shape[0], -1)
+                                               if quantized else row.astype(pool.dtype))
+    return quant.QuantTensor(pool.fmt, pool.shape, out.reshape(-1)) if quantized else out
+
+
+def _crossing_pages(rng, B: int = 3, H: int = 2, P: int = 4, pages: int = 4):
+    """A permuted block table (two pool pages left unmapped) and two appends, of entries at
+    different positions crossing one or two page boundaries, the second ragged:
+    (table, [(pos, counts, N), ...])."""
+    table = rng.permutation(B * pages + 2)[:B * pages].reshape(B, pages).astype(np.int32)
+    first = (np.array([2, 5, 7], np.int32), None, 6)  # t 2..7, 5..10, 7..12: pages 0-1, 1-2, 1-2-3
+    second = (np.array([8, 11, 13], np.int32), np.array([4, 3, 3], np.int32), 4)  # t 8..11, 11..13, 13..15
+    return table, [first, second]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("f16_rows", [False, True], ids=["f32-rows", "f16-rows"])
+@pytest.mark.parametrize("fmt", CACHE_FORMATS)
+def test_paged_store_across_pages_matches_a_hand_written_reference(fmt, f16_rows, require_adapters) -> None:
+    """store_rows through a block table: appends of several entries at different positions that
+    cross page boundaries land in the page each position's own t // P names (pages of 4 keys,
+    a permuted table), every word as the hand-written reference has it."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    rng = np.random.default_rng(11)
+    B, H, P, D = 3, 2, 4, 32
+    table, appends = _crossing_pages(rng, B, H, P)
+    pool = _cache(fmt, rng.standard_normal((table.size + 2, H, P, D)).astype(np.float32))
+    for pos, counts, N in appends:
+        x = rng.standard_normal((B, H, N, D)).astype(np.float16 if f16_rows else np.float32)
+        want = _paged_by_hand(pool, x, pos, counts, table)
+        pool = store_rows(pool, x, pos, table=table, counts=counts, device=dev)
+        _same(pool, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("k_fmt", "v_fmt"), [("f32", "q8_0"), ("q4_0", "f16"), ("int8", "f32"), ("f16", "int8"),
+                                              ("q8_0", "q4_0")])
+def test_paged_pair_store_across_pages_matches_a_hand_written_reference(k_fmt, v_fmt, require_adapters) -> None:
+    """store_pair_rows (kv_store_pair_paged) through one block table, K and V of other head dims
+    and formats: both pools as the hand-written reference has them, appends crossing pages."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    rng = np.random.default_rng(12)
+    B, H, P, D, Dv = 3, 2, 4, 32, 64
+    table, appends = _crossing_pages(rng, B, H, P)
+    k_pool = _cache(k_fmt, rng.standard_normal((table.size + 2, H, P, D)).astype(np.float32))
+    v_pool = _cache(v_fmt, rng.standard_normal((table.size + 2, H, P, Dv)).astype(np.float32))
+    for i, (pos, counts, N) in enumerate(appends):
+        k = rng.standard_normal((B, H, N, D)).astype(np.float32)
+        v = rng.standard_normal((B, H, N, Dv)).astype(np.float16 if i else np.float32)
+        want_k, want_v = _paged_by_hand(k_pool, k, pos, counts, table), _paged_by_hand(v_pool, v, pos, counts, table)
+        k_pool, v_pool = store_pair_rows(k_pool, v_pool, k, v, pos, table=table, counts=counts, device=dev)
+        _same(k_pool, want_k)
+        _same(v_pool, want_v)
+
+
 def test_pair_store_errors() -> None:
     """The pair store names which cache or rows is wrong."""
     k = quant.quantize(np.zeros((1, 2, 4, 64), np.float32), "q8_0")
