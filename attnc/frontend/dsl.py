@@ -541,7 +541,26 @@ def _check_mod_arity(fn: Any, n: int, kind: str) -> None:
 # ----------------------------------------------------------------------------- tensors
 
 
-class TensorInput:
+class _NotAValue:
+    """Arithmetic or a comparison on a whole tensor or a partly indexed one (`table * 2`):
+    Python's TypeError named attnc's classes and no line (and `table == 2` was a constant
+    False); a TraceError at the user's line, saying to index it down to one element."""
+
+    def _whole(self) -> TraceError:
+        raise NotImplementedError
+
+    def _not_a_value(self, *_: Any) -> Any:
+        raise self._whole()
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _not_a_value
+    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __pow__ = __rpow__ = __divmod__ = _not_a_value
+    __rdivmod__ = __lt__ = __le__ = __gt__ = __ge__ = __neg__ = __pos__ = __abs__ = __invert__ = _not_a_value
+    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = __matmul__ = __rmatmul__ = _not_a_value
+    __eq__ = __ne__ = _not_a_value  # type: ignore[assignment] (Python's identity test: a constant False)
+    __hash__ = object.__hash__
+
+
+class TensorInput(_NotAValue):
     """A tensor (or, with no dims, a runtime scalar) input of a kernel.
 
     Kernel parameters are made from the function's annotations; `input(name, type)`
@@ -593,17 +612,9 @@ class TensorInput:
             raise fail(f"{self.name} is {self.type.dtype.value}; slices read float tensors")
         return Slice(ir.Slice(self.name, exprs, sem.user_span()), self.type.dims[colons[0]])
 
-    def _not_a_value(self, *_: Any) -> Any:
-        """Arithmetic or a comparison on a whole tensor (`table * 2`): Python's TypeError named
-        attnc's classes and no line; a TraceError at the user's line."""
-        raise _whole_tensor(self, 0)
+    def _whole(self) -> TraceError:
+        return _whole_tensor(self, 0)
 
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _not_a_value
-    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __pow__ = __rpow__ = __divmod__ = _not_a_value
-    __rdivmod__ = __lt__ = __le__ = __gt__ = __ge__ = __neg__ = __pos__ = __abs__ = __invert__ = _not_a_value
-    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = __matmul__ = __rmatmul__ = _not_a_value
-    __eq__ = __ne__ = _not_a_value  # type: ignore[assignment] (Python's identity test: a constant False)
-    __hash__ = object.__hash__
 
     @staticmethod
     def _one(x: Any, dim_name: str) -> ir.Expr:
@@ -655,21 +666,15 @@ def _whole_tensor(t: TensorInput, indexed: int) -> TraceError:
                  "a computation over the whole array is done outside the function, and its result captured"))
 
 
-class _SubTensor:
+class _SubTensor(_NotAValue):
     """`t[i]` of a tensor with more dims: the leading indices, waiting for the rest."""
 
     def __init__(self, tensor: TensorInput, prefix: tuple[Any, ...]):
         self.tensor, self.prefix = tensor, prefix
 
-    def _not_a_value(self, *_: Any) -> Any:
-        raise _whole_tensor(self.tensor, len(self.prefix))
+    def _whole(self) -> TraceError:
+        return _whole_tensor(self.tensor, len(self.prefix))
 
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _not_a_value
-    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __pow__ = __rpow__ = __divmod__ = _not_a_value
-    __rdivmod__ = __lt__ = __le__ = __gt__ = __ge__ = __neg__ = __pos__ = __abs__ = __invert__ = _not_a_value
-    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = __matmul__ = __rmatmul__ = _not_a_value
-    __eq__ = __ne__ = _not_a_value  # type: ignore[assignment] (Python's identity test: a constant False)
-    __hash__ = object.__hash__
 
     def __getitem__(self, idx: Any) -> Value | Slice | _SubTensor:
         return self.tensor._index(self.prefix + (idx if isinstance(idx, tuple) else (idx,)))
