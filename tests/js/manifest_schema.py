@@ -485,7 +485,7 @@ def _variant(out: list[str], where: str, v: dict, dims: set[str], root: Path | N
         if "default" in p:  # no default: the caller must pass the param
             _formula(out, f"{pw}.default", p.get("default"), known)
             literal = p.get("default")
-            if isinstance(literal, str) and re.fullmatch(r"\s*-?\d+\s*", literal) and p.get("type") in INT_RANGES:
+            if isinstance(literal, str) and re.fullmatch(r"\s*-?\d+\s*", literal) and _in(p.get("type"), INT_RANGES):
                 lo, hi = INT_RANGES[p["type"]]
                 if not lo <= int(literal) <= hi:
                     out.append(f"{pw}.default: {literal} is outside {p['type']}'s range [{lo}, {hi}]")

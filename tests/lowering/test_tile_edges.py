@@ -35,9 +35,9 @@ def plans(dev) -> dict[str, tuple[Plan, dict[str, int]]]:
     return out
 
 
-# rows: one, around one and two query tiles; keys beyond the rows: around one and two key tiles
-ROWS = (1, BM - 1, BM, BM + 1, 2 * BM + 3)
-KEYS_PAST_ROWS = (-BN + 1, -1, 0, 1, 2, BN - 1, BN, BN + 1, 2 * BN - 1)
+# rows: one, around a query tile's end; keys beyond the rows: around a key tile's end
+ROWS = (1, BM - 1, BM + 1)
+KEYS_PAST_ROWS = (-1, 0, 1, BN - 1, BN, BN + 1)
 MASKS = {
     "causal": dict(causal=True),
     "window-left": dict(window=(3, 0)),
@@ -46,7 +46,7 @@ MASKS = {
 }
 
 
-@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan", "wgpu:opengl"])
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
 @pytest.mark.parametrize("mask", sorted(MASKS))
 def test_masks_at_every_tile_boundary(require_adapters, spec, mask) -> None:
     dev = require_adapters(spec)[0]
