@@ -11,18 +11,10 @@ import pytest
 import attnc
 from attnc.kernels.flash import flash_attention
 from attnc.runtime import api
+from tests.runtime.test_repeated_calls import DIMS, qkv
 from tests.textbook import assert_close, attention_ref
 
 pytestmark = pytest.mark.gpu
-
-DIMS = dict(B=2, Hq=4, Hkv=2, S=3, T=40, D=16, Dv=8)
-
-
-def qkv(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    B, Hq, Hkv, S, T, D, Dv = (DIMS[k] for k in ("B", "Hq", "Hkv", "S", "T", "D", "Dv"))
-    return (rng.standard_normal((B, Hq, S, D)).astype(np.float32),
-            rng.standard_normal((B, Hkv, T, D)).astype(np.float32),
-            rng.standard_normal((B, Hkv, T, Dv)).astype(np.float32))
 
 
 # one argument at a time, two values besides its default: calls alike in everything else
