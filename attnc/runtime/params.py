@@ -23,7 +23,7 @@ import numpy as np
 from attnc.frontend import capture
 from attnc.ir import nodes as ir
 from attnc.ir.verify import F32_MAX, F32_MAX_ROUNDING
-from attnc.runtime.tensor import Tensor, host_array
+from attnc.runtime.tensor import Tensor, first_new_infinity, host_array
 
 _I32_MAX = 2**31 - 1
 
@@ -109,12 +109,9 @@ def _check_range(arr: np.ndarray, out: np.ndarray, what: str) -> None:
     """A ValueError naming `what`, the first value and its index where a finite element of `arr`
     became an infinity in `out` (float64 past float32's range, anything past float16's): the
     same refusal as a captured number of 1e39 gets; inf and NaN elements stay as they are."""
-    if out.size == 0 or np.isfinite(out).all():
+    at = first_new_infinity(arr, out)
+    if at is None:
         return
-    bad = np.isinf(out) & np.isfinite(arr)
-    if not bad.any():
-        return
-    at = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape))
     name = out.dtype.name
     raise ValueError(f"{what}: {arr[at].item()!r} at index {list(at)} is outside {name}'s range (largest "
                      f"{float(np.finfo(out.dtype).max):.7g}), which the kernel reads it as; pass inf for an infinity")

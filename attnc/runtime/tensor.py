@@ -386,7 +386,15 @@ def on_gpu(x: Any) -> bool:
 _PADDED: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
-@serialized
+def first_new_infinity(src: np.ndarray, out: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first finite element of `src` that is an infinity in `out` (its
+    conversion to a narrower float), or None."""
+    if out.size == 0 or np.isfinite(out).all():
+        return None
+    grew = np.isinf(out) & np.isfinite(src)
+    return tuple(int(i) for i in np.argwhere(grew)[0]) if grew.any() else None
+
+
 def converted(name: str, arr: np.ndarray, dtype: np.dtype, target: str) -> np.ndarray:
     """`arr` as a contiguous array of `dtype`, or a ValueError where the conversion would change
     a value's kind (floats truncated to ints, complex parts dropped), wrap an integer past the
@@ -402,15 +410,14 @@ def converted(name: str, arr: np.ndarray, dtype: np.dtype, target: str) -> np.nd
                              f"{dtype}'s range [{info.min}, {info.max}]")
     with np.errstate(over="ignore"):
         host = np.ascontiguousarray(arr, dtype)
-    if dtype.kind == "f" and arr.dtype.kind == "f" and arr.dtype.itemsize > dtype.itemsize:
-        grew = np.isinf(host) & np.isfinite(arr)
-        if grew.any():
-            at = np.argwhere(grew)[0]
-            raise ValueError(f"{name}: {arr[tuple(at)].item()!r} at index {at.tolist()} is outside {target} "
-                             f"{dtype}'s range (largest {np.finfo(dtype).max}): it would become an infinity")
+    at = first_new_infinity(arr, host) if dtype.kind == "f" and arr.dtype.kind == "f" else None
+    if at is not None:
+        raise ValueError(f"{name}: {arr[at].item()!r} at index {list(at)} is outside {target} "
+                         f"{dtype}'s range (largest {np.finfo(dtype).max}): it would become an infinity")
     return host
 
 
+@serialized
 def tensor(data: Any, device: Any = None, dtype: Any = None) -> Any:
     """Upload host data (numpy, `__array__` or DLPack) into a new GPU tensor on `device`
     (a Device, a GPUDevice, a spec string, or None for the default). `dtype` converts; without
