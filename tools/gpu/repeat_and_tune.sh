@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine: the seeds suite in separate processes per (backend, dtype) with the
 # busy-GPU timing (attnc bench --repeat-processes), then `attnc tune` on f16 for the cases named
-# in TUNE_CASES (on each of TUNE_DEVICES, TUNE_REPEATS times). A REPEAT_CONFIGS entry is
+# in TUNE_CASES (on each of TUNE_DEVICES, TUNE_REPEATS times, for each dtype of TUNE_DTYPES,
+# default f16). With TUNED_ROUNDS=N the tuned cases are then benchmarked with the tuning cache
+# (each dtype of TUNE_DTYPES, --rounds N, TUNED_PROCESSES processes, default 2), so that tuned
+# f16 and tuned f32 compare on the same footing. A REPEAT_CONFIGS entry is
 # DEVICE/DTYPE[/PROCESSES[/BASELINES]]: the process count (default $PROCESSES, else 3) and
 # baselines timed in the same processes (e.g. ort).
 # Usage (repo root): bash tools/gpu/repeat_and_tune.sh OUTDIR
@@ -28,9 +31,19 @@ if [ ${#cases[@]} -gt 0 ]; then
   for tdev in ${TUNE_DEVICES:-wgpu:vulkan}; do
     for rep in $(seq 1 "${TUNE_REPEATS:-1}"); do
       suffix=${tdev%%:*}; [ "${TUNE_REPEATS:-1}" -gt 1 ] && suffix="${suffix}_$rep"
-      ATTNC_CACHE_DIR="$out/cache_tune_$suffix" timeout "${TUNE_TIMEOUT:-200}" python3 -m attnc tune --suite seeds \
-        "${cases[@]}" --device "$tdev" --dtype f16 --max "${TUNE_MAX:-16}" --runs 5 --json "$out/tune_f16_$suffix.jsonl" \
-        2>&1 | grep -v '^\s*\[' | grep -v '^Warning' | tail -20
+      for tdt in ${TUNE_DTYPES:-f16}; do
+        ATTNC_CACHE_DIR="$out/cache_tune_$suffix" timeout "${TUNE_TIMEOUT:-200}" python3 -m attnc tune --suite seeds \
+          "${cases[@]}" --device "$tdev" --dtype "$tdt" --max "${TUNE_MAX:-16}" --runs 5 \
+          --json "$out/tune_${tdt}_$suffix.jsonl" 2>&1 | grep -v '^\s*\[' | grep -v '^Warning' | tail -20
+      done
+      if [ -n "${TUNED_ROUNDS:-}" ]; then
+        for tdt in ${TUNE_DTYPES:-f16}; do
+          ATTNC_CACHE_DIR="$out/cache_tune_$suffix" timeout "${TUNED_TIMEOUT:-150}" python3 -m attnc.bench --suite seeds \
+            "${cases[@]}" --device "$tdev" --dtype "$tdt" --runs 10 --ceilings off --rounds "$TUNED_ROUNDS" \
+            --repeat-processes "${TUNED_PROCESSES:-2}" --json "$out/tuned_${tdt}_$suffix.json" 2>&1 \
+            | grep -v '^Warning' | sed -n '/^medians of/,$p'
+        done
+      fi
     done
   done
 fi
