@@ -442,16 +442,20 @@ def _window_defaults(kernel: Any, options: dict[str, Any]) -> dict[str, str]:
 def _quant_stores(kernel: Any) -> tuple[Any, ...]:
     """The DSL store kernels (attnc/kernels/store.py) that append float32 rows to a cache in
     each quantized format the kernel's inputs are stored in, and where k and v are both
-    quantized the pair kernel appending both in one dispatch (a manifest's "stores")."""
+    quantized the pair kernel appending both in one dispatch (a manifest's "stores"); for a
+    kernel reading its K/V through a `block_table` (the paged kernel) the paged stores, which
+    write through the same table into the page pools."""
     fmts = sorted({p.type.dtype.value for p in kernel.params if p.type.dims and p.type.dtype.is_quant})
     if not fmts:
         return ()
-    from attnc.kernels.store import kv_store, kv_store_pair
+    from attnc.kernels.store import kv_store, kv_store_paged, kv_store_pair, kv_store_pair_paged
 
-    stores = [kv_store.trace(cache_dtype=f, x_dtype="f32") for f in fmts]
+    paged = any(p.name == "block_table" for p in kernel.params)
+    single, pair = (kv_store_paged, kv_store_pair_paged) if paged else (kv_store, kv_store_pair)
+    stores = [single.trace(cache_dtype=f, x_dtype="f32") for f in fmts]
     kv = {p.name: p.type.dtype for p in kernel.params if p.name in ("k", "v")}
     if len(kv) == 2 and all(d.is_quant for d in kv.values()):
-        stores.append(kv_store_pair.trace(k_cache_dtype=kv["k"].value, v_cache_dtype=kv["v"].value))
+        stores.append(pair.trace(k_cache_dtype=kv["k"].value, v_cache_dtype=kv["v"].value))
     return tuple(stores)
 
 
@@ -685,7 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="option or tunable of a DSL kernel, typed as the kernel declares it, e.g. "
                         "--set causal=true --set BN=64 --set window=[4,null]; a function option takes "
-                        "module:name, e.g. --set mask_mod=examples.flex.alibi:causal")
+                        "module:name, e.g. --set mask_mod=examples.flex.alibi:causal; an unknown KEY is "
+                        "refused with the kernel's options listed")
     c.add_argument("--wg", type=int, default=None,
                    help="invocations per workgroup (default 128, or the tile's rows x keys where fewer: "
                         "BM=1 with BN=32 takes 32)")

@@ -1320,7 +1320,8 @@ export async function createKVCache(device, opts) {
     if (quantStores[fmt]) continue;
     const manifest = opts.manifest;
     if (!manifest || !manifest[SOURCES]) throw new AttncError(`${name}Format: a ${fmt} cache appends with the store kernel of a manifest compiled with ${name}_dtype=${fmt}: pass manifest (from loadManifest)`);
-    const entry = (manifest.stores || []).find((/** @type {any} */ e) => e.format === fmt && e.rows === 'f32');
+    const entry = (manifest.stores || []).find((/** @type {any} */ e) => e.format === fmt && e.rows === 'f32'
+      && !e.tensors.some((/** @type {any} */ t) => t.name === 'table'));  // a contiguous cache: not the paged store
     if (!entry) throw new AttncError(`${name}Format: the manifest has no store kernel for ${fmt} (compile with --set ${name}_dtype=${fmt})`);
     if (!entry.tensors.some((/** @type {any} */ t) => t.name === 'counts')) throw new AttncError(`${name}Format: the manifest's ${fmt} store kernel has no counts binding (an attnc older than ragged quantized appends compiled it): compile it again`);
     quantStores[fmt] = {entry, pipeline: await kvPipeline(device, await manifest[SOURCES](entry.file), `${label}.store.${fmt}`)};

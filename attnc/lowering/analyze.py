@@ -81,6 +81,32 @@ class FlashSpec:
     def tensors(self) -> tuple[ir.Param, ...]:
         return tuple(p for p in self.kernel.params if p.type.dims)
 
+    def reads(self, exprs: list[ir.Expr]) -> set[str]:
+        """The tensors that any of `exprs` (lets followed, each once) loads or slices."""
+        found: set[str] = set()
+
+        def note(x: ir.Expr) -> bool:
+            if isinstance(x, ir.Dot):
+                found.update((x.a.tensor, x.b.tensor))
+            elif isinstance(x, (ir.Load, ir.Slice)):
+                found.add(x.tensor)
+            return False  # walk every sub-expression
+
+        self.reaches(exprs, note)
+        return found
+
+    @property
+    def main_tensors(self) -> tuple[ir.Param, ...]:
+        """The tensors a main pass binds: all of them, less those only the sink reads when the
+        KV axis is split (the combine pass applies the sink). A binding its shader never reads
+        would be missing from a pipeline's automatic layout, which other runtimes build."""
+        if self.sink is None or not self.split_var:
+            return self.tensors
+        value_index = [i for i in self.value.index if i is not None]  # walk_expr stops at a slice
+        rest = [self.score, self.dot, self.value, *value_index, *self.lets.values()]
+        sink_only = self.reads([self.sink]) - self.reads(rest)
+        return tuple(p for p in self.tensors if p.name not in sink_only)
+
     @property
     def scalars(self) -> tuple[ir.Param, ...]:
         return tuple(p for p in self.kernel.params if not p.type.dims)

@@ -247,7 +247,7 @@ class Shader:
         split partial states."""
         s = self.spec
         outputs = ["part"] if s.split_var else (["o", "lse"] if s.lse else ["o"])
-        return self.bindings(w, outputs, [p.name for p in s.tensors] + (["blocks"] if self.block_mask else []))
+        return self.bindings(w, outputs, [p.name for p in s.main_tensors] + (["blocks"] if self.block_mask else []))
 
     def _loaders(self, w: Writer, name: str) -> None:
         """ld_/ld4_ functions for packed f16 (two per u32, no shader-f16 needed), quantized and
@@ -412,7 +412,7 @@ class Shader:
         env = self.env("qi", "kj", "dotv")
         if main:
             self.main_functions(w, env)
-        if s.sink is not None:
+        if s.sink is not None and not (main and s.split_var):  # a split KV's sink: the combine's
             with w.block("fn sink_fn(qi: i32) -> f32"):
                 w.line(f"return {self.env('qi', None).hoist(w, s.sink).render(s.sink)};")
         self.out_functions(w)

@@ -74,7 +74,7 @@ def store_rows(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, 
     """A copy of `cache` with rows x[b, h, n] written at position pos[b] + n of batch entry b, in
     the cache's format, by the DSL store kernel on the device.
 
-    cache: [B, H, C, D] (contiguous), or with `table` [B, NP] a page pool [NB, H, P, D] in
+    cache: [B, H, C, D] (contiguous), or with `table` [B, NB] a page pool [NP, H, P, D] in
     which position t of entry b is slot t % P of page table[b, t // P]. `counts` (B ints in
     [0, N]) writes only the first counts[b] rows of entry b; None writes all N."""
     counts = _counts(x, counts)
@@ -99,7 +99,7 @@ def store_pair_rows(k_cache: QuantTensor | np.ndarray, v_cache: QuantTensor | np
         raise ValueError(f"v_rows: shape {v_rows.shape}; k_rows has {k_rows.shape}: the same [B, H, N] expected")
     if k_cache.shape[:3] != v_cache.shape[:3]:
         raise ValueError(f"v_cache: shape {tuple(v_cache.shape)}; k_cache has {tuple(k_cache.shape)}: the same "
-                         "[B, H, C] (pages: [NB, H, P]) expected")
+                         "[B, H, C] (pages: [NP, H, P]) expected")
     dev = get_device(device)
     k_buf, v_buf = _upload(dev, k_cache), _upload(dev, v_cache)
     rt.run(dev, [pair_store_dispatch(dev, (k_fmt, k_buf, tuple(k_cache.shape)), (v_fmt, v_buf, tuple(v_cache.shape)),
@@ -134,7 +134,7 @@ def _check(cache: QuantTensor | np.ndarray, x: np.ndarray, pos: np.ndarray, tabl
     shape = tuple(cache.shape)
     paged = table is not None
     if len(shape) != 4:
-        raise ValueError(f"{cache_name}: expected 4 dims [B, H, C, D] (pages: [NB, H, P, D]), got shape {shape}")
+        raise ValueError(f"{cache_name}: expected 4 dims [B, H, C, D] (pages: [NP, H, P, D]), got shape {shape}")
     check_rows(x, shape, paged, f"{prefix}rows")
     if fmt not in ("f32", "f16"):
         check_head_dim(fmt, cache_name, shape[3])

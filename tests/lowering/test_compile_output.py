@@ -40,6 +40,9 @@ DSL_SETS = [
     ["alibi=true", "bias=true", "BM=16", "BN=64"],
     ["pack_gqa=true", "causal=true", "window=[null, 0]"],
     ["offsets=true", "split=true", "lse=true", "kv_lens=true"],
+    # quantized caches (their store kernels too), split with a sink the combine applies
+    ["k_dtype=q8_0", "v_dtype=q4_0", "split=true", "sinks=true", "pack_gqa=true"],
+    ["k_dtype=int8", "v_dtype=f16", "causal=true", "kv_lens=true"],
 ]
 DIALECT_SPECS = {"tint": "dawn:vulkan", "naga": "wgpu:vulkan"}  # a device whose compiler is each dialect's
 
@@ -57,7 +60,9 @@ def _program(entry: dict, outdir: Path, file: str) -> Program:
 def check_dialect_files(manifest: dict, outdir: Path, devices: dict) -> int:
     """Create every file of every program as a compute pipeline on the device of the dialect
     its `dialect_files` entry names (`devices`: dialect -> Device); a rejected file raises
-    LoweringError (dispatch.compile_program). Returns the number of pipelines created."""
+    LoweringError (dispatch.compile_program). Each is created a second time as a runtime
+    without attnc may: with `layout: "auto"`, every binding the entry lists bound in a bind
+    group of that layout. Returns the number of pipelines created with attnc's layouts."""
     from attnc.runtime.dispatch import compile_program
 
     n = 0
@@ -65,8 +70,39 @@ def check_dialect_files(manifest: dict, outdir: Path, devices: dict) -> int:
         for entry in v["programs"]:
             for dialect, file in entry["dialect_files"].items():
                 compile_program(devices[dialect], _program(entry, outdir, file))
+                check_auto_layout(devices[dialect], entry, (outdir / file).read_text())
                 n += 1
+    for entry in manifest.get("stores", []):  # one file for both compilers
+        for device in devices.values():
+            check_auto_layout(device, entry, (outdir / entry["file"]).read_text())
     return n
+
+
+def _auto_pipeline(device, entry: dict, wgsl: str):
+    """The entry's compute pipeline with an automatic layout (what the shader uses)."""
+    module = device.gpu.create_shader_module(code=wgsl)
+    return device.gpu.create_compute_pipeline(layout="auto",
+                                              compute={"module": module, "entry_point": entry["entry_point"]})
+
+
+def check_auto_layout(device, entry: dict, wgsl: str) -> None:
+    """The program's pipeline created with an automatic layout takes a bind group of exactly
+    the bindings its manifest entry lists: an automatic layout holds only the bindings the
+    entry point uses, so a listed binding the shader never reads fails here (as it does in a
+    runtime that builds its layouts from the shader)."""
+    gpu, usage = device.gpu, device.wgpu.BufferUsage
+    pipeline = _auto_pipeline(device, entry, wgsl)
+    uniform_size = entry["uniforms"]["size"]
+    entries = []
+    for b in entry["bindings"]:
+        size = max(256, uniform_size) if b["kind"] == "uniform" else 256
+        buf = gpu.create_buffer(size=size, usage=usage.UNIFORM if b["kind"] == "uniform" else usage.STORAGE)
+        entries.append({"binding": b["binding"], "resource": {"buffer": buf, "offset": 0, "size": size}})
+    try:
+        gpu.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+    except device.wgpu.GPUError as exc:
+        raise AssertionError(f"{entry['name']}: the bindings listed {[b['name'] for b in entry['bindings']]} "
+                             f"do not match the shader's automatic layout: {exc}") from None
 
 
 def _compile(outdir: Path, kernel: str, *args: str) -> dict:
@@ -83,6 +119,9 @@ def _compiled(tmp_path_factory) -> list[tuple[str, Path, dict]]:
         d = tmp_path_factory.mktemp(f"dsl{i}")
         args = [a for s in sets for a in ("--set", s)]
         out.append((" ".join(sets) or "flash_attention", d, _compile(d, "attnc.kernels.flash:flash_attention", *args)))
+    d = tmp_path_factory.mktemp("paged")  # the shipped paged kernel over quantized pages, split, a sink
+    out.append(("paged", d, _compile(d, "attnc.kernels.flash:paged_flash_attention", "--set", "k_dtype=q4_0",
+                                     "--set", "split=true", "--set", "sinks=true", "--set", "kv_lens=true")))
     d = tmp_path_factory.mktemp("unrolled")  # the GPU loop shapes (lavapipe compiles UN=4 quickly enough)
     out.append(("unrolled, prefetched", d, _compile(d, "attnc.kernels.flash:flash_attention", "--set", "causal=true",
                                                    "--unroll", "4", "--prefetch")))
@@ -107,6 +146,10 @@ def check_files(m: dict, d: Path) -> None:
     assert manifest_schema.validate(m, d) == []
     assert m["format"] == "attnc.manifest" and m["version"] == 1
     files = {f for v in m["variants"] for p in v["programs"] for f in (p["file"], *p["dialect_files"].values())}
+    files |= {s["file"] for s in m.get("stores", [])}
+    for store in m.get("stores", []):  # no `requires`: a store fits WebGPU's default limits
+        assert sum(b["kind"] == "storage" for b in store["bindings"]) <= 8, store["name"]
+        assert store["workgroup_size"][0] <= 256, store["name"]
     assert files == {f.name for f in d.glob("*.wgsl")}
     for v in m["variants"]:
         for p in v["programs"]:
@@ -141,7 +184,7 @@ def test_every_file_is_accepted_by_the_compiler_its_entry_names(compiled, dialec
     n = sum(check_dialect_files(m, d, dialect_devices) for _name, d, m in compiled)
     # every example/option set: 4 variants of at least one program, the portable ones' shared
     # file created on both compilers, the subgroups ones' two files each on its own
-    assert n >= 8 * (len(EXAMPLES) + len(DSL_SETS) + 1)
+    assert n >= 8 * (len(EXAMPLES) + len(DSL_SETS) + 2)
 
 
 @pytest.mark.gpu
@@ -187,3 +230,82 @@ def test_compiled_options_are_accepted_by_the_compilers_their_entries_name(args,
     m = _compile(d, "attnc.kernels.flash:flash_attention", *args)
     check_files(m, d)
     assert check_dialect_files(m, d, dialect_devices) >= 8
+
+
+def run_store_entry(device, entry: dict, wgsl: str, arrays: dict, dims: dict) -> dict:
+    """Run a manifest's store entry as a runtime without attnc does: one buffer per binding
+    (the arrays' bytes, by name), the uniform fields from their formulas, `layout: "auto"`,
+    workgroups from the formula (one dispatch row: the test's sizes stay under the limit);
+    returns the read_write tensors' bytes."""
+    import struct
+
+    import numpy as np
+
+    gpu, usage = device.gpu, device.wgpu.BufferUsage
+    groups = int(manifest_schema.evaluate(entry["workgroups"], dims))
+    env = {**dims, "grid_total": groups, "grid_stride_x": groups}
+    block = bytearray(entry["uniforms"]["size"])
+    for f in entry["uniforms"]["fields"]:
+        value = manifest_schema.evaluate(f["value"], env)
+        struct.pack_into({"u32": "<I", "i32": "<i", "f32": "<f"}[f["type"]], block, f["offset"],
+                         int(value) if f["type"] != "f32" else value)
+    pipeline = _auto_pipeline(device, entry, wgsl)
+    bufs, entries = {}, []
+    for b in entry["bindings"]:
+        data = bytes(block) if b["kind"] == "uniform" else np.ascontiguousarray(arrays[b["name"]]).tobytes()
+        flags = usage.UNIFORM if b["kind"] == "uniform" else usage.STORAGE | usage.COPY_SRC
+        bufs[b["name"]] = gpu.create_buffer_with_data(data=data, usage=flags)
+        entries.append({"binding": b["binding"], "resource": {"buffer": bufs[b["name"]]}})
+    group = gpu.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+    enc = gpu.create_command_encoder()
+    cpass = enc.begin_compute_pass()
+    cpass.set_pipeline(pipeline)
+    cpass.set_bind_group(0, group)
+    cpass.dispatch_workgroups(groups, 1, 1)
+    cpass.end()
+    gpu.queue.submit([enc.finish()])
+    return {b["name"]: bytes(gpu.queue.read_buffer(bufs[b["name"]])) for b in entry["bindings"]
+            if b.get("access") == "read_write"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])
+def test_the_paged_kernels_manifest_stores_write_its_pools(spec, tmp_path, require_adapters):
+    """`attnc compile` of the paged kernel over quantized pools lists the paged store kernels
+    (single and pair), and a runtime that knows only the manifest appends rows through the block
+    table with them: every word of the pools as attnc.quant quantizes each row, positions the
+    table row does not hold left alone."""
+    import numpy as np
+
+    from attnc import quant
+    from tests.runtime.test_store import _paged_by_hand
+
+    (dev,) = require_adapters(spec)
+    m = _compile(tmp_path, "attnc.kernels.flash:paged_flash_attention", "--set", "k_dtype=q8_0",
+                 "--set", "v_dtype=int8", "--set", "kv_lens=true")
+    stores = {(s["name"], s.get("format") or (s["formats"]["k"], s["formats"]["v"])): s for s in m["stores"]}
+    assert set(stores) == {("kv_store_paged", "q8_0"), ("kv_store_paged", "int8"),
+                           ("kv_store_pair_paged", ("q8_0", "int8"))}
+    rng = np.random.default_rng(5)
+    B, H, N, P, NB, NP, D, DV = 2, 2, 3, 4, 3, 7, 32, 64
+    table = rng.permutation(NP)[:B * NB].reshape(B, NB).astype(np.int32)
+    pos, counts = np.array([2, NB * P - 2], np.int32), np.array([3, 3], np.int32)  # entry 1: one row past the table
+    k, v = (rng.standard_normal((B, H, N, w)).astype(np.float32) for w in (D, DV))
+    k_pool, v_pool = (quant.quantize(rng.standard_normal((NP, H, P, w)).astype(np.float32), f)
+                      for w, f in ((D, "q8_0"), (DV, "int8")))
+    held = np.array([3, 2], np.int32)
+    dims = dict(B=B, H=H, N=N, P=P, NB=NB, NP=NP, D=D, DV=DV)
+    rows = dict(pos=pos, counts=counts, table=table)
+    for (name, fmt), entry in stores.items():
+        wgsl = (tmp_path / entry["file"]).read_text()
+        if name == "kv_store_pair_paged":
+            got = run_store_entry(dev, entry, wgsl, {**rows, "k": k, "v": v, "k_cache": k_pool.words,
+                                                      "v_cache": v_pool.words}, dims)
+            pairs = [("k_cache", k_pool, k), ("v_cache", v_pool, v)]
+        else:
+            pool, x = (k_pool, k) if fmt == "q8_0" else (v_pool, v)
+            got = run_store_entry(dev, entry, wgsl, {**rows, "x": x, "cache": pool.words}, {**dims, "D": x.shape[3]})
+            pairs = [("cache", pool, x)]
+        for tensor, pool, x in pairs:
+            want = _paged_by_hand(pool, x, pos, held, table)
+            np.testing.assert_array_equal(np.frombuffer(got[tensor], np.uint32), want.words, err_msg=f"{name} {tensor}")

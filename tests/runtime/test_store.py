@@ -190,6 +190,38 @@ def test_paged_pair_store_across_pages_matches_a_hand_written_reference(k_fmt, v
         _same(v_pool, want_v)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("pair", [False, True], ids=["single", "pair"])
+@pytest.mark.parametrize("fmt", ["f32", "q8_0", "int8"])
+def test_paged_store_writes_no_position_its_table_row_does_not_hold(fmt, pair, require_adapters) -> None:
+    """The paged store kernels with positions the host checks would refuse (what a runtime
+    holding its lengths on the device, or loading the manifest's store, can hand them): rows at
+    positions past the NB * P keys a table row holds, or before 0, are not written, as a
+    contiguous cache's rows past C; the others land as the hand-written reference has them.
+    A clamped table read would write them into a mapped page."""
+    from attnc.runtime import dispatch as rt
+    from attnc.runtime.store import _read, _upload, pair_store_dispatch, store_dispatch
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    rng = np.random.default_rng(13)
+    H, P, D, NB = 2, 4, 32, 3
+    table = np.array([[4, 0, 2], [5, 3, 1]], np.int32)
+    pool = _cache(fmt, rng.standard_normal((6, H, P, D)).astype(np.float32))
+    x = rng.standard_normal((2, H, 4, D)).astype(np.float32)
+    pos = np.array([NB * P - 2, -3], np.int32)  # entry 0: rows 2, 3 past the table; entry 1: rows 0-2 before 0
+    want = _paged_by_hand(pool, x[:1, :, :2], pos[:1], None, table[:1])
+    want = _paged_by_hand(want, x[1:, :, 3:], np.zeros(1, np.int32), None, table[1:])
+    buf = _upload(dev, pool)
+    target = (fmt, buf, tuple(pool.shape))
+    if pair:
+        other = _upload(dev, pool)
+        rt.run(dev, [pair_store_dispatch(dev, target, (fmt, other, tuple(pool.shape)), x, x, pos, table)])
+        _same(_read(dev, other, pool), want)
+    else:
+        rt.run(dev, [store_dispatch(dev, fmt, buf, tuple(pool.shape), x, pos, table)])
+    _same(_read(dev, buf, pool), want)
+
+
 def test_pair_store_errors() -> None:
     """The pair store names which cache or rows is wrong."""
     k = quant.quantize(np.zeros((1, 2, 4, 64), np.float32), "q8_0")
