@@ -107,3 +107,16 @@ def test_a_maximum_rising_in_later_loop_iterations(spec, groups, require_adapter
     o_ref, lse_ref = attention_ref(q, k, v, bias=bias, return_lse=True)
     assert_close(o, o_ref, 1e-5, "o")
     assert_close(lse, lse_ref, 1e-5, "lse")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups", [1, 8])
+@pytest.mark.parametrize("nsplit", [2, 9])
+def test_only_the_last_split_holds_keys(groups, nsplit, require_adapters) -> None:
+    """A decode row at the last position with a left window of 3 keeps keys T - 4 .. T - 1, all
+    in the last split: every other split's state is empty (m = -inf), so a maximum that leaves
+    out the last split, or a group's splits walked short of it, loses every key."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    dims = dict(B=1, Hq=2, Hkv=2, S=1, T=320, D=8, Dv=8)
+    check_forced_plan(dev, dims, stream(combine_groups=groups), {"BM": 1, "BN": 32}, nsplit,
+                      {"window": (3, 0), "return_lse": True}, seed=1)
