@@ -117,6 +117,8 @@ export function deviceDescriptor(adapter: any, manifest: Manifest): { requiredFe
 export function adaptWgsl(code: string, dialect?: Dialect): string;
 /** A program's file for a dialect (`dialect_files`, else `file`) and whether it needs adaptWgsl. */
 export function programFile(program: ManifestProgram, dialect?: Dialect): { file: string; adapt: boolean };
+/** The largest aligned group of consecutive invocations the device's subgroups keep together (one probe, cached; 0 without subgroups). */
+export function subgroupLanesContiguous(device: any, dialect?: Dialect): Promise<number>;
 
 export interface CreateOptions {
   variant?: VariantSelector;
@@ -125,6 +127,8 @@ export interface CreateOptions {
   features?: Iterable<string>;
   /** Limits to select and fold by, over device.limits (e.g. a lower maxComputeWorkgroupsPerDimension). */
   limits?: Record<string, number>;
+  /** What selection takes for subgroupLanesContiguous(device) (default: the probe's answer); subgroups variants need 4. */
+  subgroupLanes?: number;
   /** The shader compiler's dialect (default 'tint': browsers, Dawn); 'naga' for wgpu-native. */
   dialect?: Dialect;
   fetchText?: (file: string) => Promise<string> | string;

@@ -793,6 +793,78 @@ export function programFile(program, dialect = 'tint') {
   return own ? {file: own, adapt: false} : {file: program.file, adapt: dialect !== 'tint'};
 }
 
+// The subgroup probe of attnc/runtime/devices.py (PROBE_WGSL; a test checks the text is identical).
+const SUBGROUP_PROBE_WGSL = String.raw`@group(0) @binding(0) var<storage, read_write> out: array<atomic<u32>>;
+
+// out[0]: the subgroup size; out[1]: bit k set when subgroupShuffleXor(lid, 1 << k) did not
+// return lid ^ (1 << k) for some invocation, i.e. local_invocation_index does not map onto
+// aligned groups of 2^(k+1) lanes of one subgroup (what the subgroups family relies on).
+@compute @workgroup_size(256)
+fn main(@builtin(subgroup_size) size: u32, @builtin(local_invocation_index) lid: u32) {
+    if (lid == 0u) {
+        atomicStore(&out[0], size);
+    }
+    var bad = 0u;
+    bad = bad | select(0u, 1u, 1u < size && subgroupShuffleXor(lid, 1u) != (lid ^ 1u));
+    bad = bad | select(0u, 2u, 2u < size && subgroupShuffleXor(lid, 2u) != (lid ^ 2u));
+    bad = bad | select(0u, 4u, 4u < size && subgroupShuffleXor(lid, 4u) != (lid ^ 4u));
+    bad = bad | select(0u, 8u, 8u < size && subgroupShuffleXor(lid, 8u) != (lid ^ 8u));
+    bad = bad | select(0u, 16u, 16u < size && subgroupShuffleXor(lid, 16u) != (lid ^ 16u));
+    atomicOr(&out[1], bad);
+}
+`;
+/** @type {WeakMap<any, Promise<number>>} */
+const subgroupProbes = new WeakMap();
+
+/**
+ * The largest aligned group of consecutive `local_invocation_index` (1, 2, 4 ... 32) that the
+ * device's subgroups keep together with lanes in order, found by one probe dispatch (once per
+ * device; 0 without `subgroups`). attnc's subgroups variants shuffle within groups of 4, which
+ * WebGPU does not promise: `createAttention` takes them only where this is 4 or more, as attnc's
+ * Python runtime does. @param {any} device @param {'tint' | 'naga'} [dialect] @returns {Promise<number>}
+ */
+export function subgroupLanesContiguous(device, dialect = 'tint') {
+  let probe = subgroupProbes.get(device);
+  if (!probe) {
+    probe = runSubgroupProbe(device, dialect);
+    subgroupProbes.set(device, probe);
+  }
+  return probe;
+}
+
+/** @param {any} device @param {'tint' | 'naga'} dialect @returns {Promise<number>} */
+async function runSubgroupProbe(device, dialect) {
+  if (!featureSet(device.features).has('subgroups')) return 0;
+  const code = (dialect === 'tint' ? 'enable subgroups;\n\n' : '') + SUBGROUP_PROBE_WGSL;
+  const out = device.createBuffer({label: 'attnc.subgroup_probe', size: 8, usage: USAGE.STORAGE | USAGE.COPY_SRC});
+  const read = device.createBuffer({label: 'attnc.subgroup_probe.read', size: 8, usage: USAGE.MAP_READ | USAGE.COPY_DST});
+  try {
+    const module = device.createShaderModule({label: 'attnc.subgroup_probe', code});
+    const pipeline = await device.createComputePipelineAsync({label: 'attnc.subgroup_probe', layout: 'auto',
+      compute: {module, entryPoint: 'main'}});
+    const encoder = device.createCommandEncoder({label: 'attnc.subgroup_probe'});
+    const pass = encoder.beginComputePass();
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, device.createBindGroup({layout: pipeline.getBindGroupLayout(0),
+      entries: [{binding: 0, resource: {buffer: out}}]}));
+    pass.dispatchWorkgroups(1);
+    pass.end();
+    encoder.copyBufferToBuffer(out, 0, read, 0, 8);
+    device.queue.submit([encoder.finish()]);
+    await read.mapAsync(MAP_READ);
+    const [size, bad] = new Uint32Array(read.getMappedRange().slice(0));
+    read.unmap();
+    let lanes = 1;
+    while (lanes < Math.min(size, 32) && !(bad & lanes)) lanes *= 2;
+    return lanes;
+  } catch {
+    return 0;  // a device that cannot run the probe does not get the subgroups variants
+  } finally {
+    out.destroy();
+    read.destroy();
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Attention objects: pipelines per program, planning, encoding, running.
 // ---------------------------------------------------------------------------------------
@@ -814,16 +886,33 @@ export function programFile(program, dialect = 'tint') {
  * @param {any} device GPUDevice
  * @param {any} manifest from loadManifest
  * @param {{variant?: any, adapterFeatures?: Iterable<string>, features?: Iterable<string>, limits?: any,
- *   dialect?: 'tint' | 'naga', fetchText?: (file: string) => Promise<string> | string, label?: string}} [opts]
+ *   subgroupLanes?: number, dialect?: 'tint' | 'naga', fetchText?: (file: string) => Promise<string> | string,
+ *   label?: string}} [opts]
  */
 export async function createAttention(device, manifest, opts = {}) {
   ensureChecked(manifest);
   const dialect = opts.dialect ?? 'tint';
   programFile({file: ''}, dialect); // an unknown dialect is an error before any work
-  const features = opts.adapterFeatures || opts.features || device.features;
+  let features = featureSet(opts.adapterFeatures || opts.features || device.features);
   // Selection uses the device's limits (what was granted), overridden by opts.limits.
   const limits = mergeLimits(device.limits, opts.limits);
-  const variant = selectVariant(manifest, {variant: opts.variant, features, limits});
+  // the subgroups family where the device keeps 4 consecutive invocations in one subgroup
+  // (the probe's answer, or opts.subgroupLanes in its place)
+  let probed = '';
+  if (features.has('subgroups')) {
+    const lanes = opts.subgroupLanes ?? await subgroupLanesContiguous(device, dialect);
+    if (lanes < 4) {
+      features = new Set([...features].filter((f) => f !== 'subgroups'));
+      probed = ` (the device has subgroups, but they keep ${lanes} consecutive invocation${lanes === 1 ? '' : 's'} together, and the subgroups variants need 4)`;
+    }
+  }
+  let variant;
+  try {
+    variant = selectVariant(manifest, {variant: opts.variant, features, limits});
+  } catch (e) {
+    if (e instanceof AttncError && probed) throw new AttncError(e.message + probed);
+    throw e;
+  }
   const source = opts.fetchText || manifest[SOURCES];
   if (!source) throw new AttncError('manifest has no file loader: load it with loadManifest() or pass fetchText');
   const tensors = new Map(variant.tensors.map((/** @type {any} */ t) => [t.name, t]));

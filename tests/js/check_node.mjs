@@ -19,6 +19,8 @@
 //                                                                error (or null) and the host lengths
 //   {"op": "run", "manifest", "files", "variant", "shapes", "inputs"}   run() on that device with
 //                                                                typed arrays (name -> [dtype, values])
+// Every op creating a runner takes "subgroupLanes", what createAttention takes for its subgroup
+// probe's answer (default 32: the stand-in devices run no shader).
 // Answers: {"ok": true, ...} or {"error": message, "attnc_error": bool, "type": constructor name}.
 // Numbers JSON cannot hold travel as {"$number": "NaN" | "Infinity" | "-Infinity"}.
 import {createInterface} from 'node:readline';
@@ -74,20 +76,21 @@ async function answer(req) {
       return {ok: true};
     case 'plan': {
       const m = await loadManifest(req.manifest, req.files || {});
-      const attn = await createAttention(recordingDevice([]), m, {variant: req.variant});
+      const attn = await createAttention(recordingDevice([]), m, {variant: req.variant, subgroupLanes: req.subgroupLanes ?? 32});
       const plan = attn.plan(req.shapes, req.params);
-      return {ok: true, env: plan.env, dispatches: plan.dispatches.map((d) => d.n), tensors: plan.tensors};
+      return {ok: true, env: plan.env, dispatches: plan.dispatches.map((d) => d.n), tensors: plan.tensors,
+        variant: attn.variant.name};
     }
     case 'sources': {
       const codes = [];
       const m = await loadManifest(req.manifest, req.files);
-      await createAttention(recordingDevice(codes), m, {variant: req.variant, dialect: req.dialect});
+      await createAttention(recordingDevice(codes), m, {variant: req.variant, dialect: req.dialect, subgroupLanes: req.subgroupLanes ?? 32});
       return {ok: true, codes};
     }
     case 'rejected': {
       const m = await loadManifest(req.manifest, req.files || {});
       const device = workingDevice();
-      const attn = await createAttention(device, m, {variant: req.variant});
+      const attn = await createAttention(device, m, {variant: req.variant, subgroupLanes: req.subgroupLanes ?? 32});
       device.popErrorScope = async () => ({message: "Buffer 'q' is destroyed.\n - While encoding"});
       const plan = attn.plan(req.shapes, req.params);
       const inputs = Object.fromEntries(attn.inputs.map((t) => [t.name, device.createBuffer({size: plan.tensors[t.name].size, usage: 0x80})]));
@@ -98,7 +101,7 @@ async function answer(req) {
       const m = await loadManifest(req.manifest, req.files);
       const device = workingDevice();
       const cache = await createKVCache(device, {...req.cache, manifest: m});
-      const attn = await createAttention(device, m, {variant: req.variant});
+      const attn = await createAttention(device, m, {variant: req.variant, subgroupLanes: req.subgroupLanes ?? 32});
       const {batch: B, kvHeads: H, headDim: D, valueDim: Dv = D} = req.cache;
       const errors = [];
       for (const call of req.calls) {
@@ -119,7 +122,7 @@ async function answer(req) {
     }
     case 'run': {
       const m = await loadManifest(req.manifest, req.files || {});
-      const attn = await createAttention(workingDevice(), m, {variant: req.variant});
+      const attn = await createAttention(workingDevice(), m, {variant: req.variant, subgroupLanes: req.subgroupLanes ?? 32});
       const arrays = {Float32Array, Int32Array, Uint32Array};
       const inputs = Object.fromEntries(Object.entries(req.inputs).map(([n, [t, xs]]) => [n, arrays[t].from(xs)]));
       await attn.run(inputs, req.shapes, req.params || {});

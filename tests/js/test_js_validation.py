@@ -270,6 +270,33 @@ def test_good_params_plan(checker, compiled):
     assert all(n > 0 for n in js["dispatches"])
 
 
+@pytest.mark.parametrize("lanes", [0, 1, 2, 4, 32])
+def test_subgroups_variants_need_four_lanes_together(checker, compiled, lanes):
+    """createAttention takes a subgroups variant only where the device's subgroups keep 4
+    consecutive invocations together (the probe, as attnc's Python runtime runs it): else the
+    portable variant, and a subgroups variant asked for is refused saying why."""
+    d, m = compiled
+    ask = {"op": "plan", "manifest": m, "files": wgsl_files(d), "shapes": GOOD_SHAPES, "subgroupLanes": lanes,
+           "params": {"softcap": 20.0, "window_left": 0, "NSPLIT": 3}}
+    js = checker.ask(ask)
+    assert js.get("ok"), js
+    assert (".subgroups." in js["variant"]) == (lanes >= 4), js["variant"]
+    forced = checker.ask(ask | {"variant": {"family": "subgroups"}})
+    if lanes >= 4:
+        assert forced.get("ok") and ".subgroups." in forced["variant"], forced
+    else:
+        assert forced.get("attnc_error") and "keep" in forced["error"] and "need 4" in forced["error"], forced
+
+
+def test_js_subgroup_probe_is_the_python_one():
+    """js/attnc.js runs attnc's subgroup probe: the same WGSL text, so both decide alike."""
+    from attnc.runtime.devices import PROBE_WGSL
+
+    text = (HERE.parents[1] / "js" / "attnc.js").read_text()
+    start = text.index("const SUBGROUP_PROBE_WGSL = String.raw`") + len("const SUBGROUP_PROBE_WGSL = String.raw`")
+    assert text[start:text.index("`;", start)] == PROBE_WGSL
+
+
 @examples(40)
 @given(family=st.sampled_from(["subgroups", "portable"]), dtype=st.sampled_from(["f32", "f16"]),
        b=st.integers(1, 3), s=st.integers(1, 9), dv=st.integers(1, 40))
