@@ -903,7 +903,8 @@ export async function createAttention(device, manifest, opts = {}) {
     const lanes = opts.subgroupLanes ?? await subgroupLanesContiguous(device, dialect);
     if (lanes < 4) {
       features = new Set([...features].filter((f) => f !== 'subgroups'));
-      probed = ` (the device has subgroups, but they keep ${lanes} consecutive invocation${lanes === 1 ? '' : 's'} together, and the subgroups variants need 4)`;
+      probed = lanes === 0 ? ' (the subgroup probe could not run on this device)'
+        : ` (the device has subgroups, but they keep ${lanes} consecutive invocation${lanes === 1 ? '' : 's'} together, and the subgroups variants need 4)`;
     }
   }
   let variant;
