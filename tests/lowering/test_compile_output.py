@@ -53,45 +53,56 @@ def _program(entry: dict, outdir: Path, file: str) -> Program:
                           else Access(b["access"]), Scalar.U32) for b in entry["bindings"])
     fields = tuple(UniformField(f["name"], f["offset"], Scalar(f["type"])) for f in entry["uniforms"]["fields"])
     return Program(entry["name"], (outdir / file).read_text(), entry["entry_point"], entry["workgroup_size"][0],
-                   binds, fields, (entry["workgroups"],), frozenset(), entry["workgroup_storage_bytes"],
+                   binds, fields, (entry["workgroups"],), frozenset(), entry.get("workgroup_storage_bytes", 0),
                    entry.get("in_bounds", False))
 
 
 def check_dialect_files(manifest: dict, outdir: Path, devices: dict) -> int:
     """Create every file of every program as a compute pipeline on the device of the dialect
     its `dialect_files` entry names (`devices`: dialect -> Device); a rejected file raises
-    LoweringError (dispatch.compile_program). Each is created a second time as a runtime
-    without attnc may: with `layout: "auto"`, every binding the entry lists bound in a bind
-    group of that layout. Returns the number of pipelines created with attnc's layouts."""
+    LoweringError. Naga's files get attnc's explicit layout (dispatch.compile_program), Tint's
+    the automatic one a runtime without attnc may use, with every binding the entry lists bound
+    in a bind group of that layout (each file compiled once per compiler; a portable program's
+    one file gets both). Returns the number of pipelines created."""
     from attnc.runtime.dispatch import compile_program
 
     n = 0
     for v in manifest["variants"]:
         for entry in v["programs"]:
             for dialect, file in entry["dialect_files"].items():
-                compile_program(devices[dialect], _program(entry, outdir, file))
-                check_auto_layout(devices[dialect], entry, (outdir / file).read_text())
+                program = _program(entry, outdir, file)
+                if dialect == "naga":
+                    compile_program(devices[dialect], program)
+                else:
+                    check_auto_layout(devices[dialect], entry, program)
                 n += 1
     for entry in manifest.get("stores", []):  # one file for both compilers
+        program = _program(entry, outdir, entry["file"])
         for device in devices.values():
-            check_auto_layout(device, entry, (outdir / entry["file"]).read_text())
+            check_auto_layout(device, entry, program)
     return n
 
 
-def _auto_pipeline(device, entry: dict, wgsl: str):
-    """The entry's compute pipeline with an automatic layout (what the shader uses)."""
-    module = device.gpu.create_shader_module(code=wgsl)
-    return device.gpu.create_compute_pipeline(layout="auto",
-                                              compute={"module": module, "entry_point": entry["entry_point"]})
+def _auto_pipeline(device, entry: dict, program: Program):
+    """The entry's compute pipeline with an automatic layout (what the shader uses); a
+    rejected shader is a LoweringError, as compile_program makes it."""
+    from attnc.runtime.dispatch import shader_error
+
+    try:
+        module = device.gpu.create_shader_module(code=program.wgsl)
+        return device.gpu.create_compute_pipeline(layout="auto",
+                                                  compute={"module": module, "entry_point": entry["entry_point"]})
+    except (device.wgpu.GPUError, device.wgpu.GPUPipelineError) as exc:
+        raise shader_error(device, program, str(exc)) from None
 
 
-def check_auto_layout(device, entry: dict, wgsl: str) -> None:
+def check_auto_layout(device, entry: dict, program: Program) -> None:
     """The program's pipeline created with an automatic layout takes a bind group of exactly
     the bindings its manifest entry lists: an automatic layout holds only the bindings the
     entry point uses, so a listed binding the shader never reads fails here (as it does in a
     runtime that builds its layouts from the shader)."""
     gpu, usage = device.gpu, device.wgpu.BufferUsage
-    pipeline = _auto_pipeline(device, entry, wgsl)
+    pipeline = _auto_pipeline(device, entry, program)
     uniform_size = entry["uniforms"]["size"]
     entries = []
     for b in entry["bindings"]:
@@ -232,7 +243,7 @@ def test_compiled_options_are_accepted_by_the_compilers_their_entries_name(args,
     assert check_dialect_files(m, d, dialect_devices) >= 8
 
 
-def run_store_entry(device, entry: dict, wgsl: str, arrays: dict, dims: dict) -> dict:
+def run_store_entry(device, entry: dict, program: Program, arrays: dict, dims: dict) -> dict:
     """Run a manifest's store entry as a runtime without attnc does: one buffer per binding
     (the arrays' bytes, by name), the uniform fields from their formulas, `layout: "auto"`,
     workgroups from the formula (one dispatch row: the test's sizes stay under the limit);
@@ -249,7 +260,7 @@ def run_store_entry(device, entry: dict, wgsl: str, arrays: dict, dims: dict) ->
         value = manifest_schema.evaluate(f["value"], env)
         struct.pack_into({"u32": "<I", "i32": "<i", "f32": "<f"}[f["type"]], block, f["offset"],
                          int(value) if f["type"] != "f32" else value)
-    pipeline = _auto_pipeline(device, entry, wgsl)
+    pipeline = _auto_pipeline(device, entry, program)
     bufs, entries = {}, []
     for b in entry["bindings"]:
         data = bytes(block) if b["kind"] == "uniform" else np.ascontiguousarray(arrays[b["name"]]).tobytes()
@@ -297,14 +308,14 @@ def test_the_paged_kernels_manifest_stores_write_its_pools(spec, tmp_path, requi
     dims = dict(B=B, H=H, N=N, P=P, NB=NB, NP=NP, D=D, DV=DV)
     rows = dict(pos=pos, counts=counts, table=table)
     for (name, fmt), entry in stores.items():
-        wgsl = (tmp_path / entry["file"]).read_text()
+        program = _program(entry, tmp_path, entry["file"])
         if name == "kv_store_pair_paged":
-            got = run_store_entry(dev, entry, wgsl, {**rows, "k": k, "v": v, "k_cache": k_pool.words,
+            got = run_store_entry(dev, entry, program, {**rows, "k": k, "v": v, "k_cache": k_pool.words,
                                                       "v_cache": v_pool.words}, dims)
             pairs = [("k_cache", k_pool, k), ("v_cache", v_pool, v)]
         else:
             pool, x = (k_pool, k) if fmt == "q8_0" else (v_pool, v)
-            got = run_store_entry(dev, entry, wgsl, {**rows, "x": x, "cache": pool.words}, {**dims, "D": x.shape[3]})
+            got = run_store_entry(dev, entry, program, {**rows, "x": x, "cache": pool.words}, {**dims, "D": x.shape[3]})
             pairs = [("cache", pool, x)]
         for tensor, pool, x in pairs:
             want = _paged_by_hand(pool, x, pos, held, table)
