@@ -169,7 +169,7 @@ def _chunk_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, A
                                     slice(t0, t1) if bias4.shape[3] > 1 else slice(None)]
             cdims = {**dims, "S": s1 - s0, "T": t1 - t0}
             at = {**whole, "q_offset": s0, "q_total": S, "kv_offset": t0, "kv_total": T}
-            prep = prepare(cdims, q.dtype, return_lse=True, offsets=at, **sub)
+            prep = _piece(prepare, cdims, q.dtype, at, sub, kw.get("return_lse"))
             prep.bind(q[:, :, s0:s1], k[:, :, t0:t1], v[:, :, t0:t1]).run()
             parts.append(prep.result())
         lse = np.stack([p[1] for p in parts]).astype(np.float64)  # [chunks, B, Hq, rows]
@@ -193,3 +193,18 @@ def _chunk_sequence(q: np.ndarray, k: np.ndarray, v: np.ndarray, kw: dict[str, A
         lse_rows.append(lse_out.astype(np.float32))
     o_full = np.concatenate(o_rows, axis=2)
     return (o_full, np.concatenate(lse_rows, axis=2)) if kw.get("return_lse") else o_full
+
+
+def _piece(prepare: Callable[..., Any], dims: dict[str, int], dtype: Any, offsets: dict[str, int],
+           opts: dict[str, Any], lse_asked: bool) -> Any:
+    """The op of one block of rows x keys: it writes lse for the host's merge, one storage
+    buffer more than a call without return_lse binds, which a refusal then says."""
+    try:
+        return prepare(dims, dtype, return_lse=True, offsets=offsets, **opts)
+    except DeviceError as e:
+        if lse_asked or "storage buffers" not in e.message:
+            raise
+        raise DeviceError(e.message, notes=(*e.notes, "this problem is larger than a storage binding, so it runs "
+                                            "in blocks of keys merged on the host by their lse: one storage buffer "
+                                            "more than the call alone (the whole call fits where the device grants "
+                                            "a larger max-storage-buffer-binding-size)")) from None

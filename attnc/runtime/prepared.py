@@ -510,17 +510,29 @@ class Prepared:
             self._fresh.clear()
             self._map_digest = None
 
-    def _host_slice(self, name: str, arr: np.ndarray) -> rt.BufferSlice:
-        """Upload a host array into the op's own buffer for `name` (grown when too small)."""
+    def _check_bindable(self, name: str, arr: np.ndarray) -> int:
+        """The bytes a host array takes bound (a multiple of 4), or a ValueError naming it when
+        that is past the device's largest binding: each array an op reads is bound whole."""
         nbytes = max(4, -(-arr.nbytes // 4) * 4)
         largest = rt.max_binding_bytes(self.dev)
-        if nbytes > largest:  # what a mod reads (or a prepared op's input) is bound whole
+        if nbytes <= largest:
+            return nbytes
+        paged = any(p.name == "block_table" for p in self.params)
+        if paged and name in ("k", "v"):
+            name, hint = f"{name}_pages", "a page pool is bound whole; use a pool of fewer pages, or request a " \
+                                          "larger limit for the device"
+        elif name in ATTENTION_INPUTS:
             hint = ("a prepared op binds each input whole; attnc.attention with host inputs and no out= splits a "
-                    "problem past the limit, or request a larger limit for the device" if name in ATTENTION_INPUTS
-                    else "a tensor a mod reads is bound whole; request a larger limit for the device, or index a "
-                    "smaller table")
-            raise ValueError(f"{name}: {arr.nbytes} bytes, more than the device's max-storage-buffer-binding-size "
-                             f"({largest}), the most one binding may cover ({hint})")
+                    "problem past the limit, or request a larger limit for the device")
+        else:
+            hint = ("a tensor a mod reads is bound whole, also when attnc.attention runs a larger problem in "
+                    "pieces; request a larger limit for the device, or index a smaller table")
+        raise ValueError(f"{name}: {arr.nbytes} bytes, more than the device's max-storage-buffer-binding-size "
+                         f"({largest}), the most one binding may cover ({hint})")
+
+    def _host_slice(self, name: str, arr: np.ndarray) -> rt.BufferSlice:
+        """Upload a host array into the op's own buffer for `name` (grown when too small)."""
+        nbytes = self._check_bindable(name, arr)
         buffer = self._staging.get(name)
         if buffer is None or buffer.size < nbytes:
             buffer = self._staging[name] = rt.create_buffer(self.dev, max(nbytes, 16), label=f"attnc.{name}")
@@ -548,6 +560,7 @@ class Prepared:
                     if hosts is not None and p.name in self._map_reads:
                         hosts[p.name] = x[0]
                     if fresh:
+                        self._check_bindable(p.name, x[0])
                         bound[p.name], st = rt.upload(self.dev, x[0]), x[1]
                     else:
                         if p.name not in self._uploaded_defaults:
@@ -565,6 +578,8 @@ class Prepared:
                 arr, st = self._host_value(p, x)
                 if hosts is not None and p.name in self._map_reads:
                     hosts[p.name] = arr
+                if fresh:
+                    self._check_bindable(p.name, arr)
                 bound[p.name] = rt.upload(self.dev, arr) if fresh else self._host_slice(p.name, arr)
                 if not fresh:
                     self._uploaded_defaults.pop(p.name, None)  # its buffer now holds this call's data

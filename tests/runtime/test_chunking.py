@@ -141,3 +141,48 @@ def test_chunked_problems_match_the_reference(require_adapters, monkeypatch, spe
         assert_close(out[1], ref[1], 1e-5, "lse")
     else:
         assert_close(out, ref, 1e-5, "o")
+
+
+@pytest.mark.parametrize("keys", [100, 600], ids=["whole", "in-pieces"])
+def test_arrays_bound_whole_past_the_limit_are_named_on_every_path(require_adapters, monkeypatch, keys) -> None:
+    """A table a mod reads is bound whole, also in the pieces of a problem split past the
+    binding limit: one ValueError naming it, whether or not the call is split (the pieces bind
+    fresh buffers, which had no check: WebGPU's raw validation error from the bind group); a
+    paged pool past the limit is named as the caller passed it (`k_pages`)."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    monkeypatch.setitem(dev.gpu.limits, "max-storage-buffer-binding-size", 4096)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 1, 3, 4)).astype(np.float32)
+    k = rng.standard_normal((1, 1, keys, 4)).astype(np.float32)  # 600 keys: 9600 bytes, split
+    doc = np.repeat((np.arange(600) // 97).astype(np.int32)[None], 2, 0)  # [2, 600] int32: 4800 bytes
+    tab = rng.standard_normal((2, 600)).astype(np.float32)
+    mods = {"mask_mod": lambda b, h, i, j: doc[b, j] == doc[b, i], "score_mod": lambda s, b, h, i, j: s + tab[b, j]}
+    for (kind, mod), name in zip(mods.items(), ("doc", "tab"), strict=True):
+        with pytest.raises(ValueError, match=rf"^{name}: 4800 bytes, more than the device's "
+                                             r"max-storage-buffer-binding-size \(4096\).*mod reads is bound whole"):
+            attnc.attention(q, k, k, device=dev, **{kind: mod})
+    pool = rng.standard_normal((80, 1, 4, 32)).astype(np.float32)  # 40960 bytes
+    table = np.arange(80, dtype=np.int32).reshape(1, 80)
+    with pytest.raises(ValueError, match=r"^k_pages: 40960 bytes, .*a page pool is bound whole"):
+        attnc.paged_attention(rng.standard_normal((1, 1, 1, 32)).astype(np.float32), pool, pool, table, device=dev)
+
+
+def test_a_refusal_of_the_pieces_says_what_splitting_added(require_adapters, monkeypatch) -> None:
+    """Options that fill the device's storage buffers exactly run whole; past the binding limit
+    the blocks of keys each write lse for the merge, one buffer more: the refusal says so
+    rather than naming an lse the caller never asked for without a reason."""
+    from attnc.errors import DeviceError
+
+    (dev,) = require_adapters("wgpu:vulkan")
+    monkeypatch.setitem(dev.gpu.limits, "max-storage-buffers-per-shader-stage", 8)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 8, 16)).astype(np.float32)
+    tab = rng.standard_normal(2).astype(np.float32)
+    opts = dict(kv_lens=np.array([140]), alibi_slopes=np.array([0.1, 0.2], np.float32),
+                bias=rng.standard_normal(150).astype(np.float32), score_mod=lambda s, b, h, i, j: s + tab[h])
+    k = rng.standard_normal((1, 1, 150, 16)).astype(np.float32)  # 9600 bytes
+    attnc.attention(q, k, k, device=dev, **opts)  # q, k, v, o and four option tensors: 8
+    monkeypatch.setitem(dev.gpu.limits, "max-storage-buffer-binding-size", 4096)
+    with pytest.raises(DeviceError, match="9 storage buffers") as err:
+        attnc.attention(q, k, k, device=dev, **opts)
+    assert any("runs in blocks of keys merged on the host by their lse" in n for n in err.value.notes)
