@@ -349,3 +349,32 @@ def test_f32_constants_past_f32_are_refused_at_their_span():
         fails(kernel(pre=(Let("x", Const(bad, F32, span=SPAN)),)), "is outside f32's range", SPAN)
     for good in (3.4028234663852886e38, -3.40282356e38, float("inf"), float("-inf")):
         verify(kernel(pre=(Let("x", Const(good, F32)),)))
+
+
+SCALAR_DTYPES = (DType.I32, DType.F32, DType.BOOL)
+
+
+@pytest.mark.parametrize("op", ["lt", "le", "gt", "ge", "eq", "ne", "and", "or", "not", "where"])
+def test_comparison_and_logic_dtype_rules_are_wgsls(op) -> None:
+    """Every operand dtype combination of the comparisons and logic ops against WGSL's rules,
+    written out here: ordering (< <= > >=) of two i32 or two f32, never of bools (WGSL has no
+    bool ordering); == and != of two of one dtype, bools included; and, or, not of bools; where
+    of a bool and two of one dtype. Anything else is a TypeRuleError."""
+    from itertools import product
+
+    o = Op(op)
+    n = {"not": 1, "where": 3}.get(op, 2)
+    for ts in product(SCALAR_DTYPES, repeat=n):
+        if op in ("lt", "le", "gt", "ge"):
+            want = DType.BOOL if ts[0] == ts[1] and ts[0] is not DType.BOOL else None
+        elif op in ("eq", "ne"):
+            want = DType.BOOL if ts[0] == ts[1] else None
+        elif op == "where":
+            want = ts[1] if ts[0] is DType.BOOL and ts[1] == ts[2] else None
+        else:
+            want = DType.BOOL if all(t is DType.BOOL for t in ts) else None
+        if want is None:
+            with pytest.raises(TypeRuleError):
+                call_dtype(o, ts)
+        else:
+            assert call_dtype(o, ts) is want, (op, ts)

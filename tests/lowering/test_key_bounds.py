@@ -171,6 +171,8 @@ def _ns(r_lo: int, r_hi: int, n: int, d_s: int) -> dict:
 @example(e=call(ir.Op.ADD, QI, i32(I32_MAX - 10)), r0=0, span=63, n=0, d_s=64)
 @example(e=call(ir.Op.SUB, i32(10), QI), r0=0, span=5, n=0, d_s=8)
 @example(e=call(ir.Op.NEG, call(ir.Op.SUB, QI, N)), r0=0, span=3, n=I32_MAX, d_s=8)
+@example(e=call(ir.Op.IDIV, QI, i32(-1)), r0=0, span=7, n=0, d_s=8)  # decreasing with the row
+@example(e=call(ir.Op.IDIV, call(ir.Op.ADD, QI, i32(200)), i32(-3)), r0=5, span=20, n=0, d_s=64)
 def test_every_row_value_lies_within_the_bounds(e, r0, span, n, d_s) -> None:
     """bounds(e) over rows [r0, r0 + span] holds e's wrapped value at every one of them."""
     env = _env()
@@ -216,6 +218,8 @@ def _mask_ref(m: ir.Expr, rows: np.ndarray, keys: np.ndarray, n: int, d_s: int) 
 @example(m=call(ir.Op.GE, i32(I32_MAX), KJ), r0=0, span=3, n=0, n_keys=16, d_s=4)
 @example(m=call(ir.Op.LE, KJ, N), r0=0, span=3, n=I32_MAX, n_keys=16, d_s=4)
 @example(m=call(ir.Op.GT, KJ, N), r0=0, span=3, n=I32_MAX, n_keys=16, d_s=4)
+@example(m=call(ir.Op.LE, KJ, call(ir.Op.ADD, i32(40), call(ir.Op.IDIV, QI, i32(-1)))), r0=0, span=31, n=0,
+         n_keys=64, d_s=64)
 def test_every_kept_key_lies_in_the_key_range(m, r0, span, n, n_keys, d_s) -> None:
     """The key range key_bounds writes (k_lo = max(k_lo, lo), k_hi = min(k_hi, hi) from 0 and
     n_keys) holds every key the mask keeps for some row of [r0, r0 + span]."""

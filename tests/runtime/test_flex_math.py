@@ -107,6 +107,25 @@ def test_floor_division_and_modulo_follow_python(device):
     assert S == len(b)
 
 
+def test_a_number_on_the_left_of_an_operator(device):
+    """`37 // x`, `29 % x`, `5 - x`, `3.5 / y`, `3 < x` with the traced value on the right
+    (Python's reflected operators): every non-commutative one keeps its operands' order."""
+    t = np.array([1, 2, 3, 5, 7, 10, -1, -3, -8, 40, 37, -37], np.int32)
+    y = (t.astype(np.float32) * 0.75).astype(np.float32)
+    table = np.stack([t, y.view(np.int32)], axis=1)
+    fns = [lambda a, i: attnc.f32(37 // a[i, 0]), lambda a, i: attnc.f32(29 % a[i, 0]),
+           lambda a, i: attnc.f32(5 - a[i, 0]), lambda a, i: 3.5 / attnc.f32(a[i, 0]),
+           lambda a, i: attnc.where(3 < a[i, 0], 1.0, 0.0), lambda a, i: attnc.where(3 >= a[i, 0], 1.0, 0.0),
+           lambda a, i: 2.0 - attnc.f32(a[i, 0]) * 0.75]
+    got, interp = run_elementwise(device, fns, table)
+    x = t.astype(np.int64)
+    want = [37 // x, 29 % x, 5 - x, 3.5 / x.astype(np.float32), (3 < x) * 1.0, (3 >= x) * 1.0, 2.0 - y]
+    for h, w in enumerate(want):
+        w32 = np.asarray(w, np.float64).astype(np.float32).astype(np.float64)
+        np.testing.assert_allclose(got[h], w32, rtol=2e-7, err_msg=f"function {h}")
+        np.testing.assert_allclose(interp[h], np.asarray(w, np.float64), rtol=2e-7, err_msg=f"interp {h}")
+
+
 def test_integer_literals_at_the_ends_of_i32(device):
     """Literals -2**31 and 2**31 - 1 in a mod compile on every compiler and compute as the
     interpreter does (-2**31 was written -i32(2147483648), which Naga and Tint reject)."""

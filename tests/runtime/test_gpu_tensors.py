@@ -632,6 +632,27 @@ def test_an_output_the_caller_destroyed_is_made_again(require_adapters) -> None:
     assert_close(cache.attend(qt[:, :, :1]).numpy(), attention_ref(q[:, :, :1], k, v), 1e-5, "o")
 
 
+# ----------------------------------------------------------------------------- views
+@settings(deadline=None, max_examples=60, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(1, 11), min_size=1, max_size=3), data=st.data())
+def test_views_are_numpys_views(require_adapters, shape, data) -> None:
+    """A GPU tensor indexed with ints, slices (steps that do not divide the length, starts and
+    stops past either end, negative ones) and an ellipsis has numpy's shape and elements."""
+    (dev,) = require_adapters("wgpu:vulkan")
+    x = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    bound = st.none() | st.integers(-13, 13)
+    index = tuple(data.draw(st.integers(-n, n - 1) | st.builds(slice, bound, bound, st.none() | st.integers(1, 7)))
+                  for n in shape[:data.draw(st.integers(1, len(shape)))])
+    if data.draw(st.booleans()):
+        index = (*index, Ellipsis)
+    view = attnc.tensor(x, dev)[index]
+    want = x[index]
+    assert tuple(view.shape) == want.shape, index
+    if want.size:
+        np.testing.assert_array_equal(view.numpy(), want, err_msg=str(index))
+
+
 # ----------------------------------------------------------------------------- overlapping outputs
 @settings(deadline=None, max_examples=300, derandomize=True, database=None)
 @given(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 12)), min_size=1, max_size=4))

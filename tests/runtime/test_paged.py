@@ -81,6 +81,26 @@ def test_paged_gpu_tensors_and_decode_split(device) -> None:
     assert_close(o, attention_ref(q, k, v, kv_lens=lens, causal=True), 2e-3)
 
 
+@pytest.mark.parametrize("length", [5, 6, 7, 8, 9])
+def test_the_entry_of_a_partial_last_page_is_checked(length) -> None:
+    """Rows whose length is not a multiple of the page size (P = 4) use ceil(length / P)
+    entries: the last, partly filled page's entry is checked (just inside the pool: runs;
+    just outside or negative: named), the entries after it are padding."""
+    rng = np.random.default_rng(length)
+    q = rng.standard_normal((1, 2, 1, 8)).astype(np.float32)
+    kp, vp = (rng.standard_normal((3, 2, 4, 8)).astype(np.float32) for _ in range(2))
+    last = -(-length // 4) - 1  # the entry of the row's last page
+    for entry, ok in ((2, True), (3, False), (-1, False)):
+        table = np.array([[0, 1, 0]], np.int32)
+        table[0, last] = entry
+        table[0, last + 1:] = 99  # padding past the row's pages
+        if ok:
+            attnc.paged_attention(q, kp, vp, table, kv_lens=np.array([length]))
+            continue
+        with pytest.raises(ValueError, match=rf"block_table\[0, {last}\] = {entry} is outside the page pool"):
+            attnc.paged_attention(q, kp, vp, table, kv_lens=np.array([length]))
+
+
 def test_a_table_entry_past_the_pool_is_named(device) -> None:
     rng = np.random.default_rng(4)
     q, kp, vp, table, _, _ = paged_problem(rng, 2, 2, 1, 1, 8, 4, 3, spare=0)
