@@ -17,8 +17,8 @@ export LP_NATIVE_VECTOR_WIDTH=128
 # lavapipe's LLVM runs without its optimization passes (GALLIVM_PERF=nopt): the suite's shapes
 # are small, so compiling is most of its time, and unoptimized code compiles in about 0.6 of it
 # (tests/runtime/test_attention.py's prefill head dims from an empty shader cache: 29 s against
-# 50 s). attnc's kernels are WGSL
-# whatever the driver's code generation; `attnc bench` and the benchmarks measure optimized code.
+# 50 s). What the tests check is attnc's WGSL, whatever the driver's code generation does with
+# it; `attnc bench` and the benchmarks measure the optimized code users get.
 export GALLIVM_PERF=nopt
 python3 -m pytest -q -rs -p no:cacheprovider -n 2 --dist loadfile --durations=30 -m "not sanitize" tests
 # the property tests of every strategy (forced plans, every option, split-KV combine, fuzzed
