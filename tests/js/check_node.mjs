@@ -66,6 +66,12 @@ function workingDevice() {
   };
 }
 
+/** createAttention's options for a request: its variant, and the subgroup probe's answer (default
+ * 32: the stand-in devices run no shader). @param {any} req @param {any} [extra] */
+function runnerOptions(req, extra = {}) {
+  return {variant: req.variant, subgroupLanes: req.subgroupLanes ?? 32, ...extra};
+}
+
 /** @param {any} req */
 async function answer(req) {
   switch (req.op) {
@@ -76,7 +82,7 @@ async function answer(req) {
       return {ok: true};
     case 'plan': {
       const m = await loadManifest(req.manifest, req.files || {});
-      const attn = await createAttention(recordingDevice([]), m, {variant: req.variant, subgroupLanes: req.subgroupLanes ?? 32});
+      const attn = await createAttention(recordingDevice([]), m, runnerOptions(req));
       const plan = attn.plan(req.shapes, req.params);
       return {ok: true, env: plan.env, dispatches: plan.dispatches.map((d) => d.n), tensors: plan.tensors,
         variant: attn.variant.name};
@@ -84,13 +90,13 @@ async function answer(req) {
     case 'sources': {
       const codes = [];
       const m = await loadManifest(req.manifest, req.files);
-      await createAttention(recordingDevice(codes), m, {variant: req.variant, dialect: req.dialect, subgroupLanes: req.subgroupLanes ?? 32});
+      await createAttention(recordingDevice(codes), m, runnerOptions(req, {dialect: req.dialect}));
       return {ok: true, codes};
     }
     case 'rejected': {
       const m = await loadManifest(req.manifest, req.files || {});
       const device = workingDevice();
-      const attn = await createAttention(device, m, {variant: req.variant, subgroupLanes: req.subgroupLanes ?? 32});
+      const attn = await createAttention(device, m, runnerOptions(req));
       device.popErrorScope = async () => ({message: "Buffer 'q' is destroyed.\n - While encoding"});
       const plan = attn.plan(req.shapes, req.params);
       const inputs = Object.fromEntries(attn.inputs.map((t) => [t.name, device.createBuffer({size: plan.tensors[t.name].size, usage: 0x80})]));
@@ -101,7 +107,7 @@ async function answer(req) {
       const m = await loadManifest(req.manifest, req.files);
       const device = workingDevice();
       const cache = await createKVCache(device, {...req.cache, manifest: m});
-      const attn = await createAttention(device, m, {variant: req.variant, subgroupLanes: req.subgroupLanes ?? 32});
+      const attn = await createAttention(device, m, runnerOptions(req));
       const {batch: B, kvHeads: H, headDim: D, valueDim: Dv = D} = req.cache;
       const errors = [];
       for (const call of req.calls) {
@@ -122,7 +128,7 @@ async function answer(req) {
     }
     case 'run': {
       const m = await loadManifest(req.manifest, req.files || {});
-      const attn = await createAttention(workingDevice(), m, {variant: req.variant, subgroupLanes: req.subgroupLanes ?? 32});
+      const attn = await createAttention(workingDevice(), m, runnerOptions(req));
       const arrays = {Float32Array, Int32Array, Uint32Array};
       const inputs = Object.fromEntries(Object.entries(req.inputs).map(([n, [t, xs]]) => [n, arrays[t].from(xs)]));
       await attn.run(inputs, req.shapes, req.params || {});
