@@ -4,7 +4,8 @@
 # in TUNE_CASES (on each of TUNE_DEVICES, TUNE_REPEATS times, for each dtype of TUNE_DTYPES,
 # default f16). With TUNED_ROUNDS=N the tuned cases are then benchmarked with the tuning cache
 # (each dtype of TUNE_DTYPES, --rounds N, TUNED_PROCESSES processes, default 2), so that tuned
-# f16 and tuned f32 compare on the same footing. A REPEAT_CONFIGS entry is
+# f16 and tuned f32 compare on the same footing; the heuristic plans of those cases are benchmarked
+# the same way first (heuristic_DTYPE.json). A REPEAT_CONFIGS entry is
 # DEVICE/DTYPE[/PROCESSES[/BASELINES]]: the process count (default $PROCESSES, else 3) and
 # baselines timed in the same processes (e.g. ort).
 # Usage (repo root): bash tools/gpu/repeat_and_tune.sh OUTDIR
@@ -25,6 +26,16 @@ for cfg in ${REPEAT_CONFIGS:-wgpu:vulkan/f32 wgpu:vulkan/f16 dawn:vulkan/f32 daw
 done
 cases=()
 for c in ${TUNE_CASES:-}; do cases+=(--case "$c"); done
+if [ ${#cases[@]} -gt 0 ] && [ -n "${TUNED_ROUNDS:-}" ]; then
+  # the heuristic plans of the same cases, benchmarked as the tuned ones are below (an empty cache)
+  first_device=${TUNE_DEVICES:-wgpu:vulkan}; first_device=${first_device%% *}
+  for tdt in ${TUNE_DTYPES:-f16}; do
+    ATTNC_CACHE_DIR="$out/cache_heuristic" timeout "${TUNED_TIMEOUT:-150}" python3 -m attnc.bench --suite seeds \
+      "${cases[@]}" --device "$first_device" --dtype "$tdt" --runs 10 --ceilings off --rounds "$TUNED_ROUNDS" \
+      --repeat-processes "${TUNED_PROCESSES:-2}" --json "$out/heuristic_$tdt.json" 2>&1 \
+      | grep -v '^Warning' | sed -n '/^medians of/,$p'
+  done
+fi
 if [ ${#cases[@]} -gt 0 ]; then
   # TUNE_REPEATS separate tuning processes per device, each with an empty tuning cache of its
   # own: whether repeated runs choose the same winners
