@@ -44,15 +44,19 @@ def tune(dims: dict[str, int], dtype: Any = np.float32, *, device: Device | str 
     copies = [(q, k, v)] + [(q + 0, k + 0, v + 0) for _ in range(rotation_count(nbytes, max_copies=8) - 1)]
     caps = dev.capabilities
     fam = pick_family(caps, None)
-    base, htun = plan_for(caps, fam, dims, causal=bool(options.get("causal", False)),
-                          f16=np.dtype(dtype) == np.float16, explicit_family=True)
+    causal, f16 = bool(options.get("causal", False)), np.dtype(dtype) == np.float16
+    # the baseline a stored choice must beat: the plan attnc.attention takes for these options
+    # without a tuned entry; the candidates vary the device family's plan (which the CPU rows
+    # rule does not replace)
+    default, htun = plan_for(caps, fam, dims, causal=causal, f16=f16)
+    base, _ = plan_for(caps, fam, dims, causal=causal, f16=f16, explicit_family=True)
     families = [Family.PORTABLE] + ([Family.SUBGROUPS] if "subgroups" in dev.features else [])
     ns0 = split_count(caps, dims, 32, 64) if S <= 16 else None
     ref = None
     results = []
     # the heuristic plan first, always timed again with the fastest few: a choice is stored
     # only when it beats the heuristic under the same conditions
-    heur = (base, htun, None)
+    heur = (default, htun, None)
     cands = [heur] + [c for c in candidates(caps, dims, base, families, ns0) if c[:2] != heur[:2]]
     cands = cands[:max_candidates]
     ops: dict[int, tuple[Any, list[Any]]] = {}

@@ -45,6 +45,30 @@ def test_tuned_choice_is_stored_and_used(require_adapters, tmp_path, monkeypatch
     assert_close(attnc.attention(q, k, v, device=dev, causal=True), attention_ref(q, k, v, causal=True), 1e-5)
 
 
+# one shape per branch of the heuristic: CPU rows (no GQA, many rows), one-row decode (lane
+# groups), GQA decode (stream, packed rows), causal prefill (tiled), f16 storage
+BASELINE_CASES = [
+    (dict(B=1, Hq=2, Hkv=2, S=16, T=64, D=32, Dv=32), np.float32, False),
+    (dict(B=1, Hq=2, Hkv=2, S=1, T=300, D=64, Dv=64), np.float32, False),
+    (dict(B=1, Hq=4, Hkv=1, S=4, T=200, D=64, Dv=64), np.float16, False),
+    (dict(B=1, Hq=2, Hkv=1, S=40, T=70, D=32, Dv=32), np.float32, True),
+    (dict(B=1, Hq=2, Hkv=2, S=24, T=90, D=48, Dv=40), np.float16, True),
+]
+
+
+@pytest.mark.parametrize("dims,dtype,causal", BASELINE_CASES)
+def test_the_tuners_baseline_is_the_plan_attention_takes(device, tmp_path, monkeypatch, dims, dtype, causal) -> None:
+    """A tuned choice is stored only when it beats the heuristic, so the heuristic the tuner
+    times first must be the plan attention() takes without a tuned entry, on every adapter and
+    for every rule of the heuristic (the CPU rows rule applies only without a target: a
+    baseline planned as for an explicit family stored slower plans over the default)."""
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    untuned = api.prepare(dims, dtype, device=device, causal=causal).variant  # (empty cache)
+    res = tune.tune(dims, dtype, device=device, runs=1, max_candidates=1, progress=False, save=False, causal=causal)
+    assert res["results"][0]["variant"] == untuned
+    assert res["best"]["variant"] == untuned
+
+
 def test_bucket_keys_exact_head_dims_and_power_of_two_lengths() -> None:
     a = tuning_cache.bucket(dict(B=1, Hq=8, Hkv=2, S=300, T=500, D=64, Dv=64))
     b = tuning_cache.bucket(dict(B=4, Hq=8, Hkv=2, S=400, T=300, D=64, Dv=64))
