@@ -704,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("check", help="parse and verify .attn files")
     k.add_argument("files", nargs="+")
     k.set_defaults(fn=cmd_check)
-    p = sub.add_parser("print", help="print an .attn file in canonical form")
+    p = sub.add_parser("print", help="print an .attn file in canonical form (the IR's text: comments are not kept)")
     p.add_argument("file")
     p.set_defaults(fn=cmd_print)
     d = sub.add_parser("devices", help="list WebGPU adapters and their capabilities")
