@@ -155,3 +155,32 @@ def test_compiled_manifests_are_valid(cases_dir):
         f"{path.parent.name}: {p}" for path in found for p in ms.validate(json.loads(path.read_text()), path.parent)
     ]
     assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems)
+
+
+def test_the_program_example_is_what_attnc_compile_writes(tmp_path):
+    """docs/MANIFEST.md's Program example (the fields it shows, "..." for the rest) is the first
+    program of examples/flash_attention.attn as `attnc compile` writes it: a runtime author
+    copies its names and offsets."""
+    import re
+    import subprocess
+    import sys
+
+    root = FIXTURES.parents[2]
+    text = (root / "docs" / "MANIFEST.md").read_text()
+    example = text[text.index("## Program"):]
+    example = example[example.index("```json\n") + 8:]
+    example = example[:example.index("```")]
+    subprocess.run([sys.executable, "-m", "attnc", "compile", str(root / "examples" / "flash_attention.attn"), "-o",
+                    str(tmp_path)], check=True, capture_output=True, cwd=root)
+    compiled = json.loads((tmp_path / "manifest.json").read_text())
+    programs = {p["file"]: p for v in compiled["variants"] for p in v["programs"]}
+    shown = json.loads(re.sub(r",?\s*\.\.\.", "", example))
+    prog = programs[shown["file"]]
+    for key in ("name", "dialect_files", "entry_point", "workgroup_size", "workgroups", "workgroup_storage_bytes",
+                "in_bounds"):
+        assert shown[key] == prog[key], key
+    for b in shown["bindings"]:
+        assert b in prog["bindings"], b
+    assert shown["uniforms"]["size"] == prog["uniforms"]["size"]
+    for f in shown["uniforms"]["fields"]:
+        assert f in prog["uniforms"]["fields"], f
