@@ -506,7 +506,7 @@ class Prepared:
             self._default_sources[name] = (source, now.copy())
             if name in self._uploaded_defaults:
                 arr, st = self.defaults[name]
-                self._uploaded_defaults[name] = (self._host_slice(name, arr), st)
+                self._uploaded_defaults[name] = (self._default_slice(name, arr), st)
             self._fresh.clear()
             self._map_digest = None
 
@@ -530,18 +530,25 @@ class Prepared:
         raise ValueError(f"{name}: {arr.nbytes} bytes, more than the device's max-storage-buffer-binding-size "
                          f"({largest}), the most one binding may cover ({hint})")
 
-    def _host_slice(self, name: str, arr: np.ndarray) -> rt.BufferSlice:
-        """Upload a host array into the op's own buffer for `name` (grown when too small)."""
+    def _host_slice(self, name: str, arr: np.ndarray, slot: str | None = None) -> rt.BufferSlice:
+        """Upload a host array into the op's own buffer for `name` (grown when too small); `slot`
+        names another buffer of it (a default's own, which a call's array never overwrites)."""
         nbytes = self._check_bindable(name, arr)
-        buffer = self._staging.get(name)
+        slot = slot or name
+        buffer = self._staging.get(slot)
         if buffer is None or buffer.size < nbytes:
-            buffer = self._staging[name] = rt.create_buffer(self.dev, max(nbytes, 16), label=f"attnc.{name}")
+            buffer = self._staging[slot] = rt.create_buffer(self.dev, max(nbytes, 16), label=f"attnc.{slot}")
         data = arr.reshape(-1)
         if arr.nbytes % 4:
             data = np.concatenate([data.view(np.uint8), np.zeros(4 - arr.nbytes % 4, np.uint8)])
         if data.size:
             rt.write(self.dev, buffer, 0, data)
         return rt.BufferSlice(buffer, 0, nbytes)
+
+    def _default_slice(self, name: str, arr: np.ndarray) -> rt.BufferSlice:
+        """A host default uploaded into its own buffer: calls that pass `name` write theirs into
+        another, so that the bind groups and recorded passes of calls without it stay valid."""
+        return self._host_slice(name, arr, f"{name}.default")
 
     def _resolve(self, values: Mapping[str, Any], *, fresh: bool, recorded: bool,
                  hosts: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Any], list[tuple[int, ...]]]:
@@ -564,7 +571,7 @@ class Prepared:
                         bound[p.name], st = rt.upload(self.dev, x[0]), x[1]
                     else:
                         if p.name not in self._uploaded_defaults:
-                            self._uploaded_defaults[p.name] = (self._host_slice(p.name, x[0]), x[1])
+                            self._uploaded_defaults[p.name] = (self._default_slice(p.name, x[0]), x[1])
                         bound[p.name], st = self._uploaded_defaults[p.name]
                     strides.append(st)
                     continue
@@ -581,8 +588,6 @@ class Prepared:
                 if fresh:
                     self._check_bindable(p.name, arr)
                 bound[p.name] = rt.upload(self.dev, arr) if fresh else self._host_slice(p.name, arr)
-                if not fresh:
-                    self._uploaded_defaults.pop(p.name, None)  # its buffer now holds this call's data
             strides.append(st)
         return bound, strides
 

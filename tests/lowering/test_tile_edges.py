@@ -2,8 +2,10 @@
 of several rows at once (tiled, stream, lanes): the key range a tile visits comes from its first
 and last rows (`Shader.tile_bounds`), and an off-by-one there drops or adds a key only where a
 row's last key starts a new key tile, at (T - S) mod BN = 1 for a causal mask; with split-KV
-the same holds at the splits' shares. Shapes are
-runtime uniforms, so one pipeline per plan serves every shape here."""
+the same holds at the splits' shares. The rows strategy (one row per invocation, KC keys a
+step) joins them: its last step's keys past the row's bound are left out by the step's own
+guard, which no mask covers when none is given. Shapes are runtime uniforms, so one pipeline
+per plan serves every shape here."""
 
 from __future__ import annotations
 
@@ -20,13 +22,16 @@ BM, BN = 16, 16
 
 
 def plans(dev) -> dict[str, tuple[Plan, dict[str, int]]]:
-    """A small plan of each multi-row strategy (lanes only where the adapter has subgroups)."""
+    """A small plan of each strategy (lanes only where the adapter has subgroups)."""
     out = {
         "tiled": (Plan(Family.PORTABLE, workgroup_size=64, rows_per_invocation=1, head_chunk=16, value_columns=16,
                        value_stage_columns=16, vector_width=4), {"BM": BM, "BN": BN}),
         "stream": (Plan(Family.PORTABLE, strategy=Strategy.STREAM, workgroup_size=64, lanes_per_key=2,
                         keys_per_step=1, query_dim=16, value_columns=16, vector_width=4), {"BM": 4, "BN": BN}),
     }
+    # KC = 4 keys a step: T and the splits' shares end at every offset within a step below
+    out["rows"] = (Plan(Family.PORTABLE, strategy=Strategy.ROWS, keys_per_step=4, query_dim=16, value_columns=16,
+                        vector_width=4), {"BM": 8, "BN": BN})
     if dev.subgroup_size:
         out["lanes"] = (Plan(Family.SUBGROUPS, strategy=Strategy.LANES, rows_per_invocation=1,
                              subgroup_width=dev.subgroup_size, query_dim=16, value_columns=16, vector_width=4,
@@ -39,6 +44,7 @@ def plans(dev) -> dict[str, tuple[Plan, dict[str, int]]]:
 ROWS = (1, BM - 1, BM + 1)
 KEYS_PAST_ROWS = (-1, 0, 1, BN - 1, BN, BN + 1)
 MASKS = {  # (each a pipeline per plan: compiling them is most of this test's time)
+    "none": {},  # only T bounds the keys (no mask hides a key read past it)
     "causal-kv-lens": dict(causal=True, kv_lens="draw"),  # the upper bound from the tile's last row
     "window": dict(window=(3, 0)),  # a lower bound from the first row, an upper (kj <= q) from the last
 }

@@ -348,6 +348,46 @@ def test_host_arrays_a_prepared_op_holds_are_read_at_every_call(require_adapters
             assert_close(o, ref, 1e-5, f"{name}, call {n}")
 
 
+@pytest.mark.parametrize("inputs", ["host", "gpu"])
+def test_a_call_without_an_argument_takes_the_prepared_value_again(require_adapters, path, inputs) -> None:
+    """Calls that pass an option array or a mod's capture by name, then leave it out, then pass a
+    scalar input by name with another value over the same tensors: each call computes with
+    what it was given, or else with what the op was prepared with, never with what an earlier
+    call passed (a prepared default's buffer that an override wrote, or a remembered call that
+    told scalar values apart by their type only, would return the earlier call's result)."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    rng = np.random.default_rng(23)
+    q, k, v = qkv(rng)
+    Hq, T = DIMS["Hq"], DIMS["T"]
+    lens, bias = np.array([T, 17], np.int32), rng.standard_normal((Hq, 1, T)).astype(np.float32)
+    sinks, slopes = rng.standard_normal(Hq).astype(np.float32), rng.uniform(0.1, 1.0, Hq).astype(np.float32)
+    table, mult = rng.standard_normal((Hq, 8)).astype(np.float32), 1.5
+
+    def score_mod(s, b, h, i, j):
+        return s * mult + table[h, j % 8]
+
+    prepared = dict(kv_lens=lens, bias=bias, sinks=sinks, alibi_slopes=slopes)
+    others = dict(kv_lens=np.array([5, 40], np.int32), bias=-3.0 * bias, sinks=sinks + 2.0, alibi_slopes=slopes / 4,
+                  table=rng.standard_normal((Hq, 8)).astype(np.float32))
+    args = (q, k, v) if inputs == "host" else tuple(attnc.tensor(x, dev) for x in (q, k, v))
+    op = attnc.prepare(*args, score_mod=score_mod, **prepared)
+
+    def ref(m: float = mult, tab: np.ndarray = table, **given: np.ndarray) -> np.ndarray:
+        return attention_ref(q, k, v, **{**prepared, **given}, score_mod=lambda s, b, h, i, j: s * m + tab[h, j % 8])
+
+    def call(**named):
+        o = op(*args, **named)
+        return o if inputs == "host" else o.numpy()
+    assert_close(call(), ref(), 1e-5, "prepared values")
+    for name, other in others.items():
+        given = {"tab": other} if name == "table" else {name: other}
+        assert_close(call(**{name: other}), ref(**given), 1e-5, f"{name} passed")
+        assert_close(call(), ref(), 1e-5, f"{name} left out after it was passed")
+    for m in (4.0, 1.5, 4.0, -2.0):
+        assert_close(call(mult=m), ref(m), 1e-5, f"mult={m} by name")
+    assert_close(call(mult=1), ref(1.0), 1e-5, "an int for the f32 input")
+
+
 def test_captures_rebound_after_prepare_are_passed_by_name(require_adapters) -> None:
     """A mod's variables rebound after attnc.prepare (a new table, a new number): the op keeps
     what it captured (as docs/API.md says), attention() scans the mods again and sees the new
