@@ -191,6 +191,34 @@ def test_manifests_list_every_file(compiled):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dims", [dict(B=1, Hq=2, Hkv=2, S=1, T=256, D=16, Dv=16),
+                                  dict(B=2, Hq=8, Hkv=2, S=5, T=300, D=32, Dv=24, NP=4, P=16, NB=32)])
+def test_the_split_scratch_a_manifest_asks_for_is_what_attnc_binds(compiled, dims, require_adapters):
+    """A runtime sizes the split-KV partial states (`part`) by the manifest's count: for every
+    split variant it must be what attnc's own runtime binds for the same splits (the size its
+    bounds-sanitized tests run the kernels with), or that runtime's buffer is too small."""
+    import numpy as np
+
+    from attnc.runtime import api
+
+    dev = require_adapters("wgpu:vulkan")[0]
+    seen = 0
+    for nsplit in (2, 3, 4):
+        op = api.prepare({k: dims[k] for k in ("B", "Hq", "Hkv", "S", "T", "D", "Dv")}, np.float32, device=dev,
+                         nsplit=nsplit)
+        assert op.nsplit == nsplit
+        binds = op._scratch_bytes()["part"] // 4
+        env = {**dims, "NSPLIT": nsplit, "R": dims["Hq"] // dims["Hkv"] * dims["S"]}
+        for name, _d, m in compiled:
+            for v in m["variants"]:
+                for t in v["tensors"]:
+                    if t["name"] == "part":
+                        assert manifest_schema.evaluate(t["count"], env) == binds, (name, v["name"], t["count"])
+                        seen += 1
+    assert seen >= 3 * 4 * 3  # the split option sets and the paged kernel, each family and dtype
+
+
+@pytest.mark.gpu
 def test_every_file_is_accepted_by_the_compiler_its_entry_names(compiled, dialect_devices):
     n = sum(check_dialect_files(m, d, dialect_devices) for _name, d, m in compiled)
     # every example/option set: 4 variants of at least one program, the portable ones' shared
