@@ -477,6 +477,72 @@ def test_divmod_and_arithmetic_on_a_whole_table_point_at_the_user_line(kind, fn,
     assert any(note in n for n in e.value.notes), e.value.render()
 
 
+def _bool_plus_score(s, b, h, q_idx, kv_idx):
+    return s + (q_idx < kv_idx)
+
+
+def _floor_division_of_a_score(s, b, h, q_idx, kv_idx):
+    scaled = s * 2.0
+    return scaled + s // 2
+
+
+def _and_of_a_number(b, h, q_idx, kv_idx):
+    return (kv_idx > 0) & (kv_idx - q_idx)
+
+
+def _numpy_exp_of_a_score(s, b, h, q_idx, kv_idx):
+    return 0.5 * np.exp(s)
+
+
+@kernel
+def _dot_over_d_and_dv(q: Q, k: K, v: V, *, BM=tunable(16), BN=tunable(16)):
+    b, h, qi = grid(b="B", h="H", qi=tiles("S", BM))
+    acc = online_softmax(rows=qi, width="Dv")
+    for kj in tiles("T", BN):
+        s = dot(q[b, h, qi, :], v[b, h, kj, :])
+        acc.update(s, v[b, h, kj, :])
+    return acc.result()
+
+
+@kernel
+def _slice_with_two_colons(q: Q, k: K, v: V, *, BM=tunable(16), BN=tunable(16)):
+    b, h, qi = grid(b="B", h="H", qi=tiles("S", BM))
+    acc = online_softmax(rows=qi, width="Dv")
+    for kj in tiles("T", BN):
+        s = dot(q[b, h, :, :], k[b, h, kj, :])
+        acc.update(s, v[b, h, kj, :])
+    return acc.result()
+
+
+@pytest.mark.parametrize(("trace", "fn", "offset", "expr"), [
+    (lambda: flash_attention.trace(score_mod=_bool_plus_score), _bool_plus_score, 1, "s + (q_idx < kv_idx)"),
+    (lambda: flash_attention.trace(score_mod=_floor_division_of_a_score), _floor_division_of_a_score, 2, "s // 2"),
+    (lambda: flash_attention.trace(mask_mod=_and_of_a_number), _and_of_a_number, 1,
+     "(kv_idx > 0) & (kv_idx - q_idx)"),
+    (lambda: flash_attention.trace(score_mod=_numpy_exp_of_a_score), _numpy_exp_of_a_score, 1, "np.exp(s)"),
+    (_dot_over_d_and_dv.trace, _dot_over_d_and_dv.fn, 5, "dot(q[b, h, qi, :], v[b, h, kj, :])"),
+    (_slice_with_two_colons.trace, _slice_with_two_colons.fn, 5, "q[b, h, :, :]"),
+], ids=["bool_in_score_mod", "floor_division_in_score_mod", "and_in_mask_mod", "numpy_in_score_mod",
+        "dot_in_kernel", "slice_in_kernel"])
+def test_trace_errors_give_the_column_and_caret_of_the_expression(trace, fn, offset, expr) -> None:
+    """A TraceError from a mod or from DSL kernel code gives the 1-based line and column of the
+    Python expression that failed (Span's convention, as the .attn parser's), and the rendered
+    message repeats the source line with carets under exactly that expression (a 0-based
+    column put the caret one to the left and the location one column early)."""
+    with pytest.raises(TraceError) as e:
+        trace()
+    src = inspect.getsourcelines(fn)[0][offset].rstrip("\n")
+    column = src.index(expr) + 1
+    span = e.value.span
+    assert span is not None and span.file == __file__, e.value.render()
+    assert (span.line, span.column, span.end_column) == (_line(fn, offset), column, column + len(expr)), \
+        e.value.render()
+    head, shown, carets = e.value.render().splitlines()[:3]
+    assert head.startswith(f"{__file__}:{_line(fn, offset)}:{column}: trace error: "), head
+    assert shown == "    " + src
+    assert carets == "    " + " " * (column - 1) + "^" * len(expr), e.value.render()
+
+
 def test_a_chained_comparison_says_to_write_the_links_with_and() -> None:
     """`a < kv_idx < b` gave the generic "cannot drive Python control flow" error; it names the
     chained comparison and writes the `&` of its links from the user's own expression, also

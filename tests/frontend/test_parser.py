@@ -114,6 +114,52 @@ def test_error_renders_completely(case, old, new, rendered):
     assert str(info.value) == rendered
 
 
+ONE_LINE = "kernel k(q: f32[B,H,S,D], k: f32[B,H,T,D], v: f32[B,H,T,Dv]) -> f32[B,H,S,Dv] tunables(BM=32) { }"
+LAST_LINE = BASE.replace("  return result(%acc)\n}\n", "  return result(%acc) }")  # the body closes on the last line
+
+# (case, text with the span the caret should mark between '⟨' and '⟩' (empty: one caret there), its line)
+WHERE = [
+    ("one_line_tunable", ONE_LINE.replace("BM=32", "BM=⟨0⟩"), 1),
+    ("one_line_dtype", ONE_LINE.replace("v: f32", "v: ⟨f64⟩"), 1),
+    ("one_line_char", ONE_LINE.replace("{ }", "{ ⟨$⟩ }"), 1),
+    ("one_line_verify", ONE_LINE.replace("{ }", "{ ⟨return result(%a)⟩ }"), 1),
+    ("first_line_dtype", BASE.replace("scale: f32)", "scale: ⟨f64⟩)"), 1),
+    ("first_line_char", BASE.replace("kernel fa(", "kernel fa(⟨$⟩"), 1),
+    ("middle_tunable", BASE.replace("tunables(BM=32", "tunables(BM=⟨0⟩"), 2),
+    ("middle_char", BASE.replace("grid b: B", "grid b: B⟨$⟩"), 3),
+    ("middle_name", BASE.replace("k[b, h, kj, :]", "k[b, ⟨hh⟩, kj, :]"), 6),
+    ("last_verify", LAST_LINE.replace("return result(%acc)", "⟨return result(%accc)⟩"), 9),
+    ("last_char", LAST_LINE.replace("%acc) }", "%acc) ⟨$⟩ }"), 9),
+    ("last_token", LAST_LINE.replace("%acc) }", "%acc) } ⟨}⟩"), 9),
+    ("last_number", LAST_LINE.replace("%acc) }", "%acc) }\n  ⟨99999999999⟩"), 10),
+    ("last_end_of_input", LAST_LINE.replace("%acc) }", "%acc)⟨⟩"), 9),
+]
+
+
+@pytest.mark.parametrize("final_newline", [False, True], ids=["no_final_newline", "final_newline"])
+@pytest.mark.parametrize("case, marked, line", WHERE, ids=[c[0] for c in WHERE])
+def test_errors_show_their_line_and_caret_on_any_line(case, marked, line, final_newline):
+    """Every diagnostic shows its source line and carets under the offending text, whether
+    the error is on the first line, a middle one or the last, and whether the text ends in a
+    newline or not: the last line of a text without one printed no source line and no caret
+    (its index was taken for one past the end); grammar errors, the parser's own checks and
+    the verifier's take that line alike."""
+    assert marked.count("⟨") == marked.count("⟩") == 1, case
+    text = marked.rstrip("\n").replace("⟨", "").replace("⟩", "") + ("\n" if final_newline else "")
+    src = marked.split("\n")[line - 1]
+    column = src.index("⟨") + 1
+    width = max(1, src.index("⟩") - column)
+    src = src.replace("⟨", "").replace("⟩", "")
+    with pytest.raises(AttncError) as info:
+        parse(text, "k.attn")
+    err = info.value
+    assert (err.span.line, err.span.column) == (line, column), err.render()
+    head, shown, carets = err.render().split("\n")[:3]
+    assert head.startswith(f"k.attn:{line}:{column}: {err.kind}: "), head
+    assert shown == "    " + src
+    assert carets == "    " + " " * (column - 1) + "^" * width, err.render()
+
+
 def test_error_kinds():
     with pytest.raises(ParseError):
         parse(BASE.replace("scale)\n", "scale\n"))

@@ -263,6 +263,40 @@ def test_subgroup_lanes_are_contiguous_where_subgroups_are_offered(require_adapt
     assert gl.subgroup_lanes_contiguous == 0
 
 
+def _probed_device(probe: tuple[int, int] | None) -> Device:
+    """A Device of a fake Vulkan adapter whose subgroup probe returned `probe` (size, bad bits);
+    None: an adapter without subgroups. Nothing is requested of a GPU."""
+    import types
+
+    features = {"subgroup", "shader-f16"} if probe is not None else {"shader-f16"}
+    adapter = types.SimpleNamespace(info={"backend_type": "Vulkan", "adapter_type": "DiscreteGPU", "device": "Fake",
+                                          "subgroup_min_size": 4, "subgroup_max_size": 128},
+                                    features=features, limits={})
+    dev = Device("wgpu", None, adapter)
+    if probe is not None:
+        dev.__dict__["_subgroup_probe"] = probe  # what the cached probe would hold
+    return dev
+
+
+@pytest.mark.parametrize(("size", "bad", "lanes"), [
+    (32, 0, 32), (64, 0, 32), (128, 0, 32), (16, 0, 16), (8, 0, 8), (4, 0, 4),  # all good: the size, at most 32
+    (32, 1, 1), (32, 2, 2), (32, 4, 4), (32, 8, 8), (32, 16, 16),  # the first bad bit bounds the group
+    (32, 0b10100, 4), (32, 0b11111, 1), (32, 0b11000, 8), (64, 32, 32), (64, 0b100000 | 16, 16),
+    (8, 8, 8), (8, 16 | 8, 8), (16, 0b10000, 16), (4, 0b11100, 4),  # bits past the size do not matter
+])
+def test_contiguous_lanes_follow_the_probes_bad_bits(size: int, bad: int, lanes: int) -> None:
+    """subgroup_lanes_contiguous is the largest aligned lane group (up to min(size, 32)) below the
+    probe's first bad xor bit: an adapter whose xor-shuffles by 4 lanes leave the subgroup (bit 4)
+    has 4, so that plans needing 8 or more contiguous lanes per key are refused on it (taken as
+    min(size, 32) regardless, they would write NaN). No subgroups: 0, and no probe runs."""
+    dev = _probed_device((size, bad))
+    assert dev.subgroup_size == size
+    assert dev.subgroup_lanes_contiguous == lanes
+    plain = _probed_device(None)
+    assert plain.subgroup_lanes_contiguous == 0 and plain.subgroup_size is None
+    assert "_subgroup_probe" not in plain.__dict__
+
+
 def test_naga_checks_are_off_for_in_bounds_programs_only(require_adapters, monkeypatch) -> None:
     """attnc's kernels (`in_bounds`) get wgpu-native's trusted module without runtime checks;
     any other program keeps the default module; Dawn is never asked; ATTNC_NAGA_CHECKS sets the

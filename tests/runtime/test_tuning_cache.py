@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import types
 import warnings
 
 import numpy as np
@@ -198,6 +200,96 @@ def test_plans_whose_key_lanes_pass_the_contiguous_lanes_are_refused() -> None:
     base, _ = schedule.plan_for(four, Family.SUBGROUPS, dims, f16=True)
     for plan, _t, _ns in cands.candidates(four, dims, base, [Family.PORTABLE, Family.SUBGROUPS], 8):
         assert device_refuses(four, plan) is None, plan
+
+
+KEYED = dict(B=2, Hq=8, Hkv=2, S=40, T=70, D=32, Dv=64)  # G=4, S in (32, 64], T in (64, 128]
+
+
+def _entry(marker: int) -> dict:
+    """A stored record told apart by `marker` (lookup returns entries as stored, unchecked)."""
+    return {"plan": {"marker": marker}, "tunables": {}, "nsplit": None}
+
+
+@pytest.mark.parametrize("component", ["device", "version", "plan schema", "options", "G", "D", "Dv", "S bucket",
+                                       "T bucket", "small S"])
+def test_each_key_component_keeps_an_entry_to_its_own_problems(tmp_path, monkeypatch, component) -> None:
+    """A tuned entry is taken only by problems equal in every component of the key: a neighbour
+    differing only in the adapter, attnc version, plan schema, kernel options, GQA ratio G, D, Dv
+    or the S or T bucket does not take it (a key without G, Dv or the options ran a plan tuned
+    for one problem on another), while problems of the same bucket (other B, head counts of the
+    same ratio, S and T rounding to the same power of two; S up to 16 exact) do."""
+    from attnc import _version
+    from attnc.runtime.build import Options, options_key
+
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    dev = types.SimpleNamespace(key="wgpu|Vulkan|0x10de|H200|NVIDIA H200|550.1")
+    okey = options_key(Options(causal=True))
+    dims = dict(KEYED, S=3) if component == "small S" else KEYED
+    tuning_cache.store(dev, okey, dims, _entry(1))
+
+    def takes(device=dev, opts=okey, **change) -> bool:
+        return tuning_cache.lookup(device, opts, {**dims, **change}) == _entry(1)
+
+    same_bucket = ([dict(S=3, B=1, Hq=4, Hkv=1, T=128)] if component == "small S" else
+                   [{}, dict(B=7), dict(Hq=16, Hkv=4), dict(S=33), dict(S=64), dict(T=65), dict(T=128),
+                    dict(S=63, T=100, B=1)])
+    for change in same_bucket:
+        assert takes(**change), change
+    neighbours = {
+        "device": [dict(device=types.SimpleNamespace(key=dev.key.replace("550.1", "550.2"))),
+                   dict(device=types.SimpleNamespace(key=dev.key.replace("wgpu", "dawn")))],
+        "options": [dict(opts=options_key(Options())), dict(opts=options_key(Options(causal=True, f16=True))),
+                    dict(opts=options_key(Options(causal=True, window=(None, 0)))),
+                    dict(opts=options_key(Options(causal=True, k_format="q8_0")))],
+        "G": [dict(Hkv=4), dict(Hkv=8), dict(Hq=4), dict(Hq=16)],
+        "D": [dict(D=16), dict(D=33), dict(D=64)],
+        "Dv": [dict(Dv=32), dict(Dv=65), dict(Dv=128)],
+        "S bucket": [dict(S=32), dict(S=65), dict(S=16), dict(S=1)],
+        "T bucket": [dict(T=64), dict(T=129), dict(T=1)],
+        "small S": [dict(S=1), dict(S=2), dict(S=4), dict(S=16), dict(S=17)],
+    }
+    if component == "version":
+        monkeypatch.setattr(_version, "__version__", _version.__version__ + ".post1")
+        assert not takes()
+    elif component == "plan schema":
+        monkeypatch.setattr(tuning_cache, "SCHEMA_ID", "0" * 12)
+        assert not takes()
+    else:
+        for change in neighbours[component]:
+            assert not takes(**change), change
+
+
+def test_a_rewritten_tune_json_is_read_again(tmp_path, monkeypatch) -> None:
+    """tune.json is read once per process and again when its path, modification time or size
+    changed: a rewrite of the same byte size (another `attnc tune` storing a winner of as many
+    digits, a hand edit of one digit) is seen, as are one of another size with the old mtime
+    and another cache directory holding a file of the same size and mtime."""
+    dev = types.SimpleNamespace(key="wgpu|Vulkan|cpu")
+    okey = "causal=False"
+
+    def write(path, marker: int, mtime_ns: int) -> None:
+        path.parent.mkdir(exist_ok=True)
+        key = tuning_cache.key(dev, okey, KEYED)
+        path.write_text(json.dumps({"version": tuning_cache.VERSION, "entries": {key: _entry(marker)}}))
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+    path = tmp_path / "a" / "tune.json"
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(path.parent))
+    t0 = 1_700_000_000 * 10**9
+    write(path, 1, t0)
+    assert tuning_cache.lookup(dev, okey, KEYED) == _entry(1)
+    size = path.stat().st_size
+    write(path, 2, t0 + 10**9)  # the same size, a new mtime
+    assert path.stat().st_size == size
+    assert tuning_cache.lookup(dev, okey, KEYED) == _entry(2)
+    write(path, 34, t0 + 10**9)  # another size, the same mtime
+    assert tuning_cache.lookup(dev, okey, KEYED) == _entry(34)
+    other = tmp_path / "b" / "tune.json"
+    write(other, 56, t0 + 10**9)  # another file of the same size and mtime
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(other.parent))
+    assert tuning_cache.lookup(dev, okey, KEYED) == _entry(56)
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(path.parent))
+    assert tuning_cache.lookup(dev, okey, KEYED) == _entry(34)
 
 
 def test_the_key_names_version_and_plan_schema(require_adapters) -> None:
