@@ -313,3 +313,39 @@ def test_f16_tile_plans_fit_the_device_by_what_they_stage(smem, cpu) -> None:
         plan, tun = schedule.plan_for(caps, Family.SUBGROUPS, dims, f16=True, f16_math=True, explicit_family=True)
         assert plan.storage is Storage.F16A
         assert 4 * layout(plan, tun["BM"], tun["BN"]).smem_words <= smem, (dims, plan, tun)
+
+
+SUBGROUPS = frozenset({"subgroups", "timestamps"})
+# (device facts changed from the H200's, plan fields, the refusal's words or None): each fact
+# device_refuses checks, one plan past it and one within it
+REFUSALS = [
+    (dict(features=frozenset({"timestamps"})), dict(family="subgroups"), "does not offer"),
+    (dict(subgroup_lanes_contiguous=2), dict(family="subgroups"), "does not offer"),
+    (dict(subgroup_lanes_contiguous=4), dict(family="subgroups"), None),
+    (dict(subgroup_min_size=8), dict(family="subgroups", min_subgroup=16), "SGMIN=16"),
+    (dict(subgroup_min_size=8), dict(family="subgroups", min_subgroup=8), None),
+    (dict(subgroup_min_size=8, subgroup_lanes_contiguous=4), dict(family="subgroups", min_subgroup=8), "SGMIN=8"),
+    (dict(subgroup_min_size=64, subgroup_lanes_contiguous=64), dict(family="subgroups", min_subgroup=64), "SGMIN=64"),
+    (dict(subgroup_lanes_contiguous=8), dict(family="subgroups", shuffle_only_lanes=16), "SGFAST=16"),
+    (dict(subgroup_lanes_contiguous=16), dict(family="subgroups", shuffle_only_lanes=16), None),
+    (dict(subgroup_size=16), dict(family="subgroups", strategy="lanes", subgroup_width=32), "SGB=32"),
+    (dict(subgroup_size=16), dict(family="subgroups", strategy="lanes", subgroup_width=16), None),
+    (dict(), dict(storage="f16a"), "need shader-f16"),
+    (dict(features=SUBGROUPS | {"f16"}), dict(storage="f16a"), None),
+]
+
+
+@pytest.mark.parametrize(("facts", "fields", "words"), REFUSALS)
+def test_every_device_fact_a_plan_assumes_is_checked(facts, fields, words) -> None:
+    """A plan stored elsewhere (a tuning cache of another device, a damaged one) that assumes
+    subgroup facts the device lacks would reduce over lanes of another subgroup, and f16 tiles
+    need shader-f16: device_refuses names each such fact and accepts a plan within it."""
+    from attnc.lowering.plan import Family, Plan, Storage, Strategy
+
+    kinds = {"family": Family, "strategy": Strategy, "storage": Storage}
+    plan = Plan(**{k: kinds[k](v) if k in kinds else v for k, v in fields.items()})
+    why = schedule.device_refuses(h200_like(**facts), plan)
+    if words is None:
+        assert why is None, why
+    else:
+        assert why is not None and words in why, why

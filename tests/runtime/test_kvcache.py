@@ -147,6 +147,24 @@ def test_appending_past_capacity_is_an_error_that_changes_nothing(require_adapte
     np.testing.assert_array_equal(cache.lengths, [8, 5, 3])
 
 
+@pytest.mark.parametrize(("D", "Dv"), [(4, 3), (3, 4), (3, 5), (4, 6)])
+def test_f16_caches_filled_to_capacity_in_one_append(require_adapters, D, Dv) -> None:
+    """f16 rows of an odd K or V width share 32-bit words, so a cache of an odd capacity would let
+    a word span two (batch, head) sequences, which one append writing every row to capacity
+    writes from two workgroups at once: each parity of D and Dv, the odd capacity asked for."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    rng = np.random.default_rng(D * 10 + Dv)
+    cache = attnc.KVCache(B, HKV, 3, D, Dv, dtype=np.float16, device=dev)
+    cap = cache.capacity
+    k = rng.standard_normal((B, HKV, cap, D)).astype(np.float16)
+    v = rng.standard_normal((B, HKV, cap, Dv)).astype(np.float16)
+    cache.append(k, v)
+    np.testing.assert_array_equal(cache.k.numpy(), k)
+    np.testing.assert_array_equal(cache.v.numpy(), v)
+    q = rng.standard_normal((B, HQ, 1, D)).astype(np.float16)
+    assert_close(cache.attend(q), attention_ref(q, k, v), TOL[np.float16])
+
+
 def test_misuse_names_the_argument(require_adapters) -> None:
     vk, dawn = require_adapters("wgpu:vulkan", "dawn:vulkan")
     D, Dv = SHAPES[np.float32]

@@ -221,6 +221,30 @@ def test_problem_larger_than_the_binding_limit_is_chunked(require_adapters, monk
     assert dev.counters == before
 
 
+@pytest.mark.parametrize("nsplit", [64, 256])
+def test_split_counts_past_what_a_binding_holds_are_capped(require_adapters, monkeypatch, nsplit) -> None:
+    """The split-KV partial states ([B, Hq, S, splits, Dv + 2] f32) are one binding: a split count
+    asked for (or tuned) past what the device's binding limit holds runs with the most splits
+    that fit, every binding within the limit, and the same result."""
+    dev = require_adapters("wgpu:vulkan")[0]
+    B, Hq, Hkv, S, T, D = 1, 8, 1, 4, 2048, 64
+    limit = 4 * T * D  # k and v fit exactly; the states of 32 splits fit, of 64 do not
+    monkeypatch.setitem(dev.gpu.limits, "max-storage-buffer-binding-size", limit)
+    sizes: list[int] = []
+    real_bg = rt.create_bind_group
+
+    def spy(device, program, compiled, buffers, uniform):
+        sizes.extend(int(b.size) for b in buffers.values())
+        return real_bg(device, program, compiled, buffers, uniform)
+
+    monkeypatch.setattr(rt, "create_bind_group", spy)
+    q, k, v = qkv(np.random.default_rng(41), B, Hq, Hkv, S, T, D, D)
+    op = attnc.prepare(dict(B=B, Hq=Hq, Hkv=Hkv, S=S, T=T, D=D, Dv=D), np.float32, device=dev, nsplit=nsplit)
+    assert 1 < op.nsplit < nsplit
+    assert_close(op(q, k, v), attention_ref(q, k, v), 1e-5)
+    assert sizes and max(sizes) <= limit, f"bound {max(sizes)} bytes > limit {limit}"
+
+
 def test_real_binding_limit_is_not_a_raw_webgpu_error(require_adapters) -> None:
     """K and V one row past the binding limit a real GPUDevice was created with (WebGPU's own
     validation enforces it, nothing monkeypatched): chunked, or a clear attnc error. wgpu-native
