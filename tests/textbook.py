@@ -25,7 +25,9 @@ i [1,1,S,1], j [1,1,1,T]); tests pass the numpy twin of the DSL function they gi
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -140,3 +142,21 @@ def assert_close(got, ref, tol: float, what: str = "o") -> None:
     diff = np.maximum(np.abs(got[fin] - ref[fin]) - FLUSHED, 0.0)
     err = rel_err(ref[fin] + diff, ref[fin]) if diff.any() else 0.0
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
+
+
+API_MD = Path(__file__).resolve().parents[1] / "docs" / "API.md"
+
+
+def capture_dtypes() -> dict[str, tuple[str, str]]:
+    """docs/API.md's table of the arrays a mod may capture: numpy dtype name -> (what the kernel
+    reads it as, how it is stored on the device), one entry per dtype the table names."""
+    lines = API_MD.read_text().splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith("| numpy dtype of the array |"))
+    out: dict[str, tuple[str, str]] = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        names, read_as, stored = (cell.strip() for cell in line.strip("|").split("|"))
+        for name in re.sub(r"\(.*?\)", "", names).split(","):
+            out[name.strip()] = (read_as, stored)
+    return out

@@ -206,7 +206,8 @@ def dequantized(fmt: str, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def relerr(out: np.ndarray, ref: np.ndarray) -> float:
-    """Frobenius relative error of `out` against `ref` (inf when shapes differ, nan on NaN)."""
+    """Frobenius relative error of `out` against `ref` (inf when shapes differ, nan on NaN; against an
+    all-zero reference, which has no scale, the absolute error: a non-zero result there is not exact)."""
     out = np.asarray(out, dtype=np.float64)
     if out.shape != ref.shape:
         return float("inf")

@@ -108,6 +108,46 @@ def test_relerr() -> None:
     assert bc.relerr(np.ones(3), ref) == float("inf")
 
 
+def test_relerr_of_non_finite_results_and_against_an_all_zero_reference() -> None:
+    """A NaN in the result is a NaN error and an inf an infinite one (never a small number);
+    against an all-zero reference (a relative error has no scale) the error is the result's
+    absolute error, so a result that is not zero there is not read as exact (it read 0.0)."""
+    ref = np.ones((2, 3))
+    assert np.isnan(bc.relerr(np.where(np.eye(2, 3) > 0, np.nan, ref), ref))
+    assert bc.relerr(np.where(np.eye(2, 3) > 0, np.inf, ref), ref) == float("inf")
+    zero = np.zeros((2, 2))
+    assert bc.relerr(zero, zero) == 0
+    assert bc.relerr(np.ones((2, 2)), zero) == pytest.approx(2.0)  # ||out - 0|| = 2
+    assert bc.relerr(np.full((2, 2), 1e-3), zero) == pytest.approx(2e-3)
+    assert np.isnan(bc.relerr(np.full((2, 2), np.nan), zero))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_a_result_is_correct_only_when_its_error_is_a_number_within_the_tolerance(dtype: str) -> None:
+    """The verdict of a result row, its table's ok column and the exit status (attnc's rows only)
+    for errors at, just over, far over the tolerance and not numbers at all: NaN (an output with
+    a NaN) and inf are WRONG, exactly the tolerance is right, no error (--no-check) is no verdict
+    (a NaN error read as correct, "yes", exit status 0)."""
+    from attnc.bench import cli
+    from attnc.bench.impls import Measured
+    from attnc.bench.timing import Timing
+
+    tol = cli.TOLERANCE[dtype]
+    case = Case("c", B=1, Hq=2, Hkv=2, S=4, T=8, D=8, Dv=8)
+    measured = Measured(Timing(ms=1.0, samples=(1.0,)), np.zeros(1))
+    for err, verdict in ((0.0, True), (tol / 2, True), (tol, True), (float(np.nextafter(tol, 1.0)), False),
+                         (10 * tol, False), (float("nan"), False), (float("inf"), False), (None, None)):
+        rows = [cli.result_row(case, impl, measured, err, {}, dtype) for impl in ("attnc", "attnc-q8_0", "naive")]
+        assert [r["correct"] for r in rows] == [verdict] * 3, err
+        ok = {True: "yes", False: "WRONG", None: "-"}[verdict]
+        assert [line.split()[6] for line in cli.format_table(rows, {}).splitlines()[1:]] == [ok] * 3, err
+        assert [cli.failed_attnc_row(r) for r in rows] == [verdict is False, verdict is False, False], err
+    out = np.ones((1, 2, 4, 8))
+    out[0, 1, 2, 3] = np.nan  # one NaN in the output: relerr's NaN reaches the verdict
+    row = cli.result_row(case, "attnc", measured, bc.relerr(out, np.ones(out.shape)), {}, dtype)
+    assert row["correct"] is False and cli.failed_attnc_row(row)
+
+
 def test_rotation_count() -> None:
     mib = 1 << 20
     assert rotation_count(200 * mib, 64 * mib) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from attnc.ir import nodes as ir
 from attnc.ir.interp import interpret
 from attnc.ir.printer import print_kernel
 from attnc.kernels.flash import flash_attention
+from attnc.runtime import build
+from tests.textbook import attention_ref, capture_dtypes
 
 GLOBAL_TABLE = np.arange(12, dtype=np.float32).reshape(3, 4)
 GLOBAL_SCALE = 0.25
@@ -252,3 +255,98 @@ def test_cpu_tensors_of_other_libraries_are_captured_like_arrays():
     ps = params(k)
     assert ps["head_offset"].dtype is ir.DType.F32 and ps["doc"] == ir.TensorType(ir.DType.I32, ("doc_0",))
     assert caps["doc"].obj is doc and caps["doc"].shape == (10,)
+
+
+WAY_NUMBER = 1.0  # set by the test below, call by call
+WAY_TABLE = np.zeros(2, np.float32)
+
+
+def _through_globals(s, h):
+    return s * WAY_NUMBER + WAY_TABLE[h]
+
+
+def _by_position(c, t, s, b, h, q, kv):
+    return s * c + t[h]
+
+
+def _by_keyword(s, b, h, q, kv, *, c, t):
+    return s * c + t[h]
+
+
+def _reaching(c, t) -> dict:
+    """A score_mod `s * c + t[h]` for each place the module docstring lists where a mod finds a
+    number `c` and an array `t`: made anew for each call, as an application's closures are."""
+    def cell(s, b, h, q, kv):
+        return s * c + t[h]
+
+    def default(s, b, h, q, kv, c=c, t=t):
+        return s * c + t[h]
+
+    def kwdefault(s, b, h, q, kv, *, c=c, t=t):
+        return s * c + t[h]
+
+    def helper(x, h):
+        return x * c + t[h]
+
+    pair, items, named = (c, t), [c, t], {"c": c, "t": t}
+    return {
+        "closure cell": cell,
+        "positional default": default,
+        "keyword-only default": kwdefault,
+        "cell of a helper in a cell": lambda s, b, h, q, kv: helper(s, h),
+        "global": lambda s, b, h, q, kv: s * WAY_NUMBER + WAY_TABLE[h],
+        "global of a helper in the module": lambda s, b, h, q, kv: _through_globals(s, h),
+        "partial argument": functools.partial(_by_position, c, t),
+        "partial keyword": functools.partial(_by_keyword, c=c, t=t),
+        "tuple": lambda s, b, h, q, kv: s * pair[0] + pair[1][h],
+        "list": lambda s, b, h, q, kv: s * items[0] + items[1][h],
+        "dict": lambda s, b, h, q, kv: s * named["c"] + named["t"][h],
+    }
+
+
+@pytest.mark.parametrize("way", list(_reaching(1.0, WAY_TABLE)))
+def test_every_place_a_mod_reads_a_value_from_gives_each_call_its_value(way, monkeypatch):
+    """A number and an array reached each way a mod can reach them, new values at each call,
+    through the runtime's kernel cache and the interpreter: each call computes with its own
+    values, from one trace (keyword-only defaults were not searched: a number there was baked
+    into the first call's kernel, which later calls with other numbers reused, and an array
+    there was a TraceError)."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, 2, n, 4)) for n in (3, 5, 5))
+    traces = build._CACHE.traces
+    for c in (0.5, 2.0, -1.5):
+        t = rng.standard_normal(2).astype(np.float32)
+        monkeypatch.setattr(sys.modules[__name__], "WAY_NUMBER", c)
+        monkeypatch.setattr(sys.modules[__name__], "WAY_TABLE", t)
+        kern, captured, _ = build.build_kernel_with_captures(build.Options(score_mod=_reaching(c, t)[way]),
+                                                              {"BM": 16, "BN": 16})
+        o, _ = interpret(kern, {"q": q, "k": k, "v": v, "scale": 0.5, **captured})
+        ref = attention_ref(q, k, v, scale=0.5, score_mod=lambda s, b, h, i, j, c=c, t=t: s * c + t[h])
+        np.testing.assert_allclose(o, ref, rtol=1e-6, atol=1e-6, err_msg=f"{way}, c={c}")
+    assert build._CACHE.traces == traces + 1, way  # new values: new bindings and uniforms, one kernel
+
+
+def test_every_dtype_the_api_table_lists_is_bound_and_read_as_it_says():
+    """Each numpy dtype of docs/API.md's capture table, captured by a mod: its param has the
+    dtype the table stores it as, its reads the dtype the table says the kernel reads (uint16,
+    in the table, was missing from the dtypes bound as i32: a TraceError); a dtype not in the
+    table is unsupported."""
+    table = capture_dtypes()
+    assert {"float32", "float16", "int32", "uint32", "uint8", "bool"} <= set(table)  # the table was read
+    stored = {"f32": ir.DType.F32, "f16": ir.DType.F16, "i32": ir.DType.I32, "u32": ir.DType.U32}
+    for name, (read_as, stored_as) in table.items():
+        x = np.zeros(4, name)
+        want = ir.DType.BOOL if name == "bool" else ir.DType.U8 if stored_as.startswith("one byte") else \
+            stored[stored_as.split(",")[0]]
+        assert capture.ir_dtype(x.dtype) is want, name
+        if name == "bool":
+            k = flash_attention.trace(mask_mod=lambda b, h, q, kv, x=x: x[h])
+        else:
+            k = flash_attention.trace(score_mod=lambda s, b, h, q, kv, x=x: s + attnc.f32(x[h]))
+        assert params(k)["x"] == ir.TensorType(want, ("x_0",)), name
+        loads = {e.dtype for s in ir.walk_stmts(k.body) if isinstance(s, ir.Let) for e in ir.walk_expr(s.value)
+                 if isinstance(e, ir.Load) and e.tensor == "x"}
+        assert loads == {ir.DType(read_as)}, name
+    for name in ("complex64", "longdouble", "datetime64[s]", "U3", "object"):
+        if np.dtype(name).name not in table:
+            assert capture.ir_dtype(name) is None, name

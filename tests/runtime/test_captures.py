@@ -14,7 +14,7 @@ from attnc.ir.interp import interpret
 from attnc.ir.nodes import LOWERING_NAMES
 from attnc.kernels.flash import flash_attention
 from attnc.runtime import api, build
-from tests.textbook import assert_close, attention_ref
+from tests.textbook import assert_close, attention_ref, capture_dtypes
 
 pytestmark = pytest.mark.gpu
 
@@ -87,27 +87,41 @@ def test_named_dims_that_disagree_between_inputs_name_both(device) -> None:
 
 
 def test_tables_of_every_dtype(device) -> None:
+    """A table of each dtype docs/API.md's capture table lists (tests/textbook.py reads the
+    list from there), read by a mod, as the table binds it: integers of every width, signed or
+    not, at the ends of the int32 range they may hold (uint16 was a TraceError)."""
     rng = np.random.default_rng(3)
     q, k, v = qkv(rng, S=19, T=27)
     S, T = q.shape[2], k.shape[2]
+    f32 = rng.standard_normal(T).astype(np.float32)
     f64 = rng.standard_normal(S)  # bound as f32
     f16 = rng.standard_normal(T).astype(np.float16)
     u32 = rng.integers(0, 2**31 - 1, 4).astype(np.uint32)
     u8 = rng.integers(0, 256, (S, T)).astype(np.uint8)
     flags = rng.random((S, T)) < 0.8
-    i8 = rng.integers(-100, 100, 4).astype(np.int8)
+    ints = {}  # the dtypes stored as i32: the lowest and highest value each may hold, read per key
+    for name, (_, stored) in capture_dtypes().items():
+        if stored == "i32":
+            lo, hi = max(np.iinfo(name).min, -(2**31)), min(np.iinfo(name).max, 2**31 - 1)
+            ints[name] = np.array([lo, hi, 1, (lo + hi) // 3], name)
+    covered = {a.dtype.name for a in (f32, f64, f16, u32, u8, flags, *ints.values())}
+    assert covered == set(capture_dtypes()) and "uint16" in covered  # every dtype the table lists
 
     def score_mod(s, b, h, i, j):
-        return s + f64[i] + f16[j] + attnc.f32(u32[h] % 7) * 0.1 + attnc.f32(u8[i, j]) * 0.01 + attnc.f32(i8[h]) * 0.01
+        out = s + f32[j] + f64[i] + f16[j] + attnc.f32(u32[j % 4] % 7) * 0.1 + attnc.f32(u8[i, j]) * 0.01
+        for n, x in enumerate(ints.values()):
+            out = out + attnc.f32(x[j % 4]) * (2.0**-32 * (n + 1))
+        return out
 
     def mask_mod(b, h, i, j):
         return flags[i, j] == (j <= i + 100)  # == between two bools
 
     o = attnc.attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, device=device)
-    hh = np.arange(4)[None, :, None, None]
+    jj = np.arange(T) % 4
+    by_key = sum(x.astype(np.float64)[jj] * 2.0**-32 * (n + 1) for n, x in enumerate(ints.values()))
     ref = attention_ref(q, k, v, mask_mod=lambda b, h, i, j: flags[i, j],
-                        score_mod=lambda s, b, h, i, j: s + f64.astype(np.float32)[i] + f16[j]
-                        + (u32[hh] % 7) * np.float32(0.1) + u8[i, j] * np.float32(0.01) + i8[hh] * np.float32(0.01))
+                        score_mod=lambda s, b, h, i, j: s + f32[j] + f64.astype(np.float32)[i] + f16[j]
+                        + (u32[jj] % 7) * np.float32(0.1) + u8[i, j] * np.float32(0.01) + by_key)
     assert_close(o, ref, 1e-5)
 
 
