@@ -373,9 +373,13 @@ def test_cli_kv_formats_against_f16_kv(require_adapters: Any, tmp_path: Path) ->
     cost = q4["append_ms"] * 1e3
     assert (f"append {cost:.1f} us ({q4['append_fraction']:.0%} of the step's attention)" if cost >= 0 else
             f"append not measurable ({cost:.1f} us: within the spread of the two medians)") in line
-    for fake in (0.25, -0.25):  # both forms, whatever this run measured
-        row = {**q4, "append_ms": fake, "append_fraction": fake / q4["append_step_attention_ms"]}
-        assert ("not measurable" in summary(row)) == (fake < 0)
+    for fake in (0.25, -0.25):  # both forms of each cost, whatever this run measured
+        for one in (0.1, -0.1):
+            row = {**q4, "append_ms": fake, "append_fraction": fake / q4["append_step_attention_ms"],
+                   "append_one_pass_ms": one}
+            line = summary(row)
+            assert ("append not measurable" in line) == (fake < 0), line
+            assert ("not measurable in the attention's pass" in line) == (one < 0), line
 
 
 @pytest.mark.gpu

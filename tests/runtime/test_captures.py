@@ -86,43 +86,76 @@ def test_named_dims_that_disagree_between_inputs_name_both(device) -> None:
                         inputs={"a": np.zeros(5), "b2": np.zeros(3)})
 
 
+def _integer_tables() -> dict[str, np.ndarray]:
+    """A table of each dtype the capture table stores as i32: the lowest and highest value each
+    may hold within int32, and two between."""
+    ints = {}
+    for name, (_, stored) in capture_dtypes().items():
+        if stored == "i32":
+            lo, hi = max(np.iinfo(name).min, -(2**31)), min(np.iinfo(name).max, 2**31 - 1)
+            ints[name] = np.array([lo, hi, 1, (lo + hi) // 3], name)
+    return ints
+
+
 def test_tables_of_every_dtype(device) -> None:
-    """A table of each dtype docs/API.md's capture table lists (tests/textbook.py reads the
-    list from there), read by a mod, as the table binds it: integers of every width, signed or
-    not, at the ends of the int32 range they may hold (uint16 was a TraceError)."""
+    """Tables of the float, u32, u8 and bool dtypes of docs/API.md's capture table, read by a
+    mod over a prefill with a block map; the integers stored as i32 below (both tests together
+    cover every dtype of the table, which tests/textbook.py reads from the page)."""
     rng = np.random.default_rng(3)
     q, k, v = qkv(rng, S=19, T=27)
     S, T = q.shape[2], k.shape[2]
-    f32 = rng.standard_normal(T).astype(np.float32)
     f64 = rng.standard_normal(S)  # bound as f32
     f16 = rng.standard_normal(T).astype(np.float16)
     u32 = rng.integers(0, 2**31 - 1, 4).astype(np.uint32)
     u8 = rng.integers(0, 256, (S, T)).astype(np.uint8)
     flags = rng.random((S, T)) < 0.8
-    ints = {}  # the dtypes stored as i32: the lowest and highest value each may hold, read per key
-    for name, (_, stored) in capture_dtypes().items():
-        if stored == "i32":
-            lo, hi = max(np.iinfo(name).min, -(2**31)), min(np.iinfo(name).max, 2**31 - 1)
-            ints[name] = np.array([lo, hi, 1, (lo + hi) // 3], name)
-    covered = {a.dtype.name for a in (f32, f64, f16, u32, u8, flags, *ints.values())}
+    covered = {a.dtype.name for a in (f64, f16, u32, u8, flags, *_key_tables().values())}
     assert covered == set(capture_dtypes()) and "uint16" in covered  # every dtype the table lists
 
     def score_mod(s, b, h, i, j):
-        out = s + f32[j] + f64[i] + f16[j] + attnc.f32(u32[j % 4] % 7) * 0.1 + attnc.f32(u8[i, j]) * 0.01
-        for n, x in enumerate(ints.values()):
-            out = out + attnc.f32(x[j % 4]) * (2.0**-32 * (n + 1))
-        return out
+        return s + f64[i] + f16[j] + attnc.f32(u32[h] % 7) * 0.1 + attnc.f32(u8[i, j]) * 0.01
 
     def mask_mod(b, h, i, j):
         return flags[i, j] == (j <= i + 100)  # == between two bools
 
     o = attnc.attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod, device=device)
-    jj = np.arange(T) % 4
-    by_key = sum(x.astype(np.float64)[jj] * 2.0**-32 * (n + 1) for n, x in enumerate(ints.values()))
+    hh = np.arange(4)[None, :, None, None]
     ref = attention_ref(q, k, v, mask_mod=lambda b, h, i, j: flags[i, j],
-                        score_mod=lambda s, b, h, i, j: s + f32[j] + f64.astype(np.float32)[i] + f16[j]
-                        + (u32[jj] % 7) * np.float32(0.1) + u8[i, j] * np.float32(0.01) + by_key)
+                        score_mod=lambda s, b, h, i, j: s + f64.astype(np.float32)[i] + f16[j]
+                        + (u32[hh] % 7) * np.float32(0.1) + u8[i, j] * np.float32(0.01))
     assert_close(o, ref, 1e-5)
+
+
+def _key_tables() -> dict[str, np.ndarray]:
+    """A float32 and a uint32 table, and one of each dtype the capture table stores as i32 (every
+    width, signed or not: uint16 was a TraceError): the lowest and highest value each may hold
+    within int32, and two between."""
+    tables = {"float32": np.array([0.5, -2.0, 1e-3, 3.0], np.float32),
+              "uint32": np.array([0, 2**31 - 1, 7, 2**20], np.uint32)}
+    for name, (_, stored) in capture_dtypes().items():
+        if stored == "i32":
+            lo, hi = max(np.iinfo(name).min, -(2**31)), min(np.iinfo(name).max, 2**31 - 1)
+            tables[name] = np.array([lo, hi, 1, (lo + hi) // 3], name)
+    return tables
+
+
+def test_tables_read_per_key(device) -> None:
+    """Each table of _key_tables read per key (a per-head read adds a constant to a row, which
+    the softmax hides), in a kernel of its own: one shader reading every table of both tests
+    compiles for 40 s on lavapipe."""
+    q, k, v = qkv(np.random.default_rng(4), S=19, T=27)
+    tables = _key_tables()
+
+    def score_mod(s, b, h, i, j):
+        out = s
+        for n, x in enumerate(tables.values()):
+            out = out + attnc.f32(x[j % 4]) * (2.0**-32 * (n + 1))
+        return out
+
+    o = attnc.attention(q, k, v, score_mod=score_mod, device=device)
+    jj = np.arange(k.shape[2]) % 4
+    by_key = sum(x.astype(np.float64)[jj] * 2.0**-32 * (n + 1) for n, x in enumerate(tables.values()))
+    assert_close(o, attention_ref(q, k, v, score_mod=lambda s, b, h, i, j: s + by_key), 1e-5)
 
 
 @pytest.mark.parametrize("spec", ["wgpu:vulkan", "dawn:vulkan"])  # both WGSL compilers
