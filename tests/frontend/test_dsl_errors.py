@@ -36,30 +36,14 @@ def _at(err: TraceError, fn, offset: int) -> None:
 
 
 def test_dot_over_different_dims_points_at_the_dot():
-    @kernel
-    def bad(q: Q, k: K, v: V, *, BM=tunable(16), BN=tunable(16)):
-        b, h, qi = grid(b="B", h="H", qi=tiles("S", BM))
-        acc = online_softmax(rows=qi, width="Dv")
-        for kj in tiles("T", BN):
-            s = dot(q[b, h, qi, :], v[b, h, kj, :])  # D against Dv
-            acc.update(s, v[b, h, kj, :])
-        return acc.result()
-
+    bad = _dot_over_d_and_dv  # (defined below, with the other kernels whose errors are placed)
     with pytest.raises(TraceError, match="different dims: D and Dv") as e:
         bad.trace()
     _at(e.value, bad.fn, 5)
 
 
 def test_slice_with_two_colons_points_at_the_index():
-    @kernel
-    def bad(q: Q, k: K, v: V, *, BM=tunable(16), BN=tunable(16)):
-        b, h, qi = grid(b="B", h="H", qi=tiles("S", BM))
-        acc = online_softmax(rows=qi, width="Dv")
-        for kj in tiles("T", BN):
-            s = dot(q[b, h, :, :], k[b, h, kj, :])
-            acc.update(s, v[b, h, kj, :])
-        return acc.result()
-
+    bad = _slice_with_two_colons
     with pytest.raises(TraceError, match="2 ':' slices") as e:
         bad.trace()
     _at(e.value, bad.fn, 5)
