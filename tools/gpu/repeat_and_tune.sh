@@ -26,14 +26,18 @@ for cfg in ${REPEAT_CONFIGS:-wgpu:vulkan/f32 wgpu:vulkan/f16 dawn:vulkan/f32 daw
 done
 cases=()
 for c in ${TUNE_CASES:-}; do cases+=(--case "$c"); done
+# bench_cases CACHE DEVICE DTYPE JSON: the tuned cases with the plans of the tuning cache CACHE
+# (an empty one: the heuristic's), --rounds TUNED_ROUNDS in TUNED_PROCESSES processes
+bench_cases() {
+  ATTNC_CACHE_DIR="$1" timeout "${TUNED_TIMEOUT:-150}" python3 -m attnc.bench --suite seeds "${cases[@]}" \
+    --device "$2" --dtype "$3" --runs 10 --ceilings off --rounds "$TUNED_ROUNDS" \
+    --repeat-processes "${TUNED_PROCESSES:-2}" --json "$4" 2>&1 | grep -v '^Warning' | sed -n '/^medians of/,$p'
+}
 if [ ${#cases[@]} -gt 0 ] && [ -n "${TUNED_ROUNDS:-}" ]; then
   # the heuristic plans of the same cases, benchmarked as the tuned ones are below (an empty cache)
   first_device=${TUNE_DEVICES:-wgpu:vulkan}; first_device=${first_device%% *}
   for tdt in ${TUNE_DTYPES:-f16}; do
-    ATTNC_CACHE_DIR="$out/cache_heuristic" timeout "${TUNED_TIMEOUT:-150}" python3 -m attnc.bench --suite seeds \
-      "${cases[@]}" --device "$first_device" --dtype "$tdt" --runs 10 --ceilings off --rounds "$TUNED_ROUNDS" \
-      --repeat-processes "${TUNED_PROCESSES:-2}" --json "$out/heuristic_$tdt.json" 2>&1 \
-      | grep -v '^Warning' | sed -n '/^medians of/,$p'
+    bench_cases "$out/cache_heuristic" "$first_device" "$tdt" "$out/heuristic_$tdt.json"
   done
 fi
 if [ ${#cases[@]} -gt 0 ]; then
@@ -49,10 +53,7 @@ if [ ${#cases[@]} -gt 0 ]; then
       done
       if [ -n "${TUNED_ROUNDS:-}" ]; then
         for tdt in ${TUNE_DTYPES:-f16}; do
-          ATTNC_CACHE_DIR="$out/cache_tune_$suffix" timeout "${TUNED_TIMEOUT:-150}" python3 -m attnc.bench --suite seeds \
-            "${cases[@]}" --device "$tdev" --dtype "$tdt" --runs 10 --ceilings off --rounds "$TUNED_ROUNDS" \
-            --repeat-processes "${TUNED_PROCESSES:-2}" --json "$out/tuned_${tdt}_$suffix.json" 2>&1 \
-            | grep -v '^Warning' | sed -n '/^medians of/,$p'
+          bench_cases "$out/cache_tune_$suffix" "$tdev" "$tdt" "$out/tuned_${tdt}_$suffix.json"
         done
       fi
     done
