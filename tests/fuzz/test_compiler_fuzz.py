@@ -50,7 +50,7 @@ FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
 E2E_EXAMPLES = 15
-WGSL_EXAMPLES = 8
+WGSL_EXAMPLES = 6
 TOL = {np.float32: 1e-5, np.float16: 2e-3}
 
 # --------------------------------------------------------------------------- IR trees -> Python mods
